@@ -1,0 +1,60 @@
+"""Test configuration shared by the whole suite.
+
+GPU code is tested on a real GPU when one is present and in numba's CUDA
+simulator otherwise. The choice must be made before numba is imported, so it
+happens here, at collection time:
+
+- ``NUMBA_ENABLE_CUDASIM`` already set: respected as it is.
+- no NVIDIA driver on the machine: the simulator is switched on, so the ``gpu``
+  backend runs the very same kernels on NumPy buffers.
+- ``GPUCRYPT_REQUIRE_GPU=1``: the simulator is never switched on, and every test
+  that needs a real GPU fails instead of skipping.
+"""
+from __future__ import annotations
+
+import ctypes.util
+import glob
+import os
+
+import pytest
+
+REQUIRE_GPU = os.environ.get("GPUCRYPT_REQUIRE_GPU") == "1"
+
+
+def _driver_present() -> bool:
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or ctypes.util.find_library("cuda") is not None
+
+
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and not REQUIRE_GPU and not _driver_present():
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+ON_CUDASIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+def _real_gpu_reason() -> str | None:
+    """None when a real GPU is usable, else why not."""
+    if ON_CUDASIM:
+        return "numba's CUDA simulator is active (NUMBA_ENABLE_CUDASIM=1); no real GPU in use"
+    try:
+        from numba import cuda
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        return f"numba-cuda is not importable: {exc}"
+    if not cuda.is_available():
+        return "numba-cuda finds no CUDA device or driver"
+    return None
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu") is None:
+        return
+    reason = _real_gpu_reason()
+    if reason is None:
+        return
+    if REQUIRE_GPU:
+        pytest.fail("GPUCRYPT_REQUIRE_GPU=1 but " + reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def on_cudasim() -> bool:
+    return ON_CUDASIM
