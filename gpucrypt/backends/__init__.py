@@ -1,0 +1,120 @@
+"""Backend registry and selection: the one place that decides where work runs.
+
+- ``cpu`` is always registered (OpenSSL through ``cryptography``).
+- ``gpu`` is registered when numba-cuda reports a device, real or simulated
+  (``NUMBA_ENABLE_CUDASIM=1`` runs the real kernels on NumPy buffers).
+
+``device="auto"`` picks the GPU only when it is present and the payload is at
+least :data:`AUTO_GPU_THRESHOLD` bytes; ``GPUCRYPT_DEVICE`` (``cpu``/``gpu``/``auto``)
+overrides ``auto``. Under the simulator ``auto`` stays on the CPU: the simulator
+exists to test kernels, not to run them.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Callable
+
+from ._base import AEAD_ALGORITHMS, STREAM_ALGORITHMS, AeadContext, Backend
+
+__all__ = ["Backend", "AeadContext", "AEAD_ALGORITHMS", "STREAM_ALGORITHMS", "BackendUnavailable",
+           "get_backend", "select_backend", "available_backends", "unavailable_reasons",
+           "AUTO_GPU_THRESHOLD", "DEVICES"]
+
+DEVICES = ("auto", "cpu", "gpu")
+
+#: Smallest payload for which ``auto`` sends work to a GPU. Below it, a kernel
+#: launch plus two PCIe copies of host data cost more than OpenSSL on one core
+#: (about 5-20 GB/s, i.e. tens of microseconds per MiB). Host buffers always cross
+#: PCIe (~25 GB/s each way), so the GPU wins only for large host payloads; device
+#: arrays (tensor API) go to the GPU regardless of size.
+AUTO_GPU_THRESHOLD = 8 << 20
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run on this machine; the message says why."""
+
+
+_lock = threading.Lock()
+_instances: dict[str, Backend] = {}
+_reasons: dict[str, str] = {}
+
+
+def _make_cpu() -> Backend:
+    from .cpu import CpuBackend
+
+    return CpuBackend()
+
+
+def _make_gpu() -> Backend:
+    from .gpu import GpuBackend, gpu_unavailable_reason
+
+    reason = gpu_unavailable_reason()
+    if reason:
+        raise BackendUnavailable(reason)
+    return GpuBackend()
+
+
+_FACTORIES: dict[str, Callable[[], Backend]] = {"cpu": _make_cpu, "gpu": _make_gpu}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; raises :class:`BackendUnavailable` with the reason."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(_FACTORIES)}")
+    with _lock:
+        if name in _instances:
+            return _instances[name]
+        if name in _reasons:
+            raise BackendUnavailable(_reasons[name])
+        try:
+            backend = _FACTORIES[name]()
+        except BackendUnavailable as exc:
+            _reasons[name] = str(exc)
+            raise
+        except Exception as exc:  # an import error deep in a GPU stack, say
+            _reasons[name] = f"{name} backend failed to start: {type(exc).__name__}: {exc}"
+            raise BackendUnavailable(_reasons[name]) from exc
+        _instances[name] = backend
+        return backend
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run here."""
+    names = []
+    for name in _FACTORIES:
+        try:
+            get_backend(name)
+        except BackendUnavailable:
+            continue
+        names.append(name)
+    return names
+
+
+def unavailable_reasons() -> dict[str, str]:
+    """For each backend that cannot run, why not."""
+    available_backends()
+    return dict(_reasons)
+
+
+def _simulated() -> bool:
+    return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+def select_backend(device: str, nbytes: int = 0) -> Backend:
+    """The backend for ``device`` (``auto``/``cpu``/``gpu``) and a payload of ``nbytes``."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
+    if device == "auto":
+        override = os.environ.get("GPUCRYPT_DEVICE", "auto").strip().lower() or "auto"
+        if override not in DEVICES:
+            raise ValueError(f"GPUCRYPT_DEVICE must be one of {DEVICES}, not {override!r}")
+        device = override
+    if device == "auto":
+        if nbytes >= AUTO_GPU_THRESHOLD and not _simulated():
+            try:
+                return get_backend("gpu")
+            except BackendUnavailable:
+                pass
+        return get_backend("cpu")
+    return get_backend(device)

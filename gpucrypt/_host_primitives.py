@@ -1,0 +1,113 @@
+"""Small host-side building blocks made from ``cryptography``'s primitives.
+
+- HChaCha20 (XChaCha20's subkey derivation, draft-irtf-cfrg-xchacha §2.2), taken
+  from one ChaCha20 block of ``cryptography``: a ChaCha20 block is
+  ``rounds(state) + state``, and HChaCha20 is words 0-3 and 12-15 of
+  ``rounds(state)``, so subtracting the known input words recovers it. One C call
+  instead of twenty Python rounds.
+- GF(2^128) arithmetic in GCM's bit order, and bulk GHASH from ``cryptography``'s
+  AES-GCM used as an oracle (``cryptography`` has no public GHASH): the tag of an
+  empty message with associated data X is ``GHASH_H(X || len-block) ^ E_K(J0)``;
+  GHASH is linear in its last block, so one multiplication by H corrects the
+  length block to the one we need. These serve GCM nonces outside OpenSSL's
+  8..128 bytes and messages over 2**31 - 1 bytes.
+"""
+from __future__ import annotations
+
+import struct
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+_SIGMA = struct.unpack("<4I", b"expand 32-byte k")
+_MASK32 = 0xFFFFFFFF
+
+
+def hchacha20(key: bytes, nonce16: bytes) -> bytes:
+    """HChaCha20(key, nonce16): the 32-byte XChaCha20 subkey."""
+    block = Cipher(algorithms.ChaCha20(key, nonce16), None).encryptor().update(bytes(64))
+    words = struct.unpack("<16I", block)
+    n = struct.unpack("<4I", nonce16)
+    out = [(words[i] - _SIGMA[i]) & _MASK32 for i in range(4)]
+    out += [(words[12 + i] - n[i]) & _MASK32 for i in range(4)]
+    return struct.pack("<8I", *out)
+
+
+# --- GF(2^128), GCM convention: bit 0 of the field element is the MSB of byte 0. ---
+_R = 0xE1 << 120
+
+
+def gf128_mul(x: int, y: int) -> int:
+    """Product of two field elements given as 128-bit big-endian integers (SP 800-38D Alg. 1)."""
+    z = 0
+    v = y
+    for i in range(127, -1, -1):
+        if (x >> i) & 1:
+            z ^= v
+        v = (v >> 1) ^ _R if v & 1 else v >> 1
+    return z
+
+
+def gf128_pow(x: int, n: int) -> int:
+    """x**n in GF(2^128) (the multiplicative identity is 1 << 127)."""
+    result = 1 << 127
+    while n:
+        if n & 1:
+            result = gf128_mul(result, x)
+        x = gf128_mul(x, x)
+        n >>= 1
+    return result
+
+
+def aes_block(key: bytes, block: bytes) -> bytes:
+    """E_K(block) for one 16-byte block."""
+    return Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(block)
+
+
+_ORACLE_NONCE = bytes(12)
+_ORACLE_CHUNK = 1 << 30  # bytes of GHASH input per oracle call (cryptography caps AAD below 2**31)
+
+
+class GHash:
+    """Incremental GHASH_H computed by ``cryptography``.
+
+    Each ``update`` call is zero-padded to a whole number of 16-byte blocks, which
+    is exactly GCM's padding of A and of C: ``update(A); update(C);
+    digest(be64(8|A|) || be64(8|C|))`` is GCM's S. A long field may be fed in
+    several calls only at 16-byte boundaries.
+
+    Bookkeeping without H^-1: the oracle yields Z(X) = GHASH(X) * H, and
+    Z(X1 || X2) = Z(X1) * H^m2 + Z(X2), so we keep Z and finish with
+    S = Z + L * H.
+    """
+
+    def __init__(self, key: bytes):
+        self._aead = AESGCM(key)
+        self._h = int.from_bytes(aes_block(key, bytes(16)), "big")
+        self._ekj0 = int.from_bytes(aes_block(key, _ORACLE_NONCE + b"\x00\x00\x00\x01"), "big")
+        self._z = 0
+
+    @property
+    def h(self) -> int:
+        return self._h
+
+    def update(self, data) -> None:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), _ORACLE_CHUNK):
+            self._absorb(view[start:start + _ORACLE_CHUNK])
+
+    def _absorb(self, chunk: memoryview) -> None:
+        n = len(chunk)
+        if n == 0:
+            return
+        blocks = (n + 15) // 16
+        # oracle: tag = GHASH(chunk || L) ^ E_K(J0) = Z(chunk) ^ L*H, with L = be64(8n) || be64(0)
+        g = int.from_bytes(self._aead.encrypt(_ORACLE_NONCE, b"", chunk), "big") ^ self._ekj0
+        z_chunk = g ^ gf128_mul((8 * n) << 64, self._h)
+        if self._z:
+            self._z = gf128_mul(self._z, gf128_pow(self._h, blocks))
+        self._z ^= z_chunk
+
+    def digest(self, length_block: bytes) -> int:
+        """GHASH_H(all blocks so far || length_block), as an integer."""
+        return self._z ^ gf128_mul(int.from_bytes(length_block, "big"), self._h)

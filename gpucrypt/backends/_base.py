@@ -1,0 +1,60 @@
+"""The contract every backend implements.
+
+A backend does the bulk work for the public classes, which have already checked
+types, sizes and limits. Two AEADs are enough at this level: XChaCha20-Poly1305
+is ChaCha20-Poly1305 under an HChaCha20 subkey, derived in the public layer.
+
+Algorithm names: ``"chacha20-poly1305"`` and ``"aes-gcm"`` for AEADs,
+``"chacha20"`` and ``"aes-ctr"`` for raw keystreams.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+AEAD_ALGORITHMS = ("chacha20-poly1305", "aes-gcm")
+STREAM_ALGORITHMS = ("chacha20", "aes-ctr")
+
+
+class AeadContext(ABC):
+    """One AEAD under one key, ready to use (keys expanded, library objects made).
+
+    Buffers are flat ``uint8`` memoryviews. ``out`` never overlaps ``data`` unless
+    it is the very same memory (in place), which both methods support.
+    """
+
+    @abstractmethod
+    def seal(self, nonce: bytes, data: memoryview, aad: memoryview, out: memoryview) -> None:
+        """Write ``ciphertext || tag`` (``len(data) + 16`` bytes) into ``out``."""
+
+    @abstractmethod
+    def open(self, nonce: bytes, data: memoryview, aad: memoryview, out: memoryview) -> None:
+        """Verify the tag at the end of ``data``, then write the plaintext into ``out``.
+
+        Raises ``cryptography.exceptions.InvalidTag`` on failure, with ``out`` zeroed:
+        no unauthenticated plaintext is ever left in it.
+        """
+
+
+class Backend(ABC):
+    """Bulk AEAD and keystream operations on host buffers."""
+
+    #: registry name, e.g. ``"cpu"``
+    name: str = ""
+
+    @abstractmethod
+    def aead(self, algorithm: str, key: bytes) -> AeadContext:
+        """A context for ``algorithm`` (one of :data:`AEAD_ALGORITHMS`) under ``key``."""
+
+    @abstractmethod
+    def xor_keystream(self, algorithm: str, key: bytes, iv: bytes, position: int,
+                      data: memoryview, out: memoryview) -> None:
+        """XOR the keystream, from byte ``position`` on, into ``data`` -> ``out``.
+
+        ``iv`` is ``cryptography``'s 16-byte value: for ChaCha20 the little-endian
+        32-bit block counter followed by the 96-bit nonce, for AES-CTR the initial
+        counter block (full 128-bit big-endian increment).
+        """
+
+    def describe(self) -> dict:
+        """What ``gpucrypt.info()`` shows about this backend."""
+        return {"name": self.name}

@@ -1,0 +1,188 @@
+"""The CPU backend: OpenSSL through ``cryptography``, as fast as calling it directly.
+
+Fast path: ``cryptography``'s own ``encrypt_into``/``decrypt_into`` on the
+caller's buffers, no copies. ``cryptography`` stops at 2**31 - 1 bytes of data
+or associated data and at GCM nonces of 8..128 bytes; beyond those the same
+bytes are produced from its lower-level primitives (ChaCha20 + Poly1305; AES-CTR
++ GHASH from :mod:`gpucrypt._host_primitives`), up to each algorithm's own limit.
+
+Decryption verifies before it writes any plaintext, and zeroes ``out`` when the
+tag is wrong (``cryptography``'s ``decrypt_into`` leaves the unauthenticated
+plaintext in the buffer; we do not).
+"""
+from __future__ import annotations
+
+import hmac
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+from .._host_primitives import GHash, aes_block
+from ._base import AeadContext, Backend
+
+#: largest data or associated data ``cryptography``'s AEAD classes accept in one call
+OPENSSL_AEAD_MAX = 2**31 - 1
+#: piece size for the composed (long-message) paths
+_PIECE = 1 << 30
+_ZEROS16 = bytes(16)
+
+
+def _zero(out: memoryview) -> None:
+    """Overwrite ``out`` with zeros, so no unauthenticated plaintext stays in it."""
+    for start in range(0, len(out), _PIECE):
+        end = min(start + _PIECE, len(out))
+        out[start:end] = bytes(end - start)
+
+
+def _xor_into(encryptor, data: memoryview, out: memoryview) -> None:
+    """Run a ``cryptography`` stream encryptor over ``data`` into ``out`` in pieces."""
+    for start in range(0, len(data), _PIECE):
+        end = min(start + _PIECE, len(data))
+        encryptor.update_into(data[start:end], out[start:end])
+
+
+class _ChaCha20Poly1305(AeadContext):
+    def __init__(self, key: bytes):
+        self._key = key
+        self._aead = ChaCha20Poly1305(key)
+
+    def seal(self, nonce, data, aad, out):
+        if len(data) <= OPENSSL_AEAD_MAX and len(aad) <= OPENSSL_AEAD_MAX:
+            self._aead.encrypt_into(nonce, data, aad, out)
+            return
+        ct = out[: len(data)]
+        _xor_into(self._stream(nonce, 1), data, ct)
+        out[len(data):] = self._tag(nonce, ct, aad)
+
+    def open(self, nonce, data, aad, out):
+        if len(data) < 16:
+            raise InvalidTag()
+        if len(data) - 16 <= OPENSSL_AEAD_MAX and len(aad) <= OPENSSL_AEAD_MAX:
+            try:
+                self._aead.decrypt_into(nonce, data, aad, out)
+            except InvalidTag:
+                _zero(out)
+                raise
+            return
+        ct, tag = data[:-16], data[-16:]
+        if not hmac.compare_digest(self._tag(nonce, ct, aad), tag):
+            _zero(out)
+            raise InvalidTag()
+        _xor_into(self._stream(nonce, 1), ct, out)
+
+    def _stream(self, nonce: bytes, counter: int):
+        return Cipher(algorithms.ChaCha20(self._key, struct.pack("<I", counter) + nonce),
+                      None).encryptor()
+
+    def _tag(self, nonce: bytes, ct: memoryview, aad: memoryview) -> bytes:
+        one_time_key = self._stream(nonce, 0).update(bytes(32))
+        mac = Poly1305(one_time_key)
+        for field in (aad, ct):
+            for start in range(0, len(field), _PIECE):
+                mac.update(field[start:start + _PIECE])
+            if len(field) % 16:
+                mac.update(_ZEROS16[: 16 - len(field) % 16])
+        mac.update(struct.pack("<QQ", len(aad), len(ct)))
+        return mac.finalize()
+
+
+class _AesGcm(AeadContext):
+    def __init__(self, key: bytes):
+        self._key = key
+        self._aead = AESGCM(key)
+
+    def _native(self, nonce, data_len, aad_len) -> bool:
+        return 8 <= len(nonce) <= 128 and data_len <= OPENSSL_AEAD_MAX and aad_len <= OPENSSL_AEAD_MAX
+
+    def seal(self, nonce, data, aad, out):
+        if self._native(nonce, len(data), len(aad)):
+            self._aead.encrypt_into(nonce, data, aad, out)
+            return
+        j0 = self._j0(nonce)
+        ct = out[: len(data)]
+        self._ctr(j0, data, ct)
+        out[len(data):] = self._tag(j0, ct, aad)
+
+    def open(self, nonce, data, aad, out):
+        if len(data) < 16:
+            raise InvalidTag()
+        if self._native(nonce, len(data) - 16, len(aad)):
+            try:
+                self._aead.decrypt_into(nonce, data, aad, out)
+            except InvalidTag:
+                _zero(out)
+                raise
+            return
+        j0 = self._j0(nonce)
+        ct, tag = data[:-16], data[-16:]
+        if not hmac.compare_digest(self._tag(j0, ct, aad), tag):
+            _zero(out)
+            raise InvalidTag()
+        self._ctr(j0, ct, out)
+
+    def _j0(self, nonce: bytes) -> bytes:
+        if len(nonce) == 12:
+            return nonce + b"\x00\x00\x00\x01"
+        ghash = GHash(self._key)
+        ghash.update(nonce)
+        return ghash.digest(struct.pack(">QQ", 0, 8 * len(nonce))).to_bytes(16, "big")
+
+    def _ctr(self, j0: bytes, data: memoryview, out: memoryview) -> None:
+        """GCTR from inc32(J0): ``cryptography``'s CTR carries across all 128 bits,
+        GCM's inc32 wraps the low 32, so split where the low word wraps."""
+        prefix, low = j0[:12], struct.unpack(">I", j0[12:])[0]
+        first = (low + 1) & 0xFFFFFFFF
+        blocks_before_wrap = 2**32 - first
+        split = min(len(data), blocks_before_wrap * 16)
+        _xor_into(self._ctr_stream(prefix, first), data[:split], out[:split])
+        if split < len(data):
+            _xor_into(self._ctr_stream(prefix, 0), data[split:], out[split:])
+
+    def _ctr_stream(self, prefix: bytes, low: int):
+        return Cipher(algorithms.AES(self._key), modes.CTR(prefix + struct.pack(">I", low))).encryptor()
+
+    def _tag(self, j0: bytes, ct: memoryview, aad: memoryview) -> bytes:
+        ghash = GHash(self._key)
+        ghash.update(aad)
+        ghash.update(ct)
+        s = ghash.digest(struct.pack(">QQ", 8 * len(aad), 8 * len(ct)))
+        return (s ^ int.from_bytes(aes_block(self._key, j0), "big")).to_bytes(16, "big")
+
+
+_AEADS = {"chacha20-poly1305": _ChaCha20Poly1305, "aes-gcm": _AesGcm}
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def aead(self, algorithm, key):
+        return _AEADS[algorithm](key)
+
+    def xor_keystream(self, algorithm, key, iv, position, data, out):
+        encryptor = self.keystream_encryptor(algorithm, key, iv, position)
+        _xor_into(encryptor, data, out)
+
+    @staticmethod
+    def keystream_encryptor(algorithm: str, key: bytes, iv: bytes, position: int):
+        """A ``cryptography`` encryptor positioned at byte ``position`` of the keystream."""
+        block = 64 if algorithm == "chacha20" else 16
+        skip_blocks, skip_bytes = divmod(position, block)
+        if algorithm == "chacha20":
+            counter = struct.unpack("<I", iv[:4])[0] + skip_blocks
+            enc = Cipher(algorithms.ChaCha20(key, struct.pack("<I", counter) + iv[4:]), None).encryptor()
+        else:
+            cb = (int.from_bytes(iv, "big") + skip_blocks) % 2**128
+            enc = Cipher(algorithms.AES(key), modes.CTR(cb.to_bytes(16, "big"))).encryptor()
+        if skip_bytes:
+            enc.update(bytes(skip_bytes))
+        return enc
+
+    def describe(self):
+        import cryptography
+        from cryptography.hazmat.backends.openssl.backend import backend as openssl
+
+        return {"name": self.name, "library": f"cryptography {cryptography.__version__}",
+                "openssl": openssl.openssl_version_text()}
