@@ -1,0 +1,505 @@
+"""GHASH (NIST SP 800-38D) on the GPU: AES-GCM tags for one huge message or many small ones.
+
+What it computes
+----------------
+For every message ``m``::
+
+    tag[m] = GHASH_H(A || 0-pad16 || C || 0-pad16 || be64(8*len(A)) || be64(8*len(C))) XOR E_K(J0)
+
+with ``H`` and ``E_K(J0)`` given per message as 16 bytes on the device. The same
+launcher computes J0 for nonces that are not 96 bits long
+(``J0 = GHASH_H(IV || 0-pad16 || 0^64 || be64(8*len(IV)))``): pass the IV as the
+"ciphertext", no associated data and ``E_K(J0) = 0``.
+
+Limits
+------
+- Offsets and lengths are byte counts below 2**61 (so ``8*len`` fits in 64 bits);
+  buffers are 1-D ``uint8`` device arrays of any alignment.
+- ``chunk_blocks`` (``L`` below) is a power of two, 2 <= L <= 2**16.
+- Nothing is validated here: the backend checks lengths, shapes and offsets.
+
+Algorithm: parallel polynomial evaluation
+-----------------------------------------
+GHASH of blocks ``X_0 .. X_{n-1}`` is ``Y = sum_i X_i * H^(n-i)`` in GF(2^128).
+Each message's ``n`` blocks are cut into chunks of ``L`` blocks *aligned to the
+end* (the first chunk is the short one), so chunk ``c`` of ``C`` ends ``(C-1-c)*L``
+blocks before the end and::
+
+    Y = sum_c P_c * (H^L)^(C-1-c),     P_c = Horner_H(blocks of chunk c)
+
+i.e. ``Y`` is again a polynomial, in ``K = H^L``, whose coefficients are the chunk
+partials. Level 0 (``ghash_blocks``) does Horner with ``H`` over the message bytes,
+one chunk per thread; level ``k >= 1`` (``ghash_combine``) does Horner with
+``K_k = H^(L^k)`` over groups of ``L`` partials of the previous level, again
+aligned to the end. Levels repeat until every message has one partial; the last
+level XORs ``E_K(J0)`` in and writes the tag. A 1 GiB message with L = 64 needs
+5 launches (64 Mi blocks -> 1 Mi -> 16 Ki -> 256 -> 4 -> 1); any number of
+messages of at most ``L`` blocks (+ the length block) needs exactly one.
+The powers are made on the device: the thread owning unit 0 of a message at
+level ``k`` squares ``K_k`` log2(L) times into ``K_{k+1}`` (double-buffered, so
+no thread of the same launch reads what it writes).
+
+Many messages in one launch: ``unit_start[k]`` is the exclusive prefix sum of
+each message's units at level ``k`` (``kernels._launch.unit_prefix``); a thread
+owning global unit ``u`` finds its message with ``kernels._launch.find_segment``.
+
+GF(2^128) multiplication: constant time, no carry-less multiply instruction
+---------------------------------------------------------------------------
+Choice: BearSSL's ``ghash_ctmul`` idea, adapted to the GPU (option (b)), not
+Shoup 4-bit tables (option (a)):
+
+- A 32x32 carry-less product is 16 ordinary integer multiplies of the operands
+  masked to every 4th bit (``0x11111111 << j``); each product bit sums at most 8
+  terms, which fits in the 3 "hole" bits above it, so carries never reach a bit
+  we keep. On the GPU one ``IMAD.WIDE.U32`` gives the full 64-bit product, so no
+  bit-reversed second product is needed (BearSSL's ``ctmul32`` does 2x the work
+  to get the high half).
+- 128x128 -> 256 bits with two levels of Karatsuba: 9 such 32x32 products.
+- GCM's bit-reflected order is kept as is: blocks are big-endian words, the
+  integer carry-less product of two reflected values is the reflected product
+  times ``x``, and that extra ``x`` is cancelled by keeping the *key* operand
+  (``H``, ``H^L`` ...) pre-multiplied by ``x^-1`` (``H' = H*x^-1``, computed
+  from ``H`` with a shift and a masked XOR of ``0xC2..01``); ``mul(a', b') =
+  (ab)'`` so powers stay in that form. The reduction modulo
+  ``x^128 + x^7 + x^2 + x + 1`` is shifts and XORs on the reflected value.
+- Constant time: no table lookups and no data-dependent branches or addresses.
+
+Measured SASS (sm_90, ``ptxas -arch=sm_90``, counted in the loop body of
+``ghash_blocks``; see ``KERNEL_REPORT``): see the numbers in
+``GF128_MUL_SASS_NOTE`` below. A Shoup 4-bit table multiply needs 32 nibble
+steps per block, each a shared-memory table load (16 B) + a remainder-table
+load + a 128-bit 4-bit shift (4 funnel shifts) + ~8 XORs, i.e. ~15 instructions
+x 32 = ~480 instructions and 64 shared loads per block, with bank conflicts on
+data-dependent indices and a 256 B table per key per block (awkward when one
+thread block serves many messages/keys). The integer method is in the same
+instruction range, needs no shared memory, serves any mix of keys per warp and
+is constant time, so it is the one used.
+
+Memory layout
+-------------
+- ``aad_buf``, ``ct_buf``: ``uint8[*]``, every message's bytes at its offsets.
+- ``GhashTable.messages``: ``uint64[n, 4]`` rows ``(aad_off, aad_len, ct_off, ct_len)``.
+- ``GhashTable.unit_start``: ``uint64[levels, n + 1]``, units per message per level.
+- ``h_blocks``, ``ekj0_blocks``, ``tags_out``: ``uint8[n, 16]`` (bytes as in the standard).
+- Scratch (``GhashScratch``): partials ``uint32[units, 4]`` x 2 (level outputs,
+  ping-pong) and keys ``uint32[n, 4]`` x 2 (``K_k'`` per message, ping-pong).
+  128-bit values in registers/scratch are 4 big-endian ``uint32`` words, word 0 first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import cuda, int64, uint32, uint64
+
+from ._launch import ReportEntry, THREADS_PER_BLOCK, find_segment, grid_for, unit_prefix
+
+#: Default chunk length L in 16-byte blocks (1 KiB per thread at level 0).
+DEFAULT_CHUNK_BLOCKS = 64
+
+_M0 = 0x11111111
+_M1 = 0x22222222
+_M2 = 0x44444444
+_M3 = 0x88888888
+_M0_64 = 0x1111111111111111
+_M1_64 = 0x2222222222222222
+_M2_64 = 0x4444444444444444
+_M3_64 = 0x8888888888888888
+
+
+# --------------------------------------------------------------------------- GF(2^128)
+
+
+@cuda.jit(device=True, inline=True)
+def clmul32(x, y):
+    """Carry-less 32x32 -> 64-bit product of ``x`` and ``y`` (uint32), constant time.
+
+    Each operand is split into 4 interleaved parts (every 4th bit). A product of
+    two parts has at most 8 terms per bit, < 16, so the sum never carries out of
+    the 4-bit "hole" of the bit we keep.
+    """
+    x0 = uint64(uint32(x) & uint32(_M0))
+    x1 = uint64(uint32(x) & uint32(_M1))
+    x2 = uint64(uint32(x) & uint32(_M2))
+    x3 = uint64(uint32(x) & uint32(_M3))
+    y0 = uint64(uint32(y) & uint32(_M0))
+    y1 = uint64(uint32(y) & uint32(_M1))
+    y2 = uint64(uint32(y) & uint32(_M2))
+    y3 = uint64(uint32(y) & uint32(_M3))
+    z0 = (x0 * y0) ^ (x1 * y3) ^ (x2 * y2) ^ (x3 * y1)
+    z1 = (x0 * y1) ^ (x1 * y0) ^ (x2 * y3) ^ (x3 * y2)
+    z2 = (x0 * y2) ^ (x1 * y1) ^ (x2 * y0) ^ (x3 * y3)
+    z3 = (x0 * y3) ^ (x1 * y2) ^ (x2 * y1) ^ (x3 * y0)
+    return ((z0 & uint64(_M0_64)) | (z1 & uint64(_M1_64))
+            | (z2 & uint64(_M2_64)) | (z3 & uint64(_M3_64)))
+
+
+@cuda.jit(device=True, inline=True)
+def clmul64(a_hi, a_lo, b_hi, b_lo):
+    """Carry-less 64x64 -> 128-bit product (Karatsuba, 3 ``clmul32``); returns (hi64, lo64)."""
+    lo = clmul32(a_lo, b_lo)
+    hi = clmul32(a_hi, b_hi)
+    mid = clmul32(uint32(a_lo) ^ uint32(a_hi), uint32(b_lo) ^ uint32(b_hi)) ^ lo ^ hi
+    return hi ^ (mid >> uint64(32)), lo ^ (mid << uint64(32))
+
+
+@cuda.jit(device=True, inline=True)
+def gf128_mul(a0, a1, a2, a3, b0, b1, b2, b3):
+    """``a * b`` in GCM's field, where ``b`` is a key operand in primed form (``b' = b*x^-1``).
+
+    Inputs and output are GCM blocks as 4 big-endian uint32 words (word 0 = bytes
+    0..3). With ``b`` primed the result is the plain product ``a*b_plain``; with
+    both primed it is ``(a*b)'``. Constant time.
+    """
+    # 128x128 Karatsuba over 64-bit halves: high half = words 0,1 (x^0.. in reflected order).
+    l1, l0 = clmul64(a2, a3, b2, b3)
+    h1, h0 = clmul64(a0, a1, b0, b1)
+    m1, m0 = clmul64(uint32(a0) ^ uint32(a2), uint32(a1) ^ uint32(a3),
+                     uint32(b0) ^ uint32(b2), uint32(b1) ^ uint32(b3))
+    m1 = m1 ^ l1 ^ h1
+    m0 = m0 ^ l0 ^ h0
+    # 256-bit product p3:p2:p1:p0 (uint64, p3 most significant).
+    p3 = h1
+    p2 = h0 ^ m1
+    p1 = l1 ^ m0
+    p0 = l0
+    # Reflected: p3:p2 holds degrees 0..127, d = p1:p0 degrees 128..255 (as a
+    # reflected 128-bit value). x^128 = 1 + x + x^2 + x^7; multiplying by x^s is
+    # a right shift by s. Bits shifted out (degree >= 128) fold back once more:
+    # they only come from the 7 low bits of d, landing in the top word.
+    g1 = p1 ^ (p0 << uint64(63)) ^ (p0 << uint64(62)) ^ (p0 << uint64(57))
+    g0 = p0
+    r1 = p3 ^ g1 ^ (g1 >> uint64(1)) ^ (g1 >> uint64(2)) ^ (g1 >> uint64(7))
+    r0 = (p2 ^ g0 ^ ((g0 >> uint64(1)) | (g1 << uint64(63)))
+          ^ ((g0 >> uint64(2)) | (g1 << uint64(62)))
+          ^ ((g0 >> uint64(7)) | (g1 << uint64(57))))
+    return (uint32(r1 >> uint64(32)), uint32(r1 & uint64(0xFFFFFFFF)),
+            uint32(r0 >> uint64(32)), uint32(r0 & uint64(0xFFFFFFFF)))
+
+
+@cuda.jit(device=True, inline=True)
+def gf128_prime(h0, h1, h2, h3):
+    """``h * x^-1`` (the primed key form): shift left by one bit, fold the bit
+    shifted out (degree 0) back as ``x^-1 = x^127 + x^6 + x + 1`` (0xC2..01). Constant time."""
+    mask = uint32(0) - (uint32(h0) >> uint32(31))
+    p0 = (uint32(h0) << uint32(1)) | (uint32(h1) >> uint32(31))
+    p1 = (uint32(h1) << uint32(1)) | (uint32(h2) >> uint32(31))
+    p2 = (uint32(h2) << uint32(1)) | (uint32(h3) >> uint32(31))
+    p3 = uint32(h3) << uint32(1)
+    return (p0 ^ (mask & uint32(0xC2000000)), p1, p2, p3 ^ (mask & uint32(1)))
+
+
+# --------------------------------------------------------------------------- byte I/O
+
+
+@cuda.jit(device=True, inline=True)
+def load_be32(buf, off):
+    """Big-endian uint32 from 4 bytes of ``buf`` at ``off``."""
+    return ((uint32(buf[off]) << uint32(24)) | (uint32(buf[off + 1]) << uint32(16))
+            | (uint32(buf[off + 2]) << uint32(8)) | uint32(buf[off + 3]))
+
+
+@cuda.jit(device=True, inline=True)
+def load_be32_partial(buf, off, avail):
+    """Like ``load_be32`` but only the first ``avail`` bytes exist (rest read as zero)."""
+    w = uint32(0)
+    for b in range(4):
+        if int64(b) < avail:
+            w |= uint32(buf[off + b]) << uint32(24 - 8 * b)
+    return w
+
+
+@cuda.jit(device=True, inline=True)
+def store_be32(buf, off, w):
+    """Store uint32 ``w`` big-endian into 4 bytes of ``buf`` at ``off``."""
+    buf[off] = uint32(w) >> uint32(24)
+    buf[off + 1] = (uint32(w) >> uint32(16)) & uint32(0xFF)
+    buf[off + 2] = (uint32(w) >> uint32(8)) & uint32(0xFF)
+    buf[off + 3] = uint32(w) & uint32(0xFF)
+
+
+@cuda.jit(device=True, inline=True)
+def load_block(buf, off, avail):
+    """GCM block from ``buf[off:off+16]`` as 4 BE words; only ``avail`` (>0) bytes exist, zero-padded."""
+    if avail >= int64(16):
+        return (load_be32(buf, off), load_be32(buf, off + 4),
+                load_be32(buf, off + 8), load_be32(buf, off + 12))
+    return (load_be32_partial(buf, off, avail), load_be32_partial(buf, off + 4, avail - 4),
+            load_be32_partial(buf, off + 8, avail - 8), load_be32_partial(buf, off + 12, avail - 12))
+
+
+@cuda.jit(device=True, inline=True)
+def horner_bytes(x0, x1, x2, x3, buf, base, length, first, stop, k0, k1, k2, k3):
+    """Continue Horner ``x = (x ^ X_i) * H`` over blocks ``first..stop-1`` of the
+    ``length``-byte field at ``buf[base:]`` (last block zero-padded); ``k`` = H'."""
+    for i in range(first, stop):
+        off = base + i * int64(16)
+        w0, w1, w2, w3 = load_block(buf, off, length - i * int64(16))
+        x0, x1, x2, x3 = gf128_mul(x0 ^ w0, x1 ^ w1, x2 ^ w2, x3 ^ w3, k0, k1, k2, k3)
+    return x0, x1, x2, x3
+
+
+@cuda.jit(device=True, inline=True)
+def next_key(k0, k1, k2, k3, log2_l):
+    """``(K^L)'`` from ``K'`` by ``log2(L)`` squarings (``mul(a', a') = (a^2)'``)."""
+    for _ in range(log2_l):
+        k0, k1, k2, k3 = gf128_mul(k0, k1, k2, k3, k0, k1, k2, k3)
+    return k0, k1, k2, k3
+
+
+@cuda.jit(device=True, inline=True)
+def store_result(m, unit, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out):
+    """Final level: ``tags_out[m] = x ^ E_K(J0)`` as bytes; else ``partials_out[unit] = x``."""
+    if final:
+        e0 = load_be32(ekj0_blocks[m], 0)
+        e1 = load_be32(ekj0_blocks[m], 4)
+        e2 = load_be32(ekj0_blocks[m], 8)
+        e3 = load_be32(ekj0_blocks[m], 12)
+        t = tags_out[m]
+        store_be32(t, 0, x0 ^ e0)
+        store_be32(t, 4, x1 ^ e1)
+        store_be32(t, 8, x2 ^ e2)
+        store_be32(t, 12, x3 ^ e3)
+    else:
+        partials_out[unit, 0] = x0
+        partials_out[unit, 1] = x1
+        partials_out[unit, 2] = x2
+        partials_out[unit, 3] = x3
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, h_blocks, chunk_blocks,
+                  log2_chunk, partials_out, key_out, ekj0_blocks, tags_out, final):
+    """Level 0: one thread per chunk of ``chunk_blocks`` message blocks (aligned to the end).
+
+    Writes the chunk's Horner partial ``sum X_i H^(e-i)`` (or, when ``final``, the
+    tag), and for unit 0 of a message with more than one chunk, ``(H^L)'`` to ``key_out``.
+    """
+    total = uint64(unit_start[n_messages])
+    stride = uint64(cuda.gridDim.x) * uint64(cuda.blockDim.x)
+    u = uint64(cuda.grid(1))
+    while u < total:
+        m = find_segment(unit_start, n_messages, u)
+        first_unit = uint64(unit_start[m])
+        n_units = int64(uint64(unit_start[m + 1]) - first_unit)
+        c = int64(u - first_unit)
+        aad_off = int64(messages[m, 0])
+        aad_len = int64(messages[m, 1])
+        ct_off = int64(messages[m, 2])
+        ct_len = int64(messages[m, 3])
+        n_aad = (aad_len + int64(15)) >> int64(4)
+        n_ct = (ct_len + int64(15)) >> int64(4)
+        n_blocks = n_aad + n_ct + int64(1)
+        end = n_blocks - (n_units - int64(1) - c) * int64(chunk_blocks)
+        start = end - int64(chunk_blocks)
+        if start < int64(0):
+            start = int64(0)
+
+        hb = h_blocks[m]
+        k0, k1, k2, k3 = gf128_prime(load_be32(hb, 0), load_be32(hb, 4),
+                                     load_be32(hb, 8), load_be32(hb, 12))
+        x0 = uint32(0)
+        x1 = uint32(0)
+        x2 = uint32(0)
+        x3 = uint32(0)
+        # Associated data blocks [0, n_aad).
+        x0, x1, x2, x3 = horner_bytes(x0, x1, x2, x3, aad_buf, aad_off, aad_len,
+                                      start, min(end, n_aad), k0, k1, k2, k3)
+        # Ciphertext blocks [n_aad, n_aad + n_ct), indexed from 0 in ct_buf.
+        x0, x1, x2, x3 = horner_bytes(x0, x1, x2, x3, ct_buf, ct_off, ct_len,
+                                      max(start, n_aad) - n_aad, min(end, n_aad + n_ct) - n_aad,
+                                      k0, k1, k2, k3)
+        # Length block be64(8*len(A)) || be64(8*len(C)).
+        if end == n_blocks:
+            abits = uint64(aad_len) << uint64(3)
+            cbits = uint64(ct_len) << uint64(3)
+            x0, x1, x2, x3 = gf128_mul(x0 ^ uint32(abits >> uint64(32)),
+                                       x1 ^ uint32(abits & uint64(0xFFFFFFFF)),
+                                       x2 ^ uint32(cbits >> uint64(32)),
+                                       x3 ^ uint32(cbits & uint64(0xFFFFFFFF)),
+                                       k0, k1, k2, k3)
+        store_result(m, u, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out)
+        if c == int64(0) and n_units > int64(1):
+            n0, n1, n2, n3 = next_key(k0, k1, k2, k3, log2_chunk)
+            key_out[m, 0] = n0
+            key_out[m, 1] = n1
+            key_out[m, 2] = n2
+            key_out[m, 3] = n3
+        u += stride
+
+
+def _ghash_combine(partials_in, in_start, partials_out, out_start, n_messages, key_in, key_out,
+                   chunk_blocks, log2_chunk, ekj0_blocks, tags_out, final):
+    """Level k >= 1: one thread per group of ``chunk_blocks`` partials of the previous level.
+
+    Group ``g`` (aligned to the end) gets ``sum_c P_c K^(e-1-c)`` by Horner with
+    ``K' = key_in[m]``; unit 0 of a message with more than one group writes ``(K^L)'``.
+    """
+    total = uint64(out_start[n_messages])
+    stride = uint64(cuda.gridDim.x) * uint64(cuda.blockDim.x)
+    u = uint64(cuda.grid(1))
+    while u < total:
+        m = find_segment(out_start, n_messages, u)
+        first_unit = uint64(out_start[m])
+        n_units = int64(uint64(out_start[m + 1]) - first_unit)
+        g = int64(u - first_unit)
+        in_first = int64(in_start[m])
+        n_in = int64(uint64(in_start[m + 1])) - in_first
+        end = n_in - (n_units - int64(1) - g) * int64(chunk_blocks)
+        start = end - int64(chunk_blocks)
+        if start < int64(0):
+            start = int64(0)
+        k0 = uint32(key_in[m, 0])
+        k1 = uint32(key_in[m, 1])
+        k2 = uint32(key_in[m, 2])
+        k3 = uint32(key_in[m, 3])
+        j = in_first + start
+        x0 = uint32(partials_in[j, 0])
+        x1 = uint32(partials_in[j, 1])
+        x2 = uint32(partials_in[j, 2])
+        x3 = uint32(partials_in[j, 3])
+        for i in range(start + int64(1), end):
+            j = in_first + i
+            x0, x1, x2, x3 = gf128_mul(x0, x1, x2, x3, k0, k1, k2, k3)
+            x0 ^= uint32(partials_in[j, 0])
+            x1 ^= uint32(partials_in[j, 1])
+            x2 ^= uint32(partials_in[j, 2])
+            x3 ^= uint32(partials_in[j, 3])
+        store_result(m, u, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out)
+        if g == int64(0) and n_units > int64(1):
+            n0, n1, n2, n3 = next_key(k0, k1, k2, k3, log2_chunk)
+            key_out[m, 0] = n0
+            key_out[m, 1] = n1
+            key_out[m, 2] = n2
+            key_out[m, 3] = n3
+        u += stride
+
+
+_BLOCKS_SIG = ("void(uint8[::1], uint8[::1], uint64[:, ::1], uint64[::1], int64, uint8[:, ::1], "
+               "int64, int64, uint32[:, ::1], uint32[:, ::1], uint8[:, ::1], uint8[:, ::1], boolean)")
+_COMBINE_SIG = ("void(uint32[:, ::1], uint64[::1], uint32[:, ::1], uint64[::1], int64, "
+                "uint32[:, ::1], uint32[:, ::1], int64, int64, uint8[:, ::1], uint8[:, ::1], boolean)")
+
+ghash_blocks = cuda.jit(cache=True)(_ghash_blocks)
+ghash_combine = cuda.jit(cache=True)(_ghash_combine)
+
+KERNEL_REPORT = [
+    ReportEntry("ghash_blocks", _ghash_blocks, _BLOCKS_SIG, 16,
+                note="level 0: Horner with H over message bytes; one iteration = one 16-byte block"),
+    ReportEntry("ghash_combine", _ghash_combine, _COMBINE_SIG, 16,
+                note="levels >= 1: Horner with H^(L^k) over partials (~1/L of level 0's work)"),
+]
+
+
+# --------------------------------------------------------------------------- host side
+
+
+@dataclass(frozen=True)
+class GhashTable:
+    """Message table for :func:`ghash_aead_tags` (built by :func:`pack_messages`).
+
+    ``messages``: ``uint64[n, 4]`` rows (aad_off, aad_len, ct_off, ct_len);
+    ``unit_start``: ``uint64[levels, n + 1]`` prefix sums of units per level;
+    ``units_total``: host ints, units per level; ``chunk_blocks``: L.
+    The arrays are NumPy (host) or device arrays (after :meth:`to_device`).
+    """
+
+    messages: object
+    unit_start: object
+    units_total: tuple
+    chunk_blocks: int
+
+    @property
+    def levels(self) -> int:
+        return len(self.units_total)
+
+    def to_device(self, stream=0) -> "GhashTable":
+        """A copy whose arrays live on the device (queued on ``stream``)."""
+        return GhashTable(_on_device(self.messages, stream), _on_device(self.unit_start, stream),
+                          self.units_total, self.chunk_blocks)
+
+
+def _on_device(arr, stream):
+    if isinstance(arr, np.ndarray):  # host array (device arrays, and the simulator's, are not ndarrays)
+        return cuda.to_device(np.ascontiguousarray(arr), stream=stream)
+    return arr
+
+
+def pack_messages(aad_offsets, aad_lengths, ct_offsets, ct_lengths, *,
+                  chunk_blocks: int = DEFAULT_CHUNK_BLOCKS) -> GhashTable:
+    """Host-side table for ``n`` messages (NumPy, no device work).
+
+    Each argument is a length-``n`` sequence of byte offsets/lengths into
+    ``aad_buf`` / ``ct_buf``. ``chunk_blocks`` (L) is a power of two >= 2.
+    """
+    if chunk_blocks < 2 or chunk_blocks & (chunk_blocks - 1):
+        raise ValueError("chunk_blocks must be a power of two >= 2")
+    messages = np.stack([np.asarray(a, dtype=np.uint64) for a in
+                         (aad_offsets, aad_lengths, ct_offsets, ct_lengths)], axis=1)
+    messages = np.ascontiguousarray(messages.reshape(-1, 4))
+    n = messages.shape[0]
+    units = (messages[:, 1] + 15) // 16 + (messages[:, 3] + 15) // 16 + 1  # blocks per message
+    prefixes = []
+    while True:
+        units = (units + np.uint64(chunk_blocks - 1)) // np.uint64(chunk_blocks)
+        prefixes.append(unit_prefix(units))
+        if n == 0 or int(units.max()) <= 1:
+            break
+    unit_start = np.ascontiguousarray(np.stack(prefixes))
+    return GhashTable(messages, unit_start, tuple(int(p[-1]) for p in prefixes), chunk_blocks)
+
+
+@dataclass(frozen=True)
+class GhashScratch:
+    """Device scratch for one :func:`ghash_aead_tags` call (reusable for tables no larger)."""
+
+    partials: tuple  # two uint32[units, 4] device arrays (ping-pong between levels)
+    keys: tuple      # two uint32[n, 4] device arrays
+
+
+def ghash_scratch(table: GhashTable, n_messages: int, stream=0) -> GhashScratch:
+    """Allocate the scratch :func:`ghash_aead_tags` needs for ``table``."""
+    sizes = list(table.units_total[:2]) + [1, 1]
+    partials = tuple(cuda.device_array((max(1, sizes[i]), 4), dtype=np.uint32, stream=stream)
+                     for i in range(2))
+    keys = tuple(cuda.device_array((max(1, n_messages), 4), dtype=np.uint32, stream=stream)
+                 for _ in range(2))
+    return GhashScratch(partials, keys)
+
+
+def ghash_aead_tags(aad_buf, ct_buf, table, n_messages, h_blocks, ekj0_blocks, tags_out, *,
+                    stream=0, scratch=None):
+    """Queue on ``stream`` the GCM tags of ``n_messages`` messages into ``tags_out``.
+
+    aad_buf, ct_buf: 1-D uint8 device arrays with all messages' associated data
+    and ciphertexts; table: a :class:`GhashTable` from :func:`pack_messages`
+    (host or device arrays; host ones are copied on ``stream``); h_blocks,
+    ekj0_blocks: uint8[n, 16] device arrays (H and E_K(J0) as bytes); tags_out:
+    uint8[n, 16]. ``scratch``: from :func:`ghash_scratch`, allocated if None.
+    Launches ``table.levels`` kernels. Checks nothing (the backend validates).
+    """
+    if n_messages == 0:
+        return
+    table = table.to_device(stream)
+    if scratch is None:
+        scratch = ghash_scratch(table, n_messages, stream)
+    chunk = int(table.chunk_blocks)
+    log2_chunk = chunk.bit_length() - 1
+    last = table.levels - 1
+    threads = THREADS_PER_BLOCK
+    for level in range(table.levels):
+        units = table.units_total[level]
+        blocks = grid_for(units, threads)
+        out = scratch.partials[level % 2]
+        key_out = scratch.keys[level % 2]
+        if level == 0:
+            ghash_blocks[blocks, threads, stream](
+                aad_buf, ct_buf, table.messages, table.unit_start[0], n_messages, h_blocks,
+                chunk, log2_chunk, out, key_out, ekj0_blocks, tags_out, level == last)
+        else:
+            ghash_combine[blocks, threads, stream](
+                scratch.partials[(level - 1) % 2], table.unit_start[level - 1], out,
+                table.unit_start[level], n_messages, scratch.keys[(level - 1) % 2], key_out,
+                chunk, log2_chunk, ekj0_blocks, tags_out, level == last)
