@@ -58,3 +58,23 @@ def pytest_runtest_setup(item):
 @pytest.fixture(scope="session")
 def on_cudasim() -> bool:
     return ON_CUDASIM
+
+
+@pytest.fixture(params=[pytest.param("cpu"), pytest.param("gpu", marks=pytest.mark.cudasim)])
+def device(request) -> str:
+    """Each registered backend in turn: the same test body runs on the CPU and the GPU.
+
+    The GPU runs in numba's simulator where no GPU exists. A GPU backend that cannot
+    start skips with the reason, or fails under ``GPUCRYPT_REQUIRE_GPU=1``.
+    """
+    name = request.param
+    if name == "gpu":
+        from gpucrypt.backends import BackendUnavailable, get_backend
+
+        try:
+            get_backend("gpu")
+        except BackendUnavailable as exc:
+            if REQUIRE_GPU:
+                pytest.fail(f"GPUCRYPT_REQUIRE_GPU=1 but the gpu backend is unavailable: {exc}")
+            pytest.skip(f"gpu backend unavailable: {exc}")
+    return name
