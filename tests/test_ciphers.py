@@ -1,0 +1,125 @@
+"""Raw stream ciphers against cryptography's Cipher(...).encryptor(), on every backend."""
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from cryptography.exceptions import AlreadyFinalized
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpucrypt import ciphers
+from _vectors import load, unhex
+
+LENGTHS = [0, 1, 15, 16, 17, 63, 64, 65, 4095, 4096, 5000]
+
+
+def reference(kind: str, key: bytes, nonce: bytes):
+    if kind == "chacha20":
+        return Cipher(algorithms.ChaCha20(key, nonce), None).encryptor()
+    return Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
+
+
+def ours(kind: str, key: bytes, nonce: bytes, device: str):
+    cls = ciphers.ChaCha20 if kind == "chacha20" else ciphers.AESCTR
+    return cls(key, nonce, device=device).encryptor()
+
+
+KINDS = [("chacha20", 32), ("aes-ctr", 16), ("aes-ctr", 24), ("aes-ctr", 32)]
+
+
+@pytest.mark.parametrize("kind,key_len", KINDS)
+@pytest.mark.parametrize("length", LENGTHS)
+def test_one_update_matches(device, kind, key_len, length):
+    key, nonce, data = os.urandom(key_len), os.urandom(16), os.urandom(length)
+    if kind == "chacha20":
+        nonce = struct.pack("<I", 7) + nonce[4:]
+    assert ours(kind, key, nonce, device).update(data) == reference(kind, key, nonce).update(data)
+
+
+@pytest.mark.parametrize("kind,key_len", KINDS)
+def test_many_odd_updates_equal_one(device, kind, key_len):
+    key, nonce = os.urandom(key_len), os.urandom(16)
+    if kind == "chacha20":
+        nonce = struct.pack("<I", 1) + nonce[4:]
+    data = os.urandom(700)
+    expected = reference(kind, key, nonce).update(data)
+    enc = ours(kind, key, nonce, device)
+    cuts = [0, 1, 2, 17, 64, 65, 130, 300, 301, 700]
+    out = b"".join(enc.update(data[a:b]) for a, b in zip(cuts, cuts[1:]))
+    assert out == expected
+    assert enc.finalize() == b""
+    with pytest.raises(AlreadyFinalized):
+        enc.update(b"x")
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["chacha20", "aes-ctr"]), data=st.binary(max_size=1500),
+       cuts=st.lists(st.integers(0, 1500), max_size=6), seed=st.binary(min_size=48, max_size=48))
+def test_hypothesis_chunking_cpu(kind, data, cuts, seed):
+    key, nonce = seed[:32], seed[32:]
+    if kind == "chacha20":
+        nonce = b"\x00\x00\x00\x00" + nonce[4:]
+    enc = ours(kind, key, nonce, "cpu")
+    points = sorted({0, len(data), *[c for c in cuts if c <= len(data)]})
+    buf = bytearray(len(data))
+    for a, b in zip(points, points[1:]):
+        assert enc.update_into(data[a:b], memoryview(buf)[a:]) == b - a
+    assert bytes(buf) == reference(kind, key, nonce).update(data)
+
+
+def test_chacha20_refuses_counter_overflow_like_cryptography(device):
+    key = os.urandom(32)
+    nonce = struct.pack("<I", 0xFFFFFFFE) + os.urandom(12)
+    enc = ours("chacha20", key, nonce, device)
+    ref = reference("chacha20", key, nonce)
+    assert enc.update(bytes(100)) == ref.update(bytes(100))
+    assert enc.update(bytes(28)) == ref.update(bytes(28))  # exactly the last block
+    with pytest.raises(ValueError, match="32-bit counter"):
+        enc.update(b"\x00")
+    with pytest.raises(ValueError, match="32-bit counter"):
+        ref.update(b"\x00")
+
+
+def test_aes_ctr_carries_across_all_128_bits(device):
+    key = os.urandom(16)
+    for nonce in (b"\x00" * 8 + b"\xff" * 8, b"\x12" * 4 + b"\xff" * 12, b"\xff" * 16):
+        data = os.urandom(100)
+        assert ours("aes-ctr", key, nonce, device).update(data) == reference("aes-ctr", key, nonce).update(data)
+
+
+def test_rfc7539_chacha20_vectors(device):
+    records = load("ciphers", "ChaCha20", "rfc7539.txt")
+    assert records
+    for r in records:
+        key, nonce = unhex(r["key"]), unhex(r["iv"]) if "iv" in r else unhex(r["nonce"])
+        counter = int(r.get("initial_block_counter", r.get("counter", "0")))
+        if len(nonce) == 12:
+            nonce = struct.pack("<I", counter) + nonce
+        pt, ct = unhex(r.get("plaintext")), unhex(r.get("ciphertext"))
+        assert ours("chacha20", key, nonce, device).update(pt) == ct
+
+
+@pytest.mark.parametrize("bits", [128, 192, 256])
+def test_sp800_38a_ctr_vectors(device, bits):
+    records = load("ciphers", "AES", "CTR", f"aes-{bits}-ctr.txt")
+    assert records
+    for r in records:
+        key, iv, pt, ct = unhex(r["key"]), unhex(r["iv"]), unhex(r["plaintext"]), unhex(r["ciphertext"])
+        assert ours("aes-ctr", key, iv, device).update(pt) == ct
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="16 bytes"):
+        ciphers.ChaCha20(bytes(32), bytes(12))
+    with pytest.raises(ValueError, match="key size"):
+        ciphers.AESCTR(bytes(20), bytes(16))
+    with pytest.raises(ValueError, match="nonce size"):
+        ciphers.AESCTR(bytes(16), bytes(12))
+    with pytest.raises(TypeError):
+        ciphers.ChaCha20("k" * 32, bytes(16))
+    enc = ciphers.AESCTR(bytes(16), bytes(16)).encryptor()
+    with pytest.raises(ValueError, match="at least 5 bytes"):
+        enc.update_into(b"12345", bytearray(4))
