@@ -260,15 +260,24 @@ def _read_block(src_bytes, src_words, head, off, valid):
 
 
 @cuda.jit(device=True, inline=True)
-def mac_block(aad_bytes, aad_words, aad_head, ct_bytes, ct_words, ct_head,
-              a_off, a_len, a_blocks, c_off, c_len, c_blocks, i):
-    """Words of block ``i`` (0-based) of ``mac_data`` for one message."""
+def mac_block(aad_bytes, aad_words, aad_start, ct_bytes, ct_words, ct_start, layout, msg, i):
+    """Words of block ``i`` (0-based) of ``mac_data`` of message ``msg``.
+
+    Reads the message's layout row itself: this is the cold path, and keeping
+    the four lengths and offsets out of the hot loop's live registers matters more.
+    """
+    a_off = uint64(layout[msg, 0])
+    a_len = uint64(layout[msg, 1])
+    c_off = uint64(layout[msg, 2])
+    c_len = uint64(layout[msg, 3])
+    a_blocks = (a_len + uint64(15)) >> uint64(4)
+    c_blocks = (c_len + uint64(15)) >> uint64(4)
     if i < a_blocks:
         start = i * uint64(16)
-        return _read_block(aad_bytes, aad_words, aad_head, a_off + start, a_len - start)
+        return _read_block(aad_bytes, aad_words, aad_start, a_off + start, a_len - start)
     if i < a_blocks + c_blocks:
         start = (i - a_blocks) * uint64(16)
-        return _read_block(ct_bytes, ct_words, ct_head, c_off + start, c_len - start)
+        return _read_block(ct_bytes, ct_words, ct_start, c_off + start, c_len - start)
     return uint32(a_len), uint32(a_len >> uint64(32)), uint32(c_len), uint32(c_len >> uint64(32))
 
 
@@ -346,39 +355,68 @@ def _poly1305_aead_partial(aad_bytes, aad_words, aad_head, ct_bytes, ct_words, c
             msg = find_segment(span_start, n_messages, span)
             k = span - uint64(span_start[msg])
             spans_of_msg = uint64(span_start[msg + 1]) - uint64(span_start[msg])
-            a_off = uint64(layout[msg, 0])
-            a_len = uint64(layout[msg, 1])
+            a_blocks = (uint64(layout[msg, 1]) + uint64(15)) >> uint64(4)
             c_off = uint64(layout[msg, 2])
             c_len = uint64(layout[msg, 3])
-            a_blocks = (a_len + uint64(15)) >> uint64(4)
-            c_blocks = (c_len + uint64(15)) >> uint64(4)
-            n_blocks = a_blocks + c_blocks + uint64(1)
+            n_blocks = a_blocks + ((c_len + uint64(15)) >> uint64(4)) + uint64(1)
             pad = spans_of_msg * span_blocks - n_blocks  # zero blocks in front of span 0
             span_first = k * span_blocks
             j = uint64(0)
             if span_first < pad:
                 j = (pad - span_first) // uint64(TILE_LANES)
+            # Steps [fast_lo, fast_hi) read only full, 8-byte aligned ciphertext blocks
+            # (uniform over the tile): they run a loop with nothing but loads and
+            # Horner.  The other steps (aad, boundaries, the last partial block, the
+            # length block) take the general path.
+            first_ct = pad + a_blocks  # padded position of ciphertext block 0
+            end_full_ct = first_ct + (c_len >> uint64(4))
+            fast_lo = uint64(0)
+            if span_first < first_ct:
+                fast_lo = (first_ct - span_first + uint64(TILE_LANES - 1)) // uint64(TILE_LANES)
+            fast_hi = uint64(0)
+            if (c_off >= ct_start and ((c_off - ct_start) & uint64(7)) == uint64(0)
+                    and end_full_ct >= span_first + uint64(TILE_LANES)):
+                fast_hi = (end_full_ct - span_first - uint64(TILE_LANES)) // uint64(TILE_LANES) + uint64(1)
+                if fast_hi > uint64(chunk_blocks):
+                    fast_hi = uint64(chunk_blocks)
+            # ct_words index of this lane's block at step 0 (modular; only used in the fast range).
+            fast_q0 = ((c_off - ct_start) >> uint64(3)) + uint64(2) * (span_first + lane - first_ct)
             pbase = uint64(msg) * uint64(power_width) * uint64(LIMBS)
-            big_r = fe_load(scratch, pbase + uint64((TILE_LANES - 1) * LIMBS))  # r^W
-            R0, R1, R2, R3, R4 = big_r
+            R0, R1, R2, R3, R4 = fe_load(scratch, pbase + uint64((TILE_LANES - 1) * LIMBS))  # r^W
             S1 = R1 * uint32(5)
             S2 = R2 * uint32(5)
             S3 = R3 * uint32(5)
             S4 = R4 * uint32(5)
-            pos = span_first + j * uint64(TILE_LANES) + lane
-            while j < uint64(chunk_blocks):
-                h0, h1, h2, h3, h4 = fe_mul(h0, h1, h2, h3, h4, R0, R1, R2, R3, R4, S1, S2, S3, S4)
-                if pos >= pad:
-                    w0, w1, w2, w3 = mac_block(aad_bytes, aad_words, aad_start, ct_bytes, ct_words, ct_start,
-                                               a_off, a_len, a_blocks, c_off, c_len, c_blocks, pos - pad)
-                    m0, m1, m2, m3, m4 = fe_from_block(w0, w1, w2, w3)
-                    h0 = uint32(h0 + m0)
-                    h1 = uint32(h1 + m1)
-                    h2 = uint32(h2 + m2)
-                    h3 = uint32(h3 + m3)
-                    h4 = uint32(h4 + m4)
-                pos += uint64(TILE_LANES)
-                j += uint64(1)
+            steps = uint64(chunk_blocks)
+            while j < steps:
+                if j >= fast_lo and j < fast_hi:
+                    q = fast_q0 + uint64(2 * TILE_LANES) * j
+                    while j < fast_hi:
+                        lo = uint64(ct_words[q])
+                        hi = uint64(ct_words[q + uint64(1)])
+                        h0, h1, h2, h3, h4 = fe_mul(h0, h1, h2, h3, h4, R0, R1, R2, R3, R4, S1, S2, S3, S4)
+                        m0, m1, m2, m3, m4 = fe_from_block(uint32(lo), uint32(lo >> uint64(32)),
+                                                           uint32(hi), uint32(hi >> uint64(32)))
+                        h0 = uint32(h0 + m0)
+                        h1 = uint32(h1 + m1)
+                        h2 = uint32(h2 + m2)
+                        h3 = uint32(h3 + m3)
+                        h4 = uint32(h4 + m4)
+                        q += uint64(2 * TILE_LANES)
+                        j += uint64(1)
+                else:
+                    h0, h1, h2, h3, h4 = fe_mul(h0, h1, h2, h3, h4, R0, R1, R2, R3, R4, S1, S2, S3, S4)
+                    pos = span_first + j * uint64(TILE_LANES) + lane
+                    if pos >= pad:
+                        w0, w1, w2, w3 = mac_block(aad_bytes, aad_words, aad_start, ct_bytes, ct_words, ct_start,
+                                                   layout, msg, pos - pad)
+                        m0, m1, m2, m3, m4 = fe_from_block(w0, w1, w2, w3)
+                        h0 = uint32(h0 + m0)
+                        h1 = uint32(h1 + m1)
+                        h2 = uint32(h2 + m2)
+                        h3 = uint32(h3 + m3)
+                        h4 = uint32(h4 + m4)
+                    j += uint64(1)
             # Lane t's blocks sit W - t positions (times R powers) before the span end.
             p0, p1, p2, p3, p4 = fe_load(scratch, pbase + (uint64(TILE_LANES - 1) - lane) * uint64(LIMBS))
             h0, h1, h2, h3, h4 = fe_mul(h0, h1, h2, h3, h4, p0, p1, p2, p3, p4,
