@@ -92,7 +92,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda, int64, uint32, uint64
 
-from ._launch import ReportEntry, THREADS_PER_BLOCK, find_segment, grid_for, unit_prefix
+from ._launch import ReportEntry, THREADS_PER_BLOCK, find_segment, grid_for, is_simulator, unit_prefix
 
 #: Default chunk length L in 16-byte blocks (1 KiB per thread at level 0).
 DEFAULT_CHUNK_BLOCKS = 64
@@ -109,6 +109,38 @@ _M3_64 = 0x8888888888888888
 
 # --------------------------------------------------------------------------- GF(2^128)
 
+# 32x32 -> 64-bit multiply. Written in numba as ``uint64(a) * uint64(b)``, LLVM folds
+# the masking into 64-bit ANDs, loses the zero-extension, and emits ``mul.lo.s64``
+# (ptxas: IMAD.WIDE + a useless VIADD each). The device build therefore emits PTX
+# ``mul.wide.u32`` directly; the simulator (which cannot run PTX) gets the plain
+# NumPy twin. The choice is made here, once, at import.
+if is_simulator():
+    @cuda.jit(device=True, inline=True)
+    def mul_wide_u32(a, b):
+        """Full 64-bit product of two uint32 (simulator twin)."""
+        return uint64(uint32(a)) * uint64(uint32(b))
+else:
+    from llvmlite import ir as _ir
+    from numba import types as _types
+    from numba.cuda.extending import intrinsic as _intrinsic
+
+    @_intrinsic
+    def _mul_wide_u32_ptx(typingctx, a, b):
+        sig = _types.uint64(_types.uint32, _types.uint32)
+
+        def codegen(context, builder, signature, args):
+            fnty = _ir.FunctionType(_ir.IntType(64), [_ir.IntType(32), _ir.IntType(32)])
+            asm = _ir.InlineAsm(fnty, "mul.wide.u32 $0, $1, $2;", "=l,r,r")
+            return builder.call(asm, args)
+
+        return sig, codegen
+
+    @cuda.jit(device=True, inline=True)
+    def mul_wide_u32(a, b):
+        """Full 64-bit product of two uint32 (one PTX ``mul.wide.u32``: IMAD.WIDE.U32)."""
+        return _mul_wide_u32_ptx(uint32(a), uint32(b))
+
+
 
 @cuda.jit(device=True, inline=True)
 def clmul32(x, y):
@@ -118,18 +150,18 @@ def clmul32(x, y):
     two parts has at most 8 terms per bit, < 16, so the sum never carries out of
     the 4-bit "hole" of the bit we keep.
     """
-    x0 = uint64(uint32(x) & uint32(_M0))
-    x1 = uint64(uint32(x) & uint32(_M1))
-    x2 = uint64(uint32(x) & uint32(_M2))
-    x3 = uint64(uint32(x) & uint32(_M3))
-    y0 = uint64(uint32(y) & uint32(_M0))
-    y1 = uint64(uint32(y) & uint32(_M1))
-    y2 = uint64(uint32(y) & uint32(_M2))
-    y3 = uint64(uint32(y) & uint32(_M3))
-    z0 = (x0 * y0) ^ (x1 * y3) ^ (x2 * y2) ^ (x3 * y1)
-    z1 = (x0 * y1) ^ (x1 * y0) ^ (x2 * y3) ^ (x3 * y2)
-    z2 = (x0 * y2) ^ (x1 * y1) ^ (x2 * y0) ^ (x3 * y3)
-    z3 = (x0 * y3) ^ (x1 * y2) ^ (x2 * y1) ^ (x3 * y0)
+    x0 = uint32(x) & uint32(_M0)
+    x1 = uint32(x) & uint32(_M1)
+    x2 = uint32(x) & uint32(_M2)
+    x3 = uint32(x) & uint32(_M3)
+    y0 = uint32(y) & uint32(_M0)
+    y1 = uint32(y) & uint32(_M1)
+    y2 = uint32(y) & uint32(_M2)
+    y3 = uint32(y) & uint32(_M3)
+    z0 = mul_wide_u32(x0, y0) ^ mul_wide_u32(x1, y3) ^ mul_wide_u32(x2, y2) ^ mul_wide_u32(x3, y1)
+    z1 = mul_wide_u32(x0, y1) ^ mul_wide_u32(x1, y0) ^ mul_wide_u32(x2, y3) ^ mul_wide_u32(x3, y2)
+    z2 = mul_wide_u32(x0, y2) ^ mul_wide_u32(x1, y1) ^ mul_wide_u32(x2, y0) ^ mul_wide_u32(x3, y3)
+    z3 = mul_wide_u32(x0, y3) ^ mul_wide_u32(x1, y2) ^ mul_wide_u32(x2, y1) ^ mul_wide_u32(x3, y0)
     return ((z0 & uint64(_M0_64)) | (z1 & uint64(_M1_64))
             | (z2 & uint64(_M2_64)) | (z3 & uint64(_M3_64)))
 
@@ -194,9 +226,13 @@ def gf128_prime(h0, h1, h2, h3):
 
 @cuda.jit(device=True, inline=True)
 def load_be32(buf, off):
-    """Big-endian uint32 from 4 bytes of ``buf`` at ``off``."""
-    return ((uint32(buf[off]) << uint32(24)) | (uint32(buf[off + 1]) << uint32(16))
-            | (uint32(buf[off + 2]) << uint32(8)) | uint32(buf[off + 3]))
+    """Big-endian uint32 from 4 bytes of ``buf`` at ``off`` (>= 0).
+
+    Indices are unsigned so numba emits no negative-index wrap-around selects.
+    """
+    o = uint64(off)
+    return ((uint32(buf[o]) << uint32(24)) | (uint32(buf[o + uint64(1)]) << uint32(16))
+            | (uint32(buf[o + uint64(2)]) << uint32(8)) | uint32(buf[o + uint64(3)]))
 
 
 @cuda.jit(device=True, inline=True)
@@ -205,7 +241,7 @@ def load_be32_partial(buf, off, avail):
     w = uint32(0)
     for b in range(4):
         if int64(b) < avail:
-            w |= uint32(buf[off + b]) << uint32(24 - 8 * b)
+            w |= uint32(buf[uint64(off) + uint64(b)]) << uint32(24 - 8 * b)
     return w
 
 
