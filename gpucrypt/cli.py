@@ -17,6 +17,9 @@ import sys
 SUBCOMMANDS = {
     "info": "gpucrypt.cli:_add_info",
     "selftest": "gpucrypt.cli:_add_selftest",
+    "keygen": "gpucrypt._cli_keys:add_keygen",
+    "keys": "gpucrypt._cli_keys:add_keys",
+    "rekey": "gpucrypt._cli_keys:add_rekey",
 }
 
 

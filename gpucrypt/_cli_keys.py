@@ -1,0 +1,327 @@
+"""Command line for key management: ``keygen``, ``keys``, ``rekey``, and the key options
+of ``encrypt``/``decrypt``.
+
+``gpucrypt encrypt``/``decrypt`` belong to :mod:`gpucrypt._cli_files`; this module
+gives them two hooks, so recipients and keysets work there without that module
+knowing about envelopes:
+
+- :func:`add_key_arguments(parser, mode) <add_key_arguments>` adds ``-r/--recipient FILE``
+  (repeatable, encrypt), ``-i/--identity FILE`` (repeatable, decrypt), ``--keyset FILE``
+  and ``--passphrase-file FILE``;
+- :func:`resolve_encrypt_keys(args) <resolve_encrypt_keys>` returns ``(dek, key_id, envelope)``
+  to pass to ``stream.encrypt(src, dst, dek, key_id=key_id, envelope=envelope)``, and
+  :func:`resolve_decrypt_key(args, header) <resolve_decrypt_key>` returns the data key for
+  ``stream.decrypt`` given the header from ``stream.read_header``. Both return ``None``
+  when none of these options was given (the caller then uses its own key options),
+  and raise :class:`gpucrypt.cli.CliError` with a one-line message on failure.
+
+Secrets are never printed. Passphrases for sealed keysets and identities come from
+``--passphrase-file``, then ``GPUCRYPT_PASSPHRASE``, then a prompt when stdin is a terminal.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from typing import Any
+
+from .cli import CliError
+
+__all__ = ["add_key_arguments", "resolve_encrypt_keys", "resolve_decrypt_key",
+           "add_keygen", "add_keys", "add_rekey"]
+
+PASSPHRASE_ENV = "GPUCRYPT_PASSPHRASE"
+
+
+# --------------------------------------------------------------------------- passphrases
+
+
+def _passphrase(args: Any, what: str, *, confirm: bool = False) -> str:
+    path = getattr(args, "passphrase_file", None)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read().rstrip("\r\n")
+        except OSError as exc:
+            raise CliError(f"cannot read the passphrase file: {exc.strerror}", 2) from None
+        if not text:
+            raise CliError("the passphrase file is empty", 2)
+        return text
+    if os.environ.get(PASSPHRASE_ENV):
+        return os.environ[PASSPHRASE_ENV]
+    if not sys.stdin.isatty():
+        raise CliError(f"{what} needs a passphrase: give --passphrase-file or set "
+                       f"{PASSPHRASE_ENV}", 2)
+    first = getpass.getpass(f"passphrase for {what}: ")
+    if confirm and getpass.getpass("again: ") != first:
+        raise CliError("the passphrases differ", 2)
+    if not first:
+        raise CliError("empty passphrase", 2)
+    return first
+
+
+def _is_sealed(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return "protection" in json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _load_keyset(path: str, args: Any):
+    from .keys import Keyset
+
+    passphrase = _passphrase(args, path) if _is_sealed(path) else None
+    return _keys_call(Keyset.load, path, passphrase)
+
+
+def _load_identity(path: str, args: Any):
+    from .keys import Identity
+
+    passphrase = _passphrase(args, path) if _is_sealed(path) else None
+    return _keys_call(Identity.load, path, passphrase)
+
+
+def _keys_call(func, *a, **kw):
+    """Run a gpucrypt.keys call, turning its errors into one-line CLI errors."""
+    from cryptography.exceptions import InvalidTag
+
+    from .keys import KeyManagementError
+
+    try:
+        return func(*a, **kw)
+    except KeyManagementError as exc:
+        raise CliError(str(exc), 1) from None
+    except (InvalidTag, ValueError) as exc:  # the stream's format and authentication errors
+        raise CliError(str(exc) or type(exc).__name__, 1) from None
+    except OSError as exc:
+        raise CliError(f"{exc.filename or ''}: {exc.strerror}", 1) from None
+
+
+# --------------------------------------------------------------------------- encrypt/decrypt hooks
+
+
+def add_key_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
+    """Add the recipient/identity/keyset options of ``encrypt`` (mode="encrypt") or
+    ``decrypt`` (mode="decrypt") to ``parser``."""
+    if mode not in ("encrypt", "decrypt"):
+        raise ValueError("mode must be 'encrypt' or 'decrypt'")
+    group = parser.add_argument_group("keys (envelope encryption, docs/KEYS.md)")
+    if mode == "encrypt":
+        group.add_argument("-r", "--recipient", action="append", default=[], metavar="FILE",
+                           help="wrap the file's data key for this public key (recipient file "
+                                "from 'gpucrypt keygen --public'); repeat for several")
+        group.add_argument("--keyset", metavar="FILE",
+                           help="wrap the data key under this keyset's primary key")
+    else:
+        group.add_argument("-i", "--identity", action="append", default=[], metavar="FILE",
+                           help="private key file to open the envelope with; repeat for several")
+        group.add_argument("--keyset", metavar="FILE",
+                           help="open the envelope with this keyset's keys (found by key id)")
+    group.add_argument("--passphrase-file", metavar="FILE",
+                       help=f"passphrase of a sealed keyset/identity (else ${PASSPHRASE_ENV}, "
+                            f"else a prompt)")
+
+
+def resolve_encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes] | None:
+    """``(dek, key_id, envelope)`` for ``stream.encrypt`` from the parsed options, or None
+    when no ``-r``/``--keyset`` was given."""
+    from .keys import Recipient, generate_dek, seal_envelope
+
+    recipients = [_keys_call(Recipient.load, path) for path in getattr(args, "recipient", None) or []]
+    keyset = _load_keyset(args.keyset, args) if getattr(args, "keyset", None) else None
+    if not recipients and keyset is None:
+        return None
+    items: list = recipients + ([keyset] if keyset is not None else [])
+    dek = generate_dek()
+    envelope = _keys_call(seal_envelope, dek, items)
+    return dek, (keyset.primary.id if keyset is not None else None), envelope
+
+
+def resolve_decrypt_key(args: Any, header: Any) -> bytes | None:
+    """The data key of the file whose parsed ``header`` (from ``stream.read_header``) is
+    given, unwrapped with the ``-i``/``--keyset`` options; None when neither was given."""
+    from .keys import open_envelope
+
+    identities: list = [_load_identity(p, args) for p in getattr(args, "identity", None) or []]
+    if getattr(args, "keyset", None):
+        identities.append(_load_keyset(args.keyset, args))
+    if not identities:
+        return None
+    envelope = header.get("envelope") if isinstance(header, dict) else getattr(header, "envelope", None)
+    if not envelope:
+        raise CliError("this file carries no envelope (it was encrypted with a raw key): "
+                       "-i/--keyset cannot open it", 1)
+    return _keys_call(open_envelope, envelope, identities)
+
+
+# --------------------------------------------------------------------------- keygen
+
+
+def add_keygen(parser: argparse.ArgumentParser) -> None:
+    """Generate a keyset of key-encryption keys, or with --public a recipient key pair."""
+    parser.add_argument("--out", metavar="FILE",
+                        help="where to write (default gpucrypt-keyset.json, or with --public "
+                             "gpucrypt-identity.json and FILE.pub); written 0600")
+    parser.add_argument("--public", action="store_true",
+                        help="make a public-key pair: a private identity FILE and a public "
+                             "recipient FILE.pub to share")
+    parser.add_argument("--kem", choices=("x25519", "mlkem768-x25519"), default="x25519",
+                        help="key type for --public: X25519, or the post-quantum hybrid "
+                             "ML-KEM-768 + X25519 (default x25519)")
+    parser.add_argument("--seal", action="store_true",
+                        help="seal the secret file with a passphrase (scrypt)")
+    parser.add_argument("--passphrase-file", metavar="FILE",
+                        help=f"passphrase for --seal (else ${PASSPHRASE_ENV}, else a prompt)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    _add_audit_argument(parser)
+    parser.set_defaults(func=_run_keygen)
+
+
+def _refuse_overwrite(paths: list[str], force: bool) -> None:
+    for path in paths:
+        if os.path.exists(path) and not force:
+            raise CliError(f"{path} exists; use --force to overwrite it", 2)
+
+
+def _run_keygen(args) -> int:
+    from .keys import Identity, Keyset
+
+    _enable_audit(args)
+    passphrase = _passphrase(args, "the new key file", confirm=True) if args.seal else None
+    if args.public:
+        out = args.out or "gpucrypt-identity.json"
+        _refuse_overwrite([out, out + ".pub"], args.force)
+        identity = Identity.generate(args.kem)
+        _keys_call(identity.save, out, passphrase)
+        _keys_call(identity.recipient.save, out + ".pub")
+        print(f"identity (private, keep it secret): {out}")
+        print(f"recipient (public, share it):       {out}.pub")
+        print(f"fingerprint: {identity.fingerprint}")
+        return 0
+    out = args.out or "gpucrypt-keyset.json"
+    _refuse_overwrite([out], args.force)
+    keyset = Keyset.generate()
+    _keys_call(keyset.save, out, passphrase)
+    print(f"keyset: {out} (primary key {keyset.primary.id})")
+    return 0
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def add_keys(parser: argparse.ArgumentParser) -> None:
+    """Manage a keyset: list, add, promote, enable, disable, destroy keys."""
+    sub = parser.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    actions = {
+        "list": "show the keys (ids, algorithm, created, status); no passphrase needed",
+        "add": "add a fresh key (enabled; --primary makes it the primary)",
+        "promote": "make KEY_ID the primary key (new data keys are wrapped under it)",
+        "enable": "let a disabled key unwrap again",
+        "disable": "stop KEY_ID from unwrapping (reversible)",
+        "destroy": "delete KEY_ID's material for good (needs --yes)",
+    }
+    for action, help_text in actions.items():
+        p = sub.add_parser(action, help=help_text)
+        p.add_argument("keyset", metavar="KEYSET")
+        if action not in ("list", "add"):
+            p.add_argument("key_id", metavar="KEY_ID")
+        if action == "list":
+            p.add_argument("--json", action="store_true", help="print JSON")
+        if action == "add":
+            p.add_argument("--primary", action="store_true", help="make the new key the primary")
+        if action == "destroy":
+            p.add_argument("--yes", action="store_true", help="confirm: this cannot be undone")
+        p.add_argument("--passphrase-file", metavar="FILE",
+                       help=f"passphrase of a sealed keyset (else ${PASSPHRASE_ENV}, else a prompt)")
+        _add_audit_argument(p)
+    parser.set_defaults(func=_run_keys)
+
+
+def _run_keys(args) -> int:
+    from .keys import Keyset
+
+    _enable_audit(args)
+    if args.keys_command == "list":
+        info = _keys_call(Keyset.inspect, args.keyset)
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        print(f"{args.keyset}: {len(info['keys'])} key(s), "
+              f"{'sealed by ' + info['protection'] if info['protection'] else 'not sealed'}")
+        for key in info["keys"]:
+            print(f"  {key.get('id', '?'):18s} {key.get('status', '?'):9s} "
+                  f"{key.get('algorithm', '?'):12s} {key.get('created', '?')}")
+        return 0
+    if args.keys_command == "destroy" and not args.yes:
+        raise CliError(f"destroying key {args.key_id} cannot be undone: data wrapped only under "
+                       f"it becomes unreadable. Add --yes to confirm", 2)
+    keyset = _load_keyset(args.keyset, args)
+    if args.keys_command == "add":
+        key = _keys_call(keyset.add, primary=args.primary)
+        message = f"added key {key.id} ({key.status})"
+    else:
+        key = _keys_call(getattr(keyset, args.keys_command), args.key_id)
+        message = f"key {key.id} is now {key.status}"
+    _keys_call(keyset.save, args.keyset)
+    print(message)
+    return 0
+
+
+# --------------------------------------------------------------------------- rekey
+
+
+def add_rekey(parser: argparse.ArgumentParser) -> None:
+    """Re-wrap an encrypted file's data key for new recipients/keys (rewrites the header only)."""
+    parser.add_argument("file", metavar="FILE", help="a gpucrypt file with an envelope")
+    parser.add_argument("-r", "--recipient", action="append", default=[], metavar="FILE",
+                        help="new recipient (public key file); repeat. Anyone left out is revoked")
+    parser.add_argument("--keyset", metavar="FILE",
+                        help="wrap under this keyset's primary key (and, without -i/--old-keyset, "
+                             "open with it too: rotation after 'keys promote')")
+    parser.add_argument("-i", "--identity", action="append", default=[], metavar="FILE",
+                        help="private key that opens the current envelope; repeat")
+    parser.add_argument("--old-keyset", metavar="FILE",
+                        help="keyset that opens the current envelope")
+    parser.add_argument("--passphrase-file", metavar="FILE",
+                        help=f"passphrase of sealed keysets/identities (else ${PASSPHRASE_ENV})")
+    _add_audit_argument(parser)
+    parser.set_defaults(func=_run_rekey)
+
+
+def _run_rekey(args) -> int:
+    from .keys import Recipient, rekey_file
+
+    _enable_audit(args)
+    if not args.recipient and not args.keyset:
+        raise CliError("say who the file is for: -r RECIPIENT (repeatable) and/or --keyset", 2)
+    if not args.identity and not args.old_keyset and not args.keyset:
+        raise CliError("say how to open the file: -i IDENTITY and/or --old-keyset", 2)
+    recipients = [_keys_call(Recipient.load, p) for p in args.recipient]
+    keyset = _load_keyset(args.keyset, args) if args.keyset else None
+    identities = [_load_identity(p, args) for p in args.identity]
+    old_keyset = _load_keyset(args.old_keyset, args) if args.old_keyset else None
+    result = _keys_call(rekey_file, args.file, recipients=recipients or None, keyset=keyset,
+                        identities=identities or None, old_keyset=old_keyset)
+    print(f"{args.file}: data key now wrapped for {', '.join(result['recipients'])}")
+    dropped = [r for r in result["previous_recipients"] if r not in result["recipients"]]
+    if dropped:
+        print(f"removed: {', '.join(dropped)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- audit
+
+
+def _add_audit_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--audit-log", metavar="FILE",
+                        help="append audit events (JSON lines, no secrets) to FILE")
+
+
+def _enable_audit(args) -> None:
+    if getattr(args, "audit_log", None):
+        from . import audit
+
+        audit.enable(args.audit_log)

@@ -1,0 +1,149 @@
+"""Structured audit events: one JSON object per line, through the standard ``logging`` module.
+
+Events go to the logger ``gpucrypt.audit`` at level INFO. Nothing is emitted unless
+the application configures logging for it (the library installs only a
+``NullHandler``), and building an event costs nothing when the logger is disabled.
+:func:`enable` is a one-line way to send the events to a file or stream.
+
+Contract of :func:`event` (stable; the stream and tensor layers call it too)::
+
+    event(operation: str, *, outcome: str = "ok", **fields) -> None
+
+- ``operation``: what happened, dotted lower-case words (``"envelope.seal"``,
+  ``"file.encrypt"``, ``"keyset.promote"``).
+- ``outcome``: ``"ok"`` or ``"error"``.
+- ``fields``: only the names in :data:`FIELDS`, each holding ``str``, ``int``,
+  ``float``, ``bool``, ``None`` or a list of ``str``. Anything else (an unknown
+  name, ``bytes``, a ``bytearray``, an array) raises ``TypeError`` before a line is
+  written: an audit log must never be a place where key material, nonces or
+  plaintext can land by accident, so the helper refuses binary values outright.
+
+What is recorded: key ids, algorithm names, byte counts, the device, durations,
+recipients' public fingerprints, file paths, and for failures the error's class
+name (plus its message only for gpucrypt's own key-management errors, whose
+messages are written to hold no secrets). Never: keys in any encoding,
+passphrases, nonces paired with keys, plaintext, or arbitrary exception messages.
+
+Each line looks like::
+
+    {"ts": "2026-01-01T12:00:00.123Z", "operation": "file.encrypt", "outcome": "ok",
+     "key_id": "3f9c2a6d0b1e4f57", "algorithm": "chacha20-poly1305", "bytes": 4096,
+     "device": "cpu", "duration_s": 0.0012, "recipients": ["x25519:1a2b..."]}
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+__all__ = ["LOGGER_NAME", "FIELDS", "event", "timed", "enable", "error_fields"]
+
+LOGGER_NAME = "gpucrypt.audit"
+
+#: Field names an event may carry, with what each holds.
+FIELDS = {
+    "key_id": "id of the key used (keyset key id, or a recipient fingerprint)",
+    "key_ids": "list of key ids involved",
+    "algorithm": "algorithm name, e.g. chacha20-poly1305, aes-256-kwp, hpke-x25519",
+    "bytes": "payload size in bytes",
+    "device": "cpu or gpu (or the device's name)",
+    "duration_s": "wall-clock seconds the operation took",
+    "recipients": "list of recipient fingerprints (public) or key ids the data key is wrapped for",
+    "path": "file path operated on",
+    "count": "number of items (stanzas, keys, tensors)",
+    "status": "a key's status after the operation",
+    "error": "for outcome=error: the error class, and for gpucrypt's key errors their message",
+}
+
+_logger = logging.getLogger(LOGGER_NAME)
+_logger.addHandler(logging.NullHandler())
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _check(name: str, value: Any) -> Any:
+    if name not in FIELDS:
+        raise TypeError(f"audit.event: unknown field {name!r}; allowed: {sorted(FIELDS)}")
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"audit.event: field {name!r} must be str, int, float, bool, None or a "
+                    f"list of str, not {type(value).__name__} (binary values are refused so "
+                    f"that no key or plaintext can reach the log)")
+
+
+def event(operation: str, *, outcome: str = "ok", **fields: Any) -> None:
+    """Emit one audit event (see the module docstring for the contract)."""
+    if not isinstance(operation, str):
+        raise TypeError("audit.event: operation must be a str")
+    if outcome not in ("ok", "error"):
+        raise ValueError("audit.event: outcome must be 'ok' or 'error'")
+    checked = {name: _check(name, value) for name, value in fields.items()}
+    if not _logger.isEnabledFor(logging.INFO):
+        return
+    now = datetime.now(timezone.utc)
+    record = {"ts": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
+              "operation": operation, "outcome": outcome}
+    record.update(checked)
+    _logger.info(json.dumps(record, separators=(", ", ": ")), extra={"audit": record})
+
+
+def error_fields(exc: BaseException) -> str:
+    """What an event may say about ``exc``: its class name, and the message only for
+    gpucrypt's key-management errors (which never carry secrets)."""
+    from .keys import KeyManagementError  # late: keys imports this module
+
+    name = type(exc).__name__
+    if isinstance(exc, KeyManagementError):
+        return f"{name}: {exc}"
+    return name
+
+
+@contextlib.contextmanager
+def timed(operation: str, **fields: Any) -> Iterator[dict]:
+    """Time a block and emit one event when it ends, ``ok`` or ``error``.
+
+    Yields a dict the block may fill with more fields (say ``bytes`` once known).
+    On an exception the event records ``outcome="error"`` and :func:`error_fields`,
+    then the exception propagates unchanged.
+    """
+    for name, value in fields.items():
+        _check(name, value)  # refuse bad fields before the work starts
+    extra: dict = {}
+    start = time.perf_counter()
+    try:
+        yield extra
+    except BaseException as exc:
+        merged = {**fields, **extra, "error": error_fields(exc)}
+        event(operation, outcome="error", duration_s=round(time.perf_counter() - start, 6),
+              **merged)
+        raise
+    event(operation, outcome="ok", duration_s=round(time.perf_counter() - start, 6),
+          **{**fields, **extra})
+
+
+def enable(target: Any = None, level: int = logging.INFO) -> logging.Handler:
+    """Send audit events, one JSON line each, to ``target``: a path (appended to,
+    created 0600), a text stream, or ``None`` for stderr. Returns the handler (remove
+    it with ``logging.getLogger(LOGGER_NAME).removeHandler(h)``)."""
+    import os
+    import sys
+
+    if target is None:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    elif isinstance(target, (str, os.PathLike)):
+        fd = os.open(os.fspath(target), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.close(fd)  # created with 0600 before logging opens it for appending
+        handler = logging.FileHandler(os.fspath(target), mode="a", encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(target)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(level)
+    _logger.addHandler(handler)
+    if _logger.level == logging.NOTSET or _logger.level > level:
+        _logger.setLevel(level)
+    return handler
