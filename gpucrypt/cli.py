@@ -15,6 +15,8 @@ import sys
 
 #: subcommand -> "module:function that configures its parser"
 SUBCOMMANDS = {
+    "encrypt": "gpucrypt._cli_files:add_encrypt",
+    "decrypt": "gpucrypt._cli_files:add_decrypt",
     "info": "gpucrypt.cli:_add_info",
     "selftest": "gpucrypt.cli:_add_selftest",
     "keygen": "gpucrypt._cli_keys:add_keygen",
