@@ -64,16 +64,29 @@ Shoup 4-bit tables (option (a)):
   ``x^128 + x^7 + x^2 + x + 1`` is shifts and XORs on the reflected value.
 - Constant time: no table lookups and no data-dependent branches or addresses.
 
-Measured SASS (sm_90, ``ptxas -arch=sm_90``, counted in the loop body of
-``ghash_blocks``; see ``KERNEL_REPORT``): see the numbers in
-``GF128_MUL_SASS_NOTE`` below. A Shoup 4-bit table multiply needs 32 nibble
-steps per block, each a shared-memory table load (16 B) + a remainder-table
-load + a 128-bit 4-bit shift (4 funnel shifts) + ~8 XORs, i.e. ~15 instructions
-x 32 = ~480 instructions and 64 shared loads per block, with bank conflicts on
-data-dependent indices and a 256 B table per key per block (awkward when one
-thread block serves many messages/keys). The integer method is in the same
-instruction range, needs no shared memory, serves any mix of keys per warp and
-is constant time, so it is the one used.
+Measured SASS (sm_90, numba-cuda 0.30 -> ``ptxas -arch=sm_90`` 13.0, one 16-byte block
+of the main loop of ``ghash_blocks``, full-block path):
+
+- (b) this module: 498 instructions per block (31 per byte): 144 IMAD.WIDE.U32,
+  286 LOP3, 24 IMAD, 16 LDG.U8, 13 SHF; the GF(2^128) multiply alone is 451.
+  96 registers, 0 spills (``ghash_combine``: 72 registers, 0 spills).
+  Written the obvious way (``uint64(a) * uint64(b)``) numba/LLVM emitted
+  ``mul.lo.s64`` and ptxas added a useless VIADD per product (749 per block); hence
+  ``mul_wide_u32`` below.
+- (a) a Shoup 4-bit kernel written in numba for comparison (256 B table per key
+  in shared memory, remainder table in constant memory): about 1,050
+  instructions per block (127 per 4 nibbles x 8 + loads), with 32 shared loads
+  at data-dependent addresses and 32 constant-memory loads at divergent
+  addresses (serialised) per block. A hand-tuned table version would be
+  ~15 instructions per nibble, ~500 per block: no better than (b), and it is not
+  constant time and needs a table per key per thread block.
+
+So (b) is used: as fast or faster by instruction count, constant time, no shared
+memory, and any mix of keys per warp. Rough H100 estimate (not measured, no GPU
+here): ~400 ALU-pipe + 144 IMAD.WIDE per block -> ~6 clocks per block per SM ->
+~0.6-0.7 TB/s for GHASH alone; with AES-CTR at ~0.35-0.4 TB/s that gives
+~0.23-0.25 TB/s for AES-GCM, at the edge of the 0.25 TB/s target (see the
+report for what could still be cut).
 
 Memory layout
 -------------
