@@ -13,8 +13,12 @@ from cryptography.exceptions import InvalidTag
 from .aead import AESGCM, ChaCha20Poly1305, XChaCha20Poly1305
 from .backends import BackendUnavailable
 from ._info import info
+from .tensor import (EncryptedTensor, NonceSequence, TensorCipher, decrypt_tensor,
+                     decrypt_tensors, encrypt_tensor, encrypt_tensors)
 
 __version__ = "0.1.0"
 
 __all__ = ["ChaCha20Poly1305", "XChaCha20Poly1305", "AESGCM", "InvalidTag",
            "BackendUnavailable", "info", "__version__"]
+__all__ += ["encrypt_tensor", "decrypt_tensor", "encrypt_tensors", "decrypt_tensors",
+            "EncryptedTensor", "NonceSequence", "TensorCipher"]

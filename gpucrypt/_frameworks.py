@@ -1,0 +1,448 @@
+"""Per-framework adapters for the tensor API: what a tensor is, where it lives, its bytes.
+
+One adapter per array library (NumPy, PyTorch, CuPy, JAX, numba device arrays).
+Each answers the same questions so that :mod:`gpucrypt.tensor` never branches on
+the framework:
+
+- ``place(x)``: ``HOST`` or ``("cuda", index)``;
+- ``dtype_name(x)`` / ``shape(x)``: the portable metadata (see ``DTYPE_ITEMSIZE``);
+- ``byte_view(x)``: a zero-copy, 1-D ``uint8`` view of ``x``'s memory *in the same
+  framework* (a torch ``uint8`` tensor for torch, ...). Reinterpreting as bytes is
+  done by the framework itself (``x.view(torch.uint8)``), never through a NumPy
+  dtype, so bfloat16, float8 and complex32 need no NumPy counterpart;
+- ``host_array(view)``: for host places, a NumPy ``uint8`` view of such a byte view;
+- ``empty(dtype, shape, place)`` / ``empty_bytes(n, place)``: one allocation through
+  the framework's own allocator; ``finish(obj)`` turns what ``empty`` returned into
+  the tensor handed to the caller (the identity except for JAX, whose arrays are
+  immutable and are made from a filled buffer);
+- ``current_stream(place)``: the framework's current CUDA stream, or ``None``.
+
+Limits: little-endian hosts only (the bytes encrypted are the in-memory bytes, and
+the dtype names below mean little-endian values). A tensor must sit on one device:
+sharded JAX arrays, MPS/XPU/meta torch tensors, structured or object NumPy dtypes
+and torch's quantised/sub-byte dtypes are refused with ``ValueError``.
+
+Frameworks are only looked up in ``sys.modules``: nothing here imports torch, CuPy,
+JAX or numba unless the caller already did (or a result must be made in one).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import numpy as np
+
+#: Where a tensor lives: ``HOST`` or ``("cuda", device_index)``.
+HOST = "host"
+
+#: Portable dtype names and their item sizes in bytes. Names follow PyTorch/NumPy
+#: (``float8_e4m3fn`` ...). NumPy dtypes outside this table (big-endian, strings,
+#: datetimes, unstructured void, long double) are written ``"numpy:" + dtype.str``.
+DTYPE_ITEMSIZE = {
+    "bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4,
+    "int64": 8, "uint64": 8, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
+    "complex32": 4, "complex64": 8, "complex128": 16,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1,
+}
+#: Names NumPy itself has (the rest need ``ml_dtypes`` or torch).
+_NUMPY_NATIVE = {"bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
+                 "uint64", "float16", "float32", "float64", "complex64", "complex128"}
+NUMPY_PREFIX = "numpy:"
+
+#: Codes used in the serialised metadata (docs/TENSOR_FORMAT.md).
+FRAMEWORK_CODES = {"numpy": 1, "torch": 2, "cupy": 3, "jax": 4, "numba": 5}
+
+
+# ----------------------------------------------------------------------------- dtypes
+def numpy_dtype_name(dt: np.dtype) -> str:
+    """The portable name of a NumPy (or ``ml_dtypes``) dtype; ``ValueError`` if it has none."""
+    dt = np.dtype(dt)
+    if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
+        raise ValueError(f"dtype {dt} cannot be encrypted as raw bytes (object, structured or "
+                         f"sub-array dtypes are not supported)")
+    native = dt.byteorder in ("=", "|") or (dt.byteorder == "<" and sys.byteorder == "little")
+    if native and dt.name in DTYPE_ITEMSIZE and DTYPE_ITEMSIZE[dt.name] == dt.itemsize:
+        return dt.name
+    return NUMPY_PREFIX + dt.str
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype for a portable name; ``ValueError`` if NumPy (and ``ml_dtypes``) lack it."""
+    if name.startswith(NUMPY_PREFIX):
+        return parse_numpy_dtype_str(name[len(NUMPY_PREFIX):])
+    if name in _NUMPY_NATIVE:
+        return np.dtype(name)
+    try:
+        ml_dtypes = importlib.import_module("ml_dtypes")
+        return np.dtype(getattr(ml_dtypes, name))
+    except (ImportError, AttributeError, TypeError):
+        raise ValueError(f"NumPy has no dtype {name!r} (install ml_dtypes, or decrypt it as a "
+                         f"torch tensor)") from None
+
+
+def parse_numpy_dtype_str(text: str) -> np.dtype:
+    """``np.dtype(text)`` for a ``dtype.str`` we wrote; ``ValueError`` for anything else."""
+    try:
+        dt = np.dtype(text)
+    except Exception:
+        raise ValueError(f"invalid NumPy dtype string {text!r}") from None
+    if dt.str != text or dt.hasobject or dt.fields is not None or dt.subdtype is not None:
+        raise ValueError(f"invalid NumPy dtype string {text!r}")
+    return dt
+
+
+def dtype_itemsize(name: str) -> int:
+    """Bytes per element of a portable dtype name; ``ValueError`` if the name is unknown."""
+    if name in DTYPE_ITEMSIZE:
+        return DTYPE_ITEMSIZE[name]
+    if name.startswith(NUMPY_PREFIX):
+        return parse_numpy_dtype_str(name[len(NUMPY_PREFIX):]).itemsize
+    raise ValueError(f"unknown dtype {name!r}")
+
+
+def _loaded(module: str):
+    """The module if the program already imported it, else ``None``."""
+    return sys.modules.get(module)
+
+
+# ----------------------------------------------------------------------------- adapters
+class Adapter:
+    """The questions :mod:`gpucrypt.tensor` asks about a tensor. See the module docstring."""
+
+    name = ""
+    #: False for frameworks whose arrays cannot be written (JAX): no in-place work.
+    mutable = True
+
+    def owns(self, x: Any) -> bool:
+        raise NotImplementedError
+
+    def place(self, x: Any):
+        raise NotImplementedError
+
+    def dtype_name(self, x: Any) -> str:
+        return numpy_dtype_name(x.dtype)
+
+    def shape(self, x: Any) -> tuple[int, ...]:
+        return tuple(int(d) for d in x.shape)
+
+    def needs_copy(self, x: Any) -> bool:
+        """True when ``x``'s memory is not its logical bytes in C order."""
+        return not x.flags.c_contiguous
+
+    def contiguous_copy(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def byte_view(self, x: Any) -> Any:
+        return x.reshape(-1).view(np.uint8)
+
+    def host_array(self, view: Any) -> np.ndarray:
+        return np.asarray(view)
+
+    def empty(self, dtype: str, shape: tuple[int, ...], place) -> Any:
+        raise NotImplementedError
+
+    def empty_bytes(self, nbytes: int, place) -> Any:
+        raise NotImplementedError
+
+    def adopt_host(self, array: np.ndarray) -> Any:
+        """A host ``uint8`` NumPy array as this framework's host buffer (zero-copy)."""
+        return array
+
+    def view_as(self, view: Any, dtype: str, shape: tuple[int, ...]) -> Any:
+        """The tensor of ``dtype``/``shape`` whose memory is the byte view ``view``."""
+        return view.view(numpy_dtype(dtype)).reshape(shape)
+
+    def finish(self, obj: Any) -> Any:
+        return obj
+
+    def current_stream(self, place) -> Any:
+        return None
+
+
+class NumpyAdapter(Adapter):
+    name = "numpy"
+
+    def owns(self, x):
+        return isinstance(x, np.ndarray)
+
+    def place(self, x):
+        return HOST
+
+    def contiguous_copy(self, x):
+        return np.ascontiguousarray(x)
+
+    def empty(self, dtype, shape, place):
+        return np.empty(shape, dtype=numpy_dtype(dtype))
+
+    def empty_bytes(self, nbytes, place):
+        return np.empty(nbytes, dtype=np.uint8)
+
+
+class TorchAdapter(Adapter):
+    name = "torch"
+
+    @staticmethod
+    def _torch():
+        return importlib.import_module("torch")
+
+    def owns(self, x):
+        torch = _loaded("torch")
+        return torch is not None and isinstance(x, torch.Tensor)
+
+    def place(self, x):
+        if x.device.type == "cpu":
+            return HOST
+        if x.device.type == "cuda":
+            index = x.device.index
+            return ("cuda", int(index if index is not None else self._torch().cuda.current_device()))
+        raise ValueError(f"torch tensors on {x.device.type!r} are not supported (cpu and cuda are)")
+
+    def dtype_name(self, x):
+        name = str(x.dtype).removeprefix("torch.")
+        if name not in DTYPE_ITEMSIZE or x.dtype.itemsize != DTYPE_ITEMSIZE[name]:
+            raise ValueError(f"torch dtype {x.dtype} is not supported (quantised and sub-byte "
+                             f"dtypes have no plain byte layout)")
+        return name
+
+    def needs_copy(self, x):
+        # a lazily conjugated/negated view's memory is not its values
+        return not x.is_contiguous() or x.is_conj() or x.is_neg()
+
+    def contiguous_copy(self, x):
+        return x.detach().resolve_conj().resolve_neg().contiguous()
+
+    def byte_view(self, x):
+        return x.detach().reshape(-1).view(self._torch().uint8)
+
+    def host_array(self, view):
+        return view.numpy()
+
+    def _device(self, place):
+        return "cpu" if place == HOST else f"cuda:{place[1]}"
+
+    def empty(self, dtype, shape, place):
+        torch = self._torch()
+        return torch.empty(shape, dtype=getattr(torch, dtype), device=self._device(place))
+
+    def empty_bytes(self, nbytes, place):
+        torch = self._torch()
+        return torch.empty(nbytes, dtype=torch.uint8, device=self._device(place))
+
+    def adopt_host(self, array):
+        return self._torch().from_numpy(array)
+
+    def view_as(self, view, dtype, shape):
+        return view.view(getattr(self._torch(), dtype)).reshape(shape)
+
+    def current_stream(self, place):
+        if place == HOST:
+            return None
+        return self._torch().cuda.current_stream(self._device(place))
+
+
+class CupyAdapter(Adapter):
+    name = "cupy"
+
+    def owns(self, x):
+        cupy = _loaded("cupy")
+        return cupy is not None and isinstance(x, cupy.ndarray)
+
+    def place(self, x):
+        return ("cuda", int(x.device.id))
+
+    def contiguous_copy(self, x):
+        return importlib.import_module("cupy").ascontiguousarray(x)
+
+    def empty(self, dtype, shape, place):
+        cupy = importlib.import_module("cupy")
+        with cupy.cuda.Device(place[1]):
+            return cupy.empty(shape, dtype=numpy_dtype(dtype))
+
+    def empty_bytes(self, nbytes, place):
+        cupy = importlib.import_module("cupy")
+        with cupy.cuda.Device(place[1]):
+            return cupy.empty(nbytes, dtype=np.uint8)
+
+    def current_stream(self, place):
+        return importlib.import_module("cupy").cuda.get_current_stream()
+
+
+class NumbaAdapter(Adapter):
+    """numba device arrays (``DeviceNDArray``; ``FakeCUDAArray`` under the simulator)."""
+
+    name = "numba"
+
+    def owns(self, x):
+        if _loaded("numba.cuda") is None:
+            return False
+        from numba.cuda.cudadrv import devicearray
+
+        return bool(devicearray.is_cuda_ndarray(x))
+
+    def place(self, x):
+        return ("cuda", _numba_device_index())
+
+    def needs_copy(self, x):
+        return not x.is_c_contiguous()
+
+    def contiguous_copy(self, x):
+        from numba import cuda
+
+        return cuda.to_device(np.ascontiguousarray(x.copy_to_host()))
+
+    def byte_view(self, x):
+        return x.reshape(x.size).view(np.uint8)
+
+    def empty(self, dtype, shape, place):
+        from numba import cuda
+
+        return cuda.device_array(shape, dtype=numpy_dtype(dtype))
+
+    def empty_bytes(self, nbytes, place):
+        from numba import cuda
+
+        return cuda.device_array(nbytes, dtype=np.uint8)
+
+
+def _numba_device_index() -> int:
+    from numba import cuda
+
+    dev = cuda.get_current_device()
+    return int(getattr(dev, "id", 0))
+
+
+class JaxAdapter(Adapter):
+    """JAX arrays (immutable: never in place). Device memory travels through DLPack.
+
+    Untested here (JAX is not installed in CI); written against jax >= 0.4.
+    """
+
+    name = "jax"
+    mutable = False
+
+    def owns(self, x):
+        jax = _loaded("jax")
+        return jax is not None and isinstance(x, jax.Array)
+
+    def place(self, x):
+        devices = list(x.devices())
+        if len(devices) != 1:
+            raise ValueError("sharded JAX arrays are not supported; encrypt each shard")
+        dev = devices[0]
+        if dev.platform == "cpu":
+            return HOST
+        if dev.platform in ("gpu", "cuda"):
+            return ("cuda", int(getattr(dev, "local_hardware_id", dev.id) or 0))
+        raise ValueError(f"JAX arrays on {dev.platform!r} are not supported")
+
+    def needs_copy(self, x):
+        return False
+
+    def byte_view(self, x):
+        import jax.numpy as jnp
+        from jax import lax
+
+        if self.place(x) == HOST:
+            return np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
+        if x.dtype == jnp.bool_:
+            return x.astype(jnp.uint8).reshape(-1)
+        return lax.bitcast_convert_type(x, jnp.uint8).reshape(-1)
+
+    def empty(self, dtype, shape, place):
+        if place == HOST:
+            return np.empty(shape, dtype=numpy_dtype(dtype))
+        return _JaxDeviceResult(_device_bytes_buffer(
+            int(np.prod(shape, dtype=np.int64)) * dtype_itemsize(dtype), place), dtype, shape)
+
+    def empty_bytes(self, nbytes, place):
+        if place == HOST:
+            return np.empty(nbytes, dtype=np.uint8)
+        return _device_bytes_buffer(nbytes, place)
+
+    def view_as(self, view, dtype, shape):
+        return self.finish(view.view(numpy_dtype(dtype)).reshape(shape))
+
+    def finish(self, obj):
+        import jax
+        import jax.numpy as jnp
+        from jax import lax
+
+        if isinstance(obj, np.ndarray):
+            return jnp.asarray(obj)
+        raw = jax.dlpack.from_dlpack(obj.buffer)
+        dt = jnp.dtype(numpy_dtype(obj.dtype))
+        if obj.dtype == "bool":
+            return raw.reshape(obj.shape) != 0
+        if dt.itemsize == 1:
+            return lax.bitcast_convert_type(raw, dt).reshape(obj.shape)
+        return lax.bitcast_convert_type(raw.reshape(obj.shape + (dt.itemsize,)), dt)
+
+
+class _JaxDeviceResult:
+    """A device byte buffer (CuPy or torch) that becomes a JAX array once filled."""
+
+    def __init__(self, buffer, dtype, shape):
+        self.buffer, self.dtype, self.shape = buffer, dtype, shape
+
+
+def _device_bytes_buffer(nbytes: int, place):
+    """A writable device ``uint8`` buffer from CuPy or torch, for frameworks that cannot make one."""
+    for adapter in (CupyAdapter(), TorchAdapter()):
+        try:
+            importlib.import_module(adapter.name)
+        except ImportError:
+            continue
+        return adapter.empty_bytes(nbytes, place)
+    raise ValueError("writing a JAX array on the GPU needs CuPy or torch for a writable buffer")
+
+
+# The order matters: torch and CuPy arrays also expose __cuda_array_interface__.
+_ADAPTERS = (TorchAdapter(), CupyAdapter(), JaxAdapter(), NumbaAdapter(), NumpyAdapter())
+BY_NAME = {a.name: a for a in _ADAPTERS}
+
+
+def adapter_for(x: Any) -> Adapter:
+    """The adapter of ``x``'s framework; ``TypeError`` for anything that is not a tensor."""
+    for adapter in _ADAPTERS:
+        if adapter.owns(x):
+            return adapter
+    raise TypeError(f"expected a tensor (NumPy, PyTorch, CuPy, JAX or numba device array), not "
+                    f"{type(x).__name__}")
+
+
+def result_adapter(framework: str, place) -> Adapter:
+    """The adapter that makes a result of ``framework`` at ``place``.
+
+    A host result of a device-only framework (CuPy, numba), or of a framework this
+    process cannot import, is a NumPy array.
+    """
+    if framework in ("cupy", "numba") and place == HOST:
+        return BY_NAME["numpy"]
+    if framework in ("torch", "cupy", "jax"):
+        try:
+            importlib.import_module(framework)
+        except ImportError:
+            if place != HOST:
+                raise ValueError(f"this tensor was made with {framework}, which is not "
+                                 f"installed here; decrypt it on the CPU") from None
+            return BY_NAME["numpy"]
+    if framework == "numba" and place != HOST:
+        importlib.import_module("numba.cuda")
+    return BY_NAME[framework]
+
+
+def current_device_place(framework: str):
+    """The place of a new device result of ``framework`` (its current CUDA device)."""
+    if framework == "torch":
+        return ("cuda", int(importlib.import_module("torch").cuda.current_device()))
+    if framework == "cupy":
+        return ("cuda", int(importlib.import_module("cupy").cuda.Device().id))
+    return ("cuda", _numba_device_index())
+
+
+def backend_stream(stream: Any) -> Any:
+    """The stream handed to the GPU backend, which itself accepts numba, torch and CuPy
+    streams and raw handles (``None``: its default)."""
+    return stream
