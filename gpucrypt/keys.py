@@ -616,13 +616,12 @@ def _parse_key_text(text: str, where: str) -> bytes:
             return bytes.fromhex(text)
         except ValueError:
             pass
+    standard = text.replace("-", "+").replace("_", "/")  # base64url accepted too
+    standard += "=" * (-len(standard) % 4)
     try:
-        key = base64.b64decode(text, validate=True)
+        key = base64.b64decode(standard, validate=True)
     except (binascii.Error, ValueError):
-        try:
-            key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        except (binascii.Error, ValueError):
-            raise KeysetError(f"{where}: a key must be 64 hex digits or base64") from None
+        raise KeysetError(f"{where}: a key must be 64 hex digits or base64") from None
     if len(key) != 32:
         raise KeysetError(f"{where}: a key must be 32 bytes, this one is {len(key)}")
     return key
@@ -1038,21 +1037,32 @@ def encrypt_file(src: Any, dst: Any, *, recipients: Any = None, keyset: Keyset |
         key_id = _primary_key_id(items)
         labels = describe_envelope(envelope)
         ev.update(key_id=key_id, recipients=labels)
-        result = stream.encrypt(src, dst, dek, key_id=key_id, envelope=envelope, **stream_options)
-        _note_stream_result(ev, result, stream_options)
+        header = stream.encrypt(src, dst, dek, key_id=key_id, envelope=envelope, **stream_options)
+        _note_stream_result(ev, header, stream_options, src)
     return {"key_id": key_id, "recipients": labels}
 
 
-def _note_stream_result(ev: dict, result: Any, options: dict) -> None:
+def _note_stream_result(ev: dict, header: Any, options: dict, plaintext: Any) -> None:
+    """Audit fields from the stream's returned header and the plaintext's size."""
     ev["device"] = str(options.get("device", "auto"))
-    if options.get("algorithm"):
-        ev["algorithm"] = str(options["algorithm"])
-    if isinstance(result, int) and not isinstance(result, bool):
-        ev["bytes"] = result
-    elif isinstance(result, dict):
-        for name in ("bytes", "algorithm", "device"):
-            if isinstance(result.get(name), (int, str)) and not isinstance(result.get(name), bool):
-                ev[name] = result[name]
+    algorithm = _header_field(header, "algorithm")
+    if isinstance(algorithm, str):
+        ev["algorithm"] = algorithm
+    size = _size_of(plaintext)
+    if size is not None:
+        ev["bytes"] = size
+
+
+def _size_of(obj: Any) -> int | None:
+    if isinstance(obj, (str, os.PathLike)):
+        try:
+            return os.path.getsize(obj)
+        except OSError:
+            return None
+    try:
+        return memoryview(obj).nbytes
+    except TypeError:
+        return None
 
 
 def _identities_for(identities: Any, keyset: Keyset | None) -> list:
@@ -1067,7 +1077,12 @@ def _identities_for(identities: Any, keyset: Keyset | None) -> list:
 def _file_envelope(src: Any) -> tuple[bytes, Any]:
     from . import stream
 
-    header = stream.read_header(src)
+    if hasattr(src, "read") and hasattr(src, "seek"):
+        start = src.tell()
+        header = stream.read_header(src)
+        src.seek(start)  # the stream reads the header again
+    else:
+        header = stream.read_header(src)
     envelope = _header_field(header, "envelope")
     if not envelope:
         raise NoMatchingRecipient("this file carries no envelope: it was encrypted with a raw "
@@ -1091,8 +1106,8 @@ def decrypt_file(src: Any, dst: Any, *, identities: Any = None, keyset: Keyset |
         ev["recipients"] = describe_envelope(envelope)
         ev["key_id"] = _header_field(header, "key_id")
         dek = open_envelope(envelope, _identities_for(identities, keyset))
-        result = stream.decrypt(src, dst, dek, **stream_options)
-        _note_stream_result(ev, result, stream_options)
+        verified = stream.decrypt(src, dst, dek, **stream_options)
+        _note_stream_result(ev, verified, stream_options, dst)
     return {"key_id": _header_field(header, "key_id")}
 
 

@@ -1,0 +1,261 @@
+"""Envelopes: every wrapping method round-trips, several recipients, clear errors for a
+missing recipient, a tampered stanza or a malformed envelope, and interop with plain
+``cryptography`` calls exactly as docs/KEYS.md describes them (parsed here by hand,
+not with gpucrypt's decoder)."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+
+import pytest
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
+
+from gpucrypt import keys
+from gpucrypt.keys import (CallableKeyProvider, EnvelopeError, EnvKeyProvider, Identity, Keyset,
+                           KeyUnavailable, NoMatchingRecipient, WrappingKey, open_envelope,
+                           seal_envelope)
+
+NO_MATCH = "no recipient in this file matches your key(s)"
+
+
+def _parse_by_hand(envelope: bytes) -> list[tuple[int, bytes, bytes]]:
+    """docs/KEYS.md's table, read independently of gpucrypt._envelope."""
+    assert envelope[:4] == b"GCEV" and envelope[4] == 1
+    count, pos, out = envelope[5], 6, []
+    for _ in range(count):
+        kind, id_len = envelope[pos], envelope[pos + 1]
+        rid = envelope[pos + 2:pos + 2 + id_len]
+        pos += 2 + id_len
+        (body_len,) = struct.unpack_from(">H", envelope, pos)
+        out.append((kind, rid, envelope[pos + 2:pos + 2 + body_len]))
+        pos += 2 + body_len
+    assert pos == len(envelope)
+    return out
+
+
+@pytest.fixture(scope="module")
+def x_identity():
+    return Identity.generate("x25519")
+
+
+@pytest.fixture(scope="module")
+def pq_identity():
+    return Identity.generate("mlkem768-x25519")
+
+
+@pytest.mark.parametrize("dek_len", [16, 32, 64])
+def test_round_trip_every_wrapping(x_identity, pq_identity, dek_len):
+    dek = os.urandom(dek_len)
+    ks = Keyset.generate()
+    wk = WrappingKey("ops-kek", os.urandom(32))
+    env = seal_envelope(dek, [x_identity.recipient, pq_identity.recipient, ks, wk])
+    assert len(_parse_by_hand(env)) == 4
+    for identity in (x_identity, pq_identity, ks, wk, ks.primary,
+                     CallableKeyProvider({"ops-kek": wk.secret_bytes()}.__getitem__)):
+        assert open_envelope(env, identity) == dek
+        assert open_envelope(env, [Identity.generate(), identity]) == dek
+
+
+def test_each_stanza_kind_alone(x_identity, pq_identity):
+    dek = keys.generate_dek()
+    for recipient, identity in ((x_identity.recipient, x_identity),
+                                (pq_identity.recipient, pq_identity)):
+        env = seal_envelope(dek, recipient)
+        assert open_envelope(env, identity) == dek
+        with pytest.raises(NoMatchingRecipient, match=NO_MATCH.replace("(", r"\(").replace(")", r"\)")):
+            open_envelope(env, Identity.generate(identity.kem))
+
+
+def test_fresh_wrapping_each_time(x_identity):
+    dek = keys.generate_dek()
+    assert seal_envelope(dek, x_identity) != seal_envelope(dek, x_identity)
+
+
+def test_missing_recipient_is_a_clear_error(x_identity):
+    env = seal_envelope(keys.generate_dek(), [x_identity, Keyset.generate()])
+    with pytest.raises(NoMatchingRecipient) as info:
+        open_envelope(env, [Identity.generate(), Keyset.generate(), WrappingKey("x", os.urandom(32))])
+    assert str(info.value) == NO_MATCH
+    with pytest.raises(NoMatchingRecipient):
+        open_envelope(env, [])
+
+
+def test_disabled_and_destroyed_keys_refuse_with_reason():
+    ks = Keyset.generate()
+    old = ks.primary.id
+    env = seal_envelope(keys.generate_dek(), ks)
+    ks.add(primary=True)
+    ks.disable(old)
+    with pytest.raises(NoMatchingRecipient, match=f"key {old} is disabled"):
+        open_envelope(env, ks)
+    ks.enable(old)
+    assert open_envelope(env, ks)
+    ks.destroy(old)
+    with pytest.raises(NoMatchingRecipient, match=f"key {old} was destroyed"):
+        open_envelope(env, ks)
+
+
+@pytest.mark.parametrize("which", ["x25519", "mlkem768-x25519", "aes-kwp"])
+def test_tampered_wrapped_key_fails(which, x_identity, pq_identity):
+    ks = Keyset.generate()
+    identity = {"x25519": x_identity, "mlkem768-x25519": pq_identity, "aes-kwp": ks}[which]
+    env = bytearray(seal_envelope(keys.generate_dek(), identity))
+    for offset in (len(env) - 1, len(env) - 20):  # the tag / the wrapped key or KEM ciphertext
+        bad = bytearray(env)
+        bad[offset] ^= 0x01
+        with pytest.raises(NoMatchingRecipient, match="failed to authenticate"):
+            open_envelope(bytes(bad), identity)
+
+
+def test_tampered_recipient_id_no_longer_matches(x_identity):
+    env = bytearray(seal_envelope(keys.generate_dek(), x_identity))
+    env[8] ^= 0x80  # first byte of the fingerprint
+    with pytest.raises(NoMatchingRecipient):
+        open_envelope(bytes(env), x_identity)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda e: e[:5], "bad magic|truncated"),
+    (lambda e: b"XXXX" + e[4:], "bad magic"),
+    (lambda e: e[:4] + b"\x02" + e[5:], "version 2 is not supported"),
+    (lambda e: e[:5] + b"\x00" + e[6:], "no stanza"),
+    (lambda e: e[:5] + b"\x02" + e[6:], "truncated"),
+    (lambda e: e + b"\x00", "trailing bytes"),
+    (lambda e: e[:-1], "truncated"),
+    (lambda e: e[:6] + b"\x09" + e[7:], "unknown stanza type"),
+])
+def test_malformed_envelope(mutate, message, x_identity):
+    env = seal_envelope(keys.generate_dek(), x_identity)
+    with pytest.raises(EnvelopeError, match=message):
+        open_envelope(mutate(env), x_identity)
+
+
+def test_argument_rules(x_identity):
+    with pytest.raises(ValueError, match="16 to 64 bytes"):
+        seal_envelope(b"short", x_identity)
+    with pytest.raises(TypeError, match="dek must be bytes-like"):
+        seal_envelope("a string", x_identity)
+    with pytest.raises(ValueError, match="at least one recipient"):
+        seal_envelope(keys.generate_dek(), [])
+    with pytest.raises(TypeError, match="cannot wrap a data key for a str"):
+        seal_envelope(keys.generate_dek(), ["alice.pub"])
+    with pytest.raises(ValueError, match="1 to 255"):
+        seal_envelope(keys.generate_dek(), [WrappingKey(f"k{i}", os.urandom(16)) for i in range(256)])
+
+
+def test_duplicates_wrapped_once(x_identity):
+    env = seal_envelope(keys.generate_dek(), [x_identity, x_identity.recipient, x_identity])
+    assert keys.describe_envelope(env) == [x_identity.fingerprint]
+
+
+def test_primary_of_keyset_is_used_and_recorded():
+    ks = Keyset.generate()
+    first = ks.primary.id
+    second = ks.add(primary=True).id
+    env = seal_envelope(keys.generate_dek(), ks)
+    assert keys.describe_envelope(env) == [f"aes-kwp:{second}"]
+    ks.disable(first)
+    assert open_envelope(env, ks)
+
+
+def test_disabled_key_cannot_wrap():
+    ks = Keyset.generate()
+    old = ks.primary
+    ks.add(primary=True)
+    ks.disable(old.id)
+    with pytest.raises(KeyUnavailable, match="disabled"):
+        seal_envelope(keys.generate_dek(), old)
+
+
+def test_env_provider_hex_and_base64(monkeypatch):
+    kek = os.urandom(32)
+    dek = keys.generate_dek()
+    env = seal_envelope(dek, WrappingKey("env-kek", kek))
+    for text in (kek.hex(), base64.b64encode(kek).decode(), base64.urlsafe_b64encode(kek).decode().rstrip("=")):
+        monkeypatch.setenv("GPUCRYPT_TEST_KEK", text)
+        provider = EnvKeyProvider("env-kek", "GPUCRYPT_TEST_KEK")
+        assert open_envelope(env, provider) == dek
+        assert kek.hex() not in repr(provider)
+        # a provider also wraps, through WrappingKey.from_provider
+        assert open_envelope(seal_envelope(dek, WrappingKey.from_provider(provider, "env-kek")),
+                             WrappingKey("env-kek", kek)) == dek
+    with pytest.raises(NoMatchingRecipient):
+        open_envelope(env, EnvKeyProvider("another-id", "GPUCRYPT_TEST_KEK"))
+    monkeypatch.delenv("GPUCRYPT_TEST_KEK")
+    with pytest.raises(NoMatchingRecipient):
+        open_envelope(env, EnvKeyProvider("env-kek", "GPUCRYPT_TEST_KEK"))
+    monkeypatch.setenv("GPUCRYPT_TEST_KEK", "not a key")
+    with pytest.raises(NoMatchingRecipient, match="64 hex digits or base64"):
+        open_envelope(env, EnvKeyProvider("env-kek", "GPUCRYPT_TEST_KEK"))
+
+
+def test_callable_provider_unknown_id():
+    env = seal_envelope(keys.generate_dek(), WrappingKey("kms-1", os.urandom(32)))
+
+    def kms(key_id):
+        raise KeyError(key_id)
+
+    with pytest.raises(NoMatchingRecipient):
+        open_envelope(env, CallableKeyProvider(kms, "kms"))
+
+
+def test_key_provider_protocol():
+    assert isinstance(Keyset.generate(), keys.KeyProvider)
+    assert isinstance(EnvKeyProvider("a"), keys.KeyProvider)
+    assert isinstance(CallableKeyProvider(lambda k: b""), keys.KeyProvider)
+    assert isinstance(keys.FileKeyProvider("nowhere"), keys.KeyProvider)
+
+
+# ---------------------------------------------------------------- interop, as docs/KEYS.md says
+
+
+def test_interop_aes_kwp_with_plain_cryptography(tmp_path):
+    ks = Keyset.generate()
+    ks.save(tmp_path / "ks.json")
+    dek = keys.generate_dek()
+    env = seal_envelope(dek, ks)
+    doc = json.loads((tmp_path / "ks.json").read_text())
+    entry = doc["keys"][0]
+    [(kind, rid, body)] = _parse_by_hand(env)
+    assert kind == 1 and rid.decode() == entry["id"]
+    assert aes_key_unwrap_with_padding(base64.b64decode(entry["material"]), body) == dek
+
+
+def test_interop_hpke_x25519_with_plain_cryptography(tmp_path):
+    identity = Identity.generate("x25519")
+    identity.save(tmp_path / "me.json")
+    dek = keys.generate_dek()
+    env = seal_envelope(dek, identity.recipient)
+    doc = json.loads((tmp_path / "me.json").read_text())
+    private = x25519.X25519PrivateKey.from_private_bytes(base64.b64decode(doc["private_key"]))
+    [(kind, rid, body)] = _parse_by_hand(env)
+    assert kind == 2 and rid.hex() == doc["fingerprint"].split(":")[1]
+    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
+    assert suite.decrypt(body, private, info=b"gpucrypt-envelope-v1") == dek
+
+
+def test_interop_hpke_hybrid_with_plain_cryptography(tmp_path):
+    identity = Identity.generate("mlkem768-x25519")
+    identity.save(tmp_path / "me.json")
+    dek = keys.generate_dek()
+    env = seal_envelope(dek, identity.recipient)
+    raw = base64.b64decode(json.loads((tmp_path / "me.json").read_text())["private_key"])
+    private = hpke.MLKEM768X25519PrivateKey(mlkem.MLKEM768PrivateKey.from_seed_bytes(raw[:64]),
+                                            x25519.X25519PrivateKey.from_private_bytes(raw[64:]))
+    [(kind, _, body)] = _parse_by_hand(env)
+    assert kind == 3
+    suite = hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
+    assert suite.decrypt(body, private, info=b"gpucrypt-envelope-v1") == dek
+
+
+def test_fingerprint_is_documented_hash(tmp_path):
+    import hashlib
+
+    identity = Identity.generate()
+    pub = identity.recipient.public_bytes
+    expected = hashlib.sha256(b"gpucrypt-recipient-v1\x00x25519\x00" + pub).hexdigest()[:32]
+    assert identity.fingerprint == "x25519:" + expected

@@ -1,0 +1,470 @@
+"""Keysets and key files (lifecycle, sealing, permissions, atomic writes, no secret in a
+repr), files encrypted for recipients on top of gpucrypt.stream, rekeying, the CLI, and
+the README scenario from docs/KEYS.md."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+from gpucrypt import audit, keys
+from gpucrypt.cli import SUBCOMMANDS, main
+from gpucrypt.keys import (FileKeyProvider, Identity, Keyset, KeysetError, KeyNotFound,
+                           KeyUnavailable, NoMatchingRecipient, Recipient)
+
+FAST_N = 2**10  # scrypt work factor for tests; the default (2**17) is exercised by the CLI test
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "KEYS.md"
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _materials(ks: Keyset) -> list[bytes]:
+    return [k.secret_bytes() for k in ks if k.usable]
+
+
+# ---------------------------------------------------------------- keyset lifecycle
+
+
+def test_generate_add_promote_disable_destroy():
+    ks = Keyset.generate()
+    first = ks.primary
+    assert first.status == "primary" and first.algorithm == "aes-256-kwp"
+    assert len(first.secret_bytes()) == 32 and re.fullmatch(r"[0-9a-f]{16}", first.id)
+    second = ks.add()
+    assert second.status == "enabled" and ks.primary is first
+    ks.promote(second.id)
+    assert ks.primary is second and first.status == "enabled"
+    assert ks.get(first.id) is first
+    ks.disable(first.id)
+    with pytest.raises(KeyUnavailable, match=f"key {first.id} is disabled"):
+        ks.get(first.id)
+    with pytest.raises(KeyUnavailable, match="disabled"):
+        ks.get_key(first.id)
+    ks.enable(first.id)
+    assert ks.get(first.id).secret_bytes()
+    ks.destroy(first.id)
+    with pytest.raises(KeyUnavailable, match=f"key {first.id} was destroyed"):
+        ks.get(first.id)
+    with pytest.raises(KeyUnavailable, match="destroyed"):
+        ks.promote(first.id)
+    with pytest.raises(KeyNotFound, match="no key 'nope'"):
+        ks.get("nope")
+    assert [k.id for k in ks] == [first.id, second.id]
+
+
+def test_primary_cannot_be_disabled_or_destroyed():
+    ks = Keyset.generate()
+    for action in (ks.disable, ks.destroy):
+        with pytest.raises(KeyUnavailable, match="promote another key first"):
+            action(ks.primary.id)
+
+
+def test_repr_never_shows_material():
+    ks = Keyset.generate()
+    ks.add()
+    identity = Identity.generate()
+    texts = [repr(ks), str(ks), repr(ks.primary), str(ks.primary), repr(identity), str(identity),
+             repr(identity.recipient), repr(list(ks))]
+    secrets = _materials(ks) + [identity._private_bytes]
+    for secret in secrets:
+        for form in (secret.hex(), base64.b64encode(secret).decode(), repr(secret)):
+            assert not any(form in text for text in texts)
+    assert ks.primary.id in repr(ks)
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_save_load_plain_0600(tmp_path):
+    ks = Keyset.generate()
+    ks.add()
+    path = tmp_path / "ks.json"
+    ks.save(path)
+    assert _mode(path) == 0o600
+    back = Keyset.load(path)
+    assert [k.metadata() for k in back] == [k.metadata() for k in ks]
+    assert _materials(back) == _materials(ks)
+    assert os.listdir(tmp_path) == ["ks.json"]  # no temporary file left behind
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "gpucrypt-keyset" and doc["version"] == 1
+
+
+def test_save_replaces_atomically_and_keeps_0600(tmp_path):
+    path = tmp_path / "ks.json"
+    path.write_text("old")
+    os.chmod(path, 0o644)
+    Keyset.generate().save(path)
+    assert _mode(path) == 0o600
+    assert Keyset.load(path).primary
+
+
+def test_destroyed_key_material_leaves_the_file(tmp_path):
+    ks = Keyset.generate()
+    doomed = ks.add()
+    material = doomed.secret_bytes()
+    ks.destroy(doomed.id)
+    ks.save(tmp_path / "ks.json")
+    text = (tmp_path / "ks.json").read_text()
+    assert doomed.id in text and base64.b64encode(material).decode() not in text
+    back = Keyset.load(tmp_path / "ks.json")
+    with pytest.raises(KeyUnavailable, match="destroyed"):
+        back.get(doomed.id)
+
+
+def test_passphrase_sealing(tmp_path):
+    ks = Keyset.generate()
+    ks.add()
+    path = tmp_path / "ks.json"
+    ks.save(path, "correct horse", scrypt_n=FAST_N)
+    text = path.read_text()
+    assert _mode(path) == 0o600
+    for secret in _materials(ks):
+        assert base64.b64encode(secret).decode() not in text and secret.hex() not in text
+    doc = json.loads(text)
+    assert doc["protection"]["kdf"] == "scrypt" and doc["protection"]["n"] == FAST_N
+    assert Keyset.inspect(path)["keys"][0]["id"] == ks.primary.id  # listable without passphrase
+    back = Keyset.load(path, "correct horse")
+    assert _materials(back) == _materials(ks)
+    with pytest.raises(KeysetError, match="wrong passphrase"):
+        Keyset.load(path, "wrong horse")
+    with pytest.raises(KeysetError, match="sealed with a passphrase"):
+        Keyset.load(path)
+    # a loaded sealed keyset stays sealed when saved again
+    back.add()
+    back.save(path)
+    assert "sealed" in json.loads(path.read_text())
+    assert len(Keyset.load(path, "correct horse")) == 3
+
+
+def test_sealed_metadata_is_authenticated(tmp_path):
+    ks = Keyset.generate()
+    old = ks.primary.id
+    ks.add(primary=True)
+    ks.disable(old)
+    path = tmp_path / "ks.json"
+    ks.save(path, "pw", scrypt_n=FAST_N)
+    doc = json.loads(path.read_text())
+    doc["keys"][0]["status"] = "enabled"  # try to re-enable a key without the passphrase
+    path.write_text(json.dumps(doc))
+    with pytest.raises(KeysetError, match="altered"):
+        Keyset.load(path, "pw")
+
+
+def test_scrypt_parameters_bounded(tmp_path):
+    path = tmp_path / "ks.json"
+    Keyset.generate().save(path, "pw", scrypt_n=FAST_N)
+    doc = json.loads(path.read_text())
+    doc["protection"]["n"] = 2**30
+    path.write_text(json.dumps(doc))
+    with pytest.raises(KeysetError, match="out of the accepted range"):
+        Keyset.load(path, "pw")
+
+
+def test_kek_sealing(tmp_path):
+    kek = os.urandom(32)
+    ks = Keyset.generate()
+    path = tmp_path / "ks.json"
+    ks.save(path, kek=kek, kek_id="hsm-7")
+    doc = json.loads(path.read_text())
+    assert doc["protection"] == {"method": "kek", "kek_id": "hsm-7", "aead": "aes-256-gcm",
+                                 "nonce": doc["protection"]["nonce"]}
+    assert _materials(Keyset.load(path, kek=kek)) == _materials(ks)
+    with pytest.raises(KeysetError, match="wrong passphrase or key-encryption key"):
+        Keyset.load(path, kek=os.urandom(32))
+    with pytest.raises(KeysetError, match="hsm-7"):
+        Keyset.load(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "not JSON"),
+    ('{"format": "something-else"}', "not a gpucrypt-keyset file"),
+    ('{"format": "gpucrypt-keyset", "version": 9, "keys": []}', "version 9 is not supported"),
+    ('{"format": "gpucrypt-keyset", "version": 1, "keys": [{"id": "a"}]}', "malformed key entry"),
+])
+def test_malformed_keyset_files(tmp_path, content, message):
+    path = tmp_path / "ks.json"
+    path.write_text(content)
+    with pytest.raises(KeysetError, match=message):
+        Keyset.load(path)
+
+
+def test_two_primaries_refused(tmp_path):
+    ks = Keyset.generate()
+    ks.add()
+    ks.save(tmp_path / "ks.json")
+    doc = json.loads((tmp_path / "ks.json").read_text())
+    doc["keys"][1]["status"] = "primary"
+    (tmp_path / "ks.json").write_text(json.dumps(doc))
+    with pytest.raises(KeysetError, match="exactly one primary"):
+        Keyset.load(tmp_path / "ks.json")
+
+
+@pytest.mark.parametrize("kem", ["x25519", "mlkem768-x25519"])
+def test_identity_and_recipient_files(tmp_path, kem):
+    identity = Identity.generate(kem)
+    identity.save(tmp_path / "id.json")
+    identity.recipient.save(tmp_path / "id.json.pub")
+    assert _mode(tmp_path / "id.json") == 0o600
+    assert _mode(tmp_path / "id.json.pub") == 0o644
+    assert "private" not in (tmp_path / "id.json.pub").read_text()
+    back = Identity.load(tmp_path / "id.json")
+    assert back.fingerprint == identity.fingerprint
+    assert Recipient.load(tmp_path / "id.json.pub") == identity.recipient
+    assert Recipient.load(tmp_path / "id.json") == identity.recipient  # public half of an identity
+    identity.save(tmp_path / "sealed.json", "pw", scrypt_n=FAST_N)
+    assert Identity.load(tmp_path / "sealed.json", "pw").fingerprint == identity.fingerprint
+    with pytest.raises(KeysetError, match="wrong passphrase"):
+        Identity.load(tmp_path / "sealed.json", "nope")
+
+
+def test_recipient_file_with_wrong_fingerprint(tmp_path):
+    identity = Identity.generate()
+    doc = identity.recipient.to_json()
+    doc["fingerprint"] = "x25519:" + "0" * 32
+    (tmp_path / "r.pub").write_text(json.dumps(doc))
+    with pytest.raises(KeysetError, match="fingerprint does not match"):
+        Recipient.load(tmp_path / "r.pub")
+
+
+def test_file_key_provider(tmp_path):
+    ks = Keyset.generate()
+    ks.save(tmp_path / "ks.json", "pw", scrypt_n=FAST_N)
+    provider = FileKeyProvider(tmp_path / "ks.json", "pw")
+    dek = keys.generate_dek()
+    assert keys.open_envelope(keys.seal_envelope(dek, ks), provider) == dek
+
+
+# ---------------------------------------------------------------- files on gpucrypt.stream
+
+try:
+    from gpucrypt import stream
+except ImportError:  # the file format is written by another engineer; until it lands:
+    stream = None
+pytestmark_stream = pytest.mark.skipif(stream is None, reason="gpucrypt.stream is not there yet")
+
+
+@pytestmark_stream
+def test_encrypt_decrypt_file_every_wrapping(tmp_path, device):
+    data = os.urandom(5000)  # two 4 KiB segments: small enough for the simulator
+    src = tmp_path / "model.bin"
+    src.write_bytes(data)
+    alice, bob, ks = Identity.generate(), Identity.generate("mlkem768-x25519"), Keyset.generate()
+    info = keys.encrypt_file(src, tmp_path / "model.gc", recipients=[alice.recipient, bob.recipient],
+                             keyset=ks, segment_size=4096, device=device)
+    header = stream.read_header(tmp_path / "model.gc")
+    assert header.key_id == ks.primary.id == info["key_id"]
+    assert keys.describe_envelope(header.envelope) == [alice.fingerprint, bob.fingerprint,
+                                                       f"aes-kwp:{ks.primary.id}"]
+    for n, who in enumerate((dict(identities=alice), dict(identities=[bob]), dict(keyset=ks))):
+        out = tmp_path / f"out{n}"
+        keys.decrypt_file(tmp_path / "model.gc", out, device=device, **who)
+        assert out.read_bytes() == data
+
+
+@pytestmark_stream
+def test_decrypt_file_failures_release_nothing(tmp_path):
+    src = tmp_path / "m.bin"
+    src.write_bytes(os.urandom(3000))
+    alice, ks = Identity.generate(), Keyset.generate()
+    enc = tmp_path / "m.gc"
+    keys.encrypt_file(src, enc, recipients=alice, keyset=ks, segment_size=4096)
+    out = tmp_path / "out"
+    # a missing recipient
+    with pytest.raises(NoMatchingRecipient, match=r"no recipient in this file matches your key\(s\)"):
+        keys.decrypt_file(enc, out, identities=Identity.generate())
+    # a disabled key, then a destroyed one
+    old = ks.primary.id
+    ks.add(primary=True)
+    ks.disable(old)
+    with pytest.raises(NoMatchingRecipient, match="disabled"):
+        keys.decrypt_file(enc, out, keyset=ks)
+    ks.destroy(old)
+    with pytest.raises(NoMatchingRecipient, match="destroyed"):
+        keys.decrypt_file(enc, out, keyset=ks)
+    # a tampered key id in the header: the header MAC (under the data key) catches it
+    blob = bytearray(enc.read_bytes())
+    header = stream.read_header(enc)
+    kid_at = blob.index(header.key_id.encode())
+    blob[kid_at] ^= 0x01
+    (tmp_path / "bad.gc").write_bytes(bytes(blob))
+    with pytest.raises(stream.AuthenticationError):
+        keys.decrypt_file(tmp_path / "bad.gc", out, identities=alice)
+    # a tampered wrapped key inside the envelope
+    blob = bytearray(enc.read_bytes())
+    env_at = blob.index(header.envelope)
+    blob[env_at + 30] ^= 0x01  # inside alice's HPKE stanza body
+    (tmp_path / "bad2.gc").write_bytes(bytes(blob))
+    with pytest.raises(NoMatchingRecipient, match="failed to authenticate"):
+        keys.decrypt_file(tmp_path / "bad2.gc", out, identities=alice)
+    assert not out.exists()
+
+
+@pytestmark_stream
+def test_raw_key_file_has_no_envelope(tmp_path):
+    stream.encrypt(b"hello", tmp_path / "raw.gc", os.urandom(32))
+    with pytest.raises(NoMatchingRecipient, match="no envelope"):
+        keys.decrypt_file(tmp_path / "raw.gc", tmp_path / "out", identities=Identity.generate())
+
+
+@pytestmark_stream
+def test_rekey_rotates_and_revokes(tmp_path):
+    data = os.urandom(6000)
+    (tmp_path / "m").write_bytes(data)
+    alice, bob, ks = Identity.generate(), Identity.generate(), Keyset.generate()
+    enc = tmp_path / "m.gc"
+    keys.encrypt_file(tmp_path / "m", enc, recipients=[alice, bob], keyset=ks, segment_size=4096)
+    segments_before = enc.read_bytes()[stream.read_header(enc).header_length:]
+    old = ks.primary.id
+    new = ks.add(primary=True).id
+    result = keys.rekey_file(enc, recipients=[alice], keyset=ks)
+    assert result["key_id"] == new
+    assert result["previous_recipients"] == [alice.fingerprint, bob.fingerprint, f"aes-kwp:{old}"]
+    assert result["recipients"] == [alice.fingerprint, f"aes-kwp:{new}"]
+    assert enc.read_bytes()[stream.read_header(enc).header_length:] == segments_before
+    ks.disable(old)
+    keys.decrypt_file(enc, tmp_path / "a", identities=alice)
+    keys.decrypt_file(enc, tmp_path / "k", keyset=ks)
+    assert (tmp_path / "a").read_bytes() == data == (tmp_path / "k").read_bytes()
+    with pytest.raises(NoMatchingRecipient):
+        keys.decrypt_file(enc, tmp_path / "b", identities=bob)
+    # bob cannot rekey himself back in either
+    with pytest.raises(NoMatchingRecipient):
+        keys.rekey_file(enc, recipients=[bob], identities=bob)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_keygen_and_keys(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = _cli(capsys, "keygen", "--out", "ks.json")
+    assert code == 0 and _mode("ks.json") == 0o600
+    primary = Keyset.load("ks.json").primary
+    assert primary.id in out and base64.b64encode(primary.secret_bytes()).decode() not in out
+    assert _cli(capsys, "keygen", "--out", "ks.json")[0] == 2  # no overwrite without --force
+    code, out, _ = _cli(capsys, "keys", "add", "ks.json", "--primary")
+    new_id = re.search(r"added key ([0-9a-f]{16})", out).group(1)
+    assert Keyset.load("ks.json").primary.id == new_id
+    assert _cli(capsys, "keys", "disable", "ks.json", primary.id)[0] == 0
+    code, out, _ = _cli(capsys, "keys", "list", "ks.json")
+    assert re.search(rf"{primary.id}\s+disabled", out) and re.search(rf"{new_id}\s+primary", out)
+    code, _, err = _cli(capsys, "keys", "destroy", "ks.json", primary.id)
+    assert code == 2 and "--yes" in err
+    assert _cli(capsys, "keys", "destroy", "ks.json", primary.id, "--yes")[0] == 0
+    code, out, _ = _cli(capsys, "keys", "list", "ks.json", "--json")
+    assert {k["id"]: k["status"] for k in json.loads(out)["keys"]} == {primary.id: "destroyed",
+                                                                        new_id: "primary"}
+    code, _, err = _cli(capsys, "keys", "disable", "ks.json", new_id)
+    assert code == 1 and "promote another key first" in err
+    code, _, err = _cli(capsys, "keys", "promote", "ks.json", "nope")
+    assert code == 1 and "no key 'nope'" in err
+
+
+def test_cli_keygen_public_and_sealed(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = _cli(capsys, "keygen", "--public", "--out", "alice", "--kem", "mlkem768-x25519")
+    assert code == 0 and _mode("alice") == 0o600 and _mode("alice.pub") == 0o644
+    assert Recipient.load("alice.pub").fingerprint in out
+    (tmp_path / "pw").write_text("s3cret passphrase\n")
+    code, _, _ = _cli(capsys, "keygen", "--seal", "--passphrase-file", "pw", "--out", "sealed.json")
+    assert code == 0 and "sealed" in json.loads(Path("sealed.json").read_text())
+    assert Keyset.load("sealed.json", "s3cret passphrase").primary
+    monkeypatch.delenv("GPUCRYPT_PASSPHRASE", raising=False)
+    code, _, err = _cli(capsys, "keys", "add", "sealed.json")
+    assert code == 2 and "needs a passphrase" in err
+    monkeypatch.setenv("GPUCRYPT_PASSPHRASE", "wrong")
+    code, _, err = _cli(capsys, "keys", "add", "sealed.json")
+    assert code == 1 and "wrong passphrase" in err
+    assert _cli(capsys, "keys", "add", "sealed.json", "--passphrase-file", "pw")[0] == 0
+    assert len(Keyset.load("sealed.json", "s3cret passphrase")) == 2
+
+
+@pytestmark_stream
+@pytest.mark.skipif("encrypt" not in SUBCOMMANDS, reason="gpucrypt encrypt/decrypt not registered yet")
+def test_cli_encrypt_decrypt_rekey(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = os.urandom(5000)
+    Path("model.bin").write_bytes(data)
+    for name in ("alice", "bob"):
+        assert _cli(capsys, "keygen", "--public", "--out", name)[0] == 0
+    assert _cli(capsys, "keygen", "--out", "ks.json")[0] == 0
+    code, _, err = _cli(capsys, "encrypt", "model.bin", "model.gc", "-r", "alice.pub", "-r", "bob.pub",
+                        "--keyset", "ks.json", "--segment-size", "4096")
+    assert code == 0, err
+    for opts in (["-i", "alice"], ["-i", "bob"], ["--keyset", "ks.json"]):
+        code, _, err = _cli(capsys, "decrypt", "model.gc", "out", "--force", *opts)
+        assert code == 0, err
+        assert Path("out").read_bytes() == data
+    # rotate the keyset, revoke bob
+    assert _cli(capsys, "keys", "add", "ks.json", "--primary")[0] == 0
+    code, out, err = _cli(capsys, "rekey", "model.gc", "-r", "alice.pub", "--keyset", "ks.json",
+                          "--audit-log", "audit.jsonl")
+    assert code == 0, err
+    assert "removed: " + Recipient.load("bob.pub").fingerprint in out
+    code, _, err = _cli(capsys, "decrypt", "model.gc", "out2", "-i", "bob")
+    assert code == 1 and "no recipient in this file matches your key(s)" in err
+    assert not Path("out2").exists()
+    assert _cli(capsys, "decrypt", "model.gc", "out3", "-i", "alice")[0] == 0
+    events = [json.loads(line) for line in Path("audit.jsonl").read_text().splitlines()]
+    assert any(e["operation"] == "file.rekey" and e["outcome"] == "ok" for e in events)
+    assert _mode("audit.jsonl") == 0o600
+
+
+# ---------------------------------------------------------------- the README scenario
+
+
+def _readme_snippet() -> str:
+    text = DOCS.read_text()
+    match = re.search(r"<!-- readme-scenario:begin -->\s*```python\n(.*?)```\s*<!-- readme-scenario:end -->",
+                      text, re.S)
+    assert match, "docs/KEYS.md lost its README scenario block"
+    return match.group(1)
+
+
+@pytestmark_stream
+def test_readme_scenario(tmp_path, monkeypatch, capsys):
+    """Share a model with two recipients, rotate the KEK, revoke one, prove it from the log:
+    runs the exact snippet docs/KEYS.md gives the README."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: str(tmp_path))
+    import logging
+
+    logger = logging.getLogger(audit.LOGGER_NAME)
+    handlers_before = list(logger.handlers)
+    namespace: dict = {}
+    try:
+        exec(compile(_readme_snippet(), str(DOCS), "exec"), namespace)
+    finally:
+        for handler in logger.handlers[:]:
+            if handler not in handlers_before:
+                logger.removeHandler(handler)
+    out = capsys.readouterr().out
+    alice, bob = namespace["alice"], namespace["bob"]
+    assert "bob: no recipient in this file matches your key(s)" in out
+    events = [json.loads(line) for line in namespace["log"].getvalue().splitlines()]
+    files = [e for e in events if e["operation"].startswith("file.")]
+    assert [(e["operation"], e["outcome"]) for e in files] == [
+        ("file.encrypt", "ok"), ("file.rekey", "ok"), ("file.rekey", "ok"),
+        ("file.decrypt", "ok"), ("file.decrypt", "error")]
+    encrypt, rotate, revoke, ok, refused = files
+    assert alice.fingerprint in encrypt["recipients"] and bob.fingerprint in encrypt["recipients"]
+    assert rotate["key_id"] != encrypt["key_id"]                    # the KEK rotated
+    assert f"aes-kwp:{encrypt['key_id']}" not in rotate["recipients"]
+    assert bob.fingerprint in revoke["key_ids"] and bob.fingerprint not in revoke["recipients"]
+    assert alice.fingerprint in revoke["recipients"]
+    assert "NoMatchingRecipient" in refused["error"]
+    assert any(e["operation"] == "keyset.disable" for e in events)
