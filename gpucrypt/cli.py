@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "keygen": "gpucrypt._cli_keys:add_keygen",
     "keys": "gpucrypt._cli_keys:add_keys",
     "rekey": "gpucrypt._cli_keys:add_rekey",
+    "bench": "gpucrypt._cli_bench:add_bench",
 }
 
 

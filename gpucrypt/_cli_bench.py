@@ -1,0 +1,135 @@
+"""``gpucrypt bench``: the command line over :mod:`gpucrypt.bench`.
+
+Usage errors (unknown algorithm, bad size, ...) exit 2 with one line on stderr;
+a GPU that was asked for but cannot be timed exits 1 with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .cli import CliError
+
+
+def add_bench(parser: argparse.ArgumentParser) -> None:
+    """Measure gpucrypt against cryptography (OpenSSL), pycryptodome and libsodium on this machine."""
+    from . import bench
+
+    parser.description = (
+        "Measure gpucrypt's backends against the CPU libraries people use today, in the same "
+        "run: GB/s per algorithm, operation and message size, and the speed-up against the "
+        "baseline (cryptography; PyNaCl/libsodium for XChaCha20-Poly1305). Figures are medians "
+        "of repetitions.")
+    parser.add_argument("--algorithms", default="all", metavar="LIST",
+                        help=f"comma-separated, or all: {', '.join(bench.ALGORITHMS)}")
+    parser.add_argument("--operations", default="all", metavar="LIST",
+                        help="encrypt, decrypt, or both (all)")
+    parser.add_argument("--implementations", default="all", metavar="LIST",
+                        help=f"comma-separated, or all: {', '.join(bench.IMPLEMENTATIONS)} "
+                             f"(each algorithm's baseline is always measured)")
+    default_sizes = ",".join(bench.format_size(s).replace(" ", "") for s in bench.DEFAULT_SIZES)
+    parser.add_argument("--sizes", default=default_sizes, metavar="LIST",
+                        help=f"message sizes, e.g. 16,1KiB,1MiB,1GiB (K/KiB binary, kB decimal), or a "
+                             f"preset: {', '.join(bench.SIZE_PRESETS)} (default {default_sizes})")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="cpu: CPU libraries only; gpu: GPU rows plus the baseline; "
+                             "auto: everything that runs here (default)")
+    parser.add_argument("--seconds", type=float, default=bench.DEFAULT_SECONDS, metavar="S",
+                        help=f"measuring time per cell (default {bench.DEFAULT_SECONDS}); at least 3 "
+                             f"repetitions are run however long they take")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="CPU threads, each running its own messages; aggregate GB/s (default 1)")
+    parser.add_argument("--include-transfer", action="store_true",
+                        help="also time gpucrypt on the GPU for data in host memory "
+                             "(host-to-device + device-to-host copies included)")
+    parser.add_argument("--json", metavar="FILE", help="write one record per cell plus the environment")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="draw GB/s against size per implementation (needs matplotlib)")
+    parser.add_argument("--progress", action="store_true",
+                        help="show a progress bar on stderr even when it is not a terminal")
+    parser.add_argument("--simulator-smoke", action="store_true",
+                        help="under NUMBA_ENABLE_CUDASIM=1, run the GPU rows anyway as a functional "
+                             "smoke test (sizes up to 4 KiB; figures are not measurements)")
+    parser.set_defaults(func=run_bench)
+
+
+def _config(args):
+    from . import bench
+
+    try:
+        algorithms = bench.parse_list(args.algorithms, tuple(bench.ALGORITHMS), "algorithm")
+        operations = bench.parse_list(args.operations, bench.OPERATIONS, "operation")
+        implementations = bench.parse_list(args.implementations, bench.IMPLEMENTATIONS, "implementation")
+        sizes = bench.parse_sizes(args.sizes)
+    except ValueError as exc:
+        raise CliError(str(exc), exit_code=2) from None
+    if not args.seconds > 0:
+        raise CliError(f"--seconds must be positive, not {args.seconds}", exit_code=2)
+    if args.threads < 1:
+        raise CliError(f"--threads must be at least 1, not {args.threads}", exit_code=2)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CliError("--plot needs matplotlib: pip install 'gpucrypt[plot]'", exit_code=2) from None
+    return bench.BenchConfig(algorithms=algorithms, operations=operations,
+                             implementations=implementations, sizes=sizes, device=args.device,
+                             seconds=args.seconds, threads=args.threads,
+                             include_transfer=args.include_transfer,
+                             simulator_smoke=args.simulator_smoke)
+
+
+class _ProgressBar:
+    """A one-line bar on stderr, redrawn in place; shown when the run is expected to take
+    more than a couple of seconds and stderr is a terminal (or ``--progress``)."""
+
+    WIDTH = 30
+
+    def __init__(self, forced: bool, expected_seconds: float):
+        self.enabled = forced or (sys.stderr.isatty() and expected_seconds > 2)
+        self.started = time.monotonic()
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        if not self.enabled:
+            return
+        filled = int(self.WIDTH * done / max(total, 1))
+        elapsed = time.monotonic() - self.started
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total} "
+                         f"{elapsed:5.1f}s {label[:60]:<60}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def run_bench(args) -> int:
+    from . import bench
+
+    config = _config(args)
+    expected = (len(config.algorithms) * len(config.operations) * len(config.sizes)
+                * 3 * config.seconds)
+    bar = _ProgressBar(args.progress, expected)
+    try:
+        report = bench.run(config, progress=bar)
+    except RuntimeError as exc:
+        raise CliError(str(exc), exit_code=1) from None
+    finally:
+        bar.close()
+    print(report.render())
+    if args.json:
+        try:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                json.dump(report.to_json(), fh, indent=1)
+                fh.write("\n")
+        except OSError as exc:
+            raise CliError(f"cannot write {args.json}: {exc.strerror}") from None
+    if args.plot:
+        try:
+            bench.plot(report, args.plot)
+        except OSError as exc:
+            raise CliError(f"cannot write {args.plot}: {exc.strerror}") from None
+    return 0

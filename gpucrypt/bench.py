@@ -1,0 +1,565 @@
+"""``gpucrypt bench``: gpucrypt's backends against the CPU libraries people use today,
+measured in the same run on the same machine.
+
+Each *cell* is one algorithm, operation, implementation and message size. Its
+figure is the median over repetitions (the machines are noisy) of the seconds one
+message takes, turned into GB/s (10**9 bytes of plaintext per second, summed over
+``threads``) and into a ratio to the baseline measured in the same run:
+``cryptography`` (OpenSSL) everywhere except XChaCha20-Poly1305, which
+``cryptography`` lacks, where it is PyNaCl (libsodium). A ratio of 2.0 means twice
+the baseline's throughput.
+
+Implementations (:data:`IMPLEMENTATIONS`):
+
+- ``cryptography``: ``encrypt_into``/``decrypt_into`` on preallocated buffers,
+  ``Cipher(...).encryptor().update_into`` for the stream ciphers;
+- ``gpucrypt-cpu``: gpucrypt's public classes with ``device="cpu"``;
+- ``gpucrypt-gpu`` / ``gpucrypt-gpu-hosttag``: the GPU backend's ``seal_batch`` /
+  ``open_batch`` with ``tag="gpu"`` / ``tag="host"`` on device-resident data, timed
+  with CUDA events (see :mod:`gpucrypt._bench_gpu`); also shown as a fraction of
+  the device-to-device copy rate measured in the same run;
+- ``gpucrypt-gpu+transfer``: the public classes with ``device="gpu"`` on host
+  buffers, i.e. including both PCIe copies (only with ``include_transfer``);
+- ``pycryptodome`` and ``pynacl`` when installed.
+
+The stream ciphers' gpucrypt rows use :mod:`gpucrypt.ciphers` once it exists; until
+then they say "not available".
+
+Public API: :func:`parse_size`, :func:`format_size`, :func:`parse_list`,
+:class:`BenchConfig`, :func:`run`, :class:`BenchReport` (``to_json()``,
+``render()``), :func:`plot`, :func:`environment`.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ._bench_cpu import ALGORITHMS, OPERATIONS, Material, NotAvailable, Timing, applicable, \
+    host_operation, time_host
+
+__all__ = ["ALGORITHMS", "OPERATIONS", "IMPLEMENTATIONS", "CPU_IMPLEMENTATIONS", "GPU_IMPLEMENTATIONS",
+           "DEFAULT_SIZES", "SIZE_PRESETS", "DEFAULT_SECONDS", "BenchConfig", "Cell", "Unavailable",
+           "BenchReport", "parse_size", "format_size", "parse_list", "run", "plot", "environment",
+           "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+
+#: Implementations timed on the host clock, on this machine's CPU.
+CPU_IMPLEMENTATIONS = ("cryptography", "gpucrypt-cpu", "pycryptodome", "pynacl")
+#: Implementations that need a GPU.
+GPU_IMPLEMENTATIONS = ("gpucrypt-gpu", "gpucrypt-gpu-hosttag", "gpucrypt-gpu+transfer")
+IMPLEMENTATIONS = ("cryptography", "gpucrypt-cpu", "gpucrypt-gpu", "gpucrypt-gpu-hosttag",
+                   "gpucrypt-gpu+transfer", "pycryptodome", "pynacl")
+
+#: ``openssl speed``'s sizes and the bulk sizes.
+SIZE_PRESETS = {
+    "openssl": (16, 64, 256, 1024, 8192, 16384),
+    "bulk": (1 << 20, 64 << 20, 1 << 30),
+    "all": (16, 64, 256, 1024, 8192, 16384, 1 << 20, 64 << 20, 1 << 30),
+}
+#: The default run: small, medium and bulk, finishing in under a minute without a GPU.
+DEFAULT_SIZES = (16, 1024, 16384, 1 << 20, 64 << 20)
+#: Default measuring time per cell, in seconds.
+DEFAULT_SECONDS = 0.2
+
+_UNITS = {"": 1, "b": 1,
+          "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+          "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+          "g": 1 << 30, "gib": 1 << 30, "gb": 10**9}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``text``: ``16``, ``1KiB``/``1K`` (1024), ``1kB`` (1000), ``64MiB``, ``1GiB``, ``1GB``.
+
+    Binary units (``KiB``, ``MiB``, ``GiB`` and the bare ``K``, ``M``, ``G``, as ``dd``
+    reads them) and decimal ones (``kB``, ``MB``, ``GB``); case is ignored. Raises
+    ``ValueError`` with the accepted forms for anything else, and for zero.
+    """
+    match = _SIZE_RE.match(text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise ValueError(f"invalid size {text!r}: use a whole number of bytes with an optional unit "
+                         f"(B, KiB, MiB, GiB; K, M, G are binary; kB, MB, GB are decimal)")
+    value = int(match.group(1)) * _UNITS[unit]
+    if value < 1:
+        raise ValueError(f"invalid size {text!r}: must be at least 1 byte")
+    return value
+
+
+def format_size(nbytes: int) -> str:
+    """``16 B``, ``1 KiB``, ``64 MiB``, ``1 GiB``; sizes that are not whole units keep bytes."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale} {unit}"
+    return f"{nbytes} B"
+
+
+def parse_list(text: str, choices: Sequence[str], what: str) -> tuple[str, ...]:
+    """Comma-separated names from ``choices`` (``all`` for every one), in the order given."""
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"no {what} given; choose from {', '.join(choices)}")
+    if names == ["all"]:
+        return tuple(choices)
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        raise ValueError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(choices)} or all")
+    return tuple(dict.fromkeys(names))
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """Sizes from a comma-separated list, or a preset name (``openssl``, ``bulk``, ``all``)."""
+    key = text.strip().lower()
+    if key in SIZE_PRESETS:
+        return SIZE_PRESETS[key]
+    sizes = [parse_size(t) for t in text.split(",") if t.strip()]
+    if not sizes:
+        raise ValueError("no sizes given")
+    return tuple(dict.fromkeys(sizes))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure. ``device``: ``cpu`` (CPU libraries only), ``gpu`` (GPU rows plus the
+    baseline) or ``auto`` (everything that can run here). The baseline of each algorithm is
+    always measured, whatever ``implementations`` says, because every ratio needs it."""
+
+    algorithms: tuple[str, ...] = tuple(ALGORITHMS)
+    operations: tuple[str, ...] = OPERATIONS
+    implementations: tuple[str, ...] = IMPLEMENTATIONS
+    sizes: tuple[int, ...] = DEFAULT_SIZES
+    device: str = "auto"
+    seconds: float = DEFAULT_SECONDS
+    threads: int = 1
+    include_transfer: bool = False
+    simulator_smoke: bool = False
+
+
+@dataclass
+class Cell:
+    """One measured cell: the JSON record. ``ratio`` is against ``baseline`` at the same
+    algorithm, operation, size and thread count (None when the baseline could not run);
+    ``fraction_of_copy`` is GB/s over the device-to-device copy rate (GPU rows only)."""
+
+    algorithm: str
+    operation: str
+    implementation: str
+    device: str
+    size: int
+    threads: int
+    repetitions: int
+    iterations: int
+    median_seconds: float
+    gbps: float
+    ratio: float | None
+    baseline: str
+    fraction_of_copy: float | None
+    timing: str
+    note: str = ""
+
+
+@dataclass
+class Unavailable:
+    """An implementation that would make sense for an algorithm but cannot run here."""
+
+    algorithm: str
+    implementation: str
+    reason: str
+
+
+@dataclass
+class BenchReport:
+    environment: dict
+    config: BenchConfig
+    cells: list[Cell] = field(default_factory=list)
+    unavailable: list[Unavailable] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    copy_gbps: float | None = None
+    gpu_device: str | None = None
+
+    def to_json(self) -> dict:
+        """The ``--json`` document: schema version, environment, configuration, cells."""
+        config = asdict(self.config)
+        return {
+            "schema": SCHEMA_VERSION,
+            "tool": "gpucrypt bench",
+            "environment": self.environment,
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+            "gpu": {"device": self.gpu_device, "copy_gbps": self.copy_gbps},
+            "notes": list(self.notes),
+            "unavailable": [asdict(u) for u in self.unavailable],
+            "cells": [asdict(c) for c in self.cells],
+        }
+
+    def render(self) -> str:
+        """The text table; see :func:`render_table`."""
+        return render_table(self)
+
+
+# --------------------------------------------------------------------------- environment
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    """``HEAD`` of the checkout gpucrypt is imported from (with ``-dirty``), or None."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=40"],
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _gpu_details() -> dict:
+    """GPU name, NVIDIA driver and CUDA driver API version, where a driver is present."""
+    details: dict = {"gpu": None, "driver": None, "cuda_driver_api": None}
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8") as fh:
+            match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([\d.]+)", fh.readline())
+            details["driver"] = match.group(1) if match else None
+    except OSError:
+        pass
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        details["gpu"] = "numba CUDA simulator"
+        return details
+    try:
+        from numba import cuda
+
+        if cuda.is_available():
+            name = cuda.get_current_device().name
+            details["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
+            major, minor = cuda.cudadrv.driver.driver.get_version()
+            details["cuda_driver_api"] = f"{major}.{minor}"
+    except Exception:  # no driver, broken driver: the backend's reason says why
+        pass
+    return details
+
+
+def environment() -> dict:
+    """Where the numbers come from: CPU, cores, GPU, driver, library versions, commit, date."""
+    libraries = {name: _version(name) for name in
+                 ("gpucrypt", "cryptography", "numpy", "numba", "numba-cuda", "cupy-cuda13x",
+                  "pycryptodome", "pynacl")}
+    try:
+        from cryptography.hazmat.backends.openssl.backend import backend as openssl
+
+        libraries["openssl"] = openssl.openssl_version_text()
+    except Exception:
+        libraries["openssl"] = None
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_usable": usable,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        **_gpu_details(),
+        "libraries": libraries,
+        "git_commit": _git_commit(),
+    }
+
+
+# --------------------------------------------------------------------------- running
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+def _gpu_session(config: BenchConfig):
+    """The GPU session, or None with the reason recorded (as a note and per GPU row)."""
+    from .backends import BackendUnavailable
+
+    from ._bench_gpu import GpuRefused, GpuSession
+
+    try:
+        return GpuSession(simulator_smoke=config.simulator_smoke), None
+    except BackendUnavailable as exc:
+        return None, f"no GPU found: {exc}"
+    except GpuRefused as exc:
+        return None, f"GPU not timed: {exc}"
+
+
+def _plan(config: BenchConfig) -> list[str]:
+    """Implementations to run, in display order, for ``config.device``; baseline first."""
+    if config.device == "cpu":
+        allowed = CPU_IMPLEMENTATIONS
+    elif config.device == "gpu":
+        allowed = GPU_IMPLEMENTATIONS
+    else:
+        allowed = IMPLEMENTATIONS
+    chosen = [i for i in IMPLEMENTATIONS if i in config.implementations and i in allowed]
+    if not config.include_transfer and "gpucrypt-gpu+transfer" in chosen:
+        chosen.remove("gpucrypt-gpu+transfer")
+    return chosen
+
+
+def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
+    """Measure every cell of ``config``; ``progress(done, total, label)`` after each one.
+
+    Raises ``RuntimeError`` when ``device="gpu"`` and the GPU cannot be timed (the
+    message says why), and when an implementation computes wrong bytes.
+    """
+    report = BenchReport(environment=environment(), config=config)
+    cpu_name = report.environment["cpu"]
+    implementations = _plan(config)
+    wants_gpu = any(i in GPU_IMPLEMENTATIONS for i in implementations)
+    session, gpu_reason = _gpu_session(config) if wants_gpu else (None, None)
+    if wants_gpu and session is None:
+        if config.device == "gpu":
+            raise RuntimeError(gpu_reason)
+        report.notes.append(f"{gpu_reason}; comparing the CPU implementations only")
+    if session is not None:
+        report.gpu_device = session.device_name
+        if session.simulator:
+            report.notes.append("GPU rows ran in numba's CUDA simulator: "
+                                "simulator (not a measurement)")
+        else:
+            report.copy_gbps = session.copy_bandwidth(max(config.seconds, 0.05)) / 1e9
+            report.notes.append(f"device-to-device copy on {session.device_name}: "
+                                f"{report.copy_gbps:.1f} GB/s copied (read + write = twice that)")
+    if config.threads > 1:
+        report.notes.append(f"CPU rows: {config.threads} threads, each encrypting its own messages; "
+                            f"GB/s is the aggregate. GPU rows: one host thread.")
+
+    algorithms = [ALGORITHMS[a] for a in config.algorithms]
+    jobs = []  # (algorithm, implementation) pairs that run; the rest recorded as unavailable
+    for alg in algorithms:
+        impls = [i for i in implementations if applicable(i, alg)]
+        if alg.baseline not in impls:
+            impls.insert(0, alg.baseline)
+        for impl in impls:
+            if impl in GPU_IMPLEMENTATIONS and session is None:
+                report.unavailable.append(Unavailable(alg.name, impl, gpu_reason or ""))
+                continue
+            jobs.append((alg, impl))
+    total = len(jobs) * len(config.operations) * len(config.sizes)
+    done = 0
+    for size in config.sizes:
+        for alg in algorithms:
+            material = Material(alg, size)
+            for operation in config.operations:
+                for a, impl in jobs:
+                    if a is not alg:
+                        continue
+                    label = f"{alg.name} {operation} {format_size(size)} {impl}"
+                    cell_or_reason = _measure(impl, material, operation, config, session, cpu_name)
+                    if isinstance(cell_or_reason, str):
+                        if not any(u.algorithm == alg.name and u.implementation == impl
+                                   for u in report.unavailable):
+                            report.unavailable.append(Unavailable(alg.name, impl, cell_or_reason))
+                    else:
+                        report.cells.append(cell_or_reason)
+                    done += 1
+                    if progress:
+                        progress(done, total, label)
+            del material
+    _fill_ratios(report)
+    return report
+
+
+def _measure(impl: str, m: Material, operation: str, config: BenchConfig, session, cpu_name: str):
+    """A :class:`Cell`, or the reason (str) why ``impl`` cannot run this cell."""
+    alg = m.algorithm
+    note, threads = "", config.threads
+    try:
+        if impl in ("gpucrypt-gpu", "gpucrypt-gpu-hosttag"):
+            timing = session.time_cell(impl, m, operation, config.seconds)
+            device, threads = session.device_name, 1
+            clock = "host clock (simulator)" if session.simulator else "cuda events"
+        else:
+            if impl == "gpucrypt-gpu+transfer":
+                if session.simulator and m.size > 4096:
+                    return "simulator smoke runs stop at 4096 bytes"
+                device, threads = session.device_name, 1
+            else:
+                device = cpu_name
+            if session is not None and session.simulator and impl in GPU_IMPLEMENTATIONS:
+                timing = _single_call(host_operation(impl, m, operation))
+            else:
+                timing = time_host(lambda: host_operation(impl, m, operation), threads, config.seconds)
+            clock = "perf_counter"
+    except NotAvailable as exc:
+        return str(exc)
+    except Exception as exc:
+        from ._bench_gpu import GpuRefused
+
+        if isinstance(exc, GpuRefused):
+            return str(exc)
+        raise
+    if device == _simulator_label():
+        note = _simulator_label()
+    gbps = m.size * threads / timing.median_seconds / 1e9
+    return Cell(algorithm=alg.name, operation=operation, implementation=impl, device=device,
+                size=m.size, threads=threads, repetitions=timing.repetitions,
+                iterations=timing.iterations, median_seconds=timing.median_seconds, gbps=gbps,
+                ratio=None, baseline=alg.baseline, fraction_of_copy=None, timing=clock, note=note)
+
+
+def _single_call(op) -> Timing:
+    """One timed call: the simulator's smoke rows, which are labels, not measurements."""
+    start = time.perf_counter()
+    op()
+    return Timing(1, 1, time.perf_counter() - start)
+
+
+def _simulator_label() -> str:
+    from ._bench_gpu import SIMULATOR_LABEL
+
+    return SIMULATOR_LABEL
+
+
+def _fill_ratios(report: BenchReport) -> None:
+    base = {(c.algorithm, c.operation, c.size): c.gbps for c in report.cells
+            if c.implementation == c.baseline}
+    for c in report.cells:
+        b = base.get((c.algorithm, c.operation, c.size))
+        c.ratio = c.gbps / b if b else None
+        if c.implementation == c.baseline:
+            c.ratio = 1.0
+        if c.note:  # simulator rows: a figure that is no measurement has no ratio either
+            c.ratio = None
+        if report.copy_gbps and c.implementation in GPU_IMPLEMENTATIONS and not c.note:
+            c.fraction_of_copy = c.gbps / report.copy_gbps
+
+
+# --------------------------------------------------------------------------- output
+
+def _fmt_gbps(x: float) -> str:
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    if x >= 0.01:
+        return f"{x:.2f}"
+    return f"{x:.4f}"
+
+
+def _fmt_ratio(r: float | None) -> str:
+    if r is None:
+        return "(no base)"
+    return f"x{r:.2f}" if r < 10 else f"x{r:.1f}"
+
+
+def _display_order(cells: list[Cell], baseline: str) -> list[str]:
+    """The baseline first, then the others in :data:`IMPLEMENTATIONS` order."""
+    present = {c.implementation for c in cells}
+    return sorted(present, key=lambda i: (i != baseline, IMPLEMENTATIONS.index(i)))
+
+
+def render_table(report: BenchReport) -> str:
+    """One block per algorithm and operation: a row per implementation, a column per size,
+    each cell ``GB/s xRATIO`` (ratio to the baseline, which shows x1.00)."""
+    env = report.environment
+    lines = [f"gpucrypt bench: {env['cpu']} ({env['cpu_usable']} usable cores), "
+             f"GPU: {report.gpu_device or 'none'}; {env['date']}",
+             f"GB/s = 10^9 plaintext bytes per second; xN = speed-up against the baseline measured in "
+             f"this run (median of repetitions, {report.config.seconds:g} s per cell)"]
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    sizes = list(report.config.sizes)
+    heads = [format_size(s) for s in sizes]
+    for alg_name in report.config.algorithms:
+        alg = ALGORITHMS[alg_name]
+        for operation in report.config.operations:
+            cells = [c for c in report.cells if c.algorithm == alg_name and c.operation == operation]
+            missing = [u for u in report.unavailable if u.algorithm == alg_name]
+            if not cells and not missing:
+                continue
+            impls = _display_order(cells, alg.baseline)
+            width = max([len(i) for i in impls + [u.implementation for u in missing]] + [14]) + 2
+            lines.append("")
+            lines.append(f"{alg_name} {operation}  (baseline: {alg.baseline})")
+            lines.append(" " * width + "".join(f"{h:>18}" for h in heads))
+            for impl in impls:
+                row = {c.size: c for c in cells if c.implementation == impl}
+                texts = [("simulated" if row[s].note else
+                          f"{_fmt_gbps(row[s].gbps)} {_fmt_ratio(row[s].ratio)}") if s in row else "-"
+                         for s in sizes]
+                lines.append(f"{impl:<{width}}" + "".join(f"{t:>18}" for t in texts))
+                if any(row[s].fraction_of_copy is not None for s in row):
+                    fr = [f"{100 * row[s].fraction_of_copy:.1f}% of copy"
+                          if s in row and row[s].fraction_of_copy is not None else "-" for s in sizes]
+                    lines.append(f"{'':<{width}}" + "".join(f"{t:>18}" for t in fr))
+                if any(row[s].note for s in row):
+                    lines.append(f"{'':<{width}}  ^ {next(row[s].note for s in row if row[s].note)}")
+            by_reason: dict[str, list[str]] = {}
+            for u in missing:
+                by_reason.setdefault(u.reason, []).append(u.implementation)
+            for reason, names in by_reason.items():
+                if any(reason in note for note in report.notes):
+                    reason = "see the note above"
+                lines.append(f"{', '.join(names)}: not available: {reason}")
+    return "\n".join(lines)
+
+
+def plot(report: BenchReport, path: str | os.PathLike) -> None:
+    """Throughput against size, a line per implementation, a panel per algorithm and operation.
+
+    Needs matplotlib (``pip install 'gpucrypt[plot]'``); raises ``ImportError`` saying so.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'gpucrypt[plot]'") from None
+    panels = [(a, o) for a in report.config.algorithms for o in report.config.operations
+              if any(c.algorithm == a and c.operation == o for c in report.cells)]
+    cols = 2 if len(panels) > 1 else 1
+    rows = max(1, (len(panels) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (alg, op) in zip(axes.flat, panels):
+        cells = [c for c in report.cells if c.algorithm == alg and c.operation == op]
+        for impl in _display_order(cells, ALGORITHMS[alg].baseline):
+            pts = sorted((c.size, c.gbps) for c in cells if c.implementation == impl)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl,
+                    color=f"C{IMPLEMENTATIONS.index(impl)}",
+                    linestyle="--" if impl == ALGORITHMS[alg].baseline else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        sizes = sorted({c.size for c in cells})
+        ax.set_xticks(sizes, [format_size(s).replace(" ", "") for s in sizes], fontsize="small")
+        ax.minorticks_off()
+        ax.set_title(f"{alg} {op}")
+        ax.set_xlabel("message size (bytes)")
+        ax.set_ylabel("GB/s")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    env = report.environment
+    fig.suptitle(f"gpucrypt bench: {env['cpu']} / GPU {report.gpu_device or 'none'} ({env['date'][:10]})")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,271 @@
+"""``gpucrypt bench`` on the CPU with tiny sizes and ~0.01 s per cell: arguments, the JSON
+schema, the plot, errors, size units, and the GPU refusal/smoke paths of the simulator."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gpucrypt import bench
+from gpucrypt._bench_cpu import MIN_REPETITIONS, TARGET_REPETITIONS, plan_loop
+from gpucrypt.cli import main
+
+TINY = ["--seconds", "0.01", "--sizes", "16,64"]
+
+CELL_FIELDS = {
+    "algorithm": str, "operation": str, "implementation": str, "device": str, "size": int,
+    "threads": int, "repetitions": int, "iterations": int, "median_seconds": float, "gbps": float,
+    "ratio": (float, type(None)), "baseline": str, "fraction_of_copy": (float, type(None)),
+    "timing": str, "note": str,
+}
+ENV_FIELDS = {"date": str, "cpu": str, "cpu_count": int, "cpu_usable": int, "platform": str,
+              "python": str, "gpu": (str, type(None)), "driver": (str, type(None)),
+              "cuda_driver_api": (str, type(None)), "libraries": dict, "git_commit": (str, type(None))}
+
+
+def run_cli(capsys, *args):
+    code = main(["bench", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --------------------------------------------------------------------------- sizes
+
+@pytest.mark.parametrize("text, expected", [
+    ("16", 16), ("16B", 16), ("1KiB", 1024), ("1K", 1024), ("1k", 1024), ("1kB", 1000),
+    ("1KB", 1000), ("64MiB", 64 << 20), ("64m", 64 << 20), ("1MB", 10**6), ("1GiB", 1 << 30),
+    ("1G", 1 << 30), ("1GB", 10**9), (" 8 kib ", 8192),
+])
+def test_parse_size_units(text, expected):
+    assert bench.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "0", "0KiB", "1.5MiB", "-1", "1TiB", "KiB", "12XB", "1 2"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError, match="size"):
+        bench.parse_size(text)
+
+
+def test_format_size_round_trips():
+    for n in (16, 1000, 1024, 16384, 1 << 20, 64 << 20, 1 << 30, 1536):
+        assert bench.parse_size(bench.format_size(n).replace(" ", "")) == n
+
+
+def test_size_presets():
+    assert bench.parse_sizes("openssl") == (16, 64, 256, 1024, 8192, 16384)
+    assert bench.parse_sizes("bulk") == (1 << 20, 64 << 20, 1 << 30)
+    assert bench.parse_sizes("16,1KiB,16") == (16, 1024)
+
+
+def test_plan_loop_keeps_a_median():
+    assert plan_loop(1e-6, 0.2) == (TARGET_REPETITIONS, int(0.2 / TARGET_REPETITIONS / 1e-6))
+    assert plan_loop(10.0, 0.2) == (MIN_REPETITIONS, 1)  # slower than the budget: still 3
+    reps, iters = plan_loop(0.05, 0.2)
+    assert iters == 1 and MIN_REPETITIONS <= reps <= TARGET_REPETITIONS
+
+
+# --------------------------------------------------------------------------- a real (tiny) run
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    """One tiny CPU run of every algorithm, with --json and --plot."""
+    tmp = tmp_path_factory.mktemp("bench")
+    json_path, png_path = tmp / "run.json", tmp / "run.png"
+    code = main(["bench", "--device", "cpu", *TINY, "--json", str(json_path), "--plot", str(png_path)])
+    assert code == 0
+    return json.loads(json_path.read_text()), png_path
+
+
+def test_json_schema(cpu_run):
+    doc, _ = cpu_run
+    assert doc["schema"] == bench.SCHEMA_VERSION
+    for name, kind in ENV_FIELDS.items():
+        assert isinstance(doc["environment"][name], kind), name
+    assert doc["environment"]["libraries"]["cryptography"]
+    assert doc["config"]["sizes"] == [16, 64]
+    assert doc["cells"]
+    for cell in doc["cells"]:
+        assert set(cell) == set(CELL_FIELDS)
+        for name, kind in CELL_FIELDS.items():
+            assert isinstance(cell[name], kind), (name, cell)
+        assert cell["operation"] in ("encrypt", "decrypt")
+        assert cell["size"] in (16, 64)
+        assert cell["repetitions"] >= MIN_REPETITIONS and cell["iterations"] >= 1
+        assert cell["median_seconds"] > 0
+        assert cell["gbps"] == pytest.approx(cell["size"] * cell["threads"] / cell["median_seconds"] / 1e9)
+        assert cell["fraction_of_copy"] is None  # no GPU rows in a --device cpu run
+
+
+def test_every_cell_has_its_baseline_and_ratio(cpu_run):
+    doc, _ = cpu_run
+    cells = doc["cells"]
+    base = {(c["algorithm"], c["operation"], c["size"]): c for c in cells
+            if c["implementation"] == c["baseline"]}
+    # the baseline is measured for every algorithm, operation and size
+    assert len(base) == len(bench.ALGORITHMS) * 2 * 2
+    for key, c in base.items():
+        assert c["ratio"] == 1.0
+        expected = "pynacl" if key[0] == "xchacha20-poly1305" else "cryptography"
+        assert c["implementation"] == expected
+    for c in cells:
+        b = base[(c["algorithm"], c["operation"], c["size"])]
+        assert c["ratio"] == pytest.approx(c["gbps"] / b["gbps"])
+
+
+def test_gpucrypt_cpu_rows_present(cpu_run):
+    doc, _ = cpu_run
+    measured = {(c["algorithm"], c["implementation"]) for c in doc["cells"]}
+    missing = {(u["algorithm"], u["implementation"]): u["reason"] for u in doc["unavailable"]}
+    for alg in bench.ALGORITHMS:
+        # either measured, or listed with the reason it could not run
+        assert (alg, "gpucrypt-cpu") in measured or missing.get((alg, "gpucrypt-cpu"))
+        assert (alg, "gpucrypt-cpu") in measured or bench.ALGORITHMS[alg].kind == "stream"
+    assert not any(i in bench.GPU_IMPLEMENTATIONS for _, i in measured)
+
+
+def test_plot_written(cpu_run):
+    pytest.importorskip("matplotlib", reason="matplotlib is in the test extra; install gpucrypt[test]")
+    _, png = cpu_run
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000
+
+
+def test_table_output(capsys):
+    code, out, _ = run_cli(capsys, "--device", "cpu", *TINY, "--algorithms", "aes-128-gcm",
+                           "--operations", "encrypt")
+    assert code == 0
+    assert "aes-128-gcm encrypt" in out and "baseline: cryptography" in out
+    row = next(line for line in out.splitlines() if line.startswith("cryptography"))
+    assert row.count("x1.00") == 2  # one per size
+    assert "decrypt" not in out
+
+
+def test_threads_aggregate(tmp_path, capsys):
+    path = tmp_path / "t.json"
+    code, _, _ = run_cli(capsys, "--device", "cpu", *TINY, "--algorithms", "chacha20-poly1305",
+                         "--implementations", "cryptography", "--threads", "2", "--json", str(path))
+    assert code == 0
+    cells = json.loads(path.read_text())["cells"]
+    assert cells and all(c["threads"] == 2 for c in cells)
+    for c in cells:
+        assert c["gbps"] == pytest.approx(2 * c["size"] / c["median_seconds"] / 1e9)
+
+
+def test_sizes_with_units_reach_the_json(tmp_path, capsys):
+    path = tmp_path / "s.json"
+    code, _, _ = run_cli(capsys, "--device", "cpu", "--seconds", "0.01", "--sizes", "1K,1kB",
+                         "--algorithms", "aes-256-gcm", "--operations", "decrypt",
+                         "--implementations", "gpucrypt-cpu", "--json", str(path))
+    assert code == 0
+    doc = json.loads(path.read_text())
+    assert doc["config"]["sizes"] == [1024, 1000]
+    # the baseline comes along even when not asked for: every ratio needs it
+    assert {c["implementation"] for c in doc["cells"]} == {"cryptography", "gpucrypt-cpu"}
+
+
+def test_progress_bar_only_when_asked(capsys):
+    args = ["--device", "cpu", *TINY, "--algorithms", "aes-128-gcm", "--implementations", "cryptography"]
+    _, _, err = run_cli(capsys, *args)
+    assert err == ""  # stderr is not a terminal here
+    _, _, err = run_cli(capsys, *args, "--progress")
+    assert "[" in err and "aes-128-gcm" in err
+
+
+# --------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("args, message", [
+    (["--algorithms", "rot13"], "unknown algorithm rot13"),
+    (["--algorithms", "aes-128-gcm,des"], "unknown algorithm des"),
+    (["--sizes", "16,12XB"], "invalid size '12XB'"),
+    (["--sizes", "0"], "at least 1 byte"),
+    (["--operations", "sign"], "unknown operation sign"),
+    (["--implementations", "openssl-cli"], "unknown implementation openssl-cli"),
+    (["--seconds", "0"], "--seconds must be positive"),
+    (["--threads", "0"], "--threads must be at least 1"),
+])
+def test_usage_errors_exit_2_one_line(capsys, args, message):
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and message in err and err.startswith("gpucrypt bench: ")
+
+
+def test_usage_error_no_traceback_in_a_real_process():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    # what the console script does (``python -m gpucrypt.cli`` would load cli.py twice)
+    launcher = "import sys; from gpucrypt.cli import main; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-c", launcher, "bench", "--sizes", "1PiB"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "invalid size '1PiB'" in proc.stderr
+
+
+def test_plot_without_matplotlib(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    code, _, err = run_cli(capsys, *TINY, "--plot", str(tmp_path / "x.png"))
+    assert code == 2 and err.count("\n") == 1 and "pip install 'gpucrypt[plot]'" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+# --------------------------------------------------------------------------- GPU reasons
+
+def test_no_gpu_says_why(monkeypatch, tmp_path, capsys):
+    import gpucrypt.backends as backends
+
+    def no_gpu(name):
+        if name == "gpu":
+            raise backends.BackendUnavailable("no NVIDIA driver here (test)")
+        return original(name)
+
+    original = backends.get_backend
+    monkeypatch.setattr(backends, "get_backend", no_gpu)
+    path = tmp_path / "n.json"
+    code, out, _ = run_cli(capsys, *TINY, "--algorithms", "chacha20-poly1305", "--json", str(path))
+    assert code == 0
+    assert "no GPU found: no NVIDIA driver here (test)" in out
+    doc = json.loads(path.read_text())
+    reasons = {u["implementation"]: u["reason"] for u in doc["unavailable"]}
+    assert "no NVIDIA driver here (test)" in reasons["gpucrypt-gpu"]
+    assert {c["implementation"] for c in doc["cells"]} >= {"cryptography", "gpucrypt-cpu"}
+    # asking for the GPU explicitly is an error with the same reason
+    code, _, err = run_cli(capsys, *TINY, "--device", "gpu")
+    assert code == 1 and err.count("\n") == 1 and "no NVIDIA driver here (test)" in err
+
+
+@pytest.mark.cudasim
+def test_simulator_is_refused_without_smoke(on_cudasim, capsys):
+    if not on_cudasim:
+        pytest.skip("only meaningful under numba's CUDA simulator")
+    code, out, _ = run_cli(capsys, *TINY, "--algorithms", "chacha20-poly1305", "--operations", "encrypt")
+    assert code == 0
+    assert "simulator" in out and "gpucrypt-gpu " not in out.replace("gpucrypt-gpu,", "")
+    code, _, err = run_cli(capsys, *TINY, "--device", "gpu")
+    assert code == 1 and err.count("\n") == 1 and "NUMBA_ENABLE_CUDASIM" in err
+
+
+@pytest.mark.cudasim
+def test_simulator_smoke_rows_are_labelled(on_cudasim, tmp_path, capsys):
+    if not on_cudasim:
+        pytest.skip("only meaningful under numba's CUDA simulator")
+    from gpucrypt.backends import BackendUnavailable, get_backend
+
+    try:
+        get_backend("gpu")
+    except BackendUnavailable as exc:
+        pytest.skip(f"gpu backend unavailable: {exc}")
+    path = tmp_path / "sim.json"
+    code, out, _ = run_cli(capsys, "--device", "gpu", "--simulator-smoke", "--seconds", "0.01",
+                           "--sizes", "64", "--algorithms", "chacha20-poly1305",
+                           "--operations", "encrypt", "--json", str(path))
+    assert code == 0
+    doc = json.loads(path.read_text())
+    gpu_cells = [c for c in doc["cells"] if c["implementation"] in bench.GPU_IMPLEMENTATIONS]
+    assert {c["implementation"] for c in gpu_cells} == {"gpucrypt-gpu", "gpucrypt-gpu-hosttag"}
+    for c in gpu_cells:
+        assert c["device"] == c["note"] == "simulator (not a measurement)"
+        assert c["ratio"] is None and c["fraction_of_copy"] is None
+    assert "simulator (not a measurement)" in out
