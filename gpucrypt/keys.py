@@ -42,9 +42,8 @@ import json
 import os
 import secrets
 import tempfile
-import time
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -926,10 +925,15 @@ def seal_envelope(dek: bytes, recipients: Any) -> bytes:
 def _as_identities(identities: Any) -> list:
     if identities is None:
         return []
-    if isinstance(identities, (Identity, Keyset, KeysetKey, WrappingKey)) or \
-            (isinstance(identities, KeyProvider) and not isinstance(identities, (list, tuple))):
-        return [identities]
-    return list(identities)
+    items = list(identities) if isinstance(identities, (list, tuple, set, frozenset)) else [identities]
+    for item in items:
+        if isinstance(item, Recipient):
+            raise TypeError(f"{item!r} is a public key: opening an envelope needs the private "
+                            f"Identity (the identity file, not the .pub file)")
+        if not isinstance(item, (Identity, KeysetKey, WrappingKey, KeyProvider)):
+            raise TypeError(f"cannot open an envelope with a {type(item).__name__}: give Identity, "
+                            f"Keyset, KeysetKey, WrappingKey or KeyProvider objects")
+    return items
 
 
 def open_envelope(envelope: bytes, identities: Any) -> bytes:

@@ -147,6 +147,14 @@ def test_argument_rules(x_identity):
         seal_envelope(keys.generate_dek(), [WrappingKey(f"k{i}", os.urandom(16)) for i in range(256)])
 
 
+def test_open_with_wrong_kinds_of_object(x_identity):
+    env = seal_envelope(keys.generate_dek(), x_identity)
+    with pytest.raises(TypeError, match="is a public key"):
+        open_envelope(env, x_identity.recipient)
+    with pytest.raises(TypeError, match="cannot open an envelope with a str"):
+        open_envelope(env, ["alice"])
+
+
 def test_duplicates_wrapped_once(x_identity):
     env = seal_envelope(keys.generate_dek(), [x_identity, x_identity.recipient, x_identity])
     assert keys.describe_envelope(env) == [x_identity.fingerprint]

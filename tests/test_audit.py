@@ -1,0 +1,247 @@
+"""Audit events: the JSON-lines contract of ``audit.event``, and no secret (key bytes raw,
+hex or base64, passphrase, data key, plaintext) in the log under any path, failures
+included."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+
+import pytest
+
+from gpucrypt import audit, keys
+from gpucrypt.cli import main
+
+try:
+    from gpucrypt import stream
+except ImportError:
+    stream = None
+
+FAST_N = 2**10
+
+
+class _Capture(logging.Handler):
+    """Everything logged under ``gpucrypt`` at any level, formatted as a handler would
+    (message, arguments, exception text), plus each record's attributes."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.texts: list[str] = []
+        self.records: list[logging.LogRecord] = []
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+
+    def emit(self, record):
+        self.records.append(record)
+        self.texts.append(self.format(record) + " " + repr(vars(record)))
+
+
+@pytest.fixture
+def captured():
+    logger = logging.getLogger("gpucrypt")
+    handler, old_level = _Capture(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def _events(handler: _Capture) -> list[dict]:
+    return [json.loads(r.getMessage()) for r in handler.records if r.name == audit.LOGGER_NAME]
+
+
+# ---------------------------------------------------------------- the contract
+
+
+def test_event_shape(captured):
+    audit.event("file.encrypt", key_id="k1", bytes=10, recipients=["x25519:ab"], device="cpu")
+    [event] = _events(captured)
+    assert event["operation"] == "file.encrypt" and event["outcome"] == "ok"
+    assert event["key_id"] == "k1" and event["bytes"] == 10 and event["recipients"] == ["x25519:ab"]
+    assert event["ts"].endswith("Z")
+    assert captured.records[0].levelno == logging.INFO
+    assert captured.records[0].audit == event  # structured copy for handlers that want it
+
+
+@pytest.mark.parametrize("fields", [
+    {"key_id": b"\x00" * 32}, {"key_id": bytearray(4)}, {"recipients": [b"ab"]},
+    {"bytes": memoryview(b"x")}, {"nonce": "00"}, {"key": "ab"}, {"plaintext": "hi"},
+])
+def test_event_refuses_binary_and_unknown_fields(captured, fields):
+    with pytest.raises(TypeError):
+        audit.event("x", **fields)
+    assert not captured.records
+
+
+def test_event_outcome_values():
+    with pytest.raises(ValueError):
+        audit.event("x", outcome="maybe")
+
+
+def test_timed_records_error_class_not_message(captured):
+    with pytest.raises(ValueError):
+        with audit.timed("tensor.encrypt", bytes=5) as extra:
+            extra["device"] = "gpu"
+            raise ValueError("secret-detail-123")
+    [event] = _events(captured)
+    assert event["outcome"] == "error" and event["error"] == "ValueError"
+    assert event["device"] == "gpu" and event["duration_s"] >= 0
+    assert "secret-detail-123" not in " ".join(captured.texts)
+
+
+def test_silent_by_default(capsys):
+    audit.event("x")
+    assert capsys.readouterr() == ("", "")
+
+
+def test_enable_to_file_and_stream(tmp_path):
+    stream_ = io.StringIO()
+    handlers = [audit.enable(stream_), audit.enable(tmp_path / "a.log")]
+    try:
+        audit.event("keyset.add", key_id="abc")
+    finally:
+        for h in handlers:
+            logging.getLogger(audit.LOGGER_NAME).removeHandler(h)
+            h.close()
+    assert json.loads(stream_.getvalue())["key_id"] == "abc"
+    assert json.loads((tmp_path / "a.log").read_text())["key_id"] == "abc"
+    assert os.stat(tmp_path / "a.log").st_mode & 0o777 == 0o600
+
+
+# ---------------------------------------------------------------- no secret, any path
+
+
+def _forms(secret: bytes) -> list[str]:
+    b64 = base64.b64encode(secret).decode()
+    url = base64.urlsafe_b64encode(secret).decode()
+    forms = {secret.hex(), secret.hex().upper(), b64, b64.rstrip("="), url, url.rstrip("="),
+             repr(secret), secret.decode("latin-1")}
+    return [f for f in forms if len(f) >= 8]
+
+
+def _assert_no_secret(texts: list[str], secrets: list[bytes], words: list[str]) -> None:
+    blob = "\n".join(texts)
+    for secret in secrets:
+        for form in _forms(secret):
+            assert form not in blob, "a secret reached the log"
+        assert secret not in blob.encode("utf-8", "surrogateescape")
+    for word in words:
+        assert word not in blob, "a passphrase or plaintext reached the log"
+
+
+def _expect_failure(func, *a, **kw):
+    with pytest.raises(Exception):
+        func(*a, **kw)
+
+
+def test_no_secret_in_log_on_any_path(captured, tmp_path, monkeypatch, capsys):
+    secrets: list[bytes] = []
+    real_dek = keys.generate_dek
+
+    def recording_dek():
+        dek = real_dek()
+        secrets.append(dek)
+        return dek
+
+    monkeypatch.setattr(keys, "generate_dek", recording_dek)
+    passphrase = "pass-phrase-never-logged-42"
+    plaintext_word = "PLAINTEXT-NEVER-LOGGED-7f3a"
+    plaintext = (plaintext_word * 40).encode() + os.urandom(1000)
+    secrets.append(plaintext[-1000:])
+
+    # keysets: every change, every protection, wrong secrets, malformed files
+    ks = keys.Keyset.generate()
+    extra = ks.add()
+    doomed = ks.add()
+    secrets += [k.secret_bytes() for k in ks]
+    ks.promote(extra.id)
+    ks.disable(doomed.id)
+    ks.enable(doomed.id)
+    ks.disable(doomed.id)
+    ks.destroy(doomed.id)
+    _expect_failure(ks.get, doomed.id)
+    _expect_failure(ks.disable, extra.id)
+    ks.save(tmp_path / "plain.json")
+    ks.save(tmp_path / "pw.json", passphrase, scrypt_n=FAST_N)
+    kek = os.urandom(32)
+    secrets.append(kek)
+    ks.save(tmp_path / "kek.json", kek=kek, kek_id="kek-1")
+    keys.Keyset.load(tmp_path / "plain.json")
+    keys.Keyset.load(tmp_path / "pw.json", passphrase)
+    keys.Keyset.load(tmp_path / "kek.json", kek=kek)
+    _expect_failure(keys.Keyset.load, tmp_path / "pw.json", passphrase + "x")
+    _expect_failure(keys.Keyset.load, tmp_path / "pw.json")
+    _expect_failure(keys.Keyset.load, tmp_path / "kek.json", kek=os.urandom(32))
+    (tmp_path / "bad.json").write_text('{"format": "gpucrypt-keyset", "version": 1, "keys": '
+                                       '[{"id": "a", "algorithm": "aes-256-kwp", "created": "x", '
+                                       '"status": "primary", "material": "!!"}]}')
+    _expect_failure(keys.Keyset.load, tmp_path / "bad.json")
+
+    # identities
+    alice, bob = keys.Identity.generate(), keys.Identity.generate("mlkem768-x25519")
+    secrets += [alice._private_bytes, bob._private_bytes]
+    alice.save(tmp_path / "alice", passphrase, scrypt_n=FAST_N)
+    keys.Identity.load(tmp_path / "alice", passphrase)
+    _expect_failure(keys.Identity.load, tmp_path / "alice", "nope")
+
+    # envelopes: ok, missing recipient, disabled key, tampered, malformed
+    dek = keys.generate_dek()
+    env = keys.seal_envelope(dek, [alice, bob, ks])
+    keys.open_envelope(env, bob)
+    keys.open_envelope(env, ks)
+    _expect_failure(keys.open_envelope, env, keys.Identity.generate())
+    tampered = bytearray(env)
+    tampered[-3] ^= 1
+    _expect_failure(keys.open_envelope, bytes(tampered), ks)
+    _expect_failure(keys.open_envelope, env[:-1], ks)
+    _expect_failure(keys.seal_envelope, b"short", alice)
+    monkeypatch.setenv("GPUCRYPT_AUDIT_TEST_KEK", kek.hex())
+    keys.open_envelope(keys.seal_envelope(dek, keys.WrappingKey("env", kek)),
+                       keys.EnvKeyProvider("env", "GPUCRYPT_AUDIT_TEST_KEK"))
+    monkeypatch.setenv("GPUCRYPT_AUDIT_TEST_KEK", "zz" + kek.hex()[2:])
+    _expect_failure(keys.open_envelope, keys.seal_envelope(dek, keys.WrappingKey("env", kek)),
+                    keys.EnvKeyProvider("env", "GPUCRYPT_AUDIT_TEST_KEK"))
+
+    if stream is not None:
+        src = tmp_path / "model.bin"
+        src.write_bytes(plaintext)
+        enc = tmp_path / "model.gc"
+        keys.encrypt_file(src, enc, recipients=[alice, bob], keyset=ks, segment_size=4096)
+        keys.decrypt_file(enc, tmp_path / "out", identities=alice)
+        _expect_failure(keys.decrypt_file, enc, tmp_path / "out2", identities=keys.Identity.generate())
+        keys.rekey_file(enc, recipients=[alice], keyset=ks)
+        _expect_failure(keys.decrypt_file, enc, tmp_path / "out3", identities=bob)
+        blob = bytearray(enc.read_bytes())
+        blob[-5] ^= 1  # a segment's tag
+        (tmp_path / "bad.gc").write_bytes(bytes(blob))
+        _expect_failure(keys.decrypt_file, tmp_path / "bad.gc", tmp_path / "out4", identities=alice)
+        _expect_failure(keys.rekey_file, enc, recipients=[bob], identities=bob)
+
+    # the CLI, with its own audit log file
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GPUCRYPT_PASSPHRASE", passphrase)
+    log = tmp_path / "cli-audit.jsonl"
+    assert main(["keygen", "--out", "cli.json", "--audit-log", str(log)]) == 0
+    assert main(["keys", "add", "cli.json", "--primary", "--audit-log", str(log)]) == 0
+    assert main(["keys", "destroy", "cli.json", "nope", "--yes", "--audit-log", str(log)]) == 1
+    cli_ks = keys.Keyset.load("cli.json")
+    secrets += [k.secret_bytes() for k in cli_ks]
+    logger = logging.getLogger(audit.LOGGER_NAME)
+    for handler in logger.handlers[:]:
+        if isinstance(handler, logging.FileHandler):
+            logger.removeHandler(handler)
+            handler.close()
+    capsys.readouterr()
+
+    events = _events(captured)
+    operations = {e["operation"] for e in events}
+    assert {"keyset.load", "keyset.save", "keyset.destroy", "envelope.seal", "envelope.open",
+            "identity.generate"} <= operations
+    assert any(e["outcome"] == "error" for e in events)
+    if stream is not None:
+        assert {"file.encrypt", "file.decrypt", "file.rekey"} <= operations
+    _assert_no_secret(captured.texts + [log.read_text()], secrets, [passphrase, plaintext_word])
