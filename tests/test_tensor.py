@@ -1,0 +1,478 @@
+"""gpucrypt.tensor on NumPy arrays (and numba device arrays in the simulator).
+
+The reference is ``cryptography``'s AEADs (pynacl for XChaCha20-Poly1305) over the
+tensor's bytes and associated data built here by hand from docs/TENSOR_FORMAT.md,
+independently of gpucrypt's encoder. Bodies taking the ``device`` fixture run on the
+CPU backend and on the GPU backend (numba's simulator here: inputs stay tiny).
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gpucrypt
+from gpucrypt import tensor as tensor_mod
+from gpucrypt import EncryptedTensor, NonceSequence, TensorCipher
+
+ALGORITHMS = [("chacha20-poly1305", 32), ("xchacha20-poly1305", 32), ("aes-gcm", 16),
+              ("aes-gcm", 24), ("aes-gcm", 32)]
+NUMPY_DTYPES = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+                "float16", "float32", "float64", "complex64", "complex128", "longdouble",
+                ">f4", "<U3", "S4", "M8[ns]", "V8"]
+
+
+def random_array(shape, dtype, rng=np.random.default_rng(1)) -> np.ndarray:
+    dt = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    if dt == np.bool_:
+        return rng.integers(0, 2, size=shape).astype(bool)
+    raw = rng.integers(0, 256, size=count * dt.itemsize, dtype=np.uint8)
+    return raw.view(dt).reshape(shape)
+
+
+def hand_metadata(*, algorithm, framework, dtype, shape, nbytes, key_id=None, name=None) -> bytes:
+    """The metadata block written from the table in docs/TENSOR_FORMAT.md."""
+    alg = {"chacha20-poly1305": 1, "xchacha20-poly1305": 2, "aes-gcm": 3}[algorithm]
+    fwk = {"numpy": 1, "torch": 2, "cupy": 3, "jax": 4, "numba": 5}[framework]
+    if key_id is None:
+        kid_kind, kid = 0, b""
+    elif isinstance(key_id, str):
+        kid_kind, kid = 2, key_id.encode()
+    else:
+        kid_kind, kid = 1, key_id
+    name_kind, nm = (0, b"") if name is None else (1, name.encode())
+    out = b"GCTENS" + bytes([1, alg, fwk, len(shape), len(dtype), kid_kind])
+    out += struct.pack("<H", len(kid)) + bytes([name_kind, 0]) + struct.pack("<H", len(nm))
+    out += struct.pack("<Q", nbytes) + b"".join(struct.pack("<Q", d) for d in shape)
+    return out + dtype.encode() + kid + nm
+
+
+def reference_seal(algorithm, key, nonce, data: bytes, aad: bytes) -> bytes:
+    if algorithm == "chacha20-poly1305":
+        return ChaCha20Poly1305(key).encrypt(nonce, data, aad)
+    if algorithm == "aes-gcm":
+        return AESGCM(key).encrypt(nonce, data, aad)
+    from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
+
+    return crypto_aead_xchacha20poly1305_ietf_encrypt(data, aad, nonce, key)
+
+
+def require_gpu_backend():
+    """The GPU backend, or a skip with the reason (a failure under GPUCRYPT_REQUIRE_GPU=1)."""
+    from gpucrypt.backends import BackendUnavailable, get_backend
+
+    try:
+        return get_backend("gpu")
+    except BackendUnavailable as exc:
+        if os.environ.get("GPUCRYPT_REQUIRE_GPU") == "1":
+            pytest.fail(f"GPUCRYPT_REQUIRE_GPU=1 but the gpu backend is unavailable: {exc}")
+        pytest.skip(f"gpu backend unavailable: {exc}")
+
+
+def ct_bytes(enc: EncryptedTensor) -> bytes:
+    ct = enc.ciphertext
+    if hasattr(ct, "copy_to_host"):
+        ct = ct.copy_to_host()
+    return np.asarray(ct).tobytes()
+
+
+# --------------------------------------------------------------------- byte identity
+@pytest.mark.parametrize("algorithm,key_len", ALGORITHMS)
+@pytest.mark.parametrize("shape", [(), (0,), (3, 5), (2, 1, 7)])
+def test_ciphertext_matches_reference_aead(algorithm, key_len, shape):
+    key = os.urandom(key_len)
+    x = random_array(shape, "float32")
+    enc = gpucrypt.encrypt_tensor(x, key, algorithm=algorithm, aad=b"layer-3", key_id=b"\x00k",
+                                  name="w")
+    aad = hand_metadata(algorithm=algorithm, framework="numpy", dtype="float32", shape=shape,
+                        nbytes=x.nbytes, key_id=b"\x00k", name="w") + b"layer-3"
+    assert enc.associated_data() == aad
+    assert ct_bytes(enc) + enc.tag == reference_seal(algorithm, key, enc.nonce, x.tobytes(), aad)
+
+
+@pytest.mark.parametrize("algorithm,key_len", ALGORITHMS[:3])
+def test_gpu_ciphertext_matches_reference(algorithm, key_len, device):
+    key = os.urandom(key_len)
+    x = random_array((5, 13), "int16")
+    enc = gpucrypt.encrypt_tensor(x, key, algorithm=algorithm, device=device, key_id="k")
+    aad = hand_metadata(algorithm=algorithm, framework="numpy", dtype="int16", shape=(5, 13),
+                        nbytes=x.nbytes, key_id="k")
+    assert ct_bytes(enc) + enc.tag == reference_seal(algorithm, key, enc.nonce, x.tobytes(), aad)
+    y = gpucrypt.decrypt_tensor(enc, key, device=device)
+    assert isinstance(y, np.ndarray) and y.dtype == x.dtype and y.shape == x.shape
+    assert np.array_equal(y, x)
+
+
+# --------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("dtype", NUMPY_DTYPES)
+@pytest.mark.parametrize("shape", [(), (0,), (4, 0, 2), (3, 4)])
+def test_numpy_roundtrip_every_dtype(dtype, shape):
+    key = os.urandom(32)
+    x = random_array(shape, dtype)
+    enc = gpucrypt.encrypt_tensor(x, key)
+    y = gpucrypt.decrypt_tensor(enc, key)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert y.tobytes() == x.tobytes()
+    z = gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(enc.to_bytes()), key)
+    assert z.dtype == x.dtype and z.tobytes() == x.tobytes()
+
+
+def test_large_shape_roundtrip_and_inplace():
+    key = os.urandom(32)
+    x = random_array((4, 256, 1024), "float32")   # 4 MiB
+    orig = x.copy()
+    enc = gpucrypt.encrypt_tensor(x, key, inplace=True)
+    assert enc.ciphertext.ctypes.data == x.ctypes.data   # the tensor's own memory
+    assert x.tobytes() != orig.tobytes()
+    assert gpucrypt.decrypt_tensor(enc, key) is x
+    assert x.tobytes() == orig.tobytes()
+
+
+def test_structured_and_object_dtypes_refused():
+    key = os.urandom(32)
+    with pytest.raises(ValueError):
+        gpucrypt.encrypt_tensor(np.zeros(2, dtype=[("a", "i4"), ("b", "f4")]), key)
+    with pytest.raises(ValueError):
+        gpucrypt.encrypt_tensor(np.array([1, "a"], dtype=object), key)
+    with pytest.raises(TypeError):
+        gpucrypt.encrypt_tensor([1, 2, 3], key)
+
+
+def test_non_contiguous_refused_or_copied():
+    key = os.urandom(32)
+    x = random_array((4, 6), "int32")
+    view = x[:, ::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        gpucrypt.encrypt_tensor(view, key)
+    with pytest.raises(ValueError):
+        gpucrypt.encrypt_tensor(view, key, contiguous=True, inplace=True)
+    enc = gpucrypt.encrypt_tensor(view, key, contiguous=True)
+    assert gpucrypt.decrypt_tensor(enc, key).tobytes() == view.tobytes()
+
+
+def test_out_parameter_and_shape_check():
+    key = os.urandom(32)
+    x = random_array((3, 4), "float64")
+    enc = gpucrypt.encrypt_tensor(x, key)
+    out = np.empty_like(x)
+    assert gpucrypt.decrypt_tensor(enc, key, out=out) is out
+    assert out.tobytes() == x.tobytes()
+    with pytest.raises(ValueError):
+        gpucrypt.decrypt_tensor(enc, key, out=np.empty((4, 3)))
+
+
+def test_inplace_decrypt_of_deserialised_bytearray():
+    key = os.urandom(32)
+    x = random_array((8,), "uint32")
+    blob = bytearray(gpucrypt.encrypt_tensor(x, key).to_bytes())
+    enc = EncryptedTensor.from_bytes(blob)
+    y = gpucrypt.decrypt_tensor(enc, key, inplace=True)
+    assert np.array_equal(y, x)
+    assert np.shares_memory(y, np.frombuffer(blob, dtype=np.uint8))
+    with pytest.raises(ValueError, match="in place"):
+        enc.ciphertext
+    with pytest.raises(ValueError, match="writable"):
+        gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(bytes(blob)), key, inplace=True)
+
+
+# --------------------------------------------------------------------- tampering
+def _fresh(algorithm="chacha20-poly1305", key=None, **kw):
+    key = key or os.urandom(32)
+    x = random_array((2, 6), "float32")
+    return key, x, gpucrypt.encrypt_tensor(x, key, algorithm=algorithm, key_id="k1", name="w",
+                                           aad=b"ctx", **kw)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("dtype", "int32"), ("dtype", "uint32"), ("shape", (6, 2)), ("shape", (12,)),
+    ("framework", "torch"), ("framework", "cupy"), ("algorithm", "aes-gcm"), ("key_id", "k2"),
+    ("key_id", b"k1"), ("key_id", None), ("name", "v"), ("name", None), ("aad", b"ctX"),
+])
+def test_any_metadata_change_fails(field, value):
+    key, x, enc = _fresh()
+    setattr(enc, field, value)
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensor(enc, key, device="cpu")
+
+
+def test_ciphertext_tag_nonce_key_changes_fail(device):
+    key, x, enc = _fresh()
+    blob = enc.to_bytes()
+    for tamper in ("ct", "tag", "nonce", "key"):
+        e = EncryptedTensor.from_bytes(bytearray(blob))
+        k = key
+        if tamper == "ct":
+            e.ciphertext[3] ^= 1
+        elif tamper == "tag":
+            e._tag = bytes([e.tag[0] ^ 0x80]) + e.tag[1:]
+        elif tamper == "nonce":
+            e.nonce = bytes([e.nonce[0] ^ 1]) + e.nonce[1:]
+        else:
+            k = bytes([key[0] ^ 1]) + key[1:]
+        with pytest.raises(InvalidTag):
+            gpucrypt.decrypt_tensor(e, k, device=device)
+
+
+def test_every_bit_of_the_serialised_form_matters():
+    key, x, enc = _fresh()
+    blob = enc.to_bytes()
+    for i in range(len(blob)):
+        for bit in (0, 7):
+            bad = bytearray(blob)
+            bad[i] ^= 1 << bit
+            try:
+                e = EncryptedTensor.from_bytes(bytes(bad))
+            except ValueError:
+                continue
+            with pytest.raises(InvalidTag):
+                gpucrypt.decrypt_tensor(e, key)
+
+
+@pytest.mark.parametrize("algorithm", ["chacha20-poly1305", "xchacha20-poly1305", "aes-gcm"])
+def test_failed_inplace_decrypt_leaves_ciphertext(algorithm, device):
+    key = os.urandom(32)
+    x = random_array((3, 7), "float32")
+    enc = gpucrypt.encrypt_tensor(x, key, algorithm=algorithm, inplace=True, device=device)
+    snapshot = x.copy()
+    enc._tag = bytes(16)
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensor(enc, key, device=device)
+    assert x.tobytes() == snapshot.tobytes()
+    enc.name = "other"   # another failure: metadata
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensor(enc, key, device=device)
+    assert x.tobytes() == snapshot.tobytes()
+
+
+def test_failed_decrypt_zeroes_out(device):
+    key, x, enc = _fresh()
+    out = np.full_like(x, 7.0)
+    enc._tag = bytes(16)
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensor(enc, key, out=out, device=device)
+    assert not out.any()
+
+
+# --------------------------------------------------------------------- from_bytes
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.binary(max_size=200))
+def test_from_bytes_garbage_is_a_value_error(data):
+    try:
+        EncryptedTensor.from_bytes(data)
+    except ValueError:
+        pass
+
+
+_VALID = gpucrypt.encrypt_tensor(np.arange(6, dtype=np.int16).reshape(2, 3), bytes(32),
+                                 key_id="id", name="n", aad=b"a").to_bytes()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), min_size=1,
+                max_size=4), st.integers(0, len(_VALID)), st.binary(max_size=8))
+def test_from_bytes_mutations_never_crash_or_pass(edits, cut, extra):
+    data = bytearray(_VALID)
+    for pos, val in edits:
+        data[pos] = val
+    data = bytes(data[:cut]) + extra if cut < len(_VALID) or extra else bytes(data)
+    try:
+        enc = EncryptedTensor.from_bytes(data)
+    except ValueError:
+        return
+    if data == _VALID:
+        return
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensor(enc, bytes(32))
+
+
+def test_from_bytes_rejects_wrong_version_and_lengths():
+    with pytest.raises(ValueError, match="version"):
+        EncryptedTensor.from_bytes(_VALID[:6] + b"\x02" + _VALID[7:])
+    with pytest.raises(ValueError, match="length"):
+        EncryptedTensor.from_bytes(_VALID + b"\x00")
+    with pytest.raises(ValueError):
+        EncryptedTensor.from_bytes(_VALID[:-1])
+    with pytest.raises(TypeError):
+        EncryptedTensor.from_bytes(12)
+
+
+# --------------------------------------------------------------------- batches
+def test_batch_roundtrip_names_and_unique_nonces(device):
+    key = os.urandom(32)
+    tensors = {"a": random_array((3,), "float32"), "b": random_array((2, 2), "int64"),
+               "c": random_array((), "uint8"), "d": random_array((0, 2), "float16")}
+    encs = gpucrypt.encrypt_tensors(tensors, key, device=device)
+    assert list(encs) == list(tensors)
+    assert len({e.nonce for e in encs.values()}) == len(tensors)
+    assert [e.name for e in encs.values()] == list(tensors)
+    back = gpucrypt.decrypt_tensors(encs, key, device=device)
+    for name, x in tensors.items():
+        assert back[name].dtype == x.dtype and back[name].tobytes() == x.tobytes()
+    as_list = gpucrypt.encrypt_tensors(list(tensors.values()), key, device=device)
+    assert [e.name for e in as_list] == ["0", "1", "2", "3"]
+    assert all(a.tobytes() == b.tobytes() for a, b in
+               zip(gpucrypt.decrypt_tensors(as_list, key, device=device), tensors.values()))
+
+
+def test_batch_swapped_entries_and_failures_are_named(device):
+    key = os.urandom(32)
+    tensors = {"a": random_array((4,), "float32"), "b": random_array((4,), "float32"),
+               "c": random_array((4,), "float32")}
+    encs = gpucrypt.encrypt_tensors(tensors, key, device=device)
+    encs["a"], encs["b"] = encs["b"], encs["a"]
+    with pytest.raises(InvalidTag) as info:
+        gpucrypt.decrypt_tensors(encs, key, device=device)
+    assert sorted(info.value.failed) == ["a", "b"]
+    encs["a"], encs["b"] = encs["b"], encs["a"]
+    encs["c"]._tag = bytes(16)
+    with pytest.raises(InvalidTag, match="'c'") as info:
+        gpucrypt.decrypt_tensors(encs, key, device=device)
+    assert info.value.failed == ["c"]
+
+
+def test_batch_inplace_restores_only_verified_tensors(device):
+    key = os.urandom(32)
+    tensors = [random_array((5,), "int32") for _ in range(3)]
+    originals = [t.copy() for t in tensors]
+    encs = gpucrypt.encrypt_tensors(tensors, key, inplace=True, device=device)
+    cipher1 = tensors[1].copy()
+    encs[1]._tag = bytes(16)
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensors(encs, key, device=device)
+    assert tensors[1].tobytes() == cipher1.tobytes()
+    assert np.array_equal(tensors[0], originals[0]) and np.array_equal(tensors[2], originals[2])
+
+
+@pytest.mark.cudasim
+def test_gpu_batch_is_one_seal_and_one_open_call(monkeypatch):
+    gpu = require_gpu_backend()
+    calls = {"seal_batch": 0, "open_batch": 0}
+    for name in calls:
+        real = getattr(gpu, name)
+
+        def counting(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+        monkeypatch.setattr(gpu, name, counting)
+    tensors = {f"t{i}": random_array((i + 1, 3), "float32") for i in range(4)}
+    encs = gpucrypt.encrypt_tensors(tensors, os.urandom(32), device="gpu")
+    assert calls == {"seal_batch": 1, "open_batch": 0}
+    key = os.urandom(32)
+    encs = gpucrypt.encrypt_tensors(tensors, key, device="gpu")
+    back = gpucrypt.decrypt_tensors(encs, key, device="gpu")
+    assert calls == {"seal_batch": 2, "open_batch": 1}
+    assert all(back[n].tobytes() == tensors[n].tobytes() for n in tensors)
+
+
+@pytest.mark.cudasim
+def test_numba_device_arrays_in_simulator():
+    require_gpu_backend()
+    from numba import cuda
+
+    key = os.urandom(32)
+    x = random_array((4, 9), "float32")
+    d = cuda.to_device(x)
+    enc = gpucrypt.encrypt_tensor(d, key)
+    assert enc.on_device and enc.framework == "numba"
+    aad = hand_metadata(algorithm="chacha20-poly1305", framework="numba", dtype="float32",
+                        shape=(4, 9), nbytes=x.nbytes)
+    assert ct_bytes(enc) + enc.tag == reference_seal("chacha20-poly1305", key, enc.nonce,
+                                                     x.tobytes(), aad)
+    y = gpucrypt.decrypt_tensor(enc, key)
+    assert y.copy_to_host().tobytes() == x.tobytes()
+    host = gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(enc.to_bytes()), key)
+    assert isinstance(host, np.ndarray) and host.tobytes() == x.tobytes()   # numba-made, CPU result
+    enc = gpucrypt.encrypt_tensor(d, key, inplace=True)
+    assert gpucrypt.decrypt_tensor(enc, key) is d
+    assert d.copy_to_host().tobytes() == x.tobytes()
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("writer,reader", [("cpu", "gpu"), ("gpu", "cpu")])
+def test_state_dict_written_on_one_backend_reads_on_the_other(writer, reader):
+    require_gpu_backend()
+    key = os.urandom(32)
+    tensors = {"w": random_array((3, 5), "float32"), "b": random_array((5,), "float16")}
+    blobs = {n: e.to_bytes() for n, e in gpucrypt.encrypt_tensors(tensors, key,
+                                                                  device=writer).items()}
+    back = gpucrypt.decrypt_tensors({n: EncryptedTensor.from_bytes(b) for n, b in blobs.items()},
+                                    key, device=reader)
+    assert all(back[n].dtype == tensors[n].dtype and back[n].tobytes() == tensors[n].tobytes()
+               for n in tensors)
+
+
+# --------------------------------------------------------------------- nonces
+def test_nonce_sequence_counts_and_exhausts():
+    seq = NonceSequence(12, prefix=b"\x01" * 8, start=2**32 - 3)
+    assert seq.next() == b"\x01" * 8 + (2**32 - 3).to_bytes(4, "big")
+    with pytest.raises(OverflowError):
+        seq.take(3)                       # all or none
+    assert seq.remaining == 2
+    assert len(set(seq.take(2))) == 2
+    with pytest.raises(OverflowError):
+        seq.next()
+    with pytest.raises(ValueError):
+        NonceSequence(12, prefix=b"\x00" * 9)
+
+
+def test_counter_cipher_is_deterministic_and_never_repeats():
+    key = os.urandom(32)
+    x = random_array((4,), "float32")
+    a = TensorCipher(key, nonces="counter", prefix=b"node-7")
+    b = TensorCipher(key, nonces="counter", prefix=b"node-7")
+    ea, eb = a.encrypt(x), b.encrypt(x)
+    assert ea.nonce == eb.nonce == b"node-7" + (0).to_bytes(6, "big")
+    assert ct_bytes(ea) == ct_bytes(eb)
+    batch = a.encrypt_many({"p": x, "q": x})
+    assert [e.nonce[-1] for e in batch.values()] == [1, 2]
+    assert a.decrypt(batch["q"]).tobytes() == x.tobytes()
+    with pytest.raises(ValueError, match="prefix"):
+        TensorCipher(key, nonces="counter")
+
+
+def test_random_nonce_budget_is_enforced(monkeypatch):
+    monkeypatch.setattr(tensor_mod, "RANDOM_NONCE_BUDGET", 3)
+    cipher = TensorCipher(os.urandom(32))
+    x = random_array((2,), "int8")
+    cipher.encrypt_many([x, x])
+    cipher.encrypt(x)
+    with pytest.raises(OverflowError):
+        cipher.encrypt(x)
+    xcipher = TensorCipher(os.urandom(32), "xchacha20-poly1305")   # 192-bit: no such budget
+    for _ in range(4):
+        xcipher.encrypt(x)
+
+
+def test_explicit_nonces_checked():
+    key = os.urandom(32)
+    x = random_array((2,), "int8")
+    with pytest.raises(ValueError, match="different"):
+        gpucrypt.encrypt_tensors([x, x], key, nonces=[bytes(12), bytes(12)])
+    with pytest.raises(ValueError, match="12 bytes"):
+        gpucrypt.encrypt_tensor(x, key, nonce=bytes(24))
+    enc = gpucrypt.encrypt_tensor(x, key, algorithm="xchacha20-poly1305", nonce=bytes(24))
+    assert enc.nonce == bytes(24)
+
+
+def test_argument_errors():
+    x = random_array((2,), "int8")
+    with pytest.raises(ValueError):
+        gpucrypt.encrypt_tensor(x, bytes(16))
+    with pytest.raises(ValueError):
+        gpucrypt.encrypt_tensor(x, bytes(32), algorithm="aes-ctr")
+    with pytest.raises(TypeError):
+        gpucrypt.encrypt_tensor(x, "key")
+    with pytest.raises(TypeError):
+        gpucrypt.encrypt_tensor(x, bytes(32), key_id=3)
+    with pytest.raises(ValueError):
+        gpucrypt.encrypt_tensor(x, bytes(32), device="tpu")
+    with pytest.raises(TypeError):
+        gpucrypt.encrypt_tensors({1: x}, bytes(32))
+    assert "key" not in repr(TensorCipher(bytes(32)))
