@@ -191,6 +191,10 @@ class _Sink:
             raise TypeError(f"dst must be a path or a writable binary file object, "
                             f"not {type(dst).__name__}")
 
+    @property
+    def temp_path(self) -> str | None:
+        return self._temp
+
     def write(self, data) -> None:
         view = memoryview(data)
         while len(view):
@@ -236,11 +240,6 @@ def _fsync_dir(folder: str) -> None:
 
 
 # ============================================================================ engines
-class _SegmentFailed(Exception):
-    def __init__(self, index: int):
-        self.index = index
-
-
 class _CpuEngine:
     """Seals and opens batches of consecutive segments with the CPU backend's AEAD contexts,
     split over a thread pool (``cryptography`` releases the GIL)."""
@@ -748,6 +747,7 @@ def replace_envelope(path: Any, key: Any, envelope: Any, key_id: Any = _KEEP) ->
         header, header_bytes = _format.seal_header(key, fresh)
         sink = _Sink(path)
         try:
+            os.chmod(sink.temp_path, os.stat(path).st_mode & 0o7777)  # keep the file's mode
             sink.write(header_bytes)
             while True:
                 chunk = f.read(8 << 20)
