@@ -112,18 +112,18 @@ def fe_mul(h0, h1, h2, h3, h4, r0, r1, r2, r3, r4, s1, s2, s3, s4):
     d4 = a0 * uint64(r4) + a1 * uint64(r3) + a2 * uint64(r2) + a3 * uint64(r1) + a4 * uint64(r0)
     m = uint32(_MASK26)
     d1 = d1 + (d0 >> uint64(26))
-    t0 = uint32(d0) & m
+    t0 = uint32(uint32(d0) & m)
     d2 = d2 + (d1 >> uint64(26))
-    t1 = uint32(d1) & m
+    t1 = uint32(uint32(d1) & m)
     d3 = d3 + (d2 >> uint64(26))
-    t2 = uint32(d2) & m
+    t2 = uint32(uint32(d2) & m)
     d4 = d4 + (d3 >> uint64(26))
-    t3 = uint32(d3) & m
-    t4 = uint32(d4) & m
+    t3 = uint32(uint32(d3) & m)
+    t4 = uint32(uint32(d4) & m)
     # 2^130 = 5 mod p: fold the top carry back into limb 0 (it is below 2^34).
     f0 = uint64(t0) + (d4 >> uint64(26)) * uint64(5)
-    t0 = uint32(f0) & m
-    t1 = t1 + uint32(f0 >> uint64(26))
+    t0 = uint32(uint32(f0) & m)
+    t1 = uint32(t1 + uint32(f0 >> uint64(26)))
     return t0, t1, t2, t3, t4
 
 
@@ -150,11 +150,11 @@ def fe_carry(h0, h1, h2, h3, h4):
 def fe_from_block(w0, w1, w2, w3):
     """Limbs of the 16-byte block with little-endian words w0..w3, plus 2^128."""
     m = uint32(_MASK26)
-    h0 = w0 & m
-    h1 = ((w0 >> uint32(26)) | (w1 << uint32(6))) & m
-    h2 = ((w1 >> uint32(20)) | (w2 << uint32(12))) & m
-    h3 = ((w2 >> uint32(14)) | (w3 << uint32(18))) & m
-    h4 = (w3 >> uint32(8)) | uint32(1 << 24)
+    h0 = uint32(w0 & m)
+    h1 = uint32(((w0 >> uint32(26)) | (w1 << uint32(6))) & m)
+    h2 = uint32(((w1 >> uint32(20)) | (w2 << uint32(12))) & m)
+    h3 = uint32(((w2 >> uint32(14)) | (w3 << uint32(18))) & m)
+    h4 = uint32((w3 >> uint32(8)) | uint32(1 << 24))
     return h0, h1, h2, h3, h4
 
 
@@ -166,11 +166,11 @@ def fe_clamped_r(keys, msg):
     w2 = uint32(keys[msg, 2]) & uint32(0x0FFFFFFC)
     w3 = uint32(keys[msg, 3]) & uint32(0x0FFFFFFC)
     m = uint32(_MASK26)
-    r0 = w0 & m
-    r1 = ((w0 >> uint32(26)) | (w1 << uint32(6))) & m
-    r2 = ((w1 >> uint32(20)) | (w2 << uint32(12))) & m
-    r3 = ((w2 >> uint32(14)) | (w3 << uint32(18))) & m
-    r4 = w3 >> uint32(8)
+    r0 = uint32(w0 & m)
+    r1 = uint32(((w0 >> uint32(26)) | (w1 << uint32(6))) & m)
+    r2 = uint32(((w1 >> uint32(20)) | (w2 << uint32(12))) & m)
+    r3 = uint32(((w2 >> uint32(14)) | (w3 << uint32(18))) & m)
+    r4 = uint32(w3 >> uint32(8))
     return r0, r1, r2, r3, r4
 
 
@@ -300,17 +300,17 @@ def _poly1305_powers(keys, n_messages, power_width, span_blocks, combine_width, 
                 e = e * uint64(combine_width)
         r0, r1, r2, r3, r4 = fe_clamped_r(keys, msg)
         x0, x1, x2, x3, x4 = r0, r1, r2, r3, r4
-        s1 = r1 * uint32(5)
-        s2 = r2 * uint32(5)
-        s3 = r3 * uint32(5)
-        s4 = r4 * uint32(5)
+        s1 = uint32(r1 * uint32(5))
+        s2 = uint32(r2 * uint32(5))
+        s3 = uint32(r3 * uint32(5))
+        s4 = uint32(r4 * uint32(5))
         top = int64(63)
         while top > int64(0) and ((e >> uint64(top)) & uint64(1)) == uint64(0):
             top -= int64(1)
         bit = top - int64(1)
         while bit >= int64(0):
             x0, x1, x2, x3, x4 = fe_mul(x0, x1, x2, x3, x4, x0, x1, x2, x3, x4,
-                                        x1 * uint32(5), x2 * uint32(5), x3 * uint32(5), x4 * uint32(5))
+                                        uint32(x1 * uint32(5)), uint32(x2 * uint32(5)), uint32(x3 * uint32(5)), uint32(x4 * uint32(5)))
             if ((e >> uint64(bit)) & uint64(1)) == uint64(1):
                 x0, x1, x2, x3, x4 = fe_mul(x0, x1, x2, x3, x4, r0, r1, r2, r3, r4, s1, s2, s3, s4)
             bit -= int64(1)
@@ -383,10 +383,10 @@ def _poly1305_aead_partial(aad_bytes, aad_words, aad_head, ct_bytes, ct_words, c
             fast_q0 = ((c_off - ct_start) >> uint64(3)) + uint64(2) * (span_first + lane - first_ct)
             pbase = uint64(msg) * uint64(power_width) * uint64(LIMBS)
             R0, R1, R2, R3, R4 = fe_load(scratch, pbase + uint64((TILE_LANES - 1) * LIMBS))  # r^W
-            S1 = R1 * uint32(5)
-            S2 = R2 * uint32(5)
-            S3 = R3 * uint32(5)
-            S4 = R4 * uint32(5)
+            S1 = uint32(R1 * uint32(5))
+            S2 = uint32(R2 * uint32(5))
+            S3 = uint32(R3 * uint32(5))
+            S4 = uint32(R4 * uint32(5))
             steps = uint64(chunk_blocks)
             while j < steps:
                 if j >= fast_lo and j < fast_hi:
@@ -420,7 +420,7 @@ def _poly1305_aead_partial(aad_bytes, aad_words, aad_head, ct_bytes, ct_words, c
             # Lane t's blocks sit W - t positions (times R powers) before the span end.
             p0, p1, p2, p3, p4 = fe_load(scratch, pbase + (uint64(TILE_LANES - 1) - lane) * uint64(LIMBS))
             h0, h1, h2, h3, h4 = fe_mul(h0, h1, h2, h3, h4, p0, p1, p2, p3, p4,
-                                        p1 * uint32(5), p2 * uint32(5), p3 * uint32(5), p4 * uint32(5))
+                                        uint32(p1 * uint32(5)), uint32(p2 * uint32(5)), uint32(p3 * uint32(5)), uint32(p4 * uint32(5)))
         acc[tid, 0] = h0
         acc[tid, 1] = h1
         acc[tid, 2] = h2
@@ -466,10 +466,10 @@ def _poly1305_combine(in_start, out_start, n_messages, n_groups, combine_width, 
             j = pad
         R0, R1, R2, R3, R4 = fe_load(scratch, (uint64(msg) * uint64(power_width) + uint64(power_index))
                                      * uint64(LIMBS))
-        S1 = R1 * uint32(5)
-        S2 = R2 * uint32(5)
-        S3 = R3 * uint32(5)
-        S4 = R4 * uint32(5)
+        S1 = uint32(R1 * uint32(5))
+        S2 = uint32(R2 * uint32(5))
+        S3 = uint32(R3 * uint32(5))
+        S4 = uint32(R4 * uint32(5))
         h0 = uint32(0)
         h1 = uint32(0)
         h2 = uint32(0)
