@@ -522,7 +522,7 @@ class _Job:
     """One tensor of a batch on its way through encryption or decryption."""
 
     __slots__ = ("label", "adapter", "place", "x", "view", "dst_obj", "dst_view", "enc", "result",
-                 "nonce", "aad", "host_src", "host_dst", "dev_src", "dev_dst", "inplace")
+                 "nonce", "aad", "host_src", "host_dst", "dev_src", "dev_dst", "inplace", "error")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -751,6 +751,10 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
                          f"{names}")
         exc.failed = [j.label for j in failed]
         raise exc
+    for job in jobs:
+        if job.error is not None:
+            job.dst_obj[...] = 0
+            raise job.error
     return [j.dst_obj if j.inplace else j.adapter.finish(j.dst_obj) for j in jobs]
 
 
@@ -793,8 +797,15 @@ def _prepare_outputs(jobs: list[_Job]) -> None:
                                  f"{adapter.shape(out)}; the tensor was {enc.dtype} {enc.shape}")
             job.adapter, job.dst_obj, job.dst_view = adapter, out, adapter.byte_view(out)
         else:
-            adapter = fw.result_adapter(enc.framework, job.place)
-            obj = adapter.empty(enc.dtype, enc.shape, job.place)
+            try:
+                adapter = fw.result_adapter(enc.framework, job.place)
+                obj = adapter.empty(enc.dtype, enc.shape, job.place)
+            except ValueError as exc:
+                # This machine cannot make such a tensor (say bfloat16 as NumPy). Decrypt into
+                # plain bytes anyway, so that altered metadata still reads as InvalidTag;
+                # an authentic tensor then raises this error, releasing nothing.
+                job.error, job.place, adapter = exc, HOST, fw.BY_NAME["numpy"]
+                obj = adapter.empty_bytes(enc.nbytes, HOST)
             job.adapter, job.dst_obj = adapter, obj
             job.dst_view = (obj.buffer if isinstance(obj, fw._JaxDeviceResult)
                             else adapter.byte_view(obj))

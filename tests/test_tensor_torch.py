@@ -1,0 +1,208 @@
+"""gpucrypt.tensor with PyTorch (CPU tensors here; CUDA and CuPy under the ``gpu`` marker).
+
+Every dtype torch offers round-trips bit for bit (bfloat16, float8, complex32 included:
+they are viewed as bytes by torch itself), the ciphertext equals ``cryptography``'s AEAD
+over the tensor's bytes and the documented associated data, and the README example
+(docs/TENSOR_FORMAT.md) runs as written.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+import gpucrypt
+from gpucrypt import EncryptedTensor
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install 'gpucrypt[torch]')")
+
+from test_tensor import hand_metadata, reference_seal  # noqa: E402
+
+DTYPE_NAMES = ["bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+               "float16", "bfloat16", "float32", "float64", "complex32", "complex64", "complex128",
+               "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+               "float8_e8m0fnu", "float4_e2m1fn_x2"]
+DTYPES = [pytest.param(n, marks=pytest.mark.skipif(not hasattr(torch, n),
+                                                   reason=f"torch {torch.__version__} has no {n}"))
+          for n in DTYPE_NAMES]
+
+
+def random_tensor(shape, dtype_name, device="cpu"):
+    """Random bit patterns of any dtype (NaNs included), made through uint8."""
+    dtype = getattr(torch, dtype_name)
+    count = int(np.prod(shape, dtype=np.int64))
+    if dtype == torch.bool:
+        return (torch.rand(shape) > 0.5).to(device)
+    raw = torch.randint(0, 256, (count * dtype.itemsize,), dtype=torch.uint8)
+    return raw.view(dtype).reshape(shape).to(device)
+
+
+def as_bytes(t) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0), (2, 3, 4)])
+def test_every_torch_dtype_roundtrips(dtype, shape):
+    key = os.urandom(32)
+    t = random_tensor(shape, dtype)
+    enc = gpucrypt.encrypt_tensor(t, key)
+    assert enc.dtype == dtype and enc.shape == shape and enc.framework == "torch"
+    assert isinstance(enc.ciphertext, torch.Tensor) and enc.ciphertext.dtype == torch.uint8
+    y = gpucrypt.decrypt_tensor(enc, key)
+    assert isinstance(y, torch.Tensor) and y.dtype == t.dtype and tuple(y.shape) == shape
+    assert y.device == t.device and as_bytes(y) == as_bytes(t)
+    z = gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(enc.to_bytes()), key)
+    assert isinstance(z, torch.Tensor) and z.dtype == t.dtype and as_bytes(z) == as_bytes(t)
+    original = as_bytes(t)
+    enc = gpucrypt.encrypt_tensor(t, key, inplace=True)
+    assert gpucrypt.decrypt_tensor(enc, key) is t
+    assert as_bytes(t) == original
+
+
+@pytest.mark.parametrize("algorithm,key_len", [("chacha20-poly1305", 32), ("aes-gcm", 32),
+                                               ("aes-gcm", 16), ("xchacha20-poly1305", 32)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn", "float32"])
+def test_torch_ciphertext_is_the_reference_aead(algorithm, key_len, dtype):
+    key = os.urandom(key_len)
+    t = random_tensor((4, 5), dtype)
+    enc = gpucrypt.encrypt_tensor(t, key, algorithm=algorithm, key_id="kms/1", aad=b"x")
+    aad = hand_metadata(algorithm=algorithm, framework="torch", dtype=dtype, shape=(4, 5),
+                        nbytes=t.numel() * t.element_size(), key_id="kms/1") + b"x"
+    assert enc.associated_data() == aad
+    assert as_bytes(enc.ciphertext) + enc.tag == reference_seal(algorithm, key, enc.nonce,
+                                                                as_bytes(t), aad)
+
+
+def test_torch_metadata_tampering_fails():
+    key = os.urandom(32)
+    t = random_tensor((2, 4), "bfloat16")
+    for field, value in [("dtype", "float16"), ("dtype", "int16"), ("shape", (4, 2)),
+                         ("framework", "numpy"), ("algorithm", "xchacha20-poly1305")]:
+        enc = gpucrypt.encrypt_tensor(t, key)
+        setattr(enc, field, value)
+        if field == "algorithm":
+            enc.nonce = enc.nonce + bytes(12)
+        with pytest.raises(InvalidTag):
+            gpucrypt.decrypt_tensor(enc, key)
+
+
+def test_non_contiguous_and_lazy_views():
+    key = os.urandom(32)
+    t = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="contiguous"):
+        gpucrypt.encrypt_tensor(t.T, key)
+    enc = gpucrypt.encrypt_tensor(t.T, key, contiguous=True)
+    assert torch.equal(gpucrypt.decrypt_tensor(enc, key), t.T)
+    c = torch.randn(3, dtype=torch.complex64)
+    with pytest.raises(ValueError):
+        gpucrypt.encrypt_tensor(c.conj(), key)      # memory holds c, the values are conj(c)
+    enc = gpucrypt.encrypt_tensor(c.conj(), key, contiguous=True)
+    assert torch.equal(gpucrypt.decrypt_tensor(enc, key), c.conj())
+
+
+def test_parameter_requiring_grad_inplace():
+    key = os.urandom(32)
+    layer = torch.nn.Linear(3, 2)
+    before = layer.weight.detach().clone()
+    enc = gpucrypt.encrypt_tensor(layer.weight, key, inplace=True)
+    assert not torch.equal(layer.weight.detach(), before)
+    gpucrypt.decrypt_tensor(enc, key, out=layer.weight)
+    assert torch.equal(layer.weight.detach(), before) and layer.weight.requires_grad
+
+
+def test_failed_inplace_decrypt_leaves_ciphertext():
+    key = os.urandom(32)
+    t = random_tensor((64,), "float16")
+    enc = gpucrypt.encrypt_tensor(t, key, inplace=True)
+    cipher = as_bytes(t)
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensor(enc, os.urandom(32))
+    assert as_bytes(t) == cipher
+
+
+def test_state_dict_batch_names_and_failures():
+    key = os.urandom(32)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    sd = model.state_dict()
+    encs = gpucrypt.encrypt_tensors(sd, key)
+    assert type(encs) is type(sd) and list(encs) == list(sd)
+    encs["0.bias"]._tag = bytes(16)
+    with pytest.raises(InvalidTag, match="0.bias") as info:
+        gpucrypt.decrypt_tensors(encs, key)
+    assert info.value.failed == ["0.bias"]
+
+
+def test_readme_example_runs():
+    """The example at the top of docs/TENSOR_FORMAT.md, run as written."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "TENSOR_FORMAT.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "TENSOR_FORMAT.md", "exec"), namespace)
+    assert isinstance(namespace["encrypted"], dict)
+
+
+# ------------------------------------------------------------------ real GPU only
+@pytest.mark.gpu
+def test_torch_cuda_roundtrip_inplace_and_batch():
+    key = os.urandom(32)
+    dev = "cuda"
+    t = random_tensor((33, 17), "bfloat16", dev)
+    enc = gpucrypt.encrypt_tensor(t, key)
+    assert enc.on_device and enc.ciphertext.device.type == "cuda"
+    aad = hand_metadata(algorithm="chacha20-poly1305", framework="torch", dtype="bfloat16",
+                        shape=(33, 17), nbytes=t.numel() * 2)
+    assert as_bytes(enc.ciphertext) + enc.tag == ChaCha20Poly1305(key).encrypt(enc.nonce,
+                                                                               as_bytes(t), aad)
+    y = gpucrypt.decrypt_tensor(enc, key)
+    assert y.device == t.device and y.dtype == t.dtype and as_bytes(y) == as_bytes(t)
+    original = as_bytes(t)
+    enc = gpucrypt.encrypt_tensor(t, key, inplace=True, algorithm="aes-gcm")
+    assert gpucrypt.decrypt_tensor(enc, key) is t and as_bytes(t) == original
+    sd = torch.nn.Linear(64, 32).cuda().state_dict()
+    ref = {n: v.clone() for n, v in sd.items()}
+    encs = gpucrypt.encrypt_tensors(sd, key, inplace=True)
+    blobs = {n: e.to_bytes() for n, e in encs.items()}
+    gpucrypt.decrypt_tensors(encs, key)
+    assert all(torch.equal(sd[n], ref[n]) for n in sd)
+    host = gpucrypt.decrypt_tensors({n: EncryptedTensor.from_bytes(b) for n, b in blobs.items()},
+                                    key, device="cpu")
+    assert all(host[n].device.type == "cpu" and torch.equal(host[n], ref[n].cpu()) for n in sd)
+
+
+@pytest.mark.gpu
+def test_torch_cuda_uses_the_given_stream():
+    key = os.urandom(32)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        t = random_tensor((1 << 16,), "float32", "cuda")
+        enc = gpucrypt.encrypt_tensor(t, key)
+        y = gpucrypt.decrypt_tensor(enc, key)
+    s.synchronize()
+    assert as_bytes(y) == as_bytes(t)
+
+
+@pytest.mark.gpu
+def test_cupy_roundtrip():
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    key = os.urandom(16)
+    x = cupy.arange(1000, dtype=cupy.float32).reshape(10, 100)
+    enc = gpucrypt.encrypt_tensor(x, key, algorithm="aes-gcm")
+    aad = hand_metadata(algorithm="aes-gcm", framework="cupy", dtype="float32", shape=(10, 100),
+                        nbytes=4000)
+    assert cupy.asnumpy(enc.ciphertext).tobytes() + enc.tag == AESGCM(key).encrypt(
+        enc.nonce, cupy.asnumpy(x).tobytes(), aad)
+    y = gpucrypt.decrypt_tensor(enc, key)
+    assert isinstance(y, cupy.ndarray) and bool((y == x).all())
+    enc = gpucrypt.encrypt_tensor(x, key, algorithm="aes-gcm", inplace=True)
+    assert gpucrypt.decrypt_tensor(enc, key) is x
+    assert bool((x == cupy.arange(1000, dtype=cupy.float32).reshape(10, 100)).all())
+    blob = gpucrypt.encrypt_tensor(x, key, algorithm="aes-gcm").to_bytes()
+    host = gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(blob), key)   # CuPy-made, on the CPU
+    assert isinstance(host, np.ndarray) and np.array_equal(host, cupy.asnumpy(x))
