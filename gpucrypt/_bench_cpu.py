@@ -15,8 +15,8 @@ made by ``cryptography`` or libsodium) per algorithm and size, plus one output
 buffer per thread and implementation. A 1 GiB cell with two threads therefore
 holds about 4 GiB.
 
-Timing (:func:`time_host`): one warm-up call, a calibration run of at least 5 ms,
-then up to :data:`TARGET_REPETITIONS` repetitions of a loop sized to fill the
+Timing (:func:`time_host`): one warm-up call, a calibration run of at least 5 ms
+(unless the warm-up itself took 0.1 s or more), then up to :data:`TARGET_REPETITIONS` repetitions of a loop sized to fill the
 per-cell budget; the result is the median seconds per operation. With ``threads``
 > 1 every thread runs its own operation on its own buffers, started together
 behind a barrier; a repetition lasts until the last thread finishes.
@@ -97,9 +97,7 @@ class Material:
             nonce = bytes(4) + nonce[4:]  # block counter 0, as RFC 8439 starts a stream
         self.nonce = nonce
         self.aad = b""
-        plaintext = rng.integers(0, 256, size, dtype=np.uint8)
-        plaintext.flags.writeable = False
-        self.plaintext = plaintext
+        self.plaintext = np.frombuffer(rng.bytes(size), dtype=np.uint8)  # read-only
         self._sealed: np.ndarray | None = None
         self._plaintext_bytes: bytes | None = None
 
@@ -402,15 +400,42 @@ def time_host(make_op: Callable[[], Operation], threads: int, budget: float) -> 
 
     ``make_op`` is called once per thread, so each thread owns its buffers.
     """
-    ops = [make_op() for _ in range(threads)]
-    for op in ops:
-        op()  # warm-up: page faults on fresh buffers, lazy library set-up
-    per_call = calibrate(ops[0])
-    repetitions, iterations = plan_loop(per_call, budget)
-    samples = []
-    for _ in range(repetitions):
-        if threads == 1:
-            samples.append(_timed_loop(ops[0], iterations))
-        else:
-            samples.append(_timed_threads(ops, iterations))
-    return Timing(repetitions, iterations, statistics.median(samples) / iterations)
+    result = time_host_group({"op": make_op}, threads, budget)["op"]
+    if isinstance(result, NotAvailable):
+        raise result
+    return result
+
+
+def time_host_group(makers: dict[str, Callable[[], Operation]], threads: int,
+                    budget: float) -> dict[str, "Timing | NotAvailable"]:
+    """:func:`time_host` for several implementations of one cell, repetitions interleaved.
+
+    Repetition k of every implementation runs before repetition k + 1 of any, so a
+    change in the machine's load during the cell (other processes, clock boost)
+    hits every implementation alike and the ratios between them stay fair. A maker
+    that raises :class:`NotAvailable` gets that exception back instead of a Timing.
+    """
+    plans: dict[str, tuple[list[Operation], int, int, list[float]]] = {}
+    results: dict[str, Timing | NotAvailable] = {}
+    for name, make in makers.items():
+        try:
+            ops = [make() for _ in range(threads)]
+        except NotAvailable as exc:
+            results[name] = exc
+            continue
+        start = time.perf_counter()
+        for op in ops:
+            op()  # warm-up: page faults on fresh buffers, lazy library set-up
+        warm_up = (time.perf_counter() - start) / len(ops)
+        # a warm-up long enough to time (a slow library, a big message) is the calibration
+        per_call = warm_up if warm_up >= 20 * CALIBRATION_SECONDS else calibrate(ops[0])
+        repetitions, iterations = plan_loop(per_call, budget)
+        plans[name] = (ops, repetitions, iterations, [])
+    for k in range(max((p[1] for p in plans.values()), default=0)):
+        for ops, repetitions, iterations, samples in plans.values():
+            if k < repetitions:
+                samples.append(_timed_loop(ops[0], iterations) if threads == 1
+                               else _timed_threads(ops, iterations))
+    for name, (ops, repetitions, iterations, samples) in plans.items():
+        results[name] = Timing(repetitions, iterations, statistics.median(samples) / iterations)
+    return {name: results[name] for name in makers}

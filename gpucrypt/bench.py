@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ._bench_cpu import ALGORITHMS, OPERATIONS, Material, NotAvailable, Timing, applicable, \
-    host_operation, time_host
+    host_operation, time_host, time_host_group
 
 __all__ = ["ALGORITHMS", "OPERATIONS", "IMPLEMENTATIONS", "CPU_IMPLEMENTATIONS", "GPU_IMPLEMENTATIONS",
            "DEFAULT_SIZES", "SIZE_PRESETS", "DEFAULT_SECONDS", "BenchConfig", "Cell", "Unavailable",
@@ -69,7 +69,7 @@ SIZE_PRESETS = {
 #: The default run: small, medium and bulk, finishing in under a minute without a GPU.
 DEFAULT_SIZES = (16, 1024, 16384, 1 << 20, 64 << 20)
 #: Default measuring time per cell, in seconds.
-DEFAULT_SECONDS = 0.2
+DEFAULT_SECONDS = 0.15
 
 _UNITS = {"": 1, "b": 1,
           "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
@@ -367,62 +367,72 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
     for size in config.sizes:
         for alg in algorithms:
             material = Material(alg, size)
+            impls = [impl for a, impl in jobs if a is alg]
             for operation in config.operations:
-                for a, impl in jobs:
-                    if a is not alg:
-                        continue
-                    label = f"{alg.name} {operation} {format_size(size)} {impl}"
-                    cell_or_reason = _measure(impl, material, operation, config, session, cpu_name)
-                    if isinstance(cell_or_reason, str):
+                results = _measure_group(impls, material, operation, config, session, cpu_name)
+                for impl in impls:
+                    result = results[impl]
+                    if isinstance(result, str):
                         if not any(u.algorithm == alg.name and u.implementation == impl
                                    for u in report.unavailable):
-                            report.unavailable.append(Unavailable(alg.name, impl, cell_or_reason))
+                            report.unavailable.append(Unavailable(alg.name, impl, result))
                     else:
-                        report.cells.append(cell_or_reason)
+                        report.cells.append(result)
                     done += 1
                     if progress:
-                        progress(done, total, label)
+                        progress(done, total, f"{alg.name} {operation} {format_size(size)} {impl}")
             del material
     _fill_ratios(report)
     return report
 
 
-def _measure(impl: str, m: Material, operation: str, config: BenchConfig, session, cpu_name: str):
-    """A :class:`Cell`, or the reason (str) why ``impl`` cannot run this cell."""
-    alg = m.algorithm
-    note, threads = "", config.threads
+def _measure_group(impls: list[str], m: Material, operation: str, config: BenchConfig, session,
+                   cpu_name: str) -> dict[str, "Cell | str"]:
+    """A :class:`Cell` per implementation of one algorithm, operation and size, or the reason
+    (str) it cannot run. The CPU libraries are timed together, repetitions interleaved
+    (:func:`gpucrypt._bench_cpu.time_host_group`); GPU rows one after the other."""
+    results: dict[str, Cell | str] = {}
+    on_cpu = [i for i in impls if i in CPU_IMPLEMENTATIONS]
+    timings = time_host_group({i: (lambda i=i: host_operation(i, m, operation)) for i in on_cpu},
+                              config.threads, config.seconds)
+    for impl, timing in timings.items():
+        results[impl] = str(timing) if isinstance(timing, NotAvailable) else \
+            _cell(impl, m, operation, timing, cpu_name, config.threads, "perf_counter")
+    for impl in impls:
+        if impl not in results:
+            results[impl] = _measure_gpu(impl, m, operation, config, session)
+    return results
+
+
+def _measure_gpu(impl: str, m: Material, operation: str, config: BenchConfig, session) -> "Cell | str":
+    """A GPU row: device-resident (CUDA events) or through the public classes (+transfer)."""
+    from ._bench_gpu import SIMULATOR_MAX_SIZE, GpuRefused
+
     try:
-        if impl in ("gpucrypt-gpu", "gpucrypt-gpu-hosttag"):
-            timing = session.time_cell(impl, m, operation, config.seconds)
-            device, threads = session.device_name, 1
-            clock = "host clock (simulator)" if session.simulator else "cuda events"
-        else:
-            if impl == "gpucrypt-gpu+transfer":
-                if session.simulator and m.size > 4096:
-                    return "simulator smoke runs stop at 4096 bytes"
-                device, threads = session.device_name, 1
-            else:
-                device = cpu_name
-            if session is not None and session.simulator and impl in GPU_IMPLEMENTATIONS:
+        if impl == "gpucrypt-gpu+transfer":
+            if session.simulator:
+                if m.size > SIMULATOR_MAX_SIZE:
+                    return f"simulator smoke runs stop at {SIMULATOR_MAX_SIZE} bytes"
                 timing = _single_call(host_operation(impl, m, operation))
             else:
-                timing = time_host(lambda: host_operation(impl, m, operation), threads, config.seconds)
+                timing = time_host(lambda: host_operation(impl, m, operation), 1, config.seconds)
             clock = "perf_counter"
-    except NotAvailable as exc:
+        else:
+            timing = session.time_cell(impl, m, operation, config.seconds)
+            clock = "host clock (simulator)" if session.simulator else "cuda events"
+    except (NotAvailable, GpuRefused) as exc:
         return str(exc)
-    except Exception as exc:
-        from ._bench_gpu import GpuRefused
+    return _cell(impl, m, operation, timing, session.device_name, 1, clock)
 
-        if isinstance(exc, GpuRefused):
-            return str(exc)
-        raise
-    if device == _simulator_label():
-        note = _simulator_label()
-    gbps = m.size * threads / timing.median_seconds / 1e9
-    return Cell(algorithm=alg.name, operation=operation, implementation=impl, device=device,
+
+def _cell(impl: str, m: Material, operation: str, timing: Timing, device: str, threads: int,
+          clock: str) -> Cell:
+    note = device if device == _simulator_label() else ""
+    return Cell(algorithm=m.algorithm.name, operation=operation, implementation=impl, device=device,
                 size=m.size, threads=threads, repetitions=timing.repetitions,
-                iterations=timing.iterations, median_seconds=timing.median_seconds, gbps=gbps,
-                ratio=None, baseline=alg.baseline, fraction_of_copy=None, timing=clock, note=note)
+                iterations=timing.iterations, median_seconds=timing.median_seconds,
+                gbps=m.size * threads / timing.median_seconds / 1e9, ratio=None,
+                baseline=m.algorithm.baseline, fraction_of_copy=None, timing=clock, note=note)
 
 
 def _single_call(op) -> Timing:

@@ -1,0 +1,141 @@
+"""Generate benchmarks/RESULTS.md from the JSON files in benchmarks/results/.
+
+    python benchmarks/make_results_md.py          # rewrite RESULTS.md
+    python benchmarks/make_results_md.py --check  # exit 1 if RESULTS.md is not what the JSON says
+
+The JSON files are written by ``gpucrypt bench --json`` and never edited; this script is the
+only writer of RESULTS.md, so no figure in it is typed by hand. For each run it prints the
+environment, a table of gpucrypt's rows next to the baseline (GB/s and the ratio to the
+baseline measured in the same run), and the acceptance check of issue 6: gpucrypt CPU within
+5% of ``cryptography`` from 1 MiB up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+RESULTS_MD = HERE / "RESULTS.md"
+
+#: gpucrypt CPU must reach this fraction of the baseline at ACCEPTANCE_MIN_SIZE and above
+ACCEPTANCE_RATIO = 0.95
+ACCEPTANCE_MIN_SIZE = 1 << 20
+
+
+def format_size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
+
+
+def _gbps(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 0.01 else f"{x:.4f}"
+
+
+def _cell(c: dict) -> str:
+    if c["note"]:
+        return "simulated"
+    text = _gbps(c["gbps"])
+    if c["ratio"] is not None and c["implementation"] != c["baseline"]:
+        text += f" (x{c['ratio']:.2f})"
+    if c["fraction_of_copy"] is not None:
+        text += f", {100 * c['fraction_of_copy']:.0f}% of copy"
+    return text
+
+
+def _shown(implementation: str, baseline: str) -> bool:
+    return implementation == baseline or implementation.startswith("gpucrypt")
+
+
+def render_run(name: str, doc: dict) -> list[str]:
+    env, config, cells = doc["environment"], doc["config"], doc["cells"]
+    sizes = sorted({c["size"] for c in cells})
+    lines = [f"## {name}", ""]
+    libs = env["libraries"]
+    lines.append(f"- date: {env['date']}; commit: {env['git_commit'] or 'not a checkout'}")
+    lines.append(f"- CPU: {env['cpu']} ({env['cpu_usable']} usable of {env['cpu_count']} cores); "
+                 f"GPU: {doc['gpu']['device'] or env['gpu'] or 'none'}"
+                 + (f"; driver {env['driver']}" if env.get("driver") else ""))
+    lines.append(f"- cryptography {libs.get('cryptography')} ({libs.get('openssl')}), "
+                 f"gpucrypt {libs.get('gpucrypt')}, PyNaCl {libs.get('pynacl') or '-'}, "
+                 f"numba-cuda {libs.get('numba-cuda') or '-'}")
+    lines.append(f"- {config['seconds']} s per cell, {config['threads']} thread(s); figures are medians "
+                 f"of repetitions")
+    if doc["gpu"]["copy_gbps"]:
+        lines.append(f"- device-to-device copy: {doc['gpu']['copy_gbps']:.0f} GB/s")
+    for note in doc["notes"]:
+        lines.append(f"- note: {note}")
+    lines += ["", "GB/s (xN = speed-up against the baseline in the same run)", ""]
+    lines.append("| algorithm | operation | implementation | " + " | ".join(format_size(s) for s in sizes) + " |")
+    lines.append("|---|---|---|" + "---:|" * len(sizes))
+    order = {a: i for i, a in enumerate(config["algorithms"])}
+    keys = sorted({(c["algorithm"], c["operation"], c["implementation"], c["baseline"]) for c in cells
+                   if _shown(c["implementation"], c["baseline"])},
+                  key=lambda k: (order.get(k[0], 99), k[1] != "encrypt", k[2] != k[3], k[2]))
+    for alg, op, impl, base in keys:
+        row = {c["size"]: c for c in cells if (c["algorithm"], c["operation"], c["implementation"]) ==
+               (alg, op, impl)}
+        texts = [_cell(row[s]) if s in row else "-" for s in sizes]
+        label = f"{impl} (baseline)" if impl == base else impl
+        lines.append(f"| {alg} | {op} | {label} | " + " | ".join(texts) + " |")
+    lines += [""] + acceptance(cells) + [""]
+    return lines
+
+
+def acceptance(cells: list[dict]) -> list[str]:
+    """Issue 6: gpucrypt CPU within 5% of cryptography from 1 MiB up (worst ratio per algorithm)."""
+    worst: dict[str, tuple[float, str]] = {}
+    for c in cells:
+        if c["implementation"] != "gpucrypt-cpu" or c["size"] < ACCEPTANCE_MIN_SIZE or c["ratio"] is None:
+            continue
+        if c["baseline"] != "cryptography":
+            continue
+        where = f"{c['operation']} {format_size(c['size'])}"
+        if c["algorithm"] not in worst or c["ratio"] < worst[c["algorithm"]][0]:
+            worst[c["algorithm"]] = (c["ratio"], where)
+    if not worst:
+        return ["Acceptance (gpucrypt CPU within 5% of cryptography from 1 MiB): no such cells in this run."]
+    lines = [f"Acceptance, gpucrypt CPU against cryptography from {format_size(ACCEPTANCE_MIN_SIZE)} up "
+             f"(worst ratio per algorithm; pass at >= {ACCEPTANCE_RATIO}):", ""]
+    for alg, (ratio, where) in worst.items():
+        verdict = "pass" if ratio >= ACCEPTANCE_RATIO else "FAIL"
+        lines.append(f"- {alg}: x{ratio:.3f} ({where}): {verdict}")
+    return lines
+
+
+def render(results_dir: Path = RESULTS_DIR) -> str:
+    files = sorted(results_dir.glob("*.json"))
+    lines = ["# gpucrypt benchmark results", "",
+             "Generated by `benchmarks/make_results_md.py` from the JSON files in `benchmarks/results/`, "
+             "which `gpucrypt bench --json` wrote. Do not edit: change the JSON by running the bench "
+             "again, then regenerate. How to read and record these: `benchmarks/README.md`.", ""]
+    if not files:
+        lines.append("No results recorded yet.")
+    for path in files:
+        lines += render_run(path.stem, json.loads(path.read_text(encoding="utf-8")))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check that RESULTS.md is current")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = RESULTS_MD.read_text(encoding="utf-8") if RESULTS_MD.exists() else ""
+        if current != text:
+            print("benchmarks/RESULTS.md is out of date: run python benchmarks/make_results_md.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    RESULTS_MD.write_text(text, encoding="utf-8")
+    print(f"wrote {RESULTS_MD.relative_to(HERE.parent)} from {len(list(RESULTS_DIR.glob('*.json')))} run(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
