@@ -1,0 +1,451 @@
+"""Kernel report: compile every gpucrypt kernel for sm_90 and measure its machine code.
+
+Usage::
+
+    python benchmarks/kernel_report.py [--json FILE] [--sass-dir DIR]
+
+No GPU is needed. The script turns numba's CUDA simulator off in its own process
+(``NUMBA_ENABLE_CUDASIM`` is removed before numba is imported), compiles each
+kernel listed in the ``KERNEL_REPORT`` of any ``gpucrypt.kernels.*`` module with
+``numba.cuda.compile_ptx(pyfunc, signature, cc=(9, 0))``, assembles the PTX with
+``ptxas -arch=sm_90 -v`` and disassembles the cubin with ``nvdisasm`` (or
+``cuobjdump -sass``). A module that fails to import is skipped, with the reason.
+
+Per kernel it prints:
+
+* registers per thread, stack frame, spill store/load bytes (from ``ptxas -v``);
+* ``LDL``/``STL`` instructions in the SASS (local memory: spills or local arrays);
+* global memory accesses on the hot path and whether they are 128-bit
+  (``LDG.E.128`` / ``STG.E.128``);
+* SASS instructions per byte.
+
+How instructions per byte are counted
+--------------------------------------
+Statically, from the SASS, without running anything:
+
+1. The *main loop* is the outermost loop of the kernel: the backward branch
+   with the largest span (the grid-stride loop). A kernel with no backward
+   branch is one straight pass, and its whole body is counted.
+2. The *hot path* is the shortest path, in instructions, from the loop head to
+   its back-edge branch, following fall-through and branch edges (inner loops
+   are never taken on a shortest path). For a streaming kernel this is the
+   common case: one segment, full aligned blocks, no binary-search step, the
+   wide-load path rather than the byte path for heads and tails. Every
+   instruction on it counts once, predicated or not.
+3. ``instructions per byte = hot-path instructions / bytes_per_iteration``, with
+   ``bytes_per_iteration`` from the kernel's ``ReportEntry``.
+
+The whole loop body (every path, e.g. a byte path for unaligned edges) is also
+printed, as ``loop body``. If an inner loop lies on the hot path (its body is
+traversed but its back edge is not taken, e.g. a rolled rounds loop), the
+count is a lower bound and the report says so; it also notes inner loops that
+the shortest path avoids altogether (a zero-trip guard, an idle-lane exit):
+then the shortest path may not be the path real data takes, and the kernel
+should be written so that it is (rounds unrolled, work not behind a loop). Binary search over the segment
+table costs about ``12 * log2(n_segments)`` more instructions per iteration.
+
+Targets (PASS/FAIL): zero spill bytes and zero LDL/STL everywhere; ChaCha20
+at most 17 instructions per byte on the hot path (the GUIDE's hand-written CUDA C
+reference is 16.5).
+
+Tools are looked up on PATH, under ``$CUDA_HOME/bin``, ``/usr/local/cuda/bin``,
+``/usr/local/cuda-*/bin``, and in the pip wheels ``nvidia-cuda-nvcc`` (ptxas),
+``nvidia-cuda-nvdisasm`` and ``nvidia-cuda-cuobjdump``. compile_ptx also needs
+NVVM (a CUDA toolkit, or the ``nvidia-nvvm`` wheel) and NVRTC (``nvidia-cuda-nvrtc``).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import heapq
+import importlib
+import json
+import os
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import traceback
+from dataclasses import asdict, dataclass, field
+
+#: Instruction-per-byte targets by kernel name (hot path). Kernels not listed have none.
+INSTR_PER_BYTE_TARGETS = {"chacha20_xor": 17.0}
+
+#: pip packages that provide each tool.
+TOOL_PACKAGES = {
+    "ptxas": "nvidia-cuda-nvcc (or a CUDA toolkit)",
+    "nvdisasm": "nvidia-cuda-nvdisasm (or a CUDA toolkit)",
+    "cuobjdump": "nvidia-cuda-cuobjdump (or a CUDA toolkit)",
+}
+
+
+# --------------------------------------------------------------------------- tools
+
+def _tool_dirs() -> list[str]:
+    dirs = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            dirs.append(os.path.join(os.environ[var], "bin"))
+    dirs.append("/usr/local/cuda/bin")
+    dirs.extend(sorted(glob.glob("/usr/local/cuda-*/bin"), reverse=True))
+    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        dirs.extend(sorted(glob.glob(os.path.join(site, "nvidia", "*", "bin")), reverse=True))
+    return dirs
+
+
+def find_tool(name: str) -> str | None:
+    """Absolute path of a CUDA tool, or None."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in _tool_dirs():
+        candidate = os.path.join(d, name)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+# --------------------------------------------------------------------------- SASS parsing
+
+_SASS_LINE = re.compile(
+    r"^\s*/\*(?P<addr>[0-9a-f]{4,})\*/\s+(?P<pred>@!?U?P[T0-9]+\s+)?(?P<op>[A-Z][A-Z0-9_.]*)(?P<args>[^;]*);"
+)
+_LABEL_LINE = re.compile(r"^\s*(?P<label>\.L_[A-Za-z0-9_]+):")
+_BRANCH_HEX = re.compile(r"0x([0-9a-f]+)\s*$")
+_BRANCH_LABEL = re.compile(r"`\((?P<label>\.L_[A-Za-z0-9_]+)\)\s*$")
+
+
+@dataclass
+class Instr:
+    addr: int
+    op: str
+    predicated: bool
+    target: int | None  # branch target address for BRA
+
+
+def parse_sass(text: str) -> list[Instr]:
+    """Instructions of the first kernel in a listing (nvdisasm or cuobjdump), in address order.
+
+    Branch targets are resolved whether the listing writes them as addresses
+    (cuobjdump: ``BRA 0x330``) or as labels (nvdisasm: ``BRA `(.L_x_3)``).
+    """
+    out: list[Instr] = []
+    labels: dict[str, int] = {}
+    pending_labels: list[str] = []
+    raw_targets: list[object] = []
+    for line in text.splitlines():
+        lab = _LABEL_LINE.match(line)
+        if lab:
+            pending_labels.append(lab.group("label"))
+            continue
+        m = _SASS_LINE.match(line)
+        if not m:
+            continue
+        addr = int(m.group("addr"), 16)
+        if out and addr <= out[-1].addr:
+            break  # a second kernel or section: keep the first
+        for name in pending_labels:
+            labels[name] = addr
+        pending_labels.clear()
+        op = m.group("op")
+        pred = m.group("pred")
+        predicated = bool(pred) and pred.strip() != "@PT"
+        target: object = None
+        if op.startswith("BRA"):
+            args = m.group("args").strip()
+            t = _BRANCH_HEX.search(args)
+            if t:
+                target = int(t.group(1), 16)
+            else:
+                t = _BRANCH_LABEL.search(args)
+                target = t.group("label") if t else None
+        out.append(Instr(addr, op, predicated, None))
+        raw_targets.append(target)
+    for ins, target in zip(out, raw_targets):
+        ins.target = labels.get(target) if isinstance(target, str) else target
+    return out
+
+
+def _ends_flow(ins: Instr) -> bool:
+    """True for an instruction after which control never falls through."""
+    base = ins.op.split(".")[0]
+    return not ins.predicated and base in ("BRA", "EXIT", "RET", "JMP", "BRX", "JMX", "KILL")
+
+
+@dataclass
+class LoopAnalysis:
+    loop_found: bool
+    loop_body: int
+    hot_path: int
+    inner_loops_on_hot_path: int
+    hot_path_ops: list[str]
+    inner_loops_in_body: int = 0
+
+
+def analyse_main_loop(instrs: list[Instr]) -> LoopAnalysis:
+    """Static count of the main loop body and of its shortest (hot) path; see module docstring."""
+    index = {ins.addr: i for i, ins in enumerate(instrs)}
+    back_edges = [
+        (i, index[ins.target]) for i, ins in enumerate(instrs)
+        if ins.target is not None and ins.target <= ins.addr and ins.target in index and ins.target != ins.addr
+    ]
+    if not back_edges:
+        body = [ins for ins in instrs if not (ins.op.startswith("BRA") and ins.target == ins.addr)]
+        return LoopAnalysis(False, len(body), len(body), 0, [ins.op for ins in body])
+    end, head = max(back_edges, key=lambda e: e[0] - e[1])
+
+    # Dijkstra (unit weights) from head to end, inside [head, end].
+    dist = {head: 1}
+    prev: dict[int, int] = {}
+    queue = [(1, head)]
+    while queue:
+        d, i = heapq.heappop(queue)
+        if d > dist.get(i, 1 << 60) or i == end:
+            continue
+        ins = instrs[i]
+        succ = []
+        if not _ends_flow(ins):
+            succ.append(i + 1)
+        if ins.target is not None and ins.target in index:
+            succ.append(index[ins.target])
+        for j in succ:
+            if head <= j <= end and d + 1 < dist.get(j, 1 << 60):
+                dist[j] = d + 1
+                prev[j] = i
+                heapq.heappush(queue, (d + 1, j))
+    path = [end]
+    while path[-1] != head:
+        path.append(prev[path[-1]])
+    path.reverse()
+    on_path = set(path)
+    inner = sum(1 for i, h in back_edges if (i, h) != (end, head) and i in on_path and h in on_path)
+    in_body = sum(1 for i, h in back_edges if (i, h) != (end, head) and head <= h and i <= end)
+    return LoopAnalysis(True, end - head + 1, len(path), inner, [instrs[i].op for i in path], in_body)
+
+
+# --------------------------------------------------------------------------- compilation
+
+@dataclass
+class KernelResult:
+    module: str
+    name: str
+    bytes_per_iteration: int
+    registers: int | None = None
+    stack_frame_bytes: int | None = None
+    spill_store_bytes: int | None = None
+    spill_load_bytes: int | None = None
+    shared_bytes: int | None = None
+    ldl_stl_instructions: int | None = None
+    total_instructions: int | None = None
+    loop_body_instructions: int | None = None
+    hot_path_instructions: int | None = None
+    instructions_per_byte: float | None = None
+    inner_loops_on_hot_path: int | None = None
+    inner_loops_in_body: int | None = None
+    hot_path_global_loads: dict = field(default_factory=dict)
+    hot_path_global_stores: dict = field(default_factory=dict)
+    wide_global_loads: bool | None = None
+    wide_global_stores: bool | None = None
+    target_instructions_per_byte: float | None = None
+    verdict: str = "FAIL"
+    reasons: list = field(default_factory=list)
+    note: str = ""
+    error: str | None = None
+
+
+def _parse_ptxas(stderr: str) -> dict:
+    info = {}
+    m = re.search(r"Used (\d+) registers", stderr)
+    info["registers"] = int(m.group(1)) if m else None
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", stderr)
+    if m:
+        info["stack_frame_bytes"], info["spill_store_bytes"], info["spill_load_bytes"] = map(int, m.groups())
+    m = re.search(r"(\d+) bytes smem", stderr)
+    info["shared_bytes"] = int(m.group(1)) if m else 0
+    return info
+
+
+def _width_counts(ops: list[str], prefix: str) -> dict:
+    counts: dict[str, int] = {}
+    for op in ops:
+        if op.startswith(prefix + "."):
+            counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def _is_wide(counts: dict) -> bool | None:
+    """All accesses 128-bit? None when there are none."""
+    if not counts:
+        return None
+    return all(".128" in op for op in counts)
+
+
+def measure(module: str, entry, tools: dict, workdir: str, sass_dir: str | None) -> KernelResult:
+    from numba import cuda
+
+    res = KernelResult(module, entry.name, entry.bytes_per_iteration, note=entry.note)
+    res.target_instructions_per_byte = INSTR_PER_BYTE_TARGETS.get(entry.name)
+    try:
+        ptx, _ = cuda.compile_ptx(entry.pyfunc, entry.signature, cc=(9, 0))
+        stem = os.path.join(workdir, f"{module}.{entry.name}")
+        with open(stem + ".ptx", "w") as f:
+            f.write(ptx)
+        run = subprocess.run(
+            [tools["ptxas"], "-arch=sm_90", "-O3", "-v", stem + ".ptx", "-o", stem + ".cubin"],
+            capture_output=True, text=True,
+        )
+        if run.returncode != 0:
+            raise RuntimeError("ptxas failed:\n" + run.stderr)
+        for k, v in _parse_ptxas(run.stderr).items():
+            setattr(res, k, v)
+        if tools.get("nvdisasm"):
+            cmd = [tools["nvdisasm"], "-c", stem + ".cubin"]
+        else:
+            cmd = [tools["cuobjdump"], "-sass", stem + ".cubin"]
+        dis = subprocess.run(cmd, capture_output=True, text=True)
+        if dis.returncode != 0:
+            raise RuntimeError(f"{os.path.basename(cmd[0])} failed:\n" + dis.stderr)
+        if sass_dir:
+            os.makedirs(sass_dir, exist_ok=True)
+            with open(os.path.join(sass_dir, f"{module}.{entry.name}.sass"), "w") as f:
+                f.write(dis.stdout)
+        instrs = parse_sass(dis.stdout)
+        if not instrs:
+            raise RuntimeError("no SASS instructions found in the disassembly")
+        res.total_instructions = len(instrs)
+        res.ldl_stl_instructions = sum(1 for i in instrs if i.op.split(".")[0] in ("LDL", "STL"))
+        loop = analyse_main_loop(instrs)
+        res.loop_body_instructions = loop.loop_body
+        res.hot_path_instructions = loop.hot_path
+        res.inner_loops_on_hot_path = loop.inner_loops_on_hot_path
+        res.inner_loops_in_body = loop.inner_loops_in_body
+        res.instructions_per_byte = round(loop.hot_path / entry.bytes_per_iteration, 3)
+        res.hot_path_global_loads = _width_counts(loop.hot_path_ops, "LDG")
+        res.hot_path_global_stores = _width_counts(loop.hot_path_ops, "STG")
+        res.wide_global_loads = _is_wide(res.hot_path_global_loads)
+        res.wide_global_stores = _is_wide(res.hot_path_global_stores)
+    except Exception as exc:  # reported per kernel, the others still run
+        res.error = f"{type(exc).__name__}: {exc}"
+        res.reasons.append("did not compile/measure")
+        return res
+
+    if (res.spill_store_bytes or 0) or (res.spill_load_bytes or 0):
+        res.reasons.append(f"spills ({res.spill_store_bytes} B stored, {res.spill_load_bytes} B loaded)")
+    if res.ldl_stl_instructions:
+        res.reasons.append(f"{res.ldl_stl_instructions} LDL/STL instructions")
+    target = res.target_instructions_per_byte
+    if target is not None and res.instructions_per_byte > target:
+        res.reasons.append(f"{res.instructions_per_byte} instructions/byte > {target}")
+    res.verdict = "PASS" if not res.reasons else "FAIL"
+    return res
+
+
+# --------------------------------------------------------------------------- discovery
+
+def collect_entries() -> tuple[list[tuple[str, object]], list[tuple[str, str]]]:
+    """(module, ReportEntry) pairs from every gpucrypt.kernels.* module, and (module, reason) skips."""
+    import gpucrypt.kernels as pkg
+
+    entries, skipped = [], []
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        try:
+            mod = importlib.import_module(f"gpucrypt.kernels.{info.name}")
+        except Exception as exc:
+            skipped.append((info.name, f"import failed: {type(exc).__name__}: {exc}"))
+            continue
+        report = getattr(mod, "KERNEL_REPORT", None)
+        if not report:
+            skipped.append((info.name, "no KERNEL_REPORT"))
+            continue
+        entries.extend((info.name, entry) for entry in report)
+    return entries, skipped
+
+
+def _fmt_mem(counts: dict) -> str:
+    return ", ".join(f"{n}x {op}" for op, n in sorted(counts.items())) or "none"
+
+
+def print_table(results: list[KernelResult], skipped: list[tuple[str, str]]) -> None:
+    print("gpucrypt kernel report (sm_90, static SASS; method in benchmarks/kernel_report.py)")
+    print()
+    for r in results:
+        print(f"[{r.verdict}] {r.module}.{r.name}" + (f"  ({r.note})" if r.note else ""))
+        if r.error:
+            print(f"    error: {r.error}")
+            continue
+        target = f" (target <= {r.target_instructions_per_byte})" if r.target_instructions_per_byte else ""
+        print(f"    registers/thread      {r.registers}")
+        print(f"    stack / spills        {r.stack_frame_bytes} B stack, {r.spill_store_bytes} B spill stores, "
+              f"{r.spill_load_bytes} B spill loads; {r.ldl_stl_instructions} LDL/STL; {r.shared_bytes} B shared")
+        print(f"    instructions/byte     {r.instructions_per_byte}{target}: hot path {r.hot_path_instructions} "
+              f"/ {r.bytes_per_iteration} B (loop body {r.loop_body_instructions}, kernel {r.total_instructions})")
+        if r.inner_loops_on_hot_path:
+            print(f"    warning               {r.inner_loops_on_hot_path} inner loop(s) on the hot path counted once: "
+                  "instructions/byte is a lower bound")
+        if r.inner_loops_in_body:
+            print(f"    note                  {r.inner_loops_in_body} inner loop(s) in the loop body; the hot path "
+                  "takes none of their back edges, so check it is the path real data takes")
+        print(f"    hot-path loads        {_fmt_mem(r.hot_path_global_loads)}  (128-bit: {r.wide_global_loads})")
+        print(f"    hot-path stores       {_fmt_mem(r.hot_path_global_stores)}  (128-bit: {r.wide_global_stores})")
+        for reason in r.reasons:
+            print(f"    FAIL because          {reason}")
+    for name, reason in skipped:
+        print(f"[SKIP] {name}: {reason}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--sass-dir", metavar="DIR", help="keep each kernel's SASS listing here")
+    parser.add_argument("--only", metavar="NAME", action="append",
+                        help="measure only kernels whose module or kernel name is NAME (repeatable)")
+    args = parser.parse_args(argv)
+
+    if "numba" in sys.modules and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        print("numba was imported with the simulator on; run this script in its own process", file=sys.stderr)
+        return 2
+    os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
+    if not os.environ.get("CUDA_HOME"):
+        toolkit = next((p for p in ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+                        if os.path.isdir(p)), None)
+        if toolkit:
+            os.environ["CUDA_HOME"] = toolkit  # lets numba find NVVM without a driver
+
+    tools = {name: find_tool(name) for name in ("ptxas", "nvdisasm", "cuobjdump")}
+    missing = []
+    if not tools["ptxas"]:
+        missing.append("ptxas")
+    if not tools["nvdisasm"] and not tools["cuobjdump"]:
+        missing.append("nvdisasm")
+    if not tools["nvdisasm"] and tools["cuobjdump"]:
+        # cuobjdump -sass runs nvdisasm itself; without it, it prints nothing.
+        missing.append("nvdisasm")
+    if missing:
+        for name in missing:
+            print(f"missing tool: {name}; install with `pip install {TOOL_PACKAGES[name]}`", file=sys.stderr)
+        return 2
+
+    entries, skipped = collect_entries()
+    if args.only:
+        entries = [(m, e) for m, e in entries if m in args.only or e.name in args.only]
+    with tempfile.TemporaryDirectory(prefix="gpucrypt-kernel-report-") as workdir:
+        results = [measure(module, entry, tools, workdir, args.sass_dir) for module, entry in entries]
+    print_table(results, skipped)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"tools": tools, "results": [asdict(r) for r in results],
+                       "skipped": [{"module": m, "reason": r} for m, r in skipped]}, f, indent=2)
+    return 0 if results and all(r.verdict == "PASS" for r in results) else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception:
+        traceback.print_exc()
+        sys.exit(2)
