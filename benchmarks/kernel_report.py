@@ -277,10 +277,15 @@ def _width_counts(ops: list[str], prefix: str) -> dict:
 
 
 def _is_wide(counts: dict) -> bool | None:
-    """All accesses 128-bit? None when there are none."""
+    """Data moved 16 bytes at a time: some 128-bit accesses and no sub-word ones.
+
+    (A 64-bit load of a prefix-sum entry beside them is bookkeeping, not data.)
+    None when there are no global accesses at all.
+    """
     if not counts:
         return None
-    return all(".128" in op for op in counts)
+    narrow = any(op.split(".")[-1] in ("U8", "S8", "U16", "S16") for op in counts)
+    return any(".128" in op for op in counts) and not narrow
 
 
 def measure(module: str, entry, tools: dict, workdir: str, sass_dir: str | None) -> KernelResult:
