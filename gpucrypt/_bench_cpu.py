@@ -16,8 +16,8 @@ buffer per thread and implementation. A 1 GiB cell with two threads therefore
 holds about 4 GiB.
 
 Timing (:func:`time_host`): one warm-up call, a calibration run of at least 5 ms
-(unless the warm-up itself took 0.1 s or more), then up to :data:`TARGET_REPETITIONS` repetitions of a loop sized to fill the
-per-cell budget; the result is the median seconds per operation. With ``threads``
+(unless the warm-up itself took 0.1 s or more), then :data:`TARGET_REPETITIONS` repetitions (more for budgets over 0.14 s, up to
+:data:`MAX_REPETITIONS`) of a loop sized to fill the per-cell budget; the result is the median seconds per operation. With ``threads``
 > 1 every thread runs its own operation on its own buffers, started together
 behind a barrier; a repetition lasts until the last thread finishes.
 """
@@ -35,6 +35,10 @@ Operation = Callable[[], object]
 
 #: Repetitions per cell when the budget allows; the median of these is reported.
 TARGET_REPETITIONS = 7
+#: Longer budgets buy more repetitions (one per this many seconds), up to MAX_REPETITIONS:
+#: short repetitions let the median step over bursts of load on a shared machine.
+REPETITION_SECONDS = 0.02
+MAX_REPETITIONS = 31
 #: Fewest repetitions per cell, even when one call is longer than the budget.
 MIN_REPETITIONS = 3
 #: Calibration runs at least this long before the loop size is chosen.
@@ -344,9 +348,10 @@ def plan_loop(seconds_per_call: float, budget: float) -> tuple[int, int]:
     budget (a median of fewer is not a median).
     """
     per_call = max(seconds_per_call, 1e-9)
-    if per_call * TARGET_REPETITIONS <= budget:
-        return TARGET_REPETITIONS, max(1, int(budget / TARGET_REPETITIONS / per_call))
-    return max(MIN_REPETITIONS, min(TARGET_REPETITIONS, int(budget / per_call))), 1
+    target = max(TARGET_REPETITIONS, min(MAX_REPETITIONS, int(budget / REPETITION_SECONDS)))
+    if per_call * target <= budget:
+        return target, max(1, int(budget / target / per_call))
+    return max(MIN_REPETITIONS, min(target, int(budget / per_call))), 1
 
 
 def calibrate(op: Operation) -> float:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from gpucrypt import bench
-from gpucrypt._bench_cpu import MIN_REPETITIONS, TARGET_REPETITIONS, plan_loop
+from gpucrypt._bench_cpu import MAX_REPETITIONS, MIN_REPETITIONS, TARGET_REPETITIONS, plan_loop
 from gpucrypt.cli import main
 
 TINY = ["--seconds", "0.01", "--sizes", "16,64"]
@@ -61,7 +61,9 @@ def test_size_presets():
 
 
 def test_plan_loop_keeps_a_median():
-    assert plan_loop(1e-6, 0.2) == (TARGET_REPETITIONS, int(0.2 / TARGET_REPETITIONS / 1e-6))
+    assert plan_loop(1e-6, 0.1) == (TARGET_REPETITIONS, int(0.1 / TARGET_REPETITIONS / 1e-6))
+    reps, iters = plan_loop(1e-6, 1.0)  # a longer budget buys more, shorter repetitions
+    assert TARGET_REPETITIONS < reps <= MAX_REPETITIONS and reps * iters * 1e-6 == pytest.approx(1.0, rel=0.01)
     assert plan_loop(10.0, 0.2) == (MIN_REPETITIONS, 1)  # slower than the budget: still 3
     reps, iters = plan_loop(0.05, 0.2)
     assert iters == 1 and MIN_REPETITIONS <= reps <= TARGET_REPETITIONS
