@@ -23,6 +23,8 @@ SUBCOMMANDS = {
     "keys": "gpucrypt._cli_keys:add_keys",
     "rekey": "gpucrypt._cli_keys:add_rekey",
     "bench": "gpucrypt._cli_bench:add_bench",
+    "encrypt-model": "gpucrypt._cli_models:add_encrypt_model",
+    "decrypt-model": "gpucrypt._cli_models:add_decrypt_model",
 }
 
 

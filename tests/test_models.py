@@ -1,0 +1,488 @@
+"""gpucrypt.models: encrypted model files (docs/MODEL_FORMAT.md) and the encrypt-model /
+decrypt-model command line.
+
+The model is a small ``torch.nn`` network built here, plus bfloat16, 0-d and empty
+tensors; segments are 4 KiB so that tensors span several segments. The GPU path runs
+in numba's simulator on NumPy "device" arrays, on a handful of segments only.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from gpucrypt import models, stream
+from gpucrypt.cli import main as cli
+from gpucrypt.stream import AuthenticationError, FormatError, TruncatedError, UnsupportedVersion
+
+SEG = 4096
+KEY = bytes(range(32))
+ALGS = ("chacha20-poly1305", "xchacha20-poly1305", "aes-256-gcm")
+
+
+def model_tensors() -> dict:
+    """A real model's weights (float32), bfloat16 copies of some, a 0-d and an empty tensor."""
+    torch.manual_seed(7)
+    net = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.LayerNorm(40), torch.nn.ReLU(),
+                              torch.nn.Linear(40, 10))
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    state["0.weight.bf16"] = state["0.weight"].to(torch.bfloat16)   # 3840 B: one short segment
+    state["3.weight.bf16"] = state["3.weight"].to(torch.bfloat16)
+    state["step"] = torch.tensor(1234, dtype=torch.int64)           # 0-d
+    state["empty"] = torch.empty(0, 4)                               # no segment at all
+    state["big"] = torch.randn(3, 1500)                              # 18000 B: 5 segments
+    return state
+
+
+def raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def assert_identical(got: dict, want: dict, ordered: bool = True) -> None:
+    assert list(got) == list(want) if ordered else sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and tuple(got[name].shape) == tuple(t.shape), name
+        assert raw(got[name]) == raw(t), name
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "model.gcsafetensors"
+    tensors = model_tensors()
+    models.save_encrypted(tensors, path, KEY, {"arch": "mlp"}, segment_size=SEG, device="cpu")
+    return path, tensors
+
+
+# ------------------------------------------------------------------ round trips
+@pytest.mark.parametrize("encrypt_names", [False, True])
+@pytest.mark.parametrize("algorithm", ALGS)
+def test_round_trip_cpu(tmp_path, algorithm, encrypt_names):
+    path = tmp_path / "m"
+    tensors = model_tensors()
+    header = models.save_encrypted(tensors, path, KEY, {"arch": "mlp", "note": "é"},
+                                   algorithm=algorithm, encrypt_names=encrypt_names,
+                                   segment_size=SEG, device="cpu", threads=2)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.path.getsize(path) == header.file_length
+    got = models.load_encrypted(path, KEY, "cpu", threads=2)
+    assert_identical(got, tensors)
+    assert all(g.device.type == "cpu" for g in got.values())
+    # every tensor is its own allocation (safetensors can save them; each frees alone)
+    pointers = [g.data_ptr() for g in got.values() if g.numel()]
+    assert len(set(pointers)) == len(pointers)
+    verified = models.read_header(path, KEY)
+    assert verified.verified and verified.metadata == {"arch": "mlp", "note": "é"}
+    plain = models.read_header(path)
+    assert not plain.verified
+    if encrypt_names:
+        assert plain.tensors is None and b"weight" not in path.read_bytes()
+    else:
+        assert [t.name for t in plain.tensors] == list(tensors)
+        assert plain.tensors[list(tensors).index("big")].shape == (3, 1500)
+
+
+def test_numpy_framework_and_one_thread(tmp_path):
+    tensors = {"a": np.arange(3000, dtype=np.float32).reshape(30, 100),
+               "b": np.array(7, dtype=np.uint8), "c": np.zeros((2, 0), np.int16)}
+    models.save_encrypted(tensors, tmp_path / "m", KEY, segment_size=SEG, device="cpu")
+    got = models.load_encrypted(tmp_path / "m", KEY, "cpu", framework="numpy", threads=1)
+    for name, x in tensors.items():
+        assert isinstance(got[name], np.ndarray) and got[name].dtype == x.dtype
+        assert got[name].shape == x.shape and got[name].tobytes() == x.tobytes()
+
+
+def test_fresh_salt_and_prefix_per_file(tmp_path):
+    tensors = {"w": torch.ones(10)}
+    for name in ("a", "b"):
+        models.save_encrypted(tensors, tmp_path / name, KEY, segment_size=SEG, device="cpu")
+    a, b = models.read_header(tmp_path / "a"), models.read_header(tmp_path / "b")
+    assert a.salt != b.salt and a.nonce_prefix != b.nonce_prefix
+    assert (tmp_path / "a").read_bytes()[a.header_length:] != (tmp_path / "b").read_bytes()[b.header_length:]
+
+
+def test_independent_decoder(saved):
+    """Decode a file from docs/MODEL_FORMAT.md alone, with ``cryptography`` directly."""
+    path, tensors = saved
+    blob = path.read_bytes()
+    magic, version, alg, log2, flags, salt, t_len, d_len = struct.unpack(">8sBBBB32sQQ", blob[:60])
+    assert (magic, version, alg, flags) == (b"GPUCMODL", 1, 1, 0)
+    fixed = blob[:67]
+    prefix = blob[60:67]
+    pos = 67
+    (k_len,) = struct.unpack(">H", blob[pos:pos + 2]); pos += 2 + k_len
+    (e_len,) = struct.unpack(">I", blob[pos:pos + 4]); pos += 4 + e_len
+    table = blob[pos:pos + t_len]; pos += t_len
+    mac, header_end = blob[pos:pos + 32], pos + 32
+
+    def hkdf(info):
+        return HKDF(hashes.SHA256(), 32, salt, info + fixed).derive(KEY)
+
+    assert hmac.compare_digest(mac, hmac.new(hkdf(b"gpucrypt model v1 header mac"),
+                                             blob[:pos], hashlib.sha256).digest())
+    doc = json.loads(table)
+    assert doc.pop("__metadata__") == {"arch": "mlp"}
+    entries = sorted(doc.items(), key=lambda kv: kv[1]["data_offsets"])
+    aead = ChaCha20Poly1305(hkdf(b"gpucrypt model v1 segment key"))
+    aad = fixed + hashlib.sha256(table).digest()
+    S, index, data = 1 << log2, 0, blob[header_end:header_end + d_len]
+    n = sum(-(-(e["data_offsets"][1] - e["data_offsets"][0]) // S) for _, e in entries)
+    assert len(blob) == header_end + d_len + 16 * n
+    for name, e in entries:
+        begin, end = e["data_offsets"]
+        plain = b""
+        for start in range(begin, end, S):
+            ct = data[start:min(start + S, end)]
+            tag = blob[header_end + d_len + 16 * index:][:16]
+            nonce = prefix + struct.pack(">I", index) + (b"\x01" if index == n - 1 else b"\x00")
+            plain += aead.decrypt(nonce, ct + tag, aad)
+            index += 1
+        assert plain == raw(tensors[name]), name
+        assert e["dtype"] == str(tensors[name].dtype).removeprefix("torch.")
+    assert index == n
+
+
+def test_envelope_slot_with_keys_recipients(tmp_path):
+    from gpucrypt.keys import Identity, generate_dek, open_envelope, seal_envelope
+
+    identity = Identity.generate()
+    dek = generate_dek()
+    tensors = {"w": torch.randn(100)}
+    models.save_encrypted(tensors, tmp_path / "m", dek, key_id="team-a", device="cpu",
+                          envelope=seal_envelope(dek, [identity.recipient]))
+    header = models.read_header(tmp_path / "m")
+    assert header.key_id == "team-a"
+    key = open_envelope(header.envelope, [identity])
+    assert_identical(models.load_encrypted(tmp_path / "m", key, "cpu"), tensors)
+
+
+def test_argument_errors(tmp_path):
+    t = {"w": torch.ones(3)}
+    with pytest.raises(ValueError, match="32 bytes"):
+        models.save_encrypted(t, tmp_path / "m", b"short")
+    with pytest.raises(ValueError, match="algorithm"):
+        models.save_encrypted(t, tmp_path / "m", KEY, algorithm="rot13")
+    with pytest.raises(ValueError, match="power of two"):
+        models.save_encrypted(t, tmp_path / "m", KEY, segment_size=1000)
+    with pytest.raises(TypeError, match="metadata"):
+        models.save_encrypted(t, tmp_path / "m", KEY, {"a": 1})
+    with pytest.raises(ValueError, match="__metadata__"):
+        models.save_encrypted({"__metadata__": torch.ones(1)}, tmp_path / "m", KEY)
+    with pytest.raises(TypeError, match="expected a tensor"):
+        models.save_encrypted({"w": [1, 2, 3]}, tmp_path / "m", KEY)
+    assert os.listdir(tmp_path) == []  # nothing left behind, not even a temporary file
+    models.save_encrypted(t, tmp_path / "m", KEY, device="cpu")
+    with pytest.raises(ValueError, match="framework"):
+        models.load_encrypted(tmp_path / "m", KEY, "cpu", framework="jax")
+    with pytest.raises(ValueError, match="device"):
+        models.load_encrypted(tmp_path / "m", KEY, "tpu")
+    with pytest.raises(ValueError, match="CuPy arrays live on the GPU"):
+        models.load_encrypted(tmp_path / "m", KEY, "cpu", framework="cupy")
+
+
+def test_non_contiguous_tensors_are_saved_as_their_values(tmp_path):
+    x = torch.arange(20, dtype=torch.float32).reshape(4, 5)
+    models.save_encrypted({"t": x.t()}, tmp_path / "m", KEY, device="cpu")
+    assert torch.equal(models.load_encrypted(tmp_path / "m", KEY, "cpu")["t"], x.t())
+
+
+# ------------------------------------------------------------------ damage
+def header_length(path) -> int:
+    return models.read_header(path).header_length
+
+
+def flip(path, offset: int, bit: int = 0) -> None:
+    blob = bytearray(path.read_bytes())
+    blob[offset] ^= 1 << bit
+    path.write_bytes(bytes(blob))
+
+
+def load_fails(path, exc, match, key=KEY):
+    result = None
+    with pytest.raises(exc, match=match) as info:
+        result = models.load_encrypted(path, key, "cpu")
+    assert result is None
+    return info.value
+
+
+def test_wrong_key(saved):
+    err = load_fails(saved[0], AuthenticationError, "header authentication failed: wrong key",
+                     key=bytes(32))
+    assert err.segment is None
+
+
+@pytest.mark.parametrize("where", ["algorithm", "flags", "salt", "data length", "prefix",
+                                   "key id length", "table", "mac"])
+def test_flipped_bit_in_header(saved, where):
+    path, _ = saved
+    h = models.read_header(path)
+    offsets = {"algorithm": 9, "flags": 11, "salt": 20, "data length": 59, "prefix": 62,
+               "key id length": 68, "table": h.header_length - 32 - 10,
+               "mac": h.header_length - 1}
+    flip(path, offsets[where])
+    with pytest.raises(stream.StreamError) as info:
+        models.load_encrypted(path, KEY, "cpu")
+    # a header field changed: either the parser refuses it or the MAC does, never a segment
+    assert isinstance(info.value, (AuthenticationError, FormatError))
+    assert getattr(info.value, "segment", None) is None
+
+
+def test_every_header_byte_is_authenticated(tmp_path):
+    path = tmp_path / "m"
+    models.save_encrypted({"w": torch.ones(8)}, path, KEY, {"k": "v"}, key_id="id",
+                          envelope=b"env", device="cpu")
+    original = path.read_bytes()
+    for offset in range(header_length(path)):
+        path.write_bytes(original[:offset] + bytes([original[offset] ^ 0x40]) + original[offset + 1:])
+        with pytest.raises(stream.StreamError):
+            models.load_encrypted(path, KEY, "cpu")
+
+
+@pytest.mark.parametrize("encrypt_names", [False, True])
+def test_renamed_tensor(tmp_path, encrypt_names):
+    path = tmp_path / "m"
+    models.save_encrypted({"layer.weight": torch.ones(4), "layer.bias": torch.zeros(4)}, path,
+                          KEY, encrypt_names=encrypt_names, device="cpu")
+    blob = path.read_bytes()
+    if encrypt_names:  # a bit of the encrypted table (names are inside it)
+        flip(path, header_length(path) - 32 - 20)
+    else:
+        assert blob.count(b"layer.weight") == 1
+        path.write_bytes(blob.replace(b"layer.weight", b"layer.wEight"))
+    load_fails(path, AuthenticationError, "header authentication failed")
+
+
+@pytest.mark.parametrize("region", ["data", "tag"])
+def test_flipped_bit_in_data_or_tag(saved, region):
+    path, tensors = saved
+    h = models.read_header(path)
+    big = next(t for t in h.tensors if t.name == "big")
+    first_big_segment = sum(-(-t.nbytes // SEG) for t in h.tensors if t.begin < big.begin)
+    if region == "data":
+        flip(path, h.header_length + big.begin + SEG + 5, 3)   # inside big's second segment
+        index = first_big_segment + 1
+    else:
+        index = first_big_segment + 2
+        flip(path, h.header_length + h.data_length + 16 * index + 15, 7)
+    err = load_fails(path, AuthenticationError, r"segment \d+ \(tensor 'big'")
+    assert err.segment == index
+
+
+def test_swapped_tensors_data(tmp_path):
+    """Two tensors of the same size: swap their ciphertext, and their tags along with it."""
+    path = tmp_path / "m"
+    a, b = torch.randn(SEG // 4), torch.randn(SEG // 4)
+    models.save_encrypted({"a": a, "b": b}, path, KEY, segment_size=SEG, device="cpu")
+    h = models.read_header(path)
+    blob = bytearray(path.read_bytes())
+    H, D = h.header_length, h.data_length
+    blob[H:H + SEG], blob[H + SEG:H + 2 * SEG] = blob[H + SEG:H + 2 * SEG], blob[H:H + SEG]
+    t = H + D
+    blob[t:t + 16], blob[t + 16:t + 32] = blob[t + 16:t + 32], blob[t:t + 16]
+    path.write_bytes(bytes(blob))
+    load_fails(path, AuthenticationError, "segment 0")
+
+
+def test_segment_spliced_from_another_file(tmp_path):
+    tensors = {"w": torch.randn(SEG // 4)}
+    for name in ("a", "b"):
+        models.save_encrypted(tensors, tmp_path / name, KEY, segment_size=SEG, device="cpu")
+    ha = header_length(tmp_path / "a")
+    hb = header_length(tmp_path / "b")
+    a, b = (tmp_path / "a").read_bytes(), (tmp_path / "b").read_bytes()
+    (tmp_path / "a").write_bytes(a[:ha] + b[hb:])
+    load_fails(tmp_path / "a", AuthenticationError, "segment 0")
+
+
+@pytest.mark.parametrize("cut", [1, 16, 17, 1000, "header", "fixed"])
+def test_truncated_file(saved, cut):
+    path, _ = saved
+    blob = path.read_bytes()
+    h = header_length(path)
+    end = {"header": h - 5, "fixed": 30}.get(cut, None)
+    path.write_bytes(blob[:end] if end is not None else blob[:-cut])
+    load_fails(path, TruncatedError, "truncated file")
+
+
+def test_appended_bytes(saved):
+    path, _ = saved
+    path.write_bytes(path.read_bytes() + b"\x00" * 16)
+    load_fails(path, FormatError, "after its last tag")
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("stream", "gpucrypt stream file, not a model file"),
+    ("safetensors", "plain \\(unencrypted\\) safetensors file"),
+    ("garbage", "wrong magic"),
+    ("empty", "it is empty"),
+    ("future", "unsupported gpucrypt model format version 2"),
+])
+def test_other_formats(tmp_path, kind, match):
+    path = tmp_path / "f"
+    if kind == "stream":
+        stream.encrypt(b"hello", path, KEY)
+    elif kind == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.ones(3)}, str(path))
+    elif kind == "garbage":
+        path.write_bytes(os.urandom(200))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    else:
+        models.save_encrypted({"w": torch.ones(3)}, path, KEY, device="cpu")
+        flip(path, 8, 1)  # version 1 -> 3
+        match = "unsupported gpucrypt model format version 3"
+    exc = UnsupportedVersion if kind == "future" else FormatError
+    load_fails(path, exc, match)
+    with pytest.raises(exc):
+        models.read_header(path)
+
+
+# ------------------------------------------------------------------ GPU path (simulator)
+@pytest.fixture
+def gpu_files(tmp_path, monkeypatch, on_cudasim):
+    if not on_cudasim:
+        pytest.skip("NumPy arrays stand in for device memory only in the simulator; "
+                    "test_torch_cuda_load covers a real GPU")
+    from gpucrypt.backends import get_backend
+
+    get_backend("gpu")
+    monkeypatch.setattr(models, "_GPU_BATCH_BYTES", SEG)  # two batches of the four segments
+    tensors = {"w": np.arange(1600, dtype=np.float32).reshape(40, 40), "s": np.array(2.5),
+               "e": np.zeros((0, 3), np.int32), "b": np.arange(7, dtype=np.int64)}
+    path = tmp_path / "m"
+    models.save_encrypted(tensors, path, KEY, segment_size=SEG, device="cpu")
+    return path, tensors
+
+
+def count_open_batch(monkeypatch):
+    from gpucrypt.backends import get_backend
+
+    gpu = get_backend("gpu")
+    calls = []
+    real = gpu.open_batch
+
+    def spy(*args, **kw):
+        calls.append(len(args[1]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gpu, "open_batch", spy)
+    return calls
+
+
+@pytest.mark.cudasim
+def test_gpu_load_in_place_in_batches(gpu_files, monkeypatch):
+    path, tensors = gpu_files
+    calls = count_open_batch(monkeypatch)
+    got = models.load_encrypted(path, KEY, "cuda", framework="numpy")
+    # w (6400 B) is segments of 4096 and 2304 B; s and b one short segment each; e none.
+    # Batches hold up to 4096 B: [w0], then [w1, s, b] (both staging buffers used)
+    assert calls == [1, 3]
+    for name, x in tensors.items():
+        assert got[name].dtype == x.dtype and got[name].shape == x.shape
+        assert got[name].tobytes() == x.tobytes(), name
+
+
+@pytest.mark.cudasim
+def test_gpu_load_detects_tampering(gpu_files):
+    path, _ = gpu_files
+    h = models.read_header(path)
+    flip(path, h.header_length + SEG + 3)  # w's second segment
+    result = None
+    with pytest.raises(AuthenticationError, match="segment 1 \\(tensor 'w'") as info:
+        result = models.load_encrypted(path, KEY, "cuda", framework="numpy")
+    assert result is None and info.value.segment == 1
+
+
+@pytest.mark.cudasim
+def test_gpu_save_matches_cpu_load(gpu_files, tmp_path):
+    _, tensors = gpu_files
+    models.save_encrypted(tensors, tmp_path / "g", KEY, segment_size=SEG, device="gpu",
+                          algorithm="aes-256-gcm")
+    got = models.load_encrypted(tmp_path / "g", KEY, "cpu", framework="numpy")
+    for name, x in tensors.items():
+        assert got[name].tobytes() == x.tobytes(), name
+
+
+@pytest.mark.gpu
+def test_torch_cuda_load(saved):
+    path, tensors = saved
+    got = models.load_encrypted(path, KEY, "cuda")
+    assert all(g.is_cuda for g in got.values())
+    assert_identical({k: v.cpu() for k, v in got.items()}, tensors)
+
+
+# ------------------------------------------------------------------ command line
+@pytest.fixture
+def st_file(tmp_path):
+    from safetensors.torch import save_file
+
+    key = os.urandom(32)
+    (tmp_path / "key").write_bytes(key)
+    tensors = model_tensors()
+    tensors.pop("empty")
+    save_file(tensors, str(tmp_path / "m.safetensors"), metadata={"format": "pt"})
+    return tmp_path, tensors
+
+
+@pytest.mark.parametrize("extra", [[], ["--encrypt-names", "--algorithm", "aes-256-gcm"]])
+def test_cli_round_trip_is_byte_identical(st_file, extra):
+    d, tensors = st_file
+    assert cli(["encrypt-model", "--key-file", str(d / "key"), "--segment-size", "4KiB",
+                "--device", "cpu", *extra, str(d / "m.safetensors"), str(d / "m.gc")]) == 0
+    assert b"0.weight" not in (d / "m.gc").read_bytes() or not extra
+    # safetensors hands the tensors over in its own order (sorted), which the file keeps
+    assert_identical(models.load_encrypted(d / "m.gc", (d / "key").read_bytes(), "cpu"), tensors,
+                     ordered=False)
+    assert cli(["decrypt-model", "--key-file", str(d / "key"), str(d / "m.gc"),
+                str(d / "back.safetensors")]) == 0
+    assert (d / "back.safetensors").read_bytes() == (d / "m.safetensors").read_bytes()
+
+
+def test_cli_recipients(st_file, capsys):
+    d, tensors = st_file
+    assert cli(["keygen", "--public", "--out", str(d / "id.json")]) == 0
+    assert cli(["encrypt-model", "-r", str(d / "id.json.pub"), str(d / "m.safetensors"),
+                str(d / "m.gc")]) == 0
+    assert models.read_header(d / "m.gc").envelope
+    assert cli(["decrypt-model", "-i", str(d / "id.json"), str(d / "m.gc"),
+                str(d / "back.safetensors")]) == 0
+    assert (d / "back.safetensors").read_bytes() == (d / "m.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("case, code, message", [
+    ("wrong key", 1, "wrong key or tampered"),
+    ("not a model", 1, "plain \\(unencrypted\\) safetensors"),
+    ("not safetensors", 1, "not a readable safetensors file"),
+    ("exists", 2, "--force"),
+    ("no key", 2, "no key given"),
+    ("missing input", 2, "input file not found"),
+])
+def test_cli_errors(st_file, capsys, case, code, message):
+    d, _ = st_file
+    key = ["--key-file", str(d / "key")]
+    cli(["encrypt-model", *key, str(d / "m.safetensors"), str(d / "m.gc")])
+    capsys.readouterr()
+    (d / "wrong").write_bytes(bytes(32))
+    argv = {
+        "wrong key": ["decrypt-model", "--key-file", str(d / "wrong"), str(d / "m.gc"), str(d / "o")],
+        "not a model": ["decrypt-model", *key, str(d / "m.safetensors"), str(d / "o")],
+        "not safetensors": ["encrypt-model", *key, str(d / "m.gc"), str(d / "o")],
+        "exists": ["encrypt-model", *key, str(d / "m.safetensors"), str(d / "m.gc")],
+        "no key": ["encrypt-model", str(d / "m.safetensors"), str(d / "o")],
+        "missing input": ["decrypt-model", *key, str(d / "nope"), str(d / "o")],
+    }[case]
+    assert cli(argv) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert __import__("re").search(message, err), err
+    assert not (d / "o").exists()
