@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from cryptography.exceptions import InvalidTag
 
-from .aead import AESGCM, ChaCha20Poly1305, XChaCha20Poly1305
+from .aead import AESGCM, BatchInvalidTag, ChaCha20Poly1305, XChaCha20Poly1305
 from .backends import BackendUnavailable
 from ._info import info
 from .tensor import (EncryptedTensor, NonceSequence, TensorCipher, decrypt_tensor,
@@ -18,7 +18,7 @@ from .tensor import (EncryptedTensor, NonceSequence, TensorCipher, decrypt_tenso
 
 __version__ = "0.1.0"
 
-__all__ = ["ChaCha20Poly1305", "XChaCha20Poly1305", "AESGCM", "InvalidTag",
+__all__ = ["ChaCha20Poly1305", "XChaCha20Poly1305", "AESGCM", "InvalidTag", "BatchInvalidTag",
            "BackendUnavailable", "info", "__version__"]
 __all__ += ["encrypt_tensor", "decrypt_tensor", "encrypt_tensors", "decrypt_tensors",
             "EncryptedTensor", "NonceSequence", "TensorCipher"]

@@ -28,7 +28,19 @@ from ._buffers import optional_readable, readable, writable
 from ._host_primitives import hchacha20
 from .backends import AeadContext, Backend, select_backend
 
-__all__ = ["ChaCha20Poly1305", "XChaCha20Poly1305", "AESGCM", "InvalidTag"]
+__all__ = ["ChaCha20Poly1305", "XChaCha20Poly1305", "AESGCM", "InvalidTag", "BatchInvalidTag"]
+
+
+class BatchInvalidTag(InvalidTag):
+    """Some messages of a ``decrypt_many`` batch failed authentication.
+
+    ``failed`` lists their indices. No plaintext of the batch was returned.
+    """
+
+    def __init__(self, failed: list[int]):
+        super().__init__(f"{len(failed)} message(s) failed authentication: indices {failed[:20]}"
+                         + (" ..." if len(failed) > 20 else ""))
+        self.failed = failed
 
 
 def _key_bytes(key: Any) -> bytes:
@@ -129,6 +141,55 @@ class _Aead:
         self._decrypt_views(nonce, src, associated_data, out)
         return len(out)
 
+    # --- batches: one launch per step on the GPU ---
+    def encrypt_many(self, messages: Any) -> list[bytes]:
+        """``encrypt`` over an iterable of ``(nonce, data, associated_data)``, as one batch.
+
+        On the GPU the whole list is one host-to-device copy and one launch per step.
+        Reusing a nonce under one key within (or across) batches is the caller's error
+        to avoid, as with ``encrypt``.
+        """
+        nonces, datas, aads = self._prepare_many(messages, tag_len=0)
+        backend = select_backend(self._device, sum(len(d) for d in datas))
+        return [bytes(x) for x in backend.seal_many(self._batch_algorithm, self._key, nonces, datas, aads)]
+
+    def decrypt_many(self, messages: Any, *, allow_failures: bool = False) -> list:
+        """``decrypt`` over an iterable of ``(nonce, data, associated_data)``, as one batch.
+
+        If any message fails authentication: raises :class:`BatchInvalidTag` naming them
+        and returns nothing, or with ``allow_failures=True`` returns ``None`` in their
+        places (their plaintext is never released).
+        """
+        nonces, datas, aads = self._prepare_many(messages, tag_len=_limits.TAG_SIZE)
+        backend = select_backend(self._device, sum(len(d) for d in datas))
+        plain = backend.open_many(self._batch_algorithm, self._key, nonces, datas, aads)
+        failed = [i for i, p in enumerate(plain) if p is None]
+        if failed and not allow_failures:
+            raise BatchInvalidTag(failed)
+        return [None if p is None else bytes(p) for p in plain]
+
+    @property
+    def _batch_algorithm(self) -> str:
+        return self._algorithm
+
+    def _prepare_many(self, messages, tag_len: int):
+        nonces, datas, aads = [], [], []
+        for item in messages:
+            try:
+                nonce, data, associated_data = item
+            except (TypeError, ValueError):
+                raise TypeError("each message must be a (nonce, data, associated_data) tuple") from None
+            nonce = _nonce_bytes(nonce)
+            self._check_nonce(nonce)
+            src = readable(data)
+            aad = optional_readable(associated_data, "associated_data")
+            _limits.check_length("data", max(len(src) - tag_len, 0), self._max_data, self._display)
+            _limits.check_length("associated_data", len(aad), self._max_aad, self._display)
+            nonces.append(nonce)
+            datas.append(src)
+            aads.append(bytes(aad))
+        return nonces, datas, aads
+
     def _encrypt_views(self, nonce, src, associated_data, out):
         ctx, nonce, aad = self._prepare(nonce, src, associated_data, len(src))
         ctx.seal(nonce, src, aad, out)
@@ -178,6 +239,10 @@ class XChaCha20Poly1305(ChaCha20Poly1305):
 
     def _backend_key_nonce(self, nonce):
         return hchacha20(self._key, nonce[:16]), b"\x00\x00\x00\x00" + nonce[16:]
+
+    @property
+    def _batch_algorithm(self) -> str:
+        return "xchacha20-poly1305"
 
 
 class AESGCM(_Aead):

@@ -45,6 +45,44 @@ class Backend(ABC):
     def aead(self, algorithm: str, key: bytes) -> AeadContext:
         """A context for ``algorithm`` (one of :data:`AEAD_ALGORITHMS`) under ``key``."""
 
+    def seal_many(self, algorithm: str, key: bytes, nonces: list, datas: list, aads: list) -> list:
+        """``ciphertext || tag`` (bytearray) of each message; ``algorithm`` may also be
+        ``"xchacha20-poly1305"``. This default runs the messages one by one; batching
+        backends (the GPU) override it with one launch per step for the whole list."""
+        out = []
+        for nonce, data, aad in zip(nonces, datas, aads):
+            ctx, nonce = self._context_for(algorithm, key, nonce)
+            buf = bytearray(len(data) + 16)
+            ctx.seal(nonce, data, aad, memoryview(buf))
+            out.append(buf)
+        return out
+
+    def open_many(self, algorithm: str, key: bytes, nonces: list, datas: list, aads: list) -> list:
+        """The plaintext (bytearray) of each message, or ``None`` where its tag failed."""
+        from cryptography.exceptions import InvalidTag
+
+        out = []
+        for nonce, data, aad in zip(nonces, datas, aads):
+            if len(data) < 16:
+                out.append(None)
+                continue
+            ctx, nonce = self._context_for(algorithm, key, nonce)
+            buf = bytearray(len(data) - 16)
+            try:
+                ctx.open(nonce, data, aad, memoryview(buf))
+            except InvalidTag:
+                out.append(None)
+                continue
+            out.append(buf)
+        return out
+
+    def _context_for(self, algorithm: str, key: bytes, nonce: bytes):
+        if algorithm == "xchacha20-poly1305":
+            from .._host_primitives import hchacha20
+
+            return self.aead("chacha20-poly1305", hchacha20(key, nonce[:16])), b"\x00" * 4 + nonce[16:]
+        return self.aead(algorithm, key), nonce
+
     @abstractmethod
     def xor_keystream(self, algorithm: str, key: bytes, iv: bytes, position: int,
                       data: memoryview, out: memoryview) -> None:
