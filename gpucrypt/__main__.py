@@ -1,0 +1,6 @@
+"""``python -m gpucrypt``: the same command line as the ``gpucrypt`` script."""
+import sys
+
+from gpucrypt.cli import main
+
+sys.exit(main())
