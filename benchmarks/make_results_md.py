@@ -64,7 +64,9 @@ def render_run(name: str, doc: dict) -> list[str]:
                  f"gpucrypt {libs.get('gpucrypt')}, PyNaCl {libs.get('pynacl') or '-'}, "
                  f"numba-cuda {libs.get('numba-cuda') or '-'}")
     lines.append(f"- {config['seconds']} s per cell, {config['threads']} thread(s); figures are medians "
-                 f"of repetitions")
+                 f"of repetitions; 1-minute load average {env.get('load_average_start')} at the start, "
+                 f"{env.get('load_average_end')} at the end (other processes shared the CPU when "
+                 f"above the core count)")
     if doc["gpu"]["copy_gbps"]:
         lines.append(f"- device-to-device copy: {doc['gpu']['copy_gbps']:.0f} GB/s")
     for note in doc["notes"]:
@@ -87,22 +89,39 @@ def render_run(name: str, doc: dict) -> list[str]:
 
 
 def acceptance(cells: list[dict]) -> list[str]:
-    """Issue 6: gpucrypt CPU within 5% of cryptography from 1 MiB up (worst ratio per algorithm)."""
+    """Issue 6: gpucrypt CPU within 5% of cryptography from 1 MiB up.
+
+    For each algorithm the worst ratio over operations and sizes >= 1 MiB decides. gpucrypt
+    CPU calls the same OpenSSL functions as the baseline, so it cannot truly be faster: the
+    largest ratio above 1 in the run measures its noise. A worst ratio below 0.95 that this
+    noise could also explain (above 1 - noise) is reported as unresolved, not as a failure;
+    only a shortfall larger than the noise is a FAIL.
+    """
     worst: dict[str, tuple[float, str]] = {}
+    best = 1.0
     for c in cells:
         if c["implementation"] != "gpucrypt-cpu" or c["size"] < ACCEPTANCE_MIN_SIZE or c["ratio"] is None:
             continue
         if c["baseline"] != "cryptography":
             continue
+        best = max(best, c["ratio"])
         where = f"{c['operation']} {format_size(c['size'])}"
         if c["algorithm"] not in worst or c["ratio"] < worst[c["algorithm"]][0]:
             worst[c["algorithm"]] = (c["ratio"], where)
     if not worst:
         return ["Acceptance (gpucrypt CPU within 5% of cryptography from 1 MiB): no such cells in this run."]
+    noise = best - 1.0
     lines = [f"Acceptance, gpucrypt CPU against cryptography from {format_size(ACCEPTANCE_MIN_SIZE)} up "
-             f"(worst ratio per algorithm; pass at >= {ACCEPTANCE_RATIO}):", ""]
+             f"(worst ratio per algorithm; pass at >= {ACCEPTANCE_RATIO}). Noise in this run: "
+             f"gpucrypt CPU, which calls the same OpenSSL functions, measured up to x{best:.2f}, "
+             f"so shortfalls down to x{1 - noise:.2f} are within the noise:", ""]
     for alg, (ratio, where) in worst.items():
-        verdict = "pass" if ratio >= ACCEPTANCE_RATIO else "FAIL"
+        if ratio >= ACCEPTANCE_RATIO:
+            verdict = "pass"
+        elif ratio >= 1.0 - noise:
+            verdict = "unresolved (within this run's noise; rerun on a quiet machine)"
+        else:
+            verdict = "FAIL"
         lines.append(f"- {alg}: x{ratio:.3f} ({where}): {verdict}")
     return lines
 

@@ -287,7 +287,18 @@ def environment() -> dict:
         **_gpu_details(),
         "libraries": libraries,
         "git_commit": _git_commit(),
+        # 1-minute load averages when the run started (and ended, filled in by run()):
+        # above the core count, other processes competed for the CPU during the run
+        "load_average_start": _load_average(),
+        "load_average_end": None,
     }
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 # --------------------------------------------------------------------------- running
@@ -383,6 +394,7 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
                         progress(done, total, f"{alg.name} {operation} {format_size(size)} {impl}")
             del material
     _fill_ratios(report)
+    report.environment["load_average_end"] = _load_average()
     return report
 
 
