@@ -22,11 +22,16 @@ import os
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import aead as _openssl
 
 from . import _limits
 from ._buffers import optional_readable, readable, writable
 from ._host_primitives import hchacha20
-from .backends import AeadContext, Backend, select_backend
+from .backends import AUTO_GPU_THRESHOLD, AeadContext, Backend, select_backend
+
+#: largest message the fast path hands to OpenSSL directly: below both cryptography's
+#: own cap and the size from which ``auto`` may choose the GPU
+_FAST_PATH_MAX = min(2**31 - 1, AUTO_GPU_THRESHOLD - 1)
 
 __all__ = ["ChaCha20Poly1305", "XChaCha20Poly1305", "AESGCM", "InvalidTag", "BatchInvalidTag"]
 
@@ -73,6 +78,33 @@ class _Aead:
         self._device = device
         self._contexts: dict[int, AeadContext] = {}
         select_backend(device, 0)  # fail now, with the reason, if the device can't work
+        self._openssl = self._make_openssl(self._key)
+        # Whether small messages may skip backend selection: the environment's
+        # GPUCRYPT_DEVICE is read here, once (os.environ costs microseconds per lookup).
+        self._small_on_cpu = device == "cpu" or (
+            device == "auto" and os.environ.get("GPUCRYPT_DEVICE", "auto").strip().lower() in ("auto", "cpu", ""))
+
+    # --- the CPU fast path -------------------------------------------------------------
+    # For bytes in and bytes out below the GPU threshold, the public classes call
+    # OpenSSL through cryptography directly: the layering costs nothing there. Everything
+    # else (other buffer types, _into forms on arrays, long messages, odd GCM nonces, the
+    # GPU) takes the general path below, which produces the same bytes.
+    _openssl_nonce_range = (12, 12)
+
+    def _make_openssl(self, key: bytes):
+        return None
+
+    def _fast(self, nonce, data, associated_data):
+        """cryptography's AEAD object when this call may go straight to OpenSSL, else None."""
+        openssl = self._openssl
+        if openssl is None or type(nonce) is not bytes or type(data) not in (bytes, bytearray):
+            return None
+        if associated_data is not None and type(associated_data) not in (bytes, bytearray):
+            return None
+        lo, hi = self._openssl_nonce_range
+        if not lo <= len(nonce) <= hi or len(data) > _FAST_PATH_MAX or not self._small_on_cpu:
+            return None
+        return openssl
 
     def __repr__(self) -> str:  # never shows the key
         return f"{type(self).__name__}(device={self._device!r})"
@@ -109,6 +141,9 @@ class _Aead:
     # --- public API, as in cryptography ---
     def encrypt(self, nonce: Any, data: Any, associated_data: Any) -> bytes:
         """``ciphertext || tag`` of ``data`` under ``nonce``, authenticating ``associated_data``."""
+        fast = self._fast(nonce, data, associated_data)
+        if fast is not None:
+            return fast.encrypt(nonce, data, associated_data)
         src = readable(data)
         out = bytearray(len(src) + _limits.TAG_SIZE)
         self._encrypt_views(nonce, src, associated_data, memoryview(out))
@@ -116,6 +151,9 @@ class _Aead:
 
     def encrypt_into(self, nonce: Any, data: Any, associated_data: Any, buf: Any) -> int:
         """Write ``ciphertext || tag`` into ``buf`` (exactly ``len(data) + 16`` bytes)."""
+        fast = self._fast(nonce, data, associated_data)
+        if fast is not None and type(buf) is bytearray and hasattr(fast, "encrypt_into"):
+            return fast.encrypt_into(nonce, data, associated_data, buf)
         src = readable(data)
         out = writable(buf)
         if len(out) != len(src) + _limits.TAG_SIZE:
@@ -125,6 +163,9 @@ class _Aead:
 
     def decrypt(self, nonce: Any, data: Any, associated_data: Any) -> bytes:
         """The plaintext, or ``InvalidTag`` if anything was altered (nothing is returned then)."""
+        fast = self._fast(nonce, data, associated_data)
+        if fast is not None:
+            return fast.decrypt(nonce, data, associated_data)
         src = readable(data)
         out = bytearray(max(len(src) - _limits.TAG_SIZE, 0))
         self._decrypt_views(nonce, src, associated_data, memoryview(out))
@@ -132,6 +173,14 @@ class _Aead:
 
     def decrypt_into(self, nonce: Any, data: Any, associated_data: Any, buf: Any) -> int:
         """Write the plaintext into ``buf`` (``len(data) - 16`` bytes); zeroed on ``InvalidTag``."""
+        fast = self._fast(nonce, data, associated_data)
+        if fast is not None and type(buf) is bytearray and hasattr(fast, "decrypt_into") \
+                and len(buf) == len(data) - _limits.TAG_SIZE:
+            try:
+                return fast.decrypt_into(nonce, data, associated_data, buf)
+            except InvalidTag:
+                buf[:] = bytes(len(buf))  # cryptography leaves unauthenticated plaintext here
+                raise
         src = readable(data)
         out = writable(buf)
         if len(src) < _limits.TAG_SIZE:
@@ -218,6 +267,9 @@ class ChaCha20Poly1305(_Aead):
         if len(key) != 32:
             raise ValueError(f"{self._display} key must be 32 bytes.")
 
+    def _make_openssl(self, key):
+        return _openssl.ChaCha20Poly1305(key)
+
     def _check_nonce(self, nonce):
         if len(nonce) != 12:
             raise ValueError("Nonce must be 12 bytes")
@@ -237,12 +289,46 @@ class XChaCha20Poly1305(ChaCha20Poly1305):
         if len(nonce) != 24:
             raise ValueError("Nonce must be 24 bytes")
 
+    _openssl_nonce_range = (24, 24)
+
+    def _make_openssl(self, key):
+        # A subkey per nonce leaves no single OpenSSL object to call; libsodium, where
+        # PyNaCl is installed, is the reference itself and one C call per message.
+        return _Libsodium.create(key)
+
     def _backend_key_nonce(self, nonce):
         return hchacha20(self._key, nonce[:16]), b"\x00\x00\x00\x00" + nonce[16:]
 
     @property
     def _batch_algorithm(self) -> str:
         return "xchacha20-poly1305"
+
+
+class _Libsodium:
+    """XChaCha20-Poly1305 through PyNaCl (libsodium), with cryptography's interface."""
+
+    def __init__(self, key: bytes, bindings):
+        self._key = key
+        self._b = bindings
+
+    @classmethod
+    def create(cls, key: bytes):
+        try:
+            from nacl import bindings
+        except ImportError:
+            return None
+        return cls(key, bindings)
+
+    def encrypt(self, nonce, data, associated_data):
+        return self._b.crypto_aead_xchacha20poly1305_ietf_encrypt(data, associated_data, nonce, self._key)
+
+    def decrypt(self, nonce, data, associated_data):
+        from nacl.exceptions import CryptoError
+
+        try:
+            return self._b.crypto_aead_xchacha20poly1305_ietf_decrypt(data, associated_data, nonce, self._key)
+        except CryptoError:
+            raise InvalidTag() from None
 
 
 class AESGCM(_Aead):
@@ -262,9 +348,14 @@ class AESGCM(_Aead):
             raise ValueError("bit_length must be 128, 192, or 256")
         return os.urandom(bit_length // 8)
 
+    _openssl_nonce_range = (8, 128)  # what OpenSSL accepts; other lengths take the general path
+
     def _check_key(self, key):
         if len(key) not in (16, 24, 32):
             raise ValueError("AESGCM key must be 128, 192, or 256 bits.")
+
+    def _make_openssl(self, key):
+        return _openssl.AESGCM(key)
 
     def _check_nonce(self, nonce):
         if not _limits.GCM_MIN_NONCE <= len(nonce) <= _limits.GCM_MAX_NONCE:

@@ -356,13 +356,18 @@ def test_limits_refuse_before_any_keystream(monkeypatch):
     with pytest.raises(OverflowError, match="limit"):
         _limits.check_length("data", _limits.CHACHA20POLY1305_MAX_PLAINTEXT + 1,
                              _limits.CHACHA20POLY1305_MAX_PLAINTEXT, "ChaCha20Poly1305")
-    # through the public class: shrink the limit so a small message exceeds it
+    # through the public class: shrink the limit so a small message exceeds it (a memoryview
+    # takes the general path; bytes below the fast path's cap go to OpenSSL, whose own cap,
+    # 2**31 - 1 bytes, is far inside every algorithm's limit)
+    from gpucrypt.aead import _FAST_PATH_MAX
+
+    assert _FAST_PATH_MAX < min(_limits.GCM_MAX_PLAINTEXT, _limits.CHACHA20POLY1305_MAX_PLAINTEXT)
     monkeypatch.setattr(gpucrypt.ChaCha20Poly1305, "_max_data", 64)
     with pytest.raises(OverflowError):
-        aead.encrypt(bytes(12), bytes(65), None)
+        aead.encrypt(bytes(12), memoryview(bytes(65)), None)
     monkeypatch.setattr(gpucrypt.AESGCM, "_max_data", 32)
     with pytest.raises(OverflowError):
-        gpucrypt.AESGCM(bytes(16)).encrypt(bytes(12), bytes(33), None)
+        gpucrypt.AESGCM(bytes(16)).encrypt(bytes(12), memoryview(bytes(33)), None)
     assert _limits.GCM_MAX_PLAINTEXT == (2**32 - 2) * 16
     assert _limits.CHACHA20POLY1305_MAX_PLAINTEXT == (2**32 - 1) * 64
 
