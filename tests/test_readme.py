@@ -1,0 +1,46 @@
+"""The README's examples run as written (the blocks after an ``<!-- example: NAME -->`` line)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+
+
+def _examples() -> dict[str, str]:
+    text = open(README).read()
+    found = dict(re.findall(r"<!-- example: (\w+) -->\n```python\n(.*?)```", text, re.S))
+    assert found, "README has no marked examples"
+    return found
+
+
+@pytest.mark.parametrize("name", ["tensors", "keys"])
+def test_readme_example_runs(name, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch") if name == "tensors" else None
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_examples()[name], f"README.md:{name}", "exec"), {"__name__": "__readme__"})
+    if name == "keys":
+        out = capsys.readouterr().out
+        assert "bob: no recipient in this file matches your key(s)" in out
+        assert "file.rekey" in out
+
+
+def test_readme_commands_agree_with_ci():
+    """.ci/run executes the README's test command, read from the README itself."""
+    text = open(README).read()
+    block = re.search(r"<!-- test-command -->\n```\n(.*?)\n```", text, re.S)
+    assert block and "pytest" in block.group(1)
+    ci = open(os.path.join(os.path.dirname(README), ".ci", "run")).read()
+    assert "<!-- test-command -->" in ci
+
+
+def test_main_command_runs_here():
+    """The quick start's first command after installation: info and the selftest."""
+    for args in (["info"], ["selftest", "--size", "4096"]):
+        result = subprocess.run([sys.executable, "-m", "gpucrypt", *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout and "FAILED" not in result.stdout
