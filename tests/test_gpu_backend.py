@@ -1,0 +1,140 @@
+"""The GPU backend's device-level API: batches, both tag paths, in-place rules, keystreams.
+
+Runs on a real GPU where one exists and in numba's CUDA simulator otherwise
+(NumPy arrays stand in for device memory there). Inputs stay small: the
+simulator runs every CUDA thread in Python.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.ciphers import aead as reference
+from nacl import bindings as sodium
+
+from gpucrypt.backends import BackendUnavailable, get_backend
+from conftest import REQUIRE_GPU
+
+pytestmark = pytest.mark.cudasim
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    try:
+        return get_backend("gpu")
+    except BackendUnavailable as exc:
+        if REQUIRE_GPU:
+            pytest.fail(f"GPUCRYPT_REQUIRE_GPU=1 but the gpu backend is unavailable: {exc}")
+        pytest.skip(f"gpu backend unavailable: {exc}")
+
+
+def _reference(algorithm, key, nonce, data, aad):
+    if algorithm == "xchacha20-poly1305":
+        return sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(data, aad, nonce, key)
+    cls = reference.ChaCha20Poly1305 if algorithm == "chacha20-poly1305" else reference.AESGCM
+    return cls(key).encrypt(nonce, data, aad)
+
+
+def _batch(algorithm, lengths, key_sizes=(32,)):
+    nonce_len = {"chacha20-poly1305": 12, "xchacha20-poly1305": 24, "aes-gcm": 12}[algorithm]
+    msgs = []
+    for i, n in enumerate(lengths):
+        key = os.urandom(key_sizes[i % len(key_sizes)])
+        msgs.append((key, os.urandom(nonce_len), os.urandom(n), os.urandom(i % 20)))
+    return msgs
+
+
+CASES = [("chacha20-poly1305", (32,)), ("xchacha20-poly1305", (32,)), ("aes-gcm", (16, 24, 32))]
+
+
+@pytest.mark.parametrize("algorithm,key_sizes", CASES)
+@pytest.mark.parametrize("tag", ["gpu", "host"])
+def test_seal_batch_matches_reference_on_both_tag_paths(gpu, algorithm, key_sizes, tag):
+    """Mixed lengths and keys (and, for GCM, AES-128/192/256 in one batch), in place and not."""
+    msgs = _batch(algorithm, [0, 1, 17, 64, 65, 300], key_sizes)
+    srcs = [np.frombuffer(m[2], dtype=np.uint8).copy() for m in msgs]
+    dsts = [np.zeros(len(m[2]) + 5, dtype=np.uint8) if i % 2 else srcs[i] for i, m in enumerate(msgs)]
+    tags = gpu.to_host(gpu.seal_batch(algorithm, [m[0] for m in msgs], [m[1] for m in msgs], srcs,
+                                      [m[3] for m in msgs], dsts, tag=tag))
+    for i, m in enumerate(msgs):
+        expected = _reference(algorithm, m[0], m[1], m[2], m[3])
+        assert gpu.to_host(dsts[i])[: len(m[2])].tobytes() + tags[i].tobytes() == expected
+        if i % 2:  # out of place: the input is left unchanged, bytes past the message too
+            assert srcs[i].tobytes() == m[2]
+            assert not dsts[i][len(m[2]):].any()
+
+
+@pytest.mark.parametrize("algorithm,key_sizes", CASES)
+def test_open_batch_both_tag_paths_agree_and_release_nothing_on_failure(gpu, algorithm, key_sizes):
+    msgs = _batch(algorithm, [0, 16, 33, 100], key_sizes)
+    sealed = [_reference(algorithm, *m) for m in msgs]
+    bad = {1, 2}
+    verdicts = {}
+    for tag in ("gpu", "host"):
+        cts = [np.frombuffer(s[:-16], dtype=np.uint8).copy() for s in sealed]
+        for i in bad:  # flip one ciphertext bit, or the tag for an empty message
+            if len(cts[i]):
+                cts[i][0] ^= 1
+        tags = [s[-16:] if i not in bad or len(cts[i]) else bytes(16) for i, s in enumerate(sealed)]
+        outs = [np.full(len(c), 0x55, dtype=np.uint8) for c in cts]
+        ok = gpu.open_batch(algorithm, [m[0] for m in msgs], [m[1] for m in msgs], cts, tags,
+                            [m[3] for m in msgs], outs, tag=tag)
+        verdicts[tag] = list(ok)
+        for i, m in enumerate(msgs):
+            if i in bad:
+                assert not ok[i] and not outs[i].any(), "a failed message's output must be zeroed"
+            else:
+                assert ok[i] and outs[i].tobytes() == m[2]
+    assert verdicts["gpu"] == verdicts["host"] == [i not in bad for i in range(len(msgs))]
+
+
+def test_in_place_open_failure_leaves_ciphertext(gpu):
+    key, nonce, data = os.urandom(32), os.urandom(12), os.urandom(200)
+    sealed = reference.ChaCha20Poly1305(key).encrypt(nonce, data, b"")
+    ct = np.frombuffer(sealed[:-16], dtype=np.uint8).copy()
+    wrong_tag = bytes(16)
+    ok = gpu.open_batch("chacha20-poly1305", [key], [nonce], [ct], [wrong_tag], [b""], [ct])
+    assert not ok[0] and ct.tobytes() == sealed[:-16]
+    ok = gpu.open_batch("chacha20-poly1305", [key], [nonce], [ct], [sealed[-16:]], [b""], [ct])
+    assert ok[0] and ct.tobytes() == data
+
+
+def test_device_tags_feed_open_batch(gpu):
+    """Tags stay on the device between seal and open (no host round trip needed)."""
+    key, nonce = os.urandom(16), os.urandom(12)
+    buf = np.frombuffer(os.urandom(129), dtype=np.uint8).copy()
+    original = buf.copy()
+    tags = gpu.seal_batch("aes-gcm", [key], [nonce], [buf], [b"a"], [buf])
+    ok = gpu.open_batch("aes-gcm", [key], [nonce], [buf], tags, [b"a"], [buf])
+    assert ok[0] and np.array_equal(buf, original)
+
+
+@pytest.mark.parametrize("algorithm,iv", [("chacha20", (5).to_bytes(4, "little") + bytes(12)),
+                                          ("aes-ctr", b"\x00" * 8 + b"\xff" * 8)])
+def test_keystream_on_device_arrays_at_any_position(gpu, algorithm, iv):
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = os.urandom(32)
+    data = os.urandom(300)
+    full = (Cipher(algorithms.ChaCha20(key, iv), None) if algorithm == "chacha20"
+            else Cipher(algorithms.AES(key), modes.CTR(iv))).encryptor().update(bytes(400))
+    for position in (0, 1, 63, 64, 100):
+        buf = np.frombuffer(data, dtype=np.uint8).copy()
+        gpu.xor_keystream_device(algorithm, key, iv, position, buf)
+        expected = bytes(a ^ b for a, b in zip(data, full[position:position + len(data)]))
+        assert buf.tobytes() == expected
+
+
+def test_argument_errors(gpu):
+    buf = np.zeros(4, dtype=np.uint8)
+    with pytest.raises(ValueError, match="algorithm"):
+        gpu.seal_batch("rot13", [bytes(32)], [bytes(12)], [buf], [b""], [buf])
+    with pytest.raises(ValueError, match="one entry per message"):
+        gpu.seal_batch("aes-gcm", [bytes(16)], [bytes(12)] * 2, [buf], [b""], [buf])
+    with pytest.raises(ValueError, match="message 0"):
+        gpu.seal_batch("chacha20-poly1305", [bytes(16)], [bytes(12)], [buf], [b""], [buf])
+    with pytest.raises(ValueError, match="destination"):
+        gpu.seal_batch("aes-gcm", [bytes(16)], [bytes(12)], [buf], [b""], [np.zeros(2, np.uint8)])
+    with pytest.raises(ValueError, match="contiguous"):
+        gpu.as_device_bytes(np.zeros(8, dtype=np.uint8)[::2])
