@@ -44,34 +44,64 @@ def _xor_into(encryptor, data: memoryview, out: memoryview) -> None:
         encryptor.update_into(data[start:end], out[start:end])
 
 
-class _ChaCha20Poly1305(AeadContext):
+class _OpenSslAead(AeadContext):
+    """OpenSSL's one-shot AEAD wherever it accepts the arguments, and the same bytes
+    composed from primitives (``_start``/``_xor``/``_tag``) where it does not."""
+
+    _openssl_class: type = type(None)
+
     def __init__(self, key: bytes):
         self._key = key
-        self._aead = ChaCha20Poly1305(key)
+        self._aead = self._openssl_class(key)
+
+    def _native(self, nonce: bytes, data_len: int, aad_len: int) -> bool:
+        return data_len <= OPENSSL_AEAD_MAX and aad_len <= OPENSSL_AEAD_MAX
 
     def seal(self, nonce, data, aad, out):
-        if len(data) <= OPENSSL_AEAD_MAX and len(aad) <= OPENSSL_AEAD_MAX:
+        if self._native(nonce, len(data), len(aad)):
             self._aead.encrypt_into(nonce, data, aad, out)
             return
+        state = self._start(nonce)
         ct = out[: len(data)]
-        _xor_into(self._stream(nonce, 1), data, ct)
-        out[len(data):] = self._tag(nonce, ct, aad)
+        self._xor(state, data, ct)
+        out[len(data):] = self._tag(state, ct, aad)
 
     def open(self, nonce, data, aad, out):
         if len(data) < 16:
             raise InvalidTag()
-        if len(data) - 16 <= OPENSSL_AEAD_MAX and len(aad) <= OPENSSL_AEAD_MAX:
+        if self._native(nonce, len(data) - 16, len(aad)):
             try:
                 self._aead.decrypt_into(nonce, data, aad, out)
             except InvalidTag:
                 _zero(out)
                 raise
             return
+        state = self._start(nonce)
         ct, tag = data[:-16], data[-16:]
-        if not hmac.compare_digest(self._tag(nonce, ct, aad), tag):
+        if not hmac.compare_digest(self._tag(state, ct, aad), tag):
             _zero(out)
             raise InvalidTag()
-        _xor_into(self._stream(nonce, 1), ct, out)
+        self._xor(state, ct, out)
+
+    # composed path: state = what the nonce determines (ChaCha20: the nonce; GCM: J0)
+    def _start(self, nonce: bytes) -> bytes:
+        raise NotImplementedError
+
+    def _xor(self, state: bytes, data: memoryview, out: memoryview) -> None:
+        raise NotImplementedError
+
+    def _tag(self, state: bytes, ct: memoryview, aad: memoryview) -> bytes:
+        raise NotImplementedError
+
+
+class _ChaCha20Poly1305(_OpenSslAead):
+    _openssl_class = ChaCha20Poly1305
+
+    def _start(self, nonce):
+        return nonce
+
+    def _xor(self, nonce, data, out):
+        _xor_into(self._stream(nonce, 1), data, out)
 
     def _stream(self, nonce: bytes, counter: int):
         return Cipher(algorithms.ChaCha20(self._key, struct.pack("<I", counter) + nonce),
@@ -89,39 +119,17 @@ class _ChaCha20Poly1305(AeadContext):
         return mac.finalize()
 
 
-class _AesGcm(AeadContext):
-    def __init__(self, key: bytes):
-        self._key = key
-        self._aead = AESGCM(key)
+class _AesGcm(_OpenSslAead):
+    _openssl_class = AESGCM
 
-    def _native(self, nonce, data_len, aad_len) -> bool:
-        return 8 <= len(nonce) <= 128 and data_len <= OPENSSL_AEAD_MAX and aad_len <= OPENSSL_AEAD_MAX
+    def _native(self, nonce, data_len, aad_len):
+        return 8 <= len(nonce) <= 128 and super()._native(nonce, data_len, aad_len)
 
-    def seal(self, nonce, data, aad, out):
-        if self._native(nonce, len(data), len(aad)):
-            self._aead.encrypt_into(nonce, data, aad, out)
-            return
-        j0 = self._j0(nonce)
-        ct = out[: len(data)]
-        self._ctr(j0, data, ct)
-        out[len(data):] = self._tag(j0, ct, aad)
+    def _start(self, nonce):
+        return self._j0(nonce)
 
-    def open(self, nonce, data, aad, out):
-        if len(data) < 16:
-            raise InvalidTag()
-        if self._native(nonce, len(data) - 16, len(aad)):
-            try:
-                self._aead.decrypt_into(nonce, data, aad, out)
-            except InvalidTag:
-                _zero(out)
-                raise
-            return
-        j0 = self._j0(nonce)
-        ct, tag = data[:-16], data[-16:]
-        if not hmac.compare_digest(self._tag(j0, ct, aad), tag):
-            _zero(out)
-            raise InvalidTag()
-        self._ctr(j0, ct, out)
+    def _xor(self, j0, data, out):
+        self._ctr(j0, data, out)
 
     def _j0(self, nonce: bytes) -> bytes:
         if len(nonce) == 12:

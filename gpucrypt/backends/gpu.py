@@ -343,12 +343,9 @@ class GpuBackend(Backend):
 
         No synchronisation with tag="gpu". ``dsts[i]`` must hold at least ``len(srcs[i])`` bytes.
         """
-        plan = self._plan(algorithm, keys, nonces, srcs, aads, dsts, tag)
-        s = self._stream(stream)
-        arena = _Arena(self._cuda, plan.srcs + plan.dsts)
+        plan, s, arena, src_off, dst_off = self._launch_setup(algorithm, keys, nonces, srcs, aads, dsts, tag,
+                                                             stream)
         n = plan.n
-        src_off = arena.offsets[:n]
-        dst_off = arena.offsets[n:]
         tags = self._zeros((n, _TAG), s)
         if plan.family == "chacha":
             otk = self._chacha_keystream(plan, arena, src_off, dst_off, s, data=True, otk=True)
@@ -367,12 +364,9 @@ class GpuBackend(Backend):
         A failed message's ``dst`` is zeroed, or left untouched when it is ``src`` (in place).
         Synchronises: the verdicts are needed on the host.
         """
-        plan = self._plan(algorithm, keys, nonces, srcs, aads, dsts, tag)
-        s = self._stream(stream)
-        arena = _Arena(self._cuda, plan.srcs + plan.dsts)
+        plan, s, arena, src_off, dst_off = self._launch_setup(algorithm, keys, nonces, srcs, aads, dsts, tag,
+                                                             stream)
         n = plan.n
-        src_off = arena.offsets[:n]
-        dst_off = arena.offsets[n:]
         computed = self._zeros((n, _TAG), s)
         if plan.family == "chacha":
             otk = self._chacha_keystream(plan, arena, src_off, dst_off, s, data=False, otk=True)
@@ -402,6 +396,12 @@ class GpuBackend(Backend):
         return ok
 
     # ---- internals ----
+    def _launch_setup(self, algorithm, keys, nonces, srcs, aads, dsts, tag, stream):
+        """Validate a batch and lay it out: (plan, numba stream, arena, src offsets, dst offsets)."""
+        plan = self._plan(algorithm, keys, nonces, srcs, aads, dsts, tag)
+        arena = _Arena(self._cuda, plan.srcs + plan.dsts)
+        return plan, self._stream(stream), arena, arena.offsets[:plan.n], arena.offsets[plan.n:]
+
     def _zeros(self, shape, stream):
         if _simulated():
             return np.zeros(shape, dtype=np.uint8)
