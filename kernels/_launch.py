@@ -17,9 +17,24 @@ from typing import Any, Callable
 import numpy as np
 from numba import cuda, uint64, int64
 
-#: Threads per block for the streaming kernels. 256 keeps 8 blocks per SM resident
-#: at <= 32 registers, and is a multiple of every warp-based tile we use.
-THREADS_PER_BLOCK = 256
+def is_simulator() -> bool:
+    """True when numba runs kernels in its CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+#: Lanes per warp. Every kernel works with any block size up to THREADS_PER_BLOCK that
+#: is a multiple of it (and all but poly1305's tile kernel with any size at all).
+WARP_LANES = 32
+
+#: Threads per block: the one constant every kernel sizes its shared memory with and
+#: every launcher launches with (at most). On the device, 256 keeps 8 blocks per SM
+#: resident at <= 32 registers. Under the simulator every thread is a Python thread
+#: and the grid is one block (``grid_for``), so a launch costs in proportion to its
+#: block size even when most threads idle; one warp is the smallest block that
+#: every kernel supports (poly1305's 32-lane tiles) and keeps tests fast.
+THREADS_PER_BLOCK = WARP_LANES if is_simulator() else 256
 
 #: Resident blocks per SM we aim for with grid-stride loops.
 BLOCKS_PER_SM = 8
@@ -30,13 +45,6 @@ def sm_count() -> int:
     """Number of streaming multiprocessors of the current device (1 in the simulator)."""
     dev = cuda.get_current_device()
     return int(getattr(dev, "MULTIPROCESSOR_COUNT", 1) or 1)
-
-
-def is_simulator() -> bool:
-    """True when numba runs kernels in its CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
-    from numba import config
-
-    return bool(config.ENABLE_CUDASIM)
 
 
 def grid_for(units: int, threads: int = THREADS_PER_BLOCK) -> int:
@@ -52,6 +60,21 @@ def grid_for(units: int, threads: int = THREADS_PER_BLOCK) -> int:
         return 1
     needed = (units + threads - 1) // threads
     return max(1, min(needed, sm_count() * BLOCKS_PER_SM))
+
+
+def threads_for(units: int, multiple: int = 1) -> int:
+    """Threads per block to launch for ``units`` work units (one unit per thread).
+
+    ``THREADS_PER_BLOCK`` on the device. Under the simulator, where every thread
+    is a Python thread and the grid is one block, no more than the work needs,
+    rounded up to ``multiple`` (the kernel's granularity, e.g. a 32-lane tile),
+    and never more than ``THREADS_PER_BLOCK``; kernels must therefore accept any
+    ``blockDim.x`` that is a multiple of ``multiple`` up to ``THREADS_PER_BLOCK``.
+    """
+    if not is_simulator():
+        return THREADS_PER_BLOCK
+    needed = -(-max(int(units), 1) // multiple) * multiple
+    return min(THREADS_PER_BLOCK, needed)
 
 
 @cuda.jit(device=True, inline=True)

@@ -104,7 +104,8 @@ import functools
 import numpy as np
 from numba import cuda, uint8, uint32, uint64, int64
 
-from ._launch import THREADS_PER_BLOCK, ReportEntry, find_segment, grid_for, is_simulator, sm_count, unit_prefix
+from ._launch import (THREADS_PER_BLOCK, WARP_LANES, ReportEntry, find_segment, grid_for, is_simulator, sm_count,
+                      threads_for, unit_prefix)
 
 #: Bytes per AES block.
 BLOCK_BYTES = 16
@@ -132,8 +133,14 @@ COL_CTR_HI = 6     # counter block of the first keystream block, words 0..1: w0 
 COL_CTR_LO = 7     # words 2..3: w2 << 32 | w3
 TABLE_COLUMNS = 8  # one 64-byte row per segment
 
-#: Lanes per warp; the shared T-table holds one copy per lane.
-_LANES = 32
+#: Lanes per warp (= shared-memory banks); the shared T-table holds one copy per lane,
+#: whatever the block size: thread ``t`` uses copy ``t % _LANES``.
+_LANES = WARP_LANES
+
+#: Entry ``e`` of lane ``l`` is word ``(e << _LANE_BITS) + l``, at byte ``e << _ENTRY_SHIFT``
+#: from the lane's copy of entry 0.
+_LANE_BITS = _LANES.bit_length() - 1
+_ENTRY_SHIFT = _LANE_BITS + 2
 
 #: Words of the replicated shared T-table: 256 entries x 32 lanes (32 KiB).
 _SHARED_TABLE_WORDS = 256 * _LANES
@@ -482,25 +489,26 @@ table_base, lds_u32, lds_u8 = (
 
 # T0 lookups of byte 3 (most significant) .. byte 0 of ``x`` in the per-lane table.
 # Entry e of lane l is word e * 32 + l, i.e. byte address base + e * 128 + l * 4;
-# ``lb`` is this lane's ``base + l * 4``, so the address is (byte << 7) + lb.
+# ``lb`` is this lane's ``base + l * 4``, so the address is (byte << 7) + lb
+# (32 = _LANES, 7 = _ENTRY_SHIFT).
 @cuda.jit(device=True, inline=True)
 def _a3(x, lb):
-    return uint32(((uint32(x) & uint32(0xFF000000)) >> uint32(17)) + uint32(lb))
+    return uint32(((uint32(x) & uint32(0xFF000000)) >> uint32(24 - _ENTRY_SHIFT)) + uint32(lb))
 
 
 @cuda.jit(device=True, inline=True)
 def _a2(x, lb):
-    return uint32(((uint32(x) & uint32(0xFF0000)) >> uint32(9)) + uint32(lb))
+    return uint32(((uint32(x) & uint32(0xFF0000)) >> uint32(16 - _ENTRY_SHIFT)) + uint32(lb))
 
 
 @cuda.jit(device=True, inline=True)
 def _a1(x, lb):
-    return uint32(((uint32(x) & uint32(0xFF00)) >> uint32(1)) + uint32(lb))
+    return uint32(((uint32(x) & uint32(0xFF00)) >> uint32(8 - _ENTRY_SHIFT)) + uint32(lb))
 
 
 @cuda.jit(device=True, inline=True)
 def _a0(x, lb):
-    return uint32((uint32(x) & uint32(0xFF)) * uint32(128) + uint32(lb))
+    return uint32((uint32(x) & uint32(0xFF)) * uint32(1 << _ENTRY_SHIFT) + uint32(lb))
 
 
 @cuda.jit(device=True, inline=True)
@@ -605,11 +613,14 @@ def _xor_block(src, dst, src_off, dst_off, head, length, block, w0, w1, w2, w3):
 # --------------------------------------------------------------------------- kernel
 
 def _aes_ctr_xor_kernel(src, dst, round_keys, n_rounds, table, unit_start, n_segments):
-    """Grid-stride loop over units of ``BLOCKS_PER_UNIT`` keystream blocks of the segment table."""
+    """Grid-stride loop over units of ``BLOCKS_PER_UNIT`` keystream blocks of the segment table.
+
+    Any block size works (each thread uses the table copy of lane ``tid % _LANES``).
+    """
     tab = cuda.shared.array(_SHARED_TABLE_WORDS, dtype=np.uint32)
     tid = cuda.threadIdx.x
     for i in range(tid, _SHARED_TABLE_WORDS, cuda.blockDim.x):
-        tab[i] = T0[i >> 5]
+        tab[i] = T0[i >> _LANE_BITS]
     cuda.syncthreads()
     # this lane's copy of entry 0: table base + lane * 4 bytes
     lane_base = uint32(table_base(tab) + (uint32(tid) & uint32(_LANES - 1)) * uint32(4))
@@ -713,7 +724,7 @@ def aes_ctr_xor(src, dst, round_keys, n_rounds, table, unit_start, n_segments, n
         if not _kernel.overloads:
             _kernel.compile(_SIGNATURE)
         blocks = min(blocks, sm_count() * _resident_blocks_per_sm())
-    _kernel[blocks, THREADS_PER_BLOCK, stream](*args)
+    _kernel[blocks, threads_for(int(n_units)), stream](*args)
 
 
 KERNEL_REPORT = [

@@ -81,7 +81,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, uint8, uint32, uint64, int64
 
-from ._launch import THREADS_PER_BLOCK, ReportEntry, find_segment, grid_for, is_simulator, unit_prefix
+from ._launch import THREADS_PER_BLOCK, ReportEntry, find_segment, grid_for, is_simulator, threads_for, unit_prefix
 
 #: Bytes of keystream per ChaCha20 block, and per thread per loop iteration.
 BLOCK_BYTES = 64
@@ -382,7 +382,8 @@ def _xor_64_bytes(src, s, dst, d, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x
 
 # --------------------------------------------------------------------------- kernel
 
-#: Shared keystream slots of the byte path: 16 words per thread, word-major.
+#: Shared keystream slots of the byte path: 16 words per thread, word-major
+#: (word ``w`` of thread ``t`` at ``w * THREADS_PER_BLOCK + t``).
 _SPILL_WORDS = 16 * THREADS_PER_BLOCK
 
 
@@ -390,8 +391,9 @@ def _chacha20_xor_kernel(src, dst, keys, table, unit_start, n_segments):
     """One thread per 64-byte keystream block of the segment table (grid-stride loop).
 
     ``keys`` and ``table`` are the flat (1-D) views of ``uint32[n_keys, 8]`` and
-    ``uint32[n_segments, TABLE_WORDS]``. Launch with ``THREADS_PER_BLOCK`` threads
-    per block (the shared keystream slots are sized for it). Indices are unsigned
+    ``uint32[n_segments, TABLE_WORDS]``. Launch with at most ``THREADS_PER_BLOCK``
+    threads per block (the shared keystream slots are sized for it); any block
+    size up to that works. Indices are unsigned
     so that numba emits no negative-index wrap-around code.
     """
     spill = cuda.shared.array(_SPILL_WORDS, dtype=np.uint32)  # byte path only
@@ -472,7 +474,7 @@ def chacha20_xor(src, dst, keys, table, unit_start, n_segments, n_units, *, stre
     blocks = grid_for(int(n_units))
     if blocks == 0:
         return
-    _kernel[blocks, THREADS_PER_BLOCK, stream](
+    _kernel[blocks, threads_for(int(n_units)), stream](
         src, dst, keys.reshape(-1), table.reshape(-1), unit_start, np.int64(n_segments)
     )
 

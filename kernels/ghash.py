@@ -105,7 +105,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda, int64, uint32, uint64
 
-from ._launch import ReportEntry, THREADS_PER_BLOCK, find_segment, grid_for, is_simulator, unit_prefix
+from ._launch import ReportEntry, find_segment, grid_for, is_simulator, threads_for, unit_prefix
 
 #: Default chunk length L in 16-byte blocks (1 KiB per thread at level 0).
 DEFAULT_CHUNK_BLOCKS = 64
@@ -537,9 +537,9 @@ def ghash_aead_tags(aad_buf, ct_buf, table, n_messages, h_blocks, ekj0_blocks, t
     chunk = int(table.chunk_blocks)
     log2_chunk = chunk.bit_length() - 1
     last = table.levels - 1
-    threads = THREADS_PER_BLOCK
     for level in range(table.levels):
         units = table.units_total[level]
+        threads = threads_for(units)
         blocks = grid_for(units, threads)
         out = scratch.partials[level % 2]
         key_out = scratch.keys[level % 2]

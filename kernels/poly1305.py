@@ -76,10 +76,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 from numba import cuda, int64, uint32, uint64
 
-from ._launch import THREADS_PER_BLOCK, ReportEntry, find_segment, grid_for, is_simulator, unit_prefix
+from ._launch import THREADS_PER_BLOCK, WARP_LANES, ReportEntry, find_segment, grid_for, threads_for, unit_prefix
 
-#: Threads that evaluate one span together (one warp on the device).
-TILE_LANES = 32
+#: Threads that evaluate one span together (one warp on the device). A block holds
+#: ``blockDim.x // TILE_LANES`` tiles, so any multiple of it up to THREADS_PER_BLOCK works.
+TILE_LANES = WARP_LANES
 #: Default Horner steps per lane: a span is TILE_LANES * 64 blocks = 32 KiB.
 DEFAULT_CHUNK_BLOCKS = 64
 #: Default span values combined by one thread of a combine level.
@@ -610,14 +611,15 @@ def poly1305_aead_tags(aad_buf, ct_buf, table, n_messages, one_time_keys, tags_o
     ct_words, ct_head = _word_view(ct_buf, stream)
     width = table.power_width
     span_blocks = TILE_LANES * table.chunk_blocks
-    threads = 64 if is_simulator() else THREADS_PER_BLOCK
 
     units = n_messages * width
+    threads = threads_for(units)
     poly1305_powers[grid_for(units, threads), threads, stream](
         keys, n_messages, width, span_blocks, table.combine_width, scratch)
 
     partial_base = LIMBS * n_messages * width
     n_spans = table.group_totals[0]
+    threads = threads_for(n_spans * TILE_LANES, TILE_LANES)
     poly1305_aead_partial[grid_for(n_spans * TILE_LANES, threads), threads, stream](
         aad_buf, aad_words, aad_head, ct_buf, ct_words, ct_head,
         table.layout, table.group_start[0], n_messages, n_spans, table.chunk_blocks,
@@ -627,6 +629,7 @@ def poly1305_aead_tags(aad_buf, ct_buf, table, n_messages, one_time_keys, tags_o
     for level in range(1, table.levels + 1):
         out_base = in_base + LIMBS * table.group_totals[level - 1]
         n_groups = table.group_totals[level]
+        threads = threads_for(n_groups)
         poly1305_combine[grid_for(n_groups, threads), threads, stream](
             table.group_start[level - 1], table.group_start[level], n_messages, n_groups,
             table.combine_width, TILE_LANES + level - 1, width, in_base, out_base, scratch, keys, tags)
