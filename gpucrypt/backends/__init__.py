@@ -23,11 +23,13 @@ __all__ = ["Backend", "AeadContext", "AEAD_ALGORITHMS", "STREAM_ALGORITHMS", "Ba
 
 DEVICES = ("auto", "cpu", "gpu")
 
-#: Smallest payload for which ``auto`` sends work to a GPU. Below it, a kernel
-#: launch plus two PCIe copies of host data cost more than OpenSSL on one core
-#: (about 5-20 GB/s, i.e. tens of microseconds per MiB). Host buffers always cross
-#: PCIe (~25 GB/s each way), so the GPU wins only for large host payloads; device
-#: arrays (tensor API) go to the GPU regardless of size.
+#: Smallest host payload for which ``auto`` sends work to a GPU. Host buffers cross
+#: PCIe twice (~25 GB/s each way on PCIe 5), so the GPU path is capped near 12 GB/s for
+#: host data plus a launch and two synchronisations (~50 us); OpenSSL does 5-20 GB/s
+#: per core. The GPU therefore wins only for large host payloads. This value is an
+#: estimate from those figures, not yet measured on a GPU: ``gpucrypt bench
+#: --include-transfer`` on a GPU machine is the measurement that should set it.
+#: Device arrays (the tensor API) go to the GPU regardless of size.
 AUTO_GPU_THRESHOLD = 8 << 20
 
 
