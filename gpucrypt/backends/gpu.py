@@ -132,13 +132,17 @@ class _Arena:
                 self.offsets.append(cursor)
                 cursor += size
             return
-        spans = []
-        for buf in self._buffers:
-            ptr, size = _interface_of(buf)
-            spans.append((ptr, size))
-        low = min(p for p, _ in spans)
-        high = max(p + s for p, s in spans)
-        self.offsets = [p - low for p, _ in spans]
+        spans = [_interface_of(buf) for buf in self._buffers]
+        # Empty buffers may carry a null pointer: they are never touched, so they take no
+        # part in the span (offset 0).
+        used = [(p, n) for p, n in spans if n > 0]
+        if not used:
+            self.base = cuda.device_array(1, dtype=np.uint8)
+            self.offsets = [0] * len(spans)
+            return
+        low = min(p for p, _ in used)
+        high = max(p + n for p, n in used)
+        self.offsets = [p - low if n > 0 else 0 for p, n in spans]
         self.base = cuda.from_cuda_array_interface(
             {"shape": (max(high - low, 1),), "typestr": "|u1", "data": (low, False),
              "version": 3, "strides": None}, owner=self._buffers, sync=False)
@@ -497,7 +501,8 @@ class GpuBackend(Backend):
         from gpucrypt.kernels import aes as k
 
         n = plan.n
-        blocks = np.zeros(2 * n * 16, dtype=np.uint8)  # [H_i, EKJ0_i] rows, computed over zeros
+        # rows 0..n-1: H_i, rows n..2n-1: E_K(J0_i); computed over zeros, two contiguous halves
+        blocks = np.zeros(2 * n * 16, dtype=np.uint8)
         blocks_dev = self._upload(blocks, s) if key_blocks else None
         j0_words = [k.counter_block_words(j) for j in plan.j0]
         zero = np.zeros(4, dtype=np.uint32)
@@ -508,8 +513,8 @@ class GpuBackend(Backend):
             round_keys = np.stack([k.expand_key(plan.unique_keys[kid])[0] for kid in key_rows])
             rk_dev = self._upload(round_keys, s)
             if key_blocks:
-                segs = [(32 * i, 32 * i, 16, row_of[plan.key_index[i]], zero, 0) for i in ids] + \
-                       [(32 * i + 16, 32 * i + 16, 16, row_of[plan.key_index[i]], j0_words[i], 0) for i in ids]
+                segs = [(16 * i, 16 * i, 16, row_of[plan.key_index[i]], zero, 0) for i in ids] + \
+                       [(16 * (n + i), 16 * (n + i), 16, row_of[plan.key_index[i]], j0_words[i], 0) for i in ids]
                 self._aes_launch(k, blocks_dev, rk_dev, rounds, segs, s)
             if data:
                 segs = [(src_off[i], dst_off[i], plan.lengths[i], row_of[plan.key_index[i]], j0_words[i], 16)
@@ -518,8 +523,10 @@ class GpuBackend(Backend):
                     self._aes_launch(k, arena.base, rk_dev, rounds, segs, s)
         if not key_blocks:
             return None, None
-        view = blocks_dev.reshape(n, 32) if n else blocks_dev
-        return view[:, :16], view[:, 16:]
+        if not n:
+            return blocks_dev, blocks_dev
+        view = blocks_dev.reshape(2 * n, 16)
+        return view[:n], view[n:]
 
     def _aes_launch(self, k, buf, rk_dev, rounds, segs, s) -> None:
         table, starts = k.pack_segments([x[0] for x in segs], [x[1] for x in segs], [x[2] for x in segs],
@@ -536,17 +543,8 @@ class GpuBackend(Backend):
 
         n = plan.n
         aad_buf, aad_off = self._pack_aads(plan, s)
-        h_c = self._contiguous(h, s)
-        e_c = self._contiguous(ekj0, s)
         table = g.pack_messages(aad_off, [len(a) for a in plan.aads], ct_off, plan.lengths).to_device(s)
-        g.ghash_aead_tags(aad_buf, ct_base, table, n, h_c, e_c, tags_out, stream=s)
-
-    def _contiguous(self, arr, s):
-        if _simulated():
-            return np.ascontiguousarray(arr)
-        out = self._cuda.device_array(arr.shape, dtype=np.uint8, stream=s)
-        out[...] = arr  # device-to-device copy of a strided view (small: 16 bytes per message)
-        return out
+        g.ghash_aead_tags(aad_buf, ct_base, table, n, h, ekj0, tags_out, stream=s)
 
     def _host_tags(self, plan, ct_base, ct_off, tags_out, s, otk_dev=None) -> None:
         """tag="host": ciphertext to the host, tags by ``cryptography`` (the reference path)."""
