@@ -395,3 +395,32 @@ def test_env_override_of_auto(monkeypatch):
     monkeypatch.setenv("GPUCRYPT_DEVICE", "quantum")
     with pytest.raises(ValueError, match="GPUCRYPT_DEVICE"):
         select_backend("auto", 0)
+
+
+@pytest.mark.parametrize("name,nonce_len", [("chacha20-poly1305", 12), ("aes-128-gcm", 12), ("aes-256-gcm", 12),
+                                            ("aes-128-gcm", 1), ("aes-256-gcm", 60)])
+def test_cpu_detached_tag_form_in_place_and_out(name, nonce_len):
+    """The CPU backend's detached-tag form (buffers holding exactly the data, e.g. a tensor's
+    own memory) gives the AEAD's bytes, verifies before writing, and keeps in-place
+    ciphertext intact on failure."""
+    from gpucrypt.backends import get_backend
+
+    cls, key_len, std_nonce = CLASSES[name]
+    key, nonce, aad = os.urandom(key_len), os.urandom(nonce_len), os.urandom(7)
+    data = os.urandom(333)
+    algorithm = "aes-gcm" if "gcm" in name else name
+    ctx = get_backend("cpu").aead(algorithm, key)
+    expected = cls(key, device="cpu").encrypt(nonce, data, aad)
+    buf = bytearray(data)
+    tag = ctx.seal_detached(nonce, memoryview(buf), memoryview(aad), memoryview(buf))
+    assert bytes(buf) + tag == expected
+    bad_tag = bytes([tag[0] ^ 1]) + tag[1:]
+    with pytest.raises(InvalidTag):
+        ctx.open_detached(nonce, memoryview(buf), bad_tag, memoryview(aad), memoryview(buf))
+    assert bytes(buf) == expected[:-16], "a failed in-place open must leave the ciphertext"
+    out = bytearray(b"\x55" * len(data))
+    with pytest.raises(InvalidTag):
+        ctx.open_detached(nonce, memoryview(bytes(buf)), bad_tag, memoryview(aad), memoryview(out))
+    assert out == bytes(len(data))
+    ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(buf))
+    assert bytes(buf) == data

@@ -35,6 +35,21 @@ class AeadContext(ABC):
         """
 
 
+    def seal_detached(self, nonce: bytes, data: memoryview, aad: memoryview, out: memoryview) -> bytes:
+        """Encrypt ``data`` into ``out`` (``len(data)`` bytes; the same memory for in place)
+        and return the 16-byte tag separately: for buffers that hold exactly the data."""
+        raise NotImplementedError(f"{type(self).__name__} has no detached-tag form")
+
+    def open_detached(self, nonce: bytes, data: memoryview, tag: bytes, aad: memoryview,
+                      out: memoryview) -> None:
+        """Verify ``tag`` over ``data``, then decrypt into ``out`` (may be ``data`` itself).
+
+        On ``InvalidTag`` nothing was written: an in-place buffer still holds the
+        ciphertext, and a separate ``out`` is zeroed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no detached-tag form")
+
+
 class Backend(ABC):
     """Bulk AEAD and keystream operations on host buffers."""
 

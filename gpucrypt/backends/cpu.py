@@ -15,6 +15,8 @@ from __future__ import annotations
 import hmac
 import struct
 
+import numpy as np
+
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -35,6 +37,14 @@ def _zero(out: memoryview) -> None:
     for start in range(0, len(out), _PIECE):
         end = min(start + _PIECE, len(out))
         out[start:end] = bytes(end - start)
+
+
+def _same_memory(a: memoryview, b: memoryview) -> bool:
+    """Whether two byte views are the very same memory (an in-place call)."""
+    if len(a) != len(b) or not len(a):
+        return len(a) == len(b)
+    address = lambda v: np.frombuffer(v, dtype=np.uint8).__array_interface__["data"][0]  # noqa: E731
+    return address(a) == address(b)
 
 
 def _xor_into(encryptor, data: memoryview, out: memoryview) -> None:
@@ -82,6 +92,19 @@ class _OpenSslAead(AeadContext):
             _zero(out)
             raise InvalidTag()
         self._xor(state, ct, out)
+
+    def seal_detached(self, nonce, data, aad, out):
+        state = self._start(nonce)
+        self._xor(state, data, out)
+        return self._tag(state, out, aad)
+
+    def open_detached(self, nonce, data, tag, aad, out):
+        state = self._start(nonce)
+        if not hmac.compare_digest(self._tag(state, data, aad), bytes(tag)):
+            if not _same_memory(data, out):
+                _zero(out)
+            raise InvalidTag()
+        self._xor(state, data, out)
 
     # composed path: state = what the nonce determines (ChaCha20: the nonce; GCM: J0)
     def _start(self, nonce: bytes) -> bytes:
