@@ -6,10 +6,10 @@ package: ``pip install "gpucrypt[models]"``) and gpucrypt model files
 installed (every dtype, bfloat16 included), else through NumPy. The safetensors
 ``__metadata__`` is carried over both ways.
 
-Keys as for ``gpucrypt encrypt``/``decrypt`` (the same functions do the work):
-``--key-file``/``--key-env`` from :mod:`gpucrypt._cli_files`, and the recipient,
-identity and keyset options from :mod:`gpucrypt._cli_keys` (the data key is then
-wrapped in the file's envelope). Exit codes and one-line errors as there: 1 when the
+Keys as for ``gpucrypt encrypt``/``decrypt`` (the same functions, in
+:mod:`gpucrypt._cli_common`, do the work): ``--key-file``/``--key-env``, and the
+recipient, identity and keyset options from :mod:`gpucrypt._cli_keys` (the data key is
+then wrapped in the file's envelope). Exit codes and one-line errors as there: 1 when the
 data failed (wrong key, tampering, not a model file / not a safetensors file), 2 for
 usage problems. Both write OUT atomically (temporary file, fsync, rename), mode 0600,
 and only once everything verified. Limit: the whole model is held in memory once
@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
-from . import _cli_files
+from ._atomic import write_atomically_with
+from ._cli_common import (add_force, add_input_output_and_keys, add_key_management,
+                          check_output, decrypt_key, encrypt_keys, parse_size,
+                          run_reporting_errors)
 from .cli import CliError
 
 __all__ = ["add_encrypt_model", "add_decrypt_model"]
@@ -45,20 +47,11 @@ def _safetensors():
 
 
 def _common(parser: argparse.ArgumentParser, mode: str, what_in: str, what_out: str) -> None:
-    parser.add_argument("input", metavar="IN", help=what_in)
-    parser.add_argument("output", metavar="OUT", help=what_out)
-    keys = parser.add_mutually_exclusive_group()
-    keys.add_argument("--key-file", metavar="FILE", help="the 32-byte key: raw bytes, or 64 hex digits")
-    keys.add_argument("--key-env", metavar="VAR",
-                      help="environment variable holding the key as 64 hex digits")
+    add_input_output_and_keys(parser, what_in, what_out)
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="where to encrypt/decrypt (default: auto)")
-    parser.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
-    try:
-        from . import _cli_keys
-    except ImportError:  # key management not installed: raw keys only
-        return
-    _cli_keys.add_key_arguments(parser, mode)
+    add_force(parser)
+    add_key_management(parser, mode)
 
 
 def add_encrypt_model(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +62,7 @@ def add_encrypt_model(parser: argparse.ArgumentParser) -> None:
     _common(parser, "encrypt", "a .safetensors file", "the encrypted model file to write")
     parser.add_argument("--algorithm", choices=ALGORITHMS, default="chacha20-poly1305",
                         help="AEAD for the segments (default: chacha20-poly1305)")
-    parser.add_argument("--segment-size", type=_cli_files.parse_size, default=DEFAULT_SEGMENT_SIZE,
+    parser.add_argument("--segment-size", type=parse_size, default=DEFAULT_SEGMENT_SIZE,
                         metavar="SIZE", help="bytes per segment, a power of two from 4KiB to "
                                              "64MiB (default: 1MiB)")
     parser.add_argument("--encrypt-names", action="store_true",
@@ -88,7 +81,7 @@ def _check_paths(args) -> None:
         raise CliError("model files need paths: stdin/stdout (-) are not supported", 2)
     if not os.path.exists(args.input):
         raise CliError(f"input file not found: {args.input}", 2)
-    _cli_files._output(args, binary_ciphertext=True)  # refuses a directory or an existing OUT
+    check_output(args, binary_ciphertext=True)  # refuses a directory or an existing OUT
 
 
 def _read_safetensors(path: str) -> tuple[dict, dict | None]:
@@ -107,9 +100,9 @@ def _run_encrypt_model(args) -> int:
     from . import models
 
     _check_paths(args)
-    key, key_id, envelope = _cli_files._encrypt_keys(args)
+    key, key_id, envelope = encrypt_keys(args)
     tensors, metadata = _read_safetensors(args.input)
-    _cli_files._run(args, lambda: models.save_encrypted(
+    run_reporting_errors(args, lambda: models.save_encrypted(
         tensors, args.output, key, metadata, algorithm=args.algorithm,
         encrypt_names=args.encrypt_names, segment_size=args.segment_size, device=args.device,
         key_id=key_id, envelope=envelope))
@@ -126,34 +119,20 @@ def _run_decrypt_model(args) -> int:
 
     def work():
         header = models.read_header(args.input)  # unauthenticated: only to find the envelope
-        key = _cli_files._decrypt_key(args, header)
+        key = decrypt_key(args, header)
         metadata = models.read_header(args.input, key).metadata
         tensors = models.load_encrypted(args.input, key, device, framework=framework)
         _write_safetensors(tensors, metadata or None, args.output, framework)
 
-    _cli_files._run(args, work)
+    run_reporting_errors(args, work)
     return 0
 
 
 def _write_safetensors(tensors: dict, metadata: dict | None, path: str, framework: str) -> None:
-    """safetensors' ``save_file`` into a temporary file beside ``path`` (mode 0600), fsync,
-    rename: ``path`` appears only complete."""
+    """safetensors' ``save_file`` into ``path`` atomically (mode 0600): ``path`` appears
+    only complete."""
     if framework == "torch":
         from safetensors.torch import save_file
     else:
         from safetensors.numpy import save_file
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
-                                suffix=".gpucrypt-tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, temp, metadata=metadata)
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomically_with(path, lambda temp: save_file(tensors, temp, metadata=metadata))

@@ -41,7 +41,6 @@ import hashlib
 import json
 import os
 import secrets
-import tempfile
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
@@ -53,6 +52,7 @@ from cryptography.hazmat.primitives.keywrap import (InvalidUnwrap, aes_key_unwra
                                                     aes_key_wrap_with_padding)
 
 from . import _envelope, audit
+from ._atomic import write_atomically
 from ._envelope import EnvelopeFormatError, Stanza
 
 __all__ = [
@@ -145,32 +145,6 @@ def _now() -> str:
 
 def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
-
-
-def _atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically with permissions ``mode``: a temporary file in
-    the same folder (so the rename cannot cross file systems), fsync, rename, fsync the folder."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".gpucrypt-", suffix=".tmp", dir=folder)
-    try:
-        os.fchmod(fd, mode)  # mkstemp makes 0600; fchmod states the intent and handles 0644
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _read_json(path: str | os.PathLike, expected_format: str) -> dict:
@@ -436,7 +410,7 @@ class Keyset:
             method = doc["protection"]["method"]
             self._seal = {"passphrase": passphrase, "kek": kek, "kek_id": kek_id,
                           "scrypt_n": scrypt_n or DEFAULT_SCRYPT_N}
-        _atomic_write(path, json.dumps(doc, indent=2).encode("utf-8") + b"\n", 0o600)
+        write_atomically(path, json.dumps(doc, indent=2).encode("utf-8") + b"\n", 0o600)
         audit.event("keyset.save", path=os.fspath(path), count=len(self._keys),
                     key_id=self.primary.id, status=method or "unsealed")
 
@@ -714,7 +688,7 @@ class Recipient:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the public file (0644: it is meant to be shared)."""
-        _atomic_write(path, json.dumps(self.to_json(), indent=2).encode() + b"\n", 0o644)
+        write_atomically(path, json.dumps(self.to_json(), indent=2).encode() + b"\n", 0o644)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipient":
@@ -818,7 +792,7 @@ class Identity:
         secret = {"private_key": _b64e(self._private_bytes)}
         doc = (_seal_document(public, secret, passphrase=passphrase, scrypt_n=scrypt_n)
                if passphrase is not None else {**public, **secret})
-        _atomic_write(path, json.dumps(doc, indent=2).encode() + b"\n", 0o600)
+        write_atomically(path, json.dumps(doc, indent=2).encode() + b"\n", 0o600)
 
     @classmethod
     def load(cls, path: str | os.PathLike, passphrase: str | bytes | None = None) -> "Identity":

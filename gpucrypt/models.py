@@ -72,6 +72,7 @@ import numpy as np
 
 from . import _format
 from . import _frameworks as fw
+from ._atomic import open_output
 from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedError,
                       UnsupportedVersion)
 from ._host_primitives import hchacha20
@@ -549,7 +550,6 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any, metadata: Ma
     Atomic (temporary file, fsync, rename), mode 0600. Returns the verified header.
     """
     from .backends import select_backend
-    from .stream import _Sink
 
     key = _format.check_key(key)
     _format.check_algorithm(algorithm)
@@ -579,18 +579,13 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any, metadata: Ma
     seg_key = _derive(key, salt, _SEGMENT_INFO, fixed)
     aad = _segment_aad(fixed, stored)
     backend = select_backend(device, data_length)
-    sink = _Sink(path)
-    try:
+    with open_output(path) as sink:
         sink.write(body + mac)
         if backend.name == "gpu":
             tags = _seal_on_gpu(backend, header, seg_key, aad, values, segments, sink)
         else:
             tags = _seal_on_cpu(header, seg_key, aad, values, segments, sink, threads)
         sink.write(b"".join(tags))
-        sink.commit()
-    except BaseException:
-        sink.abort()
-        raise
     return header
 
 

@@ -44,13 +44,13 @@ from __future__ import annotations
 import builtins
 import io
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
 import numpy as np
 
 from . import _format
+from ._atomic import AtomicFile, FileObjectOutput, open_output
 from ._format import (DEFAULT_SEGMENT_SIZE, MAX_SEGMENTS, TAG_SIZE, AuthenticationError,
                       FormatError, Header, StreamError, TruncatedError, UnsupportedVersion)
 from ._host_primitives import hchacha20
@@ -171,72 +171,6 @@ def _open_source(src: Any, allow_iterable: bool) -> _Source:
     raise TypeError(f"src must be a path, a binary file object, a bytes-like object"
                     f"{' or an iterable of bytes' if allow_iterable else ''}, "
                     f"not {type(src).__name__}")
-
-
-# ============================================================================ sinks
-class _Sink:
-    """Writes to a file object, or atomically to a path (temp file, fsync, rename on commit)."""
-
-    def __init__(self, dst: Any):
-        self._temp: str | None = None
-        if isinstance(dst, (str, os.PathLike)):
-            self._path = os.fspath(dst)
-            folder = os.path.dirname(os.path.abspath(self._path))
-            fd, self._temp = tempfile.mkstemp(prefix="." + os.path.basename(self._path) + ".",
-                                              suffix=".gpucrypt-tmp", dir=folder)
-            self._file = builtins.open(fd, "wb", buffering=0)
-        elif hasattr(dst, "write"):
-            self._file = dst
-        else:
-            raise TypeError(f"dst must be a path or a writable binary file object, "
-                            f"not {type(dst).__name__}")
-
-    @property
-    def temp_path(self) -> str | None:
-        return self._temp
-
-    def write(self, data) -> None:
-        view = memoryview(data)
-        while len(view):
-            n = self._file.write(view)
-            if n is None or n >= len(view):  # buffered writers write everything
-                return
-            view = view[n:]
-
-    def commit(self) -> None:
-        if self._temp is None:
-            if hasattr(self._file, "flush"):
-                self._file.flush()
-            return
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._temp, self._path)
-        self._temp = None
-        _fsync_dir(os.path.dirname(os.path.abspath(self._path)))
-
-    def abort(self) -> None:
-        if self._temp is not None:
-            self._file.close()
-            try:
-                os.unlink(self._temp)
-            except FileNotFoundError:
-                pass
-            self._temp = None
-
-
-def _fsync_dir(folder: str) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ============================================================================ engines
@@ -408,14 +342,10 @@ def encrypt(src: Any, dst: Any, key: Any, *, algorithm: str = "chacha20-poly1305
     source = _open_source(src, allow_iterable=True)
     try:
         engine = _engine(header, key, device, threads, source.size)
-        sink = _Sink(dst)
         try:
-            sink.write(header_bytes)
-            _encrypt_segments(source, sink, engine, segment_size)
-            sink.commit()
-        except BaseException:
-            sink.abort()
-            raise
+            with open_output(dst) as sink:
+                sink.write(header_bytes)
+                _encrypt_segments(source, sink, engine, segment_size)
         finally:
             engine.close()
     finally:
@@ -437,7 +367,7 @@ def _seal_spans(first: int, plain: memoryview, out: memoryview, S: int, last_on_
     return spans, n * TAG_SIZE + len(plain)
 
 
-def _encrypt_segments(source: _Source, sink: _Sink, engine, S: int) -> None:
+def _encrypt_segments(source: _Source, sink: AtomicFile | FileObjectOutput, engine, S: int) -> None:
     """Pipeline: seal batch k (workers) while writing batch k-1 and reading batch k+1.
 
     A full batch is sealed as if more followed; when the next read comes back empty
@@ -517,13 +447,8 @@ def decrypt(src: Any, dst: Any, key: Any, *, device: str = "auto",
         size_hint = None if source.size is None else source.size - header.header_length
         engine = _engine(header, key, device, threads, size_hint)
         try:
-            sink = _Sink(dst)
-            try:
+            with open_output(dst) as sink:
                 _decrypt_segments(source, sink, engine, header.segment_size)
-                sink.commit()
-            except BaseException:
-                sink.abort()
-                raise
         finally:
             engine.close()
     finally:
@@ -567,7 +492,7 @@ def _failure(engine, spans, index: int, final_in_file: bool) -> AuthenticationEr
                                index)
 
 
-def _decrypt_segments(source: _Source, sink: _Sink, engine, S: int) -> None:
+def _decrypt_segments(source: _Source, sink: AtomicFile | FileObjectOutput, engine, S: int) -> None:
     """Pipeline as in encryption. A full batch is opened as if more followed; if nothing
     follows, its final segment must fail that way and verify as the last one."""
     C = S + TAG_SIZE
@@ -745,17 +670,11 @@ def replace_envelope(path: Any, key: Any, envelope: Any, key_id: Any = _KEEP) ->
         fresh = Header(old.version, old.algorithm, old.segment_size, old.salt, old.nonce_prefix,
                        new_key_id, envelope, b"", 0)
         header, header_bytes = _format.seal_header(key, fresh)
-        sink = _Sink(path)
-        try:
-            os.chmod(sink.temp_path, os.stat(path).st_mode & 0o7777)  # keep the file's mode
+        with AtomicFile(path, mode=os.stat(path).st_mode & 0o7777) as sink:  # keep the file's mode
             sink.write(header_bytes)
             while True:
                 chunk = f.read(8 << 20)
                 if not chunk:
                     break
                 sink.write(chunk)
-            sink.commit()
-        except BaseException:
-            sink.abort()
-            raise
     return header
