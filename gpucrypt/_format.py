@@ -43,6 +43,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ._host_primitives import hchacha20
+
 MAGIC = b"GPUCRYPT"
 VERSION = 1
 KEY_SIZE = 32
@@ -64,6 +66,9 @@ ALGORITHMS = {
     "aes-256-gcm": (3, 12),
 }
 _BY_ID = {ident: name for name, (ident, _) in ALGORITHMS.items()}
+#: algorithm name here -> the backends' name for the same AEAD
+BACKEND_NAMES = {"chacha20-poly1305": "chacha20-poly1305",
+                 "xchacha20-poly1305": "xchacha20-poly1305", "aes-256-gcm": "aes-gcm"}
 #: bytes of the fixed fields before the nonce prefix
 _FIXED_HEAD = struct.Struct(">8sBBB32s")
 #: the shortest possible header (12-byte nonce, no key id, no envelope)
@@ -178,23 +183,39 @@ def fixed_fields(algorithm: str, segment_size: int, salt: bytes, nonce_prefix: b
     return _FIXED_HEAD.pack(MAGIC, VERSION, ALGORITHMS[algorithm][0], log2, salt) + nonce_prefix
 
 
-def _hkdf(key: bytes, salt: bytes, info: bytes) -> bytes:
+def hkdf_sha256(key: bytes, salt: bytes, info: bytes) -> bytes:
+    """The 32-byte HKDF-SHA256 (RFC 5869) output for ``key``, ``salt`` and ``info``."""
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(key)
 
 
 def segment_key(key: bytes, header: Header) -> bytes:
-    return _hkdf(key, header.salt, _SEGMENT_INFO + header.fixed_fields)
+    return hkdf_sha256(key, header.salt, _SEGMENT_INFO + header.fixed_fields)
 
 
 def header_mac_key(key: bytes, header: Header) -> bytes:
-    return _hkdf(key, header.salt, _HEADER_MAC_INFO + header.fixed_fields)
+    return hkdf_sha256(key, header.salt, _HEADER_MAC_INFO + header.fixed_fields)
 
 
 def segment_nonce(nonce_prefix: bytes, index: int, last: bool) -> bytes:
     return nonce_prefix + index.to_bytes(INDEX_SIZE, "big") + (b"\x01" if last else b"\x00")
 
 
-def _variable_fields(key_id: str | None, envelope: bytes | None) -> bytes:
+def segment_cipher(algorithm: str, seg_key: bytes, nonce_prefix: bytes) -> tuple[str, bytes, bytes]:
+    """``(name, key, nonce_head)`` of a 12-byte-nonce AEAD that seals segment ``i`` exactly
+    as ``algorithm`` under ``seg_key`` with nonce ``segment_nonce(nonce_prefix, i, last)``:
+    the nonce is then ``segment_nonce(nonce_head, i, last)``. ``name`` is a backend name.
+
+    XChaCha20-Poly1305's first 16 nonce bytes (the prefix's) are the same for every
+    segment, so its HChaCha20 subkey is computed once per file and the segments are
+    ChaCha20-Poly1305 messages under it (nonce 0x00000000 || prefix[16:] || ...).
+    """
+    if algorithm == "xchacha20-poly1305":
+        return ("chacha20-poly1305", hchacha20(seg_key, nonce_prefix[:16]),
+                b"\x00\x00\x00\x00" + nonce_prefix[16:])
+    return BACKEND_NAMES[algorithm], seg_key, nonce_prefix
+
+
+def variable_fields(key_id: str | None, envelope: bytes | None) -> bytes:
     kid = (key_id or "").encode("utf-8")
     env = bytes(envelope or b"")
     return struct.pack(">H", len(kid)) + kid + struct.pack(">I", len(env)) + env
@@ -235,7 +256,7 @@ def new_header(key: bytes, algorithm: str, segment_size: int, *, key_id=None, en
 
 def seal_header(key: bytes, header: Header) -> tuple[Header, bytes]:
     """``header`` with a fresh MAC over its fields under ``key``, and its encoding."""
-    body = header.fixed_fields + _variable_fields(header.key_id, header.envelope)
+    body = header.fixed_fields + variable_fields(header.key_id, header.envelope)
     mac = hmac.new(header_mac_key(key, header), body, hashlib.sha256).digest()
     sealed = Header(header.version, header.algorithm, header.segment_size, header.salt,
                     header.nonce_prefix, header.key_id, header.envelope, mac,
@@ -245,24 +266,28 @@ def seal_header(key: bytes, header: Header) -> tuple[Header, bytes]:
 
 def encode_header(header: Header) -> bytes:
     """The exact bytes of a parsed header (including its recorded MAC)."""
-    return header.fixed_fields + _variable_fields(header.key_id, header.envelope) + header.header_mac
+    return header.fixed_fields + variable_fields(header.key_id, header.envelope) + header.header_mac
 
 
 def verify_header(key: bytes, header: Header) -> None:
     """AuthenticationError unless ``header``'s MAC verifies under ``key``."""
-    body = header.fixed_fields + _variable_fields(header.key_id, header.envelope)
+    body = header.fixed_fields + variable_fields(header.key_id, header.envelope)
     expected = hmac.new(header_mac_key(key, header), body, hashlib.sha256).digest()
     if not hmac.compare_digest(expected, header.header_mac):
         raise AuthenticationError("header authentication failed: wrong key, or the header "
                                   "(key id, envelope or parameters) was tampered with")
 
 
-class _Reader:
-    """Reads exactly ``n`` bytes from ``read(n)``, turning a short read into TruncatedError."""
+class HeaderReader:
+    """Reads exactly ``n`` bytes from ``read(n)``, turning a short read into TruncatedError.
 
-    def __init__(self, read):
+    ``consumed`` holds every byte taken so far (starting with ``consumed``, bytes the
+    caller read before), so its length is the header's length once parsing is done.
+    """
+
+    def __init__(self, read, consumed: bytes = b""):
         self._read = read
-        self.consumed = bytearray()
+        self.consumed = bytearray(consumed)
 
     def take(self, n: int, what: str) -> bytes:
         chunk = bytearray()
@@ -279,29 +304,21 @@ class _Reader:
         return bytes(chunk)
 
 
-def parse_header(read) -> Header:
-    """Parse a header from ``read(n) -> bytes`` (a file's ``read``), consuming exactly its bytes.
-
-    Raises FormatError (not a gpucrypt stream, malformed), UnsupportedVersion or
-    TruncatedError; never anything else for any input bytes. No key is needed: the
-    MAC is recorded, not checked (see :func:`verify_header`).
-    """
-    reader = _Reader(read)
-    magic = reader.take(len(MAGIC), "magic")
-    if magic != MAGIC:
-        raise FormatError("not a gpucrypt file (wrong magic bytes)")
-    version = reader.take(1, "version")[0]
-    if version != VERSION:
-        raise UnsupportedVersion(f"unsupported gpucrypt format version {version} (this gpucrypt "
-                                 f"reads version {VERSION}); a newer gpucrypt may read it", version)
-    algorithm_id, log2 = reader.take(2, "algorithm and segment size")
+def algorithm_and_segment_size(algorithm_id: int, log2: int) -> tuple[str, int]:
+    """The algorithm name and segment size a header's id and log2 bytes stand for;
+    FormatError for an unknown id or a size out of range."""
     algorithm = _BY_ID.get(algorithm_id)
     if algorithm is None:
         raise FormatError(f"malformed header: unknown algorithm id {algorithm_id}")
     if not MIN_SEGMENT_LOG2 <= log2 <= MAX_SEGMENT_LOG2:
         raise FormatError(f"malformed header: segment size 2**{log2} is out of range")
-    salt = reader.take(SALT_SIZE, "salt")
-    prefix = reader.take(prefix_size(algorithm), "nonce prefix")
+    return algorithm, 1 << log2
+
+
+def read_key_id_and_envelope(reader: HeaderReader) -> tuple[str | None, bytes | None]:
+    """Parse the key id and envelope fields (their lengths, then their bytes) from
+    ``reader``; empty ones come back as None. FormatError when a length is over its
+    limit or the key id is not UTF-8, TruncatedError when the bytes run out."""
     (kid_len,) = struct.unpack(">H", reader.take(2, "key id length"))
     if kid_len > MAX_KEY_ID_BYTES:
         raise FormatError(f"malformed header: key id of {kid_len} bytes (at most {MAX_KEY_ID_BYTES})")
@@ -314,6 +331,29 @@ def parse_header(read) -> Header:
         raise FormatError(f"malformed header: envelope of {env_len} bytes "
                           f"(at most {MAX_ENVELOPE_BYTES})")
     envelope = reader.take(env_len, "envelope")
+    return key_id or None, envelope or None
+
+
+def parse_header(read) -> Header:
+    """Parse a header from ``read(n) -> bytes`` (a file's ``read``), consuming exactly its bytes.
+
+    Raises FormatError (not a gpucrypt stream, malformed), UnsupportedVersion or
+    TruncatedError; never anything else for any input bytes. No key is needed: the
+    MAC is recorded, not checked (see :func:`verify_header`).
+    """
+    reader = HeaderReader(read)
+    magic = reader.take(len(MAGIC), "magic")
+    if magic != MAGIC:
+        raise FormatError("not a gpucrypt file (wrong magic bytes)")
+    version = reader.take(1, "version")[0]
+    if version != VERSION:
+        raise UnsupportedVersion(f"unsupported gpucrypt format version {version} (this gpucrypt "
+                                 f"reads version {VERSION}); a newer gpucrypt may read it", version)
+    algorithm, segment_size = algorithm_and_segment_size(
+        *reader.take(2, "algorithm and segment size"))
+    salt = reader.take(SALT_SIZE, "salt")
+    prefix = reader.take(prefix_size(algorithm), "nonce prefix")
+    key_id, envelope = read_key_id_and_envelope(reader)
     mac = reader.take(MAC_SIZE, "header MAC")
-    return Header(version, algorithm, 1 << log2, salt, prefix, key_id or None, envelope or None,
-                  mac, len(reader.consumed))
+    return Header(version, algorithm, segment_size, salt, prefix, key_id, envelope, mac,
+                  len(reader.consumed))

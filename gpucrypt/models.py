@@ -75,7 +75,6 @@ from . import _frameworks as fw
 from ._atomic import open_output
 from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedError,
                       UnsupportedVersion)
-from ._host_primitives import hchacha20
 from .tensor import _host_open, _host_seal
 
 __all__ = ["save_encrypted", "load_encrypted", "read_header", "ModelHeader", "TensorInfo",
@@ -103,11 +102,6 @@ _METADATA_KEY = "__metadata__"
 #: small enough that two pinned staging buffers stay modest
 _CPU_BATCH_BYTES = 8 << 20
 _GPU_BATCH_BYTES = 32 << 20
-
-#: algorithm names of the lower layers: the GPU backend, and tensor's host AEAD
-_BACKEND_NAME = {"chacha20-poly1305": "chacha20-poly1305",
-                 "xchacha20-poly1305": "xchacha20-poly1305", "aes-256-gcm": "aes-gcm"}
-
 
 # ============================================================================ header
 @dataclass(frozen=True)
@@ -172,14 +166,8 @@ def _fixed_fields(algorithm: str, segment_size: int, names_encrypted: bool, salt
                             table_length, data_length) + nonce_prefix
 
 
-def _variable_fields(key_id: str | None, envelope: bytes | None) -> bytes:
-    kid = (key_id or "").encode("utf-8")
-    env = bytes(envelope or b"")
-    return struct.pack(">H", len(kid)) + kid + struct.pack(">I", len(env)) + env
-
-
 def _derive(key: bytes, salt: bytes, info: bytes, fixed: bytes) -> bytes:
-    return _format._hkdf(key, salt, info + fixed)
+    return _format.hkdf_sha256(key, salt, info + fixed)
 
 
 def _segment_aad(fixed: bytes, stored_table: bytes) -> bytes:
@@ -187,7 +175,7 @@ def _segment_aad(fixed: bytes, stored_table: bytes) -> bytes:
 
 
 def _header_body(header: ModelHeader) -> bytes:
-    return (header.fixed_fields + _variable_fields(header.key_id, header.envelope)
+    return (header.fixed_fields + _format.variable_fields(header.key_id, header.envelope)
             + header.stored_table)
 
 
@@ -307,18 +295,6 @@ def _segment_failure(seg: _Segment, infos) -> AuthenticationError:
 
 
 # ---------------------------------------------------------------------------- parsing
-def _take(f, n: int, what: str) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        piece = f.read(n - len(data))
-        if not piece:
-            break
-        data += piece
-    if len(data) < n:
-        raise TruncatedError(f"truncated file: it ends inside the header ({what})")
-    return bytes(data)
-
-
 def _wrong_magic(magic: bytes, f) -> FormatError:
     if magic == _format.MAGIC:
         return FormatError("this is a gpucrypt stream file, not a model file: decrypt it with "
@@ -339,38 +315,24 @@ def _parse(f) -> ModelHeader:
         if first == MAGIC[:len(first)]:
             raise TruncatedError("truncated file: it ends inside the header (magic)")
         raise _wrong_magic(first, f)
-    rest = _take(f, _FIXED_HEAD.size - len(MAGIC), "fixed fields")
+    reader = _format.HeaderReader(f.read, first)
+    rest = reader.take(_FIXED_HEAD.size - len(MAGIC), "fixed fields")
     _, version, alg_id, log2, flags, salt, table_len, data_len = _FIXED_HEAD.unpack(first + rest)
     if version != VERSION:
         raise UnsupportedVersion(f"unsupported gpucrypt model format version {version} (this "
                                  f"gpucrypt reads version {VERSION})", version)
-    algorithm = _format._BY_ID.get(alg_id)
-    if algorithm is None:
-        raise FormatError(f"malformed header: unknown algorithm id {alg_id}")
-    if not _format.MIN_SEGMENT_LOG2 <= log2 <= _format.MAX_SEGMENT_LOG2:
-        raise FormatError(f"malformed header: segment size 2**{log2} is out of range")
+    algorithm, segment_size = _format.algorithm_and_segment_size(alg_id, log2)
     if flags & ~FLAG_NAMES_ENCRYPTED:
         raise FormatError(f"malformed header: unknown flags {flags:#04x}")
     if table_len > MAX_TABLE_BYTES:
         raise FormatError(f"malformed header: tensor table of {table_len} bytes "
                           f"(at most {MAX_TABLE_BYTES})")
-    prefix = _take(f, _format.prefix_size(algorithm), "nonce prefix")
-    (kid_len,) = struct.unpack(">H", _take(f, 2, "key id length"))
-    if kid_len > _format.MAX_KEY_ID_BYTES:
-        raise FormatError(f"malformed header: key id of {kid_len} bytes")
-    try:
-        key_id = _take(f, kid_len, "key id").decode("utf-8")
-    except UnicodeDecodeError:
-        raise FormatError("malformed header: key id is not UTF-8") from None
-    (env_len,) = struct.unpack(">I", _take(f, 4, "envelope length"))
-    if env_len > _format.MAX_ENVELOPE_BYTES:
-        raise FormatError(f"malformed header: envelope of {env_len} bytes")
-    envelope = _take(f, env_len, "envelope")
-    table = _take(f, table_len, "tensor table")
-    mac = _take(f, MAC_SIZE, "header MAC")
-    length = _FIXED_HEAD.size + len(prefix) + 2 + kid_len + 4 + env_len + table_len + MAC_SIZE
-    return ModelHeader(version, algorithm, 1 << log2, bool(flags & FLAG_NAMES_ENCRYPTED), salt,
-                       prefix, data_len, key_id or None, envelope or None, table, mac, length)
+    prefix = reader.take(_format.prefix_size(algorithm), "nonce prefix")
+    key_id, envelope = _format.read_key_id_and_envelope(reader)
+    table = reader.take(table_len, "tensor table")
+    mac = reader.take(MAC_SIZE, "header MAC")
+    return ModelHeader(version, algorithm, segment_size, bool(flags & FLAG_NAMES_ENCRYPTED), salt,
+                       prefix, data_len, key_id, envelope, table, mac, len(reader.consumed))
 
 
 def _verify(header: ModelHeader, key: bytes) -> ModelHeader:
@@ -398,7 +360,7 @@ def _table_cipher(algorithm: str, key: bytes):
     """(algorithm name for tensor's host AEAD, key, nonce) of the table's one message: a key
     used for nothing else, so a fixed all-zero nonce is safe."""
     nonce = bytes(_format.nonce_size(algorithm))
-    return _BACKEND_NAME[algorithm], key, nonce
+    return _format.BACKEND_NAMES[algorithm], key, nonce
 
 
 def _seal_table(key: bytes, algorithm: str, salt: bytes, fixed: bytes, table: bytes) -> bytes:
@@ -503,12 +465,7 @@ class _HostAead:
 
     def __init__(self, algorithm: str, seg_key: bytes, prefix: bytes, aad: bytes):
         self.aad = aad
-        if algorithm == "xchacha20-poly1305":
-            # the first 16 nonce bytes are the same for every segment: one subkey per file
-            self._name, self._key = "chacha20-poly1305", hchacha20(seg_key, prefix[:16])
-            self._head = b"\x00" * 4 + prefix[16:]
-        else:
-            self._name, self._key, self._head = _BACKEND_NAME[algorithm], seg_key, prefix
+        self._name, self._key, self._head = _format.segment_cipher(algorithm, seg_key, prefix)
 
     def _nonce(self, seg: _Segment, count: int) -> bytes:
         return _nonce(self._head, seg, count)
@@ -625,7 +582,7 @@ def _seal_on_gpu(gpu, header, seg_key, aad, values, segments, sink) -> list[byte
     """Each batch: plaintext packed on the host, one copy to the device, ``seal_batch`` in
     place, ciphertext and tags back."""
     host, count, tags = _HostTensors(values), len(segments), []
-    name = _BACKEND_NAME[header.algorithm]
+    name = _format.BACKEND_NAMES[header.algorithm]
     for batch in _batches(segments, _GPU_BATCH_BYTES):
         staging = np.empty(sum(s.length for s in batch), dtype=np.uint8)
         cursor, bounds = 0, []
@@ -848,7 +805,7 @@ def _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target) -> 
     batches = _batches(segments, _GPU_BATCH_BYTES)
     largest = max((sum(s.length for s in b) for b in batches), default=0)
     staging = [_Staging(framework, largest) for _ in range(min(2, len(batches)))]
-    name, count, base = _BACKEND_NAME[header.algorithm], len(segments), header.header_length
+    name, count, base = _format.BACKEND_NAMES[header.algorithm], len(segments), header.header_length
 
     def read(k: int) -> None:  # a batch's segments are contiguous in the file
         batch = batches[k]

@@ -53,7 +53,6 @@ from . import _format
 from ._atomic import AtomicFile, FileObjectOutput, open_output
 from ._format import (DEFAULT_SEGMENT_SIZE, MAX_SEGMENTS, TAG_SIZE, AuthenticationError,
                       FormatError, Header, StreamError, TruncatedError, UnsupportedVersion)
-from ._host_primitives import hchacha20
 from .backends import select_backend
 
 __all__ = ["encrypt", "decrypt", "open", "read_header", "replace_envelope", "Header",
@@ -181,15 +180,9 @@ class _CpuEngine:
     def __init__(self, header: Header, seg_key: bytes, threads: int, backend):
         self.header = header
         self.aad = memoryview(header.fixed_fields)
-        prefix = header.nonce_prefix
-        if header.algorithm == "xchacha20-poly1305":
-            # the first 16 nonce bytes are the same for every segment: one subkey per file
-            self._ctx = backend.aead("chacha20-poly1305", hchacha20(seg_key, prefix[:16]))
-            self._nonce_head, self._xchacha = b"\x00\x00\x00\x00" + prefix[16:], True
-        else:
-            name = "aes-gcm" if header.algorithm == "aes-256-gcm" else "chacha20-poly1305"
-            self._ctx = backend.aead(name, seg_key)
-            self._nonce_head, self._xchacha = prefix, False
+        name, key, self._nonce_head = _format.segment_cipher(header.algorithm, seg_key,
+                                                             header.nonce_prefix)
+        self._ctx = backend.aead(name, key)
         self.threads = threads
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
@@ -198,7 +191,7 @@ class _CpuEngine:
             self._pool.shutdown(wait=True)
 
     def _nonce(self, index: int, last: bool) -> bytes:
-        return self._nonce_head + index.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
+        return _format.segment_nonce(self._nonce_head, index, last)
 
     def open_one(self, index: int, last: bool, ct: memoryview, out: memoryview) -> bool:
         from cryptography.exceptions import InvalidTag
@@ -239,15 +232,12 @@ class _GpuEngine:
     """Seals and opens a batch of segments with one ``seal_batch``/``open_batch`` call over
     one device buffer (the GPU backend's device-level API)."""
 
-    _NAMES = {"chacha20-poly1305": "chacha20-poly1305", "xchacha20-poly1305": "xchacha20-poly1305",
-              "aes-256-gcm": "aes-gcm"}
-
     def __init__(self, header: Header, seg_key: bytes, backend):
         self.header = header
         self.aad = header.fixed_fields
         self._key = seg_key
         self._gpu = backend
-        self._algorithm = self._NAMES[header.algorithm]
+        self._algorithm = _format.BACKEND_NAMES[header.algorithm]
         self.threads = 1
 
     def close(self):
