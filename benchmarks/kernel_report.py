@@ -15,34 +15,53 @@ Per kernel it prints:
 
 * registers per thread, stack frame, spill store/load bytes (from ``ptxas -v``);
 * ``LDL``/``STL`` instructions in the SASS (local memory: spills or local arrays);
-* global memory accesses on the hot path and whether they are 128-bit
+* global memory accesses of one main-loop iteration and whether they are 128-bit
   (``LDG.E.128`` / ``STG.E.128``);
 * SASS instructions per byte.
 
 How instructions per byte are counted
 --------------------------------------
-Statically, from the SASS, without running anything:
+Statically, from the SASS, without running anything, for one iteration of the
+kernel's main loop as bulk data runs it:
 
 1. The *main loop* is the outermost loop of the kernel: the backward branch
    with the largest span (the grid-stride loop). A kernel with no backward
    branch is one straight pass, and its whole body is counted.
-2. The *hot path* is the shortest path, in instructions, from the loop head to
-   its back-edge branch, following fall-through and branch edges (inner loops
-   are never taken on a shortest path). For a streaming kernel this is the
-   common case: one segment, full aligned blocks, no binary-search step, the
-   wide-load path rather than the byte path for heads and tails. Every
-   instruction on it counts once, predicated or not.
-3. ``instructions per byte = hot-path instructions / bytes_per_iteration``, with
-   ``bytes_per_iteration`` from the kernel's ``ReportEntry``.
+2. Every *inner loop* (a backward branch inside the main loop; one loop per
+   branch target) must be declared in the kernel's ``ReportEntry.inner_loops``
+   (``kernels/_launch.py: InnerLoop``), in address order, with ``trips``: how
+   many times its body runs per main-loop iteration on the data path (AES: the
+   round loop, ``rounds - 1``, so AES-128 and AES-256 are separate rows; GHASH
+   and Poly1305: the Horner loop, one trip per 16-byte block of a chunk), or 0
+   for a loop off the data path (binary search over the segment table, byte
+   paths for unaligned edges, once-per-message work). The report stops with an
+   error when the SASS holds a different number of inner loops than declared, or
+   a declared loop lacks the opcodes its ``ops`` names, so a declaration cannot
+   drift onto the wrong loop unnoticed.
+3. The *path* is the shortest path, in instructions, from the main loop's head
+   through the head of every loop with ``trips > 0`` and every instruction
+   whose opcode the entry's ``data_path_ops`` names (AES and ChaCha20: the
+   ``STG.E.128`` that write the data, so the path cannot take the early exit of
+   a block outside its segment), in address order, to the main loop's back-edge
+   branch, following fall-through and branch edges; each
+   leg is the fewest instructions, so branches off the data path (a segment
+   change, the byte path for heads and tails, zero-trip guards of loops with
+   ``trips = 0``) are avoided where the code allows. The path runs each data-path
+   loop's body once. A loop's *cycle* is the shortest path from its head round
+   to one of its back edges (the full-block path of a loop with a partial-block
+   branch).
+4. ``per iteration = path + sum over inner loops of (trips - 1) * cycle``, and
+   ``instructions per byte = per iteration / bytes_per_iteration``, with
+   ``bytes_per_iteration`` from the ``ReportEntry`` (the bytes those trips
+   process). Every instruction counts once, predicated or not.
 
-The whole loop body (every path, e.g. a byte path for unaligned edges) is also
-printed, as ``loop body``. If an inner loop lies on the hot path (its body is
-traversed but its back edge is not taken, e.g. a rolled rounds loop), the
-count is a lower bound and the report says so; it also notes inner loops that
-the shortest path avoids altogether (a zero-trip guard, an idle-lane exit):
-then the shortest path may not be the path real data takes, and the kernel
-should be written so that it is (rounds unrolled, work not behind a loop). Binary search over the segment
-table costs about ``12 * log2(n_segments)`` more instructions per iteration.
+A loop declared with 0 trips whose body the path still runs (no zero-trip
+guard) makes the count a lower bound: that is a FAIL. Loops nested in a
+data-path loop are supported only under an outer loop of at most one trip
+(Poly1305's step loop). The whole main-loop body (every path) is printed as
+``loop body``; the global loads and stores listed are those of one iteration.
+The binary search over the segment table costs about ``26 * log2(n_segments)``
+more instructions when a thread changes segment.
 
 Targets (PASS/FAIL): zero spill bytes and zero LDL/STL everywhere; ChaCha20
 at most 17 instructions per byte on the hot path (the GUIDE's hand-written CUDA C
@@ -57,7 +76,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import heapq
 import importlib
 import json
 import os
@@ -176,17 +194,88 @@ def _ends_flow(ins: Instr) -> bool:
 
 
 @dataclass
+class InnerLoopCount:
+    """One loop nested in the main loop: where it is, its cheapest trip, and its declared trips."""
+
+    what: str
+    head: int  # index of its first instruction (the back edges' target)
+    end: int  # index of its last back-edge branch
+    cycle: int  # instructions of the shortest path once round the loop (head .. back edge)
+    trips: int  # body executions per main-loop iteration on the data path (0: off it)
+    cycle_ops: list = field(default_factory=list)
+
+
+@dataclass
 class LoopAnalysis:
     loop_found: bool
     loop_body: int
-    hot_path: int
-    inner_loops_on_hot_path: int
-    hot_path_ops: list[str]
+    hot_path: int  # instructions per main-loop iteration: path + extra trips of the inner loops
+    inner_loops_on_hot_path: int  # loops declared off the data path whose body the path still runs
+    hot_path_ops: list[str]  # every instruction counted in hot_path (with repeats for the trips)
     inner_loops_in_body: int = 0
+    path: int = 0  # instructions on the path itself (each inner loop's body at most once)
+    inner_loops: list = field(default_factory=list)  # InnerLoopCount, in address order
 
 
-def analyse_main_loop(instrs: list[Instr]) -> LoopAnalysis:
-    """Static count of the main loop body and of its shortest (hot) path; see module docstring."""
+class LoopDeclarationError(ValueError):
+    """A kernel's declared inner loops do not match its SASS."""
+
+
+def _successors(instrs: list[Instr], index: dict, i: int) -> list[int]:
+    ins = instrs[i]
+    succ = []
+    if not _ends_flow(ins):
+        succ.append(i + 1)
+    if ins.target is not None and ins.target in index:
+        succ.append(index[ins.target])
+    return succ
+
+
+def _shortest_path(instrs, index, src: int, dst: int, lo: int, hi: int, stop: int | None = None) -> list[int] | None:
+    """Fewest instructions from ``src`` to ``dst`` (both counted) staying within ``[lo, hi]``.
+
+    ``stop`` is a node the path may end at but not pass through (the main loop's
+    back edge). Breadth-first: every instruction costs one.
+    """
+    prev = {src: src}
+    queue = [src]
+    for i in queue:
+        if i == dst:
+            break
+        if i == stop and i != src:
+            continue
+        for j in _successors(instrs, index, i):
+            if lo <= j <= hi and j not in prev:
+                prev[j] = i
+                queue.append(j)
+    if dst not in prev:
+        return None
+    path = [dst]
+    while path[-1] != src:
+        path.append(prev[path[-1]])
+    return path[::-1]
+
+
+def _cycle(instrs, index, head: int, latches: list[int]) -> list[int]:
+    """Shortest path once round a loop: from ``head`` to one of its back-edge branches (taken)."""
+    best = None
+    for latch in latches:
+        p = _shortest_path(instrs, index, head, latch, head, max(latches))
+        if p is not None and (best is None or len(p) < len(best)):
+            best = p
+    return best or [head]
+
+
+def analyse_main_loop(instrs: list[Instr], declared=None, through=()) -> LoopAnalysis:
+    """Static count of the main loop body and of one iteration on the data path; see module docstring.
+
+    ``declared``: the kernel's ``ReportEntry.inner_loops`` (objects with ``what``,
+    ``trips``, ``ops``), one per loop nested in the main loop, in address order.
+    With ``None`` nothing is checked and every inner loop is taken as off the
+    data path (0 trips), i.e. the plain shortest path. ``through``: opcode
+    prefixes (``ReportEntry.data_path_ops``) whose every instruction in the main
+    loop the path must pass (e.g. the 128-bit stores of the data).
+    """
     index = {ins.addr: i for i, ins in enumerate(instrs)}
     back_edges = [
         (i, index[ins.target]) for i, ins in enumerate(instrs)
@@ -194,36 +283,66 @@ def analyse_main_loop(instrs: list[Instr]) -> LoopAnalysis:
     ]
     if not back_edges:
         body = [ins for ins in instrs if not (ins.op.startswith("BRA") and ins.target == ins.addr)]
-        return LoopAnalysis(False, len(body), len(body), 0, [ins.op for ins in body])
+        if declared:
+            raise LoopDeclarationError(f"{len(declared)} inner loop(s) declared, but the kernel has no loop")
+        n = len(body)
+        return LoopAnalysis(False, n, n, 0, [ins.op for ins in body], path=n)
     end, head = max(back_edges, key=lambda e: e[0] - e[1])
 
-    # Dijkstra (unit weights) from head to end, inside [head, end].
-    dist = {head: 1}
-    prev: dict[int, int] = {}
-    queue = [(1, head)]
-    while queue:
-        d, i = heapq.heappop(queue)
-        if d > dist.get(i, 1 << 60) or i == end:
-            continue
-        ins = instrs[i]
-        succ = []
-        if not _ends_flow(ins):
-            succ.append(i + 1)
-        if ins.target is not None and ins.target in index:
-            succ.append(index[ins.target])
-        for j in succ:
-            if head <= j <= end and d + 1 < dist.get(j, 1 << 60):
-                dist[j] = d + 1
-                prev[j] = i
-                heapq.heappush(queue, (d + 1, j))
-    path = [end]
-    while path[-1] != head:
-        path.append(prev[path[-1]])
-    path.reverse()
+    # Loops nested in the main loop, one per head (a head may have several back edges).
+    latches: dict[int, list[int]] = {}
+    for i, h in back_edges:
+        if (i, h) != (end, head) and head <= h and i <= end:
+            latches.setdefault(h, []).append(i)
+    heads = sorted(latches)
+    if declared is not None and len(declared) != len(heads):
+        raise LoopDeclarationError(
+            f"the main loop holds {len(heads)} inner loop(s) (SASS heads at "
+            f"{', '.join(hex(instrs[h].addr) for h in heads) or 'none'}), the ReportEntry declares "
+            f"{len(declared)}: declare every inner loop, in address order")
+    loops = []
+    for n, h in enumerate(heads):
+        decl = declared[n] if declared is not None else None
+        cyc = _cycle(instrs, index, h, latches[h])
+        ops = [instrs[i].op for i in cyc]
+        span_ops = [ins.op for ins in instrs[h:max(latches[h]) + 1]]
+        if decl is not None:
+            missing = [p for p in decl.ops if not any(op.startswith(p) for op in span_ops)]
+            if missing:
+                raise LoopDeclarationError(
+                    f"inner loop {n} ({decl.what!r}, head {hex(instrs[h].addr)}) has no {', '.join(missing)}")
+        loops.append(InnerLoopCount(decl.what if decl else f"loop {n}", h, max(latches[h]), len(cyc),
+                                    int(decl.trips) if decl else 0, ops))
+    for outer in loops:
+        for inner in loops:
+            if inner is not outer and outer.head <= inner.head and inner.end <= outer.end \
+                    and outer.trips > 1 and inner.trips > 0:
+                raise LoopDeclarationError(
+                    f"{outer.what!r} (trips {outer.trips}) contains {inner.what!r}: nested loops on the data "
+                    "path are counted only with the outer one at most 1 trip")
+
+    # The path: main-loop head, then the head of every loop on the data path (address
+    # order), then the main loop's back edge; each leg the fewest instructions.
+    musts = {lp.head for lp in loops if lp.trips > 0}
+    musts |= {i for i in range(head, end) if any(instrs[i].op.startswith(p) for p in through)}
+    if through and not any(any(instrs[i].op.startswith(p) for p in through) for i in range(head, end)):
+        raise LoopDeclarationError(f"no {', '.join(through)} in the main loop")
+    waypoints = [head] + sorted(musts - {head}) + [end]
+    path = [head]
+    for a, b in zip(waypoints, waypoints[1:]):
+        leg = _shortest_path(instrs, index, a, b, head, end, stop=end)
+        if leg is None:
+            raise LoopDeclarationError(f"no path from {hex(instrs[a].addr)} to {hex(instrs[b].addr)} in the main loop")
+        path.extend(leg[1:])
     on_path = set(path)
-    inner = sum(1 for i, h in back_edges if (i, h) != (end, head) and i in on_path and h in on_path)
-    in_body = sum(1 for i, h in back_edges if (i, h) != (end, head) and head <= h and i <= end)
-    return LoopAnalysis(True, end - head + 1, len(path), inner, [instrs[i].op for i in path], in_body)
+    ops = [instrs[i].op for i in path]
+    total = len(path)
+    for lp in loops:
+        if lp.trips > 1:
+            total += (lp.trips - 1) * lp.cycle
+            ops.extend(lp.cycle_ops * (lp.trips - 1))
+    skipped_wrongly = sum(1 for lp in loops if lp.trips == 0 and lp.head in on_path and lp.end in on_path)
+    return LoopAnalysis(True, end - head + 1, total, skipped_wrongly, ops, len(heads), len(path), loops)
 
 
 # --------------------------------------------------------------------------- compilation
@@ -233,6 +352,7 @@ class KernelResult:
     module: str
     name: str
     bytes_per_iteration: int
+    variant: str = ""
     registers: int | None = None
     stack_frame_bytes: int | None = None
     spill_store_bytes: int | None = None
@@ -242,6 +362,8 @@ class KernelResult:
     total_instructions: int | None = None
     loop_body_instructions: int | None = None
     hot_path_instructions: int | None = None
+    path_instructions: int | None = None
+    inner_loops: list = field(default_factory=list)
     instructions_per_byte: float | None = None
     inner_loops_on_hot_path: int | None = None
     inner_loops_in_body: int | None = None
@@ -288,43 +410,59 @@ def _is_wide(counts: dict) -> bool | None:
     return any(".128" in op for op in counts) and not narrow
 
 
-def measure(module: str, entry, tools: dict, workdir: str, sass_dir: str | None) -> KernelResult:
+def _compile(entry, tools: dict, stem: str, cache: dict) -> tuple[str, dict]:
+    """(SASS listing, ptxas -v figures) of ``entry``; entries sharing a kernel and signature compile once."""
     from numba import cuda
 
-    res = KernelResult(module, entry.name, entry.bytes_per_iteration, note=entry.note)
+    key = (entry.pyfunc, entry.signature)
+    if key in cache:
+        return cache[key]
+    ptx, _ = cuda.compile_ptx(entry.pyfunc, entry.signature, cc=(9, 0))
+    with open(stem + ".ptx", "w") as f:
+        f.write(ptx)
+    run = subprocess.run(
+        [tools["ptxas"], "-arch=sm_90", "-O3", "-v", stem + ".ptx", "-o", stem + ".cubin"],
+        capture_output=True, text=True,
+    )
+    if run.returncode != 0:
+        raise RuntimeError("ptxas failed:\n" + run.stderr)
+    if tools.get("nvdisasm"):
+        cmd = [tools["nvdisasm"], "-c", stem + ".cubin"]
+    else:
+        cmd = [tools["cuobjdump"], "-sass", stem + ".cubin"]
+    dis = subprocess.run(cmd, capture_output=True, text=True)
+    if dis.returncode != 0:
+        raise RuntimeError(f"{os.path.basename(cmd[0])} failed:\n" + dis.stderr)
+    cache[key] = (dis.stdout, _parse_ptxas(run.stderr))
+    return cache[key]
+
+
+def measure(module: str, entry, tools: dict, workdir: str, sass_dir: str | None,
+            cache: dict | None = None) -> KernelResult:
+    variant = getattr(entry, "variant", "")
+    res = KernelResult(module, entry.name, entry.bytes_per_iteration, variant, note=entry.note)
     res.target_instructions_per_byte = INSTR_PER_BYTE_TARGETS.get(entry.name)
     try:
-        ptx, _ = cuda.compile_ptx(entry.pyfunc, entry.signature, cc=(9, 0))
         stem = os.path.join(workdir, f"{module}.{entry.name}")
-        with open(stem + ".ptx", "w") as f:
-            f.write(ptx)
-        run = subprocess.run(
-            [tools["ptxas"], "-arch=sm_90", "-O3", "-v", stem + ".ptx", "-o", stem + ".cubin"],
-            capture_output=True, text=True,
-        )
-        if run.returncode != 0:
-            raise RuntimeError("ptxas failed:\n" + run.stderr)
-        for k, v in _parse_ptxas(run.stderr).items():
+        sass, ptxas_info = _compile(entry, tools, stem, {} if cache is None else cache)
+        for k, v in ptxas_info.items():
             setattr(res, k, v)
-        if tools.get("nvdisasm"):
-            cmd = [tools["nvdisasm"], "-c", stem + ".cubin"]
-        else:
-            cmd = [tools["cuobjdump"], "-sass", stem + ".cubin"]
-        dis = subprocess.run(cmd, capture_output=True, text=True)
-        if dis.returncode != 0:
-            raise RuntimeError(f"{os.path.basename(cmd[0])} failed:\n" + dis.stderr)
         if sass_dir:
             os.makedirs(sass_dir, exist_ok=True)
             with open(os.path.join(sass_dir, f"{module}.{entry.name}.sass"), "w") as f:
-                f.write(dis.stdout)
-        instrs = parse_sass(dis.stdout)
+                f.write(sass)
+        instrs = parse_sass(sass)
         if not instrs:
             raise RuntimeError("no SASS instructions found in the disassembly")
         res.total_instructions = len(instrs)
         res.ldl_stl_instructions = sum(1 for i in instrs if i.op.split(".")[0] in ("LDL", "STL"))
-        loop = analyse_main_loop(instrs)
+        loop = analyse_main_loop(instrs, tuple(getattr(entry, "inner_loops", ())),
+                                 tuple(getattr(entry, "data_path_ops", ())))
         res.loop_body_instructions = loop.loop_body
         res.hot_path_instructions = loop.hot_path
+        res.path_instructions = loop.path
+        res.inner_loops = [{"what": lp.what, "address": instrs[lp.head].addr, "cycle": lp.cycle,
+                            "trips": lp.trips} for lp in loop.inner_loops]
         res.inner_loops_on_hot_path = loop.inner_loops_on_hot_path
         res.inner_loops_in_body = loop.inner_loops_in_body
         res.instructions_per_byte = round(loop.hot_path / entry.bytes_per_iteration, 3)
@@ -341,6 +479,9 @@ def measure(module: str, entry, tools: dict, workdir: str, sass_dir: str | None)
         res.reasons.append(f"spills ({res.spill_store_bytes} B stored, {res.spill_load_bytes} B loaded)")
     if res.ldl_stl_instructions:
         res.reasons.append(f"{res.ldl_stl_instructions} LDL/STL instructions")
+    if res.inner_loops_on_hot_path:
+        res.reasons.append(f"{res.inner_loops_on_hot_path} inner loop(s) declared off the data path lie on it: "
+                           "instructions/byte would be a lower bound")
     target = res.target_instructions_per_byte
     if target is not None and res.instructions_per_byte > target:
         res.reasons.append(f"{res.instructions_per_byte} instructions/byte > {target}")
@@ -379,7 +520,8 @@ def print_table(results: list[KernelResult], skipped: list[tuple[str, str]]) -> 
     print("gpucrypt kernel report (sm_90, static SASS; method in benchmarks/kernel_report.py)")
     print()
     for r in results:
-        print(f"[{r.verdict}] {r.module}.{r.name}" + (f"  ({r.note})" if r.note else ""))
+        label = f"{r.module}.{r.name}" + (f" [{r.variant}]" if r.variant else "")
+        print(f"[{r.verdict}] {label}" + (f"  ({r.note})" if r.note else ""))
         if r.error:
             print(f"    error: {r.error}")
             continue
@@ -387,16 +529,15 @@ def print_table(results: list[KernelResult], skipped: list[tuple[str, str]]) -> 
         print(f"    registers/thread      {r.registers}")
         print(f"    stack / spills        {r.stack_frame_bytes} B stack, {r.spill_store_bytes} B spill stores, "
               f"{r.spill_load_bytes} B spill loads; {r.ldl_stl_instructions} LDL/STL; {r.shared_bytes} B shared")
-        print(f"    instructions/byte     {r.instructions_per_byte}{target}: hot path {r.hot_path_instructions} "
-              f"/ {r.bytes_per_iteration} B (loop body {r.loop_body_instructions}, kernel {r.total_instructions})")
-        if r.inner_loops_on_hot_path:
-            print(f"    warning               {r.inner_loops_on_hot_path} inner loop(s) on the hot path counted once: "
-                  "instructions/byte is a lower bound")
-        if r.inner_loops_in_body:
-            print(f"    note                  {r.inner_loops_in_body} inner loop(s) in the loop body; the hot path "
-                  "takes none of their back edges, so check it is the path real data takes")
-        print(f"    hot-path loads        {_fmt_mem(r.hot_path_global_loads)}  (128-bit: {r.wide_global_loads})")
-        print(f"    hot-path stores       {_fmt_mem(r.hot_path_global_stores)}  (128-bit: {r.wide_global_stores})")
+        extra = "".join(f" + {lp['trips'] - 1} x {lp['cycle']}" for lp in r.inner_loops if lp["trips"] > 1)
+        print(f"    instructions/byte     {r.instructions_per_byte}{target}: {r.hot_path_instructions} per iteration "
+              f"/ {r.bytes_per_iteration} B = path {r.path_instructions}{extra} "
+              f"(loop body {r.loop_body_instructions}, kernel {r.total_instructions})")
+        for lp in r.inner_loops:
+            trips = f"{lp['trips']} trip(s) per iteration" if lp["trips"] else "off the data path"
+            print(f"    inner loop @{lp['address']:#06x}  {lp['cycle']} per trip, {trips}: {lp['what']}")
+        print(f"    loads per iteration   {_fmt_mem(r.hot_path_global_loads)}  (128-bit: {r.wide_global_loads})")
+        print(f"    stores per iteration  {_fmt_mem(r.hot_path_global_stores)}  (128-bit: {r.wide_global_stores})")
         for reason in r.reasons:
             print(f"    FAIL because          {reason}")
     for name, reason in skipped:
@@ -438,8 +579,9 @@ def main(argv=None) -> int:
     entries, skipped = collect_entries()
     if args.only:
         entries = [(m, e) for m, e in entries if m in args.only or e.name in args.only]
+    cache: dict = {}
     with tempfile.TemporaryDirectory(prefix="gpucrypt-kernel-report-") as workdir:
-        results = [measure(module, entry, tools, workdir, args.sass_dir) for module, entry in entries]
+        results = [measure(module, entry, tools, workdir, args.sass_dir, cache) for module, entry in entries]
     print_table(results, skipped)
     if args.json:
         with open(args.json, "w") as f:

@@ -99,14 +99,55 @@ def unit_prefix(units_per_segment: np.ndarray) -> np.ndarray:
     return out
 
 
+def mac_messages(aad_offsets, aad_lengths, ct_offsets, ct_lengths) -> tuple[np.ndarray, np.ndarray]:
+    """Host table of AEAD messages for the MAC kernels (GHASH and Poly1305 share it).
+
+    Returns ``(layout, blocks)``: ``uint64[n, 4]`` rows ``(aad offset, aad length,
+    ct offset, ct length)`` (C-contiguous), and ``uint64[n]``, the 16-byte blocks of
+    each message's MAC input ``aad || pad16 || ct || pad16 || lengths block``.
+    """
+    cols = [np.asarray(a, dtype=np.uint64).reshape(-1) for a in (aad_offsets, aad_lengths, ct_offsets, ct_lengths)]
+    layout = np.ascontiguousarray(np.stack(cols, axis=1).reshape(-1, 4))
+    sixteen = np.uint64(16)
+    blocks = ((layout[:, 1] + np.uint64(15)) // sixteen + (layout[:, 3] + np.uint64(15)) // sixteen
+              + np.uint64(1))
+    return layout, blocks
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """One loop nested in a kernel's main loop, as ``benchmarks/kernel_report.py`` counts it.
+
+    ``what`` says which source loop it is (for the reader). ``trips`` is how many
+    times its body runs per iteration of the main loop on the path bulk data takes;
+    0 for loops off that path (the ``find_segment`` binary search, byte paths for
+    unaligned edges, once-per-message work), which the report then lets the hot
+    path skip. ``ops`` are SASS opcode prefixes that the loop must contain (e.g.
+    ``("LDS",)`` for AES's round loop), so a declaration cannot silently land on
+    the wrong loop when the compiler reorders code.
+    """
+
+    what: str
+    trips: int = 0
+    ops: tuple = ()
+
+
 @dataclass(frozen=True)
 class ReportEntry:
     """One kernel for ``benchmarks/kernel_report.py``.
 
-    ``pyfunc`` is the undecorated Python function of the kernel, ``signature`` the
-    numba signature string to compile it for, and ``bytes_per_iteration`` the data
-    bytes one thread processes per iteration of its main loop, so that the static
-    SASS count of that loop can be turned into instructions per byte.
+    ``pyfunc`` is the undecorated Python function of the kernel and ``signature`` the
+    numba signature string to compile it for. ``inner_loops`` declares *every* loop
+    nested in the kernel's main (grid-stride) loop, in the order of the SASS (their
+    heads' addresses), with its trip count per main-loop iteration on the data path;
+    the report refuses a kernel whose SASS has a different number of inner loops.
+    ``bytes_per_iteration`` is the data bytes one thread processes per main-loop
+    iteration when the inner loops run those trips, so that the static SASS count
+    (hot path plus inner-loop bodies times trips) becomes instructions per byte.
+    ``data_path_ops``: SASS opcode prefixes whose every instruction in the main loop
+    bulk data executes (e.g. ``("STG.E.128",)``), which the counted path must pass.
+    ``variant`` tells apart entries of one kernel measured with different trips
+    (AES-128 / AES-256); the compiled code is the same.
     """
 
     name: str
@@ -114,3 +155,6 @@ class ReportEntry:
     signature: str
     bytes_per_iteration: int
     note: str = ""
+    inner_loops: tuple = ()
+    data_path_ops: tuple = ()
+    variant: str = ""

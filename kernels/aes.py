@@ -94,8 +94,9 @@ implementation: do not rely on it where an attacker can run code on the same GPU
 at the same time (shared cloud GPUs, MPS/MIG neighbours, untrusted kernels) and
 observe fine timing or power; there, use the CPU backend (AES-NI, constant-time).
 
-Under the simulator the 128-bit load/store intrinsics are replaced, in one place
-(:data:`_VECTOR_IO_ON_SIMULATOR`), by Python twins with the same contract.
+The 128-bit loads and stores come from :mod:`kernels._vector_io` (shared with
+ChaCha20), which swaps in simulator twins with the same contract; the shared
+T-table access below has its own twins, chosen once at import.
 """
 from __future__ import annotations
 
@@ -104,8 +105,9 @@ import functools
 import numpy as np
 from numba import cuda, uint8, uint32, uint64, int64
 
-from ._launch import (THREADS_PER_BLOCK, WARP_LANES, ReportEntry, find_segment, grid_for, is_simulator, sm_count,
-                      threads_for, unit_prefix)
+from ._launch import (THREADS_PER_BLOCK, WARP_LANES, InnerLoop, ReportEntry, find_segment, grid_for, is_simulator,
+                      sm_count, threads_for, unit_prefix)
+from ._vector_io import address_of, load_u32x4, store_u32x4
 
 #: Bytes per AES block.
 BLOCK_BYTES = 16
@@ -282,123 +284,11 @@ def pack_segments(src_offsets, dst_offsets, lengths, key_indices, counter_blocks
 
 # --------------------------------------------------------------------------- 128-bit global I/O
 
-def _make_vector_io_intrinsics():
-    """LLVM intrinsics for aligned 16-byte global access.
-
-    ``address_of(a, i)``: the address of ``a[i]`` (1-D uint8 array) as uint64.
-    ``load_u32x4(a, i)``: the 16 bytes at ``a[i:i+16]`` as 4 little-endian uint32.
-    ``store_u32x4(a, i, w0, w1, w2, w3)``: the reverse.
-    ``load_round_key(rk, key, r)``: words ``4r..4r+3`` of row ``key`` of a C-contiguous
-    ``uint32[n, ROUND_KEY_WORDS]`` array, one 128-bit load.
-    Contract: in bounds and 16-byte aligned; nothing is checked.
-    """
-    from llvmlite import ir
-    from numba import types
-    from numba.cuda.extending import intrinsic
-
-    vec_t = ir.VectorType(ir.IntType(32), 4)
-
-    def element_pointer(context, builder, array_type, array, index):
-        ary = context.make_array(array_type)(context, builder, value=array)
-        return builder.gep(ary.data, [index])
-
-    def load_vec(context, builder, ptr, ret):
-        vec = builder.load(builder.bitcast(ptr, vec_t.as_pointer()), align=16)
-        words = [builder.extract_element(vec, ir.Constant(ir.IntType(32), k)) for k in range(4)]
-        return context.make_tuple(builder, ret, words)
-
-    @intrinsic
-    def address_of(typingctx, array, index):
-        def codegen(context, builder, sig, args):
-            ptr = element_pointer(context, builder, sig.args[0], args[0], args[1])
-            return builder.ptrtoint(ptr, ir.IntType(64))
-
-        return types.uint64(array, index), codegen
-
-    @intrinsic
-    def load_u32x4(typingctx, array, index):
-        ret = types.UniTuple(types.uint32, 4)
-
-        def codegen(context, builder, sig, args):
-            ptr = element_pointer(context, builder, sig.args[0], args[0], args[1])
-            return load_vec(context, builder, ptr, ret)
-
-        return ret(array, index), codegen
-
-    @intrinsic
-    def load_round_key(typingctx, round_keys, key, r):
-        ret = types.UniTuple(types.uint32, 4)
-
-        def codegen(context, builder, sig, args):
-            i64 = ir.IntType(64)
-            key_v = context.cast(builder, args[1], sig.args[1], types.int64)
-            r_v = context.cast(builder, args[2], sig.args[2], types.int64)
-            flat = builder.add(builder.mul(key_v, ir.Constant(i64, ROUND_KEY_WORDS)),
-                               builder.mul(r_v, ir.Constant(i64, 4)))
-            ptr = element_pointer(context, builder, sig.args[0], args[0], flat)
-            return load_vec(context, builder, ptr, ret)
-
-        return ret(round_keys, key, r), codegen
-
-    @intrinsic
-    def store_u32x4(typingctx, array, index, w0, w1, w2, w3):
-        def codegen(context, builder, sig, args):
-            ptr = element_pointer(context, builder, sig.args[0], args[0], args[1])
-            vec = ir.Constant(vec_t, ir.Undefined)
-            for k in range(4):
-                word = context.cast(builder, args[2 + k], sig.args[2 + k], types.uint32)
-                vec = builder.insert_element(vec, word, ir.Constant(ir.IntType(32), k))
-            builder.store(vec, builder.bitcast(ptr, vec_t.as_pointer()), align=16)
-            return context.get_dummy_value()
-
-        return types.void(array, index, w0, w1, w2, w3), codegen
-
-    return address_of, load_u32x4, store_u32x4, load_round_key
-
-
-def _make_vector_io_simulator():
-    """Simulator twins of the intrinsics, with the same contract (alignment included)."""
-
-    @cuda.jit(device=True)
-    def address_of(array, index):
-        base = getattr(array, "_ary", array)  # FakeCUDAArray wraps a NumPy array
-        return uint64(base.ctypes.data) + uint64(index)
-
-    @cuda.jit(device=True)
-    def load_u32x4(array, index):
-        assert address_of(array, index) % 16 == 0, "load_u32x4: misaligned address"
-        i = int64(index)
-        w = [uint32(0), uint32(0), uint32(0), uint32(0)]
-        for k in range(4):
-            j = i + 4 * k
-            w[k] = uint32(array[j]) | (uint32(array[j + 1]) << uint32(8)) | \
-                (uint32(array[j + 2]) << uint32(16)) | (uint32(array[j + 3]) << uint32(24))
-        return w[0], w[1], w[2], w[3]
-
-    @cuda.jit(device=True)
-    def load_round_key(round_keys, key, r):
-        k = int64(key)
-        c = 4 * int64(r)
-        return (uint32(round_keys[k, c]), uint32(round_keys[k, c + 1]),
-                uint32(round_keys[k, c + 2]), uint32(round_keys[k, c + 3]))
-
-    @cuda.jit(device=True)
-    def store_u32x4(array, index, w0, w1, w2, w3):
-        assert address_of(array, index) % 16 == 0, "store_u32x4: misaligned address"
-        i = int64(index)
-        words = (w0, w1, w2, w3)
-        for k in range(4):
-            for b in range(4):
-                array[i + 4 * k + b] = uint8((uint32(words[k]) >> uint32(8 * b)) & uint32(0xFF))
-
-    return address_of, load_u32x4, store_u32x4, load_round_key
-
-
-#: The one place where the simulator-safe twins are chosen.
-_VECTOR_IO_ON_SIMULATOR = is_simulator()
-address_of, load_u32x4, store_u32x4, load_round_key = (
-    _make_vector_io_simulator() if _VECTOR_IO_ON_SIMULATOR else _make_vector_io_intrinsics()
-)
+@cuda.jit(device=True, inline=True)
+def load_round_key(round_keys, key, r):
+    """Words ``4r .. 4r+3`` of row ``key`` of ``round_keys`` (C-contiguous
+    ``uint32[n, ROUND_KEY_WORDS]``): one 128-bit load (rows are 240 bytes, so aligned)."""
+    return load_u32x4(round_keys, int64(key) * int64(ROUND_KEY_WORDS) + int64(r) * int64(4))
 
 
 # --------------------------------------------------------------------------- AES core (device)
@@ -482,9 +372,8 @@ def _make_shared_table_simulator():
     return table_base, lds_u32, lds_u8
 
 
-table_base, lds_u32, lds_u8 = (
-    _make_shared_table_simulator() if _VECTOR_IO_ON_SIMULATOR else _make_shared_table_intrinsics()
-)
+#: The one place where the simulator twins of the shared-table access are chosen.
+table_base, lds_u32, lds_u8 = _make_shared_table_simulator() if is_simulator() else _make_shared_table_intrinsics()
 
 
 # T0 lookups of byte 3 (most significant) .. byte 0 of ``x`` in the per-lane table.
@@ -727,14 +616,24 @@ def aes_ctr_xor(src, dst, round_keys, n_rounds, table, unit_start, n_segments, n
     _kernel[blocks, threads_for(int(n_units)), stream](*args)
 
 
-KERNEL_REPORT = [
-    ReportEntry(
+def _report_entry(key_bytes: int) -> ReportEntry:
+    rounds = ROUNDS_FOR_KEY_BYTES[key_bytes]
+    return ReportEntry(
         name="aes_ctr_xor",
+        variant=f"AES-{8 * key_bytes}",
         pyfunc=_aes_ctr_xor_kernel,
         signature=_SIGNATURE,
         bytes_per_iteration=UNIT_BYTES,
-        note="per-lane replicated T0 in shared memory (32 KiB, conflict-free), 2 blocks per thread; "
-             "the main loop is the round loop: SASS per byte covers all rounds only if the report "
-             "counts the loop body times rounds",
-    ),
-]
+        data_path_ops=("STG.E.128",),  # full aligned blocks are written 16 bytes at a time
+        inner_loops=(
+            InnerLoop("find_segment: binary search, only when a unit leaves its segment"),
+            InnerLoop(f"round loop, rounds 1..{rounds - 1} of both blocks", trips=rounds - 1, ops=("LDS", "LDG.E.128")),
+            InnerLoop("byte loop of block 0 (unaligned or partial block)"),
+            InnerLoop("byte loop of block 1 (unaligned or partial block)"),
+        ),
+        note=f"per-lane replicated T0 in shared memory (32 KiB, conflict-free), 2 blocks per thread; "
+             f"{rounds} rounds: the round loop counted {rounds - 1} times",
+    )
+
+
+KERNEL_REPORT = [_report_entry(16), _report_entry(24), _report_entry(32)]

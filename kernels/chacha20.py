@@ -66,22 +66,23 @@ scalar registers (no local arrays, so no local memory), then:
 * fast path, the whole 64 bytes inside the segment and both ``src`` and ``dst``
   addresses 16-byte aligned (checked on the real addresses, so views with odd
   base pointers are safe): four 128-bit loads and stores (``LDG.E.128`` /
-  ``STG.E.128``) through the small LLVM intrinsics below, since numba would
+  ``STG.E.128``) through small LLVM intrinsics (``kernels/_vector_io.py``), since numba would
   otherwise issue one-byte accesses;
 * byte path, for a segment's unaligned or partial head and tail blocks and for
   buffers whose alignment does not allow vectors: the keystream goes to this
   thread's slot of shared memory (word-major, so no bank conflicts) and a byte
   loop XORs the covered bytes. It costs little static code and no registers.
 
-Under the simulator the intrinsics are replaced, in one place
-(:data:`_VECTOR_IO_ON_SIMULATOR`), by Python twins with the same contract.
+The intrinsics live in :mod:`kernels._vector_io` (shared with AES), which swaps
+in Python twins with the same contract under the simulator.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import cuda, uint8, uint32, uint64, int64
 
-from ._launch import THREADS_PER_BLOCK, ReportEntry, find_segment, grid_for, is_simulator, threads_for, unit_prefix
+from ._launch import THREADS_PER_BLOCK, InnerLoop, ReportEntry, find_segment, grid_for, threads_for, unit_prefix
+from ._vector_io import address_of, load_u32x4, store_u32x4
 
 #: Bytes of keystream per ChaCha20 block, and per thread per loop iteration.
 BLOCK_BYTES = 64
@@ -180,104 +181,6 @@ def pack_segments(src_offsets, dst_offsets, lengths, key_indices, nonces, positi
     blocks = (head + lengths + np.uint64(BLOCK_BYTES - 1)) // np.uint64(BLOCK_BYTES)
     blocks[lengths == 0] = 0
     return table, unit_prefix(blocks)
-
-
-# --------------------------------------------------------------------------- 16-byte global I/O
-
-def _make_vector_io_intrinsics():
-    """LLVM intrinsics for aligned 16-byte global access on 1-D uint8 or uint32 arrays.
-
-    ``address_of(a, i)``: the address of ``a[i]`` as uint64.
-    ``load_u32x4(a, i)``: the 16 bytes starting at element ``a[i]`` as 4
-    little-endian uint32 (one ``LDG.E.128``).
-    ``store_u32x4(a, i, w0, w1, w2, w3)``: the reverse (one ``STG.E.128``).
-    Contract: ``i >= 0``, 16 bytes in bounds from ``a[i]``, and
-    ``address_of(a, i) % 16 == 0``; nothing is checked.
-    """
-    from llvmlite import ir
-    from numba import types
-    from numba.cuda.extending import intrinsic
-
-    vec_t = ir.VectorType(ir.IntType(32), 4)
-
-    def element_pointer(context, builder, array_type, array, index):
-        ary = context.make_array(array_type)(context, builder, value=array)
-        return builder.gep(ary.data, [index])
-
-    @intrinsic
-    def address_of(typingctx, array, index):
-        def codegen(context, builder, sig, args):
-            ptr = element_pointer(context, builder, sig.args[0], args[0], args[1])
-            return builder.ptrtoint(ptr, ir.IntType(64))
-
-        return types.uint64(array, index), codegen
-
-    @intrinsic
-    def load_u32x4(typingctx, array, index):
-        ret = types.UniTuple(types.uint32, 4)
-
-        def codegen(context, builder, sig, args):
-            ptr = element_pointer(context, builder, sig.args[0], args[0], args[1])
-            vec = builder.load(builder.bitcast(ptr, vec_t.as_pointer()), align=16)
-            words = [builder.extract_element(vec, ir.Constant(ir.IntType(32), k)) for k in range(4)]
-            return context.make_tuple(builder, ret, words)
-
-        return ret(array, index), codegen
-
-    @intrinsic
-    def store_u32x4(typingctx, array, index, w0, w1, w2, w3):
-        def codegen(context, builder, sig, args):
-            ptr = element_pointer(context, builder, sig.args[0], args[0], args[1])
-            vec = ir.Constant(vec_t, ir.Undefined)
-            for k in range(4):
-                word = context.cast(builder, args[2 + k], sig.args[2 + k], types.uint32)
-                vec = builder.insert_element(vec, word, ir.Constant(ir.IntType(32), k))
-            builder.store(vec, builder.bitcast(ptr, vec_t.as_pointer()), align=16)
-            return context.get_dummy_value()
-
-        return types.void(array, index, w0, w1, w2, w3), codegen
-
-    return address_of, load_u32x4, store_u32x4
-
-
-def _make_vector_io_simulator():
-    """Simulator twins of the intrinsics: same contract, alignment asserted.
-
-    They run as plain Python inside the simulator's threads, on the NumPy array
-    that the simulator's fake device array wraps.
-    """
-
-    def _bytes_at(array, index):
-        base = getattr(array, "_ary", array)
-        flat = base.reshape(-1)
-        address = flat.ctypes.data + int(index) * flat.itemsize
-        assert address % 16 == 0, "16-byte access at a misaligned address"
-        start = int(index) * flat.itemsize
-        return flat.view(np.uint8)[start:start + 16]
-
-    @cuda.jit(device=True)
-    def address_of(array, index):
-        base = getattr(array, "_ary", array)
-        return uint64(base.ctypes.data + int(index) * base.itemsize)
-
-    @cuda.jit(device=True)
-    def load_u32x4(array, index):
-        words = _bytes_at(array, index).copy().view("<u4")
-        return uint32(words[0]), uint32(words[1]), uint32(words[2]), uint32(words[3])
-
-    @cuda.jit(device=True)
-    def store_u32x4(array, index, w0, w1, w2, w3):
-        words = np.array([w0, w1, w2, w3], dtype="<u4")
-        _bytes_at(array, index)[:] = words.view(np.uint8)
-
-    return address_of, load_u32x4, store_u32x4
-
-
-#: The one place where the simulator-safe twins are chosen.
-_VECTOR_IO_ON_SIMULATOR = is_simulator()
-address_of, load_u32x4, store_u32x4 = (
-    _make_vector_io_simulator() if _VECTOR_IO_ON_SIMULATOR else _make_vector_io_intrinsics()
-)
 
 
 # --------------------------------------------------------------------------- ChaCha20 core
@@ -485,6 +388,11 @@ KERNEL_REPORT = [
         pyfunc=_chacha20_xor_kernel,
         signature=_SIGNATURE,
         bytes_per_iteration=BLOCK_BYTES,
+        data_path_ops=("STG.E.128",),  # full aligned blocks are written 16 bytes at a time
+        inner_loops=(
+            InnerLoop("find_segment: binary search over the segment table"),
+            InnerLoop("byte path: unaligned or partial blocks at a segment's edges"),
+        ),
         note="one thread per 64-byte block; 128-bit path for aligned full blocks, byte path via shared memory",
     ),
 ]

@@ -105,7 +105,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda, int64, uint32, uint64
 
-from ._launch import ReportEntry, find_segment, grid_for, is_simulator, threads_for, unit_prefix
+from ._launch import (InnerLoop, ReportEntry, find_segment, grid_for, is_simulator, mac_messages, threads_for,
+                      unit_prefix)
 
 #: Default chunk length L in 16-byte blocks (1 KiB per thread at level 0).
 DEFAULT_CHUNK_BLOCKS = 64
@@ -297,6 +298,36 @@ def next_key(k0, k1, k2, k3, log2_l):
 
 
 @cuda.jit(device=True, inline=True)
+def store_next_key(key_out, m, k0, k1, k2, k3, log2_l):
+    """``key_out[m] = (K^L)'`` for the next level, from ``K'`` (done by unit 0 of a message)."""
+    n0, n1, n2, n3 = next_key(k0, k1, k2, k3, log2_l)
+    key_out[m, 0] = n0
+    key_out[m, 1] = n1
+    key_out[m, 2] = n2
+    key_out[m, 3] = n3
+
+
+@cuda.jit(device=True, inline=True)
+def unit_of_message(unit_start, n_messages, u):
+    """``(m, c, n)``: global unit ``u`` is unit ``c`` (int64) of message ``m``, which has ``n`` (int64) units."""
+    m = find_segment(unit_start, n_messages, u)
+    first_unit = uint64(unit_start[m])
+    n_units = int64(uint64(unit_start[m + 1]) - first_unit)
+    return m, int64(u - first_unit), n_units
+
+
+@cuda.jit(device=True, inline=True)
+def chunk_bounds(n_items, n_units, c, chunk_blocks):
+    """``[start, end)`` of chunk ``c`` when ``n_items`` are cut into ``n_units`` chunks of
+    ``chunk_blocks`` aligned to the end (chunk 0 is the short one)."""
+    end = n_items - (n_units - int64(1) - c) * int64(chunk_blocks)
+    start = end - int64(chunk_blocks)
+    if start < int64(0):
+        start = int64(0)
+    return start, end
+
+
+@cuda.jit(device=True, inline=True)
 def store_result(m, unit, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out):
     """Final level: ``tags_out[m] = x ^ E_K(J0)`` as bytes; else ``partials_out[unit] = x``."""
     if final:
@@ -330,10 +361,7 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, h_blocks, c
     stride = uint64(cuda.gridDim.x) * uint64(cuda.blockDim.x)
     u = uint64(cuda.grid(1))
     while u < total:
-        m = find_segment(unit_start, n_messages, u)
-        first_unit = uint64(unit_start[m])
-        n_units = int64(uint64(unit_start[m + 1]) - first_unit)
-        c = int64(u - first_unit)
+        m, c, n_units = unit_of_message(unit_start, n_messages, u)
         aad_off = int64(messages[m, 0])
         aad_len = int64(messages[m, 1])
         ct_off = int64(messages[m, 2])
@@ -341,10 +369,7 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, h_blocks, c
         n_aad = (aad_len + int64(15)) >> int64(4)
         n_ct = (ct_len + int64(15)) >> int64(4)
         n_blocks = n_aad + n_ct + int64(1)
-        end = n_blocks - (n_units - int64(1) - c) * int64(chunk_blocks)
-        start = end - int64(chunk_blocks)
-        if start < int64(0):
-            start = int64(0)
+        start, end = chunk_bounds(n_blocks, n_units, c, chunk_blocks)
 
         hb = h_blocks[m]
         k0, k1, k2, k3 = gf128_prime(load_be32(hb, 0), load_be32(hb, 4),
@@ -371,11 +396,7 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, h_blocks, c
                                        k0, k1, k2, k3)
         store_result(m, u, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out)
         if c == int64(0) and n_units > int64(1):
-            n0, n1, n2, n3 = next_key(k0, k1, k2, k3, log2_chunk)
-            key_out[m, 0] = n0
-            key_out[m, 1] = n1
-            key_out[m, 2] = n2
-            key_out[m, 3] = n3
+            store_next_key(key_out, m, k0, k1, k2, k3, log2_chunk)
         u += stride
 
 
@@ -390,16 +411,10 @@ def _ghash_combine(partials_in, in_start, partials_out, out_start, n_messages, k
     stride = uint64(cuda.gridDim.x) * uint64(cuda.blockDim.x)
     u = uint64(cuda.grid(1))
     while u < total:
-        m = find_segment(out_start, n_messages, u)
-        first_unit = uint64(out_start[m])
-        n_units = int64(uint64(out_start[m + 1]) - first_unit)
-        g = int64(u - first_unit)
+        m, g, n_units = unit_of_message(out_start, n_messages, u)
         in_first = int64(in_start[m])
         n_in = int64(uint64(in_start[m + 1])) - in_first
-        end = n_in - (n_units - int64(1) - g) * int64(chunk_blocks)
-        start = end - int64(chunk_blocks)
-        if start < int64(0):
-            start = int64(0)
+        start, end = chunk_bounds(n_in, n_units, g, chunk_blocks)
         k0 = uint32(key_in[m, 0])
         k1 = uint32(key_in[m, 1])
         k2 = uint32(key_in[m, 2])
@@ -418,11 +433,7 @@ def _ghash_combine(partials_in, in_start, partials_out, out_start, n_messages, k
             x3 ^= uint32(partials_in[j, 3])
         store_result(m, u, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out)
         if g == int64(0) and n_units > int64(1):
-            n0, n1, n2, n3 = next_key(k0, k1, k2, k3, log2_chunk)
-            key_out[m, 0] = n0
-            key_out[m, 1] = n1
-            key_out[m, 2] = n2
-            key_out[m, 3] = n3
+            store_next_key(key_out, m, k0, k1, k2, k3, log2_chunk)
         u += stride
 
 
@@ -435,10 +446,25 @@ ghash_blocks = cuda.jit(cache=True)(_ghash_blocks)
 ghash_combine = cuda.jit(cache=True)(_ghash_combine)
 
 KERNEL_REPORT = [
-    ReportEntry("ghash_blocks", _ghash_blocks, _BLOCKS_SIG, 16,
-                note="level 0: Horner with H over message bytes; one iteration = one 16-byte block"),
-    ReportEntry("ghash_combine", _ghash_combine, _COMBINE_SIG, 16,
-                note="levels >= 1: Horner with H^(L^k) over partials (~1/L of level 0's work)"),
+    ReportEntry("ghash_blocks", _ghash_blocks, _BLOCKS_SIG, 16 * DEFAULT_CHUNK_BLOCKS,
+                inner_loops=(
+                    InnerLoop("find_segment: binary search over the message table"),
+                    InnerLoop("Horner over associated-data blocks (none in a ciphertext chunk)", ops=("IMAD.WIDE.U32",)),
+                    InnerLoop("Horner over ciphertext blocks: one full 16-byte block per trip",
+                              trips=DEFAULT_CHUNK_BLOCKS, ops=("IMAD.WIDE.U32", "LDG.E.U8")),
+                    InnerLoop("next_key: log2(L) squarings, once per message", ops=("IMAD.WIDE.U32",)),
+                ),
+                note=f"level 0: one iteration = one chunk of L = {DEFAULT_CHUNK_BLOCKS} ciphertext blocks, "
+                     "Horner with H"),
+    ReportEntry("ghash_combine", _ghash_combine, _COMBINE_SIG, 16 * DEFAULT_CHUNK_BLOCKS,
+                inner_loops=(
+                    InnerLoop("find_segment: binary search over the message table"),
+                    InnerLoop("Horner over partials: the first is loaded before the loop",
+                              trips=DEFAULT_CHUNK_BLOCKS - 1, ops=("IMAD.WIDE.U32",)),
+                    InnerLoop("next_key: log2(L) squarings, once per message", ops=("IMAD.WIDE.U32",)),
+                ),
+                note=f"levels >= 1: one iteration = {DEFAULT_CHUNK_BLOCKS} partials of 16 bytes, Horner with "
+                     "H^(L^k) (~1/L of level 0's work)"),
 ]
 
 
@@ -485,11 +511,8 @@ def pack_messages(aad_offsets, aad_lengths, ct_offsets, ct_lengths, *,
     """
     if chunk_blocks < 2 or chunk_blocks & (chunk_blocks - 1):
         raise ValueError("chunk_blocks must be a power of two >= 2")
-    messages = np.stack([np.asarray(a, dtype=np.uint64) for a in
-                         (aad_offsets, aad_lengths, ct_offsets, ct_lengths)], axis=1)
-    messages = np.ascontiguousarray(messages.reshape(-1, 4))
+    messages, units = mac_messages(aad_offsets, aad_lengths, ct_offsets, ct_lengths)  # units: blocks
     n = messages.shape[0]
-    units = (messages[:, 1] + 15) // 16 + (messages[:, 3] + 15) // 16 + 1  # blocks per message
     prefixes = []
     while True:
         units = (units + np.uint64(chunk_blocks - 1)) // np.uint64(chunk_blocks)

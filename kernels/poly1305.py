@@ -76,7 +76,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from numba import cuda, int64, uint32, uint64
 
-from ._launch import THREADS_PER_BLOCK, WARP_LANES, ReportEntry, find_segment, grid_for, threads_for, unit_prefix
+from ._launch import (THREADS_PER_BLOCK, WARP_LANES, InnerLoop, ReportEntry, find_segment, grid_for, mac_messages,
+                      threads_for, unit_prefix)
 
 #: Threads that evaluate one span together (one warp on the device). A block holds
 #: ``blockDim.x // TILE_LANES`` tiles, so any multiple of it up to THREADS_PER_BLOCK works.
@@ -551,14 +552,8 @@ def pack_messages(aad_offsets, aad_lengths, ct_offsets, ct_lengths, *,
     of two >= 1 and 2 respectively; small values are for tests (they force the
     multi-span and multi-level paths on small messages).
     """
-    aad_offsets = np.asarray(aad_offsets, dtype=np.uint64).reshape(-1)
-    aad_lengths = np.asarray(aad_lengths, dtype=np.uint64).reshape(-1)
-    ct_offsets = np.asarray(ct_offsets, dtype=np.uint64).reshape(-1)
-    ct_lengths = np.asarray(ct_lengths, dtype=np.uint64).reshape(-1)
-    n = len(aad_offsets)
-    layout = np.ascontiguousarray(np.stack([aad_offsets, aad_lengths, ct_offsets, ct_lengths], axis=1)
-                                  .reshape(n, 4))
-    blocks = (aad_lengths + np.uint64(15)) // np.uint64(16) + (ct_lengths + np.uint64(15)) // np.uint64(16) + np.uint64(1)
+    layout, blocks = mac_messages(aad_offsets, aad_lengths, ct_offsets, ct_lengths)
+    n = layout.shape[0]
     span_blocks = np.uint64(TILE_LANES * chunk_blocks)
     counts = (blocks + span_blocks - np.uint64(1)) // span_blocks
     rows = [unit_prefix(counts)]
@@ -643,15 +638,27 @@ KERNEL_REPORT = [
         name="poly1305_aead_partial",
         pyfunc=_poly1305_aead_partial,
         signature=f"void({_ARRAY_ARGS}, int64, int64, int64, int64, int64, uint32[::1], uint32[:, ::1], uint32[:, ::1])",
-        bytes_per_iteration=16,
-        note="one 16-byte block per lane per Horner step; tiles of 32 lanes read 512 contiguous bytes",
+        bytes_per_iteration=16 * DEFAULT_CHUNK_BLOCKS,
+        inner_loops=(
+            InnerLoop("find_segment: binary search over the span table"),
+            InnerLoop("Horner steps (general path); a ciphertext span enters once and stays in the fast loop",
+                      trips=1),
+            InnerLoop("fast Horner loop: one full 8-byte-aligned ciphertext block per trip",
+                      trips=DEFAULT_CHUNK_BLOCKS, ops=("LDG.E.64", "IMAD.WIDE.U32")),
+        ),
+        note=f"one iteration = one span; per lane {DEFAULT_CHUNK_BLOCKS} Horner steps of one 16-byte block; "
+             "tiles of 32 lanes read 512 contiguous bytes per step",
     ),
     ReportEntry(
         name="poly1305_combine",
         pyfunc=_poly1305_combine,
         signature="void(uint64[::1], uint64[::1], int64, int64, int64, int64, int64, int64, int64, "
                   "uint32[::1], uint32[:, ::1], uint32[:, ::1])",
-        bytes_per_iteration=20,
-        note="combines span values (20 bytes each); touches ~1/1600 of the data",
+        bytes_per_iteration=20 * DEFAULT_COMBINE_WIDTH,
+        inner_loops=(
+            InnerLoop("find_segment: binary search over the group table"),
+            InnerLoop("Horner over span values (20 bytes each)", trips=DEFAULT_COMBINE_WIDTH, ops=("IMAD.WIDE.U32",)),
+        ),
+        note=f"one iteration = {DEFAULT_COMBINE_WIDTH} span values of 20 bytes; touches ~1/1600 of the data",
     ),
 ]

@@ -58,6 +58,89 @@ def test_listing_analysis():
     assert kr._is_wide({"LDG.E.U8": 1, "LDG.E.128": 1}) is False
 
 
+# A grid-stride loop (0x0010..0x00c0) whose data work sits in a rolled inner loop
+# behind a zero-trip guard -- the shape of aes_ctr_xor's round loop: the shortest
+# path jumps over it, so counting the shortest path alone flatters the kernel.
+ROUND_LOOP_LISTING = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_x_0:
+        /*0010*/                   LDG.E.64 R2, desc[UR4][R2.64] ;
+        /*0020*/               @P0 BRA `(.L_x_2) ;
+.L_x_1:
+        /*0030*/                   LDG.E.128 R8, desc[UR4][R10.64] ;
+        /*0040*/                   LDS R4, [R5] ;
+        /*0050*/                   LOP3.LUT R4, R4, R8, RZ, 0x3c, !PT ;
+        /*0060*/                   LDS R6, [R7] ;
+        /*0070*/                   LOP3.LUT R6, R6, R9, RZ, 0x3c, !PT ;
+        /*0080*/               @P1 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0090*/                   LDG.E.128 R12, desc[UR4][R14.64] ;
+        /*00a0*/                   LOP3.LUT R12, R12, R4, RZ, 0x3c, !PT ;
+        /*00b0*/                   STG.E.128 desc[UR4][R16.64], R12 ;
+        /*00c0*/               @!P2 BRA `(.L_x_0) ;
+        /*00d0*/                   EXIT ;
+        /*00e0*/                   BRA 0xe0;
+"""
+
+
+def test_inner_loop_on_data_path_counts_its_trips():
+    """A round loop behind a zero-trip guard is counted trips times, not skipped."""
+    from gpucrypt.kernels._launch import InnerLoop
+
+    kr = _load_report_module()
+    instrs = kr.parse_sass(ROUND_LOOP_LISTING)
+    # The plain shortest path (no declaration) skips the loop: LDG.64, BRA, LDG.128, LOP3, STG, back edge.
+    assert kr.analyse_main_loop(instrs).hot_path == 6
+    loop = kr.analyse_main_loop(instrs, (InnerLoop("rounds", trips=9, ops=("LDS", "LDG.E.128")),))
+    (rounds,) = loop.inner_loops
+    assert rounds.cycle == 6 and rounds.trips == 9  # 0x30 .. 0x80
+    assert loop.path == 12  # 0x10, 0x20, the round body once (6), 0x90 .. 0xc0
+    assert loop.hot_path == 12 + 8 * 6
+    assert loop.inner_loops_on_hot_path == 0
+    assert loop.hot_path_ops.count("LDS") == 18
+    assert loop.hot_path_ops.count("LDG.E.128") == 10  # one round key per round + the data load
+
+
+def test_inner_loop_declarations_are_checked():
+    from gpucrypt.kernels._launch import InnerLoop
+
+    kr = _load_report_module()
+    instrs = kr.parse_sass(ROUND_LOOP_LISTING)
+    with pytest.raises(kr.LoopDeclarationError, match="declares 0"):
+        kr.analyse_main_loop(instrs, ())  # the loop must be declared, even as off the data path
+    with pytest.raises(kr.LoopDeclarationError, match="declares 2"):
+        kr.analyse_main_loop(instrs, (InnerLoop("a"), InnerLoop("b", trips=3)))
+    with pytest.raises(kr.LoopDeclarationError, match="IMAD.WIDE"):
+        kr.analyse_main_loop(instrs, (InnerLoop("rounds", trips=9, ops=("IMAD.WIDE",)),))
+    # A byte loop declared off the data path stays off it (LISTING: the wide path is shorter).
+    loop = kr.analyse_main_loop(kr.parse_sass(LISTING), (InnerLoop("byte path"),))
+    assert loop.hot_path == 5 and loop.inner_loops_on_hot_path == 0
+
+
+def test_loop_declared_off_path_but_unavoidable_is_flagged():
+    """A do-while loop with no guard cannot be skipped: declaring it 0 trips is caught."""
+    from gpucrypt.kernels._launch import InnerLoop
+
+    kr = _load_report_module()
+    unguarded = ROUND_LOOP_LISTING.replace("@P0 BRA `(.L_x_2)", "NOP")
+    loop = kr.analyse_main_loop(kr.parse_sass(unguarded), (InnerLoop("rounds"),))
+    assert loop.inner_loops_on_hot_path == 1
+
+
+def test_every_kernel_declares_its_inner_loops():
+    """Each KERNEL_REPORT entry says which inner loops carry data (at least none, explicitly)."""
+    import importlib
+
+    for name in ("chacha20", "aes", "poly1305", "ghash"):
+        mod = importlib.import_module(f"gpucrypt.kernels.{name}")
+        for entry in mod.KERNEL_REPORT:
+            assert entry.inner_loops, f"{name}.{entry.name}: no inner loops declared"
+            assert all(loop.trips >= 0 for loop in entry.inner_loops)
+    variants = {e.variant: e for e in importlib.import_module("gpucrypt.kernels.aes").KERNEL_REPORT}
+    assert [lp.trips for lp in variants["AES-128"].inner_loops if lp.trips] == [9]
+    assert [lp.trips for lp in variants["AES-256"].inner_loops if lp.trips] == [13]
+
+
 @pytest.mark.slow
 def test_report_compiles_chacha20(tmp_path):
     """Compile chacha20_xor for sm_90 without a GPU and check the measured fields."""
