@@ -4,7 +4,8 @@ timed with CUDA events.
 What is timed: one ``seal_batch``/``open_batch`` (AEADs) or ``xor_keystream_device``
 (ChaCha20, AES-CTR) call per message (the same one message per call as the CPU
 rows), on data already in device memory, between two
-CUDA events on the default stream. Host-side Python overhead per call is part of
+CUDA events on the stream the backend launches on (the default stream unless CuPy
+has another current stream). Host-side Python overhead per call is part of
 the figure, as it is for every user of the API. ``open_batch`` synchronises (it
 reports which tags verified), so decryption includes one synchronisation per call.
 
@@ -98,11 +99,14 @@ class GpuSession:
                 call(i)
             self.backend.synchronize()
             return time.perf_counter() - t0
+        # the events go on the stream the backend launches on when given none (CuPy's
+        # current stream once CuPy is imported, else the default stream)
+        stream = self.backend._stream(None)
         start, end = self._cuda.event(), self._cuda.event()
-        start.record()
+        start.record(stream)
         for i in range(iterations):
             call(i)
-        end.record()
+        end.record(stream)
         end.synchronize()
         return start.elapsed_time(end) / 1e3
 

@@ -342,13 +342,14 @@ class JaxAdapter(Adapter):
 
     def byte_view(self, x):
         import jax.numpy as jnp
-        from jax import lax
 
         if self.place(x) == HOST:
             return np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
-        if x.dtype == jnp.bool_:
-            return x.astype(jnp.uint8).reshape(-1)
-        return lax.bitcast_convert_type(x, jnp.uint8).reshape(-1)
+        # Array.view handles bool and complex too (lax.bitcast_convert_type refuses
+        # complex); flattened first so that 0-d arrays have an axis to widen. JAX
+        # dispatches asynchronously and its __cuda_array_interface__ hands out the
+        # pointer without waiting: the bytes must exist before another library reads them.
+        return x.reshape(-1).view(jnp.uint8).block_until_ready()
 
     def empty(self, dtype, shape, place):
         if place == HOST:
@@ -367,17 +368,14 @@ class JaxAdapter(Adapter):
     def finish(self, obj):
         import jax
         import jax.numpy as jnp
-        from jax import lax
 
         if isinstance(obj, np.ndarray):
             return jnp.asarray(obj)
         raw = jax.dlpack.from_dlpack(obj.buffer)
-        dt = jnp.dtype(numpy_dtype(obj.dtype))
         if obj.dtype == "bool":
             return raw.reshape(obj.shape) != 0
-        if dt.itemsize == 1:
-            return lax.bitcast_convert_type(raw, dt).reshape(obj.shape)
-        return lax.bitcast_convert_type(raw.reshape(obj.shape + (dt.itemsize,)), dt)
+        # Array.view, not lax.bitcast_convert_type: the latter refuses complex dtypes
+        return raw.view(jnp.dtype(numpy_dtype(obj.dtype))).reshape(obj.shape)
 
 
 class _JaxDeviceResult:

@@ -1,8 +1,9 @@
 """The GPU backend's device-level API: batches, both tag paths, in-place rules, keystreams.
 
 Runs on a real GPU where one exists and in numba's CUDA simulator otherwise
-(NumPy arrays stand in for device memory there). Inputs stay small: the
-simulator runs every CUDA thread in Python.
+(NumPy arrays stand in for device memory there). Buffers go through ``dev`` and
+``host`` (the backend's own copies), so the same bodies hold on both. Inputs stay
+small: the simulator runs every CUDA thread in Python.
 """
 from __future__ import annotations
 
@@ -29,6 +30,16 @@ def gpu():
         pytest.skip(f"gpu backend unavailable: {exc}")
 
 
+def dev(gpu, data):
+    """A device copy of host bytes or a NumPy array (a NumPy copy under the simulator)."""
+    return gpu.to_device(np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data)
+
+
+def host(gpu, buf) -> np.ndarray:
+    """The bytes of a device buffer, on the host."""
+    return np.asarray(gpu.to_host(buf)).reshape(-1)
+
+
 def _reference(algorithm, key, nonce, data, aad):
     if algorithm == "xchacha20-poly1305":
         return sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(data, aad, nonce, key)
@@ -53,16 +64,17 @@ CASES = [("chacha20-poly1305", (32,)), ("xchacha20-poly1305", (32,)), ("aes-gcm"
 def test_seal_batch_matches_reference_on_both_tag_paths(gpu, algorithm, key_sizes, tag):
     """Mixed lengths and keys (and, for GCM, AES-128/192/256 in one batch), in place and not."""
     msgs = _batch(algorithm, [0, 1, 17, 64, 65, 300], key_sizes)
-    srcs = [np.frombuffer(m[2], dtype=np.uint8).copy() for m in msgs]
-    dsts = [np.zeros(len(m[2]) + 5, dtype=np.uint8) if i % 2 else srcs[i] for i, m in enumerate(msgs)]
+    srcs = [dev(gpu, m[2]) for m in msgs]
+    dsts = [dev(gpu, np.zeros(len(m[2]) + 5, dtype=np.uint8)) if i % 2 else srcs[i]
+            for i, m in enumerate(msgs)]
     tags = gpu.to_host(gpu.seal_batch(algorithm, [m[0] for m in msgs], [m[1] for m in msgs], srcs,
                                       [m[3] for m in msgs], dsts, tag=tag))
     for i, m in enumerate(msgs):
         expected = _reference(algorithm, m[0], m[1], m[2], m[3])
-        assert gpu.to_host(dsts[i])[: len(m[2])].tobytes() + tags[i].tobytes() == expected
+        assert host(gpu, dsts[i])[: len(m[2])].tobytes() + tags[i].tobytes() == expected
         if i % 2:  # out of place: the input is left unchanged, bytes past the message too
-            assert srcs[i].tobytes() == m[2]
-            assert not dsts[i][len(m[2]):].any()
+            assert host(gpu, srcs[i]).tobytes() == m[2]
+            assert not host(gpu, dsts[i])[len(m[2]):].any()
 
 
 @pytest.mark.parametrize("algorithm,key_sizes", CASES)
@@ -77,37 +89,38 @@ def test_open_batch_both_tag_paths_agree_and_release_nothing_on_failure(gpu, alg
             if len(cts[i]):
                 cts[i][0] ^= 1
         tags = [s[-16:] if i not in bad or len(cts[i]) else bytes(16) for i, s in enumerate(sealed)]
-        outs = [np.full(len(c), 0x55, dtype=np.uint8) for c in cts]
-        ok = gpu.open_batch(algorithm, [m[0] for m in msgs], [m[1] for m in msgs], cts, tags,
-                            [m[3] for m in msgs], outs, tag=tag)
+        outs = [dev(gpu, np.full(len(c), 0x55, dtype=np.uint8)) for c in cts]
+        ok = gpu.open_batch(algorithm, [m[0] for m in msgs], [m[1] for m in msgs],
+                            [dev(gpu, c) for c in cts], tags, [m[3] for m in msgs], outs, tag=tag)
         verdicts[tag] = list(ok)
         for i, m in enumerate(msgs):
+            out = host(gpu, outs[i])
             if i in bad:
-                assert not ok[i] and not outs[i].any(), "a failed message's output must be zeroed"
+                assert not ok[i] and not out.any(), "a failed message's output must be zeroed"
             else:
-                assert ok[i] and outs[i].tobytes() == m[2]
+                assert ok[i] and out.tobytes() == m[2]
     assert verdicts["gpu"] == verdicts["host"] == [i not in bad for i in range(len(msgs))]
 
 
 def test_in_place_open_failure_leaves_ciphertext(gpu):
     key, nonce, data = os.urandom(32), os.urandom(12), os.urandom(200)
     sealed = reference.ChaCha20Poly1305(key).encrypt(nonce, data, b"")
-    ct = np.frombuffer(sealed[:-16], dtype=np.uint8).copy()
+    ct = dev(gpu, sealed[:-16])
     wrong_tag = bytes(16)
     ok = gpu.open_batch("chacha20-poly1305", [key], [nonce], [ct], [wrong_tag], [b""], [ct])
-    assert not ok[0] and ct.tobytes() == sealed[:-16]
+    assert not ok[0] and host(gpu, ct).tobytes() == sealed[:-16]
     ok = gpu.open_batch("chacha20-poly1305", [key], [nonce], [ct], [sealed[-16:]], [b""], [ct])
-    assert ok[0] and ct.tobytes() == data
+    assert ok[0] and host(gpu, ct).tobytes() == data
 
 
 def test_device_tags_feed_open_batch(gpu):
     """Tags stay on the device between seal and open (no host round trip needed)."""
     key, nonce = os.urandom(16), os.urandom(12)
-    buf = np.frombuffer(os.urandom(129), dtype=np.uint8).copy()
-    original = buf.copy()
+    original = os.urandom(129)
+    buf = dev(gpu, original)
     tags = gpu.seal_batch("aes-gcm", [key], [nonce], [buf], [b"a"], [buf])
     ok = gpu.open_batch("aes-gcm", [key], [nonce], [buf], tags, [b"a"], [buf])
-    assert ok[0] and np.array_equal(buf, original)
+    assert ok[0] and host(gpu, buf).tobytes() == original
 
 
 @pytest.mark.parametrize("algorithm,iv", [("chacha20", (5).to_bytes(4, "little") + bytes(12)),
@@ -120,14 +133,14 @@ def test_keystream_on_device_arrays_at_any_position(gpu, algorithm, iv):
     full = (Cipher(algorithms.ChaCha20(key, iv), None) if algorithm == "chacha20"
             else Cipher(algorithms.AES(key), modes.CTR(iv))).encryptor().update(bytes(400))
     for position in (0, 1, 63, 64, 100):
-        buf = np.frombuffer(data, dtype=np.uint8).copy()
+        buf = dev(gpu, data)
         gpu.xor_keystream_device(algorithm, key, iv, position, buf)
         expected = bytes(a ^ b for a, b in zip(data, full[position:position + len(data)]))
-        assert buf.tobytes() == expected
+        assert host(gpu, buf).tobytes() == expected
 
 
 def test_argument_errors(gpu):
-    buf = np.zeros(4, dtype=np.uint8)
+    buf = dev(gpu, np.zeros(4, dtype=np.uint8))
     with pytest.raises(ValueError, match="algorithm"):
         gpu.seal_batch("rot13", [bytes(32)], [bytes(12)], [buf], [b""], [buf])
     with pytest.raises(ValueError, match="one entry per message"):
@@ -135,6 +148,7 @@ def test_argument_errors(gpu):
     with pytest.raises(ValueError, match="message 0"):
         gpu.seal_batch("chacha20-poly1305", [bytes(16)], [bytes(12)], [buf], [b""], [buf])
     with pytest.raises(ValueError, match="destination"):
-        gpu.seal_batch("aes-gcm", [bytes(16)], [bytes(12)], [buf], [b""], [np.zeros(2, np.uint8)])
+        gpu.seal_batch("aes-gcm", [bytes(16)], [bytes(12)], [buf], [b""],
+                       [dev(gpu, np.zeros(2, np.uint8))])
     with pytest.raises(ValueError, match="contiguous"):
-        gpu.as_device_bytes(np.zeros(8, dtype=np.uint8)[::2])
+        gpu.as_device_bytes(dev(gpu, np.zeros(8, dtype=np.uint8))[::2])

@@ -68,6 +68,14 @@ def _simulated() -> bool:
     return bool(config.ENABLE_CUDASIM)
 
 
+def _device_memset(dev, value: int, nbytes: int, stream) -> None:
+    """``nbytes`` bytes of the device array ``dev`` set to ``value``, queued on ``stream``
+    (cuMemsetD8Async; synchronous on stream 0)."""
+    from numba.cuda.cudadrv.driver import device_memset
+
+    device_memset(dev, value, nbytes, stream=stream)
+
+
 # --------------------------------------------------------------------------- device arrays
 
 def _interface_of(obj: Any) -> tuple[int, int] | None:
@@ -210,11 +218,22 @@ class GpuBackend(Backend):
              "strides": None}, owner=obj, sync=False)
 
     def to_device(self, host: Any, stream=None):
+        """A fresh 1-D uint8 device copy of ``host``.
+
+        With ``stream`` the copy is queued there (use it on that stream). Without, the
+        bytes are on the device when this returns: a copy from pageable memory can
+        return with its last DMA still in flight, which work queued on a
+        non-blocking stream (a torch side stream) would not wait for.
+        """
         arr = np.frombuffer(memoryview(host).cast("B"), dtype=np.uint8) if not isinstance(host, np.ndarray) \
             else host.reshape(-1).view(np.uint8)
         if _simulated():
             return arr.copy()
-        return self._cuda.to_device(arr, stream=self._stream(stream))
+        s = self._stream(stream)
+        dev = self._cuda.to_device(arr, stream=s)
+        if stream is None:
+            self.synchronize(s)
+        return dev
 
     def device_array(self, nbytes: int, stream=None):
         if _simulated():
@@ -222,19 +241,34 @@ class GpuBackend(Backend):
         return self._cuda.device_array(nbytes, dtype=np.uint8, stream=self._stream(stream))
 
     def to_host(self, dev: Any, out: np.ndarray | None = None, stream=None) -> np.ndarray:
+        """Copy device bytes to the host; returns once they are there.
+
+        Without ``stream``, all queued GPU work is waited for first: ``dev`` may have been
+        written on any stream, and a copy on the legacy default stream does not wait for
+        non-blocking ones (torch's side streams). With ``stream``, the copy is queued
+        after that stream's work.
+        """
         if isinstance(dev, np.ndarray):
             if out is None:
                 return dev.copy()
             out[...] = dev
             return out
-        return dev.copy_to_host(out, stream=self._stream(stream)) if out is not None \
-            else dev.copy_to_host(stream=self._stream(stream))
+        if stream is None and not _simulated():
+            self._cuda.synchronize()
+        s = self._stream(stream)
+        host = dev.copy_to_host(out, stream=s) if out is not None else dev.copy_to_host(stream=s)
+        # numba runs a copy asked for on stream 0 on the array's own stream, and a copy
+        # on a stream into pinned memory returns before it is done: wait for it.
+        used = s if not isinstance(s, int) else getattr(dev, "stream", 0)
+        if not isinstance(used, int) and not _simulated():
+            used.synchronize()
+        return host
 
     def synchronize(self, stream=None) -> None:
         if _simulated():
             return
         s = self._stream(stream)
-        s.synchronize() if s != 0 else self._cuda.synchronize()
+        s.synchronize() if not isinstance(s, int) else self._cuda.synchronize()
 
     def _stream(self, stream: Any):
         """A numba stream for ``stream``: numba's own, a torch or CuPy stream, a raw handle,
@@ -410,14 +444,16 @@ class GpuBackend(Backend):
         if _simulated():
             return np.zeros(shape, dtype=np.uint8)
         arr = self._cuda.device_array(shape, dtype=np.uint8, stream=stream)
-        self._cuda.to_device(np.zeros(shape, dtype=np.uint8), to=arr, stream=stream)
+        if arr.size:
+            _device_memset(arr, 0, arr.size, stream)
         return arr
 
     def _fill_zero(self, base, offset: int, length: int, stream) -> None:
         if _simulated():
             base[offset:offset + length] = 0
             return
-        self._cuda.to_device(np.zeros(length, dtype=np.uint8), to=base[offset:offset + length], stream=stream)
+        # a memset on the device: no host buffer of ``length`` zeros, no PCIe transfer
+        _device_memset(base[offset:offset + length], 0, length, stream)
 
     def _expected_tags(self, tags: Any, n: int) -> list[bytes]:
         if isinstance(tags, (list, tuple)):

@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# One GPU session in one call of the device tool: install from carried wheels, record
+# the machine, run the GPU tests on the real device (no simulator), benchmark.
+#
+#   benchmarks/gpu_session.sh --prepare [WHEEL_DIR]      here, once (needs the network)
+#   benchmarks/gpu_session.sh [WHEEL_DIR] [STEP...]      on the GPU machine (no network)
+#
+# WHEEL_DIR defaults to .whl (git-ignored through .git/info/exclude; name it in the
+# device tool's `carry`). STEPs, in the order given (default: all = install env
+# gpu-tests bench tensor):
+#   install    pip install, offline, what the image lacks (cryptography >= 47 and its
+#              cffi/pycparser, a slim cryptography-vectors, pynacl, numba-cuda >= 0.30 if
+#              the image's is older), then this checkout, editable. Skipped when done
+#              earlier on the same (still warm) machine.
+#   env        nvidia-smi, driver, versions, `gpucrypt info`          -> $OUT/env.txt
+#   gpu-tests  GPUCRYPT_REQUIRE_GPU=1 pytest -m "gpu or cudasim" (every test that runs
+#              kernels, on the device), junit XML                     -> $OUT/pytest.log, pytest.xml
+#   cpu-tests  the rest of the suite (CI runs it anyway; only if time is left)
+#   bench      gpucrypt bench --device gpu --sizes $SIZES             -> $OUT/bench-h100.json, bench.log
+#   tensor     benchmarks/gpu_tensor_bench.py (torch state dicts)     -> $OUT/tensor-bench.json, bench.log
+# Every step runs under `timeout`; a failing step is recorded in $OUT/summary.txt and
+# the next one still runs. The script exits 0 unless the install failed.
+#
+# Device tool call (one call has at most 600 s; install + env + gpu-tests + bench +
+# tensor is planned to fit, but a first session had better split it in two calls made
+# back to back, so that the second finds the machine warm and the install done):
+#   run(command="bash benchmarks/gpu_session.sh .whl install env gpu-tests",
+#       carry=[".whl"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_session.sh .whl bench tensor", carry=[".whl"], timeout_s=600)
+# $OUT comes back (8 files at most; this script writes at most 8). Limits per step, in
+# seconds, from the environment: T_INSTALL (120), T_TESTS (330), T_CPU_TESTS (200),
+# T_BENCH (200), T_TENSOR (90). Other knobs: SIZES (1MiB,64MiB,1GiB), PYTEST_EXTRA
+# (added to the pytest command line, e.g. "-x" or "-k poly1305"), TENSOR_MIB (1024).
+#
+# What --prepare puts in WHEEL_DIR (about 18 MB; the tree that travels is capped at
+# 64 MiB): pip download (Python 3.12, manylinux x86-64, no dependencies) of
+# cryptography, cffi, pycparser, pynacl, numba-cuda, setuptools and wheel, and a
+# cryptography-vectors wheel cut down to the ciphers/ files the tests read (the full
+# one is 56 MB). torch, CuPy, JAX, numba, pytest, hypothesis, safetensors,
+# pytest-timeout and matplotlib are in the machine's image already (see
+# /work/.library/device/KINDS.md), so they are not carried; a CUDA torch wheel (~900 MB)
+# could not travel anyway.
+set -uo pipefail
+
+PY=${PYTHON:-python3}
+PINS=(cryptography==50.0.2 cffi==2.0.0 pycparser pynacl==1.6.2 numba-cuda==0.30.4 setuptools wheel)
+VECTORS=cryptography-vectors==50.0.2
+
+prepare() {
+    local dir=$1 tmp
+    mkdir -p "$dir"
+    grep -qxF "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >> .git/info/exclude
+    local plat=(--only-binary=:all: --no-deps --python-version 3.12 --implementation cp
+                --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64
+                --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
+                --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+    $PY -m pip download -q "${plat[@]}" -d "$dir" "${PINS[@]}" || return 1
+    tmp=$(mktemp -d)
+    $PY -m pip download -q "${plat[@]}" -d "$tmp" "$VECTORS" || return 1
+    # keep ciphers/{AES/{CTR,GCM,ECB},ChaCha20,ChaCha20Poly1305} and the package itself;
+    # RECORD is rewritten with the kept files' hashes
+    $PY - "$tmp" "$dir" <<'EOF' || return 1
+import base64, hashlib, pathlib, sys, zipfile
+src = next(pathlib.Path(sys.argv[1]).glob("cryptography_vectors-*.whl"))
+dst = pathlib.Path(sys.argv[2]) / src.name
+keep = tuple("cryptography_vectors/ciphers/" + p for p in
+             ("AES/CTR/", "AES/GCM/", "AES/ECB/", "ChaCha20/", "ChaCha20Poly1305/"))
+with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+    record, record_name = [], None
+    for info in zin.infolist():
+        name = info.filename
+        if name.endswith(".dist-info/RECORD"):
+            record_name = name
+            continue
+        top = name.count("/") == 1 and name.startswith("cryptography_vectors/")
+        if not (top or name.startswith(keep) or ".dist-info/" in name) or name.endswith("/"):
+            continue
+        data = zin.read(name)
+        zout.writestr(info, data)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    zout.writestr(record_name, "\n".join(record + [f"{record_name},,"]) + "\n")
+print(f"{dst.name}: {dst.stat().st_size / 1e6:.1f} MB (from {src.stat().st_size / 1e6:.1f} MB)")
+EOF
+    rm -rf "$tmp"
+    ls -l "$dir"
+    du -sh "$dir"
+}
+
+if [[ ${1:-} == --prepare ]]; then
+    prepare "${2:-.whl}"
+    exit $?
+fi
+
+WHEELS=.whl
+if [[ $# -gt 0 && -d $1 ]]; then WHEELS=$1; shift; fi
+STEPS=("$@")
+[[ ${#STEPS[@]} -eq 0 || ${STEPS[0]} == all ]] && STEPS=(install env gpu-tests bench tensor)
+OUT=${OUT:-$PWD/gpu-session-out}
+mkdir -p "$OUT"
+SUMMARY=$OUT/summary.txt
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false GPUCRYPT_REQUIRE_GPU=1
+unset NUMBA_ENABLE_CUDASIM
+START=$SECONDS
+note() { echo "[$(date +%T) +$((SECONDS - START))s] $*" | tee -a "$SUMMARY"; }
+
+# step NAME LIMIT CMD...: run CMD under `timeout`, record its status, never stop the script
+step() {
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    note "== $name (limit ${limit}s)"
+    timeout --signal=TERM --kill-after=15 "$limit" "$@"
+    rc=$?
+    case $rc in
+        0) note "   $name: ok ($((SECONDS - t0))s)" ;;
+        124|137) note "   $name: TIMED OUT after $((SECONDS - t0))s (rc $rc)" ;;
+        *) note "   $name: FAILED rc=$rc ($((SECONDS - t0))s)" ;;
+    esac
+    return $rc
+}
+
+do_install() {
+    local marker=/tmp/gpucrypt-installed ok=0 req
+    if [[ -f $marker ]] && $PY -c "import gpucrypt, cryptography_vectors, nacl" 2>/dev/null; then
+        echo "already installed on this machine"; return 0
+    fi
+    [[ -d $WHEELS ]] || { echo "no wheel directory $WHEELS (see --prepare)"; return 1; }
+    # one requirement at a time: what the image already satisfies is kept, and one
+    # missing wheel does not stop the others
+    for req in "cryptography>=47" cryptography-vectors "pynacl>=1.5" "numba-cuda>=0.30"; do
+        $PY -m pip install -q --no-index --find-links "$WHEELS" "$req" || { echo "!! $req"; ok=1; }
+    done
+    $PY -m pip install -q --no-index --find-links "$WHEELS" --no-deps --no-build-isolation -e . ||
+        $PY -m pip install -q --no-index --find-links "$WHEELS" --no-deps -e . || { echo "!! gpucrypt"; ok=1; }
+    [[ $ok == 0 ]] && touch $marker
+    return $ok
+}
+
+do_env() {
+    set -x
+    nvidia-smi
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
+    uname -a
+    $PY --version
+    $PY -m pip list 2>/dev/null | grep -iE "^(numba|cuda|cupy|torch |jax|cryptography|pynacl|cffi|numpy|pytest|hypothesis|safetensors|nvidia-cuda-nvrtc|nvidia-nvjitlink)"
+    $PY -c "from numba import cuda; cuda.detect(); d = cuda.get_current_device(); print('cc', d.compute_capability, 'SMs', d.MULTIPROCESSOR_COUNT, 'L2', d.L2_CACHE_SIZE)"
+    $PY -m gpucrypt info
+    { set +x; } 2>/dev/null
+}
+
+pytest_args() {  # common pytest options; pytest-timeout is in the image, checked anyway
+    local a=(-q -rfEs -p no:cacheprovider --durations=15)
+    $PY -c "import pytest_timeout" 2>/dev/null && a+=(--timeout=240)
+    echo "${a[@]}"
+}
+
+run_steps() {
+    local s
+    for s in "${STEPS[@]}"; do
+        case $s in
+            install) step install "${T_INSTALL:-120}" bash -c do_install >> "$OUT/install.log" 2>&1 ||
+                         { note "install failed: see install.log"; exit 1; } ;;
+            env) step env 60 bash -c do_env > "$OUT/env.txt" 2>&1 ;;
+            gpu-tests)
+                # shellcheck disable=SC2046,SC2086
+                step gpu-tests "${T_TESTS:-330}" $PY -m pytest $(pytest_args) -m "gpu or cudasim" \
+                    --junitxml="$OUT/pytest.xml" ${PYTEST_EXTRA:-} tests/ 2>&1 | tee -a "$OUT/pytest.log" | tail -40 ;;
+            cpu-tests)
+                # shellcheck disable=SC2046,SC2086
+                step cpu-tests "${T_CPU_TESTS:-200}" $PY -m pytest $(pytest_args) -m "not gpu and not cudasim" \
+                    --ignore=tests/test_kernel_report.py ${PYTEST_EXTRA:-} tests/ 2>&1 | tee -a "$OUT/pytest.log" | tail -15 ;;
+            bench)
+                step bench "${T_BENCH:-200}" $PY -m gpucrypt bench --device gpu --sizes "${SIZES:-1MiB,64MiB,1GiB}" \
+                    --json "$OUT/bench-h100.json" 2>&1 | tee -a "$OUT/bench.log" | tail -60 ;;
+            tensor)
+                step tensor "${T_TENSOR:-90}" $PY benchmarks/gpu_tensor_bench.py --mib "${TENSOR_MIB:-1024}" \
+                    --json "$OUT/tensor-bench.json" 2>&1 | tee -a "$OUT/bench.log" | tail -15 ;;
+            *) note "unknown step $s (install env gpu-tests cpu-tests bench tensor)" ;;
+        esac
+    done
+}
+
+export PY WHEELS
+export -f do_install do_env
+note "gpucrypt GPU session: steps ${STEPS[*]}; wheels $WHEELS; out $OUT; $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+run_steps
+note "done in $((SECONDS - START))s"
+cat "$SUMMARY" | tail -20
+exit 0
