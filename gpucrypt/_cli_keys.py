@@ -70,18 +70,23 @@ def _is_sealed(path: str) -> bool:
         return False
 
 
+def _load_sealable(cls: Any, path: str, args: Any):
+    """``cls.load(path, passphrase)`` (a Keyset or an Identity), asking for the passphrase
+    only when the file is sealed; errors as one-line CliErrors."""
+    passphrase = _passphrase(args, path) if _is_sealed(path) else None
+    return _keys_call(cls.load, path, passphrase)
+
+
 def _load_keyset(path: str, args: Any):
     from .keys import Keyset
 
-    passphrase = _passphrase(args, path) if _is_sealed(path) else None
-    return _keys_call(Keyset.load, path, passphrase)
+    return _load_sealable(Keyset, path, args)
 
 
 def _load_identity(path: str, args: Any):
     from .keys import Identity
 
-    passphrase = _passphrase(args, path) if _is_sealed(path) else None
-    return _keys_call(Identity.load, path, passphrase)
+    return _load_sealable(Identity, path, args)
 
 
 def _keys_call(func, *a, **kw):

@@ -297,6 +297,13 @@ def _require_usable(key: KeysetKey) -> None:
                              f"wrapped only under it cannot be recovered")
 
 
+def _refuse_primary(key: KeysetKey) -> KeysetKey:
+    """``key``, unless it is the primary (KeyUnavailable: the keyset would have none)."""
+    if key.status == PRIMARY:
+        raise KeyUnavailable(f"key {key.id} is the primary: promote another key first")
+    return key
+
+
 def _new_key_id() -> str:
     return secrets.token_hex(8)
 
@@ -457,11 +464,16 @@ class Keyset:
             self.promote(key.id)
         return key
 
-    def promote(self, key_id: str) -> KeysetKey:
-        """Make ``key_id`` (enabled or disabled) the primary; the old primary stays enabled."""
+    def _find_not_destroyed(self, key_id: str) -> KeysetKey:
+        """The key ``key_id``; KeyNotFound if absent, KeyUnavailable if destroyed."""
         key = self._find(key_id)
         if key.status == DESTROYED:
             _require_usable(key)
+        return key
+
+    def promote(self, key_id: str) -> KeysetKey:
+        """Make ``key_id`` (enabled or disabled) the primary; the old primary stays enabled."""
+        key = self._find_not_destroyed(key_id)
         for other in self._keys.values():
             if other.status == PRIMARY:
                 other.status = ENABLED
@@ -471,9 +483,7 @@ class Keyset:
 
     def enable(self, key_id: str) -> KeysetKey:
         """Let a disabled key unwrap again."""
-        key = self._find(key_id)
-        if key.status == DESTROYED:
-            _require_usable(key)
+        key = self._find_not_destroyed(key_id)
         if key.status == DISABLED:
             key.status = ENABLED
         audit.event("keyset.enable", key_id=key.id, status=key.status)
@@ -481,20 +491,14 @@ class Keyset:
 
     def disable(self, key_id: str) -> KeysetKey:
         """Stop a key from unwrapping (reversible). The primary cannot be disabled."""
-        key = self._find(key_id)
-        if key.status == PRIMARY:
-            raise KeyUnavailable(f"key {key.id} is the primary: promote another key first")
-        if key.status == DESTROYED:
-            _require_usable(key)
+        key = _refuse_primary(self._find_not_destroyed(key_id))
         key.status = DISABLED
         audit.event("keyset.disable", key_id=key.id, status=DISABLED)
         return key
 
     def destroy(self, key_id: str) -> KeysetKey:
         """Drop a key's material for good; its id stays, marked ``destroyed``."""
-        key = self._find(key_id)
-        if key.status == PRIMARY:
-            raise KeyUnavailable(f"key {key.id} is the primary: promote another key first")
+        key = _refuse_primary(self._find(key_id))
         key.status, key._material = DESTROYED, None
         audit.event("keyset.destroy", key_id=key.id, status=DESTROYED)
         return key
@@ -704,15 +708,24 @@ class Recipient:
 
     @classmethod
     def _from_doc(cls, doc: dict, where: str) -> "Recipient":
-        try:
-            recipient = cls(doc.get("kem"), _b64d(doc.get("public_key"), f"{where}: public key"))
-        except ValueError as exc:
-            if isinstance(exc, KeysetError):
-                raise
-            raise KeysetError(f"{where}: invalid public key ({exc})") from None
-        if doc.get("fingerprint") not in (None, recipient.fingerprint):
-            raise KeysetError(f"{where}: the fingerprint does not match the public key")
-        return recipient
+        return _checked_key(
+            lambda: cls(doc.get("kem"), _b64d(doc.get("public_key"), f"{where}: public key")),
+            doc, where, "public")
+
+
+def _checked_key(make: Callable[[], Any], doc: dict, where: str, half: str) -> Any:
+    """``make()`` (a Recipient or Identity built from the file ``where``'s document ``doc``),
+    its ValueErrors reported as KeysetError "invalid {half} key"; KeysetError too when
+    ``doc`` records a fingerprint that is not the key's."""
+    try:
+        key = make()
+    except ValueError as exc:
+        if isinstance(exc, KeysetError):
+            raise
+        raise KeysetError(f"{where}: invalid {half} key ({exc})") from None
+    if doc.get("fingerprint") not in (None, key.fingerprint):
+        raise KeysetError(f"{where}: the fingerprint does not match the {half} key")
+    return key
 
 
 def _file_format(path) -> str | None:
@@ -800,16 +813,10 @@ class Identity:
         doc = _read_json(path, IDENTITY_FORMAT)
         secret = (_open_document(doc, where, passphrase=passphrase) if "protection" in doc
                   else doc)
-        try:
-            identity = cls(doc.get("kem"), _b64d(secret.get("private_key"), f"{where}: private key"),
-                           doc.get("created"))
-        except ValueError as exc:
-            if isinstance(exc, KeysetError):
-                raise
-            raise KeysetError(f"{where}: invalid private key ({exc})") from None
-        if doc.get("fingerprint") not in (None, identity.fingerprint):
-            raise KeysetError(f"{where}: the fingerprint does not match the private key")
-        return identity
+        return _checked_key(
+            lambda: cls(doc.get("kem"), _b64d(secret.get("private_key"), f"{where}: private key"),
+                        doc.get("created")),
+            doc, where, "private")
 
     def _unwrap(self, body: bytes) -> bytes:
         return _KEMS[self.kem][1].decrypt(body, self._private_key, info=HPKE_INFO)

@@ -69,8 +69,21 @@ _GPU_BATCH_BYTES = 64 << 20
 _KEEP = object()
 
 
+class _Closing:
+    """``with obj:`` calls ``obj.close()`` at the end of the block, however it ends."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+
 # ============================================================================ sources
-class _Source:
+class _Source(_Closing):
     """Fills caller-provided buffers with the next bytes of the input.
 
     ``fill(buf)`` returns a view of up to ``len(buf)`` bytes: fewer only at the end of
@@ -81,9 +94,6 @@ class _Source:
 
     def fill(self, buf: memoryview) -> memoryview:
         raise NotImplementedError
-
-    def close(self) -> None:
-        pass
 
 
 class _BufferSource(_Source):
@@ -173,7 +183,7 @@ def _open_source(src: Any, allow_iterable: bool) -> _Source:
 
 
 # ============================================================================ engines
-class _CpuEngine:
+class _CpuEngine(_Closing):
     """Seals and opens batches of consecutive segments with the CPU backend's AEAD contexts,
     split over a thread pool (``cryptography`` releases the GIL)."""
 
@@ -228,7 +238,7 @@ class _CpuEngine:
         return wait
 
 
-class _GpuEngine:
+class _GpuEngine(_Closing):
     """Seals and opens a batch of segments with one ``seal_batch``/``open_batch`` call over
     one device buffer (the GPU backend's device-level API)."""
 
@@ -239,9 +249,6 @@ class _GpuEngine:
         self._gpu = backend
         self._algorithm = _format.BACKEND_NAMES[header.algorithm]
         self.threads = 1
-
-    def close(self):
-        pass
 
     def _nonce(self, index, last):
         return _format.segment_nonce(self.header.nonce_prefix, index, last)
@@ -329,17 +336,11 @@ def encrypt(src: Any, dst: Any, key: Any, *, algorithm: str = "chacha20-poly1305
     header, header_bytes = _format.new_header(key, algorithm, segment_size, key_id=key_id,
                                               envelope=envelope, salt=_salt,
                                               nonce_prefix=_nonce_prefix)
-    source = _open_source(src, allow_iterable=True)
-    try:
-        engine = _engine(header, key, device, threads, source.size)
-        try:
-            with open_output(dst) as sink:
-                sink.write(header_bytes)
-                _encrypt_segments(source, sink, engine, segment_size)
-        finally:
-            engine.close()
-    finally:
-        source.close()
+    with _open_source(src, allow_iterable=True) as source:
+        with _engine(header, key, device, threads, source.size) as engine, \
+                open_output(dst) as sink:
+            sink.write(header_bytes)
+            _encrypt_segments(source, sink, engine, segment_size)
     return header
 
 
@@ -430,19 +431,13 @@ def decrypt(src: Any, dst: Any, key: Any, *, device: str = "auto",
     See the module docstring for what ``dst`` holds when an error is raised.
     """
     key = _format.check_key(key)
-    source = _open_source(src, allow_iterable=True)
-    try:
+    with _open_source(src, allow_iterable=True) as source:
         header = _parse_source_header(source)
         _format.verify_header(key, header)
         size_hint = None if source.size is None else source.size - header.header_length
-        engine = _engine(header, key, device, threads, size_hint)
-        try:
-            with open_output(dst) as sink:
-                _decrypt_segments(source, sink, engine, header.segment_size)
-        finally:
-            engine.close()
-    finally:
-        source.close()
+        with _engine(header, key, device, threads, size_hint) as engine, \
+                open_output(dst) as sink:
+            _decrypt_segments(source, sink, engine, header.segment_size)
     return header
 
 

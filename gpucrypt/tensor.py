@@ -93,11 +93,16 @@ def _check_algorithm(algorithm: str) -> str:
     return algorithm
 
 
-def _key_bytes(key: Any, algorithm: str) -> bytes:
+def _bytes_arg(value: Any, name: str) -> bytes:
+    """A copy of the bytes-like ``value``; TypeError naming the argument otherwise."""
     try:
-        key = bytes(memoryview(key))
+        return bytes(memoryview(value))
     except TypeError:
-        raise TypeError(f"key must be bytes-like, not {type(key).__name__}") from None
+        raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}") from None
+
+
+def _key_bytes(key: Any, algorithm: str) -> bytes:
+    key = _bytes_arg(key, "key")
     if algorithm == "aes-gcm":
         if len(key) not in (16, 24, 32):
             raise ValueError("AES-GCM key must be 128, 192, or 256 bits.")
@@ -148,10 +153,7 @@ def _check_device(device: Any) -> str | None:
 
 
 def _check_nonce(nonce: Any, algorithm: str) -> bytes:
-    try:
-        nonce = bytes(memoryview(nonce))
-    except TypeError:
-        raise TypeError(f"nonce must be bytes-like, not {type(nonce).__name__}") from None
+    nonce = _bytes_arg(nonce, "nonce")
     if len(nonce) != _NONCE_SIZE[algorithm]:
         raise ValueError(f"Nonce must be {_NONCE_SIZE[algorithm]} bytes for {algorithm}")
     return nonce
