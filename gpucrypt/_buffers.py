@@ -43,3 +43,11 @@ def writable(buf: Any, name: str = "buf") -> memoryview:
 def optional_readable(data: Any, name: str) -> memoryview:
     """Like :func:`readable`, with ``None`` meaning empty (how ``cryptography`` treats AAD)."""
     return memoryview(b"") if data is None else readable(data, name)
+
+
+def bytes_arg(value: Any, name: str) -> bytes:
+    """A copy of a bytes-like argument (key, nonce, ...); ``TypeError`` naming it otherwise."""
+    try:
+        return bytes(memoryview(value))
+    except TypeError:
+        raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}") from None

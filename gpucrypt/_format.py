@@ -43,6 +43,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ._buffers import bytes_arg
 from ._host_primitives import hchacha20
 
 MAGIC = b"GPUCRYPT"
@@ -169,10 +170,7 @@ def check_segment_size(segment_size: int) -> int:
 
 
 def check_key(key) -> bytes:
-    try:
-        key = bytes(memoryview(key))
-    except TypeError:
-        raise TypeError(f"key must be bytes-like, not {type(key).__name__}") from None
+    key = bytes_arg(key, "key")
     if len(key) != KEY_SIZE:
         raise ValueError(f"key must be {KEY_SIZE} bytes, not {len(key)}")
     return key

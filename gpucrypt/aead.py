@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import aead as _openssl
 
 from . import _limits
-from ._buffers import optional_readable, readable, writable
+from ._buffers import bytes_arg, optional_readable, readable, writable
 from ._host_primitives import hchacha20
 from .backends import AUTO_GPU_THRESHOLD, AeadContext, Backend, select_backend
 
@@ -49,19 +49,11 @@ class BatchInvalidTag(InvalidTag):
 
 
 def _key_bytes(key: Any) -> bytes:
-    try:
-        return bytes(memoryview(key))
-    except TypeError:
-        raise TypeError(f"key must be bytes-like, not {type(key).__name__}") from None
+    return bytes_arg(key, "key")
 
 
 def _nonce_bytes(nonce: Any) -> bytes:
-    if isinstance(nonce, bytes):
-        return nonce
-    try:
-        return bytes(memoryview(nonce))
-    except TypeError:
-        raise TypeError(f"nonce must be bytes-like, not {type(nonce).__name__}") from None
+    return nonce if isinstance(nonce, bytes) else bytes_arg(nonce, "nonce")
 
 
 class _Aead:

@@ -23,7 +23,7 @@ from typing import Any
 
 from cryptography.exceptions import AlreadyFinalized
 
-from ._buffers import readable, writable
+from ._buffers import bytes_arg, readable, writable
 from .backends import select_backend
 
 __all__ = ["ChaCha20", "AESCTR"]
@@ -32,19 +32,12 @@ _CHACHA20_OVERFLOW = ("Exceeded the maximum number of bytes that can be encrypte
                       "for this nonce. The 32-bit counter portion of the nonce would overflow.")
 
 
-def _bytes_arg(value: Any, name: str) -> bytes:
-    try:
-        return bytes(memoryview(value))
-    except TypeError:
-        raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}") from None
-
-
 class _StreamCipher:
     _algorithm = ""
 
     def __init__(self, key: Any, nonce: Any, *, device: str = "auto"):
-        self._key = _bytes_arg(key, "key")
-        self._nonce = _bytes_arg(nonce, "nonce")
+        self._key = bytes_arg(key, "key")
+        self._nonce = bytes_arg(nonce, "nonce")
         self._check(self._key, self._nonce)
         self._device = device
         select_backend(device, 0)

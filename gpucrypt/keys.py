@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.keywrap import (InvalidUnwrap, aes_key_unwra
 
 from . import _envelope, audit
 from ._atomic import write_atomically
+from ._buffers import bytes_arg
 from ._envelope import EnvelopeFormatError, Stanza
 
 __all__ = [
@@ -856,10 +857,7 @@ def _as_recipients(recipients: Any) -> list:
 
 
 def _check_dek(dek: Any) -> bytes:
-    try:
-        dek = bytes(memoryview(dek))
-    except TypeError:
-        raise TypeError(f"dek must be bytes-like, not {type(dek).__name__}") from None
+    dek = bytes_arg(dek, "dek")
     if not _DEK_MIN <= len(dek) <= _DEK_MAX:
         raise ValueError(f"a data key must be {_DEK_MIN} to {_DEK_MAX} bytes, not {len(dek)}")
     return dek

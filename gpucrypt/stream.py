@@ -550,7 +550,7 @@ class SegmentReader(io.RawIOBase):
             self.header = _format.parse_header(self._file.read)
             _format.verify_header(key, self.header)
             self._engine = _engine(self.header, key, device, 1, 0)
-            S, C = self.header.segment_size, self.header.segment_size + TAG_SIZE
+            C = self.header.segment_size + TAG_SIZE
             payload = self._file.seek(0, io.SEEK_END) - self.header.header_length
             if payload <= 0:
                 raise TruncatedError("truncated file: it ends right after the header "
@@ -572,7 +572,7 @@ class SegmentReader(io.RawIOBase):
     def _load(self, index: int) -> bytes:
         if index == self._cached_index:
             return self._cached
-        S, C = self.header.segment_size, self.header.segment_size + TAG_SIZE
+        C = self.header.segment_size + TAG_SIZE
         self._file.seek(self.header.header_length + index * C)
         ct = self._file.read(C)
         last = index == self._segments - 1

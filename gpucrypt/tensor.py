@@ -39,7 +39,6 @@ Limits: one message per tensor, so a tensor is at most (2**32 - 1) * 64 bytes
 """
 from __future__ import annotations
 
-import hmac
 import os
 import struct
 import threading
@@ -47,13 +46,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from . import _limits
 from . import _frameworks as fw
+from ._buffers import bytes_arg
 from ._frameworks import HOST
-from ._host_primitives import hchacha20
 from .backends import get_backend
 
 __all__ = ["EncryptedTensor", "encrypt_tensor", "decrypt_tensor", "encrypt_tensors",
@@ -80,10 +77,6 @@ _KEY_ID_NONE, _KEY_ID_BYTES, _KEY_ID_TEXT = 0, 1, 2
 _NAME_NONE, _NAME_TEXT = 0, 1
 _DTYPE_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_:<>|=[]ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
-#: Piece size for host streaming (cryptography's calls stop at 2**31 - 1 bytes).
-_PIECE = 1 << 28
-#: Scratch size for the verify-only pass of an in-place AES-GCM decryption.
-_SCRATCH = 1 << 20
 
 
 # ============================================================================ arguments
@@ -93,16 +86,8 @@ def _check_algorithm(algorithm: str) -> str:
     return algorithm
 
 
-def _bytes_arg(value: Any, name: str) -> bytes:
-    """A copy of the bytes-like ``value``; TypeError naming the argument otherwise."""
-    try:
-        return bytes(memoryview(value))
-    except TypeError:
-        raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}") from None
-
-
 def _key_bytes(key: Any, algorithm: str) -> bytes:
-    key = _bytes_arg(key, "key")
+    key = bytes_arg(key, "key")
     if algorithm == "aes-gcm":
         if len(key) not in (16, 24, 32):
             raise ValueError("AES-GCM key must be 128, 192, or 256 bits.")
@@ -153,7 +138,7 @@ def _check_device(device: Any) -> str | None:
 
 
 def _check_nonce(nonce: Any, algorithm: str) -> bytes:
-    nonce = _bytes_arg(nonce, "nonce")
+    nonce = bytes_arg(nonce, "nonce")
     if len(nonce) != _NONCE_SIZE[algorithm]:
         raise ValueError(f"Nonce must be {_NONCE_SIZE[algorithm]} bytes for {algorithm}")
     return nonce
@@ -432,90 +417,28 @@ def _host_bytes_of(framework: str, buffer: Any) -> np.ndarray:
 
 
 # ============================================================================ host AEAD
-# The CPU backend's contract writes ciphertext||tag into one buffer of len + 16 bytes;
-# a tensor's own memory has exactly len bytes, so in place needs a detached tag. Both
-# are built from cryptography's primitives (checked byte for byte against its AEADs).
-def _chacha_key_nonce(algorithm: str, key: bytes, nonce: bytes) -> tuple[bytes, bytes]:
-    if algorithm == "xchacha20-poly1305":
-        return hchacha20(key, nonce[:16]), b"\x00\x00\x00\x00" + nonce[16:]
-    return key, nonce
-
-
-def _chacha20(key: bytes, nonce: bytes, counter: int):
-    return Cipher(algorithms.ChaCha20(key, struct.pack("<I", counter) + nonce), None).encryptor()
-
-
-def _update_into(ctx, src: np.ndarray, dst: np.ndarray) -> None:
-    """Run a streaming cipher over ``src`` into ``dst`` (may be the same memory) in pieces."""
-    for start in range(0, len(src), _PIECE):
-        end = min(start + _PIECE, len(src))
-        ctx.update_into(memoryview(src[start:end]), memoryview(dst[start:end]))
-
-
-def _poly1305_tag(one_time_key: bytes, aad: bytes, ct: np.ndarray) -> bytes:
-    mac = Poly1305(one_time_key)
-    mac.update(aad)
-    if len(aad) % 16:
-        mac.update(bytes(16 - len(aad) % 16))
-    for start in range(0, len(ct), _PIECE):
-        mac.update(memoryview(ct[start:start + _PIECE]))
-    if len(ct) % 16:
-        mac.update(bytes(16 - len(ct) % 16))
-    mac.update(struct.pack("<QQ", len(aad), len(ct)))
-    return mac.finalize()
+# A tensor's own memory holds exactly the data, so host tensors use the CPU backend's
+# detached-tag form (the tag kept apart; in place allowed; verified before writing).
+def _host_context(algorithm: str, key: bytes, nonce: bytes):
+    return get_backend("cpu").aead_for_nonce(algorithm, key, nonce)
 
 
 def _host_seal(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: np.ndarray,
                dst: np.ndarray) -> bytes:
     """Encrypt ``src`` into ``dst`` (the same memory when in place); returns the tag."""
-    if algorithm == "aes-gcm":
-        enc = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
-        enc.authenticate_additional_data(aad)
-        _update_into(enc, src, dst)
-        enc.finalize()
-        return enc.tag
-    key, nonce = _chacha_key_nonce(algorithm, key, nonce)
-    one_time_key = _chacha20(key, nonce, 0).update(bytes(32))
-    _update_into(_chacha20(key, nonce, 1), src, dst)
-    return _poly1305_tag(one_time_key, aad, dst)
+    ctx, nonce = _host_context(algorithm, key, nonce)
+    return ctx.seal_detached(nonce, memoryview(src), memoryview(aad), memoryview(dst))
 
 
 def _host_open(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: np.ndarray, tag: bytes,
                dst: np.ndarray, inplace: bool) -> bool:
     """Verify, then decrypt ``src`` into ``dst``. False on a bad tag: then ``dst`` is zeroed,
     or, in place, left exactly as it was (the tag is checked before any byte is written)."""
-    if algorithm == "aes-gcm":
-        if inplace:
-            check = Cipher(algorithms.AES(key), modes.GCM(nonce)).decryptor()
-            check.authenticate_additional_data(aad)
-            scratch = np.empty(min(len(src), _SCRATCH), dtype=np.uint8)
-            for start in range(0, len(src), _SCRATCH):
-                piece = src[start:start + _SCRATCH]
-                check.update_into(memoryview(piece), memoryview(scratch[:len(piece)]))
-            try:
-                check.finalize_with_tag(tag)
-            except InvalidTag:
-                return False
-            # GCTR from inc32(J0) = nonce || 2; a 12-byte nonce never wraps the 32-bit counter.
-            _update_into(Cipher(algorithms.AES(key), modes.CTR(nonce + b"\x00\x00\x00\x02"))
-                         .decryptor(), src, dst)
-            return True
-        dec = Cipher(algorithms.AES(key), modes.GCM(nonce)).decryptor()
-        dec.authenticate_additional_data(aad)
-        _update_into(dec, src, dst)
-        try:
-            dec.finalize_with_tag(tag)
-        except InvalidTag:
-            dst[:] = 0
-            return False
-        return True
-    key, nonce = _chacha_key_nonce(algorithm, key, nonce)
-    one_time_key = _chacha20(key, nonce, 0).update(bytes(32))
-    if not hmac.compare_digest(_poly1305_tag(one_time_key, aad, src), tag):
-        if not inplace:
-            dst[:] = 0
+    ctx, nonce = _host_context(algorithm, key, nonce)
+    try:
+        ctx.open_detached(nonce, memoryview(src), tag, memoryview(aad), memoryview(dst))
+    except InvalidTag:
         return False
-    _update_into(_chacha20(key, nonce, 1), src, dst)
     return True
 
 

@@ -66,7 +66,7 @@ class Backend(ABC):
         backends (the GPU) override it with one launch per step for the whole list."""
         out = []
         for nonce, data, aad in zip(nonces, datas, aads):
-            ctx, nonce = self._context_for(algorithm, key, nonce)
+            ctx, nonce = self.aead_for_nonce(algorithm, key, nonce)
             buf = bytearray(len(data) + 16)
             ctx.seal(nonce, data, aad, memoryview(buf))
             out.append(buf)
@@ -81,7 +81,7 @@ class Backend(ABC):
             if len(data) < 16:
                 out.append(None)
                 continue
-            ctx, nonce = self._context_for(algorithm, key, nonce)
+            ctx, nonce = self.aead_for_nonce(algorithm, key, nonce)
             buf = bytearray(len(data) - 16)
             try:
                 ctx.open(nonce, data, aad, memoryview(buf))
@@ -91,7 +91,10 @@ class Backend(ABC):
             out.append(buf)
         return out
 
-    def _context_for(self, algorithm: str, key: bytes, nonce: bytes):
+    def aead_for_nonce(self, algorithm: str, key: bytes, nonce: bytes) -> tuple[AeadContext, bytes]:
+        """(context, nonce) for one message of ``algorithm``, which may also be
+        ``"xchacha20-poly1305"``: then the context is ChaCha20-Poly1305 under the
+        HChaCha20 subkey and the nonce is the 12-byte one it takes."""
         if algorithm == "xchacha20-poly1305":
             from .._host_primitives import hchacha20
 

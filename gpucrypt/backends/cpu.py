@@ -151,6 +151,32 @@ class _AesGcm(_OpenSslAead):
     def _start(self, nonce):
         return self._j0(nonce)
 
+    # OpenSSL's streaming GCM is one pass where it accepts the nonce: prefer it for the
+    # detached form, except for an in-place open, which must verify before writing.
+    def _streaming(self, nonce: bytes, data_len: int, aad_len: int) -> bool:
+        return self._native(nonce, 0, 0) and aad_len <= OPENSSL_AEAD_MAX
+
+    def seal_detached(self, nonce, data, aad, out):
+        if not self._streaming(nonce, len(data), len(aad)):
+            return super().seal_detached(nonce, data, aad, out)
+        enc = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
+        enc.authenticate_additional_data(aad)
+        _xor_into(enc, data, out)
+        enc.finalize()
+        return enc.tag
+
+    def open_detached(self, nonce, data, tag, aad, out):
+        if _same_memory(data, out) or not self._streaming(nonce, len(data), len(aad)):
+            return super().open_detached(nonce, data, tag, aad, out)
+        dec = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).decryptor()
+        dec.authenticate_additional_data(aad)
+        _xor_into(dec, data, out)  # into the caller's separate buffer, zeroed below if the tag fails
+        try:
+            dec.finalize_with_tag(bytes(tag))
+        except InvalidTag:
+            _zero(out)
+            raise
+
     def _xor(self, j0, data, out):
         self._ctr(j0, data, out)
 
