@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 
 def readable(data: Any, name: str = "data") -> memoryview:
     """A flat, read-only ``uint8`` view of ``data`` without copying.
@@ -51,3 +53,14 @@ def bytes_arg(value: Any, name: str) -> bytes:
         return bytes(memoryview(value))
     except TypeError:
         raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}") from None
+
+
+def plain_bytes(x: Any, writable: bool = False) -> bool:
+    """Whether OpenSSL's own argument handling reads ``x`` as exactly the bytes we mean:
+    bytes/bytearray, or a flat C-contiguous uint8 NumPy array (what benchmarks and
+    array users pass). Anything else takes the general path."""
+    t = type(x)
+    if t is bytearray or (t is bytes and not writable):
+        return True
+    return t is np.ndarray and x.dtype == np.uint8 and x.ndim == 1 and x.flags.c_contiguous \
+        and (not writable or x.flags.writeable)

@@ -23,13 +23,17 @@ from typing import Any
 
 from cryptography.exceptions import AlreadyFinalized
 
-from ._buffers import bytes_arg, readable, writable
-from .backends import select_backend
+from ._buffers import bytes_arg, plain_bytes, readable, writable
+from .backends import AUTO_GPU_THRESHOLD, get_backend, select_backend, small_payloads_on_cpu
 
 __all__ = ["ChaCha20", "AESCTR"]
 
 _CHACHA20_OVERFLOW = ("Exceeded the maximum number of bytes that can be encrypted with ChaCha20 "
                       "for this nonce. The 32-bit counter portion of the nonce would overflow.")
+
+
+def _cpu_backend():
+    return get_backend("cpu")
 
 
 class _StreamCipher:
@@ -40,7 +44,7 @@ class _StreamCipher:
         self._nonce = bytes_arg(nonce, "nonce")
         self._check(self._key, self._nonce)
         self._device = device
-        select_backend(device, 0)
+        self._small_on_cpu = small_payloads_on_cpu(device)  # as in the AEAD classes
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self._device!r})"
@@ -94,8 +98,12 @@ class StreamContext:
         self._cipher = cipher
         self._position = 0
         self._finalized = False
+        self._limit = cipher._max_position()  # keystream bytes this nonce allows, or None
         self._cpu = None          # a positioned cryptography encryptor, reused across calls
         self._cpu_position = -1
+        if cipher._small_on_cpu:  # small updates will run on the CPU: be ready for the first
+            self._cpu = _cpu_backend().keystream_encryptor(cipher._algorithm, cipher._key, cipher._nonce, 0)
+            self._cpu_position = 0
 
     def update(self, data: Any) -> bytes:
         src = readable(data, "data")
@@ -104,6 +112,16 @@ class StreamContext:
         return bytes(out)
 
     def update_into(self, data: Any, buf: Any) -> int:
+        cpu = self._cpu
+        if cpu is not None and self._cpu_position == self._position and plain_bytes(data) \
+                and plain_bytes(buf, writable=True) and len(data) < AUTO_GPU_THRESHOLD \
+                and (self._limit is None or self._position + len(data) <= self._limit) \
+                and not self._finalized:
+            # the common case of a CPU stream in progress: OpenSSL reads these buffers as they are
+            n = cpu.update_into(data, buf)
+            self._position += n
+            self._cpu_position = self._position
+            return n
         src = readable(data, "data")
         out = writable(buf, "buf")
         if len(out) < len(src):
@@ -124,12 +142,15 @@ class StreamContext:
     def _xor(self, src: memoryview, out: memoryview) -> None:
         self._ensure_open()
         cipher = self._cipher
-        limit = cipher._max_position()
+        limit = self._limit
         if limit is not None and self._position + len(src) > limit:
             raise ValueError(_CHACHA20_OVERFLOW)
         if not src:
             return
-        backend = select_backend(cipher._device, len(src))
+        if cipher._small_on_cpu and len(src) < AUTO_GPU_THRESHOLD:
+            backend = _cpu_backend()
+        else:
+            backend = select_backend(cipher._device, len(src))
         if backend.name == "cpu":
             self._xor_cpu(backend, src, out)
         else:

@@ -424,3 +424,34 @@ def test_cpu_detached_tag_form_in_place_and_out(name, nonce_len):
     assert out == bytes(len(data))
     ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(buf))
     assert bytes(buf) == data
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+@pytest.mark.parametrize("kind", ["bytes", "bytearray", "uint8 array", "float32 array", "memoryview"])
+def test_every_buffer_kind_gives_the_same_bytes(name, kind):
+    """Whatever buffer type picks the fast path (straight to OpenSSL/libsodium) or the general
+    one, the bytes and the errors are the same."""
+    cls, key_len, nonce_len = CLASSES[name]
+    key, nonce = os.urandom(key_len), os.urandom(nonce_len)
+    raw, aad = os.urandom(64), os.urandom(8)
+    expected = reference_seal(name, key, nonce, raw, aad)
+    make = {"bytes": bytes, "bytearray": bytearray, "memoryview": memoryview,
+            "uint8 array": lambda b: np.frombuffer(b, dtype=np.uint8).copy(),
+            "float32 array": lambda b: np.frombuffer(b, dtype=np.float32).copy()}[kind]
+    aead = cls(key, device="cpu")
+    assert aead.encrypt(nonce, make(raw), make(aad)) == expected
+    assert aead.decrypt(nonce, make(expected), make(aad)) == raw
+    out = np.zeros(len(raw) + 16, dtype=np.uint8)
+    aead.encrypt_into(nonce, make(raw), make(aad), out)
+    assert out.tobytes() == expected
+    back = bytearray(len(raw))
+    aead.decrypt_into(nonce, make(expected), make(aad), back)
+    assert bytes(back) == raw
+    bad = bytearray(expected)
+    bad[-1] ^= 1
+    back = np.full(len(raw), 7, dtype=np.uint8)
+    with pytest.raises(InvalidTag):
+        aead.decrypt_into(nonce, make(bytes(bad)), make(aad), back)
+    assert not back.any()
+    with pytest.raises(InvalidTag):
+        aead.decrypt(nonce, make(bytes(bad)), make(aad))

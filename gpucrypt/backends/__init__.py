@@ -19,7 +19,7 @@ from ._base import AEAD_ALGORITHMS, STREAM_ALGORITHMS, AeadContext, Backend
 
 __all__ = ["Backend", "AeadContext", "AEAD_ALGORITHMS", "STREAM_ALGORITHMS", "BackendUnavailable",
            "get_backend", "select_backend", "available_backends", "unavailable_reasons",
-           "AUTO_GPU_THRESHOLD", "DEVICES"]
+           "AUTO_GPU_THRESHOLD", "DEVICES", "small_payloads_on_cpu"]
 
 DEVICES = ("auto", "cpu", "gpu")
 
@@ -64,6 +64,9 @@ def get_backend(name: str) -> Backend:
     """The backend called ``name``; raises :class:`BackendUnavailable` with the reason."""
     if name not in _FACTORIES:
         raise ValueError(f"unknown backend {name!r}; choose one of {sorted(_FACTORIES)}")
+    backend = _instances.get(name)  # made once; later calls need no lock
+    if backend is not None:
+        return backend
     with _lock:
         if name in _instances:
             return _instances[name]
@@ -103,15 +106,33 @@ def _simulated() -> bool:
     return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
+def _environment_device() -> str:
+    override = os.environ.get("GPUCRYPT_DEVICE", "auto").strip().lower() or "auto"
+    if override not in DEVICES:
+        raise ValueError(f"GPUCRYPT_DEVICE must be one of {DEVICES}, not {override!r}")
+    return override
+
+
+def small_payloads_on_cpu(device: str) -> bool:
+    """Check ``device`` as :func:`select_backend` does (raising the same errors) and say
+    whether payloads below :data:`AUTO_GPU_THRESHOLD` run on the CPU for it. Objects
+    call this once, when made, so that small calls skip selection entirely."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
+    if device == "auto":
+        device = _environment_device()
+    if device == "gpu":
+        get_backend("gpu")
+        return False
+    return True
+
+
 def select_backend(device: str, nbytes: int = 0) -> Backend:
     """The backend for ``device`` (``auto``/``cpu``/``gpu``) and a payload of ``nbytes``."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
     if device == "auto":
-        override = os.environ.get("GPUCRYPT_DEVICE", "auto").strip().lower() or "auto"
-        if override not in DEVICES:
-            raise ValueError(f"GPUCRYPT_DEVICE must be one of {DEVICES}, not {override!r}")
-        device = override
+        device = _environment_device()
     if device == "auto":
         if nbytes >= AUTO_GPU_THRESHOLD and not _simulated():
             try:

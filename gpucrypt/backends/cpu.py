@@ -225,6 +225,10 @@ class CpuBackend(Backend):
     @staticmethod
     def keystream_encryptor(algorithm: str, key: bytes, iv: bytes, position: int):
         """A ``cryptography`` encryptor positioned at byte ``position`` of the keystream."""
+        if position == 0:  # the common case: a fresh context
+            if algorithm == "chacha20":
+                return Cipher(algorithms.ChaCha20(key, iv), None).encryptor()
+            return Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
         block = 64 if algorithm == "chacha20" else 16
         skip_blocks, skip_bytes = divmod(position, block)
         if algorithm == "chacha20":
