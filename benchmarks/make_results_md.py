@@ -19,6 +19,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 RESULTS_MD = HERE / "RESULTS.md"
+README = HERE.parent / "README.md"
+#: the README's generated section lies between these lines
+README_BEGIN, README_END = "<!-- cpu-results:begin -->", "<!-- cpu-results:end -->"
 
 #: gpucrypt CPU must reach this fraction of the baseline at ACCEPTANCE_MIN_SIZE and above
 ACCEPTANCE_RATIO = 0.95
@@ -139,19 +142,53 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def readme_section(results_dir: Path = RESULTS_DIR) -> str:
+    """The README's summary: the newest run without a GPU, gpucrypt CPU against its baseline."""
+    runs = [(p.stem, json.loads(p.read_text(encoding="utf-8"))) for p in sorted(results_dir.glob("*.json"))]
+    runs = [(n, d) for n, d in runs if not d["gpu"]["device"]]
+    if not runs:
+        return "No CPU run recorded yet."
+    name, doc = max(runs, key=lambda r: r[1]["environment"]["date"])
+    cells = [c for c in doc["cells"] if c["implementation"] == "gpucrypt-cpu" and c["ratio"] is not None]
+    sizes = sorted({c["size"] for c in cells})
+    lines = [f"gpucrypt's CPU backend against the library it calls, in the same run (`{name}`: "
+             f"{doc['environment']['cpu']}, {doc['config']['seconds']} s per cell, medians; ratio = "
+             f"gpucrypt / baseline, so x1.00 is as fast as calling OpenSSL directly):", "",
+             "| algorithm | operation | baseline | " + " | ".join(format_size(z) for z in sizes) + " |",
+             "|---|---|---|" + "---:|" * len(sizes)]
+    for key in sorted({(c["algorithm"], c["operation"], c["baseline"]) for c in cells},
+                      key=lambda k: (doc["config"]["algorithms"].index(k[0]), k[1] != "encrypt")):
+        row = {c["size"]: c for c in cells if (c["algorithm"], c["operation"], c["baseline"]) == key}
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | "
+                     + " | ".join(f"x{row[z]['ratio']:.2f}" if z in row else "-" for z in sizes) + " |")
+    lines += ["", *acceptance(doc["cells"])]
+    return "\n".join(lines)
+
+
+def _with_readme_section(readme: str, section: str) -> str:
+    head, sep, rest = readme.partition(README_BEGIN)
+    _, sep2, tail = rest.partition(README_END)
+    if not sep or not sep2:
+        raise SystemExit(f"README.md lacks the {README_BEGIN} / {README_END} lines")
+    return f"{head}{README_BEGIN}\n{section}\n{README_END}{tail}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check that RESULTS.md is current")
     args = parser.parse_args(argv)
     text = render()
+    readme_now = README.read_text(encoding="utf-8")
+    readme = _with_readme_section(readme_now, readme_section())
     if args.check:
         current = RESULTS_MD.read_text(encoding="utf-8") if RESULTS_MD.exists() else ""
-        if current != text:
-            print("benchmarks/RESULTS.md is out of date: run python benchmarks/make_results_md.py",
-                  file=sys.stderr)
+        if current != text or readme != readme_now:
+            print("benchmarks/RESULTS.md or the README's results are out of date: run "
+                  "python benchmarks/make_results_md.py", file=sys.stderr)
             return 1
         return 0
     RESULTS_MD.write_text(text, encoding="utf-8")
+    README.write_text(readme, encoding="utf-8")
     print(f"wrote {RESULTS_MD.relative_to(HERE.parent)} from {len(list(RESULTS_DIR.glob('*.json')))} run(s)")
     return 0
 
