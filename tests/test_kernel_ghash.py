@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from numba import cuda
 
+from _layout import pack_buffer
 from _vectors import load, unhex
 from gpucrypt.kernels import ghash as kg
 
@@ -27,20 +28,6 @@ EDGE_LENGTHS = (0, 1, 15, 16, 17, 63, 64, 65, 1000, 5000)
 def aes_block(key: bytes, block: bytes) -> bytes:
     """AES_K(block), the reference block cipher."""
     return Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(block)
-
-
-def pack_buffer(parts, rng):
-    """Concatenate byte strings with random garbage gaps; returns (uint8 array, offsets)."""
-    chunks, offsets, pos = [], [], 0
-    for part in parts:
-        gap = int(rng.integers(0, 9))
-        chunks.append(rng.bytes(gap))  # garbage between messages must never be read
-        pos += gap
-        offsets.append(pos)
-        chunks.append(part)
-        pos += len(part)
-    chunks.append(rng.bytes(16))  # garbage after the last message
-    return np.frombuffer(b"".join(chunks), dtype=np.uint8).copy(), offsets
 
 
 def device_ghash_tags(aads, cts, h_list, ekj0_list, *, chunk_blocks=None,

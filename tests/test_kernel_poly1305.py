@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from numba import cuda
 
+from _layout import pack_buffer
 from _vectors import load, unhex
 from gpucrypt.kernels import poly1305 as kp
 
@@ -39,24 +40,6 @@ def mac_data(aad: bytes, ct: bytes) -> bytes:
     def pad16(x: bytes) -> bytes:
         return bytes(-len(x) % 16)
     return aad + pad16(aad) + ct + pad16(ct) + struct.pack("<QQ", len(aad), len(ct))
-
-
-def pack_buffer(parts, rng, *, random_gaps: bool):
-    """Concatenate byte strings with garbage between them; returns (uint8 array, offsets).
-
-    Without ``random_gaps`` every part starts 16-byte aligned (the kernel's fast
-    path); with it, parts start at random offsets (the byte path).
-    """
-    chunks, offsets, pos = [], [], 0
-    for part in parts:
-        gap = int(rng.integers(0, 9)) if random_gaps else -pos % 16
-        chunks.append(rng.bytes(gap))  # garbage between messages must never be read
-        pos += gap
-        offsets.append(pos)
-        chunks.append(part)
-        pos += len(part)
-    chunks.append(rng.bytes(16))  # garbage after the last message
-    return np.frombuffer(b"".join(chunks), dtype=np.uint8).copy(), offsets
 
 
 def device_tags(aads, cts, keys, *, chunk_blocks=kp.DEFAULT_CHUNK_BLOCKS, combine_width=kp.DEFAULT_COMBINE_WIDTH,

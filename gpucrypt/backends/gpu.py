@@ -384,13 +384,7 @@ class GpuBackend(Backend):
         plan, s, arena, src_off, dst_off = self._launch_setup(algorithm, keys, nonces, srcs, aads, dsts, tag,
                                                              stream)
         n = plan.n
-        tags = self._zeros((n, _TAG), s)
-        if plan.family == "chacha":
-            otk = self._chacha_keystream(plan, arena, src_off, dst_off, s, data=True, otk=True)
-            self._chacha_tags(plan, arena.base, dst_off, otk, tags, s)
-        else:
-            h, ekj0 = self._gcm_keystream(plan, arena, src_off, dst_off, s, data=True)
-            self._gcm_tags(plan, arena.base, dst_off, h, ekj0, tags, s)
+        tags = self._keystream_then_tags(plan, arena, src_off, dst_off, s, encrypt=True)
         arena.write_back(range(n, 2 * n))
         return tags
 
@@ -405,13 +399,7 @@ class GpuBackend(Backend):
         plan, s, arena, src_off, dst_off = self._launch_setup(algorithm, keys, nonces, srcs, aads, dsts, tag,
                                                              stream)
         n = plan.n
-        computed = self._zeros((n, _TAG), s)
-        if plan.family == "chacha":
-            otk = self._chacha_keystream(plan, arena, src_off, dst_off, s, data=False, otk=True)
-            self._chacha_tags(plan, arena.base, src_off, otk, computed, s)
-        else:
-            h, ekj0 = self._gcm_keystream(plan, arena, src_off, dst_off, s, data=False)
-            self._gcm_tags(plan, arena.base, src_off, h, ekj0, computed, s)
+        computed = self._keystream_then_tags(plan, arena, src_off, dst_off, s, encrypt=False)
         computed_host = self.to_host(computed, stream=s)
         self.synchronize(stream)
         expected = self._expected_tags(tags, n)
@@ -434,6 +422,19 @@ class GpuBackend(Backend):
         return ok
 
     # ---- internals ----
+    def _keystream_then_tags(self, plan, arena, src_off, dst_off, s, *, encrypt: bool):
+        """The key-setup launch (with the data keystream when encrypting), then the tags of
+        the ciphertext: written at ``dst`` when encrypting, read at ``src`` when decrypting."""
+        tags = self._zeros((plan.n, _TAG), s)
+        ct_off = dst_off if encrypt else src_off
+        if plan.family == "chacha":
+            otk = self._chacha_keystream(plan, arena, src_off, dst_off, s, data=encrypt, otk=True)
+            self._chacha_tags(plan, arena.base, ct_off, otk, tags, s)
+        else:
+            h, ekj0 = self._gcm_keystream(plan, arena, src_off, dst_off, s, data=encrypt)
+            self._gcm_tags(plan, arena.base, ct_off, h, ekj0, tags, s)
+        return tags
+
     def _launch_setup(self, algorithm, keys, nonces, srcs, aads, dsts, tag, stream):
         """Validate a batch and lay it out: (plan, numba stream, arena, src offsets, dst offsets)."""
         plan = self._plan(algorithm, keys, nonces, srcs, aads, dsts, tag)
