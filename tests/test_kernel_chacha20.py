@@ -14,7 +14,6 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from gpucrypt.kernels import chacha20 as cc
-from gpucrypt.kernels._launch import is_simulator
 
 pytestmark = pytest.mark.cudasim
 
