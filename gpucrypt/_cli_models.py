@@ -12,8 +12,12 @@ recipient, identity and keyset options from :mod:`gpucrypt._cli_keys` (the data 
 then wrapped in the file's envelope). Exit codes and one-line errors as there: 1 when the
 data failed (wrong key, tampering, not a model file / not a safetensors file), 2 for
 usage problems. Both write OUT atomically (temporary file, fsync, rename), mode 0600,
-and only once everything verified. Limit: the whole model is held in memory once
-(the plaintext on the host: these are host-side conversions).
+and only once everything verified.
+
+Memory: ``encrypt-model`` reads the safetensors file a batch of segments at a time
+(:mod:`gpucrypt._safetensors`), so a model of any size converts in a few MiB.
+``decrypt-model`` holds the whole decrypted model in memory once, because the
+``safetensors`` package writes a file from tensors in memory.
 """
 from __future__ import annotations
 
@@ -84,28 +88,25 @@ def _check_paths(args) -> None:
     check_output(args, binary_ciphertext=True)  # refuses a directory or an existing OUT
 
 
-def _read_safetensors(path: str) -> tuple[dict, dict | None]:
-    safetensors = _safetensors()
-    framework = "pt" if _framework() == "torch" else "np"
-    try:
-        with safetensors.safe_open(path, framework=framework) as f:
-            metadata = f.metadata()
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (safetensors.SafetensorError, OSError, ValueError) as exc:
-        raise CliError(f"{path}: not a readable safetensors file ({exc})", 1) from None
-    return tensors, metadata
-
-
 def _run_encrypt_model(args) -> int:
     from . import models
+    from ._safetensors import open_safetensors
 
     _check_paths(args)
+    _safetensors()
     key, key_id, envelope = encrypt_keys(args)
-    tensors, metadata = _read_safetensors(args.input)
-    run_reporting_errors(args, lambda: models.save_encrypted(
-        tensors, args.output, key, metadata, algorithm=args.algorithm,
-        encrypt_names=args.encrypt_names, segment_size=args.segment_size, device=args.device,
-        key_id=key_id, envelope=envelope))
+    fd = os.open(args.input, os.O_RDONLY)
+    try:
+        try:
+            tensors, metadata = open_safetensors(args.input, fd)
+        except ValueError as exc:
+            raise CliError(f"{args.input}: {exc}", 1) from None
+        run_reporting_errors(args, lambda: models.save_encrypted(
+            tensors, args.output, key, metadata, algorithm=args.algorithm,
+            encrypt_names=args.encrypt_names, segment_size=args.segment_size, device=args.device,
+            key_id=key_id, envelope=envelope))
+    finally:
+        os.close(fd)
     return 0
 
 

@@ -44,8 +44,8 @@ decrypt) on a thread pool. No other copy of the data is made.
 
 Limits:
 
-- ``save_encrypted`` copies CUDA tensors to host memory one tensor at a time before
-  sealing them (device-side sealing of the save path is not implemented);
+- ``save_encrypted`` seals device tensors on the GPU (their plaintext stays there);
+  with ``device="cpu"`` it copies them to the host one tensor at a time;
 - the table is at most 100 MiB, a tensor name at most 64 KiB of UTF-8, a file at most
   2**32 segments; metadata is a ``dict[str, str]`` (as in safetensors);
 - little-endian hosts (the bytes are the tensors' in-memory bytes, as in the tensor API).
@@ -73,6 +73,7 @@ import numpy as np
 from . import _format
 from . import _frameworks as fw
 from ._atomic import open_output
+from ._safetensors import StoredTensor
 from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedError,
                       UnsupportedVersion)
 from .tensor import _host_open, _host_seal
@@ -420,7 +421,8 @@ def _check_threads(threads: Any) -> int:
 
 
 def _tensor_infos(tensors: Any) -> tuple[list[TensorInfo], list[Any]]:
-    """The table entries (data order = the mapping's order) and the contiguous tensors."""
+    """The table entries (data order = the mapping's order) and the contiguous tensors
+    (or :class:`~gpucrypt._safetensors.StoredTensor` handles, read when sealed)."""
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors must be a dict of name to tensor, not {type(tensors).__name__}")
     infos, values, cursor = [], [], 0
@@ -431,17 +433,60 @@ def _tensor_infos(tensors: Any) -> tuple[list[TensorInfo], list[Any]]:
             raise ValueError(f"{_METADATA_KEY!r} cannot be a tensor name (it holds the metadata)")
         if len(name.encode("utf-8")) > MAX_NAME_BYTES:
             raise ValueError(f"tensor name {name[:40]!r}... is over {MAX_NAME_BYTES} bytes of UTF-8")
-        adapter = fw.adapter_for(x)
-        if adapter.needs_copy(x):
-            x = adapter.contiguous_copy(x)  # saving never changes the caller's tensors
-        dtype, shape = adapter.dtype_name(x), adapter.shape(x)
+        if isinstance(x, StoredTensor):
+            dtype, shape = x.dtype, x.shape
+        else:
+            adapter = fw.adapter_for(x)
+            if adapter.needs_copy(x):
+                x = adapter.contiguous_copy(x)  # saving never changes the caller's tensors
+            dtype, shape = adapter.dtype_name(x), adapter.shape(x)
         if len(shape) > MAX_NDIM:
             raise ValueError(f"tensor {name!r} has {len(shape)} dimensions (at most {MAX_NDIM})")
         nbytes = int(np.prod(shape, dtype=object)) * fw.dtype_itemsize(dtype)
+        if isinstance(x, StoredTensor) and nbytes != x.nbytes:
+            raise ValueError(f"tensor {name!r}: {x.nbytes} bytes stored for dtype {dtype} and "
+                             f"shape {list(shape)}, which need {nbytes}")
         infos.append(TensorInfo(name, dtype, tuple(shape), cursor, cursor + nbytes))
         values.append(x)
         cursor += nbytes
     return infos, values
+
+
+class _Plaintext:
+    """Where the plaintext of each segment comes from while a file is sealed.
+
+    Host tensors are read where they lie. A :class:`StoredTensor` is read from its file
+    into the batch's own buffer, segment by segment, so a file of any size is sealed in
+    the memory of one batch. A device tensor is used on the device when sealing there
+    (``device_views``): its plaintext never reaches host memory. Only sealing a device
+    tensor on the CPU copies it to the host, one tensor at a time.
+    """
+
+    def __init__(self, values: list, gpu: Any = None):
+        self._values, self._gpu = values, gpu
+        self._copied: tuple[int, np.ndarray] | None = None
+        self._device: dict[int, Any] = {}
+        for t, x in enumerate(values):
+            if gpu is not None and not isinstance(x, StoredTensor):
+                adapter = fw.adapter_for(x)
+                if adapter.place(x) != fw.HOST:
+                    self._device[t] = gpu.as_device_bytes(adapter.byte_view(x))
+
+    def device_view(self, seg: _Segment) -> Any:
+        """seg's bytes in device memory, or None when its tensor is not there."""
+        view = self._device.get(seg.tensor)
+        return None if view is None else view[seg.start:seg.start + seg.length]
+
+    def host(self, seg: _Segment, scratch: np.ndarray) -> np.ndarray:
+        """seg's bytes on the host: a view of its tensor, or ``scratch`` (its length)
+        filled with them."""
+        x = self._values[seg.tensor]
+        if isinstance(x, StoredTensor):
+            x.read_into(seg.start, scratch)
+            return scratch
+        if self._copied is None or self._copied[0] != seg.tensor:
+            self._copied = (seg.tensor, _host_bytes(x))
+        return self._copied[1][seg.start:seg.start + seg.length]
 
 
 def _host_bytes(x: Any) -> np.ndarray:
@@ -496,18 +541,19 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any, metadata: Ma
                    segment_size: int = DEFAULT_SEGMENT_SIZE, device: str = "auto",
                    key_id: str | None = None, envelope: Any = None,
                    threads: int | None = None) -> ModelHeader:
-    """Write ``tensors`` (name -> tensor, any framework the tensor API takes) to ``path``.
+    """Write ``tensors`` (name -> tensor, any framework the tensor API takes, or a
+    :class:`~gpucrypt._safetensors.StoredTensor` read from its file a segment at a time)
+    to ``path``.
 
     ``key``: 32 bytes; the file's keys come from it by HKDF with a fresh random salt.
     ``metadata``: str -> str, stored in the table. ``encrypt_names``: encrypt the whole
     table (names, dtypes, shapes, offsets, metadata); otherwise it stays readable (and
     authenticated). ``key_id``/``envelope``: header slots as in the stream format (an
     envelope from :func:`gpucrypt.keys.seal_envelope` wraps ``key`` for recipients).
-    ``device``: where the segments are sealed ("auto", "cpu", "gpu").
+    ``device``: where the segments are sealed ("auto", "cpu", "gpu"; "auto" takes the
+    GPU when a tensor is on it, else decides by size as the AEAD classes do).
     Atomic (temporary file, fsync, rename), mode 0600. Returns the verified header.
     """
-    from .backends import select_backend
-
     key = _format.check_key(key)
     _format.check_algorithm(algorithm)
     _format.check_segment_size(segment_size)
@@ -535,7 +581,7 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any, metadata: Ma
 
     seg_key = _derive(key, salt, _SEGMENT_INFO, fixed)
     aad = _segment_aad(fixed, stored)
-    backend = select_backend(device, data_length)
+    backend = _save_backend(device, data_length, values)
     with open_output(path) as sink:
         sink.write(body + mac)
         if backend.name == "gpu":
@@ -546,29 +592,31 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any, metadata: Ma
     return header
 
 
-class _HostTensors:
-    """Host bytes of the tensors being saved, one device tensor copied at a time."""
+def _save_backend(device: str, data_length: int, values: list):
+    """``select_backend``'s choice, except that "auto" seals on the GPU when a tensor is
+    already there (so its plaintext never crosses to the host)."""
+    from .backends import BackendUnavailable, get_backend, select_backend
 
-    def __init__(self, values):
-        self._values, self._index, self._bytes = values, -1, None
-
-    def __call__(self, t: int) -> np.ndarray:
-        if t != self._index:
-            self._index, self._bytes = t, _host_bytes(self._values[t])
-        return self._bytes
+    if device == "auto" and any(not isinstance(x, StoredTensor) and
+                                fw.adapter_for(x).place(x) != fw.HOST for x in values):
+        try:
+            return get_backend("gpu")
+        except BackendUnavailable:
+            pass
+    return select_backend(device, data_length)
 
 
 def _seal_on_cpu(header, seg_key, aad, values, segments, sink, threads) -> list[bytes]:
     aead = _HostAead(header.algorithm, seg_key, header.nonce_prefix, aad)
-    host, count, tags = _HostTensors(values), len(segments), []
+    plain, count, tags = _Plaintext(values), len(segments), []
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     try:
         for batch in _batches(segments, _CPU_BATCH_BYTES):
             out = np.empty(sum(s.length for s in batch), dtype=np.uint8)
             jobs, cursor = [], 0
             for seg in batch:
-                src = host(seg.tensor)[seg.start:seg.start + seg.length]
-                jobs.append((seg, src, out[cursor:cursor + seg.length]))
+                dst = out[cursor:cursor + seg.length]
+                jobs.append((seg, plain.host(seg, dst), dst))
                 cursor += seg.length
             tags += _start(pool, threads, jobs, lambda j: aead.seal(j[0], count, j[1], j[2]))()
             sink.write(memoryview(out))
@@ -579,23 +627,29 @@ def _seal_on_cpu(header, seg_key, aad, values, segments, sink, threads) -> list[
 
 
 def _seal_on_gpu(gpu, header, seg_key, aad, values, segments, sink) -> list[bytes]:
-    """Each batch: plaintext packed on the host, one copy to the device, ``seal_batch`` in
-    place, ciphertext and tags back."""
-    host, count, tags = _HostTensors(values), len(segments), []
+    """Each batch: the host segments packed into a staging buffer and copied to the
+    device; ``seal_batch`` from there, or from the device tensors themselves, into the
+    device copy of the staging buffer; ciphertext and tags back to the host."""
+    plain, count, tags = _Plaintext(values, gpu), len(segments), []
     name = _format.BACKEND_NAMES[header.algorithm]
     for batch in _batches(segments, _GPU_BATCH_BYTES):
         staging = np.empty(sum(s.length for s in batch), dtype=np.uint8)
-        cursor, bounds = 0, []
+        cursor, bounds, on_device = 0, [], []
         for seg in batch:
-            staging[cursor:cursor + seg.length] = host(seg.tensor)[seg.start:seg.start + seg.length]
             bounds.append((cursor, cursor + seg.length))
+            on_device.append(plain.device_view(seg))
+            if on_device[-1] is None:
+                src = plain.host(seg, staging[cursor:cursor + seg.length])
+                staging[cursor:cursor + seg.length] = src  # a no-op when read in place
             cursor += seg.length
-        dev = gpu.to_device(staging)
-        views = [dev[a:b] for a, b in bounds]
+        dev = gpu.to_device(staging) if any(v is None for v in on_device) \
+            else gpu.device_array(len(staging))
+        dsts = [dev[a:b] for a, b in bounds]
+        srcs = [d if v is None else v for d, v in zip(dsts, on_device)]
         n = len(batch)
         dev_tags = gpu.seal_batch(name, [seg_key] * n,
                                   [_nonce(header.nonce_prefix, s, count) for s in batch],
-                                  views, [aad] * n, views)
+                                  srcs, [aad] * n, dsts)
         gpu.to_host(dev, out=staging)
         host_tags = gpu.to_host(dev_tags)
         tags += [host_tags[i].tobytes() for i in range(n)]
@@ -603,7 +657,6 @@ def _seal_on_gpu(gpu, header, seg_key, aad, values, segments, sink) -> list[byte
     return tags
 
 
-# ============================================================================ load
 def _check_device(device: Any) -> str:
     """"cpu", "cuda" or "cuda:N" from the user's ``device``; "auto" picks cuda when a real
     GPU is usable (never the simulator, which exists to test kernels)."""

@@ -413,6 +413,44 @@ def test_gpu_save_matches_cpu_load(gpu_files, tmp_path):
         assert got[name].tobytes() == x.tobytes(), name
 
 
+@pytest.mark.cudasim
+@pytest.mark.parametrize("device", ["auto", "gpu"])
+def test_device_tensors_are_sealed_on_the_device(gpu_files, tmp_path, monkeypatch, device):
+    """A tensor already on the GPU is sealed from its own memory: no host copy of its
+    plaintext is made (``_host_bytes`` is what would make one), and "auto" picks the GPU."""
+    from numba import cuda
+
+    _, tensors = gpu_files
+    on_device = {name: cuda.to_device(x) for name, x in tensors.items() if x.size}
+    on_device["host"] = np.arange(300, dtype=np.uint8)  # mixed in one batch with device ones
+
+    host_bytes = models._host_bytes
+
+    def no_host_copy(x):
+        assert isinstance(x, np.ndarray), "a device tensor's plaintext was copied to the host"
+        return host_bytes(x)
+
+    monkeypatch.setattr(models, "_host_bytes", no_host_copy)
+    models.save_encrypted(on_device, tmp_path / "d", KEY, segment_size=SEG, device=device)
+    got = models.load_encrypted(tmp_path / "d", KEY, "cpu", framework="numpy")
+    assert list(got) == list(on_device)
+    for name, x in on_device.items():
+        want = x if isinstance(x, np.ndarray) else x.copy_to_host()
+        assert got[name].dtype == want.dtype and got[name].shape == want.shape
+        assert got[name].tobytes() == want.tobytes(), name
+
+
+@pytest.mark.cudasim
+def test_device_tensors_sealed_on_the_cpu_are_copied_one_at_a_time(gpu_files, tmp_path):
+    from numba import cuda
+
+    _, tensors = gpu_files
+    models.save_encrypted({"w": cuda.to_device(tensors["w"])}, tmp_path / "c", KEY,
+                          segment_size=SEG, device="cpu")
+    got = models.load_encrypted(tmp_path / "c", KEY, "cpu", framework="numpy")
+    assert got["w"].tobytes() == tensors["w"].tobytes()
+
+
 @pytest.mark.gpu
 def test_torch_cuda_load(saved):
     path, tensors = saved
@@ -446,6 +484,62 @@ def test_cli_round_trip_is_byte_identical(st_file, extra):
     assert cli(["decrypt-model", "--key-file", str(d / "key"), str(d / "m.gc"),
                 str(d / "back.safetensors")]) == 0
     assert (d / "back.safetensors").read_bytes() == (d / "m.safetensors").read_bytes()
+
+
+def test_cli_encrypt_model_reads_a_batch_at_a_time(tmp_path):
+    """encrypt-model on a 96 MiB safetensors file stays within a few batches of memory:
+    the child process reports its peak RSS over what it held before the command."""
+    import subprocess
+    import sys
+
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(1)
+    save_file({"a": rng.integers(0, 255, 64 << 20, dtype=np.uint8),
+               "b": rng.standard_normal(4 << 20).astype(np.float64)},
+              str(tmp_path / "big.safetensors"))
+    (tmp_path / "key").write_bytes(KEY)
+    # Linux: writing 5 to clear_refs resets the peak (VmHWM) to the current RSS, so the
+    # imports' own peak does not hide what the command adds.
+    probe = (
+        "import re, sys\n"
+        "from gpucrypt.cli import main\n"
+        "def kib(field):\n"
+        "    return int(re.search(field + r':\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = kib('VmRSS')\n"
+        "code = main(sys.argv[1:])\n"
+        "print(code, (kib('VmHWM') - before) // 1024)\n")
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "encrypt-model", "--device", "cpu", "--key-file",
+         str(tmp_path / "key"), str(tmp_path / "big.safetensors"), str(tmp_path / "big.gc")],
+        capture_output=True, text=True, check=True)
+    code, grown_mib = map(int, done.stdout.split())
+    assert code == 0
+    assert grown_mib < 40, f"encrypt-model grew by {grown_mib} MiB for a 96 MiB model"
+    got = models.load_encrypted(tmp_path / "big.gc", KEY, "cpu", framework="numpy")
+    from safetensors.numpy import load_file
+
+    want = load_file(str(tmp_path / "big.safetensors"))
+    assert sorted(got) == sorted(want)
+    assert all(got[k].tobytes() == want[k].tobytes() for k in want)
+
+
+def test_stored_tensor_size_must_match_its_dtype_and_shape(tmp_path):
+    from gpucrypt._safetensors import StoredTensor
+
+    (tmp_path / "data").write_bytes(bytes(10))
+    fd = os.open(tmp_path / "data", os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match="10 bytes stored for dtype float32"):
+            models.save_encrypted({"w": StoredTensor("float32", (3,), fd, 0, 10)},
+                                  tmp_path / "m", KEY, device="cpu")
+        with pytest.raises(TruncatedError, match="got shorter"):
+            models.save_encrypted({"w": StoredTensor("float32", (4,), fd, 0, 16)},
+                                  tmp_path / "m", KEY, device="cpu")
+    finally:
+        os.close(fd)
+    assert not (tmp_path / "m").exists()
 
 
 def test_cli_recipients(st_file, capsys):

@@ -1,0 +1,91 @@
+"""safetensors files read a segment at a time, so that models of any size convert in
+bounded memory.
+
+``open_safetensors(path)`` has the ``safetensors`` package check the file (its parser
+is the reference: header length, JSON, dtypes, offsets that tile the data region) and
+returns, per tensor and in the package's own order, a :class:`StoredTensor`: the
+tensor's portable dtype name and shape and where its bytes lie in the file. Nothing
+of the data is read until :meth:`StoredTensor.read_into` is called, which reads the
+wanted bytes with ``os.pread`` (no shared file position, so threads may read
+concurrently). :func:`gpucrypt.models.save_encrypted` takes these handles in place of
+tensors.
+
+Limits: the sub-byte safetensors dtypes (F4, F6_*) have no byte-sized portable name and
+are refused with ``ValueError``; the file must not change while it is being read (a
+short read raises ``TruncatedError``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._format import TruncatedError
+
+__all__ = ["StoredTensor", "open_safetensors", "SAFETENSORS_DTYPES"]
+
+#: safetensors dtype codes -> the tensor API's portable dtype names
+SAFETENSORS_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
+    "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64",
+    "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+    "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+}
+_HEADER_LENGTH = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor whose bytes lie in a file: ``nbytes`` bytes from ``offset`` of ``fd``."""
+
+    dtype: str
+    shape: tuple
+    fd: int
+    offset: int
+    nbytes: int
+
+    def read_into(self, start: int, view: np.ndarray) -> None:
+        """Fill ``view`` (uint8, at most ``nbytes - start`` long) with the tensor's bytes
+        from ``start``."""
+        if start < 0 or start + view.nbytes > self.nbytes:
+            raise ValueError(f"bytes {start}..{start + view.nbytes} are outside the tensor "
+                             f"({self.nbytes} bytes)")
+        mv, got = memoryview(view).cast("B"), 0
+        while got < len(mv):
+            n = os.preadv(self.fd, [mv[got:]], self.offset + start + got)
+            if not n:
+                raise TruncatedError("the safetensors file got shorter while it was read")
+            got += n
+
+
+def open_safetensors(path: str, fd: int) -> tuple[dict[str, StoredTensor], dict | None]:
+    """The tensors of the safetensors file ``path`` (opened read-only as ``fd`` by the
+    caller, who closes it) and its ``__metadata__``. ``ValueError`` when the package
+    refuses the file or a dtype has no portable name."""
+    import safetensors
+
+    try:
+        with safetensors.safe_open(path, framework="np") as f:
+            metadata = f.metadata()
+            names = list(f.keys())
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"not a readable safetensors file ({exc})") from None
+    # The package validated the header; its offsets are not exposed, so read them here.
+    (length,) = _HEADER_LENGTH.unpack(os.pread(fd, _HEADER_LENGTH.size, 0))
+    header = json.loads(os.pread(fd, length, _HEADER_LENGTH.size))
+    data_start = _HEADER_LENGTH.size + length
+    tensors = {}
+    for name in names:
+        entry = header[name]
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"tensor {name!r} has safetensors dtype {entry['dtype']}, which "
+                             f"gpucrypt cannot store (supported: {', '.join(SAFETENSORS_DTYPES)})")
+        begin, end = entry["data_offsets"]
+        tensors[name] = StoredTensor(dtype, tuple(entry["shape"]), fd, data_start + begin,
+                                     end - begin)
+    return tensors, metadata
