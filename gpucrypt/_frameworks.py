@@ -45,6 +45,7 @@ DTYPE_ITEMSIZE = {
     "complex32": 4, "complex64": 8, "complex128": 16,
     "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
     "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1,
+    "float8_e3m4": 1, "float8_e4m3": 1, "float8_e4m3b11fnuz": 1,
 }
 #: Names NumPy itself has (the rest need ``ml_dtypes`` or torch).
 _NUMPY_NATIVE = {"bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
@@ -314,9 +315,17 @@ def _numba_device_index() -> int:
 
 
 class JaxAdapter(Adapter):
-    """JAX arrays (immutable: never in place). Device memory travels through DLPack.
+    """JAX arrays on one device (tested on the CPU; GPU arrays travel through DLPack).
 
-    Untested here (JAX is not installed in CI); written against jax >= 0.4.
+    JAX arrays are immutable: ``inplace=True`` and ``out=`` are refused, and a
+    decrypted tensor is a new array, one copy more than elsewhere. Host arrays are read
+    through ``np.asarray`` (no copy); a host result is filled as NumPy and copied to
+    JAX's CPU device (even where JAX's default device is a GPU), so a CPU array comes
+    back a CPU array. A GPU array is read through ``__cuda_array_interface__``; its
+    ciphertext, and a GPU result before it becomes a JAX array, live in a CuPy or torch
+    buffer (JAX cannot make a writable one), so GPU results need CuPy or a CUDA torch.
+    dtypes: those of ``DTYPE_ITEMSIZE`` (64-bit ones exist only with ``jax_enable_x64``);
+    the sub-byte ones (int2/int4/uint2/uint4/float4_e2m1fn) are refused.
     """
 
     name = "jax"
@@ -330,12 +339,14 @@ class JaxAdapter(Adapter):
         devices = list(x.devices())
         if len(devices) != 1:
             raise ValueError("sharded JAX arrays are not supported; encrypt each shard")
-        dev = devices[0]
-        if dev.platform == "cpu":
-            return HOST
-        if dev.platform in ("gpu", "cuda"):
-            return ("cuda", int(getattr(dev, "local_hardware_id", dev.id) or 0))
-        raise ValueError(f"JAX arrays on {dev.platform!r} are not supported")
+        return _jax_device_place(devices[0])
+
+    def dtype_name(self, x):
+        name = numpy_dtype_name(x.dtype)   # JAX's dtypes are NumPy's and ml_dtypes'
+        if name not in DTYPE_ITEMSIZE:
+            raise ValueError(f"JAX dtype {x.dtype} is not supported (sub-byte dtypes have no "
+                             f"plain byte layout)")
+        return name
 
     def needs_copy(self, x):
         return False
@@ -343,6 +354,8 @@ class JaxAdapter(Adapter):
     def byte_view(self, x):
         import jax.numpy as jnp
 
+        if isinstance(x, np.ndarray):   # a host result being filled (see empty)
+            return x.reshape(-1).view(np.uint8)
         if self.place(x) == HOST:
             return np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
         # Array.view handles bool and complex too (lax.bitcast_convert_type refuses
@@ -352,8 +365,9 @@ class JaxAdapter(Adapter):
         return x.reshape(-1).view(jnp.uint8).block_until_ready()
 
     def empty(self, dtype, shape, place):
+        dt = _jax_dtype(dtype)
         if place == HOST:
-            return np.empty(shape, dtype=numpy_dtype(dtype))
+            return np.empty(shape, dtype=dt)
         return _JaxDeviceResult(_device_bytes_buffer(
             int(np.prod(shape, dtype=np.int64)) * dtype_itemsize(dtype), place), dtype, shape)
 
@@ -363,19 +377,48 @@ class JaxAdapter(Adapter):
         return _device_bytes_buffer(nbytes, place)
 
     def view_as(self, view, dtype, shape):
-        return self.finish(view.view(numpy_dtype(dtype)).reshape(shape))
+        return self.finish(view.view(_jax_dtype(dtype)).reshape(shape))
 
     def finish(self, obj):
         import jax
         import jax.numpy as jnp
 
         if isinstance(obj, np.ndarray):
-            return jnp.asarray(obj)
+            return jax.device_put(obj, jax.local_devices(backend="cpu")[0])
         raw = jax.dlpack.from_dlpack(obj.buffer)
         if obj.dtype == "bool":
             return raw.reshape(obj.shape) != 0
         # Array.view, not lax.bitcast_convert_type: the latter refuses complex dtypes
-        return raw.view(jnp.dtype(numpy_dtype(obj.dtype))).reshape(obj.shape)
+        return raw.view(jnp.dtype(_jax_dtype(obj.dtype))).reshape(obj.shape)
+
+    @staticmethod
+    def default_place():
+        """Where JAX puts a new array: its default device (``HOST`` when that is the CPU)."""
+        import jax
+
+        return _jax_device_place(jax.devices()[0])
+
+
+def _jax_device_place(dev):
+    if dev.platform == "cpu":
+        return HOST
+    if dev.platform in ("gpu", "cuda"):
+        return ("cuda", int(getattr(dev, "local_hardware_id", dev.id) or 0))
+    raise ValueError(f"JAX arrays on {dev.platform!r} are not supported")
+
+
+def _jax_dtype(name: str) -> np.dtype:
+    """The dtype of a JAX array of the portable dtype ``name``; ``ValueError`` where this
+    JAX cannot make one (64-bit types without ``jax_enable_x64``, ``complex32``, ...)."""
+    import jax
+
+    if name not in DTYPE_ITEMSIZE:
+        raise ValueError(f"JAX has no dtype {name!r}")
+    dt = numpy_dtype(name)
+    if jax.dtypes.canonicalize_dtype(dt) != dt:
+        raise ValueError(f"this tensor is {name}, which JAX makes only with 64-bit types "
+                         f"enabled: jax.config.update('jax_enable_x64', True) before decrypting")
+    return dt
 
 
 class _JaxDeviceResult:
@@ -387,13 +430,18 @@ class _JaxDeviceResult:
 
 def _device_bytes_buffer(nbytes: int, place):
     """A writable device ``uint8`` buffer from CuPy or torch, for frameworks that cannot make one."""
-    for adapter in (CupyAdapter(), TorchAdapter()):
-        try:
-            importlib.import_module(adapter.name)
-        except ImportError:
-            continue
-        return adapter.empty_bytes(nbytes, place)
-    raise ValueError("writing a JAX array on the GPU needs CuPy or torch for a writable buffer")
+    try:
+        importlib.import_module("cupy")
+        return CupyAdapter().empty_bytes(nbytes, place)
+    except ImportError:
+        pass
+    try:
+        if importlib.import_module("torch").cuda.is_available():
+            return TorchAdapter().empty_bytes(nbytes, place)
+    except ImportError:
+        pass
+    raise ValueError("a JAX array on the GPU is made from a writable device buffer, which needs "
+                     "CuPy or a CUDA build of torch; install one, or decrypt with device='cpu'")
 
 
 # The order matters: torch and CuPy arrays also expose __cuda_array_interface__.
@@ -432,11 +480,14 @@ def result_adapter(framework: str, place) -> Adapter:
 
 
 def current_device_place(framework: str):
-    """The place of a new device result of ``framework`` (its current CUDA device)."""
+    """The place of a new device result of ``framework`` (its current CUDA device; for JAX
+    its default device, ``HOST`` when JAX has no GPU)."""
     if framework == "torch":
         return ("cuda", int(importlib.import_module("torch").cuda.current_device()))
     if framework == "cupy":
         return ("cuda", int(importlib.import_module("cupy").cuda.Device().id))
+    if framework == "jax":   # HOST when JAX sees no GPU: a JAX array can only be where JAX is
+        return JaxAdapter.default_place()
     return ("cuda", _numba_device_index())
 
 

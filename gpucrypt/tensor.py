@@ -470,7 +470,8 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
             raise ValueError("device='cpu' was asked for a tensor on the GPU; move it to the host "
                              "first, or leave device unset")
         if inplace and not adapter.mutable:
-            raise ValueError(f"{adapter.name} arrays are immutable: inplace=True is not possible")
+            raise ValueError(f"{adapter.name} arrays are immutable: inplace=True is not possible "
+                             f"(leave it False: the ciphertext goes to a new buffer)")
         if adapter.needs_copy(x):
             if not contiguous:
                 raise ValueError("the tensor is not C-contiguous (or is a lazily conjugated/negated "
@@ -704,7 +705,8 @@ def _prepare_outputs(jobs: list[_Job]) -> None:
             adapter = fw.result_adapter(enc.framework, enc._place)
             buffer = enc._ciphertext
             if not adapter.mutable:
-                raise ValueError(f"{adapter.name} arrays are immutable: no in-place decrypt")
+                raise ValueError(f"{adapter.name} arrays are immutable: no in-place decrypt "
+                                 f"(pass inplace=False: the result is a new array)")
             if isinstance(buffer, np.ndarray):
                 if not buffer.flags.writeable:
                     raise ValueError("an in-place decrypt needs writable ciphertext memory "
