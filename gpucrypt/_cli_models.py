@@ -1,9 +1,9 @@
 """``gpucrypt encrypt-model IN.safetensors OUT`` and ``gpucrypt decrypt-model IN OUT.safetensors``.
 
-Converts between plain safetensors files (read and written with the ``safetensors``
-package: ``pip install "gpucrypt[models]"``) and gpucrypt model files
-(:mod:`gpucrypt.models`, docs/MODEL_FORMAT.md). Tensors go through torch when it is
-installed (every dtype, bfloat16 included), else through NumPy. The safetensors
+Converts between plain safetensors files (checked with the ``safetensors`` package:
+``pip install "gpucrypt[models]"``) and gpucrypt model files (:mod:`gpucrypt.models`,
+docs/MODEL_FORMAT.md). Every safetensors dtype of a byte or more is carried (bfloat16
+and float8 included: the bytes are what is encrypted); the safetensors
 ``__metadata__`` is carried over both ways.
 
 Keys as for ``gpucrypt encrypt``/``decrypt`` (the same functions, in
@@ -14,31 +14,24 @@ data failed (wrong key, tampering, not a model file / not a safetensors file), 2
 usage problems. Both write OUT atomically (temporary file, fsync, rename), mode 0600,
 and only once everything verified.
 
-Memory: ``encrypt-model`` reads the safetensors file a batch of segments at a time
-(:mod:`gpucrypt._safetensors`), so a model of any size converts in a few MiB.
-``decrypt-model`` holds the whole decrypted model in memory once, because the
-``safetensors`` package writes a file from tensors in memory.
+Memory: both work a batch of segments at a time, so a model of any size converts in
+a few MiB. ``encrypt-model`` reads the safetensors file segment by segment
+(:mod:`gpucrypt._safetensors`; ``--device`` as for ``gpucrypt encrypt``);
+``decrypt-model`` (:func:`gpucrypt.models.export_safetensors`, on the CPU's threads)
+writes each verified batch where ``safetensors.save_file`` would have put it. To
+decrypt onto a GPU, load the file with :func:`gpucrypt.models.load_encrypted` instead.
 """
 from __future__ import annotations
 
 import argparse
 import os
 
-from ._atomic import write_atomically_with
 from ._cli_common import (add_force, add_input_output_and_keys, add_key_management,
                           check_output, decrypt_key, encrypt_keys, parse_size,
                           run_reporting_errors)
 from .cli import CliError
 
 __all__ = ["add_encrypt_model", "add_decrypt_model"]
-
-
-def _framework() -> str:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return "numpy"
-    return "torch"
 
 
 def _safetensors():
@@ -52,8 +45,6 @@ def _safetensors():
 
 def _common(parser: argparse.ArgumentParser, mode: str, what_in: str, what_out: str) -> None:
     add_input_output_and_keys(parser, what_in, what_out)
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                        help="where to encrypt/decrypt (default: auto)")
     add_force(parser)
     add_key_management(parser, mode)
 
@@ -64,6 +55,8 @@ def add_encrypt_model(parser: argparse.ArgumentParser) -> None:
     from .stream import ALGORITHMS
 
     _common(parser, "encrypt", "a .safetensors file", "the encrypted model file to write")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="where to encrypt (default: auto)")
     parser.add_argument("--algorithm", choices=ALGORITHMS, default="chacha20-poly1305",
                         help="AEAD for the segments (default: chacha20-poly1305)")
     parser.add_argument("--segment-size", type=parse_size, default=DEFAULT_SEGMENT_SIZE,
@@ -114,26 +107,10 @@ def _run_decrypt_model(args) -> int:
     from . import models
 
     _check_paths(args)
-    _safetensors()
-    framework = _framework()
-    device = {"auto": "auto", "cpu": "cpu", "gpu": "cuda"}[args.device]
 
     def work():
         header = models.read_header(args.input)  # unauthenticated: only to find the envelope
-        key = decrypt_key(args, header)
-        metadata = models.read_header(args.input, key).metadata
-        tensors = models.load_encrypted(args.input, key, device, framework=framework)
-        _write_safetensors(tensors, metadata or None, args.output, framework)
+        models.export_safetensors(args.input, args.output, decrypt_key(args, header))
 
     run_reporting_errors(args, work)
     return 0
-
-
-def _write_safetensors(tensors: dict, metadata: dict | None, path: str, framework: str) -> None:
-    """safetensors' ``save_file`` into ``path`` atomically (mode 0600): ``path`` appears
-    only complete."""
-    if framework == "torch":
-        from safetensors.torch import save_file
-    else:
-        from safetensors.numpy import save_file
-    write_atomically_with(path, lambda temp: save_file(tensors, temp, metadata=metadata))

@@ -1,5 +1,5 @@
-"""safetensors files read a segment at a time, so that models of any size convert in
-bounded memory.
+"""safetensors files read and written a segment at a time, so that models of any size
+convert in bounded memory.
 
 ``open_safetensors(path)`` has the ``safetensors`` package check the file (its parser
 is the reference: header length, JSON, dtypes, offsets that tile the data region) and
@@ -9,6 +9,16 @@ of the data is read until :meth:`StoredTensor.read_into` is called, which reads 
 wanted bytes with ``os.pread`` (no shared file position, so threads may read
 concurrently). :func:`gpucrypt.models.save_encrypted` takes these handles in place of
 tensors.
+
+``safetensors_layout(tensors, metadata)`` is the other way: the header bytes and each
+tensor's file offset that ``safetensors.save_file`` would write for those tensors, so
+that :func:`gpucrypt.models.export_safetensors` can write the header and then each
+decrypted segment where it belongs. The package's rules, checked against it by a
+differential test: data ordered by dtype (widest first, in the package's dtype order)
+then name; compact JSON with ``__metadata__`` first and each entry's keys in the order
+dtype, shape, data_offsets; the header padded with spaces to a multiple of 8 bytes.
+The package writes metadata in its hash map's order, which varies from run to run;
+here it keeps the given order.
 
 Limits: the sub-byte safetensors dtypes (F4, F6_*) have no byte-sized portable name and
 are refused with ``ValueError``; the file must not change while it is being read (a
@@ -25,7 +35,7 @@ import numpy as np
 
 from ._format import TruncatedError
 
-__all__ = ["StoredTensor", "open_safetensors", "SAFETENSORS_DTYPES"]
+__all__ = ["StoredTensor", "open_safetensors", "safetensors_layout", "SAFETENSORS_DTYPES"]
 
 #: safetensors dtype codes -> the tensor API's portable dtype names
 SAFETENSORS_DTYPES = {
@@ -36,6 +46,11 @@ SAFETENSORS_DTYPES = {
     "F8_E8M0": "float8_e8m0fnu",
 }
 _HEADER_LENGTH = struct.Struct("<Q")
+#: portable dtype name -> safetensors code
+_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
+#: the package's dtype order (its ``Dtype`` enum), which sorts the data widest first
+_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16",
+          "I32", "U32", "F32", "C64", "F64", "I64", "U64")
 
 
 @dataclass(frozen=True)
@@ -89,3 +104,26 @@ def open_safetensors(path: str, fd: int) -> tuple[dict[str, StoredTensor], dict 
         tensors[name] = StoredTensor(dtype, tuple(entry["shape"]), fd, data_start + begin,
                                      end - begin)
     return tensors, metadata
+
+
+def safetensors_layout(tensors: list[tuple[str, str, tuple, int]], metadata: dict | None
+                       ) -> tuple[bytes, dict[str, int]]:
+    """For ``(name, dtype, shape, nbytes)`` entries: the bytes before the data (length and
+    JSON header) and each tensor's offset in the file. ``ValueError`` for a dtype that
+    safetensors cannot hold."""
+    for name, dtype, _, _ in tensors:
+        if dtype not in _CODES:
+            raise ValueError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot hold")
+    ordered = sorted(tensors, key=lambda t: (-_ORDER.index(_CODES[t[1]]), t[0]))
+    header: dict = {} if metadata is None else {"__metadata__": dict(metadata)}
+    cursor = 0
+    for name, dtype, shape, nbytes in ordered:
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape),
+                        "data_offsets": [cursor, cursor + nbytes]}
+        cursor += nbytes
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    start = _HEADER_LENGTH.size + len(text)
+    return (_HEADER_LENGTH.pack(len(text)) + text,
+            {name: start + entry["data_offsets"][0] for name, entry in header.items()
+             if name != "__metadata__"})

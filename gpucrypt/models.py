@@ -72,13 +72,13 @@ import numpy as np
 
 from . import _format
 from . import _frameworks as fw
-from ._atomic import open_output
+from ._atomic import open_output, write_atomically_with
 from ._safetensors import StoredTensor
 from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedError,
                       UnsupportedVersion)
 from .tensor import _host_open, _host_seal
 
-__all__ = ["save_encrypted", "load_encrypted", "read_header", "ModelHeader", "TensorInfo",
+__all__ = ["save_encrypted", "load_encrypted", "export_safetensors", "read_header", "ModelHeader", "TensorInfo",
            "MAGIC", "VERSION", "DEFAULT_SEGMENT_SIZE", "FRAMEWORKS"]
 
 MAGIC = b"GPUCMODL"
@@ -696,22 +696,83 @@ def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str 
     target = _check_device(device)
     threads = _check_threads(threads)
     with builtins.open(path, "rb", buffering=0) as f:
-        header = _verify(_parse(f), key)
-        size = os.fstat(f.fileno()).st_size
-        expected = header.file_length
-        if size < expected:
-            raise TruncatedError(f"truncated file: {size} bytes, its header says {expected}")
-        if size > expected:
-            raise FormatError(f"the file has {size - expected} bytes after its last tag "
-                              f"(data appended, or not a gpucrypt model file)")
-        segments = _segments(header.tensors, header.segment_size)
-        f.seek(header.header_length + header.data_length)
-        tags = _read_exact(f, TAG_SIZE * len(segments))
-        aad = _segment_aad(header.fixed_fields, header.stored_table)
-        seg_key = _derive(key, header.salt, _SEGMENT_INFO, header.fixed_fields)
+        header, segments, tags, seg_key, aad = _prepare_open(f, key)
         if target == "cpu":
             return _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads)
         return _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target)
+
+
+def _prepare_open(f, key: bytes):
+    """The verified header, the segments, their tags, the segment key and AAD of the model
+    file ``f``; raises if the header fails or the file's length is not the header's."""
+    header = _verify(_parse(f), key)
+    size = os.fstat(f.fileno()).st_size
+    expected = header.file_length
+    if size < expected:
+        raise TruncatedError(f"truncated file: {size} bytes, its header says {expected}")
+    if size > expected:
+        raise FormatError(f"the file has {size - expected} bytes after its last tag "
+                          f"(data appended, or not a gpucrypt model file)")
+    segments = _segments(header.tensors, header.segment_size)
+    f.seek(header.header_length + header.data_length)
+    tags = _read_exact(f, TAG_SIZE * len(segments))
+    aad = _segment_aad(header.fixed_fields, header.stored_table)
+    seg_key = _derive(key, header.salt, _SEGMENT_INFO, header.fixed_fields)
+    return header, segments, tags, seg_key, aad
+
+
+def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = None) -> ModelHeader:
+    """Decrypt the model file ``path`` into a plain safetensors file ``out``, a batch of
+    segments at a time (memory: two batches, whatever the model's size).
+
+    ``out`` gets the bytes ``safetensors.save_file`` would write for the same tensors and
+    metadata (metadata keys in the file's order). It is written atomically (temporary
+    file beside it, fsync, rename; mode 0600) and appears only once every segment has
+    verified: on any failure the temporary file is removed and the error of
+    :func:`load_encrypted` is raised. Returns the verified header.
+    """
+    from ._safetensors import safetensors_layout
+
+    key = _format.check_key(key)
+    threads = _check_threads(threads)
+    with builtins.open(path, "rb", buffering=0) as f:
+        header, segments, tags, seg_key, aad = _prepare_open(f, key)
+        infos = header.tensors
+        prefix, offsets = safetensors_layout(
+            [(i.name, i.dtype, i.shape, i.nbytes) for i in infos], header.metadata or None)
+        where = [offsets[i.name] for i in infos]
+        buffers = [np.empty(_CPU_BATCH_BYTES, dtype=np.uint8) for _ in range(2)]
+        in_batch = {}  # segment index -> its offset in its batch's buffer
+        for batch in _batches(segments, _CPU_BATCH_BYTES):
+            cursor = 0
+            for s in batch:
+                in_batch[s.index] = cursor
+                cursor += s.length
+
+        def place(s: _Segment, k: int) -> np.ndarray:
+            return buffers[k % 2][in_batch[s.index]:in_batch[s.index] + s.length]
+
+        def write(temp: str) -> None:
+            fd = os.open(temp, os.O_WRONLY)
+            try:
+                _pwrite_all(fd, prefix, 0)
+
+                def write_batch(batch: list[_Segment], k: int) -> None:
+                    for s in batch:
+                        _pwrite_all(fd, place(s, k), where[s.tensor] + s.start)
+
+                _open_on_cpu(f, header, segments, tags, seg_key, aad, threads, place, write_batch)
+            finally:
+                os.close(fd)
+
+        write_atomically_with(out, write)
+    return header
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    mv, done = memoryview(data).cast("B"), 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
 
 
 def _read_exact(f, n: int) -> bytes:
@@ -746,36 +807,48 @@ def _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads) ->
     outputs = [adapter.empty(i.dtype, i.shape, fw.HOST) for i in infos]
     flat = [np.asarray(adapter.host_array(adapter.byte_view(o))).reshape(-1) if i.nbytes else None
             for o, i in zip(outputs, infos)]
-    aead = _HostAead(header.algorithm, seg_key, header.nonce_prefix, aad)
-    count, base = len(segments), header.header_length
-    pool = ThreadPoolExecutor(threads) if threads > 1 else None
-
-    def piece(s: _Segment) -> np.ndarray:
-        return flat[s.tensor][s.start:s.start + s.length]
-
-    def open_one(s: _Segment) -> bool:
-        return aead.open_in_place(s, count, piece(s), _tag_of(tags, s))
-
     try:
-        pending = None  # (batch, wait) being opened while the next batch is read
-        for batch in _batches(segments, _CPU_BATCH_BYTES) + [None]:
-            if batch is not None:
-                for s in batch:
-                    _read_into(f, base + s.data_offset(infos), piece(s))
-            if pending is not None:
-                _check_verdicts(pending[0], pending[1](), infos)
-            pending = None if batch is None else (batch, _start(pool, threads, batch, open_one))
+        _open_on_cpu(f, header, segments, tags, seg_key, aad, threads,
+                     lambda s, k: flat[s.tensor][s.start:s.start + s.length])
     except BaseException:
-        if pending is not None:
-            pending[1]()  # let the workers finish before the buffers are wiped
         for buf in flat:
             if buf is not None:
                 buf[:] = 0  # no plaintext of the verified segments stays behind
         raise
+    return {i.name: adapter.finish(o) for i, o in zip(infos, outputs)}
+
+
+def _open_on_cpu(f, header, segments, tags, seg_key, aad, threads, place, verified=None) -> None:
+    """Open every segment on the CPU, a batch at a time: read the batch's ciphertext into
+    ``place(seg, k)`` (uint8 views; ``k`` is the batch's number), open it there in place
+    on a thread pool while batch ``k + 1`` is read, then hand the batch to
+    ``verified(batch, k)`` once all its segments passed. Raises on the first bad segment,
+    after the workers have stopped."""
+    infos = header.tensors
+    aead = _HostAead(header.algorithm, seg_key, header.nonce_prefix, aad)
+    count, base = len(segments), header.header_length
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    pending = None  # (k, batch, wait) being opened while the next batch is read
+    try:
+        batches = _batches(segments, _CPU_BATCH_BYTES)
+        for k, batch in enumerate(batches + [None]):
+            if batch is not None:
+                for s in batch:
+                    _read_into(f, base + s.data_offset(infos), place(s, k))
+            if pending is not None:
+                done_k, done, wait = pending
+                pending = None
+                _check_verdicts(done, wait(), infos)
+                if verified is not None:
+                    verified(done, done_k)
+            if batch is not None:
+                pending = (k, batch, _start(pool, threads, batch, lambda s, k=k: aead.open_in_place(
+                    s, count, place(s, k), _tag_of(tags, s))))
     finally:
+        if pending is not None:
+            pending[2]()  # let the workers finish before the caller wipes the buffers
         if pool is not None:
             pool.shutdown()
-    return {i.name: adapter.finish(o) for i, o in zip(infos, outputs)}
 
 
 def _check_verdicts(batch: list[_Segment], verdicts, infos) -> None:

@@ -16,6 +16,8 @@ import struct
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -486,9 +488,10 @@ def test_cli_round_trip_is_byte_identical(st_file, extra):
     assert (d / "back.safetensors").read_bytes() == (d / "m.safetensors").read_bytes()
 
 
-def test_cli_encrypt_model_reads_a_batch_at_a_time(tmp_path):
-    """encrypt-model on a 96 MiB safetensors file stays within a few batches of memory:
-    the child process reports its peak RSS over what it held before the command."""
+def test_cli_model_conversions_work_a_batch_at_a_time(tmp_path):
+    """encrypt-model and decrypt-model on a 96 MiB safetensors file stay within a few
+    batches of memory: each child process reports its peak RSS over what it held before
+    the command (Linux: writing 5 to clear_refs resets the peak to the current RSS)."""
     import subprocess
     import sys
 
@@ -499,8 +502,6 @@ def test_cli_encrypt_model_reads_a_batch_at_a_time(tmp_path):
                "b": rng.standard_normal(4 << 20).astype(np.float64)},
               str(tmp_path / "big.safetensors"))
     (tmp_path / "key").write_bytes(KEY)
-    # Linux: writing 5 to clear_refs resets the peak (VmHWM) to the current RSS, so the
-    # imports' own peak does not hide what the command adds.
     probe = (
         "import re, sys\n"
         "from gpucrypt.cli import main\n"
@@ -510,19 +511,79 @@ def test_cli_encrypt_model_reads_a_batch_at_a_time(tmp_path):
         "before = kib('VmRSS')\n"
         "code = main(sys.argv[1:])\n"
         "print(code, (kib('VmHWM') - before) // 1024)\n")
-    done = subprocess.run(
-        [sys.executable, "-c", probe, "encrypt-model", "--device", "cpu", "--key-file",
-         str(tmp_path / "key"), str(tmp_path / "big.safetensors"), str(tmp_path / "big.gc")],
-        capture_output=True, text=True, check=True)
-    code, grown_mib = map(int, done.stdout.split())
-    assert code == 0
-    assert grown_mib < 40, f"encrypt-model grew by {grown_mib} MiB for a 96 MiB model"
-    got = models.load_encrypted(tmp_path / "big.gc", KEY, "cpu", framework="numpy")
-    from safetensors.numpy import load_file
 
-    want = load_file(str(tmp_path / "big.safetensors"))
-    assert sorted(got) == sorted(want)
-    assert all(got[k].tobytes() == want[k].tobytes() for k in want)
+    def grown_mib(*argv: str) -> int:
+        done = subprocess.run([sys.executable, "-c", probe, *argv, "--key-file",
+                               str(tmp_path / "key")], capture_output=True, text=True, check=True)
+        code, grown = map(int, done.stdout.split())
+        assert code == 0, done.stderr
+        return grown
+
+    grown = grown_mib("encrypt-model", "--device", "cpu", str(tmp_path / "big.safetensors"),
+                      str(tmp_path / "big.gc"))
+    assert grown < 40, f"encrypt-model grew by {grown} MiB for a 96 MiB model"
+    grown = grown_mib("decrypt-model", str(tmp_path / "big.gc"), str(tmp_path / "back.safetensors"))
+    assert grown < 40, f"decrypt-model grew by {grown} MiB for a 96 MiB model"
+    assert (tmp_path / "back.safetensors").read_bytes() == \
+        (tmp_path / "big.safetensors").read_bytes()
+
+
+_ST_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32,
+              torch.uint32, torch.int64, torch.uint64, torch.float16, torch.bfloat16,
+              torch.float32, torch.float64, torch.complex64, torch.float8_e4m3fn,
+              torch.float8_e5m2, torch.float8_e8m0fnu]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=12).filter(lambda n: n != "__metadata__"),
+                       st.tuples(st.sampled_from(_ST_DTYPES),
+                                 st.lists(st.integers(0, 3), max_size=3)),
+                       max_size=8),
+       st.one_of(st.none(), st.dictionaries(st.text(max_size=6), st.text(max_size=6),
+                                            max_size=1)))
+def test_safetensors_layout_is_what_the_package_writes(tmp_path_factory, spec, metadata):
+    """Differential: the header and offsets export_safetensors writes are save_file's.
+    (At most one metadata key: the package orders several by its hash map.)"""
+    from safetensors.torch import save_file
+
+    from gpucrypt._safetensors import safetensors_layout
+
+    # safetensors 0.8 writes invalid JSON for metadata without tensors ('{},"__metadata__":{}}')
+    assume(spec or metadata is None)
+    tensors = {name: torch.zeros(shape, dtype=dtype) for name, (dtype, shape) in spec.items()}
+    path = tmp_path_factory.mktemp("st") / "m.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    written = path.read_bytes()
+    prefix, offsets = safetensors_layout(
+        [(n, str(t.dtype)[6:], tuple(t.shape), t.numel() * t.element_size())
+         for n, t in tensors.items()], metadata)
+    assert written[:len(prefix)] == prefix
+    header = json.loads(prefix[8:])
+    assert offsets == {n: len(prefix) + e["data_offsets"][0] for n, e in header.items()
+                       if n != "__metadata__"}
+
+
+def test_export_writes_nothing_when_a_later_batch_fails(saved, tmp_path, monkeypatch):
+    path, tensors = saved
+    monkeypatch.setattr(models, "_CPU_BATCH_BYTES", SEG)  # earlier batches reach the file first
+    h = models.read_header(path)
+    flip(path, h.header_length + h.data_length - 5)  # the last segment
+    with pytest.raises(AuthenticationError, match="failed authentication"):
+        models.export_safetensors(path, tmp_path / "out.safetensors", KEY, threads=2)
+    assert not (tmp_path / "out.safetensors").exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(["model.gcsafetensors"])
+
+
+def test_export_round_trip_matches_save_file(saved, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    path, tensors = saved
+    monkeypatch.setattr(models, "_CPU_BATCH_BYTES", 2 * SEG)  # many batches, both buffers
+    models.export_safetensors(path, tmp_path / "out.safetensors", KEY, threads=2)
+    save_file(tensors, str(tmp_path / "want.safetensors"), metadata={"arch": "mlp"})
+    assert (tmp_path / "out.safetensors").read_bytes() == \
+        (tmp_path / "want.safetensors").read_bytes()
+    assert oct(os.stat(tmp_path / "out.safetensors").st_mode & 0o777) == "0o600"
 
 
 def test_stored_tensor_size_must_match_its_dtype_and_shape(tmp_path):
