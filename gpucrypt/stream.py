@@ -23,8 +23,9 @@ Public API::
 
 Guarantees and limits:
 
-- Memory is bounded: at most four batches of a few segments (about 8 MiB per
-  batch, at least one segment per thread) are in memory whatever the file size.
+- Memory is bounded, whatever the file size: on the CPU six batch buffers (three in,
+  three out; about 8 MiB per batch, at least one segment per thread: two batches are
+  in flight so that the workers never wait between them), on the GPU four of 64 MiB.
 - Writes to a path are atomic: a temporary file in the same folder, fsync, then
   rename. ``decrypt`` to a path renames only after every segment, including the
   one marked last, verified; on any error the temporary file is removed and the
@@ -166,6 +167,13 @@ class _IterableSource(_Source):
         return buf[:got]
 
 
+def _scratch(nbytes: int) -> memoryview:
+    """An uninitialised batch buffer: ``bytearray`` would zero it, touching every page,
+    which cost ~17% of a 256 MiB in-memory encryption (an in-memory source never even
+    uses its input buffers)."""
+    return memoryview(np.empty(nbytes, dtype=np.uint8))
+
+
 def _open_source(src: Any, allow_iterable: bool) -> _Source:
     if isinstance(src, (str, os.PathLike)):
         return _FileSource(builtins.open(src, "rb", buffering=0), close=True)
@@ -195,6 +203,7 @@ class _CpuEngine(_Closing):
         self._ctx = backend.aead(name, key)
         self.threads = threads
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self.batches_in_flight = 2 if self._pool is not None else 1
 
     def close(self):
         if self._pool is not None:
@@ -249,6 +258,7 @@ class _GpuEngine(_Closing):
         self._gpu = backend
         self._algorithm = _format.BACKEND_NAMES[header.algorithm]
         self.threads = 1
+        self.batches_in_flight = 1  # start() runs the batch
 
     def _nonce(self, index, last):
         return _format.segment_nonce(self.header.nonce_prefix, index, last)
@@ -359,41 +369,32 @@ def _seal_spans(first: int, plain: memoryview, out: memoryview, S: int, last_on_
 
 
 def _encrypt_segments(source: _Source, sink: AtomicFile | FileObjectOutput, engine, S: int) -> None:
-    """Pipeline: seal batch k (workers) while writing batch k-1 and reading batch k+1.
-
-    A full batch is sealed as if more followed; when the next read comes back empty
-    the batch's final segment is sealed again with the last flag (once per stream).
-    """
+    """Pipeline: batch k+1 is read before batch k starts (so k knows whether it holds
+    the last segment). On the CPU two batches are in flight: batch k is queued on the
+    workers before batch k-1 is waited for and written, so they never idle between
+    batches (measured: 1.66x -> 1.78x one thread on 2 cores). The GPU engine runs a
+    batch in its ``start`` call: one at a time."""
     B = _batch_segments(engine, S)
-    in_bufs = [memoryview(bytearray(B * S)) for _ in range(2)]
-    out_bufs = [memoryview(bytearray(B * (S + TAG_SIZE))) for _ in range(2)]
+    depth = engine.batches_in_flight
+    in_bufs = [_scratch(B * S) for _ in range(depth + 1)]
+    out_bufs = [_scratch(B * (S + TAG_SIZE)) for _ in range(depth + 1)]
     first, k = 0, 0
     plain = source.fill(in_bufs[0])
-    pending = None  # ciphertext of the previous batch, not yet written
+    in_flight: list = []  # (wait, ciphertext view), oldest first
     while True:
-        out = out_bufs[k % 2]
-        if len(plain) < B * S:  # the final batch (possibly empty: one empty segment)
-            spans, n_out = _seal_spans(first, plain, out, S, last_on_final=True)
-            wait = engine.start(spans, "seal")
-            if pending is not None:
-                sink.write(pending)
+        # in_bufs[(k + 1) % (depth + 1)] held batch k - depth, waited for in the last round
+        nxt = source.fill(in_bufs[(k + 1) % (depth + 1)]) if len(plain) == B * S else plain[:0]
+        final = not len(nxt)
+        out = out_bufs[k % (depth + 1)]
+        spans, n_out = _seal_spans(first, plain, out, S, last_on_final=final)
+        in_flight.append((engine.start(spans, "seal"), out[:n_out]))
+        while len(in_flight) > (0 if final else depth - 1):
+            wait, ciphertext = in_flight.pop(0)
             wait()
-            sink.write(out[:n_out])
+            sink.write(ciphertext)
+        if final:
             return
-        spans, n_out = _seal_spans(first, plain, out, S, last_on_final=False)
-        wait = engine.start(spans, "seal")
-        if pending is not None:
-            sink.write(pending)
-        nxt = source.fill(in_bufs[(k + 1) % 2])
-        wait()
-        if not len(nxt):
-            index, _, src, dst = spans[-1]
-            engine.start([(index, True, src, dst)], "seal")()
-            sink.write(out[:n_out])
-            return
-        pending, plain = out[:n_out], nxt
-        first += len(spans)
-        k += 1
+        first, plain, k = first + len(spans), nxt, k + 1
 
 
 # ============================================================================ decrypt
@@ -478,51 +479,36 @@ def _failure(engine, spans, index: int, final_in_file: bool) -> AuthenticationEr
 
 
 def _decrypt_segments(source: _Source, sink: AtomicFile | FileObjectOutput, engine, S: int) -> None:
-    """Pipeline as in encryption. A full batch is opened as if more followed; if nothing
-    follows, its final segment must fail that way and verify as the last one."""
+    """Pipeline as in encryption (batch k+1 read before batch k starts, so k is opened
+    knowing whether the file ends with it; on the CPU two batches in flight). A batch is written
+    only after all its segments verified; on the first failure the verified segments
+    before it are written and the error raised."""
     C = S + TAG_SIZE
     B = _batch_segments(engine, S)
-    in_bufs = [memoryview(bytearray(B * C)) for _ in range(2)]
-    out_bufs = [memoryview(bytearray(B * S)) for _ in range(2)]
+    depth = engine.batches_in_flight
+    in_bufs = [_scratch(B * C) for _ in range(depth + 1)]
+    out_bufs = [_scratch(B * S) for _ in range(depth + 1)]
     first, k = 0, 0
     ct = source.fill(in_bufs[0])
     if not len(ct):
         raise TruncatedError("truncated file: it ends right after the header (no segments)", 0)
-    pending = None
+    in_flight: list = []  # (wait, spans, plaintext view, ends the file), oldest first
     while True:
-        out = out_bufs[k % 2]
-        final = len(ct) < B * C
+        nxt = source.fill(in_bufs[(k + 1) % (depth + 1)]) if len(ct) == B * C else ct[:0]
+        final = not len(nxt)
+        out = out_bufs[k % (depth + 1)]
         spans, n_out = _open_spans(first, ct, out, S, last_on_final=final)
-        wait = engine.start(spans, "open")
-        if pending is not None:
-            sink.write(pending)
-            pending = None
-        nxt = source.fill(in_bufs[(k + 1) % 2]) if not final else None
-        bad = wait()
-        final_in_file = final or not len(nxt)
-        if bad is not None:
-            last_index = spans[-1][0]
-            if not final and final_in_file and bad == last_index:
-                # the file ends with this batch: its final segment must be the last one
-                index, _, src, dst = spans[-1]
-                if engine.open_one(index, True, src, dst):
-                    sink.write(out[:n_out])
-                    return
-                err = _failure(engine, [(index, True, src, dst)], index, True)
-            else:
-                err = _failure(engine, spans, bad, final_in_file and bad == last_index)
-            sink.write(out[:(bad - first) * S])  # the verified segments before it
-            raise err
+        in_flight.append((engine.start(spans, "open"), spans, out[:n_out], final))
+        while len(in_flight) > (0 if final else depth - 1):
+            wait, done, plaintext, ends = in_flight.pop(0)
+            bad = wait()
+            if bad is not None:
+                sink.write(plaintext[:(bad - done[0][0]) * S])
+                raise _failure(engine, done, bad, ends and bad == done[-1][0])
+            sink.write(plaintext)
         if final:
-            sink.write(out[:n_out])
             return
-        if not len(nxt):
-            raise TruncatedError(f"truncated file: it ends after segment {spans[-1][0]}, which is "
-                                 f"not the last segment (whole segments are missing)",
-                                 spans[-1][0])
-        pending, ct = out[:n_out], nxt
-        first += len(spans)
-        k += 1
+        first, ct, k = first + len(spans), nxt, k + 1
 
 
 # ============================================================================ random access
