@@ -138,14 +138,34 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     if not files:
         lines.append("No results recorded yet.")
     for path in files:
-        lines += render_run(path.stem, json.loads(path.read_text(encoding="utf-8")))
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        render_one = render_stream_run if doc.get("benchmark") == "stream_bench" else render_run
+        lines += render_one(path.stem, doc)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def render_stream_run(name: str, doc: dict) -> list[str]:
+    """A ``benchmarks/stream_bench.py`` run: segmented encryption against one thread."""
+    lines = [f"## {name}", "",
+             f"`benchmarks/stream_bench.py`: ChaCha20-Poly1305 over {format_size(doc['size'])} in "
+             f"memory, {doc['cores']} cores ({doc['cpu']}), median of {doc['rounds']} interleaved "
+             f"rounds; cryptography {doc['cryptography']}, commit `{doc['commit'][:10]}`, load "
+             f"average at the end {doc['load_average'][0]:.2f}. Ratio = rate / `cryptography 1 call`.",
+             "", "| what | GB/s | ratio |", "|---|---:|---:|"]
+    lines += [f"| {r['name']} | {r['gb_per_s']:.2f} | x{r['ratio']:.2f} |" for r in doc["rows"]]
+    if doc.get("model_rows"):
+        lines += ["", f"Loading a {format_size(doc['size'])} model file (300 tensors, warm page "
+                      f"cache); ratio = rate / reading the file:", "",
+                  "| what | GB/s | ratio |", "|---|---:|---:|"]
+        lines += [f"| {r['name']} | {r['gb_per_s']:.2f} | x{r['ratio']:.2f} |"
+                  for r in doc["model_rows"]]
+    return lines + [""]
 
 
 def readme_section(results_dir: Path = RESULTS_DIR) -> str:
     """The README's summary: the newest run without a GPU, gpucrypt CPU against its baseline."""
     runs = [(p.stem, json.loads(p.read_text(encoding="utf-8"))) for p in sorted(results_dir.glob("*.json"))]
-    runs = [(n, d) for n, d in runs if not d["gpu"]["device"]]
+    runs = [(n, d) for n, d in runs if "cells" in d and not d["gpu"]["device"]]
     if not runs:
         return "No CPU run recorded yet."
     name, doc = max(runs, key=lambda r: r[1]["environment"]["date"])

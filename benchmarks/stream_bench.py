@@ -15,9 +15,18 @@ turn (interleaved, so that a noisy neighbour hurts all rows alike):
   T = 1 and every core;
 - the same for ``stream.decrypt`` of that ciphertext, ``threads=`` every core.
 
-The table gives medians and ratios to ``cryptography 1 call``. Usage::
+With ``--model DIR``, a second table puts side by side the three rates of loading an
+encrypted model file of ``--size`` bytes (300 tensors) written in DIR: reading the
+file into memory (``readinto``; the page cache is warm after the first round, so this
+is the memory copy rate, an upper bound for the disk), decrypting it in memory
+(``gpucrypt.stream`` rate above, the same segments), and ``models.load_encrypted``
+from the file, on the CPU and, where a real GPU is usable, onto it (``device="cuda"``,
+torch tensors) next to a pinned host-to-device copy of the same bytes. Loading is
+"limited by the disk or PCIe" when its rate is close to the read (or copy) rate.
 
-    python benchmarks/stream_bench.py [--size 1GiB] [--rounds 5] [--json out.json]
+Usage::
+
+    python benchmarks/stream_bench.py [--size 1GiB] [--rounds 5] [--model DIR] [--json out.json]
 """
 from __future__ import annotations
 
@@ -25,7 +34,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +43,7 @@ import time
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from gpucrypt import stream
+from gpucrypt.bench import _cpu_model
 from gpucrypt._cli_common import parse_size
 
 KEY = bytes(range(32))
@@ -101,38 +110,106 @@ def _cells(size: int, cores: int):
     return cells
 
 
+def _model_cells(size: int, folder: str, cores: int):
+    """Cells for loading a model file of ``size`` bytes (300 tensors) written in ``folder``."""
+    import numpy as np
+
+    from gpucrypt import models
+    from gpucrypt.backends import BackendUnavailable, get_backend
+
+    per = size // 300
+    tensors = {f"layer{i}.weight": np.frombuffer(os.urandom(per), dtype=np.uint8)
+               for i in range(300)}
+    path = os.path.join(folder, "stream_bench_model.gcsafetensors")
+    models.save_encrypted(tensors, path, KEY, device="cpu")
+    target = np.empty(os.path.getsize(path), dtype=np.uint8)
+
+    def read_file():
+        with open(path, "rb", buffering=0) as f:
+            view, got = memoryview(target), 0
+            while got < len(view):
+                got += f.readinto(view[got:])
+
+    cells = {"read the file (readinto)": read_file,
+             f"load_encrypted cpu threads={cores}":
+                 lambda: models.load_encrypted(path, KEY, "cpu", framework="numpy", threads=cores)}
+    try:
+        gpu = get_backend("gpu")
+        real_gpu = not gpu.describe().get("simulator")
+    except BackendUnavailable:
+        real_gpu = False
+    if real_gpu:
+        import torch
+
+        pinned = torch.empty(len(target), dtype=torch.uint8, pin_memory=True)
+        device_copy = torch.empty(len(target), dtype=torch.uint8, device="cuda")
+
+        def copy_to_gpu():
+            device_copy.copy_(pinned, non_blocking=True)
+            torch.cuda.synchronize()
+
+        def load_to_gpu():
+            models.load_encrypted(path, KEY, "cuda")
+            torch.cuda.synchronize()
+
+        cells["pinned host-to-device copy"] = copy_to_gpu
+        cells["load_encrypted cuda (torch)"] = load_to_gpu
+    return cells, path
+
+
+def _run(cells: dict, rounds: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in cells}
+    for _ in range(rounds):
+        for name, run in cells.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _table(title: str, times: dict, size: int, base_name: str) -> list[dict]:
+    base = statistics.median(times[base_name])
+    print(title)
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"name": name, "median_s": med, "gb_per_s": size / med / 1e9,
+                     "ratio": base / med, "times_s": ts})
+        print(f"  {name:40s} {size / med / 1e9:7.2f} GB/s  x{base / med:.2f}")
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=parse_size, default=1 << 30)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--model", metavar="DIR", help="also time loading a model file "
+                        "written in DIR (removed afterwards)")
     parser.add_argument("--json", help="write the run here")
     args = parser.parse_args(argv)
     if args.size % (1 << 20):
         parser.error("--size must be a whole number of MiB")
     cores = _cores()
-    cells = _cells(args.size, cores)
-    times: dict[str, list[float]] = {name: [] for name in cells}
-    for _ in range(args.rounds):
-        for name, run in cells.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["cryptography 1 call"])
-    rows = []
-    print(f"ChaCha20-Poly1305, {args.size / 2**30:g} GiB in memory, {cores} cores, "
-          f"median of {args.rounds} interleaved rounds")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        rows.append({"name": name, "median_s": med, "gb_per_s": args.size / med / 1e9,
-                     "ratio": base / med, "times_s": ts})
-        print(f"  {name:40s} {args.size / med / 1e9:7.2f} GB/s  x{base / med:.2f}")
+    times = _run(_cells(args.size, cores), args.rounds)
+    rows = _table(f"ChaCha20-Poly1305, {args.size / 2**30:g} GiB in memory, {cores} cores, "
+                  f"median of {args.rounds} interleaved rounds", times, args.size,
+                  "cryptography 1 call")
+    model_rows = None
+    if args.model:
+        cells, path = _model_cells(args.size, args.model, cores)
+        try:
+            model_rows = _table(f"loading a {args.size / 2**30:g} GiB model file (300 tensors); "
+                                f"ratio to reading the file", _run(cells, args.rounds),
+                                args.size, "read the file (readinto)")
+        finally:
+            os.remove(path)
     if args.json:
         import cryptography
 
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
         record = {"benchmark": "stream_bench", "size": args.size, "rounds": args.rounds,
-                  "cores": cores, "cpu": platform.processor() or platform.machine(),
+                  "cores": cores, "cpu": _cpu_model(), "model_rows": model_rows,
                   "python": sys.version.split()[0], "cryptography": cryptography.__version__,
                   "commit": commit, "load_average": os.getloadavg(), "rows": rows}
         with open(args.json, "w") as f:

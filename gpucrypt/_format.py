@@ -139,6 +139,18 @@ class Header:
         return TAG_SIZE
 
 
+def read_at(fd: int, offset: int, view, what: str) -> None:
+    """Fill ``view`` (a writable buffer) with the bytes of file ``fd`` from ``offset``
+    (``os.preadv``: no shared file position, so threads may read one file at once);
+    ``TruncatedError`` naming ``what`` when the file ends first."""
+    mv, got = memoryview(view).cast("B"), 0
+    while got < len(mv):
+        n = os.preadv(fd, [mv[got:]], offset + got)
+        if not n:
+            raise TruncatedError(f"truncated file: {what} changed while being read")
+        got += n
+
+
 def nonce_size(algorithm: str) -> int:
     return ALGORITHMS[algorithm][1]
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._format import TruncatedError
+from ._format import read_at
 
 __all__ = ["StoredTensor", "open_safetensors", "safetensors_layout", "SAFETENSORS_DTYPES"]
 
@@ -69,12 +69,7 @@ class StoredTensor:
         if start < 0 or start + view.nbytes > self.nbytes:
             raise ValueError(f"bytes {start}..{start + view.nbytes} are outside the tensor "
                              f"({self.nbytes} bytes)")
-        mv, got = memoryview(view).cast("B"), 0
-        while got < len(mv):
-            n = os.preadv(self.fd, [mv[got:]], self.offset + start + got)
-            if not n:
-                raise TruncatedError("the safetensors file got shorter while it was read")
-            got += n
+        read_at(self.fd, self.offset + start, view, "the safetensors file")
 
 
 def open_safetensors(path: str, fd: int) -> tuple[dict[str, StoredTensor], dict | None]:

@@ -783,13 +783,7 @@ def _read_exact(f, n: int) -> bytes:
 
 def _read_into(f, offset: int, view: np.ndarray) -> None:
     """Fill ``view`` (uint8) with the file's bytes from ``offset``."""
-    f.seek(offset)
-    mv, got = memoryview(view), 0
-    while got < len(mv):
-        n = f.readinto(mv[got:])
-        if not n:
-            raise TruncatedError("truncated file: it changed while being read")
-        got += n
+    _format.read_at(f.fileno(), offset, view, "the model file")
 
 
 def _tag_of(tags: bytes, seg: _Segment) -> bytes:
@@ -819,34 +813,40 @@ def _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads) ->
 
 
 def _open_on_cpu(f, header, segments, tags, seg_key, aad, threads, place, verified=None) -> None:
-    """Open every segment on the CPU, a batch at a time: read the batch's ciphertext into
-    ``place(seg, k)`` (uint8 views; ``k`` is the batch's number), open it there in place
-    on a thread pool while batch ``k + 1`` is read, then hand the batch to
-    ``verified(batch, k)`` once all its segments passed. Raises on the first bad segment,
-    after the workers have stopped."""
+    """Open every segment on the CPU, a batch at a time: each worker reads its segments'
+    ciphertext into ``place(seg, k)`` (uint8 views; ``k`` is the batch's number) and
+    opens it there right away, while it is still in cache: one pass over memory, and the
+    reads (page faults of fresh tensors included) spread over the threads. Two batches
+    are in flight; once all of batch ``k``'s segments passed, ``verified(batch, k)`` is
+    called (before batch ``k + 2`` starts). Raises on the first bad segment, after the
+    workers have stopped."""
     infos = header.tensors
     aead = _HostAead(header.algorithm, seg_key, header.nonce_prefix, aad)
     count, base = len(segments), header.header_length
+
+    def read_and_open(s: _Segment, k: int) -> bool:
+        view = place(s, k)
+        _read_into(f, base + s.data_offset(infos), view)
+        return aead.open_in_place(s, count, view, _tag_of(tags, s))
+
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
-    pending = None  # (k, batch, wait) being opened while the next batch is read
+    in_flight: list = []  # (k, batch, wait), oldest first
     try:
         batches = _batches(segments, _CPU_BATCH_BYTES)
-        for k, batch in enumerate(batches + [None]):
-            if batch is not None:
-                for s in batch:
-                    _read_into(f, base + s.data_offset(infos), place(s, k))
-            if pending is not None:
-                done_k, done, wait = pending
-                pending = None
+        for k, batch in enumerate(batches):
+            in_flight.append((k, batch, _start(pool, threads, batch,
+                                               lambda s, k=k: read_and_open(s, k))))
+            while len(in_flight) > (0 if k == len(batches) - 1 else 1):
+                done_k, done, wait = in_flight.pop(0)
                 _check_verdicts(done, wait(), infos)
                 if verified is not None:
                     verified(done, done_k)
-            if batch is not None:
-                pending = (k, batch, _start(pool, threads, batch, lambda s, k=k: aead.open_in_place(
-                    s, count, place(s, k), _tag_of(tags, s))))
     finally:
-        if pending is not None:
-            pending[2]()  # let the workers finish before the caller wipes the buffers
+        for _, _, wait in in_flight:
+            try:
+                wait()  # let the workers finish before the caller wipes the buffers
+            except BaseException:
+                pass
         if pool is not None:
             pool.shutdown()
 

@@ -563,6 +563,24 @@ def test_safetensors_layout_is_what_the_package_writes(tmp_path_factory, spec, m
                        if n != "__metadata__"}
 
 
+@pytest.mark.parametrize("segment", [0, 3, "last"])
+def test_cpu_load_in_many_batches_on_threads(saved, monkeypatch, segment):
+    """One segment per batch, two batches in flight on two threads: a round trip, and a
+    bad segment anywhere is reported as that segment."""
+    path, tensors = saved
+    monkeypatch.setattr(models, "_CPU_BATCH_BYTES", SEG)
+    assert_identical(models.load_encrypted(path, KEY, "cpu", threads=2), tensors)
+    h = models.read_header(path)
+    count = len(models._segments(h.tensors, SEG))
+    index = count - 1 if segment == "last" else segment
+    tag_offset = h.header_length + h.data_length + 16 * index
+    flip(path, tag_offset + 7)
+    result = None
+    with pytest.raises(AuthenticationError, match=f"segment {index} ") as info:
+        result = models.load_encrypted(path, KEY, "cpu", threads=2)
+    assert result is None and info.value.segment == index
+
+
 def test_export_writes_nothing_when_a_later_batch_fails(saved, tmp_path, monkeypatch):
     path, tensors = saved
     monkeypatch.setattr(models, "_CPU_BATCH_BYTES", SEG)  # earlier batches reach the file first
@@ -595,7 +613,7 @@ def test_stored_tensor_size_must_match_its_dtype_and_shape(tmp_path):
         with pytest.raises(ValueError, match="10 bytes stored for dtype float32"):
             models.save_encrypted({"w": StoredTensor("float32", (3,), fd, 0, 10)},
                                   tmp_path / "m", KEY, device="cpu")
-        with pytest.raises(TruncatedError, match="got shorter"):
+        with pytest.raises(TruncatedError, match="the safetensors file changed while being read"):
             models.save_encrypted({"w": StoredTensor("float32", (4,), fd, 0, 16)},
                                   tmp_path / "m", KEY, device="cpu")
     finally:
