@@ -478,15 +478,27 @@ class _Plaintext:
         return None if view is None else view[seg.start:seg.start + seg.length]
 
     def host(self, seg: _Segment, scratch: np.ndarray) -> np.ndarray:
-        """seg's bytes on the host: a view of its tensor, or ``scratch`` (its length)
-        filled with them."""
+        """seg's bytes on the host: :meth:`in_memory`, or ``scratch`` (its length) filled
+        by :meth:`read`."""
+        view = self.in_memory(seg)
+        if view is None:
+            self.read(seg, scratch)
+            return scratch
+        return view
+
+    def in_memory(self, seg: _Segment) -> np.ndarray | None:
+        """A host view of seg's bytes (of its tensor, or of a host copy of a device
+        tensor), or None for a :class:`StoredTensor`. Not thread-safe."""
         x = self._values[seg.tensor]
         if isinstance(x, StoredTensor):
-            x.read_into(seg.start, scratch)
-            return scratch
+            return None
         if self._copied is None or self._copied[0] != seg.tensor:
             self._copied = (seg.tensor, _host_bytes(x))
         return self._copied[1][seg.start:seg.start + seg.length]
+
+    def read(self, seg: _Segment, scratch: np.ndarray) -> None:
+        """Fill ``scratch`` with seg's bytes from its StoredTensor's file (thread-safe)."""
+        self._values[seg.tensor].read_into(seg.start, scratch)
 
 
 def _host_bytes(x: Any) -> np.ndarray:
@@ -607,20 +619,43 @@ def _save_backend(device: str, data_length: int, values: list):
 
 
 def _seal_on_cpu(header, seg_key, aad, values, segments, sink, threads) -> list[bytes]:
+    """Two batches in flight on the pool while the main thread writes the previous one;
+    a worker reads a stored tensor's segment into the output buffer and seals it there,
+    while it is in cache."""
     aead = _HostAead(header.algorithm, seg_key, header.nonce_prefix, aad)
-    plain, count, tags = _Plaintext(values), len(segments), []
+    plain, count = _Plaintext(values), len(segments)
+
+    def seal(job) -> bytes:
+        seg, src, dst = job
+        if src is None:
+            plain.read(seg, dst)
+            src = dst
+        return aead.seal(seg, count, src, dst)
+
+    batches = _batches(segments, _CPU_BATCH_BYTES)
+    largest = max((sum(s.length for s in b) for b in batches), default=0)
+    outs = [np.empty(largest, dtype=np.uint8) for _ in range(min(2, len(batches)))]
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    tags: list[bytes] = []
+    in_flight: list = []  # (ciphertext, wait), oldest first
     try:
-        for batch in _batches(segments, _CPU_BATCH_BYTES):
-            out = np.empty(sum(s.length for s in batch), dtype=np.uint8)
+        for k, batch in enumerate(batches):
+            out = outs[k % 2]  # batch k-2's buffer: written in the last round
             jobs, cursor = [], 0
             for seg in batch:
-                dst = out[cursor:cursor + seg.length]
-                jobs.append((seg, plain.host(seg, dst), dst))
+                jobs.append((seg, plain.in_memory(seg), out[cursor:cursor + seg.length]))
                 cursor += seg.length
-            tags += _start(pool, threads, jobs, lambda j: aead.seal(j[0], count, j[1], j[2]))()
-            sink.write(memoryview(out))
+            in_flight.append((out[:cursor], _start(pool, threads, jobs, seal)))
+            while len(in_flight) > (0 if k == len(batches) - 1 else 1):
+                ciphertext, wait = in_flight.pop(0)
+                tags += wait()
+                sink.write(memoryview(ciphertext))
     finally:
+        for _, wait in in_flight:
+            try:
+                wait()  # let the workers finish before the buffers go
+            except BaseException:
+                pass
         if pool is not None:
             pool.shutdown()
     return tags
