@@ -139,9 +139,23 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
         lines.append("No results recorded yet.")
     for path in files:
         doc = json.loads(path.read_text(encoding="utf-8"))
-        render_one = render_stream_run if doc.get("benchmark") == "stream_bench" else render_run
+        render_one = {"stream_bench": render_stream_run,
+                      "model_scale_run": render_model_scale_run}.get(doc.get("benchmark"), render_run)
         lines += render_one(path.stem, doc)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def render_model_scale_run(name: str, doc: dict) -> list[str]:
+    """A ``benchmarks/model_scale_run.py`` run: one model file end to end."""
+    lines = [f"## {name}", "",
+             f"`benchmarks/model_scale_run.py`: a {format_size(doc['size'])} safetensors file of "
+             f"{doc['tensors']} tensors, each step in its own process ({doc['cpu']}, "
+             f"{doc['cores']} cores, commit `{doc['commit'][:10]}`). decrypt-model's output is "
+             f"byte-identical to the input: {doc['identical']}. Peak RSS is the process's "
+             f"(imports included).", "", "| step | seconds | GB/s | peak RSS |", "|---|---:|---:|---:|"]
+    lines += [f"| {step} | {r['seconds']:.1f} | {doc['size'] / r['seconds'] / 1e9:.2f} | "
+              f"{r['peak_rss_mib']} MiB |" for step, r in doc["steps"].items()]
+    return lines + [""]
 
 
 def render_stream_run(name: str, doc: dict) -> list[str]:
