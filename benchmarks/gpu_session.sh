@@ -18,6 +18,10 @@
 #   cpu-tests  the rest of the suite (CI runs it anyway; only if time is left)
 #   bench      gpucrypt bench --device gpu --sizes $SIZES             -> $OUT/bench-h100.json, bench.log
 #   tensor     benchmarks/gpu_tensor_bench.py (torch state dicts)     -> $OUT/tensor-bench.json, bench.log
+#   files      benchmarks/stream_bench.py --model (segmented files, model load onto the
+#              GPU beside a pinned copy) and benchmarks/model_scale_run.py (a FILES_GIB
+#              model through encrypt-model, load_encrypted cpu and cuda, decrypt-model)
+#                                                                     -> $OUT/files-bench.json, bench.log
 # Every step runs under `timeout`; a failing step is recorded in $OUT/summary.txt and
 # the next one still runs. The script exits 0 unless the install failed.
 #
@@ -29,8 +33,9 @@
 #   run(command="bash benchmarks/gpu_session.sh .whl bench tensor", carry=[".whl"], timeout_s=600)
 # $OUT comes back (8 files at most; this script writes at most 8). Limits per step, in
 # seconds, from the environment: T_INSTALL (120), T_TESTS (330), T_CPU_TESTS (200),
-# T_BENCH (200), T_TENSOR (90). Other knobs: SIZES (1MiB,64MiB,1GiB), PYTEST_EXTRA
-# (added to the pytest command line, e.g. "-x" or "-k poly1305"), TENSOR_MIB (1024).
+# T_BENCH (200), T_TENSOR (90), T_FILES (240). Other knobs: SIZES (1MiB,64MiB,1GiB), PYTEST_EXTRA
+# (added to the pytest command line, e.g. "-x" or "-k poly1305"), TENSOR_MIB (1024),
+# FILES_GIB (4). install.log goes into env.txt, so that at most 8 files come back.
 #
 # What --prepare puts in WHEEL_DIR (about 18 MB; the tree that travels is capped at
 # 64 MiB): pip download (Python 3.12, manylinux x86-64, no dependencies) of
@@ -158,9 +163,9 @@ run_steps() {
     local s
     for s in "${STEPS[@]}"; do
         case $s in
-            install) step install "${T_INSTALL:-120}" bash -c do_install >> "$OUT/install.log" 2>&1 ||
-                         { note "install failed: see install.log"; exit 1; } ;;
-            env) step env 60 bash -c do_env > "$OUT/env.txt" 2>&1 ;;
+            install) step install "${T_INSTALL:-120}" bash -c do_install >> "$OUT/env.txt" 2>&1 ||
+                         { note "install failed: see env.txt"; exit 1; } ;;
+            env) step env 60 bash -c do_env >> "$OUT/env.txt" 2>&1 ;;
             gpu-tests)
                 # shellcheck disable=SC2046,SC2086
                 step gpu-tests "${T_TESTS:-330}" $PY -m pytest $(pytest_args) -m "gpu or cudasim" \
@@ -175,13 +180,27 @@ run_steps() {
             tensor)
                 step tensor "${T_TENSOR:-90}" $PY benchmarks/gpu_tensor_bench.py --mib "${TENSOR_MIB:-1024}" \
                     --json "$OUT/tensor-bench.json" 2>&1 | tee -a "$OUT/bench.log" | tail -15 ;;
-            *) note "unknown step $s (install env gpu-tests cpu-tests bench tensor)" ;;
+            files) step files "${T_FILES:-240}" bash -c do_files 2>&1 | tee -a "$OUT/bench.log" | tail -25 ;;
+            *) note "unknown step $s (install env gpu-tests cpu-tests bench tensor files)" ;;
         esac
     done
 }
 
-export PY WHEELS
-export -f do_install do_env
+do_files() {
+    local tmp
+    tmp=$(mktemp -d)
+    local rc=0
+    $PY benchmarks/stream_bench.py --size 1GiB --rounds 3 --model "$tmp" --json "$tmp/stream.json" || rc=1
+    $PY benchmarks/model_scale_run.py --size "${FILES_GIB:-4}GiB" --dir "$tmp/scale" \
+        --load-device cpu,cuda --json "$tmp/scale.json" || rc=1
+    $PY -c 'import json, sys; json.dump({k: json.load(open(p)) for k, p in zip(("stream_bench", "model_scale_run"), sys.argv[2:]) if __import__("os").path.exists(p)}, open(sys.argv[1], "w"), indent=1)' \
+        "$OUT/files-bench.json" "$tmp/stream.json" "$tmp/scale.json"
+    rm -rf "$tmp"
+    return $rc
+}
+
+export PY WHEELS OUT
+export -f do_install do_env do_files
 note "gpucrypt GPU session: steps ${STEPS[*]}; wheels $WHEELS; out $OUT; $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
 run_steps
 note "done in $((SECONDS - START))s"

@@ -27,6 +27,7 @@ JAX or numba unless the caller already did (or a result must be made in one).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from typing import Any
@@ -161,6 +162,31 @@ class Adapter:
     def current_stream(self, place) -> Any:
         return None
 
+    def allocation_stream(self, stream: Any):
+        """A context in which ``empty``/``empty_bytes`` allocate memory that work queued
+        on ``stream`` (a caller-given stream, or None) may use safely."""
+        return contextlib.nullcontext()
+
+    def used_on_stream(self, obj: Any, stream: Any) -> None:
+        """Tell the framework's allocator that ``obj``, allocated here, is used by work
+        queued on the caller-given ``stream``."""
+
+
+def stream_handle(stream: Any) -> int | None:
+    """The raw CUDA stream handle of a torch, CuPy or numba stream or an int (None for
+    None: the framework's current stream)."""
+    if stream is None:
+        return None
+    if isinstance(stream, int):
+        return stream
+    for attr in ("cuda_stream", "ptr"):  # torch.cuda.Stream, cupy.cuda.Stream
+        if hasattr(stream, attr):
+            return int(getattr(stream, attr))
+    handle = getattr(stream, "handle", None)  # numba
+    if handle is not None:
+        return int(getattr(handle, "value", handle) or 0)
+    raise TypeError(f"unsupported stream object {type(stream).__name__}")
+
 
 class NumpyAdapter(Adapter):
     name = "numpy"
@@ -242,6 +268,19 @@ class TorchAdapter(Adapter):
             return None
         return self._torch().cuda.current_stream(self._device(place))
 
+    def used_on_stream(self, obj, stream):
+        # The caching allocator ties a block to the stream current at allocation; without
+        # record_stream it could hand the block out again, once ``obj`` is freed, while the
+        # kernels queued on ``stream`` still write it.
+        handle = stream_handle(stream)
+        if handle is None or not obj.is_cuda:
+            return
+        torch = self._torch()
+        if handle == torch.cuda.current_stream(obj.device).cuda_stream:
+            return
+        obj.record_stream(stream if isinstance(stream, torch.cuda.Stream)
+                          else torch.cuda.ExternalStream(handle, device=obj.device))
+
 
 class CupyAdapter(Adapter):
     name = "cupy"
@@ -268,6 +307,14 @@ class CupyAdapter(Adapter):
 
     def current_stream(self, place):
         return importlib.import_module("cupy").cuda.get_current_stream()
+
+    def allocation_stream(self, stream):
+        # CuPy's pool keeps one arena per stream (the current one at allocation) and
+        # reuses freed blocks on that stream only: allocate on the stream that uses them.
+        handle = stream_handle(stream)
+        if handle is None:
+            return contextlib.nullcontext()
+        return importlib.import_module("cupy").cuda.ExternalStream(handle)
 
 
 class NumbaAdapter(Adapter):

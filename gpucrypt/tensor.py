@@ -447,7 +447,8 @@ class _Job:
     """One tensor of a batch on its way through encryption or decryption."""
 
     __slots__ = ("label", "adapter", "place", "x", "view", "dst_obj", "dst_view", "enc", "result",
-                 "nonce", "aad", "host_src", "host_dst", "dev_src", "dev_dst", "inplace", "error")
+                 "nonce", "aad", "host_src", "host_dst", "dev_src", "dev_dst", "inplace", "error",
+                 "allocated")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -534,37 +535,43 @@ def _resolve_stream(jobs: list[_Job], stream: Any, place) -> Any:
 
 def _encrypt_on_gpu(jobs: list[_Job], algorithm: str, key: bytes, inplace: bool,
                     stream: Any) -> None:
+    """One ``seal_batch`` for every job. Copies of host tensors and the outputs allocated
+    here go on the launch stream; outputs are marked as used on a caller-given stream."""
     gpu = get_backend("gpu")
     place = _single_place(j.place for j in jobs)
+    launch = _resolve_stream(jobs, stream, place)
     for job in jobs:
         if job.place == HOST:   # host tensor sent to the GPU: one device copy, in place there
             job.host_src = job.adapter.host_array(job.view)
             if inplace and not job.host_src.flags.writeable:
                 raise ValueError("inplace=True needs a writable tensor")
-            job.dev_src = job.dev_dst = gpu.to_device(job.host_src)
+            job.dev_src = job.dev_dst = gpu.to_device(job.host_src, stream=launch)
         else:
             job.dev_src = gpu.as_device_bytes(job.view)
             if inplace:
                 job.dst_obj, job.dev_dst = job.view, job.dev_src
             else:
-                job.dst_obj = job.adapter.empty_bytes(job.enc.nbytes, job.place)
+                with job.adapter.allocation_stream(stream):
+                    job.dst_obj = job.adapter.empty_bytes(job.enc.nbytes, job.place)
                 job.dev_dst = gpu.as_device_bytes(job.dst_obj)
     tags = gpu.seal_batch(algorithm, [key] * len(jobs), [j.nonce for j in jobs],
                           [j.dev_src for j in jobs], [j.aad for j in jobs],
-                          [j.dev_dst for j in jobs], stream=_resolve_stream(jobs, stream, place))
+                          [j.dev_dst for j in jobs], stream=launch)
     host_tags = None
     for row, job in enumerate(jobs):
         if job.place == HOST:
-            ct = np.ascontiguousarray(gpu.to_host(job.dev_dst)).reshape(-1)
+            ct = np.ascontiguousarray(gpu.to_host(job.dev_dst, stream=launch)).reshape(-1)
             if inplace:
                 job.host_src[:] = ct
                 job.enc._ciphertext = job.view
             else:
                 job.enc._ciphertext = job.adapter.adopt_host(ct)
             if host_tags is None:
-                host_tags = np.asarray(gpu.to_host(tags)).reshape(len(jobs), TAG_SIZE)
+                host_tags = np.asarray(gpu.to_host(tags, stream=launch)).reshape(len(jobs), TAG_SIZE)
             job.enc._tag = bytes(host_tags[row].tobytes())
         else:
+            if not inplace:
+                job.adapter.used_on_stream(job.dst_obj, stream)
             job.enc._ciphertext = job.dst_obj
             job.enc._tags, job.enc._tag_row = tags, row
 
@@ -662,11 +669,14 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     misfiled = [j for j in jobs if j.label is not None and j.enc.name is not None
                 and j.enc.name != j.label]
     todo = [j for j in jobs if j not in misfiled]
-    _prepare_outputs(todo)
+    _prepare_outputs(todo, stream)
     failed = [j for j in todo if not j.result[0] and not _open_on_host(j)]
     gpu_jobs = [j for j in todo if j.result[0]]
     if gpu_jobs:
         failed += _open_on_gpu(gpu_jobs, stream)
+        for job in gpu_jobs:
+            if job.allocated:
+                job.adapter.used_on_stream(job.dst_obj, stream)
     for job in todo:
         if job.inplace and job not in failed:
             job.enc._consumed = True
@@ -694,8 +704,9 @@ def _decides_inplace(enc: EncryptedTensor, out: Any, inplace: bool | None) -> bo
     return bool(inplace)
 
 
-def _prepare_outputs(jobs: list[_Job]) -> None:
-    """Choose each job's result object and the byte view its plaintext goes to."""
+def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
+    """Choose each job's result object and the byte view its plaintext goes to (results
+    allocated here are allocated for the caller's ``stream``)."""
     for job in jobs:
         enc = job.enc
         if job.inplace and enc._source is not None:
@@ -726,7 +737,9 @@ def _prepare_outputs(jobs: list[_Job]) -> None:
         else:
             try:
                 adapter = fw.result_adapter(enc.framework, job.place)
-                obj = adapter.empty(enc.dtype, enc.shape, job.place)
+                with adapter.allocation_stream(stream):
+                    obj = adapter.empty(enc.dtype, enc.shape, job.place)
+                job.allocated = job.place != HOST
             except ValueError as exc:
                 # This machine cannot make such a tensor (say bfloat16 as NumPy). Decrypt into
                 # plain bytes anyway, so that altered metadata still reads as InvalidTag;
@@ -760,11 +773,12 @@ def _open_on_gpu(jobs: list[_Job], stream: Any) -> list[_Job]:
     """Decrypt ``jobs`` with one ``open_batch`` call per algorithm; returns the failed jobs."""
     gpu = get_backend("gpu")
     place = _single_place([j.enc._place for j in jobs] + [j.place for j in jobs])
+    launch_stream = _resolve_stream_for(jobs, stream, place)
     srcs, dsts, copies_back = [], [], []
     for job in jobs:
         enc = job.enc
         if enc._place == HOST:
-            src = gpu.to_device(_host_bytes_of(enc.framework, enc._ciphertext))
+            src = gpu.to_device(_host_bytes_of(enc.framework, enc._ciphertext), stream=launch_stream)
         else:
             src = gpu.as_device_bytes(enc._ciphertext)
         if job.inplace:
@@ -773,7 +787,7 @@ def _open_on_gpu(jobs: list[_Job], stream: Any) -> list[_Job]:
                 copies_back.append((job, src, _host_bytes_of(enc.framework, enc._ciphertext)))
         elif job.place == HOST:   # host result computed on the GPU: decrypt in a device copy
             if enc._place != HOST:
-                src = gpu.to_device(gpu.to_host(src))
+                src = gpu.to_device(gpu.to_host(src, stream=launch_stream), stream=launch_stream)
             dst = src
             copies_back.append((job, src, job.adapter.host_array(job.dst_view)))
         else:
@@ -781,7 +795,6 @@ def _open_on_gpu(jobs: list[_Job], stream: Any) -> list[_Job]:
         srcs.append(src)
         dsts.append(dst)
     tags = _shared_tags(jobs)
-    launch_stream = _resolve_stream_for(jobs, stream, place)
     ok = np.zeros(len(jobs), dtype=bool)
     for algorithm in sorted({j.enc.algorithm for j in jobs}):
         idx = [i for i, j in enumerate(jobs) if j.enc.algorithm == algorithm]
@@ -793,7 +806,7 @@ def _open_on_gpu(jobs: list[_Job], stream: Any) -> list[_Job]:
         ok[idx] = np.asarray(sub, dtype=bool).reshape(-1)
     for job, dev, host in copies_back:
         if ok[jobs.index(job)]:
-            host[:] = np.asarray(gpu.to_host(dev)).reshape(-1)
+            host[:] = np.asarray(gpu.to_host(dev, stream=launch_stream)).reshape(-1)
         elif not job.inplace:
             host[:] = 0
     return [j for j, good in zip(jobs, ok) if not good]

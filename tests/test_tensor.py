@@ -7,6 +7,8 @@ CPU backend and on the GPU backend (numba's simulator here: inputs stay tiny).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import struct
 
@@ -369,6 +371,55 @@ def test_gpu_batch_is_one_seal_and_one_open_call(monkeypatch):
     back = gpucrypt.decrypt_tensors(encs, key, device="gpu")
     assert calls == {"seal_batch": 2, "open_batch": 1}
     assert all(back[n].tobytes() == tensors[n].tobytes() for n in tensors)
+
+
+@pytest.mark.cudasim
+def test_outputs_are_allocated_for_and_marked_with_the_callers_stream(monkeypatch):
+    """With a caller-given stream, outputs allocated here are allocated for it (CuPy's
+    per-stream pool) and marked as used on it (torch's record_stream); without one,
+    the current stream is the launch stream and the results are marked with None."""
+    require_gpu_backend()
+    from numba import cuda
+
+    from gpucrypt import _frameworks as fw
+
+    seen = []
+    adapter = fw.BY_NAME["numba"]
+
+    def allocation_stream(stream):
+        seen.append(("allocate", stream))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(adapter, "allocation_stream", allocation_stream)
+    monkeypatch.setattr(adapter, "used_on_stream", lambda obj, stream: seen.append(("use", stream)))
+    key = os.urandom(32)
+    x = random_array((3, 5), "float32")
+    d = cuda.to_device(x)
+    enc = gpucrypt.encrypt_tensor(d, key, stream=7)
+    y = gpucrypt.decrypt_tensor(enc, key, stream=7)
+    assert y.copy_to_host().tobytes() == x.tobytes()
+    assert seen == [("allocate", 7), ("use", 7), ("allocate", 7), ("use", 7)]
+    seen.clear()
+    gpucrypt.encrypt_tensor(d, key, inplace=True)  # nothing allocated, nothing to mark
+    assert seen == []
+
+
+def test_stream_handle():
+    from gpucrypt._frameworks import stream_handle
+
+    class Torchish:
+        cuda_stream = 11
+
+    class Cupyish:
+        ptr = 12
+
+    class Numbaish:
+        handle = ctypes.c_void_p(13)
+
+    assert [stream_handle(s) for s in (None, 5, Torchish(), Cupyish(), Numbaish())] == \
+        [None, 5, 11, 12, 13]
+    with pytest.raises(TypeError, match="unsupported stream object str"):
+        stream_handle("default")
 
 
 @pytest.mark.cudasim

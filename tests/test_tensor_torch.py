@@ -189,6 +189,20 @@ def test_torch_cuda_uses_the_given_stream():
 
 
 @pytest.mark.gpu
+def test_torch_cuda_explicit_side_stream():
+    """stream= names a side stream while the default one is current: the work and the
+    outputs belong to it, and the results are right once it is synchronised."""
+    key = os.urandom(32)
+    side = torch.cuda.Stream()
+    t = random_tensor((1 << 18,), "float16", "cuda")
+    torch.cuda.synchronize()
+    encs = gpucrypt.encrypt_tensors({"a": t, "b": t[:1000].clone()}, key, stream=side)
+    back = gpucrypt.decrypt_tensors(encs, key, stream=side)
+    side.synchronize()
+    assert as_bytes(back["a"]) == as_bytes(t) and as_bytes(back["b"]) == as_bytes(t[:1000])
+
+
+@pytest.mark.gpu
 def test_cupy_roundtrip():
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
     key = os.urandom(16)
