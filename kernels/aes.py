@@ -101,6 +101,7 @@ T-table access below has its own twins, chosen once at import.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 from numba import cuda, uint8, uint32, uint64, int64
@@ -576,12 +577,15 @@ _kernel = cuda.jit(cache=True)(_aes_ctr_xor_kernel)
 
 @functools.lru_cache(maxsize=None)
 def _resident_blocks_per_sm() -> int:
-    """Blocks of ``_kernel`` an SM holds at once (occupancy API), for the grid cap.
+    """Blocks of ``_kernel`` an SM holds at once, for the grid cap.
 
     The 32 KiB shared table and the register count limit residency below
     ``_launch.BLOCKS_PER_SM``; a grid larger than what is resident would run a
-    second, late wave of grid-stride blocks. Falls back to ``BLOCKS_PER_SM``
-    if the driver cannot say.
+    second, late wave of grid-stride blocks. The driver's occupancy API answers
+    (through numba's code library, which is not public API); where it cannot, the
+    same limit is worked out from the kernel's registers and shared memory and the
+    device's per-SM budgets (public attributes), with a warning, since that estimate
+    ignores allocation granularity.
     """
     from ._launch import BLOCKS_PER_SM
 
@@ -590,8 +594,21 @@ def _resident_blocks_per_sm() -> int:
         cufunc = overload._codelibrary.get_cufunc()
         ctx = cuda.current_context()
         return max(1, int(ctx.get_active_blocks_per_multiprocessor(cufunc, THREADS_PER_BLOCK, 0)))
-    except Exception:  # pragma: no cover - depends on the driver
-        return BLOCKS_PER_SM
+    except Exception as exc:  # pragma: no cover - depends on numba and the driver
+        reason = f"{type(exc).__name__}: {exc}"
+    try:  # pragma: no cover - as above
+        dev = cuda.get_current_device()
+        regs = _kernel.get_regs_per_thread(_SIGNATURE) * THREADS_PER_BLOCK
+        smem = _kernel.get_shared_mem_per_block(_SIGNATURE)
+        blocks = min(BLOCKS_PER_SM,
+                     dev.MAX_REGISTERS_PER_MULTIPROCESSOR // max(regs, 1),
+                     dev.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR // max(smem, 1))
+    except Exception as exc:  # pragma: no cover
+        blocks = BLOCKS_PER_SM
+        reason += f"; estimate failed too ({type(exc).__name__}: {exc})"
+    warnings.warn(f"AES-CTR: the occupancy API gave no answer ({reason}); the grid is capped "
+                  f"at {blocks} blocks per SM, an estimate", RuntimeWarning, stacklevel=3)
+    return max(1, int(blocks))
 
 
 def aes_ctr_xor(src, dst, round_keys, n_rounds, table, unit_start, n_segments, n_units, *, stream=0):
