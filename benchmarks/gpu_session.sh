@@ -17,7 +17,7 @@
 #              kernels, on the device), junit XML                     -> $OUT/pytest.log, pytest.xml
 #   cpu-tests  the rest of the suite (CI runs it anyway; only if time is left)
 #   bench      gpucrypt bench --device gpu --sizes $SIZES             -> $OUT/bench-h100.json, bench.log
-#   tensor     benchmarks/gpu_tensor_bench.py (torch state dicts)     -> $OUT/tensor-bench.json, bench.log
+#   tensor     benchmarks/tensor_bench.py --device cuda (state dicts)  -> $OUT/tensor-bench.json, bench.log
 #   files      benchmarks/stream_bench.py --model (segmented files, model load onto the
 #              GPU beside a pinned copy) and benchmarks/model_scale_run.py (a FILES_GIB
 #              model through encrypt-model, load_encrypted cpu and cuda, decrypt-model)
@@ -33,8 +33,8 @@
 #   run(command="bash benchmarks/gpu_session.sh .whl bench tensor", carry=[".whl"], timeout_s=600)
 # $OUT comes back (8 files at most; this script writes at most 8). Limits per step, in
 # seconds, from the environment: T_INSTALL (120), T_TESTS (330), T_CPU_TESTS (200),
-# T_BENCH (200), T_TENSOR (90), T_FILES (240). Other knobs: SIZES (1MiB,64MiB,1GiB), PYTEST_EXTRA
-# (added to the pytest command line, e.g. "-x" or "-k poly1305"), TENSOR_MIB (1024),
+# T_BENCH (200), T_TENSOR (150), T_FILES (240). Other knobs: SIZES (1MiB,64MiB,1GiB), PYTEST_EXTRA
+# (added to the pytest command line, e.g. "-x" or "-k poly1305"), TENSOR_MIB (4096),
 # FILES_GIB (4). install.log goes into env.txt, so that at most 8 files come back.
 #
 # What --prepare puts in WHEEL_DIR (about 18 MB; the tree that travels is capped at
@@ -178,7 +178,7 @@ run_steps() {
                 step bench "${T_BENCH:-200}" $PY -m gpucrypt bench --device gpu --sizes "${SIZES:-1MiB,64MiB,1GiB}" \
                     --json "$OUT/bench-h100.json" 2>&1 | tee -a "$OUT/bench.log" | tail -60 ;;
             tensor)
-                step tensor "${T_TENSOR:-90}" $PY benchmarks/gpu_tensor_bench.py --mib "${TENSOR_MIB:-1024}" \
+                step tensor "${T_TENSOR:-150}" $PY benchmarks/tensor_bench.py --device cuda --mib "${TENSOR_MIB:-4096}" \
                     --json "$OUT/tensor-bench.json" 2>&1 | tee -a "$OUT/bench.log" | tail -15 ;;
             files) step files "${T_FILES:-240}" bash -c do_files 2>&1 | tee -a "$OUT/bench.log" | tail -25 ;;
             *) note "unknown step $s (install env gpu-tests cpu-tests bench tensor files)" ;;

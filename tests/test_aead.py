@@ -397,17 +397,20 @@ def test_env_override_of_auto(monkeypatch):
         select_backend("auto", 0)
 
 
+@pytest.mark.parametrize("size", [0, 1, 17, 333, 5000])
 @pytest.mark.parametrize("name,nonce_len", [("chacha20-poly1305", 12), ("aes-128-gcm", 12), ("aes-256-gcm", 12),
                                             ("aes-128-gcm", 1), ("aes-256-gcm", 60)])
-def test_cpu_detached_tag_form_in_place_and_out(name, nonce_len):
+def test_cpu_detached_tag_form_in_place_and_out(name, nonce_len, size, monkeypatch):
     """The CPU backend's detached-tag form (buffers holding exactly the data, e.g. a tensor's
     own memory) gives the AEAD's bytes, verifies before writing, and keeps in-place
-    ciphertext intact on failure."""
-    from gpucrypt.backends import get_backend
+    ciphertext intact on failure (GCM's in-place verification pass runs in 64-byte
+    pieces here, so that several pieces are checked)."""
+    from gpucrypt.backends import cpu, get_backend
 
+    monkeypatch.setattr(cpu, "_SCRATCH", 64)
     cls, key_len, std_nonce = CLASSES[name]
     key, nonce, aad = os.urandom(key_len), os.urandom(nonce_len), os.urandom(7)
-    data = os.urandom(333)
+    data = os.urandom(size)
     algorithm = "aes-gcm" if "gcm" in name else name
     ctx = get_backend("cpu").aead(algorithm, key)
     expected = cls(key, device="cpu").encrypt(nonce, data, aad)
@@ -418,6 +421,12 @@ def test_cpu_detached_tag_form_in_place_and_out(name, nonce_len):
     with pytest.raises(InvalidTag):
         ctx.open_detached(nonce, memoryview(buf), bad_tag, memoryview(aad), memoryview(buf))
     assert bytes(buf) == expected[:-16], "a failed in-place open must leave the ciphertext"
+    if size:  # a flipped ciphertext bit, in the last piece
+        buf[-1] ^= 1
+        with pytest.raises(InvalidTag):
+            ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(buf))
+        buf[-1] ^= 1
+        assert bytes(buf) == expected[:-16]
     out = bytearray(b"\x55" * len(data))
     with pytest.raises(InvalidTag):
         ctx.open_detached(nonce, memoryview(bytes(buf)), bad_tag, memoryview(aad), memoryview(out))

@@ -30,6 +30,8 @@ OPENSSL_AEAD_MAX = 2**31 - 1
 #: piece size for the composed (long-message) paths
 _PIECE = 1 << 30
 _ZEROS16 = bytes(16)
+#: scratch bytes for verifying a GCM message before decrypting it in place
+_SCRATCH = 1 << 20
 
 
 def _zero(out: memoryview) -> None:
@@ -166,8 +168,10 @@ class _AesGcm(_OpenSslAead):
         return enc.tag
 
     def open_detached(self, nonce, data, tag, aad, out):
-        if _same_memory(data, out) or not self._streaming(nonce, len(data), len(aad)):
+        if not self._streaming(nonce, len(data), len(aad)):
             return super().open_detached(nonce, data, tag, aad, out)
+        if _same_memory(data, out):
+            return self._open_in_place(nonce, data, tag, aad, out)
         dec = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).decryptor()
         dec.authenticate_additional_data(aad)
         _xor_into(dec, data, out)  # into the caller's separate buffer, zeroed below if the tag fails
@@ -176,6 +180,24 @@ class _AesGcm(_OpenSslAead):
         except InvalidTag:
             _zero(out)
             raise
+
+    def _open_in_place(self, nonce, data, tag, aad, out):
+        """Verify first, writing nothing: OpenSSL's GCM decryptor runs over the ciphertext
+        into a small scratch buffer whose plaintext is dropped (and wiped); then, once
+        the tag matched, CTR decrypts in place. Two OpenSSL passes: the GHASH oracle
+        of the composed path costs ~0.8 ms of Python field arithmetic per call, which
+        made in-place decryption of small tensors 100x slower."""
+        dec = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).decryptor()
+        dec.authenticate_additional_data(aad)
+        piece = max(1, min(len(data), _SCRATCH))
+        scratch = bytearray(piece + 15)  # update_into wants block_size - 1 bytes of slack
+        try:
+            for start in range(0, len(data), piece):
+                dec.update_into(data[start:start + piece], scratch)
+            dec.finalize_with_tag(bytes(tag))
+        finally:
+            scratch[:] = bytes(len(scratch))
+        self._ctr(self._j0(nonce), data, out)
 
     def _xor(self, j0, data, out):
         self._ctr(j0, data, out)

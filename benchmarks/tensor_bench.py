@@ -1,0 +1,210 @@
+"""The tensor API on torch state dicts: model-shaped batches against one buffer, and the
+per-call overhead of a small tensor.
+
+Issue 5 asks that encrypting a model-sized state dict (300 tensors) runs at >= 80% of
+the single-buffer throughput, and that the per-call cost of a small tensor be
+measured. Cases, per algorithm, each timed in interleaved rounds (medians):
+
+- ``single``: one uint8 tensor of ``--mib`` MiB, in place (the reference);
+- ``model``: 300 bfloat16 tensors adding up to the same bytes, sized like a
+  transformer's (a few large embeddings, many mid-sized projections, small norms),
+  ``encrypt_tensors``/``decrypt_tensors`` in place: one batch;
+- ``many``: 2048 tensors of 16 KiB (per-tensor cost inside one batch);
+- ``small``: ``encrypt_tensor``/``decrypt_tensor`` of one 4 KiB tensor, microseconds
+  per call, next to ``cryptography``'s AEAD on the same 4 KiB bytes (host memory)
+  in the same run.
+
+``--device cuda`` times on the GPU (torch CUDA tensors; CUDA events around the
+calls for the batches, wall clock for ``small`` with a synchronisation at the end);
+``--device cpu`` times torch CPU tensors with ``time.perf_counter``. Every timed round
+trip is checked byte for byte. On the GPU, a first check that work queued on a torch
+side stream is waited for: encrypt there, read ``to_bytes()`` at once, decrypt those
+bytes on the CPU.
+
+Usage::
+
+    python benchmarks/tensor_bench.py --device cpu [--mib 256] [--reps 5] [--json F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ALGORITHMS = ("chacha20-poly1305", "aes-gcm")
+
+
+def model_sizes(total: int, count: int = 300) -> list[int]:
+    """Byte sizes (even: bfloat16) of ``count`` tensors adding up to about ``total``:
+    2 embeddings of 8 units, then per layer 4 projections of 2, 3 of 5 and 2 norms of
+    1/64 (units scaled to the total)."""
+    layers = (count - 2) // 9
+    shape = [8, 8] + [2, 2, 2, 2, 5, 5, 5, 1 / 64, 1 / 64] * layers
+    shape += [1 / 64] * (count - len(shape))
+    unit = total / sum(shape)
+    return [max(2, int(u * unit) // 2 * 2) for u in shape]
+
+
+def state_dict(torch, kind: str, total: int, device: str) -> dict:
+    gen = torch.Generator(device=device).manual_seed(1)
+    if kind == "single":
+        return {"w": torch.randint(0, 256, (total,), dtype=torch.uint8, device=device, generator=gen)}
+    if kind == "model":
+        return {f"layer.{i}": torch.randn(n // 2, device=device, generator=gen).to(torch.bfloat16)
+                for i, n in enumerate(model_sizes(total))}
+    return {f"t{i}": torch.randint(0, 256, (16384,), dtype=torch.uint8, device=device, generator=gen)
+            for i in range(2048)}
+
+
+class _Clock:
+    """Seconds between marks: CUDA events on the GPU, perf_counter on the CPU."""
+
+    def __init__(self, torch, device: str):
+        self.torch, self.cuda = torch, device == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = self.torch.cuda.Event(enable_timing=True)
+            event.record(self.torch.cuda.current_stream())
+            return event
+        return time.perf_counter()
+
+    def seconds(self, a, b) -> float:
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3
+        return b - a
+
+
+def time_batches(torch, gpucrypt, clock, cases: dict, reps: int) -> list[dict]:
+    """Interleaved rounds over every (kind, algorithm): in-place encrypt, then decrypt."""
+    key = os.urandom(32)
+    refs = {name: {n: t.clone() for n, t in tensors.items()} for name, tensors in cases.items()}
+    times = {name: ([], []) for name in cases}
+    for rep in range(reps + 1):  # the first round warms up (kernel compilation)
+        for name, tensors in cases.items():
+            algorithm = name[1]
+            a = clock.mark()
+            encs = gpucrypt.encrypt_tensors(tensors, key, algorithm=algorithm, inplace=True)
+            b = clock.mark()
+            gpucrypt.decrypt_tensors(encs, key)
+            c = clock.mark()
+            if rep:
+                times[name][0].append(clock.seconds(a, b))
+                times[name][1].append(clock.seconds(b, c))
+    rows = []
+    for (kind, algorithm), tensors in cases.items():
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        enc, dec = (statistics.median(ts) for ts in times[(kind, algorithm)])
+        same = all(torch.equal(tensors[n], refs[(kind, algorithm)][n]) for n in tensors)
+        rows.append({"case": kind, "algorithm": algorithm, "tensors": len(tensors), "bytes": nbytes,
+                     "reps": reps, "encrypt_s": enc, "decrypt_s": dec,
+                     "encrypt_gbps": nbytes / enc / 1e9, "decrypt_gbps": nbytes / dec / 1e9,
+                     "roundtrip_identical": same})
+    return rows
+
+
+def time_small(torch, gpucrypt, device: str, calls: int, reps: int) -> list[dict]:
+    """Microseconds per call for one 4 KiB tensor, and for cryptography on its bytes."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+    key = os.urandom(32)
+    x = torch.randint(0, 256, (4096,), dtype=torch.uint8, device=device)
+    raw = bytes(x.cpu().numpy())
+    nonce = os.urandom(12)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = []
+    for algorithm, reference in zip(ALGORITHMS, (ChaCha20Poly1305, AESGCM)):
+        ref_aead = reference(key)
+        cells = {
+            "encrypt_tensor": lambda: gpucrypt.encrypt_tensor(x, key, algorithm=algorithm),
+            "encrypt_tensor+decrypt_tensor": lambda: gpucrypt.decrypt_tensor(
+                gpucrypt.encrypt_tensor(x, key, algorithm=algorithm), key),
+            "cryptography encrypt (host bytes)": lambda: ref_aead.encrypt(nonce, raw, None),
+        }
+        times = {name: [] for name in cells}
+        for _ in range(reps + 1):
+            for name, call in cells.items():
+                sync()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    call()
+                sync()
+                times[name].append((time.perf_counter() - start) / calls)
+        for name, ts in times.items():
+            rows.append({"case": "small", "algorithm": algorithm, "what": name, "bytes": 4096,
+                         "us_per_call": statistics.median(ts[1:]) * 1e6})
+    return rows
+
+
+def side_stream_check(torch, gpucrypt) -> str:
+    from gpucrypt import EncryptedTensor
+
+    key = os.urandom(32)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x = torch.randn(64 << 18, device="cuda")  # 64 MiB of float32, written on the side stream
+        enc = gpucrypt.encrypt_tensor(x, key)
+        blob = enc.to_bytes()  # must wait for the side stream's work
+    back = gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(blob), key, device="cpu")
+    side.synchronize()
+    return "ok" if torch.equal(back, x.cpu()) else "MISMATCH"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    parser.add_argument("--mib", type=int, default=1024, help="MiB in 'single' and 'model'")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=200, help="calls per round for 'small'")
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args(argv)
+    import torch
+
+    import gpucrypt
+    from gpucrypt.bench import _cpu_model
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("torch has no CUDA device here", file=sys.stderr)
+        return 1
+    name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_model()
+    out = {"benchmark": "tensor_bench", "device": args.device, "device_name": name,
+           "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "mib": args.mib, "cases": []}
+    if args.device == "cuda":
+        out["side_stream_to_bytes"] = side_stream_check(torch, gpucrypt)
+        print(f"side-stream encrypt then to_bytes: {out['side_stream_to_bytes']}", flush=True)
+    total = args.mib << 20
+    for kinds in (("single", "model"), ("many",)):
+        cases = {(k, a): state_dict(torch, k, total, args.device) for k in kinds for a in ALGORITHMS}
+        out["cases"] += time_batches(torch, gpucrypt, _Clock(torch, args.device), cases, args.reps)
+        del cases
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    for row in out["cases"]:
+        print(f"{row['case']:6} {row['algorithm']:18} {row['tensors']:5} tensors "
+              f"{row['bytes'] / 2**20:8.1f} MiB  encrypt {row['encrypt_gbps']:7.2f} GB/s  "
+              f"decrypt {row['decrypt_gbps']:7.2f} GB/s  identical={row['roundtrip_identical']}")
+    for algorithm in ALGORITHMS:
+        single, model = (next(r for r in out["cases"] if r["case"] == k and r["algorithm"] == algorithm)
+                         for k in ("single", "model"))
+        ratio = {op: model[f"{op}_gbps"] / single[f"{op}_gbps"] for op in ("encrypt", "decrypt")}
+        out.setdefault("model_over_single", {})[algorithm] = ratio
+        print(f"model / single, {algorithm}: encrypt x{ratio['encrypt']:.2f}, "
+              f"decrypt x{ratio['decrypt']:.2f} (issue 5 asks >= 0.80 on the GPU)")
+    out["small"] = time_small(torch, gpucrypt, args.device, args.calls, args.reps)
+    for row in out["small"]:
+        print(f"small  {row['algorithm']:18} {row['what']:36} {row['us_per_call']:8.1f} us/call")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    ok = out.get("side_stream_to_bytes", "ok") == "ok" and all(
+        r["roundtrip_identical"] for r in out["cases"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
