@@ -163,13 +163,10 @@ class Adapter:
         return None
 
     def allocation_stream(self, stream: Any):
-        """A context in which ``empty``/``empty_bytes`` allocate memory that work queued
-        on ``stream`` (a caller-given stream, or None) may use safely."""
+        """A context in which ``empty``/``empty_bytes`` allocate memory for work queued on
+        ``stream`` (a caller-given stream, or None for the current one): the memory
+        belongs to that stream, as if the caller had allocated it there."""
         return contextlib.nullcontext()
-
-    def used_on_stream(self, obj: Any, stream: Any) -> None:
-        """Tell the framework's allocator that ``obj``, allocated here, is used by work
-        queued on the caller-given ``stream``."""
 
 
 def stream_handle(stream: Any) -> int | None:
@@ -268,18 +265,18 @@ class TorchAdapter(Adapter):
             return None
         return self._torch().cuda.current_stream(self._device(place))
 
-    def used_on_stream(self, obj, stream):
-        # The caching allocator ties a block to the stream current at allocation; without
-        # record_stream it could hand the block out again, once ``obj`` is freed, while the
-        # kernels queued on ``stream`` still write it.
+    def allocation_stream(self, stream):
+        # The caching allocator ties a block to the stream current at allocation and hands
+        # it out again in that stream's order: allocated on the current stream but
+        # written on ``stream``, a block could be reused (or still be in use) by work on
+        # the current stream that ``stream`` is not ordered with.
         handle = stream_handle(stream)
-        if handle is None or not obj.is_cuda:
-            return
+        if handle is None:
+            return contextlib.nullcontext()
         torch = self._torch()
-        if handle == torch.cuda.current_stream(obj.device).cuda_stream:
-            return
-        obj.record_stream(stream if isinstance(stream, torch.cuda.Stream)
-                          else torch.cuda.ExternalStream(handle, device=obj.device))
+        if not isinstance(stream, torch.cuda.Stream):
+            stream = torch.cuda.ExternalStream(handle)
+        return torch.cuda.stream(stream)
 
 
 class CupyAdapter(Adapter):

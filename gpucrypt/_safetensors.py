@@ -75,29 +75,43 @@ class StoredTensor:
 def open_safetensors(path: str, fd: int) -> tuple[dict[str, StoredTensor], dict | None]:
     """The tensors of the safetensors file ``path`` (opened read-only as ``fd`` by the
     caller, who closes it) and its ``__metadata__``. ``ValueError`` when the package
-    refuses the file or a dtype has no portable name."""
+    refuses the file or a dtype has no portable name.
+
+    The package checks the very file behind ``fd`` (through ``/proc/self/fd`` where
+    that exists, else by ``path`` after making sure it is still the same file), so
+    the offsets read here are the ones it validated."""
     import safetensors
 
+    checked = f"/proc/self/fd/{fd}"
+    if not os.path.exists(checked):
+        checked = path
+        here, there = os.stat(path), os.fstat(fd)
+        if (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino):
+            raise ValueError("the file was replaced while it was being opened")
     try:
-        with safetensors.safe_open(path, framework="np") as f:
+        with safetensors.safe_open(checked, framework="np") as f:
             metadata = f.metadata()
             names = list(f.keys())
     except (safetensors.SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"not a readable safetensors file ({exc})") from None
     # The package validated the header; its offsets are not exposed, so read them here.
-    (length,) = _HEADER_LENGTH.unpack(os.pread(fd, _HEADER_LENGTH.size, 0))
-    header = json.loads(os.pread(fd, length, _HEADER_LENGTH.size))
-    data_start = _HEADER_LENGTH.size + length
+    try:
+        (length,) = _HEADER_LENGTH.unpack(os.pread(fd, _HEADER_LENGTH.size, 0))
+        if length > os.fstat(fd).st_size:
+            raise ValueError("header longer than the file")
+        header = json.loads(os.pread(fd, length, _HEADER_LENGTH.size))
+        data_start = _HEADER_LENGTH.size + length
+        entries = {name: (header[name]["dtype"], tuple(header[name]["shape"]),
+                          *header[name]["data_offsets"]) for name in names}
+    except (struct.error, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"the file changed after it was checked ({type(exc).__name__})") from None
     tensors = {}
-    for name in names:
-        entry = header[name]
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    for name, (code, shape, begin, end) in entries.items():
+        dtype = SAFETENSORS_DTYPES.get(code)
         if dtype is None:
-            raise ValueError(f"tensor {name!r} has safetensors dtype {entry['dtype']}, which "
-                             f"gpucrypt cannot store (supported: {', '.join(SAFETENSORS_DTYPES)})")
-        begin, end = entry["data_offsets"]
-        tensors[name] = StoredTensor(dtype, tuple(entry["shape"]), fd, data_start + begin,
-                                     end - begin)
+            raise ValueError(f"tensor {name!r} has safetensors dtype {code}, which gpucrypt "
+                             f"cannot store (supported: {', '.join(SAFETENSORS_DTYPES)})")
+        tensors[name] = StoredTensor(dtype, shape, fd, data_start + begin, end - begin)
     return tensors, metadata
 
 

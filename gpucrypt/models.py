@@ -45,7 +45,8 @@ decrypt) on a thread pool. No other copy of the data is made.
 Limits:
 
 - ``save_encrypted`` seals device tensors on the GPU (their plaintext stays there);
-  with ``device="cpu"`` it copies them to the host one tensor at a time;
+  with ``device="cpu"`` it copies them to the host a tensor at a time (the copies of
+  the tensors the two batches in flight touch are alive at once);
 - the table is at most 100 MiB, a tensor name at most 64 KiB of UTF-8, a file at most
   2**32 segments; metadata is a ``dict[str, str]`` (as in safetensors);
 - little-endian hosts (the bytes are the tensors' in-memory bytes, as in the tensor API).
@@ -667,6 +668,9 @@ def _seal_on_gpu(gpu, header, seg_key, aad, values, segments, sink) -> list[byte
     device copy of the staging buffer; ciphertext and tags back to the host."""
     plain, count, tags = _Plaintext(values, gpu), len(segments), []
     name = _format.BACKEND_NAMES[header.algorithm]
+    # Device tensors may still be being written on the caller's streams (a torch side
+    # stream is not ordered with ours): wait for them once.
+    gpu.synchronize_device()
     for batch in _batches(segments, _GPU_BATCH_BYTES):
         staging = np.empty(sum(s.length for s in batch), dtype=np.uint8)
         cursor, bounds, on_device = 0, [], []
@@ -758,7 +762,8 @@ def _prepare_open(f, key: bytes):
 
 def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = None) -> ModelHeader:
     """Decrypt the model file ``path`` into a plain safetensors file ``out``, a batch of
-    segments at a time (memory: two batches, whatever the model's size).
+    segments at a time (memory: two batches of about 8 MiB, or of one segment when
+    segments are larger, whatever the model's size).
 
     ``out`` gets the bytes ``safetensors.save_file`` would write for the same tensors and
     metadata (metadata keys in the file's order). It is written atomically (temporary
@@ -776,13 +781,14 @@ def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = N
         prefix, offsets = safetensors_layout(
             [(i.name, i.dtype, i.shape, i.nbytes) for i in infos], header.metadata or None)
         where = [offsets[i.name] for i in infos]
-        buffers = [np.empty(_CPU_BATCH_BYTES, dtype=np.uint8) for _ in range(2)]
-        in_batch = {}  # segment index -> its offset in its batch's buffer
+        in_batch, largest = {}, 0  # segment index -> its offset in its batch's buffer
         for batch in _batches(segments, _CPU_BATCH_BYTES):
             cursor = 0
             for s in batch:
                 in_batch[s.index] = cursor
                 cursor += s.length
+            largest = max(largest, cursor)  # a single segment may exceed the batch size
+        buffers = [np.empty(largest, dtype=np.uint8) for _ in range(2)]
 
         def place(s: _Segment, k: int) -> np.ndarray:
             return buffers[k % 2][in_batch[s.index]:in_batch[s.index] + s.length]

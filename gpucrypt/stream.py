@@ -497,18 +497,28 @@ def _decrypt_segments(source: _Source, sink: AtomicFile | FileObjectOutput, engi
         nxt = source.fill(in_bufs[(k + 1) % (depth + 1)]) if len(ct) == B * C else ct[:0]
         final = not len(nxt)
         out = out_bufs[k % (depth + 1)]
-        spans, n_out = _open_spans(first, ct, out, S, last_on_final=final)
+        try:
+            spans, n_out = _open_spans(first, ct, out, S, last_on_final=final)
+        except TruncatedError:
+            _finish_batches(in_flight, 0, engine, sink, S)  # an earlier failure comes first
+            raise
         in_flight.append((engine.start(spans, "open"), spans, out[:n_out], final))
-        while len(in_flight) > (0 if final else depth - 1):
-            wait, done, plaintext, ends = in_flight.pop(0)
-            bad = wait()
-            if bad is not None:
-                sink.write(plaintext[:(bad - done[0][0]) * S])
-                raise _failure(engine, done, bad, ends and bad == done[-1][0])
-            sink.write(plaintext)
+        _finish_batches(in_flight, 0 if final else depth - 1, engine, sink, S)
         if final:
             return
         first, ct, k = first + len(spans), nxt, k + 1
+
+
+def _finish_batches(in_flight: list, keep: int, engine, sink, S: int) -> None:
+    """Wait for the oldest batches until ``keep`` remain, writing each once all its
+    segments verified; on a failure, write the verified segments before it and raise."""
+    while len(in_flight) > keep:
+        wait, done, plaintext, ends = in_flight.pop(0)
+        bad = wait()
+        if bad is not None:
+            sink.write(plaintext[:(bad - done[0][0]) * S])
+            raise _failure(engine, done, bad, ends and bad == done[-1][0])
+        sink.write(plaintext)
 
 
 # ============================================================================ random access

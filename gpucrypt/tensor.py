@@ -447,8 +447,7 @@ class _Job:
     """One tensor of a batch on its way through encryption or decryption."""
 
     __slots__ = ("label", "adapter", "place", "x", "view", "dst_obj", "dst_view", "enc", "result",
-                 "nonce", "aad", "host_src", "host_dst", "dev_src", "dev_dst", "inplace", "error",
-                 "allocated")
+                 "nonce", "aad", "host_src", "host_dst", "dev_src", "dev_dst", "inplace", "error")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -535,8 +534,8 @@ def _resolve_stream(jobs: list[_Job], stream: Any, place) -> Any:
 
 def _encrypt_on_gpu(jobs: list[_Job], algorithm: str, key: bytes, inplace: bool,
                     stream: Any) -> None:
-    """One ``seal_batch`` for every job. Copies of host tensors and the outputs allocated
-    here go on the launch stream; outputs are marked as used on a caller-given stream."""
+    """One ``seal_batch`` for every job. Copies of host tensors go on the launch stream,
+    and outputs are allocated for a caller-given stream."""
     gpu = get_backend("gpu")
     place = _single_place(j.place for j in jobs)
     launch = _resolve_stream(jobs, stream, place)
@@ -570,8 +569,6 @@ def _encrypt_on_gpu(jobs: list[_Job], algorithm: str, key: bytes, inplace: bool,
                 host_tags = np.asarray(gpu.to_host(tags, stream=launch)).reshape(len(jobs), TAG_SIZE)
             job.enc._tag = bytes(host_tags[row].tobytes())
         else:
-            if not inplace:
-                job.adapter.used_on_stream(job.dst_obj, stream)
             job.enc._ciphertext = job.dst_obj
             job.enc._tags, job.enc._tag_row = tags, row
 
@@ -674,9 +671,6 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     gpu_jobs = [j for j in todo if j.result[0]]
     if gpu_jobs:
         failed += _open_on_gpu(gpu_jobs, stream)
-        for job in gpu_jobs:
-            if job.allocated:
-                job.adapter.used_on_stream(job.dst_obj, stream)
     for job in todo:
         if job.inplace and job not in failed:
             job.enc._consumed = True
@@ -737,9 +731,8 @@ def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
         else:
             try:
                 adapter = fw.result_adapter(enc.framework, job.place)
-                with adapter.allocation_stream(stream):
+                with adapter.allocation_stream(stream if job.place != HOST else None):
                     obj = adapter.empty(enc.dtype, enc.shape, job.place)
-                job.allocated = job.place != HOST
             except ValueError as exc:
                 # This machine cannot make such a tensor (say bfloat16 as NumPy). Decrypt into
                 # plain bytes anyway, so that altered metadata still reads as InvalidTag;

@@ -575,6 +575,10 @@ _SIGNATURE = "void(uint8[::1], uint8[::1], uint32[:, ::1], int64, uint64[:, ::1]
 _kernel = cuda.jit(cache=True)(_aes_ctr_xor_kernel)
 
 
+#: shared memory the driver reserves per resident block (sm_80 and later)
+_RESERVED_SHARED_PER_BLOCK = 1024
+
+
 @functools.lru_cache(maxsize=None)
 def _resident_blocks_per_sm() -> int:
     """Blocks of ``_kernel`` an SM holds at once, for the grid cap.
@@ -598,9 +602,11 @@ def _resident_blocks_per_sm() -> int:
         reason = f"{type(exc).__name__}: {exc}"
     try:  # pragma: no cover - as above
         dev = cuda.get_current_device()
-        regs = _kernel.get_regs_per_thread(_SIGNATURE) * THREADS_PER_BLOCK
-        smem = _kernel.get_shared_mem_per_block(_SIGNATURE)
+        overload = next(iter(_kernel.overloads.values()))
+        regs = overload.regs_per_thread * THREADS_PER_BLOCK
+        smem = overload.shared_mem_per_block + _RESERVED_SHARED_PER_BLOCK
         blocks = min(BLOCKS_PER_SM,
+                     dev.MAX_THREADS_PER_MULTIPROCESSOR // THREADS_PER_BLOCK,
                      dev.MAX_REGISTERS_PER_MULTIPROCESSOR // max(regs, 1),
                      dev.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR // max(smem, 1))
     except Exception as exc:  # pragma: no cover

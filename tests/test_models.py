@@ -443,14 +443,22 @@ def test_device_tensors_are_sealed_on_the_device(gpu_files, tmp_path, monkeypatc
 
 
 @pytest.mark.cudasim
-def test_device_tensors_sealed_on_the_cpu_are_copied_one_at_a_time(gpu_files, tmp_path):
+def test_device_tensors_sealed_on_the_cpu_are_copied_a_tensor_at_a_time(gpu_files, tmp_path,
+                                                                         monkeypatch):
+    """device="cpu": each device tensor is copied to the host once (not once per segment)."""
     from numba import cuda
 
     _, tensors = gpu_files
-    models.save_encrypted({"w": cuda.to_device(tensors["w"])}, tmp_path / "c", KEY,
-                          segment_size=SEG, device="cpu")
+    copies = []
+    host_bytes = models._host_bytes
+    monkeypatch.setattr(models, "_host_bytes", lambda x: copies.append(x) or host_bytes(x))
+    on_device = {"w": cuda.to_device(tensors["w"]), "b": cuda.to_device(tensors["b"])}
+    models.save_encrypted(on_device, tmp_path / "c", KEY, segment_size=SEG, device="cpu")
+    assert [c is on_device[n] for c, n in zip(copies, ("w", "b"))] == [True, True]
+    assert len(copies) == 2  # w has two segments, copied once
     got = models.load_encrypted(tmp_path / "c", KEY, "cpu", framework="numpy")
     assert got["w"].tobytes() == tensors["w"].tobytes()
+    assert got["b"].tobytes() == tensors["b"].tobytes()
 
 
 @pytest.mark.gpu
@@ -592,16 +600,34 @@ def test_export_writes_nothing_when_a_later_batch_fails(saved, tmp_path, monkeyp
     assert sorted(os.listdir(tmp_path)) == sorted(["model.gcsafetensors"])
 
 
-def test_export_round_trip_matches_save_file(saved, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch_bytes", [SEG // 2, 2 * SEG])
+def test_export_round_trip_matches_save_file(saved, tmp_path, monkeypatch, batch_bytes):
+    """Many batches on two threads; with SEG // 2 every batch is one segment larger than
+    the batch size."""
     from safetensors.torch import save_file
 
     path, tensors = saved
-    monkeypatch.setattr(models, "_CPU_BATCH_BYTES", 2 * SEG)  # many batches, both buffers
+    monkeypatch.setattr(models, "_CPU_BATCH_BYTES", batch_bytes)
     models.export_safetensors(path, tmp_path / "out.safetensors", KEY, threads=2)
     save_file(tensors, str(tmp_path / "want.safetensors"), metadata={"arch": "mlp"})
     assert (tmp_path / "out.safetensors").read_bytes() == \
         (tmp_path / "want.safetensors").read_bytes()
     assert oct(os.stat(tmp_path / "out.safetensors").st_mode & 0o777) == "0o600"
+
+
+def test_cli_refuses_sub_byte_safetensors_dtypes(tmp_path, capsys):
+    """safetensors' F4 (two float4 values a byte; its shape counts values) has no byte-sized
+    portable name: a one-line error naming the tensor, exit code 1, no output."""
+    from safetensors.torch import save_file
+
+    packed = torch.zeros(4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    save_file({"q": packed, "w": torch.ones(2)}, str(tmp_path / "f4.safetensors"))
+    (tmp_path / "key").write_bytes(KEY)
+    assert cli(["encrypt-model", "--key-file", str(tmp_path / "key"),
+                str(tmp_path / "f4.safetensors"), str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "tensor 'q' has safetensors dtype F4" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_stored_tensor_size_must_match_its_dtype_and_shape(tmp_path):

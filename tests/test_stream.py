@@ -287,6 +287,48 @@ def test_error_classes_and_messages(small_batches):
     assert e.value.version == 7
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_first_failure_is_reported_whatever_the_thread_count(small_batches, threads):
+    """Segment 2 tampered and the file cut 5 bytes into segment 4 (the next batch): the
+    earlier failure is the one reported, and only segments 0-1 reach the output, with
+    one batch in flight (threads=1) as with two (threads=2)."""
+    data = os.urandom(6 * SEG)
+    head, segs = segments(seal(data))
+    bad = list(segs)
+    bad[2] = segs[2][:9] + bytes([segs[2][9] ^ 1]) + segs[2][10:]
+    out = io.BytesIO()
+    with pytest.raises(stream.AuthenticationError, match="segment 2 failed") as e:
+        stream.decrypt(head + b"".join(bad[:4]) + segs[4][:5], out, KEY, threads=threads,
+                       device="cpu")
+    assert e.value.segment == 2 and not isinstance(e.value, stream.TruncatedError)
+    assert out.getvalue() == data[:2 * SEG]
+
+
+@pytest.mark.parametrize("size", [0, 4 * SEG, 24 * SEG, 24 * SEG - 1, 24 * SEG + 1, 23 * SEG + 5])
+@pytest.mark.parametrize("kind", ["file", "chunks"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_pipeline_with_many_batches_and_real_input_buffers(small_batches, tmp_path, size, kind,
+                                                           threads):
+    """Sources that fill the pipeline's own input buffers (a file, chunks of odd sizes)
+    through six batches and more, with two batches in flight: the same bytes as one
+    thread, and back; exact multiples of the batch and of the segment included."""
+    data = os.urandom(size)
+    if kind == "file":
+        (tmp_path / "in").write_bytes(data)
+        src = tmp_path / "in"
+    else:
+        src = (data[i:i + 1000] for i in range(0, len(data), 1000))
+    salt, prefix = os.urandom(32), os.urandom(7)
+    out = io.BytesIO()
+    stream.encrypt(src, out, KEY, segment_size=SEG, device="cpu", threads=threads, _salt=salt,
+                   _nonce_prefix=prefix)
+    assert out.getvalue() == seal(data, threads=1, _salt=salt, _nonce_prefix=prefix)
+    (tmp_path / "ct").write_bytes(out.getvalue())
+    back = io.BytesIO()
+    stream.decrypt(tmp_path / "ct", back, KEY, device="cpu", threads=threads)
+    assert back.getvalue() == data
+
+
 def test_spliced_last_segment_is_named():
     """A last segment of a shorter stream under the same key and header (same salt) put
     in the middle of a longer one."""

@@ -374,10 +374,10 @@ def test_gpu_batch_is_one_seal_and_one_open_call(monkeypatch):
 
 
 @pytest.mark.cudasim
-def test_outputs_are_allocated_for_and_marked_with_the_callers_stream(monkeypatch):
-    """With a caller-given stream, outputs allocated here are allocated for it (CuPy's
-    per-stream pool) and marked as used on it (torch's record_stream); without one,
-    the current stream is the launch stream and the results are marked with None."""
+def test_outputs_are_allocated_for_the_callers_stream(monkeypatch):
+    """Device outputs allocated here are allocated inside the framework's context for the
+    caller-given stream (torch's and CuPy's allocators tie memory to a stream), and for
+    None (the current stream) when none is given; in place, nothing is allocated."""
     require_gpu_backend()
     from numba import cuda
 
@@ -386,21 +386,27 @@ def test_outputs_are_allocated_for_and_marked_with_the_callers_stream(monkeypatc
     seen = []
     adapter = fw.BY_NAME["numba"]
 
+    @contextlib.contextmanager
     def allocation_stream(stream):
-        seen.append(("allocate", stream))
-        return contextlib.nullcontext()
+        seen.append(("enter", stream))
+        yield
+        seen.append(("exit", stream))
 
+    real_empty_bytes, real_empty = adapter.empty_bytes, adapter.empty
     monkeypatch.setattr(adapter, "allocation_stream", allocation_stream)
-    monkeypatch.setattr(adapter, "used_on_stream", lambda obj, stream: seen.append(("use", stream)))
+    monkeypatch.setattr(adapter, "empty_bytes", lambda *a: seen.append("empty_bytes") or real_empty_bytes(*a))
+    monkeypatch.setattr(adapter, "empty", lambda *a: seen.append("empty") or real_empty(*a))
     key = os.urandom(32)
     x = random_array((3, 5), "float32")
     d = cuda.to_device(x)
-    enc = gpucrypt.encrypt_tensor(d, key, stream=7)
-    y = gpucrypt.decrypt_tensor(enc, key, stream=7)
-    assert y.copy_to_host().tobytes() == x.tobytes()
-    assert seen == [("allocate", 7), ("use", 7), ("allocate", 7), ("use", 7)]
+    for stream in (7, None):
+        seen.clear()
+        y = gpucrypt.decrypt_tensor(gpucrypt.encrypt_tensor(d, key, stream=stream), key, stream=stream)
+        assert y.copy_to_host().tobytes() == x.tobytes()
+        assert seen == [("enter", stream), "empty_bytes", ("exit", stream),
+                        ("enter", stream), "empty", ("exit", stream)]
     seen.clear()
-    gpucrypt.encrypt_tensor(d, key, inplace=True)  # nothing allocated, nothing to mark
+    gpucrypt.decrypt_tensor(gpucrypt.encrypt_tensor(d, key, inplace=True, stream=7), key, stream=7)
     assert seen == []
 
 

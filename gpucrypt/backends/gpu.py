@@ -284,6 +284,12 @@ class GpuBackend(Backend):
             used.synchronize()
         return host
 
+    def synchronize_device(self) -> None:
+        """Wait for all work queued on the device, on every stream (work the caller
+        queued on streams of its own, which nothing here is ordered after)."""
+        if not _simulated():
+            self._cuda.synchronize()
+
     def synchronize(self, stream=None) -> None:
         if _simulated():
             return
