@@ -209,7 +209,7 @@ class TorchAdapter(Adapter):
 
     @staticmethod
     def _torch():
-        return importlib.import_module("torch")
+        return sys.modules.get("torch") or importlib.import_module("torch")
 
     def owns(self, x):
         torch = _loaded("torch")

@@ -273,10 +273,9 @@ def environment() -> dict:
         libraries["openssl"] = openssl.openssl_version_text()
     except Exception:
         libraries["openssl"] = None
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    from .backends.cpu import usable_cores
+
+    usable = usable_cores()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": _cpu_model(),

@@ -414,8 +414,9 @@ def _check_metadata(metadata: Any) -> dict | None:
 
 def _check_threads(threads: Any) -> int:
     if threads is None:
-        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else os.cpu_count() or 1)
+        from .backends.cpu import usable_cores
+
+        return usable_cores()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int or None, not {threads!r}")
     return threads

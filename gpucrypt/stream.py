@@ -316,7 +316,9 @@ def _engine(header: Header, key: bytes, device: str, threads: int | None, size_h
     if backend.name == "gpu":
         return _GpuEngine(header, seg_key, backend)
     if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        from .backends.cpu import usable_cores
+
+        threads = usable_cores()
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int or None, not {threads!r}")
     return _CpuEngine(header, seg_key, threads, backend)

@@ -39,9 +39,11 @@ Limits: one message per tensor, so a tensor is at most (2**32 - 1) * 64 bytes
 """
 from __future__ import annotations
 
+import math
 import os
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -58,6 +60,8 @@ __all__ = ["EncryptedTensor", "encrypt_tensor", "decrypt_tensor", "encrypt_tenso
            "RANDOM_NONCE_BUDGET", "FORMAT_VERSION"]
 
 ALGORITHMS = ("chacha20-poly1305", "xchacha20-poly1305", "aes-gcm")
+#: host tensors of a batch adding up to this many bytes are encrypted on several threads
+_HOST_PARALLEL_BYTES = 4 << 20
 _ALGORITHM_CODES = {"chacha20-poly1305": 1, "xchacha20-poly1305": 2, "aes-gcm": 3}
 _NONCE_SIZE = {"chacha20-poly1305": 12, "xchacha20-poly1305": 24, "aes-gcm": 12}
 _MAX_DATA = {"chacha20-poly1305": _limits.CHACHA20POLY1305_MAX_PLAINTEXT,
@@ -480,8 +484,10 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
                 raise ValueError("inplace=True needs a C-contiguous tensor (a copy would not be "
                                  "the tensor's own memory)")
             x = adapter.contiguous_copy(x)
+        if inplace and place == HOST and not adapter.host_array(adapter.byte_view(x)).flags.writeable:
+            raise ValueError("inplace=True needs a writable tensor")  # before any is touched
         dtype, shape = adapter.dtype_name(x), adapter.shape(x)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * fw.dtype_itemsize(dtype)
+        nbytes = math.prod(shape) * fw.dtype_itemsize(dtype)
         _limits.check_length("tensor", nbytes, _MAX_DATA[algorithm], algorithm)
         name = _check_name(label)
         meta = _encode_metadata(algorithm, adapter.name, dtype, shape, nbytes, key_id, name)
@@ -495,12 +501,34 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
         job.enc.nonce = job.nonce = nonce
 
     on_gpu = [j for j in jobs if j.place != HOST or device == "gpu"]
-    for job in jobs:
-        if job.place == HOST and device != "gpu":
-            _encrypt_on_host(job, algorithm, key, inplace)
+    _run_host_jobs([j for j in jobs if j.place == HOST and device != "gpu"],
+                   lambda job: _encrypt_on_host(job, algorithm, key, inplace))
     if on_gpu:
         _encrypt_on_gpu(on_gpu, algorithm, key, inplace, stream)
     return [j.enc for j in jobs]
+
+
+def _run_host_jobs(jobs: list[_Job], work) -> list:
+    """``[work(job) for job in jobs]``; a batch of at least ``_HOST_PARALLEL_BYTES`` is
+    split over the usable cores in contiguous runs of about equal bytes (a few per
+    thread: balanced, without a hand-off per tensor). ``cryptography`` releases the GIL."""
+    from .backends.cpu import usable_cores
+
+    total = sum(j.enc.nbytes for j in jobs)
+    threads = min(len(jobs), usable_cores())
+    if threads < 2 or total < _HOST_PARALLEL_BYTES:
+        return [work(j) for j in jobs]
+    runs, current, size = [], [], 0
+    for job in jobs:
+        current.append(job)
+        size += job.enc.nbytes
+        if size * 4 * threads >= total:
+            runs.append(current)
+            current, size = [], 0
+    if current:
+        runs.append(current)
+    with ThreadPoolExecutor(threads) as pool:
+        return [r for part in pool.map(lambda run: [work(j) for j in run], runs) for r in part]
 
 
 def _encrypt_on_host(job: _Job, algorithm: str, key: bytes, inplace: bool) -> None:
@@ -667,7 +695,8 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
                 and j.enc.name != j.label]
     todo = [j for j in jobs if j not in misfiled]
     _prepare_outputs(todo, stream)
-    failed = [j for j in todo if not j.result[0] and not _open_on_host(j)]
+    on_host = [j for j in todo if not j.result[0]]
+    failed = [j for j, ok in zip(on_host, _run_host_jobs(on_host, _open_on_host)) if not ok]
     gpu_jobs = [j for j in todo if j.result[0]]
     if gpu_jobs:
         failed += _open_on_gpu(gpu_jobs, stream)

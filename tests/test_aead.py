@@ -398,16 +398,20 @@ def test_env_override_of_auto(monkeypatch):
 
 
 @pytest.mark.parametrize("size", [0, 1, 17, 333, 5000])
+@pytest.mark.parametrize("path", ["one-shot", "composed"])
 @pytest.mark.parametrize("name,nonce_len", [("chacha20-poly1305", 12), ("aes-128-gcm", 12), ("aes-256-gcm", 12),
                                             ("aes-128-gcm", 1), ("aes-256-gcm", 60)])
-def test_cpu_detached_tag_form_in_place_and_out(name, nonce_len, size, monkeypatch):
+def test_cpu_detached_tag_form_in_place_and_out(name, nonce_len, size, path, monkeypatch):
     """The CPU backend's detached-tag form (buffers holding exactly the data, e.g. a tensor's
     own memory) gives the AEAD's bytes, verifies before writing, and keeps in-place
-    ciphertext intact on failure (GCM's in-place verification pass runs in 64-byte
-    pieces here, so that several pieces are checked)."""
+    ciphertext intact on failure. Both paths: OpenSSL's one-shot AEAD through a scratch
+    buffer (small messages) and the composed one (larger; GCM's in-place verification
+    pass runs in 64-byte pieces here, so that several pieces are checked)."""
     from gpucrypt.backends import cpu, get_backend
 
     monkeypatch.setattr(cpu, "_SCRATCH", 64)
+    if path == "composed":
+        monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", -1)
     cls, key_len, std_nonce = CLASSES[name]
     key, nonce, aad = os.urandom(key_len), os.urandom(nonce_len), os.urandom(7)
     data = os.urandom(size)

@@ -410,6 +410,52 @@ def test_outputs_are_allocated_for_the_callers_stream(monkeypatch):
     assert seen == []
 
 
+@pytest.mark.parametrize("algorithm", ["chacha20-poly1305", "aes-gcm"])
+def test_large_host_batches_run_on_threads(monkeypatch, algorithm):
+    """A host batch over _HOST_PARALLEL_BYTES is split over a thread pool: the same
+    bytes as one by one, the names still bound, and a tampered entry still named."""
+    from gpucrypt.backends import cpu
+
+    pools = []
+
+    class CountingPool(tensor_mod.ThreadPoolExecutor):
+        def __init__(self, n):
+            pools.append(n)
+            super().__init__(n)
+
+    monkeypatch.setattr(tensor_mod, "ThreadPoolExecutor", CountingPool)
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 3)
+    monkeypatch.setattr(tensor_mod, "_HOST_PARALLEL_BYTES", 1000)
+    key = os.urandom(32)
+    tensors = {f"t{i}": random_array((i * 37 + 1,), "float32") for i in range(40)}
+    seq = NonceSequence(12, prefix=b"p")
+    encs = gpucrypt.encrypt_tensors(tensors, key, algorithm=algorithm, nonces=seq)
+    assert pools == [3]
+    for name, enc in encs.items():
+        meta = hand_metadata(algorithm=algorithm, framework="numpy", dtype="float32",
+                             shape=tensors[name].shape, nbytes=tensors[name].nbytes, name=name)
+        assert ct_bytes(enc) + enc.tag == reference_seal(algorithm, key, enc.nonce,
+                                                         tensors[name].tobytes(), meta)
+    back = gpucrypt.decrypt_tensors(encs, key)
+    assert pools == [3, 3]
+    assert all(back[n].tobytes() == tensors[n].tobytes() for n in tensors)
+    bad = dict(encs)
+    bad["t17"] = EncryptedTensor.from_bytes(encs["t17"].to_bytes()[:-1] + b"\x00")
+    with pytest.raises(InvalidTag) as err:
+        gpucrypt.decrypt_tensors(bad, key)
+    assert err.value.failed == ["t17"]
+
+
+def test_in_place_batch_refuses_a_read_only_tensor_before_touching_any():
+    key = os.urandom(32)
+    good, frozen = random_array((64,), "float32"), random_array((64,), "float32")
+    frozen.flags.writeable = False
+    before = good.copy()
+    with pytest.raises(ValueError, match="writable"):
+        gpucrypt.encrypt_tensors({"good": good, "frozen": frozen}, key, inplace=True)
+    assert good.tobytes() == before.tobytes()
+
+
 def test_stream_handle():
     from gpucrypt._frameworks import stream_handle
 
