@@ -139,10 +139,27 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
         lines.append("No results recorded yet.")
     for path in files:
         doc = json.loads(path.read_text(encoding="utf-8"))
-        render_one = {"stream_bench": render_stream_run,
+        render_one = {"stream_bench": render_stream_run, "tensor_bench": render_tensor_run,
                       "model_scale_run": render_model_scale_run}.get(doc.get("benchmark"), render_run)
         lines += render_one(path.stem, doc)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def render_tensor_run(name: str, doc: dict) -> list[str]:
+    """A ``benchmarks/tensor_bench.py`` run: state dicts against one buffer, small calls."""
+    lines = [f"## {name}", "",
+             f"`benchmarks/tensor_bench.py --device {doc['device']}` on {doc['device_name']} "
+             f"(torch {doc['torch']}): in-place `encrypt_tensors`/`decrypt_tensors`, medians.", "",
+             "| case | algorithm | tensors | MiB | encrypt GB/s | decrypt GB/s |",
+             "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['case']} | {r['algorithm']} | {r['tensors']} | {r['bytes'] / 2**20:.0f} | "
+              f"{r['encrypt_gbps']:.2f} | {r['decrypt_gbps']:.2f} |" for r in doc["cases"]]
+    lines += ["", "Model (300 tensors) over single buffer: " + "; ".join(
+        f"{alg} encrypt x{r['encrypt']:.2f}, decrypt x{r['decrypt']:.2f}"
+        for alg, r in doc["model_over_single"].items()) + ".", "",
+        "| small (4 KiB) | algorithm | us per call |", "|---|---|---:|"]
+    lines += [f"| {r['what']} | {r['algorithm']} | {r['us_per_call']:.1f} |" for r in doc["small"]]
+    return lines + [""]
 
 
 def render_model_scale_run(name: str, doc: dict) -> list[str]:

@@ -171,7 +171,11 @@ def main(argv=None) -> int:
         print("torch has no CUDA device here", file=sys.stderr)
         return 1
     name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_model()
-    out = {"benchmark": "tensor_bench", "device": args.device, "device_name": name,
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    out = {"benchmark": "tensor_bench", "device": args.device, "device_name": name, "commit": commit,
            "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "mib": args.mib, "cases": []}
     if args.device == "cuda":

@@ -515,8 +515,8 @@ def _run_host_jobs(jobs: list[_Job], work) -> list:
     from .backends.cpu import usable_cores
 
     total = sum(j.enc.nbytes for j in jobs)
-    threads = min(len(jobs), usable_cores())
-    if threads < 2 or total < _HOST_PARALLEL_BYTES:
+    threads = min(len(jobs), usable_cores()) if total >= _HOST_PARALLEL_BYTES else 1
+    if threads < 2:
         return [work(j) for j in jobs]
     runs, current, size = [], [], 0
     for job in jobs:
