@@ -647,6 +647,18 @@ def test_stored_tensor_size_must_match_its_dtype_and_shape(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.gpu
+def test_cli_encrypted_model_loads_onto_the_gpu_in_one_call(st_file):
+    """Issue 7's "done when", at test size: one command encrypts a safetensors file, one
+    call puts its tensors on the GPU, bit-identical (model_scale_run.py does 4-10 GiB)."""
+    d, tensors = st_file
+    assert cli(["encrypt-model", "--key-file", str(d / "key"), "--segment-size", "4KiB",
+                str(d / "m.safetensors"), str(d / "m.gc")]) == 0
+    got = models.load_encrypted(d / "m.gc", (d / "key").read_bytes(), device="cuda")
+    assert all(t.is_cuda for t in got.values())
+    assert_identical({k: v.cpu() for k, v in got.items()}, tensors, ordered=False)
+
+
 def test_cli_recipients(st_file, capsys):
     d, tensors = st_file
     assert cli(["keygen", "--public", "--out", str(d / "id.json")]) == 0
