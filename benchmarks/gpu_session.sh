@@ -20,22 +20,24 @@
 #   tensor     benchmarks/tensor_bench.py --device cuda (state dicts)  -> $OUT/tensor-bench.json, bench.log
 #   files      benchmarks/stream_bench.py --model (segmented files, model load onto the
 #              GPU beside a pinned copy) and benchmarks/model_scale_run.py (a FILES_GIB
-#              model through encrypt-model, load_encrypted cpu and cuda, decrypt-model)
+#              GiB model through encrypt-model, load_encrypted cpu and cuda, decrypt-model)
 #                                                                     -> $OUT/files-bench.json, bench.log
 # Every step runs under `timeout`; a failing step is recorded in $OUT/summary.txt and
 # the next one still runs. The script exits 0 unless the install failed.
 #
-# Device tool call (one call has at most 600 s; install + env + gpu-tests + bench +
-# tensor is planned to fit, but a first session had better split it in two calls made
-# back to back, so that the second finds the machine warm and the install done):
+# Device tool calls (one call has at most 600 s, a task at most 15 min of device time
+# including the machine's start, so two calls made back to back, the second finding
+# the machine warm and the install done):
 #   run(command="bash benchmarks/gpu_session.sh .whl install env gpu-tests",
 #       carry=[".whl"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_session.sh .whl bench tensor", carry=[".whl"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_session.sh .whl bench tensor files", carry=[".whl"],
+#       timeout_s=600)
 # $OUT comes back (8 files at most; this script writes at most 8). Limits per step, in
 # seconds, from the environment: T_INSTALL (120), T_TESTS (330), T_CPU_TESTS (200),
-# T_BENCH (200), T_TENSOR (150), T_FILES (240). Other knobs: SIZES (1MiB,64MiB,1GiB), PYTEST_EXTRA
-# (added to the pytest command line, e.g. "-x" or "-k poly1305"), TENSOR_MIB (4096),
-# FILES_GIB (4). install.log goes into env.txt, so that at most 8 files come back.
+# T_BENCH (200), T_TENSOR (150), T_FILES (180). Other knobs: SIZES (1MiB,64MiB,1GiB),
+# PYTEST_EXTRA (added to the pytest command line, e.g. "-x" or "-k poly1305"),
+# TENSOR_MIB (4096), FILES_GIB (2). install.log goes into env.txt, so that at most 8
+# files come back.
 #
 # What --prepare puts in WHEEL_DIR (about 18 MB; the tree that travels is capped at
 # 64 MiB): pip download (Python 3.12, manylinux x86-64, no dependencies) of
@@ -180,7 +182,7 @@ run_steps() {
             tensor)
                 step tensor "${T_TENSOR:-150}" $PY benchmarks/tensor_bench.py --device cuda --mib "${TENSOR_MIB:-4096}" \
                     --json "$OUT/tensor-bench.json" 2>&1 | tee -a "$OUT/bench.log" | tail -15 ;;
-            files) step files "${T_FILES:-240}" bash -c do_files 2>&1 | tee -a "$OUT/bench.log" | tail -25 ;;
+            files) step files "${T_FILES:-180}" bash -c do_files 2>&1 | tee -a "$OUT/bench.log" | tail -25 ;;
             *) note "unknown step $s (install env gpu-tests cpu-tests bench tensor files)" ;;
         esac
     done
@@ -191,7 +193,7 @@ do_files() {
     tmp=$(mktemp -d)
     local rc=0
     $PY benchmarks/stream_bench.py --size 1GiB --rounds 3 --model "$tmp" --json "$tmp/stream.json" || rc=1
-    $PY benchmarks/model_scale_run.py --size "${FILES_GIB:-4}GiB" --dir "$tmp/scale" \
+    $PY benchmarks/model_scale_run.py --size "${FILES_GIB:-2}GiB" --dir "$tmp/scale" \
         --load-device cpu,cuda --json "$tmp/scale.json" || rc=1
     $PY -c 'import json, sys; json.dump({k: json.load(open(p)) for k, p in zip(("stream_bench", "model_scale_run"), sys.argv[2:]) if __import__("os").path.exists(p)}, open(sys.argv[1], "w"), indent=1)' \
         "$OUT/files-bench.json" "$tmp/stream.json" "$tmp/scale.json"
