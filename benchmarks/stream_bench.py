@@ -76,6 +76,10 @@ def _cells(size: int, cores: int):
     ct = io.BytesIO()
     stream.encrypt(data, ct, KEY, threads=cores, device="cpu")
     ct = ct.getbuffer()
+    back = io.BytesIO()  # before timing: what is timed decrypts back (through threads=1)
+    stream.decrypt(ct, back, KEY, threads=1, device="cpu")
+    if back.getbuffer() != data:
+        raise SystemExit("gpucrypt.stream does not decrypt its own output back")
     seg = 1 << 20
 
     def one_call():

@@ -16,10 +16,11 @@ measured. Cases, per algorithm, each timed in interleaved rounds (medians):
 
 ``--device cuda`` times on the GPU (torch CUDA tensors; CUDA events around the
 calls for the batches, wall clock for ``small`` with a synchronisation at the end);
-``--device cpu`` times torch CPU tensors with ``time.perf_counter``. Every timed round
-trip is checked byte for byte. On the GPU, a first check that work queued on a torch
-side stream is waited for: encrypt there, read ``to_bytes()`` at once, decrypt those
-bytes on the CPU.
+``--device cpu`` times torch CPU tensors with ``time.perf_counter``. Before timing, one
+tensor of every case is encrypted and decrypted back by the CPU backend (OpenSSL, the
+reference); after the rounds every tensor must hold its original bytes. On the GPU, a
+first check that work queued on a torch side stream is waited for: encrypt there, read
+``to_bytes()`` at once, decrypt those bytes on the CPU.
 
 Usage::
 
@@ -79,9 +80,26 @@ class _Clock:
         return b - a
 
 
+def check_against_cpu(torch, gpucrypt, cases: dict, key: bytes) -> None:
+    """Before timing: the first tensor of every case, encrypted as timed, serialised and
+    decrypted by the CPU backend (OpenSSL through cryptography), gives its bytes back:
+    a path that did nothing, or the wrong thing, fails here instead of being timed."""
+    from gpucrypt import EncryptedTensor
+
+    for (kind, algorithm), tensors in cases.items():
+        name, x = next(iter(tensors.items()))
+        enc = gpucrypt.encrypt_tensors({name: x.clone()}, key, algorithm=algorithm)[name]
+        blob = EncryptedTensor.from_bytes(enc.to_bytes())
+        back = gpucrypt.decrypt_tensor(blob, key, device="cpu")
+        if not torch.equal(back, x.cpu()):
+            raise SystemExit(f"{kind} {algorithm}: the CPU backend does not decrypt it back")
+
+
 def time_batches(torch, gpucrypt, clock, cases: dict, reps: int) -> list[dict]:
-    """Interleaved rounds over every (kind, algorithm): in-place encrypt, then decrypt."""
+    """Interleaved rounds over every (kind, algorithm): in-place encrypt, then decrypt.
+    The tensors must be the same after every round."""
     key = os.urandom(32)
+    check_against_cpu(torch, gpucrypt, cases, key)
     refs = {name: {n: t.clone() for n, t in tensors.items()} for name, tensors in cases.items()}
     times = {name: ([], []) for name in cases}
     for rep in range(reps + 1):  # the first round warms up (kernel compilation)

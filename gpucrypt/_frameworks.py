@@ -162,11 +162,24 @@ class Adapter:
     def current_stream(self, place) -> Any:
         return None
 
-    def allocation_stream(self, stream: Any):
-        """A context in which ``empty``/``empty_bytes`` allocate memory for work queued on
-        ``stream`` (a caller-given stream, or None for the current one): the memory
-        belongs to that stream, as if the caller had allocated it there."""
+    def allocation_stream(self, stream: Any, place) -> Any:
+        """A context in which ``empty``/``empty_bytes`` allocate memory on ``place`` for
+        work queued on ``stream`` (a caller-given stream of that device, or None for the
+        current one): the memory belongs to that stream, as if the caller had allocated
+        it there."""
         return contextlib.nullcontext()
+
+
+def memory_address(view: Any) -> int | None:
+    """The address of a byte view's first byte (host or device), or None if it has none
+    to tell (JAX)."""
+    if hasattr(view, "data_ptr"):  # torch
+        return int(view.data_ptr())
+    for attr in ("__cuda_array_interface__", "__array_interface__"):
+        interface = getattr(view, attr, None)
+        if interface is not None:
+            return int(interface["data"][0] or 0)
+    return None
 
 
 def stream_handle(stream: Any) -> int | None:
@@ -265,17 +278,17 @@ class TorchAdapter(Adapter):
             return None
         return self._torch().cuda.current_stream(self._device(place))
 
-    def allocation_stream(self, stream):
+    def allocation_stream(self, stream, place):
         # The caching allocator ties a block to the stream current at allocation and hands
         # it out again in that stream's order: allocated on the current stream but
         # written on ``stream``, a block could be reused (or still be in use) by work on
         # the current stream that ``stream`` is not ordered with.
         handle = stream_handle(stream)
-        if handle is None:
+        if handle is None or place == HOST:
             return contextlib.nullcontext()
         torch = self._torch()
-        if not isinstance(stream, torch.cuda.Stream):
-            stream = torch.cuda.ExternalStream(handle)
+        if not isinstance(stream, torch.cuda.Stream):  # a foreign handle: say its device
+            stream = torch.cuda.ExternalStream(handle, device=torch.device("cuda", place[1]))
         return torch.cuda.stream(stream)
 
 
@@ -303,15 +316,21 @@ class CupyAdapter(Adapter):
             return cupy.empty(nbytes, dtype=np.uint8)
 
     def current_stream(self, place):
-        return importlib.import_module("cupy").cuda.get_current_stream()
+        cupy = importlib.import_module("cupy")
+        with cupy.cuda.Device(place[1]):
+            return cupy.cuda.get_current_stream()
 
-    def allocation_stream(self, stream):
+    def allocation_stream(self, stream, place):
         # CuPy's pool keeps one arena per stream (the current one at allocation) and
         # reuses freed blocks on that stream only: allocate on the stream that uses them.
         handle = stream_handle(stream)
-        if handle is None:
+        if handle is None or place == HOST:
             return contextlib.nullcontext()
-        return importlib.import_module("cupy").cuda.ExternalStream(handle)
+        cupy = importlib.import_module("cupy")
+        try:
+            return cupy.cuda.ExternalStream(handle, device_id=place[1])
+        except TypeError:  # CuPy before 13 has no device_id: the current device is assumed
+            return cupy.cuda.ExternalStream(handle)
 
 
 class NumbaAdapter(Adapter):

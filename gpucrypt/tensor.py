@@ -497,6 +497,8 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
                               source=x if inplace else None)
         jobs.append(_Job(label=label, adapter=adapter, place=place, x=x, view=adapter.byte_view(x),
                          enc=enc, aad=meta + user_aad))
+    if inplace:
+        _refuse_shared_memory(jobs)
     for job, nonce in zip(jobs, _nonces_for(len(jobs), algorithm, nonces)):
         job.enc.nonce = job.nonce = nonce
 
@@ -506,6 +508,23 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
     if on_gpu:
         _encrypt_on_gpu(on_gpu, algorithm, key, inplace, stream)
     return [j.enc for j in jobs]
+
+
+def _refuse_shared_memory(jobs: list[_Job]) -> None:
+    """In place, two entries on the same memory (a state dict's tied weights) would be
+    encrypted twice, concurrently even, leaving bytes neither entry decrypts: refuse
+    before anything is touched."""
+    spans = []
+    for job in jobs:
+        address = fw.memory_address(job.view)
+        if address is not None and job.enc.nbytes:
+            spans.append((job.place, address, address + job.enc.nbytes, job.label))
+    spans.sort(key=lambda s: (str(s[0]), s[1]))
+    for a, b in zip(spans, spans[1:]):
+        if a[0] == b[0] and b[1] < a[2]:
+            raise ValueError(f"tensors {a[3]!r} and {b[3]!r} share memory (tied weights?): "
+                             f"in place, encrypt each memory once (leave one of them out of "
+                             f"the batch), or pass inplace=False")
 
 
 def _run_host_jobs(jobs: list[_Job], work) -> list:
@@ -578,7 +597,7 @@ def _encrypt_on_gpu(jobs: list[_Job], algorithm: str, key: bytes, inplace: bool,
             if inplace:
                 job.dst_obj, job.dev_dst = job.view, job.dev_src
             else:
-                with job.adapter.allocation_stream(stream):
+                with job.adapter.allocation_stream(stream, job.place):
                     job.dst_obj = job.adapter.empty_bytes(job.enc.nbytes, job.place)
                 job.dev_dst = gpu.as_device_bytes(job.dst_obj)
     tags = gpu.seal_batch(algorithm, [key] * len(jobs), [j.nonce for j in jobs],
@@ -695,8 +714,12 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
                 and j.enc.name != j.label]
     todo = [j for j in jobs if j not in misfiled]
     _prepare_outputs(todo, stream)
-    on_host = [j for j in todo if not j.result[0]]
-    failed = [j for j, ok in zip(on_host, _run_host_jobs(on_host, _open_on_host)) if not ok]
+    # GPU ciphertext decrypted on the CPU is copied down here, in this thread (whose CUDA
+    # context and stream order the copy); only host ciphertext goes to the thread pool
+    from_device = [j for j in todo if not j.result[0] and j.enc._place != HOST]
+    on_host = [j for j in todo if not j.result[0] and j.enc._place == HOST]
+    failed = [j for j in from_device if not _open_on_host(j)]
+    failed += [j for j, ok in zip(on_host, _run_host_jobs(on_host, _open_on_host)) if not ok]
     gpu_jobs = [j for j in todo if j.result[0]]
     if gpu_jobs:
         failed += _open_on_gpu(gpu_jobs, stream)
@@ -760,7 +783,7 @@ def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
         else:
             try:
                 adapter = fw.result_adapter(enc.framework, job.place)
-                with adapter.allocation_stream(stream if job.place != HOST else None):
+                with adapter.allocation_stream(stream, job.place):
                     obj = adapter.empty(enc.dtype, enc.shape, job.place)
             except ValueError as exc:
                 # This machine cannot make such a tensor (say bfloat16 as NumPy). Decrypt into

@@ -435,6 +435,10 @@ def test_cpu_detached_tag_form_in_place_and_out(name, nonce_len, size, path, mon
     with pytest.raises(InvalidTag):
         ctx.open_detached(nonce, memoryview(bytes(buf)), bad_tag, memoryview(aad), memoryview(out))
     assert out == bytes(len(data))
+    for short_or_long in (tag[:15], tag + b"\x00"):  # InvalidTag, not another error
+        with pytest.raises(InvalidTag):
+            ctx.open_detached(nonce, memoryview(buf), short_or_long, memoryview(aad), memoryview(buf))
+    assert bytes(buf) == expected[:-16]
     ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(buf))
     assert bytes(buf) == data
 

@@ -387,7 +387,8 @@ def test_outputs_are_allocated_for_the_callers_stream(monkeypatch):
     adapter = fw.BY_NAME["numba"]
 
     @contextlib.contextmanager
-    def allocation_stream(stream):
+    def allocation_stream(stream, place):
+        assert place == ("cuda", 0)
         seen.append(("enter", stream))
         yield
         seen.append(("exit", stream))
@@ -440,10 +441,29 @@ def test_large_host_batches_run_on_threads(monkeypatch, algorithm):
     assert pools == [3, 3]
     assert all(back[n].tobytes() == tensors[n].tobytes() for n in tensors)
     bad = dict(encs)
-    bad["t17"] = EncryptedTensor.from_bytes(encs["t17"].to_bytes()[:-1] + b"\x00")
+    blob = encs["t17"].to_bytes()
+    bad["t17"] = EncryptedTensor.from_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
     with pytest.raises(InvalidTag) as err:
         gpucrypt.decrypt_tensors(bad, key)
     assert err.value.failed == ["t17"]
+
+
+def test_in_place_batch_refuses_shared_memory_before_touching_any():
+    """Tied weights (two state-dict entries on one memory) cannot both be encrypted in
+    place: refused up front, nothing changed; out of place they are fine."""
+    torch = pytest.importorskip("torch")
+    key = os.urandom(32)
+    emb = torch.randn(64, 8)
+    state = {"emb.weight": emb, "other": torch.randn(5), "head.weight": emb}
+    before = {n: t.clone() for n, t in state.items()}
+    with pytest.raises(ValueError, match="'emb.weight' and 'head.weight' share memory"):
+        gpucrypt.encrypt_tensors(state, key, inplace=True)
+    assert all(torch.equal(state[n], before[n]) for n in state)
+    whole = random_array((100,), "float32")
+    with pytest.raises(ValueError, match="share memory"):  # overlapping, not equal, views
+        gpucrypt.encrypt_tensors([whole[:60], whole[50:]], key, inplace=True)
+    back = gpucrypt.decrypt_tensors(gpucrypt.encrypt_tensors(state, key), key)
+    assert all(torch.equal(back[n], before[n]) for n in state)
 
 
 def test_in_place_batch_refuses_a_read_only_tensor_before_touching_any():

@@ -7,6 +7,7 @@ over the tensor's bytes and the documented associated data, and the README examp
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -186,6 +187,27 @@ def test_torch_cuda_uses_the_given_stream():
         y = gpucrypt.decrypt_tensor(enc, key)
     s.synchronize()
     assert as_bytes(y) == as_bytes(t)
+
+
+def test_torch_allocation_stream_names_the_streams_device(monkeypatch):
+    """A foreign stream handle (CuPy, numba, int) becomes a torch ExternalStream of the
+    tensor's own device, made current only for the allocation; nothing for None or the
+    host. (Fakes stand in for torch.cuda, which a CPU build cannot run.)"""
+    from gpucrypt import _frameworks as fw
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "ExternalStream",
+                        lambda handle, device=None: calls.append((handle, device)) or "external")
+    monkeypatch.setattr(torch.cuda, "stream",
+                        lambda s: calls.append(("current", s)) or contextlib.nullcontext())
+    adapter = fw.BY_NAME["torch"]
+    with adapter.allocation_stream(1234, ("cuda", 1)):
+        pass
+    assert calls == [(1234, torch.device("cuda", 1)), ("current", "external")]
+    calls.clear()
+    with adapter.allocation_stream(None, ("cuda", 1)), adapter.allocation_stream(1234, fw.HOST):
+        pass
+    assert calls == []
 
 
 @pytest.mark.gpu

@@ -106,6 +106,8 @@ class _OpenSslAead(AeadContext):
         return self._tag(state, out, aad)
 
     def open_detached(self, nonce, data, tag, aad, out):
+        if len(tag) != 16:
+            raise InvalidTag()
         if len(data) <= ONE_SHOT_DETACHED_MAX and self._native(nonce, len(data), len(aad)):
             return self._open_detached_one_shot(nonce, data, tag, aad, out)
         state = self._start(nonce)
@@ -200,7 +202,8 @@ class _AesGcm(_OpenSslAead):
         return enc.tag
 
     def open_detached(self, nonce, data, tag, aad, out):
-        if len(data) <= ONE_SHOT_DETACHED_MAX or not self._streaming(nonce, len(data), len(aad)):
+        if len(tag) != 16 or len(data) <= ONE_SHOT_DETACHED_MAX or \
+                not self._streaming(nonce, len(data), len(aad)):
             return super().open_detached(nonce, data, tag, aad, out)
         if _same_memory(data, out):
             return self._open_in_place(nonce, data, tag, aad, out)
