@@ -28,7 +28,10 @@ Memory: out of place allocates exactly one output through the framework's own
 allocator. ``inplace=True`` encrypts in the tensor's own memory; the
 EncryptedTensor then refers to that memory (the tensor holds ciphertext until it
 is decrypted in place again). A failed in-place decrypt leaves the ciphertext as
-it was; a failed out-of-place decrypt zeroes its output and returns nothing.
+it was; a failed out-of-place decrypt zeroes its output and returns nothing. An
+in-place batch whose entries share memory (a state dict's tied weights) is refused
+before anything is touched: each memory can hold one ciphertext. Host batches over
+4 MiB run on all usable cores (``cryptography`` releases the GIL).
 
 Streams: GPU work is queued on the given stream or the framework's current one;
 nothing synchronises unless a host result is asked for (``enc.tag``,
