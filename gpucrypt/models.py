@@ -13,7 +13,8 @@ Public API::
     save_encrypted(tensors, path, key, metadata=None, *, algorithm="chacha20-poly1305",
                    encrypt_names=False, segment_size=1 MiB, device="auto", key_id=None,
                    envelope=None, threads=None) -> ModelHeader
-    load_encrypted(path, key, device="auto", *, framework="torch", threads=None) -> dict
+    load_encrypted(path, key, device="auto", *, framework="torch", threads=None,
+                   names=None) -> dict
     read_header(path, key=None) -> ModelHeader
 
 Design choices (the reasons are in docs/MODEL_FORMAT.md):
@@ -266,11 +267,15 @@ def _segments(infos, segment_size: int) -> list[_Segment]:
     return out
 
 
-def _batches(segments: list[_Segment], batch_bytes: int) -> list[list[_Segment]]:
-    """Consecutive segments grouped up to ``batch_bytes`` of data (at least one each)."""
+def _batches(segments: list[_Segment], batch_bytes: int, infos=None) -> list[list[_Segment]]:
+    """Consecutive segments grouped up to ``batch_bytes`` of data (at least one each);
+    with ``infos``, also cut where the next segment does not follow the previous one in
+    the file (a subset of the tensors), so that each batch is one range of the file."""
     batches, current, size = [], [], 0
     for seg in segments:
-        if current and size + seg.length > batch_bytes:
+        gap = infos is not None and current and \
+            seg.data_offset(infos) != current[-1].data_offset(infos) + current[-1].length
+        if current and (gap or size + seg.length > batch_bytes):
             batches.append(current)
             current, size = [], 0
         current.append(seg)
@@ -717,8 +722,12 @@ def _check_device(device: Any) -> str:
 
 
 def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str = "torch",
-                   threads: int | None = None) -> dict:
+                   threads: int | None = None, names: Any = None) -> dict:
     """The tensors of the model file at ``path``, name -> tensor, in the file's order.
+
+    ``names``: the tensors to load (an iterable of names; default all). Only their
+    segments are read and verified (a pipeline stage or a shard loads its own layers);
+    an unknown name is a ``KeyError`` naming it, before any data is read.
 
     ``device``: "cpu" (torch CPU tensors or NumPy arrays), "cuda"/"cuda:N" (torch CUDA
     tensors or CuPy arrays, decrypted on the device; see the module docstring), or
@@ -737,9 +746,28 @@ def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str 
     threads = _check_threads(threads)
     with builtins.open(path, "rb", buffering=0) as f:
         header, segments, tags, seg_key, aad = _prepare_open(f, key)
+        picked = _pick(header.tensors, names)
+        if len(picked) < len(header.tensors):
+            wanted = set(picked)
+            segments = [s for s in segments if s.tensor in wanted]
         if target == "cpu":
-            return _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads)
-        return _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target)
+            return _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads,
+                                picked)
+        return _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target, picked)
+
+
+def _pick(infos, names: Any) -> list[int]:
+    """Table positions of the tensors ``names`` asks for (all for None), in table order."""
+    if names is None:
+        return list(range(len(infos)))
+    if isinstance(names, str):
+        raise TypeError("names must be an iterable of tensor names, not one str")
+    wanted = set(names)
+    unknown = sorted(wanted - {i.name for i in infos})
+    if unknown:
+        raise KeyError(f"no tensor {unknown[0]!r} in this model file"
+                       + (f" (and {len(unknown) - 1} more unknown names)" if len(unknown) > 1 else ""))
+    return [t for t, i in enumerate(infos) if i.name in wanted]
 
 
 def _prepare_open(f, key: bytes):
@@ -832,26 +860,25 @@ def _tag_of(tags: bytes, seg: _Segment) -> bytes:
     return tags[seg.index * TAG_SIZE:(seg.index + 1) * TAG_SIZE]
 
 
-def _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads) -> dict:
-    """Read each batch straight into the tensors' memory, then open its segments in place
-    on the pool while the next batch is read."""
+def _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads, picked) -> dict:
+    """Each segment read straight into its tensor's memory and opened there, on the pool
+    (``_open_on_cpu``); ``picked``: the table positions of the tensors to return."""
     if framework == "cupy":
         raise ValueError("CuPy arrays live on the GPU: use device='cuda', or framework='numpy' "
                          "or 'torch' for device='cpu'")
     adapter = fw.result_adapter(framework, fw.HOST)
     infos = header.tensors
-    outputs = [adapter.empty(i.dtype, i.shape, fw.HOST) for i in infos]
-    flat = [np.asarray(adapter.host_array(adapter.byte_view(o))).reshape(-1) if i.nbytes else None
-            for o, i in zip(outputs, infos)]
+    outputs = {t: adapter.empty(infos[t].dtype, infos[t].shape, fw.HOST) for t in picked}
+    flat = {t: np.asarray(adapter.host_array(adapter.byte_view(o))).reshape(-1)
+            for t, o in outputs.items() if infos[t].nbytes}
     try:
         _open_on_cpu(f, header, segments, tags, seg_key, aad, threads,
                      lambda s, k: flat[s.tensor][s.start:s.start + s.length])
     except BaseException:
-        for buf in flat:
-            if buf is not None:
-                buf[:] = 0  # no plaintext of the verified segments stays behind
+        for buf in flat.values():
+            buf[:] = 0  # no plaintext of the verified segments stays behind
         raise
-    return {i.name: adapter.finish(o) for i, o in zip(infos, outputs)}
+    return {infos[t].name: adapter.finish(o) for t, o in outputs.items()}
 
 
 def _open_on_cpu(f, header, segments, tags, seg_key, aad, threads, place, verified=None) -> None:
@@ -864,7 +891,7 @@ def _open_on_cpu(f, header, segments, tags, seg_key, aad, threads, place, verifi
     workers have stopped."""
     infos = header.tensors
     aead = _HostAead(header.algorithm, seg_key, header.nonce_prefix, aad)
-    count, base = len(segments), header.header_length
+    count, base = header.segment_count, header.header_length  # count: the file's, for the last flag
 
     def read_and_open(s: _Segment, k: int) -> bool:
         view = place(s, k)
@@ -962,18 +989,19 @@ def _gpu_target(framework: str, target: str, gpu):
     return fw.BY_NAME["cupy"], place, cupy.cuda.get_current_stream()
 
 
-def _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target) -> dict:
+def _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target, picked) -> dict:
     from .backends import get_backend
 
     gpu = get_backend("gpu")
     adapter, place, stream = _gpu_target(framework, target, gpu)
     infos = header.tensors
-    outputs = [adapter.empty(i.dtype, i.shape, place) for i in infos]
-    dev_bytes = [adapter.byte_view(o) if i.nbytes else None for o, i in zip(outputs, infos)]
-    batches = _batches(segments, _GPU_BATCH_BYTES)
+    outputs = {t: adapter.empty(infos[t].dtype, infos[t].shape, place) for t in picked}
+    dev_bytes = {t: adapter.byte_view(o) for t, o in outputs.items() if infos[t].nbytes}
+    batches = _batches(segments, _GPU_BATCH_BYTES, infos)
     largest = max((sum(s.length for s in b) for b in batches), default=0)
     staging = [_Staging(framework, largest) for _ in range(min(2, len(batches)))]
-    name, count, base = _format.BACKEND_NAMES[header.algorithm], len(segments), header.header_length
+    name, count, base = (_format.BACKEND_NAMES[header.algorithm], header.segment_count,
+                         header.header_length)
 
     def read(k: int) -> None:  # a batch's segments are contiguous in the file
         batch = batches[k]
@@ -1001,13 +1029,12 @@ def _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target) -> 
                                 stream=stream)
             _check_verdicts(batch, ok, infos)
     except BaseException:
-        for buf in dev_bytes:
-            if buf is not None:
-                _zero_device(framework, buf)
+        for buf in dev_bytes.values():
+            _zero_device(framework, buf)
         raise
     finally:
         reader.shutdown(wait=True)
-    return {i.name: adapter.finish(o) for i, o in zip(infos, outputs)}
+    return {infos[t].name: adapter.finish(o) for t, o in outputs.items()}
 
 
 def _zero_device(framework: str, buf: Any) -> None:

@@ -215,6 +215,25 @@ def load_fails(path, exc, match, key=KEY):
     return info.value
 
 
+def test_load_a_subset_of_the_tensors(saved):
+    """names= returns those tensors only, in the file's order; only their segments are
+    read and verified (damage elsewhere does not stop them); unknown names are refused."""
+    path, tensors = saved
+    got = models.load_encrypted(path, KEY, "cpu", names=["step", "big", "empty"], threads=2)
+    assert list(got) == [n for n in tensors if n in ("step", "big", "empty")]
+    assert_identical(got, {n: tensors[n] for n in got})
+    h = models.read_header(path, KEY)
+    w = next(i for i in h.tensors if i.name == "0.weight")
+    flip(path, h.header_length + w.begin + 5)  # inside a tensor not asked for
+    assert_identical(models.load_encrypted(path, KEY, "cpu", names=["big"]), {"big": tensors["big"]})
+    load_fails(path, AuthenticationError, "tensor '0.weight'")
+    assert models.load_encrypted(path, KEY, "cpu", names=[]) == {}
+    with pytest.raises(KeyError, match="no tensor 'nope'"):
+        models.load_encrypted(path, KEY, "cpu", names=["big", "nope"])
+    with pytest.raises(TypeError, match="not one str"):
+        models.load_encrypted(path, KEY, "cpu", names="big")
+
+
 def test_wrong_key(saved):
     err = load_fails(saved[0], AuthenticationError, "header authentication failed: wrong key",
                      key=bytes(32))
@@ -392,6 +411,18 @@ def test_gpu_load_in_place_in_batches(gpu_files, monkeypatch):
     for name, x in tensors.items():
         assert got[name].dtype == x.dtype and got[name].shape == x.shape
         assert got[name].tobytes() == x.tobytes(), name
+
+
+@pytest.mark.cudasim
+def test_gpu_load_of_a_subset_reads_each_batch_from_one_file_range(gpu_files, monkeypatch):
+    """w (two segments) and b, with s between them in the file: w's segments make one
+    batch, b another (the gap cuts it), and s is neither read nor returned."""
+    path, tensors = gpu_files
+    monkeypatch.setattr(models, "_GPU_BATCH_BYTES", 2 * SEG)
+    calls = count_open_batch(monkeypatch)
+    got = models.load_encrypted(path, KEY, "cuda", framework="numpy", names=["b", "w"])
+    assert list(got) == ["w", "b"] and calls == [2, 1]
+    assert all(got[n].tobytes() == tensors[n].tobytes() for n in got)
 
 
 @pytest.mark.cudasim
