@@ -492,6 +492,24 @@ def test_device_tensors_sealed_on_the_cpu_are_copied_a_tensor_at_a_time(gpu_file
     assert got["b"].tobytes() == tensors["b"].tobytes()
 
 
+@pytest.mark.cudasim
+def test_cli_encrypt_model_on_the_gpu_from_a_file(tmp_path):
+    """encrypt-model --device gpu: segments read from the safetensors file into the
+    staging buffer, sealed by the GPU backend (the simulator in CI), opened by the CPU."""
+    from safetensors.numpy import save_file
+
+    from gpucrypt.backends import get_backend
+
+    get_backend("gpu")
+    tensors = {"a": np.arange(1500, dtype=np.float32), "b": np.arange(9, dtype=np.int16)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    (tmp_path / "key").write_bytes(KEY)
+    assert cli(["encrypt-model", "--device", "gpu", "--segment-size", "4KiB", "--key-file",
+                str(tmp_path / "key"), str(tmp_path / "m.safetensors"), str(tmp_path / "m.gc")]) == 0
+    got = models.load_encrypted(tmp_path / "m.gc", KEY, "cpu", framework="numpy")
+    assert all(got[n].tobytes() == tensors[n].tobytes() for n in tensors)
+
+
 @pytest.mark.gpu
 def test_torch_cuda_load(saved):
     path, tensors = saved
