@@ -431,19 +431,21 @@ def _host_context(algorithm: str, key: bytes, nonce: bytes):
 
 
 def _host_seal(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: np.ndarray,
-               dst: np.ndarray) -> bytes:
+               dst: np.ndarray, threads: int = 1) -> bytes:
     """Encrypt ``src`` into ``dst`` (the same memory when in place); returns the tag."""
     ctx, nonce = _host_context(algorithm, key, nonce)
-    return ctx.seal_detached(nonce, memoryview(src), memoryview(aad), memoryview(dst))
+    return ctx.seal_detached(nonce, memoryview(src), memoryview(aad), memoryview(dst),
+                             threads=threads)
 
 
 def _host_open(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: np.ndarray, tag: bytes,
-               dst: np.ndarray, inplace: bool) -> bool:
+               dst: np.ndarray, inplace: bool, threads: int = 1) -> bool:
     """Verify, then decrypt ``src`` into ``dst``. False on a bad tag: then ``dst`` is zeroed,
     or, in place, left exactly as it was (the tag is checked before any byte is written)."""
     ctx, nonce = _host_context(algorithm, key, nonce)
     try:
-        ctx.open_detached(nonce, memoryview(src), tag, memoryview(aad), memoryview(dst))
+        ctx.open_detached(nonce, memoryview(src), tag, memoryview(aad), memoryview(dst),
+                          threads=threads)
     except InvalidTag:
         return False
     return True
@@ -507,7 +509,7 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
 
     on_gpu = [j for j in jobs if j.place != HOST or device == "gpu"]
     _run_host_jobs([j for j in jobs if j.place == HOST and device != "gpu"],
-                   lambda job: _encrypt_on_host(job, algorithm, key, inplace))
+                   lambda job, threads: _encrypt_on_host(job, algorithm, key, inplace, threads))
     if on_gpu:
         _encrypt_on_gpu(on_gpu, algorithm, key, inplace, stream)
     return [j.enc for j in jobs]
@@ -531,15 +533,20 @@ def _refuse_shared_memory(jobs: list[_Job]) -> None:
 
 
 def _run_host_jobs(jobs: list[_Job], work) -> list:
-    """``[work(job) for job in jobs]``; a batch of at least ``_HOST_PARALLEL_BYTES`` is
-    split over the usable cores in contiguous runs of about equal bytes (a few per
-    thread: balanced, without a hand-off per tensor). ``cryptography`` releases the GIL."""
+    """``[work(job, threads) for job in jobs]``; a batch of at least
+    ``_HOST_PARALLEL_BYTES`` is split over the usable cores in contiguous runs of about
+    equal bytes (a few per thread: balanced, without a hand-off per tensor), and a
+    single large tensor gets them all inside its one message (``threads``).
+    ``cryptography`` releases the GIL."""
     from .backends.cpu import usable_cores
 
     total = sum(j.enc.nbytes for j in jobs)
-    threads = min(len(jobs), usable_cores()) if total >= _HOST_PARALLEL_BYTES else 1
+    cores = usable_cores() if total >= _HOST_PARALLEL_BYTES else 1
+    if len(jobs) == 1:
+        return [work(jobs[0], cores)]
+    threads = min(len(jobs), cores)
     if threads < 2:
-        return [work(j) for j in jobs]
+        return [work(j, 1) for j in jobs]
     runs, current, size = [], [], 0
     for job in jobs:
         current.append(job)
@@ -550,10 +557,10 @@ def _run_host_jobs(jobs: list[_Job], work) -> list:
     if current:
         runs.append(current)
     with ThreadPoolExecutor(threads) as pool:
-        return [r for part in pool.map(lambda run: [work(j) for j in run], runs) for r in part]
+        return [r for part in pool.map(lambda run: [work(j, 1) for j in run], runs) for r in part]
 
 
-def _encrypt_on_host(job: _Job, algorithm: str, key: bytes, inplace: bool) -> None:
+def _encrypt_on_host(job: _Job, algorithm: str, key: bytes, inplace: bool, threads: int) -> None:
     src = job.adapter.host_array(job.view)
     if inplace:
         if not src.flags.writeable:
@@ -562,7 +569,7 @@ def _encrypt_on_host(job: _Job, algorithm: str, key: bytes, inplace: bool) -> No
     else:
         ct_obj = job.adapter.empty_bytes(len(src), HOST)
         dst = job.adapter.host_array(ct_obj)
-    job.enc._tag = _host_seal(algorithm, key, job.nonce, job.aad, src, dst)
+    job.enc._tag = _host_seal(algorithm, key, job.nonce, job.aad, src, dst, threads)
     job.enc._ciphertext = ct_obj
 
 
@@ -721,7 +728,7 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     # context and stream order the copy); only host ciphertext goes to the thread pool
     from_device = [j for j in todo if not j.result[0] and j.enc._place != HOST]
     on_host = [j for j in todo if not j.result[0] and j.enc._place == HOST]
-    failed = [j for j in from_device if not _open_on_host(j)]
+    failed = [j for j in from_device if not _open_on_host(j, 1)]
     failed += [j for j, ok in zip(on_host, _run_host_jobs(on_host, _open_on_host)) if not ok]
     gpu_jobs = [j for j in todo if j.result[0]]
     if gpu_jobs:
@@ -799,7 +806,7 @@ def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
                             else adapter.byte_view(obj))
 
 
-def _open_on_host(job: _Job) -> bool:
+def _open_on_host(job: _Job, threads: int) -> bool:
     enc = job.enc
     _, key = job.result
     if enc._place == HOST:
@@ -814,7 +821,8 @@ def _open_on_host(job: _Job) -> bool:
         dst = src
     else:
         dst = job.adapter.host_array(job.dst_view)
-    return _host_open(enc.algorithm, key, job.nonce, job.aad, src, enc.tag, dst, job.inplace)
+    return _host_open(enc.algorithm, key, job.nonce, job.aad, src, enc.tag, dst, job.inplace,
+                      threads)
 
 
 def _open_on_gpu(jobs: list[_Job], stream: Any) -> list[_Job]:

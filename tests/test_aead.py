@@ -443,6 +443,39 @@ def test_cpu_detached_tag_form_in_place_and_out(name, nonce_len, size, path, mon
     assert bytes(buf) == data
 
 
+@pytest.mark.parametrize("size", [1000, 1024, 4096, 5000, 9999])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_cpu_detached_chacha20_poly1305_on_threads(size, in_place, monkeypatch):
+    """threads=3 on one message: the keystream in 256-byte pieces on a pool (counters
+    from each piece's offset), the MAC following in order. The same bytes as
+    cryptography; verified before anything is written; a failure leaves in-place
+    ciphertext alone and zeroes a separate output."""
+    from gpucrypt.backends import cpu, get_backend
+
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 1000)
+    monkeypatch.setattr(cpu, "_PARALLEL_CHUNK", 256)
+    monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", -1)
+    key, nonce, aad, data = os.urandom(32), os.urandom(12), os.urandom(21), os.urandom(size)
+    expected = reference.ChaCha20Poly1305(key).encrypt(nonce, data, aad)
+    ctx = get_backend("cpu").aead("chacha20-poly1305", key)
+    src = bytearray(data)
+    dst = src if in_place else bytearray(size)
+    tag = ctx.seal_detached(nonce, memoryview(src), memoryview(aad), memoryview(dst), threads=3)
+    assert bytes(dst) + tag == expected
+    ct = bytearray(dst)
+    for bad_tag, bad_ct in ((bytes([tag[0] ^ 1]) + tag[1:], ct), (tag, ct[:-1] + bytes([ct[-1] ^ 1]))):
+        src = bytearray(bad_ct)
+        out = src if in_place else bytearray(b"\x55" * size)
+        with pytest.raises(InvalidTag):
+            ctx.open_detached(nonce, memoryview(src), bad_tag, memoryview(aad), memoryview(out),
+                              threads=3)
+        assert bytes(out) == (bytes(bad_ct) if in_place else bytes(size))
+    src = bytearray(ct)
+    out = src if in_place else bytearray(size)
+    ctx.open_detached(nonce, memoryview(src), tag, memoryview(aad), memoryview(out), threads=3)
+    assert bytes(out) == data
+
+
 @pytest.mark.parametrize("name", sorted(CLASSES))
 @pytest.mark.parametrize("kind", ["bytes", "bytearray", "uint8 array", "float32 array", "memoryview"])
 def test_every_buffer_kind_gives_the_same_bytes(name, kind):

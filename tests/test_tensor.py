@@ -448,6 +448,34 @@ def test_large_host_batches_run_on_threads(monkeypatch, algorithm):
     assert err.value.failed == ["t17"]
 
 
+@pytest.mark.parametrize("algorithm", ["chacha20-poly1305", "xchacha20-poly1305"])
+def test_one_large_host_tensor_uses_every_core_in_its_message(monkeypatch, algorithm):
+    """A single host tensor over _HOST_PARALLEL_BYTES is one message on all cores (the
+    CPU backend's threads=): the same bytes, and back."""
+    from gpucrypt.backends import cpu
+
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 3)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 1000)
+    monkeypatch.setattr(cpu, "_PARALLEL_CHUNK", 512)
+    monkeypatch.setattr(tensor_mod, "_HOST_PARALLEL_BYTES", 1000)
+    asked = []
+    real = cpu._ChaCha20Poly1305._xor_parallel
+
+    def spy(self, nonce, data, out, threads, done):
+        asked.append(threads)
+        return real(self, nonce, data, out, threads, done)
+
+    monkeypatch.setattr(cpu._ChaCha20Poly1305, "_xor_parallel", spy)
+    key = os.urandom(32)
+    x = random_array((2500,), "float32")
+    enc = gpucrypt.encrypt_tensor(x, key, algorithm=algorithm)
+    meta = hand_metadata(algorithm=algorithm, framework="numpy", dtype="float32", shape=(2500,),
+                         nbytes=x.nbytes)
+    assert ct_bytes(enc) + enc.tag == reference_seal(algorithm, key, enc.nonce, x.tobytes(), meta)
+    assert gpucrypt.decrypt_tensor(enc, key).tobytes() == x.tobytes()
+    assert asked == [3, 3]
+
+
 def test_in_place_batch_refuses_shared_memory_before_touching_any():
     """Tied weights (two state-dict entries on one memory) cannot both be encrypted in
     place: refused up front, nothing changed; out of place they are fine."""

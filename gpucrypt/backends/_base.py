@@ -35,17 +35,19 @@ class AeadContext(ABC):
         """
 
 
-    def seal_detached(self, nonce: bytes, data: memoryview, aad: memoryview, out: memoryview) -> bytes:
+    def seal_detached(self, nonce: bytes, data: memoryview, aad: memoryview, out: memoryview,
+                      threads: int = 1) -> bytes:
         """Encrypt ``data`` into ``out`` (``len(data)`` bytes; the same memory for in place)
-        and return the 16-byte tag separately: for buffers that hold exactly the data."""
+        and return the 16-byte tag separately: for buffers that hold exactly the data.
+        ``threads``: how many threads one large message may use (1: this one only)."""
         raise NotImplementedError(f"{type(self).__name__} has no detached-tag form")
 
     def open_detached(self, nonce: bytes, data: memoryview, tag: bytes, aad: memoryview,
-                      out: memoryview) -> None:
+                      out: memoryview, threads: int = 1) -> None:
         """Verify ``tag`` over ``data``, then decrypt into ``out`` (may be ``data`` itself).
 
         On ``InvalidTag`` nothing was written: an in-place buffer still holds the
-        ciphertext, and a separate ``out`` is zeroed.
+        ciphertext, and a separate ``out`` is zeroed. ``threads`` as for sealing.
         """
         raise NotImplementedError(f"{type(self).__name__} has no detached-tag form")
 

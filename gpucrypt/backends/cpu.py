@@ -31,6 +31,10 @@ OPENSSL_AEAD_MAX = 2**31 - 1
 #: piece size for the composed (long-message) paths
 _PIECE = 1 << 30
 _ZEROS16 = bytes(16)
+#: a detached ChaCha20-Poly1305 message this large may use several threads (``threads=``):
+#: the keystream in pieces of _PARALLEL_CHUNK on a pool, the MAC following in order
+PARALLEL_MIN = 8 << 20
+_PARALLEL_CHUNK = 4 << 20  # a multiple of 64 (ChaCha20 blocks) and of 16 (Poly1305 blocks)
 #: detached-tag messages up to this size go through OpenSSL's one-shot AEAD and a copy
 ONE_SHOT_DETACHED_MAX = 64 << 10
 #: scratch bytes for verifying a GCM message before decrypting it in place
@@ -98,14 +102,14 @@ class _OpenSslAead(AeadContext):
             raise InvalidTag()
         self._xor(state, ct, out)
 
-    def seal_detached(self, nonce, data, aad, out):
+    def seal_detached(self, nonce, data, aad, out, threads=1):
         if len(data) <= ONE_SHOT_DETACHED_MAX and self._native(nonce, len(data), len(aad)):
             return self._seal_detached_one_shot(nonce, data, aad, out)
         state = self._start(nonce)
         self._xor(state, data, out)
         return self._tag(state, out, aad)
 
-    def open_detached(self, nonce, data, tag, aad, out):
+    def open_detached(self, nonce, data, tag, aad, out, threads=1):
         if len(tag) != 16:
             raise InvalidTag()
         if len(data) <= ONE_SHOT_DETACHED_MAX and self._native(nonce, len(data), len(aad)):
@@ -159,6 +163,46 @@ class _ChaCha20Poly1305(_OpenSslAead):
     def _start(self, nonce):
         return nonce
 
+    def seal_detached(self, nonce, data, aad, out, threads=1):
+        if threads < 2 or len(data) < PARALLEL_MIN:
+            return super().seal_detached(nonce, data, aad, out)
+        mac = self._mac_after_aad(nonce, aad)
+        self._xor_parallel(nonce, data, out, threads, lambda a, b: mac.update(out[a:b]))
+        return self._mac_finish(mac, len(aad), len(data))
+
+    def open_detached(self, nonce, data, tag, aad, out, threads=1):
+        if threads < 2 or len(data) < PARALLEL_MIN or len(tag) != 16:
+            return super().open_detached(nonce, data, tag, aad, out)
+        if not hmac.compare_digest(self._tag(nonce, data, aad), bytes(tag)):
+            if not _same_memory(data, out):
+                _zero(out)
+            raise InvalidTag()
+        self._xor_parallel(nonce, data, out, threads, lambda a, b: None)
+
+    def _xor_parallel(self, nonce, data, out, threads: int, done) -> None:
+        """ChaCha20 over ``_PARALLEL_CHUNK`` pieces on ``threads`` workers (a piece's
+        keystream starts at its own block counter); ``done(start, end)`` is called in
+        this thread, in order, as each piece is finished (the MAC follows the workers)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = len(data)
+        starts = range(0, n, _PARALLEL_CHUNK)
+
+        def xor(start: int) -> None:
+            end = min(start + _PARALLEL_CHUNK, n)
+            _xor_into(self._stream(nonce, 1 + start // 64), data[start:end], out[start:end])
+
+        with ThreadPoolExecutor(threads) as pool:
+            futures = [pool.submit(xor, start) for start in starts]
+            try:
+                for start, future in zip(starts, futures):
+                    future.result()
+                    done(start, min(start + _PARALLEL_CHUNK, n))
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+
     def _xor(self, nonce, data, out):
         _xor_into(self._stream(nonce, 1), data, out)
 
@@ -167,14 +211,26 @@ class _ChaCha20Poly1305(_OpenSslAead):
                       None).encryptor()
 
     def _tag(self, nonce: bytes, ct: memoryview, aad: memoryview) -> bytes:
-        one_time_key = self._stream(nonce, 0).update(bytes(32))
-        mac = Poly1305(one_time_key)
-        for field in (aad, ct):
-            for start in range(0, len(field), _PIECE):
-                mac.update(field[start:start + _PIECE])
-            if len(field) % 16:
-                mac.update(_ZEROS16[: 16 - len(field) % 16])
-        mac.update(struct.pack("<QQ", len(aad), len(ct)))
+        mac = self._mac_after_aad(nonce, aad)
+        for start in range(0, len(ct), _PIECE):
+            mac.update(ct[start:start + _PIECE])
+        return self._mac_finish(mac, len(aad), len(ct))
+
+    def _mac_after_aad(self, nonce: bytes, aad: memoryview) -> Poly1305:
+        """RFC 8439's Poly1305 under the one-time key, fed ``aad || pad16``: the
+        ciphertext follows in any number of updates, then :meth:`_mac_finish`."""
+        mac = Poly1305(self._stream(nonce, 0).update(bytes(32)))
+        for start in range(0, len(aad), _PIECE):
+            mac.update(aad[start:start + _PIECE])
+        if len(aad) % 16:
+            mac.update(_ZEROS16[: 16 - len(aad) % 16])
+        return mac
+
+    @staticmethod
+    def _mac_finish(mac: Poly1305, aad_len: int, ct_len: int) -> bytes:
+        if ct_len % 16:
+            mac.update(_ZEROS16[: 16 - ct_len % 16])
+        mac.update(struct.pack("<QQ", aad_len, ct_len))
         return mac.finalize()
 
 
@@ -192,7 +248,7 @@ class _AesGcm(_OpenSslAead):
     def _streaming(self, nonce: bytes, data_len: int, aad_len: int) -> bool:
         return self._native(nonce, 0, 0) and aad_len <= OPENSSL_AEAD_MAX
 
-    def seal_detached(self, nonce, data, aad, out):
+    def seal_detached(self, nonce, data, aad, out, threads=1):  # one OpenSSL pass: threads unused
         if len(data) <= ONE_SHOT_DETACHED_MAX or not self._streaming(nonce, len(data), len(aad)):
             return super().seal_detached(nonce, data, aad, out)
         enc = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
@@ -201,7 +257,7 @@ class _AesGcm(_OpenSslAead):
         enc.finalize()
         return enc.tag
 
-    def open_detached(self, nonce, data, tag, aad, out):
+    def open_detached(self, nonce, data, tag, aad, out, threads=1):
         if len(tag) != 16 or len(data) <= ONE_SHOT_DETACHED_MAX or \
                 not self._streaming(nonce, len(data), len(aad)):
             return super().open_detached(nonce, data, tag, aad, out)
