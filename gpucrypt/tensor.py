@@ -31,7 +31,9 @@ is decrypted in place again). A failed in-place decrypt leaves the ciphertext as
 it was; a failed out-of-place decrypt zeroes its output and returns nothing. An
 in-place batch whose entries share memory (a state dict's tied weights) is refused
 before anything is touched: each memory can hold one ciphertext. Host batches over
-4 MiB run on all usable cores (``cryptography`` releases the GIL).
+4 MiB run on all usable cores (``cryptography`` releases the GIL): several tensors are
+shared out among threads, and one large ChaCha20-Poly1305 / XChaCha20-Poly1305 tensor
+is cut into keystream pieces on a pool while the MAC follows them in order.
 
 Streams: GPU work is queued on the given stream or the framework's current one;
 nothing synchronises unless a host result is asked for (``enc.tag``,
