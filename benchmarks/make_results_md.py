@@ -149,7 +149,8 @@ def render_tensor_run(name: str, doc: dict) -> list[str]:
     """A ``benchmarks/tensor_bench.py`` run: state dicts against one buffer, small calls."""
     lines = [f"## {name}", "",
              f"`benchmarks/tensor_bench.py --device {doc['device']}` on {doc['device_name']} "
-             f"(torch {doc['torch']}): in-place `encrypt_tensors`/`decrypt_tensors`, medians.", "",
+             f"(torch {doc['torch']}, commit `{doc.get('commit', '?')[:10]}`): in-place "
+             f"`encrypt_tensors`/`decrypt_tensors`, medians.", "",
              "| case | algorithm | tensors | MiB | encrypt GB/s | decrypt GB/s |",
              "|---|---|---:|---:|---:|---:|"]
     lines += [f"| {r['case']} | {r['algorithm']} | {r['tensors']} | {r['bytes'] / 2**20:.0f} | "
@@ -182,15 +183,16 @@ def render_stream_run(name: str, doc: dict) -> list[str]:
              f"memory, {doc['cores']} cores ({doc['cpu']}), median of {doc['rounds']} interleaved "
              f"rounds; cryptography {doc['cryptography']}, commit `{doc['commit'][:10]}`, load "
              f"average at the end {doc['load_average'][0]:.2f}. Ratio = rate / `cryptography 1 call`.",
-             "", "| what | GB/s | ratio |", "|---|---:|---:|"]
-    lines += [f"| {r['name']} | {r['gb_per_s']:.2f} | x{r['ratio']:.2f} |" for r in doc["rows"]]
+             "", *_rate_table(doc["rows"])]
     if doc.get("model_rows"):
         lines += ["", f"Loading a {format_size(doc['size'])} model file (300 tensors, warm page "
-                      f"cache); ratio = rate / reading the file:", "",
-                  "| what | GB/s | ratio |", "|---|---:|---:|"]
-        lines += [f"| {r['name']} | {r['gb_per_s']:.2f} | x{r['ratio']:.2f} |"
-                  for r in doc["model_rows"]]
+                      f"cache); ratio = rate / reading the file:", "", *_rate_table(doc["model_rows"])]
     return lines + [""]
+
+
+def _rate_table(rows: list[dict]) -> list[str]:
+    return ["| what | GB/s | ratio |", "|---|---:|---:|",
+            *(f"| {r['name']} | {r['gb_per_s']:.2f} | x{r['ratio']:.2f} |" for r in rows)]
 
 
 def readme_section(results_dir: Path = RESULTS_DIR) -> str:
