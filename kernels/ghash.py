@@ -228,10 +228,10 @@ def gf128_prime(h0, h1, h2, h3):
     """``h * x^-1`` (the primed key form): shift left by one bit, fold the bit
     shifted out (degree 0) back as ``x^-1 = x^127 + x^6 + x + 1`` (0xC2..01). Constant time."""
     mask = uint32(0) - (uint32(h0) >> uint32(31))
-    p0 = (uint32(h0) << uint32(1)) | (uint32(h1) >> uint32(31))
-    p1 = (uint32(h1) << uint32(1)) | (uint32(h2) >> uint32(31))
-    p2 = (uint32(h2) << uint32(1)) | (uint32(h3) >> uint32(31))
-    p3 = uint32(h3) << uint32(1)
+    p0 = uint32((uint32(h0) << uint32(1)) | (uint32(h1) >> uint32(31)))
+    p1 = uint32((uint32(h1) << uint32(1)) | (uint32(h2) >> uint32(31)))
+    p2 = uint32((uint32(h2) << uint32(1)) | (uint32(h3) >> uint32(31)))
+    p3 = uint32(uint32(h3) << uint32(1))
     return (p0 ^ (mask & uint32(0xC2000000)), p1, p2, p3 ^ (mask & uint32(1)))
 
 

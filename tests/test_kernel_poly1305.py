@@ -228,3 +228,36 @@ def test_no_messages_is_a_no_op():
     tags = cuda.device_array((0, 16), np.uint8)
     empty = cuda.to_device(np.zeros(1, np.uint8))
     kp.poly1305_aead_tags(empty, empty, table, 0, cuda.device_array((0, 32), np.uint8), tags)
+
+
+def test_write_tag_with_the_devices_integer_typing():
+    """The simulator runs device code on NumPy scalars, which wrap at 32 bits; on the
+    device numba widens ``uint32 << uint32`` to 64 bits. ``numba.njit`` types integers
+    as the device compiler does, so ``write_tag``'s body compiled with it must give
+    the NumPy (simulator) answer, and both that of Python integers: (h + s) mod 2^128."""
+    compiled = _njit_device_function(kp, "write_tag")
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        limbs = rng.integers(0, 1 << 26, 5, dtype=np.uint32)
+        keys = rng.integers(0, 1 << 32, (1, 8), dtype=np.uint64).astype(np.uint32)
+        h = sum(int(v) << (26 * i) for i, v in enumerate(limbs)) % (2**130 - 5)
+        s = sum(int(keys[0, 4 + i]) << (32 * i) for i in range(4))
+        want = ((h + s) % 2**128).to_bytes(16, "little")
+        for run in (kp.write_tag.py_func, compiled):
+            tags = np.zeros((1, 4), np.uint32)
+            run(keys, tags, 0, *[np.uint32(v) for v in limbs])
+            assert tags.tobytes() == want, run
+
+
+def _njit_device_function(module, name: str):
+    """``module.name`` with every device function of ``module`` compiled by ``numba.njit``
+    (CPU), each calling the others: the device's integer typing, on the CPU."""
+    import types
+
+    import numba
+
+    scope = dict(vars(module))
+    device = {n: f for n, f in vars(module).items() if hasattr(f, "py_func")}
+    for n, f in device.items():
+        scope[n] = numba.njit(types.FunctionType(f.py_func.__code__, scope, n))
+    return scope[name]
