@@ -91,19 +91,18 @@ class AtomicFile:
         fd, self._temp = _temp_beside(self.path, mode)
         self._file = open(fd, "wb", buffering=0)
 
-    @property
-    def temp_path(self) -> str | None:
-        """The temporary file's path; None once committed or aborted."""
-        return self._temp
-
     def write(self, data: Any) -> None:
         write_all(self._file, data)
 
     def commit(self) -> None:
         if self._temp is None:
             return
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except BaseException:
+            self.abort()  # no temporary file (of plaintext, on decryption) stays behind
+            raise
         self._file.close()
         temp, self._temp = self._temp, None
         try:
@@ -134,8 +133,6 @@ class FileObjectOutput:
     ``commit()`` flushes it; ``abort()`` does nothing (what was written stays: the
     caller owns the object). Neither closes it.
     """
-
-    temp_path = None
 
     def __init__(self, fileobj: Any):
         self._file = fileobj

@@ -103,7 +103,10 @@ def _raw_key(args: Any) -> bytes | None:
         value = os.environ.get(args.key_env)
         if value is None:
             raise CliError(f"environment variable {args.key_env} is not set", 2)
-        return parse_key(value.encode("utf-8", "replace"), f"${args.key_env}")
+        text = value.strip()
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", text):  # never raw bytes: a password is not a key
+            raise CliError(f"${args.key_env} must hold 64 hex digits (a 32-byte key)", 2)
+        return bytes.fromhex(text)
     return None
 
 

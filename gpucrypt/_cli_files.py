@@ -153,12 +153,13 @@ def _check_threads(args):
 @contextlib.contextmanager
 def _input(args, label: str) -> Iterator[tuple[Any, bool]]:
     """``(reader, is_file)`` for IN (or stdin), with a progress bar when one is wanted;
-    ``is_file`` says the reader is a file of ours that may be rewound. On exit the bar
+    ``is_file`` says the reader is a file of ours that can be rewound (not a FIFO or a
+    ``<(...)`` path). On exit the bar
     is finished and the file closed."""
     reader, size, owned = _open_input(args)
     src, progress = _with_progress(args, reader, size, label)
     try:
-        yield src, owned
+        yield src, owned and reader.seekable()
     finally:
         if progress:
             src.finish()

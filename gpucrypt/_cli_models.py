@@ -88,7 +88,10 @@ def _run_encrypt_model(args) -> int:
     _check_paths(args)
     _safetensors()
     key, key_id, envelope = encrypt_keys(args)
-    fd = os.open(args.input, os.O_RDONLY)
+    try:
+        fd = os.open(args.input, os.O_RDONLY)
+    except OSError as exc:
+        raise CliError(f"cannot read {args.input}: {exc.strerror}", 2) from None
     try:
         try:
             tensors, metadata = open_safetensors(args.input, fd)

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ._buffers import bytes_arg
-from ._host_primitives import hchacha20
+from ._host_primitives import xchacha20_key_nonce
 
 MAGIC = b"GPUCRYPT"
 VERSION = 1
@@ -220,8 +220,8 @@ def segment_cipher(algorithm: str, seg_key: bytes, nonce_prefix: bytes) -> tuple
     ChaCha20-Poly1305 messages under it (nonce 0x00000000 || prefix[16:] || ...).
     """
     if algorithm == "xchacha20-poly1305":
-        return ("chacha20-poly1305", hchacha20(seg_key, nonce_prefix[:16]),
-                b"\x00\x00\x00\x00" + nonce_prefix[16:])
+        subkey, head = xchacha20_key_nonce(seg_key, nonce_prefix)
+        return "chacha20-poly1305", subkey, head
     return BACKEND_NAMES[algorithm], seg_key, nonce_prefix
 
 

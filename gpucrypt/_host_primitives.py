@@ -33,6 +33,12 @@ def hchacha20(key: bytes, nonce16: bytes) -> bytes:
     return struct.pack("<8I", *out)
 
 
+def xchacha20_key_nonce(key: bytes, nonce: bytes) -> tuple[bytes, bytes]:
+    """XChaCha20's subkey and 12-byte IETF nonce for a 24-byte ``nonce``: HChaCha20 of
+    its first 16 bytes, and four zero bytes followed by its last 8."""
+    return hchacha20(key, nonce[:16]), b"\x00\x00\x00\x00" + nonce[16:]
+
+
 # --- GF(2^128), GCM convention: bit 0 of the field element is the MSB of byte 0. ---
 _R = 0xE1 << 120
 

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers import aead as _openssl
 
 from . import _limits
 from ._buffers import bytes_arg, optional_readable, plain_bytes, readable, writable
-from ._host_primitives import hchacha20
+from ._host_primitives import xchacha20_key_nonce
 from .backends import AUTO_GPU_THRESHOLD, AeadContext, Backend, select_backend, small_payloads_on_cpu
 
 #: largest message the fast path hands to OpenSSL directly: below both cryptography's
@@ -95,6 +95,8 @@ class _Aead:
             return None
         lo, hi = self._openssl_nonce_range
         if not lo <= len(nonce) <= hi or len(data) > self._fast_max or not self._small_on_cpu:
+            return None
+        if associated_data is not None and len(associated_data) > self._fast_max:
             return None
         return openssl
 
@@ -175,9 +177,7 @@ class _Aead:
                 raise
         src = readable(data)
         out = writable(buf)
-        if len(src) < _limits.TAG_SIZE:
-            raise InvalidTag()
-        if len(out) != len(src) - _limits.TAG_SIZE:
+        if len(out) != max(len(src) - _limits.TAG_SIZE, 0):
             raise ValueError(f"buffer must be {len(src) - _limits.TAG_SIZE} bytes")
         self._decrypt_views(nonce, src, associated_data, out)
         return len(out)
@@ -292,7 +292,7 @@ class XChaCha20Poly1305(ChaCha20Poly1305):
         return _Libsodium.create(key)
 
     def _backend_key_nonce(self, nonce):
-        return hchacha20(self._key, nonce[:16]), b"\x00\x00\x00\x00" + nonce[16:]
+        return xchacha20_key_nonce(self._key, nonce)
 
     @property
     def _batch_algorithm(self) -> str:
@@ -322,6 +322,8 @@ class _Libsodium:
     def decrypt(self, nonce, data, associated_data):
         from nacl.exceptions import CryptoError
 
+        if len(data) < 16:  # PyNaCl fails on these with ValueError before libsodium runs
+            raise InvalidTag()
         try:
             aad = None if associated_data is None else bytes(associated_data)
             return self._b.crypto_aead_xchacha20poly1305_ietf_decrypt(bytes(data), aad, nonce, self._key)

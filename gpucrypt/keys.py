@@ -398,6 +398,8 @@ class Keyset:
         the materials are sealed. A keyset loaded sealed stays sealed with the same
         secret unless another is given, or ``unsealed=True`` asks for plain JSON.
         """
+        if not self._keys:  # a keyset file without a primary key could not be loaded back
+            raise KeysetError("the keyset has no keys: add one (Keyset.generate) before saving")
         if passphrase is None and kek is None and not unsealed and self._seal is not None:
             passphrase, kek = self._seal["passphrase"], self._seal["kek"]
             kek_id = kek_id or self._seal["kek_id"]

@@ -78,6 +78,7 @@ from ._atomic import open_output, write_atomically_with
 from ._safetensors import StoredTensor
 from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedError,
                       UnsupportedVersion)
+from .backends.cpu import check_threads as _cpu_threads
 from .tensor import _host_open, _host_seal
 
 __all__ = ["save_encrypted", "load_encrypted", "export_safetensors", "read_header", "ModelHeader", "TensorInfo",
@@ -417,16 +418,6 @@ def _check_metadata(metadata: Any) -> dict | None:
     return dict(metadata)
 
 
-def _check_threads(threads: Any) -> int:
-    if threads is None:
-        from .backends.cpu import usable_cores
-
-        return usable_cores()
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive int or None, not {threads!r}")
-    return threads
-
-
 def _tensor_infos(tensors: Any) -> tuple[list[TensorInfo], list[Any]]:
     """The table entries (data order = the mapping's order) and the contiguous tensors
     (or :class:`~gpucrypt._safetensors.StoredTensor` handles, read when sealed)."""
@@ -578,7 +569,7 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any, metadata: Ma
     _format.check_segment_size(segment_size)
     key_id, envelope = _format.check_key_id_envelope(key_id, envelope)
     metadata = _check_metadata(metadata)
-    threads = _check_threads(threads)
+    threads = _cpu_threads(threads)
     infos, values = _tensor_infos(tensors)
     segments = _segments(infos, segment_size)
     data_length = infos[-1].end if infos else 0
@@ -673,7 +664,7 @@ def _seal_on_gpu(gpu, header, seg_key, aad, values, segments, sink) -> list[byte
     device; ``seal_batch`` from there, or from the device tensors themselves, into the
     device copy of the staging buffer; ciphertext and tags back to the host."""
     plain, count, tags = _Plaintext(values, gpu), len(segments), []
-    name = _format.BACKEND_NAMES[header.algorithm]
+    name, key, head = _format.segment_cipher(header.algorithm, seg_key, header.nonce_prefix)
     # Device tensors may still be being written on the caller's streams (a torch side
     # stream is not ordered with ours): wait for them once.
     gpu.synchronize_device()
@@ -692,8 +683,8 @@ def _seal_on_gpu(gpu, header, seg_key, aad, values, segments, sink) -> list[byte
         dsts = [dev[a:b] for a, b in bounds]
         srcs = [d if v is None else v for d, v in zip(dsts, on_device)]
         n = len(batch)
-        dev_tags = gpu.seal_batch(name, [seg_key] * n,
-                                  [_nonce(header.nonce_prefix, s, count) for s in batch],
+        dev_tags = gpu.seal_batch(name, [key] * n,
+                                  [_nonce(head, s, count) for s in batch],
                                   srcs, [aad] * n, dsts)
         gpu.to_host(dev, out=staging)
         host_tags = gpu.to_host(dev_tags)
@@ -743,7 +734,7 @@ def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str 
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework must be one of {FRAMEWORKS}, not {framework!r}")
     target = _check_device(device)
-    threads = _check_threads(threads)
+    threads = _cpu_threads(threads)
     with builtins.open(path, "rb", buffering=0) as f:
         header, segments, tags, seg_key, aad = _prepare_open(f, key)
         picked = _pick(header.tensors, names)
@@ -803,7 +794,7 @@ def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = N
     from ._safetensors import safetensors_layout
 
     key = _format.check_key(key)
-    threads = _check_threads(threads)
+    threads = _cpu_threads(threads)
     with builtins.open(path, "rb", buffering=0) as f:
         header, segments, tags, seg_key, aad = _prepare_open(f, key)
         infos = header.tensors
@@ -1000,8 +991,8 @@ def _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target, pic
     batches = _batches(segments, _GPU_BATCH_BYTES, infos)
     largest = max((sum(s.length for s in b) for b in batches), default=0)
     staging = [_Staging(framework, largest) for _ in range(min(2, len(batches)))]
-    name, count, base = (_format.BACKEND_NAMES[header.algorithm], header.segment_count,
-                         header.header_length)
+    name, key, head = _format.segment_cipher(header.algorithm, seg_key, header.nonce_prefix)
+    count, base = header.segment_count, header.header_length
 
     def read(k: int) -> None:  # a batch's segments are contiguous in the file
         batch = batches[k]
@@ -1023,8 +1014,8 @@ def _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target, pic
                 cursor += seg.length
             views = [dev_bytes[s.tensor][s.start:s.start + s.length] for s in batch]
             n = len(batch)
-            ok = gpu.open_batch(name, [seg_key] * n,
-                                [_nonce(header.nonce_prefix, s, count) for s in batch],
+            ok = gpu.open_batch(name, [key] * n,
+                                [_nonce(head, s, count) for s in batch],
                                 views, [_tag_of(tags, s) for s in batch], [aad] * n, views,
                                 stream=stream)
             _check_verdicts(batch, ok, infos)

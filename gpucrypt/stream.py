@@ -23,9 +23,9 @@ Public API::
 
 Guarantees and limits:
 
-- Memory is bounded, whatever the file size: on the CPU six batch buffers (three in,
-  three out; about 8 MiB per batch, at least one segment per thread: two batches are
-  in flight so that the workers never wait between them), on the GPU four of 64 MiB.
+- Memory is bounded, whatever the file size: on the CPU five batch buffers (three in,
+  two out; about 8 MiB per batch, at least one segment per thread: two batches are
+  in flight so that the workers never wait between them), on the GPU three of 64 MiB.
 - Writes to a path are atomic: a temporary file in the same folder, fsync, then
   rename. ``decrypt`` to a path renames only after every segment, including the
   one marked last, verified; on any error the temporary file is removed and the
@@ -254,14 +254,15 @@ class _GpuEngine(_Closing):
     def __init__(self, header: Header, seg_key: bytes, backend):
         self.header = header
         self.aad = header.fixed_fields
-        self._key = seg_key
         self._gpu = backend
-        self._algorithm = _format.BACKEND_NAMES[header.algorithm]
+        # XChaCha20: one HChaCha20 subkey per file, as on the CPU (not one per segment)
+        self._algorithm, self._key, self._nonce_head = _format.segment_cipher(
+            header.algorithm, seg_key, header.nonce_prefix)
         self.threads = 1
         self.batches_in_flight = 1  # start() runs the batch
 
     def _nonce(self, index, last):
-        return _format.segment_nonce(self.header.nonce_prefix, index, last)
+        return _format.segment_nonce(self._nonce_head, index, last)
 
     def _pack(self, spans, src_stride):
         """One host buffer holding every span's source at ``src_stride`` per segment, on the device."""
@@ -315,13 +316,9 @@ def _engine(header: Header, key: bytes, device: str, threads: int | None, size_h
     seg_key = _format.segment_key(key, header)
     if backend.name == "gpu":
         return _GpuEngine(header, seg_key, backend)
-    if threads is None:
-        from .backends.cpu import usable_cores
+    from .backends.cpu import check_threads
 
-        threads = usable_cores()
-    if not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive int or None, not {threads!r}")
-    return _CpuEngine(header, seg_key, threads, backend)
+    return _CpuEngine(header, seg_key, check_threads(threads), backend)
 
 
 def _batch_segments(engine, segment_size: int) -> int:
@@ -379,7 +376,7 @@ def _encrypt_segments(source: _Source, sink: AtomicFile | FileObjectOutput, engi
     B = _batch_segments(engine, S)
     depth = engine.batches_in_flight
     in_bufs = [_scratch(B * S) for _ in range(depth + 1)]
-    out_bufs = [_scratch(B * (S + TAG_SIZE)) for _ in range(depth + 1)]
+    out_bufs = [_scratch(B * (S + TAG_SIZE)) for _ in range(depth)]  # k-depth is written
     first, k = 0, 0
     plain = source.fill(in_bufs[0])
     in_flight: list = []  # (wait, ciphertext view), oldest first
@@ -387,7 +384,7 @@ def _encrypt_segments(source: _Source, sink: AtomicFile | FileObjectOutput, engi
         # in_bufs[(k + 1) % (depth + 1)] held batch k - depth, waited for in the last round
         nxt = source.fill(in_bufs[(k + 1) % (depth + 1)]) if len(plain) == B * S else plain[:0]
         final = not len(nxt)
-        out = out_bufs[k % (depth + 1)]
+        out = out_bufs[k % depth]
         spans, n_out = _seal_spans(first, plain, out, S, last_on_final=final)
         in_flight.append((engine.start(spans, "seal"), out[:n_out]))
         while len(in_flight) > (0 if final else depth - 1):
@@ -413,10 +410,11 @@ def read_header(src: Any) -> Header:
     if hasattr(src, "read"):
         return _format.parse_header(src.read)
     try:
-        return _format.parse_header(io.BytesIO(memoryview(src).cast("B")).read)
+        view = memoryview(src).cast("B")
     except TypeError:
         raise TypeError(f"src must be a path, a binary file object or bytes-like, "
                         f"not {type(src).__name__}") from None
+    return _parse_source_header(_BufferSource(view))  # no copy of the data behind it
 
 
 def _parse_source_header(source: _Source) -> Header:
@@ -489,7 +487,7 @@ def _decrypt_segments(source: _Source, sink: AtomicFile | FileObjectOutput, engi
     B = _batch_segments(engine, S)
     depth = engine.batches_in_flight
     in_bufs = [_scratch(B * C) for _ in range(depth + 1)]
-    out_bufs = [_scratch(B * S) for _ in range(depth + 1)]
+    out_bufs = [_scratch(B * S) for _ in range(depth)]  # batch k-depth is written
     first, k = 0, 0
     ct = source.fill(in_bufs[0])
     if not len(ct):
@@ -498,7 +496,7 @@ def _decrypt_segments(source: _Source, sink: AtomicFile | FileObjectOutput, engi
     while True:
         nxt = source.fill(in_bufs[(k + 1) % (depth + 1)]) if len(ct) == B * C else ct[:0]
         final = not len(nxt)
-        out = out_bufs[k % (depth + 1)]
+        out = out_bufs[k % depth]
         try:
             spans, n_out = _open_spans(first, ct, out, S, last_on_final=final)
         except TruncatedError:

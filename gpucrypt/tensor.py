@@ -167,13 +167,13 @@ class NonceSequence:
     def __init__(self, size: int = 12, *, prefix: bytes = b"", start: int = 0):
         if size not in (12, 24):
             raise ValueError("size must be 12 or 24")
-        prefix = bytes(prefix)
+        prefix = bytes_arg(prefix, "prefix")
         if len(prefix) > size - 4:
             raise ValueError(f"prefix must be at most {size - 4} bytes (the counter needs 4)")
         self._prefix = prefix
         self._width = size - len(prefix)
         self._limit = 1 << (8 * self._width)
-        if not isinstance(start, int) or not 0 <= start < self._limit:
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < self._limit:
             raise ValueError(f"start must be an int in [0, 2**{8 * self._width})")
         self._next = start
         self._lock = threading.Lock()
@@ -352,9 +352,7 @@ class EncryptedTensor:
     def tag(self) -> bytes:
         """The 16-byte tag (copied from the GPU, after its work is done, the first time)."""
         if self._tag is None:
-            gpu = get_backend("gpu")
-            self._tag = bytes(gpu.to_host(self._tags)[self._tag_row].tobytes())
-            self._tags = None
+            self._tag = self._tags.row(self._tag_row)
         return self._tag
 
     def metadata(self) -> bytes:
@@ -510,6 +508,9 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
         job.enc.nonce = job.nonce = nonce
 
     on_gpu = [j for j in jobs if j.place != HOST or device == "gpu"]
+    if on_gpu:  # refused here, before any host tensor is encrypted (in place: for good)
+        _single_place(j.place for j in on_gpu)
+        get_backend("gpu")
     _run_host_jobs([j for j in jobs if j.place == HOST and device != "gpu"],
                    lambda job, threads: _encrypt_on_host(job, algorithm, key, inplace, threads))
     if on_gpu:
@@ -615,7 +616,7 @@ def _encrypt_on_gpu(jobs: list[_Job], algorithm: str, key: bytes, inplace: bool,
     tags = gpu.seal_batch(algorithm, [key] * len(jobs), [j.nonce for j in jobs],
                           [j.dev_src for j in jobs], [j.aad for j in jobs],
                           [j.dev_dst for j in jobs], stream=launch)
-    host_tags = None
+    host_tags, batch_tags = None, _DeviceTags(tags)
     for row, job in enumerate(jobs):
         if job.place == HOST:
             ct = np.ascontiguousarray(gpu.to_host(job.dev_dst, stream=launch)).reshape(-1)
@@ -629,7 +630,7 @@ def _encrypt_on_gpu(jobs: list[_Job], algorithm: str, key: bytes, inplace: bool,
             job.enc._tag = bytes(host_tags[row].tobytes())
         else:
             job.enc._ciphertext = job.dst_obj
-            job.enc._tags, job.enc._tag_row = tags, row
+            job.enc._tags, job.enc._tag_row = batch_tags, row
 
 
 def encrypt_tensor(x: Any, key: Any, *, algorithm: str = "chacha20-poly1305", aad: Any = None,
@@ -705,7 +706,11 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
         job_key = _key_bytes(key, enc.algorithm)
         in_place = _decides_inplace(enc, out, inplace)
         ct_place = enc._place
-        run_gpu = device == "gpu" or (ct_place != HOST and device != "cpu")
+        out_on_gpu = out is not None and fw.adapter_for(out).place(out) != HOST
+        if out_on_gpu and device == "cpu":
+            raise ValueError("out= is GPU memory, which device='cpu' cannot write: leave "
+                             "device unset, or give a host out=")
+        run_gpu = device == "gpu" or out_on_gpu or (ct_place != HOST and device != "cpu")
         if in_place:
             if device == "cpu" and ct_place != HOST:
                 raise ValueError("an in-place decrypt of GPU ciphertext runs on the GPU; "
@@ -843,11 +848,9 @@ def _open_on_gpu(jobs: list[_Job], stream: Any) -> list[_Job]:
             dst = src
             if enc._place == HOST:
                 copies_back.append((job, src, _host_bytes_of(enc.framework, enc._ciphertext)))
-        elif job.place == HOST:   # host result computed on the GPU: decrypt in a device copy
-            if enc._place != HOST:
-                src = gpu.to_device(gpu.to_host(src, stream=launch_stream), stream=launch_stream)
-            dst = src
-            copies_back.append((job, src, job.adapter.host_array(job.dst_view)))
+        elif job.place == HOST:   # host result computed on the GPU: into a device buffer
+            dst = src if enc._place == HOST else gpu.device_array(enc.nbytes, stream=launch_stream)
+            copies_back.append((job, dst, job.adapter.host_array(job.dst_view)))
         else:
             dst = gpu.as_device_bytes(job.dst_view)
         srcs.append(src)
@@ -886,9 +889,24 @@ def _shared_tags(jobs: list[_Job]) -> Any:
     first = jobs[0].enc._tags
     if first is not None and len({j.enc.algorithm for j in jobs}) == 1 and all(
             j.enc._tags is first and j.enc._tag_row == i for i, j in enumerate(jobs)):
-        if getattr(first, "shape", (None,))[0] == len(jobs):
-            return first
+        if getattr(first.device, "shape", (None,))[0] == len(jobs):
+            return first.device
     return [j.enc.tag for j in jobs]
+
+
+class _DeviceTags:
+    """A GPU batch's tags (``uint8[n, 16]`` on the device), copied to the host once for
+    all of the batch's tensors, the first time one of them is asked for its tag."""
+
+    __slots__ = ("device", "_host")
+
+    def __init__(self, device: Any):
+        self.device, self._host = device, None
+
+    def row(self, i: int) -> bytes:
+        if self._host is None:
+            self._host = np.asarray(get_backend("gpu").to_host(self.device)).reshape(-1, TAG_SIZE)
+        return bytes(self._host[i].tobytes())
 
 
 def decrypt_tensor(enc: EncryptedTensor, key: Any, *, out: Any = None, stream: Any = None,

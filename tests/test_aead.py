@@ -362,6 +362,10 @@ def test_limits_refuse_before_any_keystream(monkeypatch):
     from gpucrypt.aead import _FAST_PATH_MAX
 
     assert _FAST_PATH_MAX < min(_limits.GCM_MAX_PLAINTEXT, _limits.CHACHA20POLY1305_MAX_PLAINTEXT)
+    # the classes carry the real limits (checked before they are shrunk below)
+    assert gpucrypt.ChaCha20Poly1305._max_data == _limits.CHACHA20POLY1305_MAX_PLAINTEXT
+    assert gpucrypt.XChaCha20Poly1305._max_data == _limits.CHACHA20POLY1305_MAX_PLAINTEXT
+    assert gpucrypt.AESGCM._max_data == _limits.GCM_MAX_PLAINTEXT
     monkeypatch.setattr(gpucrypt.ChaCha20Poly1305, "_max_data", 64)
     with pytest.raises(OverflowError):
         aead.encrypt(bytes(12), memoryview(bytes(65)), None)

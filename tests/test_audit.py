@@ -14,11 +14,6 @@ import pytest
 from gpucrypt import audit, keys
 from gpucrypt.cli import main
 
-try:
-    from gpucrypt import stream
-except ImportError:
-    stream = None
-
 FAST_N = 2**10
 
 
@@ -206,20 +201,19 @@ def test_no_secret_in_log_on_any_path(captured, tmp_path, monkeypatch, capsys):
     _expect_failure(keys.open_envelope, keys.seal_envelope(dek, keys.WrappingKey("env", kek)),
                     keys.EnvKeyProvider("env", "GPUCRYPT_AUDIT_TEST_KEK"))
 
-    if stream is not None:
-        src = tmp_path / "model.bin"
-        src.write_bytes(plaintext)
-        enc = tmp_path / "model.gc"
-        keys.encrypt_file(src, enc, recipients=[alice, bob], keyset=ks, segment_size=4096)
-        keys.decrypt_file(enc, tmp_path / "out", identities=alice)
-        _expect_failure(keys.decrypt_file, enc, tmp_path / "out2", identities=keys.Identity.generate())
-        keys.rekey_file(enc, recipients=[alice], keyset=ks)
-        _expect_failure(keys.decrypt_file, enc, tmp_path / "out3", identities=bob)
-        blob = bytearray(enc.read_bytes())
-        blob[-5] ^= 1  # a segment's tag
-        (tmp_path / "bad.gc").write_bytes(bytes(blob))
-        _expect_failure(keys.decrypt_file, tmp_path / "bad.gc", tmp_path / "out4", identities=alice)
-        _expect_failure(keys.rekey_file, enc, recipients=[bob], identities=bob)
+    src = tmp_path / "model.bin"
+    src.write_bytes(plaintext)
+    enc = tmp_path / "model.gc"
+    keys.encrypt_file(src, enc, recipients=[alice, bob], keyset=ks, segment_size=4096)
+    keys.decrypt_file(enc, tmp_path / "out", identities=alice)
+    _expect_failure(keys.decrypt_file, enc, tmp_path / "out2", identities=keys.Identity.generate())
+    keys.rekey_file(enc, recipients=[alice], keyset=ks)
+    _expect_failure(keys.decrypt_file, enc, tmp_path / "out3", identities=bob)
+    blob = bytearray(enc.read_bytes())
+    blob[-5] ^= 1  # a segment's tag
+    (tmp_path / "bad.gc").write_bytes(bytes(blob))
+    _expect_failure(keys.decrypt_file, tmp_path / "bad.gc", tmp_path / "out4", identities=alice)
+    _expect_failure(keys.rekey_file, enc, recipients=[bob], identities=bob)
 
     # the CLI, with its own audit log file
     monkeypatch.chdir(tmp_path)
@@ -242,6 +236,5 @@ def test_no_secret_in_log_on_any_path(captured, tmp_path, monkeypatch, capsys):
     assert {"keyset.load", "keyset.save", "keyset.destroy", "envelope.seal", "envelope.open",
             "identity.generate"} <= operations
     assert any(e["outcome"] == "error" for e in events)
-    if stream is not None:
-        assert {"file.encrypt", "file.decrypt", "file.rekey"} <= operations
+    assert {"file.encrypt", "file.decrypt", "file.rekey"} <= operations
     _assert_no_secret(captured.texts + [log.read_text()], secrets, [passphrase, plaintext_word])

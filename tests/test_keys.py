@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gpucrypt import audit, keys
-from gpucrypt.cli import SUBCOMMANDS, main
+from gpucrypt import audit, keys, stream
+from gpucrypt.cli import main
 from gpucrypt.keys import (FileKeyProvider, Identity, Keyset, KeysetError, KeyNotFound,
                            KeyUnavailable, NoMatchingRecipient, Recipient)
 
@@ -243,14 +243,8 @@ def test_file_key_provider(tmp_path):
 
 # ---------------------------------------------------------------- files on gpucrypt.stream
 
-try:
-    from gpucrypt import stream
-except ImportError:  # the file format is written by another engineer; until it lands:
-    stream = None
-pytestmark_stream = pytest.mark.skipif(stream is None, reason="gpucrypt.stream is not there yet")
 
 
-@pytestmark_stream
 def test_encrypt_decrypt_file_every_wrapping(tmp_path, device):
     data = os.urandom(5000)  # two 4 KiB segments: small enough for the simulator
     src = tmp_path / "model.bin"
@@ -268,7 +262,6 @@ def test_encrypt_decrypt_file_every_wrapping(tmp_path, device):
         assert out.read_bytes() == data
 
 
-@pytestmark_stream
 def test_decrypt_file_failures_release_nothing(tmp_path):
     src = tmp_path / "m.bin"
     src.write_bytes(os.urandom(3000))
@@ -306,14 +299,12 @@ def test_decrypt_file_failures_release_nothing(tmp_path):
     assert not out.exists()
 
 
-@pytestmark_stream
 def test_raw_key_file_has_no_envelope(tmp_path):
     stream.encrypt(b"hello", tmp_path / "raw.gc", os.urandom(32))
     with pytest.raises(NoMatchingRecipient, match="no envelope"):
         keys.decrypt_file(tmp_path / "raw.gc", tmp_path / "out", identities=Identity.generate())
 
 
-@pytestmark_stream
 def test_rekey_rotates_and_revokes(tmp_path):
     data = os.urandom(6000)
     (tmp_path / "m").write_bytes(data)
@@ -392,8 +383,6 @@ def test_cli_keygen_public_and_sealed(tmp_path, capsys, monkeypatch):
     assert len(Keyset.load("sealed.json", "s3cret passphrase")) == 2
 
 
-@pytestmark_stream
-@pytest.mark.skipif("encrypt" not in SUBCOMMANDS, reason="gpucrypt encrypt/decrypt not registered yet")
 def test_cli_encrypt_decrypt_rekey(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = os.urandom(5000)
@@ -434,7 +423,6 @@ def _readme_snippet() -> str:
     return match.group(1)
 
 
-@pytestmark_stream
 def test_readme_scenario(tmp_path, monkeypatch, capsys):
     """Share a model with two recipients, rotate the KEK, revoke one, prove it from the log:
     runs the exact snippet docs/KEYS.md gives the README."""

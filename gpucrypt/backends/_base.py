@@ -66,9 +66,9 @@ class Backend(ABC):
         """``ciphertext || tag`` (bytearray) of each message; ``algorithm`` may also be
         ``"xchacha20-poly1305"``. This default runs the messages one by one; batching
         backends (the GPU) override it with one launch per step for the whole list."""
-        out = []
+        out, contexts = [], self._contexts(algorithm, key)
         for nonce, data, aad in zip(nonces, datas, aads):
-            ctx, nonce = self.aead_for_nonce(algorithm, key, nonce)
+            ctx, nonce = contexts(nonce)
             buf = bytearray(len(data) + 16)
             ctx.seal(nonce, data, aad, memoryview(buf))
             out.append(buf)
@@ -78,12 +78,12 @@ class Backend(ABC):
         """The plaintext (bytearray) of each message, or ``None`` where its tag failed."""
         from cryptography.exceptions import InvalidTag
 
-        out = []
+        out, contexts = [], self._contexts(algorithm, key)
         for nonce, data, aad in zip(nonces, datas, aads):
             if len(data) < 16:
                 out.append(None)
                 continue
-            ctx, nonce = self.aead_for_nonce(algorithm, key, nonce)
+            ctx, nonce = contexts(nonce)
             buf = bytearray(len(data) - 16)
             try:
                 ctx.open(nonce, data, aad, memoryview(buf))
@@ -93,14 +93,23 @@ class Backend(ABC):
             out.append(buf)
         return out
 
+    def _contexts(self, algorithm: str, key: bytes):
+        """nonce -> (context, nonce) for a batch under one key: one context for the
+        batch, except for XChaCha20-Poly1305, whose subkey depends on the nonce."""
+        if algorithm == "xchacha20-poly1305":
+            return lambda nonce: self.aead_for_nonce(algorithm, key, nonce)
+        ctx = self.aead(algorithm, key)
+        return lambda nonce: (ctx, nonce)
+
     def aead_for_nonce(self, algorithm: str, key: bytes, nonce: bytes) -> tuple[AeadContext, bytes]:
         """(context, nonce) for one message of ``algorithm``, which may also be
         ``"xchacha20-poly1305"``: then the context is ChaCha20-Poly1305 under the
         HChaCha20 subkey and the nonce is the 12-byte one it takes."""
         if algorithm == "xchacha20-poly1305":
-            from .._host_primitives import hchacha20
+            from .._host_primitives import xchacha20_key_nonce
 
-            return self.aead("chacha20-poly1305", hchacha20(key, nonce[:16])), b"\x00" * 4 + nonce[16:]
+            subkey, nonce = xchacha20_key_nonce(key, nonce)
+            return self.aead("chacha20-poly1305", subkey), nonce
         return self.aead(algorithm, key), nonce
 
     @abstractmethod

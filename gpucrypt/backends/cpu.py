@@ -333,6 +333,15 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def check_threads(threads) -> int:
+    """A thread count from a caller: a positive int, or None for :func:`usable_cores`."""
+    if threads is None:
+        return usable_cores()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int or None, not {threads!r}")
+    return threads
+
+
 class CpuBackend(Backend):
     name = "cpu"
 

@@ -669,7 +669,7 @@ class _Plan:
     @classmethod
     def build(cls, algorithm, keys, nonces, srcs, dsts, aads, lengths, tag) -> "_Plan":
         from .. import _limits
-        from .._host_primitives import hchacha20
+        from .._host_primitives import xchacha20_key_nonce
 
         family = "gcm" if algorithm == "aes-gcm" else "chacha"
         effective_keys, eff_nonces, j0, rounds = [], [], [], []
@@ -682,8 +682,9 @@ class _Plan:
             elif algorithm == "xchacha20-poly1305":
                 _need(len(key) == 32 and len(nonce) == 24, i, "XChaCha20Poly1305 needs a 32-byte key and 24-byte nonce")
                 _limits.check_length("data", lengths[i], _limits.CHACHA20POLY1305_MAX_PLAINTEXT, "XChaCha20Poly1305")
-                effective_keys.append(hchacha20(key, nonce[:16]))
-                eff_nonces.append(b"\x00\x00\x00\x00" + nonce[16:])
+                subkey, nonce = xchacha20_key_nonce(key, nonce)
+                effective_keys.append(subkey)
+                eff_nonces.append(nonce)
             else:
                 _need(len(key) in (16, 24, 32), i, "AESGCM needs a 16, 24 or 32-byte key")
                 _need(_limits.GCM_MIN_NONCE <= len(nonce) <= _limits.GCM_MAX_NONCE, i, "AESGCM nonce length out of range")
