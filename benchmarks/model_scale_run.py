@@ -55,14 +55,14 @@ elif kind == "cli":
     code = main(args)
 else:
     from gpucrypt import models
-    path, key_file, device = args
+    path, key_file, device, _ = args
     key = open(key_file, "rb").read()
     tensors = models.load_encrypted(path, key, device,
                                     framework="numpy" if device == "cpu" else "torch")
     if device != "cpu":
         import torch
         torch.cuda.synchronize()
-    code = 0 if len(tensors) else 1
+    code = 0 if len(tensors) == int(args[3]) else 1
 seconds = time.perf_counter() - start
 peak_mib = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read())[1]) // 1024
 print(json.dumps({"code": code, "seconds": seconds, "peak_rss_mib": peak_mib}))
@@ -100,7 +100,10 @@ def _child(*argv: str) -> dict:
     done = subprocess.run([sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"step {argv} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["code"] != 0:
+        raise SystemExit(f"step {argv} returned {result['code']}:\n{done.stderr}")
+    return result
 
 
 def main(argv=None) -> int:
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
                                                  str(args.size))
         steps["encrypt-model"] = _child("cli", "encrypt-model", "--key-file", key, plain, enc)
         for device in args.load_device.split(","):
-            steps[f"load_encrypted {device}"] = _child("load", enc, key, device)
+            steps[f"load_encrypted {device}"] = _child("load", enc, key, device, str(args.tensors))
         steps["decrypt-model"] = _child("cli", "decrypt-model", "--key-file", key, enc, back)
         identical = _sha256(plain) == _sha256(back)
     finally:

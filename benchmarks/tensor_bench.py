@@ -81,7 +81,8 @@ class _Clock:
 
 
 def check_against_cpu(torch, gpucrypt, cases: dict, key: bytes) -> None:
-    """Before timing: the first tensor of every case, encrypted as timed, serialised and
+    """Before timing: the first tensor of every case, encrypted (out of place, on the same
+    backend as timed), serialised and
     decrypted by the CPU backend (OpenSSL through cryptography), gives its bytes back:
     a path that did nothing, or the wrong thing, fails here instead of being timed."""
     from gpucrypt import EncryptedTensor

@@ -5,7 +5,7 @@ the application configures logging for it (the library installs only a
 ``NullHandler``), and building an event costs nothing when the logger is disabled.
 :func:`enable` is a one-line way to send the events to a file or stream.
 
-Contract of :func:`event` (stable; the stream and tensor layers call it too)::
+Contract of :func:`event` (stable; :mod:`gpucrypt.keys` calls it)::
 
     event(operation: str, *, outcome: str = "ok", **fields) -> None
 

@@ -1081,7 +1081,7 @@ def decrypt_file(src: Any, dst: Any, *, identities: Any = None, keyset: Keyset |
     to ``dst``, unwrapping the data key with ``identities`` and/or ``keyset``.
 
     :class:`NoMatchingRecipient` when no key opens the envelope (nothing is written
-    then); the stream's own errors for altered data. Returns ``{"key_id", "opened_by"}``.
+    then); the stream's own errors for altered data. Returns ``{"key_id"}``.
     """
     from . import stream
 

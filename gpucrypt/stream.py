@@ -18,7 +18,7 @@ Public API::
     replace_envelope(path, key, envelope, key_id=<keep>) -> Header
 
 ``src``: a path (str or PathLike), a binary file object, a bytes-like object
-(read in place, no copy), or for encryption an iterable of bytes chunks.
+(read in place, no copy), or an iterable of bytes chunks.
 ``dst``: a path or a writable binary file object.
 
 Guarantees and limits:

@@ -376,6 +376,16 @@ def test_limits_refuse_before_any_keystream(monkeypatch):
     assert _limits.CHACHA20POLY1305_MAX_PLAINTEXT == (2**32 - 1) * 64
 
 
+@pytest.mark.parametrize("size", [0, 1, 15])
+def test_xchacha_decrypt_of_less_than_a_tag_is_invalid_tag(size):
+    """libsodium's path (PyNaCl) included: shorter than a tag is InvalidTag, as cryptography."""
+    aead = gpucrypt.XChaCha20Poly1305(bytes(32))
+    with pytest.raises(InvalidTag):
+        aead.decrypt(bytes(24), bytes(size), None)
+    with pytest.raises(InvalidTag):
+        aead.decrypt(bytes(24), bytearray(size), b"aad")
+
+
 def test_repr_never_shows_the_key():
     key = bytes(range(32))
     text = repr(gpucrypt.ChaCha20Poly1305(key)) + str(gpucrypt.AESGCM(key))

@@ -96,6 +96,12 @@ def test_save_load_plain_0600(tmp_path):
     assert doc["format"] == "gpucrypt-keyset" and doc["version"] == 1
 
 
+def test_an_empty_keyset_is_not_saved(tmp_path):
+    with pytest.raises(KeysetError, match="has no keys"):
+        Keyset().save(tmp_path / "ks.json", unsealed=True)
+    assert not (tmp_path / "ks.json").exists()
+
+
 def test_save_replaces_atomically_and_keeps_0600(tmp_path):
     path = tmp_path / "ks.json"
     path.write_text("old")

@@ -708,6 +708,12 @@ def test_cli_encrypted_model_loads_onto_the_gpu_in_one_call(st_file):
     assert_identical({k: v.cpu() for k, v in got.items()}, tensors, ordered=False)
 
 
+def test_stream_functions_name_a_model_file(saved):
+    path, _ = saved
+    with pytest.raises(FormatError, match="gpucrypt model file, not a stream file"):
+        stream.read_header(path)
+
+
 def test_cli_recipients(st_file, capsys):
     d, tensors = st_file
     assert cli(["keygen", "--public", "--out", str(d / "id.json")]) == 0

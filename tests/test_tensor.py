@@ -504,6 +504,23 @@ def test_in_place_batch_refuses_a_read_only_tensor_before_touching_any():
     assert good.tobytes() == before.tobytes()
 
 
+@pytest.mark.cudasim
+def test_decrypt_into_gpu_out_runs_on_the_gpu():
+    """Host ciphertext into a device out=: decrypted on the GPU into that memory;
+    device="cpu" cannot write device memory and says so."""
+    require_gpu_backend()
+    from numba import cuda
+
+    key = os.urandom(32)
+    x = random_array((6, 7), "float32")
+    enc = gpucrypt.encrypt_tensor(x, key)
+    out = cuda.device_array((6, 7), np.float32)
+    with pytest.raises(ValueError, match="device='cpu' cannot write"):
+        gpucrypt.decrypt_tensor(enc, key, out=out, device="cpu")
+    assert gpucrypt.decrypt_tensor(enc, key, out=out) is out
+    assert out.copy_to_host().tobytes() == x.tobytes()
+
+
 def test_stream_handle():
     from gpucrypt._frameworks import stream_handle
 
