@@ -134,10 +134,6 @@ class Header:
         """The header bytes every segment authenticates as associated data."""
         return fixed_fields(self.algorithm, self.segment_size, self.salt, self.nonce_prefix)
 
-    @property
-    def segment_overhead(self) -> int:
-        return TAG_SIZE
-
 
 def read_at(fd: int, offset: int, view, what: str) -> None:
     """Fill ``view`` (a writable buffer) with the bytes of file ``fd`` from ``offset``

@@ -552,9 +552,3 @@ def current_device_place(framework: str):
     if framework == "jax":   # HOST when JAX sees no GPU: a JAX array can only be where JAX is
         return JaxAdapter.default_place()
     return ("cuda", _numba_device_index())
-
-
-def backend_stream(stream: Any) -> Any:
-    """The stream handed to the GPU backend, which itself accepts numba, torch and CuPy
-    streams and raw handles (``None``: its default)."""
-    return stream

@@ -93,10 +93,6 @@ class GHash:
         self._ekj0 = int.from_bytes(aes_block(key, _ORACLE_NONCE + b"\x00\x00\x00\x01"), "big")
         self._z = 0
 
-    @property
-    def h(self) -> int:
-        return self._h
-
     def update(self, data) -> None:
         view = memoryview(data).cast("B")
         for start in range(0, len(view), _ORACLE_CHUNK):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 TAG_SIZE = 16
 
-CHACHA20_MAX_BLOCKS = 2**32
 CHACHA20POLY1305_MAX_PLAINTEXT = (2**32 - 1) * 64
 CHACHA20POLY1305_MAX_AAD = 2**64 - 1
 

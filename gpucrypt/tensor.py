@@ -456,7 +456,7 @@ class _Job:
     """One tensor of a batch on its way through encryption or decryption."""
 
     __slots__ = ("label", "adapter", "place", "x", "view", "dst_obj", "dst_view", "enc", "result",
-                 "nonce", "aad", "host_src", "host_dst", "dev_src", "dev_dst", "inplace", "error")
+                 "nonce", "aad", "host_src", "dev_src", "dev_dst", "inplace", "error")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -585,11 +585,13 @@ def _single_place(places: Iterable[Any]):
     return devices.pop() if devices else None
 
 
-def _resolve_stream(jobs: list[_Job], stream: Any, place) -> Any:
+def _launch_stream(stream: Any, place, frameworks: Iterable[str]) -> Any:
+    """The caller's ``stream``, else the current stream (on ``place``) of the first of
+    ``frameworks`` (those of the batch's device tensors); None: the backend's default.
+    The GPU backend takes torch, CuPy and numba streams and raw handles alike."""
     if stream is None and place is not None:
-        first = next(j for j in jobs if j.place == place)
-        stream = first.adapter.current_stream(place)
-    return fw.backend_stream(stream)
+        return fw.BY_NAME[next(iter(frameworks))].current_stream(place)
+    return stream
 
 
 def _encrypt_on_gpu(jobs: list[_Job], algorithm: str, key: bytes, inplace: bool,
@@ -598,7 +600,7 @@ def _encrypt_on_gpu(jobs: list[_Job], algorithm: str, key: bytes, inplace: bool,
     and outputs are allocated for a caller-given stream."""
     gpu = get_backend("gpu")
     place = _single_place(j.place for j in jobs)
-    launch = _resolve_stream(jobs, stream, place)
+    launch = _launch_stream(stream, place, (j.adapter.name for j in jobs if j.place == place))
     for job in jobs:
         if job.place == HOST:   # host tensor sent to the GPU: one device copy, in place there
             job.host_src = job.adapter.host_array(job.view)
@@ -836,7 +838,8 @@ def _open_on_gpu(jobs: list[_Job], stream: Any) -> list[_Job]:
     """Decrypt ``jobs`` with one ``open_batch`` call per algorithm; returns the failed jobs."""
     gpu = get_backend("gpu")
     place = _single_place([j.enc._place for j in jobs] + [j.place for j in jobs])
-    launch_stream = _resolve_stream_for(jobs, stream, place)
+    launch_stream = _launch_stream(stream, place, (j.enc.framework for j in jobs
+                                                   if place in (j.place, j.enc._place)))
     srcs, dsts, copies_back = [], [], []
     for job in jobs:
         enc = job.enc
@@ -871,16 +874,6 @@ def _open_on_gpu(jobs: list[_Job], stream: Any) -> list[_Job]:
         elif not job.inplace:
             host[:] = 0
     return [j for j, good in zip(jobs, ok) if not good]
-
-
-def _resolve_stream_for(jobs: list[_Job], stream: Any, place) -> Any:
-    if stream is None and place is not None:
-        for job in jobs:
-            if job.place == place or job.enc._place == place:
-                stream = fw.BY_NAME[job.enc.framework].current_stream(place) \
-                    if job.enc.framework in ("torch", "cupy") else None
-                break
-    return fw.backend_stream(stream)
 
 
 def _shared_tags(jobs: list[_Job]) -> Any:

@@ -8,7 +8,7 @@ may be the same array (in place); within one segment the source and destination
 ranges must be either identical or disjoint, and segments must not write over
 each other's input (the kernel runs them in parallel).
 
-Counter limits (enforced by the backend, before a launch)
+Counter limits (enforced by the callers, before a launch)
 ---------------------------------------------------------
 The ChaCha20 state words 12..15 are ``counter_lo, counter_hi_or_nonce0, nonce1,
 nonce2``. The kernel always computes the block counter as the 64-bit number
@@ -18,8 +18,8 @@ to words 12 and 13. That one formula serves both variants:
 * ``counter_bits=32`` (RFC 8439, IETF): the block counter is 32 bits and the nonce
   96 bits. As long as ``position + length <= COUNTER32_LIMIT`` (2**38 bytes,
   256 GiB per (key, nonce)), the carry into word 13 never happens and word 13
-  stays ``nonce0``. The backend must refuse segments beyond that
-  (:func:`counter32_overflows`), as ``cryptography`` does.
+  stays ``nonce0``. Callers refuse more, as ``cryptography`` does: the AEAD limits
+  of ``gpucrypt._limits`` and ``gpucrypt.ciphers.ChaCha20``'s own position check.
 * ``counter_bits=64`` (original ChaCha20 of Bernstein, libsodium's
   ``crypto_stream_chacha20``, OpenSSL's raw EVP ChaCha20 before ``cryptography``
   added its check): the counter is the 64-bit number ``word13:word12``, and the
@@ -36,8 +36,8 @@ the nonce would overflow.")`` and consumes nothing (the encryptor stays usable);
 exactly ``(2**32 - counter) * 64`` bytes are allowed. OpenSSL itself (and older
 ``cryptography`` releases) carry into the next word, i.e. the ``counter_bits=64``
 variant. So a drop-in ``ChaCha20(key, nonce16)`` uses ``counter_bits=32`` plus
-that check, and ``counter_bits=64`` is available for OpenSSL/libsodium
-compatibility.
+that check; the same formula would serve ``counter_bits=64``, which nothing in
+gpucrypt exposes.
 
 Memory layout
 -------------
@@ -117,32 +117,6 @@ def nonce_words(nonce12: bytes) -> np.ndarray:
     return np.frombuffer(bytes(nonce12), dtype="<u4").astype(np.uint32)
 
 
-def max_position(counter_bits: int = 32) -> int:
-    """Exclusive upper bound of ``position + length`` for one (key, nonce).
-
-    ``2**38`` for the RFC 8439 32-bit counter. For ``counter_bits=64`` the counter
-    wraps (OpenSSL's behaviour) instead of overflowing; the only bound is that
-    positions are uint64, so this returns ``2**64``.
-    """
-    if counter_bits == 32:
-        return COUNTER32_LIMIT
-    if counter_bits == 64:
-        return 1 << 64
-    raise ValueError("counter_bits must be 32 or 64")
-
-
-def counter32_overflows(positions, lengths) -> np.ndarray:
-    """Boolean mask of segments whose keystream would pass block counter ``2**32 - 1``.
-
-    True where ``position + length > 2**38`` (exact, no uint64 wrap-around). The
-    backend refuses such segments in ``counter_bits=32`` mode before launching.
-    """
-    pos = np.asarray(positions, dtype=np.uint64)
-    n = np.asarray(lengths, dtype=np.uint64)
-    limit = np.uint64(COUNTER32_LIMIT)
-    return (pos > limit) | (n > limit - np.minimum(pos, limit))
-
-
 def pack_segments(src_offsets, dst_offsets, lengths, key_indices, nonces, positions):
     """Build the segment table for :func:`chacha20_xor` (host side, NumPy only).
 
@@ -156,7 +130,7 @@ def pack_segments(src_offsets, dst_offsets, lengths, key_indices, nonces, positi
     Returns ``(table, unit_start)``: ``uint32[n, TABLE_WORDS]`` and
     ``uint64[n + 1]`` (``_launch.unit_prefix`` of 64-byte blocks per segment),
     ready to copy to the device. The table is the same for both counter
-    variants; the counter check (:func:`counter32_overflows`) is the backend's.
+    variants; the counter check is the callers'.
     """
     src_offsets = np.asarray(src_offsets, dtype=np.uint64).reshape(-1)
     n = src_offsets.shape[0]
