@@ -113,3 +113,55 @@ class GHash:
     def digest(self, length_block: bytes) -> int:
         """GHASH_H(all blocks so far || length_block), as an integer."""
         return self._z ^ gf128_mul(int.from_bytes(length_block, "big"), self._h)
+
+
+# --------------------------------------------------------------------------- AEAD tags
+_PIECE = 1 << 30  # bytes per call into cryptography (its one-shot calls stop below 2**31)
+
+
+class Poly1305AeadMac:
+    """RFC 8439 §2.8's tag, fed the ciphertext in any number of pieces: Poly1305 under
+    the one-time key over ``aad || pad16 || ct || pad16 || le64(|aad|) || le64(|ct|)``."""
+
+    def __init__(self, one_time_key: bytes, aad) -> None:
+        from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+        self._mac, self._aad_len, self._ct_len = Poly1305(one_time_key), len(aad), 0
+        self._feed(memoryview(aad).cast("B"))
+        self._pad(self._aad_len)
+
+    def _feed(self, view) -> None:
+        for start in range(0, len(view), _PIECE):
+            self._mac.update(view[start:start + _PIECE])
+
+    def _pad(self, n: int) -> None:
+        if n % 16:
+            self._mac.update(bytes(16 - n % 16))
+
+    def update(self, ct) -> None:
+        view = memoryview(ct).cast("B")
+        self._ct_len += len(view)
+        self._feed(view)
+
+    def finalize(self) -> bytes:
+        self._pad(self._ct_len)
+        self._mac.update(struct.pack("<QQ", self._aad_len, self._ct_len))
+        return self._mac.finalize()
+
+
+def gcm_j0(key: bytes, nonce: bytes) -> bytes:
+    """GCM's pre-counter block J0 (SP 800-38D §7.1) for a nonce of any length."""
+    if len(nonce) == 12:
+        return nonce + b"\x00\x00\x00\x01"
+    ghash = GHash(key)
+    ghash.update(nonce)
+    return ghash.digest(struct.pack(">QQ", 0, 8 * len(nonce))).to_bytes(16, "big")
+
+
+def gcm_tag(key: bytes, j0: bytes, aad, ct) -> bytes:
+    """GCM's tag: GHASH_H(aad, ct) xor E_K(J0)."""
+    ghash = GHash(key)
+    ghash.update(aad)
+    ghash.update(ct)
+    s = ghash.digest(struct.pack(">QQ", 8 * len(aad), 8 * len(ct)))
+    return (s ^ int.from_bytes(aes_block(key, j0), "big")).to_bytes(16, "big")

@@ -21,16 +21,14 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.poly1305 import Poly1305
 
-from .._host_primitives import GHash, aes_block
+from .._host_primitives import Poly1305AeadMac, gcm_j0, gcm_tag
 from ._base import AeadContext, Backend
 
 #: largest data or associated data ``cryptography``'s AEAD classes accept in one call
 OPENSSL_AEAD_MAX = 2**31 - 1
 #: piece size for the composed (long-message) paths
 _PIECE = 1 << 30
-_ZEROS16 = bytes(16)
 #: a detached ChaCha20-Poly1305 message this large may use several threads (``threads=``):
 #: the keystream in pieces of _PARALLEL_CHUNK on a pool, the MAC following in order
 PARALLEL_MIN = 8 << 20
@@ -166,9 +164,9 @@ class _ChaCha20Poly1305(_OpenSslAead):
     def seal_detached(self, nonce, data, aad, out, threads=1):
         if threads < 2 or len(data) < PARALLEL_MIN:
             return super().seal_detached(nonce, data, aad, out)
-        mac = self._mac_after_aad(nonce, aad)
+        mac = self._mac(nonce, aad)
         self._xor_parallel(nonce, data, out, threads, lambda a, b: mac.update(out[a:b]))
-        return self._mac_finish(mac, len(aad), len(data))
+        return mac.finalize()
 
     def open_detached(self, nonce, data, tag, aad, out, threads=1):
         if threads < 2 or len(data) < PARALLEL_MIN or len(tag) != 16:
@@ -211,27 +209,13 @@ class _ChaCha20Poly1305(_OpenSslAead):
                       None).encryptor()
 
     def _tag(self, nonce: bytes, ct: memoryview, aad: memoryview) -> bytes:
-        mac = self._mac_after_aad(nonce, aad)
-        for start in range(0, len(ct), _PIECE):
-            mac.update(ct[start:start + _PIECE])
-        return self._mac_finish(mac, len(aad), len(ct))
-
-    def _mac_after_aad(self, nonce: bytes, aad: memoryview) -> Poly1305:
-        """RFC 8439's Poly1305 under the one-time key, fed ``aad || pad16``: the
-        ciphertext follows in any number of updates, then :meth:`_mac_finish`."""
-        mac = Poly1305(self._stream(nonce, 0).update(bytes(32)))
-        for start in range(0, len(aad), _PIECE):
-            mac.update(aad[start:start + _PIECE])
-        if len(aad) % 16:
-            mac.update(_ZEROS16[: 16 - len(aad) % 16])
-        return mac
-
-    @staticmethod
-    def _mac_finish(mac: Poly1305, aad_len: int, ct_len: int) -> bytes:
-        if ct_len % 16:
-            mac.update(_ZEROS16[: 16 - ct_len % 16])
-        mac.update(struct.pack("<QQ", aad_len, ct_len))
+        mac = self._mac(nonce, aad)
+        mac.update(ct)
         return mac.finalize()
+
+    def _mac(self, nonce: bytes, aad: memoryview) -> Poly1305AeadMac:
+        """The AEAD MAC under this nonce's one-time key (keystream block 0)."""
+        return Poly1305AeadMac(self._stream(nonce, 0).update(bytes(32)), aad)
 
 
 class _AesGcm(_OpenSslAead):
@@ -294,11 +278,7 @@ class _AesGcm(_OpenSslAead):
         self._ctr(j0, data, out)
 
     def _j0(self, nonce: bytes) -> bytes:
-        if len(nonce) == 12:
-            return nonce + b"\x00\x00\x00\x01"
-        ghash = GHash(self._key)
-        ghash.update(nonce)
-        return ghash.digest(struct.pack(">QQ", 0, 8 * len(nonce))).to_bytes(16, "big")
+        return gcm_j0(self._key, nonce)
 
     def _ctr(self, j0: bytes, data: memoryview, out: memoryview) -> None:
         """GCTR from inc32(J0): ``cryptography``'s CTR carries across all 128 bits,
@@ -315,11 +295,7 @@ class _AesGcm(_OpenSslAead):
         return Cipher(algorithms.AES(self._key), modes.CTR(prefix + struct.pack(">I", low))).encryptor()
 
     def _tag(self, j0: bytes, ct: memoryview, aad: memoryview) -> bytes:
-        ghash = GHash(self._key)
-        ghash.update(aad)
-        ghash.update(ct)
-        s = ghash.digest(struct.pack(">QQ", 8 * len(aad), 8 * len(ct)))
-        return (s ^ int.from_bytes(aes_block(self._key, j0), "big")).to_bytes(16, "big")
+        return gcm_tag(self._key, j0, aad, ct)
 
 
 _AEADS = {"chacha20-poly1305": _ChaCha20Poly1305, "aes-gcm": _AesGcm}

@@ -611,9 +611,7 @@ class GpuBackend(Backend):
 
     def _host_tags(self, plan, ct_base, ct_off, tags_out, s, otk_dev=None) -> None:
         """tag="host": ciphertext to the host, tags by ``cryptography`` (the reference path)."""
-        from cryptography.hazmat.primitives.poly1305 import Poly1305
-
-        from .._host_primitives import GHash, aes_block
+        from .._host_primitives import Poly1305AeadMac, gcm_tag
 
         otks = self.to_host(otk_dev, stream=s).reshape(plan.n, 32) if otk_dev is not None else None
         self.synchronize(None if s == 0 else s)
@@ -624,21 +622,12 @@ class GpuBackend(Backend):
             self.synchronize(None if s == 0 else s)
             aad = plan.aads[i]
             if plan.family == "chacha":
-                mac = Poly1305(otks[i].tobytes())
-                for field in (aad, ct):
-                    mac.update(bytes(field))
-                    if len(field) % 16:
-                        mac.update(bytes(16 - len(field) % 16))
-                mac.update(struct.pack("<QQ", len(aad), len(ct)))
-                host_tags[i] = np.frombuffer(mac.finalize(), dtype=np.uint8)
+                mac = Poly1305AeadMac(otks[i].tobytes(), aad)
+                mac.update(ct)
+                tag = mac.finalize()
             else:
-                key = plan.unique_keys[plan.key_index[i]]
-                gh = GHash(key)
-                gh.update(aad)
-                gh.update(ct)
-                sv = gh.digest(struct.pack(">QQ", 8 * len(aad), 8 * len(ct)))
-                t = sv ^ int.from_bytes(aes_block(key, plan.j0[i]), "big")
-                host_tags[i] = np.frombuffer(t.to_bytes(16, "big"), dtype=np.uint8)
+                tag = gcm_tag(plan.unique_keys[plan.key_index[i]], plan.j0[i], aad, ct)
+            host_tags[i] = np.frombuffer(tag, dtype=np.uint8)
         if _simulated():
             tags_out[...] = host_tags
         else:
@@ -669,7 +658,7 @@ class _Plan:
     @classmethod
     def build(cls, algorithm, keys, nonces, srcs, dsts, aads, lengths, tag) -> "_Plan":
         from .. import _limits
-        from .._host_primitives import xchacha20_key_nonce
+        from .._host_primitives import gcm_j0, xchacha20_key_nonce
 
         family = "gcm" if algorithm == "aes-gcm" else "chacha"
         effective_keys, eff_nonces, j0, rounds = [], [], [], []
@@ -691,7 +680,7 @@ class _Plan:
                 _limits.check_length("data", lengths[i], _limits.GCM_MAX_PLAINTEXT, "AESGCM")
                 effective_keys.append(key)
                 eff_nonces.append(nonce)
-                j0.append(_gcm_j0(key, nonce))
+                j0.append(gcm_j0(key, nonce))
                 rounds.append({16: 10, 24: 12, 32: 14}[len(key)])
             _limits.check_length("associated_data", len(aads[i]),
                                  _limits.GCM_MAX_AAD if family == "gcm" else _limits.CHACHA20POLY1305_MAX_AAD,
@@ -715,14 +704,6 @@ class _Plan:
 def _need(condition: bool, index: int, message: str) -> None:
     if not condition:
         raise ValueError(f"message {index}: {message}")
-
-
-def _gcm_j0(key: bytes, nonce: bytes) -> bytes:
-    if len(nonce) == 12:
-        return nonce + b"\x00\x00\x00\x01"
-    from .cpu import _AesGcm
-
-    return _AesGcm(key)._j0(nonce)
 
 
 class _HostBufferAead(AeadContext):
