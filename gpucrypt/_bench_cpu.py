@@ -184,30 +184,13 @@ _GPUCRYPT_AEADS = {"chacha20-poly1305": "ChaCha20Poly1305", "xchacha20-poly1305"
 _GPUCRYPT_STREAMS = {"chacha20": "ChaCha20", "aes-ctr": "AESCTR"}
 
 
-def gpucrypt_stream_class(alg: Algorithm):
-    """``gpucrypt.ciphers.ChaCha20`` or ``AESCTR``, imported lazily; NotAvailable until it exists."""
-    try:
-        from . import ciphers
-    except ImportError as exc:
-        raise NotAvailable(f"gpucrypt.ciphers is not available yet ({exc})") from None
-    name = _GPUCRYPT_STREAMS[alg.family]
-    cls = getattr(ciphers, name, None)
-    if cls is None:
-        raise NotAvailable(f"gpucrypt.ciphers has no {name}")
-    return cls
-
-
 def _gpucrypt_stream_context(alg: Algorithm, key: bytes, iv: bytes, device: str, decrypt: bool):
-    """An object with ``update_into``, made the way ``Cipher(...).encryptor()`` is.
+    """``gpucrypt.ciphers.ChaCha20``/``AESCTR``'s encryptor or decryptor, made the way
+    ``Cipher(...).encryptor()`` is (a fresh context per message)."""
+    from . import ciphers
 
-    Accepts either shape of drop-in: the class is the encryptor itself
-    (``ChaCha20(key, iv, device=...)``) or has ``encryptor()``/``decryptor()``.
-    """
-    obj = gpucrypt_stream_class(alg)(key, iv, device=device)
-    want = "decryptor" if decrypt else "encryptor"
-    if hasattr(obj, want):
-        obj = getattr(obj, want)()
-    return obj
+    cipher = getattr(ciphers, _GPUCRYPT_STREAMS[alg.family])(key, iv, device=device)
+    return cipher.decryptor() if decrypt else cipher.encryptor()
 
 
 def _op_gpucrypt(m: Material, operation: str, device: str) -> Operation:
@@ -215,14 +198,6 @@ def _op_gpucrypt(m: Material, operation: str, device: str) -> Operation:
     alg, key, nonce, aad = m.algorithm, m.key, m.nonce, m.aad
     decrypt = operation == "decrypt"
     if alg.kind == "stream":
-        try:
-            _gpucrypt_stream_context(alg, key, nonce, device, decrypt).update_into(
-                m.plaintext[:0], np.empty(0, dtype=np.uint8))
-        except NotAvailable:
-            raise
-        except Exception as exc:  # the lead's API differs from the shape we call
-            raise NotAvailable(f"gpucrypt.ciphers API not usable as a Cipher encryptor: "
-                               f"{type(exc).__name__}: {exc}") from None
         src = m.sealed if decrypt else m.plaintext
         dst = np.empty(m.size, dtype=np.uint8)
         return lambda: _gpucrypt_stream_context(alg, key, nonce, device, decrypt).update_into(src, dst)

@@ -192,11 +192,7 @@ class GpuSession:
         """The raw keystream (``xor_keystream_device``) over device views; decryption is the
         same XOR, run over the ciphertext."""
         gpu, size, alg = self.backend, m.size, m.algorithm
-        xor = getattr(gpu, "xor_keystream_device", None)
-        if xor is None:
-            from ._bench_cpu import NotAvailable
-
-            raise NotAvailable("the GPU backend has no xor_keystream_device")
+        xor = gpu.xor_keystream_device
         pool, views, stride = self._pool(size)
         source = m.sealed if operation == "decrypt" else m.plaintext
         expected = m.plaintext if operation == "decrypt" else m.sealed

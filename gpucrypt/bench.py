@@ -22,8 +22,7 @@ Implementations (:data:`IMPLEMENTATIONS`):
   buffers, i.e. including both PCIe copies (only with ``include_transfer``);
 - ``pycryptodome`` and ``pynacl`` when installed.
 
-The stream ciphers' gpucrypt rows use :mod:`gpucrypt.ciphers` once it exists; until
-then they say "not available".
+The stream ciphers' gpucrypt rows use :mod:`gpucrypt.ciphers`.
 
 Public API: :func:`parse_size`, :func:`format_size`, :func:`parse_list`,
 :class:`BenchConfig`, :func:`run`, :class:`BenchReport` (``to_json()``,
@@ -337,7 +336,9 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
     """Measure every cell of ``config``; ``progress(done, total, label)`` after each one.
 
     Raises ``RuntimeError`` when ``device="gpu"`` and the GPU cannot be timed (the
-    message says why), and when an implementation computes wrong bytes.
+    message says why), and when a GPU row computes wrong bytes (checked before it is
+    timed). CPU rows decrypt the reference ciphertext, so a wrong decryption fails
+    (``InvalidTag``); their encryption output is not compared (the test suite does).
     """
     report = BenchReport(environment=environment(), config=config)
     cpu_name = report.environment["cpu"]
