@@ -69,12 +69,7 @@ def device(request) -> str:
     """
     name = request.param
     if name == "gpu":
-        from gpucrypt.backends import BackendUnavailable, get_backend
+        from _reference import require_gpu_backend
 
-        try:
-            get_backend("gpu")
-        except BackendUnavailable as exc:
-            if REQUIRE_GPU:
-                pytest.fail(f"GPUCRYPT_REQUIRE_GPU=1 but the gpu backend is unavailable: {exc}")
-            pytest.skip(f"gpu backend unavailable: {exc}")
+        require_gpu_backend()
     return name

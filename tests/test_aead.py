@@ -20,9 +20,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import aead as reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nacl import bindings as sodium
 
 import gpucrypt
+from _reference import reference_seal
 from _vectors import load, unhex
 from conftest import ON_CUDASIM
 
@@ -34,14 +34,6 @@ CLASSES = {
     "aes-192-gcm": (gpucrypt.AESGCM, 24, 12),
     "aes-256-gcm": (gpucrypt.AESGCM, 32, 12),
 }
-
-
-def reference_seal(name: str, key: bytes, nonce: bytes, data: bytes, aad: bytes) -> bytes:
-    """The reference implementation's output: cryptography, or libsodium for XChaCha."""
-    if name == "xchacha20-poly1305":
-        return sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(data, aad, nonce, key)
-    cls = reference.ChaCha20Poly1305 if name == "chacha20-poly1305" else reference.AESGCM
-    return cls(key).encrypt(nonce, data, aad)
 
 
 def check_batch(aead, records) -> None:

@@ -254,12 +254,9 @@ def test_simulator_is_refused_without_smoke(on_cudasim, capsys):
 def test_simulator_smoke_rows_are_labelled(on_cudasim, tmp_path, capsys):
     if not on_cudasim:
         pytest.skip("only meaningful under numba's CUDA simulator")
-    from gpucrypt.backends import BackendUnavailable, get_backend
+    from _reference import require_gpu_backend
 
-    try:
-        get_backend("gpu")
-    except BackendUnavailable as exc:
-        pytest.skip(f"gpu backend unavailable: {exc}")
+    require_gpu_backend()
     path = tmp_path / "sim.json"
     code, out, _ = run_cli(capsys, "--device", "gpu", "--simulator-smoke", "--seconds", "0.01",
                            "--sizes", "64", "--algorithms", "chacha20-poly1305",

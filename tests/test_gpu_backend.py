@@ -12,22 +12,15 @@ import os
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import aead as reference
-from nacl import bindings as sodium
 
-from gpucrypt.backends import BackendUnavailable, get_backend
-from conftest import REQUIRE_GPU
+from _reference import reference_seal, require_gpu_backend
 
 pytestmark = pytest.mark.cudasim
 
 
 @pytest.fixture(scope="module")
 def gpu():
-    try:
-        return get_backend("gpu")
-    except BackendUnavailable as exc:
-        if REQUIRE_GPU:
-            pytest.fail(f"GPUCRYPT_REQUIRE_GPU=1 but the gpu backend is unavailable: {exc}")
-        pytest.skip(f"gpu backend unavailable: {exc}")
+    return require_gpu_backend()
 
 
 def dev(gpu, data):
@@ -38,13 +31,6 @@ def dev(gpu, data):
 def host(gpu, buf) -> np.ndarray:
     """The bytes of a device buffer, on the host."""
     return np.asarray(gpu.to_host(buf)).reshape(-1)
-
-
-def _reference(algorithm, key, nonce, data, aad):
-    if algorithm == "xchacha20-poly1305":
-        return sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(data, aad, nonce, key)
-    cls = reference.ChaCha20Poly1305 if algorithm == "chacha20-poly1305" else reference.AESGCM
-    return cls(key).encrypt(nonce, data, aad)
 
 
 def _batch(algorithm, lengths, key_sizes=(32,)):
@@ -70,7 +56,7 @@ def test_seal_batch_matches_reference_on_both_tag_paths(gpu, algorithm, key_size
     tags = gpu.to_host(gpu.seal_batch(algorithm, [m[0] for m in msgs], [m[1] for m in msgs], srcs,
                                       [m[3] for m in msgs], dsts, tag=tag))
     for i, m in enumerate(msgs):
-        expected = _reference(algorithm, m[0], m[1], m[2], m[3])
+        expected = reference_seal(algorithm, m[0], m[1], m[2], m[3])
         assert host(gpu, dsts[i])[: len(m[2])].tobytes() + tags[i].tobytes() == expected
         if i % 2:  # out of place: the input is left unchanged, bytes past the message too
             assert host(gpu, srcs[i]).tobytes() == m[2]
@@ -80,7 +66,7 @@ def test_seal_batch_matches_reference_on_both_tag_paths(gpu, algorithm, key_size
 @pytest.mark.parametrize("algorithm,key_sizes", CASES)
 def test_open_batch_both_tag_paths_agree_and_release_nothing_on_failure(gpu, algorithm, key_sizes):
     msgs = _batch(algorithm, [0, 16, 33, 100], key_sizes)
-    sealed = [_reference(algorithm, *m) for m in msgs]
+    sealed = [reference_seal(algorithm, *m) for m in msgs]
     bad = {0, 1, 2}  # 0 is the empty message: its tag alone is altered
     verdicts = {}
     for tag in ("gpu", "host"):

@@ -10,16 +10,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import struct
 
 import numpy as np
 import pytest
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpucrypt
+from _reference import hand_metadata, reference_seal, require_gpu_backend
 from gpucrypt import tensor as tensor_mod
 from gpucrypt import EncryptedTensor, NonceSequence, TensorCipher
 
@@ -37,45 +36,6 @@ def random_array(shape, dtype, rng=np.random.default_rng(1)) -> np.ndarray:
         return rng.integers(0, 2, size=shape).astype(bool)
     raw = rng.integers(0, 256, size=count * dt.itemsize, dtype=np.uint8)
     return raw.view(dt).reshape(shape)
-
-
-def hand_metadata(*, algorithm, framework, dtype, shape, nbytes, key_id=None, name=None) -> bytes:
-    """The metadata block written from the table in docs/TENSOR_FORMAT.md."""
-    alg = {"chacha20-poly1305": 1, "xchacha20-poly1305": 2, "aes-gcm": 3}[algorithm]
-    fwk = {"numpy": 1, "torch": 2, "cupy": 3, "jax": 4, "numba": 5}[framework]
-    if key_id is None:
-        kid_kind, kid = 0, b""
-    elif isinstance(key_id, str):
-        kid_kind, kid = 2, key_id.encode()
-    else:
-        kid_kind, kid = 1, key_id
-    name_kind, nm = (0, b"") if name is None else (1, name.encode())
-    out = b"GCTENS" + bytes([1, alg, fwk, len(shape), len(dtype), kid_kind])
-    out += struct.pack("<H", len(kid)) + bytes([name_kind, 0]) + struct.pack("<H", len(nm))
-    out += struct.pack("<Q", nbytes) + b"".join(struct.pack("<Q", d) for d in shape)
-    return out + dtype.encode() + kid + nm
-
-
-def reference_seal(algorithm, key, nonce, data: bytes, aad: bytes) -> bytes:
-    if algorithm == "chacha20-poly1305":
-        return ChaCha20Poly1305(key).encrypt(nonce, data, aad)
-    if algorithm == "aes-gcm":
-        return AESGCM(key).encrypt(nonce, data, aad)
-    from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
-
-    return crypto_aead_xchacha20poly1305_ietf_encrypt(data, aad, nonce, key)
-
-
-def require_gpu_backend():
-    """The GPU backend, or a skip with the reason (a failure under GPUCRYPT_REQUIRE_GPU=1)."""
-    from gpucrypt.backends import BackendUnavailable, get_backend
-
-    try:
-        return get_backend("gpu")
-    except BackendUnavailable as exc:
-        if os.environ.get("GPUCRYPT_REQUIRE_GPU") == "1":
-            pytest.fail(f"GPUCRYPT_REQUIRE_GPU=1 but the gpu backend is unavailable: {exc}")
-        pytest.skip(f"gpu backend unavailable: {exc}")
 
 
 def ct_bytes(enc: EncryptedTensor) -> bytes:

@@ -22,7 +22,8 @@ from cryptography.exceptions import InvalidTag
 import gpucrypt
 from gpucrypt import EncryptedTensor, TensorCipher
 
-from test_tensor import hand_metadata, reference_seal, require_gpu_backend
+from _reference import (check_tensor_is_reference_aead, hand_metadata, reference_seal,
+                        require_gpu_backend)
 
 X32_DTYPES = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "float16",
               "bfloat16", "float32", "complex64", "float8_e4m3fn", "float8_e5m2",
@@ -123,14 +124,10 @@ def test_64_bit_arrays_need_x64_to_be_decrypted(x64):
                                                ("aes-gcm", 32), ("xchacha20-poly1305", 32)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn", "bool", "complex64"])
 def test_jax_ciphertext_is_the_reference_aead(algorithm, key_len, dtype):
-    key = os.urandom(key_len)
     x = random_array((4, 5), dtype)
-    enc = gpucrypt.encrypt_tensor(x, key, algorithm=algorithm, key_id="kms/1", aad=b"x")
-    aad = hand_metadata(algorithm=algorithm, framework="jax", dtype=dtype, shape=(4, 5),
-                        nbytes=x.size * x.dtype.itemsize, key_id="kms/1") + b"x"
-    assert enc.associated_data() == aad
-    assert as_bytes(enc.ciphertext) + enc.tag == reference_seal(algorithm, key, enc.nonce,
-                                                                as_bytes(x), aad)
+    check_tensor_is_reference_aead(x, framework="jax", dtype=dtype, shape=(4, 5),
+                                   nbytes=x.size * x.dtype.itemsize, algorithm=algorithm,
+                                   key=os.urandom(key_len), as_bytes=as_bytes)
 
 
 def test_jax_and_numpy_ciphertexts_agree_for_the_same_nonce():

@@ -22,7 +22,7 @@ from gpucrypt import EncryptedTensor
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install 'gpucrypt[torch]')")
 
-from test_tensor import hand_metadata, reference_seal  # noqa: E402
+from _reference import check_tensor_is_reference_aead, hand_metadata  # noqa: E402
 
 DTYPE_NAMES = ["bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
                "float16", "bfloat16", "float32", "float64", "complex32", "complex64", "complex128",
@@ -71,14 +71,10 @@ def test_every_torch_dtype_roundtrips(dtype, shape):
                                                ("aes-gcm", 16), ("xchacha20-poly1305", 32)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn", "float32"])
 def test_torch_ciphertext_is_the_reference_aead(algorithm, key_len, dtype):
-    key = os.urandom(key_len)
     t = random_tensor((4, 5), dtype)
-    enc = gpucrypt.encrypt_tensor(t, key, algorithm=algorithm, key_id="kms/1", aad=b"x")
-    aad = hand_metadata(algorithm=algorithm, framework="torch", dtype=dtype, shape=(4, 5),
-                        nbytes=t.numel() * t.element_size(), key_id="kms/1") + b"x"
-    assert enc.associated_data() == aad
-    assert as_bytes(enc.ciphertext) + enc.tag == reference_seal(algorithm, key, enc.nonce,
-                                                                as_bytes(t), aad)
+    check_tensor_is_reference_aead(t, framework="torch", dtype=dtype, shape=(4, 5),
+                                   nbytes=t.numel() * t.element_size(), algorithm=algorithm,
+                                   key=os.urandom(key_len), as_bytes=as_bytes)
 
 
 def test_torch_metadata_tampering_fails():
