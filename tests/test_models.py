@@ -19,7 +19,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gpucrypt import models, stream
@@ -111,18 +111,38 @@ def test_fresh_salt_and_prefix_per_file(tmp_path):
     assert (tmp_path / "a").read_bytes()[a.header_length:] != (tmp_path / "b").read_bytes()[b.header_length:]
 
 
-def test_independent_decoder(saved):
-    """Decode a file from docs/MODEL_FORMAT.md alone, with ``cryptography`` directly."""
-    path, tensors = saved
+_REFERENCE_IDS = {"chacha20-poly1305": (1, 12), "xchacha20-poly1305": (2, 24), "aes-256-gcm": (3, 12)}
+
+
+def _reference_open(algorithm: str, key: bytes, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
+    """The AEAD from its reference library: libsodium for XChaCha20, else cryptography."""
+    if algorithm == "xchacha20-poly1305":
+        from nacl import bindings as sodium
+
+        return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(sealed, aad, nonce, key)
+    cls = ChaCha20Poly1305 if algorithm == "chacha20-poly1305" else AESGCM
+    return cls(key).decrypt(nonce, sealed, aad)
+
+
+@pytest.mark.parametrize("encrypt_names", [False, True])
+@pytest.mark.parametrize("algorithm", ALGS)
+def test_independent_decoder(tmp_path, algorithm, encrypt_names):
+    """Decode a file from docs/MODEL_FORMAT.md alone, with the reference libraries."""
+    tensors = model_tensors()
+    path = tmp_path / "m"
+    models.save_encrypted(tensors, path, KEY, {"arch": "mlp"}, segment_size=SEG, device="cpu",
+                          algorithm=algorithm, encrypt_names=encrypt_names)
     blob = path.read_bytes()
     magic, version, alg, log2, flags, salt, t_len, d_len = struct.unpack(">8sBBBB32sQQ", blob[:60])
-    assert (magic, version, alg, flags) == (b"GPUCMODL", 1, 1, 0)
-    fixed = blob[:67]
-    prefix = blob[60:67]
-    pos = 67
+    alg_id, nonce_len = _REFERENCE_IDS[algorithm]
+    assert (magic, version, alg, flags) == (b"GPUCMODL", 1, alg_id, int(encrypt_names))
+    prefix_len = nonce_len - 5  # then a 4-byte segment index and the last flag
+    fixed = blob[:60 + prefix_len]
+    prefix = blob[60:60 + prefix_len]
+    pos = 60 + prefix_len
     (k_len,) = struct.unpack(">H", blob[pos:pos + 2]); pos += 2 + k_len
     (e_len,) = struct.unpack(">I", blob[pos:pos + 4]); pos += 4 + e_len
-    table = blob[pos:pos + t_len]; pos += t_len
+    stored = blob[pos:pos + t_len]; pos += t_len
     mac, header_end = blob[pos:pos + 32], pos + 32
 
     def hkdf(info):
@@ -130,11 +150,14 @@ def test_independent_decoder(saved):
 
     assert hmac.compare_digest(mac, hmac.new(hkdf(b"gpucrypt model v1 header mac"),
                                              blob[:pos], hashlib.sha256).digest())
+    table = (_reference_open(algorithm, hkdf(b"gpucrypt model v1 table key"), bytes(nonce_len),
+                             stored, fixed) if encrypt_names else stored)
+    assert (b"0.weight" in stored) != encrypt_names
     doc = json.loads(table)
     assert doc.pop("__metadata__") == {"arch": "mlp"}
     entries = sorted(doc.items(), key=lambda kv: kv[1]["data_offsets"])
-    aead = ChaCha20Poly1305(hkdf(b"gpucrypt model v1 segment key"))
-    aad = fixed + hashlib.sha256(table).digest()
+    seg_key = hkdf(b"gpucrypt model v1 segment key")
+    aad = fixed + hashlib.sha256(stored).digest()
     S, index, data = 1 << log2, 0, blob[header_end:header_end + d_len]
     n = sum(-(-(e["data_offsets"][1] - e["data_offsets"][0]) // S) for _, e in entries)
     assert len(blob) == header_end + d_len + 16 * n
@@ -145,7 +168,7 @@ def test_independent_decoder(saved):
             ct = data[start:min(start + S, end)]
             tag = blob[header_end + d_len + 16 * index:][:16]
             nonce = prefix + struct.pack(">I", index) + (b"\x01" if index == n - 1 else b"\x00")
-            plain += aead.decrypt(nonce, ct + tag, aad)
+            plain += _reference_open(algorithm, seg_key, nonce, ct + tag, aad)
             index += 1
         assert plain == raw(tensors[name]), name
         assert e["dtype"] == str(tensors[name].dtype).removeprefix("torch.")
