@@ -173,16 +173,35 @@ def test_torch_cuda_roundtrip_inplace_and_batch():
     assert all(host[n].device.type == "cpu" and torch.equal(host[n], ref[n].cpu()) for n in sd)
 
 
+def _launch_streams(monkeypatch) -> list:
+    """Spy on the GPU backend's batch calls: the raw handle of each launch stream."""
+    from gpucrypt._frameworks import stream_handle
+    from gpucrypt.backends import get_backend
+
+    gpu, seen = get_backend("gpu"), []
+    for name in ("seal_batch", "open_batch"):
+        real = getattr(gpu, name)
+
+        def spy(*args, _real=real, **kw):
+            seen.append(stream_handle(kw.get("stream")))
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(gpu, name, spy)
+    return seen
+
+
 @pytest.mark.gpu
-def test_torch_cuda_uses_the_given_stream():
+def test_torch_cuda_uses_the_given_stream(monkeypatch):
     key = os.urandom(32)
     s = torch.cuda.Stream()
+    seen = _launch_streams(monkeypatch)
     with torch.cuda.stream(s):
         t = random_tensor((1 << 16,), "float32", "cuda")
         enc = gpucrypt.encrypt_tensor(t, key)
         y = gpucrypt.decrypt_tensor(enc, key)
     s.synchronize()
     assert as_bytes(y) == as_bytes(t)
+    assert seen == [s.cuda_stream, s.cuda_stream]  # torch's current stream, both launches
 
 
 def test_torch_allocation_stream_names_the_streams_device(monkeypatch):
@@ -207,17 +226,19 @@ def test_torch_allocation_stream_names_the_streams_device(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_torch_cuda_explicit_side_stream():
+def test_torch_cuda_explicit_side_stream(monkeypatch):
     """stream= names a side stream while the default one is current: the work and the
     outputs belong to it, and the results are right once it is synchronised."""
     key = os.urandom(32)
     side = torch.cuda.Stream()
     t = random_tensor((1 << 18,), "float16", "cuda")
     torch.cuda.synchronize()
+    seen = _launch_streams(monkeypatch)
     encs = gpucrypt.encrypt_tensors({"a": t, "b": t[:1000].clone()}, key, stream=side)
     back = gpucrypt.decrypt_tensors(encs, key, stream=side)
     side.synchronize()
     assert as_bytes(back["a"]) == as_bytes(t) and as_bytes(back["b"]) == as_bytes(t[:1000])
+    assert seen == [side.cuda_stream, side.cuda_stream]  # one batch each way, on side
 
 
 @pytest.mark.gpu
