@@ -34,7 +34,7 @@ one chunk per thread; level ``k >= 1`` (``ghash_combine``) does Horner with
 aligned to the end. Levels repeat until every message has one partial; the last
 level XORs ``E_K(J0)`` in and writes the tag. A 1 GiB message with L = 64 needs
 5 launches (64 Mi blocks -> 1 Mi -> 16 Ki -> 256 -> 4 -> 1); any number of
-messages of at most ``L`` blocks (+ the length block) needs exactly one.
+messages of at most ``L`` blocks, the length block included, needs exactly one.
 The powers are made on the device: the thread owning unit 0 of a message at
 level ``k`` squares ``K_k`` log2(L) times into ``K_{k+1}`` (double-buffered, so
 no thread of the same launch reads what it writes).

@@ -41,7 +41,8 @@ at a multiple of the span length and all spans combine with the same power.
 Launches per call: 2 + levels, where levels = ceil(log_G(max spans per message)),
 independent of the number of messages (every kernel walks a message table with
 prefix sums and ``find_segment``).  With the defaults (L = 64, G = 64) a span is
-32 KiB, messages up to 32 KiB need no combine launch, and 1 GiB needs 3.
+32 KiB: messages whose MAC data (AAD and ciphertext, each padded to 16 bytes, plus
+the 16-byte length block) fit 32 KiB need no combine launch, and 1 GiB needs 3.
 
 Field arithmetic
 ----------------
@@ -65,7 +66,7 @@ Memory layout and limits
   r0..r3, s0..s3), C-contiguous; ``tags_out``: ``uint8[n, 16]`` or ``uint32[n, 4]``.
 - ``scratch``: ``uint32[table.scratch_words]``: ``n * power_width * 5`` words of
   powers of r, then 5 words per span value of every level.
-- Lengths up to 2^64 - 1 bytes each (the length block is exact); the backend
+- Lengths up to 2^64 - 16 bytes each (the padding arithmetic adds 15); the backend
   enforces ChaCha20's own limit (2^38 - 64 bytes per message) before calling.
 - Nothing is validated here: the backend validates (see ``kernels/README.md``).
 """

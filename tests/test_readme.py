@@ -58,3 +58,12 @@ def test_main_command_runs_here():
         result = subprocess.run([sys.executable, "-m", "gpucrypt", *args], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout and "FAILED" not in result.stdout
+
+
+def test_benchmark_results_pages_are_current():
+    """benchmarks/RESULTS.md and the README's results section are what the recorded JSON
+    renders to (every results file has a renderer, and nobody edited the pages by hand)."""
+    script = os.path.join(os.path.dirname(README), "benchmarks", "make_results_md.py")
+    done = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
