@@ -1,6 +1,6 @@
 """What the pytest-benchmark modules share: one benchmark body for every cell.
 
-The operations are ``gpucrypt bench``'s own (:mod:`gpucrypt._bench_cpu`), so the suite and
+The operations are ``gpucrypt bench``'s own (:mod:`gpucrypt.bench.cpu`), so the suite and
 the command time exactly the same calls on the same kind of preallocated buffers.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import functools
 
 import pytest
 
-from gpucrypt._bench_cpu import ALGORITHMS, Material, NotAvailable, applicable, host_operation
+from gpucrypt.bench.cpu import ALGORITHMS, Material, NotAvailable, applicable, host_operation
 from gpucrypt.bench import format_size
 
 #: host-timed implementations in display order; the GPU one needs a real GPU

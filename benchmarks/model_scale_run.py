@@ -31,8 +31,8 @@ import time
 
 import numpy as np
 
-from gpucrypt._cli_common import parse_size
-from gpucrypt._safetensors import safetensors_layout
+from gpucrypt.cli._common import parse_size
+from gpucrypt.files._safetensors import safetensors_layout
 from gpucrypt.bench import _cpu_model
 
 _CHILD = r"""

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from gpucrypt import stream
 from gpucrypt.bench import _cpu_model
-from gpucrypt._cli_common import parse_size
+from gpucrypt.cli._common import parse_size
 
 KEY = bytes(range(32))
 

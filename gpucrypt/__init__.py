@@ -13,7 +13,7 @@ from cryptography.exceptions import InvalidTag
 from .aead import AESGCM, BatchInvalidTag, ChaCha20Poly1305, XChaCha20Poly1305
 from .backends import BackendUnavailable
 from ._info import info
-from .tensor import (EncryptedTensor, NonceSequence, TensorCipher, decrypt_tensor,
+from .tensors.api import (EncryptedTensor, NonceSequence, TensorCipher, decrypt_tensor,
                      decrypt_tensors, encrypt_tensor, encrypt_tensors)
 
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from gpucrypt import bench
-from gpucrypt._bench_cpu import MAX_REPETITIONS, MIN_REPETITIONS, TARGET_REPETITIONS, plan_loop
+from gpucrypt.bench.cpu import MAX_REPETITIONS, MIN_REPETITIONS, TARGET_REPETITIONS, plan_loop
 from gpucrypt.cli import main
 
 TINY = ["--seconds", "0.01", "--sizes", "16,64"]

@@ -23,7 +23,7 @@ NO_MATCH = "no recipient in this file matches your key(s)"
 
 
 def _parse_by_hand(envelope: bytes) -> list[tuple[int, bytes, bytes]]:
-    """docs/KEYS.md's table, read independently of gpucrypt._envelope."""
+    """docs/KEYS.md's table, read independently of gpucrypt.keys._envelope."""
     assert envelope[:4] == b"GCEV" and envelope[4] == 1
     count, pos, out = envelope[5], 6, []
     for _ in range(count):

@@ -626,7 +626,7 @@ def test_safetensors_layout_is_what_the_package_writes(tmp_path_factory, spec, m
     (At most one metadata key: the package orders several by its hash map.)"""
     from safetensors.torch import save_file
 
-    from gpucrypt._safetensors import safetensors_layout
+    from gpucrypt.files._safetensors import safetensors_layout
 
     # safetensors 0.8 writes invalid JSON for metadata without tensors ('{},"__metadata__":{}}')
     assume(spec or metadata is None)
@@ -703,7 +703,7 @@ def test_cli_refuses_sub_byte_safetensors_dtypes(tmp_path, capsys):
 
 
 def test_stored_tensor_size_must_match_its_dtype_and_shape(tmp_path):
-    from gpucrypt._safetensors import StoredTensor
+    from gpucrypt.files._safetensors import StoredTensor
 
     (tmp_path / "data").write_bytes(bytes(10))
     fd = os.open(tmp_path / "data", os.O_RDONLY)

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpucrypt import stream
-from gpucrypt._format import MIN_HEADER_SIZE
+from gpucrypt.files._format import MIN_HEADER_SIZE
 
 SEG = 4096
 C = SEG + 16
@@ -144,7 +144,7 @@ def test_key_errors(key, exc):
 
 
 def test_segment_index_limit(monkeypatch):
-    import gpucrypt._format as fmt
+    import gpucrypt.files._format as fmt
 
     monkeypatch.setattr(stream, "MAX_SEGMENTS", 3)
     assert fmt.MAX_SEGMENTS == 2**32
@@ -535,7 +535,7 @@ def test_cli_decrypts_from_a_named_pipe(files):
 
 
 def test_atomic_file_leaves_nothing_when_fsync_fails(tmp_path, monkeypatch):
-    from gpucrypt import _atomic
+    from gpucrypt.files import _atomic
 
     out = _atomic.AtomicFile(tmp_path / "out")
     out.write(b"plaintext that must not stay behind")

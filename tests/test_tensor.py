@@ -341,7 +341,7 @@ def test_outputs_are_allocated_for_the_callers_stream(monkeypatch):
     require_gpu_backend()
     from numba import cuda
 
-    from gpucrypt import _frameworks as fw
+    from gpucrypt.tensors import _frameworks as fw
 
     seen = []
     adapter = fw.BY_NAME["numba"]
@@ -482,7 +482,7 @@ def test_decrypt_into_gpu_out_runs_on_the_gpu():
 
 
 def test_stream_handle():
-    from gpucrypt._frameworks import stream_handle
+    from gpucrypt.tensors._frameworks import stream_handle
 
     class Torchish:
         cuda_stream = 11

@@ -175,7 +175,7 @@ def test_torch_cuda_roundtrip_inplace_and_batch():
 
 def _launch_streams(monkeypatch) -> list:
     """Spy on the GPU backend's batch calls: the raw handle of each launch stream."""
-    from gpucrypt._frameworks import stream_handle
+    from gpucrypt.tensors._frameworks import stream_handle
     from gpucrypt.backends import get_backend
 
     gpu, seen = get_backend("gpu"), []
@@ -208,7 +208,7 @@ def test_torch_allocation_stream_names_the_streams_device(monkeypatch):
     """A foreign stream handle (CuPy, numba, int) becomes a torch ExternalStream of the
     tensor's own device, made current only for the allocation; nothing for None or the
     host. (Fakes stand in for torch.cuda, which a CPU build cannot run.)"""
-    from gpucrypt import _frameworks as fw
+    from gpucrypt.tensors import _frameworks as fw
 
     calls = []
     monkeypatch.setattr(torch.cuda, "ExternalStream",

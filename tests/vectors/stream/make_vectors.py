@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
 from gpucrypt import stream  # noqa: E402
-from gpucrypt._format import prefix_size  # noqa: E402
+from gpucrypt.files._format import prefix_size  # noqa: E402
 
 SEGMENT = 4096
 #: name, algorithm, plaintext length, key id, envelope

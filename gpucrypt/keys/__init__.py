@@ -3,7 +3,7 @@
 Every file (model, tensor batch) is encrypted under a fresh random **data key**
 (DEK). The DEK never leaves memory in the clear: it is *wrapped* once per
 recipient, and the wrapped copies form the file's **envelope** (format in
-:mod:`gpucrypt._envelope` and docs/KEYS.md), which the stream header carries.
+:mod:`gpucrypt.keys._envelope` and docs/KEYS.md), which the stream header carries.
 Three wrappings exist:
 
 ==========================  ======================================================
@@ -51,9 +51,10 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from cryptography.hazmat.primitives.keywrap import (InvalidUnwrap, aes_key_unwrap_with_padding,
                                                     aes_key_wrap_with_padding)
 
-from . import _envelope, audit
-from ._atomic import write_atomically
-from ._buffers import bytes_arg
+from .. import audit
+from . import _envelope
+from ..files._atomic import write_atomically
+from .._buffers import bytes_arg
 from ._envelope import EnvelopeFormatError, Stanza
 
 __all__ = [
@@ -181,7 +182,7 @@ def _passphrase_bytes(passphrase: str | bytes) -> bytes:
 
 def _seal_document(public: dict, secret: dict, *, passphrase=None, kek=None, kek_id=None,
                    scrypt_n: int = DEFAULT_SCRYPT_N) -> dict:
-    from .aead import AESGCM, ChaCha20Poly1305
+    from ..aead import AESGCM, ChaCha20Poly1305
 
     nonce = os.urandom(12)
     if passphrase is not None:
@@ -205,7 +206,7 @@ def _seal_document(public: dict, secret: dict, *, passphrase=None, kek=None, kek
 
 
 def _open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict:
-    from .aead import AESGCM, ChaCha20Poly1305
+    from ..aead import AESGCM, ChaCha20Poly1305
 
     protection = doc.get("protection")
     if protection is None:
@@ -1012,7 +1013,7 @@ def encrypt_file(src: Any, dst: Any, *, recipients: Any = None, keyset: Keyset |
     for public-key recipients only). ``stream_options`` pass through (``algorithm``,
     ``device``, ...). Returns ``{"key_id", "recipients"}``.
     """
-    from . import stream
+    from ..files import stream
 
     items = _gather(recipients, keyset)
     path = src if isinstance(src, (str, os.PathLike)) else None
@@ -1060,7 +1061,7 @@ def _identities_for(identities: Any, keyset: Keyset | None) -> list:
 
 
 def _file_envelope(src: Any) -> tuple[bytes, Any]:
-    from . import stream
+    from ..files import stream
 
     if hasattr(src, "read") and hasattr(src, "seek"):
         start = src.tell()
@@ -1083,7 +1084,7 @@ def decrypt_file(src: Any, dst: Any, *, identities: Any = None, keyset: Keyset |
     :class:`NoMatchingRecipient` when no key opens the envelope (nothing is written
     then); the stream's own errors for altered data. Returns ``{"key_id"}``.
     """
-    from . import stream
+    from ..files import stream
 
     path = src if isinstance(src, (str, os.PathLike)) else None
     with audit.timed("file.decrypt", path=os.fspath(path) if path else None) as ev:
@@ -1108,7 +1109,7 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
     data key (or an old copy of the file) can still read that copy.
     Returns ``{"key_id", "recipients", "previous_recipients"}``.
     """
-    from . import stream
+    from ..files import stream
 
     new_items = _gather(recipients, keyset)
     if identities is None and old_keyset is None:

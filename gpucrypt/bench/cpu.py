@@ -131,7 +131,7 @@ def _seal_reference(m: Material) -> np.ndarray:
         _cryptography_stream(alg, m.key, m.nonce, decrypt=False).update_into(m.plaintext, out)
         return out
     if alg.family == "xchacha20-poly1305":
-        from ._host_primitives import hchacha20  # same bytes as libsodium, no PyNaCl needed
+        from .._host_primitives import hchacha20  # same bytes as libsodium, no PyNaCl needed
         from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
         subkey = hchacha20(m.key, m.nonce[:16])
@@ -187,7 +187,7 @@ _GPUCRYPT_STREAMS = {"chacha20": "ChaCha20", "aes-ctr": "AESCTR"}
 def _gpucrypt_stream_context(alg: Algorithm, key: bytes, iv: bytes, device: str, decrypt: bool):
     """``gpucrypt.ciphers.ChaCha20``/``AESCTR``'s encryptor or decryptor, made the way
     ``Cipher(...).encryptor()`` is (a fresh context per message)."""
-    from . import ciphers
+    from .. import ciphers
 
     cipher = getattr(ciphers, _GPUCRYPT_STREAMS[alg.family])(key, iv, device=device)
     return cipher.decryptor() if decrypt else cipher.encryptor()

@@ -1,10 +1,10 @@
-"""What the file commands share (``encrypt``/``decrypt`` in :mod:`gpucrypt._cli_files`,
-``encrypt-model``/``decrypt-model`` in :mod:`gpucrypt._cli_models`): sizes, raw keys,
+"""What the file commands share (``encrypt``/``decrypt`` in :mod:`gpucrypt.cli.files`,
+``encrypt-model``/``decrypt-model`` in :mod:`gpucrypt.cli.models`): sizes, raw keys,
 IN/OUT and key options, key resolution, the output check and the error mapping.
 
 Keys: ``--key-file FILE`` (32 raw bytes, or 64 hex digits and an optional newline) or
 ``--key-env VAR`` (64 hex digits), else the key-management options (recipients,
-identities, keysets) of :mod:`gpucrypt._cli_keys` when it is installed. Every error is
+identities, keysets) of :mod:`gpucrypt.cli.keys` when it is installed. Every error is
 a :class:`gpucrypt.cli.CliError`: exit code 1 when the data failed (wrong key,
 tampering, truncation, not our format) or on an I/O error, 2 for usage problems.
 """
@@ -17,7 +17,7 @@ import sys
 from types import ModuleType
 from typing import Any, Callable
 
-from .cli import CliError
+from . import CliError
 
 __all__ = ["parse_size", "read_key_file", "parse_key", "add_input_output_and_keys",
            "add_force", "add_key_management", "encrypt_keys", "decrypt_key", "check_output",
@@ -62,9 +62,9 @@ def parse_key(data: bytes, what: str) -> bytes:
 
 # --------------------------------------------------------------------------- arguments
 def _key_management() -> ModuleType | None:
-    """:mod:`gpucrypt._cli_keys`, or None when key management is not installed."""
+    """:mod:`gpucrypt.cli.keys`, or None when key management is not installed."""
     try:
-        from . import _cli_keys
+        from . import keys as _cli_keys
     except ImportError:  # key management not installed: raw keys only
         return None
     return _cli_keys
@@ -89,7 +89,7 @@ def add_force(parser: argparse.ArgumentParser) -> None:
 
 def add_key_management(parser: argparse.ArgumentParser, mode: str) -> None:
     """Add the recipient/identity/keyset options for ``mode`` ("encrypt" or "decrypt")
-    when :mod:`gpucrypt._cli_keys` is installed; nothing otherwise."""
+    when :mod:`gpucrypt.cli.keys` is installed; nothing otherwise."""
     cli_keys = _key_management()
     if cli_keys is not None:
         cli_keys.add_key_arguments(parser, mode)
@@ -160,8 +160,8 @@ def check_output(args: Any, binary_ciphertext: bool):
 
 def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
     """Run ``work()``, turning the library's errors into one-line CliErrors; 0 on success."""
-    from .backends import BackendUnavailable
-    from .stream import AuthenticationError, FormatError, TruncatedError, UnsupportedVersion
+    from ..backends import BackendUnavailable
+    from ..files.stream import AuthenticationError, FormatError, TruncatedError, UnsupportedVersion
 
     try:
         work()

@@ -1,7 +1,7 @@
 """Command line for key management: ``keygen``, ``keys``, ``rekey``, and the key options
 of ``encrypt``/``decrypt``.
 
-``gpucrypt encrypt``/``decrypt`` belong to :mod:`gpucrypt._cli_files`; this module
+``gpucrypt encrypt``/``decrypt`` belong to :mod:`gpucrypt.cli.files`; this module
 gives them two hooks, so recipients and keysets work there without that module
 knowing about envelopes:
 
@@ -27,7 +27,7 @@ import os
 import sys
 from typing import Any
 
-from .cli import CliError
+from . import CliError
 
 __all__ = ["add_key_arguments", "resolve_encrypt_keys", "resolve_decrypt_key",
            "add_keygen", "add_keys", "add_rekey"]
@@ -78,13 +78,13 @@ def _load_sealable(cls: Any, path: str, args: Any):
 
 
 def _load_keyset(path: str, args: Any):
-    from .keys import Keyset
+    from ..keys import Keyset
 
     return _load_sealable(Keyset, path, args)
 
 
 def _load_identity(path: str, args: Any):
-    from .keys import Identity
+    from ..keys import Identity
 
     return _load_sealable(Identity, path, args)
 
@@ -93,7 +93,7 @@ def _keys_call(func, *a, **kw):
     """Run a gpucrypt.keys call, turning its errors into one-line CLI errors."""
     from cryptography.exceptions import InvalidTag
 
-    from .keys import KeyManagementError
+    from ..keys import KeyManagementError
 
     try:
         return func(*a, **kw)
@@ -133,7 +133,7 @@ def add_key_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
 def resolve_encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes] | None:
     """``(dek, key_id, envelope)`` for ``stream.encrypt`` from the parsed options, or None
     when no ``-r``/``--keyset`` was given."""
-    from .keys import Recipient, generate_dek, seal_envelope
+    from ..keys import Recipient, generate_dek, seal_envelope
 
     recipients = [_keys_call(Recipient.load, path) for path in getattr(args, "recipient", None) or []]
     keyset = _load_keyset(args.keyset, args) if getattr(args, "keyset", None) else None
@@ -148,7 +148,7 @@ def resolve_encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes] | None:
 def resolve_decrypt_key(args: Any, header: Any) -> bytes | None:
     """The data key of the file whose parsed ``header`` (from ``stream.read_header``) is
     given, unwrapped with the ``-i``/``--keyset`` options; None when neither was given."""
-    from .keys import open_envelope
+    from ..keys import open_envelope
 
     identities: list = [_load_identity(p, args) for p in getattr(args, "identity", None) or []]
     if getattr(args, "keyset", None):
@@ -192,7 +192,7 @@ def _refuse_overwrite(paths: list[str], force: bool) -> None:
 
 
 def _run_keygen(args) -> int:
-    from .keys import Identity, Keyset
+    from ..keys import Identity, Keyset
 
     _enable_audit(args)
     passphrase = _passphrase(args, "the new key file", confirm=True) if args.seal else None
@@ -246,7 +246,7 @@ def add_keys(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_keys(args) -> int:
-    from .keys import Keyset
+    from ..keys import Keyset
 
     _enable_audit(args)
     if args.keys_command == "list":
@@ -297,7 +297,7 @@ def add_rekey(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_rekey(args) -> int:
-    from .keys import Recipient, rekey_file
+    from ..keys import Recipient, rekey_file
 
     _enable_audit(args)
     if not args.recipient and not args.keyset:
@@ -327,6 +327,6 @@ def _add_audit_argument(parser: argparse.ArgumentParser) -> None:
 
 def _enable_audit(args) -> None:
     if getattr(args, "audit_log", None):
-        from . import audit
+        from .. import audit
 
         audit.enable(args.audit_log)

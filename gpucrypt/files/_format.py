@@ -43,8 +43,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ._buffers import bytes_arg
-from ._host_primitives import xchacha20_key_nonce
+from .._buffers import bytes_arg
+from .._host_primitives import xchacha20_key_nonce
 
 MAGIC = b"GPUCRYPT"
 VERSION = 1

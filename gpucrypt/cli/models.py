@@ -7,8 +7,8 @@ and float8 included: the bytes are what is encrypted); the safetensors
 ``__metadata__`` is carried over both ways.
 
 Keys as for ``gpucrypt encrypt``/``decrypt`` (the same functions, in
-:mod:`gpucrypt._cli_common`, do the work): ``--key-file``/``--key-env``, and the
-recipient, identity and keyset options from :mod:`gpucrypt._cli_keys` (the data key is
+:mod:`gpucrypt.cli._common`, do the work): ``--key-file``/``--key-env``, and the
+recipient, identity and keyset options from :mod:`gpucrypt.cli.keys` (the data key is
 then wrapped in the file's envelope). Exit codes and one-line errors as there: 1 when the
 data failed (wrong key, tampering, not a model file / not a safetensors file), 2 for
 usage problems. Both write OUT atomically (temporary file, fsync, rename), mode 0600,
@@ -16,7 +16,7 @@ and only once everything verified.
 
 Memory: both work a batch of segments at a time, so a model of any size converts in
 a few MiB. ``encrypt-model`` reads the safetensors file segment by segment
-(:mod:`gpucrypt._safetensors`; ``--device`` as for ``gpucrypt encrypt``);
+(:mod:`gpucrypt.files._safetensors`; ``--device`` as for ``gpucrypt encrypt``);
 ``decrypt-model`` (:func:`gpucrypt.models.export_safetensors`, on the CPU's threads)
 writes each verified batch where ``safetensors.save_file`` would have put it. To
 decrypt onto a GPU, load the file with :func:`gpucrypt.models.load_encrypted` instead.
@@ -26,10 +26,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from ._cli_common import (add_force, add_input_output_and_keys, add_key_management,
+from ._common import (add_force, add_input_output_and_keys, add_key_management,
                           check_output, decrypt_key, encrypt_keys, parse_size,
                           run_reporting_errors)
-from .cli import CliError
+from . import CliError
 
 __all__ = ["add_encrypt_model", "add_decrypt_model"]
 
@@ -51,8 +51,8 @@ def _common(parser: argparse.ArgumentParser, mode: str, what_in: str, what_out: 
 
 def add_encrypt_model(parser: argparse.ArgumentParser) -> None:
     """Encrypt a safetensors file into a gpucrypt model file (tensor data encrypted)."""
-    from .models import DEFAULT_SEGMENT_SIZE
-    from .stream import ALGORITHMS
+    from ..files.models import DEFAULT_SEGMENT_SIZE
+    from ..files.stream import ALGORITHMS
 
     _common(parser, "encrypt", "a .safetensors file", "the encrypted model file to write")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
@@ -82,8 +82,8 @@ def _check_paths(args) -> None:
 
 
 def _run_encrypt_model(args) -> int:
-    from . import models
-    from ._safetensors import open_safetensors
+    from ..files import models
+    from ..files._safetensors import open_safetensors
 
     _check_paths(args)
     _safetensors()
@@ -107,7 +107,7 @@ def _run_encrypt_model(args) -> int:
 
 
 def _run_decrypt_model(args) -> int:
-    from . import models
+    from ..files import models
 
     _check_paths(args)
 

@@ -15,16 +15,16 @@ import sys
 
 #: subcommand -> "module:function that configures its parser"
 SUBCOMMANDS = {
-    "encrypt": "gpucrypt._cli_files:add_encrypt",
-    "decrypt": "gpucrypt._cli_files:add_decrypt",
+    "encrypt": "gpucrypt.cli.files:add_encrypt",
+    "decrypt": "gpucrypt.cli.files:add_decrypt",
     "info": "gpucrypt.cli:_add_info",
     "selftest": "gpucrypt.cli:_add_selftest",
-    "keygen": "gpucrypt._cli_keys:add_keygen",
-    "keys": "gpucrypt._cli_keys:add_keys",
-    "rekey": "gpucrypt._cli_keys:add_rekey",
-    "bench": "gpucrypt._cli_bench:add_bench",
-    "encrypt-model": "gpucrypt._cli_models:add_encrypt_model",
-    "decrypt-model": "gpucrypt._cli_models:add_decrypt_model",
+    "keygen": "gpucrypt.cli.keys:add_keygen",
+    "keys": "gpucrypt.cli.keys:add_keys",
+    "rekey": "gpucrypt.cli.keys:add_rekey",
+    "bench": "gpucrypt.cli.bench:add_bench",
+    "encrypt-model": "gpucrypt.cli.models:add_encrypt_model",
+    "decrypt-model": "gpucrypt.cli.models:add_decrypt_model",
 }
 
 
@@ -42,7 +42,7 @@ def _add_info(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_info(args) -> int:
-    from ._info import info
+    from .._info import info
 
     report = info()
     if args.json:
@@ -72,8 +72,8 @@ def _run_selftest(args) -> int:
 
     from cryptography.hazmat.primitives.ciphers import aead as reference
 
-    from . import AESGCM, ChaCha20Poly1305, XChaCha20Poly1305
-    from .backends import available_backends
+    from .. import AESGCM, ChaCha20Poly1305, XChaCha20Poly1305
+    from ..backends import available_backends
 
     data, aad = os.urandom(args.size), os.urandom(37)
     failures = 0
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return f"gpucrypt {__version__}"
 

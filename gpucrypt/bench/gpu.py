@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from ._bench_cpu import Algorithm, Material, Timing, plan_loop
+from .cpu import Algorithm, Material, Timing, plan_loop
 
 #: Most views per pool. 1024 x 128 KiB = 128 MiB > 2 x the H100's 50 MiB L2.
 MAX_VIEWS = 1024
@@ -68,7 +68,7 @@ class GpuSession:
     """
 
     def __init__(self, simulator_smoke: bool = False):
-        from .backends import get_backend
+        from ..backends import get_backend
 
         self.backend = get_backend("gpu")
         self.simulator = _simulator()

@@ -16,7 +16,7 @@ Implementations (:data:`IMPLEMENTATIONS`):
 - ``gpucrypt-cpu``: gpucrypt's public classes with ``device="cpu"``;
 - ``gpucrypt-gpu`` / ``gpucrypt-gpu-hosttag``: the GPU backend's ``seal_batch`` /
   ``open_batch`` with ``tag="gpu"`` / ``tag="host"`` on device-resident data, timed
-  with CUDA events (see :mod:`gpucrypt._bench_gpu`); also shown as a fraction of
+  with CUDA events (see :mod:`gpucrypt.bench.gpu`); also shown as a fraction of
   the device-to-device copy rate measured in the same run;
 - ``gpucrypt-gpu+transfer``: the public classes with ``device="gpu"`` on host
   buffers, i.e. including both PCIe copies (only with ``include_transfer``);
@@ -42,7 +42,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ._bench_cpu import ALGORITHMS, OPERATIONS, Material, NotAvailable, Timing, applicable, \
+from .cpu import ALGORITHMS, OPERATIONS, Material, NotAvailable, Timing, applicable, \
     host_operation, time_host, time_host_group
 
 __all__ = ["ALGORITHMS", "OPERATIONS", "IMPLEMENTATIONS", "CPU_IMPLEMENTATIONS", "GPU_IMPLEMENTATIONS",
@@ -272,7 +272,7 @@ def environment() -> dict:
         libraries["openssl"] = openssl.openssl_version_text()
     except Exception:
         libraries["openssl"] = None
-    from .backends.cpu import usable_cores
+    from ..backends.cpu import usable_cores
 
     usable = usable_cores()
     return {
@@ -306,9 +306,9 @@ ProgressFn = Callable[[int, int, str], None]
 
 def _gpu_session(config: BenchConfig):
     """The GPU session, or None with the reason recorded (as a note and per GPU row)."""
-    from .backends import BackendUnavailable
+    from ..backends import BackendUnavailable
 
-    from ._bench_gpu import GpuRefused, GpuSession
+    from .gpu import GpuRefused, GpuSession
 
     try:
         return GpuSession(simulator_smoke=config.simulator_smoke), None
@@ -402,7 +402,7 @@ def _measure_group(impls: list[str], m: Material, operation: str, config: BenchC
                    cpu_name: str) -> dict[str, "Cell | str"]:
     """A :class:`Cell` per implementation of one algorithm, operation and size, or the reason
     (str) it cannot run. The CPU libraries are timed together, repetitions interleaved
-    (:func:`gpucrypt._bench_cpu.time_host_group`); GPU rows one after the other."""
+    (:func:`gpucrypt.bench.cpu.time_host_group`); GPU rows one after the other."""
     results: dict[str, Cell | str] = {}
     on_cpu = [i for i in impls if i in CPU_IMPLEMENTATIONS]
     timings = time_host_group({i: (lambda i=i: host_operation(i, m, operation)) for i in on_cpu},
@@ -418,7 +418,7 @@ def _measure_group(impls: list[str], m: Material, operation: str, config: BenchC
 
 def _measure_gpu(impl: str, m: Material, operation: str, config: BenchConfig, session) -> "Cell | str":
     """A GPU row: device-resident (CUDA events) or through the public classes (+transfer)."""
-    from ._bench_gpu import SIMULATOR_MAX_SIZE, GpuRefused
+    from .gpu import SIMULATOR_MAX_SIZE, GpuRefused
 
     try:
         if impl == "gpucrypt-gpu+transfer":
@@ -455,7 +455,7 @@ def _single_call(op) -> Timing:
 
 
 def _simulator_label() -> str:
-    from ._bench_gpu import SIMULATOR_LABEL
+    from .gpu import SIMULATOR_LABEL
 
     return SIMULATOR_LABEL
 

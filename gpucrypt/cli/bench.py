@@ -10,12 +10,12 @@ import json
 import sys
 import time
 
-from .cli import CliError
+from . import CliError
 
 
 def add_bench(parser: argparse.ArgumentParser) -> None:
     """Measure gpucrypt against cryptography (OpenSSL), pycryptodome and libsodium on this machine."""
-    from . import bench
+    from .. import bench
 
     parser.description = (
         "Measure gpucrypt's backends against the CPU libraries people use today, in the same "
@@ -56,7 +56,7 @@ def add_bench(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args):
-    from . import bench
+    from .. import bench
 
     try:
         algorithms = bench.parse_list(args.algorithms, tuple(bench.ALGORITHMS), "algorithm")
@@ -107,7 +107,7 @@ class _ProgressBar:
 
 
 def run_bench(args) -> int:
-    from . import bench
+    from .. import bench
 
     config = _config(args)
     expected = (len(config.algorithms) * len(config.operations) * len(config.sizes)

@@ -3,7 +3,7 @@
 ``-`` for IN reads stdin, for OUT writes stdout. The key comes from ``--key-file FILE``
 (32 raw bytes, or 64 hex digits and an optional newline) or ``--key-env VAR`` (64 hex
 digits), or from the key-management options (recipients, identities, keysets) that
-:mod:`gpucrypt._cli_keys` adds when it is installed.
+:mod:`gpucrypt.cli.keys` adds when it is installed.
 
 Exit codes: 0 success; 1 the data failed (wrong key or tampered data, truncated
 file, not a gpucrypt file, unsupported version) or an I/O error; 2 a usage problem
@@ -24,10 +24,10 @@ import sys
 import time
 from typing import Any, Iterator
 
-from ._cli_common import (add_force, add_input_output_and_keys, add_key_management,
+from ._common import (add_force, add_input_output_and_keys, add_key_management,
                           check_output, decrypt_key, encrypt_keys, parse_size,
                           run_reporting_errors)
-from .cli import CliError
+from . import CliError
 
 __all__ = ["add_encrypt", "add_decrypt"]
 
@@ -50,7 +50,7 @@ def _common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
 
 def add_encrypt(parser: argparse.ArgumentParser) -> None:
     """Encrypt a file (or stdin) into the gpucrypt stream format."""
-    from .stream import ALGORITHMS, DEFAULT_SEGMENT_SIZE
+    from ..files.stream import ALGORITHMS, DEFAULT_SEGMENT_SIZE
 
     _common_arguments(parser, "encrypt")
     parser.add_argument("--algorithm", choices=ALGORITHMS, default="chacha20-poly1305",
@@ -168,7 +168,7 @@ def _input(args, label: str) -> Iterator[tuple[Any, bool]]:
 
 
 def _run_encrypt(args) -> int:
-    from . import stream
+    from ..files import stream
 
     _check_threads(args)
     key, key_id, envelope = encrypt_keys(args)
@@ -183,7 +183,7 @@ def _run_encrypt(args) -> int:
 def _run_decrypt(args) -> int:
     import itertools
 
-    from . import _format, stream
+    from ..files import _format, stream
 
     _check_threads(args)
     dst = check_output(args, binary_ciphertext=False)

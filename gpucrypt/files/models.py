@@ -1,0 +1,1037 @@
+"""Encrypted model files: a safetensors-style file whose tensor data are encrypted.
+
+``save_encrypted`` writes a state dict (torch, NumPy, CuPy, ... tensors) to one file;
+``load_encrypted`` reads it back as torch CPU/CUDA tensors, CuPy arrays or NumPy
+arrays. ``docs/MODEL_FORMAT.md`` specifies the bytes; in short::
+
+    header  = fixed fields || key id || envelope || tensor table || header MAC
+    data    = each tensor's ciphertext, tensor after tensor, cut into segments
+    tags    = one 16-byte tag per segment, after the data
+
+Public API::
+
+    save_encrypted(tensors, path, key, metadata=None, *, algorithm="chacha20-poly1305",
+                   encrypt_names=False, segment_size=1 MiB, device="auto", key_id=None,
+                   envelope=None, threads=None) -> ModelHeader
+    load_encrypted(path, key, device="auto", *, framework="torch", threads=None,
+                   names=None) -> dict
+    read_header(path, key=None) -> ModelHeader
+
+Design choices (the reasons are in docs/MODEL_FORMAT.md):
+
+- Segments never cross a tensor boundary (a tensor of ``L`` bytes is ``ceil(L / S)``
+  segments, the last one short), so every tensor is its own allocation and is
+  decrypted where it lies; segment indices run on across tensors, so no nonce
+  repeats within a file. The ciphertext of the data region is exactly as long as the
+  plaintext and the tags sit apart, so one file read + one host-to-device copy puts
+  a tensor's ciphertext where its plaintext will be.
+- The table (names, dtypes, shapes, offsets, the user's metadata) is covered by the
+  header MAC, which is checked before any data is touched; each segment's associated
+  data is the fixed fields and the SHA-256 of the stored table, so a segment is bound
+  to its file and to the layout that says where it goes.
+
+Loading on a GPU (``device="cuda"``): file -> pinned host staging buffer (two of them,
+one filled by a reader thread while the other is copied) -> the tensor's device
+memory -> ``open_batch`` in place, one call per batch of segments (about 32 MiB).
+Host memory holds at most those two staging buffers of *ciphertext*; the plaintext
+exists only on the device. A segment that fails leaves its ciphertext where it was,
+every output is zeroed and ``AuthenticationError`` is raised: no tensor is returned.
+Under numba's CUDA simulator, NumPy arrays stand in for device memory (as everywhere
+in the GPU backend), so ``framework="numpy", device="cuda"`` runs this very path.
+
+Loading on the CPU (``device="cpu"``): each tensor is allocated once and the file is
+read straight into it; the segments are then decrypted in place (verify, then
+decrypt) on a thread pool. No other copy of the data is made.
+
+Limits:
+
+- ``save_encrypted`` seals device tensors on the GPU (their plaintext stays there);
+  with ``device="cpu"`` it copies them to the host a tensor at a time (the copies of
+  the tensors the two batches in flight touch are alive at once);
+- the table is at most 100 MiB, a tensor name at most 64 KiB of UTF-8, a file at most
+  2**32 segments; metadata is a ``dict[str, str]`` (as in safetensors);
+- little-endian hosts (the bytes are the tensors' in-memory bytes, as in the tensor API).
+
+Errors are those of :mod:`gpucrypt.stream`: ``FormatError`` (not a gpucrypt model file:
+a stream file, a plain safetensors file, garbage; malformed header or table),
+``UnsupportedVersion``, ``AuthenticationError`` (wrong key, tampered header, table or
+data; ``.segment`` names the failing segment, None for the header) and
+``TruncatedError``.
+"""
+from __future__ import annotations
+
+import builtins
+import hashlib
+import hmac
+import json
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import _format
+from ..tensors import _frameworks as fw
+from ._atomic import open_output, write_atomically_with
+from ._safetensors import StoredTensor
+from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedError,
+                      UnsupportedVersion)
+from ..backends.cpu import check_threads as _cpu_threads
+from ..tensors.api import _host_open, _host_seal
+
+__all__ = ["save_encrypted", "load_encrypted", "export_safetensors", "read_header", "ModelHeader", "TensorInfo",
+           "MAGIC", "VERSION", "DEFAULT_SEGMENT_SIZE", "FRAMEWORKS"]
+
+MAGIC = b"GPUCMODL"
+VERSION = 1
+DEFAULT_SEGMENT_SIZE = _format.DEFAULT_SEGMENT_SIZE
+TAG_SIZE = _format.TAG_SIZE
+MAC_SIZE = _format.MAC_SIZE
+MAX_TABLE_BYTES = 100 << 20          # safetensors' own header limit
+MAX_NAME_BYTES = 1 << 16
+MAX_NDIM = 64
+FRAMEWORKS = ("torch", "cupy", "numpy")
+FLAG_NAMES_ENCRYPTED = 0x01
+
+#: magic, version, algorithm id, log2 segment size, flags, salt, table length, data length
+_FIXED_HEAD = struct.Struct(">8sBBBB32sQQ")
+_SEGMENT_INFO = b"gpucrypt model v1 segment key"
+_HEADER_MAC_INFO = b"gpucrypt model v1 header mac"
+_TABLE_INFO = b"gpucrypt model v1 table key"
+_METADATA_KEY = "__metadata__"
+
+#: plaintext bytes per batch: big enough to amortise a launch or a thread hand-off,
+#: small enough that two pinned staging buffers stay modest
+_CPU_BATCH_BYTES = 8 << 20
+_GPU_BATCH_BYTES = 32 << 20
+
+# ============================================================================ header
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of the table: ``data[begin:end]`` of the data region holds its bytes."""
+
+    name: str
+    dtype: str            # portable dtype name (docs/TENSOR_FORMAT.md), e.g. "bfloat16"
+    shape: tuple
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class ModelHeader:
+    """A parsed model-file header.
+
+    ``tensors`` and ``metadata`` are None when the table is encrypted and no key was
+    given. ``verified`` is True only when the header MAC was checked with a key.
+    """
+
+    version: int
+    algorithm: str
+    segment_size: int
+    names_encrypted: bool
+    salt: bytes = field(repr=False)
+    nonce_prefix: bytes = field(repr=False)
+    data_length: int
+    key_id: str | None
+    envelope: bytes | None = field(repr=False)
+    stored_table: bytes = field(repr=False)
+    header_mac: bytes = field(repr=False)
+    header_length: int
+    tensors: tuple | None = field(repr=False, default=None)
+    metadata: dict | None = None
+    verified: bool = False
+
+    @property
+    def fixed_fields(self) -> bytes:
+        return _fixed_fields(self.algorithm, self.segment_size, self.names_encrypted, self.salt,
+                             len(self.stored_table), self.data_length, self.nonce_prefix)
+
+    @property
+    def segment_count(self) -> int:
+        return len(_segments(self.tensors, self.segment_size)) if self.tensors is not None else -1
+
+    @property
+    def file_length(self) -> int:
+        """The exact size of the file (needs the table, for the segment count)."""
+        return self.header_length + self.data_length + TAG_SIZE * self.segment_count
+
+
+def _fixed_fields(algorithm: str, segment_size: int, names_encrypted: bool, salt: bytes,
+                  table_length: int, data_length: int, nonce_prefix: bytes) -> bytes:
+    log2 = _format.check_segment_size(segment_size)
+    flags = FLAG_NAMES_ENCRYPTED if names_encrypted else 0
+    return _FIXED_HEAD.pack(MAGIC, VERSION, ALGORITHMS[algorithm][0], log2, flags, salt,
+                            table_length, data_length) + nonce_prefix
+
+
+def _derive(key: bytes, salt: bytes, info: bytes, fixed: bytes) -> bytes:
+    return _format.hkdf_sha256(key, salt, info + fixed)
+
+
+def _segment_aad(fixed: bytes, stored_table: bytes) -> bytes:
+    return fixed + hashlib.sha256(stored_table).digest()
+
+
+def _header_body(header: ModelHeader) -> bytes:
+    return (header.fixed_fields + _format.variable_fields(header.key_id, header.envelope)
+            + header.stored_table)
+
+
+# ---------------------------------------------------------------------------- the table
+def _encode_table(infos: list[TensorInfo], metadata: dict | None) -> bytes:
+    """Canonical JSON (sorted keys, no spaces, UTF-8): safetensors' own header layout."""
+    doc: dict[str, Any] = {i.name: {"dtype": i.dtype, "shape": list(i.shape),
+                                     "data_offsets": [i.begin, i.end]} for i in infos}
+    if metadata:
+        doc[_METADATA_KEY] = dict(metadata)
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _bad_table(why: str) -> FormatError:
+    return FormatError(f"malformed tensor table: {why}")
+
+
+def _decode_table(raw: bytes, data_length: int) -> tuple[tuple, dict]:
+    """(tensors in data order, metadata); FormatError for anything but a table we write:
+    valid dtypes, shapes whose byte count matches the offsets, and offsets that tile
+    ``[0, data_length)`` exactly, in order, with no gap or overlap."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _bad_table("not UTF-8 JSON") from None
+    if not isinstance(doc, dict):
+        raise _bad_table("not a JSON object")
+    metadata = doc.pop(_METADATA_KEY, {})
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise _bad_table("__metadata__ must map strings to strings")
+    infos = []
+    for name, entry in doc.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise _bad_table(f"entry {name!r} must hold exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        try:
+            itemsize = fw.dtype_itemsize(dtype) if isinstance(dtype, str) else None
+        except ValueError:
+            itemsize = None
+        if itemsize is None:
+            raise _bad_table(f"entry {name!r} has an unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(
+                type(d) is int and d >= 0 for d in shape)):
+            raise _bad_table(f"entry {name!r} has an invalid shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+                type(o) is int and o >= 0 for o in offsets)):
+            raise _bad_table(f"entry {name!r} has invalid data_offsets")
+        info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+        if info.nbytes != int(np.prod(shape, dtype=object)) * itemsize:
+            raise _bad_table(f"entry {name!r}: data_offsets do not match its shape and dtype")
+        infos.append(info)
+    infos.sort(key=lambda i: (i.begin, i.end))
+    cursor = 0
+    for info in infos:
+        if info.begin != cursor:
+            raise _bad_table(f"entry {info.name!r} does not start where the previous one ends")
+        cursor = info.end
+    if cursor != data_length:
+        raise _bad_table(f"the tensors cover {cursor} bytes, the header says {data_length}")
+    return tuple(infos), metadata
+
+
+# ---------------------------------------------------------------------------- segments
+@dataclass(frozen=True)
+class _Segment:
+    index: int       # global: the nonce's counter
+    tensor: int      # position in the table (data order)
+    start: int       # offset inside the tensor
+    length: int
+
+    def data_offset(self, infos) -> int:
+        return infos[self.tensor].begin + self.start
+
+
+def _segments(infos, segment_size: int) -> list[_Segment]:
+    """Every tensor cut into segments of ``segment_size`` (the last one of each tensor
+    short); empty tensors have none. Indices run on across tensors."""
+    out: list[_Segment] = []
+    for t, info in enumerate(infos):
+        for start in range(0, info.nbytes, segment_size):
+            out.append(_Segment(len(out), t, start, min(segment_size, info.nbytes - start)))
+    if len(out) > _format.MAX_SEGMENTS:
+        raise OverflowError(f"the model needs more than {_format.MAX_SEGMENTS} segments of "
+                            f"{segment_size} bytes; use a larger segment_size")
+    return out
+
+
+def _batches(segments: list[_Segment], batch_bytes: int, infos=None) -> list[list[_Segment]]:
+    """Consecutive segments grouped up to ``batch_bytes`` of data (at least one each);
+    with ``infos``, also cut where the next segment does not follow the previous one in
+    the file (a subset of the tensors), so that each batch is one range of the file."""
+    batches, current, size = [], [], 0
+    for seg in segments:
+        gap = infos is not None and current and \
+            seg.data_offset(infos) != current[-1].data_offset(infos) + current[-1].length
+        if current and (gap or size + seg.length > batch_bytes):
+            batches.append(current)
+            current, size = [], 0
+        current.append(seg)
+        size += seg.length
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _nonce(prefix: bytes, seg: _Segment, count: int) -> bytes:
+    return _format.segment_nonce(prefix, seg.index, seg.index == count - 1)
+
+
+def _describe(seg: _Segment, infos) -> str:
+    info = infos[seg.tensor]
+    return (f"segment {seg.index} (tensor {info.name!r}, bytes {seg.start}..{seg.start + seg.length} "
+            f"of its {info.nbytes})")
+
+
+def _segment_failure(seg: _Segment, infos) -> AuthenticationError:
+    return AuthenticationError(f"{_describe(seg, infos)} failed authentication: tampered, "
+                               f"reordered or swapped data, or data from another file; "
+                               f"no tensor is returned", seg.index)
+
+
+# ---------------------------------------------------------------------------- parsing
+def _wrong_magic(magic: bytes, f) -> FormatError:
+    if magic == _format.MAGIC:
+        return FormatError("this is a gpucrypt stream file, not a model file: decrypt it with "
+                           "gpucrypt.stream.decrypt or 'gpucrypt decrypt'")
+    if len(magic) == 8 and f.read(1) == b"{":
+        return FormatError("not a gpucrypt model file: it looks like a plain (unencrypted) "
+                           "safetensors file; encrypt it with 'gpucrypt encrypt-model'")
+    return FormatError("not a gpucrypt model file (wrong magic bytes)")
+
+
+def _parse(f) -> ModelHeader:
+    """Parse the header at ``f``'s position, consuming exactly its bytes (MAC not checked).
+    Raises only FormatError, UnsupportedVersion and TruncatedError."""
+    first = f.read(len(MAGIC))
+    if not first:
+        raise FormatError("not a gpucrypt model file: it is empty")
+    if first != MAGIC[:len(first)] or len(first) < len(MAGIC):
+        if first == MAGIC[:len(first)]:
+            raise TruncatedError("truncated file: it ends inside the header (magic)")
+        raise _wrong_magic(first, f)
+    reader = _format.HeaderReader(f.read, first)
+    rest = reader.take(_FIXED_HEAD.size - len(MAGIC), "fixed fields")
+    _, version, alg_id, log2, flags, salt, table_len, data_len = _FIXED_HEAD.unpack(first + rest)
+    if version != VERSION:
+        raise UnsupportedVersion(f"unsupported gpucrypt model format version {version} (this "
+                                 f"gpucrypt reads version {VERSION})", version)
+    algorithm, segment_size = _format.algorithm_and_segment_size(alg_id, log2)
+    if flags & ~FLAG_NAMES_ENCRYPTED:
+        raise FormatError(f"malformed header: unknown flags {flags:#04x}")
+    if table_len > MAX_TABLE_BYTES:
+        raise FormatError(f"malformed header: tensor table of {table_len} bytes "
+                          f"(at most {MAX_TABLE_BYTES})")
+    prefix = reader.take(_format.prefix_size(algorithm), "nonce prefix")
+    key_id, envelope = _format.read_key_id_and_envelope(reader)
+    table = reader.take(table_len, "tensor table")
+    mac = reader.take(MAC_SIZE, "header MAC")
+    return ModelHeader(version, algorithm, segment_size, bool(flags & FLAG_NAMES_ENCRYPTED), salt,
+                       prefix, data_len, key_id, envelope, table, mac, len(reader.consumed))
+
+
+def _verify(header: ModelHeader, key: bytes) -> ModelHeader:
+    """The header with its MAC checked and its table decrypted (if encrypted) and parsed."""
+    fixed = header.fixed_fields
+    expected = hmac.new(_derive(key, header.salt, _HEADER_MAC_INFO, fixed), _header_body(header),
+                        hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, header.header_mac):
+        raise AuthenticationError("header authentication failed: wrong key, or the header (tensor "
+                                  "table, names, metadata, key id or envelope) was tampered with")
+    raw = header.stored_table
+    if header.names_encrypted:
+        raw = _open_table(key, header, fixed)
+    tensors, metadata = _decode_table(raw, header.data_length)
+    return _replace(header, tensors=tensors, metadata=metadata, verified=True)
+
+
+def _replace(header: ModelHeader, **changes) -> ModelHeader:
+    from dataclasses import replace
+
+    return replace(header, **changes)
+
+
+def _table_cipher(algorithm: str, key: bytes):
+    """(algorithm name for tensor's host AEAD, key, nonce) of the table's one message: a key
+    used for nothing else, so a fixed all-zero nonce is safe."""
+    nonce = bytes(_format.nonce_size(algorithm))
+    return _format.BACKEND_NAMES[algorithm], key, nonce
+
+
+def _seal_table(key: bytes, algorithm: str, salt: bytes, fixed: bytes, table: bytes) -> bytes:
+    name, tkey, nonce = _table_cipher(algorithm, _derive(key, salt, _TABLE_INFO, fixed))
+    plain = np.frombuffer(table, dtype=np.uint8)
+    out = np.empty_like(plain)
+    tag = _host_seal(name, tkey, nonce, fixed, plain, out)
+    return out.tobytes() + tag
+
+
+def _open_table(key: bytes, header: ModelHeader, fixed: bytes) -> bytes:
+    stored = header.stored_table
+    if len(stored) < TAG_SIZE:
+        raise FormatError("malformed header: encrypted tensor table shorter than its tag")
+    name, tkey, nonce = _table_cipher(header.algorithm, _derive(key, header.salt, _TABLE_INFO, fixed))
+    ct = np.frombuffer(stored[:-TAG_SIZE], dtype=np.uint8)
+    out = np.empty_like(ct)
+    if not _host_open(name, tkey, nonce, fixed, ct, stored[-TAG_SIZE:], out, inplace=False):
+        raise AuthenticationError("the encrypted tensor table failed authentication")
+    return out.tobytes()
+
+
+def read_header(path: Any, key: Any = None) -> ModelHeader:
+    """The header of the model file at ``path``.
+
+    Without ``key``: parsed, *not* authenticated (``verified`` False), with the table
+    when it is readable (None when ``encrypt_names`` was used); enough to find the
+    envelope or key id. With ``key``: MAC checked, table decrypted, ``verified`` True.
+    """
+    with builtins.open(path, "rb") as f:
+        header = _parse(f)
+    if key is not None:
+        return _verify(header, _format.check_key(key))
+    if header.names_encrypted:
+        return header
+    tensors, metadata = _decode_table(header.stored_table, header.data_length)
+    return _replace(header, tensors=tensors, metadata=metadata)
+
+
+# ============================================================================ arguments
+def _check_metadata(metadata: Any) -> dict | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("metadata must be a dict of str to str (as in safetensors)")
+    return dict(metadata)
+
+
+def _tensor_infos(tensors: Any) -> tuple[list[TensorInfo], list[Any]]:
+    """The table entries (data order = the mapping's order) and the contiguous tensors
+    (or :class:`~gpucrypt.files._safetensors.StoredTensor` handles, read when sealed)."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a dict of name to tensor, not {type(tensors).__name__}")
+    infos, values, cursor = [], [], 0
+    for name, x in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"tensor names must be non-empty str, not {name!r}")
+        if name == _METADATA_KEY:
+            raise ValueError(f"{_METADATA_KEY!r} cannot be a tensor name (it holds the metadata)")
+        if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+            raise ValueError(f"tensor name {name[:40]!r}... is over {MAX_NAME_BYTES} bytes of UTF-8")
+        if isinstance(x, StoredTensor):
+            dtype, shape = x.dtype, x.shape
+        else:
+            adapter = fw.adapter_for(x)
+            if adapter.needs_copy(x):
+                x = adapter.contiguous_copy(x)  # saving never changes the caller's tensors
+            dtype, shape = adapter.dtype_name(x), adapter.shape(x)
+        if len(shape) > MAX_NDIM:
+            raise ValueError(f"tensor {name!r} has {len(shape)} dimensions (at most {MAX_NDIM})")
+        nbytes = int(np.prod(shape, dtype=object)) * fw.dtype_itemsize(dtype)
+        if isinstance(x, StoredTensor) and nbytes != x.nbytes:
+            raise ValueError(f"tensor {name!r}: {x.nbytes} bytes stored for dtype {dtype} and "
+                             f"shape {list(shape)}, which need {nbytes}")
+        infos.append(TensorInfo(name, dtype, tuple(shape), cursor, cursor + nbytes))
+        values.append(x)
+        cursor += nbytes
+    return infos, values
+
+
+class _Plaintext:
+    """Where the plaintext of each segment comes from while a file is sealed.
+
+    Host tensors are read where they lie. A :class:`StoredTensor` is read from its file
+    into the batch's own buffer, segment by segment, so a file of any size is sealed in
+    the memory of one batch. A device tensor is used on the device when sealing there
+    (``device_views``): its plaintext never reaches host memory. Only sealing a device
+    tensor on the CPU copies it to the host, one tensor at a time.
+    """
+
+    def __init__(self, values: list, gpu: Any = None):
+        self._values, self._gpu = values, gpu
+        self._copied: tuple[int, np.ndarray] | None = None
+        self._device: dict[int, Any] = {}
+        for t, x in enumerate(values):
+            if gpu is not None and not isinstance(x, StoredTensor):
+                adapter = fw.adapter_for(x)
+                if adapter.place(x) != fw.HOST:
+                    self._device[t] = gpu.as_device_bytes(adapter.byte_view(x))
+
+    def device_view(self, seg: _Segment) -> Any:
+        """seg's bytes in device memory, or None when its tensor is not there."""
+        view = self._device.get(seg.tensor)
+        return None if view is None else view[seg.start:seg.start + seg.length]
+
+    def host(self, seg: _Segment, scratch: np.ndarray) -> np.ndarray:
+        """seg's bytes on the host: :meth:`in_memory`, or ``scratch`` (its length) filled
+        by :meth:`read`."""
+        view = self.in_memory(seg)
+        if view is None:
+            self.read(seg, scratch)
+            return scratch
+        return view
+
+    def in_memory(self, seg: _Segment) -> np.ndarray | None:
+        """A host view of seg's bytes (of its tensor, or of a host copy of a device
+        tensor), or None for a :class:`StoredTensor`. Not thread-safe."""
+        x = self._values[seg.tensor]
+        if isinstance(x, StoredTensor):
+            return None
+        if self._copied is None or self._copied[0] != seg.tensor:
+            self._copied = (seg.tensor, _host_bytes(x))
+        return self._copied[1][seg.start:seg.start + seg.length]
+
+    def read(self, seg: _Segment, scratch: np.ndarray) -> None:
+        """Fill ``scratch`` with seg's bytes from its StoredTensor's file (thread-safe)."""
+        self._values[seg.tensor].read_into(seg.start, scratch)
+
+
+def _host_bytes(x: Any) -> np.ndarray:
+    """A flat uint8 NumPy view of a host tensor, or a host copy of a device tensor."""
+    adapter = fw.adapter_for(x)
+    if adapter.place(x) == fw.HOST:
+        return np.asarray(adapter.host_array(adapter.byte_view(x))).reshape(-1)
+    if adapter.name == "torch":
+        return adapter.byte_view(x).cpu().numpy()
+    if adapter.name == "cupy":
+        return adapter.byte_view(x).get()
+    if adapter.name == "numba":
+        return adapter.byte_view(x).copy_to_host()
+    return np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)  # jax
+
+
+# ============================================================================ engines
+class _HostAead:
+    """Seals and opens segments with detached tags on the CPU (tensor's host AEAD, built
+    on ``cryptography``), in place when src and dst are the same memory."""
+
+    def __init__(self, algorithm: str, seg_key: bytes, prefix: bytes, aad: bytes):
+        self.aad = aad
+        self._name, self._key, self._head = _format.segment_cipher(algorithm, seg_key, prefix)
+
+    def _nonce(self, seg: _Segment, count: int) -> bytes:
+        return _nonce(self._head, seg, count)
+
+    def seal(self, seg, count, src: np.ndarray, dst: np.ndarray) -> bytes:
+        return _host_seal(self._name, self._key, self._nonce(seg, count), self.aad, src, dst)
+
+    def open_in_place(self, seg, count, buf: np.ndarray, tag: bytes) -> bool:
+        return _host_open(self._name, self._key, self._nonce(seg, count), self.aad, buf, tag, buf,
+                          inplace=True)
+
+
+def _start(pool, threads: int, jobs: list, work):
+    """Start ``[work(job) for job in jobs]`` split in contiguous runs over ``pool`` (or run it
+    here when there is no pool); returns a callable that waits and gives the results."""
+    if pool is None or len(jobs) < 2:
+        results = [work(j) for j in jobs]
+        return lambda: results
+    step = -(-len(jobs) // min(threads, len(jobs)))
+    futures = [pool.submit(lambda part: [work(j) for j in part], jobs[i:i + step])
+               for i in range(0, len(jobs), step)]
+    return lambda: [r for fut in futures for r in fut.result()]
+
+
+# ============================================================================ save
+def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any, metadata: Mapping | None = None,
+                   *, algorithm: str = "chacha20-poly1305", encrypt_names: bool = False,
+                   segment_size: int = DEFAULT_SEGMENT_SIZE, device: str = "auto",
+                   key_id: str | None = None, envelope: Any = None,
+                   threads: int | None = None) -> ModelHeader:
+    """Write ``tensors`` (name -> tensor, any framework the tensor API takes, or a
+    :class:`~gpucrypt.files._safetensors.StoredTensor` read from its file a segment at a time)
+    to ``path``.
+
+    ``key``: 32 bytes; the file's keys come from it by HKDF with a fresh random salt.
+    ``metadata``: str -> str, stored in the table. ``encrypt_names``: encrypt the whole
+    table (names, dtypes, shapes, offsets, metadata); otherwise it stays readable (and
+    authenticated). ``key_id``/``envelope``: header slots as in the stream format (an
+    envelope from :func:`gpucrypt.keys.seal_envelope` wraps ``key`` for recipients).
+    ``device``: where the segments are sealed ("auto", "cpu", "gpu"; "auto" takes the
+    GPU when a tensor is on it, else decides by size as the AEAD classes do).
+    Atomic (temporary file, fsync, rename), mode 0600. Returns the verified header.
+    """
+    key = _format.check_key(key)
+    _format.check_algorithm(algorithm)
+    _format.check_segment_size(segment_size)
+    key_id, envelope = _format.check_key_id_envelope(key_id, envelope)
+    metadata = _check_metadata(metadata)
+    threads = _cpu_threads(threads)
+    infos, values = _tensor_infos(tensors)
+    segments = _segments(infos, segment_size)
+    data_length = infos[-1].end if infos else 0
+
+    table = _encode_table(infos, metadata)
+    if len(table) + TAG_SIZE > MAX_TABLE_BYTES:
+        raise ValueError(f"the tensor table is {len(table)} bytes (at most {MAX_TABLE_BYTES})")
+    salt = os.urandom(_format.SALT_SIZE)
+    prefix = os.urandom(_format.prefix_size(algorithm))
+    fixed = _fixed_fields(algorithm, segment_size, encrypt_names, salt,
+                          len(table) + (TAG_SIZE if encrypt_names else 0), data_length, prefix)
+    stored = _seal_table(key, algorithm, salt, fixed, table) if encrypt_names else table
+    header = ModelHeader(VERSION, algorithm, segment_size, bool(encrypt_names), salt, prefix,
+                         data_length, key_id, envelope, stored, b"", 0)
+    body = _header_body(header)
+    mac = hmac.new(_derive(key, salt, _HEADER_MAC_INFO, fixed), body, hashlib.sha256).digest()
+    header = _replace(header, header_mac=mac, header_length=len(body) + MAC_SIZE,
+                      tensors=tuple(infos), metadata=metadata or {}, verified=True)
+
+    seg_key = _derive(key, salt, _SEGMENT_INFO, fixed)
+    aad = _segment_aad(fixed, stored)
+    backend = _save_backend(device, data_length, values)
+    with open_output(path) as sink:
+        sink.write(body + mac)
+        if backend.name == "gpu":
+            tags = _seal_on_gpu(backend, header, seg_key, aad, values, segments, sink)
+        else:
+            tags = _seal_on_cpu(header, seg_key, aad, values, segments, sink, threads)
+        sink.write(b"".join(tags))
+    return header
+
+
+def _save_backend(device: str, data_length: int, values: list):
+    """``select_backend``'s choice, except that "auto" seals on the GPU when a tensor is
+    already there (so its plaintext never crosses to the host)."""
+    from ..backends import BackendUnavailable, get_backend, select_backend
+
+    if device == "auto" and any(not isinstance(x, StoredTensor) and
+                                fw.adapter_for(x).place(x) != fw.HOST for x in values):
+        try:
+            return get_backend("gpu")
+        except BackendUnavailable:
+            pass
+    return select_backend(device, data_length)
+
+
+def _seal_on_cpu(header, seg_key, aad, values, segments, sink, threads) -> list[bytes]:
+    """Two batches in flight on the pool while the main thread writes the previous one;
+    a worker reads a stored tensor's segment into the output buffer and seals it there,
+    while it is in cache."""
+    aead = _HostAead(header.algorithm, seg_key, header.nonce_prefix, aad)
+    plain, count = _Plaintext(values), len(segments)
+
+    def seal(job) -> bytes:
+        seg, src, dst = job
+        if src is None:
+            plain.read(seg, dst)
+            src = dst
+        return aead.seal(seg, count, src, dst)
+
+    batches = _batches(segments, _CPU_BATCH_BYTES)
+    largest = max((sum(s.length for s in b) for b in batches), default=0)
+    outs = [np.empty(largest, dtype=np.uint8) for _ in range(min(2, len(batches)))]
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    tags: list[bytes] = []
+    in_flight: list = []  # (ciphertext, wait), oldest first
+    try:
+        for k, batch in enumerate(batches):
+            out = outs[k % 2]  # batch k-2's buffer: written in the last round
+            jobs, cursor = [], 0
+            for seg in batch:
+                jobs.append((seg, plain.in_memory(seg), out[cursor:cursor + seg.length]))
+                cursor += seg.length
+            in_flight.append((out[:cursor], _start(pool, threads, jobs, seal)))
+            while len(in_flight) > (0 if k == len(batches) - 1 else 1):
+                ciphertext, wait = in_flight.pop(0)
+                tags += wait()
+                sink.write(memoryview(ciphertext))
+    finally:
+        for _, wait in in_flight:
+            try:
+                wait()  # let the workers finish before the buffers go
+            except BaseException:
+                pass
+        if pool is not None:
+            pool.shutdown()
+    return tags
+
+
+def _seal_on_gpu(gpu, header, seg_key, aad, values, segments, sink) -> list[bytes]:
+    """Each batch: the host segments packed into a staging buffer and copied to the
+    device; ``seal_batch`` from there, or from the device tensors themselves, into the
+    device copy of the staging buffer; ciphertext and tags back to the host."""
+    plain, count, tags = _Plaintext(values, gpu), len(segments), []
+    name, key, head = _format.segment_cipher(header.algorithm, seg_key, header.nonce_prefix)
+    # Device tensors may still be being written on the caller's streams (a torch side
+    # stream is not ordered with ours): wait for them once.
+    gpu.synchronize_device()
+    for batch in _batches(segments, _GPU_BATCH_BYTES):
+        staging = np.empty(sum(s.length for s in batch), dtype=np.uint8)
+        cursor, bounds, on_device = 0, [], []
+        for seg in batch:
+            bounds.append((cursor, cursor + seg.length))
+            on_device.append(plain.device_view(seg))
+            if on_device[-1] is None:
+                src = plain.host(seg, staging[cursor:cursor + seg.length])
+                staging[cursor:cursor + seg.length] = src  # a no-op when read in place
+            cursor += seg.length
+        dev = gpu.to_device(staging) if any(v is None for v in on_device) \
+            else gpu.device_array(len(staging))
+        dsts = [dev[a:b] for a, b in bounds]
+        srcs = [d if v is None else v for d, v in zip(dsts, on_device)]
+        n = len(batch)
+        dev_tags = gpu.seal_batch(name, [key] * n,
+                                  [_nonce(head, s, count) for s in batch],
+                                  srcs, [aad] * n, dsts)
+        gpu.to_host(dev, out=staging)
+        host_tags = gpu.to_host(dev_tags)
+        tags += [host_tags[i].tobytes() for i in range(n)]
+        sink.write(memoryview(staging))
+    return tags
+
+
+def _check_device(device: Any) -> str:
+    """"cpu", "cuda" or "cuda:N" from the user's ``device``; "auto" picks cuda when a real
+    GPU is usable (never the simulator, which exists to test kernels)."""
+    if device == "auto":
+        from ..backends import BackendUnavailable, get_backend
+
+        try:
+            gpu = get_backend("gpu")
+        except BackendUnavailable:
+            return "cpu"
+        return "cpu" if gpu.describe().get("simulator") else "cuda"
+    if device == "gpu":
+        return "cuda"
+    if isinstance(device, str) and (device in ("cpu", "cuda") or (
+            device.startswith("cuda:") and device[5:].isdigit())):
+        return device
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+
+
+def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str = "torch",
+                   threads: int | None = None, names: Any = None) -> dict:
+    """The tensors of the model file at ``path``, name -> tensor, in the file's order.
+
+    ``names``: the tensors to load (an iterable of names; default all). Only their
+    segments are read and verified (a pipeline stage or a shard loads its own layers);
+    an unknown name is a ``KeyError`` naming it, before any data is read.
+
+    ``device``: "cpu" (torch CPU tensors or NumPy arrays), "cuda"/"cuda:N" (torch CUDA
+    tensors or CuPy arrays, decrypted on the device; see the module docstring), or
+    "auto" (cuda when a real GPU is usable, else cpu). ``framework``: "torch", "cupy"
+    (GPU only) or "numpy" (host arrays; under numba's simulator also the stand-in for
+    device arrays with ``device="cuda"``). Each tensor is its own allocation.
+
+    Everything is verified before anything is returned: the header MAC first (a wrong
+    key fails there), then every segment. On any failure the outputs are zeroed and
+    an error from :mod:`gpucrypt.stream` is raised; no tensor is returned.
+    """
+    key = _format.check_key(key)
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"framework must be one of {FRAMEWORKS}, not {framework!r}")
+    target = _check_device(device)
+    threads = _cpu_threads(threads)
+    with builtins.open(path, "rb", buffering=0) as f:
+        header, segments, tags, seg_key, aad = _prepare_open(f, key)
+        picked = _pick(header.tensors, names)
+        if len(picked) < len(header.tensors):
+            wanted = set(picked)
+            segments = [s for s in segments if s.tensor in wanted]
+        if target == "cpu":
+            return _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads,
+                                picked)
+        return _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target, picked)
+
+
+def _pick(infos, names: Any) -> list[int]:
+    """Table positions of the tensors ``names`` asks for (all for None), in table order."""
+    if names is None:
+        return list(range(len(infos)))
+    if isinstance(names, str):
+        raise TypeError("names must be an iterable of tensor names, not one str")
+    wanted = set(names)
+    unknown = sorted(wanted - {i.name for i in infos})
+    if unknown:
+        raise KeyError(f"no tensor {unknown[0]!r} in this model file"
+                       + (f" (and {len(unknown) - 1} more unknown names)" if len(unknown) > 1 else ""))
+    return [t for t, i in enumerate(infos) if i.name in wanted]
+
+
+def _prepare_open(f, key: bytes):
+    """The verified header, the segments, their tags, the segment key and AAD of the model
+    file ``f``; raises if the header fails or the file's length is not the header's."""
+    header = _verify(_parse(f), key)
+    size = os.fstat(f.fileno()).st_size
+    expected = header.file_length
+    if size < expected:
+        raise TruncatedError(f"truncated file: {size} bytes, its header says {expected}")
+    if size > expected:
+        raise FormatError(f"the file has {size - expected} bytes after its last tag "
+                          f"(data appended, or not a gpucrypt model file)")
+    segments = _segments(header.tensors, header.segment_size)
+    f.seek(header.header_length + header.data_length)
+    tags = _read_exact(f, TAG_SIZE * len(segments))
+    aad = _segment_aad(header.fixed_fields, header.stored_table)
+    seg_key = _derive(key, header.salt, _SEGMENT_INFO, header.fixed_fields)
+    return header, segments, tags, seg_key, aad
+
+
+def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = None) -> ModelHeader:
+    """Decrypt the model file ``path`` into a plain safetensors file ``out``, a batch of
+    segments at a time (memory: two batches of about 8 MiB, or of one segment when
+    segments are larger, whatever the model's size).
+
+    ``out`` gets the bytes ``safetensors.save_file`` would write for the same tensors and
+    metadata (metadata keys in the file's order). It is written atomically (temporary
+    file beside it, fsync, rename; mode 0600) and appears only once every segment has
+    verified: on any failure the temporary file is removed and the error of
+    :func:`load_encrypted` is raised. Returns the verified header.
+    """
+    from ._safetensors import safetensors_layout
+
+    key = _format.check_key(key)
+    threads = _cpu_threads(threads)
+    with builtins.open(path, "rb", buffering=0) as f:
+        header, segments, tags, seg_key, aad = _prepare_open(f, key)
+        infos = header.tensors
+        prefix, offsets = safetensors_layout(
+            [(i.name, i.dtype, i.shape, i.nbytes) for i in infos], header.metadata or None)
+        where = [offsets[i.name] for i in infos]
+        in_batch, largest = {}, 0  # segment index -> its offset in its batch's buffer
+        for batch in _batches(segments, _CPU_BATCH_BYTES):
+            cursor = 0
+            for s in batch:
+                in_batch[s.index] = cursor
+                cursor += s.length
+            largest = max(largest, cursor)  # a single segment may exceed the batch size
+        buffers = [np.empty(largest, dtype=np.uint8) for _ in range(2)]
+
+        def place(s: _Segment, k: int) -> np.ndarray:
+            return buffers[k % 2][in_batch[s.index]:in_batch[s.index] + s.length]
+
+        def write(temp: str) -> None:
+            fd = os.open(temp, os.O_WRONLY)
+            try:
+                _pwrite_all(fd, prefix, 0)
+
+                def write_batch(batch: list[_Segment], k: int) -> None:
+                    for s in batch:
+                        _pwrite_all(fd, place(s, k), where[s.tensor] + s.start)
+
+                _open_on_cpu(f, header, segments, tags, seg_key, aad, threads, place, write_batch)
+            finally:
+                os.close(fd)
+
+        write_atomically_with(out, write)
+    return header
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    mv, done = memoryview(data).cast("B"), 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
+
+
+def _read_exact(f, n: int) -> bytes:
+    buf = np.empty(n, dtype=np.uint8)
+    _read_into(f, f.tell(), buf)
+    return buf.tobytes()
+
+
+def _read_into(f, offset: int, view: np.ndarray) -> None:
+    """Fill ``view`` (uint8) with the file's bytes from ``offset``."""
+    _format.read_at(f.fileno(), offset, view, "the model file")
+
+
+def _tag_of(tags: bytes, seg: _Segment) -> bytes:
+    return tags[seg.index * TAG_SIZE:(seg.index + 1) * TAG_SIZE]
+
+
+def _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads, picked) -> dict:
+    """Each segment read straight into its tensor's memory and opened there, on the pool
+    (``_open_on_cpu``); ``picked``: the table positions of the tensors to return."""
+    if framework == "cupy":
+        raise ValueError("CuPy arrays live on the GPU: use device='cuda', or framework='numpy' "
+                         "or 'torch' for device='cpu'")
+    adapter = fw.result_adapter(framework, fw.HOST)
+    infos = header.tensors
+    outputs = {t: adapter.empty(infos[t].dtype, infos[t].shape, fw.HOST) for t in picked}
+    flat = {t: np.asarray(adapter.host_array(adapter.byte_view(o))).reshape(-1)
+            for t, o in outputs.items() if infos[t].nbytes}
+    try:
+        _open_on_cpu(f, header, segments, tags, seg_key, aad, threads,
+                     lambda s, k: flat[s.tensor][s.start:s.start + s.length])
+    except BaseException:
+        for buf in flat.values():
+            buf[:] = 0  # no plaintext of the verified segments stays behind
+        raise
+    return {infos[t].name: adapter.finish(o) for t, o in outputs.items()}
+
+
+def _open_on_cpu(f, header, segments, tags, seg_key, aad, threads, place, verified=None) -> None:
+    """Open every segment on the CPU, a batch at a time: each worker reads its segments'
+    ciphertext into ``place(seg, k)`` (uint8 views; ``k`` is the batch's number) and
+    opens it there right away, while it is still in cache: one pass over memory, and the
+    reads (page faults of fresh tensors included) spread over the threads. Two batches
+    are in flight; once all of batch ``k``'s segments passed, ``verified(batch, k)`` is
+    called (before batch ``k + 2`` starts). Raises on the first bad segment, after the
+    workers have stopped."""
+    infos = header.tensors
+    aead = _HostAead(header.algorithm, seg_key, header.nonce_prefix, aad)
+    count, base = header.segment_count, header.header_length  # count: the file's, for the last flag
+
+    def read_and_open(s: _Segment, k: int) -> bool:
+        view = place(s, k)
+        _read_into(f, base + s.data_offset(infos), view)
+        return aead.open_in_place(s, count, view, _tag_of(tags, s))
+
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    in_flight: list = []  # (k, batch, wait), oldest first
+    try:
+        batches = _batches(segments, _CPU_BATCH_BYTES)
+        for k, batch in enumerate(batches):
+            in_flight.append((k, batch, _start(pool, threads, batch,
+                                               lambda s, k=k: read_and_open(s, k))))
+            while len(in_flight) > (0 if k == len(batches) - 1 else 1):
+                done_k, done, wait = in_flight.pop(0)
+                _check_verdicts(done, wait(), infos)
+                if verified is not None:
+                    verified(done, done_k)
+    finally:
+        for _, _, wait in in_flight:
+            try:
+                wait()  # let the workers finish before the caller wipes the buffers
+            except BaseException:
+                pass
+        if pool is not None:
+            pool.shutdown()
+
+
+def _check_verdicts(batch: list[_Segment], verdicts, infos) -> None:
+    for seg, ok in zip(batch, verdicts):
+        if not ok:
+            raise _segment_failure(seg, infos)
+
+
+# ---------------------------------------------------------------------------- GPU load
+class _Staging:
+    """Host staging for one batch of ciphertext, and its upload into device bytes.
+
+    torch: a pinned torch tensor, copied with ``copy_(non_blocking=True)`` on torch's
+    current stream; CuPy: ``cupyx.empty_pinned``, copied with ``ndarray.set`` on CuPy's
+    current stream; NumPy (simulator only): plain arrays, NumPy standing in for device
+    memory. ``host`` is the NumPy view the reader fills.
+    """
+
+    def __init__(self, framework: str, nbytes: int):
+        self.framework = framework
+        nbytes = max(nbytes, 1)
+        if framework == "torch":
+            import torch
+
+            self._pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            self.host = self._pinned.numpy()
+        elif framework == "cupy":
+            import cupyx
+
+            self.host = cupyx.empty_pinned((nbytes,), dtype=np.uint8)
+        else:
+            self.host = np.empty(nbytes, dtype=np.uint8)
+
+    def upload(self, start: int, length: int, dst_bytes: Any, dst_start: int, stream: Any) -> None:
+        dst = dst_bytes[dst_start:dst_start + length]
+        if self.framework == "torch":
+            dst.copy_(self._pinned[start:start + length], non_blocking=True)
+        elif self.framework == "cupy":
+            dst.set(self.host[start:start + length], stream=stream)
+        else:
+            dst[...] = self.host[start:start + length]
+
+
+def _gpu_target(framework: str, target: str, gpu):
+    """(adapter, place, stream) for device results of ``framework``; ValueError where the
+    framework cannot hold device memory here."""
+    simulated = bool(gpu.describe().get("simulator"))
+    if framework == "numpy":
+        if not simulated:
+            raise ValueError("framework='numpy' gives host arrays: use device='cpu', or "
+                             "framework='torch'/'cupy' to load onto the GPU")
+        return fw.BY_NAME["numpy"], ("cuda", 0), None
+    if simulated:
+        raise ValueError(f"numba's CUDA simulator has no device memory for {framework}; "
+                         f"use framework='numpy' there (NumPy arrays stand in for device arrays)")
+    index = int(target[5:]) if ":" in target else None
+    if framework == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("this torch build has no CUDA device: use device='cpu'")
+        place = ("cuda", index if index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(place[1])
+        return fw.BY_NAME["torch"], place, torch.cuda.current_stream(place[1])
+    import cupy
+
+    place = ("cuda", index if index is not None else cupy.cuda.Device().id)
+    cupy.cuda.Device(place[1]).use()
+    return fw.BY_NAME["cupy"], place, cupy.cuda.get_current_stream()
+
+
+def _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target, picked) -> dict:
+    from ..backends import get_backend
+
+    gpu = get_backend("gpu")
+    adapter, place, stream = _gpu_target(framework, target, gpu)
+    infos = header.tensors
+    outputs = {t: adapter.empty(infos[t].dtype, infos[t].shape, place) for t in picked}
+    dev_bytes = {t: adapter.byte_view(o) for t, o in outputs.items() if infos[t].nbytes}
+    batches = _batches(segments, _GPU_BATCH_BYTES, infos)
+    largest = max((sum(s.length for s in b) for b in batches), default=0)
+    staging = [_Staging(framework, largest) for _ in range(min(2, len(batches)))]
+    name, key, head = _format.segment_cipher(header.algorithm, seg_key, header.nonce_prefix)
+    count, base = header.segment_count, header.header_length
+
+    def read(k: int) -> None:  # a batch's segments are contiguous in the file
+        batch = batches[k]
+        _read_into(f, base + batch[0].data_offset(infos),
+                   staging[k % 2].host[:sum(s.length for s in batch)])
+
+    reader = ThreadPoolExecutor(1)
+    try:
+        ahead = reader.submit(read, 0) if batches else None
+        for k, batch in enumerate(batches):
+            ahead.result()
+            if k + 1 < len(batches):
+                # staging[(k+1) % 2] was last uploaded for batch k-1, whose open_batch
+                # synchronised the stream: it is free to refill
+                ahead = reader.submit(read, k + 1)
+            cursor = 0
+            for seg in batch:  # one copy per segment; consecutive ones of a tensor could merge
+                staging[k % 2].upload(cursor, seg.length, dev_bytes[seg.tensor], seg.start, stream)
+                cursor += seg.length
+            views = [dev_bytes[s.tensor][s.start:s.start + s.length] for s in batch]
+            n = len(batch)
+            ok = gpu.open_batch(name, [key] * n,
+                                [_nonce(head, s, count) for s in batch],
+                                views, [_tag_of(tags, s) for s in batch], [aad] * n, views,
+                                stream=stream)
+            _check_verdicts(batch, ok, infos)
+    except BaseException:
+        for buf in dev_bytes.values():
+            _zero_device(framework, buf)
+        raise
+    finally:
+        reader.shutdown(wait=True)
+    return {infos[t].name: adapter.finish(o) for t, o in outputs.items()}
+
+
+def _zero_device(framework: str, buf: Any) -> None:
+    if framework == "torch":
+        buf.zero_()
+    elif framework == "cupy":
+        buf.fill(0)
+    else:
+        buf[...] = 0

@@ -1,0 +1,1023 @@
+"""Encrypt tensors where they live: ``encrypt_tensor`` / ``decrypt_tensor`` and batches.
+
+A program holding tensors (model weights, activations, KV caches) in PyTorch, CuPy,
+JAX, numba or NumPy encrypts them without a round trip through host memory: device
+tensors go to the GPU backend, host tensors to the CPU (or to the GPU with
+``device="gpu"``). The bytes encrypted are the tensor's in-memory bytes, so every
+dtype works (bfloat16, float8, complex32 ...), and the result decrypts to the same
+kind of tensor, dtype, shape and device.
+
+What is authenticated (docs/TENSOR_FORMAT.md has the byte layout)::
+
+    associated data = metadata block || user aad
+    metadata block  = magic, version, algorithm, framework, dtype, shape, byte count,
+                      key id, name
+
+so changing the recorded dtype, shape, framework, algorithm, key id or name of an
+:class:`EncryptedTensor` makes decryption fail with ``InvalidTag``, like changing
+its ciphertext, tag or nonce. The user's ``aad`` is kept in the EncryptedTensor
+(check ``enc.aad``: it is authentic once ``decrypt_tensor`` succeeds).
+
+Nonces: random by default (12 bytes for ChaCha20-Poly1305 and AES-GCM: at most
+``RANDOM_NONCE_BUDGET`` = 2**32 messages per key, which keeps the probability of a
+repeated nonce under 2**-33, NIST SP 800-38D §8.3; 24 bytes for
+XChaCha20-Poly1305: any practical number of messages). :class:`NonceSequence` and
+:class:`TensorCipher` give counter nonces for callers who want determinism.
+
+Memory: out of place allocates exactly one output through the framework's own
+allocator. ``inplace=True`` encrypts in the tensor's own memory; the
+EncryptedTensor then refers to that memory (the tensor holds ciphertext until it
+is decrypted in place again). A failed in-place decrypt leaves the ciphertext as
+it was; a failed out-of-place decrypt zeroes its output and returns nothing. An
+in-place batch whose entries share memory (a state dict's tied weights) is refused
+before anything is touched: each memory can hold one ciphertext. Host batches over
+4 MiB run on all usable cores (``cryptography`` releases the GIL): several tensors are
+shared out among threads, and one large ChaCha20-Poly1305 / XChaCha20-Poly1305 tensor
+is cut into keystream pieces on a pool while the MAC follows them in order.
+
+Streams: GPU work is queued on the given stream or the framework's current one;
+nothing synchronises unless a host result is asked for (``enc.tag``,
+``to_bytes()``, host tensors sent to the GPU, and decryption, which must check tags).
+
+Limits: one message per tensor, so a tensor is at most (2**32 - 1) * 64 bytes
+(ChaCha20-Poly1305) or (2**32 - 2) * 16 bytes (AES-GCM, 64 GiB). Little-endian hosts.
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+
+from .. import _limits
+from . import _frameworks as fw
+from .._buffers import bytes_arg
+from ._frameworks import HOST
+from ..backends import get_backend
+
+__all__ = ["EncryptedTensor", "encrypt_tensor", "decrypt_tensor", "encrypt_tensors",
+           "decrypt_tensors", "NonceSequence", "TensorCipher", "ALGORITHMS",
+           "RANDOM_NONCE_BUDGET", "FORMAT_VERSION"]
+
+ALGORITHMS = ("chacha20-poly1305", "xchacha20-poly1305", "aes-gcm")
+#: host tensors of a batch adding up to this many bytes are encrypted on several threads
+_HOST_PARALLEL_BYTES = 4 << 20
+_ALGORITHM_CODES = {"chacha20-poly1305": 1, "xchacha20-poly1305": 2, "aes-gcm": 3}
+_NONCE_SIZE = {"chacha20-poly1305": 12, "xchacha20-poly1305": 24, "aes-gcm": 12}
+_MAX_DATA = {"chacha20-poly1305": _limits.CHACHA20POLY1305_MAX_PLAINTEXT,
+             "xchacha20-poly1305": _limits.CHACHA20POLY1305_MAX_PLAINTEXT,
+             "aes-gcm": _limits.GCM_MAX_PLAINTEXT}
+TAG_SIZE = _limits.TAG_SIZE
+
+#: Messages per key with random 96-bit nonces (collision probability < 2**-33).
+RANDOM_NONCE_BUDGET = 2**32
+
+FORMAT_VERSION = 1
+_MAGIC = b"GCTENS"
+_FIXED = struct.Struct("<6sBBBBBBHBBHQ")   # 26 bytes, see docs/TENSOR_FORMAT.md
+_MAX_NDIM = 64
+_MAX_DTYPE_LEN = 64
+_KEY_ID_NONE, _KEY_ID_BYTES, _KEY_ID_TEXT = 0, 1, 2
+_NAME_NONE, _NAME_TEXT = 0, 1
+_DTYPE_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_:<>|=[]ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+
+# ============================================================================ arguments
+def _check_algorithm(algorithm: str) -> str:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, not {algorithm!r}")
+    return algorithm
+
+
+def _key_bytes(key: Any, algorithm: str) -> bytes:
+    key = bytes_arg(key, "key")
+    if algorithm == "aes-gcm":
+        if len(key) not in (16, 24, 32):
+            raise ValueError("AES-GCM key must be 128, 192, or 256 bits.")
+    elif len(key) != 32:
+        raise ValueError(f"{algorithm} key must be 32 bytes.")
+    return key
+
+
+def _aad_bytes(aad: Any) -> bytes:
+    if aad is None:
+        return b""
+    try:
+        return bytes(memoryview(aad))
+    except TypeError:
+        raise TypeError(f"aad must be bytes-like or None, not {type(aad).__name__}") from None
+
+
+def _check_key_id(key_id: Any) -> bytes | str | None:
+    if key_id is None:
+        return None
+    if isinstance(key_id, str):
+        raw = key_id.encode("utf-8")
+    elif isinstance(key_id, (bytes, bytearray, memoryview)):
+        key_id = raw = bytes(key_id)
+    else:
+        raise TypeError(f"key_id must be str, bytes or None, not {type(key_id).__name__}")
+    if len(raw) > 0xFFFF:
+        raise ValueError("key_id must be at most 65535 bytes")
+    return key_id
+
+
+def _check_name(name: Any) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise TypeError(f"tensor names must be str, not {type(name).__name__}")
+    if len(name.encode("utf-8")) > 0xFFFF:
+        raise ValueError("tensor names must be at most 65535 bytes in UTF-8")
+    return name
+
+
+def _check_device(device: Any) -> str | None:
+    if device in (None, "auto"):
+        return None
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be None, 'auto', 'cpu' or 'gpu', not {device!r}")
+    return device
+
+
+def _check_nonce(nonce: Any, algorithm: str) -> bytes:
+    nonce = bytes_arg(nonce, "nonce")
+    if len(nonce) != _NONCE_SIZE[algorithm]:
+        raise ValueError(f"Nonce must be {_NONCE_SIZE[algorithm]} bytes for {algorithm}")
+    return nonce
+
+
+# ============================================================================ nonces
+class NonceSequence:
+    """Counter nonces that are never handed out twice: ``prefix || counter`` (big-endian).
+
+    ``size`` is the nonce length (12, or 24 for XChaCha20-Poly1305); the counter fills
+    the ``size - len(prefix)`` bytes after the prefix (at least 4) and starts at
+    ``start``. Thread-safe. Raises ``OverflowError`` once the counter is exhausted,
+    never wraps. Uniqueness holds within one object: two writers under one key need
+    different prefixes (or disjoint ``start`` ranges), which only the caller can ensure.
+    """
+
+    def __init__(self, size: int = 12, *, prefix: bytes = b"", start: int = 0):
+        if size not in (12, 24):
+            raise ValueError("size must be 12 or 24")
+        prefix = bytes_arg(prefix, "prefix")
+        if len(prefix) > size - 4:
+            raise ValueError(f"prefix must be at most {size - 4} bytes (the counter needs 4)")
+        self._prefix = prefix
+        self._width = size - len(prefix)
+        self._limit = 1 << (8 * self._width)
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < self._limit:
+            raise ValueError(f"start must be an int in [0, 2**{8 * self._width})")
+        self._next = start
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return len(self._prefix) + self._width
+
+    @property
+    def remaining(self) -> int:
+        """How many nonces are left."""
+        return self._limit - self._next
+
+    def take(self, count: int) -> list[bytes]:
+        """The next ``count`` nonces, all or none (``OverflowError`` if fewer are left)."""
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        with self._lock:
+            first = self._next
+            if count > self._limit - first:
+                raise OverflowError(f"nonce sequence exhausted: {self._limit - first} nonces left, "
+                                    f"{count} asked for; use a new key or prefix")
+            self._next = first + count
+        return [self._prefix + (first + i).to_bytes(self._width, "big") for i in range(count)]
+
+    def next(self) -> bytes:
+        """The next nonce."""
+        return self.take(1)[0]
+
+    def __repr__(self) -> str:
+        return f"NonceSequence(size={self.size}, prefix={self._prefix!r}, next={self._next})"
+
+
+def _nonces_for(count: int, algorithm: str, source: Any) -> list[bytes]:
+    """``count`` nonces from ``source``: None (random), a NonceSequence, or a sequence of bytes."""
+    size = _NONCE_SIZE[algorithm]
+    if source is None:
+        return [os.urandom(size) for _ in range(count)]
+    if isinstance(source, NonceSequence):
+        if source.size != size:
+            raise ValueError(f"{algorithm} needs {size}-byte nonces; the sequence makes {source.size}")
+        return source.take(count)
+    nonces = [_check_nonce(n, algorithm) for n in source]
+    if len(nonces) != count:
+        raise ValueError(f"{count} nonces needed, {len(nonces)} given")
+    if len(set(nonces)) != len(nonces):
+        raise ValueError("nonces within a batch must all be different")
+    return nonces
+
+
+# ============================================================================ metadata
+def _encode_metadata(algorithm: str, framework: str, dtype: str, shape: tuple[int, ...],
+                     nbytes: int, key_id: bytes | str | None, name: str | None) -> bytes:
+    """The canonical metadata block (docs/TENSOR_FORMAT.md), first part of the AAD."""
+    dtype_raw = dtype.encode("ascii")
+    if key_id is None:
+        kid_kind, kid = _KEY_ID_NONE, b""
+    elif isinstance(key_id, str):
+        kid_kind, kid = _KEY_ID_TEXT, key_id.encode("utf-8")
+    else:
+        kid_kind, kid = _KEY_ID_BYTES, key_id
+    name_kind, name_raw = (_NAME_NONE, b"") if name is None else (_NAME_TEXT, name.encode("utf-8"))
+    if len(shape) > _MAX_NDIM:
+        raise ValueError(f"tensors of more than {_MAX_NDIM} dimensions are not supported")
+    head = _FIXED.pack(_MAGIC, FORMAT_VERSION, _ALGORITHM_CODES[algorithm],
+                       fw.FRAMEWORK_CODES[framework], len(shape), len(dtype_raw), kid_kind,
+                       len(kid), name_kind, 0, len(name_raw), nbytes)
+    return b"".join([head, struct.pack(f"<{len(shape)}Q", *shape), dtype_raw, kid, name_raw])
+
+
+def _decode_metadata(data: memoryview, offset: int = 0) -> tuple[dict, int]:
+    """Parse a metadata block at ``offset``; returns (fields, end). ``ValueError`` on anything
+    malformed, non-canonical or inconsistent."""
+    if len(data) - offset < _FIXED.size:
+        raise ValueError("not an encrypted tensor: too short for the metadata header")
+    (magic, version, alg_code, fw_code, ndim, dtype_len, kid_kind, kid_len, name_kind, reserved,
+     name_len, nbytes) = _FIXED.unpack_from(data, offset)
+    if magic != _MAGIC:
+        raise ValueError("not an encrypted tensor: bad magic bytes")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"unsupported encrypted-tensor format version {version} "
+                         f"(this gpucrypt reads version {FORMAT_VERSION})")
+    algorithm = {v: k for k, v in _ALGORITHM_CODES.items()}.get(alg_code)
+    framework = {v: k for k, v in fw.FRAMEWORK_CODES.items()}.get(fw_code)
+    if algorithm is None:
+        raise ValueError(f"unknown algorithm code {alg_code}")
+    if framework is None:
+        raise ValueError(f"unknown framework code {fw_code}")
+    if ndim > _MAX_NDIM:
+        raise ValueError(f"ndim {ndim} is over the limit of {_MAX_NDIM}")
+    if not 1 <= dtype_len <= _MAX_DTYPE_LEN:
+        raise ValueError(f"dtype name length {dtype_len} is not in 1..{_MAX_DTYPE_LEN}")
+    if kid_kind not in (_KEY_ID_NONE, _KEY_ID_BYTES, _KEY_ID_TEXT) or (
+            kid_kind == _KEY_ID_NONE and kid_len):
+        raise ValueError("invalid key id field")
+    if name_kind not in (_NAME_NONE, _NAME_TEXT) or (name_kind == _NAME_NONE and name_len):
+        raise ValueError("invalid name field")
+    if reserved:
+        raise ValueError("reserved byte is not zero")
+    pos = offset + _FIXED.size
+    end = pos + 8 * ndim + dtype_len + kid_len + name_len
+    if end > len(data):
+        raise ValueError("truncated metadata")
+    shape = struct.unpack_from(f"<{ndim}Q", data, pos)
+    pos += 8 * ndim
+    dtype_raw = bytes(data[pos:pos + dtype_len])
+    pos += dtype_len
+    if not set(dtype_raw) <= _DTYPE_CHARS:
+        raise ValueError("invalid characters in the dtype name")
+    dtype = dtype_raw.decode("ascii")
+    itemsize = fw.dtype_itemsize(dtype)   # ValueError for unknown names
+    kid_raw = bytes(data[pos:pos + kid_len])
+    pos += kid_len
+    name_raw = bytes(data[pos:pos + name_len])
+    pos += name_len
+    try:
+        key_id = (None if kid_kind == _KEY_ID_NONE else
+                  kid_raw.decode("utf-8") if kid_kind == _KEY_ID_TEXT else kid_raw)
+        name = None if name_kind == _NAME_NONE else name_raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("key id or name is not valid UTF-8") from None
+    count = 1
+    for d in shape:
+        count *= d
+    if count * itemsize != nbytes:
+        raise ValueError(f"byte count {nbytes} does not match shape {tuple(shape)} of {dtype}")
+    if nbytes > _MAX_DATA[algorithm]:
+        raise ValueError(f"byte count {nbytes} is over {algorithm}'s limit")
+    fields = dict(algorithm=algorithm, framework=framework, dtype=dtype, shape=tuple(shape),
+                  nbytes=nbytes, key_id=key_id, name=name)
+    return fields, end
+
+
+# ============================================================================ EncryptedTensor
+class EncryptedTensor:
+    """A tensor's ciphertext plus everything needed to check and rebuild it.
+
+    Attributes: ``framework``, ``dtype`` (portable name), ``shape``, ``nbytes``,
+    ``algorithm``, ``key_id``, ``name``, ``aad`` (the user's), ``nonce``, ``tag``
+    (16 bytes; reading it waits for the GPU), ``ciphertext`` (a 1-D ``uint8`` buffer
+    of the framework where the data was: a torch tensor, CuPy/numba device array or
+    NumPy array), ``on_device`` and ``inplace`` (the ciphertext is the original
+    tensor's memory). ``metadata()`` and ``associated_data()`` give the authenticated
+    bytes. ``to_bytes()`` / ``from_bytes()`` serialise it (docs/TENSOR_FORMAT.md).
+    """
+
+    __slots__ = ("framework", "dtype", "shape", "nbytes", "algorithm", "key_id", "name", "aad",
+                 "nonce", "_ciphertext", "_place", "_tag", "_tags", "_tag_row", "_source",
+                 "_consumed")
+
+    def __init__(self, *, framework, dtype, shape, nbytes, algorithm, key_id, name, aad, nonce,
+                 ciphertext, place, tag=None, tags=None, tag_row=0, source=None):
+        self.framework, self.dtype, self.shape, self.nbytes = framework, dtype, tuple(shape), nbytes
+        self.algorithm, self.key_id, self.name, self.aad = algorithm, key_id, name, aad
+        self.nonce = nonce
+        self._ciphertext, self._place = ciphertext, place
+        self._tag, self._tags, self._tag_row = tag, tags, tag_row
+        self._source = source
+        self._consumed = False
+
+    # --- views ---
+    @property
+    def ciphertext(self) -> Any:
+        self._check_alive()
+        return self._ciphertext
+
+    @property
+    def on_device(self) -> bool:
+        return self._place != HOST
+
+    @property
+    def inplace(self) -> bool:
+        return self._source is not None
+
+    @property
+    def tag(self) -> bytes:
+        """The 16-byte tag (copied from the GPU, after its work is done, the first time)."""
+        if self._tag is None:
+            self._tag = self._tags.row(self._tag_row)
+        return self._tag
+
+    def metadata(self) -> bytes:
+        """The canonical metadata block (the first part of the associated data)."""
+        return _encode_metadata(self.algorithm, self.framework, self.dtype, self.shape,
+                                self.nbytes, self.key_id, self.name)
+
+    def associated_data(self) -> bytes:
+        """Exactly the associated data the AEAD authenticates: metadata block || user aad."""
+        return self.metadata() + self.aad
+
+    def _check_alive(self) -> None:
+        if self._consumed:
+            raise ValueError("this EncryptedTensor was decrypted in place: its memory holds the "
+                             "plaintext again, not the ciphertext")
+
+    def __repr__(self) -> str:
+        return (f"EncryptedTensor(framework={self.framework!r}, dtype={self.dtype!r}, "
+                f"shape={self.shape}, algorithm={self.algorithm!r}, key_id={self.key_id!r}, "
+                f"name={self.name!r}, on_device={self.on_device}, inplace={self.inplace})")
+
+    # --- serialisation ---
+    def to_bytes(self) -> bytes:
+        """The documented, versioned byte layout (waits for the GPU if the data is there)."""
+        self._check_alive()
+        if self._place == HOST:
+            ct = _host_bytes_of(self.framework, self._ciphertext)
+        else:
+            gpu = get_backend("gpu")
+            ct = gpu.to_host(gpu.as_device_bytes(self._ciphertext))
+        return b"".join([self.metadata(), struct.pack("<Q", len(self.aad)), self.aad, self.nonce,
+                         memoryview(np.ascontiguousarray(ct)).cast("B"), self.tag])
+
+    @classmethod
+    def from_bytes(cls, data: Any) -> "EncryptedTensor":
+        """Parse :meth:`to_bytes` output. ``ValueError`` on anything malformed.
+
+        The ciphertext is a zero-copy NumPy view of ``data`` (writable only when ``data``
+        is, e.g. a ``bytearray``); decrypting it runs on the CPU unless ``device="gpu"``.
+        """
+        try:
+            view = memoryview(data).cast("B")
+        except TypeError:
+            raise TypeError(f"data must be bytes-like, not {type(data).__name__}") from None
+        fields, pos = _decode_metadata(view)
+        if len(view) - pos < 8:
+            raise ValueError("truncated: no aad length")
+        (aad_len,) = struct.unpack_from("<Q", view, pos)
+        pos += 8
+        nonce_len = _NONCE_SIZE[fields["algorithm"]]
+        need = aad_len + nonce_len + fields["nbytes"] + TAG_SIZE
+        if len(view) - pos != need:
+            raise ValueError(f"wrong length: {len(view) - pos} bytes after the metadata, "
+                             f"{need} expected")
+        aad = bytes(view[pos:pos + aad_len])
+        pos += aad_len
+        nonce = bytes(view[pos:pos + nonce_len])
+        pos += nonce_len
+        ct = np.frombuffer(view, dtype=np.uint8, count=fields["nbytes"], offset=pos)
+        tag = bytes(view[pos + fields["nbytes"]:])
+        return cls(aad=aad, nonce=nonce, ciphertext=ct, place=HOST, tag=tag, **fields)
+
+
+def _host_bytes_of(framework: str, buffer: Any) -> np.ndarray:
+    """A NumPy ``uint8`` view of a host ciphertext buffer (NumPy array or torch tensor)."""
+    if isinstance(buffer, np.ndarray):
+        return buffer
+    return fw.BY_NAME[framework].host_array(buffer)
+
+
+# ============================================================================ host AEAD
+# A tensor's own memory holds exactly the data, so host tensors use the CPU backend's
+# detached-tag form (the tag kept apart; in place allowed; verified before writing).
+def _host_context(algorithm: str, key: bytes, nonce: bytes):
+    return get_backend("cpu").aead_for_nonce(algorithm, key, nonce)
+
+
+def _host_seal(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: np.ndarray,
+               dst: np.ndarray, threads: int = 1) -> bytes:
+    """Encrypt ``src`` into ``dst`` (the same memory when in place); returns the tag."""
+    ctx, nonce = _host_context(algorithm, key, nonce)
+    return ctx.seal_detached(nonce, memoryview(src), memoryview(aad), memoryview(dst),
+                             threads=threads)
+
+
+def _host_open(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: np.ndarray, tag: bytes,
+               dst: np.ndarray, inplace: bool, threads: int = 1) -> bool:
+    """Verify, then decrypt ``src`` into ``dst``. False on a bad tag: then ``dst`` is zeroed,
+    or, in place, left exactly as it was (the tag is checked before any byte is written)."""
+    ctx, nonce = _host_context(algorithm, key, nonce)
+    try:
+        ctx.open_detached(nonce, memoryview(src), tag, memoryview(aad), memoryview(dst),
+                          threads=threads)
+    except InvalidTag:
+        return False
+    return True
+
+
+# ============================================================================ encryption
+class _Job:
+    """One tensor of a batch on its way through encryption or decryption."""
+
+    __slots__ = ("label", "adapter", "place", "x", "view", "dst_obj", "dst_view", "enc", "result",
+                 "nonce", "aad", "host_src", "dev_src", "dev_dst", "inplace", "error")
+
+    def __init__(self, **kw):
+        for k in self.__slots__:
+            setattr(self, k, kw.get(k))
+
+
+def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: str, aad: Any,
+                  inplace: bool, stream: Any, nonces: Any, contiguous: bool, key_id: Any,
+                  device: Any) -> list[EncryptedTensor]:
+    algorithm = _check_algorithm(algorithm)
+    key = _key_bytes(key, algorithm)
+    user_aad = _aad_bytes(aad)
+    key_id = _check_key_id(key_id)
+    device = _check_device(device)
+    jobs = []
+    for label, x in items:
+        adapter = fw.adapter_for(x)
+        place = adapter.place(x)
+        if device == "cpu" and place != HOST:
+            raise ValueError("device='cpu' was asked for a tensor on the GPU; move it to the host "
+                             "first, or leave device unset")
+        if inplace and not adapter.mutable:
+            raise ValueError(f"{adapter.name} arrays are immutable: inplace=True is not possible "
+                             f"(leave it False: the ciphertext goes to a new buffer)")
+        if adapter.needs_copy(x):
+            if not contiguous:
+                raise ValueError("the tensor is not C-contiguous (or is a lazily conjugated/negated "
+                                 "view): pass contiguous=True to encrypt a contiguous copy")
+            if inplace:
+                raise ValueError("inplace=True needs a C-contiguous tensor (a copy would not be "
+                                 "the tensor's own memory)")
+            x = adapter.contiguous_copy(x)
+        if inplace and place == HOST and not adapter.host_array(adapter.byte_view(x)).flags.writeable:
+            raise ValueError("inplace=True needs a writable tensor")  # before any is touched
+        dtype, shape = adapter.dtype_name(x), adapter.shape(x)
+        nbytes = math.prod(shape) * fw.dtype_itemsize(dtype)
+        _limits.check_length("tensor", nbytes, _MAX_DATA[algorithm], algorithm)
+        name = _check_name(label)
+        meta = _encode_metadata(algorithm, adapter.name, dtype, shape, nbytes, key_id, name)
+        enc = EncryptedTensor(framework=adapter.name, dtype=dtype, shape=shape, nbytes=nbytes,
+                              algorithm=algorithm, key_id=key_id, name=name, aad=user_aad,
+                              nonce=b"", ciphertext=None, place=place,
+                              source=x if inplace else None)
+        jobs.append(_Job(label=label, adapter=adapter, place=place, x=x, view=adapter.byte_view(x),
+                         enc=enc, aad=meta + user_aad))
+    if inplace:
+        _refuse_shared_memory(jobs)
+    for job, nonce in zip(jobs, _nonces_for(len(jobs), algorithm, nonces)):
+        job.enc.nonce = job.nonce = nonce
+
+    on_gpu = [j for j in jobs if j.place != HOST or device == "gpu"]
+    if on_gpu:  # refused here, before any host tensor is encrypted (in place: for good)
+        _single_place(j.place for j in on_gpu)
+        get_backend("gpu")
+    _run_host_jobs([j for j in jobs if j.place == HOST and device != "gpu"],
+                   lambda job, threads: _encrypt_on_host(job, algorithm, key, inplace, threads))
+    if on_gpu:
+        _encrypt_on_gpu(on_gpu, algorithm, key, inplace, stream)
+    return [j.enc for j in jobs]
+
+
+def _refuse_shared_memory(jobs: list[_Job]) -> None:
+    """In place, two entries on the same memory (a state dict's tied weights) would be
+    encrypted twice, concurrently even, leaving bytes neither entry decrypts: refuse
+    before anything is touched."""
+    spans = []
+    for job in jobs:
+        address = fw.memory_address(job.view)
+        if address is not None and job.enc.nbytes:
+            spans.append((job.place, address, address + job.enc.nbytes, job.label))
+    spans.sort(key=lambda s: (str(s[0]), s[1]))
+    for a, b in zip(spans, spans[1:]):
+        if a[0] == b[0] and b[1] < a[2]:
+            raise ValueError(f"tensors {a[3]!r} and {b[3]!r} share memory (tied weights?): "
+                             f"in place, encrypt each memory once (leave one of them out of "
+                             f"the batch), or pass inplace=False")
+
+
+def _run_host_jobs(jobs: list[_Job], work) -> list:
+    """``[work(job, threads) for job in jobs]``; a batch of at least
+    ``_HOST_PARALLEL_BYTES`` is split over the usable cores in contiguous runs of about
+    equal bytes (a few per thread: balanced, without a hand-off per tensor), and a
+    single large tensor gets them all inside its one message (``threads``).
+    ``cryptography`` releases the GIL."""
+    from ..backends.cpu import usable_cores
+
+    total = sum(j.enc.nbytes for j in jobs)
+    cores = usable_cores() if total >= _HOST_PARALLEL_BYTES else 1
+    if len(jobs) == 1:
+        return [work(jobs[0], cores)]
+    threads = min(len(jobs), cores)
+    if threads < 2:
+        return [work(j, 1) for j in jobs]
+    runs, current, size = [], [], 0
+    for job in jobs:
+        current.append(job)
+        size += job.enc.nbytes
+        if size * 4 * threads >= total:
+            runs.append(current)
+            current, size = [], 0
+    if current:
+        runs.append(current)
+    with ThreadPoolExecutor(threads) as pool:
+        return [r for part in pool.map(lambda run: [work(j, 1) for j in run], runs) for r in part]
+
+
+def _encrypt_on_host(job: _Job, algorithm: str, key: bytes, inplace: bool, threads: int) -> None:
+    src = job.adapter.host_array(job.view)
+    if inplace:
+        if not src.flags.writeable:
+            raise ValueError("inplace=True needs a writable tensor")
+        ct_obj, dst = job.view, src
+    else:
+        ct_obj = job.adapter.empty_bytes(len(src), HOST)
+        dst = job.adapter.host_array(ct_obj)
+    job.enc._tag = _host_seal(algorithm, key, job.nonce, job.aad, src, dst, threads)
+    job.enc._ciphertext = ct_obj
+
+
+def _single_place(places: Iterable[Any]):
+    """The one GPU among ``places`` (None if all are on the host); ``ValueError`` for several."""
+    devices = {p for p in places if p != HOST}
+    if len(devices) > 1:
+        raise ValueError(f"tensors on several GPUs ({sorted(p[1] for p in devices)}) in one "
+                         f"batch: make one call per device")
+    return devices.pop() if devices else None
+
+
+def _launch_stream(stream: Any, place, frameworks: Iterable[str]) -> Any:
+    """The caller's ``stream``, else the current stream (on ``place``) of the first of
+    ``frameworks`` (those of the batch's device tensors); None: the backend's default.
+    The GPU backend takes torch, CuPy and numba streams and raw handles alike."""
+    if stream is None and place is not None:
+        return fw.BY_NAME[next(iter(frameworks))].current_stream(place)
+    return stream
+
+
+def _encrypt_on_gpu(jobs: list[_Job], algorithm: str, key: bytes, inplace: bool,
+                    stream: Any) -> None:
+    """One ``seal_batch`` for every job. Copies of host tensors go on the launch stream,
+    and outputs are allocated for a caller-given stream."""
+    gpu = get_backend("gpu")
+    place = _single_place(j.place for j in jobs)
+    launch = _launch_stream(stream, place, (j.adapter.name for j in jobs if j.place == place))
+    for job in jobs:
+        if job.place == HOST:   # host tensor sent to the GPU: one device copy, in place there
+            job.host_src = job.adapter.host_array(job.view)
+            if inplace and not job.host_src.flags.writeable:
+                raise ValueError("inplace=True needs a writable tensor")
+            job.dev_src = job.dev_dst = gpu.to_device(job.host_src, stream=launch)
+        else:
+            job.dev_src = gpu.as_device_bytes(job.view)
+            if inplace:
+                job.dst_obj, job.dev_dst = job.view, job.dev_src
+            else:
+                with job.adapter.allocation_stream(stream, job.place):
+                    job.dst_obj = job.adapter.empty_bytes(job.enc.nbytes, job.place)
+                job.dev_dst = gpu.as_device_bytes(job.dst_obj)
+    tags = gpu.seal_batch(algorithm, [key] * len(jobs), [j.nonce for j in jobs],
+                          [j.dev_src for j in jobs], [j.aad for j in jobs],
+                          [j.dev_dst for j in jobs], stream=launch)
+    host_tags, batch_tags = None, _DeviceTags(tags)
+    for row, job in enumerate(jobs):
+        if job.place == HOST:
+            ct = np.ascontiguousarray(gpu.to_host(job.dev_dst, stream=launch)).reshape(-1)
+            if inplace:
+                job.host_src[:] = ct
+                job.enc._ciphertext = job.view
+            else:
+                job.enc._ciphertext = job.adapter.adopt_host(ct)
+            if host_tags is None:
+                host_tags = np.asarray(gpu.to_host(tags, stream=launch)).reshape(len(jobs), TAG_SIZE)
+            job.enc._tag = bytes(host_tags[row].tobytes())
+        else:
+            job.enc._ciphertext = job.dst_obj
+            job.enc._tags, job.enc._tag_row = batch_tags, row
+
+
+def encrypt_tensor(x: Any, key: Any, *, algorithm: str = "chacha20-poly1305", aad: Any = None,
+                   inplace: bool = False, stream: Any = None, nonce: Any = None,
+                   contiguous: bool = False, key_id: Any = None, name: str | None = None,
+                   device: str | None = None) -> EncryptedTensor:
+    """Encrypt tensor ``x`` where it lives; returns an :class:`EncryptedTensor`.
+
+    ``key``: 32 bytes (ChaCha20/XChaCha20), 16/24/32 bytes (AES-GCM). ``aad``: extra
+    associated data, kept in the result. ``nonce``: None (random), bytes, or a
+    :class:`NonceSequence`. ``inplace``: encrypt in ``x``'s own memory. ``contiguous``:
+    allow a contiguous copy of a non-contiguous ``x`` (else ``ValueError``). ``key_id``
+    (str or bytes) and ``name`` (str) are recorded and authenticated. ``device``: None
+    (where the data is), ``"cpu"``, or ``"gpu"`` (run a host tensor on the GPU).
+    ``stream``: for GPU work, default the framework's current stream.
+    """
+    single = None if nonce is None or isinstance(nonce, NonceSequence) else [nonce]
+    return _encrypt_jobs([(name, x)], key, algorithm=algorithm, aad=aad, inplace=inplace,
+                         stream=stream, nonces=single if single is not None else nonce,
+                         contiguous=contiguous, key_id=key_id, device=device)[0]
+
+
+def encrypt_tensors(tensors: Mapping[str, Any] | Sequence[Any], key: Any, *,
+                    algorithm: str = "chacha20-poly1305", aad: Any = None, inplace: bool = False,
+                    stream: Any = None, nonces: Any = None, contiguous: bool = False,
+                    key_id: Any = None, device: str | None = None):
+    """Encrypt a dict (e.g. a ``state_dict()``) or list of tensors; returns the same shape of
+    container holding :class:`EncryptedTensor` objects.
+
+    One fresh nonce per tensor (``nonces``: None for random, a :class:`NonceSequence`, or
+    a sequence of distinct nonces). Each tensor's name (its dict key, or ``str(index)``
+    for a list) is authenticated, so swapping entries fails decryption. All GPU tensors
+    go through one ``seal_batch`` call (one launch per step). Other arguments as in
+    :func:`encrypt_tensor`.
+    """
+    items, rebuild = _items_of(tensors)
+    encs = _encrypt_jobs(items, key, algorithm=algorithm, aad=aad, inplace=inplace, stream=stream,
+                         nonces=nonces, contiguous=contiguous, key_id=key_id, device=device)
+    return rebuild(encs)
+
+
+def _items_of(container: Any):
+    """(label, value) pairs of a dict or list, and a function rebuilding the container type."""
+    if isinstance(container, Mapping):
+        keys = list(container.keys())
+        for k in keys:
+            if not isinstance(k, str):
+                raise TypeError(f"dict keys must be str (tensor names), not {type(k).__name__}")
+        factory = type(container) if type(container) is not dict else dict
+
+        def rebuild(values):
+            try:
+                return factory(zip(keys, values))
+            except TypeError:
+                return dict(zip(keys, values))
+        return [(k, container[k]) for k in keys], rebuild
+    if isinstance(container, (list, tuple)):
+        kind = type(container)
+        return [(str(i), v) for i, v in enumerate(container)], (
+            lambda values: kind(values) if kind in (list, tuple) else list(values))
+    raise TypeError(f"expected a dict or a list of tensors, not {type(container).__name__}")
+
+
+# ============================================================================ decryption
+def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any, *,
+                  stream: Any, device: Any, inplace: bool | None) -> list[Any]:
+    device = _check_device(device)
+    jobs = []
+    for label, enc, out in items:
+        if not isinstance(enc, EncryptedTensor):
+            raise TypeError(f"expected an EncryptedTensor, not {type(enc).__name__}")
+        enc._check_alive()
+        job_key = _key_bytes(key, enc.algorithm)
+        in_place = _decides_inplace(enc, out, inplace)
+        ct_place = enc._place
+        out_on_gpu = out is not None and fw.adapter_for(out).place(out) != HOST
+        if out_on_gpu and device == "cpu":
+            raise ValueError("out= is GPU memory, which device='cpu' cannot write: leave "
+                             "device unset, or give a host out=")
+        run_gpu = device == "gpu" or out_on_gpu or (ct_place != HOST and device != "cpu")
+        if in_place:
+            if device == "cpu" and ct_place != HOST:
+                raise ValueError("an in-place decrypt of GPU ciphertext runs on the GPU; "
+                                 "leave device unset")
+            result_place = ct_place
+        elif out is not None:
+            result_place = fw.adapter_for(out).place(out)
+        elif run_gpu and enc.framework != "numpy":
+            result_place = ct_place if ct_place != HOST else fw.current_device_place(enc.framework)
+        else:
+            result_place = HOST
+        jobs.append(_Job(label=label, enc=enc, inplace=in_place, place=result_place,
+                         aad=enc.associated_data(), nonce=enc.nonce, x=out))
+        jobs[-1].result = (run_gpu, job_key)
+    # An entry filed under another name than it was encrypted with (two state-dict entries
+    # swapped, say) is refused before anything is decrypted: its plaintext is never released.
+    misfiled = [j for j in jobs if j.label is not None and j.enc.name is not None
+                and j.enc.name != j.label]
+    todo = [j for j in jobs if j not in misfiled]
+    _prepare_outputs(todo, stream)
+    # GPU ciphertext decrypted on the CPU is copied down here, in this thread (whose CUDA
+    # context and stream order the copy); only host ciphertext goes to the thread pool
+    from_device = [j for j in todo if not j.result[0] and j.enc._place != HOST]
+    on_host = [j for j in todo if not j.result[0] and j.enc._place == HOST]
+    failed = [j for j in from_device if not _open_on_host(j, 1)]
+    failed += [j for j, ok in zip(on_host, _run_host_jobs(on_host, _open_on_host)) if not ok]
+    gpu_jobs = [j for j in todo if j.result[0]]
+    if gpu_jobs:
+        failed += _open_on_gpu(gpu_jobs, stream)
+    for job in todo:
+        if job.inplace and job not in failed:
+            job.enc._consumed = True
+    failed = [j for j in jobs if j in failed or j in misfiled]
+    if failed:
+        names = ", ".join(repr(j.label if j.label is not None else j.enc.name) for j in failed)
+        exc = InvalidTag(f"authentication failed for {len(failed)} of {len(jobs)} tensor(s): "
+                         f"{names}")
+        exc.failed = [j.label for j in failed]
+        raise exc
+    for job in jobs:
+        if job.error is not None:
+            job.dst_obj[...] = 0
+            raise job.error
+    return [j.dst_obj if j.inplace else j.adapter.finish(j.dst_obj) for j in jobs]
+
+
+def _decides_inplace(enc: EncryptedTensor, out: Any, inplace: bool | None) -> bool:
+    if out is not None:
+        if inplace:
+            raise ValueError("give either out= or inplace=True, not both")
+        return enc._source is not None and out is enc._source
+    if inplace is None:
+        return enc._source is not None
+    return bool(inplace)
+
+
+def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
+    """Choose each job's result object and the byte view its plaintext goes to (results
+    allocated here are allocated for the caller's ``stream``)."""
+    for job in jobs:
+        enc = job.enc
+        if job.inplace and enc._source is not None:
+            job.adapter, job.dst_view, job.dst_obj = (fw.BY_NAME[enc.framework], enc._ciphertext,
+                                                      enc._source)
+        elif job.inplace:   # in the ciphertext's own buffer, which becomes the result
+            adapter = fw.result_adapter(enc.framework, enc._place)
+            buffer = enc._ciphertext
+            if not adapter.mutable:
+                raise ValueError(f"{adapter.name} arrays are immutable: no in-place decrypt "
+                                 f"(pass inplace=False: the result is a new array)")
+            if isinstance(buffer, np.ndarray):
+                if not buffer.flags.writeable:
+                    raise ValueError("an in-place decrypt needs writable ciphertext memory "
+                                     "(from_bytes of a bytearray, or inplace=False)")
+                buffer = adapter.adopt_host(buffer)
+            job.adapter, job.dst_view = adapter, buffer
+            job.dst_obj = adapter.view_as(buffer, enc.dtype, enc.shape)
+        elif job.x is not None:
+            out = job.x
+            adapter = fw.adapter_for(out)
+            if adapter.needs_copy(out) or not adapter.mutable:
+                raise ValueError("out must be a writable C-contiguous tensor")
+            if adapter.dtype_name(out) != enc.dtype or adapter.shape(out) != enc.shape:
+                raise ValueError(f"out has dtype {adapter.dtype_name(out)} and shape "
+                                 f"{adapter.shape(out)}; the tensor was {enc.dtype} {enc.shape}")
+            job.adapter, job.dst_obj, job.dst_view = adapter, out, adapter.byte_view(out)
+        else:
+            try:
+                adapter = fw.result_adapter(enc.framework, job.place)
+                with adapter.allocation_stream(stream, job.place):
+                    obj = adapter.empty(enc.dtype, enc.shape, job.place)
+            except ValueError as exc:
+                # This machine cannot make such a tensor (say bfloat16 as NumPy). Decrypt into
+                # plain bytes anyway, so that altered metadata still reads as InvalidTag;
+                # an authentic tensor then raises this error, releasing nothing.
+                job.error, job.place, adapter = exc, HOST, fw.BY_NAME["numpy"]
+                obj = adapter.empty_bytes(enc.nbytes, HOST)
+            job.adapter, job.dst_obj = adapter, obj
+            job.dst_view = (obj.buffer if isinstance(obj, fw._JaxDeviceResult)
+                            else adapter.byte_view(obj))
+
+
+def _open_on_host(job: _Job, threads: int) -> bool:
+    enc = job.enc
+    _, key = job.result
+    if enc._place == HOST:
+        src = _host_bytes_of(enc.framework, enc._ciphertext)
+    else:  # device="cpu" for GPU ciphertext: one copy down
+        gpu = get_backend("gpu")
+        src = np.ascontiguousarray(gpu.to_host(gpu.as_device_bytes(enc._ciphertext))).reshape(-1)
+    if job.inplace:
+        if not src.flags.writeable:
+            raise ValueError("an in-place decrypt needs writable ciphertext memory (from_bytes "
+                             "of a bytearray, or inplace=False)")
+        dst = src
+    else:
+        dst = job.adapter.host_array(job.dst_view)
+    return _host_open(enc.algorithm, key, job.nonce, job.aad, src, enc.tag, dst, job.inplace,
+                      threads)
+
+
+def _open_on_gpu(jobs: list[_Job], stream: Any) -> list[_Job]:
+    """Decrypt ``jobs`` with one ``open_batch`` call per algorithm; returns the failed jobs."""
+    gpu = get_backend("gpu")
+    place = _single_place([j.enc._place for j in jobs] + [j.place for j in jobs])
+    launch_stream = _launch_stream(stream, place, (j.enc.framework for j in jobs
+                                                   if place in (j.place, j.enc._place)))
+    srcs, dsts, copies_back = [], [], []
+    for job in jobs:
+        enc = job.enc
+        if enc._place == HOST:
+            src = gpu.to_device(_host_bytes_of(enc.framework, enc._ciphertext), stream=launch_stream)
+        else:
+            src = gpu.as_device_bytes(enc._ciphertext)
+        if job.inplace:
+            dst = src
+            if enc._place == HOST:
+                copies_back.append((job, src, _host_bytes_of(enc.framework, enc._ciphertext)))
+        elif job.place == HOST:   # host result computed on the GPU: into a device buffer
+            dst = src if enc._place == HOST else gpu.device_array(enc.nbytes, stream=launch_stream)
+            copies_back.append((job, dst, job.adapter.host_array(job.dst_view)))
+        else:
+            dst = gpu.as_device_bytes(job.dst_view)
+        srcs.append(src)
+        dsts.append(dst)
+    tags = _shared_tags(jobs)
+    ok = np.zeros(len(jobs), dtype=bool)
+    for algorithm in sorted({j.enc.algorithm for j in jobs}):
+        idx = [i for i, j in enumerate(jobs) if j.enc.algorithm == algorithm]
+        sub_tags = tags if len(idx) == len(jobs) else [tags[i] for i in idx]
+        sub = gpu.open_batch(algorithm, [jobs[i].result[1] for i in idx],
+                             [jobs[i].nonce for i in idx], [srcs[i] for i in idx], sub_tags,
+                             [jobs[i].aad for i in idx], [dsts[i] for i in idx],
+                             stream=launch_stream)
+        ok[idx] = np.asarray(sub, dtype=bool).reshape(-1)
+    for job, dev, host in copies_back:
+        if ok[jobs.index(job)]:
+            host[:] = np.asarray(gpu.to_host(dev, stream=launch_stream)).reshape(-1)
+        elif not job.inplace:
+            host[:] = 0
+    return [j for j, good in zip(jobs, ok) if not good]
+
+
+def _shared_tags(jobs: list[_Job]) -> Any:
+    """The tags as the device array they were made in when the batch is exactly that
+    encryption batch (no copy, no wait); otherwise 16-byte ``bytes`` each."""
+    first = jobs[0].enc._tags
+    if first is not None and len({j.enc.algorithm for j in jobs}) == 1 and all(
+            j.enc._tags is first and j.enc._tag_row == i for i, j in enumerate(jobs)):
+        if getattr(first.device, "shape", (None,))[0] == len(jobs):
+            return first.device
+    return [j.enc.tag for j in jobs]
+
+
+class _DeviceTags:
+    """A GPU batch's tags (``uint8[n, 16]`` on the device), copied to the host once for
+    all of the batch's tensors, the first time one of them is asked for its tag."""
+
+    __slots__ = ("device", "_host")
+
+    def __init__(self, device: Any):
+        self.device, self._host = device, None
+
+    def row(self, i: int) -> bytes:
+        if self._host is None:
+            self._host = np.asarray(get_backend("gpu").to_host(self.device)).reshape(-1, TAG_SIZE)
+        return bytes(self._host[i].tobytes())
+
+
+def decrypt_tensor(enc: EncryptedTensor, key: Any, *, out: Any = None, stream: Any = None,
+                   device: str | None = None, inplace: bool | None = None) -> Any:
+    """Check and decrypt ``enc``; returns the tensor (same framework, dtype, shape, device).
+
+    ``InvalidTag`` if the key is wrong or anything was altered. ``out``: a tensor to
+    write into (``out=x`` with the tensor that was encrypted in place restores it in
+    place). ``inplace``: None decrypts in place exactly when ``enc`` was made in
+    place; True decrypts in the ciphertext's own memory. ``device``: None (where the
+    ciphertext is), ``"cpu"`` (host result), ``"gpu"`` (run on the GPU; device result
+    for torch/CuPy/numba/JAX tensors). After an in-place decrypt ``enc`` is spent.
+    """
+    return _decrypt_jobs([(None, enc, out)], key, stream=stream, device=device,
+                         inplace=inplace)[0]
+
+
+def decrypt_tensors(encs: Mapping[str, EncryptedTensor] | Sequence[EncryptedTensor], key: Any, *,
+                    out: Any = None, stream: Any = None, device: str | None = None,
+                    inplace: bool | None = None):
+    """Decrypt what :func:`encrypt_tensors` made; returns the same container type.
+
+    ``out``: optional dict/list of tensors to write into (same keys/length). Every GPU
+    tensor goes through one ``open_batch`` call. If any tensor fails (wrong tag, or an
+    entry filed under another name than it was encrypted with), ``InvalidTag`` names
+    them (its ``failed`` attribute lists them) and no plaintext is returned; tensors
+    decrypted in place that did verify are restored.
+    """
+    items, rebuild = _items_of(encs)
+    if out is None:
+        outs = [None] * len(items)
+    else:
+        out_items, _ = _items_of(out)
+        if isinstance(encs, Mapping):
+            if set(dict(out_items)) != {k for k, _ in items}:
+                raise ValueError("out must have the same keys as the encrypted tensors")
+            outs = [dict(out_items)[k] for k, _ in items]
+        else:
+            if len(out_items) != len(items):
+                raise ValueError("out must have as many tensors as there are encrypted ones")
+            outs = [v for _, v in out_items]
+    results = _decrypt_jobs([(label, enc, o) for (label, enc), o in zip(items, outs)], key,
+                            stream=stream, device=device, inplace=inplace)
+    return rebuild(results)
+
+
+# ============================================================================ TensorCipher
+class TensorCipher:
+    """A key, an algorithm and a nonce policy, for many tensors.
+
+    ``nonces="random"`` (default) draws each nonce at random and refuses (OverflowError)
+    after ``RANDOM_NONCE_BUDGET`` messages for 96-bit nonces; ``nonces="counter"`` uses a
+    :class:`NonceSequence` with the given ``prefix`` (required: it is what keeps two
+    writers under one key apart) from ``start`` on, deterministic and never repeating.
+    """
+
+    def __init__(self, key: Any, algorithm: str = "chacha20-poly1305", *, nonces: str = "random",
+                 prefix: bytes | None = None, start: int = 0, key_id: Any = None,
+                 device: str | None = None):
+        self._algorithm = _check_algorithm(algorithm)
+        self._key = _key_bytes(key, algorithm)
+        self._key_id = _check_key_id(key_id)
+        self._device = _check_device(device)
+        size = _NONCE_SIZE[algorithm]
+        if nonces == "counter":
+            if prefix is None:
+                raise ValueError("nonces='counter' needs prefix= (bytes, may be b''): a prefix "
+                                 "unique to this writer under this key")
+            self._sequence: NonceSequence | None = NonceSequence(size, prefix=prefix, start=start)
+        elif nonces == "random":
+            if prefix is not None:
+                raise ValueError("prefix= is for nonces='counter'")
+            self._sequence = None
+        else:
+            raise ValueError(f"nonces must be 'random' or 'counter', not {nonces!r}")
+        self._budget = RANDOM_NONCE_BUDGET if size == 12 else None
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:   # never shows the key
+        mode = "counter" if self._sequence is not None else "random"
+        return f"TensorCipher(algorithm={self._algorithm!r}, nonces={mode!r}, used={self._used})"
+
+    @property
+    def messages(self) -> int:
+        """Tensors encrypted so far."""
+        return self._used
+
+    def _reserve(self, count: int) -> list[bytes]:
+        if self._sequence is not None:
+            nonces = self._sequence.take(count)
+            with self._lock:
+                self._used += count
+            return nonces
+        with self._lock:
+            if self._budget is not None and self._used + count > self._budget:
+                raise OverflowError(f"random-nonce budget of {self._budget} messages for this key "
+                                    f"is spent; use a new key or XChaCha20-Poly1305")
+            self._used += count
+        return _nonces_for(count, self._algorithm, None)
+
+    def encrypt(self, x: Any, **kwargs) -> EncryptedTensor:
+        """:func:`encrypt_tensor` with this cipher's key, algorithm, nonces and key id."""
+        nonce = self._reserve(1)[0]
+        return encrypt_tensor(x, self._key, algorithm=self._algorithm, nonce=nonce,
+                              key_id=kwargs.pop("key_id", self._key_id),
+                              device=kwargs.pop("device", self._device), **kwargs)
+
+    def encrypt_many(self, tensors: Any, **kwargs):
+        """:func:`encrypt_tensors` with this cipher's key, algorithm, nonces and key id."""
+        count = len(tensors)
+        return encrypt_tensors(tensors, self._key, algorithm=self._algorithm,
+                               nonces=self._reserve(count),
+                               key_id=kwargs.pop("key_id", self._key_id),
+                               device=kwargs.pop("device", self._device), **kwargs)
+
+    def decrypt(self, enc: EncryptedTensor, **kwargs) -> Any:
+        return decrypt_tensor(enc, self._key, **kwargs)
+
+    def decrypt_many(self, encs: Any, **kwargs):
+        return decrypt_tensors(encs, self._key, **kwargs)
