@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from gpucrypt import models, stream
+from gpucrypt import models, pipeline, stream
 from gpucrypt.cli import main as cli
 from gpucrypt.stream import AuthenticationError, FormatError, TruncatedError, UnsupportedVersion
 
@@ -585,6 +585,7 @@ def test_cli_model_conversions_work_a_batch_at_a_time(tmp_path):
     probe = (
         "import re, sys\n"
         "from gpucrypt.cli import main\n"
+        "import gpucrypt.cli.models, gpucrypt.files.models, safetensors.numpy  # loaded lazily: not batches\n"
         "def kib(field):\n"
         "    return int(re.search(field + r':\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
@@ -648,7 +649,7 @@ def test_cpu_load_in_many_batches_on_threads(saved, monkeypatch, segment):
     """One segment per batch, two batches in flight on two threads: a round trip, and a
     bad segment anywhere is reported as that segment."""
     path, tensors = saved
-    monkeypatch.setattr(models, "_CPU_BATCH_BYTES", SEG)
+    monkeypatch.setattr(pipeline, "CPU_BATCH_BYTES", SEG)
     assert_identical(models.load_encrypted(path, KEY, "cpu", threads=2), tensors)
     h = models.read_header(path)
     count = len(models._segments(h.tensors, SEG))
@@ -663,7 +664,7 @@ def test_cpu_load_in_many_batches_on_threads(saved, monkeypatch, segment):
 
 def test_export_writes_nothing_when_a_later_batch_fails(saved, tmp_path, monkeypatch):
     path, tensors = saved
-    monkeypatch.setattr(models, "_CPU_BATCH_BYTES", SEG)  # earlier batches reach the file first
+    monkeypatch.setattr(pipeline, "CPU_BATCH_BYTES", SEG)  # earlier batches reach the file first
     h = models.read_header(path)
     flip(path, h.header_length + h.data_length - 5)  # the last segment
     with pytest.raises(AuthenticationError, match="failed authentication"):
@@ -679,7 +680,7 @@ def test_export_round_trip_matches_save_file(saved, tmp_path, monkeypatch, batch
     from safetensors.torch import save_file
 
     path, tensors = saved
-    monkeypatch.setattr(models, "_CPU_BATCH_BYTES", batch_bytes)
+    monkeypatch.setattr(pipeline, "CPU_BATCH_BYTES", batch_bytes)
     models.export_safetensors(path, tmp_path / "out.safetensors", KEY, threads=2)
     save_file(tensors, str(tmp_path / "want.safetensors"), metadata={"arch": "mlp"})
     assert (tmp_path / "out.safetensors").read_bytes() == \

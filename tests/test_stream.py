@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidTag
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpucrypt import stream
+from gpucrypt import pipeline, stream
 from gpucrypt.files._format import MIN_HEADER_SIZE
 
 SEG = 4096
@@ -29,8 +29,8 @@ KEY = bytes(range(32))
 @pytest.fixture
 def small_batches(monkeypatch):
     """Four segments per CPU batch (two per thread with threads=2)."""
-    monkeypatch.setattr(stream, "_CPU_BATCH_BYTES", 4 * SEG)
-    monkeypatch.setattr(stream, "_GPU_BATCH_BYTES", 2 * SEG)
+    monkeypatch.setattr(pipeline, "CPU_BATCH_BYTES", 4 * SEG)
+    monkeypatch.setattr(pipeline, "GPU_BATCH_BYTES", 2 * SEG)
 
 
 def seal(data: bytes, algorithm="chacha20-poly1305", key=KEY, **kw) -> bytes:

@@ -94,6 +94,11 @@ class AtomicFile:
     def write(self, data: Any) -> None:
         write_all(self._file, data)
 
+    def fileno(self) -> int:
+        """The temporary file's descriptor, for positional writes (``os.pwrite``) from
+        several threads at once; the file's size is whatever they reach."""
+        return self._file.fileno()
+
     def commit(self) -> None:
         if self._temp is None:
             return

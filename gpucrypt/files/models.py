@@ -78,7 +78,7 @@ from ._atomic import open_output, write_atomically_with
 from ._safetensors import StoredTensor
 from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedError,
                       UnsupportedVersion)
-from ..backends.cpu import check_threads as _cpu_threads
+from .. import pipeline
 from ..tensors.api import _host_open, _host_seal
 
 __all__ = ["save_encrypted", "load_encrypted", "export_safetensors", "read_header", "ModelHeader", "TensorInfo",
@@ -102,10 +102,11 @@ _HEADER_MAC_INFO = b"gpucrypt model v1 header mac"
 _TABLE_INFO = b"gpucrypt model v1 table key"
 _METADATA_KEY = "__metadata__"
 
-#: plaintext bytes per batch: big enough to amortise a launch or a thread hand-off,
-#: small enough that two pinned staging buffers stay modest
-_CPU_BATCH_BYTES = 8 << 20
+#: GPU loads: plaintext bytes per batch, small enough that two pinned staging buffers
+#: stay modest (the other paths take the pipeline's batch sizes)
 _GPU_BATCH_BYTES = 32 << 20
+#: batches started and not finished while the next is prepared (CPU)
+_DEPTH = 1
 
 # ============================================================================ header
 @dataclass(frozen=True)
@@ -514,35 +515,24 @@ def _host_bytes(x: Any) -> np.ndarray:
 
 
 # ============================================================================ engines
-class _HostAead:
-    """Seals and opens segments with detached tags on the CPU (tensor's host AEAD, built
-    on ``cryptography``), in place when src and dst are the same memory."""
+class _SegmentCipher:
+    """The segments of one model file as pipeline jobs: nonces (the last-segment flag
+    from the whole file's count), the AAD, and the per-file AEAD."""
 
-    def __init__(self, algorithm: str, seg_key: bytes, prefix: bytes, aad: bytes):
-        self.aad = aad
-        self._name, self._key, self._head = _format.segment_cipher(algorithm, seg_key, prefix)
+    def __init__(self, algorithm: str, seg_key: bytes, prefix: bytes, aad: bytes, count: int):
+        self.aad, self.count = aad, count
+        self.algorithm, self.key, self._head = _format.segment_cipher(algorithm, seg_key, prefix)
 
-    def _nonce(self, seg: _Segment, count: int) -> bytes:
-        return _nonce(self._head, seg, count)
+    def job(self, seg: _Segment, src: Any, dst: Any, tag: bytes | None = None) -> pipeline.Job:
+        return pipeline.Job(seg, _nonce(self._head, seg, self.count), self.aad, src, dst,
+                            tag=tag, size=seg.length)
 
-    def seal(self, seg, count, src: np.ndarray, dst: np.ndarray) -> bytes:
-        return _host_seal(self._name, self._key, self._nonce(seg, count), self.aad, src, dst)
+    def cpu_runner(self, op: str, threads: int) -> pipeline.CpuRunner:
+        from ..backends import get_backend
 
-    def open_in_place(self, seg, count, buf: np.ndarray, tag: bytes) -> bool:
-        return _host_open(self._name, self._key, self._nonce(seg, count), self.aad, buf, tag, buf,
-                          inplace=True)
-
-
-def _start(pool, threads: int, jobs: list, work):
-    """Start ``[work(job) for job in jobs]`` split in contiguous runs over ``pool`` (or run it
-    here when there is no pool); returns a callable that waits and gives the results."""
-    if pool is None or len(jobs) < 2:
-        results = [work(j) for j in jobs]
-        return lambda: results
-    step = -(-len(jobs) // min(threads, len(jobs)))
-    futures = [pool.submit(lambda part: [work(j) for j in part], jobs[i:i + step])
-               for i in range(0, len(jobs), step)]
-    return lambda: [r for fut in futures for r in fut.result()]
+        ctx = get_backend("cpu").aead(self.algorithm, self.key)
+        crypto = pipeline.seal_detached(ctx) if op == "seal" else pipeline.open_detached(ctx)
+        return pipeline.CpuRunner(crypto, threads)
 
 
 # ============================================================================ save
@@ -569,7 +559,7 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any, metadata: Ma
     _format.check_segment_size(segment_size)
     key_id, envelope = _format.check_key_id_envelope(key_id, envelope)
     metadata = _check_metadata(metadata)
-    threads = _cpu_threads(threads)
+    threads = pipeline.cpu_threads(threads)
     infos, values = _tensor_infos(tensors)
     segments = _segments(infos, segment_size)
     data_length = infos[-1].end if infos else 0
@@ -617,79 +607,69 @@ def _save_backend(device: str, data_length: int, values: list):
 
 
 def _seal_on_cpu(header, seg_key, aad, values, segments, sink, threads) -> list[bytes]:
-    """Two batches in flight on the pool while the main thread writes the previous one;
-    a worker reads a stored tensor's segment into the output buffer and seals it there,
-    while it is in cache."""
-    aead = _HostAead(header.algorithm, seg_key, header.nonce_prefix, aad)
-    plain, count = _Plaintext(values), len(segments)
-
-    def seal(job) -> bytes:
-        seg, src, dst = job
-        if src is None:
-            plain.read(seg, dst)
-            src = dst
-        return aead.seal(seg, count, src, dst)
-
-    batches = _batches(segments, _CPU_BATCH_BYTES)
+    """Batches on the pipeline's CPU workers while this thread writes the finished ones
+    in order; a worker reads a stored tensor's segment into the output buffer and seals
+    it there, while it is in cache."""
+    cipher = _SegmentCipher(header.algorithm, seg_key, header.nonce_prefix, aad, len(segments))
+    plain = _Plaintext(values)
+    batches = _batches(segments, pipeline.CPU_BATCH_BYTES)
     largest = max((sum(s.length for s in b) for b in batches), default=0)
-    outs = [np.empty(largest, dtype=np.uint8) for _ in range(min(2, len(batches)))]
-    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    outs = [pipeline.scratch(largest) for _ in range(min(_DEPTH + 1, len(batches)))]
     tags: list[bytes] = []
-    in_flight: list = []  # (ciphertext, wait), oldest first
-    try:
+
+    def load(job):
+        if job.src is None:  # a stored tensor: read from its file into the output
+            plain.read(job.ident, job.dst)
+            return job.dst
+        return job.src
+
+    def write(batch, results):
+        tags.extend(results)
+        sink.write(batch.payload)
+
+    def produce():
         for k, batch in enumerate(batches):
-            out = outs[k % 2]  # batch k-2's buffer: written in the last round
-            jobs, cursor = [], 0
+            out, jobs, cursor = outs[k % len(outs)], [], 0
             for seg in batch:
-                jobs.append((seg, plain.in_memory(seg), out[cursor:cursor + seg.length]))
+                jobs.append(cipher.job(seg, plain.in_memory(seg), out[cursor:cursor + seg.length]))
                 cursor += seg.length
-            in_flight.append((out[:cursor], _start(pool, threads, jobs, seal)))
-            while len(in_flight) > (0 if k == len(batches) - 1 else 1):
-                ciphertext, wait = in_flight.pop(0)
-                tags += wait()
-                sink.write(memoryview(ciphertext))
-    finally:
-        for _, wait in in_flight:
-            try:
-                wait()  # let the workers finish before the buffers go
-            except BaseException:
-                pass
-        if pool is not None:
-            pool.shutdown()
+            yield pipeline.Batch(jobs, load=load, done=write, payload=out[:cursor])
+
+    with cipher.cpu_runner("seal", threads) as runner:
+        pipeline.run(produce(), runner, depth=_DEPTH)
     return tags
 
 
 def _seal_on_gpu(gpu, header, seg_key, aad, values, segments, sink) -> list[bytes]:
-    """Each batch: the host segments packed into a staging buffer and copied to the
-    device; ``seal_batch`` from there, or from the device tensors themselves, into the
-    device copy of the staging buffer; ciphertext and tags back to the host."""
-    plain, count, tags = _Plaintext(values, gpu), len(segments), []
-    name, key, head = _format.segment_cipher(header.algorithm, seg_key, header.nonce_prefix)
+    """Each batch one ``seal_batch`` launch: host segments staged and uploaded together
+    by the pipeline's GPU runner, device tensors sealed from their own memory; the
+    ciphertext and the tags come back to the host and are written in order."""
+    cipher = _SegmentCipher(header.algorithm, seg_key, header.nonce_prefix, aad, len(segments))
+    plain = _Plaintext(values, gpu)
+    tags: list[bytes] = []
     # Device tensors may still be being written on the caller's streams (a torch side
     # stream is not ordered with ours): wait for them once.
     gpu.synchronize_device()
-    for batch in _batches(segments, _GPU_BATCH_BYTES):
-        staging = np.empty(sum(s.length for s in batch), dtype=np.uint8)
-        cursor, bounds, on_device = 0, [], []
-        for seg in batch:
-            bounds.append((cursor, cursor + seg.length))
-            on_device.append(plain.device_view(seg))
-            if on_device[-1] is None:
-                src = plain.host(seg, staging[cursor:cursor + seg.length])
-                staging[cursor:cursor + seg.length] = src  # a no-op when read in place
-            cursor += seg.length
-        dev = gpu.to_device(staging) if any(v is None for v in on_device) \
-            else gpu.device_array(len(staging))
-        dsts = [dev[a:b] for a, b in bounds]
-        srcs = [d if v is None else v for d, v in zip(dsts, on_device)]
-        n = len(batch)
-        dev_tags = gpu.seal_batch(name, [key] * n,
-                                  [_nonce(head, s, count) for s in batch],
-                                  srcs, [aad] * n, dsts)
-        gpu.to_host(dev, out=staging)
-        host_tags = gpu.to_host(dev_tags)
-        tags += [host_tags[i].tobytes() for i in range(n)]
-        sink.write(memoryview(staging))
+
+    def load(job):
+        on_device = plain.device_view(job.ident)
+        return on_device if on_device is not None else plain.host(job.ident, job.dst)
+
+    def write(batch, results):
+        tags.extend(results)
+        sink.write(batch.payload)
+
+    def produce():
+        for batch in _batches(segments, pipeline.GPU_BATCH_BYTES):
+            out = pipeline.scratch(sum(s.length for s in batch))
+            jobs, cursor = [], 0
+            for seg in batch:
+                jobs.append(cipher.job(seg, None, out[cursor:cursor + seg.length]))
+                cursor += seg.length
+            yield pipeline.Batch(jobs, load=load, done=write, payload=out)
+
+    runner = pipeline.GpuRunner(gpu, "seal", cipher.algorithm, cipher.key)
+    pipeline.run(produce(), runner, depth=1)
     return tags
 
 
@@ -734,7 +714,7 @@ def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str 
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework must be one of {FRAMEWORKS}, not {framework!r}")
     target = _check_device(device)
-    threads = _cpu_threads(threads)
+    threads = pipeline.cpu_threads(threads)
     with builtins.open(path, "rb", buffering=0) as f:
         header, segments, tags, seg_key, aad = _prepare_open(f, key)
         picked = _pick(header.tensors, names)
@@ -794,7 +774,7 @@ def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = N
     from ._safetensors import safetensors_layout
 
     key = _format.check_key(key)
-    threads = _cpu_threads(threads)
+    threads = pipeline.cpu_threads(threads)
     with builtins.open(path, "rb", buffering=0) as f:
         header, segments, tags, seg_key, aad = _prepare_open(f, key)
         infos = header.tensors
@@ -802,25 +782,25 @@ def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = N
             [(i.name, i.dtype, i.shape, i.nbytes) for i in infos], header.metadata or None)
         where = [offsets[i.name] for i in infos]
         in_batch, largest = {}, 0  # segment index -> its offset in its batch's buffer
-        for batch in _batches(segments, _CPU_BATCH_BYTES):
+        for batch in _batches(segments, pipeline.CPU_BATCH_BYTES):
             cursor = 0
             for s in batch:
                 in_batch[s.index] = cursor
                 cursor += s.length
             largest = max(largest, cursor)  # a single segment may exceed the batch size
-        buffers = [np.empty(largest, dtype=np.uint8) for _ in range(2)]
+        buffers = [pipeline.scratch(largest) for _ in range(_DEPTH + 1)]
 
-        def place(s: _Segment, k: int) -> np.ndarray:
-            return buffers[k % 2][in_batch[s.index]:in_batch[s.index] + s.length]
+        def place(s: _Segment, k: int) -> memoryview:
+            return buffers[k % len(buffers)][in_batch[s.index]:in_batch[s.index] + s.length]
 
         def write(temp: str) -> None:
             fd = os.open(temp, os.O_WRONLY)
             try:
-                _pwrite_all(fd, prefix, 0)
+                pipeline.pwrite_all(fd, prefix, 0)
 
                 def write_batch(batch: list[_Segment], k: int) -> None:
                     for s in batch:
-                        _pwrite_all(fd, place(s, k), where[s.tensor] + s.start)
+                        pipeline.pwrite_all(fd, place(s, k), where[s.tensor] + s.start)
 
                 _open_on_cpu(f, header, segments, tags, seg_key, aad, threads, place, write_batch)
             finally:
@@ -828,12 +808,6 @@ def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = N
 
         write_atomically_with(out, write)
     return header
-
-
-def _pwrite_all(fd: int, data: Any, offset: int) -> None:
-    mv, done = memoryview(data).cast("B"), 0
-    while done < len(mv):
-        done += os.pwrite(fd, mv[done:], offset + done)
 
 
 def _read_exact(f, n: int) -> bytes:
@@ -873,42 +847,34 @@ def _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads, pi
 
 
 def _open_on_cpu(f, header, segments, tags, seg_key, aad, threads, place, verified=None) -> None:
-    """Open every segment on the CPU, a batch at a time: each worker reads its segments'
-    ciphertext into ``place(seg, k)`` (uint8 views; ``k`` is the batch's number) and
-    opens it there right away, while it is still in cache: one pass over memory, and the
-    reads (page faults of fresh tensors included) spread over the threads. Two batches
-    are in flight; once all of batch ``k``'s segments passed, ``verified(batch, k)`` is
-    called (before batch ``k + 2`` starts). Raises on the first bad segment, after the
-    workers have stopped."""
+    """Open every segment on the pipeline's CPU workers, a batch at a time: each worker
+    reads its segments' ciphertext into ``place(seg, k)`` (writable views; ``k`` is the
+    batch's number) and opens it there right away, while it is still in cache: one pass
+    over memory, and the reads (page faults of fresh tensors included) spread over the
+    threads. Once all of batch ``k``'s segments passed, ``verified(batch, k)`` is called
+    (before batch ``k + 2`` starts: ``place`` may recycle two buffers). Raises on the
+    first bad segment, after the workers have stopped."""
     infos = header.tensors
-    aead = _HostAead(header.algorithm, seg_key, header.nonce_prefix, aad)
-    count, base = header.segment_count, header.header_length  # count: the file's, for the last flag
+    cipher = _SegmentCipher(header.algorithm, seg_key, header.nonce_prefix, aad,
+                            header.segment_count)  # the file's count, for the last flag
+    base = header.header_length
 
-    def read_and_open(s: _Segment, k: int) -> bool:
-        view = place(s, k)
-        _read_into(f, base + s.data_offset(infos), view)
-        return aead.open_in_place(s, count, view, _tag_of(tags, s))
+    def load(job):
+        _read_into(f, base + job.ident.data_offset(infos), job.dst)
+        return job.dst
 
-    pool = ThreadPoolExecutor(threads) if threads > 1 else None
-    in_flight: list = []  # (k, batch, wait), oldest first
-    try:
-        batches = _batches(segments, _CPU_BATCH_BYTES)
-        for k, batch in enumerate(batches):
-            in_flight.append((k, batch, _start(pool, threads, batch,
-                                               lambda s, k=k: read_and_open(s, k))))
-            while len(in_flight) > (0 if k == len(batches) - 1 else 1):
-                done_k, done, wait = in_flight.pop(0)
-                _check_verdicts(done, wait(), infos)
+    def produce():
+        for k, batch in enumerate(_batches(segments, pipeline.CPU_BATCH_BYTES)):
+            jobs = [cipher.job(s, None, place(s, k), _tag_of(tags, s)) for s in batch]
+
+            def done(b, results, batch=batch, k=k):
+                _check_verdicts(batch, results, infos)
                 if verified is not None:
-                    verified(done, done_k)
-    finally:
-        for _, _, wait in in_flight:
-            try:
-                wait()  # let the workers finish before the caller wipes the buffers
-            except BaseException:
-                pass
-        if pool is not None:
-            pool.shutdown()
+                    verified(batch, k)
+            yield pipeline.Batch(jobs, load=load, done=done)
+
+    with cipher.cpu_runner("open", threads) as runner:
+        pipeline.run(produce(), runner, depth=_DEPTH)
 
 
 def _check_verdicts(batch: list[_Segment], verdicts, infos) -> None:
@@ -991,16 +957,17 @@ def _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target, pic
     batches = _batches(segments, _GPU_BATCH_BYTES, infos)
     largest = max((sum(s.length for s in b) for b in batches), default=0)
     staging = [_Staging(framework, largest) for _ in range(min(2, len(batches)))]
-    name, key, head = _format.segment_cipher(header.algorithm, seg_key, header.nonce_prefix)
-    count, base = header.segment_count, header.header_length
+    cipher = _SegmentCipher(header.algorithm, seg_key, header.nonce_prefix, aad,
+                            header.segment_count)
+    base = header.header_length
 
     def read(k: int) -> None:  # a batch's segments are contiguous in the file
         batch = batches[k]
         _read_into(f, base + batch[0].data_offset(infos),
                    staging[k % 2].host[:sum(s.length for s in batch)])
 
-    reader = ThreadPoolExecutor(1)
-    try:
+    def produce(reader):
+        """Batch k+1 is read on ``reader`` while batch k is uploaded and opened."""
         ahead = reader.submit(read, 0) if batches else None
         for k, batch in enumerate(batches):
             ahead.result()
@@ -1008,17 +975,25 @@ def _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target, pic
                 # staging[(k+1) % 2] was last uploaded for batch k-1, whose open_batch
                 # synchronised the stream: it is free to refill
                 ahead = reader.submit(read, k + 1)
-            cursor = 0
-            for seg in batch:  # one copy per segment; consecutive ones of a tensor could merge
-                staging[k % 2].upload(cursor, seg.length, dev_bytes[seg.tensor], seg.start, stream)
-                cursor += seg.length
-            views = [dev_bytes[s.tensor][s.start:s.start + s.length] for s in batch]
-            n = len(batch)
-            ok = gpu.open_batch(name, [key] * n,
-                                [_nonce(head, s, count) for s in batch],
-                                views, [_tag_of(tags, s) for s in batch], [aad] * n, views,
-                                stream=stream)
-            _check_verdicts(batch, ok, infos)
+            jobs, offsets, cursor = [], {}, 0
+            for seg in batch:
+                view = dev_bytes[seg.tensor][seg.start:seg.start + seg.length]
+                jobs.append(cipher.job(seg, view, view, _tag_of(tags, seg)))
+                offsets[seg.index], cursor = cursor, cursor + seg.length
+
+            def upload(job, k=k, offsets=offsets):  # one copy per segment, into its tensor
+                seg = job.ident
+                staging[k % 2].upload(offsets[seg.index], seg.length, dev_bytes[seg.tensor],
+                                      seg.start, stream)
+                return job.src
+
+            yield pipeline.Batch(jobs, load=upload,
+                                 done=lambda b, ok, batch=batch: _check_verdicts(batch, ok, infos))
+
+    reader = ThreadPoolExecutor(1)
+    try:
+        runner = pipeline.GpuRunner(gpu, "open", cipher.algorithm, cipher.key, stream=stream)
+        pipeline.run(produce(reader), runner, depth=1)
     except BaseException:
         for buf in dev_bytes.values():
             _zero_device(framework, buf)

@@ -45,11 +45,10 @@ from __future__ import annotations
 import builtins
 import io
 import os
-from concurrent.futures import ThreadPoolExecutor
+import stat
 from typing import Any, Iterable
 
-import numpy as np
-
+from .. import pipeline
 from . import _format
 from ._atomic import AtomicFile, FileObjectOutput, open_output
 from ._format import (DEFAULT_SEGMENT_SIZE, MAX_SEGMENTS, TAG_SIZE, AuthenticationError,
@@ -89,12 +88,20 @@ class _Source(_Closing):
 
     ``fill(buf)`` returns a view of up to ``len(buf)`` bytes: fewer only at the end of
     the input. The view is ``buf[:n]``, or a zero-copy slice of an in-memory input.
+    ``positional()`` gives ``(fd, offset, size)`` when the input is a regular file that
+    workers may ``pread`` themselves (no shared position), else None.
     """
 
     size: int | None = None  # total bytes, when known up front
 
     def fill(self, buf: memoryview) -> memoryview:
         raise NotImplementedError
+
+    def positional(self) -> tuple[int, int, int] | None:
+        return None
+
+    def skip(self, n: int) -> None:
+        """Advance past ``n`` bytes that were read positionally."""
 
 
 class _BufferSource(_Source):
@@ -114,12 +121,15 @@ class _FileSource(_Source):
         self._file = fileobj
         self._close = close
         self._readinto = getattr(fileobj, "readinto", None)
+        self._fd = None
         try:
             st = os.fstat(fileobj.fileno())
-            import stat
-
             if stat.S_ISREG(st.st_mode):
                 self.size = st.st_size - fileobj.tell()
+                # only our own kind of file object: a wrapper (a progress bar, say) wants
+                # to see every read
+                if isinstance(fileobj, (io.FileIO, io.BufferedReader)):
+                    self._fd = fileobj.fileno()
         except (AttributeError, OSError, io.UnsupportedOperation, ValueError):
             pass
 
@@ -136,6 +146,15 @@ class _FileSource(_Source):
                 break
             got += n
         return buf[:got]
+
+    def positional(self):
+        if self._fd is None:
+            return None
+        offset = self._file.tell()
+        return self._fd, offset, os.fstat(self._fd).st_size - offset
+
+    def skip(self, n):
+        self._file.seek(n, io.SEEK_CUR)
 
     def close(self):
         if self._close:
@@ -167,13 +186,6 @@ class _IterableSource(_Source):
         return buf[:got]
 
 
-def _scratch(nbytes: int) -> memoryview:
-    """An uninitialised batch buffer: ``bytearray`` would zero it, touching every page,
-    which cost ~17% of a 256 MiB in-memory encryption (an in-memory source never even
-    uses its input buffers)."""
-    return memoryview(np.empty(nbytes, dtype=np.uint8))
-
-
 def _open_source(src: Any, allow_iterable: bool) -> _Source:
     if isinstance(src, (str, os.PathLike)):
         return _FileSource(builtins.open(src, "rb", buffering=0), close=True)
@@ -190,142 +202,82 @@ def _open_source(src: Any, allow_iterable: bool) -> _Source:
                     f"not {type(src).__name__}")
 
 
-# ============================================================================ engines
-class _CpuEngine(_Closing):
-    """Seals and opens batches of consecutive segments with the CPU backend's AEAD contexts,
-    split over a thread pool (``cryptography`` releases the GIL)."""
+# ============================================================================ segments
+class _Segments(_Closing):
+    """The segments of one stream as pipeline jobs: their nonces, the per-file AEAD, and the
+    runner (a CPU pool or the GPU) that seals or opens them."""
 
-    def __init__(self, header: Header, seg_key: bytes, threads: int, backend):
-        self.header = header
-        self.aad = memoryview(header.fixed_fields)
-        name, key, self._nonce_head = _format.segment_cipher(header.algorithm, seg_key,
-                                                             header.nonce_prefix)
-        self._ctx = backend.aead(name, key)
-        self.threads = threads
-        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
-        self.batches_in_flight = 2 if self._pool is not None else 1
+    def __init__(self, header: Header, key: bytes, device: str, threads: int | None,
+                 size_hint: int | None, op: str, inline: bool = False):
+        backend = select_backend(device, size_hint or 0)
+        seg_key = _format.segment_key(key, header)
+        # XChaCha20: one HChaCha20 subkey per file, not one per segment
+        algorithm, self._key, self._head = _format.segment_cipher(
+            header.algorithm, seg_key, header.nonce_prefix)
+        self.aad = bytes(header.fixed_fields)
+        self.S = header.segment_size
+        self.on_gpu = backend.name == "gpu"
+        self.op = op
+        if self.on_gpu:
+            self.threads = 1
+            self.runner = pipeline.GpuRunner(backend, op, algorithm, self._key)
+            self.per_batch = max(1, pipeline.GPU_BATCH_BYTES // self.S)
+        else:  # inline: in the caller's thread (a random-access reader's one segment)
+            self.threads = 1 if inline else pipeline.cpu_threads(threads)
+            ctx = backend.aead(algorithm, self._key)
+            crypto = pipeline.seal(ctx) if op == "seal" else pipeline.open_attached(ctx)
+            self.runner = pipeline.CpuRunner(crypto, 0 if inline else self.threads)
+            per_batch = max(self.threads, pipeline.CPU_BATCH_BYTES // self.S)
+            self.per_batch = -(-per_batch // self.threads) * self.threads
 
     def close(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self.runner.close()
 
-    def _nonce(self, index: int, last: bool) -> bytes:
-        return _format.segment_nonce(self._nonce_head, index, last)
+    def nonce(self, index: int, last: bool) -> bytes:
+        return _format.segment_nonce(self._head, index, last)
+
+    def job(self, index: int, last: bool, src: Any, slot: memoryview, n: int) -> pipeline.Job:
+        """The job for segment ``index`` whose sealed form occupies ``slot`` (its first
+        ``n + 16`` bytes): sealing ``n`` plaintext bytes from ``src`` (None: loaded later),
+        or opening ``n`` ciphertext-and-tag bytes in place."""
+        if index >= MAX_SEGMENTS:
+            raise OverflowError(f"the input needs more than {MAX_SEGMENTS} segments of "
+                                f"{self.S} bytes; use a larger segment_size")
+        nonce = self.nonce(index, last)
+        if self.op == "seal":
+            dst = slot[:n] if self.on_gpu else slot[:n + TAG_SIZE]  # the GPU keeps tags apart
+            return pipeline.Job(index, nonce, self.aad, src, dst, size=n)
+        pt = slot[:n - TAG_SIZE]
+        if self.on_gpu and src is not None:  # the GPU takes the tag apart
+            return pipeline.Job(index, nonce, self.aad, src[:n - TAG_SIZE], pt, size=n,
+                                tag=bytes(src[n - TAG_SIZE:n]))
+        return pipeline.Job(index, nonce, self.aad, src, pt, size=n)
 
     def open_one(self, index: int, last: bool, ct: memoryview, out: memoryview) -> bool:
-        from cryptography.exceptions import InvalidTag
+        """Open one segment (ciphertext || tag) into ``out``; whether its tag verified."""
+        slot = memoryview(bytearray(len(ct)))
+        slot[:] = ct
+        job = self.job(index, last, None, slot, len(ct))
 
-        try:
-            self._ctx.open(self._nonce(index, last), ct, self.aad, out)
-        except InvalidTag:
-            return False
-        return True
+        def load(j):
+            if self.on_gpu:
+                j.tag = bytes(slot[len(ct) - TAG_SIZE:])
+                return slot[:len(ct) - TAG_SIZE]
+            return slot
 
-    # -- batches: `spans` is a list of (index, last, src view, dst view) --
-    def _work(self, part, op) -> int | None:
-        """Seal or open ``part`` in order; for opening, the first index that fails, or None."""
-        for index, last, src, dst in part:
-            if op == "seal":
-                self._ctx.seal(self._nonce(index, last), src, self.aad, dst)
-            elif not self.open_one(index, last, src, dst):
-                return index
-        return None
+        ok = self.runner.start(pipeline.Batch([job], load=load))()[0]
+        if ok:
+            out[:] = slot[:len(ct) - TAG_SIZE]
+        return ok
 
-    def start(self, spans, op):
-        """Start a batch split over the pool (contiguous runs of segments, one per thread);
-        returns a callable that waits and gives the first failing index (or None)."""
-        if self._pool is None or len(spans) < 2:
-            result = self._work(spans, op)
-            return lambda: result
-        step = -(-len(spans) // min(self.threads, len(spans)))
-        futures = [self._pool.submit(self._work, spans[i:i + step], op)
-                   for i in range(0, len(spans), step)]
+    def store_tag(self, slots: dict) -> Any:
+        """For the GPU, whose tags come apart: put each tag after its ciphertext."""
+        if not self.on_gpu or self.op != "seal":
+            return None
 
-        def wait():
-            failed = [i for i in (f.result() for f in futures) if i is not None]
-            return min(failed) if failed else None
-        return wait
-
-
-class _GpuEngine(_Closing):
-    """Seals and opens a batch of segments with one ``seal_batch``/``open_batch`` call over
-    one device buffer (the GPU backend's device-level API)."""
-
-    def __init__(self, header: Header, seg_key: bytes, backend):
-        self.header = header
-        self.aad = header.fixed_fields
-        self._gpu = backend
-        # XChaCha20: one HChaCha20 subkey per file, as on the CPU (not one per segment)
-        self._algorithm, self._key, self._nonce_head = _format.segment_cipher(
-            header.algorithm, seg_key, header.nonce_prefix)
-        self.threads = 1
-        self.batches_in_flight = 1  # start() runs the batch
-
-    def _nonce(self, index, last):
-        return _format.segment_nonce(self._nonce_head, index, last)
-
-    def _pack(self, spans, src_stride):
-        """One host buffer holding every span's source at ``src_stride`` per segment, on the device."""
-        host = np.empty(len(spans) * src_stride, dtype=np.uint8)
-        for j, (_, _, src, _) in enumerate(spans):
-            host[j * src_stride:j * src_stride + len(src)] = np.frombuffer(src, dtype=np.uint8)
-        return self._gpu.to_device(host)
-
-    def _seal(self, spans):
-        stride = self.header.segment_size
-        dev = self._pack(spans, stride)
-        views = [dev[j * stride:j * stride + len(src)] for j, (_, _, src, _) in enumerate(spans)]
-        n = len(spans)
-        tags = self._gpu.seal_batch(self._algorithm, [self._key] * n,
-                                    [self._nonce(i, last) for i, last, _, _ in spans],
-                                    views, [self.aad] * n, views)
-        ct, tags = self._gpu.to_host(dev), self._gpu.to_host(tags)
-        for j, (_, _, src, dst) in enumerate(spans):
-            m = len(src)
-            dst[:m] = memoryview(ct[j * stride:j * stride + m])
-            dst[m:m + TAG_SIZE] = memoryview(np.ascontiguousarray(tags[j]))
-        return None
-
-    def _open(self, spans):
-        stride = self.header.segment_size + TAG_SIZE
-        dev = self._pack(spans, stride)
-        lengths = [len(src) - TAG_SIZE for _, _, src, _ in spans]
-        views = [dev[j * stride:j * stride + m] for j, m in enumerate(lengths)]
-        tags = [bytes(src[-TAG_SIZE:]) for _, _, src, _ in spans]
-        n = len(spans)
-        ok = self._gpu.open_batch(self._algorithm, [self._key] * n,
-                                  [self._nonce(i, last) for i, last, _, _ in spans],
-                                  views, tags, [self.aad] * n, views)
-        plain = self._gpu.to_host(dev)
-        for j, (index, _, _, dst) in enumerate(spans):
-            if not ok[j]:
-                return index
-            dst[:lengths[j]] = memoryview(plain[j * stride:j * stride + lengths[j]])
-        return None
-
-    def open_one(self, index, last, ct, out) -> bool:
-        return self._open([(index, last, ct, out)]) is None
-
-    def start(self, spans, op):
-        result = self._seal(spans) if op == "seal" else self._open(spans)
-        return lambda: result
-
-
-def _engine(header: Header, key: bytes, device: str, threads: int | None, size_hint: int | None):
-    backend = select_backend(device, size_hint or 0)
-    seg_key = _format.segment_key(key, header)
-    if backend.name == "gpu":
-        return _GpuEngine(header, seg_key, backend)
-    from ..backends.cpu import check_threads
-
-    return _CpuEngine(header, seg_key, check_threads(threads), backend)
-
-
-def _batch_segments(engine, segment_size: int) -> int:
-    if isinstance(engine, _GpuEngine):
-        return max(1, _GPU_BATCH_BYTES // segment_size)
-    per_batch = max(engine.threads, _CPU_BATCH_BYTES // segment_size)
-    return -(-per_batch // engine.threads) * engine.threads
+        def store(job, tag):
+            slots[job.ident][job.size:job.size + TAG_SIZE] = tag
+        return store
 
 
 # ============================================================================ encrypt
@@ -346,54 +298,105 @@ def encrypt(src: Any, dst: Any, key: Any, *, algorithm: str = "chacha20-poly1305
                                               envelope=envelope, salt=_salt,
                                               nonce_prefix=_nonce_prefix)
     with _open_source(src, allow_iterable=True) as source:
-        with _engine(header, key, device, threads, source.size) as engine, \
+        with _Segments(header, key, device, threads, source.size, "seal") as segs, \
                 open_output(dst) as sink:
             sink.write(header_bytes)
-            _encrypt_segments(source, sink, engine, segment_size)
+            where = source.positional()
+            if where is not None and not segs.on_gpu and isinstance(sink, AtomicFile):
+                batches = _seal_positional(segs, where, sink, header.header_length)
+                pipeline.run(batches, segs.runner, depth=_DEPTH)
+                _check_unchanged(where)
+                source.skip(where[2])
+            else:
+                pipeline.run(_seal_sequential(segs, source, sink), segs.runner, depth=_DEPTH)
     return header
 
 
-def _seal_spans(first: int, plain: memoryview, out: memoryview, S: int, last_on_final: bool):
-    """(index, last, src, dst) for the segments of ``plain`` laid out in ``out``."""
-    n = max(1, -(-len(plain) // S))
-    if first + n > MAX_SEGMENTS:
-        raise OverflowError(f"the input needs more than {MAX_SEGMENTS} segments of {S} bytes; "
-                            f"use a larger segment_size")
-    spans = []
-    for j in range(n):
-        src = plain[j * S:(j + 1) * S]
-        o = j * (S + TAG_SIZE)
-        spans.append((first + j, last_on_final and j == n - 1, src, out[o:o + len(src) + TAG_SIZE]))
-    return spans, n * TAG_SIZE + len(plain)
+#: batches started and not finished while the next is prepared
+_DEPTH = 2
 
 
-def _encrypt_segments(source: _Source, sink: AtomicFile | FileObjectOutput, engine, S: int) -> None:
-    """Pipeline: batch k+1 is read before batch k starts (so k knows whether it holds
-    the last segment). On the CPU two batches are in flight: batch k is queued on the
-    workers before batch k-1 is waited for and written, so they never idle between
-    batches (measured: 1.66x -> 1.78x one thread on 2 cores). The GPU engine runs a
-    batch in its ``start`` call: one at a time."""
-    B = _batch_segments(engine, S)
-    depth = engine.batches_in_flight
-    in_bufs = [_scratch(B * S) for _ in range(depth + 1)]
-    out_bufs = [_scratch(B * (S + TAG_SIZE)) for _ in range(depth)]  # k-depth is written
+def _batch_ranges(count: int, per_batch: int):
+    for first in range(0, count, per_batch):
+        yield first, min(count, first + per_batch)
+
+
+def _seal_positional(segs: _Segments, where, sink, header_length: int):
+    """Batches for a regular input file and a file output: each worker reads its
+    segments with pread straight into their places in its batch buffer, seals them in
+    place and writes them with pwrite; nothing passes through this thread."""
+    fd, offset, size = where
+    S, C = segs.S, segs.S + TAG_SIZE
+    count = max(1, -(-size // S))
+    if count > MAX_SEGMENTS:
+        raise OverflowError(f"the input needs more than {MAX_SEGMENTS} segments of {S} "
+                            f"bytes; use a larger segment_size")
+    buffers = [pipeline.scratch(segs.per_batch * C) for _ in range(_DEPTH + 1)]
+    out_fd = sink.fileno()
+
+    for k, (first, end) in enumerate(_batch_ranges(count, segs.per_batch)):
+        buf, jobs = buffers[k % len(buffers)], []
+        for i in range(first, end):
+            n = min(S, size - i * S)
+            jobs.append(segs.job(i, i == count - 1, None, buf[(i - first) * C:], n))
+
+        def load(job, buf=buf, first=first):
+            plain = buf[(job.ident - first) * C:][:job.size]
+            _format.read_at(fd, offset + job.ident * S, plain, "the input file")
+            return plain
+
+        def store(job, _):
+            pipeline.pwrite_all(out_fd, job.dst, header_length + job.ident * C)
+
+        yield pipeline.Batch(jobs, load=load, store=store)
+
+
+def _check_unchanged(where) -> None:
+    fd, offset, size = where
+    if os.pread(fd, 1, offset + size):
+        raise ValueError("the input file grew while it was being encrypted; encrypt a "
+                         "copy that nothing writes to")
+
+
+def _seal_sequential(segs: _Segments, source: _Source, sink):
+    """Batches for any other input: this thread reads batch k+1 (straight into the
+    segments' places in its buffer) while the workers seal batch k, so that batch k
+    knows whether it holds the last segment; sealed batches are written in order, one
+    write each."""
+    S, C, B = segs.S, segs.S + TAG_SIZE, segs.per_batch
+    buffers = [pipeline.scratch(B * C) for _ in range(_DEPTH + 2)]
+
+    def read(buf):
+        pieces = []
+        for j in range(B):
+            piece = source.fill(buf[j * C:j * C + S])
+            if not len(piece):
+                break
+            pieces.append(piece)
+            if len(piece) < S:
+                break
+        return pieces
+
+    def write(batch, _):
+        sink.write(batch.payload)
+
     first, k = 0, 0
-    plain = source.fill(in_bufs[0])
-    in_flight: list = []  # (wait, ciphertext view), oldest first
+    pieces = read(buffers[0])
     while True:
-        # in_bufs[(k + 1) % (depth + 1)] held batch k - depth, waited for in the last round
-        nxt = source.fill(in_bufs[(k + 1) % (depth + 1)]) if len(plain) == B * S else plain[:0]
-        final = not len(nxt)
-        out = out_bufs[k % depth]
-        spans, n_out = _seal_spans(first, plain, out, S, last_on_final=final)
-        in_flight.append((engine.start(spans, "seal"), out[:n_out]))
-        while len(in_flight) > (0 if final else depth - 1):
-            wait, ciphertext = in_flight.pop(0)
-            wait()
-            sink.write(ciphertext)
+        full = len(pieces) == B and len(pieces[-1]) == S
+        following = read(buffers[(k + 1) % len(buffers)]) if full else []
+        final = not following
+        buf = buffers[k % len(buffers)]
+        if not pieces:  # an empty input is one empty segment
+            pieces = [buf[:0]]
+        slots = {first + j: buf[j * C:(j + 1) * C] for j in range(len(pieces))}
+        jobs = [segs.job(first + j, final and j == len(pieces) - 1, piece, slots[first + j],
+                         len(piece)) for j, piece in enumerate(pieces)]
+        used = (len(pieces) - 1) * C + len(pieces[-1]) + TAG_SIZE
+        yield pipeline.Batch(jobs, store=segs.store_tag(slots), done=write, payload=buf[:used])
         if final:
             return
-        first, plain, k = first + len(spans), nxt, k + 1
+        first, pieces, k = first + len(pieces), following, k + 1
 
 
 # ============================================================================ decrypt
@@ -436,89 +439,145 @@ def decrypt(src: Any, dst: Any, key: Any, *, device: str = "auto",
         header = _parse_source_header(source)
         _format.verify_header(key, header)
         size_hint = None if source.size is None else source.size - header.header_length
-        with _engine(header, key, device, threads, size_hint) as engine, \
+        with _Segments(header, key, device, threads, size_hint, "open") as segs, \
                 open_output(dst) as sink:
-            _decrypt_segments(source, sink, engine, header.segment_size)
+            where = source.positional()
+            if where is not None and not segs.on_gpu and isinstance(sink, AtomicFile):
+                pipeline.run(_open_positional(segs, where, sink), segs.runner, depth=_DEPTH)
+                source.skip(where[2])
+            else:
+                pipeline.run(_open_sequential(segs, source, sink), segs.runner, depth=_DEPTH)
     return header
 
 
-def _open_spans(first: int, ct: memoryview, out: memoryview, S: int, last_on_final: bool):
-    C = S + TAG_SIZE
-    n = -(-len(ct) // C)
-    spans = []
-    for j in range(n):
-        src = ct[j * C:(j + 1) * C]
-        if len(src) < TAG_SIZE:
-            raise TruncatedError(f"truncated file: it ends inside segment {first + j}, "
-                                 f"{len(src)} bytes into it (shorter than its tag)", first + j)
-        spans.append((first + j, last_on_final and j == n - 1, src,
-                      out[j * S:j * S + len(src) - TAG_SIZE]))
-    return spans, len(ct) - n * TAG_SIZE
+def _truncated_inside(index: int, got: int) -> TruncatedError:
+    return TruncatedError(f"truncated file: it ends inside segment {index}, {got} bytes into "
+                          f"it (shorter than its tag)", index)
 
 
-def _failure(engine, spans, index: int, final_in_file: bool) -> AuthenticationError:
-    """The error for segment ``index`` of ``spans`` failing: retry it with the other last
-    flag to tell truncation and splicing from tampering."""
-    for i, last, src, _ in spans:
-        if i == index:
-            break
-    scratch = memoryview(bytearray(len(src) - TAG_SIZE))
-    if engine.open_one(index, not last, src, scratch):
-        if final_in_file:
+def _no_segments() -> TruncatedError:
+    return TruncatedError("truncated file: it ends right after the header (no segments)", 0)
+
+
+def _open_positional(segs: _Segments, where, sink):
+    """Batches for a regular input file and a file output: each worker reads its
+    segments with pread, opens them in place and writes the plaintext of those that
+    verified with pwrite. The output is a temporary file, renamed into place only when
+    every segment verified."""
+    fd, offset, payload = where
+    S, C = segs.S, segs.S + TAG_SIZE
+    if payload <= 0:
+        raise _no_segments()
+    count = -(-payload // C)
+    tail = payload - (count - 1) * C
+    whole = count if tail >= TAG_SIZE else count - 1  # a cut tag: the segments before it first
+    buffers = [pipeline.scratch(segs.per_batch * C) for _ in range(_DEPTH + 1)]
+    out_fd = sink.fileno()
+
+    def store(job, _):
+        pipeline.pwrite_all(out_fd, job.dst, job.ident * S)
+
+    for k, (first, end) in enumerate(_batch_ranges(whole, segs.per_batch)):
+        buf = buffers[k % len(buffers)]
+        jobs = [segs.job(i, i == count - 1, None, buf[(i - first) * C:],
+                         C if i < count - 1 else tail) for i in range(first, end)]
+
+        def load(job, buf=buf, first=first):
+            ct = buf[(job.ident - first) * C:][:job.size]
+            _format.read_at(fd, offset + job.ident * C, ct, "the input file")
+            return ct
+
+        def done(batch, results, first=first):
+            def sealed_of(j):  # a failed segment was wiped in place: read it again
+                job = batch.jobs[j]
+                again = memoryview(bytearray(job.size))
+                _format.read_at(fd, offset + job.ident * C, again, "the input file")
+                return again
+            _check_batch(segs, batch, results, sealed_of)
+
+        yield pipeline.Batch(jobs, load=load, store=store, done=done)
+    if whole < count:
+        raise _truncated_inside(count - 1, tail)
+
+
+def _check_batch(segs: _Segments, batch, results, sealed_of, plaintext=None, sink=None) -> None:
+    """Raise for the first segment of ``batch`` that failed (``sealed_of(j)``: the sealed
+    bytes of its job ``j``), after writing the verified ones before it to ``sink`` (a
+    sequential output, ``plaintext`` the batch's; None when the workers wrote them
+    already); without a failure, write the batch's ``plaintext`` to ``sink``."""
+    for j, ok in enumerate(results):
+        if not ok:
+            if sink is not None:
+                sink.write(plaintext[:j * segs.S])
+            job = batch.jobs[j]
+            raise _failure(segs, job.ident, sealed_of(j), job.nonce == segs.nonce(job.ident, True))
+    if sink is not None:
+        sink.write(plaintext)
+
+
+def _open_sequential(segs: _Segments, source: _Source, sink):
+    """Batches for any other input or output: this thread reads batch k+1 (each segment
+    into its place in the batch's buffer) while the workers open batch k into a plaintext
+    buffer; a batch is written, in order and in one write, once all its segments
+    verified, and on the first failure the verified segments before it are written and
+    the error raised."""
+    S, C, B = segs.S, segs.S + TAG_SIZE, segs.per_batch
+    in_buffers = [pipeline.scratch(B * C) for _ in range(_DEPTH + 2)]
+    out_buffers = [pipeline.scratch(B * S) for _ in range(_DEPTH + 1)]
+
+    def read(buf):
+        pieces = []
+        for j in range(B):
+            piece = source.fill(buf[j * C:(j + 1) * C])
+            if not len(piece):
+                break
+            pieces.append(piece)
+            if len(piece) < C:
+                break
+        return pieces
+
+    def done_for(pieces, plaintext):
+        return lambda batch, results: _check_batch(segs, batch, results, pieces.__getitem__,
+                                                   plaintext, sink)
+
+    first, k = 0, 0
+    pieces = read(in_buffers[0])
+    if not pieces:
+        raise _no_segments()
+    while True:
+        full = len(pieces) == B and len(pieces[-1]) == C
+        following = read(in_buffers[(k + 1) % len(in_buffers)]) if full else []
+        final = not following
+        if len(pieces[-1]) < TAG_SIZE:
+            raise _truncated_inside(first + len(pieces) - 1, len(pieces[-1]))
+        out = out_buffers[k % len(out_buffers)]
+        jobs = [segs.job(first + j, final and j == len(pieces) - 1, piece, out[j * S:], len(piece))
+                for j, piece in enumerate(pieces)]
+        used = sum(len(p) - TAG_SIZE for p in pieces)
+        yield pipeline.Batch(jobs, done=done_for(pieces, out[:used]))
+        if final:
+            return
+        first, pieces, k = first + len(pieces), following, k + 1
+
+
+def _failure(segs: _Segments, index: int, sealed: memoryview, last: bool) -> AuthenticationError:
+    """The error for segment ``index`` (its sealed bytes ``sealed``, opened as the last
+    segment or not) failing: retry it with the other last flag to tell truncation and
+    splicing from tampering."""
+    scratch = memoryview(bytearray(len(sealed) - TAG_SIZE))
+    if segs.open_one(index, not last, sealed, scratch):
+        if last:
             return TruncatedError(f"truncated file: it ends after segment {index}, which is not "
                                   f"the last segment (whole segments are missing)", index)
         return AuthenticationError(f"segment {index} is marked as the last segment but more data "
                                    f"follows (data appended or segments spliced)", index)
-    if final_in_file:
+    if last:
         return AuthenticationError(f"segment {index}, the final one in the file, failed "
                                    f"authentication: tampered data, or the file was cut inside "
                                    f"this segment", index)
     return AuthenticationError(f"segment {index} failed authentication: tampered, reordered, "
                                f"dropped or duplicated segments, or data from another file",
                                index)
-
-
-def _decrypt_segments(source: _Source, sink: AtomicFile | FileObjectOutput, engine, S: int) -> None:
-    """Pipeline as in encryption (batch k+1 read before batch k starts, so k is opened
-    knowing whether the file ends with it; on the CPU two batches in flight). A batch is written
-    only after all its segments verified; on the first failure the verified segments
-    before it are written and the error raised."""
-    C = S + TAG_SIZE
-    B = _batch_segments(engine, S)
-    depth = engine.batches_in_flight
-    in_bufs = [_scratch(B * C) for _ in range(depth + 1)]
-    out_bufs = [_scratch(B * S) for _ in range(depth)]  # batch k-depth is written
-    first, k = 0, 0
-    ct = source.fill(in_bufs[0])
-    if not len(ct):
-        raise TruncatedError("truncated file: it ends right after the header (no segments)", 0)
-    in_flight: list = []  # (wait, spans, plaintext view, ends the file), oldest first
-    while True:
-        nxt = source.fill(in_bufs[(k + 1) % (depth + 1)]) if len(ct) == B * C else ct[:0]
-        final = not len(nxt)
-        out = out_bufs[k % depth]
-        try:
-            spans, n_out = _open_spans(first, ct, out, S, last_on_final=final)
-        except TruncatedError:
-            _finish_batches(in_flight, 0, engine, sink, S)  # an earlier failure comes first
-            raise
-        in_flight.append((engine.start(spans, "open"), spans, out[:n_out], final))
-        _finish_batches(in_flight, 0 if final else depth - 1, engine, sink, S)
-        if final:
-            return
-        first, ct, k = first + len(spans), nxt, k + 1
-
-
-def _finish_batches(in_flight: list, keep: int, engine, sink, S: int) -> None:
-    """Wait for the oldest batches until ``keep`` remain, writing each once all its
-    segments verified; on a failure, write the verified segments before it and raise."""
-    while len(in_flight) > keep:
-        wait, done, plaintext, ends = in_flight.pop(0)
-        bad = wait()
-        if bad is not None:
-            sink.write(plaintext[:(bad - done[0][0]) * S])
-            raise _failure(engine, done, bad, ends and bad == done[-1][0])
-        sink.write(plaintext)
 
 
 # ============================================================================ random access
@@ -545,7 +604,7 @@ class SegmentReader(io.RawIOBase):
             self._file.seek(0)
             self.header = _format.parse_header(self._file.read)
             _format.verify_header(key, self.header)
-            self._engine = _engine(self.header, key, device, 1, 0)
+            self._segs = _Segments(self.header, key, device, 1, 0, "open", inline=True)
             C = self.header.segment_size + TAG_SIZE
             payload = self._file.seek(0, io.SEEK_END) - self.header.header_length
             if payload <= 0:
@@ -576,8 +635,8 @@ class SegmentReader(io.RawIOBase):
             raise TruncatedError(f"truncated file: segment {index} is cut short (the file "
                                  f"changed while open?)", index)
         out = memoryview(bytearray(len(ct) - TAG_SIZE))
-        if not self._engine.open_one(index, last, memoryview(ct), out):
-            raise _failure(self._engine, [(index, last, memoryview(ct), out)], index, last)
+        if not self._segs.open_one(index, last, memoryview(ct), out):
+            raise _failure(self._segs, index, memoryview(ct), last)
         self._cached_index, self._cached = index, bytes(out)
         return self._cached
 

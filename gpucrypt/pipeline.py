@@ -1,0 +1,352 @@
+"""One bulk pipeline: batches of AEAD jobs on a CPU thread pool or on the GPU, with bounded memory.
+
+Stream files, model files and tensor batches all describe their work here, as
+:class:`Job` objects (one AEAD message each) grouped into :class:`Batch` objects, and
+:func:`run` keeps the machine busy. Their own modules keep only what is theirs: layout,
+headers, metadata and the wording of errors.
+
+How a batch moves (``depth`` batches run while the next one is prepared)::
+
+    caller's thread   take batch k+1 from the iterator (it may read its input now)
+                      start it on the runner
+                      finish batch k-depth+1: done(batch, results), in order
+    runner            CPU: the jobs split into contiguous runs of about equal bytes,
+                      one run per worker; each job is load -> crypto -> store in the
+                      worker, while its bytes are in cache (pread, seal in place, pwrite)
+                      GPU: one seal_batch/open_batch launch for the whole batch
+
+So a batch's buffers are free again once its ``done`` returned, and a producer that
+recycles ``depth + 1`` buffers never overwrites one still in use. Reading (in the
+iterator or in ``load``), sealing and writing (in ``store`` or ``done``) overlap.
+
+Contract of the callbacks:
+
+- ``Batch.load(job)`` runs in a worker before the job's crypto and returns the job's
+  source view (it may fill ``job.dst`` and return a slice of it: in-place sealing);
+- ``Batch.store(job, result)`` runs in the worker right after the crypto, and only for
+  a job whose crypto succeeded (an opened job that failed is never stored: no
+  unauthenticated plaintext leaves the pipeline);
+- ``Batch.done(batch, results)`` runs in the caller's thread, in batch order, once all
+  of the batch's jobs finished; an exception there stops the pipeline.
+
+Errors: a job's crypto reports a failed tag as ``False`` (the caller names the job in
+its own words); any other exception in a worker is raised from :func:`run` with a note
+naming the job (``Job.ident``: a segment index, a tensor name). When :func:`run` raises,
+every worker has stopped first, so the caller may wipe or free its buffers.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Sequence
+
+from cryptography.exceptions import InvalidTag
+
+#: bytes per batch: on the CPU big enough to amortise a hand-off to the workers and small
+#: enough to stay in cache; on the GPU big enough to fill the device in one launch
+CPU_BATCH_BYTES = 8 << 20
+GPU_BATCH_BYTES = 64 << 20
+
+__all__ = ["CPU_BATCH_BYTES", "GPU_BATCH_BYTES", "Job", "Batch", "CpuRunner", "GpuRunner", "run", "scratch", "seal", "seal_detached",
+           "open_attached", "open_detached", "split_evenly"]
+
+
+class Job:
+    """One AEAD message: ``ident`` (what errors name), ``nonce``, ``aad``, ``src`` (its input
+    view, or None when the batch's ``load`` provides it), ``dst`` (where its output goes),
+    ``tag`` (for a detached open: the tag to check), ``size`` (input bytes, for balancing),
+    and ``key``/``algorithm`` where they differ from the runner's."""
+
+    __slots__ = ("ident", "nonce", "aad", "src", "dst", "tag", "size", "key", "algorithm")
+
+    def __init__(self, ident: Any, nonce: bytes, aad: Any, src: Any, dst: Any, *,
+                 tag: Any = None, size: int | None = None, key: bytes | None = None,
+                 algorithm: str | None = None):
+        self.ident, self.nonce, self.aad, self.src, self.dst = ident, nonce, aad, src, dst
+        self.tag, self.key, self.algorithm = tag, key, algorithm
+        self.size = len(src) if size is None else size
+
+
+class Batch:
+    """A list of jobs run together, with the optional callbacks described in the module
+    docstring. ``payload`` is the producer's own (the buffer to write, say)."""
+
+    __slots__ = ("jobs", "load", "store", "done", "payload")
+
+    def __init__(self, jobs: list[Job], *, load: Callable | None = None,
+                 store: Callable | None = None, done: Callable | None = None,
+                 payload: Any = None):
+        self.jobs, self.load, self.store, self.done, self.payload = jobs, load, store, done, payload
+
+
+def scratch(nbytes: int) -> memoryview:
+    """A writable buffer of ``nbytes`` that costs nothing until touched: an anonymous
+    mapping, not ``bytearray`` (which zeroes every page first: a fresh multi-MiB buffer
+    is filled at page-fault speed, and a batch buffer is overwritten anyway)."""
+    return memoryview(mmap.mmap(-1, max(nbytes, 1)))[:nbytes]
+
+
+# ---------------------------------------------------------------------------- per-job crypto
+# The usual job functions over one backend AEAD context (see gpucrypt.backends._base).
+def seal(ctx) -> Callable[[Job, Any], None]:
+    """``dst`` gets ciphertext || tag (``len(src) + 16`` bytes; ``src`` may lie at its start)."""
+    return lambda job, src: ctx.seal(job.nonce, src, job.aad, job.dst)
+
+
+def seal_detached(ctx) -> Callable[[Job, Any], bytes]:
+    """``dst`` gets the ciphertext (in place when it is ``src``); the result is the tag."""
+    return lambda job, src: ctx.seal_detached(job.nonce, memoryview(src), memoryview(job.aad),
+                                              memoryview(job.dst))
+
+
+def open_attached(ctx) -> Callable[[Job, Any], bool]:
+    """``src`` is ciphertext || tag; ``dst`` gets the plaintext, or zeros when the tag fails."""
+    def open_one(job: Job, src: Any) -> bool:
+        try:
+            ctx.open(job.nonce, src, job.aad, job.dst)
+        except InvalidTag:
+            return False
+        return True
+    return open_one
+
+
+def open_detached(ctx) -> Callable[[Job, Any], bool]:
+    """Verify ``job.tag``, then decrypt into ``dst`` (in place allowed: then a failure leaves
+    ``src`` as it was)."""
+    def open_one(job: Job, src: Any) -> bool:
+        try:
+            ctx.open_detached(job.nonce, memoryview(src), job.tag, memoryview(job.aad),
+                              memoryview(job.dst))
+        except InvalidTag:
+            return False
+        return True
+    return open_one
+
+
+# ---------------------------------------------------------------------------- runners
+def split_evenly(jobs: Sequence[Job], parts: int) -> list[Sequence[Job]]:
+    """``jobs`` cut into at most ``parts`` contiguous runs of about equal bytes."""
+    if parts <= 1 or len(jobs) <= 1:
+        return [jobs]
+    total = sum(j.size for j in jobs) or len(jobs)
+    runs, start, acc = [], 0, 0
+    for i, job in enumerate(jobs):
+        acc += job.size or (0 if total != len(jobs) else 1)
+        if acc * parts >= total * (len(runs) + 1) and len(runs) < parts - 1:
+            runs.append(jobs[start:i + 1])
+            start = i + 1
+    if start < len(jobs):
+        runs.append(jobs[start:])
+    return runs
+
+
+def _run_jobs(jobs: Sequence[Job], batch: Batch, crypto: Callable) -> list:
+    results = []
+    load, store = batch.load, batch.store
+    for job in jobs:
+        try:
+            src = load(job) if load is not None else job.src
+            result = crypto(job, src)
+            if store is not None and result is not False:
+                store(job, result)
+        except BaseException as exc:
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"(gpucrypt pipeline: while processing {job.ident!r})")
+            raise
+        results.append(result)
+    return results
+
+
+class CpuRunner:
+    """Runs each batch's jobs on ``threads`` workers (``cryptography`` releases the GIL
+    inside OpenSSL). ``crypto(job, src)`` is one of the job functions above, or the
+    caller's. ``threads=0`` runs every batch in the caller's thread: for work too small
+    to be worth a hand-off (a single small tensor)."""
+
+    def __init__(self, crypto: Callable[[Job, Any], Any], threads: int):
+        self.crypto = crypto
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="gpucrypt") \
+            if threads >= 1 else None
+
+    def start(self, batch: Batch) -> Callable[[], list]:
+        if self._pool is None:
+            results = _run_jobs(batch.jobs, batch, self.crypto)
+            return lambda: results
+        futures = [self._pool.submit(_run_jobs, run_, batch, self.crypto)
+                   for run_ in split_evenly(batch.jobs, self.threads)]
+        return lambda: [r for f in futures for r in f.result()]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "CpuRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class GpuRunner:
+    """Runs each batch as one ``seal_batch`` or ``open_batch`` launch of the GPU backend.
+
+    A job's ``src``/``dst`` may be device views (used where they are) or host buffers:
+    host sources are packed into one staging buffer and uploaded together, host
+    destinations filled from one download after the launch. ``op``: "seal" (results:
+    the tags, a ``uint8[n, 16]`` device array, as ``results.device_tags``; and per job
+    its 16 tag bytes when ``host_tags``) or "open" (results: one bool per job; ``job.tag``
+    holds the tag, bytes, or the batch may carry ``device_tags``). ``load``/``store``
+    run in the caller's thread before and after the launch.
+    """
+
+    threads = 1
+
+    def __init__(self, gpu, op: str, algorithm: str, key: bytes | None = None, *,
+                 stream: Any = None, host_tags: bool = True):
+        self.gpu, self.op, self.algorithm, self.key = gpu, op, algorithm, key
+        self.stream, self.host_tags = stream, host_tags
+
+    def _on_device(self, view: Any) -> bool:
+        return not isinstance(view, (memoryview, bytes, bytearray)) and \
+            type(view).__module__.split(".")[0] != "numpy"
+
+    def start(self, batch: Batch) -> Callable[[], list]:
+        import numpy as np
+
+        gpu, jobs = self.gpu, batch.jobs
+        srcs = [batch.load(j) if batch.load is not None else j.src for j in jobs]
+        host_in = [i for i, s in enumerate(srcs) if not self._on_device(s)]
+        staged = None
+        if host_in:  # one upload for every host source
+            total = sum(len(srcs[i]) for i in host_in)
+            staging = np.empty(total, dtype=np.uint8)
+            cursor, where = 0, {}
+            for i in host_in:
+                n = len(srcs[i])
+                staging[cursor:cursor + n] = np.frombuffer(srcs[i], dtype=np.uint8)
+                where[i] = (cursor, cursor + n)
+                cursor += n
+            staged = gpu.to_device(staging, stream=self.stream)
+            for i, (a, b) in where.items():
+                srcs[i] = staged[a:b]
+        dsts, host_out = [], []
+        for i, (job, src) in enumerate(zip(jobs, srcs)):
+            if self._on_device(job.dst):
+                dsts.append(job.dst)
+            else:  # a host destination: computed in the source's device copy, in place
+                dsts.append(src if i in host_in else gpu.device_array(len(job.dst),
+                                                                    stream=self.stream))
+                host_out.append(i)
+        keys = [j.key if j.key is not None else self.key for j in jobs]
+        algorithm = jobs[0].algorithm or self.algorithm if jobs else self.algorithm
+        aads = [j.aad for j in jobs]
+        nonces = [j.nonce for j in jobs]
+        if self.op == "seal":
+            tags = gpu.seal_batch(algorithm, keys, nonces, srcs, aads, dsts, stream=self.stream)
+            results: list = _TagRows(tags, len(jobs), gpu) if self.host_tags else [None] * len(jobs)
+            ok = [True] * len(jobs)
+        else:
+            tag_source = getattr(batch.payload, "device_tags", None)
+            tags = tag_source if tag_source is not None else [j.tag for j in jobs]
+            ok = [bool(v) for v in np.asarray(
+                gpu.open_batch(algorithm, keys, nonces, srcs, tags, aads, dsts,
+                               stream=self.stream), dtype=bool).reshape(-1)]
+            results = ok
+        for i in host_out:
+            if ok[i]:
+                host = np.frombuffer(jobs[i].dst, dtype=np.uint8) \
+                    if not isinstance(jobs[i].dst, np.ndarray) else jobs[i].dst.reshape(-1)
+                host[:] = np.asarray(gpu.to_host(dsts[i], stream=self.stream)).reshape(-1)[:len(host)]
+        if self.op == "seal":
+            results = list(results) if self.host_tags else results
+            if not self.host_tags:
+                results = _DeviceTagList(tags, len(jobs))
+        if batch.store is not None:
+            for job, result, good in zip(jobs, results, ok):
+                if good:
+                    batch.store(job, result)
+        return lambda: results
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "GpuRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _TagRows(list):
+    """A seal batch's tags as 16-byte ``bytes`` per job, from one download of the device array."""
+
+    def __init__(self, tags: Any, n: int, gpu):
+        import numpy as np
+
+        host = np.asarray(gpu.to_host(tags)).reshape(n, 16) if n else ()
+        super().__init__(bytes(row.tobytes()) for row in host)
+        self.device_tags = tags
+
+
+class _DeviceTagList(list):
+    """A seal batch's tags left on the device (``device_tags``), one placeholder per job."""
+
+    def __init__(self, tags: Any, n: int):
+        super().__init__([None] * n)
+        self.device_tags = tags
+
+
+# ---------------------------------------------------------------------------- the loop
+def run(batches: Iterable[Batch], runner, *, depth: int = 2) -> None:
+    """Run every batch of ``batches`` on ``runner``, at most ``depth`` started and not yet
+    finished while the next is taken from the iterator; each batch's ``done`` is called in
+    order. See the module docstring for the callbacks' contract."""
+    in_flight: deque = deque()
+    batches = iter(batches)
+    try:
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception:
+                # The producer found a problem (a cut file, say): the batches before it
+                # finish first, so that an earlier failure is the one reported.
+                while in_flight:
+                    _finish(*in_flight.popleft())
+                raise
+            in_flight.append((batch, runner.start(batch)))
+            while len(in_flight) > depth:
+                _finish(*in_flight.popleft())
+        while in_flight:
+            _finish(*in_flight.popleft())
+    finally:
+        while in_flight:  # stop the workers before the caller's buffers go away
+            _, wait = in_flight.popleft()
+            try:
+                wait()
+            except BaseException:
+                pass
+
+
+def _finish(batch: Batch, wait: Callable[[], list]) -> None:
+    results = wait()
+    if batch.done is not None:
+        batch.done(batch, results)
+
+
+def cpu_threads(threads: Any) -> int:
+    """``threads`` checked (None: the usable cores)."""
+    from .backends.cpu import check_threads
+
+    return check_threads(threads)
+
+
+def pwrite_all(fd: int, data: Any, offset: int) -> None:
+    """Write every byte of ``data`` at ``offset`` of ``fd`` (no shared file position)."""
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
