@@ -3,11 +3,13 @@
     python benchmarks/make_results_md.py          # rewrite RESULTS.md
     python benchmarks/make_results_md.py --check  # exit 1 if RESULTS.md is not what the JSON says
 
-The JSON files are written by ``gpucrypt bench --json`` and never edited; this script is the
-only writer of RESULTS.md, so no figure in it is typed by hand. For each run it prints the
-environment, a table of gpucrypt's rows next to the baseline (GB/s and the ratio to the
-baseline measured in the same run), and the acceptance check of issue 6: gpucrypt CPU within
-5% of ``cryptography`` from 1 MiB up.
+The JSON files are written by ``gpucrypt bench --json`` (and by the scripts in benchmarks/
+that take ``--json``) and never edited; this script is the only writer of RESULTS.md, so no
+figure in it is typed by hand. For each run it prints the environment, a table of gpucrypt's
+rows next to the baseline (GB/s and the ratio to the baseline measured in the same run), and
+the acceptance check of issue 6: gpucrypt CPU within 5% of ``cryptography`` from 1 MiB up.
+``benchmarks/cli_bench.py`` runs are the exception: only the newest is shown, in a last
+section "Command line vs age and cp" with issue 12's figures.
 """
 from __future__ import annotations
 
@@ -137,12 +139,50 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
              "again, then regenerate. How to read and record these: `benchmarks/README.md`.", ""]
     if not files:
         lines.append("No results recorded yet.")
+    cli_runs = []
     for path in files:
         doc = json.loads(path.read_text(encoding="utf-8"))
+        if doc.get("benchmark") == "cli_bench":
+            cli_runs.append((path.stem, doc))
+            continue
         render_one = {"stream_bench": render_stream_run, "tensor_bench": render_tensor_run,
                       "model_scale_run": render_model_scale_run}.get(doc.get("benchmark"), render_run)
         lines += render_one(path.stem, doc)
+    if cli_runs:
+        lines += render_cli_section(cli_runs)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def render_cli_section(runs: list[tuple[str, dict]]) -> list[str]:
+    """``benchmarks/cli_bench.py``: whole commands against age and cp, the newest run only."""
+    name, doc = max(runs, key=lambda r: r[1]["environment"]["date"])
+    env = doc["environment"]
+    commit = (env["git_commit"] or "not a checkout")[:10]
+    lines = ["## Command line vs age and cp", "",
+             f"`benchmarks/cli_bench.py` (`{name}`, {env['date']}): each row is one command, timed "
+             f"whole (start-up included) on a {format_size(doc['size'])} random file and a "
+             f"{format_size(doc['small_size'])} file in {doc['dir']}, {doc['repeat']} interleaved "
+             f"repetitions, medians; {env['cpu']}, {env['nproc']} cores; gpucrypt at `{commit}`"
+             + (" with uncommitted changes" if env["git_dirty"] else "")
+             + f", age {env['age']}, Python {env['python']}, cryptography {env['cryptography']}. "
+             f"1-minute load average {doc['load_average_start']:.2f} at the start, "
+             f"{doc['load_average_end']:.2f} at the end (other processes shared the CPU when above "
+             f"the core count). Peak RSS is the largest over the repetitions; the timing helper "
+             f"accounts for {doc['rss_floor_mib']:.0f} MiB of it (`true` reads that much).", "",
+             "| file | command | wall s | user s | sys s | peak RSS MiB |",
+             "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {format_size(doc['small_size'] if r['group'] == 'small' else doc['size'])} | "
+              f"{r['name']} | {r['median_wall_s']:.3f} | {r['median_user_s']:.3f} | "
+              f"{r['median_sys_s']:.3f} | {r['peak_rss_mib']:.0f} |" for r in doc["rows"]]
+    lines += ["", "Issue 12's figures, from the medians above:", ""]
+    for q in doc["ratios"]:
+        value = f"{q['value']:.0f} MiB" if q["unit"] == "MiB" else f"x{q['value']:.2f}"
+        lines.append(f"- {q['name']}: {value} (issue 12 asks {q['target']}: "
+                     f"{'met' if q['meets'] else 'not met'}); {q['definition']}")
+    older = sorted(n for n, _ in runs if n != name)
+    if older:
+        lines += ["", "Earlier runs, not shown: " + ", ".join(f"`{n}`" for n in older) + "."]
+    return lines + [""]
 
 
 def render_tensor_run(name: str, doc: dict) -> list[str]:
