@@ -168,8 +168,7 @@ class CpuRunner:
     def __init__(self, crypto: Callable[[Job, Any], Any], threads: int):
         self.crypto = crypto
         self.threads = threads
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="gpucrypt") \
-            if threads >= 1 else None
+        self._pool = ThreadPoolExecutor(threads) if threads >= 1 else None
 
     def start(self, batch: Batch) -> Callable[[], list]:
         if self._pool is None:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import gpucrypt
 from _reference import hand_metadata, reference_seal, require_gpu_backend
+from gpucrypt import pipeline
 from gpucrypt import tensor as tensor_mod
 from gpucrypt import EncryptedTensor, NonceSequence, TensorCipher
 
@@ -379,12 +380,12 @@ def test_large_host_batches_run_on_threads(monkeypatch, algorithm):
 
     pools = []
 
-    class CountingPool(tensor_mod.ThreadPoolExecutor):
+    class CountingPool(pipeline.ThreadPoolExecutor):
         def __init__(self, n):
             pools.append(n)
             super().__init__(n)
 
-    monkeypatch.setattr(tensor_mod, "ThreadPoolExecutor", CountingPool)
+    monkeypatch.setattr(pipeline, "ThreadPoolExecutor", CountingPool)
     monkeypatch.setattr(cpu, "usable_cores", lambda: 3)
     monkeypatch.setattr(tensor_mod, "_HOST_PARALLEL_BYTES", 1000)
     key = os.urandom(32)

@@ -48,13 +48,12 @@ import math
 import os
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
 
-from .. import _limits
+from .. import _limits, pipeline
 from . import _frameworks as fw
 from .._buffers import bytes_arg
 from ._frameworks import HOST
@@ -537,10 +536,10 @@ def _refuse_shared_memory(jobs: list[_Job]) -> None:
 
 def _run_host_jobs(jobs: list[_Job], work) -> list:
     """``[work(job, threads) for job in jobs]``; a batch of at least
-    ``_HOST_PARALLEL_BYTES`` is split over the usable cores in contiguous runs of about
-    equal bytes (a few per thread: balanced, without a hand-off per tensor), and a
-    single large tensor gets them all inside its one message (``threads``).
-    ``cryptography`` releases the GIL."""
+    ``_HOST_PARALLEL_BYTES`` is one pipeline batch over the usable cores (contiguous runs
+    of about equal bytes: balanced, without a hand-off per tensor), and a single large
+    tensor gets them all inside its one message (``threads``). ``cryptography`` releases
+    the GIL."""
     from ..backends.cpu import usable_cores
 
     total = sum(j.enc.nbytes for j in jobs)
@@ -548,19 +547,13 @@ def _run_host_jobs(jobs: list[_Job], work) -> list:
     if len(jobs) == 1:
         return [work(jobs[0], cores)]
     threads = min(len(jobs), cores)
-    if threads < 2:
+    if threads < 2:  # small: no hand-off, no pool
         return [work(j, 1) for j in jobs]
-    runs, current, size = [], [], 0
-    for job in jobs:
-        current.append(job)
-        size += job.enc.nbytes
-        if size * 4 * threads >= total:
-            runs.append(current)
-            current, size = [], 0
-    if current:
-        runs.append(current)
-    with ThreadPoolExecutor(threads) as pool:
-        return [r for part in pool.map(lambda run: [work(j, 1) for j in run], runs) for r in part]
+    results: list = []
+    tasks = [pipeline.Job(j, b"", b"", None, None, size=j.enc.nbytes) for j in jobs]
+    with pipeline.CpuRunner(lambda task, _: work(task.ident, 1), threads) as runner:
+        pipeline.run([pipeline.Batch(tasks, done=lambda b, r: results.extend(r))], runner)
+    return results
 
 
 def _encrypt_on_host(job: _Job, algorithm: str, key: bytes, inplace: bool, threads: int) -> None:
