@@ -7,9 +7,8 @@ refused rather than silently copied in some other order.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
-
-import numpy as np
 
 
 def readable(data: Any, name: str = "data") -> memoryview:
@@ -58,9 +57,26 @@ def bytes_arg(value: Any, name: str) -> bytes:
 def plain_bytes(x: Any, writable: bool = False) -> bool:
     """Whether OpenSSL's own argument handling reads ``x`` as exactly the bytes we mean:
     bytes/bytearray, or a flat C-contiguous uint8 NumPy array (what benchmarks and
-    array users pass). Anything else takes the general path."""
+    array users pass). Anything else takes the general path.
+
+    NumPy is looked up, never imported: if nothing imported it, ``x`` is no array."""
     t = type(x)
     if t is bytearray or (t is bytes and not writable):
         return True
+    np = _numpy
+    if np is None:
+        np = _imported_numpy()
+        if np is None:
+            return False
     return t is np.ndarray and x.dtype == np.uint8 and x.ndim == 1 and x.flags.c_contiguous \
         and (not writable or x.flags.writeable)
+
+
+_numpy: Any = None  # the numpy module, once something has imported it
+
+
+def _imported_numpy() -> Any:
+    """NumPy if it is imported (remembered from then on), else None."""
+    global _numpy
+    _numpy = sys.modules.get("numpy")
+    return _numpy

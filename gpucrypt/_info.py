@@ -1,12 +1,12 @@
 """``gpucrypt.info()``: what this installation can do, and why not where it can't."""
 from __future__ import annotations
 
-import platform
 import sys
-from importlib import metadata
 
 
 def _version(dist: str) -> str | None:
+    from importlib import metadata  # ~30 ms: imported by info() only, not by `import gpucrypt`
+
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -15,6 +15,8 @@ def _version(dist: str) -> str | None:
 
 def info() -> dict:
     """Versions, available backends with their details, and reasons for missing ones."""
+    import platform
+
     from . import backends
 
     available = backends.available_backends()

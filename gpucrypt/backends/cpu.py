@@ -16,8 +16,6 @@ import hmac
 import os
 import struct
 
-import numpy as np
-
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -50,6 +48,8 @@ def _same_memory(a: memoryview, b: memoryview) -> bool:
     """Whether two byte views are the very same memory (an in-place call)."""
     if len(a) != len(b) or not len(a):
         return len(a) == len(b)
+    import numpy as np  # only the composed paths and failed tags get here
+
     address = lambda v: np.frombuffer(v, dtype=np.uint8).__array_interface__["data"][0]  # noqa: E731
     return address(a) == address(b)
 

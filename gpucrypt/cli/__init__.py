@@ -1,8 +1,10 @@
 """The ``gpucrypt`` command line.
 
 Each subcommand lives in its own module and registers itself through
-:data:`SUBCOMMANDS` (name -> "module:function"); the function receives the
-argparse sub-parser, adds its arguments and sets ``func``. Errors the user can
+:data:`SUBCOMMANDS` (name -> "module:function", one-line description); the function
+receives the argparse sub-parser, adds its arguments and sets ``func``. A run imports
+only the module of the command it runs: ``--help``, no command and an unknown one list
+every command from the table's descriptions, importing none. Errors the user can
 fix are printed as one line on stderr, with exit code 2 for usage problems and 1
 for failed operations; no tracebacks.
 """
@@ -10,21 +12,37 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
+from typing import Iterable
 
-#: subcommand -> "module:function that configures its parser"
+#: subcommand -> ("module:function that configures its parser", one-line description);
+#: the description is the function's docstring's first line (a test keeps them equal),
+#: here so that listing the commands imports none of them
 SUBCOMMANDS = {
-    "encrypt": "gpucrypt.cli.files:add_encrypt",
-    "decrypt": "gpucrypt.cli.files:add_decrypt",
-    "info": "gpucrypt.cli:_add_info",
-    "selftest": "gpucrypt.cli:_add_selftest",
-    "keygen": "gpucrypt.cli.keys:add_keygen",
-    "keys": "gpucrypt.cli.keys:add_keys",
-    "rekey": "gpucrypt.cli.keys:add_rekey",
-    "bench": "gpucrypt.cli.bench:add_bench",
-    "encrypt-model": "gpucrypt.cli.models:add_encrypt_model",
-    "decrypt-model": "gpucrypt.cli.models:add_decrypt_model",
+    "encrypt": ("gpucrypt.cli.files:add_encrypt",
+                "Encrypt a file (or stdin) into the gpucrypt stream format."),
+    "decrypt": ("gpucrypt.cli.files:add_decrypt",
+                "Decrypt a gpucrypt stream file (or stdin); nothing is written to OUT unless it "
+                "all verifies."),
+    "info": ("gpucrypt.cli:_add_info",
+             "Show versions, the backends that run here, and why the others do not."),
+    "selftest": ("gpucrypt.cli:_add_selftest",
+                 "Check every AEAD on every backend against cryptography (and libsodium)."),
+    "keygen": ("gpucrypt.cli.keys:add_keygen",
+               "Generate a keyset of key-encryption keys, or with --public a recipient key pair."),
+    "keys": ("gpucrypt.cli.keys:add_keys",
+             "Manage a keyset: list, add, promote, enable, disable, destroy keys."),
+    "rekey": ("gpucrypt.cli.keys:add_rekey",
+              "Re-wrap an encrypted file's data key for new recipients/keys (rewrites the "
+              "header only)."),
+    "bench": ("gpucrypt.cli.bench:add_bench",
+              "Measure gpucrypt against cryptography (OpenSSL), pycryptodome and libsodium on "
+              "this machine."),
+    "encrypt-model": ("gpucrypt.cli.models:add_encrypt_model",
+                      "Encrypt a safetensors file into a gpucrypt model file (tensor data "
+                      "encrypted)."),
+    "decrypt-model": ("gpucrypt.cli.models:add_decrypt_model",
+                      "Decrypt a gpucrypt model file back into a safetensors file."),
 }
 
 
@@ -37,11 +55,14 @@ class CliError(Exception):
 
 
 def _add_info(parser: argparse.ArgumentParser) -> None:
+    """Show versions, the backends that run here, and why the others do not."""
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.set_defaults(func=_run_info)
 
 
 def _run_info(args) -> int:
+    import json
+
     from .._info import info
 
     report = info()
@@ -61,6 +82,7 @@ def _run_info(args) -> int:
 
 
 def _add_selftest(parser: argparse.ArgumentParser) -> None:
+    """Check every AEAD on every backend against cryptography (and libsodium)."""
     parser.add_argument("--size", type=int, default=1 << 20, help="bytes per message (default 1 MiB)")
     parser.set_defaults(func=_run_selftest)
 
@@ -106,16 +128,27 @@ def _libsodium_xchacha(key, nonce, data, aad):
     return crypto_aead_xchacha20poly1305_ietf_encrypt(data, aad, nonce, key)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(configure: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``gpucrypt`` parser, every command listed with its description. The commands
+    named in ``configure`` (default: all) get their arguments, which imports their
+    modules; the others are bare sub-parsers, enough for the help and for argparse's
+    choice of command."""
+    wanted = SUBCOMMANDS if configure is None else set(configure)
     parser = argparse.ArgumentParser(prog="gpucrypt", description="GPU-accelerated bulk encryption")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, target in SUBCOMMANDS.items():
-        module_name, func_name = target.split(":")
-        configure = getattr(importlib.import_module(module_name), func_name)
-        doc = (configure.__doc__ or "").strip().splitlines()
-        configure(sub.add_parser(name, help=doc[0] if doc else None))
+    for name, (target, summary) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=summary)
+        if name in wanted:
+            module_name, func_name = target.split(":")
+            getattr(importlib.import_module(module_name), func_name)(sub_parser)
     return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The command argparse will run: the first argument that is not an option (the
+    top-level options, ``-h`` and ``--version``, take no value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def _version() -> str:
@@ -125,7 +158,9 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command(argv)
+    parser = build_parser(configure=[command] if command in SUBCOMMANDS else [])
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
