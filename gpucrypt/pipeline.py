@@ -49,7 +49,7 @@ from cryptography.exceptions import InvalidTag
 CPU_BATCH_BYTES = 8 << 20
 GPU_BATCH_BYTES = 64 << 20
 
-__all__ = ["CPU_BATCH_BYTES", "GPU_BATCH_BYTES", "Job", "Batch", "CpuRunner", "GpuRunner", "run", "scratch", "seal", "seal_detached",
+__all__ = ["CPU_BATCH_BYTES", "GPU_BATCH_BYTES", "Job", "Batch", "CpuRunner", "GpuRunner", "DeviceTags", "run", "scratch", "seal", "seal_detached",
            "open_attached", "open_detached", "split_evenly"]
 
 
@@ -194,11 +194,13 @@ class GpuRunner:
 
     A job's ``src``/``dst`` may be device views (used where they are) or host buffers:
     host sources are packed into one staging buffer and uploaded together, host
-    destinations filled from one download after the launch. ``op``: "seal" (results:
-    the tags, a ``uint8[n, 16]`` device array, as ``results.device_tags``; and per job
-    its 16 tag bytes when ``host_tags``) or "open" (results: one bool per job; ``job.tag``
-    holds the tag, bytes, or the batch may carry ``device_tags``). ``load``/``store``
-    run in the caller's thread before and after the launch.
+    destinations filled from the device after the launch (a failed open's never).
+    ``op``: "seal" (results: per job its 16 tag bytes; with ``host_tags=False`` a
+    :class:`DeviceTags` that leaves them on the device until asked) or "open" (results:
+    one bool per job; ``job.tag`` holds the tag as bytes, or ``batch.payload`` is a
+    :class:`DeviceTags` of the whole batch). ``load``/``store`` run in the caller's
+    thread before and after the launch; ``stream`` is the launch stream (None: the
+    backend's default).
     """
 
     threads = 1
@@ -208,61 +210,77 @@ class GpuRunner:
         self.gpu, self.op, self.algorithm, self.key = gpu, op, algorithm, key
         self.stream, self.host_tags = stream, host_tags
 
-    def _on_device(self, view: Any) -> bool:
-        return not isinstance(view, (memoryview, bytes, bytearray)) and \
-            type(view).__module__.split(".")[0] != "numpy"
+    @staticmethod
+    def _on_device(view: Any) -> bool:
+        """Device memory (numba, CuPy, torch CUDA) says so through its CUDA array
+        interface, and has no host buffer; a host buffer is staged. (Under numba's
+        simulator the backend's device arrays may be NumPy arrays: staged again, the
+        same bytes.)"""
+        if hasattr(view, "__cuda_array_interface__"):
+            return True
+        try:
+            memoryview(view)
+        except TypeError:
+            return True
+        return False
+
+    def _stage(self, srcs: list) -> set:
+        """Replace the host sources in ``srcs`` by slices of one device copy of them all;
+        returns their positions."""
+        import numpy as np
+
+        host_in = [i for i, src in enumerate(srcs) if not self._on_device(src)]
+        if not host_in:
+            return set()
+        staging = np.empty(sum(len(srcs[i]) for i in host_in), dtype=np.uint8)
+        cursor, bounds = 0, []
+        for i in host_in:
+            n = len(srcs[i])
+            staging[cursor:cursor + n] = np.frombuffer(srcs[i], dtype=np.uint8)
+            bounds.append((i, cursor, cursor + n))
+            cursor += n
+        device = self.gpu.to_device(staging, stream=self.stream)
+        for i, a, b in bounds:
+            srcs[i] = device[a:b]
+        return set(host_in)
 
     def start(self, batch: Batch) -> Callable[[], list]:
         import numpy as np
 
         gpu, jobs = self.gpu, batch.jobs
         srcs = [batch.load(j) if batch.load is not None else j.src for j in jobs]
-        host_in = [i for i, s in enumerate(srcs) if not self._on_device(s)]
-        staged = None
-        if host_in:  # one upload for every host source
-            total = sum(len(srcs[i]) for i in host_in)
-            staging = np.empty(total, dtype=np.uint8)
-            cursor, where = 0, {}
-            for i in host_in:
-                n = len(srcs[i])
-                staging[cursor:cursor + n] = np.frombuffer(srcs[i], dtype=np.uint8)
-                where[i] = (cursor, cursor + n)
-                cursor += n
-            staged = gpu.to_device(staging, stream=self.stream)
-            for i, (a, b) in where.items():
-                srcs[i] = staged[a:b]
+        staged = self._stage(srcs)
         dsts, host_out = [], []
-        for i, (job, src) in enumerate(zip(jobs, srcs)):
+        for i, job in enumerate(jobs):
             if self._on_device(job.dst):
                 dsts.append(job.dst)
-            else:  # a host destination: computed in the source's device copy, in place
-                dsts.append(src if i in host_in else gpu.device_array(len(job.dst),
-                                                                    stream=self.stream))
+            else:  # a host destination: computed on the device (in the staged copy if any)
+                dsts.append(srcs[i] if i in staged else
+                            gpu.device_array(len(job.dst), stream=self.stream))
                 host_out.append(i)
-        keys = [j.key if j.key is not None else self.key for j in jobs]
-        algorithm = jobs[0].algorithm or self.algorithm if jobs else self.algorithm
-        aads = [j.aad for j in jobs]
-        nonces = [j.nonce for j in jobs]
+        keys = [self.key if j.key is None else j.key for j in jobs]
+        algorithm = (jobs[0].algorithm if jobs else None) or self.algorithm
+        nonces, aads = [j.nonce for j in jobs], [j.aad for j in jobs]
         if self.op == "seal":
             tags = gpu.seal_batch(algorithm, keys, nonces, srcs, aads, dsts, stream=self.stream)
-            results: list = _TagRows(tags, len(jobs), gpu) if self.host_tags else [None] * len(jobs)
             ok = [True] * len(jobs)
         else:
-            tag_source = getattr(batch.payload, "device_tags", None)
-            tags = tag_source if tag_source is not None else [j.tag for j in jobs]
+            tags = batch.payload.device if isinstance(batch.payload, DeviceTags) \
+                else [j.tag for j in jobs]
             ok = [bool(v) for v in np.asarray(
                 gpu.open_batch(algorithm, keys, nonces, srcs, tags, aads, dsts,
                                stream=self.stream), dtype=bool).reshape(-1)]
-            results = ok
         for i in host_out:
             if ok[i]:
-                host = np.frombuffer(jobs[i].dst, dtype=np.uint8) \
-                    if not isinstance(jobs[i].dst, np.ndarray) else jobs[i].dst.reshape(-1)
-                host[:] = np.asarray(gpu.to_host(dsts[i], stream=self.stream)).reshape(-1)[:len(host)]
+                host = jobs[i].dst if isinstance(jobs[i].dst, np.ndarray) \
+                    else np.frombuffer(jobs[i].dst, dtype=np.uint8)
+                host.reshape(-1)[:] = np.asarray(
+                    gpu.to_host(dsts[i], stream=self.stream)).reshape(-1)
+        results: list = ok
         if self.op == "seal":
-            results = list(results) if self.host_tags else results
-            if not self.host_tags:
-                results = _DeviceTagList(tags, len(jobs))
+            results = DeviceTags(tags, len(jobs), gpu)
+            if self.host_tags:
+                results = [results.row(i) for i in range(len(jobs))]
         if batch.store is not None:
             for job, result, good in zip(jobs, results, ok):
                 if good:
@@ -279,23 +297,20 @@ class GpuRunner:
         self.close()
 
 
-class _TagRows(list):
-    """A seal batch's tags as 16-byte ``bytes`` per job, from one download of the device array."""
+class DeviceTags(list):
+    """A seal batch's tags: the ``uint8[n, 16]`` device array (``device``), copied to the
+    host once, the first time a row is asked for (``row(i)``: 16 bytes)."""
 
-    def __init__(self, tags: Any, n: int, gpu):
-        import numpy as np
-
-        host = np.asarray(gpu.to_host(tags)).reshape(n, 16) if n else ()
-        super().__init__(bytes(row.tobytes()) for row in host)
-        self.device_tags = tags
-
-
-class _DeviceTagList(list):
-    """A seal batch's tags left on the device (``device_tags``), one placeholder per job."""
-
-    def __init__(self, tags: Any, n: int):
+    def __init__(self, device: Any, n: int, gpu):
         super().__init__([None] * n)
-        self.device_tags = tags
+        self.device, self._gpu, self._host = device, gpu, None
+
+    def row(self, i: int) -> bytes:
+        if self._host is None:
+            import numpy as np
+
+            self._host = np.asarray(self._gpu.to_host(self.device)).reshape(-1, 16)
+        return bytes(self._host[i].tobytes())
 
 
 # ---------------------------------------------------------------------------- the loop
