@@ -278,7 +278,7 @@ class GpuRunner:
                     gpu.to_host(dsts[i], stream=self.stream)).reshape(-1)
         results: list = ok
         if self.op == "seal":
-            results = DeviceTags(tags, len(jobs), gpu)
+            results = DeviceTags(tags, len(jobs), gpu, self.stream)
             if self.host_tags:
                 results = [results.row(i) for i in range(len(jobs))]
         if batch.store is not None:
@@ -299,17 +299,19 @@ class GpuRunner:
 
 class DeviceTags(list):
     """A seal batch's tags: the ``uint8[n, 16]`` device array (``device``), copied to the
-    host once, the first time a row is asked for (``row(i)``: 16 bytes)."""
+    host once, on the stream that made them, the first time a row is asked for
+    (``row(i)``: 16 bytes)."""
 
-    def __init__(self, device: Any, n: int, gpu):
+    def __init__(self, device: Any, n: int, gpu, stream: Any = None):
         super().__init__([None] * n)
-        self.device, self._gpu, self._host = device, gpu, None
+        self.device, self._gpu, self._stream, self._host = device, gpu, stream, None
 
     def row(self, i: int) -> bytes:
         if self._host is None:
             import numpy as np
 
-            self._host = np.asarray(self._gpu.to_host(self.device)).reshape(-1, 16)
+            self._host = np.asarray(self._gpu.to_host(self.device, stream=self._stream)
+                                    ).reshape(-1, 16)
         return bytes(self._host[i].tobytes())
 
 

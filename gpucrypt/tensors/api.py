@@ -589,43 +589,38 @@ def _launch_stream(stream: Any, place, frameworks: Iterable[str]) -> Any:
 
 def _encrypt_on_gpu(jobs: list[_Job], algorithm: str, key: bytes, inplace: bool,
                     stream: Any) -> None:
-    """One ``seal_batch`` for every job. Copies of host tensors go on the launch stream,
-    and outputs are allocated for a caller-given stream."""
+    """One pipeline batch, one ``seal_batch`` launch for every job: host tensors are
+    staged and uploaded together on the launch stream (and their ciphertext comes back),
+    device tensors sealed where they are into outputs allocated for a caller-given stream;
+    device tensors' tags stay on the device until asked for."""
     gpu = get_backend("gpu")
     place = _single_place(j.place for j in jobs)
     launch = _launch_stream(stream, place, (j.adapter.name for j in jobs if j.place == place))
+    tasks = []
     for job in jobs:
-        if job.place == HOST:   # host tensor sent to the GPU: one device copy, in place there
-            job.host_src = job.adapter.host_array(job.view)
-            if inplace and not job.host_src.flags.writeable:
+        if job.place == HOST:   # host tensor sealed on the GPU: staged, and back
+            job.host_src = src = job.adapter.host_array(job.view)
+            if inplace and not src.flags.writeable:
                 raise ValueError("inplace=True needs a writable tensor")
-            job.dev_src = job.dev_dst = gpu.to_device(job.host_src, stream=launch)
+            dst = src if inplace else np.empty(job.enc.nbytes, dtype=np.uint8)
+            job.enc._ciphertext = job.view if inplace else job.adapter.adopt_host(dst)
         else:
-            job.dev_src = gpu.as_device_bytes(job.view)
+            src = gpu.as_device_bytes(job.view)
             if inplace:
-                job.dst_obj, job.dev_dst = job.view, job.dev_src
+                job.dst_obj, dst = job.view, src
             else:
                 with job.adapter.allocation_stream(stream, job.place):
                     job.dst_obj = job.adapter.empty_bytes(job.enc.nbytes, job.place)
-                job.dev_dst = gpu.as_device_bytes(job.dst_obj)
-    tags = gpu.seal_batch(algorithm, [key] * len(jobs), [j.nonce for j in jobs],
-                          [j.dev_src for j in jobs], [j.aad for j in jobs],
-                          [j.dev_dst for j in jobs], stream=launch)
-    host_tags, batch_tags = None, _DeviceTags(tags)
+                dst = gpu.as_device_bytes(job.dst_obj)
+            job.enc._ciphertext = job.dst_obj
+        tasks.append(pipeline.Job(job.label, job.nonce, job.aad, src, dst, size=job.enc.nbytes))
+    runner = pipeline.GpuRunner(gpu, "seal", algorithm, key, stream=launch, host_tags=False)
+    tags = runner.start(pipeline.Batch(tasks))()
     for row, job in enumerate(jobs):
         if job.place == HOST:
-            ct = np.ascontiguousarray(gpu.to_host(job.dev_dst, stream=launch)).reshape(-1)
-            if inplace:
-                job.host_src[:] = ct
-                job.enc._ciphertext = job.view
-            else:
-                job.enc._ciphertext = job.adapter.adopt_host(ct)
-            if host_tags is None:
-                host_tags = np.asarray(gpu.to_host(tags, stream=launch)).reshape(len(jobs), TAG_SIZE)
-            job.enc._tag = bytes(host_tags[row].tobytes())
+            job.enc._tag = tags.row(row)
         else:
-            job.enc._ciphertext = job.dst_obj
-            job.enc._tags, job.enc._tag_row = batch_tags, row
+            job.enc._tags, job.enc._tag_row = tags, row
 
 
 def encrypt_tensor(x: Any, key: Any, *, algorithm: str = "chacha20-poly1305", aad: Any = None,
@@ -828,71 +823,51 @@ def _open_on_host(job: _Job, threads: int) -> bool:
 
 
 def _open_on_gpu(jobs: list[_Job], stream: Any) -> list[_Job]:
-    """Decrypt ``jobs`` with one ``open_batch`` call per algorithm; returns the failed jobs."""
+    """Decrypt ``jobs`` with one pipeline batch (one ``open_batch`` launch) per algorithm;
+    returns the failed jobs. Host ciphertext is staged; a host result is filled only
+    when its tag verified (zeroed otherwise), an in-place host tensor left as it was."""
     gpu = get_backend("gpu")
     place = _single_place([j.enc._place for j in jobs] + [j.place for j in jobs])
     launch_stream = _launch_stream(stream, place, (j.enc.framework for j in jobs
                                                    if place in (j.place, j.enc._place)))
-    srcs, dsts, copies_back = [], [], []
+    tasks = []
     for job in jobs:
         enc = job.enc
         if enc._place == HOST:
-            src = gpu.to_device(_host_bytes_of(enc.framework, enc._ciphertext), stream=launch_stream)
+            src = _host_bytes_of(enc.framework, enc._ciphertext)
         else:
             src = gpu.as_device_bytes(enc._ciphertext)
         if job.inplace:
             dst = src
-            if enc._place == HOST:
-                copies_back.append((job, src, _host_bytes_of(enc.framework, enc._ciphertext)))
-        elif job.place == HOST:   # host result computed on the GPU: into a device buffer
-            dst = src if enc._place == HOST else gpu.device_array(enc.nbytes, stream=launch_stream)
-            copies_back.append((job, dst, job.adapter.host_array(job.dst_view)))
+        elif job.place == HOST:   # a host result computed on the GPU
+            dst = job.adapter.host_array(job.dst_view)
         else:
             dst = gpu.as_device_bytes(job.dst_view)
-        srcs.append(src)
-        dsts.append(dst)
-    tags = _shared_tags(jobs)
+        tasks.append(pipeline.Job(job.label, job.nonce, job.aad, src, dst, tag=None,
+                                  size=enc.nbytes, key=job.result[1], algorithm=enc.algorithm))
+    shared = _shared_tags(jobs)
     ok = np.zeros(len(jobs), dtype=bool)
     for algorithm in sorted({j.enc.algorithm for j in jobs}):
         idx = [i for i, j in enumerate(jobs) if j.enc.algorithm == algorithm]
-        sub_tags = tags if len(idx) == len(jobs) else [tags[i] for i in idx]
-        sub = gpu.open_batch(algorithm, [jobs[i].result[1] for i in idx],
-                             [jobs[i].nonce for i in idx], [srcs[i] for i in idx], sub_tags,
-                             [jobs[i].aad for i in idx], [dsts[i] for i in idx],
-                             stream=launch_stream)
-        ok[idx] = np.asarray(sub, dtype=bool).reshape(-1)
-    for job, dev, host in copies_back:
-        if ok[jobs.index(job)]:
-            host[:] = np.asarray(gpu.to_host(dev, stream=launch_stream)).reshape(-1)
-        elif not job.inplace:
-            host[:] = 0
+        for i in idx:
+            tasks[i].tag = None if shared is not None else jobs[i].enc.tag
+        runner = pipeline.GpuRunner(gpu, "open", algorithm, stream=launch_stream)
+        ok[idx] = runner.start(pipeline.Batch([tasks[i] for i in idx], payload=shared))()
+    for job, task, good in zip(jobs, tasks, ok):
+        if not good and not job.inplace and job.place == HOST:
+            task.dst[...] = 0
     return [j for j, good in zip(jobs, ok) if not good]
 
 
 def _shared_tags(jobs: list[_Job]) -> Any:
-    """The tags as the device array they were made in when the batch is exactly that
-    encryption batch (no copy, no wait); otherwise 16-byte ``bytes`` each."""
+    """The batch's :class:`~gpucrypt.pipeline.DeviceTags` when the jobs are exactly that
+    encryption batch, in order (its tags used on the device: no copy, no wait); else None."""
     first = jobs[0].enc._tags
     if first is not None and len({j.enc.algorithm for j in jobs}) == 1 and all(
             j.enc._tags is first and j.enc._tag_row == i for i, j in enumerate(jobs)):
         if getattr(first.device, "shape", (None,))[0] == len(jobs):
-            return first.device
-    return [j.enc.tag for j in jobs]
-
-
-class _DeviceTags:
-    """A GPU batch's tags (``uint8[n, 16]`` on the device), copied to the host once for
-    all of the batch's tensors, the first time one of them is asked for its tag."""
-
-    __slots__ = ("device", "_host")
-
-    def __init__(self, device: Any):
-        self.device, self._host = device, None
-
-    def row(self, i: int) -> bytes:
-        if self._host is None:
-            self._host = np.asarray(get_backend("gpu").to_host(self.device)).reshape(-1, TAG_SIZE)
-        return bytes(self._host[i].tobytes())
+            return first
+    return None
 
 
 def decrypt_tensor(enc: EncryptedTensor, key: Any, *, out: Any = None, stream: Any = None,
