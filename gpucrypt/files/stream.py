@@ -358,6 +358,20 @@ def _check_unchanged(where) -> None:
                          "copy that nothing writes to")
 
 
+def _read_pieces(source: _Source, buf: memoryview, count: int, stride: int, size: int) -> list:
+    """Up to ``count`` pieces of ``size`` bytes read into ``buf`` every ``stride`` bytes
+    (a segment's place in a batch buffer); the last may be short (the end of the input)."""
+    pieces = []
+    for j in range(count):
+        piece = source.fill(buf[j * stride:j * stride + size])
+        if not len(piece):
+            break
+        pieces.append(piece)
+        if len(piece) < size:
+            break
+    return pieces
+
+
 def _seal_sequential(segs: _Segments, source: _Source, sink):
     """Batches for any other input: this thread reads batch k+1 (straight into the
     segments' places in its buffer) while the workers seal batch k, so that batch k
@@ -367,15 +381,7 @@ def _seal_sequential(segs: _Segments, source: _Source, sink):
     buffers = [pipeline.scratch(B * C) for _ in range(_DEPTH + 2)]
 
     def read(buf):
-        pieces = []
-        for j in range(B):
-            piece = source.fill(buf[j * C:j * C + S])
-            if not len(piece):
-                break
-            pieces.append(piece)
-            if len(piece) < S:
-                break
-        return pieces
+        return _read_pieces(source, buf, B, C, S)
 
     def write(batch, _):
         sink.write(batch.payload)
@@ -526,15 +532,7 @@ def _open_sequential(segs: _Segments, source: _Source, sink):
     out_buffers = [pipeline.scratch(B * S) for _ in range(_DEPTH + 1)]
 
     def read(buf):
-        pieces = []
-        for j in range(B):
-            piece = source.fill(buf[j * C:(j + 1) * C])
-            if not len(piece):
-                break
-            pieces.append(piece)
-            if len(piece) < C:
-                break
-        return pieces
+        return _read_pieces(source, buf, B, C, C)
 
     def done_for(pieces, plaintext):
         return lambda batch, results: _check_batch(segs, batch, results, pieces.__getitem__,
