@@ -39,6 +39,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
+from ._errors import KeyManagementError
+
 __all__ = ["LOGGER_NAME", "FIELDS", "event", "timed", "enable", "error_fields"]
 
 LOGGER_NAME = "gpucrypt.audit"
@@ -95,8 +97,6 @@ def event(operation: str, *, outcome: str = "ok", **fields: Any) -> None:
 def error_fields(exc: BaseException) -> str:
     """What an event may say about ``exc``: its class name, and the message only for
     gpucrypt's key-management errors (which never carry secrets)."""
-    from .keys import KeyManagementError  # late: keys imports this module
-
     name = type(exc).__name__
     if isinstance(exc, KeyManagementError):
         return f"{name}: {exc}"

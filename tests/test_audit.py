@@ -13,6 +13,7 @@ import pytest
 
 from gpucrypt import audit, keys
 from gpucrypt.cli import main
+from gpucrypt.files import keyed
 
 FAST_N = 2**10
 
@@ -143,6 +144,7 @@ def test_no_secret_in_log_on_any_path(captured, tmp_path, monkeypatch, capsys):
         return dek
 
     monkeypatch.setattr(keys, "generate_dek", recording_dek)
+    monkeypatch.setattr(keyed, "generate_dek", recording_dek)  # encrypt_file looks it up there
     passphrase = "pass-phrase-never-logged-42"
     plaintext_word = "PLAINTEXT-NEVER-LOGGED-7f3a"
     plaintext = (plaintext_word * 40).encode() + os.urandom(1000)

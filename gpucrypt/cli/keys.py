@@ -297,7 +297,8 @@ def add_rekey(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_rekey(args) -> int:
-    from ..keys import Recipient, rekey_file
+    from ..files.keyed import rekey_file
+    from ..keys import Recipient
 
     _enable_audit(args)
     if not args.recipient and not args.keyset:

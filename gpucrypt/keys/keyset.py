@@ -1,0 +1,312 @@
+"""Keysets: ordered sets of symmetric key-encryption keys (KEKs) with one primary.
+
+A keyset wraps new data keys under its primary key (AES key wrap with padding,
+RFC 5649, in :mod:`~gpucrypt.keys.recipients`); older keys stay ``enabled`` so that
+data wrapped under them still opens. ``disabled`` keys refuse until enabled again;
+``destroyed`` keys keep their id and lose their material for good. The file format
+(plain or sealed with a passphrase or a KEK) is in docs/KEYS.md and
+:mod:`~gpucrypt.keys._document`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from typing import Any, Iterable, Iterator
+
+from .. import audit
+from .._errors import KeyNotFound, KeysetError, KeyUnavailable
+from ..files._atomic import write_atomically
+from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document, read_json,
+                        seal_document, utc_timestamp)
+
+__all__ = ["KeysetKey", "Keyset", "PRIMARY", "ENABLED", "DISABLED", "DESTROYED",
+           "KEK_ALGORITHMS", "DEFAULT_KEK_ALGORITHM", "KEYSET_FORMAT"]
+
+PRIMARY, ENABLED, DISABLED, DESTROYED = "primary", "enabled", "disabled", "destroyed"
+_STATUSES = (PRIMARY, ENABLED, DISABLED, DESTROYED)
+
+#: symmetric KEK algorithms a keyset can hold -> key size in bytes
+KEK_ALGORITHMS = {"aes-256-kwp": 32}
+DEFAULT_KEK_ALGORITHM = "aes-256-kwp"
+
+KEYSET_FORMAT = "gpucrypt-keyset"
+
+
+class KeysetKey:
+    """One key of a keyset: ``id``, ``algorithm``, ``created`` (ISO 8601 UTC) and ``status``.
+
+    The material is reachable only through :meth:`secret_bytes`, and never printed.
+    """
+
+    __slots__ = ("id", "algorithm", "created", "status", "_material")
+
+    def __init__(self, id: str, algorithm: str, created: str, status: str,
+                 material: bytes | None):
+        self.id, self.algorithm, self.created, self.status = id, algorithm, created, status
+        self._material = material
+
+    def __repr__(self) -> str:
+        return f"KeysetKey(id={self.id!r}, algorithm={self.algorithm!r}, status={self.status!r})"
+
+    __str__ = __repr__
+
+    @property
+    def usable(self) -> bool:
+        """True when the key may unwrap (primary or enabled)."""
+        return self.status in (PRIMARY, ENABLED)
+
+    def secret_bytes(self) -> bytes:
+        """The key material; refuses for a disabled or destroyed key."""
+        _require_usable(self)
+        assert self._material is not None
+        return self._material
+
+    def metadata(self) -> dict:
+        """Everything but the material (what ``keys list`` shows)."""
+        return {"id": self.id, "algorithm": self.algorithm, "created": self.created,
+                "status": self.status}
+
+
+def _require_usable(key: KeysetKey) -> None:
+    if key.status == DISABLED:
+        raise KeyUnavailable(f"key {key.id} is disabled in this keyset: enable it again "
+                             f"(gpucrypt keys enable) to use it")
+    if key.status == DESTROYED:
+        raise KeyUnavailable(f"key {key.id} was destroyed: its material is gone, and data "
+                             f"wrapped only under it cannot be recovered")
+
+
+def _refuse_primary(key: KeysetKey) -> KeysetKey:
+    """``key``, unless it is the primary (KeyUnavailable: the keyset would have none)."""
+    if key.status == PRIMARY:
+        raise KeyUnavailable(f"key {key.id} is the primary: promote another key first")
+    return key
+
+
+def _new_key_id() -> str:
+    return secrets.token_hex(8)
+
+
+class Keyset:
+    """An ordered set of symmetric key-encryption keys with one primary.
+
+    ``Keyset.generate()`` makes one with a single primary key; :meth:`load` and
+    :meth:`save` read and write the JSON file described in docs/KEYS.md. New data
+    keys are wrapped under :attr:`primary`; unwrapping finds the key by the id the
+    envelope records. A keyset is also a :class:`KeyProvider`.
+    """
+
+    def __init__(self, keys: Iterable[KeysetKey] = ()):
+        self._keys: dict[str, KeysetKey] = {}
+        for key in keys:
+            if key.id in self._keys:
+                raise KeysetError(f"duplicate key id {key.id}")
+            if key.status not in _STATUSES:
+                raise KeysetError(f"key {key.id}: unknown status {key.status!r}")
+            self._keys[key.id] = key
+        primaries = [k for k in self._keys.values() if k.status == PRIMARY]
+        if self._keys and len(primaries) != 1:
+            raise KeysetError(f"a keyset has exactly one primary key, this one has {len(primaries)}")
+        self._seal: dict | None = None  # how it was loaded, so save() keeps it sealed
+
+    def __repr__(self) -> str:
+        primary = next((k.id for k in self._keys.values() if k.status == PRIMARY), None)
+        return f"Keyset(primary={primary!r}, keys={list(self._keys)})"
+
+    __str__ = __repr__
+
+    # --- creation, files
+    @classmethod
+    def generate(cls, algorithm: str = DEFAULT_KEK_ALGORITHM) -> "Keyset":
+        """A new keyset holding one fresh primary key."""
+        keyset = cls([_fresh_key(algorithm, PRIMARY)])
+        audit.event("keyset.generate", key_id=keyset.primary.id, algorithm=algorithm)
+        return keyset
+
+    @classmethod
+    def inspect(cls, path: str | os.PathLike) -> dict:
+        """The file's public part: ``{"keys": [metadata...], "protection": method or None}``,
+        readable without the passphrase."""
+        doc = read_json(path, KEYSET_FORMAT)
+        keys = doc.get("keys")
+        if not isinstance(keys, list):
+            raise KeysetError(f"{os.fspath(path)}: malformed keyset (no key list)")
+        protection = doc.get("protection")
+        return {"keys": [{k: v for k, v in entry.items() if k != "material"} for entry in keys],
+                "protection": protection.get("method") if isinstance(protection, dict) else None}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, passphrase: str | bytes | None = None, *,
+             kek: bytes | None = None) -> "Keyset":
+        """Read a keyset file; a sealed one needs its ``passphrase`` or ``kek``.
+
+        Raises :class:`KeysetError` for a malformed file or a wrong passphrase/KEK.
+        """
+        where = os.fspath(path)
+        with audit.timed("keyset.load", path=where) as ev:
+            doc = read_json(path, KEYSET_FORMAT)
+            entries = doc.get("keys")
+            if not isinstance(entries, list):
+                raise KeysetError(f"{where}: malformed keyset (no key list)")
+            if "protection" in doc:
+                materials = open_document(doc, where, passphrase=passphrase, kek=kek)
+                if not isinstance(materials, dict):
+                    raise KeysetError(f"{where}: malformed sealed part")
+            else:
+                materials = {e.get("id"): e.get("material") for e in entries
+                             if isinstance(e, dict) and "material" in e}
+            keys = []
+            for entry in entries:
+                keys.append(_key_from_entry(entry, materials, where))
+            keyset = cls(keys)
+            if "protection" in doc:
+                keyset._seal = {"passphrase": passphrase, "kek": kek,
+                                "kek_id": doc["protection"].get("kek_id"),
+                                "scrypt_n": doc["protection"].get("n", DEFAULT_SCRYPT_N)}
+            ev["count"] = len(keys)
+            ev["key_id"] = keyset.primary.id
+        return keyset
+
+    def save(self, path: str | os.PathLike, passphrase: str | bytes | None = None, *,
+             kek: bytes | None = None, kek_id: str | None = None,
+             scrypt_n: int | None = None, unsealed: bool = False) -> None:
+        """Write the keyset to ``path`` (0600, atomically).
+
+        With ``passphrase`` (scrypt + ChaCha20-Poly1305) or ``kek`` (32 bytes, AES-256-GCM)
+        the materials are sealed. A keyset loaded sealed stays sealed with the same
+        secret unless another is given, or ``unsealed=True`` asks for plain JSON.
+        """
+        if not self._keys:  # a keyset file without a primary key could not be loaded back
+            raise KeysetError("the keyset has no keys: add one (Keyset.generate) before saving")
+        if passphrase is None and kek is None and not unsealed and self._seal is not None:
+            passphrase, kek = self._seal["passphrase"], self._seal["kek"]
+            kek_id = kek_id or self._seal["kek_id"]
+            scrypt_n = scrypt_n or self._seal["scrypt_n"]
+        public = {"format": KEYSET_FORMAT, "version": FILE_VERSION,
+                  "keys": [k.metadata() for k in self._keys.values()]}
+        if passphrase is None and kek is None:
+            for entry, key in zip(public["keys"], self._keys.values()):
+                if key._material is not None:
+                    entry["material"] = b64e(key._material)
+            doc = public
+            method = None
+        else:
+            materials = {k.id: b64e(k._material) for k in self._keys.values()
+                         if k._material is not None}
+            doc = seal_document(public, materials, passphrase=passphrase, kek=kek, kek_id=kek_id,
+                                 scrypt_n=scrypt_n or DEFAULT_SCRYPT_N)
+            method = doc["protection"]["method"]
+            self._seal = {"passphrase": passphrase, "kek": kek, "kek_id": kek_id,
+                          "scrypt_n": scrypt_n or DEFAULT_SCRYPT_N}
+        write_atomically(path, json.dumps(doc, indent=2).encode("utf-8") + b"\n", 0o600)
+        audit.event("keyset.save", path=os.fspath(path), count=len(self._keys),
+                    key_id=self.primary.id, status=method or "unsealed")
+
+    # --- reading
+    def __iter__(self) -> Iterator[KeysetKey]:
+        return iter(list(self._keys.values()))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def primary(self) -> KeysetKey:
+        """The key that wraps new data keys."""
+        for key in self._keys.values():
+            if key.status == PRIMARY:
+                return key
+        raise KeyNotFound("this keyset is empty: it has no primary key")
+
+    def _find(self, key_id: str) -> KeysetKey:
+        try:
+            return self._keys[key_id]
+        except KeyError:
+            raise KeyNotFound(f"no key {key_id!r} in this keyset (it holds "
+                              f"{', '.join(self._keys) or 'nothing'})") from None
+
+    def get(self, key_id: str) -> KeysetKey:
+        """The key ``key_id``, if it may be used; :class:`KeyUnavailable` for a disabled
+        or destroyed key, :class:`KeyNotFound` for an unknown id."""
+        key = self._find(key_id)
+        _require_usable(key)
+        return key
+
+    def get_key(self, key_id: str) -> bytes:
+        """:class:`KeyProvider` interface: the material of a usable key."""
+        return self.get(key_id).secret_bytes()
+
+    # --- changes
+    def add(self, algorithm: str = DEFAULT_KEK_ALGORITHM, *, primary: bool = False) -> KeysetKey:
+        """Add a fresh ``enabled`` key (or make it the primary at once) and return it."""
+        key = _fresh_key(algorithm, ENABLED)
+        self._keys[key.id] = key
+        audit.event("keyset.add", key_id=key.id, algorithm=algorithm, status=ENABLED)
+        if primary:
+            self.promote(key.id)
+        return key
+
+    def _find_not_destroyed(self, key_id: str) -> KeysetKey:
+        """The key ``key_id``; KeyNotFound if absent, KeyUnavailable if destroyed."""
+        key = self._find(key_id)
+        if key.status == DESTROYED:
+            _require_usable(key)
+        return key
+
+    def promote(self, key_id: str) -> KeysetKey:
+        """Make ``key_id`` (enabled or disabled) the primary; the old primary stays enabled."""
+        key = self._find_not_destroyed(key_id)
+        for other in self._keys.values():
+            if other.status == PRIMARY:
+                other.status = ENABLED
+        key.status = PRIMARY
+        audit.event("keyset.promote", key_id=key.id, status=PRIMARY)
+        return key
+
+    def enable(self, key_id: str) -> KeysetKey:
+        """Let a disabled key unwrap again."""
+        key = self._find_not_destroyed(key_id)
+        if key.status == DISABLED:
+            key.status = ENABLED
+        audit.event("keyset.enable", key_id=key.id, status=key.status)
+        return key
+
+    def disable(self, key_id: str) -> KeysetKey:
+        """Stop a key from unwrapping (reversible). The primary cannot be disabled."""
+        key = _refuse_primary(self._find_not_destroyed(key_id))
+        key.status = DISABLED
+        audit.event("keyset.disable", key_id=key.id, status=DISABLED)
+        return key
+
+    def destroy(self, key_id: str) -> KeysetKey:
+        """Drop a key's material for good; its id stays, marked ``destroyed``."""
+        key = _refuse_primary(self._find(key_id))
+        key.status, key._material = DESTROYED, None
+        audit.event("keyset.destroy", key_id=key.id, status=DESTROYED)
+        return key
+
+
+def _fresh_key(algorithm: str, status: str) -> KeysetKey:
+    if algorithm not in KEK_ALGORITHMS:
+        raise ValueError(f"unknown key algorithm {algorithm!r}; choose one of {sorted(KEK_ALGORITHMS)}")
+    return KeysetKey(_new_key_id(), algorithm, utc_timestamp(), status,
+                     os.urandom(KEK_ALGORITHMS[algorithm]))
+
+
+def _key_from_entry(entry: Any, materials: dict, where: str) -> KeysetKey:
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(f), str) for f in
+                                              ("id", "algorithm", "created", "status")):
+        raise KeysetError(f"{where}: malformed key entry")
+    key_id, algorithm, status = entry["id"], entry["algorithm"], entry["status"]
+    if algorithm not in KEK_ALGORITHMS:
+        raise KeysetError(f"{where}: key {key_id}: unknown algorithm {algorithm!r}")
+    if status not in _STATUSES:
+        raise KeysetError(f"{where}: key {key_id}: unknown status {status!r}")
+    material = None
+    if status != DESTROYED:
+        if materials.get(key_id) is None:
+            raise KeysetError(f"{where}: key {key_id} has no material")
+        material = b64d(materials[key_id], f"{where}: key {key_id}")
+        if len(material) != KEK_ALGORITHMS[algorithm]:
+            raise KeysetError(f"{where}: key {key_id} has the wrong length for {algorithm}")
+    return KeysetKey(key_id, algorithm, entry["created"], status, material)

@@ -1,0 +1,385 @@
+"""Public-key recipients and identities, and the envelope that wraps a data key for them.
+
+A :class:`Recipient` is a public key (``x25519``, or ``mlkem768-x25519``, a
+post-quantum hybrid); its :class:`Identity` is the private half. :func:`seal_envelope`
+wraps a data key once per recipient, keyset or :class:`~gpucrypt.keys.providers.WrappingKey`,
+and :func:`open_envelope` unwraps it with whichever identity or key matches a stanza.
+The envelope bytes themselves are :mod:`gpucrypt.keys._envelope`'s.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+from cryptography.hazmat.primitives.keywrap import (InvalidUnwrap, aes_key_unwrap_with_padding,
+                                                    aes_key_wrap_with_padding)
+
+from .. import audit
+from .._buffers import bytes_arg
+from .._errors import (EnvelopeError, KeyNotFound, KeysetError, KeyUnavailable,
+                       NoMatchingRecipient)
+from ..files._atomic import write_atomically
+from . import _envelope
+from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document, read_json,
+                        seal_document, utc_timestamp)
+from ._envelope import EnvelopeFormatError, Stanza
+from .keyset import Keyset, KeysetKey
+from .providers import KeyProvider, WrappingKey
+
+__all__ = ["Recipient", "Identity", "generate_dek", "seal_envelope", "open_envelope",
+           "describe_envelope", "seal_envelope_with_labels", "recipient_list", "identity_list",
+           "HPKE_INFO", "DEK_SIZE", "IDENTITY_FORMAT", "RECIPIENT_FORMAT"]
+
+#: HPKE ``info`` for every public-key stanza: binds the wrapping to this use
+HPKE_INFO = b"gpucrypt-envelope-v1"
+DEK_SIZE = 32
+_DEK_MIN, _DEK_MAX = 16, 64
+
+#: KEM name -> (stanza type, HPKE suite)
+_KEMS = {
+    "x25519": ("hpke-x25519",
+               hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)),
+    "mlkem768-x25519": ("hpke-mlkem768-x25519",
+                        hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256,
+                                   hpke.AEAD.CHACHA20_POLY1305)),
+}
+_KEM_OF_STANZA = {stanza: kem for kem, (stanza, _) in _KEMS.items()}
+_MLKEM768_SEED, _MLKEM768_PUBLIC, _X25519_SIZE = 64, 1184, 32
+
+IDENTITY_FORMAT, RECIPIENT_FORMAT = "gpucrypt-identity", "gpucrypt-recipient"
+
+
+# --------------------------------------------------------------------------- public-key recipients
+
+
+def _fingerprint(kem: str, public: bytes) -> str:
+    digest = hashlib.sha256(b"gpucrypt-recipient-v1\x00" + kem.encode() + b"\x00" + public)
+    return f"{kem}:{digest.hexdigest()[:32]}"
+
+
+class Recipient:
+    """A public key data keys can be wrapped for: ``kem`` is ``"x25519"`` or
+    ``"mlkem768-x25519"`` (post-quantum hybrid). ``fingerprint`` names it in envelopes
+    and audit logs (``"x25519:" + 32 hex digits``, the first 16 bytes of a SHA-256)."""
+
+    def __init__(self, kem: str, public_bytes: bytes):
+        if kem not in _KEMS:
+            raise ValueError(f"unknown KEM {kem!r}; choose one of {sorted(_KEMS)}")
+        self.kem, self.public_bytes = kem, bytes(public_bytes)
+        self._public_key = _load_public(kem, self.public_bytes)  # validates
+        self.fingerprint = _fingerprint(kem, self.public_bytes)
+
+    def __repr__(self) -> str:
+        return f"Recipient({self.fingerprint!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Recipient) and other.fingerprint == self.fingerprint
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
+    @property
+    def stanza_id(self) -> bytes:
+        return bytes.fromhex(self.fingerprint.split(":", 1)[1])
+
+    def to_json(self) -> dict:
+        return {"format": RECIPIENT_FORMAT, "version": FILE_VERSION, "kem": self.kem,
+                "public_key": b64e(self.public_bytes), "fingerprint": self.fingerprint}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the public file (0644: it is meant to be shared)."""
+        write_atomically(path, json.dumps(self.to_json(), indent=2).encode() + b"\n", 0o644)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Recipient":
+        """Read a recipient file; an identity file is accepted too (its public half is used)."""
+        try:
+            return Identity.load(path).recipient if _file_format(path) == IDENTITY_FORMAT \
+                else cls._from_doc(read_json(path, RECIPIENT_FORMAT), os.fspath(path))
+        except KeysetError as exc:
+            if "sealed with a passphrase" in str(exc):
+                raise KeysetError(f"{os.fspath(path)} is a sealed identity: use its .pub "
+                                  f"recipient file") from None
+            raise
+
+    @classmethod
+    def _from_doc(cls, doc: dict, where: str) -> "Recipient":
+        return _checked_key(
+            lambda: cls(doc.get("kem"), b64d(doc.get("public_key"), f"{where}: public key")),
+            doc, where, "public")
+
+
+def _checked_key(make: Callable[[], Any], doc: dict, where: str, half: str) -> Any:
+    """``make()`` (a Recipient or Identity built from the file ``where``'s document ``doc``),
+    its ValueErrors reported as KeysetError "invalid {half} key"; KeysetError too when
+    ``doc`` records a fingerprint that is not the key's."""
+    try:
+        key = make()
+    except ValueError as exc:
+        if isinstance(exc, KeysetError):
+            raise
+        raise KeysetError(f"{where}: invalid {half} key ({exc})") from None
+    if doc.get("fingerprint") not in (None, key.fingerprint):
+        raise KeysetError(f"{where}: the fingerprint does not match the {half} key")
+    return key
+
+
+def _file_format(path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _load_public(kem: str, public: bytes):
+    if kem == "x25519":
+        if len(public) != _X25519_SIZE:
+            raise ValueError("an X25519 public key is 32 bytes")
+        return x25519.X25519PublicKey.from_public_bytes(public)
+    if len(public) != _MLKEM768_PUBLIC + _X25519_SIZE:
+        raise ValueError(f"an ML-KEM-768 + X25519 public key is {_MLKEM768_PUBLIC + 32} bytes")
+    return hpke.MLKEM768X25519PublicKey(
+        mlkem.MLKEM768PublicKey.from_public_bytes(public[:_MLKEM768_PUBLIC]),
+        x25519.X25519PublicKey.from_public_bytes(public[_MLKEM768_PUBLIC:]))
+
+
+class Identity:
+    """A private key that opens stanzas wrapped for its :attr:`recipient`.
+
+    Stored material: X25519, the 32-byte private key; ML-KEM-768 + X25519, the
+    64-byte ML-KEM seed followed by the 32-byte X25519 private key."""
+
+    def __init__(self, kem: str, private_bytes: bytes, created: str | None = None):
+        if kem not in _KEMS:
+            raise ValueError(f"unknown KEM {kem!r}; choose one of {sorted(_KEMS)}")
+        self.kem, self._private_bytes = kem, bytes(private_bytes)
+        self.created = created or utc_timestamp()
+        if kem == "x25519":
+            if len(self._private_bytes) != _X25519_SIZE:
+                raise ValueError("an X25519 private key is 32 bytes")
+            self._x = x25519.X25519PrivateKey.from_private_bytes(self._private_bytes)
+            self._private_key: Any = self._x
+            public = self._x.public_key().public_bytes_raw()
+        else:
+            if len(self._private_bytes) != _MLKEM768_SEED + _X25519_SIZE:
+                raise ValueError("an ML-KEM-768 + X25519 private key is 96 bytes (seed + X25519)")
+            m = mlkem.MLKEM768PrivateKey.from_seed_bytes(self._private_bytes[:_MLKEM768_SEED])
+            self._x = x25519.X25519PrivateKey.from_private_bytes(self._private_bytes[_MLKEM768_SEED:])
+            self._private_key = hpke.MLKEM768X25519PrivateKey(m, self._x)
+            public = m.public_key().public_bytes_raw() + self._x.public_key().public_bytes_raw()
+        self.recipient = Recipient(kem, public)
+
+    def __repr__(self) -> str:
+        return f"Identity({self.recipient.fingerprint!r})"
+
+    __str__ = __repr__
+
+    @property
+    def fingerprint(self) -> str:
+        return self.recipient.fingerprint
+
+    @classmethod
+    def generate(cls, kem: str = "x25519") -> "Identity":
+        """A fresh key pair."""
+        if kem == "x25519":
+            private = x25519.X25519PrivateKey.generate().private_bytes_raw()
+        elif kem == "mlkem768-x25519":
+            private = (mlkem.MLKEM768PrivateKey.generate().private_bytes_raw()
+                       + x25519.X25519PrivateKey.generate().private_bytes_raw())
+        else:
+            raise ValueError(f"unknown KEM {kem!r}; choose one of {sorted(_KEMS)}")
+        identity = cls(kem, private)
+        audit.event("identity.generate", key_id=identity.fingerprint, algorithm=_KEMS[kem][0])
+        return identity
+
+    def save(self, path: str | os.PathLike, passphrase: str | bytes | None = None, *,
+             scrypt_n: int = DEFAULT_SCRYPT_N) -> None:
+        """Write the private file (0600, atomically), sealed when ``passphrase`` is given."""
+        public = {"format": IDENTITY_FORMAT, "version": FILE_VERSION, "kem": self.kem,
+                  "created": self.created, "public_key": b64e(self.recipient.public_bytes),
+                  "fingerprint": self.fingerprint}
+        secret = {"private_key": b64e(self._private_bytes)}
+        doc = (seal_document(public, secret, passphrase=passphrase, scrypt_n=scrypt_n)
+               if passphrase is not None else {**public, **secret})
+        write_atomically(path, json.dumps(doc, indent=2).encode() + b"\n", 0o600)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, passphrase: str | bytes | None = None) -> "Identity":
+        where = os.fspath(path)
+        doc = read_json(path, IDENTITY_FORMAT)
+        secret = (open_document(doc, where, passphrase=passphrase) if "protection" in doc
+                  else doc)
+        return _checked_key(
+            lambda: cls(doc.get("kem"), b64d(secret.get("private_key"), f"{where}: private key"),
+                        doc.get("created")),
+            doc, where, "private")
+
+    def _unwrap(self, body: bytes) -> bytes:
+        return _KEMS[self.kem][1].decrypt(body, self._private_key, info=HPKE_INFO)
+
+
+# --------------------------------------------------------------------------- envelopes
+
+
+def generate_dek() -> bytes:
+    """A fresh random data key (32 bytes)."""
+    return os.urandom(DEK_SIZE)
+
+
+def _stanza_label(stanza: Stanza) -> str:
+    if stanza.kind == "aes-kwp":
+        return "aes-kwp:" + stanza.recipient_id.decode("utf-8", "replace")
+    return f"{_KEM_OF_STANZA[stanza.kind]}:{stanza.recipient_id.hex()}"
+
+
+def describe_envelope(envelope: bytes) -> list[str]:
+    """Who the envelope is for, one label per stanza: ``"aes-kwp:<key id>"`` or a
+    recipient fingerprint ``"x25519:<hex>"``. Needs no key."""
+    return [_stanza_label(s) for s in _decode(envelope)]
+
+
+def _decode(envelope: bytes) -> list[Stanza]:
+    try:
+        return _envelope.decode(envelope)
+    except EnvelopeFormatError as exc:
+        raise EnvelopeError(f"malformed envelope: {exc}") from None
+
+
+def recipient_list(recipients: Any) -> list:
+    """``recipients`` (one recipient or a sequence, as :func:`seal_envelope` takes them)
+    as a new list."""
+    if isinstance(recipients, (Recipient, Identity, Keyset, KeysetKey, WrappingKey)):
+        return [recipients]
+    return list(recipients)
+
+
+def _check_dek(dek: Any) -> bytes:
+    dek = bytes_arg(dek, "dek")
+    if not _DEK_MIN <= len(dek) <= _DEK_MAX:
+        raise ValueError(f"a data key must be {_DEK_MIN} to {_DEK_MAX} bytes, not {len(dek)}")
+    return dek
+
+
+def seal_envelope(dek: bytes, recipients: Any) -> bytes:
+    """Wrap ``dek`` once for each recipient and return the envelope bytes.
+
+    ``recipients``: one or a sequence of :class:`Recipient` (HPKE), :class:`Identity`
+    (its public half), :class:`Keyset` (its primary key, AES-KWP), :class:`KeysetKey`
+    or :class:`WrappingKey` (AES-KWP). Duplicates are wrapped once. Raises
+    ``ValueError`` for no recipient or more than 255, :class:`KeyUnavailable` for a
+    disabled or destroyed keyset key.
+    """
+    return seal_envelope_with_labels(dek, recipients)[0]
+
+
+def seal_envelope_with_labels(dek: bytes, recipients: Any) -> tuple[bytes, list[str]]:
+    """:func:`seal_envelope`, also returning what :func:`describe_envelope` would say of
+    the result (one label per stanza), without decoding the envelope again."""
+    dek = _check_dek(dek)
+    stanzas, labels = [], []
+    with audit.timed("envelope.seal") as ev:
+        for item in recipient_list(recipients):
+            if isinstance(item, Identity):
+                item = item.recipient
+            if isinstance(item, Keyset):
+                item = item.primary
+            if isinstance(item, Recipient):
+                kind, suite = _KEMS[item.kem]
+                stanza = Stanza(kind, item.stanza_id,
+                                suite.encrypt(dek, item._public_key, info=HPKE_INFO))
+            elif isinstance(item, (KeysetKey, WrappingKey)):
+                key_id = item.id if isinstance(item, KeysetKey) else item.key_id
+                stanza = Stanza("aes-kwp", key_id.encode("utf-8"),
+                                aes_key_wrap_with_padding(item.secret_bytes(), dek))
+            else:
+                raise TypeError(f"cannot wrap a data key for a {type(item).__name__}: give "
+                                f"Recipient, Identity, Keyset, KeysetKey or WrappingKey objects")
+            label = _stanza_label(stanza)
+            if label not in labels:
+                stanzas.append(stanza)
+                labels.append(label)
+        if not stanzas:
+            raise ValueError("seal_envelope needs at least one recipient")
+        ev.update(recipients=labels, count=len(stanzas))
+        return _envelope.encode(stanzas), labels
+
+
+def identity_list(identities: Any) -> list:
+    """``identities`` (None, one identity or a sequence, as :func:`open_envelope` takes
+    them) as a new list; ``TypeError`` for anything that cannot open an envelope."""
+    if identities is None:
+        return []
+    items = list(identities) if isinstance(identities, (list, tuple, set, frozenset)) else [identities]
+    for item in items:
+        if isinstance(item, Recipient):
+            raise TypeError(f"{item!r} is a public key: opening an envelope needs the private "
+                            f"Identity (the identity file, not the .pub file)")
+        if not isinstance(item, (Identity, KeysetKey, WrappingKey, KeyProvider)):
+            raise TypeError(f"cannot open an envelope with a {type(item).__name__}: give Identity, "
+                            f"Keyset, KeysetKey, WrappingKey or KeyProvider objects")
+    return items
+
+
+def open_envelope(envelope: bytes, identities: Any) -> bytes:
+    """The data key, unwrapped by the first stanza one of ``identities`` opens.
+
+    ``identities``: one or a sequence of :class:`Identity`, :class:`Keyset`,
+    :class:`KeysetKey`, :class:`WrappingKey` or any :class:`KeyProvider`. A stanza is
+    tried only with identities that own its id (a fingerprint or key id). Raises
+    :class:`NoMatchingRecipient` ("no recipient in this file matches your key(s)",
+    with why for each near miss: a disabled key, a failed unwrap) when none opens,
+    :class:`EnvelopeError` when the envelope is malformed.
+    """
+    candidates = identity_list(identities)
+    with audit.timed("envelope.open") as ev:
+        stanzas = _decode(envelope)
+        ev["recipients"] = [_stanza_label(s) for s in stanzas]
+        notes: list[str] = []
+        for stanza in stanzas:
+            for identity in candidates:
+                try:
+                    dek = _try_open(stanza, identity)
+                except KeyNotFound:
+                    continue
+                except (KeyUnavailable, KeysetError) as exc:
+                    notes.append(str(exc))
+                    continue
+                except (InvalidUnwrap, InvalidTag, ValueError):
+                    notes.append(f"the wrapped key for {_stanza_label(stanza)} failed to "
+                                 f"authenticate: the envelope was altered or made with another key")
+                    continue
+                if dek is not None:
+                    ev["key_id"] = _stanza_label(stanza)
+                    return dek
+        detail = "; ".join(dict.fromkeys(notes))
+        raise NoMatchingRecipient("no recipient in this file matches your key(s)"
+                                  + (f" ({detail})" if detail else ""))
+
+
+def _try_open(stanza: Stanza, identity: Any) -> bytes | None:
+    """The DEK if ``identity`` owns ``stanza`` and unwraps it; None if it does not own it."""
+    if stanza.kind == "aes-kwp":
+        key_id = stanza.recipient_id.decode("utf-8", "replace")
+        if isinstance(identity, KeysetKey):
+            if identity.id != key_id:
+                return None
+            kek = identity.secret_bytes()
+        elif isinstance(identity, WrappingKey):
+            if identity.key_id != key_id:
+                return None
+            kek = identity.secret_bytes()
+        elif isinstance(identity, KeyProvider):  # a Keyset included
+            kek = identity.get_key(key_id)
+        else:
+            return None
+        return aes_key_unwrap_with_padding(kek, stanza.body)
+    if isinstance(identity, Identity) and _KEMS[identity.kem][0] == stanza.kind \
+            and identity.recipient.stanza_id == stanza.recipient_id:
+        return identity._unwrap(stanza.body)
+    return None
