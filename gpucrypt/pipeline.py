@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
 from cryptography.exceptions import InvalidTag
@@ -51,6 +51,17 @@ GPU_BATCH_BYTES = 64 << 20
 
 __all__ = ["CPU_BATCH_BYTES", "GPU_BATCH_BYTES", "Job", "Batch", "CpuRunner", "GpuRunner", "DeviceTags", "run", "scratch", "seal", "seal_detached",
            "open_attached", "open_detached", "split_evenly"]
+
+
+def __getattr__(name: str) -> Any:
+    # concurrent.futures (and the logging it imports) loads when a pool is first made: a
+    # small file's whole run is shorter than that import
+    if name == "ThreadPoolExecutor":
+        from concurrent.futures import ThreadPoolExecutor
+
+        globals()[name] = ThreadPoolExecutor
+        return ThreadPoolExecutor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Job:
@@ -168,7 +179,7 @@ class CpuRunner:
     def __init__(self, crypto: Callable[[Job, Any], Any], threads: int):
         self.crypto = crypto
         self.threads = threads
-        self._pool = ThreadPoolExecutor(threads) if threads >= 1 else None
+        self._pool = sys.modules[__name__].ThreadPoolExecutor(threads) if threads >= 1 else None
 
     def start(self, batch: Batch) -> Callable[[], list]:
         if self._pool is None:

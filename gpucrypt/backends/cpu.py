@@ -12,11 +12,11 @@ plaintext in the buffer; we do not).
 """
 from __future__ import annotations
 
-import hmac
 import os
 import struct
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import constant_time
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
@@ -95,7 +95,7 @@ class _OpenSslAead(AeadContext):
             return
         state = self._start(nonce)
         ct, tag = data[:-16], data[-16:]
-        if not hmac.compare_digest(self._tag(state, ct, aad), tag):
+        if not constant_time.bytes_eq(self._tag(state, ct, aad), bytes(tag)):
             _zero(out)
             raise InvalidTag()
         self._xor(state, ct, out)
@@ -113,7 +113,7 @@ class _OpenSslAead(AeadContext):
         if len(data) <= ONE_SHOT_DETACHED_MAX and self._native(nonce, len(data), len(aad)):
             return self._open_detached_one_shot(nonce, data, tag, aad, out)
         state = self._start(nonce)
-        if not hmac.compare_digest(self._tag(state, data, aad), bytes(tag)):
+        if not constant_time.bytes_eq(self._tag(state, data, aad), bytes(tag)):
             if not _same_memory(data, out):
                 _zero(out)
             raise InvalidTag()
@@ -171,7 +171,7 @@ class _ChaCha20Poly1305(_OpenSslAead):
     def open_detached(self, nonce, data, tag, aad, out, threads=1):
         if threads < 2 or len(data) < PARALLEL_MIN or len(tag) != 16:
             return super().open_detached(nonce, data, tag, aad, out)
-        if not hmac.compare_digest(self._tag(nonce, data, aad), bytes(tag)):
+        if not constant_time.bytes_eq(self._tag(nonce, data, aad), bytes(tag)):
             if not _same_memory(data, out):
                 _zero(out)
             raise InvalidTag()

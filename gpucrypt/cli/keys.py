@@ -21,8 +21,6 @@ Secrets are never printed. Passphrases for sealed keysets and identities come fr
 from __future__ import annotations
 
 import argparse
-import getpass
-import json
 import os
 import sys
 from typing import Any
@@ -54,6 +52,8 @@ def _passphrase(args: Any, what: str, *, confirm: bool = False) -> str:
     if not sys.stdin.isatty():
         raise CliError(f"{what} needs a passphrase: give --passphrase-file or set "
                        f"{PASSPHRASE_ENV}", 2)
+    import getpass
+
     first = getpass.getpass(f"passphrase for {what}: ")
     if confirm and getpass.getpass("again: ") != first:
         raise CliError("the passphrases differ", 2)
@@ -63,6 +63,8 @@ def _passphrase(args: Any, what: str, *, confirm: bool = False) -> str:
 
 
 def _is_sealed(path: str) -> bool:
+    import json
+
     try:
         with open(path, "rb") as f:
             return "protection" in json.loads(f.read().decode("utf-8"))
@@ -252,6 +254,8 @@ def _run_keys(args) -> int:
     if args.keys_command == "list":
         info = _keys_call(Keyset.inspect, args.keyset)
         if args.json:
+            import json
+
             print(json.dumps(info, indent=2))
             return 0
         print(f"{args.keyset}: {len(info['keys'])} key(s), "

@@ -33,14 +33,12 @@ Keys (HKDF-SHA256, RFC 5869, input key = the caller's 32-byte key, salt = the sa
 """
 from __future__ import annotations
 
-import hmac
-import hashlib
 import os
 import struct
-from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import constant_time, hashes
+from cryptography.hazmat.primitives.hmac import HMAC
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .._buffers import bytes_arg
@@ -111,23 +109,53 @@ class TruncatedError(AuthenticationError):
 
 
 # ----------------------------------------------------------------------------- header
-@dataclass(frozen=True)
 class Header:
     """A parsed header. ``header_length`` is its size in bytes: the segments start there.
 
     ``key_id`` and ``envelope`` are None when absent (an empty value is stored as absent).
     ``header_mac`` is only checked by :func:`verify_header`, which needs the key.
+    Immutable; compared field by field; its repr leaves out the salt, nonce prefix,
+    envelope and MAC. (A plain class, not a dataclass: ``dataclasses`` would add a
+    sixth of ``gpucrypt encrypt``'s start-up.)
     """
 
+    _FIELDS = ("version", "algorithm", "segment_size", "salt", "nonce_prefix", "key_id",
+               "envelope", "header_mac", "header_length")
+    _SHOWN = ("version", "algorithm", "segment_size", "key_id", "header_length")
+    __slots__ = _FIELDS
     version: int
     algorithm: str
     segment_size: int
-    salt: bytes = field(repr=False)
-    nonce_prefix: bytes = field(repr=False)
+    salt: bytes
+    nonce_prefix: bytes
     key_id: str | None
-    envelope: bytes | None = field(repr=False)
-    header_mac: bytes = field(repr=False)
+    envelope: bytes | None
+    header_mac: bytes
     header_length: int
+
+    def __init__(self, version: int, algorithm: str, segment_size: int, salt: bytes,
+                 nonce_prefix: bytes, key_id: str | None, envelope: bytes | None,
+                 header_mac: bytes, header_length: int):
+        for name, value in zip(self._FIELDS, (version, algorithm, segment_size, salt,
+                                              nonce_prefix, key_id, envelope, header_mac,
+                                              header_length)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"a Header is immutable (cannot set {name!r})")
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        return self._values() == other._values() if type(other) is Header else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._SHOWN)
+        return f"Header({shown})"
 
     @property
     def fixed_fields(self) -> bytes:
@@ -260,10 +288,18 @@ def new_header(key: bytes, algorithm: str, segment_size: int, *, key_id=None, en
     return seal_header(key, unsigned)
 
 
+def _header_mac(key: bytes, header: Header, body: bytes) -> bytes:
+    # HMAC-SHA256 through OpenSSL's binding in cryptography, already loaded: the
+    # standard library's hmac/hashlib would load a second OpenSSL binding at start-up
+    mac = HMAC(header_mac_key(key, header), hashes.SHA256())
+    mac.update(body)
+    return mac.finalize()
+
+
 def seal_header(key: bytes, header: Header) -> tuple[Header, bytes]:
     """``header`` with a fresh MAC over its fields under ``key``, and its encoding."""
     body = header.fixed_fields + variable_fields(header.key_id, header.envelope)
-    mac = hmac.new(header_mac_key(key, header), body, hashlib.sha256).digest()
+    mac = _header_mac(key, header, body)
     sealed = Header(header.version, header.algorithm, header.segment_size, header.salt,
                     header.nonce_prefix, header.key_id, header.envelope, mac,
                     len(body) + MAC_SIZE)
@@ -278,8 +314,8 @@ def encode_header(header: Header) -> bytes:
 def verify_header(key: bytes, header: Header) -> None:
     """AuthenticationError unless ``header``'s MAC verifies under ``key``."""
     body = header.fixed_fields + variable_fields(header.key_id, header.envelope)
-    expected = hmac.new(header_mac_key(key, header), body, hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, header.header_mac):
+    expected = _header_mac(key, header, body)
+    if not constant_time.bytes_eq(expected, bytes(header.header_mac)):
         raise AuthenticationError("header authentication failed: wrong key, or the header "
                                   "(key id, envelope or parameters) was tampered with")
 

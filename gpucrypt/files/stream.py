@@ -211,6 +211,9 @@ class _Segments(_Closing):
                  size_hint: int | None, op: str, inline: bool = False):
         backend = select_backend(device, size_hint or 0)
         seg_key = _format.segment_key(key, header)
+        # one segment (a small file) has nothing to share out: no pool, no hand-off
+        inline = inline or (size_hint is not None and size_hint <= header.segment_size +
+                            (TAG_SIZE if op == "open" else 0))
         # XChaCha20: one HChaCha20 subkey per file, not one per segment
         algorithm, self._key, self._head = _format.segment_cipher(
             header.algorithm, seg_key, header.nonce_prefix)
@@ -223,7 +226,8 @@ class _Segments(_Closing):
             self.runner = pipeline.GpuRunner(backend, op, algorithm, self._key)
             self.per_batch = max(1, pipeline.GPU_BATCH_BYTES // self.S)
         else:  # inline: in the caller's thread (a random-access reader's one segment)
-            self.threads = 1 if inline else pipeline.cpu_threads(threads)
+            threads = pipeline.cpu_threads(threads)  # checked even where unused
+            self.threads = 1 if inline else threads
             ctx = backend.aead(algorithm, self._key)
             crypto = pipeline.seal(ctx) if op == "seal" else pipeline.open_attached(ctx)
             self.runner = pipeline.CpuRunner(crypto, 0 if inline else self.threads)
