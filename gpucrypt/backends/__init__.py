@@ -49,11 +49,13 @@ def _make_cpu() -> Backend:
 
 
 def _make_gpu() -> Backend:
-    from .gpu import GpuBackend, gpu_unavailable_reason
+    from ._probe import gpu_unavailable_reason
 
-    reason = gpu_unavailable_reason()
+    reason = gpu_unavailable_reason()  # before the GPU module (NumPy) is imported
     if reason:
         raise BackendUnavailable(reason)
+    from .gpu import GpuBackend
+
     return GpuBackend()
 
 

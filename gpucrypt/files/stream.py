@@ -50,7 +50,7 @@ from typing import Any, Iterable
 
 from .. import pipeline
 from . import _format
-from ._atomic import AtomicFile, FileObjectOutput, open_output
+from ._atomic import AtomicFile, open_output
 from ._format import (DEFAULT_SEGMENT_SIZE, MAX_SEGMENTS, TAG_SIZE, AuthenticationError,
                       FormatError, Header, StreamError, TruncatedError, UnsupportedVersion)
 from ..backends import select_backend
