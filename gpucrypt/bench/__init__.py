@@ -1,5 +1,7 @@
 """``gpucrypt bench``: gpucrypt's backends against the CPU libraries people use today,
-measured in the same run on the same machine.
+measured in the same run on the same machine. (Package: ``run`` here, the CPU timings
+in ``cpu``, the GPU ones in ``gpu``; may import the public classes and the backends,
+and only the CLI imports it.)
 
 Each *cell* is one algorithm, operation, implementation and message size. Its
 figure is the median over repetitions (the machines are noisy) of the seconds one

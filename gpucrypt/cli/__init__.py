@@ -7,6 +7,8 @@ only the module of the command it runs: ``--help``, no command and an unknown on
 every command from the table's descriptions, importing none. Errors the user can
 fix are printed as one line on stderr, with exit code 2 for usage problems and 1
 for failed operations; no tracebacks.
+
+The top of the layering: may import everything below it, and nothing imports it.
 """
 from __future__ import annotations
 

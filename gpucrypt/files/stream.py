@@ -23,9 +23,13 @@ Public API::
 
 Guarantees and limits:
 
-- Memory is bounded, whatever the file size: on the CPU five batch buffers (three in,
-  two out; about 8 MiB per batch, at least one segment per thread: two batches are
-  in flight so that the workers never wait between them), on the GPU three of 64 MiB.
+- Memory is bounded, whatever the file size: batches of about 8 MiB (at least one
+  segment per thread) on the CPU, 64 MiB on the GPU, run by :mod:`gpucrypt.pipeline`
+  with two in flight. A regular file into a path: three batch buffers, which the
+  workers fill with ``pread`` and write out with ``pwrite`` themselves, sealing or
+  opening in place. Any other source or destination: four buffers of input (this
+  thread reads one batch ahead, to know which segment is the last) and, to decrypt,
+  three of plaintext. A one-segment input runs in the calling thread.
 - Writes to a path are atomic: a temporary file in the same folder, fsync, then
   rename. ``decrypt`` to a path renames only after every segment, including the
   one marked last, verified; on any error the temporary file is removed and the
