@@ -187,7 +187,17 @@ class CpuRunner:
             return lambda: results
         futures = [self._pool.submit(_run_jobs, run_, batch, self.crypto)
                    for run_ in split_evenly(batch.jobs, self.threads)]
-        return lambda: [r for f in futures for r in f.result()]
+
+        def wait() -> list:
+            # every run first, then the results: when one run raised, the others must have
+            # stopped before the caller goes on to free (or close) what they write to
+            for f in futures:
+                try:
+                    f.exception()
+                except BaseException:  # cancelled, or interrupted while waiting
+                    pass
+            return [r for f in futures for r in f.result()]
+        return wait
 
     def close(self) -> None:
         if self._pool is not None:
@@ -337,19 +347,21 @@ def run(batches: Iterable[Batch], runner, *, depth: int = 2) -> None:
         while True:
             try:
                 batch = next(batches)
+                started = runner.start(batch)
             except StopIteration:
                 break
             except Exception:
-                # The producer found a problem (a cut file, say): the batches before it
-                # finish first, so that an earlier failure is the one reported.
+                # The producer found a problem (a cut file, say), or a batch run in this
+                # thread failed: the batches before it finish first, so that an earlier
+                # failure is the one reported.
                 while in_flight:
-                    _finish(*in_flight.popleft())
+                    _finish_oldest(in_flight)
                 raise
-            in_flight.append((batch, runner.start(batch)))
+            in_flight.append((batch, started))
             while len(in_flight) > depth:
-                _finish(*in_flight.popleft())
+                _finish_oldest(in_flight)
         while in_flight:
-            _finish(*in_flight.popleft())
+            _finish_oldest(in_flight)
     finally:
         while in_flight:  # stop the workers before the caller's buffers go away
             _, wait = in_flight.popleft()
@@ -359,8 +371,12 @@ def run(batches: Iterable[Batch], runner, *, depth: int = 2) -> None:
                 pass
 
 
-def _finish(batch: Batch, wait: Callable[[], list]) -> None:
+def _finish_oldest(in_flight: deque) -> None:
+    """Wait for the oldest batch and call its ``done``; it leaves ``in_flight`` only once
+    its workers are known to have stopped (a failed wait is waited for again, fully)."""
+    batch, wait = in_flight[0]
     results = wait()
+    in_flight.popleft()
     if batch.done is not None:
         batch.done(batch, results)
 

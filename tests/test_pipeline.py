@@ -145,3 +145,42 @@ def test_scratch_is_writable_and_sized():
     buf = pipeline.scratch(10)
     buf[:] = b"0123456789"
     assert len(buf) == 10 and bytes(buf) == b"0123456789" and len(pipeline.scratch(0)) == 0
+
+
+def test_a_failed_batch_is_waited_for_whole_before_run_raises():
+    """One run of a batch raises at once while the other is still working: run() returns
+    only after that other run stopped (its writes must not outlive the caller's buffers
+    or output file), with no ``with`` around the runner to hide it."""
+    finished = []
+
+    def crypto(job, src):
+        if job.ident == (0, 0):
+            raise OSError("read failed")
+        time.sleep(0.2)
+        finished.append(job.ident)
+        return True
+
+    runner = pipeline.CpuRunner(crypto, 2)
+    try:
+        with pytest.raises(OSError):
+            pipeline.run(_batches(1, 2, []), runner)
+        assert finished == [(0, 1)]  # the second run had finished before run() raised
+    finally:
+        runner.close()
+
+
+def test_a_batch_run_in_the_callers_thread_failing_lets_earlier_batches_report_first():
+    """With the inline runner a later batch's exception comes from start(); the batch
+    before it still finishes first, and its failure is the one raised."""
+    def fail(b, r):
+        raise ValueError("batch 0 failed")
+
+    def crypto(job, src):
+        if job.ident == 1:
+            raise OSError("later")
+        return True
+
+    batches = [pipeline.Batch([pipeline.Job(0, b"", b"", b"x", None)], done=fail),
+               pipeline.Batch([pipeline.Job(1, b"", b"", b"x", None)])]
+    with pipeline.CpuRunner(crypto, 0) as runner, pytest.raises(ValueError):
+        pipeline.run(batches, runner)

@@ -634,3 +634,41 @@ def test_cli_subprocess_pipes(files):
     assert bad.returncode == 1 and b"Traceback" not in bad.stderr
     # only verified segments reached stdout: a strict prefix of the plaintext
     assert data.startswith(bad.stdout) and len(bad.stdout) < len(data)
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+def test_truncation_in_the_batch_of_an_earlier_failure_reports_the_failure(small_batches, tmp_path,
+                                                                           as_path):
+    """Segment 1 tampered and the file cut inside segment 3's tag, both in the first
+    batch: the earlier failure is reported whether the input is read ahead (a file
+    object) or by the workers themselves (a path), and nothing reaches a path output."""
+    data = os.urandom(3 * SEG + 100)
+    head, segs = segments(seal(data))
+    bad = [segs[0], segs[1][:9] + bytes([segs[1][9] ^ 1]) + segs[1][10:], segs[2], segs[3][:5]]
+    blob = head + b"".join(bad)
+    src = tmp_path / "in"
+    src.write_bytes(blob)
+    out = tmp_path / "out"
+    with pytest.raises(stream.AuthenticationError, match="segment 1 failed"):
+        stream.decrypt(str(src) if as_path else io.BytesIO(blob), str(out), KEY, device="cpu",
+                       threads=2)
+    assert not out.exists() and not list(tmp_path.glob("*gpucrypt-tmp"))
+
+
+def test_an_input_file_that_shrinks_while_encrypted_is_a_clear_error(small_batches, tmp_path,
+                                                                     monkeypatch):
+    from gpucrypt.files import _format
+
+    src = tmp_path / "in"
+    src.write_bytes(os.urandom(8 * SEG))
+    real = _format.read_at
+
+    def shrinking(fd, offset, view, what):
+        os.truncate(src, SEG)
+        return real(fd, offset, view, what)
+
+    monkeypatch.setattr(_format, "read_at", shrinking)
+    with pytest.raises(ValueError, match="shrank while it was being encrypted"):
+        stream.encrypt(str(src), str(tmp_path / "out"), KEY, segment_size=SEG, device="cpu",
+                       threads=2)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*gpucrypt-tmp"))

@@ -306,8 +306,9 @@ def encrypt(src: Any, dst: Any, key: Any, *, algorithm: str = "chacha20-poly1305
                                               envelope=envelope, salt=_salt,
                                               nonce_prefix=_nonce_prefix)
     with _open_source(src, allow_iterable=True) as source:
-        with _Segments(header, key, device, threads, source.size, "seal") as segs, \
-                open_output(dst) as sink:
+        # the output closes (or is removed) only after the workers writing it stopped
+        with open_output(dst) as sink, \
+                _Segments(header, key, device, threads, source.size, "seal") as segs:
             sink.write(header_bytes)
             where = source.positional()
             if where is not None and not segs.on_gpu and isinstance(sink, AtomicFile):
@@ -350,7 +351,10 @@ def _seal_positional(segs: _Segments, where, sink, header_length: int):
 
         def load(job, buf=buf, first=first):
             plain = buf[(job.ident - first) * C:][:job.size]
-            _format.read_at(fd, offset + job.ident * S, plain, "the input file")
+            try:
+                _format.read_at(fd, offset + job.ident * S, plain, "the input file")
+            except TruncatedError:
+                raise _input_changed("shrank") from None
             return plain
 
         def store(job, _):
@@ -359,11 +363,15 @@ def _seal_positional(segs: _Segments, where, sink, header_length: int):
         yield pipeline.Batch(jobs, load=load, store=store)
 
 
+def _input_changed(how: str) -> ValueError:
+    return ValueError(f"the input file {how} while it was being encrypted; encrypt a copy "
+                      f"that nothing writes to")
+
+
 def _check_unchanged(where) -> None:
     fd, offset, size = where
     if os.pread(fd, 1, offset + size):
-        raise ValueError("the input file grew while it was being encrypted; encrypt a "
-                         "copy that nothing writes to")
+        raise _input_changed("grew")
 
 
 def _read_pieces(source: _Source, buf: memoryview, count: int, stride: int, size: int) -> list:
@@ -453,8 +461,8 @@ def decrypt(src: Any, dst: Any, key: Any, *, device: str = "auto",
         header = _parse_source_header(source)
         _format.verify_header(key, header)
         size_hint = None if source.size is None else source.size - header.header_length
-        with _Segments(header, key, device, threads, size_hint, "open") as segs, \
-                open_output(dst) as sink:
+        with open_output(dst) as sink, \
+                _Segments(header, key, device, threads, size_hint, "open") as segs:
             where = source.positional()
             if where is not None and not segs.on_gpu and isinstance(sink, AtomicFile):
                 pipeline.run(_open_positional(segs, where, sink), segs.runner, depth=_DEPTH)
@@ -554,13 +562,19 @@ def _open_sequential(segs: _Segments, source: _Source, sink):
         full = len(pieces) == B and len(pieces[-1]) == C
         following = read(in_buffers[(k + 1) % len(in_buffers)]) if full else []
         final = not following
-        if len(pieces[-1]) < TAG_SIZE:
-            raise _truncated_inside(first + len(pieces) - 1, len(pieces[-1]))
+        cut = None
+        if len(pieces[-1]) < TAG_SIZE:  # the segments before it are opened first, as not last
+            cut = _truncated_inside(first + len(pieces) - 1, len(pieces[-1]))
+            pieces, final = pieces[:-1], False
+            if not pieces:
+                raise cut
         out = out_buffers[k % len(out_buffers)]
         jobs = [segs.job(first + j, final and j == len(pieces) - 1, piece, out[j * S:], len(piece))
                 for j, piece in enumerate(pieces)]
         used = sum(len(p) - TAG_SIZE for p in pieces)
         yield pipeline.Batch(jobs, done=done_for(pieces, out[:used]))
+        if cut is not None:
+            raise cut
         if final:
             return
         first, pieces, k = first + len(pieces), following, k + 1
