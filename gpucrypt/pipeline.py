@@ -245,40 +245,61 @@ class GpuRunner:
             return True
         return False
 
-    def _stage(self, srcs: list) -> set:
-        """Replace the host sources in ``srcs`` by slices of one device copy of them all;
-        returns their positions."""
+    def _pack(self, views: dict, upload: bool) -> tuple[Any, dict]:
+        """One device buffer holding ``views`` (index -> host buffer) back to back, their
+        bytes uploaded in one copy (``upload``) or only room for them; and each one's
+        slice bounds in it."""
         import numpy as np
 
-        host_in = [i for i, src in enumerate(srcs) if not self._on_device(src)]
-        if not host_in:
-            return set()
-        staging = np.empty(sum(len(srcs[i]) for i in host_in), dtype=np.uint8)
-        cursor, bounds = 0, []
-        for i in host_in:
-            n = len(srcs[i])
-            staging[cursor:cursor + n] = np.frombuffer(srcs[i], dtype=np.uint8)
-            bounds.append((i, cursor, cursor + n))
+        bounds, cursor = {}, 0
+        for i, view in views.items():
+            n = memoryview(view).nbytes
+            bounds[i] = (cursor, cursor + n)
             cursor += n
-        device = self.gpu.to_device(staging, stream=self.stream)
-        for i, a, b in bounds:
-            srcs[i] = device[a:b]
-        return set(host_in)
+        if not upload:
+            return self.gpu.device_array(cursor, stream=self.stream), bounds
+        staging = np.empty(cursor, dtype=np.uint8)
+        for i, (a, b) in bounds.items():
+            staging[a:b] = np.frombuffer(memoryview(views[i]).cast("B"), dtype=np.uint8)
+        return self.gpu.to_device(staging, stream=self.stream), bounds
+
+    def _download(self, device: Any, bounds: dict, jobs: list, ok: list) -> None:
+        """One copy of ``device`` to the host, scattered to the host destinations of the
+        jobs in ``bounds`` that succeeded (a failed open's bytes never leave the device)."""
+        import numpy as np
+
+        if not any(ok[i] for i in bounds):
+            return
+        host = np.asarray(self.gpu.to_host(device, stream=self.stream)).reshape(-1)
+        for i, (a, b) in bounds.items():
+            if ok[i]:
+                dst = jobs[i].dst
+                np.frombuffer(memoryview(dst).cast("B"), dtype=np.uint8)[:] = host[a:b]
 
     def start(self, batch: Batch) -> Callable[[], list]:
         import numpy as np
 
         gpu, jobs = self.gpu, batch.jobs
         srcs = [batch.load(j) if batch.load is not None else j.src for j in jobs]
-        staged = self._stage(srcs)
-        dsts, host_out = [], []
+        # Host sources go up in one copy, and host destinations come back in one copy
+        # each way: in place in the staged copy, or in one device buffer for the rest.
+        host_in = {i: src for i, src in enumerate(srcs) if not self._on_device(src)}
+        staged, in_bounds = self._pack(host_in, upload=True) if host_in else (None, {})
+        for i, (a, b) in in_bounds.items():
+            srcs[i] = staged[a:b]
+        host_out = [i for i, j in enumerate(jobs) if not self._on_device(j.dst)]
+        in_place = {i: in_bounds[i] for i in host_out if i in in_bounds}
+        apart = {i: jobs[i].dst for i in host_out if i not in in_bounds}
+        out_buffer, out_bounds = self._pack(apart, upload=False) if apart else (None, {})
+        dsts = []
         for i, job in enumerate(jobs):
-            if self._on_device(job.dst):
+            if i in in_place:
+                dsts.append(srcs[i])
+            elif i in out_bounds:
+                a, b = out_bounds[i]
+                dsts.append(out_buffer[a:b])
+            else:
                 dsts.append(job.dst)
-            else:  # a host destination: computed on the device (in the staged copy if any)
-                dsts.append(srcs[i] if i in staged else
-                            gpu.device_array(len(job.dst), stream=self.stream))
-                host_out.append(i)
         keys = [self.key if j.key is None else j.key for j in jobs]
         algorithm = (jobs[0].algorithm if jobs else None) or self.algorithm
         nonces, aads = [j.nonce for j in jobs], [j.aad for j in jobs]
@@ -291,12 +312,10 @@ class GpuRunner:
             ok = [bool(v) for v in np.asarray(
                 gpu.open_batch(algorithm, keys, nonces, srcs, tags, aads, dsts,
                                stream=self.stream), dtype=bool).reshape(-1)]
-        for i in host_out:
-            if ok[i]:
-                host = jobs[i].dst if isinstance(jobs[i].dst, np.ndarray) \
-                    else np.frombuffer(jobs[i].dst, dtype=np.uint8)
-                host.reshape(-1)[:] = np.asarray(
-                    gpu.to_host(dsts[i], stream=self.stream)).reshape(-1)
+        if in_place:
+            self._download(staged, in_place, jobs, ok)
+        if out_bounds:
+            self._download(out_buffer, out_bounds, jobs, ok)
         results: list = ok
         if self.op == "seal":
             results = DeviceTags(tags, len(jobs), gpu, self.stream)
