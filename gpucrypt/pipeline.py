@@ -49,8 +49,9 @@ from cryptography.exceptions import InvalidTag
 CPU_BATCH_BYTES = 8 << 20
 GPU_BATCH_BYTES = 64 << 20
 
-__all__ = ["CPU_BATCH_BYTES", "GPU_BATCH_BYTES", "Job", "Batch", "CpuRunner", "GpuRunner", "DeviceTags", "run", "scratch", "seal", "seal_detached",
-           "open_attached", "open_detached", "split_evenly"]
+__all__ = ["CPU_BATCH_BYTES", "GPU_BATCH_BYTES", "Job", "Batch", "CpuRunner", "GpuRunner",
+           "DeviceTags", "run", "scratch", "seal", "seal_detached", "open_attached",
+           "open_detached", "split_evenly"]
 
 
 def __getattr__(name: str) -> Any:
@@ -189,13 +190,21 @@ class CpuRunner:
                    for run_ in split_evenly(batch.jobs, self.threads)]
 
         def wait() -> list:
-            # every run first, then the results: when one run raised, the others must have
-            # stopped before the caller goes on to free (or close) what they write to
+            # Every run first, then the results: when one run raised, the others must have
+            # stopped before the caller goes on to free (or close) what they write to. An
+            # interrupt (Ctrl-C) while waiting is raised once they have.
+            interrupted = None
             for f in futures:
-                try:
-                    f.exception()
-                except BaseException:  # cancelled, or interrupted while waiting
-                    pass
+                while True:
+                    try:
+                        f.exception()
+                        break
+                    except Exception:  # cancelled
+                        break
+                    except BaseException as exc:  # KeyboardInterrupt: keep waiting, then raise
+                        interrupted = interrupted or exc
+            if interrupted is not None:
+                raise interrupted
             return [r for f in futures for r in f.result()]
         return wait
 

@@ -184,3 +184,30 @@ def test_a_batch_run_in_the_callers_thread_failing_lets_earlier_batches_report_f
                pipeline.Batch([pipeline.Job(1, b"", b"", b"x", None)])]
     with pipeline.CpuRunner(crypto, 0) as runner, pytest.raises(ValueError):
         pipeline.run(batches, runner)
+
+
+def test_an_interrupt_while_waiting_is_raised_after_the_workers_stop(monkeypatch):
+    """Ctrl-C while the caller waits for a batch: the workers finish first (they write to
+    the caller's buffers), then the KeyboardInterrupt is raised, not lost."""
+    import concurrent.futures
+
+    finished = []
+
+    def crypto(job, src):
+        time.sleep(0.1)
+        finished.append(job.ident)
+        return True
+
+    real = concurrent.futures.Future.exception
+    interrupts = iter([KeyboardInterrupt()])
+
+    def interrupted_once(self, timeout=None):
+        exc = next(interrupts, None)
+        if exc is not None:
+            raise exc
+        return real(self, timeout)
+
+    monkeypatch.setattr(concurrent.futures.Future, "exception", interrupted_once)
+    with pipeline.CpuRunner(crypto, 2) as runner, pytest.raises(KeyboardInterrupt):
+        pipeline.run(_batches(1, 2, []), runner)
+    assert sorted(finished) == [(0, 0), (0, 1)]
