@@ -142,10 +142,11 @@ def split_evenly(jobs: Sequence[Job], parts: int) -> list[Sequence[Job]]:
     """``jobs`` cut into at most ``parts`` contiguous runs of about equal bytes."""
     if parts <= 1 or len(jobs) <= 1:
         return [jobs]
-    total = sum(j.size for j in jobs) or len(jobs)
+    weights = [j.size for j in jobs] if any(j.size for j in jobs) else [1] * len(jobs)
+    total = sum(weights)
     runs, start, acc = [], 0, 0
-    for i, job in enumerate(jobs):
-        acc += job.size or (0 if total != len(jobs) else 1)
+    for i, weight in enumerate(weights):
+        acc += weight
         if acc * parts >= total * (len(runs) + 1) and len(runs) < parts - 1:
             runs.append(jobs[start:i + 1])
             start = i + 1
@@ -232,8 +233,6 @@ class GpuRunner:
     thread before and after the launch; ``stream`` is the launch stream (None: the
     backend's default).
     """
-
-    threads = 1
 
     def __init__(self, gpu, op: str, algorithm: str, key: bytes | None = None, *,
                  stream: Any = None, host_tags: bool = True):

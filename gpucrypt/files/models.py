@@ -606,22 +606,16 @@ def _save_backend(device: str, data_length: int, values: list):
     return select_backend(device, data_length)
 
 
-def _seal_on_cpu(header, seg_key, aad, values, segments, sink, threads) -> list[bytes]:
-    """Batches on the pipeline's CPU workers while this thread writes the finished ones
-    in order; a worker reads a stored tensor's segment into the output buffer and seals
-    it there, while it is in cache."""
-    cipher = _SegmentCipher(header.algorithm, seg_key, header.nonce_prefix, aad, len(segments))
-    plain = _Plaintext(values)
-    batches = _batches(segments, pipeline.CPU_BATCH_BYTES)
+def _seal_batches(cipher: "_SegmentCipher", segments, batch_bytes: int, runner, depth: int,
+                  source, load, sink) -> list[bytes]:
+    """Seal ``segments`` in batches of about ``batch_bytes`` on ``runner`` (``depth`` in
+    flight), each into one of ``depth + 1`` recycled output buffers, written to ``sink``
+    in order; returns the tags. ``source(seg)``: its plaintext view, or None for
+    ``load(job)`` to provide in the runner."""
+    batches = _batches(segments, batch_bytes)
     largest = max((sum(s.length for s in b) for b in batches), default=0)
-    outs = [pipeline.scratch(largest) for _ in range(min(_DEPTH + 1, len(batches)))]
+    outs = [pipeline.scratch(largest) for _ in range(min(depth + 1, len(batches)))]
     tags: list[bytes] = []
-
-    def load(job):
-        if job.src is None:  # a stored tensor: read from its file into the output
-            plain.read(job.ident, job.dst)
-            return job.dst
-        return job.src
 
     def write(batch, results):
         tags.extend(results)
@@ -631,13 +625,30 @@ def _seal_on_cpu(header, seg_key, aad, values, segments, sink, threads) -> list[
         for k, batch in enumerate(batches):
             out, jobs, cursor = outs[k % len(outs)], [], 0
             for seg in batch:
-                jobs.append(cipher.job(seg, plain.in_memory(seg), out[cursor:cursor + seg.length]))
+                jobs.append(cipher.job(seg, source(seg), out[cursor:cursor + seg.length]))
                 cursor += seg.length
             yield pipeline.Batch(jobs, load=load, done=write, payload=out[:cursor])
 
-    with cipher.cpu_runner("seal", threads) as runner:
-        pipeline.run(produce(), runner, depth=_DEPTH)
+    pipeline.run(produce(), runner, depth=depth)
     return tags
+
+
+def _seal_on_cpu(header, seg_key, aad, values, segments, sink, threads) -> list[bytes]:
+    """Batches on the pipeline's CPU workers while this thread writes the finished ones
+    in order; a worker reads a stored tensor's segment into the output buffer and seals
+    it there, while it is in cache."""
+    cipher = _SegmentCipher(header.algorithm, seg_key, header.nonce_prefix, aad, len(segments))
+    plain = _Plaintext(values)
+
+    def load(job):
+        if job.src is None:  # a stored tensor: read from its file into the output
+            plain.read(job.ident, job.dst)
+            return job.dst
+        return job.src
+
+    with cipher.cpu_runner("seal", threads) as runner:
+        return _seal_batches(cipher, segments, pipeline.CPU_BATCH_BYTES, runner, _DEPTH,
+                             plain.in_memory, load, sink)
 
 
 def _seal_on_gpu(gpu, header, seg_key, aad, values, segments, sink) -> list[bytes]:
@@ -646,7 +657,6 @@ def _seal_on_gpu(gpu, header, seg_key, aad, values, segments, sink) -> list[byte
     ciphertext and the tags come back to the host and are written in order."""
     cipher = _SegmentCipher(header.algorithm, seg_key, header.nonce_prefix, aad, len(segments))
     plain = _Plaintext(values, gpu)
-    tags: list[bytes] = []
     # Device tensors may still be being written on the caller's streams (a torch side
     # stream is not ordered with ours): wait for them once.
     gpu.synchronize_device()
@@ -655,22 +665,9 @@ def _seal_on_gpu(gpu, header, seg_key, aad, values, segments, sink) -> list[byte
         on_device = plain.device_view(job.ident)
         return on_device if on_device is not None else plain.host(job.ident, job.dst)
 
-    def write(batch, results):
-        tags.extend(results)
-        sink.write(batch.payload)
-
-    def produce():
-        for batch in _batches(segments, pipeline.GPU_BATCH_BYTES):
-            out = pipeline.scratch(sum(s.length for s in batch))
-            jobs, cursor = [], 0
-            for seg in batch:
-                jobs.append(cipher.job(seg, None, out[cursor:cursor + seg.length]))
-                cursor += seg.length
-            yield pipeline.Batch(jobs, load=load, done=write, payload=out)
-
     runner = pipeline.GpuRunner(gpu, "seal", cipher.algorithm, cipher.key)
-    pipeline.run(produce(), runner, depth=1)
-    return tags
+    return _seal_batches(cipher, segments, pipeline.GPU_BATCH_BYTES, runner, 1,
+                         lambda seg: None, load, sink)
 
 
 def _check_device(device: Any) -> str:

@@ -262,21 +262,10 @@ class _Segments(_Closing):
         return pipeline.Job(index, nonce, self.aad, src, pt, size=n)
 
     def open_one(self, index: int, last: bool, ct: memoryview, out: memoryview) -> bool:
-        """Open one segment (ciphertext || tag) into ``out``; whether its tag verified."""
-        slot = memoryview(bytearray(len(ct)))
-        slot[:] = ct
-        job = self.job(index, last, None, slot, len(ct))
-
-        def load(j):
-            if self.on_gpu:
-                j.tag = bytes(slot[len(ct) - TAG_SIZE:])
-                return slot[:len(ct) - TAG_SIZE]
-            return slot
-
-        ok = self.runner.start(pipeline.Batch([job], load=load))()[0]
-        if ok:
-            out[:] = slot[:len(ct) - TAG_SIZE]
-        return ok
+        """Open one segment (ciphertext || tag) into ``out`` (zeroed if its tag fails);
+        whether it verified. ``ct`` is left as it was."""
+        job = self.job(index, last, ct, out, len(ct))
+        return self.runner.start(pipeline.Batch([job]))()[0]
 
     def store_tag(self, slots: dict) -> Any:
         """For the GPU, whose tags come apart: put each tag after its ciphertext."""
