@@ -16,8 +16,8 @@ import os
 from typing import Any
 
 from .. import audit
-from ..keys import (Keyset, KeysetKey, NoMatchingRecipient, WrappingKey, describe_envelope,
-                    file_context, generate_dek, open_envelope)
+from ..keys import (KeyReference, Keyset, KeysetKey, NoMatchingRecipient, WrappingKey,
+                    describe_envelope, file_context, generate_dek, open_envelope)
 from ..keys.recipients import identity_list, recipient_list, seal_envelope_with_labels
 from . import _format, stream
 
@@ -30,6 +30,8 @@ def _header_field(header: Any, name: str) -> Any:
 
 def _primary_key_id(recipients: list) -> str | None:
     for item in recipients:
+        if isinstance(item, KeyReference) and item.scheme == "file":
+            item = item.resolve()  # a keyset file, loaded once (cached on the reference)
         if isinstance(item, Keyset):
             return item.primary.id
         if isinstance(item, KeysetKey):
