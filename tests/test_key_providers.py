@@ -179,6 +179,7 @@ def test_uri_forms(uri, label, query):
 
 @pytest.mark.parametrize("uri, why", [
     ("pkcs11:token=t;object=o?pin-value=1234", "secret in the URI"),
+    ("pkcs11:token=t;object=o;pin-value=1234", "unknown path attribute 'pin-value'"),
     ("pkcs11:object=o", "name the token"),
     ("pkcs11:token=t;object=o;colour=red", "unknown path attribute"),
     ("pkcs11:token=t;object=o;object=p", "given twice"),

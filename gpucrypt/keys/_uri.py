@@ -35,6 +35,7 @@ _PKCS11_TYPES = ("secret-key", "private", "public")
 _AWS_QUERY = ("region", "endpoint", "profile")
 _FILE_QUERY = ("passphrase-source",)
 _SECRET_ATTRIBUTES = ("pin-value", "passphrase", "password", "secret", "key")
+_SECRET_VALUE = re.compile(r"(?i)\b(pin-value|passphrase|password|secret)=[^;&]*")
 
 _ARN = re.compile(r"arn:aws[a-z-]*:kms:([a-z0-9-]+):\d{12}:(key|alias)/[A-Za-z0-9/_+=.@:-]+")
 
@@ -44,9 +45,9 @@ def _bad(uri: str, why: str) -> KeysetError:
 
 
 def _shown(uri: str) -> str:
-    """The URI as errors may quote it: only the part before any query (a malformed query
-    could hold something secret-looking the user pasted by mistake)."""
-    return uri.split("?", 1)[0]
+    """The URI as errors may quote it: the part before any query (a malformed query could
+    hold something secret-looking the user pasted by mistake), secret attributes masked."""
+    return _SECRET_VALUE.sub(r"\1=***", uri.split("?", 1)[0])
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,7 @@ class Pkcs11Key:
         return self.reference, bytes([code]) + body
 
     def _wrap_aes(self, session: Any, key: Any, dek: bytes, context) -> tuple[int, bytes]:
-        mechanisms = key.session.token.slot.get_mechanisms() if not self.force_gcm else set()
+        mechanisms = session.token.slot.get_mechanisms() if not self.force_gcm else set()
         for name, mechanism in (("aes-kwp", Mechanism.AES_KEY_WRAP_KWP),
                                 ("aes-key-wrap-pad", Mechanism.AES_KEY_WRAP_PAD)):
             if mechanism in mechanisms:
