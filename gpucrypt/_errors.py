@@ -8,7 +8,7 @@ objects. This module imports nothing from gpucrypt.
 from __future__ import annotations
 
 __all__ = ["KeyManagementError", "KeysetError", "KeyNotFound", "KeyUnavailable",
-           "NoMatchingRecipient", "EnvelopeError"]
+           "NoMatchingRecipient", "EnvelopeError", "KeyProviderError"]
 
 
 class KeyManagementError(Exception):
@@ -33,3 +33,10 @@ class NoMatchingRecipient(KeyManagementError):
 
 class EnvelopeError(KeyManagementError, ValueError):
     """The envelope is malformed, or a data key cannot be wrapped as asked."""
+
+
+class KeyProviderError(KeyManagementError):
+    """A key provider (a PKCS#11 token, a cloud KMS) could not be used at all: its module
+    or endpoint is unreachable, the login failed, credentials are missing. Unlike
+    :class:`KeyUnavailable` it says nothing about the key itself, so opening an envelope
+    stops at it instead of trying the next stanza."""

@@ -55,6 +55,8 @@ FIELDS = {
     "duration_s": "wall-clock seconds the operation took",
     "recipients": "list of recipient fingerprints (public) or key ids the data key is wrapped for",
     "path": "file path operated on",
+    "provider": "the key provider that wrapped or unwrapped a data key: keyset, pkcs11, awskms",
+    "key_ref": "the key reference (URI without its query: no module path, no PIN source)",
     "count": "number of items (stanzas, keys, tensors)",
     "status": "a key's status after the operation",
     "error": "for outcome=error: the error class, and for gpucrypt's key errors their message",

@@ -176,7 +176,8 @@ def _run_encrypt(args) -> int:
     with _input(args, "encrypt") as (src, _):
         run_reporting_errors(args, lambda: stream.encrypt(
             src, dst, key, algorithm=args.algorithm, segment_size=args.segment_size,
-            device=args.device, key_id=key_id, envelope=envelope, threads=args.threads))
+            device=args.device, key_id=key_id, envelope=envelope, threads=args.threads,
+            _salt=getattr(args, "file_salt", None)))  # the envelope is bound to it (--kek)
     return 0
 
 

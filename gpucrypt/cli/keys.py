@@ -6,14 +6,17 @@ gives them two hooks, so recipients and keysets work there without that module
 knowing about envelopes:
 
 - :func:`add_key_arguments(parser, mode) <add_key_arguments>` adds ``-r/--recipient FILE``
-  (repeatable, encrypt), ``-i/--identity FILE`` (repeatable, decrypt), ``--keyset FILE``
-  and ``--passphrase-file FILE``;
+  (repeatable, encrypt), ``-i/--identity FILE`` (repeatable, decrypt), ``--keyset FILE``,
+  ``--kek URI`` (repeatable: a key in an HSM or KMS, docs/KEYS.md "Key references") and
+  ``--passphrase-file FILE``;
 - :func:`resolve_encrypt_keys(args) <resolve_encrypt_keys>` returns ``(dek, key_id, envelope)``
   to pass to ``stream.encrypt(src, dst, dek, key_id=key_id, envelope=envelope)``, and
   :func:`resolve_decrypt_key(args, header) <resolve_decrypt_key>` returns the data key for
   ``stream.decrypt`` given the header from ``stream.read_header``. Both return ``None``
   when none of these options was given (the caller then uses its own key options),
   and raise :class:`gpucrypt.cli.CliError` with a one-line message on failure.
+  ``resolve_encrypt_keys`` also sets ``args.file_salt``: the salt the caller must give the
+  file (``_salt=``), because the envelope is bound to it (``keys.file_context``).
 
 Secrets are never printed. Passphrases for sealed keysets and identities come from
 ``--passphrase-file``, then ``GPUCRYPT_PASSPHRASE``, then a prompt when stdin is a terminal.
@@ -127,23 +130,52 @@ def add_key_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
                            help="private key file to open the envelope with; repeat for several")
         group.add_argument("--keyset", metavar="FILE",
                            help="open the envelope with this keyset's keys (found by key id)")
+    _add_kek_argument(group, "--kek", "wrap the data key under this key (pkcs11:..., awskms://..., "
+                      "file://...); repeat for several" if mode == "encrypt" else
+                      "open the envelope with this key (pkcs11:..., awskms://..., file://...); "
+                      "repeat for several")
     group.add_argument("--passphrase-file", metavar="FILE",
                        help=f"passphrase of a sealed keyset/identity (else ${PASSPHRASE_ENV}, "
                             f"else a prompt)")
 
 
+def _add_kek_argument(parser: Any, flag: str, help_text: str) -> None:
+    parser.add_argument(flag, action="append", default=[], metavar="URI",
+                        help=help_text + "; PINs come from the URI's pin-source or "
+                                         "$GPUCRYPT_PKCS11_PIN, never from the command line")
+
+
+def _key_references(uris: list[str]) -> list:
+    """KeyReference objects for ``--kek`` URIs; a malformed URI is a usage error (exit 2)."""
+    from ..keys import KeyReference, KeysetError
+
+    try:
+        return [KeyReference(uri) for uri in uris]
+    except KeysetError as exc:
+        raise CliError(str(exc), 2) from None
+
+
+def _file_context(header: Any) -> dict:
+    from ..keys import file_context
+
+    salt = header.get("salt") if isinstance(header, dict) else getattr(header, "salt", None)
+    return file_context(salt or b"")
+
+
 def resolve_encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes] | None:
     """``(dek, key_id, envelope)`` for ``stream.encrypt`` from the parsed options, or None
     when no ``-r``/``--keyset`` was given."""
-    from ..keys import Recipient, generate_dek, seal_envelope
+    from ..files._format import SALT_SIZE
+    from ..keys import Recipient, file_context, generate_dek, seal_envelope
 
     recipients = [_keys_call(Recipient.load, path) for path in getattr(args, "recipient", None) or []]
     keyset = _load_keyset(args.keyset, args) if getattr(args, "keyset", None) else None
-    if not recipients and keyset is None:
+    references = _key_references(getattr(args, "kek", None) or [])
+    if not recipients and keyset is None and not references:
         return None
-    items: list = recipients + ([keyset] if keyset is not None else [])
-    dek = generate_dek()
-    envelope = _keys_call(seal_envelope, dek, items)
+    items: list = recipients + ([keyset] if keyset is not None else []) + references
+    dek, args.file_salt = generate_dek(), os.urandom(SALT_SIZE)  # the stream and model salt
+    envelope = _keys_call(seal_envelope, dek, items, context=file_context(args.file_salt))
     return dek, (keyset.primary.id if keyset is not None else None), envelope
 
 
@@ -155,13 +187,14 @@ def resolve_decrypt_key(args: Any, header: Any) -> bytes | None:
     identities: list = [_load_identity(p, args) for p in getattr(args, "identity", None) or []]
     if getattr(args, "keyset", None):
         identities.append(_load_keyset(args.keyset, args))
+    identities += _key_references(getattr(args, "kek", None) or [])
     if not identities:
         return None
     envelope = header.get("envelope") if isinstance(header, dict) else getattr(header, "envelope", None)
     if not envelope:
         raise CliError("this file carries no envelope (it was encrypted with a raw key): "
-                       "-i/--keyset cannot open it", 1)
-    return _keys_call(open_envelope, envelope, identities)
+                       "-i/--keyset/--kek cannot open it", 1)
+    return _keys_call(open_envelope, envelope, identities, context=_file_context(header))
 
 
 # --------------------------------------------------------------------------- keygen
@@ -294,6 +327,9 @@ def add_rekey(parser: argparse.ArgumentParser) -> None:
                         help="private key that opens the current envelope; repeat")
     parser.add_argument("--old-keyset", metavar="FILE",
                         help="keyset that opens the current envelope")
+    _add_kek_argument(parser, "--kek", "wrap under this key (pkcs11:..., awskms://..., file://...); "
+                                       "repeat")
+    _add_kek_argument(parser, "--old-kek", "key that opens the current envelope; repeat")
     parser.add_argument("--passphrase-file", metavar="FILE",
                         help=f"passphrase of sealed keysets/identities (else ${PASSPHRASE_ENV})")
     _add_audit_argument(parser)
@@ -305,13 +341,16 @@ def _run_rekey(args) -> int:
     from ..keys import Recipient
 
     _enable_audit(args)
-    if not args.recipient and not args.keyset:
-        raise CliError("say who the file is for: -r RECIPIENT (repeatable) and/or --keyset", 2)
-    if not args.identity and not args.old_keyset and not args.keyset:
-        raise CliError("say how to open the file: -i IDENTITY and/or --old-keyset", 2)
+    if not args.recipient and not args.keyset and not args.kek:
+        raise CliError("say who the file is for: -r RECIPIENT (repeatable), --keyset and/or "
+                       "--kek URI", 2)
+    if not args.identity and not args.old_keyset and not args.keyset and not args.old_kek:
+        raise CliError("say how to open the file: -i IDENTITY, --old-keyset and/or --old-kek URI", 2)
     recipients = [_keys_call(Recipient.load, p) for p in args.recipient]
+    recipients += _key_references(args.kek)
     keyset = _load_keyset(args.keyset, args) if args.keyset else None
     identities = [_load_identity(p, args) for p in args.identity]
+    identities += _key_references(args.old_kek)
     old_keyset = _load_keyset(args.old_keyset, args) if args.old_keyset else None
     result = _keys_call(rekey_file, args.file, recipients=recipients or None, keyset=keyset,
                         identities=identities or None, old_keyset=old_keyset)

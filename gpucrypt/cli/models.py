@@ -100,7 +100,8 @@ def _run_encrypt_model(args) -> int:
         run_reporting_errors(args, lambda: models.save_encrypted(
             tensors, args.output, key, metadata, algorithm=args.algorithm,
             encrypt_names=args.encrypt_names, segment_size=args.segment_size, device=args.device,
-            key_id=key_id, envelope=envelope))
+            key_id=key_id, envelope=envelope,
+            _salt=getattr(args, "file_salt", None)))  # the envelope is bound to it (--kek)
     finally:
         os.close(fd)
     return 0

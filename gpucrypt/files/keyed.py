@@ -3,7 +3,10 @@
 
 Each file gets a fresh data key; the key's envelope (:mod:`gpucrypt.keys`) goes into
 the header of a :mod:`gpucrypt.files.stream` file, and the data into its segments.
-Rekeying rewrites only the header. Users reach these as ``gpucrypt.keys.encrypt_file``
+Rekeying rewrites only the header. Keys inside an HSM or a KMS (``KeyReference``) are
+bound to the file through :func:`gpucrypt.keys.file_context` of the header's salt, which
+is drawn here, before the header, so that the envelope can carry the binding; rekeying
+keeps the salt and with it the binding. Users reach these as ``gpucrypt.keys.encrypt_file``
 and so on; they live here because keys sit below files: a key never needs to know
 about files.
 """
@@ -13,10 +16,10 @@ import os
 from typing import Any
 
 from .. import audit
-from ..keys import (Keyset, KeysetKey, NoMatchingRecipient, WrappingKey, describe_envelope,
-                    generate_dek, open_envelope)
+from ..keys import (KeyReference, Keyset, KeysetKey, NoMatchingRecipient, WrappingKey,
+                    describe_envelope, file_context, generate_dek, open_envelope)
 from ..keys.recipients import identity_list, recipient_list, seal_envelope_with_labels
-from . import stream
+from . import _format, stream
 
 __all__ = ["encrypt_file", "decrypt_file", "rekey_file"]
 
@@ -27,6 +30,8 @@ def _header_field(header: Any, name: str) -> Any:
 
 def _primary_key_id(recipients: list) -> str | None:
     for item in recipients:
+        if isinstance(item, KeyReference) and item.scheme == "file":
+            item = item.resolve()  # a keyset file, loaded once (cached on the reference)
         if isinstance(item, Keyset):
             return item.primary.id
         if isinstance(item, KeysetKey):
@@ -57,11 +62,12 @@ def encrypt_file(src: Any, dst: Any, *, recipients: Any = None, keyset: Keyset |
     items = _gather(recipients, keyset)
     path = src if isinstance(src, (str, os.PathLike)) else None
     with audit.timed("file.encrypt", path=os.fspath(path) if path else None) as ev:
-        dek = generate_dek()
-        envelope, labels = seal_envelope_with_labels(dek, items)
+        dek, salt = generate_dek(), os.urandom(_format.SALT_SIZE)  # fresh per file, as stream's own
+        envelope, labels = seal_envelope_with_labels(dek, items, context=file_context(salt))
         key_id = _primary_key_id(items)
         ev.update(key_id=key_id, recipients=labels)
-        header = stream.encrypt(src, dst, dek, key_id=key_id, envelope=envelope, **stream_options)
+        header = stream.encrypt(src, dst, dek, key_id=key_id, envelope=envelope, _salt=salt,
+                                **stream_options)
         _note_stream_result(ev, header, stream_options, src)
     return {"key_id": key_id, "recipients": labels}
 
@@ -125,7 +131,8 @@ def decrypt_file(src: Any, dst: Any, *, identities: Any = None, keyset: Keyset |
         envelope, header = _file_envelope(src)
         ev["recipients"] = describe_envelope(envelope)
         ev["key_id"] = _header_field(header, "key_id")
-        dek = open_envelope(envelope, _identities_for(identities, keyset))
+        dek = open_envelope(envelope, _identities_for(identities, keyset),
+                            context=file_context(_header_field(header, "salt")))
         verified = stream.decrypt(src, dst, dek, **stream_options)
         _note_stream_result(ev, verified, stream_options, dst)
     return {"key_id": _header_field(header, "key_id")}
@@ -149,11 +156,12 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
     else:
         old = _identities_for(identities, old_keyset)
     with audit.timed("file.rekey", path=os.fspath(path)) as ev:
-        envelope, _ = _file_envelope(path)
+        envelope, header = _file_envelope(path)
         previous = describe_envelope(envelope)
         ev["key_ids"] = previous
-        dek = open_envelope(envelope, old)
-        new_envelope, labels = seal_envelope_with_labels(dek, new_items)
+        context = file_context(_header_field(header, "salt"))
+        dek = open_envelope(envelope, old, context=context)
+        new_envelope, labels = seal_envelope_with_labels(dek, new_items, context=context)
         key_id = _primary_key_id(new_items)
         ev.update(key_id=key_id, recipients=labels)
         stream.replace_envelope(path, dek, new_envelope, key_id=key_id)

@@ -540,7 +540,7 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any, metadata: Ma
                    *, algorithm: str = "chacha20-poly1305", encrypt_names: bool = False,
                    segment_size: int = DEFAULT_SEGMENT_SIZE, device: str = "auto",
                    key_id: str | None = None, envelope: Any = None,
-                   threads: int | None = None) -> ModelHeader:
+                   threads: int | None = None, _salt: bytes | None = None) -> ModelHeader:
     """Write ``tensors`` (name -> tensor, any framework the tensor API takes, or a
     :class:`~gpucrypt.files._safetensors.StoredTensor` read from its file a segment at a time)
     to ``path``.
@@ -553,6 +553,8 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any, metadata: Ma
     ``device``: where the segments are sealed ("auto", "cpu", "gpu"; "auto" takes the
     GPU when a tensor is on it, else decides by size as the AEAD classes do).
     Atomic (temporary file, fsync, rename), mode 0600. Returns the verified header.
+    ``_salt``: given only by callers that drew it fresh to bind an envelope to it (the
+    ``encrypt-model --kek`` command); reusing a salt under the same key repeats nonces.
     """
     key = _format.check_key(key)
     _format.check_algorithm(algorithm)
@@ -567,7 +569,9 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any, metadata: Ma
     table = _encode_table(infos, metadata)
     if len(table) + TAG_SIZE > MAX_TABLE_BYTES:
         raise ValueError(f"the tensor table is {len(table)} bytes (at most {MAX_TABLE_BYTES})")
-    salt = os.urandom(_format.SALT_SIZE)
+    salt = os.urandom(_format.SALT_SIZE) if _salt is None else bytes(_salt)
+    if len(salt) != _format.SALT_SIZE:
+        raise ValueError(f"_salt must be {_format.SALT_SIZE} bytes")
     prefix = os.urandom(_format.prefix_size(algorithm))
     fixed = _fixed_fields(algorithm, segment_size, encrypt_names, salt,
                           len(table) + (TAG_SIZE if encrypt_names else 0), data_length, prefix)

@@ -16,10 +16,14 @@ stanza                      wraps the DEK with
                             ChaCha20-Poly1305, ``info = b"gpucrypt-envelope-v1"``
 ``hpke-mlkem768-x25519``    a post-quantum hybrid public key: the same HPKE with the
                             ML-KEM-768 + X25519 KEM
+``key-ref``                 a key that stays inside a provider, named by a
+                            :class:`KeyReference` URI: a PKCS#11 token
+                            (:mod:`~gpucrypt.keys.pkcs11`) or AWS KMS
+                            (:mod:`~gpucrypt.keys.awskms`)
 ==========================  ======================================================
 
-All three come from ``cryptography`` (``keywrap``, ``hazmat.primitives.hpke``);
-nothing here implements a primitive.
+The first three come from ``cryptography`` (``keywrap``, ``hazmat.primitives.hpke``), the
+last from the token or the KMS; nothing here implements a primitive.
 
 Limits and rules:
 
@@ -38,6 +42,10 @@ Where things are:
 - :mod:`~gpucrypt.keys.keyset`: :class:`Keyset`, :class:`KeysetKey`, key statuses;
 - :mod:`~gpucrypt.keys.providers`: :class:`KeyProvider` and its implementations,
   :class:`WrappingKey`;
+- :mod:`~gpucrypt.keys.references`: :class:`KeyReference` (``pkcs11:``, ``awskms://``,
+  ``file://`` URIs, parsed by ``_uri``), :class:`ExternalKey`; the providers behind them
+  in :mod:`~gpucrypt.keys.pkcs11` and :mod:`~gpucrypt.keys.awskms` (optional extras,
+  imported when a reference is first used);
 - :mod:`~gpucrypt.keys.recipients`: :class:`Recipient`, :class:`Identity`, and
   :func:`seal_envelope`/:func:`open_envelope`/:func:`describe_envelope`;
 - ``_envelope`` (envelope bytes), ``_document`` (key files on disk, sealing);
@@ -54,8 +62,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._errors import (EnvelopeError, KeyManagementError, KeyNotFound, KeysetError,
-                       KeyUnavailable, NoMatchingRecipient)
+from .._errors import (EnvelopeError, KeyManagementError, KeyNotFound, KeyProviderError,
+                       KeysetError, KeyUnavailable, NoMatchingRecipient)
 # DEFAULT_SCRYPT_N, FILE_VERSION, EnvelopeFormatError, Stanza, DEFAULT_KEK_ALGORITHM,
 # KEK_ALGORITHMS and the *_FORMAT names are not in __all__ but were always reachable here.
 from ._document import DEFAULT_SCRYPT_N, FILE_VERSION
@@ -64,13 +72,14 @@ from .keyset import (DEFAULT_KEK_ALGORITHM, DESTROYED, DISABLED, ENABLED, KEK_AL
                      KEYSET_FORMAT, PRIMARY, Keyset, KeysetKey)
 from .providers import (CallableKeyProvider, EnvKeyProvider, FileKeyProvider, KeyProvider,
                         WrappingKey)
+from .references import ExternalKey, KeyReference, file_context
 from .recipients import (DEK_SIZE, HPKE_INFO, IDENTITY_FORMAT, RECIPIENT_FORMAT, Identity,
                          Recipient, describe_envelope, generate_dek, open_envelope,
                          seal_envelope)
 
 __all__ = [
     "KeyManagementError", "KeysetError", "KeyNotFound", "KeyUnavailable", "NoMatchingRecipient",
-    "EnvelopeError", "KeysetKey", "Keyset", "Recipient", "Identity", "WrappingKey",
+    "EnvelopeError", "KeyProviderError", "KeyReference", "ExternalKey", "file_context", "KeysetKey", "Keyset", "Recipient", "Identity", "WrappingKey",
     "KeyProvider", "FileKeyProvider", "EnvKeyProvider", "CallableKeyProvider",
     "generate_dek", "seal_envelope", "open_envelope", "describe_envelope",
     "encrypt_file", "decrypt_file", "rekey_file",

@@ -30,6 +30,7 @@ from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_documen
 from ._envelope import EnvelopeFormatError, Stanza
 from .keyset import Keyset, KeysetKey
 from .providers import KeyProvider, WrappingKey
+from .references import KeyReference, check_context
 
 __all__ = ["Recipient", "Identity", "generate_dek", "seal_envelope", "open_envelope",
            "describe_envelope", "seal_envelope_with_labels", "recipient_list", "identity_list",
@@ -235,6 +236,8 @@ def generate_dek() -> bytes:
 def _stanza_label(stanza: Stanza) -> str:
     if stanza.kind == "aes-kwp":
         return "aes-kwp:" + stanza.recipient_id.decode("utf-8", "replace")
+    if stanza.kind == "key-ref":
+        return stanza.recipient_id.decode("utf-8", "replace")
     return f"{_KEM_OF_STANZA[stanza.kind]}:{stanza.recipient_id.hex()}"
 
 
@@ -254,7 +257,7 @@ def _decode(envelope: bytes) -> list[Stanza]:
 def recipient_list(recipients: Any) -> list:
     """``recipients`` (one recipient or a sequence, as :func:`seal_envelope` takes them)
     as a new list."""
-    if isinstance(recipients, (Recipient, Identity, Keyset, KeysetKey, WrappingKey)):
+    if isinstance(recipients, (Recipient, Identity, Keyset, KeysetKey, WrappingKey, KeyReference)):
         return [recipients]
     return list(recipients)
 
@@ -266,30 +269,40 @@ def _check_dek(dek: Any) -> bytes:
     return dek
 
 
-def seal_envelope(dek: bytes, recipients: Any) -> bytes:
+def seal_envelope(dek: bytes, recipients: Any, *, context: Any = None) -> bytes:
     """Wrap ``dek`` once for each recipient and return the envelope bytes.
 
     ``recipients``: one or a sequence of :class:`Recipient` (HPKE), :class:`Identity`
     (its public half), :class:`Keyset` (its primary key, AES-KWP), :class:`KeysetKey`
-    or :class:`WrappingKey` (AES-KWP). Duplicates are wrapped once. Raises
+    or :class:`WrappingKey` (AES-KWP), :class:`~gpucrypt.keys.KeyReference` (a key in an
+    HSM or KMS: a ``key-ref`` stanza; a ``file:`` keyset: its primary). Duplicates are
+    wrapped once. ``context`` (str -> str) binds the providers' stanzas that can bind
+    (AWS KMS encryption context, PKCS#11 AES-GCM); opening needs the same one. Raises
     ``ValueError`` for no recipient or more than 255, :class:`KeyUnavailable` for a
-    disabled or destroyed keyset key.
+    disabled or destroyed keyset key, :class:`KeyProviderError` for an unreachable provider.
     """
-    return seal_envelope_with_labels(dek, recipients)[0]
+    return seal_envelope_with_labels(dek, recipients, context=context)[0]
 
 
-def seal_envelope_with_labels(dek: bytes, recipients: Any) -> tuple[bytes, list[str]]:
+def seal_envelope_with_labels(dek: bytes, recipients: Any, *,
+                              context: Any = None) -> tuple[bytes, list[str]]:
     """:func:`seal_envelope`, also returning what :func:`describe_envelope` would say of
     the result (one label per stanza), without decoding the envelope again."""
     dek = _check_dek(dek)
+    context = check_context(context)
     stanzas, labels = [], []
     with audit.timed("envelope.seal") as ev:
         for item in recipient_list(recipients):
             if isinstance(item, Identity):
                 item = item.recipient
+            if isinstance(item, KeyReference) and item.scheme == "file":
+                item = item.resolve()  # a keyset file: its primary wraps, as below
             if isinstance(item, Keyset):
                 item = item.primary
-            if isinstance(item, Recipient):
+            if isinstance(item, KeyReference):
+                stanza_id, body = item.wrap(dek, context)
+                stanza = Stanza("key-ref", stanza_id.encode("utf-8"), body)
+            elif isinstance(item, Recipient):
                 kind, suite = _KEMS[item.kem]
                 stanza = Stanza(kind, item.stanza_id,
                                 suite.encrypt(dek, item._public_key, info=HPKE_INFO))
@@ -299,7 +312,8 @@ def seal_envelope_with_labels(dek: bytes, recipients: Any) -> tuple[bytes, list[
                                 aes_key_wrap_with_padding(item.secret_bytes(), dek))
             else:
                 raise TypeError(f"cannot wrap a data key for a {type(item).__name__}: give "
-                                f"Recipient, Identity, Keyset, KeysetKey or WrappingKey objects")
+                                f"Recipient, Identity, Keyset, KeysetKey, WrappingKey or "
+                                f"KeyReference objects")
             label = _stanza_label(stanza)
             if label not in labels:
                 stanzas.append(stanza)
@@ -320,23 +334,26 @@ def identity_list(identities: Any) -> list:
         if isinstance(item, Recipient):
             raise TypeError(f"{item!r} is a public key: opening an envelope needs the private "
                             f"Identity (the identity file, not the .pub file)")
-        if not isinstance(item, (Identity, KeysetKey, WrappingKey, KeyProvider)):
+        if not isinstance(item, (Identity, KeysetKey, WrappingKey, KeyProvider, KeyReference)):
             raise TypeError(f"cannot open an envelope with a {type(item).__name__}: give Identity, "
-                            f"Keyset, KeysetKey, WrappingKey or KeyProvider objects")
+                            f"Keyset, KeysetKey, WrappingKey, KeyReference or KeyProvider objects")
     return items
 
 
-def open_envelope(envelope: bytes, identities: Any) -> bytes:
+def open_envelope(envelope: bytes, identities: Any, *, context: Any = None) -> bytes:
     """The data key, unwrapped by the first stanza one of ``identities`` opens.
 
     ``identities``: one or a sequence of :class:`Identity`, :class:`Keyset`,
-    :class:`KeysetKey`, :class:`WrappingKey` or any :class:`KeyProvider`. A stanza is
-    tried only with identities that own its id (a fingerprint or key id). Raises
+    :class:`KeysetKey`, :class:`WrappingKey`, :class:`~gpucrypt.keys.KeyReference` or any
+    :class:`KeyProvider`. A stanza is tried only with identities that own its id (a
+    fingerprint, key id or key reference). ``context``: as given to :func:`seal_envelope`.
+    :class:`KeyProviderError` (an HSM or KMS that cannot be used at all) propagates. Raises
     :class:`NoMatchingRecipient` ("no recipient in this file matches your key(s)",
     with why for each near miss: a disabled key, a failed unwrap) when none opens,
     :class:`EnvelopeError` when the envelope is malformed.
     """
     candidates = identity_list(identities)
+    context = check_context(context)
     with audit.timed("envelope.open") as ev:
         stanzas = _decode(envelope)
         ev["recipients"] = [_stanza_label(s) for s in stanzas]
@@ -344,7 +361,7 @@ def open_envelope(envelope: bytes, identities: Any) -> bytes:
         for stanza in stanzas:
             for identity in candidates:
                 try:
-                    dek = _try_open(stanza, identity)
+                    dek = _try_open(stanza, identity, context)
                 except KeyNotFound:
                     continue
                 except (KeyUnavailable, KeysetError) as exc:
@@ -362,8 +379,17 @@ def open_envelope(envelope: bytes, identities: Any) -> bytes:
                                   + (f" ({detail})" if detail else ""))
 
 
-def _try_open(stanza: Stanza, identity: Any) -> bytes | None:
+def _try_open(stanza: Stanza, identity: Any, context: dict) -> bytes | None:
     """The DEK if ``identity`` owns ``stanza`` and unwraps it; None if it does not own it."""
+    if stanza.kind == "key-ref":
+        stanza_id = stanza.recipient_id.decode("utf-8", "replace")
+        if isinstance(identity, KeyReference) and identity.owns(stanza_id):
+            return identity.unwrap(stanza_id, stanza.body, context)
+        return None
+    if isinstance(identity, KeyReference):
+        if identity.scheme != "file":
+            return None
+        identity = identity.resolve()  # a keyset file: a KeyProvider, as below
     if stanza.kind == "aes-kwp":
         key_id = stanza.recipient_id.decode("utf-8", "replace")
         if isinstance(identity, KeysetKey):

@@ -1,0 +1,183 @@
+"""Key reference URIs: parsing and the canonical forms that envelopes record.
+
+Three schemes (docs/KEYS.md, "Key references"):
+
+- ``pkcs11:token=T;object=O[;type=secret-key|private|public][;id=%01%02]
+  [?module-path=/path/lib.so&pin-source=env:VAR|file:/path]`` (RFC 7512: path attributes
+  separated by ``;``, query attributes by ``&``, values percent-encoded);
+- ``awskms://arn:aws:kms:REGION:ACCOUNT:key/ID[?endpoint=URL&profile=NAME]``, or
+  ``awskms:///alias/NAME?region=REGION[&endpoint=URL&profile=NAME]`` (also a bare key id);
+- ``file:///path/to/keyset.json[?passphrase-source=env:VAR|file:/path]``.
+
+A URI names a key and says how to reach it; it never holds a secret: ``pin-value`` and
+anything like it are refused, because URIs land in shell history, process lists, task
+graphs and logs. PINs and passphrases come from a *source* (an environment variable or a
+file) read by whichever process resolves the reference.
+
+This module only parses; it imports nothing from gpucrypt but the errors.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from urllib.parse import quote, unquote, unquote_to_bytes
+
+from .._errors import KeysetError
+
+__all__ = ["KeyUri", "parse_key_uri", "pkcs11_id_text", "SCHEMES"]
+
+SCHEMES = ("pkcs11", "awskms", "file")
+
+#: RFC 7512 path attributes gpucrypt reads (others are refused, so a typo cannot widen a match)
+_PKCS11_PATH = ("token", "object", "type", "id", "serial", "manufacturer", "model")
+_PKCS11_QUERY = ("module-path", "pin-source")
+_PKCS11_TYPES = ("secret-key", "private", "public")
+_AWS_QUERY = ("region", "endpoint", "profile")
+_FILE_QUERY = ("passphrase-source",)
+_SECRET_ATTRIBUTES = ("pin-value", "passphrase", "password", "secret", "key")
+_SECRET_VALUE = re.compile(r"(?i)\b(pin-value|passphrase|password|secret)=[^;&]*")
+
+_ARN = re.compile(r"arn:aws[a-z-]*:kms:([a-z0-9-]+):\d{12}:(key|alias)/[A-Za-z0-9/_+=.@:-]+")
+
+
+def _bad(uri: str, why: str) -> KeysetError:
+    return KeysetError(f"key reference {_shown(uri)!r}: {why}")
+
+
+def _shown(uri: str) -> str:
+    """The URI as errors may quote it: the part before any query (a malformed query could
+    hold something secret-looking the user pasted by mistake), secret attributes masked."""
+    return _SECRET_VALUE.sub(r"\1=***", uri.split("?", 1)[0])
+
+
+@dataclass(frozen=True)
+class KeyUri:
+    """A parsed key reference: ``scheme``, ``path`` attributes (what the key is) and
+    ``query`` attributes (how to reach it). Values are decoded text."""
+
+    scheme: str
+    path: dict = field(default_factory=dict)
+    query: dict = field(default_factory=dict)
+
+    def canonical(self) -> str:
+        """The URI rebuilt from its parts, attributes in a fixed order."""
+        if self.scheme == "pkcs11":
+            text = "pkcs11:" + ";".join(f"{k}={v if k == 'id' else _pct(v)}"  # id: kept encoded
+                                        for k, v in self._ordered(_PKCS11_PATH))
+            extra = [(k, self.query[k]) for k in _PKCS11_QUERY if k in self.query]
+        elif self.scheme == "awskms":
+            key = self.path["key"]
+            text = "awskms://" + (key if key.startswith("arn:") else "/" + key)
+            extra = [(k, self.query[k]) for k in _AWS_QUERY if k in self.query]
+        else:
+            text = "file://" + quote(self.path["path"])
+            extra = [(k, self.query[k]) for k in _FILE_QUERY if k in self.query]
+        if extra:
+            text += "?" + "&".join(f"{k}={_pct(v, safe='/:')}" for k, v in extra)
+        return text
+
+    def _ordered(self, names) -> list:
+        return [(k, self.path[k]) for k in names if k in self.path]
+
+
+def pkcs11_id_text(raw: bytes) -> str:
+    """An RFC 7512 ``id`` value: every byte percent-encoded (``%01%A2``)."""
+    return "".join(f"%{b:02X}" for b in raw)
+
+
+def _pct(value: str, safe: str = "") -> str:
+    return quote(value, safe=safe + "-._~")
+
+
+def parse_key_uri(uri: str) -> KeyUri:
+    """Parse ``uri``; :class:`~gpucrypt.keys.KeysetError` (a ``ValueError``) saying what is
+    wrong and what a good one looks like."""
+    if not isinstance(uri, str):
+        raise TypeError(f"a key reference is a str, not {type(uri).__name__}")
+    scheme, colon, _ = uri.partition(":")
+    if not colon or scheme.lower() not in SCHEMES:
+        raise KeysetError(f"key reference {_shown(uri)!r}: unknown scheme; use pkcs11:token=...;"
+                        f"object=..., awskms://arn:... (or awskms:///alias/NAME?region=...), "
+                        f"or file:///path/keyset.json")
+    scheme = scheme.lower()
+    rest = uri[len(scheme) + 1:]
+    body, _, query_text = rest.partition("?")
+    query = _attributes(uri, query_text, "&") if query_text else {}
+    for name in query:
+        if name in _SECRET_ATTRIBUTES:
+            raise _bad(uri, f"{name} would put a secret in the URI; use pin-source=env:VAR or "
+                            f"pin-source=file:/path (passphrase-source= for file: references)")
+    if scheme == "pkcs11":
+        return _pkcs11(uri, body, query)
+    if scheme == "awskms":
+        return _awskms(uri, body, query)
+    return _file(uri, body, query)
+
+
+def _attributes(uri: str, text: str, separator: str, encoded: tuple = ()) -> dict:
+    out: dict = {}
+    for item in text.split(separator):
+        if not item:
+            continue
+        name, eq, value = item.partition("=")
+        name = name.strip().lower()
+        if not eq or not name:
+            raise _bad(uri, f"attribute {name or item!r} has no value (write name=value)")
+        if name in out:
+            raise _bad(uri, f"attribute {name!r} is given twice")
+        out[name] = value if name in encoded else unquote(value)
+    return out
+
+
+def _only(uri: str, attrs: dict, allowed: tuple, where: str) -> None:
+    for name in attrs:
+        if name not in allowed and not name.startswith("x-"):
+            raise _bad(uri, f"unknown {where} attribute {name!r} (known: {', '.join(allowed)})")
+
+
+def _pkcs11(uri: str, body: str, query: dict) -> KeyUri:
+    path = _attributes(uri, body, ";", encoded=("id",))
+    _only(uri, path, _PKCS11_PATH, "path")
+    if "id" in path:  # RFC 7512: an id is bytes, percent-encoded; kept so, in one spelling
+        path["id"] = pkcs11_id_text(unquote_to_bytes(path["id"]))
+    _only(uri, query, _PKCS11_QUERY, "query")
+    if not path.get("token") or not (path.get("object") or path.get("id")):
+        raise _bad(uri, "name the token and the key: pkcs11:token=LABEL;object=KEY_LABEL")
+    if "type" in path and path["type"] not in _PKCS11_TYPES:
+        raise _bad(uri, f"type must be one of {', '.join(_PKCS11_TYPES)}")
+    return KeyUri("pkcs11", path, query)
+
+
+def _awskms(uri: str, body: str, query: dict) -> KeyUri:
+    _only(uri, query, _AWS_QUERY, "query")
+    if not body.startswith("//"):
+        raise _bad(uri, "write awskms://arn:aws:kms:... or awskms:///alias/NAME?region=...")
+    key = unquote(body[2:])
+    if key.startswith("/"):
+        key = key[1:]
+    if not key:
+        raise _bad(uri, "no key: write awskms://arn:aws:kms:... or awskms:///alias/NAME")
+    if key.startswith("arn:"):
+        match = _ARN.fullmatch(key)
+        if match is None:
+            raise _bad(uri, "not a KMS key ARN (arn:aws:kms:REGION:ACCOUNT:key/ID)")
+        if query.get("region", match.group(1)) != match.group(1):
+            raise _bad(uri, "region= differs from the ARN's region")
+    elif not re.fullmatch(r"(alias/[A-Za-z0-9/_-]+|[0-9a-fA-F-]{36}|mrk-[0-9a-f]{32})", key):
+        raise _bad(uri, "the key must be an ARN, alias/NAME or a key id")
+    return KeyUri("awskms", {"key": key}, query)
+
+
+def _file(uri: str, body: str, query: dict) -> KeyUri:
+    _only(uri, query, _FILE_QUERY, "query")
+    if body.startswith("//"):
+        host, slash, rest = body[2:].partition("/")
+        if host not in ("", "localhost"):
+            raise _bad(uri, "only local files: file:///absolute/path")
+        path = "/" + rest if slash else ""
+    else:
+        path = body
+    path = unquote(path)
+    if not path.startswith("/"):
+        raise _bad(uri, "a file: reference needs an absolute path (file:///path/keyset.json)")
+    return KeyUri("file", {"path": path}, query)

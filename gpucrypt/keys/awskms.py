@@ -1,0 +1,186 @@
+"""AWS KMS key-encryption keys, through ``boto3`` (``pip install 'gpucrypt[aws]'``).
+
+Wrapping is KMS ``Encrypt`` of the data key under a symmetric KMS key, unwrapping is
+``Decrypt``; both carry the binding context (:func:`gpucrypt.keys.references.file_context`)
+as the **encryption context**, so KMS refuses a wrapped key moved into another file's
+header, and CloudTrail records which file each ``Decrypt`` was for. The stanza id is
+``awskms://`` + the key's ARN (as ``Encrypt`` reports it), the body KMS's
+``CiphertextBlob``. The data key is made locally (like every other stanza's), so one
+file can be wrapped for KMS and other recipients at once; ``GenerateDataKey`` is not used.
+
+Before each call gpucrypt asks ``DescribeKey`` for the key's state and refuses a key
+that is not ``Enabled`` with one line saying so (KMS would refuse too, with
+``DisabledException``; the check also covers emulators that do not). A role without
+``kms:DescribeKey`` skips the check. Credentials and region come from boto3's usual
+chain (environment, profile, instance or OIDC role); the URI may name ``region``,
+``profile`` and ``endpoint`` (a VPC endpoint, or a local emulator).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Any, Iterator, Mapping
+
+from .._errors import KeyNotFound, KeyProviderError, KeyUnavailable
+from ._uri import KeyUri
+
+try:
+    import boto3
+    import botocore.config
+    import botocore.exceptions as _bce
+except ImportError as _exc:  # the caller (KeyReference) turns this into an install hint
+    raise ImportError("boto3 is not installed: pip install 'gpucrypt[aws]'", name="boto3") from _exc
+
+__all__ = ["AwsKmsKey", "STANZA_PREFIX"]
+
+STANZA_PREFIX = "awskms://"
+
+_CONFIG = botocore.config.Config(retries={"max_attempts": 2, "mode": "standard"},
+                                 connect_timeout=5, read_timeout=30)
+_UNREACHABLE = (_bce.EndpointConnectionError, _bce.ConnectTimeoutError, _bce.ReadTimeoutError,
+                _bce.ConnectionClosedError)
+
+
+_clients_lock = threading.Lock()
+_clients: dict = {}  # (profile, region, endpoint, pid) -> boto3 client (thread-safe; ~0.3 s to make)
+
+
+def _client(profile: str | None, region: str | None, endpoint: str | None) -> Any:
+    """One boto3 KMS client per profile, region and endpoint in this process."""
+    slot = (profile, region, endpoint, os.getpid())
+    with _clients_lock:
+        if slot not in _clients:
+            session = boto3.session.Session(profile_name=profile)
+            _clients[slot] = session.client("kms", region_name=region, endpoint_url=endpoint,
+                                            config=_CONFIG)
+        return _clients[slot]
+
+
+def _region_of(arn: str) -> str:
+    return arn.split(":")[3]
+
+
+class AwsKmsKey:
+    """A symmetric AWS KMS key: ``key`` is an ARN, ``alias/NAME`` or a key id.
+
+    ``AwsKmsKey("alias/models", region="eu-west-1")``, or from a URI through
+    :class:`gpucrypt.keys.KeyReference`. The boto3 client is made on first use.
+    """
+
+    provider = "awskms"
+
+    def __init__(self, key: str, *, region: str | None = None, endpoint: str | None = None,
+                 profile: str | None = None):
+        self.key, self.endpoint, self.profile = key, endpoint, profile
+        self.region = _region_of(key) if key.startswith("arn:") else region
+        self._arns: dict = {}  # key as named -> its ARN (DescribeKey), when allowed
+
+    @classmethod
+    def from_uri(cls, uri: KeyUri) -> "AwsKmsKey":
+        return cls(uri.path["key"], region=uri.query.get("region"),
+                   endpoint=uri.query.get("endpoint"), profile=uri.query.get("profile"))
+
+    def __repr__(self) -> str:
+        return f"AwsKmsKey({self.key!r})"
+
+    # --- the client and its errors
+    def _client(self, region: str | None) -> Any:
+        with self._errors("connect", self.key):
+            return _client(self.profile, region, self.endpoint)
+
+    def _where(self) -> str:
+        return self.endpoint or f"region {self.region or '(default)'}"
+
+    @contextlib.contextmanager
+    def _errors(self, operation: str, key: str) -> Iterator[None]:
+        """Turn boto3's errors into gpucrypt's, each one line naming the key and what to do."""
+        try:
+            yield
+        except _UNREACHABLE as exc:
+            raise KeyProviderError(f"AWS KMS at {self._where()} could not be reached ({exc}): "
+                                   f"check the endpoint/region and the network") from None
+        except (_bce.NoCredentialsError, _bce.PartialCredentialsError):
+            raise KeyProviderError("AWS KMS: no AWS credentials found (set AWS_PROFILE, or "
+                                   "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run with a "
+                                   "role)") from None
+        except _bce.NoRegionError:
+            raise KeyProviderError(f"AWS KMS key {key}: no region; add ?region=... to the key "
+                                   f"URI or set AWS_REGION") from None
+        except _bce.ProfileNotFound:
+            raise KeyProviderError(f"AWS KMS: the profile {self.profile!r} is not "
+                                   f"configured") from None
+        except _bce.ClientError as exc:
+            raise _client_error(exc, operation, key) from None
+        except _bce.BotoCoreError as exc:
+            raise KeyProviderError(f"AWS KMS {operation} failed for {key}: "
+                                   f"{type(exc).__name__}") from None
+
+    def _check_enabled(self, key: str, region: str | None) -> None:
+        """KeyUnavailable unless ``key`` is Enabled; remembers its ARN. Skipped when the
+        caller may not DescribeKey."""
+        try:
+            with self._errors("DescribeKey", key):
+                meta = self._client(region).describe_key(KeyId=key)["KeyMetadata"]
+        except KeyUnavailable as exc:
+            if "denied" in str(exc):
+                return
+            raise
+        self._arns[key] = meta["Arn"]
+        state = meta.get("KeyState", "Enabled")
+        if state != "Enabled":
+            raise KeyUnavailable(f"AWS KMS key {meta['Arn']} is {state.lower()}: enable it "
+                                 f"(aws kms enable-key --key-id {meta['KeyId']}) to use it")
+
+    # --- ExternalKey
+    def wrap(self, dek: bytes, context: Mapping[str, str]) -> tuple[str, bytes]:
+        client = self._client(self.region)
+        self._check_enabled(self.key, self.region)
+        with self._errors("Encrypt", self.key):
+            answer = client.encrypt(KeyId=self.key, Plaintext=dek,
+                                    EncryptionContext=dict(context))
+        return STANZA_PREFIX + answer["KeyId"], bytes(answer["CiphertextBlob"])
+
+    def owns(self, stanza_id: str) -> bool:
+        if not stanza_id.startswith(STANZA_PREFIX + "arn:"):
+            return False
+        arn = stanza_id[len(STANZA_PREFIX):]
+        if self.key.startswith("arn:") and ":key/" in self.key:
+            return arn == self.key
+        if self.key not in self._arns:  # an alias or a bare id: ask KMS what it names
+            try:
+                self._check_enabled(self.key, self.region or _region_of(arn))
+            except KeyUnavailable:
+                return True  # let Decrypt say why
+        return self._arns.get(self.key, arn) == arn
+
+    def unwrap(self, stanza_id: str, body: bytes, context: Mapping[str, str]) -> bytes:
+        if not self.owns(stanza_id):
+            raise KeyNotFound(f"{stanza_id} is not the AWS KMS key {self.key}")
+        arn = stanza_id[len(STANZA_PREFIX):]
+        region = _region_of(arn)
+        self._check_enabled(arn, region)
+        with self._errors("Decrypt", arn):
+            answer = self._client(region).decrypt(CiphertextBlob=body, KeyId=arn,
+                                                  EncryptionContext=dict(context))
+        return bytes(answer["Plaintext"])
+
+
+def _client_error(exc: Any, operation: str, key: str) -> Exception:
+    code = exc.response.get("Error", {}).get("Code", "")
+    if code == "InvalidCiphertextException":
+        return KeyUnavailable(f"AWS KMS refused to unwrap the data key under {key}: the encryption "
+                              f"context does not match this file (the wrapped key was made for "
+                              f"another file) or the wrapped key was altered")
+    if code in ("DisabledException", "KMSInvalidStateException"):
+        return KeyUnavailable(f"AWS KMS key {key} is disabled or pending deletion: enable it "
+                              f"(aws kms enable-key) to use it")
+    if code in ("NotFoundException", "IncorrectKeyException"):
+        return KeyNotFound(f"AWS KMS has no key {key} usable for this ({code})")
+    if code == "AccessDeniedException":
+        return KeyUnavailable(f"AWS KMS denied {operation} on {key}: check the key policy and "
+                              f"the role's permissions")
+    if code in ("UnrecognizedClientException", "InvalidSignatureException",
+                "ExpiredTokenException"):
+        return KeyProviderError(f"AWS KMS rejected the credentials ({code}): refresh them")
+    return KeyProviderError(f"AWS KMS {operation} failed for {key} ({code or 'error'})")

@@ -1,0 +1,263 @@
+"""PKCS#11 key-encryption keys: data keys wrapped inside a token (an HSM, SoftHSM2, a
+smart card), through ``python-pkcs11`` (``pip install 'gpucrypt[pkcs11]'``).
+
+The key-encryption key never leaves the token. The data key does, by design: gpucrypt
+encrypts the bulk data on the host or the GPU, so the token wraps and unwraps it.
+
+==========================  ============================================================
+key on the token            how the data key is wrapped (first byte of the stanza body)
+==========================  ============================================================
+AES (secret key)            1: ``CKM_AES_KEY_WRAP_KWP`` (RFC 5649), when the token has it;
+                            2: ``CKM_AES_KEY_WRAP_PAD``, when it has that instead (SoftHSM2
+                            2.6 implements it as RFC 5649); both ``C_WrapKey`` of a session
+                            copy of the data key, then ``C_UnwrapKey``;
+                            3: ``CKM_AES_GCM`` (``C_Encrypt``), when it has neither, or when
+                            the URI asks for it (``x-wrap=aes-gcm``): a 12-byte random IV,
+                            then ciphertext and 16-byte tag; associated data = the binding
+                            context (:func:`gpucrypt.keys.references.context_bytes`)
+RSA (key pair)              4: ``CKM_RSA_PKCS_OAEP`` with SHA-256 and MGF1-SHA-256;
+                            5: the same with SHA-1, where the token refuses SHA-256
+                            (SoftHSM2 2.6 does); ``C_Encrypt`` with the public key,
+                            ``C_Decrypt`` with the private key of the same label
+==========================  ============================================================
+
+Only AES-GCM binds the file context; key wrap and OAEP have no associated data (the
+stream header's MAC still binds the envelope to the file).
+
+The module comes from the URI's ``module-path``, else ``$GPUCRYPT_PKCS11_MODULE``, else the
+first SoftHSM2 library found in the usual places. The user PIN comes from ``pin-source``
+(``env:VAR`` or ``file:/path``), else ``$GPUCRYPT_PKCS11_PIN``; never from the URI itself.
+A session is opened (and logged in) per operation, under one lock per process.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Mapping
+
+from .._errors import KeyNotFound, KeyProviderError, KeysetError, KeyUnavailable
+from ._uri import KeyUri, pkcs11_id_text
+from .references import context_bytes, read_secret_source
+
+try:
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+    from pkcs11 import exceptions as _p11e
+    from pkcs11.mechanisms import MGF, GCMParams
+except ImportError as _exc:  # the caller (KeyReference) turns this into an install hint
+    raise ImportError("python-pkcs11 is not installed: pip install 'gpucrypt[pkcs11]'",
+                      name="python-pkcs11") from _exc
+
+__all__ = ["Pkcs11Key", "MODULE_ENV", "PIN_ENV", "DEFAULT_MODULES", "WRAP_CODES"]
+
+MODULE_ENV, PIN_ENV = "GPUCRYPT_PKCS11_MODULE", "GPUCRYPT_PKCS11_PIN"
+DEFAULT_MODULES = ("/usr/lib/softhsm/libsofthsm2.so",
+                   "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+                   "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+                   "/usr/local/lib/softhsm/libsofthsm2.so",
+                   "/opt/homebrew/lib/softhsm/libsofthsm2.so")
+
+#: first byte of a stanza body -> how the rest was made
+WRAP_CODES = {1: "aes-kwp", 2: "aes-key-wrap-pad", 3: "aes-gcm", 4: "rsa-oaep-sha256",
+              5: "rsa-oaep-sha1"}
+_CODE = {name: code for code, name in WRAP_CODES.items()}
+_OAEP = {4: (Mechanism.SHA256, MGF.SHA256), 5: (Mechanism.SHA_1, MGF.SHA1)}
+_GCM_IV, _GCM_TAG_BITS = 12, 128
+
+_lock = threading.Lock()
+_libraries: dict[str, tuple[Any, int]] = {}  # module path -> (library, pid that loaded it)
+
+
+def _library(path: str) -> Any:
+    """The loaded module at ``path``, once per process (re-initialised after a fork)."""
+    cached = _libraries.get(path)
+    if cached is not None:
+        lib, pid = cached
+        if pid != os.getpid():
+            lib.reinitialize()
+            _libraries[path] = (lib, os.getpid())
+        return lib
+    try:
+        lib = pkcs11.lib(path)
+    except (RuntimeError, OSError) as exc:
+        raise KeyProviderError(f"cannot load the PKCS#11 module {path} ({exc})") from None
+    _libraries[path] = (lib, os.getpid())
+    return lib
+
+
+def _module_path(given: str | None) -> str:
+    path = given or os.environ.get(MODULE_ENV)
+    if path:
+        if not os.path.exists(path):
+            raise KeyProviderError(f"PKCS#11 module {path} does not exist")
+        return path
+    for candidate in DEFAULT_MODULES:
+        if os.path.exists(candidate):
+            return candidate
+    raise KeyProviderError(f"no PKCS#11 module: give module-path=/path/lib.so in the key URI or "
+                           f"set {MODULE_ENV} (SoftHSM2: apt-get install softhsm2)")
+
+
+class Pkcs11Key:
+    """A key on a PKCS#11 token, named by token label and key label (and optionally its
+    ``CKA_ID`` and type); see the module docstring for the mechanisms.
+
+    ``Pkcs11Key("prod", "model-kek", module_path=..., pin_source="env:HSM_PIN")``, or from a
+    URI through :class:`gpucrypt.keys.KeyReference`. No session is opened until used.
+    """
+
+    provider = "pkcs11"
+
+    def __init__(self, token: str, label: str | None = None, *, key_id: bytes | None = None,
+                 key_type: str | None = None, module_path: str | None = None,
+                 pin_source: str | None = None, wrap: str | None = None):
+        if label is None and key_id is None:
+            raise ValueError("name the key by label and/or key_id")
+        if wrap not in (None, "aes-gcm"):
+            raise ValueError("wrap may only force 'aes-gcm' (the rest follows the key's type)")
+        self.token, self.label, self.key_id, self.key_type = token, label, key_id, key_type
+        self.module_path, self.pin_source, self.force_gcm = module_path, pin_source, wrap == "aes-gcm"
+        path = {"token": token, **({"object": label} if label else {}),
+                **({"id": pkcs11_id_text(key_id)} if key_id else {})}
+        self.reference = KeyUri("pkcs11", path).canonical()  # what stanzas record: no query
+
+    @classmethod
+    def from_uri(cls, uri: KeyUri) -> "Pkcs11Key":
+        from urllib.parse import unquote_to_bytes
+
+        path, query = uri.path, uri.query
+        raw_id = unquote_to_bytes(path["id"]) if "id" in path else None
+        return cls(path["token"], path.get("object"), key_id=raw_id, key_type=path.get("type"),
+                   module_path=query.get("module-path"), pin_source=query.get("pin-source"),
+                   wrap=query.get("x-wrap"))
+
+    def __repr__(self) -> str:
+        return f"Pkcs11Key({self.reference!r})"
+
+    # --- sessions and objects
+    def _session(self) -> Any:
+        lib = _library(_module_path(self.module_path))
+        try:
+            token = lib.get_token(token_label=self.token)
+        except _p11e.NoSuchToken:
+            raise KeyProviderError(f"{self.reference}: no token labelled {self.token!r} in the "
+                                   f"PKCS#11 module (softhsm2-util --show-slots lists them)") from None
+        pin = read_secret_source(self.pin_source, PIN_ENV,
+                                 f"the user PIN of PKCS#11 token {self.token!r}")
+        try:
+            return token.open(user_pin=pin)
+        except (_p11e.PinIncorrect, _p11e.PinInvalid, _p11e.PinLenRange):
+            raise KeyProviderError(f"{self.reference}: the token refused the PIN: check the PIN "
+                                   f"source") from None
+        except _p11e.PinLocked:
+            raise KeyProviderError(f"{self.reference}: the token's user PIN is locked") from None
+        except _p11e.PKCS11Error as exc:
+            raise KeyProviderError(f"{self.reference}: cannot open a session "
+                                   f"({type(exc).__name__})") from None
+
+    def _find(self, session: Any, classes: tuple) -> Any:
+        found = []
+        for object_class in classes:
+            try:
+                found.append(session.get_key(object_class=object_class, label=self.label,
+                                             id=self.key_id))
+            except _p11e.NoSuchKey:
+                continue
+            except _p11e.MultipleObjectsReturned:
+                raise KeysetError(f"{self.reference}: several keys match; add id= or type= to "
+                                  f"the URI") from None
+        if not found:
+            raise KeyNotFound(f"{self.reference}: no such key on the token")
+        return found[0]
+
+    def _classes(self, for_wrap: bool) -> tuple:
+        by_type = {"secret-key": (ObjectClass.SECRET_KEY,), "private": (ObjectClass.PRIVATE_KEY,),
+                   "public": (ObjectClass.PUBLIC_KEY,)}
+        if self.key_type:
+            return by_type[self.key_type]
+        return (ObjectClass.SECRET_KEY,
+                ObjectClass.PUBLIC_KEY if for_wrap else ObjectClass.PRIVATE_KEY)
+
+    # --- ExternalKey
+    def owns(self, stanza_id: str) -> bool:
+        return stanza_id == self.reference
+
+    def wrap(self, dek: bytes, context: Mapping[str, str]) -> tuple[str, bytes]:
+        with _lock, self._session() as session:
+            key = self._find(session, self._classes(for_wrap=True))
+            try:
+                if key.key_type == KeyType.AES:
+                    code, body = self._wrap_aes(session, key, dek, context)
+                elif key.key_type == KeyType.RSA:
+                    code, body = self._wrap_rsa(key, dek)
+                else:
+                    raise KeysetError(f"{self.reference}: a {key.key_type.name} key cannot wrap "
+                                      f"data keys (use an AES key or an RSA key pair)")
+            except _p11e.PKCS11Error as exc:
+                raise KeyUnavailable(f"{self.reference}: the token refused to wrap a data key "
+                                     f"({type(exc).__name__}; the key needs CKA_WRAP or "
+                                     f"CKA_ENCRYPT)") from None
+        return self.reference, bytes([code]) + body
+
+    def _wrap_aes(self, session: Any, key: Any, dek: bytes, context) -> tuple[int, bytes]:
+        mechanisms = session.token.slot.get_mechanisms() if not self.force_gcm else set()
+        for name, mechanism in (("aes-kwp", Mechanism.AES_KEY_WRAP_KWP),
+                                ("aes-key-wrap-pad", Mechanism.AES_KEY_WRAP_PAD)):
+            if mechanism in mechanisms:
+                copy = session.create_object({
+                    Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+                    Attribute.VALUE: dek, Attribute.TOKEN: False, Attribute.EXTRACTABLE: True,
+                    Attribute.SENSITIVE: False})
+                try:
+                    return _CODE[name], key.wrap_key(copy, mechanism=mechanism)
+                finally:
+                    copy.destroy()
+        iv = os.urandom(_GCM_IV)
+        sealed = key.encrypt(dek, mechanism=Mechanism.AES_GCM,
+                             mechanism_param=GCMParams(iv, context_bytes(context), _GCM_TAG_BITS))
+        return _CODE["aes-gcm"], iv + sealed
+
+    def _wrap_rsa(self, public: Any, dek: bytes) -> tuple[int, bytes]:
+        for code in (4, 5):
+            try:
+                return code, public.encrypt(dek, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                            mechanism_param=(*_OAEP[code], None))
+            except (_p11e.ArgumentsBad, _p11e.MechanismParamInvalid):
+                continue  # SoftHSM2 2.6 accepts only SHA-1 for OAEP
+        raise KeyUnavailable(f"{self.reference}: the token supports RSA-OAEP with neither SHA-256 "
+                             f"nor SHA-1")
+
+    def unwrap(self, stanza_id: str, body: bytes, context: Mapping[str, str]) -> bytes:
+        if stanza_id != self.reference:
+            raise KeyNotFound(f"{self.reference} does not own {stanza_id}")
+        code, data = (body[0], bytes(body[1:])) if body else (0, b"")
+        if code not in WRAP_CODES:
+            raise KeyUnavailable(f"{self.reference}: unknown wrapping {code} in the envelope")
+        rsa = code in _OAEP
+        with _lock, self._session() as session:
+            key = self._find(session, (ObjectClass.PRIVATE_KEY,) if rsa
+                             else (ObjectClass.SECRET_KEY,))
+            try:
+                if rsa:
+                    return key.decrypt(data, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                       mechanism_param=(*_OAEP[code], None))
+                if code == _CODE["aes-gcm"]:
+                    return key.decrypt(data[_GCM_IV:], mechanism=Mechanism.AES_GCM,
+                                       mechanism_param=GCMParams(data[:_GCM_IV], context_bytes(context),
+                                                                 _GCM_TAG_BITS))
+                mechanism = (Mechanism.AES_KEY_WRAP_KWP if code == _CODE["aes-kwp"]
+                             else Mechanism.AES_KEY_WRAP_PAD)
+                copy = key.unwrap_key(ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, data,
+                                      mechanism=mechanism,
+                                      template={Attribute.EXTRACTABLE: True,
+                                                Attribute.SENSITIVE: False,
+                                                Attribute.TOKEN: False})
+                try:
+                    return bytes(copy[Attribute.VALUE])
+                finally:
+                    copy.destroy()
+            except _p11e.PKCS11Error as exc:
+                raise KeyUnavailable(f"{self.reference}: the token refused to unwrap the data key "
+                                     f"({type(exc).__name__}): the envelope was altered, or made "
+                                     f"for another file or with another key") from None
+

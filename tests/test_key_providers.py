@@ -1,0 +1,446 @@
+"""Keys that stay in an HSM or a KMS: key reference URIs, the PKCS#11 provider against a real
+SoftHSM2 token, the AWS KMS provider against moto's KMS server on the loopback (boto3's real
+HTTP client), rekeying between providers, references across pickle and spawn, and audit
+records that name providers and references but never a key or a PIN.
+
+One SoftHSM2 token and one moto server serve the whole module (each takes seconds to start).
+SoftHSM2 is a system package: without it these tests fail and say how to install it.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
+
+from gpucrypt import audit, keys
+from gpucrypt.cli import main
+from gpucrypt.files import stream
+from gpucrypt.keys import KeyReference, file_context
+
+TOKEN = "gpucrypt-test"
+PIN = "pin-7f3a9c21e5"  # distinctive, so that a test can search for it
+SO_PIN = "so-pin-0d6b1f"
+AWS_SECRET = "aws-secret-5c2e8d14b7a9"
+KNOWN_KEK = bytes(range(32))  # imported into the token, so cryptography can check the wrapping
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+def _softhsm_module() -> str:
+    for path in ("/usr/lib/softhsm/libsofthsm2.so",
+                 "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+                 "/usr/local/lib/softhsm/libsofthsm2.so"):
+        if os.path.exists(path):
+            return path
+    pytest.fail("SoftHSM2 is not installed: apt-get install softhsm2 (README, 'Keys in an HSM "
+                "or a KMS'); these tests need a real PKCS#11 token", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """SoftHSM2 configured into a temporary folder, and AWS credentials for moto."""
+    folder = tmp_path_factory.mktemp("softhsm")
+    (folder / "tokens").mkdir()
+    conf = folder / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {folder / 'tokens'}\nobjectstore.backend = file\n"
+                    f"log.level = ERROR\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOFTHSM2_CONF", str(conf))
+        mp.setenv("GPUCRYPT_PKCS11_PIN", PIN)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(folder / "none"))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def hsm(env):
+    """A SoftHSM2 token with an AES key (made inside), an AES key imported from KNOWN_KEK
+    and an RSA key pair, all created through python-pkcs11."""
+    module = _softhsm_module()
+    if shutil.which("softhsm2-util") is None:
+        pytest.fail("softhsm2-util is missing: apt-get install softhsm2", pytrace=False)
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", TOKEN, "--so-pin",
+                    SO_PIN, "--pin", PIN], check=True, capture_output=True)
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    from gpucrypt.keys.pkcs11 import _library
+
+    token = _library(module).get_token(token_label=TOKEN)
+    with token.open(user_pin=PIN, rw=True) as session:
+        session.generate_key(KeyType.AES, 256, label="kek", store=True)
+        session.create_object({Attribute.CLASS: ObjectClass.SECRET_KEY,
+                               Attribute.KEY_TYPE: KeyType.AES, Attribute.VALUE: KNOWN_KEK,
+                               Attribute.LABEL: "known", Attribute.TOKEN: True,
+                               Attribute.WRAP: True, Attribute.UNWRAP: True,
+                               Attribute.ENCRYPT: True, Attribute.DECRYPT: True,
+                               Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})
+        public, _ = session.generate_keypair(KeyType.RSA, 2048, label="rsa", store=True)
+        numbers = rsa.RSAPublicNumbers(int.from_bytes(public[Attribute.PUBLIC_EXPONENT], "big"),
+                                       int.from_bytes(public[Attribute.MODULUS], "big"))
+    return {"module": module, "rsa_public": numbers.public_key()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def kms(env):
+    """moto's KMS on the loopback; yields a function making a fresh key (its ARN)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    import boto3
+
+    client = boto3.client("kms", endpoint_url=endpoint, region_name="us-east-1")
+
+    class Kms:
+        def __init__(self):
+            self.endpoint, self.client = endpoint, client
+
+        def new_key(self, alias: str | None = None) -> str:
+            meta = client.create_key(Description="gpucrypt test")["KeyMetadata"]
+            if alias:
+                client.create_alias(AliasName=alias, TargetKeyId=meta["KeyId"])
+            return meta["Arn"]
+
+        def uri(self, key: str) -> str:
+            return (f"awskms://{key}" if key.startswith("arn:") else f"awskms:///{key}?region=us-east-1") \
+                + ("&" if not key.startswith("arn:") else "?") + f"endpoint={endpoint}"
+
+    yield Kms()
+    server.stop()
+
+
+@pytest.fixture()
+def plain(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(10_000))
+    return path
+
+
+def _hsm_uri(hsm, obj: str = "kek", extra: str = "") -> str:
+    return f"pkcs11:token={TOKEN};object={obj}?module-path={hsm['module']}{extra}"
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _decrypts_to(path, plain, tmp_path, **kw) -> None:
+    out = tmp_path / "out.bin"
+    keys.decrypt_file(path, out, device="cpu", **kw)
+    assert out.read_bytes() == plain.read_bytes()
+    out.unlink()
+
+
+# ------------------------------------------------------------------------------------ URIs
+
+
+@pytest.mark.parametrize("uri, label, query", [
+    ("pkcs11:token=prod;object=model-kek?module-path=/usr/lib/x.so&pin-source=env:HSM_PIN",
+     "pkcs11:token=prod;object=model-kek", {"module-path": "/usr/lib/x.so", "pin-source": "env:HSM_PIN"}),
+    ("pkcs11:object=k%20one;token=a%2Fb;id=%01%ab", "pkcs11:token=a%2Fb;object=k%20one;id=%01%AB", {}),
+    ("awskms://arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+     "awskms://arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab", {}),
+    ("awskms:///alias/models?region=eu-west-1&endpoint=http://127.0.0.1:4566",
+     "awskms:///alias/models", {"region": "eu-west-1", "endpoint": "http://127.0.0.1:4566"}),
+    ("file:///etc/gpucrypt/keyset.json", "file:///etc/gpucrypt/keyset.json", {}),
+])
+def test_uri_forms(uri, label, query):
+    ref = KeyReference(uri)
+    assert ref.label == label and ref.query == query
+    assert KeyReference(ref.uri) == ref  # the canonical form parses back to itself
+
+
+@pytest.mark.parametrize("uri, why", [
+    ("pkcs11:token=t;object=o?pin-value=1234", "secret in the URI"),
+    ("pkcs11:token=t;object=o;pin-value=1234", "unknown path attribute 'pin-value'"),
+    ("pkcs11:object=o", "name the token"),
+    ("pkcs11:token=t;object=o;colour=red", "unknown path attribute"),
+    ("pkcs11:token=t;object=o;object=p", "given twice"),
+    ("awskms://arn:aws:kms:eu-west-1:111122223333:key/x?region=us-east-1", "region= differs"),
+    ("awskms://nonsense", "ARN, alias/NAME or a key id"),
+    ("file:relative/keys.json", "absolute path"),
+    ("s3://bucket/key", "unknown scheme"),
+])
+def test_bad_uris_say_what_is_wrong(uri, why):
+    with pytest.raises(keys.KeysetError, match=why) as info:
+        KeyReference(uri)
+    assert "1234" not in str(info.value)  # a refused PIN is not echoed
+
+
+def test_file_reference_opens_a_sealed_keyset(plain, tmp_path, monkeypatch):
+    keyset = keys.Keyset.generate()
+    keyset.save(tmp_path / "ks.json", "correct horse", scrypt_n=2**10)
+    (tmp_path / "pass").write_text("correct horse\n")
+    ref = KeyReference(f"file://{tmp_path / 'ks.json'}?passphrase-source=file:{tmp_path / 'pass'}")
+    enc = tmp_path / "m.gc"
+    assert keys.encrypt_file(plain, enc, recipients=ref, device="cpu") == {
+        "key_id": keyset.primary.id, "recipients": [f"aes-kwp:{keyset.primary.id}"]}  # as a keyset
+    _decrypts_to(enc, plain, tmp_path, keyset=keyset)
+    _decrypts_to(enc, plain, tmp_path, identities=pickle.loads(pickle.dumps(ref)))
+    monkeypatch.delenv("GPUCRYPT_PASSPHRASE", raising=False)
+    with pytest.raises(keys.KeyProviderError, match="GPUCRYPT_PASSPHRASE"):
+        keys.seal_envelope(keys.generate_dek(), KeyReference(f"file://{tmp_path / 'ks.json'}"))
+
+
+# ------------------------------------------------------------------------------------ PKCS#11
+
+
+def test_pkcs11_kwp_is_rfc5649_and_roundtrips(hsm):
+    ref = KeyReference(_hsm_uri(hsm, "known"))
+    dek = keys.generate_dek()
+    envelope = keys.seal_envelope(dek, ref)
+    [stanza] = keys._envelope.decode(envelope)
+    assert stanza.kind == "key-ref" and stanza.recipient_id == b"pkcs11:token=gpucrypt-test;object=known"
+    assert stanza.body[0] == 2  # CKM_AES_KEY_WRAP_PAD: SoftHSM2 2.6 lists no CKM_AES_KEY_WRAP_KWP
+    assert aes_key_unwrap_with_padding(KNOWN_KEK, stanza.body[1:]) == dek  # what the token made
+    assert keys.open_envelope(envelope, ref) == dek
+
+
+def test_pkcs11_gcm_binds_the_context(hsm):
+    ref = KeyReference(_hsm_uri(hsm, "kek", "&x-wrap=aes-gcm"))
+    dek = keys.generate_dek()
+    envelope = keys.seal_envelope(dek, ref, context={"gpucrypt-file": "aa"})
+    assert keys._envelope.decode(envelope)[0].body[0] == 3
+    assert keys.open_envelope(envelope, ref, context={"gpucrypt-file": "aa"}) == dek
+    with pytest.raises(keys.NoMatchingRecipient, match="refused to unwrap"):
+        keys.open_envelope(envelope, ref, context={"gpucrypt-file": "bb"})
+
+
+def test_pkcs11_rsa_oaep_interoperates_with_cryptography(hsm):
+    ref = KeyReference(_hsm_uri(hsm, "rsa"))
+    dek = keys.generate_dek()
+    [stanza] = keys._envelope.decode(keys.seal_envelope(dek, ref))
+    assert stanza.body[0] == 5  # SoftHSM2 2.6 refuses OAEP with SHA-256; SHA-1 it is
+    # an envelope wrapped by cryptography with the token's public key opens on the token
+    sha1 = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
+    body = bytes([5]) + hsm["rsa_public"].encrypt(dek, sha1)
+    envelope = keys._envelope.encode([keys.Stanza("key-ref", stanza.recipient_id, body)])
+    assert keys.open_envelope(envelope, ref) == dek
+
+
+def test_pkcs11_pin_from_a_file_and_wrong_pins(hsm, tmp_path, monkeypatch):
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(PIN + "\n")
+    monkeypatch.delenv("GPUCRYPT_PKCS11_PIN")
+    dek = keys.generate_dek()
+    ref = KeyReference(_hsm_uri(hsm, extra=f"&pin-source=file:{pin_file}"))
+    assert keys.open_envelope(keys.seal_envelope(dek, ref), ref) == dek
+    with pytest.raises(keys.KeyProviderError, match="GPUCRYPT_PKCS11_PIN"):
+        keys.seal_envelope(dek, KeyReference(_hsm_uri(hsm)))
+    monkeypatch.setenv("WRONG_PIN", "not-the-pin")
+    with pytest.raises(keys.KeyProviderError, match="refused the PIN") as info:
+        keys.seal_envelope(dek, KeyReference(_hsm_uri(hsm, extra="&pin-source=env:WRONG_PIN")))
+    assert "not-the-pin" not in str(info.value)
+
+
+def test_pkcs11_unknown_key_and_token(hsm):
+    with pytest.raises(keys.KeyNotFound, match="no such key"):
+        keys.seal_envelope(keys.generate_dek(), KeyReference(_hsm_uri(hsm, "absent")))
+    with pytest.raises(keys.KeyProviderError, match="no token labelled"):
+        keys.seal_envelope(keys.generate_dek(), KeyReference(
+            f"pkcs11:token=absent;object=kek?module-path={hsm['module']}"))
+
+
+# ------------------------------------------------------------------------------------ AWS KMS
+
+
+def test_kms_file_roundtrip_and_alias(kms, plain, tmp_path):
+    arn = kms.new_key(alias="alias/gpucrypt-roundtrip")
+    enc = tmp_path / "model.gc"
+    result = keys.encrypt_file(plain, enc, recipients=KeyReference(kms.uri("alias/gpucrypt-roundtrip")),
+                               device="cpu")
+    assert result["recipients"] == ["awskms://" + arn]  # the stanza names the key by its ARN
+    _decrypts_to(enc, plain, tmp_path, identities=KeyReference(kms.uri(arn)))
+    _decrypts_to(enc, plain, tmp_path, identities=KeyReference(kms.uri("alias/gpucrypt-roundtrip")))
+    other = KeyReference(kms.uri(kms.new_key()))
+    with pytest.raises(keys.NoMatchingRecipient):
+        keys.decrypt_file(enc, tmp_path / "x", identities=other, device="cpu")
+
+
+def test_kms_context_is_the_files_salt(kms, plain, tmp_path):
+    """A KMS-wrapped data key moved into another file's header does not unwrap: KMS checks
+    the encryption context, which is that file's salt."""
+    ref = KeyReference(kms.uri(kms.new_key()))
+    enc = tmp_path / "a.gc"
+    keys.encrypt_file(plain, enc, recipients=ref, device="cpu")
+    header = stream.read_header(str(enc))
+    blob = keys._envelope.decode(header.envelope)[0].body
+    answer = kms.client.decrypt(CiphertextBlob=blob, EncryptionContext=file_context(header.salt))
+    assert len(answer["Plaintext"]) == keys.DEK_SIZE  # bound to exactly this context
+    moved = tmp_path / "b.gc"  # another file (its own key and salt) carrying a's envelope
+    stream.encrypt(plain.read_bytes(), str(moved), keys.generate_dek(), envelope=header.envelope,
+                   device="cpu")
+    with pytest.raises(keys.NoMatchingRecipient, match="encryption context does not match"):
+        keys.decrypt_file(moved, tmp_path / "x", identities=ref, device="cpu")
+    assert not (tmp_path / "x").exists()
+
+
+def test_kms_cli_failures_are_one_line_exit_1(kms, plain, tmp_path, capsys):
+    arn = kms.new_key()
+    enc = tmp_path / "a.gc"
+    assert _cli(capsys, "encrypt", plain, enc, "--kek", kms.uri(arn), "--device", "cpu")[0] == 0
+    code, _, err = _cli(capsys, "decrypt", enc, tmp_path / "a.out", "--kek", kms.uri(arn))
+    assert code == 0 and (tmp_path / "a.out").read_bytes() == plain.read_bytes()
+
+    header = stream.read_header(str(enc))  # wrong context: the envelope moved into another file
+    moved = tmp_path / "b.gc"
+    stream.encrypt(b"other", str(moved), keys.generate_dek(), envelope=header.envelope, device="cpu")
+    code, _, err = _cli(capsys, "decrypt", moved, tmp_path / "b.out", "--kek", kms.uri(arn))
+    assert code == 1 and err.count("\n") == 1 and "encryption context does not match" in err
+
+    kms.client.disable_key(KeyId=arn.rsplit("/", 1)[1])
+    try:
+        code, _, err = _cli(capsys, "decrypt", enc, tmp_path / "c.out", "--kek", kms.uri(arn))
+        assert code == 1 and err.count("\n") == 1 and "is disabled: enable it" in err
+        code, _, err = _cli(capsys, "encrypt", plain, tmp_path / "d.gc", "--kek", kms.uri(arn))
+        assert code == 1 and err.count("\n") == 1 and "is disabled" in err
+    finally:
+        kms.client.enable_key(KeyId=arn.rsplit("/", 1)[1])
+
+    dead = f"awskms://{arn}?endpoint=http://127.0.0.1:{_free_port()}"
+    code, _, err = _cli(capsys, "decrypt", enc, tmp_path / "e.out", "--kek", dead)
+    assert code == 1 and err.count("\n") == 1 and "could not be reached" in err
+    assert not any((tmp_path / f"{n}.out").exists() for n in "bce")
+    code, _, err = _cli(capsys, "decrypt", enc, tmp_path / "f.out", "--kek", "awskms://nonsense")
+    assert code == 2 and "ARN, alias/NAME or a key id" in err
+
+
+# ------------------------------------------------------------------------------------ between providers
+
+
+def test_model_files_bind_their_salt_too(kms, tmp_path, capsys):
+    """encrypt-model --kek draws the model header's salt first, as encrypt does, so that KMS
+    (which checks the context) opens what it wrapped."""
+    import numpy
+    from safetensors.numpy import save_file
+
+    save_file({"w": numpy.arange(300, dtype=numpy.float32)}, str(tmp_path / "m.safetensors"))
+    uri = kms.uri(kms.new_key())
+    assert _cli(capsys, "encrypt-model", tmp_path / "m.safetensors", tmp_path / "m.gc",
+                "--kek", uri)[0] == 0
+    code, _, err = _cli(capsys, "decrypt-model", tmp_path / "m.gc", tmp_path / "back.safetensors",
+                        "--kek", uri)
+    assert code == 0, err
+    assert (tmp_path / "back.safetensors").read_bytes() == (tmp_path / "m.safetensors").read_bytes()
+
+
+
+def test_rekey_file_to_hsm_to_kms(hsm, kms, plain, tmp_path, capsys):
+    """A keyset file, then the HSM, then KMS: each step rewrites the header only, and each
+    old key stops opening the file."""
+    keyset_path = tmp_path / "keyset.json"
+    keys.Keyset.generate().save(keyset_path)
+    file_ref, hsm_ref = f"file://{keyset_path}", _hsm_uri(hsm)
+    kms_ref = kms.uri(kms.new_key())
+    enc = tmp_path / "model.gc"
+    assert _cli(capsys, "encrypt", plain, enc, "--kek", file_ref, "--device", "cpu")[0] == 0
+    segments = enc.read_bytes()[stream.read_header(str(enc)).header_length:]
+
+    for old, new, stanza in ((file_ref, hsm_ref, KeyReference(hsm_ref).label),
+                             (hsm_ref, kms_ref, "awskms://arn:aws:kms:us-east-1:")):
+        code, out, err = _cli(capsys, "rekey", enc, "--old-kek", old, "--kek", new)
+        assert code == 0, err
+        assert f"data key now wrapped for {stanza}" in out
+        assert keys.describe_envelope(stream.read_header(str(enc)).envelope)[0].startswith(stanza)
+        assert enc.read_bytes().endswith(segments)  # the header changed, the data did not
+        code, _, err = _cli(capsys, "decrypt", enc, tmp_path / "stale.out", "--kek", old)
+        assert code == 1 and "no recipient in this file matches" in err
+
+    assert _cli(capsys, "decrypt", enc, tmp_path / "final.out", "--kek", kms_ref)[0] == 0
+    assert (tmp_path / "final.out").read_bytes() == plain.read_bytes()
+    # and back into the HSM through the library, with a public-key recipient alongside
+    alice = keys.Identity.generate()
+    keys.rekey_file(enc, recipients=[KeyReference(hsm_ref), alice.recipient],
+                    identities=KeyReference(kms_ref))
+    _decrypts_to(enc, plain, tmp_path, identities=alice)
+    _decrypts_to(enc, plain, tmp_path, identities=KeyReference(hsm_ref))
+
+
+# ------------------------------------------------------------------------------------ pickle, spawn, audit
+
+
+def _open_in_child(refs_pickled: bytes, envelopes: list, contexts: list, queue) -> None:
+    try:
+        refs = pickle.loads(refs_pickled)
+        queue.put([keys.open_envelope(e, r, context=c).hex()
+                   for r, e, c in zip(refs, envelopes, contexts)])
+    except BaseException as exc:  # report, so the parent fails with the reason
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_references_pickle_without_secrets_and_resolve_in_a_spawned_child(hsm, kms):
+    refs = [KeyReference(_hsm_uri(hsm)), KeyReference(kms.uri(kms.new_key()))]
+    dek = keys.generate_dek()
+    contexts = [file_context(os.urandom(32)) for _ in refs]
+    envelopes = [keys.seal_envelope(dek, r, context=c) for r, c in zip(refs, contexts)]
+    for r, e, c in zip(refs, envelopes, contexts):  # used: sessions, clients and ARNs are cached
+        assert keys.open_envelope(e, r, context=c) == dek
+    data = pickle.dumps(refs)
+    for secret in (PIN.encode(), SO_PIN.encode(), AWS_SECRET.encode(), dek, dek.hex().encode(),
+                   base64.b64encode(dek), KNOWN_KEK):
+        assert secret not in data
+    assert pickle.loads(data) == refs
+
+    spawn = multiprocessing.get_context("spawn")
+    queue = spawn.Queue()
+    child = spawn.Process(target=_open_in_child, args=(data, envelopes, contexts, queue))
+    child.start()
+    answer = queue.get(timeout=60)
+    child.join(30)
+    assert answer == [dek.hex()] * 2, answer
+
+
+def test_audit_names_providers_and_references_never_keys_or_pins(hsm, kms, plain, tmp_path):
+    log = io.StringIO()
+    handler = audit.enable(log)
+    try:
+        hsm_ref, kms_ref = KeyReference(_hsm_uri(hsm)), KeyReference(kms.uri(kms.new_key()))
+        enc = tmp_path / "model.gc"
+        keys.encrypt_file(plain, enc, recipients=hsm_ref, device="cpu")
+        keys.rekey_file(enc, recipients=kms_ref, identities=hsm_ref)
+        _decrypts_to(enc, plain, tmp_path, identities=kms_ref)
+        with pytest.raises(keys.NoMatchingRecipient):
+            keys.decrypt_file(enc, tmp_path / "x", identities=hsm_ref, device="cpu")
+        header = stream.read_header(str(enc))
+        dek = keys.open_envelope(header.envelope, kms_ref, context=file_context(header.salt))
+    finally:
+        logging.getLogger(audit.LOGGER_NAME).removeHandler(handler)
+    text = log.getvalue()
+    events = [json.loads(line) for line in text.splitlines()]
+    wraps = [(e["operation"], e["provider"], e["key_ref"]) for e in events
+             if e["operation"].startswith("kek.")]
+    assert ("kek.wrap", "pkcs11", hsm_ref.label) in wraps
+    assert ("kek.unwrap", "pkcs11", hsm_ref.label) in wraps
+    assert ("kek.wrap", "awskms", kms_ref.label) in wraps
+    assert ("kek.unwrap", "awskms", kms_ref.label) in wraps
+    assert "module-path" not in text and "endpoint" not in text  # labels carry no query
+    for secret in (PIN, SO_PIN, AWS_SECRET, dek.hex(), base64.b64encode(dek).decode(),
+                   KNOWN_KEK.hex()):
+        assert secret not in text
