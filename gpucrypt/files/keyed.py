@@ -3,7 +3,8 @@
 
 Each file gets a fresh data key; the key's envelope (:mod:`gpucrypt.keys`) goes into
 the header of a :mod:`gpucrypt.files.stream` file, and the data into its segments.
-Rekeying rewrites only the header. Users reach these as ``gpucrypt.keys.encrypt_file``
+Rekeying rewrites only the header, of a stream file or of a model file
+(:mod:`gpucrypt.files.models`, told apart by their magic bytes). Users reach these as ``gpucrypt.keys.encrypt_file``
 and so on; they live here because keys sit below files: a key never needs to know
 about files.
 """
@@ -98,8 +99,19 @@ def _identities_for(identities: Any, keyset: Keyset | None) -> list:
     return items
 
 
-def _file_envelope(src: Any) -> tuple[bytes, Any]:
-    if hasattr(src, "read") and hasattr(src, "seek"):
+def _is_model_file(path: Any) -> bool:
+    from .models import MAGIC
+
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def _file_envelope(src: Any, model: bool = False) -> tuple[bytes, Any]:
+    if model:
+        from . import models
+
+        header = models.read_header(src)
+    elif hasattr(src, "read") and hasattr(src, "seek"):
         start = src.tell()
         header = stream.read_header(src)
         src.seek(start)  # the stream reads the header again
@@ -133,7 +145,8 @@ def decrypt_file(src: Any, dst: Any, *, identities: Any = None, keyset: Keyset |
 
 def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyset | None = None,
                identities: Any = None, old_keyset: Keyset | None = None) -> dict:
-    """Re-wrap a file's data key for new recipients and rewrite only its header.
+    """Re-wrap a file's data key for new recipients and rewrite only its header: a stream
+    file's, or a model file's (:func:`gpucrypt.models.replace_envelope`).
 
     The old envelope is opened with ``identities`` and/or ``old_keyset`` (``keyset``
     when neither is given: rotation within one keyset), a new one is sealed for
@@ -149,12 +162,18 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
     else:
         old = _identities_for(identities, old_keyset)
     with audit.timed("file.rekey", path=os.fspath(path)) as ev:
-        envelope, _ = _file_envelope(path)
+        model = _is_model_file(path)
+        envelope, _ = _file_envelope(path, model)
         previous = describe_envelope(envelope)
         ev["key_ids"] = previous
         dek = open_envelope(envelope, old)
         new_envelope, labels = seal_envelope_with_labels(dek, new_items)
         key_id = _primary_key_id(new_items)
         ev.update(key_id=key_id, recipients=labels)
-        stream.replace_envelope(path, dek, new_envelope, key_id=key_id)
+        if model:
+            from . import models
+
+            models.replace_envelope(path, dek, new_envelope, key_id=key_id)
+        else:
+            stream.replace_envelope(path, dek, new_envelope, key_id=key_id)
     return {"key_id": key_id, "recipients": labels, "previous_recipients": previous}

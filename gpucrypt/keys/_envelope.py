@@ -32,6 +32,7 @@ STANZA_TYPES = {
     1: "aes-kwp",                 # symmetric KEK, RFC 5649; id = keyset key id (UTF-8)
     2: "hpke-x25519",             # RFC 9180 base mode, DHKEM(X25519, HKDF-SHA256); id = fingerprint
     3: "hpke-mlkem768-x25519",    # RFC 9180 with the ML-KEM-768 + X25519 hybrid KEM; id = fingerprint
+    4: "scrypt",                  # a passphrase (keys.passphrase); id = salt || log2(N)
 }
 STANZA_CODES = {name: code for code, name in STANZA_TYPES.items()}
 
