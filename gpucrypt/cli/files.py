@@ -203,8 +203,9 @@ def _run_decrypt(args) -> int:
             if is_file:  # a regular file: start again from its first byte
                 src.seek(0)
                 whole = src
-            else:  # a pipe: put the header back in front of the rest
-                rest = iter(lambda: src.read(1 << 20), b"")
+            else:  # a pipe: put the header back in front of the rest, as it arrives
+                read = getattr(src, "read1", src.read)
+                rest = iter(lambda: read(1 << 20), b"")
                 whole = itertools.chain([_format.encode_header(header)], rest)
             stream.decrypt(whole, dst, key, device=args.device, threads=args.threads)
 
