@@ -150,11 +150,11 @@ def _start(mode: str, *argv, cwd: Path) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def sealed_megabyte(tmp_path_factory):
-    """(key file, plaintext, its stream file's bytes at 4 KiB segments)."""
+def sealed_data(tmp_path_factory):
+    """(key file, 2 MiB of plaintext, its stream file's bytes at 4 KiB segments)."""
     folder = tmp_path_factory.mktemp("sealed")
     key = private(folder / "key", os.urandom(32))
-    plain = os.urandom(1 << 20)
+    plain = os.urandom(2 << 20)
     out = io.BytesIO()
     stream.encrypt(plain, out, key.read_bytes(), segment_size=4096, device="cpu")
     return key, plain, out.getvalue()
@@ -166,12 +166,12 @@ SIGNALS = [("unnamed", signal.SIGTERM), ("unnamed", signal.SIGHUP), ("unnamed", 
 
 @pytest.mark.skipif(not ON_LINUX, reason="watches the processes through /proc (Linux)")
 @pytest.mark.parametrize("operation", ["encrypt", "decrypt"])
-def test_a_signal_mid_run_leaves_nothing_behind(tmp_path, sealed_megabyte, operation):
+def test_a_signal_mid_run_leaves_nothing_behind(tmp_path, sealed_data, operation):
     """SIGTERM, SIGHUP or SIGKILL while gpucrypt writes OUT (one process per case, all at
     once): no OUT, no temporary file, no plaintext on disk. ``named`` is the fallback where
     O_TMPFILE is missing: its signal handlers clean up (SIGKILL cannot be caught there, so
     nothing is claimed for it). Today a hidden ``.OUT.xxxx.gpucrypt-tmp`` stays."""
-    key, plain, sealed = sealed_megabyte
+    key, plain, sealed = sealed_data
     # all but the end: no process can finish before it is signalled
     feed = plain if operation == "encrypt" else sealed
     size = ["--segment-size", "4KiB"] if operation == "encrypt" else []
@@ -202,11 +202,11 @@ def test_a_signal_mid_run_leaves_nothing_behind(tmp_path, sealed_megabyte, opera
 
 
 @pytest.mark.skipif(not ON_LINUX, reason="watches the processes through /proc (Linux)")
-def test_two_writers_racing_for_one_new_output_one_wins(tmp_path, sealed_megabyte):
+def test_two_writers_racing_for_one_new_output_one_wins(tmp_path, sealed_data):
     """Both start before OUT exists (both pass the early check); today both exit 0 and the
     first writer's file is silently replaced. Publishing is a link: exactly one wins, with
     unnamed files and with the named fallback."""
-    key, _, _ = sealed_megabyte
+    key, _, _ = sealed_data
     data = [os.urandom(200_000), os.urandom(200_000)]
     races = {}
     try:

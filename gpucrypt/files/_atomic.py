@@ -153,7 +153,7 @@ def _linker_for(folder: str, device: int) -> Callable[[int, str], None] | None:
     probe = os.open(folder, _TMPFILE | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
     found = None
     try:
-        for linker in (_link_empty_path, _link_proc):
+        for linker in (_link_proc, _link_empty_path):  # the first needs no ctypes
             name = _temp_name(folder, "probe")
             try:
                 linker(probe, name)
