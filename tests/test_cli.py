@@ -181,7 +181,7 @@ def test_a_signal_mid_run_leaves_nothing_behind(tmp_path, sealed_data, operation
             out = tmp_path / f"{mode}-{signal.Signals(signum).name}"
             out.mkdir()
             proc = _start(mode, operation, "--key-file", key, *size, "--threads", "1",
-                          "-o", out / "file", cwd=tmp_path)
+                          "-", out / "file", cwd=tmp_path)
             cases.append((mode, signum, out, proc))
             proc.stdin.write(feed[:len(feed) - 8192])
             proc.stdin.flush()
@@ -214,7 +214,7 @@ def test_two_writers_racing_for_one_new_output_one_wins(tmp_path, sealed_data):
             out = tmp_path / mode
             out.mkdir()
             races[mode] = out, [_start(mode, "encrypt", "--key-file", key, "--threads", "1",
-                                       "--segment-size", "4KiB", "-o", out / "file",
+                                       "--segment-size", "4KiB", "-", out / "file",
                                        cwd=tmp_path) for _ in data]
             for proc, chunk in zip(races[mode][1], data):
                 proc.stdin.write(chunk)
