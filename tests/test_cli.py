@@ -241,6 +241,36 @@ def test_two_writers_racing_for_one_new_output_one_wins(tmp_path, sealed_data):
                 proc.stderr.close()
 
 
+@pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed", "named"])
+def test_atomic_file_never_replaces_without_overwrite(tmp_path, monkeypatch, unnamed):
+    """The library side of the race: publishing without ``overwrite`` is a link, so a file
+    that appeared meanwhile stays and :class:`OutputExists` names the destination; an
+    unnamed file has no entry in the folder before it is published."""
+    from gpucrypt.files import _atomic
+
+    if not unnamed:
+        monkeypatch.setattr(_atomic, "_TMPFILE", 0)
+    target = tmp_path / "out"
+    late = _atomic.AtomicFile(target, overwrite=False)
+    late.write(b"second")
+    assert late.unnamed == (unnamed and bool(getattr(os, "O_TMPFILE", 0)))
+    assert os.listdir(tmp_path) == ([] if late.unnamed else [os.path.basename(late._temp)])
+    with _atomic.AtomicFile(target, overwrite=False) as first:
+        first.write(b"first")
+    with pytest.raises(_atomic.OutputExists) as err:
+        late.commit()
+    assert err.value.filename == str(target) and isinstance(err.value, FileExistsError)
+    assert target.read_bytes() == b"first" and os.listdir(tmp_path) == ["out"]
+
+    def write_by_name(name: str) -> None:  # a library writer that takes only a file name
+        with open(name, "wb") as f:
+            f.write(b"by name")
+
+    _atomic.write_atomically_with(target, write_by_name, 0o640)
+    assert target.read_bytes() == b"by name" and os.listdir(tmp_path) == ["out"]
+    assert target.stat().st_mode & 0o777 == 0o640
+
+
 def test_output_errors_name_the_users_path(work, capsys):
     """Not the temporary file (".OUT.xxxx.gpucrypt-tmp") nor its folder."""
     (work / "afile").write_bytes(b"")

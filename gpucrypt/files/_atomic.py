@@ -112,7 +112,7 @@ def _create_unnamed(folder: str) -> int | None:
             return None
         raise
     try:
-        if _linker_for(folder, os.fstat(fd).st_dev) is None:
+        if _linker_for(folder) is None:
             os.close(fd)
             return None
     except BaseException:
@@ -140,16 +140,17 @@ def _link_proc(fd: int, path: str) -> None:
     os.link(os.path.join(_PROC_FD, str(fd)), path, follow_symlinks=True)
 
 
-#: file system (st_dev) -> the way an unnamed file is linked in there, None for no way
-_LINKERS: dict[int, Callable[[int, str], None] | None] = {}
+#: folder -> the way an unnamed file is linked in there, None for no way
+_LINKERS: dict[str, Callable[[int, str], None] | None] = {}
 
 
-def _linker_for(folder: str, device: int) -> Callable[[int, str], None] | None:
-    """How to publish unnamed files on ``device`` (found once per process and file
-    system by linking a throwaway one: an unnamed file can be linked only once, so a
-    way that fails only at the end would leave a finished file without a name)."""
-    if device in _LINKERS:
-        return _LINKERS[device]
+def _linker_for(folder: str) -> Callable[[int, str], None] | None:
+    """How to publish unnamed files in ``folder`` (found once per process and folder by
+    linking a throwaway one: an unnamed file can be linked only once, so a way that
+    failed only at the end would leave a finished file without a name; mounts, bind
+    mounts included, decide, so the folder is the unit)."""
+    if folder in _LINKERS:
+        return _LINKERS[folder]
     probe = os.open(folder, _TMPFILE | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
     found = None
     try:
@@ -164,7 +165,7 @@ def _linker_for(folder: str, device: int) -> Callable[[int, str], None] | None:
             break
     finally:
         os.close(probe)
-    _LINKERS[device] = found
+    _LINKERS[folder] = found
     return found
 
 
@@ -292,8 +293,7 @@ class AtomicFile:
         if self._temp is not None:
             os.link(self._temp, path)
         else:
-            fd = self._file.fileno()
-            _linker_for(self._folder, os.fstat(fd).st_dev)(fd, path)
+            _LINKERS[self._folder](self._file.fileno(), path)
 
     def commit(self) -> None:
         if not self._open:
