@@ -280,6 +280,7 @@ def destination(args: Any, binary_ciphertext: bool) -> Iterator[Any]:
 def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
     """Run ``work()``, turning the library's errors into one-line CliErrors; 0 on success."""
     from ..backends import BackendUnavailable
+    from ..files._atomic import OutputExists
     from ..files.stream import AuthenticationError, FormatError, TruncatedError, UnsupportedVersion
 
     try:
@@ -296,7 +297,7 @@ def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
         raise CliError(f"device {args.device!r} unavailable: {exc}", 2) from None
     except BrokenPipeError:
         raise CliError("output closed early (broken pipe)", 1) from None
-    except FileExistsError as exc:  # the AtomicFile's publishing without --force
+    except OutputExists as exc:  # the AtomicFile's publishing without --force
         raise CliError(f"output exists: {exc.filename} (it appeared while gpucrypt was "
                        f"writing and was left as it is; give --force to overwrite it)",
                        1) from None

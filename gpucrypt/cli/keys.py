@@ -350,7 +350,9 @@ def _run_keys(args) -> int:
 
 def add_rekey(parser: argparse.ArgumentParser) -> None:
     """Re-wrap an encrypted file's data key for new recipients/keys (rewrites the header only)."""
-    parser.add_argument("file", metavar="FILE", help="a gpucrypt file with an envelope")
+    parser.add_argument("file", metavar="FILE",
+                        help="a gpucrypt stream or model file with an envelope (its header is "
+                             "rewritten, its data untouched)")
     parser.add_argument("-r", "--recipient", action="append", default=[], metavar="FILE",
                         help="new recipient (public key file); repeat. Anyone left out is revoked")
     parser.add_argument("--keyset", metavar="FILE",

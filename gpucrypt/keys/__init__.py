@@ -20,7 +20,7 @@ stanza                      wraps the DEK with
                             ChaCha20-Poly1305; alone in its envelope, as in age
 ==========================  ======================================================
 
-All three come from ``cryptography`` (``keywrap``, ``hazmat.primitives.hpke``);
+All four come from ``cryptography`` (``keywrap``, ``hazmat.primitives.hpke``, ``Scrypt``);
 nothing here implements a primitive.
 
 Limits and rules:
