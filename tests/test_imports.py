@@ -80,6 +80,7 @@ def test_lazy_names_are_listed_and_star_importable():
 
 def test_cli_encrypt_imports_only_what_it_needs(tmp_path):
     (tmp_path / "k").write_bytes(bytes(range(32)))
+    (tmp_path / "k").chmod(0o600)  # the CLI refuses key files others can read
     (tmp_path / "in").write_bytes(b"x" * 4096)
     code = ("from gpucrypt.cli import main\n"
             "result = main(['encrypt', '--key-file', 'k', 'in', 'out'])")

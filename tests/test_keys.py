@@ -376,6 +376,7 @@ def test_cli_keygen_public_and_sealed(tmp_path, capsys, monkeypatch):
     assert code == 0 and _mode("alice") == 0o600 and _mode("alice.pub") == 0o644
     assert Recipient.load("alice.pub").fingerprint in out
     (tmp_path / "pw").write_text("s3cret passphrase\n")
+    (tmp_path / "pw").chmod(0o600)  # the CLI refuses passphrase files others can read
     code, _, _ = _cli(capsys, "keygen", "--seal", "--passphrase-file", "pw", "--out", "sealed.json")
     assert code == 0 and "sealed" in json.loads(Path("sealed.json").read_text())
     assert json.loads(Path("sealed.json").read_text())["protection"]["n"] == 2**17  # the default

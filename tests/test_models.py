@@ -45,6 +45,12 @@ def model_tensors() -> dict:
     return state
 
 
+def write_private(path, data: bytes) -> None:
+    """A key file as the CLI accepts it: readable by its owner only."""
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
 def raw(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
@@ -526,7 +532,7 @@ def test_cli_encrypt_model_on_the_gpu_from_a_file(tmp_path):
     get_backend("gpu")
     tensors = {"a": np.arange(1500, dtype=np.float32), "b": np.arange(9, dtype=np.int16)}
     save_file(tensors, str(tmp_path / "m.safetensors"))
-    (tmp_path / "key").write_bytes(KEY)
+    write_private(tmp_path / "key", KEY)
     assert cli(["encrypt-model", "--device", "gpu", "--segment-size", "4KiB", "--key-file",
                 str(tmp_path / "key"), str(tmp_path / "m.safetensors"), str(tmp_path / "m.gc")]) == 0
     got = models.load_encrypted(tmp_path / "m.gc", KEY, "cpu", framework="numpy")
@@ -547,7 +553,7 @@ def st_file(tmp_path):
     from safetensors.torch import save_file
 
     key = os.urandom(32)
-    (tmp_path / "key").write_bytes(key)
+    write_private(tmp_path / "key", key)
     tensors = model_tensors()
     tensors.pop("empty")
     save_file(tensors, str(tmp_path / "m.safetensors"), metadata={"format": "pt"})
@@ -581,7 +587,7 @@ def test_cli_model_conversions_work_a_batch_at_a_time(tmp_path):
     save_file({"a": rng.integers(0, 255, 64 << 20, dtype=np.uint8),
                "b": rng.standard_normal(4 << 20).astype(np.float64)},
               str(tmp_path / "big.safetensors"))
-    (tmp_path / "key").write_bytes(KEY)
+    write_private(tmp_path / "key", KEY)
     probe = (
         "import re, sys\n"
         "from gpucrypt.cli import main\n"
@@ -695,7 +701,7 @@ def test_cli_refuses_sub_byte_safetensors_dtypes(tmp_path, capsys):
 
     packed = torch.zeros(4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
     save_file({"q": packed, "w": torch.ones(2)}, str(tmp_path / "f4.safetensors"))
-    (tmp_path / "key").write_bytes(KEY)
+    write_private(tmp_path / "key", KEY)
     assert cli(["encrypt-model", "--key-file", str(tmp_path / "key"),
                 str(tmp_path / "f4.safetensors"), str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
@@ -762,7 +768,7 @@ def test_cli_errors(st_file, capsys, case, code, message):
     key = ["--key-file", str(d / "key")]
     cli(["encrypt-model", *key, str(d / "m.safetensors"), str(d / "m.gc")])
     capsys.readouterr()
-    (d / "wrong").write_bytes(bytes(32))
+    write_private(d / "wrong", bytes(32))
     argv = {
         "wrong key": ["decrypt-model", "--key-file", str(d / "wrong"), str(d / "m.gc"), str(d / "o")],
         "not a model": ["decrypt-model", *key, str(d / "m.safetensors"), str(d / "o")],

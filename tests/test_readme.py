@@ -1,4 +1,5 @@
-"""The README's examples run as written (the blocks after an ``<!-- example: NAME -->`` line)."""
+"""The README's examples run as written: every ``python`` block, the marked ones (after an
+``<!-- example: NAME -->`` line) with checks of what they print."""
 from __future__ import annotations
 
 import os
@@ -27,6 +28,22 @@ def test_readme_example_runs(name, tmp_path, monkeypatch, capsys):
         out = capsys.readouterr().out
         assert "bob: no recipient in this file matches your key(s)" in out
         assert "file.rekey" in out
+
+
+def _unmarked_blocks() -> list[str]:
+    text = open(README).read()
+    blocks = re.findall(r"(<!-- example: \w+ -->\n)?```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= len(_examples()) + 3, "README lost its python blocks"
+    return [code for marker, code in blocks if not marker]
+
+
+@pytest.mark.parametrize("index", range(len(_unmarked_blocks())))
+def test_every_other_python_block_runs(index, tmp_path, monkeypatch):
+    """Each python block without a marker runs on its own, as a reader would paste it (the
+    marked ones run above)."""
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_unmarked_blocks()[index], f"README.md:python block {index}", "exec"),
+         {"__name__": "__readme__"})
 
 
 @pytest.mark.gpu

@@ -485,6 +485,8 @@ def files(tmp_path):
     key = os.urandom(32)
     (tmp_path / "key.bin").write_bytes(key)
     (tmp_path / "key.hex").write_text(key.hex() + "\n")
+    for name in ("key.bin", "key.hex"):  # private: the CLI refuses keys others can read
+        (tmp_path / name).chmod(0o600)
     data = os.urandom(3 * SEG + 11)
     (tmp_path / "plain").write_bytes(data)
     return tmp_path, key, data
@@ -571,6 +573,7 @@ def test_cli_errors(files, capsys, case, code, message):
     if case == "wrong key":
         keyfile = d / "other"
         keyfile.write_bytes(os.urandom(32))
+        keyfile.chmod(0o600)
     elif case == "tampered":
         sealed.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
     elif case == "truncated":
@@ -583,6 +586,7 @@ def test_cli_errors(files, capsys, case, code, message):
         keyfile = d / "nope"
     elif case == "bad key file":
         keyfile = d / "plain"
+        keyfile.chmod(0o600)
     elif case == "missing input":
         src = d / "nope"
     elif case == "exists":

@@ -83,15 +83,26 @@ def _run_info(args) -> int:
     return 0
 
 
+#: the selftest checks its bytes in messages of at most this size, so its memory stays
+#: bounded (a few such buffers) whatever --size asks for
+SELFTEST_MESSAGE_BYTES = 16 << 20
+
+
 def _add_selftest(parser: argparse.ArgumentParser) -> None:
     """Check every AEAD on every backend against cryptography (and libsodium)."""
-    parser.add_argument("--size", type=int, default=1 << 20, help="bytes per message (default 1 MiB)")
+    from ._common import parse_size
+
+    parser.add_argument("--size", type=parse_size, default=1 << 20, metavar="SIZE",
+                        help=f"bytes to check per AEAD and backend, e.g. 4096, 64KiB, 1GiB "
+                             f"(default 1MiB), in messages of at most "
+                             f"{SELFTEST_MESSAGE_BYTES >> 20} MiB so that memory stays bounded")
     parser.set_defaults(func=_run_selftest)
 
 
 def _run_selftest(args) -> int:
     """Encrypt and decrypt random data with every AEAD on every backend, checked against
-    ``cryptography`` (and libsodium for XChaCha20-Poly1305 when PyNaCl is installed)."""
+    ``cryptography`` (and libsodium for XChaCha20-Poly1305 when PyNaCl is installed),
+    ``--size`` bytes each, a message of at most :data:`SELFTEST_MESSAGE_BYTES` at a time."""
     import os
 
     from cryptography.hazmat.primitives.ciphers import aead as reference
@@ -99,25 +110,36 @@ def _run_selftest(args) -> int:
     from .. import AESGCM, ChaCha20Poly1305, XChaCha20Poly1305
     from ..backends import available_backends
 
-    data, aad = os.urandom(args.size), os.urandom(37)
+    if args.size <= 0:
+        raise CliError(f"--size must be positive, not {args.size}", 2)
+    aad = os.urandom(37)
+    messages = -(-args.size // SELFTEST_MESSAGE_BYTES)
+    how = "" if messages == 1 else f" in {messages} messages"
     failures = 0
     for device in available_backends():
         cases = [(ChaCha20Poly1305, 32, 12, reference.ChaCha20Poly1305),
                  (AESGCM, 32, 12, reference.AESGCM), (XChaCha20Poly1305, 32, 24, None)]
         for cls, key_len, nonce_len, ref_cls in cases:
-            key, nonce = os.urandom(key_len), os.urandom(nonce_len)
-            sealed = cls(key, device=device).encrypt(nonce, data, aad)
-            if ref_cls is not None:
-                expected = ref_cls(key).encrypt(nonce, data, aad)
-            else:
-                expected = _libsodium_xchacha(key, nonce, data, aad)
-            same = expected is None or sealed == expected
-            back = cls(key, device=device).decrypt(nonce, sealed, aad) == data
+            key = os.urandom(key_len)
+            same = back = referenced = True
+            for first in range(0, args.size, SELFTEST_MESSAGE_BYTES):
+                data = os.urandom(min(SELFTEST_MESSAGE_BYTES, args.size - first))
+                nonce = os.urandom(nonce_len)
+                sealed = cls(key, device=device).encrypt(nonce, data, aad)
+                if ref_cls is not None:
+                    expected = ref_cls(key).encrypt(nonce, data, aad)
+                else:
+                    expected = _libsodium_xchacha(key, nonce, data, aad)
+                referenced = referenced and expected is not None
+                same = same and (expected is None or sealed == expected)
+                del expected
+                back = back and cls(key, device=device).decrypt(nonce, sealed, aad) == data
+                del data, sealed
             ok = same and back
             failures += not ok
             ref_name = "libsodium" if ref_cls is None else "cryptography"
-            note = "" if expected is not None else " (PyNaCl not installed: reference not checked)"
-            print(f"{device:4s} {cls.__name__:18s} {args.size} bytes: "
+            note = "" if referenced else " (PyNaCl not installed: reference not checked)"
+            print(f"{device:4s} {cls.__name__:18s} {args.size} bytes{how}: "
                   f"{'ok' if ok else 'FAILED'} (matches {ref_name}: {same}, round trip: {back}){note}")
     return 1 if failures else 0
 
@@ -145,7 +167,7 @@ def build_parser(configure: Iterable[str] | None = None) -> argparse.ArgumentPar
     for name, (target, summary) in SUBCOMMANDS.items():
         if name not in listed:
             continue
-        sub_parser = sub.add_parser(name, help=summary)
+        sub_parser = sub.add_parser(name, help=summary, description=summary)
         if name in wanted:
             module_name, func_name = target.split(":")
             getattr(importlib.import_module(module_name), func_name)(sub_parser)

@@ -1,43 +1,128 @@
 """What the file commands share (``encrypt``/``decrypt`` in :mod:`gpucrypt.cli.files`,
-``encrypt-model``/``decrypt-model`` in :mod:`gpucrypt.cli.models`): sizes, raw keys,
-IN/OUT and key options, key resolution, the output check and the error mapping.
+``encrypt-model``/``decrypt-model`` in :mod:`gpucrypt.cli.models`, and ``rekey``): sizes,
+raw keys, IN/OUT and key options, which key options go together, key resolution, key
+files' permissions, the output and the error mapping.
 
 Keys: ``--key-file FILE`` (32 raw bytes, or 64 hex digits and an optional newline) or
 ``--key-env VAR`` (64 hex digits), else the key-management options (recipients,
-identities, keysets) of :mod:`gpucrypt.cli.keys` when it is installed. Every error is
-a :class:`gpucrypt.cli.CliError`: exit code 1 when the data failed (wrong key,
-tampering, truncation, not our format) or on an I/O error, 2 for usage problems.
+identities, keysets, passphrases) of :mod:`gpucrypt.cli.keys` when it is installed.
+:func:`check_key_sources` refuses options that cannot apply together (a raw key and a
+recipient, say: one of them would be ignored); every command that takes keys calls it
+first. Files holding secrets (key files, identities, keysets, passphrase files) that
+group or others can access are refused, as ssh refuses such private keys
+(:func:`check_private_file`), unless ``--unsafe-key-permissions`` accepts the risk.
+
+Outputs to a path are :class:`gpucrypt.files._atomic.AtomicFile` objects: nothing is
+at OUT until the whole file is written (and verified, to decrypt), no signal leaves a
+temporary file behind on Linux, and without ``--force`` a file that appeared at OUT
+meanwhile is never replaced. Every error is a :class:`gpucrypt.cli.CliError`: exit
+code 1 when the data failed (wrong key, tampering, truncation, not our format) or on an
+I/O error, 2 for usage problems.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import stat
 import sys
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import CliError
 
 __all__ = ["parse_size", "read_key_file", "parse_key", "add_input_output_and_keys",
-           "add_force", "add_key_management", "encrypt_keys", "decrypt_key", "check_output",
-           "run_reporting_errors"]
+           "add_force", "add_key_management", "add_unsafe_key_permissions", "check_key_sources",
+           "check_private_file", "encrypt_keys", "decrypt_key", "check_output", "destination",
+           "output_path", "run_reporting_errors"]
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gib": 1 << 30}
 
 
 def parse_size(text: str) -> int:
-    """``"64KiB"`` -> 65536; binary units K/KiB, M/MiB, G/GiB, or plain bytes."""
+    """``"64KiB"`` -> 65536; binary units K/KiB, M/MiB, G/GiB, or plain bytes (zero and up;
+    a negative size is not a size)."""
     m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4096, 64KiB, 1MiB)")
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
+# --------------------------------------------------------------------------- key sources
+#: every option that says how a file's key is made or found (args attribute -> the option
+#: as the user writes it); a new key option joins here and in :data:`KEY_SOURCES_TOGETHER`
+KEY_SOURCES = {
+    "key_file": "--key-file",
+    "key_env": "--key-env",
+    "recipient": "-r/--recipient",
+    "identity": "-i/--identity",
+    "keyset": "--keyset",
+    "old_keyset": "--old-keyset",
+    "passphrase": "-p/--passphrase",
+    "kek": "--kek",
+    "old_kek": "--old-kek",
+}
+
+#: the pairs that apply together: recipients and a keyset both wrap the data key
+#: (encrypt, rekey); identities and keysets are all tried to open it (decrypt, rekey);
+#: rekey opens with -i/--old-keyset and wraps for -r/--keyset. Every other pair would
+#: silently drop one of the two (a raw key ignores -r; a passphrase file has no other
+#: recipient), so it is a usage error.
+KEY_SOURCES_TOGETHER = {frozenset(pair) for pair in (
+    ("recipient", "keyset"), ("identity", "keyset"), ("recipient", "identity"),
+    ("old_keyset", "recipient"), ("old_keyset", "keyset"), ("old_keyset", "identity"),
+    # a key in an HSM or KMS (--kek) wraps beside -r/--keyset and opens beside -i/--keyset;
+    # rekey opens with --old-kek beside -i/--old-keyset and wraps for any of the others
+    ("kek", "recipient"), ("kek", "keyset"), ("kek", "identity"), ("kek", "old_keyset"),
+    ("old_kek", "recipient"), ("old_kek", "keyset"), ("old_kek", "identity"),
+    ("old_kek", "old_keyset"), ("old_kek", "kek"),
+)}
+
+
+def check_key_sources(args: Any) -> list[str]:
+    """The key options given (``args`` attributes, in :data:`KEY_SOURCES`' order); a usage
+    CliError naming both options when two of them cannot apply together."""
+    given = [name for name in KEY_SOURCES if getattr(args, name, None)]
+    for i, first in enumerate(given):
+        for second in given[i + 1:]:
+            if frozenset((first, second)) not in KEY_SOURCES_TOGETHER:
+                raise CliError(f"{KEY_SOURCES[first]} and {KEY_SOURCES[second]} cannot be used "
+                               f"together: one of them would be ignored; give one way to key "
+                               f"the file", 2)
+    return given
+
+
+# --------------------------------------------------------------------------- key files
+def add_unsafe_key_permissions(parser: argparse.ArgumentParser) -> None:
+    """Add ``--unsafe-key-permissions``, read by :func:`check_private_file`."""
+    parser.add_argument("--unsafe-key-permissions", action="store_true",
+                        help="use key, keyset, identity and passphrase files that group or "
+                             "others can access (refused by default, as ssh refuses such keys)")
+
+
+def check_private_file(path: str, what: str, args: Any) -> None:
+    """Refuse a regular file holding secrets (``what``: "key file", "identity", ...) that
+    group or others may access, with the ``chmod`` that fixes it, unless the user gave
+    ``--unsafe-key-permissions``. Other problems (a missing file) are left to the reader."""
+    if os.name != "posix" or getattr(args, "unsafe_key_permissions", False):
+        return
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+        raise CliError(f"{what} {path} is accessible by group or others (mode "
+                       f"{stat.S_IMODE(st.st_mode):04o}): run 'chmod 600 {path}', or give "
+                       f"--unsafe-key-permissions to use it anyway", 2)
+
+
 # --------------------------------------------------------------------------- raw keys
-def read_key_file(path: str) -> bytes:
-    """The 32-byte key in ``path``: 32 raw bytes, or 64 hex digits with an optional newline."""
+def read_key_file(path: str, args: Any = None) -> bytes:
+    """The 32-byte key in ``path``: 32 raw bytes, or 64 hex digits with an optional newline
+    (refused when group or others may read it, see :func:`check_private_file`)."""
+    check_private_file(path, "key file", args)
     try:
         with open(path, "rb") as f:
             data = f.read(4097)
@@ -71,15 +156,33 @@ def _key_management() -> ModuleType | None:
 
 
 def add_input_output_and_keys(parser: argparse.ArgumentParser, input_help: str,
-                              output_help: str) -> None:
-    """Add the positional ``IN`` and ``OUT`` and the exclusive ``--key-file``/``--key-env``."""
-    parser.add_argument("input", metavar="IN", help=input_help)
-    parser.add_argument("output", metavar="OUT", help=output_help)
-    keys = parser.add_mutually_exclusive_group()
-    keys.add_argument("--key-file", metavar="FILE",
-                      help="the 32-byte key: raw bytes, or 64 hex digits")
-    keys.add_argument("--key-env", metavar="VAR",
-                      help="environment variable holding the key as 64 hex digits")
+                              output_help: str, *, streams: bool = False) -> None:
+    """Add ``IN`` and ``OUT``, ``--key-file``/``--key-env`` (exclusive, as every key option:
+    :func:`check_key_sources`) and ``--unsafe-key-permissions``. ``streams``: IN and OUT
+    are optional (stdin and stdout), and ``-o OUT`` may name OUT instead
+    (:func:`output_path` reads both)."""
+    if streams:
+        parser.add_argument("input", metavar="IN", nargs="?", default="-", help=input_help)
+        parser.add_argument("output", metavar="OUT", nargs="?", default=None, help=output_help)
+        parser.add_argument("-o", "--output", dest="output_option", metavar="OUT",
+                            help="the output file (instead of the positional OUT)")
+    else:
+        parser.add_argument("input", metavar="IN", help=input_help)
+        parser.add_argument("output", metavar="OUT", help=output_help)
+    parser.add_argument("--key-file", metavar="FILE",
+                        help="the 32-byte key: raw bytes, or 64 hex digits (mode 0600)")
+    parser.add_argument("--key-env", metavar="VAR",
+                        help="environment variable holding the key as 64 hex digits")
+    add_unsafe_key_permissions(parser)
+
+
+def output_path(args: Any) -> str:
+    """OUT from the positional argument or ``-o``, ``-`` (stdout) when neither was given;
+    a usage CliError when both were."""
+    positional, option = args.output, getattr(args, "output_option", None)
+    if positional is not None and option is not None:
+        raise CliError(f"OUT given twice ({positional} and -o {option}): give one", 2)
+    return option if option is not None else (positional if positional is not None else "-")
 
 
 def add_force(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +201,7 @@ def add_key_management(parser: argparse.ArgumentParser, mode: str) -> None:
 # --------------------------------------------------------------------------- key resolution
 def _raw_key(args: Any) -> bytes | None:
     if args.key_file:
-        return read_key_file(args.key_file)
+        return read_key_file(args.key_file, args)
     if args.key_env:
         value = os.environ.get(args.key_env)
         if value is None:
@@ -112,7 +215,7 @@ def _raw_key(args: Any) -> bytes | None:
 
 def _no_key() -> CliError:
     return CliError("no key given: use --key-file FILE or --key-env VAR "
-                    "(or the recipient/identity/keyset options)", 2)
+                    "(or -r/-i/--keyset, or -p for a passphrase)", 2)
 
 
 def encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes | None]:
@@ -144,23 +247,47 @@ def decrypt_key(args: Any, header: Any) -> bytes:
 # --------------------------------------------------------------------------- output and errors
 def check_output(args: Any, binary_ciphertext: bool):
     """Where to write: ``sys.stdout.buffer`` for ``-`` (refused for ciphertext on a terminal
-    without ``--force``), else the path ``args.output``, refused when it is a folder or
-    exists without ``--force``."""
-    if args.output == "-":
+    without ``--force``), else the path OUT (:func:`output_path`), refused when it is a
+    folder or exists without ``--force``."""
+    out = output_path(args)
+    if out == "-":
         if binary_ciphertext and sys.stdout.isatty() and not args.force:
-            raise CliError("refusing to write ciphertext to a terminal; redirect stdout "
-                           "or give --force", 2)
+            raise CliError("refusing to write ciphertext to a terminal; redirect stdout, "
+                           "give -o OUT, or give --force", 2)
         return sys.stdout.buffer
-    if os.path.isdir(args.output):
-        raise CliError(f"output is a directory: {args.output}", 2)
-    if os.path.exists(args.output) and not args.force:
-        raise CliError(f"output exists: {args.output} (give --force to overwrite it)", 2)
-    return args.output
+    if os.path.isdir(out):
+        raise CliError(f"output is a directory: {out}", 2)
+    if os.path.exists(out) and not args.force:
+        raise CliError(f"output exists: {out} (give --force to overwrite it)", 2)
+    return out
+
+
+@contextlib.contextmanager
+def destination(args: Any, binary_ciphertext: bool) -> Iterator[Any]:
+    """What to give the library as ``dst``: stdout, or for a path an
+    :class:`~gpucrypt.files._atomic.AtomicFile` made now (so that a missing or read-only
+    folder is reported, naming OUT, before any input is read), published when the work
+    commits it and dropped if the block raises. Without ``--force`` it never replaces a
+    file: one that appeared at OUT while we wrote makes the commit fail ("output
+    exists", exit 1, reported by :func:`run_reporting_errors`)."""
+    target = check_output(args, binary_ciphertext)
+    if not isinstance(target, str):
+        yield target
+        return
+    from ..files._atomic import AtomicFile
+
+    try:
+        out = AtomicFile(target, overwrite=bool(args.force))
+    except OSError as exc:
+        raise CliError(f"cannot write {target}: {exc.strerror or exc}", 1) from None
+    with out:
+        yield out
 
 
 def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
     """Run ``work()``, turning the library's errors into one-line CliErrors; 0 on success."""
     from ..backends import BackendUnavailable
+    from ..files._atomic import OutputExists
     from ..files.stream import AuthenticationError, FormatError, TruncatedError, UnsupportedVersion
 
     try:
@@ -172,11 +299,15 @@ def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
     except UnsupportedVersion as exc:
         raise CliError(str(exc), 1) from None
     except FormatError as exc:
-        raise CliError(f"{args.input}: {exc}", 1) from None
+        raise CliError(f"{'stdin' if args.input == '-' else args.input}: {exc}", 1) from None
     except BackendUnavailable as exc:
         raise CliError(f"device {args.device!r} unavailable: {exc}", 2) from None
     except BrokenPipeError:
         raise CliError("output closed early (broken pipe)", 1) from None
+    except OutputExists as exc:  # the AtomicFile's publishing without --force
+        raise CliError(f"output exists: {exc.filename} (it appeared while gpucrypt was "
+                       f"writing and was left as it is; give --force to overwrite it)",
+                       1) from None
     except (ValueError, OverflowError) as exc:  # e.g. a segment size out of range
         raise CliError(str(exc), 2) from None
     except OSError as exc:

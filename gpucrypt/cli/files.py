@@ -1,19 +1,26 @@
-"""``gpucrypt encrypt IN OUT`` and ``gpucrypt decrypt IN OUT``: files in the stream format.
+"""``gpucrypt encrypt [IN] [OUT]`` and ``gpucrypt decrypt [IN] [OUT]``: files in the stream format.
 
-``-`` for IN reads stdin, for OUT writes stdout. The key comes from ``--key-file FILE``
-(32 raw bytes, or 64 hex digits and an optional newline) or ``--key-env VAR`` (64 hex
-digits), or from the key-management options (recipients, identities, keysets) that
-:mod:`gpucrypt.cli.keys` adds when it is installed.
+IN and OUT default to stdin and stdout (``-`` says so too), and ``-o OUT`` names OUT, as
+with age: ``gpucrypt encrypt -r alice.pub < in > out``, ``gpucrypt decrypt -i alice.key
+< out``. The key comes from exactly one of ``--key-file FILE`` (32 raw bytes, or 64 hex
+digits and an optional newline), ``--key-env VAR`` (64 hex digits), ``-p`` (a
+passphrase), or the recipient/identity/keyset options that :mod:`gpucrypt.cli.keys`
+adds when it is installed (``-r`` and ``--keyset`` go together, as do ``-i`` and
+``--keyset``). ``decrypt`` asks for the passphrase of a passphrase-encrypted file by itself.
 
 Exit codes: 0 success; 1 the data failed (wrong key or tampered data, truncated
 file, not a gpucrypt file, unsupported version) or an I/O error; 2 a usage problem
-(bad or missing option, missing input or key file, output exists without
-``--force``, requested device unavailable). Messages are one line on stderr, no
-traceback (raised as :class:`gpucrypt.cli.CliError`).
+(bad or missing option, key options that cannot go together, missing input or key
+file, a key file others can read, output exists without ``--force``, requested device
+unavailable). Messages are one line on stderr, no traceback (raised as
+:class:`gpucrypt.cli.CliError`).
 
-Writing to a path is atomic and ``decrypt`` renames the output into place only after
-the whole file verified. Writing to stdout streams: ``decrypt`` to stdout may have
-written the verified segments before a bad one when it fails (the exit code says so).
+Writing to a path is atomic (:func:`gpucrypt.cli._common.destination`): on Linux the
+output is an unnamed file until it is complete, so no signal leaves anything behind,
+and ``decrypt`` publishes it only after the whole file verified; without ``--force``
+it never replaces a file, not even one that appeared while it ran ("output exists",
+exit 1). Writing to stdout streams: ``decrypt`` to stdout may have written the
+verified segments before a bad one when it fails (the exit code says so).
 """
 from __future__ import annotations
 
@@ -25,8 +32,8 @@ import time
 from typing import Any, Iterator
 
 from ._common import (add_force, add_input_output_and_keys, add_key_management,
-                          check_output, decrypt_key, encrypt_keys, parse_size,
-                          run_reporting_errors)
+                      check_key_sources, decrypt_key, destination, encrypt_keys, parse_size,
+                      run_reporting_errors)
 from . import CliError
 
 __all__ = ["add_encrypt", "add_decrypt"]
@@ -36,9 +43,10 @@ _PROGRESS_MIN_BYTES = 16 << 20
 
 
 def _common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
-    add_input_output_and_keys(parser, "input file, or - for stdin", "output file, or - for stdout")
+    add_input_output_and_keys(parser, "input file (default, or -: stdin)",
+                              "output file (default, or -: stdout)", streams=True)
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                        help="where to encrypt (default: auto)")
+                        help=f"where to {mode} (default: auto)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU worker threads (default: the usable cores)")
     add_force(parser)
@@ -170,10 +178,10 @@ def _input(args, label: str) -> Iterator[tuple[Any, bool]]:
 def _run_encrypt(args) -> int:
     from ..files import stream
 
+    check_key_sources(args)
     _check_threads(args)
     key, key_id, envelope = encrypt_keys(args)
-    dst = check_output(args, binary_ciphertext=True)
-    with _input(args, "encrypt") as (src, _):
+    with destination(args, binary_ciphertext=True) as dst, _input(args, "encrypt") as (src, _):
         run_reporting_errors(args, lambda: stream.encrypt(
             src, dst, key, algorithm=args.algorithm, segment_size=args.segment_size,
             device=args.device, key_id=key_id, envelope=envelope, threads=args.threads,
@@ -186,17 +194,19 @@ def _run_decrypt(args) -> int:
 
     from ..files import _format, stream
 
+    check_key_sources(args)
     _check_threads(args)
-    dst = check_output(args, binary_ciphertext=False)
-    with _input(args, "decrypt") as (src, is_file):
+    with destination(args, binary_ciphertext=False) as dst, \
+            _input(args, "decrypt") as (src, is_file):
         def header_then_decrypt():
             header = stream.read_header(src)  # leaves src just after the header
             key = decrypt_key(args, header)
             if is_file:  # a regular file: start again from its first byte
                 src.seek(0)
                 whole = src
-            else:  # a pipe: put the header back in front of the rest
-                rest = iter(lambda: src.read(1 << 20), b"")
+            else:  # a pipe: put the header back in front of the rest, as it arrives
+                read = getattr(src, "read1", src.read)
+                rest = iter(lambda: read(1 << 20), b"")
                 whole = itertools.chain([_format.encode_header(header)], rest)
             stream.decrypt(whole, dst, key, device=args.device, threads=args.threads)
 

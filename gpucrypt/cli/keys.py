@@ -7,8 +7,8 @@ knowing about envelopes:
 
 - :func:`add_key_arguments(parser, mode) <add_key_arguments>` adds ``-r/--recipient FILE``
   (repeatable, encrypt), ``-i/--identity FILE`` (repeatable, decrypt), ``--keyset FILE``,
-  ``--kek URI`` (repeatable: a key in an HSM or KMS, docs/KEYS.md "Key references") and
-  ``--passphrase-file FILE``;
+  ``--kek URI`` (repeatable: a key in an HSM or KMS, docs/KEYS.md "Key references"),
+  ``-p/--passphrase`` and ``--passphrase-file FILE``;
 - :func:`resolve_encrypt_keys(args) <resolve_encrypt_keys>` returns ``(dek, key_id, envelope)``
   to pass to ``stream.encrypt(src, dst, dek, key_id=key_id, envelope=envelope)``, and
   :func:`resolve_decrypt_key(args, header) <resolve_decrypt_key>` returns the data key for
@@ -18,8 +18,14 @@ knowing about envelopes:
   ``resolve_encrypt_keys`` also sets ``args.file_salt``: the salt the caller must give the
   file (``_salt=``), because the envelope is bound to it (``keys.file_context``).
 
-Secrets are never printed. Passphrases for sealed keysets and identities come from
-``--passphrase-file``, then ``GPUCRYPT_PASSPHRASE``, then a prompt when stdin is a terminal.
+Passphrase-encrypted files (``encrypt -p``, :class:`gpucrypt.keys.Passphrase`): the
+passphrase comes from ``--passphrase-file``, then ``GPUCRYPT_PASSPHRASE``, then a prompt
+on the terminal (twice to encrypt); ``decrypt`` sees the passphrase stanza in the header
+and asks by itself, after checking its work factor against the limit.
+
+Secrets are never printed. Passphrases for sealed keysets and identities come from the
+same places. Files holding secrets that group or others can access are refused
+(:func:`gpucrypt.cli._common.check_private_file`).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import sys
 from typing import Any
 
 from . import CliError
+from ._common import add_unsafe_key_permissions, check_key_sources, check_private_file
 
 __all__ = ["add_key_arguments", "resolve_encrypt_keys", "resolve_decrypt_key",
            "add_keygen", "add_keys", "add_rekey"]
@@ -39,9 +46,24 @@ PASSPHRASE_ENV = "GPUCRYPT_PASSPHRASE"
 # --------------------------------------------------------------------------- passphrases
 
 
+def _can_prompt() -> bool:
+    """Whether a passphrase can be asked for: stdin is a terminal, or (stdin carrying the
+    data, as in ``gpucrypt encrypt -p < in``) stderr is one and the terminal opens."""
+    if sys.stdin.isatty():
+        return True
+    if not sys.stderr.isatty():
+        return False
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | getattr(os, "O_NOCTTY", 0)))
+    except OSError:
+        return False
+    return True
+
+
 def _passphrase(args: Any, what: str, *, confirm: bool = False) -> str:
     path = getattr(args, "passphrase_file", None)
     if path:
+        check_private_file(path, "passphrase file", args)
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read().rstrip("\r\n")
@@ -52,10 +74,10 @@ def _passphrase(args: Any, what: str, *, confirm: bool = False) -> str:
         return text
     if os.environ.get(PASSPHRASE_ENV):
         return os.environ[PASSPHRASE_ENV]
-    if not sys.stdin.isatty():
+    if not _can_prompt():
         raise CliError(f"{what} needs a passphrase: give --passphrase-file or set "
                        f"{PASSPHRASE_ENV}", 2)
-    import getpass
+    import getpass  # reads the terminal (/dev/tty), not stdin
 
     first = getpass.getpass(f"passphrase for {what}: ")
     if confirm and getpass.getpass("again: ") != first:
@@ -77,7 +99,9 @@ def _is_sealed(path: str) -> bool:
 
 def _load_sealable(cls: Any, path: str, args: Any):
     """``cls.load(path, passphrase)`` (a Keyset or an Identity), asking for the passphrase
-    only when the file is sealed; errors as one-line CliErrors."""
+    only when the file is sealed; errors as one-line CliErrors. Refused when group or
+    others may access the file."""
+    check_private_file(path, "keyset" if cls.__name__ == "Keyset" else "identity", args)
     passphrase = _passphrase(args, path) if _is_sealed(path) else None
     return _keys_call(cls.load, path, passphrase)
 
@@ -134,9 +158,19 @@ def add_key_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
                       "file://...); repeat for several" if mode == "encrypt" else
                       "open the envelope with this key (pkcs11:..., awskms://..., file://...); "
                       "repeat for several")
+    group.add_argument("-p", "--passphrase", action="store_true",
+                       help="encrypt with a passphrase (scrypt; asked twice on the terminal, or "
+                            "--passphrase-file / $GPUCRYPT_PASSPHRASE)" if mode == "encrypt" else
+                       "the file is passphrase-encrypted (decrypt notices that by itself)")
     group.add_argument("--passphrase-file", metavar="FILE",
-                       help=f"passphrase of a sealed keyset/identity (else ${PASSPHRASE_ENV}, "
-                            f"else a prompt)")
+                       help=f"the passphrase of -p, or of a sealed keyset/identity (else "
+                            f"${PASSPHRASE_ENV}, else a prompt); mode 0600")
+
+
+def _passphrase_log_n() -> int:
+    from ..keys import passphrase
+
+    return passphrase.DEFAULT_LOG_N
 
 
 def _add_kek_argument(parser: Any, flag: str, help_text: str) -> None:
@@ -164,9 +198,16 @@ def _file_context(header: Any) -> dict:
 
 def resolve_encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes] | None:
     """``(dek, key_id, envelope)`` for ``stream.encrypt`` from the parsed options, or None
-    when no ``-r``/``--keyset`` was given."""
+    when no ``-r``/``--keyset``/``--kek``/``-p`` was given."""
     from ..files._format import SALT_SIZE
-    from ..keys import Recipient, file_context, generate_dek, seal_envelope
+    from ..keys import Passphrase, Recipient, file_context, generate_dek, seal_envelope
+
+    args.file_salt = None  # a passphrase stanza binds nothing: the stream draws its own salt
+    if getattr(args, "passphrase", False):
+        secret = _passphrase(args, "the file", confirm=True)
+        dek = generate_dek()
+        return dek, None, _keys_call(seal_envelope, dek,
+                                     Passphrase(secret, log_n=_passphrase_log_n()))
 
     recipients = [_keys_call(Recipient.load, path) for path in getattr(args, "recipient", None) or []]
     keyset = _load_keyset(args.keyset, args) if getattr(args, "keyset", None) else None
@@ -184,17 +225,41 @@ def resolve_decrypt_key(args: Any, header: Any) -> bytes | None:
     given, unwrapped with the ``-i``/``--keyset`` options; None when neither was given."""
     from ..keys import open_envelope
 
+    envelope = header.get("envelope") if isinstance(header, dict) else getattr(header, "envelope", None)
+    stanza = _passphrase_stanza(envelope)
+    if stanza is not None and not getattr(args, "identity", None) \
+            and not getattr(args, "keyset", None) and not getattr(args, "kek", None):
+        from ..keys import Passphrase, passphrase
+
+        _keys_call(passphrase.work_factor, stanza)  # the limit, before asking or deriving
+        return _keys_call(open_envelope, envelope, Passphrase(_passphrase(args, "this file")))
+    if getattr(args, "passphrase", False):
+        raise CliError("this file is not passphrase-encrypted: it needs "
+                       + ("the key it was encrypted with" if not envelope else "-i or --keyset"), 1)
     identities: list = [_load_identity(p, args) for p in getattr(args, "identity", None) or []]
     if getattr(args, "keyset", None):
         identities.append(_load_keyset(args.keyset, args))
     identities += _key_references(getattr(args, "kek", None) or [])
     if not identities:
         return None
-    envelope = header.get("envelope") if isinstance(header, dict) else getattr(header, "envelope", None)
     if not envelope:
         raise CliError("this file carries no envelope (it was encrypted with a raw key): "
                        "-i/--keyset/--kek cannot open it", 1)
     return _keys_call(open_envelope, envelope, identities, context=_file_context(header))
+
+
+def _passphrase_stanza(envelope: bytes | None):
+    """The envelope's ``scrypt`` stanza when it is a passphrase-encrypted file's, else None
+    (a malformed envelope is left to :func:`open_envelope` to report)."""
+    from ..keys import _envelope, passphrase
+
+    if not envelope:
+        return None
+    try:
+        stanzas = _envelope.decode(envelope)
+    except ValueError:
+        return None
+    return stanzas[0] if stanzas[0].kind == passphrase.STANZA_KIND else None
 
 
 # --------------------------------------------------------------------------- keygen
@@ -216,6 +281,7 @@ def add_keygen(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passphrase-file", metavar="FILE",
                         help=f"passphrase for --seal (else ${PASSPHRASE_ENV}, else a prompt)")
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    add_unsafe_key_permissions(parser)
     _add_audit_argument(parser)
     parser.set_defaults(func=_run_keygen)
 
@@ -276,6 +342,7 @@ def add_keys(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--yes", action="store_true", help="confirm: this cannot be undone")
         p.add_argument("--passphrase-file", metavar="FILE",
                        help=f"passphrase of a sealed keyset (else ${PASSPHRASE_ENV}, else a prompt)")
+        add_unsafe_key_permissions(p)
         _add_audit_argument(p)
     parser.set_defaults(func=_run_keys)
 
@@ -317,7 +384,9 @@ def _run_keys(args) -> int:
 
 def add_rekey(parser: argparse.ArgumentParser) -> None:
     """Re-wrap an encrypted file's data key for new recipients/keys (rewrites the header only)."""
-    parser.add_argument("file", metavar="FILE", help="a gpucrypt file with an envelope")
+    parser.add_argument("file", metavar="FILE",
+                        help="a gpucrypt stream or model file with an envelope (its header is "
+                             "rewritten, its data untouched)")
     parser.add_argument("-r", "--recipient", action="append", default=[], metavar="FILE",
                         help="new recipient (public key file); repeat. Anyone left out is revoked")
     parser.add_argument("--keyset", metavar="FILE",
@@ -332,6 +401,7 @@ def add_rekey(parser: argparse.ArgumentParser) -> None:
     _add_kek_argument(parser, "--old-kek", "key that opens the current envelope; repeat")
     parser.add_argument("--passphrase-file", metavar="FILE",
                         help=f"passphrase of sealed keysets/identities (else ${PASSPHRASE_ENV})")
+    add_unsafe_key_permissions(parser)
     _add_audit_argument(parser)
     parser.set_defaults(func=_run_rekey)
 
@@ -340,6 +410,7 @@ def _run_rekey(args) -> int:
     from ..files.keyed import rekey_file
     from ..keys import Recipient
 
+    check_key_sources(args)
     _enable_audit(args)
     if not args.recipient and not args.keyset and not args.kek:
         raise CliError("say who the file is for: -r RECIPIENT (repeatable), --keyset and/or "

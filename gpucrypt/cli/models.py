@@ -11,8 +11,9 @@ Keys as for ``gpucrypt encrypt``/``decrypt`` (the same functions, in
 recipient, identity and keyset options from :mod:`gpucrypt.cli.keys` (the data key is
 then wrapped in the file's envelope). Exit codes and one-line errors as there: 1 when the
 data failed (wrong key, tampering, not a model file / not a safetensors file), 2 for
-usage problems. Both write OUT atomically (temporary file, fsync, rename), mode 0600,
-and only once everything verified.
+usage problems. Both write OUT atomically (:func:`gpucrypt.cli._common.destination`:
+an unnamed file on Linux, fsync, then published), mode 0600, only once everything
+verified, and never over a file without ``--force``.
 
 Memory: both work a batch of segments at a time, so a model of any size converts in
 a few MiB. ``encrypt-model`` reads the safetensors file segment by segment
@@ -27,8 +28,8 @@ import argparse
 import os
 
 from ._common import (add_force, add_input_output_and_keys, add_key_management,
-                          check_output, decrypt_key, encrypt_keys, parse_size,
-                          run_reporting_errors)
+                      check_key_sources, decrypt_key, destination, encrypt_keys, parse_size,
+                      run_reporting_errors)
 from . import CliError
 
 __all__ = ["add_encrypt_model", "add_decrypt_model"]
@@ -78,13 +79,13 @@ def _check_paths(args) -> None:
         raise CliError("model files need paths: stdin/stdout (-) are not supported", 2)
     if not os.path.exists(args.input):
         raise CliError(f"input file not found: {args.input}", 2)
-    check_output(args, binary_ciphertext=True)  # refuses a directory or an existing OUT
 
 
 def _run_encrypt_model(args) -> int:
     from ..files import models
     from ..files._safetensors import open_safetensors
 
+    check_key_sources(args)
     _check_paths(args)
     _safetensors()
     key, key_id, envelope = encrypt_keys(args)
@@ -97,11 +98,12 @@ def _run_encrypt_model(args) -> int:
             tensors, metadata = open_safetensors(args.input, fd)
         except ValueError as exc:
             raise CliError(f"{args.input}: {exc}", 1) from None
-        run_reporting_errors(args, lambda: models.save_encrypted(
-            tensors, args.output, key, metadata, algorithm=args.algorithm,
-            encrypt_names=args.encrypt_names, segment_size=args.segment_size, device=args.device,
-            key_id=key_id, envelope=envelope,
-            _salt=getattr(args, "file_salt", None)))  # the envelope is bound to it (--kek)
+        with destination(args, binary_ciphertext=True) as dst:  # refuses a folder, an existing OUT
+            run_reporting_errors(args, lambda: models.save_encrypted(
+                tensors, dst, key, metadata, algorithm=args.algorithm,
+                encrypt_names=args.encrypt_names, segment_size=args.segment_size,
+                device=args.device, key_id=key_id, envelope=envelope,
+                _salt=getattr(args, "file_salt", None)))  # the envelope is bound to it (--kek)
     finally:
         os.close(fd)
     return 0
@@ -110,11 +112,12 @@ def _run_encrypt_model(args) -> int:
 def _run_decrypt_model(args) -> int:
     from ..files import models
 
+    check_key_sources(args)
     _check_paths(args)
+    with destination(args, binary_ciphertext=True) as dst:  # refuses a folder, an existing OUT
+        def work():
+            header = models.read_header(args.input)  # unauthenticated: only to find the envelope
+            models.export_safetensors(args.input, dst, decrypt_key(args, header))
 
-    def work():
-        header = models.read_header(args.input)  # unauthenticated: only to find the envelope
-        models.export_safetensors(args.input, args.output, decrypt_key(args, header))
-
-    run_reporting_errors(args, work)
+        run_reporting_errors(args, work)
     return 0

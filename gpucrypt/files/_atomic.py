@@ -1,29 +1,58 @@
-"""Atomic file writing: a temporary file in the destination's folder, fsync, rename.
+"""Atomic file writing: nothing at the destination until the file is complete.
 
 Every module that writes a file to a path (stream files, model files, key files, the
-CLI's safetensors output) goes through here, so the guarantee is the same everywhere:
+CLI's outputs) goes through here, so the guarantee is the same everywhere:
 
-- the temporary file is created in the destination's folder (so the rename never
-  crosses file systems) exclusively, as ``mkstemp`` would, named ``.NAME.XXXXXXXX.gpucrypt-tmp``, and
-  given permissions ``mode`` (default 0600, whatever the umask);
-- on success its data are fsynced, it is renamed over the destination, and the folder
-  is fsynced (where folders can be opened) so the rename is durable;
-- on any error (including KeyboardInterrupt) the temporary file is removed and the
+- On Linux the data go to an *unnamed* file (``O_TMPFILE``) in the destination's folder,
+  given permissions ``mode`` (default 0600, whatever the umask). It has no name until
+  it is published, so no signal, not even SIGKILL, and no crash leaves anything behind:
+  the kernel frees it with the last descriptor. That also holds for plaintext being
+  decrypted.
+- Elsewhere (or where the file system refuses ``O_TMPFILE``) a named temporary file,
+  created exclusively as ``mkstemp`` would, ``.NAME.XXXXXXXX.gpucrypt-tmp``. While one
+  exists, SIGTERM and SIGHUP (and SIGPIPE, when its action is the default; Python
+  ignores it and raises ``BrokenPipeError`` instead) remove it before the process dies,
+  when they still have their default action and the file was made in the main thread.
+  SIGKILL cannot be caught: there a named temporary file can stay behind.
+- On success the data are fsynced and the file is published at the destination, then
+  the folder is fsynced (where folders can be opened) so that it is durable. With
+  ``overwrite=False`` publishing is a hard link, which fails when the destination
+  appeared in the meantime (:class:`OutputExists`), so two writers racing for one new
+  path cannot both win; with ``overwrite=True`` it is a rename over the destination.
+- On any error (including KeyboardInterrupt) the temporary file is dropped and the
   destination is untouched: it appears complete or not at all.
+- Errors name the destination, never a temporary file.
 
 :func:`open_output` also wraps a caller's file object in the same interface
 (``write``/``commit``/``abort``, a context manager), without atomicity: the caller owns it.
 """
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import threading
 from typing import Any, Callable
 
-__all__ = ["AtomicFile", "write_atomically", "write_atomically_with", "open_output",
-           "FileObjectOutput", "write_all", "fsync_folder"]
+__all__ = ["AtomicFile", "OutputExists", "write_atomically", "write_atomically_with",
+           "replace_head", "open_output", "FileObjectOutput", "write_all", "fsync_folder"]
 
 #: permissions of files written here unless the caller says otherwise
 DEFAULT_MODE = 0o600
+
+#: ``O_TMPFILE`` where the platform has it (0 turns unnamed files off: the named fallback)
+_TMPFILE = getattr(os, "O_TMPFILE", 0)
+#: where an unnamed file has a name that opens it (``/proc/self/fd/N``)
+_PROC_FD = "/proc/self/fd"
+#: errors with which a file system says it has no ``O_TMPFILE`` (old kernels: EISDIR)
+_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOTSUP)
+
+
+class OutputExists(FileExistsError):
+    """The destination appeared while the file was being written, and ``overwrite`` was off."""
+
+    def __init__(self, path: str):
+        super().__init__(errno.EEXIST, "output exists", path)
 
 
 def write_all(file: Any, data: Any) -> None:
@@ -50,6 +79,11 @@ def fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
+# --------------------------------------------------------------------------- temporary files
+def _temp_name(folder: str, base: str) -> str:
+    return os.path.join(folder, f".{base}.{os.urandom(4).hex()}.gpucrypt-tmp")
+
+
 def _create_exclusively(folder: str, base: str) -> tuple[int, str]:
     """``mkstemp``'s guarantee without importing ``tempfile`` (a tenth of a small file's
     run): a fresh name ``.BASE.XXXXXXXX.gpucrypt-tmp``, created with O_EXCL (never an
@@ -57,8 +91,7 @@ def _create_exclusively(folder: str, base: str) -> tuple[int, str]:
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | \
         getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     for _ in range(100):
-        tag = os.urandom(4).hex()
-        temp = os.path.join(folder, f".{base}.{tag}.gpucrypt-tmp")
+        temp = _temp_name(folder, base)
         try:
             return os.open(temp, flags, 0o600), temp
         except FileExistsError:
@@ -66,18 +99,80 @@ def _create_exclusively(folder: str, base: str) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary name in {folder} after 100 tries")
 
 
-def _temp_beside(path: str, mode: int) -> tuple[int, str]:
-    """(fd, name) of a fresh temporary file with permissions ``mode`` in ``path``'s folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temp = _create_exclusively(folder, os.path.basename(path))
-    if mode != 0o600:  # created 0600
-        try:
-            os.fchmod(fd, mode)
-        except BaseException:
+def _create_unnamed(folder: str) -> int | None:
+    """A descriptor of a new unnamed file in ``folder`` (mode 0600), or None where
+    ``O_TMPFILE`` cannot be used there or such a file could not be published (the
+    caller falls back to a named file)."""
+    if not _TMPFILE:
+        return None
+    try:
+        fd = os.open(folder, _TMPFILE | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as exc:
+        if exc.errno in _NO_TMPFILE:
+            return None
+        raise
+    try:
+        if _linker_for(folder) is None:
             os.close(fd)
-            _remove(temp)
-            raise
-    return fd, temp
+            return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_AT_FDCWD, _AT_EMPTY_PATH = -100, 0x1000  # Linux's values
+
+
+def _link_empty_path(fd: int, path: str) -> None:
+    """``linkat(fd, "", AT_FDCWD, path, AT_EMPTY_PATH)``: allowed to the file's opener
+    since Linux 6.10, to CAP_DAC_READ_SEARCH before."""
+    import ctypes  # only here: a few milliseconds of a small file's run otherwise
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(path), _AT_EMPTY_PATH) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)
+
+
+def _link_proc(fd: int, path: str) -> None:
+    """``linkat(AT_FDCWD, "/proc/self/fd/N", AT_FDCWD, path, AT_SYMLINK_FOLLOW)``."""
+    os.link(os.path.join(_PROC_FD, str(fd)), path, follow_symlinks=True)
+
+
+#: folder -> the way an unnamed file is linked in there, None for no way
+_LINKERS: dict[str, Callable[[int, str], None] | None] = {}
+
+
+def _linker_for(folder: str) -> Callable[[int, str], None] | None:
+    """How to publish unnamed files in ``folder`` (found once per process and folder by
+    linking a throwaway one: an unnamed file can be linked only once, so a way that
+    failed only at the end would leave a finished file without a name; mounts, bind
+    mounts included, decide, so the folder is the unit)."""
+    if folder in _LINKERS:
+        return _LINKERS[folder]
+    probe = os.open(folder, _TMPFILE | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
+    found = None
+    try:
+        for linker in (_link_proc, _link_empty_path):  # the first needs no ctypes
+            name = _temp_name(folder, "probe")
+            try:
+                linker(probe, name)
+            except (OSError, AttributeError):  # AttributeError: no libc through ctypes
+                continue
+            _remove(name)
+            found = linker
+            break
+    finally:
+        os.close(probe)
+    _LINKERS[folder] = found
+    return found
+
+
+def _set_mode(fd: int, mode: int) -> None:
+    """``mode`` exactly (creation modes pass through the umask)."""
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, mode)
 
 
 def _remove(temp: str) -> None:
@@ -87,54 +182,196 @@ def _remove(temp: str) -> None:
         pass
 
 
-def _rename_into_place(temp: str, path: str) -> None:
-    os.replace(temp, path)
-    fsync_folder(os.path.dirname(os.path.abspath(path)))
+# --------------------------------------------------------------------------- signal cleanup
+#: named temporary files alive now, removed by the signal handler
+_LIVE: set[str] = set()
+_LIVE_LOCK = threading.Lock()
+#: signals our handler is installed for (each had the default action before)
+_HANDLED: set[int] = set()
 
 
+def _cleanup_signals() -> list[int]:
+    names = ("SIGTERM", "SIGHUP", "SIGPIPE")
+    return [getattr(signal, name) for name in names if hasattr(signal, name)]
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """Remove every named temporary file, then die of the signal as the default would."""
+    for temp in list(_LIVE):
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+    _LIVE.clear()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _track(temp: str) -> None:
+    """Remember ``temp`` for the signal handler, installing it (main thread only, and only
+    over a default action: a program's own handlers are left alone)."""
+    with _LIVE_LOCK:
+        _LIVE.add(temp)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in _cleanup_signals():
+            if signum not in _HANDLED and signal.getsignal(signum) == signal.SIG_DFL:
+                signal.signal(signum, _on_signal)
+                _HANDLED.add(signum)
+
+
+def _untrack(temp: str) -> None:
+    with _LIVE_LOCK:
+        _LIVE.discard(temp)
+        if _LIVE or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in list(_HANDLED):
+            if signal.getsignal(signum) is _on_signal:
+                signal.signal(signum, signal.SIG_DFL)
+            _HANDLED.discard(signum)
+
+
+def _naming(exc: OSError, path: str) -> OSError:
+    """``exc`` about ``path`` (the user's destination), not a temporary file or folder."""
+    return type(exc)(exc.errno, exc.strerror, path)
+
+
+# --------------------------------------------------------------------------- AtomicFile
 class AtomicFile:
     """A file at ``path`` that appears complete or not at all (see the module docstring).
 
-    ``write(data)`` appends to the temporary file; ``commit()`` fsyncs it and renames it
-    over ``path``; ``abort()`` removes it (both are idempotent once done). As a context
+    ``write(data)`` appends to the unpublished file; ``commit()`` fsyncs it and publishes
+    it at ``path``; ``abort()`` drops it (both are idempotent once done). As a context
     manager it commits when the block ends normally and aborts when it raises.
+    ``overwrite=False``: ``commit`` raises :class:`OutputExists` (a ``FileExistsError``)
+    when ``path`` exists by then, and the file is dropped. Errors (``OSError``) name
+    ``path``.
     """
 
-    def __init__(self, path: str | os.PathLike, mode: int = DEFAULT_MODE):
+    def __init__(self, path: str | os.PathLike, mode: int = DEFAULT_MODE, *,
+                 overwrite: bool = True):
         self.path = os.fspath(path)
-        fd, self._temp = _temp_beside(self.path, mode)
+        self.overwrite = overwrite
+        self._folder = os.path.dirname(os.path.abspath(self.path))
+        self._temp: str | None = None  # the temporary file's name; None when unnamed
+        try:
+            fd = _create_unnamed(self._folder)
+            if fd is None:
+                fd, self._temp = _create_exclusively(self._folder, os.path.basename(self.path))
+                _track(self._temp)
+        except OSError as exc:
+            raise _naming(exc, self.path) from None
         self._file = open(fd, "wb", buffering=0)
+        self._open = True
+        try:
+            if mode != 0o600 or self._temp is None:
+                _set_mode(fd, mode)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def unnamed(self) -> bool:
+        """True when the data go to an unnamed (``O_TMPFILE``) file."""
+        return self._temp is None
 
     def write(self, data: Any) -> None:
         write_all(self._file, data)
 
     def fileno(self) -> int:
-        """The temporary file's descriptor, for positional writes (``os.pwrite``) from
+        """The unpublished file's descriptor, for positional writes (``os.pwrite``) from
         several threads at once; the file's size is whatever they reach."""
         return self._file.fileno()
 
+    def writable_name(self) -> str:
+        """A name that opens the unpublished file (for writers that only take a name):
+        ``/proc/self/fd/N`` for an unnamed file, else the temporary file's name."""
+        return self._temp or os.path.join(_PROC_FD, str(self._file.fileno()))
+
+    def _link_to(self, path: str) -> None:
+        """Give the file the name ``path`` (FileExistsError if it is taken)."""
+        if self._temp is not None:
+            os.link(self._temp, path)
+        else:
+            _LINKERS[self._folder](self._file.fileno(), path)
+
     def commit(self) -> None:
-        if self._temp is None:
+        if not self._open:
             return
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
+            self._publish()
         except BaseException:
             self.abort()  # no temporary file (of plaintext, on decryption) stays behind
             raise
-        self._file.close()
-        temp, self._temp = self._temp, None
+        self._close()
+        fsync_folder(self._folder)
+
+    def _publish(self) -> None:
         try:
-            _rename_into_place(temp, self.path)
-        except BaseException:
-            _remove(temp)
+            if not self.overwrite:
+                self._link(self.path)
+            elif self._temp is not None:
+                os.replace(self._temp, self.path)
+                self._forget_temp()
+            else:  # an unnamed file cannot be renamed: link it beside, then rename that
+                temp = self._link_beside()
+                try:
+                    os.replace(temp, self.path)
+                except BaseException:
+                    _remove(temp)
+                    raise
+        except OutputExists:
             raise
+        except OSError as exc:
+            raise _naming(exc, self.path) from None
+
+    def _link(self, path: str) -> None:
+        """Publish the file at ``path`` unless ``path`` exists (a hard link cannot
+        replace a file: the no-overwrite check and the publishing are one step)."""
+        try:
+            self._link_to(path)
+        except FileExistsError:
+            raise OutputExists(path) from None
+        except OSError as exc:
+            if self._temp is None or exc.errno not in (errno.EPERM, errno.ENOTSUP,
+                                                       errno.EOPNOTSUPP):
+                raise
+            # a file system without hard links: check, then rename (a narrow race remains)
+            if os.path.lexists(path):
+                raise OutputExists(path) from None
+            os.rename(self._temp, path)
+        if self._temp is not None:
+            _remove(self._temp)
+            self._forget_temp()
+
+    def _link_beside(self) -> str:
+        for _ in range(100):
+            temp = _temp_name(self._folder, os.path.basename(self.path))
+            try:
+                self._link_to(temp)
+                return temp
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"no free temporary name in {self._folder} after 100 tries")
+
+    def _forget_temp(self) -> None:
+        if self._temp is not None:
+            _untrack(self._temp)
+            self._temp = None
+
+    def _close(self) -> None:
+        self._open = False
+        self._file.close()
 
     def abort(self) -> None:
+        if not self._open:
+            return
+        self._close()
         if self._temp is not None:
-            self._file.close()
             _remove(self._temp)
-            self._temp = None
+            self._forget_temp()
 
     def __enter__(self) -> "AtomicFile":
         return self
@@ -175,8 +412,12 @@ class FileObjectOutput:
 
 
 def open_output(dst: Any, mode: int = DEFAULT_MODE) -> AtomicFile | FileObjectOutput:
-    """An :class:`AtomicFile` for a path (str or PathLike), else ``dst`` itself wrapped as a
-    :class:`FileObjectOutput`; TypeError if it is neither a path nor writable."""
+    """An :class:`AtomicFile` for a path (str or PathLike); ``dst`` itself when it is an
+    AtomicFile (the caller chose its options; it is committed or aborted with the
+    work); else ``dst`` wrapped as a :class:`FileObjectOutput`; TypeError if it is
+    neither a path nor writable."""
+    if isinstance(dst, AtomicFile):
+        return dst
     if isinstance(dst, (str, os.PathLike)):
         return AtomicFile(dst, mode)
     if hasattr(dst, "write"):
@@ -191,20 +432,26 @@ def write_atomically(path: str | os.PathLike, data: bytes, mode: int = DEFAULT_M
         f.write(data)
 
 
-def write_atomically_with(path: str | os.PathLike, write: Callable[[str], None],
+def write_atomically_with(path: str | os.PathLike | AtomicFile, write: Callable[[str], None],
                           mode: int = DEFAULT_MODE) -> None:
-    """Atomically create ``path`` with a writer that only takes a file name (a library's
-    ``save_file(..., filename)``): ``write(temp_path)`` fills the temporary file, which is
-    then fsynced and renamed over ``path``. ``write`` must write to that name in place
-    (not replace it with another file)."""
-    path = os.fspath(path)
-    fd, temp = _temp_beside(path, mode)
-    os.close(fd)
-    try:
-        write(temp)
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
-        _rename_into_place(temp, path)
-    except BaseException:
-        _remove(temp)
-        raise
+    """Atomically create ``path`` (or publish an :class:`AtomicFile` of the caller's) with
+    a writer that only takes a file name (a library's ``save_file(..., filename)``):
+    ``write(name)`` fills the unpublished file through ``name``, which is then fsynced
+    and published. ``write`` must write to that name in place (open it for writing; not
+    replace or rename it)."""
+    target = path if isinstance(path, AtomicFile) else AtomicFile(path, mode)
+    with target:
+        write(target.writable_name())
+
+
+def replace_head(path: str | os.PathLike, f: Any, head: bytes) -> None:
+    """Atomically replace the file at ``path`` by ``head`` followed by the rest of ``f`` (the
+    same file, open for reading and positioned just after its old head), keeping the
+    file's permissions: how a header is rewritten without touching what follows."""
+    with AtomicFile(path, mode=os.stat(path).st_mode & 0o7777) as sink:
+        sink.write(head)
+        while True:
+            chunk = f.read(8 << 20)
+            if not chunk:
+                break
+            sink.write(chunk)

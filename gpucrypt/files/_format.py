@@ -387,9 +387,8 @@ def parse_header(read) -> Header:
     magic = reader.take(len(MAGIC), "magic")
     if magic != MAGIC:
         if magic == b"GPUCMODL":  # gpucrypt.models.MAGIC (models imports this module)
-            raise FormatError("this is a gpucrypt model file, not a stream file: read it with "
-                              "gpucrypt.models / decrypt-model (rekeying model files is not "
-                              "supported yet)")
+            raise FormatError("this is a gpucrypt model file, not a stream file: decrypt it "
+                              "with 'gpucrypt decrypt-model' or gpucrypt.models")
         raise FormatError("not a gpucrypt file (wrong magic bytes)")
     version = reader.take(1, "version")[0]
     if version != VERSION:

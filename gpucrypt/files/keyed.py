@@ -3,10 +3,11 @@
 
 Each file gets a fresh data key; the key's envelope (:mod:`gpucrypt.keys`) goes into
 the header of a :mod:`gpucrypt.files.stream` file, and the data into its segments.
-Rekeying rewrites only the header. Keys inside an HSM or a KMS (``KeyReference``) are
-bound to the file through :func:`gpucrypt.keys.file_context` of the header's salt, which
-is drawn here, before the header, so that the envelope can carry the binding; rekeying
-keeps the salt and with it the binding. Users reach these as ``gpucrypt.keys.encrypt_file``
+Rekeying rewrites only the header, of a stream file or of a model file
+(:mod:`gpucrypt.files.models`, told apart by their magic bytes). Keys inside an HSM or a
+KMS (``KeyReference``) are bound to the file through :func:`gpucrypt.keys.file_context`
+of the header's salt, which is drawn here, before the header, so that the envelope can
+carry the binding; rekeying keeps the salt and with it the binding. Users reach these as ``gpucrypt.keys.encrypt_file``
 and so on; they live here because keys sit below files: a key never needs to know
 about files.
 """
@@ -104,8 +105,19 @@ def _identities_for(identities: Any, keyset: Keyset | None) -> list:
     return items
 
 
-def _file_envelope(src: Any) -> tuple[bytes, Any]:
-    if hasattr(src, "read") and hasattr(src, "seek"):
+def _is_model_file(path: Any) -> bool:
+    from .models import MAGIC
+
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def _file_envelope(src: Any, model: bool = False) -> tuple[bytes, Any]:
+    if model:
+        from . import models
+
+        header = models.read_header(src)
+    elif hasattr(src, "read") and hasattr(src, "seek"):
         start = src.tell()
         header = stream.read_header(src)
         src.seek(start)  # the stream reads the header again
@@ -140,7 +152,8 @@ def decrypt_file(src: Any, dst: Any, *, identities: Any = None, keyset: Keyset |
 
 def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyset | None = None,
                identities: Any = None, old_keyset: Keyset | None = None) -> dict:
-    """Re-wrap a file's data key for new recipients and rewrite only its header.
+    """Re-wrap a file's data key for new recipients and rewrite only its header: a stream
+    file's, or a model file's (:func:`gpucrypt.models.replace_envelope`).
 
     The old envelope is opened with ``identities`` and/or ``old_keyset`` (``keyset``
     when neither is given: rotation within one keyset), a new one is sealed for
@@ -156,7 +169,8 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
     else:
         old = _identities_for(identities, old_keyset)
     with audit.timed("file.rekey", path=os.fspath(path)) as ev:
-        envelope, header = _file_envelope(path)
+        model = _is_model_file(path)
+        envelope, header = _file_envelope(path, model)
         previous = describe_envelope(envelope)
         ev["key_ids"] = previous
         context = file_context(_header_field(header, "salt"))
@@ -164,5 +178,10 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
         new_envelope, labels = seal_envelope_with_labels(dek, new_items, context=context)
         key_id = _primary_key_id(new_items)
         ev.update(key_id=key_id, recipients=labels)
-        stream.replace_envelope(path, dek, new_envelope, key_id=key_id)
+        if model:
+            from . import models
+
+            models.replace_envelope(path, dek, new_envelope, key_id=key_id)
+        else:
+            stream.replace_envelope(path, dek, new_envelope, key_id=key_id)
     return {"key_id": key_id, "recipients": labels, "previous_recipients": previous}

@@ -16,6 +16,7 @@ Public API::
     load_encrypted(path, key, device="auto", *, framework="torch", threads=None,
                    names=None) -> dict
     read_header(path, key=None) -> ModelHeader
+    replace_envelope(path, key, envelope, key_id=<keep>) -> ModelHeader
 
 Design choices (the reasons are in docs/MODEL_FORMAT.md):
 
@@ -81,7 +82,8 @@ from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedErr
 from .. import pipeline
 from ..tensors.api import _host_open, _host_seal
 
-__all__ = ["save_encrypted", "load_encrypted", "export_safetensors", "read_header", "ModelHeader", "TensorInfo",
+__all__ = ["save_encrypted", "load_encrypted", "export_safetensors", "read_header",
+           "replace_envelope", "ModelHeader", "TensorInfo",
            "MAGIC", "VERSION", "DEFAULT_SEGMENT_SIZE", "FRAMEWORKS"]
 
 MAGIC = b"GPUCMODL"
@@ -1011,3 +1013,29 @@ def _zero_device(framework: str, buf: Any) -> None:
         buf.fill(0)
     else:
         buf[...] = 0
+
+
+# ============================================================================ key rotation
+_KEEP = object()
+
+
+def replace_envelope(path: Any, key: Any, envelope: Any, key_id: Any = _KEEP) -> ModelHeader:
+    """Rewrite the header of the model file at ``path`` with a new envelope (and key id,
+    if given; None removes it), copying the tensor data and tags byte for byte; returns
+    the new (verified) header. As :func:`gpucrypt.stream.replace_envelope`: ``key`` must
+    verify the old header MAC (AuthenticationError otherwise) and MACs the new one; the
+    segments depend on neither field (their associated data is the fixed fields and the
+    table's hash), so they stay valid. Atomic, keeping the file's permissions."""
+    from ._atomic import replace_head
+
+    key = _format.check_key(key)
+    with builtins.open(path, "rb") as f:
+        old = _verify(_parse(f), key)
+        new_key_id = old.key_id if key_id is _KEEP else key_id
+        new_key_id, envelope = _format.check_key_id_envelope(new_key_id, envelope)
+        header = _replace(old, key_id=new_key_id, envelope=envelope)
+        body = _header_body(header)
+        mac = hmac.new(_derive(key, header.salt, _HEADER_MAC_INFO, header.fixed_fields), body,
+                       hashlib.sha256).digest()
+        replace_head(path, f, body + mac)
+    return _replace(header, header_mac=mac, header_length=len(body) + MAC_SIZE)

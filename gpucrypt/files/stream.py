@@ -54,7 +54,7 @@ from typing import Any, Iterable
 
 from .. import pipeline
 from . import _format
-from ._atomic import AtomicFile, open_output
+from ._atomic import AtomicFile, open_output, replace_head
 from ._format import (DEFAULT_SEGMENT_SIZE, MAX_SEGMENTS, TAG_SIZE, AuthenticationError,
                       FormatError, Header, StreamError, TruncatedError, UnsupportedVersion)
 from ..backends import select_backend
@@ -720,11 +720,5 @@ def replace_envelope(path: Any, key: Any, envelope: Any, key_id: Any = _KEEP) ->
         fresh = Header(old.version, old.algorithm, old.segment_size, old.salt, old.nonce_prefix,
                        new_key_id, envelope, b"", 0)
         header, header_bytes = _format.seal_header(key, fresh)
-        with AtomicFile(path, mode=os.stat(path).st_mode & 0o7777) as sink:  # keep the file's mode
-            sink.write(header_bytes)
-            while True:
-                chunk = f.read(8 << 20)
-                if not chunk:
-                    break
-                sink.write(chunk)
+        replace_head(path, f, header_bytes)
     return header

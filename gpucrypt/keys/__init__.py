@@ -4,7 +4,7 @@ Every file (model, tensor batch) is encrypted under a fresh random **data key**
 (DEK). The DEK never leaves memory in the clear: it is *wrapped* once per
 recipient, and the wrapped copies form the file's **envelope** (format in
 :mod:`gpucrypt.keys._envelope` and docs/KEYS.md), which the stream header carries.
-Three wrappings exist:
+Four wrappings exist:
 
 ==========================  ======================================================
 stanza                      wraps the DEK with
@@ -20,10 +20,12 @@ stanza                      wraps the DEK with
                             :class:`KeyReference` URI: a PKCS#11 token
                             (:mod:`~gpucrypt.keys.pkcs11`) or AWS KMS
                             (:mod:`~gpucrypt.keys.awskms`)
+``scrypt``                  a passphrase (:class:`Passphrase`): scrypt, then
+                            ChaCha20-Poly1305; alone in its envelope, as in age
 ==========================  ======================================================
 
-The first three come from ``cryptography`` (``keywrap``, ``hazmat.primitives.hpke``), the
-last from the token or the KMS; nothing here implements a primitive.
+All but ``key-ref`` come from ``cryptography`` (``keywrap``, ``hazmat.primitives.hpke``,
+``Scrypt``); ``key-ref`` from the token or the KMS; nothing here implements a primitive.
 
 Limits and rules:
 
@@ -48,6 +50,7 @@ Where things are:
   imported when a reference is first used);
 - :mod:`~gpucrypt.keys.recipients`: :class:`Recipient`, :class:`Identity`, and
   :func:`seal_envelope`/:func:`open_envelope`/:func:`describe_envelope`;
+- :mod:`~gpucrypt.keys.passphrase`: :class:`Passphrase` (passphrase-encrypted files);
 - ``_envelope`` (envelope bytes), ``_document`` (key files on disk, sealing);
 - the errors live in :mod:`gpucrypt._errors`, shared with :mod:`gpucrypt.audit`.
 
@@ -68,6 +71,7 @@ from .._errors import (EnvelopeError, KeyManagementError, KeyNotFound, KeyProvid
 # KEK_ALGORITHMS and the *_FORMAT names are not in __all__ but were always reachable here.
 from ._document import DEFAULT_SCRYPT_N, FILE_VERSION
 from ._envelope import EnvelopeFormatError, Stanza
+from .passphrase import Passphrase
 from .keyset import (DEFAULT_KEK_ALGORITHM, DESTROYED, DISABLED, ENABLED, KEK_ALGORITHMS,
                      KEYSET_FORMAT, PRIMARY, Keyset, KeysetKey)
 from .providers import (CallableKeyProvider, EnvKeyProvider, FileKeyProvider, KeyProvider,
@@ -79,7 +83,7 @@ from .recipients import (DEK_SIZE, HPKE_INFO, IDENTITY_FORMAT, RECIPIENT_FORMAT,
 
 __all__ = [
     "KeyManagementError", "KeysetError", "KeyNotFound", "KeyUnavailable", "NoMatchingRecipient",
-    "EnvelopeError", "KeyProviderError", "KeyReference", "ExternalKey", "file_context", "KeysetKey", "Keyset", "Recipient", "Identity", "WrappingKey",
+    "EnvelopeError", "KeyProviderError", "KeyReference", "ExternalKey", "file_context", "KeysetKey", "Keyset", "Recipient", "Identity", "WrappingKey", "Passphrase",
     "KeyProvider", "FileKeyProvider", "EnvKeyProvider", "CallableKeyProvider",
     "generate_dek", "seal_envelope", "open_envelope", "describe_envelope",
     "encrypt_file", "decrypt_file", "rekey_file",

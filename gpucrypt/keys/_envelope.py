@@ -34,6 +34,7 @@ STANZA_TYPES = {
     3: "hpke-mlkem768-x25519",    # RFC 9180 with the ML-KEM-768 + X25519 hybrid KEM; id = fingerprint
     4: "key-ref",                 # a key inside a provider (HSM, KMS); id = its reference URI,
                                   # body = the provider's wrapped form (keys.references)
+    5: "scrypt",                  # a passphrase (keys.passphrase); id = salt || log2(N)
 }
 STANZA_CODES = {name: code for code, name in STANZA_TYPES.items()}
 

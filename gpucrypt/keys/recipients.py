@@ -29,6 +29,7 @@ from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_documen
                         seal_document, utc_timestamp)
 from ._envelope import EnvelopeFormatError, Stanza
 from .keyset import Keyset, KeysetKey
+from .passphrase import STANZA_KIND as _SCRYPT, Passphrase
 from .providers import KeyProvider, WrappingKey
 from .references import KeyReference, check_context
 
@@ -234,6 +235,8 @@ def generate_dek() -> bytes:
 
 
 def _stanza_label(stanza: Stanza) -> str:
+    if stanza.kind == _SCRYPT:
+        return _SCRYPT  # a passphrase: nothing to name (the salt is no one's id)
     if stanza.kind == "aes-kwp":
         return "aes-kwp:" + stanza.recipient_id.decode("utf-8", "replace")
     if stanza.kind == "key-ref":
@@ -257,7 +260,8 @@ def _decode(envelope: bytes) -> list[Stanza]:
 def recipient_list(recipients: Any) -> list:
     """``recipients`` (one recipient or a sequence, as :func:`seal_envelope` takes them)
     as a new list."""
-    if isinstance(recipients, (Recipient, Identity, Keyset, KeysetKey, WrappingKey, KeyReference)):
+    if isinstance(recipients, (Recipient, Identity, Keyset, KeysetKey, WrappingKey, KeyReference,
+                                Passphrase)):
         return [recipients]
     return list(recipients)
 
@@ -275,11 +279,13 @@ def seal_envelope(dek: bytes, recipients: Any, *, context: Any = None) -> bytes:
     ``recipients``: one or a sequence of :class:`Recipient` (HPKE), :class:`Identity`
     (its public half), :class:`Keyset` (its primary key, AES-KWP), :class:`KeysetKey`
     or :class:`WrappingKey` (AES-KWP), :class:`~gpucrypt.keys.KeyReference` (a key in an
-    HSM or KMS: a ``key-ref`` stanza; a ``file:`` keyset: its primary). Duplicates are
+    HSM or KMS: a ``key-ref`` stanza; a ``file:`` keyset: its primary), or one
+    :class:`~gpucrypt.keys.passphrase.Passphrase` alone (scrypt). Duplicates are
     wrapped once. ``context`` (str -> str) binds the providers' stanzas that can bind
     (AWS KMS encryption context, PKCS#11 AES-GCM); opening needs the same one. Raises
-    ``ValueError`` for no recipient or more than 255, :class:`KeyUnavailable` for a
-    disabled or destroyed keyset key, :class:`KeyProviderError` for an unreachable provider.
+    ``ValueError`` for no recipient, more than 255, or a passphrase beside other
+    recipients, :class:`KeyUnavailable` for a disabled or destroyed keyset key,
+    :class:`KeyProviderError` for an unreachable provider.
     """
     return seal_envelope_with_labels(dek, recipients, context=context)[0]
 
@@ -291,8 +297,16 @@ def seal_envelope_with_labels(dek: bytes, recipients: Any, *,
     dek = _check_dek(dek)
     context = check_context(context)
     stanzas, labels = [], []
+    items = recipient_list(recipients)
+    if len(items) > 1 and any(isinstance(item, Passphrase) for item in items):
+        raise ValueError("a passphrase-encrypted file has no other recipient (so that only who "
+                         "knows the passphrase can have made it): give the passphrase alone")
     with audit.timed("envelope.seal") as ev:
-        for item in recipient_list(recipients):
+        for item in items:
+            if isinstance(item, Passphrase):
+                stanzas.append(item.wrap(dek))
+                labels.append(_SCRYPT)
+                continue
             if isinstance(item, Identity):
                 item = item.recipient
             if isinstance(item, KeyReference) and item.scheme == "file":
@@ -334,9 +348,11 @@ def identity_list(identities: Any) -> list:
         if isinstance(item, Recipient):
             raise TypeError(f"{item!r} is a public key: opening an envelope needs the private "
                             f"Identity (the identity file, not the .pub file)")
-        if not isinstance(item, (Identity, KeysetKey, WrappingKey, KeyProvider, KeyReference)):
+        if not isinstance(item, (Identity, KeysetKey, WrappingKey, KeyProvider, KeyReference,
+                                 Passphrase)):
             raise TypeError(f"cannot open an envelope with a {type(item).__name__}: give Identity, "
-                            f"Keyset, KeysetKey, WrappingKey, KeyReference or KeyProvider objects")
+                            f"Keyset, KeysetKey, WrappingKey, KeyReference, KeyProvider or "
+                            f"Passphrase objects")
     return items
 
 
@@ -344,18 +360,23 @@ def open_envelope(envelope: bytes, identities: Any, *, context: Any = None) -> b
     """The data key, unwrapped by the first stanza one of ``identities`` opens.
 
     ``identities``: one or a sequence of :class:`Identity`, :class:`Keyset`,
-    :class:`KeysetKey`, :class:`WrappingKey`, :class:`~gpucrypt.keys.KeyReference` or any
-    :class:`KeyProvider`. A stanza is tried only with identities that own its id (a
-    fingerprint, key id or key reference). ``context``: as given to :func:`seal_envelope`.
+    :class:`KeysetKey`, :class:`WrappingKey`, :class:`~gpucrypt.keys.KeyReference`, any
+    :class:`KeyProvider`, or a :class:`~gpucrypt.keys.passphrase.Passphrase`. A stanza is
+    tried only with identities that own its id (a fingerprint, key id or key reference; a
+    passphrase for a ``scrypt`` stanza). ``context``: as given to :func:`seal_envelope`.
     :class:`KeyProviderError` (an HSM or KMS that cannot be used at all) propagates. Raises
-    :class:`NoMatchingRecipient` ("no recipient in this file matches your key(s)",
-    with why for each near miss: a disabled key, a failed unwrap) when none opens,
-    :class:`EnvelopeError` when the envelope is malformed.
+    :class:`NoMatchingRecipient` ("no recipient in this file matches your key(s)", with
+    why for each near miss: a disabled key, a failed unwrap; for a passphrase file just
+    why: "wrong passphrase, or the file was altered", or a work factor above the limit)
+    when none opens, :class:`EnvelopeError` when the envelope is malformed.
     """
     candidates = identity_list(identities)
     context = check_context(context)
     with audit.timed("envelope.open") as ev:
         stanzas = _decode(envelope)
+        if len(stanzas) > 1 and any(s.kind == _SCRYPT for s in stanzas):
+            raise EnvelopeError("malformed envelope: a passphrase stanza beside other stanzas "
+                                "(a passphrase-encrypted file has no other recipient)")
         ev["recipients"] = [_stanza_label(s) for s in stanzas]
         notes: list[str] = []
         for stanza in stanzas:
@@ -375,12 +396,19 @@ def open_envelope(envelope: bytes, identities: Any, *, context: Any = None) -> b
                     ev["key_id"] = _stanza_label(stanza)
                     return dek
         detail = "; ".join(dict.fromkeys(notes))
+        if stanzas[0].kind == _SCRYPT:
+            raise NoMatchingRecipient(detail or "this file is encrypted with a passphrase, not "
+                                                "for your key(s): open it with its passphrase")
         raise NoMatchingRecipient("no recipient in this file matches your key(s)"
                                   + (f" ({detail})" if detail else ""))
 
 
 def _try_open(stanza: Stanza, identity: Any, context: dict) -> bytes | None:
     """The DEK if ``identity`` owns ``stanza`` and unwraps it; None if it does not own it."""
+    if stanza.kind == _SCRYPT:
+        return identity.unwrap(stanza) if isinstance(identity, Passphrase) else None
+    if isinstance(identity, Passphrase):
+        return None
     if stanza.kind == "key-ref":
         stanza_id = stanza.recipient_id.decode("utf-8", "replace")
         if isinstance(identity, KeyReference) and identity.owns(stanza_id):

@@ -1,0 +1,570 @@
+"""The command line as safe and as convenient as age (issue 14): key options that cannot
+apply together are refused, outputs leave nothing behind whatever signal arrives and never
+replace a file that appeared meanwhile, key files others can read are refused,
+passphrase-encrypted files, stdin/stdout pipes, ``rekey`` on model files, ``selftest``
+sizes, and the help texts.
+
+Signals, pipes and races need real processes: each such test starts ``gpucrypt`` with an
+input pipe that the test holds open, waits until the process holds its output file
+open (seen in ``/proc/PID/fd``), and only then acts, so the process is certainly mid-run.
+Everything else calls :func:`gpucrypt.cli.main` in this process.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpucrypt import keys, stream
+from gpucrypt.cli import build_parser, main
+
+VECTORS = Path(__file__).parent / "vectors" / "passphrase"
+#: started with ``MODE ARGS...``: MODE "named" turns off unnamed (O_TMPFILE) outputs, to
+#: test the fallback; small CPU batches make the output grow while the input still flows,
+#: and passphrases cost scrypt 2**10
+LAUNCHER = ("import sys\n"
+            "from gpucrypt import pipeline\n"
+            "from gpucrypt.files import _atomic\n"
+            "from gpucrypt.keys import passphrase\n"
+            "pipeline.CPU_BATCH_BYTES = 1 << 16\n"
+            "passphrase.DEFAULT_LOG_N = 10\n"
+            "if sys.argv[1] == 'named':\n"
+            "    _atomic._TMPFILE = 0\n"
+            "from gpucrypt.cli import main\n"
+            "sys.exit(main(sys.argv[2:]))\n")
+ON_LINUX = sys.platform.startswith("linux")
+
+
+def private(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    path.chmod(0o600)
+    return path
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A folder with a 0600 raw key, a plaintext, and fast passphrases (scrypt 2**10)."""
+    from gpucrypt.keys import passphrase
+
+    monkeypatch.setattr(passphrase, "DEFAULT_LOG_N", 10)
+    monkeypatch.delenv("GPUCRYPT_PASSPHRASE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    private(tmp_path / "key", os.urandom(32))
+    (tmp_path / "plain").write_bytes(os.urandom(10_000))
+    private(tmp_path / "pw", b"correct horse battery staple\n")
+    return tmp_path
+
+
+# ------------------------------------------------------------------ 1. key sources
+#: command -> the key options it takes (as the user writes them, with a value)
+KEY_OPTIONS = {
+    "encrypt": {"--key-file": ["--key-file", "key"], "--key-env": ["--key-env", "K"],
+                "-r/--recipient": ["-r", "alice.pub"], "--keyset": ["--keyset", "ks.json"],
+                "-p/--passphrase": ["-p"]},
+    "decrypt": {"--key-file": ["--key-file", "key"], "--key-env": ["--key-env", "K"],
+                "-i/--identity": ["-i", "alice"], "--keyset": ["--keyset", "ks.json"],
+                "-p/--passphrase": ["-p"]},
+}
+KEY_OPTIONS["encrypt-model"] = KEY_OPTIONS["encrypt"]
+KEY_OPTIONS["decrypt-model"] = KEY_OPTIONS["decrypt"]
+#: the pairs that do apply together: both wrap the data key, or both are tried to open it
+TOGETHER = {frozenset({"-r/--recipient", "--keyset"}), frozenset({"-i/--identity", "--keyset"})}
+CONFLICTS = [(command, a, b) for command, options in KEY_OPTIONS.items()
+             for a, b in itertools.combinations(options, 2) if frozenset({a, b}) not in TOGETHER]
+
+
+@pytest.mark.parametrize("command, first, second", CONFLICTS,
+                         ids=[f"{c}:{a}+{b}" for c, a, b in CONFLICTS])
+def test_key_options_that_cannot_apply_together_are_refused(work, capsys, command, first, second):
+    """Today ``encrypt --key-file k -r alice.pub`` exits 0 and ignores ``-r``."""
+    options = KEY_OPTIONS[command]
+    code, _, err = run(capsys, command, *options[first], *options[second], "plain", "out")
+    assert code == 2, err
+    assert f"{first} and {second} cannot be used together" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (work / "out").exists()
+
+
+def test_key_options_that_apply_together_still_work(work, capsys):
+    for args in (["keygen", "--public", "--out", "alice"], ["keygen", "--out", "ks.json"]):
+        assert run(capsys, *args)[0] == 0
+    code, _, err = run(capsys, "encrypt", "-r", "alice.pub", "--keyset", "ks.json", "plain", "sealed")
+    assert code == 0, err
+    code, _, err = run(capsys, "decrypt", "-i", "alice", "--keyset", "ks.json", "sealed", "back")
+    assert code == 0, err
+    assert (work / "back").read_bytes() == (work / "plain").read_bytes()
+
+
+# ------------------------------------------------------------------ 2. outputs
+def _writing(proc: subprocess.Popen, folder: Path) -> int | None:
+    """The size of the file ``proc`` writes in ``folder`` (unnamed or not), None if none."""
+    fds = f"/proc/{proc.pid}/fd"
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return None
+    for fd in names:
+        try:
+            if os.readlink(os.path.join(fds, fd)).startswith(f"{folder}/"):
+                return os.stat(os.path.join(fds, fd)).st_size
+        except OSError:
+            continue
+    return None
+
+
+def _wait_writing(proc: subprocess.Popen, folder: Path, at_least: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        size = _writing(proc, folder)
+        if size is not None and size >= at_least:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"gpucrypt ended early ({proc.returncode}): {proc.stderr.read().decode()}")
+        time.sleep(0.01)
+    pytest.fail("gpucrypt never started writing its output")
+
+
+def _start(mode: str, *argv, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", LAUNCHER, mode, *map(str, argv)], cwd=cwd,
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+@pytest.fixture(scope="module")
+def sealed_data(tmp_path_factory):
+    """(key file, 2 MiB of plaintext, its stream file's bytes at 4 KiB segments)."""
+    folder = tmp_path_factory.mktemp("sealed")
+    key = private(folder / "key", os.urandom(32))
+    plain = os.urandom(2 << 20)
+    out = io.BytesIO()
+    stream.encrypt(plain, out, key.read_bytes(), segment_size=4096, device="cpu")
+    return key, plain, out.getvalue()
+
+
+SIGNALS = [("unnamed", signal.SIGTERM), ("unnamed", signal.SIGHUP), ("unnamed", signal.SIGKILL),
+           ("named", signal.SIGTERM), ("named", signal.SIGHUP)]
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="watches the processes through /proc (Linux)")
+@pytest.mark.parametrize("operation", ["encrypt", "decrypt"])
+def test_a_signal_mid_run_leaves_nothing_behind(tmp_path, sealed_data, operation):
+    """SIGTERM, SIGHUP or SIGKILL while gpucrypt writes OUT (one process per case, all at
+    once): no OUT, no temporary file, no plaintext on disk. ``named`` is the fallback where
+    O_TMPFILE is missing: its signal handlers clean up (SIGKILL cannot be caught there, so
+    nothing is claimed for it). Today a hidden ``.OUT.xxxx.gpucrypt-tmp`` stays."""
+    key, plain, sealed = sealed_data
+    # all but the end: no process can finish before it is signalled
+    feed = plain if operation == "encrypt" else sealed
+    size = ["--segment-size", "4KiB"] if operation == "encrypt" else []
+    cases = []
+    try:
+        for mode, signum in SIGNALS:
+            out = tmp_path / f"{mode}-{signal.Signals(signum).name}"
+            out.mkdir()
+            proc = _start(mode, operation, "--key-file", key, *size, "--threads", "1",
+                          "-", out / "file", cwd=tmp_path)
+            cases.append((mode, signum, out, proc))
+            proc.stdin.write(feed[:len(feed) - 8192])
+            proc.stdin.flush()
+        for mode, signum, out, proc in cases:
+            _wait_writing(proc, out, 64 << 10)  # batches (of plaintext, to decrypt) written
+            proc.send_signal(signum)
+        for mode, signum, out, proc in cases:
+            assert proc.wait(timeout=60) == -signum, (mode, signum, proc.stderr.read())
+            assert os.listdir(out) == [], (mode, signum)
+    finally:
+        for *_, proc in cases:
+            proc.kill()
+            proc.stdin.close()
+            proc.stderr.close()
+    probe = plain[100_000:100_064]  # from the part that was written out before the signal
+    for path in tmp_path.rglob("*"):
+        assert not path.is_file() or probe not in path.read_bytes(), path
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="watches the processes through /proc (Linux)")
+def test_two_writers_racing_for_one_new_output_one_wins(tmp_path, sealed_data):
+    """Both start before OUT exists (both pass the early check); today both exit 0 and the
+    first writer's file is silently replaced. Publishing is a link: exactly one wins, with
+    unnamed files and with the named fallback."""
+    key, _, _ = sealed_data
+    data = [os.urandom(200_000), os.urandom(200_000)]
+    races = {}
+    try:
+        for mode in ("unnamed", "named"):
+            out = tmp_path / mode
+            out.mkdir()
+            races[mode] = out, [_start(mode, "encrypt", "--key-file", key, "--threads", "1",
+                                       "--segment-size", "4KiB", "-", out / "file",
+                                       cwd=tmp_path) for _ in data]
+            for proc, chunk in zip(races[mode][1], data):
+                proc.stdin.write(chunk)
+                proc.stdin.flush()
+        for out, procs in races.values():
+            for proc in procs:
+                _wait_writing(proc, out, 1)
+        for out, procs in races.values():
+            for proc in procs:
+                proc.stdin.close()
+        for mode, (out, procs) in races.items():
+            codes = [proc.wait(timeout=60) for proc in procs]
+            errors = [proc.stderr.read().decode() for proc in procs]
+            assert sorted(codes) == [0, 1], (mode, errors)
+            loser = errors[codes.index(1)]
+            assert f"output exists: {out / 'file'}" in loser and loser.count("\n") == 1, loser
+            back = io.BytesIO()
+            stream.decrypt((out / "file").read_bytes(), back, key.read_bytes())
+            assert back.getvalue() == data[codes.index(0)] and os.listdir(out) == ["file"]
+    finally:
+        for _, procs in races.values():
+            for proc in procs:
+                proc.kill()
+                proc.stderr.close()
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed", "named"])
+def test_atomic_file_never_replaces_without_overwrite(tmp_path, monkeypatch, unnamed):
+    """The library side of the race: publishing without ``overwrite`` is a link, so a file
+    that appeared meanwhile stays and :class:`OutputExists` names the destination; an
+    unnamed file has no entry in the folder before it is published."""
+    from gpucrypt.files import _atomic
+
+    if not unnamed:
+        monkeypatch.setattr(_atomic, "_TMPFILE", 0)
+    target = tmp_path / "out"
+    late = _atomic.AtomicFile(target, overwrite=False)
+    late.write(b"second")
+    assert late.unnamed == (unnamed and bool(getattr(os, "O_TMPFILE", 0)))
+    assert os.listdir(tmp_path) == ([] if late.unnamed else [os.path.basename(late._temp)])
+    with _atomic.AtomicFile(target, overwrite=False) as first:
+        first.write(b"first")
+    with pytest.raises(_atomic.OutputExists) as err:
+        late.commit()
+    assert err.value.filename == str(target) and isinstance(err.value, FileExistsError)
+    assert target.read_bytes() == b"first" and os.listdir(tmp_path) == ["out"]
+
+    def write_by_name(name: str) -> None:  # a library writer that takes only a file name
+        with open(name, "wb") as f:
+            f.write(b"by name")
+
+    _atomic.write_atomically_with(target, write_by_name, 0o640)
+    assert target.read_bytes() == b"by name" and os.listdir(tmp_path) == ["out"]
+    assert target.stat().st_mode & 0o777 == 0o640
+
+
+def test_output_errors_name_the_users_path(work, capsys):
+    """Not the temporary file (".OUT.xxxx.gpucrypt-tmp") nor its folder."""
+    (work / "afile").write_bytes(b"")
+    for out in (work / "missing" / "out", work / "afile" / "out"):
+        for command in ("encrypt", "decrypt"):
+            code, _, err = run(capsys, command, "--key-file", "key", "plain", out)
+            assert code == 1 and f"cannot write {out}:" in err and "gpucrypt-tmp" not in err, err
+    assert sorted(os.listdir(work)) == ["afile", "key", "plain", "pw"]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="root writes into read-only folders")
+def test_a_read_only_folder_is_named(work, capsys):
+    (work / "ro").mkdir(mode=0o500)
+    code, _, err = run(capsys, "encrypt", "--key-file", "key", "plain", work / "ro" / "out")
+    assert code == 1 and f"cannot write {work / 'ro' / 'out'}:" in err
+
+
+def test_decrypting_a_model_file_says_what_to_use(work, capsys):
+    """The message ended with an unrelated "(rekeying model files is not supported yet)"."""
+    from gpucrypt import models
+
+    np = pytest.importorskip("numpy")
+    models.save_encrypted({"w": np.ones(64, np.uint8)}, work / "m.gc", (work / "key").read_bytes())
+    code, _, err = run(capsys, "decrypt", "--key-file", "key", "m.gc", "out")
+    assert code == 1 and "decrypt-model" in err and "rekey" not in err
+
+
+# ------------------------------------------------------------------ 3. permissions
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_secrets_others_can_read_are_refused(work, capsys):
+    for args in (["keygen", "--public", "--out", "alice"], ["keygen", "--out", "ks.json"]):
+        assert run(capsys, *args)[0] == 0
+    assert run(capsys, "encrypt", "-r", "alice.pub", "plain", "for-alice")[0] == 0
+    assert run(capsys, "encrypt", "--keyset", "ks.json", "plain", "for-ks")[0] == 0
+    cases = {"key": ["encrypt", "--key-file", "key", "plain", "x"],
+             "alice": ["decrypt", "-i", "alice", "for-alice", "x"],
+             "ks.json": ["decrypt", "--keyset", "ks.json", "for-ks", "x"],
+             "pw": ["encrypt", "-p", "--passphrase-file", "pw", "plain", "x"]}
+    for name, argv in cases.items():
+        (work / name).chmod(0o644)
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and f"chmod 600 {name}" in err and "0644" in err, (name, err)
+        assert not (work / "x").exists()
+        code, _, err = run(capsys, *argv, "--unsafe-key-permissions")  # the risk accepted
+        assert code == 0, err
+        (work / "x").unlink()
+        (work / name).chmod(0o600)
+        assert run(capsys, *argv)[0] == 0
+        (work / "x").unlink()
+
+
+# ------------------------------------------------------------------ 4. passphrases
+def test_passphrase_round_trip_and_wrong_passphrase(work, capsys, monkeypatch):
+    code, _, err = run(capsys, "encrypt", "-p", "--passphrase-file", "pw", "plain", "sealed")
+    assert code == 0, err
+    header = stream.read_header(work / "sealed")
+    assert keys.describe_envelope(header.envelope) == ["scrypt"] and header.key_id is None
+    from gpucrypt.keys import _envelope
+
+    stanza = _envelope.decode(header.envelope)[0]  # the work factor is in the header (log2 N)
+    assert stanza.kind == "scrypt" and stanza.recipient_id[16] == 10
+    # decrypt notices the passphrase stanza by itself; -p says so explicitly
+    for extra in ([], ["-p"]):
+        code, _, err = run(capsys, "decrypt", *extra, "--passphrase-file", "pw", "sealed", "back",
+                           "--force")
+        assert code == 0, err
+        assert (work / "back").read_bytes() == (work / "plain").read_bytes()
+    monkeypatch.setenv("GPUCRYPT_PASSPHRASE", "not the passphrase")
+    code, _, err = run(capsys, "decrypt", "sealed", "wrong")
+    assert code == 1 and err.count("\n") == 1 and "wrong passphrase" in err, err
+    assert not (work / "wrong").exists()
+    # a raw key on a passphrase file fails, and -p on a raw-key file says what it needs
+    assert run(capsys, "decrypt", "--key-file", "key", "sealed", "wrong")[0] == 1
+    assert run(capsys, "encrypt", "--key-file", "key", "plain", "raw")[0] == 0
+    code, _, err = run(capsys, "decrypt", "-p", "raw", "wrong")
+    assert code == 1 and "not passphrase-encrypted" in err
+
+
+def test_no_passphrase_without_a_terminal_is_a_usage_error(work, capsys):
+    code, _, err = run(capsys, "encrypt", "-p", "plain", "sealed")
+    assert code == 2 and "needs a passphrase" in err and not (work / "sealed").exists()
+
+
+def _stream_with_work_factor(work: Path, log_n: int) -> Path:
+    from gpucrypt.keys import _envelope
+
+    stanza = _envelope.Stanza("scrypt", os.urandom(16) + bytes([log_n]), os.urandom(48))
+    path = work / f"cost-{log_n}"
+    stream.encrypt(b"data", path, os.urandom(32), envelope=_envelope.encode([stanza]))
+    return path
+
+
+def test_a_work_factor_above_the_bound_is_refused_before_any_work(work, capsys, monkeypatch):
+    """A crafted header asking for scrypt N = 2**40: refused before the passphrase is asked
+    for and before scrypt runs (it would need 1 TiB)."""
+    from gpucrypt.keys import passphrase
+
+    def no_scrypt(*a, **k):
+        raise AssertionError("scrypt ran")
+
+    monkeypatch.setattr(passphrase, "Scrypt", no_scrypt)
+    path = _stream_with_work_factor(work, 40)
+    code, _, err = run(capsys, "decrypt", path, "out")  # no passphrase given: not asked
+    assert code == 1 and err.count("\n") == 1 and "2**40, above the limit 2**20" in err, err
+    with pytest.raises(keys.NoMatchingRecipient, match="above the limit"):
+        keys.open_envelope(stream.read_header(path).envelope, keys.Passphrase("x"))
+    with pytest.raises(keys.NoMatchingRecipient, match="above the limit 2\\*\\*9"):
+        keys.open_envelope(stream.read_header(_stream_with_work_factor(work, 10)).envelope,
+                           keys.Passphrase("x", max_log_n=9))
+
+
+def test_passphrase_known_answer_checked_with_cryptography_alone(work, capsys):
+    """docs/KEYS.md's construction, recomputed with cryptography's Scrypt and
+    ChaCha20-Poly1305, opens the recorded stanza; gpucrypt makes the same stanza from the
+    same salt and reads the recorded file."""
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+    v = json.loads((VECTORS / "scrypt.json").read_text())
+    salt, dek = bytes.fromhex(v["salt"]), bytes.fromhex(v["dek"])
+    key = Scrypt(salt=b"gpucrypt-passphrase-v1\x00" + salt, length=32, n=2 ** v["log_n"],
+                 r=v["r"], p=v["p"]).derive(v["passphrase"].encode())
+    assert ChaCha20Poly1305(key).decrypt(bytes(12), bytes.fromhex(v["stanza_body"]), None) == dek
+    assert bytes.fromhex(v["stanza_id"]) == salt + bytes([v["log_n"]])
+    envelope = bytes.fromhex(v["envelope"])
+    stanza = keys.Passphrase(v["passphrase"], log_n=v["log_n"]).wrap(dek, _salt=salt)
+    assert (stanza.recipient_id.hex(), stanza.body.hex()) == (v["stanza_id"], v["stanza_body"])
+    assert keys.open_envelope(envelope, keys.Passphrase(v["passphrase"])) == dek
+    assert stream.read_header(bytes.fromhex(v["stream"])).envelope == envelope
+    (work / "kat").write_bytes(bytes.fromhex(v["stream"]))
+    private(work / "katpw", v["passphrase"].encode())
+    code, _, err = run(capsys, "decrypt", "--passphrase-file", "katpw", "kat", "kat.out")
+    assert code == 0, err
+    assert (work / "kat.out").read_bytes() == bytes.fromhex(v["plaintext"])
+
+
+def test_a_passphrase_stands_alone_in_its_envelope(work):
+    from gpucrypt.keys import _envelope
+
+    alice = keys.Identity.generate()
+    with pytest.raises(ValueError, match="no other recipient"):
+        keys.seal_envelope(os.urandom(32), [keys.Passphrase("pw", log_n=10), alice.recipient])
+    pw = keys.Passphrase("pw", log_n=10)
+    mixed = _envelope.encode([pw.wrap(os.urandom(32)),
+                              _envelope.decode(keys.seal_envelope(os.urandom(32), alice))[0]])
+    with pytest.raises(keys.EnvelopeError, match="beside other stanzas"):
+        keys.open_envelope(mixed, [pw, alice])
+    with pytest.raises(keys.NoMatchingRecipient, match="encrypted with a passphrase"):
+        keys.open_envelope(keys.seal_envelope(os.urandom(32), pw), alice)
+    assert "pw" not in repr(pw)
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="a pseudo-terminal (Linux)")
+def test_encrypt_asks_twice_on_a_terminal(work):
+    """-p with stdin a terminal: the passphrase is asked twice, and must match."""
+    import pty
+
+    def converse(answers: list[bytes]) -> tuple[int, bytes]:
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "unnamed", "encrypt", "-p",
+                                 "plain", "-o", "sealed", "--force"], cwd=work, stdin=slave,
+                                stdout=subprocess.DEVNULL, stderr=slave, start_new_session=True)
+        os.close(slave)
+        seen = b""
+        try:
+            for answer in answers:
+                prompts = seen.count(b": ")
+                deadline = time.monotonic() + 60
+                while seen.count(b": ") == prompts and time.monotonic() < deadline:
+                    if select.select([master], [], [], 0.1)[0]:
+                        seen += os.read(master, 1024)
+                os.write(master, answer + b"\n")
+            code = proc.wait(timeout=60)
+            while select.select([master], [], [], 0.1)[0]:
+                try:
+                    seen += os.read(master, 1024)
+                except OSError:
+                    break
+        finally:
+            proc.kill()
+            os.close(master)
+        return code, seen
+
+    code, seen = converse([b"s3cret words", b"s3cret words"])
+    assert code == 0, seen
+    assert b"passphrase for the file" in seen and b"again" in seen
+    header = stream.read_header(work / "sealed")
+    out = io.BytesIO()
+    key = keys.open_envelope(header.envelope, keys.Passphrase("s3cret words"))
+    stream.decrypt((work / "sealed").read_bytes(), out, key)
+    assert out.getvalue() == (work / "plain").read_bytes()
+    code, seen = converse([b"one", b"two"])
+    assert code == 2 and b"the passphrases differ" in seen
+
+
+# ------------------------------------------------------------------ 5. stdin and stdout
+def test_pipes_as_with_age(work, capsys):
+    """``gpucrypt encrypt -r alice.pub < in > out`` and ``gpucrypt decrypt -i alice.key < out``."""
+    assert run(capsys, "keygen", "--public", "--out", "alice.key")[0] == 0
+    cli = [sys.executable, "-c", LAUNCHER, "unnamed"]
+    with open(work / "plain", "rb") as src, open(work / "sealed", "wb") as dst:
+        subprocess.run(cli + ["encrypt", "-r", "alice.key.pub"], stdin=src, stdout=dst,
+                       check=True, cwd=work)
+    with open(work / "sealed", "rb") as src:
+        back = subprocess.run(cli + ["decrypt", "-i", "alice.key"], stdin=src, check=True,
+                              capture_output=True, cwd=work).stdout
+    assert back == (work / "plain").read_bytes()
+
+
+def test_output_option_and_its_conflict(work, capsys):
+    assert run(capsys, "encrypt", "--key-file", "key", "plain", "-o", "sealed")[0] == 0
+    assert run(capsys, "decrypt", "--key-file", "key", "-o", "back", "sealed")[0] == 0
+    assert (work / "back").read_bytes() == (work / "plain").read_bytes()
+    code, _, err = run(capsys, "decrypt", "--key-file", "key", "sealed", "one", "-o", "two")
+    assert code == 2 and "OUT given twice" in err
+    assert not (work / "one").exists() and not (work / "two").exists()
+
+
+# ------------------------------------------------------------------ 6. rekey on model files
+def test_rekey_rewrites_a_model_files_header_only(work, capsys):
+    np = pytest.importorskip("numpy")
+    from safetensors.numpy import save_file
+
+    from gpucrypt import models
+
+    tensors = {"w": np.arange(3000, dtype=np.float32), "b": np.ones(7, dtype=np.int64)}
+    save_file(tensors, str(work / "m.safetensors"))
+    for name in ("alice", "bob"):
+        assert run(capsys, "keygen", "--public", "--out", name)[0] == 0
+    code, _, err = run(capsys, "encrypt-model", "-r", "alice.pub", "--segment-size", "4KiB",
+                       "m.safetensors", "m.gc")
+    assert code == 0, err
+    before = models.read_header(work / "m.gc")
+    data_before = (work / "m.gc").read_bytes()[before.header_length:]
+    code, out, err = run(capsys, "rekey", "m.gc", "-r", "bob.pub", "-i", "alice")
+    assert code == 0 and "removed: " + keys.Recipient.load("alice.pub").fingerprint in out, err
+    after = models.read_header(work / "m.gc")
+    assert (work / "m.gc").read_bytes()[after.header_length:] == data_before  # data untouched
+    assert keys.describe_envelope(after.envelope) == [keys.Recipient.load("bob.pub").fingerprint]
+    code, _, err = run(capsys, "decrypt-model", "-i", "alice", "m.gc", "a.safetensors")
+    assert code == 1 and "no recipient" in err
+    code, _, err = run(capsys, "decrypt-model", "-i", "bob", "m.gc", "b.safetensors")
+    assert code == 0, err
+    assert (work / "b.safetensors").read_bytes() == (work / "m.safetensors").read_bytes()
+
+
+# ------------------------------------------------------------------ 7. selftest and help
+@pytest.mark.parametrize("size", ["-5", "0", "lots"])
+def test_selftest_refuses_sizes_that_are_not_positive(capsys, size):
+    code, _, err = run(capsys, "selftest", "--size", size)
+    assert code == 2 and "Traceback" not in err
+
+
+def test_selftest_takes_units(capsys, monkeypatch):
+    from gpucrypt import backends
+
+    monkeypatch.setattr(backends, "available_backends", lambda: ["cpu"])  # no simulated GPU
+    assert build_parser(["selftest"]).parse_args(["selftest", "--size", "1GiB"]).size == 1 << 30
+    code, out, _ = run(capsys, "selftest", "--size", "4KiB")
+    assert code == 0 and out.count("4096 bytes: ok") == 3 and "FAILED" not in out
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="peak RSS from /proc (Linux)")
+def test_selftest_memory_follows_the_message_size_not_the_size(tmp_path):
+    """24 MiB per AEAD in messages of 2 MiB: the process grows by a few messages' worth
+    (11 MiB measured), not by the 96 MiB that holding the data, both ciphertexts and the
+    plaintext whole took (at 1 GiB that was 5.3 GB; now 107 MiB peak RSS, measured)."""
+    probe = ("import re, sys\n"
+             "import gpucrypt.cli\n"
+             "from gpucrypt.backends import available_backends\n"
+             "available_backends()  # loaded before measuring: code, not data\n"
+             "gpucrypt.cli.SELFTEST_MESSAGE_BYTES = 2 << 20\n"
+             "def kib(field):\n"
+             "    return int(re.search(field + r':\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
+             "open('/proc/self/clear_refs', 'w').write('5')\n"
+             "before = kib('VmRSS')\n"
+             "code = gpucrypt.cli.main(['selftest', '--size', '24MiB'])\n"
+             "print(code, (kib('VmHWM') - before) // 1024)\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}  # the CPU only
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, check=True)
+    code, grown = map(int, done.stdout.split()[-2:])
+    assert code == 0 and "in 12 messages: ok" in done.stdout, done.stdout
+    assert grown < 24, f"selftest grew by {grown} MiB"
+
+
+def test_help_texts(capsys):
+    for command in ("info", "selftest", "decrypt"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        from gpucrypt.cli import SUBCOMMANDS
+
+        assert " ".join(SUBCOMMANDS[command][1].split()) in " ".join(out.split()), command
+        if command == "decrypt":
+            assert "where to decrypt" in out and "where to encrypt" not in out
