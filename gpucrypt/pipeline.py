@@ -231,13 +231,14 @@ class GpuRunner:
     one bool per job; ``job.tag`` holds the tag as bytes, or ``batch.payload`` is a
     :class:`DeviceTags` of the whole batch). ``load``/``store`` run in the caller's
     thread before and after the launch; ``stream`` is the launch stream (None: the
-    backend's default).
+    backend's default); ``device`` the CUDA device whose context all of it runs in
+    (None: the current one), that of the batch's device memory and of ``stream``.
     """
 
     def __init__(self, gpu, op: str, algorithm: str, key: bytes | None = None, *,
-                 stream: Any = None, host_tags: bool = True):
+                 stream: Any = None, host_tags: bool = True, device: int | None = None):
         self.gpu, self.op, self.algorithm, self.key = gpu, op, algorithm, key
-        self.stream, self.host_tags = stream, host_tags
+        self.stream, self.host_tags, self.device = stream, host_tags, device
 
     @staticmethod
     def _on_device(view: Any) -> bool:
@@ -285,6 +286,10 @@ class GpuRunner:
                 np.frombuffer(memoryview(dst).cast("B"), dtype=np.uint8)[:] = host[a:b]
 
     def start(self, batch: Batch) -> Callable[[], list]:
+        with self.gpu.device(self.device):
+            return self._start(batch)
+
+    def _start(self, batch: Batch) -> Callable[[], list]:
         import numpy as np
 
         gpu, jobs = self.gpu, batch.jobs
@@ -326,7 +331,7 @@ class GpuRunner:
             self._download(out_buffer, out_bounds, jobs, ok)
         results: list = ok
         if self.op == "seal":
-            results = DeviceTags(tags, len(jobs), gpu, self.stream)
+            results = DeviceTags(tags, len(jobs), gpu, self.stream, self.device)
             if self.host_tags:
                 results = [results.row(i) for i in range(len(jobs))]
         if batch.store is not None:
@@ -347,19 +352,21 @@ class GpuRunner:
 
 class DeviceTags(list):
     """A seal batch's tags: the ``uint8[n, 16]`` device array (``device``), copied to the
-    host once, on the stream that made them, the first time a row is asked for
-    (``row(i)``: 16 bytes)."""
+    host once, on the stream that made them (in the context of the CUDA device
+    ``index``), the first time a row is asked for (``row(i)``: 16 bytes)."""
 
-    def __init__(self, device: Any, n: int, gpu, stream: Any = None):
+    def __init__(self, device: Any, n: int, gpu, stream: Any = None, index: int | None = None):
         super().__init__([None] * n)
         self.device, self._gpu, self._stream, self._host = device, gpu, stream, None
+        self._index = index
 
     def row(self, i: int) -> bytes:
         if self._host is None:
             import numpy as np
 
-            self._host = np.asarray(self._gpu.to_host(self.device, stream=self._stream)
-                                    ).reshape(-1, 16)
+            with self._gpu.device(self._index):
+                self._host = np.asarray(self._gpu.to_host(self.device, stream=self._stream)
+                                        ).reshape(-1, 16)
         return bytes(self._host[i].tobytes())
 
 
