@@ -35,9 +35,12 @@ before anything is touched: each memory can hold one ciphertext. Host batches ov
 shared out among threads, and one large ChaCha20-Poly1305 / XChaCha20-Poly1305 tensor
 is cut into keystream pieces on a pool while the MAC follows them in order.
 
-Streams: GPU work is queued on the given stream or the framework's current one;
-nothing synchronises unless a host result is asked for (``enc.tag``,
-``to_bytes()``, host tensors sent to the GPU, and decryption, which must check tags).
+Devices and streams: GPU work runs in the tensors' own device's context (one device
+per batch) and is queued on the given stream or the framework's current one; a given
+stream first waits, on the device, for the current one (where the inputs were made),
+and torch inputs are ``record_stream``-ed on it. Nothing synchronises unless a host
+result is asked for (``enc.tag``, ``to_bytes()``, host tensors sent to the GPU, and
+decryption, which must check tags).
 
 Limits: one message per tensor, so a tensor is at most (2**32 - 1) * 64 bytes
 (ChaCha20-Poly1305) or (2**32 - 2) * 16 bytes (AES-GCM, 64 GiB). Little-endian hosts.
