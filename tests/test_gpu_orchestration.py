@@ -390,3 +390,38 @@ def test_grid_is_what_the_kernel_keeps_resident_and_never_under_numbas_warning_t
         if units >= 256 * resident:
             assert blocks == resident   # no late second wave
     assert _launch.grid_for(10**9, 256, 40) == 160   # a small GPU: whole waves of 40
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def test_pipeline_reads_and_uploads_ahead_on_a_copy_stream_and_reuses_its_pinned_staging(gpu, spy, monkeypatch):
+    """Host data through the GPU runner: batch k+1 and k+2 are read and uploaded before
+    batch k is finished, on a copy stream apart from the launch stream, and the pinned
+    staging of the first depth + 1 batches is reused by the rest."""
+    from gpucrypt import pipeline
+
+    for name, kind in (("copy_to_device", "staged upload"), ("copy_to_host", "staged download")):
+        def copy(a, b, stream, _real=getattr(gpu, name), _kind=kind):
+            spy.entries.append((_kind, stream))
+            return _real(a, b, stream)
+        monkeypatch.setattr(gpu, name, copy)
+    key, count = os.urandom(32), 6
+    msgs = _messages("chacha20-poly1305", [100 + k for k in range(count)], seed=8)
+    outs = [np.zeros(len(m[2]), np.uint8) for m in msgs]
+    tags = {}
+
+    def done(batch, results):
+        spy.entries.append(("done", batch.payload))
+        tags[batch.payload] = results[0]
+    batches = (pipeline.Batch([pipeline.Job(k, m[1], m[3], m[2], outs[k])], done=done, payload=k)
+               for k, m in enumerate(msgs))
+    pipeline.run(batches, pipeline.GpuRunner(gpu, "seal", "chacha20-poly1305", msgs[0][0]), depth=2)
+    for m, out, k in zip(msgs, outs, range(count)):
+        assert out.tobytes() + tags[k] == reference_seal("chacha20-poly1305", m[0], m[1], m[2].tobytes(), m[3])
+    kinds = [k for k, _ in spy.entries]
+    uploads = [i for i, k in enumerate(kinds) if k == "staged upload"]
+    assert len(uploads) == count and uploads[2] < kinds.index("done"), spy.entries
+    copy_streams = {d for k, d in spy.entries if k.startswith("staged")}
+    launch_streams = {d[2] for k, d in spy.entries if k == "launch"}
+    assert len(copy_streams) == 1 and len(launch_streams) == 1 and not copy_streams & launch_streams
+    assert "pinned_array" not in [d[0] for k, d in spy.entries[uploads[3]:] if k == "alloc"], \
+        "the staging of the first three batches is reused"

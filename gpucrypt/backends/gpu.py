@@ -417,6 +417,37 @@ class GpuBackend(Backend):
         event.record(p)
         event.wait(s)
 
+    def new_stream(self):
+        """A stream of the current device of its own (the pipeline's copy stream)."""
+        return self._cuda.stream()
+
+    def mark(self, stream: Any):
+        """An event recorded now on ``stream``: ``.synchronize()`` waits (on the host) for
+        the work queued there so far."""
+        event = self._cuda.event() if _simulated() else self._cuda.event(timing=False)
+        event.record(self._stream(stream))
+        return event
+
+    def pinned(self, nbytes: int) -> np.ndarray:
+        """A page-locked host ``uint8`` buffer: copies from and to it are asynchronous (and
+        run at full PCIe speed); one from pageable memory makes the host wait."""
+        return self._cuda.pinned_array(max(int(nbytes), 1), dtype=np.uint8)[:nbytes]
+
+    def copy_to_device(self, dev: Any, host: np.ndarray, stream: Any) -> None:
+        """Queue the copy of ``host`` into the device buffer ``dev`` (same size) on ``stream``."""
+        if isinstance(dev, np.ndarray):   # the simulator's stand-in for device memory
+            dev[...] = host
+            return
+        dev.copy_to_device(host, stream=self._stream(stream))
+
+    def copy_to_host(self, host: np.ndarray, dev: Any, stream: Any) -> None:
+        """Queue the copy of the device buffer ``dev`` into ``host`` (same size) on ``stream``;
+        the bytes are there once the stream's work up to here is done (:meth:`mark`)."""
+        if isinstance(dev, np.ndarray):
+            host[...] = dev
+            return
+        dev.copy_to_host(host, stream=self._stream(stream))
+
     # ---- device memory helpers (the layer above never touches numba or CuPy) ----
     def as_device_bytes(self, obj: Any):
         """A zero-copy 1-D uint8 device view of ``obj`` (NumPy arrays stand in under the simulator)."""

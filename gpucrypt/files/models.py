@@ -672,7 +672,7 @@ def _seal_on_gpu(gpu, header, seg_key, aad, values, segments, sink) -> list[byte
             on_device = plain.device_view(job.ident)
             return on_device if on_device is not None else plain.host(job.ident, job.dst)
 
-        runner = pipeline.GpuRunner(gpu, "seal", cipher.algorithm, cipher.key, device=index)
+        runner = pipeline.GpuRunner(gpu, "seal", cipher.algorithm, cipher.key, device=index, depth=1)
         return _seal_batches(cipher, segments, pipeline.GPU_BATCH_BYTES, runner, 1,
                              lambda seg: None, load, sink)
 
