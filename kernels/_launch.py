@@ -134,8 +134,21 @@ def launch(kernel: Any, units: int, args: tuple, stream, *, multiple: int = 1) -
     threads = threads_for(units, multiple)
     if units <= 0:
         return
-    resident = None if is_simulator() else resident_blocks(kernel, args, threads)
+    resident = None
+    if not is_simulator():
+        try:
+            resident = resident_blocks(kernel, args, threads)
+        except Exception as exc:  # pragma: no cover - a numba-cuda without these attributes
+            _warn_once(f"{getattr(kernel, '__name__', kernel)}: no occupancy figure ({type(exc).__name__}: "
+                       f"{exc}); its grid assumes 32 registers per thread")
     kernel[grid_for(units, threads, resident), threads, stream](*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def threads_for(units: int, multiple: int = 1) -> int:
