@@ -1,43 +1,51 @@
 #!/usr/bin/env bash
-# One GPU session in one call of the device tool: install from carried wheels, record
-# the machine, run the GPU tests on the real device (no simulator), benchmark.
+# One GPU session in ONE call of the device tool (at most 8 minutes): install from carried
+# wheels, record the machine, run the GPU tests on the real device (no simulator), the
+# device-typed kernel tests, `gpucrypt bench` at 1 GiB for every algorithm (with each
+# GPU figure as a fraction of the device-to-device copy rate) and the tensor benchmark;
+# every result lands under $OUT.
 #
 #   benchmarks/gpu_session.sh --prepare [WHEEL_DIR]      here, once (needs the network)
 #   benchmarks/gpu_session.sh [WHEEL_DIR] [STEP...]      on the GPU machine (no network)
+#   DRY_RUN=1 benchmarks/gpu_session.sh [STEP...]        anywhere: print the plan, run nothing
+#
+# The one call (the device budget is 15 minutes a session, the machine's start included,
+# so the call is sized to leave room for one rerun of a failed part):
+#   run(command="bash benchmarks/gpu_session.sh .whl", carry=[".whl"], timeout_s=500)
 #
 # WHEEL_DIR defaults to .whl (git-ignored through .git/info/exclude; name it in the
-# device tool's `carry`). STEPs, in the order given (default: all = install env
-# gpu-tests bench tensor):
-#   install    pip install, offline, what the image lacks (cryptography >= 47 and its
-#              cffi/pycparser, a slim cryptography-vectors, pynacl, numba-cuda >= 0.30 if
-#              the image's is older), then this checkout, editable. Skipped when done
-#              earlier on the same (still warm) machine.
-#   env        nvidia-smi, driver, versions, `gpucrypt info`          -> $OUT/env.txt
-#   gpu-tests  GPUCRYPT_REQUIRE_GPU=1 pytest -m "gpu or cudasim" (every test that runs
-#              kernels, on the device), junit XML                     -> $OUT/pytest.log, pytest.xml
-#   cpu-tests  the rest of the suite (CI runs it anyway; only if time is left)
-#   bench      gpucrypt bench --device gpu --sizes $SIZES             -> $OUT/bench-h100.json, bench.log
-#   tensor     benchmarks/tensor_bench.py --device cuda (state dicts)  -> $OUT/tensor-bench.json, bench.log
-#   files      benchmarks/stream_bench.py --model (segmented files, model load onto the
-#              GPU beside a pinned copy) and benchmarks/model_scale_run.py (a FILES_GIB
-#              GiB model through encrypt-model, load_encrypted cpu and cuda, decrypt-model)
-#                                                                     -> $OUT/files-bench.json, bench.log
-# Every step runs under `timeout`; a failing step is recorded in $OUT/summary.txt and
+# device tool's `carry`). STEPs, in the order given (default: all = install env gpu-tests
+# device-typed bench tensor):
+#   install       pip install, offline, what the image lacks (cryptography >= 47 and its
+#                 cffi/pycparser, a slim cryptography-vectors, pynacl, numba-cuda >= 0.30 if
+#                 the image's is older), then this checkout, editable. Skipped when done
+#                 earlier on the same (still warm) machine.
+#   env           nvidia-smi, driver, versions, `gpucrypt info`         -> $OUT/env.txt
+#   gpu-tests     GPUCRYPT_REQUIRE_GPU=1 pytest -m "gpu or cudasim" (every test that runs
+#                 kernels, on the device; a GPU test that cannot run fails), junit XML
+#                                                                      -> $OUT/pytest.log, pytest.xml
+#   device-typed  the device-typed kernel tests ($DEVICE_TYPED_TESTS)  -> $OUT/pytest.log
+#   bench         gpucrypt bench --device gpu --sizes $SIZES (every algorithm, encrypt and
+#                 decrypt; the table and the JSON give each GPU cell's fraction of the copy
+#                 rate)                                                  -> $OUT/bench-gpu.json, bench.log
+#   tensor        benchmarks/tensor_bench.py --device cuda (state dicts) -> $OUT/tensor-bench.json, bench.log
+#   cpu-tests     the rest of the suite (CI runs it anyway; not in "all")
+#   files         benchmarks/stream_bench.py --model and benchmarks/model_scale_run.py
+#                 (not in "all": a second call)                        -> $OUT/files-bench.json, bench.log
+# Every step runs under `timeout`, and no step runs past the session's deadline
+# (SESSION_LIMIT seconds after the start, 470 by default: the call's 500 s less the
+# machine's answer); a failing step is recorded in $OUT/summary.txt and session.json and
 # the next one still runs. The script exits 0 unless the install failed.
 #
-# Device tool calls (one call has at most 600 s, a task at most 15 min of device time
-# including the machine's start, so two calls made back to back, the second finding
-# the machine warm and the install done):
-#   run(command="bash benchmarks/gpu_session.sh .whl install env gpu-tests",
-#       carry=[".whl"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_session.sh .whl bench tensor files", carry=[".whl"],
-#       timeout_s=600)
-# $OUT comes back (8 files at most; this script writes at most 8). Limits per step, in
-# seconds, from the environment: T_INSTALL (120), T_TESTS (330), T_CPU_TESTS (200),
-# T_BENCH (200), T_TENSOR (150), T_FILES (180). Other knobs: SIZES (1MiB,64MiB,1GiB),
-# PYTEST_EXTRA (added to the pytest command line, e.g. "-x" or "-k poly1305"),
-# TENSOR_MIB (4096), FILES_GIB (2). install.log goes into env.txt, so that at most 8
-# files come back.
+# $OUT comes back (8 files at most; "all" writes exactly 8: env.txt, summary.txt,
+# session.json, pytest.log, pytest.xml, bench.log, bench-gpu.json, tensor-bench.json).
+# Limits per step, in seconds, from the environment (the defaults of "all" add up to 465):
+# T_INSTALL (45), env 30, T_TESTS (180), T_DEVICE_TYPED (45), T_BENCH (110), T_TENSOR (55),
+# T_CPU_TESTS (200), T_FILES (180).
+# Other knobs: SIZES (1GiB), BENCH_SECONDS (0.15 per cell), PYTEST_EXTRA (added to the
+# pytest command lines, e.g. "-x" or "-k poly1305"), DEVICE_TYPED_TESTS
+# (tests/test_kernels_device.py), TENSOR_MIB (1024), FILES_GIB (2). install.log goes into
+# env.txt.
 #
 # What --prepare puts in WHEEL_DIR (about 18 MB; the tree that travels is capped at
 # 64 MiB): pip download (Python 3.12, manylinux x86-64, no dependencies) of
@@ -102,27 +110,44 @@ fi
 WHEELS=.whl
 if [[ $# -gt 0 && -d $1 ]]; then WHEELS=$1; shift; fi
 STEPS=("$@")
-[[ ${#STEPS[@]} -eq 0 || ${STEPS[0]} == all ]] && STEPS=(install env gpu-tests bench tensor)
+[[ ${#STEPS[@]} -eq 0 || ${STEPS[0]} == all ]] && STEPS=(install env gpu-tests device-typed bench tensor)
 OUT=${OUT:-$PWD/gpu-session-out}
 mkdir -p "$OUT"
 SUMMARY=$OUT/summary.txt
+RECORD=$OUT/session.json
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false GPUCRYPT_REQUIRE_GPU=1
 unset NUMBA_ENABLE_CUDASIM
 START=$SECONDS
+LIMIT=${SESSION_LIMIT:-470}
 note() { echo "[$(date +%T) +$((SECONDS - START))s] $*" | tee -a "$SUMMARY"; }
+: > "$RECORD.lines"
 
-# step NAME LIMIT CMD...: run CMD under `timeout`, record its status, never stop the script
+# step NAME LIMIT CMD...: run CMD under `timeout` (its own limit, cut to what is left of
+# the session), record its status in summary.txt and session.json, never stop the script
 step() {
-    local name=$1 limit=$2 t0=$SECONDS rc
+    local name=$1 limit=$2 t0=$SECONDS rc left status
     shift 2
+    left=$((LIMIT - (SECONDS - START) - 5))
+    (( limit > left )) && limit=$left
+    if (( limit < 10 )); then
+        note "== $name: SKIPPED (${left}s left of the session's ${LIMIT}s)"
+        echo "{\"step\": \"$name\", \"status\": \"skipped\", \"seconds\": 0}" >> "$RECORD.lines"
+        return 125
+    fi
     note "== $name (limit ${limit}s)"
-    timeout --signal=TERM --kill-after=15 "$limit" "$@"
-    rc=$?
+    if [[ -n ${DRY_RUN:-} ]]; then
+        echo "   would run: $(printf '%q ' "$@")"
+        rc=0
+    else
+        timeout --signal=TERM --kill-after=10 "$limit" "$@"
+        rc=$?
+    fi
     case $rc in
-        0) note "   $name: ok ($((SECONDS - t0))s)" ;;
-        124|137) note "   $name: TIMED OUT after $((SECONDS - t0))s (rc $rc)" ;;
-        *) note "   $name: FAILED rc=$rc ($((SECONDS - t0))s)" ;;
+        0) status=ok; note "   $name: ok ($((SECONDS - t0))s)" ;;
+        124|137) status=timeout; note "   $name: TIMED OUT after $((SECONDS - t0))s (rc $rc)" ;;
+        *) status=failed; note "   $name: FAILED rc=$rc ($((SECONDS - t0))s)" ;;
     esac
+    echo "{\"step\": \"$name\", \"status\": \"$status\", \"rc\": $rc, \"seconds\": $((SECONDS - t0)), \"limit\": $limit}" >> "$RECORD.lines"
     return $rc
 }
 
@@ -165,27 +190,54 @@ run_steps() {
     local s
     for s in "${STEPS[@]}"; do
         case $s in
-            install) step install "${T_INSTALL:-120}" bash -c do_install >> "$OUT/env.txt" 2>&1 ||
-                         { note "install failed: see env.txt"; exit 1; } ;;
-            env) step env 60 bash -c do_env >> "$OUT/env.txt" 2>&1 ;;
+            install) step install "${T_INSTALL:-45}" bash -c do_install >> "$OUT/env.txt" 2>&1 ||
+                         { note "install failed: see env.txt"; finish; exit 1; } ;;
+            env) step env 30 bash -c do_env >> "$OUT/env.txt" 2>&1 ;;
             gpu-tests)
                 # shellcheck disable=SC2046,SC2086
-                step gpu-tests "${T_TESTS:-330}" $PY -m pytest $(pytest_args) -m "gpu or cudasim" \
+                step gpu-tests "${T_TESTS:-180}" $PY -m pytest $(pytest_args) -m "gpu or cudasim" \
                     --junitxml="$OUT/pytest.xml" ${PYTEST_EXTRA:-} tests/ 2>&1 | tee -a "$OUT/pytest.log" | tail -40 ;;
+            device-typed)
+                if [[ -f ${DEVICE_TYPED_TESTS:-tests/test_kernels_device.py} ]]; then
+                    # shellcheck disable=SC2046,SC2086
+                    step device-typed "${T_DEVICE_TYPED:-45}" $PY -m pytest $(pytest_args) ${PYTEST_EXTRA:-} \
+                        "${DEVICE_TYPED_TESTS:-tests/test_kernels_device.py}" 2>&1 | tee -a "$OUT/pytest.log" | tail -15
+                else
+                    note "== device-typed: no ${DEVICE_TYPED_TESTS:-tests/test_kernels_device.py} in this checkout"
+                fi ;;
             cpu-tests)
                 # shellcheck disable=SC2046,SC2086
                 step cpu-tests "${T_CPU_TESTS:-200}" $PY -m pytest $(pytest_args) -m "not gpu and not cudasim" \
                     --ignore=tests/test_kernel_report.py ${PYTEST_EXTRA:-} tests/ 2>&1 | tee -a "$OUT/pytest.log" | tail -15 ;;
             bench)
-                step bench "${T_BENCH:-200}" $PY -m gpucrypt bench --device gpu --sizes "${SIZES:-1MiB,64MiB,1GiB}" \
-                    --json "$OUT/bench-h100.json" 2>&1 | tee -a "$OUT/bench.log" | tail -60 ;;
+                step bench "${T_BENCH:-110}" $PY -m gpucrypt bench --device gpu --sizes "${SIZES:-1GiB}" \
+                    --seconds "${BENCH_SECONDS:-0.15}" --json "$OUT/bench-gpu.json" 2>&1 | tee -a "$OUT/bench.log" | tail -60 ;;
             tensor)
-                step tensor "${T_TENSOR:-150}" $PY benchmarks/tensor_bench.py --device cuda --mib "${TENSOR_MIB:-4096}" \
-                    --json "$OUT/tensor-bench.json" 2>&1 | tee -a "$OUT/bench.log" | tail -15 ;;
+                step tensor "${T_TENSOR:-55}" $PY benchmarks/tensor_bench.py --device cuda --mib "${TENSOR_MIB:-1024}" \
+                    --reps 3 --json "$OUT/tensor-bench.json" 2>&1 | tee -a "$OUT/bench.log" | tail -15 ;;
             files) step files "${T_FILES:-180}" bash -c do_files 2>&1 | tee -a "$OUT/bench.log" | tail -25 ;;
-            *) note "unknown step $s (install env gpu-tests cpu-tests bench tensor files)" ;;
+            *) note "unknown step $s (install env gpu-tests device-typed cpu-tests bench tensor files)" ;;
         esac
     done
+}
+
+# session.json: the steps' statuses and times, the checkout, and the machine's GPU
+finish() {
+    $PY - "$RECORD" "$RECORD.lines" "$((SECONDS - START))" <<'PYEOF' || true
+import json, subprocess, sys
+record, lines, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def out(*cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as exc:
+        return f"unavailable: {exc}"
+steps = [json.loads(line) for line in open(lines) if line.strip()]
+json.dump({"steps": steps, "seconds": seconds, "commit": out("git", "rev-parse", "HEAD"),
+           "changed_files": len(out("git", "status", "--porcelain").splitlines()),
+           "gpu": out("nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader")},
+          open(record, "w"), indent=1)
+PYEOF
+    rm -f "$RECORD.lines"
 }
 
 do_files() {
@@ -203,8 +255,9 @@ do_files() {
 
 export PY WHEELS OUT
 export -f do_install do_env do_files
-note "gpucrypt GPU session: steps ${STEPS[*]}; wheels $WHEELS; out $OUT; $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+note "gpucrypt GPU session: steps ${STEPS[*]}; wheels $WHEELS; out $OUT; limit ${LIMIT}s; $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
 run_steps
+finish
 note "done in $((SECONDS - START))s"
-cat "$SUMMARY" | tail -20
+tail -20 "$SUMMARY"
 exit 0

@@ -220,24 +220,61 @@ class CpuRunner:
         self.close()
 
 
+class _Staging:
+    """One turn of a :class:`GpuRunner`'s reused buffers: pinned host memory for a batch's
+    upload and download, the device buffer they go to and from, and the mark after the
+    last work that used them (waited for before they are refilled)."""
+
+    __slots__ = ("host", "device", "done")
+
+    def __init__(self):
+        self.host = self.device = self.done = None
+
+
+def _layout(views: dict, start: int) -> tuple[dict, int]:
+    """Each view's (start, end) back to back from ``start``, and where they end."""
+    bounds, cursor = {}, start
+    for i, view in views.items():
+        n = memoryview(view).nbytes
+        bounds[i] = (cursor, cursor + n)
+        cursor += n
+    return bounds, cursor
+
+
 class GpuRunner:
     """Runs each batch as one ``seal_batch`` or ``open_batch`` launch of the GPU backend.
 
     A job's ``src``/``dst`` may be device views (used where they are) or host buffers:
-    host sources are packed into one staging buffer and uploaded together, host
-    destinations filled from the device after the launch (a failed open's never).
-    ``op``: "seal" (results: per job its 16 tag bytes; with ``host_tags=False`` a
-    :class:`DeviceTags` that leaves them on the device until asked) or "open" (results:
-    one bool per job; ``job.tag`` holds the tag as bytes, or ``batch.payload`` is a
-    :class:`DeviceTags` of the whole batch). ``load``/``store`` run in the caller's
-    thread before and after the launch; ``stream`` is the launch stream (None: the
-    backend's default).
+    host sources are packed into pinned staging and uploaded in one copy, host
+    destinations come back in one copy (in place in the staged sources, or apart after
+    them) and are scattered to the jobs that succeeded (a failed open's bytes never
+    leave the device). ``op``: "seal" (results: per job its 16 tag bytes; with
+    ``host_tags=False`` a :class:`DeviceTags` that leaves them on the device until asked)
+    or "open" (results: one bool per job; ``job.tag`` holds the tag as bytes, or
+    ``batch.payload`` is a :class:`DeviceTags` of the whole batch). ``stream`` is the
+    launch stream (None: one of the runner's own); ``device`` the CUDA device whose
+    context all of it runs in (None: the current one), that of the batch's device memory
+    and of ``stream``.
+
+    Overlap: uploads and downloads run on a copy stream of the runner's own, the
+    launches on the launch stream, ordered by events (device-side waits). ``start``
+    reads the batch's input (``load``), queues its upload, launches and download, and
+    returns; the function it returns waits for the download, scatters it, calls
+    ``store`` and gives the results. So while batch k's launches run, batch k+1 is read
+    and uploaded, and batch k-1 comes back. The staging buffers are reused: ``depth + 1``
+    turns, as :func:`run` keeps at most ``depth`` batches started and not finished
+    (a turn's buffers are free again when it comes round). "open" waits in ``start`` for
+    its verdicts (they decide what comes back).
     """
 
     def __init__(self, gpu, op: str, algorithm: str, key: bytes | None = None, *,
-                 stream: Any = None, host_tags: bool = True):
+                 stream: Any = None, host_tags: bool = True, device: int | None = None,
+                 depth: int = 2):
         self.gpu, self.op, self.algorithm, self.key = gpu, op, algorithm, key
-        self.stream, self.host_tags = stream, host_tags
+        self.stream, self.host_tags, self.device = stream, host_tags, device
+        self._turns = [_Staging() for _ in range(max(1, depth) + 1)]
+        self._turn = 0
+        self._copy = None
 
     @staticmethod
     def _on_device(view: Any) -> bool:
@@ -253,87 +290,104 @@ class GpuRunner:
             return True
         return False
 
-    def _pack(self, views: dict, upload: bool) -> tuple[Any, dict]:
-        """One device buffer holding ``views`` (index -> host buffer) back to back, their
-        bytes uploaded in one copy (``upload``) or only room for them; and each one's
-        slice bounds in it."""
-        import numpy as np
-
-        bounds, cursor = {}, 0
-        for i, view in views.items():
-            n = memoryview(view).nbytes
-            bounds[i] = (cursor, cursor + n)
-            cursor += n
-        if not upload:
-            return self.gpu.device_array(cursor, stream=self.stream), bounds
-        staging = np.empty(cursor, dtype=np.uint8)
-        for i, (a, b) in bounds.items():
-            staging[a:b] = np.frombuffer(memoryview(views[i]).cast("B"), dtype=np.uint8)
-        return self.gpu.to_device(staging, stream=self.stream), bounds
-
-    def _download(self, device: Any, bounds: dict, jobs: list, ok: list) -> None:
-        """One copy of ``device`` to the host, scattered to the host destinations of the
-        jobs in ``bounds`` that succeeded (a failed open's bytes never leave the device)."""
-        import numpy as np
-
-        if not any(ok[i] for i in bounds):
-            return
-        host = np.asarray(self.gpu.to_host(device, stream=self.stream)).reshape(-1)
-        for i, (a, b) in bounds.items():
-            if ok[i]:
-                dst = jobs[i].dst
-                np.frombuffer(memoryview(dst).cast("B"), dtype=np.uint8)[:] = host[a:b]
-
     def start(self, batch: Batch) -> Callable[[], list]:
+        with self.gpu.device(self.device):
+            finish = self._start(batch)
+
+        def wait() -> list:
+            with self.gpu.device(self.device):
+                return finish()
+        return wait
+
+    def _streams(self) -> tuple[Any, Any]:
+        """(copy stream, launch stream), made on first use in the device's context. The
+        runner's own streams are blocking ones: ordered after the legacy default stream,
+        where a caller's device inputs may have been written."""
+        if self._copy is None:
+            self._copy = self.gpu.new_stream()
+            if self.stream is None:
+                self.stream = self.gpu.new_stream()
+        return self._copy, self.stream
+
+    def _staging(self, nbytes: int) -> _Staging:
+        """The next turn's buffers, at least ``nbytes`` each, once its last use is done."""
+        turn = self._turns[self._turn]
+        self._turn = (self._turn + 1) % len(self._turns)
+        if turn.done is not None:
+            turn.done.synchronize()   # a batch already finished: normally long done
+            turn.done = None
+        if turn.host is None or turn.host.size < nbytes:
+            size = max(nbytes, 1 << 16)
+            turn.host = self.gpu.pinned(size)
+            turn.device = self.gpu.device_array(size, stream=self.stream)
+        return turn
+
+    def _start(self, batch: Batch) -> Callable[[], list]:
         import numpy as np
 
         gpu, jobs = self.gpu, batch.jobs
+        copy, launch = self._streams()
         srcs = [batch.load(j) if batch.load is not None else j.src for j in jobs]
-        # Host sources go up in one copy, and host destinations come back in one copy
-        # each way: in place in the staged copy, or in one device buffer for the rest.
+        # Host sources go up in one copy, and host destinations come back in one copy:
+        # in place in the staged sources, or in the room after them for the rest.
         host_in = {i: src for i, src in enumerate(srcs) if not self._on_device(src)}
-        staged, in_bounds = self._pack(host_in, upload=True) if host_in else (None, {})
-        for i, (a, b) in in_bounds.items():
-            srcs[i] = staged[a:b]
         host_out = [i for i, j in enumerate(jobs) if not self._on_device(j.dst)]
-        in_place = {i: in_bounds[i] for i in host_out if i in in_bounds}
-        apart = {i: jobs[i].dst for i in host_out if i not in in_bounds}
-        out_buffer, out_bounds = self._pack(apart, upload=False) if apart else (None, {})
+        in_bounds, in_end = _layout(host_in, 0)
+        out_bounds, end = _layout({i: jobs[i].dst for i in host_out if i not in host_in}, in_end)
+        turn = self._staging(end) if end else None
+        if host_in:
+            for i, (a, b) in in_bounds.items():
+                turn.host[a:b] = np.frombuffer(memoryview(host_in[i]).cast("B"), dtype=np.uint8)
+            gpu.wait_for(copy, launch)   # the device buffer: after the launches that used it
+            gpu.copy_to_device(turn.device[:in_end], turn.host[:in_end], copy)
+            gpu.wait_for(launch, copy)   # the launches: after the upload
         dsts = []
         for i, job in enumerate(jobs):
-            if i in in_place:
-                dsts.append(srcs[i])
-            elif i in out_bounds:
-                a, b = out_bounds[i]
-                dsts.append(out_buffer[a:b])
+            if i in in_bounds:
+                srcs[i] = turn.device[in_bounds[i][0]:in_bounds[i][1]]
+            if i in host_out:
+                a, b = in_bounds[i] if i in in_bounds else out_bounds[i]
+                dsts.append(turn.device[a:b])
             else:
                 dsts.append(job.dst)
         keys = [self.key if j.key is None else j.key for j in jobs]
         algorithm = (jobs[0].algorithm if jobs else None) or self.algorithm
         nonces, aads = [j.nonce for j in jobs], [j.aad for j in jobs]
         if self.op == "seal":
-            tags = gpu.seal_batch(algorithm, keys, nonces, srcs, aads, dsts, stream=self.stream)
+            tags = gpu.seal_batch(algorithm, keys, nonces, srcs, aads, dsts, stream=launch)
             ok = [True] * len(jobs)
         else:
             tags = batch.payload.device if isinstance(batch.payload, DeviceTags) \
                 else [j.tag for j in jobs]
             ok = [bool(v) for v in np.asarray(
                 gpu.open_batch(algorithm, keys, nonces, srcs, tags, aads, dsts,
-                               stream=self.stream), dtype=bool).reshape(-1)]
-        if in_place:
-            self._download(staged, in_place, jobs, ok)
-        if out_bounds:
-            self._download(out_buffer, out_bounds, jobs, ok)
-        results: list = ok
-        if self.op == "seal":
-            results = DeviceTags(tags, len(jobs), gpu, self.stream)
-            if self.host_tags:
-                results = [results.row(i) for i in range(len(jobs))]
-        if batch.store is not None:
-            for job, result, good in zip(jobs, results, ok):
-                if good:
-                    batch.store(job, result)
-        return lambda: results
+                               stream=launch), dtype=bool).reshape(-1)]
+        back = [i for i in host_out if ok[i]]
+        if back:
+            gpu.wait_for(copy, launch)
+            gpu.copy_to_host(turn.host[:end], turn.device[:end], copy)
+            turn.done = gpu.mark(copy)
+        elif turn is not None:
+            turn.done = gpu.mark(launch)
+        done = turn.done if back else None
+
+        def finish() -> list:
+            if done is not None:
+                done.synchronize()
+                for i in back:
+                    a, b = in_bounds[i] if i in in_bounds else out_bounds[i]
+                    np.frombuffer(memoryview(jobs[i].dst).cast("B"), dtype=np.uint8)[:] = turn.host[a:b]
+            results: list = ok
+            if self.op == "seal":
+                results = DeviceTags(tags, len(jobs), gpu, launch, self.device)
+                if self.host_tags:
+                    results = [results.row(i) for i in range(len(jobs))]
+            if batch.store is not None:
+                for job, result, good in zip(jobs, results, ok):
+                    if good:
+                        batch.store(job, result)
+            return results
+        return finish
 
     def close(self) -> None:
         pass
@@ -347,19 +401,21 @@ class GpuRunner:
 
 class DeviceTags(list):
     """A seal batch's tags: the ``uint8[n, 16]`` device array (``device``), copied to the
-    host once, on the stream that made them, the first time a row is asked for
-    (``row(i)``: 16 bytes)."""
+    host once, on the stream that made them (in the context of the CUDA device
+    ``index``), the first time a row is asked for (``row(i)``: 16 bytes)."""
 
-    def __init__(self, device: Any, n: int, gpu, stream: Any = None):
+    def __init__(self, device: Any, n: int, gpu, stream: Any = None, index: int | None = None):
         super().__init__([None] * n)
         self.device, self._gpu, self._stream, self._host = device, gpu, stream, None
+        self._index = index
 
     def row(self, i: int) -> bytes:
         if self._host is None:
             import numpy as np
 
-            self._host = np.asarray(self._gpu.to_host(self.device, stream=self._stream)
-                                    ).reshape(-1, 16)
+            with self._gpu.device(self._index):
+                self._host = np.asarray(self._gpu.to_host(self.device, stream=self._stream)
+                                        ).reshape(-1, 16)
         return bytes(self._host[i].tobytes())
 
 

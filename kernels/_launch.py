@@ -29,37 +29,126 @@ def is_simulator() -> bool:
 WARP_LANES = 32
 
 #: Threads per block: the one constant every kernel sizes its shared memory with and
-#: every launcher launches with (at most). On the device, 256 keeps 8 blocks per SM
-#: resident at <= 32 registers. Under the simulator every thread is a Python thread
-#: and the grid is one block (``grid_for``), so a launch costs in proportion to its
-#: block size even when most threads idle; one warp is the smallest block that
-#: every kernel supports (poly1305's 32-lane tiles) and keeps tests fast.
+#: every launcher launches with (at most). Under the simulator every thread is a
+#: Python thread and the grid is one block (``grid_for``), so a launch costs in
+#: proportion to its block size even when most threads idle; one warp is the smallest
+#: block that every kernel supports (poly1305's 32-lane tiles) and keeps tests fast.
 THREADS_PER_BLOCK = WARP_LANES if is_simulator() else 256
 
-#: Resident blocks per SM we aim for with grid-stride loops.
-BLOCKS_PER_SM = 8
+#: The fewest blocks a launch has. numba-cuda warns ("Grid size N will likely result in
+#: GPU under-utilization due to low occupancy", an error under ``-W error``) at every
+#: launch of fewer; a block past the work finds no unit and exits at once, so a small
+#: launch of 128 blocks costs what one of a few blocks does.
+MIN_GRID_BLOCKS = 128
+
+#: Per-SM budgets of sm_90 (H100/H200), for the estimate when the driver's occupancy
+#: API cannot answer: registers, threads, shared memory, blocks; the register
+#: allocation unit per warp; the shared memory the driver reserves per block.
+SM90_LIMITS = {"MAX_REGISTERS_PER_MULTIPROCESSOR": 65536, "MAX_THREADS_PER_MULTIPROCESSOR": 2048,
+               "MAX_SHARED_MEMORY_PER_MULTIPROCESSOR": 233472, "MAX_BLOCKS_PER_MULTIPROCESSOR": 32}
+_REGISTER_UNIT = 256
+_RESERVED_SHARED_PER_BLOCK = 1024
+
+
+def _device_id() -> int:
+    return int(getattr(cuda.get_current_device(), "id", 0) or 0)
+
+
+def sm_count() -> int:
+    """Number of streaming multiprocessors of the current device (1 in the simulator)."""
+    return _sm_count(_device_id())
 
 
 @functools.lru_cache(maxsize=None)
-def sm_count() -> int:
-    """Number of streaming multiprocessors of the current device (1 in the simulator)."""
+def _sm_count(device_id: int) -> int:
     dev = cuda.get_current_device()
     return int(getattr(dev, "MULTIPROCESSOR_COUNT", 1) or 1)
 
 
-def grid_for(units: int, threads: int = THREADS_PER_BLOCK) -> int:
+def estimate_resident_blocks(regs_per_thread: int, shared_per_block: int, threads: int,
+                             limits: dict | None = None) -> int:
+    """Blocks of ``threads`` threads an SM holds at once for a kernel of
+    ``regs_per_thread`` registers and ``shared_per_block`` bytes of static shared
+    memory, from the SM's budgets (``limits``: device attribute names as in
+    ``SM90_LIMITS``, which fills what is missing). Registers are allocated per warp
+    in units of 256. At least 1."""
+    lim = dict(SM90_LIMITS, **(limits or {}))
+    warps = -(-int(threads) // WARP_LANES)
+    regs_per_warp = -(-int(regs_per_thread) * WARP_LANES // _REGISTER_UNIT) * _REGISTER_UNIT
+    by_registers = (lim["MAX_REGISTERS_PER_MULTIPROCESSOR"] // max(regs_per_warp, 1)) // warps
+    by_threads = lim["MAX_THREADS_PER_MULTIPROCESSOR"] // (warps * WARP_LANES)
+    by_shared = lim["MAX_SHARED_MEMORY_PER_MULTIPROCESSOR"] // (int(shared_per_block) + _RESERVED_SHARED_PER_BLOCK)
+    return max(1, min(by_registers, by_threads, by_shared, lim["MAX_BLOCKS_PER_MULTIPROCESSOR"]))
+
+
+_resident: dict = {}
+
+
+def resident_blocks(kernel: Any, args: tuple, threads: int) -> int:
+    """Blocks of ``kernel`` (a numba dispatcher, compiled here for ``args`` if it is not
+    yet) that the whole current device holds at once with ``threads`` per block: the
+    driver's occupancy API, or where it cannot answer the estimate from the kernel's
+    registers and shared memory and the device's budgets."""
+    overloads = getattr(kernel, "overloads", {})
+    overload = next(iter(overloads.values())) if len(overloads) == 1 else \
+        kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+    key = (id(overload), int(threads), _device_id())
+    found = _resident.get(key)
+    if found is None:
+        try:
+            found = int(overload.max_cooperative_grid_blocks(int(threads)))
+        except Exception:  # no answer from the driver: work it out
+            dev = cuda.get_current_device()
+            limits = {name: getattr(dev, name) for name in SM90_LIMITS if hasattr(dev, name)}
+            found = sm_count() * estimate_resident_blocks(
+                overload.regs_per_thread, overload.shared_mem_per_block, threads, limits)
+        _resident[key] = found = max(1, found)
+    return found
+
+
+def grid_for(units: int, threads: int = THREADS_PER_BLOCK, resident: int | None = None) -> int:
     """Blocks to launch for ``units`` work units with a grid-stride loop.
 
-    Enough blocks to fill the device (``BLOCKS_PER_SM`` per SM), never more than
-    the work needs. Under the simulator every thread is a Python thread, so the
-    grid is kept to a single block.
+    No more blocks than the device holds at once (``resident``, from
+    :func:`resident_blocks`; a grid larger than that runs a late second wave), no more
+    than the work needs, and never fewer than ``MIN_GRID_BLOCKS``: where that is more
+    than the device holds, whole waves of it, so that every wave is full. Under the
+    simulator every thread is a Python thread, so the grid is a single block.
     """
     if units <= 0:
         return 0
     if is_simulator():
         return 1
     needed = (units + threads - 1) // threads
-    return max(1, min(needed, sm_count() * BLOCKS_PER_SM))
+    full = resident if resident is not None else sm_count() * estimate_resident_blocks(32, 0, threads)
+    blocks = min(needed, full)
+    if blocks < MIN_GRID_BLOCKS:
+        blocks = MIN_GRID_BLOCKS if needed <= full else full * -(-MIN_GRID_BLOCKS // full)
+    return blocks
+
+
+def launch(kernel: Any, units: int, args: tuple, stream, *, multiple: int = 1) -> None:
+    """Queue ``kernel(*args)`` on ``stream`` over ``units`` work units (one per thread, in
+    a grid-stride loop): ``threads_for`` threads per block, ``grid_for`` blocks sized by
+    the kernel's own occupancy on the current device. Nothing for no units."""
+    threads = threads_for(units, multiple)
+    if units <= 0:
+        return
+    resident = None
+    if not is_simulator():
+        try:
+            resident = resident_blocks(kernel, args, threads)
+        except Exception as exc:  # pragma: no cover - a numba-cuda without these attributes
+            _warn_once(f"{getattr(kernel, '__name__', kernel)}: no occupancy figure ({type(exc).__name__}: "
+                       f"{exc}); its grid assumes 32 registers per thread")
+    kernel[grid_for(units, threads, resident), threads, stream](*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def threads_for(units: int, multiple: int = 1) -> int:

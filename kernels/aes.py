@@ -100,14 +100,11 @@ T-table access below has its own twins, chosen once at import.
 """
 from __future__ import annotations
 
-import functools
-import warnings
-
 import numpy as np
 from numba import cuda, uint8, uint32, uint64, int64
 
-from ._launch import (THREADS_PER_BLOCK, WARP_LANES, InnerLoop, ReportEntry, find_segment, grid_for, is_simulator,
-                      sm_count, threads_for, unit_prefix)
+from ._launch import (THREADS_PER_BLOCK, WARP_LANES, InnerLoop, ReportEntry, find_segment, is_simulator, launch,
+                      unit_prefix)
 from ._vector_io import address_of, load_u32x4, store_u32x4
 
 #: Bytes per AES block.
@@ -575,48 +572,6 @@ _SIGNATURE = "void(uint8[::1], uint8[::1], uint32[:, ::1], int64, uint64[:, ::1]
 _kernel = cuda.jit(cache=True)(_aes_ctr_xor_kernel)
 
 
-#: shared memory the driver reserves per resident block (sm_80 and later)
-_RESERVED_SHARED_PER_BLOCK = 1024
-
-
-@functools.lru_cache(maxsize=None)
-def _resident_blocks_per_sm() -> int:
-    """Blocks of ``_kernel`` an SM holds at once, for the grid cap.
-
-    The 32 KiB shared table and the register count limit residency below
-    ``_launch.BLOCKS_PER_SM``; a grid larger than what is resident would run a
-    second, late wave of grid-stride blocks. The driver's occupancy API answers
-    (through numba's code library, which is not public API); where it cannot, the
-    same limit is worked out from the kernel's registers and shared memory and the
-    device's per-SM budgets (public attributes), with a warning, since that estimate
-    ignores allocation granularity.
-    """
-    from ._launch import BLOCKS_PER_SM
-
-    try:
-        overload = next(iter(_kernel.overloads.values()))
-        cufunc = overload._codelibrary.get_cufunc()
-        ctx = cuda.current_context()
-        return max(1, int(ctx.get_active_blocks_per_multiprocessor(cufunc, THREADS_PER_BLOCK, 0)))
-    except Exception as exc:  # pragma: no cover - depends on numba and the driver
-        reason = f"{type(exc).__name__}: {exc}"
-    try:  # pragma: no cover - as above
-        dev = cuda.get_current_device()
-        overload = next(iter(_kernel.overloads.values()))
-        regs = overload.regs_per_thread * THREADS_PER_BLOCK
-        smem = overload.shared_mem_per_block + _RESERVED_SHARED_PER_BLOCK
-        blocks = min(BLOCKS_PER_SM,
-                     dev.MAX_THREADS_PER_MULTIPROCESSOR // THREADS_PER_BLOCK,
-                     dev.MAX_REGISTERS_PER_MULTIPROCESSOR // max(regs, 1),
-                     dev.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR // max(smem, 1))
-    except Exception as exc:  # pragma: no cover
-        blocks = BLOCKS_PER_SM
-        reason += f"; estimate failed too ({type(exc).__name__}: {exc})"
-    warnings.warn(f"AES-CTR: the occupancy API gave no answer ({reason}); the grid is capped "
-                  f"at {blocks} blocks per SM, an estimate", RuntimeWarning, stacklevel=3)
-    return max(1, int(blocks))
-
-
 def aes_ctr_xor(src, dst, round_keys, n_rounds, table, unit_start, n_segments, n_units, *, stream=0):
     """Queue the AES-CTR keystream XOR of every segment on ``stream``.
 
@@ -628,15 +583,8 @@ def aes_ctr_xor(src, dst, round_keys, n_rounds, table, unit_start, n_segments, n
     and reading it from the device would synchronise). Checks nothing: the backend
     validates offsets, lengths and counter limits before calling.
     """
-    blocks = grid_for(int(n_units))
-    if blocks == 0:
-        return
-    args = (src, dst, round_keys, np.int64(n_rounds), table, unit_start, np.int64(n_segments))
-    if not is_simulator():
-        if not _kernel.overloads:
-            _kernel.compile(_SIGNATURE)
-        blocks = min(blocks, sm_count() * _resident_blocks_per_sm())
-    _kernel[blocks, threads_for(int(n_units)), stream](*args)
+    launch(_kernel, int(n_units),
+           (src, dst, round_keys, np.int64(n_rounds), table, unit_start, np.int64(n_segments)), stream)
 
 
 def _report_entry(key_bytes: int) -> ReportEntry:

@@ -59,7 +59,7 @@ Memory layout
 Design
 ------
 One thread per 64-byte keystream block, grid-stride loop, geometry from
-``_launch.grid_for``. A thread finds its segment by binary search, reads the row
+``_launch.launch`` (the occupancy of this kernel). A thread finds its segment by binary search, reads the row
 and the key (8 words, L1-resident, kept in registers), runs the 20 rounds on 16
 scalar registers (no local arrays, so no local memory), then:
 
@@ -81,7 +81,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, uint8, uint32, uint64, int64
 
-from ._launch import THREADS_PER_BLOCK, InnerLoop, ReportEntry, find_segment, grid_for, threads_for, unit_prefix
+from ._launch import THREADS_PER_BLOCK, InnerLoop, ReportEntry, find_segment, launch, unit_prefix
 from ._vector_io import address_of, load_u32x4, store_u32x4
 
 #: Bytes of keystream per ChaCha20 block, and per thread per loop iteration.
@@ -348,12 +348,8 @@ def chacha20_xor(src, dst, keys, table, unit_start, n_segments, n_units, *, stre
     it, and reading it from the device would synchronise). Checks nothing: the
     backend validates offsets, lengths and counter limits before calling.
     """
-    blocks = grid_for(int(n_units))
-    if blocks == 0:
-        return
-    _kernel[blocks, threads_for(int(n_units)), stream](
-        src, dst, keys.reshape(-1), table.reshape(-1), unit_start, np.int64(n_segments)
-    )
+    launch(_kernel, int(n_units),
+           (src, dst, keys.reshape(-1), table.reshape(-1), unit_start, np.int64(n_segments)), stream)
 
 
 KERNEL_REPORT = [

@@ -105,7 +105,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda, int64, uint32, uint64
 
-from ._launch import (InnerLoop, ReportEntry, find_segment, grid_for, is_simulator, mac_messages, threads_for,
+from ._launch import (InnerLoop, ReportEntry, find_segment, is_simulator, launch, mac_messages,
                       unit_prefix)
 
 #: Default chunk length L in 16-byte blocks (1 KiB per thread at level 0).
@@ -562,16 +562,14 @@ def ghash_aead_tags(aad_buf, ct_buf, table, n_messages, h_blocks, ekj0_blocks, t
     last = table.levels - 1
     for level in range(table.levels):
         units = table.units_total[level]
-        threads = threads_for(units)
-        blocks = grid_for(units, threads)
         out = scratch.partials[level % 2]
         key_out = scratch.keys[level % 2]
         if level == 0:
-            ghash_blocks[blocks, threads, stream](
-                aad_buf, ct_buf, table.messages, table.unit_start[0], n_messages, h_blocks,
-                chunk, log2_chunk, out, key_out, ekj0_blocks, tags_out, level == last)
+            launch(ghash_blocks, units,
+                   (aad_buf, ct_buf, table.messages, table.unit_start[0], n_messages, h_blocks,
+                    chunk, log2_chunk, out, key_out, ekj0_blocks, tags_out, level == last), stream)
         else:
-            ghash_combine[blocks, threads, stream](
-                scratch.partials[(level - 1) % 2], table.unit_start[level - 1], out,
-                table.unit_start[level], n_messages, scratch.keys[(level - 1) % 2], key_out,
-                chunk, log2_chunk, ekj0_blocks, tags_out, level == last)
+            launch(ghash_combine, units,
+                   (scratch.partials[(level - 1) % 2], table.unit_start[level - 1], out,
+                    table.unit_start[level], n_messages, scratch.keys[(level - 1) % 2], key_out,
+                    chunk, log2_chunk, ekj0_blocks, tags_out, level == last), stream)

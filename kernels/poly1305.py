@@ -77,8 +77,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from numba import cuda, int64, uint32, uint64
 
-from ._launch import (THREADS_PER_BLOCK, WARP_LANES, InnerLoop, ReportEntry, find_segment, grid_for, mac_messages,
-                      threads_for, unit_prefix)
+from ._launch import (THREADS_PER_BLOCK, WARP_LANES, InnerLoop, ReportEntry, find_segment, launch, mac_messages,
+                      unit_prefix)
 
 #: Threads that evaluate one span together (one warp on the device). A block holds
 #: ``blockDim.x // TILE_LANES`` tiles, so any multiple of it up to THREADS_PER_BLOCK works.
@@ -610,27 +610,24 @@ def poly1305_aead_tags(aad_buf, ct_buf, table, n_messages, one_time_keys, tags_o
     width = table.power_width
     span_blocks = TILE_LANES * table.chunk_blocks
 
-    units = n_messages * width
-    threads = threads_for(units)
-    poly1305_powers[grid_for(units, threads), threads, stream](
-        keys, n_messages, width, span_blocks, table.combine_width, scratch)
+    launch(poly1305_powers, n_messages * width,
+           (keys, n_messages, width, span_blocks, table.combine_width, scratch), stream)
 
     partial_base = LIMBS * n_messages * width
     n_spans = table.group_totals[0]
-    threads = threads_for(n_spans * TILE_LANES, TILE_LANES)
-    poly1305_aead_partial[grid_for(n_spans * TILE_LANES, threads), threads, stream](
-        aad_buf, aad_words, aad_head, ct_buf, ct_words, ct_head,
-        table.layout, table.group_start[0], n_messages, n_spans, table.chunk_blocks,
-        width, partial_base, scratch, keys, tags)
+    launch(poly1305_aead_partial, n_spans * TILE_LANES,
+           (aad_buf, aad_words, aad_head, ct_buf, ct_words, ct_head,
+            table.layout, table.group_start[0], n_messages, n_spans, table.chunk_blocks,
+            width, partial_base, scratch, keys, tags), stream, multiple=TILE_LANES)
 
     in_base = partial_base
     for level in range(1, table.levels + 1):
         out_base = in_base + LIMBS * table.group_totals[level - 1]
         n_groups = table.group_totals[level]
-        threads = threads_for(n_groups)
-        poly1305_combine[grid_for(n_groups, threads), threads, stream](
-            table.group_start[level - 1], table.group_start[level], n_messages, n_groups,
-            table.combine_width, TILE_LANES + level - 1, width, in_base, out_base, scratch, keys, tags)
+        launch(poly1305_combine, n_groups,
+               (table.group_start[level - 1], table.group_start[level], n_messages, n_groups,
+                table.combine_width, TILE_LANES + level - 1, width, in_base, out_base, scratch, keys, tags),
+               stream)
         in_base = out_base
 
 

@@ -77,6 +77,46 @@ def test_main_command_runs_here():
     assert "ok" in result.stdout and "FAILED" not in result.stdout
 
 
+def _main_command() -> str:
+    block = re.search(r"<!-- main-command -->\n```\n(.*?)\n```", open(README).read(), re.S)
+    assert block, "README has no main command"
+    return block.group(1)
+
+
+def test_main_command_installs_the_gpu_stack():
+    """A fresh clone's main command installs the gpu extra, and that extra is numba-cuda
+    and CuPy: on a GPU machine the main job then runs on the GPU."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli", reason="Python 3.10 reads pyproject.toml with tomli")
+    assert re.search(r"""pip install -e "\.\[gpu\]" """, _main_command() + " "), _main_command()
+    with open(os.path.join(os.path.dirname(README), "pyproject.toml"), "rb") as f:
+        extra = tomllib.load(f)["project"]["optional-dependencies"]["gpu"]
+    assert any(r.startswith("numba-cuda") for r in extra) and any(r.startswith("cupy") for r in extra)
+
+
+def test_without_a_gpu_info_says_why_and_the_selftest_passes_on_the_cpu():
+    """What the main command shows on a machine with no GPU: the reason the GPU backend
+    is unavailable, and a selftest that passes on the CPU (no simulator here: the
+    environment is that of a user's machine)."""
+    import ctypes.util
+    import glob
+
+    if glob.glob("/dev/nvidia[0-9]*") or ctypes.util.find_library("cuda"):
+        pytest.skip("this machine has an NVIDIA driver: test_main_command_runs_here covers it")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "GPUCRYPT_DEVICE")}
+    info = subprocess.run([sys.executable, "-m", "gpucrypt", "info"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert info.returncode == 0, info.stderr
+    assert "backend gpu unavailable: no CUDA driver library (libcuda) can be loaded" in info.stdout
+    selftest = subprocess.run([sys.executable, "-m", "gpucrypt", "selftest", "--size", "4096"],
+                              capture_output=True, text=True, timeout=300, env=env)
+    assert selftest.returncode == 0, selftest.stderr
+    assert "ok" in selftest.stdout and "FAILED" not in selftest.stdout
+    assert {line.split()[0] for line in selftest.stdout.splitlines() if line.strip()} == {"cpu"}
+
+
 def test_benchmark_results_pages_are_current():
     """benchmarks/RESULTS.md and the README's results section are what the recorded JSON
     renders to (every results file has a renderer, and nobody edited the pages by hand)."""

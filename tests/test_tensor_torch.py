@@ -228,16 +228,27 @@ def test_torch_allocation_stream_names_the_streams_device(monkeypatch):
 @pytest.mark.gpu
 def test_torch_cuda_explicit_side_stream(monkeypatch):
     """stream= names a side stream while the default one is current: the work and the
-    outputs belong to it, and the results are right once it is synchronised."""
+    outputs belong to it, the side stream waits for the inputs made on the default one
+    (nothing here synchronises before the call), the inputs are recorded as used on the
+    side stream (torch's caching allocator), and the results are right once it is
+    synchronised."""
     key = os.urandom(32)
     side = torch.cuda.Stream()
     t = random_tensor((1 << 18,), "float16", "cuda")
-    torch.cuda.synchronize()
+    expected = as_bytes(t)
+    b = t[:1000].clone()   # a copy queued on the default stream, not waited for
     seen = _launch_streams(monkeypatch)
-    encs = gpucrypt.encrypt_tensors({"a": t, "b": t[:1000].clone()}, key, stream=side)
+    recorded, record = [], torch.Tensor.record_stream
+
+    def record_stream(self, stream):
+        recorded.append((self.data_ptr(), stream.cuda_stream))
+        return record(self, stream)
+    monkeypatch.setattr(torch.Tensor, "record_stream", record_stream)
+    encs = gpucrypt.encrypt_tensors({"a": t, "b": b}, key, stream=side)
+    assert {(t.data_ptr(), side.cuda_stream), (b.data_ptr(), side.cuda_stream)} <= set(recorded)
     back = gpucrypt.decrypt_tensors(encs, key, stream=side)
     side.synchronize()
-    assert as_bytes(back["a"]) == as_bytes(t) and as_bytes(back["b"]) == as_bytes(t[:1000])
+    assert as_bytes(back["a"]) == expected and as_bytes(back["b"]) == expected[:2000]
     assert seen == [side.cuda_stream, side.cuda_stream]  # one batch each way, on side
 
 

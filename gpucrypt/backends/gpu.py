@@ -7,8 +7,8 @@ are both one keystream launch and one MAC pass.
 ChaCha20-Poly1305 (and XChaCha20-Poly1305, under HChaCha20 subkeys made on the
 host from the host-held key):
   1. one ChaCha20 launch writes each message's Poly1305 one-time key (block 0)
-     into a small device buffer and encrypts the data (blocks 1..) in place or
-     out of place;
+     into device scratch and one encrypts the data (blocks 1..) in place or out
+     of place;
   2. the Poly1305 kernels MAC every ciphertext (tag="gpu"), or the ciphertext
      goes to the host and ``cryptography``'s Poly1305 does it (tag="host").
 AES-GCM:
@@ -19,18 +19,42 @@ AES-GCM:
 Decryption MACs the ciphertext first, compares tags on the host in constant
 time, and only then runs the keystream over the messages that verified.
 
+Host orchestration, what a GPU rewards:
+
+- Every array the host makes for a batch (key tables, segment tables, message
+  tables, the associated data) is packed into one *pinned* staging buffer and
+  uploaded in one copy, before the first launch. A copy from pageable memory, or
+  one queued behind a launch, makes the host wait for the device; here nothing
+  waits between the first launch and the result: ``seal_batch`` with tag="gpu"
+  returns with its work queued, and ``open_batch`` waits once, for its verdicts.
+- Device memory is reused across calls. Per device a few *slots* (pinned
+  staging, a device buffer for the tables, device scratch for one-time keys,
+  GCM key blocks and MAC partials) are handed out in turn and grow when a batch
+  needs more; a steady-state ``seal_batch`` allocates only the tags it returns.
+  A slot's pinned staging is refilled once its last upload is done (an event
+  the host waits for, before any launch); a slot last used on another stream is
+  ordered after that use on the device (an event wait, the host does not wait).
+- Work runs on the current device (the caller switches it: ``device(index)``)
+  and on the caller's stream.
+
 Memory: kernels address one source and one destination array by byte offsets.
 Separate device allocations (the tensors of a state dict) are addressed through
 one *span* array that starts at the lowest allocation and covers the highest;
-the kernels touch only the bytes of their segments. The simulator has no address
-space, so there the batch is gathered into one staging array and scattered back.
+the kernels touch only the bytes of their segments. A destination may share
+memory only with its own source, and then exactly (in place): anything else
+would race on a device (threads of one launch read and write in no set order),
+so it is refused before any launch. The simulator has no address space, so
+there the batch is gathered into one staging array and scattered back.
 """
 from __future__ import annotations
 
+import contextlib
 import hmac
 import struct
 import sys
-from dataclasses import dataclass
+import threading
+from collections import deque
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -41,6 +65,15 @@ from ._probe import gpu_unavailable_reason  # noqa: F401  (its public home until
 
 _TAG = 16
 _ALGORITHMS = ("chacha20-poly1305", "xchacha20-poly1305", "aes-gcm")
+#: Offsets of the arrays packed into a slot's staging and scratch buffers: the kernels'
+#: 16-byte loads (key rows) and the MAC kernels' 8-byte words need no more; 256 keeps
+#: each array on its own cache lines.
+_ALIGN = 256
+#: Smallest slot buffer: a batch of small messages fits without growing.
+_MIN_CAPACITY = 64 << 10
+#: Slots made ahead of need per device: two, so that a call refills the staging of the
+#: call before last (whose upload finished long ago) while the last one's is in flight.
+_RING = 2
 
 
 def _simulated() -> bool:
@@ -55,6 +88,10 @@ def _device_memset(dev, value: int, nbytes: int, stream) -> None:
     from numba.cuda.cudadrv.driver import device_memset
 
     device_memset(dev, value, nbytes, stream=stream)
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 # --------------------------------------------------------------------------- device arrays
@@ -84,13 +121,44 @@ def _interface_of(obj: Any) -> tuple[int, int] | None:
     return int(cai["data"][0]), int(np.prod(shape, dtype=np.int64)) * itemsize
 
 
-@dataclass
-class _Region:
-    """Where one message's bytes live inside the launch's base array."""
+def _span_of(buf: Any) -> tuple[int, int]:
+    """(address, nbytes) of a byte buffer of a batch: device memory, or under the
+    simulator the host memory that stands in for it."""
+    if _simulated():
+        return int(buf.__array_interface__["data"][0]), int(buf.nbytes)
+    return _interface_of(buf)
 
-    base: Any
-    offset: int
-    length: int
+
+def _refuse_overlaps(spans: Sequence[tuple[int, int]], n: int) -> None:
+    """``ValueError`` when a destination (``spans[n:]``) shares memory with anything but
+    its own source at the same address (in place). Sources may overlap each other: they
+    are only read."""
+    ranges = sorted((p, p + size, i % n, i >= n) for i, (p, size) in enumerate(spans) if size)
+    active: list = []
+    for start, end, msg, is_dst in ranges:
+        active = [r for r in active if r[1] > start]
+        for a_start, _, a_msg, a_dst in active:
+            if not (is_dst or a_dst):
+                continue
+            if a_msg == msg and a_dst != is_dst and a_start == start:
+                continue  # in place
+            first, second = sorted((a_msg, msg))
+            what = ("its own source at another address" if a_msg == msg else
+                    f"the {'destination' if (a_dst if a_msg == second else is_dst) else 'source'} "
+                    f"of message {first}")
+            raise ValueError(
+                f"message {second}: its destination overlaps {what}; the messages of a batch "
+                f"run at the same time on the device, so each destination must be memory of "
+                f"its own (or exactly its source, for in place)")
+        active.append((start, end, msg, is_dst))
+
+
+def _fake_device_array(host: np.ndarray):
+    """Under the simulator, ``host`` as a simulated device array without a copy (a NumPy
+    argument would be copied in and out at every launch)."""
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    return FakeCUDAArray(host)
 
 
 class _Arena:
@@ -98,35 +166,35 @@ class _Arena:
 
     On a GPU the base is a zero-copy span over the device address range of all the
     buffers. In the simulator (no address space) the buffers are copied into one
-    staging array and copied back by :meth:`write_back`.
+    staging array and copied back by :meth:`write_back`; a source and its in-place
+    destination (one address) share one copy, as they share memory on a device.
+    ``base`` is None when no buffer has a byte.
     """
 
-    def __init__(self, cuda, buffers: Sequence[Any]):
-        self._cuda = cuda
+    def __init__(self, cuda, buffers: Sequence[Any], spans: Sequence[tuple[int, int]]):
         self._buffers = list(buffers)
         self.offsets: list[int] = []
+        self.base = None
         self._staged = _simulated()
         if self._staged:
-            sizes = [b.nbytes for b in self._buffers]
-            self.base = np.zeros(max(sum(sizes), 1), dtype=np.uint8)
-            cursor = 0
-            seen: dict[tuple, int] = {}
-            for buf, size in zip(self._buffers, sizes):
-                key = (buf.__array_interface__["data"][0], size)
-                if key in seen:  # the same memory given twice (in place): one copy
-                    self.offsets.append(seen[key])
-                    continue
-                self.base[cursor:cursor + size] = buf.reshape(-1).view(np.uint8)
-                seen[key] = cursor
-                self.offsets.append(cursor)
-                cursor += size
+            sizes: dict[int, int] = {}
+            for p, size in spans:
+                sizes[p] = max(sizes.get(p, 0), size)
+            at, cursor = {}, 0
+            for p, size in sizes.items():
+                at[p], cursor = cursor, cursor + size
+            self.offsets = [at[p] for p, _ in spans]
+            if cursor:
+                staging = np.empty(cursor, dtype=np.uint8)
+                for buf, (p, size) in zip(self._buffers, spans):
+                    if size == sizes[p]:
+                        staging[at[p]:at[p] + size] = np.asarray(buf).reshape(-1).view(np.uint8)
+                self.base = _fake_device_array(staging)
             return
-        spans = [_interface_of(buf) for buf in self._buffers]
         # Empty buffers may carry a null pointer: they are never touched, so they take no
         # part in the span (offset 0).
         used = [(p, n) for p, n in spans if n > 0]
         if not used:
-            self.base = cuda.device_array(1, dtype=np.uint8)
             self.offsets = [0] * len(spans)
             return
         low = min(p for p, _ in used)
@@ -138,12 +206,145 @@ class _Arena:
 
     def write_back(self, indices: Sequence[int]) -> None:
         """Copy staged results back into the buffers at ``indices`` (simulator only)."""
-        if not self._staged:
+        if not self._staged or self.base is None:
             return
+        staged = self.base._ary
         for i in indices:
-            buf = self._buffers[i]
-            flat = buf.reshape(-1).view(np.uint8)
-            flat[:] = self.base[self.offsets[i]:self.offsets[i] + flat.size]
+            flat = self._buffers[i].reshape(-1).view(np.uint8)
+            flat[:] = staged[self.offsets[i]:self.offsets[i] + flat.size]
+
+
+# --------------------------------------------------------------------------- reused memory
+
+class _Slot:
+    """The memory one batch uses and a later one reuses: pinned host staging for its
+    tables, the device buffer they are uploaded to, and device scratch.
+
+    ``uploaded`` is recorded after the slot's last upload: the staging may be refilled
+    once it has completed. ``released`` is recorded after the slot's last use, on the
+    stream keyed ``stream_key``: a batch on another stream waits for it on the device.
+    """
+
+    def __init__(self, cuda):
+        self._cuda = cuda
+        self.staging = self.tables = self.scratch = None
+        self.uploaded = self.released = None
+        self.stream_key = None
+
+    def _event(self):
+        return self._cuda.event() if _simulated() else self._cuda.event(timing=False)
+
+    def begin(self, stream) -> None:
+        """Order this slot's device buffers after their last use, if that was on another stream."""
+        key = _stream_key(stream)
+        if self.released is not None and self.stream_key != key:
+            self.released.wait(stream)
+        self.stream_key = key
+
+    def end(self, stream) -> None:
+        if self.released is None:
+            self.released = self._event()
+        self.released.record(stream)
+
+    def upload(self, parts: list, nbytes: int, stream) -> Any:
+        """``parts`` ((offset, array) pairs) copied into the staging at their offsets and
+        uploaded in one copy on ``stream``; returns the device buffer."""
+        cuda = self._cuda
+        if self.uploaded is not None:
+            self.uploaded.synchronize()   # its last upload: before any launch of this batch
+        if self.staging is None or self.staging.size < nbytes:
+            self.staging = cuda.pinned_array(_capacity(nbytes), dtype=np.uint8)
+        if self.tables is None or self.tables.size < nbytes:
+            self.tables = cuda.device_array(_capacity(nbytes), dtype=np.uint8, stream=stream)
+        for offset, arr in parts:
+            self.staging[offset:offset + arr.nbytes] = arr.reshape(-1).view(np.uint8)
+        self.tables[:nbytes].copy_to_device(self.staging[:nbytes], stream=stream)
+        if self.uploaded is None:
+            self.uploaded = self._event()
+        self.uploaded.record(stream)
+        return self.tables
+
+    def scratch_buffer(self, nbytes: int, stream) -> Any:
+        if self.scratch is None or self.scratch.size < nbytes:
+            self.scratch = self._cuda.device_array(_capacity(nbytes), dtype=np.uint8, stream=stream)
+        return self.scratch
+
+
+def _capacity(nbytes: int) -> int:
+    """The size a slot buffer grows to: the next power of two, at least ``_MIN_CAPACITY``."""
+    return max(_MIN_CAPACITY, 1 << max(int(nbytes) - 1, 0).bit_length())
+
+
+def _stream_key(stream) -> int:
+    """What tells two streams apart: the raw handle (the simulator's streams have none)."""
+    try:
+        return int(stream)
+    except TypeError:
+        return id(stream)
+
+
+class _SlotRing:
+    """The slots of one device, handed out oldest first (one per call in progress)."""
+
+    def __init__(self, cuda):
+        self._cuda = cuda
+        self._free = deque(_Slot(cuda) for _ in range(_RING))
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def slot(self, stream):
+        with self._lock:
+            slot = self._free.popleft() if self._free else _Slot(self._cuda)
+        slot.begin(stream)
+        try:
+            yield slot
+        finally:
+            slot.end(stream)
+            with self._lock:
+                self._free.append(slot)
+
+
+class _Work:
+    """One batch's device work: the host-made arrays (uploaded together), the scratch it
+    needs, and its launches. ``table``/``space`` return an index; the launches are
+    functions of the device views ``(tables, scratch)``, run in order per phase."""
+
+    def __init__(self):
+        self.parts: list = []          # (offset, host array)
+        self.table_bytes = 0
+        self.spaces: list = []         # (offset, nbytes, dtype, shape)
+        self.zeroed_bytes = 0          # scratch [0, zeroed_bytes) starts as zeros
+        self.scratch_bytes = 0
+        self.phases: dict[str, list] = {"keys": [], "data": [], "mac": []}
+
+    def table(self, arr: np.ndarray) -> int:
+        arr = np.ascontiguousarray(arr)
+        offset = _round_up(self.table_bytes, _ALIGN)
+        self.parts.append((offset, arr))
+        self.table_bytes = offset + max(arr.nbytes, 1)
+        return len(self.parts) - 1
+
+    def space(self, nbytes: int, dtype=np.uint8, shape=None, *, zero: bool = False) -> int:
+        """Scratch of ``nbytes``; ``zero``: it starts as zeros (zeroed spaces are asked for
+        first, so that one memset covers them)."""
+        if zero and self.scratch_bytes != self.zeroed_bytes:
+            raise AssertionError("zeroed scratch must be asked for before the rest")
+        offset = _round_up(self.scratch_bytes, _ALIGN)
+        self.spaces.append((offset, int(nbytes), np.dtype(dtype),
+                            shape if shape is not None else (int(nbytes) // np.dtype(dtype).itemsize,)))
+        self.scratch_bytes = offset + max(int(nbytes), 1)
+        if zero:
+            self.zeroed_bytes = self.scratch_bytes
+        return len(self.spaces) - 1
+
+    def launch(self, phase: str, fn) -> None:
+        self.phases[phase].append(fn)
+
+
+def _views(buffer, layout) -> list:
+    """Typed device views of ``buffer`` at each (offset, nbytes, dtype, shape)."""
+    return [buffer[offset:offset + nbytes].view(dtype).reshape(shape)
+            for offset, nbytes, dtype, shape in layout]
 
 
 # --------------------------------------------------------------------------- the backend
@@ -162,6 +363,8 @@ class GpuBackend(Backend):
         self.device_name = name.decode() if isinstance(name, bytes) else str(name)
         if _simulated():
             self.device_name = "numba CUDA simulator"
+        self._rings: dict[int, _SlotRing] = {}
+        self._rings_lock = threading.Lock()
 
     def describe(self) -> dict:
         from gpucrypt.kernels import _launch
@@ -177,6 +380,74 @@ class GpuBackend(Backend):
                 pass
         return info
 
+    # ---- devices and streams ----
+    def current_device(self) -> int:
+        """The index of numba's current CUDA device (0 under the simulator)."""
+        return int(getattr(self._cuda.get_current_device(), "id", 0) or 0)
+
+    @contextlib.contextmanager
+    def device(self, index: int | None):
+        """Make CUDA device ``index`` current for the block (None: leave it as it is).
+
+        Every launch, allocation, stream and copy of the block then belongs to that
+        device's context: a tensor on ``cuda:1`` is worked on in ``cuda:1``'s context
+        with ``cuda:1``'s streams, whatever device the caller's thread had current."""
+        if index is None or index == self.current_device():
+            yield
+            return
+        with self._cuda.gpus[index]:
+            yield
+
+    def _ring(self) -> _SlotRing:
+        index = self.current_device()
+        with self._rings_lock:
+            ring = self._rings.get(index)
+            if ring is None:
+                ring = self._rings[index] = _SlotRing(self._cuda)
+        return ring
+
+    def wait_for(self, stream: Any, producer: Any) -> None:
+        """Order work queued on ``stream`` from now on after all work queued so far on
+        ``producer`` (an event recorded there and waited for on the device; the host
+        does not wait). Nothing when they are the same stream."""
+        s, p = self._stream(stream), self._stream(producer)
+        if s is p or _stream_key(s) == _stream_key(p):
+            return
+        event = self._cuda.event() if _simulated() else self._cuda.event(timing=False)
+        event.record(p)
+        event.wait(s)
+
+    def new_stream(self):
+        """A stream of the current device of its own (the pipeline's copy stream)."""
+        return self._cuda.stream()
+
+    def mark(self, stream: Any):
+        """An event recorded now on ``stream``: ``.synchronize()`` waits (on the host) for
+        the work queued there so far."""
+        event = self._cuda.event() if _simulated() else self._cuda.event(timing=False)
+        event.record(self._stream(stream))
+        return event
+
+    def pinned(self, nbytes: int) -> np.ndarray:
+        """A page-locked host ``uint8`` buffer: copies from and to it are asynchronous (and
+        run at full PCIe speed); one from pageable memory makes the host wait."""
+        return self._cuda.pinned_array(max(int(nbytes), 1), dtype=np.uint8)[:nbytes]
+
+    def copy_to_device(self, dev: Any, host: np.ndarray, stream: Any) -> None:
+        """Queue the copy of ``host`` into the device buffer ``dev`` (same size) on ``stream``."""
+        if isinstance(dev, np.ndarray):   # the simulator's stand-in for device memory
+            dev[...] = host
+            return
+        dev.copy_to_device(host, stream=self._stream(stream))
+
+    def copy_to_host(self, host: np.ndarray, dev: Any, stream: Any) -> None:
+        """Queue the copy of the device buffer ``dev`` into ``host`` (same size) on ``stream``;
+        the bytes are there once the stream's work up to here is done (:meth:`mark`)."""
+        if isinstance(dev, np.ndarray):
+            host[...] = dev
+            return
+        dev.copy_to_host(host, stream=self._stream(stream))
+
     # ---- device memory helpers (the layer above never touches numba or CuPy) ----
     def as_device_bytes(self, obj: Any):
         """A zero-copy 1-D uint8 device view of ``obj`` (NumPy arrays stand in under the simulator)."""
@@ -186,6 +457,8 @@ class GpuBackend(Backend):
                     raise ValueError("array is not C-contiguous; make a contiguous copy first")
                 return obj.reshape(-1).view(np.uint8)
             if hasattr(obj, "copy_to_host"):  # a simulator device array
+                if not obj.is_c_contiguous():
+                    raise ValueError("array is not C-contiguous; make a contiguous copy first")
                 return obj.reshape(-1).view(np.uint8) if hasattr(obj, "view") else obj
             raise TypeError(f"{type(obj).__name__} is not device memory in the simulator "
                             f"(NumPy arrays stand in for device arrays there)")
@@ -213,7 +486,7 @@ class GpuBackend(Backend):
         s = self._stream(stream)
         dev = self._cuda.to_device(arr, stream=s)
         if stream is None:
-            self.synchronize(s)
+            s.synchronize()
         return dev
 
     def device_array(self, nbytes: int, stream=None):
@@ -234,15 +507,11 @@ class GpuBackend(Backend):
                 return dev.copy()
             out[...] = dev
             return out
-        if stream is None and not _simulated():
-            self._cuda.synchronize()
+        if stream is None:
+            self.synchronize_device()
         s = self._stream(stream)
         host = dev.copy_to_host(out, stream=s) if out is not None else dev.copy_to_host(stream=s)
-        # numba runs a copy asked for on stream 0 on the array's own stream, and a copy
-        # on a stream into pinned memory returns before it is done: wait for it.
-        used = s if not isinstance(s, int) else getattr(dev, "stream", 0)
-        if not isinstance(used, int) and not _simulated():
-            used.synchronize()
+        s.synchronize()   # a copy on a stream into pinned memory returns before it is done
         return host
 
     def synchronize_device(self) -> None:
@@ -254,34 +523,29 @@ class GpuBackend(Backend):
     def synchronize(self, stream=None) -> None:
         if _simulated():
             return
-        s = self._stream(stream)
-        s.synchronize() if not isinstance(s, int) else self._cuda.synchronize()
+        self._stream(stream).synchronize()
 
     def _stream(self, stream: Any):
         """A numba stream for ``stream``: numba's own, a torch or CuPy stream, a raw handle,
-        or (None) CuPy's current stream when CuPy is in use, else the default stream."""
-        if _simulated():
-            return 0
+        or (None) CuPy's current stream when CuPy is in use, else the default stream.
+        Always a stream object (never 0): copies on it are asynchronous."""
         cuda = self._cuda
-        if stream is None:
-            cupy = sys.modules.get("cupy")
-            if cupy is not None:
-                ptr = cupy.cuda.get_current_stream().ptr
-                return cuda.external_stream(ptr) if ptr else 0
-            return 0
-        if isinstance(stream, int):
-            return cuda.external_stream(stream) if stream else 0
-        if hasattr(stream, "handle") and hasattr(stream, "synchronize") and \
+        if stream is not None and hasattr(stream, "synchronize") and \
                 type(stream).__module__.startswith("numba"):
             return stream
+        if _simulated():   # no external streams there; every stream is the one
+            return cuda.default_stream()
+        if stream is None:
+            cupy = sys.modules.get("cupy")
+            ptr = cupy.cuda.get_current_stream().ptr if cupy is not None else 0
+            return cuda.external_stream(ptr) if ptr else cuda.default_stream()
+        if isinstance(stream, int):
+            return cuda.external_stream(stream) if stream else cuda.default_stream()
         for attr in ("cuda_stream", "ptr"):  # torch.cuda.Stream, cupy.cuda.Stream
             if hasattr(stream, attr):
                 ptr = int(getattr(stream, attr))
-                return cuda.external_stream(ptr) if ptr else 0
+                return cuda.external_stream(ptr) if ptr else cuda.default_stream()
         raise TypeError(f"unsupported stream object {type(stream).__name__}")
-
-    def _upload(self, arr: np.ndarray, stream):
-        return arr if _simulated() else self._cuda.to_device(arr, stream=stream)
 
     # ---- AEAD contexts for host buffers (the public classes) ----
     def aead(self, algorithm: str, key: bytes) -> AeadContext:
@@ -337,27 +601,37 @@ class GpuBackend(Backend):
         dst = src if dst is None else self.as_device_bytes(dst)
         if dst.size < src.size:
             raise ValueError("dst is smaller than src")
-        s = self._stream(stream)
-        arena = _Arena(self._cuda, [src, dst])
+        spans = [_span_of(src), _span_of(dst)]
+        _refuse_overlaps(spans, 1)
+        arena = _Arena(self._cuda, [src, dst], spans)
+        work = _Work()
         if algorithm == "chacha20":
             from gpucrypt.kernels import chacha20 as k
 
             counter = struct.unpack("<I", iv[:4])[0]
-            keys = k.key_words(key).reshape(1, 8)
             table, starts = k.pack_segments([arena.offsets[0]], [arena.offsets[1]], [src.size], [0],
                                             k.nonce_words(iv[4:]).reshape(1, 3), [counter * 64 + position])
-            k.chacha20_xor(arena.base, arena.base, self._upload(keys.reshape(-1), s), self._upload(table.reshape(-1), s),
-                           self._upload(starts, s), 1, int(starts[-1]), stream=s)
+            keys, rows, first = (work.table(k.key_words(key)), work.table(table.reshape(-1)),
+                                 work.table(starts))
+            work.launch("data", lambda t, _: k.chacha20_xor(
+                arena.base, arena.base, t[keys], t[rows], t[first], 1, int(starts[-1]), stream=s))
         elif algorithm == "aes-ctr":
             from gpucrypt.kernels import aes as k
 
             words, rounds = k.expand_key(key)
             table, starts = k.pack_segments([arena.offsets[0]], [arena.offsets[1]], [src.size], [0],
                                             k.counter_block_words(iv).reshape(1, 4), [position], inc32=False)
-            k.aes_ctr_xor(arena.base, arena.base, self._upload(words.reshape(1, -1), s), rounds,
-                          self._upload(table, s), self._upload(starts, s), 1, int(starts[-1]), stream=s)
+            keys, rows, first = (work.table(words.reshape(1, -1)), work.table(table),
+                                 work.table(starts))
+            work.launch("data", lambda t, _: k.aes_ctr_xor(
+                arena.base, arena.base, t[keys], rounds, t[rows], t[first], 1, int(starts[-1]),
+                stream=s))
         else:
             raise ValueError(f"unknown keystream algorithm {algorithm!r}")
+        s = self._stream(stream)
+        if src.size:
+            with self._ring().slot(s) as slot:
+                self._run(work, slot, s, ("data",))
         arena.write_back([1])
 
     # ---- batched AEAD on device arrays ----
@@ -366,12 +640,21 @@ class GpuBackend(Backend):
                    tag: str = "gpu", stream=None):
         """Encrypt every message ``srcs[i] -> dsts[i]`` (in place allowed); return tags uint8[n, 16] (device).
 
-        No synchronisation with tag="gpu". ``dsts[i]`` must hold at least ``len(srcs[i])`` bytes.
+        No synchronisation with tag="gpu": every upload is queued before the first
+        launch, from pinned memory, and the call returns with the work queued on
+        ``stream``. ``dsts[i]`` must hold at least ``len(srcs[i])`` bytes and share no
+        memory with another message (``ValueError``), except ``srcs[i]`` itself.
         """
         plan, s, arena, src_off, dst_off = self._launch_setup(algorithm, keys, nonces, srcs, aads, dsts, tag,
                                                              stream)
         n = plan.n
-        tags = self._keystream_then_tags(plan, arena, src_off, dst_off, s, encrypt=True)
+        tags = self._cuda.device_array((n, _TAG), dtype=np.uint8, stream=s)  # the one allocation
+        if n == 0:
+            return tags
+        work = self._batch_work(plan, arena, src_off, dst_off, s, tags, key_blocks=True, data=True)
+        with self._ring().slot(s) as slot:
+            self._run(work, slot, s, ("keys", "data"))
+            self._finish_tags(plan, work, slot, arena, dst_off, tags, s)
         arena.write_back(range(n, 2 * n))
         return tags
 
@@ -381,67 +664,87 @@ class GpuBackend(Backend):
         """Verify every tag, then decrypt only the messages that verified; return ok flags.
 
         A failed message's ``dst`` is zeroed, or left untouched when it is ``src`` (in place).
-        Synchronises: the verdicts are needed on the host.
+        Waits once for the device: the verdicts are needed on the host. Every upload of
+        a batch that verifies is queued before the first launch; the decryption is
+        queued on ``stream`` after the verdicts and not waited for.
         """
         plan, s, arena, src_off, dst_off = self._launch_setup(algorithm, keys, nonces, srcs, aads, dsts, tag,
                                                              stream)
         n = plan.n
-        computed = self._keystream_then_tags(plan, arena, src_off, dst_off, s, encrypt=False)
-        computed_host = self.to_host(computed, stream=s)
-        self.synchronize(stream)
         expected = self._expected_tags(tags, n)
-        ok = np.array([hmac.compare_digest(computed_host[i].tobytes(), expected[i]) for i in range(n)],
-                      dtype=bool)
-        good = [i for i in range(n) if ok[i]]
-        if good:
-            sub = plan.subset(good)
-            if sub.family == "chacha":
-                self._chacha_keystream(sub, arena, [src_off[i] for i in good], [dst_off[i] for i in good],
-                                       s, data=True, otk=False)
-            else:
-                self._gcm_keystream(sub, arena, [src_off[i] for i in good], [dst_off[i] for i in good],
-                                    s, data=True, key_blocks=False)
-        for i in range(n):
-            if not ok[i] and dst_off[i] != src_off[i] and plan.lengths[i]:
-                self._fill_zero(arena.base, dst_off[i], plan.lengths[i], s)
+        if n == 0:
+            return np.zeros(0, dtype=bool)
+        with self._ring().slot(s) as slot:
+            work = self._batch_work(plan, arena, src_off, dst_off, s, None, key_blocks=True, data=True)
+            self._run(work, slot, s, ("keys",))
+            computed_host = self._finish_tags(plan, work, slot, arena, src_off, None, s)
+            ok = np.array([hmac.compare_digest(computed_host[i].tobytes(), expected[i]) for i in range(n)],
+                          dtype=bool)
+            good = [i for i in range(n) if ok[i]]
+            if len(good) == n:
+                self._launch(work, "data")
+            elif good:  # the failed ones' keystream must not run: tables of the good ones
+                sub = plan.subset(good)
+                again = self._batch_work(sub, arena, [src_off[i] for i in good],
+                                         [dst_off[i] for i in good], s, None, key_blocks=False, data=True)
+                self._run(again, slot, s, ("data",))
+            for i in range(n):
+                if not ok[i] and dst_off[i] != src_off[i] and plan.lengths[i]:
+                    self._fill_zero(arena.base, dst_off[i], plan.lengths[i], s)
         arena.write_back([n + i for i in range(n) if ok[i] or dst_off[i] != src_off[i]])
-        self.synchronize(stream)
         return ok
 
     # ---- internals ----
-    def _keystream_then_tags(self, plan, arena, src_off, dst_off, s, *, encrypt: bool):
-        """The key-setup launch (with the data keystream when encrypting), then the tags of
-        the ciphertext: written at ``dst`` when encrypting, read at ``src`` when decrypting."""
-        tags = self._zeros((plan.n, _TAG), s)
-        ct_off = dst_off if encrypt else src_off
-        if plan.family == "chacha":
-            otk = self._chacha_keystream(plan, arena, src_off, dst_off, s, data=encrypt, otk=True)
-            self._chacha_tags(plan, arena.base, ct_off, otk, tags, s)
-        else:
-            h, ekj0 = self._gcm_keystream(plan, arena, src_off, dst_off, s, data=encrypt)
-            self._gcm_tags(plan, arena.base, ct_off, h, ekj0, tags, s)
-        return tags
-
     def _launch_setup(self, algorithm, keys, nonces, srcs, aads, dsts, tag, stream):
         """Validate a batch and lay it out: (plan, numba stream, arena, src offsets, dst offsets)."""
         plan = self._plan(algorithm, keys, nonces, srcs, aads, dsts, tag)
-        arena = _Arena(self._cuda, plan.srcs + plan.dsts)
+        spans = [_span_of(b) for b in plan.srcs + plan.dsts]
+        _refuse_overlaps(spans, plan.n)
+        arena = _Arena(self._cuda, plan.srcs + plan.dsts, spans)
         return plan, self._stream(stream), arena, arena.offsets[:plan.n], arena.offsets[plan.n:]
 
-    def _zeros(self, shape, stream):
+    def _run(self, work: _Work, slot: _Slot, s, phases) -> None:
+        """Upload ``work``'s tables in one copy (before any launch), lay out its scratch
+        (zeroing what must start as zeros) and run the launches of ``phases``."""
+        tables = slot.upload(work.parts, work.table_bytes, s) if work.parts else None
+        work.tables = _views(tables, [(o, a.nbytes, a.dtype, a.shape) for o, a in work.parts]) \
+            if tables is not None else []
+        scratch = slot.scratch_buffer(work.scratch_bytes, s) if work.spaces else None
+        work.scratch = _views(scratch, work.spaces) if scratch is not None else []
+        if work.zeroed_bytes:
+            self._memset(scratch[:work.zeroed_bytes], s)
+        for phase in phases:
+            self._launch(work, phase)
+
+    @staticmethod
+    def _launch(work: _Work, phase: str) -> None:
+        for fn in work.phases[phase]:
+            fn(work.tables, work.scratch)
+
+    def _finish_tags(self, plan, work, slot, arena, ct_off, tags_out, s):
+        """The MAC launches (tag="gpu"), or the host tags (tag="host"). With ``tags_out``
+        (sealing) the tags land there; without (opening) they are returned on the host."""
+        if plan.tag == "host":
+            host_tags = self._host_tags(plan, work, arena.base, ct_off, s)
+            if tags_out is not None:
+                tags_out.copy_to_device(host_tags, stream=s)
+            return host_tags
+        self._launch(work, "mac")
+        if tags_out is not None:
+            return None
+        return self.to_host(work.scratch[work.tag_space], stream=s) if plan.n else np.zeros((0, _TAG), np.uint8)
+
+    def _memset(self, dev, stream) -> None:
+        if dev.size == 0:
+            return
         if _simulated():
-            return np.zeros(shape, dtype=np.uint8)
-        arr = self._cuda.device_array(shape, dtype=np.uint8, stream=stream)
-        if arr.size:
-            _device_memset(arr, 0, arr.size, stream)
-        return arr
+            dev[...] = 0
+        else:
+            _device_memset(dev, 0, dev.nbytes, stream)
 
     def _fill_zero(self, base, offset: int, length: int, stream) -> None:
-        if _simulated():
-            base[offset:offset + length] = 0
-            return
         # a memset on the device: no host buffer of ``length`` zeros, no PCIe transfer
-        _device_memset(base[offset:offset + length], 0, length, stream)
+        self._memset(base[offset:offset + length], stream)
 
     def _expected_tags(self, tags: Any, n: int) -> list[bytes]:
         if isinstance(tags, (list, tuple)):
@@ -470,117 +773,136 @@ class GpuBackend(Backend):
         return _Plan.build(algorithm, [bytes(k) for k in keys], [bytes(x) for x in nonces],
                            srcs, dsts, [bytes(a) for a in aads], lengths, tag)
 
-    def _chacha_keystream(self, plan, arena, src_off, dst_off, s, *, data: bool, otk: bool):
-        """One launch: one-time keys (block 0) into a fresh buffer and/or data (blocks 1..)."""
+    def _batch_work(self, plan, arena, src_off, dst_off, s, tags_out, *, key_blocks: bool,
+                    data: bool) -> _Work:
+        """Everything one batch queues, prepared on the host: the key-setup launches
+        (one-time keys, or H and E_K(J0)) in phase "keys", the data keystream in "data",
+        the MAC kernels (tag="gpu") in "mac". The MAC reads the ciphertext at ``dst``
+        when sealing (``tags_out`` given) and at ``src`` when opening, whose tags go to
+        scratch (``work.tag_space``)."""
+        work = _Work()
+        n = plan.n
+        if plan.family == "chacha":
+            key_space = work.space(32 * n, zero=True) if key_blocks else None
+        else:
+            key_space = work.space(32 * n, zero=True, shape=(2 * n, 16)) if key_blocks else None
+        work.tag_space = work.space(_TAG * n, shape=(n, _TAG)) if tags_out is None else None
+        empty = work.space(16)  # the ciphertext base when no message has a byte
+        base = (lambda sc: arena.base if arena.base is not None else sc[empty])
+        if plan.family == "chacha":
+            self._chacha_work(work, plan, base, src_off, dst_off, s, key_space, data)
+        else:
+            self._gcm_work(work, plan, base, src_off, dst_off, s, key_space, data)
+        if key_blocks and plan.tag == "gpu" and n:
+            self._mac_work(work, plan, base, dst_off if tags_out is not None else src_off,
+                           key_space, tags_out, s)
+        return work
+
+    def _chacha_work(self, work, plan, base, src_off, dst_off, s, otk_space, data) -> None:
         from gpucrypt.kernels import chacha20 as k
 
         n = plan.n
-        otk_buf = np.zeros(n * 32, dtype=np.uint8) if otk else None
-        nonce_words = np.stack([k.nonce_words(x) for x in plan.nonces]) if n else np.zeros((0, 3), np.uint32)
-        rows = []  # (src_off, dst_off, length, key, nonce row, position, target)
-        if otk:
-            for i in range(n):
-                rows.append((i * 32, i * 32, 32, plan.key_index[i], i, 0, "otk"))
-        if data:
-            for i in range(n):
-                if plan.lengths[i]:
-                    rows.append((src_off[i], dst_off[i], plan.lengths[i], plan.key_index[i], i, 64, "data"))
-        if not rows:
-            return None
-        key_table = self._upload(np.stack([k.key_words(x) for x in plan.unique_keys]).reshape(-1), s)
-        otk_dev = self._upload(otk_buf, s) if otk else None
-        for target, src, dst in (("otk", otk_dev, otk_dev), ("data", arena.base, arena.base)):
-            part = [r for r in rows if r[6] == target]
-            if not part:
-                continue
-            table, starts = k.pack_segments([r[0] for r in part], [r[1] for r in part], [r[2] for r in part],
-                                            [r[3] for r in part], nonce_words[[r[4] for r in part]],
-                                            [r[5] for r in part])
-            k.chacha20_xor(src, dst, key_table, self._upload(table.reshape(-1), s), self._upload(starts, s),
-                           len(part), int(starts[-1]), stream=s)
-        return otk_dev
-
-    def _chacha_tags(self, plan, ct_base, ct_off, otk_dev, tags_out, s) -> None:
-        n = plan.n
-        if plan.tag == "host":
-            self._host_tags(plan, ct_base, ct_off, tags_out, s, otk_dev=otk_dev)
+        if not n or (otk_space is None and not any(plan.lengths)):
             return
-        from gpucrypt.kernels import poly1305 as p
+        nonce_words = np.stack([k.nonce_words(x) for x in plan.nonces])
+        keys = work.table(np.stack([k.key_words(x) for x in plan.unique_keys]).reshape(-1))
 
-        aad_buf, aad_off = self._pack_aads(plan, s)
-        table = p.pack_messages(aad_off, [len(a) for a in plan.aads], ct_off, plan.lengths).to_device(s)
-        p.poly1305_aead_tags(aad_buf, ct_base, table, n, otk_dev.reshape(n, 32) if n else otk_dev,
-                             tags_out, stream=s)
+        def segments(phase, rows, buffer):
+            if not rows:
+                return
+            table, starts = k.pack_segments(*zip(*[r[:4] for r in rows]), nonce_words[[r[4] for r in rows]],
+                                            [r[5] for r in rows])
+            t_rows, t_starts, units = work.table(table.reshape(-1)), work.table(starts), int(starts[-1])
+            work.launch(phase, lambda t, sc: k.chacha20_xor(
+                buffer(sc), buffer(sc), t[keys], t[t_rows], t[t_starts], len(rows), units, stream=s))
 
-    def _pack_aads(self, plan, s):
-        offsets, cursor = [], 0
-        for a in plan.aads:
-            offsets.append(cursor)
-            cursor += len(a)
-        host = np.frombuffer(b"".join(plan.aads) or b"\x00", dtype=np.uint8).copy()
-        return self._upload(host, s), offsets
+        if otk_space is not None:  # block 0 of each message: its Poly1305 one-time key
+            segments("keys", [(32 * i, 32 * i, 32, plan.key_index[i], i, 0) for i in range(n)],
+                     lambda sc: sc[otk_space])
+        if data:
+            segments("data", [(src_off[i], dst_off[i], plan.lengths[i], plan.key_index[i], i, 64)
+                              for i in range(n) if plan.lengths[i]], base)
 
-    def _gcm_keystream(self, plan, arena, src_off, dst_off, s, *, data: bool, key_blocks: bool = True):
-        """One launch per key size: H and E_K(J0) (16-byte segments over zeros) and/or GCTR from inc32(J0)."""
+    def _gcm_work(self, work, plan, base, src_off, dst_off, s, blocks_space, data) -> None:
+        """H_i (rows 0..n-1) and E_K(J0_i) (rows n..2n-1) computed over zeros, and GCTR
+        from inc32(J0): one launch per AES key size and phase."""
         from gpucrypt.kernels import aes as k
 
         n = plan.n
-        # rows 0..n-1: H_i, rows n..2n-1: E_K(J0_i); computed over zeros, two contiguous halves
-        blocks = np.zeros(2 * n * 16, dtype=np.uint8)
-        blocks_dev = self._upload(blocks, s) if key_blocks else None
         j0_words = [k.counter_block_words(j) for j in plan.j0]
         zero = np.zeros(4, dtype=np.uint32)
+
+        def segments(phase, segs, round_keys, rounds, buffer):
+            if not segs:
+                return
+            table, starts = k.pack_segments(*zip(*[x[:4] for x in segs]), np.stack([x[4] for x in segs]),
+                                            [x[5] for x in segs], inc32=True)
+            t_rows, t_starts, units = work.table(table), work.table(starts), int(starts[-1])
+            work.launch(phase, lambda t, sc: k.aes_ctr_xor(
+                buffer(sc), buffer(sc), t[round_keys], rounds, t[t_rows], t[t_starts], len(segs), units,
+                stream=s))
+
         for rounds in sorted(set(plan.rounds)):
             ids = [i for i in range(n) if plan.rounds[i] == rounds]
             key_rows = sorted({plan.key_index[i] for i in ids})
             row_of = {kid: r for r, kid in enumerate(key_rows)}
-            round_keys = np.stack([k.expand_key(plan.unique_keys[kid])[0] for kid in key_rows])
-            rk_dev = self._upload(round_keys, s)
-            if key_blocks:
-                segs = [(16 * i, 16 * i, 16, row_of[plan.key_index[i]], zero, 0) for i in ids] + \
-                       [(16 * (n + i), 16 * (n + i), 16, row_of[plan.key_index[i]], j0_words[i], 0) for i in ids]
-                self._aes_launch(k, blocks_dev, rk_dev, rounds, segs, s)
+            round_keys = work.table(np.stack([k.expand_key(plan.unique_keys[kid])[0] for kid in key_rows]))
+            if blocks_space is not None:
+                segments("keys", [(16 * i, 16 * i, 16, row_of[plan.key_index[i]], zero, 0) for i in ids] +
+                         [(16 * (n + i), 16 * (n + i), 16, row_of[plan.key_index[i]], j0_words[i], 0)
+                          for i in ids], round_keys, rounds, lambda sc: sc[blocks_space].reshape(-1))
             if data:
-                segs = [(src_off[i], dst_off[i], plan.lengths[i], row_of[plan.key_index[i]], j0_words[i], 16)
-                        for i in ids if plan.lengths[i]]
-                if segs:
-                    self._aes_launch(k, arena.base, rk_dev, rounds, segs, s)
-        if not key_blocks:
-            return None, None
-        if not n:
-            return blocks_dev, blocks_dev
-        view = blocks_dev.reshape(2 * n, 16)
-        return view[:n], view[n:]
+                segments("data", [(src_off[i], dst_off[i], plan.lengths[i], row_of[plan.key_index[i]],
+                                   j0_words[i], 16) for i in ids if plan.lengths[i]], round_keys, rounds, base)
 
-    def _aes_launch(self, k, buf, rk_dev, rounds, segs, s) -> None:
-        table, starts = k.pack_segments([x[0] for x in segs], [x[1] for x in segs], [x[2] for x in segs],
-                                        [x[3] for x in segs], np.stack([x[4] for x in segs]),
-                                        [x[5] for x in segs], inc32=True)
-        k.aes_ctr_xor(buf, buf, rk_dev, rounds, self._upload(table, s), self._upload(starts, s),
-                      len(segs), int(starts[-1]), stream=s)
-
-    def _gcm_tags(self, plan, ct_base, ct_off, h, ekj0, tags_out, s) -> None:
-        if plan.tag == "host":
-            self._host_tags(plan, ct_base, ct_off, tags_out, s)
-            return
-        from gpucrypt.kernels import ghash as g
-
+    def _mac_work(self, work, plan, base, ct_off, key_space, tags_out, s) -> None:
+        """The MAC launches (phase "mac") over the ciphertext at ``ct_off``: their message
+        tables and the associated data go up with the other tables, their partial sums
+        live in scratch."""
         n = plan.n
-        aad_buf, aad_off = self._pack_aads(plan, s)
-        table = g.pack_messages(aad_off, [len(a) for a in plan.aads], ct_off, plan.lengths).to_device(s)
-        g.ghash_aead_tags(aad_buf, ct_base, table, n, h, ekj0, tags_out, stream=s)
+        aad_off, cursor = [], 0
+        for a in plan.aads:
+            aad_off.append(cursor)
+            cursor += len(a)
+        aad_host = np.zeros(max(cursor, 16), dtype=np.uint8)  # >= 16: a word view exists
+        aad_host[:cursor] = np.frombuffer(b"".join(plan.aads), dtype=np.uint8)
+        aad = work.table(aad_host)
+        aad_lengths = [len(a) for a in plan.aads]
+        out = (lambda sc: tags_out) if tags_out is not None else (lambda sc: sc[work.tag_space])
+        if plan.family == "chacha":
+            from gpucrypt.kernels import poly1305 as p
 
-    def _host_tags(self, plan, ct_base, ct_off, tags_out, s, otk_dev=None) -> None:
+            table = p.pack_messages(aad_off, aad_lengths, ct_off, plan.lengths)
+            layout, groups = work.table(table.layout), work.table(table.group_start)
+            scratch = work.space(4 * table.scratch_words, np.uint32)
+            work.launch("mac", lambda t, sc: p.poly1305_aead_tags(
+                t[aad], base(sc), replace(table, layout=t[layout], group_start=t[groups]), n,
+                sc[key_space].reshape(n, 32), out(sc), stream=s, scratch=sc[scratch]))
+        else:
+            from gpucrypt.kernels import ghash as g
+
+            table = g.pack_messages(aad_off, aad_lengths, ct_off, plan.lengths)
+            messages, starts = work.table(table.messages), work.table(table.unit_start)
+            sizes = list(table.units_total[:2]) + [1, 1]   # as ghash_scratch lays it out
+            partials = [work.space(16 * max(1, sizes[i]), np.uint32, (max(1, sizes[i]), 4)) for i in range(2)]
+            keys = [work.space(16 * max(1, n), np.uint32, (max(1, n), 4)) for _ in range(2)]
+            work.launch("mac", lambda t, sc: g.ghash_aead_tags(
+                t[aad], base(sc), g.GhashTable(t[messages], t[starts], table.units_total, table.chunk_blocks),
+                n, sc[key_space][:n], sc[key_space][n:], out(sc), stream=s,
+                scratch=g.GhashScratch(tuple(sc[i] for i in partials), tuple(sc[i] for i in keys))))
+
+    def _host_tags(self, plan, work, ct_base, ct_off, s) -> np.ndarray:
         """tag="host": ciphertext to the host, tags by ``cryptography`` (the reference path)."""
         from .._host_primitives import Poly1305AeadMac, gcm_tag
 
-        otks = self.to_host(otk_dev, stream=s).reshape(plan.n, 32) if otk_dev is not None else None
-        self.synchronize(None if s == 0 else s)
         host_tags = np.zeros((plan.n, _TAG), dtype=np.uint8)
+        if not plan.n:
+            return host_tags
+        otks = self.to_host(work.scratch[0], stream=s).reshape(plan.n, 32) \
+            if plan.family == "chacha" else None   # the one-time keys, made on the device
         for i in range(plan.n):
             ct = self.to_host(ct_base[ct_off[i]:ct_off[i] + plan.lengths[i]], stream=s) \
                 if plan.lengths[i] else np.zeros(0, np.uint8)
-            self.synchronize(None if s == 0 else s)
             aad = plan.aads[i]
             if plan.family == "chacha":
                 mac = Poly1305AeadMac(otks[i].tobytes(), aad)
@@ -589,10 +911,7 @@ class GpuBackend(Backend):
             else:
                 tag = gcm_tag(plan.unique_keys[plan.key_index[i]], plan.j0[i], aad, ct)
             host_tags[i] = np.frombuffer(tag, dtype=np.uint8)
-        if _simulated():
-            tags_out[...] = host_tags
-        else:
-            self._cuda.to_device(host_tags, to=tags_out, stream=s)
+        return host_tags
 
 
 @dataclass

@@ -658,22 +658,29 @@ def _seal_on_cpu(header, seg_key, aad, values, segments, sink, threads) -> list[
 
 
 def _seal_on_gpu(gpu, header, seg_key, aad, values, segments, sink) -> list[bytes]:
-    """Each batch one ``seal_batch`` launch: host segments staged and uploaded together
-    by the pipeline's GPU runner, device tensors sealed from their own memory; the
-    ciphertext and the tags come back to the host and are written in order."""
+    """Each batch one ``seal_batch`` launch, in the context of the device the device
+    tensors are on: host segments staged and uploaded together by the pipeline's GPU
+    runner, device tensors sealed from their own memory; the ciphertext and the tags
+    come back to the host and are written in order."""
     cipher = _SegmentCipher(header.algorithm, seg_key, header.nonce_prefix, aad, len(segments))
-    plain = _Plaintext(values, gpu)
-    # Device tensors may still be being written on the caller's streams (a torch side
-    # stream is not ordered with ours): wait for them once.
-    gpu.synchronize_device()
+    places = {fw.adapter_for(x).place(x) for x in values if not isinstance(x, StoredTensor)} - {fw.HOST}
+    if len(places) > 1:
+        raise ValueError(f"tensors on several GPUs ({sorted(p[1] for p in places)}): a model file "
+                         f"is sealed on one device; move them to one GPU or to the host first")
+    index = places.pop()[1] if places else None
+    with gpu.device(index):
+        plain = _Plaintext(values, gpu)
+        # Device tensors may still be being written on the caller's streams (a torch side
+        # stream is not ordered with ours): wait for them once.
+        gpu.synchronize_device()
 
-    def load(job):
-        on_device = plain.device_view(job.ident)
-        return on_device if on_device is not None else plain.host(job.ident, job.dst)
+        def load(job):
+            on_device = plain.device_view(job.ident)
+            return on_device if on_device is not None else plain.host(job.ident, job.dst)
 
-    runner = pipeline.GpuRunner(gpu, "seal", cipher.algorithm, cipher.key)
-    return _seal_batches(cipher, segments, pipeline.GPU_BATCH_BYTES, runner, 1,
-                         lambda seg: None, load, sink)
+        runner = pipeline.GpuRunner(gpu, "seal", cipher.algorithm, cipher.key, device=index, depth=1)
+        return _seal_batches(cipher, segments, pipeline.GPU_BATCH_BYTES, runner, 1,
+                             lambda seg: None, load, sink)
 
 
 def _check_device(device: Any) -> str:
@@ -995,7 +1002,8 @@ def _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target, pic
 
     reader = ThreadPoolExecutor(1)
     try:
-        runner = pipeline.GpuRunner(gpu, "open", cipher.algorithm, cipher.key, stream=stream)
+        runner = pipeline.GpuRunner(gpu, "open", cipher.algorithm, cipher.key, stream=stream,
+                                    device=place[1])
         pipeline.run(produce(reader), runner, depth=1)
     except BaseException:
         for buf in dev_bytes.values():

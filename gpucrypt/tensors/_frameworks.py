@@ -15,7 +15,9 @@ the framework:
   the framework's own allocator; ``finish(obj)`` turns what ``empty`` returned into
   the tensor handed to the caller (the identity except for JAX, whose arrays are
   immutable and are made from a filled buffer);
-- ``current_stream(place)``: the framework's current CUDA stream, or ``None``.
+- ``current_stream(place)``: the framework's current CUDA stream, or ``None``;
+- ``record_stream(x, stream, place)``: tell the framework's allocator that ``x`` is used
+  on ``stream`` (torch's ``record_stream``; nothing where the allocator has no such notion).
 
 Limits: little-endian hosts only (the bytes encrypted are the in-memory bytes, and
 the dtype names below mean little-endian values). A tensor must sit on one device:
@@ -169,6 +171,11 @@ class Adapter:
         it there."""
         return contextlib.nullcontext()
 
+    def record_stream(self, x: Any, stream: Any, place) -> None:
+        """``x`` (a device tensor of this framework) is read or written by work queued on
+        ``stream``, a stream other than the one it was made on: where the framework's
+        allocator tracks streams, its memory must not be reused before that work is done."""
+
 
 def memory_address(view: Any) -> int | None:
     """The address of a byte view's first byte (host or device), or None if it has none
@@ -180,6 +187,14 @@ def memory_address(view: Any) -> int | None:
         if interface is not None:
             return int(interface["data"][0] or 0)
     return None
+
+
+def stream_device(stream: Any) -> int | None:
+    """The CUDA device index a torch or CuPy stream belongs to (None where the stream
+    object does not say: numba streams, raw handles, None)."""
+    device = getattr(stream, "device", None)   # torch.cuda.Stream: a torch.device
+    index = getattr(device, "index", None) if device is not None else getattr(stream, "device_id", None)
+    return None if index is None else int(index)
 
 
 def stream_handle(stream: Any) -> int | None:
@@ -287,9 +302,23 @@ class TorchAdapter(Adapter):
         if handle is None or place == HOST:
             return contextlib.nullcontext()
         torch = self._torch()
-        if not isinstance(stream, torch.cuda.Stream):  # a foreign handle: say its device
-            stream = torch.cuda.ExternalStream(handle, device=torch.device("cuda", place[1]))
-        return torch.cuda.stream(stream)
+        return torch.cuda.stream(self._torch_stream(stream, handle, place))
+
+    def _torch_stream(self, stream, handle, place):
+        torch = self._torch()
+        if isinstance(stream, torch.cuda.Stream):
+            return stream
+        # a foreign handle: say its device
+        return torch.cuda.ExternalStream(handle, device=torch.device("cuda", place[1]))
+
+    def record_stream(self, x, stream, place):
+        # The caching allocator frees a block for reuse on the stream it was allocated on:
+        # without this, memory of an input dropped by the caller while the side stream
+        # still reads it could be handed out and overwritten.
+        handle = stream_handle(stream)
+        if handle is None or place == HOST:
+            return
+        x.record_stream(self._torch_stream(stream, handle, place))
 
 
 class CupyAdapter(Adapter):
@@ -346,7 +375,7 @@ class NumbaAdapter(Adapter):
         return bool(devicearray.is_cuda_ndarray(x))
 
     def place(self, x):
-        return ("cuda", _numba_device_index())
+        return ("cuda", _numba_array_device(x))
 
     def needs_copy(self, x):
         return not x.is_c_contiguous()
@@ -354,7 +383,8 @@ class NumbaAdapter(Adapter):
     def contiguous_copy(self, x):
         from numba import cuda
 
-        return cuda.to_device(np.ascontiguousarray(x.copy_to_host()))
+        with _numba_device(self.place(x)):
+            return cuda.to_device(np.ascontiguousarray(x.copy_to_host()))
 
     def byte_view(self, x):
         return x.reshape(x.size).view(np.uint8)
@@ -362,19 +392,40 @@ class NumbaAdapter(Adapter):
     def empty(self, dtype, shape, place):
         from numba import cuda
 
-        return cuda.device_array(shape, dtype=numpy_dtype(dtype))
+        with _numba_device(place):
+            return cuda.device_array(shape, dtype=numpy_dtype(dtype))
 
     def empty_bytes(self, nbytes, place):
         from numba import cuda
 
-        return cuda.device_array(nbytes, dtype=np.uint8)
+        with _numba_device(place):
+            return cuda.device_array(nbytes, dtype=np.uint8)
 
 
 def _numba_device_index() -> int:
     from numba import cuda
 
     dev = cuda.get_current_device()
-    return int(getattr(dev, "id", 0))
+    return int(getattr(dev, "id", 0) or 0)
+
+
+def _numba_array_device(x) -> int:
+    """The device whose memory a numba device array is: that of the context its
+    allocation belongs to (the current device only where the array does not say)."""
+    context = getattr(getattr(x, "gpu_data", None), "context", None)
+    device = getattr(context, "device", None)
+    if device is not None and getattr(device, "id", None) is not None:
+        return int(device.id)
+    return _numba_device_index()
+
+
+def _numba_device(place):
+    """numba's context manager making ``place``'s device current (nothing when it is)."""
+    from numba import cuda
+
+    if place == HOST or place[1] == _numba_device_index():
+        return contextlib.nullcontext()
+    return cuda.gpus[place[1]]
 
 
 class JaxAdapter(Adapter):

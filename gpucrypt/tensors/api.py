@@ -35,9 +35,12 @@ before anything is touched: each memory can hold one ciphertext. Host batches ov
 shared out among threads, and one large ChaCha20-Poly1305 / XChaCha20-Poly1305 tensor
 is cut into keystream pieces on a pool while the MAC follows them in order.
 
-Streams: GPU work is queued on the given stream or the framework's current one;
-nothing synchronises unless a host result is asked for (``enc.tag``,
-``to_bytes()``, host tensors sent to the GPU, and decryption, which must check tags).
+Devices and streams: GPU work runs in the tensors' own device's context (one device
+per batch) and is queued on the given stream or the framework's current one; a given
+stream first waits, on the device, for the current one (where the inputs were made),
+and torch inputs are ``record_stream``-ed on it. Nothing synchronises unless a host
+result is asked for (``enc.tag``, ``to_bytes()``, host tensors sent to the GPU, and
+decryption, which must check tags).
 
 Limits: one message per tensor, so a tensor is at most (2**32 - 1) * 64 bytes
 (ChaCha20-Poly1305) or (2**32 - 2) * 16 bytes (AES-GCM, 64 GiB). Little-endian hosts.
@@ -381,7 +384,8 @@ class EncryptedTensor:
             ct = _host_bytes_of(self.framework, self._ciphertext)
         else:
             gpu = get_backend("gpu")
-            ct = gpu.to_host(gpu.as_device_bytes(self._ciphertext))
+            with gpu.device(self._place[1]):
+                ct = gpu.to_host(gpu.as_device_bytes(self._ciphertext))
         return b"".join([self.metadata(), struct.pack("<Q", len(self.aad)), self.aad, self.nonce,
                          memoryview(np.ascontiguousarray(ct)).cast("B"), self.tag])
 
@@ -581,41 +585,69 @@ def _single_place(places: Iterable[Any]):
 def _launch_stream(stream: Any, place, frameworks: Iterable[str]) -> Any:
     """The caller's ``stream``, else the current stream (on ``place``) of the first of
     ``frameworks`` (those of the batch's device tensors); None: the backend's default.
-    The GPU backend takes torch, CuPy and numba streams and raw handles alike."""
+    The GPU backend takes torch, CuPy and numba streams and raw handles alike. A stream
+    of another device than the tensors' is refused."""
     if stream is None and place is not None:
         return fw.BY_NAME[next(iter(frameworks))].current_stream(place)
+    index = fw.stream_device(stream)
+    if index is not None and place is not None and index != place[1]:
+        raise ValueError(f"stream= is a stream of cuda:{index} and the tensors are on "
+                         f"cuda:{place[1]}: give a stream of their device (or none)")
     return stream
+
+
+def _order_inputs(gpu, stream: Any, launch: Any, place, inputs: list) -> None:
+    """With a caller-given ``stream``, the inputs were made on their framework's current
+    stream, which ``launch`` is not ordered with: it waits for that stream on the device
+    (an event, no host wait), and where the framework's allocator tracks streams
+    (torch's ``record_stream``) each input is marked as used on ``launch``, so that its
+    memory is not handed out again before the work queued there is done.
+    ``inputs``: (adapter, device tensor) pairs."""
+    if stream is None or place is None or not inputs:
+        return
+    gpu.wait_for(launch, inputs[0][0].current_stream(place))
+    for adapter, x in inputs:
+        adapter.record_stream(x, launch, place)
+
+
+def _device_index(place) -> int | None:
+    return None if place is None else place[1]
 
 
 def _encrypt_on_gpu(jobs: list[_Job], algorithm: str, key: bytes, inplace: bool,
                     stream: Any) -> None:
-    """One pipeline batch, one ``seal_batch`` launch for every job: host tensors are
-    staged and uploaded together on the launch stream (and their ciphertext comes back),
-    device tensors sealed where they are into outputs allocated for a caller-given stream;
-    device tensors' tags stay on the device until asked for."""
+    """One pipeline batch, one ``seal_batch`` launch for every job, in the tensors'
+    device's context: host tensors are staged and uploaded together on the launch
+    stream (and their ciphertext comes back), device tensors sealed where they are into
+    outputs allocated for a caller-given stream (which first waits for the stream the
+    inputs were made on); device tensors' tags stay on the device until asked for."""
     gpu = get_backend("gpu")
     place = _single_place(j.place for j in jobs)
-    launch = _launch_stream(stream, place, (j.adapter.name for j in jobs if j.place == place))
-    tasks = []
-    for job in jobs:
-        if job.place == HOST:   # host tensor sealed on the GPU: staged, and back
-            job.host_src = src = job.adapter.host_array(job.view)
-            if inplace and not src.flags.writeable:
-                raise ValueError("inplace=True needs a writable tensor")
-            dst = src if inplace else np.empty(job.enc.nbytes, dtype=np.uint8)
-            job.enc._ciphertext = job.view if inplace else job.adapter.adopt_host(dst)
-        else:
-            src = gpu.as_device_bytes(job.view)
-            if inplace:
-                job.dst_obj, dst = job.view, src
+    with gpu.device(_device_index(place)):
+        launch = _launch_stream(stream, place, (j.adapter.name for j in jobs if j.place == place))
+        _order_inputs(gpu, stream, launch, place,
+                      [(j.adapter, j.view) for j in jobs if j.place != HOST])
+        tasks = []
+        for job in jobs:
+            if job.place == HOST:   # host tensor sealed on the GPU: staged, and back
+                job.host_src = src = job.adapter.host_array(job.view)
+                if inplace and not src.flags.writeable:
+                    raise ValueError("inplace=True needs a writable tensor")
+                dst = src if inplace else np.empty(job.enc.nbytes, dtype=np.uint8)
+                job.enc._ciphertext = job.view if inplace else job.adapter.adopt_host(dst)
             else:
-                with job.adapter.allocation_stream(stream, job.place):
-                    job.dst_obj = job.adapter.empty_bytes(job.enc.nbytes, job.place)
-                dst = gpu.as_device_bytes(job.dst_obj)
-            job.enc._ciphertext = job.dst_obj
-        tasks.append(pipeline.Job(job.label, job.nonce, job.aad, src, dst, size=job.enc.nbytes))
-    runner = pipeline.GpuRunner(gpu, "seal", algorithm, key, stream=launch, host_tags=False)
-    tags = runner.start(pipeline.Batch(tasks))()
+                src = gpu.as_device_bytes(job.view)
+                if inplace:
+                    job.dst_obj, dst = job.view, src
+                else:
+                    with job.adapter.allocation_stream(stream, job.place):
+                        job.dst_obj = job.adapter.empty_bytes(job.enc.nbytes, job.place)
+                    dst = gpu.as_device_bytes(job.dst_obj)
+                job.enc._ciphertext = job.dst_obj
+            tasks.append(pipeline.Job(job.label, job.nonce, job.aad, src, dst, size=job.enc.nbytes))
+        runner = pipeline.GpuRunner(gpu, "seal", algorithm, key, stream=launch, host_tags=False,
+                                    device=_device_index(place))
+        tags = runner.start(pipeline.Batch(tasks))()
     for row, job in enumerate(jobs):
         if job.place == HOST:
             job.enc._tag = tags.row(row)
@@ -810,7 +842,8 @@ def _open_on_host(job: _Job, threads: int) -> bool:
         src = _host_bytes_of(enc.framework, enc._ciphertext)
     else:  # device="cpu" for GPU ciphertext: one copy down
         gpu = get_backend("gpu")
-        src = np.ascontiguousarray(gpu.to_host(gpu.as_device_bytes(enc._ciphertext))).reshape(-1)
+        with gpu.device(enc._place[1]):
+            src = np.ascontiguousarray(gpu.to_host(gpu.as_device_bytes(enc._ciphertext))).reshape(-1)
     if job.inplace:
         if not src.flags.writeable:
             raise ValueError("an in-place decrypt needs writable ciphertext memory (from_bytes "
@@ -823,36 +856,42 @@ def _open_on_host(job: _Job, threads: int) -> bool:
 
 
 def _open_on_gpu(jobs: list[_Job], stream: Any) -> list[_Job]:
-    """Decrypt ``jobs`` with one pipeline batch (one ``open_batch`` launch) per algorithm;
-    returns the failed jobs. Host ciphertext is staged; a host result is filled only
-    when its tag verified (zeroed otherwise), an in-place host tensor left as it was."""
+    """Decrypt ``jobs`` with one pipeline batch (one ``open_batch`` launch) per algorithm,
+    in the tensors' device's context; returns the failed jobs. Host ciphertext is
+    staged; a host result is filled only when its tag verified (zeroed otherwise), an
+    in-place host tensor left as it was."""
     gpu = get_backend("gpu")
     place = _single_place([j.enc._place for j in jobs] + [j.place for j in jobs])
-    launch_stream = _launch_stream(stream, place, (j.enc.framework for j in jobs
-                                                   if place in (j.place, j.enc._place)))
-    tasks = []
-    for job in jobs:
-        enc = job.enc
-        if enc._place == HOST:
-            src = _host_bytes_of(enc.framework, enc._ciphertext)
-        else:
-            src = gpu.as_device_bytes(enc._ciphertext)
-        if job.inplace:
-            dst = src
-        elif job.place == HOST:   # a host result computed on the GPU
-            dst = job.adapter.host_array(job.dst_view)
-        else:
-            dst = gpu.as_device_bytes(job.dst_view)
-        tasks.append(pipeline.Job(job.label, job.nonce, job.aad, src, dst, tag=None,
-                                  size=enc.nbytes, key=job.result[1], algorithm=enc.algorithm))
-    shared = _shared_tags(jobs)
-    ok = np.zeros(len(jobs), dtype=bool)
-    for algorithm in sorted({j.enc.algorithm for j in jobs}):
-        idx = [i for i, j in enumerate(jobs) if j.enc.algorithm == algorithm]
-        for i in idx:
-            tasks[i].tag = None if shared is not None else jobs[i].enc.tag
-        runner = pipeline.GpuRunner(gpu, "open", algorithm, stream=launch_stream)
-        ok[idx] = runner.start(pipeline.Batch([tasks[i] for i in idx], payload=shared))()
+    with gpu.device(_device_index(place)):
+        launch_stream = _launch_stream(stream, place, (j.enc.framework for j in jobs
+                                                       if place in (j.place, j.enc._place)))
+        _order_inputs(gpu, stream, launch_stream, place,
+                      [(fw.BY_NAME[j.enc.framework], j.enc._ciphertext) for j in jobs
+                       if j.enc._place != HOST])
+        tasks = []
+        for job in jobs:
+            enc = job.enc
+            if enc._place == HOST:
+                src = _host_bytes_of(enc.framework, enc._ciphertext)
+            else:
+                src = gpu.as_device_bytes(enc._ciphertext)
+            if job.inplace:
+                dst = src
+            elif job.place == HOST:   # a host result computed on the GPU
+                dst = job.adapter.host_array(job.dst_view)
+            else:
+                dst = gpu.as_device_bytes(job.dst_view)
+            tasks.append(pipeline.Job(job.label, job.nonce, job.aad, src, dst, tag=None,
+                                      size=enc.nbytes, key=job.result[1], algorithm=enc.algorithm))
+        shared = _shared_tags(jobs)
+        ok = np.zeros(len(jobs), dtype=bool)
+        for algorithm in sorted({j.enc.algorithm for j in jobs}):
+            idx = [i for i, j in enumerate(jobs) if j.enc.algorithm == algorithm]
+            for i in idx:
+                tasks[i].tag = None if shared is not None else jobs[i].enc.tag
+            runner = pipeline.GpuRunner(gpu, "open", algorithm, stream=launch_stream,
+                                        device=_device_index(place))
+            ok[idx] = runner.start(pipeline.Batch([tasks[i] for i in idx], payload=shared))()
     for job, task, good in zip(jobs, tasks, ok):
         if not good and not job.inplace and job.place == HOST:
             task.dst[...] = 0

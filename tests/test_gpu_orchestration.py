@@ -1,0 +1,427 @@
+"""The GPU backend's host side as a device would see it.
+
+What the simulator cannot show, because it runs every copy and launch at once on the
+host: the order of uploads, launches and waits in a batch (an upload from pageable
+memory, or one queued behind a launch, makes the host wait for the device), the
+memory a batch allocates, the device context and stream the work lands in, the
+launch geometry, and the batches that would race on a device. Spies on numba's
+calls record all of it while the real kernels run in the simulator; a fake second
+device stands in for a multi-GPU machine.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from _reference import reference_seal, require_gpu_backend
+
+pytestmark = pytest.mark.cudasim
+
+ALGORITHMS = ("chacha20-poly1305", "aes-gcm")
+_LAUNCHERS = (("chacha20", "chacha20_xor"), ("aes", "aes_ctr_xor"),
+              ("poly1305", "poly1305_aead_tags"), ("ghash", "ghash_aead_tags"))
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    return require_gpu_backend()
+
+
+def _install_spy(mp, gpu):
+    """A log of (kind, detail) for every allocation, upload, download, wait, event,
+    kernel launch and kernel configuration, in order, installed through ``mp`` (a
+    MonkeyPatch). ``log.device()`` is the device a launch or allocation is made on (0
+    unless a test installs fake devices). The backend's slots are made afresh, under
+    the spy, so that it sees which host memory is pinned."""
+    from numba import cuda
+    from numba.cuda.simulator import api as simulator
+    from numba.cuda.simulator.cudadrv import devicearray
+    from numba.cuda.simulator.kernel import FakeCUDAKernel
+
+    from gpucrypt.kernels import _launch
+
+    log = SimpleNamespace(entries=[], pinned=[], device=lambda: 0, inside_launch=[False])
+    mp.setattr(gpu, "_rings", {}, raising=False)
+
+    def add(kind, detail=None):
+        log.entries.append((kind, detail))
+
+    for name in [n for n in ("device_array", "device_array_like", "pinned_array", "mapped_array",
+                             "managed_array") if hasattr(cuda, n)]:
+        def alloc(*a, _real=getattr(cuda, name), _name=name, **k):
+            out = _real(*a, **k)
+            add("alloc", (_name, log.device()))
+            if _name == "pinned_array":
+                log.pinned.append(out)
+            return out
+        mp.setattr(cuda, name, alloc)
+    real_to_device = cuda.to_device
+
+    def to_device(ary, stream=0, copy=True, to=None):
+        add("upload", "pageable")
+        if to is None:
+            add("alloc", ("to_device", log.device()))
+        return real_to_device(ary, stream=stream, copy=copy, to=to)
+    mp.setattr(cuda, "to_device", to_device)
+    real_up, real_down = devicearray.FakeCUDAArray.copy_to_device, devicearray.FakeCUDAArray.copy_to_host
+
+    def copy_to_device(self, ary, stream=0):
+        pinned = isinstance(ary, np.ndarray) and any(np.shares_memory(ary, p) for p in log.pinned)
+        add("upload", "pinned" if pinned else "pageable")
+        return real_up(self, ary, stream)
+
+    def copy_to_host(self, ary=None, stream=0):
+        add("download", log.device())
+        return real_down(self, ary, stream)
+    mp.setattr(devicearray.FakeCUDAArray, "copy_to_device", copy_to_device)
+    mp.setattr(devicearray.FakeCUDAArray, "copy_to_host", copy_to_host)
+    mp.setattr(simulator.stream, "synchronize", lambda self: add("wait", "stream"))
+    mp.setattr(cuda, "synchronize", lambda: add("wait", "device"))
+    mp.setattr(simulator.Event, "synchronize", lambda self: add("wait", "event"))
+    mp.setattr(simulator.Event, "record", lambda self, stream=0: add("record", stream))
+    mp.setattr(simulator.Event, "wait", lambda self, stream=0: add("event wait", stream))
+
+    def launch(kernel, *a, _real=getattr(_launch, "launch", None), **k):  # the occupancy-aware launcher
+        log.inside_launch[0] = True
+        try:
+            return _real(kernel, *a, **k)
+        finally:
+            log.inside_launch[0] = False
+    for module, name in _LAUNCHERS:
+        mod = importlib.import_module(f"gpucrypt.kernels.{module}")
+
+        def launcher(*a, _real=getattr(mod, name), _name=name, **k):
+            add("launch", (_name, log.device(), k.get("stream")))
+            return _real(*a, **k)
+        mp.setattr(mod, name, launcher)
+        mp.setattr(mod, "launch", launch, raising=False)
+    real_getitem = FakeCUDAKernel.__getitem__
+
+    def getitem(self, config):
+        add("configure", (self.fn.__name__, log.inside_launch[0]))
+        return real_getitem(self, config)
+    mp.setattr(FakeCUDAKernel, "__getitem__", getitem)
+    return log
+
+
+@pytest.fixture
+def spy(monkeypatch, on_cudasim, gpu):
+    if not on_cudasim:
+        pytest.skip("the spies wrap the simulator's classes")
+    return _install_spy(monkeypatch, gpu)
+
+
+def _messages(algorithm, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    key = bytes(rng.integers(0, 256, 32 if algorithm != "aes-gcm" else 16, dtype=np.uint8))
+    return [(key, bytes(rng.integers(0, 256, 12, dtype=np.uint8)),
+             rng.integers(0, 256, n, dtype=np.uint8), bytes(rng.integers(0, 256, i % 7, dtype=np.uint8)))
+            for i, n in enumerate(lengths)]
+
+
+def _seal(gpu, algorithm, msgs, **kw):
+    bufs = [m[2].copy() for m in msgs]
+    tags = gpu.seal_batch(algorithm, [m[0] for m in msgs], [m[1] for m in msgs], bufs,
+                          [m[3] for m in msgs], bufs, **kw)
+    return bufs, tags
+
+
+def _check_sealed(gpu, algorithm, msgs, bufs, tags):
+    tags = gpu.to_host(tags)
+    for m, buf, t in zip(msgs, bufs, tags):
+        assert buf.tobytes() + t.tobytes() == reference_seal(algorithm, m[0], m[1], m[2].tobytes(), m[3])
+
+
+def _after_first_launch(entries):
+    kinds = [k for k, _ in entries]
+    assert "launch" in kinds, entries
+    first = kinds.index("launch")
+    return entries[:first], entries[first:]
+
+
+@pytest.fixture(scope="module", params=ALGORITHMS)
+def session(request, gpu, on_cudasim):
+    """Per algorithm, under the spy: two seal batches on one stream (they make the two
+    slots of the ring), a third on another stream (the steady state: it reuses the
+    first slot, last used on the first stream), then an open batch of what it sealed.
+    The logs of the third seal and of the open, and every result."""
+    if not on_cudasim:
+        pytest.skip("the spies wrap the simulator's classes")
+    from numba import cuda
+
+    algorithm = request.param
+    msgs = _messages(algorithm, [0, 5, 70, 33], seed=ALGORITHMS.index(algorithm))
+    first, second = cuda.stream(), cuda.stream()
+    with pytest.MonkeyPatch.context() as mp:
+        log = _install_spy(mp, gpu)
+        warm = [_seal(gpu, algorithm, msgs, stream=first) for _ in range(2)]
+        log.entries.clear()
+        sealed = _seal(gpu, algorithm, msgs, stream=second)
+        seal_log = list(log.entries)
+        tags = gpu.to_host(sealed[1])
+        outs = [b.copy() for b in sealed[0]]
+        log.entries.clear()
+        ok = gpu.open_batch(algorithm, [m[0] for m in msgs], [m[1] for m in msgs], outs, list(tags),
+                            [m[3] for m in msgs], outs, stream=second)
+        open_log = list(log.entries)
+    return SimpleNamespace(algorithm=algorithm, msgs=msgs, warm=warm, sealed=sealed, seal_log=seal_log,
+                           open_log=open_log, ok=ok, outs=outs, stream=second)
+
+
+def test_seal_and_open_batches_are_right(gpu, session):
+    for bufs, tags in session.warm + [session.sealed]:
+        _check_sealed(gpu, session.algorithm, session.msgs, bufs, tags)
+    assert list(session.ok) == [True] * len(session.msgs)
+    assert [o.tobytes() for o in session.outs] == [m[2].tobytes() for m in session.msgs]
+
+
+def test_seal_batch_uploads_once_from_pinned_memory_before_any_launch_and_never_waits(session):
+    before, after = _after_first_launch(session.seal_log)
+    assert [d for k, d in before if k == "upload"] == ["pinned"], session.seal_log
+    assert not [e for e in after if e[0] in ("upload", "download", "wait")], \
+        f"after the first launch the host must not wait for the device: {after}"
+
+
+def test_open_batch_waits_once_for_its_verdicts(session):
+    before, after = _after_first_launch(session.open_log)
+    assert [d for k, d in before if k == "upload"] == ["pinned"], session.open_log
+    assert [k for k, _ in after if k not in ("launch", "configure", "record")] == ["download", "wait"], \
+        f"one copy of the verdicts and one wait, the decryption queued after them: {after}"
+    assert [k for k, _ in after][-2:] == ["configure", "record"]   # decryption queued, slot released
+
+
+def test_steady_state_seal_batch_allocates_at_most_two_device_buffers(session):
+    allocations = [d for k, d in session.seal_log if k == "alloc"]
+    assert len(allocations) <= 2, allocations
+    assert [d for k, d in session.open_log if k == "alloc"] == []
+
+
+def test_slot_last_used_on_another_stream_is_waited_for_on_the_device(session):
+    before, _ = _after_first_launch(session.seal_log)
+    assert [d for k, d in before if k == "event wait"] == [session.stream], session.seal_log
+    kinds = [k for k, _ in before]
+    assert kinds.index("event wait") < kinds.index("upload")
+    assert {d[2] for k, d in session.seal_log + session.open_log if k == "launch"} == {session.stream}
+
+
+def test_every_kernel_launch_goes_through_the_occupancy_aware_launcher(session):
+    """Each launch is configured inside ``_launch.launch`` (so its grid comes from the
+    kernel's occupancy on the device); a kernel configured anywhere else fails this."""
+    configured = [d for k, d in session.seal_log + session.open_log if k == "configure"]
+    expected = ({"_chacha20_xor_kernel", "_poly1305_powers", "_poly1305_aead_partial"}
+                if session.algorithm != "aes-gcm" else {"_aes_ctr_xor_kernel", "_ghash_blocks"})
+    assert expected <= {name for name, _ in configured}, configured
+    assert all(inside for _, inside in configured), [name for name, inside in configured if not inside]
+
+
+# ----------------------------------------------------------------------------- overlaps
+def _overlap_batch(gpu, algorithm, layout):
+    """layout: per message (src start, dst start, length) in one shared 512-byte buffer."""
+    msgs = _messages(algorithm, [n for _, _, n in layout], seed=4)
+    memory = np.arange(512, dtype=np.uint8)
+    srcs = [memory[a:a + n] for a, _, n in layout]
+    dsts = [memory[b:b + n] for _, b, n in layout]
+    return msgs, memory, srcs, dsts
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("layout,match", [
+    ([(0, 0, 100), (50, 300, 100)], "message 1: its destination overlaps the source of message 0"),
+    ([(0, 200, 100), (300, 250, 100)], "message 1: its destination overlaps the destination of message 0"),
+    ([(0, 10, 100)], "message 0: its destination overlaps its own source at another address"),
+    ([(0, 0, 100), (100, 50, 100)], "message 1: its destination overlaps the destination of message 0"),
+])
+def test_destinations_sharing_memory_with_other_messages_are_refused(gpu, algorithm, layout, match):
+    msgs, memory, srcs, dsts = _overlap_batch(gpu, algorithm, layout)
+    before = memory.copy()
+    with pytest.raises(ValueError, match=match):
+        gpu.seal_batch(algorithm, [m[0] for m in msgs], [m[1] for m in msgs], srcs,
+                       [m[3] for m in msgs], dsts)
+    assert np.array_equal(memory, before), "a refused batch touches nothing"
+
+
+def test_overlapping_sources_and_in_place_are_allowed(gpu):
+    """Sources may share memory (they are only read); a destination may be its own source."""
+    algorithm = "chacha20-poly1305"
+    msgs, memory, srcs, _ = _overlap_batch(gpu, algorithm, [(0, 0, 100), (40, 0, 100), (300, 300, 50)])
+    plain = [s.copy() for s in srcs]
+    outs = [np.zeros(100, np.uint8), np.zeros(100, np.uint8), srcs[2]]   # the last one in place
+    tags = gpu.to_host(gpu.seal_batch(algorithm, [m[0] for m in msgs], [m[1] for m in msgs], srcs,
+                                      [m[3] for m in msgs], outs))
+    for m, p, o, t in zip(msgs, plain, outs, tags):
+        assert o.tobytes() + t.tobytes() == reference_seal(algorithm, m[0], m[1], p.tobytes(), m[3])
+
+
+# ----------------------------------------------------------------------------- devices and streams
+class _TwoDevices:
+    """numba's device list with two devices: entering ``[i]`` makes ``i`` current."""
+
+    def __init__(self):
+        self.stack = [0]
+
+    def __len__(self):
+        return 2
+
+    @contextlib.contextmanager
+    def _use(self, index):
+        self.stack.append(index)
+        try:
+            yield
+        finally:
+            self.stack.pop()
+
+    def __getitem__(self, index):
+        if index not in (0, 1):
+            raise IndexError(index)
+        return self._use(index)
+
+    def current(self):
+        return SimpleNamespace(id=self.stack[-1], compute_capability=(9, 0))
+
+
+@pytest.fixture
+def two_devices(monkeypatch, spy):
+    from numba import cuda
+
+    devices = _TwoDevices()
+    monkeypatch.setattr(cuda, "gpus", devices)
+    monkeypatch.setattr(cuda, "get_current_device", devices.current)
+    spy.device = lambda: devices.stack[-1]
+    return devices
+
+
+def _on_device_one(x):
+    """A numba device array whose memory says it belongs to device 1's context."""
+    from numba import cuda
+
+    d = cuda.to_device(x)
+    d.gpu_data = SimpleNamespace(context=SimpleNamespace(device=SimpleNamespace(id=1)))
+    return d
+
+
+def test_tensor_on_another_device_is_worked_on_in_its_context(gpu, spy, two_devices):
+    import gpucrypt
+    from gpucrypt.tensors import _frameworks as fw
+
+    x = np.arange(300, dtype=np.float32)
+    d = _on_device_one(x)
+    assert fw.adapter_for(d).place(d) == ("cuda", 1)
+    algorithm, key = "chacha20-poly1305", os.urandom(32)
+    spy.entries.clear()
+    enc = gpucrypt.encrypt_tensor(d, key, algorithm=algorithm)
+    tag = enc.tag
+    back = gpucrypt.decrypt_tensor(enc, key)
+    assert two_devices.stack == [0], "the caller's current device is left as it was"
+    launches = [d for k, d in spy.entries if k == "launch"]
+    assert launches and {dev for _, dev, _ in launches} == {1}, launches
+    made = [d for k, d in spy.entries if k in ("alloc", "download")]
+    assert made and all((d[1] if isinstance(d, tuple) else d) == 1 for d in made), made
+    assert np.asarray(back.copy_to_host()).tobytes() == x.tobytes()
+    assert gpu.to_host(enc.ciphertext).tobytes() + tag == reference_seal(
+        algorithm, key, enc.nonce, x.tobytes(), enc.associated_data())
+
+
+def test_model_file_of_a_tensor_on_another_device_is_sealed_in_its_context(spy, two_devices, tmp_path):
+    from gpucrypt.files import models
+
+    x = np.arange(100, dtype=np.float32)
+    path = tmp_path / "m.gpucrypt"
+    key = os.urandom(32)
+    spy.entries.clear()
+    models.save_encrypted({"w": _on_device_one(x)}, path, key, device="gpu")
+    launches = [d for k, d in spy.entries if k == "launch"]
+    assert launches and {dev for _, dev, _ in launches} == {1}, launches
+    loaded = models.load_encrypted(path, key, device="cpu", framework="numpy")
+    assert loaded["w"].tobytes() == x.tobytes()
+
+
+def test_explicit_stream_waits_for_the_inputs_stream_on_the_device(gpu, spy):
+    import gpucrypt
+    from numba import cuda
+
+    side = cuda.stream()
+    x = np.arange(256, dtype=np.uint8)
+    d = cuda.to_device(x)
+    key = os.urandom(32)
+    spy.entries.clear()
+    enc = gpucrypt.encrypt_tensor(d, key, stream=side)
+    before, _ = _after_first_launch(spy.entries)
+    records = [d for k, d in before if k == "record"]
+    waits = [d for k, d in before if k == "event wait"]
+    assert side in waits and records and records[0] is not side, spy.entries
+    assert {d[2] for k, d in spy.entries if k == "launch"} == {side}
+    assert gpucrypt.decrypt_tensor(enc, key, stream=side).copy_to_host().tobytes() == x.tobytes()
+
+
+# ----------------------------------------------------------------------------- launch geometry
+def test_resident_blocks_estimate_counts_registers_per_warp_and_shared_memory():
+    from gpucrypt.kernels import _launch
+
+    assert _launch.estimate_resident_blocks(96, 0, 256) == 2       # 21 warps of 96 registers
+    assert _launch.estimate_resident_blocks(38, 0, 256) == 6       # 40 registers: 51 warps
+    assert _launch.estimate_resident_blocks(32, 0, 256) == 8       # threads bound it
+    assert _launch.estimate_resident_blocks(40, 32768, 256) == 6   # AES's 32 KiB table: shared memory
+    assert _launch.estimate_resident_blocks(255, 0, 1024) == 1     # at least one
+
+
+def test_grid_is_what_the_kernel_keeps_resident_and_never_under_numbas_warning_threshold(monkeypatch):
+    from gpucrypt.kernels import _launch
+
+    monkeypatch.setattr(_launch, "is_simulator", lambda: False)
+    monkeypatch.setattr(_launch, "sm_count", lambda: 132)
+
+    class Overload:  # the driver cannot answer here: the estimate from registers is used
+        regs_per_thread, shared_mem_per_block = 96, 0
+
+        def max_cooperative_grid_blocks(self, threads):
+            raise RuntimeError("no device")
+
+    kernel = SimpleNamespace(overloads={"sig": Overload()})
+    resident = _launch.resident_blocks(kernel, (), 256)
+    assert resident == 132 * 2
+    for units in (1, 255, 256 * 100, 256 * 264, 10**9):
+        blocks = _launch.grid_for(units, 256, resident)
+        assert _launch.MIN_GRID_BLOCKS <= blocks <= resident, (units, blocks)
+        if units >= 256 * resident:
+            assert blocks == resident   # no late second wave
+    assert _launch.grid_for(10**9, 256, 40) == 160   # a small GPU: whole waves of 40
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def test_pipeline_reads_and_uploads_ahead_on_a_copy_stream_and_reuses_its_pinned_staging(gpu, spy, monkeypatch):
+    """Host data through the GPU runner: batch k+1 and k+2 are read and uploaded before
+    batch k is finished, on a copy stream apart from the launch stream, and the pinned
+    staging of the first depth + 1 batches is reused by the rest."""
+    from gpucrypt import pipeline
+
+    for name, kind in (("copy_to_device", "staged upload"), ("copy_to_host", "staged download")):
+        def copy(a, b, stream, _real=getattr(gpu, name), _kind=kind):
+            spy.entries.append((_kind, stream))
+            return _real(a, b, stream)
+        monkeypatch.setattr(gpu, name, copy)
+    key, count = os.urandom(32), 6
+    msgs = _messages("chacha20-poly1305", [100 + k for k in range(count)], seed=8)
+    outs = [np.zeros(len(m[2]), np.uint8) for m in msgs]
+    tags = {}
+
+    def done(batch, results):
+        spy.entries.append(("done", batch.payload))
+        tags[batch.payload] = results[0]
+    batches = (pipeline.Batch([pipeline.Job(k, m[1], m[3], m[2], outs[k])], done=done, payload=k)
+               for k, m in enumerate(msgs))
+    pipeline.run(batches, pipeline.GpuRunner(gpu, "seal", "chacha20-poly1305", msgs[0][0]), depth=2)
+    for m, out, k in zip(msgs, outs, range(count)):
+        assert out.tobytes() + tags[k] == reference_seal("chacha20-poly1305", m[0], m[1], m[2].tobytes(), m[3])
+    kinds = [k for k, _ in spy.entries]
+    uploads = [i for i, k in enumerate(kinds) if k == "staged upload"]
+    assert len(uploads) == count and uploads[2] < kinds.index("done"), spy.entries
+    copy_streams = {d for k, d in spy.entries if k.startswith("staged")}
+    launch_streams = {d[2] for k, d in spy.entries if k == "launch"}
+    assert len(copy_streams) == 1 and len(launch_streams) == 1 and not copy_streams & launch_streams
+    assert "pinned_array" not in [d[0] for k, d in spy.entries[uploads[3]:] if k == "alloc"], \
+        "the staging of the first three batches is reused"
