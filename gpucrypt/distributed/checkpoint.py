@@ -38,6 +38,7 @@ once more, until ``read_data`` has copied it into place.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import hmac
 import io
 import os
@@ -60,7 +61,7 @@ from ..files._format import (DEFAULT_SEGMENT_SIZE, AuthenticationError, FormatEr
                              StreamError, TruncatedError, UnsupportedVersion, check_algorithm,
                              check_segment_size)
 from ..files.keyed import _gather, _identities_for, _primary_key_id
-from ..keys import Identity, KeyProvider, KeysetKey, WrappingKey, generate_dek, open_envelope
+from ..keys import generate_dek, open_envelope
 from ..keys.recipients import seal_envelope_with_labels
 
 __all__ = ["EncryptedWriter", "EncryptedReader", "EncryptedStorageInfo", "DATA_SUFFIX",
@@ -89,19 +90,30 @@ class _WrittenItem:
     is, and the identity of its file (public values: a length and a header MAC)."""
 
     info: EncryptedStorageInfo
-    file_length: int
-    file_mac: bytes
+    file: "_FileIdentity"
 
 
-def _holds_secrets(items: list) -> bool:
-    return any(isinstance(i, (Identity, KeysetKey, WrappingKey, KeyProvider)) for i in items)
+@dataclasses.dataclass(frozen=True)
+class _FileIdentity:
+    """A data file as the manifest records it: its length, its header MAC (which names
+    it: a MAC under its own data key over its salt, nonce prefix and entry table) and
+    the SHA-256 of its whole header (so an altered envelope is caught before it is
+    unwrapped). All public values."""
+
+    length: int
+    header_mac: bytes
+    header_sha256: bytes
+
+    def as_tuple(self) -> tuple:
+        return (self.length, self.header_mac, self.header_sha256)
 
 
 def _refuse_pickling(obj: Any) -> None:
-    raise TypeError(f"a {type(obj).__name__} holding key material cannot be pickled (it would "
-                    f"write the keys into the pickle): make one in each process from its key "
-                    f"file or provider, and use dcp.async_save's thread executor, not the "
-                    f"process one")
+    """Writers, readers and extensions hold keys (keysets, identities, or at least public
+    keys and a data key): none of it may land in a pickle."""
+    raise TypeError(f"a {type(obj).__name__} holds keys and cannot be pickled (a pickle would "
+                    f"carry them): make one in each process from its key file or provider, and "
+                    f"use dcp.async_save's thread executor, not the process one")
 
 
 # ============================================================================ errors
@@ -164,15 +176,18 @@ def _load_metadata_document(plaintext: bytes) -> tuple[Metadata, dict]:
     metadata, files = doc.get("metadata"), doc.get("files")
     if not isinstance(metadata, Metadata) or not isinstance(files, dict):
         raise FormatError("malformed checkpoint metadata (no Metadata or no file list)")
+    identities = {}
     for name, identity in files.items():
-        if not (isinstance(name, str) and isinstance(identity, tuple) and len(identity) == 2
-                and isinstance(identity[0], int) and isinstance(identity[1], bytes)):
+        if not (isinstance(name, str) and isinstance(identity, tuple) and len(identity) == 3
+                and isinstance(identity[0], int)
+                and all(isinstance(v, bytes) for v in identity[1:])):
             raise FormatError("malformed checkpoint metadata (file list)")
+        identities[name] = _FileIdentity(*identity)
     for index, info in (metadata.storage_data or {}).items():
-        if not isinstance(info, EncryptedStorageInfo) or info.relative_path not in files:
+        if not isinstance(info, EncryptedStorageInfo) or info.relative_path not in identities:
             raise FormatError(f"malformed checkpoint metadata: item {index} is in no recorded "
                               f"data file")
-    return metadata, files
+    return metadata, identities
 
 
 # ============================================================================ writer
@@ -219,9 +234,7 @@ class EncryptedWriter(FileSystemWriter):
         self._key_id = _primary_key_id(self._recipients)
 
     def __getstate__(self) -> dict:
-        if _holds_secrets(self._recipients):
-            _refuse_pickling(self)
-        return self.__dict__.copy()
+        _refuse_pickling(self)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         super().set_up_storage_writer(is_coordinator, *args, **kwargs)
@@ -258,11 +271,12 @@ class EncryptedWriter(FileSystemWriter):
                 del dek
                 ev.update(key_id=self._key_id, recipients=labels, algorithm=self.algorithm,
                           bytes=header.data_length, count=len(entries))
+            identity = _FileIdentity(header.file_length, header.header_mac,
+                                     _header_sha256(path, header.header_length))
             for index, entry in placed:
                 results.append(WriteResult(
                     index=index, size_in_bytes=entries[entry].nbytes,
-                    storage_data=_WrittenItem(EncryptedStorageInfo(name, entry),
-                                              header.file_length, header.header_mac)))
+                    storage_data=_WrittenItem(EncryptedStorageInfo(name, entry), identity)))
         future: Future = Future()
         future.set_result(results)
         return future
@@ -274,7 +288,7 @@ class EncryptedWriter(FileSystemWriter):
         for written in (w for rank_results in results for w in rank_results):
             record = written.storage_data
             storage[written.index] = record.info
-            files[record.info.relative_path] = (record.file_length, record.file_mac)
+            files[record.info.relative_path] = record.file.as_tuple()
         metadata.storage_data = storage
         metadata.storage_meta = self.storage_meta()
         document = pickle.dumps({"format": METADATA_FORMAT, "version": METADATA_VERSION,
@@ -307,7 +321,7 @@ class EncryptedReader(FileSystemReader):
             models._check_device(device)  # a wrong name fails here, not inside a load
         super().__init__(path)
         self.device, self.threads = device, threads
-        self._files: dict[str, tuple[int, bytes]] = {}
+        self._files: dict[str, _FileIdentity] = {}
         self._staged: dict[tuple[str, str], torch.Tensor] = {}
 
     def __getstate__(self) -> dict:
@@ -400,15 +414,21 @@ class EncryptedReader(FileSystemReader):
     def _data_key(self, name: str, path: Any) -> bytes:
         """The data key of the file ``name``, once the file is shown to be the one the
         metadata records (same header MAC, same length)."""
-        length, mac = self._files[name]
-        header = models.read_header(path)  # parsed, not yet verified: the MAC is compared
-        if not hmac.compare_digest(header.header_mac, mac):
-            other = next((n for n, (_, m) in self._files.items()
-                          if hmac.compare_digest(header.header_mac, m)), None)
+        recorded = self._files[name]
+        header = models.read_header(path)  # parsed, not yet verified: compared to the record
+        if not hmac.compare_digest(header.header_mac, recorded.header_mac):
+            other = next((n for n, f in self._files.items()
+                          if hmac.compare_digest(header.header_mac, f.header_mac)), None)
             raise AuthenticationError(
                 "this is not the data file the checkpoint's metadata records under this name: "
                 + (f"it is the one recorded as {other} (files swapped or renamed)" if other
                    else "it was replaced, or comes from another save into this folder"))
+        if not hmac.compare_digest(_header_sha256(path, header.header_length),
+                                   recorded.header_sha256):
+            raise AuthenticationError("header authentication failed: the header (envelope, key "
+                                      "id or entry table) differs from the one the checkpoint's "
+                                      "metadata records")
+        length = recorded.length
         size = os.stat(path).st_size
         if size < length:
             raise TruncatedError(f"truncated file: {size} bytes, the checkpoint's metadata "
@@ -419,6 +439,11 @@ class EncryptedReader(FileSystemReader):
         if not header.envelope:
             raise NoMatchingRecipient("this data file carries no envelope")
         return open_envelope(header.envelope, self._identities)
+
+
+def _header_sha256(path: Any, length: int) -> bytes:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(length)).digest()
 
 
 def _storage_meta():

@@ -10,8 +10,8 @@ descriptor beside the item; its reader looks the descriptors up in an
     dcp.load(sd, storage_reader=FileSystemReader(path, _extension_registry=ext.registry()))
 
 Every item becomes a gpucrypt stream (``docs/FORMAT.md``), whose header carries the
-data key's envelope; reads are random access (a segment is decrypted when torch
-touches it) and each item is authenticated on its own. What this form cannot do,
+data key's envelope, and is authenticated on its own. The reader is random access,
+but DCP's reader takes each item whole (``torch.load`` needs all of it). What this form cannot do,
 because DCP gives a transform neither the item's name nor the metadata: bind an item
 to its place (two items could be swapped), or protect ``.metadata``, which stays a
 plain pickle (names, shapes, placement in the clear, and unauthenticated). Tensors
@@ -31,7 +31,7 @@ from ..files._format import DEFAULT_SEGMENT_SIZE, TAG_SIZE
 from ..files.keyed import _gather, _identities_for, _primary_key_id
 from ..keys import NoMatchingRecipient, generate_dek, open_envelope
 from ..keys.recipients import seal_envelope_with_labels
-from .checkpoint import _holds_secrets, _refuse_pickling
+from .checkpoint import _refuse_pickling
 
 __all__ = ["EncryptionExtension"]
 
@@ -64,9 +64,7 @@ class EncryptionExtension(StreamTransformExtension):
         self._opened: dict[bytes, bytes] = {}  # envelope -> its data key, for reading
 
     def __getstate__(self) -> dict:
-        if _holds_secrets(self._recipients + self._identities):
-            _refuse_pickling(self)
-        return {**self.__dict__, "_sealing": None, "_opened": {}}
+        _refuse_pickling(self)
 
     # ------------------------------------------------------------------ DCP's interface
     @staticmethod
@@ -121,7 +119,24 @@ class EncryptionExtension(StreamTransformExtension):
         key = self._opened.get(envelope)
         if key is None:
             key = self._opened[envelope] = open_envelope(envelope, self._identities)
-        return stream.SegmentReader(item, key)
+        return _ItemReader(item, key)
+
+
+class _ItemReader(stream.SegmentReader):
+    """An item's plaintext for DCP's reader: random access for whoever seeks, but declared
+    unseekable, so that DCP reads it whole (``readall``) before ``torch.load``. torch's zip
+    reader would otherwise call ``read`` from C++ and turn gpucrypt's AuthenticationError
+    into an AttributeError; it needs every byte of the item anyway."""
+
+    def seekable(self) -> bool:
+        return False
+
+    def readall(self) -> bytes:
+        out = bytearray(max(0, self.size - self.tell()))
+        view, done = memoryview(out), 0
+        while done < len(out):
+            done += self.readinto(view[done:])
+        return bytes(out)
 
 
 class _SealingWriter(io.RawIOBase):
