@@ -277,6 +277,19 @@ class _Runs:
         return os.system, (self.command,)
 
 
+@pytest.mark.cudasim
+def test_sealed_by_the_gpu_backend_opens_on_the_cpu(tmp_path):
+    """``device="gpu"`` reaches the model files' GPU sealing (numba's simulator where there
+    is no GPU; host tensors, staged by the pipeline's GPU runner): the files it writes
+    load on the CPU, byte for byte."""
+    keyset = keys.Keyset.generate()
+    state = {"w": torch.randn(8, 8), "step": 3}
+    dcp.save(state, storage_writer=EncryptedWriter(tmp_path, keyset=keyset, device="gpu"))
+    out = {"w": torch.zeros(8, 8), "step": 0}
+    dcp.load(out, storage_reader=EncryptedReader(tmp_path, keyset=keyset, device="cpu"))
+    assert torch.equal(out["w"], state["w"]) and out["step"] == 3
+
+
 # ------------------------------------------------------------------ the extension form
 
 

@@ -11,8 +11,9 @@
 
 ``docs/DISTRIBUTED.md`` says how to use them and what they protect.
 
-Importing this package imports torch. May import: :mod:`gpucrypt.files`,
-:mod:`gpucrypt.keys`, the ground floor. Nothing imports it but the user.
+Importing this package imports torch (``import gpucrypt`` does not import this package).
+May import: :mod:`gpucrypt.files`, :mod:`gpucrypt.keys`, :mod:`gpucrypt.pipeline` and the
+ground floor. Nothing in gpucrypt imports it.
 """
 from __future__ import annotations
 
