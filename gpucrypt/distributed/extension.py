@@ -57,8 +57,10 @@ class EncryptionExtension(StreamTransformExtension):
         if recipients is None and keyset is None and identities is None:
             raise ValueError("give recipients= and/or keyset= (to write), identities= and/or "
                              "keyset= (to read)")
-        self._recipients = _gather(recipients, keyset) if (recipients or keyset) else []
-        self._identities = _identities_for(identities, keyset) if (identities or keyset) else []
+        writes = recipients is not None or keyset is not None
+        reads = identities is not None or keyset is not None
+        self._recipients = _gather(recipients, keyset) if writes else []
+        self._identities = _identities_for(identities, keyset) if reads else []
         self.algorithm, self.segment_size = algorithm, segment_size
         self._sealing: tuple[bytes, bytes, str | None] | None = None  # (key, envelope, key id)
         self._opened: dict[bytes, bytes] = {}  # envelope -> its data key, for reading
