@@ -129,7 +129,8 @@ def _rank(rank: int, world: int, work: str, size: int, tensors: int, rounds: int
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+                              cwd=os.path.dirname(os.path.abspath(__file__)),
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""
 

@@ -38,15 +38,39 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:Detected an existing checkpoint:UserWarning")
 
 WORLD = 4
+#: this process decrypts on the CPU (the ranks take device="auto"): "auto" would import
+#: numba to probe for a GPU, seconds that the test says nothing with
+CPU = "cpu"
 SCENARIOS = ("save4", "load4", "tampered_load_changes_nothing", "reshard_to_two")
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Run every rank scenario once; (work folder, keyset, {rank: {scenario: outcome}})."""
-    work = str(tmp_path_factory.mktemp("dcp"))
-    keyset = keys.Keyset.generate()
-    keyset.save(os.path.join(work, "keyset.json"))
+    """Run every rank scenario once per test session, even when pytest-xdist spreads this
+    module over several workers (they share the session's folder, and a lock): (work
+    folder, keyset, {rank: {scenario: outcome}})."""
+    from filelock import FileLock  # torch's own dependency
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above every worker's own
+    work = str(base / "dcp-ranks")
+    with FileLock(str(base / "dcp-ranks.lock")):
+        if not os.path.exists(os.path.join(work, "done")):
+            shutil.rmtree(work, ignore_errors=True)
+            os.makedirs(work)
+            _run_ranks(work)
+            open(os.path.join(work, "done"), "w").close()
+    keyset = keys.Keyset.load(os.path.join(work, "keyset.json"))
+    outcomes = {}
+    for rank in range(WORLD):
+        with open(os.path.join(work, f"rank{rank}.json")) as f:
+            outcomes[rank] = json.load(f)
+    return work, keyset, outcomes
+
+
+def _run_ranks(work: str) -> None:
+    keys.Keyset.generate().save(os.path.join(work, "keyset.json"))
     # imported here once, so that the forked ranks do not each import them again
     import torch.distributed.fsdp  # noqa: F401
     from gpucrypt.files import models
@@ -56,11 +80,6 @@ def ranks(tmp_path_factory):
         warnings.simplefilter("ignore", DeprecationWarning)  # fork() in a threaded process
         mp.start_processes(_dcp_worker.main, args=(WORLD, work), nprocs=WORLD,
                            start_method="fork")
-    outcomes = {}
-    for rank in range(WORLD):
-        with open(os.path.join(work, f"rank{rank}.json")) as f:
-            outcomes[rank] = json.load(f)
-    return work, keyset, outcomes
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -88,7 +107,8 @@ def test_single_process_loads_sharded_checkpoint(ranks, folder):
     """4 -> 1 and (4 -> 2) -> 1: plain full tensors in a process without a process group."""
     work, keyset, _ = ranks
     state = _plain_state()
-    dcp.load(state, storage_reader=EncryptedReader(os.path.join(work, folder), keyset=keyset))
+    dcp.load(state, storage_reader=EncryptedReader(os.path.join(work, folder), keyset=keyset,
+                                                   device=CPU))
     _assert_reference(state)
 
 
@@ -131,12 +151,16 @@ def _swap(a: str, b: str) -> None:
     os.replace(a + ".x", b)
 
 
+def _size(folder: str, name: str) -> int:
+    return os.path.getsize(os.path.join(folder, name))
+
+
 R0, R1, META = f"__0_0{DATA_SUFFIX}", f"__1_0{DATA_SUFFIX}", ".metadata"
 # name: (change the folder, the file the error must name, error type, words in its message)
 TAMPER = {
-    "flipped data byte, rank 0's file": (lambda d: _flip_at(f"{d}/{R0}", os.path.getsize(f"{d}/{R0}") - 40),
+    "flipped data byte, rank 0's file": (lambda d: _flip_at(f"{d}/{R0}", _size(d, R0) - 40),
                                           R0, "AuthenticationError", "failed authentication"),
-    "flipped data byte, rank 1's file": (lambda d: _flip_at(f"{d}/{R1}", os.path.getsize(f"{d}/{R1}") // 2 + 64),
+    "flipped data byte, rank 1's file": (lambda d: _flip_at(f"{d}/{R1}", _size(d, R1) // 2 + 64),
                                           R1, "AuthenticationError", "failed authentication"),
     "flipped header byte": (lambda d: _flip_at(f"{d}/{R1}", 120), R1, "AuthenticationError",
                             "header authentication failed"),
@@ -144,8 +168,9 @@ TAMPER = {
                            f"recorded as {R1}"),
     "truncated file": (lambda d: _truncate(f"{d}/{R1}"), R1, "TruncatedError", "truncated"),
     "bytes appended": (lambda d: _append(f"{d}/{R0}"), R0, "FormatError", "appended"),
-    "data file missing": (lambda d: os.remove(f"{d}/{R1}"), R1, "FileNotFoundError", "No such file"),
-    "flipped metadata byte": (lambda d: _flip_at(f"{d}/{META}", os.path.getsize(f"{d}/{META}") - 20),
+    "data file missing": (lambda d: os.remove(f"{d}/{R1}"), R1, "FileNotFoundError",
+                          "No such file"),
+    "flipped metadata byte": (lambda d: _flip_at(f"{d}/{META}", _size(d, META) - 20),
                               META, "AssertionError", "failed authentication"),
     "metadata of another save": (lambda d: shutil.copyfile(f"{d}/../ckpt4/{META}", f"{d}/{META}"),
                                  R0, "AuthenticationError", "another save"),
@@ -176,7 +201,8 @@ def test_tampered_checkpoint_is_refused_and_state_untouched(ckpt2_copy, case):
     change, culprit, kind, words = TAMPER[case]
     change(folder)
     state = _plain_state(fill=5.0)
-    error = _failure(lambda: dcp.load(state, storage_reader=EncryptedReader(folder, keyset=keyset)))
+    error = _failure(lambda: dcp.load(
+        state, storage_reader=EncryptedReader(folder, keyset=keyset, device=CPU)))
     assert type(error).__name__ == kind, repr(error)
     assert os.path.join(folder, culprit) in str(error) and words in str(error), str(error)
     for name, value in state.items():  # nothing was loaded, not even from the good files
@@ -187,7 +213,7 @@ def test_wrong_keyset_is_refused(ckpt2_copy):
     folder, _ = ckpt2_copy
     state = _plain_state(fill=5.0)
     error = _failure(lambda: dcp.load(
-        state, storage_reader=EncryptedReader(folder, keyset=keys.Keyset.generate())))
+        state, storage_reader=EncryptedReader(folder, keyset=keys.Keyset.generate(), device=CPU)))
     # DCP reports a failed metadata read as an AssertionError that quotes gpucrypt's error
     assert f"{folder}/.metadata: no recipient in this file matches your key(s)" in str(error)
     assert bool((state["embedding"] == 5.0).all())
@@ -203,7 +229,8 @@ def test_unrecorded_data_key_is_refused(ckpt2_copy, tmp_path):
     dcp.save(state, storage_writer=EncryptedWriter(other, keyset=keyset))
     shutil.copyfile(other / R0, os.path.join(folder, R0))
     error = _failure(lambda: dcp.load(_plain_state(),
-                                      storage_reader=EncryptedReader(folder, keyset=keyset)))
+                                      storage_reader=EncryptedReader(folder, keyset=keyset,
+                                                                     device=CPU)))
     assert type(error).__name__ == "AuthenticationError" and "another save" in str(error)
 
 
@@ -214,27 +241,40 @@ def test_public_key_recipients_and_identities(tmp_path):
     alice, bob = keys.Identity.generate(), keys.Identity.generate("mlkem768-x25519")
     state = {"w": torch.randn(33, 7), "flags": torch.tensor([True, False]),
              "empty": torch.empty(0, 3), "meta": {"epoch": 3, "name": "run-1"}}
-    dcp.save(state, storage_writer=EncryptedWriter(tmp_path, recipients=[alice.recipient, bob.recipient],
+    dcp.save(state, storage_writer=EncryptedWriter(tmp_path,
+                                                   recipients=[alice.recipient, bob.recipient],
                                                    device="cpu", algorithm="aes-256-gcm"))
     for identity in (alice, bob):
         out = {"w": torch.zeros(33, 7), "flags": torch.zeros(2, dtype=torch.bool),
                "empty": torch.empty(0, 3), "meta": {"epoch": 0, "name": ""}}
-        dcp.load(out, storage_reader=EncryptedReader(tmp_path, identities=identity, device="cpu"))
+        dcp.load(out, storage_reader=EncryptedReader(tmp_path, identities=identity, device=CPU))
         assert torch.equal(out["w"], state["w"]) and torch.equal(out["flags"], state["flags"])
         assert out["meta"] == {"epoch": 3, "name": "run-1"}
     stranger = keys.Identity.generate()
     error = _failure(lambda: dcp.load({"w": torch.zeros(33, 7)},
-                                      storage_reader=EncryptedReader(tmp_path, identities=stranger)))
+                                      storage_reader=EncryptedReader(tmp_path, identities=stranger,
+                                                                     device=CPU)))
     assert "no recipient in this file matches your key(s)" in str(error)
 
 
 def test_writer_and_reader_refuse_to_pickle_keys(tmp_path):
     keyset = keys.Keyset.generate()
-    for holder in (EncryptedWriter(tmp_path, keyset=keyset), EncryptedReader(tmp_path, keyset=keyset),
+    for holder in (EncryptedWriter(tmp_path, keyset=keyset),
+                   EncryptedReader(tmp_path, keyset=keyset, device=CPU),
                    EncryptionExtension(keyset=keyset),
                    EncryptedWriter(tmp_path, recipients=keys.Identity.generate().recipient)):
         with pytest.raises(TypeError, match="holds keys and cannot be pickled"):
             pickle.dumps(holder)
+
+
+def test_async_save_with_the_thread_executor(tmp_path):
+    keyset = keys.Keyset.generate()
+    state = {"w": torch.randn(16, 4), "step": 2}
+    dcp.async_save(state, storage_writer=EncryptedWriter(tmp_path, keyset=keyset,
+                                                         device=CPU)).result()
+    out = {"w": torch.zeros(16, 4), "step": 0}
+    dcp.load(out, storage_reader=EncryptedReader(tmp_path, keyset=keyset, device=CPU))
+    assert torch.equal(out["w"], state["w"]) and out["step"] == 2
 
 
 def test_arguments_are_checked(tmp_path):
@@ -257,7 +297,8 @@ def test_metadata_unpickles_only_dcp_classes(tmp_path):
             "metadata": _Runs(f"touch {marker}"), "files": {}}
     keys.encrypt_file(pickle.dumps(evil), str(tmp_path / ".metadata"), keyset=keyset)
     error = _failure(lambda: dcp.load({"w": torch.zeros(3)},
-                                      storage_reader=EncryptedReader(tmp_path, keyset=keyset)))
+                                      storage_reader=EncryptedReader(tmp_path, keyset=keyset,
+                                                                     device=CPU)))
     assert "posix.system, which is not part of DCP's metadata" in str(error)
     assert not marker.exists()
 
@@ -286,7 +327,7 @@ def test_sealed_by_the_gpu_backend_opens_on_the_cpu(tmp_path):
     state = {"w": torch.randn(8, 8), "step": 3}
     dcp.save(state, storage_writer=EncryptedWriter(tmp_path, keyset=keyset, device="gpu"))
     out = {"w": torch.zeros(8, 8), "step": 0}
-    dcp.load(out, storage_reader=EncryptedReader(tmp_path, keyset=keyset, device="cpu"))
+    dcp.load(out, storage_reader=EncryptedReader(tmp_path, keyset=keyset, device=CPU))
     assert torch.equal(out["w"], state["w"]) and out["step"] == 3
 
 
@@ -298,18 +339,21 @@ def test_extension_with_stock_writer_and_reader(tmp_path):
     state = {"w": torch.randn(64, 40), "b": torch.arange(7, dtype=torch.bfloat16), "step": 9}
     ext = EncryptionExtension(keyset=keyset, segment_size=4096)  # several segments per item
     dcp.save(state, storage_writer=FileSystemWriter(tmp_path, _extensions=[ext]))
-    with open(tmp_path / f"__0_0.distcp", "rb") as f:
+    with open(tmp_path / "__0_0.distcp", "rb") as f:
         assert state["w"].numpy().tobytes()[:32] not in f.read()
 
     out = {"w": torch.zeros(64, 40), "b": torch.zeros(7, dtype=torch.bfloat16), "step": 0}
     reader_side = EncryptionExtension(keyset=keyset)  # a reader needs only its keys
-    dcp.load(out, storage_reader=FileSystemReader(tmp_path, _extension_registry=reader_side.registry()))
-    assert torch.equal(out["w"], state["w"]) and torch.equal(out["b"], state["b"]) and out["step"] == 9
+    dcp.load(out, storage_reader=FileSystemReader(tmp_path,
+                                                  _extension_registry=reader_side.registry()))
+    assert torch.equal(out["w"], state["w"]) and torch.equal(out["b"], state["b"])
+    assert out["step"] == 9
 
     error = _failure(lambda: dcp.load(out, storage_reader=FileSystemReader(tmp_path)))
     assert "Unknown extension" in str(error)  # DCP's own registry does not know it
     error = _failure(lambda: dcp.load(out, storage_reader=FileSystemReader(
-        tmp_path, _extension_registry=EncryptionExtension(keyset=keys.Keyset.generate()).registry())))
+        tmp_path,
+        _extension_registry=EncryptionExtension(keyset=keys.Keyset.generate()).registry())))
     assert "no recipient in this file matches your key(s)" in str(error)
 
     data = tmp_path / "__0_0.distcp"
