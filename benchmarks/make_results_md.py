@@ -8,6 +8,7 @@ that take ``--json``) and never edited; this script is the only writer of RESULT
 figure in it is typed by hand. For each run it prints the environment, a table of gpucrypt's
 rows next to the baseline (GB/s and the ratio to the baseline measured in the same run), and
 the acceptance check of issue 6: gpucrypt CPU within 5% of ``cryptography`` from 1 MiB up.
+``benchmarks/dcp_bench.py`` runs get a table of encrypted against plain DCP checkpoints.
 ``benchmarks/cli_bench.py`` runs are the exception: only the newest is shown, in a last
 section "Command line vs age and cp" with issue 12's figures.
 """
@@ -146,7 +147,8 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
             cli_runs.append((path.stem, doc))
             continue
         render_one = {"stream_bench": render_stream_run, "tensor_bench": render_tensor_run,
-                      "model_scale_run": render_model_scale_run}.get(doc.get("benchmark"), render_run)
+                      "model_scale_run": render_model_scale_run,
+                      "dcp_bench": render_dcp_run}.get(doc.get("benchmark"), render_run)
         lines += render_one(path.stem, doc)
     if cli_runs:
         lines += render_cli_section(cli_runs)
@@ -227,6 +229,32 @@ def render_stream_run(name: str, doc: dict) -> list[str]:
     if doc.get("model_rows"):
         lines += ["", f"Loading a {format_size(doc['size'])} model file (300 tensors, warm page "
                       f"cache); ratio = rate / reading the file:", "", *_rate_table(doc["model_rows"])]
+    return lines + [""]
+
+
+def render_dcp_run(name: str, doc: dict) -> list[str]:
+    """A ``benchmarks/dcp_bench.py`` run: encrypted DCP checkpoints against plain DCP."""
+    start, end = doc["load_average_start"][0], doc["load_average_end"][0]
+    lines = [f"## {name}", "",
+             f"`benchmarks/dcp_bench.py`: {doc['world']} gloo ranks save and load a "
+             f"{format_size(doc['size'])} state dict ({doc['tensors']} float32 DTensors sharded "
+             f"along dim 0) in {doc['dir']}, {doc['rounds']} interleaved rounds after a warm-up, "
+             f"medians of the slower rank's time; {doc['cpu']}, {doc['cores']} cores, torch "
+             f"{doc['torch']}, commit `{doc['commit'][:10]}`. 1-minute load average {start:.2f} "
+             f"at the start, {end:.2f} at the end (other processes shared the CPU when above the "
+             f"core count). Ratio = time / plain DCP's; issue 16 asks <= x{doc['target']:.2f}. "
+             f"CPU = seconds of CPU time of all ranks (every thread), the work each storage "
+             f"adds whatever else shares the machine; `plain DCP (again)` shows the run's noise.",
+             "", "| operation | storage | seconds | GB/s | ratio | CPU s | CPU ratio |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['op']} | {r['variant']} | {r['median_s']:.3f} | {r['gb_per_s']:.2f} | "
+              f"x{r['ratio']:.2f} | {r['cpu_s']:.3f} | x{r['cpu_ratio']:.2f} |" for r in doc["rows"]]
+    lines += [""]
+    for r in doc["rows"]:
+        if r["variant"].startswith("EncryptedWriter"):
+            verdict = "met" if r["ratio"] <= doc["target"] else "not met"
+            lines.append(f"- {r['op']}, {r['variant']}: wall x{r['ratio']:.2f} ({verdict}), "
+                         f"CPU x{r['cpu_ratio']:.2f}")
     return lines + [""]
 
 

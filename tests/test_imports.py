@@ -123,3 +123,17 @@ def test_command_descriptions_match_their_functions():
         module_name, func_name = target.split(":")
         doc = getattr(importlib.import_module(module_name), func_name).__doc__ or ""
         assert doc.strip().splitlines()[0] == summary, name
+
+
+def test_every_subpackage_is_installed():
+    """pyproject's explicit ``packages`` list names every folder of gpucrypt/ that holds an
+    ``__init__.py``: an editable install finds a forgotten one on disk, a wheel leaves it out."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(root).parts)
+               for p in (root / "gpucrypt").rglob("__init__.py")}
+    assert on_disk - listed == set()

@@ -19,9 +19,9 @@ def _examples() -> dict[str, str]:
     return found
 
 
-@pytest.mark.parametrize("name", ["tensors", "keys"])
+@pytest.mark.parametrize("name", ["tensors", "keys", "distributed"])
 def test_readme_example_runs(name, tmp_path, monkeypatch, capsys):
-    pytest.importorskip("torch") if name == "tensors" else None
+    pytest.importorskip("torch") if name in ("tensors", "distributed") else None
     monkeypatch.chdir(tmp_path)
     exec(compile(_examples()[name], f"README.md:{name}", "exec"), {"__name__": "__readme__"})
     if name == "keys":

@@ -1,0 +1,459 @@
+"""Encrypted sharded checkpoints: a storage writer and reader for ``torch.distributed.checkpoint``.
+
+Use them where DCP takes a storage writer or reader; everything else about DCP (the
+planners, DTensor and FSDP2 state dicts, resharding on load, the collectives) stays
+as it is::
+
+    dcp.save(state_dict, storage_writer=EncryptedWriter(path, keyset=keyset))
+    dcp.load(state_dict, storage_reader=EncryptedReader(path, keyset=keyset))
+
+What goes where (``docs/DISTRIBUTED.md`` has the details and the threat model):
+
+- **Data files.** Each rank writes one file, ``__{rank}_0.gcdistcp``: a gpucrypt model
+  file (``docs/MODEL_FORMAT.md``) holding the rank's write items, one entry per item
+  (a tensor chunk, or the bytes of a non-tensor value), under a fresh **data key of
+  its own**, wrapped in the file's envelope for the recipients and/or keyset. Tensors
+  on a GPU are sealed there (their plaintext never reaches host memory); entry names,
+  shapes and offsets are encrypted. Segments never cross an entry, so a rank reading
+  some entries of a file decrypts only their segments.
+- **Metadata.** The coordinator writes ``.metadata`` as a gpucrypt stream file, sealed
+  under yet another data key for the same recipients: DCP's ``Metadata`` (tensor names,
+  shapes, chunk placement) plus a manifest naming every data file with its length and
+  its header MAC (which commits to the file's salt, nonce prefix, entry table and
+  envelope). Loading decrypts and authenticates it before unpickling it (and unpickles
+  only DCP's metadata classes), then holds every data file to the manifest: a file
+  swapped with another rank's, renamed, replaced, truncated or extended is refused,
+  naming the file.
+- **Keys.** Every rank makes its own data key, so no key crosses a collective; only
+  wrapped keys (envelopes) and public header MACs are ever written or sent. A reader
+  needs its keyset or identity only. Writers and readers refuse to be pickled while
+  they hold key material.
+
+Loading is all or nothing. Every rank decrypts and verifies every entry it needs in
+``prepare_local_plan``, which DCP runs on all ranks before the plan is gathered; one
+rank's failure fails the load on every rank before any tensor of the caller's state
+dict is written. The price: a rank holds the plaintext of its share of the checkpoint
+once more, until ``read_data`` has copied it into place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import io
+import os
+import pickle
+from typing import Any
+
+import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.filesystem import (CURRENT_DCP_VERSION, FileSystemReader,
+                                                     FileSystemWriter)
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+from .. import audit
+from .._errors import KeyManagementError, NoMatchingRecipient
+from ..files import keyed, models
+from ..files._format import (DEFAULT_SEGMENT_SIZE, AuthenticationError, FormatError,
+                             StreamError, TruncatedError, UnsupportedVersion, check_algorithm,
+                             check_segment_size)
+from ..files.keyed import _gather, _identities_for, _primary_key_id
+from ..keys import generate_dek, open_envelope
+from ..keys.recipients import seal_envelope_with_labels
+
+__all__ = ["EncryptedWriter", "EncryptedReader", "EncryptedStorageInfo", "DATA_SUFFIX",
+           "METADATA_FORMAT", "METADATA_VERSION"]
+
+#: suffix of the data files: they are gpucrypt model files, not DCP's ``.distcp``
+DATA_SUFFIX = ".gcdistcp"
+METADATA_FORMAT = "gpucrypt-dcp-metadata"
+METADATA_VERSION = 1
+#: the key of the data file's own name in its (encrypted) table's metadata
+_FILE_NAME_KEY = "dcp.file"
+
+
+@dataclasses.dataclass(frozen=True)
+class EncryptedStorageInfo:
+    """Where one write item lives: the entry ``entry`` of the data file ``relative_path``
+    (relative to the checkpoint's folder). DCP keeps one per item in the metadata."""
+
+    relative_path: str
+    entry: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _WrittenItem:
+    """What a rank's ``write_data`` reports about an item to the coordinator: where it
+    is, and the identity of its file (public values: a length and a header MAC)."""
+
+    info: EncryptedStorageInfo
+    file: "_FileIdentity"
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileIdentity:
+    """A data file as the manifest records it: its length, its header MAC (which names
+    it: a MAC under its own data key over its salt, nonce prefix and entry table) and
+    the SHA-256 of its whole header (so an altered envelope is caught before it is
+    unwrapped). All public values."""
+
+    length: int
+    header_mac: bytes
+    header_sha256: bytes
+
+    def as_tuple(self) -> tuple:
+        return (self.length, self.header_mac, self.header_sha256)
+
+
+def _refuse_pickling(obj: Any) -> None:
+    """Writers, readers and extensions hold keys (keysets, identities, or at least public
+    keys and a data key): none of it may land in a pickle."""
+    raise TypeError(f"a {type(obj).__name__} holds keys and cannot be pickled (a pickle would "
+                    f"carry them): make one in each process from its key file or provider, and "
+                    f"use dcp.async_save's thread executor, not the process one")
+
+
+# ============================================================================ errors
+def _in_file(path: Any, exc: BaseException) -> BaseException:
+    """``exc`` again, its message starting with the file it is about (``.path`` holds it
+    too). The type is kept (an AuthenticationError stays one), except for types whose
+    instances could not be rebuilt from a message after crossing a collective (DCP sends
+    exceptions between ranks pickled): those become FormatError or OSError."""
+    where = os.fspath(path)
+    message = f"{where}: {exc}"
+    if isinstance(exc, AuthenticationError):
+        new: BaseException = type(exc)(message, exc.segment)
+    elif isinstance(exc, UnsupportedVersion):
+        new = FormatError(message)
+    elif isinstance(exc, (StreamError, KeyManagementError)):
+        new = type(exc)(message)
+    elif isinstance(exc, OSError):
+        new = OSError(exc.errno, f"{exc.strerror or exc}: {where}")
+    else:
+        new = FormatError(message)
+    new.path = where
+    return new
+
+
+# ============================================================================ metadata pickle
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+            ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+            ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+            ("collections", "OrderedDict"), (__name__, "EncryptedStorageInfo")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's metadata classes, torch's dtypes and sizes, paths and plain Python
+    values; anything else is refused. The bytes were authenticated before this runs;
+    this is a second wall for checkpoints sealed only for public-key recipients, which
+    anyone holding those public keys could have written."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == _DCP_METADATA_MODULE or (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise FormatError(f"the checkpoint metadata refers to {module}.{name}, which is not part "
+                          f"of DCP's metadata: refusing to unpickle it")
+
+
+def _load_metadata_document(plaintext: bytes) -> tuple[Metadata, dict]:
+    try:
+        doc = _MetadataUnpickler(io.BytesIO(plaintext)).load()
+    except FormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a malformed file
+        raise FormatError(f"malformed checkpoint metadata ({type(exc).__name__})") from None
+    if not isinstance(doc, dict) or doc.get("format") != METADATA_FORMAT:
+        raise FormatError("not gpucrypt checkpoint metadata")
+    if doc.get("version") != METADATA_VERSION:
+        raise FormatError(f"unsupported checkpoint metadata version {doc.get('version')!r} "
+                          f"(this gpucrypt reads version {METADATA_VERSION})")
+    metadata, files = doc.get("metadata"), doc.get("files")
+    if not isinstance(metadata, Metadata) or not isinstance(files, dict):
+        raise FormatError("malformed checkpoint metadata (no Metadata or no file list)")
+    identities = {}
+    for name, identity in files.items():
+        if not (isinstance(name, str) and isinstance(identity, tuple) and len(identity) == 3
+                and isinstance(identity[0], int)
+                and all(isinstance(v, bytes) for v in identity[1:])):
+            raise FormatError("malformed checkpoint metadata (file list)")
+        identities[name] = _FileIdentity(*identity)
+    for index, info in (metadata.storage_data or {}).items():
+        if not isinstance(info, EncryptedStorageInfo) or info.relative_path not in identities:
+            raise FormatError(f"malformed checkpoint metadata: item {index} is in no recorded "
+                              f"data file")
+    return metadata, identities
+
+
+# ============================================================================ writer
+def _entry_name(index: Any, taken: set) -> str:
+    """A readable, unique entry name for a write item: ``fqn@offsets`` for a tensor chunk
+    (DCP's own MetadataIndex, which is unique per checkpoint), ``fqn`` for bytes."""
+    name = index.fqn if index.offset is None else \
+        f"{index.fqn}@{','.join(str(int(o)) for o in index.offset)}"
+    name = name or "<empty>"
+    unique, n = name, 1
+    while unique in taken or unique == "__metadata__":
+        unique, n = f"{name}#{n}", n + 1
+    taken.add(unique)
+    return unique
+
+
+class EncryptedWriter(FileSystemWriter):
+    """A DCP storage writer that seals every rank's shards (see the module docstring).
+
+    ``path``: the checkpoint's folder. ``recipients``: one or a sequence of
+    :class:`~gpucrypt.keys.Recipient`/:class:`~gpucrypt.keys.Identity` (public-key
+    HPKE), :class:`~gpucrypt.keys.Keyset`, ``KeysetKey`` or ``WrappingKey``;
+    ``keyset``: a keyset whose primary key also wraps the data keys (at least one of
+    the two). ``algorithm``/``segment_size``: the model files' (``docs/MODEL_FORMAT.md``).
+    ``device``: where the segments are sealed: "auto" (the GPU for tensors already on
+    one, so their plaintext never reaches host memory), "cpu" or "gpu". ``threads``: CPU
+    sealing threads per rank (default: the usable cores). ``overwrite``: as DCP's.
+
+    Files are written atomically (temporary file, fsync, rename), mode 0600. Checkpoints
+    with rank-local metadata (``use_collectives=False``) are not supported.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, recipients: Any = None, keyset: Any = None,
+                 algorithm: str = "chacha20-poly1305",
+                 segment_size: int = DEFAULT_SEGMENT_SIZE, device: str = "auto",
+                 threads: int | None = None, overwrite: bool = True):
+        self._recipients = _gather(recipients, keyset)
+        check_algorithm(algorithm)
+        check_segment_size(segment_size)
+        super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1,
+                         overwrite=overwrite)
+        self.algorithm, self.segment_size = algorithm, segment_size
+        self.device, self.threads = device, threads
+        self._key_id = _primary_key_id(self._recipients)
+
+    def __getstate__(self) -> dict:
+        _refuse_pickling(self)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        super().set_up_storage_writer(is_coordinator, *args, **kwargs)
+        if not self.use_collectives:
+            raise ValueError("EncryptedWriter needs one global metadata file: save with "
+                             "collectives (DCP's default), not use_collectives=False")
+
+    def write_data(self, plan, planner) -> Future:
+        """Seal this rank's items into one data file under a fresh data key."""
+        name = f"{plan.storage_data.prefix}0{DATA_SUFFIX}"
+        path = self.fs.concat_path(self.path, name)
+        entries: dict[str, Any] = {}
+        placed: list[tuple[Any, str]] = []
+        taken: set = set()
+        for item in plan.items:
+            data = planner.resolve_data(item)
+            entry = _entry_name(item.index, taken)
+            if item.type == WriteItemType.BYTE_IO:
+                raw = bytes(data.getbuffer())
+                entries[entry] = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw \
+                    else torch.empty(0, dtype=torch.uint8)
+            else:
+                entries[entry] = data.detach()
+            placed.append((item.index, entry))
+        results = []
+        if entries:  # a rank with nothing to write (all its items deduplicated) writes no file
+            with audit.timed("checkpoint.write", path=os.fspath(path)) as ev:
+                dek = generate_dek()  # this file's own: never leaves this process unwrapped
+                envelope, labels = seal_envelope_with_labels(dek, self._recipients)
+                header = models.save_encrypted(
+                    entries, path, dek, {_FILE_NAME_KEY: name}, algorithm=self.algorithm,
+                    encrypt_names=True, segment_size=self.segment_size, device=self.device,
+                    key_id=self._key_id, envelope=envelope, threads=self.threads)
+                del dek
+                ev.update(key_id=self._key_id, recipients=labels, algorithm=self.algorithm,
+                          bytes=header.data_length, count=len(entries))
+            identity = _FileIdentity(header.file_length, header.header_mac,
+                                     _header_sha256(path, header.header_length))
+            for index, entry in placed:
+                results.append(WriteResult(
+                    index=index, size_in_bytes=entries[entry].nbytes,
+                    storage_data=_WrittenItem(EncryptedStorageInfo(name, entry), identity)))
+        future: Future = Future()
+        future.set_result(results)
+        return future
+
+    def finish(self, metadata: Metadata, results: list) -> None:
+        """Write ``.metadata``: DCP's metadata and the manifest of data files, sealed."""
+        metadata.version = CURRENT_DCP_VERSION
+        storage, files = {}, {}
+        for written in (w for rank_results in results for w in rank_results):
+            record = written.storage_data
+            storage[written.index] = record.info
+            files[record.info.relative_path] = record.file.as_tuple()
+        metadata.storage_data = storage
+        metadata.storage_meta = self.storage_meta()
+        document = pickle.dumps({"format": METADATA_FORMAT, "version": METADATA_VERSION,
+                                 "metadata": metadata, "files": files}, protocol=4)
+        # atomic: a temporary file beside it, fsync, rename over any older one
+        keyed.encrypt_file(document, self._get_metadata_path(), recipients=self._recipients,
+                           algorithm=self.algorithm, device="cpu")
+
+
+# ============================================================================ reader
+class EncryptedReader(FileSystemReader):
+    """A DCP storage reader for checkpoints written by :class:`EncryptedWriter`.
+
+    ``identities`` (one or a sequence of :class:`~gpucrypt.keys.Identity`, ``KeysetKey``,
+    ``WrappingKey`` or key provider) and/or ``keyset``: what opens the data keys.
+    ``device``: where the entries are decrypted: "auto" (the GPU when a real one is
+    usable, so the plaintext stays there; else the CPU), "cpu", "cuda" or "cuda:N".
+    ``threads``: CPU threads per rank (default: the usable cores).
+
+    Errors name the file they are about and keep gpucrypt's types: ``NoMatchingRecipient``
+    (wrong keys), ``AuthenticationError``/``TruncatedError`` (altered, swapped, replaced or
+    cut files), ``FormatError``. DCP raises them wrapped in its ``CheckpointException``
+    (``.failures`` maps each failing rank to its error).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, identities: Any = None, keyset: Any = None,
+                 device: str = "auto", threads: int | None = None):
+        self._identities = _identities_for(identities, keyset)
+        if device != "auto":
+            models._check_device(device)  # a wrong name fails here, not inside a load
+        super().__init__(path)
+        self.device, self.threads = device, threads
+        self._files: dict[str, _FileIdentity] = {}
+        self._staged: dict[tuple[str, str], torch.Tensor] = {}
+
+    def __getstate__(self) -> dict:
+        _refuse_pickling(self)
+
+    def read_metadata(self) -> Metadata:  # no **kwargs: DCP must not fall back to rank files
+        """Decrypt, authenticate and unpickle ``.metadata``; remember its file manifest."""
+        path = self._get_metadata_path()
+        plaintext = io.BytesIO()
+        try:
+            keyed.decrypt_file(path, plaintext, identities=self._identities, device="cpu")
+            metadata, files = _load_metadata_document(plaintext.getvalue())
+        except (StreamError, KeyManagementError, OSError) as exc:
+            raise _in_file(path, exc) from None
+        self._files = files
+        metadata.storage_meta = metadata.storage_meta or _storage_meta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def prepare_local_plan(self, plan):
+        """Decrypt and verify every entry this rank will read (see the module docstring)."""
+        self._discard_staged()
+        self._staged = self._open_entries(plan.items)
+        return plan
+
+    def read_data(self, plan, planner) -> Future:
+        """Copy the verified entries into the state dict (anything the plan asks for that
+        ``prepare_local_plan`` did not see is decrypted and verified first)."""
+        staged, self._staged = self._staged, {}
+        try:
+            staged.update(self._open_entries(plan.items, skip=staged))
+        except BaseException:
+            _zero(staged)
+            raise
+        for req in plan.items:
+            info = self.storage_data[req.storage_index]
+            value = staged[(info.relative_path, info.entry)]
+            if req.type == LoadItemType.BYTE_IO:
+                planner.load_bytes(req, io.BytesIO(value.cpu().numpy().tobytes()))
+                continue
+            tensor = narrow_tensor_by_index(value, req.storage_offsets, req.lengths)
+            target = planner.resolve_tensor(req).detach()
+            if target.size() != tensor.size():
+                raise AssertionError(f"req {req.storage_index} mismatch sizes "
+                                     f"{target.size()} vs {tensor.size()}")
+            target.copy_(tensor)
+            planner.commit_tensor(req, target)
+        future: Future = Future()
+        future.set_result(None)
+        return future
+
+    # ------------------------------------------------------------------ internals
+    def _discard_staged(self) -> None:
+        _zero(self._staged)
+        self._staged = {}
+
+    def _open_entries(self, items, skip=()) -> dict:
+        """Every entry ``items`` need (but those in ``skip``), decrypted and verified, file
+        by file; on any failure the ones already decrypted are zeroed and the error raised."""
+        wanted: dict[str, list[str]] = {}
+        for item in items:
+            info = self.storage_data[item.storage_index]
+            if (info.relative_path, info.entry) not in skip:
+                names = wanted.setdefault(info.relative_path, [])
+                if info.entry not in names:
+                    names.append(info.entry)
+        opened: dict[tuple[str, str], torch.Tensor] = {}
+        try:
+            for name, entries in wanted.items():
+                for entry, tensor in self._open_file(name, entries).items():
+                    opened[(name, entry)] = tensor
+        except BaseException:
+            _zero(opened)
+            raise
+        return opened
+
+    def _open_file(self, name: str, entries: list[str]) -> dict:
+        path = self.fs.concat_path(self.path, name)
+        try:
+            with audit.timed("checkpoint.read", path=os.fspath(path)) as ev:
+                dek = self._data_key(name, path)
+                tensors = models.load_encrypted(path, dek, self.device, names=entries,
+                                                threads=self.threads)
+                del dek
+                ev.update(count=len(tensors), bytes=sum(t.nbytes for t in tensors.values()))
+        except (StreamError, KeyManagementError, OSError, KeyError) as exc:
+            raise _in_file(path, exc) from None
+        return tensors
+
+    def _data_key(self, name: str, path: Any) -> bytes:
+        """The data key of the file ``name``, once the file is shown to be the one the
+        metadata records (same header MAC, same length)."""
+        recorded = self._files[name]
+        header = models.read_header(path)  # parsed, not yet verified: compared to the record
+        if not hmac.compare_digest(header.header_mac, recorded.header_mac):
+            other = next((n for n, f in self._files.items()
+                          if hmac.compare_digest(header.header_mac, f.header_mac)), None)
+            raise AuthenticationError(
+                "this is not the data file the checkpoint's metadata records under this name: "
+                + (f"it is the one recorded as {other} (files swapped or renamed)" if other
+                   else "it was replaced, or comes from another save into this folder"))
+        if not hmac.compare_digest(_header_sha256(path, header.header_length),
+                                   recorded.header_sha256):
+            raise AuthenticationError("header authentication failed: the header (envelope, key "
+                                      "id or entry table) differs from the one the checkpoint's "
+                                      "metadata records")
+        length = recorded.length
+        size = os.stat(path).st_size
+        if size < length:
+            raise TruncatedError(f"truncated file: {size} bytes, the checkpoint's metadata "
+                                 f"records {length}")
+        if size > length:
+            raise FormatError(f"the file has {size - length} bytes more than the checkpoint's "
+                              f"metadata records (data appended)")
+        if not header.envelope:
+            raise NoMatchingRecipient("this data file carries no envelope")
+        return open_envelope(header.envelope, self._identities)
+
+
+def _header_sha256(path: Any, length: int) -> bytes:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(length)).digest()
+
+
+def _storage_meta():
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    return StorageMeta()
+
+
+def _zero(tensors: dict) -> None:
+    """Overwrite decrypted entries that will not be returned (best effort: Python may
+    have copied nothing else, but the allocator keeps no promise)."""
+    for tensor in tensors.values():
+        tensor.zero_()

@@ -1,0 +1,221 @@
+"""Encryption as a DCP stream transform, for DCP's stock ``FileSystemWriter``/``FileSystemReader``.
+
+DCP's writer passes each item's bytes (``torch.save`` of a tensor, or a pickled
+value) through the ``_extensions`` it was given, and records each extension's
+descriptor beside the item; its reader looks the descriptors up in an
+``ExtensionRegistry`` and undoes the transforms::
+
+    ext = EncryptionExtension(keyset=keyset)                       # or recipients=[...]
+    dcp.save(sd, storage_writer=FileSystemWriter(path, _extensions=[ext]))
+    dcp.load(sd, storage_reader=FileSystemReader(path, _extension_registry=ext.registry()))
+
+Every item becomes a gpucrypt stream (``docs/FORMAT.md``), whose header carries the
+data key's envelope, and is authenticated on its own. The reader is random access,
+but DCP's reader takes each item whole (``torch.load`` needs all of it). What this form cannot do,
+because DCP gives a transform neither the item's name nor the metadata: bind an item
+to its place (two items could be swapped), or protect ``.metadata``, which stays a
+plain pickle (names, shapes, placement in the clear, and unauthenticated). Tensors
+reach a transform on the host. :class:`~gpucrypt.distributed.EncryptedWriter` has none
+of these limits; ``docs/DISTRIBUTED.md`` compares the two.
+"""
+from __future__ import annotations
+
+import io
+from typing import IO, Any
+
+from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
+
+from .. import pipeline
+from ..files import _format, stream
+from ..files._format import DEFAULT_SEGMENT_SIZE, TAG_SIZE
+from ..files.keyed import _gather, _identities_for, _primary_key_id
+from ..keys import NoMatchingRecipient, generate_dek, open_envelope
+from ..keys.recipients import seal_envelope_with_labels
+from .checkpoint import _refuse_pickling
+
+__all__ = ["EncryptionExtension"]
+
+_NAME = "gpucrypt.stream"
+_VERSION = "1"
+
+
+class EncryptionExtension(StreamTransformExtension):
+    """Seals each item DCP writes as a gpucrypt stream; opens them again on reading.
+
+    To write: ``recipients`` and/or ``keyset`` (as :func:`gpucrypt.keys.encrypt_file`
+    takes them), ``algorithm`` and ``segment_size`` (the stream format's). To read:
+    ``identities`` and/or ``keyset``, and :meth:`registry` for DCP's reader. One data key
+    per extension object and process, made on first use and wrapped once; every item
+    has its own salt, so its segment key is its own.
+    """
+
+    def __init__(self, *, recipients: Any = None, keyset: Any = None, identities: Any = None,
+                 algorithm: str = "chacha20-poly1305", segment_size: int = DEFAULT_SEGMENT_SIZE):
+        super().__init__()
+        _format.check_algorithm(algorithm)
+        _format.check_segment_size(segment_size)
+        if recipients is None and keyset is None and identities is None:
+            raise ValueError("give recipients= and/or keyset= (to write), identities= and/or "
+                             "keyset= (to read)")
+        writes = recipients is not None or keyset is not None
+        reads = identities is not None or keyset is not None
+        self._recipients = _gather(recipients, keyset) if writes else []
+        self._identities = _identities_for(identities, keyset) if reads else []
+        self.algorithm, self.segment_size = algorithm, segment_size
+        self._sealing: tuple[bytes, bytes, str | None] | None = None  # (key, envelope, key id)
+        self._opened: dict[bytes, bytes] = {}  # envelope -> its data key, for reading
+
+    def __getstate__(self) -> dict:
+        _refuse_pickling(self)
+
+    # ------------------------------------------------------------------ DCP's interface
+    @staticmethod
+    def registry_name() -> str:
+        return _NAME
+
+    @staticmethod
+    def from_descriptor(version: str) -> "EncryptionExtension":
+        raise ValueError("this checkpoint's items are encrypted by gpucrypt: read it with "
+                         "FileSystemReader(path, _extension_registry=EncryptionExtension("
+                         "keyset=... or identities=...).registry())")
+
+    def get_descriptor(self) -> str:
+        return f"{_NAME}/{_VERSION}"
+
+    def registry(self) -> ExtensionRegistry:
+        """An ``ExtensionRegistry`` (DCP's stock ones included) that resolves this
+        extension's descriptor to this object, with its keys."""
+        me = self
+
+        def from_descriptor(version: str) -> "EncryptionExtension":
+            if version.partition(".")[0] != _VERSION:
+                raise ValueError(f"{_NAME} version {version!r} is not supported (this gpucrypt "
+                                 f"reads version {_VERSION}); a newer gpucrypt may read it")
+            return me
+
+        bound = type("BoundEncryptionExtension", (EncryptionExtension,),
+                     {"from_descriptor": staticmethod(from_descriptor)})
+        registry = ExtensionRegistry()
+        registry.register(bound)
+        return registry
+
+    def transform_to(self, output: IO[bytes]) -> IO[bytes]:
+        if not self._recipients:
+            raise ValueError("this EncryptionExtension has no recipients or keyset to write "
+                             "for: give recipients= and/or keyset=")
+        if self._sealing is None:
+            key = generate_dek()
+            envelope, _ = seal_envelope_with_labels(key, self._recipients)
+            self._sealing = (key, envelope, _primary_key_id(self._recipients))
+        key, envelope, key_id = self._sealing
+        return _SealingWriter(output, key, envelope, key_id, self.algorithm, self.segment_size)
+
+    def transform_from(self, input: IO[bytes]) -> IO[bytes]:  # noqa: A002 - DCP's name
+        if not self._identities:
+            raise ValueError("this EncryptionExtension has no identities or keyset to read "
+                             "with: give identities= and/or keyset=")
+        item = _Window(input)
+        envelope = stream.read_header(item).envelope
+        if not envelope:
+            raise NoMatchingRecipient("this checkpoint item carries no envelope")
+        key = self._opened.get(envelope)
+        if key is None:
+            key = self._opened[envelope] = open_envelope(envelope, self._identities)
+        return _ItemReader(item, key)
+
+
+class _ItemReader(stream.SegmentReader):
+    """An item's plaintext for DCP's reader: random access for whoever seeks, but declared
+    unseekable, so that DCP reads it whole (``readall``) before ``torch.load``. torch's zip
+    reader would otherwise call ``read`` from C++ and turn gpucrypt's AuthenticationError
+    into an AttributeError; it needs every byte of the item anyway."""
+
+    def seekable(self) -> bool:
+        return False
+
+    def readall(self) -> bytes:
+        out = bytearray(max(0, self.size - self.tell()))
+        view, done = memoryview(out), 0
+        while done < len(out):
+            done += self.readinto(view[done:])
+        return bytes(out)
+
+
+class _SealingWriter(io.RawIOBase):
+    """A writable stream that seals what it is given as a gpucrypt stream into ``output``,
+    a segment at a time: a full segment is sealed once more bytes arrive (so that the
+    final one, sealed by ``close``, carries the last flag). Memory: one segment."""
+
+    def __init__(self, output: IO[bytes], key: bytes, envelope: bytes, key_id: str | None,
+                 algorithm: str, segment_size: int):
+        super().__init__()
+        header, header_bytes = _format.new_header(key, algorithm, segment_size, key_id=key_id,
+                                                  envelope=envelope)
+        self._segments = stream._Segments(header, key, "cpu", 1, 0, "seal", inline=True)
+        self._output = output
+        self._slot = memoryview(bytearray(segment_size + TAG_SIZE))
+        self._filled = self._index = 0
+        self._size = segment_size
+        output.write(header_bytes)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        while len(view):
+            if self._filled == self._size:
+                self._seal(last=False)
+            n = min(self._size - self._filled, len(view))
+            self._slot[self._filled:self._filled + n] = view[:n]
+            self._filled += n
+            view = view[n:]
+        return total
+
+    def _seal(self, last: bool) -> None:
+        n = self._filled
+        job = self._segments.job(self._index, last, self._slot[:n], self._slot, n)
+        self._segments.runner.start(pipeline.Batch([job]))()
+        self._output.write(self._slot[:n + TAG_SIZE])
+        self._index, self._filled = self._index + 1, 0
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._seal(last=True)
+                self._output.close()  # DCP's wrapper only flushes: the file stays open
+            finally:
+                self._segments.close()
+                self._slot = memoryview(b"")
+        super().close()
+
+
+class _Window(io.RawIOBase):
+    """DCP's item view with positions relative to the item (its ``seek`` returns the
+    position in the whole file, which the stream reader would take as the item's)."""
+
+    def __init__(self, view: IO[bytes]):
+        super().__init__()
+        self._view = view
+        view.seek(0, io.SEEK_END)
+        self._size = view.tell()
+        view.seek(0)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._view.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.tell(), io.SEEK_END: self._size}[whence]
+        position = min(max(0, base + offset), self._size)
+        self._view.seek(position)
+        return position
+
+    def readinto(self, buffer: Any) -> int:
+        return self._view.readinto(buffer)

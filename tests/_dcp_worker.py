@@ -1,0 +1,174 @@
+"""The rank side of tests/test_distributed.py: one function, run on every rank of a real
+gloo process group by ``torch.multiprocessing.spawn``.
+
+All scenarios share one spawn (starting torch processes is the expensive part): each
+rank runs them in the same order, so that the collectives line up, and records each
+one's outcome ("ok", or the traceback) in ``rank{N}.json`` for the test module to
+report scenario by scenario. Scenarios stay in step even when an assertion fails,
+because assertions come after the collectives of their scenario.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import traceback
+import warnings
+
+import torch
+import torch.distributed as dist
+
+# the reference model and tensors, the same in every process (the test module's too)
+EMBEDDING_SHAPE = (10, 6)     # 10 rows: uneven shards over 4 ranks (3, 3, 3, 1)
+WIDE_SHAPE = (4, 9)           # sharded along dim 1
+
+
+def reference() -> dict:
+    """The full tensors of the saved state, name -> tensor (FSDP2 model names included)."""
+    torch.manual_seed(1234)
+    model = _model()
+    state = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    state["embedding"] = torch.randn(*EMBEDDING_SHAPE)
+    state["wide"] = torch.randn(*WIDE_SHAPE).to(torch.bfloat16)
+    state["replicated"] = torch.arange(12, dtype=torch.int64).reshape(3, 4)
+    return state
+
+
+def _model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+
+
+def _placements(name: str):
+    from torch.distributed.tensor import Replicate, Shard
+
+    return [Shard(1)] if name == "wide" else [Replicate()] if name == "replicated" else [Shard(0)]
+
+
+def _sharded(mesh, fill: float | None = None) -> dict:
+    """The reference as DTensors on ``mesh`` (or, with ``fill``, same-shaped ones full of it)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    out = {}
+    for name, full in reference().items():
+        if fill is not None:
+            full = torch.full_like(full, fill)
+        out[name] = distribute_tensor(full, mesh, _placements(name))
+    return out
+
+
+def _equal_to_reference(state: dict) -> None:
+    ref = reference()
+    for name, value in state.items():
+        if name == "step":
+            assert value == 41, value
+            continue
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        assert torch.equal(full, ref[name]), name
+
+
+def _flip(path: str, offset_from_end: int = 40) -> bytes:
+    with open(path, "r+b") as f:
+        f.seek(-offset_from_end, os.SEEK_END)
+        old = f.read(1)
+        f.seek(-offset_from_end, os.SEEK_END)
+        f.write(bytes([old[0] ^ 0x01]))
+    return old
+
+
+def main(rank: int, world: int, work: str) -> None:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)  # four ranks share two cores
+    dist.init_process_group("gloo", init_method=f"file://{work}/rendezvous", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from gpucrypt import keys
+    from gpucrypt.distributed import EncryptedReader, EncryptedWriter
+
+    keyset = keys.Keyset.load(os.path.join(work, "keyset.json"))  # each rank its own copy
+    ckpt4, ckpt2 = os.path.join(work, "ckpt4"), os.path.join(work, "ckpt2")
+    outcomes: dict[str, str] = {}
+
+    def scenario(name, body):
+        try:
+            body()
+            outcomes[name] = "ok"
+        except BaseException:  # noqa: BLE001 - recorded, reported by the test module
+            outcomes[name] = traceback.format_exc()
+
+    mesh4 = init_device_mesh("cpu", (world,))
+
+    def fsdp_state(seed: int) -> tuple[torch.nn.Module, dict]:
+        torch.manual_seed(seed)
+        model = _model()
+        fully_shard(model, mesh=mesh4)
+        return model, {f"model.{k}": v for k, v in get_model_state_dict(model).items()}
+
+    def save4():
+        torch.manual_seed(1234)
+        _, model_state = fsdp_state(1234)  # same seed as reference(): the same weights
+        state = {**_sharded(mesh4), **model_state, "step": 41}
+        dcp.save(state, storage_writer=EncryptedWriter(ckpt4, keyset=keyset, segment_size=4096))
+
+    def load4():
+        model, model_state = fsdp_state(99)  # other weights, overwritten by the load
+        state = {**_sharded(mesh4, fill=0.0), **model_state, "step": 0}
+        dcp.load(state, storage_reader=EncryptedReader(ckpt4, keyset=keyset))
+        _equal_to_reference(state)
+        assert all(torch.equal(p.full_tensor(), reference()[f"model.{n}"])
+                   for n, p in model.state_dict().items())
+
+    def tampered_load_changes_nothing():
+        victim = os.path.join(ckpt4, f"__{world - 1}_0.gcdistcp")
+        if rank == 0:
+            shutil.copyfile(victim, victim + ".orig")
+            _flip(victim)
+        dist.barrier()
+        state = {**_sharded(mesh4, fill=7.0), "step": 7}
+        try:
+            dcp.load(state, storage_reader=EncryptedReader(ckpt4, keyset=keyset))
+            failed = None
+        except BaseException as exc:  # noqa: BLE001 - DCP's CheckpointException
+            failed = exc
+        dist.barrier()
+        if rank == 0:
+            os.replace(victim + ".orig", victim)
+        assert failed is not None, "a tampered checkpoint loaded"
+        failures = failed.failures
+        assert set(failures) == {world - 1}, failures  # only the rank that reads that file
+        error = failures[world - 1][0]
+        assert type(error).__name__ == "AuthenticationError" and victim in str(error), error
+        for name, value in state.items():  # no rank's state was touched
+            if name == "step":
+                assert value == 7
+            else:
+                assert bool((value.to_local().float() == 7.0).all()), name
+
+    def reshard_to_two():
+        group = dist.new_group([0, 1])  # every rank takes part in making the group
+        if rank < 2:
+            mesh2 = DeviceMesh.from_group(group, "cpu")
+            state = {**_sharded(mesh2, fill=0.0), "step": 0}
+            dcp.load(state, storage_reader=EncryptedReader(ckpt4, keyset=keyset),
+                     process_group=group)
+            _equal_to_reference(state)
+            dcp.save(state, storage_writer=EncryptedWriter(ckpt2, keyset=keyset,
+                                                           segment_size=4096),
+                     process_group=group)
+            again = {**_sharded(mesh2, fill=0.0), "step": 0}
+            dcp.load(again, storage_reader=EncryptedReader(ckpt2, keyset=keyset),
+                     process_group=group)
+            _equal_to_reference(again)
+        dist.barrier()
+
+    scenario("save4", save4)
+    scenario("load4", load4)
+    scenario("tampered_load_changes_nothing", tampered_load_changes_nothing)
+    scenario("reshard_to_two", reshard_to_two)
+    with open(os.path.join(work, f"rank{rank}.json"), "w") as f:
+        json.dump(outcomes, f)
+    dist.destroy_process_group()

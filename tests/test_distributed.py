@@ -1,0 +1,389 @@
+"""gpucrypt.distributed: encrypted torch.distributed.checkpoint (DCP) checkpoints.
+
+One module-scoped run of 4 real gloo ranks (``tests/_dcp_worker.py``; forked, so that
+the ranks share this process's imports) saves a sharded state dict (FSDP2 parameters,
+DTensors sharded along either dimension, a replicated one, a Python value), loads it
+back on 4 ranks, shows that a tampered file fails the load on every rank without
+touching any rank's state, reshards it onto 2 ranks and saves it again from there.
+This process then loads both checkpoints into plain single-process state dicts
+(4 -> 1 and 4 -> 2 -> 1) and runs the tamper cases on copies of the 2-rank one.
+
+No GPU here: tensors are sealed and opened by the CPU backend. The GPU branch
+(device tensors sealed on their own GPU) is gpucrypt.models' and is not exercised by
+these tests, not even in the simulator (torch has no simulated CUDA tensors).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+
+import _dcp_worker
+from gpucrypt import keys
+from gpucrypt.distributed import EncryptedReader, EncryptedWriter, EncryptionExtension
+from gpucrypt.distributed.checkpoint import DATA_SUFFIX, METADATA_FORMAT, METADATA_VERSION
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:torch.distributed is disabled:UserWarning",
+    "ignore:Detected an existing checkpoint:UserWarning")
+
+WORLD = 4
+#: this process decrypts on the CPU (the ranks take device="auto"): "auto" would import
+#: numba to probe for a GPU, seconds that the test says nothing with
+CPU = "cpu"
+SCENARIOS = ("save4", "load4", "tampered_load_changes_nothing", "reshard_to_two")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Run every rank scenario once per test session, even when pytest-xdist spreads this
+    module over several workers (they share the session's folder, and a lock): (work
+    folder, keyset, {rank: {scenario: outcome}})."""
+    from filelock import FileLock  # torch's own dependency
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above every worker's own
+    work = str(base / "dcp-ranks")
+    with FileLock(str(base / "dcp-ranks.lock")):
+        if not os.path.exists(os.path.join(work, "done")):
+            shutil.rmtree(work, ignore_errors=True)
+            os.makedirs(work)
+            _run_ranks(work)
+            open(os.path.join(work, "done"), "w").close()
+    keyset = keys.Keyset.load(os.path.join(work, "keyset.json"))
+    outcomes = {}
+    for rank in range(WORLD):
+        with open(os.path.join(work, f"rank{rank}.json")) as f:
+            outcomes[rank] = json.load(f)
+    return work, keyset, outcomes
+
+
+def _run_ranks(work: str) -> None:
+    keys.Keyset.generate().save(os.path.join(work, "keyset.json"))
+    # imported here once, so that the forked ranks do not each import them again
+    import torch.distributed.fsdp  # noqa: F401
+    from gpucrypt.files import models
+
+    models._check_device("auto")  # the GPU backend probe (numba) the readers' "auto" makes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() in a threaded process
+        mp.start_processes(_dcp_worker.main, args=(WORLD, work), nprocs=WORLD,
+                           start_method="fork")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_rank(ranks, scenario):
+    _, _, outcomes = ranks
+    failed = {rank: o.get(scenario, "did not run") for rank, o in outcomes.items()
+              if o.get(scenario) != "ok"}
+    assert not failed, "\n".join(f"rank {r}:\n{text}" for r, text in failed.items())
+
+
+def _plain_state(fill: float = 0.0) -> dict:
+    state = {name: torch.full_like(t, fill) for name, t in _dcp_worker.reference().items()}
+    state["step"] = int(fill)
+    return state
+
+
+def _assert_reference(state: dict) -> None:
+    for name, expected in _dcp_worker.reference().items():
+        assert torch.equal(state[name], expected), name
+    assert state["step"] == 41
+
+
+@pytest.mark.parametrize("folder", ["ckpt4", "ckpt2"])
+def test_single_process_loads_sharded_checkpoint(ranks, folder):
+    """4 -> 1 and (4 -> 2) -> 1: plain full tensors in a process without a process group."""
+    work, keyset, _ = ranks
+    state = _plain_state()
+    dcp.load(state, storage_reader=EncryptedReader(os.path.join(work, folder), keyset=keyset,
+                                                   device=CPU))
+    _assert_reference(state)
+
+
+def test_checkpoint_holds_no_names_or_plaintext(ranks):
+    work, _, _ = ranks
+    folder = os.path.join(work, "ckpt4")
+    files = sorted(os.listdir(folder))
+    assert files == [".metadata"] + [f"__{r}_0{DATA_SUFFIX}" for r in range(WORLD)]
+    embedding = _dcp_worker.reference()["embedding"].numpy().tobytes()
+    for name in files:
+        with open(os.path.join(folder, name), "rb") as f:
+            data = f.read()
+        for secret in (b"embedding", b"model.0.weight", embedding[:16]):
+            assert secret not in data, (name, secret)
+
+
+# ------------------------------------------------------------------ tamper cases
+
+
+def _flip_at(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x80]))
+
+
+def _truncate(path: str) -> None:
+    os.truncate(path, os.path.getsize(path) - 10)
+
+
+def _append(path: str) -> None:
+    with open(path, "ab") as f:
+        f.write(b"\x00" * 16)
+
+
+def _swap(a: str, b: str) -> None:
+    os.replace(a, a + ".x")
+    os.replace(b, a)
+    os.replace(a + ".x", b)
+
+
+def _size(folder: str, name: str) -> int:
+    return os.path.getsize(os.path.join(folder, name))
+
+
+R0, R1, META = f"__0_0{DATA_SUFFIX}", f"__1_0{DATA_SUFFIX}", ".metadata"
+# name: (change the folder, the file the error must name, error type, words in its message)
+TAMPER = {
+    "flipped data byte, rank 0's file": (lambda d: _flip_at(f"{d}/{R0}", _size(d, R0) - 40),
+                                          R0, "AuthenticationError", "failed authentication"),
+    "flipped data byte, rank 1's file": (lambda d: _flip_at(f"{d}/{R1}", _size(d, R1) // 2 + 64),
+                                          R1, "AuthenticationError", "failed authentication"),
+    "flipped header byte": (lambda d: _flip_at(f"{d}/{R1}", 120), R1, "AuthenticationError",
+                            "header authentication failed"),
+    "rank files swapped": (lambda d: _swap(f"{d}/{R0}", f"{d}/{R1}"), R0, "AuthenticationError",
+                           f"recorded as {R1}"),
+    "truncated file": (lambda d: _truncate(f"{d}/{R1}"), R1, "TruncatedError", "truncated"),
+    "bytes appended": (lambda d: _append(f"{d}/{R0}"), R0, "FormatError", "appended"),
+    "data file missing": (lambda d: os.remove(f"{d}/{R1}"), R1, "FileNotFoundError",
+                          "No such file"),
+    "flipped metadata byte": (lambda d: _flip_at(f"{d}/{META}", _size(d, META) - 20),
+                              META, "AssertionError", "failed authentication"),
+    "metadata of another save": (lambda d: shutil.copyfile(f"{d}/../ckpt4/{META}", f"{d}/{META}"),
+                                 R0, "AuthenticationError", "another save"),
+}
+
+
+@pytest.fixture
+def ckpt2_copy(ranks, tmp_path):
+    work, keyset, _ = ranks
+    copy = tmp_path / "ckpt2"
+    shutil.copytree(os.path.join(work, "ckpt2"), copy)
+    os.symlink(os.path.join(work, "ckpt4"), tmp_path / "ckpt4")
+    return str(copy), keyset
+
+
+def _failure(load) -> BaseException:
+    """The one rank's error of a single-process DCP load that must fail."""
+    with pytest.raises(CheckpointException) as info:
+        load()
+    (rank, (error, _)), = info.value.failures.items()
+    assert rank == 0
+    return error
+
+
+@pytest.mark.parametrize("case", list(TAMPER))
+def test_tampered_checkpoint_is_refused_and_state_untouched(ckpt2_copy, case):
+    folder, keyset = ckpt2_copy
+    change, culprit, kind, words = TAMPER[case]
+    change(folder)
+    state = _plain_state(fill=5.0)
+    error = _failure(lambda: dcp.load(
+        state, storage_reader=EncryptedReader(folder, keyset=keyset, device=CPU)))
+    assert type(error).__name__ == kind, repr(error)
+    assert os.path.join(folder, culprit) in str(error) and words in str(error), str(error)
+    for name, value in state.items():  # nothing was loaded, not even from the good files
+        assert (value == 5) if name == "step" else bool((value.float() == 5.0).all()), name
+
+
+def test_wrong_keyset_is_refused(ckpt2_copy):
+    folder, _ = ckpt2_copy
+    state = _plain_state(fill=5.0)
+    error = _failure(lambda: dcp.load(
+        state, storage_reader=EncryptedReader(folder, keyset=keys.Keyset.generate(), device=CPU)))
+    # DCP reports a failed metadata read as an AssertionError that quotes gpucrypt's error
+    assert f"{folder}/.metadata: no recipient in this file matches your key(s)" in str(error)
+    assert bool((state["embedding"] == 5.0).all())
+
+
+def test_unrecorded_data_key_is_refused(ckpt2_copy, tmp_path):
+    """A data file re-encrypted for the right keyset by someone else is still refused: its
+    header is not the one the metadata recorded."""
+    folder, keyset = ckpt2_copy
+    other = tmp_path / "other"
+    state = _plain_state(fill=1.0)
+    state["step"] = 41
+    dcp.save(state, storage_writer=EncryptedWriter(other, keyset=keyset))
+    shutil.copyfile(other / R0, os.path.join(folder, R0))
+    error = _failure(lambda: dcp.load(_plain_state(),
+                                      storage_reader=EncryptedReader(folder, keyset=keyset,
+                                                                     device=CPU)))
+    assert type(error).__name__ == "AuthenticationError" and "another save" in str(error)
+
+
+# ------------------------------------------------------------------ keys
+
+
+def test_public_key_recipients_and_identities(tmp_path):
+    alice, bob = keys.Identity.generate(), keys.Identity.generate("mlkem768-x25519")
+    state = {"w": torch.randn(33, 7), "flags": torch.tensor([True, False]),
+             "empty": torch.empty(0, 3), "meta": {"epoch": 3, "name": "run-1"}}
+    dcp.save(state, storage_writer=EncryptedWriter(tmp_path,
+                                                   recipients=[alice.recipient, bob.recipient],
+                                                   device="cpu", algorithm="aes-256-gcm"))
+    for identity in (alice, bob):
+        out = {"w": torch.zeros(33, 7), "flags": torch.zeros(2, dtype=torch.bool),
+               "empty": torch.empty(0, 3), "meta": {"epoch": 0, "name": ""}}
+        dcp.load(out, storage_reader=EncryptedReader(tmp_path, identities=identity, device=CPU))
+        assert torch.equal(out["w"], state["w"]) and torch.equal(out["flags"], state["flags"])
+        assert out["meta"] == {"epoch": 3, "name": "run-1"}
+    stranger = keys.Identity.generate()
+    error = _failure(lambda: dcp.load({"w": torch.zeros(33, 7)},
+                                      storage_reader=EncryptedReader(tmp_path, identities=stranger,
+                                                                     device=CPU)))
+    assert "no recipient in this file matches your key(s)" in str(error)
+
+
+def test_writer_and_reader_refuse_to_pickle_keys(tmp_path):
+    keyset = keys.Keyset.generate()
+    for holder in (EncryptedWriter(tmp_path, keyset=keyset),
+                   EncryptedReader(tmp_path, keyset=keyset, device=CPU),
+                   EncryptionExtension(keyset=keyset),
+                   EncryptedWriter(tmp_path, recipients=keys.Identity.generate().recipient)):
+        with pytest.raises(TypeError, match="holds keys and cannot be pickled"):
+            pickle.dumps(holder)
+
+
+def test_async_save_with_the_thread_executor(tmp_path):
+    keyset = keys.Keyset.generate()
+    state = {"w": torch.randn(16, 4), "step": 2}
+    dcp.async_save(state, storage_writer=EncryptedWriter(tmp_path, keyset=keyset,
+                                                         device=CPU)).result()
+    out = {"w": torch.zeros(16, 4), "step": 0}
+    dcp.load(out, storage_reader=EncryptedReader(tmp_path, keyset=keyset, device=CPU))
+    assert torch.equal(out["w"], state["w"]) and out["step"] == 2
+
+
+def test_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="recipients= and/or keyset="):
+        EncryptedWriter(tmp_path)
+    with pytest.raises(ValueError, match="identities= and/or keyset="):
+        EncryptedReader(tmp_path)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        EncryptedWriter(tmp_path, keyset=keys.Keyset.generate(), algorithm="rot13")
+    with pytest.raises(ValueError, match="device must be"):
+        EncryptedReader(tmp_path, keyset=keys.Keyset.generate(), device="tpu")
+
+
+def test_metadata_unpickles_only_dcp_classes(tmp_path):
+    """Even authenticated metadata may hold nothing but DCP's classes and plain values."""
+    keyset = keys.Keyset.generate()
+    dcp.save({"w": torch.ones(3)}, storage_writer=EncryptedWriter(tmp_path, keyset=keyset))
+    marker = tmp_path / "ran"
+    evil = {"format": METADATA_FORMAT, "version": METADATA_VERSION,
+            "metadata": _Runs(f"touch {marker}"), "files": {}}
+    keys.encrypt_file(pickle.dumps(evil), str(tmp_path / ".metadata"), keyset=keyset)
+    error = _failure(lambda: dcp.load({"w": torch.zeros(3)},
+                                      storage_reader=EncryptedReader(tmp_path, keyset=keyset,
+                                                                     device=CPU)))
+    assert "posix.system, which is not part of DCP's metadata" in str(error)
+    assert not marker.exists()
+
+
+class _KeptOpen(io.BytesIO):
+    """DCP hands a transform a stream whose close() only flushes; so does this one."""
+
+    def close(self):
+        pass
+
+
+class _Runs:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.cudasim
+def test_sealed_by_the_gpu_backend_opens_on_the_cpu(tmp_path):
+    """``device="gpu"`` reaches the model files' GPU sealing (numba's simulator where there
+    is no GPU; host tensors, staged by the pipeline's GPU runner): the files it writes
+    load on the CPU, byte for byte."""
+    keyset = keys.Keyset.generate()
+    state = {"w": torch.randn(8, 8), "step": 3}
+    dcp.save(state, storage_writer=EncryptedWriter(tmp_path, keyset=keyset, device="gpu"))
+    out = {"w": torch.zeros(8, 8), "step": 0}
+    dcp.load(out, storage_reader=EncryptedReader(tmp_path, keyset=keyset, device=CPU))
+    assert torch.equal(out["w"], state["w"]) and out["step"] == 3
+
+
+# ------------------------------------------------------------------ the extension form
+
+
+def test_extension_with_stock_writer_and_reader(tmp_path):
+    keyset = keys.Keyset.generate()
+    state = {"w": torch.randn(64, 40), "b": torch.arange(7, dtype=torch.bfloat16), "step": 9}
+    ext = EncryptionExtension(keyset=keyset, segment_size=4096)  # several segments per item
+    dcp.save(state, storage_writer=FileSystemWriter(tmp_path, _extensions=[ext]))
+    with open(tmp_path / "__0_0.distcp", "rb") as f:
+        assert state["w"].numpy().tobytes()[:32] not in f.read()
+
+    out = {"w": torch.zeros(64, 40), "b": torch.zeros(7, dtype=torch.bfloat16), "step": 0}
+    reader_side = EncryptionExtension(keyset=keyset)  # a reader needs only its keys
+    dcp.load(out, storage_reader=FileSystemReader(tmp_path,
+                                                  _extension_registry=reader_side.registry()))
+    assert torch.equal(out["w"], state["w"]) and torch.equal(out["b"], state["b"])
+    assert out["step"] == 9
+
+    error = _failure(lambda: dcp.load(out, storage_reader=FileSystemReader(tmp_path)))
+    assert "Unknown extension" in str(error)  # DCP's own registry does not know it
+    error = _failure(lambda: dcp.load(out, storage_reader=FileSystemReader(
+        tmp_path,
+        _extension_registry=EncryptionExtension(keyset=keys.Keyset.generate()).registry())))
+    assert "no recipient in this file matches your key(s)" in str(error)
+
+    data = tmp_path / "__0_0.distcp"
+    _flip_at(str(data), os.path.getsize(data) // 2)
+    error = _failure(lambda: dcp.load(out, storage_reader=FileSystemReader(
+        tmp_path, _extension_registry=reader_side.registry())))
+    assert type(error).__name__ == "AuthenticationError"
+
+
+def test_extension_stream_is_random_access(tmp_path):
+    """Each item is a gpucrypt stream: a reader opens only the segments it reads."""
+    from gpucrypt import stream
+
+    keyset = keys.Keyset.generate()
+    ext = EncryptionExtension(keyset=keyset, segment_size=4096)
+    raw = _KeptOpen()
+    payload = os.urandom(3 * 4096 + 100)
+    with ext.transform_to(raw) as sink:
+        sink.write(payload[:10])
+        sink.write(payload[10:])
+    sealed = raw.getvalue()
+    header = stream.read_header(sealed)
+    key = keys.open_envelope(header.envelope, keyset)
+    assert stream.decrypt(sealed, io.BytesIO(), key) == header
+    # tamper segment 0: a read of segment 2 still succeeds, a read of segment 0 fails
+    broken = bytearray(sealed)
+    broken[header.header_length + 5] ^= 1
+    reader = ext.transform_from(io.BytesIO(bytes(broken)))
+    reader.seek(2 * 4096)
+    assert reader.read(50) == payload[2 * 4096:2 * 4096 + 50]
+    reader.seek(0)
+    with pytest.raises(stream.AuthenticationError, match="segment 0"):
+        reader.read(10)
