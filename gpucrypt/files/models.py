@@ -16,6 +16,8 @@ Public API::
     load_encrypted(path, key, device="auto", *, framework="torch", threads=None,
                    names=None) -> dict
     read_header(path, key=None) -> ModelHeader
+    safe_open(path, framework, device="cpu", *, key=None, keyset=None, identity=None)
+        safetensors.safe_open's API over a model file (gpucrypt/files/_safe_open.py)
 
 Design choices (the reasons are in docs/MODEL_FORMAT.md):
 
@@ -81,8 +83,8 @@ from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedErr
 from .. import pipeline
 from ..tensors.api import _host_open, _host_seal
 
-__all__ = ["save_encrypted", "load_encrypted", "export_safetensors", "read_header", "ModelHeader", "TensorInfo",
-           "MAGIC", "VERSION", "DEFAULT_SEGMENT_SIZE", "FRAMEWORKS"]
+__all__ = ["save_encrypted", "load_encrypted", "export_safetensors", "read_header", "safe_open",
+           "ModelHeader", "TensorInfo", "MAGIC", "VERSION", "DEFAULT_SEGMENT_SIZE", "FRAMEWORKS"]
 
 MAGIC = b"GPUCMODL"
 VERSION = 1
@@ -1007,3 +1009,13 @@ def _zero_device(framework: str, buf: Any) -> None:
         buf.fill(0)
     else:
         buf[...] = 0
+
+
+def __getattr__(name: str) -> Any:
+    """``safe_open``, from :mod:`gpucrypt.files._safe_open` (which builds on this module),
+    imported on first use."""
+    if name == "safe_open":
+        from ._safe_open import safe_open
+
+        return safe_open
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
