@@ -288,18 +288,6 @@ def test_argument_errors(files):
         s[0]
 
 
-@pytest.mark.cudasim
-def test_slices_on_the_gpu_path(files, on_cudasim):
-    """device='cuda' decrypts in (simulated) device memory: NumPy stands in for it."""
-    if not on_cudasim:
-        pytest.skip("NumPy arrays stand in for device memory only in the simulator; "
-                    "test_torch_cuda_slices covers a real GPU")
-    plain, enc, key = files
-    with models.safe_open(enc, "numpy", device="cuda", key=key) as f, \
-            safetensors.safe_open(str(plain), "numpy") as ref:
-        same(f.get_slice("cube")[2:4, 5], ref.get_slice("cube")[2:4, 5])  # 1 of 4 segments
-
-
 @pytest.mark.gpu
 def test_torch_cuda_slices(files):
     plain, enc, key = files
