@@ -224,7 +224,9 @@ def render_model_load_run(name: str, doc: dict) -> list[str]:
              f"({doc['tensors']} tensors) loaded to CPU tensors from {doc['dir']} and materialised "
              f"(a byte of every page read), {doc['rounds']} interleaved rounds, medians; "
              f"{doc['cpu']}, {doc['cores']} cores, torch {doc['torch']}, tensorizer "
-             f"{doc['tensorizer']}, commit `{doc['commit'][:10]}`. 1-minute load average "
+             f"{doc['tensorizer']}, commit `{doc['commit'][:10]}`"
+             + (" with uncommitted changes" if doc.get("git_dirty") else "")
+             + f". 1-minute load average "
              f"{doc['load_average_start']:.2f} at the start, {doc['load_average_end']:.2f} at the "
              f"end (other processes shared the CPU when above the core count).", "",
              "| loader | median s | GB/s | time / safetensors | tensorizer time / this |",

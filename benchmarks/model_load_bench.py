@@ -49,6 +49,7 @@ import time
 import torch
 
 from gpucrypt import models
+from gpucrypt.bench import _cpu_model
 from gpucrypt.cli._common import parse_size
 
 PAGE = 4096
@@ -157,17 +158,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{"name": name, "median_s": medians[name], "gb_per_s": nbytes / medians[name] / 1e9,
              "times_s": times[name], "over_safetensors": medians[name] / plain,
              "tensorizer_over_this": tz / medians[name]} for name in loaders]
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                                cwd=here).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, cwd=here).stdout.strip())
     except OSError:
-        commit = ""
+        commit, dirty = "", False
     doc = {"benchmark": "model_load_bench", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                   time.gmtime()),
            "bytes": nbytes, "tensors": len(names), "rounds": args.rounds, "dir": args.dir,
-           "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+           "cores": os.cpu_count(), "cpu": _cpu_model(),
            "python": platform.python_version(), "torch": torch.__version__,
-           "tensorizer": tensorizer.__version__, "commit": commit,
+           "tensorizer": tensorizer.__version__, "commit": commit, "git_dirty": dirty,
            "load_average_start": load_start[0], "load_average_end": load_end[0], "rows": rows}
     for row in rows:
         print(f"{row['name']:58s} {row['median_s']:7.3f} s  {row['gb_per_s']:6.2f} GB/s  "
