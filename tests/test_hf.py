@@ -173,3 +173,15 @@ def test_lora_adapter(lib, tiny, tmp_path):
     assert again is loaded
     again.set_adapter("second")
     assert torch.equal(logits_of(again), want)
+
+
+@pytest.mark.gpu
+def test_model_decrypted_onto_the_gpu(lib, tiny):
+    transformers, _ = lib
+    d, model, _, key = tiny
+    loaded = hf.from_pretrained(transformers.LlamaForCausalLM, d / "enc", key=key, device="cuda")
+    want = model.state_dict()
+    got = loaded.state_dict()
+    assert sorted(got) == sorted(want)
+    for name, t in got.items():
+        assert t.is_cuda and torch.equal(t.cpu(), want[name]), name
