@@ -149,7 +149,7 @@ def basic_index(shape):
         lambda items: st.sampled_from([items, items + (Ellipsis,)]))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(data=st.data())
 def test_random_slices_match_safetensors(files, data):
     plain, enc, key = files
@@ -168,7 +168,7 @@ def expected_segments(shape, itemsize, index, segment=SEG) -> list[int]:
                   | set(((starts + itemsize - 1) // segment).tolist()))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(data=st.data())
 def test_touched_segments_are_exactly_the_selected_bytes(data):
     shape = tuple(data.draw(st.lists(st.integers(0, 12), min_size=0, max_size=4)))
