@@ -148,7 +148,8 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
             continue
         render_one = {"stream_bench": render_stream_run, "tensor_bench": render_tensor_run,
                       "model_scale_run": render_model_scale_run,
-                      "dcp_bench": render_dcp_run}.get(doc.get("benchmark"), render_run)
+                      "dcp_bench": render_dcp_run,
+                      "model_load_bench": render_model_load_run}.get(doc.get("benchmark"), render_run)
         lines += render_one(path.stem, doc)
     if cli_runs:
         lines += render_cli_section(cli_runs)
@@ -215,6 +216,34 @@ def render_model_scale_run(name: str, doc: dict) -> list[str]:
              f"(imports included).", "", "| step | seconds | GB/s | peak RSS |", "|---|---:|---:|---:|"]
     lines += [f"| {step} | {r['seconds']:.1f} | {doc['size'] / r['seconds'] / 1e9:.2f} | "
               f"{r['peak_rss_mib']} MiB |" for step, r in doc["steps"].items()]
+    return lines + [""]
+
+
+def render_model_load_run(name: str, doc: dict) -> list[str]:
+    """A ``benchmarks/model_load_bench.py`` run: encrypted loads against tensorizer and safetensors."""
+    lines = [f"## {name}", "",
+             f"`benchmarks/model_load_bench.py`: a {format_size(doc['bytes'])} bfloat16 state dict "
+             f"({doc['tensors']} tensors) loaded to CPU tensors from {doc['dir']} and materialised "
+             f"(a byte of every page read), {doc['rounds']} interleaved rounds, medians; "
+             f"{doc['cpu']}, {doc['cores']} cores, torch {doc['torch']}, tensorizer "
+             f"{doc['tensorizer']}, commit `{doc['commit'][:10]}`"
+             + (" with uncommitted changes" if doc.get("git_dirty") else "")
+             + f". 1-minute load average "
+             f"{doc['load_average_start']:.2f} at the start, {doc['load_average_end']:.2f} at the "
+             f"end (other processes shared the CPU when above the core count).", "",
+             "| loader | median s | rounds, s | GB/s | time / safetensors | tensorizer time / this |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['name']} | {r['median_s']:.3f} | {min(r['times_s']):.1f} to "
+              f"{max(r['times_s']):.1f} | {r['gb_per_s']:.2f} | x{r['over_safetensors']:.2f} | "
+              f"x{r['tensorizer_over_this']:.2f} |" for r in doc["rows"]]
+    best = min((r for r in doc["rows"] if r["name"].startswith("gpucrypt")),
+               key=lambda r: r["median_s"])
+    lines += ["", f"Issue 18's targets, for {best['name']}: at least x1.5 faster than tensorizer "
+                  f"(x{best['tensorizer_over_this']:.2f}: "
+                  f"{'met' if best['tensorizer_over_this'] >= 1.5 else 'not met'} in this run) and "
+                  f"at most x1.15 the time of safetensors (x{best['over_safetensors']:.2f}: "
+                  f"{'met' if best['over_safetensors'] <= 1.15 else 'not met'}). The spread of the "
+                  f"rounds says how far the medians can be trusted on this machine."]
     return lines + [""]
 
 

@@ -1,4 +1,5 @@
-"""``gpucrypt encrypt-model IN.safetensors OUT`` and ``gpucrypt decrypt-model IN OUT.safetensors``.
+"""``gpucrypt encrypt-model IN.safetensors OUT`` and ``gpucrypt decrypt-model IN OUT.safetensors``;
+both also take a Hugging Face checkpoint folder for IN and a new folder for OUT.
 
 Converts between plain safetensors files (checked with the ``safetensors`` package:
 ``pip install "gpucrypt[models]"``) and gpucrypt model files (:mod:`gpucrypt.models`,
@@ -21,6 +22,11 @@ a few MiB. ``encrypt-model`` reads the safetensors file segment by segment
 ``decrypt-model`` (:func:`gpucrypt.models.export_safetensors`, on the CPU's threads)
 writes each verified batch where ``safetensors.save_file`` would have put it. To
 decrypt onto a GPU, load the file with :func:`gpucrypt.models.load_encrypted` instead.
+
+Folders (:mod:`gpucrypt.files.checkpoints`): every ``*.safetensors`` file (the shards a
+``model.safetensors.index.json`` lists, a PEFT ``adapter_model.safetensors``) becomes a
+model file of the same name under one data key; config, index and tokenizer files are
+copied. OUT must be new (or an empty folder) and appears whole at the end.
 """
 from __future__ import annotations
 
@@ -55,7 +61,8 @@ def add_encrypt_model(parser: argparse.ArgumentParser) -> None:
     from ..files.models import DEFAULT_SEGMENT_SIZE
     from ..files.stream import ALGORITHMS
 
-    _common(parser, "encrypt", "a .safetensors file", "the encrypted model file to write")
+    _common(parser, "encrypt", "a .safetensors file, or a Hugging Face checkpoint folder",
+            "the encrypted model file (or new folder) to write")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="where to encrypt (default: auto)")
     parser.add_argument("--algorithm", choices=ALGORITHMS, default="chacha20-poly1305",
@@ -70,7 +77,8 @@ def add_encrypt_model(parser: argparse.ArgumentParser) -> None:
 
 def add_decrypt_model(parser: argparse.ArgumentParser) -> None:
     """Decrypt a gpucrypt model file back into a safetensors file."""
-    _common(parser, "decrypt", "an encrypted model file", "the .safetensors file to write")
+    _common(parser, "decrypt", "an encrypted model file, or an encrypted checkpoint folder",
+            "the .safetensors file (or new folder) to write")
     parser.set_defaults(func=_run_decrypt_model)
 
 
@@ -86,6 +94,8 @@ def _run_encrypt_model(args) -> int:
     from ..files._safetensors import open_safetensors
 
     check_key_sources(args)
+    if os.path.isdir(args.input):
+        return _run_encrypt_checkpoint(args)
     _check_paths(args)
     _safetensors()
     key, key_id, envelope = encrypt_keys(args)
@@ -113,6 +123,8 @@ def _run_decrypt_model(args) -> int:
     from ..files import models
 
     check_key_sources(args)
+    if os.path.isdir(args.input):
+        return _run_decrypt_checkpoint(args)
     _check_paths(args)
     with destination(args, binary_ciphertext=True) as dst:  # refuses a folder, an existing OUT
         def work():
@@ -120,4 +132,44 @@ def _run_decrypt_model(args) -> int:
             models.export_safetensors(args.input, dst, decrypt_key(args, header))
 
         run_reporting_errors(args, work)
+    return 0
+
+
+# --------------------------------------------------------------------------- checkpoint folders
+def _check_folder_output(args) -> None:
+    if args.output == "-":
+        raise CliError("a checkpoint folder is written to a folder: give OUT as a path", 2)
+    if os.path.lexists(args.output) and not (os.path.isdir(args.output)
+                                             and not os.listdir(args.output)):
+        raise CliError(f"output exists: {args.output} (a checkpoint folder is written to a new "
+                       f"or empty folder; nothing is deleted to make room)", 2)
+
+
+def _run_encrypt_checkpoint(args) -> int:
+    """IN is a Hugging Face checkpoint folder: every .safetensors file encrypted under one
+    data key, the rest copied (:func:`gpucrypt.files.checkpoints.encrypt_checkpoint`)."""
+    from ..files import checkpoints
+
+    _check_folder_output(args)
+    _safetensors()
+    key, key_id, envelope = encrypt_keys(args)
+    run_reporting_errors(args, lambda: checkpoints.encrypt_checkpoint(
+        args.input, args.output, key, key_id=key_id, envelope=envelope,
+        algorithm=args.algorithm, encrypt_names=args.encrypt_names,
+        segment_size=args.segment_size, device=args.device))
+    return 0
+
+
+def _run_decrypt_checkpoint(args) -> int:
+    from ..files import checkpoints, models
+
+    _check_folder_output(args)
+
+    def work():
+        layout = checkpoints.checkpoint_layout(args.input)
+        # unauthenticated: only to find the envelope (one data key for the folder)
+        header = models.read_header(os.path.join(args.input, layout.tensor_files[0]))
+        checkpoints.decrypt_checkpoint(args.input, args.output, key=decrypt_key(args, header))
+
+    run_reporting_errors(args, work)
     return 0

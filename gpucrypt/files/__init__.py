@@ -1,7 +1,9 @@
 """Files: the bytes gpucrypt writes to disk, and the operations on them.
 
 - :mod:`~gpucrypt.files.stream`: the segmented stream format (``gpucrypt.stream``);
-- :mod:`~gpucrypt.files.models`: encrypted model files (``gpucrypt.models``);
+- :mod:`~gpucrypt.files.models`: encrypted model files (``gpucrypt.models``), read with
+  safetensors' API by ``_safe_open`` (``gpucrypt.models.safe_open``);
+- :mod:`~gpucrypt.files.checkpoints`: Hugging Face checkpoint folders, file by file;
 - :mod:`~gpucrypt.files.keyed`: files sealed for recipients or a keyset
   (``gpucrypt.keys.encrypt_file`` and friends);
 - ``_format`` (header bytes, segment keys and nonces), ``_atomic`` (atomic output),

@@ -17,6 +17,8 @@ Public API::
                    names=None) -> dict
     read_header(path, key=None) -> ModelHeader
     replace_envelope(path, key, envelope, key_id=<keep>) -> ModelHeader
+    safe_open(path, framework, device="cpu", *, key=None, keyset=None, identity=None)
+        safetensors.safe_open's API over a model file (gpucrypt/files/_safe_open.py)
 
 Design choices (the reasons are in docs/MODEL_FORMAT.md):
 
@@ -82,7 +84,7 @@ from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedErr
 from .. import pipeline
 from ..tensors.api import _host_open, _host_seal
 
-__all__ = ["save_encrypted", "load_encrypted", "export_safetensors", "read_header",
+__all__ = ["save_encrypted", "load_encrypted", "export_safetensors", "read_header", "safe_open",
            "replace_envelope", "ModelHeader", "TensorInfo",
            "MAGIC", "VERSION", "DEFAULT_SEGMENT_SIZE", "FRAMEWORKS"]
 
@@ -1047,3 +1049,13 @@ def replace_envelope(path: Any, key: Any, envelope: Any, key_id: Any = _KEEP) ->
                        hashlib.sha256).digest()
         replace_head(path, f, body + mac)
     return _replace(header, header_mac=mac, header_length=len(body) + MAC_SIZE)
+
+
+def __getattr__(name: str) -> Any:
+    """``safe_open``, from :mod:`gpucrypt.files._safe_open` (which builds on this module),
+    imported on first use."""
+    if name == "safe_open":
+        from ._safe_open import safe_open
+
+        return safe_open
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,309 @@
+"""``safe_open`` for gpucrypt model files, with the behaviour of ``safetensors.safe_open``.
+
+Code written for safetensors works by changing the import and giving a key::
+
+    from gpucrypt.models import safe_open        # was: from safetensors import safe_open
+
+    with safe_open("model.gcsafetensors", framework="pt", device="cpu", key=key) as f:
+        names = f.keys()                          # sorted, as safetensors
+        meta = f.metadata()                       # dict[str, str], or None
+        w = f.get_tensor("lm_head.weight")
+        rows = f.get_slice("embed.weight")[1000:2000]   # decrypts only those rows' segments
+
+The key: ``key=`` (32 bytes), or ``keyset=`` and/or ``identity=`` (one or several
+:class:`~gpucrypt.keys.Identity`, :class:`~gpucrypt.keys.KeysetKey`, providers ...)
+to unwrap the data key from the file's envelope.
+
+What happens when:
+
+- opening reads the header, checks its MAC (a wrong key or a tampered table, name,
+  shape or metadata fails here, before any data is read) and reads the tag table
+  (16 bytes per segment); the file stays open until ``__exit__``/:meth:`close`;
+- ``get_tensor(name)`` reads and verifies that tensor's segments only, with
+  :func:`gpucrypt.models.load_encrypted`'s engine (straight into the tensor's memory
+  on the CPU, through pinned staging into device memory on a GPU); a failed segment
+  raises ``AuthenticationError`` and nothing is returned;
+- ``get_slice(name)[index]`` works out which segments hold the bytes the index selects
+  (basic indexing: ints, slices with positive steps, ``...``, as safetensors and
+  torch take them) and decrypts only those, into a buffer the size of the tensor whose
+  untouched pages are never written (so never made resident, on the CPU). The result
+  is a fresh contiguous tensor (the whole tensor itself when the index selects all of
+  it); the decrypted segments around it are zeroed before the buffer is dropped.
+  Damage to segments the slice does not touch is, by design, not noticed.
+
+Differences from safetensors: unknown names raise ``KeyError`` and a closed file
+``ValueError`` (safetensors raises its own ``SafetensorError`` for both); frameworks
+are "pt"/"torch" and "np"/"numpy" (bfloat16 and float8 in NumPy need ``ml_dtypes``);
+``get_dtype()`` gives safetensors' codes ("F32", "BF16", "F8_E4M3", ...), or the
+portable name for a dtype safetensors lacks. On a GPU a slice decrypts into device
+memory the size of its whole tensor, for as long as the call lasts.
+"""
+from __future__ import annotations
+
+import builtins
+import os
+from typing import Any
+
+import numpy as np
+
+from . import _format
+from . import models as _models
+from .. import pipeline
+from ._safetensors import SAFETENSORS_DTYPES
+from ..tensors import _frameworks as fw
+
+__all__ = ["safe_open", "SafeSlice", "model_key"]
+
+#: safetensors' framework names -> gpucrypt.models' frameworks
+_FRAMEWORKS = {"pt": "torch", "torch": "torch", "np": "numpy", "numpy": "numpy"}
+_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
+#: most runs of a slice enumerated one by one; past it the innermost strided dimension
+#: is taken as one span (a few more segments decrypted, memory bounded)
+_MAX_RUNS = 1 << 20
+
+
+def model_key(header: Any, key: Any = None, keyset: Any = None, identity: Any = None) -> bytes:
+    """The 32-byte key of the model file whose (parsed, unverified) ``header`` is given:
+    ``key`` itself, or the data key unwrapped from the header's envelope with
+    ``identity`` and/or ``keyset``. ``ValueError`` when none or both kinds are given."""
+    if key is not None:
+        if keyset is not None or identity is not None:
+            raise ValueError("give key= or keyset=/identity=, not both")
+        return _format.check_key(key)
+    if keyset is None and identity is None:
+        raise ValueError("no key given: pass key= (32 bytes), or keyset= and/or identity= "
+                         "to unwrap the file's data key")
+    from ..keys import NoMatchingRecipient, open_envelope
+    from ..keys.recipients import identity_list
+
+    if not header.envelope:
+        raise NoMatchingRecipient("this model file carries no envelope: it was encrypted with a "
+                                  "raw key; open it with key=")
+    items = identity_list(identity)
+    if keyset is not None:
+        items.append(keyset)
+    return open_envelope(header.envelope, items)
+
+
+def _device(device: Any) -> str:
+    """safetensors' device spellings (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``1``, a
+    ``torch.device``) as gpucrypt.models' ("cpu", "cuda", "cuda:N")."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}"
+    elif type(device).__name__ == "device":  # torch.device
+        device = str(device)
+    if device in ("auto", "gpu"):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or an int, not {device!r}")
+    return _models._check_device(device)
+
+
+class safe_open:  # noqa: N801 - safetensors' own name
+    """An open gpucrypt model file, read tensor by tensor (see the module docstring).
+
+    ``framework``: "pt"/"torch" (torch tensors) or "np"/"numpy" (NumPy arrays).
+    ``device``: "cpu" (default), "cuda", "cuda:N" or N. ``threads``: CPU threads for
+    large tensors (default: the usable cores). Usable as a context manager; tensors
+    returned stay valid after the file is closed.
+    """
+
+    def __init__(self, filename: Any, framework: str, device: Any = "cpu", *, key: Any = None,
+                 keyset: Any = None, identity: Any = None, threads: int | None = None):
+        if framework not in _FRAMEWORKS:
+            raise ValueError(f"framework must be one of {sorted(_FRAMEWORKS)}, not {framework!r}")
+        self._framework = _FRAMEWORKS[framework]
+        self._device = _device(device)
+        self._threads = pipeline.cpu_threads(threads)
+        self._file = builtins.open(filename, "rb", buffering=0)
+        try:
+            key = model_key(_models._parse(self._file), key, keyset, identity)
+            self._file.seek(0)
+            (self._header, segments, self._tags, self._seg_key,
+             self._aad) = _models._prepare_open(self._file, key)
+        except BaseException:
+            self._file.close()
+            raise
+        infos = self._header.tensors
+        self._position = {info.name: t for t, info in enumerate(infos)}
+        self._segments: list[list] = [[] for _ in infos]
+        for seg in segments:
+            self._segments[seg.tensor].append(seg)
+
+    # ---------------------------------------------------------------- safetensors' API
+    def __enter__(self) -> "safe_open":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file (tensors already returned stay valid)."""
+        self._file.close()
+
+    def keys(self) -> list[str]:
+        """The tensor names, sorted (as safetensors)."""
+        return sorted(self._position)
+
+    def offset_keys(self) -> list[str]:
+        """The tensor names in the order of their data in the file."""
+        return [info.name for info in self._header.tensors]
+
+    def metadata(self) -> dict | None:
+        """The file's ``__metadata__`` (str -> str), or None when it has none."""
+        return dict(self._header.metadata) if self._header.metadata else None
+
+    def get_tensor(self, name: str) -> Any:
+        """The whole tensor ``name``, decrypted and verified."""
+        t = self._index(name)
+        return self._load(t, self._segments[t])
+
+    def get_tensors(self) -> dict:
+        """Every tensor, name -> tensor, in the file's order, in one pipelined pass."""
+        self._check_open()
+        picked = list(range(len(self._header.tensors)))
+        every = [s for segs in self._segments for s in segs]
+        return self._run(every, picked, self._threads)
+
+    def get_slice(self, name: str) -> "SafeSlice":
+        """A handle on tensor ``name`` that decrypts what ``handle[index]`` selects."""
+        return SafeSlice(self, self._index(name))
+
+    # ---------------------------------------------------------------- inside
+    def _check_open(self) -> None:
+        if self._file.closed:
+            raise ValueError("the model file is closed: read tensors inside the 'with' block")
+
+    def _index(self, name: str) -> int:
+        self._check_open()
+        try:
+            return self._position[name]
+        except (KeyError, TypeError):
+            raise KeyError(f"no tensor {name!r} in this model file") from None
+
+    def _run(self, segments: list, picked: list[int], threads: int) -> dict:
+        h = self._header
+        if self._device == "cpu":
+            return _models._load_on_cpu(self._file, h, segments, self._tags, self._seg_key,
+                                        self._aad, self._framework, threads, picked)
+        return _models._load_on_gpu(self._file, h, segments, self._tags, self._seg_key,
+                                    self._aad, self._framework, self._device, picked)
+
+    def _load(self, t: int, segments: list) -> Any:
+        """Tensor ``t`` with only ``segments`` of it decrypted (the rest of its memory
+        left as allocated); small reads stay in this thread."""
+        nbytes = sum(s.length for s in segments)
+        threads = self._threads if nbytes > self._header.segment_size else 0
+        return self._run(segments, [t], threads)[self._header.tensors[t].name]
+
+
+class SafeSlice:
+    """``safe_open(...).get_slice(name)``: shape and dtype without decrypting anything;
+    ``[index]`` decrypts the segments the index touches and returns that part."""
+
+    def __init__(self, owner: safe_open, position: int):
+        self._owner, self._t = owner, position
+        self._info = owner._header.tensors[position]
+
+    def get_shape(self) -> list[int]:
+        return list(self._info.shape)
+
+    def get_dtype(self) -> str:
+        return _CODES.get(self._info.dtype, self._info.dtype)
+
+    def __len__(self) -> int:
+        if not self._info.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self._info.shape[0]
+
+    def __getitem__(self, index: Any) -> Any:
+        owner, info = self._owner, self._info
+        owner._check_open()
+        ranges, normal = _normalise(index, info.shape)
+        whole = all(isinstance(i, slice) for i in normal) and all(
+            r == range(n) for r, n in zip(ranges, info.shape))
+        if whole:
+            return owner._load(self._t, owner._segments[self._t])
+        wanted = touched_segments(ranges, info.shape, fw.dtype_itemsize(info.dtype),
+                                  owner._header.segment_size)
+        segments = [owner._segments[self._t][j] for j in wanted]
+        full = owner._load(self._t, segments)
+        try:
+            part = full[normal]
+            part = part.clone() if owner._framework == "torch" else np.array(part, copy=True)
+        finally:
+            _zero_segments(owner._framework, full, segments)
+        return part
+
+
+def _normalise(index: Any, shape: tuple) -> tuple[list[range], tuple]:
+    """Per dimension the indices ``index`` selects (a range), and ``index`` as a tuple of
+    one int or slice per dimension. Errors as torch's and safetensors' for basic indexing."""
+    items = index if isinstance(index, tuple) else (index,)
+    at = [k for k, i in enumerate(items) if i is Ellipsis]
+    if len(at) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    if at:
+        at = at[0]
+        fill = len(shape) - (len(items) - 1)
+        items = items[:at] + (slice(None),) * max(fill, 0) + items[at + 1:]
+    if len(items) > len(shape):
+        raise IndexError(f"too many indices for a tensor of {len(shape)} dimensions: {len(items)}")
+    items = items + (slice(None),) * (len(shape) - len(items))
+    ranges, normal = [], []
+    for d, (item, n) in enumerate(zip(items, shape)):
+        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            i = int(item)
+            if not -n <= i < n:
+                raise IndexError(f"index {i} is out of bounds for dimension {d} with size {n}")
+            i %= n
+            ranges.append(range(i, i + 1))
+            normal.append(i)
+        elif isinstance(item, slice):
+            start, stop, step = item.indices(n)
+            if step <= 0:
+                raise ValueError("slice steps must be positive (as in torch)")
+            ranges.append(range(start, stop, step))
+            normal.append(slice(start, stop, step))
+        else:
+            raise TypeError(f"index with ints, slices and '...' only, not {type(item).__name__} "
+                            f"(as safetensors' get_slice)")
+    return ranges, tuple(normal)
+
+
+def touched_segments(ranges: list[range], shape: tuple, itemsize: int,
+                     segment_size: int) -> list[int]:
+    """The numbers (within the tensor, from 0) of the segments holding any byte of the
+    elements that ``ranges`` (one per dimension, row-major tensor) select, in order."""
+    if any(len(r) == 0 for r in ranges):
+        return []
+    ndim = len(shape)
+    strides = [int(np.prod(shape[d + 1:], dtype=np.int64)) * itemsize for d in range(ndim)]
+    k = ndim  # dimensions k.. are taken whole: each selected index of k-1 is one run
+    while k > 0 and ranges[k - 1] == range(shape[k - 1]):
+        k -= 1
+    run = strides[k - 1] if k > 0 else int(np.prod(shape, dtype=np.int64)) * itemsize
+    grid = list(range(k))  # dimensions whose selected indices each start a run
+    if k > 0 and ranges[k - 1].step == 1:  # consecutive indices of k-1: one longer run
+        grid.pop()
+        run *= len(ranges[k - 1])
+    base = ranges[k - 1].start * strides[k - 1] if k > 0 and ranges[k - 1].step == 1 else 0
+    while grid and int(np.prod([len(ranges[d]) for d in grid], dtype=np.int64)) > _MAX_RUNS:
+        d = grid.pop()  # too many runs: its selection becomes one span (a superset)
+        r = ranges[d]
+        run += (r[-1] - r[0]) * strides[d]
+        base += r[0] * strides[d]
+    starts = np.full(1, base, dtype=np.int64)
+    for d in grid:
+        starts = (starts[:, None] + np.asarray(ranges[d], dtype=np.int64) * strides[d]).reshape(-1)
+    total = int(np.prod(shape, dtype=np.int64)) * itemsize
+    count = -(-total // segment_size)
+    marks = np.zeros(count + 1, dtype=np.int64)
+    np.add.at(marks, starts // segment_size, 1)
+    np.add.at(marks, (starts + run - 1) // segment_size + 1, -1)
+    return np.flatnonzero(np.cumsum(marks[:-1]) > 0).tolist()
+
+
+def _zero_segments(framework: str, full: Any, segments: list) -> None:
+    """Zero the decrypted segments of ``full`` (its other memory was never written)."""
+    raw = fw.BY_NAME[framework].byte_view(full)
+    for s in segments:
+        raw[s.start:s.start + s.length] = 0

@@ -1,0 +1,256 @@
+"""Hugging Face checkpoint folders, encrypted file by file.
+
+A checkpoint folder as ``save_pretrained`` writes it (``config.json``, one
+``model.safetensors`` or shards listed in ``model.safetensors.index.json``, a PEFT
+adapter's ``adapter_config.json`` + ``adapter_model.safetensors``, tokenizer files) is
+encrypted into a folder of the same shape: every ``*.safetensors`` file becomes a
+gpucrypt model file *of the same name* (docs/MODEL_FORMAT.md), so the index's
+``weight_map`` still names the right files; every other file is copied as it is.
+Public API::
+
+    encrypt_checkpoint(src, dst, key, *, key_id=None, envelope=None, **save_options) -> list
+    decrypt_checkpoint(src, dst, *, key=None, keyset=None, identity=None) -> list
+    load_checkpoint(folder, *, key=None, keyset=None, identity=None, device="cpu",
+                    framework="torch", threads=None) -> dict     # the merged state dict
+    checkpoint_layout(folder) -> CheckpointLayout
+
+Rules:
+
+- one data key for the whole folder (each file still derives its own keys from its
+  own random salt); with recipients or a keyset its envelope is in every file, and
+  loading unwraps it once;
+- ``dst`` is written as a temporary folder beside it and renamed into place at the
+  end: it appears complete or not at all. It must not exist (an empty folder is
+  replaced); nothing is ever deleted to make room;
+- refused: a folder holding weights in another format (``.bin``, ``.pt``, ``.pth``,
+  ``.ckpt``, ``.h5``, ``.msgpack``, ``.gguf``, ``.pkl``, ``.npz``, ``.onnx``: copying them
+  would ship plaintext weights) or subfolders (encrypt each one on its own);
+- loading checks the tensors against the index: every name the index lists, from the
+  file it names, and no other.
+
+Not protected: the index and the other copied files are plaintext and not
+authenticated (each tensor file is). Files removed together with their index entries
+are therefore not noticed here; transformers reports their weights as missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from ._atomic import fsync_folder
+from ._format import FormatError
+
+__all__ = ["encrypt_checkpoint", "decrypt_checkpoint", "load_checkpoint", "checkpoint_layout",
+           "CheckpointLayout", "INDEX_SUFFIX", "PLAIN_WEIGHT_SUFFIXES"]
+
+INDEX_SUFFIX = ".safetensors.index.json"
+#: weight formats that must not be copied into an encrypted folder
+PLAIN_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".pkl",
+                         ".npz", ".onnx")
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """The files of a checkpoint folder: ``index`` (the ``*.safetensors.index.json`` file
+    name, or None), its ``weight_map`` (tensor name -> file name, empty without index),
+    the ``tensor_files`` (every ``*.safetensors``, sorted) and the ``other_files``."""
+
+    folder: str
+    index: str | None
+    weight_map: dict
+    tensor_files: tuple
+    other_files: tuple
+
+
+def checkpoint_layout(folder: Any) -> CheckpointLayout:
+    """The layout of ``folder``; ``FormatError`` for a folder that is not one checkpoint
+    (no tensor file, several indexes, an index naming a file that is not there, a
+    subfolder or plaintext weights in another format)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"not a folder: {folder}")
+    names = sorted(os.listdir(folder))
+    subfolders = [n for n in names if os.path.isdir(os.path.join(folder, n))]
+    if subfolders:
+        raise FormatError(f"the checkpoint folder has subfolders ({', '.join(subfolders[:3])}): "
+                          f"encrypt each checkpoint folder on its own")
+    foreign = [n for n in names if n.lower().endswith(PLAIN_WEIGHT_SUFFIXES)]
+    if foreign:
+        raise FormatError(f"{foreign[0]} holds weights in a format other than safetensors; they "
+                          f"would be copied in the clear: convert them to safetensors "
+                          f"(save_pretrained(safe_serialization=True)) or remove them")
+    indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
+    tensor_files = tuple(n for n in names if n.endswith(".safetensors"))
+    if len(indexes) > 1:
+        raise FormatError(f"several indexes in one folder ({', '.join(indexes)}): keep one")
+    if not tensor_files:
+        raise FormatError(f"no .safetensors file in {folder}")
+    weight_map: dict = {}
+    if indexes:
+        weight_map = _read_weight_map(os.path.join(folder, indexes[0]))
+        missing = sorted(set(weight_map.values()) - set(tensor_files))
+        if missing:
+            raise FormatError(f"{indexes[0]} names {missing[0]}, which is not in the folder")
+    others = tuple(n for n in names if n not in tensor_files)
+    return CheckpointLayout(folder, indexes[0] if indexes else None, weight_map, tensor_files,
+                            others)
+
+
+def _read_weight_map(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"{os.path.basename(path)} is not a checkpoint index with a "
+                          f"weight_map ({type(exc).__name__})") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and os.path.basename(v) == v
+            and v.endswith(".safetensors") for k, v in weight_map.items()):
+        raise FormatError(f"{os.path.basename(path)}: weight_map must map tensor names to "
+                          f".safetensors file names in the same folder")
+    return weight_map
+
+
+# ---------------------------------------------------------------------------- writing
+def _write_folder(dst: Any, fill) -> None:
+    """``fill(temp_folder)`` then rename the temporary folder to ``dst`` (which must not
+    exist, or be an empty folder); on any error the temporary folder is removed."""
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.lexists(dst) and not (os.path.isdir(dst) and not os.listdir(dst)):
+        raise FileExistsError(f"{dst} exists: choose a new output folder (nothing is deleted "
+                              f"to make room)")
+    parent = os.path.dirname(dst)
+    temp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".gpucrypt-tmp",
+                            dir=parent)
+    try:
+        fill(temp)
+        os.rename(temp, dst)  # onto an empty folder too (POSIX)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    fsync_folder(parent)
+
+
+def _copy_others(layout: CheckpointLayout, temp: str) -> None:
+    for name in layout.other_files:
+        shutil.copyfile(os.path.join(layout.folder, name), os.path.join(temp, name))
+
+
+def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = None,
+                       envelope: Any = None, **save_options: Any) -> list:
+    """Encrypt the checkpoint folder ``src`` into the new folder ``dst`` (see the module
+    docstring): each ``*.safetensors`` file with :func:`gpucrypt.models.save_encrypted`
+    (read a segment at a time; its ``__metadata__`` kept), the rest copied.
+    ``save_options``: ``algorithm``, ``segment_size``, ``encrypt_names``, ``device``,
+    ``threads``. Returns the headers, in file-name order."""
+    from . import models
+    from ._safetensors import open_safetensors
+
+    layout = checkpoint_layout(src)
+    headers: list = []
+
+    def fill(temp: str) -> None:
+        for name in layout.tensor_files:
+            path = os.path.join(layout.folder, name)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                try:
+                    tensors, metadata = open_safetensors(path, fd)
+                except ValueError as exc:
+                    raise FormatError(f"{name}: {exc}") from None
+                headers.append(models.save_encrypted(
+                    tensors, os.path.join(temp, name), key, metadata, key_id=key_id,
+                    envelope=envelope, **save_options))
+            finally:
+                os.close(fd)
+        _copy_others(layout, temp)
+
+    _write_folder(dst, fill)
+    return headers
+
+
+class _Keys:
+    """The key of each model file of one folder: ``key``, or the data key unwrapped
+    from the file's envelope (once per distinct envelope)."""
+
+    def __init__(self, key: Any, keyset: Any, identity: Any):
+        self._given = (key, keyset, identity)
+        self._unwrapped: dict = {}
+
+    def __call__(self, path: str) -> bytes:
+        from . import models
+        from ._safe_open import model_key
+
+        key, keyset, identity = self._given
+        if key is not None:
+            return model_key(None, key)
+        header = models.read_header(path)  # unauthenticated: only to find the envelope
+        envelope = header.envelope or b""
+        if envelope not in self._unwrapped:
+            self._unwrapped[envelope] = model_key(header, None, keyset, identity)
+        return self._unwrapped[envelope]
+
+
+def decrypt_checkpoint(src: Any, dst: Any, *, key: Any = None, keyset: Any = None,
+                       identity: Any = None, threads: int | None = None) -> list:
+    """The reverse of :func:`encrypt_checkpoint`: each model file of ``src`` exported with
+    :func:`gpucrypt.models.export_safetensors` (verified before it appears), the rest
+    copied, into the new folder ``dst``. Returns the verified headers."""
+    from . import models
+
+    layout = checkpoint_layout(src)
+    keys = _Keys(key, keyset, identity)
+    headers: list = []
+
+    def fill(temp: str) -> None:
+        for name in layout.tensor_files:
+            path = os.path.join(layout.folder, name)
+            headers.append(models.export_safetensors(path, os.path.join(temp, name), keys(path),
+                                                     threads=threads))
+        _copy_others(layout, temp)
+
+    _write_folder(dst, fill)
+    return headers
+
+
+def load_checkpoint(folder: Any, *, key: Any = None, keyset: Any = None, identity: Any = None,
+                    device: str = "cpu", framework: str = "torch",
+                    threads: int | None = None) -> dict:
+    """The state dict of the encrypted checkpoint ``folder``: every model file loaded
+    with :func:`gpucrypt.models.load_encrypted` (``device`` "cpu" or "cuda[:N]": on a
+    GPU the plaintext exists only in device memory), merged in file-name order.
+
+    With an index, the tensors must be exactly the ones its ``weight_map`` lists, each
+    from the file it names (``FormatError`` otherwise); without one, a name found in two
+    files is a ``FormatError``. Errors of ``load_encrypted`` otherwise; no partial
+    state dict is returned."""
+    from . import models
+
+    layout = checkpoint_layout(folder)
+    keys = _Keys(key, keyset, identity)
+    state: dict = {}
+    for name in layout.tensor_files:
+        path = os.path.join(layout.folder, name)
+        tensors = models.load_encrypted(path, keys(path), device, framework=framework,
+                                        threads=threads)
+        for tensor_name in tensors:
+            if tensor_name in state:
+                raise FormatError(f"tensor {tensor_name!r} is in two files (the second: {name})")
+            expected = layout.weight_map.get(tensor_name, name) if layout.index else name
+            if expected != name:
+                raise FormatError(f"{name} holds {tensor_name!r}, which {layout.index} puts in "
+                                  f"{expected}: the files were renamed or swapped")
+        state.update(tensors)
+    if layout.index:
+        missing = sorted(set(layout.weight_map) - set(state))
+        extra = sorted(set(state) - set(layout.weight_map))
+        if missing or extra:
+            raise FormatError(f"the tensors do not match {layout.index}: "
+                              + (f"{len(missing)} missing (e.g. {missing[0]!r})" if missing else "")
+                              + ("; " if missing and extra else "")
+                              + (f"{len(extra)} not listed (e.g. {extra[0]!r})" if extra else ""))
+    return state

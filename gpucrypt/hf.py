@@ -1,0 +1,131 @@
+"""Hugging Face models and PEFT adapters from encrypted checkpoint folders.
+
+``pip install "gpucrypt[hf]"`` (transformers, peft, safetensors). The folders come from
+``gpucrypt encrypt-model IN_FOLDER OUT_FOLDER`` (or
+:func:`gpucrypt.files.checkpoints.encrypt_checkpoint`): the folder ``save_pretrained``
+wrote, with every ``*.safetensors`` file (shards and index, or one file) encrypted::
+
+    from transformers import AutoModelForCausalLM
+    from gpucrypt import hf
+
+    model = hf.from_pretrained(AutoModelForCausalLM, "llama-enc/", keyset=keyset,
+                               device="cuda")           # decrypted on the GPU
+    model = hf.load_adapter(model, "lora-enc/", keyset=keyset)   # a PeftModel
+
+Plaintext weights never touch the disk: the tensors are decrypted into memory (on a GPU,
+into device memory only) and handed to the libraries' own loading code.
+
+**How the model is built.** :func:`from_pretrained` decrypts the state dict with
+:func:`~gpucrypt.files.checkpoints.load_checkpoint` and calls the class's own
+``from_pretrained(None, config=config, state_dict=state_dict, **kwargs)`` (for an Auto
+class, on the class it picks for the config, as its own ``from_pretrained`` would): transformers'
+documented way to build a pretrained model from weights it did not read itself. So
+everything ``from_pretrained`` does on a checkpoint still happens (the model is made
+on the meta device without random init, weight renaming and conversions, tied weights,
+``dtype``, ``device_map``, warnings for missing or unexpected keys), and tensors that
+already have the right device and dtype are taken as they are, not copied again.
+The config is read from the folder's ``config.json`` (pass ``config=`` to override).
+
+**Adapters.** :func:`load_adapter` does what ``PeftModel.from_pretrained`` (or
+``PeftModel.load_adapter`` for a model that already is a ``PeftModel``) does, with the
+adapter's weights decrypted instead of read by safetensors: the adapter config from
+``adapter_config.json``, the task-specific ``PeftModel`` class, ``inference_mode = not
+is_trainable``, then ``set_peft_model_state_dict``. Missing adapter weights raise
+(peft only warns): an encrypted adapter that loads partly is a broken one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .files.checkpoints import load_checkpoint
+
+__all__ = ["from_pretrained", "load_adapter", "load_state_dict"]
+
+
+def load_state_dict(folder: Any, *, key: Any = None, keyset: Any = None, identity: Any = None,
+                    device: str = "cpu", threads: int | None = None) -> dict:
+    """The decrypted state dict (torch tensors on ``device``) of an encrypted checkpoint
+    folder; see :func:`gpucrypt.files.checkpoints.load_checkpoint`."""
+    return load_checkpoint(folder, key=key, keyset=keyset, identity=identity, device=device,
+                           threads=threads)
+
+
+def from_pretrained(model_class: Any, folder: Any, *, key: Any = None, keyset: Any = None,
+                    identity: Any = None, device: str = "cpu", threads: int | None = None,
+                    **kwargs: Any) -> Any:
+    """A transformers model of ``model_class`` (``AutoModelForCausalLM``,
+    ``LlamaForCausalLM``, ...) with the weights of the encrypted checkpoint ``folder``.
+
+    Keys: ``key=`` (32 bytes) or ``keyset=``/``identity=`` for the files' envelope.
+    ``device``: where the weights are decrypted, "cpu" or "cuda[:N]"; a GPU device is
+    also passed on as ``device_map`` unless one is given. Other ``kwargs`` go to
+    ``from_pretrained`` (``dtype``, ``config``, ``attn_implementation``, ...).
+    """
+    folder = os.fspath(folder)
+    if kwargs.get("config") is None:
+        from transformers import AutoConfig
+
+        kwargs["config"] = AutoConfig.from_pretrained(folder)
+    state = load_state_dict(folder, key=key, keyset=keyset, identity=identity, device=device,
+                            threads=threads)
+    if device != "cpu":
+        kwargs.setdefault("device_map", device)
+    return _concrete(model_class, kwargs["config"]).from_pretrained(None, state_dict=state,
+                                                                    **kwargs)
+
+
+def _concrete(model_class: Any, config: Any) -> Any:
+    """The model class an Auto class picks for ``config`` (Auto classes' from_pretrained
+    needs a path, and a state dict comes with none); other classes as they are."""
+    mapping = getattr(model_class, "_model_mapping", None)
+    if mapping is None:
+        return model_class
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    return _get_model_class(config, mapping)
+
+
+def load_adapter(model: Any, folder: Any, *, key: Any = None, keyset: Any = None,
+                 identity: Any = None, adapter_name: str = "default", is_trainable: bool = False,
+                 device: str | None = None, threads: int | None = None) -> Any:
+    """``model`` with the encrypted PEFT adapter in ``folder`` loaded as ``adapter_name``:
+    a new ``PeftModel`` around a plain model, or the same ``PeftModel`` with one more
+    adapter. ``device``: where the adapter weights are decrypted (default: the model's
+    device). ``KeyError`` naming the missing weights when the files lack any."""
+    from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig, PeftModel
+    from peft.utils import set_peft_model_state_dict
+
+    folder = os.fspath(folder)
+    config = PeftConfig.from_pretrained(folder)
+    if config.is_prompt_learning and is_trainable:
+        raise ValueError("a prompt learning adapter cannot be loaded as trainable (as in peft)")
+    config.inference_mode = not is_trainable
+    if device is None:
+        device = str(next(model.parameters()).device)
+    weights = load_state_dict(folder, key=key, keyset=keyset, identity=identity, device=device,
+                              threads=threads)
+    adding = isinstance(model, PeftModel)
+    if adding:
+        model.add_adapter(adapter_name, config)
+        peft_model = model
+    else:
+        cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+        peft_model = cls(model, config, adapter_name)
+    result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+    missing = [k for k in result.missing_keys if adapter_name in k and _is_adapter_key(k, config)]
+    if missing:
+        raise KeyError(f"the encrypted adapter lacks {len(missing)} weights of the adapter "
+                       f"config (e.g. {missing[0]!r}): wrong folder, or files removed")
+    if is_trainable and adding:  # add_adapter leaves a new adapter frozen (as in peft)
+        peft_model.set_requires_grad(adapter_name)
+    elif not is_trainable:
+        peft_model.eval()
+    return peft_model
+
+
+def _is_adapter_key(name: str, config: Any) -> bool:
+    from peft.utils import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(config.peft_type, "")
+    return bool(prefix) and prefix in name

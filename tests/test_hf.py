@@ -1,0 +1,189 @@
+"""Encrypted Hugging Face checkpoints: ``gpucrypt encrypt-model`` on a checkpoint folder,
+:mod:`gpucrypt.hf` building a transformers model and a PEFT LoRA adapter from it.
+
+The model is a tiny Llama built here from a config (no hub download: HF_HUB_OFFLINE=1),
+saved sharded by ``save_pretrained(max_shard_size=...)``; its outputs on a fixed input
+must be identical after encryption and loading. transformers is imported once, in the
+module fixture (it takes seconds), so that the cost shows in ``--durations``.
+"""
+from __future__ import annotations
+
+import copy
+import filecmp
+import json
+import os
+
+import pytest
+import torch
+
+from gpucrypt import hf, models
+from gpucrypt.cli import main as cli
+from gpucrypt.files import checkpoints
+from gpucrypt.files._format import FormatError
+from gpucrypt.stream import AuthenticationError
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach the hub
+INPUT = torch.tensor([[1, 5, 9, 17, 33, 64, 100, 127, 3, 0]])
+
+
+@pytest.fixture(scope="module")
+def lib():
+    import peft
+    import transformers
+
+    return transformers, peft
+
+
+@pytest.fixture(scope="module")
+def tiny(lib, tmp_path_factory):
+    """(folder, the model, its logits on INPUT, key file, encrypted folder)."""
+    transformers, _ = lib
+    d = tmp_path_factory.mktemp("hf")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(d / "plain", max_shard_size="20KB")
+    assert len([n for n in os.listdir(d / "plain") if n.endswith(".safetensors")]) > 3
+    (d / "key").write_bytes(os.urandom(32))
+    assert cli(["encrypt-model", "--key-file", str(d / "key"), "--segment-size", "4KiB",
+                str(d / "plain"), str(d / "enc")]) == 0
+    with torch.no_grad():
+        logits = model(INPUT).logits
+    return d, model, logits, (d / "key").read_bytes()
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(INPUT).logits
+
+
+def test_sharded_checkpoint_loads_with_identical_outputs(lib, tiny):
+    transformers, _ = lib
+    d, _, want, key = tiny
+    plain, enc = d / "plain", d / "enc"
+    assert sorted(os.listdir(enc)) == sorted(os.listdir(plain))
+    for name in ("model.safetensors.index.json", "config.json"):
+        assert filecmp.cmp(plain / name, enc / name, shallow=False)  # copied as they are
+    shards = sorted(n for n in os.listdir(enc) if n.endswith(".safetensors"))
+    for name in shards:
+        assert (enc / name).read_bytes()[:8] == models.MAGIC
+    model = hf.from_pretrained(transformers.AutoModelForCausalLM, enc, key=key).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert torch.equal(logits_of(model), want)
+
+
+def test_folder_round_trip_is_byte_identical(tiny):
+    d, _, _, _ = tiny
+    assert cli(["decrypt-model", "--key-file", str(d / "key"), str(d / "enc"),
+                str(d / "back")]) == 0
+    assert sorted(os.listdir(d / "back")) == sorted(os.listdir(d / "plain"))
+    for name in os.listdir(d / "plain"):
+        assert filecmp.cmp(d / "plain" / name, d / "back" / name, shallow=False), name
+
+
+def test_keyset_folder(lib, tiny, tmp_path):
+    """One data key for the folder, wrapped for a keyset (and a recipient); loading
+    unwraps it once for all shards (safe_open's tests cover identities)."""
+    transformers, _ = lib
+    from gpucrypt.keys import Identity, Keyset, generate_dek, seal_envelope
+
+    d, _, want, _ = tiny
+    keyset = Keyset.generate()
+    dek = generate_dek()
+    checkpoints.encrypt_checkpoint(d / "plain", tmp_path / "enc", dek, device="cpu",
+                                   envelope=seal_envelope(dek, [Identity.generate().recipient,
+                                                                keyset]))
+    model = hf.from_pretrained(transformers.LlamaForCausalLM, tmp_path / "enc", keyset=keyset)
+    assert torch.equal(logits_of(model.eval()), want)
+
+
+def test_a_tampered_shard_fails_and_builds_no_model(lib, tiny, tmp_path):
+    transformers, _ = lib
+    d, _, _, key = tiny
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    for name in os.listdir(d / "enc"):
+        (enc / name).write_bytes((d / "enc" / name).read_bytes())
+    shard = sorted(n for n in os.listdir(enc) if n.endswith(".safetensors"))[2]
+    header = models.read_header(enc / shard)
+    blob = bytearray((enc / shard).read_bytes())
+    blob[header.header_length + header.data_length // 2] ^= 1
+    (enc / shard).write_bytes(bytes(blob))
+    with pytest.raises(AuthenticationError, match="failed authentication"):
+        hf.from_pretrained(transformers.LlamaForCausalLM, enc, key=key)
+
+
+def test_index_and_files_must_agree(tiny, tmp_path):
+    d, _, _, key = tiny
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    for name in os.listdir(d / "enc"):
+        (enc / name).write_bytes((d / "enc" / name).read_bytes())
+    index = json.loads((enc / "model.safetensors.index.json").read_text())
+    dropped = sorted(index["weight_map"])[0]
+    del index["weight_map"][dropped]
+    (enc / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(FormatError, match=r"1 not listed \(e.g. '" + dropped.replace(".", r"\.")):
+        checkpoints.load_checkpoint(enc, key=key)
+    shards = sorted(set(index["weight_map"].values()))
+    a, b = enc / shards[0], enc / shards[1]
+    a.rename(tmp_path / "x")
+    b.rename(a)
+    (tmp_path / "x").rename(b)
+    with pytest.raises(FormatError, match="renamed or swapped"):
+        checkpoints.load_checkpoint(enc, key=key)
+
+
+def test_folders_that_are_refused(tiny, tmp_path, capsys):
+    d, _, _, _ = tiny
+    key = str(d / "key")
+    assert cli(["encrypt-model", "--key-file", key, str(d / "plain"), str(d / "enc")]) == 2
+    assert "nothing is deleted" in capsys.readouterr().err
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "model.safetensors").write_bytes(b"not a safetensors file")
+    (odd / "pytorch_model.bin").write_bytes(b"pickled weights")
+    assert cli(["encrypt-model", "--key-file", key, str(odd), str(tmp_path / "out")]) == 1
+    assert "would be copied in the clear" in capsys.readouterr().err
+    (odd / "pytorch_model.bin").unlink()
+    assert cli(["encrypt-model", "--key-file", key, str(odd), str(tmp_path / "out")]) == 1
+    assert "model.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and os.listdir(tmp_path) == ["odd"]  # no leftovers
+
+
+def test_lora_adapter(lib, tiny, tmp_path):
+    transformers, peft = lib
+    d, model, base_logits, key = tiny
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                           task_type="CAUSAL_LM", init_lora_weights=False)
+    torch.manual_seed(1)
+    tuned = peft.get_peft_model(copy.deepcopy(model), lora).eval()
+    want = logits_of(tuned)
+    assert not torch.equal(want, base_logits)  # the adapter changes the outputs
+    tuned.save_pretrained(tmp_path / "lora")
+    assert cli(["encrypt-model", "--key-file", str(d / "key"), str(tmp_path / "lora"),
+                str(tmp_path / "lora-enc")]) == 0
+    assert (tmp_path / "lora-enc" / "adapter_model.safetensors").read_bytes()[:8] == models.MAGIC
+    base = hf.from_pretrained(transformers.AutoModelForCausalLM, d / "enc", key=key)
+    loaded = hf.load_adapter(base, tmp_path / "lora-enc", key=key)
+    assert isinstance(loaded, peft.PeftModelForCausalLM) and not loaded.training
+    assert torch.equal(logits_of(loaded), want)
+    # a second adapter into the same PeftModel, then switching between them
+    again = hf.load_adapter(loaded, tmp_path / "lora-enc", key=key, adapter_name="second")
+    assert again is loaded
+    again.set_adapter("second")
+    assert torch.equal(logits_of(again), want)
+
+
+@pytest.mark.gpu
+def test_model_decrypted_onto_the_gpu(lib, tiny):
+    transformers, _ = lib
+    d, model, _, key = tiny
+    loaded = hf.from_pretrained(transformers.LlamaForCausalLM, d / "enc", key=key, device="cuda")
+    want = model.state_dict()
+    got = loaded.state_dict()
+    assert sorted(got) == sorted(want)
+    for name, t in got.items():
+        assert t.is_cuda and torch.equal(t.cpu(), want[name]), name

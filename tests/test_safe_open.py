@@ -1,0 +1,299 @@
+"""gpucrypt.models.safe_open: safetensors.safe_open's API over encrypted model files.
+
+Every behaviour is compared with ``safetensors.safe_open`` on the very plaintext file
+that ``gpucrypt encrypt-model`` encrypted (keys, metadata, tensors, slices, dtypes
+including bfloat16 and float8). Segments are 4 KiB so that a tensor spans many; which
+segments a slice decrypts is checked from outside: every segment it must not need is
+corrupted, and the slice still loads, while a flipped byte in one it needs raises.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import safetensors
+from safetensors.torch import save_file
+
+from gpucrypt import models
+from gpucrypt.cli import main as cli
+from gpucrypt.files import _safe_open
+from gpucrypt.files._safe_open import _normalise, touched_segments
+from gpucrypt.stream import AuthenticationError
+
+SEG = 4096
+
+
+def plain_tensors() -> dict:
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(64, 300, generator=g)                     # 76800 B: 19 segments
+    return {
+        "big": big,
+        "cube": torch.randn(6, 20, 30, generator=g),            # 14400 B: 4 segments
+        "bf16": big[:40].to(torch.bfloat16),                    # 24000 B
+        "f16": torch.randn(33, 7, generator=g).to(torch.float16),
+        "f8_e4m3": torch.randn(50, 90, generator=g).to(torch.float8_e4m3fn),
+        "f8_e5m2": torch.randn(70, 70, generator=g).to(torch.float8_e5m2),
+        "i64": torch.arange(-500, 500, dtype=torch.int64).reshape(10, 100),
+        "mask": torch.rand(5000, generator=g) > 0.5,
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 4),
+    }
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """(plain safetensors path, encrypted path, key), converted by the command line."""
+    d = tmp_path_factory.mktemp("safe_open")
+    key = os.urandom(32)
+    (d / "key").write_bytes(key)
+    save_file(plain_tensors(), str(d / "plain.safetensors"), metadata={"format": "pt", "k": "v"})
+    assert cli(["encrypt-model", "--key-file", str(d / "key"), "--segment-size", "4KiB",
+                str(d / "plain.safetensors"), str(d / "model.gc")]) == 0
+    return d / "plain.safetensors", d / "model.gc", key
+
+
+def raw(t) -> bytes:
+    if isinstance(t, np.ndarray):
+        return t.tobytes()
+    return t.clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def same(got, want) -> None:
+    assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape)
+    assert raw(got) == raw(want)
+
+
+def copy_with(path, target, flips) -> None:
+    blob = bytearray(path.read_bytes())
+    for offset in flips:
+        blob[offset] ^= 0x40
+    target.write_bytes(bytes(blob))
+
+
+# ------------------------------------------------------------------ parity
+def test_parity_with_safetensors(files):
+    plain, enc, key = files
+    with models.safe_open(enc, framework="pt", key=key) as f, \
+            safetensors.safe_open(str(plain), framework="pt") as ref:
+        assert f.keys() == ref.keys()
+        assert f.metadata() == ref.metadata() == {"format": "pt", "k": "v"}
+        assert sorted(f.offset_keys()) == f.keys()
+        for name in ref.keys():
+            same(f.get_tensor(name), ref.get_tensor(name))
+            s, r = f.get_slice(name), ref.get_slice(name)
+            assert s.get_shape() == r.get_shape() and s.get_dtype() == r.get_dtype(), name
+            same(s[...], r[...])
+        everything = f.get_tensors()
+        assert list(everything) == f.offset_keys()
+        for name, t in everything.items():
+            same(t, ref.get_tensor(name))
+
+
+def test_metadata_is_none_without_metadata(tmp_path):
+    save_file({"w": torch.ones(3)}, str(tmp_path / "p"))
+    key = os.urandom(32)
+    (tmp_path / "key").write_bytes(key)
+    assert cli(["encrypt-model", "--key-file", str(tmp_path / "key"), str(tmp_path / "p"),
+                str(tmp_path / "e")]) == 0
+    with models.safe_open(tmp_path / "e", "pt", key=key) as f, \
+            safetensors.safe_open(str(tmp_path / "p"), "pt") as ref:
+        assert f.metadata() is ref.metadata() is None
+
+
+def test_numpy_framework(files):
+    plain, enc, key = files
+    with models.safe_open(enc, framework="np", key=key) as f, \
+            safetensors.safe_open(str(plain), framework="numpy") as ref:
+        for name in ("big", "cube", "f16", "i64", "mask", "scalar", "empty"):
+            same(f.get_tensor(name), ref.get_tensor(name))
+            if name == "empty":  # safetensors' numpy slices refuse a dimension of size 0
+                same(f.get_slice(name)[...], ref.get_tensor(name))
+                continue
+            index = () if name == "scalar" else slice(1, 3)
+            same(f.get_slice(name)[index], ref.get_slice(name)[index])
+
+
+SLICES = [0, -1, 3, slice(3, 9), slice(None, None, 5), (slice(None), slice(1, 5)),
+          (Ellipsis, 7), (2, Ellipsis, slice(4, 29, 6)), (slice(1, 60, 7), slice(0, 300, 13)),
+          (), slice(100, 200), (slice(2, 3), 0, 0)]
+
+
+@pytest.mark.parametrize("name", ["big", "cube", "bf16", "f8_e4m3", "f8_e5m2", "i64"])
+def test_slices_match_safetensors(files, name):
+    plain, enc, key = files
+    with models.safe_open(enc, "pt", key=key) as f, safetensors.safe_open(str(plain), "pt") as ref:
+        s, r = f.get_slice(name), ref.get_slice(name)
+        for index in SLICES:
+            if isinstance(index, tuple) and len([i for i in index if i is not Ellipsis]) > \
+                    len(s.get_shape()):
+                continue
+            got, want = s[index], r[index]
+            same(got, want)
+            assert got.is_contiguous()
+
+
+def basic_index(shape):
+    """Hypothesis: an int or a slice (positive step) per leading dimension, maybe '...'."""
+    def one(n):
+        ints = st.integers(-n, n - 1) if n else st.nothing()
+        bounds = st.one_of(st.none(), st.integers(-n - 2, n + 2))
+        return st.one_of(ints, st.builds(slice, bounds, bounds, st.one_of(st.none(),
+                                                                         st.integers(1, n + 2))))
+    return st.integers(0, len(shape)).flatmap(
+        lambda k: st.tuples(*[one(n) for n in shape[:k]])).flatmap(
+        lambda items: st.sampled_from([items, items + (Ellipsis,)]))
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_random_slices_match_safetensors(files, data):
+    plain, enc, key = files
+    name = data.draw(st.sampled_from(["big", "cube", "bf16", "f8_e5m2"]))
+    with models.safe_open(enc, "pt", key=key) as f, safetensors.safe_open(str(plain), "pt") as ref:
+        index = data.draw(basic_index(tuple(ref.get_slice(name).get_shape())))
+        same(f.get_slice(name)[index], ref.get_slice(name)[index])
+
+
+# ------------------------------------------------------------------ segments a slice touches
+def expected_segments(shape, itemsize, index, segment=SEG) -> list[int]:
+    """Brute force: the segments (within the tensor) that hold a selected element."""
+    numbers = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)[index]
+    starts = np.asarray(numbers).reshape(-1) * itemsize
+    return sorted(set((starts // segment).tolist())
+                  | set(((starts + itemsize - 1) // segment).tolist()))
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data())
+def test_touched_segments_are_exactly_the_selected_bytes(data):
+    shape = tuple(data.draw(st.lists(st.integers(0, 12), min_size=0, max_size=4)))
+    itemsize = data.draw(st.sampled_from([1, 2, 4, 8]))
+    segment = data.draw(st.sampled_from([8, 64, 256]))
+    index = data.draw(basic_index(shape))
+    ranges, _ = _normalise(index, shape)
+    assert touched_segments(ranges, shape, itemsize, segment) == \
+        expected_segments(shape, itemsize, index, segment)
+
+
+def test_many_runs_are_merged_into_spans(monkeypatch):
+    """Past _MAX_RUNS runs, the innermost strided dimension becomes one span: more
+    segments, never fewer, and the same for a selection that fits."""
+    shape, index = (40, 50), (slice(None, None, 3), slice(1, 50, 9))
+    ranges, _ = _normalise(index, shape)
+    exact = expected_segments(shape, 4, index, 64)
+    assert touched_segments(ranges, shape, 4, 64) == exact
+    monkeypatch.setattr(_safe_open, "_MAX_RUNS", 5)
+    merged = touched_segments(ranges, shape, 4, 64)
+    assert set(exact) < set(merged)
+
+
+@pytest.mark.parametrize("index", [slice(10, 12), (slice(0, 20), slice(0, 3)), (5, slice(7, 9))])
+def test_slice_decrypts_only_the_segments_it_touches(files, tmp_path, index):
+    """Every segment of 'big' the slice does not need is corrupted: it still loads (and
+    equals the plaintext); a flipped byte in one it needs raises."""
+    plain, enc, key = files
+    header = models.read_header(enc, key)
+    info = next(i for i in header.tensors if i.name == "big")
+    base = header.header_length + info.begin
+    count = -(-info.nbytes // SEG)
+    needed = expected_segments(info.shape, 4, index)
+    assert 0 < len(needed) < count
+    others = [j for j in range(count) if j not in needed]
+    copy_with(enc, tmp_path / "damaged", [base + j * SEG + 17 for j in others])
+    with models.safe_open(tmp_path / "damaged", "pt", key=key) as f, \
+            safetensors.safe_open(str(plain), "pt") as ref:
+        same(f.get_slice("big")[index], ref.get_slice("big")[index])
+        with pytest.raises(AuthenticationError, match="tensor 'big'"):
+            f.get_tensor("big")
+        same(f.get_tensor("cube"), ref.get_tensor("cube"))  # other tensors are unaffected
+    copy_with(enc, tmp_path / "hit", [base + needed[-1] * SEG + 5])
+    with models.safe_open(tmp_path / "hit", "pt", key=key) as f:
+        with pytest.raises(AuthenticationError, match="tensor 'big'"):
+            f.get_slice("big")[index]
+        same(f.get_tensor("bf16"), plain_tensors()["bf16"])
+
+
+def test_flipped_tag_raises_for_the_slice_that_reads_its_segment(files, tmp_path):
+    plain, enc, key = files
+    header = models.read_header(enc, key)
+    segs = models._segments(header.tensors, header.segment_size)
+    target = next(s for s in segs if header.tensors[s.tensor].name == "cube" and s.start == SEG)
+    tag_at = header.header_length + header.data_length + 16 * target.index
+    copy_with(enc, tmp_path / "t", [tag_at + 3])
+    with models.safe_open(tmp_path / "t", "pt", key=key) as f:
+        with pytest.raises(AuthenticationError) as info:
+            f.get_slice("cube")[1]  # elements 600..1199: bytes 2400..4799, segments 0 and 1
+        assert info.value.segment == target.index
+        same(f.get_slice("cube")[0, :2], plain_tensors()["cube"][0, :2])  # segment 0 only
+
+
+# ------------------------------------------------------------------ keys and errors
+def test_keys_from_an_envelope(tmp_path):
+    from gpucrypt.keys import Identity, Keyset, NoMatchingRecipient, generate_dek, seal_envelope
+
+    identity, keyset = Identity.generate(), Keyset.generate()
+    dek = generate_dek()
+    tensors = {"w": torch.randn(3, 5)}
+    models.save_encrypted(tensors, tmp_path / "m", dek, device="cpu",
+                          envelope=seal_envelope(dek, [identity.recipient, keyset]))
+    for kw in ({"identity": identity}, {"keyset": keyset}, {"identity": [Identity.generate(),
+                                                                          identity]}):
+        with models.safe_open(tmp_path / "m", "pt", **kw) as f:
+            same(f.get_tensor("w"), tensors["w"])
+    with pytest.raises(NoMatchingRecipient):
+        models.safe_open(tmp_path / "m", "pt", identity=Identity.generate())
+    with pytest.raises(ValueError, match="not both"):
+        models.safe_open(tmp_path / "m", "pt", key=dek, keyset=keyset)
+    with pytest.raises(ValueError, match="no key given"):
+        models.safe_open(tmp_path / "m", "pt")
+    models.save_encrypted(tensors, tmp_path / "raw", dek, device="cpu")
+    with pytest.raises(NoMatchingRecipient, match="open it with key="):
+        models.safe_open(tmp_path / "raw", "pt", keyset=keyset)
+
+
+def test_wrong_key_fails_at_open(files):
+    _, enc, key = files
+    with pytest.raises(AuthenticationError, match="header authentication failed"):
+        models.safe_open(enc, "pt", key=bytes(32))
+
+
+def test_argument_errors(files):
+    _, enc, key = files
+    with pytest.raises(ValueError, match="framework must be one of"):
+        models.safe_open(enc, "tf", key=key)
+    with pytest.raises(ValueError, match="device must be"):
+        models.safe_open(enc, "pt", device="tpu", key=key)
+    f = models.safe_open(enc, "pt", key=key)
+    with pytest.raises(KeyError, match="no tensor 'nope'"):
+        f.get_tensor("nope")
+    s = f.get_slice("big")
+    with pytest.raises(IndexError, match="out of bounds for dimension 0 with size 64"):
+        s[64]
+    with pytest.raises(IndexError, match="too many indices"):
+        s[1, 2, 3]
+    with pytest.raises(ValueError, match="positive"):
+        s[::-1]
+    with pytest.raises(TypeError, match="ints, slices and"):
+        s[[0, 1]]
+    assert len(s) == 64
+    f.close()
+    with pytest.raises(ValueError, match="closed"):
+        f.get_tensor("big")
+    with pytest.raises(ValueError, match="closed"):
+        s[0]
+
+
+@pytest.mark.gpu
+def test_torch_cuda_slices(files):
+    plain, enc, key = files
+    with models.safe_open(enc, "pt", device="cuda:0", key=key) as f, \
+            safetensors.safe_open(str(plain), "pt") as ref:
+        got = f.get_slice("bf16")[3:9, ::4]
+        assert got.is_cuda
+        same(got.cpu(), ref.get_slice("bf16")[3:9, ::4])
+        same(f.get_tensor("f8_e4m3").cpu(), ref.get_tensor("f8_e4m3"))
