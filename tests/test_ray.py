@@ -135,3 +135,15 @@ def test_keys_travel_as_references_not_bytes(keyset):
     sink = gray.GpucryptDatasink("/tmp/unused", keys=refs)
     assert sink.prepare(b"abc", "x").startswith(b"GPUCRYPT")  # resolved in this process
     assert kek not in pickle.dumps(sink)
+
+
+def test_datasinks_refuse_plaintext_and_names_outside_their_folder(tmp_path):
+    sink = gray.GpucryptDatasink(str(tmp_path / "out"), relative_to=str(tmp_path / "in"))
+    with pytest.raises(ValueError, match="not a gpucrypt stream"):
+        sink.prepare(b"plaintext", "in/a.bin")  # never stored in the clear under a .gc name
+    assert sink.name_of(str(tmp_path / "in" / "sub" / "a.bin")) == "sub/a.bin.gc"
+    with pytest.raises(ValueError, match="not inside"):
+        sink.name_of(str(tmp_path / "elsewhere" / "a.bin"))
+    plain = gray.StagedFilesDatasink(str(tmp_path / "out"), relative_to=str(tmp_path / "in"),
+                                     strip_suffix=".gc")
+    assert plain.name_of(str(tmp_path / "in" / "a.bin.gc")) == "a.bin"
