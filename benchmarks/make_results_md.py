@@ -240,8 +240,8 @@ def render_ray_run(name: str, doc: dict) -> list[str]:
              f"{env['ray']} cluster of {config['cluster_cpus']} CPUs ({env['cpu']}, {env['nproc']} "
              f"cores, commit `{env['commit'][:10]}`), {config['rows']} rows of "
              f"{format_size(config['row_size'])} in the object store, {config['rounds']} "
-             f"interleaved rounds, medians; each job's actor start-up removed by subtracting the "
-             f"same job over one row per actor. 1-minute load average "
+             f"interleaved rounds, medians; rate = bytes / (last batch's end - first batch's start), "
+             f"so actor start-up is excluded and Ray Data's hand-offs are not. 1-minute load average "
              f"{doc['load_average_start'][0]:.2f} at the start, {doc['load_average_end'][0]:.2f} "
              f"at the end" + (" (above the core count: other processes shared the CPUs, and "
                               "these figures are lower bounds)." if loaded else "."), "",
