@@ -331,3 +331,17 @@ def test_put_file_and_get_file_round_trip(keys, tmp_path):
     fs.get("/gc17p/plain.bin.gc", str(tmp_path / "back.bin"))
     assert (tmp_path / "back.bin").read_bytes() == source.read_bytes()
     fsspec.filesystem("memory").rm("/gc17p", recursive=True)
+
+
+def test_named_errors_survive_pickling_between_processes():
+    """Ray sends a worker's exception to the driver pickled: class, message, segment, path."""
+    for error in (stream.AuthenticationError("segment 2 failed authentication", 2),
+                  stream.TruncatedError("truncated file", 7),
+                  stream.UnsupportedVersion("unsupported gpucrypt format version 9", 9),
+                  stream.FormatError("not a gpucrypt file")):
+        named = gfs.named_error(error, "/data/x.gc")
+        back = pickle.loads(pickle.dumps(named))
+        assert type(back) is type(error) and str(back) == f"/data/x.gc: {error}"
+        assert back.path == "/data/x.gc"
+        assert getattr(back, "segment", None) == getattr(error, "segment", None)
+        assert getattr(back, "version", None) == getattr(error, "version", None)
