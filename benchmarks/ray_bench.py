@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from gpucrypt import ray as gray
     from gpucrypt.keys import Keyset
-    from gpucrypt.keys.references import KeyReferences
+    from gpucrypt.keys.portable import KeyReferences
 
     load_start = os.getloadavg()
     folder = tempfile.mkdtemp(prefix="ray-bench-")

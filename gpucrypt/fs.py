@@ -14,7 +14,7 @@ Paths are the target's paths, unchanged (no suffix is added or removed).
 Contract:
 
 - **Keys by reference.** ``keyset=``, ``identities=`` and ``recipients=`` are
-  :class:`~gpucrypt.keys.references.KeyReferences` (paths to key files, provider-backed
+  :class:`~gpucrypt.keys.portable.KeyReferences` (paths to key files, provider-backed
   keys, or URI references), resolved in the process that uses them. fsspec pickles a
   filesystem as its constructor arguments, so an instance sent to a worker carries no
   secret; objects holding key material are refused when the filesystem is made.
@@ -55,7 +55,7 @@ from .files import stream
 from .files._format import (TAG_SIZE, AuthenticationError, FormatError, StreamError,
                             TruncatedError, UnsupportedVersion, parse_header)
 from .keys import NoMatchingRecipient, encrypt_file
-from .keys.references import KeyReferences, ResolvedKeys
+from .keys.portable import KeyReferences, ResolvedKeys
 
 __all__ = ["GpucryptFileSystem", "GpucryptFile", "stats", "reset_stats", "named_error"]
 
@@ -214,7 +214,7 @@ class GpucryptFileSystem(ChainedFileSystem):
     ``target_protocol``/``target_options`` name and configure the target (what a chained
     URL ``gpucrypt::PROTOCOL://...`` passes), or ``fs`` gives an instance. Keys:
     ``keyset``, ``identities``, ``recipients``, ``passphrase_env`` (see
-    :class:`~gpucrypt.keys.references.KeyReferences`), or ``keys=`` a KeyReferences.
+    :class:`~gpucrypt.keys.portable.KeyReferences`), or ``keys=`` a KeyReferences.
     Writing: ``algorithm``, ``segment_size``, ``device`` as :func:`gpucrypt.stream.encrypt`
     takes them. Reading decrypts on ``read_device`` (the CPU: one segment at a time).
     """

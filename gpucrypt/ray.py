@@ -49,7 +49,7 @@ from .files import stream
 from .files._format import StreamError
 from .fs import GpucryptFileSystem, named_error
 from .keys import NoMatchingRecipient, encrypt_file
-from .keys.references import KeyReferences
+from .keys.portable import KeyReferences
 
 __all__ = ["EncryptBatch", "DecryptBatch", "StagedFilesDatasink", "GpucryptDatasink",
            "encrypt_files", "decrypt_files", "read_encrypted", "gpus_per_actor",

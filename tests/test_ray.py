@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray", reason="Ray Data pipelines need the [ray] extra
 from gpucrypt import ray as gray  # noqa: E402
 from gpucrypt import stream  # noqa: E402
 from gpucrypt.keys import Keyset  # noqa: E402
-from gpucrypt.keys.references import KeyReferences  # noqa: E402
+from gpucrypt.keys.portable import KeyReferences  # noqa: E402
 
 FILES = 300
 

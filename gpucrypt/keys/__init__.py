@@ -40,7 +40,7 @@ Where things are:
   :class:`WrappingKey`;
 - :mod:`~gpucrypt.keys.recipients`: :class:`Recipient`, :class:`Identity`, and
   :func:`seal_envelope`/:func:`open_envelope`/:func:`describe_envelope`;
-- :mod:`~gpucrypt.keys.references`: :class:`KeyReferences`, keys named by reference (paths,
+- :mod:`~gpucrypt.keys.portable`: :class:`KeyReferences`, keys named by reference (paths,
   providers) so that they travel to other processes without their material;
 - ``_envelope`` (envelope bytes), ``_document`` (key files on disk, sealing);
 - the errors live in :mod:`gpucrypt._errors`, shared with :mod:`gpucrypt.audit`.
