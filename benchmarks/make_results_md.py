@@ -149,7 +149,8 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
         render_one = {"stream_bench": render_stream_run, "tensor_bench": render_tensor_run,
                       "model_scale_run": render_model_scale_run,
                       "dcp_bench": render_dcp_run,
-                      "model_load_bench": render_model_load_run}.get(doc.get("benchmark"), render_run)
+                      "model_load_bench": render_model_load_run,
+                      "ray_bench": render_ray_run}.get(doc.get("benchmark"), render_run)
         lines += render_one(path.stem, doc)
     if cli_runs:
         lines += render_cli_section(cli_runs)
@@ -284,6 +285,34 @@ def render_dcp_run(name: str, doc: dict) -> list[str]:
             verdict = "met" if r["ratio"] <= doc["target"] else "not met"
             lines.append(f"- {r['op']}, {r['variant']}: wall x{r['ratio']:.2f} ({verdict}), "
                          f"CPU x{r['cpu_ratio']:.2f}")
+    return lines + [""]
+
+
+def render_ray_run(name: str, doc: dict) -> list[str]:
+    """A ``benchmarks/ray_bench.py`` run: Ray Data actors, and the per-file overhead."""
+    env, config = doc["environment"], doc["config"]
+    loaded = max(doc["load_average_start"][0], doc["load_average_end"][0]) > env["nproc"]
+    lines = [f"## {name}", "",
+             f"`benchmarks/ray_bench.py`: `gpucrypt.ray.EncryptBatch` actors on a local Ray "
+             f"{env['ray']} cluster of {config['cluster_cpus']} CPUs ({env['cpu']}, {env['nproc']} "
+             f"cores, commit `{env['commit'][:10]}`), {config['rows']} rows of "
+             f"{format_size(config['row_size'])} in the object store, {config['rounds']} "
+             f"interleaved rounds, medians; rate = bytes / (last batch's end - first batch's start), "
+             f"so actor start-up is excluded and Ray Data's hand-offs are not. 1-minute load average "
+             f"{doc['load_average_start'][0]:.2f} at the start, {doc['load_average_end'][0]:.2f} "
+             f"at the end" + (" (above the core count: other processes shared the CPUs, and "
+                              "these figures are lower bounds)." if loaded else "."), "",
+             "| actors | GB/s | ratio to 1 actor |", "|---:|---:|---:|"]
+    base = doc["throughput"][0]["gb_per_s"]
+    lines += [f"| {r['actors']} | {r['gb_per_s']:.3f} | x{r['gb_per_s'] / base:.2f} |"
+              for r in doc["throughput"]]
+    cluster = doc["per_file_on_cluster"]
+    lines += ["", f"Per-file overhead for {format_size(config['small'])} files, in one process "
+                  f"(what an actor pays per row):", "", "| what | us per file |", "|---|---:|"]
+    lines += [f"| {r['name']} | {r['us_per_file']:.1f} |" for r in doc["per_file_in_process"]]
+    lines += ["", f"On the cluster, {cluster['files']} such files through {cluster['actors']} "
+                  f"actors: {cluster['us_per_file']:.0f} us per file (Ray Data's own costs "
+                  f"included)."]
     return lines + [""]
 
 

@@ -93,6 +93,9 @@ class UnsupportedVersion(FormatError):
         super().__init__(message)
         self.version = version
 
+    def __reduce__(self):  # errors cross process boundaries (Ray workers, multiprocessing)
+        return type(self), (str(self), self.version), self.__dict__
+
 
 class AuthenticationError(StreamError, InvalidTag):
     """Wrong key or tampered data. ``segment`` is the failing segment's index, or None

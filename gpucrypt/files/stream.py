@@ -597,7 +597,8 @@ class SegmentReader(io.RawIOBase):
 
     Opening verifies the header MAC and the final segment (so the size is authentic and
     truncation is caught up front); every other segment is verified when it is read, and
-    a bad one raises AuthenticationError from ``read``.
+    a bad one raises AuthenticationError from ``read``. ``segments_decrypted`` counts the
+    segments opened so far (the final one included; a cached segment is not opened again).
     """
 
     def __init__(self, src: Any, key: Any, *, device: str = "cpu"):
@@ -628,6 +629,7 @@ class SegmentReader(io.RawIOBase):
             self.size = payload - self._segments * TAG_SIZE
             self._pos = 0
             self._cached_index, self._cached = -1, b""
+            self.segments_decrypted = 0
             self._load(self._segments - 1)
         except BaseException:
             if self._owns:
@@ -645,6 +647,7 @@ class SegmentReader(io.RawIOBase):
             raise TruncatedError(f"truncated file: segment {index} is cut short (the file "
                                  f"changed while open?)", index)
         out = memoryview(bytearray(len(ct) - TAG_SIZE))
+        self.segments_decrypted += 1
         if not self._segs.open_one(index, last, memoryview(ct), out):
             raise _failure(self._segs, index, memoryview(ct), last)
         self._cached_index, self._cached = index, bytes(out)

@@ -51,6 +51,8 @@ Where things are:
 - :mod:`~gpucrypt.keys.recipients`: :class:`Recipient`, :class:`Identity`, and
   :func:`seal_envelope`/:func:`open_envelope`/:func:`describe_envelope`;
 - :mod:`~gpucrypt.keys.passphrase`: :class:`Passphrase` (passphrase-encrypted files);
+- :mod:`~gpucrypt.keys.portable`: :class:`KeyReferences`, keys named by reference (paths,
+  providers) so that they travel to other processes without their material;
 - ``_envelope`` (envelope bytes), ``_document`` (key files on disk, sealing);
 - the errors live in :mod:`gpucrypt._errors`, shared with :mod:`gpucrypt.audit`.
 

@@ -1,0 +1,191 @@
+"""Ray Data throughput of gpucrypt.ray with 1 and 2 CPU actors, and the per-file overhead of
+small files, in one run on one local cluster (``ray.init(num_cpus=--cpus)``).
+
+- **Dataset throughput.** An in-memory dataset of ``--rows`` rows of ``--row-size`` random
+  bytes (one row per block, materialized in the object store once) is encrypted by
+  ``map_batches(EncryptBatch, compute=ActorPoolStrategy(size=k))`` for k = 1 and 2, the
+  output materialized. Starting actors takes seconds, and more on a loaded machine, so
+  each batch records when its actor began and finished it, and the rate is the bytes over
+  the span from the first batch's start to the last batch's end: actor start-up is
+  excluded, Ray Data's hand-offs between batches are not. Rounds are interleaved (k = 1,
+  then 2) so that a noisy neighbour hurts both alike; medians.
+- **Per-file overhead, in one process** (what an actor pays per row), for ``--small``-byte
+  files: ``cryptography``'s ``ChaCha20Poly1305.encrypt`` of the bytes (the floor), a raw-key
+  ``stream.encrypt`` into memory (header, key derivation, one segment), ``EncryptBatch``
+  (plus a fresh data key and its envelope per file) and ``DecryptBatch``; microseconds per
+  file, medians.
+- **Per-file overhead on the cluster**: ``--files`` small files encrypted by 2 actors: the
+  same span, divided by the number of files.
+
+The machine's 1-minute load average is recorded at the start and the end: above the core
+count, other processes shared the CPUs and every figure is a lower bound.
+
+Usage::
+
+    python benchmarks/ray_bench.py [--rows 32] [--row-size 4MiB] [--rounds 3] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from gpucrypt.bench import _cpu_model
+from gpucrypt.cli._common import parse_size
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _per_file_in_process(size: int, files: int, keyset: str, repeat: int) -> list[dict]:
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    from gpucrypt import ray as gray
+    from gpucrypt.files import stream as file_stream
+
+    rng = np.random.default_rng(1)
+    blobs = [rng.bytes(size) for _ in range(files)]
+    batch = {"path": np.array([f"f{i}" for i in range(files)]),
+             "bytes": np.array(blobs, dtype=object)}
+    aead, nonce, key = ChaCha20Poly1305(bytes(32)), bytes(12), bytes(range(32))
+    encrypt, decrypt = gray.EncryptBatch(keyset=keyset), gray.DecryptBatch(keyset=keyset)
+    sealed = encrypt(batch)
+
+    def raw_stream():
+        for b in blobs:
+            file_stream.encrypt(b, io.BytesIO(), key, device="cpu")
+
+    cases = {"cryptography ChaCha20Poly1305.encrypt": lambda: [aead.encrypt(nonce, b, None) for b in blobs],
+             "stream.encrypt, raw key": raw_stream,
+             "EncryptBatch (data key + envelope per file)": lambda: encrypt(batch),
+             "DecryptBatch": lambda: decrypt(sealed)}
+    times = {name: [] for name in cases}
+    for _ in range(repeat):
+        for name, fn in cases.items():
+            times[name].append(_timed(fn))
+    return [{"name": name, "us_per_file": statistics.median(t) / files * 1e6} for name, t in times.items()]
+
+
+def _job(ray, gray, ds, actors: int, keys) -> float:
+    """Encrypt ``ds`` with ``actors`` actors; seconds from the first batch's start to the last
+    batch's end (actor start-up excluded)."""
+    import time as _time
+
+    class TimedEncrypt(gray.EncryptBatch):
+        def __call__(self, batch):
+            start = _time.time()
+            out = super().__call__(batch)
+            count = len(out[self.column])
+            out["started"] = np.full(count, start)
+            out["finished"] = np.full(count, _time.time())
+            return out
+
+    done = ds.map_batches(TimedEncrypt, fn_constructor_kwargs={"keys": keys},
+                          compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+                          batch_size=None, batch_format="numpy").select_columns(
+                              ["started", "finished"]).take_all()
+    return max(r["finished"] for r in done) - min(r["started"] for r in done)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--row-size", type=parse_size, default=parse_size("4MiB"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--small", type=parse_size, default=parse_size("1KiB"))
+    parser.add_argument("--files", type=int, default=2000)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    import ray.data
+
+    from gpucrypt import ray as gray
+    from gpucrypt.keys import Keyset
+    from gpucrypt.keys.portable import KeyReferences
+
+    load_start = os.getloadavg()
+    folder = tempfile.mkdtemp(prefix="ray-bench-")
+    keyset = os.path.join(folder, "keyset.json")
+    Keyset.generate().save(keyset)
+    keys = KeyReferences(keyset=keyset)
+
+    per_file = _per_file_in_process(args.small, 500, keyset, repeat=5)
+    print("per file, in one process:", *(f"{r['name']}: {r['us_per_file']:.1f} us" for r in per_file),
+          sep="\n  ", flush=True)
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    rng = np.random.default_rng(2)
+    big = ray.data.from_items([{"bytes": rng.bytes(args.row_size)} for _ in range(args.rows)],
+                              override_num_blocks=args.rows).materialize()
+    small = ray.data.from_items([{"bytes": rng.bytes(args.small)} for _ in range(args.files)],
+                                override_num_blocks=max(2, args.files // 100)).materialize()
+
+    samples = {1: [], 2: []}
+    small_samples = []
+    for r in range(args.rounds):
+        for k in (1, 2):
+            span = _job(ray, gray, big, k, keys)
+            rate = args.rows * args.row_size / span / 1e9
+            samples[k].append({"span_s": span, "gb_per_s": rate})
+            print(f"round {r}: {k} actor(s): {span:.2f} s, {rate:.3f} GB/s", flush=True)
+        span = _job(ray, gray, small, 2, keys)
+        small_samples.append({"span_s": span, "us_per_file": span / args.files * 1e6})
+        print(f"round {r}: {args.files} small files, 2 actors: {span:.2f} s", flush=True)
+    ray.shutdown()
+    load_end = os.getloadavg()
+
+    rates = {k: statistics.median(s["gb_per_s"] for s in samples[k]) for k in (1, 2)}
+    doc = {
+        "benchmark": "ray_bench",
+        "environment": {"date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+                        "cpu": _cpu_model(), "nproc": os.cpu_count(), "python": platform.python_version(),
+                        "ray": ray.__version__, "commit": _commit()},
+        "config": {"rows": args.rows, "row_size": args.row_size, "rounds": args.rounds,
+                   "cluster_cpus": args.cpus, "small": args.small, "files": args.files},
+        "load_average_start": load_start, "load_average_end": load_end,
+        "throughput": [{"actors": k, "gb_per_s": rates[k], "samples": samples[k]} for k in (1, 2)],
+        "scaling_2_over_1": rates[2] / rates[1],
+        "per_file_in_process": per_file,
+        "per_file_on_cluster": {"actors": 2, "files": args.files,
+                                "us_per_file": statistics.median(s["us_per_file"] for s in small_samples),
+                                "samples": small_samples},
+    }
+    print(f"throughput: 1 actor {rates[1]:.3f} GB/s, 2 actors {rates[2]:.3f} GB/s "
+          f"(x{doc['scaling_2_over_1']:.2f}); per small file on the cluster "
+          f"{doc['per_file_on_cluster']['us_per_file']:.0f} us; load average "
+          f"{load_start[0]:.2f} -> {load_end[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+    return 0
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

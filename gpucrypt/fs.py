@@ -1,0 +1,474 @@
+"""An fsspec filesystem of gpucrypt stream files: pandas, pyarrow and Ray read encrypted data in place.
+
+``gpucrypt`` wraps any other fsspec filesystem (its *target*) and shows the plaintext of
+the gpucrypt stream files stored there::
+
+    pd.read_parquet("gpucrypt::file:///data/train.parquet.gc",
+                    storage_options={"gpucrypt": {"keyset": "/keys/team.json"}})
+    fs = fsspec.filesystem("gpucrypt", target_protocol="s3", keyset="/keys/team.json")
+    pq.read_table("bucket/train.parquet.gc", filesystem=fs, columns=["label"])
+
+It is registered under the protocol ``gpucrypt`` through the ``fsspec.specs`` entry point.
+Paths are the target's paths, unchanged (no suffix is added or removed).
+
+Contract:
+
+- **Keys by reference.** ``keyset=``, ``identities=`` and ``recipients=`` are
+  :class:`~gpucrypt.keys.portable.KeyReferences` (paths to key files, provider-backed
+  keys, or URI references), resolved in the process that uses them. fsspec pickles a
+  filesystem as its constructor arguments, so an instance sent to a worker carries no
+  secret; objects holding key material are refused when the filesystem is made.
+- **Reads are random access.** ``open(path, "rb")`` verifies the header MAC and the final
+  segment (the size is authentic, truncation is caught up front); ``seek``/``read``,
+  ``cat_file`` and ``cat_ranges`` then decrypt only the segments they touch. A segment
+  that fails raises :class:`~gpucrypt.stream.AuthenticationError` (or
+  ``TruncatedError``), its message starting with the file's path; no byte of it is
+  returned. :func:`stats` counts the segments decrypted.
+- **Sizes are plaintext sizes.** ``info``/``ls`` read each file's header (a few KiB)
+  and report the size of its plaintext; a file that is not a gpucrypt stream keeps its
+  stored size and gets ``"encrypted": False`` (opening it raises ``FormatError``).
+- **Writes are whole files, published at once.** ``open(path, "wb")`` keeps the
+  plaintext in memory and seals it on ``close`` under a fresh data key wrapped for the
+  recipients and/or the keyset's primary. A local target gets it through
+  :mod:`gpucrypt.files._atomic` (temporary file in the same folder, fsync, rename); any
+  other target gets a temporary name in the same folder, then ``mv`` over the path (a
+  rename where the target has one, a copy of the whole object on object stores: readers
+  see the old file or the new one). Leaving a ``with`` block by an exception discards the
+  write. Large files are better written with :func:`gpucrypt.stream.encrypt`, which
+  streams.
+- Data keys unwrapped from envelopes are kept (by envelope) in the instance, never pickled.
+"""
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import threading
+from typing import Any
+
+import fsspec
+from fsspec.implementations.chained import ChainedFileSystem
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import stringify_path
+
+from .files import stream
+from .files._format import (TAG_SIZE, AuthenticationError, FormatError, StreamError,
+                            TruncatedError, UnsupportedVersion, parse_header)
+from .keys import NoMatchingRecipient, encrypt_file
+from .keys.portable import KeyReferences, ResolvedKeys
+
+__all__ = ["GpucryptFileSystem", "GpucryptFile", "stats", "reset_stats", "named_error"]
+
+#: bytes fetched to parse a header; a longer one (a large envelope) is fetched again whole
+_HEAD_BYTES = 4096
+_MAX_HEADER_BYTES = 2 << 20
+
+
+class _Counter:
+    """A thread-safe count of segments decrypted by this module's readers, for tests and
+    benchmarks that check a read touched only the segments it needed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.segments_decrypted = 0
+        self.files_opened = 0
+
+    def add(self, segments: int = 0, files: int = 0) -> None:
+        with self._lock:
+            self.segments_decrypted += segments
+            self.files_opened += files
+
+
+_COUNTER = _Counter()
+
+
+def stats() -> dict:
+    """``{"segments_decrypted", "files_opened"}`` since the last :func:`reset_stats`, in this
+    process."""
+    return {"segments_decrypted": _COUNTER.segments_decrypted,
+            "files_opened": _COUNTER.files_opened}
+
+
+def reset_stats() -> None:
+    global _COUNTER
+    _COUNTER = _Counter()
+
+
+def named_error(exc: StreamError, path: str) -> StreamError:
+    """``exc`` again, of the same class, with ``path`` leading its message (and in ``.path``)."""
+    message = f"{path}: {exc}"
+    if isinstance(exc, UnsupportedVersion):
+        new: StreamError = UnsupportedVersion(message, exc.version)
+    elif isinstance(exc, AuthenticationError):
+        new = type(exc)(message, exc.segment)
+    else:
+        new = type(exc)(message)
+    new.path = path  # type: ignore[attr-defined]
+    return new
+
+
+def plaintext_size(header: stream.Header, stored_size: int) -> int | None:
+    """The plaintext size of a stream of ``stored_size`` bytes with ``header``; None when no
+    whole stream has that size (truncated inside the header or a tag)."""
+    payload = stored_size - header.header_length
+    if payload <= 0:
+        return None
+    sealed = header.segment_size + TAG_SIZE
+    segments = -(-payload // sealed)
+    if payload - (segments - 1) * sealed < TAG_SIZE:
+        return None
+    return payload - segments * TAG_SIZE
+
+
+class GpucryptFile(stream.SegmentReader):
+    """A read-only, seekable file of a stream's plaintext over a target file object; errors
+    name ``path``. ``key``: the stream's key, or a function of its (unverified) header that
+    returns it. Closing this file closes the target file, and so does failing to open."""
+
+    def __init__(self, target_file: Any, key: Any, path: str, device: str = "cpu"):
+        self.path = path
+        try:
+            if callable(key):
+                key = key(stream.read_header(target_file))
+            super().__init__(target_file, key, device=device)  # reads the header again
+        except StreamError as exc:
+            target_file.close()
+            raise named_error(exc, path) from None
+        except BaseException:
+            target_file.close()
+            raise
+        self._target_file = target_file
+        self._counted = 0
+        self._count()
+        _COUNTER.add(files=1)
+
+    @property
+    def name(self) -> str:
+        return self.path
+
+    def _count(self) -> None:
+        _COUNTER.add(segments=self.segments_decrypted - self._counted)
+        self._counted = self.segments_decrypted
+
+    def readinto(self, buf) -> int:
+        try:
+            return super().readinto(buf)
+        except StreamError as exc:
+            raise named_error(exc, self.path) from None
+        finally:
+            self._count()
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            self._target_file.close()
+
+
+class _EncryptingWriter(io.RawIOBase):
+    """Plaintext written here is sealed into one stream file on ``close`` and published at
+    once (see the module docstring); ``discard()`` or an exception in a ``with`` block
+    drops it."""
+
+    def __init__(self, fs: "GpucryptFileSystem", path: str):
+        super().__init__()
+        self._fs, self.path, self._chunks = fs, path, []
+
+    @property
+    def name(self) -> str:
+        return self.path
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+        chunk = bytes(data)
+        self._chunks.append(chunk)
+        return len(chunk)
+
+    def discard(self) -> None:
+        self._chunks = []
+        super().close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        chunks, self._chunks = self._chunks, []
+        try:
+            self._fs._publish(self.path, chunks)
+        finally:
+            super().close()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()
+        else:
+            self.close()
+
+
+class GpucryptFileSystem(ChainedFileSystem):
+    """fsspec filesystem of gpucrypt stream files over a target filesystem (see the module
+    docstring for the contract).
+
+    ``target_protocol``/``target_options`` name and configure the target (what a chained
+    URL ``gpucrypt::PROTOCOL://...`` passes), or ``fs`` gives an instance. Keys:
+    ``keyset``, ``identities``, ``recipients``, ``passphrase_env`` (see
+    :class:`~gpucrypt.keys.portable.KeyReferences`), or ``keys=`` a KeyReferences.
+    Writing: ``algorithm``, ``segment_size``, ``device`` as :func:`gpucrypt.stream.encrypt`
+    takes them. Reading decrypts on ``read_device`` (the CPU: one segment at a time).
+    """
+
+    protocol = "gpucrypt"
+    root_marker = ""
+    _strip_tokenize_options = ("fo",)
+
+    def __init__(self, target_protocol: str | None = None, target_options: dict | None = None,
+                 fs: Any = None, *, keys: KeyReferences | None = None, keyset: Any = None,
+                 identities: Any = None, recipients: Any = None,
+                 passphrase_env: str | None = None, algorithm: str = "chacha20-poly1305",
+                 segment_size: int = stream.DEFAULT_SEGMENT_SIZE, device: str = "auto",
+                 read_device: str = "cpu", fo: Any = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        if fs is not None and target_protocol is not None:
+            raise ValueError("give a target filesystem as fs= or as target_protocol=, not both")
+        self.keys = KeyReferences.of(keys, keyset=keyset, identities=identities,
+                                     recipients=recipients, passphrase_env=passphrase_env)
+        self.fs = fs if fs is not None else fsspec.filesystem(target_protocol or "file",
+                                                              **(target_options or {}))
+        self.write_options = {"algorithm": algorithm, "segment_size": segment_size,
+                              "device": device}
+        self.read_device = read_device
+        self._resolved: ResolvedKeys | None = None
+        self._resolve_lock = threading.Lock()
+        self._sizes: dict[tuple[str, int], int | None] = {}
+
+    # --------------------------------------------------------------------- paths and keys
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> str:
+        path = stringify_path(path)
+        for prefix in ("gpucrypt://", "gpucrypt::"):
+            if path.startswith(prefix):
+                return path[len(prefix):]
+        return path
+
+    def _target(self, path: Any) -> str:
+        return self.fs._strip_protocol(self._strip_protocol(path))
+
+    def _keys(self) -> ResolvedKeys:
+        with self._resolve_lock:
+            if self._resolved is None:
+                self._resolved = self.keys.resolve()
+            return self._resolved
+
+    def _data_key(self, header: stream.Header, path: str) -> bytes:
+        if not header.envelope:
+            raise NoMatchingRecipient(f"{path}: this file carries no envelope (it was encrypted "
+                                      f"with a raw key); read it with gpucrypt.stream.open")
+        try:
+            return self._keys().data_key(header.envelope)
+        except NoMatchingRecipient as exc:
+            raise NoMatchingRecipient(f"{path}: {exc}") from None
+
+    def _header(self, path: str) -> stream.Header:
+        """The header of the stream at target ``path`` (not verified: no key is used)."""
+        head = self.fs.cat_file(path, start=0, end=_HEAD_BYTES)
+        try:
+            return parse_header(io.BytesIO(head).read)
+        except TruncatedError:
+            if len(head) < _HEAD_BYTES:
+                raise
+        return parse_header(io.BytesIO(self.fs.cat_file(path, start=0,
+                                                        end=_MAX_HEADER_BYTES)).read)
+
+    def _plain_info(self, info: dict) -> dict:
+        info = dict(info)
+        if info.get("type") != "file" or info.get("size") is None:
+            return info
+        path, stored = info["name"], int(info["size"])
+        key = (path, stored)
+        if key not in self._sizes:
+            try:
+                header = self._header(path)
+            except (FormatError, TruncatedError):
+                size = None
+            else:
+                size = plaintext_size(header, stored)
+                if size is None:
+                    raise TruncatedError(f"{path}: truncated gpucrypt file ({stored} bytes: it "
+                                         f"ends inside the header or inside a segment's tag)", None)
+            if len(self._sizes) > 65536:
+                self._sizes.clear()
+            self._sizes[key] = size
+        size = self._sizes[key]
+        info["stored_size"] = stored
+        info["encrypted"] = size is not None
+        if size is not None:
+            info["size"] = size
+        return info
+
+    # --------------------------------------------------------------------- listing
+    def ls(self, path: Any, detail: bool = True, **kwargs: Any):
+        entries = self.fs.ls(self._target(path), detail=True, **kwargs)
+        if not detail:
+            return [e["name"] for e in entries]
+        return [self._plain_info(e) for e in entries]
+
+    def info(self, path: Any, **kwargs: Any) -> dict:
+        return self._plain_info(self.fs.info(self._target(path), **kwargs))
+
+    def modified(self, path: Any):
+        return self.fs.modified(self._target(path))
+
+    def created(self, path: Any):
+        return self.fs.created(self._target(path))
+
+    # --------------------------------------------------------------------- reading
+    def _open(self, path: Any, mode: str = "rb", block_size: Any = None, autocommit: bool = True,
+              cache_options: Any = None, **kwargs: Any):
+        target = self._target(path)
+        if mode == "rb":
+            return self._open_reader(target, **kwargs)
+        if mode == "wb":
+            return _EncryptingWriter(self, target)
+        raise ValueError(f"gpucrypt files open as 'rb' or 'wb', not {mode!r}: a stream file is "
+                         f"written whole (appending would need its last segment resealed)")
+
+    def _open_reader(self, target: str, **kwargs: Any) -> GpucryptFile:
+        return GpucryptFile(self.fs.open(target, "rb", **kwargs),
+                            lambda header: self._data_key(header, target), target,
+                            device=self.read_device)
+
+    def cat_file(self, path: Any, start: int | None = None, end: int | None = None,
+                 **kwargs: Any) -> bytes:
+        with self._open_reader(self._target(path)) as f:
+            return _read_range(f, start, end)
+
+    def cat_ranges(self, paths: list, starts: Any, ends: Any, max_gap: Any = None,
+                   on_error: str = "return", **kwargs: Any) -> list:
+        """Byte ranges of plaintext, one file opened once for all its ranges. A failed
+        segment raises, whatever ``on_error`` says; ``on_error="return"`` returns other
+        errors (a missing file) in place of their range, as fsspec does."""
+        count = len(paths)
+        starts = [starts] * count if not isinstance(starts, list) else starts
+        ends = [ends] * count if not isinstance(ends, list) else ends
+        if not len(starts) == len(ends) == count:
+            raise ValueError("paths, starts and ends must have the same length")
+        out: list = [None] * count
+        by_path: dict[str, list[int]] = {}
+        for i, p in enumerate(paths):
+            by_path.setdefault(self._target(p), []).append(i)
+        for target, indices in by_path.items():
+            try:
+                with self._open_reader(target) as f:
+                    for i in _reading_order(f, [starts[i] or 0 for i in indices], indices):
+                        out[i] = _read_range(f, starts[i], ends[i])
+            except (StreamError, NoMatchingRecipient):
+                raise
+            except Exception as exc:
+                if on_error != "return":
+                    raise
+                for i in indices:
+                    out[i] = exc
+        return out
+
+    def get_file(self, rpath: Any, lpath: Any, callback: Any = None, **kwargs: Any) -> None:
+        """Decrypt ``rpath`` into the local file ``lpath``, atomically (renamed into place
+        only once every segment verified)."""
+        if os.path.isdir(lpath):
+            return
+        target = self._target(rpath)
+        with self.fs.open(target, "rb") as f:
+            try:
+                key = self._data_key(stream.read_header(f), target)
+                f.seek(0)
+                stream.decrypt(f, lpath, key, device=self.write_options["device"])
+            except StreamError as exc:
+                raise named_error(exc, target) from None
+
+    # --------------------------------------------------------------------- writing
+    def _publish(self, target: str, source: Any) -> None:
+        """Seal ``source`` (plaintext chunks, or a local path) into a stream file at target
+        path ``target``, published at once (see the module docstring)."""
+        keys = self._keys()
+        if not keys.can_encrypt():
+            raise ValueError("writing a gpucrypt file needs recipients= or keyset= (this "
+                             "filesystem was given identities only)")
+        seal = dict(recipients=keys.wrappers(), **self.write_options)
+        if isinstance(self.fs, LocalFileSystem):
+            encrypt_file(source, target, **seal)  # AtomicFile: temp, fsync, rename
+            return
+        parent, base = posixpath.split(target)
+        temp = posixpath.join(parent, f".{base}.{os.urandom(4).hex()}.gpucrypt-tmp")
+        try:
+            with self.fs.open(temp, "wb") as out:
+                encrypt_file(source, out, **seal)
+            self.fs.mv(temp, target)
+        except BaseException:
+            try:
+                self.fs.rm_file(temp)
+            except Exception:  # never created, or already moved
+                pass
+            raise
+
+    def put_file(self, lpath: Any, rpath: Any, callback: Any = None, mode: str = "overwrite",
+                 **kwargs: Any) -> None:
+        """Encrypt the local file ``lpath`` into ``rpath`` (streamed, published at once)."""
+        if os.path.isdir(lpath):
+            self.makedirs(rpath, exist_ok=True)
+            return
+        self._publish(self._target(rpath), os.fspath(lpath))
+
+    # --------------------------------------------------------------------- plain delegation
+    def mkdir(self, path: Any, create_parents: bool = True, **kwargs: Any) -> None:
+        self.fs.mkdir(self._target(path), create_parents=create_parents, **kwargs)
+
+    def makedirs(self, path: Any, exist_ok: bool = False) -> None:
+        self.fs.makedirs(self._target(path), exist_ok=exist_ok)
+
+    def rmdir(self, path: Any) -> None:
+        self.fs.rmdir(self._target(path))
+
+    def rm_file(self, path: Any) -> None:
+        self.fs.rm_file(self._target(path))
+
+    def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
+        paths = path if isinstance(path, list) else [path]
+        self.fs.rm([self._target(p) for p in paths], recursive=recursive, maxdepth=maxdepth)
+
+    def cp_file(self, path1: Any, path2: Any, **kwargs: Any) -> None:
+        """Copy the stored bytes: a stream file does not depend on its name, so the copy
+        decrypts as the original does."""
+        self.fs.cp_file(self._target(path1), self._target(path2), **kwargs)
+
+    def mv(self, path1: Any, path2: Any, **kwargs: Any) -> None:
+        self.fs.mv(self._target(path1), self._target(path2), **kwargs)
+
+
+def _read_range(f: GpucryptFile, start: int | None, end: int | None) -> bytes:
+    """Plaintext bytes ``[start, end)`` of ``f`` (negative: from the end; None: the edge)."""
+    size = f.size
+    start = 0 if start is None else _resolve(start, size)
+    end = size if end is None else min(_resolve(end, size), size)
+    if end <= start:
+        return b""
+    f.seek(start)
+    return f.read(end - start)
+
+
+def _resolve(offset: int, size: int) -> int:
+    """A byte offset as fsspec gives it (negative: from the end) as one from the start."""
+    return max(0, size + offset) if offset < 0 else offset
+
+
+def _reading_order(f: GpucryptFile, starts: list[int], indices: list[int]) -> list[int]:
+    """``indices`` in the order that decrypts fewest segments: the ranges starting in the final
+    segment first (the reader holds it, verified on opening), then the rest by offset (the
+    reader keeps the segment it read last, so a segment shared by neighbours opens once)."""
+    S = f.header.segment_size
+    final = max(0, f.size - 1) // S
+
+    def key(pair):
+        start = _resolve(pair[0], f.size)
+        return start // S != final, start
+    return [i for _, i in sorted(zip(starts, indices), key=key)]

@@ -1,0 +1,345 @@
+"""Ray Data pipelines that encrypt and decrypt datasets of files or binary columns.
+
+``import ray`` below is the Ray package (imports are absolute), not this module.
+
+Pieces, each usable on its own in a Ray Data pipeline::
+
+    refs = KeyReferences(keyset="/keys/team.json")        # a path: no key in the task graph
+    ds = ray.data.read_binary_files("/data/raw", include_paths=True)
+    ds = ds.map_batches(EncryptBatch, fn_constructor_kwargs={"keys": refs},
+                        compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1,
+                        batch_format="numpy")
+    ds.write_datasink(GpucryptDatasink("/data/enc", relative_to="/data/raw"))
+
+- :class:`EncryptBatch` / :class:`DecryptBatch`: callable classes for ``map_batches``
+  (long-lived actors): each resolves its keys once, in the actor, and holds them with
+  its GPU context; every row's binary ``column`` becomes a whole gpucrypt stream file
+  (a fresh data key wrapped for the recipients and/or the keyset's primary) or its
+  plaintext. Batches are ``numpy`` or ``pandas`` batches.
+- :class:`StagedFilesDatasink` writes one file per row under a folder, and publishes them
+  only when the whole job succeeded: write tasks write into a hidden staging folder
+  inside it; on success each file is moved into place (a rename on local and most
+  POSIX targets) and the staging folder removed; on failure the staging folder is
+  removed and nothing appears. :class:`GpucryptDatasink` is one for gpucrypt files: it
+  refuses rows that are not gpucrypt streams, or encrypts them itself when given keys.
+- :func:`encrypt_files`, :func:`decrypt_files` run those pipelines over a folder, with
+  one actor per GPU (``num_gpus=1``) where the cluster has GPUs and CPU actors
+  otherwise; :func:`read_encrypted` reads gpucrypt files through the
+  :mod:`gpucrypt.fs` filesystem (decrypted in the read tasks).
+
+Errors: a tampered, truncated or foreign file fails the job; the exception Ray raises
+carries the gpucrypt error, whose message starts with the file's path.
+"""
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import uuid
+from typing import Any, Iterable
+
+import fsspec
+import numpy as np
+import ray
+import ray.data
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+from .files import stream
+from .files._format import StreamError
+from .fs import GpucryptFileSystem, named_error
+from .keys import NoMatchingRecipient, encrypt_file
+from .keys.portable import KeyReferences
+
+__all__ = ["EncryptBatch", "DecryptBatch", "StagedFilesDatasink", "GpucryptDatasink",
+           "encrypt_files", "decrypt_files", "read_encrypted", "gpus_per_actor",
+           "cpus_per_actor"]
+
+#: rows per batch handed to an actor by the folder helpers (small files: amortise the
+#: per-batch hand-off; large files: bounded memory)
+DEFAULT_BATCH_SIZE = 32
+
+
+def _columns(batch: Any) -> dict:
+    """A numpy (dict) or pandas batch as a dict of numpy arrays."""
+    return {name: np.asarray(values) for name, values in batch.items()}
+
+
+def _row_names(batch: dict, path_column: str | None, count: int) -> list[str]:
+    if path_column and path_column in batch:
+        return [str(p) for p in batch[path_column]]
+    return [f"row {i} of its batch" for i in range(count)]
+
+
+def _objects(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+class _Sealer:
+    """Seals byte strings into whole gpucrypt stream files with keys resolved here."""
+
+    def __init__(self, keys: KeyReferences, options: dict):
+        self._keys = keys.resolve()
+        if not self._keys.can_encrypt():
+            raise ValueError("encrypting needs recipients= or keyset= (only identities given)")
+        self._options = options
+
+    def seal(self, data: Any) -> bytes:
+        out = io.BytesIO()
+        encrypt_file(memoryview(data), out, recipients=self._keys.wrappers(), **self._options)
+        return out.getvalue()
+
+
+class EncryptBatch:
+    """``map_batches`` callable class: every row's ``column`` (bytes) becomes a gpucrypt stream
+    file's bytes. ``keys`` is a :class:`KeyReferences` (or give ``keyset=``/``recipients=``),
+    resolved in the actor. ``algorithm``, ``segment_size`` and ``device`` are
+    :func:`gpucrypt.stream.encrypt`'s."""
+
+    def __init__(self, keys: KeyReferences | None = None, *, column: str = "bytes",
+                 algorithm: str = "chacha20-poly1305",
+                 segment_size: int = stream.DEFAULT_SEGMENT_SIZE, device: str = "auto",
+                 **references: Any):
+        self.column = column
+        self._sealer = _Sealer(KeyReferences.of(keys, **references),
+                               {"algorithm": algorithm, "segment_size": segment_size,
+                                "device": device})
+
+    def __call__(self, batch: Any) -> dict:
+        columns = _columns(batch)
+        columns[self.column] = _objects([self._sealer.seal(v) for v in columns[self.column]])
+        return columns
+
+
+class DecryptBatch:
+    """``map_batches`` callable class: every row's ``column`` (a gpucrypt stream file's bytes)
+    becomes its plaintext, verified whole. A file that fails raises, naming it by
+    ``path_column`` (``read_binary_files(..., include_paths=True)`` gives it)."""
+
+    def __init__(self, keys: KeyReferences | None = None, *, column: str = "bytes",
+                 path_column: str | None = "path", device: str = "auto", **references: Any):
+        self.column, self.path_column, self.device = column, path_column, device
+        self._keys = KeyReferences.of(keys, **references).resolve()
+
+    def open(self, data: Any, name: str) -> bytes:
+        """The plaintext of the stream file ``data`` (called ``name`` in errors)."""
+        out = io.BytesIO()
+        try:
+            header = stream.read_header(data)
+            if not header.envelope:
+                raise NoMatchingRecipient("this file carries no envelope (it was encrypted "
+                                          "with a raw key)")
+            stream.decrypt(data, out, self._keys.data_key(header.envelope), device=self.device)
+        except StreamError as exc:
+            raise named_error(exc, name) from None
+        except NoMatchingRecipient as exc:
+            raise NoMatchingRecipient(f"{name}: {exc}") from None
+        return out.getvalue()
+
+    def __call__(self, batch: Any) -> dict:
+        columns = _columns(batch)
+        values = columns[self.column]
+        names = _row_names(columns, self.path_column, len(values))
+        columns[self.column] = _objects([self.open(v, n) for v, n in zip(values, names)])
+        return columns
+
+
+class StagedFilesDatasink(Datasink):
+    """Writes each row's ``column`` as a file under ``path`` (a local folder or an fsspec URL;
+    ``filesystem`` an fsspec filesystem to use instead of the URL's), published only when the
+    whole job succeeded (see the module docstring).
+
+    File names: the row's ``path_column`` relative to ``relative_to`` (its base name when
+    None), less ``strip_suffix``, plus ``suffix``. A name that would leave ``path`` raises.
+    Publishing moves the files one by one: a crash during it can leave some published.
+    """
+
+    def __init__(self, path: str, *, column: str = "bytes", path_column: str = "path",
+                 relative_to: str | None = None, suffix: str = "", strip_suffix: str = "",
+                 filesystem: Any = None, storage_options: dict | None = None):
+        if filesystem is None:
+            filesystem, path = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        else:
+            path = filesystem._strip_protocol(path)
+        self.fs, self.root = filesystem, path.rstrip("/")
+        self.column, self.path_column = column, path_column
+        self.relative_to = None if relative_to is None else \
+            self.fs._strip_protocol(os.fspath(relative_to)).rstrip("/")
+        self.suffix, self.strip_suffix = suffix, strip_suffix
+        self.staging = posixpath.join(self.root, f".gpucrypt-staging-{uuid.uuid4().hex}")
+
+    def name_of(self, source_path: str) -> str:
+        """The output name (relative to the folder) of a row read from ``source_path``."""
+        source_path = str(source_path)
+        if self.relative_to is None:
+            name = posixpath.basename(source_path)
+        else:
+            name = posixpath.relpath(source_path, self.relative_to)
+        if name.startswith("..") or posixpath.isabs(name) or not name or name == ".":
+            raise ValueError(f"{source_path} is not inside {self.relative_to}: give "
+                             f"relative_to= the folder the rows were read from")
+        if self.strip_suffix and name.endswith(self.strip_suffix):
+            name = name[:-len(self.strip_suffix)]
+        return name + self.suffix
+
+    def prepare(self, data: bytes, name: str) -> bytes:
+        """The bytes written for one row (subclasses check or transform them)."""
+        return data
+
+    def on_write_start(self, schema: Any = None) -> None:
+        self.fs.makedirs(self.staging, exist_ok=True)
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> list[str]:
+        written = []
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            values = table.column(self.column).to_pylist()
+            sources = table.column(self.path_column).to_pylist()
+            for data, source in zip(values, sources):
+                name = self.name_of(source)
+                staged = posixpath.join(self.staging, name)
+                self.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
+                self.fs.pipe_file(staged, self.prepare(data, source))
+                written.append(name)
+        return written
+
+    def on_write_complete(self, write_result: Any) -> None:
+        names = [name for returned in write_result.write_returns for name in returned]
+        if len(set(names)) != len(names):
+            self._remove_staging()
+            raise ValueError(f"two rows map to the same output file under {self.root}: give "
+                             f"relative_to= so that names keep their folders")
+        for name in names:
+            final = posixpath.join(self.root, name)
+            self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+            self.fs.mv(posixpath.join(self.staging, name), final)
+        self._remove_staging()
+
+    def on_write_failed(self, error: Exception) -> None:
+        self._remove_staging()
+
+    def _remove_staging(self) -> None:
+        if self.fs.exists(self.staging):
+            self.fs.rm(self.staging, recursive=True)
+
+
+class GpucryptDatasink(StagedFilesDatasink):
+    """A :class:`StagedFilesDatasink` of gpucrypt files (``suffix`` ``.gc`` by default).
+
+    Without ``keys``, rows must already hold gpucrypt streams (from :class:`EncryptBatch`);
+    one that does not raises rather than be stored in the clear. With ``keys`` (a
+    :class:`KeyReferences`) and stream options, the write tasks encrypt the rows.
+    """
+
+    def __init__(self, path: str, *, keys: KeyReferences | None = None, suffix: str = ".gc",
+                 algorithm: str = "chacha20-poly1305",
+                 segment_size: int = stream.DEFAULT_SEGMENT_SIZE, device: str = "auto",
+                 **options: Any):
+        super().__init__(path, suffix=suffix, **options)
+        self.keys = keys
+        self.stream_options = {"algorithm": algorithm, "segment_size": segment_size,
+                               "device": device}
+        self._sealer: _Sealer | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_sealer": None}  # resolved keys stay where they were made
+
+    def prepare(self, data: bytes, name: str) -> bytes:
+        if self.keys is not None:
+            if self._sealer is None:
+                self._sealer = _Sealer(self.keys, self.stream_options)
+            return self._sealer.seal(data)
+        try:
+            stream.read_header(data)
+        except StreamError:
+            raise ValueError(f"{name}: this row is not a gpucrypt stream; encrypt it first "
+                             f"(EncryptBatch) or give GpucryptDatasink keys=") from None
+        return data
+
+
+def gpus_per_actor(num_gpus: float | None = None) -> float:
+    """``num_gpus``, or 1 when the cluster has a GPU (one actor per GPU), else 0 (CPU actors)."""
+    if num_gpus is not None:
+        return num_gpus
+    return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+
+def _local_folder(path: Any) -> str:
+    path = os.fspath(path)
+    return os.path.abspath(path) if "://" not in path else path
+
+
+#: CPUs reserved by each read and write task of the folder helpers: they move bytes, the
+#: actors do the cipher work
+IO_TASK_CPUS = 0.25
+
+
+def cpus_per_actor(actors: int, num_cpus: float | None = None) -> float:
+    """``num_cpus``, or each actor's share of the cluster's CPUs once a read and a write task
+    have theirs (at most 1). Actors that took every CPU would leave the read tasks that feed
+    them waiting for ever: Ray Data keeps an actor pool's CPUs reserved for its lifetime."""
+    if num_cpus is not None:
+        return num_cpus
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return max(0.1, min(1.0, (cpus - 2 * IO_TASK_CPUS) / actors))
+
+
+def _run_over_files(transform: type, src: Any, sink: StagedFilesDatasink, keys: KeyReferences,
+                    actors: int, num_gpus: float | None, num_cpus: float | None,
+                    batch_size: int, options: dict) -> None:
+    ds = ray.data.read_binary_files(_local_folder(src), include_paths=True,
+                                    num_cpus=IO_TASK_CPUS)
+    ds = ds.map_batches(transform, fn_constructor_kwargs={"keys": keys, **options},
+                        compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_cpus=cpus_per_actor(actors, num_cpus),
+                        num_gpus=gpus_per_actor(num_gpus), batch_size=batch_size,
+                        batch_format="numpy")
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+
+
+def encrypt_files(src: Any, dst: Any, *, keys: KeyReferences | None = None, actors: int = 2,
+                  num_gpus: float | None = None, num_cpus: float | None = None,
+                  batch_size: int = DEFAULT_BATCH_SIZE,
+                  suffix: str = ".gc", algorithm: str = "chacha20-poly1305",
+                  segment_size: int = stream.DEFAULT_SEGMENT_SIZE, **references: Any) -> None:
+    """Encrypt every file under the folder ``src`` into ``dst`` (same relative names plus
+    ``suffix``) with ``actors`` :class:`EncryptBatch` actors; published when all succeeded.
+    ``num_gpus``/``num_cpus`` per actor: see :func:`gpus_per_actor`, :func:`cpus_per_actor`."""
+    keys = KeyReferences.of(keys, **references)
+    sink = GpucryptDatasink(_local_folder(dst), relative_to=_local_folder(src), suffix=suffix)
+    _run_over_files(EncryptBatch, src, sink, keys, actors, num_gpus, num_cpus, batch_size,
+                    {"algorithm": algorithm, "segment_size": segment_size})
+
+
+def decrypt_files(src: Any, dst: Any, *, keys: KeyReferences | None = None, actors: int = 2,
+                  num_gpus: float | None = None, num_cpus: float | None = None,
+                  batch_size: int = DEFAULT_BATCH_SIZE,
+                  strip_suffix: str = ".gc", **references: Any) -> None:
+    """Decrypt every gpucrypt file under ``src`` into ``dst`` (relative names less
+    ``strip_suffix``) with ``actors`` :class:`DecryptBatch` actors. A file that fails fails
+    the job, naming it, and nothing is published."""
+    keys = KeyReferences.of(keys, **references)
+    sink = StagedFilesDatasink(_local_folder(dst), relative_to=_local_folder(src),
+                               strip_suffix=strip_suffix)
+    _run_over_files(DecryptBatch, src, sink, keys, actors, num_gpus, num_cpus, batch_size, {})
+
+
+def read_encrypted(paths: Any, *, keys: KeyReferences | None = None,
+                   target_protocol: str = "file", target_options: dict | None = None,
+                   reader: Any = None, **read_args: Any) -> "ray.data.Dataset":
+    """A dataset read from gpucrypt files through the :mod:`gpucrypt.fs` filesystem:
+    ``reader`` (default ``ray.data.read_binary_files``; ``read_parquet`` and the other
+    file readers work too) gets it as a pyarrow filesystem, and the read tasks decrypt.
+    ``keys`` or ``keyset=``/``identities=``: references, resolved in each read task."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    references = {k: read_args.pop(k) for k in ("keyset", "identities", "recipients",
+                                                 "passphrase_env") if k in read_args}
+    fs = GpucryptFileSystem(target_protocol=target_protocol, target_options=target_options,
+                            keys=KeyReferences.of(keys, **references))
+    reader = reader or ray.data.read_binary_files
+    if isinstance(paths, (str, os.PathLike)) and target_protocol == "file":
+        paths = _local_folder(paths)
+    return reader(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), **read_args)

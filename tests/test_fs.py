@@ -1,0 +1,347 @@
+"""The gpucrypt:: fsspec filesystem (gpucrypt.fs): pandas and pyarrow read encrypted Parquet in
+place over local, in-memory and HTTP targets; reads decrypt only the segments they touch;
+tampering and truncation raise with the file's name; writes are published whole; the
+filesystem pickles without a secret."""
+from __future__ import annotations
+
+import http.server
+import pickle
+import re
+import threading
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import gpucrypt.fs as gfs
+from gpucrypt import stream
+from gpucrypt.keys import Identity, Keyset, NoMatchingRecipient, WrappingKey
+from gpucrypt.keys.providers import EnvKeyProvider
+
+SEGMENT = 4096  # the smallest segment: a small Parquet file spans many of them
+ROWS, ROW_GROUP = 16000, 2000
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keys")
+    keyset = Keyset.generate()
+    keyset.save(folder / "keyset.json")
+    identity = Identity.generate()
+    identity.save(folder / "me.identity")
+    identity.recipient.save(folder / "me.recipient")
+    return {"keyset": str(folder / "keyset.json"), "kek": keyset.primary.secret_bytes(),
+            "identity": str(folder / "me.identity"), "recipient": str(folder / "me.recipient")}
+
+
+@pytest.fixture(scope="module")
+def frame():
+    rng = np.random.default_rng(17)
+    return pd.DataFrame({"id": np.arange(ROWS, dtype=np.int64),
+                         "score": rng.random(ROWS),
+                         "label": [f"row-{i}" for i in range(ROWS)]})
+
+
+@pytest.fixture(scope="module")
+def encrypted(tmp_path_factory, keys, frame):
+    """An encrypted Parquet file of 8 row groups in 4 KiB segments, written through the
+    filesystem with pyarrow; its path and its stored bytes."""
+    path = str(tmp_path_factory.mktemp("data") / "train.parquet.gc")
+    fs = fsspec.filesystem("gpucrypt", target_protocol="file", keyset=keys["keyset"],
+                           segment_size=SEGMENT)
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, filesystem=fs,
+                   row_group_size=ROW_GROUP)
+    with open(path, "rb") as f:
+        return path, f.read()
+
+
+def local_fs(keys, **options):
+    return fsspec.filesystem("gpucrypt", target_protocol="file", keyset=keys["keyset"], **options)
+
+
+def test_pandas_and_pyarrow_read_encrypted_parquet_through_the_filesystem(keys, frame, encrypted):
+    path, stored = encrypted
+    assert stored.startswith(b"GPUCRYPT") and b"PAR1" not in stored  # ciphertext at rest
+    chained = pd.read_parquet(f"gpucrypt::file://{path}",
+                              storage_options={"gpucrypt": {"keyset": keys["keyset"]}})
+    pd.testing.assert_frame_equal(chained, frame)
+    table = pq.read_table(path, filesystem=local_fs(keys))
+    assert table.equals(pa.Table.from_pandas(frame, preserve_index=False))
+    info = local_fs(keys).info(path)
+    assert info["encrypted"] and info["stored_size"] == len(stored)
+    assert info["size"] == stream.open(path, _keyset_data_key(keys, path)).size
+
+
+def _keyset_data_key(keys, path):
+    from gpucrypt.keys import open_envelope
+
+    return open_envelope(stream.read_header(path).envelope, Keyset.load(keys["keyset"]))
+
+
+def _segments_of(byte_ranges, size):
+    return {i for start, end in byte_ranges for i in range(start // SEGMENT, (end - 1) // SEGMENT + 1)
+            if start < end <= size}
+
+
+def test_column_and_row_group_selection_decrypt_only_their_segments(keys, frame, encrypted):
+    path, _ = encrypted
+    fs = local_fs(keys)
+    size = fs.size(path)
+    total = -(-size // SEGMENT)
+    gfs.reset_stats()
+    whole = pq.ParquetFile(path, filesystem=fs).read()
+    everything = gfs.stats()["segments_decrypted"]
+    assert whole.num_rows == ROWS and everything >= total
+
+    gfs.reset_stats()
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        meta = pf.metadata
+        part = pf.read_row_group(3, columns=["id"])
+    counted = gfs.stats()
+    assert part.column("id").to_pylist() == list(range(3 * ROW_GROUP, 4 * ROW_GROUP))
+    chunk = meta.row_group(3).column(0)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    # what a reader must touch: that column chunk and the footer pyarrow reads (up to its
+    # last 64 KiB); the final segment once more, verified when the file opens and evicted
+    # from the one-segment cache before the footer read reaches it again
+    needed = _segments_of([(start, start + chunk.total_compressed_size),
+                           (max(0, size - (64 << 10)), size)], size)
+    assert counted["files_opened"] == 1
+    assert counted["segments_decrypted"] <= len(needed) + 1
+    assert counted["segments_decrypted"] < total / 2  # 1 of 8 row groups, 1 of 3 columns
+
+
+def test_cat_ranges_and_seek_decrypt_only_what_they_touch(keys, encrypted):
+    path, _ = encrypted
+    fs = local_fs(keys)
+    with fs.open(path, "rb") as f:
+        plain = f.read()
+    gfs.reset_stats()
+    got = fs.cat_ranges([path] * 3, [0, 5 * SEGMENT + 10, -8], [4, 5 * SEGMENT + 20, None])
+    assert got == [plain[:4], plain[5 * SEGMENT + 10:5 * SEGMENT + 20], plain[-8:]]
+    # the final segment (verified on opening, and holding the last 8 bytes), segments 0 and 5
+    assert gfs.stats() == {"segments_decrypted": 3, "files_opened": 1}
+    assert fs.cat_file(path, 7 * SEGMENT - 3, 7 * SEGMENT + 3) == plain[7 * SEGMENT - 3:7 * SEGMENT + 3]
+
+
+def test_memory_target_write_and_read_back(keys, frame):
+    fs = fsspec.filesystem("gpucrypt", target_protocol="memory", keyset=keys["keyset"],
+                           segment_size=SEGMENT)
+    frame.to_parquet("/gc17/out/frame.parquet.gc", filesystem=fs)
+    memory = fsspec.filesystem("memory")
+    stored = memory.cat_file("/gc17/out/frame.parquet.gc")
+    assert stored.startswith(b"GPUCRYPT")
+    assert memory.ls("/gc17/out", detail=False) == ["/gc17/out/frame.parquet.gc"]  # no temp left
+    pd.testing.assert_frame_equal(pd.read_parquet("/gc17/out/frame.parquet.gc", filesystem=fs), frame)
+    chained = pd.read_parquet("gpucrypt::memory://gc17/out/frame.parquet.gc",
+                              storage_options={"gpucrypt": {"keyset": keys["keyset"]}})
+    pd.testing.assert_frame_equal(chained, frame)
+    [entry] = fs.ls("/gc17/out")
+    assert entry["size"] == len(fs.cat_file("/gc17/out/frame.parquet.gc")) < entry["stored_size"]
+    memory.rm("/gc17", recursive=True)
+
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves ``server.files`` (path -> bytes) with HEAD and single Range requests, and
+    records every range served."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive: one connection for the many range requests
+
+    def log_message(self, *args):
+        pass
+
+    def _body(self):
+        data = self.server.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+        return data
+
+    def do_HEAD(self):
+        data = self._body()
+        if data is not None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+
+    def do_GET(self):
+        data = self._body()
+        if data is None:
+            return
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        start, end = 0, len(data)
+        if match:
+            start = int(match.group(1))
+            end = min(len(data), int(match.group(2)) + 1 if match.group(2) else len(data))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.server.served.append((self.path, start, end))
+        self.send_header("Content-Length", str(end - start))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        self.wfile.write(data[start:end])
+
+
+@pytest.fixture(scope="module")
+def http_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    server.files, server.served = {}, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_target_reads_ranges_on_the_loopback(keys, frame, encrypted, http_server):
+    _, stored = encrypted
+    http_server.files["/train.parquet.gc"] = stored
+    url = f"http://127.0.0.1:{http_server.server_address[1]}/train.parquet.gc"
+    whole = pd.read_parquet(f"gpucrypt::{url}",
+                            storage_options={"gpucrypt": {"keyset": keys["keyset"]}})
+    pd.testing.assert_frame_equal(whole, frame)
+
+    http_server.served.clear()
+    fs = fsspec.filesystem("gpucrypt", target_protocol="http", keyset=keys["keyset"],
+                           target_options={"cache_type": "readahead", "block_size": 8192})
+    with fs.open(url, "rb") as f:
+        part = pq.ParquetFile(f).read_row_group(3, columns=["id"])
+    assert part.column("id").to_pylist() == list(range(3 * ROW_GROUP, 4 * ROW_GROUP))
+    fetched = sum(end - start for _, start, end in http_server.served)
+    # ranges: the header, the footer (pyarrow reads up to 64 KiB of it) and one column chunk,
+    # each with 8 KiB of read-ahead
+    assert 0 < fetched < len(stored) / 2
+
+
+def _flip(data: bytes, offset: int) -> bytes:
+    return data[:offset] + bytes([data[offset] ^ 1]) + data[offset + 1:]
+
+
+def test_tampered_segment_raises_with_the_file_name_and_releases_nothing(keys, encrypted, tmp_path):
+    path, stored = encrypted
+    header_length = stream.read_header(stored).header_length
+    bad = tmp_path / "tampered.parquet.gc"
+    bad.write_bytes(_flip(stored, header_length + 2 * (SEGMENT + 16) + 100))  # inside segment 2
+    fs = local_fs(keys)
+    with fs.open(str(bad), "rb") as f:  # header and final segment verify
+        assert f.read(10) == fs.cat_file(path, 0, 10)  # segment 0 still reads
+        f.seek(2 * SEGMENT + 50)
+        with pytest.raises(stream.AuthenticationError, match=re.escape(str(bad))) as caught:
+            f.read(10)
+        assert caught.value.segment == 2
+    with pytest.raises(stream.AuthenticationError, match=re.escape(str(bad))):
+        fs.cat_ranges([str(bad)], [2 * SEGMENT], [2 * SEGMENT + 1])
+    with pytest.raises(stream.AuthenticationError, match=re.escape(str(bad))):
+        pd.read_parquet(str(bad), filesystem=fs)
+
+
+def test_truncated_file_raises_with_the_file_name(keys, encrypted, tmp_path):
+    _, stored = encrypted
+    fs = local_fs(keys)
+    whole_segments_cut = tmp_path / "short.parquet.gc"
+    header_length = stream.read_header(stored).header_length
+    whole_segments_cut.write_bytes(stored[:header_length + 10 * (SEGMENT + 16)])
+    with pytest.raises(stream.TruncatedError, match=re.escape(str(whole_segments_cut))):
+        fs.open(str(whole_segments_cut), "rb")  # segment 9 is not marked last
+    inside_a_tag = tmp_path / "cut-tag.parquet.gc"
+    inside_a_tag.write_bytes(stored[:header_length + 10 * (SEGMENT + 16) + 7])
+    with pytest.raises(stream.TruncatedError, match=re.escape(str(inside_a_tag))):
+        fs.info(str(inside_a_tag))
+    with pytest.raises(stream.TruncatedError, match=re.escape(str(inside_a_tag))):
+        fs.cat_file(str(inside_a_tag))
+
+
+def test_pickles_without_any_secret_and_reads_after_unpickling(keys, encrypted, monkeypatch):
+    path, _ = encrypted
+    fs = local_fs(keys)
+    plain = fs.cat_file(path, 0, 100)  # keys resolved and a data key cached in this instance
+    data_key = _keyset_data_key(keys, path)
+    blob = pickle.dumps(fs)
+    assert keys["kek"] not in blob and data_key not in blob
+    assert keys["keyset"].encode() in blob  # the reference, resolved again where unpickled
+    assert pickle.loads(blob).cat_file(path, 0, 100) == plain
+
+    monkeypatch.setenv("GC17_KEK", keys["kek"].hex())
+    provider_key = WrappingKey.from_provider(EnvKeyProvider(Keyset.load(keys["keyset"]).primary.id,
+                                                            "GC17_KEK"),
+                                             Keyset.load(keys["keyset"]).primary.id)
+    by_provider = fsspec.filesystem("gpucrypt", target_protocol="file", identities=[provider_key],
+                                    skip_instance_cache=True)
+    blob = pickle.dumps(by_provider)
+    assert keys["kek"] not in blob and keys["kek"].hex().encode() not in blob
+    assert pickle.loads(blob).cat_file(path, 0, 100) == plain
+
+
+def test_key_material_is_refused_as_a_reference(keys):
+    for secret in (Keyset.load(keys["keyset"]), Identity.load(keys["identity"]), keys["kek"],
+                   WrappingKey("k", keys["kek"])):
+        with pytest.raises(TypeError, match="pickle"):
+            fsspec.filesystem("gpucrypt", target_protocol="file", keyset=secret,
+                              skip_instance_cache=True)
+
+
+def test_recipient_writes_identity_reads_and_other_keys_are_refused(keys, tmp_path):
+    path = str(tmp_path / "blob.gc")
+    writer = fsspec.filesystem("gpucrypt", target_protocol="file", recipients=keys["recipient"])
+    writer.pipe_file(path, b"abc" * 5000)
+    reader = fsspec.filesystem("gpucrypt", target_protocol="file", identities=keys["identity"])
+    assert reader.cat_file(path) == b"abc" * 5000
+    with pytest.raises(ValueError, match="recipients= or keyset="):
+        reader.pipe_file(str(tmp_path / "other.gc"), b"x")
+    with pytest.raises(NoMatchingRecipient, match=re.escape(path)):
+        local_fs(keys).cat_file(path)
+
+
+def test_writes_publish_whole_files_or_nothing(keys, tmp_path):
+    fs = local_fs(keys)
+    target = tmp_path / "out.gc"
+    with pytest.raises(RuntimeError):
+        with fs.open(str(target), "wb") as f:
+            f.write(b"partial")
+            raise RuntimeError("the writer failed")
+    assert list(tmp_path.iterdir()) == []  # nothing published, no temporary file left
+    with fs.open(str(target), "wb") as f:
+        f.write(b"first ")
+        f.write(b"second")
+    assert fs.cat_file(str(target)) == b"first second"
+    with pytest.raises(ValueError, match="'rb' or 'wb'"):
+        fs.open(str(target), "ab")
+
+    memory_fs = fsspec.filesystem("gpucrypt", target_protocol="memory", keyset=keys["keyset"])
+    with pytest.raises(RuntimeError):
+        with memory_fs.open("/gc17w/out.gc", "wb") as f:
+            f.write(b"partial")
+            raise RuntimeError("the writer failed")
+    assert not fsspec.filesystem("memory").exists("/gc17w/out.gc")
+
+
+def test_put_file_and_get_file_round_trip(keys, tmp_path):
+    source = tmp_path / "plain.bin"
+    source.write_bytes(np.random.default_rng(3).bytes(50_000))
+    fs = fsspec.filesystem("gpucrypt", target_protocol="memory", keyset=keys["keyset"],
+                           segment_size=SEGMENT)
+    fs.put(str(source), "/gc17p/plain.bin.gc")
+    assert fsspec.filesystem("memory").cat_file("/gc17p/plain.bin.gc").startswith(b"GPUCRYPT")
+    fs.get("/gc17p/plain.bin.gc", str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == source.read_bytes()
+    fsspec.filesystem("memory").rm("/gc17p", recursive=True)
+
+
+def test_named_errors_survive_pickling_between_processes():
+    """Ray sends a worker's exception to the driver pickled: class, message, segment, path."""
+    for error in (stream.AuthenticationError("segment 2 failed authentication", 2),
+                  stream.TruncatedError("truncated file", 7),
+                  stream.UnsupportedVersion("unsupported gpucrypt format version 9", 9),
+                  stream.FormatError("not a gpucrypt file")):
+        named = gfs.named_error(error, "/data/x.gc")
+        back = pickle.loads(pickle.dumps(named))
+        assert type(back) is type(error) and str(back) == f"/data/x.gc: {error}"
+        assert back.path == "/data/x.gc"
+        assert getattr(back, "segment", None) == getattr(error, "segment", None)
+        assert getattr(back, "version", None) == getattr(error, "version", None)

@@ -1,0 +1,149 @@
+"""Ray Data pipelines (gpucrypt.ray) on a real local Ray cluster, started once for the module:
+a folder of a few hundred files encrypted by actors into a datasink and decrypted back byte
+for byte, read back through the gpucrypt fsspec filesystem; a tampered file fails the job by
+name and a failed job publishes nothing. Keys travel as references only."""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray Data pipelines need the [ray] extra")
+
+from gpucrypt import ray as gray  # noqa: E402
+from gpucrypt import stream  # noqa: E402
+from gpucrypt.keys import Keyset  # noqa: E402
+from gpucrypt.keys.portable import KeyReferences  # noqa: E402
+
+FILES = 300
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # one local cluster for the whole module: starting Ray takes seconds on two cores
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def keyset(tmp_path_factory):
+    keyset = Keyset.generate()
+    path = tmp_path_factory.mktemp("keys") / "keyset.json"
+    keyset.save(path)
+    return str(path), keyset.primary.secret_bytes()
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """FILES small files (0 to 3000 bytes, an empty one included) in three subfolders."""
+    root = tmp_path_factory.mktemp("plain")
+    rng = np.random.default_rng(17)
+    files = {}
+    for i in range(FILES):
+        name = f"part{i % 3}/file{i:03d}.bin"
+        data = rng.bytes(int(rng.integers(0, 3000)) if i else 0)
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_bytes(data)
+        files[name] = data
+    return root, files
+
+
+def _tree(root) -> dict:
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(root) for f in names}
+
+
+def test_a_local_cluster_encrypts_a_folder_reads_it_back_and_fails_by_name(cluster, keyset,
+                                                                          plain, tmp_path):
+    """One test, one cluster: pytest-xdist may send the tests of a module to different
+    workers, and each would start its own Ray."""
+    root, files = plain
+    encrypted = tmp_path / "enc"
+
+    # actors encrypt the folder; the datasink publishes gpucrypt files, no staging left
+    gray.encrypt_files(root, encrypted, keyset=keyset[0], actors=2, segment_size=4096)
+    tree = _tree(encrypted)
+    assert sorted(tree) == sorted(name + ".gc" for name in files)
+    for name, data in tree.items():
+        header = stream.read_header(data)
+        assert header.segment_size == 4096 and header.envelope
+        assert files[name[:-3]] == b"" or files[name[:-3]] not in data
+
+    # read tasks decrypt it back, byte for byte, through the gpucrypt fsspec filesystem
+    rows = gray.read_encrypted(encrypted, keyset=keyset[0], include_paths=True).take_all()
+    got = {os.path.relpath(row["path"], encrypted)[:-3]: bytes(row["bytes"]) for row in rows}
+    assert got == files
+
+    # a tampered file fails the job by name, and the failed job publishes nothing
+    source = tmp_path / "tampered"
+    source.mkdir()
+    for name in sorted(tree)[:12]:
+        shutil.copy(encrypted / name, source / os.path.basename(name))
+    victim = sorted(source.iterdir())[4]
+    data = bytearray(victim.read_bytes())
+    data[-20] ^= 1  # inside the final segment's ciphertext
+    victim.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match=re.escape(str(victim))) as caught:
+        gray.decrypt_files(source, out, keyset=keyset[0], actors=1)
+    assert "failed authentication" in str(caught.value)
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_batch_classes_round_trip_and_name_a_failing_file(keyset, plain):
+    """EncryptBatch and DecryptBatch called as Ray calls them, on numpy and pandas batches
+    (the cluster test runs them too, in actors)."""
+    import pandas as pd
+
+    _, files = plain
+    names = sorted(files)[:20]
+    batch = {"path": np.array(names), "bytes": np.array([files[n] for n in names], dtype=object)}
+    sealed = gray.EncryptBatch(keyset=keyset[0], segment_size=4096)(batch)
+    assert list(sealed["path"]) == names
+    assert all(stream.read_header(c).envelope for c in sealed["bytes"])
+    opened = gray.DecryptBatch(keyset=keyset[0])(pd.DataFrame(sealed))
+    assert [bytes(b) for b in opened["bytes"]] == [files[n] for n in names]
+
+    bad = bytearray(sealed["bytes"][7])
+    bad[-1] ^= 1
+    sealed["bytes"][7] = bytes(bad)
+    with pytest.raises(stream.AuthenticationError, match=re.escape(names[7])):
+        gray.DecryptBatch(keyset=keyset[0])(sealed)
+    cut = sealed["bytes"][3]
+    sealed["bytes"][3] = cut[:stream.read_header(cut).header_length]  # every segment cut off
+    with pytest.raises(stream.TruncatedError, match=re.escape(names[3])):
+        gray.DecryptBatch(keyset=keyset[0])(sealed)
+
+
+def test_keys_travel_as_references_not_bytes(keyset):
+    path, kek = keyset
+    refs = KeyReferences(keyset=path)
+    blob = pickle.dumps({"keys": refs})  # what map_batches puts in the task graph
+    assert kek not in blob and path.encode() in blob
+    with pytest.raises(TypeError, match="pickle"):
+        pickle.dumps(refs.resolve())
+    sink = gray.GpucryptDatasink("/tmp/unused", keys=refs)
+    assert sink.prepare(b"abc", "x").startswith(b"GPUCRYPT")  # resolved in this process
+    assert kek not in pickle.dumps(sink)
+
+
+def test_datasinks_refuse_plaintext_and_names_outside_their_folder(tmp_path):
+    sink = gray.GpucryptDatasink(str(tmp_path / "out"), relative_to=str(tmp_path / "in"))
+    with pytest.raises(ValueError, match="not a gpucrypt stream"):
+        sink.prepare(b"plaintext", "in/a.bin")  # never stored in the clear under a .gc name
+    assert sink.name_of(str(tmp_path / "in" / "sub" / "a.bin")) == "sub/a.bin.gc"
+    with pytest.raises(ValueError, match="not inside"):
+        sink.name_of(str(tmp_path / "elsewhere" / "a.bin"))
+    plain = gray.StagedFilesDatasink(str(tmp_path / "out"), relative_to=str(tmp_path / "in"),
+                                     strip_suffix=".gc")
+    assert plain.name_of(str(tmp_path / "in" / "a.bin.gc")) == "a.bin"
