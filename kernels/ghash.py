@@ -67,9 +67,16 @@ Shoup 4-bit tables (option (a)):
 Measured SASS (sm_90, numba-cuda 0.30 -> ``ptxas -arch=sm_90`` 13.0, one 16-byte block
 of the main loop of ``ghash_blocks``, full-block path):
 
-- (b) this module: 498 instructions per block (31 per byte): 144 IMAD.WIDE.U32,
-  286 LOP3, 24 IMAD, 16 LDG.U8, 13 SHF; the GF(2^128) multiply alone is 451.
-  96 registers, 0 spills (``ghash_combine``: 72 registers, 0 spills).
+- (b) this module: 455 instructions per block (28.7 per byte over a 1 KiB chunk):
+  144 IMAD.WIDE.U32, 260 LOP3, one LDG.E.128; 92 registers, 0 spills
+  (``ghash_combine``: 443 per partial, 80 registers). Before the 128-bit loads and
+  the shared multiply-adds of ``clmul32``: 498 per block (31.4 per byte, 16 LDG.U8,
+  286 LOP3), 96 registers. Of the 260 LOP3, by a count of the source's operations,
+  about 36 mask the data operand, about 41 mask and combine the *key* operand
+  (loop-invariant, recomputed each block rather than held in 36 more registers),
+  about 90 sum products and 54 merge the classes. Reaching 20 per byte needs the
+  key-side work out of the loop (a per-thread table of the 36 masked key words in
+  shared memory, read with 128-bit loads) and fewer class merges: not done.
   Written the obvious way (``uint64(a) * uint64(b)``) numba/LLVM emitted
   ``mul.lo.s64`` and ptxas added a useless VIADD per product (749 per block); hence
   ``mul_wide_u32`` below.
@@ -83,7 +90,7 @@ of the main loop of ``ghash_blocks``, full-block path):
 
 So (b) is used: as fast or faster by instruction count, constant time, no shared
 memory, and any mix of keys per warp. Rough H100 estimate (not measured, no GPU
-here): ~400 ALU-pipe + 144 IMAD.WIDE per block -> ~6 clocks per block per SM ->
+here, for the 498-instruction version): ~400 ALU-pipe + 144 IMAD.WIDE per block -> ~6 clocks per block per SM ->
 ~0.6-0.7 TB/s for GHASH alone; with AES-CTR at ~0.35-0.4 TB/s that gives
 ~0.23-0.25 TB/s for AES-GCM, at the edge of the 0.25 TB/s target (see the
 report for what could still be cut).
