@@ -17,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 from numba import cuda, uint64, int64
 
+from ._compile import device_function
+
 def is_simulator() -> bool:
     """True when numba runs kernels in its CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
     from numba import config
@@ -166,7 +168,7 @@ def threads_for(units: int, multiple: int = 1) -> int:
     return min(THREADS_PER_BLOCK, needed)
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def find_segment(unit_start, n_segments, unit):
     """Index ``s`` with ``unit_start[s] <= unit < unit_start[s + 1]`` (binary search)."""
     lo = int64(0)

@@ -6,7 +6,9 @@ move 16 bytes with one ``LDG.E.128`` / ``STG.E.128`` instead:
 * ``address_of(a, i)``: the address of element ``a[i]`` as ``uint64`` (to test alignment);
 * ``load_u32x4(a, i)``: the 16 bytes starting at element ``a[i]`` as 4 little-endian
   ``uint32`` (one ``LDG.E.128``);
-* ``store_u32x4(a, i, w0, w1, w2, w3)``: the reverse (one ``STG.E.128``).
+* ``store_u32x4(a, i, w0, w1, w2, w3)``: the reverse (one ``STG.E.128``);
+* ``bswap32(x)``: a word's bytes reversed (one ``PRMT``), for big-endian data
+  (AES, GHASH) loaded as little-endian words.
 
 ``a`` is a C-contiguous ``uint8`` or ``uint32`` array of any dimension; ``i`` is a
 flat element index (``row * columns + column`` for a 2-D array). Contract: ``i >= 0``,
@@ -22,14 +24,21 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, uint32, uint64
 
+from ._compile import device_function
 from ._launch import is_simulator
 
 
-def _make_intrinsics():
-    """The device versions: LLVM vector loads and stores of ``<4 x i32>``, 16-byte aligned."""
+def _make_intrinsics(intrinsic=None):
+    """The device versions: LLVM vector loads and stores of ``<4 x i32>``, 16-byte aligned.
+
+    ``intrinsic`` is numba-cuda's decorator by default; the device-typed tests pass
+    ``numba.extending.intrinsic`` to run the same code generation on the CPU.
+    """
     from llvmlite import ir
     from numba import types
-    from numba.cuda.extending import intrinsic
+
+    if intrinsic is None:
+        from numba.cuda.extending import intrinsic
 
     vec_t = ir.VectorType(ir.IntType(32), 4)
 
@@ -109,3 +118,11 @@ def _make_simulator_twins():
 #: The one place where the simulator twins are chosen.
 ON_SIMULATOR = is_simulator()
 address_of, load_u32x4, store_u32x4 = _make_simulator_twins() if ON_SIMULATOR else _make_intrinsics()
+
+
+@device_function
+def bswap32(x):
+    """Byte swap of a 32-bit word (one PRMT)."""
+    x = uint32(x)
+    return uint32((x >> uint32(24)) | ((x >> uint32(8)) & uint32(0xFF00))
+                  | ((x << uint32(8)) & uint32(0xFF0000)) | (x << uint32(24)))

@@ -103,9 +103,10 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, uint8, uint32, uint64, int64
 
-from ._launch import (THREADS_PER_BLOCK, WARP_LANES, InnerLoop, ReportEntry, find_segment, is_simulator, launch,
+from ._compile import device_function, kernel
+from ._launch import (WARP_LANES, InnerLoop, ReportEntry, find_segment, is_simulator, launch,
                       unit_prefix)
-from ._vector_io import address_of, load_u32x4, store_u32x4
+from ._vector_io import address_of, bswap32, load_u32x4, store_u32x4
 
 #: Bytes per AES block.
 BLOCK_BYTES = 16
@@ -282,7 +283,7 @@ def pack_segments(src_offsets, dst_offsets, lengths, key_indices, counter_blocks
 
 # --------------------------------------------------------------------------- 128-bit global I/O
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def load_round_key(round_keys, key, r):
     """Words ``4r .. 4r+3`` of row ``key`` of ``round_keys`` (C-contiguous
     ``uint32[n, ROUND_KEY_WORDS]``): one 128-bit load (rows are 240 bytes, so aligned)."""
@@ -291,18 +292,10 @@ def load_round_key(round_keys, key, r):
 
 # --------------------------------------------------------------------------- AES core (device)
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _rotr(x, n):
     """32-bit rotate right by the constant ``n`` (one SHF.R.W or PRMT)."""
     return uint32((uint32(x) >> uint32(n)) | (uint32(x) << uint32(32 - n)))
-
-
-@cuda.jit(device=True, inline=True)
-def _bswap(x):
-    """Byte swap of a 32-bit word (one PRMT)."""
-    x = uint32(x)
-    return uint32((x >> uint32(24)) | ((x >> uint32(8)) & uint32(0xFF00))
-                  | ((x << uint32(8)) & uint32(0xFF0000)) | (x << uint32(24)))
 
 
 # --------------------------------------------------------------------------- shared T-table access
@@ -378,47 +371,47 @@ table_base, lds_u32, lds_u8 = _make_shared_table_simulator() if is_simulator() e
 # Entry e of lane l is word e * 32 + l, i.e. byte address base + e * 128 + l * 4;
 # ``lb`` is this lane's ``base + l * 4``, so the address is (byte << 7) + lb
 # (32 = _LANES, 7 = _ENTRY_SHIFT).
-@cuda.jit(device=True, inline=True)
+@device_function
 def _a3(x, lb):
     return uint32(((uint32(x) & uint32(0xFF000000)) >> uint32(24 - _ENTRY_SHIFT)) + uint32(lb))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _a2(x, lb):
     return uint32(((uint32(x) & uint32(0xFF0000)) >> uint32(16 - _ENTRY_SHIFT)) + uint32(lb))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _a1(x, lb):
     return uint32(((uint32(x) & uint32(0xFF00)) >> uint32(8 - _ENTRY_SHIFT)) + uint32(lb))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _a0(x, lb):
     return uint32((uint32(x) & uint32(0xFF)) * uint32(1 << _ENTRY_SHIFT) + uint32(lb))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _t_b3(tab, lb, x):
     return lds_u32(tab, _a3(x, lb))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _t_b2(tab, lb, x):
     return lds_u32(tab, _a2(x, lb))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _t_b1(tab, lb, x):
     return lds_u32(tab, _a1(x, lb))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _t_b0(tab, lb, x):
     return lds_u32(tab, _a0(x, lb))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _round(tab, lb, s0, s1, s2, s3, k0, k1, k2, k3):
     """One full AES round (SubBytes, ShiftRows, MixColumns, AddRoundKey) on big-endian column words.
 
@@ -435,7 +428,7 @@ def _round(tab, lb, s0, s1, s2, s3, k0, k1, k2, k3):
     return uint32(t0), uint32(t1), uint32(t2), uint32(t3)
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _final_word_le(tab, lb, a, b, c, d):
     """``S[a>>24] | S[b>>16 & ff] << 8 | S[c>>8 & ff] << 16 | S[d & ff] << 24``.
 
@@ -449,7 +442,7 @@ def _final_word_le(tab, lb, a, b, c, d):
                   | (lds_u8(tab, _a0(d, lb) + uint32(1)) << uint32(24)))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _counter_words(ctr_hi, ctr_lo, inc32, block):
     """Counter block ``block`` blocks after (ctr_hi, ctr_lo), as 4 big-endian words."""
     if inc32:
@@ -462,15 +455,15 @@ def _counter_words(ctr_hi, ctr_lo, inc32, block):
             uint32(lo >> uint64(32)), uint32(lo & uint64(0xFFFFFFFF)))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _pick(w0, w1, w2, w3, k):
     """Keystream byte ``k`` (0..15) of a block held as 4 little-endian words."""
     q = k >> uint32(2)
     w = w0 if q == uint32(0) else (w1 if q == uint32(1) else (w2 if q == uint32(2) else w3))
-    return uint32(uint32(w) >> ((k & uint32(3)) * uint32(8))) & uint32(0xFF)
+    return uint32((uint32(w) >> ((k & uint32(3)) * uint32(8))) & uint32(0xFF))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _xor_block(src, dst, src_off, dst_off, head, length, block, w0, w1, w2, w3):
     """XOR keystream block ``block`` (LE words w0..w3) into the segment bytes it covers.
 
@@ -543,10 +536,10 @@ def _aes_ctr_xor_kernel(src, dst, round_keys, n_rounds, table, unit_start, n_seg
             a0, a1, a2, a3 = _round(tab, lane_base, a0, a1, a2, a3, k0, k1, k2, k3)
             b0, b1, b2, b3 = _round(tab, lane_base, b0, b1, b2, b3, k0, k1, k2, k3)
         k0, k1, k2, k3 = load_round_key(round_keys, key, n_rounds)
-        k0 = _bswap(k0)
-        k1 = _bswap(k1)
-        k2 = _bswap(k2)
-        k3 = _bswap(k3)
+        k0 = bswap32(k0)
+        k1 = bswap32(k1)
+        k2 = bswap32(k2)
+        k3 = bswap32(k3)
         x0 = uint32(_final_word_le(tab, lane_base, a0, a1, a2, a3) ^ k0)
         x1 = uint32(_final_word_le(tab, lane_base, a1, a2, a3, a0) ^ k1)
         x2 = uint32(_final_word_le(tab, lane_base, a2, a3, a0, a1) ^ k2)
@@ -569,7 +562,7 @@ _SIGNATURE = "void(uint8[::1], uint8[::1], uint32[:, ::1], int64, uint64[:, ::1]
 
 # Lazy (compiled at the first launch, then cached on disk): an eager signature would
 # need a device at import time, and the kernel report imports this module without one.
-_kernel = cuda.jit(cache=True)(_aes_ctr_xor_kernel)
+_kernel = kernel(_aes_ctr_xor_kernel)
 
 
 def aes_ctr_xor(src, dst, round_keys, n_rounds, table, unit_start, n_segments, n_units, *, stream=0):

@@ -81,6 +81,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, uint8, uint32, uint64, int64
 
+from ._compile import device_function, kernel
 from ._launch import THREADS_PER_BLOCK, InnerLoop, ReportEntry, find_segment, launch, unit_prefix
 from ._vector_io import address_of, load_u32x4, store_u32x4
 
@@ -159,13 +160,13 @@ def pack_segments(src_offsets, dst_offsets, lengths, key_indices, nonces, positi
 
 # --------------------------------------------------------------------------- ChaCha20 core
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _rotl(x, n):
     """32-bit rotate left by the constant ``n`` (one SHF.L.W or PRMT on the device)."""
     return uint32((uint32(x) << uint32(n)) | (uint32(x) >> uint32(32 - n)))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _quarter_round(a, b, c, d):
     """RFC 8439 section 2.1 quarter round on four uint32 values."""
     a = uint32(a + b)
@@ -179,7 +180,7 @@ def _quarter_round(a, b, c, d):
     return a, b, c, d
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _double_round(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15):
     """One column round and one diagonal round (RFC 8439 section 2.3)."""
     x0, x4, x8, x12 = _quarter_round(x0, x4, x8, x12)
@@ -193,7 +194,7 @@ def _double_round(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x1
     return x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def chacha20_block(k0, k1, k2, k3, k4, k5, k6, k7, c12, c13, n14, n15):
     """RFC 8439 block function: the 16 keystream words for state words 4..15.
 
@@ -239,7 +240,7 @@ def chacha20_block(k0, k1, k2, k3, k4, k5, k6, k7, c12, c13, n14, n15):
     )
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _xor_64_bytes(src, s, dst, d, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15):
     """dst[d:d+64] = src[s:s+64] ^ keystream block, with four 128-bit loads then four stores.
 
@@ -335,7 +336,7 @@ def _chacha20_xor_kernel(src, dst, keys, table, unit_start, n_segments):
 _SIGNATURE = "void(uint8[::1], uint8[::1], uint32[::1], uint32[::1], uint64[::1], int64)"
 # Lazy (compiled at the first launch, then cached on disk): an eager signature would
 # need a device at import time, and the kernel report imports this module without one.
-_kernel = cuda.jit(cache=True)(_chacha20_xor_kernel)
+_kernel = kernel(_chacha20_xor_kernel)
 
 
 def chacha20_xor(src, dst, keys, table, unit_start, n_segments, n_units, *, stream=0):

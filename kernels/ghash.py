@@ -67,9 +67,16 @@ Shoup 4-bit tables (option (a)):
 Measured SASS (sm_90, numba-cuda 0.30 -> ``ptxas -arch=sm_90`` 13.0, one 16-byte block
 of the main loop of ``ghash_blocks``, full-block path):
 
-- (b) this module: 498 instructions per block (31 per byte): 144 IMAD.WIDE.U32,
-  286 LOP3, 24 IMAD, 16 LDG.U8, 13 SHF; the GF(2^128) multiply alone is 451.
-  96 registers, 0 spills (``ghash_combine``: 72 registers, 0 spills).
+- (b) this module: 455 instructions per block (28.7 per byte over a 1 KiB chunk):
+  144 IMAD.WIDE.U32, 260 LOP3, one LDG.E.128; 92 registers, 0 spills
+  (``ghash_combine``: 443 per partial, 80 registers). Before the 128-bit loads and
+  the shared multiply-adds of ``clmul32``: 498 per block (31.4 per byte, 16 LDG.U8,
+  286 LOP3), 96 registers. Of the 260 LOP3, by a count of the source's operations,
+  about 36 mask the data operand, about 41 mask and combine the *key* operand
+  (loop-invariant, recomputed each block rather than held in 36 more registers),
+  about 90 sum products and 54 merge the classes. Reaching 20 per byte needs the
+  key-side work out of the loop (a per-thread table of the 36 masked key words in
+  shared memory, read with 128-bit loads) and fewer class merges: not done.
   Written the obvious way (``uint64(a) * uint64(b)``) numba/LLVM emitted
   ``mul.lo.s64`` and ptxas added a useless VIADD per product (749 per block); hence
   ``mul_wide_u32`` below.
@@ -83,7 +90,7 @@ of the main loop of ``ghash_blocks``, full-block path):
 
 So (b) is used: as fast or faster by instruction count, constant time, no shared
 memory, and any mix of keys per warp. Rough H100 estimate (not measured, no GPU
-here): ~400 ALU-pipe + 144 IMAD.WIDE per block -> ~6 clocks per block per SM ->
+here, for the 498-instruction version): ~400 ALU-pipe + 144 IMAD.WIDE per block -> ~6 clocks per block per SM ->
 ~0.6-0.7 TB/s for GHASH alone; with AES-CTR at ~0.35-0.4 TB/s that gives
 ~0.23-0.25 TB/s for AES-GCM, at the edge of the 0.25 TB/s target (see the
 report for what could still be cut).
@@ -105,8 +112,10 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda, int64, uint32, uint64
 
+from ._compile import device_function, kernel
 from ._launch import (InnerLoop, ReportEntry, find_segment, is_simulator, launch, mac_messages,
                       unit_prefix)
+from ._vector_io import address_of, bswap32, load_u32x4
 
 #: Default chunk length L in 16-byte blocks (1 KiB per thread at level 0).
 DEFAULT_CHUNK_BLOCKS = 64
@@ -129,7 +138,7 @@ _M3_64 = 0x8888888888888888
 # ``mul.wide.u32`` directly; the simulator (which cannot run PTX) gets the plain
 # NumPy twin. The choice is made here, once, at import.
 if is_simulator():
-    @cuda.jit(device=True, inline=True)
+    @device_function
     def mul_wide_u32(a, b):
         """Full 64-bit product of two uint32 (simulator twin)."""
         return uint64(uint32(a)) * uint64(uint32(b))
@@ -149,20 +158,28 @@ else:
 
         return sig, codegen
 
-    @cuda.jit(device=True, inline=True)
+    @device_function
     def mul_wide_u32(a, b):
         """Full 64-bit product of two uint32 (one PTX ``mul.wide.u32``: IMAD.WIDE.U32)."""
         return _mul_wide_u32_ptx(uint32(a), uint32(b))
 
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def clmul32(x, y):
     """Carry-less 32x32 -> 64-bit product of ``x`` and ``y`` (uint32), constant time.
 
-    Each operand is split into 4 interleaved parts (every 4th bit). A product of
-    two parts has at most 8 terms per bit, < 16, so the sum never carries out of
-    the 4-bit "hole" of the bit we keep.
+    Each operand is split into 4 interleaved parts (every 4th bit: ``x_a`` holds the
+    bits of ``x`` at positions ``= a`` mod 4). ``x_a * y_b`` (integer) holds the
+    carry-less product's terms at positions ``= a + b`` mod 4, at most 8 per
+    position (``8 - |t - 7|`` at position ``a + b + 4t``), so the 3 bits above each
+    fit the sum and class ``k = a + b mod 4`` is read off by masking.
+
+    Class ``k`` gets 4 products: ``k + 1`` with ``a + b = k`` (peak count 8 at position
+    ``k + 28``) and ``3 - k`` with ``a + b = k + 4`` (peak at ``k + 32``). One of each
+    summed as *integers* counts at most 8 + 7 = 15 terms per position, still inside
+    the 4 bits, so those pairs share one multiply-add (``IMAD.WIDE.U32`` with its
+    64-bit addend) and save an XOR: 16 multiplies, 10 XORs instead of 12.
     """
     x0 = uint32(x) & uint32(_M0)
     x1 = uint32(x) & uint32(_M1)
@@ -172,15 +189,15 @@ def clmul32(x, y):
     y1 = uint32(y) & uint32(_M1)
     y2 = uint32(y) & uint32(_M2)
     y3 = uint32(y) & uint32(_M3)
-    z0 = mul_wide_u32(x0, y0) ^ mul_wide_u32(x1, y3) ^ mul_wide_u32(x2, y2) ^ mul_wide_u32(x3, y1)
-    z1 = mul_wide_u32(x0, y1) ^ mul_wide_u32(x1, y0) ^ mul_wide_u32(x2, y3) ^ mul_wide_u32(x3, y2)
-    z2 = mul_wide_u32(x0, y2) ^ mul_wide_u32(x1, y1) ^ mul_wide_u32(x2, y0) ^ mul_wide_u32(x3, y3)
+    z0 = (mul_wide_u32(x0, y0) + mul_wide_u32(x1, y3)) ^ mul_wide_u32(x2, y2) ^ mul_wide_u32(x3, y1)
+    z1 = (mul_wide_u32(x0, y1) + mul_wide_u32(x2, y3)) ^ (mul_wide_u32(x1, y0) + mul_wide_u32(x3, y2))
+    z2 = (mul_wide_u32(x0, y2) + mul_wide_u32(x3, y3)) ^ mul_wide_u32(x1, y1) ^ mul_wide_u32(x2, y0)
     z3 = mul_wide_u32(x0, y3) ^ mul_wide_u32(x1, y2) ^ mul_wide_u32(x2, y1) ^ mul_wide_u32(x3, y0)
     return ((z0 & uint64(_M0_64)) | (z1 & uint64(_M1_64))
             | (z2 & uint64(_M2_64)) | (z3 & uint64(_M3_64)))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def clmul64(a_hi, a_lo, b_hi, b_lo):
     """Carry-less 64x64 -> 128-bit product (Karatsuba, 3 ``clmul32``); returns (hi64, lo64)."""
     lo = clmul32(a_lo, b_lo)
@@ -189,7 +206,7 @@ def clmul64(a_hi, a_lo, b_hi, b_lo):
     return hi ^ (mid >> uint64(32)), lo ^ (mid << uint64(32))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def gf128_mul(a0, a1, a2, a3, b0, b1, b2, b3):
     """``a * b`` in GCM's field, where ``b`` is a key operand in primed form (``b' = b*x^-1``).
 
@@ -223,43 +240,43 @@ def gf128_mul(a0, a1, a2, a3, b0, b1, b2, b3):
             uint32(r0 >> uint64(32)), uint32(r0 & uint64(0xFFFFFFFF)))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def gf128_prime(h0, h1, h2, h3):
     """``h * x^-1`` (the primed key form): shift left by one bit, fold the bit
     shifted out (degree 0) back as ``x^-1 = x^127 + x^6 + x + 1`` (0xC2..01). Constant time."""
-    mask = uint32(0) - (uint32(h0) >> uint32(31))
+    mask = uint32(uint32(0) - (uint32(h0) >> uint32(31)))
     p0 = uint32((uint32(h0) << uint32(1)) | (uint32(h1) >> uint32(31)))
     p1 = uint32((uint32(h1) << uint32(1)) | (uint32(h2) >> uint32(31)))
     p2 = uint32((uint32(h2) << uint32(1)) | (uint32(h3) >> uint32(31)))
     p3 = uint32(uint32(h3) << uint32(1))
-    return (p0 ^ (mask & uint32(0xC2000000)), p1, p2, p3 ^ (mask & uint32(1)))
+    return uint32(p0 ^ (mask & uint32(0xC2000000))), p1, p2, uint32(p3 ^ (mask & uint32(1)))
 
 
 # --------------------------------------------------------------------------- byte I/O
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def load_be32(buf, off):
     """Big-endian uint32 from 4 bytes of ``buf`` at ``off`` (>= 0).
 
     Indices are unsigned so numba emits no negative-index wrap-around selects.
     """
     o = uint64(off)
-    return ((uint32(buf[o]) << uint32(24)) | (uint32(buf[o + uint64(1)]) << uint32(16))
-            | (uint32(buf[o + uint64(2)]) << uint32(8)) | uint32(buf[o + uint64(3)]))
+    return uint32((uint32(buf[o]) << uint32(24)) | (uint32(buf[o + uint64(1)]) << uint32(16))
+                  | (uint32(buf[o + uint64(2)]) << uint32(8)) | uint32(buf[o + uint64(3)]))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def load_be32_partial(buf, off, avail):
     """Like ``load_be32`` but only the first ``avail`` bytes exist (rest read as zero)."""
     w = uint32(0)
     for b in range(4):
         if int64(b) < avail:
-            w |= uint32(buf[uint64(off) + uint64(b)]) << uint32(24 - 8 * b)
+            w = uint32(w | (uint32(buf[uint64(off) + uint64(b)]) << uint32(24 - 8 * b)))
     return w
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def store_be32(buf, off, w):
     """Store uint32 ``w`` big-endian into 4 bytes of ``buf`` at ``off``."""
     buf[off] = uint32(w) >> uint32(24)
@@ -268,7 +285,7 @@ def store_be32(buf, off, w):
     buf[off + 3] = uint32(w) & uint32(0xFF)
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def load_block(buf, off, avail):
     """GCM block from ``buf[off:off+16]`` as 4 BE words; only ``avail`` (>0) bytes exist, zero-padded."""
     if avail >= int64(16):
@@ -278,18 +295,32 @@ def load_block(buf, off, avail):
             load_be32_partial(buf, off + 8, avail - 8), load_be32_partial(buf, off + 12, avail - 12))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def horner_bytes(x0, x1, x2, x3, buf, base, length, first, stop, k0, k1, k2, k3):
     """Continue Horner ``x = (x ^ X_i) * H`` over blocks ``first..stop-1`` of the
-    ``length``-byte field at ``buf[base:]`` (last block zero-padded); ``k`` = H'."""
-    for i in range(first, stop):
-        off = base + i * int64(16)
-        w0, w1, w2, w3 = load_block(buf, off, length - i * int64(16))
+    ``length``-byte field at ``buf[base:]`` (last block zero-padded); ``k`` = H'.
+
+    When the field starts 16-byte aligned, its full blocks are read with one
+    128-bit load each (``LDG.E.128``, little-endian words, byte-swapped); the rest
+    (an unaligned field, the partial last block) byte by byte.
+    """
+    wide_stop = first
+    if (address_of(buf, base) & uint64(15)) == uint64(0):
+        wide_stop = min(stop, length >> int64(4))
+    i = first
+    while i < wide_stop:
+        w0, w1, w2, w3 = load_u32x4(buf, base + i * int64(16))
+        x0, x1, x2, x3 = gf128_mul(x0 ^ bswap32(w0), x1 ^ bswap32(w1), x2 ^ bswap32(w2), x3 ^ bswap32(w3),
+                                   k0, k1, k2, k3)
+        i += int64(1)
+    while i < stop:
+        w0, w1, w2, w3 = load_block(buf, base + i * int64(16), length - i * int64(16))
         x0, x1, x2, x3 = gf128_mul(x0 ^ w0, x1 ^ w1, x2 ^ w2, x3 ^ w3, k0, k1, k2, k3)
+        i += int64(1)
     return x0, x1, x2, x3
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def next_key(k0, k1, k2, k3, log2_l):
     """``(K^L)'`` from ``K'`` by ``log2(L)`` squarings (``mul(a', a') = (a^2)'``)."""
     for _ in range(log2_l):
@@ -297,7 +328,7 @@ def next_key(k0, k1, k2, k3, log2_l):
     return k0, k1, k2, k3
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def store_next_key(key_out, m, k0, k1, k2, k3, log2_l):
     """``key_out[m] = (K^L)'`` for the next level, from ``K'`` (done by unit 0 of a message)."""
     n0, n1, n2, n3 = next_key(k0, k1, k2, k3, log2_l)
@@ -307,7 +338,7 @@ def store_next_key(key_out, m, k0, k1, k2, k3, log2_l):
     key_out[m, 3] = n3
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def unit_of_message(unit_start, n_messages, u):
     """``(m, c, n)``: global unit ``u`` is unit ``c`` (int64) of message ``m``, which has ``n`` (int64) units."""
     m = find_segment(unit_start, n_messages, u)
@@ -316,7 +347,7 @@ def unit_of_message(unit_start, n_messages, u):
     return m, int64(u - first_unit), n_units
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def chunk_bounds(n_items, n_units, c, chunk_blocks):
     """``[start, end)`` of chunk ``c`` when ``n_items`` are cut into ``n_units`` chunks of
     ``chunk_blocks`` aligned to the end (chunk 0 is the short one)."""
@@ -327,7 +358,7 @@ def chunk_bounds(n_items, n_units, c, chunk_blocks):
     return start, end
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def store_result(m, unit, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out):
     """Final level: ``tags_out[m] = x ^ E_K(J0)`` as bytes; else ``partials_out[unit] = x``."""
     if final:
@@ -442,16 +473,20 @@ _BLOCKS_SIG = ("void(uint8[::1], uint8[::1], uint64[:, ::1], uint64[::1], int64,
 _COMBINE_SIG = ("void(uint32[:, ::1], uint64[::1], uint32[:, ::1], uint64[::1], int64, "
                 "uint32[:, ::1], uint32[:, ::1], int64, int64, uint8[:, ::1], uint8[:, ::1], boolean)")
 
-ghash_blocks = cuda.jit(cache=True)(_ghash_blocks)
-ghash_combine = cuda.jit(cache=True)(_ghash_combine)
+ghash_blocks = kernel(_ghash_blocks)
+ghash_combine = kernel(_ghash_combine)
 
 KERNEL_REPORT = [
     ReportEntry("ghash_blocks", _ghash_blocks, _BLOCKS_SIG, 16 * DEFAULT_CHUNK_BLOCKS,
                 inner_loops=(
                     InnerLoop("find_segment: binary search over the message table"),
-                    InnerLoop("Horner over associated-data blocks (none in a ciphertext chunk)", ops=("IMAD.WIDE.U32",)),
-                    InnerLoop("Horner over ciphertext blocks: one full 16-byte block per trip",
-                              trips=DEFAULT_CHUNK_BLOCKS, ops=("IMAD.WIDE.U32", "LDG.E.U8")),
+                    InnerLoop("Horner over aligned full associated-data blocks (none in a ciphertext chunk)",
+                              ops=("IMAD.WIDE.U32", "LDG.E.128")),
+                    InnerLoop("Horner over associated-data blocks, byte path", ops=("IMAD.WIDE.U32", "LDG.E.U8")),
+                    InnerLoop("Horner over aligned full ciphertext blocks: one 128-bit load per trip",
+                              trips=DEFAULT_CHUNK_BLOCKS, ops=("IMAD.WIDE.U32", "LDG.E.128")),
+                    InnerLoop("Horner over ciphertext blocks, byte path (unaligned field, partial last block)",
+                              ops=("IMAD.WIDE.U32", "LDG.E.U8")),
                     InnerLoop("next_key: log2(L) squarings, once per message", ops=("IMAD.WIDE.U32",)),
                 ),
                 note=f"level 0: one iteration = one chunk of L = {DEFAULT_CHUNK_BLOCKS} ciphertext blocks, "

@@ -77,6 +77,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from numba import cuda, int64, uint32, uint64
 
+from ._compile import device_function, kernel
 from ._launch import (THREADS_PER_BLOCK, WARP_LANES, InnerLoop, ReportEntry, find_segment, launch, mac_messages,
                       unit_prefix)
 
@@ -96,7 +97,7 @@ _MASK26 = 0x3FFFFFF
 # --------------------------------------------------------------------------- #
 # Field arithmetic mod 2^130 - 5, radix 2^26 (device functions).
 # --------------------------------------------------------------------------- #
-@cuda.jit(device=True, inline=True)
+@device_function
 def fe_mul(h0, h1, h2, h3, h4, r0, r1, r2, r3, r4, s1, s2, s3, s4):
     """``h * r`` mod 2^130-5 with one carry pass.
 
@@ -130,26 +131,26 @@ def fe_mul(h0, h1, h2, h3, h4, r0, r1, r2, r3, r4, s1, s2, s3, s4):
     return t0, t1, t2, t3, t4
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def fe_carry(h0, h1, h2, h3, h4):
     """Carry limbs below 2^31 (e.g. a sum of 32 products) back to 26 bits (limb 1: 26 bits + 1)."""
     m = uint32(_MASK26)
     h1 = uint32(h1 + (h0 >> uint32(26)))
-    h0 = h0 & m
+    h0 = uint32(h0 & m)
     h2 = uint32(h2 + (h1 >> uint32(26)))
-    h1 = h1 & m
+    h1 = uint32(h1 & m)
     h3 = uint32(h3 + (h2 >> uint32(26)))
-    h2 = h2 & m
+    h2 = uint32(h2 & m)
     h4 = uint32(h4 + (h3 >> uint32(26)))
-    h3 = h3 & m
+    h3 = uint32(h3 & m)
     h0 = uint32(h0 + (h4 >> uint32(26)) * uint32(5))
-    h4 = h4 & m
+    h4 = uint32(h4 & m)
     h1 = uint32(h1 + (h0 >> uint32(26)))
-    h0 = h0 & m
+    h0 = uint32(h0 & m)
     return h0, h1, h2, h3, h4
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def fe_from_block(w0, w1, w2, w3):
     """Limbs of the 16-byte block with little-endian words w0..w3, plus 2^128."""
     m = uint32(_MASK26)
@@ -161,7 +162,7 @@ def fe_from_block(w0, w1, w2, w3):
     return h0, h1, h2, h3, h4
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def fe_clamped_r(keys, msg):
     """Limbs of the clamped r (RFC 8439 §2.5.1) from key words 0..3 of message ``msg``."""
     w0 = uint32(keys[msg, 0]) & uint32(0x0FFFFFFF)
@@ -177,7 +178,7 @@ def fe_clamped_r(keys, msg):
     return r0, r1, r2, r3, r4
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def fe_load(scratch, base):
     """Five limbs stored at ``scratch[base : base + 5]``."""
     b = uint64(base)
@@ -185,7 +186,7 @@ def fe_load(scratch, base):
             uint32(scratch[b + uint64(3)]), uint32(scratch[b + uint64(4)]))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def fe_store(scratch, base, h0, h1, h2, h3, h4):
     b = uint64(base)
     scratch[b] = h0
@@ -195,7 +196,7 @@ def fe_store(scratch, base, h0, h1, h2, h3, h4):
     scratch[b + uint64(4)] = h4
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def write_tag(keys, tags, msg, h0, h1, h2, h3, h4):
     """tags[msg] = (h mod 2^130-5 + s) mod 2^128 for limbs h below 2^31 each."""
     h0, h1, h2, h3, h4 = fe_carry(h0, h1, h2, h3, h4)
@@ -237,18 +238,18 @@ def write_tag(keys, tags, msg, h0, h1, h2, h3, h4):
 # --------------------------------------------------------------------------- #
 # Reading blocks of mac_data.
 # --------------------------------------------------------------------------- #
-@cuda.jit(device=True, inline=True)
+@device_function
 def _bytes_word(src, off, valid, first):
     """Little-endian word of bytes ``first .. first+3`` of ``src[off:]``; bytes at or past ``valid`` read as 0."""
     w = uint32(0)
     for k in range(4):
         pos = uint64(first) + uint64(k)
         if pos < valid:
-            w = w | (uint32(src[off + pos]) << uint32(8 * k))
+            w = uint32(w | (uint32(src[off + pos]) << uint32(8 * k)))
     return w
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def _read_block(src_bytes, src_words, head, off, valid):
     """Words of the 16 bytes at ``src_bytes[off:]`` (only ``valid`` of them real, rest 0).
 
@@ -264,7 +265,7 @@ def _read_block(src_bytes, src_words, head, off, valid):
             _bytes_word(src_bytes, off, valid, 8), _bytes_word(src_bytes, off, valid, 12))
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def mac_block(aad_bytes, aad_words, aad_start, ct_bytes, ct_words, ct_start, layout, msg, i):
     """Words of block ``i`` (0-based) of ``mac_data`` of message ``msg``.
 
@@ -499,9 +500,9 @@ def _poly1305_combine(in_start, out_start, n_messages, n_groups, combine_width, 
         g += stride
 
 
-poly1305_powers = cuda.jit(cache=True)(_poly1305_powers)
-poly1305_aead_partial = cuda.jit(cache=True)(_poly1305_aead_partial)
-poly1305_combine = cuda.jit(cache=True)(_poly1305_combine)
+poly1305_powers = kernel(_poly1305_powers)
+poly1305_aead_partial = kernel(_poly1305_aead_partial)
+poly1305_combine = kernel(_poly1305_combine)
 
 
 # --------------------------------------------------------------------------- #

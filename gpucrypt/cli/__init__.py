@@ -30,6 +30,8 @@ SUBCOMMANDS = {
              "Show versions, the backends that run here, and why the others do not."),
     "selftest": ("gpucrypt.cli:_add_selftest",
                  "Check every AEAD on every backend against cryptography (and libsodium)."),
+    "warmup": ("gpucrypt.cli:_add_warmup",
+               "Compile every GPU kernel now (numba's disk cache keeps them), so that no first call waits."),
     "keygen": ("gpucrypt.cli.keys:add_keygen",
                "Generate a keyset of key-encryption keys, or with --public a recipient key pair."),
     "keys": ("gpucrypt.cli.keys:add_keys",
@@ -142,6 +144,46 @@ def _run_selftest(args) -> int:
             print(f"{device:4s} {cls.__name__:18s} {args.size} bytes{how}: "
                   f"{'ok' if ok else 'FAILED'} (matches {ref_name}: {same}, round trip: {back}){note}")
     return 1 if failures else 0
+
+
+def _add_warmup(parser: argparse.ArgumentParser) -> None:
+    """Compile every GPU kernel now (numba's disk cache keeps them), so that no first call waits."""
+    parser.set_defaults(func=_run_warmup)
+
+
+def _run_warmup(args) -> int:
+    """Seal and open a short and a long message with each AEAD on the GPU: the long one
+    (40 KiB) needs every kernel (GHASH and Poly1305 combine levels included), with the
+    argument types the backend launches them with, so each lands in numba's disk cache."""
+    import os
+    import time
+
+    from .. import AESGCM, ChaCha20Poly1305
+    from ..backends import BackendUnavailable, get_backend
+
+    try:
+        get_backend("gpu")
+    except BackendUnavailable as exc:
+        raise CliError(f"no GPU to compile for: {exc}") from exc
+    from ..kernels._compile import KERNELS, ON_SIMULATOR, cache_dir, kernel_name
+
+    if ON_SIMULATOR:
+        print("the GPU backend is numba's CUDA simulator here (NUMBA_ENABLE_CUDASIM=1): nothing is compiled")
+        return 0
+    for cls, key_len in ((ChaCha20Poly1305, 32), (AESGCM, 16), (AESGCM, 32)):
+        start = time.perf_counter()
+        aead = cls(os.urandom(key_len), device="gpu")
+        for size in (100, 40 << 10):
+            nonce, data = os.urandom(12), os.urandom(size)
+            if aead.decrypt(nonce, aead.encrypt(nonce, data, b"warmup"), b"warmup") != data:
+                raise CliError(f"{cls.__name__} did not round-trip on the GPU; run `gpucrypt selftest`")
+        print(f"{cls.__name__:18s} ({8 * key_len}-bit key): {time.perf_counter() - start:.1f} s")
+    missing = [kernel_name(k) for k in KERNELS if not k.overloads]
+    for k in KERNELS:
+        print(f"  {kernel_name(k):32s} {len(k.overloads)} signature(s), cache {cache_dir(k) or 'none'}")
+    if missing:
+        raise CliError(f"kernels not compiled by the warm-up: {', '.join(missing)}")
+    return 0
 
 
 def _libsodium_xchacha(key, nonce, data, aad):

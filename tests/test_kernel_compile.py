@@ -1,0 +1,80 @@
+"""kernels/_compile.py: the disk-cache key covers every module a kernel inlines; `gpucrypt warmup`."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from gpucrypt.cli import main
+from gpucrypt.kernels import _compile
+
+KERNEL_DIR = Path(_compile.PACKAGE_DIR)
+
+
+def test_package_hash_follows_every_module(tmp_path):
+    """Editing a helper module a kernel inlines (not the kernel's own file) changes the key."""
+    copy = tmp_path / "kernels"
+    shutil.copytree(KERNEL_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = _compile.package_source_hash(str(copy))
+    assert before == _compile.package_source_hash(str(KERNEL_DIR))
+    for helper in ("_vector_io.py", "_launch.py", "_compile.py"):
+        original = (copy / helper).read_bytes()
+        (copy / helper).write_bytes(original + b"\nTHREADS = 128\n")
+        _compile.package_source_hash.cache_clear()
+        assert _compile.package_source_hash(str(copy)) != before, helper
+        (copy / helper).write_bytes(original)
+        _compile.package_source_hash.cache_clear()
+    assert _compile.package_source_hash(str(copy)) == before
+    (copy / "README.md").write_text("not code")  # only Python modules count
+    assert _compile.package_source_hash(str(copy)) == before
+
+
+def test_every_kernel_is_registered():
+    import gpucrypt.kernels.aes  # noqa: F401
+    import gpucrypt.kernels.chacha20  # noqa: F401
+    import gpucrypt.kernels.ghash  # noqa: F401
+    import gpucrypt.kernels.poly1305  # noqa: F401
+
+    names = sorted(_compile.kernel_name(k) for k in _compile.KERNELS)
+    assert names == ["aes._aes_ctr_xor_kernel", "chacha20._chacha20_xor_kernel", "ghash._ghash_blocks",
+                     "ghash._ghash_combine", "poly1305._poly1305_aead_partial", "poly1305._poly1305_combine",
+                     "poly1305._poly1305_powers"]
+
+
+def test_cache_key_of_every_kernel_holds_the_package_hash():
+    """Without the simulator (numba-cuda's real dispatcher; no GPU needed to build a cache key)."""
+    code = textwrap.dedent("""
+        from gpucrypt.kernels import _compile, aes, chacha20, ghash, poly1305
+
+        class Codegen:
+            def magic_tuple(self):
+                return ("nvptx64-nvidia-cuda", "sm_90", "")
+
+        cache_class = _compile._package_keyed_cache_class()
+        assert cache_class is not None
+        keys = []
+        for k in _compile.KERNELS:
+            assert isinstance(k._cache, cache_class), (_compile.kernel_name(k), type(k._cache))
+            key = k._cache._index_key((), Codegen())
+            assert key[-1] == ("gpucrypt.kernels", _compile.package_source_hash()), key
+            keys.append(key)
+        _compile.package_source_hash = lambda folder=None: "an edited helper module"
+        for k, key in zip(_compile.KERNELS, keys):
+            assert k._cache._index_key((), Codegen()) != key
+        print("ok", len(keys))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and run.stdout.split() == ["ok", "7"], run.stdout + run.stderr
+
+
+def test_warmup_on_the_simulator_compiles_nothing(capsys, on_cudasim):
+    if not on_cudasim:
+        import pytest
+
+        pytest.skip("a real GPU is in use: benchmarks/gpu_session.sh runs `gpucrypt warmup` there")
+    assert main(["warmup"]) == 0
+    assert "simulator" in capsys.readouterr().out
