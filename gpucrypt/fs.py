@@ -266,7 +266,7 @@ class GpucryptFileSystem(ChainedFileSystem):
             raise NoMatchingRecipient(f"{path}: this file carries no envelope (it was encrypted "
                                       f"with a raw key); read it with gpucrypt.stream.open")
         try:
-            return self._keys().data_key(header.envelope)
+            return self._keys().data_key(header.envelope, header.salt)
         except NoMatchingRecipient as exc:
             raise NoMatchingRecipient(f"{path}: {exc}") from None
 

@@ -131,7 +131,7 @@ class DecryptBatch:
             if not header.envelope:
                 raise NoMatchingRecipient("this file carries no envelope (it was encrypted "
                                           "with a raw key)")
-            stream.decrypt(data, out, self._keys.data_key(header.envelope), device=self.device)
+            stream.decrypt(data, out, self._keys.data_key(header.envelope, header.salt), device=self.device)
         except StreamError as exc:
             raise named_error(exc, name) from None
         except NoMatchingRecipient as exc:

@@ -345,3 +345,21 @@ def test_named_errors_survive_pickling_between_processes():
         assert back.path == "/data/x.gc"
         assert getattr(back, "segment", None) == getattr(error, "segment", None)
         assert getattr(back, "version", None) == getattr(error, "version", None)
+
+
+def test_key_uri_strings_are_references_that_pickle_as_their_uri(keys, frame, tmp_path):
+    """A ``file://`` key URI (docs/KEYS.md, *Key references*) names the keyset as a path
+    does: the filesystem writes and reads with it, and its pickle carries the URI only."""
+    from gpucrypt.keys import KeyReference
+
+    uri = "file://" + keys["keyset"]
+    fs = fsspec.filesystem("gpucrypt", target_protocol="file", keyset=uri, skip_instance_cache=True)
+    assert fs.keys.keyset == KeyReference(uri)
+    path = str(tmp_path / "by-uri.parquet.gc")
+    pq.write_table(pa.Table.from_pandas(frame.head(100), preserve_index=False), path, filesystem=fs)
+    assert pq.read_table(path, filesystem=fs).to_pandas().equals(frame.head(100))
+    blob = pickle.dumps(fs)
+    assert keys["kek"] not in blob and keys["kek"].hex().encode() not in blob
+    assert pq.read_table(path, filesystem=pickle.loads(blob)).num_rows == 100
+    with pytest.raises(Exception, match="pkcs11"):
+        gfs.GpucryptFileSystem(target_protocol="file", keyset="pkcs11:no-such-attribute")

@@ -29,8 +29,10 @@ from typing import Any
 from .._errors import KeysetError
 from .keyset import KEYSET_FORMAT, Keyset, KeysetKey
 from .providers import FileKeyProvider, KeyProvider, WrappingKey
+from ._uri import SCHEMES
 from .recipients import (IDENTITY_FORMAT, RECIPIENT_FORMAT, Identity, Recipient, _file_format,
                          open_envelope, recipient_list)
+from .references import KeyReference, file_context
 
 __all__ = ["KeyReferences", "ResolvedKeys", "resolve_reference"]
 
@@ -47,8 +49,18 @@ def _as_tuple(refs: Any) -> tuple:
     return (refs,)
 
 
+def _is_key_uri(ref: str) -> bool:
+    """A ``pkcs11:``, ``awskms://`` or ``file://`` key reference (docs/KEYS.md), not a path."""
+    scheme, colon, _ = ref.partition(":")
+    return bool(colon) and scheme.lower() in SCHEMES
+
+
 def _check_reference(ref: Any) -> Any:
-    """``ref`` if it may travel in a pickle (see the module docstring), else TypeError."""
+    """``ref`` if it may travel in a pickle (see the module docstring), else TypeError.
+    A key URI string becomes a :class:`~gpucrypt.keys.references.KeyReference` (pickled
+    as its URI), so a malformed one fails here, in the driver, not on a worker."""
+    if isinstance(ref, str) and _is_key_uri(ref):
+        return KeyReference(ref)
     if isinstance(ref, (str, os.PathLike)):
         return os.fspath(ref)
     if isinstance(ref, (bytes, bytearray, memoryview)):
@@ -73,6 +85,10 @@ def _check_reference(ref: Any) -> Any:
 
 def resolve_reference(ref: Any, passphrase_env: str | None = None) -> Any:
     """The key object one reference names, loaded in this process."""
+    if isinstance(ref, KeyReference):
+        # a key inside an HSM or a KMS is used through its reference (which wraps, unwraps
+        # and audits); only a file: reference names a keyset to load
+        return ref.resolve() if ref.scheme == "file" else ref
     if hasattr(ref, "resolve") and not isinstance(ref, (str, os.PathLike)):
         return ref.resolve()
     if not isinstance(ref, (str, os.PathLike)):
@@ -166,7 +182,7 @@ class ResolvedKeys:
 
     def __init__(self, keyset: Any, identities: list, recipients: list):
         self.keyset, self.identities, self.recipients = keyset, identities, recipients
-        self._data_keys: dict[bytes, bytes] = {}
+        self._data_keys: dict[tuple[bytes, bytes], bytes] = {}
 
     def __reduce__(self):
         raise TypeError("resolved keys hold key material and never travel: pickle the "
@@ -184,14 +200,15 @@ class ResolvedKeys:
         items = [] if not self.recipients else recipient_list(self.recipients)
         return items + ([] if self.keyset is None else [self.keyset])
 
-    def data_key(self, envelope: bytes) -> bytes:
+    def data_key(self, envelope: bytes, salt: bytes = b"") -> bytes:
         """The data key ``envelope`` wraps (NoMatchingRecipient when none of these keys
-        opens it)."""
-        key = self._data_keys.get(envelope)
+        opens it). ``salt``: the file header's, which keys in an HSM or a KMS are bound to
+        (:func:`~gpucrypt.keys.file_context`, as ``encrypt_file`` binds them)."""
+        key = self._data_keys.get((envelope, salt))
         if key is None:
-            key = open_envelope(envelope, self.unwrappers())
+            key = open_envelope(envelope, self.unwrappers(), context=file_context(salt))
             if len(self._data_keys) >= _DATA_KEY_CACHE:
                 self._data_keys.pop(next(iter(self._data_keys)))
-            self._data_keys[envelope] = key
+            self._data_keys[(envelope, salt)] = key
         return key
 
