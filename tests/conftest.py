@@ -15,8 +15,16 @@ from __future__ import annotations
 import ctypes.util
 import glob
 import os
+import sys
 
 import pytest
+
+# ``python -m pytest`` puts the repository root on sys.path, where the top-level
+# ``kernels/`` folder (installed as ``gpucrypt.kernels``) would shadow any other package
+# named ``kernels``: transformers >= 5.25 imports Hugging Face's ``kernels`` and got ours.
+# gpucrypt itself is imported from its installation (editable or not), never from there.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 REQUIRE_GPU = os.environ.get("GPUCRYPT_REQUIRE_GPU") == "1"
 

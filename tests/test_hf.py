@@ -47,6 +47,7 @@ def tiny(lib, tmp_path_factory):
     model.save_pretrained(d / "plain", max_shard_size="20KB")
     assert len([n for n in os.listdir(d / "plain") if n.endswith(".safetensors")]) > 3
     (d / "key").write_bytes(os.urandom(32))
+    (d / "key").chmod(0o600)  # the CLI refuses key files others can read
     assert cli(["encrypt-model", "--key-file", str(d / "key"), "--segment-size", "4KiB",
                 str(d / "plain"), str(d / "enc")]) == 0
     with torch.no_grad():

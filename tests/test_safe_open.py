@@ -51,6 +51,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("safe_open")
     key = os.urandom(32)
     (d / "key").write_bytes(key)
+    (d / "key").chmod(0o600)  # the CLI refuses key files others can read
     save_file(plain_tensors(), str(d / "plain.safetensors"), metadata={"format": "pt", "k": "v"})
     assert cli(["encrypt-model", "--key-file", str(d / "key"), "--segment-size", "4KiB",
                 str(d / "plain.safetensors"), str(d / "model.gc")]) == 0
@@ -98,6 +99,7 @@ def test_metadata_is_none_without_metadata(tmp_path):
     save_file({"w": torch.ones(3)}, str(tmp_path / "p"))
     key = os.urandom(32)
     (tmp_path / "key").write_bytes(key)
+    (tmp_path / "key").chmod(0o600)  # the CLI refuses key files others can read
     assert cli(["encrypt-model", "--key-file", str(tmp_path / "key"), str(tmp_path / "p"),
                 str(tmp_path / "e")]) == 0
     with models.safe_open(tmp_path / "e", "pt", key=key) as f, \
