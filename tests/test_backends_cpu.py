@@ -141,7 +141,7 @@ def test_context_cache_by_key_object():
     others = [os.urandom(32) for _ in range(3)]
     for k in others:
         cache.get("aes-gcm", k)
-    assert len(cache) == 3 and cache.get("aes-gcm", key) is not a  # evicted, least recent first
+    assert len(cache) == 3 and cache.get("aes-gcm", key) is not a  # evicted, oldest first
     assert key.hex() not in repr(cache)
     cache.clear()
     assert len(cache) == 0

@@ -323,7 +323,7 @@ def check_threads(threads) -> int:
 
 
 class ContextCache:
-    """The last :data:`CONTEXT_CACHE_SIZE` AEAD contexts, by algorithm and key identity.
+    """The :data:`CONTEXT_CACHE_SIZE` AEAD contexts made last, by algorithm and key identity.
 
     Identity is the key *object*: a ``bytes`` key (immutable) passed again is the same
     object (:func:`gpucrypt._buffers.bytes_arg` hands ``bytes`` through uncopied), and
@@ -349,17 +349,14 @@ class ContextCache:
         if type(key) is not bytes:
             return _AEADS[algorithm](bytes(key))
         slot = (algorithm, id(key))
-        with self._lock:
-            entry = self._entries.get(slot)
-            if entry is not None and entry[0] is key:
-                self._entries.move_to_end(slot)
-                return entry[1]
+        entry = self._entries.get(slot)  # a hit takes no lock (one dict lookup is atomic)
+        if entry is not None and entry[0] is key:
+            return entry[1]
         ctx = _AEADS[algorithm](key)  # outside the lock: the key schedule takes microseconds
         with self._lock:
             self._entries[slot] = (key, ctx)
-            self._entries.move_to_end(slot)
             while len(self._entries) > self._size:
-                self._entries.popitem(last=False)
+                self._entries.popitem(last=False)  # the oldest entry first
         return ctx
 
     def clear(self) -> None:
