@@ -342,3 +342,37 @@ def test_simulator_smoke_rows_are_labelled(on_cudasim, tmp_path, capsys):
         assert c["device"] == c["note"] == "simulator (not a measurement)"
         assert c["ratio"] is None and c["fraction_of_copy"] is None
     assert "simulator (not a measurement)" in out
+
+
+# --------------------------------------------------------------------------- RESULTS.md
+
+def _results_md():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "make_results_md.py")
+    spec = importlib.util.spec_from_file_location("make_results_md", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_page_of_a_forms_run(cpu_run):
+    """RESULTS.md and the README render a schema-2 run: both forms, each table's noise, and
+    issue 13's verdicts, which weigh a miss against the table's noise."""
+    md = _results_md()
+    doc, _ = cpu_run
+    text = "\n".join(md.render_run("tiny", doc))
+    assert "| aes-128-gcm | encrypt | alloc |" in text and "| aes-128-gcm | encrypt | into |" in text
+    assert "Issue 13" in text and "noise" in text
+    assert "| xchacha20-poly1305 | encrypt | alloc |" in md.readme_forms_section("tiny", doc)
+
+    def cells(seconds, spread):
+        base = dict(algorithm="aes-256-gcm", operation="encrypt", form="into", size=1024,
+                    baseline="cryptography", ratio=1.0, tie=None)
+        return [dict(base, implementation="cryptography", median_seconds=1.0, spread=spread),
+                dict(base, implementation="gpucrypt-cpu", median_seconds=seconds, ratio=1 / seconds,
+                     spread=None)]
+    assert md.acceptance_issue13(cells(1.04, 0.01))[-1].endswith("holds")
+    assert md.acceptance_issue13(cells(1.2, 0.3))[-1].endswith("within the noise")
+    assert md.acceptance_issue13(cells(1.2, 0.05))[-1].endswith("NOT MET")
+    assert "real noise was larger" in md.acceptance_issue13(cells(0.8, 0.05))[-1]
