@@ -279,6 +279,10 @@ def _gpu_details() -> dict:
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         details["gpu"] = "numba CUDA simulator"
         return details
+    from ..backends._probe import _cuda_driver_loadable
+
+    if not _cuda_driver_loadable():  # no driver, no GPU: spare the ~100 MiB of importing numba
+        return details
     try:
         from numba import cuda
 
