@@ -464,8 +464,11 @@ def time_host_group(makers: dict[str, Callable[[int], Operation]], threads: int,
     for name, make in makers.items():
         try:
             ops = [make(i) for i in range(threads)]
-        except NotAvailable as exc:  # kept without its traceback, whose frames hold buffers
-            results[name] = exc.with_traceback(None)
+        except NotAvailable as exc:
+            # a new exception, the message only: the caught one's traceback and context (an
+            # ImportError, say) lead to frames that hold this cell's buffers and this very
+            # dict, a cycle that kept every cell's memory until the garbage collector ran
+            results[name] = NotAvailable(str(exc))
             continue
         start = time.perf_counter()
         for op in ops:
