@@ -47,7 +47,13 @@ def optional_readable(data: Any, name: str) -> memoryview:
 
 
 def bytes_arg(value: Any, name: str) -> bytes:
-    """A copy of a bytes-like argument (key, nonce, ...); ``TypeError`` naming it otherwise."""
+    """A bytes-like argument (key, nonce, ...) as ``bytes``; ``TypeError`` naming it otherwise.
+
+    ``bytes`` itself comes back as the very object (immutable: nothing to copy), so that a
+    key passed again is the same object, which per-key caches recognise (see
+    :class:`gpucrypt.backends.cpu.ContextCache`); anything else is copied."""
+    if type(value) is bytes:
+        return value
     try:
         return bytes(memoryview(value))
     except TypeError:
@@ -80,3 +86,54 @@ def _imported_numpy() -> Any:
     global _numpy
     _numpy = sys.modules.get("numpy")
     return _numpy
+
+
+_ZERO_PIECE = 1 << 30
+
+
+def zero(view: memoryview) -> None:
+    """Overwrite a flat byte view with zeros (in 1 GiB pieces: no 4 GiB temporary), so
+    that no unauthenticated plaintext stays in it."""
+    for start in range(0, len(view), _ZERO_PIECE):
+        end = min(start + _ZERO_PIECE, len(view))
+        view[start:end] = bytes(end - start)
+
+
+def new_bytes(size: int) -> tuple[bytes, memoryview]:
+    """A new ``bytes`` of ``size`` bytes and a writable view of its memory, to be filled
+    before the object is used in any other way: an output written once, with neither
+    the zeroing of a ``bytearray`` nor the copy of ``bytes(bytearray)``.
+
+    CPython's C API allows exactly this (``PyBytes_FromStringAndSize(NULL, size)`` leaves
+    the contents uninitialised, to be written before the object is shared). Elsewhere,
+    or if ctypes is missing, a ``bytearray`` stands in (one zeroing pass more); callers
+    return the first element either way."""
+    api = _bytes_api()
+    if api is None or size == 0:
+        out = bytearray(size)
+        return out, memoryview(out)  # type: ignore[return-value]
+    ctypes, make, address = api
+    obj = make(None, size)
+    return obj, memoryview((ctypes.c_char * size).from_address(address(obj))).cast("B")
+
+
+_BYTES_API: list = []  # [(ctypes, PyBytes_FromStringAndSize, PyBytes_AsString) or None], once known
+
+
+def _bytes_api():
+    """ctypes' handles on the two C functions, made on first use (ctypes costs
+    milliseconds to import, which a command line should not pay for nothing)."""
+    if not _BYTES_API:
+        try:
+            import ctypes
+        except ImportError:
+            ctypes = None
+        if ctypes is None or sys.implementation.name != "cpython":
+            _BYTES_API.append(None)
+        else:
+            make = ctypes.pythonapi.PyBytes_FromStringAndSize
+            make.restype, make.argtypes = ctypes.py_object, (ctypes.c_char_p, ctypes.c_ssize_t)
+            address = ctypes.pythonapi.PyBytes_AsString
+            address.restype, address.argtypes = ctypes.c_void_p, (ctypes.py_object,)
+            _BYTES_API.append((ctypes, make, address))
+    return _BYTES_API[0]

@@ -25,13 +25,18 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import aead as _openssl
 
 from . import _limits
-from ._buffers import bytes_arg, optional_readable, plain_bytes, readable, writable
+from ._buffers import bytes_arg, new_bytes, optional_readable, plain_bytes, readable, writable, zero
 from ._host_primitives import xchacha20_key_nonce
 from .backends import AUTO_GPU_THRESHOLD, AeadContext, Backend, select_backend, small_payloads_on_cpu
+from .backends import _environment_device
 
-#: largest message the fast path hands to OpenSSL directly: below both cryptography's
-#: own cap and the size from which ``auto`` may choose the GPU
-_FAST_PATH_MAX = min(2**31 - 1, AUTO_GPU_THRESHOLD - 1)
+#: largest data or associated data cryptography's AEAD classes take in one call: the fast
+#: path hands anything up to this straight to OpenSSL (cryptography itself refuses more,
+#: with OverflowError, and the general path takes over)
+_FAST_PATH_MAX = 2**31 - 1
+#: what cryptography raises for arguments it will not take (types, buffer kinds, lengths,
+#: nonce sizes): the general path then handles them, or raises gpucrypt's own error
+_NOT_FOR_OPENSSL = (TypeError, ValueError, OverflowError, BufferError)
 
 __all__ = ["ChaCha20Poly1305", "XChaCha20Poly1305", "AESGCM", "InvalidTag", "BatchInvalidTag"]
 
@@ -72,33 +77,52 @@ class _Aead:
         # Fails now, with the reason, if the device can't work. GPUCRYPT_DEVICE is read
         # here, once, for small messages (os.environ costs a microsecond per lookup).
         self._small_on_cpu = small_payloads_on_cpu(device)
+        # every size on the CPU: asked for, or (auto) learnt at the first large message
+        self._all_on_cpu = self._small_on_cpu and (device == "cpu" or _environment_device() == "cpu")
         self._openssl = self._make_openssl(self._key)
+        # XChaCha20's object depends on the nonce: it never goes direct
+        self._direct = self._openssl if self._all_on_cpu and self._direct_ok else None
 
     # --- the CPU fast path -------------------------------------------------------------
-    # For bytes in and bytes out below the GPU threshold, the public classes call
-    # OpenSSL through cryptography directly: the layering costs nothing there. Everything
-    # else (other buffer types, _into forms on arrays, long messages, odd GCM nonces, the
-    # GPU) takes the general path below, which produces the same bytes.
-    _openssl_nonce_range = (12, 12)
+    # On the CPU every call OpenSSL can take (up to 2**31 - 1 bytes, cryptography's nonce
+    # sizes, any C-contiguous buffer) goes to cryptography's own method with the caller's
+    # objects: no view, no zeroing, no copy, so gpucrypt costs what cryptography does.
+    # What it refuses (longer messages, odd GCM nonces, wrong types or lengths) takes the
+    # general path below, which produces the same bytes or gpucrypt's own error. So does
+    # everything that may run on a GPU.
+
+    _direct_ok = True
 
     def _make_openssl(self, key: bytes):
         return None
 
-    _fast_max = _FAST_PATH_MAX
-
-    def _fast(self, nonce, data, associated_data):
-        """cryptography's AEAD object when this call may go straight to OpenSSL, else None."""
+    # ``_direct`` is cryptography's object when every call may go to it as it is (the
+    # methods test it first: one attribute, the whole cost of the fast path); otherwise
+    # ``_openssl_for`` decides per call.
+    def _openssl_for(self, nonce: Any, data: Any) -> tuple:
+        """(cryptography's AEAD object, its nonce) when this call may go straight to
+        OpenSSL (it runs on the CPU), else (None, None)."""
         openssl = self._openssl
-        if openssl is None or type(nonce) is not bytes or not plain_bytes(data):
-            return None
-        if associated_data is not None and not plain_bytes(associated_data):
-            return None
-        lo, hi = self._openssl_nonce_range
-        if not lo <= len(nonce) <= hi or len(data) > self._fast_max or not self._small_on_cpu:
-            return None
-        if associated_data is not None and len(associated_data) > self._fast_max:
-            return None
-        return openssl
+        if openssl is None or not self._small_on_cpu or not self._on_cpu_for(data):
+            return None, None
+        return openssl, nonce
+
+    def _on_cpu_for(self, data: Any) -> bool:
+        """device="auto": small payloads run on the CPU; a large one asks where (once: if it
+        is the CPU, this object has no GPU to go to and all its sizes run on the CPU)."""
+        t = type(data)
+        try:
+            nbytes = len(data) if t is bytes or t is bytearray else readable(data).nbytes
+        except (TypeError, ValueError):
+            return True  # not a buffer we take: OpenSSL refuses it, the general path says why
+        if nbytes < AUTO_GPU_THRESHOLD:
+            return True
+        if select_backend(self._device, nbytes).name != "cpu":
+            return False
+        self._all_on_cpu = True
+        if self._direct_ok:
+            self._direct = self._openssl
+        return True
 
     def __repr__(self) -> str:  # never shows the key
         return f"{type(self).__name__}(device={self._device!r})"
@@ -135,19 +159,29 @@ class _Aead:
     # --- public API, as in cryptography ---
     def encrypt(self, nonce: Any, data: Any, associated_data: Any) -> bytes:
         """``ciphertext || tag`` of ``data`` under ``nonce``, authenticating ``associated_data``."""
-        fast = self._fast(nonce, data, associated_data)
-        if fast is not None:
-            return fast.encrypt(nonce, data, associated_data)
+        openssl, fast_nonce = self._direct, nonce
+        if openssl is None:
+            openssl, fast_nonce = self._openssl_for(nonce, data)
+        if openssl is not None:
+            try:
+                return openssl.encrypt(fast_nonce, data, associated_data)
+            except _NOT_FOR_OPENSSL:
+                pass
         src = readable(data)
-        out = bytearray(len(src) + _limits.TAG_SIZE)
-        self._encrypt_views(nonce, src, associated_data, memoryview(out))
-        return bytes(out)
+        result, out = new_bytes(len(src) + _limits.TAG_SIZE)
+        self._encrypt_views(nonce, src, associated_data, out)
+        return result
 
     def encrypt_into(self, nonce: Any, data: Any, associated_data: Any, buf: Any) -> int:
         """Write ``ciphertext || tag`` into ``buf`` (exactly ``len(data) + 16`` bytes)."""
-        fast = self._fast(nonce, data, associated_data)
-        if fast is not None and plain_bytes(buf, writable=True) and hasattr(fast, "encrypt_into"):
-            return fast.encrypt_into(nonce, data, associated_data, buf)
+        openssl, fast_nonce = self._direct, nonce
+        if openssl is None:
+            openssl, fast_nonce = self._openssl_for(nonce, data)
+        if openssl is not None:
+            try:
+                return openssl.encrypt_into(fast_nonce, data, associated_data, buf)
+            except _NOT_FOR_OPENSSL:
+                pass
         src = readable(data)
         out = writable(buf)
         if len(out) != len(src) + _limits.TAG_SIZE:
@@ -157,24 +191,32 @@ class _Aead:
 
     def decrypt(self, nonce: Any, data: Any, associated_data: Any) -> bytes:
         """The plaintext, or ``InvalidTag`` if anything was altered (nothing is returned then)."""
-        fast = self._fast(nonce, data, associated_data)
-        if fast is not None:
-            return fast.decrypt(nonce, data, associated_data)
+        openssl, fast_nonce = self._direct, nonce
+        if openssl is None:
+            openssl, fast_nonce = self._openssl_for(nonce, data)
+        if openssl is not None:
+            try:
+                return openssl.decrypt(fast_nonce, data, associated_data)
+            except _NOT_FOR_OPENSSL:
+                pass
         src = readable(data)
-        out = bytearray(max(len(src) - _limits.TAG_SIZE, 0))
-        self._decrypt_views(nonce, src, associated_data, memoryview(out))
-        return bytes(out)
+        result, out = new_bytes(max(len(src) - _limits.TAG_SIZE, 0))
+        self._decrypt_views(nonce, src, associated_data, out)
+        return result
 
     def decrypt_into(self, nonce: Any, data: Any, associated_data: Any, buf: Any) -> int:
         """Write the plaintext into ``buf`` (``len(data) - 16`` bytes); zeroed on ``InvalidTag``."""
-        fast = self._fast(nonce, data, associated_data)
-        if fast is not None and plain_bytes(buf, writable=True) and hasattr(fast, "decrypt_into") \
-                and len(buf) == len(data) - _limits.TAG_SIZE:
+        openssl, fast_nonce = self._direct, nonce
+        if openssl is None:
+            openssl, fast_nonce = self._openssl_for(nonce, data)
+        if openssl is not None:
             try:
-                return fast.decrypt_into(nonce, data, associated_data, buf)
+                return openssl.decrypt_into(fast_nonce, data, associated_data, buf)
             except InvalidTag:
-                memoryview(buf)[:] = bytes(len(buf))  # cryptography leaves unauthenticated plaintext here
+                zero(writable(buf))  # cryptography leaves unauthenticated plaintext there
                 raise
+            except _NOT_FOR_OPENSSL:
+                pass
         src = readable(data)
         out = writable(buf)
         if len(out) != max(len(src) - _limits.TAG_SIZE, 0):
@@ -281,15 +323,27 @@ class XChaCha20Poly1305(ChaCha20Poly1305):
         if len(nonce) != 24:
             raise ValueError("Nonce must be 24 bytes")
 
-    _openssl_nonce_range = (24, 24)
-    # Above this, the general path (HChaCha20 subkey + OpenSSL's ChaCha20-Poly1305) is
-    # faster than libsodium's portable code (measured: equal at 16 KiB, 5x at 1 MiB).
-    _fast_max = 16 << 10
+    # Up to this, libsodium (one C call, the reference itself) is the fast path; above
+    # it, OpenSSL's ChaCha20-Poly1305 under the HChaCha20 subkey is faster than
+    # libsodium's portable code (measured: equal at 16 KiB, 5x at 1 MiB).
+    _libsodium_max = 16 << 10
+    _direct_ok = False
 
     def _make_openssl(self, key):
-        # A subkey per nonce leaves no single OpenSSL object to call; libsodium, where
-        # PyNaCl is installed, is the reference itself and one C call per message.
+        # A subkey per nonce leaves no single OpenSSL object to keep: this is libsodium
+        # (None without PyNaCl), and larger messages get an OpenSSL object per call.
         return _Libsodium.create(key)
+
+    def _openssl_for(self, nonce, data):
+        if type(nonce) is not bytes or len(nonce) != 24 or not self._small_on_cpu:
+            return None, None
+        if not self._all_on_cpu and not self._on_cpu_for(data):
+            return None, None
+        libsodium = self._openssl
+        if libsodium is not None and plain_bytes(data) and len(data) <= self._libsodium_max:
+            return libsodium, nonce  # PyNaCl takes bytes only: bytes-like arrays are copied
+        subkey, nonce12 = xchacha20_key_nonce(self._key, nonce)
+        return _openssl.ChaCha20Poly1305(subkey), nonce12
 
     def _backend_key_nonce(self, nonce):
         return xchacha20_key_nonce(self._key, nonce)
@@ -314,7 +368,8 @@ class _Libsodium:
             return None
         return cls(key, bindings)
 
-    # PyNaCl takes bytes only; the fast path sends at most 16 KiB here, so copies are cheap.
+    # PyNaCl takes bytes only; the fast path sends at most 16 KiB of bytes or bytearray
+    # here, so copies are cheap.
     def encrypt(self, nonce, data, associated_data):
         aad = None if associated_data is None else bytes(associated_data)
         return self._b.crypto_aead_xchacha20poly1305_ietf_encrypt(bytes(data), aad, nonce, self._key)
@@ -357,8 +412,6 @@ class AESGCM(_Aead):
         if bit_length not in (128, 192, 256):
             raise ValueError("bit_length must be 128, 192, or 256")
         return os.urandom(bit_length // 8)
-
-    _openssl_nonce_range = (8, 128)  # what OpenSSL accepts; other lengths take the general path
 
     def _check_key(self, key):
         if len(key) not in (16, 24, 32):

@@ -348,22 +348,31 @@ def test_limits_refuse_before_any_keystream(monkeypatch):
     with pytest.raises(OverflowError, match="limit"):
         _limits.check_length("data", _limits.CHACHA20POLY1305_MAX_PLAINTEXT + 1,
                              _limits.CHACHA20POLY1305_MAX_PLAINTEXT, "ChaCha20Poly1305")
-    # through the public class: shrink the limit so a small message exceeds it (a memoryview
-    # takes the general path; bytes below the fast path's cap go to OpenSSL, whose own cap,
-    # 2**31 - 1 bytes, is far inside every algorithm's limit)
+    # through the public class: shrink the limit so a small message exceeds it, on the
+    # general path (the fast path hands messages up to OpenSSL's own cap, 2**31 - 1 bytes,
+    # to cryptography, which refuses more itself: far inside every algorithm's limit)
     from gpucrypt.aead import _FAST_PATH_MAX
 
     assert _FAST_PATH_MAX < min(_limits.GCM_MAX_PLAINTEXT, _limits.CHACHA20POLY1305_MAX_PLAINTEXT)
+    import mmap
+
+    over = mmap.mmap(-1, _FAST_PATH_MAX + 1)  # untouched pages: no memory used
+    with pytest.raises(OverflowError):  # cryptography's own refusal, which the fast path relies on
+        reference.ChaCha20Poly1305(bytes(32)).encrypt(bytes(12), over, None)
+    over.close()
     # the classes carry the real limits (checked before they are shrunk below)
     assert gpucrypt.ChaCha20Poly1305._max_data == _limits.CHACHA20POLY1305_MAX_PLAINTEXT
     assert gpucrypt.XChaCha20Poly1305._max_data == _limits.CHACHA20POLY1305_MAX_PLAINTEXT
     assert gpucrypt.AESGCM._max_data == _limits.GCM_MAX_PLAINTEXT
     monkeypatch.setattr(gpucrypt.ChaCha20Poly1305, "_max_data", 64)
+    monkeypatch.setattr(aead, "_openssl", None)  # the general path, as past OpenSSL's cap
     with pytest.raises(OverflowError):
         aead.encrypt(bytes(12), memoryview(bytes(65)), None)
     monkeypatch.setattr(gpucrypt.AESGCM, "_max_data", 32)
+    gcm = gpucrypt.AESGCM(bytes(16))
+    monkeypatch.setattr(gcm, "_openssl", None)
     with pytest.raises(OverflowError):
-        gpucrypt.AESGCM(bytes(16)).encrypt(bytes(12), memoryview(bytes(33)), None)
+        gcm.encrypt(bytes(12), memoryview(bytes(33)), None)
     assert _limits.GCM_MAX_PLAINTEXT == (2**32 - 2) * 16
     assert _limits.CHACHA20POLY1305_MAX_PLAINTEXT == (2**32 - 1) * 64
 
@@ -411,11 +420,12 @@ def test_cpu_detached_tag_form_in_place_and_out(name, nonce_len, size, path, mon
     """The CPU backend's detached-tag form (buffers holding exactly the data, e.g. a tensor's
     own memory) gives the AEAD's bytes, verifies before writing, and keeps in-place
     ciphertext intact on failure. Both paths: OpenSSL's one-shot AEAD through a scratch
-    buffer (small messages) and the composed one (larger; GCM's in-place verification
-    pass runs in 64-byte pieces here, so that several pieces are checked)."""
+    buffer (small messages) and the composed one (larger; OpenSSL's streaming passes run
+    in 64-byte pieces here, so that several pieces are checked, and GCM's one-pass
+    in-place open must roll every piece back when the tag fails)."""
     from gpucrypt.backends import cpu, get_backend
 
-    monkeypatch.setattr(cpu, "_SCRATCH", 64)
+    monkeypatch.setattr(cpu, "_PIECE", 64)
     if path == "composed":
         monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", -1)
     cls, key_len, std_nonce = CLASSES[name]

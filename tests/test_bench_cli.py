@@ -2,6 +2,7 @@
 schema, the plot, errors, size units, and the GPU refusal/smoke paths of the simulator."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,10 +17,11 @@ from gpucrypt.cli import main
 TINY = ["--seconds", "0.01", "--sizes", "16,64"]
 
 CELL_FIELDS = {
-    "algorithm": str, "operation": str, "implementation": str, "device": str, "size": int,
-    "threads": int, "repetitions": int, "iterations": int, "median_seconds": float, "gbps": float,
-    "ratio": (float, type(None)), "baseline": str, "fraction_of_copy": (float, type(None)),
-    "timing": str, "note": str,
+    "algorithm": str, "operation": str, "form": str, "implementation": str, "device": str,
+    "size": int, "threads": int, "repetitions": int, "iterations": int, "median_seconds": float,
+    "gbps": float, "ratio": (float, type(None)), "baseline": str,
+    "fraction_of_copy": (float, type(None)), "timing": str, "note": str, "verified": bool,
+    "spread": (float, type(None)), "tie": (bool, type(None)),
 }
 ENV_FIELDS = {"date": str, "cpu": str, "cpu_count": int, "cpu_usable": int, "platform": str,
               "python": str, "gpu": (str, type(None)), "driver": (str, type(None)),
@@ -77,7 +79,8 @@ def cpu_run(tmp_path_factory):
     """One tiny CPU run of every algorithm, with --json and --plot."""
     tmp = tmp_path_factory.mktemp("bench")
     json_path, png_path = tmp / "run.json", tmp / "run.png"
-    code = main(["bench", "--device", "cpu", *TINY, "--json", str(json_path), "--plot", str(png_path)])
+    code = main(["bench", "--device", "cpu", "--seconds", "0.002", "--sizes", "16,64",
+                 "--json", str(json_path), "--plot", str(png_path)])
     assert code == 0
     return json.loads(json_path.read_text()), png_path
 
@@ -94,8 +97,9 @@ def test_json_schema(cpu_run):
         assert set(cell) == set(CELL_FIELDS)
         for name, kind in CELL_FIELDS.items():
             assert isinstance(cell[name], kind), (name, cell)
-        assert cell["operation"] in ("encrypt", "decrypt")
+        assert cell["operation"] in ("encrypt", "decrypt") and cell["form"] in ("alloc", "into")
         assert cell["size"] in (16, 64)
+        assert cell["verified"]  # every CPU row's output was checked before it was timed
         assert cell["repetitions"] >= MIN_REPETITIONS and cell["iterations"] >= 1
         assert cell["median_seconds"] > 0
         assert cell["gbps"] == pytest.approx(cell["size"] * cell["threads"] / cell["median_seconds"] / 1e9)
@@ -105,17 +109,42 @@ def test_json_schema(cpu_run):
 def test_every_cell_has_its_baseline_and_ratio(cpu_run):
     doc, _ = cpu_run
     cells = doc["cells"]
-    base = {(c["algorithm"], c["operation"], c["size"]): c for c in cells
+    base = {(c["algorithm"], c["operation"], c["form"], c["size"]): c for c in cells
             if c["implementation"] == c["baseline"]}
-    # the baseline is measured for every algorithm, operation and size
-    assert len(base) == len(bench.ALGORITHMS) * 2 * 2
+    # the baseline is measured for every algorithm, operation, form and size, except
+    # XChaCha20-Poly1305's _into tables: PyNaCl, its baseline, has no _into API
+    assert len(base) == (len(bench.ALGORITHMS) * 2 - 1) * 2 * 2
     for key, c in base.items():
-        assert c["ratio"] == 1.0
+        assert c["ratio"] == 1.0 and c["tie"] is None
+        assert c["spread"] is not None and c["spread"] >= 0  # measured twice, interleaved
         expected = "pynacl" if key[0] == "xchacha20-poly1305" else "cryptography"
         assert c["implementation"] == expected
     for c in cells:
-        b = base[(c["algorithm"], c["operation"], c["size"])]
+        b = base.get((c["algorithm"], c["operation"], c["form"], c["size"]))
+        if b is None:
+            assert c["algorithm"] == "xchacha20-poly1305" and c["form"] == "into"
+            assert c["ratio"] is None and c["baseline"] == "" and c["tie"] is None
+            continue
         assert c["ratio"] == pytest.approx(c["gbps"] / b["gbps"])
+        if c is not b:  # a tie exactly when the ratio is within the table's noise of 1
+            noise = max(x["spread"] for x in base.values()
+                        if (x["algorithm"], x["operation"], x["form"]) ==
+                        (c["algorithm"], c["operation"], c["form"]))
+            assert c["tie"] == (abs(c["ratio"] - 1) <= noise)
+
+
+def test_allocating_rows_against_allocating_baselines(cpu_run):
+    """PyNaCl allocates: it is XChaCha20-Poly1305's baseline in the allocating tables only,
+    next to gpucrypt's allocating calls; both forms are measured for every algorithm."""
+    doc, _ = cpu_run
+    x = [c for c in doc["cells"] if c["algorithm"] == "xchacha20-poly1305"]
+    assert {c["form"] for c in x if c["implementation"] == "pynacl"} == {"alloc"}
+    assert {c["form"] for c in x if c["implementation"] == "gpucrypt-cpu"} == {"alloc", "into"}
+    reasons = {u["reason"] for u in doc["unavailable"] if u["implementation"] == "pynacl"}
+    assert any("_into API" in r for r in reasons)
+    for alg in bench.ALGORITHMS:
+        forms = {c["form"] for c in doc["cells"] if c["algorithm"] == alg}
+        assert forms == {"alloc", "into"}, alg
 
 
 def test_gpucrypt_cpu_rows_present(cpu_run):
@@ -140,7 +169,9 @@ def test_table_output(capsys):
     code, out, _ = run_cli(capsys, "--device", "cpu", *TINY, "--algorithms", "aes-128-gcm",
                            "--operations", "encrypt")
     assert code == 0
-    assert "aes-128-gcm encrypt" in out and "baseline: cryptography" in out
+    assert "aes-128-gcm encrypt, allocating" in out and "aes-128-gcm encrypt, _into" in out
+    assert out.count("baseline: cryptography; noise ") == 2  # one noise figure per table
+    assert "load average (1 min): " in out
     row = next(line for line in out.splitlines() if line.startswith("cryptography"))
     assert row.count("x1.00") == 2  # one per size
     assert "decrypt" not in out
@@ -160,13 +191,62 @@ def test_threads_aggregate(tmp_path, capsys):
 def test_sizes_with_units_reach_the_json(tmp_path, capsys):
     path = tmp_path / "s.json"
     code, _, _ = run_cli(capsys, "--device", "cpu", "--seconds", "0.01", "--sizes", "1K,1kB",
-                         "--algorithms", "aes-256-gcm", "--operations", "decrypt",
+                         "--algorithms", "aes-256-gcm", "--operations", "decrypt", "--forms", "into",
                          "--implementations", "gpucrypt-cpu", "--json", str(path))
     assert code == 0
     doc = json.loads(path.read_text())
-    assert doc["config"]["sizes"] == [1024, 1000]
+    assert doc["config"]["sizes"] == [1024, 1000] and doc["config"]["forms"] == ["into"]
     # the baseline comes along even when not asked for: every ratio needs it
     assert {c["implementation"] for c in doc["cells"]} == {"cryptography", "gpucrypt-cpu"}
+    assert {c["form"] for c in doc["cells"]} == {"into"}
+
+
+def test_wrong_output_is_never_timed(monkeypatch, capsys):
+    """An implementation whose encryption is wrong (one flipped bit) stops the run with
+    the reason, before anything is timed: exit 1, one line."""
+    import gpucrypt
+
+    real = gpucrypt.ChaCha20Poly1305.encrypt
+
+    def flipped(self, nonce, data, aad):
+        out = bytearray(real(self, nonce, data, aad))
+        out[0] ^= 1
+        return bytes(out)
+
+    monkeypatch.setattr(gpucrypt.ChaCha20Poly1305, "encrypt", flipped)
+    code, out, err = run_cli(capsys, "--device", "cpu", *TINY, "--algorithms", "chacha20-poly1305",
+                             "--operations", "encrypt", "--forms", "alloc")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert "gpucrypt-cpu produced bytes that differ from the reference" in err
+
+
+def test_peak_memory_follows_the_largest_size():
+    """A cell holds the plaintext, the sealed reference, one shared output buffer and one
+    allocated result: about four times the size (under six with the transients of making
+    the data), whatever the number of implementations (here three rows, the baseline
+    twice) and of sizes before it. The default run (64 MiB at most) stays under 512 MiB."""
+    import tracemalloc
+
+    import gc
+
+    size = 4 << 20
+    # XChaCha20-Poly1305 brings rows that cannot run (PyNaCl's _into): their exceptions must
+    # not keep a cell's buffers alive (the garbage collector is off: nothing cleans up after)
+    config = bench.BenchConfig(algorithms=("aes-128-gcm", "xchacha20-poly1305"),
+                               sizes=(size // 4, size), seconds=0.001, device="cpu")
+    bench.run(dataclasses.replace(config, sizes=(16,)))  # imports and one-time set-up first
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        report = bench.run(config)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert len(report.cells) == 16 + 12  # AES-GCM 2 rows x 8 cells; XChaCha20: no PyNaCl _into
+    assert 3 * size < peak < 6 * size
 
 
 def test_progress_bar_only_when_asked(capsys):
@@ -269,3 +349,37 @@ def test_simulator_smoke_rows_are_labelled(on_cudasim, tmp_path, capsys):
         assert c["device"] == c["note"] == "simulator (not a measurement)"
         assert c["ratio"] is None and c["fraction_of_copy"] is None
     assert "simulator (not a measurement)" in out
+
+
+# --------------------------------------------------------------------------- RESULTS.md
+
+def _results_md():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "make_results_md.py")
+    spec = importlib.util.spec_from_file_location("make_results_md", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_page_of_a_forms_run(cpu_run):
+    """RESULTS.md and the README render a schema-2 run: both forms, each table's noise, and
+    issue 13's verdicts, which weigh a miss against the table's noise."""
+    md = _results_md()
+    doc, _ = cpu_run
+    text = "\n".join(md.render_run("tiny", doc))
+    assert "| aes-128-gcm | encrypt | alloc |" in text and "| aes-128-gcm | encrypt | into |" in text
+    assert "Issue 13" in text and "noise" in text
+    assert "| xchacha20-poly1305 | encrypt | alloc |" in md.readme_forms_section("tiny", doc)
+
+    def cells(seconds, spread):
+        base = dict(algorithm="aes-256-gcm", operation="encrypt", form="into", size=1024,
+                    baseline="cryptography", ratio=1.0, tie=None)
+        return [dict(base, implementation="cryptography", median_seconds=1.0, spread=spread),
+                dict(base, implementation="gpucrypt-cpu", median_seconds=seconds, ratio=1 / seconds,
+                     spread=None)]
+    assert md.acceptance_issue13(cells(1.04, 0.01))[-1].endswith("holds")
+    assert md.acceptance_issue13(cells(1.2, 0.3))[-1].endswith("within the noise")
+    assert md.acceptance_issue13(cells(1.2, 0.05))[-1].endswith("NOT MET")
+    assert "real noise was larger" in md.acceptance_issue13(cells(0.8, 0.05))[-1]

@@ -8,18 +8,28 @@ bytes are produced from its lower-level primitives (ChaCha20 + Poly1305; AES-CTR
 
 Decryption verifies before it writes any plaintext, and zeroes ``out`` when the
 tag is wrong (``cryptography``'s ``decrypt_into`` leaves the unauthenticated
-plaintext in the buffer; we do not).
+plaintext in the buffer; we do not). The one exception is AES-GCM decrypting a
+detached-tag message in place, which runs OpenSSL's streaming GCM once over the
+buffer and, if the tag is wrong, encrypts the buffer back to its ciphertext before
+it raises: no unauthenticated plaintext is returned or left behind.
+
+Contexts (a key schedule and OpenSSL objects) are kept per key in a small
+:class:`ContextCache`, so that repeated calls under one key (a tensor at a time,
+say) do not redo the key schedule.
 """
 from __future__ import annotations
 
 import os
 import struct
+import threading
+from collections import OrderedDict
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import constant_time
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from .._buffers import zero as _zero
 from .._host_primitives import Poly1305AeadMac, gcm_j0, gcm_tag
 from ._base import AeadContext, Backend
 
@@ -33,15 +43,8 @@ PARALLEL_MIN = 8 << 20
 _PARALLEL_CHUNK = 4 << 20  # a multiple of 64 (ChaCha20 blocks) and of 16 (Poly1305 blocks)
 #: detached-tag messages up to this size go through OpenSSL's one-shot AEAD and a copy
 ONE_SHOT_DETACHED_MAX = 64 << 10
-#: scratch bytes for verifying a GCM message before decrypting it in place
-_SCRATCH = 1 << 20
-
-
-def _zero(out: memoryview) -> None:
-    """Overwrite ``out`` with zeros, so no unauthenticated plaintext stays in it."""
-    for start in range(0, len(out), _PIECE):
-        end = min(start + _PIECE, len(out))
-        out[start:end] = bytes(end - start)
+#: AEAD contexts the CPU backend keeps (least recently used dropped first)
+CONTEXT_CACHE_SIZE = 32
 
 
 def _same_memory(a: memoryview, b: memoryview) -> bool:
@@ -227,15 +230,15 @@ class _AesGcm(_OpenSslAead):
     def _start(self, nonce):
         return self._j0(nonce)
 
-    # OpenSSL's streaming GCM is one pass where it accepts the nonce: prefer it for the
-    # detached form, except for an in-place open, which must verify before writing.
+    # OpenSSL's streaming GCM is one pass where it accepts the nonce: the detached form
+    # prefers it (an in-place open rolls the buffer back if the tag fails).
     def _streaming(self, nonce: bytes, data_len: int, aad_len: int) -> bool:
         return self._native(nonce, 0, 0) and aad_len <= OPENSSL_AEAD_MAX
 
     def seal_detached(self, nonce, data, aad, out, threads=1):  # one OpenSSL pass: threads unused
         if len(data) <= ONE_SHOT_DETACHED_MAX or not self._streaming(nonce, len(data), len(aad)):
             return super().seal_detached(nonce, data, aad, out)
-        enc = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
+        enc = self._gcm(nonce).encryptor()
         enc.authenticate_additional_data(aad)
         _xor_into(enc, data, out)
         enc.finalize()
@@ -247,7 +250,7 @@ class _AesGcm(_OpenSslAead):
             return super().open_detached(nonce, data, tag, aad, out)
         if _same_memory(data, out):
             return self._open_in_place(nonce, data, tag, aad, out)
-        dec = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).decryptor()
+        dec = self._gcm(nonce).decryptor()
         dec.authenticate_additional_data(aad)
         _xor_into(dec, data, out)  # into the caller's separate buffer, zeroed below if the tag fails
         try:
@@ -257,22 +260,23 @@ class _AesGcm(_OpenSslAead):
             raise
 
     def _open_in_place(self, nonce, data, tag, aad, out):
-        """Verify first, writing nothing: OpenSSL's GCM decryptor runs over the ciphertext
-        into a small scratch buffer whose plaintext is dropped (and wiped); then, once
-        the tag matched, CTR decrypts in place. Two OpenSSL passes: the GHASH oracle
-        of the composed path costs ~0.8 ms of Python field arithmetic per call, which
-        made in-place decryption of small tensors 100x slower."""
-        dec = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).decryptor()
+        """One pass: OpenSSL's streaming GCM decrypts the buffer in place (in and out are the
+        very same memory, which OpenSSL's EVP update allows), then checks the tag. On a
+        wrong tag the buffer is encrypted back (GCM encryption under the same nonce gives
+        the same ciphertext) before ``InvalidTag`` is raised, so the caller gets its
+        ciphertext back and never sees the unauthenticated plaintext; only another
+        thread reading the buffer during the call could (the caller lent it to us)."""
+        dec = self._gcm(nonce).decryptor()
         dec.authenticate_additional_data(aad)
-        piece = max(1, min(len(data), _SCRATCH))
-        scratch = bytearray(piece + 15)  # update_into wants block_size - 1 bytes of slack
+        _xor_into(dec, data, out)
         try:
-            for start in range(0, len(data), piece):
-                dec.update_into(data[start:start + piece], scratch)
             dec.finalize_with_tag(bytes(tag))
-        finally:
-            scratch[:] = bytes(len(scratch))
-        self._ctr(self._j0(nonce), data, out)
+        except InvalidTag:
+            _xor_into(self._gcm(nonce).encryptor(), out, out)  # the whole buffer, back
+            raise
+
+    def _gcm(self, nonce: bytes) -> Cipher:
+        return Cipher(algorithms.AES(self._key), modes.GCM(nonce))
 
     def _xor(self, j0, data, out):
         self._ctr(j0, data, out)
@@ -318,11 +322,71 @@ def check_threads(threads) -> int:
     return threads
 
 
+class ContextCache:
+    """The :data:`CONTEXT_CACHE_SIZE` AEAD contexts made last, by algorithm and key identity.
+
+    Identity is the key *object*: a ``bytes`` key (immutable) passed again is the same
+    object (:func:`gpucrypt._buffers.bytes_arg` hands ``bytes`` through uncopied), and
+    the entry holds a reference to it, so its ``id`` cannot be reused by another
+    object while the entry lives. Why not the key's bytes: as dict keys they would be
+    a second copy of every key, listed by anything that walks the cache (a debugger,
+    ``gc.get_referents``) and compared with a variable-time ``memcmp``; a keyed hash of
+    them (BLAKE2b under a per-process secret) measured at half the cost of the key
+    schedule it would save. Nothing here is logged or shown (``repr`` gives the count).
+    Mutable keys (``bytearray``) are never cached: their bytes could change under the
+    same identity. The contexts hold the key schedule anyway; the bound keeps at most
+    that many keys alive after their callers dropped them, and :meth:`clear` drops
+    them all. Thread-safe; the contexts themselves may be used by several threads at
+    once (each call makes its own OpenSSL context from theirs).
+    """
+
+    def __init__(self, size: int = CONTEXT_CACHE_SIZE):
+        self._size = size
+        self._entries: OrderedDict = OrderedDict()  # (algorithm, id(key)) -> (key, context)
+        self._lock = threading.Lock()
+
+    def get(self, algorithm: str, key: bytes) -> AeadContext:
+        if type(key) is not bytes:
+            return _AEADS[algorithm](bytes(key))
+        slot = (algorithm, id(key))
+        entry = self._entries.get(slot)  # a hit takes no lock (one dict lookup is atomic)
+        if entry is not None and entry[0] is key:
+            return entry[1]
+        ctx = _AEADS[algorithm](key)  # outside the lock: the key schedule takes microseconds
+        with self._lock:
+            self._entries[slot] = (key, ctx)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)  # the oldest entry first
+        return ctx
+
+    def clear(self) -> None:
+        """Drop every context (and the references to the keys they were made from)."""
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:  # never shows a key
+        return f"ContextCache({len(self._entries)} of {self._size})"
+
+
 class CpuBackend(Backend):
     name = "cpu"
 
+    def __init__(self):
+        self.contexts = ContextCache()
+
     def aead(self, algorithm, key):
-        return _AEADS[algorithm](key)
+        return self.contexts.get(algorithm, key)
+
+    def aead_for_nonce(self, algorithm, key, nonce):
+        if algorithm == "xchacha20-poly1305":  # a subkey per nonce: nothing worth caching
+            from .._host_primitives import xchacha20_key_nonce
+
+            subkey, nonce = xchacha20_key_nonce(key, nonce)
+            return _AEADS["chacha20-poly1305"](subkey), nonce
+        return self.aead(algorithm, key), nonce
 
     def xor_keystream(self, algorithm, key, iv, position, data, out):
         encryptor = self.keystream_encryptor(algorithm, key, iv, position)

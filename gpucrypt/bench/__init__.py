@@ -3,23 +3,35 @@ measured in the same run on the same machine. (Package: ``run`` here, the CPU ti
 in ``cpu``, the GPU ones in ``gpu``; may import the public classes and the backends,
 and only the CLI imports it.)
 
-Each *cell* is one algorithm, operation, implementation and message size. Its
-figure is the median over repetitions (the machines are noisy) of the seconds one
+Each *cell* is one algorithm, operation, call form, implementation and message size.
+Its figure is the median over repetitions (the machines are noisy) of the seconds one
 message takes, turned into GB/s (10**9 bytes of plaintext per second, summed over
 ``threads``) and into a ratio to the baseline measured in the same run:
 ``cryptography`` (OpenSSL) everywhere except XChaCha20-Poly1305, which
 ``cryptography`` lacks, where it is PyNaCl (libsodium). A ratio of 2.0 means twice
 the baseline's throughput.
 
+Forms (:data:`FORMS`): ``alloc`` tables compare calls that return a new result
+(``encrypt()`` against ``encrypt()``, PyNaCl's functions, ``update()``), ``into``
+tables calls that write into a buffer made once (``encrypt_into``, ``update_into``;
+PyNaCl has none, so XChaCha20-Poly1305's ``into`` table has no baseline and no ratios).
+Comparing a preallocated call with an allocating one would flatter the former.
+
+Honesty: every operation's output is checked against the reference before it is
+timed (:class:`WrongOutput` stops the run otherwise). Each table's baseline is
+measured twice, interleaved with everything else; how far its two figures differ is
+the table's *noise* (the largest such spread over its sizes), printed with it, and a
+ratio within the noise of 1 is marked as a tie (``=``): no measured difference. The
+load average at the start and end is printed and recorded.
+
 Implementations (:data:`IMPLEMENTATIONS`):
 
-- ``cryptography``: ``encrypt_into``/``decrypt_into`` on preallocated buffers,
-  ``Cipher(...).encryptor().update_into`` for the stream ciphers;
+- ``cryptography``: its AEAD classes; ``Cipher(...).encryptor()`` for the stream ciphers;
 - ``gpucrypt-cpu``: gpucrypt's public classes with ``device="cpu"``;
 - ``gpucrypt-gpu`` / ``gpucrypt-gpu-hosttag``: the GPU backend's ``seal_batch`` /
   ``open_batch`` with ``tag="gpu"`` / ``tag="host"`` on device-resident data, timed
   with CUDA events (see :mod:`gpucrypt.bench.gpu`); also shown as a fraction of
-  the device-to-device copy rate measured in the same run;
+  the device-to-device copy rate measured in the same run (``into`` tables only);
 - ``gpucrypt-gpu+transfer``: the public classes with ``device="gpu"`` on host
   buffers, i.e. including both PCIe copies (only with ``include_transfer``);
 - ``pycryptodome`` and ``pynacl`` when installed.
@@ -44,15 +56,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .cpu import ALGORITHMS, OPERATIONS, Material, NotAvailable, Timing, applicable, \
-    host_operation, time_host, time_host_group
+import numpy as np
 
-__all__ = ["ALGORITHMS", "OPERATIONS", "IMPLEMENTATIONS", "CPU_IMPLEMENTATIONS", "GPU_IMPLEMENTATIONS",
+from .cpu import ALGORITHMS, FORMS, OPERATIONS, Material, NotAvailable, Timing, WrongOutput, \
+    applicable, host_operation, time_host, time_host_group
+
+__all__ = ["ALGORITHMS", "OPERATIONS", "FORMS", "WrongOutput", "IMPLEMENTATIONS", "CPU_IMPLEMENTATIONS", "GPU_IMPLEMENTATIONS",
            "DEFAULT_SIZES", "SIZE_PRESETS", "DEFAULT_SECONDS", "BenchConfig", "Cell", "Unavailable",
            "BenchReport", "parse_size", "format_size", "parse_list", "run", "plot", "environment",
            "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Implementations timed on the host clock, on this machine's CPU.
 CPU_IMPLEMENTATIONS = ("cryptography", "gpucrypt-cpu", "pycryptodome", "pynacl")
@@ -137,6 +151,7 @@ class BenchConfig:
 
     algorithms: tuple[str, ...] = tuple(ALGORITHMS)
     operations: tuple[str, ...] = OPERATIONS
+    forms: tuple[str, ...] = FORMS
     implementations: tuple[str, ...] = IMPLEMENTATIONS
     sizes: tuple[int, ...] = DEFAULT_SIZES
     device: str = "auto"
@@ -149,11 +164,16 @@ class BenchConfig:
 @dataclass
 class Cell:
     """One measured cell: the JSON record. ``ratio`` is against ``baseline`` at the same
-    algorithm, operation, size and thread count (None when the baseline could not run);
-    ``fraction_of_copy`` is GB/s over the device-to-device copy rate (GPU rows only)."""
+    algorithm, operation, form, size and thread count (None when there is no baseline,
+    ``baseline`` then ""); ``fraction_of_copy`` is GB/s over the device-to-device copy
+    rate (GPU rows only). ``verified``: the output was checked against the reference
+    before timing. ``spread`` (baseline cells): how far the baseline's second, interleaved
+    measurement differs from its first, as a fraction. ``tie`` (other cells): the ratio
+    is within the table's noise of 1 (None where there is no ratio)."""
 
     algorithm: str
     operation: str
+    form: str
     implementation: str
     device: str
     size: int
@@ -167,6 +187,9 @@ class Cell:
     fraction_of_copy: float | None
     timing: str
     note: str = ""
+    verified: bool = True
+    spread: float | None = None
+    tie: bool | None = None
 
 
 @dataclass
@@ -187,6 +210,12 @@ class BenchReport:
     notes: list[str] = field(default_factory=list)
     copy_gbps: float | None = None
     gpu_device: str | None = None
+
+    def noise(self, algorithm: str, operation: str, form: str) -> float | None:
+        """The table's noise: the largest spread of its baseline's two measurements."""
+        spreads = [c.spread for c in self.cells if (c.algorithm, c.operation, c.form) ==
+                   (algorithm, operation, form) and c.spread is not None]
+        return max(spreads) if spreads else None
 
     def to_json(self) -> dict:
         """The ``--json`` document: schema version, environment, configuration, cells."""
@@ -249,6 +278,10 @@ def _gpu_details() -> dict:
         pass
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         details["gpu"] = "numba CUDA simulator"
+        return details
+    from ..backends._probe import _cuda_driver_loadable
+
+    if not _cuda_driver_loadable():  # no driver, no GPU: spare the ~100 MiB of importing numba
         return details
     try:
         from numba import cuda
@@ -338,9 +371,9 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
     """Measure every cell of ``config``; ``progress(done, total, label)`` after each one.
 
     Raises ``RuntimeError`` when ``device="gpu"`` and the GPU cannot be timed (the
-    message says why), and when a GPU row computes wrong bytes (checked before it is
-    timed). CPU rows decrypt the reference ciphertext, so a wrong decryption fails
-    (``InvalidTag``); their encryption output is not compared (the test suite does).
+    message says why), and when any row computes wrong bytes (:class:`WrongOutput`,
+    a ``RuntimeError``: every row's output, encryption and decryption, CPU and GPU,
+    is checked before it is timed).
     """
     report = BenchReport(environment=environment(), config=config)
     cpu_name = report.environment["cpu"]
@@ -375,50 +408,71 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
                 report.unavailable.append(Unavailable(alg.name, impl, gpu_reason or ""))
                 continue
             jobs.append((alg, impl))
-    total = len(jobs) * len(config.operations) * len(config.sizes)
+    total = len(jobs) * len(config.operations) * len(config.forms) * len(config.sizes)
     done = 0
     for size in config.sizes:
         for alg in algorithms:
             material = Material(alg, size)
             impls = [impl for a, impl in jobs if a is alg]
             for operation in config.operations:
-                results = _measure_group(impls, material, operation, config, session, cpu_name)
-                for impl in impls:
-                    result = results[impl]
-                    if isinstance(result, str):
-                        if not any(u.algorithm == alg.name and u.implementation == impl
-                                   for u in report.unavailable):
-                            report.unavailable.append(Unavailable(alg.name, impl, result))
-                    else:
-                        report.cells.append(result)
-                    done += 1
-                    if progress:
-                        progress(done, total, f"{alg.name} {operation} {format_size(size)} {impl}")
+                for form in config.forms:
+                    results = _measure_group(impls, material, operation, form, config, session,
+                                             cpu_name)
+                    for impl in impls:
+                        result = results[impl]
+                        if isinstance(result, str):
+                            if not any(u.algorithm == alg.name and u.implementation == impl
+                                       and u.reason == result for u in report.unavailable):
+                                report.unavailable.append(Unavailable(alg.name, impl, result))
+                        else:
+                            report.cells.append(result)
+                        done += 1
+                        if progress:
+                            progress(done, total, f"{alg.name} {operation} {form} "
+                                                  f"{format_size(size)} {impl}")
             del material
     _fill_ratios(report)
     report.environment["load_average_end"] = _load_average()
     return report
 
 
-def _measure_group(impls: list[str], m: Material, operation: str, config: BenchConfig, session,
-                   cpu_name: str) -> dict[str, "Cell | str"]:
-    """A :class:`Cell` per implementation of one algorithm, operation and size, or the reason
-    (str) it cannot run. The CPU libraries are timed together, repetitions interleaved
-    (:func:`gpucrypt.bench.cpu.time_host_group`); GPU rows one after the other."""
+#: the baseline's second, interleaved measurement (its spread is the table's noise)
+_AGAIN = " (again)"
+
+
+def _measure_group(impls: list[str], m: Material, operation: str, form: str, config: BenchConfig,
+                   session, cpu_name: str) -> dict[str, "Cell | str"]:
+    """A :class:`Cell` per implementation of one algorithm, operation, form and size, or the
+    reason (str) it cannot run. The CPU libraries are timed together, repetitions
+    interleaved (:func:`gpucrypt.bench.cpu.time_host_group`), the baseline twice; they
+    share one output buffer per thread. GPU rows one after the other."""
     results: dict[str, Cell | str] = {}
+    baseline = m.algorithm.baseline_for(form)
     on_cpu = [i for i in impls if i in CPU_IMPLEMENTATIONS]
-    timings = time_host_group({i: (lambda i=i: host_operation(i, m, operation)) for i in on_cpu},
-                              config.threads, config.seconds)
+    if baseline in on_cpu:
+        on_cpu.append(baseline + _AGAIN)
+    outs = [np.empty(m.output_size(operation), dtype=np.uint8) if form == "into" else None
+            for _ in range(config.threads)]
+    makers = {name: (lambda t, impl=name.removesuffix(_AGAIN):
+                     host_operation(impl, m, operation, form, outs[t])) for name in on_cpu}
+    timings = time_host_group(makers, config.threads, config.seconds, m.expected(operation))
+    again = timings.pop(baseline + _AGAIN, None) if baseline else None
     for impl, timing in timings.items():
-        results[impl] = str(timing) if isinstance(timing, NotAvailable) else \
-            _cell(impl, m, operation, timing, cpu_name, config.threads, "perf_counter")
+        if isinstance(timing, NotAvailable):
+            results[impl] = str(timing)
+            continue
+        cell = _cell(impl, m, operation, form, timing, cpu_name, config.threads, "perf_counter")
+        if impl == baseline and isinstance(again, Timing):
+            cell.spread = abs(again.median_seconds / timing.median_seconds - 1.0)
+        results[impl] = cell
     for impl in impls:
         if impl not in results:
-            results[impl] = _measure_gpu(impl, m, operation, config, session)
+            results[impl] = _measure_gpu(impl, m, operation, form, config, session)
     return results
 
 
-def _measure_gpu(impl: str, m: Material, operation: str, config: BenchConfig, session) -> "Cell | str":
+def _measure_gpu(impl: str, m: Material, operation: str, form: str, config: BenchConfig,
+                 session) -> "Cell | str":
     """A GPU row: device-resident (CUDA events) or through the public classes (+transfer)."""
     from .gpu import SIMULATOR_MAX_SIZE, GpuRefused
 
@@ -427,26 +481,30 @@ def _measure_gpu(impl: str, m: Material, operation: str, config: BenchConfig, se
             if session.simulator:
                 if m.size > SIMULATOR_MAX_SIZE:
                     return f"simulator smoke runs stop at {SIMULATOR_MAX_SIZE} bytes"
-                timing = _single_call(host_operation(impl, m, operation))
+                timing = _single_call(host_operation(impl, m, operation, form))
             else:
-                timing = time_host(lambda: host_operation(impl, m, operation), 1, config.seconds)
+                timing = time_host(lambda t: host_operation(impl, m, operation, form), 1,
+                                   config.seconds, m.expected(operation))
             clock = "perf_counter"
         else:
+            if form != "into":
+                return "device-resident rows write into device buffers: see the into tables"
             timing = session.time_cell(impl, m, operation, config.seconds)
             clock = "host clock (simulator)" if session.simulator else "cuda events"
     except (NotAvailable, GpuRefused) as exc:
         return str(exc)
-    return _cell(impl, m, operation, timing, session.device_name, 1, clock)
+    return _cell(impl, m, operation, form, timing, session.device_name, 1, clock)
 
 
-def _cell(impl: str, m: Material, operation: str, timing: Timing, device: str, threads: int,
-          clock: str) -> Cell:
+def _cell(impl: str, m: Material, operation: str, form: str, timing: Timing, device: str,
+          threads: int, clock: str) -> Cell:
     note = device if device == _simulator_label() else ""
-    return Cell(algorithm=m.algorithm.name, operation=operation, implementation=impl, device=device,
-                size=m.size, threads=threads, repetitions=timing.repetitions,
+    return Cell(algorithm=m.algorithm.name, operation=operation, form=form, implementation=impl,
+                device=device, size=m.size, threads=threads, repetitions=timing.repetitions,
                 iterations=timing.iterations, median_seconds=timing.median_seconds,
                 gbps=m.size * threads / timing.median_seconds / 1e9, ratio=None,
-                baseline=m.algorithm.baseline, fraction_of_copy=None, timing=clock, note=note)
+                baseline=m.algorithm.baseline_for(form) or "", fraction_of_copy=None,
+                timing=clock, note=note, verified=not note)
 
 
 def _single_call(op) -> Timing:
@@ -463,10 +521,10 @@ def _simulator_label() -> str:
 
 
 def _fill_ratios(report: BenchReport) -> None:
-    base = {(c.algorithm, c.operation, c.size): c.gbps for c in report.cells
+    base = {(c.algorithm, c.operation, c.form, c.size): c.gbps for c in report.cells
             if c.implementation == c.baseline}
     for c in report.cells:
-        b = base.get((c.algorithm, c.operation, c.size))
+        b = base.get((c.algorithm, c.operation, c.form, c.size))
         c.ratio = c.gbps / b if b else None
         if c.implementation == c.baseline:
             c.ratio = 1.0
@@ -474,6 +532,10 @@ def _fill_ratios(report: BenchReport) -> None:
             c.ratio = None
         if report.copy_gbps and c.implementation in GPU_IMPLEMENTATIONS and not c.note:
             c.fraction_of_copy = c.gbps / report.copy_gbps
+    for c in report.cells:
+        noise = report.noise(c.algorithm, c.operation, c.form)
+        if c.ratio is not None and c.implementation != c.baseline and noise is not None:
+            c.tie = abs(c.ratio - 1.0) <= noise
 
 
 # --------------------------------------------------------------------------- output
@@ -488,10 +550,11 @@ def _fmt_gbps(x: float) -> str:
     return f"{x:.4f}"
 
 
-def _fmt_ratio(r: float | None) -> str:
+def _fmt_ratio(r: float | None, tie: bool | None = None) -> str:
     if r is None:
         return "(no base)"
-    return f"x{r:.2f}" if r < 10 else f"x{r:.1f}"
+    text = f"x{r:.2f}" if r < 10 else f"x{r:.1f}"
+    return text + "=" if tie else text
 
 
 def _display_order(cells: list[Cell], baseline: str) -> list[str]:
@@ -500,50 +563,94 @@ def _display_order(cells: list[Cell], baseline: str) -> list[str]:
     return sorted(present, key=lambda i: (i != baseline, IMPLEMENTATIONS.index(i)))
 
 
+_FORM_TITLES = {"alloc": "allocating (a new result per call)",
+                "into": "_into (into a buffer made once)"}
+
+
 def render_table(report: BenchReport) -> str:
-    """One block per algorithm and operation: a row per implementation, a column per size,
-    each cell ``GB/s xRATIO`` (ratio to the baseline, which shows x1.00)."""
+    """One block per algorithm, operation and form: a row per implementation, a column per
+    size, each cell ``GB/s xRATIO`` (ratio to the baseline, which shows x1.00; ``=`` marks
+    a ratio within the table's noise of 1), under a line with the table's noise."""
     env = report.environment
     lines = [f"gpucrypt bench: {env['cpu']} ({env['cpu_usable']} usable cores), "
              f"GPU: {report.gpu_device or 'none'}; {env['date']}",
+             f"load average (1 min): {env.get('load_average_start')} at the start, "
+             f"{env.get('load_average_end')} at the end, on {env['cpu_usable']} usable cores"
+             + (" (other work shared the CPU: expect noise)"
+                if max(env.get('load_average_start') or 0, env.get('load_average_end') or 0)
+                > env['cpu_usable'] else ""),
              f"GB/s = 10^9 plaintext bytes per second; xN = speed-up against the baseline measured in "
-             f"this run (median of repetitions, {report.config.seconds:g} s per cell)"]
+             f"this run (median of repetitions, {report.config.seconds:g} s per cell); every row's "
+             f"output was checked against the reference before it was timed",
+             "noise = how far the baseline's two interleaved measurements differ (largest over the "
+             "sizes); xN= : within the noise of x1.00, a tie"]
     for note in report.notes:
         lines.append(f"note: {note}")
     sizes = list(report.config.sizes)
     heads = [format_size(s) for s in sizes]
     for alg_name in report.config.algorithms:
         alg = ALGORITHMS[alg_name]
+        missing = [u for u in report.unavailable if u.algorithm == alg_name]
         for operation in report.config.operations:
-            cells = [c for c in report.cells if c.algorithm == alg_name and c.operation == operation]
-            missing = [u for u in report.unavailable if u.algorithm == alg_name]
-            if not cells and not missing:
-                continue
-            impls = _display_order(cells, alg.baseline)
-            width = max([len(i) for i in impls + [u.implementation for u in missing]] + [14]) + 2
-            lines.append("")
-            lines.append(f"{alg_name} {operation}  (baseline: {alg.baseline})")
-            lines.append(" " * width + "".join(f"{h:>18}" for h in heads))
-            for impl in impls:
-                row = {c.size: c for c in cells if c.implementation == impl}
-                texts = [("simulated" if row[s].note else
-                          f"{_fmt_gbps(row[s].gbps)} {_fmt_ratio(row[s].ratio)}") if s in row else "-"
-                         for s in sizes]
-                lines.append(f"{impl:<{width}}" + "".join(f"{t:>18}" for t in texts))
-                if any(row[s].fraction_of_copy is not None for s in row):
-                    fr = [f"{100 * row[s].fraction_of_copy:.1f}% of copy"
-                          if s in row and row[s].fraction_of_copy is not None else "-" for s in sizes]
-                    lines.append(f"{'':<{width}}" + "".join(f"{t:>18}" for t in fr))
-                if any(row[s].note for s in row):
-                    lines.append(f"{'':<{width}}  ^ {next(row[s].note for s in row if row[s].note)}")
-            by_reason: dict[str, list[str]] = {}
-            for u in missing:
-                by_reason.setdefault(u.reason, []).append(u.implementation)
-            for reason, names in by_reason.items():
-                if any(reason in note for note in report.notes):
-                    reason = "see the note above"
-                lines.append(f"{', '.join(names)}: not available: {reason}")
+            for form in report.config.forms:
+                cells = [c for c in report.cells
+                         if (c.algorithm, c.operation, c.form) == (alg_name, operation, form)]
+                if not cells and not missing:
+                    continue
+                baseline = alg.baseline_for(form)
+                lines.append("")
+                lines.append(_table_title(report, alg_name, operation, form, baseline))
+                impls = _display_order(cells, baseline or "")
+                width = max([len(i) for i in impls + [u.implementation for u in missing]] + [14]) + 2
+                lines.append(" " * width + "".join(f"{h:>18}" for h in heads))
+                lines += _table_rows(cells, impls, sizes, width)
+                lines += _unavailable_lines(report, missing, {c.implementation for c in cells}, form)
     return "\n".join(lines)
+
+
+def _table_title(report: BenchReport, algorithm: str, operation: str, form: str,
+                 baseline: str | None) -> str:
+    title = f"{algorithm} {operation}, {_FORM_TITLES[form]}"
+    if baseline is None:
+        return f"{title}  (no baseline: {ALGORITHMS[algorithm].baseline} has no such call)"
+    noise = report.noise(algorithm, operation, form)
+    noise_text = "noise not measured" if noise is None else f"noise {100 * noise:.1f}%"
+    return f"{title}  (baseline: {baseline}; {noise_text})"
+
+
+def _table_rows(cells: list[Cell], impls: list[str], sizes: list[int], width: int) -> list[str]:
+    lines = []
+    for impl in impls:
+        row = {c.size: c for c in cells if c.implementation == impl}
+        texts = [("simulated" if row[s].note else
+                  f"{_fmt_gbps(row[s].gbps)} {_fmt_ratio(row[s].ratio, row[s].tie)}") if s in row
+                 else "-" for s in sizes]
+        lines.append(f"{impl:<{width}}" + "".join(f"{t:>18}" for t in texts))
+        if any(row[s].fraction_of_copy is not None for s in row):
+            fr = [f"{100 * row[s].fraction_of_copy:.1f}% of copy"
+                  if s in row and row[s].fraction_of_copy is not None else "-" for s in sizes]
+            lines.append(f"{'':<{width}}" + "".join(f"{t:>18}" for t in fr))
+        if any(row[s].note for s in row):
+            lines.append(f"{'':<{width}}  ^ {next(row[s].note for s in row if row[s].note)}")
+    return lines
+
+
+def _unavailable_lines(report: BenchReport, missing: list[Unavailable], shown: set[str],
+                       form: str) -> list[str]:
+    """'not available' lines for the implementations missing from this table."""
+    by_reason: dict[str, list[str]] = {}
+    for u in missing:
+        if u.implementation in shown:
+            continue
+        if ("_into API" in u.reason and form == "alloc") or ("into tables" in u.reason and form == "into"):
+            continue  # a reason about the other form
+        by_reason.setdefault(u.reason, []).append(u.implementation)
+    lines = []
+    for reason, names in by_reason.items():
+        if any(reason in note for note in report.notes):
+            reason = "see the note above"
+        lines.append(f"{', '.join(dict.fromkeys(names))}: not available: {reason}")
+    return lines
 
 
 def plot(report: BenchReport, path: str | os.PathLike) -> None:
@@ -559,19 +666,23 @@ def plot(report: BenchReport, path: str | os.PathLike) -> None:
     except ImportError:
         raise ImportError("--plot needs matplotlib: pip install 'gpucrypt[plot]'") from None
     panels = [(a, o) for a in report.config.algorithms for o in report.config.operations
-              if any(c.algorithm == a and c.operation == o for c in report.cells)]
+              if any((c.algorithm, c.operation) == (a, o) for c in report.cells)]
     cols = 2 if len(panels) > 1 else 1
     rows = max(1, (len(panels) + cols - 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.6 * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax, (alg, op) in zip(axes.flat, panels):
-        cells = [c for c in report.cells if c.algorithm == alg and c.operation == op]
-        for impl in _display_order(cells, ALGORITHMS[alg].baseline):
-            pts = sorted((c.size, c.gbps) for c in cells if c.implementation == impl)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl,
-                    color=f"C{IMPLEMENTATIONS.index(impl)}",
-                    linestyle="--" if impl == ALGORITHMS[alg].baseline else "-")
+        cells = [c for c in report.cells if (c.algorithm, c.operation) == (alg, op)]
+        for form in report.config.forms:  # one panel, both forms: alloc dotted, into solid
+            in_form = [c for c in cells if c.form == form]
+            baseline = ALGORITHMS[alg].baseline_for(form)
+            for impl in _display_order(in_form, baseline or "") if in_form else ():
+                pts = sorted((c.size, c.gbps) for c in in_form if c.implementation == impl)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts],
+                        marker="o" if form == "into" else "s", label=f"{impl} ({form})",
+                        color=f"C{IMPLEMENTATIONS.index(impl)}",
+                        linestyle=("--" if impl == baseline else "-") if form == "into" else ":")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         sizes = sorted({c.size for c in cells})

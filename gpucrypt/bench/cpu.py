@@ -1,37 +1,52 @@
 """Host-side half of ``gpucrypt bench``: the algorithms, the operations each library
-offers for them, and the wall-clock timing loop.
+offers for them, the check of every operation's output, and the wall-clock timing loop.
 
 An *operation* is a zero-argument callable that encrypts (or decrypts) one message
-of a fixed size on buffers it allocated once, so that only the cryptography is
-timed: ``cryptography``'s ``encrypt_into``/``decrypt_into`` and
-``update_into``, pycryptodome's ``output=`` arguments, gpucrypt's ``*_into``
-methods. PyNaCl has no ``_into`` API, so its operations allocate their result, as
-every PyNaCl caller's do. Each message gets a fresh cipher object (what a caller
-with a new nonce per message does); the key schedule is done once where the
-library allows it (``cryptography``'s and gpucrypt's AEAD objects).
+of a fixed size and returns its output. Two *forms*:
 
-Memory: one shared plaintext (and, for decryption, one shared ``ciphertext || tag``
-made by ``cryptography`` or libsodium) per algorithm and size, plus one output
-buffer per thread and implementation. A 1 GiB cell with two threads therefore
-holds about 4 GiB.
+- ``alloc``: the call returns a new result, as ``cryptography``'s and gpucrypt's
+  ``encrypt()``/``decrypt()``, PyNaCl's functions and the stream ciphers' ``update()``
+  do: the allocation is part of what a caller of that API pays;
+- ``into``: the call writes into a buffer made once (``encrypt_into``/``decrypt_into``,
+  ``update_into``, pycryptodome's ``output=``). PyNaCl has no such API, so
+  XChaCha20-Poly1305's ``into`` table has no baseline.
 
-Timing (:func:`time_host`): one warm-up call, a calibration run of at least 5 ms
-(unless the warm-up itself took 0.1 s or more), then :data:`TARGET_REPETITIONS` repetitions (more for budgets over 0.14 s, up to
-:data:`MAX_REPETITIONS`) of a loop sized to fill the per-cell budget; the result is the median seconds per operation. With ``threads``
-> 1 every thread runs its own operation on its own buffers, started together
-behind a barrier; a repetition lasts until the last thread finishes.
+Each message gets a fresh cipher object where the library needs one per nonce (what
+a caller with a new nonce per message does); the key schedule is done once where
+the library allows it (``cryptography``'s and gpucrypt's AEAD objects).
+
+Checked before timed: the warm-up call's output of every operation, encryption
+included, is compared with the reference (``cryptography``'s output; for
+XChaCha20-Poly1305, HChaCha20 + ``cryptography``), so a wrong implementation stops
+the run (:class:`WrongOutput`) instead of being timed.
+
+Memory: one shared plaintext and one shared ``ciphertext || tag`` per algorithm and
+size (``bytes``, with read-only NumPy views over them), and one output buffer per
+thread shared by every implementation of the cell (they run one after another, never
+together). A cell therefore holds about ``(2 + threads) x size``, plus one result of
+an allocating call: the peak follows the largest size, not the sum of sizes.
+
+Timing (:func:`time_host`): one warm-up call (checked), a calibration run of at least
+5 ms (unless the warm-up itself took 0.1 s or more), then :data:`TARGET_REPETITIONS`
+repetitions (more for budgets over 0.14 s, up to :data:`MAX_REPETITIONS`) of a loop
+sized to fill the per-cell budget; the result is the median seconds per operation.
+With ``threads`` > 1 every thread runs its own operation on its own buffers, started
+together behind a barrier; a repetition lasts until the last thread finishes.
 """
 from __future__ import annotations
 
+import hmac
 import statistics
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-Operation = Callable[[], object]
+Operation = Callable[[], Any]
+#: The call forms: returning a new result, or writing into a buffer made once.
+FORMS = ("alloc", "into")
 
 #: Repetitions per cell when the budget allows; the median of these is reported.
 TARGET_REPETITIONS = 7
@@ -47,6 +62,10 @@ CALIBRATION_SECONDS = 0.005
 
 class NotAvailable(Exception):
     """An implementation cannot run an algorithm here; the message says why."""
+
+
+class WrongOutput(RuntimeError):
+    """An implementation's output differs from the reference: nothing of it is timed."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,13 @@ class Algorithm:
     nonce_size: int
     baseline: str = "cryptography"
 
+    def baseline_for(self, form: str) -> str | None:
+        """The baseline of ``form``'s table: None where the baseline library has no such
+        call (PyNaCl, XChaCha20-Poly1305's, has no ``_into`` API)."""
+        if form == "into" and self.baseline == "pynacl":
+            return None
+        return self.baseline
+
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("chacha20", "stream", "chacha20", 32, 16),
@@ -85,10 +111,10 @@ OPERATIONS = ("encrypt", "decrypt")
 class Material:
     """Key, nonce and the shared input buffers for one algorithm and message size.
 
-    ``plaintext`` is a read-only ``uint8`` array; ``sealed`` (``ciphertext || tag`` for
-    AEADs, the ciphertext for stream ciphers) is made on first use by the baseline
-    library, so every implementation decrypts the very same bytes (and a wrong one
-    fails loudly instead of timing garbage).
+    ``plaintext_bytes`` and ``sealed_bytes`` (``ciphertext || tag`` for AEADs, the
+    ciphertext for stream ciphers, made on first use by the reference) are ``bytes``;
+    ``plaintext`` and ``sealed`` are read-only ``uint8`` NumPy views of the same memory.
+    Every implementation decrypts the very same bytes and is checked against them.
     """
 
     def __init__(self, algorithm: Algorithm, size: int, seed: int = 0):
@@ -101,45 +127,53 @@ class Material:
             nonce = bytes(4) + nonce[4:]  # block counter 0, as RFC 8439 starts a stream
         self.nonce = nonce
         self.aad = b""
-        self.plaintext = np.frombuffer(rng.bytes(size), dtype=np.uint8)  # read-only
-        self._sealed: np.ndarray | None = None
-        self._plaintext_bytes: bytes | None = None
-
-    @property
-    def plaintext_bytes(self) -> bytes:
-        """``plaintext`` as ``bytes`` (PyNaCl accepts nothing else); made once."""
-        if self._plaintext_bytes is None:
-            self._plaintext_bytes = self.plaintext.tobytes()
-        return self._plaintext_bytes
-
-    @property
-    def sealed(self) -> np.ndarray:
-        if self._sealed is None:
-            self._sealed = _seal_reference(self)
-            self._sealed.flags.writeable = False
-        return self._sealed
+        self.plaintext_bytes = rng.bytes(size)
+        self.plaintext = np.frombuffer(self.plaintext_bytes, dtype=np.uint8)  # read-only
+        self._sealed: bytes | None = None
 
     @property
     def sealed_bytes(self) -> bytes:
-        return self.sealed.tobytes()
+        if self._sealed is None:
+            self._sealed = _seal_reference(self)
+        return self._sealed
+
+    @property
+    def sealed(self) -> np.ndarray:
+        return np.frombuffer(self.sealed_bytes, dtype=np.uint8)
+
+    def expected(self, operation: str) -> bytes:
+        """What ``operation`` must output: the sealed bytes, or the plaintext."""
+        return self.plaintext_bytes if operation == "decrypt" else self.sealed_bytes
+
+    def output_size(self, operation: str) -> int:
+        return len(self.expected(operation))
 
 
-def _seal_reference(m: Material) -> np.ndarray:
+def _seal_reference(m: Material) -> bytes:
     alg = m.algorithm
     if alg.kind == "stream":
-        out = np.empty(m.size, dtype=np.uint8)
-        _cryptography_stream(alg, m.key, m.nonce, decrypt=False).update_into(m.plaintext, out)
-        return out
+        return _cryptography_stream(alg, m.key, m.nonce, decrypt=False).update(m.plaintext_bytes)
     if alg.family == "xchacha20-poly1305":
         from .._host_primitives import hchacha20  # same bytes as libsodium, no PyNaCl needed
         from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
         subkey = hchacha20(m.key, m.nonce[:16])
-        sealed = ChaCha20Poly1305(subkey).encrypt(bytes(4) + m.nonce[16:], m.plaintext, m.aad)
-        return np.frombuffer(sealed, dtype=np.uint8).copy()
-    out = np.empty(m.size + 16, dtype=np.uint8)
-    _cryptography_aead(alg, m.key).encrypt_into(m.nonce, m.plaintext, m.aad, out)
-    return out
+        return ChaCha20Poly1305(subkey).encrypt(bytes(4) + m.nonce[16:], m.plaintext_bytes, m.aad)
+    return _cryptography_aead(alg, m.key).encrypt(m.nonce, m.plaintext_bytes, m.aad)
+
+
+def matches(output: Any, expected: bytes) -> bool:
+    """Whether ``output`` (a buffer, or a tuple of buffers read one after another) holds
+    exactly ``expected``; compared in place, without a copy of either."""
+    parts = output if isinstance(output, tuple) else (output,)
+    view, start = memoryview(expected), 0
+    for part in parts:
+        got = memoryview(part).cast("B") if not isinstance(part, (bytes, bytearray)) else part
+        end = start + len(got)
+        if end > len(view) or not hmac.compare_digest(got, view[start:end]):
+            return False
+        start = end
+    return start == len(view)
 
 
 # --------------------------------------------------------------------------- libraries
@@ -164,19 +198,32 @@ def _cryptography_stream(alg: Algorithm, key: bytes, iv: bytes, decrypt: bool):
     return cipher.decryptor() if decrypt else cipher.encryptor()
 
 
-def _op_cryptography(m: Material, operation: str) -> Operation:
+def _op_cryptography(m: Material, operation: str, form: str, out: np.ndarray) -> Operation:
     alg, key, nonce, aad = m.algorithm, m.key, m.nonce, m.aad
     decrypt = operation == "decrypt"
     if alg.kind == "stream":
+        if form == "alloc":
+            src = m.sealed_bytes if decrypt else m.plaintext_bytes
+            return lambda: _cryptography_stream(alg, key, nonce, decrypt).update(src)
         src = m.sealed if decrypt else m.plaintext
-        dst = np.empty(m.size, dtype=np.uint8)
-        return lambda: _cryptography_stream(alg, key, nonce, decrypt).update_into(src, dst)
-    cipher = _cryptography_aead(alg, key)
-    if decrypt:
-        src, dst = m.sealed, np.empty(m.size, dtype=np.uint8)
-        return lambda: cipher.decrypt_into(nonce, src, aad, dst)
-    src, dst = m.plaintext, np.empty(m.size + 16, dtype=np.uint8)
-    return lambda: cipher.encrypt_into(nonce, src, aad, dst)
+        return lambda: (_cryptography_stream(alg, key, nonce, decrypt).update_into(src, out), out)[1]
+    return _aead_operation(_cryptography_aead(alg, key), m, operation, form, out)
+
+
+def _aead_operation(cipher, m: Material, operation: str, form: str, out: np.ndarray) -> Operation:
+    """An operation of an object with ``cryptography``'s AEAD interface."""
+    nonce, aad = m.nonce, m.aad
+    if form == "alloc":
+        if operation == "decrypt":
+            sealed = m.sealed_bytes
+            return lambda: cipher.decrypt(nonce, sealed, aad)
+        plaintext = m.plaintext_bytes
+        return lambda: cipher.encrypt(nonce, plaintext, aad)
+    if operation == "decrypt":
+        sealed = m.sealed
+        return lambda: (cipher.decrypt_into(nonce, sealed, aad, out), out)[1]
+    plaintext = m.plaintext
+    return lambda: (cipher.encrypt_into(nonce, plaintext, aad, out), out)[1]
 
 
 _GPUCRYPT_AEADS = {"chacha20-poly1305": "ChaCha20Poly1305", "xchacha20-poly1305": "XChaCha20Poly1305",
@@ -193,34 +240,34 @@ def _gpucrypt_stream_context(alg: Algorithm, key: bytes, iv: bytes, device: str,
     return cipher.decryptor() if decrypt else cipher.encryptor()
 
 
-def _op_gpucrypt(m: Material, operation: str, device: str) -> Operation:
+def _op_gpucrypt(m: Material, operation: str, form: str, out: np.ndarray, device: str) -> Operation:
     """gpucrypt's public classes on host buffers (``device="gpu"`` includes both PCIe copies)."""
-    alg, key, nonce, aad = m.algorithm, m.key, m.nonce, m.aad
+    alg, key, nonce = m.algorithm, m.key, m.nonce
     decrypt = operation == "decrypt"
     if alg.kind == "stream":
+        if form == "alloc":
+            src = m.sealed_bytes if decrypt else m.plaintext_bytes
+            return lambda: _gpucrypt_stream_context(alg, key, nonce, device, decrypt).update(src)
         src = m.sealed if decrypt else m.plaintext
-        dst = np.empty(m.size, dtype=np.uint8)
-        return lambda: _gpucrypt_stream_context(alg, key, nonce, device, decrypt).update_into(src, dst)
+        return lambda: (_gpucrypt_stream_context(alg, key, nonce, device, decrypt).update_into(src, out),
+                        out)[1]
     import gpucrypt
 
     cipher = getattr(gpucrypt, _GPUCRYPT_AEADS[alg.family])(key, device=device)
-    if decrypt:
-        src, dst = m.sealed, np.empty(m.size, dtype=np.uint8)
-        return lambda: cipher.decrypt_into(nonce, src, aad, dst)
-    src, dst = m.plaintext, np.empty(m.size + 16, dtype=np.uint8)
-    return lambda: cipher.encrypt_into(nonce, src, aad, dst)
+    return _aead_operation(cipher, m, operation, form, out)
 
 
-def _op_pycryptodome(m: Material, operation: str) -> Operation:
+def _op_pycryptodome(m: Material, operation: str, form: str, out: np.ndarray) -> Operation:
     try:
         from Crypto.Cipher import AES, ChaCha20, ChaCha20_Poly1305
     except ImportError:
         raise NotAvailable("pycryptodome is not installed (pip install pycryptodome)") from None
     alg, key, nonce, aad = m.algorithm, m.key, m.nonce, m.aad
     decrypt = operation == "decrypt"
-    dst = memoryview(np.empty(m.size, dtype=np.uint8))  # it wants a writable memoryview
+    alloc = form == "alloc"
+    dst = None if alloc else memoryview(out)[:m.size]  # it wants a writable memoryview
     if alg.kind == "stream":
-        src = memoryview(m.sealed if decrypt else m.plaintext)
+        src = m.sealed_bytes if decrypt else m.plaintext_bytes
         if alg.family == "chacha20":
             counter = int.from_bytes(nonce[:4], "little")
 
@@ -232,9 +279,11 @@ def _op_pycryptodome(m: Material, operation: str) -> Operation:
         else:
             def make():
                 return AES.new(key, AES.MODE_CTR, nonce=b"", initial_value=nonce)
+        if alloc:
+            return (lambda: make().decrypt(src)) if decrypt else (lambda: make().encrypt(src))
         if decrypt:
-            return lambda: make().decrypt(src, output=dst)
-        return lambda: make().encrypt(src, output=dst)
+            return lambda: (make().decrypt(src, output=dst), out)[1]
+        return lambda: (make().encrypt(src, output=dst), out)[1]
 
     if alg.family == "aes-gcm":
         def make():
@@ -243,28 +292,33 @@ def _op_pycryptodome(m: Material, operation: str) -> Operation:
         def make():
             return ChaCha20_Poly1305.new(key=key, nonce=nonce)
     if decrypt:
-        ct, tag = memoryview(m.sealed[:-16]), m.sealed[-16:].tobytes()
+        ct, tag = m.sealed_bytes[:-16], m.sealed_bytes[-16:]
 
         def open_one():
             c = make()
             c.update(aad)
-            c.decrypt(ct, output=dst)
+            result = c.decrypt(ct) if alloc else (c.decrypt(ct, output=dst), out)[1]
             c.verify(tag)
+            return result
         return open_one
-    src = memoryview(m.plaintext)
-    tag_out = bytearray(16)
+    src = m.plaintext_bytes
 
     def seal_one():
         c = make()
         c.update(aad)
+        if alloc:
+            return c.encrypt(src), c.digest()
         c.encrypt(src, output=dst)
-        tag_out[:] = c.digest()
+        out[m.size:] = np.frombuffer(c.digest(), dtype=np.uint8)
+        return out
     return seal_one
 
 
-def _op_pynacl(m: Material, operation: str) -> Operation:
+def _op_pynacl(m: Material, operation: str, form: str, out: np.ndarray) -> Operation:
     if m.algorithm.family != "xchacha20-poly1305":
         raise NotAvailable("benchmarked for XChaCha20-Poly1305 only")
+    if form == "into":
+        raise NotAvailable("PyNaCl has no _into API (its calls allocate their result)")
     try:
         from nacl.bindings import (crypto_aead_xchacha20poly1305_ietf_decrypt,
                                    crypto_aead_xchacha20poly1305_ietf_encrypt)
@@ -290,18 +344,23 @@ def applicable(implementation: str, alg: Algorithm) -> bool:
     return True
 
 
-def host_operation(implementation: str, m: Material, operation: str) -> Operation:
-    """A fresh operation (own output buffer) of a host-timed implementation."""
+def host_operation(implementation: str, m: Material, operation: str, form: str = "into",
+                   out: np.ndarray | None = None) -> Operation:
+    """An operation of a host-timed implementation. ``into`` forms write into ``out`` (a
+    writable ``uint8`` array of the output's size, made here when not given) and return it;
+    ``alloc`` forms return what the call returned."""
+    if out is None and form == "into":
+        out = np.empty(m.output_size(operation), dtype=np.uint8)
     if implementation == "cryptography":
-        return _op_cryptography(m, operation)
+        return _op_cryptography(m, operation, form, out)
     if implementation == "gpucrypt-cpu":
-        return _op_gpucrypt(m, operation, "cpu")
+        return _op_gpucrypt(m, operation, form, out, "cpu")
     if implementation == "gpucrypt-gpu+transfer":
-        return _op_gpucrypt(m, operation, "gpu")
+        return _op_gpucrypt(m, operation, form, out, "gpu")
     if implementation == "pycryptodome":
-        return _op_pycryptodome(m, operation)
+        return _op_pycryptodome(m, operation, form, out)
     if implementation == "pynacl":
-        return _op_pynacl(m, operation)
+        return _op_pynacl(m, operation, form, out)
     raise ValueError(f"{implementation} is not timed on the host")
 
 
@@ -375,37 +434,49 @@ def _timed_threads(ops: list[Operation], iterations: int) -> float:
     return elapsed
 
 
-def time_host(make_op: Callable[[], Operation], threads: int, budget: float) -> Timing:
+def time_host(make_op: Callable[[int], Operation], threads: int, budget: float,
+              expected: bytes | None = None) -> Timing:
     """Median wall seconds per round of ``threads`` concurrent operations.
 
-    ``make_op`` is called once per thread, so each thread owns its buffers.
+    ``make_op(i)`` makes thread ``i``'s operation, so each thread owns its buffers;
+    ``expected``: what every warm-up call must output (:func:`time_host_group`).
     """
-    result = time_host_group({"op": make_op}, threads, budget)["op"]
+    result = time_host_group({"op": make_op}, threads, budget, expected)["op"]
     if isinstance(result, NotAvailable):
         raise result
     return result
 
 
-def time_host_group(makers: dict[str, Callable[[], Operation]], threads: int,
-                    budget: float) -> dict[str, "Timing | NotAvailable"]:
+def time_host_group(makers: dict[str, Callable[[int], Operation]], threads: int,
+                    budget: float, expected: bytes | None = None) -> dict[str, "Timing | NotAvailable"]:
     """:func:`time_host` for several implementations of one cell, repetitions interleaved.
 
     Repetition k of every implementation runs before repetition k + 1 of any, so a
     change in the machine's load during the cell (other processes, clock boost)
     hits every implementation alike and the ratios between them stay fair. A maker
     that raises :class:`NotAvailable` gets that exception back instead of a Timing.
+    With ``expected``, each operation's warm-up output is checked first (right after
+    it ran: implementations may share output buffers) and :class:`WrongOutput` raised
+    for one that differs.
     """
     plans: dict[str, tuple[list[Operation], int, int, list[float]]] = {}
     results: dict[str, Timing | NotAvailable] = {}
     for name, make in makers.items():
         try:
-            ops = [make() for _ in range(threads)]
+            ops = [make(i) for i in range(threads)]
         except NotAvailable as exc:
-            results[name] = exc
+            # a new exception, the message only: the caught one's traceback and context (an
+            # ImportError, say) lead to frames that hold this cell's buffers and this very
+            # dict, a cycle that kept every cell's memory until the garbage collector ran
+            results[name] = NotAvailable(str(exc))
             continue
         start = time.perf_counter()
         for op in ops:
-            op()  # warm-up: page faults on fresh buffers, lazy library set-up
+            output = op()  # warm-up: page faults on fresh buffers, lazy library set-up
+            if expected is not None and not matches(output, expected):
+                raise WrongOutput(f"{name} produced bytes that differ from the reference: "
+                                  f"not timed (a bug in it, or in the benchmark)")
+            del output
         warm_up = (time.perf_counter() - start) / len(ops)
         # a warm-up long enough to time (a slow library, a big message) is the calibration
         per_call = warm_up if warm_up >= 20 * CALIBRATION_SECONDS else calibrate(ops[0])

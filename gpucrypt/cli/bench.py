@@ -26,6 +26,9 @@ def add_bench(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated, or all: {', '.join(bench.ALGORITHMS)}")
     parser.add_argument("--operations", default="all", metavar="LIST",
                         help="encrypt, decrypt, or both (all)")
+    parser.add_argument("--forms", default="all", metavar="LIST",
+                        help="alloc (calls returning a new result: encrypt() against encrypt()), "
+                             "into (calls writing into a buffer made once: encrypt_into), or both (all)")
     parser.add_argument("--implementations", default="all", metavar="LIST",
                         help=f"comma-separated, or all: {', '.join(bench.IMPLEMENTATIONS)} "
                              f"(each algorithm's baseline is always measured)")
@@ -61,6 +64,7 @@ def _config(args):
     try:
         algorithms = bench.parse_list(args.algorithms, tuple(bench.ALGORITHMS), "algorithm")
         operations = bench.parse_list(args.operations, bench.OPERATIONS, "operation")
+        forms = bench.parse_list(args.forms, bench.FORMS, "form")
         implementations = bench.parse_list(args.implementations, bench.IMPLEMENTATIONS, "implementation")
         sizes = bench.parse_sizes(args.sizes)
     except ValueError as exc:
@@ -74,7 +78,7 @@ def _config(args):
             import matplotlib  # noqa: F401
         except ImportError:
             raise CliError("--plot needs matplotlib: pip install 'gpucrypt[plot]'", exit_code=2) from None
-    return bench.BenchConfig(algorithms=algorithms, operations=operations,
+    return bench.BenchConfig(algorithms=algorithms, operations=operations, forms=forms,
                              implementations=implementations, sizes=sizes, device=args.device,
                              seconds=args.seconds, threads=args.threads,
                              include_transfer=args.include_transfer,
@@ -110,12 +114,12 @@ def run_bench(args) -> int:
     from .. import bench
 
     config = _config(args)
-    expected = (len(config.algorithms) * len(config.operations) * len(config.sizes)
-                * 3 * config.seconds)
+    expected = (len(config.algorithms) * len(config.operations) * len(config.forms)
+                * len(config.sizes) * 3 * config.seconds)
     bar = _ProgressBar(args.progress, expected)
     try:
         report = bench.run(config, progress=bar)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # no GPU to time, or a row's output was wrong (WrongOutput)
         raise CliError(str(exc), exit_code=1) from None
     finally:
         bar.close()

@@ -47,9 +47,11 @@ Limits: one message per tensor, so a tensor is at most (2**32 - 1) * 64 bytes
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
+import sys
 import threading
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -227,6 +229,17 @@ def _nonces_for(count: int, algorithm: str, source: Any) -> list[bytes]:
 
 
 # ============================================================================ metadata
+def _metadata(*fields: Any) -> bytes:
+    """:func:`_encode_metadata`, remembered for the last 256 distinct fields (none of
+    them secret): tensors come back with the same names and shapes, and at 4 KiB the
+    encoding cost as much as the cipher. Fields that cannot be remembered (a shape a
+    caller replaced with a list) are encoded afresh."""
+    try:
+        return _remembered_metadata(*fields)
+    except TypeError:
+        return _encode_metadata(*fields)
+
+
 def _encode_metadata(algorithm: str, framework: str, dtype: str, shape: tuple[int, ...],
                      nbytes: int, key_id: bytes | str | None, name: str | None) -> bytes:
     """The canonical metadata block (docs/TENSOR_FORMAT.md), first part of the AAD."""
@@ -244,6 +257,9 @@ def _encode_metadata(algorithm: str, framework: str, dtype: str, shape: tuple[in
                        fw.FRAMEWORK_CODES[framework], len(shape), len(dtype_raw), kid_kind,
                        len(kid), name_kind, 0, len(name_raw), nbytes)
     return b"".join([head, struct.pack(f"<{len(shape)}Q", *shape), dtype_raw, kid, name_raw])
+
+
+_remembered_metadata = functools.lru_cache(maxsize=256, typed=True)(_encode_metadata)
 
 
 def _decode_metadata(data: memoryview, offset: int = 0) -> tuple[dict, int]:
@@ -359,8 +375,8 @@ class EncryptedTensor:
 
     def metadata(self) -> bytes:
         """The canonical metadata block (the first part of the associated data)."""
-        return _encode_metadata(self.algorithm, self.framework, self.dtype, self.shape,
-                                self.nbytes, self.key_id, self.name)
+        return _metadata(self.algorithm, self.framework, self.dtype, self.shape, self.nbytes,
+                         self.key_id, self.name)
 
     def associated_data(self) -> bytes:
         """Exactly the associated data the AEAD authenticates: metadata block || user aad."""
@@ -452,6 +468,143 @@ def _host_open(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: np.nda
     except InvalidTag:
         return False
     return True
+
+
+# ============================================================================ one small host tensor
+# A single host tensor below _HOST_PARALLEL_BYTES runs on this thread alone, so the batch
+# machinery (jobs, thread pool, output planning) is pure overhead for it, and at 4 KiB
+# that overhead was 20-30 times the cipher. These two functions do what the batch path
+# does for exactly that case, with the same checks, metadata, nonces and bytes, and
+# hand every other case (GPU, streams, out=, copies, odd memory, errors to report) to
+# it by returning None / _NOT_SMALL.
+_NOT_SMALL = object()
+
+
+def _small_host_source(x: Any) -> tuple | None:
+    """(framework, portable dtype name, shape, a flat ``uint8`` NumPy view of ``x``'s
+    memory) for a C-contiguous NumPy array or CPU torch tensor under the size for one
+    thread; None for anything else. The same answers as the adapters', by shorter ways."""
+    if type(x) is np.ndarray:
+        if not x.flags.c_contiguous or x.nbytes >= _HOST_PARALLEL_BYTES:
+            return None
+        dtype = _DTYPE_NAMES["numpy"].get(x.dtype) or _remember_dtype_name("numpy", x)
+        return "numpy", dtype, x.shape, x.reshape(-1).view(np.uint8)
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(x, torch.Tensor) or not x.is_cpu \
+            or x.nbytes >= _HOST_PARALLEL_BYTES or fw.BY_NAME["torch"].needs_copy(x):
+        return None
+    dtype = _DTYPE_NAMES["torch"].get(x.dtype) or _remember_dtype_name("torch", x)
+    try:
+        flat = x.detach().numpy()
+    except (TypeError, RuntimeError):  # a dtype NumPy lacks (bfloat16, float8, ...)
+        flat = fw.BY_NAME["torch"].byte_view(x).numpy()
+    return "torch", dtype, tuple(x.shape), flat.reshape(-1).view(np.uint8)
+
+
+def _encrypt_small_on_host(x: Any, key: Any, algorithm: str, aad: Any, inplace: bool,
+                           nonces: Any, key_id: Any, name: Any) -> EncryptedTensor | None:
+    """:func:`encrypt_tensor` of one small host tensor, or None for the general path."""
+    source = _small_host_source(x)
+    if source is None:
+        return None
+    framework, dtype, shape, src = source
+    if inplace and not src.flags.writeable:
+        return None  # the general path says what is wrong
+    algorithm = _check_algorithm(algorithm)
+    key = _key_bytes(key, algorithm)
+    user_aad = _aad_bytes(aad)
+    key_id = _check_key_id(key_id)
+    name = _check_name(name)
+    nbytes = len(src)
+    aad_all = _metadata(algorithm, framework, dtype, shape, nbytes, key_id, name) + user_aad
+    nonce = os.urandom(_NONCE_SIZE[algorithm]) if nonces is None else \
+        _nonces_for(1, algorithm, nonces)[0]
+    if inplace:
+        tag = _host_seal(algorithm, key, nonce, aad_all, src, src)
+        ct_obj = fw.BY_NAME[framework].byte_view(x)
+    else:  # ciphertext || tag straight from OpenSSL into one new buffer; the tensor is its head
+        out = np.empty(nbytes + TAG_SIZE, dtype=np.uint8)
+        ctx, ctx_nonce = _host_context(algorithm, key, nonce)
+        ctx.seal(ctx_nonce, memoryview(src), memoryview(aad_all), memoryview(out))
+        ct_obj, tag = out[:nbytes], out[nbytes:].tobytes()
+        if framework == "torch":
+            ct_obj = fw.BY_NAME["torch"].adopt_host(ct_obj)
+    return EncryptedTensor(framework=framework, dtype=dtype, shape=shape, nbytes=nbytes,
+                           algorithm=algorithm, key_id=key_id, name=name, aad=user_aad,
+                           nonce=nonce, ciphertext=ct_obj, place=HOST, tag=tag,
+                           source=x if inplace else None)
+
+
+def _decrypt_small_on_host(enc: Any, key: Any, inplace: bool | None) -> Any:
+    """:func:`decrypt_tensor` of one small host ciphertext into a new NumPy/torch tensor
+    or back into the tensor it was encrypted from, or _NOT_SMALL for the general path."""
+    if type(enc) is not EncryptedTensor or enc._place != HOST or enc.nbytes >= _HOST_PARALLEL_BYTES \
+            or enc.framework not in ("numpy", "torch"):
+        return _NOT_SMALL
+    enc._check_alive()
+    key = _key_bytes(key, enc.algorithm)
+    in_place = _decides_inplace(enc, None, inplace)
+    src = _host_bytes_of(enc.framework, enc._ciphertext)
+    if in_place:
+        if enc._source is None or not src.flags.writeable:
+            return _NOT_SMALL
+        if not _host_open(enc.algorithm, key, enc.nonce, enc.associated_data(), src, enc.tag,
+                          src, True):
+            _raise_one_failed(enc)
+        enc._consumed = True
+        return enc._source
+    result, dst = _small_host_result(enc)
+    if dst is None:
+        return _NOT_SMALL
+    # OpenSSL's one-shot open straight into the new result (zeroed and dropped on failure)
+    tag = enc.tag
+    if len(tag) != TAG_SIZE:
+        _raise_one_failed(enc)
+    sealed = bytearray(enc.nbytes + TAG_SIZE)
+    sealed[:enc.nbytes], sealed[enc.nbytes:] = memoryview(src), tag
+    ctx, ctx_nonce = _host_context(enc.algorithm, key, enc.nonce)
+    try:
+        ctx.open(ctx_nonce, memoryview(sealed), memoryview(enc.associated_data()), memoryview(dst))
+    except InvalidTag:
+        _raise_one_failed(enc)
+    return result
+
+
+def _small_host_result(enc: EncryptedTensor) -> tuple:
+    """(a new tensor of ``enc``'s framework, dtype and shape on the host, a flat ``uint8``
+    NumPy view of its memory), or (None, None) when this process cannot make one here
+    (the general path then decrypts and says why)."""
+    if enc.framework == "numpy":
+        try:
+            result = np.empty(enc.shape, dtype=fw.numpy_dtype(enc.dtype))
+        except ValueError:
+            return None, None
+        return result, result.reshape(-1).view(np.uint8)
+    torch = sys.modules.get("torch")
+    dtype = getattr(torch, enc.dtype, None)
+    if torch is None or not isinstance(dtype, torch.dtype):
+        return None, None
+    buffer = torch.empty(enc.nbytes, dtype=torch.uint8)
+    return buffer.view(dtype).view(enc.shape), buffer.numpy()
+
+
+def _raise_one_failed(enc: EncryptedTensor) -> None:
+    exc = InvalidTag(f"authentication failed for 1 of 1 tensor(s): {enc.name!r}")
+    exc.failed = [None]
+    raise exc
+
+
+#: portable dtype names of the NumPy and torch dtypes seen so far (NumPy's ``dtype.name``
+#: is computed in Python each time: a third of a small call)
+_DTYPE_NAMES: dict[str, dict] = {"numpy": {}, "torch": {}}
+
+
+def _remember_dtype_name(framework: str, x: Any) -> str:
+    name = fw.BY_NAME[framework].dtype_name(x)  # ValueError for dtypes without a byte layout
+    known = _DTYPE_NAMES[framework]
+    if len(known) < 256:
+        known[x.dtype] = name
+    return name
 
 
 # ============================================================================ encryption
@@ -670,6 +823,10 @@ def encrypt_tensor(x: Any, key: Any, *, algorithm: str = "chacha20-poly1305", aa
     ``stream``: for GPU work, default the framework's current stream.
     """
     single = None if nonce is None or isinstance(nonce, NonceSequence) else [nonce]
+    if stream is None and _check_device(device) != "gpu":
+        enc = _encrypt_small_on_host(x, key, algorithm, aad, inplace, single or nonce, key_id, name)
+        if enc is not None:
+            return enc
     return _encrypt_jobs([(name, x)], key, algorithm=algorithm, aad=aad, inplace=inplace,
                          stream=stream, nonces=single if single is not None else nonce,
                          contiguous=contiguous, key_id=key_id, device=device)[0]
@@ -920,6 +1077,10 @@ def decrypt_tensor(enc: EncryptedTensor, key: Any, *, out: Any = None, stream: A
     ciphertext is), ``"cpu"`` (host result), ``"gpu"`` (run on the GPU; device result
     for torch/CuPy/numba/JAX tensors). After an in-place decrypt ``enc`` is spent.
     """
+    if out is None and stream is None and _check_device(device) != "gpu":
+        result = _decrypt_small_on_host(enc, key, inplace)
+        if result is not _NOT_SMALL:
+            return result
     return _decrypt_jobs([(None, enc, out)], key, stream=stream, device=device,
                          inplace=inplace)[0]
 

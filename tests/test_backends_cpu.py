@@ -1,0 +1,190 @@
+"""The CPU backend's speed-minded parts, held to correctness: the public classes' fast path
+(cryptography's own methods on the caller's objects, no intermediate buffer), the one
+output pass past OpenSSL's cap, the per-key context cache, and AES-GCM's one-pass
+in-place decryption with its rollback on a wrong tag."""
+from __future__ import annotations
+
+import os
+import tracemalloc
+
+import numpy as np
+import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import aead as reference
+
+import gpucrypt
+from _reference import reference_seal
+from gpucrypt._buffers import new_bytes
+from gpucrypt.backends import cpu, get_backend
+
+CLASSES = {"chacha20-poly1305": (gpucrypt.ChaCha20Poly1305, 32, 12),
+           "xchacha20-poly1305": (gpucrypt.XChaCha20Poly1305, 32, 24),
+           "aes-256-gcm": (gpucrypt.AESGCM, 32, 12)}
+SIZE = 1 << 20  # a MiB: large enough that one extra buffer stands out from Python's noise
+
+
+def peak_allocated(call) -> int:
+    """Bytes of the largest Python-heap footprint while ``call`` runs, above its start
+    (cryptography makes its results with CPython's allocator, which tracemalloc sees)."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        result = call()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    del result
+    return peak - base
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_fast_path_allocates_the_result_only(name):
+    """encrypt()/decrypt() of a MiB hold one MiB result at peak (no zeroed scratch, no copy
+    into bytes), *_into nothing of that size; and the bytes are the reference's."""
+    cls, key_len, nonce_len = CLASSES[name]
+    key, nonce, aad = os.urandom(key_len), os.urandom(nonce_len), b"hdr"
+    data = os.urandom(SIZE)
+    expected = reference_seal(name, key, nonce, data, aad)
+    aead = cls(key, device="cpu")
+    slack = 64 << 10
+    # the result itself is seen (tracemalloc sees cryptography's bytes), and nothing more
+    assert SIZE <= peak_allocated(lambda: aead.encrypt(nonce, data, aad)) < SIZE + slack
+    assert aead.encrypt(nonce, data, aad) == expected
+    assert peak_allocated(lambda: aead.decrypt(nonce, expected, aad)) < SIZE + slack
+    assert aead.decrypt(nonce, expected, aad) == data
+    out = np.empty(SIZE + 16, dtype=np.uint8)
+    assert peak_allocated(lambda: aead.encrypt_into(nonce, data, aad, out)) < slack
+    assert out.tobytes() == expected
+    back = bytearray(SIZE)
+    assert peak_allocated(lambda: aead.decrypt_into(nonce, expected, aad, back)) < slack
+    assert back == data
+
+
+def test_general_path_writes_its_result_once(monkeypatch):
+    """Past OpenSSL's cap (simulated: no OpenSSL object) the allocating forms write into
+    one new ``bytes``, not a zeroed bytearray copied afterwards; a wrong tag returns nothing."""
+    key, nonce, data = os.urandom(32), os.urandom(12), os.urandom(SIZE)
+    aead = gpucrypt.ChaCha20Poly1305(key, device="cpu")
+    monkeypatch.setattr(aead, "_openssl", None)
+    monkeypatch.setattr(aead, "_direct", None)
+    sealed = reference.ChaCha20Poly1305(key).encrypt(nonce, data, None)
+    got = aead.encrypt(nonce, data, None)
+    assert type(got) is bytes and got == sealed
+    assert SIZE <= peak_allocated(lambda: aead.encrypt(nonce, data, None)) < SIZE + (64 << 10)
+    opened = aead.decrypt(nonce, sealed, None)
+    assert type(opened) is bytes and opened == data
+    bad = bytearray(sealed)
+    bad[5] ^= 1
+    with pytest.raises(InvalidTag):
+        aead.decrypt(nonce, bytes(bad), None)
+
+
+def test_new_bytes_is_a_bytes_written_through_its_view():
+    for size in (0, 1, 4097):
+        obj, view = new_bytes(size)
+        view[:] = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+        assert type(obj) is (bytes if size else bytearray) or obj == b""
+        assert obj == bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_fast_path_refusals_take_the_general_path(name):
+    """What cryptography refuses (a non-contiguous view, a read-only or wrong-size output, a
+    str) gets gpucrypt's own error; a bad tag zeroes a float32 output too."""
+    cls, key_len, nonce_len = CLASSES[name]
+    key, nonce = os.urandom(key_len), os.urandom(nonce_len)
+    aead = cls(key, device="cpu")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        aead.encrypt(nonce, np.arange(64, dtype=np.uint8)[::2], None)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        aead.encrypt(nonce, np.zeros((4, 4), dtype=np.uint8).T, None)
+    with pytest.raises(TypeError, match="writable"):
+        aead.encrypt_into(nonce, b"abc", None, bytes(19))
+    with pytest.raises(ValueError, match="buffer must be 19 bytes"):
+        aead.encrypt_into(nonce, b"abc", None, bytearray(18))
+    with pytest.raises(TypeError):
+        aead.encrypt(nonce, "text", None)
+    sealed = bytearray(aead.encrypt(nonce, bytes(64), None))
+    sealed[0] ^= 1
+    out = np.full(16, 3.0, dtype=np.float32)
+    with pytest.raises(InvalidTag):
+        aead.decrypt_into(nonce, sealed, None, out)
+    assert not out.any()
+
+
+def test_xchacha_large_messages_go_to_openssl_under_the_subkey():
+    """Above libsodium's share (16 KiB) XChaCha20-Poly1305 is OpenSSL's ChaCha20-Poly1305
+    under the HChaCha20 subkey, allocating form included: libsodium's bytes."""
+    nacl = pytest.importorskip("nacl.bindings")
+    key, nonce, aad = os.urandom(32), os.urandom(24), b"a"
+    aead = gpucrypt.XChaCha20Poly1305(key, device="cpu")
+    for size in (16 << 10, (16 << 10) + 1, 100_000):
+        data = os.urandom(size)
+        expected = nacl.crypto_aead_xchacha20poly1305_ietf_encrypt(data, aad, nonce, key)
+        assert aead.encrypt(nonce, data, aad) == expected
+        assert aead.decrypt(nonce, expected, aad) == data
+
+
+# --------------------------------------------------------------------------- context cache
+
+def test_context_cache_by_key_object():
+    cache = cpu.ContextCache(size=3)
+    key = os.urandom(32)
+    a = cache.get("aes-gcm", key)
+    assert cache.get("aes-gcm", key) is a  # the same key object: the same context
+    assert cache.get("chacha20-poly1305", key) is not a  # per algorithm
+    twin = bytes(bytearray(key))  # equal bytes, another object: a context of its own, correct
+    assert twin is not key and cache.get("aes-gcm", twin) is not a
+    mutable = bytearray(key)  # never cached: its bytes could change under the same identity
+    assert cache.get("aes-gcm", mutable) is not cache.get("aes-gcm", mutable)
+    assert len(cache) == 3
+    others = [os.urandom(32) for _ in range(3)]
+    for k in others:
+        cache.get("aes-gcm", k)
+    assert len(cache) == 3 and cache.get("aes-gcm", key) is not a  # evicted, oldest first
+    assert key.hex() not in repr(cache)
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_cached_contexts_give_the_reference_bytes_across_keys():
+    """One backend, keys reused and interleaved: every message still under its own key."""
+    backend = get_backend("cpu")
+    keys = [os.urandom(32) for _ in range(3)]
+    for round_ in range(3):
+        for key in keys:
+            nonce, data = os.urandom(12), os.urandom(100 + round_)
+            out = bytearray(len(data) + 16)
+            backend.aead("chacha20-poly1305", key).seal(nonce, memoryview(data), memoryview(b""),
+                                                        memoryview(out))
+            assert bytes(out) == reference.ChaCha20Poly1305(key).encrypt(nonce, data, b"")
+
+
+# --------------------------------------------------------------------------- GCM in place
+
+@pytest.mark.parametrize("nonce_len", [12, 60])
+def test_gcm_in_place_open_rolls_back_on_any_tamper(nonce_len, monkeypatch):
+    """The one-pass in-place open (streaming GCM, above the one-shot size), run in 4 KiB
+    pieces: a flipped bit anywhere (first byte, middle, last byte, tag, aad) raises
+    InvalidTag with the buffer holding its ciphertext again, byte for byte."""
+    monkeypatch.setattr(cpu, "_PIECE", 4096)
+    key, nonce, aad = os.urandom(32), os.urandom(nonce_len), os.urandom(5)
+    size = cpu.ONE_SHOT_DETACHED_MAX + 4096 * 3 + 7
+    data = os.urandom(size)
+    sealed = reference.AESGCM(key).encrypt(nonce, data, aad)
+    ct, tag = sealed[:-16], sealed[-16:]
+    ctx = get_backend("cpu").aead("aes-gcm", key)
+    for where in (0, size // 2, size - 1):
+        buf = np.frombuffer(bytearray(ct), dtype=np.uint8)
+        buf[where] ^= 0x80
+        forged = buf.tobytes()
+        with pytest.raises(InvalidTag):
+            ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(buf))
+        assert buf.tobytes() == forged
+    buf = np.frombuffer(bytearray(ct), dtype=np.uint8)
+    for bad_tag, bad_aad in ((bytes([tag[0] ^ 1]) + tag[1:], aad), (tag, aad + b"x")):
+        with pytest.raises(InvalidTag):
+            ctx.open_detached(nonce, memoryview(buf), bad_tag, memoryview(bad_aad), memoryview(buf))
+        assert buf.tobytes() == ct
+    ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(buf))
+    assert buf.tobytes() == data

@@ -1,0 +1,100 @@
+"""One small host tensor takes a short path past the batch machinery
+(``gpucrypt.tensors.api._encrypt_small_on_host`` / ``_decrypt_small_on_host``). It must
+be indistinguishable from the batch path: the same serialised bytes for the same nonce,
+the same kinds of results, and the same refusals, whichever path encrypted and whichever
+decrypts."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from cryptography.exceptions import InvalidTag
+
+import gpucrypt
+from gpucrypt import EncryptedTensor
+from gpucrypt.tensors import api
+
+torch = pytest.importorskip("torch")
+
+ALGORITHMS = ("chacha20-poly1305", "xchacha20-poly1305", "aes-gcm")
+NONCE = {"chacha20-poly1305": 12, "xchacha20-poly1305": 24, "aes-gcm": 12}
+
+
+def tensors():
+    rng = np.random.default_rng(7)
+    yield "numpy uint8", rng.integers(0, 256, 4096, dtype=np.uint8)
+    yield "numpy float32 2-D", rng.standard_normal((8, 3)).astype(np.float32)
+    yield "numpy 0-d", np.array(3.5)
+    yield "numpy empty", np.zeros((0, 4), dtype=np.int16)
+    yield "torch bfloat16", torch.randn(5, 7).to(torch.bfloat16)
+    yield "torch bool", torch.tensor([True, False, True])
+    yield "torch requires_grad", torch.randn(6, requires_grad=True)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_short_path_matches_the_batch_path(algorithm):
+    key = os.urandom(32)
+    for label, x in tensors():
+        nonce = os.urandom(NONCE[algorithm])
+        assert api._small_host_source(x) is not None, label  # the short path is taken
+        short = gpucrypt.encrypt_tensor(x, key, algorithm=algorithm, nonce=nonce, name="w",
+                                        aad=b"ctx", key_id="k1")
+        batch = gpucrypt.encrypt_tensors({"w": x}, key, algorithm=algorithm, nonces=[nonce],
+                                         aad=b"ctx", key_id="k1")["w"]
+        assert short.to_bytes() == batch.to_bytes(), label
+        assert type(short.ciphertext) is type(batch.ciphertext), label
+        # either path decrypts what the other made, to the same kind of tensor
+        for enc in (short, batch):
+            one = gpucrypt.decrypt_tensor(enc, key)
+            many = gpucrypt.decrypt_tensors({"w": enc}, key)["w"]
+            for back in (one, many):
+                assert type(back) is type(x) and back.dtype == x.dtype and back.shape == x.shape
+                if isinstance(x, np.ndarray):
+                    assert back.tobytes() == x.tobytes(), label
+                else:
+                    assert torch.equal(back, x.detach()), label
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_short_path_in_place_and_tamper(algorithm):
+    key = os.urandom(32)
+    x = torch.arange(1024, dtype=torch.float32)
+    original = x.numpy().tobytes()
+    enc = gpucrypt.encrypt_tensor(x, key, algorithm=algorithm, inplace=True)
+    ciphertext = x.numpy().tobytes()  # as bytes: ciphertext read as floats holds NaNs
+    assert ciphertext != original and enc.ciphertext.data_ptr() == x.data_ptr()
+    bad = EncryptedTensor.from_bytes(enc.to_bytes())
+    bad.shape = (512, 2)  # altered metadata: refused, nothing released
+    with pytest.raises(InvalidTag) as info:
+        gpucrypt.decrypt_tensor(bad, key)
+    assert info.value.failed == [None]
+    enc_tag = enc.tag
+    enc._tag = bytes([enc_tag[0] ^ 1]) + enc_tag[1:]
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensor(enc, key)  # in place: the tensor keeps its ciphertext
+    assert x.numpy().tobytes() == ciphertext
+    for short_tag in (enc_tag[:15], enc_tag + b"\0"):
+        enc._tag = short_tag
+        with pytest.raises(InvalidTag):
+            gpucrypt.decrypt_tensor(enc, key, inplace=False)
+    enc._tag = enc_tag
+    assert gpucrypt.decrypt_tensor(enc, key) is x and x.numpy().tobytes() == original
+    with pytest.raises(ValueError, match="decrypted in place"):
+        gpucrypt.decrypt_tensor(enc, key)
+
+
+def test_short_path_refusals_are_the_batch_paths():
+    key = os.urandom(32)
+    x = np.arange(10, dtype=np.int8)
+    with pytest.raises(ValueError, match="device must be"):
+        gpucrypt.encrypt_tensor(x, key, device="tpu")
+    with pytest.raises(ValueError, match="contiguous=True"):
+        gpucrypt.encrypt_tensor(x[::2], key)  # not the short path's: the batch path says why
+    readonly = np.frombuffer(bytes(16), dtype=np.uint8)
+    with pytest.raises(ValueError, match="writable"):
+        gpucrypt.encrypt_tensor(readonly, key, inplace=True)
+    with pytest.raises(ValueError, match="32 bytes"):
+        gpucrypt.encrypt_tensor(x, bytes(16))
+    # the batch path's limit for one thread: larger tensors are not the short path's
+    assert api._small_host_source(np.zeros(api._HOST_PARALLEL_BYTES, dtype=np.uint8)) is None
