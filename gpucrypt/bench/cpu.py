@@ -199,7 +199,7 @@ def _cryptography_stream(alg: Algorithm, key: bytes, iv: bytes, decrypt: bool):
 
 
 def _op_cryptography(m: Material, operation: str, form: str, out: np.ndarray) -> Operation:
-    alg, key, nonce, aad = m.algorithm, m.key, m.nonce, m.aad
+    alg, key, nonce = m.algorithm, m.key, m.nonce
     decrypt = operation == "decrypt"
     if alg.kind == "stream":
         if form == "alloc":
