@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     _compile_bytecode()
     work = tempfile.mkdtemp(prefix="cli_bench-", dir=args.dir)
     try:
-        with open(os.path.join(work, "key"), "wb") as f:
+        # 0600: the CLI refuses key files that group or others can read, as ssh does
+        with open(os.open(os.path.join(work, "key"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             f.write(os.urandom(32))
         subprocess.run([_tool("age-keygen"), "-o", os.path.join(work, "identity")],
                        check=True, capture_output=True)

@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     os.makedirs(args.dir, exist_ok=True)
     plain, enc, back, key = (os.path.join(args.dir, n) for n in
                              ("plain.safetensors", "model.gc", "back.safetensors", "key"))
-    with open(key, "wb") as f:
+    # 0600: the CLI refuses key files that group or others can read, as ssh does
+    with open(os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
         f.write(os.urandom(32))
     steps = {}
     try:
