@@ -99,9 +99,10 @@ class _Aead:
     # ``_direct`` is cryptography's object when every call may go to it as it is (the
     # methods test it first: one attribute, the whole cost of the fast path); otherwise
     # ``_openssl_for`` decides per call.
-    def _openssl_for(self, nonce: Any, data: Any) -> tuple:
+    def _openssl_for(self, nonce: Any, data: Any, tag_len: int = 0) -> tuple:
         """(cryptography's AEAD object, its nonce) when this call may go straight to
-        OpenSSL (it runs on the CPU), else (None, None)."""
+        OpenSSL (it runs on the CPU), else (None, None). ``tag_len``: how much of ``data``
+        is a tag (decryption), for choices made on the message's length."""
         openssl = self._openssl
         if openssl is None or not self._small_on_cpu or not self._on_cpu_for(data):
             return None, None
@@ -193,7 +194,7 @@ class _Aead:
         """The plaintext, or ``InvalidTag`` if anything was altered (nothing is returned then)."""
         openssl, fast_nonce = self._direct, nonce
         if openssl is None:
-            openssl, fast_nonce = self._openssl_for(nonce, data)
+            openssl, fast_nonce = self._openssl_for(nonce, data, _limits.TAG_SIZE)
         if openssl is not None:
             try:
                 return openssl.decrypt(fast_nonce, data, associated_data)
@@ -208,7 +209,7 @@ class _Aead:
         """Write the plaintext into ``buf`` (``len(data) - 16`` bytes); zeroed on ``InvalidTag``."""
         openssl, fast_nonce = self._direct, nonce
         if openssl is None:
-            openssl, fast_nonce = self._openssl_for(nonce, data)
+            openssl, fast_nonce = self._openssl_for(nonce, data, _limits.TAG_SIZE)
         if openssl is not None:
             try:
                 return openssl.decrypt_into(fast_nonce, data, associated_data, buf)
@@ -325,7 +326,8 @@ class XChaCha20Poly1305(ChaCha20Poly1305):
 
     # Up to this, libsodium (one C call, the reference itself) is the fast path; above
     # it, OpenSSL's ChaCha20-Poly1305 under the HChaCha20 subkey is faster than
-    # libsodium's portable code (measured: equal at 16 KiB, 5x at 1 MiB).
+    # libsodium's portable code (measured: equal at 16 KiB, 5x at 1 MiB). The bound is on
+    # the message, so a ciphertext's tag is taken off before comparing.
     _libsodium_max = 16 << 10
     _direct_ok = False
 
@@ -334,13 +336,13 @@ class XChaCha20Poly1305(ChaCha20Poly1305):
         # (None without PyNaCl), and larger messages get an OpenSSL object per call.
         return _Libsodium.create(key)
 
-    def _openssl_for(self, nonce, data):
+    def _openssl_for(self, nonce, data, tag_len=0):
         if type(nonce) is not bytes or len(nonce) != 24 or not self._small_on_cpu:
             return None, None
         if not self._all_on_cpu and not self._on_cpu_for(data):
             return None, None
         libsodium = self._openssl
-        if libsodium is not None and plain_bytes(data) and len(data) <= self._libsodium_max:
+        if libsodium is not None and plain_bytes(data) and len(data) - tag_len <= self._libsodium_max:
             return libsodium, nonce  # PyNaCl takes bytes only: bytes-like arrays are copied
         subkey, nonce12 = xchacha20_key_nonce(self._key, nonce)
         return _openssl.ChaCha20Poly1305(subkey), nonce12

@@ -387,6 +387,29 @@ def test_xchacha_decrypt_of_less_than_a_tag_is_invalid_tag(size):
         aead.decrypt(bytes(24), bytearray(size), b"aad")
 
 
+@pytest.mark.parametrize("size", [16 << 10, (16 << 10) + 1])
+def test_xchacha_seals_and_opens_a_message_on_the_same_engine(size, monkeypatch):
+    """The libsodium cut-off is about the message: a 16 KiB message opens through the
+    library that sealed it, though its ciphertext carries 16 more bytes than the bound."""
+    aead = gpucrypt.XChaCha20Poly1305(bytes(range(32)))
+    if aead._openssl is None:
+        pytest.fail("PyNaCl is a test dependency; install the test extra")
+    engines = []
+    real_for = type(aead)._openssl_for
+
+    def spy(self, nonce, data, *tag_len):
+        engine, nonce_out = real_for(self, nonce, data, *tag_len)
+        engines.append(type(engine).__name__)
+        return engine, nonce_out
+
+    monkeypatch.setattr(type(aead), "_openssl_for", spy)
+    message = bytes(size)
+    sealed = aead.encrypt(bytes(24), message, None)
+    assert aead.decrypt(bytes(24), sealed, None) == message
+    assert engines[0] == engines[1], engines
+    assert engines[0] == ("_Libsodium" if size == 16 << 10 else "ChaCha20Poly1305")
+
+
 def test_repr_never_shows_the_key():
     key = bytes(range(32))
     text = repr(gpucrypt.ChaCha20Poly1305(key)) + str(gpucrypt.AESGCM(key))
