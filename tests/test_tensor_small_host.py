@@ -30,6 +30,11 @@ def tensors():
     yield "torch bfloat16", torch.randn(5, 7).to(torch.bfloat16)
     yield "torch bool", torch.tensor([True, False, True])
     yield "torch requires_grad", torch.randn(6, requires_grad=True)
+    # memory read by address or by buffer cast: an offset into a storage, no buffer format
+    yield "numpy datetime64", np.arange(5).astype("datetime64[s]")
+    yield "numpy big-endian", np.arange(6, dtype=">i4").reshape(2, 3)
+    yield "torch row of a matrix", torch.arange(12.0).reshape(3, 4)[2]
+    yield "torch empty", torch.zeros(0, 3)
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
