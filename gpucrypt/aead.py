@@ -28,7 +28,7 @@ from . import _limits
 from ._buffers import bytes_arg, new_bytes, optional_readable, plain_bytes, readable, writable, zero
 from ._host_primitives import xchacha20_key_nonce
 from .backends import AUTO_GPU_THRESHOLD, AeadContext, Backend, select_backend, small_payloads_on_cpu
-from .backends import _environment_device
+from .backends import every_payload_on_cpu
 
 #: largest data or associated data cryptography's AEAD classes take in one call: the fast
 #: path hands anything up to this straight to OpenSSL (cryptography itself refuses more,
@@ -77,8 +77,9 @@ class _Aead:
         # Fails now, with the reason, if the device can't work. GPUCRYPT_DEVICE is read
         # here, once, for small messages (os.environ costs a microsecond per lookup).
         self._small_on_cpu = small_payloads_on_cpu(device)
-        # every size on the CPU: asked for, or (auto) learnt at the first large message
-        self._all_on_cpu = self._small_on_cpu and (device == "cpu" or _environment_device() == "cpu")
+        # every size on the CPU: asked for, or (auto) known now on a machine without a CUDA
+        # driver, else learnt at the first large message
+        self._all_on_cpu = self._small_on_cpu and every_payload_on_cpu(device)
         self._openssl = self._make_openssl(self._key)
         # XChaCha20's object depends on the nonce: it never goes direct
         self._direct = self._openssl if self._all_on_cpu and self._direct_ok else None

@@ -435,6 +435,29 @@ def test_env_override_of_auto(monkeypatch):
         select_backend("auto", 0)
 
 
+@pytest.mark.parametrize("driver", [False, True])
+def test_auto_objects_go_straight_to_openssl_where_no_gpu_can_be(driver, monkeypatch):
+    """Outside the simulator, with no CUDA driver library, select_backend can only answer
+    the CPU: device="auto" objects then call OpenSSL directly from the first call on (the
+    same bytes, cryptography's own cost); with a driver they keep asking per size."""
+    from gpucrypt import backends
+    from gpucrypt.backends import _probe
+
+    for name in ("NUMBA_ENABLE_CUDASIM", "GPUCRYPT_DEVICE", "NUMBA_CUDA_DRIVER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(backends, "_no_driver", None)
+    monkeypatch.setattr(_probe, "_cuda_driver_loadable", lambda: driver)
+    for cls in (gpucrypt.ChaCha20Poly1305, gpucrypt.AESGCM):
+        aead = cls(bytes(32))
+        assert (aead._direct is not None) is (not driver), cls
+        assert aead._direct is None or aead._direct is aead._openssl
+        sealed = aead.encrypt(bytes(12), b"message", b"ad")
+        assert sealed == getattr(reference, cls.__name__)(bytes(32)).encrypt(bytes(12), b"message", b"ad")
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")  # the simulator is a GPU to "auto"
+    monkeypatch.setattr(backends, "_no_driver", None)
+    assert gpucrypt.AESGCM(bytes(32))._direct is None
+
+
 @pytest.mark.parametrize("size", [0, 1, 17, 333, 5000])
 @pytest.mark.parametrize("path", ["one-shot", "composed"])
 @pytest.mark.parametrize("name,nonce_len", [("chacha20-poly1305", 12), ("aes-128-gcm", 12), ("aes-256-gcm", 12),

@@ -143,3 +143,26 @@ def select_backend(device: str, nbytes: int = 0) -> Backend:
                 pass
         return get_backend("cpu")
     return get_backend(device)
+
+
+_no_driver: bool | None = None
+
+
+def every_payload_on_cpu(device: str) -> bool:
+    """Whether :func:`select_backend` can only answer the CPU for ``device`` (already
+    checked by :func:`small_payloads_on_cpu`), whatever the size: asked for by name or
+    by ``GPUCRYPT_DEVICE``, or ``auto`` on a machine with no CUDA driver library (outside
+    the simulator). Objects ask once, when made, so that on such a machine every call of
+    an ``auto`` object goes straight to OpenSSL. Costs one failed ``dlopen`` per process."""
+    global _no_driver
+    if device == "auto":
+        device = _environment_device()
+    if device != "auto":
+        return device == "cpu"
+    if _simulated() or os.environ.get("NUMBA_CUDA_DRIVER"):
+        return False
+    if _no_driver is None:
+        from ._probe import _cuda_driver_loadable
+
+        _no_driver = not _cuda_driver_loadable()
+    return _no_driver
