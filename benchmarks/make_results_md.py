@@ -112,6 +112,9 @@ def _environment_lines(doc: dict) -> list[str]:
              f"of repetitions; 1-minute load average {env.get('load_average_start')} at the start, "
              f"{env.get('load_average_end')} at the end on {env['cpu_usable']} usable cores (other "
              f"processes shared the CPU when above the core count)"]
+    if env.get("peak_rss_mib"):
+        lines.append(f"- peak RSS of the bench process: {env['peak_rss_mib']:.0f} MiB "
+                     f"(largest size {format_size(max(config['sizes']))})")
     if doc["gpu"]["copy_gbps"]:
         lines.append(f"- device-to-device copy: {doc['gpu']['copy_gbps']:.0f} GB/s")
     lines += [f"- note: {note}" for note in doc["notes"]]

@@ -26,7 +26,7 @@ CELL_FIELDS = {
 ENV_FIELDS = {"date": str, "cpu": str, "cpu_count": int, "cpu_usable": int, "platform": str,
               "python": str, "gpu": (str, type(None)), "driver": (str, type(None)),
               "cuda_driver_api": (str, type(None)), "libraries": dict, "git_commit": (str, type(None)),
-              "load_average_start": float, "load_average_end": float}
+              "load_average_start": float, "load_average_end": float, "peak_rss_mib": float}
 
 
 def run_cli(capsys, *args):

@@ -324,7 +324,19 @@ def environment() -> dict:
         # above the core count, other processes competed for the CPU during the run
         "load_average_start": _load_average(),
         "load_average_end": None,
+        # the process's peak resident memory when the run ended (filled in by run()): a
+        # run's memory follows its largest size, and this is the figure to check that by
+        "peak_rss_mib": None,
     }
+
+
+def _peak_rss_mib() -> float | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
 
 
 def _load_average() -> float | None:
@@ -433,6 +445,7 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
             del material
     _fill_ratios(report)
     report.environment["load_average_end"] = _load_average()
+    report.environment["peak_rss_mib"] = _peak_rss_mib()
     return report
 
 
@@ -578,7 +591,8 @@ def render_table(report: BenchReport) -> str:
              f"{env.get('load_average_end')} at the end, on {env['cpu_usable']} usable cores"
              + (" (other work shared the CPU: expect noise)"
                 if max(env.get('load_average_start') or 0, env.get('load_average_end') or 0)
-                > env['cpu_usable'] else ""),
+                > env['cpu_usable'] else "")
+             + (f"; peak RSS {env['peak_rss_mib']:.0f} MiB" if env.get("peak_rss_mib") else ""),
              f"GB/s = 10^9 plaintext bytes per second; xN = speed-up against the baseline measured in "
              f"this run (median of repetitions, {report.config.seconds:g} s per cell); every row's "
              f"output was checked against the reference before it was timed",
