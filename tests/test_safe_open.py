@@ -264,6 +264,29 @@ def test_wrong_key_fails_at_open(files):
         models.safe_open(enc, "pt", key=bytes(32))
 
 
+def test_errors_are_safetensors_own_class(files):
+    """Code written for safetensors catches SafetensorError: the same mistakes raise it
+    here too (and the built-in kinds the rest of gpucrypt raises)."""
+    plain, enc, key = files
+    SafetensorError = safetensors.SafetensorError
+    for opener, path, kw in ((safetensors.safe_open, str(plain), {}),
+                             (models.safe_open, enc, {"key": key})):
+        with pytest.raises(SafetensorError):
+            opener(path, "no-such-framework", **kw)
+        f = opener(path, "pt", **kw)
+        with pytest.raises(SafetensorError, match="nope"):
+            f.get_tensor("nope")
+        with pytest.raises(SafetensorError, match="nope"):
+            f.get_slice("nope")
+    with pytest.raises(KeyError) as info:
+        models.safe_open(enc, "pt", key=key).get_tensor("nope")
+    assert str(info.value) == "no tensor 'nope' in this model file"
+    f = models.safe_open(enc, "pt", key=key)
+    f.close()
+    with pytest.raises(SafetensorError, match="closed"):
+        f.get_tensor("big")
+
+
 def test_argument_errors(files):
     _, enc, key = files
     with pytest.raises(ValueError, match="framework must be one of"):

@@ -31,8 +31,11 @@ What happens when:
   it); the decrypted segments around it are zeroed before the buffer is dropped.
   Damage to segments the slice does not touch is, by design, not noticed.
 
-Differences from safetensors: unknown names raise ``KeyError`` and a closed file
-``ValueError`` (safetensors raises its own ``SafetensorError`` for both); frameworks
+Errors: an unknown name, an unknown framework and a closed file raise
+``safetensors.SafetensorError`` as safetensors does (when safetensors is installed;
+``SafeOpenError`` itself otherwise), which here is also a ``KeyError`` (unknown name)
+or a ``ValueError`` (the others), so code written for either kind catches it.
+Differences from safetensors: frameworks
 are "pt"/"torch" and "np"/"numpy" (bfloat16 and float8 in NumPy need ``ml_dtypes``);
 ``get_dtype()`` gives safetensors' codes ("F32", "BF16", "F8_E4M3", ...), or the
 portable name for a dtype safetensors lacks. On a GPU a slice decrypts into device
@@ -41,7 +44,6 @@ memory the size of its whole tensor, for as long as the call lasts.
 from __future__ import annotations
 
 import builtins
-import os
 from typing import Any
 
 import numpy as np
@@ -97,6 +99,27 @@ def _device(device: Any) -> str:
     return _models._check_device(device)
 
 
+try:  # code written for safetensors catches its own error class: ours derive from it
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # safetensors is not needed to read gpucrypt files
+    _SafetensorError = Exception
+
+
+class SafeOpenError(_SafetensorError):
+    """What :class:`safe_open` raises where safetensors raises ``SafetensorError``."""
+
+
+class UnknownTensorError(SafeOpenError, KeyError):
+    """No tensor of that name in the file."""
+
+    def __str__(self) -> str:  # KeyError's own would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class SafeOpenValueError(SafeOpenError, ValueError):
+    """A closed file, or a framework this reader does not produce."""
+
+
 class safe_open:  # noqa: N801 - safetensors' own name
     """An open gpucrypt model file, read tensor by tensor (see the module docstring).
 
@@ -109,7 +132,8 @@ class safe_open:  # noqa: N801 - safetensors' own name
     def __init__(self, filename: Any, framework: str, device: Any = "cpu", *, key: Any = None,
                  keyset: Any = None, identity: Any = None, threads: int | None = None):
         if framework not in _FRAMEWORKS:
-            raise ValueError(f"framework must be one of {sorted(_FRAMEWORKS)}, not {framework!r}")
+            raise SafeOpenValueError(f"framework must be one of {sorted(_FRAMEWORKS)}, "
+                                     f"not {framework!r}")
         self._framework = _FRAMEWORKS[framework]
         self._device = _device(device)
         self._threads = pipeline.cpu_threads(threads)
@@ -170,14 +194,15 @@ class safe_open:  # noqa: N801 - safetensors' own name
     # ---------------------------------------------------------------- inside
     def _check_open(self) -> None:
         if self._file.closed:
-            raise ValueError("the model file is closed: read tensors inside the 'with' block")
+            raise SafeOpenValueError("the model file is closed: read tensors inside the 'with' "
+                                     "block")
 
     def _index(self, name: str) -> int:
         self._check_open()
         try:
             return self._position[name]
         except (KeyError, TypeError):
-            raise KeyError(f"no tensor {name!r} in this model file") from None
+            raise UnknownTensorError(f"no tensor {name!r} in this model file") from None
 
     def _run(self, segments: list, picked: list[int], threads: int) -> dict:
         h = self._header
