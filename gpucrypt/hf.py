@@ -24,7 +24,8 @@ everything ``from_pretrained`` does on a checkpoint still happens (the model is 
 on the meta device without random init, weight renaming and conversions, tied weights,
 ``dtype``, ``device_map``, warnings for missing or unexpected keys), and tensors that
 already have the right device and dtype are taken as they are, not copied again.
-The config is read from the folder's ``config.json`` (pass ``config=`` to override).
+The config is read from the folder's ``config.json`` (pass ``config=`` to override),
+after the folder's manifest has authenticated it along with every other file.
 
 **Adapters.** :func:`load_adapter` does what ``PeftModel.from_pretrained`` (or
 ``PeftModel.load_adapter`` for a model that already is a ``PeftModel``) does, with the
@@ -63,12 +64,13 @@ def from_pretrained(model_class: Any, folder: Any, *, key: Any = None, keyset: A
     ``from_pretrained`` (``dtype``, ``config``, ``attn_implementation``, ...).
     """
     folder = os.fspath(folder)
+    # the weights first: loading checks the folder's manifest, config.json included
+    state = load_state_dict(folder, key=key, keyset=keyset, identity=identity, device=device,
+                            threads=threads)
     if kwargs.get("config") is None:
         from transformers import AutoConfig
 
         kwargs["config"] = AutoConfig.from_pretrained(folder)
-    state = load_state_dict(folder, key=key, keyset=keyset, identity=identity, device=device,
-                            threads=threads)
     if device != "cpu":
         kwargs.setdefault("device_map", device)
     return _concrete(model_class, kwargs["config"]).from_pretrained(None, state_dict=state,
@@ -97,14 +99,15 @@ def load_adapter(model: Any, folder: Any, *, key: Any = None, keyset: Any = None
     from peft.utils import set_peft_model_state_dict
 
     folder = os.fspath(folder)
+    if device is None:
+        device = str(next(model.parameters()).device)
+    # the weights first: loading checks the folder's manifest, adapter_config.json included
+    weights = load_state_dict(folder, key=key, keyset=keyset, identity=identity, device=device,
+                              threads=threads)
     config = PeftConfig.from_pretrained(folder)
     if config.is_prompt_learning and is_trainable:
         raise ValueError("a prompt learning adapter cannot be loaded as trainable (as in peft)")
     config.inference_mode = not is_trainable
-    if device is None:
-        device = str(next(model.parameters()).device)
-    weights = load_state_dict(folder, key=key, keyset=keyset, identity=identity, device=device,
-                              threads=threads)
     adding = isinstance(model, PeftModel)
     if adding:
         model.add_adapter(adapter_name, config)

@@ -64,7 +64,7 @@ def test_sharded_checkpoint_loads_with_identical_outputs(lib, tiny):
     transformers, _ = lib
     d, _, want, key = tiny
     plain, enc = d / "plain", d / "enc"
-    assert sorted(os.listdir(enc)) == sorted(os.listdir(plain))
+    assert sorted(os.listdir(enc)) == sorted(os.listdir(plain) + [checkpoints.MANIFEST_NAME])
     for name in ("model.safetensors.index.json", "config.json"):
         assert filecmp.cmp(plain / name, enc / name, shallow=False)  # copied as they are
     shards = sorted(n for n in os.listdir(enc) if n.endswith(".safetensors"))
@@ -116,16 +116,31 @@ def test_a_tampered_shard_fails_and_builds_no_model(lib, tiny, tmp_path):
         hf.from_pretrained(transformers.LlamaForCausalLM, enc, key=key)
 
 
+def copy_folder(src, dst):
+    dst.mkdir()
+    for name in os.listdir(src):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def reseal(folder, key):
+    """A new manifest for the folder as it is now: what only the key's holder can make,
+    to reach the checks behind the manifest."""
+    salts = {n: models.read_header(folder / n).salt for n in os.listdir(folder)
+             if n.endswith(".safetensors")}
+    checkpoints._write_manifest(str(folder), key, salts)
+
+
 def test_index_and_files_must_agree(tiny, tmp_path):
     d, _, _, key = tiny
-    enc = tmp_path / "enc"
-    enc.mkdir()
-    for name in os.listdir(d / "enc"):
-        (enc / name).write_bytes((d / "enc" / name).read_bytes())
+    enc = copy_folder(d / "enc", tmp_path / "enc")
     index = json.loads((enc / "model.safetensors.index.json").read_text())
     dropped = sorted(index["weight_map"])[0]
     del index["weight_map"][dropped]
     (enc / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(AuthenticationError, match="model.safetensors.index.json is not the file"):
+        checkpoints.load_checkpoint(enc, key=key)
+    reseal(enc, key)
     with pytest.raises(FormatError, match=r"1 not listed \(e.g. '" + dropped.replace(".", r"\.")):
         checkpoints.load_checkpoint(enc, key=key)
     shards = sorted(set(index["weight_map"].values()))
@@ -133,8 +148,64 @@ def test_index_and_files_must_agree(tiny, tmp_path):
     a.rename(tmp_path / "x")
     b.rename(a)
     (tmp_path / "x").rename(b)
+    with pytest.raises(AuthenticationError, match="swapped"):
+        checkpoints.load_checkpoint(enc, key=key)
+    reseal(enc, key)
     with pytest.raises(FormatError, match="renamed or swapped"):
         checkpoints.load_checkpoint(enc, key=key)
+
+
+def test_the_manifest_authenticates_every_file(lib, tiny, tmp_path):
+    """Changes that leave every model file intact: a changed config.json, a shard removed
+    with its index entries, an added file, a shard from another encryption under the same
+    key, a changed or missing manifest. Each fails before any tensor is decrypted, in
+    loading, in building a model and in decrypting the folder (which leaves no output)."""
+    transformers, _ = lib
+    d, _, _, key = tiny
+    other = tmp_path / "other"
+    checkpoints.encrypt_checkpoint(d / "plain", other, key, device="cpu", segment_size=4096)
+    shard = sorted(n for n in os.listdir(other) if n.endswith(".safetensors"))[1]
+    manifest = checkpoints.MANIFEST_NAME
+
+    def config_changed(f):
+        config = json.loads((f / "config.json").read_text())
+        config["rms_norm_eps"] = 0.5  # same weights, different model
+        (f / "config.json").write_text(json.dumps(config))
+
+    def shard_and_entries_removed(f):
+        index = json.loads((f / "model.safetensors.index.json").read_text())
+        gone = index["weight_map"][sorted(index["weight_map"])[-1]]
+        index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != gone}
+        (f / "model.safetensors.index.json").write_text(json.dumps(index))
+        (f / gone).unlink()
+
+    def manifest_changed(f):
+        doc = json.loads((f / manifest).read_text())
+        entry = doc["files"]["config.json"]
+        entry["sha256"] = entry["sha256"][::-1]
+        (f / manifest).write_text(json.dumps(doc))
+
+    cases = {
+        "config.json is not the file": config_changed,
+        "missing model-": shard_and_entries_removed,
+        "not in the manifest notes.txt": lambda f: (f / "notes.txt").write_text("added"),
+        f"{shard} is not the file": lambda f: (f / shard).write_bytes((other / shard).read_bytes()),
+        f"{manifest} failed authentication": manifest_changed,
+        f"has no {manifest}": lambda f: (f / manifest).unlink(),
+    }
+    for i, (message, change) in enumerate(cases.items()):
+        enc = copy_folder(d / "enc", tmp_path / f"enc{i}")
+        change(enc)
+        error = FormatError if "has no" in message else AuthenticationError
+        with pytest.raises(error, match=message):
+            checkpoints.load_checkpoint(enc, key=key)
+        with pytest.raises(error, match=message):
+            hf.from_pretrained(transformers.LlamaForCausalLM, enc, key=key)
+        with pytest.raises(error, match=message):
+            checkpoints.decrypt_checkpoint(enc, tmp_path / f"out{i}", key=key)
+        assert not (tmp_path / f"out{i}").exists()
+    with pytest.raises(AuthenticationError, match="failed authentication"):
+        checkpoints.load_checkpoint(d / "enc", key=bytes(32))
 
 
 def test_folders_that_are_refused(tiny, tmp_path, capsys):

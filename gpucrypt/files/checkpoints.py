@@ -28,12 +28,24 @@ Rules:
 - loading checks the tensors against the index: every name the index lists, from the
   file it names, and no other.
 
-Not protected: the index and the other copied files are plaintext and not
-authenticated (each tensor file is). Files removed together with their index entries
-are therefore not noticed here; transformers reports their weights as missing.
+- a manifest, ``gpucrypt-checkpoint.json``, lists every file of the encrypted folder:
+  the SHA-256 of each copied file (the index, ``config.json``, tokenizer files...) and
+  the salt of each model file (random per file and authenticated by the file's own
+  header MAC, it names that one encryption; ``gpucrypt rekey`` keeps it), under an
+  HMAC-SHA256 keyed from the data key (HKDF, its own salt and label). Loading and
+  decrypting check it first, before any tensor is decrypted: a changed, added, removed,
+  renamed or swapped file, a model file taken from another folder encrypted under the
+  same key, or a changed manifest fails with ``AuthenticationError`` naming the file.
+
+Not protected: the copied files are authenticated, not encrypted (``config.json`` and
+the index stay readable, as the tensor names and shapes in the headers do unless
+``encrypt_names``); the folder's name; which version of a folder is the newest (an
+older folder encrypted under the same key verifies as itself: rotate keys to retire one).
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -41,11 +53,18 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+from . import _format
 from ._atomic import fsync_folder
-from ._format import FormatError
+from ._format import AuthenticationError, FormatError
 
 __all__ = ["encrypt_checkpoint", "decrypt_checkpoint", "load_checkpoint", "checkpoint_layout",
-           "CheckpointLayout", "INDEX_SUFFIX", "PLAIN_WEIGHT_SUFFIXES"]
+           "CheckpointLayout", "INDEX_SUFFIX", "PLAIN_WEIGHT_SUFFIXES", "MANIFEST_NAME"]
+
+#: the encrypted folder's list of its files, MAC'd under the data key
+MANIFEST_NAME = "gpucrypt-checkpoint.json"
+_MANIFEST_FORMAT = "gpucrypt-checkpoint-manifest"
+_MANIFEST_VERSION = 1
+_MANIFEST_MAC_INFO = b"gpucrypt checkpoint manifest v1 mac"
 
 INDEX_SUFFIX = ".safetensors.index.json"
 #: weight formats that must not be copied into an encrypted folder
@@ -95,7 +114,7 @@ def checkpoint_layout(folder: Any) -> CheckpointLayout:
         missing = sorted(set(weight_map.values()) - set(tensor_files))
         if missing:
             raise FormatError(f"{indexes[0]} names {missing[0]}, which is not in the folder")
-    others = tuple(n for n in names if n not in tensor_files)
+    others = tuple(n for n in names if n not in tensor_files and n != MANIFEST_NAME)
     return CheckpointLayout(folder, indexes[0] if indexes else None, weight_map, tensor_files,
                             others)
 
@@ -113,6 +132,90 @@ def _read_weight_map(path: str) -> dict:
         raise FormatError(f"{os.path.basename(path)}: weight_map must map tensor names to "
                           f".safetensors file names in the same folder")
     return weight_map
+
+
+# ---------------------------------------------------------------------------- manifest
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest_mac(key: bytes, salt: bytes, files: dict) -> str:
+    """HMAC-SHA256 of the manifest's canonical JSON (sorted keys, no spaces) under a key
+    derived from the data key for this purpose only."""
+    body = json.dumps({"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION,
+                       "salt": salt.hex(), "files": files},
+                      sort_keys=True, separators=(",", ":")).encode("utf-8")
+    mac_key = _format.hkdf_sha256(key, salt, _MANIFEST_MAC_INFO)
+    return hmac.new(mac_key, body, hashlib.sha256).hexdigest()
+
+
+def _write_manifest(folder: str, key: bytes, salts: dict) -> None:
+    """The manifest of ``folder``: ``salts`` (model file name -> its header's salt)
+    and the SHA-256 of every other file now in it."""
+    files = {name: {"salt": salt.hex()} for name, salt in salts.items()}
+    for name in sorted(os.listdir(folder)):
+        if name not in files and name != MANIFEST_NAME:
+            files[name] = {"sha256": _file_sha256(os.path.join(folder, name))}
+    salt = os.urandom(32)
+    doc = {"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION, "salt": salt.hex(),
+           "files": files, "mac": _manifest_mac(key, salt, files)}
+    with open(os.path.join(folder, MANIFEST_NAME), "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_manifest(layout: CheckpointLayout, key: bytes) -> None:
+    """Check the folder against its manifest (see the module docstring) before anything
+    is decrypted; ``AuthenticationError`` or ``FormatError`` naming what is wrong."""
+    from . import models
+
+    path = os.path.join(layout.folder, MANIFEST_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        salt, files, mac = bytes.fromhex(doc["salt"]), doc["files"], doc["mac"]
+        if doc.get("format") != _MANIFEST_FORMAT or not isinstance(files, dict):
+            raise ValueError("not a gpucrypt checkpoint manifest")
+        version = doc.get("version")
+    except FileNotFoundError:
+        raise FormatError(f"{layout.folder} has no {MANIFEST_NAME}: it is not a folder that "
+                          f"encrypt_checkpoint (gpucrypt encrypt-model) wrote, or the manifest "
+                          f"was removed; encrypt the plaintext folder again") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FormatError(f"{MANIFEST_NAME} cannot be read ({type(exc).__name__}: {exc})") from None
+    if version != _MANIFEST_VERSION:
+        raise FormatError(f"{MANIFEST_NAME} has version {version!r}; this gpucrypt reads "
+                          f"version {_MANIFEST_VERSION}: upgrade gpucrypt")
+    if not isinstance(mac, str) or not hmac.compare_digest(
+            _manifest_mac(key, salt, files).encode(), mac.encode()):
+        raise AuthenticationError(f"{MANIFEST_NAME} failed authentication: wrong key, or the "
+                                  f"manifest was changed")
+    present = set(layout.tensor_files) | set(layout.other_files)
+    removed, added = sorted(set(files) - present), sorted(present - set(files))
+    if removed or added:
+        raise AuthenticationError(
+            "the folder's files are not the ones it was encrypted with: "
+            + (f"missing {', '.join(removed[:3])}" if removed else "")
+            + ("; " if removed and added else "")
+            + (f"not in the manifest {', '.join(added[:3])}" if added else ""))
+    for name in sorted(files):
+        entry, full = files[name], os.path.join(layout.folder, name)
+        if name in layout.tensor_files:
+            # read unauthenticated here; loading checks the header (salt included) with the key
+            good = "salt" in entry and hmac.compare_digest(
+                models.read_header(full).salt.hex().encode(), str(entry["salt"]).encode())
+        else:
+            good = "sha256" in entry and hmac.compare_digest(
+                _file_sha256(full).encode(), str(entry["sha256"]).encode())
+        if not good:
+            raise AuthenticationError(f"{name} is not the file this folder was encrypted with "
+                                      f"(changed, replaced, or swapped with another file)")
 
 
 # ---------------------------------------------------------------------------- writing
@@ -151,6 +254,7 @@ def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = Non
     from ._safetensors import open_safetensors
 
     layout = checkpoint_layout(src)
+    key = _format.check_key(key)
     headers: list = []
 
     def fill(temp: str) -> None:
@@ -168,6 +272,7 @@ def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = Non
             finally:
                 os.close(fd)
         _copy_others(layout, temp)
+        _write_manifest(temp, key, {name: h.salt for name, h in zip(layout.tensor_files, headers)})
 
     _write_folder(dst, fill)
     return headers
@@ -204,6 +309,7 @@ def decrypt_checkpoint(src: Any, dst: Any, *, key: Any = None, keyset: Any = Non
 
     layout = checkpoint_layout(src)
     keys = _Keys(key, keyset, identity)
+    _check_manifest(layout, keys(os.path.join(layout.folder, layout.tensor_files[0])))
     headers: list = []
 
     def fill(temp: str) -> None:
@@ -232,6 +338,7 @@ def load_checkpoint(folder: Any, *, key: Any = None, keyset: Any = None, identit
 
     layout = checkpoint_layout(folder)
     keys = _Keys(key, keyset, identity)
+    _check_manifest(layout, keys(os.path.join(layout.folder, layout.tensor_files[0])))
     state: dict = {}
     for name in layout.tensor_files:
         path = os.path.join(layout.folder, name)
