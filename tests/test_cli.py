@@ -323,6 +323,25 @@ def test_secrets_others_can_read_are_refused(work, capsys):
         (work / "x").unlink()
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_local_files_of_a_kek_reference_are_checked_too(work, capsys):
+    """--kek file://KEYSET and its passphrase-source=file: get --keyset's check."""
+    assert run(capsys, "keygen", "--out", "ks.json")[0] == 0
+    (work / "pw").write_text("unused\n")
+    (work / "pw").chmod(0o600)
+    kek = f"file://{work / 'ks.json'}"
+    assert run(capsys, "encrypt", "--kek", kek, "plain", "sealed")[0] == 0
+    for secret, uri in (("ks.json", kek), ("pw", f"{kek}?passphrase-source=file:{work / 'pw'}")):
+        (work / secret).chmod(0o640)
+        for argv in (["encrypt", "--kek", uri, "plain", "x"], ["decrypt", "--kek", uri, "sealed", "x"]):
+            code, _, err = run(capsys, *argv)
+            assert code == 2 and f"chmod 600 {work / secret}" in err, (secret, argv, err)
+            assert not (work / "x").exists()
+        (work / secret).chmod(0o600)
+    code, _, err = run(capsys, "decrypt", "--kek", kek, "sealed", "x")
+    assert code == 0 and (work / "x").read_bytes() == (work / "plain").read_bytes(), err
+
+
 # ------------------------------------------------------------------ 4. passphrases
 def test_passphrase_round_trip_and_wrong_passphrase(work, capsys, monkeypatch):
     code, _, err = run(capsys, "encrypt", "-p", "--passphrase-file", "pw", "plain", "sealed")

@@ -179,14 +179,23 @@ def _add_kek_argument(parser: Any, flag: str, help_text: str) -> None:
                                          "$GPUCRYPT_PKCS11_PIN, never from the command line")
 
 
-def _key_references(uris: list[str]) -> list:
-    """KeyReference objects for ``--kek`` URIs; a malformed URI is a usage error (exit 2)."""
+def _key_references(uris: list[str], args: Any) -> list:
+    """KeyReference objects for ``--kek`` URIs; a malformed URI is a usage error (exit 2).
+    The local files they name (a ``file:`` keyset, a ``pin-source``/``passphrase-source``
+    file) get the same permission check as ``--keyset`` and ``--key-file``."""
     from ..keys import KeyReference, KeysetError
 
     try:
-        return [KeyReference(uri) for uri in uris]
+        refs = [KeyReference(uri) for uri in uris]
     except KeysetError as exc:
         raise CliError(str(exc), 2) from None
+    for ref in refs:
+        if ref.scheme == "file":
+            check_private_file(ref.attributes["path"], "keyset", args)
+        for name, source in ref.query.items():
+            if name.endswith("-source") and source.startswith("file:"):
+                check_private_file(source[len("file:"):], name.replace("-source", " file"), args)
+    return refs
 
 
 def _file_context(header: Any) -> dict:
@@ -211,7 +220,7 @@ def resolve_encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes] | None:
 
     recipients = [_keys_call(Recipient.load, path) for path in getattr(args, "recipient", None) or []]
     keyset = _load_keyset(args.keyset, args) if getattr(args, "keyset", None) else None
-    references = _key_references(getattr(args, "kek", None) or [])
+    references = _key_references(getattr(args, "kek", None) or [], args)
     if not recipients and keyset is None and not references:
         return None
     items: list = recipients + ([keyset] if keyset is not None else []) + references
@@ -239,7 +248,7 @@ def resolve_decrypt_key(args: Any, header: Any) -> bytes | None:
     identities: list = [_load_identity(p, args) for p in getattr(args, "identity", None) or []]
     if getattr(args, "keyset", None):
         identities.append(_load_keyset(args.keyset, args))
-    identities += _key_references(getattr(args, "kek", None) or [])
+    identities += _key_references(getattr(args, "kek", None) or [], args)
     if not identities:
         return None
     if not envelope:
@@ -418,10 +427,10 @@ def _run_rekey(args) -> int:
     if not args.identity and not args.old_keyset and not args.keyset and not args.old_kek:
         raise CliError("say how to open the file: -i IDENTITY, --old-keyset and/or --old-kek URI", 2)
     recipients = [_keys_call(Recipient.load, p) for p in args.recipient]
-    recipients += _key_references(args.kek)
+    recipients += _key_references(args.kek, args)
     keyset = _load_keyset(args.keyset, args) if args.keyset else None
     identities = [_load_identity(p, args) for p in args.identity]
-    identities += _key_references(args.old_kek)
+    identities += _key_references(args.old_kek, args)
     old_keyset = _load_keyset(args.old_keyset, args) if args.old_keyset else None
     result = _keys_call(rekey_file, args.file, recipients=recipients or None, keyset=keyset,
                         identities=identities or None, old_keyset=old_keyset)
