@@ -6,6 +6,11 @@ or associated data and at GCM nonces of 8..128 bytes; beyond those the same
 bytes are produced from its lower-level primitives (ChaCha20 + Poly1305; AES-CTR
 + GHASH from :mod:`gpucrypt._host_primitives`), up to each algorithm's own limit.
 
+Detached-tag ChaCha20-Poly1305 seals (segments of model files and checkpoints) up to
+``CHACHA_ONE_SHOT_SEAL_MAX`` also take OpenSSL's one-shot AEAD, into a scratch buffer kept
+per thread, and copy the ciphertext out: ``cryptography``'s ChaCha20 and Poly1305 hold the
+GIL, its AEAD releases it, so only the one-shot form lets several threads seal at once.
+
 Decryption verifies before it writes any plaintext, and zeroes ``out`` when the
 tag is wrong (``cryptography``'s ``decrypt_into`` leaves the unauthenticated
 plaintext in the buffer; we do not). The one exception is AES-GCM decrypting a
