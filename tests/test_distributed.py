@@ -18,6 +18,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
 
@@ -32,6 +33,7 @@ import _dcp_worker
 from gpucrypt import keys
 from gpucrypt.distributed import EncryptedReader, EncryptedWriter, EncryptionExtension
 from gpucrypt.distributed.checkpoint import DATA_SUFFIX, METADATA_FORMAT, METADATA_VERSION
+from gpucrypt.keys import NoMatchingRecipient
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:torch.distributed is disabled:UserWarning",
@@ -217,6 +219,9 @@ def test_wrong_keyset_is_refused(ckpt2_copy):
     # DCP reports a failed metadata read as an AssertionError that quotes gpucrypt's error
     assert f"{folder}/.metadata: no recipient in this file matches your key(s)" in str(error)
     assert bool((state["embedding"] == 5.0).all())
+    # the typed error, as docs/DISTRIBUTED.md says: the reader's read_metadata, called directly
+    with pytest.raises(NoMatchingRecipient, match=re.escape(f"{folder}/.metadata: no recipient")):
+        EncryptedReader(folder, keyset=keys.Keyset.generate(), device=CPU).read_metadata()
 
 
 def test_unrecorded_data_key_is_refused(ckpt2_copy, tmp_path):

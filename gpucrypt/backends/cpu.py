@@ -6,6 +6,11 @@ or associated data and at GCM nonces of 8..128 bytes; beyond those the same
 bytes are produced from its lower-level primitives (ChaCha20 + Poly1305; AES-CTR
 + GHASH from :mod:`gpucrypt._host_primitives`), up to each algorithm's own limit.
 
+Detached-tag ChaCha20-Poly1305 seals (segments of model files and checkpoints) up to
+``CHACHA_ONE_SHOT_SEAL_MAX`` also take OpenSSL's one-shot AEAD, into a scratch buffer kept
+per thread, and copy the ciphertext out: ``cryptography``'s ChaCha20 and Poly1305 hold the
+GIL, its AEAD releases it, so only the one-shot form lets several threads seal at once.
+
 Decryption verifies before it writes any plaintext, and zeroes ``out`` when the
 tag is wrong (``cryptography``'s ``decrypt_into`` leaves the unauthenticated
 plaintext in the buffer; we do not). The one exception is AES-GCM decrypting a
@@ -43,6 +48,9 @@ PARALLEL_MIN = 8 << 20
 _PARALLEL_CHUNK = 4 << 20  # a multiple of 64 (ChaCha20 blocks) and of 16 (Poly1305 blocks)
 #: detached-tag messages up to this size go through OpenSSL's one-shot AEAD and a copy
 ONE_SHOT_DETACHED_MAX = 64 << 10
+#: detached ChaCha20-Poly1305 seals up to this size also take OpenSSL's one-shot AEAD,
+#: into a scratch buffer kept per thread (it only ever holds ciphertext and tags)
+CHACHA_ONE_SHOT_SEAL_MAX = 8 << 20
 #: AEAD contexts the CPU backend keeps (least recently used dropped first)
 CONTEXT_CACHE_SIZE = 32
 
@@ -62,6 +70,18 @@ def _xor_into(encryptor, data: memoryview, out: memoryview) -> None:
     for start in range(0, len(data), _PIECE):
         end = min(start + _PIECE, len(data))
         encryptor.update_into(data[start:end], out[start:end])
+
+
+_SCRATCH = threading.local()
+
+
+def _thread_scratch(nbytes: int) -> memoryview:
+    """``nbytes`` of this thread's reusable scratch buffer (grown as needed; it dies with
+    the thread). Only sealed output goes into it: ciphertext and tags, never plaintext."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _SCRATCH.buf = bytearray(nbytes)
+    return memoryview(buf)[:nbytes]
 
 
 class _OpenSslAead(AeadContext):
@@ -133,8 +153,8 @@ class _OpenSslAead(AeadContext):
     # Small messages: OpenSSL's one-shot AEAD through a scratch buffer holding
     # ``data || tag`` costs a copy of a few KiB; composing the AEAD from its primitives
     # costs ~20 us of cipher contexts per call.
-    def _seal_detached_one_shot(self, nonce, data, aad, out) -> bytes:
-        scratch = bytearray(len(data) + 16)
+    def _seal_detached_one_shot(self, nonce, data, aad, out, scratch=None) -> bytes:
+        scratch = bytearray(len(data) + 16) if scratch is None else scratch
         self._aead.encrypt_into(nonce, data, aad, scratch)
         out[:] = memoryview(scratch)[:len(data)]  # out may be data itself: scratch is apart
         return bytes(scratch[len(data):])
@@ -172,8 +192,17 @@ class _ChaCha20Poly1305(_OpenSslAead):
     def _start(self, nonce):
         return nonce
 
+    # Larger seals: ``cryptography``'s ChaCha20 and Poly1305 (the composed path) hold the
+    # GIL, its one-shot AEAD releases it. Segments sealed on several threads (a model
+    # file, a DCP rank's shards) took turns on the composed path, and the waiting cost
+    # CPU time besides (issue 16: a 2-rank DCP save spent 2.4x plain DCP's CPU time); one
+    # OpenSSL pass plus a copy out of a reused buffer runs them side by side.
     def seal_detached(self, nonce, data, aad, out, threads=1):
         if threads < 2 or len(data) < PARALLEL_MIN:
+            if ONE_SHOT_DETACHED_MAX < len(data) <= CHACHA_ONE_SHOT_SEAL_MAX and \
+                    self._native(nonce, len(data), len(aad)):
+                return self._seal_detached_one_shot(nonce, data, aad, out,
+                                                    _thread_scratch(len(data) + 16))
             return super().seal_detached(nonce, data, aad, out)
         mac = self._mac(nonce, aad)
         self._xor_parallel(nonce, data, out, threads, lambda a, b: mac.update(out[a:b]))
