@@ -458,7 +458,8 @@ def _host_bytes_of(framework: str, buffer: Any) -> np.ndarray:
 
 # ============================================================================ host AEAD
 # A tensor's own memory holds exactly the data, so host tensors use the CPU backend's
-# detached-tag form (the tag kept apart; in place allowed; verified before writing).
+# detached-tag form (the tag kept apart; in place allowed; nothing unauthenticated is left
+# behind: see gpucrypt.backends.cpu).
 def _host_context(algorithm: str, key: bytes, nonce: bytes):
     return get_backend("cpu").aead_for_nonce(algorithm, key, nonce)
 
@@ -474,7 +475,8 @@ def _host_seal(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: np.nda
 def _host_open(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: np.ndarray, tag: bytes,
                dst: np.ndarray, inplace: bool, threads: int = 1) -> bool:
     """Verify, then decrypt ``src`` into ``dst``. False on a bad tag: then ``dst`` is zeroed,
-    or, in place, left exactly as it was (the tag is checked before any byte is written)."""
+    or, in place, given back exactly its ciphertext (the CPU backend either checks the tag
+    before writing or, for one-pass opens, restores the buffer before it reports)."""
     ctx, nonce = _host_context(algorithm, key, nonce)
     try:
         ctx.open_detached(nonce, memoryview(src), tag, memoryview(aad), memoryview(dst),
