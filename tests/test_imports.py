@@ -137,3 +137,27 @@ def test_every_subpackage_is_installed():
     on_disk = {".".join(p.parent.relative_to(root).parts)
                for p in (root / "gpucrypt").rglob("__init__.py")}
     assert on_disk - listed == set()
+
+
+#: standard modules a plain encrypt of a small file does without, each a millisecond or
+#: more of its run: hmac/hashlib (load OpenSSL's shared library; only comparing a MAC
+#: needs them), signal (only a named temporary file's cleanup) and threading/the pool
+#: (only a file of more than one segment)
+STARTUP_COSTS = ("hmac", "hashlib", "_hashlib", "signal", "threading", "concurrent.futures")
+
+
+def test_cli_small_encrypt_skips_costly_standard_modules(tmp_path):
+    (tmp_path / "k").write_bytes(bytes(range(32)))
+    (tmp_path / "k").chmod(0o600)
+    (tmp_path / "in").write_bytes(b"y" * 4096)
+    baseline = set(loaded_after("", cwd=tmp_path)["modules"])  # what Python loads anyway here
+    code = ("from gpucrypt.cli import main\n"
+            "result = main(['encrypt', '--key-file', 'k', 'in', 'out'])")
+    ran = loaded_after(code, cwd=tmp_path)
+    assert ran["result"] == 0
+    assert [m for m in STARTUP_COSTS if m in ran["modules"] and m not in baseline] == []
+    # and the file is whole: decrypting it (which does compare MACs) gives the input back
+    code = ("from gpucrypt.cli import main\n"
+            "result = main(['decrypt', '--key-file', 'k', 'out', 'back'])")
+    assert loaded_after(code, cwd=tmp_path)["result"] == 0
+    assert (tmp_path / "back").read_bytes() == b"y" * 4096
