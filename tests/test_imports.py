@@ -156,8 +156,23 @@ def test_cli_small_encrypt_skips_costly_standard_modules(tmp_path):
     ran = loaded_after(code, cwd=tmp_path)
     assert ran["result"] == 0
     assert [m for m in STARTUP_COSTS if m in ran["modules"] and m not in baseline] == []
+    # the AEAD classes load on first use of their names; a file's stream needs only backends
+    assert [m for m in ("gpucrypt.aead", "gpucrypt._limits") if m in ran["modules"]] == []
     # and the file is whole: decrypting it (which does compare MACs) gives the input back
     code = ("from gpucrypt.cli import main\n"
             "result = main(['decrypt', '--key-file', 'k', 'out', 'back'])")
     assert loaded_after(code, cwd=tmp_path)["result"] == 0
     assert (tmp_path / "back").read_bytes() == b"y" * 4096
+
+
+def test_aead_classes_load_on_first_use():
+    code = ("import gpucrypt\n"
+            "before = 'gpucrypt.aead' in sys.modules\n"
+            "from gpucrypt import AESGCM\n"
+            "result = [before, AESGCM.__module__, gpucrypt.aead.AESGCM is AESGCM,\n"
+            "          gpucrypt.ChaCha20Poly1305(bytes(32)).decrypt(\n"
+            "              bytes(12), gpucrypt.ChaCha20Poly1305(bytes(32)).encrypt(bytes(12), b'x', None),\n"
+            "              None).decode()]")
+    assert loaded_after(code)["result"] == [False, "gpucrypt.aead", True, "x"]
+    code = "import gpucrypt\nresult = gpucrypt.aead.__name__"  # the submodule, bare import
+    assert loaded_after(code)["result"] == "gpucrypt.aead"
