@@ -13,7 +13,13 @@ Rows on a ``--size`` random file (default 1 GiB) in ``--dir`` (default /dev/shm)
 - ``age -r RECIPIENT`` and ``age -d -i IDENTITY`` (an identity made by ``age-keygen``);
 - ``cp`` of the same file (the floor for reading and writing it);
 - ``python script`` : one thread calling ``cryptography``'s ChaCha20Poly1305 on 1 MiB
-  chunks, the short script a user would write instead of installing anything.
+  chunks, the short script a user would write instead of installing anything;
+- ``python copy`` : no cipher, the floor of any program that reads the file into its
+  own memory and writes it out (``cp`` copies inside the kernel, ``copy_file_range``):
+  ``pread`` into a reused 8 MiB buffer then ``pwrite`` ("read"), or the input mapped
+  8 MiB at a time (``mmap`` with ``MAP_POPULATE``, no read copy) and ``pwrite`` of the
+  mapping ("mmap"). Their system time against cp's says how close to cp a program with
+  a buffer of its own can come on this machine (issue 12 asks gpucrypt for <= 1.1x cp).
 
 Rows on a 4 KiB file (start-up): ``gpucrypt encrypt``, the same Python script (one
 chunk: it imports ``cryptography``, reads the key and the file, writes the sealed
@@ -102,6 +108,33 @@ with open(src, "rb") as fin, open(dst, "wb") as fout:
         fout.write(aead.encrypt(nonce, block, None) if mode == "encrypt"
                    else aead.decrypt(nonce, block, None))
         counter += 1
+"""
+
+#: the floor without a cipher (see the module docstring): ``read`` or ``mmap`` IN OUT
+_COPY_SCRIPT = r"""
+import mmap, os, sys
+
+mode, src, dst = sys.argv[1:]
+window = 8 << 20
+fin, fout = os.open(src, os.O_RDONLY), os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+size = os.fstat(fin).st_size
+buf = memoryview(mmap.mmap(-1, window))
+for offset in range(0, size, window):
+    n = min(window, size - offset)
+    if mode == "read":
+        view, got = buf[:n], 0
+        while got < n:
+            got += os.preadv(fin, [view[got:]], offset + got)
+    else:
+        mapped = mmap.mmap(fin, n, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                           prot=mmap.PROT_READ, offset=offset)
+        view = memoryview(mapped)
+    done = 0
+    while done < n:
+        done += os.pwrite(fout, view[done:], offset + done)
+    if mode != "read":
+        view.release()
+        mapped.close()
 """
 
 
@@ -226,10 +259,11 @@ def build_rows(work: str, threads: list[int]) -> tuple[list[Row], dict[str, str]
     """The rows, and the inputs they need made before the checks (name -> path)."""
     gpucrypt, age, python = _tool("gpucrypt"), _tool("age"), sys.executable
     p = {n: os.path.join(work, n) for n in
-         ("key", "identity", "plain", "plain.gc", "plain.age", "small", "script.py")}
+         ("key", "identity", "plain", "plain.gc", "plain.age", "small", "script.py",
+          "copy.py")}
     _PLACEHOLDERS.update({p["key"]: "KEY", p["identity"]: "IDENTITY", p["plain"]: "IN",
                           p["plain.gc"]: "IN.gc", p["plain.age"]: "IN.age", p["small"]: "IN4K",
-                          p["script.py"]: "script.py", python: "python", gpucrypt: "gpucrypt",
+                          p["script.py"]: "script.py", p["copy.py"]: "copy.py", python: "python", gpucrypt: "gpucrypt",
                           age: "age"})
     recipient = subprocess.run([_tool("age-keygen"), "-y", p["identity"]], capture_output=True,
                                text=True, check=True).stdout.strip()
@@ -252,6 +286,7 @@ def build_rows(work: str, threads: list[int]) -> tuple[list[Row], dict[str, str]
              for t in threads for o in [out(f"dec-t{t}")]]
     enc_age, dec_age, copy, enc_py = out("enc.age"), out("dec-age"), out("copy"), out("enc.py")
     small_gc, small_py, small_age = out("small.gc"), out("small.py"), out("small.age")
+    copies = {mode: out(f"copy-{mode}") for mode in ("read", "mmap")}
     rows += [
         Row("age -r (encrypt)", "bulk", [age, "-r", recipient, "-o", enc_age, p["plain"]],
             enc_age, age_open),
@@ -260,6 +295,8 @@ def build_rows(work: str, threads: list[int]) -> tuple[list[Row], dict[str, str]
         Row("cp", "bulk", ["cp", p["plain"], copy], copy),
         Row("python script, cryptography, 1 MiB chunks", "bulk",
             [python, p["script.py"], "encrypt", p["key"], p["plain"], enc_py], enc_py, script_open),
+        *[Row(f"python copy, {mode} (no cipher)", "bulk",
+              [python, p["copy.py"], mode, p["plain"], o], o) for mode, o in copies.items()],
         Row("gpucrypt encrypt", "small", [gpucrypt, "encrypt", *key, "-f", p["small"], small_gc],
             small_gc, gc_open),
         Row("python script, cryptography", "small",
@@ -303,6 +340,12 @@ def ratios(rows: list[Row], size: int, threads: list[int]) -> list[dict]:
         add(f"{op}: system time of gpucrypt --threads {hi} vs cp", ours_sys / cp_sys, "<= 1.1",
             ours_sys / cp_sys <= 1.1, f"sys(gpucrypt) / sys(cp) on the same file; sys per GiB: "
             f"gpucrypt {ours_sys / gib:.2f} s, cp {cp_sys / gib:.2f} s")
+    for mode in ("read", "mmap"):
+        floor_sys = med[("bulk", f"python copy, {mode} (no cipher)")]["median_sys_s"]
+        add(f"floor: system time of copy ({mode}, no cipher) vs cp", floor_sys / cp_sys,
+            "<= 1.1", floor_sys / cp_sys <= 1.1,
+            f"sys(read the file into a buffer of one's own and write it) / sys(cp): what any "
+            f"such program pays; sys per GiB: {floor_sys / gib:.2f} s, cp {cp_sys / gib:.2f} s")
     peak = max(s["peak_rss_mib"] for (g, n), s in med.items() if n.startswith("gpucrypt"))
     add("peak RSS of gpucrypt", peak, "< 128 MiB", peak < 128,
         "largest ru_maxrss of a gpucrypt process over all rows and repetitions", unit="MiB")
@@ -363,8 +406,9 @@ def main(argv: list[str] | None = None) -> int:
             f.write(os.urandom(32))
         subprocess.run([_tool("age-keygen"), "-o", os.path.join(work, "identity")],
                        check=True, capture_output=True)
-        with open(os.path.join(work, "script.py"), "w", encoding="utf-8") as f:
-            f.write(_SCRIPT)
+        for name, text in (("script.py", _SCRIPT), ("copy.py", _COPY_SCRIPT)):
+            with open(os.path.join(work, name), "w", encoding="utf-8") as f:
+                f.write(text)
         print(f"writing {args.size} random bytes to {work} ...", file=sys.stderr)
         want = {"bulk": _write_random(os.path.join(work, "plain"), args.size),
                 "small": _write_random(os.path.join(work, "small"), SMALL)}

@@ -6,29 +6,35 @@ Drop-in AEAD classes (change the import, keep the bytes)::
 
 Each takes ``device="auto" | "cpu" | "gpu"``; see :mod:`gpucrypt.backends`.
 
-``import gpucrypt`` loads ``cryptography`` and nothing heavier: the tensor API
-(:mod:`gpucrypt.tensors.api`, which needs NumPy) is imported on first use of one of
-its names (``gpucrypt.encrypt_tensor``, ``from gpucrypt import TensorCipher``).
+``import gpucrypt`` loads ``cryptography`` and nothing heavier: the AEAD classes
+(:mod:`gpucrypt.aead`) and the tensor API (:mod:`gpucrypt.tensors.api`, which needs
+NumPy) are imported on first use of one of their names (``from gpucrypt import AESGCM``,
+``gpucrypt.encrypt_tensor``), so that ``gpucrypt encrypt`` of a small file, which uses
+neither, does not pay for them.
 """
 from __future__ import annotations
 
 from cryptography.exceptions import InvalidTag
 
-from .aead import AESGCM, BatchInvalidTag, ChaCha20Poly1305, XChaCha20Poly1305
 from .backends import BackendUnavailable
 from ._info import info
 
 __version__ = "0.1.0"
 
 #: names served on first use (PEP 562) -> the module that defines them
-_LAZY = dict.fromkeys(("encrypt_tensor", "decrypt_tensor", "encrypt_tensors", "decrypt_tensors",
-                       "EncryptedTensor", "NonceSequence", "TensorCipher"), "gpucrypt.tensors.api")
+_LAZY = {**dict.fromkeys(("AESGCM", "BatchInvalidTag", "ChaCha20Poly1305", "XChaCha20Poly1305"),
+                         "gpucrypt.aead"),
+         **dict.fromkeys(("encrypt_tensor", "decrypt_tensor", "encrypt_tensors", "decrypt_tensors",
+                          "EncryptedTensor", "NonceSequence", "TensorCipher"), "gpucrypt.tensors.api")}
 
-__all__ = ["ChaCha20Poly1305", "XChaCha20Poly1305", "AESGCM", "InvalidTag", "BatchInvalidTag",
-           "BackendUnavailable", "info", "__version__", *_LAZY]
+__all__ = ["InvalidTag", "BackendUnavailable", "info", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> object:
+    if name == "aead":  # ``gpucrypt.aead`` after a bare ``import gpucrypt``, as before it was lazy
+        import importlib
+
+        return importlib.import_module("gpucrypt.aead")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'gpucrypt' has no attribute {name!r}")

@@ -137,3 +137,42 @@ def test_every_subpackage_is_installed():
     on_disk = {".".join(p.parent.relative_to(root).parts)
                for p in (root / "gpucrypt").rglob("__init__.py")}
     assert on_disk - listed == set()
+
+
+#: standard modules a plain encrypt of a small file does without, each a millisecond or
+#: more of its run: hmac/hashlib (load OpenSSL's shared library; only comparing a MAC
+#: needs them), signal (only a named temporary file's cleanup) and threading/the pool
+#: (only a file of more than one segment)
+STARTUP_COSTS = ("hmac", "hashlib", "_hashlib", "signal", "threading", "concurrent.futures")
+
+
+def test_cli_small_encrypt_skips_costly_standard_modules(tmp_path):
+    (tmp_path / "k").write_bytes(bytes(range(32)))
+    (tmp_path / "k").chmod(0o600)
+    (tmp_path / "in").write_bytes(b"y" * 4096)
+    baseline = set(loaded_after("", cwd=tmp_path)["modules"])  # what Python loads anyway here
+    code = ("from gpucrypt.cli import main\n"
+            "result = main(['encrypt', '--key-file', 'k', 'in', 'out'])")
+    ran = loaded_after(code, cwd=tmp_path)
+    assert ran["result"] == 0
+    assert [m for m in STARTUP_COSTS if m in ran["modules"] and m not in baseline] == []
+    # the AEAD classes load on first use of their names; a file's stream needs only backends
+    assert [m for m in ("gpucrypt.aead", "gpucrypt._limits") if m in ran["modules"]] == []
+    # and the file is whole: decrypting it (which does compare MACs) gives the input back
+    code = ("from gpucrypt.cli import main\n"
+            "result = main(['decrypt', '--key-file', 'k', 'out', 'back'])")
+    assert loaded_after(code, cwd=tmp_path)["result"] == 0
+    assert (tmp_path / "back").read_bytes() == b"y" * 4096
+
+
+def test_aead_classes_load_on_first_use():
+    code = ("import gpucrypt\n"
+            "before = 'gpucrypt.aead' in sys.modules\n"
+            "from gpucrypt import AESGCM\n"
+            "result = [before, AESGCM.__module__, gpucrypt.aead.AESGCM is AESGCM,\n"
+            "          gpucrypt.ChaCha20Poly1305(bytes(32)).decrypt(\n"
+            "              bytes(12), gpucrypt.ChaCha20Poly1305(bytes(32)).encrypt(bytes(12), b'x', None),\n"
+            "              None).decode()]")
+    assert loaded_after(code)["result"] == [False, "gpucrypt.aead", True, "x"]
+    code = "import gpucrypt\nresult = gpucrypt.aead.__name__"  # the submodule, bare import
+    assert loaded_after(code)["result"] == "gpucrypt.aead"

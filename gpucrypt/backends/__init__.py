@@ -12,7 +12,7 @@ exists to test kernels, not to run them.
 from __future__ import annotations
 
 import os
-import threading
+import _thread
 from typing import Callable
 
 from ._base import AEAD_ALGORITHMS, STREAM_ALGORITHMS, AeadContext, Backend
@@ -37,7 +37,7 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run on this machine; the message says why."""
 
 
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()  # threading.Lock; threading itself loads with a pool
 _instances: dict[str, Backend] = {}
 _reasons: dict[str, str] = {}
 

@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
+import _thread
 from collections import OrderedDict
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import constant_time
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
@@ -65,6 +64,16 @@ def _same_memory(a: memoryview, b: memoryview) -> bool:
 
     address = lambda v: np.frombuffer(v, dtype=np.uint8).__array_interface__["data"][0]  # noqa: E731
     return address(a) == address(b)
+
+
+def _tags_equal(a: bytes, b: bytes) -> bool:
+    """Constant-time comparison of two tags. ``constant_time`` is imported on the first
+    comparison, not with this module: it loads the standard hmac and hashlib (OpenSSL's
+    shared library, about 6 ms of a small file's run), and only the composed paths and
+    failed tags compare here."""
+    from cryptography.hazmat.primitives import constant_time
+
+    return constant_time.bytes_eq(a, b)
 
 
 def _xor_into(encryptor, data: memoryview, out: memoryview) -> None:
@@ -128,7 +137,7 @@ class _OpenSslAead(AeadContext):
             return
         state = self._start(nonce)
         ct, tag = data[:-16], data[-16:]
-        if not constant_time.bytes_eq(self._tag(state, ct, aad), bytes(tag)):
+        if not _tags_equal(self._tag(state, ct, aad), bytes(tag)):
             _zero(out)
             raise InvalidTag()
         self._xor(state, ct, out)
@@ -150,7 +159,7 @@ class _OpenSslAead(AeadContext):
                 return self._open_detached_one_shot(nonce, data, tag, aad, out)
             return self._open_detached_scratch(nonce, data, tag, aad, out)
         state = self._start(nonce)
-        if not constant_time.bytes_eq(self._tag(state, data, aad), bytes(tag)):
+        if not _tags_equal(self._tag(state, data, aad), bytes(tag)):
             if not _same_memory(data, out):
                 _zero(out)
             raise InvalidTag()
@@ -231,7 +240,7 @@ class _ChaCha20Poly1305(_OpenSslAead):
     def open_detached(self, nonce, data, tag, aad, out, threads=1):
         if threads < 2 or len(data) < PARALLEL_MIN or len(tag) != 16:
             return super().open_detached(nonce, data, tag, aad, out)
-        if not constant_time.bytes_eq(self._tag(nonce, data, aad), bytes(tag)):
+        if not _tags_equal(self._tag(nonce, data, aad), bytes(tag)):
             if not _same_memory(data, out):
                 _zero(out)
             raise InvalidTag()
@@ -400,7 +409,7 @@ class ContextCache:
     def __init__(self, size: int = CONTEXT_CACHE_SIZE):
         self._size = size
         self._entries: OrderedDict = OrderedDict()  # (algorithm, id(key)) -> (key, context)
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()  # threading.Lock; threading itself loads with a pool
 
     def get(self, algorithm: str, key: bytes) -> AeadContext:
         if type(key) is not bytes:

@@ -29,9 +29,8 @@ CLI's outputs) goes through here, so the guarantee is the same everywhere:
 from __future__ import annotations
 
 import errno
+import _thread
 import os
-import signal
-import threading
 from typing import Any, Callable
 
 __all__ = ["AtomicFile", "OutputExists", "write_atomically", "write_atomically_with",
@@ -185,18 +184,24 @@ def _remove(temp: str) -> None:
 # --------------------------------------------------------------------------- signal cleanup
 #: named temporary files alive now, removed by the signal handler
 _LIVE: set[str] = set()
-_LIVE_LOCK = threading.Lock()
+_LIVE_LOCK = _thread.allocate_lock()  # threading.Lock, without importing threading
 #: signals our handler is installed for (each had the default action before)
 _HANDLED: set[int] = set()
 
 
 def _cleanup_signals() -> list[int]:
+    # signal (its enums: about a millisecond) is imported where a named temporary file
+    # needs it, not by every small file's run (unnamed files need no handler)
+    import signal
+
     names = ("SIGTERM", "SIGHUP", "SIGPIPE")
     return [getattr(signal, name) for name in names if hasattr(signal, name)]
 
 
 def _on_signal(signum: int, frame: Any) -> None:
     """Remove every named temporary file, then die of the signal as the default would."""
+    import signal
+
     for temp in list(_LIVE):
         try:
             os.unlink(temp)
@@ -210,10 +215,14 @@ def _on_signal(signum: int, frame: Any) -> None:
 def _track(temp: str) -> None:
     """Remember ``temp`` for the signal handler, installing it (main thread only, and only
     over a default action: a program's own handlers are left alone)."""
+    import threading  # here: only named temporary files (not unnamed ones) need it
+
     with _LIVE_LOCK:
         _LIVE.add(temp)
         if threading.current_thread() is not threading.main_thread():
             return
+        import signal
+
         for signum in _cleanup_signals():
             if signum not in _HANDLED and signal.getsignal(signum) == signal.SIG_DFL:
                 signal.signal(signum, _on_signal)
@@ -223,8 +232,14 @@ def _track(temp: str) -> None:
 def _untrack(temp: str) -> None:
     with _LIVE_LOCK:
         _LIVE.discard(temp)
-        if _LIVE or threading.current_thread() is not threading.main_thread():
+        if _LIVE or not _HANDLED:
             return
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
         for signum in list(_HANDLED):
             if signal.getsignal(signum) is _on_signal:
                 signal.signal(signum, signal.SIG_DFL)

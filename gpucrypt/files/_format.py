@@ -37,7 +37,7 @@ import os
 import struct
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import constant_time, hashes
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.hmac import HMAC
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -318,6 +318,10 @@ def verify_header(key: bytes, header: Header) -> None:
     """AuthenticationError unless ``header``'s MAC verifies under ``key``."""
     body = header.fixed_fields + variable_fields(header.key_id, header.envelope)
     expected = _header_mac(key, header, body)
+    # here, not at the top: constant_time imports the standard hmac and hashlib (which
+    # load OpenSSL's shared library, about 6 ms), and encrypting never compares a MAC
+    from cryptography.hazmat.primitives import constant_time
+
     if not constant_time.bytes_eq(expected, bytes(header.header_mac)):
         raise AuthenticationError("header authentication failed: wrong key, or the header "
                                   "(key id, envelope or parameters) was tampered with")
