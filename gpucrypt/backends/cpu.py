@@ -83,7 +83,7 @@ def _xor_into(encryptor, data: memoryview, out: memoryview) -> None:
         encryptor.update_into(data[start:end], out[start:end])
 
 
-_SCRATCH = threading.local()
+_SCRATCH = _thread._local()  # threading.local, without loading threading
 
 
 def _thread_scratch(nbytes: int) -> memoryview:
