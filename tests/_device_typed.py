@@ -55,6 +55,7 @@ DEVICE_THREADS = 256
 # --------------------------------------------------------------------------- checked 16-byte access
 
 _address_of_raw, _load_raw, _store_raw = kv._make_intrinsics(numba.extending.intrinsic)
+_byte_swap = kv._make_byte_swap(numba.extending.intrinsic)
 
 
 @njit
@@ -116,6 +117,7 @@ def _aes_table_twins() -> dict:
 
 
 _COMMON = {"address_of": address_of, "load_u32x4": load_u32x4, "store_u32x4": store_u32x4, "_sync": _sync,
+           "byte_swap": _byte_swap,
            "THREADS_PER_BLOCK": DEVICE_THREADS}
 
 
