@@ -16,6 +16,9 @@ Limits
 - Offsets and lengths are byte counts below 2**61 (so ``8*len`` fits in 64 bits);
   buffers are 1-D ``uint8`` device arrays of any alignment.
 - ``chunk_blocks`` (``L`` below) is a power of two, 2 <= L <= 2**16.
+- Blocks of at most ``THREADS_PER_BLOCK`` threads (``kernels._launch``): each thread
+  owns one slot of the kernel's static shared key schedule (``SCHEDULE_WORDS``
+  uint32, 36 KiB at 256 threads).
 - Nothing is validated here: the backend checks lengths, shapes and offsets.
 
 Algorithm: parallel polynomial evaluation
@@ -67,16 +70,26 @@ Shoup 4-bit tables (option (a)):
 Measured SASS (sm_90, numba-cuda 0.30 -> ``ptxas -arch=sm_90`` 13.0, one 16-byte block
 of the main loop of ``ghash_blocks``, full-block path):
 
-- (b) this module: 455 instructions per block (28.7 per byte over a 1 KiB chunk):
-  144 IMAD.WIDE.U32, 260 LOP3, one LDG.E.128; 92 registers, 0 spills
-  (``ghash_combine``: 443 per partial, 80 registers). Before the 128-bit loads and
-  the shared multiply-adds of ``clmul32``: 498 per block (31.4 per byte, 16 LDG.U8,
-  286 LOP3), 96 registers. Of the 260 LOP3, by a count of the source's operations,
-  about 36 mask the data operand, about 41 mask and combine the *key* operand
-  (loop-invariant, recomputed each block rather than held in 36 more registers),
-  about 90 sum products and 54 merge the classes. Reaching 20 per byte needs the
-  key-side work out of the loop (a per-thread table of the 36 masked key words in
-  shared memory, read with 128-bit loads) and fewer class merges: not done.
+- (b) this module: 402 instructions per block (25.4 per byte over a 1 KiB chunk):
+  144 IMAD.WIDE.U32, 9 LDS.128, about 200 LOP3, one LDG.E.128, 4 PRMT; 76 registers,
+  0 spills, 36 KiB shared (``ghash_combine``: 414 per partial, 72 registers). With
+  ``launch_bounds=(256, 4)`` ptxas fits 64 registers but spills 20-44 bytes (outside
+  the Horner loop, ~10 local accesses per chunk), so the bound is not set.
+  History: 498 per block (31.4 per byte) with byte loads; 455 (28.7) with 128-bit
+  loads and the shared multiply-adds of ``clmul32``; 424 (26.8) with the key schedule
+  (the key-side masks and Karatsuba sums, 41 LOP3 per block, replaced by 9 LDS.128:
+  see :func:`key_schedule`); 400 (25.3) with the byte swap as one PRMT.
+  What stands between this and 20 per byte (320 per block with the loop's overhead):
+  the data side of the product alone is 144 IMAD.WIDE + 36 masks + 90 XORs summing
+  the products of a class + 54 merging the 4 classes of each of the 9 ``clmul32``,
+  324 before the Karatsuba joins and the reduction (~40). Aggregated reduction
+  (several blocks times ``H^k``, one reduction) saves at most the ~30 of the
+  reduction per block and needs a schedule per power (36 KiB of shared memory
+  each); deferring the class merges across blocks needs 72 accumulator registers.
+  A table method (Shoup) is faster but indexes tables with secret data, which the
+  constant-time requirement rules out. Reaching 20 per byte needs another multiplier
+  (an untried idea: the tensor cores' 1-bit MMA, a GF(2) matrix product by popcount
+  parity), not more tuning of this one.
   Written the obvious way (``uint64(a) * uint64(b)``) numba/LLVM emitted
   ``mul.lo.s64`` and ptxas added a useless VIADD per product (749 per block); hence
   ``mul_wide_u32`` below.
@@ -88,9 +101,10 @@ of the main loop of ``ghash_blocks``, full-block path):
   ~15 instructions per nibble, ~500 per block: no better than (b), and it is not
   constant time and needs a table per key per thread block.
 
-So (b) is used: as fast or faster by instruction count, constant time, no shared
-memory, and any mix of keys per warp. Rough H100 estimate (not measured, no GPU
-here, for the 498-instruction version): ~400 ALU-pipe + 144 IMAD.WIDE per block -> ~6 clocks per block per SM ->
+So (b) is used: as fast or faster by instruction count, constant time (the shared key
+schedule is read at addresses that depend only on the thread, never on data), and
+any mix of keys per warp. Rough H100 estimate (not measured, no GPU
+here, for the old 498-instruction version): ~400 ALU-pipe + 144 IMAD.WIDE per block -> ~6 clocks per block per SM ->
 ~0.6-0.7 TB/s for GHASH alone; with AES-CTR at ~0.35-0.4 TB/s that gives
 ~0.23-0.25 TB/s for AES-GCM, at the edge of the 0.25 TB/s target (see the
 report for what could still be cut).
@@ -101,6 +115,9 @@ Memory layout
 - ``GhashTable.messages``: ``uint64[n, 4]`` rows ``(aad_off, aad_len, ct_off, ct_len)``.
 - ``GhashTable.unit_start``: ``uint64[levels, n + 1]``, units per message per level.
 - ``h_blocks``, ``ekj0_blocks``, ``tags_out``: ``uint8[n, 16]`` (bytes as in the standard).
+- Shared memory (per thread block): the key schedules, ``uint32[SCHEDULE_ROWS,
+  THREADS_PER_BLOCK, 4]`` flattened; thread ``t`` owns ``[:, t, :]`` and nobody else
+  reads it, so no barrier is needed.
 - Scratch (``GhashScratch``): partials ``uint32[units, 4]`` x 2 (level outputs,
   ping-pong) and keys ``uint32[n, 4]`` x 2 (``K_k'`` per message, ping-pong).
   128-bit values in registers/scratch are 4 big-endian ``uint32`` words, word 0 first.
@@ -520,6 +537,9 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, h_blocks, c
         k0, k1, k2, k3 = gf128_prime(load_be32(hb, 0), load_be32(hb, 4),
                                      load_be32(hb, 8), load_be32(hb, 12))
         key_schedule(sched, slot, k0, k1, k2, k3)
+        # Before the Horner loops, so that the key is not live (in registers) across them.
+        if c == int64(0) and n_units > int64(1):
+            store_next_key(key_out, m, k0, k1, k2, k3, log2_chunk)
         x0 = uint32(0)
         x1 = uint32(0)
         x2 = uint32(0)
@@ -540,8 +560,6 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, h_blocks, c
                                                  x2 ^ uint32(cbits >> uint64(32)),
                                                  x3 ^ uint32(cbits & uint64(0xFFFFFFFF)), sched, slot)
         store_result(m, u, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out)
-        if c == int64(0) and n_units > int64(1):
-            store_next_key(key_out, m, k0, k1, k2, k3, log2_chunk)
         u += stride
 
 
@@ -568,6 +586,8 @@ def _ghash_combine(partials_in, in_start, partials_out, out_start, n_messages, k
         k2 = uint32(key_in[m, 2])
         k3 = uint32(key_in[m, 3])
         key_schedule(sched, slot, k0, k1, k2, k3)
+        if g == int64(0) and n_units > int64(1):  # before the loop: the key is then dead in it
+            store_next_key(key_out, m, k0, k1, k2, k3, log2_chunk)
         j = in_first + start
         x0 = uint32(partials_in[j, 0])
         x1 = uint32(partials_in[j, 1])
@@ -581,8 +601,6 @@ def _ghash_combine(partials_in, in_start, partials_out, out_start, n_messages, k
             x2 ^= uint32(partials_in[j, 2])
             x3 ^= uint32(partials_in[j, 3])
         store_result(m, u, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out)
-        if g == int64(0) and n_units > int64(1):
-            store_next_key(key_out, m, k0, k1, k2, k3, log2_chunk)
         u += stride
 
 
@@ -598,6 +616,7 @@ KERNEL_REPORT = [
     ReportEntry("ghash_blocks", _ghash_blocks, _BLOCKS_SIG, 16 * DEFAULT_CHUNK_BLOCKS,
                 inner_loops=(
                     InnerLoop("find_segment: binary search over the message table"),
+                    InnerLoop("next_key: log2(L) squarings, once per message", ops=("IMAD.WIDE.U32",)),
                     InnerLoop("Horner over aligned full associated-data blocks (none in a ciphertext chunk)",
                               ops=("IMAD.WIDE.U32", "LDG.E.128")),
                     InnerLoop("Horner over associated-data blocks, byte path", ops=("IMAD.WIDE.U32", "LDG.E.U8")),
@@ -605,16 +624,15 @@ KERNEL_REPORT = [
                               trips=DEFAULT_CHUNK_BLOCKS, ops=("IMAD.WIDE.U32", "LDG.E.128")),
                     InnerLoop("Horner over ciphertext blocks, byte path (unaligned field, partial last block)",
                               ops=("IMAD.WIDE.U32", "LDG.E.U8")),
-                    InnerLoop("next_key: log2(L) squarings, once per message", ops=("IMAD.WIDE.U32",)),
                 ),
                 note=f"level 0: one iteration = one chunk of L = {DEFAULT_CHUNK_BLOCKS} ciphertext blocks, "
                      "Horner with H"),
     ReportEntry("ghash_combine", _ghash_combine, _COMBINE_SIG, 16 * DEFAULT_CHUNK_BLOCKS,
                 inner_loops=(
                     InnerLoop("find_segment: binary search over the message table"),
+                    InnerLoop("next_key: log2(L) squarings, once per message", ops=("IMAD.WIDE.U32",)),
                     InnerLoop("Horner over partials: the first is loaded before the loop",
                               trips=DEFAULT_CHUNK_BLOCKS - 1, ops=("IMAD.WIDE.U32",)),
-                    InnerLoop("next_key: log2(L) squarings, once per message", ops=("IMAD.WIDE.U32",)),
                 ),
                 note=f"levels >= 1: one iteration = {DEFAULT_CHUNK_BLOCKS} partials of 16 bytes, Horner with "
                      "H^(L^k) (~1/L of level 0's work)"),
