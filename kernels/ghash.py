@@ -176,6 +176,16 @@ if is_simulator():
         i = int(index)
         assert i % 4 == 0, "16-byte shared load at a misaligned index"
         return uint32(array[i]), uint32(array[i + 1]), uint32(array[i + 2]), uint32(array[i + 3])
+
+    @device_function
+    def sts_u32x4(array, index, w0, w1, w2, w3):
+        """Simulator twin of the schedule's 128-bit shared store (as :func:`lds_u32x4`)."""
+        i = int(index)
+        assert i % 4 == 0, "16-byte shared store at a misaligned index"
+        array[i] = w0
+        array[i + 1] = w1
+        array[i + 2] = w2
+        array[i + 3] = w3
 else:
     from llvmlite import ir as _ir
     from numba import types as _types
@@ -191,6 +201,9 @@ else:
             return builder.call(asm, args)
 
         return sig, codegen
+
+    #: The schedule's 128-bit shared store (``STS.128``): an ordinary store suffices.
+    sts_u32x4 = store_u32x4
 
     @device_function
     def mul_wide_u32(a, b):
@@ -326,8 +339,8 @@ def schedule_index(row, slot):
 @device_function
 def store_schedule_row(sched, row, slot, w):
     """Row ``row`` of ``slot``'s schedule: the key word ``w`` split into its 4 bit classes."""
-    store_u32x4(sched, schedule_index(row, slot), uint32(w) & uint32(_M0), uint32(w) & uint32(_M1),
-                uint32(w) & uint32(_M2), uint32(w) & uint32(_M3))
+    sts_u32x4(sched, schedule_index(row, slot), uint32(w) & uint32(_M0), uint32(w) & uint32(_M1),
+              uint32(w) & uint32(_M2), uint32(w) & uint32(_M3))
 
 
 @device_function

@@ -247,7 +247,7 @@ class Kernels:
 chacha20 = Kernels(kc, {"xor": kc._chacha20_xor_kernel})
 aes = Kernels(ka, {"xor": ka._aes_ctr_xor_kernel}, _aes_table_twins())
 ghash = Kernels(kg, {"blocks": kg._ghash_blocks, "combine": kg._ghash_combine},
-                {"mul_wide_u32": mul_wide_u32, "lds_u32x4": load_u32x4})
+                {"mul_wide_u32": mul_wide_u32, "lds_u32x4": load_u32x4, "sts_u32x4": store_u32x4})
 poly1305 = Kernels(kp, {"powers": kp._poly1305_powers, "partial": kp._poly1305_aead_partial,
                         "combine": kp._poly1305_combine})
 
