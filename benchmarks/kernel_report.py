@@ -648,7 +648,10 @@ def main(argv=None) -> int:
     print_table(results, skipped)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"tools": tools, "results": [asdict(r) for r in results],
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+            json.dump({"benchmark": "kernel_report", "commit": commit, "load_average": os.getloadavg(),
+                       "tools": tools, "results": [asdict(r) for r in results],
                        "skipped": [{"module": m, "reason": r} for m, r in skipped]}, f, indent=2)
     return 0 if results and all(r.verdict == "PASS" for r in results) else 1
 

@@ -277,7 +277,8 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
                       "model_scale_run": render_model_scale_run,
                       "dcp_bench": render_dcp_run,
                       "model_load_bench": render_model_load_run,
-                      "ray_bench": render_ray_run}.get(doc.get("benchmark"), render_run)
+                      "ray_bench": render_ray_run,
+                      "kernel_report": render_kernel_report_run}.get(doc.get("benchmark"), render_run)
         lines += render_one(path.stem, doc)
     if cli_runs:
         lines += render_cli_section(cli_runs)
@@ -483,6 +484,32 @@ def render_ray_run(name: str, doc: dict) -> list[str]:
     lines += ["", f"On the cluster, {cluster['files']} such files through {cluster['actors']} "
                   f"actors: {cluster['us_per_file']:.0f} us per file (Ray Data's own costs "
                   f"included)."]
+    return lines + [""]
+
+
+def render_kernel_report_run(name: str, doc: dict) -> list[str]:
+    """A ``benchmarks/kernel_report.py --json`` run: static SASS figures per kernel (sm_90, no GPU)."""
+    lines = [f"## {name}", "",
+             f"`benchmarks/kernel_report.py`: every kernel compiled for sm_90 without a GPU (commit "
+             f"`{doc['commit'][:10]}`), its SASS counted statically (method in the script's docstring), so "
+             f"machine load does not change the counts; compile times are CPU seconds (1-minute load "
+             f"average {doc['load_average'][0]:.2f}).", "",
+             "| kernel | registers | spills (B) | SASS instr/byte | target | compile s (CPU) | verdict |",
+             "|---|---:|---:|---:|---|---:|---|"]
+    for r in doc["results"]:
+        label = f"{r['module']}.{r['name']}" + (f" ({r['variant']})" if r.get("variant") else "")
+        if r.get("error"):
+            lines.append(f"| {label} | | | | | | error: {r['error'].splitlines()[-1]} |")
+            continue
+        targets = []
+        if r.get("target_instructions_per_byte") is not None:
+            targets.append(f"<= {r['target_instructions_per_byte']:g}/B")
+        if r.get("target_registers") is not None:
+            targets.append(f"<= {r['target_registers']} reg")
+        spills = r["spill_store_bytes"] + r["spill_load_bytes"]
+        compile_s = r["compile_seconds"] + r["ptxas_seconds"]
+        lines.append(f"| {label} | {r['registers']} | {spills} | {r['instructions_per_byte']:.2f} | "
+                     f"{', '.join(targets) or '-'} | {compile_s:.1f} | {r['verdict']} |")
     return lines + [""]
 
 

@@ -7,7 +7,7 @@ move 16 bytes with one ``LDG.E.128`` / ``STG.E.128`` instead:
 * ``load_u32x4(a, i)``: the 16 bytes starting at element ``a[i]`` as 4 little-endian
   ``uint32`` (one ``LDG.E.128``);
 * ``store_u32x4(a, i, w0, w1, w2, w3)``: the reverse (one ``STG.E.128``);
-* ``bswap32(x)``: a word's bytes reversed (one ``PRMT``), for big-endian data
+* ``bswap32(x)``: a word's bytes reversed (one ``PRMT``: inline PTX), for big-endian data
   (AES, GHASH) loaded as little-endian words.
 
 ``a`` is a C-contiguous ``uint8`` or ``uint32`` array of any dimension; ``i`` is a
@@ -120,9 +120,49 @@ ON_SIMULATOR = is_simulator()
 address_of, load_u32x4, store_u32x4 = _make_simulator_twins() if ON_SIMULATOR else _make_intrinsics()
 
 
+def _make_byte_swap(intrinsic=None):
+    """The device byte swap: one ``PRMT`` (inline PTX ``prmt.b32`` with selector 0x0123).
+    Written out in numba (whose ``uint32`` shifts are 64-bit) it costs about 6
+    instructions a word, and NVVM lowers LLVM's ``bswap`` to shifts too.
+    ``intrinsic`` as in :func:`_make_intrinsics`; the CPU build (the device-typed tests)
+    uses LLVM's ``bswap``, the same function, since PTX cannot run there."""
+    from llvmlite import ir
+    from numba import types
+
+    on_device = intrinsic is None
+    if on_device:
+        from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def byte_swap(typingctx, x):
+        def codegen(context, builder, sig, args):
+            word = context.cast(builder, args[0], sig.args[0], types.uint32)
+            if not on_device:
+                return builder.bswap(word)
+            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [ir.IntType(32)]),
+                               "prmt.b32 $0, $1, 0, 0x0123;", "=r,r")
+            return builder.call(asm, [word])
+
+        return types.uint32(x), codegen
+
+    return byte_swap
+
+
+def _make_byte_swap_simulator():
+    @cuda.jit(device=True)
+    def byte_swap(x):
+        x = uint32(x)
+        return uint32((x >> uint32(24)) | ((x >> uint32(8)) & uint32(0xFF00))
+                      | ((x << uint32(8)) & uint32(0xFF0000)) | (x << uint32(24)))
+
+    return byte_swap
+
+
+#: Chosen with the twins above.
+byte_swap = _make_byte_swap_simulator() if ON_SIMULATOR else _make_byte_swap()
+
+
 @device_function
 def bswap32(x):
-    """Byte swap of a 32-bit word (one PRMT)."""
-    x = uint32(x)
-    return uint32((x >> uint32(24)) | ((x >> uint32(8)) & uint32(0xFF00))
-                  | ((x << uint32(8)) & uint32(0xFF0000)) | (x << uint32(24)))
+    """Byte swap of a 32-bit word (one PRMT on the device)."""
+    return uint32(byte_swap(uint32(x)))

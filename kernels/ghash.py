@@ -16,6 +16,9 @@ Limits
 - Offsets and lengths are byte counts below 2**61 (so ``8*len`` fits in 64 bits);
   buffers are 1-D ``uint8`` device arrays of any alignment.
 - ``chunk_blocks`` (``L`` below) is a power of two, 2 <= L <= 2**16.
+- Blocks of at most ``THREADS_PER_BLOCK`` threads (``kernels._launch``): each thread
+  owns one slot of the kernel's static shared key schedule (``SCHEDULE_WORDS``
+  uint32, 36 KiB at 256 threads).
 - Nothing is validated here: the backend checks lengths, shapes and offsets.
 
 Algorithm: parallel polynomial evaluation
@@ -67,16 +70,26 @@ Shoup 4-bit tables (option (a)):
 Measured SASS (sm_90, numba-cuda 0.30 -> ``ptxas -arch=sm_90`` 13.0, one 16-byte block
 of the main loop of ``ghash_blocks``, full-block path):
 
-- (b) this module: 455 instructions per block (28.7 per byte over a 1 KiB chunk):
-  144 IMAD.WIDE.U32, 260 LOP3, one LDG.E.128; 92 registers, 0 spills
-  (``ghash_combine``: 443 per partial, 80 registers). Before the 128-bit loads and
-  the shared multiply-adds of ``clmul32``: 498 per block (31.4 per byte, 16 LDG.U8,
-  286 LOP3), 96 registers. Of the 260 LOP3, by a count of the source's operations,
-  about 36 mask the data operand, about 41 mask and combine the *key* operand
-  (loop-invariant, recomputed each block rather than held in 36 more registers),
-  about 90 sum products and 54 merge the classes. Reaching 20 per byte needs the
-  key-side work out of the loop (a per-thread table of the 36 masked key words in
-  shared memory, read with 128-bit loads) and fewer class merges: not done.
+- (b) this module: 402 instructions per block (25.4 per byte over a 1 KiB chunk):
+  144 IMAD.WIDE.U32, 9 LDS.128, about 200 LOP3, one LDG.E.128, 4 PRMT; 76 registers,
+  0 spills, 36 KiB shared (``ghash_combine``: 414 per partial, 72 registers). With
+  ``launch_bounds=(256, 4)`` ptxas fits 64 registers but spills 20-44 bytes (outside
+  the Horner loop, ~10 local accesses per chunk), so the bound is not set.
+  History: 498 per block (31.4 per byte) with byte loads; 455 (28.7) with 128-bit
+  loads and the shared multiply-adds of ``clmul32``; 424 (26.8) with the key schedule
+  (the key-side masks and Karatsuba sums, 41 LOP3 per block, replaced by 9 LDS.128:
+  see :func:`key_schedule`); 400 (25.3) with the byte swap as one PRMT.
+  What stands between this and 20 per byte (320 per block with the loop's overhead):
+  the data side of the product alone is 144 IMAD.WIDE + 36 masks + 90 XORs summing
+  the products of a class + 54 merging the 4 classes of each of the 9 ``clmul32``,
+  324 before the Karatsuba joins and the reduction (~40). Aggregated reduction
+  (several blocks times ``H^k``, one reduction) saves at most the ~30 of the
+  reduction per block and needs a schedule per power (36 KiB of shared memory
+  each); deferring the class merges across blocks needs 72 accumulator registers.
+  A table method (Shoup) is faster but indexes tables with secret data, which the
+  constant-time requirement rules out. Reaching 20 per byte needs another multiplier
+  (an untried idea: the tensor cores' 1-bit MMA, a GF(2) matrix product by popcount
+  parity), not more tuning of this one.
   Written the obvious way (``uint64(a) * uint64(b)``) numba/LLVM emitted
   ``mul.lo.s64`` and ptxas added a useless VIADD per product (749 per block); hence
   ``mul_wide_u32`` below.
@@ -88,9 +101,10 @@ of the main loop of ``ghash_blocks``, full-block path):
   ~15 instructions per nibble, ~500 per block: no better than (b), and it is not
   constant time and needs a table per key per thread block.
 
-So (b) is used: as fast or faster by instruction count, constant time, no shared
-memory, and any mix of keys per warp. Rough H100 estimate (not measured, no GPU
-here, for the 498-instruction version): ~400 ALU-pipe + 144 IMAD.WIDE per block -> ~6 clocks per block per SM ->
+So (b) is used: as fast or faster by instruction count, constant time (the shared key
+schedule is read at addresses that depend only on the thread, never on data), and
+any mix of keys per warp. Rough H100 estimate (not measured, no GPU
+here, for the old 498-instruction version): ~400 ALU-pipe + 144 IMAD.WIDE per block -> ~6 clocks per block per SM ->
 ~0.6-0.7 TB/s for GHASH alone; with AES-CTR at ~0.35-0.4 TB/s that gives
 ~0.23-0.25 TB/s for AES-GCM, at the edge of the 0.25 TB/s target (see the
 report for what could still be cut).
@@ -101,6 +115,9 @@ Memory layout
 - ``GhashTable.messages``: ``uint64[n, 4]`` rows ``(aad_off, aad_len, ct_off, ct_len)``.
 - ``GhashTable.unit_start``: ``uint64[levels, n + 1]``, units per message per level.
 - ``h_blocks``, ``ekj0_blocks``, ``tags_out``: ``uint8[n, 16]`` (bytes as in the standard).
+- Shared memory (per thread block): the key schedules, ``uint32[SCHEDULE_ROWS,
+  THREADS_PER_BLOCK, 4]`` flattened; thread ``t`` owns ``[:, t, :]`` and nobody else
+  reads it, so no barrier is needed.
 - Scratch (``GhashScratch``): partials ``uint32[units, 4]`` x 2 (level outputs,
   ping-pong) and keys ``uint32[n, 4]`` x 2 (``K_k'`` per message, ping-pong).
   128-bit values in registers/scratch are 4 big-endian ``uint32`` words, word 0 first.
@@ -113,9 +130,9 @@ import numpy as np
 from numba import cuda, int64, uint32, uint64
 
 from ._compile import device_function, kernel
-from ._launch import (InnerLoop, ReportEntry, find_segment, is_simulator, launch, mac_messages,
-                      unit_prefix)
-from ._vector_io import address_of, bswap32, load_u32x4
+from ._vector_io import address_of, bswap32, load_u32x4, store_u32x4
+from ._launch import (THREADS_PER_BLOCK, InnerLoop, ReportEntry, find_segment, is_simulator, launch,
+                      mac_messages, unit_prefix)
 
 #: Default chunk length L in 16-byte blocks (1 KiB per thread at level 0).
 DEFAULT_CHUNK_BLOCKS = 64
@@ -128,6 +145,15 @@ _M0_64 = 0x1111111111111111
 _M1_64 = 0x2222222222222222
 _M2_64 = 0x4444444444444444
 _M3_64 = 0x8888888888888888
+
+#: Rows of a thread's key schedule (one per ``clmul32`` of a product), 4 words each.
+SCHEDULE_ROWS = 9
+#: Words of the shared key-schedule array: ``SCHEDULE_ROWS`` rows of ``THREADS_PER_BLOCK`` x 4
+#: (row-major, so the 128-bit loads of a warp touch consecutive addresses): 36 KiB at 256 threads.
+SCHEDULE_WORDS = SCHEDULE_ROWS * THREADS_PER_BLOCK * 4
+#: Its alignment for the 128-bit loads (None in the simulator, which refuses the argument;
+#: NumPy's allocations there are 16-byte aligned, and the twins assert it).
+SCHEDULE_ALIGN = None if is_simulator() else 16
 
 
 # --------------------------------------------------------------------------- GF(2^128)
@@ -142,6 +168,24 @@ if is_simulator():
     def mul_wide_u32(a, b):
         """Full 64-bit product of two uint32 (simulator twin)."""
         return uint64(uint32(a)) * uint64(uint32(b))
+
+    @device_function
+    def lds_u32x4(array, index):
+        """Simulator twin of the shared 128-bit load: 4 words from a 16-byte aligned index
+        (the device-typed tests check the real addresses with the device's code generation)."""
+        i = int(index)
+        assert i % 4 == 0, "16-byte shared load at a misaligned index"
+        return uint32(array[i]), uint32(array[i + 1]), uint32(array[i + 2]), uint32(array[i + 3])
+
+    @device_function
+    def sts_u32x4(array, index, w0, w1, w2, w3):
+        """Simulator twin of the schedule's 128-bit shared store (as :func:`lds_u32x4`)."""
+        i = int(index)
+        assert i % 4 == 0, "16-byte shared store at a misaligned index"
+        array[i] = w0
+        array[i + 1] = w1
+        array[i + 2] = w2
+        array[i + 3] = w3
 else:
     from llvmlite import ir as _ir
     from numba import types as _types
@@ -158,16 +202,45 @@ else:
 
         return sig, codegen
 
+    #: The schedule's 128-bit shared store (``STS.128``): an ordinary store suffices.
+    sts_u32x4 = store_u32x4
+
     @device_function
     def mul_wide_u32(a, b):
         """Full 64-bit product of two uint32 (one PTX ``mul.wide.u32``: IMAD.WIDE.U32)."""
         return _mul_wide_u32_ptx(uint32(a), uint32(b))
 
+    @_intrinsic
+    def lds_u32x4(typingctx, array, index):
+        """The 16 bytes at element ``index`` of the shared uint32 ``array`` (one ``LDS.128``).
+
+        An ordinary load of the key schedule is what LLVM would see through: it forwards
+        the values the same thread stored and hoists them out of the Horner loop into
+        registers (136 of them). The load is therefore inline PTX marked as having side
+        effects, so it stays in the loop, once per product.
+        """
+        ret = _types.UniTuple(_types.uint32, 4)
+
+        def codegen(context, builder, sig, args):
+            i32 = _ir.IntType(32)
+            ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+            base = builder.ptrtoint(builder.addrspacecast(ary.data, _ir.IntType(8).as_pointer(3)), i32)
+            index = context.cast(builder, args[1], sig.args[1], _types.uint32)
+            address = builder.add(base, builder.shl(index, _ir.Constant(i32, 2)))
+            fnty = _ir.FunctionType(_ir.LiteralStructType([i32] * 4), [i32])
+            asm = _ir.InlineAsm(fnty, "ld.shared.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,r",
+                                side_effect=True)
+            words = builder.call(asm, [address])
+            return context.make_tuple(builder, ret, [builder.extract_value(words, k) for k in range(4)])
+
+        return ret(array, index), codegen
+
 
 
 @device_function
-def clmul32(x, y):
-    """Carry-less 32x32 -> 64-bit product of ``x`` and ``y`` (uint32), constant time.
+def clmul32_keyed(x, y0, y1, y2, y3):
+    """Carry-less 32x32 -> 64-bit product of ``x`` and ``y`` (uint32), constant time, with the
+    key operand ``y`` given split: ``y_b = y & (0x11111111 << b)`` (see :func:`key_schedule`).
 
     Each operand is split into 4 interleaved parts (every 4th bit: ``x_a`` holds the
     bits of ``x`` at positions ``= a`` mod 4). ``x_a * y_b`` (integer) holds the
@@ -185,10 +258,6 @@ def clmul32(x, y):
     x1 = uint32(x) & uint32(_M1)
     x2 = uint32(x) & uint32(_M2)
     x3 = uint32(x) & uint32(_M3)
-    y0 = uint32(y) & uint32(_M0)
-    y1 = uint32(y) & uint32(_M1)
-    y2 = uint32(y) & uint32(_M2)
-    y3 = uint32(y) & uint32(_M3)
     z0 = (mul_wide_u32(x0, y0) + mul_wide_u32(x1, y3)) ^ mul_wide_u32(x2, y2) ^ mul_wide_u32(x3, y1)
     z1 = (mul_wide_u32(x0, y1) + mul_wide_u32(x2, y3)) ^ (mul_wide_u32(x1, y0) + mul_wide_u32(x3, y2))
     z2 = (mul_wide_u32(x0, y2) + mul_wide_u32(x3, y3)) ^ mul_wide_u32(x1, y1) ^ mul_wide_u32(x2, y0)
@@ -198,27 +267,31 @@ def clmul32(x, y):
 
 
 @device_function
-def clmul64(a_hi, a_lo, b_hi, b_lo):
-    """Carry-less 64x64 -> 128-bit product (Karatsuba, 3 ``clmul32``); returns (hi64, lo64)."""
-    lo = clmul32(a_lo, b_lo)
-    hi = clmul32(a_hi, b_hi)
-    mid = clmul32(uint32(a_lo) ^ uint32(a_hi), uint32(b_lo) ^ uint32(b_hi)) ^ lo ^ hi
+def clmul32(x, y):
+    """Carry-less 32x32 -> 64-bit product of ``x`` and ``y`` (uint32), constant time."""
+    return clmul32_keyed(x, uint32(y) & uint32(_M0), uint32(y) & uint32(_M1),
+                         uint32(y) & uint32(_M2), uint32(y) & uint32(_M3))
+
+
+@device_function
+def karatsuba_join(lo, hi, mid):
+    """(hi64, lo64) of a 64x64 carry-less product from its Karatsuba parts
+    ``lo = a_lo*b_lo``, ``hi = a_hi*b_hi``, ``mid = (a_lo^a_hi)*(b_lo^b_hi)`` (uint64 each)."""
+    mid = mid ^ lo ^ hi
     return hi ^ (mid >> uint64(32)), lo ^ (mid << uint64(32))
 
 
 @device_function
-def gf128_mul(a0, a1, a2, a3, b0, b1, b2, b3):
-    """``a * b`` in GCM's field, where ``b`` is a key operand in primed form (``b' = b*x^-1``).
+def clmul64(a_hi, a_lo, b_hi, b_lo):
+    """Carry-less 64x64 -> 128-bit product (Karatsuba, 3 ``clmul32``); returns (hi64, lo64)."""
+    return karatsuba_join(clmul32(a_lo, b_lo), clmul32(a_hi, b_hi),
+                          clmul32(uint32(a_lo) ^ uint32(a_hi), uint32(b_lo) ^ uint32(b_hi)))
 
-    Inputs and output are GCM blocks as 4 big-endian uint32 words (word 0 = bytes
-    0..3). With ``b`` primed the result is the plain product ``a*b_plain``; with
-    both primed it is ``(a*b)'``. Constant time.
-    """
-    # 128x128 Karatsuba over 64-bit halves: high half = words 0,1 (x^0.. in reflected order).
-    l1, l0 = clmul64(a2, a3, b2, b3)
-    h1, h0 = clmul64(a0, a1, b0, b1)
-    m1, m0 = clmul64(uint32(a0) ^ uint32(a2), uint32(a1) ^ uint32(a3),
-                     uint32(b0) ^ uint32(b2), uint32(b1) ^ uint32(b3))
+
+@device_function
+def gf128_join_reduce(l1, l0, h1, h0, m1, m0):
+    """``a * b'`` as 4 big-endian words from the three 128-bit Karatsuba parts
+    ``l = a_lo*b_lo``, ``h = a_hi*b_hi``, ``m = (a_lo^a_hi)*(b_lo^b_hi)`` ((hi64, lo64) each)."""
     m1 = m1 ^ l1 ^ h1
     m0 = m0 ^ l0 ^ h0
     # 256-bit product p3:p2:p1:p0 (uint64, p3 most significant).
@@ -238,6 +311,77 @@ def gf128_mul(a0, a1, a2, a3, b0, b1, b2, b3):
           ^ ((g0 >> uint64(7)) | (g1 << uint64(57))))
     return (uint32(r1 >> uint64(32)), uint32(r1 & uint64(0xFFFFFFFF)),
             uint32(r0 >> uint64(32)), uint32(r0 & uint64(0xFFFFFFFF)))
+
+
+@device_function
+def gf128_mul(a0, a1, a2, a3, b0, b1, b2, b3):
+    """``a * b`` in GCM's field, where ``b`` is a key operand in primed form (``b' = b*x^-1``).
+
+    Inputs and output are GCM blocks as 4 big-endian uint32 words (word 0 = bytes
+    0..3). With ``b`` primed the result is the plain product ``a*b_plain``; with
+    both primed it is ``(a*b)'``. Constant time. The Horner loops use
+    :func:`gf128_mul_scheduled` (the same product, key-side work done once).
+    """
+    # 128x128 Karatsuba over 64-bit halves: high half = words 0,1 (x^0.. in reflected order).
+    l1, l0 = clmul64(a2, a3, b2, b3)
+    h1, h0 = clmul64(a0, a1, b0, b1)
+    m1, m0 = clmul64(uint32(a0) ^ uint32(a2), uint32(a1) ^ uint32(a3),
+                     uint32(b0) ^ uint32(b2), uint32(b1) ^ uint32(b3))
+    return gf128_join_reduce(l1, l0, h1, h0, m1, m0)
+
+
+@device_function
+def schedule_index(row, slot):
+    """Flat index of row ``row`` (0..8) of thread ``slot``'s key schedule (16-byte aligned)."""
+    return (int64(row) * int64(THREADS_PER_BLOCK) + int64(slot)) * int64(4)
+
+
+@device_function
+def store_schedule_row(sched, row, slot, w):
+    """Row ``row`` of ``slot``'s schedule: the key word ``w`` split into its 4 bit classes."""
+    sts_u32x4(sched, schedule_index(row, slot), uint32(w) & uint32(_M0), uint32(w) & uint32(_M1),
+              uint32(w) & uint32(_M2), uint32(w) & uint32(_M3))
+
+
+@device_function
+def key_schedule(sched, slot, b0, b1, b2, b3):
+    """Write thread ``slot``'s key schedule of the primed key ``b'`` into the shared ``sched``.
+
+    The 9 key-side operands of the 9 ``clmul32`` of one :func:`gf128_mul` (Karatsuba
+    sums included), each split into its 4 bit classes: the key-side work of a product,
+    done once per key instead of once per block. Row order is that of
+    :func:`gf128_mul_scheduled`.
+    """
+    store_schedule_row(sched, 0, slot, b3)
+    store_schedule_row(sched, 1, slot, b2)
+    store_schedule_row(sched, 2, slot, uint32(b2) ^ uint32(b3))
+    store_schedule_row(sched, 3, slot, b1)
+    store_schedule_row(sched, 4, slot, b0)
+    store_schedule_row(sched, 5, slot, uint32(b0) ^ uint32(b1))
+    store_schedule_row(sched, 6, slot, uint32(b1) ^ uint32(b3))
+    store_schedule_row(sched, 7, slot, uint32(b0) ^ uint32(b2))
+    store_schedule_row(sched, 8, slot, uint32(b0) ^ uint32(b1) ^ uint32(b2) ^ uint32(b3))
+
+
+@device_function
+def clmul32_row(x, sched, row, slot):
+    """``clmul32(x, key word of row)``, the key's classes read with one 128-bit shared load."""
+    y0, y1, y2, y3 = lds_u32x4(sched, schedule_index(row, slot))
+    return clmul32_keyed(x, y0, y1, y2, y3)
+
+
+@device_function
+def gf128_mul_scheduled(a0, a1, a2, a3, sched, slot):
+    """``gf128_mul(a, b')`` with the key ``b'`` given by its schedule (:func:`key_schedule`)."""
+    l1, l0 = karatsuba_join(clmul32_row(a3, sched, 0, slot), clmul32_row(a2, sched, 1, slot),
+                            clmul32_row(uint32(a2) ^ uint32(a3), sched, 2, slot))
+    h1, h0 = karatsuba_join(clmul32_row(a1, sched, 3, slot), clmul32_row(a0, sched, 4, slot),
+                            clmul32_row(uint32(a0) ^ uint32(a1), sched, 5, slot))
+    s1 = uint32(a1) ^ uint32(a3)
+    s0 = uint32(a0) ^ uint32(a2)
+    m1, m0 = karatsuba_join(clmul32_row(s1, sched, 6, slot), clmul32_row(s0, sched, 7, slot),
+                            clmul32_row(s0 ^ s1, sched, 8, slot))
+    return gf128_join_reduce(l1, l0, h1, h0, m1, m0)
 
 
 @device_function
@@ -296,9 +440,10 @@ def load_block(buf, off, avail):
 
 
 @device_function
-def horner_bytes(x0, x1, x2, x3, buf, base, length, first, stop, k0, k1, k2, k3):
+def horner_bytes(x0, x1, x2, x3, buf, base, length, first, stop, sched, slot):
     """Continue Horner ``x = (x ^ X_i) * H`` over blocks ``first..stop-1`` of the
-    ``length``-byte field at ``buf[base:]`` (last block zero-padded); ``k`` = H'.
+    ``length``-byte field at ``buf[base:]`` (last block zero-padded); ``H'`` is given
+    by ``slot``'s schedule in ``sched``.
 
     When the field starts 16-byte aligned, its full blocks are read with one
     128-bit load each (``LDG.E.128``, little-endian words, byte-swapped); the rest
@@ -310,12 +455,12 @@ def horner_bytes(x0, x1, x2, x3, buf, base, length, first, stop, k0, k1, k2, k3)
     i = first
     while i < wide_stop:
         w0, w1, w2, w3 = load_u32x4(buf, base + i * int64(16))
-        x0, x1, x2, x3 = gf128_mul(x0 ^ bswap32(w0), x1 ^ bswap32(w1), x2 ^ bswap32(w2), x3 ^ bswap32(w3),
-                                   k0, k1, k2, k3)
+        x0, x1, x2, x3 = gf128_mul_scheduled(x0 ^ bswap32(w0), x1 ^ bswap32(w1), x2 ^ bswap32(w2),
+                                             x3 ^ bswap32(w3), sched, slot)
         i += int64(1)
     while i < stop:
         w0, w1, w2, w3 = load_block(buf, base + i * int64(16), length - i * int64(16))
-        x0, x1, x2, x3 = gf128_mul(x0 ^ w0, x1 ^ w1, x2 ^ w2, x3 ^ w3, k0, k1, k2, k3)
+        x0, x1, x2, x3 = gf128_mul_scheduled(x0 ^ w0, x1 ^ w1, x2 ^ w2, x3 ^ w3, sched, slot)
         i += int64(1)
     return x0, x1, x2, x3
 
@@ -387,7 +532,11 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, h_blocks, c
 
     Writes the chunk's Horner partial ``sum X_i H^(e-i)`` (or, when ``final``, the
     tag), and for unit 0 of a message with more than one chunk, ``(H^L)'`` to ``key_out``.
+    Each thread keeps its key schedule in its own slot of the shared ``sched`` (no
+    thread reads another's, so no barrier).
     """
+    sched = cuda.shared.array(SCHEDULE_WORDS, dtype=uint32, alignment=SCHEDULE_ALIGN)
+    slot = cuda.threadIdx.x
     total = uint64(unit_start[n_messages])
     stride = uint64(cuda.gridDim.x) * uint64(cuda.blockDim.x)
     u = uint64(cuda.grid(1))
@@ -405,29 +554,30 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, h_blocks, c
         hb = h_blocks[m]
         k0, k1, k2, k3 = gf128_prime(load_be32(hb, 0), load_be32(hb, 4),
                                      load_be32(hb, 8), load_be32(hb, 12))
+        key_schedule(sched, slot, k0, k1, k2, k3)
+        # Before the Horner loops, so that the key is not live (in registers) across them.
+        if c == int64(0) and n_units > int64(1):
+            store_next_key(key_out, m, k0, k1, k2, k3, log2_chunk)
         x0 = uint32(0)
         x1 = uint32(0)
         x2 = uint32(0)
         x3 = uint32(0)
         # Associated data blocks [0, n_aad).
         x0, x1, x2, x3 = horner_bytes(x0, x1, x2, x3, aad_buf, aad_off, aad_len,
-                                      start, min(end, n_aad), k0, k1, k2, k3)
+                                      start, min(end, n_aad), sched, slot)
         # Ciphertext blocks [n_aad, n_aad + n_ct), indexed from 0 in ct_buf.
         x0, x1, x2, x3 = horner_bytes(x0, x1, x2, x3, ct_buf, ct_off, ct_len,
                                       max(start, n_aad) - n_aad, min(end, n_aad + n_ct) - n_aad,
-                                      k0, k1, k2, k3)
+                                      sched, slot)
         # Length block be64(8*len(A)) || be64(8*len(C)).
         if end == n_blocks:
             abits = uint64(aad_len) << uint64(3)
             cbits = uint64(ct_len) << uint64(3)
-            x0, x1, x2, x3 = gf128_mul(x0 ^ uint32(abits >> uint64(32)),
-                                       x1 ^ uint32(abits & uint64(0xFFFFFFFF)),
-                                       x2 ^ uint32(cbits >> uint64(32)),
-                                       x3 ^ uint32(cbits & uint64(0xFFFFFFFF)),
-                                       k0, k1, k2, k3)
+            x0, x1, x2, x3 = gf128_mul_scheduled(x0 ^ uint32(abits >> uint64(32)),
+                                                 x1 ^ uint32(abits & uint64(0xFFFFFFFF)),
+                                                 x2 ^ uint32(cbits >> uint64(32)),
+                                                 x3 ^ uint32(cbits & uint64(0xFFFFFFFF)), sched, slot)
         store_result(m, u, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out)
-        if c == int64(0) and n_units > int64(1):
-            store_next_key(key_out, m, k0, k1, k2, k3, log2_chunk)
         u += stride
 
 
@@ -437,7 +587,10 @@ def _ghash_combine(partials_in, in_start, partials_out, out_start, n_messages, k
 
     Group ``g`` (aligned to the end) gets ``sum_c P_c K^(e-1-c)`` by Horner with
     ``K' = key_in[m]``; unit 0 of a message with more than one group writes ``(K^L)'``.
+    The key schedule lives in the thread's slot of the shared ``sched``, as in level 0.
     """
+    sched = cuda.shared.array(SCHEDULE_WORDS, dtype=uint32, alignment=SCHEDULE_ALIGN)
+    slot = cuda.threadIdx.x
     total = uint64(out_start[n_messages])
     stride = uint64(cuda.gridDim.x) * uint64(cuda.blockDim.x)
     u = uint64(cuda.grid(1))
@@ -450,6 +603,9 @@ def _ghash_combine(partials_in, in_start, partials_out, out_start, n_messages, k
         k1 = uint32(key_in[m, 1])
         k2 = uint32(key_in[m, 2])
         k3 = uint32(key_in[m, 3])
+        key_schedule(sched, slot, k0, k1, k2, k3)
+        if g == int64(0) and n_units > int64(1):  # before the loop: the key is then dead in it
+            store_next_key(key_out, m, k0, k1, k2, k3, log2_chunk)
         j = in_first + start
         x0 = uint32(partials_in[j, 0])
         x1 = uint32(partials_in[j, 1])
@@ -457,14 +613,12 @@ def _ghash_combine(partials_in, in_start, partials_out, out_start, n_messages, k
         x3 = uint32(partials_in[j, 3])
         for i in range(start + int64(1), end):
             j = in_first + i
-            x0, x1, x2, x3 = gf128_mul(x0, x1, x2, x3, k0, k1, k2, k3)
+            x0, x1, x2, x3 = gf128_mul_scheduled(x0, x1, x2, x3, sched, slot)
             x0 ^= uint32(partials_in[j, 0])
             x1 ^= uint32(partials_in[j, 1])
             x2 ^= uint32(partials_in[j, 2])
             x3 ^= uint32(partials_in[j, 3])
         store_result(m, u, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out)
-        if g == int64(0) and n_units > int64(1):
-            store_next_key(key_out, m, k0, k1, k2, k3, log2_chunk)
         u += stride
 
 
@@ -480,6 +634,7 @@ KERNEL_REPORT = [
     ReportEntry("ghash_blocks", _ghash_blocks, _BLOCKS_SIG, 16 * DEFAULT_CHUNK_BLOCKS,
                 inner_loops=(
                     InnerLoop("find_segment: binary search over the message table"),
+                    InnerLoop("next_key: log2(L) squarings, once per message", ops=("IMAD.WIDE.U32",)),
                     InnerLoop("Horner over aligned full associated-data blocks (none in a ciphertext chunk)",
                               ops=("IMAD.WIDE.U32", "LDG.E.128")),
                     InnerLoop("Horner over associated-data blocks, byte path", ops=("IMAD.WIDE.U32", "LDG.E.U8")),
@@ -487,16 +642,15 @@ KERNEL_REPORT = [
                               trips=DEFAULT_CHUNK_BLOCKS, ops=("IMAD.WIDE.U32", "LDG.E.128")),
                     InnerLoop("Horner over ciphertext blocks, byte path (unaligned field, partial last block)",
                               ops=("IMAD.WIDE.U32", "LDG.E.U8")),
-                    InnerLoop("next_key: log2(L) squarings, once per message", ops=("IMAD.WIDE.U32",)),
                 ),
                 note=f"level 0: one iteration = one chunk of L = {DEFAULT_CHUNK_BLOCKS} ciphertext blocks, "
                      "Horner with H"),
     ReportEntry("ghash_combine", _ghash_combine, _COMBINE_SIG, 16 * DEFAULT_CHUNK_BLOCKS,
                 inner_loops=(
                     InnerLoop("find_segment: binary search over the message table"),
+                    InnerLoop("next_key: log2(L) squarings, once per message", ops=("IMAD.WIDE.U32",)),
                     InnerLoop("Horner over partials: the first is loaded before the loop",
                               trips=DEFAULT_CHUNK_BLOCKS - 1, ops=("IMAD.WIDE.U32",)),
-                    InnerLoop("next_key: log2(L) squarings, once per message", ops=("IMAD.WIDE.U32",)),
                 ),
                 note=f"levels >= 1: one iteration = {DEFAULT_CHUNK_BLOCKS} partials of 16 bytes, Horner with "
                      "H^(L^k) (~1/L of level 0's work)"),

@@ -19,10 +19,12 @@ with Python twins. This module closes those gaps without a GPU:
   shared-memory patterns: a per-thread slot (ChaCha20's byte path), a table every
   thread fills with the same values (AES; the launcher passes it filled), and
   Poly1305's tree sum, where a lane reads only higher lanes' slots (exact when each
-  tile runs one grid-stride round, which :func:`poly1305_aead_tags` arranges);
+  tile runs one grid-stride round, which :func:`poly1305_aead_tags` arranges), and
+  GHASH's key schedules, one slot per thread;
 * the 16-byte loads and stores are the project's own LLVM code generation
   (``kernels/_vector_io._make_intrinsics``) on the CPU target, behind checks that
-  raise when an access is misaligned or leaves its array; ``ghash.mul_wide_u32``
+  raise when an access is misaligned or leaves its array (GHASH's 128-bit shared loads
+  of its key schedule, inline PTX on the device, too); ``ghash.mul_wide_u32``
   and AES's shared-table loads (inline PTX on the device) are replaced by their
   simulator twins, compiled with the same typing.
 
@@ -53,6 +55,7 @@ DEVICE_THREADS = 256
 # --------------------------------------------------------------------------- checked 16-byte access
 
 _address_of_raw, _load_raw, _store_raw = kv._make_intrinsics(numba.extending.intrinsic)
+_byte_swap = kv._make_byte_swap(numba.extending.intrinsic)
 
 
 @njit
@@ -114,6 +117,7 @@ def _aes_table_twins() -> dict:
 
 
 _COMMON = {"address_of": address_of, "load_u32x4": load_u32x4, "store_u32x4": store_u32x4, "_sync": _sync,
+           "byte_swap": _byte_swap,
            "THREADS_PER_BLOCK": DEVICE_THREADS}
 
 
@@ -141,7 +145,8 @@ def module_scope(mod, overrides: dict | None = None) -> tuple[dict, dict]:
 #: Device functions whose results are 64-bit by design (offsets, indices, counts, and the
 #: carry-less products inside GHASH's multiply). Every other device function must return
 #: ``uint32`` where its value is 32 bits, so that a caller's ``<<`` cannot keep bits above 32.
-WIDE_BY_DESIGN = frozenset({"find_segment", "unit_of_message", "chunk_bounds", "clmul32", "clmul64"})
+WIDE_BY_DESIGN = frozenset({"find_segment", "unit_of_message", "chunk_bounds", "schedule_index", "clmul32",
+                            "clmul32_keyed", "clmul32_row", "clmul64", "karatsuba_join"})
 
 
 def _flat_types(t):
@@ -241,7 +246,8 @@ class Kernels:
 
 chacha20 = Kernels(kc, {"xor": kc._chacha20_xor_kernel})
 aes = Kernels(ka, {"xor": ka._aes_ctr_xor_kernel}, _aes_table_twins())
-ghash = Kernels(kg, {"blocks": kg._ghash_blocks, "combine": kg._ghash_combine}, {"mul_wide_u32": mul_wide_u32})
+ghash = Kernels(kg, {"blocks": kg._ghash_blocks, "combine": kg._ghash_combine},
+                {"mul_wide_u32": mul_wide_u32, "lds_u32x4": load_u32x4, "sts_u32x4": store_u32x4})
 poly1305 = Kernels(kp, {"powers": kp._poly1305_powers, "partial": kp._poly1305_aead_partial,
                         "combine": kp._poly1305_combine})
 
@@ -274,13 +280,17 @@ def ghash_aead_tags(aad_buf, ct_buf, table, n_messages, h_blocks, ekj0_blocks, t
     chunk = int(table.chunk_blocks)
     log2_chunk = chunk.bit_length() - 1
     last = table.levels - 1
+
+    def schedules():  # every thread's key schedule (kernels/ghash.py: key_schedule)
+        return np.zeros(kg.SCHEDULE_ROWS * DEVICE_THREADS * 4, np.uint32)
+
     for level in range(table.levels):
         if level == 0:
-            launch(ghash.blocks, grid, block, _no_shared, aad_buf, ct_buf, table.messages, table.unit_start[0],
+            launch(ghash.blocks, grid, block, schedules, aad_buf, ct_buf, table.messages, table.unit_start[0],
                    np.int64(n_messages), h_blocks, np.int64(chunk), np.int64(log2_chunk), partials[0], keys[0],
                    ekj0_blocks, tags_out, level == last)
         else:
-            launch(ghash.combine, grid, block, _no_shared, partials[(level - 1) % 2], table.unit_start[level - 1],
+            launch(ghash.combine, grid, block, schedules, partials[(level - 1) % 2], table.unit_start[level - 1],
                    partials[level % 2], table.unit_start[level], np.int64(n_messages), keys[(level - 1) % 2],
                    keys[level % 2], np.int64(chunk), np.int64(log2_chunk), ekj0_blocks, tags_out, level == last)
 
