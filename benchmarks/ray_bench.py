@@ -38,6 +38,7 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
 
 from gpucrypt.bench import _cpu_model
 from gpucrypt.cli._common import parse_size
@@ -57,8 +58,8 @@ def _per_file_in_process(size: int, files: int, keyset: str, repeat: int) -> lis
 
     rng = np.random.default_rng(1)
     blobs = [rng.bytes(size) for _ in range(files)]
-    batch = {"path": np.array([f"f{i}" for i in range(files)]),
-             "bytes": np.array(blobs, dtype=object)}
+    # the batch as the actors get it (gray.BATCH_FORMAT)
+    batch = pa.table({"path": [f"f{i}" for i in range(files)], "bytes": pa.array(blobs, pa.binary())})
     aead, nonce, key = ChaCha20Poly1305(bytes(32)), bytes(12), bytes(range(32))
     encrypt, decrypt = gray.EncryptBatch(keyset=keyset), gray.DecryptBatch(keyset=keyset)
     sealed = encrypt(batch)
@@ -78,8 +79,80 @@ def _per_file_in_process(size: int, files: int, keyset: str, repeat: int) -> lis
     return [{"name": name, "us_per_file": statistics.median(t) / files * 1e6} for name, t in times.items()]
 
 
-def _job(ray, gray, ds, actors: int, keys) -> float:
-    """Encrypt ``ds`` with ``actors`` actors; seconds from the first batch's start to the last
+class CpuSampler:
+    """CPU seconds (user + system) of this machine's processes, sampled every ``period``
+    seconds in a thread, by kind: the actors (Ray Data's ``MapWorker`` processes), Ray's
+    other workers, the raylet, the GCS, Ray's Python services (dashboard agent, monitors),
+    this driver, and everything else (other users of the machine). ``between(a, b)`` gives
+    each kind's CPU seconds between two wall-clock times (the nearest samples)."""
+
+    def __init__(self, period: float = 0.1):
+        import threading
+
+        import psutil  # installed with the test extra (gpucrypt[hf] brings it)
+
+        self._psutil, self.period, self.samples = psutil, period, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _kind(self, proc) -> str:
+        if proc.pid == os.getpid():
+            return "driver"
+        name = proc.name()
+        if name.startswith("ray::"):
+            if "MapWorker" in name:
+                return "actors"
+            if name in ("ray::DashboardAgent", "ray::RuntimeEnvAgent"):
+                return "ray services"
+            return "other ray workers"
+        if name in ("raylet", "gcs_server"):
+            return name
+        cmd = " ".join(proc.cmdline()[:3])
+        if "site-packages/ray/" in cmd:
+            return "ray services"
+        return "rest of machine"
+
+    def _sample(self) -> dict:
+        """{pid: (kind, CPU seconds so far)}"""
+        now = {}
+        for proc in self._psutil.process_iter():
+            try:
+                times = proc.cpu_times()
+                now[proc.pid] = (self._kind(proc), times.user + times.system)
+            except (self._psutil.Error, OSError):
+                continue
+        return now
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), self._sample()))
+            self._stop.wait(self.period)
+
+    def between(self, start: float, end: float) -> dict:
+        """CPU seconds by kind (the kind at ``end``: an idle worker may become an actor);
+        a process that started in between counts from its first sample, one that exited
+        is left out."""
+        def nearest(t):
+            return min(self.samples, key=lambda s: abs(s[0] - t))[1]
+        a, b = nearest(start), nearest(end)
+        first = {}
+        for _, sample in self.samples:
+            for pid, (_, used) in sample.items():
+                first.setdefault(pid, used)
+        totals: dict = {}
+        for pid, (kind, used) in b.items():
+            totals[kind] = totals.get(kind, 0.0) + used - a.get(pid, (kind, first[pid]))[1]
+        return {k: round(v, 3) for k, v in sorted(totals.items())}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _job(ray, gray, ds, actors: int, keys) -> tuple[float, float]:
+    """Encrypt ``ds`` with ``actors`` actors, as :func:`gpucrypt.ray.encrypt_files` does
+    (its batch format); the wall-clock times of the first batch's start and the last
     batch's end (actor start-up excluded)."""
     import time as _time
 
@@ -87,16 +160,15 @@ def _job(ray, gray, ds, actors: int, keys) -> float:
         def __call__(self, batch):
             start = _time.time()
             out = super().__call__(batch)
-            count = len(out[self.column])
-            out["started"] = np.full(count, start)
-            out["finished"] = np.full(count, _time.time())
-            return out
+            count = len(out)
+            out = out.append_column("started", pa.array(np.full(count, start)))
+            return out.append_column("finished", pa.array(np.full(count, _time.time())))
 
     done = ds.map_batches(TimedEncrypt, fn_constructor_kwargs={"keys": keys},
                           compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
-                          batch_size=None, batch_format="numpy").select_columns(
+                          batch_size=None, batch_format=gray.BATCH_FORMAT).select_columns(
                               ["started", "finished"]).take_all()
-    return max(r["finished"] for r in done) - min(r["started"] for r in done)
+    return min(r["started"] for r in done), max(r["finished"] for r in done)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,15 +213,22 @@ def main(argv: list[str] | None = None) -> int:
 
     samples = {1: [], 2: []}
     small_samples = []
+    sampler = CpuSampler()
     for r in range(args.rounds):
         for k in (1, 2):
-            span = _job(ray, gray, big, k, keys)
+            start, end = _job(ray, gray, big, k, keys)
+            span = end - start
             rate = args.rows * args.row_size / span / 1e9
-            samples[k].append({"span_s": span, "gb_per_s": rate})
-            print(f"round {r}: {k} actor(s): {span:.2f} s, {rate:.3f} GB/s", flush=True)
-        span = _job(ray, gray, small, 2, keys)
-        small_samples.append({"span_s": span, "us_per_file": span / args.files * 1e6})
+            cpu = sampler.between(start, end)
+            samples[k].append({"span_s": span, "gb_per_s": rate, "cpu_s_in_span": cpu})
+            print(f"round {r}: {k} actor(s): {span:.2f} s, {rate:.3f} GB/s; CPU s in the span: "
+                  f"{cpu}", flush=True)
+        start, end = _job(ray, gray, small, 2, keys)
+        span = end - start
+        small_samples.append({"span_s": span, "us_per_file": span / args.files * 1e6,
+                              "cpu_s_in_span": sampler.between(start, end)})
         print(f"round {r}: {args.files} small files, 2 actors: {span:.2f} s", flush=True)
+    sampler.close()
     ray.shutdown()
     load_end = os.getloadavg()
 
