@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -473,6 +474,7 @@ def render_ray_run(name: str, doc: dict) -> list[str]:
     base = doc["throughput"][0]["gb_per_s"]
     lines += [f"| {r['actors']} | {r['gb_per_s']:.3f} | x{r['gb_per_s'] / base:.2f} |"
               for r in doc["throughput"]]
+    lines += _ray_cpu_table(doc["throughput"])
     cluster = doc["per_file_on_cluster"]
     lines += ["", f"Per-file overhead for {format_size(config['small'])} files, in one process "
                   f"(what an actor pays per row):", "", "| what | us per file |", "|---|---:|"]
@@ -481,6 +483,22 @@ def render_ray_run(name: str, doc: dict) -> list[str]:
                   f"actors: {cluster['us_per_file']:.0f} us per file (Ray Data's own costs "
                   f"included)."]
     return lines + [""]
+
+
+def _ray_cpu_table(throughput: list[dict]) -> list[str]:
+    """Where the CPU went within each span (runs that sampled it): medians over the rounds,
+    CPU seconds per process kind."""
+    if not all("cpu_s_in_span" in s for r in throughput for s in r["samples"]):
+        return []
+    kinds = sorted({k for r in throughput for s in r["samples"] for k in s["cpu_s_in_span"]})
+    lines = ["", "CPU seconds used within the span by each kind of process (medians over the "
+                 "rounds; span = the wall-clock seconds of the row above):", "",
+             "| actors | span s | " + " | ".join(kinds) + " |", "|---:|---:|" + "---:|" * len(kinds)]
+    for r in throughput:
+        cells = [statistics.median(s["cpu_s_in_span"].get(k, 0.0) for s in r["samples"]) for k in kinds]
+        span = statistics.median(s["span_s"] for s in r["samples"])
+        lines.append(f"| {r['actors']} | {span:.2f} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    return lines
 
 
 def _rate_table(rows: list[dict]) -> list[str]:

@@ -8,7 +8,11 @@ small files, in one run on one local cluster (``ray.init(num_cpus=--cpus)``).
   each batch records when its actor began and finished it, and the rate is the bytes over
   the span from the first batch's start to the last batch's end: actor start-up is
   excluded, Ray Data's hand-offs between batches are not. Rounds are interleaved (k = 1,
-  then 2) so that a noisy neighbour hurts both alike; medians.
+  then 2) so that a noisy neighbour hurts both alike; medians. The batches are
+  ``gray.BATCH_FORMAT`` ones, as ``encrypt_files`` asks for. Within each span the CPU
+  seconds of every process are sampled (psutil, every 0.1 s) and summed by kind: the
+  actors, the driver, the raylet, the GCS, Ray's Python services, Ray's other workers and
+  the rest of the machine. With 2 CPUs, what is not the actors' is what caps the scaling.
 - **Per-file overhead, in one process** (what an actor pays per row), for ``--small``-byte
   files: ``cryptography``'s ``ChaCha20Poly1305.encrypt`` of the bytes (the floor), a raw-key
   ``stream.encrypt`` into memory (header, key derivation, one segment), ``EncryptBatch``
@@ -164,11 +168,15 @@ def _job(ray, gray, ds, actors: int, keys) -> tuple[float, float]:
             out = out.append_column("started", pa.array(np.full(count, start)))
             return out.append_column("finished", pa.array(np.full(count, _time.time())))
 
+    # The output is materialized in the object store, and its times read afterwards: a
+    # select_columns stage would run as tasks of its own, in the CPU a single actor leaves
+    # free (during the span) but not in one that two actors hold (after it).
     done = ds.map_batches(TimedEncrypt, fn_constructor_kwargs={"keys": keys},
                           compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
-                          batch_size=None, batch_format=gray.BATCH_FORMAT).select_columns(
-                              ["started", "finished"]).take_all()
-    return min(r["started"] for r in done), max(r["finished"] for r in done)
+                          batch_size=None, batch_format=gray.BATCH_FORMAT).materialize()
+    times = done.select_columns(["started", "finished"]).take_all()
+    del done
+    return min(r["started"] for r in times), max(r["finished"] for r in times)
 
 
 def main(argv: list[str] | None = None) -> int:
