@@ -29,7 +29,9 @@ Guarantees and limits:
   workers fill with ``pread`` and write out with ``pwrite`` themselves, sealing or
   opening in place. Any other source or destination: four buffers of input (this
   thread reads one batch ahead, to know which segment is the last) and, to decrypt,
-  three of plaintext. A one-segment input runs in the calling thread.
+  three of plaintext; an in-memory input (bytes-like) gets buffers no larger than itself,
+  made only when used, and is sealed into an ``io.BytesIO`` in place, in the object's own
+  buffer. A one-segment input runs in the calling thread.
 - Writes to a path are atomic: a temporary file in the same folder, fsync, then
   rename. ``decrypt`` to a path renames only after every segment, including the
   one marked last, verified; on any error the temporary file is removed and the
