@@ -474,7 +474,7 @@ def render_ray_run(name: str, doc: dict) -> list[str]:
     base = doc["throughput"][0]["gb_per_s"]
     lines += [f"| {r['actors']} | {r['gb_per_s']:.3f} | x{r['gb_per_s'] / base:.2f} |"
               for r in doc["throughput"]]
-    lines += _ray_cpu_table(doc["throughput"])
+    lines += _ray_cpu_table(doc["throughput"], config["cluster_cpus"])
     cluster = doc["per_file_on_cluster"]
     lines += ["", f"Per-file overhead for {format_size(config['small'])} files, in one process "
                   f"(what an actor pays per row):", "", "| what | us per file |", "|---|---:|"]
@@ -485,7 +485,7 @@ def render_ray_run(name: str, doc: dict) -> list[str]:
     return lines + [""]
 
 
-def _ray_cpu_table(throughput: list[dict]) -> list[str]:
+def _ray_cpu_table(throughput: list[dict], cpus: int) -> list[str]:
     """Where the CPU went within each span (runs that sampled it): medians over the rounds,
     CPU seconds per process kind."""
     if not all("cpu_s_in_span" in s for r in throughput for s in r["samples"]):
@@ -498,6 +498,19 @@ def _ray_cpu_table(throughput: list[dict]) -> list[str]:
         cells = [statistics.median(s["cpu_s_in_span"].get(k, 0.0) for s in r["samples"]) for k in kinds]
         span = statistics.median(s["span_s"] for s in r["samples"])
         lines.append(f"| {r['actors']} | {span:.2f} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    # What two actors could gain at most: the 1-actor job's CPU (actors and Ray's processes,
+    # not the rest of the machine) spread over every core, if nothing of it were serial.
+    one = throughput[0]
+    bounds = [s["span_s"] * cores / used for s in one["samples"]
+              for cores in [cpus]
+              for used in [sum(v for k, v in s["cpu_s_in_span"].items() if k != "rest of machine")]
+              if used > 0]
+    if bounds:
+        lines += ["", f"Bound on scaling: with 1 actor, the actors and Ray's own processes together "
+                      f"used the CPU above within the span; on {cpus} CPUs that work can shrink to "
+                      f"at best CPU/{cpus}, so {throughput[-1]['actors']} actors can be at most "
+                      f"x{statistics.median(bounds):.2f} faster than 1 (median over the rounds), "
+                      f"however the actors scale."]
     return lines
 
 

@@ -10,7 +10,7 @@ small files, in one run on one local cluster (``ray.init(num_cpus=--cpus)``).
   excluded, Ray Data's hand-offs between batches are not. Rounds are interleaved (k = 1,
   then 2) so that a noisy neighbour hurts both alike; medians. The batches are
   ``gray.BATCH_FORMAT`` ones, as ``encrypt_files`` asks for. Within each span the CPU
-  seconds of every process are sampled (psutil, every 0.1 s) and summed by kind: the
+  seconds of the cluster's processes are sampled (psutil, every 0.25 s) and summed by kind: the
   actors, the driver, the raylet, the GCS, Ray's Python services, Ray's other workers and
   the rest of the machine. With 2 CPUs, what is not the actors' is what caps the scaling.
 - **Per-file overhead, in one process** (what an actor pays per row), for ``--small``-byte
@@ -84,18 +84,21 @@ def _per_file_in_process(size: int, files: int, keyset: str, repeat: int) -> lis
 
 
 class CpuSampler:
-    """CPU seconds (user + system) of this machine's processes, sampled every ``period``
-    seconds in a thread, by kind: the actors (Ray Data's ``MapWorker`` processes), Ray's
-    other workers, the raylet, the GCS, Ray's Python services (dashboard agent, monitors),
-    this driver, and everything else (other users of the machine). ``between(a, b)`` gives
-    each kind's CPU seconds between two wall-clock times (the nearest samples)."""
+    """CPU seconds (user + system) sampled every ``period`` seconds in a thread, by kind:
+    the actors (Ray Data's ``MapWorker`` processes), Ray's other workers, the raylet, the
+    GCS, Ray's Python services (dashboard agent, monitors), this driver (the sampler's own
+    reads included: about 2 ms a sample), and the rest of the machine (all its busy CPU
+    time less those: other users). Only this process and its descendants (the local
+    cluster) are read one by one. ``between(a, b)`` gives each kind's CPU seconds between
+    two wall-clock times (the nearest samples)."""
 
-    def __init__(self, period: float = 0.1):
+    def __init__(self, period: float = 0.25):
         import threading
 
         import psutil  # installed with the test extra (gpucrypt[hf] brings it)
 
         self._psutil, self.period, self.samples = psutil, period, []
+        self._me = psutil.Process()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -112,20 +115,20 @@ class CpuSampler:
             return "other ray workers"
         if name in ("raylet", "gcs_server"):
             return name
-        cmd = " ".join(proc.cmdline()[:3])
-        if "site-packages/ray/" in cmd:
-            return "ray services"
-        return "rest of machine"
+        return "ray services"
 
     def _sample(self) -> dict:
-        """{pid: (kind, CPU seconds so far)}"""
+        """{pid: (kind, CPU seconds so far)}, and the machine's busy CPU seconds under -1."""
         now = {}
-        for proc in self._psutil.process_iter():
+        for proc in [self._me, *self._me.children(recursive=True)]:
             try:
                 times = proc.cpu_times()
                 now[proc.pid] = (self._kind(proc), times.user + times.system)
             except (self._psutil.Error, OSError):
                 continue
+        machine = self._psutil.cpu_times()
+        now[-1] = ("rest of machine", sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+                   - getattr(machine, "guest", 0.0) - getattr(machine, "guest_nice", 0.0))
         return now
 
     def _run(self) -> None:
@@ -147,6 +150,8 @@ class CpuSampler:
         totals: dict = {}
         for pid, (kind, used) in b.items():
             totals[kind] = totals.get(kind, 0.0) + used - a.get(pid, (kind, first[pid]))[1]
+        # the machine's busy time, less what the cluster's processes used
+        totals["rest of machine"] -= sum(v for k, v in totals.items() if k != "rest of machine")
         return {k: round(v, 3) for k, v in sorted(totals.items())}
 
     def close(self) -> None:
