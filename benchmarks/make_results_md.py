@@ -474,6 +474,12 @@ def render_ray_run(name: str, doc: dict) -> list[str]:
     base = doc["throughput"][0]["gb_per_s"]
     lines += [f"| {r['actors']} | {r['gb_per_s']:.3f} | x{r['gb_per_s'] / base:.2f} |"
               for r in doc["throughput"]]
+    if "ray_alone" in doc:
+        alone = doc["ray_alone"]
+        lines += ["", "Ray Data alone in the same rounds (`CopyBatch`: each row copied, no cipher): "
+                  + ", ".join(f"{r['actors']} actor{'s' if r['actors'] > 1 else ''} "
+                              f"{r['gb_per_s']:.3f} GB/s" for r in alone)
+                  + f" (x{alone[-1]['gb_per_s'] / alone[0]['gb_per_s']:.2f})."]
     lines += _ray_cpu_table(doc["throughput"], config["cluster_cpus"])
     cluster = doc["per_file_on_cluster"]
     lines += ["", f"Per-file overhead for {format_size(config['small'])} files, in one process "

@@ -13,6 +13,8 @@ small files, in one run on one local cluster (``ray.init(num_cpus=--cpus)``).
   seconds of the cluster's processes are sampled (psutil, every 0.25 s) and summed by kind: the
   actors, the driver, the raylet, the GCS, Ray's Python services, Ray's other workers and
   the rest of the machine. With 2 CPUs, what is not the actors' is what caps the scaling.
+- **Ray Data alone**, in the same rounds: the same jobs with ``CopyBatch`` (each row copied,
+  no cipher) in place of ``EncryptBatch``: what Ray's hand-offs allow, and how they scale.
 - **Per-file overhead, in one process** (what an actor pays per row), for ``--small``-byte
   files: ``cryptography``'s ``ChaCha20Poly1305.encrypt`` of the bytes (the floor), a raw-key
   ``stream.encrypt`` into memory (header, key derivation, one segment), ``EncryptBatch``
@@ -159,13 +161,28 @@ class CpuSampler:
         self._thread.join()
 
 
-def _job(ray, gray, ds, actors: int, keys) -> tuple[float, float]:
+class CopyBatch:
+    """Ray Data's own ceiling: each row's bytes copied into a new buffer (the memory traffic
+    of EncryptBatch's output), no cipher and no keys; the same batches and hand-offs."""
+
+    def __init__(self, keys=None, column: str = "bytes"):
+        self.column = column
+
+    def __call__(self, batch):
+        col = batch.column(self.column).combine_chunks()
+        _, offsets, data = col.buffers()
+        copied = pa.py_buffer(np.frombuffer(data, np.uint8).copy())
+        values = pa.Array.from_buffers(col.type, len(col), [None, offsets, copied], offset=col.offset)
+        return batch.set_column(batch.schema.get_field_index(self.column), self.column, values)
+
+
+def _job(ray, gray, ds, actors: int, keys, base=None) -> tuple[float, float]:
     """Encrypt ``ds`` with ``actors`` actors, as :func:`gpucrypt.ray.encrypt_files` does
-    (its batch format); the wall-clock times of the first batch's start and the last
-    batch's end (actor start-up excluded)."""
+    (its batch format), or run ``base`` (CopyBatch) instead; the wall-clock times of the
+    first batch's start and the last batch's end (actor start-up excluded)."""
     import time as _time
 
-    class TimedEncrypt(gray.EncryptBatch):
+    class TimedEncrypt(base or gray.EncryptBatch):
         def __call__(self, batch):
             start = _time.time()
             out = super().__call__(batch)
@@ -225,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                                 override_num_blocks=max(2, args.files // 100)).materialize()
 
     samples = {1: [], 2: []}
+    ceiling = {1: [], 2: []}
     small_samples = []
     sampler = CpuSampler()
     for r in range(args.rounds):
@@ -236,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
             samples[k].append({"span_s": span, "gb_per_s": rate, "cpu_s_in_span": cpu})
             print(f"round {r}: {k} actor(s): {span:.2f} s, {rate:.3f} GB/s; CPU s in the span: "
                   f"{cpu}", flush=True)
+        for k in (1, 2):
+            start, end = _job(ray, gray, big, k, keys, base=CopyBatch)
+            span = end - start
+            rate = args.rows * args.row_size / span / 1e9
+            ceiling[k].append({"span_s": span, "gb_per_s": rate,
+                               "cpu_s_in_span": sampler.between(start, end)})
+            print(f"round {r}: {k} actor(s), Ray alone (CopyBatch): {span:.2f} s, {rate:.3f} GB/s",
+                  flush=True)
         start, end = _job(ray, gray, small, 2, keys)
         span = end - start
         small_samples.append({"span_s": span, "us_per_file": span / args.files * 1e6,
@@ -256,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": load_start, "load_average_end": load_end,
         "throughput": [{"actors": k, "gb_per_s": rates[k], "samples": samples[k]} for k in (1, 2)],
         "scaling_2_over_1": rates[2] / rates[1],
+        "ray_alone": [{"actors": k, "gb_per_s": statistics.median(s["gb_per_s"] for s in ceiling[k]),
+                       "samples": ceiling[k]} for k in (1, 2)],
         "per_file_in_process": per_file,
         "per_file_on_cluster": {"actors": 2, "files": args.files,
                                 "us_per_file": statistics.median(s["us_per_file"] for s in small_samples),
