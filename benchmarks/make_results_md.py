@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -477,6 +478,13 @@ def render_ray_run(name: str, doc: dict) -> list[str]:
     base = doc["throughput"][0]["gb_per_s"]
     lines += [f"| {r['actors']} | {r['gb_per_s']:.3f} | x{r['gb_per_s'] / base:.2f} |"
               for r in doc["throughput"]]
+    if "ray_alone" in doc:
+        alone = doc["ray_alone"]
+        lines += ["", "Ray Data alone in the same rounds (`CopyBatch`: each row copied, no cipher): "
+                  + ", ".join(f"{r['actors']} actor{'s' if r['actors'] > 1 else ''} "
+                              f"{r['gb_per_s']:.3f} GB/s" for r in alone)
+                  + f" (x{alone[-1]['gb_per_s'] / alone[0]['gb_per_s']:.2f})."]
+    lines += _ray_cpu_table(doc["throughput"], config["cluster_cpus"])
     cluster = doc["per_file_on_cluster"]
     lines += ["", f"Per-file overhead for {format_size(config['small'])} files, in one process "
                   f"(what an actor pays per row):", "", "| what | us per file |", "|---|---:|"]
@@ -511,6 +519,35 @@ def render_kernel_report_run(name: str, doc: dict) -> list[str]:
         lines.append(f"| {label} | {r['registers']} | {spills} | {r['instructions_per_byte']:.2f} | "
                      f"{', '.join(targets) or '-'} | {compile_s:.1f} | {r['verdict']} |")
     return lines + [""]
+
+
+def _ray_cpu_table(throughput: list[dict], cpus: int) -> list[str]:
+    """Where the CPU went within each span (runs that sampled it): medians over the rounds,
+    CPU seconds per process kind."""
+    if not all("cpu_s_in_span" in s for r in throughput for s in r["samples"]):
+        return []
+    kinds = sorted({k for r in throughput for s in r["samples"] for k in s["cpu_s_in_span"]})
+    lines = ["", "CPU seconds used within the span by each kind of process (medians over the "
+                 "rounds; span = the wall-clock seconds of the row above):", "",
+             "| actors | span s | " + " | ".join(kinds) + " |", "|---:|---:|" + "---:|" * len(kinds)]
+    for r in throughput:
+        cells = [statistics.median(s["cpu_s_in_span"].get(k, 0.0) for s in r["samples"]) for k in kinds]
+        span = statistics.median(s["span_s"] for s in r["samples"])
+        lines.append(f"| {r['actors']} | {span:.2f} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    # What two actors could gain at most: the 1-actor job's CPU (actors and Ray's processes,
+    # not the rest of the machine) spread over every core, if nothing of it were serial.
+    one = throughput[0]
+    bounds = [s["span_s"] * cores / used for s in one["samples"]
+              for cores in [cpus]
+              for used in [sum(v for k, v in s["cpu_s_in_span"].items() if k != "rest of machine")]
+              if used > 0]
+    if bounds:
+        lines += ["", f"Bound on scaling: with 1 actor, the actors and Ray's own processes together "
+                      f"used the CPU above within the span; on {cpus} CPUs that work can shrink to "
+                      f"at best CPU/{cpus}, so {throughput[-1]['actors']} actors can be at most "
+                      f"x{statistics.median(bounds):.2f} faster than 1 (median over the rounds), "
+                      f"however the actors scale."]
+    return lines
 
 
 def _rate_table(rows: list[dict]) -> list[str]:

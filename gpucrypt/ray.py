@@ -8,7 +8,7 @@ Pieces, each usable on its own in a Ray Data pipeline::
     ds = ray.data.read_binary_files("/data/raw", include_paths=True)
     ds = ds.map_batches(EncryptBatch, fn_constructor_kwargs={"keys": refs},
                         compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1,
-                        batch_format="numpy")
+                        batch_format="pyarrow")
     ds.write_datasink(GpucryptDatasink("/data/enc", relative_to="/data/raw"))
 
 - :class:`EncryptBatch` / :class:`DecryptBatch`: callable classes for ``map_batches``
@@ -32,6 +32,7 @@ carries the gpucrypt error, whose message starts with the file's path.
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import posixpath
@@ -40,6 +41,7 @@ from typing import Any, Iterable
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 from ray.data import Datasink
@@ -77,6 +79,71 @@ def _objects(values: list) -> np.ndarray:
     return out
 
 
+#: the batch format the folder helpers ask for: Arrow binary columns are read in place
+#: and written as one buffer per batch (numpy batches copy every value into a ``bytes``)
+BATCH_FORMAT = "pyarrow"
+
+
+def _binary_views(column: Any) -> list[memoryview]:
+    """The values of an Arrow binary column as views of its data buffers (no copy)."""
+    views: list[memoryview] = []
+    for chunk in getattr(column, "chunks", [column]):
+        if pa.types.is_binary(chunk.type):
+            offset_type = np.int32
+        elif pa.types.is_large_binary(chunk.type):
+            offset_type = np.int64
+        else:
+            raise TypeError(f"the column must be binary, not {chunk.type}")
+        if chunk.null_count:
+            raise ValueError("the column holds nulls: every row needs bytes")
+        _, offsets, data = chunk.buffers()
+        ends = np.frombuffer(offsets, offset_type)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = memoryview(data if data is not None else b"")
+        ends = ends.tolist()
+        views += [data[a:b] for a, b in zip(ends[:-1], ends[1:])]
+    return views
+
+
+class _Packed:
+    """Files written one after another into one growing buffer, then given as an Arrow
+    binary array over that buffer (no copy). ``expected``: about the bytes to come."""
+
+    def __init__(self, expected: int):
+        self.out = io.BytesIO()
+        if expected:  # one allocation up front; the rest is written in place
+            self.out.seek(expected - 1)
+            self.out.write(b"\0")
+            self.out.seek(0)
+        self.ends = [0]
+
+    def add(self, write: Any) -> None:
+        """``write(file_object)`` writes one file."""
+        write(self.out)
+        self.ends.append(self.out.tell())
+
+    def array(self) -> "pa.Array":
+        size = self.ends[-1]
+        self.out.truncate(size)
+        kind, offset_type = (pa.binary(), np.int32) if size < 2**31 else (pa.large_binary(), np.int64)
+        data = pa.py_buffer(self.out.getbuffer()[:size])  # keeps the buffer alive
+        return pa.Array.from_buffers(kind, len(self.ends) - 1,
+                                     [None, pa.py_buffer(np.asarray(self.ends, offset_type)), data])
+
+
+def _with_column(table: "pa.Table", name: str, values: "pa.Array") -> "pa.Table":
+    return table.set_column(table.schema.get_field_index(name), name, values)
+
+
+def _actor_cpus() -> int:
+    """The whole CPUs Ray gave this actor (at least 1): its threads for the cipher."""
+    if not ray.is_initialized():  # called outside Ray: asking would start a local Ray
+        return 1
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:  # the driver has no share of its own
+        return 1
+    return max(1, int(context.get_assigned_resources().get("CPU", 1)))
+
+
 class _Sealer:
     """Seals byte strings into whole gpucrypt stream files with keys resolved here."""
 
@@ -86,28 +153,45 @@ class _Sealer:
             raise ValueError("encrypting needs recipients= or keyset= (only identities given)")
         self._options = options
 
+    def seal_to(self, data: Any, out: Any) -> None:
+        """Write the stream file of ``data`` to the file object ``out``."""
+        encrypt_file(memoryview(data), out, recipients=self._keys.wrappers(), **self._options)
+
     def seal(self, data: Any) -> bytes:
         out = io.BytesIO()
-        encrypt_file(memoryview(data), out, recipients=self._keys.wrappers(), **self._options)
+        self.seal_to(data, out)
         return out.getvalue()
 
 
 class EncryptBatch:
     """``map_batches`` callable class: every row's ``column`` (bytes) becomes a gpucrypt stream
     file's bytes. ``keys`` is a :class:`KeyReferences` (or give ``keyset=``/``recipients=``),
-    resolved in the actor. ``algorithm``, ``segment_size`` and ``device`` are
-    :func:`gpucrypt.stream.encrypt`'s."""
+    resolved in the actor. ``algorithm``, ``segment_size``, ``device`` and ``threads`` are
+    :func:`gpucrypt.stream.encrypt`'s (``threads`` default: the CPUs Ray gave the actor).
+
+    A ``pyarrow`` batch (:data:`BATCH_FORMAT`) is read in place and its files are written
+    into one buffer, which the returned table's column is; numpy and pandas batches give
+    a dict of numpy arrays (a ``bytes`` object per file)."""
 
     def __init__(self, keys: KeyReferences | None = None, *, column: str = "bytes",
                  algorithm: str = "chacha20-poly1305",
                  segment_size: int = stream.DEFAULT_SEGMENT_SIZE, device: str = "auto",
-                 **references: Any):
+                 threads: int | None = None, **references: Any):
         self.column = column
+        self.segment_size = segment_size
         self._sealer = _Sealer(KeyReferences.of(keys, **references),
                                {"algorithm": algorithm, "segment_size": segment_size,
-                                "device": device})
+                                "device": device, "threads": threads or _actor_cpus()})
 
-    def __call__(self, batch: Any) -> dict:
+    def __call__(self, batch: Any) -> Any:
+        if isinstance(batch, pa.Table):
+            values = _binary_views(batch.column(self.column))
+            # the output's size less its headers (a few hundred bytes each, grown into)
+            expected = sum(len(v) + 16 * (-(-len(v) // self.segment_size) or 1) for v in values)
+            packed = _Packed(expected + 512 * len(values))
+            for value in values:
+                packed.add(lambda out, value=value: self._sealer.seal_to(value, out))
+            return _with_column(batch, self.column, packed.array())
         columns = _columns(batch)
         columns[self.column] = _objects([self._sealer.seal(v) for v in columns[self.column]])
         return columns
@@ -119,26 +203,43 @@ class DecryptBatch:
     ``path_column`` (``read_binary_files(..., include_paths=True)`` gives it)."""
 
     def __init__(self, keys: KeyReferences | None = None, *, column: str = "bytes",
-                 path_column: str | None = "path", device: str = "auto", **references: Any):
+                 path_column: str | None = "path", device: str = "auto",
+                 threads: int | None = None, **references: Any):
         self.column, self.path_column, self.device = column, path_column, device
+        self.threads = threads or _actor_cpus()
         self._keys = KeyReferences.of(keys, **references).resolve()
 
     def open(self, data: Any, name: str) -> bytes:
         """The plaintext of the stream file ``data`` (called ``name`` in errors)."""
         out = io.BytesIO()
+        self.open_to(data, name, out)
+        return out.getvalue()
+
+    def open_to(self, data: Any, name: str, out: Any) -> None:
+        """Write the plaintext of the stream file ``data`` to the file object ``out``; on an
+        error, what it wrote is not to be used (see :func:`gpucrypt.stream.decrypt`)."""
         try:
             header = stream.read_header(data)
             if not header.envelope:
                 raise NoMatchingRecipient("this file carries no envelope (it was encrypted "
                                           "with a raw key)")
-            stream.decrypt(data, out, self._keys.data_key(header.envelope, header.salt), device=self.device)
+            stream.decrypt(data, out, self._keys.data_key(header.envelope, header.salt),
+                           device=self.device, threads=self.threads)
         except StreamError as exc:
             raise named_error(exc, name) from None
         except NoMatchingRecipient as exc:
             raise NoMatchingRecipient(f"{name}: {exc}") from None
-        return out.getvalue()
 
-    def __call__(self, batch: Any) -> dict:
+    def __call__(self, batch: Any) -> Any:
+        if isinstance(batch, pa.Table):
+            values = _binary_views(batch.column(self.column))
+            names = (batch.column(self.path_column).to_pylist()
+                     if self.path_column in batch.column_names
+                     else _row_names({}, None, len(values)))
+            packed = _Packed(sum(len(v) for v in values))
+            for value, name in zip(values, names):
+                packed.add(lambda out, value=value, name=name: self.open_to(value, name, out))
+            return _with_column(batch, self.column, packed.array())
         columns = _columns(batch)
         values = columns[self.column]
         names = _row_names(columns, self.path_column, len(values))
@@ -153,7 +254,14 @@ class StagedFilesDatasink(Datasink):
 
     File names: the row's ``path_column`` relative to ``relative_to`` (its base name when
     None), less ``strip_suffix``, plus ``suffix``. A name that would leave ``path`` raises.
-    Publishing moves the files one by one: a crash during it can leave some published.
+
+    Publishing: on a local target whose folder does not exist yet when the sink is made,
+    the staging folder is its hidden sibling and becomes the folder in one rename (all
+    files appear at once, or none). Elsewhere (an existing folder, an object store) the
+    files are moved into place one by one: a crash during those moves can leave some
+    published and the rest in the staging folder (``.gpucrypt-staging-*``, left for the
+    user to remove: another job may be writing into the same folder). A rerun of the job
+    replaces the published files.
     """
 
     def __init__(self, path: str, *, column: str = "bytes", path_column: str = "path",
@@ -168,7 +276,14 @@ class StagedFilesDatasink(Datasink):
         self.relative_to = None if relative_to is None else \
             self.fs._strip_protocol(os.fspath(relative_to)).rstrip("/")
         self.suffix, self.strip_suffix = suffix, strip_suffix
-        self.staging = posixpath.join(self.root, f".gpucrypt-staging-{uuid.uuid4().hex}")
+        staging = f".gpucrypt-staging-{uuid.uuid4().hex}"
+        # decided here, before Ray ships the sink to its write tasks
+        self.whole = _is_local(self.fs) and not self.fs.exists(self.root)
+        if self.whole:
+            parent, name = posixpath.split(self.root)
+            self.staging = posixpath.join(parent, f".{name}{staging}")
+        else:
+            self.staging = posixpath.join(self.root, staging)
 
     def name_of(self, source_path: str) -> str:
         """The output name (relative to the folder) of a row read from ``source_path``."""
@@ -211,11 +326,24 @@ class StagedFilesDatasink(Datasink):
             self._remove_staging()
             raise ValueError(f"two rows map to the same output file under {self.root}: give "
                              f"relative_to= so that names keep their folders")
+        if self.whole and self._publish_whole():
+            return
         for name in names:
             final = posixpath.join(self.root, name)
             self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
             self.fs.mv(posixpath.join(self.staging, name), final)
         self._remove_staging()
+
+    def _publish_whole(self) -> bool:
+        """The staging folder renamed to the folder (atomic); False when something made
+        the folder meanwhile and put files in it (then they are moved one by one)."""
+        try:
+            os.rename(self.staging, self.root)  # replaces an empty folder, never a full one
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            return False
+        return True
 
     def on_write_failed(self, error: Exception) -> None:
         self._remove_staging()
@@ -259,6 +387,11 @@ class GpucryptDatasink(StagedFilesDatasink):
         return data
 
 
+def _is_local(fs: Any) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
 def gpus_per_actor(num_gpus: float | None = None) -> float:
     """``num_gpus``, or 1 when the cluster has a GPU (one actor per GPU), else 0 (CPU actors)."""
     if num_gpus is not None:
@@ -295,7 +428,7 @@ def _run_over_files(transform: type, src: Any, sink: StagedFilesDatasink, keys: 
                         compute=ray.data.ActorPoolStrategy(size=actors),
                         num_cpus=cpus_per_actor(actors, num_cpus),
                         num_gpus=gpus_per_actor(num_gpus), batch_size=batch_size,
-                        batch_format="numpy")
+                        batch_format=BATCH_FORMAT)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
 
 

@@ -98,6 +98,7 @@ def test_a_local_cluster_encrypts_a_folder_reads_it_back_and_fails_by_name(clust
         gray.decrypt_files(source, out, keyset=keyset[0], actors=1)
     assert "failed authentication" in str(caught.value)
     assert not out.exists() or list(out.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir() if "staging" in p.name] == []
 
 
 def test_batch_classes_round_trip_and_name_a_failing_file(keyset, plain):
@@ -125,6 +126,35 @@ def test_batch_classes_round_trip_and_name_a_failing_file(keyset, plain):
         gray.DecryptBatch(keyset=keyset[0])(sealed)
 
 
+def test_arrow_batches_are_read_in_place_and_written_as_one_buffer(keyset, plain):
+    """pyarrow batches (gray.BATCH_FORMAT, what the folder helpers ask Ray for): sliced and
+    multi-chunk tables, binary and large_binary columns, round trip; every output file
+    is a gpucrypt stream of its own, and a bad one is named."""
+    import pyarrow as pa
+
+    _, files = plain
+    names = sorted(files)[:40]
+    values = [files[n] * (1 + i % 5) for i, n in enumerate(names)]  # up to 4 segments
+    table = pa.table({"path": names, "bytes": pa.array(values, pa.binary())})
+    tables = [table, table.slice(5, 17), pa.concat_tables([table.slice(0, 9), table.slice(9)]),
+              table.set_column(1, "bytes", table["bytes"].cast(pa.large_binary()))]
+    encrypt, decrypt = gray.EncryptBatch(keyset=keyset[0], segment_size=4096), \
+        gray.DecryptBatch(keyset=keyset[0])
+    for batch in tables:
+        sealed = encrypt(batch)
+        blobs = sealed.column("bytes").to_pylist()
+        assert sealed.column("path").to_pylist() == batch.column("path").to_pylist()
+        for blob, data in zip(blobs, batch.column("bytes").to_pylist()):
+            header = stream.read_header(blob)
+            assert header.envelope
+            assert len(blob) == header.header_length + len(data) + 16 * max(1, -(-len(data) // 4096))
+        assert decrypt(sealed).column("bytes").to_pylist() == batch.column("bytes").to_pylist()
+    blobs[2] = blobs[2][:-1] + bytes([blobs[2][-1] ^ 1])
+    bad = sealed.set_column(1, "bytes", pa.array(blobs, pa.binary()))
+    with pytest.raises(stream.AuthenticationError, match=re.escape(names[2])):
+        decrypt(bad)
+
+
 def test_keys_travel_as_references_not_bytes(keyset):
     path, kek = keyset
     refs = KeyReferences(keyset=path)
@@ -147,3 +177,39 @@ def test_datasinks_refuse_plaintext_and_names_outside_their_folder(tmp_path):
     plain = gray.StagedFilesDatasink(str(tmp_path / "out"), relative_to=str(tmp_path / "in"),
                                      strip_suffix=".gc")
     assert plain.name_of(str(tmp_path / "in" / "a.bin.gc")) == "a.bin"
+
+
+def _publish(sink, names: list[str]) -> None:
+    """What Ray does around the write tasks: start, each row written, complete."""
+    from types import SimpleNamespace
+
+    sink.on_write_start()
+    for name in names:
+        staged = os.path.join(sink.staging, name)
+        os.makedirs(os.path.dirname(staged), exist_ok=True)
+        with open(staged, "wb") as f:
+            f.write(name.encode())
+    sink.on_write_complete(SimpleNamespace(write_returns=[names]))
+
+
+def test_a_new_local_folder_is_published_in_one_rename_an_existing_one_file_by_file(tmp_path):
+    names = ["a.bin", "sub/b.bin"]
+    fresh = gray.StagedFilesDatasink(str(tmp_path / "fresh"))
+    assert fresh.whole and os.path.dirname(fresh.staging) == str(tmp_path)  # a sibling
+    _publish(fresh, names)
+    assert _tree(tmp_path / "fresh") == {n: n.encode() for n in names}
+    assert sorted(os.listdir(tmp_path)) == ["fresh"]  # the staging folder became it
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.bin").write_bytes(b"old")
+    existing = gray.StagedFilesDatasink(str(tmp_path / "full"))
+    assert not existing.whole and os.path.dirname(existing.staging) == str(tmp_path / "full")
+    _publish(existing, names)
+    assert _tree(tmp_path / "full") == {"old.bin": b"old", **{n: n.encode() for n in names}}
+
+    late = gray.StagedFilesDatasink(str(tmp_path / "late"))  # made by someone meanwhile
+    (tmp_path / "late").mkdir()
+    (tmp_path / "late" / "theirs.bin").write_bytes(b"theirs")
+    _publish(late, names)
+    assert _tree(tmp_path / "late") == {"theirs.bin": b"theirs", **{n: n.encode() for n in names}}
+    assert sorted(os.listdir(tmp_path)) == ["fresh", "full", "late"]

@@ -75,6 +75,45 @@ def test_default_batches_round_trip():
     assert unseal(seal(data)) == data
 
 
+
+class _Writer:
+    """A file object that is not an io.BytesIO: encrypt writes it batch by batch."""
+
+    def __init__(self):
+        self.parts = []
+
+    def write(self, data):
+        self.parts.append(bytes(data))
+        return len(data)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_in_memory_input_sealed_in_place_into_bytesio(small_batches, size):
+    """Into an io.BytesIO the segments are sealed in the object's own buffer: the same bytes
+    as written batch by batch, after what the object held, and the object stays usable."""
+    data = os.urandom(size)
+    fixed = {"segment_size": SEG, "device": "cpu", "_salt": bytes(32), "_nonce_prefix": bytes(7)}
+    out = io.BytesIO()
+    out.write(b"before")
+    stream.encrypt(data, out, KEY, **fixed)
+    out.write(b"after")  # would raise BufferError if a view of its buffer were still alive
+    other = _Writer()
+    stream.encrypt(data, other, KEY, **fixed)
+    assert out.getvalue() == b"before" + b"".join(other.parts) + b"after"
+    assert unseal(out.getvalue()[6:-5]) == data
+
+
+def test_small_in_memory_input_takes_one_small_buffer(monkeypatch):
+    """A small file's fixed cost: one buffer of its own size each way, not a batch's."""
+    sizes = []
+    real = pipeline.scratch
+    monkeypatch.setattr(pipeline, "scratch", lambda n: sizes.append(n) or real(n))
+    blob = seal(os.urandom(1000), key=KEY)
+    assert sizes == []  # sealed in place in the BytesIO
+    assert len(unseal(blob)) == 1000
+    assert sizes == [C, SEG]  # ciphertext slots (sliced, never written) and plaintext
+
+
 def _chunks(data: bytes, sizes):
     pos, i = 0, 0
     while pos < len(data):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import _thread
+import io
 import os
 from typing import Any, Callable
 
@@ -410,6 +411,18 @@ class FileObjectOutput:
 
     def write(self, data: Any) -> None:
         write_all(self._file, data)
+
+    def room(self, nbytes: int) -> memoryview | None:
+        """For an ``io.BytesIO``: the next ``nbytes`` of its own buffer, as if written
+        (the position moves past them), for the caller to fill in place: no staging
+        buffer and no copy. Every view of it must be gone before the object is used
+        again (it cannot grow while its buffer is exported). None for other objects."""
+        if type(self._file) is not io.BytesIO or nbytes <= 0:
+            return None
+        start = self._file.tell()
+        self._file.seek(start + nbytes - 1)
+        self._file.write(b"\0")  # grows the buffer once, to its final size
+        return self._file.getbuffer()[start:start + nbytes]
 
     def commit(self) -> None:
         if hasattr(self._file, "flush"):

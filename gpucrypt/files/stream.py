@@ -29,7 +29,9 @@ Guarantees and limits:
   workers fill with ``pread`` and write out with ``pwrite`` themselves, sealing or
   opening in place. Any other source or destination: four buffers of input (this
   thread reads one batch ahead, to know which segment is the last) and, to decrypt,
-  three of plaintext. A one-segment input runs in the calling thread.
+  three of plaintext; an in-memory input (bytes-like) gets buffers no larger than itself,
+  made only when used, and is sealed into an ``io.BytesIO`` in place, in the object's own
+  buffer. A one-segment input runs in the calling thread.
 - Writes to a path are atomic: a temporary file in the same folder, fsync, then
   rename. ``decrypt`` to a path renames only after every segment, including the
   one marked last, verified; on any error the temporary file is removed and the
@@ -330,11 +332,11 @@ def _seal_positional(segs: _Segments, where, sink, header_length: int):
     if count > MAX_SEGMENTS:
         raise OverflowError(f"the input needs more than {MAX_SEGMENTS} segments of {S} "
                             f"bytes; use a larger segment_size")
-    buffers = [pipeline.scratch(segs.per_batch * C) for _ in range(_DEPTH + 1)]
+    buffer = _batch_buffers(_DEPTH + 1, min(count, segs.per_batch) * C)
     out_fd = sink.fileno()
 
     for k, (first, end) in enumerate(_batch_ranges(count, segs.per_batch)):
-        buf, jobs = buffers[k % len(buffers)], []
+        buf, jobs = buffer(k), []
         for i in range(first, end):
             n = min(S, size - i * S)
             jobs.append(segs.job(i, i == count - 1, None, buf[(i - first) * C:], n))
@@ -378,27 +380,62 @@ def _read_pieces(source: _Source, buf: memoryview, count: int, stride: int, size
     return pieces
 
 
+def _in_memory_segments(source: _Source, stride: int) -> int | None:
+    """How many segments (of ``stride`` input bytes) an in-memory input holds, whose size
+    is exact; None for other inputs."""
+    if not isinstance(source, _BufferSource):
+        return None
+    return max(1, -(-source.size // stride))
+
+
+def _batch_buffers(count: int, nbytes: int):
+    """``buffer(k)``: batch k's buffer, ``count`` of ``nbytes`` taken in turn, each made on
+    first use (an input of one batch makes one)."""
+    made: dict = {}
+
+    def buffer(k: int) -> memoryview:
+        if k % count not in made:
+            made[k % count] = pipeline.scratch(nbytes)
+        return made[k % count]
+    return buffer
+
+
 def _seal_sequential(segs: _Segments, source: _Source, sink):
     """Batches for any other input: this thread reads batch k+1 (straight into the
     segments' places in its buffer) while the workers seal batch k, so that batch k
     knows whether it holds the last segment; sealed batches are written in order, one
-    write each."""
+    write each. An in-memory input has its batches sized to it, and into an
+    ``io.BytesIO`` (``sink.room``) its segments are sealed in place, in the object's own
+    buffer."""
     S, C, B = segs.S, segs.S + TAG_SIZE, segs.per_batch
-    buffers = [pipeline.scratch(B * C) for _ in range(_DEPTH + 2)]
+    count = _in_memory_segments(source, S)
+    room = None
+    if count is not None:
+        B = min(B, count)
+        if hasattr(sink, "room"):
+            room = sink.room(source.size + count * TAG_SIZE)
+    if room is not None:
+        def buffer(k):  # every batch before k was full
+            return room[k * B * C:]
+
+        def write(batch, _):
+            pass
+    else:
+        buffer = _batch_buffers(_DEPTH + 2, B * C)
+
+        def write(batch, _):
+            sink.write(batch.payload)
 
     def read(buf):
         return _read_pieces(source, buf, B, C, S)
 
-    def write(batch, _):
-        sink.write(batch.payload)
-
     first, k = 0, 0
-    pieces = read(buffers[0])
+    pieces = read(buffer(0))
     while True:
         full = len(pieces) == B and len(pieces[-1]) == S
-        following = read(buffers[(k + 1) % len(buffers)]) if full else []
+        following = read(buffer(k + 1)) if full else []
         final = not following
-        buf = buffers[k % len(buffers)]
+        buf = buffer(k)
         if not pieces:  # an empty input is one empty segment
             pieces = [buf[:0]]
         slots = {first + j: buf[j * C:(j + 1) * C] for j in range(len(pieces))}
@@ -483,14 +520,14 @@ def _open_positional(segs: _Segments, where, sink):
     count = -(-payload // C)
     tail = payload - (count - 1) * C
     whole = count if tail >= TAG_SIZE else count - 1  # a cut tag: the segments before it first
-    buffers = [pipeline.scratch(segs.per_batch * C) for _ in range(_DEPTH + 1)]
+    buffer = _batch_buffers(_DEPTH + 1, min(count, segs.per_batch) * C)
     out_fd = sink.fileno()
 
     def store(job, _):
         pipeline.pwrite_all(out_fd, job.dst, job.ident * S)
 
     for k, (first, end) in enumerate(_batch_ranges(whole, segs.per_batch)):
-        buf = buffers[k % len(buffers)]
+        buf = buffer(k)
         jobs = [segs.job(i, i == count - 1, None, buf[(i - first) * C:],
                          C if i < count - 1 else tail) for i in range(first, end)]
 
@@ -534,8 +571,11 @@ def _open_sequential(segs: _Segments, source: _Source, sink):
     verified, and on the first failure the verified segments before it are written and
     the error raised."""
     S, C, B = segs.S, segs.S + TAG_SIZE, segs.per_batch
-    in_buffers = [pipeline.scratch(B * C) for _ in range(_DEPTH + 2)]
-    out_buffers = [pipeline.scratch(B * S) for _ in range(_DEPTH + 1)]
+    count = _in_memory_segments(source, C)
+    if count is not None:
+        B = min(B, count)
+    in_buffer = _batch_buffers(_DEPTH + 2, B * C)
+    out_buffer = _batch_buffers(_DEPTH + 1, B * S)
 
     def read(buf):
         return _read_pieces(source, buf, B, C, C)
@@ -545,12 +585,12 @@ def _open_sequential(segs: _Segments, source: _Source, sink):
                                                    plaintext, sink)
 
     first, k = 0, 0
-    pieces = read(in_buffers[0])
+    pieces = read(in_buffer(0))
     if not pieces:
         raise _no_segments()
     while True:
         full = len(pieces) == B and len(pieces[-1]) == C
-        following = read(in_buffers[(k + 1) % len(in_buffers)]) if full else []
+        following = read(in_buffer(k + 1)) if full else []
         final = not following
         cut = None
         if len(pieces[-1]) < TAG_SIZE:  # the segments before it are opened first, as not last
@@ -558,7 +598,7 @@ def _open_sequential(segs: _Segments, source: _Source, sink):
             pieces, final = pieces[:-1], False
             if not pieces:
                 raise cut
-        out = out_buffers[k % len(out_buffers)]
+        out = out_buffer(k)
         jobs = [segs.job(first + j, final and j == len(pieces) - 1, piece, out[j * S:], len(piece))
                 for j, piece in enumerate(pieces)]
         used = sum(len(p) - TAG_SIZE for p in pieces)
