@@ -474,7 +474,7 @@ def test_cpu_detached_tag_form_in_place_and_out(name, nonce_len, size, path, mon
     monkeypatch.setattr(cpu, "_PIECE", 64)
     if path == "composed":
         monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", -1)
-        monkeypatch.setattr(cpu, "ONE_SHOT_SCRATCH_MAX", -1)
+        monkeypatch.setattr(cpu, "CHACHA_ONE_SHOT_SEAL_MAX", -1)
     cls, key_len, std_nonce = CLASSES[name]
     key, nonce, aad = os.urandom(key_len), os.urandom(nonce_len), os.urandom(7)
     data = os.urandom(size)

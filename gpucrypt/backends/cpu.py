@@ -6,19 +6,17 @@ or associated data and at GCM nonces of 8..128 bytes; beyond those the same
 bytes are produced from its lower-level primitives (ChaCha20 + Poly1305; AES-CTR
 + GHASH from :mod:`gpucrypt._host_primitives`), up to each algorithm's own limit.
 
-Detached-tag messages (segments of model files and checkpoints, tensors) up to
-``ONE_SHOT_SCRATCH_MAX`` also take OpenSSL's one-shot AEAD, through a scratch buffer kept
-per thread: ``cryptography``'s streaming ciphers and Poly1305 hold the GIL, its AEAD
-releases it, so only the one-shot form lets several threads seal and open at once.
+Detached-tag ChaCha20-Poly1305 seals (segments of model files and checkpoints) up to
+``CHACHA_ONE_SHOT_SEAL_MAX`` also take OpenSSL's one-shot AEAD, into a scratch buffer kept
+per thread, and copy the ciphertext out: ``cryptography``'s ChaCha20 and Poly1305 hold the
+GIL, its AEAD releases it, so only the one-shot form lets several threads seal at once.
 
 Decryption verifies before it writes any plaintext, and zeroes ``out`` when the
 tag is wrong (``cryptography``'s ``decrypt_into`` leaves the unauthenticated
-plaintext in the buffer; we do not). Two detached-tag opens write before they know:
-messages between ``ONE_SHOT_DETACHED_MAX`` and ``ONE_SHOT_SCRATCH_MAX`` (OpenSSL's
-one-shot open from a scratch copy straight into ``out``) and larger AES-GCM messages
-in place (OpenSSL's streaming GCM once over the buffer). On a wrong tag both give
-``out`` its ciphertext back (in place) or zero it before they raise: no
-unauthenticated plaintext is returned or left behind.
+plaintext in the buffer; we do not). The one exception is AES-GCM decrypting a
+detached-tag message in place, which runs OpenSSL's streaming GCM once over the
+buffer and, if the tag is wrong, encrypts the buffer back to its ciphertext before
+it raises: no unauthenticated plaintext is returned or left behind.
 
 Contexts (a key schedule and OpenSSL objects) are kept per key in a small
 :class:`ContextCache`, so that repeated calls under one key (a tensor at a time,
@@ -49,9 +47,9 @@ PARALLEL_MIN = 8 << 20
 _PARALLEL_CHUNK = 4 << 20  # a multiple of 64 (ChaCha20 blocks) and of 16 (Poly1305 blocks)
 #: detached-tag messages up to this size go through OpenSSL's one-shot AEAD and a copy
 ONE_SHOT_DETACHED_MAX = 64 << 10
-#: detached-tag seals and opens up to this size also take OpenSSL's one-shot AEAD, through
-#: a scratch buffer kept per thread (it only ever holds ciphertext and tags)
-ONE_SHOT_SCRATCH_MAX = 8 << 20
+#: detached ChaCha20-Poly1305 seals up to this size also take OpenSSL's one-shot AEAD,
+#: into a scratch buffer kept per thread (it only ever holds ciphertext and tags)
+CHACHA_ONE_SHOT_SEAL_MAX = 8 << 20
 #: AEAD contexts the CPU backend keeps (least recently used dropped first)
 CONTEXT_CACHE_SIZE = 32
 
@@ -143,10 +141,8 @@ class _OpenSslAead(AeadContext):
         self._xor(state, ct, out)
 
     def seal_detached(self, nonce, data, aad, out, threads=1):
-        n = len(data)
-        if n <= ONE_SHOT_SCRATCH_MAX and self._native(nonce, n, len(aad)):
-            scratch = bytearray(n + 16) if n <= ONE_SHOT_DETACHED_MAX else _thread_scratch(n + 16)
-            return self._seal_detached_one_shot(nonce, data, aad, out, scratch)
+        if len(data) <= ONE_SHOT_DETACHED_MAX and self._native(nonce, len(data), len(aad)):
+            return self._seal_detached_one_shot(nonce, data, aad, out)
         state = self._start(nonce)
         self._xor(state, data, out)
         return self._tag(state, out, aad)
@@ -154,10 +150,8 @@ class _OpenSslAead(AeadContext):
     def open_detached(self, nonce, data, tag, aad, out, threads=1):
         if len(tag) != 16:
             raise InvalidTag()
-        if len(data) <= ONE_SHOT_SCRATCH_MAX and self._native(nonce, len(data), len(aad)):
-            if len(data) <= ONE_SHOT_DETACHED_MAX:
-                return self._open_detached_one_shot(nonce, data, tag, aad, out)
-            return self._open_detached_scratch(nonce, data, tag, aad, out)
+        if len(data) <= ONE_SHOT_DETACHED_MAX and self._native(nonce, len(data), len(aad)):
+            return self._open_detached_one_shot(nonce, data, tag, aad, out)
         state = self._start(nonce)
         if not _tags_equal(self._tag(state, data, aad), bytes(tag)):
             if not _same_memory(data, out):
@@ -168,7 +162,8 @@ class _OpenSslAead(AeadContext):
     # Small messages: OpenSSL's one-shot AEAD through a scratch buffer holding
     # ``data || tag`` costs a copy of a few KiB; composing the AEAD from its primitives
     # costs ~20 us of cipher contexts per call.
-    def _seal_detached_one_shot(self, nonce, data, aad, out, scratch) -> bytes:
+    def _seal_detached_one_shot(self, nonce, data, aad, out, scratch=None) -> bytes:
+        scratch = bytearray(len(data) + 16) if scratch is None else scratch
         self._aead.encrypt_into(nonce, data, aad, scratch)
         out[:] = memoryview(scratch)[:len(data)]  # out may be data itself: scratch is apart
         return bytes(scratch[len(data):])
@@ -189,26 +184,6 @@ class _OpenSslAead(AeadContext):
         finally:
             plain[:] = bytes(n)
 
-    def _open_detached_scratch(self, nonce, data, tag, aad, out) -> None:
-        """Larger messages: one OpenSSL call (GIL released) from this thread's copy of
-        ``data || tag`` straight into ``out`` (a separate plaintext buffer would cost a
-        second copy). OpenSSL writes the plaintext before it checks the tag, so on a
-        wrong tag ``out`` is given its ciphertext back (in place) or zeroed before
-        ``InvalidTag`` is raised: nothing unauthenticated is returned or left behind;
-        only another thread reading ``out`` during the call could see it (the caller
-        lent it to us), as with AES-GCM's one-pass in-place open."""
-        n = len(data)
-        sealed = _thread_scratch(n + 16)
-        sealed[:n], sealed[n:] = data, tag
-        try:
-            self._aead.decrypt_into(nonce, sealed, aad, out)
-        except InvalidTag:
-            if _same_memory(data, out):
-                out[:] = sealed[:n]
-            else:
-                _zero(out)
-            raise
-
     # composed path: state = what the nonce determines (ChaCha20: the nonce; GCM: J0)
     def _start(self, nonce: bytes) -> bytes:
         raise NotImplementedError
@@ -226,12 +201,17 @@ class _ChaCha20Poly1305(_OpenSslAead):
     def _start(self, nonce):
         return nonce
 
-    # Up to ONE_SHOT_SCRATCH_MAX the base class takes OpenSSL's one-shot AEAD: the
-    # composed path's ChaCha20 and Poly1305 hold the GIL, and segments sealed on several
-    # threads (a model file, a DCP rank's shards) took turns there, the waiting costing
-    # CPU time besides (issue 16: a 2-rank DCP save spent 2.4x plain DCP's CPU time).
+    # Larger seals: ``cryptography``'s ChaCha20 and Poly1305 (the composed path) hold the
+    # GIL, its one-shot AEAD releases it. Segments sealed on several threads (a model
+    # file, a DCP rank's shards) took turns on the composed path, and the waiting cost
+    # CPU time besides (issue 16: a 2-rank DCP save spent 2.4x plain DCP's CPU time); one
+    # OpenSSL pass plus a copy out of a reused buffer runs them side by side.
     def seal_detached(self, nonce, data, aad, out, threads=1):
         if threads < 2 or len(data) < PARALLEL_MIN:
+            if ONE_SHOT_DETACHED_MAX < len(data) <= CHACHA_ONE_SHOT_SEAL_MAX and \
+                    self._native(nonce, len(data), len(aad)):
+                return self._seal_detached_one_shot(nonce, data, aad, out,
+                                                    _thread_scratch(len(data) + 16))
             return super().seal_detached(nonce, data, aad, out)
         mac = self._mac(nonce, aad)
         self._xor_parallel(nonce, data, out, threads, lambda a, b: mac.update(out[a:b]))
@@ -302,7 +282,7 @@ class _AesGcm(_OpenSslAead):
         return self._native(nonce, 0, 0) and aad_len <= OPENSSL_AEAD_MAX
 
     def seal_detached(self, nonce, data, aad, out, threads=1):  # one OpenSSL pass: threads unused
-        if len(data) <= ONE_SHOT_SCRATCH_MAX or not self._streaming(nonce, len(data), len(aad)):
+        if len(data) <= ONE_SHOT_DETACHED_MAX or not self._streaming(nonce, len(data), len(aad)):
             return super().seal_detached(nonce, data, aad, out)
         enc = self._gcm(nonce).encryptor()
         enc.authenticate_additional_data(aad)
@@ -311,7 +291,7 @@ class _AesGcm(_OpenSslAead):
         return enc.tag
 
     def open_detached(self, nonce, data, tag, aad, out, threads=1):
-        if len(tag) != 16 or len(data) <= ONE_SHOT_SCRATCH_MAX or \
+        if len(tag) != 16 or len(data) <= ONE_SHOT_DETACHED_MAX or \
                 not self._streaming(nonce, len(data), len(aad)):
             return super().open_detached(nonce, data, tag, aad, out)
         if _same_memory(data, out):
