@@ -1,0 +1,99 @@
+"""gpucrypt._hostmem: large decryption outputs on huge pages, and model loads that use them.
+
+The checks read the kernel's own account of the mapping (``/proc/self/smaps``): the
+``hg`` VmFlag is what ``madvise(MADV_HUGEPAGE)`` sets, whatever memory the kernel then
+manages to find, so the test does not depend on free huge pages.
+"""
+from __future__ import annotations
+
+import gc
+import mmap
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gpucrypt import _hostmem, models
+from gpucrypt.stream import AuthenticationError
+
+MIB = 1 << 20
+LINUX_THP = sys.platform == "linux" and hasattr(mmap, "MADV_HUGEPAGE")
+
+
+def vm_flags(address: int) -> set[str]:
+    """The VmFlags of the mapping of this process that holds ``address``."""
+    current = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                current = lo <= address < hi
+            elif head == "VmFlags:" and current:
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not LINUX_THP, reason="MADV_HUGEPAGE is Linux-only; elsewhere plain numpy.empty")
+def test_large_output_is_aligned_advised_and_exact():
+    n = 9 * MIB + 5
+    a = _hostmem.empty_host_bytes(n)
+    assert a.dtype == np.uint8 and a.shape == (n,) and a.flags.c_contiguous and a.flags.writeable
+    start = a.ctypes.data
+    assert start % _hostmem.HUGE_PAGE == 0
+    assert "hg" in vm_flags(start)                       # whole huge pages advised
+    assert "hg" in vm_flags(start + 8 * MIB - 1)
+    assert "hg" not in vm_flags(start + 8 * MIB)          # the partial last one is not
+    a[:] = 7
+    assert int(a.sum()) == 7 * n
+
+
+def test_small_output_is_plain_numpy():
+    a = _hostmem.empty_host_bytes(_hostmem.HUGE_PAGE_MIN_BYTES - 1)
+    assert a.base is None or not isinstance(a.base, mmap.mmap)
+    assert a.shape == (_hostmem.HUGE_PAGE_MIN_BYTES - 1,)
+
+
+def test_a_torch_tensor_keeps_the_mapping_alive():
+    n = _hostmem.HUGE_PAGE_MIN_BYTES + 123
+    t = torch.from_numpy(_hostmem.empty_host_bytes(n)).view(torch.uint8)
+    t.fill_(3)
+    gc.collect()
+    big = [np.ones(4 * MIB, dtype=np.uint8) for _ in range(4)]  # reuse of freed memory would show
+    assert int(t.sum()) == 3 * n
+    del big
+
+
+@pytest.mark.parametrize("framework", ["torch", "numpy"])
+@pytest.mark.parametrize("algorithm", ["chacha20-poly1305", "aes-256-gcm"])
+def test_model_load_of_large_tensors_round_trips(tmp_path, framework, algorithm):
+    torch.manual_seed(3)
+    # Odd sizes: a huge-page output whose tail is not a whole page, next to a small one.
+    state = {"big": torch.randn(4 * MIB + 3, dtype=torch.float32).to(torch.bfloat16).reshape(-1),
+             "f32": torch.randn(1, 2 * MIB + 7), "small": torch.arange(5)}
+    key = os.urandom(32)
+    path = tmp_path / "m.gcm"
+    models.save_encrypted(state, path, key, algorithm=algorithm, device="cpu")
+    out = models.load_encrypted(path, key, "cpu", framework=framework)
+    for name, want in state.items():
+        got = out[name] if framework == "torch" else torch.from_numpy(out[name].view(np.uint8)) \
+            .view(want.dtype).reshape(want.shape)
+        assert got.shape == want.shape and torch.equal(got, want), name
+    if LINUX_THP:
+        big = out["big"]
+        address = big.data_ptr() if framework == "torch" else big.ctypes.data
+        assert "hg" in vm_flags(address)
+
+
+def test_model_load_of_a_tampered_large_tensor_fails(tmp_path):
+    state = {"big": torch.randn(3 * MIB)}
+    key = os.urandom(32)
+    path = tmp_path / "m.gcm"
+    models.save_encrypted(state, path, key, device="cpu")
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) - 1000] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(AuthenticationError, match="big"):
+        models.load_encrypted(path, key, "cpu")
