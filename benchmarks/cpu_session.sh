@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every CPU benchmark that an open issue's "Done when" quotes, one after the other, on a
+# quiet machine: run it when nothing else does (no test suite, no helper), since each
+# script compares side by side in one run but a busy neighbour still widens the noise.
+#
+#   benchmarks/cpu_session.sh [TAG] [STEP...]
+#
+# TAG names the results, benchmarks/results/$(date +%F)-cpu-amd-epyc-<step>-TAG.json
+# (default: quiet). STEPs (default: all, in this order; about 15 minutes on 2 cores):
+#   dcp      benchmarks/dcp_bench.py           issue 16 (2 gloo ranks, 256 MiB)   ~1 min
+#   model    benchmarks/model_load_bench.py    issue 18 (1 GiB, tensorizer)       ~2 min
+#   tensor   benchmarks/tensor_bench.py        issue 13 (state dicts, 4 KiB)      ~3 min
+#   cli      benchmarks/cli_bench.py           issue 12 (1 GiB file, age, cp)     ~3 min
+#   bench    gpucrypt bench --device cpu       issue 13 (64 B .. 1 GiB)           ~6 min
+# Then regenerate benchmarks/RESULTS.md: python benchmarks/make_results_md.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tag=${1:-quiet}; shift || true
+steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(dcp model tensor cli bench)
+py=${PYTHON:-python}
+name() { echo "benchmarks/results/$(date +%F)-cpu-amd-epyc-$1-$tag.json"; }
+for step in "${steps[@]}"; do
+  echo "== $step (load $(cut -d' ' -f1-3 /proc/loadavg))"
+  case $step in
+    dcp)    $py benchmarks/dcp_bench.py --json "$(name dcp)" ;;
+    model)  $py benchmarks/model_load_bench.py --dir /dev/shm/gpucrypt-mlb --json "$(name model-load)" ;;
+    tensor) $py benchmarks/tensor_bench.py --device cpu --threads 1,2 --json "$(name tensor)" ;;
+    cli)    $py benchmarks/cli_bench.py --json "$(name cli)" ;;
+    bench)  $py -m gpucrypt bench --device cpu --sizes 64,1KiB,16KiB,1MiB,16MiB,256MiB,1GiB \
+              --json "$(name issue13)" ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
