@@ -30,8 +30,13 @@ from gpucrypt.cli import build_parser, main
 VECTORS = Path(__file__).parent / "vectors" / "passphrase"
 #: started with ``MODE ARGS...``: MODE "named" turns off unnamed (O_TMPFILE) outputs, to
 #: test the fallback; small CPU batches make the output grow while the input still flows,
-#: and passphrases cost scrypt 2**10
-LAUNCHER = ("import sys\n"
+#: and passphrases cost scrypt 2**10. The signals the tests send start at their default
+#: action, as in a shell: an ignored signal stays ignored across exec, so under ``nohup``
+#: (SIGHUP ignored) the child would otherwise outlive its SIGHUP and the named fallback
+#: would leave its handler uninstalled (it installs one only over the default action).
+LAUNCHER = ("import signal, sys\n"
+            "for name in ('SIGTERM', 'SIGHUP'):\n"
+            "    signal.signal(getattr(signal, name), signal.SIG_DFL)\n"
             "from gpucrypt import pipeline\n"
             "from gpucrypt.files import _atomic\n"
             "from gpucrypt.keys import passphrase\n"
