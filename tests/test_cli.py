@@ -592,3 +592,23 @@ def test_help_texts(capsys):
         assert " ".join(SUBCOMMANDS[command][1].split()) in " ".join(out.split()), command
         if command == "decrypt":
             assert "where to decrypt" in out and "where to encrypt" not in out
+
+
+def test_a_command_parses_alone_as_under_the_top_level_parser(capsys):
+    """``main`` builds only the command's parser when the command comes first: its usage,
+    errors and defaults are those of the same command under :func:`build_parser`."""
+    from gpucrypt.cli import _command_parser
+
+    argv = ["--key-file", "k", "--threads", "2", "in", "-o", "out"]
+    alone = vars(_command_parser("encrypt").parse_args(argv))
+    under = vars(build_parser(["encrypt"]).parse_args(["encrypt", *argv]))
+    assert {k: v for k, v in alone.items() if k != "func"} == \
+        {k: v for k, v in under.items() if k != "func"}
+    assert alone["command"] == "encrypt" and alone["func"] is under["func"]
+    for argv, usage in ((["decrypt", "--no-such-option"], "usage: gpucrypt decrypt [-h]"),
+                        (["--no-such-option", "decrypt"], "usage: gpucrypt [-h]")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith(usage), err
+        assert "unrecognized arguments: --no-such-option" in err
