@@ -612,3 +612,21 @@ def test_a_command_parses_alone_as_under_the_top_level_parser(capsys):
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.startswith(usage), err
         assert "unrecognized arguments: --no-such-option" in err
+
+
+def test_only_a_whole_process_run_freezes_the_heap(work):
+    """``main()`` as the program (no argv: the console script, ``python -m gpucrypt``)
+    freezes the objects of its start-up out of the garbage collector's sight; ``main(argv)``
+    called from a caller's own process leaves its collector as it was."""
+    code = ("import gc, sys\n"
+            "from gpucrypt.cli import main\n"
+            "assert main(['encrypt', '--key-file', 'key', '-f', 'plain', 'sealed']) == 0\n"
+            "called = gc.get_freeze_count()\n"
+            "sys.argv = ['gpucrypt', 'decrypt', '--key-file', 'key', '-f', 'sealed', 'back']\n"
+            "assert main() == 0\n"
+            "print(called, gc.get_freeze_count() > 0, gc.isenabled())\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "True", "True"]
+    assert (work / "back").read_bytes() == (work / "plain").read_bytes()

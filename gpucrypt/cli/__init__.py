@@ -254,9 +254,29 @@ def _parse(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace
     return parser, parser.parse_args(argv)
 
 
+def _freeze_heap() -> None:
+    """Move every object alive now out of the cyclic garbage collector's sight
+    (``gc.freeze``): the modules and what they made live until the process exits, and
+    each collection (the one at exit included) would walk them again, for nothing. About
+    8% of a small file's whole run (instructions, callgrind). Only for a process that is
+    this command: what is frozen is never collected."""
+    import gc
+
+    gc.freeze()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: the process's arguments) and return the
+    exit code. Without ``argv`` the process is this command (the console script, ``python
+    -m gpucrypt``), and its heap is frozen once the command's modules are loaded
+    (:func:`_freeze_heap`); a caller's own process is left as it is."""
+    whole_process = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
+    if whole_process:
+        _freeze_heap()
     parser, args = _parse(argv)
+    if whole_process:
+        _freeze_heap()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
