@@ -378,11 +378,14 @@ def _compile_bytecode() -> None:
     """Compile gpucrypt's modules to bytecode first, as an installed package ships them:
     with ``PYTHONDONTWRITEBYTECODE=1`` (set on these machines) a checkout would otherwise
     recompile every edited module on each start, and the 4 KiB row would time the
-    compiler. The script row compiles nothing: it is one file, as a user's would be."""
+    compiler. The script row compiles nothing: it is one file, as a user's would be.
+    ``-f``: a bytecode file whose source changed within the same second (and kept its
+    size: a ``git stash``/``pop``) is taken as current otherwise, and every run then
+    compiles that module."""
     import gpucrypt
 
-    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.dirname(gpucrypt.__file__)],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-f",
+                    os.path.dirname(gpucrypt.__file__)], check=True, capture_output=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,17 +7,16 @@ Drop-in AEAD classes (change the import, keep the bytes)::
 Each takes ``device="auto" | "cpu" | "gpu"``; see :mod:`gpucrypt.backends`.
 
 ``import gpucrypt`` loads ``cryptography`` and nothing heavier: the AEAD classes
-(:mod:`gpucrypt.aead`) and the tensor API (:mod:`gpucrypt.tensors.api`, which needs
-NumPy) are imported on first use of one of their names (``from gpucrypt import AESGCM``,
-``gpucrypt.encrypt_tensor``), so that ``gpucrypt encrypt`` of a small file, which uses
-neither, does not pay for them.
+(:mod:`gpucrypt.aead`), the tensor API (:mod:`gpucrypt.tensors.api`, which needs
+NumPy) and :func:`info` are imported on first use of one of their names (``from gpucrypt
+import AESGCM``, ``gpucrypt.encrypt_tensor``), so that ``gpucrypt encrypt`` of a small
+file, which uses none of them, does not pay for them.
 """
 from __future__ import annotations
 
 from cryptography.exceptions import InvalidTag
 
 from .backends import BackendUnavailable
-from ._info import info
 
 __version__ = "0.1.0"
 
@@ -25,9 +24,10 @@ __version__ = "0.1.0"
 _LAZY = {**dict.fromkeys(("AESGCM", "BatchInvalidTag", "ChaCha20Poly1305", "XChaCha20Poly1305"),
                          "gpucrypt.aead"),
          **dict.fromkeys(("encrypt_tensor", "decrypt_tensor", "encrypt_tensors", "decrypt_tensors",
-                          "EncryptedTensor", "NonceSequence", "TensorCipher"), "gpucrypt.tensors.api")}
+                          "EncryptedTensor", "NonceSequence", "TensorCipher"), "gpucrypt.tensors.api"),
+         "info": "gpucrypt._info"}
 
-__all__ = ["InvalidTag", "BackendUnavailable", "info", "__version__", *_LAZY]
+__all__ = ["InvalidTag", "BackendUnavailable", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> object:

@@ -30,8 +30,13 @@ from gpucrypt.cli import build_parser, main
 VECTORS = Path(__file__).parent / "vectors" / "passphrase"
 #: started with ``MODE ARGS...``: MODE "named" turns off unnamed (O_TMPFILE) outputs, to
 #: test the fallback; small CPU batches make the output grow while the input still flows,
-#: and passphrases cost scrypt 2**10
-LAUNCHER = ("import sys\n"
+#: and passphrases cost scrypt 2**10. The signals the tests send start at their default
+#: action, as in a shell: an ignored signal stays ignored across exec, so under ``nohup``
+#: (SIGHUP ignored) the child would otherwise outlive its SIGHUP and the named fallback
+#: would leave its handler uninstalled (it installs one only over the default action).
+LAUNCHER = ("import signal, sys\n"
+            "for name in ('SIGTERM', 'SIGHUP'):\n"
+            "    signal.signal(getattr(signal, name), signal.SIG_DFL)\n"
             "from gpucrypt import pipeline\n"
             "from gpucrypt.files import _atomic\n"
             "from gpucrypt.keys import passphrase\n"
@@ -587,3 +592,41 @@ def test_help_texts(capsys):
         assert " ".join(SUBCOMMANDS[command][1].split()) in " ".join(out.split()), command
         if command == "decrypt":
             assert "where to decrypt" in out and "where to encrypt" not in out
+
+
+def test_a_command_parses_alone_as_under_the_top_level_parser(capsys):
+    """``main`` builds only the command's parser when the command comes first: its usage,
+    errors and defaults are those of the same command under :func:`build_parser`."""
+    from gpucrypt.cli import _command_parser
+
+    argv = ["--key-file", "k", "--threads", "2", "in", "-o", "out"]
+    alone = vars(_command_parser("encrypt").parse_args(argv))
+    under = vars(build_parser(["encrypt"]).parse_args(["encrypt", *argv]))
+    assert {k: v for k, v in alone.items() if k != "func"} == \
+        {k: v for k, v in under.items() if k != "func"}
+    assert alone["command"] == "encrypt" and alone["func"] is under["func"]
+    for argv, usage in ((["decrypt", "--no-such-option"], "usage: gpucrypt decrypt [-h]"),
+                        (["--no-such-option", "decrypt"], "usage: gpucrypt [-h]")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith(usage), err
+        assert "unrecognized arguments: --no-such-option" in err
+
+
+def test_only_a_whole_process_run_freezes_the_heap(work):
+    """``main()`` as the program (no argv: the console script, ``python -m gpucrypt``)
+    freezes the objects of its start-up out of the garbage collector's sight; ``main(argv)``
+    called from a caller's own process leaves its collector as it was."""
+    code = ("import gc, sys\n"
+            "from gpucrypt.cli import main\n"
+            "assert main(['encrypt', '--key-file', 'key', '-f', 'plain', 'sealed']) == 0\n"
+            "called = gc.get_freeze_count()\n"
+            "sys.argv = ['gpucrypt', 'decrypt', '--key-file', 'key', '-f', 'sealed', 'back']\n"
+            "assert main() == 0\n"
+            "print(called, gc.get_freeze_count() > 0, gc.isenabled())\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "True", "True"]
+    assert (work / "back").read_bytes() == (work / "plain").read_bytes()

@@ -34,7 +34,6 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .._buffers import zero as _zero
-from .._host_primitives import Poly1305AeadMac, gcm_j0, gcm_tag
 from ._base import AeadContext, Backend
 
 #: largest data or associated data ``cryptography``'s AEAD classes accept in one call
@@ -264,6 +263,8 @@ class _ChaCha20Poly1305(_OpenSslAead):
 
     def _mac(self, nonce: bytes, aad: memoryview) -> Poly1305AeadMac:
         """The AEAD MAC under this nonce's one-time key (keystream block 0)."""
+        from .._host_primitives import Poly1305AeadMac  # these fallbacks load it (start-up)
+
         return Poly1305AeadMac(self._stream(nonce, 0).update(bytes(32)), aad)
 
 
@@ -328,6 +329,8 @@ class _AesGcm(_OpenSslAead):
         self._ctr(j0, data, out)
 
     def _j0(self, nonce: bytes) -> bytes:
+        from .._host_primitives import gcm_j0
+
         return gcm_j0(self._key, nonce)
 
     def _ctr(self, j0: bytes, data: memoryview, out: memoryview) -> None:
@@ -345,6 +348,8 @@ class _AesGcm(_OpenSslAead):
         return Cipher(algorithms.AES(self._key), modes.CTR(prefix + struct.pack(">I", low))).encryptor()
 
     def _tag(self, j0: bytes, ct: memoryview, aad: memoryview) -> bytes:
+        from .._host_primitives import gcm_tag
+
         return gcm_tag(self._key, j0, aad, ct)
 
 

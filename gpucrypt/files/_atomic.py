@@ -126,8 +126,9 @@ _AT_FDCWD, _AT_EMPTY_PATH = -100, 0x1000  # Linux's values
 
 def _link_empty_path(fd: int, path: str) -> None:
     """``linkat(fd, "", AT_FDCWD, path, AT_EMPTY_PATH)``: allowed to the file's opener
-    since Linux 6.10, to CAP_DAC_READ_SEARCH before."""
-    import ctypes  # only here: a few milliseconds of a small file's run otherwise
+    since Linux 6.10, to CAP_DAC_READ_SEARCH before. Through ctypes: only where /proc is
+    not mounted (:func:`_link_proc` needs none)."""
+    import ctypes  # only here: ctypes is about 7 million instructions of a small file's run
 
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(path), _AT_EMPTY_PATH) != 0:
@@ -136,8 +137,12 @@ def _link_empty_path(fd: int, path: str) -> None:
 
 
 def _link_proc(fd: int, path: str) -> None:
-    """``linkat(AT_FDCWD, "/proc/self/fd/N", AT_FDCWD, path, AT_SYMLINK_FOLLOW)``."""
-    os.link(os.path.join(_PROC_FD, str(fd)), path, follow_symlinks=True)
+    """``linkat(fd, "/proc/self/fd/N", AT_FDCWD, path, AT_SYMLINK_FOLLOW)``: the magic
+    link followed to the unnamed file (open(2)'s O_TMPFILE example). ``src_dir_fd`` is
+    what makes CPython call ``linkat`` with AT_SYMLINK_FOLLOW: with the default one it
+    calls ``link``, which links the /proc symlink itself and fails (EXDEV). The path is
+    absolute, so the kernel ignores which descriptor that is."""
+    os.link(os.path.join(_PROC_FD, str(fd)), path, src_dir_fd=fd, follow_symlinks=True)
 
 
 #: folder -> the way an unnamed file is linked in there, None for no way

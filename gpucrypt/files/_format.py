@@ -42,7 +42,6 @@ from cryptography.hazmat.primitives.hmac import HMAC
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .._buffers import bytes_arg
-from .._host_primitives import xchacha20_key_nonce
 
 MAGIC = b"GPUCRYPT"
 VERSION = 1
@@ -247,6 +246,8 @@ def segment_cipher(algorithm: str, seg_key: bytes, nonce_prefix: bytes) -> tuple
     ChaCha20-Poly1305 messages under it (nonce 0x00000000 || prefix[16:] || ...).
     """
     if algorithm == "xchacha20-poly1305":
+        from .._host_primitives import xchacha20_key_nonce  # here: only XChaCha20 files need it
+
         subkey, head = xchacha20_key_nonce(seg_key, nonce_prefix)
         return "chacha20-poly1305", subkey, head
     return BACKEND_NAMES[algorithm], seg_key, nonce_prefix

@@ -332,17 +332,18 @@ def _seal_positional(segs: _Segments, where, sink, header_length: int):
     if count > MAX_SEGMENTS:
         raise OverflowError(f"the input needs more than {MAX_SEGMENTS} segments of {S} "
                             f"bytes; use a larger segment_size")
-    buffer = _batch_buffers(_DEPTH + 1, min(count, segs.per_batch) * C)
+    slot = _slot_stride(C)
+    buffer = _batch_buffers(_DEPTH + 1, min(count, segs.per_batch) * slot)
     out_fd = sink.fileno()
 
     for k, (first, end) in enumerate(_batch_ranges(count, segs.per_batch)):
         buf, jobs = buffer(k), []
         for i in range(first, end):
             n = min(S, size - i * S)
-            jobs.append(segs.job(i, i == count - 1, None, buf[(i - first) * C:], n))
+            jobs.append(segs.job(i, i == count - 1, None, buf[(i - first) * slot:], n))
 
         def load(job, buf=buf, first=first):
-            plain = buf[(job.ident - first) * C:][:job.size]
+            plain = buf[(job.ident - first) * slot:][:job.size]
             try:
                 _format.read_at(fd, offset + job.ident * S, plain, "the input file")
             except TruncatedError:
@@ -386,6 +387,19 @@ def _in_memory_segments(source: _Source, stride: int) -> int | None:
     if not isinstance(source, _BufferSource):
         return None
     return max(1, -(-source.size // stride))
+
+
+#: where the workers ``pread`` into a batch buffer (a positional batch's segments, each
+#: written out on its own), every segment starts on this boundary: the kernel's copy into
+#: a destination only 16-byte aligned (segments back to back, ``segment_size + 16`` apart)
+#: cost about 40% more system time than into a 64-byte aligned one (measured here:
+#: 0.20-0.23 s against 0.12-0.17 s per GiB read from /dev/shm)
+_SLOT_ALIGN = 64
+
+
+def _slot_stride(nbytes: int) -> int:
+    """``nbytes`` rounded up to :data:`_SLOT_ALIGN`: the distance between slots."""
+    return -(-nbytes // _SLOT_ALIGN) * _SLOT_ALIGN
 
 
 def _batch_buffers(count: int, nbytes: int):
@@ -520,7 +534,8 @@ def _open_positional(segs: _Segments, where, sink):
     count = -(-payload // C)
     tail = payload - (count - 1) * C
     whole = count if tail >= TAG_SIZE else count - 1  # a cut tag: the segments before it first
-    buffer = _batch_buffers(_DEPTH + 1, min(count, segs.per_batch) * C)
+    slot = _slot_stride(C)
+    buffer = _batch_buffers(_DEPTH + 1, min(count, segs.per_batch) * slot)
     out_fd = sink.fileno()
 
     def store(job, _):
@@ -528,11 +543,11 @@ def _open_positional(segs: _Segments, where, sink):
 
     for k, (first, end) in enumerate(_batch_ranges(whole, segs.per_batch)):
         buf = buffer(k)
-        jobs = [segs.job(i, i == count - 1, None, buf[(i - first) * C:],
+        jobs = [segs.job(i, i == count - 1, None, buf[(i - first) * slot:],
                          C if i < count - 1 else tail) for i in range(first, end)]
 
         def load(job, buf=buf, first=first):
-            ct = buf[(job.ident - first) * C:][:job.size]
+            ct = buf[(job.ident - first) * slot:][:job.size]
             _format.read_at(fd, offset + job.ident * C, ct, "the input file")
             return ct
 
