@@ -681,9 +681,12 @@ class _Job:
     __slots__ = ("label", "adapter", "place", "x", "view", "dst_obj", "dst_view", "enc", "result",
                  "nonce", "aad", "host_src", "dev_src", "dev_dst", "inplace", "error")
 
-    def __init__(self, **kw):
-        for k in self.__slots__:
-            setattr(self, k, kw.get(k))
+    def __init__(self, *, label=None, adapter=None, place=None, x=None, view=None, enc=None,
+                 nonce=None, aad=None, host_src=None, inplace=None):
+        self.label, self.adapter, self.place, self.x, self.view = label, adapter, place, x, view
+        self.enc, self.nonce, self.aad, self.host_src, self.inplace = enc, nonce, aad, host_src, inplace
+        self.dst_obj = self.dst_view = self.result = self.dev_src = self.dev_dst = None
+        self.error = None
 
 
 def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: str, aad: Any,
@@ -712,19 +715,21 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
                 raise ValueError("inplace=True needs a C-contiguous tensor (a copy would not be "
                                  "the tensor's own memory)")
             x = adapter.contiguous_copy(x)
-        if inplace and place == HOST and not adapter.host_array(adapter.byte_view(x)).flags.writeable:
+        view = adapter.byte_view(x)
+        host = adapter.host_array(view) if place == HOST else None  # made once, used twice
+        if inplace and host is not None and not host.flags.writeable:
             raise ValueError("inplace=True needs a writable tensor")  # before any is touched
         dtype, shape = adapter.dtype_name(x), adapter.shape(x)
         nbytes = math.prod(shape) * fw.dtype_itemsize(dtype)
         _limits.check_length("tensor", nbytes, _MAX_DATA[algorithm], algorithm)
         name = _check_name(label)
-        meta = _encode_metadata(algorithm, adapter.name, dtype, shape, nbytes, key_id, name)
+        meta = _metadata(algorithm, adapter.name, dtype, shape, nbytes, key_id, name)
         enc = EncryptedTensor(framework=adapter.name, dtype=dtype, shape=shape, nbytes=nbytes,
                               algorithm=algorithm, key_id=key_id, name=name, aad=user_aad,
                               nonce=b"", ciphertext=None, place=place,
                               source=x if inplace else None)
-        jobs.append(_Job(label=label, adapter=adapter, place=place, x=x, view=adapter.byte_view(x),
-                         enc=enc, aad=meta + user_aad))
+        jobs.append(_Job(label=label, adapter=adapter, place=place, x=x, view=view, enc=enc,
+                         aad=meta + user_aad, host_src=host))
     if inplace:
         _refuse_shared_memory(jobs)
     for job, nonce in zip(jobs, _nonces_for(len(jobs), algorithm, nonces)):
@@ -760,10 +765,17 @@ def _refuse_shared_memory(jobs: list[_Job]) -> None:
 
 def _run_host_jobs(jobs: list[_Job], work) -> list:
     """``[work(job, threads) for job in jobs]``; a batch of at least
-    ``_HOST_PARALLEL_BYTES`` is one pipeline batch over the usable cores (contiguous runs
-    of about equal bytes: balanced, without a hand-off per tensor), and a single large
-    tensor gets them all inside its one message (``threads``). ``cryptography`` releases
-    the GIL."""
+    ``_HOST_PARALLEL_BYTES`` runs on the usable cores (``cryptography`` releases the GIL),
+    and a single large tensor gets them all inside its one message (``threads``).
+
+    Several tensors on several threads: ``threads`` workers take the next tensor from
+    one shared queue, largest first, until it is empty. Each
+    thread finishes with small tensors, so all end within a small tensor's time of each
+    other, whatever the sizes, and however the machine shares its cores out meanwhile
+    (fixed runs of equal bytes finished up to a third apart under load); taking a
+    tensor is one ``deque.popleft``, atomic under the GIL, with no hand-off per tensor.
+    When one tensor raises, the queue is emptied, the others finish the tensor they
+    hold, and the first error is raised, naming its tensor."""
     from ..backends.cpu import usable_cores
 
     total = sum(j.enc.nbytes for j in jobs)
@@ -773,15 +785,44 @@ def _run_host_jobs(jobs: list[_Job], work) -> list:
     threads = min(len(jobs), cores)
     if threads < 2:  # small: no hand-off, no pool
         return [work(j, 1) for j in jobs]
-    results: list = []
-    tasks = [pipeline.Job(j, b"", b"", None, None, size=j.enc.nbytes) for j in jobs]
-    with pipeline.CpuRunner(lambda task, _: work(task.ident, 1), threads) as runner:
-        pipeline.run([pipeline.Batch(tasks, done=lambda b, r: results.extend(r))], runner)
+    from collections import deque
+
+    results: list = [None] * len(jobs)
+    queue = deque(sorted(range(len(jobs)), key=lambda i: -jobs[i].enc.nbytes))
+    errors: list = []
+
+    def take_and_run() -> None:
+        while True:
+            try:
+                i = queue.popleft()
+            except IndexError:
+                return
+            try:
+                results[i] = work(jobs[i], 1)
+            except BaseException as exc:
+                queue.clear()
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"(gpucrypt: while processing tensor {jobs[i].label!r})")
+                errors.append(exc)
+                return
+
+    pool = pipeline.ThreadPoolExecutor(threads)
+    futures = [pool.submit(take_and_run) for _ in range(threads)]
+    for future in futures:  # every worker stops before the caller may free its buffers
+        while not future.done():
+            try:
+                future.exception()
+            except BaseException as exc:  # an interrupt while waiting: raised once they stop
+                queue.clear()
+                errors.insert(0, exc)
+    pool.shutdown()
+    if errors:
+        raise errors[0]
     return results
 
 
 def _encrypt_on_host(job: _Job, algorithm: str, key: bytes, inplace: bool, threads: int) -> None:
-    src = job.adapter.host_array(job.view)
+    src = job.host_src
     if inplace:
         if not src.flags.writeable:
             raise ValueError("inplace=True needs a writable tensor")
