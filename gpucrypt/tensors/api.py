@@ -231,8 +231,9 @@ def _nonces_for(count: int, algorithm: str, source: Any) -> list[bytes]:
 
 # ============================================================================ metadata
 def _metadata(*fields: Any) -> bytes:
-    """:func:`_encode_metadata`, remembered for the last 256 distinct fields (none of
-    them secret): tensors come back with the same names and shapes, and at 4 KiB the
+    """:func:`_encode_metadata`, remembered for the last 4096 distinct fields (none of
+    them secret; a state dict's every tensor, where 256 thrashed on a 300-tensor model,
+    about 1 MiB at most): tensors come back with the same names and shapes, and at 4 KiB the
     encoding cost as much as the cipher. Fields that cannot be remembered (a shape a
     caller replaced with a list) are encoded afresh."""
     try:
@@ -260,7 +261,7 @@ def _encode_metadata(algorithm: str, framework: str, dtype: str, shape: tuple[in
     return b"".join([head, struct.pack(f"<{len(shape)}Q", *shape), dtype_raw, kid, name_raw])
 
 
-_remembered_metadata = functools.lru_cache(maxsize=256, typed=True)(_encode_metadata)
+_remembered_metadata = functools.lru_cache(maxsize=4096, typed=True)(_encode_metadata)
 
 
 def _decode_metadata(data: memoryview, offset: int = 0) -> tuple[dict, int]:
@@ -341,7 +342,7 @@ class EncryptedTensor:
 
     __slots__ = ("framework", "dtype", "shape", "nbytes", "algorithm", "key_id", "name", "aad",
                  "nonce", "_ciphertext", "_place", "_tag", "_tags", "_tag_row", "_source",
-                 "_consumed")
+                 "_consumed", "_adopt")
 
     def __init__(self, *, framework, dtype, shape, nbytes, algorithm, key_id, name, aad, nonce,
                  ciphertext, place, tag=None, tags=None, tag_row=0, source=None):
@@ -351,7 +352,7 @@ class EncryptedTensor:
         self._ciphertext, self._place = ciphertext, place
         self._tag, self._tags, self._tag_row = tag, tags, tag_row
         self._source = source
-        self._consumed = False
+        self._consumed = self._adopt = False
 
     @classmethod
     def _host(cls, framework, dtype, shape, nbytes, algorithm, key_id, name, aad, nonce,
@@ -363,13 +364,17 @@ class EncryptedTensor:
         self.algorithm, self.key_id, self.name, self.aad = algorithm, key_id, name, aad
         self.nonce, self._ciphertext, self._place = nonce, ciphertext, HOST
         self._tag, self._tags, self._tag_row, self._source = tag, None, 0, source
-        self._consumed = False
+        # a torch tensor's new ciphertext is kept as the NumPy array OpenSSL wrote until
+        # ``ciphertext`` is asked for (torch.from_numpy costs a third of a 4 KiB call)
+        self._consumed, self._adopt = False, framework == "torch" and source is None
         return self
 
     # --- views ---
     @property
     def ciphertext(self) -> Any:
         self._check_alive()
+        if self._adopt:
+            self._ciphertext, self._adopt = fw.BY_NAME["torch"].adopt_host(self._ciphertext), False
         return self._ciphertext
 
     @property
@@ -571,9 +576,7 @@ def _encrypt_small_on_host(x: Any, key: Any, algorithm: str, aad: Any, inplace: 
         out = np.empty(nbytes + TAG_SIZE, dtype=np.uint8)
         ctx, ctx_nonce = _host_context(algorithm, key, nonce)
         ctx.openssl.encrypt_into(ctx_nonce, src, aad_all, out)  # small: one-shot is native
-        ct_obj, tag = out[:nbytes], out[nbytes:].tobytes()
-        if framework == "torch":
-            ct_obj = fw.BY_NAME["torch"].adopt_host(ct_obj)
+        ct_obj, tag = out[:nbytes], out[nbytes:].tobytes()  # torch: adopted when asked for
     return EncryptedTensor._host(framework, dtype, shape, nbytes, algorithm, key_id, name,
                                  user_aad, nonce, ct_obj, tag, x if inplace else None)
 
@@ -637,7 +640,8 @@ def _small_host_result(enc: EncryptedTensor) -> tuple:
     dtype = getattr(torch, enc.dtype, None)
     if torch is None or not isinstance(dtype, torch.dtype):
         return None, None
-    result = torch.empty(enc.shape, dtype=dtype)
+    # sizes as separate ints: torch parses a tuple argument 1.5 us slower
+    result = torch.empty(*enc.shape, dtype=dtype) if enc.shape else torch.empty((), dtype=dtype)
     if result.nbytes != enc.nbytes:
         return None, None
     return result, _torch_host_bytes(result)
