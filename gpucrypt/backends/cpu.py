@@ -8,15 +8,20 @@ bytes are produced from its lower-level primitives (ChaCha20 + Poly1305; AES-CTR
 
 Detached-tag ChaCha20-Poly1305 seals (segments of model files and checkpoints) up to
 ``CHACHA_ONE_SHOT_SEAL_MAX`` also take OpenSSL's one-shot AEAD, into a scratch buffer kept
-per thread, and copy the ciphertext out: ``cryptography``'s ChaCha20 and Poly1305 hold the
-GIL, its AEAD releases it, so only the one-shot form lets several threads seal at once.
+per thread, and copy the ciphertext out: ``cryptography``'s Poly1305 holds the GIL (its
+ChaCha20 and its AEAD release it), so only the one-shot form lets several threads seal
+without ever waiting for one another. Callers whose threads do nothing but seal and open
+(the tensor API) pass ``one_pass=True`` instead: one ChaCha20 context, the keystream and
+the MAC taking turns over L2-sized pieces, no copy; the cheapest form on one thread, its
+MAC pieces holding the GIL a piece at a time (about a third of the work).
 
 Decryption verifies before it writes any plaintext, and zeroes ``out`` when the
 tag is wrong (``cryptography``'s ``decrypt_into`` leaves the unauthenticated
-plaintext in the buffer; we do not). The one exception is AES-GCM decrypting a
-detached-tag message in place, which runs OpenSSL's streaming GCM once over the
-buffer and, if the tag is wrong, encrypts the buffer back to its ciphertext before
-it raises: no unauthenticated plaintext is returned or left behind.
+plaintext in the buffer; we do not). The exceptions are the one-pass opens: AES-GCM
+decrypting a detached-tag message (streaming GCM), and ChaCha20-Poly1305 with
+``one_pass=True``; they decrypt once over the buffer and, if the tag is wrong, encrypt
+an in-place buffer back to its ciphertext (or zero a separate one) before they raise:
+no unauthenticated plaintext is returned or left behind.
 
 Contexts (a key schedule and OpenSSL objects) are kept per key in a small
 :class:`ContextCache`, so that repeated calls under one key (a tensor at a time,
