@@ -117,24 +117,29 @@ def time_batches(torch, gpucrypt, clock, cases: dict, reps: int) -> list[dict]:
     check_against_cpu(torch, gpucrypt, cases, key)
     refs = {name: digest(torch, tensors) for name, tensors in cases.items()}
     times = {name: ([], []) for name in cases}
+    cpu = {name: ([], []) for name in cases}  # process CPU seconds (all threads): load-proof-ish
     for rep in range(reps + 1):  # the first round warms up (kernel compilation)
         for name, tensors in cases.items():
             algorithm = name[1]
-            a = clock.mark()
+            a, cpu_a = clock.mark(), time.process_time()
             encs = gpucrypt.encrypt_tensors(tensors, key, algorithm=algorithm, inplace=True)
-            b = clock.mark()
+            b, cpu_b = clock.mark(), time.process_time()
             gpucrypt.decrypt_tensors(encs, key)
-            c = clock.mark()
+            c, cpu_c = clock.mark(), time.process_time()
             if rep:
                 times[name][0].append(clock.seconds(a, b))
                 times[name][1].append(clock.seconds(b, c))
+                cpu[name][0].append(cpu_b - cpu_a)
+                cpu[name][1].append(cpu_c - cpu_b)
     rows = []
     for (kind, algorithm), tensors in cases.items():
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         enc, dec = (statistics.median(ts) for ts in times[(kind, algorithm)])
+        enc_cpu, dec_cpu = (statistics.median(ts) for ts in cpu[(kind, algorithm)])
         same = digest(torch, tensors) == refs[(kind, algorithm)]
         rows.append({"case": kind, "algorithm": algorithm, "tensors": len(tensors), "bytes": nbytes,
                      "reps": reps, "encrypt_s": enc, "decrypt_s": dec,
+                     "encrypt_cpu_s": enc_cpu, "decrypt_cpu_s": dec_cpu,
                      "encrypt_gbps": nbytes / enc / 1e9, "decrypt_gbps": nbytes / dec / 1e9,
                      "roundtrip_identical": same})
     return rows
@@ -251,6 +256,7 @@ def main(argv=None) -> int:
         print(f"{row['case']:6} {row['algorithm']:18} {row['tensors']:5} tensors "
               f"{row['bytes'] / 2**20:8.1f} MiB  {row['threads']} thread(s)  encrypt "
               f"{row['encrypt_gbps']:7.2f} GB/s  decrypt {row['decrypt_gbps']:7.2f} GB/s  "
+              f"(CPU s {row['encrypt_cpu_s']:.3f} / {row['decrypt_cpu_s']:.3f})  "
               f"identical={row['roundtrip_identical']}")
 
     def case(kind, algorithm, threads):
@@ -276,6 +282,8 @@ def main(argv=None) -> int:
         print(f"small  {row['algorithm']:18} {row['what']:36} {row['us_per_call']:8.1f} us/call "
               f"x{row['over_cryptography']:.1f} cryptography's")
     out["load_average_end"] = os.getloadavg()[0]
+    print(f"1-minute load average: {out['load_average_start']:.2f} at the start, "
+          f"{out['load_average_end']:.2f} at the end (2 cores: above 2, other processes shared them)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

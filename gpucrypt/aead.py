@@ -357,46 +357,72 @@ class XChaCha20Poly1305(ChaCha20Poly1305):
 
 
 class _Libsodium:
-    """XChaCha20-Poly1305 through PyNaCl (libsodium), with cryptography's interface."""
+    """XChaCha20-Poly1305 through libsodium, with cryptography's interface: its C
+    functions called through PyNaCl's own cffi module (``nacl._sodium``), as PyNaCl's
+    wrappers call them, minus their checks (this class's callers made them) and their
+    ``ffi.new`` buffer and copy: the output is written where it goes (``encrypt_into``,
+    ``decrypt_into``: the caller's buffer). cffi releases the GIL during the call."""
 
-    def __init__(self, key: bytes, bindings):
-        self._key = key
-        self._b = bindings
+    def __init__(self, key: bytes, ffi, lib):
+        self._key, self._ffi, self._lib = key, ffi, lib
 
     @classmethod
     def create(cls, key: bytes):
         try:
-            from nacl import bindings
+            from nacl._sodium import ffi, lib
         except ImportError:
             return None
-        return cls(key, bindings)
+        return cls(key, ffi, lib)
 
-    # PyNaCl takes bytes only; the fast path sends at most 16 KiB of bytes or bytearray
-    # here, so copies are cheap.
+    @staticmethod
+    def _aad(associated_data) -> bytes:
+        if type(associated_data) is bytes:
+            return associated_data
+        return b"" if associated_data is None else bytes(associated_data)
+
+    # ``data`` is bytes or bytearray (the fast path's choice), at most 16 KiB
+    def _seal(self, nonce, data, associated_data, out) -> None:
+        ffi, ad = self._ffi, self._aad(associated_data)
+        m = data if type(data) is bytes else ffi.from_buffer(data)
+        self._lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
+            ffi.from_buffer(out, require_writable=True), ffi.NULL, m, len(data), ad, len(ad),
+            ffi.NULL, nonce, self._key)
+
+    def _open(self, nonce, data, associated_data, out) -> None:
+        """libsodium checks the tag first and writes nothing but zeros into ``out`` when
+        it fails (the callers drop or zero ``out`` as well)."""
+        ffi, ad = self._ffi, self._aad(associated_data)
+        c = data if type(data) is bytes else ffi.from_buffer(data)
+        if self._lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                ffi.from_buffer(out, require_writable=True), ffi.NULL, ffi.NULL, c, len(data),
+                ad, len(ad), nonce, self._key) != 0:
+            raise InvalidTag()
+
     def encrypt(self, nonce, data, associated_data):
-        aad = None if associated_data is None else bytes(associated_data)
-        return self._b.crypto_aead_xchacha20poly1305_ietf_encrypt(bytes(data), aad, nonce, self._key)
+        out = bytearray(len(data) + 16)
+        self._seal(nonce, data, associated_data, out)
+        return bytes(out)
 
     def decrypt(self, nonce, data, associated_data):
-        from nacl.exceptions import CryptoError
-
-        if len(data) < 16:  # PyNaCl fails on these with ValueError before libsodium runs
+        if len(data) < 16:
             raise InvalidTag()
-        try:
-            aad = None if associated_data is None else bytes(associated_data)
-            return self._b.crypto_aead_xchacha20poly1305_ietf_decrypt(bytes(data), aad, nonce, self._key)
-        except CryptoError:
-            raise InvalidTag() from None
+        out = bytearray(len(data) - 16)
+        self._open(nonce, data, associated_data, out)
+        return bytes(out)
 
     def encrypt_into(self, nonce, data, associated_data, buf):
-        if len(buf) != len(data) + 16:
+        if memoryview(buf).nbytes != len(data) + 16:
             raise ValueError(f"buffer must be {len(data) + 16} bytes")
-        buf[:] = memoryview(self.encrypt(nonce, data, associated_data))
-        return len(buf)
+        self._seal(nonce, data, associated_data, buf)
+        return len(data) + 16
 
     def decrypt_into(self, nonce, data, associated_data, buf):
-        buf[:] = memoryview(self.decrypt(nonce, data, associated_data))
-        return len(buf)
+        if len(data) < 16:
+            raise InvalidTag()
+        if memoryview(buf).nbytes != len(data) - 16:
+            raise ValueError(f"buffer must be {len(data) - 16} bytes")
+        self._open(nonce, data, associated_data, buf)
+        return len(data) - 16
 
 
 class AESGCM(_Aead):

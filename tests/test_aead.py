@@ -410,6 +410,39 @@ def test_xchacha_seals_and_opens_a_message_on_the_same_engine(size, monkeypatch)
     assert engines[0] == ("_Libsodium" if size == 16 << 10 else "ChaCha20Poly1305")
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=300), aad=st.binary(max_size=40), kind=st.sampled_from(["bytes", "bytearray", "numpy"]),
+       aad_kind=st.sampled_from(["bytes", "memoryview", "none"]), flip=st.integers(min_value=0))
+def test_xchacha_libsodium_path_matches_pynacl(data, aad, kind, aad_kind, flip):
+    """XChaCha20-Poly1305's small messages call libsodium's C function directly (PyNaCl's
+    cffi module): PyNaCl's bytes in all four forms, for each buffer type the fast path
+    takes; a flipped bit is InvalidTag, with ``decrypt_into``'s buffer zeroed."""
+    from nacl import bindings
+
+    key, nonce = bytes(range(1, 33)), bytes(range(24))
+    aead = gpucrypt.XChaCha20Poly1305(key)
+    assert type(aead._openssl).__name__ == "_Libsodium", "PyNaCl is a test dependency"
+    wrap = {"bytes": bytes, "bytearray": bytearray,
+            "numpy": lambda b: np.frombuffer(bytearray(b), dtype=np.uint8)}[kind]
+    ad = {"bytes": aad, "memoryview": memoryview(aad), "none": None}[aad_kind]
+    expected = bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        data, None if ad is None else aad, nonce, key)
+    assert aead.encrypt(nonce, wrap(data), ad) == expected
+    buf = bytearray(len(data) + 16)
+    assert aead.encrypt_into(nonce, wrap(data), ad, buf) == len(buf) and buf == expected
+    assert aead.decrypt(nonce, wrap(expected), ad) == data
+    out = bytearray(len(data))
+    assert aead.decrypt_into(nonce, wrap(expected), ad, out) == len(data) and out == data
+    forged = bytearray(expected)
+    forged[flip % len(forged)] ^= 1 << (flip % 8)
+    with pytest.raises(InvalidTag):
+        aead.decrypt(nonce, wrap(forged), ad)
+    out = bytearray(b"\x55" * len(data))
+    with pytest.raises(InvalidTag):
+        aead.decrypt_into(nonce, wrap(forged), ad, out)
+    assert out == bytes(len(data))
+
+
 def test_repr_never_shows_the_key():
     key = bytes(range(32))
     text = repr(gpucrypt.ChaCha20Poly1305(key)) + str(gpucrypt.AESGCM(key))

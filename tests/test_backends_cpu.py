@@ -269,3 +269,79 @@ def test_chacha20_poly1305_detached_seal_beyond_the_scratch_size_is_composed(mon
                                                    memoryview(out))
     assert bytes(out) + tag == reference.ChaCha20Poly1305(key).encrypt(nonce, data, b"")
     assert len(streams) == 2  # the one-time key's block, then the keystream
+
+
+# --------------------------------------------------------------------------- one-pass ChaCha20-Poly1305 (tensor API)
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.binary(max_size=700), aad=st.binary(max_size=40), piece=st.sampled_from([64, 100, 257]),
+       in_place=st.booleans())
+def test_chacha20_poly1305_one_pass_matches_cryptography(data, aad, piece, in_place):
+    """``one_pass=True`` (keystream and MAC taking turns over pieces, any piece length):
+    cryptography's bytes, in place and apart, and it opens back to the data."""
+    key, nonce = bytes(range(32)), bytes(range(12))
+    expected = reference.ChaCha20Poly1305(key).encrypt(nonce, data, aad)
+    ctx = cpu._ChaCha20Poly1305(key)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "ONE_SHOT_DETACHED_MAX", -1)
+        mp.setattr(cpu, "ONE_PASS_PIECE", piece)
+        src = bytearray(data)
+        dst = src if in_place else bytearray(len(data))
+        tag = ctx.seal_detached(nonce, memoryview(src), memoryview(aad), memoryview(dst),
+                                one_pass=True)
+        assert bytes(dst) + tag == expected
+        back = dst if in_place else bytearray(len(data))
+        ctx.open_detached(nonce, memoryview(dst), tag, memoryview(aad), memoryview(back),
+                          one_pass=True)
+        assert bytes(back) == data
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_chacha20_poly1305_one_pass_open_rolls_back_on_any_tamper(in_place, monkeypatch):
+    """The one-pass open writes plaintext before it checks the tag: on a flipped bit
+    anywhere (first byte, middle, last byte, tag, aad) it raises InvalidTag with an
+    in-place buffer holding its (forged) ciphertext again, byte for byte, and a separate
+    output all zeros; a short tag is InvalidTag too (refused before anything is written)."""
+    monkeypatch.setattr(cpu, "ONE_PASS_PIECE", 4096)
+    key, nonce, aad = os.urandom(32), os.urandom(12), os.urandom(5)
+    size = cpu.ONE_SHOT_DETACHED_MAX + 4096 * 3 + 7
+    data = os.urandom(size)
+    sealed = reference.ChaCha20Poly1305(key).encrypt(nonce, data, aad)
+    ct, tag = sealed[:-16], sealed[-16:]
+    ctx = get_backend("cpu").aead("chacha20-poly1305", key)
+    cases = [(where, tag, aad) for where in (0, size // 2, size - 1)]
+    cases += [(None, bytes([tag[0] ^ 1]) + tag[1:], aad), (None, tag, aad + b"x"), (None, tag[:15], aad)]
+    for where, bad_tag, bad_aad in cases:
+        buf = bytearray(ct)
+        if where is not None:
+            buf[where] ^= 0x80
+        forged = bytes(buf)
+        out = buf if in_place else bytearray(b"\x55" * size)
+        with pytest.raises(InvalidTag):
+            ctx.open_detached(nonce, memoryview(buf), bad_tag, memoryview(bad_aad),
+                              memoryview(out), one_pass=True)
+        assert bytes(buf) == forged
+        if not in_place:  # zeroed, or (a short tag, refused first) never written
+            assert out == (bytes(size) if len(bad_tag) == 16 else b"\x55" * size)
+    buf = bytearray(ct)
+    ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(buf), one_pass=True)
+    assert bytes(buf) == data
+
+
+def test_chacha20_poly1305_one_pass_is_one_cipher_context(monkeypatch):
+    """One ChaCha20 context per one-pass seal (block 0 gives the MAC key, the data's
+    keystream follows from block 1), not the composed path's two, nor a scratch copy."""
+    streams = []
+    real = cpu._ChaCha20Poly1305._stream
+    monkeypatch.setattr(cpu._ChaCha20Poly1305, "_stream",
+                        lambda self, *a: streams.append(a) or real(self, *a))
+    monkeypatch.setattr(cpu._ChaCha20Poly1305, "_seal_detached_one_shot", _no_composed_path)
+    key, nonce, data = os.urandom(32), os.urandom(12), os.urandom(cpu.ONE_PASS_PIECE * 2 + 3)
+    buf = bytearray(data)
+    tag = cpu._ChaCha20Poly1305(key).seal_detached(nonce, memoryview(buf), memoryview(b""),
+                                                   memoryview(buf), one_pass=True)
+    assert bytes(buf) + tag == reference.ChaCha20Poly1305(key).encrypt(nonce, data, b"")
+    assert streams == [(nonce, 0)]

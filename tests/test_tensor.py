@@ -605,3 +605,27 @@ def test_argument_errors():
     with pytest.raises(TypeError):
         gpucrypt.encrypt_tensors({1: x}, bytes(32))
     assert "key" not in repr(TensorCipher(bytes(32)))
+
+
+def test_host_batch_worker_error_names_its_tensor_and_stops_the_rest(monkeypatch):
+    """A host batch on several threads (one shared queue, largest tensor first): an error
+    in one tensor's work is raised once every worker stopped, naming the tensor, and the
+    queue is emptied (the tensors after it are not started)."""
+    from gpucrypt.backends import cpu
+
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 2)
+    monkeypatch.setattr(tensor_mod, "_HOST_PARALLEL_BYTES", 1000)
+    real, started = tensor_mod._encrypt_on_host, []
+
+    def failing(job, *args):
+        started.append(job.label)
+        if job.label == "t0":  # the largest: taken first
+            raise RuntimeError("disk on fire")
+        return real(job, *args)
+
+    monkeypatch.setattr(tensor_mod, "_encrypt_on_host", failing)
+    tensors = {f"t{i}": random_array((4000 - i,), "uint8") for i in range(30)}
+    with pytest.raises(RuntimeError, match="disk on fire") as err:
+        gpucrypt.encrypt_tensors(tensors, os.urandom(32))
+    assert any("'t0'" in note for note in getattr(err.value, "__notes__", []))
+    assert started[0] in ("t0", "t1") and len(started) < 30

@@ -231,8 +231,9 @@ def _nonces_for(count: int, algorithm: str, source: Any) -> list[bytes]:
 
 # ============================================================================ metadata
 def _metadata(*fields: Any) -> bytes:
-    """:func:`_encode_metadata`, remembered for the last 256 distinct fields (none of
-    them secret): tensors come back with the same names and shapes, and at 4 KiB the
+    """:func:`_encode_metadata`, remembered for the last 4096 distinct fields (none of
+    them secret; a state dict's every tensor, where 256 thrashed on a 300-tensor model,
+    about 1 MiB at most): tensors come back with the same names and shapes, and at 4 KiB the
     encoding cost as much as the cipher. Fields that cannot be remembered (a shape a
     caller replaced with a list) are encoded afresh."""
     try:
@@ -260,7 +261,7 @@ def _encode_metadata(algorithm: str, framework: str, dtype: str, shape: tuple[in
     return b"".join([head, struct.pack(f"<{len(shape)}Q", *shape), dtype_raw, kid, name_raw])
 
 
-_remembered_metadata = functools.lru_cache(maxsize=256, typed=True)(_encode_metadata)
+_remembered_metadata = functools.lru_cache(maxsize=4096, typed=True)(_encode_metadata)
 
 
 def _decode_metadata(data: memoryview, offset: int = 0) -> tuple[dict, int]:
@@ -341,7 +342,7 @@ class EncryptedTensor:
 
     __slots__ = ("framework", "dtype", "shape", "nbytes", "algorithm", "key_id", "name", "aad",
                  "nonce", "_ciphertext", "_place", "_tag", "_tags", "_tag_row", "_source",
-                 "_consumed")
+                 "_consumed", "_adopt")
 
     def __init__(self, *, framework, dtype, shape, nbytes, algorithm, key_id, name, aad, nonce,
                  ciphertext, place, tag=None, tags=None, tag_row=0, source=None):
@@ -351,7 +352,7 @@ class EncryptedTensor:
         self._ciphertext, self._place = ciphertext, place
         self._tag, self._tags, self._tag_row = tag, tags, tag_row
         self._source = source
-        self._consumed = False
+        self._consumed = self._adopt = False
 
     @classmethod
     def _host(cls, framework, dtype, shape, nbytes, algorithm, key_id, name, aad, nonce,
@@ -363,13 +364,17 @@ class EncryptedTensor:
         self.algorithm, self.key_id, self.name, self.aad = algorithm, key_id, name, aad
         self.nonce, self._ciphertext, self._place = nonce, ciphertext, HOST
         self._tag, self._tags, self._tag_row, self._source = tag, None, 0, source
-        self._consumed = False
+        # a torch tensor's new ciphertext is kept as the NumPy array OpenSSL wrote until
+        # ``ciphertext`` is asked for (torch.from_numpy costs a third of a 4 KiB call)
+        self._consumed, self._adopt = False, framework == "torch" and source is None
         return self
 
     # --- views ---
     @property
     def ciphertext(self) -> Any:
         self._check_alive()
+        if self._adopt:
+            self._ciphertext, self._adopt = fw.BY_NAME["torch"].adopt_host(self._ciphertext), False
         return self._ciphertext
 
     @property
@@ -459,7 +464,9 @@ def _host_bytes_of(framework: str, buffer: Any) -> np.ndarray:
 # ============================================================================ host AEAD
 # A tensor's own memory holds exactly the data, so host tensors use the CPU backend's
 # detached-tag form (the tag kept apart; in place allowed; nothing unauthenticated is left
-# behind: see gpucrypt.backends.cpu).
+# behind: see gpucrypt.backends.cpu), in its one-pass form (``one_pass=True``): the
+# threads running tensors do nothing else, so the cheapest form on one thread wins over
+# one that keeps the GIL released throughout.
 def _host_context(algorithm: str, key: bytes, nonce: bytes):
     return get_backend("cpu").aead_for_nonce(algorithm, key, nonce)
 
@@ -469,7 +476,7 @@ def _host_seal(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: np.nda
     """Encrypt ``src`` into ``dst`` (the same memory when in place); returns the tag."""
     ctx, nonce = _host_context(algorithm, key, nonce)
     return ctx.seal_detached(nonce, memoryview(src), memoryview(aad), memoryview(dst),
-                             threads=threads)
+                             threads=threads, one_pass=True)
 
 
 def _host_open(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: np.ndarray, tag: bytes,
@@ -480,7 +487,7 @@ def _host_open(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: np.nda
     ctx, nonce = _host_context(algorithm, key, nonce)
     try:
         ctx.open_detached(nonce, memoryview(src), tag, memoryview(aad), memoryview(dst),
-                          threads=threads)
+                          threads=threads, one_pass=True)
     except InvalidTag:
         return False
     return True
@@ -569,9 +576,7 @@ def _encrypt_small_on_host(x: Any, key: Any, algorithm: str, aad: Any, inplace: 
         out = np.empty(nbytes + TAG_SIZE, dtype=np.uint8)
         ctx, ctx_nonce = _host_context(algorithm, key, nonce)
         ctx.openssl.encrypt_into(ctx_nonce, src, aad_all, out)  # small: one-shot is native
-        ct_obj, tag = out[:nbytes], out[nbytes:].tobytes()
-        if framework == "torch":
-            ct_obj = fw.BY_NAME["torch"].adopt_host(ct_obj)
+        ct_obj, tag = out[:nbytes], out[nbytes:].tobytes()  # torch: adopted when asked for
     return EncryptedTensor._host(framework, dtype, shape, nbytes, algorithm, key_id, name,
                                  user_aad, nonce, ct_obj, tag, x if inplace else None)
 
@@ -635,7 +640,8 @@ def _small_host_result(enc: EncryptedTensor) -> tuple:
     dtype = getattr(torch, enc.dtype, None)
     if torch is None or not isinstance(dtype, torch.dtype):
         return None, None
-    result = torch.empty(enc.shape, dtype=dtype)
+    # sizes as separate ints: torch parses a tuple argument 1.5 us slower
+    result = torch.empty(*enc.shape, dtype=dtype) if enc.shape else torch.empty((), dtype=dtype)
     if result.nbytes != enc.nbytes:
         return None, None
     return result, _torch_host_bytes(result)
@@ -679,9 +685,12 @@ class _Job:
     __slots__ = ("label", "adapter", "place", "x", "view", "dst_obj", "dst_view", "enc", "result",
                  "nonce", "aad", "host_src", "dev_src", "dev_dst", "inplace", "error")
 
-    def __init__(self, **kw):
-        for k in self.__slots__:
-            setattr(self, k, kw.get(k))
+    def __init__(self, *, label=None, adapter=None, place=None, x=None, view=None, enc=None,
+                 nonce=None, aad=None, host_src=None, inplace=None):
+        self.label, self.adapter, self.place, self.x, self.view = label, adapter, place, x, view
+        self.enc, self.nonce, self.aad, self.host_src, self.inplace = enc, nonce, aad, host_src, inplace
+        self.dst_obj = self.dst_view = self.result = self.dev_src = self.dev_dst = None
+        self.error = None
 
 
 def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: str, aad: Any,
@@ -710,19 +719,21 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
                 raise ValueError("inplace=True needs a C-contiguous tensor (a copy would not be "
                                  "the tensor's own memory)")
             x = adapter.contiguous_copy(x)
-        if inplace and place == HOST and not adapter.host_array(adapter.byte_view(x)).flags.writeable:
+        view = adapter.byte_view(x)
+        host = adapter.host_array(view) if place == HOST else None  # made once, used twice
+        if inplace and host is not None and not host.flags.writeable:
             raise ValueError("inplace=True needs a writable tensor")  # before any is touched
         dtype, shape = adapter.dtype_name(x), adapter.shape(x)
         nbytes = math.prod(shape) * fw.dtype_itemsize(dtype)
         _limits.check_length("tensor", nbytes, _MAX_DATA[algorithm], algorithm)
         name = _check_name(label)
-        meta = _encode_metadata(algorithm, adapter.name, dtype, shape, nbytes, key_id, name)
+        meta = _metadata(algorithm, adapter.name, dtype, shape, nbytes, key_id, name)
         enc = EncryptedTensor(framework=adapter.name, dtype=dtype, shape=shape, nbytes=nbytes,
                               algorithm=algorithm, key_id=key_id, name=name, aad=user_aad,
                               nonce=b"", ciphertext=None, place=place,
                               source=x if inplace else None)
-        jobs.append(_Job(label=label, adapter=adapter, place=place, x=x, view=adapter.byte_view(x),
-                         enc=enc, aad=meta + user_aad))
+        jobs.append(_Job(label=label, adapter=adapter, place=place, x=x, view=view, enc=enc,
+                         aad=meta + user_aad, host_src=host))
     if inplace:
         _refuse_shared_memory(jobs)
     for job, nonce in zip(jobs, _nonces_for(len(jobs), algorithm, nonces)):
@@ -758,10 +769,17 @@ def _refuse_shared_memory(jobs: list[_Job]) -> None:
 
 def _run_host_jobs(jobs: list[_Job], work) -> list:
     """``[work(job, threads) for job in jobs]``; a batch of at least
-    ``_HOST_PARALLEL_BYTES`` is one pipeline batch over the usable cores (contiguous runs
-    of about equal bytes: balanced, without a hand-off per tensor), and a single large
-    tensor gets them all inside its one message (``threads``). ``cryptography`` releases
-    the GIL."""
+    ``_HOST_PARALLEL_BYTES`` runs on the usable cores (``cryptography`` releases the GIL),
+    and a single large tensor gets them all inside its one message (``threads``).
+
+    Several tensors on several threads: ``threads`` workers take the next tensor from
+    one shared queue, largest first, until it is empty. Each
+    thread finishes with small tensors, so all end within a small tensor's time of each
+    other, whatever the sizes, and however the machine shares its cores out meanwhile
+    (fixed runs of equal bytes finished up to a third apart under load); taking a
+    tensor is one ``deque.popleft``, atomic under the GIL, with no hand-off per tensor.
+    When one tensor raises, the queue is emptied, the others finish the tensor they
+    hold, and the first error is raised, naming its tensor."""
     from ..backends.cpu import usable_cores
 
     total = sum(j.enc.nbytes for j in jobs)
@@ -771,15 +789,44 @@ def _run_host_jobs(jobs: list[_Job], work) -> list:
     threads = min(len(jobs), cores)
     if threads < 2:  # small: no hand-off, no pool
         return [work(j, 1) for j in jobs]
-    results: list = []
-    tasks = [pipeline.Job(j, b"", b"", None, None, size=j.enc.nbytes) for j in jobs]
-    with pipeline.CpuRunner(lambda task, _: work(task.ident, 1), threads) as runner:
-        pipeline.run([pipeline.Batch(tasks, done=lambda b, r: results.extend(r))], runner)
+    from collections import deque
+
+    results: list = [None] * len(jobs)
+    queue = deque(sorted(range(len(jobs)), key=lambda i: -jobs[i].enc.nbytes))
+    errors: list = []
+
+    def take_and_run() -> None:
+        while True:
+            try:
+                i = queue.popleft()
+            except IndexError:
+                return
+            try:
+                results[i] = work(jobs[i], 1)
+            except BaseException as exc:
+                queue.clear()
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"(gpucrypt: while processing tensor {jobs[i].label!r})")
+                errors.append(exc)
+                return
+
+    pool = pipeline.ThreadPoolExecutor(threads)
+    futures = [pool.submit(take_and_run) for _ in range(threads)]
+    for future in futures:  # every worker stops before the caller may free its buffers
+        while not future.done():
+            try:
+                future.exception()
+            except BaseException as exc:  # an interrupt while waiting: raised once they stop
+                queue.clear()
+                errors.insert(0, exc)
+    pool.shutdown()
+    if errors:
+        raise errors[0]
     return results
 
 
 def _encrypt_on_host(job: _Job, algorithm: str, key: bytes, inplace: bool, threads: int) -> None:
-    src = job.adapter.host_array(job.view)
+    src = job.host_src
     if inplace:
         if not src.flags.writeable:
             raise ValueError("inplace=True needs a writable tensor")
