@@ -204,6 +204,11 @@ if is_simulator():
         array[i + 1] = w1
         array[i + 2] = w2
         array[i + 3] = w3
+
+    @device_function
+    def reload_u64(array, index):
+        """Simulator twin of the volatile reload: element ``index`` of the C-contiguous ``array``."""
+        return uint64(getattr(array, "_ary", array).reshape(-1)[int(index)])
 else:
     from llvmlite import ir as _ir
     from numba import types as _types
@@ -253,6 +258,23 @@ else:
 
         return ret(array, index), codegen
 
+    @_intrinsic
+    def reload_u64(typingctx, array, index):
+        """Element ``index`` of the C-contiguous uint64 ``array``, loaded again each time (``ld.volatile``).
+
+        For values needed before and after a register-hungry loop (a message's offsets and
+        lengths): an ordinary load would be merged with the first one by LLVM and the value kept
+        in a register across the loop; reloading costs a load per chunk instead.
+        """
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+            index = context.cast(builder, args[1], sig.args[1], _types.int64)
+            ptr = builder.ptrtoint(builder.gep(ary.data, [index]), _ir.IntType(64))
+            fnty = _ir.FunctionType(_ir.IntType(64), [_ir.IntType(64)])
+            asm = _ir.InlineAsm(fnty, "ld.volatile.u64 $0, [$1];", "=l,l", side_effect=True)
+            return builder.call(asm, [ptr])
+
+        return _types.uint64(array, index), codegen
 
 
 @device_function
@@ -617,16 +639,19 @@ def table_block(x0, x1, x2, x3, tables, power, w0, w1, w2, w3):
 
 
 @device_function
-def horner_tables(x0, x1, x2, x3, buf, base, length, first, stop, tables):
-    """:func:`horner_bytes` for the one-key kernel: groups of ``GROUP_BLOCKS`` full blocks
-    (field 16-byte aligned) by one product with ``(H^S)'`` and table lookups for the other
-    S - 1 blocks, the remaining blocks one product with ``H'`` each (shared schedules)."""
-    wide_stop = first
-    if (address_of(buf, base) & uint64(15)) == uint64(0):
-        wide_stop = min(stop, length >> int64(4))
-    i = first
-    while i + int64(GROUP_BLOCKS) <= wide_stop:
-        at = base + i * int64(16)
+def table_groups(x0, x1, x2, x3, buf, base, length, first, stop, tables):
+    """Horner over the first ``g`` groups of ``GROUP_BLOCKS`` full blocks of ``buf[base:]``'s
+    blocks ``first..stop-1`` (none unless the field is 16-byte aligned): per group one product
+    with ``(H^S)'`` (shared schedule) and table lookups for the other S - 1 blocks. Returns
+    ``(x, g)``; the caller continues with :func:`horner_bytes` from block ``first + S*g``.
+    Only ``x``, a byte offset and a 32-bit count stay live in the loop (registers)."""
+    groups = uint32(0)
+    if (address_of(buf, base) & uint64(15)) == uint64(0) and first < stop:
+        full = min(stop, length >> int64(4)) - first
+        if full > int64(0):
+            groups = uint32(full >> int64(LOG2_GROUP))
+    at = base + first * int64(16)
+    for _ in range(groups):
         w0, w1, w2, w3 = load_u32x4(buf, at)
         x0, x1, x2, x3 = gf128_mul_scheduled(x0 ^ bswap32(w0), x1 ^ bswap32(w1), x2 ^ bswap32(w2),
                                              x3 ^ bswap32(w3), tables, int64(SCHED_HS), int64(4))
@@ -636,9 +661,20 @@ def horner_tables(x0, x1, x2, x3, buf, base, length, first, stop, tables):
         x0, x1, x2, x3 = table_block(x0, x1, x2, x3, tables, 2, w0, w1, w2, w3)
         w0, w1, w2, w3 = load_u32x4(buf, at + int64(48))
         x0, x1, x2, x3 = table_block(x0, x1, x2, x3, tables, 1, w0, w1, w2, w3)
-        i += int64(GROUP_BLOCKS)
-    return horner_bytes(x0, x1, x2, x3, buf, base, length, i, stop, tables, int64(SCHED_H), int64(4))
+        at += int64(16 * GROUP_BLOCKS)
+    return x0, x1, x2, x3, groups
 
+
+@device_function
+def horner_field_tables(x0, x1, x2, x3, buf, messages, unit_start, m, u, chunk_blocks, field, tables):
+    """Horner over the blocks of ``field`` (0: associated data, 1: ciphertext) of unit ``u``'s
+    chunk in the one-key kernel: :func:`table_groups`, then :func:`horner_bytes` for the rest
+    (shared schedule of ``H'``), the field's geometry read again in between (:func:`chunk_field`)."""
+    first, stop, off, length = chunk_field(messages, unit_start, m, u, chunk_blocks, field)
+    x0, x1, x2, x3, groups = table_groups(x0, x1, x2, x3, buf, off, length, first, stop, tables)
+    first, stop, off, length = chunk_field(messages, unit_start, m, u, chunk_blocks, field)
+    return horner_bytes(x0, x1, x2, x3, buf, off, length, first + (int64(groups) << int64(LOG2_GROUP)), stop,
+                        tables, int64(SCHED_H), int64(4))
 
 @device_function
 def next_key(k0, k1, k2, k3, log2_l):
@@ -757,6 +793,27 @@ def _ghash_blocks_mixed_keys(aad_buf, ct_buf, messages, unit_start, n_messages, 
         u += stride
 
 
+@device_function
+def chunk_field(messages, unit_start, m, u, chunk_blocks, field):
+    """``(first, stop, offset, length)`` of the blocks of field ``field`` (0: associated data,
+    1: ciphertext) that unit ``u`` (chunk of message ``m``) covers, read again from the tables
+    (:func:`reload_u64`) so that nothing of it stays in a register across the Horner loops;
+    field 2: ``(1 if the chunk ends with the length block else 0, 0, 8*len(A), 8*len(C))``."""
+    aad_len = int64(reload_u64(messages, m * int64(4) + int64(1)))
+    ct_len = int64(reload_u64(messages, m * int64(4) + int64(3)))
+    first_unit = int64(reload_u64(unit_start, m))
+    n_units = int64(reload_u64(unit_start, m + int64(1))) - first_unit
+    n_aad = (aad_len + int64(15)) >> int64(4)
+    n_blocks = n_aad + ((ct_len + int64(15)) >> int64(4)) + int64(1)
+    start, end = chunk_bounds(n_blocks, n_units, int64(u) - first_unit, chunk_blocks)
+    if field == 0:
+        return start, min(end, n_aad), int64(reload_u64(messages, m * int64(4))), aad_len
+    if field == 1:
+        return (max(start, n_aad) - n_aad, min(end, n_blocks - int64(1)) - n_aad,
+                int64(reload_u64(messages, m * int64(4) + int64(2))), ct_len)
+    return int64(end == n_blocks), int64(0), aad_len << int64(3), ct_len << int64(3)
+
+
 def _ghash_key_tables(h_blocks, log2_chunk, tables):
     """Set-up of the one-key kernel: ``tables`` (``uint32[KEY_TABLE_WORDS]``) from ``H = h_blocks[0]``.
 
@@ -803,7 +860,7 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, key_tables,
     (:func:`_ghash_key_tables`) copied into shared memory first.
 
     Full groups of ``GROUP_BLOCKS`` aligned full blocks take the table path
-    (:func:`horner_tables`); the rest (unaligned fields, partial and last blocks, the length
+    (:func:`table_groups`); the rest (unaligned fields, partial and last blocks, the length
     block) one product per block with the shared schedule of ``H'``.
     """
     tables = cuda.shared.array(KEY_TABLE_WORDS, dtype=uint32, alignment=SCHEDULE_ALIGN)
@@ -817,14 +874,6 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, key_tables,
     u = uint64(cuda.grid(1))
     while u < total:
         m, c, n_units = unit_of_message(unit_start, n_messages, u)
-        aad_off = int64(messages[m, 0])
-        aad_len = int64(messages[m, 1])
-        ct_off = int64(messages[m, 2])
-        ct_len = int64(messages[m, 3])
-        n_aad = (aad_len + int64(15)) >> int64(4)
-        n_ct = (ct_len + int64(15)) >> int64(4)
-        n_blocks = n_aad + n_ct + int64(1)
-        start, end = chunk_bounds(n_blocks, n_units, c, chunk_blocks)
         if c == int64(0) and n_units > int64(1):
             for k in range(4):
                 key_out[m, k] = tables[NEXT_KEY + k]
@@ -832,17 +881,16 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, key_tables,
         x1 = uint32(0)
         x2 = uint32(0)
         x3 = uint32(0)
-        x0, x1, x2, x3 = horner_tables(x0, x1, x2, x3, aad_buf, aad_off, aad_len,
-                                       start, min(end, n_aad), tables)
-        x0, x1, x2, x3 = horner_tables(x0, x1, x2, x3, ct_buf, ct_off, ct_len,
-                                       max(start, n_aad) - n_aad, min(end, n_aad + n_ct) - n_aad, tables)
-        if end == n_blocks:
-            abits = uint64(aad_len) << uint64(3)
-            cbits = uint64(ct_len) << uint64(3)
-            x0, x1, x2, x3 = gf128_mul_scheduled(x0 ^ uint32(abits >> uint64(32)),
-                                                 x1 ^ uint32(abits & uint64(0xFFFFFFFF)),
-                                                 x2 ^ uint32(cbits >> uint64(32)),
-                                                 x3 ^ uint32(cbits & uint64(0xFFFFFFFF)), tables,
+        x0, x1, x2, x3 = horner_field_tables(x0, x1, x2, x3, aad_buf, messages, unit_start, m, u,
+                                             chunk_blocks, 0, tables)
+        x0, x1, x2, x3 = horner_field_tables(x0, x1, x2, x3, ct_buf, messages, unit_start, m, u,
+                                             chunk_blocks, 1, tables)
+        last, _, abits, cbits = chunk_field(messages, unit_start, m, u, chunk_blocks, 2)
+        if last != int64(0):
+            x0, x1, x2, x3 = gf128_mul_scheduled(x0 ^ uint32(uint64(abits) >> uint64(32)),
+                                                 x1 ^ uint32(uint64(abits) & uint64(0xFFFFFFFF)),
+                                                 x2 ^ uint32(uint64(cbits) >> uint64(32)),
+                                                 x3 ^ uint32(uint64(cbits) & uint64(0xFFFFFFFF)), tables,
                                                  int64(SCHED_H), int64(4))
         store_result(m, u, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out)
         u += stride
@@ -907,7 +955,25 @@ KERNEL_REPORT = [
     ReportEntry("ghash_blocks", _ghash_blocks, _BLOCKS_SIG, 16 * DEFAULT_CHUNK_BLOCKS,
                 inner_loops=(
                     InnerLoop("find_segment: binary search over the message table"),
-                    InnerLoop("next_key: log2(L) squarings, once per message", ops=("IMAD.WIDE.U32",)),
+                    InnerLoop("table groups of aligned full associated-data blocks (none in a ciphertext chunk)",
+                              ops=("IMAD.WIDE.U32", "LDG.E.128", "LDS.128")),
+                    InnerLoop("Horner over the other aligned full associated-data blocks",
+                              ops=("IMAD.WIDE.U32", "LDG.E.128")),
+                    InnerLoop("Horner over associated-data blocks, byte path", ops=("IMAD.WIDE.U32", "LDG.E.U8")),
+                    InnerLoop(f"table groups of aligned full ciphertext blocks: {GROUP_BLOCKS} 128-bit loads, one "
+                              f"product with H^{GROUP_BLOCKS}, {32 * (GROUP_BLOCKS - 1)} table lookups per trip",
+                              trips=DEFAULT_CHUNK_BLOCKS // GROUP_BLOCKS, ops=("IMAD.WIDE.U32", "LDG.E.128", "LDS.128")),
+                    InnerLoop("Horner over the other aligned full ciphertext blocks (fewer than a group)",
+                              ops=("IMAD.WIDE.U32", "LDG.E.128")),
+                    InnerLoop("Horner over ciphertext blocks, byte path (unaligned field, partial last block)",
+                              ops=("IMAD.WIDE.U32", "LDG.E.U8")),
+                ),
+                note=f"one key, level 0: one iteration = one chunk of L = {DEFAULT_CHUNK_BLOCKS} ciphertext "
+                     f"blocks, {DEFAULT_CHUNK_BLOCKS // GROUP_BLOCKS} groups of {GROUP_BLOCKS}"),
+    ReportEntry("ghash_blocks_mixed_keys", _ghash_blocks_mixed_keys, _MIXED_SIG, 16 * DEFAULT_CHUNK_BLOCKS,
+                inner_loops=(
+                    InnerLoop("find_segment: binary search over the message table"),
+                    InnerLoop("next_key: log2(L) squarings, once per message"),
                     InnerLoop("Horner over aligned full associated-data blocks (none in a ciphertext chunk)",
                               ops=("IMAD.WIDE.U32", "LDG.E.128")),
                     InnerLoop("Horner over associated-data blocks, byte path", ops=("IMAD.WIDE.U32", "LDG.E.U8")),
@@ -916,12 +982,19 @@ KERNEL_REPORT = [
                     InnerLoop("Horner over ciphertext blocks, byte path (unaligned field, partial last block)",
                               ops=("IMAD.WIDE.U32", "LDG.E.U8")),
                 ),
-                note=f"level 0: one iteration = one chunk of L = {DEFAULT_CHUNK_BLOCKS} ciphertext blocks, "
-                     "Horner with H"),
+                note=f"any mix of keys, level 0: one iteration = one chunk of L = {DEFAULT_CHUNK_BLOCKS} "
+                     "ciphertext blocks, Horner with H (one product per block)"),
+    ReportEntry("ghash_key_tables", _ghash_key_tables, _TABLES_SIG, 256,
+                inner_loops=(
+                    InnerLoop("H^e: e - 1 products", ops=("IMAD.WIDE.U32",)),
+                    InnerLoop("the 16 entries of the row"),
+                    InnerLoop("next_key: log2(L) squarings"),
+                ),
+                note="one-key set-up, once per call: one iteration = one table row (16 entries, 256 B)"),
     ReportEntry("ghash_combine", _ghash_combine, _COMBINE_SIG, 16 * DEFAULT_CHUNK_BLOCKS,
                 inner_loops=(
                     InnerLoop("find_segment: binary search over the message table"),
-                    InnerLoop("next_key: log2(L) squarings, once per message", ops=("IMAD.WIDE.U32",)),
+                    InnerLoop("next_key: log2(L) squarings, once per message"),
                     InnerLoop("Horner over partials: the first is loaded before the loop",
                               trips=DEFAULT_CHUNK_BLOCKS - 1, ops=("IMAD.WIDE.U32",)),
                 ),
