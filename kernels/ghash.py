@@ -16,12 +16,84 @@ Limits
 - Offsets and lengths are byte counts below 2**61 (so ``8*len`` fits in 64 bits);
   buffers are 1-D ``uint8`` device arrays of any alignment.
 - ``chunk_blocks`` (``L`` below) is a power of two, 2 <= L <= 2**16.
-- Blocks of at most ``THREADS_PER_BLOCK`` threads (``kernels._launch``): each thread
-  owns one slot of the kernel's static shared key schedule (``SCHEDULE_WORDS``
-  uint32, 36 KiB at 256 threads).
+- Blocks of at most ``THREADS_PER_BLOCK`` threads (``kernels._launch``).
+- Two level-0 kernels. ``one_key=True`` (every message under one AES key, so one ``H``;
+  the kernel reads ``h_blocks[0]`` only, a differing row gets a wrong tag): the table
+  kernel :func:`_ghash_blocks`, 24,880 B of static shared memory (tables of ``H^1..H^3``
+  and two shared key schedules, built on the device by :func:`_ghash_key_tables`, one
+  extra launch of 97 threads per call). Any mix of keys: :func:`_ghash_blocks_mixed_keys`,
+  a key schedule per thread (``SCHEDULE_WORDS`` uint32, 36 KiB at 256 threads). The
+  backend (``gpucrypt/backends/gpu.py``) passes ``one_key`` when a batch has one key.
+- **Only public data may be hashed.** The table kernel indexes shared-memory tables
+  with the nibbles of ``aad_buf``/``ct_buf`` (see "Constant time" below). AES-GCM's
+  GHASH inputs are public (associated data, ciphertext, the IV); a caller must never
+  pass secret bytes (a plaintext, a key) as "ciphertext" or associated data, e.g. to
+  build a MAC over secret data: use ``one_key=False`` for that, which indexes nothing.
 - Nothing is validated here: the backend checks lengths, shapes and offsets.
 
-Algorithm: parallel polynomial evaluation
+Constant time (which values are secret, which are indices)
+-----------------------------------------------------------
+Secret: ``H`` and everything derived from it (its powers, the tables' entries, the
+schedules), the running accumulator ``Y`` and every partial. Public: the GHASH input
+bytes, their lengths and offsets, the message table. No branch and no address depends on
+a secret: the products are integer multiplies (below); the only data-dependent addresses
+are the table lookups of :func:`table_lookup`, whose index is ``row*64 + 4*v`` with ``row``
+a constant of the code position and ``v`` a nibble of an input block as loaded from
+``aad_buf``/``ct_buf``. Bank conflicts and timing therefore reveal at most the input
+bytes, which an attacker already has. The accumulator never indexes anything: in a group
+the first block is folded into ``Y`` *before* the product (``(Y ^ X_1)*H^4``), and only
+``X_2..X_4`` go through tables (Shoup's method, rejected below, indexes by ``Y ^ X``).
+``tests/test_kernel_ghash.py::test_table_indices_are_the_public_input_nibbles`` records
+every index and checks it against the input's nibbles under two different keys.
+
+One key: tables indexed by the public input (:func:`_ghash_blocks`)
+-------------------------------------------------------------------
+Inside a chunk, ``S = 4`` consecutive full blocks (a 16-byte aligned field) take::
+
+    Y' = (Y ^ X_1) * H^4  ^  X_2 * H^3  ^  X_3 * H^2  ^  X_4 * H
+
+``(Y ^ X_1)*H^4`` is the integer-multiply product with the shared schedule of ``(H^4)'``
+(one product per 4 blocks instead of 4). ``X * H^e`` (``e = 1..3``) is linear in ``X``: with
+``T_e[p][v] = (v at nibble position p) * H^e`` (32 positions x 16 values x 16 B = 8 KiB per
+power), ``X * H^e = XOR_p T_e[p][nibble_p(X)]``: 32 ``LDS.128`` and the XORs, the reduction
+already inside the entries. Positions are nibbles of the little-endian words as loaded
+(:func:`nibble_element`), so no byte swap is needed on that path. Everything else (fields
+that are not 16-byte aligned, the blocks after the last full group, partial blocks, the
+length block) is one product per block with the shared schedule of ``H'``, as in the
+mixed-key kernel. The set-up kernel :func:`_ghash_key_tables` computes ``H' = H*x^-1`` from
+``h_blocks[0]`` (on the device: the backend keeps ``H`` there), one unit per table row
+(``b = nibble_element(p) * H^e``, then ``b*x, b*x^2, b*x^3`` and the 16 XOR combinations,
+masked, no branch on a secret) and one unit for the schedules of ``H'``, ``(H^4)'`` and
+``(H^L)'``; every block of the main kernel copies those 24,880 B into shared memory and
+waits at one barrier. The chunk's offsets and lengths are read again from global memory
+around the loops (:func:`reload_u64`) rather than held in registers across them.
+
+Measured SASS (sm_90, numba-cuda 0.30, ``ptxas -arch=sm_90`` 13.0; benchmarks/kernel_report.py,
+``benchmarks/results/2026-12-04-cpu-amd-epyc-kernel-report.json``):
+
+- ``ghash_blocks`` (one key): **14.0 instructions per byte** (14,336 per 1 KiB chunk: 875 per
+  group of 4 blocks, ~219 per block, against 402 per block before), 64 ``LDG.E.128`` per
+  chunk, 0 spills, **72 registers** (target 64 not met: ptxas, unbounded, hoists the
+  independent shared loads of the lookups; ``-maxrregcount=64`` spills 24-40 B).
+- ``ghash_blocks_mixed_keys``: 25.3 per byte, 76 registers, 0 spills (unchanged design).
+- ``ghash_combine``: 25.7 per byte of partials (~1/64 of level 0's work), **74 registers**
+  (target 64 not met; ``-maxrregcount=64`` spills 48 B). A product alone, in a loop with
+  nothing else live, compiles to 48 registers; the rest is the grid-stride loop's state.
+- ``ghash_key_tables``: once per call, 97 threads.
+
+Rough H100 estimate (not measured, no GPU here; public throughput figures: 64 results per
+clock per SM for 32-bit logic and IMAD, IMAD.WIDE taken as two, shared memory 128 B per
+clock per SM, 132 SMs at 1.755 GHz). Mixed-key kernel: 144 IMAD.WIDE + ~258 other per
+block, ~273 clocks per warp per 512 B -> ~1.9 B/clock/SM -> ~0.44 TB/s. Table kernel: per
+4 blocks ~96 LDS.128 at public, random addresses; a quarter-warp's 8 lanes pick among 16
+entries of a 256 B row, entries ``v`` and ``v + 8`` share banks, so ~1.8 wavefronts per
+quarter instead of 1 (~7.3 per warp load instead of 4): ~700 shared-memory clocks per warp
+per 2 KiB -> ~2.9 B/clock/SM (the ALU side, ~510 clocks per 2 KiB, is ~4 B/clock/SM), so
+shared-memory bound near **~0.65 TB/s, about 1.5x the mixed-key kernel**. Fewer table
+blocks per group (S = 3) shifts work back to the multiplier; 3-bit tables (8 entries per
+row, no conflicts) would cost ~35% more lookups; both left for a measurement on a GPU.
+
+Algorithm: parallel polynomial evaluation (both level-0 kernels)
 -----------------------------------------
 GHASH of blocks ``X_0 .. X_{n-1}`` is ``Y = sum_i X_i * H^(n-i)`` in GF(2^128).
 Each message's ``n`` blocks are cut into chunks of ``L`` blocks *aligned to the
@@ -67,8 +139,8 @@ Shoup 4-bit tables (option (a)):
   ``x^128 + x^7 + x^2 + x + 1`` is shifts and XORs on the reflected value.
 - Constant time: no table lookups and no data-dependent branches or addresses.
 
-Measured SASS (sm_90, numba-cuda 0.30 -> ``ptxas -arch=sm_90`` 13.0, one 16-byte block
-of the main loop of ``ghash_blocks``, full-block path):
+Measured SASS of the mixed-key kernel before the one-key kernel existed (sm_90, numba-cuda
+0.30 -> ``ptxas -arch=sm_90`` 13.0, one 16-byte block of its main loop, full-block path):
 
 - (b) this module: 402 instructions per block (25.4 per byte over a 1 KiB chunk):
   144 IMAD.WIDE.U32, 9 LDS.128, about 200 LOP3, one LDG.E.128, 4 PRMT; 76 registers,
@@ -101,7 +173,8 @@ of the main loop of ``ghash_blocks``, full-block path):
   ~15 instructions per nibble, ~500 per block: no better than (b), and it is not
   constant time and needs a table per key per thread block.
 
-So (b) is used: as fast or faster by instruction count, constant time (the shared key
+So (b) is the product of every kernel (in the one-key kernel, for the secret accumulator; the
+tables there are indexed by public input only, which is what rules Shoup's method out): as fast or faster by instruction count, constant time (the shared key
 schedule is read at addresses that depend only on the thread, never on data), and
 any mix of keys per warp. Rough H100 estimate (not measured, no GPU
 here, for the old 498-instruction version): ~400 ALU-pipe + 144 IMAD.WIDE per block -> ~6 clocks per block per SM ->
