@@ -369,6 +369,7 @@ class KernelResult:
     name: str
     bytes_per_iteration: int
     variant: str = ""
+    launch_bounds: list = field(default_factory=list)  # (max threads per block, min blocks per SM), as compiled
     registers: int | None = None
     stack_frame_bytes: int | None = None
     spill_store_bytes: int | None = None
@@ -458,12 +459,13 @@ def _compile(entry, tools: dict, stem: str, cache: dict) -> tuple[str, dict]:
     """(SASS listing, ptxas -v figures) of ``entry``; entries sharing a kernel and signature compile once."""
     from numba import cuda
 
-    key = (entry.pyfunc, entry.signature)
+    key = (entry.pyfunc, entry.signature, tuple(getattr(entry, "launch_bounds", ()) or ()))
     if key in cache:
         return cache[key]
     wall, cpu = time.perf_counter(), time.process_time()
+    bounds = tuple(getattr(entry, "launch_bounds", ()) or ())
     with _device_functions_compiled_for((9, 0)):
-        ptx, _ = cuda.compile_ptx(entry.pyfunc, entry.signature, cc=(9, 0))
+        ptx, _ = cuda.compile_ptx(entry.pyfunc, entry.signature, cc=(9, 0), **({"launch_bounds": bounds} if bounds else {}))
     numba_wall, numba_cpu = time.perf_counter() - wall, time.process_time() - cpu
     with open(stem + ".ptx", "w") as f:
         f.write(ptx)
@@ -493,7 +495,8 @@ def _compile(entry, tools: dict, stem: str, cache: dict) -> tuple[str, dict]:
 def measure(module: str, entry, tools: dict, workdir: str, sass_dir: str | None,
             cache: dict | None = None) -> KernelResult:
     variant = getattr(entry, "variant", "")
-    res = KernelResult(module, entry.name, entry.bytes_per_iteration, variant, note=entry.note)
+    res = KernelResult(module, entry.name, entry.bytes_per_iteration, variant, note=entry.note,
+                       launch_bounds=list(getattr(entry, "launch_bounds", ()) or ()))
     res.target_instructions_per_byte = INSTR_PER_BYTE_TARGETS.get(entry.name)
     res.target_registers = REGISTER_TARGETS.get(entry.name)
     try:
@@ -589,7 +592,8 @@ def print_table(results: list[KernelResult], skipped: list[tuple[str, str]]) -> 
         print(f"    compile time (CPU)    {r.compile_seconds} s numba (typing, lowering, NVVM) + "
               f"{r.ptxas_seconds} s ptxas (target <= {COMPILE_SECONDS_TARGET} s together; "
               f"{r.compile_wall_seconds} s by the clock)")
-        print(f"    registers/thread      {r.registers}{regs}")
+        bounds = f"; launch bounds {tuple(r.launch_bounds)}" if r.launch_bounds else ""
+        print(f"    registers/thread      {r.registers}{regs}{bounds}")
         print(f"    stack / spills        {r.stack_frame_bytes} B stack, {r.spill_store_bytes} B spill stores, "
               f"{r.spill_load_bytes} B spill loads; {r.ldl_stl_instructions} LDL/STL; {r.shared_bytes} B shared")
         extra = "".join(f" + {lp['trips'] - 1} x {lp['cycle']}" for lp in r.inner_loops if lp["trips"] > 1)

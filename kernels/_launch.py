@@ -238,7 +238,9 @@ class ReportEntry:
     ``data_path_ops``: SASS opcode prefixes whose every instruction in the main loop
     bulk data executes (e.g. ``("STG.E.128",)``), which the counted path must pass.
     ``variant`` tells apart entries of one kernel measured with different trips
-    (AES-128 / AES-256); the compiled code is the same.
+    (AES-128 / AES-256); the compiled code is the same. ``launch_bounds``: the
+    ``(max threads per block, min blocks per SM)`` the kernel is compiled with
+    (``kernels._compile.kernel``), empty for none; the report compiles with the same.
     """
 
     name: str
@@ -249,3 +251,4 @@ class ReportEntry:
     inner_loops: tuple = ()
     data_path_ops: tuple = ()
     variant: str = ""
+    launch_bounds: tuple = ()

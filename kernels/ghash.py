@@ -209,6 +209,9 @@ from ._launch import (THREADS_PER_BLOCK, InnerLoop, ReportEntry, find_segment, i
 
 #: Default chunk length L in 16-byte blocks (1 KiB per thread at level 0).
 DEFAULT_CHUNK_BLOCKS = 64
+#: Units (chunks) per launch must stay below this: the kernels count them in 32 bits, with
+#: room for the grid stride (2 TiB of data per call at L = 64; a GPU holds far less).
+MAX_UNITS = 2**31
 
 _M0 = 0x11111111
 _M1 = 0x22222222
@@ -279,6 +282,11 @@ if is_simulator():
         array[i + 3] = w3
 
     @device_function
+    def opaque_u32(x):
+        """Simulator twin of the optimisation barrier: ``x``."""
+        return uint32(x)
+
+    @device_function
     def reload_u64(array, index):
         """Simulator twin of the volatile reload: element ``index`` of the C-contiguous ``array``."""
         return uint64(getattr(array, "_ary", array).reshape(-1)[int(index)])
@@ -330,6 +338,18 @@ else:
             return context.make_tuple(builder, ret, [builder.extract_value(words, k) for k in range(4)])
 
         return ret(array, index), codegen
+
+    @_intrinsic
+    def opaque_u32(typingctx, x):
+        """``x`` (uint32) through an inline-asm ``mov`` that LLVM must not merge or hoist: what is
+        computed from the result (a message's table addresses) is computed again at each use
+        instead of being kept in registers across the Horner loops."""
+        def codegen(context, builder, sig, args):
+            value = context.cast(builder, args[0], sig.args[0], _types.uint32)
+            fnty = _ir.FunctionType(_ir.IntType(32), [_ir.IntType(32)])
+            return builder.call(_ir.InlineAsm(fnty, "mov.b32 $0, $1;", "=r,r", side_effect=True), [value])
+
+        return _types.uint32(x), codegen
 
     @_intrinsic
     def reload_u64(typingctx, array, index):
@@ -712,30 +732,45 @@ def table_block(x0, x1, x2, x3, tables, power, w0, w1, w2, w3):
 
 
 @device_function
-def table_groups(x0, x1, x2, x3, buf, base, length, first, stop, tables):
-    """Horner over the first ``g`` groups of ``GROUP_BLOCKS`` full blocks of ``buf[base:]``'s
-    blocks ``first..stop-1`` (none unless the field is 16-byte aligned): per group one product
-    with ``(H^S)'`` (shared schedule) and table lookups for the other S - 1 blocks. Returns
-    ``(x, g)``; the caller continues with :func:`horner_bytes` from block ``first + S*g``.
-    Only ``x``, a byte offset and a 32-bit count stay live in the loop (registers)."""
+def full_groups(buf, base, length, first, stop):
+    """Groups of ``GROUP_BLOCKS`` full blocks from block ``first`` (before ``stop``) of the
+    ``length``-byte field at ``buf[base:]`` that take the table path: none unless the field
+    is 16-byte aligned (uint32)."""
     groups = uint32(0)
     if (address_of(buf, base) & uint64(15)) == uint64(0) and first < stop:
         full = min(stop, length >> int64(4)) - first
         if full > int64(0):
             groups = uint32(full >> int64(LOG2_GROUP))
+    return groups
+
+
+@device_function
+def table_groups(x0, x1, x2, x3, buf, base, length, first, stop, tables):
+    """Horner over the first :func:`full_groups` groups of ``GROUP_BLOCKS`` full blocks of
+    ``buf[base:]``'s blocks ``first..stop-1``: per group one product with ``(H^S)'`` (shared
+    schedule) and table lookups for the other S - 1 blocks. The caller continues with
+    :func:`horner_bytes` after them. Only ``x``, a byte offset and a 32-bit count stay live in
+    the loop (registers)."""
+    groups = full_groups(buf, base, length, first, stop)
     at = base + first * int64(16)
     for _ in range(groups):
+        # The table blocks first, the product last: while the product runs (the register peak)
+        # only their sum and x are live, no block loaded ahead.
+        w0, w1, w2, w3 = load_u32x4(buf, at + int64(16))
+        z0, z1, z2, z3 = table_block(uint32(0), uint32(0), uint32(0), uint32(0), tables, 3, w0, w1, w2, w3)
+        w0, w1, w2, w3 = load_u32x4(buf, at + int64(32))
+        z0, z1, z2, z3 = table_block(z0, z1, z2, z3, tables, 2, w0, w1, w2, w3)
+        w0, w1, w2, w3 = load_u32x4(buf, at + int64(48))
+        z0, z1, z2, z3 = table_block(z0, z1, z2, z3, tables, 1, w0, w1, w2, w3)
         w0, w1, w2, w3 = load_u32x4(buf, at)
         x0, x1, x2, x3 = gf128_mul_scheduled(x0 ^ bswap32(w0), x1 ^ bswap32(w1), x2 ^ bswap32(w2),
                                              x3 ^ bswap32(w3), tables, int64(SCHED_HS), int64(4))
-        w0, w1, w2, w3 = load_u32x4(buf, at + int64(16))
-        x0, x1, x2, x3 = table_block(x0, x1, x2, x3, tables, 3, w0, w1, w2, w3)
-        w0, w1, w2, w3 = load_u32x4(buf, at + int64(32))
-        x0, x1, x2, x3 = table_block(x0, x1, x2, x3, tables, 2, w0, w1, w2, w3)
-        w0, w1, w2, w3 = load_u32x4(buf, at + int64(48))
-        x0, x1, x2, x3 = table_block(x0, x1, x2, x3, tables, 1, w0, w1, w2, w3)
+        x0 ^= z0
+        x1 ^= z1
+        x2 ^= z2
+        x3 ^= z3
         at += int64(16 * GROUP_BLOCKS)
-    return x0, x1, x2, x3, groups
+    return x0, x1, x2, x3
 
 
 @device_function
@@ -744,15 +779,16 @@ def horner_field_tables(x0, x1, x2, x3, buf, messages, unit_start, m, u, chunk_b
     chunk in the one-key kernel: :func:`table_groups`, then :func:`horner_bytes` for the rest
     (shared schedule of ``H'``), the field's geometry read again in between (:func:`chunk_field`)."""
     first, stop, off, length = chunk_field(messages, unit_start, m, u, chunk_blocks, field)
-    x0, x1, x2, x3, groups = table_groups(x0, x1, x2, x3, buf, off, length, first, stop, tables)
+    x0, x1, x2, x3 = table_groups(x0, x1, x2, x3, buf, off, length, first, stop, tables)
     first, stop, off, length = chunk_field(messages, unit_start, m, u, chunk_blocks, field)
+    groups = full_groups(buf, off, length, first, stop)  # computed again, not kept across the loop
     return horner_bytes(x0, x1, x2, x3, buf, off, length, first + (int64(groups) << int64(LOG2_GROUP)), stop,
                         tables, int64(SCHED_H), int64(4))
 
 @device_function
 def next_key(k0, k1, k2, k3, log2_l):
     """``(K^L)'`` from ``K'`` by ``log2(L)`` squarings (``mul(a', a') = (a^2)'``)."""
-    for _ in range(log2_l):
+    for _ in range(uint32(log2_l)):  # a 32-bit trip count: one register if hoisted
         k0, k1, k2, k3 = gf128_square(k0, k1, k2, k3)
     return k0, k1, k2, k3
 
@@ -872,6 +908,7 @@ def chunk_field(messages, unit_start, m, u, chunk_blocks, field):
     1: ciphertext) that unit ``u`` (chunk of message ``m``) covers, read again from the tables
     (:func:`reload_u64`) so that nothing of it stays in a register across the Horner loops;
     field 2: ``(1 if the chunk ends with the length block else 0, 0, 8*len(A), 8*len(C))``."""
+    m = int64(opaque_u32(m))
     aad_len = int64(reload_u64(messages, m * int64(4) + int64(1)))
     ct_len = int64(reload_u64(messages, m * int64(4) + int64(3)))
     first_unit = int64(reload_u64(unit_start, m))
@@ -942,11 +979,13 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, key_tables,
         tables[i] = key_tables[i]
         i += cuda.blockDim.x
     cuda.syncthreads()
-    total = uint64(unit_start[n_messages])
-    stride = uint64(cuda.gridDim.x) * uint64(cuda.blockDim.x)
-    u = uint64(cuda.grid(1))
+    # Units, their count and the stride in 32 bits (fewer than 2**31 units per launch, see
+    # pack_messages), the message index too: registers, which the products need.
+    total = uint32(unit_start[n_messages])
+    u = uint32(cuda.grid(1))
     while u < total:
-        m, c, n_units = unit_of_message(unit_start, n_messages, u)
+        m_, c, n_units = unit_of_message(unit_start, n_messages, u)
+        m = uint32(m_)
         if c == int64(0) and n_units > int64(1):
             for k in range(4):
                 key_out[m, k] = tables[NEXT_KEY + k]
@@ -966,7 +1005,7 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, key_tables,
                                                  x3 ^ uint32(uint64(cbits) & uint64(0xFFFFFFFF)), tables,
                                                  int64(SCHED_H), int64(4))
         store_result(m, u, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out)
-        u += stride
+        u += uint32(cuda.gridDim.x) * uint32(cuda.blockDim.x)
 
 
 def _ghash_combine(partials_in, in_start, partials_out, out_start, n_messages, key_in, key_out,
@@ -980,11 +1019,13 @@ def _ghash_combine(partials_in, in_start, partials_out, out_start, n_messages, k
     sched = cuda.shared.array(SCHEDULE_WORDS, dtype=uint32, alignment=SCHEDULE_ALIGN)
     kbase = int64(cuda.threadIdx.x) * int64(4)  # this thread's slot of the schedule
     kstride = int64(4 * THREADS_PER_BLOCK)
-    total = uint64(out_start[n_messages])
-    stride = uint64(cuda.gridDim.x) * uint64(cuda.blockDim.x)
-    u = uint64(cuda.grid(1))
+    # Units, their count and the stride in 32 bits (fewer than 2**31 units per launch, see
+    # pack_messages): registers, which the products need.
+    total = uint32(out_start[n_messages])
+    u = uint32(cuda.grid(1))
     while u < total:
-        m, g, n_units = unit_of_message(out_start, n_messages, u)
+        m_, g, n_units = unit_of_message(out_start, n_messages, u)
+        m = uint32(m_)  # one register across the loop (n < 2**32 messages)
         in_first = int64(in_start[m])
         n_in = int64(uint64(in_start[m + 1])) - in_first
         start, end = chunk_bounds(n_in, n_units, g, chunk_blocks)
@@ -995,20 +1036,21 @@ def _ghash_combine(partials_in, in_start, partials_out, out_start, n_messages, k
         key_schedule(sched, kbase, kstride, k0, k1, k2, k3)
         if g == int64(0) and n_units > int64(1):  # before the loop: the key is then dead in it
             store_next_key(key_out, m, k0, k1, k2, k3, log2_chunk)
-        j = in_first + start
+        j = uint32(in_first + start)
         x0 = uint32(partials_in[j, 0])
         x1 = uint32(partials_in[j, 1])
         x2 = uint32(partials_in[j, 2])
         x3 = uint32(partials_in[j, 3])
-        for i in range(start + int64(1), end):
-            j = in_first + i
+        # A 32-bit count and an unsigned row: the fewest registers live across the products.
+        for _ in range(uint32(end - start - int64(1))):
+            j += uint32(1)
             x0, x1, x2, x3 = gf128_mul_scheduled(x0, x1, x2, x3, sched, kbase, kstride)
             x0 ^= uint32(partials_in[j, 0])
             x1 ^= uint32(partials_in[j, 1])
             x2 ^= uint32(partials_in[j, 2])
             x3 ^= uint32(partials_in[j, 3])
         store_result(m, u, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out)
-        u += stride
+        u += uint32(cuda.gridDim.x) * uint32(cuda.blockDim.x)
 
 
 _BLOCKS_SIG = ("void(uint8[::1], uint8[::1], uint64[:, ::1], uint64[::1], int64, uint32[::1], "
@@ -1019,10 +1061,14 @@ _TABLES_SIG = "void(uint8[:, ::1], int64, uint32[::1])"
 _COMBINE_SIG = ("void(uint32[:, ::1], uint64[::1], uint32[:, ::1], uint64[::1], int64, "
                 "uint32[:, ::1], uint32[:, ::1], int64, int64, uint8[:, ::1], uint8[:, ::1], boolean)")
 
+#: ``(threads per block, blocks per SM)`` the combine kernel is compiled for: caps ptxas at
+#: 65536 / (4 * 256) = 64 registers per thread, where it needs no spill (unbounded it takes 70).
+COMBINE_LAUNCH_BOUNDS = (THREADS_PER_BLOCK, 4)
+
 ghash_blocks = kernel(_ghash_blocks)
 ghash_blocks_mixed_keys = kernel(_ghash_blocks_mixed_keys)
 ghash_key_tables = kernel(_ghash_key_tables)
-ghash_combine = kernel(_ghash_combine)
+ghash_combine = kernel(_ghash_combine, launch_bounds=COMBINE_LAUNCH_BOUNDS)
 
 KERNEL_REPORT = [
     ReportEntry("ghash_blocks", _ghash_blocks, _BLOCKS_SIG, 16 * DEFAULT_CHUNK_BLOCKS,
@@ -1072,7 +1118,7 @@ KERNEL_REPORT = [
                               trips=DEFAULT_CHUNK_BLOCKS - 1, ops=("IMAD.WIDE.U32",)),
                 ),
                 note=f"levels >= 1: one iteration = {DEFAULT_CHUNK_BLOCKS} partials of 16 bytes, Horner with "
-                     "H^(L^k) (~1/L of level 0's work)"),
+                     "H^(L^k) (~1/L of level 0's work)", launch_bounds=COMBINE_LAUNCH_BOUNDS),
 ]
 
 
@@ -1128,6 +1174,9 @@ def pack_messages(aad_offsets, aad_lengths, ct_offsets, ct_lengths, *,
         if n == 0 or int(units.max()) <= 1:
             break
     unit_start = np.ascontiguousarray(np.stack(prefixes))
+    if prefixes[0][-1] >= MAX_UNITS:
+        raise ValueError(f"{int(prefixes[0][-1])} chunks of {chunk_blocks} blocks in one GHASH call; the kernels "
+                         f"count units in 32 bits (at most {MAX_UNITS - 1}): split the batch")
     return GhashTable(messages, unit_start, tuple(int(p[-1]) for p in prefixes), chunk_blocks)
 
 
