@@ -765,10 +765,10 @@ def table_groups(x0, x1, x2, x3, buf, base, length, first, stop, tables):
         w0, w1, w2, w3 = load_u32x4(buf, at)
         x0, x1, x2, x3 = gf128_mul_scheduled(x0 ^ bswap32(w0), x1 ^ bswap32(w1), x2 ^ bswap32(w2),
                                              x3 ^ bswap32(w3), tables, int64(SCHED_HS), int64(4))
-        x0 ^= z0
-        x1 ^= z1
-        x2 ^= z2
-        x3 ^= z3
+        x0 = uint32(x0 ^ z0)
+        x1 = uint32(x1 ^ z1)
+        x2 = uint32(x2 ^ z2)
+        x3 = uint32(x3 ^ z3)
         at += int64(16 * GROUP_BLOCKS)
     return x0, x1, x2, x3
 
@@ -979,8 +979,8 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, key_tables,
         tables[i] = key_tables[i]
         i += cuda.blockDim.x
     cuda.syncthreads()
-    # Units, their count and the stride in 32 bits (fewer than 2**31 units per launch, see
-    # pack_messages), the message index too: registers, which the products need.
+    # The unit count and the message index in 32 bits (fewer than 2**31 units per launch, see
+    # pack_messages): registers, which the products need.
     total = uint32(unit_start[n_messages])
     u = uint32(cuda.grid(1))
     while u < total:
@@ -1005,7 +1005,7 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, key_tables,
                                                  x3 ^ uint32(uint64(cbits) & uint64(0xFFFFFFFF)), tables,
                                                  int64(SCHED_H), int64(4))
         store_result(m, u, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out)
-        u += uint32(cuda.gridDim.x) * uint32(cuda.blockDim.x)
+        u += uint32(cuda.gridDim.x) * uint32(cuda.blockDim.x)  # (uint64: so is u from then on)
 
 
 def _ghash_combine(partials_in, in_start, partials_out, out_start, n_messages, key_in, key_out,
@@ -1019,10 +1019,10 @@ def _ghash_combine(partials_in, in_start, partials_out, out_start, n_messages, k
     sched = cuda.shared.array(SCHEDULE_WORDS, dtype=uint32, alignment=SCHEDULE_ALIGN)
     kbase = int64(cuda.threadIdx.x) * int64(4)  # this thread's slot of the schedule
     kstride = int64(4 * THREADS_PER_BLOCK)
-    # Units, their count and the stride in 32 bits (fewer than 2**31 units per launch, see
-    # pack_messages): registers, which the products need.
+    # The unit count in 32 bits (fewer than 2**31 units per launch, see pack_messages):
+    # registers, which the products need.
     total = uint32(out_start[n_messages])
-    u = uint32(cuda.grid(1))
+    u = uint32(cuda.grid(1))  # (the stride added below is uint64, so u is too from then on)
     while u < total:
         m_, g, n_units = unit_of_message(out_start, n_messages, u)
         m = uint32(m_)  # one register across the loop (n < 2**32 messages)
