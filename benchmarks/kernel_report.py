@@ -282,7 +282,7 @@ def _cycle(instrs, index, head: int, latches: list[int]) -> list[int]:
     return best or [head]
 
 
-def analyse_main_loop(instrs: list[Instr], declared=None, through=()) -> LoopAnalysis:
+def analyse_main_loop(instrs: list[Instr], declared=None, through=(), grid_stride: bool = True) -> LoopAnalysis:
     """Static count of the main loop body and of one iteration on the data path; see module docstring.
 
     ``declared``: the kernel's ``ReportEntry.inner_loops`` (objects with ``what``,
@@ -297,6 +297,15 @@ def analyse_main_loop(instrs: list[Instr], declared=None, through=()) -> LoopAna
         (i, index[ins.target]) for i, ins in enumerate(instrs)
         if ins.target is not None and ins.target <= ins.addr and ins.target in index and ins.target != ins.addr
     ]
+    if not grid_stride:
+        # One pass per thread (no grid-stride loop): from the first instruction to the kernel's
+        # last EXIT, every loop an inner loop. Modelled as a main loop spanning the kernel.
+        exits = [i for i, ins in enumerate(instrs) if ins.op.split(".")[0] == "EXIT" and not ins.predicated]
+        if not exits:
+            raise LoopDeclarationError("grid_stride=False, but the kernel has no unpredicated EXIT")
+        end, head = exits[-1], 0
+        back_edges = [(i, h) for i, h in back_edges if i <= end]
+        return _analyse(instrs, index, back_edges, head, end, declared, through, main_edge=None)
     if not back_edges:
         body = [ins for ins in instrs if not (ins.op.startswith("BRA") and ins.target == ins.addr)]
         if declared:
@@ -304,11 +313,16 @@ def analyse_main_loop(instrs: list[Instr], declared=None, through=()) -> LoopAna
         n = len(body)
         return LoopAnalysis(False, n, n, 0, [ins.op for ins in body], path=n)
     end, head = max(back_edges, key=lambda e: e[0] - e[1])
+    return _analyse(instrs, index, back_edges, head, end, declared, through, main_edge=(end, head))
 
+
+def _analyse(instrs, index, back_edges, head, end, declared, through, main_edge) -> LoopAnalysis:
+    """:func:`analyse_main_loop` once the main loop's head and back edge (or the one pass's
+    first instruction and last EXIT, ``main_edge=None``) are known."""
     # Loops nested in the main loop, one per head (a head may have several back edges).
     latches: dict[int, list[int]] = {}
     for i, h in back_edges:
-        if (i, h) != (end, head) and head <= h and i <= end:
+        if (i, h) != main_edge and head <= h and i <= end:
             latches.setdefault(h, []).append(i)
     heads = sorted(latches)
     if declared is not None and len(declared) != len(heads):
@@ -514,7 +528,7 @@ def measure(module: str, entry, tools: dict, workdir: str, sass_dir: str | None,
         res.total_instructions = len(instrs)
         res.ldl_stl_instructions = sum(1 for i in instrs if i.op.split(".")[0] in ("LDL", "STL"))
         loop = analyse_main_loop(instrs, tuple(getattr(entry, "inner_loops", ())),
-                                 tuple(getattr(entry, "data_path_ops", ())))
+                                 tuple(getattr(entry, "data_path_ops", ())), getattr(entry, "grid_stride", True))
         res.loop_body_instructions = loop.loop_body
         res.hot_path_instructions = loop.hot_path
         res.path_instructions = loop.path

@@ -974,16 +974,20 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, key_tables,
     block) one product per block with the shared schedule of ``H'``.
     """
     tables = cuda.shared.array(KEY_TABLE_WORDS, dtype=uint32, alignment=SCHEDULE_ALIGN)
+    # One unit per thread (launched with grid_stride=False): no grid-stride loop, whose
+    # counters and bounds would stay live across the Horner loops (70 registers with it,
+    # 62 without). A block past the work exits before it copies anything (uniform: no barrier
+    # is left waiting).
+    total = uint32(unit_start[n_messages])
+    if uint32(cuda.blockIdx.x) * uint32(cuda.blockDim.x) >= total:
+        return
     i = cuda.threadIdx.x
     while i < KEY_TABLE_WORDS:
         tables[i] = key_tables[i]
         i += cuda.blockDim.x
     cuda.syncthreads()
-    # The unit count and the message index in 32 bits (fewer than 2**31 units per launch, see
-    # pack_messages): registers, which the products need.
-    total = uint32(unit_start[n_messages])
     u = uint32(cuda.grid(1))
-    while u < total:
+    if u < total:
         m_, c, n_units = unit_of_message(unit_start, n_messages, u)
         m = uint32(m_)
         if c == int64(0) and n_units > int64(1):
@@ -1005,7 +1009,6 @@ def _ghash_blocks(aad_buf, ct_buf, messages, unit_start, n_messages, key_tables,
                                                  x3 ^ uint32(uint64(cbits) & uint64(0xFFFFFFFF)), tables,
                                                  int64(SCHED_H), int64(4))
         store_result(m, u, x0, x1, x2, x3, final, partials_out, ekj0_blocks, tags_out)
-        u += uint32(cuda.gridDim.x) * uint32(cuda.blockDim.x)  # (uint64: so is u from then on)
 
 
 def _ghash_combine(partials_in, in_start, partials_out, out_start, n_messages, key_in, key_out,
@@ -1071,8 +1074,11 @@ ghash_key_tables = kernel(_ghash_key_tables)
 ghash_combine = kernel(_ghash_combine, launch_bounds=COMBINE_LAUNCH_BOUNDS)
 
 KERNEL_REPORT = [
-    ReportEntry("ghash_blocks", _ghash_blocks, _BLOCKS_SIG, 16 * DEFAULT_CHUNK_BLOCKS,
+    ReportEntry("ghash_blocks", _ghash_blocks, _BLOCKS_SIG, 16 * DEFAULT_CHUNK_BLOCKS, grid_stride=False,
                 inner_loops=(
+                    InnerLoop(f"copy of the key tables into shared memory: {KEY_TABLE_WORDS} words per block of "
+                              f"{THREADS_PER_BLOCK} threads", trips=-(-KEY_TABLE_WORDS // THREADS_PER_BLOCK),
+                              ops=("STS",)),
                     InnerLoop("find_segment: binary search over the message table"),
                     InnerLoop("table groups of aligned full associated-data blocks (none in a ciphertext chunk)",
                               ops=("IMAD.WIDE.U32", "LDG.E.128", "LDS.128")),
@@ -1087,8 +1093,9 @@ KERNEL_REPORT = [
                     InnerLoop("Horner over ciphertext blocks, byte path (unaligned field, partial last block)",
                               ops=("IMAD.WIDE.U32", "LDG.E.U8")),
                 ),
-                note=f"one key, level 0: one iteration = one chunk of L = {DEFAULT_CHUNK_BLOCKS} ciphertext "
-                     f"blocks, {DEFAULT_CHUNK_BLOCKS // GROUP_BLOCKS} groups of {GROUP_BLOCKS}"),
+                note=f"one key, level 0: one thread = one chunk of L = {DEFAULT_CHUNK_BLOCKS} ciphertext "
+                     f"blocks, {DEFAULT_CHUNK_BLOCKS // GROUP_BLOCKS} groups of {GROUP_BLOCKS}, and its share of the "
+                     "table copy"),
     ReportEntry("ghash_blocks_mixed_keys", _ghash_blocks_mixed_keys, _MIXED_SIG, 16 * DEFAULT_CHUNK_BLOCKS,
                 inner_loops=(
                     InnerLoop("find_segment: binary search over the message table"),
@@ -1237,7 +1244,7 @@ def ghash_aead_tags(aad_buf, ct_buf, table, n_messages, h_blocks, ekj0_blocks, t
             launch(ghash_key_tables, KEY_TABLE_UNITS, (h_blocks, log2_chunk, tables), stream)
             launch(ghash_blocks, units,
                    (aad_buf, ct_buf, table.messages, table.unit_start[0], n_messages, tables,
-                    chunk, out, key_out, ekj0_blocks, tags_out, level == last), stream)
+                    chunk, out, key_out, ekj0_blocks, tags_out, level == last), stream, grid_stride=False)
         elif level == 0:
             launch(ghash_blocks_mixed_keys, units,
                    (aad_buf, ct_buf, table.messages, table.unit_start[0], n_messages, h_blocks,

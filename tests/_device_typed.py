@@ -299,7 +299,9 @@ def ghash_aead_tags(aad_buf, ct_buf, table, n_messages, h_blocks, ekj0_blocks, t
             # copies them into its shared memory before a barrier: the launcher passes that copy.
             tables = np.zeros(kg.KEY_TABLE_WORDS, np.uint32)
             launch(ghash.key_tables, grid, block, _no_shared, h_blocks, np.int64(log2_chunk), tables)
-            launch(ghash.blocks, grid, block, tables.copy, aad_buf, ct_buf, table.messages, table.unit_start[0],
+            # One unit per thread (no grid-stride loop): a grid that covers every unit, and at least 2 blocks.
+            blocks = max(2, -(-table.units_total[0] // block))
+            launch(ghash.blocks, blocks, block, tables.copy, aad_buf, ct_buf, table.messages, table.unit_start[0],
                    np.int64(n_messages), tables, np.int64(chunk), partials[0], keys[0], ekj0_blocks, tags_out,
                    level == last)
         elif level == 0:
