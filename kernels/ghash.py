@@ -16,6 +16,8 @@ Limits
 - Offsets and lengths are byte counts below 2**61 (so ``8*len`` fits in 64 bits);
   buffers are 1-D ``uint8`` device arrays of any alignment.
 - ``chunk_blocks`` (``L`` below) is a power of two, 2 <= L <= 2**16.
+- Fewer than ``MAX_UNITS`` = 2**31 chunks per call (2 TiB at L = 64; the kernels count
+  units in 32 bits; :func:`pack_messages` refuses more).
 - Blocks of at most ``THREADS_PER_BLOCK`` threads (``kernels._launch``).
 - Two level-0 kernels. ``one_key=True`` (every message under one AES key, so one ``H``;
   the kernel reads ``h_blocks[0]`` only, a differing row gets a wrong tag): the table
@@ -64,22 +66,28 @@ mixed-key kernel. The set-up kernel :func:`_ghash_key_tables` computes ``H' = H*
 ``h_blocks[0]`` (on the device: the backend keeps ``H`` there), one unit per table row
 (``b = nibble_element(p) * H^e``, then ``b*x, b*x^2, b*x^3`` and the 16 XOR combinations,
 masked, no branch on a secret) and one unit for the schedules of ``H'``, ``(H^4)'`` and
-``(H^L)'``; every block of the main kernel copies those 24,880 B into shared memory and
-waits at one barrier. The chunk's offsets and lengths are read again from global memory
-around the loops (:func:`reload_u64`) rather than held in registers across them.
+``(H^L)'``. The main kernel has no grid-stride loop: one chunk per thread, launched with a
+grid that covers every chunk (``launch(..., grid_stride=False)``); each block copies the
+24,880 B of tables into shared memory (25 words per thread) and waits at one barrier (a
+block past the work exits first). Without the grid-stride loop no counters or bounds stay
+live across the Horner loops, and the chunk's offsets and lengths are read again from
+global memory around them (:func:`reload_u64`, :func:`chunk_field`): 62 registers, where the
+same kernel with a grid-stride loop took 70-78 (and spilled under a 64-register cap).
 
 Measured SASS (sm_90, numba-cuda 0.30, ``ptxas -arch=sm_90`` 13.0; benchmarks/kernel_report.py,
 ``benchmarks/results/2026-12-04-cpu-amd-epyc-kernel-report.json``):
 
-- ``ghash_blocks`` (one key): **14.0 instructions per byte** (14,336 per 1 KiB chunk: 875 per
-  group of 4 blocks, ~219 per block, against 402 per block before), 64 ``LDG.E.128`` per
-  chunk, 0 spills, **72 registers** (target 64 not met: ptxas, unbounded, hoists the
-  independent shared loads of the lookups; ``-maxrregcount=64`` spills 24-40 B).
-- ``ghash_blocks_mixed_keys``: 25.3 per byte, 76 registers, 0 spills (unchanged design).
-- ``ghash_combine``: 25.7 per byte of partials (~1/64 of level 0's work), **74 registers**
-  (target 64 not met; ``-maxrregcount=64`` spills 48 B). A product alone, in a loop with
-  nothing else live, compiles to 48 registers; the rest is the grid-stride loop's state.
-- ``ghash_key_tables``: once per call, 97 threads.
+- ``ghash_blocks`` (one key): **14.56 instructions per byte** (14,911 per 1 KiB chunk: 878
+  per group of 4 blocks, ~220 per block against 402 in the mixed-key kernel, plus the
+  thread's share of the table copy, 25 x 18), 64 ``LDG.E.128`` per chunk, **62 registers,
+  0 spills**, 24,880 B shared. First compile 5.5 s numba + 0.4 s ptxas (CPU).
+- ``ghash_blocks_mixed_keys``: 25.3 per byte, 76 registers, 0 spills (the design below,
+  unchanged; no target: only batches that mix keys take it).
+- ``ghash_combine``: 24.9 per byte of partials (~1/64 of level 0's work), **64 registers,
+  0 spills** with ``launch_bounds=(256, 4)`` (70 unbounded): 32-bit unit counters and rows,
+  and ``next_key`` by squarings that spread bits (:func:`gf128_square`) instead of full
+  products.
+- ``ghash_key_tables``: once per call, 97 threads, ~2,200 instructions per table row.
 
 Rough H100 estimate (not measured, no GPU here; public throughput figures: 64 results per
 clock per SM for 32-bit logic and IMAD, IMAD.WIDE taken as two, shared memory 128 B per
@@ -92,6 +100,9 @@ per 2 KiB -> ~2.9 B/clock/SM (the ALU side, ~510 clocks per 2 KiB, is ~4 B/clock
 shared-memory bound near **~0.65 TB/s, about 1.5x the mixed-key kernel**. Fewer table
 blocks per group (S = 3) shifts work back to the multiplier; 3-bit tables (8 entries per
 row, no conflicts) would cost ~35% more lookups; both left for a measurement on a GPU.
+Occupancy: 62 registers and 25 KiB of shared memory fit 4 blocks of 256 threads per SM
+(32 warps; the mixed-key kernel's 76 fit 3). The per-block table copy reads 24.9 KB (from
+L2, the same for every block) per 256 KiB of message, ~10% more traffic than the data.
 
 Algorithm: parallel polynomial evaluation (both level-0 kernels)
 -----------------------------------------
@@ -1112,11 +1123,13 @@ KERNEL_REPORT = [
                      "ciphertext blocks, Horner with H (one product per block)"),
     ReportEntry("ghash_key_tables", _ghash_key_tables, _TABLES_SIG, 256,
                 inner_loops=(
-                    InnerLoop("H^e: e - 1 products", ops=("IMAD.WIDE.U32",)),
-                    InnerLoop("the 16 entries of the row"),
-                    InnerLoop("next_key: log2(L) squarings"),
+                    InnerLoop("next_key: log2(L) squarings (the schedules' unit only)", ops=("LOP3",)),
+                    InnerLoop("H^e: e - 1 products (0, 1 or 2: 1 on average over the rows)", trips=1,
+                              ops=("IMAD.WIDE.U32",)),
+                    InnerLoop("the 16 entries of the row", trips=16, ops=("STG",)),
                 ),
-                note="one-key set-up, once per call: one iteration = one table row (16 entries, 256 B)"),
+                note="one-key set-up, once per call (97 threads): one iteration = one table row "
+                     "(16 entries, 256 B)"),
     ReportEntry("ghash_combine", _ghash_combine, _COMBINE_SIG, 16 * DEFAULT_CHUNK_BLOCKS,
                 inner_loops=(
                     InnerLoop("find_segment: binary search over the message table"),
