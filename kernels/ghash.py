@@ -245,7 +245,7 @@ SCHEDULE_ALIGN = None if is_simulator() else 16
 #: One-key kernel (:func:`_ghash_blocks`): blocks per group of its table path (S). A group
 #: ``X_1..X_S`` of full blocks does ``Y = (Y ^ X_1)*H^S ^ X_2*H^(S-1) ^ .. ^ X_S*H``.
 GROUP_BLOCKS = 4
-LOG2_GROUP = 2  # horner_tables is written out for S = 4 (three table blocks per group)
+LOG2_GROUP = 2  # table_groups is written out for S = 4 (three table blocks per group)
 #: Words of the table of one power ``H^e``: 32 nibble positions x 16 values x 4 words (8 KiB).
 TABLE_POWER_WORDS = 32 * 16 * 4
 #: The one-key kernel's key tables (``uint32``, built on the device by :func:`_ghash_key_tables`,

@@ -19,8 +19,9 @@ with Python twins. This module closes those gaps without a GPU:
   shared-memory patterns: a per-thread slot (ChaCha20's byte path), a table every
   thread fills with the same values (AES; the launcher passes it filled), and
   Poly1305's tree sum, where a lane reads only higher lanes' slots (exact when each
-  tile runs one grid-stride round, which :func:`poly1305_aead_tags` arranges), and
-  GHASH's key schedules, one slot per thread;
+  tile runs one grid-stride round, which :func:`poly1305_aead_tags` arranges),
+  GHASH's key schedules, one slot per thread, and GHASH's one-key tables, which every
+  block copies from global memory before a barrier (the launcher passes the copy);
 * the 16-byte loads and stores are the project's own LLVM code generation
   (``kernels/_vector_io._make_intrinsics``) on the CPU target, behind checks that
   raise when an access is misaligned or leaves its array (GHASH's 128-bit shared loads

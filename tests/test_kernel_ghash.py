@@ -6,7 +6,9 @@ with ``AESGCM(key).encrypt(...)[-16:]`` and with the NIST CAVP GCM vectors (all
 three nonce lengths, non-96-bit ones through the kernel's J0 path). Small chunk
 lengths (``chunk_blocks``) force several chunks and several combine levels on
 messages of a few hundred bytes, which keeps the simulator fast; the default is
-exercised too.
+exercised too. Both level-0 kernels run: the mixed-key one (default) and, with
+``one_key=True``, the table kernel, whose table indices are also recorded and checked
+against the input's nibbles.
 """
 from __future__ import annotations
 
