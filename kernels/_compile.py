@@ -89,14 +89,19 @@ def _package_keyed_cache_class():
 KERNELS: list = []
 
 
-def kernel(pyfunc):
-    """``cuda.jit`` for a kernel: lazy (compiled at the first launch), cached on disk under a package-wide key."""
+def kernel(pyfunc, *, launch_bounds=()):
+    """``cuda.jit`` for a kernel: lazy (compiled at the first launch), cached on disk under a package-wide key.
+
+    ``launch_bounds``: ``(max threads per block, min blocks per SM)`` for ptxas (PTX
+    ``.maxntid``/``.minnctapersm``, which caps the registers per thread), empty for none;
+    ignored by the simulator."""
     if ON_SIMULATOR:
         dispatcher = cuda.jit(pyfunc)
         KERNELS.append(dispatcher)
         return dispatcher
     cache_class = _package_keyed_cache_class()
-    dispatcher = cuda.jit(cache=cache_class is not None)(pyfunc)
+    options = {"launch_bounds": tuple(launch_bounds)} if launch_bounds else {}
+    dispatcher = cuda.jit(cache=cache_class is not None, **options)(pyfunc)
     if cache_class is not None and hasattr(dispatcher, "_cache"):
         dispatcher._cache = cache_class(pyfunc)
     elif cache_class is not None:  # pragma: no cover - depends on numba-cuda

@@ -129,12 +129,20 @@ def grid_for(units: int, threads: int = THREADS_PER_BLOCK, resident: int | None 
     return blocks
 
 
-def launch(kernel: Any, units: int, args: tuple, stream, *, multiple: int = 1) -> None:
+def launch(kernel: Any, units: int, args: tuple, stream, *, multiple: int = 1, grid_stride: bool = True) -> None:
     """Queue ``kernel(*args)`` on ``stream`` over ``units`` work units (one per thread, in
     a grid-stride loop): ``threads_for`` threads per block, ``grid_for`` blocks sized by
-    the kernel's own occupancy on the current device. Nothing for no units."""
+    the kernel's own occupancy on the current device. Nothing for no units.
+
+    ``grid_stride=False``: for a kernel whose threads do one unit each (no grid-stride loop),
+    a grid that covers every unit (at least ``MIN_GRID_BLOCKS`` blocks on a device; the
+    kernel must let blocks past the work exit at once)."""
     threads = threads_for(units, multiple)
     if units <= 0:
+        return
+    if not grid_stride:
+        needed = -(-int(units) // threads)
+        kernel[needed if is_simulator() else max(needed, MIN_GRID_BLOCKS), threads, stream](*args)
         return
     resident = None
     if not is_simulator():
@@ -238,7 +246,12 @@ class ReportEntry:
     ``data_path_ops``: SASS opcode prefixes whose every instruction in the main loop
     bulk data executes (e.g. ``("STG.E.128",)``), which the counted path must pass.
     ``variant`` tells apart entries of one kernel measured with different trips
-    (AES-128 / AES-256); the compiled code is the same.
+    (AES-128 / AES-256); the compiled code is the same. ``launch_bounds``: the
+    ``(max threads per block, min blocks per SM)`` the kernel is compiled with
+    (``kernels._compile.kernel``), empty for none; the report compiles with the same.
+    ``grid_stride=False``: the kernel has no grid-stride loop (one unit per thread,
+    ``launch(..., grid_stride=False)``); the report then counts one pass of the whole
+    kernel, and every loop in it is an inner loop to declare.
     """
 
     name: str
@@ -249,3 +262,5 @@ class ReportEntry:
     inner_loops: tuple = ()
     data_path_ops: tuple = ()
     variant: str = ""
+    launch_bounds: tuple = ()
+    grid_stride: bool = True

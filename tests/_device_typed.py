@@ -19,8 +19,9 @@ with Python twins. This module closes those gaps without a GPU:
   shared-memory patterns: a per-thread slot (ChaCha20's byte path), a table every
   thread fills with the same values (AES; the launcher passes it filled), and
   Poly1305's tree sum, where a lane reads only higher lanes' slots (exact when each
-  tile runs one grid-stride round, which :func:`poly1305_aead_tags` arranges), and
-  GHASH's key schedules, one slot per thread;
+  tile runs one grid-stride round, which :func:`poly1305_aead_tags` arranges),
+  GHASH's key schedules, one slot per thread, and GHASH's one-key tables, which every
+  block copies from global memory before a barrier (the launcher passes the copy);
 * the 16-byte loads and stores are the project's own LLVM code generation
   (``kernels/_vector_io._make_intrinsics``) on the CPU target, behind checks that
   raise when an access is misaligned or leaves its array (GHASH's 128-bit shared loads
@@ -145,8 +146,9 @@ def module_scope(mod, overrides: dict | None = None) -> tuple[dict, dict]:
 #: Device functions whose results are 64-bit by design (offsets, indices, counts, and the
 #: carry-less products inside GHASH's multiply). Every other device function must return
 #: ``uint32`` where its value is 32 bits, so that a caller's ``<<`` cannot keep bits above 32.
-WIDE_BY_DESIGN = frozenset({"find_segment", "unit_of_message", "chunk_bounds", "schedule_index", "clmul32",
-                            "clmul32_keyed", "clmul32_row", "clmul64", "karatsuba_join"})
+WIDE_BY_DESIGN = frozenset({"find_segment", "unit_of_message", "chunk_bounds", "chunk_field", "clmul32",
+                            "clmul32_keyed", "clmul32_row", "clmul64", "karatsuba_join", "spread_bits",
+                            "reload_u64"})
 
 
 def _flat_types(t):
@@ -246,8 +248,16 @@ class Kernels:
 
 chacha20 = Kernels(kc, {"xor": kc._chacha20_xor_kernel})
 aes = Kernels(ka, {"xor": ka._aes_ctr_xor_kernel}, _aes_table_twins())
-ghash = Kernels(kg, {"blocks": kg._ghash_blocks, "combine": kg._ghash_combine},
-                {"mul_wide_u32": mul_wide_u32, "lds_u32x4": load_u32x4, "sts_u32x4": store_u32x4})
+@njit
+def reload_u64(a, i):
+    """GHASH's volatile reload (inline PTX on the device): element ``i`` of the C-contiguous ``a``."""
+    return numba.uint64(a.reshape(a.size)[i])
+
+
+ghash = Kernels(kg, {"blocks": kg._ghash_blocks, "blocks_mixed_keys": kg._ghash_blocks_mixed_keys,
+                     "key_tables": kg._ghash_key_tables, "combine": kg._ghash_combine},
+                {"mul_wide_u32": mul_wide_u32, "lds_u32x4": load_u32x4, "sts_u32x4": store_u32x4,
+                 "reload_u64": reload_u64})
 poly1305 = Kernels(kp, {"powers": kp._poly1305_powers, "partial": kp._poly1305_aead_partial,
                         "combine": kp._poly1305_combine})
 
@@ -271,7 +281,7 @@ def aes_ctr_xor(src, dst, round_keys, n_rounds, table, unit_start, n_segments, *
 
 
 def ghash_aead_tags(aad_buf, ct_buf, table, n_messages, h_blocks, ekj0_blocks, tags_out, *, grid=2,
-                    block=DEVICE_THREADS):
+                    block=DEVICE_THREADS, one_key=False):
     if n_messages == 0:
         return
     sizes = list(table.units_total[:2]) + [1, 1]
@@ -285,8 +295,18 @@ def ghash_aead_tags(aad_buf, ct_buf, table, n_messages, h_blocks, ekj0_blocks, t
         return np.zeros(kg.SCHEDULE_ROWS * DEVICE_THREADS * 4, np.uint32)
 
     for level in range(table.levels):
-        if level == 0:
-            launch(ghash.blocks, grid, block, schedules, aad_buf, ct_buf, table.messages, table.unit_start[0],
+        if level == 0 and one_key:
+            # The set-up kernel writes the tables to global memory; each block of the table kernel
+            # copies them into its shared memory before a barrier: the launcher passes that copy.
+            tables = np.zeros(kg.KEY_TABLE_WORDS, np.uint32)
+            launch(ghash.key_tables, grid, block, _no_shared, h_blocks, np.int64(log2_chunk), tables)
+            # One unit per thread (no grid-stride loop): a grid that covers every unit, and at least 2 blocks.
+            blocks = max(2, -(-table.units_total[0] // block))
+            launch(ghash.blocks, blocks, block, tables.copy, aad_buf, ct_buf, table.messages, table.unit_start[0],
+                   np.int64(n_messages), tables, np.int64(chunk), partials[0], keys[0], ekj0_blocks, tags_out,
+                   level == last)
+        elif level == 0:
+            launch(ghash.blocks_mixed_keys, grid, block, schedules, aad_buf, ct_buf, table.messages, table.unit_start[0],
                    np.int64(n_messages), h_blocks, np.int64(chunk), np.int64(log2_chunk), partials[0], keys[0],
                    ekj0_blocks, tags_out, level == last)
         else:

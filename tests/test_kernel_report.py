@@ -127,6 +127,37 @@ def test_loop_declared_off_path_but_unavoidable_is_flagged():
     assert loop.inner_loops_on_hot_path == 1
 
 
+# A kernel with no grid-stride loop (one unit per thread: ghash_blocks): an early exit, a
+# loop that does the data work, a store, the exit.
+ONE_PASS_LISTING = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/               @P0 EXIT ;
+.L_x_1:
+        /*0020*/                   LDG.E.128 R8, desc[UR4][R10.64] ;
+        /*0030*/                   LDS R4, [R5] ;
+        /*0040*/                   LOP3.LUT R4, R4, R8, RZ, 0x3c, !PT ;
+        /*0050*/               @P1 BRA `(.L_x_1) ;
+        /*0060*/                   STG.E.128 desc[UR4][R16.64], R12 ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   BRA 0x80;
+"""
+
+
+def test_one_pass_kernel_counts_the_whole_kernel():
+    """grid_stride=False: the pass runs from the first instruction to the last EXIT and every
+    loop is an inner loop (in grid-stride mode the data loop would pass for the main loop)."""
+    from gpucrypt.kernels._launch import InnerLoop
+
+    kr = _load_report_module()
+    instrs = kr.parse_sass(ONE_PASS_LISTING)
+    assert kr.analyse_main_loop(instrs).loop_body == 4  # mistaken for a grid-stride loop
+    loop = kr.analyse_main_loop(instrs, (InnerLoop("blocks", trips=4, ops=("LDS",)),), grid_stride=False)
+    assert loop.loop_body == 8 and loop.path == 8  # S2R, EXIT?, the body once (4), STG, EXIT
+    assert loop.hot_path == 8 + 3 * 4
+    with pytest.raises(kr.LoopDeclarationError, match="declares 0"):
+        kr.analyse_main_loop(instrs, (), grid_stride=False)
+
+
 def test_every_kernel_declares_its_inner_loops():
     """Each KERNEL_REPORT entry says which inner loops carry data (at least none, explicitly)."""
     import importlib

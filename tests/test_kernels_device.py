@@ -196,7 +196,7 @@ def _check_aes(key_bytes, big_buffer):
 # --------------------------------------------------------------------------- GHASH (AES-GCM tags)
 
 
-def _gcm_tags(aad_buf, aad_offsets, aads, ct_buf, ct_offsets, cts, key, nonces, chunk_blocks):
+def _gcm_tags(aad_buf, aad_offsets, aads, ct_buf, ct_offsets, cts, key, nonces, chunk_blocks, one_key=False):
     n = len(cts)
     ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
     h = np.frombuffer(ecb.update(bytes(16)) * n, np.uint8).reshape(n, 16).copy()
@@ -204,7 +204,7 @@ def _gcm_tags(aad_buf, aad_offsets, aads, ct_buf, ct_offsets, cts, key, nonces, 
     table = kg.pack_messages(aad_offsets, [len(a) for a in aads], ct_offsets, [len(c) for c in cts],
                              chunk_blocks=chunk_blocks)
     tags = np.zeros((n, 16), np.uint8)
-    dt.ghash_aead_tags(aad_buf, ct_buf, table, n, h, ekj0.copy(), tags)
+    dt.ghash_aead_tags(aad_buf, ct_buf, table, n, h, ekj0.copy(), tags, one_key=one_key)
     return [bytes(t) for t in tags], table.levels
 
 
@@ -220,12 +220,16 @@ def test_ghash_device_typed(big_buffer):
     for chunk_blocks, gaps in ((kg.DEFAULT_CHUNK_BLOCKS, False), (2, True), (4, False)):
         aad_buf, aad_offsets = pack_buffer(aads, rng, random_gaps=gaps)
         ct_buf, ct_offsets = pack_buffer(cts, rng, random_gaps=gaps)
-        tags, levels = _gcm_tags(dt_aligned(aad_buf), aad_offsets, aads, dt_aligned(ct_buf), ct_offsets, cts, key,
-                                 nonces, chunk_blocks)
-        assert tags == [s[-16:] for s in sealed], (chunk_blocks, gaps)
-        assert levels > 1 or chunk_blocks == kg.DEFAULT_CHUNK_BLOCKS
+        # One key for all: the table kernel (kernels/ghash.py: _ghash_blocks) and the mixed-key one.
+        for one_key in (False, True):
+            tags, levels = _gcm_tags(dt_aligned(aad_buf), aad_offsets, aads, dt_aligned(ct_buf), ct_offsets, cts,
+                                     key, nonces, chunk_blocks, one_key)
+            assert tags == [s[-16:] for s in sealed], (chunk_blocks, gaps, one_key)
+            assert levels > 1 or chunk_blocks == kg.DEFAULT_CHUNK_BLOCKS
     assert_results_fit_their_type(dt.ghash, ["load_be32", "load_be32_partial", "load_block", "gf128_prime",
-                                             "gf128_mul", "bswap32"])
+                                             "gf128_mul", "bswap32", "gf128_square", "gf128_reduce", "mul_x",
+                                             "nibble_element", "table_lookup", "table_word", "table_block",
+                                             "table_groups", "horner_field_tables"])
 
     # Ciphertexts at offsets past 2**31 and 2**32: the tag of whatever bytes lie there.
     originals = _fill(big_buffer, BIG_OFFSETS, BIG_LENGTHS, rng)
@@ -241,10 +245,10 @@ def test_ghash_device_typed(big_buffer):
         assert sealed_big[:-16] == ct
         want.append(sealed_big[-16:])
     aad_buf, aad_offsets = pack_buffer(big_aads, rng)
-    for chunk_blocks in (kg.DEFAULT_CHUNK_BLOCKS, 2):
+    for chunk_blocks, one_key in ((kg.DEFAULT_CHUNK_BLOCKS, False), (2, False), (kg.DEFAULT_CHUNK_BLOCKS, True)):
         tags, _ = _gcm_tags(aad_buf, aad_offsets, big_aads, big_buffer, list(BIG_OFFSETS), originals, key,
-                            big_nonces, chunk_blocks)
-        assert tags == want, chunk_blocks
+                            big_nonces, chunk_blocks, one_key)
+        assert tags == want, (chunk_blocks, one_key)
 
 
 # --------------------------------------------------------------------------- Poly1305 (ChaCha20-Poly1305 tags)

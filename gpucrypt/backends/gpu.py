@@ -886,10 +886,15 @@ class GpuBackend(Backend):
             sizes = list(table.units_total[:2]) + [1, 1]   # as ghash_scratch lays it out
             partials = [work.space(16 * max(1, sizes[i]), np.uint32, (max(1, sizes[i]), 4)) for i in range(2)]
             keys = [work.space(16 * max(1, n), np.uint32, (max(1, n), 4)) for _ in range(2)]
+            # One AES key for the whole batch: every row of H is the same, which is the contract of
+            # the table kernel (one_key=True); its tables are built on the device from that H.
+            one_key = len(set(plan.key_index)) == 1
+            tables = work.space(4 * g.KEY_TABLE_WORDS, np.uint32) if one_key else None
             work.launch("mac", lambda t, sc: g.ghash_aead_tags(
                 t[aad], base(sc), g.GhashTable(t[messages], t[starts], table.units_total, table.chunk_blocks),
-                n, sc[key_space][:n], sc[key_space][n:], out(sc), stream=s,
-                scratch=g.GhashScratch(tuple(sc[i] for i in partials), tuple(sc[i] for i in keys))))
+                n, sc[key_space][:n], sc[key_space][n:], out(sc), stream=s, one_key=one_key,
+                scratch=g.GhashScratch(tuple(sc[i] for i in partials), tuple(sc[i] for i in keys),
+                                       sc[tables] if one_key else None)))
 
     def _host_tags(self, plan, work, ct_base, ct_off, s) -> np.ndarray:
         """tag="host": ciphertext to the host, tags by ``cryptography`` (the reference path)."""
