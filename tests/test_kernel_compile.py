@@ -78,3 +78,22 @@ def test_warmup_on_the_simulator_compiles_nothing(capsys, on_cudasim):
         pytest.skip("a real GPU is in use: benchmarks/gpu_session.sh runs `gpucrypt warmup` there")
     assert main(["warmup"]) == 0
     assert "simulator" in capsys.readouterr().out
+
+
+def test_warmup_compiles_the_mixed_key_ghash_kernel_with_a_two_key_batch(monkeypatch):
+    """Every AEAD round trip of the warm-up is under one key (GHASH's table kernel); only a
+    batch that mixes AES keys reaches the mixed-key kernel, which warm-up must compile too."""
+    from gpucrypt.backends import get_backend
+    from gpucrypt.cli import _warm_two_key_gcm
+    from gpucrypt.kernels import ghash
+
+    one_key_flags = []
+    real = ghash.ghash_aead_tags
+
+    def spy(*args, **kwargs):
+        one_key_flags.append(kwargs.get("one_key"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ghash, "ghash_aead_tags", spy)
+    _warm_two_key_gcm(get_backend("gpu"))
+    assert one_key_flags == [False]
