@@ -97,3 +97,19 @@ def test_model_load_of_a_tampered_large_tensor_fails(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(AuthenticationError, match="big"):
         models.load_encrypted(path, key, "cpu")
+
+
+@pytest.mark.parametrize("make", [lambda n: torch.randn(n // 4), lambda n: np.random.default_rng(1)
+                                  .standard_normal(n // 8)], ids=["torch", "numpy"])
+def test_tensor_api_large_results_round_trip_on_huge_pages(make):
+    from gpucrypt import tensor
+
+    key = os.urandom(32)
+    x = make(_hostmem.HUGE_PAGE_MIN_BYTES + 4 * MIB)
+    enc = tensor.encrypt_tensor(x, key, device="cpu")
+    back = tensor.decrypt_tensor(enc, key)
+    assert type(back) is type(x) and back.shape == x.shape and back.dtype == x.dtype
+    assert (torch.equal(back, x) if isinstance(x, torch.Tensor) else np.array_equal(back, x))
+    if LINUX_THP:
+        address = back.data_ptr() if isinstance(back, torch.Tensor) else back.ctypes.data
+        assert "hg" in vm_flags(address)

@@ -33,6 +33,7 @@ import os
 import struct
 import _thread
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -40,6 +41,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .._buffers import zero as _zero
 from ._base import AeadContext, Backend
+
+if TYPE_CHECKING:  # loaded on first use at run time (start-up)
+    from .._host_primitives import Poly1305AeadMac
 
 #: largest data or associated data ``cryptography``'s AEAD classes accept in one call
 OPENSSL_AEAD_MAX = 2**31 - 1
@@ -245,6 +249,8 @@ class _ChaCha20Poly1305(_OpenSslAead):
         self._xor_parallel(nonce, data, out, threads, lambda a, b: None)
 
     def _seal_one_pass(self, nonce, data, aad, out) -> bytes:
+        from .._host_primitives import Poly1305AeadMac  # loaded on first use (start-up)
+
         stream = self._stream(nonce, 0)
         mac = Poly1305AeadMac(stream.update(bytes(64))[:32], aad)  # block 0; block 1 is next
         update_into, mac_update = stream.update_into, mac.update
@@ -261,6 +267,8 @@ class _ChaCha20Poly1305(_OpenSslAead):
         (apart) before ``InvalidTag`` is raised, as AES-GCM's in-place open does: no
         unauthenticated plaintext is returned or left behind (only another thread
         reading the buffer during the call could see it)."""
+        from .._host_primitives import Poly1305AeadMac
+
         stream = self._stream(nonce, 0)
         mac = Poly1305AeadMac(stream.update(bytes(64))[:32], aad)
         update_into, mac_update = stream.update_into, mac.update

@@ -81,7 +81,7 @@ from ._atomic import open_output, write_atomically_with
 from ._safetensors import StoredTensor
 from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedError,
                       UnsupportedVersion)
-from .. import _hostmem, pipeline
+from .. import pipeline
 from ..tensors.api import _host_open, _host_seal
 
 __all__ = ["save_encrypted", "load_encrypted", "export_safetensors", "read_header", "safe_open",
@@ -845,7 +845,7 @@ def _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads, pi
                          "or 'torch' for device='cpu'")
     adapter = fw.result_adapter(framework, fw.HOST)
     infos = header.tensors
-    outputs = {t: _empty_on_host(adapter, infos[t]) for t in picked}
+    outputs = {t: adapter.empty(infos[t].dtype, infos[t].shape, fw.HOST) for t in picked}
     flat = {t: np.asarray(adapter.host_array(adapter.byte_view(o))).reshape(-1)
             for t, o in outputs.items() if infos[t].nbytes}
     try:
@@ -856,15 +856,6 @@ def _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads, pi
             buf[:] = 0  # no plaintext of the verified segments stays behind
         raise
     return {infos[t].name: adapter.finish(o) for t, o in outputs.items()}
-
-
-def _empty_on_host(adapter, info: TensorInfo) -> Any:
-    """An output tensor for ``info``; large NumPy and torch ones on huge pages
-    (``gpucrypt._hostmem``: their page faults cost as much as the decryption)."""
-    if adapter.name not in ("numpy", "torch") or info.nbytes < _hostmem.HUGE_PAGE_MIN_BYTES:
-        return adapter.empty(info.dtype, info.shape, fw.HOST)
-    raw = adapter.adopt_host(_hostmem.empty_host_bytes(info.nbytes))
-    return adapter.view_as(raw, info.dtype, info.shape)
 
 
 def _open_on_cpu(f, header, segments, tags, seg_key, aad, threads, place, verified=None) -> None:

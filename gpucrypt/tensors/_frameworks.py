@@ -12,7 +12,10 @@ the framework:
   dtype, so bfloat16, float8 and complex32 need no NumPy counterpart;
 - ``host_array(view)``: for host places, a NumPy ``uint8`` view of such a byte view;
 - ``empty(dtype, shape, place)`` / ``empty_bytes(n, place)``: one allocation through
-  the framework's own allocator; ``finish(obj)`` turns what ``empty`` returned into
+  the framework's own allocator, except large NumPy and torch host results, which are
+  mapped on huge pages (``gpucrypt._hostmem``: their page faults would cost as much as
+  the cipher; like safetensors' tensors, torch ones then have a storage that cannot be
+  resized); ``finish(obj)`` turns what ``empty`` returned into
   the tensor handed to the caller (the identity except for JAX, whose arrays are
   immutable and are made from a filled buffer);
 - ``current_stream(place)``: the framework's current CUDA stream, or ``None``;
@@ -31,10 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import sys
 from typing import Any
 
 import numpy as np
+
+from .. import _hostmem
 
 #: Where a tensor lives: ``HOST`` or ``("cuda", device_index)``.
 HOST = "host"
@@ -226,10 +232,14 @@ class NumpyAdapter(Adapter):
         return np.ascontiguousarray(x)
 
     def empty(self, dtype, shape, place):
-        return np.empty(shape, dtype=numpy_dtype(dtype))
+        np_dtype = numpy_dtype(dtype)
+        nbytes = np_dtype.itemsize * math.prod(shape)
+        if nbytes < _hostmem.HUGE_PAGE_MIN_BYTES:
+            return np.empty(shape, dtype=np_dtype)
+        return _hostmem.empty_host_bytes(nbytes).view(np_dtype).reshape(shape)
 
     def empty_bytes(self, nbytes, place):
-        return np.empty(nbytes, dtype=np.uint8)
+        return _hostmem.empty_host_bytes(nbytes)
 
 
 class TorchAdapter(Adapter):
@@ -279,10 +289,16 @@ class TorchAdapter(Adapter):
 
     def empty(self, dtype, shape, place):
         torch = self._torch()
-        return torch.empty(shape, dtype=getattr(torch, dtype), device=self._device(place))
+        torch_dtype = getattr(torch, dtype)
+        if place == HOST and torch_dtype.itemsize * math.prod(shape) >= _hostmem.HUGE_PAGE_MIN_BYTES:
+            raw = self.empty_bytes(torch_dtype.itemsize * math.prod(shape), place)
+            return raw.view(torch_dtype).reshape(shape)
+        return torch.empty(shape, dtype=torch_dtype, device=self._device(place))
 
     def empty_bytes(self, nbytes, place):
         torch = self._torch()
+        if place == HOST and nbytes >= _hostmem.HUGE_PAGE_MIN_BYTES:
+            return torch.from_numpy(_hostmem.empty_host_bytes(nbytes))
         return torch.empty(nbytes, dtype=torch.uint8, device=self._device(place))
 
     def adopt_host(self, array):
