@@ -615,7 +615,7 @@ def _save_backend(device: str, data_length: int, values: list):
 
 
 def _seal_batches(cipher: "_SegmentCipher", segments, batch_bytes: int, runner, depth: int,
-                  source, load, sink, gap: int = 0) -> list[bytes]:
+                  source, load, sink, gap: int = 0, written=None) -> list[bytes]:
     """Seal ``segments`` in batches of about ``batch_bytes`` on ``runner`` (``depth`` in
     flight), each into one of ``depth + 1`` recycled output buffers, written to ``sink``
     in order; returns the tags. ``source(seg)``: its plaintext view, or None for
@@ -624,7 +624,8 @@ def _seal_batches(cipher: "_SegmentCipher", segments, batch_bytes: int, runner, 
     ``gap=TAG_SIZE``: each job's output is ``ciphertext || tag`` (``seg.length + gap``
     bytes, both written by the runner's crypto, whose result is ignored); the tags are
     taken from the gaps, and the ciphertexts written to ``sink`` without them, or not at
-    all where ``sink`` is None (the crypto wrote them)."""
+    all where ``sink`` is None (the crypto wrote them). ``written(jobs)``: called with each
+    batch's jobs once they are in the file."""
     batches = _batches(segments, batch_bytes)
     largest = max((sum(s.length + gap for s in b) for b in batches), default=0)
     outs = [pipeline.scratch(largest) for _ in range(min(depth + 1, len(batches)))]
@@ -638,6 +639,8 @@ def _seal_batches(cipher: "_SegmentCipher", segments, batch_bytes: int, runner, 
         tags.extend(bytes(job.dst[job.size:]) for job in batch.jobs)
         for job in batch.jobs if sink is not None else ():
             sink.write(job.dst[:job.size])
+        if written is not None:
+            written(batch.jobs)
 
     def produce():
         for k, batch in enumerate(batches):
@@ -656,9 +659,11 @@ def _seal_on_cpu(header, seg_key, aad, values, segments, sink, threads) -> list[
     ``ciphertext || tag`` in one OpenSSL call (which releases the GIL, so the workers run
     side by side), straight into its slot of the batch's buffer: no scratch, no copy. Into
     an atomic file (the usual case) the worker then writes the ciphertext at its place
-    (``pwrite``) while it is still in that core's cache: handed to another thread, the
-    page-cache copy of freshly sealed bytes measured 3x that of plain DCP's writes. Other
-    sinks get the ciphertexts in order from this thread. The tags are picked out of the
+    (``pwrite``) while it is still in that core's cache (handed to another thread, the
+    page-cache copy of freshly sealed bytes measured 2-3x that of plain DCP's writes),
+    and once a batch is written the kernel is asked to start writing it to disk, so that
+    the final fsync finds most of the file there already. Other sinks get the ciphertexts
+    in order from this thread. The tags are picked out of the
     slots, in order, as batches finish. A worker reads a stored tensor's segment into its
     slot and seals it there (in place, detached)."""
     cipher = _SegmentCipher(header.algorithm, seg_key, header.nonce_prefix, aad, len(segments))
@@ -677,10 +682,15 @@ def _seal_on_cpu(header, seg_key, aad, values, segments, sink, threads) -> list[
         if fd is not None:
             pipeline.pwrite_all(fd, body, base + job.ident.data_offset(infos))
 
+    def written(jobs):  # a batch is one range of the file: to disk while the next is sealed
+        first, last = jobs[0].ident, jobs[-1].ident
+        start = first.data_offset(infos)
+        sink.start_writeback(base + start, last.data_offset(infos) + last.length - start)
+
     with pipeline.CpuRunner(seal, threads) as runner:
         tags = _seal_batches(cipher, segments, pipeline.CPU_BATCH_BYTES, runner, _DEPTH,
                              plain.in_memory, None, None if fd is not None else sink,
-                             gap=TAG_SIZE)
+                             gap=TAG_SIZE, written=written if fd is not None else None)
     if fd is not None:  # the tags follow the data region
         os.lseek(fd, base + header.data_length, os.SEEK_SET)
     return tags
@@ -732,7 +742,8 @@ def _check_device(device: Any) -> str:
 
 
 def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str = "torch",
-                   threads: int | None = None, names: Any = None) -> dict:
+                   threads: int | None = None, names: Any = None,
+                   _one_mapping: bool = False) -> dict:
     """The tensors of the model file at ``path``, name -> tensor, in the file's order.
 
     ``names``: the tensors to load (an iterable of names; default all). Only their
@@ -748,6 +759,11 @@ def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str 
     Everything is verified before anything is returned: the header MAC first (a wrong
     key fails there), then every segment. On any failure the outputs are zeroed and
     an error from :mod:`gpucrypt.stream` is raised; no tensor is returned.
+
+    ``_one_mapping`` (host tensors only; for staging that is dropped all at once, as
+    :mod:`gpucrypt.distributed`'s reader does): every tensor is a view of one anonymous
+    mapping in huge pages instead of its own allocation, so that filling them costs a
+    page fault per 2 MiB, not per 4 KiB. The mapping lives as long as any of the views.
     """
     key = _format.check_key(key)
     if framework not in FRAMEWORKS:
@@ -762,7 +778,7 @@ def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str 
             segments = [s for s in segments if s.tensor in wanted]
         if target == "cpu":
             return _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads,
-                                picked)
+                                picked, _one_mapping)
         return _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target, picked)
 
 
@@ -864,15 +880,25 @@ def _tag_of(tags: bytes, seg: _Segment) -> bytes:
     return tags[seg.index * TAG_SIZE:(seg.index + 1) * TAG_SIZE]
 
 
-def _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads, picked) -> dict:
-    """Each segment read straight into its tensor's memory and opened there, on the pool
-    (``_open_on_cpu``); ``picked``: the table positions of the tensors to return."""
+def _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads, picked,
+                 one_mapping: bool = False) -> dict:
+    """Each segment opened into its tensor's memory on the pool (``_open_on_cpu``);
+    ``picked``: the table positions of the tensors to return; ``one_mapping``: see
+    :func:`load_encrypted`."""
     if framework == "cupy":
         raise ValueError("CuPy arrays live on the GPU: use device='cuda', or framework='numpy' "
                          "or 'torch' for device='cpu'")
     adapter = fw.result_adapter(framework, fw.HOST)
     infos = header.tensors
-    outputs = {t: adapter.empty(infos[t].dtype, infos[t].shape, fw.HOST) for t in picked}
+    if one_mapping:
+        starts, total = {}, 0
+        for t in picked:  # each tensor at a 64-byte boundary, as allocators place them
+            starts[t], total = total, total + -(-infos[t].nbytes // 64) * 64
+        arena = np.frombuffer(pipeline.scratch(max(total, 1)), dtype=np.uint8)
+        outputs = {t: adapter.view_as(adapter.adopt_host(arena[starts[t]:starts[t] + infos[t].nbytes]),
+                                      infos[t].dtype, infos[t].shape) for t in picked}
+    else:
+        outputs = {t: adapter.empty(infos[t].dtype, infos[t].shape, fw.HOST) for t in picked}
     flat = {t: np.asarray(adapter.host_array(adapter.byte_view(o))).reshape(-1)
             for t, o in outputs.items() if infos[t].nbytes}
     try:
