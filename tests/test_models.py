@@ -724,6 +724,23 @@ def test_cpu_open_leaves_no_unauthenticated_plaintext_in_place(tmp_path, monkeyp
         assert np.array_equal(place, plain) or (place == 0xA5).all(), i
 
 
+def test_save_to_a_file_object_writes_the_segments_in_order(tmp_path, monkeypatch):
+    """Into a path the sealing workers write each segment at its place; into a caller's
+    file object this thread writes them in order: both give files that load the same."""
+    import io
+
+    monkeypatch.setattr(pipeline, "CPU_BATCH_BYTES", 3 * SEG)  # several batches, two threads
+    tensors = {"a": torch.randn(5 * SEG // 4), "b": torch.arange(7, dtype=torch.int16),
+               "c": torch.randn(2 * SEG // 4 + 3)}
+    buf = io.BytesIO()
+    models.save_encrypted(tensors, buf, KEY, segment_size=SEG, threads=2)
+    (tmp_path / "obj.gcmodel").write_bytes(buf.getvalue())
+    models.save_encrypted(tensors, tmp_path / "path.gcmodel", KEY, segment_size=SEG, threads=2)
+    assert len(buf.getvalue()) == os.path.getsize(tmp_path / "path.gcmodel")
+    for name in ("obj.gcmodel", "path.gcmodel"):
+        assert_identical(models.load_encrypted(tmp_path / name, KEY, "cpu"), tensors)
+
+
 def test_export_writes_nothing_when_a_later_batch_fails(saved, tmp_path, monkeypatch):
     path, tensors = saved
     monkeypatch.setattr(pipeline, "CPU_BATCH_BYTES", SEG)  # earlier batches reach the file first

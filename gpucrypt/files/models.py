@@ -670,7 +670,10 @@ def _seal_on_cpu(header, seg_key, aad, values, segments, sink, threads) -> list[
     plain = _Plaintext(values)
     ctx = cipher.context()
     fd = sink.fileno() if isinstance(sink, AtomicFile) else None
-    infos, base = header.tensors, header.header_length  # the sink holds the header already
+    infos = header.tensors
+    # the data region starts where the sink is now (after the header, and after whatever a
+    # caller's own AtomicFile held before it)
+    base = os.lseek(fd, 0, os.SEEK_CUR) if fd is not None else 0
 
     def seal(job, src):
         body = job.dst[:job.size]
