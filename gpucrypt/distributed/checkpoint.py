@@ -404,10 +404,8 @@ class EncryptedReader(FileSystemReader):
         try:
             with audit.timed("checkpoint.read", path=os.fspath(path)) as ev:
                 dek = self._data_key(name, path)
-                # staging, dropped after read_data: one huge-page mapping, not an allocation
-                # (and 4 KiB page faults) per entry
                 tensors = models.load_encrypted(path, dek, self.device, names=entries,
-                                                threads=self.threads, _one_mapping=True)
+                                                threads=self.threads)
                 del dek
                 ev.update(count=len(tensors), bytes=sum(t.nbytes for t in tensors.values()))
         except (StreamError, KeyManagementError, OSError, KeyError) as exc:

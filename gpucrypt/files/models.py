@@ -745,8 +745,7 @@ def _check_device(device: Any) -> str:
 
 
 def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str = "torch",
-                   threads: int | None = None, names: Any = None,
-                   _one_mapping: bool = False) -> dict:
+                   threads: int | None = None, names: Any = None) -> dict:
     """The tensors of the model file at ``path``, name -> tensor, in the file's order.
 
     ``names``: the tensors to load (an iterable of names; default all). Only their
@@ -762,11 +761,6 @@ def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str 
     Everything is verified before anything is returned: the header MAC first (a wrong
     key fails there), then every segment. On any failure the outputs are zeroed and
     an error from :mod:`gpucrypt.stream` is raised; no tensor is returned.
-
-    ``_one_mapping`` (host tensors only; for staging that is dropped all at once, as
-    :mod:`gpucrypt.distributed`'s reader does): every tensor is a view of one anonymous
-    mapping in huge pages instead of its own allocation, so that filling them costs a
-    page fault per 2 MiB, not per 4 KiB. The mapping lives as long as any of the views.
     """
     key = _format.check_key(key)
     if framework not in FRAMEWORKS:
@@ -781,7 +775,7 @@ def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str 
             segments = [s for s in segments if s.tensor in wanted]
         if target == "cpu":
             return _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads,
-                                picked, _one_mapping)
+                                picked)
         return _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target, picked)
 
 
@@ -883,25 +877,15 @@ def _tag_of(tags: bytes, seg: _Segment) -> bytes:
     return tags[seg.index * TAG_SIZE:(seg.index + 1) * TAG_SIZE]
 
 
-def _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads, picked,
-                 one_mapping: bool = False) -> dict:
+def _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads, picked) -> dict:
     """Each segment opened into its tensor's memory on the pool (``_open_on_cpu``);
-    ``picked``: the table positions of the tensors to return; ``one_mapping``: see
-    :func:`load_encrypted`."""
+    ``picked``: the table positions of the tensors to return."""
     if framework == "cupy":
         raise ValueError("CuPy arrays live on the GPU: use device='cuda', or framework='numpy' "
                          "or 'torch' for device='cpu'")
     adapter = fw.result_adapter(framework, fw.HOST)
     infos = header.tensors
-    if one_mapping:
-        starts, total = {}, 0
-        for t in picked:  # each tensor at a 64-byte boundary, as allocators place them
-            starts[t], total = total, total + -(-infos[t].nbytes // 64) * 64
-        arena = np.frombuffer(pipeline.scratch(max(total, 1)), dtype=np.uint8)
-        outputs = {t: adapter.view_as(adapter.adopt_host(arena[starts[t]:starts[t] + infos[t].nbytes]),
-                                      infos[t].dtype, infos[t].shape) for t in picked}
-    else:
-        outputs = {t: adapter.empty(infos[t].dtype, infos[t].shape, fw.HOST) for t in picked}
+    outputs = {t: adapter.empty(infos[t].dtype, infos[t].shape, fw.HOST) for t in picked}
     flat = {t: np.asarray(adapter.host_array(adapter.byte_view(o))).reshape(-1)
             for t, o in outputs.items() if infos[t].nbytes}
     try:
