@@ -96,6 +96,8 @@ class Batch:
 #: below this, :func:`scratch` takes heap memory: zeroing a few pages costs less than the
 #: mmap and munmap system calls (about 50 us a pair here), which a small file pays per buffer
 SMALL_SCRATCH_BYTES = 64 << 10
+#: from this size, :func:`scratch` asks for transparent huge pages (2 MiB on x86-64)
+HUGE_SCRATCH_BYTES = 4 << 20
 
 
 def scratch(nbytes: int) -> memoryview:
@@ -105,7 +107,20 @@ def scratch(nbytes: int) -> memoryview:
     :data:`SMALL_SCRATCH_BYTES`, a ``bytearray``."""
     if nbytes < SMALL_SCRATCH_BYTES:
         return memoryview(bytearray(nbytes))
-    return memoryview(mmap.mmap(-1, nbytes))[:nbytes]
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: an anonymous mapping of its own kind
+        return memoryview(mmap.mmap(-1, nbytes))[:nbytes]
+    # Private: mmap's default for anonymous memory is MAP_SHARED, which is shared memory
+    # (shmem), shared with forked children and never given huge pages here.
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if nbytes >= HUGE_SCRATCH_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+        # Where transparent huge pages are "madvise" (as on our machines), a batch buffer
+        # is otherwise touched in 4 KiB page faults, 2048 per 8 MiB: measured here, 8 ms
+        # of system time per 8 MiB against 1 ms in 2 MiB pages.
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return memoryview(buf)[:nbytes]
 
 
 # ---------------------------------------------------------------------------- per-job crypto

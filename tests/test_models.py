@@ -672,25 +672,73 @@ def test_cpu_save_seals_each_chacha20_segment_in_one_openssl_call(tmp_path, monk
     """A ChaCha20-Poly1305 model file (what a DCP rank writes) is sealed segment by segment
     on the pipeline's threads through OpenSSL's one-shot AEAD, which releases the GIL,
     never through cryptography's ChaCha20 and Poly1305, which hold it (the threads took
-    turns there, and a 2-rank DCP save spent 2.4x plain DCP's CPU time: issue 16). The
-    file opens to the same tensors."""
+    turns there, and a 2-rank DCP save spent 2.4x plain DCP's CPU time: issue 16); each
+    segment is sealed with its tag after it, straight into the batch buffer. Opening takes
+    the one-shot AEAD too (one call per segment, from ciphertext || tag), and gives the
+    same tensors."""
     from gpucrypt.backends import cpu
 
     def composed(*args):
         raise AssertionError("the composed ChaCha20 + Poly1305 path was taken")
 
-    sealed = []
-    real = cpu._ChaCha20Poly1305._seal_detached_one_shot
+    calls = {"seal": [], "open": []}
+    for op in calls:
+        real = getattr(cpu._OpenSslAead, op)
+        monkeypatch.setattr(cpu._ChaCha20Poly1305, op,
+                            lambda self, nonce, data, *a, _op=op, _real=real:
+                            calls[_op].append(len(data)) or _real(self, nonce, data, *a))
     monkeypatch.setattr(cpu._ChaCha20Poly1305, "_stream", composed)
-    monkeypatch.setattr(cpu._ChaCha20Poly1305, "_seal_detached_one_shot",
-                        lambda self, *a: sealed.append(len(a[1])) or real(self, *a))
     monkeypatch.setattr(pipeline, "CPU_BATCH_BYTES", 2 << 20)  # two batches, two threads each
     tensors = {"a": torch.arange(600_000, dtype=torch.float32), "b": torch.ones(170_000)}
     path = tmp_path / "m.gcmodel"
     models.save_encrypted(tensors, path, KEY, algorithm="chacha20-poly1305", threads=2)
-    assert sorted(sealed) == sorted([1 << 20, 1 << 20, 2_400_000 - (2 << 20), 680_000])
-    monkeypatch.undo()  # opening takes the composed path (verify, then decrypt)
-    assert_identical(models.load_encrypted(path, KEY, "cpu"), tensors)
+    segments = [1 << 20, 1 << 20, 2_400_000 - (2 << 20), 680_000]
+    assert sorted(calls["seal"]) == sorted(segments)
+    assert_identical(models.load_encrypted(path, KEY, "cpu", threads=2), tensors)
+    assert sorted(calls["open"]) == sorted(n + 16 for n in segments)
+
+
+@pytest.mark.parametrize("algorithm", ALGS)
+def test_cpu_open_leaves_no_unauthenticated_plaintext_in_place(tmp_path, monkeypatch, algorithm):
+    """The CPU open decrypts each segment from ``ciphertext || tag`` straight into its place
+    with OpenSSL's one-shot AEAD, which writes the plaintext before it checks the tag: a
+    tampered segment's place must come back zeroed (not plaintext, not ciphertext), the
+    good segments' places hold their plaintext, and the error names the segment."""
+    data = np.random.default_rng(7).integers(0, 256, 9 * SEG, dtype=np.uint8)
+    path = tmp_path / "m.gcmodel"
+    models.save_encrypted({"x": data}, path, KEY, algorithm=algorithm, segment_size=SEG)
+    header = models.read_header(path)
+    flip(path, header.header_length + 4 * SEG + 100)  # segment 4 of 9
+    monkeypatch.setattr(pipeline, "CPU_BATCH_BYTES", 3 * SEG)  # 3 batches, one on each side
+    out = np.full(9 * SEG, 0xA5, dtype=np.uint8)
+    with open(path, "rb", buffering=0) as f:
+        h, segments, tags, seg_key, aad = models._prepare_open(f, KEY)
+        with pytest.raises(AuthenticationError, match="segment 4"):
+            models._open_on_cpu(f, h, segments, tags, seg_key, aad, 2,
+                                lambda s, k: out[s.start:s.start + s.length])
+    assert not out[4 * SEG:5 * SEG].any()  # the failed segment: zeros
+    assert np.array_equal(out[:3 * SEG], data[:3 * SEG])  # the batch before it: opened
+    assert np.array_equal(out[3 * SEG:4 * SEG], data[3 * SEG:4 * SEG])
+    for i in range(5, 9):  # opened (verified) or, past the failure, never touched
+        place, plain = out[i * SEG:(i + 1) * SEG], data[i * SEG:(i + 1) * SEG]
+        assert np.array_equal(place, plain) or (place == 0xA5).all(), i
+
+
+def test_save_to_a_file_object_writes_the_segments_in_order(tmp_path, monkeypatch):
+    """Into a path the sealing workers write each segment at its place; into a caller's
+    file object this thread writes them in order: both give files that load the same."""
+    import io
+
+    monkeypatch.setattr(pipeline, "CPU_BATCH_BYTES", 3 * SEG)  # several batches, two threads
+    tensors = {"a": torch.randn(5 * SEG // 4), "b": torch.arange(7, dtype=torch.int16),
+               "c": torch.randn(2 * SEG // 4 + 3)}
+    buf = io.BytesIO()
+    models.save_encrypted(tensors, buf, KEY, segment_size=SEG, threads=2)
+    (tmp_path / "obj.gcmodel").write_bytes(buf.getvalue())
+    models.save_encrypted(tensors, tmp_path / "path.gcmodel", KEY, segment_size=SEG, threads=2)
+    assert len(buf.getvalue()) == os.path.getsize(tmp_path / "path.gcmodel")
+    for name in ("obj.gcmodel", "path.gcmodel"):
+        assert_identical(models.load_encrypted(tmp_path / name, KEY, "cpu"), tensors)
 
 
 def test_export_writes_nothing_when_a_later_batch_fails(saved, tmp_path, monkeypatch):

@@ -45,6 +45,7 @@ import os
 import pickle
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.filesystem import (CURRENT_DCP_VERSION, FileSystemReader,
@@ -367,7 +368,7 @@ class EncryptedReader(FileSystemReader):
             if target.size() != tensor.size():
                 raise AssertionError(f"req {req.storage_index} mismatch sizes "
                                      f"{target.size()} vs {tensor.size()}")
-            target.copy_(tensor)
+            _copy_into(target, tensor)
             planner.commit_tensor(req, target)
         future: Future = Future()
         future.set_result(None)
@@ -450,6 +451,20 @@ def _storage_meta():
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     return StorageMeta()
+
+
+def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
+    """``target.copy_(source)``; for two contiguous CPU tensors of one dtype, one memcpy in
+    this thread instead: torch's copy runs on its OpenMP pool, whose threads then spin
+    waiting for more work (on a 2-rank load with 2 cores, more CPU time than the copy)."""
+    if (target.device.type == source.device.type == "cpu" and target.dtype == source.dtype
+            and target.is_contiguous() and source.is_contiguous() and target.numel()
+            and not target.is_conj() and not source.is_conj()
+            and not target.is_neg() and not source.is_neg()):
+        np.copyto(target.reshape(-1).view(torch.uint8).numpy(),
+                  source.reshape(-1).view(torch.uint8).numpy())
+    else:
+        target.copy_(source)
 
 
 def _zero(tensors: dict) -> None:

@@ -26,6 +26,7 @@ from typing import IO, Any
 from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
 
 from .. import pipeline
+from .._buffers import new_bytes
 from ..files import _format, stream
 from ..files._format import DEFAULT_SEGMENT_SIZE, TAG_SIZE
 from ..files.keyed import _gather, _identities_for, _primary_key_id
@@ -134,11 +135,12 @@ class _ItemReader(stream.SegmentReader):
         return False
 
     def readall(self) -> bytes:
-        out = bytearray(max(0, self.size - self.tell()))
-        view, done = memoryview(out), 0
-        while done < len(out):
+        # decrypted straight into the bytes returned: no zeroed bytearray, no copy of it
+        out, view = new_bytes(max(0, self.size - self.tell()))
+        done = 0
+        while done < len(view):
             done += self.readinto(view[done:])
-        return bytes(out)
+        return out
 
 
 class _SealingWriter(io.RawIOBase):
