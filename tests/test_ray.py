@@ -77,7 +77,10 @@ def test_a_local_cluster_encrypts_a_folder_reads_it_back_and_fails_by_name(clust
     for name, data in tree.items():
         header = stream.read_header(data)
         assert header.segment_size == 4096 and header.envelope
-        assert files[name[:-3]] == b"" or files[name[:-3]] not in data
+        # a plaintext of 16 bytes or more turns up in ~3 KiB of ciphertext by chance with
+        # probability under 2**-100; a shorter one (a single byte, say) may well, and would
+        # prove nothing
+        assert len(files[name[:-3]]) < 16 or files[name[:-3]] not in data
 
     # read tasks decrypt it back, byte for byte, through the gpucrypt fsspec filesystem
     rows = gray.read_encrypted(encrypted, keyset=keyset[0], include_paths=True).take_all()
