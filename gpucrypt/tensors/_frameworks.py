@@ -12,10 +12,10 @@ the framework:
   dtype, so bfloat16, float8 and complex32 need no NumPy counterpart;
 - ``host_array(view)``: for host places, a NumPy ``uint8`` view of such a byte view;
 - ``empty(dtype, shape, place)`` / ``empty_bytes(n, place)``: one allocation through
-  the framework's own allocator, except large NumPy and torch host results, which are
-  mapped on huge pages (``gpucrypt._hostmem``: their page faults would cost as much as
-  the cipher; like safetensors' tensors, torch ones then have a storage that cannot be
-  resized); ``finish(obj)`` turns what ``empty`` returned into
+  the framework's own allocator, except large torch host results, which come from
+  NumPy's (``gpucrypt._hostmem``: it asks for huge pages, whose faults cost a fraction of
+  4 KiB pages'; like safetensors' tensors, such torch tensors have a storage that cannot
+  be resized); ``finish(obj)`` turns what ``empty`` returned into
   the tensor handed to the caller (the identity except for JAX, whose arrays are
   immutable and are made from a filled buffer);
 - ``current_stream(place)``: the framework's current CUDA stream, or ``None``;
@@ -233,13 +233,10 @@ class NumpyAdapter(Adapter):
 
     def empty(self, dtype, shape, place):
         np_dtype = numpy_dtype(dtype)
-        nbytes = np_dtype.itemsize * math.prod(shape)
-        if nbytes < _hostmem.HUGE_PAGE_MIN_BYTES:
-            return np.empty(shape, dtype=np_dtype)
-        return _hostmem.empty_host_bytes(nbytes).view(np_dtype).reshape(shape)
+        return np.empty(shape, dtype=np_dtype)
 
     def empty_bytes(self, nbytes, place):
-        return _hostmem.empty_host_bytes(nbytes)
+        return np.empty(nbytes, dtype=np.uint8)
 
 
 class TorchAdapter(Adapter):
