@@ -46,8 +46,13 @@ class AeadContext(ABC):
                       out: memoryview, threads: int = 1) -> None:
         """Verify ``tag`` over ``data``, then decrypt into ``out`` (may be ``data`` itself).
 
-        On ``InvalidTag`` nothing was written: an in-place buffer still holds the
-        ciphertext, and a separate ``out`` is zeroed. ``threads`` as for sealing.
+        On ``InvalidTag`` no plaintext is left behind when the call returns: an in-place
+        buffer holds exactly its ciphertext again, and a separate ``out`` is zeroed. A
+        backend may get there by verifying before it writes, or (the CPU backend's
+        ``one_pass`` form) by decrypting while it verifies and then restoring the
+        ciphertext or zeroing ``out``; in that form another thread reading ``out`` during
+        the call can see unauthenticated plaintext, so ``out`` must be private to the
+        caller until the call returns. ``threads`` as for sealing.
         """
         raise NotImplementedError(f"{type(self).__name__} has no detached-tag form")
 
