@@ -24,7 +24,8 @@ from typing import Any
 from cryptography.exceptions import AlreadyFinalized
 
 from ._buffers import bytes_arg, plain_bytes, readable, writable
-from .backends import AUTO_GPU_THRESHOLD, get_backend, select_backend, small_payloads_on_cpu
+from .backends import (AUTO_GPU_THRESHOLD, every_payload_on_cpu, get_backend, select_backend,
+                       small_payloads_on_cpu)
 
 __all__ = ["ChaCha20", "AESCTR"]
 
@@ -44,7 +45,14 @@ class _StreamCipher:
         self._nonce = bytes_arg(nonce, "nonce")
         self._check(self._key, self._nonce)
         self._device = device
-        self._small_on_cpu = small_payloads_on_cpu(device)  # as in the AEAD classes
+        # every size on the CPU (asked for, or "auto" on a machine without a CUDA driver):
+        # then contexts are cryptography's own, wrapped as thinly as Python allows
+        if device == "cpu":  # the common explicit case, decided without the two calls
+            self._small_on_cpu = self._all_on_cpu = True
+        else:
+            self._small_on_cpu = small_payloads_on_cpu(device)  # as in the AEAD classes
+            self._all_on_cpu = self._small_on_cpu and every_payload_on_cpu(device)
+        self._openssl = None  # cryptography's Cipher for this key and nonce, made on first use
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self._device!r})"
@@ -56,7 +64,13 @@ class _StreamCipher:
         """Keystream bytes available from this nonce, or None when unbounded in practice."""
         return None
 
-    def encryptor(self) -> "StreamContext":
+    def encryptor(self) -> "StreamContext | _OpenSslStreamContext":
+        if self._all_on_cpu:
+            openssl = self._openssl
+            if openssl is None:
+                openssl = self._openssl = _cpu_backend().keystream_cipher(
+                    self._algorithm, self._key, self._nonce)
+            return _OpenSslStreamContext(openssl.encryptor())
         return StreamContext(self)
 
     # XOR is its own inverse: decryption is the same keystream.
@@ -91,6 +105,38 @@ class AESCTR(_StreamCipher):
             raise ValueError(f"Invalid nonce size ({len(nonce)}) for CTR.")
 
 
+class _OpenSslStreamContext:
+    """The context of a cipher whose every call runs on the CPU: ``cryptography``'s own
+    (so the bytes, the counter-overflow refusal and the error messages are OpenSSL's and
+    ``cryptography``'s by construction), with no wrapper work on the way in or out: an
+    allocating ``update`` costs what ``cryptography``'s does (one result buffer, no
+    zeroing, no copy). Only a call that ``cryptography`` refuses comes back through
+    gpucrypt's argument checks, to say what to pass instead."""
+
+    __slots__ = ("_openssl",)
+
+    def __init__(self, openssl: Any):
+        self._openssl = openssl
+
+    def update(self, data: Any) -> bytes:
+        try:
+            return self._openssl.update(data)
+        except (TypeError, ValueError, BufferError):
+            readable(data, "data")  # gpucrypt's own message for an unusable buffer
+            raise
+
+    def update_into(self, data: Any, buf: Any) -> int:
+        try:
+            return self._openssl.update_into(data, buf)
+        except (TypeError, ValueError, BufferError):
+            readable(data, "data")
+            writable(buf, "buf")
+            raise
+
+    def finalize(self) -> bytes:
+        return self._openssl.finalize()
+
+
 class StreamContext:
     """An encryption (or decryption) in progress; ``update`` calls continue the keystream."""
 
@@ -107,8 +153,18 @@ class StreamContext:
 
     def update(self, data: Any) -> bytes:
         src = readable(data, "data")
+        backend = self._backend_for(len(src))
+        if backend is None:
+            return b""
+        if backend.name == "cpu":  # cryptography allocates the result: no zeroing, no copy
+            out = self._cpu_encryptor(backend).update(src)
+            self._position += len(src)
+            self._cpu_position = self._position
+            return out
         out = bytearray(len(src))
-        self._xor(src, memoryview(out))
+        backend.xor_keystream(self._cipher._algorithm, self._cipher._key, self._cipher._nonce,
+                              self._position, src, memoryview(out))
+        self._position += len(src)
         return bytes(out)
 
     def update_into(self, data: Any, buf: Any) -> int:
@@ -139,27 +195,35 @@ class StreamContext:
         if self._finalized:
             raise AlreadyFinalized("Context was already finalized.")
 
-    def _xor(self, src: memoryview, out: memoryview) -> None:
+    def _backend_for(self, nbytes: int):
+        """Where the next ``nbytes`` of keystream are made (None for none), after the
+        checks every update makes: not finalized, no counter overflow."""
         self._ensure_open()
         cipher = self._cipher
         limit = self._limit
-        if limit is not None and self._position + len(src) > limit:
+        if limit is not None and self._position + nbytes > limit:
             raise ValueError(_CHACHA20_OVERFLOW)
-        if not src:
-            return
-        if cipher._small_on_cpu and len(src) < AUTO_GPU_THRESHOLD:
-            backend = _cpu_backend()
-        else:
-            backend = select_backend(cipher._device, len(src))
-        if backend.name == "cpu":
-            self._xor_cpu(backend, src, out)
-        else:
-            backend.xor_keystream(cipher._algorithm, cipher._key, cipher._nonce, self._position, src, out)
-        self._position += len(src)
+        if not nbytes:
+            return None
+        if cipher._small_on_cpu and nbytes < AUTO_GPU_THRESHOLD:
+            return _cpu_backend()
+        return select_backend(cipher._device, nbytes)
 
-    def _xor_cpu(self, backend, src: memoryview, out: memoryview) -> None:
+    def _cpu_encryptor(self, backend):
+        """cryptography's encryptor, positioned where this context is in the keystream."""
         if self._cpu is None or self._cpu_position != self._position:
             self._cpu = backend.keystream_encryptor(self._cipher._algorithm, self._cipher._key,
                                                     self._cipher._nonce, self._position)
-        self._cpu.update_into(src, out)
-        self._cpu_position = self._position + len(src)
+        return self._cpu
+
+    def _xor(self, src: memoryview, out: memoryview) -> None:
+        backend = self._backend_for(len(src))
+        if backend is None:
+            return
+        if backend.name == "cpu":
+            self._cpu_encryptor(backend).update_into(src, out)
+            self._cpu_position = self._position + len(src)
+        else:
+            cipher = self._cipher
+            backend.xor_keystream(cipher._algorithm, cipher._key, cipher._nonce, self._position, src, out)
+        self._position += len(src)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import struct
 
+import numpy as np
 import pytest
 from cryptography.exceptions import AlreadyFinalized
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -30,6 +31,15 @@ def ours(kind: str, key: bytes, nonce: bytes, device: str):
 KINDS = [("chacha20", 32), ("aes-ctr", 16), ("aes-ctr", 24), ("aes-ctr", 32)]
 
 
+def one_message(kind: str, key_len: int, length: int, device: str, first_block: int):
+    """(random data, cryptography's keystream XOR of it, our fresh context) under a random
+    key and nonce; ChaCha20's block counter starts at ``first_block``."""
+    key, nonce, data = os.urandom(key_len), os.urandom(16), os.urandom(length)
+    if kind == "chacha20":
+        nonce = struct.pack("<I", first_block) + nonce[4:]
+    return data, reference(kind, key, nonce).update(data), ours(kind, key, nonce, device)
+
+
 @pytest.mark.parametrize("kind,key_len", KINDS)
 @pytest.mark.parametrize("length", LENGTHS)
 def test_one_update_matches(device, kind, key_len, length):
@@ -41,12 +51,7 @@ def test_one_update_matches(device, kind, key_len, length):
 
 @pytest.mark.parametrize("kind,key_len", KINDS)
 def test_many_odd_updates_equal_one(device, kind, key_len):
-    key, nonce = os.urandom(key_len), os.urandom(16)
-    if kind == "chacha20":
-        nonce = struct.pack("<I", 1) + nonce[4:]
-    data = os.urandom(700)
-    expected = reference(kind, key, nonce).update(data)
-    enc = ours(kind, key, nonce, device)
+    data, expected, enc = one_message(kind, key_len, 700, device, first_block=1)
     cuts = [0, 1, 2, 17, 64, 65, 130, 300, 301, 700]
     out = b"".join(enc.update(data[a:b]) for a, b in zip(cuts, cuts[1:]))
     assert out == expected
@@ -123,3 +128,35 @@ def test_argument_errors():
     enc = ciphers.AESCTR(bytes(16), bytes(16)).encryptor()
     with pytest.raises(ValueError, match="at least 5 bytes"):
         enc.update_into(b"12345", bytearray(4))
+
+
+# "cpu" (and "auto" on a machine without a CUDA driver) hands out cryptography's own
+# context; "auto" under the simulator keeps gpucrypt's StreamContext, with the CPU making
+# the keystream. Both must be the same drop-in, allocating and _into calls mixed.
+@pytest.mark.parametrize("where", ["cpu", "auto"])
+@pytest.mark.parametrize("kind,key_len", KINDS)
+def test_allocating_and_into_updates_mixed_match(where, kind, key_len):
+    data, expected, enc = one_message(kind, key_len, 5000, where, first_block=3)
+    got = bytearray(enc.update(data[:100]))
+    buf = bytearray(1000)
+    assert enc.update_into(memoryview(data)[100:1037], buf) == 937
+    got += buf[:937]
+    got += enc.update(np.frombuffer(data[1037:4000], dtype=np.uint8))
+    got += enc.update(data[4000:])
+    assert bytes(got) == expected
+    assert enc.finalize() == b""
+    with pytest.raises(AlreadyFinalized):
+        enc.update(b"x")
+
+
+@pytest.mark.parametrize("where", ["cpu", "auto"])
+def test_unusable_buffers_get_gpucrypt_messages(where):
+    enc = ciphers.ChaCha20(bytes(32), bytes(16), device=where).encryptor()
+    with pytest.raises(TypeError, match="bytes-like"):
+        enc.update("text")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        enc.update(np.zeros((4, 4), dtype=np.uint8)[:, ::2])
+    with pytest.raises(TypeError, match="writable"):
+        enc.update_into(b"ab", b"cd")
+    # nothing was consumed by the refused calls: the keystream still starts at byte 0
+    assert enc.update(bytes(64)) == reference("chacha20", bytes(32), bytes(16)).update(bytes(64))

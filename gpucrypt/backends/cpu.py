@@ -511,12 +511,18 @@ class CpuBackend(Backend):
         _xor_into(encryptor, data, out)
 
     @staticmethod
+    def keystream_cipher(algorithm: str, key: bytes, iv: bytes):
+        """``cryptography``'s ``Cipher`` for ``algorithm`` from keystream byte 0 (its
+        ``encryptor()`` may be called any number of times)."""
+        if algorithm == "chacha20":
+            return Cipher(algorithms.ChaCha20(key, iv), None)
+        return Cipher(algorithms.AES(key), modes.CTR(iv))
+
+    @staticmethod
     def keystream_encryptor(algorithm: str, key: bytes, iv: bytes, position: int):
         """A ``cryptography`` encryptor positioned at byte ``position`` of the keystream."""
         if position == 0:  # the common case: a fresh context
-            if algorithm == "chacha20":
-                return Cipher(algorithms.ChaCha20(key, iv), None).encryptor()
-            return Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+            return CpuBackend.keystream_cipher(algorithm, key, iv).encryptor()
         block = 64 if algorithm == "chacha20" else 16
         skip_blocks, skip_bytes = divmod(position, block)
         if algorithm == "chacha20":
