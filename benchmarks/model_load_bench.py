@@ -25,8 +25,13 @@ same-thread-count row is the fair comparison there.
 
 Each load ends with every tensor *materialised*: one byte of every 4 KiB page read, so
 that a loader that maps the file (safetensors does) pays for its pages as the others
-pay for their copies. Loads are interleaved round by round (the order rotating), in this
-one process, and the medians compared as ratios. The 1-minute load average is recorded
+pay for their copies. Loads are interleaved round by round, in this one process, and
+the medians compared as ratios. Each round runs the loaders in a new random order
+(``--seed``, recorded): what a load costs depends on the memory the one before it freed
+(freed heap memory comes back without page faults; memory returned to the kernel is
+faulted in again, and on a VM whose kernel reports free memory to the hypervisor, as
+ours does, that can cost 1 s per GiB), and a rotating order gives every loader the same
+predecessor in every round: a fixed bias for or against it. The 1-minute load average is recorded
 at the start and the end: on a shared machine other processes take CPU time too.
 
 Usage::
@@ -44,6 +49,7 @@ import gc
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", default="/dev/shm/gpucrypt-model-load-bench")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--seed", type=int, default=0, help="of the random order of each round")
     args = parser.parse_args(argv)
 
     from safetensors.torch import load_file, save_file
@@ -183,9 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     times: dict[str, list[float]] = {name: [] for name in loaders}
     load_start = os.getloadavg()
-    order = list(loaders)
+    shuffle = random.Random(args.seed).shuffle
+    orders = []
     for r in range(args.rounds + 1):  # round 0 warms up (imports, first page-ins)
-        for name in order[r % len(order):] + order[:r % len(order)]:
+        order = list(loaders)
+        shuffle(order)
+        orders.append(order)
+        for name in order:
             gc.collect()
             start = time.perf_counter()
             tensors = loaders[name]()
@@ -216,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
            "cores": os.cpu_count(), "cpu": _cpu_model(),
            "python": platform.python_version(), "torch": torch.__version__,
            "tensorizer": tensorizer.__version__, "commit": commit, "git_dirty": dirty,
-           "load_average_start": load_start[0], "load_average_end": load_end[0], "rows": rows}
+           "load_average_start": load_start[0], "load_average_end": load_end[0],
+           "seed": args.seed, "orders": orders, "rows": rows}
     for row in rows:
         print(f"{row['name']:58s} {row['median_s']:7.3f} s  {row['gb_per_s']:6.2f} GB/s  "
               f"x{row['over_safetensors']:.2f} of safetensors  tensorizer/this x"
