@@ -159,8 +159,11 @@ do_install() {
     [[ -d $WHEELS ]] || { echo "no wheel directory $WHEELS (see --prepare)"; return 1; }
     # one requirement at a time: what the image already satisfies is kept, and one
     # missing wheel does not stop the others
-    for req in "cryptography>=47" cryptography-vectors "pynacl>=1.5" "numba-cuda>=0.30"; do
-        $PY -m pip install -q --no-index --find-links "$WHEELS" "$req" || { echo "!! $req"; ok=1; }
+    $PY -m pip install -q --no-index --find-links "$WHEELS" "cryptography>=47" || { echo "!! cryptography"; ok=1; }
+    # the rest only lose some tests or rows when missing: the image's numba-cuda may do,
+    # so a failed upgrade is recorded, not fatal
+    for req in cryptography-vectors "pynacl>=1.5" "numba-cuda>=0.30"; do
+        $PY -m pip install -q --no-index --find-links "$WHEELS" "$req" || echo "!! $req (not installed; going on)"
     done
     $PY -m pip install -q --no-index --find-links "$WHEELS" --no-deps --no-build-isolation -e . ||
         $PY -m pip install -q --no-index --find-links "$WHEELS" --no-deps -e . || { echo "!! gpucrypt"; ok=1; }
