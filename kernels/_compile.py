@@ -26,6 +26,18 @@ module expects it, caching is switched off rather than left stale.
 
 Filling the cache ahead of first use is ``gpucrypt warmup`` (``gpucrypt/cli``),
 which runs a few small messages through every kernel on the current GPU.
+
+NumPy 2.5 and numba-cuda 0.30: :func:`restore_numpy_row_stack`
+----------------------------------------------------------------
+The first compilation for the CUDA target loads numba-cuda's array registry, which
+registers an overload for ``np.row_stack`` whenever NumPy is 2.0 or later. NumPy 2.5
+removed that name (an alias of ``np.vstack`` since 1.x), so under NumPy 2.5 every
+kernel compile fails with ``AttributeError: module 'numpy' has no attribute
+'row_stack'`` (seen on an H200 on 2026-12-04, numba-cuda 0.30.4, NumPy 2.5.2: every GPU
+test failed). numba-cuda is in maintenance mode and declined the fix (NVIDIA/numba-cuda
+#907, #916). Before anything here compiles, the alias is given back to NumPy, as the
+very function it named; nothing else of NumPy is touched, and a NumPy that still has
+the name is left alone.
 """
 from __future__ import annotations
 
@@ -41,6 +53,24 @@ from numba import config
 
 #: numba's CUDA simulator is on (read once, like ``_launch.is_simulator``, which imports this module).
 ON_SIMULATOR = bool(config.ENABLE_CUDASIM)
+
+
+def restore_numpy_row_stack(numpy_module=None) -> bool:
+    """Give ``numpy.row_stack`` back (as ``numpy.vstack``) where NumPy >= 2.5 removed it; True if it did.
+
+    numba-cuda 0.30's CUDA target cannot compile anything without the name (module
+    docstring). Idempotent; a NumPy that has the name is not changed.
+    """
+    if numpy_module is None:
+        import numpy as numpy_module
+    if hasattr(numpy_module, "row_stack"):
+        return False
+    numpy_module.row_stack = numpy_module.vstack
+    return True
+
+
+if not ON_SIMULATOR:
+    restore_numpy_row_stack()
 
 #: The folder of this package: every ``*.py`` in it counts in the cache key.
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -254,10 +254,16 @@ def reload_u64(a, i):
     return numba.uint64(a.reshape(a.size)[i])
 
 
+@njit
+def opaque_u32(x):
+    """GHASH's optimisation barrier (an inline-asm ``mov`` on the device): ``x`` as uint32."""
+    return numba.uint32(x)
+
+
 ghash = Kernels(kg, {"blocks": kg._ghash_blocks, "blocks_mixed_keys": kg._ghash_blocks_mixed_keys,
                      "key_tables": kg._ghash_key_tables, "combine": kg._ghash_combine},
                 {"mul_wide_u32": mul_wide_u32, "lds_u32x4": load_u32x4, "sts_u32x4": store_u32x4,
-                 "reload_u64": reload_u64})
+                 "reload_u64": reload_u64, "opaque_u32": opaque_u32})
 poly1305 = Kernels(kp, {"powers": kp._poly1305_powers, "partial": kp._poly1305_aead_partial,
                         "combine": kp._poly1305_combine})
 

@@ -71,6 +71,45 @@ def test_cache_key_of_every_kernel_holds_the_package_hash():
     assert run.returncode == 0 and run.stdout.split() == ["ok", "9"], run.stdout + run.stderr
 
 
+def test_row_stack_is_given_back_only_where_numpy_lacks_it():
+    import types
+
+    import numpy as np
+
+    modern = types.SimpleNamespace(vstack=np.vstack)  # NumPy >= 2.5: no row_stack
+    assert _compile.restore_numpy_row_stack(modern) is True
+    assert modern.row_stack is np.vstack
+    assert _compile.restore_numpy_row_stack(modern) is False  # idempotent
+    older = types.SimpleNamespace(vstack=np.vstack, row_stack=object())
+    kept = older.row_stack
+    assert _compile.restore_numpy_row_stack(older) is False
+    assert older.row_stack is kept
+
+
+def test_kernels_compile_for_the_device_under_a_numpy_without_row_stack():
+    """NumPy 2.5 removed ``np.row_stack``; numba-cuda 0.30 needs it for any compile for the
+    CUDA target (kernels/_compile.py). Here the name is taken away as NumPy 2.5 lacks it, the
+    kernels are imported, and a kernel is compiled to sm_90 PTX by the real CUDA target (no GPU
+    needed; a kernel without device functions, which would ask the driver for the device)."""
+    code = textwrap.dedent("""
+        import numpy as np
+        if hasattr(np, "row_stack"):
+            del np.row_stack
+        from numba import cuda, uint32
+        from gpucrypt.kernels import chacha20  # noqa: F401
+        assert np.row_stack is np.vstack
+
+        def one(out):
+            out[cuda.grid(1)] = uint32(1)
+
+        ptx, _ = cuda.compile_ptx(one, "void(uint32[:])", cc=(9, 0))
+        print("ok", ".entry" in ptx)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and run.stdout.split() == ["ok", "True"], run.stdout + run.stderr
+
+
 def test_warmup_on_the_simulator_compiles_nothing(capsys, on_cudasim):
     if not on_cudasim:
         import pytest

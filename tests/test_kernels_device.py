@@ -15,7 +15,10 @@ One test per kernel module, so that each kernel is compiled once per test proces
 from __future__ import annotations
 
 import mmap
+import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -304,3 +307,19 @@ def test_poly1305_device_typed(big_buffer):
         tags, _ = _poly_tags(aad_buf, aad_offsets, big_aads, big_buffer, list(BIG_OFFSETS), originals, big_otks,
                              chunk_blocks, combine_width)
         assert tags == want, (chunk_blocks, combine_width)
+
+
+def test_the_device_build_of_the_kernel_modules_too():
+    """The tests above once more with numba's simulator off, in a fresh process.
+
+    Without the simulator the kernel modules define their device build: inline PTX where
+    the simulator has Python twins (``_device_typed`` replaces each with an njit twin).
+    Under the simulator the tests above see the twins only, and missed a new inline-PTX
+    function (GHASH's ``opaque_u32``) that only failed on a GPU machine. No GPU is needed.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["NUMBA_ENABLE_CUDASIM"] = "0"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "not device_build"], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0 and " 4 passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
