@@ -11,11 +11,15 @@
 #
 # The one call (the device budget is 15 minutes a session, the machine's start included,
 # so the call is sized to leave room for one rerun of a failed part):
+#   git rev-parse HEAD > .whl/COMMIT      # here, after the last commit: see below
 #   run(command="bash benchmarks/gpu_session.sh .whl", carry=[".whl"], timeout_s=500)
+# The device machine's copy of the tree can carry the git metadata of an older commit
+# (seen 2026-12-04: every record there said the session's first commit, -dirty), so the
+# commit is taken from WHEEL_DIR/COMMIT where present (GPUCRYPT_GIT_COMMIT for the bench).
 #
 # WHEEL_DIR defaults to .whl (git-ignored through .git/info/exclude; name it in the
 # device tool's `carry`). STEPs, in the order given (default: all = install env gpu-tests
-# device-typed bench tensor):
+# bench tensor):
 #   install       pip install, offline, what the image lacks (cryptography >= 47 and its
 #                 cffi/pycparser, a slim cryptography-vectors, pynacl, numba-cuda >= 0.30 if
 #                 the image's is older), then this checkout, editable. Skipped when done
@@ -25,9 +29,10 @@
 #                 kernels, on the device; a GPU test that cannot run fails), junit XML
 #                                                                      -> $OUT/pytest.log, pytest.xml
 #   device-typed  the device-typed kernel tests ($DEVICE_TYPED_TESTS)  -> $OUT/pytest.log
-#   bench         gpucrypt bench --device gpu --sizes $SIZES (every algorithm, encrypt and
-#                 decrypt; the table and the JSON give each GPU cell's fraction of the copy
-#                 rate)                                                  -> $OUT/bench-gpu.json, bench.log
+#                 (not in "all": they need no GPU, and CI runs them on the device build)
+#   bench         gpucrypt bench --device gpu --sizes $SIZES --forms into (every algorithm,
+#                 $OPERATIONS, GPU rows against cryptography; the table and the JSON give
+#                 each GPU cell's fraction of the copy rate)            -> $OUT/bench-gpu.json, bench.log
 #   tensor        benchmarks/tensor_bench.py --device cuda (state dicts) -> $OUT/tensor-bench.json, bench.log
 #   cpu-tests     the rest of the suite (CI runs it anyway; not in "all")
 #   files         benchmarks/stream_bench.py --model and benchmarks/model_scale_run.py
@@ -39,11 +44,11 @@
 #
 # $OUT comes back (8 files at most; "all" writes exactly 8: env.txt, summary.txt,
 # session.json, pytest.log, pytest.xml, bench.log, bench-gpu.json, tensor-bench.json).
-# Limits per step, in seconds, from the environment (the defaults of "all" add up to 465):
-# T_INSTALL (45), env 30, T_TESTS (180), T_DEVICE_TYPED (45), T_BENCH (110), T_TENSOR (55),
+# Limits per step, in seconds, from the environment (the defaults of "all" add up to 435):
+# T_INSTALL (45), env 30, T_TESTS (150), T_DEVICE_TYPED (45), T_BENCH (120), T_TENSOR (90),
 # T_CPU_TESTS (200), T_FILES (180).
-# Other knobs: SIZES (1GiB), BENCH_SECONDS (0.15 per cell), PYTEST_EXTRA (added to the
-# pytest command lines, e.g. "-x" or "-k poly1305"), DEVICE_TYPED_TESTS
+# Other knobs: SIZES (1MiB,1GiB), OPERATIONS (encrypt), BENCH_SECONDS (0.1 per cell),
+# PYTEST_EXTRA (added to the pytest command lines, e.g. "-x" or "-k poly1305"), DEVICE_TYPED_TESTS
 # (tests/test_kernels_device.py), TENSOR_MIB (1024), FILES_GIB (2). install.log goes into
 # env.txt.
 #
@@ -110,7 +115,7 @@ fi
 WHEELS=.whl
 if [[ $# -gt 0 && -d $1 ]]; then WHEELS=$1; shift; fi
 STEPS=("$@")
-[[ ${#STEPS[@]} -eq 0 || ${STEPS[0]} == all ]] && STEPS=(install env gpu-tests device-typed bench tensor)
+[[ ${#STEPS[@]} -eq 0 || ${STEPS[0]} == all ]] && STEPS=(install env gpu-tests bench tensor)
 OUT=${OUT:-$PWD/gpu-session-out}
 mkdir -p "$OUT"
 SUMMARY=$OUT/summary.txt
@@ -119,6 +124,12 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false GPUCRYPT_REQUIRE_G
 unset NUMBA_ENABLE_CUDASIM
 START=$SECONDS
 LIMIT=${SESSION_LIMIT:-470}
+if [[ -s $WHEELS/COMMIT ]]; then
+    GPUCRYPT_GIT_COMMIT="$(head -c 40 "$WHEELS/COMMIT")+tree"
+else
+    GPUCRYPT_GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null)-unverified
+fi
+export GPUCRYPT_GIT_COMMIT
 note() { echo "[$(date +%T) +$((SECONDS - START))s] $*" | tee -a "$SUMMARY"; }
 : > "$RECORD.lines"
 
@@ -198,7 +209,7 @@ run_steps() {
             env) step env 30 bash -c do_env >> "$OUT/env.txt" 2>&1 ;;
             gpu-tests)
                 # shellcheck disable=SC2046,SC2086
-                step gpu-tests "${T_TESTS:-180}" $PY -m pytest $(pytest_args) -m "gpu or cudasim" \
+                step gpu-tests "${T_TESTS:-150}" $PY -m pytest $(pytest_args) -m "gpu or cudasim" \
                     --junitxml="$OUT/pytest.xml" ${PYTEST_EXTRA:-} tests/ 2>&1 | tee -a "$OUT/pytest.log" | tail -40 ;;
             device-typed)
                 if [[ -f ${DEVICE_TYPED_TESTS:-tests/test_kernels_device.py} ]]; then
@@ -213,11 +224,18 @@ run_steps() {
                 step cpu-tests "${T_CPU_TESTS:-200}" $PY -m pytest $(pytest_args) -m "not gpu and not cudasim" \
                     --ignore=tests/test_kernel_report.py ${PYTEST_EXTRA:-} tests/ 2>&1 | tee -a "$OUT/pytest.log" | tail -15 ;;
             bench)
-                step bench "${T_BENCH:-110}" $PY -m gpucrypt bench --device gpu --sizes "${SIZES:-1GiB}" \
-                    --seconds "${BENCH_SECONDS:-0.15}" --json "$OUT/bench-gpu.json" 2>&1 | tee -a "$OUT/bench.log" | tail -60 ;;
+                # the _into rows only (device-resident data) against cryptography: every
+                # algorithm, every form, every implementation at 1 GiB ran past 110 s on an
+                # H200 (2026-12-04), the CPU rows taking most of it
+                step bench "${T_BENCH:-120}" $PY -m gpucrypt bench --device gpu --sizes "${SIZES:-1MiB,1GiB}" \
+                    --forms into --operations "${OPERATIONS:-encrypt}" \
+                    --implementations gpucrypt-gpu,gpucrypt-gpu-hosttag,cryptography \
+                    --seconds "${BENCH_SECONDS:-0.1}" --json "$OUT/bench-gpu.json" 2>&1 | tee -a "$OUT/bench.log" | tail -60 ;;
             tensor)
-                step tensor "${T_TENSOR:-55}" $PY benchmarks/tensor_bench.py --device cuda --mib "${TENSOR_MIB:-1024}" \
-                    --reps 3 --json "$OUT/tensor-bench.json" 2>&1 | tee -a "$OUT/bench.log" | tail -15 ;;
+                # --calls 40: a small call costs milliseconds on the GPU path (host-side
+                # launch overhead, measured 2026-12-04), and 200 a round ran past 55 s
+                step tensor "${T_TENSOR:-90}" $PY benchmarks/tensor_bench.py --device cuda --mib "${TENSOR_MIB:-1024}" \
+                    --reps 3 --calls 40 --json "$OUT/tensor-bench.json" 2>&1 | tee -a "$OUT/bench.log" | tail -15 ;;
             files) step files "${T_FILES:-180}" bash -c do_files 2>&1 | tee -a "$OUT/bench.log" | tail -25 ;;
             *) note "unknown step $s (install env gpu-tests device-typed cpu-tests bench tensor files)" ;;
         esac
@@ -227,7 +245,7 @@ run_steps() {
 # session.json: the steps' statuses and times, the checkout, and the machine's GPU
 finish() {
     $PY - "$RECORD" "$RECORD.lines" "$((SECONDS - START))" <<'PYEOF' || true
-import json, subprocess, sys
+import json, os, subprocess, sys
 record, lines, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def out(*cmd):
     try:
@@ -235,7 +253,7 @@ def out(*cmd):
     except Exception as exc:
         return f"unavailable: {exc}"
 steps = [json.loads(line) for line in open(lines) if line.strip()]
-json.dump({"steps": steps, "seconds": seconds, "commit": out("git", "rev-parse", "HEAD"),
+json.dump({"steps": steps, "seconds": seconds, "commit": os.environ.get("GPUCRYPT_GIT_COMMIT"),
            "changed_files": len(out("git", "status", "--porcelain").splitlines()),
            "gpu": out("nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader")},
           open(record, "w"), indent=1)
@@ -258,7 +276,7 @@ do_files() {
 
 export PY WHEELS OUT
 export -f do_install do_env do_files
-note "gpucrypt GPU session: steps ${STEPS[*]}; wheels $WHEELS; out $OUT; limit ${LIMIT}s; $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+note "gpucrypt GPU session: steps ${STEPS[*]}; wheels $WHEELS; out $OUT; limit ${LIMIT}s; commit $GPUCRYPT_GIT_COMMIT"
 run_steps
 finish
 note "done in $((SECONDS - START))s"

@@ -357,8 +357,9 @@ class GpuRunner:
         host_out = [i for i, j in enumerate(jobs) if not self._on_device(j.dst)]
         in_bounds, in_end = _layout(host_in, 0)
         out_bounds, end = _layout({i: jobs[i].dst for i in host_out if i not in host_in}, in_end)
-        turn = self._staging(end) if end else None
-        if host_in:
+        # a turn for any host buffer, empty ones too: they take (empty) views of its device buffer
+        turn = self._staging(end) if host_in or host_out else None
+        if in_end:
             for i, (a, b) in in_bounds.items():
                 turn.host[a:b] = np.frombuffer(memoryview(host_in[i]).cast("B"), dtype=np.uint8)
             gpu.wait_for(copy, launch)   # the device buffer: after the launches that used it
@@ -385,7 +386,7 @@ class GpuRunner:
             ok = [bool(v) for v in np.asarray(
                 gpu.open_batch(algorithm, keys, nonces, srcs, tags, aads, dsts,
                                stream=launch), dtype=bool).reshape(-1)]
-        back = [i for i in host_out if ok[i]]
+        back = [i for i in host_out if ok[i]] if end else []   # (empty destinations: nothing to copy)
         if back:
             gpu.wait_for(copy, launch)
             gpu.copy_to_host(turn.host[:end], turn.device[:end], copy)

@@ -136,17 +136,18 @@ def _check_records_one_batch(algorithm: str, flat) -> None:
     nonces = [f[1] for f in flat]
     aads = [f[3] for f in flat]
     sealed = [f[4] for f in flat]
-    cts = [np.frombuffer(s[:-16], dtype=np.uint8).copy() for s in sealed]
+    # device buffers (NumPy arrays under the simulator), in place
+    cts = [gpu.to_device(s[:-16]) for s in sealed]
     ok = gpu.open_batch(algorithm, keys, nonces, cts, [s[-16:] for s in sealed], aads, cts)
     assert list(ok) == [not f[5] for f in flat]
     for f, ct, verified in zip(flat, cts, ok):
-        assert ct.tobytes() == (f[2] if verified else f[4][:-16])
+        assert gpu.to_host(ct).tobytes() == (f[2] if verified else f[4][:-16])
     good = [f for f in flat if not f[5]]
-    bufs = [np.frombuffer(f[2], dtype=np.uint8).copy() for f in good]
+    bufs = [gpu.to_device(f[2]) for f in good]
     tags = gpu.to_host(gpu.seal_batch(algorithm, [f[0] for f in good], [f[1] for f in good], bufs,
                                       [f[3] for f in good], bufs))
     for f, buf, t in zip(good, bufs, tags):
-        assert buf.tobytes() + t.tobytes() == f[4]
+        assert gpu.to_host(buf).tobytes() + t.tobytes() == f[4]
 
 
 # --- differential ---------------------------------------------------------------------------

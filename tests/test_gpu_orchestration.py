@@ -221,9 +221,9 @@ def test_every_kernel_launch_goes_through_the_occupancy_aware_launcher(session):
 
 # ----------------------------------------------------------------------------- overlaps
 def _overlap_batch(gpu, algorithm, layout):
-    """layout: per message (src start, dst start, length) in one shared 512-byte buffer."""
+    """layout: per message (src start, dst start, length) in one shared 512-byte device buffer."""
     msgs = _messages(algorithm, [n for _, _, n in layout], seed=4)
-    memory = np.arange(512, dtype=np.uint8)
+    memory = gpu.to_device(np.arange(512, dtype=np.uint8))
     srcs = [memory[a:a + n] for a, _, n in layout]
     dsts = [memory[b:b + n] for _, b, n in layout]
     return msgs, memory, srcs, dsts
@@ -238,23 +238,23 @@ def _overlap_batch(gpu, algorithm, layout):
 ])
 def test_destinations_sharing_memory_with_other_messages_are_refused(gpu, algorithm, layout, match):
     msgs, memory, srcs, dsts = _overlap_batch(gpu, algorithm, layout)
-    before = memory.copy()
+    before = gpu.to_host(memory)
     with pytest.raises(ValueError, match=match):
         gpu.seal_batch(algorithm, [m[0] for m in msgs], [m[1] for m in msgs], srcs,
                        [m[3] for m in msgs], dsts)
-    assert np.array_equal(memory, before), "a refused batch touches nothing"
+    assert np.array_equal(gpu.to_host(memory), before), "a refused batch touches nothing"
 
 
 def test_overlapping_sources_and_in_place_are_allowed(gpu):
     """Sources may share memory (they are only read); a destination may be its own source."""
     algorithm = "chacha20-poly1305"
     msgs, memory, srcs, _ = _overlap_batch(gpu, algorithm, [(0, 0, 100), (40, 0, 100), (300, 300, 50)])
-    plain = [s.copy() for s in srcs]
-    outs = [np.zeros(100, np.uint8), np.zeros(100, np.uint8), srcs[2]]   # the last one in place
+    plain = [gpu.to_host(s) for s in srcs]
+    outs = [gpu.device_array(100), gpu.device_array(100), srcs[2]]   # the last one in place
     tags = gpu.to_host(gpu.seal_batch(algorithm, [m[0] for m in msgs], [m[1] for m in msgs], srcs,
                                       [m[3] for m in msgs], outs))
     for m, p, o, t in zip(msgs, plain, outs, tags):
-        assert o.tobytes() + t.tobytes() == reference_seal(algorithm, m[0], m[1], p.tobytes(), m[3])
+        assert gpu.to_host(o).tobytes() + t.tobytes() == reference_seal(algorithm, m[0], m[1], p.tobytes(), m[3])
 
 
 # ----------------------------------------------------------------------------- devices and streams

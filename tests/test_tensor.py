@@ -61,16 +61,24 @@ def test_ciphertext_matches_reference_aead(algorithm, key_len, shape):
 
 
 @pytest.mark.parametrize("algorithm,key_len", ALGORITHMS[:3])
-def test_gpu_ciphertext_matches_reference(algorithm, key_len, device):
+@pytest.mark.parametrize("shape", [(5, 13), (0,), (4, 0, 2)])
+def test_gpu_ciphertext_matches_reference(algorithm, key_len, device, shape):
+    """Host tensors through either backend, empty ones too (on the GPU an empty host tensor
+    once found no staging buffer: seen on an H200, 2026-12-04)."""
     key = os.urandom(key_len)
-    x = random_array((5, 13), "int16")
+    x = random_array(shape, "int16")
     enc = gpucrypt.encrypt_tensor(x, key, algorithm=algorithm, device=device, key_id="k")
-    aad = hand_metadata(algorithm=algorithm, framework="numpy", dtype="int16", shape=(5, 13),
+    aad = hand_metadata(algorithm=algorithm, framework="numpy", dtype="int16", shape=shape,
                         nbytes=x.nbytes, key_id="k")
     assert ct_bytes(enc) + enc.tag == reference_seal(algorithm, key, enc.nonce, x.tobytes(), aad)
-    y = gpucrypt.decrypt_tensor(enc, key, device=device)
-    assert isinstance(y, np.ndarray) and y.dtype == x.dtype and y.shape == x.shape
-    assert np.array_equal(y, x)
+    for sealed in (enc, EncryptedTensor.from_bytes(enc.to_bytes())):
+        y = gpucrypt.decrypt_tensor(sealed, key, device=device)
+        assert isinstance(y, np.ndarray) and y.dtype == x.dtype and y.shape == x.shape
+        assert np.array_equal(y, x)
+    only_empty = {"a": random_array((0,), "float32"), "b": random_array((2, 0), "uint8")}
+    back = gpucrypt.decrypt_tensors(gpucrypt.encrypt_tensors(only_empty, key, algorithm=algorithm,
+                                                             device=device), key, device=device)
+    assert [(v.dtype, v.shape) for v in back.values()] == [(v.dtype, v.shape) for v in only_empty.values()]
 
 
 # --------------------------------------------------------------------- round trips
@@ -361,14 +369,15 @@ def test_outputs_are_allocated_for_the_callers_stream(monkeypatch):
     key = os.urandom(32)
     x = random_array((3, 5), "float32")
     d = cuda.to_device(x)
-    for stream in (7, None):
+    given = cuda.stream()   # a real one: a made-up handle would crash the driver on a GPU
+    for stream in (given, None):
         seen.clear()
         y = gpucrypt.decrypt_tensor(gpucrypt.encrypt_tensor(d, key, stream=stream), key, stream=stream)
         assert y.copy_to_host().tobytes() == x.tobytes()
         assert seen == [("enter", stream), "empty_bytes", ("exit", stream),
                         ("enter", stream), "empty", ("exit", stream)]
     seen.clear()
-    gpucrypt.decrypt_tensor(gpucrypt.encrypt_tensor(d, key, inplace=True, stream=7), key, stream=7)
+    gpucrypt.decrypt_tensor(gpucrypt.encrypt_tensor(d, key, inplace=True, stream=given), key, stream=given)
     assert seen == []
 
 

@@ -62,6 +62,8 @@ def random_array(shape, name, seed=0) -> jax.Array:
 
 
 def as_bytes(a) -> bytes:
+    if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__"):  # a CuPy array: device memory
+        a = a.get()
     return np.asarray(a).reshape(-1).view(np.uint8).tobytes()
 
 

@@ -257,7 +257,13 @@ def _version(dist: str) -> str | None:
 
 
 def _git_commit() -> str | None:
-    """``HEAD`` of the checkout gpucrypt is imported from (with ``-dirty``), or None."""
+    """``HEAD`` of the checkout gpucrypt is imported from (with ``-dirty``), or None.
+
+    ``GPUCRYPT_GIT_COMMIT``, where set, is taken instead: a copy of a working tree (the GPU
+    machine's) can carry older git metadata than the tree it holds, so the commit is
+    read where the tree was made (``benchmarks/gpu_session.sh``)."""
+    if os.environ.get("GPUCRYPT_GIT_COMMIT"):
+        return os.environ["GPUCRYPT_GIT_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=40"],
