@@ -19,17 +19,18 @@
 #
 # WHEEL_DIR defaults to .whl (git-ignored through .git/info/exclude; name it in the
 # device tool's `carry`). STEPs, in the order given (default: all = install env gpu-tests
-# bench tensor):
+# bench-device bench tensor):
 #   install       pip install, offline, what the image lacks (cryptography >= 47 and its
 #                 cffi/pycparser, a slim cryptography-vectors, pynacl, numba-cuda >= 0.30 if
 #                 the image's is older), then this checkout, editable. Skipped when done
 #                 earlier on the same (still warm) machine.
 #   env           nvidia-smi, driver, versions, `gpucrypt info`         -> $OUT/env.txt
 #   gpu-tests     GPUCRYPT_REQUIRE_GPU=1 pytest -m "gpu or cudasim" (every test that runs
-#                 kernels, on the device; a GPU test that cannot run fails), junit XML
-#                                                                      -> $OUT/pytest.log, pytest.xml
+#                 kernels, on the device; a GPU test that cannot run fails)   -> $OUT/pytest.log
 #   device-typed  the device-typed kernel tests ($DEVICE_TYPED_TESTS)  -> $OUT/pytest.log
 #                 (not in "all": they need no GPU, and CI runs them on the device build)
+#   bench-device  the same rows with --device-time: the device's time alone, the calls
+#                 queued behind a delay (encryption only)                -> $OUT/bench-gpu-device.json, bench.log
 #   bench         gpucrypt bench --device gpu --sizes $SIZES --forms into (every algorithm,
 #                 $OPERATIONS, GPU rows against cryptography; the table and the JSON give
 #                 each GPU cell's fraction of the copy rate)            -> $OUT/bench-gpu.json, bench.log
@@ -43,9 +44,13 @@
 # the next one still runs. The script exits 0 unless the install failed.
 #
 # $OUT comes back (8 files at most; "all" writes exactly 8: env.txt, summary.txt,
-# session.json, pytest.log, pytest.xml, bench.log, bench-gpu.json, tensor-bench.json).
-# Limits per step, in seconds, from the environment (the defaults of "all" add up to 435):
-# T_INSTALL (45), env 30, T_TESTS (150), T_DEVICE_TYPED (45), T_BENCH (120), T_TENSOR (90),
+# session.json, pytest.log, bench.log, bench-gpu-device.json, bench-gpu.json,
+# tensor-bench.json; pytest's own summary lines in pytest.log name every failure).
+# Limits per step, in seconds, from the environment (the defaults of "all" add up to 485,
+# past the session's 470: a step never runs past the session's end, so the last, the
+# tensor bench, is the one cut short; on 2026-12-04 the steps took 15, 5, 35, ~45 and ~60 s):
+# T_INSTALL (45), env 30, T_TESTS (120), T_DEVICE_TYPED (45), T_BENCH_DEVICE (100),
+# T_BENCH (100), T_TENSOR (90),
 # T_CPU_TESTS (200), T_FILES (180).
 # Other knobs: SIZES (1MiB,1GiB), OPERATIONS (encrypt), BENCH_SECONDS (0.1 per cell),
 # PYTEST_EXTRA (added to the pytest command lines, e.g. "-x" or "-k poly1305"), DEVICE_TYPED_TESTS
@@ -115,7 +120,7 @@ fi
 WHEELS=.whl
 if [[ $# -gt 0 && -d $1 ]]; then WHEELS=$1; shift; fi
 STEPS=("$@")
-[[ ${#STEPS[@]} -eq 0 || ${STEPS[0]} == all ]] && STEPS=(install env gpu-tests bench tensor)
+[[ ${#STEPS[@]} -eq 0 || ${STEPS[0]} == all ]] && STEPS=(install env gpu-tests bench-device bench tensor)
 OUT=${OUT:-$PWD/gpu-session-out}
 mkdir -p "$OUT"
 SUMMARY=$OUT/summary.txt
@@ -209,8 +214,8 @@ run_steps() {
             env) step env 30 bash -c do_env >> "$OUT/env.txt" 2>&1 ;;
             gpu-tests)
                 # shellcheck disable=SC2046,SC2086
-                step gpu-tests "${T_TESTS:-150}" $PY -m pytest $(pytest_args) -m "gpu or cudasim" \
-                    --junitxml="$OUT/pytest.xml" ${PYTEST_EXTRA:-} tests/ 2>&1 | tee -a "$OUT/pytest.log" | tail -40 ;;
+                step gpu-tests "${T_TESTS:-120}" $PY -m pytest $(pytest_args) -m "gpu or cudasim" \
+                    ${PYTEST_EXTRA:-} tests/ 2>&1 | tee -a "$OUT/pytest.log" | tail -40 ;;
             device-typed)
                 if [[ -f ${DEVICE_TYPED_TESTS:-tests/test_kernels_device.py} ]]; then
                     # shellcheck disable=SC2046,SC2086
@@ -227,17 +232,21 @@ run_steps() {
                 # the _into rows only (device-resident data) against cryptography: every
                 # algorithm, every form, every implementation at 1 GiB ran past 110 s on an
                 # H200 (2026-12-04), the CPU rows taking most of it
-                step bench "${T_BENCH:-120}" $PY -m gpucrypt bench --device gpu --sizes "${SIZES:-1MiB,1GiB}" \
+                step bench "${T_BENCH:-100}" $PY -m gpucrypt bench --device gpu --sizes "${SIZES:-1MiB,1GiB}" \
                     --forms into --operations "${OPERATIONS:-encrypt}" \
                     --implementations gpucrypt-gpu,gpucrypt-gpu-hosttag,cryptography \
                     --seconds "${BENCH_SECONDS:-0.1}" --json "$OUT/bench-gpu.json" 2>&1 | tee -a "$OUT/bench.log" | tail -60 ;;
+            bench-device)
+                step bench-device "${T_BENCH_DEVICE:-100}" $PY -m gpucrypt bench --device gpu --device-time \
+                    --sizes "${SIZES:-1MiB,1GiB}" --forms into --operations encrypt --implementations gpucrypt-gpu \
+                    --seconds "${BENCH_SECONDS:-0.1}" --json "$OUT/bench-gpu-device.json" 2>&1 | tee -a "$OUT/bench.log" | tail -40 ;;
             tensor)
                 # --calls 40: a small call costs milliseconds on the GPU path (host-side
                 # launch overhead, measured 2026-12-04), and 200 a round ran past 55 s
                 step tensor "${T_TENSOR:-90}" $PY benchmarks/tensor_bench.py --device cuda --mib "${TENSOR_MIB:-1024}" \
                     --reps 3 --calls 40 --json "$OUT/tensor-bench.json" 2>&1 | tee -a "$OUT/bench.log" | tail -15 ;;
             files) step files "${T_FILES:-180}" bash -c do_files 2>&1 | tee -a "$OUT/bench.log" | tail -25 ;;
-            *) note "unknown step $s (install env gpu-tests device-typed cpu-tests bench tensor files)" ;;
+            *) note "unknown step $s (install env gpu-tests device-typed cpu-tests bench-device bench tensor files)" ;;
         esac
     done
 }

@@ -118,6 +118,9 @@ def _environment_lines(doc: dict) -> list[str]:
                      f"(largest size {format_size(max(config['sizes']))})")
     if doc["gpu"]["copy_gbps"]:
         lines.append(f"- device-to-device copy: {doc['gpu']['copy_gbps']:.0f} GB/s")
+    if config.get("device_time"):
+        lines.append("- GPU rows: device time alone (`--device-time`: the calls queued behind a delay, "
+                     "so the host's cost per call is left out)")
     lines += [f"- note: {note}" for note in doc["notes"]]
     return lines
 

@@ -159,6 +159,7 @@ class BenchConfig:
     threads: int = 1
     include_transfer: bool = False
     simulator_smoke: bool = False
+    device_time: bool = False
 
 
 @dataclass
@@ -364,7 +365,7 @@ def _gpu_session(config: BenchConfig):
     from .gpu import GpuRefused, GpuSession
 
     try:
-        return GpuSession(simulator_smoke=config.simulator_smoke), None
+        return GpuSession(simulator_smoke=config.simulator_smoke, device_time=config.device_time), None
     except BackendUnavailable as exc:
         return None, f"no GPU found: {exc}"
     except GpuRefused as exc:
@@ -509,7 +510,8 @@ def _measure_gpu(impl: str, m: Material, operation: str, form: str, config: Benc
             if form != "into":
                 return "device-resident rows write into device buffers: see the into tables"
             timing = session.time_cell(impl, m, operation, config.seconds)
-            clock = "host clock (simulator)" if session.simulator else "cuda events"
+            clock = "host clock (simulator)" if session.simulator else \
+                "cuda events, queued ahead of the host (device time)" if config.device_time else "cuda events"
     except (NotAvailable, GpuRefused) as exc:
         return str(exc)
     return _cell(impl, m, operation, form, timing, session.device_name, 1, clock)

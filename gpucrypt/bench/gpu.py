@@ -22,6 +22,18 @@ This module is the only place in gpucrypt that touches numba directly above the
 backend (events, device attributes, device-to-device copies): a benchmark
 harness has to measure the device itself.
 
+Device time (``device_time=True``, ``gpucrypt bench --device-time``): each call costs the
+host about as long as a small message costs the device (0.8 ms on the H200 of
+2026-12-04), so a run of calls between two events measures the host whenever the device
+is faster than that. In this mode the stream is first given enough device-to-device
+copies to outlast the host's queueing of the timed calls, then the start event, the
+calls and the end event are queued behind them: the device runs the calls back to
+back, and the events time the device alone. An event recorded after the copies tells
+whether the device reached the calls before the host had queued them all (then the
+host set the pace): the run is repeated with a longer delay, and a cell whose host
+never got ahead is not reported. Decryption synchronises once per call (it returns the
+verdicts), so it has no device-time rows.
+
 Under numba's CUDA simulator nothing here is a measurement: :class:`GpuSession`
 refuses to start there unless ``simulator_smoke`` is set, and then times with the
 host clock and labels every figure as "simulator (not a measurement)".
@@ -41,6 +53,17 @@ MAX_VIEWS = 1024
 DEFAULT_L2_BYTES = 50 << 20
 #: Bytes copied per repetition of the device-to-device copy measurement.
 COPY_BYTES = 256 << 20
+#: Device-time mode: the queued delay is this many times the host's expected queueing time.
+DELAY_FACTOR = 2.0
+#: ... and at least this long (seconds), tried again up to this many times, each 4x longer.
+MIN_DELAY_SECONDS = 2e-3
+DELAY_TRIES = 3
+#: Calls per timed run in device-time mode. The GPU backend reuses two slots of pinned
+#: staging (``backends/gpu.py``: ``_RING``) and waits for a slot's last upload before refilling
+#: it, so a third call would wait on the host for the delay queued before the first.
+DEVICE_TIME_MAX_CALLS = 2
+#: Bytes of each of the two buffers the delay copies between (less where memory is short).
+DELAY_BYTES = 1 << 30
 #: Label of every figure produced by the simulator.
 SIMULATOR_LABEL = "simulator (not a measurement)"
 #: Largest message a simulator smoke run accepts.
@@ -51,6 +74,10 @@ _TAG_PATHS = {"gpucrypt-gpu": "gpu", "gpucrypt-gpu-hosttag": "host"}
 
 class GpuRefused(Exception):
     """The GPU is not timed in this run; the message says why."""
+
+
+class HostFellBehind(GpuRefused):
+    """Device-time mode: the device reached the timed calls before the host had queued them."""
 
 
 def _simulator() -> bool:
@@ -67,7 +94,7 @@ class GpuSession:
     ``simulator_smoke``.
     """
 
-    def __init__(self, simulator_smoke: bool = False):
+    def __init__(self, simulator_smoke: bool = False, device_time: bool = False):
         from ..backends import get_backend
 
         self.backend = get_backend("gpu")
@@ -79,6 +106,9 @@ class GpuSession:
         from numba import cuda
 
         self._cuda = cuda
+        self.device_time = device_time
+        self._delay = None   # (a, b, seconds per copy): made on first use in device-time mode
+        self._host_per_call = 0.0
         if self.simulator:
             self.device_name = SIMULATOR_LABEL
             self.l2_bytes = 0
@@ -103,22 +133,69 @@ class GpuSession:
         # current stream once CuPy is imported, else the default stream)
         stream = self.backend._stream(None)
         start, end = self._cuda.event(), self._cuda.event()
-        start.record(stream)
-        for i in range(iterations):
-            call(i)
-        end.record(stream)
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        if not self.device_time:
+            start.record(stream)
+            for i in range(iterations):
+                call(i)
+            end.record(stream)
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        factor = DELAY_FACTOR
+        for _ in range(DELAY_TRIES):
+            reached = self._queue_delay(stream, factor * self._host_per_call * iterations)
+            start.record(stream)
+            for i in range(iterations):
+                call(i)
+            end.record(stream)
+            host_behind = reached.query()   # the device got past the delay before the last call
+            end.synchronize()
+            if not host_behind:
+                return start.elapsed_time(end) / 1e3
+            factor *= 4
+        raise HostFellBehind(f"the host could not queue {iterations} call(s) ahead of the device "
+                             f"(tried delays up to {factor / 4 * self._host_per_call * iterations * 1e3:.1f} ms)")
+
+    def _queue_delay(self, stream, seconds: float):
+        """Queue device-to-device copies lasting at least ``seconds`` on ``stream``; returns
+        an event recorded after them."""
+        if self._delay is None:
+            free = self._cuda.current_context().get_memory_info()[0]
+            nbytes = max(1 << 20, min(DELAY_BYTES, free // 8))
+            a = self._cuda.device_array(nbytes, dtype=np.uint8, stream=stream)
+            b = self._cuda.device_array(nbytes, dtype=np.uint8, stream=stream)
+            timer = (self._cuda.event(), self._cuda.event())
+            timer[0].record(stream)
+            for _ in range(4):
+                b.copy_to_device(a, stream=stream)
+            timer[1].record(stream)
+            timer[1].synchronize()
+            self._delay = (a, b, max(timer[0].elapsed_time(timer[1]) / 1e3 / 4, 1e-6))
+        a, b, per_copy = self._delay
+        for _ in range(max(1, int(np.ceil(max(seconds, MIN_DELAY_SECONDS) / per_copy)))):
+            b.copy_to_device(a, stream=stream)
+        reached = self._cuda.event()
+        reached.record(stream)
+        return reached
 
     def _measure(self, call, budget: float) -> Timing:
         if self.simulator:  # one pass; the number is a label, not a result
             return Timing(1, 1, self._time_calls(call, 1))
         call(0)
         call(1)  # warm-up: JIT compilation, first-touch of the views
+        if self.device_time:  # what queueing one call costs the host (calls do not wait)
+            self.backend.synchronize()
+            t0 = time.perf_counter()
+            for i in range(2, 6):
+                call(i)
+            self._host_per_call = (time.perf_counter() - t0) / 4
+            self.backend.synchronize()
+        most = DEVICE_TIME_MAX_CALLS if self.device_time else None
         per_call = self._time_calls(call, 1)
         if per_call < 1e-3:
-            per_call = self._time_calls(call, 16) / 16
+            calls = min(16, most or 16)
+            per_call = self._time_calls(call, calls) / calls
         repetitions, iterations = plan_loop(per_call, budget)
+        iterations = min(iterations, most or iterations)
         samples = [self._time_calls(lambda i, k=k: call(k * iterations + i), iterations)
                    for k in range(repetitions)]
         return Timing(repetitions, iterations, statistics.median(samples) / iterations)
@@ -151,6 +228,14 @@ class GpuSession:
         if alg.kind == "stream":
             return self._time_stream(m, operation, budget)
         tag_path = _TAG_PATHS[implementation]
+        if self.device_time and not self.simulator:
+            if tag_path == "host":
+                raise GpuRefused("the host-tag path copies every message back to the host for its "
+                                 "tag, so its device time cannot be queued ahead of the host")
+            if operation != "encrypt":
+                raise GpuRefused("decryption waits for its verdicts once per call, so its device "
+                                 "time cannot be queued ahead of the host: see the rows without "
+                                 "--device-time")
         gpu, size = self.backend, m.size
         pool, views, stride = self._pool(size)
         src_pool = self._device_pool(m.plaintext, pool, views, stride)

@@ -47,6 +47,9 @@ def add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-transfer", action="store_true",
                         help="also time gpucrypt on the GPU for data in host memory "
                              "(host-to-device + device-to-host copies included)")
+    parser.add_argument("--device-time", action="store_true",
+                        help="GPU rows: time the device alone, with the calls queued behind a delay "
+                             "so that the host's cost per call is left out (encryption rows only)")
     parser.add_argument("--json", metavar="FILE", help="write one record per cell plus the environment")
     parser.add_argument("--plot", metavar="FILE.png",
                         help="draw GB/s against size per implementation (needs matplotlib)")
@@ -82,7 +85,7 @@ def _config(args):
                              implementations=implementations, sizes=sizes, device=args.device,
                              seconds=args.seconds, threads=args.threads,
                              include_transfer=args.include_transfer,
-                             simulator_smoke=args.simulator_smoke)
+                             simulator_smoke=args.simulator_smoke, device_time=args.device_time)
 
 
 class _ProgressBar:
