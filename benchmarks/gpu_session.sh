@@ -18,13 +18,15 @@
 # commit is taken from WHEEL_DIR/COMMIT where present (GPUCRYPT_GIT_COMMIT for the bench).
 #
 # WHEEL_DIR defaults to .whl (git-ignored through .git/info/exclude; name it in the
-# device tool's `carry`). STEPs, in the order given (default: all = install env gpu-tests
-# bench-device bench tensor):
+# device tool's `carry`). STEPs, in the order given (default: all = install env warmup
+# gpu-tests bench-device bench tensor):
 #   install       pip install, offline, what the image lacks (cryptography >= 47 and its
 #                 cffi/pycparser, a slim cryptography-vectors, pynacl, numba-cuda >= 0.30 if
 #                 the image's is older), then this checkout, editable. Skipped when done
 #                 earlier on the same (still warm) machine.
 #   env           nvidia-smi, driver, versions, `gpucrypt info`         -> $OUT/env.txt
+#   warmup        `gpucrypt warmup`: every kernel compiled for this GPU, timed (the later
+#                 steps then load them from the cache)                   -> $OUT/env.txt
 #   gpu-tests     GPUCRYPT_REQUIRE_GPU=1 pytest -m "gpu or cudasim" (every test that runs
 #                 kernels, on the device; a GPU test that cannot run fails)   -> $OUT/pytest.log
 #   device-typed  the device-typed kernel tests ($DEVICE_TYPED_TESTS)  -> $OUT/pytest.log
@@ -46,10 +48,10 @@
 # $OUT comes back (8 files at most; "all" writes exactly 8: env.txt, summary.txt,
 # session.json, pytest.log, bench.log, bench-gpu-device.json, bench-gpu.json,
 # tensor-bench.json; pytest's own summary lines in pytest.log name every failure).
-# Limits per step, in seconds, from the environment (the defaults of "all" add up to 485,
+# Limits per step, in seconds, from the environment (the defaults of "all" add up to 545,
 # past the session's 470: a step never runs past the session's end, so the last, the
 # tensor bench, is the one cut short; on 2026-12-04 the steps took 15, 5, 35, ~45 and ~60 s):
-# T_INSTALL (45), env 30, T_TESTS (120), T_DEVICE_TYPED (45), T_BENCH_DEVICE (100),
+# T_INSTALL (45), env 30, T_WARMUP (60), T_TESTS (120), T_DEVICE_TYPED (45), T_BENCH_DEVICE (100),
 # T_BENCH (100), T_TENSOR (90),
 # T_CPU_TESTS (200), T_FILES (180).
 # Other knobs: SIZES (1MiB,1GiB), OPERATIONS (encrypt), BENCH_SECONDS (0.1 per cell),
@@ -120,7 +122,7 @@ fi
 WHEELS=.whl
 if [[ $# -gt 0 && -d $1 ]]; then WHEELS=$1; shift; fi
 STEPS=("$@")
-[[ ${#STEPS[@]} -eq 0 || ${STEPS[0]} == all ]] && STEPS=(install env gpu-tests bench-device bench tensor)
+[[ ${#STEPS[@]} -eq 0 || ${STEPS[0]} == all ]] && STEPS=(install env warmup gpu-tests bench-device bench tensor)
 OUT=${OUT:-$PWD/gpu-session-out}
 mkdir -p "$OUT"
 SUMMARY=$OUT/summary.txt
@@ -212,6 +214,7 @@ run_steps() {
             install) step install "${T_INSTALL:-45}" bash -c do_install >> "$OUT/env.txt" 2>&1 ||
                          { note "install failed: see env.txt"; finish; exit 1; } ;;
             env) step env 30 bash -c do_env >> "$OUT/env.txt" 2>&1 ;;
+            warmup) step warmup "${T_WARMUP:-60}" $PY -m gpucrypt warmup >> "$OUT/env.txt" 2>&1 ;;
             gpu-tests)
                 # shellcheck disable=SC2046,SC2086
                 step gpu-tests "${T_TESTS:-120}" $PY -m pytest $(pytest_args) -m "gpu or cudasim" \
@@ -246,7 +249,7 @@ run_steps() {
                 step tensor "${T_TENSOR:-90}" $PY benchmarks/tensor_bench.py --device cuda --mib "${TENSOR_MIB:-1024}" \
                     --reps 3 --calls 40 --json "$OUT/tensor-bench.json" 2>&1 | tee -a "$OUT/bench.log" | tail -15 ;;
             files) step files "${T_FILES:-180}" bash -c do_files 2>&1 | tee -a "$OUT/bench.log" | tail -25 ;;
-            *) note "unknown step $s (install env gpu-tests device-typed cpu-tests bench-device bench tensor files)" ;;
+            *) note "unknown step $s (install env warmup gpu-tests device-typed cpu-tests bench-device bench tensor files)" ;;
         esac
     done
 }

@@ -114,7 +114,7 @@ def test_warmup_on_the_simulator_compiles_nothing(capsys, on_cudasim):
     if not on_cudasim:
         import pytest
 
-        pytest.skip("a real GPU is in use: benchmarks/gpu_session.sh runs `gpucrypt warmup` there")
+        pytest.skip("a real GPU is in use: benchmarks/gpu_session.sh runs `gpucrypt warmup` there (its warmup step)")
     assert main(["warmup"]) == 0
     assert "simulator" in capsys.readouterr().out
 
