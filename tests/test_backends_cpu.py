@@ -331,6 +331,48 @@ def test_chacha20_poly1305_one_pass_open_rolls_back_on_any_tamper(in_place, monk
     assert bytes(buf) == data
 
 
+@pytest.mark.parametrize("algorithm", ["chacha20-poly1305", "aes-gcm"])
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("size", [0, 1, 4096, cpu.ONE_SHOT_DETACHED_MAX])
+def test_small_one_pass_open_decrypts_into_out_and_rolls_back(algorithm, in_place, size, monkeypatch):
+    """Up to ONE_SHOT_DETACHED_MAX the one-pass open is OpenSSL's one-shot call straight into
+    ``out`` (no scratch plaintext): the reference's plaintext when the tag holds; on a wrong
+    tag, aad or ciphertext byte, InvalidTag with an in-place buffer holding its ciphertext
+    again and a separate output all zeros."""
+    direct = []
+    real = cpu._OpenSslAead._open_detached_one_shot
+
+    def spy(self, *args, into_out=False):
+        direct.append(into_out)
+        return real(self, *args, into_out=into_out)
+
+    monkeypatch.setattr(cpu._OpenSslAead, "_open_detached_one_shot", spy)
+    key, nonce, aad = os.urandom(32), os.urandom(12), os.urandom(7)
+    ref = (reference.ChaCha20Poly1305 if algorithm == "chacha20-poly1305" else reference.AESGCM)(key)
+    data = os.urandom(size)
+    sealed = ref.encrypt(nonce, data, aad)
+    ct, tag = sealed[:-16], sealed[-16:]
+    ctx = get_backend("cpu").aead(algorithm, key)
+    cases = [(None, bytes([tag[0] ^ 1]) + tag[1:], aad), (None, tag, aad + b"x")]
+    cases += [(where, tag, aad) for where in {0, size // 2, size - 1} if size]
+    for where, bad_tag, bad_aad in cases:
+        buf = bytearray(ct)
+        if where is not None:
+            buf[where] ^= 0x80
+        forged = bytes(buf)
+        out = buf if in_place else bytearray(b"\x55" * size)
+        with pytest.raises(InvalidTag):
+            ctx.open_detached(nonce, memoryview(buf), bad_tag, memoryview(bad_aad),
+                              memoryview(out), one_pass=True)
+        assert bytes(buf) == forged
+        assert in_place or out == bytes(size)
+    buf = bytearray(ct)
+    out = buf if in_place else bytearray(size)
+    ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(out), one_pass=True)
+    assert bytes(out) == data
+    assert direct and all(direct)
+
+
 def test_chacha20_poly1305_one_pass_is_one_cipher_context(monkeypatch):
     """One ChaCha20 context per one-pass seal (block 0 gives the MAC key, the data's
     keystream follows from block 1), not the composed path's two, nor a scratch copy."""

@@ -162,7 +162,7 @@ class _OpenSslAead(AeadContext):
         if len(tag) != 16:
             raise InvalidTag()
         if len(data) <= ONE_SHOT_DETACHED_MAX and self._native(nonce, len(data), len(aad)):
-            return self._open_detached_one_shot(nonce, data, tag, aad, out)
+            return self._open_detached_one_shot(nonce, data, tag, aad, out, into_out=one_pass)
         state = self._start(nonce)
         if not _tags_equal(self._tag(state, data, aad), bytes(tag)):
             if not _same_memory(data, out):
@@ -179,10 +179,24 @@ class _OpenSslAead(AeadContext):
         out[:] = memoryview(scratch)[:len(data)]  # out may be data itself: scratch is apart
         return bytes(scratch[len(data):])
 
-    def _open_detached_one_shot(self, nonce, data, tag, aad, out) -> None:
+    def _open_detached_one_shot(self, nonce, data, tag, aad, out, into_out=False) -> None:
+        """``into_out`` (the ``one_pass`` contract: ``out`` is private to the caller during
+        the call): OpenSSL decrypts straight into ``out``, which a wrong tag then gives back
+        its ciphertext (in place) or zeroes; else through a scratch buffer, so that ``out``
+        never holds unauthenticated bytes."""
         n = len(data)
         sealed = bytearray(n + 16)
         sealed[:n], sealed[n:] = data, tag
+        if into_out:
+            try:
+                self._aead.decrypt_into(nonce, sealed, aad, out)
+            except InvalidTag:
+                if _same_memory(data, out):
+                    out[:] = memoryview(sealed)[:n]   # the ciphertext, as it was
+                else:
+                    _zero(out)
+                raise
+            return
         plain = bytearray(n)  # decrypt_into writes even when the tag is wrong: not into out
         try:
             self._aead.decrypt_into(nonce, sealed, aad, plain)
@@ -241,7 +255,7 @@ class _ChaCha20Poly1305(_OpenSslAead):
         if threads < 2 or len(data) < PARALLEL_MIN or len(tag) != 16:
             if one_pass and len(data) > ONE_SHOT_DETACHED_MAX and len(tag) == 16:
                 return self._open_one_pass(nonce, data, tag, aad, out)
-            return super().open_detached(nonce, data, tag, aad, out)
+            return super().open_detached(nonce, data, tag, aad, out, one_pass=one_pass)
         if not _tags_equal(self._tag(nonce, data, aad), bytes(tag)):
             if not _same_memory(data, out):
                 _zero(out)
@@ -352,7 +366,7 @@ class _AesGcm(_OpenSslAead):
     def open_detached(self, nonce, data, tag, aad, out, threads=1, one_pass=False):
         if len(tag) != 16 or len(data) <= ONE_SHOT_DETACHED_MAX or \
                 not self._streaming(nonce, len(data), len(aad)):
-            return super().open_detached(nonce, data, tag, aad, out)
+            return super().open_detached(nonce, data, tag, aad, out, one_pass=one_pass)
         if _same_memory(data, out):
             return self._open_in_place(nonce, data, tag, aad, out)
         dec = self._gcm(nonce).decryptor()
