@@ -299,6 +299,25 @@ def test_chacha20_poly1305_one_pass_matches_cryptography(data, aad, piece, in_pl
         assert bytes(back) == data
 
 
+def _assert_tampered_opens_leave_nothing(ctx, nonce, ct, cases, in_place) -> None:
+    """Each (byte to flip or None, tag, aad) of ``cases`` opened with ``one_pass=True``:
+    InvalidTag, an in-place buffer holding its (forged) ciphertext again, byte for byte,
+    and a separate output all zeros, or untouched where a short tag is refused first."""
+    size = len(ct)
+    for where, bad_tag, bad_aad in cases:
+        buf = bytearray(ct)
+        if where is not None:
+            buf[where] ^= 0x80
+        forged = bytes(buf)
+        out = buf if in_place else bytearray(b"\x55" * size)
+        with pytest.raises(InvalidTag):
+            ctx.open_detached(nonce, memoryview(buf), bad_tag, memoryview(bad_aad),
+                              memoryview(out), one_pass=True)
+        assert bytes(buf) == forged
+        if not in_place:
+            assert out == (bytes(size) if len(bad_tag) == 16 else b"\x55" * size)
+
+
 @pytest.mark.parametrize("in_place", [True, False])
 def test_chacha20_poly1305_one_pass_open_rolls_back_on_any_tamper(in_place, monkeypatch):
     """The one-pass open writes plaintext before it checks the tag: on a flipped bit
@@ -314,18 +333,7 @@ def test_chacha20_poly1305_one_pass_open_rolls_back_on_any_tamper(in_place, monk
     ctx = get_backend("cpu").aead("chacha20-poly1305", key)
     cases = [(where, tag, aad) for where in (0, size // 2, size - 1)]
     cases += [(None, bytes([tag[0] ^ 1]) + tag[1:], aad), (None, tag, aad + b"x"), (None, tag[:15], aad)]
-    for where, bad_tag, bad_aad in cases:
-        buf = bytearray(ct)
-        if where is not None:
-            buf[where] ^= 0x80
-        forged = bytes(buf)
-        out = buf if in_place else bytearray(b"\x55" * size)
-        with pytest.raises(InvalidTag):
-            ctx.open_detached(nonce, memoryview(buf), bad_tag, memoryview(bad_aad),
-                              memoryview(out), one_pass=True)
-        assert bytes(buf) == forged
-        if not in_place:  # zeroed, or (a short tag, refused first) never written
-            assert out == (bytes(size) if len(bad_tag) == 16 else b"\x55" * size)
+    _assert_tampered_opens_leave_nothing(ctx, nonce, ct, cases, in_place)
     buf = bytearray(ct)
     ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(buf), one_pass=True)
     assert bytes(buf) == data
@@ -355,17 +363,7 @@ def test_small_one_pass_open_decrypts_into_out_and_rolls_back(algorithm, in_plac
     ctx = get_backend("cpu").aead(algorithm, key)
     cases = [(None, bytes([tag[0] ^ 1]) + tag[1:], aad), (None, tag, aad + b"x")]
     cases += [(where, tag, aad) for where in {0, size // 2, size - 1} if size]
-    for where, bad_tag, bad_aad in cases:
-        buf = bytearray(ct)
-        if where is not None:
-            buf[where] ^= 0x80
-        forged = bytes(buf)
-        out = buf if in_place else bytearray(b"\x55" * size)
-        with pytest.raises(InvalidTag):
-            ctx.open_detached(nonce, memoryview(buf), bad_tag, memoryview(bad_aad),
-                              memoryview(out), one_pass=True)
-        assert bytes(buf) == forged
-        assert in_place or out == bytes(size)
+    _assert_tampered_opens_leave_nothing(ctx, nonce, ct, cases, in_place)
     buf = bytearray(ct)
     out = buf if in_place else bytearray(size)
     ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(out), one_pass=True)
