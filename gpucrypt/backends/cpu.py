@@ -153,7 +153,9 @@ class _OpenSslAead(AeadContext):
 
     def seal_detached(self, nonce, data, aad, out, threads=1, one_pass=False):
         if len(data) <= ONE_SHOT_DETACHED_MAX and self._native(nonce, len(data), len(aad)):
-            return self._seal_detached_one_shot(nonce, data, aad, out)
+            # the thread's reused buffer: a fresh zeroed one per message cost a fifth of a
+            # 16 KiB tensor's seal in a batch
+            return self._seal_detached_one_shot(nonce, data, aad, out, _thread_scratch(len(data) + 16))
         state = self._start(nonce)
         self._xor(state, data, out)
         return self._tag(state, out, aad)
