@@ -5,8 +5,8 @@
 #
 #   benchmarks/cpu_session.sh [TAG] [STEP...]
 #
-# TAG names the results, benchmarks/results/$(date +%F)-cpu-amd-epyc-<step>-TAG.json
-# (default: quiet). STEPs (default: all, in this order; about 15 minutes on 2 cores):
+# TAG names the results, benchmarks/results/$(date +%F)-cpu-<vendor>-<family>-<step>-TAG.json
+# (default: quiet; vendor and family from /proc/cpuinfo: amd-epyc, intel-xeon, ...). STEPs (default: all, in this order; about 15 minutes on 2 cores):
 #   dcp      benchmarks/dcp_bench.py           issue 16 (2 gloo ranks, 256 MiB)   ~1 min
 #   model    benchmarks/model_load_bench.py    issue 18 (1 GiB, tensorizer)       ~2 min
 #   tensor   benchmarks/tensor_bench.py        issue 13 (state dicts, 4 KiB)      ~3 min
@@ -18,7 +18,11 @@ cd "$(dirname "$0")/.."
 tag=${1:-quiet}; shift || true
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(dcp model tensor cli bench)
 py=${PYTHON:-python}
-name() { echo "benchmarks/results/$(date +%F)-cpu-amd-epyc-$1-$tag.json"; }
+# the machine in the name: the lent machines differ (AMD EPYC, Intel Xeon with VAES), and
+# a ratio against OpenSSL means something only next to the CPU it was taken on
+cpu=$(sed -n 's/^model name[[:space:]]*: *//p' /proc/cpuinfo | head -1 | tr 'A-Z' 'a-z' |
+      sed -E 's/\((r|tm)\)//g' | grep -oE '(amd|intel) +[a-z]+' | head -1 | tr -s ' ' '-')
+name() { echo "benchmarks/results/$(date +%F)-cpu-${cpu:-unknown}-$1-$tag.json"; }
 for step in "${steps[@]}"; do
   echo "== $step (load $(cut -d' ' -f1-3 /proc/loadavg))"
   case $step in

@@ -299,7 +299,7 @@ def test_chacha20_poly1305_one_pass_matches_cryptography(data, aad, piece, in_pl
         assert bytes(back) == data
 
 
-def _assert_tampered_opens_leave_nothing(ctx, nonce, ct, cases, in_place) -> None:
+def _assert_tampered_opens_leave_nothing(ctx, nonce, ct, cases, in_place, shared_gil=False) -> None:
     """Each (byte to flip or None, tag, aad) of ``cases`` opened with ``one_pass=True``:
     InvalidTag, an in-place buffer holding its (forged) ciphertext again, byte for byte,
     and a separate output all zeros, or untouched where a short tag is refused first."""
@@ -312,7 +312,7 @@ def _assert_tampered_opens_leave_nothing(ctx, nonce, ct, cases, in_place) -> Non
         out = buf if in_place else bytearray(b"\x55" * size)
         with pytest.raises(InvalidTag):
             ctx.open_detached(nonce, memoryview(buf), bad_tag, memoryview(bad_aad),
-                              memoryview(out), one_pass=True)
+                              memoryview(out), one_pass=True, shared_gil=shared_gil)
         assert bytes(buf) == forged
         if not in_place:
             assert out == (bytes(size) if len(bad_tag) == 16 else b"\x55" * size)
@@ -369,6 +369,46 @@ def test_small_one_pass_open_decrypts_into_out_and_rolls_back(algorithm, in_plac
     ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(out), one_pass=True)
     assert bytes(out) == data
     assert direct and all(direct)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_chacha20_poly1305_shared_gil_takes_openssl_one_shot_and_rolls_back(in_place, monkeypatch):
+    """``one_pass=True, shared_gil=True`` (a tensor batch's pool workers): a message above
+    ONE_SHOT_DETACHED_MAX and up to SHARED_GIL_ONE_SHOT_MAX goes through OpenSSL's one-shot
+    AEAD, not the one-pass form (its Poly1305 updates hold the GIL), with the scratch
+    copies through NumPy (which releases it). The reference's bytes in place and apart; a
+    tampered open leaves nothing; above the cap the one-pass form is taken again."""
+    import numpy as np
+
+    copies = []
+    real_copyto = np.copyto
+    monkeypatch.setattr(np, "copyto", lambda dst, src: copies.append(len(src)) or real_copyto(dst, src))
+    monkeypatch.setattr(cpu, "_GIL_FREE_COPY_MIN", 1000)
+    monkeypatch.setattr(cpu._ChaCha20Poly1305, "_seal_one_pass", _no_composed_path)
+    monkeypatch.setattr(cpu._ChaCha20Poly1305, "_open_one_pass", _no_composed_path)
+    key, nonce, aad = os.urandom(32), os.urandom(12), os.urandom(9)
+    size = cpu.ONE_SHOT_DETACHED_MAX + 4096 + 5
+    monkeypatch.setattr(cpu, "SHARED_GIL_ONE_SHOT_MAX", size)
+    data = os.urandom(size)
+    sealed = reference.ChaCha20Poly1305(key).encrypt(nonce, data, aad)
+    ctx = get_backend("cpu").aead("chacha20-poly1305", key)
+    buf = bytearray(data)
+    out = buf if in_place else bytearray(size)
+    tag = ctx.seal_detached(nonce, memoryview(buf), memoryview(aad), memoryview(out),
+                            one_pass=True, shared_gil=True)
+    assert bytes(out) + tag == sealed
+    assert copies == [size]  # scratch -> out
+    back = out if in_place else bytearray(size)
+    ctx.open_detached(nonce, memoryview(out), tag, memoryview(aad), memoryview(back),
+                      one_pass=True, shared_gil=True)
+    assert bytes(back) == data
+    ct, tag = sealed[:-16], sealed[-16:]
+    cases = [(where, tag, aad) for where in (0, size // 2, size - 1)]
+    cases += [(None, bytes([tag[0] ^ 1]) + tag[1:], aad), (None, tag, aad + b"x")]
+    _assert_tampered_opens_leave_nothing(ctx, nonce, ct, cases, in_place, shared_gil=True)
+    with pytest.raises(AssertionError, match="composed"):  # one byte over the cap: one-pass
+        ctx.seal_detached(nonce, memoryview(bytearray(size + 1)), memoryview(aad),
+                          memoryview(bytearray(size + 1)), one_pass=True, shared_gil=True)
 
 
 def test_chacha20_poly1305_one_pass_is_one_cipher_context(monkeypatch):

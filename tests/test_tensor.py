@@ -628,7 +628,7 @@ def test_small_host_tensors_stay_on_the_calling_thread(monkeypatch, algorithm):
 
     from gpucrypt.backends import cpu
 
-    pools, ran_on, order = [], {}, []
+    pools, ran_on, order, shared = [], {}, [], {}
 
     class CountingPool(pipeline.ThreadPoolExecutor):
         def __init__(self, n):
@@ -640,6 +640,7 @@ def test_small_host_tensors_stay_on_the_calling_thread(monkeypatch, algorithm):
     def spy(job, *args):
         ran_on[job.label] = threading.get_ident()
         order.append(job.label)
+        shared[job.label] = args[-1]  # shared_gil
         return real(job, *args)
 
     monkeypatch.setattr(pipeline, "ThreadPoolExecutor", CountingPool)
@@ -662,6 +663,8 @@ def test_small_host_tensors_stay_on_the_calling_thread(monkeypatch, algorithm):
         # this thread runs its small tensors first, then helps with what the worker left
         mine = [n for n in order if ran_on[n] == me]
         assert mine == sorted(mine, key=lambda n: n.startswith("L"))
+        # the workers take the GIL-free forms, this thread the fastest one of its own
+        assert all(shared[n] == (ran_on[n] != me) for n in tensors)
         back = gpucrypt.decrypt_tensors(encs, key)
         assert all(back[n].tobytes() == tensors[n].tobytes() for n in tensors)
 

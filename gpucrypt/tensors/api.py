@@ -476,22 +476,25 @@ def _host_context(algorithm: str, key: bytes, nonce: bytes):
 
 
 def _host_seal(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: np.ndarray,
-               dst: np.ndarray, threads: int = 1) -> bytes:
-    """Encrypt ``src`` into ``dst`` (the same memory when in place); returns the tag."""
+               dst: np.ndarray, threads: int = 1, shared_gil: bool = False) -> bytes:
+    """Encrypt ``src`` into ``dst`` (the same memory when in place); returns the tag.
+    ``shared_gil``: other threads are sealing too (a pool worker), so the CPU backend
+    prefers forms that keep the GIL released."""
     ctx, nonce = _host_context(algorithm, key, nonce)
     return ctx.seal_detached(nonce, memoryview(src), memoryview(aad), memoryview(dst),
-                             threads=threads, one_pass=True)
+                             threads=threads, one_pass=True, shared_gil=shared_gil)
 
 
 def _host_open(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: np.ndarray, tag: bytes,
-               dst: np.ndarray, inplace: bool, threads: int = 1) -> bool:
+               dst: np.ndarray, inplace: bool, threads: int = 1, shared_gil: bool = False) -> bool:
     """Verify, then decrypt ``src`` into ``dst``. False on a bad tag: then ``dst`` is zeroed,
     or, in place, given back exactly its ciphertext (the CPU backend either checks the tag
-    before writing or, for one-pass opens, restores the buffer before it reports)."""
+    before writing or, for one-pass opens, restores the buffer before it reports).
+    ``shared_gil`` as for :func:`_host_seal`."""
     ctx, nonce = _host_context(algorithm, key, nonce)
     try:
         ctx.open_detached(nonce, memoryview(src), tag, memoryview(aad), memoryview(dst),
-                          threads=threads, one_pass=True)
+                          threads=threads, one_pass=True, shared_gil=shared_gil)
     except InvalidTag:
         return False
     return True
@@ -748,7 +751,8 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
         _single_place(j.place for j in on_gpu)
         get_backend("gpu")
     _run_host_jobs([j for j in jobs if j.place == HOST and device != "gpu"],
-                   lambda job, threads: _encrypt_on_host(job, algorithm, key, inplace, threads))
+                   lambda job, threads, shared_gil: _encrypt_on_host(job, algorithm, key, inplace,
+                                                                     threads, shared_gil))
     if on_gpu:
         _encrypt_on_gpu(on_gpu, algorithm, key, inplace, stream)
     return [j.enc for j in jobs]
@@ -783,7 +787,7 @@ _POOLED_TENSOR_BYTES_DEFAULT = 256 << 10
 
 
 def _run_host_jobs(jobs: list[_Job], work) -> list:
-    """``[work(job, threads) for job in jobs]``; a batch of at least
+    """``[work(job, threads, shared_gil) for job in jobs]``; a batch of at least
     ``_HOST_PARALLEL_BYTES`` runs on the usable cores (``cryptography`` releases the GIL),
     and a single large tensor gets them all inside its one message (``threads``).
 
@@ -793,13 +797,16 @@ def _run_host_jobs(jobs: list[_Job], work) -> list:
     Taking a tensor is one ``deque.popleft``, atomic under the GIL, with no hand-off per
     tensor. A batch of small tensors only runs on this thread. When one tensor raises,
     the queue is emptied, the others finish the tensor they hold, and the first error is
-    raised, naming its tensor; an interrupt is raised once every worker has stopped."""
+    raised, naming its tensor; an interrupt is raised once every worker has stopped.
+    The workers run their tensors with ``shared_gil=True`` (forms that keep the GIL
+    released, where the fastest form on a thread of its own holds it for a part of the
+    work); this thread keeps the fastest form, so that it never waits on itself."""
     from ..backends.cpu import usable_cores
 
     total = sum(j.enc.nbytes for j in jobs)
     cores = usable_cores() if total >= _HOST_PARALLEL_BYTES else 1
     if len(jobs) == 1:
-        return [work(jobs[0], cores)]
+        return [work(jobs[0], cores, False)]
     from collections import deque
 
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i].enc.nbytes)
@@ -810,13 +817,13 @@ def _run_host_jobs(jobs: list[_Job], work) -> list:
     own = [i for i in order if not pooled[i]]
     workers = min(len(queue), cores - 1)
     if workers < 1:  # one core, or no tensor worth a thread: no hand-off, no pool
-        return [work(j, 1) for j in jobs]
+        return [work(j, 1, False) for j in jobs]
     results: list = [None] * len(jobs)
     errors: list = []
 
-    def run_one(i: int) -> bool:
+    def run_one(i: int, shared_gil: bool = False) -> bool:
         try:
-            results[i] = work(jobs[i], 1)
+            results[i] = work(jobs[i], 1, shared_gil)
             return True
         except BaseException as exc:
             queue.clear()
@@ -825,17 +832,17 @@ def _run_host_jobs(jobs: list[_Job], work) -> list:
             errors.append(exc)
             return False
 
-    def take_and_run() -> None:
+    def take_and_run(shared_gil: bool = False) -> None:
         while True:
             try:
                 i = queue.popleft()
             except IndexError:
                 return
-            if not run_one(i):
+            if not run_one(i, shared_gil):
                 return
 
     pool = pipeline.ThreadPoolExecutor(workers)
-    futures = [pool.submit(take_and_run) for _ in range(workers)]
+    futures = [pool.submit(take_and_run, True) for _ in range(workers)]
     try:
         for i in own:
             if errors or not run_one(i):
@@ -858,7 +865,8 @@ def _run_host_jobs(jobs: list[_Job], work) -> list:
     return results
 
 
-def _encrypt_on_host(job: _Job, algorithm: str, key: bytes, inplace: bool, threads: int) -> None:
+def _encrypt_on_host(job: _Job, algorithm: str, key: bytes, inplace: bool, threads: int,
+                     shared_gil: bool = False) -> None:
     src = job.host_src
     if inplace:
         if not src.flags.writeable:
@@ -867,7 +875,7 @@ def _encrypt_on_host(job: _Job, algorithm: str, key: bytes, inplace: bool, threa
     else:
         ct_obj = job.adapter.empty_bytes(len(src), HOST)
         dst = job.adapter.host_array(ct_obj)
-    job.enc._tag = _host_seal(algorithm, key, job.nonce, job.aad, src, dst, threads)
+    job.enc._tag = _host_seal(algorithm, key, job.nonce, job.aad, src, dst, threads, shared_gil)
     job.enc._ciphertext = ct_obj
 
 
@@ -1137,7 +1145,7 @@ def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
                             else adapter.byte_view(obj))
 
 
-def _open_on_host(job: _Job, threads: int) -> bool:
+def _open_on_host(job: _Job, threads: int, shared_gil: bool = False) -> bool:
     enc = job.enc
     _, key = job.result
     if enc._place == HOST:
@@ -1154,7 +1162,7 @@ def _open_on_host(job: _Job, threads: int) -> bool:
     else:
         dst = job.adapter.host_array(job.dst_view)
     return _host_open(enc.algorithm, key, job.nonce, job.aad, src, enc.tag, dst, job.inplace,
-                      threads)
+                      threads, shared_gil)
 
 
 def _open_on_gpu(jobs: list[_Job], stream: Any) -> list[_Job]:
