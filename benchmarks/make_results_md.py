@@ -379,6 +379,11 @@ def render_tensor_threads_run(name: str, doc: dict) -> list[str]:
     if worst is not None:
         lines += ["", f"Issue 13 asks a 4 KiB tensor's call to cost at most x3 cryptography's: worst "
                       f"here x{worst:.1f}: {'holds' if worst <= 3 else 'NOT MET'}."]
+    floors = {r["algorithm"]: r for r in doc["small"] if r["what"].startswith("floor")}
+    if floors:
+        lines += ["", "The floor rows are what any allocating tensor call adds to cryptography's "
+                      "before it checks an argument: " + "; ".join(
+                          f"{alg} x{r['over_cryptography']:.1f}" for alg, r in floors.items()) + "."]
     return lines + [""]
 
 

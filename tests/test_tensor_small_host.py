@@ -103,3 +103,34 @@ def test_short_path_refusals_are_the_batch_paths():
         gpucrypt.encrypt_tensor(x, bytes(16))
     # the batch path's limit for one thread: larger tensors are not the short path's
     assert api._small_host_source(np.zeros(api._HOST_PARALLEL_BYTES, dtype=np.uint8)) is None
+
+
+def test_torch_views_by_address_follow_the_memory(monkeypatch):
+    """The short path remembers byte views of torch memory by (address, length), a
+    bounded number of them. Tensors freed and made again at the same addresses with
+    other bytes, a matrix and its first row (one address, two lengths), and more tensors
+    than are remembered all seal to cryptography's bytes and decrypt back."""
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    monkeypatch.setattr(api, "_TORCH_VIEWS", {})
+    monkeypatch.setattr(api, "_TORCH_VIEWS_MAX", 4)
+    key, nonce = os.urandom(32), os.urandom(12)
+    reference = ChaCha20Poly1305(key)
+
+    def check(x):
+        enc = gpucrypt.encrypt_tensor(x, key, nonce=nonce)
+        plain = x.numpy().tobytes()
+        expected = reference.encrypt(nonce, plain, enc.associated_data())
+        assert enc.ciphertext.numpy().tobytes() + enc.tag == expected
+        assert gpucrypt.decrypt_tensor(enc, key).numpy().tobytes() == plain
+
+    addresses = set()
+    for i in range(24):  # each round's tensor is freed: torch hands its address out again
+        x = torch.randint(0, 256, (1000 + 8 * (i % 6),), dtype=torch.uint8)
+        addresses.add(x.data_ptr())
+        check(x)
+        assert len(api._TORCH_VIEWS) <= 4
+    assert len(addresses) < 24  # addresses did come back, with other bytes behind them
+    matrix = torch.randint(0, 256, (8, 8), dtype=torch.uint8)
+    check(matrix[0])
+    check(matrix)
