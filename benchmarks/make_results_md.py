@@ -125,10 +125,17 @@ def _environment_lines(doc: dict) -> list[str]:
     return lines
 
 
-def _noise(cells: list[dict], alg: str, op: str, form: str) -> float | None:
+def _noise(cells: list[dict], alg: str, op: str, form: str, size: int | None = None) -> float | None:
+    """A table's noise (``size`` None: the largest over its sizes) or one column's."""
     spreads = [c["spread"] for c in cells if (c["algorithm"], c["operation"], c["form"]) ==
-               (alg, op, form) and c["spread"] is not None]
+               (alg, op, form) and c["spread"] is not None and size in (None, c["size"])]
     return max(spreads) if spreads else None
+
+
+def _marks(cell: dict) -> str:
+    """``=`` a tie within its size's noise, ``~`` unsteady (runs before schema 2's
+    ``unsteady`` field have none)."""
+    return ("=" if cell["tie"] else "") + ("~" if cell.get("unsteady") else "")
 
 
 def render_forms_run(name: str, doc: dict) -> list[str]:
@@ -137,8 +144,10 @@ def render_forms_run(name: str, doc: dict) -> list[str]:
     config, cells = doc["config"], doc["cells"]
     sizes = sorted({c["size"] for c in cells})
     lines = [f"## {name}", "", *_environment_lines(doc), "",
-             "GB/s (xN = speed-up against the baseline in the same run; xN= : within the table's "
-             "noise of x1.00, a tie). Forms: alloc = calls returning a new result (`encrypt()`, "
+             "GB/s (xN = speed-up against the baseline in the same run; xN= : within the noise "
+             "of x1.00 at that size, a tie (runs from before 2026-12-04: the table's noise); xN~ : "
+             "unsteady, the cell's repetitions spread widely even after extra ones, so the machine "
+             "set its time). Forms: alloc = calls returning a new result (`encrypt()`, "
              "PyNaCl's functions), into = calls writing into a buffer made once (`encrypt_into`). "
              "Noise = the largest relative difference between the baseline's two interleaved "
              "measurements over the sizes. Every row's output was checked against the reference "
@@ -155,7 +164,7 @@ def render_forms_run(name: str, doc: dict) -> list[str]:
         row = {c["size"]: c for c in cells
                if (c["algorithm"], c["operation"], c["form"], c["implementation"]) == (alg, op, form, impl)}
         noise = _noise(cells, alg, op, form)
-        texts = [_cell(row[z]) + ("=" if row[z]["tie"] else "") if z in row else "-" for z in sizes]
+        texts = [_cell(row[z]) + _marks(row[z]) if z in row else "-" for z in sizes]
         label = f"{impl} (baseline)" if impl == base else impl
         lines.append(f"| {alg} | {op} | {form} | "
                      f"{'-' if noise is None else f'{100 * noise:.1f}%'} | {label} | "
@@ -197,13 +206,16 @@ def acceptance_issue13(cells: list[dict]) -> list[str]:
             if c["size"] >= 1024:
                 time_ratio = c["median_seconds"] / b["median_seconds"]
                 if worst is None or time_ratio > worst[0]:
-                    worst = (time_ratio, c["size"])
+                    worst = (time_ratio, c["size"], c.get("unsteady") or b.get("unsteady"))
             elif c["size"] == 64:
                 small = ((c["median_seconds"] - b["median_seconds"]) * 1e6, b["median_seconds"] * 1e6)
         parts = []
         if worst is not None:
+            # the worst cell's own column's noise where the run has one per cell (ties do)
+            at = _noise(cells, alg, op, form, worst[1]) or 0.0
             verdict = ("holds" if worst[0] <= ISSUE13_TIME_RATIO else
-                       "within the noise" if worst[0] - 1 <= noise else "NOT MET")
+                       "unsteady there (the machine set that time: rerun)" if worst[2] else
+                       "within the noise" if worst[0] - 1 <= at else "NOT MET")
             best = min(c["median_seconds"] / base[(alg, op, form, c["size"])]["median_seconds"]
                        for c in cells if (c["algorithm"], c["operation"], c["form"],
                                           c["implementation"]) == (alg, op, form, "gpucrypt-cpu")

@@ -21,7 +21,7 @@ CELL_FIELDS = {
     "size": int, "threads": int, "repetitions": int, "iterations": int, "median_seconds": float,
     "gbps": float, "ratio": (float, type(None)), "baseline": str,
     "fraction_of_copy": (float, type(None)), "timing": str, "note": str, "verified": bool,
-    "spread": (float, type(None)), "tie": (bool, type(None)),
+    "spread": (float, type(None)), "tie": (bool, type(None)), "unsteady": (bool, type(None)),
 }
 ENV_FIELDS = {"date": str, "cpu": str, "cpu_count": int, "cpu_usable": int, "platform": str,
               "python": str, "gpu": (str, type(None)), "driver": (str, type(None)),
@@ -70,6 +70,38 @@ def test_plan_loop_keeps_a_median():
     assert plan_loop(10.0, 0.2) == (MIN_REPETITIONS, 1)  # slower than the budget: still 3
     reps, iters = plan_loop(0.05, 0.2)
     assert iters == 1 and MIN_REPETITIONS <= reps <= TARGET_REPETITIONS
+
+
+def test_unsteady_cells_get_more_interleaved_repetitions(monkeypatch):
+    """A cell where one implementation's repetitions take either of two very different
+    times (page faults of a fresh 1 GiB result in a VM, say) runs every implementation
+    again, interleaved, up to UNSTEADY_MAX_FACTOR times the planned repetitions, and is
+    then reported unsteady; a steady cell runs exactly what was planned."""
+    from gpucrypt.bench import cpu as bench_cpu
+
+    times = {"steady": iter([1.0] * 100), "bimodal": iter([1.0, 3.0, 1.0, 3.0] * 25)}
+    order = []
+    monkeypatch.setattr(bench_cpu, "plan_loop", lambda per_call, budget: (4, 1))
+    monkeypatch.setattr(bench_cpu, "calibrate", lambda op: 1.0)
+    monkeypatch.setattr(bench_cpu, "_timed_loop", lambda op, n: op())
+
+    def maker(name):
+        def make(thread):
+            return lambda: order.append(name) or next(times[name])
+        return make
+
+    timings = bench_cpu.time_host_group({"steady": maker("steady"), "bimodal": maker("bimodal")}, 1, 0.1)
+    planned = 4 * bench_cpu.UNSTEADY_MAX_FACTOR
+    assert [t.repetitions for t in timings.values()] == [planned, planned]
+    assert not timings["steady"].unsteady and timings["bimodal"].unsteady
+    timed = order[2:]  # after the two warm-up calls
+    # interleaved throughout, each round starting with the next implementation
+    assert timed == ["steady", "bimodal", "bimodal", "steady"] * (planned // 2)
+    times = {"steady": iter([1.0] * 100), "bimodal": iter([1.0] * 100)}
+    order.clear()
+    timings = bench_cpu.time_host_group({"steady": maker("steady"), "bimodal": maker("bimodal")}, 1, 0.1)
+    assert [t.repetitions for t in timings.values()] == [4, 4]
+    assert not any(t.unsteady for t in timings.values())
 
 
 # --------------------------------------------------------------------------- a real (tiny) run
@@ -126,11 +158,9 @@ def test_every_cell_has_its_baseline_and_ratio(cpu_run):
             assert c["ratio"] is None and c["baseline"] == "" and c["tie"] is None
             continue
         assert c["ratio"] == pytest.approx(c["gbps"] / b["gbps"])
-        if c is not b:  # a tie exactly when the ratio is within the table's noise of 1
-            noise = max(x["spread"] for x in base.values()
-                        if (x["algorithm"], x["operation"], x["form"]) ==
-                        (c["algorithm"], c["operation"], c["form"]))
-            assert c["tie"] == (abs(c["ratio"] - 1) <= noise)
+        if c is not b:  # a tie exactly when the ratio is within its size's noise of 1
+            assert c["tie"] == (abs(c["ratio"] - 1) <= b["spread"])
+        assert isinstance(c["unsteady"], bool)  # every CPU cell says whether it was steady
 
 
 def test_allocating_rows_against_allocating_baselines(cpu_run):

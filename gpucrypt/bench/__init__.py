@@ -20,9 +20,12 @@ Comparing a preallocated call with an allocating one would flatter the former.
 Honesty: every operation's output is checked against the reference before it is
 timed (:class:`WrongOutput` stops the run otherwise). Each table's baseline is
 measured twice, interleaved with everything else; how far its two figures differ is
-the table's *noise* (the largest such spread over its sizes), printed with it, and a
-ratio within the noise of 1 is marked as a tie (``=``): no measured difference. The
-load average at the start and end is printed and recorded.
+the *noise* of that size, printed in a row under the table (the largest over the sizes
+heads it), and a ratio within its size's noise of 1 is marked as a tie (``=``): no
+measured difference. A cell whose own repetitions spread widely even after extra ones
+is marked unsteady (``~``): the machine set its time (see
+:data:`gpucrypt.bench.cpu.UNSTEADY_SPREAD`). The load average at the start and end is
+printed and recorded.
 
 Implementations (:data:`IMPLEMENTATIONS`):
 
@@ -58,8 +61,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .cpu import ALGORITHMS, FORMS, OPERATIONS, Material, NotAvailable, Timing, WrongOutput, \
-    applicable, host_operation, time_host, time_host_group
+from .cpu import ALGORITHMS, FORMS, OPERATIONS, UNSTEADY_MAX_FACTOR, UNSTEADY_SPREAD, Material, \
+    NotAvailable, Timing, WrongOutput, applicable, host_operation, time_host, time_host_group
 
 __all__ = ["ALGORITHMS", "OPERATIONS", "FORMS", "WrongOutput", "IMPLEMENTATIONS", "CPU_IMPLEMENTATIONS", "GPU_IMPLEMENTATIONS",
            "DEFAULT_SIZES", "SIZE_PRESETS", "DEFAULT_SECONDS", "BenchConfig", "Cell", "Unavailable",
@@ -170,7 +173,10 @@ class Cell:
     rate (GPU rows only). ``verified``: the output was checked against the reference
     before timing. ``spread`` (baseline cells): how far the baseline's second, interleaved
     measurement differs from its first, as a fraction. ``tie`` (other cells): the ratio
-    is within the table's noise of 1 (None where there is no ratio)."""
+    is within the noise of 1 at this size (None where there is no ratio). ``unsteady``:
+    the cell's repetitions still spread widely after extra ones (see
+    :data:`gpucrypt.bench.cpu.UNSTEADY_SPREAD`): the machine, not the code, set its time
+    (None where not measured so: GPU rows)."""
 
     algorithm: str
     operation: str
@@ -191,6 +197,7 @@ class Cell:
     verified: bool = True
     spread: float | None = None
     tie: bool | None = None
+    unsteady: bool | None = None
 
 
 @dataclass
@@ -212,10 +219,12 @@ class BenchReport:
     copy_gbps: float | None = None
     gpu_device: str | None = None
 
-    def noise(self, algorithm: str, operation: str, form: str) -> float | None:
-        """The table's noise: the largest spread of its baseline's two measurements."""
+    def noise(self, algorithm: str, operation: str, form: str, size: int | None = None) -> float | None:
+        """The noise of a table (``size`` None: the largest over its sizes) or of one of
+        its columns: how far the baseline's two interleaved measurements differ."""
         spreads = [c.spread for c in self.cells if (c.algorithm, c.operation, c.form) ==
-                   (algorithm, operation, form) and c.spread is not None]
+                   (algorithm, operation, form) and c.spread is not None
+                   and size in (None, c.size)]
         return max(spreads) if spreads else None
 
     def to_json(self) -> dict:
@@ -525,7 +534,8 @@ def _cell(impl: str, m: Material, operation: str, form: str, timing: Timing, dev
                 iterations=timing.iterations, median_seconds=timing.median_seconds,
                 gbps=m.size * threads / timing.median_seconds / 1e9, ratio=None,
                 baseline=m.algorithm.baseline_for(form) or "", fraction_of_copy=None,
-                timing=clock, note=note, verified=not note)
+                timing=clock, note=note, verified=not note,
+                unsteady=timing.unsteady if timing.spread is not None and not note else None)
 
 
 def _single_call(op) -> Timing:
@@ -554,7 +564,8 @@ def _fill_ratios(report: BenchReport) -> None:
         if report.copy_gbps and c.implementation in GPU_IMPLEMENTATIONS and not c.note:
             c.fraction_of_copy = c.gbps / report.copy_gbps
     for c in report.cells:
-        noise = report.noise(c.algorithm, c.operation, c.form)
+        # the column's noise, not the table's: a noisy 1 GiB column says nothing of 64 B
+        noise = report.noise(c.algorithm, c.operation, c.form, c.size)
         if c.ratio is not None and c.implementation != c.baseline and noise is not None:
             c.tie = abs(c.ratio - 1.0) <= noise
 
@@ -571,11 +582,11 @@ def _fmt_gbps(x: float) -> str:
     return f"{x:.4f}"
 
 
-def _fmt_ratio(r: float | None, tie: bool | None = None) -> str:
+def _fmt_ratio(r: float | None, tie: bool | None = None, unsteady: bool | None = None) -> str:
     if r is None:
-        return "(no base)"
+        return "(no base)" + ("~" if unsteady else "")
     text = f"x{r:.2f}" if r < 10 else f"x{r:.1f}"
-    return text + "=" if tie else text
+    return text + ("=" if tie else "") + ("~" if unsteady else "")
 
 
 def _display_order(cells: list[Cell], baseline: str) -> list[str]:
@@ -604,8 +615,11 @@ def render_table(report: BenchReport) -> str:
              f"GB/s = 10^9 plaintext bytes per second; xN = speed-up against the baseline measured in "
              f"this run (median of repetitions, {report.config.seconds:g} s per cell); every row's "
              f"output was checked against the reference before it was timed",
-             "noise = how far the baseline's two interleaved measurements differ (largest over the "
-             "sizes); xN= : within the noise of x1.00, a tie"]
+             "noise = how far the baseline's two interleaved measurements differ (the table's: "
+             "largest over the sizes; each size's in the noise row); xN= : within its size's noise "
+             "of x1.00, a tie; ~ : unsteady, its repetitions' quartiles more than "
+             f"{100 * UNSTEADY_SPREAD:.0f}% apart even after {UNSTEADY_MAX_FACTOR}x the repetitions "
+             "(the machine set that time, not the code)"]
     for note in report.notes:
         lines.append(f"note: {note}")
     sizes = list(report.config.sizes)
@@ -626,6 +640,8 @@ def render_table(report: BenchReport) -> str:
                 width = max([len(i) for i in impls + [u.implementation for u in missing]] + [14]) + 2
                 lines.append(" " * width + "".join(f"{h:>18}" for h in heads))
                 lines += _table_rows(cells, impls, sizes, width)
+                if baseline is not None:
+                    lines.append(_noise_row(report, alg_name, operation, form, sizes, width))
                 lines += _unavailable_lines(report, missing, {c.implementation for c in cells}, form)
     return "\n".join(lines)
 
@@ -636,8 +652,17 @@ def _table_title(report: BenchReport, algorithm: str, operation: str, form: str,
     if baseline is None:
         return f"{title}  (no baseline: {ALGORITHMS[algorithm].baseline} has no such call)"
     noise = report.noise(algorithm, operation, form)
-    noise_text = "noise not measured" if noise is None else f"noise {100 * noise:.1f}%"
+    noise_text = "noise not measured" if noise is None else f"noise up to {100 * noise:.1f}%"
     return f"{title}  (baseline: {baseline}; {noise_text})"
+
+
+def _noise_row(report: BenchReport, algorithm: str, operation: str, form: str, sizes: list[int],
+               width: int) -> str:
+    texts = []
+    for size in sizes:
+        noise = report.noise(algorithm, operation, form, size)
+        texts.append("-" if noise is None else f"{100 * noise:.1f}%")
+    return f"{'(noise)':<{width}}" + "".join(f"{t:>18}" for t in texts)
 
 
 def _table_rows(cells: list[Cell], impls: list[str], sizes: list[int], width: int) -> list[str]:
@@ -645,7 +670,8 @@ def _table_rows(cells: list[Cell], impls: list[str], sizes: list[int], width: in
     for impl in impls:
         row = {c.size: c for c in cells if c.implementation == impl}
         texts = [("simulated" if row[s].note else
-                  f"{_fmt_gbps(row[s].gbps)} {_fmt_ratio(row[s].ratio, row[s].tie)}") if s in row
+                  f"{_fmt_gbps(row[s].gbps)} {_fmt_ratio(row[s].ratio, row[s].tie, row[s].unsteady)}")
+                 if s in row
                  else "-" for s in sizes]
         lines.append(f"{impl:<{width}}" + "".join(f"{t:>18}" for t in texts))
         if any(row[s].fraction_of_copy is not None for s in row):

@@ -31,7 +31,11 @@ Timing (:func:`time_host`): one warm-up call (checked), a calibration run of at 
 repetitions (more for budgets over 0.14 s, up to :data:`MAX_REPETITIONS`) of a loop
 sized to fill the per-cell budget; the result is the median seconds per operation.
 With ``threads`` > 1 every thread runs its own operation on its own buffers, started
-together behind a barrier; a repetition lasts until the last thread finishes.
+together behind a barrier; a repetition lasts until the last thread finishes. A cell
+whose repetitions spread widely (quartiles more than :data:`UNSTEADY_SPREAD` apart, for
+any implementation) is run again, every implementation, up to
+:data:`UNSTEADY_MAX_FACTOR` times the planned repetitions; one still unsteady after that
+is reported as such (``Timing.unsteady``).
 """
 from __future__ import annotations
 
@@ -58,6 +62,12 @@ MAX_REPETITIONS = 31
 MIN_REPETITIONS = 3
 #: Calibration runs at least this long before the loop size is chosen.
 CALIBRATION_SECONDS = 0.005
+#: A cell whose repetitions' upper quartile is more than this fraction above their lower
+#: quartile is unsteady (calls of 1 GiB that return a new buffer, say, whose page faults
+#: cost 0.8 s or 3 s by the hypervisor's mood): every implementation of the cell then
+#: runs more interleaved repetitions, up to UNSTEADY_MAX_FACTOR times those planned.
+UNSTEADY_SPREAD = 0.25
+UNSTEADY_MAX_FACTOR = 3
 
 
 class NotAvailable(Exception):
@@ -368,11 +378,27 @@ def host_operation(implementation: str, m: Material, operation: str, form: str =
 
 @dataclass(frozen=True)
 class Timing:
-    """``median_seconds`` per operation round (one operation per thread)."""
+    """``median_seconds`` per operation round (one operation per thread). ``spread``: the
+    repetitions' upper quartile over their lower, minus one (None for one repetition)."""
 
     repetitions: int
     iterations: int
     median_seconds: float
+    spread: float | None = None
+
+    @property
+    def unsteady(self) -> bool:
+        return self.spread is not None and self.spread > UNSTEADY_SPREAD
+
+
+def quartile_spread(samples: list[float]) -> float | None:
+    """Upper quartile over lower quartile, minus one: how far the middle half of the
+    repetitions spreads (one slow outlier among many does not count; a cell whose calls
+    take either of two very different times does)."""
+    if len(samples) < 2:
+        return None
+    low, _, high = statistics.quantiles(samples, n=4, method="inclusive")
+    return high / low - 1.0 if low > 0 else None
 
 
 def plan_loop(seconds_per_call: float, budget: float) -> tuple[int, int]:
@@ -453,7 +479,9 @@ def time_host_group(makers: dict[str, Callable[[int], Operation]], threads: int,
 
     Repetition k of every implementation runs before repetition k + 1 of any, so a
     change in the machine's load during the cell (other processes, clock boost)
-    hits every implementation alike and the ratios between them stay fair. A maker
+    hits every implementation alike and the ratios between them stay fair; and each
+    round starts with the next implementation, so that no one of them always runs
+    first (or right after another). A maker
     that raises :class:`NotAvailable` gets that exception back instead of a Timing.
     With ``expected``, each operation's warm-up output is checked first (right after
     it ran: implementations may share output buffers) and :class:`WrongOutput` raised
@@ -482,11 +510,24 @@ def time_host_group(makers: dict[str, Callable[[int], Operation]], threads: int,
         per_call = warm_up if warm_up >= 20 * CALIBRATION_SECONDS else calibrate(ops[0])
         repetitions, iterations = plan_loop(per_call, budget)
         plans[name] = (ops, repetitions, iterations, [])
-    for k in range(max((p[1] for p in plans.values()), default=0)):
-        for ops, repetitions, iterations, samples in plans.values():
-            if k < repetitions:
+    planned = {name: plan[1] for name, plan in plans.items()}
+    rounds = max(planned.values(), default=0)
+    k, lots = 0, 1  # lots: how many times the planned repetitions are run
+    names = list(plans)
+    while k < rounds * lots:
+        # each round starts with the next implementation: a cost that falls on whichever
+        # call comes first in a round (a 1 GiB result's page faults right after the last
+        # round's frees, seen here at 3-4x) falls on each of them in turn
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            ops, _, iterations, samples = plans[name]
+            if k % rounds < planned[name]:  # each lot: every plan's own count, interleaved
                 samples.append(_timed_loop(ops[0], iterations) if threads == 1
                                else _timed_threads(ops, iterations))
+        k += 1
+        if k == rounds * lots and lots < UNSTEADY_MAX_FACTOR and any(
+                (quartile_spread(plan[3]) or 0) > UNSTEADY_SPREAD for plan in plans.values()):
+            lots += 1  # every implementation again, interleaved: the ratios stay fair
     for name, (ops, repetitions, iterations, samples) in plans.items():
-        results[name] = Timing(repetitions, iterations, statistics.median(samples) / iterations)
+        results[name] = Timing(len(samples), iterations, statistics.median(samples) / iterations,
+                               quartile_spread(samples))
     return {name: results[name] for name in makers}
