@@ -134,3 +134,25 @@ def test_torch_views_by_address_follow_the_memory(monkeypatch):
     matrix = torch.randint(0, 256, (8, 8), dtype=torch.uint8)
     check(matrix[0])
     check(matrix)
+
+
+def test_torch_views_from_several_threads_at_once(monkeypatch):
+    """Threads encrypting small torch tensors at once, with a cache that keeps filling
+    up and starting again: every ciphertext still opens to its own tensor's bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(api, "_TORCH_VIEWS", {})
+    monkeypatch.setattr(api, "_TORCH_VIEWS_MAX", 3)
+    key = os.urandom(32)
+
+    def work(seed):
+        gen = torch.Generator().manual_seed(seed)
+        for i in range(50):
+            x = torch.randint(0, 256, (64 + i % 7,), dtype=torch.uint8, generator=gen)
+            back = gpucrypt.decrypt_tensor(gpucrypt.encrypt_tensor(x, key), key)
+            assert torch.equal(back, x)
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(8)))
+    assert len(api._TORCH_VIEWS) <= 3

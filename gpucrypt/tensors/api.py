@@ -559,7 +559,7 @@ def _torch_host_bytes(t: Any, nbytes: int | None = None) -> memoryview:
     ``.detach()`` it needs) costs 2-3 us, a third of OpenSSL's time for 4 KiB. The view
     does not keep ``t`` alive; the callers hold ``t`` for as long as they use it.
 
-    Views are remembered by (address, length), the last _TORCH_VIEWS_MAX of them: a
+    Views are remembered by (address, length), up to _TORCH_VIEWS_MAX of them: a
     view is nothing but that pair, so a remembered one is exactly the view that would
     be made for any live tensor at that address (a freed one's address, taken again by
     a new tensor, included), and it is only ever used while such a tensor is held.
@@ -579,7 +579,9 @@ def _torch_host_bytes(t: Any, nbytes: int | None = None) -> memoryview:
             _BYTE_ARRAYS[nbytes] = array_type
     view = memoryview(array_type.from_address(where[0])).cast("B")
     if len(_TORCH_VIEWS) >= _TORCH_VIEWS_MAX:
-        del _TORCH_VIEWS[next(iter(_TORCH_VIEWS))]   # the oldest
+        # start again: one clear() is atomic, where finding and deleting the oldest entry
+        # could trip over another thread doing the same
+        _TORCH_VIEWS.clear()
     _TORCH_VIEWS[where] = view
     return view
 
@@ -590,7 +592,7 @@ _NUMPY_DTYPES: dict[str, np.dtype] = {}
 #: ctypes array types by length (making one costs as much as the view itself)
 _BYTE_ARRAYS: dict[int, Any] = {}
 
-#: byte views of torch tensors' memory by (address, length), oldest first
+#: byte views of torch tensors' memory by (address, length)
 _TORCH_VIEWS: dict[tuple[int, int], memoryview] = {}
 _TORCH_VIEWS_MAX = 64
 
