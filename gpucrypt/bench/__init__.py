@@ -176,7 +176,7 @@ class Cell:
     is within the noise of 1 at this size (None where there is no ratio). ``unsteady``:
     the cell's repetitions still spread widely after extra ones (see
     :data:`gpucrypt.bench.cpu.UNSTEADY_SPREAD`): the machine, not the code, set its time
-    (None where not measured so: GPU rows)."""
+    (None where not measured so: the device-timed GPU rows and simulator smoke rows)."""
 
     algorithm: str
     operation: str

@@ -638,7 +638,7 @@ def _decrypt_small_on_host(enc: Any, key: Any, inplace: bool | None) -> Any:
     key = _key_bytes(key, enc.algorithm)
     in_place = _decides_inplace(enc, None, inplace)
     src = _small_host_bytes(enc._ciphertext)
-    if src is None:
+    if src is None or len(src) != enc.nbytes:  # the general path says what is wrong
         return _NOT_SMALL
     if in_place:
         if enc._source is None or src.readonly:
