@@ -61,6 +61,27 @@ def test_short_path_matches_the_batch_path(algorithm):
                     assert torch.equal(back, x.detach()), label
 
 
+def test_host_tensor_parts_are_the_adapters_answers():
+    """The batch path's shortcut for host tensors describes each one exactly as its
+    framework adapter does (name, dtype, shape, bytes), and leaves to the adapters what
+    it cannot take as it is (non-contiguous, a NumPy subclass, a negated view)."""
+    import math
+
+    from gpucrypt.tensors import _frameworks as fw
+
+    for label, x in tensors():
+        adapter = fw.adapter_for(x)
+        dtype, shape = adapter.dtype_name(x), adapter.shape(x)
+        expected = (adapter.name, dtype, shape, math.prod(shape) * fw.dtype_itemsize(dtype))
+        assert api._host_tensor_parts(x) == expected, label
+    class Subclass(np.ndarray):
+        pass
+
+    for other in (np.arange(12.0).reshape(3, 4)[:, 1], np.eye(2).view(Subclass),
+                  torch.arange(12.0).reshape(3, 4).t(), torch.randn(3, dtype=torch.cfloat).conj().imag):
+        assert api._host_tensor_parts(other) is None
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_short_path_in_place_and_tamper(algorithm):
     key = os.urandom(32)

@@ -524,25 +524,38 @@ def _host_open(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: np.nda
 _NOT_SMALL = object()
 
 
-def _small_host_source(x: Any) -> tuple | None:
-    """(framework, portable dtype name, shape, a flat byte ``memoryview`` of ``x``'s
-    memory) for a C-contiguous NumPy array or CPU torch tensor under the size for one
-    thread; None for anything else. The same answers as the adapters', by shorter ways."""
+def _host_tensor_parts(x: Any) -> tuple | None:
+    """(framework, portable dtype name, shape, byte count) of a C-contiguous NumPy array
+    or CPU torch tensor whose memory is its values; None for anything else (the
+    adapters decide then). The same answers as the adapters', by shorter ways: for a
+    batch of 16 KiB tensors the adapters' calls were a tenth of each tensor's time."""
     if type(x) is np.ndarray:
-        if not x.flags.c_contiguous or x.nbytes >= _HOST_PARALLEL_BYTES:
+        if not x.flags.c_contiguous:
             return None
         dtype = _DTYPE_NAMES["numpy"].get(x.dtype) or _remember_dtype_name("numpy", x)
-        return "numpy", dtype, x.shape, _numpy_host_bytes(x)
+        return "numpy", dtype, x.shape, x.nbytes
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(x, torch.Tensor) or not x.is_cpu:
         return None
-    nbytes = x.nbytes
     # the torch adapter's needs_copy, inline (a lazily conjugated/negated view's memory is
     # not its values)
-    if nbytes >= _HOST_PARALLEL_BYTES or not x.is_contiguous() or x.is_neg() or x.is_conj():
+    if not x.is_contiguous() or x.is_neg() or x.is_conj():
         return None
     dtype = _DTYPE_NAMES["torch"].get(x.dtype) or _remember_dtype_name("torch", x)
-    return "torch", dtype, tuple(x.shape), _torch_host_bytes(x, nbytes)
+    return "torch", dtype, tuple(x.shape), x.nbytes
+
+
+def _small_host_source(x: Any) -> tuple | None:
+    """(framework, portable dtype name, shape, a flat byte ``memoryview`` of ``x``'s
+    memory) for a tensor :func:`_host_tensor_parts` describes, under the size for one
+    thread; None for anything else."""
+    parts = _host_tensor_parts(x)
+    if parts is None or parts[3] >= _HOST_PARALLEL_BYTES:
+        return None
+    framework, dtype, shape, nbytes = parts
+    if framework == "numpy":
+        return framework, dtype, shape, _numpy_host_bytes(x)
+    return framework, dtype, shape, _torch_host_bytes(x, nbytes)
 
 
 def _numpy_host_bytes(x: np.ndarray) -> memoryview:
@@ -750,28 +763,33 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
     device = _check_device(device)
     jobs = []
     for label, x in items:
-        adapter = fw.adapter_for(x)
-        place = adapter.place(x)
-        if device == "cpu" and place != HOST:
-            raise ValueError("device='cpu' was asked for a tensor on the GPU; move it to the host "
-                             "first, or leave device unset")
-        if inplace and not adapter.mutable:
-            raise ValueError(f"{adapter.name} arrays are immutable: inplace=True is not possible "
-                             f"(leave it False: the ciphertext goes to a new buffer)")
-        if adapter.needs_copy(x):
-            if not contiguous:
-                raise ValueError("the tensor is not C-contiguous (or is a lazily conjugated/negated "
-                                 "view): pass contiguous=True to encrypt a contiguous copy")
-            if inplace:
-                raise ValueError("inplace=True needs a C-contiguous tensor (a copy would not be "
-                                 "the tensor's own memory)")
-            x = adapter.contiguous_copy(x)
+        parts = _host_tensor_parts(x) if device != "gpu" else None
+        if parts is not None:  # a host array or tensor as it is: the adapter's checks pass
+            framework, dtype, shape, nbytes = parts
+            adapter, place = fw.BY_NAME[framework], HOST
+        else:
+            adapter = fw.adapter_for(x)
+            place = adapter.place(x)
+            if device == "cpu" and place != HOST:
+                raise ValueError("device='cpu' was asked for a tensor on the GPU; move it to the "
+                                 "host first, or leave device unset")
+            if inplace and not adapter.mutable:
+                raise ValueError(f"{adapter.name} arrays are immutable: inplace=True is not "
+                                 f"possible (leave it False: the ciphertext goes to a new buffer)")
+            if adapter.needs_copy(x):
+                if not contiguous:
+                    raise ValueError("the tensor is not C-contiguous (or is a lazily conjugated/"
+                                     "negated view): pass contiguous=True to encrypt a contiguous copy")
+                if inplace:
+                    raise ValueError("inplace=True needs a C-contiguous tensor (a copy would not be "
+                                     "the tensor's own memory)")
+                x = adapter.contiguous_copy(x)
+            dtype, shape = adapter.dtype_name(x), adapter.shape(x)
+            nbytes = math.prod(shape) * fw.dtype_itemsize(dtype)
         view = adapter.byte_view(x)
         host = adapter.host_array(view) if place == HOST else None  # made once, used twice
         if inplace and host is not None and not host.flags.writeable:
             raise ValueError("inplace=True needs a writable tensor")  # before any is touched
-        dtype, shape = adapter.dtype_name(x), adapter.shape(x)
-        nbytes = math.prod(shape) * fw.dtype_itemsize(dtype)
         _limits.check_length("tensor", nbytes, _MAX_DATA[algorithm], algorithm)
         name = _check_name(label)
         meta = _metadata(algorithm, adapter.name, dtype, shape, nbytes, key_id, name)
