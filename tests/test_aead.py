@@ -542,13 +542,26 @@ def test_cpu_detached_tag_form_in_place_and_out(name, nonce_len, size, path, mon
 
 @pytest.mark.parametrize("size", [1000, 1024, 4096, 5000, 9999])
 @pytest.mark.parametrize("in_place", [True, False])
-def test_cpu_detached_chacha20_poly1305_on_threads(size, in_place, monkeypatch):
-    """threads=3 on one message: the keystream in 256-byte pieces on a pool (counters
-    from each piece's offset), the MAC following in order. The same bytes as
-    cryptography; verified before anything is written; a failure leaves in-place
-    ciphertext alone and zeroes a separate output."""
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_cpu_detached_chacha20_poly1305_on_threads(size, in_place, one_pass, monkeypatch):
+    """threads=3 on one message: the keystream in 256-byte pieces on 2 workers (counters
+    from each piece's offset), this thread's MAC following in order. Opening, the MAC
+    runs first over everything, then the keystream on 3 workers; or, ``one_pass``, the
+    MAC runs here piece by piece ahead of 2 workers decrypting, and a wrong tag undoes
+    their work. The same bytes as cryptography; a failure leaves in-place ciphertext
+    as it was and zeroes a separate output."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from gpucrypt.backends import cpu, get_backend
 
+    workers = []
+
+    class CountingPool(ThreadPoolExecutor):
+        def __init__(self, n):
+            workers.append(n)
+            super().__init__(n)
+
+    monkeypatch.setattr("concurrent.futures.ThreadPoolExecutor", CountingPool)
     monkeypatch.setattr(cpu, "PARALLEL_MIN", 1000)
     monkeypatch.setattr(cpu, "_PARALLEL_CHUNK", 256)
     monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", -1)
@@ -557,20 +570,26 @@ def test_cpu_detached_chacha20_poly1305_on_threads(size, in_place, monkeypatch):
     ctx = get_backend("cpu").aead("chacha20-poly1305", key)
     src = bytearray(data)
     dst = src if in_place else bytearray(size)
-    tag = ctx.seal_detached(nonce, memoryview(src), memoryview(aad), memoryview(dst), threads=3)
+    tag = ctx.seal_detached(nonce, memoryview(src), memoryview(aad), memoryview(dst), threads=3,
+                            one_pass=one_pass)
     assert bytes(dst) + tag == expected
+    assert workers == [2]  # and this thread: three threads on the message
     ct = bytearray(dst)
-    for bad_tag, bad_ct in ((bytes([tag[0] ^ 1]) + tag[1:], ct), (tag, ct[:-1] + bytes([ct[-1] ^ 1]))):
+    for bad_tag, bad_ct in ((bytes([tag[0] ^ 1]) + tag[1:], ct), (tag, ct[:-1] + bytes([ct[-1] ^ 1])),
+                            (tag, bytes([ct[0] ^ 1]) + ct[1:])):
         src = bytearray(bad_ct)
         out = src if in_place else bytearray(b"\x55" * size)
         with pytest.raises(InvalidTag):
             ctx.open_detached(nonce, memoryview(src), bad_tag, memoryview(aad), memoryview(out),
-                              threads=3)
+                              threads=3, one_pass=one_pass)
         assert bytes(out) == (bytes(bad_ct) if in_place else bytes(size))
+    workers.clear()
     src = bytearray(ct)
     out = src if in_place else bytearray(size)
-    ctx.open_detached(nonce, memoryview(src), tag, memoryview(aad), memoryview(out), threads=3)
+    ctx.open_detached(nonce, memoryview(src), tag, memoryview(aad), memoryview(out), threads=3,
+                      one_pass=one_pass)
     assert bytes(out) == data
+    assert workers == [2 if one_pass else 3]
 
 
 @pytest.mark.parametrize("name", sorted(CLASSES))

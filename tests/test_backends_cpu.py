@@ -299,7 +299,7 @@ def test_chacha20_poly1305_one_pass_matches_cryptography(data, aad, piece, in_pl
         assert bytes(back) == data
 
 
-def _assert_tampered_opens_leave_nothing(ctx, nonce, ct, cases, in_place, shared_gil=False) -> None:
+def _assert_tampered_opens_leave_nothing(ctx, nonce, ct, cases, in_place, **options) -> None:
     """Each (byte to flip or None, tag, aad) of ``cases`` opened with ``one_pass=True``:
     InvalidTag, an in-place buffer holding its (forged) ciphertext again, byte for byte,
     and a separate output all zeros, or untouched where a short tag is refused first."""
@@ -312,7 +312,7 @@ def _assert_tampered_opens_leave_nothing(ctx, nonce, ct, cases, in_place, shared
         out = buf if in_place else bytearray(b"\x55" * size)
         with pytest.raises(InvalidTag):
             ctx.open_detached(nonce, memoryview(buf), bad_tag, memoryview(bad_aad),
-                              memoryview(out), one_pass=True, shared_gil=shared_gil)
+                              memoryview(out), one_pass=True, **options)
         assert bytes(buf) == forged
         if not in_place:
             assert out == (bytes(size) if len(bad_tag) == 16 else b"\x55" * size)

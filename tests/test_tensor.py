@@ -423,7 +423,9 @@ def test_large_host_batches_run_on_threads(monkeypatch, algorithm):
 @pytest.mark.parametrize("algorithm", ["chacha20-poly1305", "xchacha20-poly1305"])
 def test_one_large_host_tensor_uses_every_core_in_its_message(monkeypatch, algorithm):
     """A single host tensor over _HOST_PARALLEL_BYTES is one message on all cores (the
-    CPU backend's threads=): the same bytes, and back."""
+    CPU backend's threads=): the same bytes, and back. The seal's keystream runs on
+    cores - 1 workers, this thread running the MAC behind them; the open runs the MAC
+    here, piece by piece, ahead of cores - 1 workers decrypting."""
     from gpucrypt.backends import cpu
 
     monkeypatch.setattr(cpu, "usable_cores", lambda: 3)
@@ -432,12 +434,18 @@ def test_one_large_host_tensor_uses_every_core_in_its_message(monkeypatch, algor
     monkeypatch.setattr(tensor_mod, "_HOST_PARALLEL_BYTES", 1000)
     asked = []
     real = cpu._ChaCha20Poly1305._xor_parallel
+    real_open = cpu._ChaCha20Poly1305._open_pipelined
 
     def spy(self, nonce, data, out, threads, done):
-        asked.append(threads)
+        asked.append(("keystream", threads))
         return real(self, nonce, data, out, threads, done)
 
+    def spy_open(self, nonce, data, tag, aad, out, workers):
+        asked.append(("open", workers))
+        return real_open(self, nonce, data, tag, aad, out, workers)
+
     monkeypatch.setattr(cpu._ChaCha20Poly1305, "_xor_parallel", spy)
+    monkeypatch.setattr(cpu._ChaCha20Poly1305, "_open_pipelined", spy_open)
     key = os.urandom(32)
     x = random_array((2500,), "float32")
     enc = gpucrypt.encrypt_tensor(x, key, algorithm=algorithm)
@@ -445,7 +453,7 @@ def test_one_large_host_tensor_uses_every_core_in_its_message(monkeypatch, algor
                          nbytes=x.nbytes)
     assert ct_bytes(enc) + enc.tag == reference_seal(algorithm, key, enc.nonce, x.tobytes(), meta)
     assert gpucrypt.decrypt_tensor(enc, key).tobytes() == x.tobytes()
-    assert asked == [3, 3]
+    assert asked == [("keystream", 2), ("open", 2)]
 
 
 def test_in_place_batch_refuses_shared_memory_before_touching_any():

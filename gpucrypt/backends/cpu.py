@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 import _thread
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -285,8 +286,11 @@ class _ChaCha20Poly1305(_OpenSslAead):
                 return self._seal_detached_one_shot(nonce, data, aad, out,
                                                     _thread_scratch(len(data) + 16))
             return super().seal_detached(nonce, data, aad, out)
+        # the keystream on threads - 1 workers: this thread is the last one, running the MAC
+        # behind them (with as many workers as threads, three threads shared two cores:
+        # 512 MiB in place on 2 cores, 3.5 GB/s against 4.5 with one worker)
         mac = self._mac(nonce, aad)
-        self._xor_parallel(nonce, data, out, threads, lambda a, b: mac.update(out[a:b]))
+        self._xor_parallel(nonce, data, out, threads - 1, lambda a, b: mac.update(out[a:b]))
         return mac.finalize()
 
     def open_detached(self, nonce, data, tag, aad, out, threads=1, one_pass=False, shared_gil=False):
@@ -297,6 +301,8 @@ class _ChaCha20Poly1305(_OpenSslAead):
                     return self._open_detached_one_shot(nonce, data, tag, aad, out, into_out=True)
                 return self._open_one_pass(nonce, data, tag, aad, out)
             return super().open_detached(nonce, data, tag, aad, out, one_pass=one_pass)
+        if one_pass:
+            return self._open_pipelined(nonce, data, tag, aad, out, threads - 1)
         if not _tags_equal(self._tag(nonce, data, aad), bytes(tag)):
             if not _same_memory(data, out):
                 _zero(out)
@@ -334,6 +340,45 @@ class _ChaCha20Poly1305(_OpenSslAead):
         if not _tags_equal(mac.finalize(), bytes(tag)):
             if _same_memory(data, out):
                 _xor_into(self._stream(nonce, 1), out, out)  # the whole buffer, back
+            else:
+                _zero(out)
+            raise InvalidTag()
+
+    def _open_pipelined(self, nonce, data, tag, aad, out, workers: int) -> None:
+        """The one-pass open on several threads: this thread runs the MAC over each piece
+        of ciphertext, then hands the piece to one of ``workers`` threads to decrypt,
+        while it goes on to the next piece; the tag is checked at the end, and a wrong
+        one is handled as in :meth:`_open_one_pass` (in place: the keystream once more
+        over the whole buffer; apart: zeros). The MAC-first open would run the MAC over
+        everything, then the keystream: 3.6 GB/s on 2 cores here, against 4.4."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = len(data)
+        mac = self._mac(nonce, aad)
+
+        def xor(start: int) -> None:
+            end = min(start + _PARALLEL_CHUNK, n)
+            _xor_into(self._stream(nonce, 1 + start // 64), data[start:end], out[start:end])
+
+        with ThreadPoolExecutor(workers) as pool:
+            futures = []
+            try:
+                for start in range(0, n, _PARALLEL_CHUNK):
+                    mac.update(data[start:start + _PARALLEL_CHUNK])  # before a worker writes it
+                    futures.append(pool.submit(xor, start))
+                    # Poly1305 holds the GIL, and this loop would keep it until the switch
+                    # interval (5 ms) ran out: the workers, each needing it for a moment
+                    # between pieces, would wait that long. Let them have it now.
+                    time.sleep(0)
+                for future in futures:
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+        if not _tags_equal(mac.finalize(), bytes(tag)):
+            if _same_memory(data, out):
+                self._xor_parallel(nonce, out, out, workers + 1, lambda a, b: None)  # back
             else:
                 _zero(out)
             raise InvalidTag()
