@@ -425,3 +425,53 @@ def test_chacha20_poly1305_one_pass_is_one_cipher_context(monkeypatch):
                                                    memoryview(buf), one_pass=True)
     assert bytes(buf) + tag == reference.ChaCha20Poly1305(key).encrypt(nonce, data, b"")
     assert streams == [(nonce, 0)]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_chacha20_poly1305_one_pass_open_stopped_part_way_leaves_nothing(threads, in_place, monkeypatch):
+    """A one-pass open that stops part-way (an interrupt between pieces; a worker that
+    fails) raises that error with an in-place buffer holding exactly its ciphertext
+    again and a separate output all zeros: the pieces already decrypted are taken back."""
+    from gpucrypt import _host_primitives
+
+    monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", -1)
+    monkeypatch.setattr(cpu, "ONE_PASS_PIECE", 256)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 1000)
+    monkeypatch.setattr(cpu, "_PARALLEL_CHUNK", 256)
+    key, nonce, aad = os.urandom(32), os.urandom(12), os.urandom(7)
+    data = os.urandom(256 * 9 + 5)
+    sealed = reference.ChaCha20Poly1305(key).encrypt(nonce, data, aad)
+    ct, tag = sealed[:-16], sealed[-16:]
+    ctx = get_backend("cpu").aead("chacha20-poly1305", key)
+    if threads == 1:  # the MAC's fifth piece is interrupted
+        calls = []
+        real_update = _host_primitives.Poly1305AeadMac.update
+
+        def update(self, piece):
+            calls.append(len(piece))
+            if len(calls) == 5:
+                raise KeyboardInterrupt
+            return real_update(self, piece)
+
+        monkeypatch.setattr(_host_primitives.Poly1305AeadMac, "update", update)
+        expected = KeyboardInterrupt
+    else:  # the worker decrypting the fourth piece fails, others have finished
+        real_xor, seen = cpu._xor_into, []
+
+        def xor(encryptor, src, dst):
+            seen.append(len(seen))
+            if len(seen) == 4:
+                raise MemoryError("worker failed")
+            return real_xor(encryptor, src, dst)
+
+        monkeypatch.setattr(cpu, "_xor_into", xor)
+        expected = MemoryError
+    buf = bytearray(ct)
+    out = buf if in_place else bytearray(b"\x55" * len(ct))
+    with pytest.raises(expected):
+        ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(out),
+                          threads=threads, one_pass=True)
+    assert bytes(buf) == ct
+    if not in_place:
+        assert bytes(out) == bytes(len(ct))

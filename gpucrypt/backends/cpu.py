@@ -333,16 +333,35 @@ class _ChaCha20Poly1305(_OpenSslAead):
         stream = self._stream(nonce, 0)
         mac = Poly1305AeadMac(stream.update(bytes(64))[:32], aad)
         update_into, mac_update = stream.update_into, mac.update
-        for start in range(0, len(data), ONE_PASS_PIECE):
-            end = start + ONE_PASS_PIECE
-            mac_update(data[start:end])
-            update_into(data[start:end], out[start:end])
+        done = 0  # out[:done] holds plaintext
+        try:
+            for start in range(0, len(data), ONE_PASS_PIECE):
+                end = min(start + ONE_PASS_PIECE, len(data))
+                mac_update(data[start:end])
+                # counted before the call: an interrupt is raised only after a call returns
+                # (or at the loop's end), so ``done`` never misses a decrypted piece
+                done = end
+                update_into(data[start:end], out[start:end])
+        except BaseException:  # an interrupt part-way: what was decrypted goes back too
+            self._take_back(nonce, data, out, range(0, done, ONE_PASS_PIECE), ONE_PASS_PIECE, done)
+            raise
         if not _tags_equal(mac.finalize(), bytes(tag)):
             if _same_memory(data, out):
                 _xor_into(self._stream(nonce, 1), out, out)  # the whole buffer, back
             else:
                 _zero(out)
             raise InvalidTag()
+
+    def _take_back(self, nonce, data, out, starts, piece: int, end: int) -> None:
+        """After an open stopped part-way (an interrupt, a failed worker): an in-place
+        buffer gets the ciphertext of the pieces at ``starts`` back (the keystream once
+        more; each piece was decrypted whole, or not at all), a separate output zeros."""
+        if not _same_memory(data, out):
+            _zero(out)
+            return
+        for start in starts:
+            stop = min(start + piece, end)
+            _xor_into(self._stream(nonce, 1 + start // 64), out[start:stop], out[start:stop])
 
     def _open_pipelined(self, nonce, data, tag, aad, out, workers: int) -> None:
         """The one-pass open on several threads: this thread runs the MAC over each piece
@@ -375,6 +394,10 @@ class _ChaCha20Poly1305(_OpenSslAead):
             except BaseException:
                 for future in futures:
                     future.cancel()
+                pool.shutdown(wait=True)  # every piece a worker started is finished
+                decrypted = [start for start, future in zip(range(0, n, _PARALLEL_CHUNK), futures)
+                             if not future.cancelled() and future.exception() is None]
+                self._take_back(nonce, data, out, decrypted, _PARALLEL_CHUNK, n)
                 raise
         if not _tags_equal(mac.finalize(), bytes(tag)):
             if _same_memory(data, out):
