@@ -645,10 +645,16 @@ def test_small_host_tensors_stay_on_the_calling_thread(monkeypatch, algorithm):
 
     real = tensor_mod._encrypt_on_host
 
+    worker_ran = threading.Event()
+
     def spy(job, *args):
         ran_on[job.label] = threading.get_ident()
         order.append(job.label)
         shared[job.label] = args[-1]  # shared_gil
+        if ran_on[job.label] != me:
+            worker_ran.set()
+        elif job.label.startswith("s") and pools:  # a pool: let the worker take a tensor first
+            worker_ran.wait(10)
         return real(job, *args)
 
     monkeypatch.setattr(pipeline, "ThreadPoolExecutor", CountingPool)
@@ -664,6 +670,7 @@ def test_small_host_tensors_stay_on_the_calling_thread(monkeypatch, algorithm):
         pools.clear()
         ran_on.clear()
         order.clear()
+        worker_ran.clear()
         encs = gpucrypt.encrypt_tensors(tensors, key, algorithm=algorithm)
         assert pools == workers
         assert set(ran_on) == set(tensors)
@@ -673,6 +680,7 @@ def test_small_host_tensors_stay_on_the_calling_thread(monkeypatch, algorithm):
         assert mine == sorted(mine, key=lambda n: n.startswith("L"))
         # the workers take the GIL-free forms, this thread the fastest one of its own
         assert all(shared[n] == (ran_on[n] != me) for n in tensors)
+        assert any(ran_on[n] != me for n in tensors) == bool(workers)
         back = gpucrypt.decrypt_tensors(encs, key)
         assert all(back[n].tobytes() == tensors[n].tobytes() for n in tensors)
 

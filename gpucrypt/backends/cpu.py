@@ -174,9 +174,7 @@ class _OpenSslAead(AeadContext):
 
     def seal_detached(self, nonce, data, aad, out, threads=1, one_pass=False, shared_gil=False):
         if len(data) <= ONE_SHOT_DETACHED_MAX and self._native(nonce, len(data), len(aad)):
-            # the thread's reused buffer: a fresh zeroed one per message cost a fifth of a
-            # 16 KiB tensor's seal in a batch
-            return self._seal_detached_one_shot(nonce, data, aad, out, _thread_scratch(len(data) + 16))
+            return self._seal_detached_one_shot(nonce, data, aad, out)
         state = self._start(nonce)
         self._xor(state, data, out)
         return self._tag(state, out, aad)
@@ -196,10 +194,13 @@ class _OpenSslAead(AeadContext):
     # Small messages: OpenSSL's one-shot AEAD through a scratch buffer holding
     # ``data || tag`` costs a copy of a few KiB; composing the AEAD from its primitives
     # costs ~20 us of cipher contexts per call.
-    def _seal_detached_one_shot(self, nonce, data, aad, out, scratch=None) -> bytes:
-        scratch = bytearray(len(data) + 16) if scratch is None else scratch
+    def _seal_detached_one_shot(self, nonce, data, aad, out) -> bytes:
+        """OpenSSL's one-shot seal into the thread's scratch buffer (a fresh zeroed one per
+        message cost a fifth of a 16 KiB tensor's seal in a batch), then the ciphertext
+        out of it: ``out`` may be ``data`` itself, the scratch is apart."""
+        scratch = _thread_scratch(len(data) + 16)
         self._aead.encrypt_into(nonce, data, aad, scratch)
-        _copy(out, memoryview(scratch)[:len(data)])  # out may be data itself: scratch is apart
+        _copy(out, scratch[:len(data)])
         return bytes(scratch[len(data):])
 
     def _open_detached_one_shot(self, nonce, data, tag, aad, out, into_out=False) -> None:
@@ -278,13 +279,11 @@ class _ChaCha20Poly1305(_OpenSslAead):
             if one_pass and len(data) > ONE_SHOT_DETACHED_MAX:
                 if shared_gil and len(data) <= SHARED_GIL_ONE_SHOT_MAX and \
                         self._native(nonce, len(data), len(aad)):
-                    return self._seal_detached_one_shot(nonce, data, aad, out,
-                                                        _thread_scratch(len(data) + 16))
+                    return self._seal_detached_one_shot(nonce, data, aad, out)
                 return self._seal_one_pass(nonce, data, aad, out)
             if ONE_SHOT_DETACHED_MAX < len(data) <= CHACHA_ONE_SHOT_SEAL_MAX and \
                     self._native(nonce, len(data), len(aad)):
-                return self._seal_detached_one_shot(nonce, data, aad, out,
-                                                    _thread_scratch(len(data) + 16))
+                return self._seal_detached_one_shot(nonce, data, aad, out)
             return super().seal_detached(nonce, data, aad, out)
         # the keystream on threads - 1 workers: this thread is the last one, running the MAC
         # behind them (with as many workers as threads, three threads shared two cores:
@@ -343,33 +342,29 @@ class _ChaCha20Poly1305(_OpenSslAead):
                 done = end
                 update_into(data[start:end], out[start:end])
         except BaseException:  # an interrupt part-way: what was decrypted goes back too
-            self._take_back(nonce, data, out, range(0, done, ONE_PASS_PIECE), ONE_PASS_PIECE, done)
+            self._take_back(nonce, data, out, [(0, done)])
             raise
         if not _tags_equal(mac.finalize(), bytes(tag)):
-            if _same_memory(data, out):
-                _xor_into(self._stream(nonce, 1), out, out)  # the whole buffer, back
-            else:
-                _zero(out)
+            self._take_back(nonce, data, out, [(0, len(data))])
             raise InvalidTag()
 
-    def _take_back(self, nonce, data, out, starts, piece: int, end: int) -> None:
-        """After an open stopped part-way (an interrupt, a failed worker): an in-place
-        buffer gets the ciphertext of the pieces at ``starts`` back (the keystream once
-        more; each piece was decrypted whole, or not at all), a separate output zeros."""
+    def _take_back(self, nonce, data, out, spans) -> None:
+        """What a one-pass open that does not return must leave: an in-place buffer gets
+        the ciphertext of the decrypted ``(start, end)`` spans back (the keystream once
+        more; ``start`` a multiple of 64), a separate output is zeroed."""
         if not _same_memory(data, out):
             _zero(out)
             return
-        for start in starts:
-            stop = min(start + piece, end)
-            _xor_into(self._stream(nonce, 1 + start // 64), out[start:stop], out[start:stop])
+        for start, end in spans:
+            _xor_into(self._stream(nonce, 1 + start // 64), out[start:end], out[start:end])
 
     def _open_pipelined(self, nonce, data, tag, aad, out, workers: int) -> None:
         """The one-pass open on several threads: this thread runs the MAC over each piece
         of ciphertext, then hands the piece to one of ``workers`` threads to decrypt,
         while it goes on to the next piece; the tag is checked at the end, and a wrong
-        one is handled as in :meth:`_open_one_pass` (in place: the keystream once more
-        over the whole buffer; apart: zeros). The MAC-first open would run the MAC over
-        everything, then the keystream: 3.6 GB/s on 2 cores here, against 4.4."""
+        one is handled as in :meth:`_open_one_pass` (:meth:`_take_back`). The MAC-first
+        open would run the MAC over everything, then the keystream: 3.6 GB/s on 2 cores
+        here, against 4.4."""
         from concurrent.futures import ThreadPoolExecutor
 
         n = len(data)
@@ -395,15 +390,13 @@ class _ChaCha20Poly1305(_OpenSslAead):
                 for future in futures:
                     future.cancel()
                 pool.shutdown(wait=True)  # every piece a worker started is finished
-                decrypted = [start for start, future in zip(range(0, n, _PARALLEL_CHUNK), futures)
+                decrypted = [(start, min(start + _PARALLEL_CHUNK, n))
+                             for start, future in zip(range(0, n, _PARALLEL_CHUNK), futures)
                              if not future.cancelled() and future.exception() is None]
-                self._take_back(nonce, data, out, decrypted, _PARALLEL_CHUNK, n)
+                self._take_back(nonce, data, out, decrypted)
                 raise
         if not _tags_equal(mac.finalize(), bytes(tag)):
-            if _same_memory(data, out):
-                self._xor_parallel(nonce, out, out, workers + 1, lambda a, b: None)  # back
-            else:
-                _zero(out)
+            self._take_back(nonce, data, out, [(0, n)])
             raise InvalidTag()
 
     def _xor_parallel(self, nonce, data, out, threads: int, done) -> None:

@@ -388,7 +388,11 @@ class Timing:
 
     @property
     def unsteady(self) -> bool:
-        return self.spread is not None and self.spread > UNSTEADY_SPREAD
+        return _too_spread(self.spread)
+
+
+def _too_spread(spread: float | None) -> bool:
+    return spread is not None and spread > UNSTEADY_SPREAD
 
 
 def quartile_spread(samples: list[float]) -> float | None:
@@ -525,7 +529,7 @@ def time_host_group(makers: dict[str, Callable[[int], Operation]], threads: int,
                                else _timed_threads(ops, iterations))
         k += 1
         if k == rounds * lots and lots < UNSTEADY_MAX_FACTOR and any(
-                (quartile_spread(plan[3]) or 0) > UNSTEADY_SPREAD for plan in plans.values()):
+                _too_spread(quartile_spread(plan[3])) for plan in plans.values()):
             lots += 1  # every implementation again, interleaved: the ratios stay fair
     for name, (ops, repetitions, iterations, samples) in plans.items():
         results[name] = Timing(len(samples), iterations, statistics.median(samples) / iterations,

@@ -73,6 +73,10 @@ _NUMPY_DTYPE_NAMES: dict = {}
 
 def numpy_dtype_name(dt: np.dtype) -> str:
     """The portable name of a NumPy (or ``ml_dtypes``) dtype; ``ValueError`` if it has none."""
+    if isinstance(dt, np.dtype):  # a dtype seen before costs one lookup, no np.dtype() call
+        name = _NUMPY_DTYPE_NAMES.get(dt)
+        if name is not None:
+            return name
     dt = np.dtype(dt)
     name = _NUMPY_DTYPE_NAMES.get(dt)
     if name is None:
