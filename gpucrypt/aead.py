@@ -159,72 +159,85 @@ class _Aead:
         return self._context(backend, key), nonce, aad
 
     # --- public API, as in cryptography ---
+    # Each method is the fast path and nothing else: one attribute, cryptography's call;
+    # every other case goes to ``_slow``, which decides where it runs. At 1 KiB
+    # cryptography's AES-GCM call takes about 480 ns on an AVX-512 Xeon, and any Python
+    # method in front of it costs 25-30 ns (a bare wrapper, measured), so each
+    # instruction here shows in the ratio: this form costs about 38 ns, the earlier one,
+    # with the per-call choice inline, 46 ns.
     def encrypt(self, nonce: Any, data: Any, associated_data: Any) -> bytes:
         """``ciphertext || tag`` of ``data`` under ``nonce``, authenticating ``associated_data``."""
-        openssl, fast_nonce = self._direct, nonce
-        if openssl is None:
-            openssl, fast_nonce = self._openssl_for(nonce, data)
-        if openssl is not None:
+        direct = self._direct
+        if direct is not None:
             try:
-                return openssl.encrypt(fast_nonce, data, associated_data)
+                return direct.encrypt(nonce, data, associated_data)
             except _NOT_FOR_OPENSSL:
                 pass
-        src = readable(data)
-        result, out = new_bytes(len(src) + _limits.TAG_SIZE)
-        self._encrypt_views(nonce, src, associated_data, out)
-        return result
+        return self._slow("encrypt", nonce, data, associated_data)
 
     def encrypt_into(self, nonce: Any, data: Any, associated_data: Any, buf: Any) -> int:
         """Write ``ciphertext || tag`` into ``buf`` (exactly ``len(data) + 16`` bytes)."""
-        openssl, fast_nonce = self._direct, nonce
-        if openssl is None:
-            openssl, fast_nonce = self._openssl_for(nonce, data)
-        if openssl is not None:
+        direct = self._direct
+        if direct is not None:
             try:
-                return openssl.encrypt_into(fast_nonce, data, associated_data, buf)
+                return direct.encrypt_into(nonce, data, associated_data, buf)
             except _NOT_FOR_OPENSSL:
                 pass
-        src = readable(data)
-        out = writable(buf)
-        if len(out) != len(src) + _limits.TAG_SIZE:
-            raise ValueError(f"buffer must be {len(src) + _limits.TAG_SIZE} bytes")
-        self._encrypt_views(nonce, src, associated_data, out)
-        return len(out)
+        return self._slow("encrypt_into", nonce, data, associated_data, buf)
 
     def decrypt(self, nonce: Any, data: Any, associated_data: Any) -> bytes:
         """The plaintext, or ``InvalidTag`` if anything was altered (nothing is returned then)."""
-        openssl, fast_nonce = self._direct, nonce
-        if openssl is None:
-            openssl, fast_nonce = self._openssl_for(nonce, data, _limits.TAG_SIZE)
-        if openssl is not None:
+        direct = self._direct
+        if direct is not None:
             try:
-                return openssl.decrypt(fast_nonce, data, associated_data)
+                return direct.decrypt(nonce, data, associated_data)
             except _NOT_FOR_OPENSSL:
                 pass
-        src = readable(data)
-        result, out = new_bytes(max(len(src) - _limits.TAG_SIZE, 0))
-        self._decrypt_views(nonce, src, associated_data, out)
-        return result
+        return self._slow("decrypt", nonce, data, associated_data)
 
     def decrypt_into(self, nonce: Any, data: Any, associated_data: Any, buf: Any) -> int:
         """Write the plaintext into ``buf`` (``len(data) - 16`` bytes); zeroed on ``InvalidTag``."""
-        openssl, fast_nonce = self._direct, nonce
-        if openssl is None:
-            openssl, fast_nonce = self._openssl_for(nonce, data, _limits.TAG_SIZE)
-        if openssl is not None:
+        direct = self._direct
+        if direct is not None:
             try:
-                return openssl.decrypt_into(fast_nonce, data, associated_data, buf)
+                return direct.decrypt_into(nonce, data, associated_data, buf)
             except InvalidTag:
                 zero(writable(buf))  # cryptography leaves unauthenticated plaintext there
                 raise
             except _NOT_FOR_OPENSSL:
                 pass
+        return self._slow("decrypt_into", nonce, data, associated_data, buf)
+
+    def _slow(self, method: str, nonce: Any, data: Any, associated_data: Any, buf: Any = None):
+        """``method`` for a call the direct path did not take: OpenSSL still, when this
+        call may run on the CPU and cryptography takes its arguments (an object that
+        decides per call, XChaCha20's libsodium or subkey); else the general path, which
+        produces the same bytes or gpucrypt's own error."""
+        decrypting = method.startswith("decrypt")
+        if self._direct is None:
+            openssl, fast_nonce = self._openssl_for(nonce, data, _limits.TAG_SIZE if decrypting else 0)
+            if openssl is not None:
+                call = getattr(openssl, method)
+                try:
+                    if buf is None:
+                        return call(fast_nonce, data, associated_data)
+                    return call(fast_nonce, data, associated_data, buf)
+                except InvalidTag:
+                    if buf is not None:
+                        zero(writable(buf))  # cryptography leaves unauthenticated plaintext there
+                    raise
+                except _NOT_FOR_OPENSSL:
+                    pass
         src = readable(data)
-        out = writable(buf)
-        if len(out) != max(len(src) - _limits.TAG_SIZE, 0):
-            raise ValueError(f"buffer must be {len(src) - _limits.TAG_SIZE} bytes")
-        self._decrypt_views(nonce, src, associated_data, out)
-        return len(out)
+        size = max(len(src) - _limits.TAG_SIZE, 0) if decrypting else len(src) + _limits.TAG_SIZE
+        if buf is None:
+            result, out = new_bytes(size)
+        else:
+            result, out = size, writable(buf)
+            if len(out) != size:
+                raise ValueError(f"buffer must be {size} bytes")
+        (self._decrypt_views if decrypting else self._encrypt_views)(nonce, src, associated_data, out)
+        return result
 
     # --- batches: one launch per step on the GPU ---
     def encrypt_many(self, messages: Any) -> list[bytes]:

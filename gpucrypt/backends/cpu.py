@@ -313,7 +313,7 @@ class _ChaCha20Poly1305(_OpenSslAead):
 
         stream = self._stream(nonce, 0)
         mac = Poly1305AeadMac(stream.update(bytes(64))[:32], aad)  # block 0; block 1 is next
-        update_into, mac_update = stream.update_into, mac.update
+        update_into, mac_update = stream.update_into, mac.counted_update(len(data))
         for start in range(0, len(data), ONE_PASS_PIECE):
             end = start + ONE_PASS_PIECE
             update_into(data[start:end], out[start:end])
@@ -331,7 +331,7 @@ class _ChaCha20Poly1305(_OpenSslAead):
 
         stream = self._stream(nonce, 0)
         mac = Poly1305AeadMac(stream.update(bytes(64))[:32], aad)
-        update_into, mac_update = stream.update_into, mac.update
+        update_into, mac_update = stream.update_into, mac.counted_update(len(data))
         done = 0  # out[:done] holds plaintext
         try:
             for start in range(0, len(data), ONE_PASS_PIECE):
