@@ -299,6 +299,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
                       "dcp_bench": render_dcp_run,
                       "model_load_bench": render_model_load_run,
                       "ray_bench": render_ray_run,
+                      "address_bench": render_address_run,
                       "kernel_report": render_kernel_report_run}.get(doc.get("benchmark"), render_run)
         lines += render_one(path.stem, doc)
     if cli_runs:
@@ -490,6 +491,25 @@ def render_dcp_run(name: str, doc: dict) -> list[str]:
             verdict = "met" if r["ratio"] <= doc["target"] else "not met"
             lines.append(f"- {r['op']}, {r['variant']}: wall x{r['ratio']:.2f} ({verdict}), "
                          f"CPU x{r['cpu_ratio']:.2f}")
+    return lines + [""]
+
+
+def render_address_run(name: str, doc: dict) -> list[str]:
+    """A ``benchmarks/address_bench.py`` run: one buffer sealed in place from several
+    offsets past a 2 MiB boundary (GiB/s by offset)."""
+    offsets = sorted({r["offset"] for r in doc["rows"]})
+    cases = list(dict.fromkeys(r["case"] for r in doc["rows"]))
+    rate = {(r["case"], r["offset"]): r["gib_per_s"] for r in doc["rows"]}
+    lines = [f"## {name}", "",
+             f"`benchmarks/address_bench.py`: {doc['mib']} MiB sealed in place by the CPU backend "
+             f"(the tensor API's call), and the two ChaCha20-Poly1305 primitives alone, from each "
+             f"offset past a 2 MiB boundary; {doc['cpu']}, {doc['cores']} cores, commit "
+             f"`{(doc.get('commit') or 'unknown')[:10]}`, medians of {doc['reps']} interleaved rounds; "
+             f"1-minute load average {doc['load_average_start']:.2f} at the start, "
+             f"{doc['load_average_end']:.2f} at the end. GiB/s:", "",
+             "| case | " + " | ".join(f"+{o}" for o in offsets) + " |",
+             "|---|" + "---:|" * len(offsets)]
+    lines += [f"| {c} | " + " | ".join(f"{rate[(c, o)]:.2f}" for o in offsets) + " |" for c in cases]
     return lines + [""]
 
 
