@@ -61,6 +61,50 @@ def test_short_path_matches_the_batch_path(algorithm):
                     assert torch.equal(back, x.detach()), label
 
 
+def _memory(x) -> bytes:
+    """The bytes in a tensor's memory (for a 0-d or bool tensor too)."""
+    if isinstance(x, np.ndarray):
+        return x.tobytes()
+    return x.detach().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _same_tensors(copies: int):
+    """``copies`` equal sets of :func:`tensors`, each its own memory."""
+    sets = []
+    for _ in range(copies):
+        torch.manual_seed(3)
+        sets.append(list(tensors()))
+    return zip(*sets)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_short_path_in_place_matches_the_batch_path(algorithm):
+    """In place, the short path leaves the batch path's ciphertext in the tensor and
+    serialises to the same bytes. It keeps no byte view of the tensor until one is asked
+    for: its open reads the tensor's own memory, a wrong tag leaves the ciphertext there,
+    and the right one gives the tensor back."""
+    key = os.urandom(32)
+    for (label, a), (_, b), (_, c) in _same_tensors(3):
+        original = _memory(a)
+        nonce = os.urandom(NONCE[algorithm])
+        short = gpucrypt.encrypt_tensor(a, key, algorithm=algorithm, nonce=nonce, name="w",
+                                        inplace=True)
+        assert short._ct is None, label  # no view made: the lazy form is what is tested here
+        batch = gpucrypt.encrypt_tensors({"w": b}, key, algorithm=algorithm, nonces=[nonce],
+                                         inplace=True)["w"]
+        assert _memory(a) == _memory(b), label
+        assert short.tag == batch.tag and short.to_bytes() == batch.to_bytes(), label
+
+        enc = gpucrypt.encrypt_tensor(c, key, algorithm=algorithm, nonce=nonce, inplace=True)
+        ciphertext, tag = _memory(c), enc.tag
+        enc._tag = bytes([tag[0] ^ 1]) + tag[1:]
+        with pytest.raises(InvalidTag):
+            gpucrypt.decrypt_tensor(enc, key)
+        assert _memory(c) == ciphertext and enc._ct is None, label
+        enc._tag = tag
+        assert gpucrypt.decrypt_tensor(enc, key) is c and _memory(c) == original, label
+
+
 def test_host_tensor_parts_are_the_adapters_answers():
     """The batch path's shortcut for host tensors describes each one exactly as its
     framework adapter does (name, dtype, shape, bytes), and leaves to the adapters what
