@@ -890,7 +890,8 @@ def _refuse_shared_memory(jobs: list[_Job]) -> None:
     before anything is touched."""
     spans = []
     for job in jobs:
-        address = fw.memory_address(job.view if job.view is not None else job.host_src)
+        # a torch host tensor read by address has no view: it tells its address itself
+        address = fw.memory_address(job.view if job.view is not None else job.x)
         if address is not None and job.enc.nbytes:
             spans.append((job.place, address, address + job.enc.nbytes, job.label))
     spans.sort(key=lambda s: (str(s[0]), s[1]))
