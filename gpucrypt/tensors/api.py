@@ -388,9 +388,10 @@ class EncryptedTensor:
     @property
     def _ciphertext(self) -> Any:
         """The ciphertext buffer as this module reads it. An in-place host result may be
-        made without one (the small-tensor path: a torch byte view cost 1.7 us, a fifth of
-        a 4 KiB call, and most results are decrypted without it); it is then the
-        source's byte view, made when first asked for."""
+        made without one (a single small tensor, and torch tensors in batches: their
+        memory is read by address, where a torch byte view cost 1.7 us, a fifth of a
+        4 KiB call, and most results are decrypted without ever needing one); it is then
+        the source's byte view, made when first asked for."""
         ct = self._ct
         if ct is None and self._source is not None:
             ct = self._ct = fw.BY_NAME[self.framework].byte_view(self._source)
