@@ -37,6 +37,8 @@ _FAST_PATH_MAX = 2**31 - 1
 #: what cryptography raises for arguments it will not take (types, buffer kinds, lengths,
 #: nonce sizes): the general path then handles them, or raises gpucrypt's own error
 _NOT_FOR_OPENSSL = (TypeError, ValueError, OverflowError, BufferError)
+#: ``_slow``'s "no output buffer" (the allocating forms); None is a buffer argument to refuse
+_ALLOCATE = object()
 
 __all__ = ["ChaCha20Poly1305", "XChaCha20Poly1305", "AESGCM", "InvalidTag", "BatchInvalidTag"]
 
@@ -208,7 +210,7 @@ class _Aead:
                 pass
         return self._slow("decrypt_into", nonce, data, associated_data, buf)
 
-    def _slow(self, method: str, nonce: Any, data: Any, associated_data: Any, buf: Any = None):
+    def _slow(self, method: str, nonce: Any, data: Any, associated_data: Any, buf: Any = _ALLOCATE):
         """``method`` for a call the direct path did not take: OpenSSL still, when this
         call may run on the CPU and cryptography takes its arguments (an object that
         decides per call, XChaCha20's libsodium or subkey); else the general path, which
@@ -219,18 +221,18 @@ class _Aead:
             if openssl is not None:
                 call = getattr(openssl, method)
                 try:
-                    if buf is None:
+                    if buf is _ALLOCATE:
                         return call(fast_nonce, data, associated_data)
                     return call(fast_nonce, data, associated_data, buf)
                 except InvalidTag:
-                    if buf is not None:
+                    if buf is not _ALLOCATE:
                         zero(writable(buf))  # cryptography leaves unauthenticated plaintext there
                     raise
                 except _NOT_FOR_OPENSSL:
                     pass
         src = readable(data)
         size = max(len(src) - _limits.TAG_SIZE, 0) if decrypting else len(src) + _limits.TAG_SIZE
-        if buf is None:
+        if buf is _ALLOCATE:
             result, out = new_bytes(size)
         else:
             result, out = size, writable(buf)

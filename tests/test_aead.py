@@ -341,6 +341,21 @@ def test_argument_errors_match_cryptography():
         gpucrypt.ChaCha20Poly1305(bytes(32), device="tpu")
 
 
+@pytest.mark.parametrize("make", [lambda: gpucrypt.ChaCha20Poly1305(bytes(32), device="cpu"),
+                                  lambda: gpucrypt.XChaCha20Poly1305(bytes(32), device="cpu"),
+                                  lambda: gpucrypt.AESGCM(bytes(16), device="cpu")])
+def test_into_forms_refuse_no_buffer(make):
+    """``buf=None`` is a missing buffer, refused as cryptography refuses it, not an
+    allocating call in disguise (the general path's own "no buffer" must not be None)."""
+    aead = make()
+    nonce = bytes(24 if isinstance(aead, gpucrypt.XChaCha20Poly1305) else 12)
+    sealed = aead.encrypt(nonce, b"secret", None)
+    with pytest.raises(TypeError):
+        aead.encrypt_into(nonce, b"secret", None, None)
+    with pytest.raises(TypeError):
+        aead.decrypt_into(nonce, sealed, None, None)
+
+
 def test_limits_refuse_before_any_keystream(monkeypatch):
     """Past each algorithm's limit: OverflowError, checked on the length alone."""
     from gpucrypt import _limits

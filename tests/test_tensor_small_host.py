@@ -227,3 +227,49 @@ def test_torch_views_from_several_threads_at_once(monkeypatch):
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(work, range(8)))
     assert len(api._TORCH_VIEWS) <= 3
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_failed_open_into_the_ciphertexts_own_memory_keeps_it(framework):
+    """``out=`` naming the in-place ciphertext's memory by another object (a view) is
+    an open over the ciphertext itself: a wrong key must leave the ciphertext there,
+    not zeros, so that the right key still opens it."""
+    key = os.urandom(32)
+    x = np.arange(1024, dtype=np.float32) if framework == "numpy" else torch.arange(1024.0)
+    original = _memory(x)
+    enc = gpucrypt.encrypt_tensor(x, key, inplace=True)
+    ciphertext = _memory(x)
+    alias = x.view() if framework == "numpy" else x.detach()
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensor(enc, os.urandom(32), out=alias)
+    assert _memory(x) == ciphertext
+    assert gpucrypt.decrypt_tensor(enc, key) is x and _memory(x) == original
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_associated_data_beyond_one_openssl_call_is_composed(inplace, monkeypatch):
+    """Associated data longer than OpenSSL's one call takes (2**31 - 1 bytes; lowered
+    here) goes to the CPU backend, which composes the AEAD from its primitives, instead
+    of to OpenSSL's one-shot call: the reference bytes, through the backend."""
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    from gpucrypt.backends import cpu
+
+    monkeypatch.setattr(cpu, "OPENSSL_AEAD_MAX", 300)
+    through_backend = []
+    real = cpu._ChaCha20Poly1305.seal_detached
+
+    def seal_detached(self, *args, **kwargs):
+        through_backend.append(len(args[1]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cpu._ChaCha20Poly1305, "seal_detached", seal_detached)
+    key, aad = os.urandom(32), os.urandom(400)
+    x = torch.arange(1024.0)
+    plain = _memory(x)
+    enc = gpucrypt.encrypt_tensor(x, key, aad=aad, inplace=inplace)
+    assert through_backend == [4096]
+    ct = _memory(x) if inplace else enc.ciphertext.numpy().tobytes()
+    assert ct + enc.tag == ChaCha20Poly1305(key).encrypt(enc.nonce, plain, enc.associated_data())
+    back = gpucrypt.decrypt_tensor(enc, key)
+    assert _memory(back) == plain

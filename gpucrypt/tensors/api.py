@@ -522,9 +522,11 @@ def _host_context(algorithm: str, key: bytes, nonce: bytes):
 # OpenSSL's one-shot AEAD through the thread's scratch buffer, called here: through the
 # backend's layers a 16 KiB seal took 4.1 us against 2.5 (a batch of 2048 such tensors),
 # and a 4 KiB open 1.2 us more (one small tensor).
-def _one_thread(nbytes: int, threads: int) -> bool:
-    """Whether the CPU backend runs a message of ``nbytes`` on this thread alone."""
-    return threads < 2 or nbytes < _cpu.PARALLEL_MIN
+def _one_shot(nbytes: int, aad_len: int, threads: int) -> bool:
+    """Whether the CPU backend would take OpenSSL's one-shot form for this message: small,
+    on this thread alone, and associated data OpenSSL's one call takes."""
+    return nbytes <= _cpu.ONE_SHOT_DETACHED_MAX and aad_len <= _cpu.OPENSSL_AEAD_MAX and \
+        (threads < 2 or nbytes < _cpu.PARALLEL_MIN)
 
 
 def _host_seal(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: Any, dst: Any,
@@ -534,7 +536,7 @@ def _host_seal(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: Any, d
     the CPU backend prefers forms that keep the GIL released."""
     ctx, nonce = _host_context(algorithm, key, nonce)
     n = len(src)
-    if n <= _cpu.ONE_SHOT_DETACHED_MAX and _one_thread(n, threads):  # via the scratch
+    if _one_shot(n, len(aad), threads):  # through the scratch
         sealed = _thread_scratch(n + TAG_SIZE)
         ctx.openssl.encrypt_into(nonce, src, aad, sealed)
         memoryview(dst)[:] = sealed[:n]
@@ -553,7 +555,7 @@ def _host_open(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: Any, t
     :func:`_host_seal`."""
     ctx, nonce = _host_context(algorithm, key, nonce)
     n = len(src)
-    if n <= _cpu.ONE_SHOT_DETACHED_MAX and _one_thread(n, threads):
+    if _one_shot(n, len(aad), threads):
         if len(tag) != TAG_SIZE:
             return False
         sealed = _thread_scratch(n + TAG_SIZE)  # sealed bytes only, no zeroing
@@ -562,7 +564,10 @@ def _host_open(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: Any, t
         try:
             ctx.openssl.decrypt_into(nonce, sealed, aad, out)
         except InvalidTag:
-            out[:] = sealed[:n] if inplace else bytes(n)
+            # the ciphertext back wherever it was decrypted over: in place, or an ``out=``
+            # that is the ciphertext's own memory by another name
+            same = inplace or _cpu._same_memory(memoryview(src), out)
+            out[:] = sealed[:n] if same else bytes(n)
             return False
         return True
     try:
@@ -701,6 +706,8 @@ def _encrypt_small_on_host(x: Any, key: Any, algorithm: str, aad: Any, inplace: 
         user_aad, key_id, name = _aad_bytes(aad), _check_key_id(key_id), _check_name(name)
     nbytes = len(src)
     aad_all = _metadata(algorithm, framework, dtype, shape, nbytes, key_id, name) + user_aad
+    if len(aad_all) > _cpu.OPENSSL_AEAD_MAX:
+        return None  # more than OpenSSL's one call takes: the general path composes it
     nonce = os.urandom(_NONCE_SIZE[algorithm]) if nonces is None else \
         _nonces_for(1, algorithm, nonces)[0]
     if inplace:
