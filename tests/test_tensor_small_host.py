@@ -273,3 +273,23 @@ def test_associated_data_beyond_one_openssl_call_is_composed(inplace, monkeypatc
     assert ct + enc.tag == ChaCha20Poly1305(key).encrypt(enc.nonce, plain, enc.associated_data())
     back = gpucrypt.decrypt_tensor(enc, key)
     assert _memory(back) == plain
+
+
+def test_a_tensor_whose_storage_shrank_is_refused_not_read_past():
+    """A tensor whose storage was resized underneath it still reports its old size; read
+    by address, its bytes would reach past the allocation. Encrypting it and decrypting
+    an in-place result into it, by either path, are refused with a clear error."""
+    key = os.urandom(32)
+    x = torch.arange(1024.0)
+    x.untyped_storage().resize_(16)
+    with pytest.raises(ValueError, match="storage is smaller"):
+        gpucrypt.encrypt_tensor(x, key)
+    with pytest.raises(ValueError, match="storage is smaller"):
+        gpucrypt.encrypt_tensors([x], key)
+    for decrypt in (lambda e: gpucrypt.decrypt_tensor(e, key),
+                    lambda e: gpucrypt.decrypt_tensors([e], key)):
+        y = torch.arange(1024.0)
+        enc = gpucrypt.encrypt_tensor(y, key, inplace=True)
+        y.untyped_storage().resize_(16)
+        with pytest.raises(ValueError, match="storage is smaller"):
+            decrypt(enc)
