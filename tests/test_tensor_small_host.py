@@ -288,8 +288,11 @@ def test_a_tensor_whose_storage_shrank_is_refused_not_read_past():
         gpucrypt.encrypt_tensors([x], key)
     for decrypt in (lambda e: gpucrypt.decrypt_tensor(e, key),
                     lambda e: gpucrypt.decrypt_tensors([e], key)):
-        y = torch.arange(1024.0)
-        enc = gpucrypt.encrypt_tensor(y, key, inplace=True)
-        y.untyped_storage().resize_(16)
-        with pytest.raises(ValueError, match="storage is smaller"):
-            decrypt(enc)
+        for viewed in (False, True):  # the ciphertext's torch view made before, or not
+            y = torch.arange(1024.0)
+            enc = gpucrypt.encrypt_tensor(y, key, inplace=True)
+            if viewed:
+                assert enc.ciphertext.data_ptr() == y.data_ptr()
+            y.untyped_storage().resize_(16)
+            with pytest.raises(ValueError, match="storage is smaller"):
+                decrypt(enc)

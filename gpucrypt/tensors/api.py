@@ -501,6 +501,7 @@ def _host_bytes_of(framework: str, buffer: Any) -> np.ndarray:
     """A NumPy ``uint8`` view of a host ciphertext buffer (NumPy array or torch tensor)."""
     if isinstance(buffer, np.ndarray):
         return buffer
+    _check_storage(buffer, buffer.nbytes)  # torch's .numpy() would not
     return fw.BY_NAME[framework].host_array(buffer)
 
 
