@@ -348,13 +348,13 @@ def test_small_one_pass_open_decrypts_into_out_and_rolls_back(algorithm, in_plac
     tag, aad or ciphertext byte, InvalidTag with an in-place buffer holding its ciphertext
     again and a separate output all zeros."""
     direct = []
-    real = cpu._OpenSslAead._open_detached_one_shot
+    real = cpu._OpenSslAead.open_one_shot
 
     def spy(self, *args, into_out=False):
         direct.append(into_out)
         return real(self, *args, into_out=into_out)
 
-    monkeypatch.setattr(cpu._OpenSslAead, "_open_detached_one_shot", spy)
+    monkeypatch.setattr(cpu._OpenSslAead, "open_one_shot", spy)
     key, nonce, aad = os.urandom(32), os.urandom(12), os.urandom(7)
     ref = (reference.ChaCha20Poly1305 if algorithm == "chacha20-poly1305" else reference.AESGCM)(key)
     data = os.urandom(size)
@@ -418,7 +418,7 @@ def test_chacha20_poly1305_one_pass_is_one_cipher_context(monkeypatch):
     real = cpu._ChaCha20Poly1305._stream
     monkeypatch.setattr(cpu._ChaCha20Poly1305, "_stream",
                         lambda self, *a: streams.append(a) or real(self, *a))
-    monkeypatch.setattr(cpu._ChaCha20Poly1305, "_seal_detached_one_shot", _no_composed_path)
+    monkeypatch.setattr(cpu._ChaCha20Poly1305, "seal_one_shot", _no_composed_path)
     key, nonce, data = os.urandom(32), os.urandom(12), os.urandom(cpu.ONE_PASS_PIECE * 2 + 3)
     buf = bytearray(data)
     tag = cpu._ChaCha20Poly1305(key).seal_detached(nonce, memoryview(buf), memoryview(b""),

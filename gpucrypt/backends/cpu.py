@@ -174,7 +174,7 @@ class _OpenSslAead(AeadContext):
 
     def seal_detached(self, nonce, data, aad, out, threads=1, one_pass=False, shared_gil=False):
         if len(data) <= ONE_SHOT_DETACHED_MAX and self._native(nonce, len(data), len(aad)):
-            return self._seal_detached_one_shot(nonce, data, aad, out)
+            return self.seal_one_shot(nonce, data, aad, out)
         state = self._start(nonce)
         self._xor(state, data, out)
         return self._tag(state, out, aad)
@@ -183,7 +183,7 @@ class _OpenSslAead(AeadContext):
         if len(tag) != 16:
             raise InvalidTag()
         if len(data) <= ONE_SHOT_DETACHED_MAX and self._native(nonce, len(data), len(aad)):
-            return self._open_detached_one_shot(nonce, data, tag, aad, out, into_out=one_pass)
+            return self.open_one_shot(nonce, data, tag, aad, out, into_out=one_pass)
         state = self._start(nonce)
         if not _tags_equal(self._tag(state, data, aad), bytes(tag)):
             if not _same_memory(data, out):
@@ -194,7 +194,11 @@ class _OpenSslAead(AeadContext):
     # Small messages: OpenSSL's one-shot AEAD through a scratch buffer holding
     # ``data || tag`` costs a copy of a few KiB; composing the AEAD from its primitives
     # costs ~20 us of cipher contexts per call.
-    def _seal_detached_one_shot(self, nonce, data, aad, out) -> bytes:
+    # These two are also called directly by the tensor API for its small tensors, where
+    # seal_detached/open_detached's choosing cost as much as OpenSSL's work. Contract: the
+    # arguments are cryptography's to take (``data`` and ``aad`` under OPENSSL_AEAD_MAX,
+    # a nonce OpenSSL accepts; ``tag`` 16 bytes), ``data`` and ``out`` flat byte buffers.
+    def seal_one_shot(self, nonce, data, aad, out) -> bytes:
         """OpenSSL's one-shot seal into the thread's scratch buffer (a fresh zeroed one per
         message cost a fifth of a 16 KiB tensor's seal in a batch), then the ciphertext
         out of it: ``out`` may be ``data`` itself, the scratch is apart."""
@@ -203,7 +207,7 @@ class _OpenSslAead(AeadContext):
         _copy(out, scratch[:len(data)])
         return bytes(scratch[len(data):])
 
-    def _open_detached_one_shot(self, nonce, data, tag, aad, out, into_out=False) -> None:
+    def open_one_shot(self, nonce, data, tag, aad, out, into_out=False) -> None:
         """``into_out`` (the ``one_pass`` contract: ``out`` is private to the caller during
         the call): OpenSSL decrypts straight into ``out``, which a wrong tag then gives back
         its ciphertext (in place) or zeroes; else through a scratch buffer, so that ``out``
@@ -279,11 +283,11 @@ class _ChaCha20Poly1305(_OpenSslAead):
             if one_pass and len(data) > ONE_SHOT_DETACHED_MAX:
                 if shared_gil and len(data) <= SHARED_GIL_ONE_SHOT_MAX and \
                         self._native(nonce, len(data), len(aad)):
-                    return self._seal_detached_one_shot(nonce, data, aad, out)
+                    return self.seal_one_shot(nonce, data, aad, out)
                 return self._seal_one_pass(nonce, data, aad, out)
             if ONE_SHOT_DETACHED_MAX < len(data) <= CHACHA_ONE_SHOT_SEAL_MAX and \
                     self._native(nonce, len(data), len(aad)):
-                return self._seal_detached_one_shot(nonce, data, aad, out)
+                return self.seal_one_shot(nonce, data, aad, out)
             return super().seal_detached(nonce, data, aad, out)
         # the keystream on threads - 1 workers: this thread is the last one, running the MAC
         # behind them (with as many workers as threads, three threads shared two cores:
@@ -297,7 +301,7 @@ class _ChaCha20Poly1305(_OpenSslAead):
             if one_pass and len(data) > ONE_SHOT_DETACHED_MAX and len(tag) == 16:
                 if shared_gil and len(data) <= SHARED_GIL_ONE_SHOT_MAX and \
                         self._native(nonce, len(data), len(aad)):
-                    return self._open_detached_one_shot(nonce, data, tag, aad, out, into_out=True)
+                    return self.open_one_shot(nonce, data, tag, aad, out, into_out=True)
                 return self._open_one_pass(nonce, data, tag, aad, out)
             return super().open_detached(nonce, data, tag, aad, out, one_pass=one_pass)
         if one_pass:

@@ -392,7 +392,7 @@ def _open_table(key: bytes, header: ModelHeader, fixed: bytes) -> bytes:
     name, tkey, nonce = _table_cipher(header.algorithm, _derive(key, header.salt, _TABLE_INFO, fixed))
     ct = np.frombuffer(stored[:-TAG_SIZE], dtype=np.uint8)
     out = np.empty_like(ct)
-    if not _host_open(name, tkey, nonce, fixed, ct, stored[-TAG_SIZE:], out, inplace=False):
+    if not _host_open(name, tkey, nonce, fixed, ct, stored[-TAG_SIZE:], out):
         raise AuthenticationError("the encrypted tensor table failed authentication")
     return out.tobytes()
 

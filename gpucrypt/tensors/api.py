@@ -65,7 +65,6 @@ from .._buffers import bytes_arg
 from ._frameworks import HOST
 from ..backends import get_backend
 from ..backends import cpu as _cpu
-from ..backends.cpu import _thread_scratch
 
 __all__ = ["EncryptedTensor", "encrypt_tensor", "decrypt_tensor", "encrypt_tensors",
            "decrypt_tensors", "NonceSequence", "TensorCipher", "ALGORITHMS",
@@ -520,9 +519,9 @@ def _host_context(algorithm: str, key: bytes, nonce: bytes):
 
 
 # Tensors up to ONE_SHOT_DETACHED_MAX take the form the CPU backend would pick for them,
-# OpenSSL's one-shot AEAD through the thread's scratch buffer, called here: through the
-# backend's layers a 16 KiB seal took 4.1 us against 2.5 (a batch of 2048 such tensors),
-# and a 4 KiB open 1.2 us more (one small tensor).
+# OpenSSL's one-shot AEAD through the thread's scratch buffer, asked for by name: through
+# seal_detached/open_detached's choosing a 16 KiB seal took 4.1 us against 2.5 (a batch
+# of 2048 such tensors), and a 4 KiB open 1.2 us more (one small tensor).
 def _one_shot(nbytes: int, aad_len: int, threads: int) -> bool:
     """Whether the CPU backend would take OpenSSL's one-shot form for this message: small,
     on this thread alone, and associated data OpenSSL's one call takes."""
@@ -536,44 +535,30 @@ def _host_seal(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: Any, d
     returns the tag. ``shared_gil``: other threads are sealing too (a pool worker), so
     the CPU backend prefers forms that keep the GIL released."""
     ctx, nonce = _host_context(algorithm, key, nonce)
-    n = len(src)
-    if _one_shot(n, len(aad), threads):  # through the scratch
-        sealed = _thread_scratch(n + TAG_SIZE)
-        ctx.openssl.encrypt_into(nonce, src, aad, sealed)
-        memoryview(dst)[:] = sealed[:n]
-        return bytes(sealed[n:])
-    return ctx.seal_detached(nonce, memoryview(src), memoryview(aad), memoryview(dst),
-                             threads=threads, one_pass=True, shared_gil=shared_gil)
+    src, dst = memoryview(src), memoryview(dst)  # the backend's buffers are byte views
+    if _one_shot(len(src), len(aad), threads):
+        return ctx.seal_one_shot(nonce, src, aad, dst)
+    return ctx.seal_detached(nonce, src, memoryview(aad), dst, threads=threads, one_pass=True,
+                             shared_gil=shared_gil)
 
 
 def _host_open(algorithm: str, key: bytes, nonce: bytes, aad: bytes, src: Any, tag: bytes,
-               dst: Any, inplace: bool, threads: int = 1, shared_gil: bool = False) -> bool:
+               dst: Any, threads: int = 1, shared_gil: bool = False) -> bool:
     """Verify, then decrypt ``src`` into ``dst`` (flat byte buffers). False on a bad tag:
-    then ``dst`` is zeroed, or, in place, given back exactly its ciphertext (the CPU
-    backend either checks the tag before writing or, for one-pass opens, restores the
-    buffer before it reports; OpenSSL's one-shot open writes plaintext into ``dst``
-    before it checks, and is undone here the same way). ``shared_gil`` as for
-    :func:`_host_seal`."""
+    then ``dst`` is zeroed or, when it is ``src``'s memory, given back exactly its
+    ciphertext (the CPU backend either checks the tag before writing or, for one-pass
+    and one-shot opens into ``dst``, restores it before it reports). ``shared_gil`` as
+    for :func:`_host_seal`."""
     ctx, nonce = _host_context(algorithm, key, nonce)
-    n = len(src)
-    if _one_shot(n, len(aad), threads):
-        if len(tag) != TAG_SIZE:
-            return False
-        sealed = _thread_scratch(n + TAG_SIZE)  # sealed bytes only, no zeroing
-        sealed[:n], sealed[n:] = src, tag
-        out = memoryview(dst)
-        try:
-            ctx.openssl.decrypt_into(nonce, sealed, aad, out)
-        except InvalidTag:
-            # the ciphertext back wherever it was decrypted over: in place, or an ``out=``
-            # that is the ciphertext's own memory by another name
-            same = inplace or _cpu._same_memory(memoryview(src), out)
-            out[:] = sealed[:n] if same else bytes(n)
-            return False
-        return True
+    src, dst = memoryview(src), memoryview(dst)  # the backend's buffers are byte views
     try:
-        ctx.open_detached(nonce, memoryview(src), tag, memoryview(aad), memoryview(dst),
-                          threads=threads, one_pass=True, shared_gil=shared_gil)
+        if _one_shot(len(src), len(aad), threads):
+            if len(tag) != TAG_SIZE:
+                return False
+            ctx.open_one_shot(nonce, src, tag, aad, dst, into_out=True)
+        else:
+            ctx.open_detached(nonce, src, tag, memoryview(aad), dst, threads=threads,
+                              one_pass=True, shared_gil=shared_gil)
     except InvalidTag:
         return False
     return True
@@ -752,15 +737,14 @@ def _decrypt_small_on_host(enc: Any, key: Any, inplace: bool | None) -> Any:
         if enc._source is None or src.readonly:
             return _NOT_SMALL
         if not _host_open(enc.algorithm, key, enc.nonce, enc.associated_data(), src, enc.tag,
-                          src, True):
+                          src):
             _raise_one_failed(enc)
         enc._consumed = True
         return enc._source
     result, dst = _small_host_result(enc)
     if dst is None:
         return _NOT_SMALL
-    if not _host_open(enc.algorithm, key, enc.nonce, enc.associated_data(), src, enc.tag,
-                      dst, False):
+    if not _host_open(enc.algorithm, key, enc.nonce, enc.associated_data(), src, enc.tag, dst):
         _raise_one_failed(enc)
     return result
 
@@ -1309,8 +1293,8 @@ def _open_on_host(job: _Job, threads: int, shared_gil: bool = False) -> bool:
         dst = src
     else:
         dst = job.adapter.host_array(job.dst_view)
-    return _host_open(enc.algorithm, key, job.nonce, job.aad, src, enc.tag, dst, job.inplace,
-                      threads, shared_gil)
+    return _host_open(enc.algorithm, key, job.nonce, job.aad, src, enc.tag, dst, threads,
+                      shared_gil)
 
 
 def _open_on_gpu(jobs: list[_Job], stream: Any) -> list[_Job]:
