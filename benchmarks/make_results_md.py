@@ -359,6 +359,20 @@ def render_tensor_run(name: str, doc: dict) -> list[str]:
     return lines + [""]
 
 
+def _tensor_gpu_lines(doc: dict) -> list[str]:
+    """A GPU tensor run's ratios and small calls, without issue 13's verdicts: its criteria are
+    for the CPU paths (``--threads`` there is the host's thread count, not the GPU's work)."""
+    lines = ["", "Issue 13's criteria are for the CPU paths; on the GPU, the same ratios for reference:", ""]
+    for alg, r in doc["model_over_single"].items():
+        lines.append(f"- {alg}: model time / buffer time: encrypt x{1 / r['encrypt']:.2f}, "
+                     f"decrypt x{1 / r['decrypt']:.2f}")
+    lines += ["", "| small (4 KiB) | algorithm | us per call | x cryptography's call |",
+              "|---|---|---:|---:|"]
+    lines += [f"| {r['what']} | {r['algorithm']} | {r['us_per_call']:.1f} | "
+              f"x{r['over_cryptography']:.1f} |" for r in doc["small"]]
+    return lines + [""]
+
+
 def render_tensor_threads_run(name: str, doc: dict) -> list[str]:
     """A ``tensor_bench.py --threads`` run, with issue 13's figures: the model against one
     buffer on one thread (time ratio), the model on more threads against one buffer on one,
@@ -375,6 +389,8 @@ def render_tensor_threads_run(name: str, doc: dict) -> list[str]:
     lines += [f"| {r['case']} | {r['algorithm']} | {r['threads']} | {r['tensors']} | "
               f"{r['bytes'] / 2**20:.0f} | {r['encrypt_gbps']:.2f} | {r['decrypt_gbps']:.2f} | "
               f"{'yes' if r['roundtrip_identical'] else 'NO'} |" for r in doc["cases"]]
+    if doc["device"] != "cpu":
+        return lines + _tensor_gpu_lines(doc)
     few = doc["threads"][0]
     tensors = next(r["tensors"] for r in doc["cases"] if r["case"] == "model")
     lines += ["", f"Issue 13, the {tensors}-tensor model against one buffer of the same bytes, "

@@ -293,7 +293,8 @@ def main(argv=None) -> int:
               f"x{row['over_cryptography']:.1f} cryptography's")
     out["load_average_end"] = os.getloadavg()[0]
     print(f"1-minute load average: {out['load_average_start']:.2f} at the start, "
-          f"{out['load_average_end']:.2f} at the end (2 cores: above 2, other processes shared them)")
+          f"{out['load_average_end']:.2f} at the end ({os.cpu_count()} cores: above that, other processes "
+          f"shared them)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

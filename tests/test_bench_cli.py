@@ -413,3 +413,23 @@ def test_results_page_of_a_forms_run(cpu_run):
     assert md.acceptance_issue13(cells(1.2, 0.3))[-1].endswith("within the noise")
     assert md.acceptance_issue13(cells(1.2, 0.05))[-1].endswith("NOT MET")
     assert "real noise was larger" in md.acceptance_issue13(cells(0.8, 0.05))[-1]
+
+
+def test_tensor_page_gives_issue13_verdicts_to_cpu_runs_only():
+    """Issue 13's criteria are for the CPU paths: a GPU tensor run shows its ratios without a
+    verdict, and the same figures from a CPU run get one."""
+    md = _results_md()
+    doc = {"device": "cuda", "threads": [16], "device_name": "a GPU", "torch": "2", "commit": "c" * 40,
+           "load_average_start": 0.5, "load_average_end": 0.6,
+           "cases": [dict(case=case, algorithm="aes-gcm", threads=16, tensors=n, bytes=1 << 20,
+                          encrypt_gbps=gbps, decrypt_gbps=gbps, roundtrip_identical=True)
+                     for case, n, gbps in (("single", 1, 100.0), ("model", 300, 25.0))],
+           "model_over_single": {"aes-gcm": {"encrypt": 0.25, "decrypt": 0.5}},
+           "small": [dict(what="encrypt_tensor (torch)", algorithm="aes-gcm", us_per_call=2000.0,
+                          over_cryptography=800.0)]}
+    gpu = "\n".join(md.render_tensor_threads_run("gpu", doc))
+    assert "encrypt x4.00, decrypt x2.00" in gpu and "| 2000.0 | x800.0 |" in gpu
+    assert "NOT MET" not in gpu and "holds" not in gpu
+    cpu = "\n".join(md.render_tensor_threads_run("cpu", dict(doc, device="cpu")))
+    assert "encrypt x4.00, decrypt x2.00 (asked: <= x1.1): NOT MET" in cpu
+    assert "worst here x800.0: NOT MET" in cpu
