@@ -19,7 +19,7 @@
 #
 # WHEEL_DIR defaults to .whl (git-ignored through .git/info/exclude; name it in the
 # device tool's `carry`). STEPs, in the order given (default: all = install env warmup
-# gpu-tests bench-device bench tensor):
+# gpu-tests bench-device bench tensor profile):
 #   install       pip install, offline, what the image lacks (cryptography >= 47 and its
 #                 cffi/pycparser, a slim cryptography-vectors, pynacl, numba-cuda >= 0.30 if
 #                 the image's is older), then this checkout, editable. Skipped when done
@@ -38,6 +38,8 @@
 #                 each GPU cell's fraction of the copy rate)            -> $OUT/bench-gpu.json, bench.log
 #   tensor        benchmarks/tensor_bench.py --device cuda (state dicts) -> $OUT/tensor-bench.json, bench.log
 #   cpu-tests     the rest of the suite (CI runs it anyway; not in "all")
+#   profile       benchmarks/host_profile.py: host time per call (1 MiB raw and sealed, 256
+#                 small tensors) and cProfile's top entries           -> $OUT/bench.log
 #   files         benchmarks/stream_bench.py --model and benchmarks/model_scale_run.py
 #                 (not in "all": a second call)                        -> $OUT/files-bench.json, bench.log
 # Every step runs under `timeout`, and no step runs past the session's deadline
@@ -48,11 +50,12 @@
 # $OUT comes back (8 files at most; "all" writes exactly 8: env.txt, summary.txt,
 # session.json, pytest.log, bench.log, bench-gpu-device.json, bench-gpu.json,
 # tensor-bench.json; pytest's own summary lines in pytest.log name every failure).
-# Limits per step, in seconds, from the environment (the defaults of "all" add up to 545,
+# Limits per step, in seconds, from the environment (the defaults of "all" add up to 605,
 # past the session's 470: a step never runs past the session's end, so the last, the
-# tensor bench, is the one cut short; on 2026-12-04 the steps took 15, 5, 35, ~45 and ~60 s):
+# profile, is the one cut short; on 2026-12-04 at 18:42 the steps before it took 12, 4, 16,
+# 43, 67, 93 and 34 s, 269 s in all):
 # T_INSTALL (45), env 30, T_WARMUP (60), T_TESTS (120), T_DEVICE_TYPED (45), T_BENCH_DEVICE (100),
-# T_BENCH (100), T_TENSOR (90),
+# T_BENCH (100), T_TENSOR (90), T_PROFILE (60),
 # T_CPU_TESTS (200), T_FILES (180).
 # Other knobs: SIZES (1MiB,1GiB), OPERATIONS (encrypt), BENCH_SECONDS (0.1 per cell),
 # PYTEST_EXTRA (added to the pytest command lines, e.g. "-x" or "-k poly1305"), DEVICE_TYPED_TESTS
@@ -122,7 +125,7 @@ fi
 WHEELS=.whl
 if [[ $# -gt 0 && -d $1 ]]; then WHEELS=$1; shift; fi
 STEPS=("$@")
-[[ ${#STEPS[@]} -eq 0 || ${STEPS[0]} == all ]] && STEPS=(install env warmup gpu-tests bench-device bench tensor)
+[[ ${#STEPS[@]} -eq 0 || ${STEPS[0]} == all ]] && STEPS=(install env warmup gpu-tests bench-device bench tensor profile)
 OUT=${OUT:-$PWD/gpu-session-out}
 mkdir -p "$OUT"
 SUMMARY=$OUT/summary.txt
@@ -249,7 +252,10 @@ run_steps() {
                 step tensor "${T_TENSOR:-90}" $PY benchmarks/tensor_bench.py --device cuda --mib "${TENSOR_MIB:-1024}" \
                     --reps 3 --calls 40 --json "$OUT/tensor-bench.json" 2>&1 | tee -a "$OUT/bench.log" | tail -15 ;;
             files) step files "${T_FILES:-180}" bash -c do_files 2>&1 | tee -a "$OUT/bench.log" | tail -25 ;;
-            *) note "unknown step $s (install env warmup gpu-tests device-typed cpu-tests bench-device bench tensor files)" ;;
+            profile)
+                step profile "${T_PROFILE:-60}" $PY benchmarks/host_profile.py --calls 50 2>&1 |
+                    tee -a "$OUT/bench.log" | grep "per call" ;;
+            *) note "unknown step $s (install env warmup gpu-tests device-typed cpu-tests bench-device bench tensor profile files)" ;;
         esac
     done
 }

@@ -368,10 +368,10 @@ class GpuRunner:
         dsts = []
         for i, job in enumerate(jobs):
             if i in in_bounds:
-                srcs[i] = turn.device[in_bounds[i][0]:in_bounds[i][1]]
+                srcs[i] = gpu.byte_range(turn.device, *in_bounds[i])
             if i in host_out:
                 a, b = in_bounds[i] if i in in_bounds else out_bounds[i]
-                dsts.append(turn.device[a:b])
+                dsts.append(gpu.byte_range(turn.device, a, b))
             else:
                 dsts.append(job.dst)
         keys = [self.key if j.key is None else j.key for j in jobs]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import os
 import subprocess
 import sys
@@ -433,3 +434,20 @@ def test_tensor_page_gives_issue13_verdicts_to_cpu_runs_only():
     cpu = "\n".join(md.render_tensor_threads_run("cpu", dict(doc, device="cpu")))
     assert "encrypt x4.00, decrypt x2.00 (asked: <= x1.1): NOT MET" in cpu
     assert "worst here x800.0: NOT MET" in cpu
+
+
+def test_gpu_session_plan_and_host_profile_refuses_the_simulator(tmp_path):
+    """The one GPU call's plan (DRY_RUN) runs every step of "all" in order, the host profile last;
+    the profile script itself refuses the simulator, whose path is not the device's."""
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path / "out"))
+    plan = subprocess.run(["bash", os.path.join(root, "benchmarks", "gpu_session.sh")], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=root)
+    assert plan.returncode == 0, plan.stderr
+    steps = re.findall(r"== (\S+) \(limit", (tmp_path / "out" / "summary.txt").read_text())
+    assert steps == ["install", "env", "warmup", "gpu-tests", "bench-device", "bench", "tensor", "profile"]
+    assert "benchmarks/host_profile.py --calls 50" in (tmp_path / "out" / "bench.log").read_text()
+    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "host_profile.py")],
+                          env=dict(os.environ, NUMBA_ENABLE_CUDASIM="1"), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "simulator" in done.stdout

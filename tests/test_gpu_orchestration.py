@@ -425,3 +425,120 @@ def test_pipeline_reads_and_uploads_ahead_on_a_copy_stream_and_reuses_its_pinned
     assert len(copy_streams) == 1 and len(launch_streams) == 1 and not copy_streams & launch_streams
     assert "pinned_array" not in [d[0] for k, d in spy.entries[uploads[3]:] if k == "alloc"], \
         "the staging of the first three batches is reused"
+
+
+# --------------------------------------------------------------------------- addresses, not arrays
+#
+# On a device, a batch's message buffers are DeviceSpans (address, length, owner) and the typed
+# views of a slot's buffers are made from addresses: numba device arrays cost tens of
+# microseconds of host time each. The simulator has no addresses, so these tests drive the
+# device branch with a stand-in for numba's cuda module that records what it is asked to make.
+
+class _FakeDeviceArray:
+    """Device memory as the CUDA array interface describes it (no bytes behind it)."""
+
+    def __init__(self, ptr, shape, typestr="|u1", strides=None):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (ptr, False),
+                                         "version": 3, "strides": strides}
+
+
+class _RecordingCuda:
+    def __init__(self):
+        self.made = []
+
+    def from_cuda_array_interface(self, desc, owner=None, sync=True):
+        self.made.append((desc, owner, sync))
+        return SimpleNamespace(desc=desc)
+
+
+@pytest.fixture
+def on_device(monkeypatch):
+    """The GPU backend's module with its device branch taken (``_simulated()`` false)."""
+    from gpucrypt.backends import gpu as module
+
+    monkeypatch.setattr(module, "_simulated", lambda: False)
+    return module
+
+
+def test_message_buffers_on_a_device_are_spans_of_their_memory(on_device):
+    backend = on_device.GpuBackend.__new__(on_device.GpuBackend)   # no device needed
+    words = _FakeDeviceArray(0x7000_0000, (3, 4), "<u4")
+    span = backend.device_span(words)
+    assert (span.ptr, span.nbytes, span.size, span.owner) == (0x7000_0000, 48, 48, words)
+    assert backend.device_span(span) is span
+    assert on_device._interface_of(span) == (0x7000_0000, 48)
+    assert span.__cuda_array_interface__["shape"] == (48,)
+    part = backend.byte_range(words, 8, 40)
+    assert (part.ptr, part.nbytes, part.owner) == (0x7000_0008, 32, words)
+    assert backend.byte_range(words, 48, 48).nbytes == 0
+    for start, stop in ((40, 49), (-1, 4), (9, 8)):
+        with pytest.raises(IndexError):
+            backend.byte_range(words, start, stop)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        backend.device_span(_FakeDeviceArray(0x7000_0000, (4, 4), "<u4", strides=(4, 16)))
+    with pytest.raises(TypeError, match="copy it with to_device first"):
+        backend.device_span(np.zeros(4, np.uint8))
+
+
+def test_views_on_a_device_are_made_from_the_buffers_address(on_device):
+    cuda, buffer = _RecordingCuda(), _FakeDeviceArray(0x9000_0000, (4096,))
+    layout = [(0, 32, np.dtype(np.uint32), (8,)), (256, 64, np.dtype(np.uint8), (4, 16)),
+              (512, 16, np.dtype(np.uint64), (1, 2))]
+    views = on_device._views(cuda, buffer, layout)
+    assert len(views) == 3
+    assert [(d["data"], d["shape"], d["typestr"], d["strides"]) for d, _, _ in cuda.made] == [
+        ((0x9000_0000, False), (8,), "<u4", None), ((0x9000_0100, False), (4, 16), "|u1", None),
+        ((0x9000_0200, False), (1, 2), "<u8", None)]
+    assert all(owner is buffer and sync is False for _, owner, sync in cuda.made)
+    for bad in ((4090, 8, np.dtype(np.uint8), (8,)), (0, 32, np.dtype(np.uint32), (9,))):
+        with pytest.raises(AssertionError):
+            on_device._views(cuda, buffer, [bad])
+
+
+def test_arena_on_a_device_spans_every_buffer_from_the_lowest(on_device):
+    cuda = _RecordingCuda()
+    buffers = [on_device.DeviceSpan(0x5000_1000, 100, None), on_device.DeviceSpan(0x5000_0000, 16, None),
+               on_device.DeviceSpan(0, 0, None), on_device.DeviceSpan(0x5000_1000, 100, None)]
+    arena = on_device._Arena(cuda, buffers, [on_device._span_of(b) for b in buffers])
+    assert arena.offsets == [0x1000, 0, 0, 0x1000]
+    (desc, owner, sync), = cuda.made
+    assert desc["data"] == (0x5000_0000, False) and desc["shape"] == (0x1000 + 100,)
+    assert owner == buffers and sync is False
+
+
+def test_a_batch_shaped_like_the_last_reuses_its_slots_views(gpu, monkeypatch):
+    """Views of a slot's buffers are made once per layout: a second batch of the same shape on
+    the same slot makes none (and is still right); a batch of another shape makes new ones;
+    a slot buffer that grows drops the views of the old one (they would keep it alive)."""
+    from numba import cuda
+
+    from gpucrypt.backends import gpu as module
+
+    made = []
+    real = module._views
+    monkeypatch.setattr(module, "_views", lambda *a: made.append(a[2]) or real(*a))
+    monkeypatch.setattr(gpu, "_rings", {}, raising=False)
+    monkeypatch.setattr(module, "_RING", 1)
+    stream = cuda.stream()
+    for algorithm in ALGORITHMS:
+        msgs = _messages(algorithm, [0, 5, 70, 33])
+        _check_sealed(gpu, algorithm, msgs, *_seal(gpu, algorithm, msgs, stream=stream))
+        first = len(made)
+        assert first >= 2
+        again = _messages(algorithm, [0, 5, 70, 33], seed=1)   # other keys and bytes, same shape
+        _check_sealed(gpu, algorithm, again, *_seal(gpu, algorithm, again, stream=stream))
+        assert len(made) == first
+        more = _messages(algorithm, [40] * 9, seed=2)
+        _check_sealed(gpu, algorithm, more, *_seal(gpu, algorithm, more, stream=stream))
+        assert len(made) > first
+    slot = module._Slot(cuda)
+    layout = [(0, 64, np.dtype(np.uint8), (64,))]
+    small = slot.scratch_buffer(64, stream)
+    views = slot.views(small, layout)
+    assert slot.views(small, layout) is views
+    tables = slot.upload([(0, np.arange(64, dtype=np.uint8))], 64, stream)
+    table_views = slot.views(tables, layout)
+    large = slot.scratch_buffer(module._MIN_CAPACITY + 1, stream)
+    assert large is not small and slot.views(large, layout) is not views
+    assert all(buffer is not small for buffer, _ in slot._view_cache.values())
+    assert slot.views(tables, layout) is table_views   # the other buffer's views stay

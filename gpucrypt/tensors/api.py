@@ -1074,13 +1074,13 @@ def _encrypt_on_gpu(jobs: list[_Job], algorithm: str, key: bytes, inplace: bool,
                 dst = src if inplace else np.empty(job.enc.nbytes, dtype=np.uint8)
                 job.enc._ciphertext = job.view if inplace else job.adapter.adopt_host(dst)
             else:
-                src = gpu.as_device_bytes(job.view)
+                src = gpu.device_span(job.view)
                 if inplace:
                     job.dst_obj, dst = job.view, src
                 else:
                     with job.adapter.allocation_stream(stream, job.place):
                         job.dst_obj = job.adapter.empty_bytes(job.enc.nbytes, job.place)
-                    dst = gpu.as_device_bytes(job.dst_obj)
+                    dst = gpu.device_span(job.dst_obj)
                 job.enc._ciphertext = job.dst_obj
             tasks.append(pipeline.Job(job.label, job.nonce, job.aad, src, dst, size=job.enc.nbytes))
         runner = pipeline.GpuRunner(gpu, "seal", algorithm, key, stream=launch, host_tags=False,
@@ -1316,13 +1316,13 @@ def _open_on_gpu(jobs: list[_Job], stream: Any) -> list[_Job]:
             if enc._place == HOST:
                 src = _host_ciphertext(enc)
             else:
-                src = gpu.as_device_bytes(enc._ciphertext)
+                src = gpu.device_span(enc._ciphertext)
             if job.inplace:
                 dst = src
             elif job.place == HOST:   # a host result computed on the GPU
                 dst = job.adapter.host_array(job.dst_view)
             else:
-                dst = gpu.as_device_bytes(job.dst_view)
+                dst = gpu.device_span(job.dst_view)
             tasks.append(pipeline.Job(job.label, job.nonce, job.aad, src, dst, tag=None,
                                       size=enc.nbytes, key=job.result[1], algorithm=enc.algorithm))
         shared = _shared_tags(jobs)
