@@ -542,3 +542,101 @@ def test_a_batch_shaped_like_the_last_reuses_its_slots_views(gpu, monkeypatch):
     assert large is not small and slot.views(large, layout) is not views
     assert all(buffer is not small for buffer, _ in slot._view_cache.values())
     assert slot.views(tables, layout) is table_views   # the other buffer's views stay
+    grown = slot.upload([(0, np.arange(64, dtype=np.uint8))], module._MIN_CAPACITY + 1, stream)
+    assert grown is not tables and all(buffer is not tables for buffer, _ in slot._view_cache.values())
+    assert slot.views(large, layout) is slot.views(large, layout)
+
+
+@pytest.fixture
+def host_addresses(monkeypatch, gpu, on_cudasim):
+    """The device's by-address branch run in the simulator, over host addresses: buffers are
+    spans of NumPy memory, the arena and the slot views are NumPy arrays made from addresses,
+    and the real kernels run over them. Returns the list of what was made from an address."""
+    if not on_cudasim:
+        pytest.skip("on a device every batch takes the by-address branch; the other tests run it")
+    import ctypes
+
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    from gpucrypt.backends import gpu as module
+
+    real_interface = module._interface_of
+
+    def interface(obj):
+        host = obj._ary if isinstance(obj, FakeCUDAArray) else obj
+        if isinstance(host, np.ndarray):
+            if not host.flags.c_contiguous:
+                raise ValueError("array is not C-contiguous; make a contiguous copy first")
+            return host.__array_interface__["data"][0], host.nbytes
+        return real_interface(obj)
+
+    made = []
+
+    def from_address(desc, owner=None, sync=True):
+        dtype, shape = np.dtype(desc["typestr"]), tuple(desc["shape"])
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        raw = (ctypes.c_ubyte * nbytes).from_address(desc["data"][0])
+        made.append((desc["data"][0], nbytes, owner))
+        return FakeCUDAArray(np.frombuffer(raw, dtype=np.uint8).view(dtype).reshape(shape))
+
+    monkeypatch.setattr(module, "_by_address", lambda: True)
+    monkeypatch.setattr(module, "_interface_of", interface)
+    monkeypatch.setattr(gpu._cuda, "from_cuda_array_interface", from_address, raising=False)
+    monkeypatch.setattr(gpu, "_rings", {}, raising=False)
+    return made
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS + ("xchacha20-poly1305",))
+@pytest.mark.parametrize("tag", ["gpu", "host"])
+def test_by_address_batches_match_the_reference(gpu, host_addresses, algorithm, tag):
+    """Seal and open by address (spans, the arena over their range, views from addresses):
+    in place and into separate buffers, an empty message among them, and a tampered one,
+    whose in-place ciphertext stays and whose separate output is zeroed."""
+    from gpucrypt.backends import gpu as module
+
+    nonce_len = 24 if algorithm == "xchacha20-poly1305" else 12
+    rng = np.random.default_rng(7)
+    msgs = [(bytes(rng.integers(0, 256, 32, dtype=np.uint8)), bytes(rng.integers(0, 256, nonce_len, dtype=np.uint8)),
+             rng.integers(0, 256, n, dtype=np.uint8), bytes(rng.integers(0, 256, i % 5, dtype=np.uint8)))
+            for i, n in enumerate([70, 0, 33, 129])]
+    keys, nonces, aads = [m[0] for m in msgs], [m[1] for m in msgs], [m[3] for m in msgs]
+    srcs = [m[2].copy() for m in msgs]
+    dsts = [s if i % 2 == 0 else np.zeros(s.size + 3, np.uint8) for i, s in enumerate(srcs)]
+    assert isinstance(gpu.device_span(srcs[0]), module.DeviceSpan)
+    tags = gpu.to_host(gpu.seal_batch(algorithm, keys, nonces, srcs, aads, dsts, tag=tag))
+    for m, d, t in zip(msgs, dsts, tags):
+        expected = reference_seal(algorithm, m[0], m[1], m[2].tobytes(), m[3])
+        assert d[:m[2].size].tobytes() + t.tobytes() == expected
+    assert any(owner is not None and isinstance(owner, list) for _, _, owner in host_addresses)  # the arena
+    cts = [d[:m[2].size].copy() for m, d in zip(msgs, dsts)]
+    sent = [c.copy() for c in cts]
+    outs = [c if i % 2 == 0 else np.full(c.size, 7, np.uint8) for i, c in enumerate(cts)]
+    bad = [t.tobytes() for t in tags]
+    bad[2] = bytes([bad[2][0] ^ 1]) + bad[2][1:]
+    bad[3] = bytes([bad[3][0] ^ 1]) + bad[3][1:]
+    ok = gpu.open_batch(algorithm, keys, nonces, cts, bad, aads, outs, tag=tag)
+    assert list(ok) == [True, True, False, False]
+    assert outs[0].tobytes() == msgs[0][2].tobytes() and outs[1].size == 0
+    assert outs[2].tobytes() == sent[2].tobytes()        # in place: the ciphertext stays
+    assert not outs[3].any()                             # apart: zeroed
+
+
+def test_by_address_keystream_and_pipeline_staging(gpu, host_addresses):
+    """The raw keystream by address, and the pipeline's staged host buffers as ranges of its
+    device buffer (byte_range), both against cryptography."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    from gpucrypt import pipeline
+
+    key, iv = os.urandom(32), os.urandom(16)
+    data = np.frombuffer(os.urandom(300), np.uint8).copy()
+    out = np.zeros(300, np.uint8)
+    gpu.xor_keystream_device("chacha20", key, iv, 0, data, out)
+    assert out.tobytes() == Cipher(algorithms.ChaCha20(key, iv), None).encryptor().update(data.tobytes())
+    msgs = _messages("chacha20-poly1305", [5, 0, 200])
+    jobs = [pipeline.Job(i, m[1], m[3], bytearray(m[2].tobytes()), bytearray(m[2].size))
+            for i, m in enumerate(msgs)]
+    runner = pipeline.GpuRunner(gpu, "seal", "chacha20-poly1305", msgs[0][0])
+    tags = runner.start(pipeline.Batch(jobs))()
+    for m, job, t in zip(msgs, jobs, tags):
+        assert bytes(job.dst) + bytes(t) == reference_seal("chacha20-poly1305", m[0], m[1], m[2].tobytes(), m[3])

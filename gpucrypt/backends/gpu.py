@@ -85,12 +85,34 @@ def _simulated() -> bool:
     return bool(config.ENABLE_CUDASIM)
 
 
+def _by_address() -> bool:
+    """Whether a batch handles its buffers by address: message buffers as
+    :class:`DeviceSpan`, one arena array over their address range, slot views made from
+    addresses. On a device, always. The simulator has no device address space: there the
+    buffers are NumPy arrays, gathered into one staging array and sliced. (Its tests turn
+    this on over host addresses, to run the device's branch with the real kernels.)"""
+    return not _simulated()
+
+
 def _device_memset(dev, value: int, nbytes: int, stream) -> None:
     """``nbytes`` bytes of the device array ``dev`` set to ``value``, queued on ``stream``
-    (cuMemsetD8Async; synchronous on stream 0)."""
+    (cuMemsetD8Async; synchronous on stream 0). In the device's context, made current on
+    this thread if it is not (as numba's own array methods do)."""
+    from numba.cuda.cudadrv.devices import get_context
     from numba.cuda.cudadrv.driver import device_memset
 
+    get_context()
     device_memset(dev, value, nbytes, stream=stream)
+
+
+def _host_to_device(dev, host: np.ndarray, nbytes: int, stream) -> None:
+    """The first ``nbytes`` of ``host`` (pinned: asynchronous) copied to the start of the device
+    array ``dev``, queued on ``stream`` (cuMemcpyHtoDAsync), in the current context as above."""
+    from numba.cuda.cudadrv.devices import get_context
+    from numba.cuda.cudadrv.driver import host_to_device
+
+    get_context()
+    host_to_device(dev, host, nbytes, stream=stream)
 
 
 def _round_up(n: int, step: int) -> int:
@@ -114,6 +136,9 @@ class DeviceSpan:
 
     def __init__(self, ptr: int, nbytes: int, owner: Any):
         self.ptr, self.nbytes, self.owner = int(ptr), int(nbytes), owner
+
+    def __len__(self) -> int:
+        return self.nbytes
 
     @property
     def size(self) -> int:
@@ -167,7 +192,7 @@ def _device_interface(obj: Any) -> tuple[int, int]:
 def _span_of(buf: Any) -> tuple[int, int]:
     """(address, nbytes) of a byte buffer of a batch: device memory, or under the
     simulator the host memory that stands in for it."""
-    if _simulated():
+    if not _by_address():
         return int(buf.__array_interface__["data"][0]), int(buf.nbytes)
     return _interface_of(buf)
 
@@ -218,7 +243,7 @@ class _Arena:
         self._buffers = list(buffers)
         self.offsets: list[int] = []
         self.base = None
-        self._staged = _simulated()
+        self._staged = not _by_address()
         if self._staged:
             sizes: dict[int, int] = {}
             for p, size in spans:
@@ -303,7 +328,10 @@ class _Slot:
             self.tables = cuda.device_array(_capacity(nbytes), dtype=np.uint8, stream=stream)
         for offset, arr in parts:
             self.staging[offset:offset + arr.nbytes] = arr.reshape(-1).view(np.uint8)
-        self.tables[:nbytes].copy_to_device(self.staging[:nbytes], stream=stream)
+        if _simulated():
+            self.tables[:nbytes].copy_to_device(self.staging[:nbytes], stream=stream)
+        else:   # what the slices' copy_to_device calls, without making two device arrays
+            _host_to_device(self.tables, self.staging, nbytes, stream)
         if self.uploaded is None:
             self.uploaded = self._event()
         self.uploaded.record(stream)
@@ -412,15 +440,12 @@ def _views(cuda, buffer, layout) -> list:
     On a GPU each view is one device array made from its address; slicing, retyping and
     reshaping ``buffer`` would make three, each costing tens of microseconds of Python
     (a seal takes about twenty views). The simulator's arrays are sliced."""
-    if _simulated():
+    if not _by_address():
         return [buffer[offset:offset + nbytes].view(dtype).reshape(shape)
                 for offset, nbytes, dtype, shape in layout]
     base, size = _device_interface(buffer)
     views = []
     for offset, nbytes, dtype, shape in layout:
-        if nbytes == 0:   # an empty table: no address to make it from
-            views.append(buffer[offset:offset].view(dtype).reshape(shape))
-            continue
         if not (0 <= offset and offset + nbytes <= size
                 and int(np.prod(shape, dtype=np.int64)) * dtype.itemsize == nbytes):
             raise AssertionError(f"view ({offset}, {nbytes}, {dtype}, {shape}) does not fit a "
@@ -522,7 +547,7 @@ class GpuBackend(Backend):
         if isinstance(dev, np.ndarray):   # the simulator's stand-in for device memory
             dev[...] = host
             return
-        dev.copy_to_device(host, stream=self._stream(stream))
+        self._array(dev).copy_to_device(host, stream=self._stream(stream))
 
     def copy_to_host(self, host: np.ndarray, dev: Any, stream: Any) -> None:
         """Queue the copy of the device buffer ``dev`` into ``host`` (same size) on ``stream``;
@@ -530,7 +555,12 @@ class GpuBackend(Backend):
         if isinstance(dev, np.ndarray):
             host[...] = dev
             return
-        dev.copy_to_host(host, stream=self._stream(stream))
+        self._array(dev).copy_to_host(host, stream=self._stream(stream))
+
+    def _array(self, dev: Any):
+        """``dev`` as a numba device array: a :class:`DeviceSpan` made into one (a span has no
+        copies of its own), anything else as it is."""
+        return self.as_device_bytes(dev) if type(dev) is DeviceSpan else dev
 
     # ---- device memory helpers (the layer above never touches numba or CuPy) ----
     def as_device_bytes(self, obj: Any):
@@ -555,7 +585,7 @@ class GpuBackend(Backend):
         """``obj``'s bytes as a message buffer of :meth:`seal_batch`/:meth:`open_batch`: a
         :class:`DeviceSpan` on a GPU (no numba device array made), what
         :meth:`as_device_bytes` gives under the simulator. The same refusals as there."""
-        if _simulated():
+        if not _by_address():
             return self.as_device_bytes(obj)
         if type(obj) is DeviceSpan:
             return obj
@@ -565,7 +595,7 @@ class GpuBackend(Backend):
     def byte_range(self, dev: Any, start: int, stop: int):
         """Bytes ``[start, stop)`` of the device byte buffer ``dev`` as a message buffer: a
         :class:`DeviceSpan` on a GPU, a slice of ``dev`` under the simulator."""
-        if _simulated():
+        if not _by_address():
             return dev[start:stop]
         ptr, size = _device_interface(dev)
         if not 0 <= start <= stop <= size:
@@ -608,6 +638,7 @@ class GpuBackend(Backend):
                 return dev.copy()
             out[...] = dev
             return out
+        dev = self._array(dev)
         if stream is None:
             self.synchronize_device()
         s = self._stream(stream)
@@ -813,7 +844,10 @@ class GpuBackend(Backend):
         scratch = slot.scratch_buffer(work.scratch_bytes, s) if work.spaces else None
         work.scratch = slot.views(scratch, work.spaces) if scratch is not None else []
         if work.zeroed_bytes:
-            self._memset(scratch[:work.zeroed_bytes], s)
+            if _simulated():
+                self._memset(scratch[:work.zeroed_bytes], s)
+            else:   # no slice: making one costs the host more than the memset costs the device
+                _device_memset(scratch, 0, work.zeroed_bytes, s)
         for phase in phases:
             self._launch(work, phase)
 
