@@ -349,8 +349,14 @@ def chacha20_xor(src, dst, keys, table, unit_start, n_segments, n_units, *, stre
     it, and reading it from the device would synchronise). Checks nothing: the
     backend validates offsets, lengths and counter limits before calling.
     """
-    launch(_kernel, int(n_units),
-           (src, dst, keys.reshape(-1), table.reshape(-1), unit_start, np.int64(n_segments)), stream)
+    launch(_kernel, int(n_units), (src, dst, _flat(keys), _flat(table), unit_start, np.int64(n_segments)),
+           stream)
+
+
+def _flat(array):
+    """``array`` as 1-D: itself when it is (the backend's tables are), since every reshape of a
+    device array makes a new one, which costs the host tens of microseconds."""
+    return array if array.ndim == 1 else array.reshape(-1)
 
 
 KERNEL_REPORT = [
