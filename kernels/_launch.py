@@ -17,13 +17,13 @@ from typing import Any, Callable
 import numpy as np
 from numba import cuda, uint64, int64
 
-from ._compile import device_function
+from ._compile import ON_SIMULATOR, device_function
+
 
 def is_simulator() -> bool:
-    """True when numba runs kernels in its CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
-    from numba import config
-
-    return bool(config.ENABLE_CUDASIM)
+    """True when numba runs kernels in its CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``): read
+    once, when numba was imported (every launch asks, several times)."""
+    return ON_SIMULATOR
 
 
 #: Lanes per warp. Every kernel works with any block size up to THREADS_PER_BLOCK that

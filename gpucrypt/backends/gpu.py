@@ -54,6 +54,7 @@ there the batch is gathered into one staging array and scattered back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import struct
 import sys
@@ -84,7 +85,11 @@ _VIEW_LAYOUTS = 32
 _RING = 2
 
 
+@functools.cache
 def _simulated() -> bool:
+    """numba's CUDA simulator is on: fixed when numba was imported, so asked once (the import
+    statement it took cost about half a microsecond per call, and a batch asks several
+    times per message)."""
     from numba import config
 
     return bool(config.ENABLE_CUDASIM)
