@@ -19,7 +19,7 @@
 #
 # WHEEL_DIR defaults to .whl (git-ignored through .git/info/exclude; name it in the
 # device tool's `carry`). STEPs, in the order given (default: all = install env warmup
-# gpu-tests bench-device bench tensor profile):
+# gpu-tests bench-device bench tensor profile phases):
 #   install       pip install, offline, what the image lacks (cryptography >= 47 and its
 #                 cffi/pycparser, a slim cryptography-vectors, pynacl, numba-cuda >= 0.30 if
 #                 the image's is older), then this checkout, editable. Skipped when done
@@ -40,6 +40,8 @@
 #   cpu-tests     the rest of the suite (CI runs it anyway; not in "all")
 #   profile       benchmarks/host_profile.py: host time per call (1 MiB raw and sealed, 256
 #                 small tensors) and cProfile's top entries           -> $OUT/bench.log
+#   phases        benchmarks/kernel_phases.py: device time of each launch of one seal (both
+#                 AEADs, 1 MiB, 64 MiB, 1 GiB): where the MACs' fixed cost is -> $OUT/bench.log
 #   files         benchmarks/stream_bench.py --model and benchmarks/model_scale_run.py
 #                 (not in "all": a second call)                        -> $OUT/files-bench.json, bench.log
 # Every step runs under `timeout`, and no step runs past the session's deadline
@@ -50,12 +52,12 @@
 # $OUT comes back (8 files at most; "all" writes exactly 8: env.txt, summary.txt,
 # session.json, pytest.log, bench.log, bench-gpu-device.json, bench-gpu.json,
 # tensor-bench.json; pytest's own summary lines in pytest.log name every failure).
-# Limits per step, in seconds, from the environment (the defaults of "all" add up to 605,
-# past the session's 470: a step never runs past the session's end, so the last, the
-# profile, is the one cut short; on 2026-12-04 at 18:42 the steps before it took 12, 4, 16,
+# Limits per step, in seconds, from the environment (the defaults of "all" add up to 665,
+# past the session's 470: a step never runs past the session's end, so the last ones, the
+# profile and the phases, are the ones cut short; on 2026-12-04 at 18:42 the steps before it took 12, 4, 16,
 # 43, 67, 93 and 34 s, 269 s in all):
 # T_INSTALL (45), env 30, T_WARMUP (60), T_TESTS (120), T_DEVICE_TYPED (45), T_BENCH_DEVICE (100),
-# T_BENCH (100), T_TENSOR (90), T_PROFILE (60),
+# T_BENCH (100), T_TENSOR (90), T_PROFILE (60), T_PHASES (60),
 # T_CPU_TESTS (200), T_FILES (180).
 # Other knobs: SIZES (1MiB,1GiB), OPERATIONS (encrypt), BENCH_SECONDS (0.1 per cell),
 # PYTEST_EXTRA (added to the pytest command lines, e.g. "-x" or "-k poly1305"), DEVICE_TYPED_TESTS
@@ -125,7 +127,7 @@ fi
 WHEELS=.whl
 if [[ $# -gt 0 && -d $1 ]]; then WHEELS=$1; shift; fi
 STEPS=("$@")
-[[ ${#STEPS[@]} -eq 0 || ${STEPS[0]} == all ]] && STEPS=(install env warmup gpu-tests bench-device bench tensor profile)
+[[ ${#STEPS[@]} -eq 0 || ${STEPS[0]} == all ]] && STEPS=(install env warmup gpu-tests bench-device bench tensor profile phases)
 OUT=${OUT:-$PWD/gpu-session-out}
 mkdir -p "$OUT"
 SUMMARY=$OUT/summary.txt
@@ -255,7 +257,10 @@ run_steps() {
             profile)
                 step profile "${T_PROFILE:-60}" $PY benchmarks/host_profile.py --calls 50 2>&1 |
                     tee -a "$OUT/bench.log" | grep "per call" ;;
-            *) note "unknown step $s (install env warmup gpu-tests device-typed cpu-tests bench-device bench tensor profile files)" ;;
+            phases)
+                step phases "${T_PHASES:-60}" $PY benchmarks/kernel_phases.py --runs 5 2>&1 |
+                    tee -a "$OUT/bench.log" | tail -40 ;;
+            *) note "unknown step $s (install env warmup gpu-tests device-typed cpu-tests bench-device bench tensor profile phases files)" ;;
         esac
     done
 }

@@ -445,9 +445,48 @@ def test_gpu_session_plan_and_host_profile_refuses_the_simulator(tmp_path):
                           capture_output=True, text=True, timeout=60, cwd=root)
     assert plan.returncode == 0, plan.stderr
     steps = re.findall(r"== (\S+) \(limit", (tmp_path / "out" / "summary.txt").read_text())
-    assert steps == ["install", "env", "warmup", "gpu-tests", "bench-device", "bench", "tensor", "profile"]
+    assert steps == ["install", "env", "warmup", "gpu-tests", "bench-device", "bench", "tensor", "profile",
+                     "phases"]
     assert "benchmarks/host_profile.py --calls 50" in (tmp_path / "out" / "bench.log").read_text()
-    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "host_profile.py")],
-                          env=dict(os.environ, NUMBA_ENABLE_CUDASIM="1"), capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 2 and "simulator" in done.stdout
+    for script in ("host_profile.py", "kernel_phases.py"):
+        done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", script)],
+                              env=dict(os.environ, NUMBA_ENABLE_CUDASIM="1"), capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2 and "simulator" in done.stdout, script
+
+
+@pytest.mark.cudasim
+def test_kernel_phases_times_every_launch_of_a_seal():
+    """kernel_phases.py's hook sees every launch of one seal, in order, with events around it,
+    and leaves the kernel modules' launcher as it found it (run here in the simulator, whose
+    events time nothing: the device's figures come from gpu_session.sh's phases step)."""
+    import importlib.util
+
+    import numpy as np
+    from numba import cuda
+
+    from _reference import require_gpu_backend
+    from gpucrypt.kernels import _launch, aes, chacha20, ghash, poly1305
+
+    gpu = require_gpu_backend()
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "kernel_phases.py")
+    spec = importlib.util.spec_from_file_location("kernel_phases", path)
+    phases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(phases)
+    assert phases.parse_size("64MiB") == 64 << 20 and phases.parse_size("100") == 100
+    modules = (aes, chacha20, ghash, poly1305)
+    records, undo = phases.timed_launches(cuda, modules)
+    try:
+        data = np.frombuffer(os.urandom(200), np.uint8).copy()
+        gpu.seal_batch("chacha20-poly1305", [os.urandom(32)], [os.urandom(12)], [data], [b""], [data])
+        names = [r[0] for r in records]
+        assert names[:4] == ["_chacha20_xor_kernel", "_chacha20_xor_kernel", "_poly1305_powers",
+                             "_poly1305_aead_partial"], names
+        records.clear()
+        gpu.seal_batch("aes-gcm", [os.urandom(16)], [os.urandom(12)], [data], [b""], [data])
+        names = [r[0] for r in records]
+        assert names[:2] == ["_aes_ctr_xor_kernel", "_aes_ctr_xor_kernel"] and \
+            any("ghash" in n for n in names), names
+    finally:
+        undo()
+    assert all(m.launch is _launch.launch for m in modules)
