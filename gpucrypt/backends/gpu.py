@@ -983,9 +983,12 @@ class GpuBackend(Backend):
             table, starts = k.pack_segments(*zip(*[x[:4] for x in segs]), np.stack([x[4] for x in segs]),
                                             [x[5] for x in segs], inc32=True)
             t_rows, t_starts, units = work.table(table), work.table(starts), int(starts[-1])
-            work.launch(phase, lambda t, sc: k.aes_ctr_xor(
-                buffer(sc), buffer(sc), t[round_keys], rounds, t[t_rows], t[t_starts], len(segs), units,
-                stream=s))
+
+            def run(t, sc):
+                data = buffer(sc)   # once: the key blocks' buffer is a reshape, a new device array
+                k.aes_ctr_xor(data, data, t[round_keys], rounds, t[t_rows], t[t_starts], len(segs), units,
+                              stream=s)
+            work.launch(phase, run)
 
         for rounds in sorted(set(plan.rounds)):
             ids = [i for i in range(n) if plan.rounds[i] == rounds]
