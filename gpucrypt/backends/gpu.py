@@ -440,6 +440,19 @@ class _Work:
             self.zeroed_bytes = self.scratch_bytes
         return len(self.spaces) - 1
 
+    def alias(self, index: int, dtype, shape, start: int = 0) -> int:
+        """Another view of scratch space ``index``: from its byte ``start``, as ``dtype`` in
+        ``shape``. Made with the other views (once per layout), so that a launcher is handed
+        the type and shape it works in, where a reshape or a ``view`` per call would make a
+        new device array each time."""
+        offset, size, _, _ = self.spaces[index]
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if start + nbytes > size:
+            raise AssertionError(f"alias of {nbytes} bytes at {start} past a space of {size}")
+        self.spaces.append((offset + start, nbytes, dtype, tuple(shape)))
+        return len(self.spaces) - 1
+
     def launch(self, phase: str, fn) -> None:
         self.phases[phase].append(fn)
 
@@ -930,7 +943,7 @@ class GpuBackend(Backend):
         if plan.family == "chacha":
             key_space = work.space(32 * n, zero=True) if key_blocks else None
         else:
-            key_space = work.space(32 * n, zero=True, shape=(2 * n, 16)) if key_blocks else None
+            key_space = work.space(32 * n, zero=True) if key_blocks else None
         work.tag_space = work.space(_TAG * n, shape=(n, _TAG)) if tags_out is None else None
         empty = work.space(16)  # the ciphertext base when no message has a byte
         base = (lambda sc: arena.base if arena.base is not None else sc[empty])
@@ -998,7 +1011,7 @@ class GpuBackend(Backend):
             if blocks_space is not None:
                 segments("keys", [(16 * i, 16 * i, 16, row_of[plan.key_index[i]], zero, 0) for i in ids] +
                          [(16 * (n + i), 16 * (n + i), 16, row_of[plan.key_index[i]], j0_words[i], 0)
-                          for i in ids], round_keys, rounds, lambda sc: sc[blocks_space].reshape(-1))
+                          for i in ids], round_keys, rounds, lambda sc: sc[blocks_space])
             if data:
                 segments("data", [(src_off[i], dst_off[i], plan.lengths[i], row_of[plan.key_index[i]],
                                    j0_words[i], 16) for i in ids if plan.lengths[i]], round_keys, rounds, base)
@@ -1023,9 +1036,10 @@ class GpuBackend(Backend):
             table = p.pack_messages(aad_off, aad_lengths, ct_off, plan.lengths)
             layout, groups = work.table(table.layout), work.table(table.group_start)
             scratch = work.space(4 * table.scratch_words, np.uint32)
+            key_words = work.alias(key_space, np.uint32, (n, 8))   # r || s per message, as it reads them
             work.launch("mac", lambda t, sc: p.poly1305_aead_tags(
                 t[aad], base(sc), replace(table, layout=t[layout], group_start=t[groups]), n,
-                sc[key_space].reshape(n, 32), out(sc), stream=s, scratch=sc[scratch]))
+                sc[key_words], out(sc), stream=s, scratch=sc[scratch]))
         else:
             from gpucrypt.kernels import ghash as g
 
@@ -1038,9 +1052,11 @@ class GpuBackend(Backend):
             # the table kernel (one_key=True); its tables are built on the device from that H.
             one_key = len(set(plan.key_index)) == 1
             tables = work.space(4 * g.KEY_TABLE_WORDS, np.uint32) if one_key else None
+            h_blocks = work.alias(key_space, np.uint8, (n, 16))              # H per message
+            ekj0_blocks = work.alias(key_space, np.uint8, (n, 16), 16 * n)   # then E_K(J0)
             work.launch("mac", lambda t, sc: g.ghash_aead_tags(
                 t[aad], base(sc), g.GhashTable(t[messages], t[starts], table.units_total, table.chunk_blocks),
-                n, sc[key_space][:n], sc[key_space][n:], out(sc), stream=s, one_key=one_key,
+                n, sc[h_blocks], sc[ekj0_blocks], out(sc), stream=s, one_key=one_key,
                 scratch=g.GhashScratch(tuple(sc[i] for i in partials), tuple(sc[i] for i in keys),
                                        sc[tables] if one_key else None)))
 
