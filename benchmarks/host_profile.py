@@ -39,9 +39,13 @@ def main(argv=None) -> int:
     from numba import cuda
 
     import gpucrypt
-    from gpucrypt.backends import get_backend
+    from gpucrypt.backends import BackendUnavailable, get_backend
 
-    gpu = get_backend("gpu")
+    try:
+        gpu = get_backend("gpu")
+    except BackendUnavailable as exc:
+        print(f"host_profile.py needs a GPU: {exc}")
+        return 2
     n = 1 << 20
     src = cuda.to_device(np.frombuffer(os.urandom(n), np.uint8))
     key, nonce = os.urandom(32), os.urandom(12)

@@ -7,7 +7,8 @@ for ChaCha20-Poly1305 and 167 us for AES-256-GCM, where the raw ciphers took 9 a
 cost of the MAC path. This script seals one message of each size with each AEAD and records a
 CUDA event on the launch stream before and after every kernel launch (every launch of
 ``gpucrypt.kernels`` goes through ``_launch.launch``), and around the whole call. Per launch it
-prints the kernel, its work units and grid, and the median device time over ``--runs`` seals;
+prints the kernel, its work units and threads per block, and the median device time over
+``--runs`` seals;
 "between" is what the call's span holds besides the kernels (the upload of its tables, memsets,
 gaps between launches). The events add a few microseconds of their own per launch.
 
@@ -33,7 +34,8 @@ def parse_size(text: str) -> int:
 
 def timed_launches(cuda, modules):
     """Wrap the ``launch`` each kernel module calls: events before and after every launch, on
-    the launch's own stream. Returns (records, undo); each record is (name, units, grid, e0, e1)."""
+    the launch's own stream. Returns (records, undo); each record is (name, units, threads per
+    block, e0, e1); ``undo`` gives each module back the launcher it had."""
     from gpucrypt.kernels import _launch
 
     records, real = [], _launch.launch
@@ -46,12 +48,13 @@ def timed_launches(cuda, modules):
         end.record(stream)
         name = getattr(getattr(kernel, "py_func", None), "__name__", str(kernel))
         records.append((name, int(units), threads, start, end))
+    before = [(module, module.launch) for module in modules]
     for module in modules:
         module.launch = launch
 
     def undo():
-        for module in modules:
-            module.launch = real
+        for module, previous in before:
+            module.launch = previous
     return records, undo
 
 
@@ -67,10 +70,14 @@ def main(argv=None) -> int:
     import numpy as np
     from numba import cuda
 
-    from gpucrypt.backends import get_backend
+    from gpucrypt.backends import BackendUnavailable, get_backend
     from gpucrypt.kernels import aes, chacha20, ghash, poly1305
 
-    gpu = get_backend("gpu")
+    try:
+        gpu = get_backend("gpu")
+    except BackendUnavailable as exc:
+        print(f"kernel_phases.py needs a GPU: {exc}")
+        return 2
     stream = cuda.stream()
     out = {"device": gpu.device_name, "runs": args.runs, "rows": []}
     for size in (parse_size(s) for s in args.sizes.split(",")):

@@ -640,3 +640,31 @@ def test_by_address_keystream_and_pipeline_staging(gpu, host_addresses):
     tags = runner.start(pipeline.Batch(jobs))()
     for m, job, t in zip(msgs, jobs, tags):
         assert bytes(job.dst) + bytes(t) == reference_seal("chacha20-poly1305", m[0], m[1], m[2].tobytes(), m[3])
+
+
+def test_by_address_spans_copy_like_device_arrays(gpu, host_addresses):
+    """A DeviceSpan goes through to_host, copy_to_host and copy_to_device as the device array it
+    describes (by address: the device's branch, over host memory)."""
+    buf = np.frombuffer(os.urandom(64), np.uint8).copy()
+    span = gpu.byte_range(buf, 3, 40)
+    assert gpu.to_host(span).tobytes() == buf[3:40].tobytes()
+    out = np.zeros(37, np.uint8)
+    gpu.copy_to_host(out, span, None)
+    gpu.synchronize()
+    assert out.tobytes() == buf[3:40].tobytes()
+    gpu.copy_to_device(span, np.full(37, 9, np.uint8), None)
+    gpu.synchronize()
+    assert buf[3:40].tobytes() == bytes([9]) * 37
+
+
+def test_aliases_of_scratch_must_fit_and_be_aligned():
+    from gpucrypt.backends import gpu as module
+
+    work = module._Work()
+    space = work.space(64)
+    words = work.alias(space, np.uint32, (2, 8))
+    assert work.spaces[words][1:] == (64, np.dtype(np.uint32), (2, 8))
+    assert work.alias(space, np.uint8, (2, 16), 32) == words + 1
+    for dtype, shape, start in ((np.uint32, (17,), 0), (np.uint32, (4,), 2), (np.uint8, (4,), -1)):
+        with pytest.raises(AssertionError):
+            work.alias(space, dtype, shape, start)

@@ -338,7 +338,7 @@ class _Slot:
             self.tables = cuda.device_array(_capacity(nbytes), dtype=np.uint8, stream=stream)
         for offset, arr in parts:
             self.staging[offset:offset + arr.nbytes] = arr.reshape(-1).view(np.uint8)
-        if _simulated():
+        if not _by_address():
             self.tables[:nbytes].copy_to_device(self.staging[:nbytes], stream=stream)
         else:   # what the slices' copy_to_device calls, without making two device arrays
             _host_to_device(self.tables, self.staging, nbytes, stream)
@@ -448,8 +448,9 @@ class _Work:
         offset, size, _, _ = self.spaces[index]
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if start + nbytes > size:
-            raise AssertionError(f"alias of {nbytes} bytes at {start} past a space of {size}")
+        if not (start >= 0 and start + nbytes <= size and (offset + start) % dtype.itemsize == 0):
+            raise AssertionError(f"alias of {nbytes} bytes of {dtype} at {start} does not fit a space of "
+                                 f"{size} at {offset} (in it and aligned to its items: a device faults)")
         self.spaces.append((offset + start, nbytes, dtype, tuple(shape)))
         return len(self.spaces) - 1
 
@@ -588,7 +589,7 @@ class GpuBackend(Backend):
     # ---- device memory helpers (the layer above never touches numba or CuPy) ----
     def as_device_bytes(self, obj: Any):
         """A zero-copy 1-D uint8 device view of ``obj`` (NumPy arrays stand in under the simulator)."""
-        if _simulated():
+        if not _by_address():
             if isinstance(obj, np.ndarray):
                 if not obj.flags.c_contiguous:
                     raise ValueError("array is not C-contiguous; make a contiguous copy first")
@@ -867,7 +868,7 @@ class GpuBackend(Backend):
         scratch = slot.scratch_buffer(work.scratch_bytes, s) if work.spaces else None
         work.scratch = slot.views(scratch, work.spaces) if scratch is not None else []
         if work.zeroed_bytes:
-            if _simulated():
+            if not _by_address():
                 self._memset(scratch[:work.zeroed_bytes], s)
             else:   # no slice: making one costs the host more than the memset costs the device
                 _device_memset(scratch, 0, work.zeroed_bytes, s)
