@@ -37,7 +37,7 @@ Host orchestration, what a GPU rewards:
 - Work runs on the current device (the caller switches it: ``device(index)``)
   and on the caller's stream.
 - Few numba device arrays per call: each one costs tens of microseconds of
-  Python on the host (an H200 call took 1.1-3.5 ms of host time whatever its
+  Python on the host (an H200 call took 1.1-4.2 ms of host time whatever its
   size, 2026-12-04). A message buffer is a :class:`DeviceSpan` (address, length,
   owner), a slot's typed views are made from addresses and kept per layout,
   and copies and memsets take byte counts instead of slices.
