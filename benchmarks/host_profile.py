@@ -32,20 +32,15 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args(argv)
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        print("host_profile.py times the host's side of real GPU calls; the simulator runs another path")
+    from gpucrypt.bench.gpu import backend_to_time
+
+    gpu = backend_to_time("host_profile.py")   # the simulator runs another host path
+    if gpu is None:
         return 2
     import numpy as np
     from numba import cuda
 
     import gpucrypt
-    from gpucrypt.backends import BackendUnavailable, get_backend
-
-    try:
-        gpu = get_backend("gpu")
-    except BackendUnavailable as exc:
-        print(f"host_profile.py needs a GPU: {exc}")
-        return 2
     n = 1 << 20
     src = cuda.to_device(np.frombuffer(os.urandom(n), np.uint8))
     key, nonce = os.urandom(32), os.urandom(12)

@@ -64,20 +64,15 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        print("kernel_phases.py times kernels on a device; the simulator's events time nothing")
+    from gpucrypt.bench.gpu import backend_to_time
+
+    gpu = backend_to_time("kernel_phases.py")
+    if gpu is None:
         return 2
     import numpy as np
     from numba import cuda
 
-    from gpucrypt.backends import BackendUnavailable, get_backend
     from gpucrypt.kernels import aes, chacha20, ghash, poly1305
-
-    try:
-        gpu = get_backend("gpu")
-    except BackendUnavailable as exc:
-        print(f"kernel_phases.py needs a GPU: {exc}")
-        return 2
     stream = cuda.stream()
     out = {"device": gpu.device_name, "runs": args.runs, "rows": []}
     for size in (parse_size(s) for s in args.sizes.split(",")):

@@ -362,9 +362,9 @@ class _Slot:
         """:func:`_views` of this slot's ``buffer``, made once per layout: a call shaped like
         an earlier one (the same message count and lengths, as a training loop's) reuses them.
         A buffer that grew is a new buffer: the views of the old one are dropped with it."""
-        key = (id(buffer), tuple(layout))
+        key = (id(buffer), tuple(layout))   # an entry keeps its buffer, so the id stays its own
         found = self._view_cache.get(key)
-        if found is not None and found[0] is buffer:
+        if found is not None:
             return found[1]
         if len(self._view_cache) >= _VIEW_LAYOUTS:
             self._view_cache.clear()

@@ -309,5 +309,17 @@ class GpuSession:
         return nbytes / timing.median_seconds
 
 
+def backend_to_time(script: str):
+    """The GPU backend for a script that times it, or None after printing why there is none
+    worth timing: no GPU backend, or numba's simulator (its timings mean nothing)."""
+    from ..backends import BackendUnavailable
+
+    try:
+        return GpuSession().backend
+    except (BackendUnavailable, GpuRefused) as exc:
+        print(f"{script} needs a real GPU: {exc}")
+        return None
+
+
 def _decode(name) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
