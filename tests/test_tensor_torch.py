@@ -65,6 +65,18 @@ def test_every_torch_dtype_roundtrips(dtype, shape):
     enc = gpucrypt.encrypt_tensor(t, key, inplace=True)
     assert gpucrypt.decrypt_tensor(enc, key) is t
     assert as_bytes(t) == original
+    # a batch's results, which take their own route (read by address, made positionally)
+    [enc] = gpucrypt.encrypt_tensors([t], key)
+    assert isinstance(enc.ciphertext, torch.Tensor) and enc.ciphertext.dtype == torch.uint8
+    assert as_bytes(enc.ciphertext) + enc.tag == ChaCha20Poly1305(key).encrypt(
+        enc.nonce, original, enc.associated_data())
+    [y] = gpucrypt.decrypt_tensors([EncryptedTensor.from_bytes(enc.to_bytes())], key)
+    assert isinstance(y, torch.Tensor) and y.dtype == t.dtype and as_bytes(y) == original
+    [enc] = gpucrypt.encrypt_tensors([t], key, inplace=True)
+    assert as_bytes(enc.ciphertext) + enc.tag == ChaCha20Poly1305(key).encrypt(
+        enc.nonce, original, enc.associated_data())
+    [back] = gpucrypt.decrypt_tensors([enc], key)
+    assert back is t and as_bytes(t) == original
 
 
 @pytest.mark.parametrize("algorithm,key_len", [("chacha20-poly1305", 32), ("aes-gcm", 32),
