@@ -484,6 +484,34 @@ def test_in_place_batch_refuses_a_read_only_tensor_before_touching_any():
     assert good.tobytes() == before.tobytes()
 
 
+def test_in_place_batch_decrypt_refuses_memory_it_cannot_use_before_touching_any():
+    """An in-place result whose memory cannot take the plaintext any more (a NumPy array
+    made read-only since, a torch tensor whose storage shrank) is refused before any
+    tensor of the batch is decrypted: the others keep their ciphertext, and the batch
+    decrypts once the memory is usable again."""
+    key = os.urandom(32)
+    first, frozen = random_array((4096,), "float32"), random_array((64,), "float32")
+    before = {"first": first.copy(), "frozen": frozen.copy()}
+    encs = gpucrypt.encrypt_tensors({"first": first, "frozen": frozen}, key, inplace=True)
+    sealed = first.tobytes()
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="'frozen' is read-only now"):
+        gpucrypt.decrypt_tensors(encs, key)
+    assert first.tobytes() == sealed   # not decrypted: no half-done batch
+    frozen.flags.writeable = True
+    back = gpucrypt.decrypt_tensors(encs, key)
+    assert all(back[n] is x and x.tobytes() == before[n].tobytes()
+               for n, x in (("first", first), ("frozen", frozen)))
+    torch = pytest.importorskip("torch")
+    a, b = torch.arange(2048.0), torch.arange(1024.0)
+    encs = gpucrypt.encrypt_tensors({"a": a, "b": b}, key, inplace=True)
+    sealed = a.numpy().tobytes()
+    b.untyped_storage().resize_(16)
+    with pytest.raises(ValueError, match="storage is smaller"):
+        gpucrypt.decrypt_tensors(encs, key)
+    assert a.numpy().tobytes() == sealed
+
+
 @pytest.mark.cudasim
 def test_decrypt_into_gpu_out_runs_on_the_gpu():
     """Host ciphertext into a device out=: decrypted on the GPU into that memory;

@@ -73,6 +73,9 @@ def test_every_torch_dtype_roundtrips(dtype, shape):
     [y] = gpucrypt.decrypt_tensors([EncryptedTensor.from_bytes(enc.to_bytes())], key)
     assert isinstance(y, torch.Tensor) and y.dtype == t.dtype and as_bytes(y) == original
     [enc] = gpucrypt.encrypt_tensors([t], key, inplace=True)
+    [back] = gpucrypt.decrypt_tensors([enc], key)  # no view of the ciphertext made: by address
+    assert back is t and as_bytes(t) == original
+    [enc] = gpucrypt.encrypt_tensors([t], key, inplace=True)
     assert as_bytes(enc.ciphertext) + enc.tag == ChaCha20Poly1305(key).encrypt(
         enc.nonce, original, enc.associated_data())
     [back] = gpucrypt.decrypt_tensors([enc], key)

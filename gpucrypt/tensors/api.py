@@ -24,8 +24,9 @@ repeated nonce under 2**-33, NIST SP 800-38D §8.3; 24 bytes for
 XChaCha20-Poly1305: any practical number of messages). :class:`NonceSequence` and
 :class:`TensorCipher` give counter nonces for callers who want determinism.
 
-Memory: out of place allocates exactly one output through the framework's own
-allocator. ``inplace=True`` encrypts in the tensor's own memory; the
+Memory: out of place allocates exactly one output, through the framework's own
+allocator (a torch host result: NumPy's, which torch adopts without a copy when the
+ciphertext is asked for). ``inplace=True`` encrypts in the tensor's own memory; the
 EncryptedTensor then refers to that memory (the tensor holds ciphertext until it
 is decrypted in place again). A failed in-place decrypt leaves the ciphertext as
 it was; a failed out-of-place decrypt zeroes its output and returns nothing. An
@@ -59,7 +60,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from cryptography.exceptions import InvalidTag
 
-from .. import _limits, pipeline
+from .. import _hostmem, _limits, pipeline
 from . import _frameworks as fw
 from .._buffers import bytes_arg
 from ._frameworks import HOST
@@ -359,8 +360,9 @@ class EncryptedTensor:
     @classmethod
     def _host(cls, framework, dtype, shape, nbytes, algorithm, key_id, name, aad, nonce,
               ciphertext, tag, source) -> "EncryptedTensor":
-        """The constructor for one small host tensor, positional: keyword parsing was a
-        tenth of a 4 KiB call. ``shape`` must already be a tuple."""
+        """The constructor for host tensors (one small tensor, and a batch's host tensors),
+        positional: keyword parsing was a tenth of a 4 KiB call. ``shape`` must already
+        be a tuple."""
         # one statement per slot: tuple assignments build and unpack a tuple (+0.1 us)
         self = object.__new__(cls)
         self.framework = framework
@@ -387,11 +389,11 @@ class EncryptedTensor:
     # --- views ---
     @property
     def _ciphertext(self) -> Any:
-        """The ciphertext buffer as this module reads it. An in-place host result may be
-        made without one (a single small tensor, and torch tensors in batches: their
-        memory is read by address, where a torch byte view cost 1.7 us, a fifth of a
-        4 KiB call, and most results are decrypted without ever needing one); it is then
-        the source's byte view, made when first asked for."""
+        """The ciphertext buffer as this module reads it. An in-place host result is
+        made without one (NumPy arrays and CPU torch tensors, alone or in batches: their
+        memory is read through its buffer or by address, where a torch byte view cost
+        1.7 us, a fifth of a 4 KiB call, and most results are decrypted without ever
+        needing one); it is then the source's byte view, made when first asked for."""
         ct = self._ct
         if ct is None and self._source is not None:
             ct = self._ct = fw.BY_NAME[self.framework].byte_view(self._source)
@@ -493,14 +495,18 @@ def _host_ciphertext(enc: EncryptedTensor) -> np.ndarray:
 
 def _host_ciphertext_view(enc: EncryptedTensor) -> Any:
     """A flat byte view of a host ciphertext, a memoryview or a ``uint8`` NumPy array
-    (whichever is at hand). An in-place torch result not viewed yet (see
-    ``EncryptedTensor._ciphertext``) is read by address from its source while that is
-    still a contiguous CPU tensor of the ciphertext's length; otherwise the source's
-    byte view is made, as torch sees it now."""
+    (whichever is at hand). An in-place NumPy result is read from its source as it is
+    now (writable or not: a view made earlier would keep the flag it had then), and an
+    in-place torch result not viewed yet (see ``EncryptedTensor._ciphertext``) by
+    address, while the source is still C-contiguous and of the ciphertext's length;
+    otherwise the source's byte view is made, as its framework sees it now."""
     src = enc._source
-    if enc._ct is None and enc.framework == "torch" and src.is_cpu and src.is_contiguous() \
-            and src.nbytes == enc.nbytes:
-        return _torch_host_view(src, enc.nbytes)
+    if src is not None and src.nbytes == enc.nbytes:
+        if enc.framework == "numpy":
+            if isinstance(src, np.ndarray) and src.flags.c_contiguous:
+                return _numpy_host_bytes(src)
+        elif enc._ct is None and src.is_cpu and src.is_contiguous():  # torch
+            return _torch_host_view(src, enc.nbytes)
     return _host_bytes_of(enc.framework, enc._ciphertext)
 
 
@@ -651,14 +657,6 @@ def _torch_host_bytes(t: Any, nbytes: int | None = None, *, own: bool = False) -
         _TORCH_VIEWS.clear()
     _TORCH_VIEWS[where] = view
     return view
-
-
-def _torch_host_array(t: Any, nbytes: int) -> np.ndarray:
-    """A ``uint8`` NumPy array over a contiguous CPU tensor's memory, by address (see
-    :func:`_torch_host_view`)."""
-    if nbytes == 0:
-        return np.empty(0, dtype=np.uint8)
-    return np.frombuffer(_torch_host_view(t, nbytes), dtype=np.uint8)
 
 
 def _torch_host_view(t: Any, nbytes: int) -> memoryview:
@@ -827,11 +825,13 @@ class _Job:
     four fields every job has, positionally; the others are set where they are known
     (keyword arguments cost 0.4 us more per tensor of a batch of 16 KiB tensors)."""
 
-    label = adapter = place = x = view = dst_obj = dst_view = enc = result = nonce = aad = None
-    host_src = dev_src = dev_dst = inplace = error = address = None
+    __slots__ = ("label", "adapter", "place", "x", "view", "dst_obj", "dst_view", "enc", "result",
+                 "nonce", "aad", "host_src", "inplace", "error", "address")
 
     def __init__(self, label, enc, place, aad):
         self.label, self.enc, self.place, self.aad = label, enc, place, aad
+        self.adapter = self.x = self.view = self.dst_obj = self.dst_view = self.result = None
+        self.nonce = self.host_src = self.inplace = self.error = self.address = None
 
 
 def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: str, aad: Any,
@@ -1032,14 +1032,12 @@ def _run_host_jobs(jobs: list[_Job], work) -> list:
 
 def _encrypt_on_host(job: _Job, algorithm: str, key: bytes, inplace: bool, threads: int,
                      shared_gil: bool = False) -> None:
-    src = job.host_src  # a flat byte memoryview
+    src = job.host_src  # a flat byte memoryview, writable when in place (planning checked)
     enc = job.enc
     if inplace:
-        if src.readonly:
-            raise ValueError("inplace=True needs a writable tensor")
-        ct_obj, dst = job.view, src  # None for a tensor read by address: viewed if asked for
+        ct_obj, dst = job.view, src  # None where the planning made no view: made if asked for
     elif enc._adopt:  # a torch result kept as NumPy until asked for (EncryptedTensor._host)
-        ct_obj = dst = np.empty(len(src), dtype=np.uint8)
+        ct_obj = dst = _hostmem.empty_host_bytes(len(src))
     else:
         ct_obj = job.adapter.empty_bytes(len(src), HOST)
         dst = job.adapter.host_array(ct_obj)
@@ -1278,6 +1276,8 @@ def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
         if job.inplace and enc._source is not None:
             # in place the plaintext goes where the ciphertext is (no view of its own)
             job.adapter, job.dst_view, job.dst_obj = fw.BY_NAME[enc.framework], None, enc._source
+            if enc._place == HOST:  # refused here, before any tensor of the batch is touched
+                job.host_src = _in_place_host_bytes(enc, job.label)
         elif job.inplace:   # in the ciphertext's own buffer, which becomes the result
             adapter = fw.result_adapter(enc.framework, enc._place)
             buffer = enc._ciphertext
@@ -1316,10 +1316,26 @@ def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
                             else adapter.byte_view(obj))
 
 
+def _in_place_host_bytes(enc: EncryptedTensor, label: Any) -> memoryview:
+    """The memory an in-place host result is decrypted in, as a flat byte memoryview;
+    ``ValueError`` when it cannot be written now (a NumPy array made read-only since it
+    was encrypted) or no longer holds the ciphertext's bytes (a torch tensor whose
+    storage shrank). Asked of every tensor of a batch before any is decrypted."""
+    view = memoryview(_host_ciphertext_view(enc))
+    if view.readonly:
+        name = label if label is not None else enc.name
+        what = "the tensor" if name is None else f"tensor {name!r}"
+        raise ValueError(f"{what} is read-only now: an in-place decrypt needs writable memory "
+                         f"(make it writable again, or pass inplace=False)")
+    return view
+
+
 def _open_on_host(job: _Job, threads: int, shared_gil: bool = False) -> bool:
     enc = job.enc
     _, key = job.result
-    if enc._place == HOST:
+    if job.host_src is not None:  # in place: checked by _prepare_outputs
+        src = job.host_src
+    elif enc._place == HOST:
         src = memoryview(_host_ciphertext_view(enc))
     else:  # device="cpu" for GPU ciphertext: one copy down
         gpu = get_backend("gpu")
