@@ -512,6 +512,45 @@ def test_in_place_batch_decrypt_refuses_memory_it_cannot_use_before_touching_any
     assert a.numpy().tobytes() == sealed
 
 
+def test_one_in_place_result_made_read_only_is_refused_even_when_viewed_before():
+    """The small-tensor path reads an in-place result from its source as it is now: a
+    ciphertext view made while the array was writable does not let it write into an
+    array made read-only since."""
+    key = os.urandom(32)
+    x = random_array((256,), "float32")
+    enc = gpucrypt.encrypt_tensor(x, key, inplace=True)
+    assert enc.ciphertext.flags.writeable   # a view, made while x was writable
+    sealed = x.tobytes()
+    x.flags.writeable = False
+    with pytest.raises(ValueError, match="the tensor is read-only now"):
+        gpucrypt.decrypt_tensor(enc, key)
+    assert x.tobytes() == sealed and not x.flags.writeable
+
+
+def test_unusable_out_tensors_are_refused_before_any_tensor_is_decrypted():
+    """out= memory that cannot take the plaintext (a read-only array; a torch tensor
+    whose storage shrank, whose views would reach past the allocation) is refused
+    before anything of the batch is decrypted."""
+    key = os.urandom(32)
+    first, second = random_array((4096,), "float32"), random_array((64,), "float32")
+    encs = gpucrypt.encrypt_tensors({"first": first, "second": second}, key, inplace=True)
+    sealed = first.tobytes()
+    frozen = np.zeros_like(second)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        gpucrypt.decrypt_tensors(encs, key, out={"first": first, "second": frozen})
+    assert first.tobytes() == sealed
+    torch = pytest.importorskip("torch")
+    t = torch.arange(1024.0)
+    enc = gpucrypt.encrypt_tensor(t, key)
+    shrunk = torch.empty(1024)
+    shrunk.untyped_storage().resize_(16)
+    for decrypt in (lambda: gpucrypt.decrypt_tensor(enc, key, out=shrunk),
+                    lambda: gpucrypt.decrypt_tensors([enc], key, out=[shrunk])):
+        with pytest.raises(ValueError, match="storage is smaller"):
+            decrypt()
+
+
 @pytest.mark.cudasim
 def test_decrypt_into_gpu_out_runs_on_the_gpu():
     """Host ciphertext into a device out=: decrypted on the GPU into that memory;

@@ -25,8 +25,8 @@ XChaCha20-Poly1305: any practical number of messages). :class:`NonceSequence` an
 :class:`TensorCipher` give counter nonces for callers who want determinism.
 
 Memory: out of place allocates exactly one output, through the framework's own
-allocator (a torch host result: NumPy's, which torch adopts without a copy when the
-ciphertext is asked for). ``inplace=True`` encrypts in the tensor's own memory; the
+allocator (or NumPy's, for the ciphertext of a torch tensor sealed on the CPU, which
+torch adopts without a copy when it is asked for). ``inplace=True`` encrypts in the tensor's own memory; the
 EncryptedTensor then refers to that memory (the tensor holds ciphertext until it
 is decrypted in place again). A failed in-place decrypt leaves the ciphertext as
 it was; a failed out-of-place decrypt zeroes its output and returns nothing. An
@@ -60,7 +60,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from cryptography.exceptions import InvalidTag
 
-from .. import _hostmem, _limits, pipeline
+from .. import _limits, pipeline
 from . import _frameworks as fw
 from .._buffers import bytes_arg
 from ._frameworks import HOST
@@ -389,11 +389,11 @@ class EncryptedTensor:
     # --- views ---
     @property
     def _ciphertext(self) -> Any:
-        """The ciphertext buffer as this module reads it. An in-place host result is
-        made without one (NumPy arrays and CPU torch tensors, alone or in batches: their
-        memory is read through its buffer or by address, where a torch byte view cost
-        1.7 us, a fifth of a 4 KiB call, and most results are decrypted without ever
-        needing one); it is then the source's byte view, made when first asked for."""
+        """The ciphertext buffer as this module reads it. An in-place result sealed on the
+        CPU from a NumPy array or a CPU torch tensor (alone or in a batch) is made without
+        one: their memory is read through its buffer or by address (a torch byte view cost
+        1.7 us, a fifth of a 4 KiB call), and most results are decrypted without ever
+        needing one; it is then the source's byte view, made when first asked for."""
         ct = self._ct
         if ct is None and self._source is not None:
             ct = self._ct = fw.BY_NAME[self.framework].byte_view(self._source)
@@ -741,8 +741,8 @@ def _decrypt_small_on_host(enc: Any, key: Any, inplace: bool | None) -> Any:
     enc._check_alive()
     key = _key_bytes(key, enc.algorithm)
     in_place = _decides_inplace(enc, None, inplace)
-    ct = enc._ct  # None: in place, not viewed yet; x's own memory is the ciphertext
-    src = _small_host_bytes(enc._source if ct is None else ct)
+    # in place, the source as it is now (a view made earlier keeps the flags of its time)
+    src = _small_host_bytes(enc._ct if enc._source is None else enc._source)
     if src is None or len(src) != enc.nbytes:  # the general path says what is wrong
         return _NOT_SMALL
     if in_place:
@@ -961,9 +961,10 @@ def _run_host_jobs(jobs: list[_Job], work) -> list:
     go to one shared queue, largest first, which ``cores - 1`` workers take from while
     this thread runs the small ones (largest first), then takes from the queue too.
     Taking a tensor is one ``deque.popleft``, atomic under the GIL, with no hand-off per
-    tensor. A batch of small tensors only runs on this thread. When one tensor raises,
-    the queue is emptied, the others finish the tensor they hold, and the first error is
-    raised, naming its tensor; an interrupt is raised once every worker has stopped.
+    tensor. A batch with no tensor for the workers runs on this thread alone, in order.
+    On the pool, when one tensor raises, the queue is emptied, the others finish the
+    tensor they hold, and the first error is raised with a note naming its tensor; an
+    interrupt is raised once every worker has stopped.
     The workers run their tensors with ``shared_gil=True`` (forms that keep the GIL
     released, where the fastest form on a thread of its own holds it for a part of the
     work); this thread keeps the fastest form, so that it never waits on itself."""
@@ -1037,7 +1038,7 @@ def _encrypt_on_host(job: _Job, algorithm: str, key: bytes, inplace: bool, threa
     if inplace:
         ct_obj, dst = job.view, src  # None where the planning made no view: made if asked for
     elif enc._adopt:  # a torch result kept as NumPy until asked for (EncryptedTensor._host)
-        ct_obj = dst = _hostmem.empty_host_bytes(len(src))
+        ct_obj = dst = np.empty(len(src), dtype=np.uint8)
     else:
         ct_obj = job.adapter.empty_bytes(len(src), HOST)
         dst = job.adapter.host_array(ct_obj)
@@ -1299,6 +1300,14 @@ def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
             if adapter.dtype_name(out) != enc.dtype or adapter.shape(out) != enc.shape:
                 raise ValueError(f"out has dtype {adapter.dtype_name(out)} and shape "
                                  f"{adapter.shape(out)}; the tensor was {enc.dtype} {enc.shape}")
+            # refused here, before any tensor of the batch is decrypted: a read-only array
+            # would fail in the middle, and torch's views of a tensor whose storage shrank
+            # would write past the allocation
+            if isinstance(out, np.ndarray) and not out.flags.writeable:
+                raise ValueError("out must be a writable C-contiguous tensor (this one is "
+                                 "read-only)")
+            if adapter.name == "torch":
+                _check_storage(out, enc.nbytes)
             job.adapter, job.dst_obj, job.dst_view = adapter, out, adapter.byte_view(out)
         else:
             try:
@@ -1320,7 +1329,8 @@ def _in_place_host_bytes(enc: EncryptedTensor, label: Any) -> memoryview:
     """The memory an in-place host result is decrypted in, as a flat byte memoryview;
     ``ValueError`` when it cannot be written now (a NumPy array made read-only since it
     was encrypted) or no longer holds the ciphertext's bytes (a torch tensor whose
-    storage shrank). Asked of every tensor of a batch before any is decrypted."""
+    storage shrank). Asked of every in-place host result of a batch before any tensor is
+    decrypted."""
     view = memoryview(_host_ciphertext_view(enc))
     if view.readonly:
         name = label if label is not None else enc.name
