@@ -552,6 +552,25 @@ def test_unusable_out_tensors_are_refused_before_any_tensor_is_decrypted():
 
 
 @pytest.mark.cudasim
+def test_a_batch_on_two_gpus_is_refused_before_any_tensor_is_decrypted():
+    """A decrypt batch whose GPU work would span two devices is refused in its planning:
+    the host tensors decrypted before the GPU batch are left as they were. (The second
+    device is a relabelled result: nothing runs on it.)"""
+    require_gpu_backend()
+    from numba import cuda
+
+    key = os.urandom(32)
+    x = random_array((64,), "float32")
+    batch = gpucrypt.encrypt_tensors({"h": x}, key, inplace=True)
+    sealed = x.tobytes()
+    batch |= gpucrypt.encrypt_tensors({"a": cuda.to_device(x), "b": cuda.to_device(x)}, key)
+    batch["b"]._place = ("cuda", batch["a"]._place[1] + 1)
+    with pytest.raises(ValueError, match="several GPUs"):
+        gpucrypt.decrypt_tensors(batch, key)
+    assert x.tobytes() == sealed
+
+
+@pytest.mark.cudasim
 def test_decrypt_into_gpu_out_runs_on_the_gpu():
     """Host ciphertext into a device out=: decrypted on the GPU into that memory;
     device="cpu" cannot write device memory and says so."""

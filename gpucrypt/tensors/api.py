@@ -1232,6 +1232,9 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     misfiled = [j for j in jobs if j.label is not None and j.enc.name is not None
                 and j.enc.name != j.label]
     todo = [j for j in jobs if j not in misfiled]
+    gpu_jobs = [j for j in todo if j.result[0]]
+    if gpu_jobs:  # one GPU per batch: refused here, before any tensor is decrypted
+        _single_place([j.enc._place for j in gpu_jobs] + [j.place for j in gpu_jobs])
     _prepare_outputs(todo, stream)
     # GPU ciphertext decrypted on the CPU is copied down here, in this thread (whose CUDA
     # context and stream order the copy); only host ciphertext goes to the thread pool
@@ -1239,7 +1242,6 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     on_host = [j for j in todo if not j.result[0] and j.enc._place == HOST]
     failed = [j for j in from_device if not _open_on_host(j, 1)]
     failed += [j for j, ok in zip(on_host, _run_host_jobs(on_host, _open_on_host)) if not ok]
-    gpu_jobs = [j for j in todo if j.result[0]]
     if gpu_jobs:
         failed += _open_on_gpu(gpu_jobs, stream)
     for job in todo:
