@@ -47,6 +47,41 @@ def check_batch(aead, records) -> None:
         assert got is None if must_fail else got == pt
 
 
+@pytest.mark.parametrize("name", sorted(CLASSES))
+@pytest.mark.parametrize("each", [True, False], ids=["each-message", "backend-batch"])
+def test_cpu_batches_take_any_iterable_and_refuse_malformed_messages(name, each):
+    """On the CPU a batch runs each message as encrypt()/decrypt() would (``each``), or
+    through the backend's batch (what a device="auto" object does before it knows that
+    it has no GPU): the same bytes, any iterable of messages, a failed tag as None or
+    BatchInvalidTag, and gpucrypt's own error for a malformed message."""
+    cls, key_len, nonce_len = CLASSES[name]
+    aead = cls(os.urandom(key_len), device="cpu")
+    aead._all_on_cpu = each  # which of the two routes this body runs
+    msgs = [(os.urandom(nonce_len), os.urandom(n), aad) for n, aad in ((0, None), (100, b"ad"), (5000, b""))]
+    sealed = aead.encrypt_many(m for m in msgs)   # a generator: read once
+    assert sealed == [aead.encrypt(*m) for m in msgs] and all(type(x) is bytes for x in sealed)
+    opened = aead.decrypt_many((n, c, a) for (n, _, a), c in zip(msgs, sealed))
+    assert opened == [d for _, d, _ in msgs] and all(type(x) is bytes for x in opened)
+    bad = sealed[1][:-1] + bytes([sealed[1][-1] ^ 1])
+    batch = [(n, c, a) for (n, _, a), c in zip(msgs, sealed)]
+    assert aead.decrypt_many(batch[:1] + [(msgs[1][0], bad, b"ad")], allow_failures=True) == [b"", None]
+    with pytest.raises(gpucrypt.BatchInvalidTag) as info:
+        aead.decrypt_many(batch + [(msgs[1][0], bad, b"ad")])
+    assert info.value.failed == [3]
+    for malformed in ((msgs[0][0], b"data"), b"junk", 7):
+        with pytest.raises(TypeError, match="each message must be a"):
+            aead.encrypt_many(msgs + [malformed])
+        with pytest.raises(TypeError, match="each message must be a"):
+            aead.decrypt_many(batch + [malformed])
+    with pytest.raises(ValueError, match="[Nn]once"):
+        aead.encrypt_many(msgs + [(b"", b"data", None)])
+    if "gcm" in name:  # a nonce OpenSSL's one call refuses, which gpucrypt composes
+        odd = msgs + [(os.urandom(5), b"data", None)]
+        sealed = aead.encrypt_many(odd)
+        assert sealed == [aead.encrypt(*m) for m in odd]
+        assert aead.decrypt_many((n, c, a) for (n, _, a), c in zip(odd, sealed)) == [d for _, d, _ in odd]
+
+
 def check_one_by_one(aead, records) -> None:
     for nonce, pt, aad, sealed, must_fail in records:
         if must_fail:
