@@ -10,6 +10,7 @@ Algorithm names: ``"chacha20-poly1305"`` and ``"aes-gcm"`` for AEADs,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 AEAD_ALGORITHMS = ("chacha20-poly1305", "aes-gcm")
 STREAM_ALGORITHMS = ("chacha20", "aes-ctr")
@@ -71,13 +72,21 @@ class Backend(ABC):
         """``ciphertext || tag`` (bytearray) of each message; ``algorithm`` may also be
         ``"xchacha20-poly1305"``. This default runs the messages one by one; batching
         backends (the GPU) override it with one launch per step for the whole list."""
-        out, contexts = [], self._contexts(algorithm, key)
-        for nonce, data, aad in zip(nonces, datas, aads):
-            ctx, nonce = contexts(nonce)
-            buf = bytearray(len(data) + 16)
-            ctx.seal(nonce, data, aad, memoryview(buf))
-            out.append(buf)
-        return out
+        contexts = self._contexts(algorithm, key)
+        return [self._seal_one(*contexts(nonce), data, aad)
+                for nonce, data, aad in zip(nonces, datas, aads)]
+
+    def _seal_one(self, ctx: AeadContext, nonce: bytes, data: Any, aad: bytes) -> Any:
+        """``ciphertext || tag`` of one message of a batch (bytes-like)."""
+        buf = bytearray(len(data) + 16)
+        ctx.seal(nonce, data, aad, memoryview(buf))
+        return buf
+
+    def _open_one(self, ctx: AeadContext, nonce: bytes, data: Any, aad: bytes) -> Any:
+        """The plaintext of one message of a batch (bytes-like); ``InvalidTag`` if it fails."""
+        buf = bytearray(len(data) - 16)
+        ctx.open(nonce, data, aad, memoryview(buf))
+        return buf
 
     def open_many(self, algorithm: str, key: bytes, nonces: list, datas: list, aads: list) -> list:
         """The plaintext (bytearray) of each message, or ``None`` where its tag failed."""
@@ -88,14 +97,10 @@ class Backend(ABC):
             if len(data) < 16:
                 out.append(None)
                 continue
-            ctx, nonce = contexts(nonce)
-            buf = bytearray(len(data) - 16)
             try:
-                ctx.open(nonce, data, aad, memoryview(buf))
+                out.append(self._open_one(*contexts(nonce), data, aad))
             except InvalidTag:
                 out.append(None)
-                continue
-            out.append(buf)
         return out
 
     def _contexts(self, algorithm: str, key: bytes):
