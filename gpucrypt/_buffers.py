@@ -108,8 +108,10 @@ def new_bytes(size: int) -> tuple[bytes, memoryview]:
     the contents uninitialised, to be written before the object is shared). Elsewhere,
     or if ctypes is missing, a ``bytearray`` stands in (one zeroing pass more); callers
     return the first element either way."""
+    if size == 0:  # nothing to write: the empty bytes, and an empty view to write it through
+        return b"", memoryview(bytearray())
     api = _bytes_api()
-    if api is None or size == 0:
+    if api is None:
         out = bytearray(size)
         return out, memoryview(out)  # type: ignore[return-value]
     ctypes, make, address = api

@@ -37,6 +37,7 @@ _FAST_PATH_MAX = 2**31 - 1
 #: what cryptography raises for arguments it will not take (types, buffer kinds, lengths,
 #: nonce sizes): the general path then handles them, or raises gpucrypt's own error
 _NOT_FOR_OPENSSL = (TypeError, ValueError, OverflowError, BufferError)
+_MALFORMED_MESSAGE = "each message must be a (nonce, data, associated_data) tuple"
 #: ``_slow``'s "no output buffer" (the allocating forms); None is a buffer argument to refuse
 _ALLOCATE = object()
 
@@ -250,15 +251,8 @@ class _Aead:
         what it takes), so the batch costs what a loop would. Reusing a nonce under one
         key within (or across) batches is the caller's error to avoid, as with ``encrypt``.
         """
-        if self._all_on_cpu:  # every message on the CPU: each one the way encrypt() goes
-            messages = messages if type(messages) is list else list(messages)
-            # cryptography's own method where it takes every call (what encrypt() would
-            # call, one Python frame less); anything it refuses goes to the general path
-            encrypt = self.encrypt if self._direct is None else self._direct.encrypt
-            try:
-                return [encrypt(nonce, data, aad) for nonce, data, aad in messages]
-            except _NOT_FOR_OPENSSL:
-                pass  # a malformed message: the general path below says which and why
+        if self._all_on_cpu:
+            return self._each("encrypt", messages)
         nonces, datas, aads = self._prepare_many(messages, tag_len=0)
         backend = select_backend(self._device, sum(len(d) for d in datas))
         return [bytes(x) for x in backend.seal_many(self._batch_algorithm, self._key, nonces, datas, aads)]
@@ -270,11 +264,9 @@ class _Aead:
         and returns nothing, or with ``allow_failures=True`` returns ``None`` in their
         places (their plaintext is never released).
         """
-        plain = None
-        if self._all_on_cpu:  # every message on the CPU: each one the way decrypt() goes
-            messages = messages if type(messages) is list else list(messages)
-            plain = self._decrypt_each(messages)
-        if plain is None:
+        if self._all_on_cpu:
+            plain = self._each("decrypt", messages)
+        else:
             nonces, datas, aads = self._prepare_many(messages, tag_len=_limits.TAG_SIZE)
             backend = select_backend(self._device, sum(len(d) for d in datas))
             plain = [None if p is None else bytes(p) for p in
@@ -284,24 +276,31 @@ class _Aead:
             raise BatchInvalidTag(failed)
         return plain
 
-    def _decrypt_each(self, messages: list) -> list | None:
-        """``decrypt_many``'s plaintexts on the CPU (None where a tag failed), each
-        message the way decrypt() goes: cryptography's own call where it takes it, so the
-        batch costs what a loop of cryptography's calls does (through the backend's
-        batch, bytearrays zeroed, filled and copied, 1 KiB messages cost four times
-        that). None when a message is malformed, for the general path to say which and
-        why."""
-        decrypt = self.decrypt if self._direct is None else self._direct.decrypt  # as encrypt_many
-        plain = []
-        try:
-            for nonce, data, aad in messages:
+    def _each(self, method: str, messages: Any) -> list:
+        """A batch on the CPU, each message the way ``encrypt``/``decrypt`` (``method``)
+        takes it: cryptography's own method where the object goes to it directly, so the
+        batch costs what a loop of cryptography's calls does (through ``_prepare_many``
+        and the backend's batch, 1 KiB messages cost three to four times that); a message
+        it refuses (an odd GCM nonce, a message over 2**31 - 1 bytes) is composed by
+        ``_slow``, which also says what is wrong with a bad argument. Decrypting, a failed
+        tag gives None in the message's place."""
+        call = getattr(self if self._direct is None else self._direct, method)
+        out = []
+        for item in messages:
+            try:
+                nonce, data, aad = item
+            except (TypeError, ValueError):
+                raise TypeError(_MALFORMED_MESSAGE) from None
+            try:
+                out.append(call(nonce, data, aad))
+            except InvalidTag:
+                out.append(None)
+            except _NOT_FOR_OPENSSL:
                 try:
-                    plain.append(decrypt(nonce, data, aad))
+                    out.append(self._slow(method, nonce, data, aad))
                 except InvalidTag:
-                    plain.append(None)
-        except _NOT_FOR_OPENSSL:
-            return None
-        return plain
+                    out.append(None)
+        return out
 
     @property
     def _batch_algorithm(self) -> str:
@@ -313,7 +312,7 @@ class _Aead:
             try:
                 nonce, data, associated_data = item
             except (TypeError, ValueError):
-                raise TypeError("each message must be a (nonce, data, associated_data) tuple") from None
+                raise TypeError(_MALFORMED_MESSAGE) from None
             nonce = _nonce_bytes(nonce)
             self._check_nonce(nonce)
             src = readable(data)
@@ -428,7 +427,11 @@ class _Libsodium:
     def _aad(associated_data) -> bytes:
         if type(associated_data) is bytes:
             return associated_data
-        return b"" if associated_data is None else bytes(associated_data)
+        if associated_data is None:
+            return b""
+        # gpucrypt's own rules (bytes(5) would be five zero bytes, and a non-contiguous
+        # array would be copied in order where the other paths refuse it)
+        return bytes(optional_readable(associated_data, "associated_data"))
 
     # ``data`` is bytes or bytearray (the fast path's choice), at most 16 KiB
     def _seal(self, nonce, data, associated_data, out) -> None:

@@ -75,11 +75,32 @@ def test_cpu_batches_take_any_iterable_and_refuse_malformed_messages(name, each)
             aead.decrypt_many(batch + [malformed])
     with pytest.raises(ValueError, match="[Nn]once"):
         aead.encrypt_many(msgs + [(b"", b"data", None)])
+    for bad_aad in (5, "text", np.zeros((4, 4), np.uint8)[:, ::2]):   # never read as bytes
+        with pytest.raises((TypeError, ValueError), match="associated_data"):
+            aead.encrypt_many(msgs + [(msgs[0][0], b"data", bad_aad)])
     if "gcm" in name:  # a nonce OpenSSL's one call refuses, which gpucrypt composes
         odd = msgs + [(os.urandom(5), b"data", None)]
-        sealed = aead.encrypt_many(odd)
+        sealed = aead.encrypt_many(iter(m) for m in odd)   # each message read once
         assert sealed == [aead.encrypt(*m) for m in odd]
-        assert aead.decrypt_many((n, c, a) for (n, _, a), c in zip(odd, sealed)) == [d for _, d, _ in odd]
+        assert aead.decrypt_many(iter((n, c, a)) for (n, _, a), c in zip(odd, sealed)) == \
+            [d for _, d, _ in odd]
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_associated_data_is_a_buffer_and_plaintexts_are_bytes_on_every_path(name):
+    """An int or str is not associated data (bytes(5) would be five zero bytes), nor is
+    a non-contiguous array; an empty plaintext comes back as bytes however the call went
+    (a bytearray nonce takes gpucrypt's general path)."""
+    cls, key_len, nonce_len = CLASSES[name]
+    aead = cls(os.urandom(key_len), device="cpu")
+    nonce = os.urandom(nonce_len)
+    for bad_aad in (5, "text", np.zeros((4, 4), np.uint8)[:, ::2]):
+        with pytest.raises((TypeError, ValueError), match="associated_data"):
+            aead.encrypt(nonce, b"data", bad_aad)
+    sealed = aead.encrypt(nonce, b"", None)
+    for n in (nonce, bytearray(nonce)):
+        assert type(aead.decrypt(n, sealed, None)) is bytes
+        assert [type(p) for p in aead.decrypt_many([(n, sealed, None)])] == [bytes]
 
 
 def check_one_by_one(aead, records) -> None:

@@ -69,7 +69,7 @@ class Backend(ABC):
         """A context for ``algorithm`` (one of :data:`AEAD_ALGORITHMS`) under ``key``."""
 
     def seal_many(self, algorithm: str, key: bytes, nonces: list, datas: list, aads: list) -> list:
-        """``ciphertext || tag`` (bytearray) of each message; ``algorithm`` may also be
+        """``ciphertext || tag`` (bytes-like) of each message; ``algorithm`` may also be
         ``"xchacha20-poly1305"``. This default runs the messages one by one; batching
         backends (the GPU) override it with one launch per step for the whole list."""
         contexts = self._contexts(algorithm, key)
@@ -89,7 +89,7 @@ class Backend(ABC):
         return buf
 
     def open_many(self, algorithm: str, key: bytes, nonces: list, datas: list, aads: list) -> list:
-        """The plaintext (bytearray) of each message, or ``None`` where its tag failed."""
+        """The plaintext (bytes-like) of each message, or ``None`` where its tag failed."""
         from cryptography.exceptions import InvalidTag
 
         out, contexts = [], self._contexts(algorithm, key)

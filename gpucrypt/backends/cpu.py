@@ -621,8 +621,8 @@ class CpuBackend(Backend):
         return self.contexts.get(algorithm, key)
 
     # A batch's messages that OpenSSL's one call takes get its allocating form: one bytes
-    # object each, no zeroed buffer filled and copied (1 KiB messages cost four times a
-    # loop of cryptography's calls that way); the others the composed form.
+    # object each, not a zeroed buffer filled and then copied (6-8% of a batch of 1 KiB
+    # messages, whose per-message argument checks cost more); the others the composed form.
     def _seal_one(self, ctx, nonce, data, aad):
         if ctx._native(nonce, len(data), len(aad)):
             return ctx.openssl.encrypt(nonce, data, aad)
