@@ -715,3 +715,13 @@ def test_an_input_file_that_shrinks_while_encrypted_is_a_clear_error(small_batch
         stream.encrypt(str(src), str(tmp_path / "out"), KEY, segment_size=SEG, device="cpu",
                        threads=2)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*gpucrypt-tmp"))
+
+
+def test_a_salt_or_nonce_prefix_that_is_not_bytes_is_refused():
+    """``bytes(32)`` is 32 zero bytes, exactly a salt's size: an int given for the salt
+    (or the nonce prefix) must be refused, not turned into zeros."""
+    key = os.urandom(32)
+    with pytest.raises(TypeError, match="salt must be bytes-like"):
+        stream.encrypt(io.BytesIO(b"data"), io.BytesIO(), key, _salt=32)
+    with pytest.raises(TypeError, match="nonce_prefix must be bytes-like"):
+        stream.encrypt(io.BytesIO(b"data"), io.BytesIO(), key, _nonce_prefix=7)

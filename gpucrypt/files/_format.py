@@ -282,8 +282,10 @@ def new_header(key: bytes, algorithm: str, segment_size: int, *, key_id=None, en
     check_algorithm(algorithm)
     check_segment_size(segment_size)
     key_id, envelope = check_key_id_envelope(key_id, envelope)
-    salt = os.urandom(SALT_SIZE) if salt is None else bytes(salt)
-    nonce_prefix = os.urandom(prefix_size(algorithm)) if nonce_prefix is None else bytes(nonce_prefix)
+    # bytes_arg, not bytes(): bytes(32) would be 32 zero bytes, of exactly the salt's size
+    salt = os.urandom(SALT_SIZE) if salt is None else bytes_arg(salt, "salt")
+    nonce_prefix = os.urandom(prefix_size(algorithm)) if nonce_prefix is None else \
+        bytes_arg(nonce_prefix, "nonce_prefix")
     if len(salt) != SALT_SIZE or len(nonce_prefix) != prefix_size(algorithm):
         raise ValueError("salt must be 32 bytes and nonce_prefix "
                          f"{prefix_size(algorithm)} bytes for {algorithm}")
