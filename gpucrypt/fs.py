@@ -183,7 +183,7 @@ class _EncryptingWriter(io.RawIOBase):
     def write(self, data) -> int:
         if self.closed:
             raise ValueError("I/O operation on closed file.")
-        chunk = bytes(data)
+        chunk = bytes(memoryview(data))  # not bytes(): write(5) would write five zero bytes
         self._chunks.append(chunk)
         return len(chunk)
 

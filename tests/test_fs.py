@@ -308,6 +308,8 @@ def test_writes_publish_whole_files_or_nothing(keys, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing published, no temporary file left
     with fs.open(str(target), "wb") as f:
         f.write(b"first ")
+        with pytest.raises(TypeError):   # as a file refuses it (bytes(5) is five zero bytes)
+            f.write(5)
         f.write(b"second")
     assert fs.cat_file(str(target)) == b"first second"
     with pytest.raises(ValueError, match="'rb' or 'wb'"):

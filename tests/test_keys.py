@@ -463,3 +463,21 @@ def test_readme_scenario(tmp_path, monkeypatch, capsys):
     assert alice.fingerprint in revoke["recipients"]
     assert "NoMatchingRecipient" in refused["error"]
     assert any(e["operation"] == "keyset.disable" for e in events)
+
+
+def test_key_material_given_as_an_int_is_refused_not_taken_as_zero_bytes():
+    """bytes(16) is 16 zero bytes, of exactly a key's size: every place that takes key
+    material (or a data key to wrap) refuses an int instead of using a key of zeros."""
+    from gpucrypt.keys import CallableKeyProvider, Passphrase, WrappingKey
+
+    with pytest.raises(TypeError, match="key must be bytes-like"):
+        WrappingKey("kek", key=16)
+    with pytest.raises(TypeError, match="key must be bytes-like"):
+        CallableKeyProvider(lambda key_id: 32).get_key("any")
+    with pytest.raises(TypeError, match="public_bytes must be bytes-like"):
+        Recipient("x25519", 32)
+    with pytest.raises(TypeError, match="private_bytes must be bytes-like"):
+        Identity("x25519", 32)
+    with pytest.raises(TypeError, match="dek must be bytes-like"):
+        Passphrase("a passphrase", log_n=10).wrap(32)
+    assert WrappingKey("kek", key=bytearray(16))._key == bytes(16)   # bytes-like still works

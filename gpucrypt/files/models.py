@@ -83,6 +83,7 @@ from ._safetensors import StoredTensor
 from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedError,
                       UnsupportedVersion)
 from .. import pipeline
+from .._buffers import bytes_arg
 from ..tensors.api import _host_open, _host_seal
 
 __all__ = ["save_encrypted", "load_encrypted", "export_safetensors", "read_header", "safe_open",
@@ -573,7 +574,7 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any, metadata: Ma
     table = _encode_table(infos, metadata)
     if len(table) + TAG_SIZE > MAX_TABLE_BYTES:
         raise ValueError(f"the tensor table is {len(table)} bytes (at most {MAX_TABLE_BYTES})")
-    salt = os.urandom(_format.SALT_SIZE) if _salt is None else bytes(_salt)
+    salt = os.urandom(_format.SALT_SIZE) if _salt is None else bytes_arg(_salt, "_salt")
     if len(salt) != _format.SALT_SIZE:
         raise ValueError(f"_salt must be {_format.SALT_SIZE} bytes")
     prefix = os.urandom(_format.prefix_size(algorithm))

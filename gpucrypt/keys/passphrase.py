@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from .._errors import KeysetError, KeyUnavailable
+from .._buffers import bytes_arg
 from ._envelope import Stanza
 
 __all__ = ["Passphrase", "DEFAULT_LOG_N", "MAX_LOG_N", "STANZA_KIND", "work_factor"]
@@ -90,10 +91,10 @@ class Passphrase:
         """The ``scrypt`` stanza wrapping ``dek`` (``_salt``: known-answer tests only)."""
         import os
 
-        salt = os.urandom(SALT_SIZE) if _salt is None else bytes(_salt)
+        salt = os.urandom(SALT_SIZE) if _salt is None else bytes_arg(_salt, "_salt")
         if len(salt) != SALT_SIZE:
             raise ValueError(f"the salt must be {SALT_SIZE} bytes")
-        body = ChaCha20Poly1305(self._key(salt, self.log_n)).encrypt(_NONCE, bytes(dek), None)
+        body = ChaCha20Poly1305(self._key(salt, self.log_n)).encrypt(_NONCE, bytes_arg(dek, "dek"), None)
         return Stanza(STANZA_KIND, salt + bytes([self.log_n]), body)
 
     def unwrap(self, stanza: Stanza) -> bytes:

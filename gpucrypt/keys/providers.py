@@ -13,6 +13,7 @@ import binascii
 import os
 from typing import Callable, Protocol, runtime_checkable
 
+from .._buffers import bytes_arg
 from .._errors import KeyManagementError, KeyNotFound, KeysetError
 from .keyset import Keyset
 
@@ -111,7 +112,7 @@ class CallableKeyProvider:
             raise KeyNotFound(f"{self._name} key provider has no key {key_id!r}") from None
         if key is None:
             raise KeyNotFound(f"{self._name} key provider has no key {key_id!r}")
-        return bytes(key)
+        return bytes_arg(key, "key")  # bytes(32) would be a key of 32 zero bytes
 
 
 class WrappingKey:
@@ -123,9 +124,11 @@ class WrappingKey:
                  provider: KeyProvider | None = None):
         if (key is None) == (provider is None):
             raise TypeError("give exactly one of key= and provider=")
-        if key is not None and len(bytes(key)) not in (16, 24, 32):
-            raise ValueError("an AES key-wrap key must be 16, 24 or 32 bytes")
-        self.key_id, self._key, self._provider = key_id, (bytes(key) if key else None), provider
+        if key is not None:
+            key = bytes_arg(key, "key")  # bytes(16) would be a key of 16 zero bytes
+            if len(key) not in (16, 24, 32):
+                raise ValueError("an AES key-wrap key must be 16, 24 or 32 bytes")
+        self.key_id, self._key, self._provider = key_id, key, provider
 
     @classmethod
     def from_provider(cls, provider: KeyProvider, key_id: str) -> "WrappingKey":

@@ -72,7 +72,7 @@ class Recipient:
     def __init__(self, kem: str, public_bytes: bytes):
         if kem not in _KEMS:
             raise ValueError(f"unknown KEM {kem!r}; choose one of {sorted(_KEMS)}")
-        self.kem, self.public_bytes = kem, bytes(public_bytes)
+        self.kem, self.public_bytes = kem, bytes_arg(public_bytes, "public_bytes")
         self._public_key = _load_public(kem, self.public_bytes)  # validates
         self.fingerprint = _fingerprint(kem, self.public_bytes)
 
@@ -160,7 +160,7 @@ class Identity:
     def __init__(self, kem: str, private_bytes: bytes, created: str | None = None):
         if kem not in _KEMS:
             raise ValueError(f"unknown KEM {kem!r}; choose one of {sorted(_KEMS)}")
-        self.kem, self._private_bytes = kem, bytes(private_bytes)
+        self.kem, self._private_bytes = kem, bytes_arg(private_bytes, "private_bytes")
         self.created = created or utc_timestamp()
         if kem == "x25519":
             if len(self._private_bytes) != _X25519_SIZE:
