@@ -668,3 +668,14 @@ def test_aliases_of_scratch_must_fit_and_be_aligned():
     for dtype, shape, start in ((np.uint32, (17,), 0), (np.uint32, (4,), 2), (np.uint8, (4,), -1)):
         with pytest.raises(AssertionError):
             work.alias(space, dtype, shape, start)
+
+
+def test_batch_keys_nonces_and_aads_given_as_ints_are_refused(gpu):
+    """bytes(12) is 12 zero bytes, exactly a nonce's size: a batch refuses an int key,
+    nonce or aad instead of sealing under zeros."""
+    [(key, nonce, data, _)] = _messages("chacha20-poly1305", [5])
+    buf = data.copy()
+    for keys, nonces, aads in (([32], [nonce], [b""]), ([key], [12], [b""]), ([key], [nonce], [3])):
+        with pytest.raises(TypeError, match="must be bytes-like"):
+            gpu.seal_batch("chacha20-poly1305", keys, nonces, [buf], aads, [buf])
+    assert buf.tobytes() == data.tobytes()

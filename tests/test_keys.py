@@ -481,3 +481,9 @@ def test_key_material_given_as_an_int_is_refused_not_taken_as_zero_bytes():
     with pytest.raises(TypeError, match="dek must be bytes-like"):
         Passphrase("a passphrase", log_n=10).wrap(32)
     assert WrappingKey("kek", key=bytearray(16))._key == bytes(16)   # bytes-like still works
+
+
+def test_a_keyset_sealed_with_an_int_kek_is_refused(tmp_path):
+    with pytest.raises(TypeError, match="kek must be bytes-like"):
+        Keyset.generate().save(tmp_path / "keys.json", kek=32, kek_id="k")
+    assert not (tmp_path / "keys.json").exists()

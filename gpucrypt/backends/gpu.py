@@ -66,6 +66,7 @@ from typing import Any, Sequence
 import numpy as np
 from cryptography.exceptions import InvalidTag
 
+from .._buffers import bytes_arg
 from ._base import AeadContext, Backend
 from ._probe import gpu_unavailable_reason  # noqa: F401  (its public home until now)
 
@@ -929,8 +930,10 @@ class GpuBackend(Backend):
         for i in range(n):
             if dsts[i].size < lengths[i]:
                 raise ValueError(f"message {i}: destination holds {dsts[i].size} bytes, needs {lengths[i]}")
-        return _Plan.build(algorithm, [bytes(k) for k in keys], [bytes(x) for x in nonces],
-                           srcs, dsts, [bytes(a) for a in aads], lengths, tag)
+        # bytes_arg, not bytes(): bytes(12) would be a nonce (or key) of zero bytes
+        return _Plan.build(algorithm, [bytes_arg(k, "key") for k in keys],
+                           [bytes_arg(x, "nonce") for x in nonces],
+                           srcs, dsts, [bytes_arg(a, "aad") for a in aads], lengths, tag)
 
     def _batch_work(self, plan, arena, src_off, dst_off, s, tags_out, *, key_blocks: bool,
                     data: bool) -> _Work:

@@ -24,6 +24,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from .._buffers import bytes_arg
 from .._errors import KeysetError
 
 FILE_VERSION = 1
@@ -90,7 +91,7 @@ def seal_document(public: dict, secret: dict, *, passphrase=None, kek=None, kek_
             _passphrase_bytes(passphrase))
         cipher: Any = ChaCha20Poly1305(key, device="cpu")
     else:
-        kek = bytes(kek)
+        kek = bytes_arg(kek, "kek")  # bytes(32) would be a key of 32 zero bytes
         if len(kek) != 32:
             raise ValueError("a key-encryption key for sealing must be 32 bytes (AES-256)")
         protection = {"method": "kek", "kek_id": kek_id, "aead": "aes-256-gcm",
@@ -130,7 +131,7 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict:
             if kek is None:
                 raise KeysetError(f"{where} is sealed by a key-encryption key "
                                   f"(id {protection.get('kek_id')!r}): give it with kek=")
-            cipher = AESGCM(bytes(kek), device="cpu")
+            cipher = AESGCM(bytes_arg(kek, "kek"), device="cpu")
         else:
             raise KeysetError(f"{where}: unknown protection method {method!r}")
         plain = cipher.decrypt(nonce, b64d(doc.get("sealed"), f"{where}: sealed part"),
