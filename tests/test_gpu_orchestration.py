@@ -679,3 +679,8 @@ def test_batch_keys_nonces_and_aads_given_as_ints_are_refused(gpu):
         with pytest.raises(TypeError, match="must be bytes-like"):
             gpu.seal_batch("chacha20-poly1305", keys, nonces, [buf], aads, [buf])
     assert buf.tobytes() == data.tobytes()
+    with pytest.raises(TypeError, match="tag must be bytes-like"):
+        gpu.open_batch("chacha20-poly1305", [key], [nonce], [buf], [16], [b""], [buf])
+    from gpucrypt.backends import get_backend
+    with pytest.raises(TypeError, match="key must be bytes-like"):
+        get_backend("cpu").aead("aes-gcm", 16)

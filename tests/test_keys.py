@@ -472,7 +472,7 @@ def test_key_material_given_as_an_int_is_refused_not_taken_as_zero_bytes():
 
     with pytest.raises(TypeError, match="key must be bytes-like"):
         WrappingKey("kek", key=16)
-    with pytest.raises(TypeError, match="key must be bytes-like"):
+    with pytest.raises(TypeError, match="returned for 'any' must be bytes-like"):
         CallableKeyProvider(lambda key_id: 32).get_key("any")
     with pytest.raises(TypeError, match="public_bytes must be bytes-like"):
         Recipient("x25519", 32)

@@ -40,6 +40,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from .._buffers import bytes_arg
 from .._buffers import zero as _zero
 from ._base import AeadContext, Backend
 
@@ -584,7 +585,7 @@ class ContextCache:
         if last[1] is key and last[0] == algorithm:
             return last[2]
         if type(key) is not bytes:
-            return _AEADS[algorithm](bytes(key))
+            return _AEADS[algorithm](bytes_arg(key, "key"))  # bytes(16): a key of zeros
         slot = (algorithm, id(key))
         entry = self._entries.get(slot)  # a hit takes no lock (one dict lookup is atomic)
         if entry is not None and entry[0] is key:

@@ -908,7 +908,7 @@ class GpuBackend(Backend):
 
     def _expected_tags(self, tags: Any, n: int) -> list[bytes]:
         if isinstance(tags, (list, tuple)):
-            out = [bytes(t) for t in tags]
+            out = [bytes_arg(t, "tag") for t in tags]
         else:
             host = self.to_host(tags) if not isinstance(tags, np.ndarray) else tags
             out = [host[i].tobytes() for i in range(n)]

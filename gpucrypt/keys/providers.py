@@ -112,7 +112,8 @@ class CallableKeyProvider:
             raise KeyNotFound(f"{self._name} key provider has no key {key_id!r}") from None
         if key is None:
             raise KeyNotFound(f"{self._name} key provider has no key {key_id!r}")
-        return bytes_arg(key, "key")  # bytes(32) would be a key of 32 zero bytes
+        # bytes_arg: bytes(32) would be a key of 32 zero bytes
+        return bytes_arg(key, f"the key {self._name} returned for {key_id!r}")
 
 
 class WrappingKey:
