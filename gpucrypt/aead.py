@@ -251,7 +251,9 @@ class _Aead:
         what it takes), so the batch costs what a loop would. Reusing a nonce under one
         key within (or across) batches is the caller's error to avoid, as with ``encrypt``.
         """
-        if self._all_on_cpu:
+        if not self._all_on_cpu:
+            messages = messages if type(messages) is list else list(messages)  # read twice
+        if self._all_on_cpu or self._runs_on_cpu(messages):
             return self._each("encrypt", messages)
         nonces, datas, aads = self._prepare_many(messages, tag_len=0)
         backend = select_backend(self._device, sum(len(d) for d in datas))
@@ -264,7 +266,9 @@ class _Aead:
         and returns nothing, or with ``allow_failures=True`` returns ``None`` in their
         places (their plaintext is never released).
         """
-        if self._all_on_cpu:
+        if not self._all_on_cpu:
+            messages = messages if type(messages) is list else list(messages)  # read twice
+        if self._all_on_cpu or self._runs_on_cpu(messages):
             plain = self._each("decrypt", messages)
         else:
             nonces, datas, aads = self._prepare_many(messages, tag_len=_limits.TAG_SIZE)
@@ -276,15 +280,35 @@ class _Aead:
             raise BatchInvalidTag(failed)
         return plain
 
+    def _runs_on_cpu(self, messages: list) -> bool:
+        """Whether ``select_backend`` puts this batch on the CPU, for an object that may
+        still go to a GPU (``device="auto"`` where a driver exists): its small payloads
+        run there and the whole batch is below ``AUTO_GPU_THRESHOLD``. False for a
+        malformed message, whatever it is: the general path then says what is wrong."""
+        if not self._small_on_cpu:
+            return False
+        total = 0
+        try:
+            for item in messages:
+                data = item[1]
+                total += len(data) if type(data) in (bytes, bytearray) else readable(data).nbytes
+                if total >= AUTO_GPU_THRESHOLD:
+                    return False
+        except Exception:  # only a classification: the general path checks every message
+            return False
+        return True
+
     def _each(self, method: str, messages: Any) -> list:
         """A batch on the CPU, each message the way ``encrypt``/``decrypt`` (``method``)
-        takes it: cryptography's own method where the object goes to it directly, so the
+        takes it on the CPU: cryptography's own method where one object serves, so the
         batch costs what a loop of cryptography's calls does (through ``_prepare_many``
         and the backend's batch, 1 KiB messages cost three to four times that); a message
         it refuses (an odd GCM nonce, a message over 2**31 - 1 bytes) is composed by
         ``_slow``, which also says what is wrong with a bad argument. Decrypting, a failed
         tag gives None in the message's place."""
-        call = getattr(self if self._direct is None else self._direct, method)
+        # the batch runs on the CPU (the callers know): cryptography's object takes what
+        # it can, as for an object that has no GPU (XChaCha20's depends on the nonce)
+        call = getattr(self._openssl if self._direct_ok else self, method)
         out = []
         for item in messages:
             try:

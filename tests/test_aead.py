@@ -56,7 +56,7 @@ def test_cpu_batches_take_any_iterable_and_refuse_malformed_messages(name, each)
     BatchInvalidTag, and gpucrypt's own error for a malformed message."""
     cls, key_len, nonce_len = CLASSES[name]
     aead = cls(os.urandom(key_len), device="cpu")
-    aead._all_on_cpu = each  # which of the two routes this body runs
+    aead._all_on_cpu = aead._small_on_cpu = each  # which of the two routes this body runs
     msgs = [(os.urandom(nonce_len), os.urandom(n), aad) for n, aad in ((0, None), (100, b"ad"), (5000, b""))]
     sealed = aead.encrypt_many(m for m in msgs)   # a generator: read once
     assert sealed == [aead.encrypt(*m) for m in msgs] and all(type(x) is bytes for x in sealed)
@@ -84,6 +84,27 @@ def test_cpu_batches_take_any_iterable_and_refuse_malformed_messages(name, each)
         assert sealed == [aead.encrypt(*m) for m in odd]
         assert aead.decrypt_many(iter((n, c, a)) for (n, _, a), c in zip(odd, sealed)) == \
             [d for _, d, _ in odd]
+
+
+def test_an_auto_object_that_may_have_a_gpu_runs_a_small_batch_message_by_message():
+    """device="auto" where a CUDA driver exists (or may): a batch below the GPU threshold
+    runs on the CPU message by message, as on a machine without one; a larger one, or a
+    malformed one, goes through the general path."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from gpucrypt.backends import AUTO_GPU_THRESHOLD
+
+    key = os.urandom(16)
+    aead = gpucrypt.AESGCM(key, device="auto")
+    aead._all_on_cpu = False   # as on a machine with a CUDA driver
+    small = [(os.urandom(12), os.urandom(1000), None) for _ in range(3)]
+    assert aead._runs_on_cpu(small) and aead._runs_on_cpu([(b"n" * 12, np.zeros(10, np.uint32), b"")])
+    assert not aead._runs_on_cpu(small + [(os.urandom(12), bytes(AUTO_GPU_THRESHOLD), None)])
+    assert not aead._runs_on_cpu(small + [7])
+    sealed = aead.encrypt_many(m for m in small)
+    assert sealed == [AESGCM(key).encrypt(*m) for m in small]
+    assert aead.decrypt_many((n, c, a) for (n, _, a), c in zip(small, sealed)) == [d for _, d, _ in small]
+    with pytest.raises(TypeError, match="each message must be a"):
+        aead.encrypt_many(small + [7])
 
 
 @pytest.mark.parametrize("name", sorted(CLASSES))
