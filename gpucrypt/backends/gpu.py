@@ -944,10 +944,8 @@ class GpuBackend(Backend):
         scratch (``work.tag_space``)."""
         work = _Work()
         n = plan.n
-        if plan.family == "chacha":
-            key_space = work.space(32 * n, zero=True) if key_blocks else None
-        else:
-            key_space = work.space(32 * n, zero=True) if key_blocks else None
+        # 32 bytes a message: Poly1305's one-time key, or GCM's H then E_K(J0) blocks
+        key_space = work.space(32 * n, zero=True) if key_blocks else None
         work.tag_space = work.space(_TAG * n, shape=(n, _TAG)) if tags_out is None else None
         empty = work.space(16)  # the ciphertext base when no message has a byte
         base = (lambda sc: arena.base if arena.base is not None else sc[empty])
@@ -1002,7 +1000,7 @@ class GpuBackend(Backend):
             t_rows, t_starts, units = work.table(table), work.table(starts), int(starts[-1])
 
             def run(t, sc):
-                data = buffer(sc)   # once: the key blocks' buffer is a reshape, a new device array
+                data = buffer(sc)   # in place: one lookup for the source and the destination
                 k.aes_ctr_xor(data, data, t[round_keys], rounds, t[t_rows], t[t_starts], len(segs), units,
                               stream=s)
             work.launch(phase, run)

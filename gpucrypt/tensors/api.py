@@ -26,11 +26,11 @@ XChaCha20-Poly1305: any practical number of messages). :class:`NonceSequence` an
 
 Memory: out of place allocates exactly one output, through the framework's own
 allocator (or NumPy's, for the ciphertext of a torch tensor sealed on the CPU, which
-torch adopts without a copy when it is asked for). ``inplace=True`` encrypts in the tensor's own memory; the
-EncryptedTensor then refers to that memory (the tensor holds ciphertext until it
-is decrypted in place again). A failed in-place decrypt leaves the ciphertext as
-it was; a failed out-of-place decrypt zeroes its output and returns nothing. An
-in-place batch whose entries share memory (a state dict's tied weights) is refused
+torch adopts without a copy when it is asked for). ``inplace=True`` encrypts in the
+tensor's own memory; the EncryptedTensor then refers to that memory (the tensor holds
+ciphertext until it is decrypted in place again). A failed in-place decrypt leaves the
+ciphertext as it was; a failed out-of-place decrypt zeroes its output and returns
+nothing. An in-place batch whose entries share memory (a state dict's tied weights) is refused
 before anything is touched: each memory can hold one ciphertext. Host batches over
 4 MiB run on all usable cores (``cryptography`` releases the GIL): several tensors are
 shared out among threads, and one large ChaCha20-Poly1305 / XChaCha20-Poly1305 tensor
