@@ -296,3 +296,68 @@ def test_a_tensor_whose_storage_shrank_is_refused_not_read_past():
             y.untyped_storage().resize_(16)
             with pytest.raises(ValueError, match="storage is smaller"):
                 decrypt(enc)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_a_new_result_keeps_openssls_sealed_bytes_and_every_edit_fails(algorithm, framework):
+    """A new (not in-place) result of the short path holds the bytes OpenSSL's one-shot
+    seal returned, ciphertext || tag, and its decryption hands them back to OpenSSL as
+    they are. Whatever was edited since (any metadata field, the user's associated data,
+    the nonce, the tag kept beside them, the ciphertext through ``ciphertext``) must fail
+    to verify, with no plaintext released; undone, it decrypts again."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+    key = os.urandom(32)
+    x = np.arange(1024, dtype=np.float32) if framework == "numpy" else torch.arange(1024.0)
+    plain = _memory(x)
+    enc = gpucrypt.encrypt_tensor(x, key, algorithm=algorithm, aad=b"ctx", name="w")
+    assert type(enc._ct) is bytes  # the form under test
+    if algorithm != "xchacha20-poly1305":  # its subkey is another test's
+        reference = (AESGCM if algorithm == "aes-gcm" else ChaCha20Poly1305)(key)
+        assert enc._ct == reference.encrypt(enc.nonce, plain, enc.associated_data())
+    sealed = enc._ct
+    edits = {"shape": (512, 2), "dtype": "int32", "name": "v", "key_id": "k", "aad": b"cty",
+             "nonce": bytes(len(enc.nonce)), "_tag": bytes(16)}  # _tag: the general path's
+    for field, value in edits.items():
+        kept = getattr(enc, field)
+        setattr(enc, field, value)
+        with pytest.raises(InvalidTag) as info:
+            gpucrypt.decrypt_tensor(enc, key)
+        assert info.value.failed == [None], field
+        setattr(enc, field, kept)
+        if field != "_tag":
+            assert enc._ct is sealed, field  # the sealed bytes were tried, not an array
+    assert _memory(gpucrypt.decrypt_tensor(enc, key)) == plain
+    enc._ct = sealed
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensor(enc, os.urandom(32))
+    assert _memory(gpucrypt.decrypt_tensor(enc, key)) == plain and enc._ct is sealed
+    # the ciphertext asked for: a writable array of its own, which decryption then reads
+    ciphertext = enc.ciphertext
+    flat = ciphertext if framework == "numpy" else ciphertext.numpy()
+    assert flat.flags.writeable and flat.tobytes() + enc.tag == sealed
+    assert enc.ciphertext is ciphertext
+    flat[0] ^= 1
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensor(enc, key)
+    flat[0] ^= 1
+    assert _memory(gpucrypt.decrypt_tensor(enc, key)) == plain
+
+
+def test_a_new_torch_result_is_a_cpu_tensor_whatever_the_default_device():
+    """``torch.set_default_device`` changes where ``torch.empty`` allocates; a host
+    ciphertext decrypts into host memory all the same ('meta' here: its tensors have no
+    memory, and writing one's address as host memory crashed the process)."""
+    key = os.urandom(32)
+    x = torch.arange(1024.0)
+    encs = [gpucrypt.encrypt_tensor(x, key), gpucrypt.encrypt_tensor(x.clone(), key, inplace=True)]
+    torch.set_default_device("meta")
+    try:
+        backs = [gpucrypt.decrypt_tensor(encs[0], key),
+                 gpucrypt.decrypt_tensor(encs[1], key, inplace=False),
+                 gpucrypt.decrypt_tensors([encs[0]], key)[0]]
+    finally:
+        torch.set_default_device(None)
+    for back in backs:
+        assert back.device.type == "cpu" and torch.equal(back, x)

@@ -256,7 +256,7 @@ class EncryptedWriter(FileSystemWriter):
             if item.type == WriteItemType.BYTE_IO:
                 raw = bytes(data.getbuffer())
                 entries[entry] = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw \
-                    else torch.empty(0, dtype=torch.uint8)
+                    else torch.empty(0, dtype=torch.uint8, device="cpu")
             else:
                 entries[entry] = data.detach()
             placed.append((item.index, entry))

@@ -971,7 +971,7 @@ class _Staging:
         if framework == "torch":
             import torch
 
-            self._pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            self._pinned = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=True)
             self.host = self._pinned.numpy()
         elif framework == "cupy":
             import cupyx
