@@ -129,18 +129,27 @@ def timed(operation: str, **fields: Any) -> Iterator[dict]:
 
 
 def enable(target: Any = None, level: int = logging.INFO) -> logging.Handler:
-    """Send audit events, one JSON line each, to ``target``: a path (appended to,
-    created 0600), a text stream, or ``None`` for stderr. Returns the handler (remove
-    it with ``logging.getLogger(LOGGER_NAME).removeHandler(h)``)."""
+    """Send audit events, one JSON line each, to ``target``: a path (appended to, mode
+    0600, an existing file's mode included), a text stream, or ``None`` for stderr.
+    Returns the handler (remove it with ``logging.getLogger(LOGGER_NAME).removeHandler(h)``);
+    enabling a path that already has one returns that one, so no event is written twice."""
     import os
     import sys
 
     if target is None:
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
     elif isinstance(target, (str, os.PathLike)):
-        fd = os.open(os.fspath(target), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.close(fd)  # created with 0600 before logging opens it for appending
-        handler = logging.FileHandler(os.fspath(target), mode="a", encoding="utf-8")
+        path = os.path.abspath(os.fspath(target))  # as FileHandler.baseFilename holds it
+        for existing in _logger.handlers:
+            if isinstance(existing, logging.FileHandler) and existing.baseFilename == path:
+                return existing
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
+        finally:
+            os.close(fd)  # made 0600 before logging opens it for appending
+        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     else:
         handler = logging.StreamHandler(target)
     handler.setFormatter(logging.Formatter("%(message)s"))

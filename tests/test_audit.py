@@ -108,6 +108,24 @@ def test_enable_to_file_and_stream(tmp_path):
     assert os.stat(tmp_path / "a.log").st_mode & 0o777 == 0o600
 
 
+def test_enable_a_path_twice_and_an_existing_file(tmp_path):
+    """The log is 0600 even when the file existed with another mode, and enabling it again
+    (two commands in one process) writes each event once."""
+    path = tmp_path / "audit.log"
+    path.write_text("")
+    os.chmod(path, 0o644)
+    logger = logging.getLogger(audit.LOGGER_NAME)
+    handlers = [audit.enable(path), audit.enable(str(path))]
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        audit.event("keyset.add", key_id="abc")
+    finally:
+        for h in set(handlers):
+            logger.removeHandler(h)
+            h.close()
+    assert [json.loads(line)["key_id"] for line in path.read_text().splitlines()] == ["abc"]
+
+
 # ---------------------------------------------------------------- no secret, any path
 
 
@@ -145,6 +163,7 @@ def test_no_secret_in_log_on_any_path(captured, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(keys, "generate_dek", recording_dek)
     monkeypatch.setattr(keyed, "generate_dek", recording_dek)  # encrypt_file looks it up there
+    monkeypatch.setattr(keys.passphrase, "MIN_LOG_N", FAST_N.bit_length() - 1)  # fast sealing
     passphrase = "pass-phrase-never-logged-42"
     plaintext_word = "PLAINTEXT-NEVER-LOGGED-7f3a"
     plaintext = (plaintext_word * 40).encode() + os.urandom(1000)

@@ -41,7 +41,7 @@ LAUNCHER = ("import signal, sys\n"
             "from gpucrypt.files import _atomic\n"
             "from gpucrypt.keys import passphrase\n"
             "pipeline.CPU_BATCH_BYTES = 1 << 16\n"
-            "passphrase.DEFAULT_LOG_N = 10\n"
+            "passphrase.DEFAULT_LOG_N = passphrase.MIN_LOG_N = 10\n"
             "if sys.argv[1] == 'named':\n"
             "    _atomic._TMPFILE = 0\n"
             "from gpucrypt.cli import main\n"
@@ -71,6 +71,7 @@ def work(tmp_path, monkeypatch):
     from gpucrypt.keys import passphrase
 
     monkeypatch.setattr(passphrase, "DEFAULT_LOG_N", 10)
+    monkeypatch.setattr(passphrase, "MIN_LOG_N", 10)  # writers refuse 2**10 otherwise
     monkeypatch.delenv("GPUCRYPT_PASSPHRASE", raising=False)
     monkeypatch.chdir(tmp_path)
     private(tmp_path / "key", os.urandom(32))

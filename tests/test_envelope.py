@@ -160,6 +160,24 @@ def test_duplicates_wrapped_once(x_identity):
     assert keys.describe_envelope(env) == [x_identity.fingerprint]
 
 
+def test_two_different_keys_with_one_id_are_refused():
+    """An envelope names a symmetric key by its id: two teams' different KEKs called "prod"
+    cannot both have a stanza, so sealing says so instead of dropping one."""
+    team_a, team_b = WrappingKey("prod", os.urandom(32)), WrappingKey("prod", os.urandom(32))
+    with pytest.raises(ValueError, match="two different key-encryption keys have the id 'prod'.*"
+                                         "give each key its own id") as info:
+        seal_envelope(keys.generate_dek(), [team_a, team_b])
+    for secret in (team_a.secret_bytes(), team_b.secret_bytes()):
+        assert secret.hex() not in str(info.value) and repr(secret) not in str(info.value)
+    # the same key given twice (as a keyset key and as bytes) is still wrapped once
+    ks = Keyset.generate()
+    same = WrappingKey(ks.primary.id, ks.primary.secret_bytes())
+    dek = keys.generate_dek()
+    env = seal_envelope(dek, [ks, same, ks.primary])
+    assert keys.describe_envelope(env) == [f"aes-kwp:{ks.primary.id}"]
+    assert open_envelope(env, same) == dek == open_envelope(env, ks)
+
+
 def test_primary_of_keyset_is_used_and_recorded():
     ks = Keyset.generate()
     first = ks.primary.id

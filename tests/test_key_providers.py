@@ -180,6 +180,9 @@ def test_uri_forms(uri, label, query):
 @pytest.mark.parametrize("uri, why", [
     ("pkcs11:token=t;object=o?pin-value=1234", "secret in the URI"),
     ("pkcs11:token=t;object=o;pin-value=1234", "unknown path attribute 'pin-value'"),
+    ("pkcs11:token=t;object=o;key=1234", "unknown path attribute 'key'"),
+    ("pkcs11:token=t;object=o;pin=1234", "unknown path attribute 'pin'"),
+    ("pkcs11:token=t;object=o?pin=1234", "secret in the URI"),
     ("pkcs11:object=o", "name the token"),
     ("pkcs11:token=t;object=o;colour=red", "unknown path attribute"),
     ("pkcs11:token=t;object=o;object=p", "given twice"),
@@ -195,6 +198,7 @@ def test_bad_uris_say_what_is_wrong(uri, why):
 
 
 def test_file_reference_opens_a_sealed_keyset(plain, tmp_path, monkeypatch):
+    monkeypatch.setattr(keys.passphrase, "MIN_LOG_N", 10)  # lets the test seal with 2**10
     keyset = keys.Keyset.generate()
     keyset.save(tmp_path / "ks.json", "correct horse", scrypt_n=2**10)
     (tmp_path / "pass").write_text("correct horse\n")
@@ -258,6 +262,49 @@ def test_pkcs11_pin_from_a_file_and_wrong_pins(hsm, tmp_path, monkeypatch):
     with pytest.raises(keys.KeyProviderError, match="refused the PIN") as info:
         keys.seal_envelope(dek, KeyReference(_hsm_uri(hsm, extra="&pin-source=env:WRONG_PIN")))
     assert "not-the-pin" not in str(info.value)
+
+
+def test_pkcs11_serial_manufacturer_and_model_pick_the_token(hsm):
+    """Two tokens with one label: the URI's serial says which, and stays in the stanza id;
+    without it the error says to add it. A serial or manufacturer no token has is refused."""
+    from pkcs11 import KeyType
+
+    from gpucrypt.keys.pkcs11 import _library
+
+    for _ in range(2):
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "twin", "--so-pin",
+                        SO_PIN, "--pin", PIN], check=True, capture_output=True)
+    lib = _library(hsm["module"])
+    lib.reinitialize()  # a module sees tokens made after it started only then
+    twins = list(lib.get_tokens(token_label="twin"))
+    for token in twins:
+        with token.open(user_pin=PIN, rw=True) as session:
+            session.generate_key(KeyType.AES, 256, label="kek", store=True)
+    first, second = (t.serial.decode() for t in twins)
+    query = f"?module-path={hsm['module']}"
+    dek = keys.generate_dek()
+    with pytest.raises(keys.KeyProviderError, match="2 tokens match; add serial="):
+        keys.seal_envelope(dek, KeyReference("pkcs11:token=twin;object=kek" + query))
+    on_first = KeyReference(f"pkcs11:token=twin;object=kek;serial={first}" + query)
+    on_second = KeyReference(f"pkcs11:token=twin;object=kek;serial={second}" + query)
+    envelope = keys.seal_envelope(dek, on_first)
+    assert keys.describe_envelope(envelope) == [f"pkcs11:token=twin;object=kek;serial={first}"]
+    assert keys.open_envelope(envelope, on_first) == dek
+    # the first token's wrapping, given the second's id: the second token cannot unwrap it
+    body = keys._envelope.decode(envelope)[0].body
+    stanza = keys._envelope.Stanza("key-ref", on_second.label.encode(), body)
+    moved = keys._envelope.encode([stanza])
+    with pytest.raises(keys.NoMatchingRecipient, match="refused to unwrap"):
+        keys.open_envelope(moved, on_second)
+    token = twins[0]  # manufacturer and model narrow the match too, and are recorded
+    exact = KeyReference(f"pkcs11:token=twin;object=kek;serial={first};manufacturer="
+                         f"{token.manufacturer_id};model={token.model}" + query)
+    assert keys.open_envelope(keys.seal_envelope(dek, exact), exact) == dek
+    assert "manufacturer=" in exact.label and "model=" in exact.label
+    for absent in (f"serial=NOT-{first}", f"serial={first};manufacturer=Nobody",
+                   f"serial={first};model=Nothing"):
+        with pytest.raises(keys.KeyProviderError, match="no token labelled 'twin' with that "):
+            keys.seal_envelope(dek, KeyReference(f"pkcs11:token=twin;object=kek;{absent}" + query))
 
 
 def test_pkcs11_unknown_key_and_token(hsm):
@@ -415,6 +462,26 @@ def test_references_pickle_without_secrets_and_resolve_in_a_spawned_child(hsm, k
     answer = queue.get(timeout=60)
     child.join(30)
     assert answer == [dek.hex()] * 2, answer
+
+
+def test_key_references_refuse_a_wrapping_key_over_a_keyset(tmp_path):
+    """A WrappingKey built from a loaded Keyset, or from a FileKeyProvider (which caches its
+    keyset once used), would carry the keyset in every pickle: refused like the keyset itself."""
+    from gpucrypt.keys.portable import KeyReferences
+
+    keyset = keys.Keyset.generate()
+    keyset.save(tmp_path / "ks.json")
+    used = keys.FileKeyProvider(tmp_path / "ks.json")
+    used.get_key(keyset.primary.id)
+    for provider, why in ((keyset, "a loaded Keyset holds key material"),
+                          (used, "a FileKeyProvider caches its keyset")):
+        wrapping = keys.WrappingKey.from_provider(provider, keyset.primary.id)
+        for where in ("identities", "recipients"):
+            with pytest.raises(TypeError, match=f"is built from a provider that may not travel: "
+                                                f"{why}.*give the (path of its file|keyset path)"):
+                KeyReferences(**{where: [wrapping]})
+    env_backed = keys.WrappingKey.from_provider(keys.EnvKeyProvider("kek", "SOME_VAR"), "kek")
+    assert KeyReferences(recipients=[env_backed]).recipients == (env_backed,)  # holds no key
 
 
 def test_audit_names_providers_and_references_never_keys_or_pins(hsm, kms, plain, tmp_path):

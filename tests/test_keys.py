@@ -21,6 +21,12 @@ FAST_N = 2**10  # scrypt work factor for tests; the default (2**17) is exercised
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "KEYS.md"
 
 
+@pytest.fixture
+def fast_scrypt(monkeypatch):
+    """Lets the test write scrypt work factor FAST_N, below what writers accept otherwise."""
+    monkeypatch.setattr(keys.passphrase, "MIN_LOG_N", FAST_N.bit_length() - 1)
+
+
 def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
@@ -124,7 +130,7 @@ def test_destroyed_key_material_leaves_the_file(tmp_path):
         back.get(doomed.id)
 
 
-def test_passphrase_sealing(tmp_path):
+def test_passphrase_sealing(fast_scrypt, tmp_path):
     ks = Keyset.generate()
     ks.add()
     path = tmp_path / "ks.json"
@@ -149,7 +155,7 @@ def test_passphrase_sealing(tmp_path):
     assert len(Keyset.load(path, "correct horse")) == 3
 
 
-def test_sealed_metadata_is_authenticated(tmp_path):
+def test_sealed_metadata_is_authenticated(fast_scrypt, tmp_path):
     ks = Keyset.generate()
     old = ks.primary.id
     ks.add(primary=True)
@@ -163,14 +169,120 @@ def test_sealed_metadata_is_authenticated(tmp_path):
         Keyset.load(path, "pw")
 
 
-def test_scrypt_parameters_bounded(tmp_path):
+class _ScryptReached(Exception):
+    pass
+
+
+@pytest.mark.parametrize("n, r, p, accepted", [
+    (2**30, 8, 1, False),    # 128 GiB
+    (2**22, 32, 16, False),  # 16 GiB, and 16 passes
+    (2**21, 8, 1, False),    # 2 GiB
+    (2**20, 16, 1, False),   # 2 GiB
+    (2**17, 8, 64, False),   # 128 MiB, but 64 passes: 64 times the default's work
+    (2**20, 8, 1, True),     # 1 GiB: the most a passphrase-encrypted file may ask
+    (2**22, 1, 2, True),     # 512 MiB, as much work as the line above
+])
+def test_scrypt_parameters_bounded(fast_scrypt, tmp_path, monkeypatch, n, r, p, accepted):
+    """A sealed file asking scrypt for more than 1 GiB, or more work than a
+    passphrase-encrypted file may ask, is refused before scrypt runs."""
+    from gpucrypt.keys import _document
+
     path = tmp_path / "ks.json"
     Keyset.generate().save(path, "pw", scrypt_n=FAST_N)
     doc = json.loads(path.read_text())
-    doc["protection"]["n"] = 2**30
+    doc["protection"].update(n=n, r=r, p=p)
     path.write_text(json.dumps(doc))
-    with pytest.raises(KeysetError, match="out of the accepted range"):
+
+    def scrypt(*args, **kwargs):
+        raise _ScryptReached  # accepted: stop before any real work
+
+    monkeypatch.setattr(_document, "Scrypt", scrypt)
+    with pytest.raises(_ScryptReached if accepted else KeysetError,
+                       match=None if accepted else "out of the accepted range"):
         Keyset.load(path, "pw")
+
+
+def test_writers_refuse_weak_or_unreadable_scrypt_work_factors(tmp_path):
+    ks, identity = Keyset.generate(), Identity.generate()
+    for n in (2, 2**14, 2**21, 3 * 2**15):
+        with pytest.raises(ValueError, match="outside what gpucrypt writes|power of 2"):
+            ks.save(tmp_path / "ks.json", "pw", scrypt_n=n)
+        with pytest.raises(ValueError, match="outside what gpucrypt writes|power of 2"):
+            identity.save(tmp_path / "id.json", "pw", scrypt_n=n)
+    for log_n in (1, 14, 21):
+        with pytest.raises(ValueError, match=f"2\\*\\*{log_n} is outside what gpucrypt writes"):
+            keys.Passphrase("pw", log_n=log_n)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_weak_work_factor_read_from_a_file_is_not_kept(tmp_path, monkeypatch):
+    from gpucrypt.keys import keyset as keyset_module
+
+    floor, path = keys.passphrase.MIN_LOG_N, tmp_path / "ks.json"
+    monkeypatch.setattr(keys.passphrase, "MIN_LOG_N", 10)
+    Keyset.generate().save(path, "pw", scrypt_n=FAST_N)  # an old or a crafted file
+    monkeypatch.setattr(keys.passphrase, "MIN_LOG_N", floor)
+    monkeypatch.setattr(keyset_module, "DEFAULT_SCRYPT_N", 2**floor)  # the default, made cheap
+    ks = Keyset.load(path, "pw")
+    ks.add()
+    ks.save(path)
+    assert json.loads(path.read_text())["protection"]["n"] == 2**floor
+    assert len(Keyset.load(path, "pw")) == 2
+
+
+def test_a_passphrase_or_kek_refuses_a_file_that_is_not_sealed(tmp_path, monkeypatch):
+    """Someone who can write the key file swaps in their own, unsealed: whoever loads it
+    with a passphrase (or a KEK) is told, instead of wrapping new data keys for them."""
+    from gpucrypt.keys.portable import KeyReferences
+
+    attacker = Keyset.generate()
+    attacker.save(tmp_path / "ks.json")
+    Identity.generate().save(tmp_path / "id.json")
+    (tmp_path / "pass").write_text("pw\n")
+    monkeypatch.setenv("KS_PASSPHRASE", "pw")
+    file_ref = f"file://{tmp_path / 'ks.json'}?passphrase-source=file:{tmp_path / 'pass'}"
+    attempts = [
+        (lambda: Keyset.load(tmp_path / "ks.json", "pw"), "passphrase"),
+        (lambda: Keyset.load(tmp_path / "ks.json", kek=os.urandom(32)), "key-encryption key"),
+        (lambda: Identity.load(tmp_path / "id.json", "pw"), "passphrase"),
+        (lambda: FileKeyProvider(tmp_path / "ks.json", "pw").get_key(attacker.primary.id),
+         "passphrase"),
+        (lambda: keys.KeyReference(file_ref).resolve(), "passphrase"),
+        (lambda: KeyReferences(keyset=tmp_path / "ks.json",
+                               passphrase_env="KS_PASSPHRASE").resolve(), "passphrase"),
+    ]
+    for attempt, given in attempts:
+        with pytest.raises(KeysetError, match=f"is not sealed, though a {given} was given: it "
+                                              f"may have been replaced.*without one"):
+            attempt()
+    assert Keyset.load(tmp_path / "ks.json").primary.id == attacker.primary.id  # on purpose
+
+
+def test_save_refuses_a_file_changed_since_it_was_loaded(tmp_path):
+    """Two edits of one keyset at once (two `gpucrypt keys` runs, a service holding a loaded
+    keyset): the later save is refused instead of dropping the other's change."""
+    path = tmp_path / "ks.json"
+    ks = Keyset.generate()
+    old = ks.add()
+    ks.save(path)
+    a, b = Keyset.load(path), Keyset.load(path)
+    new = a.add(primary=True)
+    a.save(path)                                   # a rotates
+    b.disable(old.id)
+    rotated = path.read_bytes()
+    with pytest.raises(KeysetError, match="changed since this keyset was read from it.*load it "
+                                          "again, then redo the change"):
+        b.save(path)                               # b finishes last: refused, nothing written
+    assert path.read_bytes() == rotated
+    b = Keyset.load(path)
+    b.disable(old.id)
+    b.save(path)
+    b.save(path)                                   # its own saves keep it current
+    after = Keyset.load(path)
+    assert after.primary.id == new.id
+    assert [k.status for k in after if k.id == old.id] == ["disabled"]
+    with pytest.raises(KeysetError, match="changed since"):
+        a.save(path)                               # a is stale now
 
 
 def test_kek_sealing(tmp_path):
@@ -201,6 +313,21 @@ def test_malformed_keyset_files(tmp_path, content, message):
         Keyset.load(path)
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"keys": ["oops"]}, "malformed key entry"),
+    ({"keys": [], "protection": "x"}, "malformed protection block"),
+    ({"keys": [], "protection": None}, "malformed protection block"),
+])
+def test_malformed_entries_and_protection_are_keyset_errors(tmp_path, capsys, fields, message):
+    path = tmp_path / "ks.json"
+    path.write_text(json.dumps({"format": "gpucrypt-keyset", "version": 1, **fields}))
+    for read in (Keyset.inspect, Keyset.load):
+        with pytest.raises(KeysetError, match=message):
+            read(path)
+    code, out, err = _cli(capsys, "keys", "list", path)
+    assert code == 1 and err.count("\n") == 1 and message in err, err
+
+
 def test_two_primaries_refused(tmp_path):
     ks = Keyset.generate()
     ks.add()
@@ -213,7 +340,7 @@ def test_two_primaries_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kem", ["x25519", "mlkem768-x25519"])
-def test_identity_and_recipient_files(tmp_path, kem):
+def test_identity_and_recipient_files(fast_scrypt, tmp_path, kem):
     identity = Identity.generate(kem)
     identity.save(tmp_path / "id.json")
     identity.recipient.save(tmp_path / "id.json.pub")
@@ -239,7 +366,7 @@ def test_recipient_file_with_wrong_fingerprint(tmp_path):
         Recipient.load(tmp_path / "r.pub")
 
 
-def test_file_key_provider(tmp_path):
+def test_file_key_provider(fast_scrypt, tmp_path):
     ks = Keyset.generate()
     ks.save(tmp_path / "ks.json", "pw", scrypt_n=FAST_N)
     provider = FileKeyProvider(tmp_path / "ks.json", "pw")
@@ -390,6 +517,21 @@ def test_cli_keygen_public_and_sealed(tmp_path, capsys, monkeypatch):
     assert len(Keyset.load("sealed.json", "s3cret passphrase")) == 2
 
 
+def test_cli_says_a_kek_sealed_keyset_is_for_the_library(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "ks.json"
+    Keyset.generate().save(path, kek=os.urandom(32), kek_id="hsm-7")
+    before = path.read_bytes()
+    for passphrase in ("anything", None):  # not asked for, and not used
+        if passphrase:
+            monkeypatch.setenv("GPUCRYPT_PASSPHRASE", passphrase)
+        else:
+            monkeypatch.delenv("GPUCRYPT_PASSPHRASE", raising=False)
+        code, _, err = _cli(capsys, "keys", "add", path)
+        assert code == 1 and "sealed by a key-encryption key" in err, err
+        assert "Keyset.load(path, kek=...)" in err and "passphrase" not in err, err
+    assert path.read_bytes() == before
+
+
 def test_cli_encrypt_decrypt_rekey(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = os.urandom(5000)
@@ -479,7 +621,7 @@ def test_key_material_given_as_an_int_is_refused_not_taken_as_zero_bytes():
     with pytest.raises(TypeError, match="private_bytes must be bytes-like"):
         Identity("x25519", 32)
     with pytest.raises(TypeError, match="dek must be bytes-like"):
-        Passphrase("a passphrase", log_n=10).wrap(32)
+        Passphrase("a passphrase").wrap(32)  # refused before scrypt's work
     assert WrappingKey("kek", key=bytearray(16))._key == bytes(16)   # bytes-like still works
 
 

@@ -87,22 +87,30 @@ def _passphrase(args: Any, what: str, *, confirm: bool = False) -> str:
     return first
 
 
-def _is_sealed(path: str) -> bool:
+def _protection(path: str) -> str | None:
+    """How the key file is sealed (``"passphrase"``, ``"kek"``), None when it is not or
+    cannot be read as one (loading it then says why)."""
     import json
 
     try:
         with open(path, "rb") as f:
-            return "protection" in json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError, TypeError):
-        return False
+            return json.loads(f.read().decode("utf-8"))["protection"]["method"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def _load_sealable(cls: Any, path: str, args: Any):
     """``cls.load(path, passphrase)`` (a Keyset or an Identity), asking for the passphrase
-    only when the file is sealed; errors as one-line CliErrors. Refused when group or
-    others may access the file."""
+    only when the file is sealed with one; errors as one-line CliErrors. Refused when group
+    or others may access the file, or when it is sealed by a key-encryption key (which the
+    command line has no way to take)."""
     check_private_file(path, "keyset" if cls.__name__ == "Keyset" else "identity", args)
-    passphrase = _passphrase(args, path) if _is_sealed(path) else None
+    protection = _protection(path)
+    if protection == "kek" and cls.__name__ == "Keyset":
+        raise CliError(f"{path} is sealed by a key-encryption key, which the command line "
+                       f"cannot take: use or edit it through the library "
+                       f"(gpucrypt.keys.Keyset.load(path, kek=...), then save)", 1)
+    passphrase = _passphrase(args, path) if protection == "passphrase" else None
     return _keys_call(cls.load, path, passphrase)
 
 

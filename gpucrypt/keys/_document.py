@@ -9,13 +9,20 @@ the file breaks the seal. Two protections exist (docs/KEYS.md):
 - ``passphrase``: scrypt (N = 2**17, r = 8, p = 1 by default) then ChaCha20-Poly1305;
 - ``kek``: a 32-byte key-encryption key, AES-256-GCM.
 
+scrypt's bounds are :mod:`~gpucrypt.keys.passphrase`'s: files are written with N from
+2**MIN_LOG_N to 2**MAX_LOG_N (r = 8, p = 1); a file is read when 128 * r * N (memory) is
+at most 1 GiB and N * r * p (work) at most 2**MAX_LOG_N * 8, the most a passphrase-encrypted
+file may ask for.
+
 Used by :mod:`~gpucrypt.keys.keyset` and :mod:`~gpucrypt.keys.recipients`. Imports the
-ground floor (:mod:`gpucrypt._errors`) and, when sealing, :mod:`gpucrypt.aead`.
+ground floor (:mod:`gpucrypt._errors`), :mod:`~gpucrypt.keys.passphrase` and, when sealing,
+:mod:`gpucrypt.aead`.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
 from datetime import datetime, timezone
@@ -26,12 +33,16 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from .._buffers import bytes_arg
 from .._errors import KeysetError
+from . import passphrase as _passphrase
 
 FILE_VERSION = 1
 
 #: scrypt work factor for passphrase sealing: N = 2**17, r = 8, p = 1 (128 MiB, ~1.4 s measured here)
 DEFAULT_SCRYPT_N = 2**17
-_SCRYPT_MAX_N = 2**22  # refuse files that ask for more (4 GiB of memory): a denial of service
+#: refuse files that ask scrypt for more (a denial of service): 128 * r * N bytes of memory
+#: at most 1 GiB, N * r * p at most what a passphrase-encrypted file may ask (N = 2**20, r = 8)
+_SCRYPT_MAX_MEMORY = 2**30
+_SCRYPT_MAX_WORK = 2**_passphrase.MAX_LOG_N * _passphrase.SCRYPT_R * _passphrase.SCRYPT_P
 
 
 def b64e(data: bytes) -> str:
@@ -54,9 +65,24 @@ def _canonical(obj: Any) -> bytes:
 
 
 def read_json(path: str | os.PathLike, expected_format: str) -> dict:
+    return read_document(path, expected_format)[0]
+
+
+def file_digest(path: str | os.PathLike) -> bytes | None:
+    """SHA-256 of the file's bytes now, None when there is no such file."""
     try:
         with open(path, "rb") as f:
-            doc = json.loads(f.read().decode("utf-8"))
+            return hashlib.sha256(f.read()).digest()
+    except FileNotFoundError:
+        return None
+
+
+def read_document(path: str | os.PathLike, expected_format: str) -> tuple[dict, bytes]:
+    """The file's JSON document and the SHA-256 of the bytes it was parsed from."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        doc = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise KeysetError(f"{os.fspath(path)}: no such file") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -66,7 +92,29 @@ def read_json(path: str | os.PathLike, expected_format: str) -> dict:
     if doc.get("version") != FILE_VERSION:
         raise KeysetError(f"{os.fspath(path)}: {expected_format} version {doc.get('version')!r} "
                           f"is not supported (this gpucrypt reads version {FILE_VERSION})")
-    return doc
+    return doc, hashlib.sha256(raw).digest()
+
+
+def protection_method(doc: dict, where: str) -> str | None:
+    """How the file is sealed (``"passphrase"``, ``"kek"``), None when it is not;
+    KeysetError for a protection block that is not an object with a method."""
+    if "protection" not in doc:
+        return None
+    protection = doc["protection"]
+    if not isinstance(protection, dict) or not isinstance(protection.get("method"), str):
+        raise KeysetError(f"{where}: malformed protection block (the file was damaged or "
+                          f"edited: restore it from a copy)")
+    return protection["method"]
+
+
+def scrypt_n_to_write(scrypt_n: int) -> int:
+    """``scrypt_n`` if sealing may use it (a power of 2 within passphrase.check_log_n's
+    bounds), else ValueError."""
+    n = int(scrypt_n)
+    if n < 2 or n & (n - 1):
+        raise ValueError(f"scrypt_n must be a power of 2, not {n}")
+    _passphrase.check_log_n(n.bit_length() - 1)
+    return n
 
 
 def _passphrase_bytes(passphrase: str | bytes) -> bytes:
@@ -83,12 +131,11 @@ def seal_document(public: dict, secret: dict, *, passphrase=None, kek=None, kek_
 
     nonce = os.urandom(12)
     if passphrase is not None:
-        salt = os.urandom(16)
+        salt, n = os.urandom(16), scrypt_n_to_write(scrypt_n)
         protection = {"method": "passphrase", "kdf": "scrypt", "salt": b64e(salt),
-                      "n": int(scrypt_n), "r": 8, "p": 1, "aead": "chacha20-poly1305",
+                      "n": n, "r": 8, "p": 1, "aead": "chacha20-poly1305",
                       "nonce": b64e(nonce)}
-        key = Scrypt(salt=salt, length=32, n=int(scrypt_n), r=8, p=1).derive(
-            _passphrase_bytes(passphrase))
+        key = Scrypt(salt=salt, length=32, n=n, r=8, p=1).derive(_passphrase_bytes(passphrase))
         cipher: Any = ChaCha20Poly1305(key, device="cpu")
     else:
         kek = bytes_arg(kek, "kek")  # bytes(32) would be a key of 32 zero bytes
@@ -102,15 +149,22 @@ def seal_document(public: dict, secret: dict, *, passphrase=None, kek=None, kek_
     return doc
 
 
-def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict:
+def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict | None:
+    """The sealed part of ``doc`` (the file ``where``), opened with ``passphrase`` or ``kek``;
+    None for a file that is not sealed, and KeysetError when one of them was given for
+    such a file: the file may have been replaced, and using it would wrap new data keys
+    under someone else's keys."""
     from ..aead import AESGCM, ChaCha20Poly1305
 
-    protection = doc.get("protection")
-    if protection is None:
-        raise KeysetError(f"{where}: not sealed")
-    if not isinstance(protection, dict):
-        raise KeysetError(f"{where}: malformed protection block")
-    method = protection.get("method")
+    method = protection_method(doc, where)
+    if method is None:
+        if passphrase is None and kek is None:
+            return None
+        raise KeysetError(f"{where} is not sealed, though a "
+                          f"{'passphrase' if passphrase is not None else 'key-encryption key'} "
+                          f"was given: it may have been replaced. Check where the file came "
+                          f"from; if it is meant to be unsealed, load it without one")
+    protection = doc["protection"]
     public = {k: v for k, v in doc.items() if k != "sealed"}
     nonce = b64d(protection.get("nonce"), f"{where}: nonce")
     try:
@@ -121,9 +175,12 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict:
             n, r, p = protection.get("n"), protection.get("r"), protection.get("p")
             if protection.get("kdf") != "scrypt" or not all(isinstance(v, int) for v in (n, r, p)):
                 raise KeysetError(f"{where}: unsupported key derivation")
-            if not (2 <= n <= _SCRYPT_MAX_N and 1 <= r <= 32 and 1 <= p <= 16):
+            if not (n >= 2 and r >= 1 and p >= 1 and 128 * r * n <= _SCRYPT_MAX_MEMORY
+                    and n * r * p <= _SCRYPT_MAX_WORK):
                 raise KeysetError(f"{where}: scrypt parameters out of the accepted range "
-                                  f"(N <= 2**22, r <= 32, p <= 16)")
+                                  f"(128 * r * N at most 1 GiB, N * r * p at most "
+                                  f"2**{_SCRYPT_MAX_WORK.bit_length() - 1}), refused before "
+                                  f"any work: restore the file from a copy")
             salt = b64d(protection.get("salt"), f"{where}: salt")
             key = Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(_passphrase_bytes(passphrase))
             cipher: Any = ChaCha20Poly1305(key, device="cpu")
@@ -144,6 +201,9 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict:
             raise
         raise KeysetError(f"{where}: malformed protection block") from None
     try:
-        return json.loads(plain)
+        secret = json.loads(plain)
     except json.JSONDecodeError:
         raise KeysetError(f"{where}: sealed part is not JSON") from None
+    if not isinstance(secret, dict):
+        raise KeysetError(f"{where}: malformed sealed part")
+    return secret

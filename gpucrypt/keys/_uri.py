@@ -34,8 +34,9 @@ _PKCS11_QUERY = ("module-path", "pin-source")
 _PKCS11_TYPES = ("secret-key", "private", "public")
 _AWS_QUERY = ("region", "endpoint", "profile")
 _FILE_QUERY = ("passphrase-source",)
-_SECRET_ATTRIBUTES = ("pin-value", "passphrase", "password", "secret", "key")
-_SECRET_VALUE = re.compile(r"(?i)\b(pin-value|passphrase|password|secret)=[^;&]*")
+_SECRET_ATTRIBUTES = ("pin-value", "pin", "passphrase", "password", "secret", "key")
+#: masks every secret-bearing attribute's value wherever an error quotes a URI
+_SECRET_VALUE = re.compile(r"(?i)\b(" + "|".join(map(re.escape, _SECRET_ATTRIBUTES)) + r")=[^;&]*")
 
 _ARN = re.compile(r"arn:aws[a-z-]*:kms:([a-z0-9-]+):\d{12}:(key|alias)/[A-Za-z0-9/_+=.@:-]+")
 

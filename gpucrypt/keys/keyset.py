@@ -9,6 +9,7 @@ data wrapped under them still opens. ``disabled`` keys refuse until enabled agai
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -17,7 +18,8 @@ from typing import Any, Iterable, Iterator
 from .. import audit
 from .._errors import KeyNotFound, KeysetError, KeyUnavailable
 from ..files._atomic import write_atomically
-from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document, read_json,
+from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, file_digest, open_document,
+                        protection_method, read_document, read_json, scrypt_n_to_write,
                         seal_document, utc_timestamp)
 
 __all__ = ["KeysetKey", "Keyset", "PRIMARY", "ENABLED", "DISABLED", "DESTROYED",
@@ -109,6 +111,7 @@ class Keyset:
         if self._keys and len(primaries) != 1:
             raise KeysetError(f"a keyset has exactly one primary key, this one has {len(primaries)}")
         self._seal: dict | None = None  # how it was loaded, so save() keeps it sealed
+        self._origin: tuple[str, bytes] | None = None  # (file, SHA-256) last read or written
 
     def __repr__(self) -> str:
         primary = next((k.id for k in self._keys.values() if k.status == PRIMARY), None)
@@ -128,32 +131,32 @@ class Keyset:
     def inspect(cls, path: str | os.PathLike) -> dict:
         """The file's public part: ``{"keys": [metadata...], "protection": method or None}``,
         readable without the passphrase."""
+        where = os.fspath(path)
         doc = read_json(path, KEYSET_FORMAT)
         keys = doc.get("keys")
         if not isinstance(keys, list):
-            raise KeysetError(f"{os.fspath(path)}: malformed keyset (no key list)")
-        protection = doc.get("protection")
+            raise KeysetError(f"{where}: malformed keyset (no key list)")
+        if not all(isinstance(entry, dict) for entry in keys):
+            raise KeysetError(f"{where}: malformed key entry")
         return {"keys": [{k: v for k, v in entry.items() if k != "material"} for entry in keys],
-                "protection": protection.get("method") if isinstance(protection, dict) else None}
+                "protection": protection_method(doc, where)}
 
     @classmethod
     def load(cls, path: str | os.PathLike, passphrase: str | bytes | None = None, *,
              kek: bytes | None = None) -> "Keyset":
         """Read a keyset file; a sealed one needs its ``passphrase`` or ``kek``.
 
-        Raises :class:`KeysetError` for a malformed file or a wrong passphrase/KEK.
+        Raises :class:`KeysetError` for a malformed file, a wrong passphrase/KEK, or a
+        passphrase/KEK given for a file that is not sealed (it may have been replaced).
         """
         where = os.fspath(path)
         with audit.timed("keyset.load", path=where) as ev:
-            doc = read_json(path, KEYSET_FORMAT)
+            doc, digest = read_document(path, KEYSET_FORMAT)
             entries = doc.get("keys")
             if not isinstance(entries, list):
                 raise KeysetError(f"{where}: malformed keyset (no key list)")
-            if "protection" in doc:
-                materials = open_document(doc, where, passphrase=passphrase, kek=kek)
-                if not isinstance(materials, dict):
-                    raise KeysetError(f"{where}: malformed sealed part")
-            else:
+            materials = open_document(doc, where, passphrase=passphrase, kek=kek)
+            if materials is None:
                 materials = {e.get("id"): e.get("material") for e in entries
                              if isinstance(e, dict) and "material" in e}
             keys = []
@@ -163,7 +166,8 @@ class Keyset:
             if "protection" in doc:
                 keyset._seal = {"passphrase": passphrase, "kek": kek,
                                 "kek_id": doc["protection"].get("kek_id"),
-                                "scrypt_n": doc["protection"].get("n", DEFAULT_SCRYPT_N)}
+                                "scrypt_n": _scrypt_n_to_keep(doc["protection"].get("n"))}
+            keyset._origin = (os.path.realpath(path), digest)
             ev["count"] = len(keys)
             ev["key_id"] = keyset.primary.id
         return keyset
@@ -175,10 +179,22 @@ class Keyset:
 
         With ``passphrase`` (scrypt + ChaCha20-Poly1305) or ``kek`` (32 bytes, AES-256-GCM)
         the materials are sealed. A keyset loaded sealed stays sealed with the same
-        secret unless another is given, or ``unsealed=True`` asks for plain JSON.
+        secret unless another is given, or ``unsealed=True`` asks for plain JSON; it keeps
+        the file's scrypt work factor too, unless sealing would now refuse it (a weak one
+        becomes the default).
+
+        Raises :class:`KeysetError`, writing nothing, when ``path`` is the file this keyset
+        was loaded from (or last saved to) and it has changed since: another program saved
+        it in between, and writing would undo that change.
         """
         if not self._keys:  # a keyset file without a primary key could not be loaded back
             raise KeysetError("the keyset has no keys: add one (Keyset.generate) before saving")
+        target = os.path.realpath(path)
+        if self._origin is not None and self._origin[0] == target \
+                and file_digest(target) != self._origin[1]:
+            raise KeysetError(f"{os.fspath(path)} changed since this keyset was read from it "
+                              f"(another command or program saved it): nothing was written; "
+                              f"load it again, then redo the change")
         if passphrase is None and kek is None and not unsealed and self._seal is not None:
             passphrase, kek = self._seal["passphrase"], self._seal["kek"]
             kek_id = kek_id or self._seal["kek_id"]
@@ -199,7 +215,9 @@ class Keyset:
             method = doc["protection"]["method"]
             self._seal = {"passphrase": passphrase, "kek": kek, "kek_id": kek_id,
                           "scrypt_n": scrypt_n or DEFAULT_SCRYPT_N}
-        write_atomically(path, json.dumps(doc, indent=2).encode("utf-8") + b"\n", 0o600)
+        data = json.dumps(doc, indent=2).encode("utf-8") + b"\n"
+        write_atomically(path, data, 0o600)
+        self._origin = (target, hashlib.sha256(data).digest())
         audit.event("keyset.save", path=os.fspath(path), count=len(self._keys),
                     key_id=self.primary.id, status=method or "unsealed")
 
@@ -284,6 +302,15 @@ class Keyset:
         key.status, key._material = DESTROYED, None
         audit.event("keyset.destroy", key_id=key.id, status=DESTROYED)
         return key
+
+
+def _scrypt_n_to_keep(n: Any) -> int:
+    """The work factor a loaded file's next save uses: the file's, unless sealing would
+    refuse it (too weak, or from a file written with other r and p): then the default."""
+    try:
+        return scrypt_n_to_write(n)
+    except (TypeError, ValueError):
+        return DEFAULT_SCRYPT_N
 
 
 def _fresh_key(algorithm: str, status: str) -> KeysetKey:

@@ -27,13 +27,18 @@ from .._errors import KeysetError, KeyUnavailable
 from .._buffers import bytes_arg
 from ._envelope import Stanza
 
-__all__ = ["Passphrase", "DEFAULT_LOG_N", "MAX_LOG_N", "STANZA_KIND", "work_factor"]
+__all__ = ["Passphrase", "DEFAULT_LOG_N", "MIN_LOG_N", "MAX_LOG_N", "STANZA_KIND", "work_factor",
+           "check_log_n"]
 
 STANZA_KIND = "scrypt"
 #: scrypt's N = 2**17 (128 MiB with r = 8): about 1.4 s on one core here (docs/KEYS.md)
 DEFAULT_LOG_N = 17
 #: the most a decryptor accepts unless told otherwise: 2**20 (1 GiB with r = 8, some 10 s)
 MAX_LOG_N = 20
+#: the least a writer (this module, and sealed key files) accepts: 2**15 (32 MiB with r = 8).
+#: Read at each call, so that tests, and only tests, may lower it for speed
+#: (``monkeypatch.setattr(passphrase, "MIN_LOG_N", 10)``, as they lower DEFAULT_LOG_N).
+MIN_LOG_N = 15
 SALT_SIZE = 16
 SCRYPT_R, SCRYPT_P = 8, 1
 #: scrypt's salt is this label followed by the stanza's salt (no other use of gpucrypt's
@@ -65,18 +70,31 @@ def work_factor(stanza: Stanza, max_log_n: int = MAX_LOG_N) -> int:
     return log_n
 
 
+def check_log_n(log_n: int) -> int:
+    """``log_n`` if a writer may use 2**log_n as scrypt's N (:data:`MIN_LOG_N` to
+    :data:`MAX_LOG_N`), else ``ValueError``: below, a passphrase is cheap to guess; above,
+    readers refuse the file unless told otherwise."""
+    if not MIN_LOG_N <= log_n <= MAX_LOG_N:
+        raise ValueError(f"scrypt work factor 2**{log_n} is outside what gpucrypt writes "
+                         f"(2**{MIN_LOG_N} to 2**{MAX_LOG_N}: below, a passphrase is cheap to "
+                         f"guess; above, readers refuse the file): use the default "
+                         f"2**{DEFAULT_LOG_N}")
+    return log_n
+
+
 class Passphrase:
     """A passphrase, as a recipient (``seal_envelope(dek, Passphrase(p))``: a ``scrypt``
     stanza with a fresh salt and work factor ``2**log_n``) and as an identity
     (``open_envelope(env, Passphrase(p))``: refuses stanzas asking for more than
-    ``2**max_log_n``). Never prints the passphrase."""
+    ``2**max_log_n``). ``log_n`` is :data:`MIN_LOG_N` to :data:`MAX_LOG_N`
+    (:func:`check_log_n`). Never prints the passphrase."""
 
     def __init__(self, passphrase: str | bytes, *, log_n: int = DEFAULT_LOG_N,
                  max_log_n: int = MAX_LOG_N):
-        if not 1 <= int(log_n) <= 63 or not 1 <= int(max_log_n) <= 63:
-            raise ValueError("log_n and max_log_n must be 1 to 63")
+        if not 1 <= int(max_log_n) <= 63:
+            raise ValueError("max_log_n must be 1 to 63")
         self._secret = _passphrase_bytes(passphrase)
-        self.log_n, self.max_log_n = int(log_n), int(max_log_n)
+        self.log_n, self.max_log_n = check_log_n(int(log_n)), int(max_log_n)
 
     def __repr__(self) -> str:
         return f"Passphrase(log_n={self.log_n})"
@@ -91,10 +109,11 @@ class Passphrase:
         """The ``scrypt`` stanza wrapping ``dek`` (``_salt``: known-answer tests only)."""
         import os
 
+        dek = bytes_arg(dek, "dek")  # checked before scrypt's work
         salt = os.urandom(SALT_SIZE) if _salt is None else bytes_arg(_salt, "_salt")
         if len(salt) != SALT_SIZE:
             raise ValueError(f"the salt must be {SALT_SIZE} bytes")
-        body = ChaCha20Poly1305(self._key(salt, self.log_n)).encrypt(_NONCE, bytes_arg(dek, "dek"), None)
+        body = ChaCha20Poly1305(self._key(salt, self.log_n)).encrypt(_NONCE, dek, None)
         return Stanza(STANZA_KIND, salt + bytes([self.log_n]), body)
 
     def unwrap(self, stanza: Stanza) -> bytes:

@@ -100,7 +100,9 @@ def _module_path(given: str | None) -> str:
 
 class Pkcs11Key:
     """A key on a PKCS#11 token, named by token label and key label (and optionally its
-    ``CKA_ID`` and type); see the module docstring for the mechanisms.
+    ``CKA_ID`` and type); the token's ``serial``, ``manufacturer`` and ``model``, when
+    given, narrow which token (and are part of the reference stanzas record). See the
+    module docstring for the mechanisms.
 
     ``Pkcs11Key("prod", "model-kek", module_path=..., pin_source="env:HSM_PIN")``, or from a
     URI through :class:`gpucrypt.keys.KeyReference`. No session is opened until used.
@@ -110,15 +112,20 @@ class Pkcs11Key:
 
     def __init__(self, token: str, label: str | None = None, *, key_id: bytes | None = None,
                  key_type: str | None = None, module_path: str | None = None,
-                 pin_source: str | None = None, wrap: str | None = None):
+                 pin_source: str | None = None, wrap: str | None = None,
+                 serial: str | None = None, manufacturer: str | None = None,
+                 model: str | None = None):
         if label is None and key_id is None:
             raise ValueError("name the key by label and/or key_id")
         if wrap not in (None, "aes-gcm"):
             raise ValueError("wrap may only force 'aes-gcm' (the rest follows the key's type)")
         self.token, self.label, self.key_id, self.key_type = token, label, key_id, key_type
         self.module_path, self.pin_source, self.force_gcm = module_path, pin_source, wrap == "aes-gcm"
+        self.serial, self.manufacturer, self.model = serial, manufacturer, model
         path = {"token": token, **({"object": label} if label else {}),
-                **({"id": pkcs11_id_text(key_id)} if key_id else {})}
+                **({"id": pkcs11_id_text(key_id)} if key_id else {}),
+                **{k: v for k, v in (("serial", serial), ("manufacturer", manufacturer),
+                                     ("model", model)) if v is not None}}
         self.reference = KeyUri("pkcs11", path).canonical()  # what stanzas record: no query
 
     @classmethod
@@ -129,19 +136,34 @@ class Pkcs11Key:
         raw_id = unquote_to_bytes(path["id"]) if "id" in path else None
         return cls(path["token"], path.get("object"), key_id=raw_id, key_type=path.get("type"),
                    module_path=query.get("module-path"), pin_source=query.get("pin-source"),
-                   wrap=query.get("x-wrap"))
+                   wrap=query.get("x-wrap"), serial=path.get("serial"),
+                   manufacturer=path.get("manufacturer"), model=path.get("model"))
 
     def __repr__(self) -> str:
         return f"Pkcs11Key({self.reference!r})"
 
     # --- sessions and objects
-    def _session(self) -> Any:
+    def _token(self) -> Any:
+        """The one token of the module with this label (and serial, manufacturer, model
+        when given); KeyProviderError for none or several."""
         lib = _library(_module_path(self.module_path))
-        try:
-            token = lib.get_token(token_label=self.token)
-        except _p11e.NoSuchToken:
-            raise KeyProviderError(f"{self.reference}: no token labelled {self.token!r} in the "
-                                   f"PKCS#11 module (softhsm2-util --show-slots lists them)") from None
+        serial = None if self.serial is None else self.serial.encode("utf-8")
+        found = [t for t in lib.get_tokens(token_label=self.token, token_serial=serial)
+                 if self.manufacturer in (None, t.manufacturer_id)
+                 and self.model in (None, t.model)]
+        if not found:
+            narrowed = " with that serial, manufacturer or model" \
+                if (self.serial, self.manufacturer, self.model) != (None, None, None) else ""
+            raise KeyProviderError(f"{self.reference}: no token labelled {self.token!r}{narrowed} "
+                                   f"in the PKCS#11 module (softhsm2-util --show-slots lists them)")
+        if len(found) > 1:
+            raise KeyProviderError(f"{self.reference}: {len(found)} tokens match; add serial= to "
+                                   f"the URI to say which (softhsm2-util --show-slots lists "
+                                   f"their serial numbers)")
+        return found[0]
+
+    def _session(self) -> Any:
+        token = self._token()
         pin = read_secret_source(self.pin_source, PIN_ENV,
                                  f"the user PIN of PKCS#11 token {self.token!r}")
         try:

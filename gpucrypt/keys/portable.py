@@ -18,8 +18,8 @@ A single reference is one of:
   material (a loaded :class:`Keyset`, a :class:`FileKeyProvider`: give their path).
 
 Objects holding secret material (a ``Keyset``, ``KeysetKey``, ``Identity``, or a
-``WrappingKey`` made from bytes) are refused with a ``TypeError``: they would travel in
-every pickle.
+``WrappingKey`` made from bytes, or from a provider that is itself refused) are refused
+with a ``TypeError``: they would travel in every pickle.
 """
 from __future__ import annotations
 
@@ -76,6 +76,12 @@ def _check_reference(ref: Any) -> Any:
         raise TypeError(f"{ref!r} holds its key bytes, which would travel in every pickle; "
                         f"build it with WrappingKey.from_provider(...) so that only the "
                         f"provider travels")
+    if isinstance(ref, WrappingKey):
+        try:
+            _check_reference(ref._provider)  # the provider travels with it
+        except TypeError as exc:
+            raise TypeError(f"{ref!r} is built from a provider that may not travel: "
+                            f"{exc}") from None
     if hasattr(ref, "resolve") or isinstance(ref, (WrappingKey, Recipient, KeyProvider)):
         return ref
     raise TypeError(f"not a key reference: {type(ref).__name__}; give a path to a keyset, "
@@ -119,7 +125,8 @@ class KeyReferences:
     unwraps. ``identities``: references that unwrap (identity files, providers).
     ``recipients``: references that new data keys are wrapped for (recipient files;
     identities wrap for their public half). ``passphrase_env``: the environment variable
-    holding the passphrase of sealed key files, read in each process.
+    holding the passphrase of sealed key files, read in each process; keyset and identity
+    files are then expected sealed (one that is not is refused: it may have been replaced).
     """
 
     __slots__ = ("keyset", "identities", "recipients", "passphrase_env")

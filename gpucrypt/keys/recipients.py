@@ -9,6 +9,7 @@ The envelope bytes themselves are :mod:`gpucrypt.keys._envelope`'s.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 from typing import Any, Callable
@@ -213,10 +214,13 @@ class Identity:
 
     @classmethod
     def load(cls, path: str | os.PathLike, passphrase: str | bytes | None = None) -> "Identity":
+        """Read an identity file; a sealed one needs its ``passphrase``, and one that is not
+        sealed refuses a passphrase (:class:`KeysetError`: it may have been replaced)."""
         where = os.fspath(path)
         doc = read_json(path, IDENTITY_FORMAT)
-        secret = (open_document(doc, where, passphrase=passphrase) if "protection" in doc
-                  else doc)
+        secret = open_document(doc, where, passphrase=passphrase)
+        if secret is None:
+            secret = doc
         return _checked_key(
             lambda: cls(doc.get("kem"), b64d(secret.get("private_key"), f"{where}: private key"),
                         doc.get("created")),
@@ -280,12 +284,13 @@ def seal_envelope(dek: bytes, recipients: Any, *, context: Any = None) -> bytes:
     (its public half), :class:`Keyset` (its primary key, AES-KWP), :class:`KeysetKey`
     or :class:`WrappingKey` (AES-KWP), :class:`~gpucrypt.keys.KeyReference` (a key in an
     HSM or KMS: a ``key-ref`` stanza; a ``file:`` keyset: its primary), or one
-    :class:`~gpucrypt.keys.passphrase.Passphrase` alone (scrypt). Duplicates are
-    wrapped once. ``context`` (str -> str) binds the providers' stanzas that can bind
-    (AWS KMS encryption context, PKCS#11 AES-GCM); opening needs the same one. Raises
-    ``ValueError`` for no recipient, more than 255, or a passphrase beside other
-    recipients, :class:`KeyUnavailable` for a disabled or destroyed keyset key,
-    :class:`KeyProviderError` for an unreachable provider.
+    :class:`~gpucrypt.keys.passphrase.Passphrase` alone (scrypt). Duplicates (the same
+    key given twice) are wrapped once. ``context`` (str -> str) binds the providers'
+    stanzas that can bind (AWS KMS encryption context, PKCS#11 AES-GCM); opening needs the
+    same one. Raises ``ValueError`` for no recipient, more than 255, a passphrase beside
+    other recipients, or two different keys with the same id, :class:`KeyUnavailable` for
+    a disabled or destroyed keyset key, :class:`KeyProviderError` for an unreachable
+    provider.
     """
     return seal_envelope_with_labels(dek, recipients, context=context)[0]
 
@@ -297,6 +302,7 @@ def seal_envelope_with_labels(dek: bytes, recipients: Any, *,
     dek = _check_dek(dek)
     context = check_context(context)
     stanzas, labels = [], []
+    keks: dict[str, bytes] = {}  # key id -> the symmetric KEK wrapping for it
     items = recipient_list(recipients)
     if len(items) > 1 and any(isinstance(item, Passphrase) for item in items):
         raise ValueError("a passphrase-encrypted file has no other recipient (so that only who "
@@ -322,8 +328,13 @@ def seal_envelope_with_labels(dek: bytes, recipients: Any, *,
                                 suite.encrypt(dek, item._public_key, info=HPKE_INFO))
             elif isinstance(item, (KeysetKey, WrappingKey)):
                 key_id = item.id if isinstance(item, KeysetKey) else item.key_id
+                kek = item.secret_bytes()
+                if not hmac.compare_digest(keks.setdefault(key_id, kek), kek):
+                    raise ValueError(f"two different key-encryption keys have the id {key_id!r}: "
+                                     f"an envelope names a key by its id, so one of them could "
+                                     f"not open it; give each key its own id")
                 stanza = Stanza("aes-kwp", key_id.encode("utf-8"),
-                                aes_key_wrap_with_padding(item.secret_bytes(), dek))
+                                aes_key_wrap_with_padding(kek, dek))
             else:
                 raise TypeError(f"cannot wrap a data key for a {type(item).__name__}: give "
                                 f"Recipient, Identity, Keyset, KeysetKey, WrappingKey or "

@@ -231,12 +231,14 @@ def _load_keyset(parsed: KeyUri):
 
     path = parsed.path["path"]
     sealed = Keyset.inspect(path)["protection"]
+    if sealed not in (None, "passphrase"):
+        raise KeysetError(f"{path} is sealed by a key-encryption key: a file: reference opens "
+                          f"keysets sealed by a passphrase (or not sealed)")
     passphrase = None
-    if sealed == "passphrase":
+    if sealed == "passphrase" or "passphrase-source" in parsed.query:
+        # a reference naming a passphrase expects a sealed file: Keyset.load refuses one that
+        # is not (it may have been replaced)
         passphrase = read_secret_source(parsed.query.get("passphrase-source"), "GPUCRYPT_PASSPHRASE",
                                         f"the passphrase of the keyset {path}",
                                         "passphrase-source")
-    elif sealed is not None:
-        raise KeysetError(f"{path} is sealed by a key-encryption key: a file: reference opens "
-                          f"keysets sealed by a passphrase (or not sealed)")
     return Keyset.load(path, passphrase)
