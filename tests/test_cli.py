@@ -506,6 +506,42 @@ def test_pipes_as_with_age(work, capsys):
     assert back == (work / "plain").read_bytes()
 
 
+@pytest.mark.parametrize("progress", [[], ["--progress"]], ids=["plain", "progress"])
+def test_encrypt_waits_for_a_non_blocking_stdin(work, progress):
+    """stdin left non-blocking by whatever started gpucrypt: a read that finds the pipe
+    empty is not the end of the input (the progress bar's reader turned it into one, and
+    the ciphertext held only what had arrived, marked complete)."""
+    data = (work / "plain").read_bytes()
+    r, w = os.pipe()
+    os.set_blocking(r, False)  # the file description the child's stdin shares
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "unnamed", "encrypt",
+                                 *progress, "--key-file", "key", "-", "sealed"],
+                                stdin=r, stderr=subprocess.PIPE, cwd=work)
+    finally:
+        os.close(r)
+    os.write(w, data[:100])
+    time.sleep(0.5)  # the child is reading the empty pipe by now
+    os.write(w, data[100:])
+    os.close(w)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    out = io.BytesIO()
+    stream.decrypt(str(work / "sealed"), out, (work / "key").read_bytes())
+    assert out.getvalue() == data
+
+
+def test_an_output_that_is_a_symbolic_link_is_refused_with_what_to_do(work, capsys):
+    """A link, even a dangling one, is neither replaced nor written through."""
+    assert run(capsys, "encrypt", "--key-file", "key", "plain", "sealed")[0] == 0
+    (work / "link").symlink_to(work / "target")
+    for command, src in (("encrypt", "plain"), ("decrypt", "sealed")):
+        code, _, err = run(capsys, command, "--force", "--key-file", "key", src, "link")
+        assert code == 1 and "cannot write link: it is a symbolic link" in err, err
+        assert "give the file it points to as the output, or remove the link" in err
+    assert (work / "link").is_symlink() and not (work / "target").exists()
+
+
 def test_output_option_and_its_conflict(work, capsys):
     assert run(capsys, "encrypt", "--key-file", "key", "plain", "-o", "sealed")[0] == 0
     assert run(capsys, "decrypt", "--key-file", "key", "-o", "back", "sealed")[0] == 0

@@ -725,3 +725,247 @@ def test_a_salt_or_nonce_prefix_that_is_not_bytes_is_refused():
         stream.encrypt(io.BytesIO(b"data"), io.BytesIO(), key, _salt=32)
     with pytest.raises(TypeError, match="nonce_prefix must be bytes-like"):
         stream.encrypt(io.BytesIO(b"data"), io.BytesIO(), key, _nonce_prefix=7)
+
+
+# ------------------------------------------------------------------ file objects, pipes, links
+def _nonblocking_pipe(nonblocking_end: str):
+    """A real pipe, one end non-blocking, as unbuffered file objects (read end, write end)."""
+    r, w = os.pipe()
+    os.set_blocking(r if nonblocking_end == "read" else w, False)
+    return open(r, "rb", buffering=0), open(w, "wb", buffering=0)
+
+
+def test_encrypt_waits_for_a_non_blocking_input_instead_of_ending_it(small_batches):
+    """A raw non-blocking input's readinto returns None while nothing has arrived: that is
+    not the end of the input (taken so, the rest was left out of a valid stream)."""
+    import threading
+    import time
+
+    data = os.urandom(3 * SEG + 11)
+    src, feed = _nonblocking_pipe("read")
+    feed.write(data[:100])
+
+    def rest():
+        time.sleep(0.3)  # encrypt is waiting on an empty pipe by now
+        feed.write(data[100:])
+        feed.close()
+
+    writer = threading.Thread(target=rest)
+    writer.start()
+    try:
+        out = io.BytesIO()
+        stream.encrypt(src, out, KEY, segment_size=SEG, device="cpu")
+    finally:
+        writer.join(timeout=30)
+        src.close()
+    assert unseal(out.getvalue()) == data
+
+
+def test_encrypt_into_a_non_blocking_output_drops_nothing(small_batches):
+    """A raw non-blocking output's write returns None when the pipe is full: nothing was
+    written, so it is written again once there is room (the ciphertext silently lost its
+    middle before)."""
+    import threading
+    import time
+
+    data = os.urandom(64 * SEG)  # four times a pipe's buffer
+    drain, dst = _nonblocking_pipe("write")
+    got = []
+
+    def reader():
+        time.sleep(0.3)  # let the pipe fill up first
+        while chunk := drain.read(1 << 16):
+            got.append(chunk)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        stream.encrypt(data, dst, KEY, segment_size=SEG, device="cpu")
+    finally:
+        dst.close()
+        thread.join(timeout=30)
+        drain.close()
+    assert unseal(b"".join(got)) == data
+
+
+@pytest.mark.parametrize("operation", ["encrypt", "decrypt"])
+def test_a_callers_atomic_file_keeps_what_it_held_before(small_batches, tmp_path, operation):
+    """From a regular file into a caller's AtomicFile holding bytes already, the workers'
+    pwrites start at its position, not at offset 0 (which overwrote the caller's bytes and
+    misplaced the segments)."""
+    from gpucrypt.files._atomic import AtomicFile
+
+    data = os.urandom(3 * SEG + 100)
+    src = tmp_path / "in"
+    src.write_bytes(data if operation == "encrypt" else seal(data))
+    out = tmp_path / "out"
+    sink = AtomicFile(out)
+    sink.write(b"PREFIX")
+    if operation == "encrypt":
+        stream.encrypt(str(src), sink, KEY, segment_size=SEG, device="cpu", threads=2)
+    else:
+        stream.decrypt(str(src), sink, KEY, device="cpu", threads=2)
+    written = out.read_bytes()  # both commit the caller's AtomicFile
+    assert written[:6] == b"PREFIX"
+    assert (unseal(written[6:]) if operation == "encrypt" else written[6:]) == data
+
+
+def test_a_short_file_that_is_not_ours_is_not_called_truncated():
+    """Fewer bytes than the magic: a truncated stream only if they start the magic."""
+    for blob in (b"hello\n", b"X", b"GPUCMOD", b"\0" * 7):
+        with pytest.raises(stream.FormatError, match="not a gpucrypt file"):
+            stream.read_header(blob)
+    for blob in (b"G", b"GPUC", b"GPUCRYP"):
+        with pytest.raises(stream.TruncatedError, match="inside the header"):
+            stream.read_header(blob)
+
+
+class _ShortReads(io.RawIOBase):
+    """A seekable raw file whose reads return at most 1000 bytes, as raw reads may."""
+
+    def __init__(self, data: bytes):
+        super().__init__()
+        self._data = io.BytesIO(data)
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return self._data.seek(offset, whence)
+
+    def tell(self):
+        return self._data.tell()
+
+    def readinto(self, buf):
+        piece = self._data.read(min(len(buf), 1000))
+        buf[:len(piece)] = piece
+        return len(piece)
+
+
+def test_open_reads_whole_segments_from_short_reads():
+    """A read may return fewer bytes than asked without the file ending: a valid file
+    was reported as cut short."""
+    data = os.urandom(2 * SEG + 7)
+    with stream.open(_ShortReads(seal(data)), KEY) as reader:
+        assert reader.read() == data
+
+
+def test_open_starts_at_the_files_position(tmp_path):
+    """As read_header and decrypt do, open reads the stream from the position it is given."""
+    data = os.urandom(SEG + 5)
+    path = tmp_path / "f"
+    path.write_bytes(b"PREFIX" + seal(data))
+    with open(path, "rb") as f:
+        f.seek(6)
+        with stream.open(f, KEY) as reader:
+            assert reader.size == len(data) and reader.read() == data
+            reader.seek(SEG - 2)
+            assert reader.read(4) == data[SEG - 2:SEG + 2]
+
+
+def test_a_failed_open_closes_without_an_ignored_exception(tmp_path):
+    """An open that fails before its attributes were set was closed by IOBase's finaliser
+    with an AttributeError ("Exception ignored in", shown under -X dev)."""
+    (tmp_path / "sealed").write_bytes(seal(b"data"))
+    code = ("import gc\n"
+            "from gpucrypt import stream\n"
+            f"for src, key in ((12345, bytes(32)), ({str(tmp_path / 'missing')!r}, bytes(32)),\n"
+            f"                 ({str(tmp_path / 'sealed')!r}, b'short')):\n"
+            "    try:\n"
+            "        stream.open(src, key)\n"
+            "    except (TypeError, OSError, ValueError):\n"
+            "        pass\n"
+            "    gc.collect()\n")
+    done = subprocess.run([sys.executable, "-X", "dev", "-c", code], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "Exception ignored" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("kind", ["pipe", "read-only object", "iterable"])
+def test_keyed_decrypt_file_takes_what_decrypt_takes(tmp_path, kind):
+    """keys.decrypt_file reads the header for its envelope first; from a source that
+    cannot be rewound the header is put back in front (a pipe failed with "Illegal seek",
+    a read-only object with "wrong magic bytes", chunks with a TypeError)."""
+    import threading
+
+    from gpucrypt import keys
+
+    alice = keys.Identity.generate()
+    data = os.urandom(3 * SEG + 9)
+    sealed = io.BytesIO()
+    keys.encrypt_file(data, sealed, recipients=alice, segment_size=SEG, device="cpu")
+    blob = sealed.getvalue()
+    writer = None
+    if kind == "pipe":
+        r, w = os.pipe()
+        writer = threading.Thread(target=lambda: (os.write(w, blob), os.close(w)))
+        writer.start()
+        src = open(r, "rb")
+    elif kind == "read-only object":
+        class ReadOnly:  # read() and nothing else: what decrypt itself accepts
+            def __init__(self):
+                self._data = io.BytesIO(blob)
+
+            def read(self, n=-1):
+                return self._data.read(n)
+        src = ReadOnly()
+    else:
+        src = _chunks(blob, [100, 5000, 7])
+    try:
+        out = io.BytesIO()
+        keys.decrypt_file(src, out, identities=alice, device="cpu")
+    finally:
+        if writer is not None:
+            writer.join(timeout=30)
+            src.close()
+    assert out.getvalue() == data
+
+
+def test_rekeying_through_a_symbolic_link_rewrites_the_file_it_points_to(tmp_path):
+    """The header is rewritten in the link's target, which a revoked recipient can no
+    longer open, and the link stays a link (the link was replaced by a new file and the
+    target kept the old envelope)."""
+    from gpucrypt import keys
+
+    alice, mallory = keys.Identity.generate(), keys.Identity.generate()
+    data = os.urandom(2 * SEG + 1)
+    real = tmp_path / "store" / "data.gc"
+    real.parent.mkdir()
+    keys.encrypt_file(data, real, recipients=[alice, mallory], segment_size=SEG, device="cpu")
+    real.chmod(0o640)
+    link = tmp_path / "current.gc"
+    link.symlink_to(real)
+    keys.rekey_file(link, recipients=[alice], identities=alice)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.stat().st_mode & 0o777 == 0o640
+    for path in (real, link):
+        with pytest.raises(keys.NoMatchingRecipient):
+            keys.decrypt_file(path, io.BytesIO(), identities=mallory, device="cpu")
+        out = io.BytesIO()
+        keys.decrypt_file(path, out, identities=alice, device="cpu")
+        assert out.getvalue() == data
+    assert sorted(os.listdir(real.parent)) == ["data.gc"]  # no temporary file left
+
+
+def test_an_output_that_is_a_symbolic_link_is_refused(tmp_path):
+    """Writing a new output over a link would replace the link (its target keeping the
+    old data) or, followed, let a planted link choose where the data go: refused, the
+    link and its target untouched, nothing left behind."""
+    import errno
+
+    target = tmp_path / "target"
+    target.write_bytes(b"precious")
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    sealed = tmp_path / "sealed"
+    sealed.write_bytes(seal(b"plaintext"))
+    for work in (lambda: stream.encrypt(b"data", link, KEY, segment_size=SEG),
+                 lambda: stream.decrypt(sealed, link, KEY)):
+        with pytest.raises(OSError, match="symbolic link.*give the file it points to") as err:
+            work()
+        assert err.value.errno == errno.ELOOP and err.value.filename == str(link)
+    assert link.is_symlink() and target.read_bytes() == b"precious"
+    assert sorted(os.listdir(tmp_path)) == ["out", "sealed", "target"]

@@ -94,12 +94,12 @@ class _Progress:
 
     def read(self, n=-1):
         data = self._file.read(n)
-        self._count(len(data))
-        return data
+        self._count(len(data or b""))
+        return data  # None too: a non-blocking input with no data yet, not its end
 
     def readinto(self, buf):
-        n = self._file.readinto(buf) or 0
-        self._count(n)
+        n = self._file.readinto(buf)
+        self._count(n or 0)
         return n
 
     def _count(self, n: int) -> None:
@@ -190,9 +190,7 @@ def _run_encrypt(args) -> int:
 
 
 def _run_decrypt(args) -> int:
-    import itertools
-
-    from ..files import _format, stream
+    from ..files import stream
 
     check_key_sources(args)
     _check_threads(args)
@@ -205,9 +203,7 @@ def _run_decrypt(args) -> int:
                 src.seek(0)
                 whole = src
             else:  # a pipe: put the header back in front of the rest, as it arrives
-                read = getattr(src, "read1", src.read)
-                rest = iter(lambda: read(1 << 20), b"")
-                whole = itertools.chain([_format.encode_header(header)], rest)
+                whole = stream._after_header(header, src)
             stream.decrypt(whole, dst, key, device=args.device, threads=args.threads)
 
         run_reporting_errors(args, header_then_decrypt)

@@ -22,6 +22,10 @@ CLI's outputs) goes through here, so the guarantee is the same everywhere:
 - On any error (including KeyboardInterrupt) the temporary file is dropped and the
   destination is untouched: it appears complete or not at all.
 - Errors name the destination, never a temporary file.
+- A destination that is a symbolic link is refused (``OSError``, ELOOP) rather than
+  replaced by a file (its target would keep the old data) or written through (a planted
+  link would choose where the data go). :func:`replace_head`, which rewrites a file that
+  was just read through the name it was given, follows the link to that file.
 
 :func:`open_output` also wraps a caller's file object in the same interface
 (``write``/``commit``/``abort``, a context manager), without atomicity: the caller owns it.
@@ -36,7 +40,8 @@ import sys
 from typing import Any, Callable
 
 __all__ = ["AtomicFile", "OutputExists", "write_atomically", "write_atomically_with",
-           "replace_head", "open_output", "FileObjectOutput", "write_all", "fsync_folder"]
+           "replace_head", "open_output", "FileObjectOutput", "write_all", "wait_ready",
+           "fsync_folder"]
 
 #: permissions of files written here unless the caller says otherwise
 DEFAULT_MODE = 0o600
@@ -57,13 +62,41 @@ class OutputExists(FileExistsError):
 
 
 def write_all(file: Any, data: Any) -> None:
-    """Write every byte of ``data`` to ``file``, looping over a raw file's partial writes."""
+    """Write every byte of ``data`` to ``file``, looping over a raw file's partial writes
+    and waiting where a non-blocking one would block."""
     view = memoryview(data)
+    raw = isinstance(file, io.RawIOBase)
     while len(view):
         n = file.write(view)
-        if n is None or n >= len(view):  # buffered writers write everything
+        if n is None:
+            if not raw:  # buffered writers (and objects that return nothing) wrote everything
+                return
+            wait_ready(file, writing=True)  # a raw file's None: nothing written, it would block
+            continue
+        if n >= len(view):
             return
         view = view[n:]
+
+
+def wait_ready(file: Any, writing: bool) -> None:
+    """Block until the non-blocking ``file`` can be read (or written), after a read or
+    write of it returned None ("would block"): without this its data would be taken as
+    ended or as written. BlockingIOError when it has no descriptor to wait on."""
+    try:
+        fd = file.fileno()
+    except (AttributeError, OSError, ValueError):
+        side = "output" if writing else "input"
+        raise BlockingIOError(errno.EAGAIN, f"the {side} is non-blocking and has no data "
+                              f"ready, and no file descriptor to wait on: give a blocking "
+                              f"file object as the {side}") from None
+    import select  # here: only non-blocking files need it
+
+    if hasattr(select, "poll"):  # any descriptor number (select() stops at FD_SETSIZE)
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT if writing else select.POLLIN)
+        poller.poll()
+    else:
+        select.select([] if writing else [fd], [fd] if writing else [], [])
 
 
 def fsync_folder(folder: str) -> None:
@@ -297,6 +330,14 @@ class AtomicFile:
         self.overwrite = overwrite
         self._folder = os.path.dirname(os.path.abspath(self.path))
         self._temp: str | None = None  # the temporary file's name; None when unnamed
+        if os.path.islink(self.path):
+            # publishing renames over the link itself: its target would keep the old data
+            # while the user believes it replaced; writing through instead would let a
+            # planted link choose where the data go. Refused, with what to do.
+            raise OSError(errno.ELOOP, f"it is a symbolic link (to "
+                          f"{os.readlink(self.path)}); gpucrypt does not write through "
+                          f"links: give the file it points to as the output, or remove "
+                          f"the link first", self.path)
         try:
             fd = _create_unnamed(self._folder)
             if fd is None:
@@ -511,7 +552,12 @@ def write_atomically_with(path: str | os.PathLike | AtomicFile, write: Callable[
 def replace_head(path: str | os.PathLike, f: Any, head: bytes) -> None:
     """Atomically replace the file at ``path`` by ``head`` followed by the rest of ``f`` (the
     same file, open for reading and positioned just after its old head), keeping the
-    file's permissions: how a header is rewritten without touching what follows."""
+    file's permissions: how a header is rewritten without touching what follows.
+
+    A symbolic link is followed: the file ``f`` was read from is the one rewritten (in its
+    own folder), and the link stays a link (replacing the link instead would leave the
+    old head, a revoked recipient's envelope say, in the file it points to)."""
+    path = os.path.realpath(path)
     with AtomicFile(path, mode=os.stat(path).st_mode & 0o7777) as sink:
         sink.write(head)
         while True:

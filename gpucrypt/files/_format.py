@@ -330,6 +330,18 @@ def verify_header(key: bytes, header: Header) -> None:
                                   "(key id, envelope or parameters) was tampered with")
 
 
+def read_up_to(read, n: int) -> bytes:
+    """``n`` bytes from ``read(n)``, fewer only at the end of the input: one read may
+    legally return less (a raw file, a pipe) without the input having ended."""
+    chunk = bytearray()
+    while len(chunk) < n:
+        piece = read(n - len(chunk))
+        if not piece:
+            break
+        chunk += piece
+    return bytes(chunk)
+
+
 class HeaderReader:
     """Reads exactly ``n`` bytes from ``read(n)``, turning a short read into TruncatedError.
 
@@ -342,18 +354,11 @@ class HeaderReader:
         self.consumed = bytearray(consumed)
 
     def take(self, n: int, what: str) -> bytes:
-        chunk = bytearray()
-        while len(chunk) < n:
-            piece = self._read(n - len(chunk))
-            if not piece:
-                break
-            chunk += piece
+        chunk = read_up_to(self._read, n)
         self.consumed += chunk
-        if len(chunk) < n:
-            if not self.consumed:
-                raise FormatError("not a gpucrypt file: it is empty")
+        if len(chunk) < n:  # the callers took the magic bytes first: not an empty file
             raise TruncatedError(f"truncated file: it ends inside the header ({what})")
-        return bytes(chunk)
+        return chunk
 
 
 def algorithm_and_segment_size(algorithm_id: int, log2: int) -> tuple[str, int]:
@@ -393,13 +398,19 @@ def parse_header(read) -> Header:
     TruncatedError; never anything else for any input bytes. No key is needed: the
     MAC is recorded, not checked (see :func:`verify_header`).
     """
-    reader = HeaderReader(read)
-    magic = reader.take(len(MAGIC), "magic")
+    magic = read_up_to(read, len(MAGIC))
+    if not magic:
+        raise FormatError("not a gpucrypt file: it is empty")
     if magic != MAGIC:
+        # a short input is truncated only if it could be the start of one: any other
+        # (a 6-byte text file) is simply not ours, not a tampered file
+        if MAGIC.startswith(magic):
+            raise TruncatedError("truncated file: it ends inside the header (magic)")
         if magic == b"GPUCMODL":  # gpucrypt.models.MAGIC (models imports this module)
             raise FormatError("this is a gpucrypt model file, not a stream file: decrypt it "
                               "with 'gpucrypt decrypt-model' or gpucrypt.models")
         raise FormatError("not a gpucrypt file (wrong magic bytes)")
+    reader = HeaderReader(read, magic)
     version = reader.take(1, "version")[0]
     if version != VERSION:
         raise UnsupportedVersion(f"unsupported gpucrypt format version {version} (this gpucrypt "

@@ -112,22 +112,20 @@ def _is_model_file(path: Any) -> bool:
         return f.read(len(MAGIC)) == MAGIC
 
 
-def _file_envelope(src: Any, model: bool = False) -> tuple[bytes, Any]:
+def _file_envelope(src: Any, model: bool = False) -> tuple[bytes, Any, Any]:
+    """The envelope and header of ``src``, and ``src`` as the stream reads it again: rewound
+    where it can be, else with the header put back in front of the rest (a pipe)."""
     if model:
         from . import models
 
         header = models.read_header(src)
-    elif hasattr(src, "read") and hasattr(src, "seek"):
-        start = src.tell()
-        header = stream.read_header(src)
-        src.seek(start)  # the stream reads the header again
     else:
-        header = stream.read_header(src)
+        header, src = stream._header_and_whole(src)
     envelope = _header_field(header, "envelope")
     if not envelope:
         raise NoMatchingRecipient("this file carries no envelope: it was encrypted with a raw "
                                   "key, not for recipients or a keyset")
-    return envelope, header
+    return envelope, header, src
 
 
 def decrypt_file(src: Any, dst: Any, *, identities: Any = None, keyset: Keyset | None = None,
@@ -140,7 +138,7 @@ def decrypt_file(src: Any, dst: Any, *, identities: Any = None, keyset: Keyset |
     """
     path = src if isinstance(src, (str, os.PathLike)) else None
     with audit.timed("file.decrypt", path=os.fspath(path) if path else None) as ev:
-        envelope, header = _file_envelope(src)
+        envelope, header, src = _file_envelope(src)
         ev["recipients"] = describe_envelope(envelope)
         ev["key_id"] = _header_field(header, "key_id")
         dek = open_envelope(envelope, _identities_for(identities, keyset),
@@ -170,7 +168,7 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
         old = _identities_for(identities, old_keyset)
     with audit.timed("file.rekey", path=os.fspath(path)) as ev:
         model = _is_model_file(path)
-        envelope, header = _file_envelope(path, model)
+        envelope, header, _ = _file_envelope(path, model)
         previous = describe_envelope(envelope)
         ev["key_ids"] = previous
         context = file_context(_header_field(header, "salt"))

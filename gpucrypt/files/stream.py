@@ -35,7 +35,7 @@ Guarantees and limits:
 - Writes to a path are atomic: a temporary file in the same folder, fsync, then
   rename. ``decrypt`` to a path renames only after every segment, including the
   one marked last, verified; on any error the temporary file is removed and the
-  destination is untouched.
+  destination is untouched. A path that is a symbolic link is refused (OSError).
 - ``decrypt`` to a file object writes each batch of segments only after they
   verified, and raises on the first bad segment. The file object may then hold
   the plaintext of the segments before it (all verified, but not the whole file):
@@ -50,13 +50,14 @@ from __future__ import annotations
 
 import builtins
 import io
+import itertools
 import os
 import stat
 from typing import Any, Iterable
 
 from .. import pipeline
 from . import _format
-from ._atomic import AtomicFile, open_output, replace_head
+from ._atomic import AtomicFile, open_output, replace_head, wait_ready
 from ._format import (DEFAULT_SEGMENT_SIZE, MAX_SEGMENTS, TAG_SIZE, AuthenticationError,
                       FormatError, Header, StreamError, TruncatedError, UnsupportedVersion)
 from ..backends import select_backend
@@ -146,8 +147,11 @@ class _FileSource(_Source):
                 n = self._readinto(buf[got:])
             else:
                 piece = self._file.read(len(buf) - got)
-                n = len(piece) if piece else 0
-                buf[got:got + n] = piece or b""
+                n = None if piece is None else len(piece)
+                buf[got:got + (n or 0)] = piece or b""
+            if n is None:  # a non-blocking file with no data yet: not the end of the input
+                wait_ready(self._file, writing=False)
+                continue
             if not n:
                 break
             got += n
@@ -304,7 +308,7 @@ def encrypt(src: Any, dst: Any, key: Any, *, algorithm: str = "chacha20-poly1305
             sink.write(header_bytes)
             where = source.positional()
             if where is not None and not segs.on_gpu and isinstance(sink, AtomicFile):
-                batches = _seal_positional(segs, where, sink, header.header_length)
+                batches = _seal_positional(segs, where, sink)
                 pipeline.run(batches, segs.runner, depth=_DEPTH)
                 _check_unchanged(where)
                 source.skip(where[2])
@@ -322,10 +326,11 @@ def _batch_ranges(count: int, per_batch: int):
         yield first, min(count, first + per_batch)
 
 
-def _seal_positional(segs: _Segments, where, sink, header_length: int):
-    """Batches for a regular input file and a file output: each worker reads its
-    segments with pread straight into their places in its batch buffer, seals them in
-    place and writes them with pwrite; nothing passes through this thread."""
+def _seal_positional(segs: _Segments, where, sink):
+    """Batches for a regular input file and a file output (the header written already):
+    each worker reads its segments with pread straight into their places in its batch
+    buffer, seals them in place and writes them with pwrite; nothing passes through this
+    thread."""
     fd, offset, size = where
     S, C = segs.S, segs.S + TAG_SIZE
     count = max(1, -(-size // S))
@@ -335,6 +340,7 @@ def _seal_positional(segs: _Segments, where, sink, header_length: int):
     slot = _slot_stride(C)
     buffer = _batch_buffers(_DEPTH + 1, min(count, segs.per_batch) * slot)
     out_fd = sink.fileno()
+    base = _write_position(out_fd)
 
     for k, (first, end) in enumerate(_batch_ranges(count, segs.per_batch)):
         buf, jobs = buffer(k), []
@@ -351,9 +357,15 @@ def _seal_positional(segs: _Segments, where, sink, header_length: int):
             return plain
 
         def store(job, _):
-            pipeline.pwrite_all(out_fd, job.dst, header_length + job.ident * C)
+            pipeline.pwrite_all(out_fd, job.dst, base + job.ident * C)
 
         yield pipeline.Batch(jobs, load=load, store=store)
+
+
+def _write_position(fd: int) -> int:
+    """Where the segments of an output go: its current position, after the header and
+    after whatever a caller's own AtomicFile held before (pwrite ignores the position)."""
+    return os.lseek(fd, 0, os.SEEK_CUR)
 
 
 def _input_changed(how: str) -> ValueError:
@@ -483,6 +495,47 @@ def read_header(src: Any) -> Header:
     return _parse_source_header(_BufferSource(view))  # no copy of the data behind it
 
 
+def _header_and_whole(src: Any) -> tuple[Header, Any]:
+    """The header of the stream ``src`` (anything :func:`decrypt` takes), without a key,
+    and what to give :func:`decrypt` for the whole stream then: ``src`` itself, rewound
+    to where it was, when it can be; else the header's bytes put back in front of the
+    rest (a pipe, a read-only object, an iterable of chunks: what was read is gone)."""
+    if isinstance(src, (str, os.PathLike)):
+        return read_header(src), src
+    if hasattr(src, "read"):
+        if getattr(src, "seekable", lambda: False)():
+            start = src.tell()
+            header = read_header(src)
+            src.seek(start)
+            return header, src
+        header = read_header(src)
+        return header, _after_header(header, src)
+    try:
+        memoryview(src)
+    except TypeError:
+        if hasattr(src, "__iter__"):
+            chunks = iter(src)
+            source = _IterableSource(chunks)
+            header = _parse_source_header(source)
+            return header, itertools.chain([_format.encode_header(header), source._left], chunks)
+    return read_header(src), src  # bytes-like, read again from its start (or the TypeError)
+
+
+def _after_header(header: Header, src: Any) -> Iterable[bytes]:
+    """The whole stream again from a file object that cannot be rewound and whose header
+    :func:`read_header` took: that header's bytes, then the rest as it arrives."""
+    yield _format.encode_header(header)
+    read = getattr(src, "read1", src.read)
+    while True:
+        chunk = read(1 << 20)
+        if chunk is None:  # a non-blocking file with no data yet: not the end
+            wait_ready(src, writing=False)
+            continue
+        if not chunk:
+            return
+        yield chunk
+
+
 def _parse_source_header(source: _Source) -> Header:
     def read(n):
         return bytes(source.fill(memoryview(bytearray(n))))
@@ -537,9 +590,10 @@ def _open_positional(segs: _Segments, where, sink):
     slot = _slot_stride(C)
     buffer = _batch_buffers(_DEPTH + 1, min(count, segs.per_batch) * slot)
     out_fd = sink.fileno()
+    base = _write_position(out_fd)
 
     def store(job, _):
-        pipeline.pwrite_all(out_fd, job.dst, job.ident * S)
+        pipeline.pwrite_all(out_fd, job.dst, base + job.ident * S)
 
     for k, (first, end) in enumerate(_batch_ranges(whole, segs.per_batch)):
         buf = buffer(k)
@@ -658,6 +712,9 @@ class SegmentReader(io.RawIOBase):
 
     def __init__(self, src: Any, key: Any, *, device: str = "cpu"):
         super().__init__()
+        # what close() needs, before anything can raise: a failed open is still closed
+        # (by IOBase's finaliser)
+        self._owns, self._cached = False, b""
         key = _format.check_key(key)
         if isinstance(src, (str, os.PathLike)):
             self._file, self._owns = builtins.open(src, "rb"), True
@@ -667,12 +724,14 @@ class SegmentReader(io.RawIOBase):
             raise TypeError(f"src must be a path or a seekable binary file object, "
                             f"not {type(src).__name__}")
         try:
-            self._file.seek(0)
+            # the stream starts at the file's position, as read_header and decrypt take it
+            start = self._file.tell()
             self.header = _format.parse_header(self._file.read)
             _format.verify_header(key, self.header)
             self._segs = _Segments(self.header, key, device, 1, 0, "open", inline=True)
             C = self.header.segment_size + TAG_SIZE
-            payload = self._file.seek(0, io.SEEK_END) - self.header.header_length
+            self._data_start = start + self.header.header_length
+            payload = self._file.seek(0, io.SEEK_END) - self._data_start
             if payload <= 0:
                 raise TruncatedError("truncated file: it ends right after the header "
                                      "(no segments)", 0)
@@ -695,8 +754,8 @@ class SegmentReader(io.RawIOBase):
         if index == self._cached_index:
             return self._cached
         C = self.header.segment_size + TAG_SIZE
-        self._file.seek(self.header.header_length + index * C)
-        ct = self._file.read(C)
+        self._file.seek(self._data_start + index * C)
+        ct = _format.read_up_to(self._file.read, C)  # a raw file may return less per read
         last = index == self._segments - 1
         if len(ct) < TAG_SIZE or (not last and len(ct) != C):
             raise TruncatedError(f"truncated file: segment {index} is cut short (the file "
@@ -756,7 +815,8 @@ class SegmentReader(io.RawIOBase):
 
 def open(src: Any, key: Any, *, device: str = "cpu") -> SegmentReader:  # noqa: A001
     """A read-only, seekable binary file object over the plaintext of the stream ``src``
-    (a path or a seekable binary file object); see :class:`SegmentReader`."""
+    (a path, or a seekable binary file object read from its current position); see
+    :class:`SegmentReader`."""
     return SegmentReader(src, key, device=device)
 
 
@@ -767,7 +827,8 @@ def replace_envelope(path: Any, key: Any, envelope: Any, key_id: Any = _KEEP) ->
 
     ``key`` must verify the old header MAC (AuthenticationError otherwise) and MACs the
     new one. The segments do not depend on the envelope or key id, so they stay valid.
-    Atomic: a temporary file in the same folder, fsync, rename.
+    Atomic: a temporary file in the same folder, fsync, rename. A symbolic link is
+    followed: the file it points to is rewritten and the link stays.
     """
     key = _format.check_key(key)
     with builtins.open(path, "rb") as f:
