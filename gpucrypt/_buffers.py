@@ -28,6 +28,8 @@ def readable(data: Any, name: str = "data") -> memoryview:
         raise ValueError(f"{name} must be a C-contiguous buffer; make a contiguous copy first "
                          f"(for NumPy: numpy.ascontiguousarray(x))")
     if view.format != "B" or view.ndim != 1:
+        if not view.nbytes:  # cast() refuses a shape with a zero in it, e.g. (0, 4)
+            return memoryview(b"" if view.readonly else bytearray())
         view = view.cast("B")
     return view
 
@@ -55,9 +57,13 @@ def bytes_arg(value: Any, name: str) -> bytes:
     if type(value) is bytes:
         return value
     try:
-        return bytes(memoryview(value))
+        view = memoryview(value)
     except TypeError:
         raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}") from None
+    if not view.c_contiguous:  # bytes() would copy it in order; readable() refuses it too
+        raise ValueError(f"{name} must be a C-contiguous buffer; make a contiguous copy first "
+                         f"(for NumPy: numpy.ascontiguousarray(x))")
+    return bytes(view)
 
 
 def plain_bytes(x: Any, writable: bool = False) -> bool:

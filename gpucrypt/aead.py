@@ -18,6 +18,7 @@ This layer checks types, sizes and limits; the backends do the work.
 """
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any
 
@@ -38,6 +39,18 @@ _FAST_PATH_MAX = 2**31 - 1
 #: nonce sizes): the general path then handles them, or raises gpucrypt's own error
 _NOT_FOR_OPENSSL = (TypeError, ValueError, OverflowError, BufferError)
 _MALFORMED_MESSAGE = "each message must be a (nonce, data, associated_data) tuple"
+
+
+def _reraise_unless_too_long(exc: BaseException) -> None:
+    """Re-raise ``exc`` unless it is the panic cryptography's decrypt forms end in for a
+    ciphertext whose message exceeds OpenSSL's one call (2**31 - 1 bytes: they check only
+    when encrypting, and rust-openssl's length conversion panics). The panic comes before
+    any byte is read, in a per-call copy of the object's context, so the general path can
+    take the call over (it composes such messages). Caught where raised, at no cost to
+    the calls that return: checking each ciphertext's length first cost 8% of a 1 KiB
+    decrypt. (Rust prints the panic on stderr all the same.)"""
+    if type(exc).__name__ != "PanicException":
+        raise exc
 #: ``_slow``'s "no output buffer" (the allocating forms); None is a buffer argument to refuse
 _ALLOCATE = object()
 
@@ -132,6 +145,11 @@ class _Aead:
     def __repr__(self) -> str:  # never shows the key
         return f"{type(self).__name__}(device={self._device!r})"
 
+    def __reduce__(self):
+        # as cryptography's objects: a pickle (or copy) would carry the key in the clear
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object: it holds a key; "
+                        f"pickle a reference to the key, and make the object where it is used")
+
     # --- hooks for the subclasses ---
     def _check_key(self, key: bytes) -> None:
         raise NotImplementedError
@@ -196,6 +214,8 @@ class _Aead:
                 return direct.decrypt(nonce, data, associated_data)
             except _NOT_FOR_OPENSSL:
                 pass
+            except BaseException as exc:  # noqa: B036 (see _reraise_unless_too_long)
+                _reraise_unless_too_long(exc)
         return self._slow("decrypt", nonce, data, associated_data)
 
     def decrypt_into(self, nonce: Any, data: Any, associated_data: Any, buf: Any) -> int:
@@ -209,6 +229,8 @@ class _Aead:
                 raise
             except _NOT_FOR_OPENSSL:
                 pass
+            except BaseException as exc:  # noqa: B036 (see _reraise_unless_too_long)
+                _reraise_unless_too_long(exc)
         return self._slow("decrypt_into", nonce, data, associated_data, buf)
 
     def _slow(self, method: str, nonce: Any, data: Any, associated_data: Any, buf: Any = _ALLOCATE):
@@ -231,8 +253,18 @@ class _Aead:
                     raise
                 except _NOT_FOR_OPENSSL:
                     pass
+                except BaseException as exc:  # noqa: B036 (see _reraise_unless_too_long)
+                    _reraise_unless_too_long(exc)
         src = readable(data)
-        size = max(len(src) - _limits.TAG_SIZE, 0) if decrypting else len(src) + _limits.TAG_SIZE
+        # argument types before lengths and sizes, in cryptography's order
+        _nonce_bytes(nonce)
+        optional_readable(associated_data, "associated_data")
+        if decrypting and len(src) < _limits.TAG_SIZE:
+            self._prepare(nonce, src, associated_data, 0)  # a bad nonce still says so first
+            if buf is not _ALLOCATE:
+                zero(writable(buf))  # as the fast path leaves it
+            raise InvalidTag()
+        size = len(src) - _limits.TAG_SIZE if decrypting else len(src) + _limits.TAG_SIZE
         if buf is _ALLOCATE:
             result, out = new_bytes(size)
         else:
@@ -317,13 +349,18 @@ class _Aead:
                 raise TypeError(_MALFORMED_MESSAGE) from None
             try:
                 out.append(call(nonce, data, aad))
+                continue
             except InvalidTag:
                 out.append(None)
+                continue
             except _NOT_FOR_OPENSSL:
-                try:
-                    out.append(self._slow(method, nonce, data, aad))
-                except InvalidTag:
-                    out.append(None)
+                pass
+            except BaseException as exc:  # noqa: B036 (see _reraise_unless_too_long)
+                _reraise_unless_too_long(exc)
+            try:
+                out.append(self._slow(method, nonce, data, aad))
+            except InvalidTag:
+                out.append(None)
         return out
 
     @property
@@ -482,6 +519,7 @@ class _Libsodium:
 
     def decrypt(self, nonce, data, associated_data):
         if len(data) < 16:
+            self._aad(associated_data)  # a wrong type is said first, as elsewhere
             raise InvalidTag()
         out = bytearray(len(data) - 16)
         self._open(nonce, data, associated_data, out)
@@ -495,6 +533,7 @@ class _Libsodium:
 
     def decrypt_into(self, nonce, data, associated_data, buf):
         if len(data) < 16:
+            self._aad(associated_data)
             raise InvalidTag()
         if memoryview(buf).nbytes != len(data) - 16:
             raise ValueError(f"buffer must be {len(data) - 16} bytes")
@@ -513,8 +552,12 @@ class AESGCM(_Aead):
 
     @classmethod
     def generate_key(cls, bit_length: int) -> bytes:
-        if not isinstance(bit_length, int):
-            raise TypeError("bit_length must be an integer")
+        try:
+            bit_length = operator.index(bit_length)  # NumPy integers too, as cryptography
+        except TypeError:
+            raise TypeError("bit_length must be an integer") from None
+        if not 0 <= bit_length < 2**64:  # cryptography's unsigned conversion
+            raise OverflowError("bit_length must be a non-negative 64-bit integer")
         if bit_length not in (128, 192, 256):
             raise ValueError("bit_length must be 128, 192, or 256")
         return os.urandom(bit_length // 8)

@@ -418,6 +418,113 @@ def test_argument_errors_match_cryptography():
         gpucrypt.ChaCha20Poly1305(bytes(32), device="tpu")
 
 
+def test_more_argument_errors_are_cryptographys():
+    """Found by a differential review: the general path's errors in cryptography's
+    order and kinds (argument types before lengths and sizes; a message shorter than a
+    tag is InvalidTag, whatever the buffer), and generate_key's integer rules."""
+    chacha, gcm = gpucrypt.ChaCha20Poly1305(bytes(32)), gpucrypt.AESGCM(bytes(16))
+    xchacha = gpucrypt.XChaCha20Poly1305(bytes(32))
+    ref = reference.ChaCha20Poly1305(bytes(32))
+    for call in (lambda a: a.encrypt(bytes(5), b"x", "aad"),
+                 lambda a: a.encrypt_into(bytes(12), b"x", "aad", bytearray(3)),
+                 lambda a: a.decrypt_into(bytes(12), bytes(40), "aad", bytearray(3))):
+        with pytest.raises(TypeError):
+            call(ref)
+        with pytest.raises(TypeError):
+            call(chacha)
+    # general paths: an AES-GCM nonce OpenSSL refuses, XChaCha20 with a bytearray nonce
+    for aead, nonce in ((gcm, bytes(4)), (xchacha, bytearray(24))):
+        for size in (0, 15):
+            buf = bytearray(b"\xaa" * 3)
+            with pytest.raises(InvalidTag):
+                aead.decrypt_into(nonce, bytes(size), None, buf)
+            assert buf == bytes(3)  # zeroed, as the fast path leaves it
+            with pytest.raises(InvalidTag):
+                aead.decrypt(nonce, bytes(size), None)
+    for nonce in (bytes(24), bytearray(24)):  # libsodium's path and the general one
+        with pytest.raises(TypeError):
+            xchacha.decrypt(nonce, b"short", "aad")
+    assert len(gpucrypt.AESGCM.generate_key(np.int64(128))) == 16
+    assert len(reference.AESGCM.generate_key(np.int64(128))) == 16
+    for bad, error in ((-128, OverflowError), (2**64 + 128, OverflowError), (128.0, TypeError)):
+        with pytest.raises(error):
+            reference.AESGCM.generate_key(bad)
+        with pytest.raises(error):
+            gpucrypt.AESGCM.generate_key(bad)
+    # a key or nonce that is not contiguous is refused, not copied in some order
+    with pytest.raises(ValueError, match="contiguous"):
+        gpucrypt.ChaCha20Poly1305(np.zeros(64, dtype=np.uint8)[::2])
+    with pytest.raises(ValueError, match="contiguous"):
+        xchacha.encrypt(np.zeros(48, dtype=np.uint8)[::2], b"x", None)
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_empty_buffers_of_any_shape_are_empty_bytes(name):
+    """An empty array with a zero in its shape is zero bytes of data, associated data or
+    output (memoryview.cast refuses such shapes): the bytes of an empty message, and a
+    forged message decrypted into an empty (1, 0) buffer is InvalidTag."""
+    cls, key_len, nonce_len = CLASSES[name]
+    aead, key, nonce = cls(bytes(key_len), device="cpu"), bytes(key_len), bytes(nonce_len)
+    empty = np.zeros((0, 4), dtype=np.float32)
+    sealed = aead.encrypt(nonce, b"", None)
+    assert aead.encrypt(nonce, empty, empty) == sealed
+    out = np.zeros((1, 0), dtype=np.uint8)
+    assert aead.decrypt_into(nonce, sealed, empty, out) == 0
+    with pytest.raises(InvalidTag):
+        aead.decrypt_into(nonce, bytes(16), None, out)
+    with pytest.raises(ValueError, match="buffer must be 16 bytes"):
+        aead.encrypt_into(nonce, b"", None, np.zeros((1, 0), dtype=np.uint8))
+    del key
+
+
+@pytest.mark.parametrize("name", ["chacha20-poly1305", "xchacha20-poly1305", "aes-256-gcm"])
+def test_aead_objects_refuse_pickling_and_copying(name):
+    """cryptography's objects cannot be pickled or copied; ours hold the key as bytes,
+    which a pickle would carry in the clear (XChaCha20's libsodium object without PyNaCl
+    was picklable)."""
+    import copy
+    import pickle
+
+    cls, key_len, _ = CLASSES[name]
+    key = os.urandom(key_len)
+    for aead in (cls(key), cls(key, device="cpu")):
+        for attempt in (pickle.dumps, copy.copy, copy.deepcopy):
+            with pytest.raises(TypeError, match="cannot pickle"):
+                attempt(aead)
+
+
+@pytest.mark.parametrize("name", ["chacha20-poly1305", "xchacha20-poly1305", "aes-256-gcm"])
+def test_a_message_over_openssls_one_call_decrypts_through_the_general_path(name, monkeypatch):
+    """cryptography's decrypt forms check no length: a ciphertext whose message exceeds
+    2**31 - 1 bytes (which encrypt composes) made rust-openssl panic, a BaseException
+    that escaped. It must reach the general path instead, which composes it; that path
+    is stopped at its first step here, so that nothing is allocated or read (untouched
+    anonymous pages, 2 GiB of them)."""
+    import mmap
+
+    import gpucrypt.aead as aead_module
+
+    class ReachedGeneralPath(Exception):
+        pass
+
+    real_readable = aead_module.readable
+
+    def readable(data, *args):
+        if memoryview(data).nbytes > 2**31:
+            raise ReachedGeneralPath
+        return real_readable(data, *args)
+
+    monkeypatch.setattr(aead_module, "readable", readable)
+    cls, key_len, nonce_len = CLASSES[name]
+    aead, nonce = cls(bytes(key_len), device="cpu"), bytes(nonce_len)
+    sealed, plain = mmap.mmap(-1, 2**31 + 16), mmap.mmap(-1, 2**31)  # unmapped when collected
+    for call in (lambda: aead.decrypt_into(nonce, memoryview(sealed), None, memoryview(plain)),
+                 lambda: aead.decrypt(nonce, memoryview(sealed), None),
+                 lambda: aead.decrypt_many([(nonce, memoryview(sealed), None)])):
+        with pytest.raises(ReachedGeneralPath):
+            call()
+
+
 @pytest.mark.parametrize("make", [lambda: gpucrypt.ChaCha20Poly1305(bytes(32), device="cpu"),
                                   lambda: gpucrypt.XChaCha20Poly1305(bytes(32), device="cpu"),
                                   lambda: gpucrypt.AESGCM(bytes(16), device="cpu")])
