@@ -26,16 +26,36 @@ Contract:
   returned. :func:`stats` counts the segments decrypted.
 - **Sizes are plaintext sizes.** ``info``/``ls`` read each file's header (a few KiB)
   and report the size of its plaintext; a file that is not a gpucrypt stream keeps its
-  stored size and gets ``"encrypted": False`` (opening it raises ``FormatError``).
+  stored size and gets ``"encrypted": False`` (opening it raises ``FormatError``); a
+  stream cut inside a segment's tag keeps its stored size and gets ``"truncated": True``
+  (listing, ``exists``, ``find``, ``glob`` and ``du`` work; opening it raises
+  ``TruncatedError``).
 - **Writes are whole files, published at once.** ``open(path, "wb")`` keeps the
   plaintext in memory and seals it on ``close`` under a fresh data key wrapped for the
   recipients and/or the keyset's primary. A local target gets it through
   :mod:`gpucrypt.files._atomic` (temporary file in the same folder, fsync, rename); any
   other target gets a temporary name in the same folder, then ``mv`` over the path (a
   rename where the target has one, a copy of the whole object on object stores: readers
-  see the old file or the new one). Leaving a ``with`` block by an exception discards the
-  write. Large files are better written with :func:`gpucrypt.stream.encrypt`, which
-  streams.
+  see the old file or the new one).
+- **Only a successful close publishes.** Nothing is published (the old file stays) when
+  a ``with`` block is left by an exception, when ``close`` runs while an exception is
+  propagating (text mode, ``compression=`` and writers such as pandas close the file on
+  their way out of a failure), when ``discard()`` is called, or when a writer is dropped
+  without being closed. A ``close`` inside an ``except`` clause therefore discards too,
+  unless the file was opened inside that clause; call ``commit()`` there to publish.
+  Inside ``with fs.transaction:`` (``autocommit=False``) ``close`` stages the file and
+  the transaction publishes it (``commit``) or drops it (``discard``). A text-mode file
+  dropped without being closed is the exception: Python's ``TextIOWrapper`` closes it
+  when it is collected, which publishes. Large files are better written with
+  :func:`gpucrypt.stream.encrypt`, which streams.
+- **A file is not bound to its path.** Every file is authenticated on its own (header,
+  every segment, its length), but nothing in it names the path it was written to, so
+  files under the same keys can be swapped or renamed by someone with write access to
+  the target, undetected: ``labels_train.gc`` may come back with ``labels_test.gc``'s
+  content, or an older version of itself (rollback). That is also what lets ``cp`` and
+  ``mv`` copy or move the stored bytes as they are. Where it matters, keep a list of
+  the files with their digests where the reader can trust it, or use one keyset per
+  dataset (a file from another keyset fails with ``NoMatchingRecipient``).
 - Data keys unwrapped from envelopes are kept (by envelope) in the instance, never pickled.
 """
 from __future__ import annotations
@@ -43,6 +63,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import sys
 import threading
 from typing import Any
 
@@ -59,6 +80,8 @@ from .keys.portable import KeyReferences, ResolvedKeys
 
 __all__ = ["GpucryptFileSystem", "GpucryptFile", "stats", "reset_stats", "named_error"]
 
+#: the plaintext size of a stream file cut inside a segment's tag (it has none)
+_TRUNCATED = -1
 #: bytes fetched to parse a header; a longer one (a large envelope) is fetched again whole
 _HEAD_BYTES = 4096
 _MAX_HEADER_BYTES = 2 << 20
@@ -125,11 +148,15 @@ class GpucryptFile(stream.SegmentReader):
     name ``path``. ``key``: the stream's key, or a function of its (unverified) header that
     returns it. Closing this file closes the target file, and so does failing to open."""
 
+    mode = "rb"
+
     def __init__(self, target_file: Any, key: Any, path: str, device: str = "cpu"):
         self.path = path
         try:
             if callable(key):
-                key = key(stream.read_header(target_file))
+                header = stream.read_header(target_file)
+                target_file.seek(0)  # the reader takes the stream from the file's position
+                key = key(header)
             super().__init__(target_file, key, device=device)  # reads the header again
         except StreamError as exc:
             target_file.close()
@@ -165,13 +192,22 @@ class GpucryptFile(stream.SegmentReader):
 
 
 class _EncryptingWriter(io.RawIOBase):
-    """Plaintext written here is sealed into one stream file on ``close`` and published at
-    once (see the module docstring); ``discard()`` or an exception in a ``with`` block
-    drops it."""
+    """Plaintext written here is sealed into one stream file and published by a
+    successful ``close`` (see the module docstring). Dropped instead: on ``discard()``, a
+    ``with`` block left by an exception, a ``close`` while an exception propagates (the
+    close that ``TextIOWrapper`` or a compressor makes on its way out of a failure), and
+    a writer collected unclosed. With ``autocommit=False`` (an fsspec transaction)
+    ``close`` keeps it for ``commit()``."""
 
-    def __init__(self, fs: "GpucryptFileSystem", path: str):
+    mode = "wb"
+
+    def __init__(self, fs: "GpucryptFileSystem", path: str, autocommit: bool = True):
         super().__init__()
         self._fs, self.path, self._chunks = fs, path, []
+        self.autocommit, self._written = autocommit, 0
+        # an exception already being handled where the file is opened (its with block
+        # inside an except clause) is not one that fails the writing
+        self._handling = sys.exc_info()[1]
 
     @property
     def name(self) -> str:
@@ -180,31 +216,86 @@ class _EncryptingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
+    def tell(self) -> int:
+        return self._written
+
     def write(self, data) -> int:
         if self.closed:
             raise ValueError("I/O operation on closed file.")
         chunk = bytes(memoryview(data))  # not bytes(): write(5) would write five zero bytes
         self._chunks.append(chunk)
+        self._written += len(chunk)
         return len(chunk)
 
     def discard(self) -> None:
-        self._chunks = []
+        self._chunks = None
         super().close()
 
     def close(self) -> None:
         if self.closed:
             return
-        chunks, self._chunks = self._chunks, []
-        try:
-            self._fs._publish(self.path, chunks)
-        finally:
+        failing = sys.exc_info()[1]
+        if failing is not None and failing is not self._handling:
+            self.discard()
+        elif self.autocommit:
+            self.commit()
+        else:
+            super().close()  # staged: the transaction commits or discards it
+
+    def commit(self) -> None:
+        """Publish what was written (also where ``close`` would not: inside an ``except``
+        clause). In a transaction, the file must have been closed."""
+        if not self.closed:
+            if not self.autocommit:
+                self.discard()
+                raise ValueError(f"{self.path} was still open when its transaction committed: "
+                                 f"close it (or leave its with block) inside the transaction")
             super().close()
+        elif self._chunks is None:
+            return  # discarded, or published already
+        chunks, self._chunks = self._chunks, None
+        self._fs._publish(self.path, chunks)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.discard()
         else:
             self.close()
+
+    def __del__(self) -> None:
+        # dropped without close: whatever was written is abandoned, not published
+        if not self.closed:
+            self.discard()
+
+
+class _CompressingWriter:
+    """A compressor (``GzipFile``, ...) over an :class:`_EncryptingWriter`, whose ``close``
+    closes the writer too, which publishes it (fsspec's ``open(compression=...)`` leaves
+    the file under a compressor open, to be closed by its finaliser, which now discards
+    it). Everything else is the compressor's."""
+
+    def __init__(self, compressor: Any, writer: _EncryptingWriter):
+        self._compressor, self._writer = compressor, writer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._compressor, name)
+
+    def __iter__(self):
+        return iter(self._compressor)
+
+    def close(self) -> None:
+        try:
+            self._compressor.close()
+        except BaseException:
+            self._writer.discard()
+            raise
+        self._writer.close()  # discards instead while an exception is propagating
+
+    def __enter__(self) -> "_CompressingWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
 
 
 class GpucryptFileSystem(ChainedFileSystem):
@@ -241,6 +332,7 @@ class GpucryptFileSystem(ChainedFileSystem):
         self.read_device = read_device
         self._resolved: ResolvedKeys | None = None
         self._resolve_lock = threading.Lock()
+        # (path, stored size) -> plaintext size; None: not a stream; _TRUNCATED
         self._sizes: dict[tuple[str, int], int | None] = {}
 
     # --------------------------------------------------------------------- paths and keys
@@ -294,16 +386,17 @@ class GpucryptFileSystem(ChainedFileSystem):
                 size = None
             else:
                 size = plaintext_size(header, stored)
-                if size is None:
-                    raise TruncatedError(f"{path}: truncated gpucrypt file ({stored} bytes: it "
-                                         f"ends inside the header or inside a segment's tag)", None)
+                if size is None:  # listed all the same: exists, find, glob and du keep working
+                    size = _TRUNCATED
             if len(self._sizes) > 65536:
                 self._sizes.clear()
             self._sizes[key] = size
         size = self._sizes[key]
         info["stored_size"] = stored
         info["encrypted"] = size is not None
-        if size is not None:
+        if size == _TRUNCATED:
+            info["truncated"] = True  # and the stored size: opening it raises TruncatedError
+        elif size is not None:
             info["size"] = size
         return info
 
@@ -324,13 +417,35 @@ class GpucryptFileSystem(ChainedFileSystem):
         return self.fs.created(self._target(path))
 
     # --------------------------------------------------------------------- reading
+    def open(self, path: Any, mode: str = "rb", block_size: Any = None, cache_options: Any = None,
+             compression: str | None = None, **kwargs: Any):
+        """fsspec's ``open``; a compressed file opened for writing is published when the
+        compressor is closed (see :class:`_CompressingWriter`)."""
+        if compression is None or "b" not in mode or "r" in mode:
+            # text mode comes back here with "wb" and the compression
+            return super().open(path, mode, block_size=block_size,
+                                cache_options=cache_options, compression=compression, **kwargs)
+        from fsspec.compression import compr
+        from fsspec.core import get_compression
+
+        writer = super().open(path, mode, block_size=block_size, cache_options=cache_options,
+                              **kwargs)
+        try:
+            codec = get_compression(self._strip_protocol(path), compression)  # "infer": or None
+            if codec is None:
+                return writer
+            return _CompressingWriter(compr[codec](writer, mode="w"), writer)
+        except BaseException:
+            writer.discard()
+            raise
+
     def _open(self, path: Any, mode: str = "rb", block_size: Any = None, autocommit: bool = True,
               cache_options: Any = None, **kwargs: Any):
         target = self._target(path)
         if mode == "rb":
             return self._open_reader(target, **kwargs)
         if mode == "wb":
-            return _EncryptingWriter(self, target)
+            return _EncryptingWriter(self, target, autocommit)
         raise ValueError(f"gpucrypt files open as 'rb' or 'wb', not {mode!r}: a stream file is "
                          f"written whole (appending would need its last segment resealed)")
 
@@ -438,7 +553,8 @@ class GpucryptFileSystem(ChainedFileSystem):
 
     def cp_file(self, path1: Any, path2: Any, **kwargs: Any) -> None:
         """Copy the stored bytes: a stream file does not depend on its name, so the copy
-        decrypts as the original does."""
+        decrypts as the original does (and a file moved or swapped by someone else is not
+        detected either: see the module docstring)."""
         self.fs.cp_file(self._target(path1), self._target(path2), **kwargs)
 
     def mv(self, path1: Any, path2: Any, **kwargs: Any) -> None:

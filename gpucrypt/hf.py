@@ -25,7 +25,9 @@ on the meta device without random init, weight renaming and conversions, tied we
 ``dtype``, ``device_map``, warnings for missing or unexpected keys), and tensors that
 already have the right device and dtype are taken as they are, not copied again.
 The config is read from the folder's ``config.json`` (pass ``config=`` to override),
-after the folder's manifest has authenticated it along with every other file.
+and a generative model's generation config from ``generation_config.json`` when the
+folder has one (pass ``generation_config=`` to override), after the folder's manifest
+has authenticated them along with every other file.
 
 **Adapters.** :func:`load_adapter` does what ``PeftModel.from_pretrained`` (or
 ``PeftModel.load_adapter`` for a model that already is a ``PeftModel``) does, with the
@@ -73,8 +75,18 @@ def from_pretrained(model_class: Any, folder: Any, *, key: Any = None, keyset: A
         kwargs["config"] = AutoConfig.from_pretrained(folder)
     if device != "cpu":
         kwargs.setdefault("device_map", device)
-    return _concrete(model_class, kwargs["config"]).from_pretrained(None, state_dict=state,
-                                                                    **kwargs)
+    model = _concrete(model_class, kwargs["config"]).from_pretrained(None, state_dict=state,
+                                                                     **kwargs)
+    # transformers reads generation_config.json from the folder it loads, and it is given
+    # none here: read it as it would (unless generation_config= was passed); the manifest
+    # checked it with the weights
+    generation = os.path.join(folder, "generation_config.json")
+    if (kwargs.get("generation_config") is None and os.path.isfile(generation)
+            and model.can_generate()):
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model
 
 
 def _concrete(model_class: Any, config: Any) -> Any:

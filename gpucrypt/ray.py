@@ -62,9 +62,23 @@ __all__ = ["EncryptBatch", "DecryptBatch", "StagedFilesDatasink", "GpucryptDatas
 DEFAULT_BATCH_SIZE = 32
 
 
-def _columns(batch: Any) -> dict:
-    """A numpy (dict) or pandas batch as a dict of numpy arrays."""
-    return {name: np.asarray(values) for name, values in batch.items()}
+def _columns(batch: Any, binary: str) -> dict:
+    """A numpy (dict) or pandas batch as a dict of numpy arrays; the column ``binary`` as
+    an object array of its values (np.asarray would make a list of bytes a fixed-width
+    'S' array, which drops each value's trailing NUL bytes)."""
+    return {name: _binary_values(values, name) if name == binary else np.asarray(values)
+            for name, values in batch.items()}
+
+
+def _binary_values(values: Any, name: str) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind in "SU":  # the NULs an 'S' array dropped are gone already
+            raise TypeError(f"the column {name!r} is a numpy {values.dtype} array: 'S' arrays "
+                            f"drop the trailing NUL bytes of their values and 'U' arrays hold "
+                            f"text; give the bytes as a list or an object array "
+                            f"(np.array(values, dtype=object))")
+        return values
+    return _objects(list(values))
 
 
 def _row_names(batch: dict, path_column: str | None, count: int) -> list[str]:
@@ -192,7 +206,7 @@ class EncryptBatch:
             for value in values:
                 packed.add(lambda out, value=value: self._sealer.seal_to(value, out))
             return _with_column(batch, self.column, packed.array())
-        columns = _columns(batch)
+        columns = _columns(batch, self.column)
         columns[self.column] = _objects([self._sealer.seal(v) for v in columns[self.column]])
         return columns
 
@@ -240,7 +254,7 @@ class DecryptBatch:
             for value, name in zip(values, names):
                 packed.add(lambda out, value=value, name=name: self.open_to(value, name, out))
             return _with_column(batch, self.column, packed.array())
-        columns = _columns(batch)
+        columns = _columns(batch, self.column)
         values = columns[self.column]
         names = _row_names(columns, self.path_column, len(values))
         columns[self.column] = _objects([self.open(v, n) for v, n in zip(values, names)])

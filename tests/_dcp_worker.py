@@ -10,6 +10,7 @@ because assertions come after the collectives of their scenario.
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import os
 import shutil
@@ -123,7 +124,7 @@ def main(rank: int, world: int, work: str) -> None:
                    for n, p in model.state_dict().items())
 
     def tampered_load_changes_nothing():
-        victim = os.path.join(ckpt4, f"__{world - 1}_0.gcdistcp")
+        [victim] = glob.glob(os.path.join(ckpt4, f"__{world - 1}_*.gcdistcp"))
         if rank == 0:
             shutil.copyfile(victim, victim + ".orig")
             _flip(victim)

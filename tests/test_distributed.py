@@ -14,6 +14,7 @@ these tests, not even in the simulator (torch has no simulated CUDA tensors).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -33,6 +34,7 @@ import _dcp_worker
 from gpucrypt import keys
 from gpucrypt.distributed import EncryptedReader, EncryptedWriter, EncryptionExtension
 from gpucrypt.distributed.checkpoint import DATA_SUFFIX, METADATA_FORMAT, METADATA_VERSION
+from gpucrypt.files._format import FormatError
 from gpucrypt.keys import NoMatchingRecipient
 
 pytestmark = pytest.mark.filterwarnings(
@@ -114,11 +116,18 @@ def test_single_process_loads_sharded_checkpoint(ranks, folder):
     _assert_reference(state)
 
 
+def _rank_file(folder: str, rank: int) -> str:
+    """The name of a rank's data file (new to every save: ``__{rank}_{16 hex}.gcdistcp``)."""
+    [name] = [n for n in os.listdir(folder)
+              if re.fullmatch(rf"__{rank}_[0-9a-f]{{16}}{re.escape(DATA_SUFFIX)}", n)]
+    return name
+
+
 def test_checkpoint_holds_no_names_or_plaintext(ranks):
     work, _, _ = ranks
     folder = os.path.join(work, "ckpt4")
     files = sorted(os.listdir(folder))
-    assert files == [".metadata"] + [f"__{r}_0{DATA_SUFFIX}" for r in range(WORLD)]
+    assert files == [".metadata"] + [_rank_file(folder, r) for r in range(WORLD)]
     embedding = _dcp_worker.reference()["embedding"].numpy().tobytes()
     for name in files:
         with open(os.path.join(folder, name), "rb") as f:
@@ -157,25 +166,29 @@ def _size(folder: str, name: str) -> int:
     return os.path.getsize(os.path.join(folder, name))
 
 
-R0, R1, META = f"__0_0{DATA_SUFFIX}", f"__1_0{DATA_SUFFIX}", ".metadata"
-# name: (change the folder, the file the error must name, error type, words in its message)
+META = ".metadata"
+# name: (change the folder, given {0: rank 0's file, 1: rank 1's}; the file the error must
+# name, a rank or META; error type; words in its message (R1: rank 1's file's name))
 TAMPER = {
-    "flipped data byte, rank 0's file": (lambda d: _flip_at(f"{d}/{R0}", _size(d, R0) - 40),
-                                          R0, "AuthenticationError", "failed authentication"),
-    "flipped data byte, rank 1's file": (lambda d: _flip_at(f"{d}/{R1}", _size(d, R1) // 2 + 64),
-                                          R1, "AuthenticationError", "failed authentication"),
-    "flipped header byte": (lambda d: _flip_at(f"{d}/{R1}", 120), R1, "AuthenticationError",
+    "flipped data byte, rank 0's file": (lambda d, r: _flip_at(f"{d}/{r[0]}", _size(d, r[0]) - 40),
+                                          0, "AuthenticationError", "failed authentication"),
+    "flipped data byte, rank 1's file": (lambda d, r: _flip_at(f"{d}/{r[1]}",
+                                                               _size(d, r[1]) // 2 + 64),
+                                          1, "AuthenticationError", "failed authentication"),
+    "flipped header byte": (lambda d, r: _flip_at(f"{d}/{r[1]}", 120), 1, "AuthenticationError",
                             "header authentication failed"),
-    "rank files swapped": (lambda d: _swap(f"{d}/{R0}", f"{d}/{R1}"), R0, "AuthenticationError",
-                           f"recorded as {R1}"),
-    "truncated file": (lambda d: _truncate(f"{d}/{R1}"), R1, "TruncatedError", "truncated"),
-    "bytes appended": (lambda d: _append(f"{d}/{R0}"), R0, "FormatError", "appended"),
-    "data file missing": (lambda d: os.remove(f"{d}/{R1}"), R1, "FileNotFoundError",
+    "rank files swapped": (lambda d, r: _swap(f"{d}/{r[0]}", f"{d}/{r[1]}"), 0,
+                           "AuthenticationError", "recorded as R1"),
+    "truncated file": (lambda d, r: _truncate(f"{d}/{r[1]}"), 1, "TruncatedError", "truncated"),
+    "bytes appended": (lambda d, r: _append(f"{d}/{r[0]}"), 0, "FormatError", "appended"),
+    "data file missing": (lambda d, r: os.remove(f"{d}/{r[1]}"), 1, "FileNotFoundError",
                           "No such file"),
-    "flipped metadata byte": (lambda d: _flip_at(f"{d}/{META}", _size(d, META) - 20),
+    "flipped metadata byte": (lambda d, r: _flip_at(f"{d}/{META}", _size(d, META) - 20),
                               META, "AssertionError", "failed authentication"),
-    "metadata of another save": (lambda d: shutil.copyfile(f"{d}/../ckpt4/{META}", f"{d}/{META}"),
-                                 R0, "AuthenticationError", "another save"),
+    # every save names its data files anew: the other save's are not in this folder
+    "metadata of another save": (lambda d, r: shutil.copyfile(f"{d}/../ckpt4/{META}",
+                                                              f"{d}/{META}"),
+                                 "__", "FileNotFoundError", "No such file"),
 }
 
 
@@ -201,7 +214,10 @@ def _failure(load) -> BaseException:
 def test_tampered_checkpoint_is_refused_and_state_untouched(ckpt2_copy, case):
     folder, keyset = ckpt2_copy
     change, culprit, kind, words = TAMPER[case]
-    change(folder)
+    files = {rank: _rank_file(folder, rank) for rank in (0, 1)}
+    culprit = files.get(culprit, culprit)
+    words = words.replace("R1", files[1])
+    change(folder, files)
     state = _plain_state(fill=5.0)
     error = _failure(lambda: dcp.load(
         state, storage_reader=EncryptedReader(folder, keyset=keyset, device=CPU)))
@@ -232,7 +248,7 @@ def test_unrecorded_data_key_is_refused(ckpt2_copy, tmp_path):
     state = _plain_state(fill=1.0)
     state["step"] = 41
     dcp.save(state, storage_writer=EncryptedWriter(other, keyset=keyset))
-    shutil.copyfile(other / R0, os.path.join(folder, R0))
+    shutil.copyfile(other / _rank_file(other, 0), os.path.join(folder, _rank_file(folder, 0)))
     error = _failure(lambda: dcp.load(_plain_state(),
                                       storage_reader=EncryptedReader(folder, keyset=keyset,
                                                                      device=CPU)))
@@ -306,6 +322,116 @@ def test_metadata_unpickles_only_dcp_classes(tmp_path):
                                                                      device=CPU)))
     assert "posix.system, which is not part of DCP's metadata" in str(error)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["os.system", "os"])
+def test_metadata_allows_its_classes_by_exact_name(tmp_path, name):
+    """Pickle protocol 4 follows a dotted name attribute by attribute: DCP's metadata module
+    imports os, so ``os.system`` inside it is os.system. Only the metadata's own classes
+    are allowed, by exact name; a .metadata forged with only the reader's public key (a
+    stream sealed for that recipient) runs nothing."""
+    alice = keys.Identity.generate()
+    dcp.save({"w": torch.ones(2)}, storage_writer=EncryptedWriter(tmp_path,
+                                                                  recipients=[alice.recipient]))
+    marker = tmp_path / "ran"
+    module, command = b"torch.distributed.checkpoint.metadata", f"touch {marker}".encode()
+    payload = (b"\x80\x04\x8c" + bytes([len(module)]) + module            # PROTO 4, module
+               + b"\x8c" + bytes([len(name)]) + name.encode() + b"\x93"  # name, STACK_GLOBAL
+               + b"\x8c" + bytes([len(command)]) + command + b"\x85R.")  # (command,) REDUCE
+    keys.encrypt_file(payload, str(tmp_path / ".metadata"), recipients=[alice.recipient])
+    with pytest.raises(FormatError, match=re.escape(f"metadata.{name}, which is not part of DCP")):
+        EncryptedReader(tmp_path, identities=alice, device=CPU).read_metadata()
+    assert not marker.exists()
+
+
+@dataclasses.dataclass
+class _Note:
+    """A type of the caller's own in a state dict: torch.load(weights_only=True) refuses it
+    unless allowed with torch.serialization.add_safe_globals."""
+
+    text: str
+
+
+def test_non_tensor_values_are_unpickled_weights_only(tmp_path):
+    """DCP's planner unpickles non-tensor values with torch.load(weights_only=False); the
+    reader hands it only values that torch.load(weights_only=True) accepted, so a pickle
+    sealed by someone holding only the reader's public key runs nothing, and the load
+    fails before any value of the state dict is written."""
+    alice = keys.Identity.generate()
+    marker = tmp_path / "ran"
+    forged, own = tmp_path / "forged", tmp_path / "own"
+    dcp.save({"w": torch.ones(2), "step": _Runs(f"touch {marker}")},
+             storage_writer=EncryptedWriter(forged, recipients=[alice.recipient]))
+    state = {"w": torch.zeros(2), "step": 0}
+    error = _failure(lambda: dcp.load(state, storage_reader=EncryptedReader(
+        forged, identities=alice, device=CPU)))
+    assert type(error).__name__ == "FormatError", repr(error)
+    assert "'step' is a pickle that torch.load(weights_only=True) refuses" in str(error)
+    assert "posix.system" in str(error) and "non_tensors='pickle'" in str(error)
+    assert not marker.exists() and state["step"] == 0 and not state["w"].any()
+
+    dcp.save({"w": torch.ones(2), "note": _Note("hi"), "step": 3},
+             storage_writer=EncryptedWriter(own, recipients=[alice.recipient]))
+    out = {"w": torch.zeros(2), "note": None, "step": 0}
+    error = _failure(lambda: dcp.load(out, storage_reader=EncryptedReader(
+        own, identities=alice, device=CPU)))
+    assert "add_safe_globals" in str(error) and out["note"] is None
+    with torch.serialization.safe_globals([_Note]):   # the user's own type, allowed
+        dcp.load(out, storage_reader=EncryptedReader(own, identities=alice, device=CPU))
+    assert out == {"w": out["w"], "note": _Note("hi"), "step": 3} and out["w"].all()
+    out = {"w": torch.zeros(2), "note": None, "step": 0}
+    dcp.load(out, storage_reader=EncryptedReader(own, identities=alice, device=CPU,
+                                                 non_tensors="pickle"))
+    assert out["note"] == _Note("hi") and out["step"] == 3
+
+    out = {"w": torch.zeros(2), "step": 0}
+    error = _failure(lambda: dcp.load(out, storage_reader=EncryptedReader(
+        own, identities=alice, device=CPU, non_tensors="refuse")))
+    assert "non_tensors='refuse': load a state dict of tensors only" in str(error)
+    assert out["step"] == 0 and not out["w"].any()
+    tensors_only = {"w": torch.zeros(2)}
+    dcp.load(tensors_only, storage_reader=EncryptedReader(own, identities=alice, device=CPU,
+                                                          non_tensors="refuse"))
+    assert tensors_only["w"].all()
+    with pytest.raises(ValueError, match="non_tensors must be one of"):
+        EncryptedReader(own, identities=alice, non_tensors="yes")
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path):
+    """Every save writes its data files under names of its own and publishes .metadata
+    last: a save that fails before its .metadata leaves the previous checkpoint as it
+    was. The next save that succeeds removes the data files no .metadata refers to (the
+    failed save's, the previous one's), and nothing else."""
+    keyset = keys.Keyset.generate()
+
+    def save(value):
+        dcp.save({"w": torch.full((4,), value), "step": int(value)},
+                 storage_writer=EncryptedWriter(tmp_path, keyset=keyset, device=CPU))
+
+    def loaded():
+        state = {"w": torch.zeros(4), "step": 0}
+        dcp.load(state, storage_reader=EncryptedReader(tmp_path, keyset=keyset, device=CPU))
+        return state["w"].tolist(), state["step"]
+
+    def data_files():
+        return sorted(n for n in os.listdir(tmp_path) if n.endswith(DATA_SUFFIX))
+
+    save(1.0)
+    first = data_files()
+    (tmp_path / "notes.txt").write_text("not the writer's")
+    # publishing the new .metadata fails for real: a symbolic link is never replaced
+    os.replace(tmp_path / META, tmp_path / "metadata.1")
+    os.symlink("metadata.1", tmp_path / META)
+    with pytest.raises(CheckpointException, match="symbolic link"):
+        save(2.0)
+    assert loaded() == ([1.0] * 4, 1)  # the previous checkpoint, whole
+    os.replace(tmp_path / "metadata.1", tmp_path / META)
+    assert len(data_files()) == 2  # the first save's and the failed save's
+
+    save(3.0)
+    assert loaded() == ([3.0] * 4, 3)
+    [last] = data_files()
+    assert sorted(os.listdir(tmp_path)) == sorted([META, "notes.txt", last]) and [last] != first
 
 
 class _KeptOpen(io.BytesIO):

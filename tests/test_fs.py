@@ -252,9 +252,28 @@ def test_truncated_file_raises_with_the_file_name(keys, encrypted, tmp_path):
     inside_a_tag = tmp_path / "cut-tag.parquet.gc"
     inside_a_tag.write_bytes(stored[:header_length + 10 * (SEGMENT + 16) + 7])
     with pytest.raises(stream.TruncatedError, match=re.escape(str(inside_a_tag))):
-        fs.info(str(inside_a_tag))
-    with pytest.raises(stream.TruncatedError, match=re.escape(str(inside_a_tag))):
         fs.cat_file(str(inside_a_tag))
+
+
+def test_a_truncated_file_is_listed_and_refused_when_opened(keys, tmp_path):
+    """Listing does not open files: a stream cut inside a tag is an entry with its stored
+    size and ``truncated``, so exists, find, glob and du keep working; opening it raises."""
+    fs = local_fs(keys, segment_size=SEGMENT)
+    good, bad = str(tmp_path / "good.gc"), str(tmp_path / "bad.gc")
+    fs.pipe_file(good, b"x" * 10000)
+    fs.pipe_file(bad, b"y" * 10000)
+    stored = (tmp_path / "bad.gc").read_bytes()[:-1810]  # ends inside the last tag
+    (tmp_path / "bad.gc").write_bytes(stored)
+    entry = fs.info(bad)
+    assert entry["truncated"] and entry["encrypted"] and entry["size"] == len(stored)
+    assert "truncated" not in fs.info(good) and fs.info(good)["size"] == 10000
+    assert fs.exists(bad) and fs.isfile(bad)
+    assert sorted(e["name"] for e in fs.ls(str(tmp_path))) == [bad, good]
+    assert fs.find(str(tmp_path)) == fs.glob(f"{tmp_path}/*.gc") == [bad, good]
+    assert fs.du(str(tmp_path)) == 10000 + len(stored)
+    for read in (lambda: fs.open(bad, "rb"), lambda: fs.cat_file(bad)):
+        with pytest.raises(stream.TruncatedError, match=re.escape(bad)):
+            read()
 
 
 def test_pickles_without_any_secret_and_reads_after_unpickling(keys, encrypted, monkeypatch):
@@ -321,6 +340,123 @@ def test_writes_publish_whole_files_or_nothing(keys, tmp_path):
             f.write(b"partial")
             raise RuntimeError("the writer failed")
     assert not fsspec.filesystem("memory").exists("/gc17w/out.gc")
+
+
+@pytest.fixture
+def memory(keys, request):
+    """A gpucrypt filesystem over the memory target, in a folder of this test's own, and
+    the memory filesystem itself (the folder removed afterwards)."""
+    folder = "/" + re.sub(r"\W", "_", request.node.name)
+    fs = fsspec.filesystem("gpucrypt", target_protocol="memory", keyset=keys["keyset"])
+    yield fs, folder
+    memory_fs = fsspec.filesystem("memory")
+    if memory_fs.exists(folder):
+        memory_fs.rm(folder, recursive=True)
+
+
+def test_only_a_successful_close_publishes(keys, memory):
+    """Text mode, compression= and pandas close the file on their way out of a failure;
+    an unclosed writer is closed when it is collected: none of them publishes, the old
+    file stays. A write that succeeds publishes, through the same wrappers."""
+    import gc
+    import gzip
+
+    fs, folder = memory
+    path = f"{folder}/data"
+
+    def fails(write, **options):
+        fs.pipe_file(path, b"OLD")
+        with pytest.raises(RuntimeError, match="failed half-way"):
+            with fs.open(path, **options) as f:
+                write(f)
+                raise RuntimeError("the writer failed half-way")
+        assert fs.cat_file(path) == b"OLD"
+
+    fails(lambda f: f.write("partial line\n"), mode="w")
+    fails(lambda f: f.write(b"partial"), mode="wb", compression="gzip")
+    fails(lambda f: f.write("partial"), mode="w", compression="gzip")
+
+    def abandoned():
+        f = fs.open(path, "wb")
+        f.write(b"half")
+    abandoned()
+    gc.collect()
+    assert fs.cat_file(path) == b"OLD"
+
+    class Fails:
+        def __str__(self):
+            raise RuntimeError("serialisation failed half-way")
+    options = {"gpucrypt": {"keyset": keys["keyset"]}}
+    url = f"gpucrypt::memory://{path}"
+    with pytest.raises(RuntimeError, match="failed half-way"):
+        pd.DataFrame({"a": range(50), "b": ["x"] * 49 + [Fails()]}).to_csv(
+            url, storage_options=options, index=False)
+    assert fs.cat_file(path) == b"OLD"
+
+    with fs.open(path, "w") as f:
+        f.write("new text\n")
+    assert fs.cat_file(path) == b"new text\n"
+    with fs.open(path, "wb", compression="gzip") as f:
+        f.write(b"compressed")
+    assert gzip.decompress(fs.cat_file(path)) == b"compressed"
+    with fs.open(path, "w", compression="gzip") as f:
+        f.write("compressed text")
+    assert gzip.decompress(fs.cat_file(path)) == b"compressed text"
+    pd.DataFrame({"a": range(3)}).to_csv(url, storage_options=options, index=False)
+    assert fs.cat_file(path) == b"a\n0\n1\n2\n"
+
+    # inside an except clause: a file opened there publishes on close; one opened before
+    # publishes by commit()
+    try:
+        raise KeyError("handled")
+    except KeyError:
+        with fs.open(path, "wb") as f:
+            f.write(b"written while handling")
+        assert fs.cat_file(path) == b"written while handling"
+        before = fs.open(f"{folder}/other", "wb")
+        before.write(b"committed")
+        before.commit()
+    assert fs.cat_file(f"{folder}/other") == b"committed"
+
+
+def test_transactions_publish_on_commit_and_drop_on_failure(memory):
+    fs, folder = memory
+    fs.pipe_file(f"{folder}/a", b"OLD")
+    with pytest.raises(RuntimeError):
+        with fs.transaction:
+            fs.pipe_file(f"{folder}/a", b"NEW")
+            fs.pipe_file(f"{folder}/b", b"NEW")
+            raise RuntimeError("abort the transaction")
+    assert fs.cat_file(f"{folder}/a") == b"OLD" and not fs.exists(f"{folder}/b")
+    with fs.transaction:
+        fs.pipe_file(f"{folder}/a", b"NEW")
+        with fs.open(f"{folder}/b", "wb", compression="gzip") as f:
+            f.write(b"NEW")
+        assert fs.cat_file(f"{folder}/a") == b"OLD" and not fs.exists(f"{folder}/b")
+    assert fs.cat_file(f"{folder}/a") == b"NEW" and fs.exists(f"{folder}/b")
+    with pytest.raises(ValueError, match="still open when its transaction committed"):
+        with fs.transaction:
+            fs.open(f"{folder}/c", "wb").write(b"never closed")
+    assert not fs.exists(f"{folder}/c")
+
+
+def test_files_have_a_mode_and_writers_tell(memory):
+    """What tarfile (and other writers that record offsets) need of a file object."""
+    import io
+    import tarfile
+
+    fs, folder = memory
+    with fs.open(f"{folder}/t.tar", "wb") as f:
+        assert (f.mode, f.tell(), f.seekable()) == ("wb", 0, False)
+        with tarfile.open(fileobj=f, mode="w") as tar:
+            info = tarfile.TarInfo("x")
+            info.size = 7
+            tar.addfile(info, io.BytesIO(b"payload"))
+        assert f.tell() == 10240
+    with fs.open(f"{folder}/t.tar", "rb") as f:
+        assert f.mode == "rb"
+        with tarfile.open(fileobj=f) as tar:
+            assert tar.extractfile("x").read() == b"payload"
 
 
 def test_put_file_and_get_file_round_trip(keys, tmp_path):

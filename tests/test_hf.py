@@ -116,6 +116,30 @@ def test_a_tampered_shard_fails_and_builds_no_model(lib, tiny, tmp_path):
         hf.from_pretrained(transformers.LlamaForCausalLM, enc, key=key)
 
 
+def test_generation_config_is_read_from_the_folder(lib, tiny, tmp_path):
+    """transformers takes generation_config.json from the folder it loads; gpucrypt.hf
+    reads it from the encrypted folder, after the manifest authenticated it."""
+    transformers, _ = lib
+    d, _, _, key = tiny
+    plain = copy_folder(d / "plain", tmp_path / "plain")
+    transformers.GenerationConfig(max_new_tokens=7, do_sample=True, top_k=3,
+                                  eos_token_id=[2, 5]).save_pretrained(plain)
+    checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", key, device="cpu")
+    model = hf.from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "enc", key=key)
+    generation = model.generation_config
+    assert (generation.max_new_tokens, generation.do_sample, generation.top_k,
+            generation.eos_token_id) == (7, True, 3, [2, 5])
+    given = transformers.GenerationConfig(max_new_tokens=2)
+    model = hf.from_pretrained(transformers.LlamaForCausalLM, tmp_path / "enc", key=key,
+                               generation_config=given)
+    assert model.generation_config.max_new_tokens == 2 and model.generation_config.top_k != 3
+
+    changed = tmp_path / "enc" / "generation_config.json"
+    changed.write_text(changed.read_text().replace('"top_k": 3', '"top_k": 4'))
+    with pytest.raises(AuthenticationError, match="generation_config.json"):
+        hf.from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "enc", key=key)
+
+
 def copy_folder(src, dst):
     dst.mkdir()
     for name in os.listdir(src):

@@ -129,6 +129,20 @@ def test_batch_classes_round_trip_and_name_a_failing_file(keyset, plain):
         gray.DecryptBatch(keyset=keyset[0])(sealed)
 
 
+def test_values_ending_in_nul_bytes_round_trip_whole(keyset):
+    """A dict of lists, as a caller may give one: the binary column must not become a
+    fixed-width 'S' array, which drops trailing NUL bytes; such an array is refused."""
+    values = [b"data\x00\x00", b"\x00\x00", b""]
+    sealed = gray.EncryptBatch(keyset=keyset[0], segment_size=4096)(
+        {"path": ["a", "b", "c"], "bytes": values})
+    opened = gray.DecryptBatch(keyset=keyset[0])({"path": ["a", "b", "c"],
+                                                  "bytes": list(sealed["bytes"])})
+    assert [bytes(v) for v in opened["bytes"]] == values
+    for array in (np.array(values), np.array(["text"])):
+        with pytest.raises(TypeError, match="give the bytes as a list or an object array"):
+            gray.EncryptBatch(keyset=keyset[0])({"bytes": array})
+
+
 def test_arrow_batches_are_read_in_place_and_written_as_one_buffer(keyset, plain):
     """pyarrow batches (gray.BATCH_FORMAT, what the folder helpers ask Ray for): sliced and
     multi-chunk tables, binary and large_binary columns, round trip; every output file

@@ -9,7 +9,8 @@ as it is::
 
 What goes where (``docs/DISTRIBUTED.md`` has the details and the threat model):
 
-- **Data files.** Each rank writes one file, ``__{rank}_0.gcdistcp``: a gpucrypt model
+- **Data files.** Each rank writes one file, ``__{rank}_{16 hex digits}.gcdistcp`` (a
+  name new to every save): a gpucrypt model
   file (``docs/MODEL_FORMAT.md``) holding the rank's write items, one entry per item
   (a tensor chunk, or the bytes of a non-tensor value), under a fresh **data key of
   its own**, wrapped in the file's envelope for the recipients and/or keyset. Tensors
@@ -24,6 +25,17 @@ What goes where (``docs/DISTRIBUTED.md`` has the details and the threat model):
   only DCP's metadata classes), then holds every data file to the manifest: a file
   swapped with another rank's, renamed, replaced, truncated or extended is refused,
   naming the file.
+- **Saving over a checkpoint.** ``.metadata`` is published last, and no save writes a
+  file the published ``.metadata`` refers to, so a save that fails at any point leaves
+  the previous checkpoint whole. Once the new ``.metadata`` is in place the coordinator
+  removes the data files it does not name (files named as above only).
+- **Non-tensor values** are pickles (DCP's ``torch.save``), which DCP's planner unpickles
+  with ``torch.load(weights_only=False)``. With public-key recipients anyone holding
+  their public keys can write a checkpoint, so the reader hands the planner only values
+  that ``torch.load(weights_only=True)`` accepted (``non_tensors=``: "weights_only",
+  "refuse" or "pickle"; see :class:`EncryptedReader`). "pickle" loads any value, and
+  runs any code a pickle holds: only for checkpoints from writers you trust with the
+  machine.
 - **Keys.** Every rank makes its own data key, so no key crosses a collective; only
   wrapped keys (envelopes) and public header MACs are ever written or sent. A reader
   needs its keyset or identity only. Writers and readers refuse to be pickled while
@@ -43,6 +55,8 @@ import hmac
 import io
 import os
 import pickle
+import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -74,6 +88,12 @@ METADATA_FORMAT = "gpucrypt-dcp-metadata"
 METADATA_VERSION = 1
 #: the key of the data file's own name in its (encrypted) table's metadata
 _FILE_NAME_KEY = "dcp.file"
+#: what EncryptedReader's non_tensors= takes (see its docstring)
+_NON_TENSORS = ("weights_only", "refuse", "pickle")
+#: the data files EncryptedWriter writes: ``__{rank}_{16 hex digits}.gcdistcp`` (a name
+#: new to every save), or ``__{rank}_0.gcdistcp`` (earlier versions wrote that one name
+#: on every save; their checkpoints still load, the manifest names the files)
+_DATA_FILE = re.compile(rf"__\d+_(?:0|[0-9a-f]{{16}}){re.escape(DATA_SUFFIX)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,10 +161,18 @@ def _in_file(path: Any, exc: BaseException) -> BaseException:
 
 # ============================================================================ metadata pickle
 _DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
-_ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-            ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-            ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
-            ("collections", "OrderedDict"), (__name__, "EncryptedStorageInfo")}
+#: every global the metadata pickle refers to (found by pickling the metadata of saves of
+#: every tensor dtype, empty and 0-d tensors, non-tensor values, paths and FSDP/DTensor
+#: state dicts with DCP's default planners), by exact module and name: a whole module is
+#: not safe to allow, as it holds whatever it imported (``os`` in DCP's metadata module)
+_METADATA_CLASSES = ("Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
+                     "BytesStorageMetadata", "TensorProperties", "StorageMeta",
+                     "_MEM_FORMAT_ENCODING")
+_ALLOWED = {(_DCP_METADATA_MODULE, name) for name in _METADATA_CLASSES} | {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"), (__name__, "EncryptedStorageInfo")}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -154,12 +182,18 @@ class _MetadataUnpickler(pickle.Unpickler):
     anyone holding those public keys could have written."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == _DCP_METADATA_MODULE or (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        # pickle protocol 4 looks a dotted name up attribute by attribute, so an allowed
+        # module's "os.system" would be os.system: no allowed name has a dot
+        if "." not in name:
+            if (module, name) in _ALLOWED:
+                return super().find_class(module, name)
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
         raise FormatError(f"the checkpoint metadata refers to {module}.{name}, which is not part "
-                          f"of DCP's metadata: refusing to unpickle it")
+                          f"of DCP's metadata: refusing to unpickle it (the file was forged by "
+                          f"someone holding the recipients' public keys, or written by a torch "
+                          f"whose metadata this gpucrypt does not know: load it with the torch "
+                          f"that saved it, or report it)")
 
 
 def _load_metadata_document(plaintext: bytes) -> tuple[Metadata, dict]:
@@ -245,7 +279,9 @@ class EncryptedWriter(FileSystemWriter):
 
     def write_data(self, plan, planner) -> Future:
         """Seal this rank's items into one data file under a fresh data key."""
-        name = f"{plan.storage_data.prefix}0{DATA_SUFFIX}"
+        # a name no earlier save used: the files the published .metadata refers to stay
+        # whole until a new .metadata replaces it, whatever fails before that
+        name = f"{plan.storage_data.prefix}{os.urandom(8).hex()}{DATA_SUFFIX}"
         path = self.fs.concat_path(self.path, name)
         entries: dict[str, Any] = {}
         placed: list[tuple[Any, str]] = []
@@ -297,6 +333,23 @@ class EncryptedWriter(FileSystemWriter):
         # atomic: a temporary file beside it, fsync, rename over any older one
         keyed.encrypt_file(document, self._get_metadata_path(), recipients=self._recipients,
                            algorithm=self.algorithm, device="cpu")
+        self._remove_unreferenced(files)
+
+    def _remove_unreferenced(self, keep: dict) -> None:
+        """Remove the data files of earlier (or failed) saves into this folder, now that
+        the new ``.metadata`` refers to none of them: only files named as this writer
+        names them, and only those the coordinator's folder shows (ranks writing to
+        local disks of their own keep theirs)."""
+        for name in os.listdir(self.path):
+            if _DATA_FILE.fullmatch(name) and name not in keep:
+                try:
+                    os.remove(os.path.join(self.path, name))
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # the save itself succeeded: say so, and what is left
+                    warnings.warn(f"the checkpoint in {os.fspath(self.path)} was saved, but the "
+                                  f"previous save's data file {name} could not be removed "
+                                  f"({exc}): remove it by hand", stacklevel=2)
 
 
 # ============================================================================ reader
@@ -309,6 +362,16 @@ class EncryptedReader(FileSystemReader):
     usable, so the plaintext stays there; else the CPU), "cpu", "cuda" or "cuda:N".
     ``threads``: CPU threads per rank (default: the usable cores).
 
+    ``non_tensors``: how the values that are not tensors (DCP pickles them with
+    ``torch.save``) are unpickled. "weights_only" (default): each is unpickled first by
+    ``torch.load(weights_only=True)`` (plain Python values, tensors, and the types
+    ``torch.serialization.add_safe_globals`` allows) and refused otherwise, then handed to
+    DCP, whose planner unpickles it with ``weights_only=False``, as that pickle of what
+    was unpickled. "refuse": a load that would read one fails (load a state dict of
+    tensors only). "pickle": DCP's own behaviour, any pickle, which can run any code:
+    only for checkpoints from writers you trust with this machine (with public-key
+    recipients, anyone holding their public keys can write one).
+
     Errors name the file they are about and keep gpucrypt's types: ``NoMatchingRecipient``
     (wrong keys), ``AuthenticationError``/``TruncatedError`` (altered, swapped, replaced or
     cut files), ``FormatError``. DCP raises them wrapped in its ``CheckpointException``
@@ -316,12 +379,16 @@ class EncryptedReader(FileSystemReader):
     """
 
     def __init__(self, path: str | os.PathLike, *, identities: Any = None, keyset: Any = None,
-                 device: str = "auto", threads: int | None = None):
+                 device: str = "auto", threads: int | None = None,
+                 non_tensors: str = "weights_only"):
         self._identities = _identities_for(identities, keyset)
         if device != "auto":
             models._check_device(device)  # a wrong name fails here, not inside a load
+        if non_tensors not in _NON_TENSORS:
+            raise ValueError(f"non_tensors must be one of {', '.join(map(repr, _NON_TENSORS))}, "
+                             f"not {non_tensors!r}")
         super().__init__(path)
-        self.device, self.threads = device, threads
+        self.device, self.threads, self.non_tensors = device, threads, non_tensors
         self._files: dict[str, _FileIdentity] = {}
         self._staged: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -383,21 +450,58 @@ class EncryptedReader(FileSystemReader):
         """Every entry ``items`` need (but those in ``skip``), decrypted and verified, file
         by file; on any failure the ones already decrypted are zeroed and the error raised."""
         wanted: dict[str, list[str]] = {}
+        pickles: set[tuple[str, str]] = set()
         for item in items:
             info = self.storage_data[item.storage_index]
             if (info.relative_path, info.entry) not in skip:
                 names = wanted.setdefault(info.relative_path, [])
                 if info.entry not in names:
                     names.append(info.entry)
+                if item.type == LoadItemType.BYTE_IO:
+                    pickles.add((info.relative_path, info.entry))
+        if pickles and self.non_tensors == "refuse":
+            name, entry = min(pickles)
+            raise _in_file(self.fs.concat_path(self.path, name), FormatError(
+                f"the state dict asks for {len(pickles)} non-tensor value(s) (e.g. {entry!r}), "
+                f"and this reader was made with non_tensors='refuse': load a state dict of "
+                f"tensors only, or read with non_tensors='weights_only'"))
         opened: dict[tuple[str, str], torch.Tensor] = {}
         try:
             for name, entries in wanted.items():
                 for entry, tensor in self._open_file(name, entries).items():
                     opened[(name, entry)] = tensor
+            if self.non_tensors == "weights_only":
+                for name, entry in pickles:
+                    opened[(name, entry)] = self._checked_pickle(name, entry,
+                                                                 opened[(name, entry)])
         except BaseException:
             _zero(opened)
             raise
         return opened
+
+    def _checked_pickle(self, name: str, entry: str, value: torch.Tensor) -> torch.Tensor:
+        """A non-tensor value's pickle, unpickled by ``torch.load(weights_only=True)`` and
+        pickled again: DCP's planner unpickles whatever it is given with
+        ``weights_only=False``, and a storage reader only gives it bytes, so it is given
+        the pickle of objects the restricted unpickler made, never the file's own."""
+        try:
+            obj = torch.load(io.BytesIO(value.cpu().numpy().tobytes()), weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch's refusal, or a malformed pickle
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            # torch's refusal is a general paragraph, the reason, then a documentation link
+            reason = (lines[1] if len(lines) > 2 else lines[0] if lines
+                      else type(exc).__name__)[:200]
+            raise _in_file(self.fs.concat_path(self.path, name), FormatError(
+                f"the non-tensor value {entry!r} is a pickle that torch.load(weights_only=True) "
+                f"refuses ({reason}). If it holds your own types, allow them with "
+                f"torch.serialization.add_safe_globals; if you trust whoever wrote this "
+                f"checkpoint to run code on this machine, read it with "
+                f"EncryptedReader(..., non_tensors='pickle')")) from None
+        finally:
+            value.zero_()
+        again = io.BytesIO()
+        torch.save(obj, again)
+        return torch.frombuffer(bytearray(again.getbuffer()), dtype=torch.uint8)
 
     def _open_file(self, name: str, entries: list[str]) -> dict:
         path = self.fs.concat_path(self.path, name)

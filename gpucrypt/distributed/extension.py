@@ -117,6 +117,7 @@ class EncryptionExtension(StreamTransformExtension):
                              "with: give identities= and/or keyset=")
         item = _Window(input)
         envelope = stream.read_header(item).envelope
+        item.seek(0)  # the reader takes the stream from the item's position
         if not envelope:
             raise NoMatchingRecipient("this checkpoint item carries no envelope")
         key = self._opened.get(envelope)
