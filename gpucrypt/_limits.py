@@ -12,6 +12,21 @@ from __future__ import annotations
 TAG_SIZE = 16
 
 CHACHA20POLY1305_MAX_PLAINTEXT = (2**32 - 1) * 64
+#: raw ChaCha20's keystream for one nonce: 2**32 blocks of 64 bytes from block 0 (a 32-bit
+#: counter), and cryptography's words for going past it
+CHACHA20_KEYSTREAM_BYTES = 2**32 * 64
+CHACHA20_OVERFLOW = ("Exceeded the maximum number of bytes that can be encrypted with ChaCha20 "
+                     "for this nonce. The 32-bit counter portion of the nonce would overflow.")
+
+
+def check_chacha20_keystream(iv: bytes, position: int, nbytes: int) -> None:
+    """``ValueError`` (cryptography's) unless ``nbytes`` of raw ChaCha20 keystream from byte
+    ``position`` fit before the 32-bit block counter that ``iv`` (counter || nonce, as
+    cryptography takes it) starts from would wrap: past it, the keystream repeats (a
+    32-bit counter) or becomes another nonce's (a wider one)."""
+    first_block = int.from_bytes(iv[:4], "little")
+    if first_block * 64 + position + nbytes > CHACHA20_KEYSTREAM_BYTES:
+        raise ValueError(CHACHA20_OVERFLOW)
 CHACHA20POLY1305_MAX_AAD = 2**64 - 1
 
 GCM_MAX_PLAINTEXT = (2**32 - 2) * 16

@@ -23,14 +23,14 @@ from typing import Any
 
 from cryptography.exceptions import AlreadyFinalized
 
+from . import _limits
 from ._buffers import bytes_arg, plain_bytes, readable, writable
 from .backends import (AUTO_GPU_THRESHOLD, every_payload_on_cpu, get_backend, select_backend,
                        small_payloads_on_cpu)
 
 __all__ = ["ChaCha20", "AESCTR"]
 
-_CHACHA20_OVERFLOW = ("Exceeded the maximum number of bytes that can be encrypted with ChaCha20 "
-                      "for this nonce. The 32-bit counter portion of the nonce would overflow.")
+_CHACHA20_OVERFLOW = _limits.CHACHA20_OVERFLOW
 
 
 def _cpu_backend():
@@ -90,7 +90,7 @@ class ChaCha20(_StreamCipher):
 
     def _max_position(self):
         first_block = struct.unpack("<I", self._nonce[:4])[0]
-        return (2**32 - first_block) * 64
+        return _limits.CHACHA20_KEYSTREAM_BYTES - first_block * 64
 
 
 class AESCTR(_StreamCipher):

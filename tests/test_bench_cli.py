@@ -251,6 +251,60 @@ def test_wrong_output_is_never_timed(monkeypatch, capsys):
     assert "gpucrypt-cpu produced bytes that differ from the reference" in err
 
 
+@pytest.mark.parametrize("operation", ["encrypt", "decrypt"])
+def test_an_into_form_that_writes_nothing_is_never_timed(operation, monkeypatch, capsys):
+    """The CPU rows of an ``into`` table share one output buffer per thread, and the
+    baseline runs first: an implementation that writes nothing (or half) must not pass
+    its check on the baseline's bytes left there."""
+    import gpucrypt
+
+    method = f"{operation}_into"
+    real = getattr(gpucrypt.ChaCha20Poly1305, method)
+
+    def half(self, nonce, data, aad, buf):
+        n = real(self, nonce, data, aad, bytearray(len(memoryview(buf).cast("B"))))
+        return n  # the bytes went elsewhere: buf keeps whatever it held
+
+    monkeypatch.setattr(gpucrypt.ChaCha20Poly1305, method, half)
+    code, out, err = run_cli(capsys, "--device", "cpu", *TINY, "--algorithms", "chacha20-poly1305",
+                             "--operations", operation, "--forms", "into")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert "gpucrypt-cpu produced bytes that differ from the reference" in err
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("operation", ["encrypt", "decrypt"])
+def test_a_gpu_row_whose_timed_call_writes_wrong_bytes_is_never_timed(operation, on_cudasim,
+                                                                      monkeypatch):
+    """The GPU rows check the very call they time, output included: a decryption whose
+    verdict is right but whose plaintext is wrong, or an encryption into the timed buffer
+    that differs from the checked batch, is refused."""
+    if not on_cudasim:
+        pytest.skip("only meaningful under numba's CUDA simulator")
+    from _reference import require_gpu_backend
+
+    require_gpu_backend()
+    from gpucrypt.backends.gpu import GpuBackend
+    from gpucrypt.bench.cpu import ALGORITHMS, Material
+    from gpucrypt.bench.gpu import GpuSession
+
+    name = "open_batch" if operation == "decrypt" else "seal_batch"
+    real = getattr(GpuBackend, name)
+
+    def spoiled(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        dsts = args[6] if operation == "decrypt" else args[5]  # (family, keys, nonces, srcs, [tags,] aads, dsts)
+        if len(dsts) == 1:  # the timed call's (the checked batch has every view)
+            dsts[0][...] = 0xAA
+        return result
+
+    monkeypatch.setattr(GpuBackend, name, spoiled)
+    session = GpuSession(simulator_smoke=True)
+    with pytest.raises(RuntimeError, match="timed .* call's output differs"):
+        session.time_cell("gpucrypt-gpu", Material(ALGORITHMS["chacha20-poly1305"], 1024),
+                          operation, 0.01)
+
+
 def test_peak_memory_follows_the_largest_size():
     """A cell holds the plaintext, the sealed reference, one shared output buffer and one
     allocated result: about four times the size (under six with the transients of making

@@ -88,6 +88,33 @@ def test_chacha20_refuses_counter_overflow_like_cryptography(device):
         ref.update(b"\x00")
 
 
+@pytest.mark.cudasim
+def test_gpu_backend_keystream_refuses_counter_overflow(on_cudasim):
+    """The GPU backend's own keystream call (the bench and backend users reach it without
+    ChaCha20's position check) refuses to run past block 2**32 - 1 as the CPU backend
+    does: its kernel counts in 64 bits and would go on into the keystream of the nonce
+    whose first word is one higher."""
+    if not on_cudasim:
+        pytest.skip("only meaningful under numba's CUDA simulator")
+    from _reference import require_gpu_backend
+
+    require_gpu_backend()
+    from gpucrypt.backends import get_backend
+
+    key = os.urandom(32)
+    iv = struct.pack("<I", 0xFFFFFFFF) + os.urandom(12)
+    for backend in ("cpu", "gpu"):
+        out = bytearray(64)  # the backends take memoryviews
+        get_backend(backend).xor_keystream("chacha20", key, iv, 0, memoryview(bytes(64)),
+                                           memoryview(out))  # the last block
+        assert bytes(out) == reference("chacha20", key, iv).update(bytes(64))
+        for position, size in ((0, 65), (64, 1), (1, 64)):
+            with pytest.raises(ValueError, match="32-bit counter"):
+                get_backend(backend).xor_keystream("chacha20", key, iv, position,
+                                                   memoryview(bytes(size)),
+                                                   memoryview(bytearray(size)))
+
+
 def test_aes_ctr_carries_across_all_128_bits(device):
     key = os.urandom(16)
     for nonce in (b"\x00" * 8 + b"\xff" * 8, b"\x12" * 4 + b"\xff" * 12, b"\xff" * 16):

@@ -595,6 +595,31 @@ def test_selftest_takes_units(capsys, monkeypatch):
     assert code == 0 and out.count("4096 bytes: ok") == 3 and "FAILED" not in out
 
 
+def test_selftest_reports_a_backend_that_fails_and_goes_on(capsys, monkeypatch):
+    """A backend that refuses its own ciphertext (InvalidTag, the likeliest sign of a broken
+    one) or fails outright is a FAILED line with the error, the other AEADs are still
+    tried, and the exit status is 1: not a traceback that stops the report."""
+    import gpucrypt
+    from cryptography.exceptions import InvalidTag
+    from gpucrypt import backends
+
+    def refuses(self, nonce, data, aad):
+        raise InvalidTag()
+
+    def fails(self, nonce, data, aad):
+        raise RuntimeError("kernel launch failed")
+
+    monkeypatch.setattr(backends, "available_backends", lambda: ["cpu"])
+    monkeypatch.setattr(gpucrypt.AESGCM, "decrypt", refuses)
+    monkeypatch.setattr(gpucrypt.XChaCha20Poly1305, "encrypt", fails)
+    code, out, err = run(capsys, "selftest", "--size", "4KiB")
+    assert code == 1 and "Traceback" not in err
+    lines = out.splitlines()
+    assert len(lines) == 3 and "ChaCha20Poly1305   4096 bytes: ok" in lines[0]
+    assert "AESGCM" in lines[1] and "FAILED" in lines[1] and "(InvalidTag)" in lines[1]
+    assert "FAILED" in lines[2] and "RuntimeError: kernel launch failed" in lines[2]
+
+
 @pytest.mark.skipif(not ON_LINUX, reason="peak RSS from /proc (Linux)")
 def test_selftest_memory_follows_the_message_size_not_the_size(tmp_path):
     """24 MiB per AEAD in messages of 2 MiB: the process grows by a few messages' worth

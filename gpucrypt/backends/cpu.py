@@ -40,6 +40,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from .. import _limits
 from .._buffers import bytes_arg
 from .._buffers import zero as _zero
 from ._base import AeadContext, Backend
@@ -643,6 +644,8 @@ class CpuBackend(Backend):
         return self.aead(algorithm, key), nonce
 
     def xor_keystream(self, algorithm, key, iv, position, data, out):
+        if algorithm == "chacha20":  # cryptography's own check cannot see ``position``
+            _limits.check_chacha20_keystream(iv, position, len(data))
         encryptor = self.keystream_encryptor(algorithm, key, iv, position)
         _xor_into(encryptor, data, out)
 

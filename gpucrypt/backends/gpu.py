@@ -66,6 +66,7 @@ from typing import Any, Sequence
 import numpy as np
 from cryptography.exceptions import InvalidTag
 
+from .. import _limits
 from .._buffers import bytes_arg
 from ._base import AeadContext, Backend
 from ._probe import gpu_unavailable_reason  # noqa: F401  (its public home until now)
@@ -765,6 +766,9 @@ class GpuBackend(Backend):
         if algorithm == "chacha20":
             from gpucrypt.kernels import chacha20 as k
 
+            # the kernel counts blocks in 64 bits: past block 2**32 - 1 it would carry into
+            # the nonce's first word, another nonce's keystream; refused first, as on the CPU
+            _limits.check_chacha20_keystream(iv, position, src.size)
             counter = struct.unpack("<I", iv[:4])[0]
             table, starts = k.pack_segments([arena.offsets[0]], [arena.offsets[1]], [src.size], [0],
                                             k.nonce_words(iv[4:]).reshape(1, 3), [counter * 64 + position])

@@ -62,7 +62,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .cpu import ALGORITHMS, FORMS, OPERATIONS, UNSTEADY_MAX_FACTOR, UNSTEADY_SPREAD, Material, \
-    NotAvailable, Timing, WrongOutput, applicable, host_operation, time_host, time_host_group
+    NotAvailable, Timing, WrongOutput, applicable, host_operation, spoil, time_host, time_host_group
 
 __all__ = ["ALGORITHMS", "OPERATIONS", "FORMS", "WrongOutput", "IMPLEMENTATIONS", "CPU_IMPLEMENTATIONS", "GPU_IMPLEMENTATIONS",
            "DEFAULT_SIZES", "SIZE_PRESETS", "DEFAULT_SECONDS", "BenchConfig", "Cell", "Unavailable",
@@ -482,6 +482,9 @@ def _measure_group(impls: list[str], m: Material, operation: str, form: str, con
         on_cpu.append(baseline + _AGAIN)
     outs = [np.empty(m.output_size(operation), dtype=np.uint8) if form == "into" else None
             for _ in range(config.threads)]
+    for out in outs:  # fresh memory may hold a right answer already (a freed buffer's)
+        if out is not None:
+            spoil(out, m.expected(operation))
     makers = {name: (lambda t, impl=name.removesuffix(_AGAIN):
                      host_operation(impl, m, operation, form, outs[t])) for name in on_cpu}
     timings = time_host_group(makers, config.threads, config.seconds, m.expected(operation))

@@ -263,7 +263,7 @@ class GpuSession:
 
         if operation == "encrypt":
             def call(i):
-                seal(i % views, dsts)
+                return seal(i % views, dsts)
         else:
             def call(i):
                 v = i % views
@@ -271,6 +271,17 @@ class GpuSession:
                                     tag=tag_path)
                 if not ok[0]:
                     raise RuntimeError(f"{implementation} {alg.name}: the GPU rejected a valid tag")
+        # the timed call itself, once, checked too: its output is another buffer than the
+        # batch's above, and decryption's plaintext is not the tag's verdict
+        tag = call(0)
+        gpu.synchronize()
+        if operation == "encrypt":
+            got, expected = np.concatenate([gpu.to_host(dsts[0]), gpu.to_host(tag).reshape(-1)]), m.sealed
+        else:
+            got, expected = gpu.to_host(dsts[0]), m.plaintext
+        if not np.array_equal(got, expected):
+            raise RuntimeError(f"{implementation} {alg.name} {size} bytes: the timed "
+                               f"{operation} call's output differs from the reference; not timed")
         return self._measure(call, budget)
 
     def _time_stream(self, m: Material, operation: str, budget: float) -> Timing:

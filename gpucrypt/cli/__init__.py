@@ -124,10 +124,16 @@ def _run_selftest(args) -> int:
         for cls, key_len, nonce_len, ref_cls in cases:
             key = os.urandom(key_len)
             same = back = referenced = True
+            error = ""
             for first in range(0, args.size, SELFTEST_MESSAGE_BYTES):
                 data = os.urandom(min(SELFTEST_MESSAGE_BYTES, args.size - first))
                 nonce = os.urandom(nonce_len)
-                sealed = cls(key, device=device).encrypt(nonce, data, aad)
+                try:
+                    sealed = cls(key, device=device).encrypt(nonce, data, aad)
+                except Exception as exc:  # noqa: BLE001 - a broken backend is what this finds
+                    same = back = False
+                    error = type(exc).__name__ + (f": {exc}" if str(exc) else "")
+                    break
                 if ref_cls is not None:
                     expected = ref_cls(key).encrypt(nonce, data, aad)
                 else:
@@ -135,12 +141,19 @@ def _run_selftest(args) -> int:
                 referenced = referenced and expected is not None
                 same = same and (expected is None or sealed == expected)
                 del expected
-                back = back and cls(key, device=device).decrypt(nonce, sealed, aad) == data
+                try:
+                    back = back and cls(key, device=device).decrypt(nonce, sealed, aad) == data
+                except Exception as exc:  # noqa: BLE001 - InvalidTag for its own ciphertext, say
+                    back = False
+                    error = type(exc).__name__ + (f": {exc}" if str(exc) else "")
+                    break
                 del data, sealed
             ok = same and back
             failures += not ok
             ref_name = "libsodium" if ref_cls is None else "cryptography"
             note = "" if referenced else " (PyNaCl not installed: reference not checked)"
+            if error:
+                note += f" ({error})"
             print(f"{device:4s} {cls.__name__:18s} {args.size} bytes{how}: "
                   f"{'ok' if ok else 'FAILED'} (matches {ref_name}: {same}, round trip: {back}){note}")
     return 1 if failures else 0
