@@ -330,9 +330,21 @@ def test_a_new_result_keeps_openssls_sealed_bytes_and_every_edit_fails(algorithm
             assert enc._ct is sealed, field  # the sealed bytes were tried, not an array
     assert _memory(gpucrypt.decrypt_tensor(enc, key)) == plain
     enc._ct = sealed
+    tag = enc.tag
+    for short in (b"", tag[8:], tag[:15]):  # a tag cut short is no tag, on any path
+        enc._tag = short
+        with pytest.raises(InvalidTag):
+            gpucrypt.decrypt_tensor(enc, key)
+        enc._ct = sealed
+    enc._tag = tag
     with pytest.raises(InvalidTag):
         gpucrypt.decrypt_tensor(enc, os.urandom(32))
     assert _memory(gpucrypt.decrypt_tensor(enc, key)) == plain and enc._ct is sealed
+    # the other readers take the sealed bytes as they are, with no array made of them
+    serialised = enc.to_bytes()
+    assert _memory(gpucrypt.decrypt_tensors({"w": enc}, key)["w"]) == plain
+    assert _memory(gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(serialised), key)) == plain
+    assert enc._ct is sealed
     # the ciphertext asked for: a writable array of its own, which decryption then reads
     ciphertext = enc.ciphertext
     flat = ciphertext if framework == "numpy" else ciphertext.numpy()
@@ -342,7 +354,24 @@ def test_a_new_result_keeps_openssls_sealed_bytes_and_every_edit_fails(algorithm
     with pytest.raises(InvalidTag):
         gpucrypt.decrypt_tensor(enc, key)
     flat[0] ^= 1
-    assert _memory(gpucrypt.decrypt_tensor(enc, key)) == plain
+    assert _memory(gpucrypt.decrypt_tensor(enc, key)) == plain and enc.to_bytes() == serialised
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+@pytest.mark.parametrize("size", [0, 4096])
+def test_a_new_result_decrypts_in_its_own_ciphertext(framework, size):
+    """inplace=True on a new result decrypts in its ciphertext's array, which is made of
+    the sealed bytes then: an empty one too (an empty copy of its own has stride 0,
+    which torch's views refuse)."""
+    key = os.urandom(32)
+    x = np.arange(size // 4, dtype=np.float32) if framework == "numpy" else \
+        torch.arange(size // 4, dtype=torch.float32)
+    enc = gpucrypt.encrypt_tensor(x, key)
+    assert type(enc._ct) is bytes
+    for decrypt in (lambda e: gpucrypt.decrypt_tensor(e, key, inplace=True),
+                    lambda e: gpucrypt.decrypt_tensors([e], key, inplace=True)[0]):
+        back = decrypt(gpucrypt.encrypt_tensor(x, key))
+        assert _memory(back) == _memory(x) and back.shape == x.shape
 
 
 def test_a_new_torch_result_is_a_cpu_tensor_whatever_the_default_device():

@@ -404,7 +404,9 @@ class EncryptedTensor:
         if ct is None and self._source is not None:
             ct = self._ct = fw.BY_NAME[self.framework].byte_view(self._source)
         elif type(ct) is bytes:
-            ct = self._ct = np.frombuffer(ct, dtype=np.uint8, count=len(ct) - TAG_SIZE).copy()
+            # a slice of a copy with the tag: an empty copy of its own would have stride 0,
+            # which torch's views of it refuse
+            ct = self._ct = np.frombuffer(ct, dtype=np.uint8).copy()[:-TAG_SIZE]
         return ct
 
     @_ciphertext.setter
@@ -456,9 +458,7 @@ class EncryptedTensor:
     def to_bytes(self) -> bytes:
         """The documented, versioned byte layout (waits for the GPU if the data is there)."""
         self._check_alive()
-        if type(self._ct) is bytes:  # as OpenSSL sealed it (see _ciphertext): no array needed
-            ct = memoryview(self._ct)[:-TAG_SIZE]
-        elif self._place == HOST:
+        if self._place == HOST:
             ct = _host_ciphertext(self)
         else:
             gpu = get_backend("gpu")
@@ -510,6 +510,9 @@ def _host_ciphertext_view(enc: EncryptedTensor) -> Any:
     in-place torch result not viewed yet (see ``EncryptedTensor._ciphertext``) by
     address, while the source is still C-contiguous and of the ciphertext's length;
     otherwise the source's byte view is made, as its framework sees it now."""
+    ct = enc._ct  # read once: another thread may make the array of it meanwhile
+    if type(ct) is bytes:  # OpenSSL's sealed bytes (see EncryptedTensor._ciphertext)
+        return memoryview(ct)[:-TAG_SIZE]
     src = enc._source
     if src is not None and src.nbytes == enc.nbytes:
         if enc.framework == "numpy":
@@ -736,10 +739,17 @@ def _encrypt_small_on_host(x: Any, key: Any, algorithm: str, aad: Any, inplace: 
     if inplace:
         tag = _host_seal(algorithm, key, nonce, aad_all, src, src)
         ct_obj = None  # x's byte view, made if asked for (EncryptedTensor._ciphertext)
-    else:  # ciphertext || tag as OpenSSL's one-shot call returns it (see _sealed_ciphertext)
+    else:
         ctx, ctx_nonce = _host_context(algorithm, key, nonce)
-        ct_obj = ctx.openssl.encrypt(ctx_nonce, src, aad_all)
-        tag = ct_obj[nbytes:]
+        if nbytes <= _cpu.ONE_SHOT_DETACHED_MAX:
+            # ciphertext || tag as OpenSSL's one-shot call returns it, kept as they are
+            # (EncryptedTensor._ciphertext)
+            ct_obj = ctx.openssl.encrypt(ctx_nonce, src, aad_all)
+            tag = ct_obj[nbytes:]
+        else:  # larger, new bytes cost more than an array (4 MiB: 1.5 ms against 1.3)
+            out = np.empty(nbytes + TAG_SIZE, dtype=np.uint8)
+            ctx.openssl.encrypt_into(ctx_nonce, src, aad_all, out)
+            ct_obj, tag = out[:nbytes], out[nbytes:].tobytes()  # torch: adopted when asked for
     return EncryptedTensor._host(framework, dtype, shape, nbytes, algorithm, key_id, name,
                                  user_aad, nonce, ct_obj, tag, x if inplace else None)
 
@@ -787,7 +797,7 @@ def _open_sealed_on_host(enc: EncryptedTensor, key: bytes, sealed: bytes) -> Any
     wrong."""
     aad = enc.associated_data()
     if len(sealed) - TAG_SIZE != enc.nbytes or len(aad) > _cpu.OPENSSL_AEAD_MAX \
-            or not sealed.endswith(enc._tag):  # a tag is no secret: == is fine here
+            or len(enc._tag) != TAG_SIZE or sealed[-TAG_SIZE:] != enc._tag:  # no secret: == is fine
         return _NOT_SMALL
     result, dst = _small_host_result(enc)
     if dst is None:
