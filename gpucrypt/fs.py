@@ -65,6 +65,7 @@ import os
 import posixpath
 import sys
 import threading
+import warnings
 from typing import Any
 
 import fsspec
@@ -237,7 +238,17 @@ class _EncryptingWriter(io.RawIOBase):
         failing = sys.exc_info()[1]
         if failing is not None and failing is not self._handling:
             self.discard()
-        elif self.autocommit:
+            if self._written:  # said, as a close inside an unrelated except clause lands here
+                warnings.warn(f"{self.path}: the write was discarded, not published: the file "
+                              f"was closed while an exception was being handled "
+                              f"({type(failing).__name__}); call commit() to publish there",
+                              stacklevel=2)
+        else:
+            self._finish()
+
+    def _finish(self) -> None:
+        """The successful close: publish, or in a transaction, stage for it."""
+        if self.autocommit:
             self.commit()
         else:
             super().close()  # staged: the transaction commits or discards it
@@ -259,8 +270,10 @@ class _EncryptingWriter(io.RawIOBase):
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.discard()
-        else:
-            self.close()
+        elif not self.closed:
+            # its own block ended normally: whatever sys.exc_info() holds is not this write's
+            # (an ExitStack's suppress() of an earlier exception, say)
+            self._finish()
 
     def __del__(self) -> None:
         # dropped without close: whatever was written is abandoned, not published
@@ -278,6 +291,8 @@ class _CompressingWriter:
         self._compressor, self._writer = compressor, writer
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_compressor", "_writer"):
+            raise AttributeError(name)  # not set yet (copy, pickle): no endless lookup
         return getattr(self._compressor, name)
 
     def __iter__(self):

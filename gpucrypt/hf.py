@@ -75,8 +75,10 @@ def from_pretrained(model_class: Any, folder: Any, *, key: Any = None, keyset: A
         kwargs["config"] = AutoConfig.from_pretrained(folder)
     if device != "cpu":
         kwargs.setdefault("device_map", device)
-    model = _concrete(model_class, kwargs["config"]).from_pretrained(None, state_dict=state,
-                                                                     **kwargs)
+    loaded = _concrete(model_class, kwargs["config"]).from_pretrained(None, state_dict=state,
+                                                                      **kwargs)
+    # (model, loading info) with output_loading_info=True
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
     # transformers reads generation_config.json from the folder it loads, and it is given
     # none here: read it as it would (unless generation_config= was passed); the manifest
     # checked it with the weights
@@ -86,7 +88,7 @@ def from_pretrained(model_class: Any, folder: Any, *, key: Any = None, keyset: A
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    return model
+    return loaded
 
 
 def _concrete(model_class: Any, config: Any) -> Any:

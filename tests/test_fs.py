@@ -418,6 +418,26 @@ def test_only_a_successful_close_publishes(keys, memory):
         before.commit()
     assert fs.cat_file(f"{folder}/other") == b"committed"
 
+    # a with block that ends normally publishes, whatever exception its surroundings are
+    # still handling (an ExitStack's suppress() of an earlier one, say)
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(fs.open(path, "wb"))
+        f.write(b"after a suppressed error")
+        stack.enter_context(contextlib.suppress(KeyError))
+        raise KeyError("handled inside")
+    assert fs.cat_file(path) == b"after a suppressed error"
+    # a plain close inside an unrelated except clause discards, and says so
+    f = fs.open(path, "wb")
+    f.write(b"not published")
+    try:
+        {}["missing"]
+    except KeyError:
+        with pytest.warns(UserWarning, match="discarded, not published.*commit\\(\\)"):
+            f.close()
+    assert fs.cat_file(path) == b"after a suppressed error"
+
 
 def test_transactions_publish_on_commit_and_drop_on_failure(memory):
     fs, folder = memory

@@ -133,6 +133,9 @@ def test_generation_config_is_read_from_the_folder(lib, tiny, tmp_path):
     model = hf.from_pretrained(transformers.LlamaForCausalLM, tmp_path / "enc", key=key,
                                generation_config=given)
     assert model.generation_config.max_new_tokens == 2 and model.generation_config.top_k != 3
+    model, info = hf.from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "enc", key=key,
+                                     output_loading_info=True)  # transformers' (model, info)
+    assert model.generation_config.top_k == 3 and not info["missing_keys"]
 
     changed = tmp_path / "enc" / "generation_config.json"
     changed.write_text(changed.read_text().replace('"top_k": 3', '"top_k": 4'))

@@ -230,7 +230,7 @@ def test_a_weak_work_factor_read_from_a_file_is_not_kept(tmp_path, monkeypatch):
     assert len(Keyset.load(path, "pw")) == 2
 
 
-def test_a_passphrase_or_kek_refuses_a_file_that_is_not_sealed(tmp_path, monkeypatch):
+def test_a_passphrase_or_kek_refuses_a_file_that_is_not_sealed(fast_scrypt, tmp_path, monkeypatch):
     """Someone who can write the key file swaps in their own, unsealed: whoever loads it
     with a passphrase (or a KEK) is told, instead of wrapping new data keys for them."""
     from gpucrypt.keys.portable import KeyReferences
@@ -256,6 +256,22 @@ def test_a_passphrase_or_kek_refuses_a_file_that_is_not_sealed(tmp_path, monkeyp
                                               f"may have been replaced.*without one"):
             attempt()
     assert Keyset.load(tmp_path / "ks.json").primary.id == attacker.primary.id  # on purpose
+    # identities only unwrap: an unsealed one beside a sealed keyset shares passphrase_env
+    Keyset.generate().save(tmp_path / "sealed.json", passphrase="pw", scrypt_n=FAST_N)
+    resolved = KeyReferences(keyset=tmp_path / "sealed.json", identities=[tmp_path / "id.json"],
+                             passphrase_env="KS_PASSPHRASE").resolve()
+    assert resolved.keyset is not None and len(resolved.identities) == 1
+
+
+def test_save_writes_a_keyset_whose_file_is_gone(tmp_path):
+    """The file a keyset was loaded from deleted or moved away: the keyset in memory may
+    be the only copy of its keys, so saving it there again writes it (nothing to undo)."""
+    path = tmp_path / "ks.json"
+    Keyset.generate().save(path)
+    ks = Keyset.load(path)
+    path.rename(tmp_path / "moved.json")
+    ks.save(path)
+    assert Keyset.load(path).primary.id == ks.primary.id
 
 
 def test_save_refuses_a_file_changed_since_it_was_loaded(tmp_path):

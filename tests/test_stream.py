@@ -761,6 +761,30 @@ def test_encrypt_waits_for_a_non_blocking_input_instead_of_ending_it(small_batch
     assert unseal(out.getvalue()) == data
 
 
+def test_a_raw_output_whose_write_returns_nothing_wrote_everything():
+    """A user's raw sink over no descriptor (or a blocking one) whose write() returns None
+    wrote everything, as before non-blocking outputs were waited on: not an endless retry
+    or a BlockingIOError."""
+    class Sink(io.RawIOBase):
+        def __init__(self):
+            self.buf, self.calls = bytearray(), 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.calls += 1
+            self.buf += bytes(b)
+
+    data = os.urandom(50_000)
+    sink = Sink()
+    stream.encrypt(io.BytesIO(data), sink, KEY)
+    assert unseal(bytes(sink.buf)) == data
+    back = Sink()
+    stream.decrypt(io.BytesIO(bytes(sink.buf)), back, KEY)
+    assert bytes(back.buf) == data and back.calls < 10
+
+
 def test_encrypt_into_a_non_blocking_output_drops_nothing(small_batches):
     """A raw non-blocking output's write returns None when the pipe is full: nothing was
     written, so it is written again once there is room (the ciphertext silently lost its
@@ -864,6 +888,12 @@ def test_open_starts_at_the_files_position(tmp_path):
             assert reader.size == len(data) and reader.read() == data
             reader.seek(SEG - 2)
             assert reader.read(4) == data[SEG - 2:SEG + 2]
+    # a file whose header was read first: earlier versions rewound; the error says so
+    with open(path, "rb") as f:
+        f.seek(6)
+        stream.read_header(f)
+        with pytest.raises(stream.FormatError, match="read from byte .*seek to where it starts"):
+            stream.open(f, KEY)
 
 
 def test_a_failed_open_closes_without_an_ignored_exception(tmp_path):

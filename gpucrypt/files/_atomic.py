@@ -65,17 +65,27 @@ def write_all(file: Any, data: Any) -> None:
     """Write every byte of ``data`` to ``file``, looping over a raw file's partial writes
     and waiting where a non-blocking one would block."""
     view = memoryview(data)
-    raw = isinstance(file, io.RawIOBase)
     while len(view):
         n = file.write(view)
         if n is None:
-            if not raw:  # buffered writers (and objects that return nothing) wrote everything
-                return
-            wait_ready(file, writing=True)  # a raw file's None: nothing written, it would block
+            if not _non_blocking(file):  # buffered writers, and objects that return nothing,
+                return                   # wrote everything
+            wait_ready(file, writing=True)  # nothing written: it would block
             continue
         if n >= len(view):
             return
         view = view[n:]
+
+
+def _non_blocking(file: Any) -> bool:
+    """Whether ``file`` is a raw file over a non-blocking descriptor, whose None from
+    write() means "would block" (anything else returning None wrote everything)."""
+    if not isinstance(file, io.RawIOBase):
+        return False
+    try:
+        return not os.get_blocking(file.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def wait_ready(file: Any, writing: bool) -> None:

@@ -726,7 +726,14 @@ class SegmentReader(io.RawIOBase):
         try:
             # the stream starts at the file's position, as read_header and decrypt take it
             start = self._file.tell()
-            self.header = _format.parse_header(self._file.read)
+            try:
+                self.header = _format.parse_header(self._file.read)
+            except StreamError as exc:
+                if start:  # earlier versions rewound: say where this one read from
+                    exc.args = (f"{exc.args[0]} (read from byte {start}, the file's position: "
+                                f"the stream is taken from there; seek to where it starts, "
+                                f"e.g. seek(0), before opening it)",) + exc.args[1:]
+                raise
             _format.verify_header(key, self.header)
             self._segs = _Segments(self.header, key, device, 1, 0, "open", inline=True)
             C = self.header.segment_size + TAG_SIZE

@@ -191,7 +191,7 @@ class Keyset:
             raise KeysetError("the keyset has no keys: add one (Keyset.generate) before saving")
         target = os.path.realpath(path)
         if self._origin is not None and self._origin[0] == target \
-                and file_digest(target) != self._origin[1]:
+                and file_digest(target) not in (None, self._origin[1]):  # None: gone, nothing to undo
             raise KeysetError(f"{os.fspath(path)} changed since this keyset was read from it "
                               f"(another command or program saved it): nothing was written; "
                               f"load it again, then redo the change")

@@ -101,7 +101,8 @@ def _module_path(given: str | None) -> str:
 class Pkcs11Key:
     """A key on a PKCS#11 token, named by token label and key label (and optionally its
     ``CKA_ID`` and type); the token's ``serial``, ``manufacturer`` and ``model``, when
-    given, narrow which token (and are part of the reference stanzas record). See the
+    given, narrow which token (they are not part of the reference stanzas record, which
+    names the token by label, as files written before they picked it do). See the
     module docstring for the mechanisms.
 
     ``Pkcs11Key("prod", "model-kek", module_path=..., pin_source="env:HSM_PIN")``, or from a
@@ -122,11 +123,11 @@ class Pkcs11Key:
         self.token, self.label, self.key_id, self.key_type = token, label, key_id, key_type
         self.module_path, self.pin_source, self.force_gcm = module_path, pin_source, wrap == "aes-gcm"
         self.serial, self.manufacturer, self.model = serial, manufacturer, model
+        # what stanzas record (no query): the token's label and the key, as files written
+        # before serial/manufacturer/model picked the token recorded it, so they still open
         path = {"token": token, **({"object": label} if label else {}),
-                **({"id": pkcs11_id_text(key_id)} if key_id else {}),
-                **{k: v for k, v in (("serial", serial), ("manufacturer", manufacturer),
-                                     ("model", model)) if v is not None}}
-        self.reference = KeyUri("pkcs11", path).canonical()  # what stanzas record: no query
+                **({"id": pkcs11_id_text(key_id)} if key_id else {})}
+        self.reference = KeyUri("pkcs11", path).canonical()
 
     @classmethod
     def from_uri(cls, uri: KeyUri) -> "Pkcs11Key":

@@ -30,7 +30,7 @@ from .._errors import KeysetError
 from .keyset import KEYSET_FORMAT, Keyset, KeysetKey
 from .providers import FileKeyProvider, KeyProvider, WrappingKey
 from ._uri import SCHEMES
-from .recipients import (IDENTITY_FORMAT, RECIPIENT_FORMAT, Identity, Recipient, _file_format,
+from .recipients import (IDENTITY_FORMAT, RECIPIENT_FORMAT, Identity, Recipient, _file_document,
                          open_envelope, recipient_list)
 from .references import KeyReference, file_context
 
@@ -105,11 +105,15 @@ def resolve_reference(ref: Any, passphrase_env: str | None = None) -> Any:
         if passphrase is None:
             raise KeysetError(f"environment variable {passphrase_env} (the passphrase of "
                               f"{ref}) is not set in this process")
-    kind = _file_format(ref)
+    doc = _file_document(ref)
+    kind = None if doc is None else doc.get("format")
     if kind == KEYSET_FORMAT:
         return Keyset.load(ref, passphrase)
     if kind == IDENTITY_FORMAT:
-        return Identity.load(ref, passphrase)
+        # an identity only unwraps: one that is not sealed is taken as it is beside sealed
+        # key files (a keyset, which wraps new data keys under its primary, is refused
+        # unsealed when a passphrase is given: it may have been replaced)
+        return Identity.load(ref, passphrase if "protection" in doc else None)
     if kind == RECIPIENT_FORMAT:
         return Recipient.load(ref)
     if not os.path.exists(ref):
@@ -125,8 +129,9 @@ class KeyReferences:
     unwraps. ``identities``: references that unwrap (identity files, providers).
     ``recipients``: references that new data keys are wrapped for (recipient files;
     identities wrap for their public half). ``passphrase_env``: the environment variable
-    holding the passphrase of sealed key files, read in each process; keyset and identity
-    files are then expected sealed (one that is not is refused: it may have been replaced).
+    holding the passphrase of sealed key files, read in each process; the keyset file is
+    then expected sealed (one that is not is refused: it may have been replaced, and its
+    primary would wrap new data keys), identity files may be either.
     """
 
     __slots__ = ("keyset", "identities", "recipients", "passphrase_env")

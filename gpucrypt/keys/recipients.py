@@ -132,12 +132,19 @@ def _checked_key(make: Callable[[], Any], doc: dict, where: str, half: str) -> A
     return key
 
 
-def _file_format(path) -> str | None:
+def _file_document(path) -> dict | None:
+    """A key file's JSON document, None for anything else (loading it says what is wrong)."""
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8")).get("format")
-    except (OSError, ValueError, AttributeError):
+            doc = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
         return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _file_format(path) -> str | None:
+    doc = _file_document(path)
+    return None if doc is None else doc.get("format")
 
 
 def _load_public(kem: str, public: bytes):
