@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -285,3 +286,164 @@ def test_cupy_roundtrip():
     blob = gpucrypt.encrypt_tensor(x, key, algorithm="aes-gcm").to_bytes()
     host = gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(blob), key)   # CuPy-made, on the CPU
     assert isinstance(host, np.ndarray) and np.array_equal(host, cupy.asnumpy(x))
+
+
+# ------------------------------------------------------------------ from a review of the API
+def test_a_decrypt_batch_that_would_write_over_its_own_entries_is_refused():
+    """One in-place result twice (two threads decrypting one memory at once: bytes that
+    were neither released as verified), out= naming one tensor twice, or out= on another
+    entry's in-place ciphertext: refused before anything is written, everything intact."""
+    key = os.urandom(32)
+    big = torch.arange(3 << 18, dtype=torch.int32)  # 3 MiB: large enough for the thread pool
+    plain = big.clone()
+    enc = gpucrypt.encrypt_tensor(big, key, inplace=True)
+    ciphertext = big.clone()
+    with pytest.raises(ValueError, match="would write where the other's"):
+        gpucrypt.decrypt_tensors([enc, enc], key)
+    assert torch.equal(big, ciphertext) and not enc._consumed
+    a, b = torch.arange(4.0), torch.arange(4.0) + 4
+    ea = gpucrypt.encrypt_tensor(a, key, inplace=True)
+    eb = gpucrypt.encrypt_tensor(b, key, inplace=True)
+    b_ct = b.clone()
+    with pytest.raises(ValueError, match="would write where the other's"):
+        gpucrypt.decrypt_tensors([ea, eb], key, out=[b, None])  # a's plaintext over b's ct
+    assert torch.equal(b, b_ct)
+    x, y = torch.arange(4.0), torch.arange(4.0) + 4
+    ex, ey = gpucrypt.encrypt_tensor(x, key), gpucrypt.encrypt_tensor(y, key)
+    target = torch.empty(4)
+    with pytest.raises(ValueError, match="would write where the other's"):
+        gpucrypt.decrypt_tensors([ex, ey], key, out=[target, target])
+    # what stays allowed: one result decrypted twice into new tensors, each its own out=
+    first, second = gpucrypt.decrypt_tensors([ex, ex], key)
+    assert torch.equal(first, x) and torch.equal(second, x) and first.data_ptr() != second.data_ptr()
+    outs = [torch.empty(4), torch.empty(4)]
+    assert all(r is o for r, o in zip(gpucrypt.decrypt_tensors([ex, ey], key, out=outs), outs))
+    assert torch.equal(outs[1], y)
+    assert torch.equal(gpucrypt.decrypt_tensor(enc, key), plain)
+
+
+def test_out_on_the_in_place_memory_is_an_in_place_decrypt():
+    """model.state_dict() makes new tensor objects on the same memory: decrypting into them
+    is an in-place decrypt, so the results are spent (their to_bytes() would otherwise
+    carry the plaintext as ciphertext), and the results are the out= tensors."""
+    key = os.urandom(32)
+    model = torch.nn.Linear(64, 64)
+    plain = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    encs = gpucrypt.encrypt_tensors(model.state_dict(), key, inplace=True)
+    outs = model.state_dict()
+    back = gpucrypt.decrypt_tensors(encs, key, out=outs)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, plain[name]) and back[name] is outs[name]
+        with pytest.raises(ValueError, match="decrypted in place"):
+            encs[name].to_bytes()
+
+
+def test_an_in_place_result_cannot_be_copied_shallowly():
+    import copy
+
+    key = os.urandom(32)
+    x = torch.arange(16.0)
+    enc = gpucrypt.encrypt_tensor(x, key, inplace=True)
+    with pytest.raises(TypeError, match="copy its to_bytes"):
+        copy.copy(enc)
+    deep = copy.deepcopy(enc)  # its own memory: an independent in-place result
+    assert torch.equal(gpucrypt.decrypt_tensor(deep, key), torch.arange(16.0))
+    assert not torch.equal(x, torch.arange(16.0))  # the original still holds ciphertext
+    new = gpucrypt.encrypt_tensor(x.clone(), key)
+    assert copy.copy(new).to_bytes() == new.to_bytes()
+
+
+def test_nonce_sequences_refuse_copies_and_bad_counts():
+    import copy
+    import pickle
+
+    seq = gpucrypt.NonceSequence(prefix=b"\x01")
+    for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="same nonces again"):
+            attempt(seq)
+    for bad, error in ((1.5, TypeError), (True, TypeError), (-1, ValueError)):
+        with pytest.raises(error):
+            seq.take(bad)
+    assert seq.take(np.int64(2)) == [b"\x01" + i.to_bytes(11, "big") for i in (0, 1)]
+    assert seq.next() == b"\x01" + (2).to_bytes(11, "big")  # still counting, as an int
+
+
+def test_forged_metadata_is_refused_by_from_bytes_or_fails_to_verify():
+    """from_bytes parses bytes no tag has checked yet: names that are not what an
+    encryption writes, or dimensions no framework has, are refused there; a result this
+    process cannot make is decrypted into bytes all the same, so altered metadata is
+    InvalidTag on every path, not a framework's error."""
+    from gpucrypt.tensors.api import _FIXED
+
+    key = os.urandom(32)
+    blob = bytearray(gpucrypt.encrypt_tensor(np.zeros(0, dtype=np.float32), key).to_bytes())
+
+    def forged(framework_code=None, dtype=None, shape=None):
+        fields = list(_FIXED.unpack_from(blob))
+        ndim, dtype_len = fields[4], fields[5]
+        tail = blob[_FIXED.size:]
+        old_shape, rest = tail[:8 * ndim], tail[8 * ndim:]
+        old_dtype, rest = rest[:dtype_len], rest[dtype_len:]
+        if framework_code is not None:
+            fields[3] = framework_code
+        new_dtype = old_dtype if dtype is None else dtype.encode()
+        new_shape = old_shape if shape is None else struct.pack(f"<{len(shape)}Q", *shape)
+        fields[4], fields[5] = len(new_shape) // 8, len(new_dtype)
+        return bytes(_FIXED.pack(*fields) + new_shape + new_dtype + rest)
+
+    from gpucrypt.tensors import _frameworks as fw
+
+    torch_code = fw.FRAMEWORK_CODES["torch"]
+    for bad, why in ((forged(torch_code, dtype="numpy:<f4"), "canonical"),
+                     (forged(dtype="numpy:<f4"), "canonical"),
+                     (forged(dtype="numpy:|b1", shape=(0,)), "canonical"),
+                     (forged(shape=(0, 2**63)), "2\\*\\*63"),
+                     (forged(torch_code, shape=(0, 2**64 - 1)), "2\\*\\*63")):
+        with pytest.raises(ValueError, match=why):
+            EncryptedTensor.from_bytes(bad)
+    for bad in (forged(shape=(0, 2**62)), forged(torch_code, shape=(0, 2**62)),
+                forged(torch_code, dtype="complex32", shape=(0,))):
+        enc = EncryptedTensor.from_bytes(bad)
+        for decrypt in (lambda e: gpucrypt.decrypt_tensor(e, key),
+                        lambda e: gpucrypt.decrypt_tensors([e], key)[0]):
+            with pytest.raises(InvalidTag):
+                decrypt(enc)
+
+
+def test_containers_come_back_as_they_went_in():
+    import collections
+
+    key = os.urandom(32)
+    counter = collections.Counter({"a": torch.arange(3.0)})
+    back = gpucrypt.decrypt_tensors(gpucrypt.encrypt_tensors(counter, key), key)
+    assert type(back) is collections.Counter and list(back) == ["a"]
+    assert torch.equal(back["a"], torch.arange(3.0))
+
+
+def test_tensors_without_one_block_of_values_are_refused_with_what_to_do():
+    import warnings
+
+    key = os.urandom(32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nested tensors are a prototype
+        nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    for x in (torch.eye(3).to_sparse_csr(), torch.eye(3).to_sparse(), nested):
+        for call in (lambda: gpucrypt.encrypt_tensor(x, key),
+                     lambda: gpucrypt.encrypt_tensors([x], key)):
+            with pytest.raises(ValueError, match="no single block of values.*to_dense"):
+                call()
+
+
+def test_a_gpu_decrypt_without_cuda_torch_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA: the refusal is for CPU-only builds")
+    key = os.urandom(32)
+    enc = gpucrypt.encrypt_tensor(torch.arange(4.0), key)
+    try:
+        gpucrypt.decrypt_tensor(enc, key, device="gpu")
+    except ValueError as exc:
+        assert "no CUDA device" in str(exc) or "GPU" in str(exc)
+    except gpucrypt.BackendUnavailable:
+        pass  # no GPU backend at all here: said before torch is asked
+    else:
+        pytest.fail("a GPU decrypt of a torch tensor ran without CUDA")

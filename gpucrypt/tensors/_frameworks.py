@@ -269,6 +269,11 @@ class TorchAdapter(Adapter):
         return torch is not None and isinstance(x, torch.Tensor)
 
     def place(self, x):
+        if x.layout is not self._torch().strided or x.is_nested:
+            # asked first of every tensor: no other question has an answer for these
+            raise ValueError(f"torch tensors with layout {x.layout}{' (nested)' if x.is_nested else ''} "
+                             f"have no single block of values to encrypt: convert them first "
+                             f"(.to_dense(), or each of a nested tensor's .unbind())")
         if x.device.type == "cpu":
             return HOST
         if x.device.type == "cuda":
@@ -631,7 +636,11 @@ def current_device_place(framework: str):
     """The place of a new device result of ``framework`` (its current CUDA device; for JAX
     its default device, ``HOST`` when JAX has no GPU)."""
     if framework == "torch":
-        return ("cuda", int(importlib.import_module("torch").cuda.current_device()))
+        torch = importlib.import_module("torch")
+        if not torch.cuda.is_available():  # current_device() asserts on a CPU-only torch
+            raise ValueError("this torch has no CUDA device, so a GPU decrypt cannot make a "
+                             "torch result on one: give a host out=, or leave device unset")
+        return ("cuda", int(torch.cuda.current_device()))
     if framework == "cupy":
         return ("cuda", int(importlib.import_module("cupy").cuda.Device().id))
     if framework == "jax":   # HOST when JAX sees no GPU: a JAX array can only be where JAX is

@@ -51,6 +51,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import operator
 import os
 import struct
 import sys
@@ -169,6 +170,7 @@ class NonceSequence:
     ``start``. Thread-safe. Raises ``OverflowError`` once the counter is exhausted,
     never wraps. Uniqueness holds within one object: two writers under one key need
     different prefixes (or disjoint ``start`` ranges), which only the caller can ensure.
+    It cannot be copied or pickled (a copy would hand out the same nonces again).
     """
 
     def __init__(self, size: int = 12, *, prefix: bytes = b"", start: int = 0):
@@ -196,6 +198,9 @@ class NonceSequence:
 
     def take(self, count: int) -> list[bytes]:
         """The next ``count`` nonces, all or none (``OverflowError`` if fewer are left)."""
+        if isinstance(count, bool):
+            raise TypeError("count must be an int, not bool")
+        count = operator.index(count)  # a float would leave the counter unusable
         if count < 0:
             raise ValueError("count must be >= 0")
         with self._lock:
@@ -212,6 +217,11 @@ class NonceSequence:
 
     def __repr__(self) -> str:
         return f"NonceSequence(size={self.size}, prefix={self._prefix!r}, next={self._next})"
+
+    def __reduce_ex__(self, protocol):  # copy, deepcopy and pickle all come here
+        raise TypeError("a NonceSequence cannot be copied or pickled: the copy would hand out "
+                        "the same nonces again. Give each writer its own sequence with its "
+                        "own prefix (NonceSequence(prefix=...))")
 
 
 def _nonces_for(count: int, algorithm: str, source: Any) -> list[bytes]:
@@ -302,12 +312,20 @@ def _decode_metadata(data: memoryview, offset: int = 0) -> tuple[dict, int]:
         raise ValueError("truncated metadata")
     shape = struct.unpack_from(f"<{ndim}Q", data, pos)
     pos += 8 * ndim
+    if any(d >= 1 << 63 for d in shape):  # no framework has such a dimension (int64 sizes)
+        raise ValueError(f"shape {tuple(shape)} has a dimension of 2**63 or more")
     dtype_raw = bytes(data[pos:pos + dtype_len])
     pos += dtype_len
     if not set(dtype_raw) <= _DTYPE_CHARS:
         raise ValueError("invalid characters in the dtype name")
     dtype = dtype_raw.decode("ascii")
     itemsize = fw.dtype_itemsize(dtype)   # ValueError for unknown names
+    if dtype.startswith(fw.NUMPY_PREFIX) and (
+            framework == "torch" or
+            fw.numpy_dtype_name(fw.parse_numpy_dtype_str(dtype[len(fw.NUMPY_PREFIX):])) != dtype):
+        # only what an encryption writes: NumPy's own form for a dtype without a portable
+        # name (a torch tensor has one), never a second name for one that has
+        raise ValueError(f"dtype {dtype!r} is not the canonical name of a {framework} dtype")
     kid_raw = bytes(data[pos:pos + kid_len])
     pos += kid_len
     name_raw = bytes(data[pos:pos + name_len])
@@ -443,6 +461,16 @@ class EncryptedTensor:
     def associated_data(self) -> bytes:
         """Exactly the associated data the AEAD authenticates: metadata block || user aad."""
         return self.metadata() + self.aad
+
+    def __copy__(self) -> "EncryptedTensor":
+        if self._source is not None:
+            raise TypeError("an in-place EncryptedTensor is its tensor's memory: a copy would not "
+                            "know when that memory is decrypted (and would then serialise "
+                            "plaintext as ciphertext); copy its to_bytes() instead")
+        new = object.__new__(type(self))
+        for slot in self.__slots__:
+            setattr(new, slot, getattr(self, slot))
+        return new
 
     def _check_alive(self) -> None:
         if self._consumed:
@@ -615,10 +643,14 @@ def _host_tensor_parts(x: Any) -> tuple | None:
         return None
     # the torch adapter's needs_copy, inline (a lazily conjugated/negated view's memory is
     # not its values)
-    if not x.is_contiguous() or x.is_neg() or x.is_conj():
-        return None
+    try:
+        if not x.is_contiguous() or x.is_neg() or x.is_conj():
+            return None
+        shape = tuple(x.shape)
+    except RuntimeError:  # sparse and nested tensors have no strides, nested ones no shape:
+        return None       # the adapter says what to do
     dtype = _TORCH_DTYPE_NAMES.get(x.dtype) or _remember_torch_dtype_name(x)
-    return "torch", dtype, tuple(x.shape), x.nbytes
+    return "torch", dtype, shape, x.nbytes
 
 
 def _small_host_source(x: Any) -> tuple | None:
@@ -703,6 +735,11 @@ def _bytes_at(address: int, nbytes: int) -> Any:
 
 #: NumPy dtypes by portable name, for results (``numpy_dtype`` parses the name each time)
 _NUMPY_DTYPES: dict[str, np.dtype] = {}
+
+#: what frameworks raise for a result they cannot make (a dtype this torch or NumPy lacks,
+#: a dimension over its limit): decrypted into plain bytes all the same, so that altered
+#: metadata reads as InvalidTag and only an authentic tensor reports it
+_CANNOT_ALLOCATE = (ValueError, TypeError, AttributeError, OverflowError, RuntimeError)
 
 #: an empty CPU tensor of each torch dtype met, to make results like (``new_empty``)
 _TORCH_CPU_EMPTY: dict = {}
@@ -825,7 +862,10 @@ def _small_host_result(enc: EncryptedTensor) -> tuple:
                 return None, None
             if len(_NUMPY_DTYPES) < 256:
                 _NUMPY_DTYPES[enc.dtype] = dtype
-        result = np.empty(enc.shape, dtype=dtype)
+        try:
+            result = np.empty(enc.shape, dtype=dtype)
+        except _CANNOT_ALLOCATE:
+            return None, None
         if result.nbytes != enc.nbytes:
             return None, None
         return result, _numpy_host_bytes(result)
@@ -840,7 +880,10 @@ def _small_host_result(enc: EncryptedTensor) -> tuple:
     like = _TORCH_CPU_EMPTY.get(dtype)
     if like is None:
         like = _TORCH_CPU_EMPTY[dtype] = torch.empty(0, dtype=dtype, device="cpu")
-    result = like.new_empty(*enc.shape) if enc.shape else like.new_empty(())
+    try:
+        result = like.new_empty(*enc.shape) if enc.shape else like.new_empty(())
+    except _CANNOT_ALLOCATE:
+        return None, None
     if result.nbytes != enc.nbytes:
         return None, None
     return result, _torch_host_bytes(result, own=True)
@@ -1238,10 +1281,11 @@ def _items_of(container: Any):
         factory = type(container) if type(container) is not dict else dict
 
         def rebuild(values):
-            try:
-                return factory(zip(keys, values))
+            plain = dict(zip(keys, values))
+            try:  # from a mapping, not pairs: Counter(pairs) would count them
+                return factory(plain)
             except TypeError:
-                return dict(zip(keys, values))
+                return plain
         return [(k, container[k]) for k in keys], rebuild
     if isinstance(container, (list, tuple)):
         kind = type(container)
@@ -1293,6 +1337,7 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     if gpu_jobs:  # one GPU per batch: refused here, before any tensor is decrypted
         _single_place([j.enc._place for j in gpu_jobs] + [j.place for j in gpu_jobs])
     _prepare_outputs(todo, stream)
+    _refuse_overlapping_outputs(todo)
     # GPU ciphertext decrypted on the CPU is copied down here, in this thread (whose CUDA
     # context and stream order the copy); only host ciphertext goes to the thread pool
     from_device = [j for j in todo if not j.result[0] and j.enc._place != HOST]
@@ -1322,10 +1367,101 @@ def _decides_inplace(enc: EncryptedTensor, out: Any, inplace: bool | None) -> bo
     if out is not None:
         if inplace:
             raise ValueError("give either out= or inplace=True, not both")
-        return enc._source is not None and out is enc._source
+        # out= on the in-place ciphertext's own memory is an in-place decrypt, whatever the
+        # object (a state_dict() makes new tensor objects on the same memory): so the result
+        # is spent, and cannot serialise the plaintext as its ciphertext
+        return enc._source is not None and (out is enc._source or _same_memory(out, enc))
     if inplace is None:
         return enc._source is not None
     return bool(inplace)
+
+
+def _same_memory(out: Any, enc: EncryptedTensor) -> bool:
+    """Whether ``out`` is exactly ``enc``'s in-place source memory: the same place, first
+    byte and length."""
+    src = enc._source
+    try:
+        return (type(out) is type(src) and out.nbytes == src.nbytes
+                and fw.adapter_for(out).place(out) == enc._place
+                and fw.memory_address(out) == fw.memory_address(src))
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def _memory_span(buffer: Any, nbytes: int) -> tuple | None:
+    """(first byte, end) of a tensor's or byte view's memory; None when it has none to
+    tell (JAX), holds nothing, or is OpenSSL's sealed bytes (which nothing writes)."""
+    if not nbytes or buffer is None or isinstance(buffer, bytes):
+        return None
+    data_ptr = getattr(buffer, "data_ptr", None)  # torch, the common case: 0.05 us
+    if data_ptr is not None:
+        address = data_ptr()
+    else:
+        if isinstance(buffer, memoryview):
+            buffer = np.frombuffer(buffer, dtype=np.uint8)
+        address = fw.memory_address(buffer)
+    return None if address is None else (address, address + nbytes)
+
+
+def _shown(job: _Job) -> Any:
+    return job.label if job.label is not None else job.enc.name
+
+
+def _refuse_overlapping_outputs(jobs: list[_Job]) -> None:
+    """Decrypting, a plaintext written where another entry's ciphertext or plaintext lies
+    (one in-place result twice, ``out=`` naming one tensor twice, or another entry's
+    ciphertext) would hand out bytes that are neither, or destroy a ciphertext: refused
+    before anything is written. Only batches that write into existing memory (in place,
+    or out=) are looked at, and their ciphertexts only when out= is given."""
+    outs = any(job.x is not None and not job.inplace for job in jobs)
+    if not outs and not any(job.inplace for job in jobs):
+        return  # every plaintext goes into a new tensor
+    places: dict[Any, list] = {}  # place -> [(start, end, job index, written)]
+    for i, job in enumerate(jobs):
+        enc = job.enc
+        if job.inplace or outs:
+            ct = enc._source if job.inplace and enc._source is not None else (
+                _host_ciphertext_view(enc) if enc._place == HOST else enc._ciphertext)
+            data_ptr = getattr(ct, "data_ptr", None)  # a torch tensor: inline, 0.3 us less
+            if data_ptr is not None and enc.nbytes:
+                start = data_ptr()
+                read = (start, start + enc.nbytes)
+            else:
+                read = _memory_span(ct, enc.nbytes)
+            if read is not None:
+                places.setdefault(enc._place, []).append((*read, i, job.inplace))
+        if job.x is not None and not job.inplace:
+            written = _memory_span(job.dst_view, enc.nbytes)
+            if written is not None:
+                places.setdefault(job.place, []).append(written + (i, True))
+    for spans in places.values():
+        spans.sort()
+        if all(a[1] <= b[0] for a, b in zip(spans, spans[1:])):
+            continue  # all apart (the common case, checked in one pass)
+        for k, a in enumerate(spans):
+            for j in range(k + 1, len(spans)):  # the spans that start before a ends
+                b = spans[j]
+                if b[0] >= a[1]:
+                    break
+                _refuse_overlap(jobs, a, b)
+
+
+def _refuse_overlap(jobs: list[_Job], a: tuple, b: tuple) -> None:
+    """Raise for two overlapping spans (start, end, job index, written) unless both only
+    read one ciphertext (a result decrypted twice, say)."""
+    if not (a[3] or b[3]):
+        return
+    if a[2] != b[2]:
+        first, second = sorted((_shown(jobs[a[2]]), _shown(jobs[b[2]])), key=str)
+        raise ValueError(
+            f"entries {first!r} and {second!r} would write where the other's ciphertext or "
+            f"plaintext is (one in-place result twice, or out= naming the same memory twice "
+            f"or another entry's ciphertext): decrypt each once, into memory of its own; "
+            f"nothing was decrypted")
+    if a[:2] != b[:2]:
+        raise ValueError(f"out= for entry {_shown(jobs[a[2]])!r} overlaps its own ciphertext: "
+                         f"give memory of its own (or exactly the ciphertext's, to decrypt in "
+                         f"place); nothing was decrypted")
 
 
 def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
@@ -1334,8 +1470,10 @@ def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
     for job in jobs:
         enc = job.enc
         if job.inplace and enc._source is not None:
-            # in place the plaintext goes where the ciphertext is (no view of its own)
-            job.adapter, job.dst_view, job.dst_obj = fw.BY_NAME[enc.framework], None, enc._source
+            # in place the plaintext goes where the ciphertext is (no view of its own); the
+            # result is the caller's out= when it named that memory
+            job.adapter, job.dst_view = fw.BY_NAME[enc.framework], None
+            job.dst_obj = enc._source if job.x is None else job.x
             if enc._place == HOST:  # refused here, before any tensor of the batch is touched
                 job.host_src = _in_place_host_bytes(enc, job.label)
         elif job.inplace:   # in the ciphertext's own buffer, which becomes the result
@@ -1373,10 +1511,13 @@ def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
                 adapter = fw.result_adapter(enc.framework, job.place)
                 with adapter.allocation_stream(stream, job.place):
                     obj = adapter.empty(enc.dtype, enc.shape, job.place)
-            except ValueError as exc:
+            except _CANNOT_ALLOCATE as exc:
                 # This machine cannot make such a tensor (say bfloat16 as NumPy). Decrypt into
                 # plain bytes anyway, so that altered metadata still reads as InvalidTag;
                 # an authentic tensor then raises this error, releasing nothing.
+                if not isinstance(exc, ValueError):
+                    exc = ValueError(f"cannot make a {enc.framework} tensor of dtype {enc.dtype} "
+                                     f"and shape {enc.shape} here ({type(exc).__name__}: {exc})")
                 job.error, job.place, adapter = exc, HOST, fw.BY_NAME["numpy"]
                 obj = adapter.empty_bytes(enc.nbytes, HOST)
             job.adapter, job.dst_obj = adapter, obj
