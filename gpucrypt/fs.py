@@ -65,7 +65,6 @@ import os
 import posixpath
 import sys
 import threading
-import warnings
 from typing import Any
 
 import fsspec
@@ -238,11 +237,6 @@ class _EncryptingWriter(io.RawIOBase):
         failing = sys.exc_info()[1]
         if failing is not None and failing is not self._handling:
             self.discard()
-            if self._written:  # said, as a close inside an unrelated except clause lands here
-                warnings.warn(f"{self.path}: the write was discarded, not published: the file "
-                              f"was closed while an exception was being handled "
-                              f"({type(failing).__name__}); call commit() to publish there",
-                              stacklevel=2)
         else:
             self._finish()
 
@@ -299,18 +293,53 @@ class _CompressingWriter:
         return iter(self._compressor)
 
     def close(self) -> None:
+        self._close_compressor()
+        self._writer.close()  # discards instead while an exception is propagating
+
+    def _finish(self) -> None:
+        """The successful end (a with block that ended normally): publish."""
+        self._close_compressor()
+        if not self._writer.closed:
+            self._writer._finish()
+
+    def discard(self) -> None:
         try:
             self._compressor.close()
+        finally:
+            self._writer.discard()
+
+    def _close_compressor(self) -> None:
+        try:
+            self._compressor.close()  # its trailer, into the writer
         except BaseException:
             self._writer.discard()
             raise
-        self._writer.close()  # discards instead while an exception is propagating
 
     def __enter__(self) -> "_CompressingWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
+        if exc_type is None:
+            self._finish()  # whatever the surroundings are handling (see _EncryptingWriter)
+        else:
+            self.discard()
+
+
+class _TextWriter(io.TextIOWrapper):
+    """Text mode over a writer (:class:`_EncryptingWriter` or :class:`_CompressingWriter`),
+    whose ``with`` block publishes when it ends normally and discards when it ends by an
+    exception, whatever the surroundings are handling (a plain TextIOWrapper's close
+    cannot tell its own block's end from an exception being handled around it)."""
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        writer = self.buffer
+        if exc_type is None:
+            if not self.closed:
+                self.flush()
+                writer._finish()
+        else:
+            writer.discard()  # before close() could flush what was left into it
+        super().__exit__(exc_type, exc, tb)  # closes (a no-op on a closed writer)
 
 
 class GpucryptFileSystem(ChainedFileSystem):
@@ -435,9 +464,14 @@ class GpucryptFileSystem(ChainedFileSystem):
     def open(self, path: Any, mode: str = "rb", block_size: Any = None, cache_options: Any = None,
              compression: str | None = None, **kwargs: Any):
         """fsspec's ``open``; a compressed file opened for writing is published when the
-        compressor is closed (see :class:`_CompressingWriter`)."""
-        if compression is None or "b" not in mode or "r" in mode:
-            # text mode comes back here with "wb" and the compression
+        compressor is closed (see :class:`_CompressingWriter`); a text one is a
+        :class:`_TextWriter` over the binary writer."""
+        if "r" not in mode and "b" not in mode:
+            text = {k: kwargs.pop(k) for k in ("encoding", "errors", "newline") if k in kwargs}
+            binary = self.open(path, mode.replace("t", "") + "b", block_size=block_size,
+                               cache_options=cache_options, compression=compression, **kwargs)
+            return _TextWriter(binary, **text)
+        if compression is None or "r" in mode:
             return super().open(path, mode, block_size=block_size,
                                 cache_options=cache_options, compression=compression, **kwargs)
         from fsspec.compression import compr

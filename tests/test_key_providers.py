@@ -265,10 +265,11 @@ def test_pkcs11_pin_from_a_file_and_wrong_pins(hsm, tmp_path, monkeypatch):
 
 
 def test_pkcs11_serial_manufacturer_and_model_pick_the_token(hsm):
-    """Two tokens with one label: the URI's serial says which; without it the error says
-    to add it. The stanza id names the token by label and the key, as files written before
-    serials picked tokens recorded it, so those open with a URI that has one. A serial or
-    manufacturer no token has is refused."""
+    """Two tokens with one label: the URI's serial says which, and the stanza id records
+    it, so the twins are two recipients; without it the error says to add it. A stanza
+    naming the same label and key is the key's whatever its serial says: files written
+    before serials were recorded open with a URI that has one. A serial or manufacturer no
+    token has is refused."""
     from pkcs11 import KeyType
 
     from gpucrypt.keys.pkcs11 import _library
@@ -290,16 +291,25 @@ def test_pkcs11_serial_manufacturer_and_model_pick_the_token(hsm):
     on_first = KeyReference(f"pkcs11:token=twin;object=kek;serial={first}" + query)
     on_second = KeyReference(f"pkcs11:token=twin;object=kek;serial={second}" + query)
     envelope = keys.seal_envelope(dek, on_first)
-    assert keys.describe_envelope(envelope) == ["pkcs11:token=twin;object=kek"]
+    assert keys.describe_envelope(envelope) == [f"pkcs11:token=twin;object=kek;serial={first}"]
     assert keys.open_envelope(envelope, on_first) == dek
     # the first token's wrapping: the second token, named by its serial, cannot unwrap it
     with pytest.raises(keys.NoMatchingRecipient, match="refused to unwrap"):
         keys.open_envelope(envelope, on_second)
-    token = twins[0]  # manufacturer and model narrow the match too
+    both = keys.seal_envelope(dek, [on_first, on_second])  # an HSM and its twin
+    assert len(keys.describe_envelope(both)) == 2
+    assert keys.open_envelope(both, on_first) == keys.open_envelope(both, on_second) == dek
+    # a stanza as files written before serials were recorded name it: still the key's
+    body = keys._envelope.decode(envelope)[0].body
+    older = keys._envelope.encode([keys._envelope.Stanza(
+        "key-ref", b"pkcs11:token=twin;object=kek", body)])
+    assert keys.open_envelope(older, on_first) == dek
+    token = twins[0]  # manufacturer and model narrow the match too, and are recorded
     exact = KeyReference(f"pkcs11:token=twin;object=kek;serial={first};manufacturer="
                          f"{token.manufacturer_id};model={token.model}" + query)
     assert keys.open_envelope(keys.seal_envelope(dek, exact), exact) == dek
     assert keys.open_envelope(envelope, exact) == dek
+    assert "manufacturer=" in exact.label and "model=" in exact.label
     for absent in (f"serial=NOT-{first}", f"serial={first};manufacturer=Nobody",
                    f"serial={first};model=Nothing"):
         with pytest.raises(keys.KeyProviderError, match="no token labelled 'twin' with that "):

@@ -761,28 +761,34 @@ def test_encrypt_waits_for_a_non_blocking_input_instead_of_ending_it(small_batch
     assert unseal(out.getvalue()) == data
 
 
-def test_a_raw_output_whose_write_returns_nothing_wrote_everything():
-    """A user's raw sink over no descriptor (or a blocking one) whose write() returns None
-    wrote everything, as before non-blocking outputs were waited on: not an endless retry
-    or a BlockingIOError."""
+def test_a_raw_output_whose_write_returns_nothing(tmp_path):
+    """None from a raw file's write() means "would block, nothing written". Over a blocking
+    descriptor it cannot: the object wrote everything (a sink that forgets to return its
+    count), as before; with no descriptor to tell or wait on, it is refused saying what
+    to do, never taken as written (which could drop data) nor retried for ever."""
     class Sink(io.RawIOBase):
-        def __init__(self):
-            self.buf, self.calls = bytearray(), 0
+        def __init__(self, fd=None):
+            self.buf, self.calls, self.fd = bytearray(), 0, fd
 
         def writable(self):
             return True
+
+        def fileno(self):
+            if self.fd is None:
+                raise io.UnsupportedOperation("fileno")
+            return self.fd
 
         def write(self, b):
             self.calls += 1
             self.buf += bytes(b)
 
     data = os.urandom(50_000)
-    sink = Sink()
-    stream.encrypt(io.BytesIO(data), sink, KEY)
-    assert unseal(bytes(sink.buf)) == data
-    back = Sink()
-    stream.decrypt(io.BytesIO(bytes(sink.buf)), back, KEY)
-    assert bytes(back.buf) == data and back.calls < 10
+    with open(tmp_path / "f", "wb") as blocking:
+        sink = Sink(blocking.fileno())
+        stream.encrypt(io.BytesIO(data), sink, KEY)
+        assert unseal(bytes(sink.buf)) == data and sink.calls < 10
+    with pytest.raises(BlockingIOError, match="write\\(\\) returned None.*returns the byte count"):
+        stream.encrypt(io.BytesIO(data), Sink(), KEY)
 
 
 def test_encrypt_into_a_non_blocking_output_drops_nothing(small_batches):

@@ -300,7 +300,7 @@ def test_a_decrypt_batch_that_would_write_over_its_own_entries_is_refused():
     ciphertext = big.clone()
     with pytest.raises(ValueError, match="would write where the other's"):
         gpucrypt.decrypt_tensors([enc, enc], key)
-    assert torch.equal(big, ciphertext) and not enc._consumed
+    assert torch.equal(big, ciphertext) and not enc._consumed[0]
     a, b = torch.arange(4.0), torch.arange(4.0) + 4
     ea = gpucrypt.encrypt_tensor(a, key, inplace=True)
     eb = gpucrypt.encrypt_tensor(b, key, inplace=True)
@@ -322,35 +322,59 @@ def test_a_decrypt_batch_that_would_write_over_its_own_entries_is_refused():
     assert torch.equal(gpucrypt.decrypt_tensor(enc, key), plain)
 
 
-def test_out_on_the_in_place_memory_is_an_in_place_decrypt():
-    """model.state_dict() makes new tensor objects on the same memory: decrypting into them
-    is an in-place decrypt, so the results are spent (their to_bytes() would otherwise
-    carry the plaintext as ciphertext), and the results are the out= tensors."""
+def test_out_on_the_ciphertexts_own_memory_spends_the_result():
+    """out= exactly on a result's own ciphertext memory, through another object
+    (model.state_dict() and named_parameters() make new tensor objects on the model's
+    memory, .numpy() another framework's): decrypted in place in effect, so the result is
+    spent (its to_bytes() would otherwise carry the plaintext as ciphertext); out='s own
+    checks still hold (a view of another dtype or shape is refused), and the results are
+    the out= objects."""
     key = os.urandom(32)
-    model = torch.nn.Linear(64, 64)
-    plain = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    encs = gpucrypt.encrypt_tensors(model.state_dict(), key, inplace=True)
-    outs = model.state_dict()
-    back = gpucrypt.decrypt_tensors(encs, key, out=outs)
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, plain[name]) and back[name] is outs[name]
-        with pytest.raises(ValueError, match="decrypted in place"):
-            encs[name].to_bytes()
+    for outs_of in (lambda m: m.state_dict(), lambda m: dict(m.named_parameters()),
+                    lambda m: {k: v.detach().numpy() for k, v in m.state_dict().items()}):
+        model = torch.nn.Linear(64, 64)
+        plain = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        encs = gpucrypt.encrypt_tensors(model.state_dict(), key, inplace=True)
+        outs = outs_of(model)
+        with torch.no_grad():
+            back = gpucrypt.decrypt_tensors(encs, key, out=outs)
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, plain[name]) and back[name] is outs[name]
+            with pytest.raises(ValueError, match="decrypted in place"):
+                encs[name].to_bytes()
+    x = torch.arange(12.0).reshape(3, 4)
+    enc = gpucrypt.encrypt_tensor(x, key, inplace=True)
+    ciphertext = x.clone()
+    for wrong in (x.t(), x.view(torch.int32), x.view(torch.uint8)):
+        with pytest.raises(ValueError):
+            gpucrypt.decrypt_tensor(enc, key, out=wrong)
+        assert torch.equal(x.view(torch.uint8), ciphertext.view(torch.uint8))
 
 
-def test_an_in_place_result_cannot_be_copied_shallowly():
+def test_a_shallow_copy_is_spent_with_its_original():
+    """A shallow copy names the same ciphertext memory as its original: decrypting it in
+    place through either spends both (the copy's to_bytes() would otherwise serialise the
+    plaintext), for in-place results and for a new result's own array (over 64 KiB, or
+    from a batch, or from_bytes of a bytearray)."""
     import copy
 
     key = os.urandom(32)
     x = torch.arange(16.0)
     enc = gpucrypt.encrypt_tensor(x, key, inplace=True)
-    with pytest.raises(TypeError, match="copy its to_bytes"):
-        copy.copy(enc)
-    deep = copy.deepcopy(enc)  # its own memory: an independent in-place result
+    twin = copy.copy(enc)
+    assert gpucrypt.decrypt_tensor(twin, key) is x and torch.equal(x, torch.arange(16.0))
+    for spent in (enc, twin):
+        with pytest.raises(ValueError, match="decrypted in place"):
+            spent.to_bytes()
+    big = torch.arange(32 << 10, dtype=torch.float32)  # 128 KiB: an array, not OpenSSL's bytes
+    for new in (gpucrypt.encrypt_tensor(big, key), gpucrypt.encrypt_tensors([big], key)[0],
+                EncryptedTensor.from_bytes(bytearray(gpucrypt.encrypt_tensor(big, key).to_bytes()))):
+        twin = copy.copy(new)
+        assert torch.equal(torch.as_tensor(gpucrypt.decrypt_tensor(new, key, inplace=True)), big)
+        with pytest.raises(ValueError, match="decrypted in place"):
+            twin.to_bytes()
+    deep = copy.deepcopy(gpucrypt.encrypt_tensor(x, key, inplace=True))  # memory of its own
     assert torch.equal(gpucrypt.decrypt_tensor(deep, key), torch.arange(16.0))
-    assert not torch.equal(x, torch.arange(16.0))  # the original still holds ciphertext
-    new = gpucrypt.encrypt_tensor(x.clone(), key)
-    assert copy.copy(new).to_bytes() == new.to_bytes()
 
 
 def test_nonce_sequences_refuse_copies_and_bad_counts():
@@ -447,3 +471,29 @@ def test_a_gpu_decrypt_without_cuda_torch_says_so():
         pass  # no GPU backend at all here: said before torch is asked
     else:
         pytest.fail("a GPU decrypt of a torch tensor ran without CUDA")
+
+
+def test_out_of_memory_is_reported_as_it_is(monkeypatch):
+    """torch's OutOfMemoryError is a RuntimeError, which a framework also raises for a
+    tensor it cannot make (decrypted into bytes then, and reported as a ValueError): a
+    memory shortage is not that, and comes out as itself, on both paths."""
+    from gpucrypt.tensors import _frameworks as fw
+    from gpucrypt.tensors import api
+
+    key = os.urandom(32)
+    enc = gpucrypt.encrypt_tensor(torch.arange(8.0), key)
+
+    class Exhausted:
+        def new_empty(self, *shape):
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    monkeypatch.setitem(api._TORCH_CPU_EMPTY, torch.float32, Exhausted())
+    with pytest.raises(torch.OutOfMemoryError):
+        gpucrypt.decrypt_tensor(enc, key)
+
+    def empty(self, dtype, shape, place):
+        raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    monkeypatch.setattr(fw.TorchAdapter, "empty", empty)
+    with pytest.raises(torch.OutOfMemoryError):
+        gpucrypt.decrypt_tensors([enc], key)

@@ -68,24 +68,26 @@ def write_all(file: Any, data: Any) -> None:
     while len(view):
         n = file.write(view)
         if n is None:
-            if not _non_blocking(file):  # buffered writers, and objects that return nothing,
-                return                   # wrote everything
-            wait_ready(file, writing=True)  # nothing written: it would block
+            if not _may_block(file):  # buffered writers, objects that return nothing, and a
+                return                # raw file over a blocking descriptor wrote everything
+            wait_ready(file, writing=True)  # nothing written: it would block (or it says)
             continue
         if n >= len(view):
             return
         view = view[n:]
 
 
-def _non_blocking(file: Any) -> bool:
-    """Whether ``file`` is a raw file over a non-blocking descriptor, whose None from
-    write() means "would block" (anything else returning None wrote everything)."""
+def _may_block(file: Any) -> bool:
+    """Whether None from ``file.write()`` may mean "would block, nothing written", as a raw
+    file's does: not for buffered writers and other objects (which return nothing when
+    they wrote everything), nor over a blocking descriptor. A raw file without one could
+    mean either: :func:`wait_ready` then refuses, saying so, rather than lose data."""
     if not isinstance(file, io.RawIOBase):
         return False
     try:
         return not os.get_blocking(file.fileno())
-    except (AttributeError, OSError, ValueError):
-        return False
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return True
 
 
 def wait_ready(file: Any, writing: bool) -> None:
@@ -96,9 +98,11 @@ def wait_ready(file: Any, writing: bool) -> None:
         fd = file.fileno()
     except (AttributeError, OSError, ValueError):
         side = "output" if writing else "input"
-        raise BlockingIOError(errno.EAGAIN, f"the {side} is non-blocking and has no data "
-                              f"ready, and no file descriptor to wait on: give a blocking "
-                              f"file object as the {side}") from None
+        call = "write() returned None" if writing else "readinto() returned None"
+        raise BlockingIOError(errno.EAGAIN, f"the {side}'s {call}, which a raw file means as "
+                              f"'would block', and it has no file descriptor to wait on: give "
+                              f"a blocking file object as the {side} (a raw file's "
+                              f"{call.split('(')[0]}() returns the byte count)") from None
     import select  # here: only non-blocking files need it
 
     if hasattr(select, "poll"):  # any descriptor number (select() stops at FD_SETSIZE)

@@ -36,7 +36,7 @@ import threading
 from typing import Any, Mapping
 
 from .._errors import KeyNotFound, KeyProviderError, KeysetError, KeyUnavailable
-from ._uri import KeyUri, pkcs11_id_text
+from ._uri import KeyUri, parse_key_uri, pkcs11_id_text
 from .references import context_bytes, read_secret_source
 
 try:
@@ -98,12 +98,16 @@ def _module_path(given: str | None) -> str:
                            f"set {MODULE_ENV} (SoftHSM2: apt-get install softhsm2)")
 
 
+#: URI attributes that pick one of several tokens, not the key (see Pkcs11Key.owns)
+_TOKEN_CHOICE = ("serial", "manufacturer", "model")
+
+
 class Pkcs11Key:
     """A key on a PKCS#11 token, named by token label and key label (and optionally its
     ``CKA_ID`` and type); the token's ``serial``, ``manufacturer`` and ``model``, when
-    given, narrow which token (they are not part of the reference stanzas record, which
-    names the token by label, as files written before they picked it do). See the
-    module docstring for the mechanisms.
+    given, narrow which token; stanzas record them, and a stanza naming the same token
+    label and key is this key's whatever they say (see ``owns``). See the module
+    docstring for the mechanisms.
 
     ``Pkcs11Key("prod", "model-kek", module_path=..., pin_source="env:HSM_PIN")``, or from a
     URI through :class:`gpucrypt.keys.KeyReference`. No session is opened until used.
@@ -123,10 +127,15 @@ class Pkcs11Key:
         self.token, self.label, self.key_id, self.key_type = token, label, key_id, key_type
         self.module_path, self.pin_source, self.force_gcm = module_path, pin_source, wrap == "aes-gcm"
         self.serial, self.manufacturer, self.model = serial, manufacturer, model
-        # what stanzas record (no query): the token's label and the key, as files written
-        # before serial/manufacturer/model picked the token recorded it, so they still open
+        # what stanzas record (no query), serial/manufacturer/model included: two tokens of
+        # one label (an HSM and its twin) are two recipients. A stanza is this key's when it
+        # names the same token label and key, whatever else it says: files written before
+        # those attributes were recorded open with a URI that has them, and the other way
         path = {"token": token, **({"object": label} if label else {}),
                 **({"id": pkcs11_id_text(key_id)} if key_id else {})}
+        self._key_reference = KeyUri("pkcs11", path).canonical()
+        path.update((k, v) for k, v in (("serial", serial), ("manufacturer", manufacturer),
+                                        ("model", model)) if v is not None)
         self.reference = KeyUri("pkcs11", path).canonical()
 
     @classmethod
@@ -203,7 +212,16 @@ class Pkcs11Key:
 
     # --- ExternalKey
     def owns(self, stanza_id: str) -> bool:
-        return stanza_id == self.reference
+        if stanza_id in (self.reference, self._key_reference):
+            return True
+        try:
+            uri = parse_key_uri(stanza_id)
+        except (KeysetError, TypeError):
+            return False
+        if uri.scheme != "pkcs11":
+            return False
+        key_part = {k: v for k, v in uri.path.items() if k not in _TOKEN_CHOICE}
+        return KeyUri("pkcs11", key_part).canonical() == self._key_reference
 
     def wrap(self, dek: bytes, context: Mapping[str, str]) -> tuple[str, bytes]:
         with _lock, self._session() as session:
@@ -251,7 +269,7 @@ class Pkcs11Key:
                              f"nor SHA-1")
 
     def unwrap(self, stanza_id: str, body: bytes, context: Mapping[str, str]) -> bytes:
-        if stanza_id != self.reference:
+        if not self.owns(stanza_id):
             raise KeyNotFound(f"{self.reference} does not own {stanza_id}")
         code, data = (body[0], bytes(body[1:])) if body else (0, b"")
         if code not in WRAP_CODES:

@@ -110,6 +110,16 @@ def numpy_dtype(name: str) -> np.dtype:
                          f"torch tensor)") from None
 
 
+def is_canonical_numpy_name(name: str) -> bool:
+    """Whether a ``numpy:`` name is what a writer gives its dtype: only a dtype without a
+    portable name (another byte order than little-endian, a unit, a width) has one. Told
+    from the string alone, whatever this machine's byte order."""
+    text = name[len(NUMPY_PREFIX):]
+    dt = parse_numpy_dtype_str(text)  # ValueError for anything a writer cannot have made
+    little = text[0] in "<|"
+    return not (little and dt.name in DTYPE_ITEMSIZE and DTYPE_ITEMSIZE[dt.name] == dt.itemsize)
+
+
 def parse_numpy_dtype_str(text: str) -> np.dtype:
     """``np.dtype(text)`` for a ``dtype.str`` we wrote; ``ValueError`` for anything else."""
     try:

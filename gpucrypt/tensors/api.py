@@ -320,9 +320,8 @@ def _decode_metadata(data: memoryview, offset: int = 0) -> tuple[dict, int]:
         raise ValueError("invalid characters in the dtype name")
     dtype = dtype_raw.decode("ascii")
     itemsize = fw.dtype_itemsize(dtype)   # ValueError for unknown names
-    if dtype.startswith(fw.NUMPY_PREFIX) and (
-            framework == "torch" or
-            fw.numpy_dtype_name(fw.parse_numpy_dtype_str(dtype[len(fw.NUMPY_PREFIX):])) != dtype):
+    if dtype.startswith(fw.NUMPY_PREFIX) and (framework == "torch" or
+                                              not fw.is_canonical_numpy_name(dtype)):
         # only what an encryption writes: NumPy's own form for a dtype without a portable
         # name (a torch tensor has one), never a second name for one that has
         raise ValueError(f"dtype {dtype!r} is not the canonical name of a {framework} dtype")
@@ -373,7 +372,7 @@ class EncryptedTensor:
         self._ct, self._place = ciphertext, place
         self._tag, self._tags, self._tag_row = tag, tags, tag_row
         self._source = source
-        self._consumed = self._adopt = False
+        self._consumed, self._adopt = [False], False  # a cell: see above _check_alive
 
     @classmethod
     def _host(cls, framework, dtype, shape, nbytes, algorithm, key_id, name, aad, nonce,
@@ -398,7 +397,7 @@ class EncryptedTensor:
         self._tags = None
         self._tag_row = 0
         self._source = source
-        self._consumed = False
+        self._consumed = [False]
         # a torch tensor's new ciphertext is kept as the NumPy array OpenSSL wrote until
         # ``ciphertext`` is asked for (torch.from_numpy costs a third of a 4 KiB call)
         self._adopt = framework == "torch" and source is None
@@ -462,18 +461,13 @@ class EncryptedTensor:
         """Exactly the associated data the AEAD authenticates: metadata block || user aad."""
         return self.metadata() + self.aad
 
-    def __copy__(self) -> "EncryptedTensor":
-        if self._source is not None:
-            raise TypeError("an in-place EncryptedTensor is its tensor's memory: a copy would not "
-                            "know when that memory is decrypted (and would then serialise "
-                            "plaintext as ciphertext); copy its to_bytes() instead")
-        new = object.__new__(type(self))
-        for slot in self.__slots__:
-            setattr(new, slot, getattr(self, slot))
-        return new
+    # ``_consumed`` is a cell ([bool]) that a shallow copy shares with its original: both
+    # name the same ciphertext memory, so decrypting it in place through either spends
+    # both (a copy that did not know would serialise the plaintext as its ciphertext). A
+    # deep copy or a pickle has memory, and a cell, of its own.
 
     def _check_alive(self) -> None:
-        if self._consumed:
+        if self._consumed[0]:
             raise ValueError("this EncryptedTensor was decrypted in place: its memory holds the "
                              "plaintext again, not the ciphertext")
 
@@ -741,6 +735,12 @@ _NUMPY_DTYPES: dict[str, np.dtype] = {}
 #: metadata reads as InvalidTag and only an authentic tensor reports it
 _CANNOT_ALLOCATE = (ValueError, TypeError, AttributeError, OverflowError, RuntimeError)
 
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (a RuntimeError): a memory shortage to report as it is, not
+    a tensor this process cannot make."""
+    return type(exc).__name__ == "OutOfMemoryError"
+
 #: an empty CPU tensor of each torch dtype met, to make results like (``new_empty``)
 _TORCH_CPU_EMPTY: dict = {}
 
@@ -813,7 +813,7 @@ def _decrypt_small_on_host(enc: Any, key: Any, inplace: bool | None) -> Any:
         if not _host_open(enc.algorithm, key, enc.nonce, enc.associated_data(), src, enc.tag,
                           src):
             _raise_one_failed(enc)
-        enc._consumed = True
+        enc._consumed[0] = True
         return enc._source
     result, dst = _small_host_result(enc)
     if dst is None:
@@ -864,7 +864,9 @@ def _small_host_result(enc: EncryptedTensor) -> tuple:
                 _NUMPY_DTYPES[enc.dtype] = dtype
         try:
             result = np.empty(enc.shape, dtype=dtype)
-        except _CANNOT_ALLOCATE:
+        except _CANNOT_ALLOCATE as exc:
+            if _out_of_memory(exc):
+                raise
             return None, None
         if result.nbytes != enc.nbytes:
             return None, None
@@ -882,7 +884,9 @@ def _small_host_result(enc: EncryptedTensor) -> tuple:
         like = _TORCH_CPU_EMPTY[dtype] = torch.empty(0, dtype=dtype, device="cpu")
     try:
         result = like.new_empty(*enc.shape) if enc.shape else like.new_empty(())
-    except _CANNOT_ALLOCATE:
+    except _CANNOT_ALLOCATE as exc:
+        if _out_of_memory(exc):
+            raise
         return None, None
     if result.nbytes != enc.nbytes:
         return None, None
@@ -1337,7 +1341,7 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     if gpu_jobs:  # one GPU per batch: refused here, before any tensor is decrypted
         _single_place([j.enc._place for j in gpu_jobs] + [j.place for j in gpu_jobs])
     _prepare_outputs(todo, stream)
-    _refuse_overlapping_outputs(todo)
+    into_own_ciphertext = _refuse_overlapping_outputs(todo)
     # GPU ciphertext decrypted on the CPU is copied down here, in this thread (whose CUDA
     # context and stream order the copy); only host ciphertext goes to the thread pool
     from_device = [j for j in todo if not j.result[0] and j.enc._place != HOST]
@@ -1347,8 +1351,8 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     if gpu_jobs:
         failed += _open_on_gpu(gpu_jobs, stream)
     for job in todo:
-        if job.inplace and job not in failed:
-            job.enc._consumed = True
+        if (job.inplace or job in into_own_ciphertext) and job not in failed:
+            job.enc._consumed[0] = True
     failed = [j for j in jobs if j in failed or j in misfiled]
     if failed:
         names = ", ".join(repr(j.label if j.label is not None else j.enc.name) for j in failed)
@@ -1367,25 +1371,10 @@ def _decides_inplace(enc: EncryptedTensor, out: Any, inplace: bool | None) -> bo
     if out is not None:
         if inplace:
             raise ValueError("give either out= or inplace=True, not both")
-        # out= on the in-place ciphertext's own memory is an in-place decrypt, whatever the
-        # object (a state_dict() makes new tensor objects on the same memory): so the result
-        # is spent, and cannot serialise the plaintext as its ciphertext
-        return enc._source is not None and (out is enc._source or _same_memory(out, enc))
+        return enc._source is not None and out is enc._source
     if inplace is None:
         return enc._source is not None
     return bool(inplace)
-
-
-def _same_memory(out: Any, enc: EncryptedTensor) -> bool:
-    """Whether ``out`` is exactly ``enc``'s in-place source memory: the same place, first
-    byte and length."""
-    src = enc._source
-    try:
-        return (type(out) is type(src) and out.nbytes == src.nbytes
-                and fw.adapter_for(out).place(out) == enc._place
-                and fw.memory_address(out) == fw.memory_address(src))
-    except (TypeError, ValueError, AttributeError):
-        return False
 
 
 def _memory_span(buffer: Any, nbytes: int) -> tuple | None:
@@ -1407,16 +1396,21 @@ def _shown(job: _Job) -> Any:
     return job.label if job.label is not None else job.enc.name
 
 
-def _refuse_overlapping_outputs(jobs: list[_Job]) -> None:
+def _refuse_overlapping_outputs(jobs: list[_Job]) -> set:
     """Decrypting, a plaintext written where another entry's ciphertext or plaintext lies
     (one in-place result twice, ``out=`` naming one tensor twice, or another entry's
     ciphertext) would hand out bytes that are neither, or destroy a ciphertext: refused
     before anything is written. Only batches that write into existing memory (in place,
-    or out=) are looked at, and their ciphertexts only when out= is given."""
+    or out=) are looked at, and their ciphertexts only when out= is given.
+
+    Returns the jobs whose out= is exactly their own ciphertext's memory (through another
+    object: a state_dict() makes new tensors on a model's memory): decrypted in place in
+    effect, so their results are spent like in-place ones."""
     outs = any(job.x is not None and not job.inplace for job in jobs)
     if not outs and not any(job.inplace for job in jobs):
-        return  # every plaintext goes into a new tensor
+        return set()  # every plaintext goes into a new tensor
     places: dict[Any, list] = {}  # place -> [(start, end, job index, written)]
+    own: set = set()
     for i, job in enumerate(jobs):
         enc = job.enc
         if job.inplace or outs:
@@ -1434,6 +1428,8 @@ def _refuse_overlapping_outputs(jobs: list[_Job]) -> None:
             written = _memory_span(job.dst_view, enc.nbytes)
             if written is not None:
                 places.setdefault(job.place, []).append(written + (i, True))
+                if job.place == enc._place and written == read:
+                    own.add(job)
     for spans in places.values():
         spans.sort()
         if all(a[1] <= b[0] for a, b in zip(spans, spans[1:])):
@@ -1444,6 +1440,7 @@ def _refuse_overlapping_outputs(jobs: list[_Job]) -> None:
                 if b[0] >= a[1]:
                     break
                 _refuse_overlap(jobs, a, b)
+    return own
 
 
 def _refuse_overlap(jobs: list[_Job], a: tuple, b: tuple) -> None:
@@ -1512,6 +1509,8 @@ def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
                 with adapter.allocation_stream(stream, job.place):
                     obj = adapter.empty(enc.dtype, enc.shape, job.place)
             except _CANNOT_ALLOCATE as exc:
+                if _out_of_memory(exc):
+                    raise
                 # This machine cannot make such a tensor (say bfloat16 as NumPy). Decrypt into
                 # plain bytes anyway, so that altered metadata still reads as InvalidTag;
                 # an authentic tensor then raises this error, releasing nothing.
