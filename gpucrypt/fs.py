@@ -61,6 +61,7 @@ Contract:
 from __future__ import annotations
 
 import io
+import logging
 import os
 import posixpath
 import sys
@@ -79,6 +80,8 @@ from .keys import NoMatchingRecipient, encrypt_file
 from .keys.portable import KeyReferences, ResolvedKeys
 
 __all__ = ["GpucryptFileSystem", "GpucryptFile", "stats", "reset_stats", "named_error"]
+
+_log = logging.getLogger(__name__)
 
 #: the plaintext size of a stream file cut inside a segment's tag (it has none)
 _TRUNCATED = -1
@@ -237,6 +240,10 @@ class _EncryptingWriter(io.RawIOBase):
         failing = sys.exc_info()[1]
         if failing is not None and failing is not self._handling:
             self.discard()
+            if self._written:  # logged, not warned: a warning could replace that exception
+                _log.warning("%s: the write was discarded, not published: the file was "
+                             "closed while an exception was being handled (%s); call "
+                             "commit() to publish there", self.path, type(failing).__name__)
         else:
             self._finish()
 
@@ -330,6 +337,15 @@ class _TextWriter(io.TextIOWrapper):
     whose ``with`` block publishes when it ends normally and discards when it ends by an
     exception, whatever the surroundings are handling (a plain TextIOWrapper's close
     cannot tell its own block's end from an exception being handled around it)."""
+
+    def __del__(self) -> None:
+        # dropped without close: abandoned, as a binary writer is (TextIOWrapper's own
+        # finaliser would close, which publishes)
+        try:
+            if not self.closed:
+                self.buffer.discard()
+        except Exception:  # noqa: BLE001 - a finaliser must not raise
+            pass
 
     def __exit__(self, exc_type, exc, tb) -> None:
         writer = self.buffer

@@ -354,7 +354,7 @@ def memory(keys, request):
         memory_fs.rm(folder, recursive=True)
 
 
-def test_only_a_successful_close_publishes(keys, memory):
+def test_only_a_successful_close_publishes(keys, memory, caplog):
     """Text mode, compression= and pandas close the file on their way out of a failure;
     an unclosed writer is closed when it is collected: none of them publishes, the old
     file stays. A write that succeeds publishes, through the same wrappers."""
@@ -432,14 +432,24 @@ def test_only_a_successful_close_publishes(keys, memory):
         stored = fs.cat_file(path)
         assert (gzip.decompress(stored) if compression else stored) == \
             (data if isinstance(data, bytes) else data.encode())
-    # a plain close inside an unrelated except clause discards (commit() publishes there)
+    # a plain close inside an unrelated except clause discards (commit() publishes there),
+    # and says so in the log (a warning could replace the exception being handled)
     fs.pipe_file(path, b"OLD")
     f = fs.open(path, "wb")
     f.write(b"not published")
     try:
         {}["missing"]
     except KeyError:
-        f.close()
+        with caplog.at_level("WARNING", logger="gpucrypt.fs"):
+            f.close()
+    assert fs.cat_file(path) == b"OLD"
+    assert "discarded, not published" in caplog.text and "commit()" in caplog.text
+    # a text writer dropped unclosed is abandoned, as a binary one is
+    def abandoned_text():
+        f = fs.open(path, "w")
+        f.write("half")
+    abandoned_text()
+    gc.collect()
     assert fs.cat_file(path) == b"OLD"
 
 

@@ -293,17 +293,22 @@ def test_pkcs11_serial_manufacturer_and_model_pick_the_token(hsm):
     envelope = keys.seal_envelope(dek, on_first)
     assert keys.describe_envelope(envelope) == [f"pkcs11:token=twin;object=kek;serial={first}"]
     assert keys.open_envelope(envelope, on_first) == dek
-    # the first token's wrapping: the second token, named by its serial, cannot unwrap it
-    with pytest.raises(keys.NoMatchingRecipient, match="refused to unwrap"):
+    # the first token's stanza, by its serial, is not the second's to try
+    with pytest.raises(keys.NoMatchingRecipient, match="no recipient in this file matches"):
         keys.open_envelope(envelope, on_second)
     both = keys.seal_envelope(dek, [on_first, on_second])  # an HSM and its twin
     assert len(keys.describe_envelope(both)) == 2
     assert keys.open_envelope(both, on_first) == keys.open_envelope(both, on_second) == dek
+    # a third twin, offline, does not claim its siblings' stanzas (it would stop the search)
+    offline = KeyReference("pkcs11:token=twin;object=kek;serial=OFFLINE" + query)
+    assert keys.open_envelope(both, [offline, on_second]) == dek
     # a stanza as files written before serials were recorded name it: still the key's
     body = keys._envelope.decode(envelope)[0].body
     older = keys._envelope.encode([keys._envelope.Stanza(
         "key-ref", b"pkcs11:token=twin;object=kek", body)])
     assert keys.open_envelope(older, on_first) == dek
+    with pytest.raises(keys.NoMatchingRecipient, match="refused to unwrap"):
+        keys.open_envelope(older, on_second)  # claimed (no serial to tell), not unwrapped
     token = twins[0]  # manufacturer and model narrow the match too, and are recorded
     exact = KeyReference(f"pkcs11:token=twin;object=kek;serial={first};manufacturer="
                          f"{token.manufacturer_id};model={token.model}" + query)

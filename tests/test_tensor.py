@@ -794,3 +794,26 @@ def test_host_batch_worker_error_names_its_tensor_and_stops_the_rest(monkeypatch
         gpucrypt.encrypt_tensors(tensors, os.urandom(32))
     assert any("'t0'" in note for note in getattr(err.value, "__notes__", []))
     assert started[0] in ("t0", "t1") and len(started) < 30
+
+
+def test_out_on_the_ciphertexts_own_memory_keeps_it_on_a_wrong_tag(device):
+    """out= on an in-place result's own memory through another object is an in-place
+    decrypt in effect, on every path: a wrong key leaves the ciphertext there (the GPU
+    path zeroed a separate host out=, which here was the ciphertext itself), the right
+    key then decrypts it, the result is the out= object, and it is spent."""
+    if device == "gpu":
+        require_gpu_backend()
+    key = os.urandom(32)
+    a = np.arange(4096, dtype=np.float32)
+    plain = a.copy()
+    enc = gpucrypt.encrypt_tensor(a, key, inplace=True)
+    ciphertext = a.copy()
+    run = None if device == "cpu" else "gpu"
+    out = a[...]  # another object on the same memory
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensor(enc, os.urandom(32), out=out, device=run)
+    assert a.view(np.uint8).tobytes() == ciphertext.view(np.uint8).tobytes()
+    assert gpucrypt.decrypt_tensor(enc, key, out=out, device=run) is out
+    assert np.array_equal(a, plain)
+    with pytest.raises(ValueError, match="decrypted in place"):
+        enc.to_bytes()

@@ -98,11 +98,12 @@ def wait_ready(file: Any, writing: bool) -> None:
         fd = file.fileno()
     except (AttributeError, OSError, ValueError):
         side = "output" if writing else "input"
-        call = "write() returned None" if writing else "readinto() returned None"
+        call = "write() returned None" if writing else "read returned None"
         raise BlockingIOError(errno.EAGAIN, f"the {side}'s {call}, which a raw file means as "
                               f"'would block', and it has no file descriptor to wait on: give "
                               f"a blocking file object as the {side} (a raw file's "
-                              f"{call.split('(')[0]}() returns the byte count)") from None
+                              f"{'write() returns' if writing else 'reads return'} the byte "
+                              f"count)") from None
     import select  # here: only non-blocking files need it
 
     if hasattr(select, "poll"):  # any descriptor number (select() stops at FD_SETSIZE)

@@ -36,7 +36,7 @@ import threading
 from typing import Any, Mapping
 
 from .._errors import KeyNotFound, KeyProviderError, KeysetError, KeyUnavailable
-from ._uri import KeyUri, parse_key_uri, pkcs11_id_text
+from ._uri import _PKCS11_PATH, KeyUri, parse_key_uri, pkcs11_id_text
 from .references import context_bytes, read_secret_source
 
 try:
@@ -218,8 +218,12 @@ class Pkcs11Key:
             uri = parse_key_uri(stanza_id)
         except (KeysetError, TypeError):
             return False
-        if uri.scheme != "pkcs11":
+        if uri.scheme != "pkcs11" or any(k not in _PKCS11_PATH for k in uri.path):
             return False
+        mine = {"serial": self.serial, "manufacturer": self.manufacturer, "model": self.model}
+        if any(uri.path.get(k) not in (None, mine[k]) and mine[k] is not None
+               for k in _TOKEN_CHOICE):
+            return False  # both name the token, differently: another token's (a twin's)
         key_part = {k: v for k, v in uri.path.items() if k not in _TOKEN_CHOICE}
         return KeyUri("pkcs11", key_part).canonical() == self._key_reference
 

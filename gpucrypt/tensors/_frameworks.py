@@ -90,8 +90,9 @@ def _numpy_dtype_name(dt: np.dtype) -> str:
     if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
         raise ValueError(f"dtype {dt} cannot be encrypted as raw bytes (object, structured or "
                          f"sub-array dtypes are not supported)")
-    native = dt.byteorder in ("=", "|") or (dt.byteorder == "<" and sys.byteorder == "little")
-    if native and dt.name in DTYPE_ITEMSIZE and DTYPE_ITEMSIZE[dt.name] == dt.itemsize:
+    # the portable names are little-endian values (docs/TENSOR_FORMAT.md): told from dt.str,
+    # which spells the byte order out, whatever this machine's
+    if dt.str[0] in "<|" and dt.name in DTYPE_ITEMSIZE and DTYPE_ITEMSIZE[dt.name] == dt.itemsize:
         return dt.name
     return NUMPY_PREFIX + dt.str
 

@@ -1342,6 +1342,9 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
         _single_place([j.enc._place for j in gpu_jobs] + [j.place for j in gpu_jobs])
     _prepare_outputs(todo, stream)
     into_own_ciphertext = _refuse_overlapping_outputs(todo)
+    for job in into_own_ciphertext:  # decrypted in place in effect: so run (dst = src: a wrong
+        job.inplace = True           # tag leaves the ciphertext there), spent, and the result
+        # is still the caller's out= (job.dst_obj)
     # GPU ciphertext decrypted on the CPU is copied down here, in this thread (whose CUDA
     # context and stream order the copy); only host ciphertext goes to the thread pool
     from_device = [j for j in todo if not j.result[0] and j.enc._place != HOST]
@@ -1351,7 +1354,7 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     if gpu_jobs:
         failed += _open_on_gpu(gpu_jobs, stream)
     for job in todo:
-        if (job.inplace or job in into_own_ciphertext) and job not in failed:
+        if job.inplace and job not in failed:
             job.enc._consumed[0] = True
     failed = [j for j in jobs if j in failed or j in misfiled]
     if failed:
