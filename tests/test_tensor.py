@@ -817,3 +817,21 @@ def test_out_on_the_ciphertexts_own_memory_keeps_it_on_a_wrong_tag(device):
     assert np.array_equal(a, plain)
     with pytest.raises(ValueError, match="decrypted in place"):
         enc.to_bytes()
+
+
+def test_dtypes_the_format_cannot_name_are_refused_before_encrypting():
+    """ml_dtypes types outside the format's table (int4, float6, ...) and byte-swapped ones
+    are spelled "<V1" by NumPy, which names plain void bytes: their ciphertext could never
+    be decrypted back. Refused before encrypting, saying what to do; the table's own
+    (bfloat16) and NumPy's (big-endian, void) still round-trip."""
+    import ml_dtypes  # jax's dependency, installed with the test extra
+
+    key = os.urandom(32)
+    for dtype in (ml_dtypes.int4, ml_dtypes.float6_e2m3fn, np.dtype(ml_dtypes.bfloat16).newbyteorder()):
+        with pytest.raises(ValueError, match="no name in gpucrypt's tensor format.*view"):
+            gpucrypt.encrypt_tensor(np.zeros(4, dtype=dtype), key)
+    for dtype in (ml_dtypes.bfloat16, ">f4", "V8"):
+        x = np.frombuffer(os.urandom(32), dtype=dtype)
+        back = gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(
+            gpucrypt.encrypt_tensor(x, key).to_bytes()), key)
+        assert back.dtype == x.dtype and back.tobytes() == x.tobytes()

@@ -94,6 +94,12 @@ def _numpy_dtype_name(dt: np.dtype) -> str:
     # which spells the byte order out, whatever this machine's
     if dt.str[0] in "<|" and dt.name in DTYPE_ITEMSIZE and DTYPE_ITEMSIZE[dt.name] == dt.itemsize:
         return dt.name
+    if dt.kind == "V" and dt.type is not np.void:
+        # an ml_dtypes type outside the table (int4, float6_e2m3fn, ...) or byte-swapped:
+        # NumPy spells it "<V1", which names plain void bytes, so it could never be read back
+        raise ValueError(f"dtype {dt.name} ({dt.str}) has no name in gpucrypt's tensor format, "
+                         f"so its ciphertext could not be decrypted back to it: encrypt its "
+                         f"bytes (x.view(numpy.uint8)) and keep the dtype beside them")
     return NUMPY_PREFIX + dt.str
 
 
@@ -506,7 +512,10 @@ class JaxAdapter(Adapter):
         return _jax_device_place(devices[0])
 
     def dtype_name(self, x):
-        name = numpy_dtype_name(x.dtype)   # JAX's dtypes are NumPy's and ml_dtypes'
+        try:
+            name = numpy_dtype_name(x.dtype)   # JAX's dtypes are NumPy's and ml_dtypes'
+        except ValueError:  # ml_dtypes' sub-byte types, which the table has no name for
+            name = None
         if name not in DTYPE_ITEMSIZE:
             raise ValueError(f"JAX dtype {x.dtype} is not supported (sub-byte dtypes have no "
                              f"plain byte layout)")
