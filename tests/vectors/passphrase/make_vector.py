@@ -25,6 +25,7 @@ sys.path.insert(0, str(HERE.parents[2]))
 
 from gpucrypt import stream  # noqa: E402
 from gpucrypt.keys import Passphrase, _envelope  # noqa: E402
+from gpucrypt.keys import passphrase as _passphrase  # noqa: E402
 from gpucrypt.files._format import prefix_size  # noqa: E402
 
 OUT = HERE / "scrypt.json"
@@ -33,6 +34,7 @@ if __name__ == "__main__":
     if OUT.exists():
         sys.exit(f"{OUT} exists: known-answer files are never rewritten")
     passphrase, log_n = "correct horse battery staple", 10
+    _passphrase.MIN_LOG_N = log_n  # writers refuse a work factor this small otherwise
     salt, dek = os.urandom(16), os.urandom(32)
     stanza = Passphrase(passphrase, log_n=log_n).wrap(dek, _salt=salt)
     envelope = _envelope.encode([stanza])
