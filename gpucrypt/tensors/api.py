@@ -1647,7 +1647,10 @@ def decrypt_tensors(encs: Mapping[str, EncryptedTensor] | Sequence[EncryptedTens
     tensor goes through one ``open_batch`` call. If any tensor fails (wrong tag, or an
     entry filed under another name than it was encrypted with), ``InvalidTag`` names
     them (its ``failed`` attribute lists them) and no plaintext is returned; tensors
-    decrypted in place that did verify are restored.
+    decrypted in place that did verify are restored. A batch that would write where
+    another entry's ciphertext or plaintext lies (one in-place result twice, ``out=``
+    naming one tensor twice or another entry's ciphertext) is refused, ``ValueError``,
+    before anything is written.
     """
     items, rebuild = _items_of(encs)
     if out is None:
