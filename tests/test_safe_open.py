@@ -322,3 +322,38 @@ def test_torch_cuda_slices(files):
         assert got.is_cuda
         same(got.cpu(), ref.get_slice("bf16")[3:9, ::4])
         same(f.get_tensor("f8_e4m3").cpu(), ref.get_tensor("f8_e4m3"))
+
+
+def test_a_forged_table_cannot_make_the_reader_list_billions_of_segments(tmp_path):
+    """Whoever can seal a model file for a reader (a recipient's public key is enough)
+    can write a 200-byte file whose table claims one 2**44-byte tensor in 4 KiB segments:
+    the file's expected length is counted, not listed, so it is refused as truncated at
+    once (the list of 2**32 segments exhausted memory first). Run under a 1 GiB address
+    space in a subprocess."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import hashlib, hmac, json, os, resource
+        from gpucrypt.files import _format, models as m
+        key, salt, n = os.urandom(32), os.urandom(32), 1 << 44
+        table = json.dumps({{"w": {{"data_offsets": [0, n], "dtype": "uint8", "shape": [n]}}}},
+                           sort_keys=True, separators=(",", ":")).encode()
+        prefix = os.urandom(_format.prefix_size("chacha20-poly1305"))
+        fixed = m._fixed_fields("chacha20-poly1305", 4096, False, salt, len(table), n, prefix)
+        body = fixed + _format.variable_fields(None, None) + table
+        mac = hmac.new(m._derive(key, salt, m._HEADER_MAC_INFO, fixed), body,
+                       hashlib.sha256).digest()
+        path = {str(tmp_path / "forged.gc")!r}
+        with open(path, "wb") as f:
+            f.write(body + mac)
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        try:
+            m.safe_open(path, "np", key=key)
+        except BaseException as exc:
+            print(type(exc).__name__, exc)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.startswith("TruncatedError truncated file"), (done.stdout, done.stderr)

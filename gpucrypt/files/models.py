@@ -161,7 +161,9 @@ class ModelHeader:
 
     @property
     def segment_count(self) -> int:
-        return len(_segments(self.tensors, self.segment_size)) if self.tensors is not None else -1
+        """Counted, not listed: a forged header's table can ask for 2**32 segments, and the
+        file's length (which this gives) is checked before any list is made."""
+        return _segment_count(self.tensors, self.segment_size) if self.tensors is not None else -1
 
     @property
     def file_length(self) -> int:
@@ -262,16 +264,24 @@ class _Segment:
         return infos[self.tensor].begin + self.start
 
 
+def _segment_count(infos, segment_size: int) -> int:
+    """How many segments :func:`_segments` makes of ``infos``; OverflowError past the
+    format's limit, before any is made."""
+    count = sum(-(-info.nbytes // segment_size) for info in infos)
+    if count > _format.MAX_SEGMENTS:
+        raise OverflowError(f"the model needs more than {_format.MAX_SEGMENTS} segments of "
+                            f"{segment_size} bytes; use a larger segment_size")
+    return count
+
+
 def _segments(infos, segment_size: int) -> list[_Segment]:
     """Every tensor cut into segments of ``segment_size`` (the last one of each tensor
     short); empty tensors have none. Indices run on across tensors."""
+    _segment_count(infos, segment_size)  # the limit, checked before the list is made
     out: list[_Segment] = []
     for t, info in enumerate(infos):
         for start in range(0, info.nbytes, segment_size):
             out.append(_Segment(len(out), t, start, min(segment_size, info.nbytes - start)))
-    if len(out) > _format.MAX_SEGMENTS:
-        raise OverflowError(f"the model needs more than {_format.MAX_SEGMENTS} segments of "
-                            f"{segment_size} bytes; use a larger segment_size")
     return out
 
 
