@@ -12,6 +12,8 @@ import copy
 import filecmp
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,6 +23,9 @@ from gpucrypt.cli import main as cli
 from gpucrypt.files import checkpoints
 from gpucrypt.files._format import FormatError
 from gpucrypt.stream import AuthenticationError
+# SoftHSM2 and moto's KMS server, set up as for the key provider tests
+from test_key_providers import (PIN, SO_PIN, TOKEN, _hsm_uri, _softhsm_module, env,  # noqa: F401
+                                kms)
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach the hub
 INPUT = torch.tensor([[1, 5, 9, 17, 33, 64, 100, 127, 3, 0]])
@@ -100,6 +105,91 @@ def test_keyset_folder(lib, tiny, tmp_path):
     assert torch.equal(logits_of(model.eval()), want)
 
 
+def test_a_shard_under_another_key_is_refused_even_for_the_same_recipient(lib, tiny, tmp_path):
+    """Anyone with a recipient's public key can seal a file to it. A shard written under
+    such a key of its own (the old salt copied from the public header) must not join the
+    folder: every file opens with the one key unwrapped from the first file's envelope,
+    and a first file replaced that way fails the manifest, MAC'd under the real key."""
+    transformers, _ = lib
+    from safetensors.torch import load_file
+
+    from gpucrypt.keys import Identity, generate_dek, seal_envelope
+
+    d, _, want, _ = tiny
+    alice = Identity.generate()
+    dek = generate_dek()
+    checkpoints.encrypt_checkpoint(d / "plain", tmp_path / "enc", dek, device="cpu",
+                                   envelope=seal_envelope(dek, alice.recipient))
+    model = hf.from_pretrained(transformers.LlamaForCausalLM, tmp_path / "enc", identity=alice)
+    assert torch.equal(logits_of(model.eval()), want)
+    shards = sorted(n for n in os.listdir(tmp_path / "enc") if n.endswith(".safetensors"))
+    for i, (shard, message) in enumerate([
+            (shards[2], f"{shards[2]} is not under this folder's data key"),
+            (shards[0], f"{checkpoints.MANIFEST_NAME} failed authentication")]):
+        enc = copy_folder(tmp_path / "enc", tmp_path / f"forged{i}")
+        forged = {k: torch.full_like(v, 666) for k, v in load_file(d / "plain" / shard).items()}
+        own = generate_dek()  # the forger's; only alice's public key is needed
+        models.save_encrypted(forged, enc / shard, own, device="cpu",
+                              envelope=seal_envelope(own, alice.recipient),
+                              _salt=models.read_header(enc / shard).salt)
+        refused_everywhere(transformers, enc, tmp_path / f"out{i}", AuthenticationError,
+                           message, identity=alice)
+
+
+@pytest.fixture(scope="module")
+def hsm_gcm(env, tmp_path_factory):
+    """The key URI of an AES key on a SoftHSM2 token, forced to AES-GCM (which binds the
+    wrapped key to the file's salt). Made with softhsm2-util and used by the CLI in child
+    processes only: a process loads the PKCS#11 module once, with the token folder it
+    finds then, and the key provider tests may load it in this process for their own."""
+    module = _softhsm_module()
+    secret = tmp_path_factory.mktemp("hsm") / "aes.key"
+    # hex digits: softhsm2-util --aes reads the key file as a line (to a newline or a zero)
+    secret.write_bytes(os.urandom(16).hex().encode())
+    for argv in (["--init-token", "--free", "--label", TOKEN, "--so-pin", SO_PIN],
+                 ["--import", str(secret), "--aes", "--token", TOKEN, "--label", "kek",
+                  "--id", "01"]):
+        subprocess.run(["softhsm2-util", *argv, "--pin", PIN], check=True, capture_output=True)
+    return _hsm_uri({"module": module}, "kek", "&x-wrap=aes-gcm")
+
+
+def child_cli(*argv) -> None:
+    done = subprocess.run([sys.executable, "-m", "gpucrypt", *map(str, argv)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("provider", ["kms", "hsm_gcm"])
+def test_kek_folder_round_trip(request, provider, tiny, tmp_path):
+    """encrypt-model FOLDER --kek with a key that binds the wrapped key to a file's salt
+    (AWS KMS encryption context, PKCS#11 AES-GCM associated data): each model file gets
+    an envelope sealed for its own salt, so that decrypt-model FOLDER --kek opens the
+    folder, and each file opens on its own."""
+    from gpucrypt.keys._envelope import decode
+
+    d, _, _, _ = tiny
+    if provider == "kms":
+        kms = request.getfixturevalue("kms")
+        uri = kms.uri(kms.new_key())
+    else:
+        uri = request.getfixturevalue("hsm_gcm")
+    enc, back = tmp_path / "enc", tmp_path / "back"
+    child_cli("encrypt-model", "--kek", uri, "--device", "cpu", d / "plain", enc)
+    child_cli("decrypt-model", "--kek", uri, enc, back)
+    assert sorted(os.listdir(back)) == sorted(os.listdir(d / "plain"))
+    for name in os.listdir(d / "plain"):
+        assert filecmp.cmp(d / "plain" / name, back / name, shallow=False), name
+    shards = sorted(n for n in os.listdir(enc) if n.endswith(".safetensors"))
+    stanzas = [decode(models.read_header(enc / n).envelope) for n in shards]
+    assert all(len(s) == 1 and s[0].kind == "key-ref" for s in stanzas)
+    assert len({s[0].body for s in stanzas}) == len(shards)  # one wrapping per file
+    if provider == "hsm_gcm":
+        assert {s[0].body[0] for s in stanzas} == {3}  # AES-GCM (pkcs11.WRAP_CODES)
+    shard = shards[-1]
+    child_cli("decrypt-model", "--kek", uri, enc / shard, tmp_path / shard)
+    assert filecmp.cmp(d / "plain" / shard, tmp_path / shard, shallow=False)
+
+
 def test_a_tampered_shard_fails_and_builds_no_model(lib, tiny, tmp_path):
     transformers, _ = lib
     d, _, _, key = tiny
@@ -148,6 +238,18 @@ def copy_folder(src, dst):
     for name in os.listdir(src):
         (dst / name).write_bytes((src / name).read_bytes())
     return dst
+
+
+def refused_everywhere(transformers, folder, out, error, message, **keys) -> None:
+    """Loading, building a model and decrypting ``folder`` (to ``out``, which must not
+    appear) each raise ``error`` matching ``message``."""
+    with pytest.raises(error, match=message):
+        checkpoints.load_checkpoint(folder, **keys)
+    with pytest.raises(error, match=message):
+        hf.from_pretrained(transformers.LlamaForCausalLM, folder, **keys)
+    with pytest.raises(error, match=message):
+        checkpoints.decrypt_checkpoint(folder, out, **keys)
+    assert not out.exists()
 
 
 def reseal(folder, key):
@@ -224,13 +326,7 @@ def test_the_manifest_authenticates_every_file(lib, tiny, tmp_path):
         enc = copy_folder(d / "enc", tmp_path / f"enc{i}")
         change(enc)
         error = FormatError if "has no" in message else AuthenticationError
-        with pytest.raises(error, match=message):
-            checkpoints.load_checkpoint(enc, key=key)
-        with pytest.raises(error, match=message):
-            hf.from_pretrained(transformers.LlamaForCausalLM, enc, key=key)
-        with pytest.raises(error, match=message):
-            checkpoints.decrypt_checkpoint(enc, tmp_path / f"out{i}", key=key)
-        assert not (tmp_path / f"out{i}").exists()
+        refused_everywhere(transformers, enc, tmp_path / f"out{i}", error, message, key=key)
     with pytest.raises(AuthenticationError, match="failed authentication"):
         checkpoints.load_checkpoint(d / "enc", key=bytes(32))
 
@@ -250,6 +346,34 @@ def test_folders_that_are_refused(tiny, tmp_path, capsys):
     assert cli(["encrypt-model", "--key-file", key, str(odd), str(tmp_path / "out")]) == 1
     assert "model.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and os.listdir(tmp_path) == ["odd"]  # no leftovers
+
+
+def test_weights_are_found_whatever_the_suffix_case(tiny, tmp_path, capsys):
+    """A .SafeTensors file is a model file (encrypted, not copied in the clear); NumPy
+    and other weight files are refused, in any case, naming the file."""
+    from safetensors.torch import load_file
+
+    d, _, _, key = tiny
+    shards = sorted(n for n in os.listdir(d / "plain") if n.endswith(".safetensors"))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "a.safetensors").write_bytes((d / "plain" / shards[0]).read_bytes())
+    (plain / "b.SafeTensors").write_bytes((d / "plain" / shards[1]).read_bytes())
+    (plain / "config.json").write_text("{}")
+    checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", key, device="cpu")
+    for name in ("a.safetensors", "b.SafeTensors"):
+        assert (tmp_path / "enc" / name).read_bytes()[:8] == models.MAGIC, name
+    got = checkpoints.load_checkpoint(tmp_path / "enc", key=key)
+    want = {**load_file(plain / "a.safetensors"), **load_file(plain / "b.SafeTensors")}
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    for i, extra in enumerate(["extra_weights.npy", "adapter.NPZ", "model.Bin", "w.pickle"]):
+        (plain / extra).write_bytes(b"\x93NUMPY weights")
+        assert cli(["encrypt-model", "--key-file", str(d / "key"), str(plain),
+                    str(tmp_path / f"out{i}")]) == 1
+        assert f"{extra} holds weights in a format other than safetensors" in \
+            capsys.readouterr().err
+        assert not (tmp_path / f"out{i}").exists()
+        (plain / extra).unlink()
 
 
 def test_lora_adapter(lib, tiny, tmp_path):

@@ -410,6 +410,19 @@ def test_model_files_bind_their_salt_too(kms, tmp_path, capsys):
                         "--kek", uri)
     assert code == 0, err
     assert (tmp_path / "back.safetensors").read_bytes() == (tmp_path / "m.safetensors").read_bytes()
+    # the library opens it too, with the key's reference: bound to the file's salt as the
+    # command line sealed it (the library opened without that context and was refused)
+    from gpucrypt import models
+
+    with models.safe_open(tmp_path / "m.gc", "np", identity=KeyReference(uri)) as f:
+        assert numpy.array_equal(f.get_tensor("w"), numpy.arange(300, dtype=numpy.float32))
+    # and an envelope that gpucrypt.keys.seal_envelope made with no context, which
+    # save_encrypted takes as it is
+    dek = keys.generate_dek()
+    models.save_encrypted({"w": numpy.arange(5.0)}, tmp_path / "lib.gc", dek,
+                          envelope=keys.seal_envelope(dek, KeyReference(uri)))
+    with models.safe_open(tmp_path / "lib.gc", "np", identity=KeyReference(uri)) as f:
+        assert numpy.array_equal(f.get_tensor("w"), numpy.arange(5.0))
 
 
 

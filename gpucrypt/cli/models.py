@@ -26,7 +26,10 @@ decrypt onto a GPU, load the file with :func:`gpucrypt.models.load_encrypted` in
 Folders (:mod:`gpucrypt.files.checkpoints`): every ``*.safetensors`` file (the shards a
 ``model.safetensors.index.json`` lists, a PEFT ``adapter_model.safetensors``) becomes a
 model file of the same name under one data key; config, index and tokenizer files are
-copied. OUT must be new (or an empty folder) and appears whole at the end.
+copied. OUT must be new (or an empty folder) and appears whole at the end. With ``--kek``
+each model file's envelope is sealed for its own salt (AWS KMS and PKCS#11 AES-GCM bind
+the wrapped key to it), so each file opens on its own too; the other recipients'
+stanzas are the same in every file.
 """
 from __future__ import annotations
 
@@ -153,11 +156,38 @@ def _run_encrypt_checkpoint(args) -> int:
     _check_folder_output(args)
     _safetensors()
     key, key_id, envelope = encrypt_keys(args)
+    if envelope is not None and getattr(args, "kek", None):
+        envelope = _envelope_per_file(args, key, envelope)
     run_reporting_errors(args, lambda: checkpoints.encrypt_checkpoint(
         args.input, args.output, key, key_id=key_id, envelope=envelope,
         algorithm=args.algorithm, encrypt_names=args.encrypt_names,
         segment_size=args.segment_size, device=args.device))
     return 0
+
+
+def _envelope_per_file(args, key: bytes, envelope: bytes):
+    """``envelope`` for a folder, whose model files each have their own random salt (their
+    keys derive from it). It was sealed for one file (``args.file_salt``), and its
+    ``--kek`` stanzas bind that salt (AWS KMS encryption context, PKCS#11 AES-GCM
+    associated data: :func:`gpucrypt.keys.file_context`), so they would open in no other
+    file. The envelope of each file (a function of its salt, for ``encrypt_checkpoint``):
+    those stanzas wrapped again for its salt, the others (public keys, keysets, which
+    bind nothing) as they are. ``envelope`` itself when it has no such stanza."""
+    from ..keys import _envelope, file_context, seal_envelope
+    from .keys import _key_references, _keys_call
+
+    stanzas = _envelope.decode(envelope)
+    if not any(s.kind == "key-ref" for s in stanzas):
+        return envelope
+    kept = [s for s in stanzas if s.kind != "key-ref"]
+    # a file: reference is a keyset (an aes-kwp stanza, kept); the others make key-ref stanzas
+    references = [r for r in _key_references(args.kek, args) if r.scheme != "file"]
+
+    def for_salt(salt: bytes) -> bytes:
+        bound = _keys_call(seal_envelope, key, references, context=file_context(salt))
+        return _envelope.encode(kept + _envelope.decode(bound))
+
+    return for_salt
 
 
 def _run_decrypt_checkpoint(args) -> int:

@@ -77,6 +77,7 @@ def model_key(header: Any, key: Any = None, keyset: Any = None, identity: Any = 
                          "to unwrap the file's data key")
     from ..keys import NoMatchingRecipient, open_envelope
     from ..keys.recipients import identity_list
+    from ..keys.references import file_context
 
     if not header.envelope:
         raise NoMatchingRecipient("this model file carries no envelope: it was encrypted with a "
@@ -84,7 +85,13 @@ def model_key(header: Any, key: Any = None, keyset: Any = None, identity: Any = 
     items = identity_list(identity)
     if keyset is not None:
         items.append(keyset)
-    return open_envelope(header.envelope, items)
+    # KMS and PKCS#11 stanzas are bound to a context: the file's salt, as the CLI seals
+    # them; or none, as gpucrypt.keys.seal_envelope makes the envelope that models.encrypt
+    # and encrypt_checkpoint take (the header MAC authenticates the envelope either way)
+    try:
+        return open_envelope(header.envelope, items, context=file_context(header.salt))
+    except NoMatchingRecipient:
+        return open_envelope(header.envelope, items)
 
 
 def _device(device: Any) -> str:
@@ -289,8 +296,9 @@ def _normalise(index: Any, shape: tuple) -> tuple[list[range], tuple]:
             ranges.append(range(start, stop, step))
             normal.append(slice(start, stop, step))
         else:
-            raise TypeError(f"index with ints, slices and '...' only, not {type(item).__name__} "
-                            f"(as safetensors' get_slice)")
+            raise TypeError(f"index with ints, slices and '...' only, not {type(item).__name__}: "
+                            f"load the slice with those, then index it further (safetensors' "
+                            f"torch slices also take None, bools and lists; this one does not)")
     return ranges, tuple(normal)
 
 

@@ -17,14 +17,21 @@ Public API::
 Rules:
 
 - one data key for the whole folder (each file still derives its own keys from its
-  own random salt); with recipients or a keyset its envelope is in every file, and
-  loading unwraps it once;
+  own random salt). With recipients, a keyset or key references the key is wrapped in
+  an envelope in every file: the same one, or with ``envelope=`` a function of the
+  file's salt, one sealed for each file (AWS KMS and PKCS#11 AES-GCM bind a wrapped
+  key to one file's salt, :func:`gpucrypt.keys.file_context`). Loading unwraps the key
+  once, from the envelope of the first model file (in name order), and opens every
+  file with that key and no other: a file written under another data key fails its
+  header MAC even when its own envelope opens for the same recipient (anyone holding a
+  recipient's public key can seal a file to it);
 - ``dst`` is written as a temporary folder beside it and renamed into place at the
   end: it appears complete or not at all. It must not exist (an empty folder is
   replaced); nothing is ever deleted to make room;
-- refused: a folder holding weights in another format (``.bin``, ``.pt``, ``.pth``,
-  ``.ckpt``, ``.h5``, ``.msgpack``, ``.gguf``, ``.pkl``, ``.npz``, ``.onnx``: copying them
-  would ship plaintext weights) or subfolders (encrypt each one on its own);
+- a model file is any ``*.safetensors`` file, the suffix in any case;
+- refused: a folder holding weights in another format (``PLAIN_WEIGHT_SUFFIXES``:
+  ``.bin``, ``.pt``, ``.npy``, ``.gguf``, ... in any case: copying them would ship
+  plaintext weights) or subfolders (encrypt each one on its own);
 - loading checks the tensors against the index: every name the index lists, from the
   file it names, and no other.
 
@@ -32,15 +39,20 @@ Rules:
   the SHA-256 of each copied file (the index, ``config.json``, tokenizer files...) and
   the salt of each model file (random per file and authenticated by the file's own
   header MAC, it names that one encryption; ``gpucrypt rekey`` keeps it), under an
-  HMAC-SHA256 keyed from the data key (HKDF, its own salt and label). Loading and
-  decrypting check it first, before any tensor is decrypted: a changed, added, removed,
-  renamed or swapped file, a model file taken from another folder encrypted under the
-  same key, or a changed manifest fails with ``AuthenticationError`` naming the file.
+  HMAC-SHA256 keyed from the folder's data key (HKDF, its own salt and label). Loading
+  and decrypting check it first, and each model file's header MAC (salt, envelope, key
+  id, tensor table), all under the one key, before any tensor is decrypted: a changed,
+  added, removed, renamed or swapped file, a model file taken from another folder
+  encrypted under the same key or written under another key, or a changed manifest
+  fails with ``AuthenticationError`` naming the file.
 
 Not protected: the copied files are authenticated, not encrypted (``config.json`` and
 the index stay readable, as the tensor names and shapes in the headers do unless
 ``encrypt_names``); the folder's name; which version of a folder is the newest (an
-older folder encrypted under the same key verifies as itself: rotate keys to retire one).
+older folder encrypted under the same key verifies as itself: rotate keys to retire one);
+who wrote a folder sealed only to public-key recipients (anyone with the public key can
+write a whole folder of their own); a file changed after the check and read again later
+(``gpucrypt.hf`` reads ``config.json`` after the check).
 """
 from __future__ import annotations
 
@@ -68,8 +80,11 @@ _MANIFEST_MAC_INFO = b"gpucrypt checkpoint manifest v1 mac"
 
 INDEX_SUFFIX = ".safetensors.index.json"
 #: weight formats that must not be copied into an encrypted folder
-PLAIN_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".pkl",
-                         ".npz", ".onnx")
+#: (compared in lower case)
+PLAIN_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".hdf5", ".keras", ".msgpack",
+                         ".gguf", ".ggml", ".pkl", ".pickle", ".joblib", ".npy", ".npz",
+                         ".onnx", ".tflite", ".pb", ".pdparams")
+_SAFETENSORS = ".safetensors"
 
 
 @dataclass(frozen=True)
@@ -99,11 +114,12 @@ def checkpoint_layout(folder: Any) -> CheckpointLayout:
                           f"encrypt each checkpoint folder on its own")
     foreign = [n for n in names if n.lower().endswith(PLAIN_WEIGHT_SUFFIXES)]
     if foreign:
-        raise FormatError(f"{foreign[0]} holds weights in a format other than safetensors; they "
-                          f"would be copied in the clear: convert them to safetensors "
-                          f"(save_pretrained(safe_serialization=True)) or remove them")
-    indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
-    tensor_files = tuple(n for n in names if n.endswith(".safetensors"))
+        raise FormatError(f"{foreign[0]} holds weights in a format other than safetensors "
+                          f"(.{foreign[0].rsplit('.', 1)[-1]}); it would be copied in the clear: "
+                          f"convert it to safetensors (save_pretrained(safe_serialization=True), "
+                          f"safetensors.numpy.save_file) or move it out of the folder")
+    indexes = [n for n in names if n.lower().endswith(INDEX_SUFFIX)]
+    tensor_files = tuple(n for n in names if n.lower().endswith(_SAFETENSORS))
     if len(indexes) > 1:
         raise FormatError(f"several indexes in one folder ({', '.join(indexes)}): keep one")
     if not tensor_files:
@@ -128,7 +144,7 @@ def _read_weight_map(path: str) -> dict:
                           f"weight_map ({type(exc).__name__})") from None
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and os.path.basename(v) == v
-            and v.endswith(".safetensors") for k, v in weight_map.items()):
+            and v.lower().endswith(_SAFETENSORS) for k, v in weight_map.items()):
         raise FormatError(f"{os.path.basename(path)}: weight_map must map tensor names to "
                           f".safetensors file names in the same folder")
     return weight_map
@@ -171,8 +187,9 @@ def _write_manifest(folder: str, key: bytes, salts: dict) -> None:
 
 
 def _check_manifest(layout: CheckpointLayout, key: bytes) -> None:
-    """Check the folder against its manifest (see the module docstring) before anything
-    is decrypted; ``AuthenticationError`` or ``FormatError`` naming what is wrong."""
+    """Check the folder against its manifest (see the module docstring), and every model
+    file's header, under the folder's one data ``key``, before anything is decrypted;
+    ``AuthenticationError`` or ``FormatError`` naming what is wrong."""
     from . import models
 
     path = os.path.join(layout.folder, MANIFEST_NAME)
@@ -207,9 +224,16 @@ def _check_manifest(layout: CheckpointLayout, key: bytes) -> None:
     for name in sorted(files):
         entry, full = files[name], os.path.join(layout.folder, name)
         if name in layout.tensor_files:
-            # read unauthenticated here; loading checks the header (salt included) with the key
-            good = "salt" in entry and hmac.compare_digest(
-                models.read_header(full).salt.hex().encode(), str(entry["salt"]).encode())
+            # the header (salt and envelope included) checked under the folder's one key
+            try:
+                salt = models.read_header(full, key).salt
+            except AuthenticationError:
+                raise AuthenticationError(
+                    f"{name} is not under this folder's data key (its header fails "
+                    f"authentication with the key of {layout.tensor_files[0]}): it was "
+                    f"replaced by a file encrypted on its own") from None
+            good = "salt" in entry and hmac.compare_digest(salt.hex().encode(),
+                                                          str(entry["salt"]).encode())
         else:
             good = "sha256" in entry and hmac.compare_digest(
                 _file_sha256(full).encode(), str(entry["sha256"]).encode())
@@ -248,8 +272,12 @@ def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = Non
     """Encrypt the checkpoint folder ``src`` into the new folder ``dst`` (see the module
     docstring): each ``*.safetensors`` file with :func:`gpucrypt.models.save_encrypted`
     (read a segment at a time; its ``__metadata__`` kept), the rest copied.
-    ``save_options``: ``algorithm``, ``segment_size``, ``encrypt_names``, ``device``,
-    ``threads``. Returns the headers, in file-name order."""
+    ``envelope``: the envelope bytes for every file, or a function called with each
+    model file's salt (drawn fresh) returning that file's envelope, for wrapped keys
+    bound to the file (``lambda salt: keys.seal_envelope(key, references,
+    context=keys.file_context(salt))``). ``save_options``: ``algorithm``,
+    ``segment_size``, ``encrypt_names``, ``device``, ``threads``. Returns the headers,
+    in file-name order."""
     from . import models
     from ._safetensors import open_safetensors
 
@@ -260,6 +288,9 @@ def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = Non
     def fill(temp: str) -> None:
         for name in layout.tensor_files:
             path = os.path.join(layout.folder, name)
+            # an envelope bound to the file is sealed for the salt the file will carry
+            salt = os.urandom(_format.SALT_SIZE) if callable(envelope) else None
+            file_envelope = envelope(salt) if callable(envelope) else envelope
             fd = os.open(path, os.O_RDONLY)
             try:
                 try:
@@ -268,7 +299,7 @@ def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = Non
                     raise FormatError(f"{name}: {exc}") from None
                 headers.append(models.save_encrypted(
                     tensors, os.path.join(temp, name), key, metadata, key_id=key_id,
-                    envelope=envelope, **save_options))
+                    envelope=file_envelope, _salt=salt, **save_options))
             finally:
                 os.close(fd)
         _copy_others(layout, temp)
@@ -278,26 +309,18 @@ def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = Non
     return headers
 
 
-class _Keys:
-    """The key of each model file of one folder: ``key``, or the data key unwrapped
-    from the file's envelope (once per distinct envelope)."""
+def _folder_key(layout: CheckpointLayout, key: Any, keyset: Any, identity: Any) -> bytes:
+    """The folder's one data key: ``key``, or the key unwrapped from the envelope of the
+    first model file (read unauthenticated, only to find the envelope). The manifest and
+    then every model file's header MAC are checked under this key, so a file whose own
+    envelope holds another data key (sealed to the same public key by anyone) fails."""
+    from . import models
+    from ._safe_open import model_key
 
-    def __init__(self, key: Any, keyset: Any, identity: Any):
-        self._given = (key, keyset, identity)
-        self._unwrapped: dict = {}
-
-    def __call__(self, path: str) -> bytes:
-        from . import models
-        from ._safe_open import model_key
-
-        key, keyset, identity = self._given
-        if key is not None:
-            return model_key(None, key)
-        header = models.read_header(path)  # unauthenticated: only to find the envelope
-        envelope = header.envelope or b""
-        if envelope not in self._unwrapped:
-            self._unwrapped[envelope] = model_key(header, None, keyset, identity)
-        return self._unwrapped[envelope]
+    header = None
+    if key is None:
+        header = models.read_header(os.path.join(layout.folder, layout.tensor_files[0]))
+    return model_key(header, key, keyset, identity)
 
 
 def decrypt_checkpoint(src: Any, dst: Any, *, key: Any = None, keyset: Any = None,
@@ -308,14 +331,14 @@ def decrypt_checkpoint(src: Any, dst: Any, *, key: Any = None, keyset: Any = Non
     from . import models
 
     layout = checkpoint_layout(src)
-    keys = _Keys(key, keyset, identity)
-    _check_manifest(layout, keys(os.path.join(layout.folder, layout.tensor_files[0])))
+    key = _folder_key(layout, key, keyset, identity)
+    _check_manifest(layout, key)
     headers: list = []
 
     def fill(temp: str) -> None:
         for name in layout.tensor_files:
             path = os.path.join(layout.folder, name)
-            headers.append(models.export_safetensors(path, os.path.join(temp, name), keys(path),
+            headers.append(models.export_safetensors(path, os.path.join(temp, name), key,
                                                      threads=threads))
         _copy_others(layout, temp)
 
@@ -337,12 +360,12 @@ def load_checkpoint(folder: Any, *, key: Any = None, keyset: Any = None, identit
     from . import models
 
     layout = checkpoint_layout(folder)
-    keys = _Keys(key, keyset, identity)
-    _check_manifest(layout, keys(os.path.join(layout.folder, layout.tensor_files[0])))
+    key = _folder_key(layout, key, keyset, identity)
+    _check_manifest(layout, key)
     state: dict = {}
     for name in layout.tensor_files:
         path = os.path.join(layout.folder, name)
-        tensors = models.load_encrypted(path, keys(path), device, framework=framework,
+        tensors = models.load_encrypted(path, key, device, framework=framework,
                                         threads=threads)
         for tensor_name in tensors:
             if tensor_name in state:
