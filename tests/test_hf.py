@@ -376,6 +376,32 @@ def test_weights_are_found_whatever_the_suffix_case(tiny, tmp_path, capsys):
         (plain / extra).unlink()
 
 
+def test_folders_written_under_older_rules_still_load(tiny, tmp_path, capsys):
+    """What a folder holds is its manifest's word (model files listed with a salt, copied
+    files with a digest), not this version's suffix rules: a folder an earlier version
+    wrote with a file it now refuses (scaler.npy) or one whose suffix it now reads as a
+    model file (x.SAFETENSORS, then copied in the clear) loads and decrypts as before."""
+    d, _, _, key = tiny
+    shard = sorted(n for n in os.listdir(d / "plain") if n.endswith(".safetensors"))[0]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "model.safetensors").write_bytes((d / "plain" / shard).read_bytes())
+    (plain / "scaler.dat").write_bytes(b"\x93NUMPY scaler")
+    (plain / "extra.dat").write_bytes(b"copied as it is")
+    enc = tmp_path / "enc"
+    headers = checkpoints.encrypt_checkpoint(plain, enc, key, device="cpu")
+    # as an earlier version would have written it: the same files under names it allowed
+    (enc / "scaler.dat").rename(enc / "scaler.npy")
+    (enc / "extra.dat").rename(enc / "extra.SAFETENSORS")
+    checkpoints._write_manifest(str(enc), key, {"model.safetensors": headers[0].salt})
+    loaded = checkpoints.load_checkpoint(enc, key=key)
+    assert sorted(loaded) == sorted(models.load_encrypted(enc / "model.safetensors", key))
+    (d / "key").chmod(0o600)
+    assert cli(["decrypt-model", "--key-file", str(d / "key"), str(enc), str(tmp_path / "back")]) == 0
+    assert (tmp_path / "back" / "scaler.npy").read_bytes() == b"\x93NUMPY scaler"
+    assert (tmp_path / "back" / "extra.SAFETENSORS").read_bytes() == b"copied as it is"
+
+
 def test_lora_adapter(lib, tiny, tmp_path):
     transformers, peft = lib
     d, model, base_logits, key = tiny

@@ -423,6 +423,41 @@ def test_model_files_bind_their_salt_too(kms, tmp_path, capsys):
                           envelope=keys.seal_envelope(dek, KeyReference(uri)))
     with models.safe_open(tmp_path / "lib.gc", "np", identity=KeyReference(uri)) as f:
         assert numpy.array_equal(f.get_tensor("w"), numpy.arange(5.0))
+    # ... which the command line decrypts and rekeys too, as every other reader does
+    code, _, err = _cli(capsys, "decrypt-model", tmp_path / "lib.gc", tmp_path / "lib.safetensors",
+                        "--kek", uri)
+    assert code == 0, err
+    other = keys.WrappingKey("other", os.urandom(32))
+    keys.rekey_file(tmp_path / "lib.gc", recipients=[other], identities=[KeyReference(uri)])
+    with models.safe_open(tmp_path / "lib.gc", "np", identity=other) as f:
+        assert numpy.array_equal(f.get_tensor("w"), numpy.arange(5.0))
+
+
+def test_a_file_envelope_is_tried_without_its_context_only_for_key_references(monkeypatch):
+    """Opening a file's envelope with its context, then without, is for key references
+    alone (stanzas sealed before contexts, or by seal_envelope's default): a passphrase
+    or a wrapping key takes no context, so their failure is not tried twice (scrypt run
+    twice, every failure audited twice)."""
+    from gpucrypt.keys import passphrase, recipients
+
+    monkeypatch.setattr(passphrase, "MIN_LOG_N", 10)
+    calls = []
+    real = recipients.open_envelope
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("context"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipients, "open_envelope", counted)
+    dek, salt = keys.generate_dek(), os.urandom(16)
+    for sealed_for, opened_with in ((keys.Passphrase("right", log_n=10), keys.Passphrase("wrong")),
+                                    (keys.WrappingKey("k", os.urandom(32)),
+                                     keys.WrappingKey("k", os.urandom(32)))):
+        envelope = keys.seal_envelope(dek, sealed_for)
+        calls.clear()
+        with pytest.raises(keys.NoMatchingRecipient):
+            recipients.open_file_envelope(envelope, opened_with, salt)
+        assert calls == [keys.file_context(salt)]
 
 
 

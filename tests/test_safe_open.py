@@ -328,8 +328,15 @@ def test_a_forged_table_cannot_make_the_reader_list_billions_of_segments(tmp_pat
     """Whoever can seal a model file for a reader (a recipient's public key is enough)
     can write a 200-byte file whose table claims one 2**44-byte tensor in 4 KiB segments:
     the file's expected length is counted, not listed, so it is refused as truncated at
-    once (the list of 2**32 segments exhausted memory first). Run under a 1 GiB address
-    space in a subprocess."""
+    once (the list of 2**32 segments exhausted memory first); one that claims more than
+    the format's 2**32 is not a file gpucrypt wrote. Run under a 1 GiB address space in a
+    subprocess."""
+    for n, error in ((1 << 44, "TruncatedError truncated file"),
+                     (1 << 45, "FormatError the file's table asks for more than")):
+        _open_forged(tmp_path, n, error)
+
+
+def _open_forged(tmp_path, n: int, error: str) -> None:
     import subprocess
     import sys
     import textwrap
@@ -337,7 +344,7 @@ def test_a_forged_table_cannot_make_the_reader_list_billions_of_segments(tmp_pat
     code = textwrap.dedent(f"""
         import hashlib, hmac, json, os, resource
         from gpucrypt.files import _format, models as m
-        key, salt, n = os.urandom(32), os.urandom(32), 1 << 44
+        key, salt, n = os.urandom(32), os.urandom(32), {n}
         table = json.dumps({{"w": {{"data_offsets": [0, n], "dtype": "uint8", "shape": [n]}}}},
                            sort_keys=True, separators=(",", ":")).encode()
         prefix = os.urandom(_format.prefix_size("chacha20-poly1305"))
@@ -356,4 +363,4 @@ def test_a_forged_table_cannot_make_the_reader_list_billions_of_segments(tmp_pat
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
-    assert done.stdout.startswith("TruncatedError truncated file"), (done.stdout, done.stderr)
+    assert done.stdout.startswith(error), (done.stdout, done.stderr)

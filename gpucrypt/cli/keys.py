@@ -206,11 +206,9 @@ def _key_references(uris: list[str], args: Any) -> list:
     return refs
 
 
-def _file_context(header: Any) -> dict:
-    from ..keys import file_context
-
+def _header_salt(header: Any) -> bytes:
     salt = header.get("salt") if isinstance(header, dict) else getattr(header, "salt", None)
-    return file_context(salt or b"")
+    return salt or b""
 
 
 def resolve_encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes] | None:
@@ -241,6 +239,7 @@ def resolve_decrypt_key(args: Any, header: Any) -> bytes | None:
     """The data key of the file whose parsed ``header`` (from ``stream.read_header``) is
     given, unwrapped with the ``-i``/``--keyset`` options; None when neither was given."""
     from ..keys import open_envelope
+    from ..keys.recipients import open_file_envelope
 
     envelope = header.get("envelope") if isinstance(header, dict) else getattr(header, "envelope", None)
     stanza = _passphrase_stanza(envelope)
@@ -262,7 +261,7 @@ def resolve_decrypt_key(args: Any, header: Any) -> bytes | None:
     if not envelope:
         raise CliError("this file carries no envelope (it was encrypted with a raw key): "
                        "-i/--keyset/--kek cannot open it", 1)
-    return _keys_call(open_envelope, envelope, identities, context=_file_context(header))
+    return _keys_call(open_file_envelope, envelope, identities, _header_salt(header))
 
 
 def _passphrase_stanza(envelope: bytes | None):

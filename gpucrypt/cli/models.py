@@ -196,7 +196,7 @@ def _run_decrypt_checkpoint(args) -> int:
     _check_folder_output(args)
 
     def work():
-        layout = checkpoints.checkpoint_layout(args.input)
+        layout = checkpoints.checkpoint_layout(args.input, encrypted=True)
         # unauthenticated: only to find the envelope (one data key for the folder)
         header = models.read_header(os.path.join(args.input, layout.tensor_files[0]))
         checkpoints.decrypt_checkpoint(args.input, args.output, key=decrypt_key(args, header))

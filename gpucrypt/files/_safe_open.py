@@ -75,9 +75,8 @@ def model_key(header: Any, key: Any = None, keyset: Any = None, identity: Any = 
     if keyset is None and identity is None:
         raise ValueError("no key given: pass key= (32 bytes), or keyset= and/or identity= "
                          "to unwrap the file's data key")
-    from ..keys import NoMatchingRecipient, open_envelope
-    from ..keys.recipients import identity_list
-    from ..keys.references import file_context
+    from ..keys import NoMatchingRecipient
+    from ..keys.recipients import identity_list, open_file_envelope
 
     if not header.envelope:
         raise NoMatchingRecipient("this model file carries no envelope: it was encrypted with a "
@@ -85,13 +84,7 @@ def model_key(header: Any, key: Any = None, keyset: Any = None, identity: Any = 
     items = identity_list(identity)
     if keyset is not None:
         items.append(keyset)
-    # KMS and PKCS#11 stanzas are bound to a context: the file's salt, as the CLI seals
-    # them; or none, as gpucrypt.keys.seal_envelope makes the envelope that models.encrypt
-    # and encrypt_checkpoint take (the header MAC authenticates the envelope either way)
-    try:
-        return open_envelope(header.envelope, items, context=file_context(header.salt))
-    except NoMatchingRecipient:
-        return open_envelope(header.envelope, items)
+    return open_file_envelope(header.envelope, items, header.salt)
 
 
 def _device(device: Any) -> str:

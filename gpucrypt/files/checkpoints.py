@@ -12,7 +12,7 @@ Public API::
     decrypt_checkpoint(src, dst, *, key=None, keyset=None, identity=None) -> list
     load_checkpoint(folder, *, key=None, keyset=None, identity=None, device="cpu",
                     framework="torch", threads=None) -> dict     # the merged state dict
-    checkpoint_layout(folder) -> CheckpointLayout
+    checkpoint_layout(folder, *, encrypted=False) -> CheckpointLayout
 
 Rules:
 
@@ -100,10 +100,15 @@ class CheckpointLayout:
     other_files: tuple
 
 
-def checkpoint_layout(folder: Any) -> CheckpointLayout:
+def checkpoint_layout(folder: Any, *, encrypted: bool = False) -> CheckpointLayout:
     """The layout of ``folder``; ``FormatError`` for a folder that is not one checkpoint
     (no tensor file, several indexes, an index naming a file that is not there, a
-    subfolder or plaintext weights in another format)."""
+    subfolder or plaintext weights in another format).
+
+    ``encrypted``: the layout of a folder :func:`encrypt_checkpoint` wrote, whose model
+    files are the ones its manifest lists with a salt (authenticated later by
+    ``_check_manifest``), and whose other files are refused nothing: the rules for which
+    files may be copied are the encrypting version's, not this one's."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"not a folder: {folder}")
@@ -112,14 +117,20 @@ def checkpoint_layout(folder: Any) -> CheckpointLayout:
     if subfolders:
         raise FormatError(f"the checkpoint folder has subfolders ({', '.join(subfolders[:3])}): "
                           f"encrypt each checkpoint folder on its own")
-    foreign = [n for n in names if n.lower().endswith(PLAIN_WEIGHT_SUFFIXES)]
-    if foreign:
-        raise FormatError(f"{foreign[0]} holds weights in a format other than safetensors "
-                          f"(.{foreign[0].rsplit('.', 1)[-1]}); it would be copied in the clear: "
-                          f"convert it to safetensors (save_pretrained(safe_serialization=True), "
-                          f"safetensors.numpy.save_file) or move it out of the folder")
-    indexes = [n for n in names if n.lower().endswith(INDEX_SUFFIX)]
-    tensor_files = tuple(n for n in names if n.lower().endswith(_SAFETENSORS))
+    listed = _manifest_model_files(folder) if encrypted else None
+    if listed is None:
+        foreign = [n for n in names if n.lower().endswith(PLAIN_WEIGHT_SUFFIXES)]
+        if foreign:
+            raise FormatError(f"{foreign[0]} holds weights in a format other than safetensors "
+                              f"(.{foreign[0].rsplit('.', 1)[-1]}); it would be copied in the "
+                              f"clear: convert it to safetensors (save_pretrained("
+                              f"safe_serialization=True), safetensors.numpy.save_file) or move "
+                              f"it out of the folder")
+        tensor_files = tuple(n for n in names if n.lower().endswith(_SAFETENSORS))
+    else:
+        tensor_files = tuple(n for n in names if n in listed)
+    indexes = [n for n in names if n.endswith(INDEX_SUFFIX)] or \
+        [n for n in names if n.lower().endswith(INDEX_SUFFIX)]  # the exact spelling first
     if len(indexes) > 1:
         raise FormatError(f"several indexes in one folder ({', '.join(indexes)}): keep one")
     if not tensor_files:
@@ -184,6 +195,17 @@ def _write_manifest(folder: str, key: bytes, salts: dict) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _manifest_model_files(folder: str) -> set | None:
+    """The names the folder's manifest lists as model files (with a salt), None when it
+    has no readable manifest (_check_manifest then says why)."""
+    try:
+        with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
+            files = json.load(f)["files"]
+        return {name for name, entry in files.items() if isinstance(entry, dict) and "salt" in entry}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _check_manifest(layout: CheckpointLayout, key: bytes) -> None:
@@ -330,7 +352,7 @@ def decrypt_checkpoint(src: Any, dst: Any, *, key: Any = None, keyset: Any = Non
     copied, into the new folder ``dst``. Returns the verified headers."""
     from . import models
 
-    layout = checkpoint_layout(src)
+    layout = checkpoint_layout(src, encrypted=True)
     key = _folder_key(layout, key, keyset, identity)
     _check_manifest(layout, key)
     headers: list = []
@@ -359,7 +381,7 @@ def load_checkpoint(folder: Any, *, key: Any = None, keyset: Any = None, identit
     state dict is returned."""
     from . import models
 
-    layout = checkpoint_layout(folder)
+    layout = checkpoint_layout(folder, encrypted=True)
     key = _folder_key(layout, key, keyset, identity)
     _check_manifest(layout, key)
     state: dict = {}

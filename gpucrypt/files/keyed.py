@@ -18,8 +18,9 @@ from typing import Any
 
 from .. import audit
 from ..keys import (KeyReference, Keyset, KeysetKey, NoMatchingRecipient, WrappingKey,
-                    describe_envelope, file_context, generate_dek, open_envelope)
-from ..keys.recipients import identity_list, recipient_list, seal_envelope_with_labels
+                    describe_envelope, file_context, generate_dek)
+from ..keys.recipients import (identity_list, open_file_envelope, recipient_list,
+                               seal_envelope_with_labels)
 from . import _format, stream
 
 __all__ = ["encrypt_file", "decrypt_file", "rekey_file"]
@@ -141,8 +142,8 @@ def decrypt_file(src: Any, dst: Any, *, identities: Any = None, keyset: Keyset |
         envelope, header, src = _file_envelope(src)
         ev["recipients"] = describe_envelope(envelope)
         ev["key_id"] = _header_field(header, "key_id")
-        dek = open_envelope(envelope, _identities_for(identities, keyset),
-                            context=file_context(_header_field(header, "salt")))
+        dek = open_file_envelope(envelope, _identities_for(identities, keyset),
+                                 _header_field(header, "salt"))
         verified = stream.decrypt(src, dst, dek, **stream_options)
         _note_stream_result(ev, verified, stream_options, dst)
     return {"key_id": _header_field(header, "key_id")}
@@ -171,9 +172,9 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
         envelope, header, _ = _file_envelope(path, model)
         previous = describe_envelope(envelope)
         ev["key_ids"] = previous
-        context = file_context(_header_field(header, "salt"))
-        dek = open_envelope(envelope, old, context=context)
-        new_envelope, labels = seal_envelope_with_labels(dek, new_items, context=context)
+        salt = _header_field(header, "salt")
+        dek = open_file_envelope(envelope, old, salt)
+        new_envelope, labels = seal_envelope_with_labels(dek, new_items, context=file_context(salt))
         key_id = _primary_key_id(new_items)
         ev.update(key_id=key_id, recipients=labels)
         if model:

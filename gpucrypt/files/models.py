@@ -163,7 +163,13 @@ class ModelHeader:
     def segment_count(self) -> int:
         """Counted, not listed: a forged header's table can ask for 2**32 segments, and the
         file's length (which this gives) is checked before any list is made."""
-        return _segment_count(self.tensors, self.segment_size) if self.tensors is not None else -1
+        if self.tensors is None:
+            return -1
+        try:
+            return _segment_count(self.tensors, self.segment_size)
+        except OverflowError:  # the writers' limit: a file that claims more is none of theirs
+            raise FormatError(f"the file's table asks for more than {_format.MAX_SEGMENTS} "
+                              f"segments: not a file gpucrypt wrote") from None
 
     @property
     def file_length(self) -> int:

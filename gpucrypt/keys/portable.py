@@ -31,8 +31,8 @@ from .keyset import KEYSET_FORMAT, Keyset, KeysetKey
 from .providers import FileKeyProvider, KeyProvider, WrappingKey
 from ._uri import SCHEMES
 from .recipients import (IDENTITY_FORMAT, RECIPIENT_FORMAT, Identity, Recipient, _file_document,
-                         open_envelope, recipient_list)
-from .references import KeyReference, file_context
+                         open_file_envelope, recipient_list)
+from .references import KeyReference
 
 __all__ = ["KeyReferences", "ResolvedKeys", "resolve_reference"]
 
@@ -218,7 +218,7 @@ class ResolvedKeys:
         (:func:`~gpucrypt.keys.file_context`, as ``encrypt_file`` binds them)."""
         key = self._data_keys.get((envelope, salt))
         if key is None:
-            key = open_envelope(envelope, self.unwrappers(), context=file_context(salt))
+            key = open_file_envelope(envelope, self.unwrappers(), salt)
             if len(self._data_keys) >= _DATA_KEY_CACHE:
                 self._data_keys.pop(next(iter(self._data_keys)))
             self._data_keys[(envelope, salt)] = key

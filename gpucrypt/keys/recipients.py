@@ -421,6 +421,24 @@ def open_envelope(envelope: bytes, identities: Any, *, context: Any = None) -> b
                                   + (f" ({detail})" if detail else ""))
 
 
+def open_file_envelope(envelope: bytes, identities: Any, salt: bytes) -> bytes:
+    """:func:`open_envelope` for the envelope of a file whose header carries ``salt``:
+    key references (an HSM, a KMS) bound to the file (:func:`file_context`), as
+    ``encrypt_file`` and the command line seal them; then, only when the envelope has
+    such stanzas, as sealed with no context (:func:`seal_envelope`'s default, which
+    ``save_encrypted`` and ``encrypt_checkpoint`` take as they are given). Other stanzas
+    take no context, so a second try could not change their answer (a wrong passphrase
+    is not run through scrypt twice)."""
+    from .references import file_context
+
+    try:
+        return open_envelope(envelope, identities, context=file_context(salt))
+    except NoMatchingRecipient:
+        if not any(stanza.kind == "key-ref" for stanza in _envelope.decode(envelope)):
+            raise
+    return open_envelope(envelope, identities)
+
+
 def _try_open(stanza: Stanza, identity: Any, context: dict) -> bytes | None:
     """The DEK if ``identity`` owns ``stanza`` and unwraps it; None if it does not own it."""
     if stanza.kind == _SCRYPT:
