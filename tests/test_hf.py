@@ -12,6 +12,7 @@ import copy
 import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -400,6 +401,35 @@ def test_folders_written_under_older_rules_still_load(tiny, tmp_path, capsys):
     assert cli(["decrypt-model", "--key-file", str(d / "key"), str(enc), str(tmp_path / "back")]) == 0
     assert (tmp_path / "back" / "scaler.npy").read_bytes() == b"\x93NUMPY scaler"
     assert (tmp_path / "back" / "extra.SAFETENSORS").read_bytes() == b"copied as it is"
+
+
+def test_a_changed_manifest_is_an_authentication_error_whatever_it_says(tiny, tmp_path):
+    """Reading takes the model files from the manifest before its MAC is checked: a
+    manifest edited to call a model file a copied one, to list none, or to call a copied
+    file a model file fails as tampering (AuthenticationError naming the manifest), not
+    as a folder of the wrong shape."""
+    from gpucrypt.stream import AuthenticationError
+
+    d, _, _, key = tiny
+    src = tmp_path / "enc"
+    checkpoints.encrypt_checkpoint(d / "plain", src, key, device="cpu")
+    manifest = json.loads((src / checkpoints.MANIFEST_NAME).read_text())
+    model_file = next(n for n, e in manifest["files"].items() if "salt" in e)
+    copied = next(n for n, e in manifest["files"].items() if "sha256" in e)
+    edits = [lambda files: files.__setitem__(model_file, {"sha256": "00" * 32}),
+             lambda files: [files.__setitem__(n, {"sha256": "00" * 32}) for n in list(files)],
+             lambda files: files.__setitem__(copied, {"salt": "00" * 32})]
+    for i, change in enumerate(edits):
+        folder = tmp_path / f"changed{i}"
+        shutil.copytree(src, folder)
+        doc = json.loads((folder / checkpoints.MANIFEST_NAME).read_text())
+        change(doc["files"])
+        (folder / checkpoints.MANIFEST_NAME).write_text(json.dumps(doc))
+        for read in (lambda: checkpoints.load_checkpoint(folder, key=key),
+                     lambda: checkpoints.decrypt_checkpoint(folder, tmp_path / f"out{i}", key=key)):
+            with pytest.raises(AuthenticationError, match=checkpoints.MANIFEST_NAME):
+                read()
+        assert not (tmp_path / f"out{i}").exists()
 
 
 def test_lora_adapter(lib, tiny, tmp_path):

@@ -129,18 +129,23 @@ def checkpoint_layout(folder: Any, *, encrypted: bool = False) -> CheckpointLayo
         tensor_files = tuple(n for n in names if n.lower().endswith(_SAFETENSORS))
     else:
         tensor_files = tuple(n for n in names if n in listed)
+        _check_listed_model_files(folder, tensor_files)
+    # what the manifest says shapes an encrypted folder's layout before its MAC is checked:
+    # a layout that does not hold together then means the manifest (or a file) was changed
+    wrong = FormatError if listed is None else _manifest_changed
     indexes = [n for n in names if n.endswith(INDEX_SUFFIX)] or \
         [n for n in names if n.lower().endswith(INDEX_SUFFIX)]  # the exact spelling first
     if len(indexes) > 1:
         raise FormatError(f"several indexes in one folder ({', '.join(indexes)}): keep one")
     if not tensor_files:
-        raise FormatError(f"no .safetensors file in {folder}")
+        raise wrong(f"no .safetensors file in {folder}")
     weight_map: dict = {}
     if indexes:
         weight_map = _read_weight_map(os.path.join(folder, indexes[0]))
         missing = sorted(set(weight_map.values()) - set(tensor_files))
         if missing:
-            raise FormatError(f"{indexes[0]} names {missing[0]}, which is not in the folder")
+            raise wrong(f"{indexes[0]} names {missing[0]}, which is not in the folder"
+                        + ("" if listed is None else " as a model file"))
     others = tuple(n for n in names if n not in tensor_files and n != MANIFEST_NAME)
     return CheckpointLayout(folder, indexes[0] if indexes else None, weight_map, tensor_files,
                             others)
@@ -195,6 +200,21 @@ def _write_manifest(folder: str, key: bytes, salts: dict) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _manifest_changed(why: str) -> AuthenticationError:
+    return AuthenticationError(f"{MANIFEST_NAME} does not match the folder ({why}): the manifest "
+                               f"or a file was changed")
+
+
+def _check_listed_model_files(folder: str, names: tuple) -> None:
+    """Each file the (not yet authenticated) manifest lists as a model file is one."""
+    from . import models
+
+    for name in names:
+        with open(os.path.join(folder, name), "rb") as f:
+            if f.read(len(models.MAGIC)) != models.MAGIC:
+                raise _manifest_changed(f"{name} is listed as a model file and is not one")
 
 
 def _manifest_model_files(folder: str) -> set | None:
