@@ -390,9 +390,7 @@ class _Aead:
         ctx.seal(nonce, src, aad, out)
 
     def _decrypt_views(self, nonce, src, associated_data, out):
-        if len(src) < _limits.TAG_SIZE:
-            self._prepare(nonce, src, associated_data, 0)  # argument errors still come first
-            raise InvalidTag()
+        # ``src`` holds a tag at least: _slow refuses shorter messages (InvalidTag) first
         ctx, nonce, aad = self._prepare(nonce, src, associated_data, len(src) - _limits.TAG_SIZE)
         ctx.open(nonce, src, aad, out)
 
