@@ -761,6 +761,42 @@ def test_encrypt_waits_for_a_non_blocking_input_instead_of_ending_it(small_batch
     assert unseal(out.getvalue()) == data
 
 
+def test_read_header_waits_for_a_non_blocking_input_instead_of_calling_it_cut_short():
+    """read_header on a raw non-blocking pipe whose header arrives in two pieces: the
+    None its read returns in between means "nothing yet", not the end of the file, and
+    the header is read whole with the file left just after it."""
+    import threading
+    import time
+
+    blob = seal(os.urandom(100))
+    header = stream.read_header(blob)
+    src, feed = _nonblocking_pipe("read")
+    feed.write(blob[:9])
+
+    def rest():
+        time.sleep(0.3)  # read_header is waiting on an empty pipe by now
+        feed.write(blob[9:])
+        feed.close()
+
+    writer = threading.Thread(target=rest)
+    writer.start()
+    try:
+        assert stream.read_header(src) == header
+        assert src.read(len(blob)) == blob[header.header_length:]
+    finally:
+        writer.join(timeout=30)
+        src.close()
+
+
+def test_a_text_mode_input_is_refused_saying_to_open_it_in_binary(tmp_path):
+    path = tmp_path / "f.gcry"
+    path.write_bytes(seal(b"secret"))
+    for call in (stream.read_header, lambda f: stream.decrypt(f, io.BytesIO(), KEY)):
+        with open(path, encoding="latin-1") as f, \
+                pytest.raises(TypeError, match="text file: open it in binary mode"):
+            call(f)
+
+
 def test_a_raw_output_whose_write_returns_nothing(tmp_path):
     """None from a raw file's write() means "would block, nothing written". Over a blocking
     descriptor it cannot: the object wrote everything (a sink that forgets to return its

@@ -147,6 +147,8 @@ class _FileSource(_Source):
                 n = self._readinto(buf[got:])
             else:
                 piece = self._file.read(len(buf) - got)
+                if isinstance(piece, str):
+                    raise TypeError("the input is a text file: open it in binary mode ('rb')")
                 n = None if piece is None else len(piece)
                 buf[got:got + (n or 0)] = piece or b""
             if n is None:  # a non-blocking file with no data yet: not the end of the input
@@ -485,8 +487,8 @@ def read_header(src: Any) -> Header:
     if isinstance(src, (str, os.PathLike)):
         with builtins.open(src, "rb") as f:
             return _format.parse_header(f.read)
-    if hasattr(src, "read"):
-        return _format.parse_header(src.read)
+    if hasattr(src, "read"):  # through a source: it waits when a non-blocking read says "nothing yet"
+        return _parse_source_header(_FileSource(src))
     try:
         view = memoryview(src).cast("B")
     except TypeError:
