@@ -7,6 +7,7 @@ couple of segments only.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -735,29 +736,37 @@ def _nonblocking_pipe(nonblocking_end: str):
     return open(r, "rb", buffering=0), open(w, "wb", buffering=0)
 
 
-def test_encrypt_waits_for_a_non_blocking_input_instead_of_ending_it(small_batches):
-    """A raw non-blocking input's readinto returns None while nothing has arrived: that is
-    not the end of the input (taken so, the rest was left out of a valid stream)."""
+@contextlib.contextmanager
+def _pipe_fed_in_two_pieces(data: bytes, first: int):
+    """The read end (raw, non-blocking) of a pipe given ``data[:first]`` now and the rest
+    0.3 s later from another thread, by which time the reader is waiting on it."""
     import threading
     import time
 
-    data = os.urandom(3 * SEG + 11)
     src, feed = _nonblocking_pipe("read")
-    feed.write(data[:100])
+    feed.write(data[:first])
 
     def rest():
-        time.sleep(0.3)  # encrypt is waiting on an empty pipe by now
-        feed.write(data[100:])
+        time.sleep(0.3)
+        feed.write(data[first:])
         feed.close()
 
     writer = threading.Thread(target=rest)
     writer.start()
     try:
-        out = io.BytesIO()
-        stream.encrypt(src, out, KEY, segment_size=SEG, device="cpu")
+        yield src
     finally:
         writer.join(timeout=30)
         src.close()
+
+
+def test_encrypt_waits_for_a_non_blocking_input_instead_of_ending_it(small_batches):
+    """A raw non-blocking input's readinto returns None while nothing has arrived: that is
+    not the end of the input (taken so, the rest was left out of a valid stream)."""
+    data = os.urandom(3 * SEG + 11)
+    out = io.BytesIO()
+    with _pipe_fed_in_two_pieces(data, 100) as src:
+        stream.encrypt(src, out, KEY, segment_size=SEG, device="cpu")
     assert unseal(out.getvalue()) == data
 
 
@@ -765,27 +774,11 @@ def test_read_header_waits_for_a_non_blocking_input_instead_of_calling_it_cut_sh
     """read_header on a raw non-blocking pipe whose header arrives in two pieces: the
     None its read returns in between means "nothing yet", not the end of the file, and
     the header is read whole with the file left just after it."""
-    import threading
-    import time
-
     blob = seal(os.urandom(100))
     header = stream.read_header(blob)
-    src, feed = _nonblocking_pipe("read")
-    feed.write(blob[:9])
-
-    def rest():
-        time.sleep(0.3)  # read_header is waiting on an empty pipe by now
-        feed.write(blob[9:])
-        feed.close()
-
-    writer = threading.Thread(target=rest)
-    writer.start()
-    try:
+    with _pipe_fed_in_two_pieces(blob, 9) as src:
         assert stream.read_header(src) == header
         assert src.read(len(blob)) == blob[header.header_length:]
-    finally:
-        writer.join(timeout=30)
-        src.close()
 
 
 def test_a_text_mode_input_is_refused_saying_to_open_it_in_binary(tmp_path):
