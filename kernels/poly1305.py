@@ -48,7 +48,8 @@ Field arithmetic
 ----------------
 Radix 2^26: five limbs in ``uint32``, products as ``uint64`` (``mul.wide.u32``),
 like poly1305-donna-32.  Sums of up to 32 carried elements fit ``uint32`` limbs
-(< 2^31) and are carried before any multiply.  Radix 2^44 would need 64x64-bit
+(below 2^31, except limb 1: a carried limb 1 is below 2^26 + 2^7, so 32 of them
+stay below 2^31 + 2^12) and are carried before any multiply.  Radix 2^44 would need 64x64-bit
 products, which sm_90 emulates with several 32-bit multiplies.
 
 Memory layout and limits
@@ -133,7 +134,8 @@ def fe_mul(h0, h1, h2, h3, h4, r0, r1, r2, r3, r4, s1, s2, s3, s4):
 
 @device_function
 def fe_carry(h0, h1, h2, h3, h4):
-    """Carry limbs below 2^31 (e.g. a sum of 32 products) back to 26 bits (limb 1: 26 bits + 1)."""
+    """Carry limbs back to 26 bits (limb 1: 26 bits + 1) from a sum of up to 32 carried
+    elements: limbs below 2^31, limb 1 below 2^31 + 2^12 (no step nears 2^32)."""
     m = uint32(_MASK26)
     h1 = uint32(h1 + (h0 >> uint32(26)))
     h0 = uint32(h0 & m)
@@ -198,7 +200,7 @@ def fe_store(scratch, base, h0, h1, h2, h3, h4):
 
 @device_function
 def write_tag(keys, tags, msg, h0, h1, h2, h3, h4):
-    """tags[msg] = (h mod 2^130-5 + s) mod 2^128 for limbs h below 2^31 each."""
+    """tags[msg] = (h mod 2^130-5 + s) mod 2^128 for limbs h as :func:`fe_carry` takes them."""
     h0, h1, h2, h3, h4 = fe_carry(h0, h1, h2, h3, h4)
     h0, h1, h2, h3, h4 = fe_carry(h0, h1, h2, h3, h4)
     m = uint32(_MASK26)
