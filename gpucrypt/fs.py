@@ -44,9 +44,9 @@ Contract:
   without being closed. A ``close`` inside an ``except`` clause therefore discards too,
   unless the file was opened inside that clause; call ``commit()`` there to publish.
   Inside ``with fs.transaction:`` (``autocommit=False``) ``close`` stages the file and
-  the transaction publishes it (``commit``) or drops it (``discard``). A text-mode file
-  dropped without being closed is the exception: Python's ``TextIOWrapper`` closes it
-  when it is collected, which publishes. Large files are better written with
+  the transaction publishes it (``commit``) or drops it (``discard``). A publish that
+  fails (an error of the target) raises and keeps the plaintext: a retried ``close`` or
+  ``commit()`` publishes it or raises again. Large files are better written with
   :func:`gpucrypt.stream.encrypt`, which streams.
 - **A file is not bound to its path.** Every file is authenticated on its own (header,
   every segment, its length), but nothing in it names the path it was written to, so
@@ -71,7 +71,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.implementations.local import LocalFileSystem
-from fsspec.utils import stringify_path
+from fsspec.utils import isfilelike, stringify_path
 
 from .files import stream
 from .files._format import (TAG_SIZE, AuthenticationError, FormatError, StreamError,
@@ -236,6 +236,8 @@ class _EncryptingWriter(io.RawIOBase):
 
     def close(self) -> None:
         if self.closed:
+            if self.autocommit and self._chunks is not None:
+                self.commit()  # its publish failed: retried, never reported as done
             return
         failing = sys.exc_info()[1]
         if failing is not None and failing is not self._handling:
@@ -265,8 +267,10 @@ class _EncryptingWriter(io.RawIOBase):
             super().close()
         elif self._chunks is None:
             return  # discarded, or published already
-        chunks, self._chunks = self._chunks, None
-        self._fs._publish(self.path, chunks)
+        # kept until published: a publish that fails (a transient error of the target)
+        # raises, and a retried commit() or close() publishes them or raises again
+        self._fs._publish(self.path, self._chunks)
+        self._chunks = None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -346,6 +350,12 @@ class _TextWriter(io.TextIOWrapper):
                 self.buffer.discard()
         except Exception:  # noqa: BLE001 - a finaliser must not raise
             pass
+
+    def close(self) -> None:
+        if self.closed:  # TextIOWrapper's would return: a failed publish is retried
+            self.buffer.close()
+        else:
+            super().close()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         writer = self.buffer
@@ -552,17 +562,28 @@ class GpucryptFileSystem(ChainedFileSystem):
                     out[i] = exc
         return out
 
-    def get_file(self, rpath: Any, lpath: Any, callback: Any = None, **kwargs: Any) -> None:
-        """Decrypt ``rpath`` into the local file ``lpath``, atomically (renamed into place
-        only once every segment verified)."""
-        if os.path.isdir(lpath):
-            return
+    def get_file(self, rpath: Any, lpath: Any, callback: Any = None, outfile: Any = None,
+                 **kwargs: Any) -> None:
+        """Decrypt ``rpath`` into the local file ``lpath`` (its folder made), atomically
+        (renamed into place only once every segment verified), or, as fsspec does, into
+        a file object given as ``lpath`` or ``outfile`` (on an error it may hold the
+        verified plaintext of the segments before the bad one: not to be used). A folder
+        ``rpath`` makes the local folder (``get(..., recursive=True)`` passes folders)."""
         target = self._target(rpath)
+        if outfile is None and isfilelike(lpath):
+            outfile = lpath
+        elif outfile is None and self.fs.isdir(target):
+            os.makedirs(lpath, exist_ok=True)
+            return
+        if outfile is None:
+            lpath = os.path.abspath(os.fspath(lpath))
+            os.makedirs(os.path.dirname(lpath), exist_ok=True)
         with self.fs.open(target, "rb") as f:
             try:
                 key = self._data_key(stream.read_header(f), target)
                 f.seek(0)
-                stream.decrypt(f, lpath, key, device=self.write_options["device"])
+                stream.decrypt(f, lpath if outfile is None else outfile, key,
+                               device=self.write_options["device"])
             except StreamError as exc:
                 raise named_error(exc, target) from None
 

@@ -130,7 +130,7 @@ def load_adapter(model: Any, folder: Any, *, key: Any = None, keyset: Any = None
         cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
         peft_model = cls(model, config, adapter_name)
     result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
-    missing = [k for k in result.missing_keys if adapter_name in k and _is_adapter_key(k, config)]
+    missing = [k for k in result.missing_keys if _is_adapter_key(k, config, adapter_name)]
     if missing:
         raise KeyError(f"the encrypted adapter lacks {len(missing)} weights of the adapter "
                        f"config (e.g. {missing[0]!r}): wrong folder, or files removed")
@@ -141,8 +141,12 @@ def load_adapter(model: Any, folder: Any, *, key: Any = None, keyset: Any = None
     return peft_model
 
 
-def _is_adapter_key(name: str, config: Any) -> bool:
-    from peft.utils import PEFT_TYPE_TO_PREFIX_MAPPING
+def _is_adapter_key(name: str, config: Any, adapter_name: str) -> bool:
+    """Whether the model's parameter ``name`` is one of adapter ``adapter_name``'s weights:
+    the adapter name is a whole part of the dotted name (``lora_A.math.weight``; a
+    substring test would take ``math_v2``'s weights, or any name containing "b", for
+    it), and the tuner's prefix (``lora_``) is in it."""
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING  # peft.utils does not export it
 
     prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(config.peft_type, "")
-    return bool(prefix) and prefix in name
+    return bool(prefix) and prefix in name and adapter_name in name.split(".")

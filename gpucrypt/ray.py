@@ -81,6 +81,14 @@ def _binary_values(values: Any, name: str) -> np.ndarray:
     return _objects(list(values))
 
 
+def _has_rows(batch: Any) -> bool:
+    """Whether a batch holds rows. Ray hands over emptied blocks (a filter that kept none
+    of a block's rows) without their columns, so an empty batch may lack ``column``."""
+    if isinstance(batch, dict):
+        return any(len(values) for values in batch.values())
+    return len(batch) > 0  # an Arrow table's or a DataFrame's rows
+
+
 def _row_names(batch: dict, path_column: str | None, count: int) -> list[str]:
     if path_column and path_column in batch:
         return [str(p) for p in batch[path_column]]
@@ -198,6 +206,8 @@ class EncryptBatch:
                                 "device": device, "threads": threads or _actor_cpus()})
 
     def __call__(self, batch: Any) -> Any:
+        if not _has_rows(batch):
+            return batch
         if isinstance(batch, pa.Table):
             values = _binary_views(batch.column(self.column))
             # the output's size less its headers (a few hundred bytes each, grown into)
@@ -245,6 +255,8 @@ class DecryptBatch:
             raise NoMatchingRecipient(f"{name}: {exc}") from None
 
     def __call__(self, batch: Any) -> Any:
+        if not _has_rows(batch):
+            return batch
         if isinstance(batch, pa.Table):
             values = _binary_views(batch.column(self.column))
             names = (batch.column(self.path_column).to_pylist()
@@ -275,7 +287,7 @@ class StagedFilesDatasink(Datasink):
     files are moved into place one by one: a crash during those moves can leave some
     published and the rest in the staging folder (``.gpucrypt-staging-*``, left for the
     user to remove: another job may be writing into the same folder). A rerun of the job
-    replaces the published files.
+    replaces the published files. A dataset without rows publishes an empty folder.
     """
 
     def __init__(self, path: str, *, column: str = "bytes", path_column: str = "path",
@@ -290,7 +302,7 @@ class StagedFilesDatasink(Datasink):
         self.relative_to = None if relative_to is None else \
             self.fs._strip_protocol(os.fspath(relative_to)).rstrip("/")
         self.suffix, self.strip_suffix = suffix, strip_suffix
-        staging = f".gpucrypt-staging-{uuid.uuid4().hex}"
+        staging = f"{_STAGING}{uuid.uuid4().hex}"
         # decided here, before Ray ships the sink to its write tasks
         self.whole = _is_local(self.fs) and not self.fs.exists(self.root)
         if self.whole:
@@ -324,6 +336,8 @@ class StagedFilesDatasink(Datasink):
         written = []
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()
+            if not _has_rows(table):  # an emptied block comes without its columns
+                continue
             values = table.column(self.column).to_pylist()
             sources = table.column(self.path_column).to_pylist()
             for data, source in zip(values, sources):
@@ -340,6 +354,9 @@ class StagedFilesDatasink(Datasink):
             self._remove_staging()
             raise ValueError(f"two rows map to the same output file under {self.root}: give "
                              f"relative_to= so that names keep their folders")
+        # Ray starts the write only with a first block: a dataset without rows never made
+        # the staging folder, and publishes it empty (an empty folder, as for no files)
+        self.fs.makedirs(self.staging, exist_ok=True)
         if self.whole and self._publish_whole():
             return
         for name in names:
@@ -433,10 +450,34 @@ def cpus_per_actor(actors: int, num_cpus: float | None = None) -> float:
     return max(0.1, min(1.0, (cpus - 2 * IO_TASK_CPUS) / actors))
 
 
+#: what the name of a sink's staging folder holds (``.gpucrypt-staging-<uuid>``, or
+#: ``.<folder>.gpucrypt-staging-<uuid>`` beside a new folder)
+_STAGING = ".gpucrypt-staging-"
+
+
+def _files_under(folder: str) -> tuple[list[str], Any]:
+    """Every file under ``folder`` (a local path or a URL), and its pyarrow filesystem.
+    Listed here because Ray's listing of a folder leaves out names starting with "." or
+    "_" (``_SUCCESS``, ``.crc`` files beside Parquet parts), with no option to keep them
+    in ``read_binary_files``; the files of a list are read as they are. Left out: the
+    staging folders of this module's sinks (a crashed job's, or a running one's), whose
+    files are not the folder's."""
+    from pyarrow.fs import FileSelector, FileSystem, FileType
+
+    filesystem, root = FileSystem.from_uri(folder)
+    found = filesystem.get_file_info(FileSelector(root, recursive=True))
+    return sorted(f.path for f in found if f.type == FileType.File and not any(
+        _STAGING in part for part in posixpath.relpath(f.path, root).split("/"))), filesystem
+
+
 def _run_over_files(transform: type, src: Any, sink: StagedFilesDatasink, keys: KeyReferences,
                     actors: int, num_gpus: float | None, num_cpus: float | None,
                     batch_size: int, options: dict) -> None:
-    ds = ray.data.read_binary_files(_local_folder(src), include_paths=True,
+    paths, filesystem = _files_under(_local_folder(src))
+    if not paths:  # read_binary_files refuses no paths; the sink publishes an empty folder
+        ray.data.from_items([]).write_datasink(sink)
+        return
+    ds = ray.data.read_binary_files(paths, filesystem=filesystem, include_paths=True,
                                     num_cpus=IO_TASK_CPUS)
     ds = ds.map_batches(transform, fn_constructor_kwargs={"keys": keys, **options},
                         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -453,6 +494,8 @@ def encrypt_files(src: Any, dst: Any, *, keys: KeyReferences | None = None, acto
                   segment_size: int = stream.DEFAULT_SEGMENT_SIZE, **references: Any) -> None:
     """Encrypt every file under the folder ``src`` into ``dst`` (same relative names plus
     ``suffix``) with ``actors`` :class:`EncryptBatch` actors; published when all succeeded.
+    Every file means names starting with "." or "_" too, which Ray's own listing of a
+    folder leaves out; an empty folder gives an empty one.
     ``num_gpus``/``num_cpus`` per actor: see :func:`gpus_per_actor`, :func:`cpus_per_actor`."""
     keys = KeyReferences.of(keys, **references)
     sink = GpucryptDatasink(_local_folder(dst), relative_to=_local_folder(src), suffix=suffix)

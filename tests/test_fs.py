@@ -505,6 +505,53 @@ def test_put_file_and_get_file_round_trip(keys, tmp_path):
     fsspec.filesystem("memory").rm("/gc17p", recursive=True)
 
 
+@pytest.mark.parametrize("target", ["file", "memory"])
+def test_get_takes_file_objects_and_folders_as_fsspec_does(keys, tmp_path, target):
+    import io
+    import os
+
+    fs = fsspec.filesystem("gpucrypt", target_protocol=target, keyset=keys["keyset"],
+                           segment_size=SEGMENT)
+    root = str(tmp_path / "remote") if target == "file" else f"/{tmp_path.name}"
+    files = {"b": b"b" * 5000, "sub/a": b"a" * 9000}
+    for name, data in files.items():
+        fs.makedirs(f"{root}/tree/{os.path.dirname(name)}", exist_ok=True)
+        fs.pipe_file(f"{root}/tree/{name}", data)
+    fs.makedirs(f"{root}/tree/empty", exist_ok=True)
+
+    out = io.BytesIO()
+    fs.get_file(f"{root}/tree/sub/a", out)
+    assert out.getvalue() == files["sub/a"]
+    fs.get_file(f"{root}/tree/b", str(tmp_path / "new" / "deeper" / "b"))  # folders made
+    assert (tmp_path / "new" / "deeper" / "b").read_bytes() == files["b"]
+
+    local = tmp_path / "copy"
+    fs.get(f"{root}/tree", str(local), recursive=True)
+    got = {os.path.relpath(os.path.join(d, n), local): open(os.path.join(d, n), "rb").read()
+           for d, _, names in os.walk(local) for n in names}
+    assert got == files and (local / "empty").is_dir()
+    if target == "memory":
+        fsspec.filesystem("memory").rm(root, recursive=True)
+
+
+def test_a_failed_publish_is_retried_never_reported_as_done(keys, tmp_path):
+    """The target refuses the file (its folder is missing): close raises and keeps the
+    plaintext; a retry raises again while the target refuses, then publishes."""
+    fs = local_fs(keys)
+    for retry, mode, data in (("commit", "wb", b"binary"), ("close", "wb", b"again"),
+                              ("close", "w", "text")):
+        folder = tmp_path / f"{retry}-{mode}"
+        f = fs.open(str(folder / "x.gc"), mode)
+        f.write(data)
+        with pytest.raises(FileNotFoundError):
+            f.close()
+        with pytest.raises(FileNotFoundError):
+            getattr(f, retry)()
+        folder.mkdir()
+        getattr(f, retry)()
+        assert fs.cat_file(str(folder / "x.gc")) == (data if mode == "wb" else data.encode())
+
+
 def test_named_errors_survive_pickling_between_processes():
     """Ray sends a worker's exception to the driver pickled: class, message, segment, path."""
     for error in (stream.AuthenticationError("segment 2 failed authentication", 2),

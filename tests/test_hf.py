@@ -12,6 +12,7 @@ import copy
 import filecmp
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -432,16 +433,22 @@ def test_a_changed_manifest_is_an_authentication_error_whatever_it_says(tiny, tm
         assert not (tmp_path / f"out{i}").exists()
 
 
-def test_lora_adapter(lib, tiny, tmp_path):
-    transformers, peft = lib
-    d, model, base_logits, key = tiny
+def tuned_lora(peft, model, folder):
+    """A LoRA adapter (random weights) on a copy of ``model``, saved in ``folder``; the
+    tuned model."""
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                            task_type="CAUSAL_LM", init_lora_weights=False)
     torch.manual_seed(1)
     tuned = peft.get_peft_model(copy.deepcopy(model), lora).eval()
-    want = logits_of(tuned)
+    tuned.save_pretrained(folder)
+    return tuned
+
+
+def test_lora_adapter(lib, tiny, tmp_path):
+    transformers, peft = lib
+    d, model, base_logits, key = tiny
+    want = logits_of(tuned_lora(peft, model, tmp_path / "lora"))
     assert not torch.equal(want, base_logits)  # the adapter changes the outputs
-    tuned.save_pretrained(tmp_path / "lora")
     assert cli(["encrypt-model", "--key-file", str(d / "key"), str(tmp_path / "lora"),
                 str(tmp_path / "lora-enc")]) == 0
     assert (tmp_path / "lora-enc" / "adapter_model.safetensors").read_bytes()[:8] == models.MAGIC
@@ -454,6 +461,34 @@ def test_lora_adapter(lib, tiny, tmp_path):
     assert again is loaded
     again.set_adapter("second")
     assert torch.equal(logits_of(again), want)
+
+
+def test_an_adapter_lacking_a_weight_is_refused_and_names_match_whole(lib, tiny, tmp_path):
+    """A missing weight raises KeyError naming it (peft only warns); another adapter whose
+    name contains this one's (``math_v2`` beside ``math``) is not taken for it."""
+    from safetensors.torch import load_file, save_file
+
+    _, peft = lib
+    d, model, _, key = tiny
+    want = logits_of(tuned_lora(peft, model, tmp_path / "lora"))
+    assert cli(["encrypt-model", "--key-file", str(d / "key"), str(tmp_path / "lora"),
+                str(tmp_path / "lora-enc")]) == 0
+    weights = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    removed = sorted(weights)[0]
+    del weights[removed]
+    save_file(weights, tmp_path / "lora" / "adapter_model.safetensors")
+    assert cli(["encrypt-model", "--key-file", str(d / "key"), str(tmp_path / "lora"),
+                str(tmp_path / "partial-enc")]) == 0
+    stem = removed.rsplit(".", 1)[0]  # the weight under the adapter's name
+    with pytest.raises(KeyError, match=f"lacks 1 weights.*{re.escape(stem)}.default"):
+        hf.load_adapter(copy.deepcopy(model), tmp_path / "partial-enc", key=key)
+
+    both = hf.load_adapter(copy.deepcopy(model), tmp_path / "lora-enc", key=key,
+                           adapter_name="math_v2")
+    both = hf.load_adapter(both, tmp_path / "lora-enc", key=key, adapter_name="math")
+    assert sorted(both.peft_config) == ["math", "math_v2"]
+    both.set_adapter("math")
+    assert torch.equal(logits_of(both), want)
 
 
 @pytest.mark.gpu

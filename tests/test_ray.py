@@ -63,6 +63,7 @@ def _tree(root) -> dict:
             for d, _, names in os.walk(root) for f in names}
 
 
+@pytest.mark.filterwarnings("ignore:Use 'expr' instead of 'fn':UserWarning")
 def test_a_local_cluster_encrypts_a_folder_reads_it_back_and_fails_by_name(cluster, keyset,
                                                                           plain, tmp_path):
     """One test, one cluster: pytest-xdist may send the tests of a module to different
@@ -86,6 +87,39 @@ def test_a_local_cluster_encrypts_a_folder_reads_it_back_and_fails_by_name(clust
     rows = gray.read_encrypted(encrypted, keyset=keyset[0], include_paths=True).take_all()
     got = {os.path.relpath(row["path"], encrypted)[:-3]: bytes(row["bytes"]) for row in rows}
     assert got == files
+
+    # every file, names starting with "." or "_" included (Ray's own listing of a folder
+    # leaves them out), both ways; an empty folder gives an empty one
+    hidden = tmp_path / "hidden"
+    contents = {name: name.encode() * 10 for name in
+                ["a.txt", "_labels.csv", ".config", "_meta/x.json", "sub/_ok.txt"]}
+    for name, data in contents.items():
+        (hidden / name).parent.mkdir(parents=True, exist_ok=True)
+        (hidden / name).write_bytes(data)
+    leftover = hidden / ".gpucrypt-staging-0123" / "part.gc"  # a crashed job's staging: not ours
+    leftover.parent.mkdir()
+    leftover.write_bytes(b"half a file")
+    gray.encrypt_files(hidden, tmp_path / "hidden-enc", keyset=keyset[0], actors=1)
+    assert sorted(_tree(tmp_path / "hidden-enc")) == sorted(n + ".gc" for n in contents)
+    gray.decrypt_files(tmp_path / "hidden-enc", tmp_path / "hidden-back", keyset=keyset[0],
+                       actors=1)
+    assert _tree(tmp_path / "hidden-back") == contents
+    (tmp_path / "empty").mkdir()
+    gray.encrypt_files(tmp_path / "empty", tmp_path / "empty-enc", keyset=keyset[0], actors=1)
+    assert list((tmp_path / "empty-enc").iterdir()) == []
+
+    # a filter that empties a block (Ray hands the sink a block without columns) and a
+    # dataset without rows (the write never starts): the rows left, or an empty folder
+    refs = KeyReferences(keyset=keyset[0])
+    items = [{"bytes": f"row{i}".encode(), "path": f"/in/f{i}"} for i in range(4)]
+    kept = ray.data.from_items(items, override_num_blocks=2).filter(
+        lambda row: row["path"] in ("/in/f0", "/in/f1"))  # a filter by expr keeps the columns
+    kept.write_datasink(gray.GpucryptDatasink(str(tmp_path / "kept"), relative_to="/in",
+                                              keys=refs))
+    assert sorted(os.listdir(tmp_path / "kept")) == ["f0.gc", "f1.gc"]
+    ray.data.from_items(items).limit(0).write_datasink(
+        gray.GpucryptDatasink(str(tmp_path / "none"), keys=refs))
+    assert list((tmp_path / "none").iterdir()) == []
 
     # a tampered file fails the job by name, and the failed job publishes nothing
     source = tmp_path / "tampered"
@@ -127,6 +161,17 @@ def test_batch_classes_round_trip_and_name_a_failing_file(keyset, plain):
     sealed["bytes"][3] = cut[:stream.read_header(cut).header_length]  # every segment cut off
     with pytest.raises(stream.TruncatedError, match=re.escape(names[3])):
         gray.DecryptBatch(keyset=keyset[0])(sealed)
+
+
+def test_batches_without_rows_come_back_as_they_are(keyset):
+    """Ray hands over an emptied block (a filter kept none of its rows) without its
+    columns: no rows, nothing to encrypt or decrypt, whatever the batch format."""
+    import pandas as pd
+    import pyarrow as pa
+
+    encrypt, decrypt = gray.EncryptBatch(keyset=keyset[0]), gray.DecryptBatch(keyset=keyset[0])
+    for batch in (pa.table({}), {}, pd.DataFrame()):
+        assert encrypt(batch) is batch and decrypt(batch) is batch
 
 
 def test_values_ending_in_nul_bytes_round_trip_whole(keyset):
