@@ -248,10 +248,22 @@ class _Staging:
     upload and download, the device buffer they go to and from, and the mark after the
     last work that used them (waited for before they are refilled)."""
 
-    __slots__ = ("host", "device", "done")
+    __slots__ = ("host", "device", "done", "busy")
 
     def __init__(self):
         self.host = self.device = self.done = None
+        self.busy = False  # a started batch's results are still in ``host``, not scattered yet
+
+
+def _same_start(a: Any, b: Any) -> bool:
+    """Whether two host buffers start at the same address (an in-place job's source and
+    destination)."""
+    import numpy as np
+
+    def address(view: Any) -> int:
+        return np.frombuffer(memoryview(view).cast("B"), dtype=np.uint8).__array_interface__["data"][0]
+
+    return address(a) == address(b)
 
 
 def _layout(views: dict, start: int) -> tuple[dict, int]:
@@ -333,8 +345,14 @@ class GpuRunner:
         return self._copy, self.stream
 
     def _staging(self, nbytes: int) -> _Staging:
-        """The next turn's buffers, at least ``nbytes`` each, once its last use is done."""
+        """The next turn's buffers, at least ``nbytes`` each, once its last use is done.
+        A turn whose batch has not been finished yet (more batches in flight than the
+        ``depth`` this runner was made for) is skipped for a new one: reused, it would
+        hand that batch this one's bytes."""
         turn = self._turns[self._turn]
+        if turn.busy:
+            turn = _Staging()
+            self._turns.insert(self._turn, turn)
         self._turn = (self._turn + 1) % len(self._turns)
         if turn.done is not None:
             turn.done.synchronize()   # a batch already finished: normally long done
@@ -387,6 +405,9 @@ class GpuRunner:
                 gpu.open_batch(algorithm, keys, nonces, srcs, tags, aads, dsts,
                                stream=launch), dtype=bool).reshape(-1)]
         back = [i for i in host_out if ok[i]] if end else []   # (empty destinations: nothing to copy)
+        # a failed open's host destination apart from its source gets zeros, as on the CPU
+        # (what it held before, an earlier batch's plaintext say, must not read as this one's)
+        wiped = [i for i in host_out if not ok[i] and not (i in host_in and _same_start(host_in[i], jobs[i].dst))]
         if back:
             gpu.wait_for(copy, launch)
             gpu.copy_to_host(turn.host[:end], turn.device[:end], copy)
@@ -394,22 +415,33 @@ class GpuRunner:
         elif turn is not None:
             turn.done = gpu.mark(launch)
         done = turn.done if back else None
+        if back:
+            turn.busy = True
+        for i in wiped:
+            np.frombuffer(memoryview(jobs[i].dst).cast("B"), dtype=np.uint8)[:] = 0
+        finished: list = []
 
         def finish() -> list:
             if done is not None:
                 done.synchronize()
+                if finished:  # called again after a failure (run's clean-up): the device
+                    return finished[0]  # is done, the batch's bytes are where they were put
                 for i in back:
                     a, b = in_bounds[i] if i in in_bounds else out_bounds[i]
                     np.frombuffer(memoryview(jobs[i].dst).cast("B"), dtype=np.uint8)[:] = turn.host[a:b]
+                turn.busy = False
+            elif finished:
+                return finished[0]
             results: list = ok
             if self.op == "seal":
                 results = DeviceTags(tags, len(jobs), gpu, launch, self.device)
                 if self.host_tags:
                     results = [results.row(i) for i in range(len(jobs))]
+            finished.append(results)
             if batch.store is not None:
-                for job, result, good in zip(jobs, results, ok):
-                    if good:
-                        batch.store(job, result)
+                for i, job in enumerate(jobs):
+                    if ok[i]:  # a seal's tag as bytes, from the host copy or the device's
+                        batch.store(job, results.row(i) if isinstance(results, DeviceTags) else results[i])
             return results
         return finish
 

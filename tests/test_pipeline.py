@@ -6,6 +6,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from gpucrypt import pipeline, stream
@@ -211,3 +212,100 @@ def test_an_interrupt_while_waiting_is_raised_after_the_workers_stop(monkeypatch
     with pipeline.CpuRunner(crypto, 2) as runner, pytest.raises(KeyboardInterrupt):
         pipeline.run(_batches(1, 2, []), runner)
     assert sorted(finished) == [(0, 0), (0, 1)]
+
+
+# ---------------------------------------------------------------------------- GpuRunner
+# In numba's CUDA simulator here (conftest), on the device on a lent GPU.
+def _gpu_runner(op: str, key: bytes, **kw) -> "pipeline.GpuRunner":
+    from gpucrypt.backends import get_backend
+
+    return pipeline.GpuRunner(get_backend("gpu"), op, "chacha20-poly1305", key, **kw)
+
+
+def test_a_gpu_runner_given_more_batches_in_flight_than_its_depth_mixes_none_up():
+    """run(depth=2) over a GpuRunner made for depth 1: its staging turns would come round
+    while an older batch's results still waited in them (each batch then got a later
+    one's ciphertext). Every batch gets its own."""
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    key = os.urandom(32)
+    batches, expected = [], []
+    for b in range(5):
+        nonce, msg = os.urandom(12), bytes([b]) * 32
+        batches.append(pipeline.Batch([pipeline.Job((b, 0), nonce, b"", bytearray(msg), bytearray(32))]))
+        expected.append(ChaCha20Poly1305(key).encrypt(nonce, msg, b"")[:-16])
+    pipeline.run(batches, _gpu_runner("seal", key, depth=1), depth=3)
+    assert [bytes(batch.jobs[0].dst) for batch in batches] == expected
+
+
+@pytest.mark.parametrize("runner", ["cpu", "gpu"])
+def test_a_failed_open_zeroes_a_separate_destination_on_either_runner(runner):
+    """A destination that still held an earlier batch's plaintext (a recycled buffer) must
+    not keep it when this job's tag fails: zeros, on the GPU runner as on the CPU one. In
+    place, the ciphertext stays."""
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    from gpucrypt.backends import get_backend
+
+    key, nonce = os.urandom(32), os.urandom(12)
+    earlier = b"an earlier batch's plaintext, 39 bytes"
+    ct = ChaCha20Poly1305(key).encrypt(nonce, os.urandom(len(earlier)), b"")[:-16]
+    apart = pipeline.Job(0, nonce, b"", bytearray(ct), bytearray(earlier), tag=bytes(16))
+    in_place_buf = bytearray(ct)
+    in_place = pipeline.Job(1, nonce, b"", memoryview(in_place_buf), memoryview(in_place_buf),
+                            tag=bytes(16))
+    if runner == "cpu":
+        run = pipeline.CpuRunner(pipeline.open_detached(get_backend("cpu").aead("chacha20-poly1305", key)), 0)
+    else:
+        run = _gpu_runner("open", key)
+    assert run.start(pipeline.Batch([apart, in_place]))() == [False, False]
+    assert bytes(apart.dst) == bytes(len(earlier)) and bytes(in_place_buf) == ct
+
+
+def test_a_gpu_runners_store_gets_each_tag_as_bytes_with_tags_left_on_the_device():
+    key = os.urandom(32)
+    stored = {}
+    jobs = [pipeline.Job(i, os.urandom(12), b"", bytearray(b"x" * 20), bytearray(20)) for i in range(2)]
+    tags = _gpu_runner("seal", key, host_tags=False).start(
+        pipeline.Batch(jobs, store=lambda job, tag: stored.__setitem__(job.ident, tag)))()
+    assert stored == {i: tags.row(i) for i in range(2)} and all(len(t) == 16 for t in stored.values())
+
+
+def test_a_gpu_batch_whose_store_fails_is_not_stored_twice_by_the_clean_up():
+    """run() waits for a failed batch again before it raises (its workers must stop first):
+    the GPU runner's second wait must not scatter and store the batch a second time."""
+    key = os.urandom(32)
+    calls = []
+
+    def store(job, tag):
+        calls.append(job.ident)
+        if job.ident == 1:
+            raise OSError("disk full")
+
+    jobs = [pipeline.Job(i, os.urandom(12), b"", bytearray(b"y" * 20), bytearray(20)) for i in range(3)]
+    with pytest.raises(OSError, match="disk full"):
+        pipeline.run([pipeline.Batch(jobs, store=store)], _gpu_runner("seal", key))
+    assert calls == [0, 1]
+
+
+def test_a_gpu_open_with_one_tag_of_the_wrong_length_fails_that_message_only():
+    """As on the CPU: a 15-byte tag cannot verify, so its message fails; the others open
+    (the whole batch was refused with a ValueError)."""
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    from gpucrypt.backends import get_backend
+
+    key = os.urandom(32)
+    msgs = [os.urandom(40) for _ in range(2)]
+    nonces = [os.urandom(12) for _ in msgs]
+    sealed = [ChaCha20Poly1305(key).encrypt(n, m, b"") for n, m in zip(nonces, msgs)]
+    gpu = get_backend("gpu")
+    srcs = [gpu.to_device(np.frombuffer(s[:-16], dtype=np.uint8)) for s in sealed]
+    dsts = [gpu.device_array(40) for _ in msgs]
+    ok = gpu.open_batch("chacha20-poly1305", [key, key], nonces, srcs,
+                        [sealed[0][-16:], sealed[1][-16:-1]], [b"", b""], dsts)
+    got = [bytes(gpu.to_host(d)) for d in dsts]
+    assert list(ok) == [True, False] and got == [msgs[0], bytes(40)]
+    with pytest.raises(ValueError, match="one per message"):
+        gpu.open_batch("chacha20-poly1305", [key, key], nonces, srcs, [sealed[0][-16:]],
+                       [b"", b""], dsts)

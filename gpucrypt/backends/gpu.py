@@ -916,9 +916,9 @@ class GpuBackend(Backend):
         else:
             host = self.to_host(tags) if not isinstance(tags, np.ndarray) else tags
             out = [host[i].tobytes() for i in range(n)]
-        if len(out) != n or any(len(t) != _TAG for t in out):
-            raise ValueError(f"tags must be {n} tags of {_TAG} bytes")
-        return out
+        if len(out) != n:
+            raise ValueError(f"tags must be {n} tags (one per message), not {len(out)}")
+        return out  # a tag that is not 16 bytes fails its own message only, as on the CPU
 
     def _plan(self, algorithm, keys, nonces, srcs, aads, dsts, tag) -> "_Plan":
         if algorithm not in _ALGORITHMS:
@@ -1131,7 +1131,9 @@ class _Plan:
                 eff_nonces.append(nonce)
             else:
                 _need(len(key) in (16, 24, 32), i, "AESGCM needs a 16, 24 or 32-byte key")
-                _need(_limits.GCM_MIN_NONCE <= len(nonce) <= _limits.GCM_MAX_NONCE, i, "AESGCM nonce length out of range")
+                _need(_limits.GCM_MIN_NONCE <= len(nonce) <= _limits.GCM_MAX_NONCE, i,
+                      f"AESGCM nonces are {_limits.GCM_MIN_NONCE} to {_limits.GCM_MAX_NONCE} bytes "
+                      f"(12 is the standard), not {len(nonce)}")
                 _limits.check_length("data", lengths[i], _limits.GCM_MAX_PLAINTEXT, "AESGCM")
                 effective_keys.append(key)
                 eff_nonces.append(nonce)
