@@ -128,9 +128,57 @@ def timed(operation: str, **fields: Any) -> Iterator[dict]:
           **{**fields, **extra})
 
 
+class _AuditFileHandler(logging.FileHandler):
+    """A FileHandler whose file is opened by :func:`_open_log`: every time logging opens
+    it (first, and again after a close), not only when :func:`enable` is called."""
+
+    def __init__(self, path: str):
+        super().__init__(path, mode="a", encoding="utf-8")
+
+    def _open(self):
+        return open(_open_log(self.baseFilename), "a", encoding=self.encoding,
+                    errors=self.errors)
+
+
+def _open_log(path: str) -> int:
+    """A descriptor appending to the audit log ``path``, created 0600 and an existing file
+    made 0600. A symbolic link is refused, as :class:`gpucrypt.files._atomic.AtomicFile`
+    refuses one: a link planted where the log goes would choose which file gets changed
+    (and chmod-ed). So is anything but a regular file (a FIFO would block the command, a
+    device take the lines). ``OSError`` naming ``path``, saying what to do."""
+    import errno
+    import os
+    import stat
+
+    not_regular = OSError(errno.EINVAL, "not a regular file: give a file's path", path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK \
+        | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o600)  # O_NONBLOCK: a FIFO without a reader fails, not waits
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and os.path.islink(path):
+            raise OSError(errno.ELOOP, "it is a symbolic link; audit logs are not written "
+                          "through links: give the file it points to, or remove the link",
+                          path) from None
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise not_regular from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise not_regular
+        os.set_blocking(fd, True)
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def enable(target: Any = None, level: int = logging.INFO) -> logging.Handler:
     """Send audit events, one JSON line each, to ``target``: a path (appended to, mode
-    0600, an existing file's mode included), a text stream, or ``None`` for stderr.
+    0600, an existing file's mode included; a symbolic link or anything but a regular file
+    is refused with ``OSError``), a text stream, or ``None`` for stderr.
     Returns the handler (remove it with ``logging.getLogger(LOGGER_NAME).removeHandler(h)``);
     enabling a path that already has one returns that one, so no event is written twice."""
     import os
@@ -143,13 +191,7 @@ def enable(target: Any = None, level: int = logging.INFO) -> logging.Handler:
         for existing in _logger.handlers:
             if isinstance(existing, logging.FileHandler) and existing.baseFilename == path:
                 return existing
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
-        finally:
-            os.close(fd)  # made 0600 before logging opens it for appending
-        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        handler = _AuditFileHandler(path)
     else:
         handler = logging.StreamHandler(target)
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -126,6 +126,73 @@ def test_enable_a_path_twice_and_an_existing_file(tmp_path):
     assert [json.loads(line)["key_id"] for line in path.read_text().splitlines()] == ["abc"]
 
 
+def _remove_file_handlers() -> None:
+    logger = logging.getLogger(audit.LOGGER_NAME)
+    for handler in logger.handlers[:]:
+        if isinstance(handler, logging.FileHandler):
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def test_enable_refuses_a_link_and_what_is_not_a_file(tmp_path):
+    """A link planted where the log goes would choose which file is chmod-ed and appended
+    to (AtomicFile refuses links for the same reason); a FIFO would block the command."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("victim data\n")
+    victim.chmod(0o644)
+    (tmp_path / "audit.log").symlink_to(victim)
+    os.mkfifo(tmp_path / "fifo")
+    for target, why in (("audit.log", "symbolic link"), ("fifo", "not a regular file"),
+                        (".", "Is a directory"), ("missing/x.log", "No such file")):
+        with pytest.raises(OSError) as info:
+            audit.enable(tmp_path / target)
+        assert why in str(info.value) and info.value.filename.endswith(target.strip(".")), info.value
+    assert victim.read_text() == "victim data\n" and victim.stat().st_mode & 0o777 == 0o644
+    assert not any(getattr(h, "baseFilename", "").startswith(str(tmp_path))
+                   for h in logging.getLogger(audit.LOGGER_NAME).handlers)
+
+
+def test_cli_audit_log_that_cannot_be_opened_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "victim.txt").write_text("victim data\n")
+    (tmp_path / "audit.log").symlink_to(tmp_path / "victim.txt")
+    try:
+        for log, why in (("missing/x.log", "No such file"), (".", "Is a directory"),
+                         ("audit.log", "symbolic link")):
+            code = main(["keygen", "--out", "ks.json", "--audit-log", log])
+            err = capsys.readouterr().err
+            assert code == 1 and f"cannot open the audit log {log}: " in err and why in err, err
+            assert err.count("\n") == 1 and "Traceback" not in err
+            assert not (tmp_path / "ks.json").exists()  # nothing done that goes unrecorded
+    finally:
+        _remove_file_handlers()
+    assert (tmp_path / "victim.txt").read_text() == "victim data\n"
+
+
+def test_a_keyset_save_that_fails_is_recorded_with_the_keys_it_did_not_write(tmp_path, capsys,
+                                                                               monkeypatch):
+    """``keys destroy`` whose save fails: the log must not leave the destruction looking
+    done. The keyset.save event is an error listing the key; a save that works lists it ok."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GPUCRYPT_PASSPHRASE", raising=False)
+    log = tmp_path / "audit.jsonl"
+    try:
+        assert main(["keygen", "--out", "real.json"]) == 0
+        assert main(["keys", "add", "real.json"]) == 0
+        doomed = next(k.id for k in keys.Keyset.load("real.json") if k.status == "enabled")
+        (tmp_path / "ks.json").symlink_to("real.json")  # the save refuses to write through it
+        assert main(["keys", "destroy", "ks.json", doomed, "--yes", "--audit-log", str(log)]) == 1
+        assert main(["keys", "destroy", "real.json", doomed, "--yes", "--audit-log", str(log)]) == 0
+    finally:
+        _remove_file_handlers()
+    capsys.readouterr()
+    saves = [e for e in map(json.loads, log.read_text().splitlines())
+             if e["operation"] == "keyset.save"]
+    assert [(e["path"], e["outcome"], e["key_ids"]) for e in saves] == [
+        ("ks.json", "error", [doomed]), ("real.json", "ok", [doomed])]
+    assert saves[0]["error"] == "OSError"
+
+
 # ---------------------------------------------------------------- no secret, any path
 
 
@@ -236,14 +303,16 @@ def test_no_secret_in_log_on_any_path(captured, tmp_path, monkeypatch, capsys):
     _expect_failure(keys.decrypt_file, tmp_path / "bad.gc", tmp_path / "out4", identities=alice)
     _expect_failure(keys.rekey_file, enc, recipients=[bob], identities=bob)
 
-    # the CLI, with its own audit log file
+    # the CLI, with its own audit log file, on a keyset sealed with the passphrase (a
+    # passphrase given refuses an unsealed one)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GPUCRYPT_PASSPHRASE", passphrase)
+    monkeypatch.setattr(keys.keyset, "DEFAULT_SCRYPT_N", FAST_N)  # what the CLI seals with
     log = tmp_path / "cli-audit.jsonl"
-    assert main(["keygen", "--out", "cli.json", "--audit-log", str(log)]) == 0
+    assert main(["keygen", "--seal", "--out", "cli.json", "--audit-log", str(log)]) == 0
     assert main(["keys", "add", "cli.json", "--primary", "--audit-log", str(log)]) == 0
     assert main(["keys", "destroy", "cli.json", "nope", "--yes", "--audit-log", str(log)]) == 1
-    cli_ks = keys.Keyset.load("cli.json")
+    cli_ks = keys.Keyset.load("cli.json", passphrase)
     secrets += [k.secret_bytes() for k in cli_ks]
     logger = logging.getLogger(audit.LOGGER_NAME)
     for handler in logger.handlers[:]:

@@ -449,36 +449,42 @@ def test_a_passphrase_stands_alone_in_its_envelope(work):
     assert "pw" not in repr(pw)
 
 
+def _converse(work: Path, answers: list[bytes], *argv: str) -> tuple[int, bytes]:
+    """Run ``gpucrypt ARGV`` with stdin and stderr a pseudo-terminal (a UTF-8 locale), type
+    each answer after the next prompt, and return the exit code and what the terminal saw."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "unnamed", *argv], cwd=work,
+                            stdin=slave, stdout=subprocess.DEVNULL, stderr=slave,
+                            start_new_session=True, env={**os.environ, "LC_ALL": "C.UTF-8"})
+    os.close(slave)
+    seen = b""
+    try:
+        for answer in answers:
+            prompts = seen.count(b": ")
+            deadline = time.monotonic() + 60
+            while seen.count(b": ") == prompts and time.monotonic() < deadline:
+                if select.select([master], [], [], 0.1)[0]:
+                    seen += os.read(master, 1024)
+            os.write(master, answer + b"\n")
+        code = proc.wait(timeout=60)
+        while select.select([master], [], [], 0.1)[0]:
+            try:
+                seen += os.read(master, 1024)
+            except OSError:
+                break
+    finally:
+        proc.kill()
+        os.close(master)
+    return code, seen
+
+
 @pytest.mark.skipif(not ON_LINUX, reason="a pseudo-terminal (Linux)")
 def test_encrypt_asks_twice_on_a_terminal(work):
     """-p with stdin a terminal: the passphrase is asked twice, and must match."""
-    import pty
-
     def converse(answers: list[bytes]) -> tuple[int, bytes]:
-        master, slave = pty.openpty()
-        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "unnamed", "encrypt", "-p",
-                                 "plain", "-o", "sealed", "--force"], cwd=work, stdin=slave,
-                                stdout=subprocess.DEVNULL, stderr=slave, start_new_session=True)
-        os.close(slave)
-        seen = b""
-        try:
-            for answer in answers:
-                prompts = seen.count(b": ")
-                deadline = time.monotonic() + 60
-                while seen.count(b": ") == prompts and time.monotonic() < deadline:
-                    if select.select([master], [], [], 0.1)[0]:
-                        seen += os.read(master, 1024)
-                os.write(master, answer + b"\n")
-            code = proc.wait(timeout=60)
-            while select.select([master], [], [], 0.1)[0]:
-                try:
-                    seen += os.read(master, 1024)
-                except OSError:
-                    break
-        finally:
-            proc.kill()
-            os.close(master)
-        return code, seen
+        return _converse(work, answers, "encrypt", "-p", "plain", "-o", "sealed", "--force")
 
     code, seen = converse([b"s3cret words", b"s3cret words"])
     assert code == 0, seen
@@ -692,3 +698,200 @@ def test_only_a_whole_process_run_freezes_the_heap(work):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0", "True", "True"]
     assert (work / "back").read_bytes() == (work / "plain").read_bytes()
+
+
+# ------------------------------------------------------------------ 8. key files, passphrases, outputs
+def _one_line(code: int, err: str, expected_code: int) -> None:
+    assert code == expected_code, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_a_passphrase_given_refuses_a_key_file_that_is_not_sealed(work, capsys, monkeypatch):
+    """A sealed keyset swapped for someone's unsealed one: a passphrase the user gave
+    (--passphrase-file or $GPUCRYPT_PASSPHRASE) makes every keyset and identity load refuse
+    the unsealed file, as Keyset.load refuses it, instead of wrapping data keys under it."""
+    for args in (["keygen", "--out", "ks.json"], ["keygen", "--public", "--out", "alice"]):
+        assert run(capsys, *args)[0] == 0
+    assert run(capsys, "encrypt", "--keyset", "ks.json", "plain", "for-ks")[0] == 0
+    assert run(capsys, "encrypt", "-r", "alice.pub", "plain", "for-alice")[0] == 0
+    before = (work / "ks.json").read_bytes()
+    commands = [["encrypt", "--keyset", "ks.json", "plain", "x"],
+                ["decrypt", "--keyset", "ks.json", "for-ks", "x"],
+                ["decrypt", "-i", "alice", "for-alice", "x"],
+                ["keys", "add", "ks.json"],
+                ["rekey", "for-alice", "-r", "alice.pub", "-i", "alice"],
+                ["rekey", "for-ks", "--keyset", "ks.json"]]
+    for given in (["--passphrase-file", "pw"], []):
+        if not given:
+            monkeypatch.setenv("GPUCRYPT_PASSPHRASE", "correct horse battery staple")
+        for argv in commands:
+            code, _, err = run(capsys, *argv, *given)
+            _one_line(code, err, 1)
+            assert "is not sealed, though a passphrase was given" in err, (argv, err)
+            assert "GPUCRYPT_PASSPHRASE unset" in err
+            assert not (work / "x").exists()
+    assert (work / "ks.json").read_bytes() == before
+    monkeypatch.delenv("GPUCRYPT_PASSPHRASE")
+    assert run(capsys, "encrypt", "--keyset", "ks.json", "plain", "x")[0] == 0  # none given
+
+
+def test_keygen_refuses_a_passphrase_file_without_seal(work, capsys):
+    code, _, err = run(capsys, "keygen", "--out", "ks.json", "--passphrase-file", "pw")
+    _one_line(code, err, 2)
+    assert "add --seal" in err and not (work / "ks.json").exists()
+
+
+NOT_UTF8 = b"abc\xffdef"
+
+
+def _no_trace_of(err: str) -> None:
+    """Nothing of a codec error's text, which quotes a byte of the passphrase and where."""
+    for leak in ("0xff", "\\xff", "\\udcff", "\udcff", "position", "codec", "ÿ"):
+        assert leak not in err, err
+
+
+def test_a_passphrase_that_is_not_utf8_is_one_line_exit_2(work, capsys, monkeypatch):
+    private(work / "pwbin", NOT_UTF8 + b"\n")
+    assert run(capsys, "encrypt", "-p", "--passphrase-file", "pw", "plain", "sealed")[0] == 0
+    assert run(capsys, "keygen", "--out", "ks.json")[0] == 0
+    cases = [["encrypt", "-p", "--passphrase-file", "pwbin", "plain", "x"],
+             ["decrypt", "--passphrase-file", "pwbin", "sealed", "x"],
+             ["keygen", "--seal", "--passphrase-file", "pwbin", "--out", "x"],
+             ["keys", "add", "ks.json", "--passphrase-file", "pwbin"]]
+    for argv in cases:
+        code, _, err = run(capsys, *argv)
+        _one_line(code, err, 2)
+        assert "the passphrase in pwbin is not valid UTF-8" in err, err
+        _no_trace_of(err)
+    # os.environ holds an undecodable byte as a lone surrogate
+    monkeypatch.setenv("GPUCRYPT_PASSPHRASE", NOT_UTF8.decode("utf-8", "surrogateescape"))
+    for argv in (["encrypt", "-p", "plain", "x"], ["decrypt", "sealed", "x"],
+                 ["keygen", "--seal", "--out", "x"], ["keys", "add", "ks.json"]):
+        code, _, err = run(capsys, *argv)
+        _one_line(code, err, 2)
+        assert "the passphrase in $GPUCRYPT_PASSPHRASE is not valid UTF-8" in err, err
+        _no_trace_of(err)
+    assert not (work / "x").exists()
+    # and the real thing: a process whose environment holds the byte
+    env = {k.encode(): v.encode() for k, v in os.environ.items() if k != "GPUCRYPT_PASSPHRASE"}
+    env[b"GPUCRYPT_PASSPHRASE"] = NOT_UTF8
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, "unnamed", "encrypt", "-p", "plain",
+                           "x"], cwd=work, env=env, capture_output=True, timeout=120)
+    err = done.stderr.decode("utf-8", "replace")
+    _one_line(done.returncode, err, 2)
+    _no_trace_of(err)
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="a pseudo-terminal (Linux)")
+def test_a_typed_passphrase_that_is_not_utf8_is_one_line_exit_2(work):
+    """Refused at once (not asked again): one line, exit 2, nothing written."""
+    code, seen = _converse(work, [NOT_UTF8], "encrypt", "-p", "plain", "-o", "sealed")
+    text = seen.decode("utf-8", "replace")
+    assert code == 2 and "the passphrase typed is not valid UTF-8" in text, text
+    assert "Traceback" not in text
+    _no_trace_of(text.split("passphrase for the file: ", 1)[-1])
+    assert not (work / "sealed").exists()
+
+
+def test_a_tampered_passphrase_envelope_is_tampered_data(work, capsys):
+    """Not "no key given" (exit 2) nor "not passphrase-encrypted": docs/FORMAT.md's exit 1."""
+    assert run(capsys, "encrypt", "-p", "--passphrase-file", "pw", "plain", "sealed")[0] == 0
+    data = bytearray((work / "sealed").read_bytes())
+    data[data.find(b"GCEV")] ^= 0x41  # the envelope's magic
+    (work / "tampered").write_bytes(bytes(data))
+    for extra in ([], ["-p"]):
+        code, _, err = run(capsys, "decrypt", *extra, "--passphrase-file", "pw", "tampered", "x")
+        _one_line(code, err, 1)
+        assert "tampered or damaged file: its envelope is malformed" in err, err
+        assert not (work / "x").exists()
+
+
+def test_key_files_that_are_missing_or_of_another_kind_are_usage_errors(work, capsys):
+    """docs/FORMAT.md: a missing or malformed key file is exit 2, for -r, -i and --keyset as
+    for --key-file; a key file of the right kind that is damaged is the data failing (1)."""
+    assert run(capsys, "keygen", "--public", "--out", "alice")[0] == 0
+    assert run(capsys, "encrypt", "-r", "alice.pub", "plain", "sealed")[0] == 0
+    (work / "folder").mkdir()
+    cases = [["encrypt", "--key-file", "nothere", "plain", "x"],
+             ["encrypt", "-r", "nothere.pub", "plain", "x"],
+             ["encrypt", "-r", "plain", "plain", "x"],           # not JSON
+             ["encrypt", "-r", "folder", "plain", "x"],
+             ["encrypt", "--keyset", "nothere.json", "plain", "x"],
+             ["encrypt", "--keyset", "alice.pub", "plain", "x"],  # another kind of key file
+             ["decrypt", "-i", "nothere", "sealed", "x"],
+             ["decrypt", "-i", "alice.pub", "sealed", "x"],
+             ["keys", "list", "nothere.json"],
+             ["rekey", "sealed", "-r", "alice.pub", "-i", "nothere"]]
+    for argv in cases:
+        code, _, err = run(capsys, *argv)
+        _one_line(code, err, 2)
+    damaged = json.loads((work / "alice").read_text())
+    damaged["private_key"] = "!!"
+    private(work / "damaged", json.dumps(damaged).encode())
+    code, _, err = run(capsys, "decrypt", "-i", "damaged", "sealed", "x")
+    _one_line(code, err, 1)
+    assert not (work / "x").exists()
+
+
+def test_keys_list_shows_damaged_fields_and_a_closed_pipe_is_one_line(work, capsys):
+    (work / "bad.json").write_text('{"format": "gpucrypt-keyset", "version": 1, "keys": '
+                                   '[{"id": 5, "status": "primary"}, {"id": "a", "status": null, '
+                                   '"algorithm": ["x"]}]}')
+    code, out, err = run(capsys, "keys", "list", "bad.json")
+    assert code == 0 and "Traceback" not in err, err
+    assert out.splitlines()[1].split() == ["5", "primary", "?", "?"]
+    assert out.splitlines()[2].split() == ["a", "None", "['x']", "?"]
+    assert run(capsys, "keygen", "--out", "ks.json")[0] == 0
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written: `keys list ks.json | true`
+    try:
+        done = subprocess.run([sys.executable, "-c", LAUNCHER, "unnamed", "keys", "list",
+                               "ks.json"], cwd=work, stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    _one_line(done.returncode, done.stderr, 1)
+    assert "output closed early (broken pipe)" in done.stderr
+    assert "BrokenPipeError" not in done.stderr and "Exception ignored" not in done.stderr
+
+
+def test_rekey_refuses_a_file_with_other_hard_links(work, capsys):
+    """Rekeying writes a new file in FILE's place: another hard link would keep the envelope
+    a revoked recipient opens."""
+    for name in ("alice", "bob"):
+        assert run(capsys, "keygen", "--public", "--out", name)[0] == 0
+    assert run(capsys, "encrypt", "-r", "alice.pub", "-r", "bob.pub", "plain", "sealed")[0] == 0
+    os.link(work / "sealed", work / "shared")
+    before = (work / "sealed").read_bytes()
+    code, _, err = run(capsys, "rekey", "sealed", "-r", "alice.pub", "-i", "alice")
+    _one_line(code, err, 2)
+    assert "1 other hard link" in err and "--force" in err
+    assert (work / "sealed").read_bytes() == before
+    code, _, err = run(capsys, "rekey", "sealed", "-r", "alice.pub", "-i", "alice", "--force")
+    assert code == 0, err
+    assert run(capsys, "decrypt", "-i", "bob", "sealed", "x")[0] == 1
+    assert run(capsys, "decrypt", "-i", "bob", "shared", "x")[0] == 0  # what --force accepted
+
+
+BENCH = ["bench", "--device", "cpu", "--algorithms", "chacha20", "--sizes", "16",
+         "--seconds", "0.01", "--operations", "encrypt", "--forms", "alloc",
+         "--implementations", "cryptography"]
+
+
+def test_bench_outputs_are_refused_before_the_run_and_replaced_atomically(work, capsys):
+    (work / "run.json").write_text("an earlier run\n")
+    os.link(work / "run.json", work / "earlier.json")  # sees the old file, if it is kept
+    for option, name in (("--json", "run.json"), ("--plot", "run.json")):
+        code, out, err = run(capsys, *BENCH, option, name)
+        _one_line(code, err, 2)
+        assert "output exists: run.json (give --force" in err and out == ""  # nothing was run
+    code, out, err = run(capsys, *BENCH, "--json", "missing/run.json")
+    _one_line(code, err, 1)
+    assert "cannot write missing/run.json" in err and out == ""
+    code, _, err = run(capsys, *BENCH, "--json", "run.json", "--plot", "run.png", "--force")
+    assert code == 0, err
+    assert json.loads((work / "run.json").read_text())["cells"]
+    assert (work / "run.png").read_bytes().startswith(b"\x89PNG")
+    # a new file in its place (an interrupted run would have left the old one whole)
+    assert (work / "earlier.json").read_text() == "an earlier run\n"
+    assert os.stat(work / "run.json").st_mode & 0o777 == 0o644

@@ -197,6 +197,60 @@ def test_bad_uris_say_what_is_wrong(uri, why):
     assert "1234" not in str(info.value)  # a refused PIN is not echoed
 
 
+@pytest.mark.parametrize("uri", [
+    "pkcs11:token=prod;object=k;pin%2Dvalue=SECRET-7d1",
+    "pkcs11:token=prod;object=k;pin%2dval%75e=SECRET-7d1",
+    "pkcs11:token=prod;object=k;PIN-VALUE=SECRET-7d1",
+    "pkcs11:token=prod;object=k;x-pin=SECRET-7d1;colour=red",
+    "pkcs11:token=prod;object=k;%70assphrase=SECRET-7d1",
+])
+def test_a_secret_attribute_is_masked_however_its_name_is_spelled(uri):
+    """docs/KEYS.md: secret values "are masked wherever an error quotes the URI": names are
+    judged percent-decoded, so pin%2Dvalue is pin-value."""
+    with pytest.raises(keys.KeysetError) as info:
+        KeyReference(uri)
+    assert "SECRET-7d1" not in str(info.value) and "=***" in str(info.value), info.value
+
+
+def test_a_source_that_is_not_a_source_is_never_echoed(tmp_path, capsys, monkeypatch):
+    """The passphrase itself pasted where its source goes: refused when the URI is parsed
+    (the command line's usage error), and by whatever reads a source, without quoting it."""
+    from gpucrypt.keys.pkcs11 import Pkcs11Key
+    from gpucrypt.keys.references import read_secret_source
+
+    pasted = "correct-horse-battery-42"
+    for uri in (f"file://{tmp_path}/ks.json?passphrase-source={pasted}",
+                f"pkcs11:token=t;object=o?pin-source={pasted}"):
+        with pytest.raises(keys.KeysetError, match="must be env:VAR, file:/path") as info:
+            KeyReference(uri)
+        assert pasted not in str(info.value)
+    with pytest.raises(keys.KeysetError, match="must be env:VAR, file:/path") as info:
+        read_secret_source(pasted, "GPUCRYPT_PKCS11_PIN", "the PIN")
+    assert pasted not in str(info.value)
+    assert Pkcs11Key("t", "o", pin_source=pasted).pin_source == pasted  # refused when read
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plain").write_bytes(b"x")
+    assert main(["keygen", "--out", "ks.json"]) == 0
+    code, _, err = _cli(capsys, "encrypt", "--kek",
+                        f"file://{tmp_path}/ks.json?passphrase-source={pasted}", "plain", "out")
+    assert code == 2 and pasted not in err and err.count("\n") == 1, err
+    # the accepted forms: env:VAR, file:/path and an absolute path (RFC 7512's pin-source)
+    for source in ("env:X", f"file:{tmp_path}/pw", f"{tmp_path}/pw"):
+        KeyReference(f"file://{tmp_path}/ks.json?passphrase-source={source}")
+
+
+def test_a_secret_source_that_is_not_utf8_is_one_line_and_quotes_nothing(tmp_path, monkeypatch):
+    from gpucrypt.keys.references import read_secret_source
+
+    (tmp_path / "pw").write_bytes(b"abc\xffdef\n")
+    monkeypatch.setenv("BAD_PIN", b"abc\xffdef".decode("utf-8", "surrogateescape"))
+    for source in (f"file:{tmp_path / 'pw'}", "env:BAD_PIN"):
+        with pytest.raises(keys.KeyProviderError, match="is not valid UTF-8") as info:
+            read_secret_source(source, "GPUCRYPT_PKCS11_PIN", "the PIN")
+        for leak in ("0xff", "position", "udcff", "\udcff"):
+            assert leak not in str(info.value), info.value
+
+
 def test_file_reference_opens_a_sealed_keyset(plain, tmp_path, monkeypatch):
     monkeypatch.setattr(keys.passphrase, "MIN_LOG_N", 10)  # lets the test seal with 2**10
     keyset = keys.Keyset.generate()

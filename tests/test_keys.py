@@ -263,6 +263,41 @@ def test_a_passphrase_or_kek_refuses_a_file_that_is_not_sealed(fast_scrypt, tmp_
     assert resolved.keyset is not None and len(resolved.identities) == 1
 
 
+def test_a_passphrase_that_is_not_utf8_is_refused_without_quoting_it(fast_scrypt, tmp_path):
+    """A str with lone surrogates (os.environ's form of undecodable bytes) has no UTF-8:
+    a KeysetError that quotes nothing of it, not the codec's UnicodeEncodeError (which
+    shows a character and its position) nor, opening a sealed file, "malformed protection
+    block". Passphrases that are UTF-8, and bytes, derive as before."""
+    bad = b"abc\xffdef".decode("utf-8", "surrogateescape")
+    Keyset.generate().save(tmp_path / "ks.json", "pässword", scrypt_n=FAST_N)
+    Identity.generate().save(tmp_path / "id.json", b"abc\xffdef", scrypt_n=FAST_N)
+    attempts = [lambda: Keyset.load(tmp_path / "ks.json", bad),
+                lambda: Identity.load(tmp_path / "id.json", bad),
+                lambda: Keyset.generate().save(tmp_path / "new.json", bad, scrypt_n=FAST_N),
+                lambda: keys.Passphrase(bad, log_n=10)]
+    for attempt in attempts:
+        with pytest.raises(KeysetError) as info:
+            attempt()
+        message = str(info.value)
+        assert "the passphrase is not valid UTF-8" in message, message
+        assert "position" not in message and "udcff" not in message and "\udcff" not in message
+    assert not (tmp_path / "new.json").exists()
+    assert len(Keyset.load(tmp_path / "ks.json", "pässword")) == 1
+    assert len(Keyset.load(tmp_path / "ks.json", "pässword".encode())) == 1  # the same bytes
+    assert Identity.load(tmp_path / "id.json", b"abc\xffdef").fingerprint
+
+
+def test_key_files_that_cannot_be_read_are_keyset_errors(tmp_path):
+    """A folder or an unreadable file given as a key file: like a missing one, a KeysetError
+    (UnreadableKeyFile, the command line's exit 2), not an OSError."""
+    from gpucrypt.keys._document import UnreadableKeyFile
+
+    for load in (Keyset.load, Identity.load, Recipient.load, Keyset.inspect):
+        for name in ("missing.json", "."):
+            with pytest.raises(UnreadableKeyFile):
+                load(tmp_path / name)
+
+
 def test_save_writes_a_keyset_whose_file_is_gone(tmp_path):
     """The file a keyset was loaded from deleted or moved away: the keyset in memory may
     be the only copy of its keys, so saving it there again writes it (nothing to undo)."""

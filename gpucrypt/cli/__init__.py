@@ -318,9 +318,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so that a reader gone early is a BrokenPipeError caught below
+        return code
     except CliError as exc:
         print(f"gpucrypt {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `gpucrypt keys list ks.json | head -1`
+        _drop_stdout()
+        print(f"gpucrypt {args.command}: output closed early (broken pipe)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, as Python's documentation advises after a broken pipe:
+    the interpreter flushes stdout once more at exit, which would otherwise fail again and
+    print a traceback-like "Exception ignored" message."""
+    import os
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)

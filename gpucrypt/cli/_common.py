@@ -34,8 +34,9 @@ from . import CliError
 
 __all__ = ["parse_size", "read_key_file", "parse_key", "add_input_output_and_keys",
            "add_force", "add_key_management", "add_unsafe_key_permissions", "check_key_sources",
-           "check_private_file", "encrypt_keys", "decrypt_key", "check_output", "destination",
-           "output_path", "run_reporting_errors"]
+           "check_private_file", "encrypt_keys", "decrypt_key", "check_output",
+           "check_output_path", "atomic_output", "destination", "output_path",
+           "run_reporting_errors"]
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gib": 1 << 30}
@@ -255,11 +256,28 @@ def check_output(args: Any, binary_ciphertext: bool):
             raise CliError("refusing to write ciphertext to a terminal; redirect stdout, "
                            "give -o OUT, or give --force", 2)
         return sys.stdout.buffer
+    return check_output_path(out, args.force)
+
+
+def check_output_path(out: str, force: bool) -> str:
+    """``out``, unless it is a folder, or exists and ``force`` is off (usage CliErrors)."""
     if os.path.isdir(out):
         raise CliError(f"output is a directory: {out}", 2)
-    if os.path.exists(out) and not args.force:
+    if os.path.exists(out) and not force:
         raise CliError(f"output exists: {out} (give --force to overwrite it)", 2)
     return out
+
+
+def atomic_output(path: str, force: bool, mode: int = 0o600):
+    """An :class:`~gpucrypt.files._atomic.AtomicFile` for ``path`` (replacing a file only
+    with ``force``), made now so that a missing or read-only folder is reported, naming
+    ``path``, before any work: a CliError (exit 1)."""
+    from ..files._atomic import AtomicFile
+
+    try:
+        return AtomicFile(path, mode, overwrite=force)
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror or exc}", 1) from None
 
 
 @contextlib.contextmanager
@@ -274,13 +292,7 @@ def destination(args: Any, binary_ciphertext: bool) -> Iterator[Any]:
     if not isinstance(target, str):
         yield target
         return
-    from ..files._atomic import AtomicFile
-
-    try:
-        out = AtomicFile(target, overwrite=bool(args.force))
-    except OSError as exc:
-        raise CliError(f"cannot write {target}: {exc.strerror or exc}", 1) from None
-    with out:
+    with atomic_output(target, bool(args.force)) as out:
         yield out
 
 

@@ -6,11 +6,15 @@ a GPU that was asked for but cannot be timed exits 1 with the reason.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import tempfile
 import time
 
 from . import CliError
+from ._common import atomic_output, check_output_path, run_reporting_errors
 
 
 def add_bench(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +57,8 @@ def add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="write one record per cell plus the environment")
     parser.add_argument("--plot", metavar="FILE.png",
                         help="draw GB/s against size per implementation (needs matplotlib)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite the --json and --plot files if they exist")
     parser.add_argument("--progress", action="store_true",
                         help="show a progress bar on stderr even when it is not a terminal")
     parser.add_argument("--simulator-smoke", action="store_true",
@@ -117,26 +123,43 @@ def run_bench(args) -> int:
     from .. import bench
 
     config = _config(args)
-    expected = (len(config.algorithms) * len(config.operations) * len(config.forms)
-                * len(config.sizes) * 3 * config.seconds)
-    bar = _ProgressBar(args.progress, expected)
-    try:
-        report = bench.run(config, progress=bar)
-    except RuntimeError as exc:  # no GPU to time, or a row's output was wrong (WrongOutput)
-        raise CliError(str(exc), exit_code=1) from None
-    finally:
-        bar.close()
-    print(report.render())
-    if args.json:
+    # The outputs are checked and opened before the run, which may take minutes: an
+    # existing file (without --force) or a folder that cannot be written is said now, not
+    # after. They appear complete or not at all (an interrupted run leaves an earlier
+    # run's file as it was). 0644: results are meant to be shared.
+    outputs = {name: check_output_path(path, args.force)
+               for name, path in (("json", args.json), ("plot", args.plot)) if path}
+    with contextlib.ExitStack() as stack:
+        files = {name: stack.enter_context(atomic_output(path, args.force, 0o644))
+                 for name, path in outputs.items()}
+        expected = (len(config.algorithms) * len(config.operations) * len(config.forms)
+                    * len(config.sizes) * 3 * config.seconds)
+        bar = _ProgressBar(args.progress, expected)
         try:
-            with open(args.json, "w", encoding="utf-8") as fh:
-                json.dump(report.to_json(), fh, indent=1)
-                fh.write("\n")
-        except OSError as exc:
-            raise CliError(f"cannot write {args.json}: {exc.strerror}") from None
-    if args.plot:
-        try:
-            bench.plot(report, args.plot)
-        except OSError as exc:
-            raise CliError(f"cannot write {args.plot}: {exc.strerror}") from None
+            report = bench.run(config, progress=bar)
+        except RuntimeError as exc:  # no GPU to time, or a row's output was wrong (WrongOutput)
+            raise CliError(str(exc), exit_code=1) from None
+        finally:
+            bar.close()
+        print(report.render())
+        run_reporting_errors(args, lambda: _write_outputs(report, files, outputs))
     return 0
+
+
+def _write_outputs(report, files: dict, outputs: dict) -> None:
+    """Fill and publish the --json and --plot files (``files``: AtomicFiles by name)."""
+    from .. import bench
+
+    if "json" in files:
+        files["json"].write(json.dumps(report.to_json(), indent=1).encode("utf-8") + b"\n")
+        files["json"].commit()
+    if "plot" in files:
+        # matplotlib takes the image format from the file name's extension, which the
+        # unpublished file's name lacks: the picture is drawn under the user's name in a
+        # private folder, then copied in
+        with tempfile.TemporaryDirectory() as folder:
+            drawn = os.path.join(folder, os.path.basename(outputs["plot"]))
+            bench.plot(report, drawn)
+            with open(drawn, "rb") as f:
+                files["plot"].write(f.read())
+        files["plot"].commit()

@@ -60,6 +60,20 @@ def _can_prompt() -> bool:
     return True
 
 
+def _not_utf8(where: str) -> CliError:
+    """The error for a passphrase that is not UTF-8 (which scrypt's input is, docs/KEYS.md).
+    It names where the passphrase came from and nothing of it: the codec's own message
+    quotes a byte of the passphrase and its position."""
+    return CliError(f"the passphrase {where} is not valid UTF-8: give it as UTF-8 text", 2)
+
+
+def _passphrase_given(args: Any) -> bool:
+    """Whether the user gave a passphrase without being asked (``--passphrase-file`` or
+    ``$GPUCRYPT_PASSPHRASE``): then it is for every key file the command reads, and one
+    that is not sealed is refused, as the library refuses it (it may have been replaced)."""
+    return bool(getattr(args, "passphrase_file", None) or os.environ.get(PASSPHRASE_ENV))
+
+
 def _passphrase(args: Any, what: str, *, confirm: bool = False) -> str:
     path = getattr(args, "passphrase_file", None)
     if path:
@@ -69,22 +83,37 @@ def _passphrase(args: Any, what: str, *, confirm: bool = False) -> str:
                 text = f.read().rstrip("\r\n")
         except OSError as exc:
             raise CliError(f"cannot read the passphrase file: {exc.strerror}", 2) from None
+        except UnicodeDecodeError:
+            raise _not_utf8(f"in {path}") from None
         if not text:
             raise CliError("the passphrase file is empty", 2)
         return text
     if os.environ.get(PASSPHRASE_ENV):
-        return os.environ[PASSPHRASE_ENV]
+        return _utf8(os.environ[PASSPHRASE_ENV], f"in ${PASSPHRASE_ENV}")
     if not _can_prompt():
         raise CliError(f"{what} needs a passphrase: give --passphrase-file or set "
                        f"{PASSPHRASE_ENV}", 2)
     import getpass  # reads the terminal (/dev/tty), not stdin
 
-    first = getpass.getpass(f"passphrase for {what}: ")
-    if confirm and getpass.getpass("again: ") != first:
-        raise CliError("the passphrases differ", 2)
+    try:
+        first = _utf8(getpass.getpass(f"passphrase for {what}: "), "typed")
+        if confirm and getpass.getpass("again: ") != first:
+            raise CliError("the passphrases differ", 2)
+    except UnicodeDecodeError:  # a terminal read strictly
+        raise _not_utf8("typed") from None
     if not first:
         raise CliError("empty passphrase", 2)
     return first
+
+
+def _utf8(text: str, where: str) -> str:
+    """``text``, checked to have a UTF-8 form: ``os.environ`` (and a terminal read with
+    ``surrogateescape``) keeps bytes it cannot decode as lone surrogates, which have none."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _not_utf8(where) from None
+    return text
 
 
 def _protection(path: str) -> str | None:
@@ -103,14 +132,18 @@ def _load_sealable(cls: Any, path: str, args: Any):
     """``cls.load(path, passphrase)`` (a Keyset or an Identity), asking for the passphrase
     only when the file is sealed with one; errors as one-line CliErrors. Refused when group
     or others may access the file, or when it is sealed by a key-encryption key (which the
-    command line has no way to take)."""
+    command line has no way to take). A passphrase the user gave (:func:`_passphrase_given`)
+    is passed whatever the file says, so that ``load`` refuses a file that is not sealed:
+    one swapped for an unsealed keyset would otherwise have new data keys wrapped under
+    someone else's key."""
     check_private_file(path, "keyset" if cls.__name__ == "Keyset" else "identity", args)
     protection = _protection(path)
     if protection == "kek" and cls.__name__ == "Keyset":
         raise CliError(f"{path} is sealed by a key-encryption key, which the command line "
                        f"cannot take: use or edit it through the library "
                        f"(gpucrypt.keys.Keyset.load(path, kek=...), then save)", 1)
-    passphrase = _passphrase(args, path) if protection == "passphrase" else None
+    passphrase = _passphrase(args, path) \
+        if protection == "passphrase" or _passphrase_given(args) else None
     return _keys_call(cls.load, path, passphrase)
 
 
@@ -131,9 +164,12 @@ def _keys_call(func, *a, **kw):
     from cryptography.exceptions import InvalidTag
 
     from ..keys import KeyManagementError
+    from ..keys._document import UnreadableKeyFile
 
     try:
         return func(*a, **kw)
+    except UnreadableKeyFile as exc:  # the wrong file named: as a missing --key-file
+        raise CliError(str(exc), 2) from None
     except KeyManagementError as exc:
         raise CliError(str(exc), 1) from None
     except (InvalidTag, ValueError) as exc:  # the stream's format and authentication errors
@@ -221,8 +257,8 @@ def resolve_encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes] | None:
     if getattr(args, "passphrase", False):
         secret = _passphrase(args, "the file", confirm=True)
         dek = generate_dek()
-        return dek, None, _keys_call(seal_envelope, dek,
-                                     Passphrase(secret, log_n=_passphrase_log_n()))
+        stanza = _keys_call(Passphrase, secret, log_n=_passphrase_log_n())
+        return dek, None, _keys_call(seal_envelope, dek, stanza)
 
     recipients = [_keys_call(Recipient.load, path) for path in getattr(args, "recipient", None) or []]
     keyset = _load_keyset(args.keyset, args) if getattr(args, "keyset", None) else None
@@ -248,7 +284,8 @@ def resolve_decrypt_key(args: Any, header: Any) -> bytes | None:
         from ..keys import Passphrase, passphrase
 
         _keys_call(passphrase.work_factor, stanza)  # the limit, before asking or deriving
-        return _keys_call(open_envelope, envelope, Passphrase(_passphrase(args, "this file")))
+        secret = _keys_call(Passphrase, _passphrase(args, "this file"))
+        return _keys_call(open_envelope, envelope, secret)
     if getattr(args, "passphrase", False):
         raise CliError("this file is not passphrase-encrypted: it needs "
                        + ("the key it was encrypted with" if not envelope else "-i or --keyset"), 1)
@@ -265,16 +302,19 @@ def resolve_decrypt_key(args: Any, header: Any) -> bytes | None:
 
 
 def _passphrase_stanza(envelope: bytes | None):
-    """The envelope's ``scrypt`` stanza when it is a passphrase-encrypted file's, else None
-    (a malformed envelope is left to :func:`open_envelope` to report)."""
+    """The envelope's ``scrypt`` stanza when it is a passphrase-encrypted file's, else None.
+    An envelope that does not decode is tampered data (exit 1, docs/FORMAT.md), said here:
+    passed over, the file would look keyless ("no key given", a usage error) or not
+    passphrase-encrypted, though it may well be."""
     from ..keys import _envelope, passphrase
 
     if not envelope:
         return None
     try:
         stanzas = _envelope.decode(envelope)
-    except ValueError:
-        return None
+    except ValueError as exc:
+        raise CliError(f"tampered or damaged file: its envelope is malformed ({exc})",
+                       1) from None
     return stanzas[0] if stanzas[0].kind == passphrase.STANZA_KIND else None
 
 
@@ -311,6 +351,9 @@ def _refuse_overwrite(paths: list[str], force: bool) -> None:
 def _run_keygen(args) -> int:
     from ..keys import Identity, Keyset
 
+    if args.passphrase_file and not args.seal:  # else it would be ignored: an unsealed file
+        raise CliError("--passphrase-file is the passphrase for --seal: add --seal to seal the "
+                       "new file with it, or leave --passphrase-file out", 2)
     _enable_audit(args)
     passphrase = _passphrase(args, "the new key file", confirm=True) if args.seal else None
     if args.public:
@@ -376,9 +419,9 @@ def _run_keys(args) -> int:
             return 0
         print(f"{args.keyset}: {len(info['keys'])} key(s), "
               f"{'sealed by ' + info['protection'] if info['protection'] else 'not sealed'}")
-        for key in info["keys"]:
-            print(f"  {key.get('id', '?'):18s} {key.get('status', '?'):9s} "
-                  f"{key.get('algorithm', '?'):12s} {key.get('created', '?')}")
+        for key in info["keys"]:  # !s: a damaged file's field may be a number, null, a list
+            print(f"  {key.get('id', '?')!s:18s} {key.get('status', '?')!s:9s} "
+                  f"{key.get('algorithm', '?')!s:12s} {key.get('created', '?')!s}")
         return 0
     if args.keys_command == "destroy" and not args.yes:
         raise CliError(f"destroying key {args.key_id} cannot be undone: data wrapped only under "
@@ -417,9 +460,28 @@ def add_rekey(parser: argparse.ArgumentParser) -> None:
     _add_kek_argument(parser, "--old-kek", "key that opens the current envelope; repeat")
     parser.add_argument("--passphrase-file", metavar="FILE",
                         help=f"passphrase of sealed keysets/identities (else ${PASSPHRASE_ENV})")
+    parser.add_argument("--force", action="store_true",
+                        help="rekey FILE even when it has other hard links (they keep the old "
+                             "envelope)")
     add_unsafe_key_permissions(parser)
     _add_audit_argument(parser)
     parser.set_defaults(func=_run_rekey)
+
+
+def _refuse_other_links(path: str, force: bool) -> None:
+    """Refuse (without --force) a FILE with other hard links: rekeying writes a new file in
+    its place, so another name for the old file (a shared copy) would keep the old envelope,
+    and a recipient the rekey revokes could still open it there. (A symbolic link is
+    followed instead: the file it points to is rewritten.)"""
+    try:
+        links = os.stat(path).st_nlink
+    except OSError:
+        return  # rekeying says what is wrong with it
+    if links > 1 and not force:
+        raise CliError(f"{path} has {links - 1} other hard link(s): rekey writes a new file in "
+                       f"its place, and the other links would keep the old envelope (a revoked "
+                       f"recipient could still open them). Remove the other links, or give "
+                       f"--force to rekey this name only", 2)
 
 
 def _run_rekey(args) -> int:
@@ -433,6 +495,7 @@ def _run_rekey(args) -> int:
                        "--kek URI", 2)
     if not args.identity and not args.old_keyset and not args.keyset and not args.old_kek:
         raise CliError("say how to open the file: -i IDENTITY, --old-keyset and/or --old-kek URI", 2)
+    _refuse_other_links(args.file, args.force)
     recipients = [_keys_call(Recipient.load, p) for p in args.recipient]
     recipients += _key_references(args.kek, args)
     keyset = _load_keyset(args.keyset, args) if args.keyset else None
@@ -460,4 +523,8 @@ def _enable_audit(args) -> None:
     if getattr(args, "audit_log", None):
         from .. import audit
 
-        audit.enable(args.audit_log)
+        try:
+            audit.enable(args.audit_log)
+        except OSError as exc:  # before any key is touched: nothing done goes unrecorded
+            raise CliError(f"cannot open the audit log {args.audit_log}: "
+                           f"{exc.strerror or exc}", 1) from None

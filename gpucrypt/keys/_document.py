@@ -77,21 +77,32 @@ def file_digest(path: str | os.PathLike) -> bytes | None:
         return None
 
 
+class UnreadableKeyFile(KeysetError):
+    """The key file is missing or cannot be read, or is not a key file of the kind and
+    version asked for: the wrong file was named (the command line's usage error, exit 2),
+    where a file of the right kind that is damaged or does not open is a failure of the
+    data (exit 1)."""
+
+
 def read_document(path: str | os.PathLike, expected_format: str) -> tuple[dict, bytes]:
-    """The file's JSON document and the SHA-256 of the bytes it was parsed from."""
+    """The file's JSON document and the SHA-256 of the bytes it was parsed from;
+    :class:`UnreadableKeyFile` when it is not one (see there)."""
+    where = os.fspath(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
         doc = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
-        raise KeysetError(f"{os.fspath(path)}: no such file") from None
+        raise UnreadableKeyFile(f"{where}: no such file") from None
+    except OSError as exc:  # a folder, no permission: as for a missing file, a KeysetError
+        raise UnreadableKeyFile(f"{where}: cannot read it ({exc.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise KeysetError(f"{os.fspath(path)}: not a {expected_format} file (not JSON)") from None
+        raise UnreadableKeyFile(f"{where}: not a {expected_format} file (not JSON)") from None
     if not isinstance(doc, dict) or doc.get("format") != expected_format:
-        raise KeysetError(f"{os.fspath(path)}: not a {expected_format} file")
+        raise UnreadableKeyFile(f"{where}: not a {expected_format} file")
     if doc.get("version") != FILE_VERSION:
-        raise KeysetError(f"{os.fspath(path)}: {expected_format} version {doc.get('version')!r} "
-                          f"is not supported (this gpucrypt reads version {FILE_VERSION})")
+        raise UnreadableKeyFile(f"{where}: {expected_format} version {doc.get('version')!r} "
+                                f"is not supported (this gpucrypt reads version {FILE_VERSION})")
     return doc, hashlib.sha256(raw).digest()
 
 
@@ -117,14 +128,6 @@ def scrypt_n_to_write(scrypt_n: int) -> int:
     return n
 
 
-def _passphrase_bytes(passphrase: str | bytes) -> bytes:
-    if isinstance(passphrase, str):
-        return passphrase.encode("utf-8")
-    if isinstance(passphrase, (bytes, bytearray)):
-        return bytes(passphrase)
-    raise TypeError("passphrase must be str or bytes")
-
-
 def seal_document(public: dict, secret: dict, *, passphrase=None, kek=None, kek_id=None,
                    scrypt_n: int = DEFAULT_SCRYPT_N) -> dict:
     from ..aead import AESGCM, ChaCha20Poly1305
@@ -135,7 +138,7 @@ def seal_document(public: dict, secret: dict, *, passphrase=None, kek=None, kek_
         protection = {"method": "passphrase", "kdf": "scrypt", "salt": b64e(salt),
                       "n": n, "r": 8, "p": 1, "aead": "chacha20-poly1305",
                       "nonce": b64e(nonce)}
-        key = Scrypt(salt=salt, length=32, n=n, r=8, p=1).derive(_passphrase_bytes(passphrase))
+        key = Scrypt(salt=salt, length=32, n=n, r=8, p=1).derive(_passphrase.encode(passphrase))
         cipher: Any = ChaCha20Poly1305(key, device="cpu")
     else:
         kek = bytes_arg(kek, "kek")  # bytes(32) would be a key of 32 zero bytes
@@ -160,10 +163,12 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict |
     if method is None:
         if passphrase is None and kek is None:
             return None
-        raise KeysetError(f"{where} is not sealed, though a "
-                          f"{'passphrase' if passphrase is not None else 'key-encryption key'} "
-                          f"was given: it may have been replaced. Check where the file came "
-                          f"from; if it is meant to be unsealed, load it without one")
+        given = "passphrase" if passphrase is not None else "key-encryption key"
+        how = (" (on the command line: no --passphrase-file, and GPUCRYPT_PASSPHRASE unset)"
+               if passphrase is not None else "")
+        raise KeysetError(f"{where} is not sealed, though a {given} was given: it may have "
+                          f"been replaced. Check where the file came from; if it is meant to "
+                          f"be unsealed, load it without one{how}")
     protection = doc["protection"]
     public = {k: v for k, v in doc.items() if k != "sealed"}
     nonce = b64d(protection.get("nonce"), f"{where}: nonce")
@@ -182,7 +187,7 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict |
                                   f"2**{_SCRYPT_MAX_WORK.bit_length() - 1}), refused before "
                                   f"any work: restore the file from a copy")
             salt = b64d(protection.get("salt"), f"{where}: salt")
-            key = Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(_passphrase_bytes(passphrase))
+            key = Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(_passphrase.encode(passphrase))
             cipher: Any = ChaCha20Poly1305(key, device="cpu")
         elif method == "kek":
             if kek is None:

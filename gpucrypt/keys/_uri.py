@@ -24,7 +24,7 @@ from urllib.parse import quote, unquote, unquote_to_bytes
 
 from .._errors import KeysetError
 
-__all__ = ["KeyUri", "parse_key_uri", "pkcs11_id_text", "SCHEMES"]
+__all__ = ["KeyUri", "parse_key_uri", "pkcs11_id_text", "check_secret_source", "SCHEMES"]
 
 SCHEMES = ("pkcs11", "awskms", "file")
 
@@ -35,8 +35,10 @@ _PKCS11_TYPES = ("secret-key", "private", "public")
 _AWS_QUERY = ("region", "endpoint", "profile")
 _FILE_QUERY = ("passphrase-source",)
 _SECRET_ATTRIBUTES = ("pin-value", "pin", "passphrase", "password", "secret", "key")
-#: masks every secret-bearing attribute's value wherever an error quotes a URI
-_SECRET_VALUE = re.compile(r"(?i)\b(" + "|".join(map(re.escape, _SECRET_ATTRIBUTES)) + r")=[^;&]*")
+#: one ``name=value`` attribute of a URI as written (the name still percent-encoded)
+_ATTRIBUTE = re.compile(r"([^;&?/:=]*)=([^;&]*)")
+#: the forms a ``*-source`` attribute may take (a PIN or passphrase is read from there)
+_SOURCE_FORMS = ("env:", "file:", "/")
 
 _ARN = re.compile(r"arn:aws[a-z-]*:kms:([a-z0-9-]+):\d{12}:(key|alias)/[A-Za-z0-9/_+=.@:-]+")
 
@@ -47,8 +49,25 @@ def _bad(uri: str, why: str) -> KeysetError:
 
 def _shown(uri: str) -> str:
     """The URI as errors may quote it: the part before any query (a malformed query could
-    hold something secret-looking the user pasted by mistake), secret attributes masked."""
-    return _SECRET_VALUE.sub(r"\1=***", uri.split("?", 1)[0])
+    hold something secret-looking the user pasted by mistake), secret attributes masked.
+    A name is judged once percent-decoded (``pin%2Dvalue`` is ``pin-value``), and by each
+    of its words (``x-pin``), so that no spelling of a secret's name gets its value shown."""
+    def mask(match: re.Match) -> str:
+        words = re.split(r"[-_.\s]", unquote(match.group(1)).lower())
+        secret = any(word in _SECRET_ATTRIBUTES for word in words)
+        return f"{match.group(1)}=***" if secret else match.group(0)
+
+    return _ATTRIBUTE.sub(mask, uri.split("?", 1)[0])
+
+
+def check_secret_source(name: str, source: str) -> None:
+    """Refuse a ``*-source`` value (``name``) that is not ``env:VAR``, ``file:/path`` or an
+    absolute path, without quoting it: what is there is most likely the secret itself,
+    pasted where its source belongs."""
+    if not source.startswith(_SOURCE_FORMS):
+        raise KeysetError(f"{name} must be env:VAR, file:/path or an absolute path (the value "
+                          f"given is not shown: it may be the secret itself; put the secret in "
+                          f"a file or an environment variable and name that)")
 
 
 @dataclass(frozen=True)
@@ -104,10 +123,15 @@ def parse_key_uri(uri: str) -> KeyUri:
     rest = uri[len(scheme) + 1:]
     body, _, query_text = rest.partition("?")
     query = _attributes(uri, query_text, "&") if query_text else {}
-    for name in query:
+    for name, value in query.items():
         if name in _SECRET_ATTRIBUTES:
             raise _bad(uri, f"{name} would put a secret in the URI; use pin-source=env:VAR or "
                             f"pin-source=file:/path (passphrase-source= for file: references)")
+        if name.endswith("-source"):
+            try:
+                check_secret_source(name, value)
+            except KeysetError as exc:
+                raise _bad(uri, str(exc)) from None
     if scheme == "pkcs11":
         return _pkcs11(uri, body, query)
     if scheme == "awskms":

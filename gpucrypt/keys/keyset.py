@@ -112,6 +112,10 @@ class Keyset:
             raise KeysetError(f"a keyset has exactly one primary key, this one has {len(primaries)}")
         self._seal: dict | None = None  # how it was loaded, so save() keeps it sealed
         self._origin: tuple[str, bytes] | None = None  # (file, SHA-256) last read or written
+        #: ids of the keys added or changed since the keyset was read or last saved (all of
+        #: a keyset made in memory): the ``keyset.save`` event lists them, so the log says
+        #: which changes reached a file (each change's own event records it in memory)
+        self._unsaved: set[str] = set(self._keys)
 
     def __repr__(self) -> str:
         primary = next((k.id for k in self._keys.values() if k.status == PRIMARY), None)
@@ -163,6 +167,7 @@ class Keyset:
             for entry in entries:
                 keys.append(_key_from_entry(entry, materials, where))
             keyset = cls(keys)
+            keyset._unsaved.clear()  # as in the file
             if "protection" in doc:
                 keyset._seal = {"passphrase": passphrase, "kek": kek,
                                 "kek_id": doc["protection"].get("kek_id"),
@@ -186,7 +191,18 @@ class Keyset:
         Raises :class:`KeysetError`, writing nothing, when ``path`` is the file this keyset
         was loaded from (or last saved to) and it has changed since: another program saved
         it in between, and writing would undo that change.
+
+        Audit: one ``keyset.save`` event, ``ok`` once the file is written or ``error`` (and
+        nothing written) otherwise, whose ``key_ids`` are the keys added or changed since
+        the keyset was read or last saved: a ``keyset.destroy`` is on disk when a later
+        ``keyset.save`` that lists its key is ``ok``.
         """
+        with audit.timed("keyset.save", path=os.fspath(path),
+                         key_ids=sorted(self._unsaved)) as ev:
+            self._save(path, passphrase, kek, kek_id, scrypt_n, unsealed, ev)
+        self._unsaved.clear()
+
+    def _save(self, path, passphrase, kek, kek_id, scrypt_n, unsealed, ev: dict) -> None:
         if not self._keys:  # a keyset file without a primary key could not be loaded back
             raise KeysetError("the keyset has no keys: add one (Keyset.generate) before saving")
         target = os.path.realpath(path)
@@ -218,8 +234,7 @@ class Keyset:
         data = json.dumps(doc, indent=2).encode("utf-8") + b"\n"
         write_atomically(path, data, 0o600)
         self._origin = (target, hashlib.sha256(data).digest())
-        audit.event("keyset.save", path=os.fspath(path), count=len(self._keys),
-                    key_id=self.primary.id, status=method or "unsealed")
+        ev.update(count=len(self._keys), key_id=self.primary.id, status=method or "unsealed")
 
     # --- reading
     def __iter__(self) -> Iterator[KeysetKey]:
@@ -259,6 +274,7 @@ class Keyset:
         """Add a fresh ``enabled`` key (or make it the primary at once) and return it."""
         key = _fresh_key(algorithm, ENABLED)
         self._keys[key.id] = key
+        self._unsaved.add(key.id)
         audit.event("keyset.add", key_id=key.id, algorithm=algorithm, status=ENABLED)
         if primary:
             self.promote(key.id)
@@ -277,7 +293,9 @@ class Keyset:
         for other in self._keys.values():
             if other.status == PRIMARY:
                 other.status = ENABLED
+                self._unsaved.add(other.id)
         key.status = PRIMARY
+        self._unsaved.add(key.id)
         audit.event("keyset.promote", key_id=key.id, status=PRIMARY)
         return key
 
@@ -286,6 +304,7 @@ class Keyset:
         key = self._find_not_destroyed(key_id)
         if key.status == DISABLED:
             key.status = ENABLED
+            self._unsaved.add(key.id)
         audit.event("keyset.enable", key_id=key.id, status=key.status)
         return key
 
@@ -293,6 +312,7 @@ class Keyset:
         """Stop a key from unwrapping (reversible). The primary cannot be disabled."""
         key = _refuse_primary(self._find_not_destroyed(key_id))
         key.status = DISABLED
+        self._unsaved.add(key.id)
         audit.event("keyset.disable", key_id=key.id, status=DISABLED)
         return key
 
@@ -300,6 +320,7 @@ class Keyset:
         """Drop a key's material for good; its id stays, marked ``destroyed``."""
         key = _refuse_primary(self._find(key_id))
         key.status, key._material = DESTROYED, None
+        self._unsaved.add(key.id)
         audit.event("keyset.destroy", key_id=key.id, status=DESTROYED)
         return key
 

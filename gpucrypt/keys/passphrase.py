@@ -47,14 +47,27 @@ SALT_LABEL = b"gpucrypt-passphrase-v1\x00"
 _NONCE = bytes(12)
 
 
-def _passphrase_bytes(passphrase: Any) -> bytes:
+def encode(passphrase: Any) -> bytes:
+    """The bytes scrypt derives from: a str's UTF-8, bytes as given. A str that has no UTF-8
+    form (lone surrogates: how ``os.environ`` and ``surrogateescape`` carry bytes that are
+    not UTF-8) is a :class:`KeysetError` that quotes nothing of it; the codec's own message
+    would show one of its characters and where it sits."""
     if isinstance(passphrase, str):
-        passphrase = passphrase.encode("utf-8")
+        try:
+            return passphrase.encode("utf-8")
+        except UnicodeEncodeError:
+            raise KeysetError("the passphrase is not valid UTF-8: give it as UTF-8 text, or "
+                              "as bytes") from None
     if not isinstance(passphrase, (bytes, bytearray)):
         raise TypeError("a passphrase must be str or bytes")
+    return bytes(passphrase)
+
+
+def _passphrase_bytes(passphrase: Any) -> bytes:
+    passphrase = encode(passphrase)
     if not passphrase:
         raise ValueError("empty passphrase")
-    return bytes(passphrase)
+    return passphrase
 
 
 def work_factor(stanza: Stanza, max_log_n: int = MAX_LOG_N) -> int:

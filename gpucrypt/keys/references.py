@@ -30,7 +30,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 
 from .. import audit
 from .._errors import KeyProviderError, KeysetError
-from ._uri import KeyUri, parse_key_uri
+from ._uri import KeyUri, check_secret_source, parse_key_uri
 
 __all__ = ["KeyReference", "ExternalKey", "file_context", "context_bytes", "read_secret_source",
            "PROVIDERS"]
@@ -105,15 +105,22 @@ def read_secret_source(source: str | None, default_env: str, what: str,
     """The secret named by ``source``: ``env:VAR`` (an environment variable), ``file:PATH``
     or a plain absolute path (the file's text without its final newline); with no source,
     the environment variable ``default_env``. :class:`KeyProviderError` saying where to put
-    it when it is missing. The secret is never part of a message."""
+    it when it is missing or not UTF-8, :class:`KeysetError` for a source of none of these
+    forms. The secret is never part of a message."""
     if source is None:
         source = "env:" + default_env
+    check_secret_source(attribute, source)
     if source.startswith("env:"):
         name = source[4:]
         value = os.environ.get(name)
         if not value:
             raise KeyProviderError(f"{what} is needed: set the environment variable {name}, or "
                                    f"name a file holding it in the URI ({attribute}=file:/path)")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # bytes os.environ could not decode: never quoted
+            raise KeyProviderError(f"{what}: the environment variable {name} is not valid "
+                                   f"UTF-8: set it to UTF-8 text") from None
         return value
     path = source[5:] if source.startswith("file:") else source
     if path.startswith("//"):
@@ -123,6 +130,9 @@ def read_secret_source(source: str | None, default_env: str, what: str,
             value = f.read().rstrip("\r\n")
     except OSError as exc:
         raise KeyProviderError(f"{what}: cannot read {path} ({exc.strerror})") from None
+    except UnicodeDecodeError:  # the codec's message would quote a byte of the secret
+        raise KeyProviderError(f"{what}: {path} is not valid UTF-8: save it as UTF-8 "
+                               f"text") from None
     if not value:
         raise KeyProviderError(f"{what}: {path} is empty")
     return value
