@@ -423,13 +423,15 @@ class GpuRunner:
 
         def finish() -> list:
             if done is not None:
-                done.synchronize()
-                if finished:  # called again after a failure (run's clean-up): the device
-                    return finished[0]  # is done, the batch's bytes are where they were put
-                for i in back:
-                    a, b = in_bounds[i] if i in in_bounds else out_bounds[i]
-                    np.frombuffer(memoryview(jobs[i].dst).cast("B"), dtype=np.uint8)[:] = turn.host[a:b]
-                turn.busy = False
+                try:
+                    done.synchronize()
+                    if finished:  # called again after a failure (run's clean-up): the device
+                        return finished[0]  # is done, the bytes are where they were put
+                    for i in back:
+                        a, b = in_bounds[i] if i in in_bounds else out_bounds[i]
+                        np.frombuffer(memoryview(jobs[i].dst).cast("B"), dtype=np.uint8)[:] = turn.host[a:b]
+                finally:  # scattered, or failed: either way no batch waits in the turn now
+                    turn.busy = False
             elif finished:
                 return finished[0]
             results: list = ok

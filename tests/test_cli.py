@@ -706,10 +706,11 @@ def _one_line(code: int, err: str, expected_code: int) -> None:
     assert err.count("\n") == 1 and "Traceback" not in err, err
 
 
-def test_a_passphrase_given_refuses_a_key_file_that_is_not_sealed(work, capsys, monkeypatch):
+def test_a_passphrase_given_refuses_a_keyset_that_is_not_sealed(work, capsys, monkeypatch):
     """A sealed keyset swapped for someone's unsealed one: a passphrase the user gave
-    (--passphrase-file or $GPUCRYPT_PASSPHRASE) makes every keyset and identity load refuse
-    the unsealed file, as Keyset.load refuses it, instead of wrapping data keys under it."""
+    (--passphrase-file or $GPUCRYPT_PASSPHRASE) makes every keyset load refuse the unsealed
+    file, as Keyset.load refuses it, instead of wrapping data keys under it. An unsealed
+    identity (it only unwraps) is read as it is beside it."""
     for args in (["keygen", "--out", "ks.json"], ["keygen", "--public", "--out", "alice"]):
         assert run(capsys, *args)[0] == 0
     assert run(capsys, "encrypt", "--keyset", "ks.json", "plain", "for-ks")[0] == 0
@@ -717,9 +718,8 @@ def test_a_passphrase_given_refuses_a_key_file_that_is_not_sealed(work, capsys, 
     before = (work / "ks.json").read_bytes()
     commands = [["encrypt", "--keyset", "ks.json", "plain", "x"],
                 ["decrypt", "--keyset", "ks.json", "for-ks", "x"],
-                ["decrypt", "-i", "alice", "for-alice", "x"],
                 ["keys", "add", "ks.json"],
-                ["rekey", "for-alice", "-r", "alice.pub", "-i", "alice"],
+                ["rekey", "for-alice", "--keyset", "ks.json", "-i", "alice"],
                 ["rekey", "for-ks", "--keyset", "ks.json"]]
     for given in (["--passphrase-file", "pw"], []):
         if not given:
@@ -730,13 +730,19 @@ def test_a_passphrase_given_refuses_a_key_file_that_is_not_sealed(work, capsys, 
             assert "is not sealed, though a passphrase was given" in err, (argv, err)
             assert "GPUCRYPT_PASSPHRASE unset" in err
             assert not (work / "x").exists()
+        assert run(capsys, "decrypt", "-i", "alice", "for-alice", "x", *given)[0] == 0
+        os.remove(work / "x")
     assert (work / "ks.json").read_bytes() == before
     monkeypatch.delenv("GPUCRYPT_PASSPHRASE")
     assert run(capsys, "encrypt", "--keyset", "ks.json", "plain", "x")[0] == 0  # none given
 
 
-def test_keygen_refuses_a_passphrase_file_without_seal(work, capsys):
+def test_keygen_refuses_a_passphrase_without_seal(work, capsys, monkeypatch):
     code, _, err = run(capsys, "keygen", "--out", "ks.json", "--passphrase-file", "pw")
+    _one_line(code, err, 2)
+    assert "add --seal" in err and not (work / "ks.json").exists()
+    monkeypatch.setenv("GPUCRYPT_PASSPHRASE", "correct horse battery staple")
+    code, _, err = run(capsys, "keygen", "--out", "ks.json")
     _one_line(code, err, 2)
     assert "add --seal" in err and not (work / "ks.json").exists()
 
@@ -895,3 +901,26 @@ def test_bench_outputs_are_refused_before_the_run_and_replaced_atomically(work, 
     # a new file in its place (an interrupted run would have left the old one whole)
     assert (work / "earlier.json").read_text() == "an earlier run\n"
     assert os.stat(work / "run.json").st_mode & 0o777 == 0o644
+
+
+def test_bench_json_goes_down_a_pipe_and_files_follow_the_umask(work, capsys):
+    """--json into something that exists and is no file (a FIFO here; /dev/stdout in a
+    shell pipeline) is written as it is, not refused as an existing output; a new file gets
+    the mode the umask gives (0600 under umask 077)."""
+    import threading
+
+    os.mkfifo(work / "pipe")
+    got = []
+    reader = threading.Thread(target=lambda: got.append((work / "pipe").read_bytes()), daemon=True)
+    reader.start()
+    code, _, err = run(capsys, *BENCH, "--json", "pipe")
+    reader.join(timeout=60)
+    assert code == 0, err
+    assert json.loads(got[0])["cells"]
+    old = os.umask(0o077)
+    try:
+        code, _, err = run(capsys, *BENCH, "--json", "private.json")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert os.stat(work / "private.json").st_mode & 0o777 == 0o600

@@ -271,6 +271,22 @@ def test_a_gpu_runners_store_gets_each_tag_as_bytes_with_tags_left_on_the_device
     assert stored == {i: tags.row(i) for i in range(2)} and all(len(t) == 16 for t in stored.values())
 
 
+def test_a_gpu_batch_whose_scatter_fails_frees_its_staging_turn():
+    """A batch whose results could not be scattered (a read-only destination) has failed:
+    its staging turn is free again, not kept busy for ever (each later batch would then
+    allocate new pinned and device buffers)."""
+    key = os.urandom(32)
+    runner = _gpu_runner("seal", key, depth=1)
+    src = bytearray(b"z" * 20)
+    bad = pipeline.Job(0, os.urandom(12), b"", src, memoryview(bytes(20)))  # read-only dst
+    with pytest.raises((TypeError, ValueError)):
+        pipeline.run([pipeline.Batch([bad])], runner)
+    for i in range(6):
+        job = pipeline.Job(i, os.urandom(12), b"", bytearray(b"z" * 20), bytearray(20))
+        pipeline.run([pipeline.Batch([job])], runner)
+    assert len(runner._turns) == 2  # depth + 1, as made
+
+
 def test_a_gpu_batch_whose_store_fails_is_not_stored_twice_by_the_clean_up():
     """run() waits for a failed batch again before it raises (its workers must stop first):
     the GPU runner's second wait must not scatter and store the batch a second time."""
@@ -309,3 +325,9 @@ def test_a_gpu_open_with_one_tag_of_the_wrong_length_fails_that_message_only():
     with pytest.raises(ValueError, match="one per message"):
         gpu.open_batch("chacha20-poly1305", [key, key], nonces, srcs, [sealed[0][-16:]],
                        [b"", b""], dsts)
+    # an array of tags is rows of 16 bytes: a flat one (the right tags, even) is refused,
+    # not read as two wrong tags (which would look like tampering)
+    flat = np.frombuffer(sealed[0][-16:] + sealed[1][-16:], dtype=np.uint8)
+    for tags in (flat, gpu.to_device(flat)):
+        with pytest.raises(ValueError, match=r"uint8\[2, 16\]"):
+            gpu.open_batch("chacha20-poly1305", [key, key], nonces, srcs, tags, [b"", b""], dsts)

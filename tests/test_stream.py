@@ -781,6 +781,19 @@ def test_read_header_waits_for_a_non_blocking_input_instead_of_calling_it_cut_sh
         assert src.read(len(blob)) == blob[header.header_length:]
 
 
+def test_read_header_reads_a_spooled_file_without_sending_it_to_disk():
+    """read_header only reads: asking a SpooledTemporaryFile for its fileno() (as the
+    sources that decrypt uses do, to find the size) writes its data out to a disk file."""
+    import tempfile
+
+    blob = seal(b"small")
+    with tempfile.SpooledTemporaryFile(max_size=1 << 20) as f:
+        f.write(blob)
+        f.seek(0)
+        assert stream.read_header(f) == stream.read_header(blob)
+        assert not f._rolled
+
+
 def test_a_text_mode_input_is_refused_saying_to_open_it_in_binary(tmp_path):
     path = tmp_path / "f.gcry"
     path.write_bytes(seal(b"secret"))

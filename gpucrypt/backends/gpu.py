@@ -913,12 +913,15 @@ class GpuBackend(Backend):
     def _expected_tags(self, tags: Any, n: int) -> list[bytes]:
         if isinstance(tags, (list, tuple)):
             out = [bytes_arg(t, "tag") for t in tags]
-        else:
-            host = self.to_host(tags) if not isinstance(tags, np.ndarray) else tags
-            out = [host[i].tobytes() for i in range(n)]
-        if len(out) != n:
-            raise ValueError(f"tags must be {n} tags (one per message), not {len(out)}")
-        return out  # a tag that is not 16 bytes fails its own message only, as on the CPU
+            if len(out) != n:
+                raise ValueError(f"tags must be {n} tags (one per message), not {len(out)}")
+            return out  # a tag that is not 16 bytes fails its own message only, as on the CPU
+        host = self.to_host(tags) if not isinstance(tags, np.ndarray) else tags
+        if host.dtype != np.uint8 or host.shape != (n, _TAG):  # a flat or short array would
+            # read as n wrong tags (tampering) or fail on a missing row
+            raise ValueError(f"tags as an array must be uint8[{n}, {_TAG}] (one row per message), "
+                             f"not {host.dtype}{list(host.shape)}")
+        return [host[i].tobytes() for i in range(n)]
 
     def _plan(self, algorithm, keys, nonces, srcs, aads, dsts, tag) -> "_Plan":
         if algorithm not in _ALGORITHMS:

@@ -126,11 +126,14 @@ def run_bench(args) -> int:
     # The outputs are checked and opened before the run, which may take minutes: an
     # existing file (without --force) or a folder that cannot be written is said now, not
     # after. They appear complete or not at all (an interrupted run leaves an earlier
-    # run's file as it was). 0644: results are meant to be shared.
-    outputs = {name: check_output_path(path, args.force)
+    # run's file as it was), with the mode a new file gets under the umask: results are
+    # meant to be shared as the user shares files. A path that exists and is no file (a
+    # pipe, /dev/stdout) is written to as it is.
+    outputs = {name: path if _streamed(path) else check_output_path(path, args.force)
                for name, path in (("json", args.json), ("plot", args.plot)) if path}
     with contextlib.ExitStack() as stack:
-        files = {name: stack.enter_context(atomic_output(path, args.force, 0o644))
+        files = {name: stack.enter_context(_StreamedOutput(path) if _streamed(path) else
+                                           atomic_output(path, args.force, _shared_mode()))
                  for name, path in outputs.items()}
         expected = (len(config.algorithms) * len(config.operations) * len(config.forms)
                     * len(config.sizes) * 3 * config.seconds)
@@ -144,6 +147,40 @@ def run_bench(args) -> int:
         print(report.render())
         run_reporting_errors(args, lambda: _write_outputs(report, files, outputs))
     return 0
+
+
+def _streamed(path: str) -> bool:
+    """Whether ``path`` exists and is neither a regular file nor a folder (a FIFO, a
+    terminal, /dev/stdout): written to in place, as nothing can be renamed over it."""
+    return os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
+
+
+def _shared_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+class _StreamedOutput:
+    """A written-to-as-it-is output with an AtomicFile's ``write``/``commit``: opened now
+    (errors before the run), closed when committed or when the run ends."""
+
+    def __init__(self, path: str):
+        try:
+            self._file = open(path, "wb")
+        except OSError as exc:
+            raise CliError(f"cannot write {path}: {exc.strerror or exc}", 1) from None
+        self.write = self._file.write
+
+    def commit(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "_StreamedOutput":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
 
 
 def _write_outputs(report, files: dict, outputs: dict) -> None:

@@ -69,8 +69,8 @@ def _not_utf8(where: str) -> CliError:
 
 def _passphrase_given(args: Any) -> bool:
     """Whether the user gave a passphrase without being asked (``--passphrase-file`` or
-    ``$GPUCRYPT_PASSPHRASE``): then it is for every key file the command reads, and one
-    that is not sealed is refused, as the library refuses it (it may have been replaced)."""
+    ``$GPUCRYPT_PASSPHRASE``): then a keyset the command reads must be sealed, as the
+    library refuses an unsealed one given a passphrase (it may have been replaced)."""
     return bool(getattr(args, "passphrase_file", None) or os.environ.get(PASSPHRASE_ENV))
 
 
@@ -132,18 +132,20 @@ def _load_sealable(cls: Any, path: str, args: Any):
     """``cls.load(path, passphrase)`` (a Keyset or an Identity), asking for the passphrase
     only when the file is sealed with one; errors as one-line CliErrors. Refused when group
     or others may access the file, or when it is sealed by a key-encryption key (which the
-    command line has no way to take). A passphrase the user gave (:func:`_passphrase_given`)
-    is passed whatever the file says, so that ``load`` refuses a file that is not sealed:
-    one swapped for an unsealed keyset would otherwise have new data keys wrapped under
-    someone else's key."""
+    command line has no way to take). For a keyset, a passphrase the user gave
+    (:func:`_passphrase_given`) is passed whatever the file says, so that ``load`` refuses
+    one that is not sealed: swapped for someone else's unsealed keyset, it would have new
+    data keys wrapped under their key. An identity only unwraps (its public half is what
+    others wrap to), so an unsealed one beside a sealed keyset, with the keyset's
+    passphrase given, is read as it is."""
     check_private_file(path, "keyset" if cls.__name__ == "Keyset" else "identity", args)
     protection = _protection(path)
     if protection == "kek" and cls.__name__ == "Keyset":
         raise CliError(f"{path} is sealed by a key-encryption key, which the command line "
                        f"cannot take: use or edit it through the library "
                        f"(gpucrypt.keys.Keyset.load(path, kek=...), then save)", 1)
-    passphrase = _passphrase(args, path) \
-        if protection == "passphrase" or _passphrase_given(args) else None
+    strict = cls.__name__ == "Keyset" and _passphrase_given(args)
+    passphrase = _passphrase(args, path) if protection == "passphrase" or strict else None
     return _keys_call(cls.load, path, passphrase)
 
 
@@ -351,9 +353,11 @@ def _refuse_overwrite(paths: list[str], force: bool) -> None:
 def _run_keygen(args) -> int:
     from ..keys import Identity, Keyset
 
-    if args.passphrase_file and not args.seal:  # else it would be ignored: an unsealed file
-        raise CliError("--passphrase-file is the passphrase for --seal: add --seal to seal the "
-                       "new file with it, or leave --passphrase-file out", 2)
+    if _passphrase_given(args) and not args.seal:  # else ignored: an unsealed file, which
+        # every later command given the same passphrase would refuse
+        raise CliError(f"a passphrase was given (--passphrase-file or ${PASSPHRASE_ENV}) but not "
+                       f"--seal: add --seal to seal the new file with it, or leave the passphrase "
+                       f"out", 2)
     _enable_audit(args)
     passphrase = _passphrase(args, "the new key file", confirm=True) if args.seal else None
     if args.public:

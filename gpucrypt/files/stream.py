@@ -124,11 +124,13 @@ class _BufferSource(_Source):
 
 
 class _FileSource(_Source):
-    def __init__(self, fileobj, close: bool = False):
+    def __init__(self, fileobj, close: bool = False, probe: bool = True):
         self._file = fileobj
         self._close = close
         self._readinto = getattr(fileobj, "readinto", None)
         self._fd = None
+        if not probe:  # reads only: fileno() is not free (a SpooledTemporaryFile goes to disk)
+            return
         try:
             st = os.fstat(fileobj.fileno())
             if stat.S_ISREG(st.st_mode):
@@ -488,7 +490,7 @@ def read_header(src: Any) -> Header:
         with builtins.open(src, "rb") as f:
             return _format.parse_header(f.read)
     if hasattr(src, "read"):  # through a source: it waits when a non-blocking read says "nothing yet"
-        return _parse_source_header(_FileSource(src))
+        return _parse_source_header(_FileSource(src, probe=False))
     try:
         view = memoryview(src).cast("B")
     except TypeError:
