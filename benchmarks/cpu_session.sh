@@ -19,9 +19,10 @@ tag=${1:-quiet}; shift || true
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(dcp model tensor cli bench)
 py=${PYTHON:-python}
 # the machine in the name: the lent machines differ (AMD EPYC, Intel Xeon with VAES), and
-# a ratio against OpenSSL means something only next to the CPU it was taken on
+# a ratio against OpenSSL means something only next to the CPU it was taken on; any other
+# CPU (no "AMD/Intel <family>", grep finding nothing) is cpu-unknown, not a silent exit
 cpu=$(sed -n 's/^model name[[:space:]]*: *//p' /proc/cpuinfo | head -1 | tr 'A-Z' 'a-z' |
-      sed -E 's/\((r|tm)\)//g' | grep -oE '(amd|intel) +[a-z]+' | head -1 | tr -s ' ' '-')
+      sed -E 's/\((r|tm)\)//g' | { grep -oE '(amd|intel) +[a-z]+' || true; } | head -1 | tr -s ' ' '-')
 name() { echo "benchmarks/results/$(date +%F)-cpu-${cpu:-unknown}-$1-$tag.json"; }
 for step in "${steps[@]}"; do
   echo "== $step (load $(cut -d' ' -f1-3 /proc/loadavg))"

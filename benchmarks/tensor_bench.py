@@ -22,9 +22,11 @@ one thread, and the model on two threads against one buffer on one.
 
 ``--device cuda`` times on the GPU (torch CUDA tensors; CUDA events around the
 calls for the batches, wall clock for ``small`` with a synchronisation at the end);
-``--device cpu`` times torch CPU tensors with ``time.perf_counter``. Before timing, one
-tensor of every case is encrypted and decrypted back by the CPU backend (OpenSSL, the
-reference); after the rounds every tensor must hold its original bytes. On the GPU, a
+``--device cpu`` times torch CPU tensors with ``time.perf_counter``. Before timing, every
+case is encrypted in place by the very call that is timed, and the ciphertext and tag of
+its first and last tensor must be what ``cryptography`` (the reference) gives for those
+bytes under the same nonce and associated data; so must a small tensor's
+``encrypt_tensor``. After the rounds every tensor must hold its original bytes. On the GPU, a
 first check that work queued on a torch side stream is waited for: encrypt there, read
 ``to_bytes()`` at once, decrypt those bytes on the CPU.
 
@@ -87,27 +89,60 @@ class _Clock:
         return b - a
 
 
-def check_against_cpu(torch, gpucrypt, cases: dict, key: bytes) -> None:
-    """Before timing: the first tensor of every case, encrypted (out of place, on the same
-    backend as timed), serialised and
-    decrypted by the CPU backend (OpenSSL through cryptography), gives its bytes back:
-    a path that did nothing, or the wrong thing, fails here instead of being timed."""
-    from gpucrypt import EncryptedTensor
+def reference(algorithm: str, key: bytes):
+    """``cryptography``'s AEAD for a tensor ``algorithm``: the reference."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+    return {"chacha20-poly1305": ChaCha20Poly1305, "aes-gcm": AESGCM}[algorithm](key)
+
+
+def host_bytes(torch, t):
+    """A tensor's (or a NumPy array's) bytes as a flat host ``uint8`` array: a view of a
+    CPU tensor's memory, a copy of a GPU one's."""
+    import numpy as np
+
+    if isinstance(t, torch.Tensor):
+        return t.detach().reshape(-1).view(torch.uint8).cpu().numpy()
+    return np.asarray(t).reshape(-1).view(np.uint8)
+
+
+def matches_reference(torch, enc, algorithm: str, plaintext: bytes, key: bytes) -> bool:
+    """Whether ``enc`` (an EncryptedTensor) holds exactly the ciphertext and tag that
+    ``cryptography``'s ``algorithm`` gives for ``plaintext`` under its nonce and
+    associated data (False for anything that is no EncryptedTensor)."""
+    import numpy as np
+
+    try:
+        nonce, aad, tag, ct = enc.nonce, enc.associated_data(), enc.tag, host_bytes(torch, enc.ciphertext)
+    except AttributeError:
+        return False
+    sealed = reference(algorithm, key).encrypt(nonce, plaintext, aad)
+    return (len(ct) + 16 == len(sealed) and tag == sealed[-16:]
+            and np.array_equal(ct, np.frombuffer(sealed, dtype=np.uint8, count=len(ct))))
+
+
+def check_against_cryptography(torch, gpucrypt, cases: dict, key: bytes) -> None:
+    """Before timing: the timed call (``encrypt_tensors`` in place) on every case gives, for
+    its first and last tensor, the ciphertext and tag of ``cryptography``'s ``encrypt`` of
+    their bytes under the same nonce and associated data; ``decrypt_tensors`` then brings
+    the case back (checked after the rounds). A path that did nothing, or the wrong thing,
+    fails here instead of being timed; two tensors keep a 1 GiB case's check cheap."""
     for (kind, algorithm), tensors in cases.items():
-        name, x = next(iter(tensors.items()))
-        enc = gpucrypt.encrypt_tensors({name: x.clone()}, key, algorithm=algorithm)[name]
-        blob = EncryptedTensor.from_bytes(enc.to_bytes())
-        back = gpucrypt.decrypt_tensor(blob, key, device="cpu")
-        if not torch.equal(back, x.cpu()):
-            raise SystemExit(f"{kind} {algorithm}: the CPU backend does not decrypt it back")
+        names = list(dict.fromkeys((next(iter(tensors)), next(reversed(tensors)))))
+        plain = {name: bytes(host_bytes(torch, tensors[name])) for name in names}  # copies
+        encs = gpucrypt.encrypt_tensors(tensors, key, algorithm=algorithm, inplace=True)
+        for name in names:
+            if not matches_reference(torch, encs[name], algorithm, plain.pop(name), key):
+                raise SystemExit(f"{kind} {algorithm}: {name}'s ciphertext and tag differ from "
+                                 f"cryptography's under the same nonce: not timed")
+        gpucrypt.decrypt_tensors(encs, key)
 
 
 def digest(torch, tensors: dict) -> bytes:
     """BLAKE2b over every tensor's bytes (a 1 GiB state dict needs no second copy to compare)."""
     h = hashlib.blake2b()
     for t in tensors.values():
-        h.update(t.detach().reshape(-1).view(torch.uint8).cpu().numpy())
+        h.update(host_bytes(torch, t))
     return h.digest()
 
 
@@ -115,8 +150,8 @@ def time_batches(torch, gpucrypt, clock, cases: dict, reps: int) -> list[dict]:
     """Interleaved rounds over every (kind, algorithm): in-place encrypt, then decrypt.
     The tensors must be the same after every round."""
     key = os.urandom(32)
-    check_against_cpu(torch, gpucrypt, cases, key)
     refs = {name: digest(torch, tensors) for name, tensors in cases.items()}
+    check_against_cryptography(torch, gpucrypt, cases, key)
     times = {name: ([], []) for name in cases}
     cpu = {name: ([], []) for name in cases}  # process CPU seconds (all threads): load-proof-ish
     for rep in range(reps + 1):  # the first round warms up (kernel compilation)
@@ -154,8 +189,8 @@ FLOOR = "floor: os.urandom(12) + np.empty + cryptography encrypt_into"
 
 def time_small(torch, gpucrypt, device: str, calls: int, reps: int) -> list[dict]:
     """Microseconds per call for one 4 KiB tensor, and for cryptography on its bytes; each
-    result checked (decrypted back / against cryptography) before the rounds."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+    result checked before the rounds: ``encrypt_tensor``'s ciphertext and tag against
+    cryptography's under its nonce and associated data, ``decrypt_tensor`` by its bytes."""
     import numpy as np
 
     key = os.urandom(32)
@@ -167,8 +202,8 @@ def time_small(torch, gpucrypt, device: str, calls: int, reps: int) -> list[dict
     nonce = os.urandom(12)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
-    for algorithm, reference in zip(ALGORITHMS, (ChaCha20Poly1305, AESGCM)):
-        ref_aead = reference(key)
+    for algorithm in ALGORITHMS:
+        ref_aead = reference(algorithm, key)
         sealed = ref_aead.encrypt(nonce, raw, None)
         cells = {"cryptography encrypt (host bytes)": lambda: ref_aead.encrypt(nonce, raw, None),
                  "cryptography decrypt (host bytes)": lambda: ref_aead.decrypt(nonce, sealed, None)}
@@ -177,8 +212,10 @@ def time_small(torch, gpucrypt, device: str, calls: int, reps: int) -> list[dict
                                                          np.empty(4096 + 16, dtype=np.uint8))
         for kind, t in arrays.items():
             enc = gpucrypt.encrypt_tensor(t, key, algorithm=algorithm)
-            back = gpucrypt.decrypt_tensor(enc, key)
-            if bytes(back.cpu().numpy() if kind == "torch" else back) != raw:
+            if not matches_reference(torch, enc, algorithm, raw, key):
+                raise SystemExit(f"small {kind} {algorithm}: encrypt_tensor's ciphertext and tag "
+                                 f"differ from cryptography's under the same nonce: not timed")
+            if bytes(host_bytes(torch, gpucrypt.decrypt_tensor(enc, key))) != raw:
                 raise SystemExit(f"small {kind} {algorithm}: the tensor does not decrypt back")
             cells[f"encrypt_tensor ({kind})"] = lambda t=t: gpucrypt.encrypt_tensor(t, key, algorithm=algorithm)
             cells[f"decrypt_tensor ({kind})"] = lambda enc=enc: gpucrypt.decrypt_tensor(enc, key)
@@ -230,16 +267,13 @@ def main(argv=None) -> int:
     import torch
 
     import gpucrypt
-    from gpucrypt.bench import _cpu_model
+    from gpucrypt.bench import _cpu_model, _git_commit
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("torch has no CUDA device here", file=sys.stderr)
         return 1
     name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_model()
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    commit = _git_commit()  # with -dirty where the tree has uncommitted changes, as gpucrypt bench
     out = {"benchmark": "tensor_bench", "device": args.device, "device_name": name, "commit": commit,
            "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "mib": args.mib, "threads": thread_counts, "load_average_start": os.getloadavg()[0],

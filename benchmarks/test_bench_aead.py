@@ -5,10 +5,13 @@ import pytest
 
 from _suite import cells, run_cell
 
+from gpucrypt.bench.cpu import FORMS
+
 AEADS = ["chacha20-poly1305", "xchacha20-poly1305", "aes-128-gcm", "aes-256-gcm"]
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("operation", ["encrypt", "decrypt"])
 @pytest.mark.parametrize("algorithm, implementation", cells(AEADS))
-def test_aead(benchmark, algorithm, operation, implementation, size):
-    run_cell(benchmark, algorithm, operation, implementation, size)
+def test_aead(benchmark, algorithm, operation, implementation, size, form):
+    run_cell(benchmark, algorithm, operation, implementation, size, form)

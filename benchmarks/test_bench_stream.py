@@ -5,10 +5,13 @@ import pytest
 
 from _suite import cells, run_cell
 
+from gpucrypt.bench.cpu import FORMS
+
 STREAMS = ["chacha20", "aes-128-ctr", "aes-256-ctr"]
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("operation", ["encrypt", "decrypt"])
 @pytest.mark.parametrize("algorithm, implementation", cells(STREAMS))
-def test_stream(benchmark, algorithm, operation, implementation, size):
-    run_cell(benchmark, algorithm, operation, implementation, size)
+def test_stream(benchmark, algorithm, operation, implementation, size, form):
+    run_cell(benchmark, algorithm, operation, implementation, size, form)

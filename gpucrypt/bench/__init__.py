@@ -21,8 +21,8 @@ Honesty: every operation's output is checked against the reference before it is
 timed (:class:`WrongOutput` stops the run otherwise). Each table's baseline is
 measured twice, interleaved with everything else; how far its two figures differ is
 the *noise* of that size, printed in a row under the table (the largest over the sizes
-heads it), and a ratio within its size's noise of 1 is marked as a tie (``=``): no
-measured difference. A cell whose own repetitions spread widely even after extra ones
+heads it), and a ratio whose time ratio is within its size's noise of 1 is marked as
+a tie (``=``): no measured difference. A cell whose own repetitions spread widely even after extra ones
 is marked unsteady (``~``): the machine set its time (see
 :data:`gpucrypt.bench.cpu.UNSTEADY_SPREAD`). The load average at the start and end is
 printed and recorded.
@@ -172,8 +172,8 @@ class Cell:
     ``baseline`` then ""); ``fraction_of_copy`` is GB/s over the device-to-device copy
     rate (GPU rows only). ``verified``: the output was checked against the reference
     before timing. ``spread`` (baseline cells): how far the baseline's second, interleaved
-    measurement differs from its first, as a fraction. ``tie`` (other cells): the ratio
-    is within the noise of 1 at this size (None where there is no ratio). ``unsteady``:
+    measurement differs from its first, as a fraction. ``tie`` (other cells): the time
+    ratio is within the noise of 1 at this size (None where there is no ratio). ``unsteady``:
     the cell's repetitions still spread widely after extra ones (see
     :data:`gpucrypt.bench.cpu.UNSTEADY_SPREAD`): the machine, not the code, set its time
     (None where not measured so: the device-timed GPU rows and simulator smoke rows)."""
@@ -554,6 +554,13 @@ def _simulator_label() -> str:
     return SIMULATOR_LABEL
 
 
+def is_tie(ratio: float, noise: float) -> bool:
+    """Whether a throughput ``ratio`` (baseline time / ours) is within ``noise``, a relative
+    spread of times, of x1.00: the time ratio is compared, so that a slower and a faster
+    result the same fraction away from the baseline get the same verdict."""
+    return abs(1.0 / ratio - 1.0) <= noise
+
+
 def _fill_ratios(report: BenchReport) -> None:
     base = {(c.algorithm, c.operation, c.form, c.size): c.gbps for c in report.cells
             if c.implementation == c.baseline}
@@ -570,7 +577,9 @@ def _fill_ratios(report: BenchReport) -> None:
         # the column's noise, not the table's: a noisy 1 GiB column says nothing of 64 B
         noise = report.noise(c.algorithm, c.operation, c.form, c.size)
         if c.ratio is not None and c.implementation != c.baseline and noise is not None:
-            c.tie = abs(c.ratio - 1.0) <= noise
+            # in time, as the noise is (|t_again / t_first - 1|): the throughput ratio's
+            # 1/x would tie a slower gpucrypt further from x1.00 than a faster one
+            c.tie = is_tie(c.ratio, noise)
 
 
 # --------------------------------------------------------------------------- output
@@ -619,8 +628,8 @@ def render_table(report: BenchReport) -> str:
              f"this run (median of repetitions, {report.config.seconds:g} s per cell); every row's "
              f"output was checked against the reference before it was timed",
              "noise = how far the baseline's two interleaved measurements differ (the table's: "
-             "largest over the sizes; each size's in the noise row); xN= : within its size's noise "
-             "of x1.00, a tie; ~ : unsteady, its repetitions' quartiles more than "
+             "largest over the sizes; each size's in the noise row); xN= : time ratio within its "
+             "size's noise of x1.00, a tie; ~ : unsteady, its repetitions' quartiles more than "
              f"{100 * UNSTEADY_SPREAD:.0f}% apart even after {UNSTEADY_MAX_FACTOR}x the repetitions "
              "(the machine set that time, not the code)"]
     for note in report.notes:

@@ -482,6 +482,17 @@ def _timed_threads(ops: list[Operation], iterations: int) -> float:
     return elapsed
 
 
+def checked_call(name: str, op: Operation, expected: bytes | None) -> Any:
+    """One call of ``op``, its output returned; with ``expected``, :class:`WrongOutput`
+    unless the output holds exactly those bytes (checked right after the call: other
+    implementations may write the same output buffer next)."""
+    output = op()
+    if expected is not None and not matches(output, expected):
+        raise WrongOutput(f"{name} produced bytes that differ from the reference: "
+                          f"not timed (a bug in it, or in the benchmark)")
+    return output
+
+
 def time_host(make_op: Callable[[int], Operation], threads: int, budget: float,
               expected: bytes | None = None) -> Timing:
     """Median wall seconds per round of ``threads`` concurrent operations.
@@ -523,10 +534,7 @@ def time_host_group(makers: dict[str, Callable[[int], Operation]], threads: int,
         start = time.perf_counter()
         shared = []  # output buffers the next implementation may write (and be checked on) too
         for op in ops:
-            output = op()  # warm-up: page faults on fresh buffers, lazy library set-up
-            if expected is not None and not matches(output, expected):
-                raise WrongOutput(f"{name} produced bytes that differ from the reference: "
-                                  f"not timed (a bug in it, or in the benchmark)")
+            output = checked_call(name, op, expected)  # warm-up: page faults, lazy set-up
             if not isinstance(output, bytes):  # an allocating form's result is dropped at once
                 shared.append(output)
             del output
@@ -539,8 +547,10 @@ def time_host_group(makers: dict[str, Callable[[int], Operation]], threads: int,
         del shared
         repetitions, iterations = plan_loop(per_call, budget)
         plans[name] = (ops, repetitions, iterations, [])
-    planned = {name: plan[1] for name, plan in plans.items()}
-    rounds = max(planned.values(), default=0)
+    # every implementation runs in every round, the largest planned count of them: with
+    # counts of their own, the later rounds would time one side alone, and load arriving
+    # then would hit that side only
+    rounds = max((plan[1] for plan in plans.values()), default=0)
     k, lots = 0, 1  # lots: how many times the planned repetitions are run
     names = list(plans)
     while k < rounds * lots:
@@ -549,9 +559,8 @@ def time_host_group(makers: dict[str, Callable[[int], Operation]], threads: int,
         # round's frees, seen here at 3-4x) falls on each of them in turn
         for name in names[k % len(names):] + names[:k % len(names)]:
             ops, _, iterations, samples = plans[name]
-            if k % rounds < planned[name]:  # each lot: every plan's own count, interleaved
-                samples.append(_timed_loop(ops[0], iterations) if threads == 1
-                               else _timed_threads(ops, iterations))
+            samples.append(_timed_loop(ops[0], iterations) if threads == 1
+                           else _timed_threads(ops, iterations))
         k += 1
         if k == rounds * lots and lots < UNSTEADY_MAX_FACTOR and any(
                 _too_spread(quartile_spread(plan[3])) for plan in plans.values()):
