@@ -44,13 +44,18 @@ _R = 0xE1 << 120
 
 
 def gf128_mul(x: int, y: int) -> int:
-    """Product of two field elements given as 128-bit big-endian integers (SP 800-38D Alg. 1)."""
+    """Product of two field elements given as 128-bit big-endian integers (SP 800-38D Alg. 1).
+
+    Branch-free: the operands are H and GHASH states (secret), so each step is the same
+    whatever their bits, selected with an all-ones or all-zero mask (``-bit``) rather
+    than an ``if`` whose timing and branch history would follow the bits. (Python ints
+    are not constant-time in general; this removes the data-dependent branches, the
+    clear leak.)"""
     z = 0
     v = y
     for i in range(127, -1, -1):
-        if (x >> i) & 1:
-            z ^= v
-        v = (v >> 1) ^ _R if v & 1 else v >> 1
+        z ^= v & -((x >> i) & 1)
+        v = (v >> 1) ^ (_R & -(v & 1))
     return z
 
 

@@ -4,8 +4,9 @@ ChaCha20 (RFC 8439) has a 32-bit block counter: one nonce covers 2**32 blocks of
 64 bytes. In the AEAD, block 0 makes the Poly1305 key, so a message may hold
 (2**32 - 1) * 64 bytes. GCM (SP 800-38D) allows 2**32 - 2 blocks of 16 bytes of
 plaintext per invocation, and associated data up to 2**61 - 1 bytes; the nonce
-may be any length from 1 byte to 2**61 - 1 bytes (we cap it at 2**16 bytes: a
-longer IV gains nothing and only feeds GHASH).
+may be any length from 1 byte to 2**61 - 1 bytes (the backends cap it at 2**16 bytes:
+a longer IV gains nothing and only feeds GHASH; the public ``AESGCM`` takes
+``cryptography``'s 8..128 bytes).
 """
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ GCM_MAX_PLAINTEXT = (2**32 - 2) * 16
 GCM_MAX_AAD = 2**61 - 1
 GCM_MIN_NONCE = 1
 GCM_MAX_NONCE = 2**16
+#: the GCM nonce lengths cryptography's AESGCM (OpenSSL) takes, and so gpucrypt.AESGCM, its
+#: drop-in: other lengths are ValueError there. The backends take GCM_MIN_NONCE..GCM_MAX_NONCE.
+OPENSSL_GCM_MIN_NONCE = 8
+OPENSSL_GCM_MAX_NONCE = 128
 
 
 def check_length(what: str, length: int, limit: int, algorithm: str) -> None:

@@ -3,16 +3,25 @@
 ``gpucrypt.ChaCha20Poly1305``, ``gpucrypt.XChaCha20Poly1305`` and
 ``gpucrypt.AESGCM`` take the same arguments, return the same bytes and raise the
 same exceptions as ``cryptography``'s classes (XChaCha20-Poly1305, which
-``cryptography`` lacks, matches libsodium's ``crypto_aead_xchacha20poly1305_ietf``).
-What they add:
+``cryptography`` lacks, matches libsodium's ``crypto_aead_xchacha20poly1305_ietf``):
+keys and nonces must be bytes (``TypeError`` for a float32 array, say), AES-GCM
+nonces 8 to 128 bytes (``ValueError``), and a non-contiguous buffer raises
+:class:`gpucrypt._buffers.NonContiguousBuffer`, a ``BufferError`` as in
+``cryptography`` and a ``ValueError`` as gpucrypt raised before. What they add or
+change:
 
 - ``device="auto" | "cpu" | "gpu"`` chooses where the work runs
   (:mod:`gpucrypt.backends` holds the rules);
-- any C-contiguous buffer is accepted as data and read as raw bytes (NumPy arrays
-  of any dtype included);
-- messages beyond ``cryptography``'s 2**31 - 1 bytes, up to each algorithm's own
-  limit, and every GCM nonce length from 1 byte;
-- ``decrypt_into`` zeroes its buffer when the tag is wrong.
+- any C-contiguous buffer is accepted as data, associated data and output, and read
+  as raw bytes (NumPy arrays of any dtype included), where ``cryptography`` takes
+  byte buffers only;
+- messages beyond ``cryptography``'s 2**31 - 1 bytes, up to each algorithm's own limit;
+- ``decrypt_into`` zeroes its buffer when the tag is wrong;
+- ``encrypt_into``/``decrypt_into`` refuse (``ValueError``) an output that overlaps
+  the input anywhere but exactly at its start (in place, ``buf[:len(data)]`` into
+  ``buf``, is fine): other overlaps gave bytes that depend on the path (libsodium,
+  OpenSSL or a GPU) and on the direction of the shift, ``cryptography``'s own
+  ChaCha20Poly1305 included, under a valid tag.
 
 This layer checks types, sizes and limits; the backends do the work.
 """
@@ -26,7 +35,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import aead as _openssl
 
 from . import _limits
-from ._buffers import bytes_arg, new_bytes, optional_readable, plain_bytes, readable, writable, zero
+from ._buffers import (bytes_arg, inexact_overlap, new_bytes, optional_readable, plain_bytes, readable,
+                       writable, zero)
 from ._host_primitives import xchacha20_key_nonce
 from .backends import AUTO_GPU_THRESHOLD, AeadContext, Backend, select_backend, small_payloads_on_cpu
 from .backends import every_payload_on_cpu
@@ -69,12 +79,21 @@ class BatchInvalidTag(InvalidTag):
         self.failed = failed
 
 
+# keys and nonces by cryptography's rule: byte buffers only (a float32 array is TypeError)
 def _key_bytes(key: Any) -> bytes:
-    return bytes_arg(key, "key")
+    return bytes_arg(key, "key", uint8_only=True)
 
 
 def _nonce_bytes(nonce: Any) -> bytes:
-    return nonce if isinstance(nonce, bytes) else bytes_arg(nonce, "nonce")
+    return nonce if isinstance(nonce, bytes) else bytes_arg(nonce, "nonce", uint8_only=True)
+
+
+def _refuse_inexact_overlap(data: Any, buf: Any) -> None:
+    if inexact_overlap(data, buf):
+        raise ValueError("buf overlaps data without starting at the same address: the result "
+                         "would depend on the order in which bytes are read and written. Pass "
+                         "a separate buffer, or encrypt in place (data is buf[:len(data)], "
+                         "decrypt: buf is data[:len(data) - 16])")
 
 
 class _Aead:
@@ -102,11 +121,11 @@ class _Aead:
 
     # --- the CPU fast path -------------------------------------------------------------
     # On the CPU every call OpenSSL can take (up to 2**31 - 1 bytes, cryptography's nonce
-    # sizes, any C-contiguous buffer) goes to cryptography's own method with the caller's
-    # objects: no view, no zeroing, no copy, so gpucrypt costs what cryptography does.
-    # What it refuses (longer messages, odd GCM nonces, wrong types or lengths) takes the
-    # general path below, which produces the same bytes or gpucrypt's own error. So does
-    # everything that may run on a GPU.
+    # sizes, any C-contiguous byte buffer) goes to cryptography's own method with the
+    # caller's objects: no view, no zeroing, no copy, so gpucrypt costs what cryptography
+    # does. What it refuses (longer messages, data of wider items, wrong types or lengths)
+    # takes the general path below, which produces the same bytes or gpucrypt's own
+    # error. So does everything that may run on a GPU, and an overlapping output.
 
     _direct_ok = True
 
@@ -197,9 +216,12 @@ class _Aead:
         return self._slow("encrypt", nonce, data, associated_data)
 
     def encrypt_into(self, nonce: Any, data: Any, associated_data: Any, buf: Any) -> int:
-        """Write ``ciphertext || tag`` into ``buf`` (exactly ``len(data) + 16`` bytes)."""
+        """Write ``ciphertext || tag`` into ``buf`` (exactly ``len(data) + 16`` bytes).
+        ``buf`` and ``data`` may be the same memory from the same start (in place), or
+        apart; any other overlap is ``ValueError``."""
         direct = self._direct
-        if direct is not None:
+        # an overlapping call goes to _slow, which checks the arguments in order first
+        if direct is not None and (type(data) is bytes or not inexact_overlap(data, buf)):
             try:
                 return direct.encrypt_into(nonce, data, associated_data, buf)
             except _NOT_FOR_OPENSSL:
@@ -219,9 +241,10 @@ class _Aead:
         return self._slow("decrypt", nonce, data, associated_data)
 
     def decrypt_into(self, nonce: Any, data: Any, associated_data: Any, buf: Any) -> int:
-        """Write the plaintext into ``buf`` (``len(data) - 16`` bytes); zeroed on ``InvalidTag``."""
+        """Write the plaintext into ``buf`` (``len(data) - 16`` bytes); zeroed on ``InvalidTag``.
+        Overlap as in :meth:`encrypt_into`: in place from the same start, or none."""
         direct = self._direct
-        if direct is not None:
+        if direct is not None and (type(data) is bytes or not inexact_overlap(data, buf)):
             try:
                 return direct.decrypt_into(nonce, data, associated_data, buf)
             except InvalidTag:
@@ -239,7 +262,8 @@ class _Aead:
         decides per call, XChaCha20's libsodium or subkey); else the general path, which
         produces the same bytes or gpucrypt's own error."""
         decrypting = method.startswith("decrypt")
-        if self._direct is None:
+        # OpenSSL or libsodium write overlapping output in their own order: not theirs
+        if self._direct is None and (buf is _ALLOCATE or not inexact_overlap(data, buf)):
             openssl, fast_nonce = self._openssl_for(nonce, data, _limits.TAG_SIZE if decrypting else 0)
             if openssl is not None:
                 call = getattr(openssl, method)
@@ -255,9 +279,9 @@ class _Aead:
                     pass
                 except BaseException as exc:  # noqa: B036 (see _reraise_unless_too_long)
                     _reraise_unless_too_long(exc)
-        src = readable(data)
         # argument types before lengths and sizes, in cryptography's order
         _nonce_bytes(nonce)
+        src = readable(data)
         optional_readable(associated_data, "associated_data")
         if decrypting and len(src) < _limits.TAG_SIZE:
             self._prepare(nonce, src, associated_data, 0)  # a bad nonce still says so first
@@ -271,6 +295,7 @@ class _Aead:
             result, out = size, writable(buf)
             if len(out) != size:
                 raise ValueError(f"buffer must be {size} bytes")
+            _refuse_inexact_overlap(data, buf)
         (self._decrypt_views if decrypting else self._encrypt_views)(nonce, src, associated_data, out)
         return result
 
@@ -335,7 +360,7 @@ class _Aead:
         takes it on the CPU: cryptography's own method where one object serves, so the
         batch costs what a loop of cryptography's calls does (through ``_prepare_many``
         and the backend's batch, 1 KiB messages cost three to four times that); a message
-        it refuses (an odd GCM nonce, a message over 2**31 - 1 bytes) is composed by
+        it refuses (a float32 array, a message over 2**31 - 1 bytes) is composed by
         ``_slow``, which also says what is wrong with a bad argument. Decrypting, a failed
         tag gives None in the message's place."""
         # the batch runs on the CPU (the callers know): cryptography's object takes what
@@ -540,8 +565,10 @@ class _Libsodium:
 
 
 class AESGCM(_Aead):
-    """AES-GCM (NIST SP 800-38D): 16/24/32-byte key, any nonce of 1 byte or more
-    (12 bytes recommended), 16-byte tag."""
+    """AES-GCM (NIST SP 800-38D): 16/24/32-byte key, a nonce of 8 to 128 bytes as in
+    ``cryptography`` (12 bytes recommended), 16-byte tag. (The backends take any length
+    from 1 byte, for gpucrypt's own formats; this drop-in keeps ``cryptography``'s
+    ``ValueError`` for the others, when encrypting and decrypting alike.)"""
 
     _algorithm = "aes-gcm"
     _display = "AESGCM"
@@ -568,6 +595,6 @@ class AESGCM(_Aead):
         return _openssl.AESGCM(key)
 
     def _check_nonce(self, nonce):
-        if not _limits.GCM_MIN_NONCE <= len(nonce) <= _limits.GCM_MAX_NONCE:
-            raise ValueError(f"Nonce must be between {_limits.GCM_MIN_NONCE} and "
-                             f"{_limits.GCM_MAX_NONCE} bytes")
+        if not _limits.OPENSSL_GCM_MIN_NONCE <= len(nonce) <= _limits.OPENSSL_GCM_MAX_NONCE:
+            raise ValueError(f"Nonce must be between {_limits.OPENSSL_GCM_MIN_NONCE} and "
+                             f"{_limits.OPENSSL_GCM_MAX_NONCE} bytes")

@@ -5,10 +5,19 @@
     # Cipher(algorithms.AES(key), modes.CTR(nonce16)).encryptor()
     enc = gpucrypt.ciphers.AESCTR(key, nonce16).encryptor()
     out = enc.update(data); n = enc.update_into(data, buf); enc.finalize()
+    enc.reset_nonce(other_nonce16)  # as cryptography's: the keystream of another nonce, from its start
 
 The contexts behave as if all ``update`` calls had been one call over the
 concatenated data, byte-identical to ``cryptography`` however the data is cut.
 There is no authentication here: use the AEAD classes unless you add your own MAC.
+
+Arguments follow ``cryptography``, in its order (types, then sizes), with one rule
+of gpucrypt's for data, the same on every device and path: ``update``/``update_into``
+take any C-contiguous buffer and read it as its raw bytes (a float32 array of 4
+elements is 16 bytes), as the AEAD classes do, where ``cryptography`` takes byte
+buffers only (``TypeError``). Keys and nonces must be bytes, as in ``cryptography``.
+A non-contiguous buffer raises :class:`gpucrypt._buffers.NonContiguousBuffer` (a
+``BufferError``, as in ``cryptography``, and a ``ValueError``).
 
 ChaCha20's 16-byte ``nonce`` is ``cryptography``'s: a little-endian 32-bit block
 counter, then the 96-bit nonce (RFC 8439). As in ``cryptography``, encrypting past
@@ -41,9 +50,14 @@ class _StreamCipher:
     _algorithm = ""
 
     def __init__(self, key: Any, nonce: Any, *, device: str = "auto"):
-        self._key = bytes_arg(key, "key")
-        self._nonce = bytes_arg(nonce, "nonce")
-        self._check(self._key, self._nonce)
+        # cryptography's order: each argument is bytes-like, then its size as len() counts
+        # it (a 2-D array by its rows), and only then is its memory read, as bytes only
+        self._check_key(_length(key, "key"))
+        self._check_nonce(_length(nonce, "nonce"))
+        self._key = bytes_arg(key, "key", uint8_only=True)
+        self._nonce = bytes_arg(nonce, "nonce", uint8_only=True)
+        self._check_key(len(self._key))  # a (32, 2) array has 32 rows and 64 bytes
+        self._check_nonce(len(self._nonce))
         self._device = device
         # every size on the CPU (asked for, or "auto" on a machine without a CUDA driver):
         # then contexts are cryptography's own, wrapped as thinly as Python allows
@@ -57,11 +71,14 @@ class _StreamCipher:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self._device!r})"
 
-    def _check(self, key: bytes, nonce: bytes) -> None:
+    def _check_key(self, size: int) -> None:
         raise NotImplementedError
 
-    def _max_position(self) -> int | None:
-        """Keystream bytes available from this nonce, or None when unbounded in practice."""
+    def _check_nonce(self, size: int) -> None:
+        raise NotImplementedError
+
+    def _max_position(self, nonce: bytes) -> int | None:
+        """Keystream bytes available from ``nonce``, or None when unbounded in practice."""
         return None
 
     def encryptor(self) -> "StreamContext | _OpenSslStreamContext":
@@ -82,14 +99,16 @@ class ChaCha20(_StreamCipher):
 
     _algorithm = "chacha20"
 
-    def _check(self, key, nonce):
-        if len(key) != 32:
-            raise ValueError(f"Invalid key size ({len(key) * 8}) for ChaCha20.")
-        if len(nonce) != 16:
+    def _check_key(self, size):
+        if size != 32:
+            raise ValueError(f"Invalid key size ({size * 8}) for ChaCha20.")
+
+    def _check_nonce(self, size):
+        if size != 16:
             raise ValueError("nonce must be 128-bits (16 bytes)")
 
-    def _max_position(self):
-        first_block = struct.unpack("<I", self._nonce[:4])[0]
+    def _max_position(self, nonce):
+        first_block = struct.unpack("<I", nonce[:4])[0]
         return _limits.CHACHA20_KEYSTREAM_BYTES - first_block * 64
 
 
@@ -98,11 +117,25 @@ class AESCTR(_StreamCipher):
 
     _algorithm = "aes-ctr"
 
-    def _check(self, key, nonce):
-        if len(key) not in (16, 24, 32):
-            raise ValueError(f"Invalid key size ({len(key) * 8}) for AES.")
-        if len(nonce) != 16:
-            raise ValueError(f"Invalid nonce size ({len(nonce)}) for CTR.")
+    def _check_key(self, size):
+        if size not in (16, 24, 32):
+            raise ValueError(f"Invalid key size ({size * 8}) for AES.")
+
+    def _check_nonce(self, size):
+        if size != 16:
+            raise ValueError(f"Invalid nonce size ({size}) for CTR.")
+
+
+def _length(value: Any, name: str) -> int:
+    """``len(value)`` of a bytes-like argument, as ``cryptography`` measures keys and
+    nonces (a NumPy array's first dimension); ``TypeError`` for anything else."""
+    try:
+        return len(memoryview(value))
+    except TypeError:
+        raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}") from None
+
+
+_RESET_NONCE_SIZE = "Nonce must be 16 bytes long"  # cryptography's words, for both ciphers
 
 
 class _OpenSslStreamContext:
@@ -111,7 +144,11 @@ class _OpenSslStreamContext:
     ``cryptography``'s by construction), with no wrapper work on the way in or out: an
     allocating ``update`` costs what ``cryptography``'s does (one result buffer, no
     zeroing, no copy). Only a call that ``cryptography`` refuses comes back through
-    gpucrypt's argument checks, to say what to pass instead."""
+    gpucrypt's argument checks: a buffer that gpucrypt reads as bytes and
+    ``cryptography`` does not (wider items) is passed again as its byte view, as
+    :class:`StreamContext` reads it; anything else gets a message saying what to pass.
+    ``cryptography`` converts every argument before it does any work, so a refused call
+    consumed no keystream."""
 
     __slots__ = ("_openssl",)
 
@@ -121,16 +158,21 @@ class _OpenSslStreamContext:
     def update(self, data: Any) -> bytes:
         try:
             return self._openssl.update(data)
-        except (TypeError, ValueError, BufferError):
-            readable(data, "data")  # gpucrypt's own message for an unusable buffer
-            raise
+        except (TypeError, BufferError):
+            return self._openssl.update(readable(data, "data"))
 
     def update_into(self, data: Any, buf: Any) -> int:
         try:
             return self._openssl.update_into(data, buf)
-        except (TypeError, ValueError, BufferError):
-            readable(data, "data")
-            writable(buf, "buf")
+        except (TypeError, BufferError):
+            return self._openssl.update_into(readable(data, "data"), writable(buf, "buf"))
+
+    def reset_nonce(self, nonce: Any) -> None:
+        """As ``cryptography``'s: go on with the keystream of ``nonce`` from its start."""
+        try:
+            self._openssl.reset_nonce(nonce)
+        except (TypeError, BufferError):
+            bytes_arg(nonce, "nonce", uint8_only=True)  # gpucrypt's message, same kind
             raise
 
     def finalize(self) -> bytes:
@@ -142,14 +184,33 @@ class StreamContext:
 
     def __init__(self, cipher: _StreamCipher):
         self._cipher = cipher
-        self._position = 0
         self._finalized = False
-        self._limit = cipher._max_position()  # keystream bytes this nonce allows, or None
+        self._start(cipher._nonce)
+
+    def _start(self, nonce: bytes) -> None:
+        """Keystream byte 0 of ``nonce`` is next (the context's own: ``reset_nonce``
+        changes it, not the cipher's)."""
+        cipher = self._cipher
+        self._nonce = nonce
+        self._position = 0
+        self._limit = cipher._max_position(nonce)  # keystream bytes this nonce allows, or None
         self._cpu = None          # a positioned cryptography encryptor, reused across calls
         self._cpu_position = -1
         if cipher._small_on_cpu:  # small updates will run on the CPU: be ready for the first
-            self._cpu = _cpu_backend().keystream_encryptor(cipher._algorithm, cipher._key, cipher._nonce, 0)
+            self._cpu = _cpu_backend().keystream_encryptor(cipher._algorithm, cipher._key, nonce, 0)
             self._cpu_position = 0
+
+    def reset_nonce(self, nonce: Any) -> None:
+        """As ``cryptography``'s ``reset_nonce`` (ChaCha20 and CTR): the next ``update``
+        continues with the keystream of ``nonce`` from its start (ChaCha20: from the
+        block counter in its first 4 bytes), whatever was used of the old one. Errors in
+        ``cryptography``'s order: the argument's type, then a finalized context, then
+        its length."""
+        nonce = bytes_arg(nonce, "nonce", uint8_only=True)
+        self._ensure_open()
+        if len(nonce) != 16:
+            raise ValueError(_RESET_NONCE_SIZE)
+        self._start(nonce)
 
     def update(self, data: Any) -> bytes:
         src = readable(data, "data")
@@ -162,7 +223,7 @@ class StreamContext:
             self._cpu_position = self._position
             return out
         out = bytearray(len(src))
-        backend.xor_keystream(self._cipher._algorithm, self._cipher._key, self._cipher._nonce,
+        backend.xor_keystream(self._cipher._algorithm, self._cipher._key, self._nonce,
                               self._position, src, memoryview(out))
         self._position += len(src)
         return bytes(out)
@@ -180,6 +241,7 @@ class StreamContext:
             return n
         src = readable(data, "data")
         out = writable(buf, "buf")
+        self._ensure_open()  # as cryptography: after the argument types, before the sizes
         if len(out) < len(src):
             raise ValueError(f"buffer must be at least {len(src)} bytes for this payload")
         self._xor(src, out[: len(src)])
@@ -213,7 +275,7 @@ class StreamContext:
         """cryptography's encryptor, positioned where this context is in the keystream."""
         if self._cpu is None or self._cpu_position != self._position:
             self._cpu = backend.keystream_encryptor(self._cipher._algorithm, self._cipher._key,
-                                                    self._cipher._nonce, self._position)
+                                                    self._nonce, self._position)
         return self._cpu
 
     def _xor(self, src: memoryview, out: memoryview) -> None:
@@ -225,5 +287,5 @@ class StreamContext:
             self._cpu_position = self._position + len(src)
         else:
             cipher = self._cipher
-            backend.xor_keystream(cipher._algorithm, cipher._key, cipher._nonce, self._position, src, out)
+            backend.xor_keystream(cipher._algorithm, cipher._key, self._nonce, self._position, src, out)
         self._position += len(src)

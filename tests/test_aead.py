@@ -25,6 +25,7 @@ import gpucrypt
 from _reference import reference_seal
 from _vectors import load, unhex
 from conftest import ON_CUDASIM
+from gpucrypt.backends import get_backend
 
 LENGTHS = [0, 1, 15, 16, 17, 63, 64, 65, 4095, 4096, 5000]
 CLASSES = {
@@ -78,12 +79,18 @@ def test_cpu_batches_take_any_iterable_and_refuse_malformed_messages(name, each)
     for bad_aad in (5, "text", np.zeros((4, 4), np.uint8)[:, ::2]):   # never read as bytes
         with pytest.raises((TypeError, ValueError), match="associated_data"):
             aead.encrypt_many(msgs + [(msgs[0][0], b"data", bad_aad)])
-    if "gcm" in name:  # a nonce OpenSSL's one call refuses, which gpucrypt composes
-        odd = msgs + [(os.urandom(5), b"data", None)]
-        sealed = aead.encrypt_many(iter(m) for m in odd)   # each message read once
-        assert sealed == [aead.encrypt(*m) for m in odd]
-        assert aead.decrypt_many(iter((n, c, a)) for (n, _, a), c in zip(odd, sealed)) == \
-            [d for _, d, _ in odd]
+    # a message OpenSSL's one call refuses (data of wider items), which gpucrypt composes
+    wide = msgs + [(os.urandom(nonce_len), np.arange(8, dtype=np.float32), None)]
+    sealed = aead.encrypt_many(iter(m) for m in wide)   # each message read once
+    assert sealed == [aead.encrypt(*m) for m in wide]
+    assert aead.decrypt_many(iter((n, c, a)) for (n, _, a), c in zip(wide, sealed)) == \
+        [bytes(memoryview(d)) for _, d, _ in wide]
+    if "gcm" in name:  # cryptography's nonce lengths, in a batch as in one call
+        for odd in (os.urandom(5), os.urandom(129)):
+            with pytest.raises(ValueError, match="between 8 and 128"):
+                aead.encrypt_many(msgs + [(odd, b"data", None)])
+            with pytest.raises(ValueError, match="between 8 and 128"):
+                aead.decrypt_many(batch + [(odd, bytes(20), None)])
 
 
 def test_an_auto_object_that_may_have_a_gpu_runs_a_small_batch_message_by_message():
@@ -191,7 +198,7 @@ def test_aesgcm_nist_vectors(device, filename):
         pt = None if r["fail"] else unhex(r["pt"])
         by_key.setdefault(unhex(r["key"]), []).append(
             (unhex(r["iv"]), pt, unhex(r["aad"]), ct + tag, r["fail"]))
-    if device == "gpu":  # all keys in one launch: key index per message
+    if device == "gpu":  # all keys in one launch: key index per message (the backend: any nonce)
         flat = [(key, *rec) for key, recs in by_key.items() for rec in recs]
         # On a real GPU all records; the simulator runs GHASH's integer carry-less multiplies
         # in Python (tens of ms per block), so there every 25th, still every nonce length.
@@ -200,7 +207,27 @@ def test_aesgcm_nist_vectors(device, filename):
         _check_records_one_batch("aes-gcm", flat)
         return
     for key, recs in by_key.items():
-        check_one_by_one(gpucrypt.AESGCM(key, device=device), recs)
+        # the drop-in takes cryptography's 8..128-byte nonces; the CPU backend every length
+        # (gpucrypt's own formats), through OpenSSL's call or composed (CTR + GHASH)
+        check_one_by_one(gpucrypt.AESGCM(key, device=device),
+                         [r for r in recs if 8 <= len(r[0]) <= 128])
+        check_backend_one_by_one(get_backend("cpu").aead("aes-gcm", key), recs)
+
+
+def check_backend_one_by_one(ctx, records) -> None:
+    """Records through a backend's AEAD context (``seal``/``open`` on byte views)."""
+    for nonce, pt, aad, sealed, must_fail in records:
+        out = bytearray(len(sealed) - 16)
+        if must_fail:
+            with pytest.raises(InvalidTag):
+                ctx.open(nonce, memoryview(sealed), memoryview(aad), memoryview(out))
+            assert out == bytes(len(out))
+            continue
+        ctx.open(nonce, memoryview(sealed), memoryview(aad), memoryview(out))
+        assert out == pt
+        out = bytearray(len(pt) + 16)
+        ctx.seal(nonce, memoryview(pt), memoryview(aad), memoryview(out))
+        assert out == sealed
 
 
 def _check_records_one_batch(algorithm: str, flat) -> None:
@@ -255,13 +282,33 @@ def test_hypothesis_against_reference_cpu(name, data, aad, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(data=st.binary(max_size=2000), aad=st.binary(max_size=100),
-       nonce=st.binary(min_size=1, max_size=200), key=st.binary(min_size=32, max_size=32))
-def test_gcm_any_nonce_length_roundtrip_and_reference(data, aad, nonce, key):
-    aead = gpucrypt.AESGCM(key, device="cpu")
-    sealed = aead.encrypt(nonce, data, aad)
-    if 8 <= len(nonce) <= 128:  # the range OpenSSL itself accepts
-        assert sealed == reference.AESGCM(key).encrypt(nonce, data, aad)
-    assert aead.decrypt(nonce, sealed, aad) == data
+       nonce=st.binary(min_size=0, max_size=200), key=st.binary(min_size=32, max_size=32))
+def test_gcm_nonce_lengths_drop_in_and_backend(data, aad, nonce, key):
+    """gpucrypt.AESGCM takes exactly cryptography's nonces (8..128 bytes), encrypting and
+    decrypting, with its ValueError for the others; the CPU backend takes every length
+    from 1 byte (gpucrypt's formats), with cryptography's bytes where both take it."""
+    aead, ref = gpucrypt.AESGCM(key, device="cpu"), reference.AESGCM(key)
+    calls = (lambda a: a.encrypt(nonce, data, aad), lambda a: a.decrypt(nonce, bytes(16) + data, aad),
+             lambda a: a.decrypt_into(nonce, bytes(16) + data, aad, bytearray(len(data))),
+             lambda a: a.encrypt_into(nonce, data, aad, bytearray(len(data) + 16)))
+    if not 8 <= len(nonce) <= 128:
+        for call in calls:
+            with pytest.raises(ValueError, match="between 8 and 128"):
+                call(ref)
+            with pytest.raises(ValueError, match="between 8 and 128"):
+                call(aead)
+    else:
+        sealed = aead.encrypt(nonce, data, aad)
+        assert sealed == ref.encrypt(nonce, data, aad)
+        assert aead.decrypt(nonce, sealed, aad) == data
+    if nonce:
+        ctx, out = get_backend("cpu").aead("aes-gcm", key), bytearray(len(data) + 16)
+        ctx.seal(nonce, memoryview(data), memoryview(aad), memoryview(out))
+        if 8 <= len(nonce) <= 128:
+            assert out == sealed
+        back = bytearray(len(data))
+        ctx.open(nonce, memoryview(out), memoryview(aad), memoryview(back))
+        assert back == data
 
 
 def test_gcm_long_nonce_path_matches_openssl_path():
@@ -394,7 +441,7 @@ def test_argument_errors_match_cryptography():
         aead.encrypt(bytes(8), b"x", None)
     with pytest.raises(ValueError, match="Nonce must be 24 bytes"):
         gpucrypt.XChaCha20Poly1305(bytes(32)).encrypt(bytes(12), b"x", None)
-    with pytest.raises(ValueError, match="between 1 and"):
+    with pytest.raises(ValueError, match="between 8 and 128"):
         gpucrypt.AESGCM(bytes(16)).encrypt(b"", b"x", None)
     with pytest.raises(TypeError):
         aead.encrypt(bytes(12), "text", None)
@@ -432,15 +479,21 @@ def test_more_argument_errors_are_cryptographys():
             call(ref)
         with pytest.raises(TypeError):
             call(chacha)
-    # general paths: an AES-GCM nonce OpenSSL refuses, XChaCha20 with a bytearray nonce
-    for aead, nonce in ((gcm, bytes(4)), (xchacha, bytearray(24))):
+    # general paths: data OpenSSL refuses (signed bytes), XChaCha20 with a bytearray nonce
+    signed = lambda b: memoryview(b).cast("b")  # noqa: E731
+    for aead, nonce, wrap in ((gcm, bytes(12), signed), (xchacha, bytearray(24), bytes)):
         for size in (0, 15):
             buf = bytearray(b"\xaa" * 3)
             with pytest.raises(InvalidTag):
-                aead.decrypt_into(nonce, bytes(size), None, buf)
+                aead.decrypt_into(nonce, wrap(bytes(size)), None, buf)
             assert buf == bytes(3)  # zeroed, as the fast path leaves it
             with pytest.raises(InvalidTag):
-                aead.decrypt(nonce, bytes(size), None)
+                aead.decrypt(nonce, wrap(bytes(size)), None)
+    # ... and a GCM nonce cryptography refuses is its ValueError first, not InvalidTag
+    for size in (0, 15, 40):
+        for a in (reference.AESGCM(bytes(16)), gcm):
+            with pytest.raises(ValueError, match="between 8 and 128"):
+                a.decrypt(bytes(4), bytes(size), None)
     for nonce in (bytes(24), bytearray(24)):  # libsodium's path and the general one
         with pytest.raises(TypeError):
             xchacha.decrypt(nonce, b"short", "aad")
@@ -713,7 +766,12 @@ def test_cpu_detached_tag_form_in_place_and_out(name, nonce_len, size, path, mon
     data = os.urandom(size)
     algorithm = "aes-gcm" if "gcm" in name else name
     ctx = get_backend("cpu").aead(algorithm, key)
-    expected = cls(key, device="cpu").encrypt(nonce, data, aad)
+    if "gcm" not in name or 8 <= nonce_len <= 128:
+        expected = cls(key, device="cpu").encrypt(nonce, data, aad)
+    else:  # a nonce only the backend takes: its one-shot form (the NIST vectors check that one)
+        sealed = bytearray(size + 16)
+        ctx.seal(nonce, memoryview(data), memoryview(aad), memoryview(sealed))
+        expected = bytes(sealed)
     buf = bytearray(data)
     tag = ctx.seal_detached(nonce, memoryview(buf), memoryview(aad), memoryview(buf))
     assert bytes(buf) + tag == expected
@@ -820,3 +878,163 @@ def test_every_buffer_kind_gives_the_same_bytes(name, kind):
     assert not back.any()
     with pytest.raises(InvalidTag):
         aead.decrypt(nonce, make(bytes(bad)), make(aad))
+
+
+# --- found by the second differential review (/tmp/review-aead) ---------------------------------
+
+def _arena(kind: str, size: int):
+    """(view, arena): ``view(start, n)`` is ``n`` bytes at ``start`` of one shared
+    bytearray ``arena``, as a NumPy array or a memoryview."""
+    arena = bytearray(size)
+    if kind == "numpy":
+        whole = np.frombuffer(arena, dtype=np.uint8)
+        return (lambda start, n: whole[start:start + n]), arena
+    return (lambda start, n: memoryview(arena)[start:start + n]), arena
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+@pytest.mark.parametrize("size", [1000, 16 << 10, (16 << 10) + 1])
+@pytest.mark.parametrize("kind", ["numpy", "memoryview"])
+def test_into_forms_refuse_inexact_overlap_and_keep_in_place(name, size, kind):
+    """Input and output that share memory from different starts are ValueError on every
+    class and path (XChaCha20's libsodium one up to 16 KiB, OpenSSL's above it), before
+    a byte is written: libsodium wrote wrong ciphertext under a valid tag, or plaintext
+    that was not the authenticated one without InvalidTag, and cryptography's own
+    ChaCha20Poly1305 is wrong for an output after its input. Exactly in place, and
+    buffers that only touch, still give the reference's bytes."""
+    cls, key_len, nonce_len = CLASSES[name]
+    key, nonce, aad = os.urandom(key_len), os.urandom(nonce_len), b"ad"
+    data = os.urandom(size)
+    expected = reference_seal(name, key, nonce, data, aad)
+    aead = cls(key, device="cpu")
+    view, arena = _arena(kind, size + 96)
+    at = 48
+    for shift in (-32, -16, -1, 1, 15, 16, 32):  # the output starts ``shift`` bytes after the input
+        arena[at:at + size] = data
+        before = bytes(arena)
+        with pytest.raises(ValueError, match="overlaps"):
+            aead.encrypt_into(nonce, view(at, size), aad, view(at + shift, size + 16))
+        assert arena == before, "nothing may be written before the refusal"
+        arena[at:at + size + 16] = expected
+        before = bytes(arena)
+        with pytest.raises(ValueError, match="overlaps"):
+            aead.decrypt_into(nonce, view(at, size + 16), aad, view(at + shift, size))
+        assert arena == before
+    # in place (the same start) and touching (adjacent, no byte shared) are fine
+    arena[at:at + size] = data
+    assert aead.encrypt_into(nonce, view(at, size), aad, view(at, size + 16)) == size + 16
+    assert arena[at:at + size + 16] == expected
+    assert aead.decrypt_into(nonce, view(at, size + 16), aad, view(at, size)) == size
+    assert arena[at:at + size] == data
+    view, arena = _arena(kind, 2 * size + 16)
+    arena[:size] = data
+    aead.encrypt_into(nonce, view(0, size), aad, view(size, size + 16))
+    assert arena[size:] == expected and arena[:size] == data
+
+
+def test_inexact_overlap_is_refused_on_the_general_path_too(device):
+    """The same rule where the call may run on the GPU (the general path), and for a
+    bytearray on one side and a view of it on the other."""
+    key, nonce, data = os.urandom(32), os.urandom(24), os.urandom(200)
+    aead = gpucrypt.XChaCha20Poly1305(key, device=device)
+    arena = bytearray(300)
+    arena[16:216] = data
+    with pytest.raises(ValueError, match="overlaps"):
+        aead.encrypt_into(nonce, memoryview(arena)[16:216], None, memoryview(arena)[:216])
+    sealed = reference_seal("xchacha20-poly1305", key, nonce, data, b"")
+    arena = bytearray(sealed)
+    with pytest.raises(ValueError, match="overlaps"):
+        aead.decrypt_into(nonce, arena, None, memoryview(arena)[16:])
+    assert arena == sealed
+    aead.decrypt_into(nonce, arena, None, memoryview(arena)[:-16])  # in place
+    assert arena[:-16] == data
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_non_contiguous_buffers_raise_buffer_error_as_cryptography(name):
+    """cryptography raises BufferError for a non-contiguous buffer; gpucrypt's error is a
+    BufferError and still the ValueError it was, for every argument and path."""
+    from gpucrypt._buffers import NonContiguousBuffer
+
+    cls, key_len, nonce_len = CLASSES[name]
+    key, nonce = os.urandom(key_len), os.urandom(nonce_len)
+    aead = cls(key, device="cpu")
+    nc = lambda n: memoryview(bytearray(2 * n))[::2]  # noqa: E731
+    calls = [lambda c: c(key).encrypt(nonce, nc(40), None),
+             lambda c: c(key).encrypt(nonce, b"x", nc(8)),
+             lambda c: c(key).encrypt_into(nonce, b"x" * 24, None, nc(40)),
+             lambda c: c(key).decrypt(nonce, nc(40), None),
+             lambda c: c(nc(key_len)).encrypt(nonce, b"x", None),
+             lambda c: c(key).encrypt(nc(nonce_len), b"x", None)]
+    ref = getattr(reference, cls.__name__, None)
+    for call in calls:
+        if ref is not None:
+            with pytest.raises(BufferError):
+                call(ref)
+        with pytest.raises(NonContiguousBuffer, match="C-contiguous") as info:
+            call(cls)
+        assert isinstance(info.value, BufferError) and isinstance(info.value, ValueError)
+    del aead
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_keys_and_nonces_must_be_bytes_as_in_cryptography(name):
+    """A key or nonce of wider items (float32, uint32) is TypeError, as in cryptography,
+    not taken as its raw bytes; a 2-D uint8 one is its bytes, as there. Data keeps
+    gpucrypt's rule (any dtype, raw bytes)."""
+    cls, key_len, nonce_len = CLASSES[name]
+    key, nonce = os.urandom(key_len), os.urandom(nonce_len)
+    ref = getattr(reference, cls.__name__, None)
+    wide_key = np.frombuffer(key, dtype=np.float32)
+    wide_nonce = np.frombuffer(nonce, dtype=np.uint32)
+    for call in (lambda c: c(wide_key).encrypt(nonce, b"x", None),
+                 lambda c: c(key).encrypt(wide_nonce, b"x", None),
+                 lambda c: c(key).decrypt(wide_nonce, bytes(20), None),
+                 lambda c: c(key).encrypt_into(memoryview(nonce).cast("I"), b"x", None, bytearray(17))):
+        if ref is not None:
+            with pytest.raises(TypeError):
+                call(ref)
+        with pytest.raises(TypeError, match="must be bytes"):
+            call(cls)
+    as_rows = np.frombuffer(key, dtype=np.uint8).reshape(-1, 4)
+    expected = reference_seal(name, key, nonce, b"x", b"")
+    assert cls(as_rows, device="cpu").encrypt(nonce, b"x", None) == expected
+    if ref is not None:
+        assert ref(as_rows).encrypt(nonce, b"x", None) == expected
+
+
+@pytest.mark.parametrize("cls", [gpucrypt.ChaCha20Poly1305, gpucrypt.AESGCM])
+@pytest.mark.parametrize("nonce", ["twelve chars", None, 12])
+def test_a_wrong_nonce_type_is_reported_before_the_data(cls, nonce):
+    """cryptography checks its arguments in order: a nonce of the wrong type is its
+    TypeError even when the data is unusable too (non-contiguous)."""
+    nc = memoryview(bytearray(80))[::2]
+    ref = getattr(reference, cls.__name__)
+    for a in (ref(bytes(32)), cls(bytes(32), device="cpu")):
+        with pytest.raises(TypeError):
+            a.encrypt(nonce, nc, None)
+        with pytest.raises(TypeError):
+            a.decrypt(nonce, nc, None)
+
+
+def test_inexact_overlap_rule_for_every_kind_of_buffer():
+    """The shortcuts of the overlap test (bytes, two bytearrays, views of two bytearrays,
+    owning arrays, arrays over bytes) and its address comparison agree with where the
+    bytes really are: shared from different starts is True, in place or apart False."""
+    from gpucrypt._buffers import inexact_overlap
+
+    ba = bytearray(100)
+    arr = np.frombuffer(ba, dtype=np.uint8)
+    owner = np.zeros(100, dtype=np.uint8)
+    mv = memoryview(ba)
+    cases = [(b"x" * 10, ba, False), (bytearray(10), bytearray(10), False), (ba, ba, False),
+             (mv[:50], memoryview(bytearray(100))[:60], False), (mv[:50], mv[:66], False),
+             (mv[:50], mv[10:60], True), (mv[10:60], mv[:50], True), (mv[:50], mv[50:], False),
+             (ba, mv[16:], True), (mv[16:], ba, True), (arr[:50], mv[1:51], True),
+             (arr[:50], arr[:66], False), (arr[8:50], arr[:66], True), (arr[:50], arr[50:], False),
+             (owner, np.zeros(100, np.uint8), False), (owner[4:], owner, True),
+             (np.frombuffer(bytes(100), np.uint8), owner, False),
+             (arr[:40].view(np.float32), arr[4:60], True), (arr[:0], arr, False),
+             ("text", ba, False), (arr[::2], arr, False)]  # not buffers we take: the checks say why
+    for data, buf, expected in cases:
+        assert inexact_overlap(data, buf) is expected, (type(data), type(buf), expected)

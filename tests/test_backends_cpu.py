@@ -427,6 +427,15 @@ def test_chacha20_poly1305_one_pass_is_one_cipher_context(monkeypatch):
     assert streams == [(nonce, 0)]
 
 
+def _detached_message(algorithm: str, key_len: int, size: int):
+    """(key, nonce, aad, data, ciphertext, tag, the CPU backend's context) of a random
+    message sealed by cryptography."""
+    key, nonce, aad, data = os.urandom(key_len), os.urandom(12), os.urandom(7), os.urandom(size)
+    ref = reference.AESGCM if algorithm == "aes-gcm" else reference.ChaCha20Poly1305
+    sealed = ref(key).encrypt(nonce, data, aad)
+    return key, nonce, aad, data, sealed[:-16], sealed[-16:], get_backend("cpu").aead(algorithm, key)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("in_place", [True, False])
 def test_chacha20_poly1305_one_pass_open_stopped_part_way_leaves_nothing(threads, in_place, monkeypatch):
@@ -439,11 +448,7 @@ def test_chacha20_poly1305_one_pass_open_stopped_part_way_leaves_nothing(threads
     monkeypatch.setattr(cpu, "ONE_PASS_PIECE", 256)
     monkeypatch.setattr(cpu, "PARALLEL_MIN", 1000)
     monkeypatch.setattr(cpu, "_PARALLEL_CHUNK", 256)
-    key, nonce, aad = os.urandom(32), os.urandom(12), os.urandom(7)
-    data = os.urandom(256 * 9 + 5)
-    sealed = reference.ChaCha20Poly1305(key).encrypt(nonce, data, aad)
-    ct, tag = sealed[:-16], sealed[-16:]
-    ctx = get_backend("cpu").aead("chacha20-poly1305", key)
+    key, nonce, aad, data, ct, tag, ctx = _detached_message("chacha20-poly1305", 32, 256 * 9 + 5)
     if threads == 1:  # the MAC's fifth piece is interrupted
         calls = []
         real_counted_update = _host_primitives.Poly1305AeadMac.counted_update
@@ -479,3 +484,98 @@ def test_chacha20_poly1305_one_pass_open_stopped_part_way_leaves_nothing(threads
     assert bytes(buf) == ct
     if not in_place:
         assert bytes(out) == bytes(len(ct))
+
+
+# --------------------------------------------------------------------------- found by the second review
+
+def test_gf128_mul_gives_cryptographys_ghash():
+    """The field multiplication behind the composed GCM path (GCM nonces outside 8..128
+    bytes, messages over 2**31 - 1 bytes) against GHASH values taken from cryptography's
+    AES-GCM: with a 12-byte nonce, the tag of an empty message with one block A of
+    associated data is E_K(J0) ^ (A*H ^ L)*H, with L its length block. Also the field's
+    laws on random and extreme elements (the multiplication is branch-free now: a wrong
+    mask would break these)."""
+    from gpucrypt._host_primitives import aes_block, gf128_mul
+
+    one = 1 << 127
+    for _ in range(20):
+        key, nonce, a = os.urandom(16), os.urandom(12), os.urandom(16)
+        h = int.from_bytes(aes_block(key, bytes(16)), "big")
+        ekj0 = int.from_bytes(aes_block(key, nonce + b"\x00\x00\x00\x01"), "big")
+        tag = int.from_bytes(reference.AESGCM(key).encrypt(nonce, b"", a), "big")
+        length = 128 << 64  # len(A) = 128 bits, len(C) = 0
+        assert gf128_mul(gf128_mul(int.from_bytes(a, "big"), h) ^ length, h) ^ ekj0 == tag
+        x, y = int.from_bytes(os.urandom(16), "big"), int.from_bytes(os.urandom(16), "big")
+        assert gf128_mul(x, y) == gf128_mul(y, x)
+        assert gf128_mul(x, one) == x == gf128_mul(one, x)
+        assert gf128_mul(x, 0) == 0
+    ones = 2**128 - 1
+    assert gf128_mul(ones, ones) == gf128_mul(ones, ones ^ one) ^ gf128_mul(ones, one)
+
+
+def test_gf128_mul_does_not_branch_on_its_operands():
+    """H and the GHASH states are secret: the multiplication selects with masks, with no
+    ``if`` or conditional expression whose timing would follow their bits (the loop over
+    the 128 bit positions is the same for every operand)."""
+    import ast
+    import inspect
+
+    from gpucrypt._host_primitives import gf128_mul
+
+    tree = ast.parse(inspect.getsource(gf128_mul))
+    branches = [type(node).__name__ for node in ast.walk(tree)
+                if isinstance(node, (ast.If, ast.IfExp, ast.While, ast.BoolOp, ast.Match))]
+    assert branches == []
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("when", ["after", "before"])
+@pytest.mark.parametrize("stop", [1, 2, 4])
+def test_gcm_streaming_open_stopped_part_way_leaves_no_plaintext(in_place, when, stop, monkeypatch):
+    """AES-GCM's one-pass open (detached tags above the one-shot size; in real use, 1 GiB
+    pieces, here 64 bytes) stopped by a KeyboardInterrupt at piece ``stop``: raised as
+    that piece's call returns (``after``: how a signal arrives) or from within it before
+    any byte (``before``). The interrupt goes on, and an in-place buffer holds exactly
+    its ciphertext again, a separate output all zeros: no plaintext is left."""
+    monkeypatch.setattr(cpu, "_PIECE", 64)
+    monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", 100)
+    key, nonce, aad, data, ct, tag, ctx = _detached_message("aes-gcm", 16, 64 * 5 + 9)
+    real_gcm = ctx._gcm
+
+    class Decryptor:  # cryptography's, whose update_into is interrupted at piece ``stop``
+        def __init__(self, real):
+            self.real, self.pieces = real, 0
+
+        def update_into(self, src, dst):
+            self.pieces += 1
+            if self.pieces == stop and when == "before":
+                raise KeyboardInterrupt
+            n = self.real.update_into(src, dst)
+            if self.pieces == stop:
+                raise KeyboardInterrupt
+            return n
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    class Gcm:
+        def __init__(self, nonce):
+            self.real = real_gcm(nonce)
+
+        def decryptor(self):
+            return Decryptor(self.real.decryptor())
+
+        def encryptor(self):
+            return self.real.encryptor()
+
+    monkeypatch.setattr(ctx, "_gcm", Gcm)
+    buf = bytearray(ct)
+    out = buf if in_place else bytearray(b"\x55" * len(ct))
+    with pytest.raises(KeyboardInterrupt):
+        ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(out))
+    assert bytes(buf) == ct
+    if not in_place:
+        assert bytes(out) == bytes(len(ct))
+    monkeypatch.undo()
+    ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(out))
+    assert bytes(out) == data

@@ -187,3 +187,134 @@ def test_unusable_buffers_get_gpucrypt_messages(where):
         enc.update_into(b"ab", b"cd")
     # nothing was consumed by the refused calls: the keystream still starts at byte 0
     assert enc.update(bytes(64)) == reference("chacha20", bytes(32), bytes(16)).update(bytes(64))
+
+
+# --- found by the second differential review (/tmp/review-aead) ---------------------------------
+
+@pytest.mark.parametrize("where", ["cpu", "auto"])
+@pytest.mark.parametrize("kind,key_len", KINDS)
+def test_buffers_of_wider_items_are_their_bytes_on_every_path(where, kind, key_len):
+    """One rule for data on every path: a float32 array, an 'I' memoryview or a 2-D array
+    is read as its raw bytes (as the AEAD classes read data), where cryptography's
+    context, which device="cpu" hands out, refused it and gpucrypt's own took it."""
+    data, expected, enc = one_message(kind, key_len, 400, where, first_block=1)
+    got = enc.update(np.frombuffer(data[:100], dtype=np.float32))
+    got += enc.update(memoryview(data[100:200]).cast("I"))
+    buf = np.zeros(25, dtype=np.float32)  # 100 bytes of output, in wider items too
+    assert enc.update_into(np.frombuffer(data[200:300], dtype=np.uint8).reshape(10, 10), buf) == 100
+    got += buf.tobytes()
+    got += enc.update(np.frombuffer(data[300:], dtype=np.int8))
+    assert got == expected
+
+
+@pytest.mark.parametrize("kind,key_len", KINDS)
+@pytest.mark.parametrize("cut", [0, 1, 63, 64, 65, 200])
+def test_reset_nonce_matches_cryptography(device, kind, key_len, cut):
+    """cryptography 50's reset_nonce (ChaCha20 and CTR contexts): the keystream of the new
+    nonce from its start (ChaCha20: from the counter in its first 4 bytes), whatever was
+    used of the old one, part of a block included; allocating and _into calls alike."""
+    key, n1, n2, data = os.urandom(key_len), os.urandom(16), os.urandom(16), os.urandom(300)
+    if kind == "chacha20":
+        n2 = struct.pack("<I", 5) + n2[4:]
+    ref, enc = reference(kind, key, n1), ours(kind, key, n1, device)
+    assert enc.update(data[:cut]) == ref.update(data[:cut])
+    ref.reset_nonce(n2)
+    enc.reset_nonce(bytearray(n2))
+    expected = ref.update(data)
+    assert expected == reference(kind, key, n2).update(data)
+    buf = bytearray(300)
+    assert enc.update(data[:77]) + bytes(buf[:enc.update_into(data[77:], buf)]) == expected
+    enc.reset_nonce(n1)  # back to the first nonce: its keystream from byte 0 again
+    assert enc.update(data) == reference(kind, key, n1).update(data)
+
+
+@pytest.mark.parametrize("where", ["cpu", "auto"])
+def test_reset_nonce_errors_are_cryptographys(where):
+    """The argument's type first (TypeError, BufferError), then a finalized context
+    (AlreadyFinalized), then its length (ValueError); a ChaCha20 nonce near the end of
+    its counter is refused past it, as cryptography refuses it."""
+    for kind, key_len in (("chacha20", 32), ("aes-ctr", 16)):
+        key, nonce = os.urandom(key_len), os.urandom(16)
+        ref, enc = reference(kind, key, nonce), ours(kind, key, nonce, where)
+        for bad, error in (("x" * 16, TypeError), (np.zeros(4, np.float32), TypeError),
+                           (memoryview(bytearray(32))[::2], BufferError), (bytes(12), ValueError),
+                           (bytes(17), ValueError)):
+            with pytest.raises(error):
+                ref.reset_nonce(bad)
+            with pytest.raises(error):
+                enc.reset_nonce(bad)
+        assert enc.update(b"abc") == ref.update(b"abc")  # nothing changed by the refusals
+        ref.finalize(), enc.finalize()
+        for bad, error in ((bytes(3), AlreadyFinalized), ("x", TypeError), (nonce, AlreadyFinalized)):
+            with pytest.raises(error):
+                ref.reset_nonce(bad)
+            with pytest.raises(error):
+                enc.reset_nonce(bad)
+    key, near_end = os.urandom(32), struct.pack("<I", 0xFFFFFFFF) + os.urandom(12)
+    ref, enc = reference("chacha20", key, os.urandom(16)), ours("chacha20", key, os.urandom(16), where)
+    enc.update(bytes(100)), ref.update(bytes(100))
+    ref.reset_nonce(near_end), enc.reset_nonce(near_end)
+    assert enc.update(bytes(64)) == ref.update(bytes(64))  # the last block, not block 2 of it
+    with pytest.raises(ValueError, match="32-bit counter"):
+        ref.update(b"\x00")
+    with pytest.raises(ValueError, match="32-bit counter"):
+        enc.update(b"\x00")
+
+
+@pytest.mark.parametrize("where", ["cpu", "auto"])
+def test_after_finalize_every_update_is_already_finalized(where):
+    """update_into after finalize() is AlreadyFinalized before its buffer's size is
+    looked at, on every context (gpucrypt's own checked the size first: ValueError)."""
+    for kind, key_len in (("chacha20", 32), ("aes-ctr", 16)):
+        key, nonce = os.urandom(key_len), os.urandom(16)
+        for enc in (reference(kind, key, nonce), ours(kind, key, nonce, where)):
+            enc.update(b"abc")
+            enc.finalize()
+            for call in (lambda: enc.update_into(b"abc", bytearray(1)),
+                         lambda: enc.update_into(b"abc", bytearray(3)),
+                         lambda: enc.update(b"abc"), lambda: enc.finalize()):
+                with pytest.raises(AlreadyFinalized):
+                    call()
+            with pytest.raises(TypeError):  # the argument's type still comes first, as there
+                enc.update_into("abc", bytearray(1))
+
+
+@pytest.mark.parametrize("where", ["cpu", "auto"])
+def test_keys_nonces_and_buffers_are_refused_as_cryptography_refuses_them(where):
+    """A key or nonce of wider items is refused as in cryptography (its size counted by
+    len() first: ValueError, else TypeError), a non-contiguous one or a non-contiguous
+    buffer is a BufferError (and a ValueError, as gpucrypt said before); a 2-D uint8 key
+    whose rows are its bytes is taken, as there."""
+    from gpucrypt._buffers import NonContiguousBuffer
+
+    def ref_chacha(k, n):
+        return Cipher(algorithms.ChaCha20(k, n), None).encryptor()
+
+    def ref_ctr(k, n):
+        return Cipher(algorithms.AES(k), modes.CTR(n)).encryptor()
+
+    cases = [(np.zeros(8, np.float32), bytes(16), ValueError),     # len 8: a 64-bit key
+             (np.zeros(32, np.float32), bytes(16), TypeError),     # len 32, 128 bytes
+             (np.zeros(32, np.int8), bytes(16), TypeError),
+             (np.zeros((2, 16), np.uint8), bytes(16), ValueError),  # len 2
+             (bytes(32), np.zeros(4, np.float32), ValueError),
+             (bytes(32), np.zeros(16, np.float32), TypeError),
+             (np.zeros(64, np.uint8)[::2], bytes(16), BufferError),
+             (bytes(32), np.zeros(32, np.uint8)[::2], BufferError)]
+    for ref, cls in ((ref_chacha, ciphers.ChaCha20), (ref_ctr, ciphers.AESCTR)):
+        for key, nonce, error in cases:
+            with pytest.raises(error):
+                ref(key, nonce).update(b"x")
+            with pytest.raises(error):
+                cls(key, nonce, device=where).encryptor().update(b"x")
+        rows = np.frombuffer(bytes(range(32)), dtype=np.uint8).reshape(32, 1)
+        assert cls(rows, bytes(16), device=where).encryptor().update(bytes(40)) == \
+            ref(bytes(range(32)), bytes(16)).update(bytes(40))
+    enc = ciphers.ChaCha20(bytes(32), bytes(16), device=where).encryptor()
+    ref = ref_chacha(bytes(32), bytes(16))
+    for call in (lambda e: e.update(memoryview(bytearray(8))[::2]),
+                 lambda e: e.update_into(b"abcd", memoryview(bytearray(8))[::2])):
+        with pytest.raises(BufferError):
+            call(ref)
+        with pytest.raises(NonContiguousBuffer):
+            call(enc)

@@ -19,7 +19,8 @@ Decryption verifies before it writes any plaintext, and zeroes ``out`` when the
 tag is wrong (``cryptography``'s ``decrypt_into`` leaves the unauthenticated
 plaintext in the buffer; we do not). The exceptions are the one-pass opens: AES-GCM
 decrypting a detached-tag message (streaming GCM), and ChaCha20-Poly1305 with
-``one_pass=True``; they decrypt once over the buffer and, if the tag is wrong, encrypt
+``one_pass=True``; they decrypt once over the buffer and, if the tag is wrong or the
+call stops part-way (KeyboardInterrupt, any exception), encrypt what they decrypted of
 an in-place buffer back to its ciphertext (or zero a separate one) before they raise:
 no unauthenticated plaintext is returned or left behind.
 
@@ -40,7 +41,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from .._buffers import bytes_arg
+from .._buffers import address, bytes_arg
 from .._buffers import zero as _zero
 from ._base import AeadContext, Backend
 
@@ -78,10 +79,7 @@ def _same_memory(a: memoryview, b: memoryview) -> bool:
     """Whether two byte views are the very same memory (an in-place call)."""
     if len(a) != len(b) or not len(a):
         return len(a) == len(b)
-    import numpy as np  # only the composed paths and failed tags get here
-
-    address = lambda v: np.frombuffer(v, dtype=np.uint8).__array_interface__["data"][0]  # noqa: E731
-    return address(a) == address(b)
+    return address(a) == address(b)  # only the composed paths and failed tags get here
 
 
 def _tags_equal(a: bytes, b: bytes) -> bool:
@@ -476,31 +474,40 @@ class _AesGcm(_OpenSslAead):
         if len(tag) != 16 or len(data) <= ONE_SHOT_DETACHED_MAX or \
                 not self._streaming(nonce, len(data), len(aad)):
             return super().open_detached(nonce, data, tag, aad, out, one_pass=one_pass)
-        if _same_memory(data, out):
-            return self._open_in_place(nonce, data, tag, aad, out)
-        dec = self._gcm(nonce).decryptor()
-        dec.authenticate_additional_data(aad)
-        _xor_into(dec, data, out)  # into the caller's separate buffer, zeroed below if the tag fails
-        try:
-            dec.finalize_with_tag(bytes(tag))
-        except InvalidTag:
-            _zero(out)
-            raise
+        return self._open_streaming(nonce, data, tag, aad, out)
 
-    def _open_in_place(self, nonce, data, tag, aad, out):
-        """One pass: OpenSSL's streaming GCM decrypts the buffer in place (in and out are the
-        very same memory, which OpenSSL's EVP update allows), then checks the tag. On a
-        wrong tag the buffer is encrypted back (GCM encryption under the same nonce gives
-        the same ciphertext) before ``InvalidTag`` is raised, so the caller gets its
-        ciphertext back and never sees the unauthenticated plaintext; only another
-        thread reading the buffer during the call could (the caller lent it to us)."""
-        dec = self._gcm(nonce).decryptor()
-        dec.authenticate_additional_data(aad)
-        _xor_into(dec, data, out)
+    def _open_streaming(self, nonce, data, tag, aad, out):
+        """One pass: OpenSSL's streaming GCM decrypts into ``out`` in ``_PIECE`` pieces (in
+        place too: in and out the very same memory, which OpenSSL's EVP update allows),
+        then checks the tag. If the call does not return (a wrong tag, or an interrupt
+        such as KeyboardInterrupt between pieces), what was decrypted is taken back
+        before the exception goes on: an in-place buffer is encrypted back (GCM
+        encryption under the same nonce gives the same ciphertext), a separate one
+        zeroed. The caller never sees unauthenticated plaintext; only another thread
+        reading the buffer during the call could (the caller lent it to us)."""
+        n = len(data)
+        done = 0         # out[:done] holds plaintext
+        pending = None   # (end, its first ciphertext bytes) of the piece being decrypted
         try:
+            dec = self._gcm(nonce).decryptor()
+            dec.authenticate_additional_data(aad)
+            for start in range(0, n, _PIECE):
+                end = min(start + _PIECE, n)
+                pending = (end, bytes(data[start:start + 16]))
+                dec.update_into(data[start:end], out[start:end])
+                done, pending = end, None
             dec.finalize_with_tag(bytes(tag))
-        except InvalidTag:
-            _xor_into(self._gcm(nonce).encryptor(), out, out)  # the whole buffer, back
+        except BaseException:  # noqa: B036 (the plaintext goes back whatever stopped us)
+            if not _same_memory(data, out):
+                _zero(out)
+                raise
+            # An interrupt arrives as the call returns, before ``done`` moves on (or an
+            # error from within it, before any byte): whether the pending piece was
+            # decrypted shows in its first bytes, which decryption changes (unless 16
+            # bytes of keystream are all zero, a 2**-128 chance).
+            if pending is not None and bytes(out[done:done + 16]) != pending[1]:
+                done = pending[0]
+            _xor_into(self._gcm(nonce).encryptor(), out[:done], out[:done])
             raise
 
     def _gcm(self, nonce: bytes) -> Cipher:
