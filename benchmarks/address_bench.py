@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 
 OFFSETS = (0, 16, 64, 128, 1024, 4096 + 16, 832)
@@ -98,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c:34}" + "".join(f"{r['gib_per_s']:9.2f}" for r in rows if r["case"] == c))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+            from gpucrypt.bench import _git_commit
+
+            commit = _git_commit()  # with -dirty, as gpucrypt bench
             json.dump({"benchmark": "address_bench", "commit": commit or None,
                        "cpu": cpu_name, "cores": os.cpu_count(),
                        "mib": args.mib, "reps": args.reps, "load_average_start": load_start,

@@ -40,7 +40,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -127,12 +126,9 @@ def _rank(rank: int, world: int, work: str, size: int, tensors: int, rounds: int
 
 
 def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)),
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
+    from gpucrypt.bench import _git_commit as commit  # with -dirty, as gpucrypt bench
+
+    return commit() or ""
 
 
 def main(argv: list[str] | None = None) -> int:

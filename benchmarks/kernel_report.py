@@ -675,8 +675,9 @@ def main(argv=None) -> int:
     print_table(results, skipped)
     if args.json:
         with open(args.json, "w") as f:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+            from gpucrypt.bench import _git_commit
+
+            commit = _git_commit()  # with -dirty, as gpucrypt bench
             json.dump({"benchmark": "kernel_report", "commit": commit, "load_average": os.getloadavg(),
                        "tools": tools, "results": [asdict(r) for r in results],
                        "skipped": [{"module": m, "reason": r} for m, r in skipped]}, f, indent=2)

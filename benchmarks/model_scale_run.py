@@ -33,7 +33,7 @@ import numpy as np
 
 from gpucrypt.cli._common import parse_size
 from gpucrypt.files._safetensors import safetensors_layout
-from gpucrypt.bench import _cpu_model
+from gpucrypt.bench import _cpu_model, _git_commit
 
 _CHILD = r"""
 import json, os, re, sys, time
@@ -144,8 +144,7 @@ def main(argv=None) -> int:
         print(f"  {name:28s} {r['seconds']:7.1f} s  {size / r['seconds'] / 1e9:6.2f} GB/s  "
               f"peak RSS {r['peak_rss_mib']:6d} MiB")
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        commit = _git_commit()  # with -dirty, as gpucrypt bench
         with open(args.json, "w") as f:
             json.dump({"benchmark": "model_scale_run", "size": size, "tensors": args.tensors,
                        "cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)),

@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -300,11 +299,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return ""
+    from gpucrypt.bench import _git_commit  # with -dirty, as gpucrypt bench
+
+    return _git_commit() or ""
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -43,7 +42,7 @@ import time
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from gpucrypt import stream
-from gpucrypt.bench import _cpu_model
+from gpucrypt.bench import _cpu_model, _git_commit
 from gpucrypt.cli._common import parse_size
 
 KEY = bytes(range(32))
@@ -210,8 +209,7 @@ def main(argv=None) -> int:
     if args.json:
         import cryptography
 
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        commit = _git_commit()  # with -dirty, as gpucrypt bench
         record = {"benchmark": "stream_bench", "size": args.size, "rounds": args.rounds,
                   "cores": cores, "cpu": _cpu_model(), "model_rows": model_rows,
                   "python": sys.version.split()[0], "cryptography": cryptography.__version__,
