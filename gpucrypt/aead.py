@@ -286,6 +286,7 @@ class _Aead:
         if decrypting and len(src) < _limits.TAG_SIZE:
             self._prepare(nonce, src, associated_data, 0)  # a bad nonce still says so first
             if buf is not _ALLOCATE:
+                _refuse_inexact_overlap(data, buf)  # before a byte of buf (data's too) is zeroed
                 zero(writable(buf))  # as the fast path leaves it
             raise InvalidTag()
         size = len(src) - _limits.TAG_SIZE if decrypting else len(src) + _limits.TAG_SIZE

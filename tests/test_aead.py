@@ -951,6 +951,21 @@ def test_inexact_overlap_is_refused_on_the_general_path_too(device):
 
 
 @pytest.mark.parametrize("name", sorted(CLASSES))
+def test_a_short_input_overlapping_buf_is_refused_before_anything_is_zeroed(name):
+    """Fewer than 16 bytes cannot hold a tag (InvalidTag, buf zeroed as cryptography's
+    buffer would not be): but a buf that partly overlaps such an input is refused first,
+    with neither touched, as at every other length."""
+    cls, key_len, nonce_len = CLASSES[name]
+    aead = cls(os.urandom(key_len), device="cpu")
+    region = bytearray(range(1, 65))
+    before = bytes(region)
+    with pytest.raises(ValueError, match="overlaps"):
+        aead.decrypt_into(os.urandom(nonce_len), memoryview(region)[4:14], None,
+                          memoryview(region)[:20])
+    assert region == before
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
 def test_non_contiguous_buffers_raise_buffer_error_as_cryptography(name):
     """cryptography raises BufferError for a non-contiguous buffer; gpucrypt's error is a
     BufferError and still the ValueError it was, for every argument and path."""

@@ -547,9 +547,11 @@ def time_host_group(makers: dict[str, Callable[[int], Operation]], threads: int,
         del shared
         repetitions, iterations = plan_loop(per_call, budget)
         plans[name] = (ops, repetitions, iterations, [])
-    # every implementation runs in every round, the largest planned count of them: with
-    # counts of their own, the later rounds would time one side alone, and load arriving
-    # then would hit that side only
+    # as many rounds as the most repetitions planned; each implementation runs its own
+    # planned count, spread evenly over them (first round to last): run back to back,
+    # a slower one's few would all come first and the later rounds time the other side
+    # alone (load arriving then hits one side only), and run in every round it would
+    # overrun its time budget several times over
     rounds = max((plan[1] for plan in plans.values()), default=0)
     k, lots = 0, 1  # lots: how many times the planned repetitions are run
     names = list(plans)
@@ -558,7 +560,9 @@ def time_host_group(makers: dict[str, Callable[[int], Operation]], threads: int,
         # call comes first in a round (a 1 GiB result's page faults right after the last
         # round's frees, seen here at 3-4x) falls on each of them in turn
         for name in names[k % len(names):] + names[:k % len(names)]:
-            ops, _, iterations, samples = plans[name]
+            ops, planned, iterations, samples = plans[name]
+            if (k + 1) * planned // rounds == k * planned // rounds:
+                continue  # not one of this implementation's rounds
             samples.append(_timed_loop(ops[0], iterations) if threads == 1
                            else _timed_threads(ops, iterations))
         k += 1
