@@ -122,6 +122,16 @@ def inexact_overlap(data: Any, buf: Any) -> bool:
     bounds first (200 ns) and their addresses only when those meet (an in-place call,
     about 2 us, as for other views of one object)."""
     t = type(data)
+    if t is _ndarray and type(buf) is t:  # first: what benchmarks and array code pass
+        base = data.base
+        if base is None:
+            if buf.base is None:
+                return False  # owners of distinct memory (or the very same array: in place)
+        elif type(base) is bytes:
+            return False  # data in a bytes object (immutable: no writable view aliases it)
+        if not _numpy.may_share_memory(data, buf):  # exact for the contiguous arrays we take
+            return False
+        return address(data) != address(buf)
     if t is bytes:
         return False
     tb = type(buf)
@@ -133,16 +143,8 @@ def inexact_overlap(data: Any, buf: Any) -> bool:
     elif t is tb:
         if t is bytearray:
             return False  # distinct memory, or the very same object (in place)
-        if _ndarray is None:
-            _imported_numpy()  # no array exists before NumPy is imported
-        if t is _ndarray:
-            np = _numpy
-            base = data.base
-            if (base is None and buf.base is None) or type(base) is bytes:
-                return False  # owners of distinct memory, or data in a bytes object (immutable)
-            if not np.may_share_memory(data, buf):  # exact for the contiguous arrays we take
-                return False
-            return address(data) != address(buf)
+        if _ndarray is None and _imported_numpy() is not None and t is _ndarray:
+            return inexact_overlap(data, buf)  # the first array seen: the test at the top
     try:
         a, b = readable(data), readable(buf)
     except (TypeError, ValueError):
