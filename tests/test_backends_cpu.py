@@ -436,6 +436,53 @@ def _detached_message(algorithm: str, key_len: int, size: int):
     return key, nonce, aad, data, sealed[:-16], sealed[-16:], get_backend("cpu").aead(algorithm, key)
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("stop", [1, 3])
+def test_chacha20_poly1305_one_pass_open_stopped_in_its_keystream_call(in_place, when, stop,
+                                                                       monkeypatch):
+    """The one-pass open stopped in piece ``stop``'s keystream call: raised as the call
+    returns (``after``, how a signal arrives) or from within it before any byte
+    (``before``). Taking back a piece that was never decrypted would XOR the keystream over
+    its ciphertext, i.e. write its plaintext: an in-place buffer must hold exactly its
+    ciphertext again, a separate output all zeros."""
+    monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", -1)
+    monkeypatch.setattr(cpu, "ONE_PASS_PIECE", 256)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 1 << 30)
+    key, nonce, aad, data, ct, tag, ctx = _detached_message("chacha20-poly1305", 32, 256 * 5 + 9)
+    real_stream = ctx._stream
+
+    class Stream:  # cryptography's encryptor, whose update_into stops at piece ``stop``
+        def __init__(self, real):
+            self.real, self.pieces = real, 0
+
+        def update_into(self, src, dst):
+            self.pieces += 1
+            if self.pieces == stop and when == "before":
+                raise KeyboardInterrupt
+            n = self.real.update_into(src, dst)
+            if self.pieces == stop:
+                raise KeyboardInterrupt
+            return n
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    monkeypatch.setattr(ctx, "_stream", lambda n, counter: Stream(real_stream(n, counter))
+                        if counter == 0 else real_stream(n, counter))
+    buf = bytearray(ct)
+    out = buf if in_place else bytearray(b"\x55" * len(ct))
+    with pytest.raises(KeyboardInterrupt):
+        ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(out),
+                          one_pass=True)
+    assert bytes(buf) == ct
+    if not in_place:
+        assert bytes(out) == bytes(len(ct))
+    monkeypatch.undo()
+    ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(out), one_pass=True)
+    assert bytes(out) == data
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("in_place", [True, False])
 def test_chacha20_poly1305_one_pass_open_stopped_part_way_leaves_nothing(threads, in_place, monkeypatch):

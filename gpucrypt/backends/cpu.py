@@ -335,16 +335,22 @@ class _ChaCha20Poly1305(_OpenSslAead):
         stream = self._stream(nonce, 0)
         mac = Poly1305AeadMac(stream.update(bytes(64))[:32], aad)
         update_into, mac_update = stream.update_into, mac.counted_update(len(data))
-        done = 0  # out[:done] holds plaintext
+        done = 0         # out[:done] holds plaintext
+        pending = None   # (end, its first ciphertext bytes) of the piece being decrypted
         try:
             for start in range(0, len(data), ONE_PASS_PIECE):
                 end = min(start + ONE_PASS_PIECE, len(data))
                 mac_update(data[start:end])
-                # counted before the call: an interrupt is raised only after a call returns
-                # (or at the loop's end), so ``done`` never misses a decrypted piece
-                done = end
+                pending = (end, bytes(data[start:start + 16]))
                 update_into(data[start:end], out[start:end])
-        except BaseException:  # an interrupt part-way: what was decrypted goes back too
+                done, pending = end, None
+        except BaseException:  # noqa: B036 (the plaintext goes back whatever stopped us)
+            # An interrupt arrives as a call returns, before ``done`` moves on (an error from
+            # within it comes before any byte): whether the pending piece was decrypted shows
+            # in its first bytes, as in AES-GCM's streaming open. Taking back a piece that
+            # was never decrypted would put its plaintext there.
+            if pending is not None and bytes(out[done:done + 16]) != pending[1]:
+                done = pending[0]
             self._take_back(nonce, data, out, [(0, done)])
             raise
         if not _tags_equal(mac.finalize(), bytes(tag)):
