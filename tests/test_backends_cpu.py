@@ -436,6 +436,27 @@ def _detached_message(algorithm: str, key_len: int, size: int):
     return key, nonce, aad, data, sealed[:-16], sealed[-16:], get_backend("cpu").aead(algorithm, key)
 
 
+class _StopsAt:
+    """A cryptography encryptor or decryptor whose ``update_into`` is interrupted at its
+    ``stop``-th call: from within it before any byte (``when="before"``) or as it returns
+    (``"after"``, how a signal arrives)."""
+
+    def __init__(self, real, stop: int, when: str):
+        self.real, self.stop, self.when, self.pieces = real, stop, when, 0
+
+    def update_into(self, src, dst):
+        self.pieces += 1
+        if self.pieces == self.stop and self.when == "before":
+            raise KeyboardInterrupt
+        n = self.real.update_into(src, dst)
+        if self.pieces == self.stop:
+            raise KeyboardInterrupt
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
 @pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("when", ["before", "after"])
 @pytest.mark.parametrize("stop", [1, 3])
@@ -451,24 +472,7 @@ def test_chacha20_poly1305_one_pass_open_stopped_in_its_keystream_call(in_place,
     monkeypatch.setattr(cpu, "PARALLEL_MIN", 1 << 30)
     key, nonce, aad, data, ct, tag, ctx = _detached_message("chacha20-poly1305", 32, 256 * 5 + 9)
     real_stream = ctx._stream
-
-    class Stream:  # cryptography's encryptor, whose update_into stops at piece ``stop``
-        def __init__(self, real):
-            self.real, self.pieces = real, 0
-
-        def update_into(self, src, dst):
-            self.pieces += 1
-            if self.pieces == stop and when == "before":
-                raise KeyboardInterrupt
-            n = self.real.update_into(src, dst)
-            if self.pieces == stop:
-                raise KeyboardInterrupt
-            return n
-
-        def __getattr__(self, name):
-            return getattr(self.real, name)
-
-    monkeypatch.setattr(ctx, "_stream", lambda n, counter: Stream(real_stream(n, counter))
+    monkeypatch.setattr(ctx, "_stream", lambda n, counter: _StopsAt(real_stream(n, counter), stop, when)
                         if counter == 0 else real_stream(n, counter))
     buf = bytearray(ct)
     out = buf if in_place else bytearray(b"\x55" * len(ct))
@@ -589,28 +593,12 @@ def test_gcm_streaming_open_stopped_part_way_leaves_no_plaintext(in_place, when,
     key, nonce, aad, data, ct, tag, ctx = _detached_message("aes-gcm", 16, 64 * 5 + 9)
     real_gcm = ctx._gcm
 
-    class Decryptor:  # cryptography's, whose update_into is interrupted at piece ``stop``
-        def __init__(self, real):
-            self.real, self.pieces = real, 0
-
-        def update_into(self, src, dst):
-            self.pieces += 1
-            if self.pieces == stop and when == "before":
-                raise KeyboardInterrupt
-            n = self.real.update_into(src, dst)
-            if self.pieces == stop:
-                raise KeyboardInterrupt
-            return n
-
-        def __getattr__(self, name):
-            return getattr(self.real, name)
-
     class Gcm:
         def __init__(self, nonce):
             self.real = real_gcm(nonce)
 
         def decryptor(self):
-            return Decryptor(self.real.decryptor())
+            return _StopsAt(self.real.decryptor(), stop, when)
 
         def encryptor(self):
             return self.real.encryptor()
