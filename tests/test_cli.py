@@ -737,6 +737,21 @@ def test_a_passphrase_given_refuses_a_keyset_that_is_not_sealed(work, capsys, mo
     assert run(capsys, "encrypt", "--keyset", "ks.json", "plain", "x")[0] == 0  # none given
 
 
+def test_keygen_refuses_an_existing_output_before_asking_for_a_passphrase(work, capsys, monkeypatch):
+    """The passphrase is asked for (here: would be, and fail, no terminal and none given)
+    only once the output is known to be writable: typed twice, it was then refused."""
+    import gpucrypt.cli.keys as cli_keys
+
+    asked = []
+    monkeypatch.setattr(cli_keys, "_passphrase", lambda *a, **k: asked.append(a) or "pw")
+    for args in (["--out", "ks.json"], ["--public", "--out", "alice"]):
+        for name in ("ks.json", "alice.pub"):
+            (work / name).write_text("{}")
+        code, _, err = run(capsys, "keygen", "--seal", *args)
+        _one_line(code, err, 2)
+        assert "exists" in err and asked == []
+
+
 def test_keygen_refuses_a_passphrase_without_seal(work, capsys, monkeypatch):
     code, _, err = run(capsys, "keygen", "--out", "ks.json", "--passphrase-file", "pw")
     _one_line(code, err, 2)

@@ -359,10 +359,11 @@ def _run_keygen(args) -> int:
                        f"--seal: add --seal to seal the new file with it, or leave the passphrase "
                        f"out", 2)
     _enable_audit(args)
+    out = args.out or ("gpucrypt-identity.json" if args.public else "gpucrypt-keyset.json")
+    # before the passphrase: typed twice for nothing, an existing file would still refuse
+    _refuse_overwrite([out, out + ".pub"] if args.public else [out], args.force)
     passphrase = _passphrase(args, "the new key file", confirm=True) if args.seal else None
     if args.public:
-        out = args.out or "gpucrypt-identity.json"
-        _refuse_overwrite([out, out + ".pub"], args.force)
         identity = Identity.generate(args.kem)
         _keys_call(identity.save, out, passphrase)
         _keys_call(identity.recipient.save, out + ".pub")
@@ -370,8 +371,6 @@ def _run_keygen(args) -> int:
         print(f"recipient (public, share it):       {out}.pub")
         print(f"fingerprint: {identity.fingerprint}")
         return 0
-    out = args.out or "gpucrypt-keyset.json"
-    _refuse_overwrite([out], args.force)
     keyset = Keyset.generate()
     _keys_call(keyset.save, out, passphrase)
     print(f"keyset: {out} (primary key {keyset.primary.id})")
