@@ -24,9 +24,12 @@ name (plus its message only for gpucrypt's own key-management errors, whose
 messages are written to hold no secrets). Never: keys in any encoding,
 passphrases, nonces paired with keys, plaintext, or arbitrary exception messages.
 
-Each line looks like::
+Every line also says who acted: ``pid`` (the process) and, on POSIX, ``uid`` (its
+effective user id); a local ``path`` is recorded absolute (a relative one means nothing
+without the working directory it was relative to). Each line looks like::
 
     {"ts": "2026-01-01T12:00:00.123Z", "operation": "file.encrypt", "outcome": "ok",
+     "pid": 4242, "uid": 1000, "path": "/data/model.gcry",
      "key_id": "3f9c2a6d0b1e4f57", "algorithm": "chacha20-poly1305", "bytes": 4096,
      "device": "cpu", "duration_s": 0.0012, "recipients": ["x25519:1a2b..."]}
 """
@@ -35,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from datetime import datetime, timezone
 from typing import Any, Iterator
@@ -91,7 +95,12 @@ def event(operation: str, *, outcome: str = "ok", **fields: Any) -> None:
         return
     now = datetime.now(timezone.utc)
     record = {"ts": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
-              "operation": operation, "outcome": outcome}
+              "operation": operation, "outcome": outcome, "pid": os.getpid()}
+    if hasattr(os, "geteuid"):
+        record["uid"] = os.geteuid()
+    path = checked.get("path")
+    if isinstance(path, str) and path and "://" not in path:  # a URL names its place itself
+        checked["path"] = os.path.abspath(path)
     record.update(checked)
     _logger.info(json.dumps(record, separators=(", ", ": ")), extra={"audit": record})
 

@@ -63,6 +63,18 @@ def test_event_shape(captured):
     assert captured.records[0].audit == event  # structured copy for handlers that want it
 
 
+def test_events_say_which_process_and_user_acted_and_where(captured, tmp_path, monkeypatch):
+    """Who acted (pid, effective uid) is on every line; a relative path is recorded
+    absolute (it means nothing without the working directory); a URL as given."""
+    monkeypatch.chdir(tmp_path)
+    audit.event("file.encrypt", path="model.gcry")
+    audit.event("file.decrypt", path="s3://bucket/model.gcry")
+    first, second = _events(captured)
+    assert first["pid"] == os.getpid() and first["uid"] == os.geteuid()
+    assert first["path"] == str(tmp_path / "model.gcry")
+    assert second["path"] == "s3://bucket/model.gcry"
+
+
 @pytest.mark.parametrize("fields", [
     {"key_id": b"\x00" * 32}, {"key_id": bytearray(4)}, {"recipients": [b"ab"]},
     {"bytes": memoryview(b"x")}, {"nonce": "00"}, {"key": "ab"}, {"plaintext": "hi"},
@@ -189,7 +201,7 @@ def test_a_keyset_save_that_fails_is_recorded_with_the_keys_it_did_not_write(tmp
     saves = [e for e in map(json.loads, log.read_text().splitlines())
              if e["operation"] == "keyset.save"]
     assert [(e["path"], e["outcome"], e["key_ids"]) for e in saves] == [
-        ("ks.json", "error", [doomed]), ("real.json", "ok", [doomed])]
+        (str(tmp_path / "ks.json"), "error", [doomed]), (str(tmp_path / "real.json"), "ok", [doomed])]
     assert saves[0]["error"] == "OSError"
 
 
