@@ -44,7 +44,8 @@ Contract:
   without being closed. A ``close`` inside an ``except`` clause therefore discards too,
   unless the file was opened inside that clause; call ``commit()`` there to publish.
   Inside ``with fs.transaction:`` (``autocommit=False``) ``close`` stages the file and
-  the transaction publishes it (``commit``) or drops it (``discard``). A publish that
+  the transaction publishes it (``commit``) or drops it (``discard``), file by file: a
+  publish that fails part-way leaves the files before it published. A publish that
   fails (an error of the target) raises and keeps the plaintext: a retried ``close`` or
   ``commit()`` publishes it or raises again. Large files are better written with
   :func:`gpucrypt.stream.encrypt`, which streams.

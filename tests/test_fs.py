@@ -582,3 +582,20 @@ def test_key_uri_strings_are_references_that_pickle_as_their_uri(keys, frame, tm
     assert pq.read_table(path, filesystem=pickle.loads(blob)).num_rows == 100
     with pytest.raises(Exception, match="pkcs11"):
         gfs.GpucryptFileSystem(target_protocol="file", keyset="pkcs11:no-such-attribute")
+
+
+def test_a_transaction_publishes_file_by_file_as_documented(keys, tmp_path):
+    """docs/DATASETS.md: the files are published one by one when the transaction ends; a
+    publish that fails leaves the files before it published, raises, and the files after
+    it are not published."""
+    fs = local_fs(keys)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "c").mkdir()
+    names = [str(tmp_path / "a" / "1.gc"), str(tmp_path / "b" / "2.gc"), str(tmp_path / "c" / "3.gc")]
+    with pytest.raises(FileNotFoundError):
+        with fs.transaction:
+            for name in names:  # b/ is missing: the second publish fails
+                with fs.open(name, "wb") as f:
+                    f.write(name.encode())
+    assert fs.cat_file(names[0]) == names[0].encode()
+    assert not (tmp_path / "b" / "2.gc").exists() and not (tmp_path / "c" / "3.gc").exists()
