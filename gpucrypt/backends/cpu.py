@@ -82,6 +82,18 @@ def _same_memory(a: memoryview, b: memoryview) -> bool:
     return address(a) == address(b)  # only the composed paths and failed tags get here
 
 
+def _decrypted_end(out: memoryview, done: int, pending: tuple | None) -> int:
+    """Where the plaintext in ``out`` ends after a piecewise open stopped: ``done``, or the
+    end of the pending piece (``(end, its first ciphertext bytes)``, saved before its
+    call) if that piece was decrypted. An interrupt arrives as a call returns, before
+    ``done`` moves on; an error from within the call comes before any byte. Decryption
+    changes a piece's first bytes unless 16 bytes of keystream are all zero (2**-128;
+    for a piece shorter than 16 bytes, unchanged bytes are the ciphertext anyway)."""
+    if pending is not None and bytes(out[done:done + 16]) != pending[1]:
+        return pending[0]
+    return done
+
+
 def _tags_equal(a: bytes, b: bytes) -> bool:
     """Constant-time comparison of two tags. ``constant_time`` is imported on the first
     comparison, not with this module: it loads the standard hmac and hashlib (OpenSSL's
@@ -345,13 +357,8 @@ class _ChaCha20Poly1305(_OpenSslAead):
                 update_into(data[start:end], out[start:end])
                 done, pending = end, None
         except BaseException:  # noqa: B036 (the plaintext goes back whatever stopped us)
-            # An interrupt arrives as a call returns, before ``done`` moves on (an error from
-            # within it comes before any byte): whether the pending piece was decrypted shows
-            # in its first bytes, as in AES-GCM's streaming open. Taking back a piece that
-            # was never decrypted would put its plaintext there.
-            if pending is not None and bytes(out[done:done + 16]) != pending[1]:
-                done = pending[0]
-            self._take_back(nonce, data, out, [(0, done)])
+            # taking back a piece that was never decrypted would put its plaintext there
+            self._take_back(nonce, data, out, [(0, _decrypted_end(out, done, pending))])
             raise
         if not _tags_equal(mac.finalize(), bytes(tag)):
             self._take_back(nonce, data, out, [(0, len(data))])
@@ -507,12 +514,7 @@ class _AesGcm(_OpenSslAead):
             if not _same_memory(data, out):
                 _zero(out)
                 raise
-            # An interrupt arrives as the call returns, before ``done`` moves on (or an
-            # error from within it, before any byte): whether the pending piece was
-            # decrypted shows in its first bytes, which decryption changes (unless 16
-            # bytes of keystream are all zero, a 2**-128 chance).
-            if pending is not None and bytes(out[done:done + 16]) != pending[1]:
-                done = pending[0]
+            done = _decrypted_end(out, done, pending)
             _xor_into(self._gcm(nonce).encryptor(), out[:done], out[:done])
             raise
 
