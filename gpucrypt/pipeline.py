@@ -258,12 +258,9 @@ class _Staging:
 def _same_start(a: Any, b: Any) -> bool:
     """Whether two host buffers start at the same address (an in-place job's source and
     destination)."""
-    import numpy as np
+    from ._buffers import address
 
-    def address(view: Any) -> int:
-        return np.frombuffer(memoryview(view).cast("B"), dtype=np.uint8).__array_interface__["data"][0]
-
-    return address(a) == address(b)
+    return address(memoryview(a).cast("B")) == address(memoryview(b).cast("B"))
 
 
 def _layout(views: dict, start: int) -> tuple[dict, int]:
