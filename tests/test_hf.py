@@ -398,6 +398,11 @@ def test_folders_written_under_older_rules_still_load(tiny, tmp_path, capsys):
     checkpoints._write_manifest(str(enc), key, {"model.safetensors": headers[0].salt})
     loaded = checkpoints.load_checkpoint(enc, key=key)
     assert sorted(loaded) == sorted(models.load_encrypted(enc / "model.safetensors", key))
+    from safetensors.torch import load_file
+
+    original = load_file(str(plain / "model.safetensors"))
+    assert sorted(loaded) == sorted(original)
+    assert all(torch.equal(loaded[name], original[name]) for name in original)
     (d / "key").chmod(0o600)
     assert cli(["decrypt-model", "--key-file", str(d / "key"), str(enc), str(tmp_path / "back")]) == 0
     assert (tmp_path / "back" / "scaler.npy").read_bytes() == b"\x93NUMPY scaler"

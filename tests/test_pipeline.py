@@ -265,10 +265,16 @@ def test_a_failed_open_zeroes_a_separate_destination_on_either_runner(runner):
 def test_a_gpu_runners_store_gets_each_tag_as_bytes_with_tags_left_on_the_device():
     key = os.urandom(32)
     stored = {}
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
     jobs = [pipeline.Job(i, os.urandom(12), b"", bytearray(b"x" * 20), bytearray(20)) for i in range(2)]
     tags = _gpu_runner("seal", key, host_tags=False).start(
         pipeline.Batch(jobs, store=lambda job, tag: stored.__setitem__(job.ident, tag)))()
     assert stored == {i: tags.row(i) for i in range(2)} and all(len(t) == 16 for t in stored.values())
+    # each job's own tag, as the reference computes it
+    assert stored == {job.ident: ChaCha20Poly1305(key).encrypt(job.nonce, b"x" * 20, b"")[-16:]
+                      for job in jobs}
+    assert all(type(t) is bytes for t in stored.values())
 
 
 def test_a_gpu_batch_whose_scatter_fails_frees_its_staging_turn():

@@ -484,10 +484,14 @@ def test_out_of_memory_is_reported_as_it_is(monkeypatch):
     monkeypatch.setitem(api._TORCH_CPU_EMPTY, torch.float32, Exhausted())
     with pytest.raises(torch.OutOfMemoryError):
         gpucrypt.decrypt_tensor(enc, key)
+    monkeypatch.undo()  # the batch path's own allocation next, not the one-tensor path's
+    calls = []
 
     def empty(self, dtype, shape, place):
+        calls.append(shape)
         raise torch.OutOfMemoryError("out of memory (simulated)")
 
     monkeypatch.setattr(fw.TorchAdapter, "empty", empty)
     with pytest.raises(torch.OutOfMemoryError):
         gpucrypt.decrypt_tensors([enc], key)
+    assert calls, "the batch path's allocation was not reached"
