@@ -32,7 +32,9 @@ Contract:
   ``TruncatedError``).
 - **Writes are whole files, published at once.** ``open(path, "wb")`` keeps the
   plaintext in memory and seals it on ``close`` under a fresh data key wrapped for the
-  recipients and/or the keyset's primary. A local target gets it through
+  recipients and/or the keyset's primary. ``algorithm``, ``segment_size`` and
+  ``device`` are the filesystem's, or given to ``open`` for one file; both are checked
+  where they are given, before a byte is written. A local target gets it through
   :mod:`gpucrypt.files._atomic` (temporary file in the same folder, fsync, rename); any
   other target gets a temporary name in the same folder, then ``mv`` over the path (a
   rename where the target has one, a copy of the whole object on object stores: readers
@@ -75,8 +77,10 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import isfilelike, stringify_path
 
 from .files import stream
+from .backends import DEVICES
 from .files._format import (TAG_SIZE, AuthenticationError, FormatError, StreamError,
-                            TruncatedError, UnsupportedVersion, parse_header)
+                            TruncatedError, UnsupportedVersion, check_algorithm,
+                            check_segment_size, parse_header)
 from .keys import NoMatchingRecipient, encrypt_file
 from .keys.portable import KeyReferences, ResolvedKeys
 
@@ -107,6 +111,41 @@ class _Counter:
 
 
 _COUNTER = _Counter()
+
+
+#: what filesystems report that changes when a file is replaced (local: inode and mtime;
+#: object stores: ETag, generation, version, modification time; memory: creation time)
+_VERSION_FIELDS = ("ino", "mtime", "created", "ETag", "etag", "LastModified", "last_modified",
+                   "generation", "VersionId", "version_id", "md5Hash")
+
+
+def _version_of(info: dict) -> tuple:
+    """The fields of ``info`` that tell one version of a file from the next: a file
+    replaced by another of the same stored size (another header, or no stream at all) is
+    then read again, not given the first one's size. Unhashable values count by ``repr``."""
+    version = []
+    for name in _VERSION_FIELDS:
+        value = info.get(name)
+        if value is not None:
+            try:
+                hash(value)
+            except TypeError:
+                value = repr(value)
+            version.append((name, value))
+    return tuple(version)
+
+
+_WRITE_OPTIONS = ("algorithm", "segment_size", "device")
+
+
+def _write_options(algorithm: Any, segment_size: Any, device: Any) -> dict:
+    """The options files are sealed with, checked where they are given: found wrong only
+    when a writer publishes, they would cost everything written to it."""
+    check_algorithm(algorithm)
+    check_segment_size(segment_size)
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
+    return {"algorithm": algorithm, "segment_size": segment_size, "device": device}
 
 
 def stats() -> dict:
@@ -205,9 +244,11 @@ class _EncryptingWriter(io.RawIOBase):
 
     mode = "wb"
 
-    def __init__(self, fs: "GpucryptFileSystem", path: str, autocommit: bool = True):
+    def __init__(self, fs: "GpucryptFileSystem", path: str, autocommit: bool = True,
+                 options: dict | None = None):
         super().__init__()
         self._fs, self.path, self._chunks = fs, path, []
+        self._options = options  # this file's write options; None: the filesystem's
         self.autocommit, self._written = autocommit, 0
         # an exception already being handled where the file is opened (its with block
         # inside an except clause) is not one that fails the writing
@@ -270,7 +311,7 @@ class _EncryptingWriter(io.RawIOBase):
             return  # discarded, or published already
         # kept until published: a publish that fails (a transient error of the target)
         # raises, and a retried commit() or close() publishes them or raises again
-        self._fs._publish(self.path, self._chunks)
+        self._fs._publish(self.path, self._chunks, self._options)
         self._chunks = None
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -398,13 +439,12 @@ class GpucryptFileSystem(ChainedFileSystem):
                                      recipients=recipients, passphrase_env=passphrase_env)
         self.fs = fs if fs is not None else fsspec.filesystem(target_protocol or "file",
                                                               **(target_options or {}))
-        self.write_options = {"algorithm": algorithm, "segment_size": segment_size,
-                              "device": device}
+        self.write_options = _write_options(algorithm, segment_size, device)
         self.read_device = read_device
         self._resolved: ResolvedKeys | None = None
         self._resolve_lock = threading.Lock()
-        # (path, stored size) -> plaintext size; None: not a stream; _TRUNCATED
-        self._sizes: dict[tuple[str, int], int | None] = {}
+        # (path, stored size, version fields) -> plaintext size; None: not a stream; _TRUNCATED
+        self._sizes: dict[tuple, int | None] = {}
 
     # --------------------------------------------------------------------- paths and keys
     @classmethod
@@ -449,7 +489,7 @@ class GpucryptFileSystem(ChainedFileSystem):
         if info.get("type") != "file" or info.get("size") is None:
             return info
         path, stored = info["name"], int(info["size"])
-        key = (path, stored)
+        key = (path, stored, _version_of(info))
         if key not in self._sizes:
             try:
                 header = self._header(path)
@@ -521,9 +561,15 @@ class GpucryptFileSystem(ChainedFileSystem):
         if mode == "rb":
             return self._open_reader(target, **kwargs)
         if mode == "wb":
-            return _EncryptingWriter(self, target, autocommit)
+            return _EncryptingWriter(self, target, autocommit, self._file_options(kwargs))
         raise ValueError(f"gpucrypt files open as 'rb' or 'wb', not {mode!r}: a stream file is "
                          f"written whole (appending would need its last segment resealed)")
+
+    def _file_options(self, kwargs: dict) -> dict | None:
+        """Write options given for one file (``open(path, "wb", segment_size=...)``,
+        ``put_file``), over the filesystem's and checked now; None if none are given."""
+        given = {name: kwargs[name] for name in _WRITE_OPTIONS if name in kwargs}
+        return _write_options(**{**self.write_options, **given}) if given else None
 
     def _open_reader(self, target: str, **kwargs: Any) -> GpucryptFile:
         return GpucryptFile(self.fs.open(target, "rb", **kwargs),
@@ -589,14 +635,15 @@ class GpucryptFileSystem(ChainedFileSystem):
                 raise named_error(exc, target) from None
 
     # --------------------------------------------------------------------- writing
-    def _publish(self, target: str, source: Any) -> None:
+    def _publish(self, target: str, source: Any, options: dict | None = None) -> None:
         """Seal ``source`` (plaintext chunks, or a local path) into a stream file at target
-        path ``target``, published at once (see the module docstring)."""
+        path ``target``, published at once (see the module docstring); ``options``: write
+        options for this file, else the filesystem's."""
         keys = self._keys()
         if not keys.can_encrypt():
             raise ValueError("writing a gpucrypt file needs recipients= or keyset= (this "
                              "filesystem was given identities only)")
-        seal = dict(recipients=keys.wrappers(), **self.write_options)
+        seal = dict(recipients=keys.wrappers(), **(options or self.write_options))
         if isinstance(self.fs, LocalFileSystem):
             encrypt_file(source, target, **seal)  # AtomicFile: temp, fsync, rename
             return
@@ -619,7 +666,7 @@ class GpucryptFileSystem(ChainedFileSystem):
         if os.path.isdir(lpath):
             self.makedirs(rpath, exist_ok=True)
             return
-        self._publish(self._target(rpath), os.fspath(lpath))
+        self._publish(self._target(rpath), os.fspath(lpath), self._file_options(kwargs))
 
     # --------------------------------------------------------------------- plain delegation
     def mkdir(self, path: Any, create_parents: bool = True, **kwargs: Any) -> None:

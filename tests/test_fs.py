@@ -599,3 +599,68 @@ def test_a_transaction_publishes_file_by_file_as_documented(keys, tmp_path):
                     f.write(name.encode())
     assert fs.cat_file(names[0]) == names[0].encode()
     assert not (tmp_path / "b" / "2.gc").exists() and not (tmp_path / "c" / "3.gc").exists()
+
+
+@pytest.mark.parametrize("target", ["file", "memory"])
+def test_info_reads_a_replaced_file_again(keys, tmp_path, target, request):
+    """``info`` remembers each file's plaintext size, so that listings do not read every
+    header again: a file replaced by another of the same stored size (the same bytes but
+    not a stream; a stream of larger segments, so fewer tags and more plaintext) is read
+    again, not given the size of the file it replaced."""
+    import time
+
+    base = str(tmp_path) if target == "file" else "/" + re.sub(r"\W", "_", request.node.name)
+    fs = fsspec.filesystem("gpucrypt", target_protocol=target, keyset=keys["keyset"])
+    plain_fs = fs.fs
+    path = f"{base}/data.gc"
+    with fs.open(path, "wb", segment_size=4096) as f:
+        f.write(bytes(20_000))  # 5 segments, 5 tags
+    stored = plain_fs.cat_file(path)
+    first = fs.info(path)
+    assert first["encrypted"] and first["size"] == 20_000 and first["stored_size"] == len(stored)
+
+    def replace(data: bytes) -> None:
+        time.sleep(0.01)  # a new modification/creation time, and locally a new inode
+        plain_fs.pipe_file(path + ".new", data)
+        plain_fs.mv(path + ".new", path)
+
+    replace(bytes(len(stored)))
+    second = fs.info(path)
+    assert not second["encrypted"] and second["size"] == len(stored)
+    with fs.open(path + ".other", "wb", segment_size=8192) as f:
+        f.write(bytes(20_032))  # 3 segments: two tags fewer, 32 bytes more plaintext
+    other = plain_fs.cat_file(path + ".other")
+    assert len(other) == len(stored)
+    replace(other)
+    third = fs.info(path)
+    assert third["encrypted"] and third["size"] == 20_032
+    if target == "memory":
+        plain_fs.rm(base, recursive=True)
+
+
+def test_write_options_per_file_and_checked_before_writing(keys, tmp_path):
+    """``algorithm``, ``segment_size`` and ``device`` given to ``open(..., "wb")`` or
+    ``put_file`` seal that one file; wrong ones, there or for the filesystem, are refused
+    where they are given, not when a close would lose what was written."""
+    fs = local_fs(keys)
+    path = str(tmp_path / "one.gc")
+    with fs.open(path, "wb", algorithm="aes-256-gcm", segment_size=8192) as f:
+        f.write(b"x" * 10_000)
+    with open(path, "rb") as raw:
+        header = stream.read_header(raw)
+    assert (header.algorithm, header.segment_size) == ("aes-256-gcm", 8192)
+    assert fs.cat_file(path) == b"x" * 10_000
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"y" * 5000)
+    fs.put_file(str(plain), str(tmp_path / "two.gc"), algorithm="xchacha20-poly1305")
+    with open(tmp_path / "two.gc", "rb") as raw:
+        assert stream.read_header(raw).algorithm == "xchacha20-poly1305"
+    assert fs.write_options == {"algorithm": "chacha20-poly1305",  # the filesystem's own: as made
+                                "segment_size": stream.DEFAULT_SEGMENT_SIZE, "device": "auto"}
+    for bad in ({"segment_size": 1024}, {"algorithm": "aes-cbc"}, {"device": "tpu"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            fs.open(str(tmp_path / "bad.gc"), "wb", **bad)
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            fsspec.filesystem("gpucrypt", target_protocol="file", keyset=keys["keyset"],
+                              skip_instance_cache=True, **bad)
+    assert not (tmp_path / "bad.gc").exists()
