@@ -752,6 +752,36 @@ def test_keygen_refuses_an_existing_output_before_asking_for_a_passphrase(work, 
         assert "exists" in err and asked == []
 
 
+def test_keygen_public_writes_both_halves_or_neither(work, capsys):
+    """``keygen --public --force`` whose identity cannot be written (its path is a
+    folder) leaves the recipient file as it found it: absent, or the earlier pair's,
+    byte for byte; one whose recipient cannot be written leaves the earlier identity.
+    Never a .pub beside an identity that is not its own."""
+    from gpucrypt.keys import Identity, Recipient
+
+    (work / "alice").mkdir()
+    code, _, err = run(capsys, "keygen", "--public", "--force", "--out", "alice")
+    _one_line(code, err, 1)
+    assert not (work / "alice.pub").exists()
+    assert run(capsys, "keygen", "--public", "--out", "bob")[0] == 0
+    earlier = (work / "bob.pub").read_bytes()
+    (work / "bob").unlink()
+    (work / "bob").mkdir()
+    code, _, err = run(capsys, "keygen", "--public", "--force", "--out", "bob")
+    _one_line(code, err, 1)
+    assert (work / "bob.pub").read_bytes() == earlier
+    (work / "bob").rmdir()
+    assert run(capsys, "keygen", "--public", "--force", "--out", "bob")[0] == 0
+    assert Recipient.load(work / "bob.pub").fingerprint == Identity.load(work / "bob").fingerprint
+    # a recipient that cannot be written: the identity it would have replaced stays
+    identity = (work / "bob").read_bytes()
+    (work / "bob.pub").unlink()
+    (work / "bob.pub").mkdir()
+    code, _, err = run(capsys, "keygen", "--public", "--force", "--out", "bob")
+    _one_line(code, err, 1)
+    assert (work / "bob").read_bytes() == identity
+
+
 def test_keygen_refuses_a_passphrase_without_seal(work, capsys, monkeypatch):
     code, _, err = run(capsys, "keygen", "--out", "ks.json", "--passphrase-file", "pw")
     _one_line(code, err, 2)

@@ -350,6 +350,34 @@ def _refuse_overwrite(paths: list[str], force: bool) -> None:
             raise CliError(f"{path} exists; use --force to overwrite it", 2)
 
 
+def _save_pair(identity: Any, out: str, passphrase: Any) -> None:
+    """Write ``identity`` to ``out`` and its recipient to ``out.pub``, both or neither
+    (short of a crash between the two). The recipient goes first, and the one it
+    replaced comes back if the identity cannot be written: a recipient left beside an
+    identity that is not its own would have data encrypted to a key nobody holds."""
+    from ..files._atomic import write_atomically
+
+    pub = out + ".pub"
+    try:
+        with open(pub, "rb") as f:
+            earlier = f.read()
+    except OSError:  # none there, or unreadable: then removed, never left unmatched
+        earlier = None
+    _keys_call(identity.recipient.save, pub)
+    try:
+        _keys_call(identity.save, out, passphrase)
+    except BaseException:
+        try:
+            if earlier is None:
+                os.remove(pub)
+            else:
+                write_atomically(pub, earlier, 0o644)
+        except OSError as exc:
+            print(f"gpucrypt: {pub} could not be put back ({exc.strerror}): it is not the "
+                  f"public half of {out}; delete it", file=sys.stderr)
+        raise
+
+
 def _run_keygen(args) -> int:
     from ..keys import Identity, Keyset
 
@@ -365,8 +393,7 @@ def _run_keygen(args) -> int:
     passphrase = _passphrase(args, "the new key file", confirm=True) if args.seal else None
     if args.public:
         identity = Identity.generate(args.kem)
-        _keys_call(identity.save, out, passphrase)
-        _keys_call(identity.recipient.save, out + ".pub")
+        _save_pair(identity, out, passphrase)
         print(f"identity (private, keep it secret): {out}")
         print(f"recipient (public, share it):       {out}.pub")
         print(f"fingerprint: {identity.fingerprint}")
