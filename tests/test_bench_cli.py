@@ -672,8 +672,18 @@ def test_suite_refuses_a_wrong_output_before_timing(monkeypatch, form, method):
     monkeypatch.undo()
     suite.run_cell(stub, "aes-256-gcm", "encrypt", "gpucrypt-cpu", 1024, form)
     assert stub.timed and stub.extra_info["baseline"] == "cryptography"
-    # XChaCha20-Poly1305's allocating table has PyNaCl's allocating call as its baseline
-    suite.run_cell(_StubBenchmark(), "xchacha20-poly1305", "encrypt", "pynacl", 64, "alloc")
+    # XChaCha20-Poly1305's allocating table has PyNaCl's allocating call as its baseline,
+    # and PyNaCl's output is checked before it is timed too
+    nacl = _StubBenchmark()
+    suite.run_cell(nacl, "xchacha20-poly1305", "encrypt", "pynacl", 64, "alloc")
+    assert nacl.timed and nacl.extra_info["baseline"] == "pynacl"
+    import nacl.bindings
+    monkeypatch.setattr(nacl.bindings, "crypto_aead_xchacha20poly1305_ietf_encrypt",
+                        lambda message, aad, nonce, key: bytes(len(message) + 16))
+    nacl = _StubBenchmark()
+    with pytest.raises(WrongOutput):
+        suite.run_cell(nacl, "xchacha20-poly1305", "encrypt", "pynacl", 64, "alloc")
+    assert not nacl.timed
 
 
 def test_tensor_bench_checks_the_timed_calls_against_cryptography():
