@@ -506,3 +506,93 @@ def test_model_decrypted_onto_the_gpu(lib, tiny):
     assert sorted(got) == sorted(want)
     for name, t in got.items():
         assert t.is_cuda and torch.equal(t.cpu(), want[name]), name
+
+
+@pytest.fixture
+def small_folder(tmp_path):
+    """(plain folder of two safetensors shards with an index and a config, its encrypted
+    folder, the key): built with NumPy, no model needed."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    save_file({"a": np.full(64, 7, np.float32)}, str(plain / "model-1.safetensors"))
+    save_file({"b": np.full(64, 9, np.float32)}, str(plain / "model-2.safetensors"))
+    (plain / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}))
+    (plain / "config.json").write_text("{}")
+    key = os.urandom(32)
+    checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", key, device="cpu")
+    return plain, tmp_path / "enc", key
+
+
+@pytest.mark.parametrize("name", [checkpoints.MANIFEST_NAME, "model.safetensors.index.json"])
+def test_deeply_nested_json_in_a_folder_is_a_format_error(small_folder, tmp_path, capsys,
+                                                          monkeypatch, name):
+    """The manifest and the index are parsed before the manifest's MAC is checked: JSON
+    nested past the parser's limit raised RecursionError from loading and decrypting, and
+    ``decrypt-model FOLDER`` printed a 38-line traceback. Now a FormatError naming the
+    file, and exit 1 with one line; no output appears."""
+    _, enc, key = small_folder
+    (enc / name).write_text("[" * 100_000 + "]" * 100_000)
+    for read in (lambda: checkpoints.load_checkpoint(enc, key=key, framework="numpy"),
+                 lambda: checkpoints.decrypt_checkpoint(enc, tmp_path / "out", key=key)):
+        with pytest.raises(FormatError, match=f"{re.escape(name)}: JSON nested too deeply"):
+            read()
+    monkeypatch.setenv("GPUCRYPT_TEST_KEY", key.hex())
+    capsys.readouterr()
+    assert cli(["decrypt-model", "--key-env", "GPUCRYPT_TEST_KEY", str(enc),
+                str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "JSON nested too deeply" in err and name in err, err
+    assert sorted(os.listdir(tmp_path)) == ["enc", "plain"]  # no output, no temporary folder
+
+
+# a child that decrypts a checkpoint folder and stops, for the test's signal, once the
+# first model file's plaintext is in the temporary folder; signals start at their default
+# action, as in a shell
+_FOLDER_DECRYPT = """
+import signal, sys, time
+for name in ("SIGTERM", "SIGHUP"):
+    signal.signal(getattr(signal, name), signal.SIG_DFL)
+from gpucrypt.files import models
+export = models.export_safetensors
+def export_then_wait(*args, **kwargs):
+    header = export(*args, **kwargs)
+    print("exported", flush=True)
+    time.sleep(120)  # the signal ends the process here
+    return header
+models.export_safetensors = export_then_wait
+from gpucrypt.cli import main
+sys.exit(main(["decrypt-model", "--key-env", "GPUCRYPT_TEST_KEY", sys.argv[1], sys.argv[2]]))
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_signal_while_a_folder_is_decrypted_leaves_no_plaintext(small_folder, tmp_path,
+                                                                  signame):
+    """``decrypt-model FOLDER OUT`` fills ``.OUT.XXXX.gpucrypt-tmp/`` with verified
+    plaintext files and renames it at the end; it was removed only on a Python
+    exception, so a real SIGTERM or SIGHUP left it, plaintext weights included. Now the
+    signal removes it before the process dies (SIGKILL still cannot be caught)."""
+    import signal
+
+    plain, enc, key = small_folder
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-c", _FOLDER_DECRYPT, str(enc), str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, GPUCRYPT_TEST_KEY=key.hex()))
+    try:
+        assert child.stdout.readline().strip() == "exported", child.stderr.read()
+        temp = [n for n in os.listdir(tmp_path) if n.endswith(".gpucrypt-tmp")]
+        assert len(temp) == 1 and (tmp_path / temp[0] / "model-1.safetensors").read_bytes() \
+            == (plain / "model-1.safetensors").read_bytes()  # the window the signal hits
+        child.send_signal(getattr(signal, signame))
+        assert child.wait(timeout=60) == -getattr(signal, signame), child.stderr.read()
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        child.stderr.close()
+    assert sorted(os.listdir(tmp_path)) == ["enc", "plain"]

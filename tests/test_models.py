@@ -855,3 +855,103 @@ def test_cli_errors(st_file, capsys, case, code, message):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert __import__("re").search(message, err), err
     assert not (d / "o").exists()
+
+
+# ------------------------------------------------------------------ hostile tables
+def forged_file(path, table: bytes, data_length: int = 0, key: bytes = KEY):
+    """A model file with ``table`` stored as it is, under a header MAC made with ``key``:
+    what anyone holding the key (or sealing to a public-key recipient) can write."""
+    from gpucrypt.files import _format
+
+    salt, prefix = os.urandom(32), os.urandom(_format.prefix_size("chacha20-poly1305"))
+    fixed = models._fixed_fields("chacha20-poly1305", SEG, False, salt, len(table),
+                                 data_length, prefix)
+    body = fixed + _format.variable_fields(None, None) + table
+    mac = hmac.new(models._derive(key, salt, models._HEADER_MAC_INFO, fixed), body,
+                   hashlib.sha256).digest()
+    path.write_bytes(body + mac)
+    return path
+
+
+def test_a_deeply_nested_table_is_a_format_error(tmp_path, capsys):
+    """Without a key the table is parsed unauthenticated (to find the envelope, by
+    ``decrypt-model``, ``rekey``, checkpoint folders): JSON nested past the parser's limit
+    raised RecursionError, and the command line printed a traceback. Now FormatError,
+    exit 1 and one line; with a key the header MAC is checked first."""
+    path = forged_file(tmp_path / "deep.gc", b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(FormatError, match="malformed tensor table: JSON nested too deeply"):
+        models.read_header(path)
+    with pytest.raises(FormatError, match="malformed tensor table: JSON nested too deeply"):
+        models.read_header(path, KEY)  # a forger with the key
+    write_private(tmp_path / "key", KEY)
+    capsys.readouterr()
+    assert cli(["decrypt-model", "--key-file", str(tmp_path / "key"), str(path),
+                str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "malformed tensor table: JSON nested too deeply" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["deep.gc", "key"]
+
+
+def table(shape, dtype="uint8") -> bytes:
+    import math
+
+    nbytes = math.prod(shape) * {"uint8": 1, "float32": 4}[dtype]
+    return json.dumps({"t": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}},
+                      sort_keys=True, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("shape, dtype", [
+    ([0, 2**70], "float32"),          # a dimension no 64-bit size holds
+    ([0, 2**63], "uint8"),            # just past it
+    ([0, 2**61], "float32"),          # each dimension fits, the bytes (2**63) do not
+    ([2**40, 0, 2**40], "uint8"),     # the nonzero dimensions' product is 2**80
+])
+def test_an_authenticated_table_with_a_shape_no_framework_holds_is_refused(tmp_path, capsys,
+                                                                           shape, dtype):
+    """An empty tensor's byte count (0) matches its offsets whatever its other
+    dimensions: such a table passed, then NumPy raised a bare ValueError, torch a
+    TypeError, and ``decrypt-model`` exited 0 writing a .safetensors file that
+    safetensors refuses. Now every reader says "malformed tensor table" first."""
+    path = forged_file(tmp_path / "m.gc", table(shape, dtype))
+    match = f"malformed tensor table: entry 't' has shape \\[{shape[0]}, "
+    with pytest.raises(FormatError, match=match):
+        models.read_header(path, KEY)
+    for framework in ("numpy", "torch"):
+        with pytest.raises(FormatError, match=match):
+            models.load_encrypted(path, KEY, "cpu", framework=framework)
+    with pytest.raises(FormatError, match=match):
+        models.safe_open(path, "np", key=KEY)
+    write_private(tmp_path / "key", KEY)
+    capsys.readouterr()
+    assert cli(["decrypt-model", "--key-file", str(tmp_path / "key"), str(path),
+                str(tmp_path / "out.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "malformed tensor table" in err, err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("shape, dtype", [([0, 2**63 - 1], "uint8"), ([2**61 - 1, 0], "float32")])
+def test_empty_tensors_up_to_the_limit_still_load(tmp_path, shape, dtype):
+    """The bound is NumPy's own (2**63 - 1 bytes of nonzero dimensions), not tighter."""
+    path = forged_file(tmp_path / "m.gc", table(shape, dtype))
+    assert models.read_header(path, KEY).tensors[0].shape == tuple(shape)
+    for framework in ("numpy", "torch"):
+        got = models.load_encrypted(path, KEY, "cpu", framework=framework)["t"]
+        assert tuple(got.shape) == tuple(shape)
+
+
+@pytest.mark.parametrize("shape, dtype", [((0, 2**63), "uint8"), ((0, 2**61), "float32")])
+def test_a_stored_tensor_no_framework_holds_is_not_written(tmp_path, shape, dtype):
+    """A StoredTensor's shape comes from a safetensors file: one no reader could load was
+    written (its byte count is 0), giving a file every reader now refuses."""
+    from gpucrypt.files._safetensors import StoredTensor
+
+    (tmp_path / "data").write_bytes(b"")
+    fd = os.open(tmp_path / "data", os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match=r"has shape .*2\*\*63 - 1, so no framework could"):
+            models.save_encrypted({"w": StoredTensor(dtype, shape, fd, 0, 0)},
+                                  tmp_path / "m", KEY, device="cpu")
+    finally:
+        os.close(fd)
+    assert os.listdir(tmp_path) == ["data"]

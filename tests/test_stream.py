@@ -1047,3 +1047,97 @@ def test_an_output_that_is_a_symbolic_link_is_refused(tmp_path):
         assert err.value.errno == errno.ELOOP and err.value.filename == str(link)
     assert link.is_symlink() and target.read_bytes() == b"precious"
     assert sorted(os.listdir(tmp_path)) == ["out", "sealed", "target"]
+
+
+# a child that publishes an unnamed AtomicFile over an existing file and stops, for the
+# test's signal, right after the file was linked beside the destination (in the window
+# between that link and the rename over it); signals start at their default action, as
+# in a shell (under nohup SIGHUP would be ignored and the child would outlive it)
+_REPLACE_WINDOW = """
+import os, signal, sys, time
+for name in ("SIGTERM", "SIGHUP"):
+    signal.signal(getattr(signal, name), signal.SIG_DFL)
+from gpucrypt.files import _atomic
+out = _atomic.AtomicFile(sys.argv[1], overwrite=True)
+print("unnamed" if out.unnamed else "named", flush=True)
+out.write(b"PLAINTEXT that must not stay behind " * 100)
+real = os.replace
+def replace_after_the_signal(src, dst):
+    print("linked", flush=True)
+    time.sleep(120)  # the signal ends the process here
+    return real(src, dst)
+_atomic.os.replace = replace_after_the_signal
+out.commit()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="O_TMPFILE is Linux's")
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_signal_while_an_output_replaces_a_file_leaves_no_copy_of_it(tmp_path, signame):
+    """overwrite=True (``--force``, and every library write to a path) cannot link an
+    unnamed file over the destination: it links it to ``.OUT.XXXX.gpucrypt-tmp`` beside
+    it, then renames that. A real signal from outside in between removed nothing: the
+    whole output (plaintext, when decrypting) stayed under that name. It is now
+    removed, the destination keeping its old content."""
+    import signal
+
+    target = tmp_path / "out"
+    target.write_bytes(b"old")
+    child = subprocess.Popen([sys.executable, "-c", _REPLACE_WINDOW, str(target)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        kind = child.stdout.readline().strip()
+        if kind != "unnamed":
+            pytest.skip(f"no O_TMPFILE in {tmp_path} ({kind or child.stderr.read()})")
+        assert child.stdout.readline().strip() == "linked", child.stderr.read()
+        beside = [n for n in os.listdir(tmp_path) if n.endswith(".gpucrypt-tmp")]
+        assert len(beside) == 1 and b"PLAINTEXT" in (tmp_path / beside[0]).read_bytes()
+        child.send_signal(getattr(signal, signame))
+        assert child.wait(timeout=60) == -getattr(signal, signame), child.stderr.read()
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        child.stderr.close()
+    assert os.listdir(tmp_path) == ["out"] and target.read_bytes() == b"old"
+
+
+def test_without_proc_a_writer_by_name_gets_a_named_temporary_file(tmp_path, monkeypatch):
+    """Where /proc is not mounted, unnamed files are still linked (linkat with
+    AT_EMPTY_PATH: Linux 6.10, or CAP_DAC_READ_SEARCH), but ``/proc/self/fd/N`` names
+    nothing: ``writable_name()`` returned it anyway, and write_atomically_with (so
+    export_safetensors and ``decrypt-model``) failed with FileNotFoundError. Simulated by
+    pointing ``_PROC_FD`` at a missing folder, which ``_link_proc`` uses too."""
+    from gpucrypt.files import _atomic
+
+    monkeypatch.setattr(_atomic, "_PROC_FD", str(tmp_path / "no-proc" / "self" / "fd"))
+    folder = tmp_path / "out"
+    folder.mkdir()  # a folder no unnamed file was linked in yet: its way is found anew
+    probe = _atomic.AtomicFile(folder / "probe")
+    probe.abort()
+    if not probe.unnamed:
+        pytest.skip("this kernel links no unnamed file without /proc (linkat AT_EMPTY_PATH "
+                    "needs Linux 6.10 or CAP_DAC_READ_SEARCH): the named fallback is used")
+
+    def write(name: str) -> None:
+        with open(name, "r+b") as f:  # in place, as safetensors-style writers do
+            f.write(b"written through the name")
+
+    _atomic.write_atomically_with(folder / "file", write)
+    assert (folder / "file").read_bytes() == b"written through the name"
+    assert os.listdir(folder) == ["file"]
+    # a caller's file keeps what it held; a dropped one leaves no name behind
+    held = _atomic.AtomicFile(folder / "held")
+    held.write(b"head ")
+    name = held.writable_name()
+    assert os.path.exists(name) and os.path.dirname(name) == str(folder)
+    with open(name, "r+b") as f:
+        f.seek(0, os.SEEK_END)
+        f.write(b"tail")
+    held.commit()
+    assert (folder / "held").read_bytes() == b"head tail"
+    dropped = _atomic.AtomicFile(folder / "dropped")
+    dropped.writable_name()
+    dropped.abort()
+    assert sorted(os.listdir(folder)) == ["file", "held"]
+    assert not _atomic._LIVE  # nothing left for a signal handler to remove

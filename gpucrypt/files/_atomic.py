@@ -5,15 +5,23 @@ CLI's outputs) goes through here, so the guarantee is the same everywhere:
 
 - On Linux the data go to an *unnamed* file (``O_TMPFILE``) in the destination's folder,
   given permissions ``mode`` (default 0600, whatever the umask). It has no name until
-  it is published, so no signal, not even SIGKILL, and no crash leaves anything behind:
-  the kernel frees it with the last descriptor. That also holds for plaintext being
-  decrypted.
+  it is published, so no signal, not even SIGKILL, and no crash leaves anything behind
+  while it is written: the kernel frees it with the last descriptor. That also holds for
+  plaintext being decrypted. Two moments give it a name before the destination's:
+  publishing with ``overwrite=True`` (an unnamed file cannot be renamed over a file, so
+  it is linked to a temporary name beside the destination, then renamed: for a few
+  system calls), and :meth:`AtomicFile.writable_name` where ``/proc`` is not mounted (it
+  links the file to a temporary name, then on as a named file). That name is a named
+  temporary file as below: the signals below remove it, SIGKILL or a crash in that
+  window can leave it.
 - Elsewhere (or where the file system refuses ``O_TMPFILE``) a named temporary file,
   created exclusively as ``mkstemp`` would, ``.NAME.XXXXXXXX.gpucrypt-tmp``. While one
   exists, SIGTERM and SIGHUP (and SIGPIPE, when its action is the default; Python
   ignores it and raises ``BrokenPipeError`` instead) remove it before the process dies,
   when they still have their default action and the file was made in the main thread.
   SIGKILL cannot be caught: there a named temporary file can stay behind.
+- :class:`TemporaryFolder` gives the same signal cleanup to a folder filled and then
+  renamed into place (checkpoint folders), removing the whole tree.
 - On success the data are fsynced and the file is published at the destination, then
   the folder is fsynced (where folders can be opened) so that it is durable. With
   ``overwrite=False`` publishing is a hard link, which fails when the destination
@@ -41,7 +49,7 @@ from typing import Any, Callable
 
 __all__ = ["AtomicFile", "OutputExists", "write_atomically", "write_atomically_with",
            "replace_head", "open_output", "FileObjectOutput", "write_all", "wait_ready",
-           "fsync_folder"]
+           "fsync_folder", "TemporaryFolder"]
 
 #: permissions of files written here unless the caller says otherwise
 DEFAULT_MODE = 0o600
@@ -237,8 +245,9 @@ def _remove(temp: str) -> None:
 
 
 # --------------------------------------------------------------------------- signal cleanup
-#: named temporary files alive now, removed by the signal handler
-_LIVE: set[str] = set()
+#: named temporary files and folders alive now, removed by the signal handler: path ->
+#: True for a folder (its whole tree goes), False for a file
+_LIVE: dict[str, bool] = {}
 _LIVE_LOCK = _thread.allocate_lock()  # threading.Lock, without importing threading
 #: signals our handler is installed for (each had the default action before)
 _HANDLED: set[int] = set()
@@ -246,7 +255,8 @@ _HANDLED: set[int] = set()
 
 def _cleanup_signals() -> list[int]:
     # signal (its enums: about a millisecond) is imported where a named temporary file
-    # needs it, not by every small file's run (unnamed files need no handler)
+    # or folder needs it, not by every small file's run (an unnamed file needs no
+    # handler until it is linked beside its destination to replace it)
     import signal
 
     names = ("SIGTERM", "SIGHUP", "SIGPIPE")
@@ -254,12 +264,20 @@ def _cleanup_signals() -> list[int]:
 
 
 def _on_signal(signum: int, frame: Any) -> None:
-    """Remove every named temporary file, then die of the signal as the default would."""
+    """Remove every named temporary file and folder, then die of the signal as the
+    default would."""
     import signal
 
-    for temp in list(_LIVE):
+    for temp, tree in list(_LIVE.items()):
         try:
-            os.unlink(temp)
+            if tree:
+                # shutil was imported by _track (an import here, inside a handler that may
+                # interrupt another import, could wait on that import's lock)
+                import shutil
+
+                shutil.rmtree(temp, ignore_errors=True)
+            else:
+                os.unlink(temp)
         except OSError:
             pass
     _LIVE.clear()
@@ -267,13 +285,17 @@ def _on_signal(signum: int, frame: Any) -> None:
     os.kill(os.getpid(), signum)
 
 
-def _track(temp: str) -> None:
+def _track(temp: str, tree: bool = False) -> None:
     """Remember ``temp`` for the signal handler, installing it (main thread only, and only
-    over a default action: a program's own handlers are left alone)."""
-    import threading  # here: only named temporary files (not unnamed ones) need it
+    over a default action: a program's own handlers are left alone). ``tree``: ``temp``
+    is a folder, removed with everything in it."""
+    import threading  # here: only named temporary files and names need it
+
+    if tree:
+        import shutil  # noqa: F401  (now, not in the handler: see _on_signal)
 
     with _LIVE_LOCK:
-        _LIVE.add(temp)
+        _LIVE[temp] = tree
         if threading.current_thread() is not threading.main_thread():
             return
         import signal
@@ -286,7 +308,7 @@ def _track(temp: str) -> None:
 
 def _untrack(temp: str) -> None:
     with _LIVE_LOCK:
-        _LIVE.discard(temp)
+        _LIVE.pop(temp, None)
         if _LIVE or not _HANDLED:
             return
         import signal
@@ -299,6 +321,56 @@ def _untrack(temp: str) -> None:
             if signal.getsignal(signum) is _on_signal:
                 signal.signal(signum, signal.SIG_DFL)
             _HANDLED.discard(signum)
+
+
+class TemporaryFolder:
+    """A new empty folder ``.NAME.XXXXXXXX.gpucrypt-tmp`` (mode 0700) beside ``dst``, for
+    filling and then renaming to ``dst``: the way a folder of files appears complete or
+    not at all (:mod:`gpucrypt.files.checkpoints`).
+
+    ``with TemporaryFolder(dst) as temp:`` gives its path. Whatever is still at that
+    path when the block ends (normally or by an exception, KeyboardInterrupt included)
+    is removed with its whole tree, so the block renames the folder into place before
+    it ends. While the block runs, SIGTERM, SIGHUP and SIGPIPE remove the tree before
+    the process dies, under the conditions of the module docstring (default actions,
+    main thread): the files put in it (decrypted weights, say) are named, unlike an
+    unnamed file's data. SIGKILL, a crash or a power cut can leave the folder behind:
+    it is safe to delete.
+    """
+
+    def __init__(self, dst: str | os.PathLike):
+        dst = os.path.abspath(os.fspath(dst))
+        self._parent, self._base = os.path.dirname(dst), os.path.basename(dst)
+        self.path: str | None = None
+
+    def __enter__(self) -> str:
+        for _ in range(100):
+            temp = _temp_name(self._parent, self._base)
+            # tracked before it exists, so that no signal finds it untracked; should
+            # the name be taken (32 random bits), a signal in these few microseconds
+            # would remove that other gpucrypt temporary: far the smaller risk
+            _track(temp, tree=True)
+            try:
+                os.mkdir(temp, 0o700)
+            except FileExistsError:
+                _untrack(temp)
+                continue
+            except BaseException:
+                _untrack(temp)
+                raise
+            self.path = temp
+            return temp
+        raise FileExistsError(f"no free temporary name in {self._parent} after 100 tries")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import shutil
+
+        if self.path is not None:
+            try:
+                shutil.rmtree(self.path, ignore_errors=True)  # nothing there once renamed
+            finally:
+                _untrack(self.path)
+                self.path = None
 
 
 def _naming(exc: OSError, path: str) -> OSError:
@@ -393,8 +465,21 @@ class AtomicFile:
 
     def writable_name(self) -> str:
         """A name that opens the unpublished file (for writers that only take a name):
-        ``/proc/self/fd/N`` for an unnamed file, else the temporary file's name."""
-        return self._temp or os.path.join(_PROC_FD, str(self._file.fileno()))
+        ``/proc/self/fd/N`` for an unnamed file, else the temporary file's name.
+
+        Without ``/proc`` (unnamed files are then linked with ``AT_EMPTY_PATH``) an
+        unnamed file has no such name: it is linked to a named temporary file beside
+        the destination, and is from then on a named one (its data kept, removed on
+        abort and by the signals of the module docstring)."""
+        if self._temp is None:
+            proc = os.path.join(_PROC_FD, str(self._file.fileno()))
+            if os.path.exists(proc):
+                return proc
+            try:
+                self._temp = self._name_beside()  # tracked: _forget_temp untracks it
+            except OSError as exc:
+                raise _naming(exc, self.path) from None
+        return self._temp
 
     def _link_to(self, path: str) -> None:
         """Give the file the name ``path`` (FileExistsError if it is taken)."""
@@ -424,12 +509,14 @@ class AtomicFile:
                 os.replace(self._temp, self.path)
                 self._forget_temp()
             else:  # an unnamed file cannot be renamed: link it beside, then rename that
-                temp = self._link_beside()
+                temp = self._name_beside()
                 try:
                     os.replace(temp, self.path)
                 except BaseException:
                     _remove(temp)
                     raise
+                finally:
+                    _untrack(temp)  # renamed, or removed: the handler has nothing to do
         except OutputExists:
             raise
         except OSError as exc:
@@ -454,14 +541,25 @@ class AtomicFile:
             _remove(self._temp)
             self._forget_temp()
 
-    def _link_beside(self) -> str:
+    def _name_beside(self) -> str:
+        """Link the unnamed file to a fresh ``.NAME.XXXXXXXX.gpucrypt-tmp`` beside ``path``
+        and return that name, tracked for the signal handler (the caller untracks it):
+        the name holds the whole file, plaintext when decrypting. It is tracked before
+        the link exists, so that no signal finds it untracked; should the name be taken
+        (32 random bits), a signal in those microseconds would remove that other
+        gpucrypt temporary file: far the smaller risk."""
         for _ in range(100):
             temp = _temp_name(self._folder, os.path.basename(self.path))
+            _track(temp)
             try:
                 self._link_to(temp)
                 return temp
             except FileExistsError:
+                _untrack(temp)
                 continue
+            except BaseException:
+                _untrack(temp)
+                raise
         raise FileExistsError(f"no free temporary name in {self._folder} after 100 tries")
 
     def _forget_temp(self) -> None:

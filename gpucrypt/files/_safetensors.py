@@ -20,6 +20,11 @@ dtype, shape, data_offsets; the header padded with spaces to a multiple of 8 byt
 The package writes metadata in its hash map's order, which varies from run to run;
 here it keeps the given order.
 
+``load_json(data, what)`` parses JSON that anyone may have written (a model file's
+table before its MAC is checked, a checkpoint's index and manifest, a safetensors
+header): whatever is wrong with it is a ``FormatError`` naming ``what``, never the
+``RecursionError`` that deep nesting gives ``json``.
+
 Limits: the sub-byte safetensors dtypes (F4, F6_*) have no byte-sized portable name and
 are refused with ``ValueError``; the file must not change while it is being read (a
 short read raises ``TruncatedError``).
@@ -30,12 +35,14 @@ import json
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from ._format import read_at
+from ._format import FormatError, read_at
 
-__all__ = ["StoredTensor", "open_safetensors", "safetensors_layout", "SAFETENSORS_DTYPES"]
+__all__ = ["StoredTensor", "open_safetensors", "safetensors_layout", "load_json",
+           "SAFETENSORS_DTYPES"]
 
 #: safetensors dtype codes -> the tensor API's portable dtype names
 SAFETENSORS_DTYPES = {
@@ -51,6 +58,24 @@ _CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
 #: the package's dtype order (its ``Dtype`` enum), which sorts the data widest first
 _ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16",
           "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+
+
+def load_json(data: bytes | str, what: str) -> Any:
+    """``data`` (UTF-8 bytes, or str) parsed as JSON, for input that is not authenticated
+    yet. ``FormatError`` starting with ``what`` for anything that is not JSON: bad UTF-8,
+    bad syntax, an integer past Python's digit limit (``ValueError``s), and nesting too
+    deep for the parser: ``json`` raises ``RecursionError`` there (from about a thousand
+    levels), which no caller expects and which would escape as a traceback. Files that
+    gpucrypt and safetensors write nest three levels at most."""
+    try:
+        return json.loads(data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data)
+    except RecursionError:
+        raise FormatError(f"{what}: JSON nested too deeply to read (arrays or objects "
+                          f"inside each other past Python's recursion limit); the file "
+                          f"is damaged or was not written by gpucrypt") from None
+    except (ValueError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError, digits
+        raise FormatError(f"{what}: not UTF-8 JSON ({type(exc).__name__}: "
+                          f"{str(exc)[:100]})") from None
 
 
 @dataclass(frozen=True)
@@ -99,7 +124,7 @@ def open_safetensors(path: str, fd: int) -> tuple[dict[str, StoredTensor], dict 
         (length,) = _HEADER_LENGTH.unpack(os.pread(fd, _HEADER_LENGTH.size, 0))
         if length > os.fstat(fd).st_size:
             raise ValueError("header longer than the file")
-        header = json.loads(os.pread(fd, length, _HEADER_LENGTH.size))
+        header = load_json(os.pread(fd, length, _HEADER_LENGTH.size), "the header")
         data_start = _HEADER_LENGTH.size + length
         entries = {name: (header[name]["dtype"], tuple(header[name]["shape"]),
                           *header[name]["data_offsets"]) for name in names}

@@ -25,9 +25,12 @@ Rules:
   file with that key and no other: a file written under another data key fails its
   header MAC even when its own envelope opens for the same recipient (anyone holding a
   recipient's public key can seal a file to it);
-- ``dst`` is written as a temporary folder beside it and renamed into place at the
-  end: it appears complete or not at all. It must not exist (an empty folder is
-  replaced); nothing is ever deleted to make room;
+- ``dst`` is written as a temporary folder ``.DST.XXXXXXXX.gpucrypt-tmp`` beside it and
+  renamed into place at the end: it appears complete or not at all. It must not exist
+  (an empty folder is replaced); nothing is ever deleted to make room. The temporary
+  folder is removed on any error and by SIGTERM and SIGHUP (when they have their default
+  action and the work runs in the main thread); SIGKILL or a crash can leave it, with
+  the files written so far (verified plaintext, when decrypting): delete it;
 - a model file is any ``*.safetensors`` file, the suffix in any case;
 - refused: a folder holding weights in another format (``PLAIN_WEIGHT_SUFFIXES``:
   ``.bin``, ``.pt``, ``.npy``, ``.gguf``, ... in any case: copying them would ship
@@ -61,12 +64,11 @@ import hmac
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 from . import _format
-from ._atomic import fsync_folder
+from ._atomic import TemporaryFolder, fsync_folder
 from ._format import AuthenticationError, FormatError
 
 __all__ = ["encrypt_checkpoint", "decrypt_checkpoint", "load_checkpoint", "checkpoint_layout",
@@ -151,10 +153,21 @@ def checkpoint_layout(folder: Any, *, encrypted: bool = False) -> CheckpointLayo
                             others)
 
 
+def _read_json(path: str) -> Any:
+    """The JSON file at ``path``, read before anything authenticates it (an index, a
+    manifest): :func:`~gpucrypt.files._safetensors.load_json`'s ``FormatError`` naming the
+    file for whatever is not JSON, deep nesting included."""
+    from ._safetensors import load_json
+
+    with open(path, "rb") as f:
+        return load_json(f.read(), os.path.basename(path))
+
+
 def _read_weight_map(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _read_json(path)["weight_map"]
+    except FormatError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FormatError(f"{os.path.basename(path)} is not a checkpoint index with a "
                           f"weight_map ({type(exc).__name__})") from None
@@ -221,10 +234,9 @@ def _manifest_model_files(folder: str) -> set | None:
     """The names the folder's manifest lists as model files (with a salt), None when it
     has no readable manifest (_check_manifest then says why)."""
     try:
-        with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
-            files = json.load(f)["files"]
+        files = _read_json(os.path.join(folder, MANIFEST_NAME))["files"]
         return {name for name, entry in files.items() if isinstance(entry, dict) and "salt" in entry}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # FormatError included
         return None
 
 
@@ -236,8 +248,7 @@ def _check_manifest(layout: CheckpointLayout, key: bytes) -> None:
 
     path = os.path.join(layout.folder, MANIFEST_NAME)
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        doc = _read_json(path)
         salt, files, mac = bytes.fromhex(doc["salt"]), doc["files"], doc["mac"]
         if doc.get("format") != _MANIFEST_FORMAT or not isinstance(files, dict):
             raise ValueError("not a gpucrypt checkpoint manifest")
@@ -246,11 +257,19 @@ def _check_manifest(layout: CheckpointLayout, key: bytes) -> None:
         raise FormatError(f"{layout.folder} has no {MANIFEST_NAME}: it is not a folder that "
                           f"encrypt_checkpoint (gpucrypt encrypt-model) wrote, or the manifest "
                           f"was removed; encrypt the plaintext folder again") from None
+    except FormatError as exc:  # not JSON: it names the manifest and says why
+        raise FormatError(f"{exc}; encrypt the plaintext folder again") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FormatError(f"{MANIFEST_NAME} cannot be read ({type(exc).__name__}: {exc})") from None
     if version != _MANIFEST_VERSION:
         raise FormatError(f"{MANIFEST_NAME} has version {version!r}; this gpucrypt reads "
                           f"version {_MANIFEST_VERSION}: upgrade gpucrypt")
+    # entries are what _write_manifest writes, {"salt"|"sha256": HEX}, before the MAC is
+    # computed over them: JSON nested just under the parser's limit would otherwise reach
+    # json.dumps deeper in the stack, and its RecursionError
+    if not all(isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
+               for entry in files.values()):
+        raise _manifest_changed("an entry is not a salt or digest")
     if not isinstance(mac, str) or not hmac.compare_digest(
             _manifest_mac(key, salt, files).encode(), mac.encode()):
         raise AuthenticationError(f"{MANIFEST_NAME} failed authentication: wrong key, or the "
@@ -287,21 +306,17 @@ def _check_manifest(layout: CheckpointLayout, key: bytes) -> None:
 # ---------------------------------------------------------------------------- writing
 def _write_folder(dst: Any, fill) -> None:
     """``fill(temp_folder)`` then rename the temporary folder to ``dst`` (which must not
-    exist, or be an empty folder); on any error the temporary folder is removed."""
+    exist, or be an empty folder). The temporary folder is removed on any error and by
+    SIGTERM/SIGHUP (:class:`~gpucrypt.files._atomic.TemporaryFolder`): decrypting puts
+    verified plaintext in it under plain names. SIGKILL can leave it behind."""
     dst = os.path.abspath(os.fspath(dst))
     if os.path.lexists(dst) and not (os.path.isdir(dst) and not os.listdir(dst)):
         raise FileExistsError(f"{dst} exists: choose a new output folder (nothing is deleted "
                               f"to make room)")
-    parent = os.path.dirname(dst)
-    temp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".gpucrypt-tmp",
-                            dir=parent)
-    try:
+    with TemporaryFolder(dst) as temp:
         fill(temp)
         os.rename(temp, dst)  # onto an empty folder too (POSIX)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    fsync_folder(parent)
+    fsync_folder(os.path.dirname(dst))
 
 
 def _copy_others(layout: CheckpointLayout, temp: str) -> None:

@@ -79,7 +79,7 @@ from cryptography.exceptions import InvalidTag
 from . import _format
 from ..tensors import _frameworks as fw
 from ._atomic import AtomicFile, open_output, write_atomically_with
-from ._safetensors import StoredTensor
+from ._safetensors import StoredTensor, load_json
 from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedError,
                       UnsupportedVersion)
 from .. import pipeline
@@ -208,6 +208,35 @@ def _encode_table(infos: list[TensorInfo], metadata: dict | None) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+#: the largest size in bytes, and dimension, that NumPy, torch and CuPy can represent
+#: (signed 64-bit sizes and strides)
+MAX_TENSOR_BYTES = 2**63 - 1
+
+
+def _unrepresentable(shape, itemsize: int) -> str | None:
+    """Why no framework could represent a tensor of ``shape`` (ints >= 0) and ``itemsize``,
+    or None when it fits. Zero dimensions are left out of the product: an empty tensor of
+    shape ``[0, 2**70]`` holds no bytes, yet NumPy refuses it ("Maximum allowed dimension
+    exceeded"), torch cannot take the size (TypeError), and a safetensors file of it is
+    refused by the package. NumPy's own rule is the strictest: every dimension, and the
+    nonzero ones' product times the item size, at most 2**63 - 1 (torch's strides are
+    products of these)."""
+    span = itemsize
+    for d in shape:
+        if d > MAX_TENSOR_BYTES:
+            return f"a dimension of {d} is over 2**63 - 1"
+        span *= d or 1
+    if span > MAX_TENSOR_BYTES:
+        return (f"its nonzero dimensions times the item size ({itemsize}) come to {span} "
+                f"bytes, over 2**63 - 1")
+    return None
+
+
+def _short(shape) -> str:
+    text = str(list(shape))
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _bad_table(why: str) -> FormatError:
     return FormatError(f"malformed tensor table: {why}")
 
@@ -216,10 +245,7 @@ def _decode_table(raw: bytes, data_length: int) -> tuple[tuple, dict]:
     """(tensors in data order, metadata); FormatError for anything but a table we write:
     valid dtypes, shapes whose byte count matches the offsets, and offsets that tile
     ``[0, data_length)`` exactly, in order, with no gap or overlap."""
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise _bad_table("not UTF-8 JSON") from None
+    doc = load_json(raw, "malformed tensor table")  # unauthenticated without a key
     if not isinstance(doc, dict):
         raise _bad_table("not a JSON object")
     metadata = doc.pop(_METADATA_KEY, {})
@@ -240,6 +266,9 @@ def _decode_table(raw: bytes, data_length: int) -> tuple[tuple, dict]:
         if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(
                 type(d) is int and d >= 0 for d in shape)):
             raise _bad_table(f"entry {name!r} has an invalid shape")
+        too_large = _unrepresentable(shape, itemsize)
+        if too_large:
+            raise _bad_table(f"entry {name!r} has shape {_short(shape)}: {too_large}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(
                 type(o) is int and o >= 0 for o in offsets)):
             raise _bad_table(f"entry {name!r} has invalid data_offsets")
@@ -463,6 +492,11 @@ def _tensor_infos(tensors: Any) -> tuple[list[TensorInfo], list[Any]]:
             dtype, shape = adapter.dtype_name(x), adapter.shape(x)
         if len(shape) > MAX_NDIM:
             raise ValueError(f"tensor {name!r} has {len(shape)} dimensions (at most {MAX_NDIM})")
+        too_large = _unrepresentable(shape, fw.dtype_itemsize(dtype))
+        if too_large:  # a StoredTensor's shape comes from a file: no reader could load it
+            raise ValueError(f"tensor {name!r} has shape {_short(shape)}: {too_large}, so no "
+                             f"framework could load it; check the safetensors file it came "
+                             f"from")
         nbytes = int(np.prod(shape, dtype=object)) * fw.dtype_itemsize(dtype)
         if isinstance(x, StoredTensor) and nbytes != x.nbytes:
             raise ValueError(f"tensor {name!r}: {x.nbytes} bytes stored for dtype {dtype} and "
