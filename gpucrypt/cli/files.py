@@ -16,8 +16,10 @@ unavailable). Messages are one line on stderr, no traceback (raised as
 :class:`gpucrypt.cli.CliError`).
 
 Writing to a path is atomic (:func:`gpucrypt.cli._common.destination`): on Linux the
-output is an unnamed file until it is complete, so no signal leaves anything behind,
-and ``decrypt`` publishes it only after the whole file verified; without ``--force``
+output is an unnamed file until it is complete, so no signal leaves anything behind
+while it is written (replacing a file with ``--force`` names it beside OUT for the
+moment of its rename: SIGTERM and SIGHUP remove that name, SIGKILL can leave it), and
+``decrypt`` publishes it only after the whole file verified; without ``--force``
 it never replaces a file, not even one that appeared while it ran ("output exists",
 exit 1). Writing to stdout streams: ``decrypt`` to stdout may have written the
 verified segments before a bad one when it fails (the exit code says so).
