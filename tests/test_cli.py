@@ -331,13 +331,17 @@ def test_secrets_others_can_read_are_refused(work, capsys):
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
 def test_local_files_of_a_kek_reference_are_checked_too(work, capsys):
-    """--kek file://KEYSET and its passphrase-source=file: get --keyset's check."""
+    """--kek file://KEYSET and its passphrase-source get --keyset's check, and a pkcs11:
+    pin-source too, in every form the reader takes: file:PATH, file://PATH and a plain
+    absolute path (the plain path was not checked)."""
     assert run(capsys, "keygen", "--out", "ks.json")[0] == 0
     (work / "pw").write_text("unused\n")
     (work / "pw").chmod(0o600)
     kek = f"file://{work / 'ks.json'}"
     assert run(capsys, "encrypt", "--kek", kek, "plain", "sealed")[0] == 0
-    for secret, uri in (("ks.json", kek), ("pw", f"{kek}?passphrase-source=file:{work / 'pw'}")):
+    forms = (f"file:{work / 'pw'}", f"file://{work / 'pw'}", str(work / "pw"))
+    for secret, uri in (("ks.json", kek),
+                        *(("pw", f"{kek}?passphrase-source={form}") for form in forms)):
         (work / secret).chmod(0o640)
         for argv in (["encrypt", "--kek", uri, "plain", "x"], ["decrypt", "--kek", uri, "sealed", "x"]):
             code, _, err = run(capsys, *argv)
@@ -346,6 +350,19 @@ def test_local_files_of_a_kek_reference_are_checked_too(work, capsys):
         (work / secret).chmod(0o600)
     code, _, err = run(capsys, "decrypt", "--kek", kek, "sealed", "x")
     assert code == 0 and (work / "x").read_bytes() == (work / "plain").read_bytes(), err
+    (work / "x").unlink()
+    # refused before any token is touched (the module named does not even exist)
+    hsm = f"pkcs11:token=t;object=o?module-path={work / 'no-module.so'}&pin-source="
+    for form in forms:
+        (work / "pw").chmod(0o644)
+        for argv in (["encrypt", "--kek", hsm + form, "plain", "x"],
+                     ["decrypt", "--kek", hsm + form, "sealed", "x"]):
+            code, _, err = run(capsys, *argv)
+            assert code == 2 and f"pin file {work / 'pw'} is accessible" in err, (argv, err)
+            assert f"chmod 600 {work / 'pw'}" in err and not (work / "x").exists()
+        (work / "pw").chmod(0o600)  # passes the check, to fail where the module is loaded
+        code, _, err = run(capsys, "encrypt", "--kek", hsm + form, "plain", "x")
+        assert code == 1 and "no-module.so does not exist" in err, err
 
 
 # ------------------------------------------------------------------ 4. passphrases

@@ -291,6 +291,35 @@ def test_pkcs11_gcm_binds_the_context(hsm):
         keys.open_envelope(envelope, ref, context={"gpucrypt-file": "bb"})
 
 
+def test_x_wrap_survives_pickle_copy_and_key_references(hsm):
+    """x-wrap=aes-gcm changes how a reference wraps (AES-GCM binds the file context, key
+    wrap binds nothing): a reference pickled to a worker, copied with KeyReference(ref), or
+    carried by KeyReferences still wraps with AES-GCM, and it is not equal to the same key
+    without x-wrap. (The canonical URI had dropped it: workers fell back to key wrap.)"""
+    from gpucrypt.keys.portable import KeyReferences
+
+    ref = KeyReference(_hsm_uri(hsm, "kek", "&x-wrap=aes-gcm"))
+    assert "x-wrap=aes-gcm" in ref.uri and "x-wrap" not in ref.label
+    context = {"gpucrypt-file": "aa"}
+    dek = keys.generate_dek()
+    travelled = KeyReferences(recipients=ref.uri)
+    copies = {"pickle": pickle.loads(pickle.dumps(ref)), "KeyReference(ref)": KeyReference(ref),
+              "canonical": KeyReference(ref.uri),
+              "KeyReferences": pickle.loads(pickle.dumps(travelled)).recipients[0]}
+    for how, copy in copies.items():
+        assert copy == ref and hash(copy) == hash(ref), how
+        envelope = keys.seal_envelope(dek, copy, context=context)
+        assert keys._envelope.decode(envelope)[0].body[0] == 3, how  # AES-GCM, not key wrap
+        assert keys.open_envelope(envelope, ref, context=context) == dek
+    plain = KeyReference(_hsm_uri(hsm, "kek"))
+    assert plain != ref and plain.label == ref.label  # the same key, wrapped differently
+    assert keys._envelope.decode(keys.seal_envelope(dek, plain))[0].body[0] == 2
+    with pytest.raises(keys.KeysetError, match="x-wrap may only be aes-gcm"):
+        KeyReference(_hsm_uri(hsm, "kek", "&x-wrap=aes-kwp"))  # said in the driver
+    # vendor attributes gpucrypt does not read are not carried
+    assert KeyReference(_hsm_uri(hsm, "kek", "&x-vendor=1")) == plain
+
+
 def test_pkcs11_rsa_oaep_interoperates_with_cryptography(hsm):
     ref = KeyReference(_hsm_uri(hsm, "rsa"))
     dek = keys.generate_dek()
@@ -445,6 +474,40 @@ def test_kms_cli_failures_are_one_line_exit_1(kms, plain, tmp_path, capsys):
     assert not any((tmp_path / f"{n}.out").exists() for n in "bce")
     code, _, err = _cli(capsys, "decrypt", enc, tmp_path / "f.out", "--kek", "awskms://nonsense")
     assert code == 2 and "ARN, alias/NAME or a key id" in err
+
+
+def test_kms_a_stanza_id_that_is_no_arn_is_no_key_of_ours(env, tmp_path, capsys):
+    """A key-ref stanza whose id starts awskms:// but holds no key ARN (a damaged or forged
+    file) is no KMS key's: opening says no recipient matches (exit 1, one line) where it
+    raised a bare IndexError (a traceback on the command line). Nothing asks KMS: the
+    endpoint is a closed port, which any call would report as unreachable."""
+    from gpucrypt.keys.awskms import AwsKmsKey, _region_of
+
+    dead = f"http://127.0.0.1:{_free_port()}"
+    refs = [KeyReference(f"awskms:///alias/models?endpoint={dead}"),  # region: the environment's
+            KeyReference(f"awskms:///alias/models?region=eu-west-1&endpoint={dead}"),
+            KeyReference("awskms://arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-"
+                         f"56ef-1234567890ab?endpoint={dead}")]
+    body = b"\x01" * 40
+    for damaged in ("awskms://arn:x", "awskms://arn:aws:kms:us-east-1", "awskms://",
+                    "awskms://alias/models", "awskms://arn:aws:kms:us-east-1:1:key/k"):
+        envelope = keys._envelope.encode([keys.Stanza("key-ref", damaged.encode(), body)])
+        for ref in refs:
+            assert not ref.owns(damaged), (damaged, ref)
+            with pytest.raises(keys.NoMatchingRecipient, match="no recipient in this file matches"):
+                keys.open_envelope(envelope, ref)
+            with pytest.raises(keys.KeyNotFound, match="is not the AWS KMS key"):
+                ref.unwrap(damaged, body, {})
+    with pytest.raises(keys.KeyNotFound, match="'arn:x' is not an AWS KMS key ARN"):
+        _region_of("arn:x")
+    with pytest.raises(keys.KeysetError, match="is not an AWS KMS key ARN"):
+        AwsKmsKey("arn:x")
+    damaged_file = tmp_path / "damaged.gc"
+    envelope = keys._envelope.encode([keys.Stanza("key-ref", b"awskms://arn:x", body)])
+    stream.encrypt(b"data", str(damaged_file), keys.generate_dek(), envelope=envelope, device="cpu")
+    code, _, err = _cli(capsys, "decrypt", damaged_file, tmp_path / "out", "--kek", refs[0].uri)
+    assert code == 1 and err.count("\n") == 1 and "no recipient in this file matches" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------ between providers

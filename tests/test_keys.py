@@ -8,6 +8,8 @@ import json
 import os
 import re
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -334,6 +336,52 @@ def test_save_refuses_a_file_changed_since_it_was_loaded(tmp_path):
     assert [k.status for k in after if k.id == old.id] == ["disabled"]
     with pytest.raises(KeysetError, match="changed since"):
         a.save(path)                               # a is stale now
+
+
+@pytest.mark.skipif(os.name != "posix", reason="saves are locked with flock on POSIX only")
+def test_overlapping_saves_of_one_file_refuse_the_second(tmp_path, monkeypatch):
+    """The changed-since check and the write are one step: a save that starts while another
+    save of the same version is still writing (a slow fsync) waits for it, then is refused.
+    Both had passed the check and the later rename undid the other's change (here a
+    destroyed key's material came back)."""
+    from gpucrypt.keys import keyset as keyset_module
+
+    path = tmp_path / "ks.json"
+    ks = Keyset.generate()
+    doomed = ks.add()
+    ks.save(path)
+    a, b = Keyset.load(path), Keyset.load(path)   # e.g. `keys add` and `keys destroy --yes`
+    added = a.add()
+    b.destroy(doomed.id)
+    real, writing, failures = keyset_module.write_atomically, threading.Event(), []
+
+    def slow_for_a(*args, **kwargs):
+        if threading.current_thread().name == "saver-a":
+            writing.set()
+            time.sleep(0.5)  # after a's check, before its rename: b saves meanwhile
+        return real(*args, **kwargs)
+
+    def save_a():
+        try:
+            a.save(path)
+        except BaseException as exc:  # reported below, not lost in the thread
+            failures.append(exc)
+
+    monkeypatch.setattr(keyset_module, "write_atomically", slow_for_a)
+    saver = threading.Thread(target=save_a, name="saver-a")
+    saver.start()
+    try:
+        assert writing.wait(10)
+        with pytest.raises(KeysetError, match="changed since this keyset was read from it"):
+            b.save(path)
+    finally:
+        saver.join(10)
+    assert not failures and not saver.is_alive()
+    after = Keyset.load(path)                      # the first save's change, whole
+    assert added.id in [k.id for k in after]
+    assert after._find(doomed.id).status == "enabled"
+    assert after.get(doomed.id).secret_bytes() == ks.get(doomed.id).secret_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["ks.json"]  # no lock file left behind
 
 
 def test_kek_sealing(tmp_path):
@@ -680,3 +728,120 @@ def test_a_keyset_sealed_with_an_int_kek_is_refused(tmp_path):
     with pytest.raises(TypeError, match="kek must be bytes-like"):
         Keyset.generate().save(tmp_path / "keys.json", kek=32, kek_id="k")
     assert not (tmp_path / "keys.json").exists()
+
+
+# ---------------------------------------------------------------- what travels, what does not
+
+
+@pytest.mark.parametrize("kem", ["x25519", "mlkem768-x25519"])
+def test_a_recipient_pickles_and_copies_as_its_public_key(kem):
+    """KeyReferences takes a Recipient as a reference that travels (it is public), but it
+    did not pickle (cryptography's public-key objects do not): a gpucrypt filesystem made
+    with one could not be shipped to workers."""
+    import copy
+    import pickle
+
+    from gpucrypt.keys.portable import KeyReferences
+
+    alice = Identity.generate(kem)
+    for back in (pickle.loads(pickle.dumps(alice.recipient)), copy.copy(alice.recipient),
+                 copy.deepcopy(alice.recipient)):
+        assert back == alice.recipient and back.kem == kem
+        assert back.public_bytes == alice.recipient.public_bytes
+        dek = keys.generate_dek()
+        assert keys.open_envelope(keys.seal_envelope(dek, back), alice) == dek  # still wraps
+    refs = KeyReferences(recipients=alice.recipient)
+    blob = pickle.dumps(refs)
+    assert alice._private_bytes not in blob
+    worker = pickle.loads(blob)
+    assert worker == refs
+    dek = keys.generate_dek()
+    assert keys.open_envelope(keys.seal_envelope(dek, worker.resolve().wrappers()), alice) == dek
+
+
+def test_objects_holding_key_material_refuse_pickle_and_copy(fast_scrypt, tmp_path):
+    """A pickle carried keys, private keys and passphrases in the clear (a keyset loaded
+    sealed carried its passphrase too); an Identity refused only by accident (its
+    cryptography object), and copy.copy took it. Each refuses now, saying what to pickle
+    instead, as gpucrypt.aead's objects do."""
+    import copy
+    import pickle
+
+    from gpucrypt.keys import EnvKeyProvider, Passphrase, WrappingKey
+
+    path = tmp_path / "ks.json"
+    Keyset.generate().save(path, "sealing-pass-xyz", scrypt_n=FAST_N)
+    sealed = Keyset.load(path, "sealing-pass-xyz")
+    used = FileKeyProvider(path, "sealing-pass-xyz")
+    used.get_key(sealed.primary.id)
+    holders = {"Keyset": Keyset.generate(), "sealed-loaded Keyset": sealed,
+               "KeysetKey": sealed.primary, "WrappingKey": WrappingKey("w", os.urandom(32)),
+               "Passphrase": Passphrase("correct horse battery", log_n=FAST_N.bit_length() - 1),
+               "Identity": Identity.generate(),
+               "hybrid Identity": Identity.generate("mlkem768-x25519"),
+               "FileKeyProvider with a passphrase": FileKeyProvider(path, "sealing-pass-xyz"),
+               "used FileKeyProvider": used}
+    for name, holder in holders.items():
+        for attempt in (pickle.dumps, copy.copy, copy.deepcopy):
+            with pytest.raises(TypeError, match=r"it holds key material, which a pickle "
+                                                r"would carry in the clear; "
+                                                r".*(KeyReferences|name where)"):
+                attempt(holder)
+    over_keyset = WrappingKey.from_provider(sealed, sealed.primary.id)
+    for attempt in (pickle.dumps, copy.deepcopy):  # (a shallow copy shares the same keyset)
+        with pytest.raises(TypeError, match="cannot pickle or copy 'Keyset' object"):
+            attempt(over_keyset)
+    # what holds no secret still travels: a WrappingKey over a provider of names, a
+    # FileKeyProvider of a path alone (loaded again where it is unpickled)
+    by_env = pickle.loads(pickle.dumps(WrappingKey.from_provider(EnvKeyProvider("k", "VAR"), "k")))
+    assert by_env.key_id == "k" and by_env._key is None
+    assert (by_env._provider.key_id, by_env._provider.variable) == ("k", "VAR")
+    plain_path = tmp_path / "plain.json"
+    Keyset.generate().save(plain_path)
+    assert pickle.loads(pickle.dumps(FileKeyProvider(plain_path))).keyset.primary.id == \
+        Keyset.load(plain_path).primary.id
+
+
+def test_data_key_cache_is_safe_from_many_threads(tmp_path, monkeypatch):
+    """A filesystem's reader threads share one ResolvedKeys. At a full cache two threads
+    evicting at once took the same oldest entry (KeyError), or one iterated while another
+    inserted (RuntimeError). A cache of one or two entries is full at once, so eight
+    threads over 64 envelopes evict all the time, and a tiny switch interval interleaves
+    them finely: without the lock most rounds fail, and four rounds all passing by luck
+    was never seen (each round takes a fraction of a second)."""
+    import sys
+
+    from gpucrypt.keys import portable
+
+    keyset = Keyset.generate()
+    keyset.save(tmp_path / "ks.json")
+    deks = [keys.generate_dek() for _ in range(64)]
+    envelopes = [keys.seal_envelope(dek, keyset) for dek in deks]
+    failures: list[str] = []
+
+    def read(resolved, offset: int) -> None:
+        for i in range(2000):
+            n = (i + offset) % len(envelopes)
+            try:
+                if resolved.data_key(envelopes[n]) != deks[n]:
+                    failures.append(f"envelope {n}: another data key")
+            except Exception as exc:  # collected: a thread's exception would be lost
+                failures.append(repr(exc))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for cache_size in (1, 2, 1, 2):
+            monkeypatch.setattr(portable, "_DATA_KEY_CACHE", cache_size)
+            resolved = portable.KeyReferences(keyset=str(tmp_path / "ks.json")).resolve()
+            threads = [threading.Thread(target=read, args=(resolved, 7 * k)) for k in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert len(resolved._data_keys) <= cache_size  # still bounded
+            if failures:
+                break
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures, (len(failures), failures[:3])

@@ -228,8 +228,10 @@ def _add_kek_argument(parser: Any, flag: str, help_text: str) -> None:
 def _key_references(uris: list[str], args: Any) -> list:
     """KeyReference objects for ``--kek`` URIs; a malformed URI is a usage error (exit 2).
     The local files they name (a ``file:`` keyset, a ``pin-source``/``passphrase-source``
-    file) get the same permission check as ``--keyset`` and ``--key-file``."""
+    file, in any form the reader takes: ``file:PATH``, ``file://PATH`` or a plain absolute
+    path) get the same permission check as ``--keyset`` and ``--key-file``."""
     from ..keys import KeyReference, KeysetError
+    from ..keys.references import secret_source_path
 
     try:
         refs = [KeyReference(uri) for uri in uris]
@@ -239,8 +241,9 @@ def _key_references(uris: list[str], args: Any) -> list:
         if ref.scheme == "file":
             check_private_file(ref.attributes["path"], "keyset", args)
         for name, source in ref.query.items():
-            if name.endswith("-source") and source.startswith("file:"):
-                check_private_file(source[len("file:"):], name.replace("-source", " file"), args)
+            path = secret_source_path(source) if name.endswith("-source") else None
+            if path is not None:  # the same file the provider will read the secret from
+                check_private_file(path, name.replace("-source", " file"), args)
     return refs
 
 

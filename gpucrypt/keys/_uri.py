@@ -3,8 +3,8 @@
 Three schemes (docs/KEYS.md, "Key references"):
 
 - ``pkcs11:token=T;object=O[;type=secret-key|private|public][;id=%01%02]
-  [?module-path=/path/lib.so&pin-source=env:VAR|file:/path]`` (RFC 7512: path attributes
-  separated by ``;``, query attributes by ``&``, values percent-encoded);
+  [?module-path=/path/lib.so&pin-source=env:VAR|file:/path&x-wrap=aes-gcm]`` (RFC 7512:
+  path attributes separated by ``;``, query attributes by ``&``, values percent-encoded);
 - ``awskms://arn:aws:kms:REGION:ACCOUNT:key/ID[?endpoint=URL&profile=NAME]``, or
   ``awskms:///alias/NAME?region=REGION[&endpoint=URL&profile=NAME]`` (also a bare key id);
 - ``file:///path/to/keyset.json[?passphrase-source=env:VAR|file:/path]``.
@@ -31,6 +31,11 @@ SCHEMES = ("pkcs11", "awskms", "file")
 #: RFC 7512 path attributes gpucrypt reads (others are refused, so a typo cannot widen a match)
 _PKCS11_PATH = ("token", "object", "type", "id", "serial", "manufacturer", "model")
 _PKCS11_QUERY = ("module-path", "pin-source")
+#: ``x-`` (vendor) query attributes that change what the key does, not just how it is
+#: reached: the canonical URI keeps them, so a pickled or copied reference wraps as the
+#: original does, and two references that wrap differently are not equal. Other ``x-``
+#: attributes, which gpucrypt does not read, are dropped (they could hold anything).
+_PKCS11_BEHAVIOUR = {"x-wrap": ("aes-gcm",)}
 _PKCS11_TYPES = ("secret-key", "private", "public")
 _AWS_QUERY = ("region", "endpoint", "profile")
 _FILE_QUERY = ("passphrase-source",)
@@ -80,11 +85,13 @@ class KeyUri:
     query: dict = field(default_factory=dict)
 
     def canonical(self) -> str:
-        """The URI rebuilt from its parts, attributes in a fixed order."""
+        """The URI rebuilt from its parts, attributes in a fixed order: every attribute
+        gpucrypt reads (``x-wrap`` included), no other ``x-`` attribute."""
         if self.scheme == "pkcs11":
             text = "pkcs11:" + ";".join(f"{k}={v if k == 'id' else _pct(v)}"  # id: kept encoded
                                         for k, v in self._ordered(_PKCS11_PATH))
-            extra = [(k, self.query[k]) for k in _PKCS11_QUERY if k in self.query]
+            extra = [(k, self.query[k]) for k in (*_PKCS11_QUERY, *_PKCS11_BEHAVIOUR)
+                     if k in self.query]
         elif self.scheme == "awskms":
             key = self.path["key"]
             text = "awskms://" + (key if key.startswith("arn:") else "/" + key)
@@ -170,6 +177,9 @@ def _pkcs11(uri: str, body: str, query: dict) -> KeyUri:
         raise _bad(uri, "name the token and the key: pkcs11:token=LABEL;object=KEY_LABEL")
     if "type" in path and path["type"] not in _PKCS11_TYPES:
         raise _bad(uri, f"type must be one of {', '.join(_PKCS11_TYPES)}")
+    for name, values in _PKCS11_BEHAVIOUR.items():  # said here, in the driver, not on a worker
+        if name in query and query[name] not in values:
+            raise _bad(uri, f"{name} may only be {' or '.join(values)}")
     return KeyUri("pkcs11", path, query)
 
 

@@ -22,8 +22,8 @@ import os
 import threading
 from typing import Any, Iterator, Mapping
 
-from .._errors import KeyNotFound, KeyProviderError, KeyUnavailable
-from ._uri import KeyUri
+from .._errors import KeyNotFound, KeyProviderError, KeysetError, KeyUnavailable
+from ._uri import _ARN, KeyUri
 
 try:
     import boto3
@@ -58,7 +58,13 @@ def _client(profile: str | None, region: str | None, endpoint: str | None) -> An
 
 
 def _region_of(arn: str) -> str:
-    return arn.split(":")[3]
+    """The region of a KMS key ARN; KeyNotFound for anything else (a stanza id from a
+    damaged or forged file: no KMS key of ours, and no region to ask)."""
+    match = _ARN.fullmatch(arn)
+    if match is None:
+        raise KeyNotFound(f"{arn[:100]!r} is not an AWS KMS key ARN "
+                          f"(arn:aws:kms:REGION:ACCOUNT:key/ID)")
+    return match.group(1)
 
 
 class AwsKmsKey:
@@ -72,6 +78,9 @@ class AwsKmsKey:
 
     def __init__(self, key: str, *, region: str | None = None, endpoint: str | None = None,
                  profile: str | None = None):
+        if key.startswith("arn:") and _ARN.fullmatch(key) is None:
+            raise KeysetError(f"{key!r} is not an AWS KMS key ARN "
+                              f"(arn:aws:kms:REGION:ACCOUNT:key/ID)")
         self.key, self.endpoint, self.profile = key, endpoint, profile
         self.region = _region_of(key) if key.startswith("arn:") else region
         self._arns: dict = {}  # key as named -> its ARN (DescribeKey), when allowed
@@ -142,9 +151,9 @@ class AwsKmsKey:
         return STANZA_PREFIX + answer["KeyId"], bytes(answer["CiphertextBlob"])
 
     def owns(self, stanza_id: str) -> bool:
-        if not stanza_id.startswith(STANZA_PREFIX + "arn:"):
-            return False
         arn = stanza_id[len(STANZA_PREFIX):]
+        if not stanza_id.startswith(STANZA_PREFIX) or _ARN.fullmatch(arn) is None:
+            return False  # wrap() records ARNs only: anything else is damaged, or not KMS's
         if self.key.startswith("arn:") and ":key/" in self.key:
             return arn == self.key
         if self.key not in self._arns:  # an alias or a bare id: ask KMS what it names

@@ -9,18 +9,25 @@ data wrapped under them still opens. ``disabled`` keys refuse until enabled agai
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
 from typing import Any, Iterable, Iterator
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: saves are checked, not locked (see _locked_digest)
+    fcntl = None  # type: ignore[assignment]
+
 from .. import audit
 from .._errors import KeyNotFound, KeysetError, KeyUnavailable
 from ..files._atomic import write_atomically
-from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, file_digest, open_document,
+from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document,
                         protection_method, read_document, read_json, scrypt_n_to_write,
                         seal_document, utc_timestamp)
+from ._material import HoldsKeyMaterial
 
 __all__ = ["KeysetKey", "Keyset", "PRIMARY", "ENABLED", "DISABLED", "DESTROYED",
            "KEK_ALGORITHMS", "DEFAULT_KEK_ALGORITHM", "KEYSET_FORMAT"]
@@ -35,13 +42,16 @@ DEFAULT_KEK_ALGORITHM = "aes-256-kwp"
 KEYSET_FORMAT = "gpucrypt-keyset"
 
 
-class KeysetKey:
+class KeysetKey(HoldsKeyMaterial):
     """One key of a keyset: ``id``, ``algorithm``, ``created`` (ISO 8601 UTC) and ``status``.
 
-    The material is reachable only through :meth:`secret_bytes`, and never printed.
+    The material is reachable only through :meth:`secret_bytes`, and never printed,
+    pickled or copied.
     """
 
     __slots__ = ("id", "algorithm", "created", "status", "_material")
+    _travel_instead = ("pickle a KeyReferences naming its keyset file instead (keyset=PATH), "
+                       "and load it in the process that uses it")
 
     def __init__(self, id: str, algorithm: str, created: str, status: str,
                  material: bytes | None):
@@ -90,14 +100,17 @@ def _new_key_id() -> str:
     return secrets.token_hex(8)
 
 
-class Keyset:
+class Keyset(HoldsKeyMaterial):
     """An ordered set of symmetric key-encryption keys with one primary.
 
     ``Keyset.generate()`` makes one with a single primary key; :meth:`load` and
     :meth:`save` read and write the JSON file described in docs/KEYS.md. New data
     keys are wrapped under :attr:`primary`; unwrapping finds the key by the id the
-    envelope records. A keyset is also a :class:`KeyProvider`.
+    envelope records. A keyset is also a :class:`KeyProvider`. It cannot be pickled or
+    copied (its keys, and the passphrase or KEK it was loaded with, would travel).
     """
+
+    _travel_instead = KeysetKey._travel_instead
 
     def __init__(self, keys: Iterable[KeysetKey] = ()):
         self._keys: dict[str, KeysetKey] = {}
@@ -190,7 +203,10 @@ class Keyset:
 
         Raises :class:`KeysetError`, writing nothing, when ``path`` is the file this keyset
         was loaded from (or last saved to) and it has changed since: another program saved
-        it in between, and writing would undo that change.
+        it in between, and writing would undo that change. On POSIX the check and the write
+        are one step: saves of that file (from any process) hold an exclusive ``flock`` on
+        it from the check until the new file has replaced it, so of two overlapping saves
+        from one version the second is refused.
 
         Audit: one ``keyset.save`` event, ``ok`` once the file is written or ``error`` (and
         nothing written) otherwise, whose ``key_ids`` are the keys added or changed since
@@ -206,11 +222,19 @@ class Keyset:
         if not self._keys:  # a keyset file without a primary key could not be loaded back
             raise KeysetError("the keyset has no keys: add one (Keyset.generate) before saving")
         target = os.path.realpath(path)
-        if self._origin is not None and self._origin[0] == target \
-                and file_digest(target) not in (None, self._origin[1]):  # None: gone, nothing to undo
-            raise KeysetError(f"{os.fspath(path)} changed since this keyset was read from it "
-                              f"(another command or program saved it): nothing was written; "
-                              f"load it again, then redo the change")
+        checked = self._origin is not None and self._origin[0] == target
+        with _locked_digest(target) if checked else contextlib.nullcontext() as now:
+            if checked and now not in (None, self._origin[1]):  # None: gone, nothing to undo
+                raise KeysetError(f"{os.fspath(path)} changed since this keyset was read from "
+                                  f"it (another command or program saved it): nothing was "
+                                  f"written; load it again, then redo the change")
+            data, method = self._document(passphrase, kek, kek_id, scrypt_n, unsealed)
+            write_atomically(path, data, 0o600)  # still locked: the check holds until replaced
+        self._origin = (target, hashlib.sha256(data).digest())
+        ev.update(count=len(self._keys), key_id=self.primary.id, status=method or "unsealed")
+
+    def _document(self, passphrase, kek, kek_id, scrypt_n, unsealed) -> tuple[bytes, str | None]:
+        """The file's bytes, and how it is sealed (None: plain)."""
         if passphrase is None and kek is None and not unsealed and self._seal is not None:
             passphrase, kek = self._seal["passphrase"], self._seal["kek"]
             kek_id = kek_id or self._seal["kek_id"]
@@ -231,10 +255,7 @@ class Keyset:
             method = doc["protection"]["method"]
             self._seal = {"passphrase": passphrase, "kek": kek, "kek_id": kek_id,
                           "scrypt_n": scrypt_n or DEFAULT_SCRYPT_N}
-        data = json.dumps(doc, indent=2).encode("utf-8") + b"\n"
-        write_atomically(path, data, 0o600)
-        self._origin = (target, hashlib.sha256(data).digest())
-        ev.update(count=len(self._keys), key_id=self.primary.id, status=method or "unsealed")
+        return json.dumps(doc, indent=2).encode("utf-8") + b"\n", method
 
     # --- reading
     def __iter__(self) -> Iterator[KeysetKey]:
@@ -323,6 +344,49 @@ class Keyset:
         self._unsaved.add(key.id)
         audit.event("keyset.destroy", key_id=key.id, status=DESTROYED)
         return key
+
+
+@contextlib.contextmanager
+def _locked_digest(path: str) -> Iterator[bytes | None]:
+    """Hold an exclusive ``flock`` on the file at ``path`` and yield the SHA-256 of its bytes
+    as locked (None, and no lock, when there is no file), until the block ends.
+
+    Why the file itself, not its folder or a lock file beside it: it serialises exactly
+    the saves of this keyset (other files in the folder do not wait), needs only the read
+    access that loading needs anyway (not read access to the folder), and leaves nothing
+    behind. But a save replaces the file by a rename, so a saver that waited on the old
+    file would hold a lock nobody else asks for: after locking, the file at ``path`` must
+    still be the one locked (same inode), else lock the new one. That saver then finds the
+    bytes changed and is refused, which is the point.
+
+    Where ``flock`` is missing (not POSIX) or refused (some network file systems) the
+    digest is yielded unlocked: the check then catches saves that do not overlap, as it
+    did before locking existed."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, below
+                except OSError:
+                    pass  # no locks on this file system: checked only
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+            held = os.fstat(fd)
+            if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                continue  # replaced (or removed) while we waited: lock what is there now
+            with open(fd, "rb", closefd=False) as f:
+                digest = hashlib.sha256(f.read()).digest()
+            yield digest
+            return
+        finally:
+            os.close(fd)
 
 
 def _scrypt_n_to_keep(n: Any) -> int:

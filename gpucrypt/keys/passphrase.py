@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from .._errors import KeysetError, KeyUnavailable
 from .._buffers import bytes_arg
 from ._envelope import Stanza
+from ._material import HoldsKeyMaterial
 
 __all__ = ["Passphrase", "DEFAULT_LOG_N", "MIN_LOG_N", "MAX_LOG_N", "STANZA_KIND", "work_factor",
            "check_log_n"]
@@ -95,12 +96,16 @@ def check_log_n(log_n: int) -> int:
     return log_n
 
 
-class Passphrase:
+class Passphrase(HoldsKeyMaterial):
     """A passphrase, as a recipient (``seal_envelope(dek, Passphrase(p))``: a ``scrypt``
     stanza with a fresh salt and work factor ``2**log_n``) and as an identity
     (``open_envelope(env, Passphrase(p))``: refuses stanzas asking for more than
     ``2**max_log_n``). ``log_n`` is :data:`MIN_LOG_N` to :data:`MAX_LOG_N`
-    (:func:`check_log_n`). Never prints the passphrase."""
+    (:func:`check_log_n`). Never prints, pickles or copies the passphrase."""
+
+    _travel_instead = ("name where the passphrase is instead (an environment variable, read "
+                       "in each process: KeyReferences(passphrase_env=VAR), or a file: key "
+                       "reference's passphrase-source), and make the Passphrase there")
 
     def __init__(self, passphrase: str | bytes, *, log_n: int = DEFAULT_LOG_N,
                  max_log_n: int = MAX_LOG_N):

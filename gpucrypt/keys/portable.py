@@ -24,6 +24,7 @@ with a ``TypeError``: they would travel in every pickle.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from .._errors import KeysetError
@@ -189,12 +190,16 @@ class ResolvedKeys:
 
     ``keyset`` and ``recipients`` are what :func:`gpucrypt.keys.encrypt_file` takes;
     ``keyset`` and ``identities``, what :func:`gpucrypt.keys.decrypt_file` takes.
-    :meth:`data_key` unwraps an envelope, remembering the last data keys it unwrapped.
+    :meth:`data_key` unwraps an envelope, remembering the last data keys it unwrapped; it
+    may be called from several threads at once (a filesystem's readers share one).
     """
 
     def __init__(self, keyset: Any, identities: list, recipients: list):
         self.keyset, self.identities, self.recipients = keyset, identities, recipients
         self._data_keys: dict[tuple[bytes, bytes], bytes] = {}
+        #: guards _data_keys only: two threads evicting at once took the same oldest entry
+        #: (KeyError), or one iterated while another inserted (RuntimeError)
+        self._data_keys_lock = threading.Lock()
 
     def __reduce__(self):
         raise TypeError("resolved keys hold key material and never travel: pickle the "
@@ -216,11 +221,19 @@ class ResolvedKeys:
         """The data key ``envelope`` wraps (NoMatchingRecipient when none of these keys
         opens it). ``salt``: the file header's, which keys in an HSM or a KMS are bound to
         (:func:`~gpucrypt.keys.file_context`, as ``encrypt_file`` binds them)."""
-        key = self._data_keys.get((envelope, salt))
-        if key is None:
-            key = open_file_envelope(envelope, self.unwrappers(), salt)
-            if len(self._data_keys) >= _DATA_KEY_CACHE:
-                self._data_keys.pop(next(iter(self._data_keys)))
-            self._data_keys[(envelope, salt)] = key
+        slot = (envelope, salt)
+        with self._data_keys_lock:
+            key = self._data_keys.get(slot)
+        if key is not None:
+            return key
+        # unwrapped outside the lock: an HSM or a KMS takes milliseconds to seconds, and
+        # threads reading other files must not wait for it. Two threads missing the same
+        # envelope both unwrap it (the same key); the cache keeps one.
+        key = open_file_envelope(envelope, self.unwrappers(), salt)
+        with self._data_keys_lock:
+            if slot not in self._data_keys:
+                if len(self._data_keys) >= _DATA_KEY_CACHE:
+                    del self._data_keys[next(iter(self._data_keys))]  # the oldest
+                self._data_keys[slot] = key
         return key
 

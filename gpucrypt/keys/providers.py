@@ -15,6 +15,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 from .._buffers import bytes_arg
 from .._errors import KeyManagementError, KeyNotFound, KeysetError
+from ._material import HoldsKeyMaterial
 from .keyset import Keyset
 
 __all__ = ["KeyProvider", "FileKeyProvider", "EnvKeyProvider", "CallableKeyProvider",
@@ -36,8 +37,14 @@ class KeyProvider(Protocol):
     def get_key(self, key_id: str) -> bytes: ...
 
 
-class FileKeyProvider:
-    """Keys from a keyset file, loaded on first use (``passphrase``/``kek`` if sealed)."""
+class FileKeyProvider(HoldsKeyMaterial):
+    """Keys from a keyset file, loaded on first use (``passphrase``/``kek`` if sealed).
+
+    Pickles as its path while it holds nothing secret: given a passphrase or a KEK, or
+    once it has loaded the keyset, it refuses (``TypeError``), as a keyset does."""
+
+    _travel_instead = ("pickle a KeyReferences naming the keyset file instead (keyset=PATH, "
+                       "passphrase_env=VAR), and load it in the process that uses it")
 
     def __init__(self, path: str | os.PathLike, passphrase: str | bytes | None = None, *,
                  kek: bytes | None = None):
@@ -55,6 +62,11 @@ class FileKeyProvider:
 
     def get_key(self, key_id: str) -> bytes:
         return self.keyset.get_key(key_id)
+
+    def __reduce__(self):
+        if self._passphrase is not None or self._kek is not None or self._keyset is not None:
+            return super().__reduce__()  # refuses
+        return (FileKeyProvider, (self._path,))
 
 
 class EnvKeyProvider:
@@ -116,10 +128,16 @@ class CallableKeyProvider:
         return bytes_arg(key, f"the key {self._name} returned for {key_id!r}")
 
 
-class WrappingKey:
+class WrappingKey(HoldsKeyMaterial):
     """A symmetric key-encryption key with an id: as a recipient it wraps with AES-KWP,
     as an identity it unwraps stanzas carrying its id. Build one from bytes, or from a
-    provider with :meth:`from_provider` (the material is fetched when needed)."""
+    provider with :meth:`from_provider` (the material is fetched when needed).
+
+    One built from a provider pickles as its id and provider (which must pickle itself:
+    a loaded ``Keyset`` refuses); one holding bytes refuses (``TypeError``)."""
+
+    _travel_instead = ("build it with WrappingKey.from_provider(...) so that only the "
+                       "provider travels, or pickle a KeyReferences naming the keyset file")
 
     def __init__(self, key_id: str, key: bytes | None = None, *,
                  provider: KeyProvider | None = None):
@@ -137,6 +155,11 @@ class WrappingKey:
 
     def __repr__(self) -> str:
         return f"WrappingKey(id={self.key_id!r})"
+
+    def __reduce__(self):
+        if self._key is not None:
+            return super().__reduce__()  # refuses: the bytes would travel
+        return (WrappingKey.from_provider, (self._provider, self.key_id))
 
     def secret_bytes(self) -> bytes:
         if self._key is not None:

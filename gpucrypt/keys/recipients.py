@@ -29,6 +29,7 @@ from . import _envelope
 from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document, read_json,
                         seal_document, utc_timestamp)
 from ._envelope import EnvelopeFormatError, Stanza
+from ._material import HoldsKeyMaterial
 from .keyset import Keyset, KeysetKey
 from .passphrase import STANZA_KIND as _SCRYPT, Passphrase
 from .providers import KeyProvider, WrappingKey
@@ -85,6 +86,11 @@ class Recipient:
 
     def __hash__(self) -> int:
         return hash(self.fingerprint)
+
+    def __reduce__(self):
+        # public, so it travels (KeyReferences takes it): as its KEM and public bytes,
+        # since cryptography's key objects do not pickle
+        return (Recipient, (self.kem, self.public_bytes))
 
     @property
     def stanza_id(self) -> bytes:
@@ -159,11 +165,15 @@ def _load_public(kem: str, public: bytes):
         x25519.X25519PublicKey.from_public_bytes(public[_MLKEM768_PUBLIC:]))
 
 
-class Identity:
+class Identity(HoldsKeyMaterial):
     """A private key that opens stanzas wrapped for its :attr:`recipient`.
 
     Stored material: X25519, the 32-byte private key; ML-KEM-768 + X25519, the
-    64-byte ML-KEM seed followed by the 32-byte X25519 private key."""
+    64-byte ML-KEM seed followed by the 32-byte X25519 private key. It cannot be pickled
+    or copied; its :attr:`recipient` (public) can."""
+
+    _travel_instead = ("pickle a KeyReferences naming its identity file instead "
+                       "(identities=PATH), and load it in the process that uses it")
 
     def __init__(self, kem: str, private_bytes: bytes, created: str | None = None):
         if kem not in _KEMS:

@@ -33,7 +33,7 @@ from .._errors import KeyProviderError, KeysetError
 from ._uri import KeyUri, check_secret_source, parse_key_uri
 
 __all__ = ["KeyReference", "ExternalKey", "file_context", "context_bytes", "read_secret_source",
-           "PROVIDERS"]
+           "secret_source_path", "PROVIDERS"]
 
 #: URI scheme -> "module:class" of its :class:`ExternalKey` (imported on first use, so that
 #: importing gpucrypt.keys imports neither python-pkcs11 nor boto3)
@@ -100,6 +100,16 @@ def context_bytes(context: Mapping[str, str]) -> bytes:
     return json.dumps(dict(context), sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
+def secret_source_path(source: str) -> str | None:
+    """The file a ``*-source`` value names (``file:PATH``, ``file://PATH`` or a plain
+    absolute path), None for ``env:VAR``: the one place that says which forms are files,
+    for the reader below and for the command line's permission check of the same file."""
+    if source.startswith("env:"):
+        return None
+    path = source[5:] if source.startswith("file:") else source
+    return path[2:] if path.startswith("//") else path
+
+
 def read_secret_source(source: str | None, default_env: str, what: str,
                        attribute: str = "pin-source") -> str:
     """The secret named by ``source``: ``env:VAR`` (an environment variable), ``file:PATH``
@@ -122,9 +132,7 @@ def read_secret_source(source: str | None, default_env: str, what: str,
             raise KeyProviderError(f"{what}: the environment variable {name} is not valid "
                                    f"UTF-8: set it to UTF-8 text") from None
         return value
-    path = source[5:] if source.startswith("file:") else source
-    if path.startswith("//"):
-        path = path[2:]
+    path = secret_source_path(source)
     try:
         with open(path, encoding="utf-8") as f:
             value = f.read().rstrip("\r\n")
@@ -144,9 +152,11 @@ class KeyReference:
     ``KeyReference("pkcs11:token=prod;object=model-kek")``, ``KeyReference("awskms://arn:aws:
     kms:eu-west-1:111122223333:key/...")``, ``KeyReference("file:///etc/gpucrypt/keyset.json")``.
     Use it as a recipient (wraps under the key; a ``file:`` keyset's primary) and as an
-    identity (opens stanzas the key owns). :attr:`uri` is the canonical URI; :attr:`label`
-    the same without its query (module path, endpoint, PIN source): what audit records and
-    errors show. Pickles as its URI only.
+    identity (opens stanzas the key owns). :attr:`uri` is the canonical URI: every
+    attribute gpucrypt reads, ``x-wrap`` included, so that a copy or a pickle behaves as the
+    original, and references that wrap differently are not equal. :attr:`label` is the
+    same without its query (module path, endpoint, PIN source, ``x-wrap``): what audit
+    records and errors show. Pickles as its URI only.
     """
 
     __slots__ = ("uri", "_parsed", "_resolved", "_pid")
