@@ -880,9 +880,13 @@ def test_key_files_that_are_missing_or_of_another_kind_are_usage_errors(work, ca
     assert run(capsys, "keygen", "--public", "--out", "alice")[0] == 0
     assert run(capsys, "encrypt", "-r", "alice.pub", "plain", "sealed")[0] == 0
     (work / "folder").mkdir()
+    private(work / "deep", b"[" * 100_000 + b"]" * 100_000)
     cases = [["encrypt", "--key-file", "nothere", "plain", "x"],
              ["encrypt", "-r", "nothere.pub", "plain", "x"],
              ["encrypt", "-r", "plain", "plain", "x"],           # not JSON
+             ["encrypt", "-r", "deep", "plain", "x"],            # JSON too deep to parse
+             ["decrypt", "-i", "deep", "sealed", "x"],
+             ["encrypt", "--keyset", "deep", "plain", "x"],
              ["encrypt", "-r", "folder", "plain", "x"],
              ["encrypt", "--keyset", "nothere.json", "plain", "x"],
              ["encrypt", "--keyset", "alice.pub", "plain", "x"],  # another kind of key file

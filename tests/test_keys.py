@@ -401,6 +401,7 @@ def test_kek_sealing(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("not json", "not JSON"),
+    ("[" * 100_000 + "]" * 100_000, "not JSON"),  # deep enough for json's RecursionError
     ('{"format": "something-else"}', "not a gpucrypt-keyset file"),
     ('{"format": "gpucrypt-keyset", "version": 9, "keys": []}', "version 9 is not supported"),
     ('{"format": "gpucrypt-keyset", "version": 1, "keys": [{"id": "a"}]}', "malformed key entry"),

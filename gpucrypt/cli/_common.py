@@ -14,7 +14,9 @@ group or others can access are refused, as ssh refuses such private keys
 
 Outputs to a path are :class:`gpucrypt.files._atomic.AtomicFile` objects: nothing is
 at OUT until the whole file is written (and verified, to decrypt), no signal leaves a
-temporary file behind on Linux, and without ``--force`` a file that appeared at OUT
+temporary file behind on Linux while it is written (replacing a file with ``--force``
+names it beside OUT for the moment of its rename: SIGTERM and SIGHUP remove that name,
+SIGKILL can leave it), and without ``--force`` a file that appeared at OUT
 meanwhile is never replaced. Every error is a :class:`gpucrypt.cli.CliError`: exit
 code 1 when the data failed (wrong key, tampering, truncation, not our format) or on an
 I/O error, 2 for usage problems.

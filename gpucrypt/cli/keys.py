@@ -124,7 +124,7 @@ def _protection(path: str) -> str | None:
     try:
         with open(path, "rb") as f:
             return json.loads(f.read().decode("utf-8"))["protection"]["method"]
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):  # deep JSON: Recursion
         return None
 
 

@@ -96,7 +96,7 @@ def read_document(path: str | os.PathLike, expected_format: str) -> tuple[dict, 
         raise UnreadableKeyFile(f"{where}: no such file") from None
     except OSError as exc:  # a folder, no permission: as for a missing file, a KeysetError
         raise UnreadableKeyFile(f"{where}: cannot read it ({exc.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # deep nesting: Recursion
         raise UnreadableKeyFile(f"{where}: not a {expected_format} file (not JSON)") from None
     if not isinstance(doc, dict) or doc.get("format") != expected_format:
         raise UnreadableKeyFile(f"{where}: not a {expected_format} file")
@@ -207,7 +207,7 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict |
         raise KeysetError(f"{where}: malformed protection block") from None
     try:
         secret = json.loads(plain)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise KeysetError(f"{where}: sealed part is not JSON") from None
     if not isinstance(secret, dict):
         raise KeysetError(f"{where}: malformed sealed part")

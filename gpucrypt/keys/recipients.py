@@ -143,7 +143,7 @@ def _file_document(path) -> dict | None:
     try:
         with open(path, "rb") as f:
             doc = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
         return None
     return doc if isinstance(doc, dict) else None
 
