@@ -18,6 +18,20 @@ Contract:
   keys, or URI references), resolved in the process that uses them. fsspec pickles a
   filesystem as its constructor arguments, so an instance sent to a worker carries no
   secret; objects holding key material are refused when the filesystem is made.
+- **One instance per key text; key files are watched.** fsspec hands back a cached
+  instance for arguments that print alike. A filesystem is cached (and
+  ``fsspec.filesystem(...)``, pandas and pyarrow calls share it) only when every key
+  reference is text (a path, a key URI, a ``KeyReferences`` of those), whose text names
+  the key whole; a filesystem given key objects (a provider-backed ``WrappingKey``, a
+  ``Recipient``, a provider, anything with ``resolve()``) is a new instance on every
+  call, so two objects that print alike never share one. Keys are resolved on first use
+  and again whenever a key file they name (a keyset, identity or recipient file, a
+  ``file:`` URI's keyset) has changed since (its inode, size, or modification or change
+  time): a keyset rotated on disk reaches the next file written or opened, by a new
+  filesystem call or by one kept from before. The cost: one ``os.stat`` per key file
+  each time a file is written or opened, and a sealed keyset is unsealed (scrypt) once
+  per instance and again only when its file changes. A file that is removed fails the
+  next write or open (``KeysetError``) rather than keep using what it held.
 - **Reads are random access.** ``open(path, "rb")`` verifies the header MAC and the final
   segment (the size is authentic, truncation is caught up front); ``seek``/``read``,
   ``cat_file`` and ``cat_ranges`` then decrypt only the segments they touch. A segment
@@ -59,7 +73,13 @@ Contract:
   ``mv`` copy or move the stored bytes as they are. Where it matters, keep a list of
   the files with their digests where the reader can trust it, or use one keyset per
   dataset (a file from another keyset fails with ``NoMatchingRecipient``).
-- Data keys unwrapped from envelopes are kept (by envelope) in the instance, never pickled.
+- Data keys unwrapped from envelopes are kept (by envelope) in the instance, never
+  pickled, until the key files change.
+- ``put_file`` follows fsspec: ``mode="create"`` refuses an existing target
+  (``FileExistsError``, checked before writing, not atomically, as fsspec's own
+  filesystems check it); inside ``with fs.transaction:`` the file is sealed at once into
+  a hidden temporary file beside its target (``.NAME.XXXXXXXX.gpucrypt-tmp``), moved into
+  place when the transaction commits and removed when it is discarded.
 """
 from __future__ import annotations
 
@@ -72,6 +92,7 @@ import threading
 from typing import Any
 
 import fsspec
+from fsspec.config import apply_config
 from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import isfilelike, stringify_path
@@ -81,7 +102,8 @@ from .backends import DEVICES
 from .files._format import (TAG_SIZE, AuthenticationError, FormatError, StreamError,
                             TruncatedError, UnsupportedVersion, check_algorithm,
                             check_segment_size, parse_header)
-from .keys import NoMatchingRecipient, encrypt_file
+from .files._atomic import fsync_folder
+from .keys import KeyReference, NoMatchingRecipient, encrypt_file
 from .keys.portable import KeyReferences, ResolvedKeys
 
 __all__ = ["GpucryptFileSystem", "GpucryptFile", "stats", "reset_stats", "named_error"]
@@ -410,7 +432,150 @@ class _TextWriter(io.TextIOWrapper):
         super().__exit__(exc_type, exc, tb)  # closes (a no-op on a closed writer)
 
 
-class GpucryptFileSystem(ChainedFileSystem):
+#: the keyword arguments that name keys (see :class:`KeyReferences`)
+_KEY_ARGUMENTS = ("keys", "keyset", "identities", "recipients", "passphrase_env")
+
+
+def _as_text(ref: Any) -> str | None:
+    """A key reference as the text that names it whole (a path, a key URI), or None for
+    an object that text cannot stand for (a provider, a ``WrappingKey``, a ``Recipient``:
+    its repr may be shared by another key, a ``KeyReference``'s leaves out its query)."""
+    if isinstance(ref, KeyReference):
+        return ref.uri  # canonical: every attribute, x-wrap and sources included
+    if isinstance(ref, str):
+        return ref
+    if isinstance(ref, os.PathLike) and type(ref).__module__.startswith("pathlib"):
+        return os.fspath(ref)  # other PathLikes may print as something else than their path
+    return None
+
+
+def _key_arguments_as_text(kwargs: dict) -> dict | None:
+    """``kwargs`` with every key reference as text (``keys=`` a KeyReferences spelled out
+    as its fields, passphrase_env included, which its repr leaves out), or None when one
+    of them is an object, or when they are given in a way ``__init__`` refuses (it then
+    says why)."""
+    out = dict(kwargs)
+    refs = out.pop("keys", None)
+    if refs is not None:
+        if not isinstance(refs, KeyReferences) or any(
+                out.get(name) is not None for name in _KEY_ARGUMENTS):
+            return None
+        out.update(keyset=refs.keyset, identities=list(refs.identities),
+                   recipients=list(refs.recipients), passphrase_env=refs.passphrase_env)
+    if out.get("keyset") is not None:
+        out["keyset"] = _as_text(out["keyset"])
+        if out["keyset"] is None:
+            return None
+    for name in ("identities", "recipients"):
+        given = out.get(name)
+        if given is None:
+            continue
+        texts = [_as_text(r) for r in (given if isinstance(given, (list, tuple)) else [given])]
+        if None in texts:
+            return None
+        out[name] = texts
+    passphrase_env = out.get("passphrase_env")
+    if passphrase_env is not None and not isinstance(passphrase_env, str):
+        return None
+    # one spelling per set of keys: keys=KeyReferences(keyset=p) and keyset=p, or one
+    # identity and a list of it, are the same filesystem
+    return {k: v for k, v in out.items() if k not in _KEY_ARGUMENTS or v not in (None, [])}
+
+
+class _CachedForKeyText(type(ChainedFileSystem)):
+    """fsspec's instance cache (the metaclass of its filesystems), which finds an instance
+    by the printed form of the constructor's arguments, kept only where that form names
+    the keys whole: key references given as text are cached (spelled out, so that the
+    token and the pickle carry that text); a call with key objects makes a new instance
+    (fsspec's ``skip_instance_cache``), so that two objects that print alike (two
+    providers' ``WrappingKey(id='prod')``) never share one, nor its keys."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        kwargs = apply_config(cls, kwargs)  # as fsspec does first: config may name keys
+        as_text = _key_arguments_as_text(kwargs)
+        if as_text is None:
+            kwargs["skip_instance_cache"] = True
+        else:
+            kwargs = as_text
+        return super().__call__(*args, **kwargs)
+
+
+def _key_files(refs: KeyReferences) -> tuple[str, ...]:
+    """The local files ``refs`` loads keys from: paths, and ``file:`` URIs' keysets."""
+    files = []
+    for ref in (refs.keyset, *refs.identities, *refs.recipients):
+        if isinstance(ref, (str, os.PathLike)):
+            files.append(os.fspath(ref))
+        elif isinstance(ref, KeyReference) and ref.scheme == "file":
+            files.append(ref.attributes["path"])
+    return tuple(files)
+
+
+def _file_versions(files: tuple[str, ...]) -> tuple:
+    """What changes when one of ``files`` is replaced or rewritten (a missing one: None)."""
+    versions = []
+    for path in files:
+        try:
+            st = os.stat(path)
+        except OSError:
+            versions.append(None)
+        else:
+            versions.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(versions)
+
+
+def _reloading(refs: KeyReferences) -> KeyReferences:
+    """``refs`` with each ``file:`` KeyReference new: a KeyReference keeps the keyset it
+    loaded first for the life of the process, and the file it names has changed."""
+    def fresh(ref: Any) -> Any:
+        return KeyReference(ref.uri) if isinstance(ref, KeyReference) and ref.scheme == "file" \
+            else ref
+    return KeyReferences(keyset=None if refs.keyset is None else fresh(refs.keyset),
+                         identities=[fresh(r) for r in refs.identities],
+                         recipients=[fresh(r) for r in refs.recipients],
+                         passphrase_env=refs.passphrase_env)
+
+
+class _WatchedKeys:
+    """The keys ``refs`` names, resolved in this process on first use and again whenever a
+    key file it names has changed since (inode, size, modification or change time: a
+    keyset saved anew is a new file, or at least a new time), so that a rotation on disk
+    reaches the next write and read of a filesystem made before it. Unchanged files cost
+    one ``os.stat`` each per :meth:`get`, and no new resolution (a sealed keyset's scrypt
+    runs once per change). The files are looked at before they are loaded: one replaced
+    in between is loaded again on the next call. Thread-safe; never pickled."""
+
+    def __init__(self, refs: KeyReferences):
+        self._refs, self._files = refs, _key_files(refs)
+        self._lock = threading.Lock()
+        self._resolved: ResolvedKeys | None = None
+        self._versions: tuple | None = None
+
+    def get(self) -> ResolvedKeys:
+        with self._lock:
+            versions = _file_versions(self._files)
+            if self._resolved is None or versions != self._versions:
+                # the unwrapped data keys go with the keys that unwrapped them
+                self._resolved = _reloading(self._refs).resolve()
+                self._versions = versions
+            return self._resolved
+
+
+class _StagedPut:
+    """A ``put_file`` inside a transaction: already sealed into ``temp`` beside its target
+    (fsspec's transaction calls :meth:`commit` or :meth:`discard` when it ends)."""
+
+    def __init__(self, fs: "GpucryptFileSystem", temp: str, target: str):
+        self._fs, self._temp, self.path = fs, temp, target
+
+    def commit(self) -> None:
+        self._fs._place(self._temp, self.path)
+
+    def discard(self) -> None:
+        self._fs._remove_quietly(self._temp)
+
+
+class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
     """fsspec filesystem of gpucrypt stream files over a target filesystem (see the module
     docstring for the contract).
 
@@ -441,8 +606,7 @@ class GpucryptFileSystem(ChainedFileSystem):
                                                               **(target_options or {}))
         self.write_options = _write_options(algorithm, segment_size, device)
         self.read_device = read_device
-        self._resolved: ResolvedKeys | None = None
-        self._resolve_lock = threading.Lock()
+        self._watched_keys = _WatchedKeys(self.keys)
         # (path, stored size, version fields) -> plaintext size; None: not a stream; _TRUNCATED
         self._sizes: dict[tuple, int | None] = {}
 
@@ -459,10 +623,8 @@ class GpucryptFileSystem(ChainedFileSystem):
         return self.fs._strip_protocol(self._strip_protocol(path))
 
     def _keys(self) -> ResolvedKeys:
-        with self._resolve_lock:
-            if self._resolved is None:
-                self._resolved = self.keys.resolve()
-            return self._resolved
+        """The keys, as their files are now (see :class:`_WatchedKeys`)."""
+        return self._watched_keys.get()
 
     def _data_key(self, header: stream.Header, path: str) -> bytes:
         if not header.envelope:
@@ -639,34 +801,74 @@ class GpucryptFileSystem(ChainedFileSystem):
         """Seal ``source`` (plaintext chunks, or a local path) into a stream file at target
         path ``target``, published at once (see the module docstring); ``options``: write
         options for this file, else the filesystem's."""
+        seal = self._sealing(options)
+        if isinstance(self.fs, LocalFileSystem):
+            encrypt_file(source, target, **seal)  # AtomicFile: temp, fsync, rename
+            return
+        self._place(self._seal_beside(target, source, seal), target)
+
+    def _sealing(self, options: dict | None) -> dict:
+        """``encrypt_file``'s arguments for one file: the keys as their files are now."""
         keys = self._keys()
         if not keys.can_encrypt():
             raise ValueError("writing a gpucrypt file needs recipients= or keyset= (this "
                              "filesystem was given identities only)")
-        seal = dict(recipients=keys.wrappers(), **(options or self.write_options))
-        if isinstance(self.fs, LocalFileSystem):
-            encrypt_file(source, target, **seal)  # AtomicFile: temp, fsync, rename
-            return
+        return dict(recipients=keys.wrappers(), **(options or self.write_options))
+
+    def _seal_beside(self, target: str, source: Any, seal: dict) -> str:
+        """Seal ``source`` into a new hidden temporary file in ``target``'s folder; its path
+        (nothing is left there if this fails)."""
         parent, base = posixpath.split(target)
         temp = posixpath.join(parent, f".{base}.{os.urandom(4).hex()}.gpucrypt-tmp")
         try:
-            with self.fs.open(temp, "wb") as out:
-                encrypt_file(source, out, **seal)
-            self.fs.mv(temp, target)
+            if isinstance(self.fs, LocalFileSystem):
+                encrypt_file(source, temp, **seal)  # fsynced: only a rename is left
+            else:
+                with self.fs.open(temp, "wb") as out:
+                    encrypt_file(source, out, **seal)
         except BaseException:
-            try:
-                self.fs.rm_file(temp)
-            except Exception:  # never created, or already moved
-                pass
+            self._remove_quietly(temp)
             raise
+        return temp
+
+    def _place(self, temp: str, target: str) -> None:
+        """Move the sealed ``temp`` over ``target`` (a rename where the target has one);
+        on failure ``temp`` is removed and the error raised."""
+        try:
+            if isinstance(self.fs, LocalFileSystem):
+                os.replace(temp, target)
+                fsync_folder(os.path.dirname(target) or ".")
+            else:
+                self.fs.mv(temp, target)
+        except BaseException:
+            self._remove_quietly(temp)
+            raise
+
+    def _remove_quietly(self, temp: str) -> None:
+        try:
+            self.fs.rm_file(temp)
+        except Exception:  # noqa: BLE001 - never created, or already moved
+            pass
 
     def put_file(self, lpath: Any, rpath: Any, callback: Any = None, mode: str = "overwrite",
                  **kwargs: Any) -> None:
-        """Encrypt the local file ``lpath`` into ``rpath`` (streamed, published at once)."""
+        """Encrypt the local file ``lpath`` into ``rpath`` (streamed, published at once).
+        ``mode="create"`` refuses an existing ``rpath`` (``FileExistsError``, as fsspec's
+        filesystems do); inside a transaction the sealed file waits beside ``rpath``
+        until the transaction ends (see the module docstring)."""
+        if mode == "create" and self.exists(rpath):
+            raise FileExistsError(f"{rpath} exists and put_file was given mode='create': "
+                                  f"remove it first, or put with mode='overwrite'")
         if os.path.isdir(lpath):
             self.makedirs(rpath, exist_ok=True)
             return
-        self._publish(self._target(rpath), os.fspath(lpath), self._file_options(kwargs))
+        target, options = self._target(rpath), self._file_options(kwargs)
+        if not self._intrans:
+            self._publish(target, os.fspath(lpath), options)
+            return
+        # staged now (the local file may change before the end), published by the commit
+        temp = self._seal_beside(target, os.fspath(lpath), self._sealing(options))
+        self.transaction.files.append(_StagedPut(self, temp, target))
 
     # --------------------------------------------------------------------- plain delegation
     def mkdir(self, path: Any, create_parents: bool = True, **kwargs: Any) -> None:

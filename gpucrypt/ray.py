@@ -19,9 +19,12 @@ Pieces, each usable on its own in a Ray Data pipeline::
 - :class:`StagedFilesDatasink` writes one file per row under a folder, and publishes them
   only when the whole job succeeded: write tasks write into a hidden staging folder
   inside it; on success each file is moved into place (a rename on local and most
-  POSIX targets) and the staging folder removed; on failure the staging folder is
-  removed and nothing appears. :class:`GpucryptDatasink` is one for gpucrypt files: it
-  refuses rows that are not gpucrypt streams, or encrypts them itself when given keys.
+  POSIX targets) and the staging folder removed; on a failure before publishing the
+  staging folder is removed and nothing appears. A failure while the files are being
+  moved into place keeps the staging folder, which holds the only copy of the files not
+  yet moved, and raises :class:`PartialPublishError`, naming the files published and
+  where the rest are. :class:`GpucryptDatasink` is one for gpucrypt files: it refuses
+  rows that are not gpucrypt streams, or encrypts them itself when given keys.
 - :func:`encrypt_files`, :func:`decrypt_files` run those pipelines over a folder, with
   one actor per GPU (``num_gpus=1``) where the cluster has GPUs and CPU actors
   otherwise; :func:`read_encrypted` reads gpucrypt files through the
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
 import os
 import posixpath
 import uuid
@@ -54,8 +58,10 @@ from .keys import NoMatchingRecipient, encrypt_file
 from .keys.portable import KeyReferences
 
 __all__ = ["EncryptBatch", "DecryptBatch", "StagedFilesDatasink", "GpucryptDatasink",
-           "encrypt_files", "decrypt_files", "read_encrypted", "gpus_per_actor",
-           "cpus_per_actor"]
+           "PartialPublishError", "encrypt_files", "decrypt_files", "read_encrypted",
+           "gpus_per_actor", "cpus_per_actor"]
+
+_log = logging.getLogger(__name__)
 
 #: rows per batch handed to an actor by the folder helpers (small files: amortise the
 #: per-batch hand-off; large files: bounded memory)
@@ -273,6 +279,29 @@ class DecryptBatch:
         return columns
 
 
+class PartialPublishError(Exception):
+    """Publishing a sink's files failed part-way: ``published`` (names relative to the
+    folder) are in place, ``remaining`` are still in the staging folder ``staging``, kept
+    (the first of them, being moved when the error came, may be in either place). The
+    cause is chained (``__cause__``)."""
+
+    def __init__(self, message: str, published: Iterable[str] = (),
+                 remaining: Iterable[str] = (), staging: str = ""):
+        super().__init__(message)
+        self.published, self.remaining = list(published), list(remaining)
+        self.staging = staging
+
+    def __reduce__(self):  # the lists survive a pickle (Ray sends errors between processes)
+        return type(self), (str(self), self.published, self.remaining, self.staging)
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """A few of ``names``, and how many more: an error message stays readable."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "") if names \
+        else "none"
+
+
 class StagedFilesDatasink(Datasink):
     """Writes each row's ``column`` as a file under ``path`` (a local folder or an fsspec URL;
     ``filesystem`` an fsspec filesystem to use instead of the URL's), published only when the
@@ -284,10 +313,12 @@ class StagedFilesDatasink(Datasink):
     Publishing: on a local target whose folder does not exist yet when the sink is made,
     the staging folder is its hidden sibling and becomes the folder in one rename (all
     files appear at once, or none). Elsewhere (an existing folder, an object store) the
-    files are moved into place one by one: a crash during those moves can leave some
-    published and the rest in the staging folder (``.gpucrypt-staging-*``, left for the
-    user to remove: another job may be writing into the same folder). A rerun of the job
-    replaces the published files. A dataset without rows publishes an empty folder.
+    files are moved into place one by one: an error of the target during those moves
+    raises :class:`PartialPublishError` (which files are published, which are left) and
+    keeps the staging folder (``.gpucrypt-staging-*``), where the files not yet moved
+    are, for the user to move or remove; a crash there leaves the same state unreported.
+    A rerun of the job replaces the published files. A dataset without rows publishes an
+    empty folder.
     """
 
     def __init__(self, path: str, *, column: str = "bytes", path_column: str = "path",
@@ -310,6 +341,9 @@ class StagedFilesDatasink(Datasink):
             self.staging = posixpath.join(parent, f".{name}{staging}")
         else:
             self.staging = posixpath.join(self.root, staging)
+        #: the names moved into place so far; None until publishing file by file starts,
+        #: after which the staging folder holds the only copy of the rest and is kept
+        self._published: list[str] | None = None
 
     def name_of(self, source_path: str) -> str:
         """The output name (relative to the folder) of a row read from ``source_path``."""
@@ -318,7 +352,10 @@ class StagedFilesDatasink(Datasink):
             name = posixpath.basename(source_path)
         else:
             name = posixpath.relpath(source_path, self.relative_to)
-        if name.startswith("..") or posixpath.isabs(name) or not name or name == ".":
+        # relpath normalises: a name leaving the folder is ".." or starts with "../"
+        # ("..config" is a file of the folder)
+        if name == ".." or name.startswith("../") or posixpath.isabs(name) or not name \
+                or name == ".":
             raise ValueError(f"{source_path} is not inside {self.relative_to}: give "
                              f"relative_to= the folder the rows were read from")
         if self.strip_suffix and name.endswith(self.strip_suffix):
@@ -359,11 +396,30 @@ class StagedFilesDatasink(Datasink):
         self.fs.makedirs(self.staging, exist_ok=True)
         if self.whole and self._publish_whole():
             return
+        self._published = []
         for name in names:
             final = posixpath.join(self.root, name)
-            self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-            self.fs.mv(posixpath.join(self.staging, name), final)
-        self._remove_staging()
+            try:
+                self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+                self.fs.mv(posixpath.join(self.staging, name), final)
+            except Exception as exc:
+                done = list(self._published)
+                rest = names[len(done):]
+                raise PartialPublishError(
+                    f"publishing into {self.root} failed after {len(done)} of {len(names)} "
+                    f"files ({type(exc).__name__}: {exc}). Published: {_some(done)}. Not "
+                    f"published, kept in {self.staging}: {_some(rest)} ({rest[0]}, being "
+                    f"moved, may be in either place). Move them into place by hand, or rerun "
+                    f"the job (it replaces the published files); then remove {self.staging}",
+                    done, rest, self.staging) from exc
+            self._published.append(name)
+        try:
+            self._remove_staging()
+        except Exception as exc:
+            raise PartialPublishError(
+                f"every file was published into {self.root}, but the staging folder "
+                f"{self.staging} could not be removed ({type(exc).__name__}: {exc}): "
+                f"remove it", names, (), self.staging) from exc
 
     def _publish_whole(self) -> bool:
         """The staging folder renamed to the folder (atomic); False when something made
@@ -377,7 +433,15 @@ class StagedFilesDatasink(Datasink):
         return True
 
     def on_write_failed(self, error: Exception) -> None:
-        self._remove_staging()
+        """Ray's call after any failure of the job, ``on_write_complete``'s included: the
+        staging folder is removed unless publishing had started, when it holds the only
+        copy of the files not yet published (the error says which)."""
+        if self._published is None:
+            self._remove_staging()
+            return
+        _log.error("%s: the job failed once publishing had started (%d file(s) published); "
+                   "kept the staging folder %s, which holds every file not yet published: "
+                   "%s", self.root, len(self._published), self.staging, error)
 
     def _remove_staging(self) -> None:
         if self.fs.exists(self.staging):

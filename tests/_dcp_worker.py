@@ -149,6 +149,48 @@ def main(rank: int, world: int, work: str) -> None:
             else:
                 assert bool((value.to_local().float() == 7.0).all()), name
 
+    def failed_load_leaves_no_plaintext_staged():
+        """Ranks whose own entries verified hold them decrypted (staged for read_data)
+        when another rank's file fails; DCP raises on them without calling the reader
+        again. The staged plaintext is zeroed when the reader is reset (dcp.load's first
+        call, or the user's), asked for metadata, or collected."""
+        import gc
+
+        [victim] = glob.glob(os.path.join(ckpt4, f"__{world - 1}_*.gcdistcp"))
+        if rank == 0:
+            shutil.copyfile(victim, victim + ".orig")
+            _flip(victim)
+        dist.barrier()
+        held, failed = {}, []
+        for how in ("reset", "read_metadata", "collected"):
+            reader = EncryptedReader(ckpt4, keyset=keyset)
+            state = {**_sharded(mesh4, fill=7.0), "step": 7}
+            try:
+                dcp.load(state, storage_reader=reader)
+                failed.append(None)
+            except BaseException as exc:  # noqa: BLE001 - DCP's CheckpointException
+                failed.append(type(exc).__name__)
+            tensors = list(reader._staged.values())
+            had_plaintext = any(bool(t.any()) for t in tensors)
+            if how == "reset":
+                reader.reset()
+            elif how == "read_metadata":
+                reader.read_metadata()
+            else:
+                del reader
+                gc.collect()  # the exception's traceback and its frames form a cycle
+            # looked at now, while a reset or read reader still lives (it is collected,
+            # and its finaliser runs, when the next round replaces it)
+            held[how] = (len(tensors), had_plaintext, any(bool(t.any()) for t in tensors))
+        dist.barrier()
+        if rank == 0:
+            os.replace(victim + ".orig", victim)
+        assert failed == ["CheckpointException"] * 3, failed
+        for how, (count, had_plaintext, left) in held.items():
+            if rank != world - 1:  # this rank's entries verified: the test has something
+                assert count and had_plaintext, f"{how}: nothing was staged on rank {rank}"
+            assert not left, f"{how}: plaintext left staged"
+
     def reshard_to_two():
         group = dist.new_group([0, 1])  # every rank takes part in making the group
         if rank < 2:
@@ -169,6 +211,7 @@ def main(rank: int, world: int, work: str) -> None:
     scenario("save4", save4)
     scenario("load4", load4)
     scenario("tampered_load_changes_nothing", tampered_load_changes_nothing)
+    scenario("failed_load_leaves_no_plaintext_staged", failed_load_leaves_no_plaintext_staged)
     scenario("reshard_to_two", reshard_to_two)
     with open(os.path.join(work, f"rank{rank}.json"), "w") as f:
         json.dump(outcomes, f)

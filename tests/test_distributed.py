@@ -4,7 +4,8 @@ One module-scoped run of 4 real gloo ranks (``tests/_dcp_worker.py``; forked, so
 the ranks share this process's imports) saves a sharded state dict (FSDP2 parameters,
 DTensors sharded along either dimension, a replicated one, a Python value), loads it
 back on 4 ranks, shows that a tampered file fails the load on every rank without
-touching any rank's state, reshards it onto 2 ranks and saves it again from there.
+touching any rank's state (and that the ranks whose entries verified do not keep them
+decrypted), reshards it onto 2 ranks and saves it again from there.
 This process then loads both checkpoints into plain single-process state dicts
 (4 -> 1 and 4 -> 2 -> 1) and runs the tamper cases on copies of the 2-rank one.
 
@@ -45,7 +46,8 @@ WORLD = 4
 #: this process decrypts on the CPU (the ranks take device="auto"): "auto" would import
 #: numba to probe for a GPU, seconds that the test says nothing with
 CPU = "cpu"
-SCENARIOS = ("save4", "load4", "tampered_load_changes_nothing", "reshard_to_two")
+SCENARIOS = ("save4", "load4", "tampered_load_changes_nothing",
+             "failed_load_leaves_no_plaintext_staged", "reshard_to_two")
 
 
 @pytest.fixture(scope="module")
@@ -518,3 +520,83 @@ def test_extension_stream_is_random_access(tmp_path):
     reader.seek(0)
     with pytest.raises(stream.AuthenticationError, match="segment 0"):
         reader.read(10)
+
+
+def test_extension_completes_an_item_only_on_an_explicit_close():
+    """An item cut short is never sealed as complete: a ``with`` block left by an
+    exception, or a writer dropped unclosed (DCP's ``_write_item`` when serialisation
+    fails), leaves a stream without its final segment, which the reader refuses; the
+    explicit ``close()`` DCP makes after a successful write seals it whole."""
+    import gc
+
+    from gpucrypt import stream
+
+    keyset = keys.Keyset.generate()
+    ext = EncryptionExtension(keyset=keyset, segment_size=4096)
+    reader_side = EncryptionExtension(keyset=keyset)
+    payload = os.urandom(3 * 4096 + 100)
+
+    def refused(sealed: bytes) -> None:
+        key = keys.open_envelope(stream.read_header(sealed).envelope, keyset)
+        with pytest.raises(stream.TruncatedError):
+            stream.decrypt(sealed, io.BytesIO(), key)
+        with pytest.raises(stream.TruncatedError):
+            reader_side.transform_from(io.BytesIO(sealed)).readall()
+
+    for cut in (100, 5000):  # inside the first segment; after a whole one was sealed
+        raw = _KeptOpen()
+        with pytest.raises(RuntimeError):
+            with ext.transform_to(raw) as sink:
+                sink.write(payload[:cut])
+                raise RuntimeError("torch.save failed half way")
+        assert sink.closed
+        refused(raw.getvalue())
+
+    raw = _KeptOpen()
+
+    def write_item():
+        sink = ext.transform_to(raw)
+        sink.write(payload[:9000])
+        raise RuntimeError("serialisation failed")
+
+    try:
+        write_item()
+    except RuntimeError:
+        pass
+    gc.collect()  # the writer, held by the exception's frames until now, is collected
+    refused(raw.getvalue())
+
+    raw = _KeptOpen()
+    sink = ext.transform_to(raw)
+    sink.write(payload[:9000])
+    sink.close()
+    assert reader_side.transform_from(io.BytesIO(raw.getvalue())).readall() == payload[:9000]
+
+
+class _StagingSeen(EncryptedReader):
+    """An EncryptedReader that keeps a reference to what it staged, to look at it after."""
+
+    def prepare_local_plan(self, plan):
+        plan = super().prepare_local_plan(plan)
+        self.seen = list(self._staged.values())
+        return plan
+
+
+def test_a_load_failing_while_copying_zeroes_what_was_staged(tmp_path):
+    """An error of the planner in the middle of read_data (after some tensors were
+    copied into place): the decrypted entries it had not yet copied are zeroed, not left
+    in the traceback's frame."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class Failing(DefaultLoadPlanner):
+        def commit_tensor(self, read_item, tensor):
+            raise RuntimeError("the planner failed while loading")
+
+    keyset = keys.Keyset.generate()
+    state = {"a": torch.arange(1, 65, dtype=torch.float32), "b": torch.ones(8, 8)}
+    dcp.save(state, storage_writer=EncryptedWriter(tmp_path, keyset=keyset))
+    reader = _StagingSeen(tmp_path, keyset=keyset, device=CPU)
+    error = _failure(lambda: dcp.load({"a": torch.zeros(64), "b": torch.zeros(8, 8)},
+                                      storage_reader=reader, planner=Failing()))
+    assert "the planner failed" in str(error)
+    assert len(reader.seen) == 2 and not any(bool(t.any()) for t in reader.seen)

@@ -664,3 +664,133 @@ def test_write_options_per_file_and_checked_before_writing(keys, tmp_path):
             fsspec.filesystem("gpucrypt", target_protocol="file", keyset=keys["keyset"],
                               skip_instance_cache=True, **bad)
     assert not (tmp_path / "bad.gc").exists()
+
+
+def test_an_instance_is_shared_only_by_calls_naming_the_same_keys_as_text(keys, request):
+    """fsspec hands back a cached instance for arguments that print alike: two providers'
+    ``WrappingKey(id='prod')`` print alike and are different keys, so each call with key
+    objects gets its own filesystem, which writes for its own key. Keys named by text
+    (what pandas passes on every call) still share one instance and its resolved keys."""
+    import io
+    import os
+
+    from gpucrypt.keys import decrypt_file
+    from gpucrypt.keys.portable import KeyReferences
+    from gpucrypt.keys.providers import CallableKeyProvider
+
+    folder = "/" + re.sub(r"\W", "_", request.node.name)
+    key_a, key_b = os.urandom(32), os.urandom(32)
+    team_a = WrappingKey.from_provider(CallableKeyProvider(lambda i: key_a, name="kms"), "prod")
+    team_b = WrappingKey.from_provider(CallableKeyProvider(lambda i: key_b, name="kms"), "prod")
+    assert repr(team_a) == repr(team_b)  # all that fsspec's token sees of them
+    fs_a = fsspec.filesystem("gpucrypt", target_protocol="memory", recipients=team_a,
+                             identities=team_a)
+    fs_b = fsspec.filesystem("gpucrypt", target_protocol="memory", recipients=team_b,
+                             identities=team_b)
+    assert fs_a is not fs_b and fs_b.keys.recipients[0] is team_b
+    fs_b.pipe_file(f"{folder}/secret", b"team B data")
+    stored = fs_b.fs.cat_file(f"{folder}/secret")
+    out = io.BytesIO()
+    decrypt_file(stored, out, identities=team_b)
+    assert out.getvalue() == b"team B data"
+    with pytest.raises(NoMatchingRecipient):
+        decrypt_file(stored, io.BytesIO(), identities=team_a)
+    with pytest.raises(NoMatchingRecipient):
+        fs_a.cat_file(f"{folder}/secret")
+
+    by_path = fsspec.filesystem("gpucrypt", target_protocol="memory", keyset=keys["keyset"])
+    assert fsspec.filesystem("gpucrypt", target_protocol="memory",
+                             keyset=keys["keyset"]) is by_path
+    assert fsspec.filesystem("gpucrypt", target_protocol="memory",
+                             keys=KeyReferences(keyset=keys["keyset"])) is by_path
+    # passphrase_env is not in a KeyReferences' repr, but it is in the cache's token
+    assert fsspec.filesystem("gpucrypt", target_protocol="memory", keys=KeyReferences(
+        keyset=keys["keyset"], passphrase_env="GC17_NONE")) is not by_path
+    fsspec.filesystem("memory").rm(folder, recursive=True)
+
+
+def _rotate(path: str) -> tuple[str, str]:
+    """A rotation as an operator makes it: a new primary, the old key destroyed, the file
+    saved again. The old and the new primary's ids."""
+    keyset = Keyset.load(path)
+    old = keyset.primary.id
+    new = keyset.add(primary=True).id
+    keyset.destroy(old)
+    keyset.save(path)
+    return old, new
+
+
+@pytest.mark.parametrize("reference", ["path", "file-uri"])
+def test_a_keyset_rotated_on_disk_reaches_the_next_write(tmp_path, reference):
+    """A keyset file rotated while a filesystem naming it exists: the next
+    ``fsspec.filesystem(...)`` call (the cached instance) and the instance kept from
+    before both wrap new files under the new primary, never the destroyed key; an
+    unchanged file is not resolved again; a removed one fails the next write."""
+    from gpucrypt.keys import KeysetError, decrypt_file
+
+    path = str(tmp_path / "team.json")
+    Keyset.generate().save(path)
+    ref = path if reference == "path" else "file://" + path
+    fs = fsspec.filesystem("gpucrypt", target_protocol="file", keyset=ref)
+    fs.pipe_file(str(tmp_path / "before.gc"), b"before")
+    resolved = fs._keys()
+    fs.pipe_file(str(tmp_path / "before2.gc"), b"before")
+    assert fs._keys() is resolved  # unchanged: one resolution (a sealed keyset's scrypt)
+
+    old, new = _rotate(path)
+    again = fsspec.filesystem("gpucrypt", target_protocol="file", keyset=ref)
+    assert again is fs  # text references: the cached instance, as documented
+    for name in ("after.gc", "after2.gc"):
+        again.pipe_file(str(tmp_path / name), name.encode())
+        with open(tmp_path / name, "rb") as f:
+            assert stream.read_header(f).key_id == new != old
+        decrypt_file(str(tmp_path / name), str(tmp_path / "plain"),
+                     keyset=Keyset.load(path))  # the current keyset file opens it
+    with pytest.raises(NoMatchingRecipient, match="destroyed"):
+        fs.cat_file(str(tmp_path / "before.gc"))  # the destroyed key is gone here too
+
+    import os
+
+    os.remove(path)
+    with pytest.raises(KeysetError):
+        fs.pipe_file(str(tmp_path / "no-keyset.gc"), b"x")
+    assert not (tmp_path / "no-keyset.gc").exists()
+
+
+@pytest.mark.parametrize("target", ["file", "memory"])
+def test_put_file_keeps_to_create_mode_and_transactions(keys, tmp_path, target, request):
+    """As fsspec's filesystems: ``mode="create"`` refuses an existing target; inside a
+    transaction a put is published when the transaction ends, with what the local file
+    held at the put, and an aborted transaction leaves nothing, no temporary file either."""
+    base = str(tmp_path / "out") if target == "file" else "/" + re.sub(r"\W", "_",
+                                                                      request.node.name)
+    fs = fsspec.filesystem("gpucrypt", target_protocol=target, keyset=keys["keyset"])
+    fs.makedirs(base, exist_ok=True)
+    source = tmp_path / "plain.txt"
+    source.write_bytes(b"new contents")
+    fs.pipe_file(f"{base}/existing", b"old contents")
+    with pytest.raises(FileExistsError):
+        fs.put_file(str(source), f"{base}/existing", mode="create")
+    assert fs.cat_file(f"{base}/existing") == b"old contents"
+    fs.put_file(str(source), f"{base}/created", mode="create")
+    assert fs.cat_file(f"{base}/created") == b"new contents"
+
+    listed = sorted(fs.fs.ls(base, detail=False))
+    with pytest.raises(RuntimeError):
+        with fs.transaction:
+            fs.put_file(str(source), f"{base}/existing")
+            fs.put_file(str(source), f"{base}/put")
+            raise RuntimeError("abort the transaction")
+    assert fs.cat_file(f"{base}/existing") == b"old contents" and not fs.exists(f"{base}/put")
+    assert sorted(fs.fs.ls(base, detail=False)) == listed  # no temporary file left
+
+    with fs.transaction:
+        fs.put_file(str(source), f"{base}/put", segment_size=8192)
+        source.write_bytes(b"changed after the put")
+        assert not fs.exists(f"{base}/put")
+    assert fs.cat_file(f"{base}/put") == b"new contents"
+    with fs.open(f"{base}/put", "rb") as f:
+        assert f.header.segment_size == 8192  # per-file options still reach the file
+    assert sorted(fs.fs.ls(base, detail=False)) == sorted(listed + [f"{base}/put"])
+    if target == "memory":
+        fs.fs.rm(base, recursive=True)

@@ -92,7 +92,8 @@ def test_a_local_cluster_encrypts_a_folder_reads_it_back_and_fails_by_name(clust
     # leaves them out), both ways; an empty folder gives an empty one
     hidden = tmp_path / "hidden"
     contents = {name: name.encode() * 10 for name in
-                ["a.txt", "_labels.csv", ".config", "_meta/x.json", "sub/_ok.txt"]}
+                ["a.txt", "_labels.csv", ".config", "..config", "_meta/x.json",
+                 "sub/_ok.txt", "sub/..x"]}
     for name, data in contents.items():
         (hidden / name).parent.mkdir(parents=True, exist_ok=True)
         (hidden / name).write_bytes(data)
@@ -239,19 +240,33 @@ def test_datasinks_refuse_plaintext_and_names_outside_their_folder(tmp_path):
     plain = gray.StagedFilesDatasink(str(tmp_path / "out"), relative_to=str(tmp_path / "in"),
                                      strip_suffix=".gc")
     assert plain.name_of(str(tmp_path / "in" / "a.bin.gc")) == "a.bin"
+    # names that start with two dots are files of the folder; only ".." leaves it
+    assert sink.name_of(str(tmp_path / "in" / "..config")) == "..config.gc"
+    assert sink.name_of(str(tmp_path / "in" / "sub" / "..x")) == "sub/..x.gc"
+    for outside in ("in/../etc/passwd", "in/..", "in/sub/../../x"):
+        with pytest.raises(ValueError, match="not inside"):
+            sink.name_of(str(tmp_path) + "/" + outside)
+    base = gray.StagedFilesDatasink(str(tmp_path / "out"))  # no relative_to: base names
+    assert base.name_of("/anywhere/..config") == "..config"
 
 
 def _publish(sink, names: list[str]) -> None:
-    """What Ray does around the write tasks: start, each row written, complete."""
+    """What Ray does around the write tasks: start, each row written, complete, and on an
+    exception of any of it, ``on_write_failed`` and the exception raised again
+    (``ray.data.Dataset.write_datasink``, Ray 2.60)."""
     from types import SimpleNamespace
 
-    sink.on_write_start()
-    for name in names:
-        staged = os.path.join(sink.staging, name)
-        os.makedirs(os.path.dirname(staged), exist_ok=True)
-        with open(staged, "wb") as f:
-            f.write(name.encode())
-    sink.on_write_complete(SimpleNamespace(write_returns=[names]))
+    try:
+        sink.on_write_start()
+        for name in names:
+            staged = os.path.join(sink.staging, name)
+            os.makedirs(os.path.dirname(staged), exist_ok=True)
+            with open(staged, "wb") as f:
+                f.write(name.encode())
+        sink.on_write_complete(SimpleNamespace(write_returns=[names]))
+    except Exception as exc:
+        sink.on_write_failed(exc)
+        raise
 
 
 def test_a_new_local_folder_is_published_in_one_rename_an_existing_one_file_by_file(tmp_path):
@@ -275,3 +290,31 @@ def test_a_new_local_folder_is_published_in_one_rename_an_existing_one_file_by_f
     _publish(late, names)
     assert _tree(tmp_path / "late") == {"theirs.bin": b"theirs", **{n: n.encode() for n in names}}
     assert sorted(os.listdir(tmp_path)) == ["fresh", "full", "late"]
+
+
+def test_a_publish_that_fails_part_way_keeps_the_rest_and_says_where(tmp_path, caplog):
+    """Into an existing folder the files are moved one by one; an error of the target on
+    the second (a file stands where its folder must go) leaves the first published. The
+    others are only in the staging folder, so Ray's on_write_failed keeps it, and the
+    error names what was published and where the rest are. Ray's call order is replayed
+    without a cluster (_publish); a failure before publishing still removes the staging."""
+    root = tmp_path / "out"
+    root.mkdir()
+    (root / "sub").write_bytes(b"a file where the folder sub/ must go")
+    sink = gray.StagedFilesDatasink(str(root))
+    names = ["a.bin", "sub/b.bin", "c.bin"]
+    with pytest.raises(gray.PartialPublishError) as caught:
+        _publish(sink, names)
+    error = caught.value
+    assert error.published == ["a.bin"] and error.remaining == ["sub/b.bin", "c.bin"]
+    assert error.staging == sink.staging and isinstance(error.__cause__, OSError)
+    assert "a.bin" in str(error) and sink.staging in str(error) and "c.bin" in str(error)
+    assert pickle.loads(pickle.dumps(error)).remaining == error.remaining
+    assert (root / "a.bin").read_bytes() == b"a.bin"
+    assert _tree(error.staging) == {"sub/b.bin": b"sub/b.bin", "c.bin": b"c.bin"}
+    assert sink.staging in caplog.text  # on_write_failed says it kept the folder
+
+    failing = gray.StagedFilesDatasink(str(root))  # two rows map to one name: before publishing
+    with pytest.raises(ValueError, match="same output file"):
+        _publish(failing, ["d.bin", "d.bin"])
+    assert not os.path.exists(failing.staging) and not (root / "d.bin").exists()

@@ -45,7 +45,11 @@ Loading is all or nothing. Every rank decrypts and verifies every entry it needs
 ``prepare_local_plan``, which DCP runs on all ranks before the plan is gathered; one
 rank's failure fails the load on every rank before any tensor of the caller's state
 dict is written. The price: a rank holds the plaintext of its share of the checkpoint
-once more, until ``read_data`` has copied it into place.
+once more, until ``read_data`` has copied it into place. When another rank fails, DCP
+raises on this one without calling its reader again, so the reader keeps that
+plaintext staged until it is used again (``reset``, which ``dcp.load`` calls first, and
+``read_metadata`` zero it) or collected (a finaliser zeroes it); a failure inside this
+reader zeroes what it decrypted at once.
 """
 from __future__ import annotations
 
@@ -57,6 +61,7 @@ import os
 import pickle
 import re
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -390,13 +395,25 @@ class EncryptedReader(FileSystemReader):
         super().__init__(path)
         self.device, self.threads, self.non_tensors = device, threads, non_tensors
         self._files: dict[str, _FileIdentity] = {}
+        # entries prepare_local_plan decrypted for read_data: one dict for the reader's
+        # life, filled and emptied in place, so that the finaliser zeroes what it holds
+        # when the reader is collected (a load that failed on another rank leaves it
+        # filled: DCP raises there without calling this reader again)
         self._staged: dict[tuple[str, str], torch.Tensor] = {}
+        weakref.finalize(self, _zero, self._staged)
 
     def __getstate__(self) -> dict:
         _refuse_pickling(self)
 
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        """DCP's call before each load: what an earlier, failed load left staged is zeroed."""
+        self._discard_staged()
+        super().reset(checkpoint_id)
+
     def read_metadata(self) -> Metadata:  # no **kwargs: DCP must not fall back to rank files
-        """Decrypt, authenticate and unpickle ``.metadata``; remember its file manifest."""
+        """Decrypt, authenticate and unpickle ``.metadata``; remember its file manifest
+        (and zero what an earlier, failed load left staged)."""
+        self._discard_staged()
         path = self._get_metadata_path()
         plaintext = io.BytesIO()
         try:
@@ -412,31 +429,32 @@ class EncryptedReader(FileSystemReader):
     def prepare_local_plan(self, plan):
         """Decrypt and verify every entry this rank will read (see the module docstring)."""
         self._discard_staged()
-        self._staged = self._open_entries(plan.items)
+        self._staged.update(self._open_entries(plan.items))
         return plan
 
     def read_data(self, plan, planner) -> Future:
         """Copy the verified entries into the state dict (anything the plan asks for that
         ``prepare_local_plan`` did not see is decrypted and verified first)."""
-        staged, self._staged = self._staged, {}
+        staged = dict(self._staged)
+        self._staged.clear()
         try:
             staged.update(self._open_entries(plan.items, skip=staged))
+            for req in plan.items:
+                info = self.storage_data[req.storage_index]
+                value = staged[(info.relative_path, info.entry)]
+                if req.type == LoadItemType.BYTE_IO:
+                    planner.load_bytes(req, io.BytesIO(value.cpu().numpy().tobytes()))
+                    continue
+                tensor = narrow_tensor_by_index(value, req.storage_offsets, req.lengths)
+                target = planner.resolve_tensor(req).detach()
+                if target.size() != tensor.size():
+                    raise AssertionError(f"req {req.storage_index} mismatch sizes "
+                                         f"{target.size()} vs {tensor.size()}")
+                _copy_into(target, tensor)
+                planner.commit_tensor(req, target)
         except BaseException:
-            _zero(staged)
+            _zero(staged)  # the traceback keeps this frame, and so staged, alive
             raise
-        for req in plan.items:
-            info = self.storage_data[req.storage_index]
-            value = staged[(info.relative_path, info.entry)]
-            if req.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(req, io.BytesIO(value.cpu().numpy().tobytes()))
-                continue
-            tensor = narrow_tensor_by_index(value, req.storage_offsets, req.lengths)
-            target = planner.resolve_tensor(req).detach()
-            if target.size() != tensor.size():
-                raise AssertionError(f"req {req.storage_index} mismatch sizes "
-                                     f"{target.size()} vs {tensor.size()}")
-            _copy_into(target, tensor)
-            planner.commit_tensor(req, target)
         future: Future = Future()
         future.set_result(None)
         return future
@@ -444,7 +462,7 @@ class EncryptedReader(FileSystemReader):
     # ------------------------------------------------------------------ internals
     def _discard_staged(self) -> None:
         _zero(self._staged)
-        self._staged = {}
+        self._staged.clear()
 
     def _open_entries(self, items, skip=()) -> dict:
         """Every entry ``items`` need (but those in ``skip``), decrypted and verified, file

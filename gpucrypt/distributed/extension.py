@@ -147,7 +147,14 @@ class _ItemReader(stream.SegmentReader):
 class _SealingWriter(io.RawIOBase):
     """A writable stream that seals what it is given as a gpucrypt stream into ``output``,
     a segment at a time: a full segment is sealed once more bytes arrive (so that the
-    final one, sealed by ``close``, carries the last flag). Memory: one segment."""
+    final one, sealed by ``close``, carries the last flag). Memory: one segment.
+
+    Only an explicit ``close()`` seals the final segment and so completes the item. A
+    ``with`` block left by an exception, :meth:`discard`, and a writer collected unclosed
+    (DCP's ``_write_item`` dropping it when serialisation fails) abandon it: ``output``
+    keeps the header and the whole segments sealed so far, a stream without its final
+    segment, which every reader refuses (``TruncatedError``) instead of taking the
+    prefix as a complete, authentic item."""
 
     def __init__(self, output: IO[bytes], key: bytes, envelope: bytes, key_id: str | None,
                  algorithm: str, segment_size: int):
@@ -189,9 +196,34 @@ class _SealingWriter(io.RawIOBase):
                 self._seal(last=True)
                 self._output.close()  # DCP's wrapper only flushes: the file stays open
             finally:
-                self._segments.close()
-                self._slot = memoryview(b"")
+                self._release()
         super().close()
+
+    def discard(self) -> None:
+        """Abandon the item without its final segment (see the class docstring)."""
+        if not self.closed:
+            self._release()
+        super().close()  # io's close: flushes nothing here, marks the writer closed
+
+    def _release(self) -> None:
+        try:
+            self._segments.close()
+        finally:
+            self._slot = memoryview(b"")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()  # io's __exit__ would close(), which seals what was cut short
+        else:
+            self.close()
+
+    def __del__(self) -> None:
+        # dropped without close: abandoned (io's finaliser would close(), which seals)
+        try:
+            if not self.closed:
+                self.discard()
+        except Exception:  # noqa: BLE001 - a finaliser must not raise
+            pass
 
 
 class _Window(io.RawIOBase):
