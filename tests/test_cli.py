@@ -799,6 +799,31 @@ def test_keygen_public_writes_both_halves_or_neither(work, capsys):
     assert (work / "bob").read_bytes() == identity
 
 
+@pytest.mark.parametrize("stopped_after", [1, 2])
+def test_keygen_public_stopped_by_ctrl_c_leaves_a_matching_pair(work, capsys, monkeypatch,
+                                                                stopped_after):
+    """A Ctrl-C can come after a file was renamed into place (here: during the folder
+    fsync that follows, of the .pub's publish or of the identity's): the pair on disk
+    still matches, the earlier one or the new one."""
+    from gpucrypt.files import _atomic
+    from gpucrypt.keys import Identity, Recipient
+
+    assert run(capsys, "keygen", "--public", "--out", "bob")[0] == 0
+    earlier = Identity.load(work / "bob").fingerprint
+    real, calls = _atomic.fsync_folder, []
+
+    def interrupted(folder):
+        calls.append(folder)
+        real(folder)
+        if len(calls) == stopped_after:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(_atomic, "fsync_folder", interrupted)
+    assert run(capsys, "keygen", "--public", "--force", "--out", "bob")[0] == 130
+    identity = Identity.load(work / "bob").fingerprint
+    assert Recipient.load(work / "bob.pub").fingerprint == identity
+    assert (identity == earlier) == (stopped_after == 1)  # the identity is written second
+
+
 def test_keygen_refuses_a_passphrase_without_seal(work, capsys, monkeypatch):
     code, _, err = run(capsys, "keygen", "--out", "ks.json", "--passphrase-file", "pw")
     _one_line(code, err, 2)

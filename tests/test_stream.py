@@ -1102,6 +1102,43 @@ def test_a_signal_while_an_output_replaces_a_file_leaves_no_copy_of_it(tmp_path,
     assert os.listdir(tmp_path) == ["out"] and target.read_bytes() == b"old"
 
 
+@pytest.mark.parametrize("where", ["link", "replace"])
+def test_ctrl_c_while_an_output_replaces_a_file_leaves_no_copy_of_it(tmp_path, monkeypatch, where):
+    """Ctrl-C (KeyboardInterrupt) arriving as the link beside the destination returns,
+    the name made (``link``), or as the rename over the destination returns (``replace``,
+    the output published): no name beside is left holding the output, and the
+    destination holds the old or the new bytes, whole."""
+    from gpucrypt.files import _atomic
+
+    target = tmp_path / "out"
+    target.write_bytes(b"old")
+    probe = _atomic.AtomicFile(tmp_path / "probe")  # the way this folder links unnamed files
+    unnamed = probe._temp is None
+    probe.abort()
+    if not unnamed:
+        pytest.skip(f"no O_TMPFILE in {tmp_path}: the output has a temporary name throughout")
+    if where == "link":
+        real = _atomic.AtomicFile._link_to
+
+        def link_then_interrupt(self, path):
+            real(self, path)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(_atomic.AtomicFile, "_link_to", link_then_interrupt)
+    else:
+        real_replace = os.replace
+
+        def replace_then_interrupt(src, dst):
+            real_replace(src, dst)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(_atomic.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _atomic.write_atomically(target, b"PLAINTEXT")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["out"]
+    assert target.read_bytes() == (b"old" if where == "link" else b"PLAINTEXT")
+    assert not _atomic._LIVE
+
+
 def test_without_proc_a_writer_by_name_gets_a_named_temporary_file(tmp_path, monkeypatch):
     """Where /proc is not mounted, unnamed files are still linked (linkat with
     AT_EMPTY_PATH: Linux 6.10, or CAP_DAC_READ_SEARCH), but ``/proc/self/fd/N`` names

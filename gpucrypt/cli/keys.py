@@ -355,30 +355,54 @@ def _refuse_overwrite(paths: list[str], force: bool) -> None:
 
 def _save_pair(identity: Any, out: str, passphrase: Any) -> None:
     """Write ``identity`` to ``out`` and its recipient to ``out.pub``, both or neither
-    (short of a crash between the two). The recipient goes first, and the one it
-    replaced comes back if the identity cannot be written: a recipient left beside an
-    identity that is not its own would have data encrypted to a key nobody holds."""
-    from ..files._atomic import write_atomically
-
+    (short of a crash between the two): a recipient left beside an identity that is not
+    its own would have data encrypted to a key nobody holds. The recipient goes first;
+    if anything stops the pair (an error, Ctrl-C, which can come after a file was
+    already renamed into place) what is on disk decides: the new identity gets its
+    recipient, else the recipient that was there comes back (or none)."""
     pub = out + ".pub"
     try:
         with open(pub, "rb") as f:
             earlier = f.read()
     except OSError:  # none there, or unreadable: then removed, never left unmatched
         earlier = None
-    _keys_call(identity.recipient.save, pub)
     try:
+        _keys_call(identity.recipient.save, pub)
         _keys_call(identity.save, out, passphrase)
     except BaseException:
+        _settle_pair(identity, out, pub, earlier)
+        raise
+
+
+def _settle_pair(identity: Any, out: str, pub: str, earlier: bytes | None) -> None:
+    """After :func:`_save_pair` stopped part-way: make ``pub`` the public half of the
+    identity now at ``out`` (the files' fingerprints say which were written), or say
+    what to delete."""
+    import json
+
+    from ..files._atomic import write_atomically
+
+    def holds_new(path: str) -> bool:
         try:
+            with open(path, "rb") as f:
+                doc = json.loads(f.read().decode("utf-8"))
+            return doc.get("fingerprint") == identity.fingerprint
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return False
+
+    written, pub_written = holds_new(out), holds_new(pub)
+    try:
+        if written and not pub_written:
+            identity.recipient.save(pub)
+        elif pub_written and not written:
             if earlier is None:
                 os.remove(pub)
             else:
                 write_atomically(pub, earlier, 0o644)
-        except OSError as exc:
-            print(f"gpucrypt: {pub} could not be put back ({exc.strerror}): it is not the "
-                  f"public half of {out}; delete it", file=sys.stderr)
-        raise
+    except OSError as exc:
+        print(f"gpucrypt: {pub} could not be {'written' if written else 'put back'} "
+              f"({exc.strerror}): it is not the public half of {out}; delete it",
+              file=sys.stderr)
 
 
 def _run_keygen(args) -> int:

@@ -355,8 +355,13 @@ class TemporaryFolder:
             except FileExistsError:
                 _untrack(temp)
                 continue
-            except BaseException:
-                _untrack(temp)
+            except BaseException:  # KeyboardInterrupt may come as mkdir returns, made
+                try:
+                    os.rmdir(temp)  # empty: ours, as a taken name raised FileExistsError
+                except OSError:
+                    pass
+                finally:
+                    _untrack(temp)
                 raise
             self.path = temp
             return temp
@@ -417,6 +422,10 @@ class AtomicFile:
         self.overwrite = overwrite
         self._folder = os.path.dirname(os.path.abspath(self.path))
         self._temp: str | None = None  # the temporary file's name; None when unnamed
+        # the name an unnamed file is being linked to beside the destination (to replace
+        # it), from before the link until it is renamed: what abort() removes if it is
+        # still this file's (see _name_beside)
+        self._beside: str | None = None
         if os.path.islink(self.path):
             # publishing renames over the link itself: its target would keep the old data
             # while the user believes it replaced; writing through instead would let a
@@ -476,9 +485,10 @@ class AtomicFile:
             if os.path.exists(proc):
                 return proc
             try:
-                self._temp = self._name_beside()  # tracked: _forget_temp untracks it
+                name = self._name_beside()
             except OSError as exc:
                 raise _naming(exc, self.path) from None
+            self._temp, self._beside = name, None  # tracked: _forget_temp untracks it
         return self._temp
 
     def _link_to(self, path: str) -> None:
@@ -509,14 +519,8 @@ class AtomicFile:
                 os.replace(self._temp, self.path)
                 self._forget_temp()
             else:  # an unnamed file cannot be renamed: link it beside, then rename that
-                temp = self._name_beside()
-                try:
-                    os.replace(temp, self.path)
-                except BaseException:
-                    _remove(temp)
-                    raise
-                finally:
-                    _untrack(temp)  # renamed, or removed: the handler has nothing to do
+                os.replace(self._name_beside(), self.path)
+                self._drop_beside()  # renamed: nothing left there to remove
         except OutputExists:
             raise
         except OSError as exc:
@@ -549,18 +553,35 @@ class AtomicFile:
         (32 random bits), a signal in those microseconds would remove that other
         gpucrypt temporary file: far the smaller risk."""
         for _ in range(100):
-            temp = _temp_name(self._folder, os.path.basename(self.path))
+            temp = self._beside = _temp_name(self._folder, os.path.basename(self.path))
             _track(temp)
             try:
                 self._link_to(temp)
                 return temp
             except FileExistsError:
+                self._beside = None  # someone else's name: not ours to remove
                 _untrack(temp)
                 continue
-            except BaseException:
-                _untrack(temp)
-                raise
+            # any other exception (KeyboardInterrupt from Ctrl-C included, which may come
+            # as the link returns, the name already made) leaves self._beside set: the
+            # caller's abort() removes it if it is this file
         raise FileExistsError(f"no free temporary name in {self._folder} after 100 tries")
+
+    def _drop_beside(self) -> None:
+        """Remove the name beside the destination if it still holds this file (same
+        inode: a name taken by someone else meanwhile stays), and forget it. Called
+        while the file is open (its inode is the test)."""
+        temp, self._beside = self._beside, None
+        if temp is None:
+            return
+        try:
+            held, there = os.fstat(self._file.fileno()), os.lstat(temp)
+            if (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino):
+                os.unlink(temp)
+        except OSError:
+            pass  # gone (renamed into place, or never made)
+        finally:
+            _untrack(temp)
 
     def _forget_temp(self) -> None:
         if self._temp is not None:
@@ -574,10 +595,13 @@ class AtomicFile:
     def abort(self) -> None:
         if not self._open:
             return
-        self._close()
-        if self._temp is not None:
-            _remove(self._temp)
-            self._forget_temp()
+        try:
+            self._drop_beside()  # while the file is open: its inode says which name is its
+        finally:
+            self._close()
+            if self._temp is not None:
+                _remove(self._temp)
+                self._forget_temp()
 
     def __enter__(self) -> "AtomicFile":
         return self
