@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 
 import numpy as np
@@ -165,12 +166,67 @@ def _fresh(algorithm="chacha20-poly1305", key=None, **kw):
     ("dtype", "int32"), ("dtype", "uint32"), ("shape", (6, 2)), ("shape", (12,)),
     ("framework", "torch"), ("framework", "cupy"), ("algorithm", "aes-gcm"), ("key_id", "k2"),
     ("key_id", b"k1"), ("key_id", None), ("name", "v"), ("name", None), ("aad", b"ctX"),
+    # edits that change the byte count, the ciphertext's staying as it was
+    ("shape", (6,)), ("shape", (24,)), ("shape", ()), ("shape", (2, 0)), ("shape", (-2, -6)),
+    ("shape", (2**40,)), ("shape", (2**31, 2**31)), ("dtype", "float64"), ("dtype", "int8"),
+    ("dtype", "no-such-dtype"), ("nbytes", 24), ("nbytes", 96), ("framework", "no-such"),
 ])
 def test_any_metadata_change_fails(field, value):
     key, x, enc = _fresh()
     setattr(enc, field, value)
     with pytest.raises(InvalidTag):
         gpucrypt.decrypt_tensor(enc, key, device="cpu")
+
+
+@pytest.mark.parametrize("field,value", [("shape", (6,)), ("dtype", "float64"), ("nbytes", 96),
+                                         ("shape", (2**40,)), ("shape", (2**40, 2**40))])
+def test_byte_count_edits_fail_in_batches_before_anything_is_allocated(field, value, device,
+                                                                       monkeypatch):
+    """Recorded fields that no longer add up to the ciphertext's length (an edited shape
+    asking for 4 TiB, say) fail like any other edit: InvalidTag naming the entry, in a
+    batch beside good ones, in place and not, without allocating a result for it."""
+    key = os.urandom(32)
+    x, y = random_array((2, 6), "float32"), random_array((4,), "int16")
+    plain_y = y.copy()
+    encs = {"x": gpucrypt.encrypt_tensor(x, key, name="x", device=device),
+            "y": gpucrypt.encrypt_tensor(y, key, name="y", inplace=True, device=device)}
+    setattr(encs["x"], field, value)
+    sizes = []
+    real_empty = np.empty
+
+    def empty(shape, *args, **kwargs):  # what NumPy is asked to allocate
+        sizes.append(math.prod(shape) if isinstance(shape, (tuple, list)) else int(shape))
+        return real_empty(shape, *args, **kwargs)
+
+    monkeypatch.setattr(np, "empty", empty)
+    with pytest.raises(InvalidTag) as info:
+        gpucrypt.decrypt_tensors(encs, key, device=device)
+    assert info.value.failed == ["x"]
+    assert all(n < 1 << 20 for n in sizes)         # nothing of the edited size
+    assert y.tobytes() == plain_y.tobytes()        # the good in-place entry is restored
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensor(encs["x"], key, device=device)
+    assert all(n < 1 << 20 for n in sizes)
+    # the refusal spent nothing: with the field put back the entry decrypts
+    setattr(encs["x"], field, {"shape": (2, 6), "dtype": "float32", "nbytes": 48}[field])
+    assert gpucrypt.decrypt_tensor(encs["x"], key, device=device).tobytes() == x.tobytes()
+
+
+def test_a_ciphertext_of_another_length_fails_like_an_edited_one(device):
+    """A ciphertext cut short, or grown, under an unchanged byte count is an edited
+    ciphertext: InvalidTag naming the entry (the one-tensor and batch paths, CPU and GPU
+    alike), never a read past its end. (from_bytes still refuses a serialised form of the
+    wrong length with ValueError: that is parsing, before there is an EncryptedTensor.)"""
+    key = os.urandom(32)
+    for size in (50, 150):
+        enc = gpucrypt.encrypt_tensor(np.arange(100, dtype=np.uint8), key, name="t", device=device)
+        ct = np.asarray(gpucrypt.EncryptedTensor.from_bytes(enc.to_bytes()).ciphertext)
+        enc._ciphertext = np.resize(ct, size)
+        with pytest.raises(InvalidTag):
+            gpucrypt.decrypt_tensor(enc, key, device=device)
+        with pytest.raises(InvalidTag) as info:
+            gpucrypt.decrypt_tensors({"t": enc}, key, device=device)
+        assert info.value.failed == ["t"]
 
 
 def test_ciphertext_tag_nonce_key_changes_fail(device):
@@ -319,6 +375,150 @@ def test_batch_inplace_restores_only_verified_tensors(device):
         gpucrypt.decrypt_tensors(encs, key, device=device)
     assert tensors[1].tobytes() == cipher1.tobytes()
     assert np.array_equal(tensors[0], originals[0]) and np.array_equal(tensors[2], originals[2])
+
+
+def _fail_on_call(monkeypatch, name: str, number: int, exc: BaseException) -> list:
+    """Make ``tensor_mod.<name>`` raise ``exc`` on its ``number``-th call (1-based)."""
+    real, calls = getattr(tensor_mod, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == number:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tensor_mod, name, wrapped)
+    return calls
+
+
+def _on_two_threads(monkeypatch) -> None:
+    """Small host batches on the thread pool (every tensor worth a thread)."""
+    from gpucrypt.backends import cpu
+
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 2)
+    monkeypatch.setattr(tensor_mod, "_HOST_PARALLEL_BYTES", 1000)
+    monkeypatch.setattr(tensor_mod, "_POOLED_TENSOR_BYTES_DEFAULT", 0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), RuntimeError("disk on fire")])
+def test_an_in_place_batch_stopped_part_way_gives_its_tensors_back(monkeypatch, stop, threads):
+    """An in-place encrypt batch that raises part way (an interrupt, a later tensor's
+    error) returns no results, so the tensors it had encrypted are decrypted back: none
+    is left holding ciphertext whose nonce and tag the caller never got."""
+    if threads == 2:
+        _on_two_threads(monkeypatch)
+    tensors = {k: random_array((1000,), "float32") for k in "abc"}
+    plain = {k: v.copy() for k, v in tensors.items()}
+    calls = _fail_on_call(monkeypatch, "_host_seal", 2, stop)
+    with pytest.raises(type(stop)) as info:
+        gpucrypt.encrypt_tensors(tensors, os.urandom(32), inplace=True)
+    assert len(calls) >= 2
+    assert {k: v.tobytes() == plain[k].tobytes() for k, v in tensors.items()} == dict.fromkeys(
+        "abc", True)
+    assert not hasattr(info.value, "encrypted")
+    assert any("decrypted back" in note for note in info.value.__notes__)
+
+
+def test_a_tensor_that_cannot_be_given_back_is_attached_to_the_error(monkeypatch):
+    """If taking the sealed tensors back is itself stopped (an interrupt again), the ones
+    still encrypted come with the error, ``exc.encrypted`` (label -> EncryptedTensor):
+    their nonce and tag are never lost."""
+    key = os.urandom(32)
+    tensors = {k: random_array((1000,), "float32") for k in "abc"}
+    plain = {k: v.copy() for k, v in tensors.items()}
+    _fail_on_call(monkeypatch, "_host_seal", 3, RuntimeError("disk on fire"))
+    _fail_on_call(monkeypatch, "_host_open", 1, KeyboardInterrupt())
+    with pytest.raises(RuntimeError, match="disk on fire") as info:
+        gpucrypt.encrypt_tensors(tensors, key, inplace=True)
+    monkeypatch.undo()
+    stuck = info.value.encrypted
+    assert sorted(stuck) == ["a", "b"] and tensors["c"].tobytes() == plain["c"].tobytes()
+    assert all(tensors[k].tobytes() != plain[k].tobytes() for k in stuck)
+    back = gpucrypt.decrypt_tensors(stuck, key)
+    assert all(back[k] is tensors[k] and back[k].tobytes() == plain[k].tobytes() for k in stuck)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), RuntimeError("disk on fire")])
+def test_a_batch_decrypt_stopped_part_way_spends_what_it_decrypted(monkeypatch, stop, threads):
+    """A decrypt batch that raises part way (not InvalidTag): each entry already
+    decrypted in place is spent at once, so it can no longer serialise its memory (the
+    plaintext now) as its ciphertext; the others keep their ciphertext and decrypt
+    later."""
+    if threads == 2:
+        _on_two_threads(monkeypatch)
+    key = os.urandom(32)
+    tensors = {k: random_array((1000,), "float32") for k in "abc"}
+    plain = {k: v.copy() for k, v in tensors.items()}
+    encs = gpucrypt.encrypt_tensors(tensors, key, inplace=True)
+    _fail_on_call(monkeypatch, "_host_open", 2, stop)
+    with pytest.raises(type(stop)):
+        gpucrypt.decrypt_tensors(encs, key)
+    monkeypatch.undo()
+    done = [k for k in tensors if tensors[k].tobytes() == plain[k].tobytes()]
+    assert done, "the first entry's open ran"
+    for k in tensors:
+        if k in done:
+            with pytest.raises(ValueError, match="decrypted in place"):
+                encs[k].to_bytes()
+    rest = {k: encs[k] for k in tensors if k not in done}
+    assert rest, "the failing open left its entry alone"
+    back = gpucrypt.decrypt_tensors(rest, key)
+    assert all(back[k].tobytes() == plain[k].tobytes() for k in rest)
+
+
+def _stream_of_another_device():
+    """What torch.cuda.Stream(device=1) says of its device, and nothing else."""
+    import types
+
+    return types.SimpleNamespace(device=types.SimpleNamespace(index=1))
+
+
+@pytest.mark.cudasim
+def test_a_mixed_batch_refused_by_its_gpu_half_touches_no_host_tensor(monkeypatch):
+    """Host and device tensors in one in-place batch: the GPU half's refusals (here a
+    stream of another device) come before any host tensor is encrypted or decrypted."""
+    require_gpu_backend()
+    from numba import cuda
+
+    key = os.urandom(32)
+    host = random_array((16,), "float32")
+    plain = host.copy()
+    batch = {"h": host, "d": cuda.to_device(random_array((8,), "float32"))}
+    with monkeypatch.context() as patch:
+        seals = _fail_on_call(patch, "_host_seal", 0, None)   # counts, never fails
+        with pytest.raises(ValueError, match="stream of cuda:1"):
+            gpucrypt.encrypt_tensors(batch, key, inplace=True, stream=_stream_of_another_device())
+    assert not seals and host.tobytes() == plain.tobytes()  # not even sealed and taken back
+    encs = gpucrypt.encrypt_tensors(batch, key, inplace=True)
+    sealed = host.tobytes()
+    with pytest.raises(ValueError, match="stream of cuda:1"):
+        gpucrypt.decrypt_tensors(encs, key, stream=_stream_of_another_device())
+    assert host.tobytes() == sealed
+    assert encs["h"].to_bytes()  # not spent
+    gpucrypt.decrypt_tensors(encs, key)
+    assert host.tobytes() == plain.tobytes()
+
+
+@pytest.mark.cudasim
+def test_a_mixed_batch_whose_gpu_launch_fails_gives_its_host_tensors_back(monkeypatch):
+    """The GPU half failing in its launch (CUDA out of memory, say) after the host half
+    was encrypted in place: the host tensors are decrypted back."""
+    require_gpu_backend()
+    from numba import cuda
+
+    def out_of_memory(self, batch):
+        raise MemoryError("CUDA out of memory")
+
+    key = os.urandom(32)
+    host = random_array((16,), "float32")
+    plain = host.copy()
+    monkeypatch.setattr(pipeline.GpuRunner, "start", out_of_memory)
+    with pytest.raises(MemoryError):
+        gpucrypt.encrypt_tensors({"h": host, "d": cuda.to_device(random_array((8,), "float32"))},
+                                 key, inplace=True)
+    assert host.tobytes() == plain.tobytes()
 
 
 @pytest.mark.cudasim
@@ -669,6 +869,59 @@ def test_counter_cipher_is_deterministic_and_never_repeats():
     assert a.decrypt(batch["q"]).tobytes() == x.tobytes()
     with pytest.raises(ValueError, match="prefix"):
         TensorCipher(key, nonces="counter")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_a_forked_child_never_hands_out_its_parents_counter_nonces():
+    """fork() copies a NonceSequence's counter: parent and child would give the same
+    prefix || counter under one key. In the child the copy (alone, or in a counter
+    TensorCipher) refuses, saying what to do; a sequence made in the child works, and the
+    parent goes on as before."""
+    import json
+
+    seq = NonceSequence(12, prefix=b"wr1")
+    cipher = TensorCipher(bytes(32), nonces="counter", prefix=b"w")
+    random_cipher = TensorCipher(bytes(32))
+    x = random_array((4,), "float32")
+    assert seq.next() == b"wr1" + bytes(9)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, and never return into pytest
+        try:
+            report = []
+            for take in (seq.next, lambda: seq.take(0), lambda: cipher.encrypt(x).nonce,
+                         lambda: NonceSequence(12, prefix=b"child").next(),
+                         lambda: random_cipher.encrypt(x).nonce):
+                try:
+                    report.append(take().hex())
+                except RuntimeError as exc:
+                    report.append(f"refused: {exc}")
+            os.write(write_end, json.dumps(report).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        report = json.loads(pipe.read())
+    assert os.waitstatus_to_exitcode(status) == 0
+    for refused in report[:3]:
+        assert refused.startswith("refused: ") and "prefix of its own" in refused, report
+    assert report[3] == (b"child" + bytes(7)).hex()   # made in the child: its own
+    assert len(bytes.fromhex(report[4])) == 12        # random nonces need no counter
+    assert seq.next() == b"wr1" + bytes(8) + b"\x01"  # the parent's go on
+    assert cipher.encrypt(x).nonce == b"w" + bytes(11)
+
+
+def test_a_tensor_cipher_cannot_be_copied_or_pickled():
+    """It holds a key (as gpucrypt.aead's objects, whose refusal it shares), and a copy
+    would count the random-nonce budget apart from its original."""
+    import copy
+    import pickle
+
+    for cipher in (TensorCipher(bytes(32)), TensorCipher(bytes(32), nonces="counter", prefix=b"")):
+        for make in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="holds a key"):
+                make(cipher)
 
 
 def test_random_nonce_budget_is_enforced(monkeypatch):

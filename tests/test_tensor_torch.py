@@ -97,13 +97,43 @@ def test_torch_metadata_tampering_fails():
     key = os.urandom(32)
     t = random_tensor((2, 4), "bfloat16")
     for field, value in [("dtype", "float16"), ("dtype", "int16"), ("shape", (4, 2)),
-                         ("framework", "numpy"), ("algorithm", "xchacha20-poly1305")]:
+                         ("framework", "numpy"), ("algorithm", "xchacha20-poly1305"),
+                         ("shape", ()), ("shape", (2**40,)), ("shape", (-2, -4)),
+                         ("dtype", "float32"), ("dtype", "bool"), ("nbytes", 32)]:
         enc = gpucrypt.encrypt_tensor(t, key)
         setattr(enc, field, value)
         if field == "algorithm":
             enc.nonce = enc.nonce + bytes(12)
         with pytest.raises(InvalidTag):
             gpucrypt.decrypt_tensor(enc, key)
+
+
+@pytest.mark.parametrize("count", [16, 2 * 1024 * 1024])   # 8 MiB: not the one-tensor path
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_an_in_place_result_whose_framework_was_edited_fails(framework, count):
+    """An in-place result records the framework of the tensor it was made from; edited,
+    decryption fails (InvalidTag) and leaves the ciphertext where it is, whatever the
+    size, and to_bytes() writes the bytes that are there, which then fail too. The
+    memory is read as what it is (a NumPy array or a torch tensor), never as the edited
+    framework's."""
+    key = os.urandom(32)
+    values = np.arange(count, dtype=np.float32)
+    x = torch.from_numpy(values.copy()) if framework == "torch" else values.copy()
+    memory = x.numpy() if framework == "torch" else x
+    enc = gpucrypt.encrypt_tensor(x, key, inplace=True)
+    sealed = memory.tobytes()
+    enc.framework = "numpy" if framework == "torch" else "torch"
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensor(enc, key)
+    with pytest.raises(InvalidTag) as info:
+        gpucrypt.decrypt_tensors({"t": enc}, key)
+    assert info.value.failed == ["t"] and memory.tobytes() == sealed
+    blob = enc.to_bytes()
+    assert sealed in blob and np.asarray(enc.ciphertext).tobytes() == sealed
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(blob), key)
+    enc.framework = framework  # put back: nothing was spent
+    assert gpucrypt.decrypt_tensor(enc, key) is x and memory.tobytes() == values.tobytes()
 
 
 def test_non_contiguous_and_lazy_views():

@@ -31,10 +31,14 @@ tensor's own memory; the EncryptedTensor then refers to that memory (the tensor 
 ciphertext until it is decrypted in place again). A failed in-place decrypt leaves the
 ciphertext as it was; a failed out-of-place decrypt zeroes its output and returns
 nothing. An in-place batch whose entries share memory (a state dict's tied weights) is refused
-before anything is touched: each memory can hold one ciphertext. Host batches over
-4 MiB run on all usable cores (``cryptography`` releases the GIL): several tensors are
-shared out among threads, and one large ChaCha20-Poly1305 / XChaCha20-Poly1305 tensor
-is cut into keystream pieces on a pool while the MAC follows them in order.
+before anything is touched: each memory can hold one ciphertext. An in-place batch that
+raises part way leaves no tensor encrypted without its nonce and tag: encrypting, the
+host tensors already sealed are decrypted back (or, failing that, attached to the error
+as ``exc.encrypted``); decrypting, each entry is spent as soon as its plaintext is back.
+Host batches over 4 MiB run on all usable cores (``cryptography`` releases the GIL):
+several tensors are shared out among threads, and one large ChaCha20-Poly1305 /
+XChaCha20-Poly1305 tensor is cut into keystream pieces on a pool while the MAC follows
+them in order.
 
 Devices and streams: GPU work runs in the tensors' own device's context (one device
 per batch) and is queued on the given stream or the framework's current one; a given
@@ -170,7 +174,10 @@ class NonceSequence:
     ``start``. Thread-safe. Raises ``OverflowError`` once the counter is exhausted,
     never wraps. Uniqueness holds within one object: two writers under one key need
     different prefixes (or disjoint ``start`` ranges), which only the caller can ensure.
-    It cannot be copied or pickled (a copy would hand out the same nonces again).
+    It cannot be copied or pickled (a copy would hand out the same nonces again), and
+    it hands out nothing in a process forked from the one that made it
+    (``RuntimeError``): the child's copy of the counter would repeat the parent's
+    nonces. A sequence made in the child itself (with a prefix of its own) works.
     """
 
     def __init__(self, size: int = 12, *, prefix: bytes = b"", start: int = 0):
@@ -186,6 +193,10 @@ class NonceSequence:
             raise ValueError(f"start must be an int in [0, 2**{8 * self._width})")
         self._next = start
         self._lock = threading.Lock()
+        # the process it belongs to: both marks, as the pid alone could come back (a
+        # descendant given the pid of an ancestor that has exited) and the fork count
+        # alone misses a fork that does not run Python's at-fork hooks (C code's fork())
+        self._process = (os.getpid(), _FORKS[0])
 
     @property
     def size(self) -> int:
@@ -203,6 +214,12 @@ class NonceSequence:
         count = operator.index(count)  # a float would leave the counter unusable
         if count < 0:
             raise ValueError("count must be >= 0")
+        if self._process != (os.getpid(), _FORKS[0]):
+            raise RuntimeError(
+                "this NonceSequence was made in another process and copied into this one by "
+                "fork(): it would hand out the nonces the other process hands out, under the "
+                "same key. Make a new sequence in each process, with a prefix of its own "
+                "(NonceSequence(prefix=...), TensorCipher(nonces='counter', prefix=...))")
         with self._lock:
             first = self._next
             if count > self._limit - first:
@@ -222,6 +239,18 @@ class NonceSequence:
         raise TypeError("a NonceSequence cannot be copied or pickled: the copy would hand out "
                         "the same nonces again. Give each writer its own sequence with its "
                         "own prefix (NonceSequence(prefix=...))")
+
+
+#: how many fork()s this process is removed from the first one (NonceSequence)
+_FORKS = [0]
+
+
+def _count_fork() -> None:
+    _FORKS[0] += 1
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork (the pid suffices)
+    os.register_at_fork(after_in_child=_count_fork)
 
 
 def _nonces_for(count: int, algorithm: str, source: Any) -> list[bytes]:
@@ -419,7 +448,8 @@ class EncryptedTensor:
         first asked for, here."""
         ct = self._ct
         if ct is None and self._source is not None:
-            ct = self._ct = fw.BY_NAME[self.framework].byte_view(self._source)
+            # the source's own framework, not the recorded one (which may have been edited)
+            ct = self._ct = fw.adapter_for(self._source).byte_view(self._source)
         elif type(ct) is bytes:
             # a slice of a copy with the tag: an empty copy of its own would have stride 0,
             # which torch's views of it refuse
@@ -536,21 +566,24 @@ def _host_ciphertext_view(enc: EncryptedTensor) -> Any:
     if type(ct) is bytes:  # OpenSSL's sealed bytes (see EncryptedTensor._ciphertext)
         return memoryview(ct)[:-TAG_SIZE]
     src = enc._source
+    # the source's own framework decides how it is read, not the recorded one: that may
+    # have been edited (decryption then fails to verify; to_bytes writes what is there)
     if src is not None and src.nbytes == enc.nbytes:
-        if enc.framework == "numpy":
-            if isinstance(src, np.ndarray) and src.flags.c_contiguous:
+        if isinstance(src, np.ndarray):
+            if src.flags.c_contiguous:
                 return _numpy_host_bytes(src)
-        elif enc._ct is None and src.is_cpu and src.is_contiguous():  # torch
+        elif ct is None and _framework_of(src) == "torch" and src.is_cpu \
+                and src.is_contiguous():
             return _torch_host_view(src, enc.nbytes)
-    return _host_bytes_of(enc.framework, enc._ciphertext)
+    return _host_bytes_of(enc._ciphertext)
 
 
-def _host_bytes_of(framework: str, buffer: Any) -> np.ndarray:
+def _host_bytes_of(buffer: Any) -> np.ndarray:
     """A NumPy ``uint8`` view of a host ciphertext buffer (NumPy array or torch tensor)."""
     if isinstance(buffer, np.ndarray):
         return buffer
     _check_storage(buffer, buffer.nbytes)  # torch's .numpy() would not
-    return fw.BY_NAME[framework].host_array(buffer)
+    return fw.adapter_for(buffer).host_array(buffer)
 
 
 # ============================================================================ host AEAD
@@ -834,10 +867,14 @@ def _decrypt_small_on_host(enc: Any, key: Any, inplace: bool | None) -> Any:
         return _NOT_SMALL
     enc._check_alive()
     key = _key_bytes(key, enc.algorithm)
+    try:  # metadata an edit made unencodable (a negative dimension): the general path fails it
+        aad = enc.associated_data()
+    except (struct.error, TypeError, ValueError, KeyError, UnicodeError, OverflowError):
+        return _NOT_SMALL
     in_place = _decides_inplace(enc, None, inplace)
     sealed = enc._ct
     if type(sealed) is bytes and not in_place:
-        return _open_sealed_on_host(enc, key, sealed)
+        return _open_sealed_on_host(enc, key, sealed, aad)
     # in place, the source as it is now (a view made earlier keeps the flags of its time)
     src = _small_host_bytes(enc._ct if enc._source is None else enc._source)
     if src is None or len(src) != enc.nbytes:  # the general path says what is wrong
@@ -845,20 +882,19 @@ def _decrypt_small_on_host(enc: Any, key: Any, inplace: bool | None) -> Any:
     if in_place:
         if enc._source is None or src.readonly:
             return _NOT_SMALL
-        if not _host_open(enc.algorithm, key, enc.nonce, enc.associated_data(), src, enc.tag,
-                          src):
+        if not _host_open(enc.algorithm, key, enc.nonce, aad, src, enc.tag, src):
             _raise_one_failed(enc)
         enc._consumed[0] = True
         return enc._source
     result, dst = _small_host_result(enc)
     if dst is None:
         return _NOT_SMALL
-    if not _host_open(enc.algorithm, key, enc.nonce, enc.associated_data(), src, enc.tag, dst):
+    if not _host_open(enc.algorithm, key, enc.nonce, aad, src, enc.tag, dst):
         _raise_one_failed(enc)
     return result
 
 
-def _open_sealed_on_host(enc: EncryptedTensor, key: bytes, sealed: bytes) -> Any:
+def _open_sealed_on_host(enc: EncryptedTensor, key: bytes, sealed: bytes, aad: bytes) -> Any:
     """Decrypt a result that still holds the bytes OpenSSL sealed (``sealed``, its
     ``ciphertext || tag``, see ``EncryptedTensor._ciphertext``): one call of OpenSSL's
     one-shot open straight into the new tensor, which is zeroed and dropped if the tag
@@ -866,8 +902,7 @@ def _open_sealed_on_host(enc: EncryptedTensor, key: bytes, sealed: bytes) -> Any
     associated data is made from it now, so such edits fail to verify. Anything else out
     of the ordinary (the tag kept beside them replaced, lengths that no longer agree)
     goes to the general path, which reads the tag and ciphertext apart and says what is
-    wrong."""
-    aad = enc.associated_data()
+    wrong. ``aad``: ``enc.associated_data()``."""
     if len(sealed) - TAG_SIZE != enc.nbytes or len(aad) > _cpu.OPENSSL_AEAD_MAX \
             or len(enc._tag) != TAG_SIZE or sealed[-TAG_SIZE:] != enc._tag:  # no secret: == is fine
         return _NOT_SMALL
@@ -898,12 +933,14 @@ def _small_host_result(enc: EncryptedTensor) -> tuple:
             if len(_NUMPY_DTYPES) < 256:
                 _NUMPY_DTYPES[enc.dtype] = dtype
         try:
+            # an edited shape (or dtype) is not allocated: it may ask for terabytes, and
+            # the general path reports it (InvalidTag)
+            if math.prod(enc.shape) * dtype.itemsize != enc.nbytes:
+                return None, None
             result = np.empty(enc.shape, dtype=dtype)
         except _CANNOT_ALLOCATE as exc:
             if _out_of_memory(exc):
                 raise
-            return None, None
-        if result.nbytes != enc.nbytes:
             return None, None
         return result, _numpy_host_bytes(result)
     torch = sys.modules.get("torch")
@@ -918,12 +955,12 @@ def _small_host_result(enc: EncryptedTensor) -> tuple:
     if like is None:
         like = _TORCH_CPU_EMPTY[dtype] = torch.empty(0, dtype=dtype, device="cpu")
     try:
+        if math.prod(enc.shape) * dtype.itemsize != enc.nbytes:  # as for NumPy, above
+            return None, None
         result = like.new_empty(*enc.shape) if enc.shape else like.new_empty(())
     except _CANNOT_ALLOCATE as exc:
         if _out_of_memory(exc):
             raise
-        return None, None
-    if result.nbytes != enc.nbytes:
         return None, None
     return result, _torch_host_bytes(result, own=True)
 
@@ -1025,15 +1062,51 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
         job.enc.nonce = job.nonce = nonce
 
     on_gpu = [j for j in jobs if j.place != HOST or device == "gpu"]
-    if on_gpu:  # refused here, before any host tensor is encrypted (in place: for good)
-        _single_place(j.place for j in on_gpu)
-        get_backend("gpu")
-    _run_host_jobs([j for j in jobs if j.place == HOST and device != "gpu"],
-                   lambda job, threads, shared_gil: _encrypt_on_host(job, algorithm, key, inplace,
-                                                                     threads, shared_gil))
-    if on_gpu:
-        _encrypt_on_gpu(on_gpu, algorithm, key, inplace, stream)
+    on_host = [j for j in jobs if j.place == HOST and device != "gpu"]
+    # Everything the GPU half can refuse (tensors on several devices, a stream of another
+    # device or of no known kind) or fail to allocate (its outputs) is done before any
+    # host tensor is encrypted: in place, a host tensor sealed before such an error would
+    # be left holding ciphertext whose nonce and tag were never returned.
+    launch_gpu = _prepare_gpu_seal(on_gpu, algorithm, key, inplace, stream) if on_gpu else None
+    try:
+        _run_host_jobs(on_host, lambda job, threads, shared_gil: _encrypt_on_host(
+            job, algorithm, key, inplace, threads, shared_gil))
+        if launch_gpu is not None:
+            launch_gpu()
+    except BaseException as exc:  # noqa: B036 (an interrupt too: the tensors come back first)
+        if inplace:
+            _take_back_sealed(on_host, algorithm, key, exc)
+        raise
     return [j.enc for j in jobs]
+
+
+def _take_back_sealed(jobs: list[_Job], algorithm: str, key: bytes, exc: BaseException) -> None:
+    """An in-place batch that raises part way (a later tensor's error, the GPU half's, an
+    interrupt) hands no results back, so the host tensors it had already encrypted in
+    place are decrypted back with the nonce and tag it holds (a few cipher passes on a
+    path that is failing anyway): the caller finds them as they were. One that cannot be
+    taken back (its own decrypt interrupted; the CPU backend then leaves its ciphertext
+    whole) stays encrypted, and its :class:`EncryptedTensor` is attached to ``exc`` as
+    ``exc.encrypted`` (label -> result), so that no tensor is left encrypted without its
+    nonce and tag. A tensor whose own seal was cut short has no tag and is not here.
+    """
+    sealed = [j for j in jobs if j.enc._tag is not None]  # set once its seal returned
+    stuck = {}
+    for i, job in enumerate(sealed):
+        try:
+            ok = _host_open(algorithm, key, job.nonce, job.aad, job.host_src, job.enc._tag,
+                            job.host_src)
+        except BaseException:  # noqa: B036 (an interrupt here: hand back what is left)
+            ok = False
+        if not ok:  # not restored: this one (its ciphertext whole) and, stopped, the rest
+            stuck.update((j.label, j.enc) for j in sealed[i:])
+            break
+    if stuck:
+        exc.encrypted = stuck
+    if sealed and hasattr(exc, "add_note"):
+        exc.add_note(f"(gpucrypt: {len(sealed) - len(stuck)} tensor(s) already encrypted in place "
+                     f"were decrypted back" + (f"; {sorted(map(str, stuck))} could not be and "
+                                               f"are in exc.encrypted)" if stuck else ")"))
 
 
 def _host_encrypt_job(label: Any, x: Any, parts: tuple, algorithm: str, user_aad: bytes,
@@ -1226,17 +1299,24 @@ def _device_index(place) -> int | None:
     return None if place is None else place[1]
 
 
-def _encrypt_on_gpu(jobs: list[_Job], algorithm: str, key: bytes, inplace: bool,
-                    stream: Any) -> None:
+def _prepare_gpu_seal(jobs: list[_Job], algorithm: str, key: bytes, inplace: bool,
+                     stream: Any):
     """One pipeline batch, one ``seal_batch`` launch for every job, in the tensors'
     device's context: host tensors are staged and uploaded together on the launch
     stream (and their ciphertext comes back), device tensors sealed where they are into
     outputs allocated for a caller-given stream (which first waits for the stream the
-    inputs were made on); device tensors' tags stay on the device until asked for."""
+    inputs were made on); device tensors' tags stay on the device until asked for.
+
+    Prepared here, the launch left to the function returned: everything that can be
+    refused or fail to allocate (several devices, a stream of another device or of no
+    known kind, the outputs) is, before any tensor is written. A host tensor staged for
+    the GPU gets its ciphertext only when the batch comes back."""
     gpu = get_backend("gpu")
     place = _single_place(j.place for j in jobs)
     with gpu.device(_device_index(place)):
         launch = _launch_stream(stream, place, (j.adapter.name for j in jobs if j.place == place))
+        if stream is not None:  # resolves it (TypeError for an object that is none), queues nothing
+            gpu.wait_for(launch, launch)
         _order_inputs(gpu, stream, launch, place,
                       [(j.adapter, j.view) for j in jobs if j.place != HOST])
         tasks = []
@@ -1259,12 +1339,15 @@ def _encrypt_on_gpu(jobs: list[_Job], algorithm: str, key: bytes, inplace: bool,
             tasks.append(pipeline.Job(job.label, job.nonce, job.aad, src, dst, size=job.enc.nbytes))
         runner = pipeline.GpuRunner(gpu, "seal", algorithm, key, stream=launch, host_tags=False,
                                     device=_device_index(place))
+
+    def launch_batch() -> None:
         tags = runner.start(pipeline.Batch(tasks))()
-    for row, job in enumerate(jobs):
-        if job.place == HOST:
-            job.enc._tag = tags.row(row)
-        else:
-            job.enc._tags, job.enc._tag_row = tags, row
+        for row, job in enumerate(jobs):
+            if job.place == HOST:
+                job.enc._tag = tags.row(row)
+            else:
+                job.enc._tags, job.enc._tag_row = tags, row
+    return launch_batch
 
 
 def encrypt_tensor(x: Any, key: Any, *, algorithm: str = "chacha20-poly1305", aad: Any = None,
@@ -1303,6 +1386,10 @@ def encrypt_tensors(tensors: Mapping[str, Any] | Sequence[Any], key: Any, *,
     for a list) is authenticated, so swapping entries fails decryption. All GPU tensors
     go through one ``seal_batch`` call (one launch per step). Other arguments as in
     :func:`encrypt_tensor`.
+
+    In place, a batch that raises part way returns nothing, so the host tensors it had
+    already encrypted are decrypted back before the error goes on; any that cannot be
+    are in the error's ``encrypted`` attribute (label -> :class:`EncryptedTensor`).
     """
     items, rebuild = _items_of(tensors)
     encs = _encrypt_jobs(items, key, algorithm=algorithm, aad=aad, inplace=inplace, stream=stream,
@@ -1338,6 +1425,7 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
                   stream: Any, device: Any, inplace: bool | None) -> list[Any]:
     device = _check_device(device)
     jobs = []
+    malformed: list[_Job] = []  # recorded fields that cannot be its ciphertext's (edited)
     keys: dict[str, bytes] = {}  # the key checked once per algorithm of the batch
     for label, enc, out in items:
         if not isinstance(enc, EncryptedTensor):
@@ -1346,6 +1434,11 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
         job_key = keys.get(enc.algorithm)
         if job_key is None:
             job_key = keys[enc.algorithm] = _key_bytes(key, enc.algorithm)
+        if not _describes_its_ciphertext(enc):  # failed, before anything is allocated
+            job = _Job(label, enc, HOST, b"")
+            jobs.append(job)
+            malformed.append(job)
+            continue
         in_place = _decides_inplace(enc, out, inplace)
         ct_place = enc._place
         out_on_gpu = out is not None and fw.adapter_for(out).place(out) != HOST
@@ -1371,10 +1464,12 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     # swapped, say) is refused before anything is decrypted: its plaintext is never released.
     misfiled = [j for j in jobs if j.label is not None and j.enc.name is not None
                 and j.enc.name != j.label]
-    todo = [j for j in jobs if j not in misfiled]
+    refused = {id(j) for j in misfiled + malformed}
+    todo = [j for j in jobs if id(j) not in refused]
     gpu_jobs = [j for j in todo if j.result[0]]
-    if gpu_jobs:  # one GPU per batch: refused here, before any tensor is decrypted
-        _single_place([j.enc._place for j in gpu_jobs] + [j.place for j in gpu_jobs])
+    # one GPU per batch, and the launch stream (another device's, or of no known kind),
+    # refused here, before any tensor is decrypted
+    launch_gpu = _prepare_gpu_open(gpu_jobs, stream) if gpu_jobs else None
     _prepare_outputs(todo, stream)
     into_own_ciphertext = _refuse_overlapping_outputs(todo)
     for job in into_own_ciphertext:  # decrypted in place in effect: so run (dst = src: a wrong
@@ -1384,14 +1479,15 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     # context and stream order the copy); only host ciphertext goes to the thread pool
     from_device = [j for j in todo if not j.result[0] and j.enc._place != HOST]
     on_host = [j for j in todo if not j.result[0] and j.enc._place == HOST]
+    # Each in-place entry is marked spent the moment its plaintext is back in its memory
+    # (by _open_on_host, _open_on_gpu): an error later in the batch must not leave one
+    # that to_bytes() would write out with its plaintext as the "ciphertext".
     failed = [j for j in from_device if not _open_on_host(j, 1)]
     failed += [j for j, ok in zip(on_host, _run_host_jobs(on_host, _open_on_host)) if not ok]
-    if gpu_jobs:
-        failed += _open_on_gpu(gpu_jobs, stream)
-    for job in todo:
-        if job.inplace and job not in failed:
-            job.enc._consumed[0] = True
-    failed = [j for j in jobs if j in failed or j in misfiled]
+    if launch_gpu is not None:
+        failed += launch_gpu()
+    refused.update(id(j) for j in failed)
+    failed = [j for j in jobs if id(j) in refused]
     if failed:
         names = ", ".join(repr(j.label if j.label is not None else j.enc.name) for j in failed)
         exc = InvalidTag(f"authentication failed for {len(failed)} of {len(jobs)} tensor(s): "
@@ -1403,6 +1499,48 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
             job.dst_obj[...] = 0
             raise job.error
     return [j.dst_obj if j.inplace else j.adapter.finish(j.dst_obj) for j in jobs]
+
+
+def _describes_its_ciphertext(enc: EncryptedTensor) -> bool:
+    """Whether ``enc``'s recorded framework, algorithm, dtype, shape and byte count can be
+    those of its ciphertext: known names, ``prod(shape) * itemsize == nbytes``, a
+    ciphertext (and, in place, a source tensor of that framework) of ``nbytes``. An
+    encryption records nothing else, so False means the object was edited since, which
+    decryption reports as ``InvalidTag`` like any other edit, before anything is
+    allocated (an edited shape can ask for terabytes) or read (an edited length would
+    read past the data)."""
+    try:
+        nbytes = operator.index(enc.nbytes)
+        count = 1
+        for d in enc.shape:
+            d = operator.index(d)
+            if d < 0:
+                return False
+            count *= d
+        if enc.framework not in fw.FRAMEWORK_CODES or enc.algorithm not in _ALGORITHM_CODES \
+                or count * fw.dtype_itemsize(enc.dtype) != nbytes:
+            return False
+    except (TypeError, ValueError, AttributeError, OverflowError):  # not ints, unknown dtype
+        return False
+    src = enc._source
+    if src is not None and (_framework_of(src) != enc.framework or src.nbytes != nbytes):
+        return False
+    ct = enc._ct
+    if ct is None:  # an in-place host result not viewed yet: its source is the ciphertext
+        return src is not None
+    length = len(ct) - TAG_SIZE if type(ct) is bytes else getattr(ct, "nbytes", None)
+    return length is None or length == nbytes  # None: a buffer that does not say (none yet)
+
+
+def _framework_of(x: Any) -> str:
+    """The framework of a tensor (an in-place result's source): NumPy and torch without
+    asking every adapter."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return "torch"
+    return fw.adapter_for(x).name
 
 
 def _decides_inplace(enc: EncryptedTensor, out: Any, inplace: bool | None) -> bool:
@@ -1596,47 +1734,70 @@ def _open_on_host(job: _Job, threads: int, shared_gil: bool = False) -> bool:
         dst = src
     else:
         dst = job.adapter.host_array(job.dst_view)
-    return _host_open(enc.algorithm, key, job.nonce, job.aad, src, enc.tag, dst, threads,
-                      shared_gil)
+    if not _host_open(enc.algorithm, key, job.nonce, job.aad, src, enc.tag, dst, threads,
+                      shared_gil):
+        return False
+    if job.inplace:  # its memory holds the plaintext now: spent at once (see _decrypt_jobs)
+        enc._consumed[0] = True
+    return True
 
 
-def _open_on_gpu(jobs: list[_Job], stream: Any) -> list[_Job]:
+def _prepare_gpu_open(jobs: list[_Job], stream: Any):
     """Decrypt ``jobs`` with one pipeline batch (one ``open_batch`` launch) per algorithm,
-    in the tensors' device's context; returns the failed jobs. Host ciphertext is
-    staged; a host result is filled only when its tag verified (zeroed otherwise), an
-    in-place host tensor left as it was."""
+    in the tensors' device's context. Host ciphertext is staged; a host result is
+    filled only when its tag verified (zeroed otherwise), an in-place host tensor left
+    as it was.
+
+    Prepared here (the device, one for the batch; the launch stream, refused if it is
+    another device's or of no known kind; the inputs ordered on it), before any tensor
+    of the batch is decrypted; the function returned runs it and returns the failed
+    jobs, marking each in-place one that verified spent as its batch comes back."""
     gpu = get_backend("gpu")
     place = _single_place([j.enc._place for j in jobs] + [j.place for j in jobs])
     with gpu.device(_device_index(place)):
         launch_stream = _launch_stream(stream, place, (j.enc.framework for j in jobs
                                                        if place in (j.place, j.enc._place)))
+        if stream is not None:  # resolves it (TypeError for an object that is none), queues nothing
+            gpu.wait_for(launch_stream, launch_stream)
         _order_inputs(gpu, stream, launch_stream, place,
                       [(fw.BY_NAME[j.enc.framework], j.enc._ciphertext) for j in jobs
                        if j.enc._place != HOST])
-        tasks = []
-        for job in jobs:
-            enc = job.enc
-            if enc._place == HOST:
-                src = _host_ciphertext(enc)
-            else:
-                src = gpu.device_span(enc._ciphertext)
-            if job.inplace:
-                dst = src
-            elif job.place == HOST:   # a host result computed on the GPU
-                dst = job.adapter.host_array(job.dst_view)
-            else:
-                dst = gpu.device_span(job.dst_view)
-            tasks.append(pipeline.Job(job.label, job.nonce, job.aad, src, dst, tag=None,
-                                      size=enc.nbytes, key=job.result[1], algorithm=enc.algorithm))
-        shared = _shared_tags(jobs)
-        ok = np.zeros(len(jobs), dtype=bool)
-        for algorithm in sorted({j.enc.algorithm for j in jobs}):
-            idx = [i for i, j in enumerate(jobs) if j.enc.algorithm == algorithm]
-            for i in idx:
-                tasks[i].tag = None if shared is not None else jobs[i].enc.tag
-            runner = pipeline.GpuRunner(gpu, "open", algorithm, stream=launch_stream,
-                                        device=_device_index(place))
-            ok[idx] = runner.start(pipeline.Batch([tasks[i] for i in idx], payload=shared))()
+
+    def run() -> list[_Job]:
+        with gpu.device(_device_index(place)):
+            return _open_on_gpu(gpu, jobs, place, launch_stream)
+    return run
+
+
+def _open_on_gpu(gpu, jobs: list[_Job], place, launch_stream: Any) -> list[_Job]:
+    """The launches :func:`_prepare_gpu_open` prepared; returns the failed jobs."""
+    tasks = []
+    for job in jobs:
+        enc = job.enc
+        if enc._place == HOST:
+            src = _host_ciphertext(enc)
+        else:
+            src = gpu.device_span(enc._ciphertext)
+        if job.inplace:
+            dst = src
+        elif job.place == HOST:   # a host result computed on the GPU
+            dst = job.adapter.host_array(job.dst_view)
+        else:
+            dst = gpu.device_span(job.dst_view)
+        tasks.append(pipeline.Job(job.label, job.nonce, job.aad, src, dst, tag=None,
+                                  size=enc.nbytes, key=job.result[1], algorithm=enc.algorithm))
+    shared = _shared_tags(jobs)
+    ok = np.zeros(len(jobs), dtype=bool)
+    for algorithm in sorted({j.enc.algorithm for j in jobs}):
+        idx = [i for i, j in enumerate(jobs) if j.enc.algorithm == algorithm]
+        for i in idx:
+            tasks[i].tag = None if shared is not None else jobs[i].enc.tag
+        runner = pipeline.GpuRunner(gpu, "open", algorithm, stream=launch_stream,
+                                    device=_device_index(place))
+        ok[idx] = runner.start(pipeline.Batch([tasks[i] for i in idx], payload=shared))()
+        for i in idx:  # back in their memory: spent at once (see _decrypt_jobs)
+            if ok[i] and jobs[i].inplace:
+                jobs[i].enc._consumed[0] = True
     for job, task, good in zip(jobs, tasks, ok):
         if not good and not job.inplace and job.place == HOST:
             task.dst[...] = 0
@@ -1685,7 +1846,8 @@ def decrypt_tensors(encs: Mapping[str, EncryptedTensor] | Sequence[EncryptedTens
     decrypted in place that did verify are restored. A batch that would write where
     another entry's ciphertext or plaintext lies (one in-place result twice, ``out=``
     naming one tensor twice or another entry's ciphertext) is refused, ``ValueError``,
-    before anything is written.
+    before anything is written. An entry decrypted in place is spent as soon as it is
+    (an error later in the batch leaves it spent, its plaintext back in its memory).
     """
     items, rebuild = _items_of(encs)
     if out is None:
@@ -1713,6 +1875,13 @@ class TensorCipher:
     after ``RANDOM_NONCE_BUDGET`` messages for 96-bit nonces; ``nonces="counter"`` uses a
     :class:`NonceSequence` with the given ``prefix`` (required: it is what keeps two
     writers under one key apart) from ``start`` on, deterministic and never repeating.
+
+    It holds a key, so it cannot be copied or pickled (``TypeError``, as
+    :mod:`gpucrypt.aead`'s objects): make one where it is used. A copy would also
+    count the random-nonce budget apart from its original, or repeat its counter
+    nonces. In a forked child a counter cipher refuses to encrypt (see
+    :class:`NonceSequence`); a random one goes on, its count of messages starting from
+    the parent's: the budget is per key, so processes sharing a key share it.
     """
 
     def __init__(self, key: Any, algorithm: str = "chacha20-poly1305", *, nonces: str = "random",
@@ -1746,6 +1915,12 @@ class TensorCipher:
     def messages(self) -> int:
         """Tensors encrypted so far."""
         return self._used
+
+    def __reduce_ex__(self, protocol):  # copy, deepcopy and pickle all come here
+        raise TypeError("cannot pickle or copy 'TensorCipher' object: it holds a key (and its "
+                        "copy would count the nonce budget, or repeat the counter nonces, on "
+                        "its own); pickle a reference to the key, and make the cipher where it "
+                        "is used")
 
     def _reserve(self, count: int) -> list[bytes]:
         if self._sequence is not None:
