@@ -24,14 +24,18 @@ Contract:
   reference is text (a path, a key URI, a ``KeyReferences`` of those), whose text names
   the key whole; a filesystem given key objects (a provider-backed ``WrappingKey``, a
   ``Recipient``, a provider, anything with ``resolve()``) is a new instance on every
-  call, so two objects that print alike never share one. Keys are resolved on first use
-  and again whenever a key file they name (a keyset, identity or recipient file, a
-  ``file:`` URI's keyset) has changed since (its inode, size, or modification or change
-  time): a keyset rotated on disk reaches the next file written or opened, by a new
-  filesystem call or by one kept from before. The cost: one ``os.stat`` per key file
-  each time a file is written or opened, and a sealed keyset is unsealed (scrypt) once
-  per instance and again only when its file changes. A file that is removed fails the
-  next write or open (``KeysetError``) rather than keep using what it held.
+  call, so two objects that print alike never share one, and has a token of its own: it
+  equals (``==``, ``hash``, dask's token, pyarrow's ``equals``) only itself. Key
+  arguments given explicitly win over fsspec's config, ``None`` and ``[]`` included
+  (``keyset=None`` with identities: read only, whatever keyset the config names); left
+  out, the config's apply. Keys are resolved on first use and again whenever a key file
+  they name (a keyset, identity or recipient file, a ``file:`` URI's keyset) has changed
+  since (its inode, size, or modification or change time): a keyset rotated on disk
+  reaches the next file written or opened, by a new filesystem call or by one kept from
+  before. The cost: one ``os.stat`` per key file each time a file is written or opened,
+  and a sealed keyset is unsealed (scrypt) once per instance and again only when its
+  file changes. A file that is removed fails the next write or open (``KeysetError``)
+  rather than keep using what it held.
 - **Reads are random access.** ``open(path, "rb")`` verifies the header MAC and the final
   segment (the size is authentic, truncation is caught up front); ``seek``/``read``,
   ``cat_file`` and ``cat_ranges`` then decrypt only the segments they touch. A segment
@@ -78,31 +82,39 @@ Contract:
 - ``put_file`` follows fsspec: ``mode="create"`` refuses an existing target
   (``FileExistsError``, checked before writing, not atomically, as fsspec's own
   filesystems check it); inside ``with fs.transaction:`` the file is sealed at once into
-  a hidden temporary file beside its target (``.NAME.XXXXXXXX.gpucrypt-tmp``), moved into
-  place when the transaction commits and removed when it is discarded.
+  a hidden temporary file beside its target (``.NAME.XXXXXXXX.gpucrypt-tmp``, NAME cut
+  to its first 64 bytes: any name the folder takes can be staged), moved into place
+  when the transaction commits and removed when it is discarded. On a local target, as
+  outside a transaction, a target that is a symbolic link is refused (``OSError``
+  ELOOP, at the put and again at the commit), and SIGTERM/SIGHUP remove the staged file
+  (:mod:`gpucrypt.files._atomic`'s signal cleanup; SIGKILL can leave it). On other
+  targets a process killed inside the transaction leaves it: a signal handler cannot
+  remove a remote file (delete ``.*.gpucrypt-tmp`` files found there).
 """
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
 import posixpath
 import sys
 import threading
+import uuid
 from typing import Any
 
 import fsspec
 from fsspec.config import apply_config
 from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.implementations.local import LocalFileSystem
-from fsspec.utils import isfilelike, stringify_path
+from fsspec.utils import isfilelike, stringify_path, tokenize
 
 from .files import stream
 from .backends import DEVICES
 from .files._format import (TAG_SIZE, AuthenticationError, FormatError, StreamError,
                             TruncatedError, UnsupportedVersion, check_algorithm,
                             check_segment_size, parse_header)
-from .files._atomic import fsync_folder
+from .files._atomic import AtomicFile, OutputExists, _track, _untrack, fsync_folder
 from .keys import KeyReference, NoMatchingRecipient, encrypt_file
 from .keys.portable import KeyReferences, ResolvedKeys
 
@@ -450,10 +462,17 @@ def _as_text(ref: Any) -> str | None:
 
 
 def _key_arguments_as_text(kwargs: dict) -> dict | None:
-    """``kwargs`` with every key reference as text (``keys=`` a KeyReferences spelled out
-    as its fields, passphrase_env included, which its repr leaves out), or None when one
-    of them is an object, or when they are given in a way ``__init__`` refuses (it then
-    says why)."""
+    """``kwargs`` (fsspec's config applied) with the keys spelled out whole as text: every
+    key argument present (``keyset`` a text or None, ``identities`` and ``recipients``
+    lists of texts, ``passphrase_env``), ``keys=`` a KeyReferences spelled out as its
+    fields (passphrase_env included, which its repr leaves out). None when one of them is
+    an object, or when they are given in a way ``__init__`` refuses (it then says why).
+
+    Every key argument is present so that fsspec, which applies its config again after
+    this, cannot fill one in: an explicit ``keyset=None`` (identities only: read, never
+    write) stays None over a config default. And one spelling per set of keys:
+    ``keys=KeyReferences(keyset=p)`` and ``keyset=p``, or one identity and a list of it,
+    are the same filesystem."""
     out = dict(kwargs)
     refs = out.pop("keys", None)
     if refs is not None:
@@ -462,24 +481,26 @@ def _key_arguments_as_text(kwargs: dict) -> dict | None:
             return None
         out.update(keyset=refs.keyset, identities=list(refs.identities),
                    recipients=list(refs.recipients), passphrase_env=refs.passphrase_env)
-    if out.get("keyset") is not None:
-        out["keyset"] = _as_text(out["keyset"])
-        if out["keyset"] is None:
+    keyset = out.get("keyset")
+    if keyset is not None:
+        keyset = _as_text(keyset)
+        if keyset is None:
             return None
+    lists = {}
     for name in ("identities", "recipients"):
         given = out.get(name)
-        if given is None:
-            continue
-        texts = [_as_text(r) for r in (given if isinstance(given, (list, tuple)) else [given])]
-        if None in texts:
+        given = [] if given is None else given if isinstance(given, (list, tuple)) else [given]
+        lists[name] = [_as_text(r) for r in given]
+        if None in lists[name]:
             return None
-        out[name] = texts
     passphrase_env = out.get("passphrase_env")
     if passphrase_env is not None and not isinstance(passphrase_env, str):
         return None
-    # one spelling per set of keys: keys=KeyReferences(keyset=p) and keyset=p, or one
-    # identity and a list of it, are the same filesystem
-    return {k: v for k, v in out.items() if k not in _KEY_ARGUMENTS or v not in (None, [])}
+    # in one order (fsspec's token is the printed dict); keys= present too, spelled out
+    # here, so that a config's keys= stays out
+    spelled = {name: value for name, value in out.items() if name not in _KEY_ARGUMENTS}
+    spelled.update(keyset=keyset, **lists, passphrase_env=passphrase_env, keys=None)
+    return spelled
 
 
 class _CachedForKeyText(type(ChainedFileSystem)):
@@ -487,17 +508,21 @@ class _CachedForKeyText(type(ChainedFileSystem)):
     by the printed form of the constructor's arguments, kept only where that form names
     the keys whole: key references given as text are cached (spelled out, so that the
     token and the pickle carry that text); a call with key objects makes a new instance
-    (fsspec's ``skip_instance_cache``), so that two objects that print alike (two
-    providers' ``WrappingKey(id='prod')``) never share one, nor its keys."""
+    (fsspec's ``skip_instance_cache``) with a token of its own, so that two objects that
+    print alike (two providers' ``WrappingKey(id='prod')``) never share one, nor its
+    keys, and the two filesystems are not equal either (fsspec's ``==``, ``hash`` and
+    dask token, and pyarrow's ``equals``, are that token: equal, they would let a cache
+    keyed by filesystem hand one caller's reads to the other)."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         kwargs = apply_config(cls, kwargs)  # as fsspec does first: config may name keys
         as_text = _key_arguments_as_text(kwargs)
-        if as_text is None:
-            kwargs["skip_instance_cache"] = True
-        else:
-            kwargs = as_text
-        return super().__call__(*args, **kwargs)
+        if as_text is not None:
+            return super().__call__(*args, **as_text)
+        kwargs["skip_instance_cache"] = True
+        obj = super().__call__(*args, **kwargs)
+        obj._fs_token_ = tokenize(obj._fs_token_, uuid.uuid4().hex)
+        return obj
 
 
 def _key_files(refs: KeyReferences) -> tuple[str, ...]:
@@ -561,6 +586,29 @@ class _WatchedKeys:
             return self._resolved
 
 
+#: bytes of a target's name kept in its temporary file's name (a hint of whose it is)
+_TEMP_NAME_HINT = 64
+
+
+def _temp_beside(target: str) -> str:
+    """A fresh hidden name in ``target``'s folder, ``.NAME.XXXXXXXX.gpucrypt-tmp``, NAME
+    the target's name cut to its first 64 bytes: at most 87 bytes, so that staging a
+    file adds no limit of its own on the target's name (a target named up to its
+    folder's limit, 255 bytes on most, can be staged; the full name would need 23 more)."""
+    parent, base = posixpath.split(target)
+    hint = base.encode("utf-8", "ignore")[:_TEMP_NAME_HINT].decode("utf-8", "ignore")
+    return posixpath.join(parent, f".{hint}.{os.urandom(4).hex()}.gpucrypt-tmp")
+
+
+def _refuse_link(target: str) -> None:
+    """Raise ``OSError`` (ELOOP) naming ``target`` when it is a symbolic link, as
+    :class:`~gpucrypt.files._atomic.AtomicFile` does for every local write."""
+    if os.path.islink(target):
+        raise OSError(errno.ELOOP, f"it is a symbolic link (to {os.readlink(target)}); "
+                      f"gpucrypt does not write through links: give the file it points to "
+                      f"as the output, or remove the link first", target)
+
+
 class _StagedPut:
     """A ``put_file`` inside a transaction: already sealed into ``temp`` beside its target
     (fsspec's transaction calls :meth:`commit` or :meth:`discard` when it ends)."""
@@ -572,7 +620,7 @@ class _StagedPut:
         self._fs._place(self._temp, self.path)
 
     def discard(self) -> None:
-        self._fs._remove_quietly(self._temp)
+        self._fs._drop_temp(self._temp)
 
 
 class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
@@ -816,33 +864,63 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         return dict(recipients=keys.wrappers(), **(options or self.write_options))
 
     def _seal_beside(self, target: str, source: Any, seal: dict) -> str:
-        """Seal ``source`` into a new hidden temporary file in ``target``'s folder; its path
-        (nothing is left there if this fails)."""
-        parent, base = posixpath.split(target)
-        temp = posixpath.join(parent, f".{base}.{os.urandom(4).hex()}.gpucrypt-tmp")
-        try:
-            if isinstance(self.fs, LocalFileSystem):
-                encrypt_file(source, temp, **seal)  # fsynced: only a rename is left
-            else:
+        """Seal ``source`` into a new hidden temporary file in ``target``'s folder (see
+        :func:`_temp_beside`); its path (nothing is left there if this fails). On a local
+        target it is created exclusively, fsynced, and tracked for the signal cleanup of
+        :mod:`gpucrypt.files._atomic` until :meth:`_place` or :meth:`_drop_temp` ends it."""
+        if not isinstance(self.fs, LocalFileSystem):
+            temp = _temp_beside(target)
+            try:
                 with self.fs.open(temp, "wb") as out:
                     encrypt_file(source, out, **seal)
-        except BaseException:
-            self._remove_quietly(temp)
-            raise
-        return temp
+            except BaseException:
+                self._remove_quietly(temp)
+                raise
+            return temp
+        for _ in range(100):
+            temp = _temp_beside(target)
+            # tracked before it exists, as _atomic's own temporary files are
+            _track(temp)
+            try:
+                # sealed into an unnamed file where the system has them, then linked to
+                # ``temp`` (never over an existing file): fsynced, only a rename is left
+                with AtomicFile(temp, overwrite=False) as out:
+                    encrypt_file(source, out, **seal)
+                return temp
+            except OutputExists:
+                _untrack(temp)  # another file's name (32 random bits): not ours to remove
+                continue
+            except BaseException:
+                self._drop_temp(temp)
+                raise
+        raise FileExistsError(f"no free temporary name beside {target} after 100 tries")
 
     def _place(self, temp: str, target: str) -> None:
         """Move the sealed ``temp`` over ``target`` (a rename where the target has one);
-        on failure ``temp`` is removed and the error raised."""
+        on failure ``temp`` is removed and the error raised. A local ``target`` that is a
+        symbolic link is refused (``OSError`` ELOOP), as every local write refuses it
+        (:class:`~gpucrypt.files._atomic.AtomicFile`): renamed over, the link's own
+        target would keep the old data."""
         try:
             if isinstance(self.fs, LocalFileSystem):
+                _refuse_link(target)
                 os.replace(temp, target)
+                _untrack(temp)  # renamed: nothing of it left for the signal cleanup
                 fsync_folder(os.path.dirname(target) or ".")
             else:
                 self.fs.mv(temp, target)
         except BaseException:
-            self._remove_quietly(temp)
+            self._drop_temp(temp)
             raise
+
+    def _drop_temp(self, temp: str) -> None:
+        """Remove a temporary file of :meth:`_seal_beside` (if it is there) and stop
+        tracking it."""
+        try:
+            self._remove_quietly(temp)
+        finally:
+            if isinstance(self.fs, LocalFileSystem):
+                _untrack(temp)
 
     def _remove_quietly(self, temp: str) -> None:
         try:
@@ -866,6 +944,8 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         if not self._intrans:
             self._publish(target, os.fspath(lpath), options)
             return
+        if isinstance(self.fs, LocalFileSystem):
+            _refuse_link(target)  # now, as outside a transaction (and again at the commit)
         # staged now (the local file may change before the end), published by the commit
         temp = self._seal_beside(target, os.fspath(lpath), self._sealing(options))
         self.transaction.files.append(_StagedPut(self, temp, target))

@@ -308,7 +308,10 @@ class StagedFilesDatasink(Datasink):
     whole job succeeded (see the module docstring).
 
     File names: the row's ``path_column`` relative to ``relative_to`` (its base name when
-    None), less ``strip_suffix``, plus ``suffix``. A name that would leave ``path`` raises.
+    None), less ``strip_suffix``, plus ``suffix``. A source outside ``relative_to`` raises
+    ``ValueError``, and so does a name that would not name a file of the folder (a path
+    component that is empty, ``.`` or ``..``: the source ``...gc`` less ``.gc``);
+    ``..config`` is a file like any other.
 
     Publishing: on a local target whose folder does not exist yet when the sink is made,
     the staging folder is its hidden sibling and becomes the folder in one rename (all
@@ -319,6 +322,11 @@ class StagedFilesDatasink(Datasink):
     are, for the user to move or remove; a crash there leaves the same state unreported.
     A rerun of the job replaces the published files. A dataset without rows publishes an
     empty folder.
+
+    A sink may run several jobs, one after another. A folder kept by a publish that
+    stopped part-way stays kept through the sink's later jobs (a failed one adds to it
+    and leaves it; on_write_failed logs where it is) until the user removes it or a job
+    publishes completely, which removes it with whatever is left in it.
     """
 
     def __init__(self, path: str, *, column: str = "bytes", path_column: str = "path",
@@ -341,9 +349,12 @@ class StagedFilesDatasink(Datasink):
             self.staging = posixpath.join(parent, f".{name}{staging}")
         else:
             self.staging = posixpath.join(self.root, staging)
-        #: the names moved into place so far; None until publishing file by file starts,
-        #: after which the staging folder holds the only copy of the rest and is kept
+        #: this job's names moved into place so far; None until publishing file by file
+        #: starts, after which the staging folder holds the only copy of the rest
         self._published: list[str] | None = None
+        #: a publish of this sink stopped part-way and kept the staging folder: a later
+        #: job of the sink that fails keeps it too (it may hold that job's only copies)
+        self._kept = False
 
     def name_of(self, source_path: str) -> str:
         """The output name (relative to the folder) of a row read from ``source_path``."""
@@ -360,13 +371,24 @@ class StagedFilesDatasink(Datasink):
                              f"relative_to= the folder the rows were read from")
         if self.strip_suffix and name.endswith(self.strip_suffix):
             name = name[:-len(self.strip_suffix)]
-        return name + self.suffix
+        name += self.suffix
+        # checked as it is written: stripping a suffix can leave "..", "." or "sub/.."
+        # (the sources "...gc", "..gc", "sub/...gc"), which name a folder, not a file
+        if any(part in ("", ".", "..") for part in name.split("/")):
+            raise ValueError(f"{source_path} would be written as {name!r}, which names no "
+                             f"file of {self.root} (a part of it is empty, '.' or '..'): "
+                             f"rename the source file, or give a suffix= or strip_suffix= "
+                             f"that leaves a file name")
+        return name
 
     def prepare(self, data: bytes, name: str) -> bytes:
         """The bytes written for one row (subclasses check or transform them)."""
         return data
 
     def on_write_start(self, schema: Any = None) -> None:
+        self._published = None  # a new job: nothing of it is published yet
+        if self._kept and not self.fs.exists(self.staging):
+            self._kept = False  # the user moved or removed what an earlier publish kept
         self.fs.makedirs(self.staging, exist_ok=True)
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> list[str]:
@@ -388,7 +410,8 @@ class StagedFilesDatasink(Datasink):
     def on_write_complete(self, write_result: Any) -> None:
         names = [name for returned in write_result.write_returns for name in returned]
         if len(set(names)) != len(names):
-            self._remove_staging()
+            if not self._kept:  # else on_write_failed keeps it (an earlier job's files)
+                self._remove_staging()
             raise ValueError(f"two rows map to the same output file under {self.root}: give "
                              f"relative_to= so that names keep their folders")
         # Ray starts the write only with a first block: a dataset without rows never made
@@ -403,6 +426,7 @@ class StagedFilesDatasink(Datasink):
                 self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
                 self.fs.mv(posixpath.join(self.staging, name), final)
             except Exception as exc:
+                self._kept = True
                 done = list(self._published)
                 rest = names[len(done):]
                 raise PartialPublishError(
@@ -420,6 +444,9 @@ class StagedFilesDatasink(Datasink):
                 f"every file was published into {self.root}, but the staging folder "
                 f"{self.staging} could not be removed ({type(exc).__name__}: {exc}): "
                 f"remove it", names, (), self.staging) from exc
+        # done: the sink's next job starts afresh (a failure of it before publishing
+        # removes its staging folder)
+        self._published, self._kept = None, False
 
     def _publish_whole(self) -> bool:
         """The staging folder renamed to the folder (atomic); False when something made
@@ -435,13 +462,20 @@ class StagedFilesDatasink(Datasink):
     def on_write_failed(self, error: Exception) -> None:
         """Ray's call after any failure of the job, ``on_write_complete``'s included: the
         staging folder is removed unless publishing had started, when it holds the only
-        copy of the files not yet published (the error says which)."""
-        if self._published is None:
+        copy of the files not yet published (the error says which), or an earlier job's
+        publish of this sink stopped part-way and kept it."""
+        if self._published is not None:
+            _log.error("%s: the job failed once publishing had started (%d file(s) "
+                       "published); kept the staging folder %s, which holds every file not "
+                       "yet published: %s", self.root, len(self._published), self.staging,
+                       error)
+        elif self._kept:
+            _log.error("%s: the job failed before publishing; kept the staging folder %s, "
+                       "which still holds the files an earlier job of this sink left "
+                       "unpublished: move them into place or remove it: %s", self.root,
+                       self.staging, error)
+        else:
             self._remove_staging()
-            return
-        _log.error("%s: the job failed once publishing had started (%d file(s) published); "
-                   "kept the staging folder %s, which holds every file not yet published: "
-                   "%s", self.root, len(self._published), self.staging, error)
 
     def _remove_staging(self) -> None:
         if self.fs.exists(self.staging):

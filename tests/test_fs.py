@@ -794,3 +794,184 @@ def test_put_file_keeps_to_create_mode_and_transactions(keys, tmp_path, target, 
     assert sorted(fs.fs.ls(base, detail=False)) == sorted(listed + [f"{base}/put"])
     if target == "memory":
         fs.fs.rm(base, recursive=True)
+
+
+def test_filesystems_holding_different_key_objects_are_not_equal(keys):
+    """Each call with key objects gets its own instance, but it kept the token fsspec makes
+    of the arguments' printed form, which two providers' ``WrappingKey(id='prod')``
+    share: the two filesystems compared equal, hashed equal (one of them dropped from a
+    set, or a cache keyed by filesystem handing one's reads to the other) and had one
+    dask token and one pyarrow identity. Keys named by text still make equal filesystems."""
+    import os
+
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from gpucrypt.keys.providers import CallableKeyProvider
+
+    key_a, key_b = os.urandom(32), os.urandom(32)
+    team_a = WrappingKey.from_provider(CallableKeyProvider(lambda i: key_a, name="kms"), "prod")
+    team_b = WrappingKey.from_provider(CallableKeyProvider(lambda i: key_b, name="kms"), "prod")
+    fs_a = fsspec.filesystem("gpucrypt", target_protocol="memory", recipients=team_a,
+                             identities=team_a)
+    fs_b = fsspec.filesystem("gpucrypt", target_protocol="memory", recipients=team_b,
+                             identities=team_b)
+    assert fs_a != fs_b and not fs_a == fs_b and hash(fs_a) != hash(fs_b)
+    assert len({fs_a, fs_b}) == 2
+    assert fs_a.__dask_tokenize__() != fs_b.__dask_tokenize__()  # what dask.tokenize uses
+    assert not PyFileSystem(FSSpecHandler(fs_a)).equals(PyFileSystem(FSSpecHandler(fs_b)))
+    assert fs_a == fs_a and len({fs_a, fs_a}) == 1  # each equals itself
+
+    by_path = fsspec.filesystem("gpucrypt", target_protocol="memory", keyset=keys["keyset"])
+    again = pickle.loads(pickle.dumps(by_path))  # the same keys, as text: an equal filesystem
+    assert again == by_path and hash(again) == hash(by_path)
+
+
+def test_key_arguments_given_as_none_or_empty_win_over_the_fsspec_config(keys, monkeypatch):
+    """An explicit ``keyset=None`` is the way to say "identities only" (read, never write)
+    when fsspec's config names a keyset: the key arguments that were None or [] were
+    dropped to make one spelling per set of keys, and fsspec then filled the config's
+    keyset in again, so the filesystem could write. Explicit values win, as for any
+    fsspec option; left out, the config's keys apply; and the spellings of one set of
+    keys still share an instance."""
+    from fsspec.config import conf
+
+    from gpucrypt.keys.portable import KeyReferences
+
+    monkeypatch.setitem(conf, "gpucrypt", {"keyset": keys["keyset"]})  # restored after
+    readers = [fsspec.filesystem("gpucrypt", target_protocol="memory", keyset=None,
+                                 identities=[keys["identity"]]),
+               fsspec.filesystem("gpucrypt", target_protocol="memory", keyset=None,
+                                 identities=keys["identity"], recipients=[])]
+    for reader in readers + [pickle.loads(pickle.dumps(readers[0]))]:  # config reapplied
+        assert reader.keys.keyset is None and list(reader.keys.identities) == [keys["identity"]]
+        assert not reader._keys().can_encrypt()
+        with pytest.raises(ValueError, match="identities only"):
+            reader.pipe_file("/config_none/out", b"x")
+    assert readers[1] is readers[0]  # one identity and a list of it: one filesystem
+    defaulted = fsspec.filesystem("gpucrypt", target_protocol="memory",
+                                  identities=[keys["identity"]])
+    assert defaulted.keys.keyset == keys["keyset"] and defaulted is not readers[0]
+
+    # a config's keys= (a KeyReferences) is a default too; fsspec applied it again over
+    # the keys spelled out from it, and __init__ refused the two (TypeError)
+    monkeypatch.setitem(conf, "gpucrypt", {"keys": KeyReferences(keyset=keys["keyset"])})
+    from_config = fsspec.filesystem("gpucrypt", target_protocol="memory")
+    assert from_config.keys.keyset == keys["keyset"] and from_config._keys().can_encrypt()
+
+    monkeypatch.delitem(conf, "gpucrypt")
+    by_path = fsspec.filesystem("gpucrypt", target_protocol="memory", keyset=keys["keyset"])
+    assert fsspec.filesystem("gpucrypt", target_protocol="memory",
+                             keys=KeyReferences(keyset=keys["keyset"])) is by_path
+    assert fsspec.filesystem("gpucrypt", target_protocol="memory", keyset=keys["keyset"],
+                             identities=[], recipients=None) is by_path
+    assert not fsspec.filesystem("memory").exists("/config_none/out")
+
+
+def test_a_transaction_refuses_a_symbolic_link_target_as_a_put_outside_does(keys, tmp_path):
+    """Outside a transaction a local put refuses a target that is a symbolic link
+    (renamed over, the file it points to would keep the old data); inside one the
+    staged file was renamed over the link. Refused at the put, and at the commit for a
+    link made in between, with nothing left behind."""
+    import errno
+    import os
+
+    fs = fsspec.filesystem("gpucrypt", target_protocol="file", keyset=keys["keyset"])
+    source = tmp_path / "plain"
+    source.write_bytes(b"data")
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    link = out / "link.gc"
+    link.symlink_to(precious)
+    with pytest.raises(OSError, match="symbolic link") as outside:
+        fs.put_file(str(source), str(link))
+    with pytest.raises(OSError, match="symbolic link.*give the file it points to") as inside:
+        with fs.transaction:
+            fs.put_file(str(source), str(link))
+    for caught in (outside, inside):
+        assert caught.value.errno == errno.ELOOP and caught.value.filename == str(link)
+
+    later = out / "later.gc"
+    with pytest.raises(OSError, match="symbolic link") as at_commit:
+        with fs.transaction:
+            fs.put_file(str(source), str(later))
+            later.symlink_to(precious)  # made between the put and the commit
+    assert at_commit.value.errno == errno.ELOOP and at_commit.value.filename == str(later)
+    assert link.is_symlink() and later.is_symlink() and precious.read_bytes() == b"precious"
+    assert sorted(os.listdir(out)) == ["later.gc", "link.gc"]  # no temporary file left
+
+
+def test_a_transaction_stages_a_put_under_any_name_its_folder_takes(keys, tmp_path):
+    """The staged file was ``.NAME.XXXXXXXX.gpucrypt-tmp``, sealed through an atomic file
+    whose own temporary name adds as much again: names of about 209 to 232 bytes, which
+    a put outside a transaction takes, failed inside one with ENAMETOOLONG. The staged
+    name keeps 64 bytes of the target's, so staging adds no limit of its own: up to the
+    folder's 255 bytes."""
+    import os
+
+    fs = fsspec.filesystem("gpucrypt", target_protocol="file", keyset=keys["keyset"])
+    source = tmp_path / "plain"
+    source.write_bytes(b"data")
+    out = tmp_path / "out"
+    out.mkdir()
+    for length in (220, 232, 255):
+        inside = out / ("i" * length)
+        with fs.transaction:
+            fs.put_file(str(source), str(inside))
+            staged = [n for n in os.listdir(out) if n.endswith(".gpucrypt-tmp")]
+            assert len(staged) == 1 and staged[0].startswith("." + "i" * 64 + ".")
+        assert fs.cat_file(str(inside)) == b"data"
+        if length <= 232:  # what a put outside takes (its atomic file's own temporary name)
+            outside = out / ("o" * length)
+            fs.put_file(str(source), str(outside))
+            assert fs.cat_file(str(outside)) == b"data"
+    assert len(os.listdir(out)) == 5  # the files, no temporary one
+
+
+# a child that stages a put in a transaction on a local target and waits, inside it, for
+# the test's signal; signals start at their default action, as in a shell
+_STAGED_PUT = """
+import os, signal, sys, time
+for name in ("SIGTERM", "SIGHUP"):
+    signal.signal(getattr(signal, name), signal.SIG_DFL)
+import fsspec
+keyset, source, target = sys.argv[1:]
+fs = fsspec.filesystem("gpucrypt", target_protocol="file", keyset=keyset)
+with fs.transaction:
+    fs.put_file(source, target)
+    print("staged", flush=True)
+    time.sleep(120)  # the signal ends the process here
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_signal_inside_a_transaction_removes_the_staged_put(keys, tmp_path, signame):
+    """A put inside a transaction waits sealed (the whole file) in a hidden temporary file
+    beside its target until the transaction ends. A real signal from outside meanwhile
+    left it there; it is now removed, as gpucrypt's other named temporary files are."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    source = tmp_path / "plain"
+    source.write_bytes(b"x" * 1000)
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", _STAGED_PUT, keys["keyset"], str(source),
+                              str(out / "data.gc")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "staged", child.stderr.read()
+        staged = os.listdir(out)
+        assert len(staged) == 1 and staged[0].endswith(".gpucrypt-tmp")
+        child.send_signal(getattr(signal, signame))
+        assert child.wait(timeout=60) == -getattr(signal, signame), child.stderr.read()
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        child.stderr.close()
+    assert os.listdir(out) == []

@@ -318,3 +318,78 @@ def test_a_publish_that_fails_part_way_keeps_the_rest_and_says_where(tmp_path, c
     with pytest.raises(ValueError, match="same output file"):
         _publish(failing, ["d.bin", "d.bin"])
     assert not os.path.exists(failing.staging) and not (root / "d.bin").exists()
+
+
+def test_a_name_that_stripping_a_suffix_leaves_empty_dot_or_dotdot_is_refused(tmp_path):
+    """decrypt_files' sink drops ``.gc``: the sources ``...gc``, ``..gc`` and ``sub/...gc``
+    became ``..``, ``.`` and ``sub/..``, which passed the check made before stripping; a
+    memory target then published a file named ``/plain/sub/..`` and a local one failed
+    with IsADirectoryError. The name is checked as it is written, part by part;
+    ``..config`` stays a file of the folder."""
+    import fsspec
+    import pyarrow as pa
+
+    src = str(tmp_path / "enc")
+    sink = gray.StagedFilesDatasink(str(tmp_path / "plain"), relative_to=src,
+                                    strip_suffix=".gc")
+    for source in ("...gc", "..gc", "sub/...gc", "sub/..gc", "sub/.gc"):
+        with pytest.raises(ValueError, match="names no file"):
+            sink.name_of(f"{src}/{source}")
+    assert sink.name_of(f"{src}/..config.gc") == "..config"
+    assert sink.name_of(f"{src}/sub/...x.gc") == "sub/...x"
+    bare = gray.StagedFilesDatasink(str(tmp_path / "plain"), strip_suffix=".gc")
+    with pytest.raises(ValueError, match="names no file"):
+        bare.name_of("/anywhere/...gc")
+
+    memory = fsspec.filesystem("memory")
+    target = "/" + re.sub(r"\W", "_", tmp_path.name)
+    on_memory = gray.StagedFilesDatasink(f"memory://{target}/plain", relative_to="/enc",
+                                         strip_suffix=".gc", filesystem=memory)
+    on_memory.on_write_start()
+    with pytest.raises(ValueError, match="names no file"):
+        on_memory.write([pa.table({"bytes": [b"secret"], "path": ["/enc/sub/...gc"]})], None)
+    on_memory.on_write_failed(ValueError("the write task failed"))
+    assert memory.find(target) == []  # nothing staged, nothing published
+    if memory.exists(target):
+        memory.rm(target, recursive=True)
+
+
+def _job_failing_in_a_write_task(sink, names: list[str]) -> None:
+    """A job whose write task fails after staging ``names``: on_write_failed, as Ray calls it."""
+    try:
+        sink.on_write_start()
+        for name in names:
+            with open(os.path.join(sink.staging, name), "wb") as f:
+                f.write(name.encode())
+        raise RuntimeError("a write task failed")
+    except RuntimeError as exc:
+        sink.on_write_failed(exc)
+
+
+def test_a_sink_runs_its_next_job_afresh(tmp_path, caplog):
+    """A sink used for a second job after a complete publish (file by file, into an
+    existing folder) kept ``_published``: the second job failing in a write task kept
+    its staging folder and logged that publishing had started. Each job now starts
+    afresh, except that a folder kept by a publish that stopped part-way stays kept
+    (it holds the only copy of its files) until a job publishes completely."""
+    root = tmp_path / "out"
+    root.mkdir()
+    sink = gray.StagedFilesDatasink(str(root))
+    _publish(sink, ["a.bin", "b.bin"])
+    assert _tree(root) == {"a.bin": b"a.bin", "b.bin": b"b.bin"}
+    _job_failing_in_a_write_task(sink, ["c.bin"])
+    assert not os.path.exists(sink.staging) and not (root / "c.bin").exists()
+    assert "publishing had started" not in caplog.text and sink.staging not in caplog.text
+
+    (root / "sub").write_bytes(b"a file where the folder sub/ must go")
+    with pytest.raises(gray.PartialPublishError):
+        _publish(sink, ["d.bin", "sub/e.bin"])
+    caplog.clear()
+    _job_failing_in_a_write_task(sink, ["f.bin"])  # the same sink, before publishing
+    assert _tree(sink.staging) == {"sub/e.bin": b"sub/e.bin", "f.bin": b"f.bin"}
+    assert sink.staging in caplog.text and "earlier job" in caplog.text
+    (root / "sub").unlink()
+    _publish(sink, ["sub/e.bin"])  # a complete publish removes the kept folder
+    assert not os.path.exists(sink.staging) and (root / "sub" / "e.bin").exists()
+    _job_failing_in_a_write_task(sink, ["g.bin"])
+    assert not os.path.exists(sink.staging)
