@@ -21,6 +21,8 @@ from gpucrypt import stream
 from gpucrypt.keys import Identity, Keyset, NoMatchingRecipient, WrappingKey
 from gpucrypt.keys.providers import EnvKeyProvider
 
+from _signals import dies_of, python_child
+
 SEGMENT = 4096  # the smallest segment: a small Parquet file spans many of them
 ROWS, ROW_GROUP = 16000, 2000
 
@@ -952,26 +954,14 @@ def test_a_signal_inside_a_transaction_removes_the_staged_put(keys, tmp_path, si
     beside its target until the transaction ends. A real signal from outside meanwhile
     left it there; it is now removed, as gpucrypt's other named temporary files are."""
     import os
-    import signal
-    import subprocess
-    import sys
 
     source = tmp_path / "plain"
     source.write_bytes(b"x" * 1000)
     out = tmp_path / "out"
     out.mkdir()
-    child = subprocess.Popen([sys.executable, "-c", _STAGED_PUT, keys["keyset"], str(source),
-                              str(out / "data.gc")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with python_child(_STAGED_PUT, keys["keyset"], str(source), str(out / "data.gc")) as child:
         assert child.stdout.readline().strip() == "staged", child.stderr.read()
         staged = os.listdir(out)
         assert len(staged) == 1 and staged[0].endswith(".gpucrypt-tmp")
-        child.send_signal(getattr(signal, signame))
-        assert child.wait(timeout=60) == -getattr(signal, signame), child.stderr.read()
-    finally:
-        child.kill()
-        child.wait()
-        child.stdout.close()
-        child.stderr.close()
+        dies_of(child, signame)
     assert os.listdir(out) == []

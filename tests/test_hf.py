@@ -28,6 +28,7 @@ from gpucrypt.stream import AuthenticationError
 # SoftHSM2 and moto's KMS server, set up as for the key provider tests
 from test_key_providers import (PIN, SO_PIN, TOKEN, _hsm_uri, _softhsm_module, env,  # noqa: F401
                                 kms)
+from _signals import dies_of, python_child
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach the hub
 INPUT = torch.tensor([[1, 5, 9, 17, 33, 64, 100, 127, 3, 0]])
@@ -576,23 +577,14 @@ def test_a_signal_while_a_folder_is_decrypted_leaves_no_plaintext(small_folder, 
     plaintext files and renames it at the end; it was removed only on a Python
     exception, so a real SIGTERM or SIGHUP left it, plaintext weights included. Now the
     signal removes it before the process dies (SIGKILL still cannot be caught)."""
-    import signal
 
     plain, enc, key = small_folder
     out = tmp_path / "out"
-    child = subprocess.Popen([sys.executable, "-c", _FOLDER_DECRYPT, str(enc), str(out)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=dict(os.environ, GPUCRYPT_TEST_KEY=key.hex()))
-    try:
+    with python_child(_FOLDER_DECRYPT, str(enc), str(out),
+                      env=dict(os.environ, GPUCRYPT_TEST_KEY=key.hex())) as child:
         assert child.stdout.readline().strip() == "exported", child.stderr.read()
         temp = [n for n in os.listdir(tmp_path) if n.endswith(".gpucrypt-tmp")]
         assert len(temp) == 1 and (tmp_path / temp[0] / "model-1.safetensors").read_bytes() \
             == (plain / "model-1.safetensors").read_bytes()  # the window the signal hits
-        child.send_signal(getattr(signal, signame))
-        assert child.wait(timeout=60) == -getattr(signal, signame), child.stderr.read()
-    finally:
-        child.kill()
-        child.wait()
-        child.stdout.close()
-        child.stderr.close()
+        dies_of(child, signame)
     assert sorted(os.listdir(tmp_path)) == ["enc", "plain"]

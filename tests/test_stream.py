@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 from gpucrypt import pipeline, stream
 from gpucrypt.files._format import MIN_HEADER_SIZE
 
+from _signals import dies_of, python_child
+
 SEG = 4096
 C = SEG + 16
 ALGS = stream.ALGORITHMS
@@ -1079,26 +1081,17 @@ def test_a_signal_while_an_output_replaces_a_file_leaves_no_copy_of_it(tmp_path,
     it, then renames that. A real signal from outside in between removed nothing: the
     whole output (plaintext, when decrypting) stayed under that name. It is now
     removed, the destination keeping its old content."""
-    import signal
 
     target = tmp_path / "out"
     target.write_bytes(b"old")
-    child = subprocess.Popen([sys.executable, "-c", _REPLACE_WINDOW, str(target)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with python_child(_REPLACE_WINDOW, str(target)) as child:
         kind = child.stdout.readline().strip()
         if kind != "unnamed":
             pytest.skip(f"no O_TMPFILE in {tmp_path} ({kind or child.stderr.read()})")
         assert child.stdout.readline().strip() == "linked", child.stderr.read()
         beside = [n for n in os.listdir(tmp_path) if n.endswith(".gpucrypt-tmp")]
         assert len(beside) == 1 and b"PLAINTEXT" in (tmp_path / beside[0]).read_bytes()
-        child.send_signal(getattr(signal, signame))
-        assert child.wait(timeout=60) == -getattr(signal, signame), child.stderr.read()
-    finally:
-        child.kill()
-        child.wait()
-        child.stdout.close()
-        child.stderr.close()
+        dies_of(child, signame)
     assert os.listdir(tmp_path) == ["out"] and target.read_bytes() == b"old"
 
 
