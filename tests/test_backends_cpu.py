@@ -457,6 +457,20 @@ class _StopsAt:
         return getattr(self.real, name)
 
 
+def _one_pass_stopped_in_keystream(monkeypatch, stop: int, when: str):
+    """A ChaCha20-Poly1305 message (as :func:`_detached_message`) and a context whose
+    one-pass forms run 256-byte pieces on one thread, the keystream call of piece
+    ``stop`` interrupted (see :class:`_StopsAt`)."""
+    monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", -1)
+    monkeypatch.setattr(cpu, "ONE_PASS_PIECE", 256)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 1 << 30)
+    key, nonce, aad, data, ct, tag, ctx = _detached_message("chacha20-poly1305", 32, 256 * 5 + 9)
+    real_stream = ctx._stream
+    monkeypatch.setattr(ctx, "_stream", lambda n, counter: _StopsAt(real_stream(n, counter), stop, when)
+                        if counter == 0 else real_stream(n, counter))
+    return key, nonce, aad, data, ct, tag, ctx
+
+
 @pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("when", ["before", "after"])
 @pytest.mark.parametrize("stop", [1, 3])
@@ -467,13 +481,7 @@ def test_chacha20_poly1305_one_pass_open_stopped_in_its_keystream_call(in_place,
     (``before``). Taking back a piece that was never decrypted would XOR the keystream over
     its ciphertext, i.e. write its plaintext: an in-place buffer must hold exactly its
     ciphertext again, a separate output all zeros."""
-    monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", -1)
-    monkeypatch.setattr(cpu, "ONE_PASS_PIECE", 256)
-    monkeypatch.setattr(cpu, "PARALLEL_MIN", 1 << 30)
-    key, nonce, aad, data, ct, tag, ctx = _detached_message("chacha20-poly1305", 32, 256 * 5 + 9)
-    real_stream = ctx._stream
-    monkeypatch.setattr(ctx, "_stream", lambda n, counter: _StopsAt(real_stream(n, counter), stop, when)
-                        if counter == 0 else real_stream(n, counter))
+    key, nonce, aad, data, ct, tag, ctx = _one_pass_stopped_in_keystream(monkeypatch, stop, when)
     buf = bytearray(ct)
     out = buf if in_place else bytearray(b"\x55" * len(ct))
     with pytest.raises(KeyboardInterrupt):
@@ -625,3 +633,90 @@ def test_gcm_streaming_open_stopped_part_way_leaves_no_plaintext(in_place, when,
     monkeypatch.undo()
     ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(out))
     assert bytes(out) == data
+
+
+def _interrupted_in_place_seal(ctx, nonce, data, aad, in_place, **kwargs):
+    """Seal ``data`` detached into itself (in place) or a separate output, expecting a
+    KeyboardInterrupt; returns (the input buffer, the output buffer) afterwards."""
+    buf = bytearray(data)
+    out = buf if in_place else bytearray(b"\x55" * len(data))
+    with pytest.raises(KeyboardInterrupt):
+        ctx.seal_detached(nonce, memoryview(buf), memoryview(aad), memoryview(out), **kwargs)
+    return buf, out
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("stop", [1, 3])
+def test_chacha20_poly1305_one_pass_seal_stopped_part_way_gives_the_plaintext_back(
+        in_place, when, stop, monkeypatch):
+    """The one-pass seal (the tensor API's in-place form above the one-shot size) stopped
+    by a KeyboardInterrupt in piece ``stop``'s keystream call returns no tag: an
+    in-place buffer left part encrypted would be lost (its nonce and tag never reach the
+    caller). It holds exactly its plaintext again; a separate output is zeroed."""
+    key, nonce, aad, data, ct, tag, ctx = _one_pass_stopped_in_keystream(monkeypatch, stop, when)
+    buf, out = _interrupted_in_place_seal(ctx, nonce, data, aad, in_place, one_pass=True)
+    assert bytes(buf) == data
+    if not in_place:
+        assert bytes(out) == bytes(len(data))
+    monkeypatch.undo()
+    assert ctx.seal_detached(nonce, memoryview(buf), memoryview(aad), memoryview(out),
+                             one_pass=True) == tag and bytes(out) == ct
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_chacha20_poly1305_parallel_seal_stopped_part_way_gives_the_plaintext_back(in_place,
+                                                                                  monkeypatch):
+    """The keystream on worker threads (2 threads and more), one worker interrupted at its
+    fourth piece while others finished theirs: the finished pieces are taken back."""
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 1000)
+    monkeypatch.setattr(cpu, "_PARALLEL_CHUNK", 256)
+    key, nonce, aad, data, ct, tag, ctx = _detached_message("chacha20-poly1305", 32, 256 * 9 + 5)
+    real_xor, seen = cpu._xor_into, []
+
+    def xor(encryptor, src, dst):
+        seen.append(len(seen))
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+        return real_xor(encryptor, src, dst)
+    monkeypatch.setattr(cpu, "_xor_into", xor)
+    buf, out = _interrupted_in_place_seal(ctx, nonce, data, aad, in_place, threads=3)
+    assert bytes(buf) == data
+    if not in_place:
+        assert bytes(out) == bytes(len(data))
+    monkeypatch.undo()
+    assert ctx.seal_detached(nonce, memoryview(buf), memoryview(aad), memoryview(out),
+                             threads=3) == tag and bytes(out) == ct
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("stop", [1, 4])
+def test_gcm_streaming_seal_stopped_part_way_gives_the_plaintext_back(in_place, when, stop,
+                                                                      monkeypatch):
+    """AES-GCM's streaming seal (1 GiB pieces in real use, here 64 bytes) stopped by a
+    KeyboardInterrupt at piece ``stop``: an in-place buffer holds exactly its plaintext
+    again (CTR once more over what was encrypted); a separate output holds only
+    ciphertext, never plaintext, and is left as it is."""
+    monkeypatch.setattr(cpu, "_PIECE", 64)
+    monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", 100)
+    key, nonce, aad, data, ct, tag, ctx = _detached_message("aes-gcm", 16, 64 * 5 + 9)
+    real_gcm, calls = ctx._gcm, []
+
+    class Gcm:
+        def __init__(self, nonce):
+            self.real = real_gcm(nonce)
+
+        def encryptor(self):
+            calls.append(None)  # the first is the seal's, any later one the take-back's
+            real = self.real.encryptor()
+            return _StopsAt(real, stop, when) if len(calls) == 1 else real
+
+    monkeypatch.setattr(ctx, "_gcm", Gcm)
+    buf, out = _interrupted_in_place_seal(ctx, nonce, data, aad, in_place)
+    assert bytes(buf) == data
+    if not in_place:
+        assert b"\x55" * 16 not in bytes(out[:64 * (stop - 1)])  # written: ciphertext
+    monkeypatch.undo()
+    assert ctx.seal_detached(nonce, memoryview(buf), memoryview(aad), memoryview(out)) == tag
+    assert bytes(out) == ct

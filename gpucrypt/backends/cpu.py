@@ -24,6 +24,11 @@ call stops part-way (KeyboardInterrupt, any exception), encrypt what they decryp
 an in-place buffer back to its ciphertext (or zero a separate one) before they raise:
 no unauthenticated plaintext is returned or left behind.
 
+Likewise the piecewise seals (ChaCha20-Poly1305's one-pass and worker-thread forms,
+AES-GCM's streaming form) that stop part-way give an in-place buffer its plaintext back
+(the keystream once more over what they encrypted) before they raise: their tag never
+reaches the caller, so a buffer left part encrypted could not be decrypted again.
+
 Contexts (a key schedule and OpenSSL objects) are kept per key in a small
 :class:`ContextCache`, so that repeated calls under one key (a tensor at a time,
 say) do not redo the key schedule.
@@ -82,13 +87,14 @@ def _same_memory(a: memoryview, b: memoryview) -> bool:
     return address(a) == address(b)  # only the composed paths and failed tags get here
 
 
-def _decrypted_end(out: memoryview, done: int, pending: tuple | None) -> int:
-    """Where the plaintext in ``out`` ends after a piecewise open stopped: ``done``, or the
-    end of the pending piece (``(end, its first ciphertext bytes)``, saved before its
-    call) if that piece was decrypted. An interrupt arrives as a call returns, before
-    ``done`` moves on; an error from within the call comes before any byte. Decryption
-    changes a piece's first bytes unless 16 bytes of keystream are all zero (2**-128;
-    for a piece shorter than 16 bytes, unchanged bytes are the ciphertext anyway)."""
+def _transformed_end(out: memoryview, done: int, pending: tuple | None) -> int:
+    """Where the output of a piecewise open (plaintext) or in-place seal (ciphertext) ends
+    in ``out`` after it stopped: ``done``, or the end of the pending piece (``(end, its
+    first input bytes)``, saved before its call) if that piece was run. An interrupt
+    arrives as a call returns, before ``done`` moves on; an error from within the call
+    comes before any byte. The keystream changes a piece's first bytes unless 16 bytes
+    of it are all zero (2**-128; for a piece shorter than 16 bytes, unchanged bytes are
+    the input anyway)."""
     if pending is not None and bytes(out[done:done + 16]) != pending[1]:
         return pending[0]
     return done
@@ -329,11 +335,19 @@ class _ChaCha20Poly1305(_OpenSslAead):
         stream = self._stream(nonce, 0)
         mac = Poly1305AeadMac(stream.update(bytes(64))[:32], aad)  # block 0; block 1 is next
         update_into, mac_update = stream.update_into, mac.counted_update(len(data))
-        for start in range(0, len(data), ONE_PASS_PIECE):
-            end = start + ONE_PASS_PIECE
-            update_into(data[start:end], out[start:end])
-            mac_update(out[start:end])
-        return mac.finalize()
+        done = 0         # out[:done] holds ciphertext
+        pending = None   # (end, its first plaintext bytes) of the piece being encrypted
+        try:
+            for start in range(0, len(data), ONE_PASS_PIECE):
+                end = min(start + ONE_PASS_PIECE, len(data))
+                pending = (end, bytes(data[start:start + 16]))
+                update_into(data[start:end], out[start:end])
+                done, pending = end, None
+                mac_update(out[start:end])
+            return mac.finalize()
+        except BaseException:  # noqa: B036 (an interrupt too: see _take_back)
+            self._take_back(nonce, data, out, [(0, _transformed_end(out, done, pending))])
+            raise
 
     def _open_one_pass(self, nonce, data, tag, aad, out) -> None:
         """The MAC reads each piece of ciphertext, then the keystream decrypts it into
@@ -358,16 +372,18 @@ class _ChaCha20Poly1305(_OpenSslAead):
                 done, pending = end, None
         except BaseException:  # noqa: B036 (the plaintext goes back whatever stopped us)
             # taking back a piece that was never decrypted would put its plaintext there
-            self._take_back(nonce, data, out, [(0, _decrypted_end(out, done, pending))])
+            self._take_back(nonce, data, out, [(0, _transformed_end(out, done, pending))])
             raise
         if not _tags_equal(mac.finalize(), bytes(tag)):
             self._take_back(nonce, data, out, [(0, len(data))])
             raise InvalidTag()
 
     def _take_back(self, nonce, data, out, spans) -> None:
-        """What a one-pass open that does not return must leave: an in-place buffer gets
-        the ciphertext of the decrypted ``(start, end)`` spans back (the keystream once
-        more; ``start`` a multiple of 64), a separate output is zeroed."""
+        """What a piecewise call that does not return must leave: an in-place buffer gets
+        its input back over the ``(start, end)`` spans it had run (the keystream once
+        more; ``start`` a multiple of 64): the ciphertext, for an open; the plaintext, for
+        a seal, whose tag the caller never gets (an in-place tensor stopped part-way by
+        Ctrl-C would be lost otherwise). A separate output is zeroed."""
         if not _same_memory(data, out):
             _zero(out)
             return
@@ -434,9 +450,13 @@ class _ChaCha20Poly1305(_OpenSslAead):
                 for start, future in zip(starts, futures):
                     future.result()
                     done(start, min(start + _PARALLEL_CHUNK, n))
-            except BaseException:
+            except BaseException:  # noqa: B036 (an interrupt too: the input comes back)
                 for future in futures:
                     future.cancel()
+                pool.shutdown(wait=True)  # every piece a worker started is finished
+                self._take_back(nonce, data, out, [
+                    (start, min(start + _PARALLEL_CHUNK, n)) for start, future in zip(starts, futures)
+                    if not future.cancelled() and future.exception() is None])
                 raise
 
     def _xor(self, nonce, data, out):
@@ -476,11 +496,23 @@ class _AesGcm(_OpenSslAead):
                       shared_gil=False):  # one OpenSSL pass, the GIL released
         if len(data) <= ONE_SHOT_DETACHED_MAX or not self._streaming(nonce, len(data), len(aad)):
             return super().seal_detached(nonce, data, aad, out)
-        enc = self._gcm(nonce).encryptor()
-        enc.authenticate_additional_data(aad)
-        _xor_into(enc, data, out)
-        enc.finalize()
-        return enc.tag
+        done = 0         # out[:done] holds ciphertext
+        pending = None   # (end, its first plaintext bytes) of the piece being encrypted
+        try:
+            enc = self._gcm(nonce).encryptor()
+            enc.authenticate_additional_data(aad)
+            for start in range(0, len(data), _PIECE):
+                end = min(start + _PIECE, len(data))
+                pending = (end, bytes(data[start:start + 16]))
+                enc.update_into(data[start:end], out[start:end])
+                done, pending = end, None
+            enc.finalize()
+            return enc.tag
+        except BaseException:  # noqa: B036 (an in-place buffer gets its plaintext back)
+            if _same_memory(data, out):  # CTR once more (a separate output: only ciphertext)
+                done = _transformed_end(out, done, pending)
+                _xor_into(self._gcm(nonce).encryptor(), out[:done], out[:done])
+            raise
 
     def open_detached(self, nonce, data, tag, aad, out, threads=1, one_pass=False,
                       shared_gil=False):
@@ -514,7 +546,7 @@ class _AesGcm(_OpenSslAead):
             if not _same_memory(data, out):
                 _zero(out)
                 raise
-            done = _decrypted_end(out, done, pending)
+            done = _transformed_end(out, done, pending)
             _xor_into(self._gcm(nonce).encryptor(), out[:done], out[:done])
             raise
 
