@@ -720,3 +720,91 @@ def test_gcm_streaming_seal_stopped_part_way_gives_the_plaintext_back(in_place, 
     monkeypatch.undo()
     assert ctx.seal_detached(nonce, memoryview(buf), memoryview(aad), memoryview(out)) == tag
     assert bytes(out) == ct
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_chacha20_poly1305_one_pass_open_stopped_at_its_tag_check_gives_the_ciphertext_back(
+        threads, monkeypatch):
+    """An interrupt while the tag is being compared (the whole buffer decrypted by then,
+    not yet verified): the in-place buffer holds exactly its ciphertext again."""
+    monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", -1)
+    monkeypatch.setattr(cpu, "ONE_PASS_PIECE", 256)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 1000)
+    monkeypatch.setattr(cpu, "_PARALLEL_CHUNK", 256)
+    key, nonce, aad, data, ct, tag, ctx = _detached_message("chacha20-poly1305", 32, 256 * 9 + 5)
+
+    def interrupted(a, b):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cpu, "_tags_equal", interrupted)
+    buf = bytearray(ct)
+    with pytest.raises(KeyboardInterrupt):
+        ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(buf),
+                          threads=threads, one_pass=True)
+    assert bytes(buf) == ct
+
+
+@pytest.mark.parametrize("operation", ["seal", "open"])
+def test_a_piece_handed_to_a_worker_as_an_interrupt_came_is_taken_back(operation, monkeypatch):
+    """An interrupt can come as ``submit`` returns, the piece given to a worker but its
+    future not yet kept: that piece is taken back with the others (here the third
+    piece's submit is interrupted after the piece was queued)."""
+    import concurrent.futures
+
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 1000)
+    monkeypatch.setattr(cpu, "_PARALLEL_CHUNK", 256)
+    key, nonce, aad, data, ct, tag, ctx = _detached_message("chacha20-poly1305", 32, 256 * 9 + 5)
+    real_submit, submitted = concurrent.futures.ThreadPoolExecutor.submit, []
+
+    def submit(self, fn, *args):
+        future = real_submit(self, fn, *args)
+        submitted.append(future)
+        if len(submitted) == 3:
+            raise KeyboardInterrupt
+        return future
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", submit)
+    before = data if operation == "seal" else ct
+    buf = bytearray(before)
+    with pytest.raises(KeyboardInterrupt):
+        if operation == "seal":
+            ctx.seal_detached(nonce, memoryview(buf), memoryview(aad), memoryview(buf), threads=3)
+        else:
+            ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(buf),
+                              threads=3, one_pass=True)
+    assert bytes(buf) == before
+
+
+@pytest.mark.parametrize("algorithm, key_len", [("chacha20-poly1305", 32), ("aes-gcm", 16)])
+def test_one_shot_forms_interrupted_as_their_write_returns_leave_the_input(algorithm, key_len,
+                                                                           monkeypatch):
+    """Ctrl-C arriving as the one-shot seal's copy into an in-place buffer returns (the
+    tag not yet handed back) leaves its plaintext there; as the one-shot open's write of
+    the verified plaintext returns (the caller not yet told), its ciphertext."""
+    key, nonce, aad, data, ct, tag, ctx = _detached_message(algorithm, key_len, 1000)
+    real_copy = cpu._copy
+
+    def copy_then_interrupt(dst, src):
+        real_copy(dst, src)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cpu, "_copy", copy_then_interrupt)
+    buf = bytearray(data)
+    with pytest.raises(KeyboardInterrupt):
+        ctx.seal_one_shot(nonce, memoryview(buf), memoryview(aad), memoryview(buf))
+    assert bytes(buf) == data
+    monkeypatch.undo()
+
+    class InterruptedAfterDecrypt:
+        def __init__(self, real):
+            self.real = real
+
+        def decrypt_into(self, *args):
+            self.real.decrypt_into(*args)
+            raise KeyboardInterrupt
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+    monkeypatch.setattr(ctx, "_aead", InterruptedAfterDecrypt(ctx._aead))
+    buf = bytearray(ct)
+    with pytest.raises(KeyboardInterrupt):
+        ctx.open_one_shot(nonce, memoryview(buf), tag, memoryview(aad), memoryview(buf),
+                          into_out=True)
+    assert bytes(buf) == ct

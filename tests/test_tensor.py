@@ -499,6 +499,13 @@ def test_a_mixed_batch_refused_by_its_gpu_half_touches_no_host_tensor(monkeypatc
     assert encs["h"].to_bytes()  # not spent
     gpucrypt.decrypt_tensors(encs, key)
     assert host.tobytes() == plain.tobytes()
+    # a stream of no kind the GPU backend knows: refused as early (the simulator, which
+    # has no streams of its own, refuses the same objects a device does)
+    with monkeypatch.context() as patch:
+        seals = _fail_on_call(patch, "_host_seal", 0, None)
+        with pytest.raises(TypeError, match="unsupported stream object"):
+            gpucrypt.encrypt_tensors(batch, key, inplace=True, stream="bogus")
+    assert not seals and host.tobytes() == plain.tobytes()
 
 
 @pytest.mark.cudasim

@@ -219,10 +219,17 @@ class _OpenSslAead(AeadContext):
         """OpenSSL's one-shot seal into the thread's scratch buffer (a fresh zeroed one per
         message cost a fifth of a 16 KiB tensor's seal in a batch), then the ciphertext
         out of it: ``out`` may be ``data`` itself, the scratch is apart."""
-        scratch = _thread_scratch(len(data) + 16)
+        n = len(data)
+        scratch = _thread_scratch(n + 16)
         self._aead.encrypt_into(nonce, data, aad, scratch)
-        _copy(out, scratch[:len(data)])
-        return bytes(scratch[len(data):])
+        tag = bytes(scratch[n:])
+        try:
+            _copy(out, scratch[:n])
+            return tag
+        except BaseException:  # noqa: B036 (Ctrl-C as the copy returns: the tag never leaves)
+            if _same_memory(data, out):  # its plaintext back, from the sealed copy
+                self._aead.decrypt_into(nonce, scratch, aad, out)
+            raise
 
     def open_one_shot(self, nonce, data, tag, aad, out, into_out=False) -> None:
         """``into_out`` (the ``one_pass`` contract: ``out`` is private to the caller during
@@ -237,7 +244,8 @@ class _OpenSslAead(AeadContext):
         if into_out:
             try:
                 self._aead.decrypt_into(nonce, sealed, aad, out)
-            except InvalidTag:
+            except BaseException:  # noqa: B036 (a wrong tag; or Ctrl-C as the call returns:
+                # the caller would not know the buffer holds plaintext now)
                 if _same_memory(data, out):
                     _copy(out, sealed[:n])   # the ciphertext, as it was
                 else:
@@ -370,13 +378,12 @@ class _ChaCha20Poly1305(_OpenSslAead):
                 pending = (end, bytes(data[start:start + 16]))
                 update_into(data[start:end], out[start:end])
                 done, pending = end, None
+            if not _tags_equal(mac.finalize(), bytes(tag)):  # inside: an interrupt here too
+                raise InvalidTag()
         except BaseException:  # noqa: B036 (the plaintext goes back whatever stopped us)
             # taking back a piece that was never decrypted would put its plaintext there
             self._take_back(nonce, data, out, [(0, _transformed_end(out, done, pending))])
             raise
-        if not _tags_equal(mac.finalize(), bytes(tag)):
-            self._take_back(nonce, data, out, [(0, len(data))])
-            raise InvalidTag()
 
     def _take_back(self, nonce, data, out, spans) -> None:
         """What a piecewise call that does not return must leave: an in-place buffer gets
@@ -407,29 +414,41 @@ class _ChaCha20Poly1305(_OpenSslAead):
             _xor_into(self._stream(nonce, 1 + start // 64), data[start:end], out[start:end])
 
         with ThreadPoolExecutor(workers) as pool:
-            futures = []
+            futures: list = []
+            pending = None  # (start, its first ciphertext bytes) of the piece being handed out
             try:
                 for start in range(0, n, _PARALLEL_CHUNK):
                     mac.update(data[start:start + _PARALLEL_CHUNK])  # before a worker writes it
+                    pending = (start, bytes(data[start:start + 16]))
                     futures.append(pool.submit(xor, start))
+                    pending = None
                     # Poly1305 holds the GIL, and this loop would keep it until the switch
                     # interval (5 ms) ran out: the workers, each needing it for a moment
                     # between pieces, would wait that long. Let them have it now.
                     time.sleep(0)
                 for future in futures:
                     future.result()
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                pool.shutdown(wait=True)  # every piece a worker started is finished
-                decrypted = [(start, min(start + _PARALLEL_CHUNK, n))
-                             for start, future in zip(range(0, n, _PARALLEL_CHUNK), futures)
-                             if not future.cancelled() and future.exception() is None]
-                self._take_back(nonce, data, out, decrypted)
+                if not _tags_equal(mac.finalize(), bytes(tag)):  # inside: an interrupt here too
+                    raise InvalidTag()
+            except BaseException:  # noqa: B036 (the ciphertext goes back whatever stopped us)
+                self._stop_pieces(pool, futures, pending, nonce, data, out)
                 raise
-        if not _tags_equal(mac.finalize(), bytes(tag)):
-            self._take_back(nonce, data, out, [(0, n)])
-            raise InvalidTag()
+
+    def _stop_pieces(self, pool, futures: list, pending: tuple | None, nonce, data, out) -> None:
+        """After a piecewise call on a pool stopped: stop the pieces not started, wait for
+        the others, and take back every piece a worker ran (:meth:`_take_back`), the one
+        being handed out (``pending``: its start and first input bytes) included if it
+        ran: an interrupt can come as ``submit`` returns, before its future is kept."""
+        n = len(data)
+        for future in futures:
+            future.cancel()
+        pool.shutdown(wait=True)  # every piece a worker started (or was given) is finished
+        ran = [(start, min(start + _PARALLEL_CHUNK, n))
+               for start, future in zip(range(0, n, _PARALLEL_CHUNK), futures)
+               if not future.cancelled() and future.exception() is None]
+        if pending is not None and bytes(out[pending[0]:pending[0] + 16]) != pending[1]:
+            ran.append((pending[0], min(pending[0] + _PARALLEL_CHUNK, n)))
+        self._take_back(nonce, data, out, ran)
 
     def _xor_parallel(self, nonce, data, out, threads: int, done) -> None:
         """ChaCha20 over ``_PARALLEL_CHUNK`` pieces on ``threads`` workers (a piece's
@@ -445,18 +464,18 @@ class _ChaCha20Poly1305(_OpenSslAead):
             _xor_into(self._stream(nonce, 1 + start // 64), data[start:end], out[start:end])
 
         with ThreadPoolExecutor(threads) as pool:
-            futures = [pool.submit(xor, start) for start in starts]
+            futures: list = []
+            pending = None  # (start, its first input bytes) of the piece being handed out
             try:
+                for start in starts:
+                    pending = (start, bytes(data[start:start + 16]))
+                    futures.append(pool.submit(xor, start))
+                    pending = None
                 for start, future in zip(starts, futures):
                     future.result()
                     done(start, min(start + _PARALLEL_CHUNK, n))
             except BaseException:  # noqa: B036 (an interrupt too: the input comes back)
-                for future in futures:
-                    future.cancel()
-                pool.shutdown(wait=True)  # every piece a worker started is finished
-                self._take_back(nonce, data, out, [
-                    (start, min(start + _PARALLEL_CHUNK, n)) for start, future in zip(starts, futures)
-                    if not future.cancelled() and future.exception() is None])
+                self._stop_pieces(pool, futures, pending, nonce, data, out)
                 raise
 
     def _xor(self, nonce, data, out):

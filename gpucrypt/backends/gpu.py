@@ -692,6 +692,10 @@ class GpuBackend(Backend):
                 type(stream).__module__.startswith("numba"):
             return stream
         if _simulated():   # no external streams there; every stream is the one
+            if stream is not None and not isinstance(stream, int) and \
+                    not any(hasattr(stream, attr) for attr in ("cuda_stream", "ptr")):
+                # refused as on a device, so that tests see where it is refused
+                raise TypeError(f"unsupported stream object {type(stream).__name__}")
             return cuda.default_stream()
         if stream is None:
             cupy = sys.modules.get("cupy")

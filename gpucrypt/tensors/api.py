@@ -1220,8 +1220,12 @@ def _run_host_jobs(jobs: list[_Job], work) -> list:
                 return
 
     pool = pipeline.ThreadPoolExecutor(workers)
-    futures = [pool.submit(take_and_run, True) for _ in range(workers)]
+    futures: list = []
     try:
+        # submitted inside: submit waits for the thread it starts, and an interrupt there
+        # must still stop (and wait for) the workers already taking tensors
+        for _ in range(workers):
+            futures.append(pool.submit(take_and_run, True))
         for i in own:
             if errors or not run_one(i):
                 break
