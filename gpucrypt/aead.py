@@ -248,7 +248,15 @@ class _Aead:
             try:
                 return direct.decrypt_into(nonce, data, associated_data, buf)
             except InvalidTag:
-                zero(writable(buf))  # cryptography leaves unauthenticated plaintext there
+                stopped = None
+                while True:  # cryptography leaves unauthenticated plaintext there; a Ctrl-C
+                    try:     # that came while OpenSSL ran is raised at the first call here
+                        zero(writable(buf))
+                        break
+                    except KeyboardInterrupt as exc:  # zeroed all the same, then raised
+                        stopped = stopped or exc
+                if stopped is not None:
+                    raise stopped from None
                 raise
             except _NOT_FOR_OPENSSL:
                 pass
@@ -272,8 +280,15 @@ class _Aead:
                         return call(fast_nonce, data, associated_data)
                     return call(fast_nonce, data, associated_data, buf)
                 except InvalidTag:
-                    if buf is not _ALLOCATE:
-                        zero(writable(buf))  # cryptography leaves unauthenticated plaintext there
+                    stopped = None
+                    while buf is not _ALLOCATE:  # as in decrypt_into: zeroed even if Ctrl-C came
+                        try:
+                            zero(writable(buf))
+                            break
+                        except KeyboardInterrupt as exc:
+                            stopped = stopped or exc
+                    if stopped is not None:
+                        raise stopped from None
                     raise
                 except _NOT_FOR_OPENSSL:
                     pass
@@ -283,21 +298,26 @@ class _Aead:
         _nonce_bytes(nonce)
         src = readable(data)
         optional_readable(associated_data, "associated_data")
+        out = None if buf is _ALLOCATE else writable(buf)  # a type, as cryptography checks it
         if decrypting and len(src) < _limits.TAG_SIZE:
             self._prepare(nonce, src, associated_data, 0)  # a bad nonce still says so first
-            if buf is not _ALLOCATE:
+            if out is not None:
                 _refuse_inexact_overlap(data, buf)  # before a byte of buf (data's too) is zeroed
-                zero(writable(buf))  # as the fast path leaves it
+                zero(out)  # as the fast path leaves it
             raise InvalidTag()
         size = len(src) - _limits.TAG_SIZE if decrypting else len(src) + _limits.TAG_SIZE
-        if buf is _ALLOCATE:
+        # the nonce and the limits before the output: a message over the limit is
+        # OverflowError, not the MemoryError (or a reserved 64 GiB) of allocating for it
+        ctx, ctx_nonce, aad = self._prepare(nonce, src, associated_data,
+                                            size if decrypting else len(src))
+        if out is None:
             result, out = new_bytes(size)
         else:
-            result, out = size, writable(buf)
+            result = size
             if len(out) != size:
                 raise ValueError(f"buffer must be {size} bytes")
             _refuse_inexact_overlap(data, buf)
-        (self._decrypt_views if decrypting else self._encrypt_views)(nonce, src, associated_data, out)
+        (ctx.open if decrypting else ctx.seal)(ctx_nonce, src, aad, out)
         return result
 
     # --- batches: one launch per step on the GPU ---
@@ -410,15 +430,6 @@ class _Aead:
             datas.append(src)
             aads.append(bytes(aad))
         return nonces, datas, aads
-
-    def _encrypt_views(self, nonce, src, associated_data, out):
-        ctx, nonce, aad = self._prepare(nonce, src, associated_data, len(src))
-        ctx.seal(nonce, src, aad, out)
-
-    def _decrypt_views(self, nonce, src, associated_data, out):
-        # ``src`` holds a tag at least: _slow refuses shorter messages (InvalidTag) first
-        ctx, nonce, aad = self._prepare(nonce, src, associated_data, len(src) - _limits.TAG_SIZE)
-        ctx.open(nonce, src, aad, out)
 
 
 class ChaCha20Poly1305(_Aead):

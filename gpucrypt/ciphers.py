@@ -46,7 +46,19 @@ def _cpu_backend():
     return get_backend("cpu")
 
 
-class _StreamCipher:
+class _Unpicklable:
+    """Refuses pickle and copy, as cryptography's ciphers and contexts do: a pickle would
+    carry the key in the clear, and a copied context would continue the same keystream
+    from the same position (two ciphertexts under one keystream)."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        raise TypeError(f"cannot pickle or copy {type(self).__name__!r} object: it holds a key "
+                        f"(and a keystream position); make a new one where it is needed")
+
+
+class _StreamCipher(_Unpicklable):
     _algorithm = ""
 
     def __init__(self, key: Any, nonce: Any, *, device: str = "auto"):
@@ -138,7 +150,7 @@ def _length(value: Any, name: str) -> int:
 _RESET_NONCE_SIZE = "Nonce must be 16 bytes long"  # cryptography's words, for both ciphers
 
 
-class _OpenSslStreamContext:
+class _OpenSslStreamContext(_Unpicklable):
     """The context of a cipher whose every call runs on the CPU: ``cryptography``'s own
     (so the bytes, the counter-overflow refusal and the error messages are OpenSSL's and
     ``cryptography``'s by construction), with no wrapper work on the way in or out: an
@@ -179,7 +191,7 @@ class _OpenSslStreamContext:
         return self._openssl.finalize()
 
 
-class StreamContext:
+class StreamContext(_Unpicklable):
     """An encryption (or decryption) in progress; ``update`` calls continue the keystream."""
 
     def __init__(self, cipher: _StreamCipher):

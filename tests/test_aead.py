@@ -1053,3 +1053,67 @@ def test_inexact_overlap_rule_for_every_kind_of_buffer():
              ("text", ba, False), (arr[::2], arr, False)]  # not buffers we take: the checks say why
     for data, buf, expected in cases:
         assert inexact_overlap(data, buf) is expected, (type(data), type(buf), expected)
+
+
+@pytest.mark.parametrize("cls, key_len", [(gpucrypt.AESGCM, 32), (gpucrypt.ChaCha20Poly1305, 32)])
+@pytest.mark.parametrize("data_type", [bytes, bytearray])
+def test_decrypt_into_zeroes_a_forgery_even_when_ctrl_c_comes(cls, key_len, data_type, monkeypatch):
+    """A Ctrl-C that came while OpenSSL decrypted a forged message is raised at the first
+    Python call after it, inside the clean-up that zeroes the buffer (simulated: the
+    first ``writable`` call raises it). The buffer is zeroed all the same, then the
+    KeyboardInterrupt goes on."""
+    import gpucrypt.aead as aead_module
+
+    key, nonce = os.urandom(key_len), os.urandom(12)
+    sealed = bytearray(reference.AESGCM(key).encrypt(nonce, b"p" * 1000, None)
+                       if cls is gpucrypt.AESGCM
+                       else reference.ChaCha20Poly1305(key).encrypt(nonce, b"p" * 1000, None))
+    sealed[3] ^= 1
+    ctx = cls(key, device="cpu")
+    real, calls = aead_module.writable, []
+
+    def interrupted_once(x):
+        calls.append(None)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(x)
+    monkeypatch.setattr(aead_module, "writable", interrupted_once)
+    buf = bytearray(1000)
+    with pytest.raises(KeyboardInterrupt):
+        ctx.decrypt_into(nonce, data_type(sealed), None, buf)
+    assert bytes(buf) == bytes(1000) and len(calls) == 2
+
+
+@pytest.mark.parametrize("cls", [gpucrypt.AESGCM, gpucrypt.ChaCha20Poly1305])
+def test_a_message_over_the_limit_is_refused_before_its_output_is_allocated(cls, monkeypatch):
+    """The general path checks the nonce and the message limits before it allocates the
+    output: at the real limits (64 GiB, 256 GiB) allocating first was a MemoryError, or
+    64 GiB reserved, instead of cryptography's OverflowError. Here the limit is made
+    small and the allocation spied on."""
+    import gpucrypt.aead as aead_module
+
+    allocated = []
+    real_new_bytes = aead_module.new_bytes
+    monkeypatch.setattr(aead_module, "new_bytes", lambda n: allocated.append(n) or real_new_bytes(n))
+    monkeypatch.setattr(cls, "_max_data", 100)
+    ctx = cls(os.urandom(32), device="cpu")
+    nonce = os.urandom(12)
+    with pytest.raises(OverflowError):
+        ctx._slow("encrypt", nonce, b"x" * 101, None)
+    with pytest.raises(OverflowError):
+        ctx._slow("decrypt", nonce, b"x" * 117, None)
+    assert allocated == []
+    with pytest.raises(ValueError, match="[Nn]once"):  # the nonce before the output too
+        ctx._slow("encrypt", nonce[:5], b"x" * 10, None)
+    assert allocated == []
+
+
+@pytest.mark.parametrize("cls", [gpucrypt.AESGCM, gpucrypt.ChaCha20Poly1305])
+def test_a_short_ciphertext_reports_a_read_only_buffer_before_the_nonce(cls):
+    """cryptography checks that ``buf`` is writable before the nonce's size; a ciphertext
+    shorter than a tag (its own branch here) followed another order."""
+    ref_cls = getattr(reference, cls.__name__)
+    key, bad_nonce = os.urandom(32), os.urandom(5)
+    for impl in (ref_cls(key), cls(key, device="cpu")):
+        with pytest.raises(TypeError):
+            impl.decrypt_into(bad_nonce, b"x" * 10, None, b"\0" * 10)

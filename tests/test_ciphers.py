@@ -318,3 +318,22 @@ def test_keys_nonces_and_buffers_are_refused_as_cryptography_refuses_them(where)
             call(ref)
         with pytest.raises(NonContiguousBuffer):
             call(enc)
+
+
+@pytest.mark.parametrize("kind", ["chacha20", "aes-ctr"])
+def test_ciphers_and_their_contexts_refuse_pickle_and_copy(kind, device):
+    """cryptography refuses to pickle or copy its ciphers and contexts: a pickle would
+    carry the key in the clear, and a copied context would go on with the same keystream
+    from the same position (two messages under one keystream)."""
+    import copy
+    import pickle
+
+    key_len = 32
+    cls = ciphers.ChaCha20 if kind == "chacha20" else ciphers.AESCTR
+    cipher = cls(os.urandom(key_len), os.urandom(16), device=device)
+    context = cipher.encryptor()
+    context.update(b"x" * 10)
+    for obj in (cipher, context):
+        for attempt in (pickle.dumps, copy.copy, copy.deepcopy):
+            with pytest.raises(TypeError, match="cannot pickle or copy"):
+                attempt(obj)
