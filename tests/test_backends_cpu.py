@@ -808,3 +808,66 @@ def test_one_shot_forms_interrupted_as_their_write_returns_leave_the_input(algor
         ctx.open_one_shot(nonce, memoryview(buf), tag, memoryview(aad), memoryview(buf),
                           into_out=True)
     assert bytes(buf) == ct
+
+
+def test_chacha20_poly1305_parallel_seal_stopped_at_its_tag_gives_the_plaintext_back(monkeypatch):
+    """The worker-thread seal interrupted as it computes the tag (every piece encrypted,
+    the tag not yet handed back): the in-place buffer holds its plaintext again."""
+    from gpucrypt import _host_primitives
+
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 1000)
+    monkeypatch.setattr(cpu, "_PARALLEL_CHUNK", 256)
+    key, nonce, aad, data, ct, tag, ctx = _detached_message("chacha20-poly1305", 32, 256 * 9 + 5)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(_host_primitives.Poly1305AeadMac, "finalize", interrupted)
+    buf = bytearray(data)
+    with pytest.raises(KeyboardInterrupt):
+        ctx.seal_detached(nonce, memoryview(buf), memoryview(aad), memoryview(buf), threads=3)
+    assert bytes(buf) == data
+
+
+@pytest.mark.parametrize("operation", ["seal", "open"])
+def test_a_piece_kept_as_the_interrupt_came_is_taken_back_once(operation, monkeypatch):
+    """An interrupt between keeping a piece's future and clearing ``pending``: that piece
+    is counted once (taken back twice, XOR would undo the undoing). Injected with a line
+    tracer at the statement after the third ``futures.append``."""
+    import inspect
+    import sys
+
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 1000)
+    monkeypatch.setattr(cpu, "_PARALLEL_CHUNK", 256)
+    key, nonce, aad, data, ct, tag, ctx = _detached_message("chacha20-poly1305", 32, 256 * 9 + 5)
+    method = ctx._xor_parallel if operation == "seal" else ctx._open_pipelined
+    code = method.__func__.__code__
+    lines, first = inspect.getsourcelines(code)
+    target = next(first + i for i, line in enumerate(lines)
+                  if line.strip() == "pending = None" and "futures.append" in lines[i - 1])
+    hits = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == target:
+                hits.append(None)
+                if len(hits) == 3:
+                    raise KeyboardInterrupt
+            return local
+        return local
+    before = data if operation == "seal" else ct
+    buf = bytearray(before)
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            if operation == "seal":
+                ctx.seal_detached(nonce, memoryview(buf), memoryview(aad), memoryview(buf),
+                                  threads=3)
+            else:
+                ctx.open_detached(nonce, memoryview(buf), tag, memoryview(aad), memoryview(buf),
+                                  threads=3, one_pass=True)
+    finally:
+        sys.settrace(None)
+    assert len(hits) == 3 and bytes(buf) == before
