@@ -45,7 +45,8 @@ from typing import Any, Iterator
 
 from ._errors import KeyManagementError
 
-__all__ = ["LOGGER_NAME", "FIELDS", "event", "timed", "enable", "error_fields"]
+__all__ = ["LOGGER_NAME", "FIELDS", "event", "timed", "enable", "error_fields",
+           "AuditLogError"]
 
 LOGGER_NAME = "gpucrypt.audit"
 
@@ -137,16 +138,91 @@ def timed(operation: str, **fields: Any) -> Iterator[dict]:
           **{**fields, **extra})
 
 
-class _AuditFileHandler(logging.FileHandler):
+class AuditLogError(OSError):
+    """An audit event could not be written (a full disk, a closed stream): raised from
+    :func:`event` (and so from the operation that emitted it), never passed over as
+    logging's own handlers do (they print "--- Logging error ---" and go on), since a gap
+    in an audit log is what it exists to rule out. ``operation`` and ``outcome``: the
+    event that is missing; ``filename``: the log (None for a stream)."""
+
+    def __init__(self, exc: OSError, record: logging.LogRecord, filename: str | None):
+        audit = getattr(record, "audit", {})
+        super().__init__(exc.errno, exc.strerror or str(exc), filename)
+        self.operation = audit.get("operation")
+        self.outcome = audit.get("outcome")
+
+
+class _Raising:
+    """For the handlers :func:`enable` makes: a failed write raises (as
+    :class:`AuditLogError`) instead of logging's default of printing a traceback on
+    stderr and going on."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        import sys
+
+        exc = sys.exc_info()[1]  # called from the handler's except clause
+        if isinstance(exc, OSError) and not isinstance(exc, AuditLogError):
+            raise AuditLogError(exc, record, getattr(self, "baseFilename", None)) from exc
+        raise  # noqa: PLE0704 - re-raises the error being handled
+
+
+class _AuditStreamHandler(_Raising, logging.StreamHandler):
+    """A StreamHandler whose failed writes raise (:class:`_Raising`)."""
+
+
+class _AuditFileHandler(_Raising, logging.FileHandler):
     """A FileHandler whose file is opened by :func:`_open_log`: every time logging opens
-    it (first, and again after a close), not only when :func:`enable` is called."""
+    it (first, and again after a close), not only when :func:`enable` is called.
+
+    Each event is one ``write`` of its whole line to the raw file (no buffer between),
+    appended (``O_APPEND``): a line never reaches the file in pieces that another
+    writer's could come between, and a write the file system cut short (full) is taken
+    back, so that no half line is left to break the JSON-lines reader. Then it raises,
+    as any failed write does (:class:`AuditLogError`)."""
 
     def __init__(self, path: str):
         super().__init__(path, mode="a", encoding="utf-8")
 
     def _open(self):
-        return open(_open_log(self.baseFilename), "a", encoding=self.encoding,
-                    errors=self.errors)
+        return open(_open_log(self.baseFilename), "ab", buffering=0)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = (self.format(record) + self.terminator).encode(self.encoding)
+            if self.stream is None:
+                self.stream = self._open()
+            written = self.stream.write(line)
+            if written != len(line):
+                self._take_back(line[:written or 0])
+                import errno
+
+                raise OSError(errno.ENOSPC, f"only {written or 0} of the event's {len(line)} "
+                              f"bytes could be written (the file system is full?)")
+        except Exception:  # noqa: BLE001 - as logging's emit; handleError raises it
+            self.handleError(record)
+
+    def _take_back(self, written: bytes) -> None:
+        """Remove ``written``, the start of a line a short write left at the end of the
+        log, if the log still ends with it: should another process have appended since,
+        the half line stays rather than cutting that writer's line."""
+        if not written:
+            return
+        fd = self.stream.fileno()  # write-only: the tail is read through a second one
+        try:
+            reader = os.open(self.baseFilename, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            return  # the error being raised says the event is missing
+        try:
+            ours, theirs = os.fstat(fd), os.fstat(reader)
+            end = ours.st_size
+            if (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino) \
+                    and end >= len(written) \
+                    and os.pread(reader, len(written), end - len(written)) == written:
+                os.ftruncate(fd, end - len(written))
+        except OSError:
+            pass
+        finally:
+            os.close(reader)
 
 
 def _open_log(path: str) -> int:
@@ -187,14 +263,17 @@ def _open_log(path: str) -> int:
 def enable(target: Any = None, level: int = logging.INFO) -> logging.Handler:
     """Send audit events, one JSON line each, to ``target``: a path (appended to, mode
     0600, an existing file's mode included; a symbolic link or anything but a regular file
-    is refused with ``OSError``), a text stream, or ``None`` for stderr.
+    is refused with ``OSError``), a text stream, or ``None`` for stderr. An event
+    that cannot be written raises :class:`AuditLogError` from :func:`event` (and so from
+    the operation that emitted it); in a file, each event is one write, and a short one
+    (a full disk) is taken back, leaving no half line.
     Returns the handler (remove it with ``logging.getLogger(LOGGER_NAME).removeHandler(h)``);
     enabling a path that already has one returns that one, so no event is written twice."""
     import os
     import sys
 
     if target is None:
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler: logging.Handler = _AuditStreamHandler(sys.stderr)
     elif isinstance(target, (str, os.PathLike)):
         path = os.path.abspath(os.fspath(target))  # as FileHandler.baseFilename holds it
         for existing in _logger.handlers:
@@ -202,7 +281,7 @@ def enable(target: Any = None, level: int = logging.INFO) -> logging.Handler:
                 return existing
         handler = _AuditFileHandler(path)
     else:
-        handler = logging.StreamHandler(target)
+        handler = _AuditStreamHandler(target)
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.setLevel(level)
     _logger.addHandler(handler)

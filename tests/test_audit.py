@@ -206,6 +206,96 @@ def test_a_keyset_save_that_fails_is_recorded_with_the_keys_it_did_not_write(tmp
     assert saves[0]["error"] == "OSError"
 
 
+# ---------------------------------------------------------------- a log that cannot be written
+class _ShortWrites:
+    """A log file's stream that the file system fills part-way: each write keeps only
+    the first ``keep`` bytes (``keep=None``: every write fails with ENOSPC)."""
+
+    def __init__(self, real, keep):
+        self.real, self.keep = real, keep
+
+    def write(self, data):
+        if self.keep is None:
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.real.write(data[:self.keep])
+
+    def fileno(self):
+        return self.real.fileno()
+
+    def flush(self):
+        self.real.flush()
+
+    def close(self):
+        self.real.close()
+
+
+@pytest.mark.parametrize("keep", [None, 10], ids=["fails", "short"])
+def test_a_failed_audit_write_raises_and_leaves_no_half_line(tmp_path, keep):
+    """logging's handlers print "--- Logging error ---" and go on: the event was lost and
+    a half line left to break the JSON-lines reader. An audit write that fails raises."""
+    path = tmp_path / "audit.log"
+    handler = audit.enable(path)
+    try:
+        audit.event("keyset.add", key_id="first")
+        handler.stream = _ShortWrites(handler.stream, keep)
+        with pytest.raises(audit.AuditLogError) as info:
+            audit.event("keyset.promote", key_id="second")
+        assert info.value.operation == "keyset.promote" and info.value.outcome == "ok"
+        assert info.value.filename == str(path)
+    finally:
+        _remove_file_handlers()
+    assert [json.loads(line)["key_id"] for line in path.read_text().splitlines()] == ["first"]
+    assert path.read_text().endswith("}\n")
+
+
+def test_a_failed_audit_write_to_a_stream_raises():
+    class Full(io.StringIO):
+        def write(self, text):
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    logger = logging.getLogger(audit.LOGGER_NAME)
+    handler = audit.enable(Full())
+    try:
+        with pytest.raises(audit.AuditLogError, match="No space left"):
+            audit.event("keyset.add", key_id="abc")
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("command", ["keygen", "rekey"])
+def test_cli_audit_log_that_cannot_be_written_is_one_line_exit_1(tmp_path, capsys, monkeypatch,
+                                                                   command):
+    """A full file system under --audit-log: the command said nothing (a logging traceback
+    aside) and exited 0 with its event lost. Now: one line naming the log and the event."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["keygen", "--public", "--out", "alice"]) == 0
+    (tmp_path / "plain").write_bytes(os.urandom(1000))
+    assert main(["encrypt", "-r", "alice.pub", "plain", "sealed"]) == 0
+    capsys.readouterr()
+    real_open = audit._AuditFileHandler._open
+    monkeypatch.setattr(audit._AuditFileHandler, "_open",
+                        lambda self: _ShortWrites(real_open(self), None))
+    argv = {"keygen": ["keygen", "--out", "ks.json"],
+            "rekey": ["rekey", "sealed", "-r", "alice.pub", "-i", "alice"]}[command]
+    before = (tmp_path / "sealed").read_bytes()
+    try:
+        code = main([*argv, "--audit-log", "audit.log"])
+    finally:
+        _remove_file_handlers()
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"cannot write the audit log {tmp_path / 'audit.log'}: No space left" in err
+    assert "Logging error" not in err and "Traceback" not in err
+    assert (tmp_path / "audit.log").read_text() == ""
+    # the first event that failed stopped the work: nothing done goes unrecorded
+    assert not (tmp_path / "ks.json").exists()
+    assert (tmp_path / "sealed").read_bytes() == before
+
+
 # ---------------------------------------------------------------- no secret, any path
 
 

@@ -731,3 +731,116 @@ def test_cpu_session_names_an_unknown_cpu(tmp_path):
                           env=dict(os.environ, PYTHON="echo"), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert re.search(r"--json benchmarks/results/\S+-cpu-unknown-dcp-t\.json", done.stdout)
+
+
+# --------------------------------------------------------------------------- options checked before the run
+ONE_CELL = ["--device", "cpu", "--algorithms", "chacha20", "--sizes", "16", "--seconds", "0.01",
+            "--operations", "encrypt", "--forms", "alloc", "--implementations", "cryptography"]
+
+
+def _refused_before_the_run(code, out, err, *words):
+    assert code == 2 and out == "", err  # no table: nothing ran
+    assert err.count("\n") == 1 and err.startswith("gpucrypt bench: "), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, err
+
+
+@pytest.mark.parametrize("seconds", ["inf", "nan", "1e300"])
+def test_seconds_must_be_finite(capsys, monkeypatch, seconds):
+    """inf ended in an OverflowError traceback (1e300 would run for ever)."""
+    def never(config, progress=None):
+        raise AssertionError(f"ran with --seconds {config.seconds}")
+
+    monkeypatch.setattr(bench, "run", never)
+    code, out, err = run_cli(capsys, *ONE_CELL, "--seconds", seconds)
+    _refused_before_the_run(code, out, err, "--seconds must be positive, finite")
+
+
+def test_sizes_have_an_upper_bound(capsys):
+    """99999999999999GiB ended in an OverflowError traceback."""
+    code, out, err = run_cli(capsys, *ONE_CELL, "--sizes", "16,99999999999999GiB")
+    _refused_before_the_run(code, out, err, "more than the benchmark takes", "smaller sizes")
+
+
+def test_out_of_memory_is_one_line_exit_1(capsys, monkeypatch):
+    """A size larger than memory ended in a MemoryError traceback."""
+    def no_room(config, progress=None):
+        raise MemoryError
+
+    monkeypatch.setattr(bench, "run", no_room)
+    code, out, err = run_cli(capsys, *ONE_CELL)
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert "out of memory for the sizes asked" in err and "smaller --sizes" in err
+
+
+@pytest.mark.parametrize("name, words", [
+    ("x.weird", [".weird is not an image format", ".png"]),
+    ("plotnodot", ["it has no extension", ".png"]),
+])
+def test_a_plot_name_matplotlib_cannot_draw_to_is_refused_before_the_run(tmp_path, capsys,
+                                                                         name, words):
+    """x.weird was refused only after the run; plotnodot failed naming a temporary path
+    (matplotlib appended .png to the name)."""
+    pytest.importorskip("matplotlib")
+    code, out, err = run_cli(capsys, *ONE_CELL, "--plot", str(tmp_path / name))
+    _refused_before_the_run(code, out, err, *words)
+    assert "tmp" not in err.replace(str(tmp_path), "") and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]], ids=["plain", "force"])
+def test_json_and_plot_naming_one_file_are_refused(tmp_path, capsys, force):
+    """Exit 1 for a wrong reason, and with --force the JSON silently replaced by the plot."""
+    pytest.importorskip("matplotlib")
+    same = str(tmp_path / "same.png")
+    code, out, err = run_cli(capsys, *ONE_CELL, "--json", same, "--plot", same, *force)
+    _refused_before_the_run(code, out, err, "--json and --plot name the same file")
+    assert os.listdir(tmp_path) == []
+    os.symlink("same.png", tmp_path / "link.png")  # one file through a link, existing
+    (tmp_path / "same.png").write_bytes(b"an earlier plot")
+    code, out, err = run_cli(capsys, *ONE_CELL, "--json", same, "--plot",
+                             str(tmp_path / "link.png"), "--force")
+    assert code == 2 and out == "" and (tmp_path / "same.png").read_bytes() == b"an earlier plot"
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--implementations", "cryptography,gpucrypt-gpu"], ["gpucrypt-gpu"]),
+    (["--device-time"], ["--device-time"]),
+    (["--include-transfer"], ["--include-transfer"]),
+    (["--simulator-smoke"], ["--simulator-smoke"]),
+])
+def test_gpu_only_options_with_device_cpu_are_refused(capsys, extra, words):
+    """They were dropped without a word (the row missing, the option ignored)."""
+    args = [a for a in ONE_CELL]
+    if extra[0] == "--implementations":
+        i = args.index("--implementations")
+        del args[i:i + 2]
+    code, out, err = run_cli(capsys, *args, *extra)
+    _refused_before_the_run(code, out, err, "--device cpu runs no GPU row", *words)
+
+
+def test_all_implementations_with_device_cpu_still_runs(capsys):
+    args = [a for a in ONE_CELL]
+    i = args.index("--implementations")
+    args[i + 1] = "all"
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0 and "gpucrypt-cpu" in out, err
+
+
+def test_outputs_are_written_before_a_failing_stdout(tmp_path, capsys, monkeypatch):
+    """The table printed first: a full (or closed) stdout threw the --json results away."""
+    import errno
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    path = tmp_path / "run.json"
+    monkeypatch.setattr(sys, "stdout", Full())
+    code = main(["bench", *ONE_CELL, "--json", str(path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot write to stdout (No space left on device)" in err, err
+    assert json.loads(path.read_text())["cells"]

@@ -747,8 +747,13 @@ def test_a_passphrase_given_refuses_a_keyset_that_is_not_sealed(work, capsys, mo
             assert "is not sealed, though a passphrase was given" in err, (argv, err)
             assert "GPUCRYPT_PASSPHRASE unset" in err
             assert not (work / "x").exists()
-        assert run(capsys, "decrypt", "-i", "alice", "for-alice", "x", *given)[0] == 0
-        os.remove(work / "x")
+        if given:  # nothing sealed is read: the file would be ignored (refused, exit 2)
+            code, _, err = run(capsys, "decrypt", "-i", "alice", "for-alice", "x", *given)
+            _one_line(code, err, 2)
+            assert "--passphrase-file would be ignored" in err and not (work / "x").exists()
+        else:
+            assert run(capsys, "decrypt", "-i", "alice", "for-alice", "x")[0] == 0
+            os.remove(work / "x")
     assert (work / "ks.json").read_bytes() == before
     monkeypatch.delenv("GPUCRYPT_PASSPHRASE")
     assert run(capsys, "encrypt", "--keyset", "ks.json", "plain", "x")[0] == 0  # none given
@@ -1015,3 +1020,288 @@ def test_bench_json_goes_down_a_pipe_and_files_follow_the_umask(work, capsys):
         os.umask(old)
     assert code == 0, err
     assert os.stat(work / "private.json").st_mode & 0o777 == 0o600
+
+
+# --------------------------------------------------------------------------- outputs that are no file
+# Device nodes are twins made in the test's folder (os.mknod: /dev/null is (1, 3), /dev/full
+# (1, 7)), never the system's own: a bug here replaced the machine's /dev/null with a file.
+def _device_twin(folder: Path, name: str, minor: int) -> Path:
+    """A character device node ``folder/name`` with the numbers of /dev/null (minor 3) or
+    /dev/full (minor 7); the test is skipped where nodes cannot be made (not root)."""
+    import stat
+
+    path = folder / name
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+    except (PermissionError, AttributeError, OSError) as exc:
+        pytest.skip(f"cannot make a device node here ({exc}): needs root on Linux")
+    return path
+
+
+def _read_fifo_in_background(fifo: Path) -> list:
+    """Start a reader of ``fifo`` (a thread); what it read is in the returned list once
+    the writer closed it."""
+    import threading
+
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    got.append(reader)
+    return got
+
+
+def _fifo_result(got: list) -> bytes:
+    got[0].join(timeout=60)
+    assert len(got) == 2, "the FIFO's reader never saw the writer close"
+    return got[1]
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]], ids=["plain", "force"])
+def test_a_device_output_is_written_in_place_never_replaced(work, capsys, force):
+    """-o /dev/null checks that a file decrypts: a character device OUT is opened and
+    written, with or without --force; with --force it used to be replaced by a regular
+    file (as root, the machine's /dev/null), and without it refused as existing."""
+    import stat
+
+    null = _device_twin(work, "null", 3)
+    assert run(capsys, "encrypt", "--key-file", "key", "plain", "sealed")[0] == 0
+    for argv in (["encrypt", "--key-file", "key", "plain"],
+                 ["decrypt", "--key-file", "key", "sealed"]):
+        code, _, err = run(capsys, *argv, null, *force)
+        assert code == 0, err
+        mode = os.stat(null).st_mode
+        assert stat.S_ISCHR(mode) and os.stat(null).st_rdev == os.makedev(1, 3), argv
+    full = _device_twin(work, "full", 7)
+    code, _, err = run(capsys, "decrypt", "--key-file", "key", "sealed", full, *force)
+    _one_line(code, err, 1)
+    assert f"cannot write {full}: No space left on device" in err  # which side, and why
+    assert stat.S_ISCHR(os.stat(full).st_mode)
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]], ids=["plain", "force"])
+def test_a_fifo_output_is_streamed_and_decrypt_sends_only_verified_segments(work, capsys, force):
+    import stat
+
+    plain = (work / "plain").read_bytes()
+    assert run(capsys, "encrypt", "--key-file", "key", "--segment-size", "4KiB", "plain",
+               "sealed")[0] == 0
+    os.mkfifo(work / "pipe")
+    got = _read_fifo_in_background(work / "pipe")
+    code, _, err = run(capsys, "decrypt", "--key-file", "key", "sealed", "pipe", *force)
+    assert code == 0, err
+    assert _fifo_result(got) == plain and stat.S_ISFIFO(os.stat(work / "pipe").st_mode)
+    tampered = bytearray((work / "sealed").read_bytes())
+    tampered[-20] ^= 1  # in the last of the three segments
+    (work / "tampered").write_bytes(tampered)
+    got = _read_fifo_in_background(work / "pipe")
+    code, _, err = run(capsys, "decrypt", "--key-file", "key", "tampered", "pipe", *force)
+    _one_line(code, err, 1)
+    sent = _fifo_result(got)
+    assert sent == plain[:len(sent)] and len(sent) < len(plain) and len(sent) % 4096 == 0
+    assert stat.S_ISFIFO(os.stat(work / "pipe").st_mode)
+
+
+def test_model_commands_write_a_fifo_in_place(work, capsys):
+    """decrypt-model puts each tensor where it goes (not in order): to a FIFO, the file is
+    made whole and verified first, then sent; encrypt-model writes in order."""
+    np = pytest.importorskip("numpy")
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+    safetensors_numpy.save_file({"b": np.arange(5000, dtype=np.float32),
+                                 "a": np.ones((30, 7), dtype=np.int8)}, str(work / "m.st"))
+    os.mkfifo(work / "pipe")
+    got = _read_fifo_in_background(work / "pipe")
+    code, _, err = run(capsys, "encrypt-model", "--key-file", "key", "m.st", "pipe")
+    assert code == 0, err
+    (work / "m.gcm").write_bytes(_fifo_result(got))
+    got = _read_fifo_in_background(work / "pipe")
+    code, _, err = run(capsys, "decrypt-model", "--key-file", "key", "m.gcm", "pipe", "--force")
+    assert code == 0, err
+    assert _fifo_result(got) == (work / "m.st").read_bytes()
+    assert os.path.exists(work / "pipe") and not os.path.isfile(work / "pipe")
+
+
+def test_outputs_that_are_neither_file_nor_stream_are_refused_even_with_force(work, capsys):
+    """A block device or a socket at OUT: refused (exit 2), never replaced."""
+    import socket
+    import stat
+
+    made = []
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(str(work / "sock"))
+        made.append(work / "sock")
+        try:
+            os.mknod(work / "block", 0o600 | stat.S_IFBLK, os.makedev(7, 200))
+            made.append(work / "block")
+        except (PermissionError, OSError):
+            pass  # not root: the socket alone
+        assert run(capsys, "encrypt", "--key-file", "key", "plain", "sealed")[0] == 0
+        for node in made:
+            for argv in (["encrypt", "--key-file", "key", "plain"],
+                         ["decrypt", "--key-file", "key", "sealed"]):
+                for force in ([], ["--force"]):
+                    code, _, err = run(capsys, *argv, node, *force)
+                    _one_line(code, err, 2)
+                    assert "which gpucrypt does not write to" in err, err
+                    assert not stat.S_ISREG(os.stat(node).st_mode)
+    finally:
+        server.close()
+
+
+# --------------------------------------------------------------------------- standard streams
+def _shell(work: Path, redirect: str, *argv: str, stdout=subprocess.PIPE, stdin=None):
+    """``gpucrypt ARGV REDIRECT`` run by sh (``>&-`` closes stdout, ``<&-`` stdin,
+    ``2>&-`` stderr), as a user's shell would."""
+    return subprocess.run(["sh", "-c", f'exec "$0" "$@" {redirect}', sys.executable, "-c",
+                           LAUNCHER, "unnamed", *argv], cwd=work, stdin=stdin, stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+
+
+def test_a_stdout_that_fails_is_one_line_exit_1(work, capsys):
+    """stdout on a full device (a /dev/full twin): one line, exit 1, no traceback, for
+    every command that prints, whether it changed anything (keygen) or not."""
+    full = _device_twin(work, "full", 7)
+    assert run(capsys, "keygen", "--out", "ks.json")[0] == 0
+    commands = [["info"], ["selftest", "--size", "64"], ["keys", "list", "ks.json"],
+                ["keygen", "--out", "new.json"], BENCH,
+                ["encrypt", "--key-file", "key", "plain"]]
+    for argv in commands:
+        with open(full, "w") as stdout:
+            done = _shell(work, "", *argv, stdout=stdout)
+        _one_line(done.returncode, done.stderr, 1)
+        assert "cannot write to stdout (No space left on device)" in done.stderr or (
+            argv[0] == "encrypt" and "cannot write stdout: No space left" in done.stderr), \
+            (argv, done.stderr)
+        assert "Exception ignored" not in done.stderr
+    assert keys.Keyset.load(str(work / "new.json")).primary  # keygen's work was done
+
+
+def test_closed_standard_streams(work, capsys):
+    """Python leaves None for a stream closed at start: each is a clear message or none."""
+    done = _shell(work, ">&-", "encrypt", "--key-file", "key", "plain", "-o", "sealed")
+    assert done.returncode == 0 and done.stderr == "", done.stderr  # stdout unused
+    assert run(capsys, "decrypt", "--key-file", "key", "sealed", "back")[0] == 0
+    assert (work / "back").read_bytes() == (work / "plain").read_bytes()
+    done = _shell(work, "2>&-", "decrypt", "--key-file", "key", "sealed", "again")
+    assert done.returncode == 0  # a closed stderr changes no success into a failure
+    assert (work / "again").read_bytes() == (work / "plain").read_bytes()
+    done = _shell(work, "<&-", "encrypt", "--key-file", "key", "-o", "x")
+    _one_line(done.returncode, done.stderr, 2)
+    assert "stdin is closed" in done.stderr and not (work / "x").exists()
+    done = _shell(work, ">&-", "encrypt", "--key-file", "key", "plain")
+    _one_line(done.returncode, done.stderr, 2)
+    assert "stdout is closed" in done.stderr
+    done = _shell(work, ">&-", "info")
+    _one_line(done.returncode, done.stderr, 1)
+    assert "cannot write to stdout (it was closed when gpucrypt started)" in done.stderr
+
+
+def test_io_errors_say_which_side_failed(work, capsys, monkeypatch):
+    """A failed read names IN or stdin, a failed write OUT or stdout (not "I/O: ...")."""
+    import errno
+
+    class Failing(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, buf):
+            raise OSError(errno.EIO, "Input/output error")
+
+    class Stdin:
+        buffer = Failing()
+
+        def isatty(self):
+            return False
+
+    monkeypatch.setattr(sys, "stdin", Stdin())
+    code, _, err = run(capsys, "encrypt", "--key-file", "key", "-o", "x")
+    _one_line(code, err, 1)
+    assert "cannot read stdin: Input/output error" in err and not (work / "x").exists()
+    if ON_LINUX:
+        code, _, err = run(capsys, "encrypt", "--key-file", "key", "/proc/self/mem", "x")
+        _one_line(code, err, 1)
+        assert "cannot read /proc/self/mem: Input/output error" in err
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="files of /proc (Linux)")
+def test_an_input_whose_size_is_not_its_length_is_exit_1_with_what_to_do(work, capsys):
+    """A file of /proc has size 0 and content: the data changed under the encryption
+    (exit 1, not a usage error), and the message says what works instead."""
+    code, _, err = run(capsys, "encrypt", "--key-file", "key", "/proc/self/status", "x")
+    _one_line(code, err, 1)
+    assert "copy it to a regular file first, or pipe it in" in err
+    assert not (work / "x").exists()
+    with open("/proc/self/status", "rb") as status:  # what the message advises: a pipe
+        done = subprocess.run([sys.executable, "-c", LAUNCHER, "unnamed", "encrypt",
+                               "--key-file", "key", "-o", "x"], cwd=work, input=status.read(),
+                              capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_ctrl_d_at_the_passphrase_prompt_is_a_usage_error(work, capsys, monkeypatch):
+    import getpass
+
+    import gpucrypt.cli.keys as cli_keys
+
+    def eof(prompt=""):
+        raise EOFError
+
+    monkeypatch.setattr(cli_keys, "_can_prompt", lambda: True)  # no terminal in tests
+    monkeypatch.setattr(getpass, "getpass", eof)
+    for argv in (["encrypt", "-p", "plain", "x"], ["keygen", "--seal", "--out", "ks.json"]):
+        code, _, err = run(capsys, *argv)
+        _one_line(code, err, 2)
+        assert "no passphrase given" in err and "EOFError" not in err
+    assert not (work / "x").exists() and not (work / "ks.json").exists()
+
+
+# --------------------------------------------------------------------------- passphrase files
+def test_a_passphrase_file_nothing_reads_is_refused(work, capsys, monkeypatch):
+    """README: key options that cannot both apply are refused (exit 2), never silently
+    ignored. --passphrase-file is the passphrase of -p, or of a sealed keyset or identity."""
+    for args in (["keygen", "--public", "--out", "alice"],
+                 ["keygen", "--public", "--seal", "--passphrase-file", "pw", "--out", "sealed-id"],
+                 ["keygen", "--seal", "--passphrase-file", "pw", "--out", "sealed-ks"]):
+        assert run(capsys, *args)[0] == 0
+    assert run(capsys, "encrypt", "-r", "alice.pub", "plain", "for-alice")[0] == 0
+    assert run(capsys, "encrypt", "-r", "sealed-id.pub", "plain", "for-sealed")[0] == 0
+    pw = ["--passphrase-file", "pw"]
+    refused = [["encrypt", "--key-file", "key", "plain", "x"],
+               ["encrypt", "-r", "alice.pub", "plain", "x"],
+               ["decrypt", "--key-file", "key", "for-alice", "x"],
+               ["decrypt", "-i", "alice", "for-alice", "x"],
+               ["rekey", "for-alice", "-r", "alice.pub", "-i", "alice"]]
+    for argv in refused:
+        code, _, err = run(capsys, *argv, *pw)
+        _one_line(code, err, 2)
+        assert "--passphrase-file would be ignored" in err, (argv, err)
+        assert not (work / "x").exists()
+    accepted = [["encrypt", "-p", "plain", "p.gc"],
+                ["decrypt", "p.gc", "x1"],                            # the header says -p
+                ["encrypt", "--keyset", "sealed-ks", "plain", "ks.gc"],
+                ["decrypt", "-i", "sealed-id", "for-sealed", "x2"],
+                ["decrypt", "-i", "alice", "--keyset", "sealed-ks", "for-alice", "x3"],
+                ["keys", "add", "sealed-ks"]]
+    for argv in accepted:
+        code, _, err = run(capsys, *argv, *pw)
+        assert code == 0, (argv, err)
+    for name in ("x1", "x2", "x3"):
+        assert (work / name).read_bytes() == (work / "plain").read_bytes()
+
+
+# --------------------------------------------------------------------------- rekey's FILE
+def test_rekey_refuses_what_is_not_a_regular_file(work, capsys):
+    """A folder was told it had other hard links (and with --force, exit 1), a FIFO was
+    read forever, a missing FILE was exit 1: each is a usage error (exit 2)."""
+    assert run(capsys, "keygen", "--public", "--out", "alice")[0] == 0
+    (work / "folder").mkdir()
+    for argv in (["folder"], ["folder", "--force"], ["missing.gc"]):
+        code, _, err = run(capsys, "rekey", *argv, "-r", "alice.pub", "-i", "alice")
+        _one_line(code, err, 2)
+        assert ("is a directory, not a file" in err) or ("file not found: missing.gc" in err)
+    os.mkfifo(work / "pipe")
+    # a process of its own: without the check it would wait for a writer forever
+    done = _shell(work, "", "rekey", "pipe", "-r", "alice.pub", "-i", "alice")
+    _one_line(done.returncode, done.stderr, 2)
+    assert "pipe is a FIFO, not a file" in done.stderr

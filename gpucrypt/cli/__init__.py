@@ -13,7 +13,9 @@ The top of the layering: may import everything below it, and nothing imports it.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import io
 import sys
 from typing import Iterable
 
@@ -306,7 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default: the process's arguments) and return the
     exit code. Without ``argv`` the process is this command (the console script, ``python
     -m gpucrypt``), and its heap is frozen once the command's modules are loaded
-    (:func:`_freeze_heap`); a caller's own process is left as it is."""
+    (:func:`_freeze_heap`); a caller's own process is left as it is.
+
+    While the command runs, a standard stream that was closed when the process started
+    has a stand-in (:class:`_ClosedStream`) and stdout is watched (:class:`_Stdout`):
+    writing to a stdout that fails (a full disk, a closed descriptor) is one line and
+    exit 1, as is an audit log that cannot be written."""
     whole_process = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if whole_process:
@@ -317,10 +324,26 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    saved = sys.stdin, sys.stdout, sys.stderr
+    sys.stdin = saved[0] if saved[0] is not None else _ClosedStream("stdin")
+    sys.stderr = saved[2] if saved[2] is not None else _ClosedStream("stderr")
+    sys.stdout = _Stdout(saved[1] if saved[1] is not None else _ClosedStream("stdout"))
+    try:
+        return _run(args)
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed command; its errors as one line on stderr and an exit code."""
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, so that a reader gone early is a BrokenPipeError caught below
         return code
+    except StdoutFailed as exc:
+        _drop_stdout()
+        print(f"gpucrypt {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except CliError as exc:
         print(f"gpucrypt {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -328,8 +351,108 @@ def main(argv: list[str] | None = None) -> int:
         _drop_stdout()
         print(f"gpucrypt {args.command}: output closed early (broken pipe)", file=sys.stderr)
         return 1
+    except OSError as exc:
+        message = _audit_failure(exc)
+        if message is None:
+            raise
+        print(f"gpucrypt {args.command}: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _audit_failure(exc: OSError) -> str | None:
+    """The message for an audit log that could not be written (``--audit-log``), None
+    for any other error. An event not recorded fails the command: the log is the
+    record of what was done with the keys, and a silent gap in it is what an audit is
+    there to rule out."""
+    audit = sys.modules.get("gpucrypt.audit")  # loaded if any event was written
+    if audit is None or not isinstance(exc, audit.AuditLogError):
+        return None
+    done = ("it was done but is not recorded" if exc.outcome == "ok" else
+            "it failed, and the failure is not recorded")
+    return (f"cannot write the audit log {exc.filename}: {exc.strerror}. The event "
+            f"{exc.operation!r} is missing from it ({done}): make room or repair the log's "
+            f"file system, then note that event in the log by hand")
+
+
+class StdoutFailed(CliError):
+    """Writing the command's report to stdout failed (not a closed pipe, which
+    :func:`_run` reports itself): exit 1, one line. What the command did (a key file
+    written, a header rewritten) stays done: only what it printed is lost."""
+
+    def __init__(self, exc: OSError):
+        what = exc.strerror or str(exc)
+        super().__init__(f"cannot write to stdout ({what}): the command ran, but what it "
+                         f"printed is lost; redirect stdout to somewhere that takes it", 1)
+
+
+class _Stdout:
+    """``sys.stdout`` while a command runs: the real one, whose failing ``write`` or
+    ``flush`` (``> /dev/full``: ENOSPC; a closed descriptor: EBADF) raises
+    :class:`StdoutFailed` instead of an OSError that no command catches (a traceback,
+    after keygen or rekey did their work). A closed pipe stays a BrokenPipeError, reported
+    by :func:`_run`. ``gpucrypt_closed``: the process started with stdout closed."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.gpucrypt_closed = isinstance(stream, _ClosedStream)
+
+    def write(self, text: str) -> int:
+        if self.gpucrypt_closed:
+            raise StdoutFailed(OSError(errno.EBADF, "it was closed when gpucrypt started"))
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise StdoutFailed(exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise StdoutFailed(exc) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+class _ClosedStream(io.TextIOBase):
+    """A standard stream whose descriptor was closed when the process started (``<&-``,
+    ``>&-``, ``2>&-``), for which Python leaves None in ``sys.stdin``/``stdout``/``stderr``:
+    every ``isatty()`` and ``.buffer`` would fail on it, and ``print(file=None)`` prints
+    to stdout. This one is no terminal and drops what is written to it (a closed stderr
+    silences the messages, not the exit code); ``gpucrypt_closed`` tells the commands that
+    read stdin or write stdout for data to refuse, naming the stream."""
+
+    gpucrypt_closed = True
+
+    def __init__(self, name: str):
+        super().__init__()
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return f"<{self._name}: closed>"
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+def closed_stream_error(name: str, instead: str) -> CliError:
+    """The usage error for data to or from ``name`` ("stdin", "stdout") that was closed
+    when the process started; ``instead``: what to give."""
+    return CliError(f"{name} is closed (the process started without it, as with the shell's "
+                    f"{'<&-' if name == 'stdin' else '>&-'}): {instead}", 2)
 
 
 def _drop_stdout() -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -37,8 +38,8 @@ from . import CliError
 __all__ = ["parse_size", "read_key_file", "parse_key", "add_input_output_and_keys",
            "add_force", "add_key_management", "add_unsafe_key_permissions", "check_key_sources",
            "check_private_file", "encrypt_keys", "decrypt_key", "check_output",
-           "check_output_path", "atomic_output", "destination", "output_path",
-           "run_reporting_errors"]
+           "check_output_path", "streamed_output", "file_kind", "StreamedOutput",
+           "atomic_output", "destination", "output_path", "run_reporting_errors"]
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gib": 1 << 30}
@@ -86,7 +87,8 @@ KEY_SOURCES_TOGETHER = {frozenset(pair) for pair in (
 
 def check_key_sources(args: Any) -> list[str]:
     """The key options given (``args`` attributes, in :data:`KEY_SOURCES`' order); a usage
-    CliError naming both options when two of them cannot apply together."""
+    CliError naming both options when two of them cannot apply together, or when
+    ``--passphrase-file`` would be ignored (:func:`gpucrypt.cli.keys.check_passphrase_file`)."""
     given = [name for name in KEY_SOURCES if getattr(args, name, None)]
     for i, first in enumerate(given):
         for second in given[i + 1:]:
@@ -94,6 +96,9 @@ def check_key_sources(args: Any) -> list[str]:
                 raise CliError(f"{KEY_SOURCES[first]} and {KEY_SOURCES[second]} cannot be used "
                                f"together: one of them would be ignored; give one way to key "
                                f"the file", 2)
+    cli_keys = _key_management()
+    if cli_keys is not None:
+        cli_keys.check_passphrase_file(args, given)
     return given
 
 
@@ -250,10 +255,14 @@ def decrypt_key(args: Any, header: Any) -> bytes:
 # --------------------------------------------------------------------------- output and errors
 def check_output(args: Any, binary_ciphertext: bool):
     """Where to write: ``sys.stdout.buffer`` for ``-`` (refused for ciphertext on a terminal
-    without ``--force``), else the path OUT (:func:`output_path`), refused when it is a
-    folder or exists without ``--force``."""
+    without ``--force``, and when stdout was closed), else the path OUT
+    (:func:`output_path`) as :func:`check_output_path` accepts it."""
     out = output_path(args)
     if out == "-":
+        if getattr(sys.stdout, "gpucrypt_closed", sys.stdout is None):
+            from . import closed_stream_error
+
+            raise closed_stream_error("stdout", "give the output file as OUT or -o OUT")
         if binary_ciphertext and sys.stdout.isatty() and not args.force:
             raise CliError("refusing to write ciphertext to a terminal; redirect stdout, "
                            "give -o OUT, or give --force", 2)
@@ -261,10 +270,46 @@ def check_output(args: Any, binary_ciphertext: bool):
     return check_output_path(out, args.force)
 
 
+def streamed_output(path: str) -> bool:
+    """Whether the output ``path`` is written in place, as a stream (stdout's way): it
+    exists and is a FIFO or a character device (``/dev/null``, a terminal), a symbolic
+    link followed (``/dev/stdout``). Such a node cannot take a file renamed over it, and
+    must not: publishing an AtomicFile there replaced it with a regular file, and as root
+    ``-o /dev/null -f`` replaced the machine's /dev/null."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` is, in words, for messages."""
+    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISREG, "regular file")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
 def check_output_path(out: str, force: bool) -> str:
-    """``out``, unless it is a folder, or exists and ``force`` is off (usage CliErrors)."""
+    """``out``, unless it is a folder, or exists and ``force`` is off, or exists and is
+    neither a regular file nor streamed (a block device, a socket: refused even with
+    ``force``); usage CliErrors. A FIFO or a character device (:func:`streamed_output`)
+    is accepted with or without ``force``: it is written in place, never replaced."""
+    if streamed_output(out):
+        return out
     if os.path.isdir(out):
         raise CliError(f"output is a directory: {out}", 2)
+    try:
+        mode = os.stat(out).st_mode
+    except (OSError, ValueError):  # missing (or a dangling link, which AtomicFile refuses)
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise CliError(f"output {out} is a {file_kind(mode)}, which gpucrypt does not write "
+                       f"to, with or without --force: give a file's path (a FIFO or a "
+                       f"character device such as /dev/null is written to as a stream)", 2)
     if os.path.exists(out) and not force:
         raise CliError(f"output exists: {out} (give --force to overwrite it)", 2)
     return out
@@ -282,6 +327,39 @@ def atomic_output(path: str, force: bool, mode: int = 0o600):
         raise CliError(f"cannot write {path}: {exc.strerror or exc}", 1) from None
 
 
+class StreamedOutput:
+    """An output written in place (:func:`streamed_output`), with an AtomicFile's
+    ``write``/``commit``: opened now (a FIFO waits here for its reader, before any work),
+    closed when committed or when the block ends. ``file``: the open binary file, for a
+    library that takes a file object. A failed close (the last buffered bytes not
+    written) is a CliError naming the path, unless the block is already failing (its own
+    error is the one to report)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.file = open(path, "wb")
+        except OSError as exc:
+            raise CliError(f"cannot write {path}: {exc.strerror or exc}", 1) from None
+        self.write = self.file.write
+
+    def commit(self) -> None:
+        self._close(report=True)
+
+    def _close(self, report: bool) -> None:
+        try:
+            self.file.close()  # closes even when its flush fails
+        except OSError as exc:
+            if report:
+                raise CliError(f"cannot write {self.path}: {exc.strerror or exc}", 1) from None
+
+    def __enter__(self) -> "StreamedOutput":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._close(report=exc_type is None)
+
+
 @contextlib.contextmanager
 def destination(args: Any, binary_ciphertext: bool) -> Iterator[Any]:
     """What to give the library as ``dst``: stdout, or for a path an
@@ -289,13 +367,77 @@ def destination(args: Any, binary_ciphertext: bool) -> Iterator[Any]:
     folder is reported, naming OUT, before any input is read), published when the work
     commits it and dropped if the block raises. Without ``--force`` it never replaces a
     file: one that appeared at OUT while we wrote makes the commit fail ("output
-    exists", exit 1, reported by :func:`run_reporting_errors`)."""
+    exists", exit 1, reported by :func:`run_reporting_errors`). A FIFO or character
+    device at OUT is opened and written in place as stdout is (:class:`StreamedOutput`):
+    ``decrypt`` then writes each batch of segments once it verified, so a failure can
+    leave the verified segments before it written there, as on stdout."""
     target = check_output(args, binary_ciphertext)
     if not isinstance(target, str):
         yield target
         return
+    if streamed_output(target):
+        with StreamedOutput(target) as out:
+            if binary_ciphertext and out.file.isatty() and not args.force:
+                raise CliError(f"refusing to write binary output to a terminal ({target}); give "
+                               f"another OUT, or give --force", 2)
+            yield out.file
+        return
     with atomic_output(target, bool(args.force)) as out:
         yield out
+
+
+#: names of the functions (the library's and ours) whose OSErrors are the input's, and
+#: those whose OSErrors are the output's: the library reads and writes descriptors itself
+#: (pread and pwrite in its workers), so its errors name no file, and where one was raised
+#: is what tells which side failed (:func:`_failed_side`)
+_READING = frozenset({"read_at", "fill", "read", "readinto", "_check_unchanged",
+                      "_read_exact", "_read_into", "read_header"})
+_WRITING = frozenset({"pwrite_all", "write_all", "write", "commit", "flush",
+                      "_write_position", "start_writeback"})
+#: errnos that only a write gives: the side when no frame tells
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPIPE})
+
+
+def _failed_side(exc: OSError) -> str | None:
+    """"input" or "output": the side of the transfer whose OSError ``exc`` is, judged by
+    the innermost reading or writing function it was raised in (or by its errno); None
+    when neither tells."""
+    names = []
+    tb = exc.__traceback__
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    for name in reversed(names):
+        if name in _READING:
+            return "input"
+        if name in _WRITING:
+            return "output"
+    return "output" if exc.errno in _WRITE_ERRNOS else None
+
+
+def _io_error(args: Any, exc: OSError) -> str:
+    """The one-line message for an I/O error of a file command: the file it names, else
+    which side failed, IN (or stdin) or OUT (or stdout)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename:
+        return f"{exc.filename}: {reason}"
+    side = _failed_side(exc)
+    if side == "input" and getattr(args, "input", None) is not None:
+        name = "stdin" if args.input == "-" else args.input
+        return f"cannot read {name}: {reason}"
+    if side == "output" and hasattr(args, "output"):
+        out = output_path(args)
+        return f"cannot write {'stdout' if out == '-' else out}: {reason}"
+    return f"I/O error: {reason}"
+
+
+def _input_changed(exc: ValueError) -> bool:
+    """Whether ``exc`` is the stream's "the input file grew/shrank while it was being
+    encrypted" (a ValueError of gpucrypt.files.stream, told by its words: there is no
+    class for it). The data changed under the encryption, which is exit 1 (the data
+    failed), not a usage error."""
+    text = str(exc)
+    return text.startswith("the input file ") and "while it was being encrypted" in text
 
 
 def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
@@ -323,8 +465,14 @@ def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
                        f"writing and was left as it is; give --force to overwrite it)",
                        1) from None
     except (ValueError, OverflowError) as exc:  # e.g. a segment size out of range
+        if isinstance(exc, ValueError) and _input_changed(exc):
+            # a file of /proc, say, whose size (0) is not its length, or one being written
+            name = "stdin" if args.input == "-" else args.input
+            raise CliError(f"{name}: {str(exc).split(';')[0]}, or its size is not its "
+                           f"length (as for files in /proc): copy it to a regular file "
+                           f"first, or pipe it in (cat FILE | gpucrypt encrypt ...)",
+                           1) from None
         raise CliError(str(exc), 2) from None
     except OSError as exc:
-        name = exc.filename or "I/O"
-        raise CliError(f"{name}: {exc.strerror or exc}", 1) from None
+        raise CliError(_io_error(args, exc), 1) from None
     return 0

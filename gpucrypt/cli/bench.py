@@ -8,13 +8,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
 import time
 
 from . import CliError
-from ._common import atomic_output, check_output_path, run_reporting_errors
+from ._common import (StreamedOutput, atomic_output, check_output_path, run_reporting_errors,
+                      streamed_output)
+
+#: the largest message size a run takes (1 TiB): larger ones fit in no machine's memory,
+#: and far larger ones overflowed where the buffers are made (an OverflowError traceback)
+MAX_SIZE = 1 << 40
+#: the longest measuring time per cell (a day): a larger figure is a slip, not a plan
+#: (inf overflowed in the timing loop, 1e300 would run for ever)
+MAX_SECONDS = 86400.0
+#: the options that only time the GPU, refused with --device cpu (which would ignore them)
+_GPU_OPTIONS = (("device_time", "--device-time"), ("include_transfer", "--include-transfer"),
+                ("simulator_smoke", "--simulator-smoke"))
 
 
 def add_bench(parser: argparse.ArgumentParser) -> None:
@@ -78,20 +90,67 @@ def _config(args):
         sizes = bench.parse_sizes(args.sizes)
     except ValueError as exc:
         raise CliError(str(exc), exit_code=2) from None
-    if not args.seconds > 0:
-        raise CliError(f"--seconds must be positive, not {args.seconds}", exit_code=2)
+    too_large = [s for s in sizes if s > MAX_SIZE]
+    if too_large:
+        raise CliError(f"--sizes: {too_large[0]} bytes is more than the benchmark takes "
+                       f"({bench.format_size(MAX_SIZE)}); give smaller sizes", exit_code=2)
+    if not (args.seconds > 0 and math.isfinite(args.seconds) and args.seconds <= MAX_SECONDS):
+        raise CliError(f"--seconds must be positive, finite and at most {MAX_SECONDS:.0f} "
+                       f"(a day per cell), not {args.seconds}", exit_code=2)
     if args.threads < 1:
         raise CliError(f"--threads must be at least 1, not {args.threads}", exit_code=2)
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise CliError("--plot needs matplotlib: pip install 'gpucrypt[plot]'", exit_code=2) from None
+    if args.device == "cpu":
+        _refuse_gpu_only(args, implementations)
     return bench.BenchConfig(algorithms=algorithms, operations=operations, forms=forms,
                              implementations=implementations, sizes=sizes, device=args.device,
                              seconds=args.seconds, threads=args.threads,
                              include_transfer=args.include_transfer,
                              simulator_smoke=args.simulator_smoke, device_time=args.device_time)
+
+
+def _refuse_gpu_only(args, implementations) -> None:
+    """With ``--device cpu``: refuse the options and the implementations that only time
+    the GPU, which the run would otherwise leave out without a word (exit 2). ``all``
+    implementations is not naming them: it means those that run on the device asked."""
+    from .. import bench
+
+    named = args.implementations.strip().lower() != "all"
+    gpu_only = [flag for name, flag in _GPU_OPTIONS if getattr(args, name)]
+    gpu_only += [i for i in implementations if named and i in bench.GPU_IMPLEMENTATIONS]
+    if gpu_only:
+        raise CliError(f"--device cpu runs no GPU row, so {', '.join(gpu_only)} would be "
+                       f"ignored: leave {'it' if len(gpu_only) == 1 else 'them'} out, or use "
+                       f"--device gpu or auto", exit_code=2)
+
+
+def _check_plot(path: str) -> None:
+    """Refuse, before the run, a --plot name matplotlib cannot draw to: it takes the
+    image format from the name's extension, and given none it appends ".png" to the
+    name (the file written is then not the one named). Needs matplotlib."""
+    try:
+        import matplotlib  # noqa: F401 - first: a submodule loaded already would hide its absence
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise CliError("--plot needs matplotlib: pip install 'gpucrypt[plot]'", exit_code=2) from None
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(path)[1][1:].lower()
+    if extension not in formats:
+        what = f".{extension} is not an image format matplotlib writes" if extension else \
+            "it has no extension"
+        raise CliError(f"--plot {path}: the image format comes from the name's extension, and "
+                       f"{what}; end the name with one of "
+                       f"{', '.join('.' + f for f in sorted(formats))}", exit_code=2)
+
+
+def _same_file(first: str, second: str) -> bool:
+    """Whether two output names are one file (the same path through links, or two names
+    of one existing file)."""
+    if os.path.realpath(first) == os.path.realpath(second):
+        return True
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist yet
+        return False
 
 
 class _ProgressBar:
@@ -127,12 +186,17 @@ def run_bench(args) -> int:
     # existing file (without --force) or a folder that cannot be written is said now, not
     # after. They appear complete or not at all (an interrupted run leaves an earlier
     # run's file as it was), with the mode a new file gets under the umask: results are
-    # meant to be shared as the user shares files. A path that exists and is no file (a
-    # pipe, /dev/stdout) is written to as it is.
-    outputs = {name: path if _streamed(path) else check_output_path(path, args.force)
+    # meant to be shared as the user shares files. A FIFO or a character device (a pipe,
+    # /dev/stdout) is written to as it is, as the file commands do (_common.streamed_output).
+    outputs = {name: check_output_path(path, args.force)
                for name, path in (("json", args.json), ("plot", args.plot)) if path}
+    if args.json and args.plot and _same_file(args.json, args.plot):
+        raise CliError(f"--json and --plot name the same file ({args.json}): one would "
+                       f"overwrite the other; give two names", exit_code=2)
+    if args.plot:
+        _check_plot(args.plot)
     with contextlib.ExitStack() as stack:
-        files = {name: stack.enter_context(_StreamedOutput(path) if _streamed(path) else
+        files = {name: stack.enter_context(StreamedOutput(path) if streamed_output(path) else
                                            atomic_output(path, args.force, _shared_mode()))
                  for name, path in outputs.items()}
         expected = (len(config.algorithms) * len(config.operations) * len(config.forms)
@@ -142,17 +206,16 @@ def run_bench(args) -> int:
             report = bench.run(config, progress=bar)
         except RuntimeError as exc:  # no GPU to time, or a row's output was wrong (WrongOutput)
             raise CliError(str(exc), exit_code=1) from None
+        except MemoryError:
+            raise CliError(f"out of memory for the sizes asked (the largest is "
+                           f"{bench.format_size(max(config.sizes))}, a few buffers of it are "
+                           f"needed): give smaller --sizes", exit_code=1) from None
         finally:
             bar.close()
-        print(report.render())
+        # the files first: a stdout that fails (full, closed) must not cost the results
         run_reporting_errors(args, lambda: _write_outputs(report, files, outputs))
+    print(report.render())
     return 0
-
-
-def _streamed(path: str) -> bool:
-    """Whether ``path`` exists and is neither a regular file nor a folder (a FIFO, a
-    terminal, /dev/stdout): written to in place, as nothing can be renamed over it."""
-    return os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
 
 
 def _shared_mode() -> int:
@@ -160,27 +223,6 @@ def _shared_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
-
-
-class _StreamedOutput:
-    """A written-to-as-it-is output with an AtomicFile's ``write``/``commit``: opened now
-    (errors before the run), closed when committed or when the run ends."""
-
-    def __init__(self, path: str):
-        try:
-            self._file = open(path, "wb")
-        except OSError as exc:
-            raise CliError(f"cannot write {path}: {exc.strerror or exc}", 1) from None
-        self.write = self._file.write
-
-    def commit(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> "_StreamedOutput":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._file.close()
 
 
 def _write_outputs(report, files: dict, outputs: dict) -> None:

@@ -21,8 +21,13 @@ while it is written (replacing a file with ``--force`` names it beside OUT for t
 moment of its rename: SIGTERM and SIGHUP remove that name, SIGKILL can leave it), and
 ``decrypt`` publishes it only after the whole file verified; without ``--force``
 it never replaces a file, not even one that appeared while it ran ("output exists",
-exit 1). Writing to stdout streams: ``decrypt`` to stdout may have written the
-verified segments before a bad one when it fails (the exit code says so).
+exit 1). Writing to stdout streams, and so does writing to an OUT that is a FIFO or a
+character device (``-o /dev/null`` checks that a file decrypts): it is opened and
+written in place, with or without ``--force``, never replaced by a file
+(:func:`gpucrypt.cli._common.streamed_output`); any other OUT that is not a regular
+file (a block device, a socket) is refused (exit 2). ``decrypt`` to such a stream
+writes each batch of segments once it verified, so it may have written the verified
+segments before a bad one when it fails (the exit code says so).
 """
 from __future__ import annotations
 
@@ -138,6 +143,10 @@ def _human(n: float) -> str:
 def _open_input(args):
     """(binary reader, size or None, needs closing)."""
     if args.input == "-":
+        if getattr(sys.stdin, "gpucrypt_closed", sys.stdin is None):
+            from . import closed_stream_error
+
+            raise closed_stream_error("stdin", "give the input file as IN, or redirect stdin")
         return sys.stdin.buffer, None, False
     try:
         f = open(args.input, "rb")

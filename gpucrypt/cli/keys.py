@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 from typing import Any
 
@@ -38,7 +39,7 @@ from . import CliError
 from ._common import add_unsafe_key_permissions, check_key_sources, check_private_file
 
 __all__ = ["add_key_arguments", "resolve_encrypt_keys", "resolve_decrypt_key",
-           "add_keygen", "add_keys", "add_rekey"]
+           "check_passphrase_file", "add_keygen", "add_keys", "add_rekey"]
 
 PASSPHRASE_ENV = "GPUCRYPT_PASSPHRASE"
 
@@ -101,6 +102,9 @@ def _passphrase(args: Any, what: str, *, confirm: bool = False) -> str:
             raise CliError("the passphrases differ", 2)
     except UnicodeDecodeError:  # a terminal read strictly
         raise _not_utf8("typed") from None
+    except EOFError:  # Ctrl-D at the prompt: the user gave none
+        raise CliError(f"no passphrase given for {what} (end of input at the prompt): type "
+                       f"one, or give --passphrase-file or set {PASSPHRASE_ENV}", 2) from None
     if not first:
         raise CliError("empty passphrase", 2)
     return first
@@ -116,16 +120,49 @@ def _utf8(text: str, where: str) -> str:
     return text
 
 
-def _protection(path: str) -> str | None:
+def _protection(path: str, unreadable: str | None = None) -> str | None:
     """How the key file is sealed (``"passphrase"``, ``"kek"``), None when it is not or
-    cannot be read as one (loading it then says why)."""
+    is no key file; ``unreadable`` when it cannot be read as JSON (loading it then says
+    why)."""
     import json
 
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))["protection"]["method"]
-    except (OSError, ValueError, TypeError, KeyError, RecursionError):  # deep JSON: Recursion
+            document = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # deep JSON: Recursion
+        return unreadable
+    try:
+        return document["protection"]["method"]
+    except (TypeError, KeyError):
         return None
+
+
+def check_passphrase_file(args: Any, given: list[str]) -> None:
+    """Refuse ``--passphrase-file`` where nothing would read it, as every key option that
+    would be ignored is refused (README: never silently ignored): it is the passphrase of
+    ``-p``, or of a keyset (read strictly, :func:`_load_sealable`) or an identity sealed
+    with a passphrase; ``decrypt`` without any other key option reads it for a
+    passphrase-encrypted file (its header says so). ``given``: the key options given
+    (:func:`gpucrypt.cli._common.check_key_sources`). A usage CliError (exit 2)."""
+    if not getattr(args, "passphrase_file", None) or getattr(args, "passphrase", False):
+        return
+    if getattr(args, "keyset", None) or getattr(args, "old_keyset", None):
+        return
+    decrypting = hasattr(args, "identity") and not hasattr(args, "recipient")
+    if decrypting and not given:
+        return
+    # "?": an identity that cannot be read is left to loading, which says why
+    if any(_protection(path, unreadable="?") in ("passphrase", "?")
+           for path in getattr(args, "identity", None) or []):
+        return
+    from ._common import KEY_SOURCES
+
+    options = ", ".join(KEY_SOURCES[name] for name in given) or "no key option"
+    raise CliError(f"--passphrase-file would be ignored: it is the passphrase of -p, or of a "
+                   f"keyset or identity sealed with a passphrase, and none is given here "
+                   f"({options}); leave it out"
+                   + (", or key the file with -p alone" if hasattr(args, "passphrase") and not decrypting
+                      else ""), 2)
 
 
 def _load_sealable(cls: Any, path: str, args: Any):
@@ -168,8 +205,12 @@ def _keys_call(func, *a, **kw):
     from ..keys import KeyManagementError
     from ..keys._document import UnreadableKeyFile
 
+    from ..audit import AuditLogError
+
     try:
         return func(*a, **kw)
+    except AuditLogError:  # not this call's failure: gpucrypt.cli reports it, naming the log
+        raise
     except UnreadableKeyFile as exc:  # the wrong file named: as a missing --key-file
         raise CliError(str(exc), 2) from None
     except KeyManagementError as exc:
@@ -541,6 +582,23 @@ def _refuse_other_links(path: str, force: bool) -> None:
                        f"--force to rekey this name only", 2)
 
 
+def _check_rekey_file(path: str) -> None:
+    """Refuse (exit 2) a FILE that is missing or is not a regular file: rekey rewrites
+    the file's header into a new file that replaces it, which a folder cannot be, and a
+    FIFO would be read forever (and replaced by a file). A symbolic link is followed."""
+    from ._common import file_kind
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CliError(f"file not found: {path}", 2) from None
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}", 2) from None
+    if not stat.S_ISREG(mode):
+        raise CliError(f"{path} is a {file_kind(mode)}, not a file: rekey rewrites the "
+                       f"header of an encrypted file; give the file's path", 2)
+
+
 def _run_rekey(args) -> int:
     from ..files.keyed import rekey_file
     from ..keys import Recipient
@@ -552,6 +610,7 @@ def _run_rekey(args) -> int:
                        "--kek URI", 2)
     if not args.identity and not args.old_keyset and not args.keyset and not args.old_kek:
         raise CliError("say how to open the file: -i IDENTITY, --old-keyset and/or --old-kek URI", 2)
+    _check_rekey_file(args.file)
     _refuse_other_links(args.file, args.force)
     recipients = [_keys_call(Recipient.load, p) for p in args.recipient]
     recipients += _key_references(args.kek, args)

@@ -14,7 +14,10 @@ then wrapped in the file's envelope). Exit codes and one-line errors as there: 1
 data failed (wrong key, tampering, not a model file / not a safetensors file), 2 for
 usage problems. Both write OUT atomically (:func:`gpucrypt.cli._common.destination`:
 an unnamed file on Linux, fsync, then published), mode 0600, only once everything
-verified, and never over a file without ``--force``.
+verified, and never over a file without ``--force``. An OUT that is a FIFO or a
+character device (``/dev/null``) is written in place instead, never replaced;
+``decrypt-model`` makes the file in a private temporary folder first (a safetensors
+file is not written in order) and copies it there once everything verified.
 
 Memory: both work a batch of segments at a time, so a model of any size converts in
 a few MiB. ``encrypt-model`` reads the safetensors file segment by segment
@@ -124,6 +127,7 @@ def _run_encrypt_model(args) -> int:
 
 def _run_decrypt_model(args) -> int:
     from ..files import models
+    from ..files._atomic import AtomicFile
 
     check_key_sources(args)
     if os.path.isdir(args.input):
@@ -132,10 +136,42 @@ def _run_decrypt_model(args) -> int:
     with destination(args, binary_ciphertext=True) as dst:  # refuses a folder, an existing OUT
         def work():
             header = models.read_header(args.input)  # unauthenticated: only to find the envelope
-            models.export_safetensors(args.input, dst, decrypt_key(args, header))
+            key = decrypt_key(args, header)
+            if isinstance(dst, AtomicFile):
+                models.export_safetensors(args.input, dst, key)
+            else:  # a FIFO or a character device (_common.streamed_output)
+                _export_streamed(args, dst, key)
 
         run_reporting_errors(args, work)
     return 0
+
+
+def _export_streamed(args, dst, key: bytes) -> None:
+    """Decrypt the model file into ``dst``, a FIFO or a character device opened for
+    writing. ``export_safetensors`` puts each tensor where it goes in the file (pwrite,
+    batches in the model file's order, not the safetensors file's), which a stream cannot
+    take: the file is made whole and verified in a private temporary folder (0700, in
+    the temporary directory; removed at the end, and by SIGTERM/SIGHUP), then copied."""
+    import tempfile
+
+    from ..files import models
+    from ..files._atomic import TemporaryFolder
+
+    with TemporaryFolder(os.path.join(tempfile.gettempdir(), "gpucrypt-decrypt-model")) as folder:
+        staged = os.path.join(folder, "model.safetensors")
+        models.export_safetensors(args.input, staged, key)
+        with open(staged, "rb") as f:
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                try:
+                    dst.write(chunk)
+                except BrokenPipeError:
+                    raise
+                except OSError as exc:  # named: the staged file's name means nothing to the user
+                    raise CliError(f"cannot write {args.output}: {exc.strerror or exc}",
+                                   1) from None
 
 
 # --------------------------------------------------------------------------- checkpoint folders
