@@ -643,9 +643,9 @@ def test_one_large_host_tensor_uses_every_core_in_its_message(monkeypatch, algor
     real = cpu._ChaCha20Poly1305._xor_parallel
     real_open = cpu._ChaCha20Poly1305._open_pipelined
 
-    def spy(self, nonce, data, out, threads, done):
+    def spy(self, nonce, data, out, threads, done, last=None):
         asked.append(("keystream", threads))
-        return real(self, nonce, data, out, threads, done)
+        return real(self, nonce, data, out, threads, done, last)
 
     def spy_open(self, nonce, data, tag, aad, out, workers):
         asked.append(("open", workers))
