@@ -1288,6 +1288,10 @@ def test_a_passphrase_file_nothing_reads_is_refused(work, capsys, monkeypatch):
         assert code == 0, (argv, err)
     for name in ("x1", "x2", "x3"):
         assert (work / name).read_bytes() == (work / "plain").read_bytes()
+    # keys list reads no passphrase (a sealed keyset's list is its public part): refused
+    code, _, err = run(capsys, "keys", "list", "sealed-ks", *pw)
+    assert code == 2 and "--passphrase-file" in err
+    assert run(capsys, "keys", "list", "sealed-ks")[0] == 0
 
 
 # --------------------------------------------------------------------------- rekey's FILE

@@ -497,8 +497,10 @@ def add_keys(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--primary", action="store_true", help="make the new key the primary")
         if action == "destroy":
             p.add_argument("--yes", action="store_true", help="confirm: this cannot be undone")
-        p.add_argument("--passphrase-file", metavar="FILE",
-                       help=f"passphrase of a sealed keyset (else ${PASSPHRASE_ENV}, else a prompt)")
+        if action != "list":  # list reads no passphrase: given, it would be ignored
+            p.add_argument("--passphrase-file", metavar="FILE",
+                           help=f"passphrase of a sealed keyset (else ${PASSPHRASE_ENV}, else a "
+                                f"prompt)")
         add_unsafe_key_permissions(p)
         _add_audit_argument(p)
     parser.set_defaults(func=_run_keys)
