@@ -883,13 +883,20 @@ def test_a_deeply_nested_table_is_a_format_error(tmp_path, capsys):
         models.read_header(path)
     with pytest.raises(FormatError, match="malformed tensor table: JSON nested too deeply"):
         models.read_header(path, KEY)  # a forger with the key
+    _decrypt_model_refuses(tmp_path, capsys, path, tmp_path / "out",
+                           "malformed tensor table: JSON nested too deeply")
+    assert sorted(os.listdir(tmp_path)) == ["deep.gc", "key"]
+
+
+def _decrypt_model_refuses(tmp_path, capsys, path, out, message: str) -> None:
+    """``gpucrypt decrypt-model`` of ``path`` (under KEY) exits 1 with one line holding
+    ``message``, and writes nothing at ``out``."""
     write_private(tmp_path / "key", KEY)
     capsys.readouterr()
-    assert cli(["decrypt-model", "--key-file", str(tmp_path / "key"), str(path),
-                str(tmp_path / "out")]) == 1
+    assert cli(["decrypt-model", "--key-file", str(tmp_path / "key"), str(path), str(out)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "malformed tensor table: JSON nested too deeply" in err, err
-    assert sorted(os.listdir(tmp_path)) == ["deep.gc", "key"]
+    assert err.count("\n") == 1 and message in err, err
+    assert not os.path.exists(out)
 
 
 def table(shape, dtype="uint8") -> bytes:
@@ -921,13 +928,8 @@ def test_an_authenticated_table_with_a_shape_no_framework_holds_is_refused(tmp_p
             models.load_encrypted(path, KEY, "cpu", framework=framework)
     with pytest.raises(FormatError, match=match):
         models.safe_open(path, "np", key=KEY)
-    write_private(tmp_path / "key", KEY)
-    capsys.readouterr()
-    assert cli(["decrypt-model", "--key-file", str(tmp_path / "key"), str(path),
-                str(tmp_path / "out.safetensors")]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "malformed tensor table" in err, err
-    assert not (tmp_path / "out.safetensors").exists()
+    _decrypt_model_refuses(tmp_path, capsys, path, tmp_path / "out.safetensors",
+                           "malformed tensor table")
 
 
 @pytest.mark.parametrize("shape, dtype", [([0, 2**63 - 1], "uint8"), ([2**61 - 1, 0], "float32")])

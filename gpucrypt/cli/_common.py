@@ -277,9 +277,12 @@ def streamed_output(path: str) -> bool:
     must not: publishing an AtomicFile there replaced it with a regular file, and as root
     ``-o /dev/null -f`` replaced the machine's /dev/null."""
     try:
-        mode = os.stat(path).st_mode
+        return _streamed_mode(os.stat(path).st_mode)
     except (OSError, ValueError):
         return False
+
+
+def _streamed_mode(mode: int) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
@@ -298,19 +301,19 @@ def check_output_path(out: str, force: bool) -> str:
     neither a regular file nor streamed (a block device, a socket: refused even with
     ``force``); usage CliErrors. A FIFO or a character device (:func:`streamed_output`)
     is accepted with or without ``force``: it is written in place, never replaced."""
-    if streamed_output(out):
-        return out
-    if os.path.isdir(out):
-        raise CliError(f"output is a directory: {out}", 2)
     try:
-        mode = os.stat(out).st_mode
+        mode = os.stat(out).st_mode  # one look: the tests below are of this one answer
     except (OSError, ValueError):  # missing (or a dangling link, which AtomicFile refuses)
-        mode = None
-    if mode is not None and not stat.S_ISREG(mode):
+        return out
+    if _streamed_mode(mode):
+        return out
+    if stat.S_ISDIR(mode):
+        raise CliError(f"output is a directory: {out}", 2)
+    if not stat.S_ISREG(mode):
         raise CliError(f"output {out} is a {file_kind(mode)}, which gpucrypt does not write "
                        f"to, with or without --force: give a file's path (a FIFO or a "
                        f"character device such as /dev/null is written to as a stream)", 2)
-    if os.path.exists(out) and not force:
+    if not force:
         raise CliError(f"output exists: {out} (give --force to overwrite it)", 2)
     return out
 
