@@ -819,6 +819,20 @@ def test_gpu_only_options_with_device_cpu_are_refused(capsys, extra, words):
     _refused_before_the_run(code, out, err, "--device cpu runs no GPU row", *words)
 
 
+@pytest.mark.parametrize("implementations, transfer", [
+    ("cryptography,gpucrypt-gpu+transfer", True), ("all", False), ("cryptography,gpucrypt-gpu", False)])
+def test_naming_the_transfer_row_runs_it(implementations, transfer):
+    """Named without --include-transfer, the row was left out without a word."""
+    from gpucrypt import bench
+    from gpucrypt.cli import build_parser
+    from gpucrypt.cli.bench import _config
+
+    args = build_parser().parse_args(["bench", "--implementations", implementations])
+    config = _config(args)
+    assert config.include_transfer is transfer
+    assert ("gpucrypt-gpu+transfer" in bench._plan(config)) is transfer
+
+
 def test_all_implementations_with_device_cpu_still_runs(capsys):
     args = [a for a in ONE_CELL]
     i = args.index("--implementations")

@@ -392,6 +392,26 @@ def test_passphrase_round_trip_and_wrong_passphrase(work, capsys, monkeypatch):
     assert code == 1 and "not passphrase-encrypted" in err
 
 
+def test_a_passphrase_for_a_file_it_cannot_open_names_what_would(work, capsys):
+    """A passphrase file given for a recipient-wrapped or raw-key file: the message says
+    what opens the file (not "no key given"), exit 1 as -p on a raw-key file; without any
+    key option a wrapped file still names its recipients, a usage error (2)."""
+    assert run(capsys, "keygen", "--public", "--out", "alice")[0] == 0
+    assert run(capsys, "encrypt", "-r", "alice.pub", "plain", "wrapped")[0] == 0
+    assert run(capsys, "encrypt", "--key-file", "key", "plain", "raw")[0] == 0
+    fingerprint = keys.describe_envelope(stream.read_header(work / "wrapped").envelope)[0]
+    code, _, err = run(capsys, "decrypt", "--passphrase-file", "pw", "wrapped", "back")
+    _one_line(code, err, 1)
+    assert f"wrapped for {fingerprint}, not for a passphrase: open it with -i FILE" in err, err
+    code, _, err = run(capsys, "decrypt", "wrapped", "back")
+    _one_line(code, err, 2)
+    assert f"wrapped for {fingerprint}: open it with -i FILE" in err, err
+    code, _, err = run(capsys, "decrypt", "--passphrase-file", "pw", "raw", "back")
+    _one_line(code, err, 1)
+    assert "not passphrase-encrypted (it was encrypted with a raw key): use --key-file" in err
+    assert not (work / "back").exists()
+
+
 def test_no_passphrase_without_a_terminal_is_a_usage_error(work, capsys):
     code, _, err = run(capsys, "encrypt", "-p", "plain", "sealed")
     assert code == 2 and "needs a passphrase" in err and not (work / "sealed").exists()

@@ -62,7 +62,8 @@ def add_bench(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads, each running its own messages; aggregate GB/s (default 1)")
     parser.add_argument("--include-transfer", action="store_true",
                         help="also time gpucrypt on the GPU for data in host memory "
-                             "(host-to-device + device-to-host copies included)")
+                             "(host-to-device + device-to-host copies included); naming "
+                             "gpucrypt-gpu+transfer in --implementations does too")
     parser.add_argument("--device-time", action="store_true",
                         help="GPU rows: time the device alone, with the calls queued behind a delay "
                              "so that the host's cost per call is left out (encryption rows only)")
@@ -101,10 +102,14 @@ def _config(args):
         raise CliError(f"--threads must be at least 1, not {args.threads}", exit_code=2)
     if args.device == "cpu":
         _refuse_gpu_only(args, implementations)
+    # naming the transfer row asks for it: left out without --include-transfer, it was
+    # dropped without a word
+    named = args.implementations.strip().lower() != "all"
+    include_transfer = args.include_transfer or (named and "gpucrypt-gpu+transfer" in implementations)
     return bench.BenchConfig(algorithms=algorithms, operations=operations, forms=forms,
                              implementations=implementations, sizes=sizes, device=args.device,
                              seconds=args.seconds, threads=args.threads,
-                             include_transfer=args.include_transfer,
+                             include_transfer=include_transfer,
                              simulator_smoke=args.simulator_smoke, device_time=args.device_time)
 
 

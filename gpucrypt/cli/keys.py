@@ -340,6 +340,20 @@ def resolve_decrypt_key(args: Any, header: Any) -> bytes | None:
         identities.append(_load_keyset(args.keyset, args))
     identities += _key_references(getattr(args, "kek", None) or [], args)
     if not identities:
+        # a passphrase that cannot open this file is the wrong key for it (exit 1, as -p
+        # on a raw-key file); no key at all is a usage error (2)
+        given = bool(getattr(args, "passphrase_file", None))
+        if envelope:
+            from ..keys.recipients import describe_envelope
+
+            raise CliError("this file's data key is wrapped for "
+                           + ", ".join(_keys_call(describe_envelope, envelope))
+                           + (", not for a passphrase" if given else "")
+                           + ": open it with -i FILE (an identity), --keyset FILE or --kek URI",
+                           1 if given else 2)
+        if given:
+            raise CliError("this file is not passphrase-encrypted (it was encrypted with a raw "
+                           "key): use --key-file FILE or --key-env VAR", 1)
         return None
     if not envelope:
         raise CliError("this file carries no envelope (it was encrypted with a raw key): "
