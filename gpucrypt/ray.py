@@ -620,7 +620,9 @@ def read_encrypted(paths: Any, *, keys: KeyReferences | None = None,
     """A dataset read from gpucrypt files through the :mod:`gpucrypt.fs` filesystem:
     ``reader`` (default ``ray.data.read_binary_files``; ``read_parquet`` and the other
     file readers work too) gets it as a pyarrow filesystem, and the read tasks decrypt.
-    ``keys`` or ``keyset=``/``identities=``: references, resolved in each read task."""
+    A folder is listed by the reader's own rules, as for files that are not encrypted:
+    Ray's leave out names starting with "." or "_" (``_SUCCESS`` beside Parquet parts);
+    give such files by name, in a list, to read them. ``keys`` or ``keyset=``/``identities=``: references, resolved in each read task."""
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     references = {k: read_args.pop(k) for k in ("keyset", "identities", "recipients",
