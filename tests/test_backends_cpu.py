@@ -832,7 +832,8 @@ def test_chacha20_poly1305_parallel_seal_stopped_at_its_tag_gives_the_plaintext_
 def test_a_piece_kept_as_the_interrupt_came_is_taken_back_once(operation, monkeypatch):
     """An interrupt between keeping a piece's future and clearing ``pending``: that piece
     is counted once (taken back twice, XOR would undo the undoing). Injected with a line
-    tracer at the statement after the third ``futures.append``."""
+    tracer at the statement after the third ``futures.append``, once that piece's worker
+    has run it (else whether it ran by then is a race, and a piece not run shows nothing)."""
     import inspect
     import sys
 
@@ -854,6 +855,7 @@ def test_a_piece_kept_as_the_interrupt_came_is_taken_back_once(operation, monkey
             if event == "line" and frame.f_lineno == target:
                 hits.append(None)
                 if len(hits) == 3:
+                    frame.f_locals["futures"][-1].result()
                     raise KeyboardInterrupt
             return local
         return local
