@@ -873,3 +873,38 @@ def test_a_piece_kept_as_the_interrupt_came_is_taken_back_once(operation, monkey
     finally:
         sys.settrace(None)
     assert len(hits) == 3 and bytes(buf) == before
+
+
+@pytest.mark.parametrize("algorithm, options, patched, call", [
+    ("chacha20-poly1305", {"one_pass": True}, "_xor_into", 1),
+    ("chacha20-poly1305", {"one_pass": True, "threads": 2}, "_xor_into", 1),
+    ("chacha20-poly1305", {"one_pass": True, "shared_gil": True}, "_copy", 2),
+    ("aes-gcm", {}, "_xor_into", 1),
+], ids=["one-pass", "pipelined", "one-shot", "gcm-streaming"])
+def test_ctrl_c_during_a_forged_opens_clean_up_waits_for_it(algorithm, options, patched, call,
+                                                             monkeypatch):
+    """A forged message opened in place: the clean-up gives the buffer its ciphertext back,
+    which takes as long as the decryption did. A Ctrl-C arriving as it starts (a real
+    SIGINT, its handler due at the next call) was raised there and left the plaintext;
+    it now waits for the clean-up, then goes on as KeyboardInterrupt."""
+    import signal
+    import threading
+
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 1000)
+    monkeypatch.setattr(cpu, "_PARALLEL_CHUNK", 64 << 10)
+    key, nonce, aad, data, ct, tag, ctx = _detached_message(algorithm, 32, (256 << 10) + 5)
+    real, calls = getattr(cpu, patched), []
+
+    def ctrl_c_first(*args):
+        if threading.current_thread() is threading.main_thread():
+            calls.append(None)
+            if len(calls) == call:
+                signal.raise_signal(signal.SIGINT)
+        return real(*args)
+    monkeypatch.setattr(cpu, patched, ctrl_c_first)
+    forged = bytes([tag[0] ^ 1]) + tag[1:]
+    buf = bytearray(ct)
+    with pytest.raises(KeyboardInterrupt):
+        ctx.open_detached(nonce, memoryview(buf), forged, memoryview(aad), memoryview(buf),
+                          **options)
+    assert len(calls) >= call and bytes(buf) == ct

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .._buffers import address, bytes_arg
+from .._interrupts import held_interrupts, uninterrupted
 from .._buffers import zero as _zero
 from ._base import AeadContext, Backend
 
@@ -179,13 +180,13 @@ class _OpenSslAead(AeadContext):
             try:
                 self._aead.decrypt_into(nonce, data, aad, out)
             except InvalidTag:
-                _zero(out)
+                uninterrupted(_zero, out)
                 raise
             return
         state = self._start(nonce)
         ct, tag = data[:-16], data[-16:]
         if not _tags_equal(self._tag(state, ct, aad), bytes(tag)):
-            _zero(out)
+            uninterrupted(_zero, out)
             raise InvalidTag()
         self._xor(state, ct, out)
 
@@ -228,7 +229,7 @@ class _OpenSslAead(AeadContext):
             return tag
         except BaseException:  # noqa: B036 (Ctrl-C as the copy returns: the tag never leaves)
             if _same_memory(data, out):  # its plaintext back, from the sealed copy
-                self._aead.decrypt_into(nonce, scratch, aad, out)
+                uninterrupted(self._aead.decrypt_into, nonce, scratch, aad, out)
             raise
 
     def open_one_shot(self, nonce, data, tag, aad, out, into_out=False) -> None:
@@ -247,9 +248,9 @@ class _OpenSslAead(AeadContext):
             except BaseException:  # noqa: B036 (a wrong tag; or Ctrl-C as the call returns:
                 # the caller would not know the buffer holds plaintext now)
                 if _same_memory(data, out):
-                    _copy(out, sealed[:n])   # the ciphertext, as it was
+                    uninterrupted(_copy, out, sealed[:n])   # the ciphertext, as it was
                 else:
-                    _zero(out)
+                    uninterrupted(_zero, out)
                 raise
             return
         plain = bytearray(n)  # decrypt_into writes even when the tag is wrong: not into out
@@ -257,7 +258,7 @@ class _OpenSslAead(AeadContext):
             self._aead.decrypt_into(nonce, sealed, aad, plain)
         except InvalidTag:
             if not _same_memory(data, out):
-                _zero(out)  # as the composed path: a separate output holds no stale bytes
+                uninterrupted(_zero, out)  # as the composed path: no stale bytes in out
             raise
         else:
             out[:] = plain
@@ -354,7 +355,8 @@ class _ChaCha20Poly1305(_OpenSslAead):
                 mac_update(out[start:end])
             return mac.finalize()
         except BaseException:  # noqa: B036 (an interrupt too: see _take_back)
-            self._take_back(nonce, data, out, [(0, _transformed_end(out, done, pending))])
+            uninterrupted(lambda: self._take_back(nonce, data, out,
+                                                  [(0, _transformed_end(out, done, pending))]))
             raise
 
     def _open_one_pass(self, nonce, data, tag, aad, out) -> None:
@@ -382,7 +384,8 @@ class _ChaCha20Poly1305(_OpenSslAead):
                 raise InvalidTag()
         except BaseException:  # noqa: B036 (the plaintext goes back whatever stopped us)
             # taking back a piece that was never decrypted would put its plaintext there
-            self._take_back(nonce, data, out, [(0, _transformed_end(out, done, pending))])
+            uninterrupted(lambda: self._take_back(nonce, data, out,
+                                                  [(0, _transformed_end(out, done, pending))]))
             raise
 
     def _take_back(self, nonce, data, out, spans) -> None:
@@ -420,7 +423,8 @@ class _ChaCha20Poly1305(_OpenSslAead):
             for start in range(0, n, _PARALLEL_CHUNK):
                 mac.update(data[start:start + _PARALLEL_CHUNK])  # before a worker writes it
                 pending = (start, bytes(data[start:start + 16]))
-                futures.append(pool.submit(xor, start))
+                with held_interrupts():  # as in _xor_parallel
+                    futures.append(pool.submit(xor, start))
                 pending = None
                 # Poly1305 holds the GIL, and this loop would keep it until the switch
                 # interval (5 ms) ran out: the workers, each needing it for a moment
@@ -432,7 +436,7 @@ class _ChaCha20Poly1305(_OpenSslAead):
             if not _tags_equal(mac.finalize(), bytes(tag)):  # inside: an interrupt here too
                 raise InvalidTag()
         except BaseException:  # noqa: B036 (the ciphertext goes back whatever stopped us)
-            self._stop_pieces(pool, futures, pending, nonce, data, out)
+            uninterrupted(self._stop_pieces, pool, futures, pending, nonce, data, out)
             raise
 
     def _stop_pieces(self, pool, futures: list, pending: tuple | None, nonce, data, out) -> None:
@@ -476,7 +480,11 @@ class _ChaCha20Poly1305(_OpenSslAead):
         try:
             for start in starts:
                 pending = (start, bytes(data[start:start + 16]))
-                futures.append(pool.submit(xor, start))
+                # Ctrl-C inside submit could leave the piece queued and its new thread
+                # running, neither known to the pool (whose shutdown then waits for
+                # neither): the clean-up could look before that thread ran the piece
+                with held_interrupts():
+                    futures.append(pool.submit(xor, start))
                 pending = None
             for start, future in zip(starts, futures):
                 future.result()
@@ -485,7 +493,7 @@ class _ChaCha20Poly1305(_OpenSslAead):
             return last() if last is not None else None  # a seal's tag: the input comes
             # back if it does not reach the caller
         except BaseException:  # noqa: B036 (an interrupt too: the input comes back)
-            self._stop_pieces(pool, futures, pending, nonce, data, out)
+            uninterrupted(self._stop_pieces, pool, futures, pending, nonce, data, out)
             raise
 
     def _xor(self, nonce, data, out):
@@ -539,8 +547,7 @@ class _AesGcm(_OpenSslAead):
             return enc.tag
         except BaseException:  # noqa: B036 (an in-place buffer gets its plaintext back)
             if _same_memory(data, out):  # CTR once more (a separate output: only ciphertext)
-                done = _transformed_end(out, done, pending)
-                _xor_into(self._gcm(nonce).encryptor(), out[:done], out[:done])
+                uninterrupted(self._gcm_take_back, nonce, out, done, pending)
             raise
 
     def open_detached(self, nonce, data, tag, aad, out, threads=1, one_pass=False,
@@ -573,11 +580,16 @@ class _AesGcm(_OpenSslAead):
             dec.finalize_with_tag(bytes(tag))
         except BaseException:  # noqa: B036 (the plaintext goes back whatever stopped us)
             if not _same_memory(data, out):
-                _zero(out)
+                uninterrupted(_zero, out)
                 raise
-            done = _transformed_end(out, done, pending)
-            _xor_into(self._gcm(nonce).encryptor(), out[:done], out[:done])
+            uninterrupted(self._gcm_take_back, nonce, out, done, pending)
             raise
+
+    def _gcm_take_back(self, nonce: bytes, out: memoryview, done: int, pending: tuple | None):
+        """CTR once more over what a streaming seal or open had transformed of an in-place
+        buffer (GCM's keystream is the same both ways): its input back."""
+        done = _transformed_end(out, done, pending)
+        _xor_into(self._gcm(nonce).encryptor(), out[:done], out[:done])
 
     def _gcm(self, nonce: bytes) -> Cipher:
         return Cipher(algorithms.AES(self._key), modes.GCM(nonce))

@@ -68,6 +68,7 @@ from cryptography.exceptions import InvalidTag
 from .. import _limits, pipeline
 from . import _frameworks as fw
 from .._buffers import bytes_arg, zero
+from .._interrupts import held_interrupts, uninterrupted
 from ._frameworks import HOST
 from ..backends import get_backend
 from ..backends import cpu as _cpu
@@ -1074,8 +1075,8 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
         if launch_gpu is not None:
             launch_gpu()
     except BaseException as exc:  # noqa: B036 (an interrupt too: the tensors come back first)
-        if inplace:
-            _take_back_sealed(on_host, algorithm, key, exc)
+        if inplace:  # a Ctrl-C meanwhile waits: every tensor back first
+            uninterrupted(_take_back_sealed, on_host, algorithm, key, exc)
         raise
     return [j.enc for j in jobs]
 
@@ -1223,9 +1224,12 @@ def _run_host_jobs(jobs: list[_Job], work) -> list:
     futures: list = []
     try:
         # submitted inside: submit waits for the thread it starts, and an interrupt there
-        # must still stop (and wait for) the workers already taking tensors
+        # must still stop (and wait for) the workers already taking tensors. Not inside
+        # submit, though: there it could leave a thread running that no future names,
+        # still sealing a tensor after the caller had its exception
         for _ in range(workers):
-            futures.append(pool.submit(take_and_run, True))
+            with held_interrupts():
+                futures.append(pool.submit(take_and_run, True))
         for i in own:
             if errors or not run_one(i):
                 break
