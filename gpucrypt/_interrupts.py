@@ -13,8 +13,9 @@ untouched before the orphan thread decrypted it.
 
 :func:`held_interrupts` holds SIGINT's handler back over a block; a Ctrl-C that comes
 meanwhile is handed to that handler as the block ends (KeyboardInterrupt, then, with
-Python's default handler). :func:`uninterrupted` runs a clean-up so. Each costs two
-``signal.signal`` calls (about a microsecond).
+Python's default handler). :func:`uninterrupted` runs a clean-up so. Each costs a
+``signal.getsignal`` and two ``signal.signal`` calls: 8-20 us on the 2-core Xeon here,
+so they guard failing paths and rare steps, not every call.
 
 Limits: Python runs signal handlers in the main thread only, so elsewhere the block simply
 runs (no KeyboardInterrupt is raised in other threads). Only SIGINT is held: a program

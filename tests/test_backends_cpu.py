@@ -832,7 +832,7 @@ def test_chacha20_poly1305_parallel_seal_stopped_at_its_tag_gives_the_plaintext_
 def test_a_piece_kept_as_the_interrupt_came_is_taken_back_once(operation, monkeypatch):
     """An interrupt between keeping a piece's future and clearing ``pending``: that piece
     is counted once (taken back twice, XOR would undo the undoing). Injected with a line
-    tracer at the statement after the third ``futures.append``, once that piece's worker
+    tracer at the statement after the third ``_submit_piece``, once that piece's worker
     has run it (else whether it ran by then is a race, and a piece not run shows nothing)."""
     import inspect
     import sys
@@ -844,7 +844,7 @@ def test_a_piece_kept_as_the_interrupt_came_is_taken_back_once(operation, monkey
     code = method.__func__.__code__
     lines, first = inspect.getsourcelines(code)
     target = next(first + i for i, line in enumerate(lines)
-                  if line.strip() == "pending = None" and "futures.append" in lines[i - 1])
+                  if line.strip() == "pending = None" and "_submit_piece" in lines[i - 1])
     hits = []
 
     def tracer(frame, event, arg):

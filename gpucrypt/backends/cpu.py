@@ -133,6 +133,20 @@ def _xor_into(encryptor, data: memoryview, out: memoryview) -> None:
 _SCRATCH = _thread._local()  # threading.local, without loading threading
 
 
+def _submit_piece(pool, futures: list, workers: int, xor, start: int) -> None:
+    """``futures.append(pool.submit(xor, start))``, as one step for Ctrl-C while ``submit``
+    may start a thread (the first ``workers`` pieces): interrupted inside, it could leave
+    the piece queued and its new thread running, neither known to the pool, whose
+    shutdown then waited for neither, and the clean-up could look at the piece before
+    that thread ran it. Later pieces only queue (a piece either queued or not, its
+    threads known). Holding SIGINT costs a few microseconds, so only those."""
+    if len(futures) < workers:
+        with held_interrupts():
+            futures.append(pool.submit(xor, start))
+    else:
+        futures.append(pool.submit(xor, start))
+
+
 def _thread_scratch(nbytes: int) -> memoryview:
     """``nbytes`` of this thread's reusable scratch buffer (grown as needed; it dies with
     the thread). Only sealed bytes go into it (ciphertext and tags, made or to be opened),
@@ -423,8 +437,7 @@ class _ChaCha20Poly1305(_OpenSslAead):
             for start in range(0, n, _PARALLEL_CHUNK):
                 mac.update(data[start:start + _PARALLEL_CHUNK])  # before a worker writes it
                 pending = (start, bytes(data[start:start + 16]))
-                with held_interrupts():  # as in _xor_parallel
-                    futures.append(pool.submit(xor, start))
+                _submit_piece(pool, futures, workers, xor, start)
                 pending = None
                 # Poly1305 holds the GIL, and this loop would keep it until the switch
                 # interval (5 ms) ran out: the workers, each needing it for a moment
@@ -480,11 +493,7 @@ class _ChaCha20Poly1305(_OpenSslAead):
         try:
             for start in starts:
                 pending = (start, bytes(data[start:start + 16]))
-                # Ctrl-C inside submit could leave the piece queued and its new thread
-                # running, neither known to the pool (whose shutdown then waits for
-                # neither): the clean-up could look before that thread ran the piece
-                with held_interrupts():
-                    futures.append(pool.submit(xor, start))
+                _submit_piece(pool, futures, threads, xor, start)
                 pending = None
             for start, future in zip(starts, futures):
                 future.result()
