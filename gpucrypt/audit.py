@@ -45,6 +45,11 @@ from typing import Any, Iterator
 
 from ._errors import KeyManagementError
 
+try:
+    from fcntl import LOCK_EX, LOCK_UN, flock as _flock
+except ImportError:  # not POSIX: appends are not locked (see _AuditFileHandler)
+    _flock = None
+
 __all__ = ["LOGGER_NAME", "FIELDS", "event", "timed", "enable", "error_fields",
            "AuditLogError"]
 
@@ -143,13 +148,34 @@ class AuditLogError(OSError):
     :func:`event` (and so from the operation that emitted it), never passed over as
     logging's own handlers do (they print "--- Logging error ---" and go on), since a gap
     in an audit log is what it exists to rule out. ``operation`` and ``outcome``: the
-    event that is missing; ``filename``: the log (None for a stream)."""
+    event that is missing; ``filename``: the log (None for a stream); ``errno``: None
+    where the write failed other than with ``OSError`` (a closed stream's ``ValueError``).
 
-    def __init__(self, exc: OSError, record: logging.LogRecord, filename: str | None):
+    An ``ok`` event is written once its work is done, so an error for one comes from an
+    operation whose work stands (``Keyset.save`` raises with the file written,
+    ``decrypt_file`` with the output written): the message says so (:attr:`consequence`)."""
+
+    def __init__(self, exc: BaseException, record: logging.LogRecord, filename: str | None):
         audit = getattr(record, "audit", {})
-        super().__init__(exc.errno, exc.strerror or str(exc), filename)
+        super().__init__(getattr(exc, "errno", None), getattr(exc, "strerror", None) or str(exc),
+                         filename)
         self.operation = audit.get("operation")
         self.outcome = audit.get("outcome")
+
+    @property
+    def consequence(self) -> str:
+        """What the missing event leaves unrecorded: the work done, or its failure."""
+        if self.outcome == "ok":
+            return "it was done but is not recorded"
+        return "it failed, and the failure is not recorded"
+
+    def __str__(self) -> str:
+        where = f"the audit log {self.filename}" if self.filename is not None \
+            else "the audit log's stream"
+        stands = ": its result stands" if self.outcome == "ok" else ""
+        return (f"cannot write {where}: {self.strerror}. The event {self.operation!r} is missing "
+                f"from it ({self.consequence}{stands}); note the event in the log by hand once "
+                f"the log can be written")
 
 
 class _Raising:
@@ -160,9 +186,15 @@ class _Raising:
     def handleError(self, record: logging.LogRecord) -> None:
         import sys
 
-        exc = sys.exc_info()[1]  # called from the handler's except clause
-        if isinstance(exc, OSError) and not isinstance(exc, AuditLogError):
-            raise AuditLogError(exc, record, getattr(self, "baseFilename", None)) from exc
+        exc = original = sys.exc_info()[1]  # called from the handler's except clause
+        if isinstance(exc, AuditLogError):
+            raise  # noqa: PLE0704 - re-raises the error being handled
+        if isinstance(exc, ValueError) and getattr(self.stream, "closed", False):
+            exc = ValueError(f"the stream is closed ({str(exc).rstrip('.')}): remove the handler "
+                             f"(logging.getLogger({LOGGER_NAME!r}).removeHandler) before closing "
+                             f"the stream, or give audit.enable one that stays open")
+        if isinstance(exc, (OSError, ValueError)):  # ValueError: a closed stream, say
+            raise AuditLogError(exc, record, getattr(self, "baseFilename", None)) from original
         raise  # noqa: PLE0704 - re-raises the error being handled
 
 
@@ -172,39 +204,66 @@ class _AuditStreamHandler(_Raising, logging.StreamHandler):
 
 class _AuditFileHandler(_Raising, logging.FileHandler):
     """A FileHandler whose file is opened by :func:`_open_log`: every time logging opens
-    it (first, and again after a close), not only when :func:`enable` is called.
+    it (first, again after a close, and again in a process forked from this one), not only
+    when :func:`enable` is called.
 
     Each event is one ``write`` of its whole line to the raw file (no buffer between),
     appended (``O_APPEND``): a line never reaches the file in pieces that another
     writer's could come between, and a write the file system cut short (full) is taken
     back, so that no half line is left to break the JSON-lines reader. Then it raises,
-    as any failed write does (:class:`AuditLogError`)."""
+    as any failed write does (:class:`AuditLogError`).
+
+    The write and its take-back are done holding ``flock(LOCK_EX)`` on the log, which
+    every writer of it takes (every handler, in every process): the take-back reads the
+    log's end and truncates it, and a line another writer appended in between would be cut
+    away with the half line. Why a lock and not a half line left in place, ended by a
+    newline for readers to skip: a short write means the disk is full, so that newline
+    would fail too, and the next writer's complete line (any process's, once there is
+    room) would be glued to the half line and lost with it; under the lock no complete
+    line is lost and every line parses. ``flock``, not ``fcntl``/``lockf`` record locks:
+    those belong to the process and are dropped when it closes any descriptor of the file
+    (as :meth:`_take_back` does). A flock belongs to the open file, which a forked child
+    shares, so a child opens the log anew (:meth:`emit`) to take the lock in its own right."""
 
     def __init__(self, path: str):
         super().__init__(path, mode="a", encoding="utf-8")
 
     def _open(self):
+        self._pid = os.getpid()
         return open(_open_log(self.baseFilename), "ab", buffering=0)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = (self.format(record) + self.terminator).encode(self.encoding)
+            if self.stream is not None and self._pid != os.getpid():  # forked: see above
+                with contextlib.suppress(OSError):
+                    self.stream.close()  # this process's descriptor only
+                self.stream = None
             if self.stream is None:
                 self.stream = self._open()
-            written = self.stream.write(line)
-            if written != len(line):
-                self._take_back(line[:written or 0])
-                import errno
+            fd = self.stream.fileno()
+            if _flock is not None:
+                _flock(fd, LOCK_EX)
+            try:
+                written = self.stream.write(line)
+                if written != len(line):
+                    self._take_back(line[:written or 0])
+                    import errno
 
-                raise OSError(errno.ENOSPC, f"only {written or 0} of the event's {len(line)} "
-                              f"bytes could be written (the file system is full?)")
+                    raise OSError(errno.ENOSPC, f"only {written or 0} of the event's "
+                                  f"{len(line)} bytes could be written (the file system is full?)")
+            finally:
+                if _flock is not None:
+                    _flock(fd, LOCK_UN)
         except Exception:  # noqa: BLE001 - as logging's emit; handleError raises it
             self.handleError(record)
 
     def _take_back(self, written: bytes) -> None:
         """Remove ``written``, the start of a line a short write left at the end of the
-        log, if the log still ends with it: should another process have appended since,
-        the half line stays rather than cutting that writer's line."""
+        log, if the log still ends with it. Called holding the log's lock, so no writer
+        that takes it (gpucrypt's, in any process) appends meanwhile; should a writer
+        that does not have appended since, the half line stays rather than cutting that
+        writer's line."""
         if not written:
             return
         fd = self.stream.fileno()  # write-only: the tail is read through a second one
@@ -230,7 +289,9 @@ def _open_log(path: str) -> int:
     made 0600. A symbolic link is refused, as :class:`gpucrypt.files._atomic.AtomicFile`
     refuses one: a link planted where the log goes would choose which file gets changed
     (and chmod-ed). So is anything but a regular file (a FIFO would block the command, a
-    device take the lines). ``OSError`` naming ``path``, saying what to do."""
+    device take the lines), and a file that cannot be locked (writers take turns through
+    ``flock``: :class:`_AuditFileHandler`), now rather than at the first event.
+    ``OSError`` naming ``path``, saying what to do."""
     import errno
     import os
     import stat
@@ -254,6 +315,14 @@ def _open_log(path: str) -> int:
         os.set_blocking(fd, True)
         if hasattr(os, "fchmod"):
             os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
+        if _flock is not None:
+            try:
+                _flock(fd, LOCK_EX)
+                _flock(fd, LOCK_UN)
+            except OSError as exc:
+                raise OSError(exc.errno, f"{exc.strerror}: it cannot be locked (writers of an "
+                              f"audit log take turns through flock); put the log on a file "
+                              f"system that has locks", path) from None
     except BaseException:
         os.close(fd)
         raise
@@ -266,9 +335,12 @@ def enable(target: Any = None, level: int = logging.INFO) -> logging.Handler:
     is refused with ``OSError``), a text stream, or ``None`` for stderr. An event
     that cannot be written raises :class:`AuditLogError` from :func:`event` (and so from
     the operation that emitted it); in a file, each event is one write, and a short one
-    (a full disk) is taken back, leaving no half line.
+    (a full disk) is taken back, leaving no half line, under a lock every writer of the log
+    takes (``flock(LOCK_EX)``), so no other writer's line is cut away with it.
     Returns the handler (remove it with ``logging.getLogger(LOGGER_NAME).removeHandler(h)``);
-    enabling a path that already has one returns that one, so no event is written twice."""
+    enabling a file that already has one returns that one, so no event is written twice:
+    the same name, or the same file under another (a hard link, a directory reached
+    through a symbolic link)."""
     import os
     import sys
 
@@ -276,9 +348,9 @@ def enable(target: Any = None, level: int = logging.INFO) -> logging.Handler:
         handler: logging.Handler = _AuditStreamHandler(sys.stderr)
     elif isinstance(target, (str, os.PathLike)):
         path = os.path.abspath(os.fspath(target))  # as FileHandler.baseFilename holds it
-        for existing in _logger.handlers:
-            if isinstance(existing, logging.FileHandler) and existing.baseFilename == path:
-                return existing
+        existing = _file_handler_for(path)
+        if existing is not None:
+            return existing
         handler = _AuditFileHandler(path)
     else:
         handler = _AuditStreamHandler(target)
@@ -288,3 +360,28 @@ def enable(target: Any = None, level: int = logging.INFO) -> logging.Handler:
     if _logger.level == logging.NOTSET or _logger.level > level:
         _logger.setLevel(level)
     return handler
+
+
+def _file_handler_for(path: str) -> logging.FileHandler | None:
+    """The file handler already writing ``path``: by name, or by the file's identity
+    (``st_dev``, ``st_ino``) when it exists. ``lstat``: a link at ``path`` itself is not
+    the file, and is refused when opened."""
+    try:
+        st = os.lstat(path)
+        identity = (st.st_dev, st.st_ino)
+    except OSError:
+        identity = None
+    for handler in _logger.handlers:
+        if not isinstance(handler, logging.FileHandler):
+            continue
+        if handler.baseFilename == path:
+            return handler
+        try:
+            stream = handler.stream
+            theirs = os.fstat(stream.fileno()) if stream is not None \
+                else os.stat(handler.baseFilename)
+        except (OSError, ValueError, AttributeError):  # closed, or not a real file
+            continue
+        if identity == (theirs.st_dev, theirs.st_ino):
+            return handler
+    return None

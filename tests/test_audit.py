@@ -266,6 +266,208 @@ def test_a_failed_audit_write_to_a_stream_raises():
         logger.removeHandler(handler)
 
 
+def test_a_closed_stream_raises_audit_log_error(tmp_path):
+    """A closed stream raised a bare ValueError ("I/O operation on closed file"), which no
+    caller of AuditLogError catches; now AuditLogError (errno None) saying what to do."""
+    logger = logging.getLogger(audit.LOGGER_NAME)
+    stream_ = io.StringIO()
+    handler = audit.enable(stream_)
+    stream_.close()
+    try:
+        with pytest.raises(audit.AuditLogError, match="the stream is closed") as info:
+            audit.event("keyset.add", key_id="abc")
+    finally:
+        logger.removeHandler(handler)
+    assert info.value.errno is None and info.value.filename is None
+    assert "removeHandler" in str(info.value) and info.value.operation == "keyset.add"
+    handler = audit.enable(tmp_path / "audit.log")
+    handler.stream.close()  # a file handler's stream closed under it
+    try:
+        with pytest.raises(audit.AuditLogError, match="the stream is closed") as info:
+            audit.event("keyset.add", key_id="abc")
+    finally:
+        handler.stream = None  # logging's close would flush the closed one
+        _remove_file_handlers()
+    assert info.value.filename == str(tmp_path / "audit.log")
+
+
+class _FailsAt(io.StringIO):
+    """A log stream that fills up at one operation's event."""
+
+    def __init__(self, operation):
+        super().__init__()
+        self.operation = operation
+
+    def write(self, text):
+        if f'"operation": "{self.operation}"' in text:
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(text)
+
+
+def test_an_event_lost_after_the_work_says_the_work_was_done(tmp_path):
+    """An ok event is written once the work is done: Keyset.save raised with the file
+    written, decrypt_file with the output written, and the error said only "No space left".
+    Its message now says the work was done (an error event's: that the failure is not
+    recorded)."""
+    logger = logging.getLogger(audit.LOGGER_NAME)
+    ks, other = keys.Keyset.generate(), keys.Keyset.generate()
+    (tmp_path / "plain").write_bytes(os.urandom(1000))
+    keys.encrypt_file(tmp_path / "plain", tmp_path / "sealed", keyset=ks)
+    raised = {}
+    for operation, run in (
+            ("keyset.save", lambda: ks.save(tmp_path / "ks.json")),
+            ("file.decrypt", lambda: keys.decrypt_file(tmp_path / "sealed", tmp_path / "out",
+                                                       keyset=ks)),
+            ("file.decrypt", lambda: keys.decrypt_file(tmp_path / "sealed", tmp_path / "out2",
+                                                       keyset=other))):
+        handler = audit.enable(_FailsAt(operation))
+        try:
+            with pytest.raises(audit.AuditLogError, match="No space left") as info:
+                run()
+        finally:
+            logger.removeHandler(handler)
+        raised.setdefault(operation, []).append(info.value)
+    (saved,), (decrypted, refused) = raised["keyset.save"], raised["file.decrypt"]
+    assert (tmp_path / "ks.json").exists() and (tmp_path / "out").read_bytes() == \
+        (tmp_path / "plain").read_bytes()
+    for exc, operation in ((saved, "keyset.save"), (decrypted, "file.decrypt")):
+        assert exc.outcome == "ok" and exc.consequence == "it was done but is not recorded"
+        assert f"The event {operation!r} is missing from it (it was done but is not recorded" \
+            in str(exc), exc
+    assert not (tmp_path / "out2").exists() and refused.outcome == "error"
+    assert "(it failed, and the failure is not recorded)" in str(refused), refused
+
+
+def _wait_until_waiting_for_a_lock_or_done(child) -> None:
+    """Until ``child`` waits for a flock (Linux's /proc/locks marks a waiter "->") or has
+    ended: either way, what it would have done inside the window it has done or tried."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while child.poll() is None and time.monotonic() < deadline:
+        with open("/proc/locks") as f:
+            if any("->" in line and f" {child.pid} " in line for line in f):
+                return
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(audit._flock is None or not os.path.exists("/proc/locks"),
+                    reason="needs flock, and Linux's /proc/locks to see the other writer wait")
+def test_a_take_back_does_not_cut_another_processs_line(tmp_path, monkeypatch):
+    """The take-back reads the log's end, then truncates it: a line another process
+    appended in between was cut away with the half line. Every writer now holds the log's
+    flock for its write and take-back. The other process is started inside that window
+    (in os.pread, called between the two) and waits there until it has blocked or ended."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "audit.log"
+    handler = audit.enable(path)
+    real_pread, other = os.pread, []
+
+    def pread(fd, n, offset):
+        monkeypatch.setattr(os, "pread", real_pread)
+        other.append(subprocess.Popen([sys.executable, "-c", "import sys; from gpucrypt import "
+                                       "audit; audit.enable(sys.argv[1]); audit.event("
+                                       "'keyset.add', key_id='other')", str(path)]))
+        _wait_until_waiting_for_a_lock_or_done(other[0])
+        return real_pread(fd, n, offset)
+
+    try:
+        audit.event("keyset.add", key_id="first")
+        handler.stream = _ShortWrites(handler.stream, 10)
+        monkeypatch.setattr(os, "pread", pread)
+        with pytest.raises(audit.AuditLogError, match="only 10 of the event's"):
+            audit.event("keyset.promote", key_id="second")
+    finally:
+        _remove_file_handlers()
+        for child in other:
+            child.wait(timeout=60)
+    assert other and other[0].returncode == 0
+    assert [json.loads(line)["key_id"] for line in path.read_text().splitlines()] == [
+        "first", "other"]
+
+
+@pytest.mark.skipif(audit._flock is None or not hasattr(os, "fork"), reason="needs flock and fork")
+def test_a_forked_process_takes_the_log_lock_in_its_own_right(tmp_path):
+    """A flock belongs to the open file, which a forked child shares: writing through the
+    inherited descriptor, parent and child would each hold the lock at once. The child
+    opens the log anew: while the parent holds its lock, the child's is refused."""
+    import fcntl
+
+    path = tmp_path / "audit.log"
+    handler = audit.enable(path)
+    to_parent, to_child = os.pipe(), os.pipe()
+    try:
+        audit.event("keyset.add", key_id="parent")
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if the parent's lock keeps it out
+            code = 1
+            try:
+                audit.event("keyset.add", key_id="child")
+                os.write(to_parent[1], b"x")
+                os.read(to_child[0], 1)  # the parent holds its lock now
+                try:
+                    fcntl.flock(handler.stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    code = 0
+            finally:
+                os._exit(code)
+        assert os.read(to_parent[0], 1) == b"x"
+        fcntl.flock(handler.stream.fileno(), fcntl.LOCK_EX)
+        try:
+            os.write(to_child[1], b"x")
+            status = os.waitpid(pid, 0)[1]
+        finally:
+            fcntl.flock(handler.stream.fileno(), fcntl.LOCK_UN)
+    finally:
+        _remove_file_handlers()
+        for fd in (*to_parent, *to_child):
+            os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [json.loads(line)["key_id"] for line in path.read_text().splitlines()] == [
+        "parent", "child"]
+
+
+def test_enable_refuses_a_log_that_cannot_be_locked(tmp_path, monkeypatch):
+    """Writers take turns through flock: a file system without locks (ENOLCK) is refused
+    when the log is opened, not at the first event."""
+    import errno
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(audit, "_flock", no_locks)
+    with pytest.raises(OSError, match="cannot be locked") as info:
+        audit.enable(tmp_path / "audit.log")
+    assert info.value.filename == str(tmp_path / "audit.log")
+    assert not any(isinstance(h, logging.FileHandler)
+                   for h in logging.getLogger(audit.LOGGER_NAME).handlers)
+
+
+def test_enable_the_same_file_under_another_name_writes_each_event_once(tmp_path):
+    """enable compared names: the log through a hard link or a directory reached through
+    a symbolic link got a second handler, and every event was written twice. A link at
+    the log's own name is still refused."""
+    (tmp_path / "logs").mkdir()
+    path = tmp_path / "logs" / "audit.log"
+    (tmp_path / "via").symlink_to(tmp_path / "logs")
+    try:
+        first = audit.enable(path)
+        os.link(path, tmp_path / "hard.log")
+        assert audit.enable(tmp_path / "via" / "audit.log") is first
+        assert audit.enable(tmp_path / "hard.log") is first
+        (tmp_path / "soft.log").symlink_to(path)
+        with pytest.raises(OSError, match="symbolic link"):
+            audit.enable(tmp_path / "soft.log")
+        audit.event("keyset.add", key_id="abc")
+    finally:
+        _remove_file_handlers()
+    assert [json.loads(line)["key_id"] for line in path.read_text().splitlines()] == ["abc"]
+
+
 @pytest.mark.parametrize("command", ["keygen", "rekey"])
 def test_cli_audit_log_that_cannot_be_written_is_one_line_exit_1(tmp_path, capsys, monkeypatch,
                                                                    command):

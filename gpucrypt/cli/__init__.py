@@ -369,10 +369,8 @@ def _audit_failure(exc: OSError) -> str | None:
     audit = sys.modules.get("gpucrypt.audit")  # loaded if any event was written
     if audit is None or not isinstance(exc, audit.AuditLogError):
         return None
-    done = ("it was done but is not recorded" if exc.outcome == "ok" else
-            "it failed, and the failure is not recorded")
     return (f"cannot write the audit log {exc.filename}: {exc.strerror}. The event "
-            f"{exc.operation!r} is missing from it ({done}): make room or repair the log's "
+            f"{exc.operation!r} is missing from it ({exc.consequence}): make room or repair the log's "
             f"file system, then note that event in the log by hand")
 
 
