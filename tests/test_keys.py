@@ -532,6 +532,36 @@ def test_decrypt_file_failures_release_nothing(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("dek_size", [16, 48])
+def test_a_data_key_of_another_length_is_a_bad_envelope(tmp_path, capsys, dek_size):
+    """Anyone with a recipient's public key can wrap a 16- or 48-byte "data key" for it
+    (envelopes take 16 to 64 bytes): a plain ValueError, exit 2 "key must be 32 bytes"
+    before, blaming the user's key; safe_open took a 16-byte key. Now EnvelopeError, the
+    file's fault (exit 1), from every reader."""
+    import numpy as np
+
+    from gpucrypt import models
+    from gpucrypt.keys import EnvelopeError, file_context
+
+    alice = Identity.generate()
+    alice.save(tmp_path / "alice.key")
+    salt = os.urandom(32)
+    envelope = keys.seal_envelope(os.urandom(dek_size), [alice.recipient],
+                                  context=file_context(salt))
+    stream.encrypt(b"hello", tmp_path / "f.gc", os.urandom(32), envelope=envelope, _salt=salt,
+                   device="cpu")
+    with pytest.raises(EnvelopeError, match=f"{dek_size}-byte data key, not 32"):
+        keys.decrypt_file(tmp_path / "f.gc", tmp_path / "out", identities=alice)
+    code, _, err = _cli(capsys, "decrypt", "-i", tmp_path / "alice.key", tmp_path / "f.gc",
+                        tmp_path / "out")
+    assert code == 1 and f"{dek_size}-byte data key" in err, err
+    models.save_encrypted({"w": np.arange(4, dtype=np.float32)}, tmp_path / "m.gc",
+                          os.urandom(32), envelope=envelope, device="cpu")
+    with pytest.raises(EnvelopeError, match=f"{dek_size}-byte data key"):
+        models.safe_open(tmp_path / "m.gc", "np", identity=alice)
+    assert not (tmp_path / "out").exists()
+
+
 def test_raw_key_file_has_no_envelope(tmp_path):
     stream.encrypt(b"hello", tmp_path / "raw.gc", os.urandom(32))
     with pytest.raises(NoMatchingRecipient, match="no envelope"):

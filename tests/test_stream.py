@@ -252,6 +252,25 @@ def test_open_reports_a_bad_segment_when_read():
         assert f.read() == data[2 * SEG:]
 
 
+def test_more_segments_than_a_stream_can_index_is_data_appended(tmp_path, monkeypatch):
+    """A file extended (sparse: free) past 2**32 segments still has a valid header: the
+    readers raised the encoder's OverflowError ("use a larger segment_size"), not a
+    StreamError. Shown with the limit lowered to 4 segments, a real 7-segment file."""
+    from gpucrypt.files import stream as stream_module
+
+    key = os.urandom(32)
+    sealed = tmp_path / "s.gc"
+    stream.encrypt(os.urandom(6 * 4096 + 5), sealed, key, segment_size=4096, device="cpu")
+    monkeypatch.setattr(stream_module, "MAX_SEGMENTS", 4)
+    for read in (lambda: stream.open(sealed, key),
+                 lambda: stream.decrypt(sealed, tmp_path / "out", key, device="cpu"),
+                 lambda: stream.decrypt(io.BytesIO(sealed.read_bytes()), io.BytesIO(), key,
+                                        device="cpu")):  # read in order, not by position
+        with pytest.raises(stream.AuthenticationError, match="more than 4 segments.*appended"):
+            read()
+    assert not (tmp_path / "out").exists()
+
+
 def test_open_detects_truncation_up_front():
     head, segs = segments(seal(os.urandom(3 * SEG + 1)))
     with pytest.raises(stream.TruncatedError):

@@ -81,7 +81,8 @@ from ..files._format import (DEFAULT_SEGMENT_SIZE, AuthenticationError, FormatEr
                              StreamError, TruncatedError, UnsupportedVersion, check_algorithm,
                              check_segment_size)
 from ..files.keyed import _gather, _identities_for, _primary_key_id
-from ..keys import generate_dek, open_envelope
+from ..keys import generate_dek
+from ..keys.recipients import open_data_key
 from ..keys.recipients import seal_envelope_with_labels
 
 __all__ = ["EncryptedWriter", "EncryptedReader", "EncryptedStorageInfo", "DATA_SUFFIX",
@@ -561,7 +562,7 @@ class EncryptedReader(FileSystemReader):
                               f"metadata records (data appended)")
         if not header.envelope:
             raise NoMatchingRecipient("this data file carries no envelope")
-        return open_envelope(header.envelope, self._identities)
+        return open_data_key(header.envelope, self._identities)
 
 
 def _header_sha256(path: Any, length: int) -> bytes:

@@ -30,7 +30,8 @@ from .._buffers import new_bytes
 from ..files import _format, stream
 from ..files._format import DEFAULT_SEGMENT_SIZE, TAG_SIZE
 from ..files.keyed import _gather, _identities_for, _primary_key_id
-from ..keys import NoMatchingRecipient, generate_dek, open_envelope
+from ..keys import NoMatchingRecipient, generate_dek
+from ..keys.recipients import open_data_key
 from ..keys.recipients import seal_envelope_with_labels
 from .checkpoint import _refuse_pickling
 
@@ -122,7 +123,7 @@ class EncryptionExtension(StreamTransformExtension):
             raise NoMatchingRecipient("this checkpoint item carries no envelope")
         key = self._opened.get(envelope)
         if key is None:
-            key = self._opened[envelope] = open_envelope(envelope, self._identities)
+            key = self._opened[envelope] = open_data_key(envelope, self._identities)
         return _ItemReader(item, key)
 
 

@@ -259,6 +259,8 @@ class _Segments(_Closing):
         ``n + 16`` bytes): sealing ``n`` plaintext bytes from ``src`` (None: loaded later),
         or opening ``n`` ciphertext-and-tag bytes in place."""
         if index >= MAX_SEGMENTS:
+            if self.op == "open":  # a reader that got this far: as _count_segments says
+                raise _too_many_segments(index)
             raise OverflowError(f"the input needs more than {MAX_SEGMENTS} segments of "
                                 f"{self.S} bytes; use a larger segment_size")
         nonce = self.nonce(index, last)
@@ -579,6 +581,22 @@ def _no_segments() -> TruncatedError:
     return TruncatedError("truncated file: it ends right after the header (no segments)", 0)
 
 
+def _count_segments(payload: int, C: int) -> int:
+    """How many segments ``payload`` bytes of sealed ``C``-byte segments hold (the last may
+    be cut). More than a stream can index is data appended to a file (a sparse one costs
+    nothing to make): said as such, not as the encoder's OverflowError, which told the
+    reader to choose a larger segment size."""
+    count = -(-payload // C)
+    if count > MAX_SEGMENTS:
+        raise _too_many_segments(MAX_SEGMENTS)
+    return count
+
+
+def _too_many_segments(index: int) -> AuthenticationError:
+    return AuthenticationError(f"the file holds more than {MAX_SEGMENTS} segments, more than a "
+                               f"stream can: data appended", index)
+
+
 def _open_positional(segs: _Segments, where, sink):
     """Batches for a regular input file and a file output: each worker reads its
     segments with pread, opens them in place and writes the plaintext of those that
@@ -588,7 +606,7 @@ def _open_positional(segs: _Segments, where, sink):
     S, C = segs.S, segs.S + TAG_SIZE
     if payload <= 0:
         raise _no_segments()
-    count = -(-payload // C)
+    count = _count_segments(payload, C)
     tail = payload - (count - 1) * C
     whole = count if tail >= TAG_SIZE else count - 1  # a cut tag: the segments before it first
     slot = _slot_stride(C)
@@ -746,7 +764,7 @@ class SegmentReader(io.RawIOBase):
             if payload <= 0:
                 raise TruncatedError("truncated file: it ends right after the header "
                                      "(no segments)", 0)
-            self._segments = -(-payload // C)
+            self._segments = _count_segments(payload, C)
             tail = payload - (self._segments - 1) * C
             if tail < TAG_SIZE:
                 raise TruncatedError(f"truncated file: it ends inside segment "

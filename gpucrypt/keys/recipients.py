@@ -442,11 +442,23 @@ def open_file_envelope(envelope: bytes, identities: Any, salt: bytes) -> bytes:
     from .references import file_context
 
     try:
-        return open_envelope(envelope, identities, context=file_context(salt))
+        return open_data_key(envelope, identities, context=file_context(salt))
     except NoMatchingRecipient:
         if not any(stanza.kind == "key-ref" for stanza in _envelope.decode(envelope)):
             raise
-    return open_envelope(envelope, identities)
+    return open_data_key(envelope, identities)
+
+
+def open_data_key(envelope: bytes, identities: Any, *, context: Any = None) -> bytes:
+    """:func:`open_envelope` for a gpucrypt file's data key, which is ``DEK_SIZE`` bytes:
+    envelopes take 16 to 64, and anyone holding a recipient's public key can wrap another
+    length for it, which the file's cipher would refuse with a plain ``ValueError`` (a
+    usage error, blaming the caller's key). :class:`EnvelopeError` instead."""
+    dek = open_envelope(envelope, identities, context=context)
+    if len(dek) != DEK_SIZE:
+        raise EnvelopeError(f"this file's envelope holds a {len(dek)}-byte data key, not "
+                            f"{DEK_SIZE}: the file was altered or not made by gpucrypt")
+    return dek
 
 
 def _try_open(stanza: Stanza, identity: Any, context: dict) -> bytes | None:
