@@ -24,10 +24,18 @@ everything ``from_pretrained`` does on a checkpoint still happens (the model is 
 on the meta device without random init, weight renaming and conversions, tied weights,
 ``dtype``, ``device_map``, warnings for missing or unexpected keys), and tensors that
 already have the right device and dtype are taken as they are, not copied again.
-The config is read from the folder's ``config.json`` (pass ``config=`` to override),
+The config is built from the folder's ``config.json`` (pass ``config=`` to override),
 and a generative model's generation config from ``generation_config.json`` when the
-folder has one (pass ``generation_config=`` to override), after the folder's manifest
-has authenticated them along with every other file.
+folder's manifest lists one (pass ``generation_config=`` to override).
+
+**Config files.** Each is read once, its bytes checked against the folder's manifest
+(which authenticates every file), and the config built from those bytes:
+``AutoConfig.from_pretrained``, ``GenerationConfig.from_pretrained`` and
+``PeftConfig.from_pretrained`` run on a private copy of them (a 0700 temporary folder),
+never on the folder, where a file could change after the check; ``name_or_path`` is the
+folder, and no code is loaded from it. A file changed after the manifest was checked
+fails as it is read (``AuthenticationError`` naming it); one the manifest does not list,
+such as a ``generation_config.json`` added later, is not read.
 
 **Adapters.** :func:`load_adapter` does what ``PeftModel.from_pretrained`` (or
 ``PeftModel.load_adapter`` for a model that already is a ``PeftModel``) does, with the
@@ -41,7 +49,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .files.checkpoints import load_checkpoint
+from .files.checkpoints import _load_checkpoint, load_checkpoint
 
 __all__ = ["from_pretrained", "load_adapter", "load_state_dict"]
 
@@ -66,13 +74,11 @@ def from_pretrained(model_class: Any, folder: Any, *, key: Any = None, keyset: A
     ``from_pretrained`` (``dtype``, ``config``, ``attn_implementation``, ...).
     """
     folder = os.fspath(folder)
-    # the weights first: loading checks the folder's manifest, config.json included
-    state = load_state_dict(folder, key=key, keyset=keyset, identity=identity, device=device,
-                            threads=threads)
+    # the weights first: loading checks the folder's manifest; read() gives the checked
+    # bytes of the config files, which are built from those bytes only
+    state, read = _load(folder, key, keyset, identity, device, threads)
     if kwargs.get("config") is None:
-        from transformers import AutoConfig
-
-        kwargs["config"] = AutoConfig.from_pretrained(folder)
+        kwargs["config"] = _auto_config(read, folder)
     if device != "cpu":
         kwargs.setdefault("device_map", device)
     loaded = _concrete(model_class, kwargs["config"]).from_pretrained(None, state_dict=state,
@@ -80,15 +86,66 @@ def from_pretrained(model_class: Any, folder: Any, *, key: Any = None, keyset: A
     # (model, loading info) with output_loading_info=True
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     # transformers reads generation_config.json from the folder it loads, and it is given
-    # none here: read it as it would (unless generation_config= was passed); the manifest
-    # checked it with the weights
-    generation = os.path.join(folder, "generation_config.json")
-    if (kwargs.get("generation_config") is None and os.path.isfile(generation)
-            and model.can_generate()):
+    # none here: build it as it would (unless generation_config= was passed), from the
+    # bytes the manifest checked; a file the manifest does not list is not read
+    generation = None if kwargs.get("generation_config") is not None else \
+        read("generation_config.json")
+    if generation is not None and model.can_generate():
         from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_pretrained(folder)
+        model.generation_config = _from_checked(read, folder, ["generation_config.json"],
+                                                GenerationConfig.from_pretrained)
     return loaded
+
+
+def _load(folder: str, key: Any, keyset: Any, identity: Any, device: str,
+          threads: int | None) -> tuple[dict, Any]:
+    """The state dict of ``folder`` and ``read(name)``, the manifest-checked bytes of its
+    copied file ``name`` (None when the manifest lists none)."""
+    return _load_checkpoint(folder, key=key, keyset=keyset, identity=identity, device=device,
+                            framework="torch", threads=threads)
+
+
+def _from_checked(read: Any, folder: str, names: list, build: Any) -> Any:
+    """``build(copy)``, where ``copy`` is a private folder (0700, removed after) holding the
+    manifest-checked bytes of ``folder``'s files ``names`` (``read``: see :func:`_load`):
+    transformers' and peft's own ``from_pretrained`` build the config, with everything
+    they do (version-specific files, special floats, their heuristics), from those bytes
+    only; they never read ``folder``, where a file could have changed since the check.
+    ``FileNotFoundError`` when the manifest lists the first of ``names`` not."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="gpucrypt-config-") as copy:
+        for name in names:
+            data = read(name)
+            if data is None:
+                if name == names[0]:
+                    raise FileNotFoundError(f"{folder} has no {name} (its manifest lists none)")
+                continue
+            with open(os.path.join(copy, name), "xb") as f:
+                f.write(data)
+        return build(copy)
+
+
+def _auto_config(read: Any, folder: str) -> Any:
+    """What ``AutoConfig.from_pretrained(folder)`` builds, from the checked bytes of
+    ``config.json`` and of the versioned files it names (``configuration_files``), with
+    ``name_or_path`` the folder. No code is loaded from the folder (no
+    ``trust_remote_code``), as before."""
+    from transformers import AutoConfig
+
+    from .files._safetensors import load_json
+
+    names = ["config.json"]
+    data = read("config.json")
+    doc = load_json(data, "config.json") if data is not None else {}
+    versioned = doc.get("configuration_files", []) if isinstance(doc, dict) else []
+    # plain names only: they come from an authenticated file, but are joined to a path
+    names += [n for n in versioned if isinstance(n, str) and n == os.path.basename(n)
+              and n not in ("", ".", "..", "config.json")]
+    config = _from_checked(read, folder, names, AutoConfig.from_pretrained)
+    config.name_or_path = folder
+    return config
 
 
 def _concrete(model_class: Any, config: Any) -> Any:
@@ -109,16 +166,16 @@ def load_adapter(model: Any, folder: Any, *, key: Any = None, keyset: Any = None
     a new ``PeftModel`` around a plain model, or the same ``PeftModel`` with one more
     adapter. ``device``: where the adapter weights are decrypted (default: the model's
     device). ``KeyError`` naming the missing weights when the files lack any."""
-    from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig, PeftModel
+    from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
     from peft.utils import set_peft_model_state_dict
 
     folder = os.fspath(folder)
     if device is None:
         device = str(next(model.parameters()).device)
-    # the weights first: loading checks the folder's manifest, adapter_config.json included
-    weights = load_state_dict(folder, key=key, keyset=keyset, identity=identity, device=device,
-                              threads=threads)
-    config = PeftConfig.from_pretrained(folder)
+    # the weights first: loading checks the folder's manifest; the adapter config is built
+    # from the bytes it checked
+    weights, read = _load(folder, key, keyset, identity, device, threads)
+    config = _peft_config(read, folder)
     if config.is_prompt_learning and is_trainable:
         raise ValueError("a prompt learning adapter cannot be loaded as trainable (as in peft)")
     config.inference_mode = not is_trainable
@@ -139,6 +196,14 @@ def load_adapter(model: Any, folder: Any, *, key: Any = None, keyset: Any = None
     elif not is_trainable:
         peft_model.eval()
     return peft_model
+
+
+def _peft_config(read: Any, folder: str) -> Any:
+    """What ``PeftConfig.from_pretrained(folder)`` builds, from the checked bytes of
+    ``adapter_config.json``."""
+    from peft import PeftConfig
+
+    return _from_checked(read, folder, ["adapter_config.json"], PeftConfig.from_pretrained)
 
 
 def _is_adapter_key(name: str, config: Any, adapter_name: str) -> bool:

@@ -8,6 +8,7 @@ module fixture (it takes seconds), so that the cost shows in ``--durations``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import filecmp
 import json
@@ -588,3 +589,165 @@ def test_a_signal_while_a_folder_is_decrypted_leaves_no_plaintext(small_folder, 
             == (plain / "model-1.safetensors").read_bytes()  # the window the signal hits
         dies_of(child, signame)
     assert sorted(os.listdir(tmp_path)) == ["enc", "plain"]
+
+
+# ---------------------------------------------------------------- changed after the check
+@contextlib.contextmanager
+def after_the_check(monkeypatch, change):
+    """Within the block, ``change()`` runs right after the folder's manifest check passes:
+    a writer racing the loader, between the check and the use of what it checked."""
+    check = checkpoints._check_manifest
+
+    def racing(layout, key):
+        files = check(layout, key)
+        change()
+        return files
+
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoints, "_check_manifest", racing)
+        yield
+
+
+def test_a_model_file_swapped_after_the_check_is_refused(small_folder, tmp_path, monkeypatch):
+    """Each model file's salt was checked, then loading and decrypting opened the file
+    again by name: a file swapped in between for another encryption under the same key
+    (an older version of the folder) was loaded, or decrypted into the output. Now the
+    salt is compared again with the header the file is decrypted with, read from the
+    same open file, whether the file is rewritten in place or renamed over."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    plain, enc, key = small_folder
+    save_file({"a": np.full(64, 1, np.float32)}, str(plain / "model-1.safetensors"))
+    checkpoints.encrypt_checkpoint(plain, tmp_path / "older", key, device="cpu")
+    older = (tmp_path / "older" / "model-1.safetensors").read_bytes()
+
+    def in_place(folder):
+        (folder / "model-1.safetensors").write_bytes(older)
+
+    def renamed_over(folder):
+        (tmp_path / "swap").write_bytes(older)
+        os.replace(tmp_path / "swap", folder / "model-1.safetensors")
+
+    uses = {"load": lambda f: checkpoints.load_checkpoint(f, key=key, framework="numpy"),
+            "decrypt": lambda f: checkpoints.decrypt_checkpoint(f, tmp_path / "out", key=key)}
+    for swap in (in_place, renamed_over):
+        for what, use in uses.items():
+            folder = copy_folder(enc, tmp_path / f"{swap.__name__}-{what}")
+            with after_the_check(monkeypatch, lambda f=folder: swap(f)), \
+                    pytest.raises(AuthenticationError, match="model-1.safetensors is not the file"):
+                use(folder)
+            assert not (tmp_path / "out").exists()
+    assert (checkpoints.load_checkpoint(enc, key=key, framework="numpy")["a"] == 7).all()
+
+
+def test_an_index_changed_for_the_layout_and_put_back_is_refused(small_folder, monkeypatch):
+    """The index's weight_map is read to lay the folder out before the manifest is
+    checked: one changed for that read and put back before the check is refused as
+    tampering, the weight_map used being the one in the bytes the check hashed."""
+    _, enc, key = small_folder
+    index = enc / "model.safetensors.index.json"
+    good = index.read_bytes()
+    layout = checkpoints.checkpoint_layout
+
+    def changed_while_laid_out(folder, **options):
+        index.write_text(json.dumps({"weight_map": {"a": "model-2.safetensors",
+                                                    "b": "model-1.safetensors"}}))
+        try:
+            return layout(folder, **options)
+        finally:
+            index.write_bytes(good)
+
+    monkeypatch.setattr(checkpoints, "checkpoint_layout", changed_while_laid_out)
+    with pytest.raises(AuthenticationError, match="model.safetensors.index.json is not the file"):
+        checkpoints.load_checkpoint(enc, key=key, framework="numpy")
+
+
+def test_a_file_changed_after_the_check_is_not_copied_out(small_folder, tmp_path, monkeypatch):
+    """Decrypting copied the other files by name after the check: a config.json changed
+    in between reached the plaintext folder unchecked. Now each is hashed as it is
+    copied; a change fails, and no output (or temporary folder) is left."""
+    _, enc, key = small_folder
+    with after_the_check(monkeypatch, lambda: (enc / "config.json").write_text('{"x": 1}')), \
+            pytest.raises(AuthenticationError, match="config.json is not the file"):
+        checkpoints.decrypt_checkpoint(enc, tmp_path / "out", key=key)
+    assert sorted(os.listdir(tmp_path)) == ["enc", "plain"]
+
+
+def test_config_files_changed_after_the_check_are_refused(lib, tiny, tmp_path, monkeypatch):
+    """gpucrypt.hf had the manifest check config.json and generation_config.json, then let
+    transformers read them from the folder again: a file changed in between was used
+    unchecked (another rms_norm_eps, generation settings of the writer's choice). Now
+    each config is built from the bytes the manifest checked; a changed file fails."""
+    transformers, _ = lib
+    d, _, _, key = tiny
+    assert (d / "enc" / "generation_config.json").is_file()
+
+    def edit(folder, name, **changes):
+        doc = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**doc, **changes}))
+
+    for i, (name, changes) in enumerate([("config.json", {"rms_norm_eps": 0.5}),
+                                         ("generation_config.json", {"max_new_tokens": 1})]):
+        enc = copy_folder(d / "enc", tmp_path / f"enc{i}")
+        with after_the_check(monkeypatch, lambda f=enc, n=name, c=changes: edit(f, n, **c)), \
+                pytest.raises(AuthenticationError, match=f"{name} is not the file"):
+            hf.from_pretrained(transformers.AutoModelForCausalLM, enc, key=key)
+
+
+def test_a_generation_config_added_after_the_check_is_not_read(lib, tiny, tmp_path,
+                                                               monkeypatch):
+    """A generation_config.json the manifest does not list was read when it was there
+    after the check (the file test came after it). Now only files the manifest lists are
+    read: one added later is ignored; one there at the check is refused."""
+    transformers, _ = lib
+    d, _, _, key = tiny
+    plain = copy_folder(d / "plain", tmp_path / "plain")
+    (plain / "generation_config.json").unlink()
+    enc = tmp_path / "enc"
+    checkpoints.encrypt_checkpoint(plain, enc, key, device="cpu")
+    want = hf.from_pretrained(transformers.AutoModelForCausalLM, enc, key=key).generation_config
+    added = enc / "generation_config.json"
+    with after_the_check(monkeypatch, lambda: added.write_text('{"max_new_tokens": 1}')):
+        model = hf.from_pretrained(transformers.AutoModelForCausalLM, enc, key=key)
+    assert model.generation_config.to_dict() == want.to_dict()
+    assert model.generation_config.max_new_tokens != 1
+    with pytest.raises(AuthenticationError, match="not in the manifest generation_config.json"):
+        hf.from_pretrained(transformers.AutoModelForCausalLM, enc, key=key)
+
+
+def test_an_adapter_config_changed_after_the_check_is_refused(lib, tiny, tmp_path, monkeypatch):
+    """As for config.json: adapter_config.json was read by peft after the check."""
+    _, peft = lib
+    d, model, _, key = tiny
+    tuned_lora(peft, model, tmp_path / "lora")
+    enc = tmp_path / "lora-enc"
+    checkpoints.encrypt_checkpoint(tmp_path / "lora", enc, key, device="cpu")
+    config = enc / "adapter_config.json"
+
+    def scaled():
+        config.write_text(json.dumps({**json.loads(config.read_text()), "lora_alpha": 80}))
+
+    with after_the_check(monkeypatch, scaled), \
+            pytest.raises(AuthenticationError, match="adapter_config.json is not the file"):
+        hf.load_adapter(copy.deepcopy(model), enc, key=key)
+
+
+def test_configs_are_built_as_from_pretrained_builds_them(lib, tiny, tmp_path):
+    """Built from the checked bytes, the configs are the ones AutoConfig,
+    GenerationConfig and PeftConfig's from_pretrained build from the folder."""
+    transformers, peft = lib
+    d, model, _, key = tiny
+    enc = str(d / "enc")
+    _, read = hf._load(enc, key, None, None, "cpu", None)
+    config, want = hf._auto_config(read, enc), transformers.AutoConfig.from_pretrained(enc)
+    assert type(config) is type(want) and config.to_dict() == want.to_dict()
+    loaded = hf.from_pretrained(transformers.AutoModelForCausalLM, enc, key=key)
+    assert loaded.generation_config.__dict__ == \
+        transformers.GenerationConfig.from_pretrained(enc).__dict__
+    tuned_lora(peft, model, tmp_path / "lora")
+    lora = str(tmp_path / "lora-enc")
+    checkpoints.encrypt_checkpoint(tmp_path / "lora", lora, key, device="cpu")
+    _, read = hf._load(lora, key, None, None, "cpu", None)
+    config, want = hf._peft_config(read, lora), peft.PeftConfig.from_pretrained(lora)
+    assert type(config) is type(want) is peft.LoraConfig and config.to_dict() == want.to_dict()

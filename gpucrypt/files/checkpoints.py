@@ -47,18 +47,27 @@ Rules:
   id, tensor table), all under the one key, before any tensor is decrypted: a changed,
   added, removed, renamed or swapped file, a model file taken from another folder
   encrypted under the same key or written under another key, or a changed manifest
-  fails with ``AuthenticationError`` naming the file.
+  fails with ``AuthenticationError`` naming the file;
+- what is used is what was checked, so a file changed after the check changes nothing
+  (or fails): a model file is decrypted with the header read from the same open file
+  whose salt is then compared with the manifest's again (segments of another encryption
+  then fail their tags); the index's ``weight_map`` is the one in the bytes whose
+  digest was checked; decrypting copies each other file hashing the bytes it copies;
+  and the bytes of a listed file that a caller reads (``gpucrypt.hf``: ``config.json``,
+  ``generation_config.json``, ``adapter_config.json``) are read once, checked and
+  returned; a file the manifest does not list is never read.
 
 Not protected: the copied files are authenticated, not encrypted (``config.json`` and
 the index stay readable, as the tensor names and shapes in the headers do unless
 ``encrypt_names``); the folder's name; which version of a folder is the newest (an
 older folder encrypted under the same key verifies as itself: rotate keys to retire one);
 who wrote a folder sealed only to public-key recipients (anyone with the public key can
-write a whole folder of their own); a file changed after the check and read again later
-(``gpucrypt.hf`` reads ``config.json`` after the check).
+write a whole folder of their own); a file the caller reads itself after loading (the
+tokenizer files: read them from a decrypted copy, or check them yourself).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -164,28 +173,73 @@ def _read_json(path: str) -> Any:
 
 
 def _read_weight_map(path: str) -> dict:
+    name = os.path.basename(path)
     try:
-        weight_map = _read_json(path)["weight_map"]
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise FormatError(f"{name} is not a checkpoint index with a weight_map "
+                          f"({type(exc).__name__})") from None
+    return _weight_map(data, name)
+
+
+def _weight_map(data: bytes, name: str) -> dict:
+    """The ``weight_map`` of the index ``name`` whose bytes are ``data``."""
+    from ._safetensors import load_json
+
+    try:
+        weight_map = load_json(data, name)["weight_map"]
     except FormatError:
         raise
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FormatError(f"{os.path.basename(path)} is not a checkpoint index with a "
-                          f"weight_map ({type(exc).__name__})") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"{name} is not a checkpoint index with a weight_map "
+                          f"({type(exc).__name__})") from None
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and os.path.basename(v) == v
             and v.lower().endswith(_SAFETENSORS) for k, v in weight_map.items()):
-        raise FormatError(f"{os.path.basename(path)}: weight_map must map tensor names to "
-                          f".safetensors file names in the same folder")
+        raise FormatError(f"{name}: weight_map must map tensor names to .safetensors file "
+                          f"names in the same folder")
     return weight_map
 
 
 # ---------------------------------------------------------------------------- manifest
-def _file_sha256(path: str) -> str:
+def _file_sha256(path: str, copy_to: str | None = None) -> str:
+    """The SHA-256 of the file at ``path``; with ``copy_to``, the file is copied there as
+    it is hashed, so the copy holds exactly the bytes the digest is of."""
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
+    with open(path, "rb", buffering=0) as f, \
+            (open(copy_to, "xb") if copy_to else contextlib.nullcontext()) as out:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+            if out is not None:
+                out.write(block)
     return digest.hexdigest()
+
+
+def _is_listed_digest(entry: dict, digest: str) -> bool:
+    """Whether the manifest ``entry`` of a copied file has the SHA-256 ``digest`` (hex)."""
+    return "sha256" in entry and hmac.compare_digest(digest.encode(), str(entry["sha256"]).encode())
+
+
+def _is_listed_salt(entry: dict, salt: bytes) -> bool:
+    """Whether the manifest ``entry`` of a model file has the header salt ``salt``."""
+    return "salt" in entry and hmac.compare_digest(salt.hex().encode(), str(entry["salt"]).encode())
+
+
+def _not_the_file(name: str) -> AuthenticationError:
+    return AuthenticationError(f"{name} is not the file this folder was encrypted with "
+                               f"(changed, replaced, or swapped with another file)")
+
+
+def _read_checked(folder: str, files: dict, name: str) -> bytes:
+    """The bytes of the copied file ``name``, read once and checked against its entry in
+    ``files`` (the authenticated manifest's): the bytes returned are the bytes checked,
+    whatever happens to the file afterwards."""
+    with open(os.path.join(folder, name), "rb") as f:
+        data = f.read()
+    if not _is_listed_digest(files[name], hashlib.sha256(data).hexdigest()):
+        raise _not_the_file(name)
+    return data
 
 
 def _manifest_mac(key: bytes, salt: bytes, files: dict) -> str:
@@ -240,10 +294,12 @@ def _manifest_model_files(folder: str) -> set | None:
         return None
 
 
-def _check_manifest(layout: CheckpointLayout, key: bytes) -> None:
+def _check_manifest(layout: CheckpointLayout, key: bytes) -> dict:
     """Check the folder against its manifest (see the module docstring), and every model
     file's header, under the folder's one data ``key``, before anything is decrypted;
-    ``AuthenticationError`` or ``FormatError`` naming what is wrong."""
+    ``AuthenticationError`` or ``FormatError`` naming what is wrong. Returns the
+    manifest's entries (file name -> ``{"salt"|"sha256": HEX}``), authenticated: what
+    the files' bytes must still be when they are used."""
     from . import models
 
     path = os.path.join(layout.folder, MANIFEST_NAME)
@@ -293,14 +349,18 @@ def _check_manifest(layout: CheckpointLayout, key: bytes) -> None:
                     f"{name} is not under this folder's data key (its header fails "
                     f"authentication with the key of {layout.tensor_files[0]}): it was "
                     f"replaced by a file encrypted on its own") from None
-            good = "salt" in entry and hmac.compare_digest(salt.hex().encode(),
-                                                          str(entry["salt"]).encode())
+            good = _is_listed_salt(entry, salt)
+        elif name == layout.index:
+            # the layout's weight_map was read before this check: it must be the one in
+            # the bytes checked now (an index changed and put back in between is not)
+            if _weight_map(_read_checked(layout.folder, files, name), name) != layout.weight_map:
+                raise _not_the_file(name)
+            good = True
         else:
-            good = "sha256" in entry and hmac.compare_digest(
-                _file_sha256(full).encode(), str(entry["sha256"]).encode())
+            good = _is_listed_digest(entry, _file_sha256(full))
         if not good:
-            raise AuthenticationError(f"{name} is not the file this folder was encrypted with "
-                                      f"(changed, replaced, or swapped with another file)")
+            raise _not_the_file(name)
+    return files
 
 
 # ---------------------------------------------------------------------------- writing
@@ -319,9 +379,17 @@ def _write_folder(dst: Any, fill) -> None:
     fsync_folder(os.path.dirname(dst))
 
 
-def _copy_others(layout: CheckpointLayout, temp: str) -> None:
+def _copy_others(layout: CheckpointLayout, temp: str, files: dict | None = None) -> None:
+    """Copy the files that are not model files into ``temp``; with ``files`` (the
+    authenticated manifest's entries), each hashed as it is copied and checked against
+    its entry, so that a file changed after the manifest was checked is not copied
+    unchecked (the error removes the temporary folder)."""
     for name in layout.other_files:
-        shutil.copyfile(os.path.join(layout.folder, name), os.path.join(temp, name))
+        src, dst = os.path.join(layout.folder, name), os.path.join(temp, name)
+        if files is None:
+            shutil.copyfile(src, dst)
+        elif not _is_listed_digest(files[name], _file_sha256(src, copy_to=dst)):
+            raise _not_the_file(name)
 
 
 def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = None,
@@ -389,15 +457,20 @@ def decrypt_checkpoint(src: Any, dst: Any, *, key: Any = None, keyset: Any = Non
 
     layout = checkpoint_layout(src, encrypted=True)
     key = _folder_key(layout, key, keyset, identity)
-    _check_manifest(layout, key)
+    files = _check_manifest(layout, key)
     headers: list = []
 
     def fill(temp: str) -> None:
         for name in layout.tensor_files:
             path = os.path.join(layout.folder, name)
-            headers.append(models.export_safetensors(path, os.path.join(temp, name), key,
-                                                     threads=threads))
-        _copy_others(layout, temp)
+            # the header returned is the one the file was decrypted with (read from the
+            # same open file): a file swapped since the check has another salt
+            header = models.export_safetensors(path, os.path.join(temp, name), key,
+                                               threads=threads)
+            if not _is_listed_salt(files[name], header.salt):
+                raise _not_the_file(name)
+            headers.append(header)
+        _copy_others(layout, temp, files)
 
     _write_folder(dst, fill)
     return headers
@@ -414,16 +487,29 @@ def load_checkpoint(folder: Any, *, key: Any = None, keyset: Any = None, identit
     from the file it names (``FormatError`` otherwise); without one, a name found in two
     files is a ``FormatError``. Errors of ``load_encrypted`` otherwise; no partial
     state dict is returned."""
-    from . import models
+    return _load_checkpoint(folder, key=key, keyset=keyset, identity=identity, device=device,
+                            framework=framework, threads=threads)[0]
 
+
+def _load_checkpoint(folder: Any, *, key: Any, keyset: Any, identity: Any, device: str,
+                     framework: str, threads: int | None) -> tuple[dict, Any]:
+    """:func:`load_checkpoint`'s state dict, and ``read(name)``: the bytes of the copied
+    file ``name``, read once and checked against the authenticated manifest (build from
+    these, never from the file again; a changed file raises ``AuthenticationError``), or
+    None for a name the manifest does not list as one, which is not read at all."""
     layout = checkpoint_layout(folder, encrypted=True)
     key = _folder_key(layout, key, keyset, identity)
-    _check_manifest(layout, key)
+    files = _check_manifest(layout, key)
+
+    def read(name: str) -> bytes | None:
+        if "sha256" not in files.get(name, {}):
+            return None
+        return _read_checked(layout.folder, files, name)
+
     state: dict = {}
     for name in layout.tensor_files:
-        path = os.path.join(layout.folder, name)
-        tensors = models.load_encrypted(path, key, device, framework=framework,
-                                        threads=threads)
+        tensors = _load_model_file(layout.folder, name, files[name], key, device, framework,
+                                   threads)
         for tensor_name in tensors:
             if tensor_name in state:
                 raise FormatError(f"tensor {tensor_name!r} is in two files (the second: {name})")
@@ -440,4 +526,26 @@ def load_checkpoint(folder: Any, *, key: Any = None, keyset: Any = None, identit
                               + (f"{len(missing)} missing (e.g. {missing[0]!r})" if missing else "")
                               + ("; " if missing and extra else "")
                               + (f"{len(extra)} not listed (e.g. {extra[0]!r})" if extra else ""))
-    return state
+    return state, read
+
+
+def _load_model_file(folder: str, name: str, entry: dict, key: bytes, device: str,
+                     framework: str, threads: int | None) -> dict:
+    """The tensors of the model file ``name``: :func:`gpucrypt.models.load_encrypted`, with
+    the salt of the header it decrypts with (read from the same open file) compared with
+    the manifest ``entry``'s. A file swapped since the manifest was checked (another
+    encryption under the same key, an older version of the folder) fails here, naming the
+    file; one changed while it is read fails its segment tags, which are checked under
+    this header's keys."""
+    from . import models
+
+    def check(header: Any) -> None:
+        if not _is_listed_salt(entry, header.salt):
+            raise _not_the_file(name)
+    try:
+        return models.load_encrypted(os.path.join(folder, name), key, device,
+                                     framework=framework, threads=threads, _check_header=check)
+    except AuthenticationError as exc:
+        if exc.segment is None and "is not the file" not in str(exc):
+            raise _not_the_file(name) from None  # its header passed under this key before
+        raise

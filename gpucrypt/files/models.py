@@ -796,7 +796,8 @@ def _check_device(device: Any) -> str:
 
 
 def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str = "torch",
-                   threads: int | None = None, names: Any = None) -> dict:
+                   threads: int | None = None, names: Any = None,
+                   _check_header: Any = None) -> dict:
     """The tensors of the model file at ``path``, name -> tensor, in the file's order.
 
     ``names``: the tensors to load (an iterable of names; default all). Only their
@@ -812,6 +813,9 @@ def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str 
     Everything is verified before anything is returned: the header MAC first (a wrong
     key fails there), then every segment. On any failure the outputs are zeroed and
     an error from :mod:`gpucrypt.stream` is raised; no tensor is returned.
+
+    ``_check_header(header)`` (private: :mod:`gpucrypt.files.checkpoints`) is called with
+    the verified header of the very open file that is then decrypted, and may raise.
     """
     key = _format.check_key(key)
     if framework not in FRAMEWORKS:
@@ -820,6 +824,8 @@ def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str 
     threads = pipeline.cpu_threads(threads)
     with builtins.open(path, "rb", buffering=0) as f:
         header, segments, tags, seg_key, aad = _prepare_open(f, key)
+        if _check_header is not None:
+            _check_header(header)
         picked = _pick(header.tensors, names)
         if len(picked) < len(header.tensors):
             wanted = set(picked)
