@@ -77,8 +77,15 @@ def from_pretrained(model_class: Any, folder: Any, *, key: Any = None, keyset: A
     # the weights first: loading checks the folder's manifest; read() gives the checked
     # bytes of the config files, which are built from those bytes only
     state, read = _load(folder, key, keyset, identity, device, threads)
-    if kwargs.get("config") is None:
+    config = kwargs.get("config")
+    if config is None or (isinstance(config, (str, os.PathLike))
+                          and os.path.abspath(config) == os.path.abspath(folder)):
         kwargs["config"] = _auto_config(read, folder)
+    elif isinstance(config, (str, os.PathLike)):  # a config's folder or name, as transformers
+        from transformers import AutoConfig      # takes it: the caller's own, not checked here
+
+        kwargs["config"] = AutoConfig.from_pretrained(
+            config, trust_remote_code=kwargs.get("trust_remote_code", False))
     if device != "cpu":
         kwargs.setdefault("device_map", device)
     loaded = _concrete(model_class, kwargs["config"]).from_pretrained(None, state_dict=state,
@@ -170,8 +177,9 @@ def load_adapter(model: Any, folder: Any, *, key: Any = None, keyset: Any = None
     from peft.utils import set_peft_model_state_dict
 
     folder = os.fspath(folder)
-    if device is None:
-        device = str(next(model.parameters()).device)
+    if device is None:  # a model without parameters (yet) has no device: the CPU
+        first = next(iter(model.parameters()), None)
+        device = str(first.device) if first is not None else "cpu"
     # the weights first: loading checks the folder's manifest; the adapter config is built
     # from the bytes it checked
     weights, read = _load(folder, key, keyset, identity, device, threads)

@@ -751,3 +751,37 @@ def test_configs_are_built_as_from_pretrained_builds_them(lib, tiny, tmp_path):
     _, read = hf._load(lora, key, None, None, "cpu", None)
     config, want = hf._peft_config(read, lora), peft.PeftConfig.from_pretrained(lora)
     assert type(config) is type(want) is peft.LoraConfig and config.to_dict() == want.to_dict()
+
+
+def test_a_config_given_as_a_path_is_loaded_from_it(lib, tiny):
+    """transformers takes config= as a folder or name; the Auto class's pick needed an
+    object (AttributeError on a str). The encrypted folder itself is read through its
+    manifest; another folder is the caller's choice, read as transformers reads it."""
+    transformers, _ = lib
+    d, _, want, key = tiny
+    for config in (str(d / "plain"), d / "enc"):
+        model = hf.from_pretrained(transformers.AutoModelForCausalLM, d / "enc", key=key,
+                                   config=config)
+        assert isinstance(model, transformers.LlamaForCausalLM)
+        assert torch.equal(logits_of(model), want)
+
+
+def test_an_adapter_for_a_model_without_parameters_is_decrypted_on_the_cpu(lib, tiny, tmp_path,
+                                                                          monkeypatch):
+    """The default device is the model's first parameter's: none made StopIteration."""
+    _, peft = lib
+    d, model, _, key = tiny
+    tuned_lora(peft, model, tmp_path / "lora")
+    checkpoints.encrypt_checkpoint(tmp_path / "lora", tmp_path / "lora-enc", key, device="cpu")
+    devices = []
+
+    class Seen(Exception):
+        pass
+
+    def loads_on(folder, key, keyset, identity, device, threads):
+        devices.append(device)
+        raise Seen
+    monkeypatch.setattr(hf, "_load", loads_on)
+    with pytest.raises(Seen):
+        hf.load_adapter(torch.nn.Module(), tmp_path / "lora-enc", key=key)
+    assert devices == ["cpu"]
