@@ -69,7 +69,8 @@ class Job:
     """One AEAD message: ``ident`` (what errors name), ``nonce``, ``aad``, ``src`` (its input
     view, or None when the batch's ``load`` provides it), ``dst`` (where its output goes),
     ``tag`` (for a detached open: the tag to check), ``size`` (input bytes, for balancing),
-    and ``key``/``algorithm`` where they differ from the runner's."""
+    and ``key``/``algorithm`` where they differ from the runner's (a :class:`GpuRunner`
+    takes one algorithm per batch: it refuses a batch that mixes them)."""
 
     __slots__ = ("ident", "nonce", "aad", "src", "dst", "tag", "size", "key", "algorithm")
 
@@ -341,6 +342,26 @@ class GpuRunner:
                 self.stream = self.gpu.new_stream()
         return self._copy, self.stream
 
+    def _algorithm_of(self, jobs: Sequence[Job]) -> str | None:
+        """The one algorithm of a batch's jobs (each job's own, or the runner's).
+
+        A batch is one launch, and a launch is one algorithm, so a mixed batch is refused
+        rather than split here: split, a seal would give one device tag array per
+        algorithm where the batch's :class:`DeviceTags` is one, and an open given such a
+        ``DeviceTags`` as payload would need its rows picked apart. (Run one batch per
+        algorithm, as the tensor API does.)"""
+        algorithm = self.algorithm
+        for i, job in enumerate(jobs):
+            own = job.algorithm or self.algorithm
+            if i == 0:
+                algorithm = own
+            elif own != algorithm:
+                raise ValueError(
+                    f"a GPU batch runs one algorithm, but job {job.ident!r} is {own!r} and job "
+                    f"{jobs[0].ident!r} {algorithm!r}; put the jobs of each algorithm in "
+                    f"batches of their own")
+        return algorithm
+
     def _staging(self, nbytes: int) -> _Staging:
         """The next turn's buffers, at least ``nbytes`` each, once its last use is done.
         A turn whose batch has not been finished yet (more batches in flight than the
@@ -364,6 +385,7 @@ class GpuRunner:
         import numpy as np
 
         gpu, jobs = self.gpu, batch.jobs
+        algorithm = self._algorithm_of(jobs)   # before anything is read, staged or launched
         copy, launch = self._streams()
         srcs = [batch.load(j) if batch.load is not None else j.src for j in jobs]
         # Host sources go up in one copy, and host destinations come back in one copy:
@@ -390,7 +412,6 @@ class GpuRunner:
             else:
                 dsts.append(job.dst)
         keys = [self.key if j.key is None else j.key for j in jobs]
-        algorithm = (jobs[0].algorithm if jobs else None) or self.algorithm
         nonces, aads = [j.nonce for j in jobs], [j.aad for j in jobs]
         if self.op == "seal":
             tags = gpu.seal_batch(algorithm, keys, nonces, srcs, aads, dsts, stream=launch)

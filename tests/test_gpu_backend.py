@@ -138,3 +138,26 @@ def test_argument_errors(gpu):
                        [dev(gpu, np.zeros(2, np.uint8))])
     with pytest.raises(ValueError, match="contiguous"):
         gpu.as_device_bytes(dev(gpu, np.zeros(8, dtype=np.uint8))[::2])
+
+
+@pytest.mark.parametrize("algorithm,nonce_len", [("chacha20-poly1305", 12), ("xchacha20-poly1305", 24),
+                                                 ("aes-gcm", 8)])
+def test_a_batch_plan_shows_no_key_material_in_its_repr(gpu, algorithm, nonce_len):
+    """A plan is a local of every batch call (a traceback that shows locals prints it): its
+    generated repr printed the keys, XChaCha20's subkeys and GCM's J0 blocks (GHASH under
+    H for nonces of other lengths than 12, from which H can be solved for)."""
+    from gpucrypt.backends import gpu as module
+    from gpucrypt._host_primitives import gcm_j0, xchacha20_key_nonce
+
+    key, nonce = bytes(range(32)), bytes(range(100, 100 + nonce_len))
+    buf = dev(gpu, np.zeros(8, dtype=np.uint8))
+    plan = gpu._plan(algorithm, [key], [nonce], [buf], [b""], [buf], "gpu")
+    assert isinstance(plan, module._Plan)
+    secrets = [key, key.hex()]
+    if algorithm == "xchacha20-poly1305":
+        secrets.append(xchacha20_key_nonce(key, nonce)[0])
+    if algorithm == "aes-gcm":
+        secrets.append(gcm_j0(key, nonce))
+    text = repr(plan)
+    assert not [s for s in secrets if (s if isinstance(s, str) else repr(s)[2:-1]) in text], text
+    assert algorithm in text and "n=1" in text

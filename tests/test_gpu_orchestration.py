@@ -657,6 +657,140 @@ def test_by_address_spans_copy_like_device_arrays(gpu, host_addresses):
     assert buf[3:40].tobytes() == bytes([9]) * 37
 
 
+def _mixed_batch(algorithm, lengths=(40, 0, 17, 70)):
+    """A batch by address with most messages in place and one (index 2) into a buffer of
+    its own: (msgs, srcs, dsts)."""
+    msgs = _messages(algorithm, list(lengths), seed=11)
+    srcs = [m[2].copy() for m in msgs]
+    dsts = [np.zeros(s.size, np.uint8) if i == 2 else s for i, s in enumerate(srcs)]
+    return msgs, srcs, dsts
+
+
+def _seal_args(msgs, srcs, dsts):
+    return [m[0] for m in msgs], [m[1] for m in msgs], srcs, [m[3] for m in msgs], dsts
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("tag", ["gpu", "host"])
+@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])
+def test_a_seal_whose_mac_fails_gives_in_place_messages_their_plaintext_back(
+        gpu, host_addresses, monkeypatch, algorithm, tag, failure):
+    """The keystream overwrites an in-place message before its MAC is made. A MAC phase
+    that fails (a launch or module-load error, out of memory: simulated here), or a
+    Ctrl-C there, left the caller's only copy as ciphertext without a tag. By address, as
+    on a device (the simulator's staged branch never wrote the caller's buffer early)."""
+    from gpucrypt import _host_primitives
+    from gpucrypt.kernels import ghash, poly1305
+
+    def fail(*a, **k):
+        raise failure("simulated failure of the MAC phase")
+    if tag == "gpu":
+        monkeypatch.setattr(poly1305, "poly1305_aead_tags", fail)
+        monkeypatch.setattr(ghash, "ghash_aead_tags", fail)
+    else:
+        monkeypatch.setattr(_host_primitives, "Poly1305AeadMac", fail)
+        monkeypatch.setattr(_host_primitives, "gcm_tag", fail)
+    msgs, srcs, dsts = _mixed_batch(algorithm)
+    with pytest.raises(failure, match="simulated"):
+        gpu.seal_batch(algorithm, *_seal_args(msgs, srcs, dsts), tag=tag)
+    assert [s.tobytes() for s in srcs] == [m[2].tobytes() for m in msgs]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_ctrl_c_during_a_seals_keystream_still_gives_the_plaintext_back(
+        gpu, host_addresses, monkeypatch, algorithm):
+    """A Ctrl-C that lands as the keystream launch returns (the launch queued, not yet
+    counted) is held back until the launches are counted, then undone with them."""
+    import signal
+
+    from gpucrypt.kernels import aes, chacha20
+
+    module, name = (chacha20, "chacha20_xor") if algorithm != "aes-gcm" else (aes, "aes_ctr_xor")
+    real, calls = getattr(module, name), []
+
+    def launch_then_ctrl_c(*a, **k):
+        real(*a, **k)
+        calls.append(a[0].size)
+        if len(calls) == 2:   # the data launch (the first makes the key blocks)
+            signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(module, name, launch_then_ctrl_c)
+    msgs, srcs, dsts = _mixed_batch(algorithm)
+    with pytest.raises(KeyboardInterrupt):
+        gpu.seal_batch(algorithm, *_seal_args(msgs, srcs, dsts))
+    assert len(calls) == 3   # key blocks, data, the data again
+    assert [s.tobytes() for s in srcs] == [m[2].tobytes() for m in msgs]
+
+
+def test_a_seal_whose_restore_fails_too_says_so(gpu, host_addresses, monkeypatch):
+    """When running the keystream again fails as well, the exception that goes on is the
+    first one, with a note that the in-place messages may be ciphertext."""
+    from gpucrypt.kernels import chacha20, poly1305
+
+    real, calls = chacha20.chacha20_xor, []
+
+    def fails_the_third_time(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated launch failure")
+        return real(*a, **k)
+
+    def fail(*a, **k):
+        raise MemoryError("simulated out of memory in the MAC phase")
+    monkeypatch.setattr(chacha20, "chacha20_xor", fails_the_third_time)
+    monkeypatch.setattr(poly1305, "poly1305_aead_tags", fail)
+    msgs, srcs, dsts = _mixed_batch("chacha20-poly1305")
+    with pytest.raises(MemoryError) as caught:
+        gpu.seal_batch("chacha20-poly1305", *_seal_args(msgs, srcs, dsts))
+    assert any("may hold ciphertext without a tag" in note and "simulated launch failure" in note
+               for note in caught.value.__notes__)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS + ("xchacha20-poly1305",))
+def test_by_address_messages_at_odd_offsets_of_one_pool_match_the_reference(gpu, host_addresses, algorithm):
+    """Messages carved at odd offsets of one host pool, in place and apart, by address: the
+    arena's base and every message start where the memory puts them (the separately
+    allocated arrays of the test above are all aligned), so the kernels' choice between
+    their aligned fast path and the byte path is made on real addresses, as on a device."""
+    rng = np.random.default_rng(9)
+    pool = np.zeros(1 << 13, np.uint8)
+    lens = [0, 1, 15, 16, 17, 64, 65, 200, 33]
+    nonce_len = 24 if algorithm == "xchacha20-poly1305" else 12
+    starts = set()
+    for shift in (1, 3, 8, 13):
+        one_key = shift % 2 == 1   # one key (GHASH's table kernel) and mixed keys
+        key_sizes = (16, 24, 32) if algorithm == "aes-gcm" else (32,)
+        keys = [rng.bytes(key_sizes[i % len(key_sizes)]) for i in range(len(lens))]
+        if one_key:
+            keys = [keys[0]] * len(lens)
+        nonces = [rng.bytes(nonce_len) for _ in lens]
+        aads = [rng.bytes(int(rng.integers(0, 40))) for _ in lens]
+        pts = [rng.bytes(n) for n in lens]
+        cursor, srcs, dsts = shift, [], []
+        for i, n in enumerate(lens):
+            src = pool[cursor:cursor + n]
+            src[:] = np.frombuffer(pts[i], np.uint8)
+            cursor += n + int(rng.integers(0, 20))
+            if i % 2:
+                dst = pool[cursor:cursor + n]
+                cursor += n + int(rng.integers(0, 20))
+            else:
+                dst = src
+            srcs.append(src)
+            dsts.append(dst)
+            starts.add(dst.ctypes.data % 16)
+        tags = gpu.to_host(gpu.seal_batch(algorithm, keys, nonces, srcs, aads, dsts))
+        for i in range(len(lens)):
+            assert dsts[i].tobytes() + tags[i].tobytes() == \
+                reference_seal(algorithm, keys[i], nonces[i], pts[i], aads[i]), (shift, lens[i])
+        outs = []   # opened where they were sealed: in place, or into more of the pool
+        for i, (d, n) in enumerate(zip(dsts, lens)):
+            outs.append(pool[cursor + 1:cursor + 1 + n] if i % 2 else d)
+            cursor += (n + 1) if i % 2 else 0
+        ok = gpu.open_batch(algorithm, keys, nonces, dsts, list(tags), aads, outs)
+        assert ok.all() and [o.tobytes() for o in outs] == pts, shift
+    assert len(starts) > 4   # the messages really started at many alignments
+
+
 def test_aliases_of_scratch_must_fit_and_be_aligned():
     from gpucrypt.backends import gpu as module
 

@@ -337,3 +337,35 @@ def test_a_gpu_open_with_one_tag_of_the_wrong_length_fails_that_message_only():
     for tags in (flat, gpu.to_device(flat)):
         with pytest.raises(ValueError, match=r"uint8\[2, 16\]"):
             gpu.open_batch("chacha20-poly1305", [key, key], nonces, srcs, tags, [b"", b""], dsts)
+
+
+@pytest.mark.parametrize("op", ["seal", "open"])
+def test_a_gpu_batch_mixing_algorithms_is_refused_before_anything_is_read(op):
+    """A batch is one launch of one algorithm: a ChaCha20-Poly1305 job after an AES-GCM
+    one was sealed as AES-GCM (the first job's algorithm ran the whole batch). Refused
+    before any job's input is read; jobs that all name one algorithm other than the
+    runner's run under it."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    key, nonce, msg = os.urandom(32), os.urandom(12), os.urandom(40)
+    sealed = AESGCM(key).encrypt(nonce, msg, b"")
+
+    def job(i, algorithm):
+        return pipeline.Job(i, nonce, b"", None, bytearray(40), key=key, algorithm=algorithm,
+                            tag=sealed[-16:] if op == "open" else None, size=40)
+    loaded = []
+
+    def load(j):
+        loaded.append(j.ident)
+        return bytearray(msg if op == "seal" else sealed[:-16])
+    runner = _gpu_runner(op, key)   # made for ChaCha20-Poly1305
+    mixed = [job(0, "aes-gcm"), job(1, "chacha20-poly1305"), job(2, None)]
+    with pytest.raises(ValueError, match=r"one algorithm.*job 1 is 'chacha20-poly1305'.*'aes-gcm'"):
+        runner.start(pipeline.Batch(mixed, load=load))
+    assert loaded == [] and all(not any(j.dst) for j in mixed)
+    same = [job(0, "aes-gcm"), job(1, "aes-gcm")]
+    results = runner.start(pipeline.Batch(same, load=load))()
+    if op == "seal":
+        assert [bytes(j.dst) + t for j, t in zip(same, results)] == [sealed, sealed]
+    else:
+        assert results == [True, True] and [bytes(j.dst) for j in same] == [msg, msg]

@@ -68,6 +68,7 @@ from cryptography.exceptions import InvalidTag
 
 from .. import _limits
 from .._buffers import bytes_arg
+from .._interrupts import held_interrupts, uninterrupted
 from ._base import AeadContext, Backend
 from ._probe import gpu_unavailable_reason  # noqa: F401  (its public home until now)
 
@@ -808,7 +809,8 @@ class GpuBackend(Backend):
         No synchronisation with tag="gpu": every upload is queued before the first
         launch, from pinned memory, and the call returns with the work queued on
         ``stream``. ``dsts[i]`` must hold at least ``len(srcs[i])`` bytes and share no
-        memory with another message (``ValueError``), except ``srcs[i]`` itself.
+        memory with another message (``ValueError``), except ``srcs[i]`` itself. A seal
+        that raises (Ctrl-C included) leaves each in-place message as its plaintext.
         """
         plan, s, arena, src_off, dst_off = self._launch_setup(algorithm, keys, nonces, srcs, aads, dsts, tag,
                                                              stream)
@@ -818,8 +820,23 @@ class GpuBackend(Backend):
             return tags
         work = self._batch_work(plan, arena, src_off, dst_off, s, tags, key_blocks=True, data=True)
         with self._ring().slot(s) as slot:
-            self._run(work, slot, s, ("keys", "data"))
-            self._finish_tags(plan, work, slot, arena, dst_off, tags, s)
+            self._run(work, slot, s, ("keys",))
+            # The keystream overwrites an in-place message before its MAC is made: should the
+            # MAC phase fail (a launch, a module load, out of memory) or Ctrl-C come, the caller
+            # would be left with ciphertext and no tag, their plaintext gone. The data launches
+            # are counted, and those that ran are run again (the keystream XORed twice is none)
+            # before the exception goes on. A Ctrl-C among them is held back until they are all
+            # counted (two signal.signal calls, against 1-4 ms of host time a batch).
+            launched = 0
+            try:
+                with held_interrupts():
+                    for fn in work.phases["data"]:
+                        fn(work.tables, work.scratch)
+                        launched += 1
+                self._finish_tags(plan, work, slot, arena, dst_off, tags, s)
+            except BaseException as exc:
+                uninterrupted(self._undo_data, work, launched, s, exc)
+                raise
         arena.write_back(range(n, 2 * n))
         return tags
 
@@ -888,6 +905,31 @@ class GpuBackend(Backend):
     def _launch(work: _Work, phase: str) -> None:
         for fn in work.phases[phase]:
             fn(work.tables, work.scratch)
+
+    def _undo_data(self, work: _Work, launched: int, s, failure: BaseException) -> None:
+        """Run the first ``launched`` data launches of a seal again, on its stream (after
+        whatever of the MAC was queued, which reads the ciphertext) and wait for them: each
+        in-place message is its plaintext again when ``failure`` reaches the caller. (A
+        separate destination gets the same ciphertext again; its source was only read.)
+
+        Every launch is tried even if one before it fails, so that as many messages as can
+        be are restored; what could not be is said in a note on ``failure``."""
+        problems = []
+        for fn in work.phases["data"][:launched]:
+            try:
+                fn(work.tables, work.scratch)
+            except Exception as exc:  # noqa: BLE001 - reported on the failure that goes on
+                problems.append(exc)
+        if launched and not problems:
+            try:
+                self.synchronize(s)
+            except Exception as exc:  # noqa: BLE001 - as above
+                problems.append(exc)
+        if problems:
+            failure.add_note(
+                f"gpucrypt: the seal failed after its keystream ran, and putting the in-place "
+                f"messages back failed too ({problems[0]!r}): they may hold ciphertext without a "
+                f"tag; restore them from another copy")
 
     def _finish_tags(self, plan, work, slot, arena, ct_off, tags_out, s):
         """The MAC launches (tag="gpu"), or the host tags (tag="host"). With ``tags_out``
@@ -1096,9 +1138,15 @@ class GpuBackend(Backend):
         return host_tags
 
 
-@dataclass
+@dataclass(repr=False)
 class _Plan:
-    """Host-side facts of one batch: keys deduplicated, per-message nonces/J0, lengths."""
+    """Host-side facts of one batch: keys deduplicated, per-message nonces/J0, lengths.
+
+    Its repr names the batch's shape only: a generated one printed the keys (and
+    XChaCha20's subkeys), and the J0 blocks of GCM's other nonce lengths, which are GHASH
+    under H, from which H, and with one tag any forgery under that nonce, can be solved
+    for. A plan is a local of every batch call, where a traceback that shows locals
+    prints it."""
 
     algorithm: str
     family: str              # "chacha" or "gcm"
@@ -1116,6 +1164,10 @@ class _Plan:
     @property
     def n(self) -> int:
         return len(self.srcs)
+
+    def __repr__(self) -> str:
+        return (f"_Plan(algorithm={self.algorithm!r}, n={self.n}, keys={len(self.unique_keys)}, "
+                f"bytes={sum(self.lengths)}, tag={self.tag!r})")
 
     @classmethod
     def build(cls, algorithm, keys, nonces, srcs, dsts, aads, lengths, tag) -> "_Plan":
