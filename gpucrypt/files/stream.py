@@ -300,7 +300,8 @@ def encrypt(src: Any, dst: Any, key: Any, *, algorithm: str = "chacha20-poly1305
     ``key_id``/``envelope``: optional header fields, authenticated by the header MAC but
     not bound to the segments (see :func:`replace_envelope`). ``threads``: CPU worker
     threads (default: the usable cores). ``_salt``/``_nonce_prefix`` are for known-answer
-    tests only: reusing them under the same key repeats nonces. (``_salt`` is also given by
+    tests only: reusing both under the same key repeats the segment keys and nonces (the
+    prefix is drawn fresh otherwise, and enters the key derivation). (``_salt`` is also given by
     :func:`gpucrypt.files.keyed.encrypt_file`, which draws it fresh to bind the envelope to it.)
     """
     key = _format.check_key(key)
