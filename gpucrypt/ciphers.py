@@ -19,11 +19,31 @@ buffers only (``TypeError``). Keys and nonces must be bytes, as in ``cryptograph
 A non-contiguous buffer raises :class:`gpucrypt._buffers.NonContiguousBuffer` (a
 ``BufferError``, as in ``cryptography``, and a ``ValueError``).
 
+``update_into(data, buf)`` may work in place (``data`` and ``buf`` the same memory
+from the same start) or between separate buffers; any other overlap (the same memory
+from different starts, e.g. ``update_into(view[0:n], view[1:n + 1])``) is ``ValueError``
+on every device, before a byte is written or the keystream moves: OpenSSL reads and
+writes front to back, the GPU copies all of ``data`` first, so the bytes would depend
+on the device (refused as in Go's ``crypto/cipher`` and gpucrypt's AEAD classes;
+``cryptography`` takes it, with OpenSSL's result).
+
 ChaCha20's 16-byte ``nonce`` is ``cryptography``'s: a little-endian 32-bit block
 counter, then the 96-bit nonce (RFC 8439). As in ``cryptography``, encrypting past
 block 2**32 - 1 raises ``ValueError`` before any byte is produced, since the
 keystream would repeat. AES-CTR's ``nonce`` is the initial 128-bit counter block,
 incremented as one big-endian 128-bit integer (SP 800-38A).
+
+Errors come in one order on every device: the arguments' types (``TypeError``,
+``BufferError``), then a finalized context (``AlreadyFinalized``), then
+``update_into``'s buffer size, then an inexact overlap, then ChaCha20's counter
+overflow (all three ``ValueError``). A refused call writes nothing and uses up
+nothing: neither keystream nor any of ChaCha20's allowance before the counter
+overflows. ``cryptography`` 50 differs near the end of ChaCha20's counter only, in
+two ways that gpucrypt does not copy: it checks the overflow first (``ValueError``
+for a call past the end on a finalized context, or with a too-short buffer, where
+gpucrypt says ``AlreadyFinalized`` or gives the buffer size), and an ``update_into``
+refused for its buffer's size still counts its bytes against the allowance, so that
+a later call within the remaining keystream is refused as an overflow.
 """
 from __future__ import annotations
 
@@ -33,7 +53,7 @@ from typing import Any
 from cryptography.exceptions import AlreadyFinalized
 
 from . import _limits
-from ._buffers import bytes_arg, plain_bytes, readable, writable
+from ._buffers import bytes_arg, inexact_overlap, plain_bytes, readable, writable
 from .backends import (AUTO_GPU_THRESHOLD, every_payload_on_cpu, get_backend, select_backend,
                        small_payloads_on_cpu)
 
@@ -148,36 +168,77 @@ def _length(value: Any, name: str) -> int:
 
 
 _RESET_NONCE_SIZE = "Nonce must be 16 bytes long"  # cryptography's words, for both ciphers
+_ALREADY_FINALIZED = "Context was already finalized."  # and these
+
+
+def _check_into(data: Any, buf: Any, src: memoryview, out: memoryview) -> None:
+    """``update_into``'s checks after the types and a finalized context, in the order of
+    the module's rule: the buffer's size, then an inexact overlap."""
+    if len(out) < len(src):
+        raise ValueError(f"buffer must be at least {len(src)} bytes for this payload")
+    if inexact_overlap(data, buf):
+        raise ValueError("buf overlaps data without starting at the same address: the result "
+                         "would depend on the order in which bytes are read and written (and "
+                         "so on the device). Pass a separate buffer, or encrypt in place "
+                         "(data is buf[:len(data)])")
 
 
 class _OpenSslStreamContext(_Unpicklable):
     """The context of a cipher whose every call runs on the CPU: ``cryptography``'s own
     (so the bytes, the counter-overflow refusal and the error messages are OpenSSL's and
-    ``cryptography``'s by construction), with no wrapper work on the way in or out: an
-    allocating ``update`` costs what ``cryptography``'s does (one result buffer, no
-    zeroing, no copy). Only a call that ``cryptography`` refuses comes back through
-    gpucrypt's argument checks: a buffer that gpucrypt reads as bytes and
-    ``cryptography`` does not (wider items) is passed again as its byte view, as
-    :class:`StreamContext` reads it; anything else gets a message saying what to pass.
-    ``cryptography`` converts every argument before it does any work, so a refused call
-    consumed no keystream."""
+    ``cryptography``'s by construction), with as little wrapper work on the way in or
+    out as the module's rules allow: an allocating ``update`` costs what
+    ``cryptography``'s does (one result buffer, no zeroing, no copy). A call that
+    ``cryptography`` refuses comes back through gpucrypt's argument checks: a buffer
+    that gpucrypt reads as bytes and ``cryptography`` does not (wider items) is passed
+    again as its byte view, as :class:`StreamContext` reads it; anything else gets a
+    message saying what to pass. ``cryptography`` converts every argument before it
+    does any work, so a call refused for a type consumed nothing.
 
-    __slots__ = ("_openssl",)
+    Two of ``cryptography``'s checks come in another order than the module's rule
+    (ChaCha20's counter overflow before a finalized context and before the buffer's
+    size, and the size only after the bytes were counted against the overflow), so
+    ``update_into`` checks the size and an overlap before OpenSSL sees the call, and
+    an overflow on a finalized context is reported as ``AlreadyFinalized``."""
+
+    __slots__ = ("_openssl", "_finalized")
 
     def __init__(self, openssl: Any):
         self._openssl = openssl
+        self._finalized = False
 
     def update(self, data: Any) -> bytes:
         try:
             return self._openssl.update(data)
         except (TypeError, BufferError):
-            return self._openssl.update(readable(data, "data"))
+            pass
+        except ValueError:  # ChaCha20's counter overflow, which cryptography checks first
+            self._ensure_open()
+            raise
+        src = readable(data, "data")
+        self._ensure_open()
+        return self._openssl.update(src)
 
     def update_into(self, data: Any, buf: Any) -> int:
+        t = type(data)
         try:
-            return self._openssl.update_into(data, buf)
-        except (TypeError, BufferError):
-            return self._openssl.update_into(readable(data, "data"), writable(buf, "buf"))
+            # OpenSSL takes the call as it is only where it cannot be refused after its
+            # bytes were counted against ChaCha20's allowance: data flat (its len() its
+            # size: 1-byte items, as cryptography takes them), buf long enough, no overlap
+            # (bytes: immutable; two bytearrays: separate memory, or in place)
+            if (t is bytes or (t is bytearray and type(buf) is bytearray)
+                    or ((t is bytearray or getattr(data, "ndim", 0) == 1)
+                        and not inexact_overlap(data, buf))) and len(data) <= len(buf):
+                return self._openssl.update_into(data, buf)
+        except (TypeError, BufferError):  # no len(), or items OpenSSL does not take: below
+            pass
+        except ValueError:  # the counter overflow (the size and overlap are checked)
+            self._ensure_open()
+            raise
+        src, out = readable(data, "data"), writable(buf, "buf")
+        self._ensure_open()
+        _check_into(data, buf, src, out)
+        return self._openssl.update_into(src, out)
 
     def reset_nonce(self, nonce: Any) -> None:
         """As ``cryptography``'s: go on with the keystream of ``nonce`` from its start."""
@@ -188,7 +249,13 @@ class _OpenSslStreamContext(_Unpicklable):
             raise
 
     def finalize(self) -> bytes:
-        return self._openssl.finalize()
+        result = self._openssl.finalize()
+        self._finalized = True
+        return result
+
+    def _ensure_open(self) -> None:
+        if self._finalized:
+            raise AlreadyFinalized(_ALREADY_FINALIZED)
 
 
 class StreamContext(_Unpicklable):
@@ -241,21 +308,25 @@ class StreamContext(_Unpicklable):
         return bytes(out)
 
     def update_into(self, data: Any, buf: Any) -> int:
+        """Write the next ``len(data)`` bytes into the start of ``buf``, in place (the same
+        start) or between separate buffers (any other overlap: ``ValueError``)."""
         cpu = self._cpu
         if cpu is not None and self._cpu_position == self._position and plain_bytes(data) \
-                and plain_bytes(buf, writable=True) and len(data) < AUTO_GPU_THRESHOLD \
+                and plain_bytes(buf, writable=True) and len(data) <= len(buf) \
+                and len(data) < AUTO_GPU_THRESHOLD \
                 and (self._limit is None or self._position + len(data) <= self._limit) \
-                and not self._finalized:
-            # the common case of a CPU stream in progress: OpenSSL reads these buffers as they are
+                and not self._finalized and not inexact_overlap(data, buf):
+            # the common case of a CPU stream in progress: OpenSSL reads these buffers as
+            # they are, and cannot refuse them (it would count a refused call's bytes
+            # against ChaCha20's allowance all the same)
             n = cpu.update_into(data, buf)
             self._position += n
             self._cpu_position = self._position
             return n
         src = readable(data, "data")
         out = writable(buf, "buf")
-        self._ensure_open()  # as cryptography: after the argument types, before the sizes
-        if len(out) < len(src):
-            raise ValueError(f"buffer must be at least {len(src)} bytes for this payload")
+        self._ensure_open()  # the module's order: after the argument types, before the sizes
+        _check_into(data, buf, src, out)
         self._xor(src, out[: len(src)])
         return len(src)
 
@@ -267,7 +338,7 @@ class StreamContext(_Unpicklable):
 
     def _ensure_open(self) -> None:
         if self._finalized:
-            raise AlreadyFinalized("Context was already finalized.")
+            raise AlreadyFinalized(_ALREADY_FINALIZED)
 
     def _backend_for(self, nbytes: int):
         """Where the next ``nbytes`` of keystream are made (None for none), after the

@@ -337,3 +337,89 @@ def test_ciphers_and_their_contexts_refuse_pickle_and_copy(kind, device):
         for attempt in (pickle.dumps, copy.copy, copy.deepcopy):
             with pytest.raises(TypeError, match="cannot pickle or copy"):
                 attempt(obj)
+
+
+# --- found by the third review (/tmp/review-misc) -----------------------------------------------
+
+@pytest.fixture(params=["cpu", "auto", pytest.param("gpu", marks=pytest.mark.cudasim)])
+def every_device(request) -> str:
+    """Each device= a user may pass: "cpu" hands out cryptography's own context behind
+    gpucrypt's checks, "auto" and "gpu" gpucrypt's StreamContext (its CPU fast path, and
+    the kernels, in numba's simulator where there is no GPU)."""
+    if request.param == "gpu":
+        from _reference import require_gpu_backend
+
+        require_gpu_backend()
+    return request.param
+
+
+@pytest.mark.parametrize("kind,key_len", [("chacha20", 32), ("aes-ctr", 16)])
+def test_update_into_refuses_inexact_overlap_on_every_device(every_device, kind, key_len):
+    """buf and data in the same memory from different starts gave OpenSSL's bytes (read
+    and written front to back) on the CPU and other bytes on the GPU (all of data copied
+    first): refused on every device, before a byte is written or the keystream moves.
+    Exactly in place, the same start, is allowed and gives cryptography's bytes."""
+    key, nonce = os.urandom(key_len), os.urandom(16)
+    enc = ours(kind, key, nonce, every_device)
+    memory = bytearray(os.urandom(700))
+    view = memoryview(memory)
+    array = np.frombuffer(bytearray(os.urandom(700)), dtype=np.uint8)
+    owning = np.arange(700, dtype=np.uint16).view(np.uint8)
+    pairs = [(view[a:a + n], view[b:b + n]) for a, b, n in
+             ((0, 1, 128), (1, 0, 128), (0, 3, 100), (0, 64, 300), (64, 0, 300))]
+    pairs += [(array[:100], array[50:150]), (array[50:150], array[:100]), (owning[1:], owning),
+              (view[5:], memory)]  # (a bytearray into a later view of it is too short a buf)
+    for data, buf in pairs:
+        before = bytes(memory), array.tobytes(), owning.tobytes()
+        with pytest.raises(ValueError, match="overlaps data"):
+            enc.update_into(data, buf)
+        assert (bytes(memory), array.tobytes(), owning.tobytes()) == before
+    plain = os.urandom(300)
+    inplace = bytearray(plain)
+    at = memoryview(inplace)
+    assert enc.update_into(at[:100], at) == 100  # the same start, buf the longer
+    assert enc.update_into(at[100:], at[100:]) == 200
+    assert bytes(inplace) == reference(kind, key, nonce).update(plain)  # from keystream byte 0
+
+
+def test_chacha20_refusals_near_the_counter_end_agree_on_every_device(every_device):
+    """With 64 bytes of keystream left, one rule on every device: a finalized context or a
+    short buffer is refused as such even where the call would also run past block
+    2**32 - 1, and a refused call uses up none of the 64 bytes. cryptography 50 checks
+    the overflow first and counts a short-buffer update_into's bytes (device="cpu",
+    its own context, did both; "auto" counted them). The bytes are cryptography's, and
+    none past the end are made."""
+    key = os.urandom(32)
+    nonce = struct.pack("<I", 0xFFFFFFFF) + os.urandom(12)
+    ref = reference("chacha20", key, nonce)
+    last_block = ref.update(bytes(64))
+    enc = ours("chacha20", key, nonce, every_device)
+    buf = bytearray(5)
+    for data in (bytes(10), bytearray(10), memoryview(bytes(10)), np.zeros(10, np.uint8),
+                 np.zeros((2, 5), np.uint8), np.zeros(5, np.uint16)):  # len() of the last two: 2, 5
+        with pytest.raises(ValueError, match="at least 10 bytes"):
+            enc.update_into(data, buf)
+        assert buf == bytes(5)
+    with pytest.raises(ValueError, match="at least 100 bytes"):  # too short, and past the end
+        enc.update_into(bytes(100), bytearray(50))
+    assert enc.update(bytes(60)) == last_block[:60]  # all 64 bytes were still there
+    shared = memoryview(bytearray(200))
+    with pytest.raises(ValueError, match="overlaps data"):  # overlapping, and past the end
+        enc.update_into(shared[:100], shared[1:101])
+    with pytest.raises(ValueError, match="32-bit counter"):
+        enc.update_into(bytes(5), bytearray(5))
+    out = bytearray(4)
+    assert enc.update_into(bytes(4), out) == 4 and out == last_block[60:]
+    for context in (ref, enc):  # here cryptography and the rule agree
+        with pytest.raises(ValueError, match="32-bit counter"):
+            context.update(b"\x00")
+
+    enc = ours("chacha20", key, nonce, every_device)
+    assert enc.update(bytes(10)) == last_block[:10]
+    assert enc.finalize() == b""
+    for call in (lambda: enc.update(bytes(60)), lambda: enc.update(np.zeros(15, np.float32)),
+                 lambda: enc.update_into(bytes(60), bytearray(60)),
+                 lambda: enc.update_into(bytes(100), bytearray(50)),
+                 lambda: enc.update_into(np.zeros((10, 6), np.uint8), bytearray(60))):
+        with pytest.raises(AlreadyFinalized):
+            call()
