@@ -226,9 +226,11 @@ class _OpenSslStreamContext(_Unpicklable):
             # bytes were counted against ChaCha20's allowance: data flat (its len() its
             # size: 1-byte items, as cryptography takes them), buf long enough, no overlap
             # (bytes: immutable; two bytearrays: separate memory, or in place)
+            # and buf flat too (a (64, 0) array's len() is 64, its size 0)
             if (t is bytes or (t is bytearray and type(buf) is bytearray)
                     or ((t is bytearray or getattr(data, "ndim", 0) == 1)
-                        and not inexact_overlap(data, buf))) and len(data) <= len(buf):
+                        and not inexact_overlap(data, buf))) and len(data) <= len(buf) \
+                    and getattr(buf, "ndim", 1) == 1:
                 return self._openssl.update_into(data, buf)
         except (TypeError, BufferError):  # no len(), or items OpenSSL does not take: below
             pass

@@ -402,6 +402,8 @@ def test_chacha20_refusals_near_the_counter_end_agree_on_every_device(every_devi
         assert buf == bytes(5)
     with pytest.raises(ValueError, match="at least 100 bytes"):  # too short, and past the end
         enc.update_into(bytes(100), bytearray(50))
+    with pytest.raises(ValueError, match="at least 64 bytes"):  # len() 64, no bytes at all
+        enc.update_into(bytes(64), np.zeros((64, 0), np.uint8))
     assert enc.update(bytes(60)) == last_block[:60]  # all 64 bytes were still there
     shared = memoryview(bytearray(200))
     with pytest.raises(ValueError, match="overlaps data"):  # overlapping, and past the end
