@@ -11,23 +11,57 @@ such a step too: interrupted inside ``submit``, the piece was queued, its thread
 but the pool knew neither, and a clean-up that had already looked found the piece
 untouched before the orphan thread decrypted it.
 
-:func:`held_interrupts` holds SIGINT's handler back over a block; a Ctrl-C that comes
+:class:`held_interrupts` holds SIGINT's handler back over a block; a Ctrl-C that comes
 meanwhile is handed to that handler as the block ends (KeyboardInterrupt, then, with
-Python's default handler). :func:`uninterrupted` runs a clean-up so. Each costs a
-``signal.getsignal`` and two ``signal.signal`` calls: 8-20 us on the 2-core Xeon here,
-so they guard failing paths and rare steps, not every call.
+Python's default handler). :func:`uninterrupted` runs a clean-up so. A hold costs about a
+microsecond (``_signal``'s own calls: ``signal.signal``'s enum conversions cost 4 us).
+
+The holder repairs itself: should the block end without putting the handler back (an
+exception from another signal's handler, a SIGALRM timeout say, landing as ``with``
+enters or leaves), the object is dropped with the exception and sets the handler back
+(a Ctrl-C it had held then is lost: there is no way to raise it from there); a holder
+left in place finds its block gone or no longer active at the next Ctrl-C, sets the
+handler back and hands that Ctrl-C on. Ctrl-C is never turned off for good.
 
 Limits: Python runs signal handlers in the main thread only, so elsewhere the block simply
 runs (no KeyboardInterrupt is raised in other threads). Only SIGINT is held: a program
 that turns other signals into exceptions keeps its own handlers. A Ctrl-C whose handler is
-already due as the block is entered (it came during the very call that failed) is raised
-before the block begins.
+already due as the block is entered (it came during the C call that failed, such as a
+tag check) is raised as the block is entered, before the clean-up: callers whose failing
+call is long hold the interrupt across that call too.
 """
 from __future__ import annotations
 
-import signal
+import _signal
+import sys
 import threading
+import weakref
 from typing import Any, Callable
+
+_SIGINT = _signal.SIGINT
+_main_thread = threading.main_thread
+
+
+def _hand_on(handler: Any, frame: Any) -> None:
+    """Give a held Ctrl-C to ``handler``, as the interpreter would have."""
+    if callable(handler):
+        handler(_SIGINT, frame)
+    elif handler == _signal.SIG_DFL:
+        _signal.raise_signal(_SIGINT)  # the default action: the process ends
+
+
+def _holder(block: "weakref.ref", saved: Any) -> Callable[[int, Any], None]:
+    """SIGINT's handler while ``block`` (a :class:`held_interrupts`) is active: it notes
+    the Ctrl-C. Once the block is not (over without having set the handler back, or
+    gone), it sets ``saved`` back and hands the Ctrl-C on."""
+    def hold(signum: int, frame: Any) -> None:
+        this = block()
+        if this is not None and this._active:
+            this._came.append(signum)
+            return
+        _signal.signal(_SIGINT, saved)
+        _hand_on(saved, frame)
+    return hold
 
 
 class held_interrupts:
@@ -35,36 +69,49 @@ class held_interrupts:
     meanwhile; that Ctrl-C is then handed to SIGINT's handler, whose exception goes on
     from the ``with``."""
 
-    __slots__ = ("_came", "_previous", "_stopped")
+    __slots__ = ("_came", "_saved", "_hold", "_active", "_stopped", "__weakref__")
 
     def __enter__(self) -> "held_interrupts":
         self._came: list = []
-        self._previous = self._stopped = None
-        if threading.current_thread() is not threading.main_thread() or \
-                signal.getsignal(signal.SIGINT) is None:  # None: not Python's to set back
+        self._saved = self._hold = self._stopped = None
+        self._active = False
+        if threading.current_thread() is not _main_thread():
             return self
         while True:
-            try:  # signal.signal first runs a handler already due: that Ctrl-C waits too
-                self._previous = signal.signal(signal.SIGINT,
-                                               lambda signum, frame: self._came.append(signum))
+            try:
+                saved = _signal.getsignal(_SIGINT)
+                if saved is None:  # not Python's: nothing to set back
+                    return self
+                if self._hold is None or saved is not self._hold:  # a retry finds ours there
+                    self._saved, self._hold = saved, _holder(weakref.ref(self), saved)
+                _signal.signal(_SIGINT, self._hold)
+                self._active = True
                 return self
-            except KeyboardInterrupt as exc:
-                self._stopped = self._stopped or exc
+            except KeyboardInterrupt as exc:  # a Ctrl-C already due (run by these calls, or
+                self._stopped = self._stopped or exc  # handed on by an inactive holder)
             except ValueError:  # signals are not this interpreter's (a sub-interpreter)
                 return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        previous = self._previous
-        if previous is None:
+        if not self._active:
+            if self._stopped is not None:
+                raise self._stopped
             return
-        signal.signal(signal.SIGINT, previous)  # a Ctrl-C due now goes to ours: _came
+        self._active = False  # from here a Ctrl-C is handed on at once (see _holder)
+        _signal.signal(_SIGINT, self._saved)
         if self._stopped is not None:
             raise self._stopped
         if self._came:
-            if callable(previous):
-                previous(signal.SIGINT, None)
-            elif previous == signal.SIG_DFL:
-                signal.raise_signal(signal.SIGINT)
+            _hand_on(self._saved, sys._getframe(1))
+
+    def __del__(self) -> None:
+        # __exit__ never ran (another signal's handler raised as the with called it): set
+        # the handler back. A Ctrl-C held meanwhile is lost: raised here, it could only be
+        # ignored (an exception in __del__), and sent again it is handled here at once
+        if getattr(self, "_active", False):
+            self._active = False
+            if _signal.getsignal(_SIGINT) is self._hold:
+                _signal.signal(_SIGINT, self._saved)
 
 
 def uninterrupted(cleanup: Callable[..., Any], *args: Any) -> Any:

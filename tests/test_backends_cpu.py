@@ -880,7 +880,10 @@ def test_a_piece_kept_as_the_interrupt_came_is_taken_back_once(operation, monkey
     ("chacha20-poly1305", {"one_pass": True, "threads": 2}, "_xor_into", 1),
     ("chacha20-poly1305", {"one_pass": True, "shared_gil": True}, "_copy", 2),
     ("aes-gcm", {}, "_xor_into", 1),
-], ids=["one-pass", "pipelined", "one-shot", "gcm-streaming"])
+    ("aes-gcm", {}, "_same_memory", 1),
+    ("chacha20-poly1305", {"one_pass": True, "shared_gil": True}, "_same_memory", 1),
+], ids=["one-pass", "pipelined", "one-shot", "gcm-streaming", "gcm-streaming-first-call",
+        "one-shot-first-call"])
 def test_ctrl_c_during_a_forged_opens_clean_up_waits_for_it(algorithm, options, patched, call,
                                                              monkeypatch):
     """A forged message opened in place: the clean-up gives the buffer its ciphertext back,

@@ -34,23 +34,50 @@ def test_without_held_interrupts_the_same_steps_are_cut_short():
 
 
 def test_a_ctrl_c_already_due_waits_too(monkeypatch):
-    """``signal.signal`` runs a handler already due before it installs the new one (so
-    raises KeyboardInterrupt, nothing installed): the holder is installed all the same,
-    the block runs, and that interrupt goes on after it."""
-    real, calls = signal.signal, []
+    """A handler already due runs as the holder is installed (KeyboardInterrupt from
+    inside ``__enter__``): the holder is installed all the same, the block runs, and
+    that interrupt goes on after it."""
+    import _signal
+
+    real, calls = _signal.signal, []
 
     def due_first(signum, handler):
         calls.append(handler)
         if len(calls) == 1:
             raise KeyboardInterrupt
         return real(signum, handler)
-    monkeypatch.setattr(signal, "signal", due_first)
+    monkeypatch.setattr(_signal, "signal", due_first)
     done: list = []
     with pytest.raises(KeyboardInterrupt):
         with held_interrupts():
             done.append("block")
     assert done == ["block"] and len(calls) == 3  # tried, installed, set back
-    assert real(signal.SIGINT, signal.default_int_handler) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_holder_left_installed_sets_the_handler_back_at_the_next_ctrl_c(monkeypatch):
+    """Another signal's handler raising (a timeout, say) right after the holder went in,
+    before the block began: the exception leaves the ``with``, the holder stays installed
+    and inactive. A later Ctrl-C was swallowed for good; now it puts the handler back
+    and goes on as KeyboardInterrupt."""
+    import _signal
+
+    real = _signal.signal
+
+    def then_a_timeout(signum, handler):
+        previous = real(signum, handler)
+        if handler is not signal.default_int_handler:
+            raise TimeoutError("another signal's handler")
+        return previous
+    monkeypatch.setattr(_signal, "signal", then_a_timeout)
+    with pytest.raises(TimeoutError):
+        with held_interrupts():
+            pass
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # left there
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_result_and_no_interrupt_pass_through():
@@ -80,3 +107,16 @@ def test_other_threads_run_the_clean_up_as_it_is():
     worker.start()
     worker.join()
     assert result == [4]
+
+
+def test_a_block_whose_exit_never_ran_sets_the_handler_back_when_dropped():
+    """``with`` calls ``__exit__``, and another signal's handler can raise at its very
+    first line: the holder stayed active, and every later Ctrl-C was noted and lost.
+    Dropped with the exception, the object sets the handler back."""
+    block = held_interrupts()
+    block.__enter__()
+    assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    del block
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)

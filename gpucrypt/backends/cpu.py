@@ -101,6 +101,15 @@ def _transformed_end(out: memoryview, done: int, pending: tuple | None) -> int:
     return done
 
 
+def _put_back(data: memoryview, out: memoryview, original: memoryview | None) -> None:
+    """After a one-shot open failed: an in-place ``out`` gets its ``original`` bytes (the
+    ciphertext) back, a separate one is zeroed."""
+    if not _same_memory(data, out):
+        _zero(out)
+    elif original is not None:
+        _copy(out, original)
+
+
 def _tags_equal(a: bytes, b: bytes) -> bool:
     """Constant-time comparison of two tags. ``constant_time`` is imported on the first
     comparison, not with this module: it loads the standard hmac and hashlib (OpenSSL's
@@ -242,9 +251,12 @@ class _OpenSslAead(AeadContext):
             _copy(out, scratch[:n])
             return tag
         except BaseException:  # noqa: B036 (Ctrl-C as the copy returns: the tag never leaves)
-            if _same_memory(data, out):  # its plaintext back, from the sealed copy
-                uninterrupted(self._aead.decrypt_into, nonce, scratch, aad, out)
+            uninterrupted(self._plaintext_back, nonce, data, scratch, aad, out)
             raise
+
+    def _plaintext_back(self, nonce, data, sealed, aad, out) -> None:
+        if _same_memory(data, out):  # an in-place seal: its plaintext, from the sealed copy
+            self._aead.decrypt_into(nonce, sealed, aad, out)
 
     def open_one_shot(self, nonce, data, tag, aad, out, into_out=False) -> None:
         """``into_out`` (the ``one_pass`` contract: ``out`` is private to the caller during
@@ -258,21 +270,20 @@ class _OpenSslAead(AeadContext):
         sealed[n:] = tag
         if into_out:
             try:
-                self._aead.decrypt_into(nonce, sealed, aad, out)
+                # a Ctrl-C during the call (the whole decryption) waits for its end: due as
+                # a wrong tag is raised, it would be raised before the clean-up ran
+                with held_interrupts():
+                    self._aead.decrypt_into(nonce, sealed, aad, out)
             except BaseException:  # noqa: B036 (a wrong tag; or Ctrl-C as the call returns:
                 # the caller would not know the buffer holds plaintext now)
-                if _same_memory(data, out):
-                    uninterrupted(_copy, out, sealed[:n])   # the ciphertext, as it was
-                else:
-                    uninterrupted(_zero, out)
+                uninterrupted(_put_back, data, out, sealed[:n])
                 raise
             return
         plain = bytearray(n)  # decrypt_into writes even when the tag is wrong: not into out
         try:
             self._aead.decrypt_into(nonce, sealed, aad, plain)
-        except InvalidTag:
-            if not _same_memory(data, out):
-                uninterrupted(_zero, out)  # as the composed path: no stale bytes in out
+        except InvalidTag:  # as the composed path: no stale bytes in a separate out
+            uninterrupted(_put_back, data, out, None)
             raise
         else:
             out[:] = plain
@@ -555,8 +566,7 @@ class _AesGcm(_OpenSslAead):
             enc.finalize()
             return enc.tag
         except BaseException:  # noqa: B036 (an in-place buffer gets its plaintext back)
-            if _same_memory(data, out):  # CTR once more (a separate output: only ciphertext)
-                uninterrupted(self._gcm_take_back, nonce, out, done, pending)
+            uninterrupted(self._gcm_take_back, nonce, data, out, done, pending, False)
             raise
 
     def open_detached(self, nonce, data, tag, aad, out, threads=1, one_pass=False,
@@ -586,17 +596,21 @@ class _AesGcm(_OpenSslAead):
                 pending = (end, bytes(data[start:start + 16]))
                 dec.update_into(data[start:end], out[start:end])
                 done, pending = end, None
-            dec.finalize_with_tag(bytes(tag))
+            with held_interrupts():  # a Ctrl-C due as a wrong tag is raised: see open_one_shot
+                dec.finalize_with_tag(bytes(tag))
         except BaseException:  # noqa: B036 (the plaintext goes back whatever stopped us)
-            if not _same_memory(data, out):
-                uninterrupted(_zero, out)
-                raise
-            uninterrupted(self._gcm_take_back, nonce, out, done, pending)
+            uninterrupted(self._gcm_take_back, nonce, data, out, done, pending, True)
             raise
 
-    def _gcm_take_back(self, nonce: bytes, out: memoryview, done: int, pending: tuple | None):
+    def _gcm_take_back(self, nonce: bytes, data: memoryview, out: memoryview, done: int,
+                       pending: tuple | None, zero_apart: bool) -> None:
         """CTR once more over what a streaming seal or open had transformed of an in-place
-        buffer (GCM's keystream is the same both ways): its input back."""
+        buffer (GCM's keystream is the same both ways): its input back. A separate output
+        is zeroed after an open (``zero_apart``); after a seal it holds only ciphertext."""
+        if not _same_memory(data, out):
+            if zero_apart:
+                _zero(out)
+            return
         done = _transformed_end(out, done, pending)
         _xor_into(self._gcm(nonce).encryptor(), out[:done], out[:done])
 
