@@ -392,6 +392,69 @@ def test_passphrase_round_trip_and_wrong_passphrase(work, capsys, monkeypatch):
     assert code == 1 and "not passphrase-encrypted" in err
 
 
+CREME_NFC, CREME_NFD = "Cr\u00e8me br\u00fbl\u00e9e", "Cre\u0300me bru\u0302le\u0301e"
+
+
+def test_a_passphrase_file_is_read_as_bytes(work, capsys, monkeypatch):
+    """A byte order mark (Windows editors write one) is no part of the passphrase, and a
+    line ending inside it is kept as written: only those that end the file are dropped.
+    Whichever source the passphrase comes from, it is one text in NFC or NFD."""
+    private(work / "bom", b"\xef\xbb\xbf" + CREME_NFC.encode() + b"\r\n")
+    private(work / "lines", b"one\r\ntwo\rthree\r\n")
+    for name, text in (("bom", CREME_NFC), ("lines", "one\r\ntwo\rthree")):
+        code, _, err = run(capsys, "encrypt", "-p", "--passphrase-file", name, "plain", name + ".gc")
+        assert code == 0, err
+        envelope = stream.read_header(work / (name + ".gc")).envelope
+        keys.open_envelope(envelope, keys.Passphrase(text))  # the passphrase it was sealed with
+        code, _, err = run(capsys, "decrypt", "--passphrase-file", name, name + ".gc", name + ".out")
+        assert code == 0, err
+        assert (work / (name + ".out")).read_bytes() == (work / "plain").read_bytes()
+    private(work / "nfd", CREME_NFD.encode() + b"\n")
+    code, _, err = run(capsys, "decrypt", "--passphrase-file", "nfd", "bom.gc", "nfd.out")
+    assert code == 0, err
+    monkeypatch.setenv("GPUCRYPT_PASSPHRASE", CREME_NFD)
+    code, _, err = run(capsys, "decrypt", "bom.gc", "env.out")
+    assert code == 0, err
+
+
+def test_files_sealed_from_an_earlier_reading_of_the_passphrase_still_open(work, capsys,
+                                                                            monkeypatch):
+    """gpucrypt read --passphrase-file as text: the byte order mark kept, every \\r\\n and
+    \\r inside turned into \\n; and derived the passphrase as given, not in NFC. Files
+    sealed so open with the same passphrase file (or text) as before."""
+    earlier = {"bom": (b"\xef\xbb\xbfpw\r\n", "\ufeffpw"),
+               "lines": (b"one\r\ntwo\rthree\r\n", "one\ntwo\nthree"),
+               "nfd": (CREME_NFD.encode() + b"\n", CREME_NFD)}
+    for name, (data, sealed_with) in earlier.items():
+        private(work / name, data)
+        dek = keys.generate_dek()
+        envelope = _earlier_passphrase_envelope(sealed_with, dek)
+        stream.encrypt((work / "plain").read_bytes(), work / (name + ".gc"), dek,
+                       envelope=envelope)
+        code, _, err = run(capsys, "decrypt", "--passphrase-file", name, name + ".gc",
+                           name + ".out")
+        assert code == 0, (name, err)
+        assert (work / (name + ".out")).read_bytes() == (work / "plain").read_bytes()
+    monkeypatch.setenv("GPUCRYPT_PASSPHRASE", CREME_NFD)
+    code, _, err = run(capsys, "decrypt", "nfd.gc", "env.out")
+    assert code == 0, err
+
+
+def _earlier_passphrase_envelope(text: str, dek: bytes) -> bytes:
+    """The envelope gpucrypt sealed for ``text`` before it normalised passphrases: scrypt
+    over its UTF-8 as given (docs/KEYS.md's construction, with cryptography alone)."""
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+    from gpucrypt.keys import _envelope
+
+    salt = os.urandom(16)
+    key = Scrypt(salt=b"gpucrypt-passphrase-v1\x00" + salt, length=32, n=2 ** 10, r=8,
+                 p=1).derive(text.encode())
+    body = ChaCha20Poly1305(key).encrypt(bytes(12), dek, None)
+    return _envelope.encode([_envelope.Stanza("scrypt", salt + bytes([10]), body)])
+
+
 def test_a_passphrase_for_a_file_it_cannot_open_names_what_would(work, capsys):
     """A passphrase file given for a recipient-wrapped or raw-key file: the message says
     what opens the file (not "no key given"), exit 1 as -p on a raw-key file; without any
@@ -535,6 +598,18 @@ def test_encrypt_asks_twice_on_a_terminal(work):
     assert code == 2 and b"the passphrases differ" in seen
 
 
+@pytest.mark.skipif(not ON_LINUX, reason="a pseudo-terminal (Linux)")
+def test_a_passphrase_typed_in_nfc_then_nfd_is_confirmed(work):
+    """Two typings of one text (a composed "è", then "e" and a combining accent) are the
+    same passphrase: confirmed, and the file opens with either."""
+    code, seen = _converse(work, [CREME_NFC.encode(), CREME_NFD.encode()], "encrypt", "-p",
+                           "plain", "-o", "sealed")
+    assert code == 0, seen
+    envelope = stream.read_header(work / "sealed").envelope
+    for text in (CREME_NFC, CREME_NFD):
+        keys.open_envelope(envelope, keys.Passphrase(text))
+
+
 # ------------------------------------------------------------------ 5. stdin and stdout
 def test_pipes_as_with_age(work, capsys):
     """``gpucrypt encrypt -r alice.pub < in > out`` and ``gpucrypt decrypt -i alice.key < out``."""
@@ -595,19 +670,26 @@ def test_output_option_and_its_conflict(work, capsys):
 
 
 # ------------------------------------------------------------------ 6. rekey on model files
-def test_rekey_rewrites_a_model_files_header_only(work, capsys):
+def _model_file_for(work, capsys, *recipients: str) -> None:
+    """m.safetensors (two small tensors), alice's and bob's key pairs, and m.gc: the model
+    encrypted for the public key files ``recipients``, in 4 KiB segments."""
     np = pytest.importorskip("numpy")
     from safetensors.numpy import save_file
-
-    from gpucrypt import models
 
     tensors = {"w": np.arange(3000, dtype=np.float32), "b": np.ones(7, dtype=np.int64)}
     save_file(tensors, str(work / "m.safetensors"))
     for name in ("alice", "bob"):
         assert run(capsys, "keygen", "--public", "--out", name)[0] == 0
-    code, _, err = run(capsys, "encrypt-model", "-r", "alice.pub", "--segment-size", "4KiB",
+    given = [arg for recipient in recipients for arg in ("-r", recipient)]
+    code, _, err = run(capsys, "encrypt-model", *given, "--segment-size", "4KiB",
                        "m.safetensors", "m.gc")
     assert code == 0, err
+
+
+def test_rekey_rewrites_a_model_files_header_only(work, capsys):
+    from gpucrypt import models
+
+    _model_file_for(work, capsys, "alice.pub")
     before = models.read_header(work / "m.gc")
     data_before = (work / "m.gc").read_bytes()[before.header_length:]
     code, out, err = run(capsys, "rekey", "m.gc", "-r", "bob.pub", "-i", "alice")
@@ -993,6 +1075,74 @@ def test_rekey_refuses_a_file_with_other_hard_links(work, capsys):
     assert code == 0, err
     assert run(capsys, "decrypt", "-i", "bob", "sealed", "x")[0] == 1
     assert run(capsys, "decrypt", "-i", "bob", "shared", "x")[0] == 0  # what --force accepted
+
+
+def _bobs_data_key(path) -> bytes:
+    """The data key bob unwraps from ``path`` while he is a recipient (and may keep)."""
+    from gpucrypt.keys.recipients import open_file_envelope
+
+    header = stream.read_header(path)
+    return open_file_envelope(header.envelope, keys.Identity.load("bob"), header.salt)
+
+
+def test_rekey_warns_that_dropping_a_recipient_without_reencrypt_does_not_revoke(work, capsys):
+    for name in ("alice", "bob", "carol"):
+        assert run(capsys, "keygen", "--public", "--out", name)[0] == 0
+    assert run(capsys, "encrypt", "-r", "alice.pub", "-r", "bob.pub", "plain", "sealed")[0] == 0
+    bob_dek = _bobs_data_key(work / "sealed")
+    code, out, err = run(capsys, "rekey", "sealed", "-r", "alice.pub", "-r", "bob.pub",
+                         "-r", "carol.pub", "-i", "alice")
+    assert code == 0 and err == "", err  # only added: nothing to warn of
+    code, out, err = run(capsys, "rekey", "sealed", "-r", "alice.pub", "-i", "alice")
+    _one_line(code, err, 0)
+    assert "warning" in err and "--reencrypt" in err and "can still read sealed" in err
+    assert "removed: " in out
+    stream.decrypt(work / "sealed", work / "b", bob_dek)  # what the warning says
+    assert (work / "b").read_bytes() == (work / "plain").read_bytes()
+
+
+def test_rekey_reencrypt_revokes(work, capsys):
+    for name in ("alice", "bob"):
+        assert run(capsys, "keygen", "--public", "--out", name)[0] == 0
+    assert run(capsys, "encrypt", "-r", "alice.pub", "-r", "bob.pub", "--segment-size", "4KiB",
+               "plain", "sealed")[0] == 0
+    bob_dek = _bobs_data_key(work / "sealed")
+    code, out, err = run(capsys, "rekey", "sealed", "-r", "alice.pub", "-i", "alice",
+                         "--reencrypt")
+    assert code == 0 and err == "", err
+    assert "re-encrypted under a fresh data key" in out and "removed: " in out
+    with pytest.raises(stream.AuthenticationError):
+        stream.decrypt(work / "sealed", work / "b", bob_dek)
+    assert run(capsys, "decrypt", "-i", "bob", "sealed", "b")[0] == 1
+    assert run(capsys, "decrypt", "-i", "alice", "sealed", "a")[0] == 0
+    assert (work / "a").read_bytes() == (work / "plain").read_bytes()
+
+
+def test_rekey_reencrypt_refuses_a_file_with_other_hard_links(work, capsys):
+    for name in ("alice", "bob"):
+        assert run(capsys, "keygen", "--public", "--out", name)[0] == 0
+    assert run(capsys, "encrypt", "-r", "alice.pub", "-r", "bob.pub", "plain", "sealed")[0] == 0
+    os.link(work / "sealed", work / "shared")
+    before = (work / "sealed").read_bytes()
+    code, _, err = run(capsys, "rekey", "sealed", "-r", "alice.pub", "-i", "alice", "--reencrypt")
+    _one_line(code, err, 2)
+    assert "1 other hard link" in err and "--force" in err
+    assert (work / "sealed").read_bytes() == before
+
+
+def test_rekey_reencrypt_a_model_file(work, capsys):
+    from gpucrypt import models
+
+    _model_file_for(work, capsys, "alice.pub", "bob.pub")
+    before = models.read_header(work / "m.gc")
+    code, out, err = run(capsys, "rekey", "m.gc", "-r", "alice.pub", "-i", "alice", "--reencrypt")
+    assert code == 0 and err == "", err
+    assert models.read_header(work / "m.gc").salt != before.salt
+    code, _, err = run(capsys, "decrypt-model", "-i", "bob", "m.gc", "b.safetensors")
+    assert code == 1 and "no recipient" in err
+    code, _, err = run(capsys, "decrypt-model", "-i", "alice", "m.gc", "a.safetensors")
+    assert code == 0, err
+    assert (work / "a.safetensors").read_bytes() == (work / "m.safetensors").read_bytes()
 
 
 BENCH = ["bench", "--device", "cpu", "--algorithms", "chacha20", "--sizes", "16",

@@ -4,7 +4,9 @@ the README scenario from docs/KEYS.md."""
 from __future__ import annotations
 
 import base64
+import io
 import json
+import logging
 import os
 import re
 import stat
@@ -533,7 +535,7 @@ def test_decrypt_file_failures_release_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("dek_size", [16, 48])
-def test_a_data_key_of_another_length_is_a_bad_envelope(tmp_path, capsys, dek_size):
+def test_a_data_key_of_another_length_is_a_bad_envelope(tmp_path, capsys, dek_size, fast_scrypt):
     """Anyone with a recipient's public key can wrap a 16- or 48-byte "data key" for it
     (envelopes take 16 to 64 bytes): a plain ValueError, exit 2 "key must be 32 bytes"
     before, blaming the user's key; safe_open took a 16-byte key. Now EnvelopeError, the
@@ -559,6 +561,16 @@ def test_a_data_key_of_another_length_is_a_bad_envelope(tmp_path, capsys, dek_si
                           os.urandom(32), envelope=envelope, device="cpu")
     with pytest.raises(EnvelopeError, match=f"{dek_size}-byte data key"):
         models.safe_open(tmp_path / "m.gc", "np", identity=alice)
+    # a passphrase file: the command line's own passphrase path
+    (tmp_path / "pw").write_text("correct horse\n")
+    (tmp_path / "pw").chmod(0o600)
+    envelope = keys.seal_envelope(os.urandom(dek_size), keys.Passphrase("correct horse", log_n=10),
+                                  context=file_context(salt))
+    stream.encrypt(b"hello", tmp_path / "p.gc", os.urandom(32), envelope=envelope, _salt=salt,
+                   device="cpu")
+    code, _, err = _cli(capsys, "decrypt", "--passphrase-file", tmp_path / "pw",
+                        tmp_path / "p.gc", tmp_path / "out")
+    assert code == 1 and f"{dek_size}-byte data key" in err, err
     assert not (tmp_path / "out").exists()
 
 
@@ -568,7 +580,10 @@ def test_raw_key_file_has_no_envelope(tmp_path):
         keys.decrypt_file(tmp_path / "raw.gc", tmp_path / "out", identities=Identity.generate())
 
 
-def test_rekey_rotates_and_revokes(tmp_path):
+def test_rekey_rotates_and_drops_a_recipient_from_the_envelope(tmp_path):
+    """A header-only rekey: the new envelope has no stanza for bob, so his identity no longer
+    opens the file. It does not revoke bob had he kept the data key: see
+    test_rekey_without_reencrypt_does_not_revoke_a_data_key_holder."""
     data = os.urandom(6000)
     (tmp_path / "m").write_bytes(data)
     alice, bob, ks = Identity.generate(), Identity.generate(), Keyset.generate()
@@ -588,9 +603,175 @@ def test_rekey_rotates_and_revokes(tmp_path):
     assert (tmp_path / "a").read_bytes() == data == (tmp_path / "k").read_bytes()
     with pytest.raises(NoMatchingRecipient):
         keys.decrypt_file(enc, tmp_path / "b", identities=bob)
-    # bob cannot rekey himself back in either
+    # nor can bob's identity rekey him back in: nothing in the file opens for it (with the
+    # data key, kept from before, he could: the test below)
     with pytest.raises(NoMatchingRecipient):
         keys.rekey_file(enc, recipients=[bob], identities=bob)
+    assert keys.describe_envelope(stream.read_header(enc).envelope) == result["recipients"]
+
+
+def _bob_keeps_the_data_key(tmp_path, size: int = 10_000):
+    """A stream file for alice, bob and a keyset (three 4 KiB segments), and the data key
+    bob unwrapped while he was a recipient."""
+    from gpucrypt.keys.recipients import open_file_envelope
+
+    data = os.urandom(size)
+    (tmp_path / "m").write_bytes(data)
+    alice, bob, ks = Identity.generate(), Identity.generate(), Keyset.generate()
+    enc = tmp_path / "m.gc"
+    keys.encrypt_file(tmp_path / "m", enc, recipients=[alice, bob], keyset=ks, segment_size=4096)
+    header = stream.read_header(enc)
+    return data, enc, alice, bob, ks, open_file_envelope(header.envelope, bob, header.salt)
+
+
+def test_rekey_without_reencrypt_does_not_revoke_a_data_key_holder(tmp_path):
+    """The limit of a header-only rekey, as documented: the segments stay under the same
+    data key, so bob, who unwrapped it before, still reads the rekeyed file, and (with
+    write access to it) puts himself back into its envelope, which every reader accepts."""
+    from gpucrypt.keys import _envelope
+
+    data, enc, alice, bob, ks, bob_dek = _bob_keeps_the_data_key(tmp_path)
+    keys.rekey_file(enc, recipients=[alice], keyset=ks)
+    stream.decrypt(enc, tmp_path / "b", bob_dek)
+    assert (tmp_path / "b").read_bytes() == data
+    now = stream.read_header(enc).envelope
+    his = _envelope.decode(keys.seal_envelope(bob_dek, bob.recipient))
+    stream.replace_envelope(enc, bob_dek, _envelope.encode(_envelope.decode(now) + his))
+    keys.decrypt_file(enc, tmp_path / "b2", identities=bob)
+    keys.decrypt_file(enc, tmp_path / "k", keyset=ks)
+    assert (tmp_path / "b2").read_bytes() == data == (tmp_path / "k").read_bytes()
+
+
+def test_rekey_reencrypt_revokes_a_data_key_holder(tmp_path):
+    """reencrypt=True: a fresh data key and salt, every segment encrypted again; the data key
+    bob kept opens nothing of the new file, and cannot put him back in."""
+    log = io.StringIO()
+    handler = audit.enable(log)
+    data, enc, alice, bob, ks, bob_dek = _bob_keeps_the_data_key(tmp_path)
+    before = stream.read_header(enc)
+    enc.chmod(0o640)
+    try:
+        result = keys.rekey_file(enc, recipients=[alice], keyset=ks, reencrypt=True)
+    finally:
+        logging.getLogger(audit.LOGGER_NAME).removeHandler(handler)
+    assert result["reencrypted"] is True
+    assert result["recipients"] == [alice.fingerprint, f"aes-kwp:{ks.primary.id}"]
+    after = stream.read_header(enc)
+    assert (after.algorithm, after.segment_size) == (before.algorithm, before.segment_size)
+    assert after.salt != before.salt and _mode(enc) == 0o640
+    for attempt in (lambda: stream.decrypt(enc, tmp_path / "b", bob_dek),
+                    lambda: stream.open(enc, bob_dek),
+                    lambda: stream.replace_envelope(enc, bob_dek, after.envelope)):
+        with pytest.raises(stream.AuthenticationError):
+            attempt()
+    with pytest.raises(NoMatchingRecipient):
+        keys.decrypt_file(enc, tmp_path / "b", identities=bob)
+    assert not (tmp_path / "b").exists()
+    keys.decrypt_file(enc, tmp_path / "a", identities=alice)
+    keys.decrypt_file(enc, tmp_path / "k", keyset=ks)
+    assert (tmp_path / "a").read_bytes() == data == (tmp_path / "k").read_bytes()
+    (rekey,) = [e for e in map(json.loads, log.getvalue().splitlines())
+                if e["operation"] == "file.rekey"]
+    assert rekey["outcome"] == "ok" and rekey["status"] == "reencrypted"
+
+
+def test_rekey_reencrypt_through_a_symbolic_link_rewrites_its_file(tmp_path):
+    data, enc, alice, bob, ks, bob_dek = _bob_keeps_the_data_key(tmp_path, 100)
+    (tmp_path / "link").symlink_to(enc.name)
+    keys.rekey_file(tmp_path / "link", recipients=[alice], identities=alice, reencrypt=True)
+    assert (tmp_path / "link").is_symlink()
+    with pytest.raises(stream.AuthenticationError):
+        stream.decrypt(enc, tmp_path / "b", bob_dek)
+    keys.decrypt_file(enc, tmp_path / "a", identities=alice)
+    assert (tmp_path / "a").read_bytes() == data
+
+
+@pytest.mark.parametrize("temporary", ["unnamed", "named"])
+def test_rekey_reencrypt_leaves_the_original_when_a_segment_fails(tmp_path, monkeypatch,
+                                                                 temporary):
+    """A tampered middle segment (the reader checks the final one when it opens, the others
+    as it reaches them): the error, the original byte for byte, and no temporary file,
+    with the unnamed (O_TMPFILE) output and with the named fallback."""
+    from gpucrypt.files import _atomic
+
+    if temporary == "named":
+        monkeypatch.setattr(_atomic, "_TMPFILE", 0)
+    data, enc, alice, bob, ks, bob_dek = _bob_keeps_the_data_key(tmp_path)
+    raw = bytearray(enc.read_bytes())
+    header = stream.read_header(enc)
+    raw[header.header_length + (4096 + 16) + 100] ^= 1  # inside segment 1 of 3
+    enc.write_bytes(bytes(raw))
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(stream.AuthenticationError) as failed:
+        keys.rekey_file(enc, recipients=[alice], keyset=ks, reencrypt=True)
+    assert failed.value.segment == 1
+    assert enc.read_bytes() == bytes(raw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+def test_rekey_reencrypt_model_file(tmp_path):
+    """A model file is sealed again with its algorithm, segment size, encrypted names and
+    metadata; the data key bob kept no longer opens it."""
+    import numpy as np
+
+    from gpucrypt import models
+    from gpucrypt.keys.recipients import open_file_envelope
+
+    alice, bob = Identity.generate(), Identity.generate()
+    tensors = {"w": np.arange(3000, dtype=np.float32), "b": np.ones(7, dtype=np.int64),
+               "e": np.zeros(0, dtype=np.uint8)}
+    dek = keys.generate_dek()
+    path = tmp_path / "m.gc"
+    models.save_encrypted(tensors, path, dek, {"arch": "tiny"}, algorithm="aes-256-gcm",
+                          encrypt_names=True, segment_size=4096,
+                          envelope=keys.seal_envelope(dek, [alice, bob]))
+    before = models.read_header(path)
+    bob_dek = open_file_envelope(before.envelope, bob, before.salt)
+    result = keys.rekey_file(path, recipients=[alice], identities=alice, reencrypt=True)
+    assert result["reencrypted"] is True and result["recipients"] == [alice.fingerprint]
+    with pytest.raises(stream.AuthenticationError):
+        models.load_encrypted(path, bob_dek, device="cpu", framework="numpy")
+    after = models.read_header(path)
+    assert after.names_encrypted and after.salt != before.salt
+    key = open_file_envelope(after.envelope, alice, after.salt)
+    verified = models.read_header(path, key)
+    assert (verified.algorithm, verified.segment_size) == ("aes-256-gcm", 4096)
+    assert verified.metadata == {"arch": "tiny"}
+    back = models.load_encrypted(path, key, device="cpu", framework="numpy")
+    assert list(back) == list(tensors)
+    for name, x in tensors.items():
+        assert back[name].dtype == x.dtype and np.array_equal(back[name], x)
+
+
+def test_decrypt_file_names_the_stanza_that_opened_not_the_headers_claim(tmp_path):
+    """Anyone with alice's public key can make a file whose header claims the owner's keyset
+    key id (MACed under a data key of their choosing) and whose envelope names that key
+    first: decrypt_file and its audit event name alice's stanza, which opened it."""
+    from gpucrypt.keys import _envelope
+    from gpucrypt.keys.recipients import Stanza
+
+    alice, ops = Identity.generate(), Keyset.generate()
+    dek = keys.generate_dek()
+    decoy = Stanza("aes-kwp", ops.primary.id.encode(), os.urandom(40))
+    envelope = _envelope.encode([decoy] + _envelope.decode(keys.seal_envelope(dek, alice.recipient)))
+    stream.encrypt(b"attacker content", tmp_path / "f.gc", dek, key_id=ops.primary.id,
+                   envelope=envelope)
+    log = io.StringIO()
+    handler = audit.enable(log)
+    try:
+        result = keys.decrypt_file(tmp_path / "f.gc", tmp_path / "o", identities=alice,
+                                   keyset=ops)
+        genuine = tmp_path / "g.gc"
+        (tmp_path / "g").write_bytes(b"genuine")
+        keys.encrypt_file(tmp_path / "g", genuine, recipients=[alice], keyset=ops)
+        by_keyset = keys.decrypt_file(genuine, tmp_path / "g2", keyset=ops)
+    finally:
+        logging.getLogger(audit.LOGGER_NAME).removeHandler(handler)
+    assert result == {"key_id": None, "opened_by": alice.fingerprint}
+    assert by_keyset == {"key_id": ops.primary.id, "opened_by": f"aes-kwp:{ops.primary.id}"}
+    decrypted = [e for e in map(json.loads, log.getvalue().splitlines())
+                 if e["operation"] == "file.decrypt"]
+    assert [e["key_id"] for e in decrypted] == [alice.fingerprint, f"aes-kwp:{ops.primary.id}"]
 
 
 # ---------------------------------------------------------------- CLI
@@ -876,3 +1057,276 @@ def test_data_key_cache_is_safe_from_many_threads(tmp_path, monkeypatch):
     finally:
         sys.setswitchinterval(interval)
     assert not failures, (len(failures), failures[:3])
+
+
+# ------------------------------------------------------- forged envelopes and key providers
+
+
+def _stanza_repeated(envelope: bytes, times: int) -> bytes:
+    """``envelope`` (of one stanza) with that stanza written ``times`` times: bytes
+    _envelope.encode refuses to make."""
+    assert envelope[5] == 1
+    return envelope[:5] + bytes([times]) + envelope[6:] * times
+
+
+def test_an_envelope_with_a_stanza_twice_is_malformed():
+    from gpucrypt.keys import EnvelopeError, _envelope
+
+    dek, wk = keys.generate_dek(), keys.WrappingKey("k", os.urandom(32))
+    once = keys.seal_envelope(dek, wk)
+    twice = _stanza_repeated(once, 2)
+    for call in (lambda: keys.open_envelope(twice, wk), lambda: keys.describe_envelope(twice)):
+        with pytest.raises(EnvelopeError, match="^malformed envelope: two aes-kwp stanzas for "
+                                                "the same recipient id$"):
+            call()
+    # the same id with another body (a forged copy) is the same recipient twice too
+    [stanza] = _envelope.decode(once)
+    forged = _envelope.Stanza(stanza.kind, stanza.recipient_id, os.urandom(40))
+    with pytest.raises(ValueError, match="two aes-kwp stanzas"):  # no writer makes one
+        _envelope.encode([stanza, forged])
+    # the same id bytes under another stanza type are another recipient
+    other = _envelope.Stanza("key-ref", stanza.recipient_id, os.urandom(40))
+    assert _envelope.decode(_envelope.encode([stanza, other])) == [stanza, other]
+    assert keys.open_envelope(_envelope.encode([other, stanza]), wk) == dek
+
+
+class _CountingProvider:
+    """An external key (registered as awskms's, by the fixture below) owning every stanza
+    id under its prefix, as a PKCS#11 key whose URI names no token serial, or a KMS alias
+    the caller may not describe: 255 forged ids are 255 distinct stanzas it owns. Records
+    each unwrap as (stanza id, context); unwraps the body b"good:" + data key."""
+
+    calls: list = []
+    prefix = "awskms://arn:aws:kms:eu-west-1:111122223333:key/"
+
+    @classmethod
+    def from_uri(cls, parsed):
+        return cls()
+
+    def owns(self, stanza_id: str) -> bool:
+        return stanza_id.startswith(self.prefix)
+
+    def wrap(self, dek: bytes, context) -> tuple[str, bytes]:
+        return self.prefix + "k", b"good:" + dek
+
+    def unwrap(self, stanza_id: str, body: bytes, context) -> bytes:
+        self.calls.append((stanza_id, tuple(sorted(context.items()))))
+        if body.startswith(b"good:"):
+            return body[5:]
+        raise KeyUnavailable("the provider refused to unwrap (InvalidCiphertext)")
+
+
+@pytest.fixture
+def counting_provider(monkeypatch):
+    import sys
+    import types
+
+    from gpucrypt.keys import references
+
+    module = types.ModuleType("gpucrypt_test_counting_provider")
+    module.Provider = _CountingProvider
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(references.PROVIDERS, "awskms", f"{module.__name__}:Provider")
+    _CountingProvider.calls = []
+    return _CountingProvider
+
+
+def test_a_forged_envelope_costs_the_key_provider_one_call_per_stanza_and_context(
+        counting_provider):
+    """Nothing authenticates an envelope before a stanza opens (the header MAC needs the
+    data key), so whoever can write a file can fill its envelope with stanzas naming the
+    reader's HSM or KMS key. Each (key, stanza) is asked once per context, the same stanza
+    written twice is malformed (no call at all), and one key reference is asked at most
+    MAX_PROVIDER_UNWRAPS stanzas in one open: with the file context, then without."""
+    from gpucrypt.keys import EnvelopeError, _envelope
+    from gpucrypt.keys.recipients import MAX_PROVIDER_UNWRAPS, open_file_envelope
+
+    prefix, salt = counting_provider.prefix, os.urandom(16)
+    ref = keys.KeyReference(prefix + "k")
+    same = [ref, keys.KeyReference(ref.uri), ref]  # one key, given three times
+
+    def forged(n: int, good: bytes | None = None) -> bytes:
+        stanzas = [_envelope.Stanza("key-ref", f"{prefix}{i}".encode(), os.urandom(100))
+                   for i in range(n)]
+        if good is not None:
+            stanzas.append(_envelope.Stanza("key-ref", (prefix + "k").encode(), b"good:" + good))
+        return _envelope.encode(stanzas)
+
+    # 255 copies of one stanza: malformed, the provider never asked
+    with pytest.raises(EnvelopeError, match="two key-ref stanzas"):
+        open_file_envelope(_stanza_repeated(forged(1), 255), same, salt)
+    assert counting_provider.calls == []
+    # a few distinct stanzas: each asked once with the file context, once without
+    with pytest.raises(keys.NoMatchingRecipient, match="refused to unwrap"):
+        open_file_envelope(forged(3), same, salt)
+    asked = counting_provider.calls
+    assert len(asked) == 6 and len(set(asked)) == 6, asked
+    assert {len(context) for _, context in asked} == {0, 1}
+    # 255 distinct stanzas it owns: at most MAX_PROVIDER_UNWRAPS of them, per context
+    asked.clear()
+    with pytest.raises(keys.NoMatchingRecipient, match="the others were not tried"):
+        open_file_envelope(forged(255), same, salt)
+    assert len(asked) == 2 * MAX_PROVIDER_UNWRAPS and len(set(asked)) == len(asked), asked
+    # what gpucrypt writes opens as before, a forged stanza or two in front of it included
+    dek = keys.generate_dek()
+    asked.clear()
+    assert keys.open_envelope(keys.seal_envelope(dek, same), same) == dek
+    assert len(asked) == 1
+    assert keys.open_envelope(forged(MAX_PROVIDER_UNWRAPS - 1, good=dek), same) == dek
+
+
+def test_seal_envelope_writes_each_recipient_once(counting_provider, tmp_path):
+    """The same recipient given twice, or given as itself and as what it stands for, is
+    wrapped once: no writer makes an envelope the reader refuses as malformed."""
+    from gpucrypt.keys import _envelope
+
+    identity, keyset = Identity.generate(), Keyset.generate()
+    wk = keys.WrappingKey("ops", os.urandom(32))
+    keyset.save(tmp_path / "ks.json")
+    file_ref = keys.KeyReference(f"file://{tmp_path / 'ks.json'}")
+    kms = keys.KeyReference(counting_provider.prefix + "k")
+    dek = keys.generate_dek()
+    envelope = keys.seal_envelope(dek, [identity.recipient, identity, identity.recipient,
+                                        keyset, keyset.primary, file_ref, file_ref, wk, wk,
+                                        kms, keys.KeyReference(kms.uri)])
+    stanzas = _envelope.decode(envelope)  # no stanza twice: decodes
+    assert [s.kind for s in stanzas] == ["hpke-x25519", "aes-kwp", "aes-kwp", "key-ref"]
+    for opener in (identity, keyset, wk, kms):
+        assert keys.open_envelope(envelope, opener) == dek
+    with pytest.raises(ValueError, match="no other recipient"):
+        passphrase = keys.Passphrase("pw", log_n=keys.passphrase.MAX_LOG_N)
+        keys.seal_envelope(dek, [passphrase, passphrase])
+
+
+# ------------------------------------------------------------------------------ passphrases
+
+NFC = "Cr\u00e8me br\u00fbl\u00e9e 2024"  # "Crème brûlée 2024", composed
+NFD = "Cre\u0300me bru\u0302le\u0301e 2024"  # the same text, decomposed
+
+
+def _scrypt_stanza(secret: bytes, dek: bytes, log_n: int = 10):
+    """A passphrase stanza made by hand (docs/KEYS.md) from the bytes ``secret``: what
+    gpucrypt wrote before it normalised passphrases, given that text."""
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+    from gpucrypt.keys import _envelope
+
+    salt = os.urandom(16)
+    key = Scrypt(salt=b"gpucrypt-passphrase-v1\x00" + salt, length=32, n=2 ** log_n, r=8,
+                 p=1).derive(secret)
+    body = ChaCha20Poly1305(key).encrypt(bytes(12), dek, None)
+    return _envelope.encode([_envelope.Stanza("scrypt", salt + bytes([log_n]), body)])
+
+
+def _counting_scrypt(monkeypatch) -> list:
+    from gpucrypt.keys import passphrase
+
+    derived, real = [], passphrase.Scrypt
+
+    class Counted:
+        def __init__(self, **kwargs):
+            self._scrypt = real(**kwargs)
+
+        def derive(self, key_material):
+            derived.append(bytes(key_material))
+            return self._scrypt.derive(key_material)
+
+    monkeypatch.setattr(passphrase, "Scrypt", Counted)
+    return derived
+
+
+def _open_by_hand(envelope: bytes, secret: bytes) -> bytes:
+    """docs/KEYS.md's construction, with cryptography alone, over the bytes ``secret``."""
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+    from gpucrypt.keys import _envelope
+
+    [stanza] = _envelope.decode(envelope)
+    key = Scrypt(salt=b"gpucrypt-passphrase-v1\x00" + stanza.recipient_id[:16], length=32,
+                 n=2 ** stanza.recipient_id[16], r=8, p=1).derive(secret)
+    return ChaCha20Poly1305(key).decrypt(bytes(12), stanza.body, None)
+
+
+def test_a_passphrase_is_the_same_in_nfc_and_nfd(fast_scrypt, monkeypatch):
+    """Unicode has two spellings of "è" (one code point, or "e" and a combining accent),
+    and keyboards, terminals and file systems differ in which they produce: both are one
+    passphrase, sealed as NFC (docs/KEYS.md), and an NFC passphrase costs one scrypt."""
+    assert NFC != NFD and NFC.encode() != NFD.encode()
+    derived = _counting_scrypt(monkeypatch)
+    for sealed_with, opened_with in ((NFC, NFD), (NFD, NFC), (NFD, NFD)):
+        dek = keys.generate_dek()
+        envelope = keys.seal_envelope(dek, keys.Passphrase(sealed_with, log_n=10))
+        assert derived[-1] == NFC.encode()
+        derived.clear()
+        assert keys.open_envelope(envelope, keys.Passphrase(opened_with)) == dek
+        assert derived == [NFC.encode()]  # the NFC form opened it: no second scrypt
+        assert _open_by_hand(envelope, NFC.encode()) == dek  # scrypt over the NFC bytes
+    # bytes are a passphrase as given (the caller chose them): not normalised
+    envelope = keys.seal_envelope(keys.generate_dek(), keys.Passphrase(NFD.encode(), log_n=10))
+    with pytest.raises(keys.NoMatchingRecipient, match="wrong passphrase"):
+        keys.open_envelope(envelope, keys.Passphrase(NFC.encode()))
+
+
+def test_a_file_sealed_with_a_passphrase_not_in_nfc_still_opens(monkeypatch):
+    """Before passphrases were normalised, the text was derived as given: such a file opens
+    with the same text, the retry as given costing a second scrypt only to a passphrase not
+    in NFC whose NFC form failed; a wrong passphrase in NFC costs one."""
+    dek = keys.generate_dek()
+    old = _scrypt_stanza(NFD.encode(), dek)
+    derived = _counting_scrypt(monkeypatch)
+    assert keys.open_envelope(old, keys.Passphrase(NFD)) == dek
+    assert derived == [NFC.encode(), NFD.encode()]
+    derived.clear()
+    with pytest.raises(keys.NoMatchingRecipient, match="wrong passphrase"):
+        keys.open_envelope(old, keys.Passphrase("Creme brulee 2024"))
+    assert len(derived) == 1
+    # and ASCII (in NFC already) files are what they were
+    assert keys.open_envelope(_scrypt_stanza(b"plain words", dek),
+                              keys.Passphrase("plain words")) == dek
+
+
+@pytest.mark.parametrize("data, text, earlier", [
+    (b"pw\n", "pw", "pw"),
+    (b"pw", "pw", "pw"),
+    (b"pw\r\n", "pw", "pw"),  # text mode turned \r\n into \n, then stripped it
+    (b"pw\n\n\r\n", "pw", "pw"),  # every line ending at the end, as before
+    (b"pw\r", "pw", "pw"),
+    (b"\xef\xbb\xbfpw\r\n", "pw", "\ufeffpw"),  # a byte order mark is no part of it
+    (b"one\r\ntwo\rthree\n", "one\r\ntwo\rthree", "one\ntwo\nthree"),  # inside: as written
+    (b"  spaced  \n", "  spaced  ", "  spaced  "),
+    (b"\n", "", ""),
+])
+def test_a_passphrase_file_is_its_bytes_less_the_line_ending_and_byte_order_mark(
+        data, text, earlier):
+    from gpucrypt.keys import passphrase
+
+    read = passphrase.from_file_bytes(data)
+    assert read == text and type(read) is passphrase.PassphraseText
+    # earlier: the text-mode read of gpucrypt before, which files it sealed were made from
+    assert read.earlier == (() if earlier == text else (earlier,))
+    assert repr(read) == "PassphraseText(...)"
+    if text:
+        assert passphrase.forms(read) == list(dict.fromkeys([text.encode(), earlier.encode()]))
+    with pytest.raises(UnicodeDecodeError):
+        passphrase.from_file_bytes(b"\xff" + data)
+
+
+def test_a_sealed_keyset_opens_with_its_passphrase_in_either_spelling(tmp_path, fast_scrypt):
+    """Sealed key files (keysets, identities) derive from the passphrase too: sealed with
+    the NFD spelling, a keyset opened only with NFD; and one sealed from a passphrase
+    file's earlier (text-mode) reading did not open once the file was read as bytes."""
+    from gpucrypt.keys import passphrase
+
+    ks = Keyset.generate()
+    ks.save(tmp_path / "nfd.json", NFD)
+    assert Keyset.load(tmp_path / "nfd.json", NFC).primary.id == ks.primary.id
+    assert Keyset.load(tmp_path / "nfd.json", NFD).primary.id == ks.primary.id
+    with_bom = "\ufeffpass\r\nword\r\n".encode()  # a byte order mark and a CRLF inside
+    earlier = passphrase.from_file_bytes(with_bom).earlier[0]  # the text-mode reading
+    ks.save(tmp_path / "earlier.json", earlier)  # as a keyset was sealed before
+    assert Keyset.load(tmp_path / "earlier.json",
+                       passphrase.from_file_bytes(with_bom)).primary.id == ks.primary.id
+    with pytest.raises(KeysetError):
+        Keyset.load(tmp_path / "earlier.json", "pass\r\nword")

@@ -76,12 +76,17 @@ def _passphrase_given(args: Any) -> bool:
 
 
 def _passphrase(args: Any, what: str, *, confirm: bool = False) -> str:
+    """The passphrase from ``--passphrase-file``, ``$GPUCRYPT_PASSPHRASE`` or the prompt,
+    as the user gave it: :mod:`gpucrypt.keys.passphrase` normalises it (Unicode NFC) where
+    it derives a key, whichever source it came from."""
     path = getattr(args, "passphrase_file", None)
     if path:
+        from ..keys import passphrase
+
         check_private_file(path, "passphrase file", args)
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read().rstrip("\r\n")
+            with open(path, "rb") as f:  # bytes: no newline translation inside it
+                text = passphrase.from_file_bytes(f.read())
         except OSError as exc:
             raise CliError(f"cannot read the passphrase file: {exc.strerror}", 2) from None
         except UnicodeDecodeError:
@@ -98,7 +103,7 @@ def _passphrase(args: Any, what: str, *, confirm: bool = False) -> str:
 
     try:
         first = _utf8(getpass.getpass(f"passphrase for {what}: "), "typed")
-        if confirm and getpass.getpass("again: ") != first:
+        if confirm and _nfc(getpass.getpass("again: ")) != _nfc(first):
             raise CliError("the passphrases differ", 2)
     except UnicodeDecodeError:  # a terminal read strictly
         raise _not_utf8("typed") from None
@@ -108,6 +113,14 @@ def _passphrase(args: Any, what: str, *, confirm: bool = False) -> str:
     if not first:
         raise CliError("empty passphrase", 2)
     return first
+
+
+def _nfc(text: str) -> str:
+    """``text`` in Unicode NFC: two typings of one passphrase (a composed "é", or "e" and a
+    combining accent) confirm each other, since both derive the same key."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", text)
 
 
 def _utf8(text: str, where: str) -> str:
@@ -320,8 +333,7 @@ def resolve_encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes] | None:
 def resolve_decrypt_key(args: Any, header: Any) -> bytes | None:
     """The data key of the file whose parsed ``header`` (from ``stream.read_header``) is
     given, unwrapped with the ``-i``/``--keyset`` options; None when neither was given."""
-    from ..keys import open_envelope
-    from ..keys.recipients import open_file_envelope
+    from ..keys.recipients import open_data_key, open_file_envelope
 
     envelope = header.get("envelope") if isinstance(header, dict) else getattr(header, "envelope", None)
     stanza = _passphrase_stanza(envelope)
@@ -331,7 +343,7 @@ def resolve_decrypt_key(args: Any, header: Any) -> bytes | None:
 
         _keys_call(passphrase.work_factor, stanza)  # the limit, before asking or deriving
         secret = _keys_call(Passphrase, _passphrase(args, "this file"))
-        return _keys_call(open_envelope, envelope, secret)
+        return _keys_call(open_data_key, envelope, secret)
     if getattr(args, "passphrase", False):
         raise CliError("this file is not passphrase-encrypted: it needs "
                        + ("the key it was encrypted with" if not envelope else "-i or --keyset"), 1)
@@ -556,12 +568,14 @@ def _run_keys(args) -> int:
 
 
 def add_rekey(parser: argparse.ArgumentParser) -> None:
-    """Re-wrap an encrypted file's data key for new recipients/keys (rewrites the header only)."""
+    """Re-wrap an encrypted file's data key for new recipients/keys (rewrites the header
+    only), or with --reencrypt encrypt the file again under a fresh data key (revokes)."""
     parser.add_argument("file", metavar="FILE",
                         help="a gpucrypt stream or model file with an envelope (its header is "
-                             "rewritten, its data untouched)")
+                             "rewritten, its data untouched, unless --reencrypt)")
     parser.add_argument("-r", "--recipient", action="append", default=[], metavar="FILE",
-                        help="new recipient (public key file); repeat. Anyone left out is revoked")
+                        help="new recipient (public key file); repeat. Anyone left out loses "
+                             "the envelope, but is revoked only with --reencrypt")
     parser.add_argument("--keyset", metavar="FILE",
                         help="wrap under this keyset's primary key (and, without -i/--old-keyset, "
                              "open with it too: rotation after 'keys promote')")
@@ -574,19 +588,24 @@ def add_rekey(parser: argparse.ArgumentParser) -> None:
     _add_kek_argument(parser, "--old-kek", "key that opens the current envelope; repeat")
     parser.add_argument("--passphrase-file", metavar="FILE",
                         help=f"passphrase of sealed keysets/identities (else ${PASSPHRASE_ENV})")
+    parser.add_argument("--reencrypt", action="store_true",
+                        help="encrypt the whole file again under a fresh data key (reads and "
+                             "writes all of it): needed to revoke a recipient, since without it "
+                             "whoever once unwrapped the data key can still read the file")
     parser.add_argument("--force", action="store_true",
                         help="rekey FILE even when it has other hard links (they keep the old "
-                             "envelope)")
+                             "file)")
     add_unsafe_key_permissions(parser)
     _add_audit_argument(parser)
     parser.set_defaults(func=_run_rekey)
 
 
 def _refuse_other_links(path: str, force: bool) -> None:
-    """Refuse (without --force) a FILE with other hard links: rekeying writes a new file in
-    its place, so another name for the old file (a shared copy) would keep the old envelope,
-    and a recipient the rekey revokes could still open it there. (A symbolic link is
-    followed instead: the file it points to is rewritten.)"""
+    """Refuse (without --force) a FILE with other hard links: rekeying (with or without
+    --reencrypt) writes a new file in its place, so another name for the old file (a shared
+    copy) would keep the old envelope and data key, and a recipient the rekey revokes could
+    still open it there. (A symbolic link is followed instead: the file it points to is
+    rewritten.)"""
     try:
         links = os.stat(path).st_nlink
     except OSError:
@@ -635,11 +654,18 @@ def _run_rekey(args) -> int:
     identities += _key_references(args.old_kek, args)
     old_keyset = _load_keyset(args.old_keyset, args) if args.old_keyset else None
     result = _keys_call(rekey_file, args.file, recipients=recipients or None, keyset=keyset,
-                        identities=identities or None, old_keyset=old_keyset)
-    print(f"{args.file}: data key now wrapped for {', '.join(result['recipients'])}")
+                        identities=identities or None, old_keyset=old_keyset,
+                        reencrypt=args.reencrypt)
+    done = "re-encrypted under a fresh data key, wrapped" if args.reencrypt else \
+        "data key now wrapped"
+    print(f"{args.file}: {done} for {', '.join(result['recipients'])}")
     dropped = [r for r in result["previous_recipients"] if r not in result["recipients"]]
     if dropped:
         print(f"removed: {', '.join(dropped)}")
+        if not args.reencrypt:  # the same data key: a header rewrite revokes no one
+            print(f"gpucrypt rekey: warning: the removed recipients can still read {args.file} "
+                  f"if they ever unwrapped its data key; rekey with --reencrypt to revoke them",
+                  file=sys.stderr)
     return 0
 
 

@@ -4,10 +4,13 @@
 Each file gets a fresh data key; the key's envelope (:mod:`gpucrypt.keys`) goes into
 the header of a :mod:`gpucrypt.files.stream` file, and the data into its segments.
 Rekeying rewrites only the header, of a stream file or of a model file
-(:mod:`gpucrypt.files.models`, told apart by their magic bytes). Keys inside an HSM or a
+(:mod:`gpucrypt.files.models`, told apart by their magic bytes), unless it re-encrypts:
+then the whole file is written again under a fresh data key and salt, which is what
+locks out a recipient who once unwrapped the old data key. Keys inside an HSM or a
 KMS (``KeyReference``) are bound to the file through :func:`gpucrypt.keys.file_context`
 of the header's salt, which is drawn here, before the header, so that the envelope can
-carry the binding; rekeying keeps the salt and with it the binding. Users reach these as ``gpucrypt.keys.encrypt_file``
+carry the binding; rekeying keeps the salt and with it the binding (re-encrypting binds
+to the new salt). Users reach these as ``gpucrypt.keys.encrypt_file``
 and so on; they live here because keys sit below files: a key never needs to know
 about files.
 """
@@ -19,9 +22,10 @@ from typing import Any
 from .. import audit
 from ..keys import (KeyReference, Keyset, KeysetKey, NoMatchingRecipient, WrappingKey,
                     describe_envelope, file_context, generate_dek)
-from ..keys.recipients import (identity_list, open_file_envelope, recipient_list,
-                               seal_envelope_with_labels)
+from ..keys.recipients import (identity_list, open_file_envelope, open_file_envelope_with_label,
+                               recipient_list, seal_envelope_with_labels)
 from . import _format, stream
+from ._atomic import AtomicFile
 
 __all__ = ["encrypt_file", "decrypt_file", "rekey_file"]
 
@@ -135,32 +139,56 @@ def decrypt_file(src: Any, dst: Any, *, identities: Any = None, keyset: Keyset |
     to ``dst``, unwrapping the data key with ``identities`` and/or ``keyset``.
 
     :class:`NoMatchingRecipient` when no key opens the envelope (nothing is written
-    then); the stream's own errors for altered data. Returns ``{"key_id"}``.
+    then); the stream's own errors for altered data. Returns ``{"key_id", "opened_by"}``:
+    ``opened_by`` is the label (:func:`gpucrypt.keys.describe_envelope`'s) of the stanza
+    that opened the data key, ``"aes-kwp:<key id>"``, a recipient fingerprint, a key
+    reference or ``"scrypt"``, which the audit event records as its ``key_id``; ``key_id``
+    is the id of the keyset key that opened it (None when no keyset key did). Neither is
+    the header's ``key_id``: that is MACed under the data key, which whoever made the file
+    chose, and anyone with a recipient's public key can make one that claims any key id.
     """
     path = src if isinstance(src, (str, os.PathLike)) else None
     with audit.timed("file.decrypt", path=os.fspath(path) if path else None) as ev:
         envelope, header, src = _file_envelope(src)
         ev["recipients"] = describe_envelope(envelope)
-        ev["key_id"] = _header_field(header, "key_id")
-        dek = open_file_envelope(envelope, _identities_for(identities, keyset),
-                                 _header_field(header, "salt"))
+        dek, opened_by = open_file_envelope_with_label(
+            envelope, _identities_for(identities, keyset), _header_field(header, "salt"))
+        ev["key_id"] = opened_by
         verified = stream.decrypt(src, dst, dek, **stream_options)
         _note_stream_result(ev, verified, stream_options, dst)
-    return {"key_id": _header_field(header, "key_id")}
+    key_id = opened_by[len("aes-kwp:"):] if opened_by.startswith("aes-kwp:") else None
+    return {"key_id": key_id, "opened_by": opened_by}
 
 
 def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyset | None = None,
-               identities: Any = None, old_keyset: Keyset | None = None) -> dict:
-    """Re-wrap a file's data key for new recipients and rewrite only its header: a stream
-    file's, or a model file's (:func:`gpucrypt.models.replace_envelope`).
+               identities: Any = None, old_keyset: Keyset | None = None,
+               reencrypt: bool = False) -> dict:
+    """Give a stream or model file a new envelope, for new recipients.
 
     The old envelope is opened with ``identities`` and/or ``old_keyset`` (``keyset``
-    when neither is given: rotation within one keyset), a new one is sealed for
-    ``recipients`` and/or ``keyset``'s current primary, and
-    :func:`gpucrypt.stream.replace_envelope` writes it. Leaving a recipient out revokes
-    it for this file from now on. The segments are not re-encrypted: whoever kept the
-    data key (or an old copy of the file) can still read that copy.
-    Returns ``{"key_id", "recipients", "previous_recipients"}``.
+    when neither is given: rotation within one keyset), and a new one is sealed for
+    ``recipients`` and/or ``keyset``'s current primary.
+
+    ``reencrypt=False``: the same data key is re-wrapped and only the header is
+    rewritten (:func:`gpucrypt.stream.replace_envelope`,
+    :func:`gpucrypt.models.replace_envelope`); fast whatever the file's size. This adds
+    recipients and rotates key-encryption keys; it does **not** revoke anyone: whoever
+    ever unwrapped the data key (from this file or any old copy) can still read the
+    rekeyed file, write new content that its readers accept, and put a stanza of their
+    own back into its envelope.
+
+    ``reencrypt=True``: what revokes. A fresh data key and salt; every segment is
+    decrypted, verified and encrypted again under them (same algorithm and segment
+    size) into a temporary file beside the original, which then replaces it
+    atomically (a symbolic link is followed, the file's permissions are kept). If any
+    segment fails to verify, :class:`~gpucrypt.stream.AuthenticationError` is raised,
+    the original is untouched and nothing else remains. Plaintext never reaches the
+    disk: a stream file streams through memory a segment at a time; a model file is
+    decrypted whole into host memory first (about the size of its tensors: the model
+    format has no streaming re-encryption), then sealed again with its metadata and
+    ``encrypt_names`` as they were.
+
+    Returns ``{"key_id", "recipients", "previous_recipients", "reencrypted"}``.
     """
     new_items = _gather(recipients, keyset)
     if identities is None and old_keyset is None:
@@ -168,19 +196,93 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
     else:
         old = _identities_for(identities, old_keyset)
     with audit.timed("file.rekey", path=os.fspath(path)) as ev:
+        # the data key's status afterwards (audit.FIELDS has no field of its own for it):
+        # only "reencrypted" says that who held the old data key can no longer read the file
+        ev["status"] = "reencrypted" if reencrypt else "rewrapped"
         model = _is_model_file(path)
         envelope, header, _ = _file_envelope(path, model)
         previous = describe_envelope(envelope)
         ev["key_ids"] = previous
         salt = _header_field(header, "salt")
         dek = open_file_envelope(envelope, old, salt)
-        new_envelope, labels = seal_envelope_with_labels(dek, new_items, context=file_context(salt))
+        if reencrypt:  # fresh, as encrypt_file draws them: nothing of the old key survives
+            new_dek, salt = generate_dek(), os.urandom(_format.SALT_SIZE)
+        else:
+            new_dek = dek
+        new_envelope, labels = seal_envelope_with_labels(new_dek, new_items,
+                                                         context=file_context(salt))
         key_id = _primary_key_id(new_items)
         ev.update(key_id=key_id, recipients=labels)
-        if model:
+        if reencrypt:
+            rewrite = _reencrypt_model if model else _reencrypt_stream
+            rewrite(path, dek, new_dek, salt, new_envelope, key_id)
+        elif model:
             from . import models
 
             models.replace_envelope(path, dek, new_envelope, key_id=key_id)
         else:
             stream.replace_envelope(path, dek, new_envelope, key_id=key_id)
-    return {"key_id": key_id, "recipients": labels, "previous_recipients": previous}
+    return {"key_id": key_id, "recipients": labels, "previous_recipients": previous,
+            "reencrypted": bool(reencrypt)}
+
+
+def _replacement(target: str) -> AtomicFile:
+    """The unpublished file that will replace ``target`` (``path`` resolved: a symbolic
+    link stays a link and its file is rewritten, as :func:`gpucrypt.files._atomic.replace_head`
+    does, rather than the link replaced and its file left with the old data), with
+    ``target``'s permissions."""
+    return AtomicFile(target, mode=os.stat(target).st_mode & 0o7777)
+
+
+def _reencrypt_stream(path: Any, dek: bytes, new_dek: bytes, salt: bytes, envelope: bytes,
+                      key_id: str | None) -> None:
+    """Replace the stream file ``path`` by its plaintext encrypted under ``new_dek`` and
+    ``salt``: the reader verifies the header and the final segment when it opens and each
+    segment before giving out its plaintext, so a bad segment raises before its bytes
+    reach the new file, which is then dropped."""
+    target = os.path.realpath(path)
+    with stream.open(target, dek) as plaintext:
+        old = plaintext.header
+        with _replacement(target) as sink:  # stream.encrypt commits it, or drops it on error
+            stream.encrypt(plaintext, sink, new_dek, algorithm=old.algorithm,
+                           segment_size=old.segment_size, key_id=key_id, envelope=envelope,
+                           _salt=salt)
+
+
+def _reencrypt_model(path: Any, dek: bytes, new_dek: bytes, salt: bytes, envelope: bytes,
+                     key_id: str | None) -> None:
+    """Replace the model file ``path`` by its tensors sealed under ``new_dek`` and ``salt``.
+    ``load_encrypted`` verifies every segment before it returns (nothing is written
+    before), so the whole model is in host memory once; it is zeroed afterwards."""
+    from . import models
+
+    target = os.path.realpath(path)
+    opened: list = []  # the verified header of the very file decrypted
+    try:  # torch holds every dtype a model file may; NumPy (a core dependency) otherwise
+        import torch  # noqa: F401
+        framework = "torch"
+    except ImportError:
+        framework = "numpy"
+    tensors = models.load_encrypted(target, dek, device="cpu", framework=framework,
+                                    _check_header=opened.append)
+    try:
+        old = opened[0]
+        with _replacement(target) as sink:
+            models.save_encrypted(tensors, sink, new_dek, old.metadata or None,
+                                  algorithm=old.algorithm, encrypt_names=old.names_encrypted,
+                                  segment_size=old.segment_size, device="cpu", key_id=key_id,
+                                  envelope=envelope, _salt=salt)
+    finally:
+        _wipe(tensors)
+
+
+def _wipe(tensors: dict) -> None:
+    """Zero host tensors (torch, or NumPy where torch is missing): no plaintext stays in
+    memory that is handed back to the allocator."""
+    import numpy as np
+
+    from ..tensors import _frameworks as fw
+
+    for x in tensors.values():
+        adapter = fw.adapter_for(x)
+        np.asarray(adapter.host_array(adapter.byte_view(x))).reshape(-1)[:] = 0

@@ -138,7 +138,8 @@ def seal_document(public: dict, secret: dict, *, passphrase=None, kek=None, kek_
         protection = {"method": "passphrase", "kdf": "scrypt", "salt": b64e(salt),
                       "n": n, "r": 8, "p": 1, "aead": "chacha20-poly1305",
                       "nonce": b64e(nonce)}
-        key = Scrypt(salt=salt, length=32, n=n, r=8, p=1).derive(_passphrase.encode(passphrase))
+        sealing_form = _passphrase.forms(passphrase)[0]  # text in NFC
+        key = Scrypt(salt=salt, length=32, n=n, r=8, p=1).derive(sealing_form)
         cipher: Any = ChaCha20Poly1305(key, device="cpu")
     else:
         kek = bytes_arg(kek, "kek")  # bytes(32) would be a key of 32 zero bytes
@@ -187,8 +188,20 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict |
                                   f"2**{_SCRYPT_MAX_WORK.bit_length() - 1}), refused before "
                                   f"any work: restore the file from a copy")
             salt = b64d(protection.get("salt"), f"{where}: salt")
-            key = Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(_passphrase.encode(passphrase))
-            cipher: Any = ChaCha20Poly1305(key, device="cpu")
+            sealed, aad = b64d(doc.get("sealed"), f"{where}: sealed part"), _canonical(public)
+            # each of the passphrase's forms, NFC first (passphrase.forms: files sealed
+            # before passphrases were normalised, or from an earlier reading of a
+            # passphrase file, open too; one more scrypt each, for those passphrases only)
+            for form in _passphrase.forms(passphrase):
+                key = Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(form)
+                try:
+                    plain = ChaCha20Poly1305(key, device="cpu").decrypt(nonce, sealed, aad)
+                    break
+                except InvalidTag:
+                    continue
+            else:
+                raise InvalidTag()
+            cipher = None
         elif method == "kek":
             if kek is None:
                 raise KeysetError(f"{where} is sealed by a key-encryption key "
@@ -196,8 +209,9 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict |
             cipher = AESGCM(bytes_arg(kek, "kek"), device="cpu")
         else:
             raise KeysetError(f"{where}: unknown protection method {method!r}")
-        plain = cipher.decrypt(nonce, b64d(doc.get("sealed"), f"{where}: sealed part"),
-                               _canonical(public))
+        if cipher is not None:
+            plain = cipher.decrypt(nonce, b64d(doc.get("sealed"), f"{where}: sealed part"),
+                                   _canonical(public))
     except InvalidTag:
         raise KeysetError(f"{where}: wrong passphrase or key-encryption key, or the file was "
                           f"altered") from None

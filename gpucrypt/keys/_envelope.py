@@ -13,10 +13,12 @@ Layout, version 1 (all integers big-endian; docs/KEYS.md has the same table)::
                     2   body length B (1..65535)
                     B   body (the wrapped data key)
 
-Nothing may follow the last stanza. This module only encodes and decodes; it
-knows nothing of keys. The envelope is authenticated as a whole by the stream
-header's MAC (under a key derived from the data key), and each body by its own
-wrapping (AES-KWP's integrity check, HPKE's AEAD tag).
+Nothing may follow the last stanza, and no two stanzas may have the same type and
+recipient id: a writer wraps once per recipient, and a reader would otherwise ask one
+key (perhaps a KMS) to unwrap again and again before anything is authenticated. This
+module only encodes and decodes; it knows nothing of keys. The envelope is authenticated
+as a whole by the stream header's MAC (under a key derived from the data key), and each
+body by its own wrapping (AES-KWP's integrity check, HPKE's AEAD tag).
 """
 from __future__ import annotations
 
@@ -55,11 +57,16 @@ class Stanza:
         return f"Stanza({self.kind!r}, id={self.recipient_id.hex()}, {len(self.body)} bytes)"
 
 
+def _duplicate(kind: str) -> str:
+    return f"two {kind} stanzas for the same recipient id"
+
+
 def encode(stanzas: list[Stanza]) -> bytes:
-    """The envelope bytes for ``stanzas`` (1..255 of them)."""
+    """The envelope bytes for ``stanzas`` (1..255 of them, no two with the same type and
+    recipient id)."""
     if not 1 <= len(stanzas) <= MAX_STANZAS:
         raise ValueError(f"an envelope holds 1 to {MAX_STANZAS} stanzas, not {len(stanzas)}")
-    out = bytearray(MAGIC + bytes([VERSION, len(stanzas)]))
+    out, seen = bytearray(MAGIC + bytes([VERSION, len(stanzas)])), set()
     for stanza in stanzas:
         if stanza.kind not in STANZA_CODES:
             raise ValueError(f"unknown stanza type {stanza.kind!r}")
@@ -67,20 +74,24 @@ def encode(stanzas: list[Stanza]) -> bytes:
             raise ValueError("a stanza's recipient id must be 1 to 255 bytes")
         if not 1 <= len(stanza.body) <= 0xFFFF:
             raise ValueError("a stanza's body must be 1 to 65535 bytes")
+        if (stanza.kind, stanza.recipient_id) in seen:
+            raise ValueError(_duplicate(stanza.kind))
+        seen.add((stanza.kind, stanza.recipient_id))
         out += bytes([STANZA_CODES[stanza.kind], len(stanza.recipient_id)]) + stanza.recipient_id
         out += struct.pack(">H", len(stanza.body)) + stanza.body
     return bytes(out)
 
 
 def decode(envelope: bytes) -> list[Stanza]:
-    """The stanzas of ``envelope``; :class:`EnvelopeFormatError` if it is malformed."""
+    """The stanzas of ``envelope``; :class:`EnvelopeFormatError` if it is malformed (two
+    stanzas with the same type and recipient id included)."""
     data = bytes(envelope)
     if len(data) < 6 or data[:4] != MAGIC:
         raise EnvelopeFormatError("not a gpucrypt envelope (bad magic)")
     if data[4] != VERSION:
         raise EnvelopeFormatError(f"envelope version {data[4]} is not supported (this gpucrypt "
                                   f"reads version {VERSION})")
-    count, pos, stanzas = data[5], 6, []
+    count, pos, stanzas, seen = data[5], 6, [], set()
     if count == 0:
         raise EnvelopeFormatError("envelope holds no stanza")
     for _ in range(count):
@@ -100,6 +111,9 @@ def decode(envelope: bytes) -> list[Stanza]:
         pos += body_len
         if body_len == 0 or len(body) != body_len:
             raise EnvelopeFormatError("envelope truncated")
+        if (code, recipient_id) in seen:
+            raise EnvelopeFormatError(_duplicate(STANZA_TYPES[code]))
+        seen.add((code, recipient_id))
         stanzas.append(Stanza(STANZA_TYPES[code], recipient_id, body))
     if pos != len(data):
         raise EnvelopeFormatError("trailing bytes after the last stanza")

@@ -4,7 +4,9 @@ a passphrase (the envelope's ``scrypt`` stanza), as ``age -p`` does.
 Stanza (docs/KEYS.md, "Passphrases"): recipient id = 16-byte random salt || one byte
 log2(N); body = ChaCha20-Poly1305(key, nonce = 12 zero bytes, no associated data) of the
 data key, where key = scrypt(passphrase UTF-8, salt = ``b"gpucrypt-passphrase-v1\\x00"``
-|| salt, N, r = 8, p = 1, 32 bytes). The key encrypts one message only (the salt is
+|| salt, N, r = 8, p = 1, 32 bytes). A passphrase given as text is normalised to Unicode
+NFC first (:func:`forms`), so that "é" typed as one code point or as "e" and a combining
+accent is the same passphrase; bytes are taken as given. The key encrypts one message only (the salt is
 fresh for every file), so the fixed nonce never repeats under a key. The work factor
 sits in the header, so a decryptor knows what it will cost before it starts: one that
 asks for more than ``2**max_log_n`` is refused before any work is done (a crafted file
@@ -18,6 +20,7 @@ May import: the ground floor and ``cryptography``. Used by :mod:`gpucrypt.keys.r
 """
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -28,8 +31,8 @@ from .._buffers import bytes_arg
 from ._envelope import Stanza
 from ._material import HoldsKeyMaterial
 
-__all__ = ["Passphrase", "DEFAULT_LOG_N", "MIN_LOG_N", "MAX_LOG_N", "STANZA_KIND", "work_factor",
-           "check_log_n"]
+__all__ = ["Passphrase", "PassphraseText", "DEFAULT_LOG_N", "MIN_LOG_N", "MAX_LOG_N",
+           "STANZA_KIND", "work_factor", "check_log_n", "forms", "from_file_bytes"]
 
 STANZA_KIND = "scrypt"
 #: scrypt's N = 2**17 (128 MiB with r = 8): about 1.4 s on one core here (docs/KEYS.md)
@@ -64,11 +67,48 @@ def encode(passphrase: Any) -> bytes:
     return bytes(passphrase)
 
 
-def _passphrase_bytes(passphrase: Any) -> bytes:
-    passphrase = encode(passphrase)
-    if not passphrase:
+class PassphraseText(str):
+    """A passphrase read as text, with ``earlier``: the texts earlier gpucrypt versions read
+    from the same source (:func:`from_file_bytes`), which files they sealed may have been
+    derived from. :func:`forms` tries them after the passphrase itself, to open; nothing is
+    ever sealed with them."""
+
+    def __new__(cls, text: str, earlier: Any = ()):
+        self = super().__new__(cls, text)
+        self.earlier = tuple(e for e in earlier if e != text)
+        return self
+
+    def __repr__(self) -> str:  # a secret: never shown
+        return "PassphraseText(...)"
+
+
+def forms(passphrase: Any) -> list[bytes]:
+    """The byte strings ``passphrase`` is derived from, in the order they are tried: first
+    what sealing uses, a str's UTF-8 in Unicode NFC (bytes: as given); then, only to open
+    files sealed before gpucrypt normalised, the str's UTF-8 as given when that differs, and
+    a :class:`PassphraseText`'s earlier readings. Errors as :func:`encode`'s, and
+    ``ValueError`` for an empty passphrase."""
+    raw = encode(passphrase)  # its errors first: they quote nothing
+    if not raw:
         raise ValueError("empty passphrase")
-    return passphrase
+    if not isinstance(passphrase, str):
+        return [raw]
+    out = [unicodedata.normalize("NFC", passphrase).encode("utf-8"), raw]
+    out += [encode(text) for text in getattr(passphrase, "earlier", ()) if text]
+    return list(dict.fromkeys(out))
+
+
+def from_file_bytes(data: bytes) -> PassphraseText:
+    """The passphrase in a passphrase file's bytes: UTF-8 (``UnicodeDecodeError``
+    otherwise), without a leading byte order mark, without the line endings that end it
+    (any number of ``\\n`` and ``\\r``, as before), its other characters exactly as they
+    are (``\\r\\n`` inside stays ``\\r\\n``). Empty if nothing else is left. Its
+    :attr:`~PassphraseText.earlier` text is how gpucrypt read the file until it read
+    bytes: a text-mode read, which kept the byte order mark and turned every ``\\r\\n``
+    and ``\\r`` into ``\\n``."""
+    text = bytes(data).decode("utf-8")
+    earlier = text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
+    return PassphraseText(text.removeprefix("\ufeff").rstrip("\r\n"), (earlier,))
 
 
 def work_factor(stanza: Stanza, max_log_n: int = MAX_LOG_N) -> int:
@@ -101,7 +141,8 @@ class Passphrase(HoldsKeyMaterial):
     stanza with a fresh salt and work factor ``2**log_n``) and as an identity
     (``open_envelope(env, Passphrase(p))``: refuses stanzas asking for more than
     ``2**max_log_n``). ``log_n`` is :data:`MIN_LOG_N` to :data:`MAX_LOG_N`
-    (:func:`check_log_n`). Never prints, pickles or copies the passphrase."""
+    (:func:`check_log_n`). Text is sealed in Unicode NFC, and opens files sealed with
+    it as given too (:func:`forms`). Never prints, pickles or copies the passphrase."""
 
     _travel_instead = ("name where the passphrase is instead (an environment variable, read "
                        "in each process: KeyReferences(passphrase_env=VAR), or a file: key "
@@ -111,7 +152,7 @@ class Passphrase(HoldsKeyMaterial):
                  max_log_n: int = MAX_LOG_N):
         if not 1 <= int(max_log_n) <= 63:
             raise ValueError("max_log_n must be 1 to 63")
-        self._secret = _passphrase_bytes(passphrase)
+        self._secrets = forms(passphrase)  # [0] seals; all open
         self.log_n, self.max_log_n = check_log_n(int(log_n)), int(max_log_n)
 
     def __repr__(self) -> str:
@@ -119,9 +160,10 @@ class Passphrase(HoldsKeyMaterial):
 
     __str__ = __repr__
 
-    def _key(self, salt: bytes, log_n: int) -> bytes:
+    @staticmethod
+    def _key(secret: bytes, salt: bytes, log_n: int) -> bytes:
         return Scrypt(salt=SALT_LABEL + salt, length=32, n=2 ** log_n, r=SCRYPT_R,
-                      p=SCRYPT_P).derive(self._secret)
+                      p=SCRYPT_P).derive(secret)
 
     def wrap(self, dek: bytes, *, _salt: bytes | None = None) -> Stanza:
         """The ``scrypt`` stanza wrapping ``dek`` (``_salt``: known-answer tests only)."""
@@ -131,18 +173,24 @@ class Passphrase(HoldsKeyMaterial):
         salt = os.urandom(SALT_SIZE) if _salt is None else bytes_arg(_salt, "_salt")
         if len(salt) != SALT_SIZE:
             raise ValueError(f"the salt must be {SALT_SIZE} bytes")
-        body = ChaCha20Poly1305(self._key(salt, self.log_n)).encrypt(_NONCE, dek, None)
+        body = ChaCha20Poly1305(self._key(self._secrets[0], salt, self.log_n)).encrypt(_NONCE, dek, None)
         return Stanza(STANZA_KIND, salt + bytes([self.log_n]), body)
 
     def unwrap(self, stanza: Stanza) -> bytes:
         """The data key in ``stanza``; :class:`KeyUnavailable` before any work when it asks
         for more than ``2**max_log_n``, :class:`KeysetError` for a wrong passphrase (or an
-        altered stanza)."""
+        altered stanza) once each of the passphrase's :func:`forms` has failed."""
         from cryptography.exceptions import InvalidTag
 
         log_n = work_factor(stanza, self.max_log_n)
-        key = self._key(stanza.recipient_id[:SALT_SIZE], log_n)
-        try:
-            return ChaCha20Poly1305(key).decrypt(_NONCE, stanza.body, None)
-        except InvalidTag:
-            raise KeysetError("wrong passphrase, or the file was altered") from None
+        # The NFC form first (what sealing has used since passphrases were normalised);
+        # then, only when the passphrase has other forms (text not in NFC, a passphrase
+        # file's earlier reading: forms()) and the first failed, each of those, for files
+        # sealed before: one more scrypt each, paid by those passphrases alone.
+        for secret in self._secrets:
+            key = self._key(secret, stanza.recipient_id[:SALT_SIZE], log_n)
+            try:
+                return ChaCha20Poly1305(key).decrypt(_NONCE, stanza.body, None)
+            except InvalidTag:
+                continue
+        raise KeysetError("wrong passphrase, or the file was altered")

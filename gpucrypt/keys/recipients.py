@@ -366,6 +366,23 @@ def seal_envelope_with_labels(dek: bytes, recipients: Any, *,
         return _envelope.encode(stanzas), labels
 
 
+#: the most stanzas of one envelope a key reference (an HSM or KMS key) is asked to
+#: unwrap, in one :func:`open_envelope`. An envelope gpucrypt writes holds one stanza per
+#: key reference, and a reference owns the stanzas of the key it names: one, or a few
+#: where the same key was named in several ways (a PKCS#11 key with and without its
+#: token's serial; a KMS alias that cannot be described owns any ARN).
+MAX_PROVIDER_UNWRAPS = 4
+
+
+def _distinct(items: list) -> list:
+    """``items`` without repeats (equal or the same object), in order."""
+    out: list = []
+    for item in items:
+        if all(item is not seen and item != seen for seen in out):
+            out.append(item)
+    return out
+
+
 def identity_list(identities: Any) -> list:
     """``identities`` (None, one identity or a sequence, as :func:`open_envelope` takes
     them) as a new list; ``TypeError`` for anything that cannot open an envelope."""
@@ -384,7 +401,8 @@ def identity_list(identities: Any) -> list:
     return items
 
 
-def open_envelope(envelope: bytes, identities: Any, *, context: Any = None) -> bytes:
+def open_envelope(envelope: bytes, identities: Any, *, context: Any = None,
+                  _with_label: bool = False) -> Any:
     """The data key, unwrapped by the first stanza one of ``identities`` opens.
 
     ``identities``: one or a sequence of :class:`Identity`, :class:`Keyset`,
@@ -397,6 +415,9 @@ def open_envelope(envelope: bytes, identities: Any, *, context: Any = None) -> b
     why for each near miss: a disabled key, a failed unwrap; for a passphrase file just
     why: "wrong passphrase, or the file was altered", or a work factor above the limit)
     when none opens, :class:`EnvelopeError` when the envelope is malformed.
+
+    ``_with_label`` (private: :func:`open_file_envelope_with_label`): return ``(data key,
+    label of the stanza that opened)``.
     """
     candidates = identity_list(identities)
     context = check_context(context)
@@ -407,22 +428,36 @@ def open_envelope(envelope: bytes, identities: Any, *, context: Any = None) -> b
                                 "(a passphrase-encrypted file has no other recipient)")
         ev["recipients"] = [_stanza_label(s) for s in stanzas]
         notes: list[str] = []
+        # each identity once (the same key given twice is asked once per stanza; the
+        # envelope has no stanza twice, _envelope.decode), and each key reference asked
+        # to unwrap at most MAX_PROVIDER_UNWRAPS stanzas: every ask is a round trip to an
+        # HSM or a KMS, made before anything authenticates the envelope
+        candidates = _distinct(candidates)
+        asked = [0] * len(candidates)
         for stanza in stanzas:
-            for identity in candidates:
+            for n, identity in enumerate(candidates):
+                external = stanza.kind == "key-ref" and isinstance(identity, KeyReference)
+                if external and asked[n] == MAX_PROVIDER_UNWRAPS:
+                    notes.append(f"{identity.label} was asked to unwrap {MAX_PROVIDER_UNWRAPS} "
+                                 f"of this envelope's stanzas, the most it is asked: the others "
+                                 f"were not tried (a forged envelope could name it in 255)")
+                    continue
                 try:
                     dek = _try_open(stanza, identity, context)
                 except KeyNotFound:
-                    continue
+                    pass
                 except (KeyUnavailable, KeysetError) as exc:
                     notes.append(str(exc))
-                    continue
                 except (InvalidUnwrap, InvalidTag, ValueError):
                     notes.append(f"the wrapped key for {_stanza_label(stanza)} failed to "
                                  f"authenticate: the envelope was altered or made with another key")
-                    continue
-                if dek is not None:
-                    ev["key_id"] = _stanza_label(stanza)
-                    return dek
+                else:
+                    if dek is None:
+                        continue  # not its stanza: nothing was asked
+                    ev["key_id"] = label = _stanza_label(stanza)
+                    return (dek, label) if _with_label else dek
+                if external:
+                    asked[n] += 1
         detail = "; ".join(dict.fromkeys(notes))
         if stanzas[0].kind == _SCRYPT:
             raise NoMatchingRecipient(detail or "this file is encrypted with a passphrase, not "
@@ -439,14 +474,23 @@ def open_file_envelope(envelope: bytes, identities: Any, salt: bytes) -> bytes:
     ``save_encrypted`` and ``encrypt_checkpoint`` take as they are given). Other stanzas
     take no context, so a second try could not change their answer (a wrong passphrase
     is not run through scrypt twice)."""
+    return open_file_envelope_with_label(envelope, identities, salt)[0]
+
+
+def open_file_envelope_with_label(envelope: bytes, identities: Any,
+                                  salt: bytes) -> tuple[bytes, str]:
+    """:func:`open_file_envelope`, also returning the label (as :func:`describe_envelope`
+    gives it) of the stanza that opened: the one name of the file's key that someone
+    holding only a recipient's public key cannot choose (the header's ``key_id`` is MACed
+    under the data key, which whoever seals the file picks)."""
     from .references import file_context
 
     try:
-        return open_data_key(envelope, identities, context=file_context(salt))
+        return _open_data_key(envelope, identities, file_context(salt))
     except NoMatchingRecipient:
         if not any(stanza.kind == "key-ref" for stanza in _envelope.decode(envelope)):
             raise
-    return open_data_key(envelope, identities)
+    return _open_data_key(envelope, identities, None)
 
 
 def open_data_key(envelope: bytes, identities: Any, *, context: Any = None) -> bytes:
@@ -454,11 +498,16 @@ def open_data_key(envelope: bytes, identities: Any, *, context: Any = None) -> b
     envelopes take 16 to 64, and anyone holding a recipient's public key can wrap another
     length for it, which the file's cipher would refuse with a plain ``ValueError`` (a
     usage error, blaming the caller's key). :class:`EnvelopeError` instead."""
-    dek = open_envelope(envelope, identities, context=context)
+    return _open_data_key(envelope, identities, context)[0]
+
+
+def _open_data_key(envelope: bytes, identities: Any, context: Any) -> tuple[bytes, str]:
+    """:func:`open_data_key`'s data key and the label of the stanza that opened."""
+    dek, label = open_envelope(envelope, identities, context=context, _with_label=True)
     if len(dek) != DEK_SIZE:
         raise EnvelopeError(f"this file's envelope holds a {len(dek)}-byte data key, not "
                             f"{DEK_SIZE}: the file was altered or not made by gpucrypt")
-    return dek
+    return dek, label
 
 
 def _try_open(stanza: Stanza, identity: Any, context: dict) -> bytes | None:

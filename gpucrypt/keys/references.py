@@ -133,9 +133,11 @@ def read_secret_source(source: str | None, default_env: str, what: str,
                                    f"UTF-8: set it to UTF-8 text") from None
         return value
     path = secret_source_path(source)
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = f.read().rstrip("\r\n")
+    try:  # read as the command line reads --passphrase-file (its earlier reading kept)
+        from .passphrase import from_file_bytes
+
+        with open(path, "rb") as f:
+            value = from_file_bytes(f.read())
     except OSError as exc:
         raise KeyProviderError(f"{what}: cannot read {path} ({exc.strerror})") from None
     except UnicodeDecodeError:  # the codec's message would quote a byte of the secret
