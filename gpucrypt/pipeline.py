@@ -429,6 +429,8 @@ class GpuRunner:
         if back:
             gpu.wait_for(copy, launch)
             gpu.copy_to_host(turn.host[:end], turn.device[:end], copy)
+            if self.op == "open":  # plaintext: not left in the device buffer (one memset)
+                gpu._memset(turn.device[:end], copy)
             turn.done = gpu.mark(copy)
         elif turn is not None:
             turn.done = gpu.mark(launch)
@@ -449,6 +451,8 @@ class GpuRunner:
                         a, b = in_bounds[i] if i in in_bounds else out_bounds[i]
                         np.frombuffer(memoryview(jobs[i].dst).cast("B"), dtype=np.uint8)[:] = turn.host[a:b]
                 finally:  # scattered, or failed: either way no batch waits in the turn now
+                    if self.op == "open":  # plaintext: not left in the pinned buffer either
+                        turn.host[:end] = 0
                     turn.busy = False
             elif finished:
                 return finished[0]

@@ -1095,3 +1095,182 @@ def test_dtypes_the_format_cannot_name_are_refused_before_encrypting():
         back = gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(
             gpucrypt.encrypt_tensor(x, key).to_bytes()), key)
         assert back.dtype == x.dtype and back.tobytes() == x.tobytes()
+
+
+# --------------------------------------------------------------------- edited nonces, aad
+@pytest.mark.parametrize("algorithm", ["chacha20-poly1305", "xchacha20-poly1305", "aes-gcm"])
+@pytest.mark.parametrize("edit", ["short", "long", "empty", "bytearray", "memoryview", "str aad",
+                                  "bytearray aad"])
+def test_an_edited_nonce_or_aad_fails_like_any_edit(algorithm, edit, device):
+    """A nonce of another length or type, or an aad that is not bytes, is an edit: InvalidTag
+    naming the entry (the one-tensor path and a batch, new and in-place results, CPU and
+    GPU), not the cipher's ValueError ("Nonce must be 12 bytes") or TypeError, which in a
+    batch stopped every entry; the batch's good entry is still decrypted back in place."""
+    import copy
+
+    key = os.urandom(32)
+    for inplace in (False, True):
+        x, y = random_array((2, 6), "float32"), random_array((3,), "int16")
+        plain_y = y.copy()
+        enc = gpucrypt.encrypt_tensor(x, key, algorithm=algorithm, name="x", device=device,
+                                      inplace=inplace)
+        good = gpucrypt.encrypt_tensor(y, key, name="y", inplace=True, device=device)
+        bad = copy.copy(enc)
+        if edit == "short":
+            bad.nonce = enc.nonce[:-1]
+        elif edit == "long":
+            bad.nonce = enc.nonce + b"\0"
+        elif edit == "empty":
+            bad.nonce = b""
+        elif edit == "bytearray":
+            bad.nonce = bytearray(enc.nonce)
+        elif edit == "memoryview":  # 12 or 24 bytes, but 3 or 6 items: len() is not its size
+            bad.nonce = memoryview(enc.nonce).cast("I")
+        elif edit == "str aad":
+            bad.aad = "ctx"
+        else:
+            bad.aad = bytearray(enc.aad)
+        with pytest.raises(InvalidTag) as info:
+            gpucrypt.decrypt_tensor(bad, key, device=device)
+        assert info.value.failed == [None]
+        with pytest.raises(InvalidTag) as info:
+            gpucrypt.decrypt_tensors({"x": bad, "y": good}, key, device=device)
+        assert info.value.failed == ["x"]
+        assert y.tobytes() == plain_y.tobytes()  # the good entry is back
+        assert gpucrypt.decrypt_tensor(enc, key, device=device).tobytes() == x.tobytes()
+
+
+# --------------------------------------------------------------------- NumPy subclasses
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_numpy_subclasses_are_their_memory_and_masked_arrays_are_refused():
+    """np.matrix (which stays 2-D through reshape(-1)) and np.memmap are encrypted as the
+    ndarray over their memory: new, in place, in a batch and as out=, to cryptography's
+    bytes; a masked array is refused, saying why (its mask would be dropped), as input
+    and as out=, before anything is written."""
+    key = os.urandom(32)
+    m = np.matrix([[1, 2, 3], [4, 5, 6]], dtype=np.float32)
+    plain = np.asarray(m).tobytes()
+    enc = gpucrypt.encrypt_tensor(m, key)
+    assert enc.shape == (2, 3) and enc.nbytes == 24
+    assert ct_bytes(enc) + enc.tag == reference_seal("chacha20-poly1305", key, enc.nonce, plain,
+                                                     enc.associated_data())
+    assert gpucrypt.decrypt_tensor(enc, key).tobytes() == plain
+    out = np.matrix(np.zeros((2, 3), dtype=np.float32))
+    assert gpucrypt.decrypt_tensor(enc, key, out=out) is out and out.tobytes() == plain
+    encs = gpucrypt.encrypt_tensors({"m": m}, key)
+    assert gpucrypt.decrypt_tensors(encs, key)["m"].tobytes() == plain
+    enc = gpucrypt.encrypt_tensor(m, key, inplace=True)
+    assert m.tobytes() != plain
+    assert gpucrypt.decrypt_tensor(enc, key) is m and m.tobytes() == plain
+
+    masked = np.ma.array([1, 2, 3], mask=[0, 1, 0])
+    for call in (lambda: gpucrypt.encrypt_tensor(masked, key),
+                 lambda: gpucrypt.encrypt_tensors([masked], key, inplace=True),
+                 lambda: gpucrypt.decrypt_tensor(gpucrypt.encrypt_tensor(masked.data, key), key,
+                                                 out=masked)):
+        with pytest.raises(TypeError, match="mask"):
+            call()
+    assert masked.data.tolist() == [1, 2, 3] and masked.mask.tolist() == [False, True, False]
+
+
+def test_a_numpy_memmap_in_place_stays_a_memmap(tmp_path):
+    key = os.urandom(32)
+    mm = np.memmap(tmp_path / "m.bin", dtype=np.float32, mode="w+", shape=(4, 5))
+    mm[:] = np.arange(20).reshape(4, 5)
+    plain = mm.tobytes()
+    enc = gpucrypt.encrypt_tensor(mm, key)
+    assert gpucrypt.decrypt_tensor(enc, key).tobytes() == plain
+    encs = gpucrypt.encrypt_tensors({"mm": mm}, key, inplace=True)
+    assert mm.tobytes() != plain
+    back = gpucrypt.decrypt_tensors(encs, key)["mm"]
+    assert back is mm and mm.tobytes() == plain
+
+
+# --------------------------------------------------------------------- refused entries' out=
+def test_an_entry_refused_before_decryption_zeroes_its_out_like_a_bad_tag(device):
+    """An entry filed under another name, or malformed (edited so that its fields cannot
+    describe its ciphertext), fails with InvalidTag like a wrong tag, and its out= is
+    zeroed like a wrong tag's (what it held, an earlier plaintext say, must not pass
+    for this entry's): where out= has the recorded dtype and shape and is no entry's
+    ciphertext. An out= that is its own ciphertext's memory keeps the ciphertext."""
+    import copy
+
+    key = os.urandom(32)
+    a, b = np.arange(8, dtype=np.float32), np.arange(8, dtype=np.float32) + 100
+    encs = gpucrypt.encrypt_tensors({"a": a, "b": b}, key, device=device)
+    misfiled = {"a": encs["b"]}
+    malformed = copy.copy(encs["a"])
+    malformed.shape = (4,)  # 16 bytes recorded for 32 of ciphertext
+    bad_tag = copy.copy(encs["a"])
+    bad_tag._tag = bytes(16)
+    for entries, shape in ((misfiled, (8,)), ({"a": malformed}, (4,)), ({"a": bad_tag}, (8,))):
+        out = np.full(shape, 7.0, dtype=np.float32)
+        with pytest.raises(InvalidTag) as info:
+            gpucrypt.decrypt_tensors(entries, key, out={"a": out}, device=device)
+        assert info.value.failed == ["a"]
+        assert not out.any()
+    # an out= of another dtype or shape is left as it is (it could not be this entry's)
+    out = np.full(4, 7.0, dtype=np.float64)
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensors(misfiled, key, out={"a": out}, device=device)
+    assert (out == 7).all()
+    # an in-place result's own memory, through another object, misfiled: its ciphertext stays
+    x = np.arange(8, dtype=np.float32)
+    enc = gpucrypt.encrypt_tensors({"x": x}, key, inplace=True, device=device)["x"]
+    ciphertext = x.tobytes()
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensors({"y": enc}, key, out={"y": x[...]}, device=device)
+    assert x.tobytes() == ciphertext
+    assert gpucrypt.decrypt_tensors({"x": enc}, key, device=device)["x"] is x
+    assert np.array_equal(x, np.arange(8, dtype=np.float32))
+
+
+def test_a_dicts_encryptions_decrypted_as_a_list_say_they_are_filed_under_other_names():
+    """A dict's encryptions decrypted as a list fail (each name is authenticated, and a
+    list's names are its indices), saying that the entries are filed under other names
+    than they were encrypted with, not only "authentication failed"."""
+    key = os.urandom(32)
+    encs = gpucrypt.encrypt_tensors({"a": np.arange(3.0), "b": np.arange(4.0)}, key)
+    with pytest.raises(InvalidTag, match=r"'a' is filed as '0'.*'b' is filed as '1'") as info:
+        gpucrypt.decrypt_tensors(list(encs.values()), key)
+    assert info.value.failed == ["0", "1"]
+    with pytest.raises(InvalidTag, match="'b' is filed as 'a'"):
+        gpucrypt.decrypt_tensors({"a": encs["b"]}, key)
+
+
+# --------------------------------------------------------------------- GPU staging
+@pytest.mark.cudasim
+def test_a_gpu_decrypt_of_host_ciphertext_leaves_no_plaintext_in_its_staging_buffers(monkeypatch):
+    """Host ciphertext decrypted on the GPU goes through pinned host and device staging
+    buffers: once the plaintext is in the result, neither holds it any more."""
+    from gpucrypt.backends import get_backend
+
+    require_gpu_backend()
+    gpu = get_backend("gpu")
+    staged = []
+    real_pinned, real_device_array = gpu.pinned, gpu.device_array
+
+    def pinned(n):
+        staged.append(real_pinned(n))
+        return staged[-1]
+
+    def device_array(n, **kw):
+        staged.append(real_device_array(n, **kw))
+        return staged[-1]
+
+    monkeypatch.setattr(gpu, "pinned", pinned)
+    monkeypatch.setattr(gpu, "device_array", device_array)
+    key = os.urandom(32)
+    secret = np.frombuffer(b"TOPSECRETPLAINTEXT" * 8, dtype=np.uint8).copy()
+
+    def held(buffer):
+        data = buffer.copy_to_host() if hasattr(buffer, "copy_to_host") else np.asarray(buffer)
+        return b"TOPSECRET" in data.tobytes()
+
+    enc = gpucrypt.encrypt_tensor(secret, key)
+    for decrypt in (lambda: gpucrypt.decrypt_tensor(enc, key, device="gpu"),
+                    lambda: gpucrypt.decrypt_tensors([enc], key, out=[np.empty_like(secret)],
+                                                     device="gpu")[0]):
+        staged.clear()
+        assert decrypt().tobytes() == secret.tobytes()
+        assert len(staged) == 2 and not any(held(b) for b in staged)

@@ -525,3 +525,132 @@ def test_out_of_memory_is_reported_as_it_is(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):
         gpucrypt.decrypt_tensors([enc], key)
     assert calls, "the batch path's allocation was not reached"
+
+
+# ----------------------------------------------------------------------------- read-only memory
+_READ_ONLY_CHILD = r'''
+import ctypes, mmap, os, sys, warnings
+import numpy as np
+import torch
+import gpucrypt
+
+warnings.simplefilter("ignore")  # torch warns that it makes tensors over read-only arrays
+key, path = os.urandom(32), sys.argv[1]
+
+
+def refused(call):
+    try:
+        call()
+    except ValueError as exc:
+        assert "read-only" in str(exc), exc
+    else:
+        raise AssertionError("not refused")
+
+
+np.arange(4096, dtype=np.float32).tofile(path)  # 16 KiB, four pages
+ro = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="r"))
+plain = ro.clone()
+for x in (ro, ro[1000:1010]):  # in place: the one-tensor path, batches, a host tensor on the GPU
+    refused(lambda: gpucrypt.encrypt_tensor(x, key, inplace=True))
+    refused(lambda: gpucrypt.encrypt_tensors({"w": x}, key, inplace=True))
+    refused(lambda: gpucrypt.encrypt_tensors([x], key, inplace=True, device="gpu"))
+enc = gpucrypt.encrypt_tensor(plain, key)
+refused(lambda: gpucrypt.decrypt_tensor(enc, key, out=ro))
+refused(lambda: gpucrypt.decrypt_tensors([enc], key, out=[ro]))
+assert torch.equal(ro, plain) and gpucrypt.encrypt_tensor(ro, key).nbytes == ro.nbytes
+
+# memory mapped read-only after it was encrypted in place: the in-place decrypt is refused
+# (one tensor and a batch), and goes through once the memory is writable again
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+area = mmap.mmap(-1, 1 << 16)
+for batch in (False, True):
+    t = torch.frombuffer(area, dtype=torch.float32)
+    t.copy_(torch.arange(t.numel(), dtype=torch.float32))
+    before = t.clone()
+    enc = gpucrypt.encrypt_tensors([t], key, inplace=True)[0] if batch else \
+        gpucrypt.encrypt_tensor(t, key, inplace=True)
+    assert libc.mprotect(t.data_ptr(), len(area), mmap.PROT_READ) == 0
+    decrypt = (lambda: gpucrypt.decrypt_tensors([enc], key)) if batch else \
+        (lambda: gpucrypt.decrypt_tensor(enc, key))
+    refused(decrypt)
+    assert libc.mprotect(t.data_ptr(), len(area), mmap.PROT_READ | mmap.PROT_WRITE) == 0
+    decrypt()
+    assert torch.equal(t, before)
+    del t
+print("ok")
+'''
+
+
+def test_torch_tensors_over_read_only_mappings_are_refused_not_written(tmp_path):
+    """torch has no read-only flag, so a tensor over a read-only file mapping
+    (torch.from_numpy of np.memmap mode "r") was written in place, or as out=, and the
+    process died (SIGSEGV). Refused now with ValueError before anything is written, on
+    every path that writes host memory; a mapping made read-only after an in-place
+    encrypt is refused by the in-place decrypt. (In a child process: without the check
+    it dies.)"""
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", _READ_ONLY_CHILD, str(tmp_path / "ro.bin")],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0 and child.stdout.strip() == "ok", (child.returncode, child.stderr)
+
+
+def test_torch_tensors_over_memory_torch_was_handed_are_still_written_in_place():
+    """Tensors whose memory torch did not allocate (from_numpy, frombuffer of a
+    bytearray) are asked whether their memory can be written; writable, they are
+    encrypted in place and out= as before."""
+    key = os.urandom(32)
+    for t in (torch.from_numpy(np.arange(1024, dtype=np.float32)),
+              torch.frombuffer(bytearray(os.urandom(64)), dtype=torch.int16)):
+        plain = t.clone()
+        for encrypted in (lambda: gpucrypt.encrypt_tensor(t, key, inplace=True),
+                          lambda: gpucrypt.encrypt_tensors([t], key, inplace=True)[0]):
+            enc = encrypted()
+            assert not torch.equal(t, plain)
+            assert gpucrypt.decrypt_tensor(enc, key) is t and torch.equal(t, plain)
+        t.zero_()
+        assert gpucrypt.decrypt_tensor(gpucrypt.encrypt_tensor(plain, key), key, out=t) is t
+        assert torch.equal(t, plain)
+
+
+# ----------------------------------------------------------------------------- autograd
+@pytest.mark.parametrize("path", ["one", "batch"])
+def test_in_place_writes_bump_autograd_versions_so_backward_refuses(path):
+    """Encrypting or decrypting in place, and decrypting into out=, changes a tensor's
+    values as torch's own in-place ops do, and tells autograd so: a backward pass that
+    saved the tensor before raises ("modified by an inplace operation") instead of
+    computing gradients from ciphertext."""
+    key = os.urandom(32)
+    one = path == "one"
+
+    def encrypt(t):
+        return gpucrypt.encrypt_tensor(t, key, inplace=True) if one else \
+            gpucrypt.encrypt_tensors([t], key, inplace=True)[0]
+
+    def decrypt(enc, out=None):
+        if one:
+            return gpucrypt.decrypt_tensor(enc, key, out=out)
+        return gpucrypt.decrypt_tensors([enc], key, out=None if out is None else [out])[0]
+
+    w = torch.randn(1024, requires_grad=True)
+    for write in ("encrypt", "decrypt in place", "out="):
+        h = w * 1.0
+        if write == "encrypt":
+            loss = (h * h).sum()  # saves h
+            encrypt(h)
+        elif write == "decrypt in place":
+            enc = encrypt(h)
+            loss = (h * h).sum()
+            assert decrypt(enc) is h
+        else:
+            enc = gpucrypt.encrypt_tensor(torch.randn(1024), key)
+            loss = (h * h).sum()
+            assert decrypt(enc, out=h) is h
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    # tensors made under inference_mode have no version counter: still fine
+    with torch.inference_mode():
+        t = torch.arange(8.0)
+    assert torch.equal(decrypt(encrypt(t)), torch.arange(8.0))

@@ -255,13 +255,29 @@ def stream_handle(stream: Any) -> int | None:
 
 
 class NumpyAdapter(Adapter):
+    """NumPy arrays, subclasses included: their memory is read as a plain ``ndarray``
+    (``np.matrix`` keeps two dimensions through ``reshape(-1)``; a ``np.memmap`` is
+    its mapping's memory all the same). Masked arrays are refused: their mask is not in
+    their memory, and would be dropped without a word."""
+
     name = "numpy"
 
     def owns(self, x):
         return isinstance(x, np.ndarray)
 
     def place(self, x):
+        # asked first of every array: a masked array is refused before anything is read
+        masked = sys.modules.get("numpy.ma")
+        if type(x) is not np.ndarray and masked is not None and isinstance(x, masked.MaskedArray):
+            raise TypeError("masked arrays cannot be encrypted: the mask is not in the "
+                            "array's memory and would be lost; encrypt .data and "
+                            "np.ma.getmaskarray(x) as two tensors (or x.filled())")
         return HOST
+
+    def byte_view(self, x):
+        if type(x) is not np.ndarray:  # a subclass: its own reshape and view may not be NumPy's
+            x = x.view(np.ndarray)
+        return x.reshape(-1).view(np.uint8)
 
     def contiguous_copy(self, x):
         return np.ascontiguousarray(x)

@@ -31,7 +31,14 @@ tensor's own memory; the EncryptedTensor then refers to that memory (the tensor 
 ciphertext until it is decrypted in place again). A failed in-place decrypt leaves the
 ciphertext as it was; a failed out-of-place decrypt zeroes its output and returns
 nothing. An in-place batch whose entries share memory (a state dict's tied weights) is refused
-before anything is touched: each memory can hold one ciphertext. An in-place batch that
+before anything is touched: each memory can hold one ciphertext. Writing a torch tensor in
+place (or as ``out=``) bumps its autograd version, as torch's own in-place ops do, so a
+backward pass that saved it raises. torch has no read-only flag: a torch tensor over a
+read-only mapping (``torch.from_numpy`` of an ``np.memmap`` of mode "r") is refused in
+place and as ``out=`` (its memory is probed: see ``_memory_writable``), but one over memory
+that is writable though its owner must not change (``torch.frombuffer`` of ``bytes``,
+``torch.from_numpy`` of an array flagged read-only; torch warns when it makes them)
+cannot be told apart and is written: ``.clone()`` such tensors first. An in-place batch that
 raises part way leaves no tensor encrypted without its nonce and tag: encrypting, the
 host tensors already sealed are decrypted back (or, failing that, attached to the error
 as ``exc.encrypted``); decrypting, each entry is spent as soon as its plaintext is back.
@@ -53,6 +60,7 @@ Limits: one message per tensor, so a tensor is at most (2**32 - 1) * 64 bytes
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import math
 import operator
@@ -793,6 +801,92 @@ def _bytes_at(address: int, nbytes: int) -> Any:
     return array_type.from_address(address)
 
 
+# torch has no read-only flag: a tensor over memory that must not be written (a read-only
+# file mapping, np.memmap mode "r", under torch.from_numpy or a safetensors-style loader)
+# is written like any other, and the write kills the process (SIGSEGV). Before a torch
+# tensor's host memory is written in place or as out=, that memory is probed: storages of
+# torch's own allocator (resizable ones) are writable; for the others (memory torch was
+# handed: from_numpy, frombuffer, from_file, NumPy-made results) the first and last bytes
+# are written onto themselves by process_vm_writev, which refuses (EFAULT) a page mapped
+# read-only. One storage is one allocation, so a mapping made read-only in part only is not
+# seen; nor is memory that is writable though its owner says it must not be (a ``bytes``
+# object under torch.frombuffer, a NumPy array flagged read-only under torch.from_numpy:
+# torch warns about both when it makes the tensor). The call costs 4-5 us here (a
+# syscall), so it is made on in-place and out= writes only, and never for torch's own
+# storages (0.35 us to ask).
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
+
+
+#: process_vm_writev, once looked up (False where this libc has none)
+_VM_WRITEV: list = [None]
+
+
+def _memory_writable(address: int, nbytes: int) -> bool:
+    """Whether the first and last of ``nbytes`` bytes at ``address`` can be written (see
+    above); True where this system cannot tell (no such call, or a sandbox refusing it)."""
+    writev = _VM_WRITEV[0]
+    if writev is None:
+        try:
+            writev = ctypes.CDLL(None, use_errno=True).process_vm_writev
+            writev.restype = ctypes.c_ssize_t
+            writev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p,
+                               ctypes.c_ulong, ctypes.c_ulong]
+        except (OSError, AttributeError):  # not Linux
+            writev = False
+        _VM_WRITEV[0] = writev
+    if not writev or not nbytes:
+        return True
+    iov = (_IoVec * 2)((address, 1), (address + nbytes - 1, 1))
+    # each byte read and written back where it is: its own value, while the caller is
+    # about to overwrite it anyway
+    written = writev(os.getpid(), iov, 2, iov, 2, 0)
+    if written == 2:
+        return True
+    # -1 with EFAULT, or 1 (the last byte refused): read-only; EPERM, ENOSYS: cannot tell
+    return written < 0 and ctypes.get_errno() != errno.EFAULT
+
+
+def _what(label: Any, name: Any = None) -> str:
+    """How errors name an entry: by its label (or recorded name), else "the tensor"."""
+    shown = label if label is not None else name
+    return "the tensor" if shown is None else f"tensor {shown!r}"
+
+
+def _refuse_read_only_torch(t: Any, nbytes: int, what: str) -> None:
+    """``ValueError`` for a CPU torch tensor whose memory is mapped read-only (see
+    above), before it is written in place or as out= (``what`` says which)."""
+    if nbytes and not t.untyped_storage().resizable() and \
+            not _memory_writable(t.data_ptr(), nbytes):
+        raise ValueError(f"{what} is read-only memory (a file mapped read-only, such as "
+                         f"np.memmap mode 'r' under torch.from_numpy), which torch does not "
+                         f"flag: it cannot be written; make a writable copy (.clone())")
+
+
+def _torch_writable(t: Any, nbytes: int) -> bool:
+    """:func:`_refuse_read_only_torch`'s answer, as a bool (for the one-tensor paths,
+    which leave the general path to say what is wrong)."""
+    return not nbytes or t.untyped_storage().resizable() or _memory_writable(t.data_ptr(), nbytes)
+
+
+#: torch.autograd.graph.increment_version (torch >= 2.1), once looked up
+_INCREMENT_VERSION: list = [None]
+
+
+def _bump_torch_version(t: Any) -> None:
+    """Tell autograd that torch tensor ``t`` (and every view of its memory) was written in
+    place, as torch's own in-place ops do: a backward pass that saved its old values then
+    raises instead of computing gradients from ciphertext (or plaintext it never saw).
+    Inference tensors have no version counter; torch skips them."""
+    bump = _INCREMENT_VERSION[0]
+    if bump is None:
+        torch = sys.modules["torch"]
+        bump = getattr(getattr(torch.autograd, "graph", None), "increment_version", None) \
+            or torch._C._increment_version
+        _INCREMENT_VERSION[0] = bump
+    bump(t)
+
+
 #: NumPy dtypes by portable name, for results (``numpy_dtype`` parses the name each time)
 _NUMPY_DTYPES: dict[str, np.dtype] = {}
 
@@ -828,7 +922,7 @@ def _encrypt_small_on_host(x: Any, key: Any, algorithm: str, aad: Any, inplace: 
     if source is None:
         return None
     framework, dtype, shape, src = source
-    if inplace and src.readonly:
+    if inplace and (src.readonly or framework == "torch" and not _torch_writable(x, len(src))):
         return None  # the general path says what is wrong
     algorithm = _check_algorithm(algorithm)
     key = _key_bytes(key, algorithm)
@@ -843,6 +937,8 @@ def _encrypt_small_on_host(x: Any, key: Any, algorithm: str, aad: Any, inplace: 
     nonce = os.urandom(_NONCE_SIZE[algorithm]) if nonces is None else \
         _nonces_for(1, algorithm, nonces)[0]
     if inplace:
+        if framework == "torch":
+            _bump_torch_version(x)
         tag = _host_seal(algorithm, key, nonce, aad_all, src, src)
         ct_obj = None  # x's byte view, made if asked for (EncryptedTensor._ciphertext)
     else:
@@ -870,6 +966,10 @@ def _decrypt_small_on_host(enc: Any, key: Any, inplace: bool | None) -> Any:
     key = _key_bytes(key, enc.algorithm)
     try:  # metadata an edit made unencodable (a negative dimension): the general path fails it
         aad = enc.associated_data()
+        nonce = enc.nonce  # one an edit made the cipher's ValueError: failed there, InvalidTag
+        if type(nonce) is not bytes or len(nonce) != _NONCE_SIZE[enc.algorithm] \
+                or type(enc.aad) is not bytes:
+            return _NOT_SMALL
     except (struct.error, TypeError, ValueError, KeyError, UnicodeError, OverflowError):
         return _NOT_SMALL
     in_place = _decides_inplace(enc, None, inplace)
@@ -881,12 +981,17 @@ def _decrypt_small_on_host(enc: Any, key: Any, inplace: bool | None) -> Any:
     if src is None or len(src) != enc.nbytes:  # the general path says what is wrong
         return _NOT_SMALL
     if in_place:
-        if enc._source is None or src.readonly:
+        source = enc._source
+        if source is None or src.readonly:
             return _NOT_SMALL
+        if type(source) is not np.ndarray:  # a CPU torch tensor (_small_host_bytes)
+            if not _torch_writable(source, len(src)):
+                return _NOT_SMALL
+            _bump_torch_version(source)
         if not _host_open(enc.algorithm, key, enc.nonce, aad, src, enc.tag, src):
             _raise_one_failed(enc)
         enc._consumed[0] = True
-        return enc._source
+        return source
     result, dst = _small_host_result(enc)
     if dst is None:
         return _NOT_SMALL
@@ -1047,6 +1152,8 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
         host = memoryview(adapter.host_array(view)) if place == HOST else None
         if inplace and host is not None and host.readonly:
             raise ValueError("inplace=True needs a writable tensor")  # before any is touched
+        if inplace and host is not None and adapter.name == "torch":
+            _refuse_read_only_torch(view, nbytes, _what(label))
         _limits.check_length("tensor", nbytes, _MAX_DATA[algorithm], algorithm)
         name = _check_name(label)
         meta = _metadata(algorithm, adapter.name, dtype, shape, nbytes, key_id, name)
@@ -1069,6 +1176,10 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
     # host tensor is encrypted: in place, a host tensor sealed before such an error would
     # be left holding ciphertext whose nonce and tag were never returned.
     launch_gpu = _prepare_gpu_seal(on_gpu, algorithm, key, inplace, stream) if on_gpu else None
+    if inplace:  # nothing is refused from here on: autograd learns of the writes
+        for job in jobs:
+            if job.adapter.name == "torch":
+                _bump_torch_version(job.x)
     try:
         _run_host_jobs(on_host, lambda job, threads, shared_gil: _encrypt_on_host(
             job, algorithm, key, inplace, threads, shared_gil))
@@ -1121,6 +1232,8 @@ def _host_encrypt_job(label: Any, x: Any, parts: tuple, algorithm: str, user_aad
     if framework == "torch":
         host = _torch_host_view(x, nbytes)
         address = x.data_ptr()
+        if inplace:  # before any is touched
+            _refuse_read_only_torch(x, nbytes, _what(label))
     else:
         address, host = None, _numpy_host_bytes(x)
         if inplace and host.readonly:
@@ -1366,7 +1479,8 @@ def encrypt_tensor(x: Any, key: Any, *, algorithm: str = "chacha20-poly1305", aa
 
     ``key``: 32 bytes (ChaCha20/XChaCha20), 16/24/32 bytes (AES-GCM). ``aad``: extra
     associated data, kept in the result. ``nonce``: None (random), bytes, or a
-    :class:`NonceSequence`. ``inplace``: encrypt in ``x``'s own memory. ``contiguous``:
+    :class:`NonceSequence`. ``inplace``: encrypt in ``x``'s own memory (which must be
+    writable: see the module's "Memory" on torch tensors over read-only memory). ``contiguous``:
     allow a contiguous copy of a non-contiguous ``x`` (else ``ValueError``). ``key_id``
     (str or bytes) and ``name`` (str) are recorded and authenticated. ``device``: None
     (where the data is), ``"cpu"``, or ``"gpu"`` (run a host tensor on the GPU).
@@ -1444,6 +1558,7 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
             job_key = keys[enc.algorithm] = _key_bytes(key, enc.algorithm)
         if not _describes_its_ciphertext(enc):  # failed, before anything is allocated
             job = _Job(label, enc, HOST, b"")
+            job.x = out  # zeroed, if it can be, as a bad tag's would be
             jobs.append(job)
             malformed.append(job)
             continue
@@ -1483,6 +1598,10 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     for job in into_own_ciphertext:  # decrypted in place in effect: so run (dst = src: a wrong
         job.inplace = True           # tag leaves the ciphertext there), spent, and the result
         # is still the caller's out= (job.dst_obj)
+    torch_adapter = fw.BY_NAME["torch"]
+    for job in todo:  # nothing is refused from here on: autograd learns of the writes
+        if job.adapter is torch_adapter and (job.inplace or job.x is not None):
+            _bump_torch_version(job.dst_obj)
     # GPU ciphertext decrypted on the CPU is copied down here, in this thread (whose CUDA
     # context and stream order the copy); only host ciphertext goes to the thread pool
     from_device = [j for j in todo if not j.result[0] and j.enc._place != HOST]
@@ -1497,9 +1616,15 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     refused.update(id(j) for j in failed)
     failed = [j for j in jobs if id(j) in refused]
     if failed:
+        _zero_refused_outputs(misfiled + malformed, jobs)
         names = ", ".join(repr(j.label if j.label is not None else j.enc.name) for j in failed)
+        # the recorded name is not authentic yet, but says what went wrong when it is
+        # (a dict's entries decrypted as a list, or entries swapped)
+        filed = "; ".join(f"{j.enc.name!r} is filed as {j.label!r}" for j in misfiled)
         exc = InvalidTag(f"authentication failed for {len(failed)} of {len(jobs)} tensor(s): "
-                         f"{names}")
+                         f"{names}" + (f" (encrypted under another name: {filed}; decrypt "
+                                       f"each under the name it was encrypted with)"
+                                       if filed else ""))
         exc.failed = [j.label for j in failed]
         raise exc
     for job in jobs:
@@ -1509,15 +1634,61 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     return [j.dst_obj if j.inplace else j.adapter.finish(j.dst_obj) for j in jobs]
 
 
+def _zero_refused_outputs(refused: list[_Job], jobs: list[_Job]) -> None:
+    """Zero the ``out=`` of each entry refused before decryption (filed under another
+    name, or malformed), as a wrong tag's is zeroed, so that what it held before (an
+    earlier plaintext, say) cannot pass for this entry's: where ``out=`` is a writable,
+    C-contiguous tensor of the recorded dtype and shape whose memory is no entry's
+    ciphertext (an in-place result's own memory, through another object, is left as it
+    is). Anything it cannot tell leaves ``out=`` alone: this runs on a path that raises."""
+    outs = [j for j in refused if j.x is not None and j.x is not j.enc._source]
+    if not outs:
+        return
+    ciphertexts = []
+    for job in jobs:
+        enc = job.enc
+        try:
+            ct = enc._source if enc._source is not None else (
+                _host_ciphertext_view(enc) if enc._place == HOST else enc._ciphertext)
+            span = _memory_span(ct, ct.nbytes)
+        except Exception:  # noqa: BLE001 (an edited object: its memory is unknown)
+            return
+        if span is not None:
+            ciphertexts.append((enc._place, span))
+    for job in outs:
+        out, enc = job.x, job.enc
+        try:
+            adapter = fw.adapter_for(out)
+            if not adapter.mutable or adapter.needs_copy(out) \
+                    or adapter.dtype_name(out) != enc.dtype or adapter.shape(out) != enc.shape \
+                    or (isinstance(out, np.ndarray) and not out.flags.writeable):
+                continue
+            place, view = adapter.place(out), adapter.byte_view(out)
+            if adapter.name == "torch" and place == HOST:
+                _check_storage(out, out.nbytes)
+                _refuse_read_only_torch(out, out.nbytes, "out=")
+            span = _memory_span(view, out.nbytes)
+            if span is None or any(p == place and a < span[1] and span[0] < b
+                                   for p, (a, b) in ciphertexts):
+                continue
+            view[...] = 0
+            _bump_torch_version(out)
+        except Exception:  # noqa: BLE001 (left as it was: the InvalidTag says enough)
+            continue
+
+
 def _describes_its_ciphertext(enc: EncryptedTensor) -> bool:
     """Whether ``enc``'s recorded framework, algorithm, dtype, shape and byte count can be
     those of its ciphertext: known names, ``prod(shape) * itemsize == nbytes``, a
-    ciphertext (and, in place, a source tensor of that framework) of ``nbytes``. An
-    encryption records nothing else, so False means the object was edited since, which
-    decryption reports as ``InvalidTag`` like any other edit, before anything is
-    allocated (an edited shape can ask for terabytes) or read (an edited length would
-    read past the data)."""
+    ciphertext (and, in place, a source tensor of that framework) of ``nbytes``, a
+    ``bytes`` nonce of the algorithm's length and ``bytes`` aad. An encryption records
+    nothing else, so False means the object was edited since, which decryption reports
+    as ``InvalidTag`` like any other edit, before anything is allocated (an edited shape
+    can ask for terabytes) or read (an edited length would read past the data)."""
     try:
+        if type(enc.nonce) is not bytes or type(enc.aad) is not bytes \
+                or len(enc.nonce) != _NONCE_SIZE.get(enc.algorithm):
+            return False  # the cipher would raise ValueError / TypeError, not InvalidTag
         nbytes = operator.index(enc.nbytes)
         count = 1
         for d in enc.shape:
@@ -1668,6 +1839,8 @@ def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
                     raise ValueError("an in-place decrypt needs writable ciphertext memory "
                                      "(from_bytes of a bytearray, or inplace=False)")
                 buffer = adapter.adopt_host(buffer)
+            elif adapter.name == "torch" and enc._place == HOST:
+                _refuse_read_only_torch(buffer, enc.nbytes, "the ciphertext's memory")
             job.adapter, job.dst_view = adapter, buffer
             job.dst_obj = adapter.view_as(buffer, enc.dtype, enc.shape)
         elif job.x is not None:
@@ -1686,6 +1859,8 @@ def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
                                  "read-only)")
             if adapter.name == "torch":
                 _check_storage(out, enc.nbytes)
+                if job.place == HOST:
+                    _refuse_read_only_torch(out, enc.nbytes, f"out= for {_what(job.label)}")
             job.adapter, job.dst_obj, job.dst_view = adapter, out, adapter.byte_view(out)
         else:
             try:
@@ -1716,10 +1891,10 @@ def _in_place_host_bytes(enc: EncryptedTensor, label: Any) -> memoryview:
     decrypted."""
     view = memoryview(_host_ciphertext_view(enc))
     if view.readonly:
-        name = label if label is not None else enc.name
-        what = "the tensor" if name is None else f"tensor {name!r}"
-        raise ValueError(f"{what} is read-only now: an in-place decrypt needs writable memory "
-                         f"(make it writable again, or pass inplace=False)")
+        raise ValueError(f"{_what(label, enc.name)} is read-only now: an in-place decrypt needs "
+                         f"writable memory (make it writable again, or pass inplace=False)")
+    if not isinstance(enc._source, np.ndarray):  # a CPU torch tensor
+        _refuse_read_only_torch(enc._source, enc.nbytes, _what(label, enc.name))
     return view
 
 
@@ -1849,9 +2024,11 @@ def decrypt_tensors(encs: Mapping[str, EncryptedTensor] | Sequence[EncryptedTens
 
     ``out``: optional dict/list of tensors to write into (same keys/length). Every GPU
     tensor goes through one ``open_batch`` call. If any tensor fails (wrong tag, or an
-    entry filed under another name than it was encrypted with), ``InvalidTag`` names
-    them (its ``failed`` attribute lists them) and no plaintext is returned; tensors
-    decrypted in place that did verify are restored. A batch that would write where
+    entry filed under another name than it was encrypted with: a dict's entries decrypted
+    as a list, say), ``InvalidTag`` names them (its ``failed`` attribute lists them) and
+    no plaintext is returned; their ``out=`` tensors are zeroed (where they have the
+    recorded dtype and shape and are no entry's ciphertext); tensors decrypted in place
+    that did verify are restored. A batch that would write where
     another entry's ciphertext or plaintext lies (one in-place result twice, ``out=``
     naming one tensor twice or another entry's ciphertext) is refused, ``ValueError``,
     before anything is written. An entry decrypted in place is spent as soon as it is
