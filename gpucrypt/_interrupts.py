@@ -33,13 +33,15 @@ call is long hold the interrupt across that call too.
 from __future__ import annotations
 
 import _signal
+import _thread
 import sys
-import threading
 import weakref
 from typing import Any, Callable
 
 _SIGINT = _signal.SIGINT
-_main_thread = threading.main_thread
+#: the main thread's id, once a hold has succeeded there (``threading`` tells it at once,
+#: but costs the command line its import): other threads then skip the attempt
+_main_thread: list = [None]
 
 
 def _hand_on(handler: Any, frame: Any) -> None:
@@ -75,8 +77,8 @@ class held_interrupts:
         self._came: list = []
         self._saved = self._hold = self._stopped = None
         self._active = False
-        if threading.current_thread() is not _main_thread():
-            return self
+        if _main_thread[0] is not None and _thread.get_ident() != _main_thread[0]:
+            return self  # only the main thread runs signal handlers: nothing to hold here
         while True:
             try:
                 saved = _signal.getsignal(_SIGINT)
@@ -86,11 +88,12 @@ class held_interrupts:
                     self._saved, self._hold = saved, _holder(weakref.ref(self), saved)
                 _signal.signal(_SIGINT, self._hold)
                 self._active = True
+                _main_thread[0] = _thread.get_ident()  # it succeeds in the main thread only
                 return self
             except KeyboardInterrupt as exc:  # a Ctrl-C already due (run by these calls, or
                 self._stopped = self._stopped or exc  # handed on by an inactive holder)
-            except ValueError:  # signals are not this interpreter's (a sub-interpreter)
-                return self
+            except ValueError:  # not the main thread (whose alone signals are: no Ctrl-C is
+                return self      # raised elsewhere), or not the main interpreter
 
     def __exit__(self, *exc_info: Any) -> None:
         if not self._active:

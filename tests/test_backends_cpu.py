@@ -911,3 +911,57 @@ def test_ctrl_c_during_a_forged_opens_clean_up_waits_for_it(algorithm, options, 
         ctx.open_detached(nonce, memoryview(buf), forged, memoryview(aad), memoryview(buf),
                           **options)
     assert len(calls) >= call and bytes(buf) == ct
+
+
+@pytest.mark.parametrize("algorithm", ["chacha20-poly1305", "aes-gcm"])
+@pytest.mark.parametrize("form", ["open", "open_one_shot"])
+def test_a_ctrl_c_during_a_failing_decryption_waits_for_its_zeroing(algorithm, form):
+    """OpenSSL writes the plaintext before it checks the tag. A Ctrl-C that came during
+    that call ran as the wrong tag's clean-up began, before the zeroing: ``open`` left the
+    unauthenticated plaintext in out (in nearly every such case), ``open_one_shot`` a
+    separate out's old bytes. Real SIGINTs every 0.5 ms, for a second."""
+    import signal
+    import threading
+    import time
+
+    n = 64 << 10
+    key, nonce, aad, data, ct, tag, ctx = _detached_message(algorithm, 32, n)
+    forged = memoryview(bytearray(ct + bytes([tag[0] ^ 1]) + tag[1:]))
+    armed = [False]
+
+    def raise_when_armed(signum, frame):
+        if armed[0]:
+            raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGINT, raise_when_armed)
+    running = [True]
+
+    def ctrl_c():
+        while running[0]:
+            time.sleep(0.0005)
+            os.kill(os.getpid(), signal.SIGINT)
+    sender = threading.Thread(target=ctrl_c, daemon=True)
+    sender.start()
+    interrupted = left = 0
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            out = memoryview(bytearray(b"\xa5" * n))
+            try:
+                armed[0] = True
+                if form == "open":
+                    ctx.open(nonce, forged, memoryview(aad), out)
+                else:
+                    ctx.open_one_shot(nonce, forged[:n], forged[n:], memoryview(aad), out)
+            except InvalidTag:
+                pass
+            except KeyboardInterrupt as exc:
+                if isinstance(exc.__context__, InvalidTag):  # came as the tag failed
+                    interrupted += 1
+                    left += bytes(out) != bytes(n)
+            finally:
+                armed[0] = False
+    finally:
+        running[0] = False
+        sender.join()
+        signal.signal(signal.SIGINT, previous)
+    assert interrupted > 0 and left == 0, (interrupted, left)

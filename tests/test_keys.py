@@ -1330,3 +1330,26 @@ def test_a_sealed_keyset_opens_with_its_passphrase_in_either_spelling(tmp_path, 
                        passphrase.from_file_bytes(with_bom)).primary.id == ks.primary.id
     with pytest.raises(KeysetError):
         Keyset.load(tmp_path / "earlier.json", "pass\r\nword")
+
+
+def test_rekey_reencrypt_a_model_with_a_dtype_torch_lacks(tmp_path):
+    """float8_e3m4 is ml_dtypes', not torch's: loading the model in torch failed with a raw
+    AttributeError, and such a file could not be re-encrypted (so no one revoked on it).
+    NumPy holds it; the bytes come back the same."""
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="the float8 kinds torch lacks are ml_dtypes'")
+    import numpy as np
+
+    from gpucrypt import models
+    from gpucrypt.keys.recipients import open_file_envelope
+
+    alice = Identity.generate()
+    x = np.arange(10).astype(ml_dtypes.float8_e3m4)
+    dek = keys.generate_dek()
+    path = tmp_path / "m.gc"
+    models.save_encrypted({"a": x}, path, dek, envelope=keys.seal_envelope(dek, [alice]))
+    assert keys.rekey_file(path, recipients=[alice], identities=alice,
+                           reencrypt=True)["reencrypted"]
+    after = models.read_header(path)
+    back = models.load_encrypted(path, open_file_envelope(after.envelope, alice, after.salt),
+                                 device="cpu", framework="numpy")
+    assert back["a"].dtype == x.dtype and back["a"].tobytes() == x.tobytes()

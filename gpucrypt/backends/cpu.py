@@ -200,11 +200,14 @@ class _OpenSslAead(AeadContext):
         if len(data) < 16:
             raise InvalidTag()
         if self._native(nonce, len(data) - 16, len(aad)):
-            try:
-                self._aead.decrypt_into(nonce, data, aad, out)
-            except InvalidTag:
-                uninterrupted(_zero, out)
-                raise
+            # OpenSSL writes the plaintext before it checks the tag: a Ctrl-C during the
+            # call waits, so that it cannot fire before a wrong tag's zeroing
+            with held_interrupts():
+                try:
+                    self._aead.decrypt_into(nonce, data, aad, out)
+                except InvalidTag:
+                    _zero(out)
+                    raise
             return
         state = self._start(nonce)
         ct, tag = data[:-16], data[-16:]
@@ -281,11 +284,12 @@ class _OpenSslAead(AeadContext):
             return
         plain = bytearray(n)  # decrypt_into writes even when the tag is wrong: not into out
         try:
-            self._aead.decrypt_into(nonce, sealed, aad, plain)
-        except InvalidTag:  # as the composed path: no stale bytes in a separate out
-            uninterrupted(_put_back, data, out, None)
-            raise
-        else:
+            with held_interrupts():  # as in open(): a wrong tag's clean-up comes first
+                try:
+                    self._aead.decrypt_into(nonce, sealed, aad, plain)
+                except InvalidTag:  # as the composed path: no stale bytes in a separate out
+                    _put_back(data, out, None)
+                    raise
             out[:] = plain
         finally:
             plain[:] = bytes(n)

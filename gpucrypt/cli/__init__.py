@@ -39,8 +39,8 @@ SUBCOMMANDS = {
     "keys": ("gpucrypt.cli.keys:add_keys",
              "Manage a keyset: list, add, promote, enable, disable, destroy keys."),
     "rekey": ("gpucrypt.cli.keys:add_rekey",
-              "Re-wrap an encrypted file's data key for new recipients/keys (rewrites the "
-              "header only)."),
+              "Give an encrypted file new recipients/keys (the header only; --reencrypt to "
+              "revoke)."),
     "bench": ("gpucrypt.cli.bench:add_bench",
               "Measure gpucrypt against cryptography (OpenSSL), pycryptodome and libsodium on "
               "this machine."),

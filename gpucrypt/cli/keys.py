@@ -568,8 +568,10 @@ def _run_keys(args) -> int:
 
 
 def add_rekey(parser: argparse.ArgumentParser) -> None:
-    """Re-wrap an encrypted file's data key for new recipients/keys (rewrites the header
-    only), or with --reencrypt encrypt the file again under a fresh data key (revokes)."""
+    """Give an encrypted file new recipients/keys (the header only; --reencrypt to revoke).
+
+    Without --reencrypt the same data key is re-wrapped; with it the file is encrypted
+    again under a fresh one, which is what revokes a recipient."""
     parser.add_argument("file", metavar="FILE",
                         help="a gpucrypt stream or model file with an envelope (its header is "
                              "rewritten, its data untouched, unless --reencrypt)")

@@ -258,13 +258,7 @@ def _reencrypt_model(path: Any, dek: bytes, new_dek: bytes, salt: bytes, envelop
 
     target = os.path.realpath(path)
     opened: list = []  # the verified header of the very file decrypted
-    try:  # torch holds every dtype a model file may; NumPy (a core dependency) otherwise
-        import torch  # noqa: F401
-        framework = "torch"
-    except ImportError:
-        framework = "numpy"
-    tensors = models.load_encrypted(target, dek, device="cpu", framework=framework,
-                                    _check_header=opened.append)
+    tensors = _load_for_reencryption(models, target, dek, opened)
     try:
         old = opened[0]
         with _replacement(target) as sink:
@@ -274,6 +268,25 @@ def _reencrypt_model(path: Any, dek: bytes, new_dek: bytes, salt: bytes, envelop
                                   envelope=envelope, _salt=salt)
     finally:
         _wipe(tensors)
+
+
+def _load_for_reencryption(models: Any, target: str, dek: bytes, opened: list) -> dict:
+    """The verified tensors of the model file ``target``, in torch (which holds complex32,
+    say) or else NumPy (with ml_dtypes, the float8 kinds torch lacks): the first that holds
+    every dtype of the file. The file's own errors (a failed tag) go on at once."""
+    failures = []
+    for framework in ("torch", "numpy"):
+        opened.clear()
+        try:
+            return models.load_encrypted(target, dek, device="cpu", framework=framework,
+                                         _check_header=opened.append)
+        except _format.StreamError:
+            raise
+        except (ImportError, AttributeError, TypeError, ValueError) as exc:
+            failures.append(f"{framework}: {exc}")
+    raise ValueError(f"{target} cannot be re-encrypted here: neither torch nor NumPy holds "
+                     f"all of its dtypes ({'; '.join(failures)}); decrypt it with "
+                     f"decrypt-model and encrypt it again with encrypt-model") from None
 
 
 def _wipe(tensors: dict) -> None:

@@ -368,10 +368,13 @@ def seal_envelope_with_labels(dek: bytes, recipients: Any, *,
 
 #: the most stanzas of one envelope a key reference (an HSM or KMS key) is asked to
 #: unwrap, in one :func:`open_envelope`. An envelope gpucrypt writes holds one stanza per
-#: key reference, and a reference owns the stanzas of the key it names: one, or a few
-#: where the same key was named in several ways (a PKCS#11 key with and without its
-#: token's serial; a KMS alias that cannot be described owns any ARN).
-MAX_PROVIDER_UNWRAPS = 4
+#: key reference, and a reference owns the stanzas of the key it names: one where it
+#: names the key exactly (an ARN, a PKCS#11 URI with its token's serial), but any of them
+#: where it cannot tell (a KMS alias that may not be described owns every ARN; a PKCS#11
+#: URI without a serial, every serial), and a file sealed for several KMS keys (regions,
+#: say) then has a stanza of each before the reader's own. 16 keeps such files open
+#: while a forged envelope of 255 stanzas costs 32 asks at most, not 510.
+MAX_PROVIDER_UNWRAPS = 16
 
 
 def _distinct(items: list) -> list:
@@ -440,7 +443,9 @@ def open_envelope(envelope: bytes, identities: Any, *, context: Any = None,
                 if external and asked[n] == MAX_PROVIDER_UNWRAPS:
                     notes.append(f"{identity.label} was asked to unwrap {MAX_PROVIDER_UNWRAPS} "
                                  f"of this envelope's stanzas, the most it is asked: the others "
-                                 f"were not tried (a forged envelope could name it in 255)")
+                                 f"were not tried (a forged envelope could name it in 255); "
+                                 f"name the key exactly (its ARN, or a pkcs11: URI with the "
+                                 f"token's serial) so that it owns only its own stanza")
                     continue
                 try:
                     dek = _try_open(stanza, identity, context)
