@@ -554,6 +554,20 @@ for x in (ro, ro[1000:1010]):  # in place: the one-tensor path, batches, a host 
     refused(lambda: gpucrypt.encrypt_tensor(x, key, inplace=True))
     refused(lambda: gpucrypt.encrypt_tensors({"w": x}, key, inplace=True))
     refused(lambda: gpucrypt.encrypt_tensors([x], key, inplace=True, device="gpu"))
+# a batch's tensors are probed together: writable ones whose storage NumPy saw (so no
+# longer resizable, and probed) around the read-only one; none is touched
+others = [torch.arange(1000 * i, 1000 * i + 600, dtype=torch.float32) for i in range(700)]
+[t.numpy() for t in others]
+kept = [t.clone() for t in others]
+for batch in ({**{f"a{i}": t for i, t in enumerate(others[:600])}, "ro": ro,
+               **{f"b{i}": t for i, t in enumerate(others[600:])}}, others[:5] + [ro]):
+    try:
+        gpucrypt.encrypt_tensors(batch, key, inplace=True)
+    except ValueError as exc:
+        assert "read-only" in str(exc) and ("'ro'" in str(exc) or "'5'" in str(exc)), exc
+    else:
+        raise AssertionError("not refused")
+    assert all(torch.equal(a, b) for a, b in zip(others, kept))
 enc = gpucrypt.encrypt_tensor(plain, key)
 refused(lambda: gpucrypt.decrypt_tensor(enc, key, out=ro))
 refused(lambda: gpucrypt.decrypt_tensors([enc], key, out=[ro]))

@@ -772,22 +772,39 @@ def _torch_host_bytes(t: Any, nbytes: int | None = None, *, own: bool = False) -
     return view
 
 
-def _torch_host_view(t: Any, nbytes: int) -> memoryview:
+#: :func:`_check_storage`'s "the tensor is only read"
+_NOT_WRITTEN = object()
+
+
+def _torch_host_view(t: Any, nbytes: int, written_as: Any = _NOT_WRITTEN,
+                     probes: list | None = None) -> memoryview:
     """A flat byte memoryview of a contiguous CPU tensor's memory, by address, as
     :func:`_torch_host_bytes` (a torch byte view, then ``.numpy()``, cost 2.3 us of a
     16 KiB tensor's 16 in a batch). Not remembered: a batch's many tensors would only
-    push the single tensors' views out."""
-    _check_storage(t, nbytes)
+    push the single tensors' views out. ``written_as``: see :func:`_check_storage`."""
+    _check_storage(t, nbytes, written_as, probes)
     return memoryview(_bytes_at(t.data_ptr(), nbytes)).cast("B")
 
 
-def _check_storage(t: Any, nbytes: int) -> None:
+def _check_storage(t: Any, nbytes: int, written_as: Any = _NOT_WRITTEN,
+                   probes: list | None = None) -> None:
     """Refuse a tensor whose storage no longer holds it (``untyped_storage().resize_``
     to fewer bytes leaves the tensor's shape as it was): read by address, its bytes
-    would reach past the allocation. torch's own views do not check this (0.15 us)."""
-    if nbytes and t.untyped_storage().nbytes() < t.storage_offset() * t.element_size() + nbytes:
+    would reach past the allocation. torch's own views do not check this (0.15 us).
+    Unless ``written_as`` is ``_NOT_WRITTEN``, also one that will be written and is
+    read-only memory (:func:`_refuse_read_only_torch`; ``written_as``: its label), or,
+    given ``probes``, one to probe with the others (:func:`_refuse_read_only_spans`)."""
+    if not nbytes:
+        return
+    storage = t.untyped_storage()
+    if storage.nbytes() < t.storage_offset() * t.element_size() + nbytes:
         raise ValueError("the tensor's storage is smaller than the tensor (resized underneath "
                          "it?): its memory cannot be read; make a fresh tensor (.clone()) first")
+    if written_as is not _NOT_WRITTEN and not storage.resizable():
+        if probes is not None:  # probed with the batch's others, before any is touched
+            probes.append((t.data_ptr(), nbytes, t, written_as))
+        elif not _memory_writable(t.data_ptr(), nbytes):
+            _refuse_read_only_torch(t, nbytes, _what(written_as))
 
 
 def _bytes_at(address: int, nbytes: int) -> Any:
@@ -847,6 +864,41 @@ def _memory_writable(address: int, nbytes: int) -> bool:
     return written < 0 and ctypes.get_errno() != errno.EFAULT
 
 
+def _first_read_only(spans: list) -> int:
+    """The index of the first ``(address, nbytes, ...)`` span of ``spans`` whose first or
+    last byte cannot be written, else -1: :func:`_memory_writable` for a batch, in one
+    syscall per 512 spans (one each cost a 16 KiB tensor a quarter of its time: storage
+    that NumPy ever saw, through ``.numpy()``, is never resizable again, so most tensors
+    of a real state dict are probed)."""
+    writev = _VM_WRITEV[0]
+    if writev is None:
+        _memory_writable(0, 0)  # looks the call up
+        writev = _VM_WRITEV[0]
+    if not writev:
+        return -1
+    pid = os.getpid()
+    for first in range(0, len(spans), 512):
+        chunk = [span for span in spans[first:first + 512] if span[1]]
+        if not chunk:
+            continue
+        # iovecs as (base, length) machine words, made by NumPy: a ctypes array built from
+        # Python ints cost 1 us a span
+        iov = np.ones((len(chunk), 4), dtype=np.uintp)
+        iov[:, 0] = [span[0] for span in chunk]
+        iov[:, 2] = iov[:, 0] + np.array([span[1] - 1 for span in chunk], dtype=np.uintp)
+        count = 2 * len(chunk)
+        written = writev(pid, iov.ctypes.data, count, iov.ctypes.data, count, 0)
+        if written == count:
+            continue
+        if written < 0 and ctypes.get_errno() != errno.EFAULT:
+            return -1  # the system will not tell (EPERM, ENOSYS)
+        # the bytes before the refused one were written: which span it was, one by one
+        for i, (address, nbytes, *_) in enumerate(spans[first:first + 512]):
+            if nbytes and not _memory_writable(address, nbytes):
+                return first + i
+    return -1
+
+
 def _what(label: Any, name: Any = None) -> str:
     """How errors name an entry: by its label (or recorded name), else "the tensor"."""
     shown = label if label is not None else name
@@ -863,6 +915,15 @@ def _refuse_read_only_torch(t: Any, nbytes: int, what: str) -> None:
                          f"flag: it cannot be written; make a writable copy (.clone())")
 
 
+def _refuse_read_only_spans(probes: list, name: Any = None) -> None:
+    """:func:`_refuse_read_only_torch` for the ``(address, nbytes, tensor, label)`` spans
+    a batch put aside, probed together (:func:`_first_read_only`)."""
+    bad = _first_read_only(probes) if probes else -1
+    if bad >= 0:
+        _, nbytes, t, label = probes[bad]
+        _refuse_read_only_torch(t, nbytes, _what(label, name))
+
+
 def _torch_writable(t: Any, nbytes: int) -> bool:
     """:func:`_refuse_read_only_torch`'s answer, as a bool (for the one-tensor paths,
     which leave the general path to say what is wrong)."""
@@ -874,10 +935,13 @@ _INCREMENT_VERSION: list = [None]
 
 
 def _bump_torch_version(t: Any) -> None:
-    """Tell autograd that torch tensor ``t`` (and every view of its memory) was written in
-    place, as torch's own in-place ops do: a backward pass that saved its old values then
-    raises instead of computing gradients from ciphertext (or plaintext it never saw).
-    Inference tensors have no version counter; torch skips them."""
+    """Tell autograd that torch tensor ``t`` (or each of a list of them, in one call: a
+    batch's per-tensor calls woke the garbage collector), and every view of its memory,
+    was written in place, as torch's own in-place ops do: a backward pass that saved its
+    old values then raises instead of computing gradients from ciphertext (or plaintext
+    it never saw). Inference tensors have no version counter; torch skips them."""
+    if type(t) is list and not t:
+        return
     bump = _INCREMENT_VERSION[0]
     if bump is None:
         torch = sys.modules["torch"]
@@ -1125,10 +1189,12 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
     key_id = _check_key_id(key_id)
     device = _check_device(device)
     jobs = []
+    probes: list = []  # in-place torch tensors whose memory may be read-only: probed together
     for label, x in items:
         parts = _host_tensor_parts(x) if device != "gpu" else None
         if parts is not None:  # a host array or tensor as it is: the adapters' checks pass
-            jobs.append(_host_encrypt_job(label, x, parts, algorithm, user_aad, key_id, inplace))
+            jobs.append(_host_encrypt_job(label, x, parts, algorithm, user_aad, key_id, inplace,
+                                          probes))
             continue
         adapter = fw.adapter_for(x)
         place = adapter.place(x)
@@ -1165,6 +1231,7 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
         job.adapter, job.x, job.view, job.host_src = adapter, x, view, host
         jobs.append(job)
     if inplace:
+        _refuse_read_only_spans(probes)
         _refuse_shared_memory(jobs)
     for job, nonce in zip(jobs, _nonces_for(len(jobs), algorithm, nonces)):
         job.enc.nonce = job.nonce = nonce
@@ -1177,9 +1244,7 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
     # be left holding ciphertext whose nonce and tag were never returned.
     launch_gpu = _prepare_gpu_seal(on_gpu, algorithm, key, inplace, stream) if on_gpu else None
     if inplace:  # nothing is refused from here on: autograd learns of the writes
-        for job in jobs:
-            if job.adapter.name == "torch":
-                _bump_torch_version(job.x)
+        _bump_torch_version([job.x for job in jobs if job.adapter.name == "torch"])
     try:
         _run_host_jobs(on_host, lambda job, threads, shared_gil: _encrypt_on_host(
             job, algorithm, key, inplace, threads, shared_gil))
@@ -1222,7 +1287,7 @@ def _take_back_sealed(jobs: list[_Job], algorithm: str, key: bytes, exc: BaseExc
 
 
 def _host_encrypt_job(label: Any, x: Any, parts: tuple, algorithm: str, user_aad: bytes,
-                      key_id: Any, inplace: bool) -> _Job:
+                      key_id: Any, inplace: bool, probes: list | None = None) -> _Job:
     """The job of a host tensor that :func:`_host_tensor_parts` describes: its bytes as a
     memoryview (a torch tensor's read by address, whose address the shared-memory check
     reuses), its result made positionally, its ciphertext view made only if asked for
@@ -1230,10 +1295,10 @@ def _host_encrypt_job(label: Any, x: Any, parts: tuple, algorithm: str, user_aad
     tensor's 11.6 in a batch of 2048."""
     framework, dtype, shape, nbytes = parts
     if framework == "torch":
-        host = _torch_host_view(x, nbytes)
+        # in place: refused before any is touched if read-only (one storage object for both
+        # checks: a batch's per-tensor objects wake the garbage collector)
+        host = _torch_host_view(x, nbytes, label if inplace else _NOT_WRITTEN, probes)
         address = x.data_ptr()
-        if inplace:  # before any is touched
-            _refuse_read_only_torch(x, nbytes, _what(label))
     else:
         address, host = None, _numpy_host_bytes(x)
         if inplace and host.readonly:
@@ -1599,9 +1664,8 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
         job.inplace = True           # tag leaves the ciphertext there), spent, and the result
         # is still the caller's out= (job.dst_obj)
     torch_adapter = fw.BY_NAME["torch"]
-    for job in todo:  # nothing is refused from here on: autograd learns of the writes
-        if job.adapter is torch_adapter and (job.inplace or job.x is not None):
-            _bump_torch_version(job.dst_obj)
+    _bump_torch_version([job.dst_obj for job in todo  # nothing is refused from here on
+                         if job.adapter is torch_adapter and (job.inplace or job.x is not None)])
     # GPU ciphertext decrypted on the CPU is copied down here, in this thread (whose CUDA
     # context and stream order the copy); only host ciphertext goes to the thread pool
     from_device = [j for j in todo if not j.result[0] and j.enc._place != HOST]
@@ -1819,6 +1883,7 @@ def _refuse_overlap(jobs: list[_Job], a: tuple, b: tuple) -> None:
 def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
     """Choose each job's result object and the byte view its plaintext goes to (results
     allocated here are allocated for the caller's ``stream``)."""
+    probes: list = []  # in-place torch results whose memory may be read-only: probed together
     for job in jobs:
         enc = job.enc
         if job.inplace and enc._source is not None:
@@ -1827,7 +1892,7 @@ def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
             job.adapter, job.dst_view = fw.BY_NAME[enc.framework], None
             job.dst_obj = enc._source if job.x is None else job.x
             if enc._place == HOST:  # refused here, before any tensor of the batch is touched
-                job.host_src = _in_place_host_bytes(enc, job.label)
+                job.host_src = _in_place_host_bytes(enc, job.label, probes)
         elif job.inplace:   # in the ciphertext's own buffer, which becomes the result
             adapter = fw.result_adapter(enc.framework, enc._place)
             buffer = enc._ciphertext
@@ -1881,9 +1946,10 @@ def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
             job.adapter, job.dst_obj = adapter, obj
             job.dst_view = (obj.buffer if isinstance(obj, fw._JaxDeviceResult)
                             else adapter.byte_view(obj))
+    _refuse_read_only_spans(probes)
 
 
-def _in_place_host_bytes(enc: EncryptedTensor, label: Any) -> memoryview:
+def _in_place_host_bytes(enc: EncryptedTensor, label: Any, probes: list | None = None) -> memoryview:
     """The memory an in-place host result is decrypted in, as a flat byte memoryview;
     ``ValueError`` when it cannot be written now (a NumPy array made read-only since it
     was encrypted) or no longer holds the ciphertext's bytes (a torch tensor whose
@@ -1894,7 +1960,11 @@ def _in_place_host_bytes(enc: EncryptedTensor, label: Any) -> memoryview:
         raise ValueError(f"{_what(label, enc.name)} is read-only now: an in-place decrypt needs "
                          f"writable memory (make it writable again, or pass inplace=False)")
     if not isinstance(enc._source, np.ndarray):  # a CPU torch tensor
-        _refuse_read_only_torch(enc._source, enc.nbytes, _what(label, enc.name))
+        t = enc._source
+        if probes is None:
+            _refuse_read_only_torch(t, enc.nbytes, _what(label, enc.name))
+        elif enc.nbytes and not t.untyped_storage().resizable():  # with the batch's others
+            probes.append((t.data_ptr(), enc.nbytes, t, label if label is not None else enc.name))
     return view
 
 
