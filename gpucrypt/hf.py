@@ -100,7 +100,8 @@ def from_pretrained(model_class: Any, folder: Any, *, key: Any = None, keyset: A
     if generation is not None and model.can_generate():
         from transformers import GenerationConfig
 
-        model.generation_config = _from_checked(read, folder, ["generation_config.json"],
+        model.generation_config = _from_checked(lambda name: generation, folder,
+                                                ["generation_config.json"],
                                                 GenerationConfig.from_pretrained)
     return loaded
 

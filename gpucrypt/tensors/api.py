@@ -831,17 +831,11 @@ def _bytes_at(address: int, nbytes: int) -> Any:
 # torch warns about both when it makes the tensor). The call costs 4-5 us here (a
 # syscall), so it is made on in-place and out= writes only, and never for torch's own
 # storages (0.35 us to ask).
-class _IoVec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
-
-
 #: process_vm_writev, once looked up (False where this libc has none)
 _VM_WRITEV: list = [None]
 
 
-def _memory_writable(address: int, nbytes: int) -> bool:
-    """Whether the first and last of ``nbytes`` bytes at ``address`` can be written (see
-    above); True where this system cannot tell (no such call, or a sandbox refusing it)."""
+def _vm_writev() -> Any:
     writev = _VM_WRITEV[0]
     if writev is None:
         try:
@@ -852,50 +846,44 @@ def _memory_writable(address: int, nbytes: int) -> bool:
         except (OSError, AttributeError):  # not Linux
             writev = False
         _VM_WRITEV[0] = writev
-    if not writev or not nbytes:
-        return True
-    iov = (_IoVec * 2)((address, 1), (address + nbytes - 1, 1))
-    # each byte read and written back where it is: its own value, while the caller is
-    # about to overwrite it anyway
-    written = writev(os.getpid(), iov, 2, iov, 2, 0)
-    if written == 2:
-        return True
-    # -1 with EFAULT, or 1 (the last byte refused): read-only; EPERM, ENOSYS: cannot tell
-    return written < 0 and ctypes.get_errno() != errno.EFAULT
+    return writev
+
+
+def _memory_writable(address: int, nbytes: int) -> bool:
+    """Whether the first and last of ``nbytes`` bytes at ``address`` can be written (see
+    above); True where this system cannot tell (no such call, or a sandbox refusing it)."""
+    return _first_read_only([(address, nbytes)]) < 0
 
 
 def _first_read_only(spans: list) -> int:
     """The index of the first ``(address, nbytes, ...)`` span of ``spans`` whose first or
-    last byte cannot be written, else -1: :func:`_memory_writable` for a batch, in one
-    syscall per 512 spans (one each cost a 16 KiB tensor a quarter of its time: storage
+    last byte cannot be written, else -1 (also where this system cannot tell). One
+    syscall per 512 spans: one each cost a 16 KiB tensor a quarter of its time (storage
     that NumPy ever saw, through ``.numpy()``, is never resizable again, so most tensors
-    of a real state dict are probed)."""
-    writev = _VM_WRITEV[0]
-    if writev is None:
-        _memory_writable(0, 0)  # looks the call up
-        writev = _VM_WRITEV[0]
+    of a real state dict are probed). Each byte is read and written back where it is (its
+    own value, while the caller is about to overwrite it anyway); the call stops at the
+    first iovec it cannot write, and transfers whole iovecs only, so the count written
+    says which span failed."""
+    writev = _vm_writev()
     if not writev:
         return -1
     pid = os.getpid()
     for first in range(0, len(spans), 512):
-        chunk = [span for span in spans[first:first + 512] if span[1]]
+        chunk = [i for i in range(first, min(first + 512, len(spans))) if spans[i][1]]
         if not chunk:
             continue
         # iovecs as (base, length) machine words, made by NumPy: a ctypes array built from
         # Python ints cost 1 us a span
         iov = np.ones((len(chunk), 4), dtype=np.uintp)
-        iov[:, 0] = [span[0] for span in chunk]
-        iov[:, 2] = iov[:, 0] + np.array([span[1] - 1 for span in chunk], dtype=np.uintp)
+        iov[:, 0] = [spans[i][0] for i in chunk]
+        iov[:, 2] = iov[:, 0] + np.array([spans[i][1] - 1 for i in chunk], dtype=np.uintp)
         count = 2 * len(chunk)
         written = writev(pid, iov.ctypes.data, count, iov.ctypes.data, count, 0)
         if written == count:
             continue
         if written < 0 and ctypes.get_errno() != errno.EFAULT:
             return -1  # the system will not tell (EPERM, ENOSYS)
-        # the bytes before the refused one were written: which span it was, one by one
-        for i, (address, nbytes, *_) in enumerate(spans[first:first + 512]):
-            if nbytes and not _memory_writable(address, nbytes):
-                return first + i
+        return chunk[max(written, 0) // 2]  # -1 (EFAULT): the first byte of the first
     return -1
 
 
