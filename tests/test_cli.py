@@ -138,7 +138,9 @@ def _writing(proc: subprocess.Popen, folder: Path) -> int | None:
 
 
 def _wait_writing(proc: subprocess.Popen, folder: Path, at_least: int) -> None:
-    deadline = time.monotonic() + 30
+    # generous: five interpreters start at once, and CI runs this beside the whole suite
+    # (one run under heavy load took 88 s); the deadline only bounds a hang
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         size = _writing(proc, folder)
         if size is not None and size >= at_least:
