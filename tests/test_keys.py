@@ -709,9 +709,13 @@ def test_rekey_reencrypt_leaves_the_original_when_a_segment_fails(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
-def test_rekey_reencrypt_model_file(tmp_path):
+@pytest.mark.parametrize("algorithm, encrypt_names", [("aes-256-gcm", True),
+                                                      ("chacha20-poly1305", False),
+                                                      ("xchacha20-poly1305", True)])
+def test_rekey_reencrypt_model_file(tmp_path, algorithm, encrypt_names):
     """A model file is sealed again with its algorithm, segment size, encrypted names and
-    metadata; the data key bob kept no longer opens it."""
+    metadata; the data key bob kept no longer opens it. Tensors of several segments, one
+    that ends on a segment boundary, an empty one, and names out of sorted order."""
     import numpy as np
 
     from gpucrypt import models
@@ -719,11 +723,11 @@ def test_rekey_reencrypt_model_file(tmp_path):
 
     alice, bob = Identity.generate(), Identity.generate()
     tensors = {"w": np.arange(3000, dtype=np.float32), "b": np.ones(7, dtype=np.int64),
-               "e": np.zeros(0, dtype=np.uint8)}
+               "e": np.zeros(0, dtype=np.uint8), "a": np.arange(2048, dtype=np.int32)}
     dek = keys.generate_dek()
     path = tmp_path / "m.gc"
-    models.save_encrypted(tensors, path, dek, {"arch": "tiny"}, algorithm="aes-256-gcm",
-                          encrypt_names=True, segment_size=4096,
+    models.save_encrypted(tensors, path, dek, {"arch": "tiny"}, algorithm=algorithm,
+                          encrypt_names=encrypt_names, segment_size=4096,
                           envelope=keys.seal_envelope(dek, [alice, bob]))
     before = models.read_header(path)
     bob_dek = open_file_envelope(before.envelope, bob, before.salt)
@@ -732,15 +736,98 @@ def test_rekey_reencrypt_model_file(tmp_path):
     with pytest.raises(stream.AuthenticationError):
         models.load_encrypted(path, bob_dek, device="cpu", framework="numpy")
     after = models.read_header(path)
-    assert after.names_encrypted and after.salt != before.salt
+    assert after.names_encrypted is encrypt_names and after.salt != before.salt
+    assert after.nonce_prefix != before.nonce_prefix
     key = open_file_envelope(after.envelope, alice, after.salt)
     verified = models.read_header(path, key)
-    assert (verified.algorithm, verified.segment_size) == ("aes-256-gcm", 4096)
+    assert (verified.algorithm, verified.segment_size) == (algorithm, 4096)
     assert verified.metadata == {"arch": "tiny"}
+    assert verified.tensors == models.read_header(path, key).tensors
+    assert [(t.name, t.begin, t.end) for t in verified.tensors] == \
+        [("w", 0, 12000), ("b", 12000, 12056), ("e", 12056, 12056), ("a", 12056, 20248)]
     back = models.load_encrypted(path, key, device="cpu", framework="numpy")
     assert list(back) == list(tensors)
     for name, x in tensors.items():
         assert back[name].dtype == x.dtype and np.array_equal(back[name], x)
+
+
+@pytest.mark.parametrize("temporary", ["unnamed", "named"])
+def test_rekey_reencrypt_model_leaves_the_original_when_a_segment_fails(tmp_path, monkeypatch,
+                                                                       temporary):
+    """A flipped bit in the last segment of the first tensor (segment 2 of 5): the error
+    names it, the original stays byte for byte, no temporary file remains."""
+    import numpy as np
+
+    from gpucrypt import models
+    from gpucrypt.files import _atomic
+
+    if temporary == "named":
+        monkeypatch.setattr(_atomic, "_TMPFILE", 0)
+    alice = Identity.generate()
+    dek = keys.generate_dek()
+    path = tmp_path / "m.gc"
+    models.save_encrypted({"w": np.arange(3000, dtype=np.float32), "b": np.ones(1500)}, path,
+                          dek, segment_size=4096, envelope=keys.seal_envelope(dek, [alice]))
+    header = models.read_header(path)
+    raw = bytearray(path.read_bytes())
+    raw[header.header_length + 2 * 4096 + 5] ^= 1
+    path.write_bytes(bytes(raw))
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(stream.AuthenticationError) as failed:
+        keys.rekey_file(path, recipients=[alice], identities=alice, reencrypt=True)
+    assert failed.value.segment == 2 and "'w'" in str(failed.value)
+    assert path.read_bytes() == bytes(raw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+_REKEY_PEAK = """
+import sys
+from gpucrypt import keys
+from gpucrypt.keys import Identity
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+alice = Identity.load(sys.argv[2])
+with open("/proc/self/clear_refs", "w") as f:  # the peak (VmHWM) starts again from here
+    f.write("5")
+before = status("VmRSS")
+keys.rekey_file(sys.argv[1], recipients=[alice], identities=alice, reencrypt=True)
+print(status("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"),
+                    reason="measures the peak through /proc/self/status (Linux)")
+def test_rekey_reencrypt_model_streams_in_bounded_memory(tmp_path):
+    """Re-encrypting a 160 MiB model raises the process's peak memory by a few batches,
+    not by the model's size (it was decrypted whole into host memory first)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from gpucrypt import models
+    from gpucrypt.keys.recipients import open_file_envelope
+
+    alice = Identity.generate()
+    dek = keys.generate_dek()
+    path = tmp_path / "m.gc"
+    size = 160 << 20
+    models.save_encrypted({"a": np.zeros(size // 2, dtype=np.uint8),
+                           "b": np.zeros(size // 2, dtype=np.uint8)}, path, dek,
+                          device="cpu", envelope=keys.seal_envelope(dek, [alice]))
+    alice.save(tmp_path / "alice")
+    done = subprocess.run([sys.executable, "-c", _REKEY_PEAK, str(path), str(tmp_path / "alice")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    grown_kib = int(done.stdout.split()[-1])
+    assert grown_kib < (64 << 10), f"peak memory grew by {grown_kib >> 10} MiB"
+    after = models.read_header(path)
+    key = open_file_envelope(after.envelope, alice, after.salt)
+    with models.safe_open(path, "np", key=key) as f:
+        assert not f.get_slice("b")[size // 2 - 10:].any()
 
 
 def test_decrypt_file_names_the_stanza_that_opened_not_the_headers_claim(tmp_path):

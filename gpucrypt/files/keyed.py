@@ -183,10 +183,8 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
     atomically (a symbolic link is followed, the file's permissions are kept). If any
     segment fails to verify, :class:`~gpucrypt.stream.AuthenticationError` is raised,
     the original is untouched and nothing else remains. Plaintext never reaches the
-    disk: a stream file streams through memory a segment at a time; a model file is
-    decrypted whole into host memory first (about the size of its tensors: the model
-    format has no streaming re-encryption), then sealed again with its metadata and
-    ``encrypt_names`` as they were.
+    disk, and either kind of file streams through memory a segment at a time (a model
+    file keeps its table, metadata and ``encrypt_names``).
 
     Returns ``{"key_id", "recipients", "previous_recipients", "reencrypted"}``.
     """
@@ -251,51 +249,12 @@ def _reencrypt_stream(path: Any, dek: bytes, new_dek: bytes, salt: bytes, envelo
 
 def _reencrypt_model(path: Any, dek: bytes, new_dek: bytes, salt: bytes, envelope: bytes,
                      key_id: str | None) -> None:
-    """Replace the model file ``path`` by its tensors sealed under ``new_dek`` and ``salt``.
-    ``load_encrypted`` verifies every segment before it returns (nothing is written
-    before), so the whole model is in host memory once; it is zeroed afterwards."""
+    """Replace the model file ``path`` by its tensors sealed under ``new_dek`` and ``salt``,
+    a segment at a time (:func:`gpucrypt.files.models._reencrypt`): each is verified
+    before it is sealed again, and a bad one leaves the original as it was."""
     from . import models
 
     target = os.path.realpath(path)
-    opened: list = []  # the verified header of the very file decrypted
-    tensors = _load_for_reencryption(models, target, dek, opened)
-    try:
-        old = opened[0]
-        with _replacement(target) as sink:
-            models.save_encrypted(tensors, sink, new_dek, old.metadata or None,
-                                  algorithm=old.algorithm, encrypt_names=old.names_encrypted,
-                                  segment_size=old.segment_size, device="cpu", key_id=key_id,
-                                  envelope=envelope, _salt=salt)
-    finally:
-        _wipe(tensors)
-
-
-def _load_for_reencryption(models: Any, target: str, dek: bytes, opened: list) -> dict:
-    """The verified tensors of the model file ``target``, in torch (which holds complex32,
-    say) or else NumPy (with ml_dtypes, the float8 kinds torch lacks): the first that holds
-    every dtype of the file. The file's own errors (a failed tag) go on at once."""
-    failures = []
-    for framework in ("torch", "numpy"):
-        opened.clear()
-        try:
-            return models.load_encrypted(target, dek, device="cpu", framework=framework,
-                                         _check_header=opened.append)
-        except _format.StreamError:
-            raise
-        except (ImportError, AttributeError, TypeError, ValueError) as exc:
-            failures.append(f"{framework}: {exc}")
-    raise ValueError(f"{target} cannot be re-encrypted here: neither torch nor NumPy holds "
-                     f"all of its dtypes ({'; '.join(failures)}); decrypt it with "
-                     f"decrypt-model and encrypt it again with encrypt-model") from None
-
-
-def _wipe(tensors: dict) -> None:
-    """Zero host tensors (torch, or NumPy where torch is missing): no plaintext stays in
-    memory that is handed back to the allocator."""
-    import numpy as np
-
-    from ..tensors import _frameworks as fw
-
-    for x in tensors.values():
-        adapter = fw.adapter_for(x)
-        np.asarray(adapter.host_array(adapter.byte_view(x))).reshape(-1)[:] = 0
+    with _replacement(target) as sink:
+        models._reencrypt(target, dek, sink, new_dek, key_id=key_id, envelope=envelope,
+                          _salt=salt)

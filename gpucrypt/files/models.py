@@ -579,9 +579,11 @@ class _SegmentCipher:
         self.aad, self.count = aad, count
         self.algorithm, self.key, self._head = _format.segment_cipher(algorithm, seg_key, prefix)
 
+    def nonce(self, seg: _Segment) -> bytes:
+        return _nonce(self._head, seg, self.count)
+
     def job(self, seg: _Segment, src: Any, dst: Any, tag: bytes | None = None) -> pipeline.Job:
-        return pipeline.Job(seg, _nonce(self._head, seg, self.count), self.aad, src, dst,
-                            tag=tag, size=seg.length)
+        return pipeline.Job(seg, self.nonce(seg), self.aad, src, dst, tag=tag, size=seg.length)
 
     def context(self):
         """The CPU backend's AEAD context for this file's segment key."""
@@ -1165,6 +1167,73 @@ def replace_envelope(path: Any, key: Any, envelope: Any, key_id: Any = _KEEP) ->
                        hashlib.sha256).digest()
         replace_head(path, f, body + mac)
     return _replace(header, header_mac=mac, header_length=len(body) + MAC_SIZE)
+
+
+class _SegmentOpener:
+    """Opens single segments of one model file, in place, from any thread: what
+    :class:`_SealedTensor` reads through."""
+
+    def __init__(self, header: ModelHeader, segments: list[_Segment], tags: bytes,
+                 seg_key: bytes, aad: bytes):
+        self.header, self.segments, self.tags = header, segments, tags
+        self.cipher = _SegmentCipher(header.algorithm, seg_key, header.nonce_prefix, aad,
+                                     len(segments))
+        self.ctx = self.cipher.context()
+
+    def open_into(self, index: int, view: np.ndarray) -> None:
+        """Verify and decrypt segment ``index``, whose ciphertext ``view`` holds, in place;
+        a wrong tag raises (naming the segment) with ``view`` holding its ciphertext."""
+        seg = self.segments[index]
+        try:
+            self.ctx.open_detached(self.cipher.nonce(seg), view, _tag_of(self.tags, seg),
+                                   memoryview(self.cipher.aad), view, one_pass=True)
+        except InvalidTag:
+            raise _segment_failure(seg, self.header.tensors) from None
+
+
+@dataclass(frozen=True)
+class _SealedTensor(StoredTensor):
+    """A tensor of a model file being re-encrypted: its ciphertext in the old file, read
+    and opened a whole segment at a time, as a writer under the same segment size asks
+    for exactly the old file's segments."""
+
+    first_segment: int      # the old file's index of the tensor's first segment
+    opener: _SegmentOpener
+
+    def read_into(self, start: int, view: np.ndarray) -> None:
+        size = self.opener.header.segment_size
+        if start % size or view.nbytes != min(size, self.nbytes - start):
+            raise ValueError(f"bytes {start}..{start + view.nbytes} are not one segment "
+                             f"of the tensor ({self.nbytes} bytes, segments of {size})")
+        _format.read_at(self.fd, self.offset + start, view, "the model file")
+        self.opener.open_into(self.first_segment + start // size, view)
+
+
+def _reencrypt(path: Any, key: Any, sink: Any, new_key: Any, *, key_id: Any = None,
+               envelope: Any = None, threads: int | None = None,
+               _salt: bytes | None = None) -> ModelHeader:
+    """Write the model file ``path`` (opened with ``key``) to ``sink`` again under
+    ``new_key``: a fresh salt (or ``_salt``) and nonce prefix, the same tensors, table,
+    metadata, algorithm, segment size and ``encrypt_names``. A segment at a time through
+    the writer's batch buffers (memory: a few batches, whatever the model's size): each
+    is read, verified and decrypted in its slot there, and sealed again in place, so no
+    plaintext reaches ``sink`` and none outlives its slot. Any segment that fails raises
+    :class:`AuthenticationError` (naming it) from :func:`save_encrypted`, which leaves
+    ``sink`` unpublished. Returns the new file's verified header."""
+    key = _format.check_key(key)
+    with builtins.open(path, "rb", buffering=0) as f:
+        old, segments, tags, seg_key, aad = _prepare_open(f, key)
+        opener = _SegmentOpener(old, segments, tags, seg_key, aad)
+        sealed, first = {}, 0
+        for info in old.tensors:  # table order is data order: the new table is the old one
+            sealed[info.name] = _SealedTensor(info.dtype, info.shape, f.fileno(),
+                                              old.header_length + info.begin, info.nbytes,
+                                              first, opener)
+            first += -(-info.nbytes // old.segment_size)
+        return save_encrypted(sealed, sink, new_key, old.metadata or None,
+                              algorithm=old.algorithm, encrypt_names=old.names_encrypted,
+                              segment_size=old.segment_size, device="cpu", key_id=key_id,
+                              envelope=envelope, threads=threads, _salt=_salt)
 
 
 def __getattr__(name: str) -> Any:
