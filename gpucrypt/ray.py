@@ -40,6 +40,7 @@ import io
 import logging
 import os
 import posixpath
+import re
 import uuid
 from typing import Any, Iterable
 
@@ -335,11 +336,12 @@ class StagedFilesDatasink(Datasink):
         if filesystem is None:
             filesystem, path = fsspec.core.url_to_fs(path, **(storage_options or {}))
         else:
+            filesystem = _fsspec_filesystem(filesystem)
             path = filesystem._strip_protocol(path)
         self.fs, self.root = filesystem, path.rstrip("/")
         self.column, self.path_column = column, path_column
-        self.relative_to = None if relative_to is None else \
-            self.fs._strip_protocol(os.fspath(relative_to)).rstrip("/")
+        # the rows' paths are the source's, not this sink's: spelled by the source's protocol
+        self.relative_to = None if relative_to is None else _source_folder(relative_to)
         self.suffix, self.strip_suffix = suffix, strip_suffix
         staging = f"{_STAGING}{uuid.uuid4().hex}"
         # decided here, before Ray ships the sink to its write tasks
@@ -417,6 +419,7 @@ class StagedFilesDatasink(Datasink):
         # Ray starts the write only with a first block: a dataset without rows never made
         # the staging folder, and publishes it empty (an empty folder, as for no files)
         self.fs.makedirs(self.staging, exist_ok=True)
+        self._check_staged(names)
         if self.whole and self._publish_whole():
             return
         self._published = []
@@ -447,6 +450,23 @@ class StagedFilesDatasink(Datasink):
         # done: the sink's next job starts afresh (a failure of it before publishing
         # removes its staging folder)
         self._published, self._kept = None, False
+
+    def _check_staged(self, names: list[str]) -> None:
+        """Every file the write tasks reported is in the staging folder as this process sees
+        it. A local path on a cluster of several machines is each machine's own disk:
+        the tasks that ran elsewhere wrote there, and publishing this machine's folder
+        would report success without their files."""
+        if not _is_local(self.fs):
+            return  # an object store, or a filesystem of the caller's: one place for all
+        found = {posixpath.relpath(p, self.staging) for p in self.fs.find(self.staging)}
+        missing = [name for name in names if name not in found]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(names)} file(s) the write tasks wrote are not in "
+                f"{self.staging} on this machine ({_some(missing)}): the tasks ran on other "
+                f"nodes, whose local disks hold them under that path; remove them there. "
+                f"On a cluster of several nodes, write to a folder they all share (a "
+                f"network filesystem) or to an object store URL; nothing was published")
 
     def _publish_whole(self) -> bool:
         """The staging folder renamed to the folder (atomic); False when something made
@@ -516,6 +536,49 @@ class GpucryptDatasink(StagedFilesDatasink):
         return data
 
 
+def _default_extensions(reader: Any) -> list[str] | None:
+    """The extensions a Ray file reader keeps by default (``read_parquet``'s
+    ``["parquet"]``), or None where it keeps every file or takes no such argument."""
+    import inspect
+
+    try:
+        parameter = inspect.signature(reader).parameters.get("file_extensions")
+    except (TypeError, ValueError):
+        return None
+    default = None if parameter is None else parameter.default
+    return list(default) if isinstance(default, (list, tuple)) else None
+
+
+def _fsspec_filesystem(filesystem: Any) -> Any:
+    """``filesystem`` as fsspec's: a pyarrow one (what Ray's own datasinks take) wrapped."""
+    if isinstance(filesystem, fsspec.AbstractFileSystem):
+        return filesystem
+    from pyarrow.fs import FileSystem
+
+    if isinstance(filesystem, FileSystem):
+        from fsspec.implementations.arrow import ArrowFSWrapper
+
+        return ArrowFSWrapper(filesystem)
+    raise TypeError(f"filesystem must be an fsspec or a pyarrow filesystem, not "
+                    f"{type(filesystem).__name__}")
+
+
+def _source_folder(folder: Any) -> str:
+    """``relative_to`` as the rows' paths spell it: a local folder made absolute (Ray's
+    listings give absolute paths), a URL less its protocol as that protocol's filesystem
+    writes its paths (``s3://bucket/raw`` -> ``bucket/raw``, as pyarrow's and s3fs's
+    listings do), whatever filesystem the sink itself writes to."""
+    folder = os.fspath(folder)
+    protocol, rest = fsspec.core.split_protocol(folder)
+    if protocol in (None, "file", "local"):
+        return os.path.abspath(rest).rstrip("/") or "/"
+    try:
+        stripped = fsspec.get_filesystem_class(protocol)._strip_protocol(folder)
+    except (ImportError, ValueError):  # its package is missing here: the usual spelling
+        stripped = rest
+    return stripped.rstrip("/") or "/"
+
+
 def _is_local(fs: Any) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
@@ -551,27 +614,46 @@ def cpus_per_actor(actors: int, num_cpus: float | None = None) -> float:
 #: what the name of a sink's staging folder holds (``.gpucrypt-staging-<uuid>``, or
 #: ``.<folder>.gpucrypt-staging-<uuid>`` beside a new folder)
 _STAGING = ".gpucrypt-staging-"
+_STAGING_NAME = re.compile(r"\.(?:.+\.)?gpucrypt-staging-[0-9a-f]{32}")
 
 
-def _files_under(folder: str) -> tuple[list[str], Any]:
-    """Every file under ``folder`` (a local path or a URL), and its pyarrow filesystem.
-    Listed here because Ray's listing of a folder leaves out names starting with "." or
-    "_" (``_SUCCESS``, ``.crc`` files beside Parquet parts), with no option to keep them
-    in ``read_binary_files``; the files of a list are read as they are. Left out: the
-    staging folders of this module's sinks (a crashed job's, or a running one's), whose
-    files are not the folder's."""
+def _files_under(folder: str) -> tuple[list[str], Any, str]:
+    """Every file under ``folder`` (a local path or a URL), its pyarrow filesystem, and
+    ``folder`` as that filesystem spells it (``bucket/raw`` for ``s3://bucket/raw``: the
+    start of each listed path). Listed here because Ray's listing of a folder leaves out
+    names starting with "." or "_" (``_SUCCESS``, ``.crc`` files beside Parquet parts),
+    with no option to keep them in ``read_binary_files``; the files of a list are read as
+    they are. Left out, and logged: what lies in the staging folders of this module's
+    sinks (a crashed job's, or a running one's), whose files are not the folder's; a
+    folder is one only by its exact name, a file is never one."""
     from pyarrow.fs import FileSelector, FileSystem, FileType
 
     filesystem, root = FileSystem.from_uri(folder)
     found = filesystem.get_file_info(FileSelector(root, recursive=True))
-    return sorted(f.path for f in found if f.type == FileType.File and not any(
-        _STAGING in part for part in posixpath.relpath(f.path, root).split("/"))), filesystem
+    files, staged = [], set()
+    for f in found:
+        if f.type != FileType.File:
+            continue
+        folders = posixpath.relpath(f.path, root).split("/")[:-1]
+        staging = next((part for part in folders if _STAGING_NAME.fullmatch(part)), None)
+        if staging is None:
+            files.append(f.path)
+        else:
+            staged.add(staging)
+    if staged:
+        _log.warning("%s: left out the files of %d staging folder(s) of gpucrypt sinks "
+                     "(%s): a running job's, or one that stopped; remove them once no job "
+                     "writes there", folder, len(staged), _some(sorted(staged)))
+    return sorted(files), filesystem, root
 
 
 def _run_over_files(transform: type, src: Any, sink: StagedFilesDatasink, keys: KeyReferences,
                     actors: int, num_gpus: float | None, num_cpus: float | None,
                     batch_size: int, options: dict) -> None:
-    paths, filesystem = _files_under(_local_folder(src))
+    paths, filesystem, root = _files_under(_local_folder(src))
+    # names relative to the folder as the listing spells the rows' paths, whichever
+    # filesystem the sink writes to (an S3 source's rows are "bucket/raw/...")
+    sink.relative_to = root.rstrip("/") or "/"
     if not paths:  # read_binary_files refuses no paths; the sink publishes an empty folder
         ray.data.from_items([]).write_datasink(sink)
         return
@@ -596,7 +678,7 @@ def encrypt_files(src: Any, dst: Any, *, keys: KeyReferences | None = None, acto
     folder leaves out; an empty folder gives an empty one.
     ``num_gpus``/``num_cpus`` per actor: see :func:`gpus_per_actor`, :func:`cpus_per_actor`."""
     keys = KeyReferences.of(keys, **references)
-    sink = GpucryptDatasink(_local_folder(dst), relative_to=_local_folder(src), suffix=suffix)
+    sink = GpucryptDatasink(_local_folder(dst), suffix=suffix)
     _run_over_files(EncryptBatch, src, sink, keys, actors, num_gpus, num_cpus, batch_size,
                     {"algorithm": algorithm, "segment_size": segment_size})
 
@@ -609,20 +691,24 @@ def decrypt_files(src: Any, dst: Any, *, keys: KeyReferences | None = None, acto
     ``strip_suffix``) with ``actors`` :class:`DecryptBatch` actors. A file that fails fails
     the job, naming it, and nothing is published."""
     keys = KeyReferences.of(keys, **references)
-    sink = StagedFilesDatasink(_local_folder(dst), relative_to=_local_folder(src),
-                               strip_suffix=strip_suffix)
+    sink = StagedFilesDatasink(_local_folder(dst), strip_suffix=strip_suffix)
     _run_over_files(DecryptBatch, src, sink, keys, actors, num_gpus, num_cpus, batch_size, {})
 
 
 def read_encrypted(paths: Any, *, keys: KeyReferences | None = None,
                    target_protocol: str = "file", target_options: dict | None = None,
-                   reader: Any = None, **read_args: Any) -> "ray.data.Dataset":
+                   reader: Any = None, suffix: str = ".gc",
+                   **read_args: Any) -> "ray.data.Dataset":
     """A dataset read from gpucrypt files through the :mod:`gpucrypt.fs` filesystem:
     ``reader`` (default ``ray.data.read_binary_files``; ``read_parquet`` and the other
     file readers work too) gets it as a pyarrow filesystem, and the read tasks decrypt.
     A folder is listed by the reader's own rules, as for files that are not encrypted:
     Ray's leave out names starting with "." or "_" (``_SUCCESS`` beside Parquet parts);
-    give such files by name, in a list, to read them. ``keys`` or ``keyset=``/``identities=``: references, resolved in each read task."""
+    give such files by name, in a list, to read them. A reader that keeps only its own
+    extensions (``read_parquet``: ``.parquet``) keeps them followed by ``suffix``
+    (``train.parquet.gc``, as :func:`encrypt_files` names it) unless ``file_extensions=``
+    is given. ``keys`` or ``keyset=``/``identities=``: references, resolved in each read
+    task."""
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     references = {k: read_args.pop(k) for k in ("keyset", "identities", "recipients",
@@ -630,6 +716,10 @@ def read_encrypted(paths: Any, *, keys: KeyReferences | None = None,
     fs = GpucryptFileSystem(target_protocol=target_protocol, target_options=target_options,
                             keys=KeyReferences.of(keys, **references))
     reader = reader or ray.data.read_binary_files
+    if suffix and "file_extensions" not in read_args:
+        extensions = _default_extensions(reader)
+        if extensions:
+            read_args["file_extensions"] = [ext + suffix for ext in extensions]
     if isinstance(paths, (str, os.PathLike)) and target_protocol == "file":
         paths = _local_folder(paths)
     return reader(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), **read_args)

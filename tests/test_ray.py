@@ -4,10 +4,12 @@ for byte, read back through the gpucrypt fsspec filesystem; a tampered file fail
 name and a failed job publishes nothing. Keys travel as references only."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
 import shutil
+import uuid
 
 import numpy as np
 import pytest
@@ -22,17 +24,52 @@ from gpucrypt.keys.portable import KeyReferences  # noqa: E402
 FILES = 300
 
 
+#: credentials for moto's S3 server: set before Ray starts, so that its workers have them
+S3_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="module")
 def cluster():
     # one local cluster for the whole module: starting Ray takes seconds on two cores
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    yield
-    ray.shutdown()
+    saved = {name: os.environ.get(name) for name in S3_ENVIRONMENT}
+    os.environ.update(S3_ENVIRONMENT)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        yield
+        ray.shutdown()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _s3_bucket():
+    """(a boto3 client, url(prefix) -> an s3:// URL pyarrow opens) for the bucket "bkt" of
+    a moto S3 server on the loopback."""
+    boto3 = pytest.importorskip("boto3", reason="moto's server is driven through boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}", **{
+            "aws_access_key_id": "testing", "aws_secret_access_key": "testing",
+            "region_name": "us-east-1"})
+        s3.create_bucket(Bucket="bkt")
+        yield s3, lambda prefix: (f"s3://bkt/{prefix}?endpoint_override={host}:{port}"
+                                  f"&scheme=http&region=us-east-1")
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +130,15 @@ def test_a_local_cluster_encrypts_a_folder_reads_it_back_and_fails_by_name(clust
     hidden = tmp_path / "hidden"
     contents = {name: name.encode() * 10 for name in
                 ["a.txt", "_labels.csv", ".config", "..config", "_meta/x.json",
-                 "sub/_ok.txt", "sub/..x"]}
+                 "sub/_ok.txt", "sub/..x",
+                 # the staging folders' word in a user's names: files like any other
+                 "notes.gpucrypt-staging-draft.txt", "old.gpucrypt-staging-1/b.txt",
+                 f".gpucrypt-staging-{'0' * 32}.txt"]}
     for name, data in contents.items():
         (hidden / name).parent.mkdir(parents=True, exist_ok=True)
         (hidden / name).write_bytes(data)
-    leftover = hidden / ".gpucrypt-staging-0123" / "part.gc"  # a crashed job's staging: not ours
+    leftover = hidden / f".gpucrypt-staging-{uuid.uuid4().hex}" / "part.gc"  # a crashed job's
+    # staging folder: not the folder's files
     leftover.parent.mkdir()
     leftover.write_bytes(b"half a file")
     gray.encrypt_files(hidden, tmp_path / "hidden-enc", keyset=keyset[0], actors=1)
@@ -108,6 +149,30 @@ def test_a_local_cluster_encrypts_a_folder_reads_it_back_and_fails_by_name(clust
     (tmp_path / "empty").mkdir()
     gray.encrypt_files(tmp_path / "empty", tmp_path / "empty-enc", keyset=keyset[0], actors=1)
     assert list((tmp_path / "empty-enc").iterdir()) == []
+
+    # Parquet encrypted by encrypt_files (train.parquet.gc) and read back by read_parquet,
+    # which keeps only ".parquet" names unless told otherwise
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "table").mkdir()
+    pq.write_table(pa.table({"label": [1, 2, 3]}), tmp_path / "table" / "train.parquet")
+    gray.encrypt_files(tmp_path / "table", tmp_path / "table-enc", keyset=keyset[0], actors=1)
+    rows = gray.read_encrypted(tmp_path / "table-enc", keyset=keyset[0],
+                               reader=ray.data.read_parquet).take_all()
+    assert sorted(row["label"] for row in rows) == [1, 2, 3]
+
+    # an S3 folder (moto's server on the loopback) to a local one and back: the rows'
+    # paths are the bucket's ("bkt/raw/a.txt"), not local paths under the target's rules
+    with _s3_bucket() as (s3, url):
+        for name, data in contents.items():
+            s3.put_object(Bucket="bkt", Key=f"raw/{name}", Body=data)
+        gray.encrypt_files(url("raw"), tmp_path / "from-s3", keyset=keyset[0], actors=1)
+        assert sorted(_tree(tmp_path / "from-s3")) == sorted(n + ".gc" for n in contents)
+        for name, data in _tree(tmp_path / "from-s3").items():
+            s3.put_object(Bucket="bkt", Key=f"enc/{name}", Body=data)
+        gray.decrypt_files(url("enc"), tmp_path / "back-from-s3", keyset=keyset[0], actors=1)
+        assert _tree(tmp_path / "back-from-s3") == contents
 
     # a filter that empties a block (Ray hands the sink a block without columns) and a
     # dataset without rows (the write never starts): the rows left, or an empty folder
@@ -248,6 +313,50 @@ def test_datasinks_refuse_plaintext_and_names_outside_their_folder(tmp_path):
             sink.name_of(str(tmp_path) + "/" + outside)
     base = gray.StagedFilesDatasink(str(tmp_path / "out"))  # no relative_to: base names
     assert base.name_of("/anywhere/..config") == "..config"
+
+
+def test_relative_to_is_spelled_as_the_sources_paths_not_the_targets(tmp_path):
+    """An S3 source's rows are "bkt/raw/..." whatever the sink writes to: a local target
+    made relative_to "<cwd>/s3://bkt/raw" and refused every row."""
+    import fsspec
+
+    local = gray.StagedFilesDatasink(str(tmp_path / "out"), relative_to="s3://bkt/raw/")
+    assert local.name_of("bkt/raw/sub/a.txt") == "sub/a.txt"
+    memory = gray.StagedFilesDatasink("memory://out", relative_to=str(tmp_path / "in"),
+                                      filesystem=fsspec.filesystem("memory"))
+    assert memory.name_of(str(tmp_path / "in" / "a.txt")) == "a.txt"
+    from_memory = gray.StagedFilesDatasink(str(tmp_path / "out"), relative_to="memory://in")
+    assert from_memory.name_of("/in/a.txt") == "a.txt"
+
+
+def test_a_pyarrow_filesystem_is_taken_as_rays_own_datasinks_take_it(tmp_path):
+    from pyarrow.fs import LocalFileSystem
+
+    sink = gray.StagedFilesDatasink(str(tmp_path / "out"), filesystem=LocalFileSystem())
+    _publish(sink, ["a.bin"])
+    assert _tree(tmp_path / "out") == {"a.bin": b"a.bin"}
+    with pytest.raises(TypeError, match="fsspec or a pyarrow filesystem"):
+        gray.StagedFilesDatasink(str(tmp_path / "x"), filesystem=object())
+
+
+def test_a_local_publish_missing_files_other_nodes_wrote_publishes_nothing(tmp_path):
+    """On a cluster of several nodes a local path is each node's own disk: the files that
+    write tasks elsewhere staged are not here, and publishing this node's folder reported
+    success without them."""
+    from types import SimpleNamespace
+
+    sink = gray.StagedFilesDatasink(str(tmp_path / "out"))
+    sink.on_write_start()
+    with open(os.path.join(sink.staging, "here.bin"), "wb") as f:
+        f.write(b"here")
+    with pytest.raises(FileNotFoundError, match="1 of 2 file.*elsewhere.bin.*other nodes"):
+        try:
+            sink.on_write_complete(SimpleNamespace(write_returns=[["here.bin"],
+                                                                  ["elsewhere.bin"]]))
+        except Exception as exc:
+            sink.on_write_failed(exc)
+            raise
+    assert os.listdir(tmp_path) == []  # nothing published, the staging folder removed
 
 
 def _publish(sink, names: list[str]) -> None:
