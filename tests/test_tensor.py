@@ -1238,6 +1238,26 @@ def test_a_dicts_encryptions_decrypted_as_a_list_say_they_are_filed_under_other_
         gpucrypt.decrypt_tensors({"a": encs["b"]}, key)
 
 
+@pytest.mark.parametrize("size", [16, 1 << 20])  # the small path and the general one
+def test_a_wrong_key_on_an_unnamed_tensor_says_what_can_be_wrong(size):
+    """It said "authentication failed for 1 of 1 tensor(s): None"."""
+    x = np.arange(size // 4, dtype=np.float32)
+    enc = gpucrypt.encrypt_tensor(x, os.urandom(32))
+    with pytest.raises(InvalidTag, match=r"1 of 1 tensor\(s\): an unnamed tensor \(a wrong "
+                                         r"key, or the ciphertext, tag or recorded metadata"):
+        gpucrypt.decrypt_tensor(enc, os.urandom(32))
+    named = gpucrypt.encrypt_tensors({"w": x}, b"k" * 32)
+    with pytest.raises(InvalidTag, match=r"1 of 1 tensor\(s\): 'w' \(a wrong key"):
+        gpucrypt.decrypt_tensors(named, os.urandom(32))
+
+
+def test_a_state_dict_entry_that_is_no_tensor_is_named():
+    """A real state dict holds a step count or extra state beside its tensors."""
+    with pytest.raises(TypeError, match=r"entry 'step': expected a tensor .* not int; encrypt "
+                                        r"only the tensors"):
+        gpucrypt.encrypt_tensors({"w": np.ones(3), "step": 5}, os.urandom(32))
+
+
 # --------------------------------------------------------------------- GPU staging
 @pytest.mark.cudasim
 def test_a_gpu_decrypt_of_host_ciphertext_leaves_no_plaintext_in_its_staging_buffers(monkeypatch):

@@ -1135,8 +1135,18 @@ def _small_host_bytes(buffer: Any) -> memoryview | None:
     return None
 
 
+#: what a failed tag means, said after the failing tensors' names
+_FAILED_TAG = ("a wrong key, or the ciphertext, tag or recorded metadata changed since "
+               "encryption")
+
+
+def _described(name: Any) -> str:
+    return "an unnamed tensor" if name is None else repr(name)
+
+
 def _raise_one_failed(enc: EncryptedTensor) -> None:
-    exc = InvalidTag(f"authentication failed for 1 of 1 tensor(s): {enc.name!r}")
+    exc = InvalidTag(f"authentication failed for 1 of 1 tensor(s): {_described(enc.name)} "
+                     f"({_FAILED_TAG})")
     exc.failed = [None]
     raise exc
 
@@ -1184,7 +1194,15 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
             jobs.append(_host_encrypt_job(label, x, parts, algorithm, user_aad, key_id, inplace,
                                           probes))
             continue
-        adapter = fw.adapter_for(x)
+        try:
+            adapter = fw.adapter_for(x)
+        except TypeError as exc:
+            if label is None:
+                raise
+            # a state dict's other entries (a step count, extra state): name the one
+            raise TypeError(f"entry {label!r}: {exc}; encrypt only the tensors (for example "
+                            f"{{k: v for k, v in state.items() if torch.is_tensor(v)}}) and "
+                            f"store the other entries as you would without encryption") from None
         place = adapter.place(x)
         if device == "cpu" and place != HOST:
             raise ValueError("device='cpu' was asked for a tensor on the GPU; move it to the "
@@ -1669,14 +1687,15 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     failed = [j for j in jobs if id(j) in refused]
     if failed:
         _zero_refused_outputs(misfiled + malformed, jobs)
-        names = ", ".join(repr(j.label if j.label is not None else j.enc.name) for j in failed)
+        names = ", ".join(_described(j.label if j.label is not None else j.enc.name)
+                          for j in failed)
         # the recorded name is not authentic yet, but says what went wrong when it is
         # (a dict's entries decrypted as a list, or entries swapped)
         filed = "; ".join(f"{j.enc.name!r} is filed as {j.label!r}" for j in misfiled)
         exc = InvalidTag(f"authentication failed for {len(failed)} of {len(jobs)} tensor(s): "
                          f"{names}" + (f" (encrypted under another name: {filed}; decrypt "
                                        f"each under the name it was encrypted with)"
-                                       if filed else ""))
+                                       if filed else f" ({_FAILED_TAG})"))
         exc.failed = [j.label for j in failed]
         raise exc
     for job in jobs:
