@@ -39,7 +39,7 @@ from ._buffers import (bytes_arg, inexact_overlap, new_bytes, optional_readable,
                        writable, zero)
 from ._host_primitives import xchacha20_key_nonce
 from .backends import AUTO_GPU_THRESHOLD, AeadContext, Backend, select_backend, small_payloads_on_cpu
-from .backends import every_payload_on_cpu
+from .backends import check_device, every_payload_on_cpu
 
 #: largest data or associated data cryptography's AEAD classes take in one call: the fast
 #: path hands anything up to this straight to OpenSSL (cryptography itself refuses more,
@@ -107,7 +107,7 @@ class _Aead:
     def __init__(self, key: Any, *, device: str = "auto"):
         self._key = _key_bytes(key)
         self._check_key(self._key)
-        self._device = device
+        self._device = device = check_device(device)
         self._contexts: dict[int, AeadContext] = {}
         # Fails now, with the reason, if the device can't work. GPUCRYPT_DEVICE is read
         # here, once, for small messages (os.environ costs a microsecond per lookup).

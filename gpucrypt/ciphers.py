@@ -54,8 +54,8 @@ from cryptography.exceptions import AlreadyFinalized
 
 from . import _limits
 from ._buffers import bytes_arg, inexact_overlap, plain_bytes, readable, writable
-from .backends import (AUTO_GPU_THRESHOLD, every_payload_on_cpu, get_backend, select_backend,
-                       small_payloads_on_cpu)
+from .backends import (AUTO_GPU_THRESHOLD, check_device, every_payload_on_cpu, get_backend,
+                       select_backend, small_payloads_on_cpu)
 
 __all__ = ["ChaCha20", "AESCTR"]
 
@@ -90,7 +90,7 @@ class _StreamCipher(_Unpicklable):
         self._nonce = bytes_arg(nonce, "nonce", uint8_only=True)
         self._check_key(len(self._key))  # a (32, 2) array has 32 rows and 64 bytes
         self._check_nonce(len(self._nonce))
-        self._device = device
+        self._device = device = check_device(device)
         # every size on the CPU (asked for, or "auto" on a machine without a CUDA driver):
         # then contexts are cryptography's own, wrapped as thinly as Python allows
         if device == "cpu":  # the common explicit case, decided without the two calls

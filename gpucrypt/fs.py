@@ -110,7 +110,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import isfilelike, stringify_path, tokenize
 
 from .files import stream
-from .backends import DEVICES
+from .backends import check_device
 from .files._format import (TAG_SIZE, AuthenticationError, FormatError, StreamError,
                             TruncatedError, UnsupportedVersion, check_algorithm,
                             check_segment_size, parse_header)
@@ -175,10 +175,9 @@ _WRITE_OPTIONS = ("algorithm", "segment_size", "device")
 def _write_options(algorithm: Any, segment_size: Any, device: Any) -> dict:
     """The options files are sealed with, checked where they are given: found wrong only
     when a writer publishes, they would cost everything written to it."""
-    check_algorithm(algorithm)
+    algorithm = check_algorithm(algorithm)
     check_segment_size(segment_size)
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
+    device = check_device(device)
     return {"algorithm": algorithm, "segment_size": segment_size, "device": device}
 
 

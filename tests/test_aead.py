@@ -1117,3 +1117,22 @@ def test_a_short_ciphertext_reports_a_read_only_buffer_before_the_nonce(cls):
     for impl in (ref_cls(key), cls(key, device="cpu")):
         with pytest.raises(TypeError):
             impl.decrypt_into(bad_nonce, b"x" * 10, None, b"\0" * 10)
+
+
+def test_device_names_as_frameworks_spell_them():
+    """"cuda" and torch.device("cuda") mean the GPU backend, torch.device("cpu") the CPU;
+    a GPU's index is refused (device says where the cipher runs, not on which GPU)."""
+    torch = pytest.importorskip("torch", reason="torch.device objects")
+    from gpucrypt.backends import check_device
+
+    assert check_device("cuda") == check_device(torch.device("cuda")) == "gpu"
+    assert check_device(torch.device("cpu")) == "cpu"
+    key = os.urandom(32)
+    assert gpucrypt.ChaCha20Poly1305(key, device=torch.device("cpu")).encrypt(
+        b"n" * 12, b"data", None) == reference.ChaCha20Poly1305(key).encrypt(b"n" * 12, b"data",
+                                                                              None)
+    for indexed in ("cuda:1", torch.device("cuda", 1)):
+        with pytest.raises(ValueError, match="names one GPU.*give 'gpu'"):
+            gpucrypt.ChaCha20Poly1305(key, device=indexed)
+    with pytest.raises(ValueError, match="device must be one of .*'cuda', the same as 'gpu'"):
+        gpucrypt.AESGCM(key, device="tpu")

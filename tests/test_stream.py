@@ -1190,3 +1190,16 @@ def test_without_proc_a_writer_by_name_gets_a_named_temporary_file(tmp_path, mon
     dropped.abort()
     assert sorted(os.listdir(folder)) == ["file", "held"]
     assert not _atomic._LIVE  # nothing left for a signal handler to remove
+
+
+def test_aes_gcm_by_the_tensor_apis_name():
+    """The tensor API names AES-GCM "aes-gcm"; the stream format's is AES-256's alone."""
+    key = os.urandom(32)
+    out = io.BytesIO()
+    stream.encrypt(b"hello", out, key, algorithm="aes-gcm", device="cpu")
+    assert stream.read_header(out.getvalue()).algorithm == "aes-256-gcm"
+    back = io.BytesIO()
+    stream.decrypt(io.BytesIO(out.getvalue()), back, key)
+    assert back.getvalue() == b"hello"
+    with pytest.raises(ValueError, match="or aes-gcm, the same as aes-256-gcm"):
+        stream.encrypt(b"hello", io.BytesIO(), key, algorithm="aes-128-gcm")

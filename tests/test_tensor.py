@@ -1294,3 +1294,23 @@ def test_a_gpu_decrypt_of_host_ciphertext_leaves_no_plaintext_in_its_staging_buf
         staged.clear()
         assert decrypt().tobytes() == secret.tobytes()
         assert len(staged) == 2 and not any(held(b) for b in staged)
+
+
+@pytest.mark.parametrize("name, size", [("aes-128-gcm", 16), ("aes-192-gcm", 24),
+                                        ("aes-256-gcm", 32)])
+def test_aes_gcm_by_its_key_size_is_aes_gcm_with_exactly_that_key(name, size):
+    """The file formats and OpenSSL name AES-GCM by its key size; the tensor API took only
+    "aes-gcm". The sized name insists on its size: a 16-byte key never runs as AES-256."""
+    x = np.arange(100, dtype=np.float32)
+    key = os.urandom(size)
+    enc = gpucrypt.encrypt_tensor(x, key, algorithm=name)
+    assert enc.algorithm == "aes-gcm"
+    assert np.array_equal(gpucrypt.decrypt_tensor(enc, key), x)
+    assert gpucrypt.encrypt_tensors({"x": x}, key, algorithm=name)["x"].algorithm == "aes-gcm"
+    assert TensorCipher(key, algorithm=name).encrypt(x).algorithm == "aes-gcm"
+    other = 32 if size != 32 else 16
+    for call in (lambda: gpucrypt.encrypt_tensor(x, os.urandom(other), algorithm=name),
+                 lambda: gpucrypt.encrypt_tensors([x], os.urandom(other), algorithm=name),
+                 lambda: TensorCipher(os.urandom(other), algorithm=name)):
+        with pytest.raises(ValueError, match=f"{name} takes a {size}-byte key, not {other}"):
+            call()

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 import _thread
-from typing import Callable
+from typing import Any, Callable
 
 from ._base import AEAD_ALGORITHMS, STREAM_ALGORITHMS, AeadContext, Backend
 
 __all__ = ["Backend", "AeadContext", "AEAD_ALGORITHMS", "STREAM_ALGORITHMS", "BackendUnavailable",
            "get_backend", "select_backend", "available_backends", "unavailable_reasons",
-           "AUTO_GPU_THRESHOLD", "DEVICES", "small_payloads_on_cpu"]
+           "AUTO_GPU_THRESHOLD", "DEVICES", "check_device", "small_payloads_on_cpu"]
 
 DEVICES = ("auto", "cpu", "gpu")
 
@@ -115,12 +115,33 @@ def _environment_device() -> str:
     return override
 
 
+def check_device(device: Any) -> str:
+    """``device`` as one of :data:`DEVICES`. Also taken, as frameworks spell them: "cuda"
+    and ``torch.device("cuda")`` for "gpu" (the GPU backend works on the current CUDA
+    device, or on a tensor's own), ``torch.device("cpu")`` for "cpu". A device with an
+    index ("cuda:1") is refused: this argument says where the cipher runs, not on which GPU."""
+    if device in DEVICES:
+        return device
+    kind, index = device, None
+    if not isinstance(device, str):  # a torch.device: its type and index
+        kind, index = getattr(device, "type", device), getattr(device, "index", None)
+    if isinstance(kind, str) and ":" in kind:
+        kind, _, index = kind.partition(":")
+    if index is None and kind in ("cuda", "cpu"):
+        return "gpu" if kind == "cuda" else "cpu"
+    if kind == "cuda":
+        raise ValueError(f"device={device!r} names one GPU, but device here says only where "
+                         f"the cipher runs: give 'gpu', and make that GPU the current device "
+                         f"(torch.cuda.set_device, cupy.cuda.Device(n).use())")
+    raise ValueError(f"device must be one of {DEVICES} (or 'cuda', the same as 'gpu'), not "
+                     f"{device!r}")
+
+
 def small_payloads_on_cpu(device: str) -> bool:
     """Check ``device`` as :func:`select_backend` does (raising the same errors) and say
     whether payloads below :data:`AUTO_GPU_THRESHOLD` run on the CPU for it. Objects
     call this once, when made, so that small calls skip selection entirely."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
+    device = check_device(device)
     if device == "auto":
         device = _environment_device()
     if device == "gpu":
@@ -132,7 +153,7 @@ def small_payloads_on_cpu(device: str) -> bool:
 def select_backend(device: str, nbytes: int = 0) -> Backend:
     """The backend for ``device`` (``auto``/``cpu``/``gpu``) and a payload of ``nbytes``."""
     if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
+        device = check_device(device)
     if device == "auto":
         device = _environment_device()
     if device == "auto":

@@ -26,8 +26,8 @@ SUBCOMMANDS = {
     "encrypt": ("gpucrypt.cli.files:add_encrypt",
                 "Encrypt a file (or stdin) into the gpucrypt stream format."),
     "decrypt": ("gpucrypt.cli.files:add_decrypt",
-                "Decrypt a gpucrypt stream file (or stdin); nothing is written to OUT unless it "
-                "all verifies."),
+                "Decrypt a gpucrypt stream file (or stdin): a file OUT appears only once it "
+                "all verified (to stdout or a pipe, each part is written once it verified)."),
     "info": ("gpucrypt.cli:_add_info",
              "Show versions, the backends that run here, and why the others do not."),
     "selftest": ("gpucrypt.cli:_add_selftest",
@@ -287,7 +287,12 @@ def _parse(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace
     command comes first (no top-level option before it), else :func:`build_parser`'s."""
     if argv and argv[0] in SUBCOMMANDS:
         parser = _command_parser(argv[0])
-        return parser, parser.parse_args(argv[1:])
+        # intermixed: `encrypt IN --key-file K OUT` is how many type it (parse_args took
+        # IN, then OUT was "unrecognized")
+        try:
+            return parser, parser.parse_intermixed_args(argv[1:])
+        except TypeError:  # a command of commands (`keys list ...`): argparse cannot intermix
+            return parser, parser.parse_args(argv[1:])
     command = _command(argv)
     parser = build_parser(configure=[command] if command in SUBCOMMANDS else [])
     return parser, parser.parse_args(argv)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import stat
 import sys
 import time
 from typing import Any, Iterator
@@ -53,6 +54,7 @@ def _common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
     add_input_output_and_keys(parser, "input file (default, or -: stdin)",
                               "output file (default, or -: stdout)", streams=True)
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                        type=lambda name: "gpu" if name == "cuda" else name,
                         help=f"where to {mode} (default: auto)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU worker threads (default: the usable cores)")
@@ -65,10 +67,12 @@ def _common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
 
 def add_encrypt(parser: argparse.ArgumentParser) -> None:
     """Encrypt a file (or stdin) into the gpucrypt stream format."""
+    from ..files._format import ALGORITHM_ALIASES
     from ..files.stream import ALGORITHMS, DEFAULT_SEGMENT_SIZE
 
     _common_arguments(parser, "encrypt")
     parser.add_argument("--algorithm", choices=ALGORITHMS, default="chacha20-poly1305",
+                        type=lambda name: ALGORITHM_ALIASES.get(name, name),
                         help="AEAD for the segments (default: chacha20-poly1305)")
     parser.add_argument("--segment-size", type=parse_size, default=DEFAULT_SEGMENT_SIZE,
                         metavar="SIZE", help="plaintext bytes per segment, a power of two "
@@ -77,7 +81,7 @@ def add_encrypt(parser: argparse.ArgumentParser) -> None:
 
 
 def add_decrypt(parser: argparse.ArgumentParser) -> None:
-    """Decrypt a gpucrypt stream file (or stdin); nothing is written to OUT unless it all verifies."""
+    """Decrypt a gpucrypt stream file (or stdin): a file OUT appears only once it all verified (to stdout or a pipe, each part is written once it verified)."""
     _common_arguments(parser, "decrypt")
     parser.set_defaults(func=_run_decrypt)
 
@@ -164,6 +168,23 @@ def _with_progress(args, reader, size, label):
     return (_Progress(reader, size, label), True) if show else (reader, False)
 
 
+def _refuse_input_as_output(args, reader, dst) -> None:
+    """``gpucrypt encrypt f >> f`` (or ``< f >> f``): stdout is the input file itself, so
+    the output would be read back as input (it exited 0 with the file's own header
+    encrypted into it). A named OUT is a new file until it is published, so ``IN IN
+    --force`` is safe and is never refused here."""
+    try:
+        written, read = os.fstat(dst.fileno()), os.fstat(reader.fileno())
+    except (AttributeError, OSError, ValueError):  # no descriptor: not a file of the system
+        return
+    if stat.S_ISREG(written.st_mode) and (written.st_dev, written.st_ino) == \
+            (read.st_dev, read.st_ino):
+        name = "the file stdin reads" if args.input == "-" else args.input
+        raise CliError(f"the input is the output: stdout is {name}; write to another "
+                       f"file (or give OUT: a named OUT is written to a new file, even with "
+                       f"--force over IN)", 2)
+
+
 def _check_threads(args):
     if args.threads is not None and args.threads < 1:
         raise CliError("--threads must be at least 1", 2)
@@ -193,6 +214,7 @@ def _run_encrypt(args) -> int:
     _check_threads(args)
     key, key_id, envelope = encrypt_keys(args)
     with destination(args, binary_ciphertext=True) as dst, _input(args, "encrypt") as (src, _):
+        _refuse_input_as_output(args, src, dst)
         run_reporting_errors(args, lambda: stream.encrypt(
             src, dst, key, algorithm=args.algorithm, segment_size=args.segment_size,
             device=args.device, key_id=key_id, envelope=envelope, threads=args.threads,
@@ -207,6 +229,8 @@ def _run_decrypt(args) -> int:
     _check_threads(args)
     with destination(args, binary_ciphertext=False) as dst, \
             _input(args, "decrypt") as (src, is_file):
+        _refuse_input_as_output(args, src, dst)
+
         def header_then_decrypt():
             header = stream.read_header(src)  # leaves src just after the header
             key = decrypt_key(args, header)

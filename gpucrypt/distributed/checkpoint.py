@@ -266,7 +266,7 @@ class EncryptedWriter(FileSystemWriter):
                  segment_size: int = DEFAULT_SEGMENT_SIZE, device: str = "auto",
                  threads: int | None = None, overwrite: bool = True):
         self._recipients = _gather(recipients, keyset)
-        check_algorithm(algorithm)
+        algorithm = check_algorithm(algorithm)
         check_segment_size(segment_size)
         super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1,
                          overwrite=overwrite)

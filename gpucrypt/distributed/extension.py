@@ -54,7 +54,7 @@ class EncryptionExtension(StreamTransformExtension):
     def __init__(self, *, recipients: Any = None, keyset: Any = None, identities: Any = None,
                  algorithm: str = "chacha20-poly1305", segment_size: int = DEFAULT_SEGMENT_SIZE):
         super().__init__()
-        _format.check_algorithm(algorithm)
+        algorithm = _format.check_algorithm(algorithm)
         _format.check_segment_size(segment_size)
         if recipients is None and keyset is None and identities is None:
             raise ValueError("give recipients= and/or keyset= (to write), identities= and/or "

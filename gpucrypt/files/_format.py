@@ -186,9 +186,19 @@ def prefix_size(algorithm: str) -> int:
     return nonce_size(algorithm) - INDEX_SIZE - 1
 
 
-def check_algorithm(algorithm: str) -> None:
+#: other names for the formats' algorithms: the tensor API's (the formats' AES-GCM is
+#: AES-256's alone)
+ALGORITHM_ALIASES = {"aes-gcm": "aes-256-gcm"}
+
+
+def check_algorithm(algorithm: str) -> str:
+    """``algorithm``'s name in :data:`ALGORITHMS` (an alias resolved); ValueError for others."""
+    if isinstance(algorithm, str):
+        algorithm = ALGORITHM_ALIASES.get(algorithm, algorithm)
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {sorted(ALGORITHMS)}, not {algorithm!r}")
+        raise ValueError(f"algorithm must be one of {sorted(ALGORITHMS)} (or aes-gcm, the "
+                         f"same as aes-256-gcm here), not {algorithm!r}")
+    return algorithm
 
 
 def check_segment_size(segment_size: int) -> int:
@@ -279,7 +289,7 @@ def check_key_id_envelope(key_id, envelope) -> tuple[str | None, bytes | None]:
 def new_header(key: bytes, algorithm: str, segment_size: int, *, key_id=None, envelope=None,
                salt: bytes | None = None, nonce_prefix: bytes | None = None) -> tuple[Header, bytes]:
     """A fresh header (random salt and prefix unless given, for known-answer tests) and its bytes."""
-    check_algorithm(algorithm)
+    algorithm = check_algorithm(algorithm)
     check_segment_size(segment_size)
     key_id, envelope = check_key_id_envelope(key_id, envelope)
     # bytes_arg, not bytes(): bytes(32) would be 32 zero bytes, of exactly the salt's size

@@ -112,8 +112,28 @@ _DTYPE_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_:<>|=[]ABCDEFGHI
 # ============================================================================ arguments
 def _check_algorithm(algorithm: str) -> str:
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, not {algorithm!r}")
+        raise ValueError(f"algorithm must be one of {ALGORITHMS} (or aes-128-gcm, aes-192-gcm, "
+                         f"aes-256-gcm: aes-gcm with a key of that size), not {algorithm!r}")
     return algorithm
+
+
+#: AES-GCM by its key size, as OpenSSL and the file formats name it ("aes-256-gcm"): the
+#: tensor API's "aes-gcm" with a key of exactly that size
+_SIZED_AES_GCM = {"aes-128-gcm": 16, "aes-192-gcm": 24, "aes-256-gcm": 32}
+
+
+def _algorithm_and_key(algorithm: Any, key: Any) -> tuple[str, bytes]:
+    """(the algorithm's name in :data:`ALGORITHMS`, the key's bytes), both checked."""
+    if algorithm in ALGORITHMS:  # the usual call: one lookup
+        return algorithm, _key_bytes(key, algorithm)
+    size = _SIZED_AES_GCM.get(algorithm) if isinstance(algorithm, str) else None
+    if size is None:
+        _check_algorithm(algorithm)  # raises, naming the algorithms
+    key = _key_bytes(key, "aes-gcm")
+    if len(key) != size:
+        raise ValueError(f"{algorithm} takes a {size}-byte key, not {len(key)} bytes ('aes-gcm' "
+                         f"takes a key of 16, 24 or 32 bytes)")
+    return "aes-gcm", key
 
 
 def _key_bytes(key: Any, algorithm: str) -> bytes:
@@ -163,7 +183,10 @@ def _check_device(device: Any) -> str | None:
     if device in (None, "auto"):
         return None
     if device not in ("cpu", "gpu"):
-        raise ValueError(f"device must be None, 'auto', 'cpu' or 'gpu', not {device!r}")
+        from ..backends import check_device
+
+        device = check_device(device)  # "cuda", torch.device("cpu"), ...: or why not
+        return None if device == "auto" else device
     return device
 
 
@@ -976,8 +999,7 @@ def _encrypt_small_on_host(x: Any, key: Any, algorithm: str, aad: Any, inplace: 
     framework, dtype, shape, src = source
     if inplace and (src.readonly or framework == "torch" and not _torch_writable(x, len(src))):
         return None  # the general path says what is wrong
-    algorithm = _check_algorithm(algorithm)
-    key = _key_bytes(key, algorithm)
+    algorithm, key = _algorithm_and_key(algorithm, key)
     if aad is None and key_id is None and name is None:  # the common call: 3 checks less
         user_aad = b""
     else:
@@ -1181,8 +1203,7 @@ class _Job:
 def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: str, aad: Any,
                   inplace: bool, stream: Any, nonces: Any, contiguous: bool, key_id: Any,
                   device: Any) -> list[EncryptedTensor]:
-    algorithm = _check_algorithm(algorithm)
-    key = _key_bytes(key, algorithm)
+    algorithm, key = _algorithm_and_key(algorithm, key)
     user_aad = _aad_bytes(aad)
     key_id = _check_key_id(key_id)
     device = _check_device(device)
@@ -2149,11 +2170,10 @@ class TensorCipher:
     def __init__(self, key: Any, algorithm: str = "chacha20-poly1305", *, nonces: str = "random",
                  prefix: bytes | None = None, start: int = 0, key_id: Any = None,
                  device: str | None = None):
-        self._algorithm = _check_algorithm(algorithm)
-        self._key = _key_bytes(key, algorithm)
+        self._algorithm, self._key = _algorithm_and_key(algorithm, key)
         self._key_id = _check_key_id(key_id)
         self._device = _check_device(device)
-        size = _NONCE_SIZE[algorithm]
+        size = _NONCE_SIZE[self._algorithm]
         if nonces == "counter":
             if prefix is None:
                 raise ValueError("nonces='counter' needs prefix= (bytes, may be b''): a prefix "
