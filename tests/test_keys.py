@@ -116,9 +116,39 @@ def test_save_replaces_atomically_and_keeps_0600(tmp_path):
     path = tmp_path / "ks.json"
     path.write_text("old")
     os.chmod(path, 0o644)
-    Keyset.generate().save(path)
+    Keyset.generate().save(path, overwrite=True)
     assert _mode(path) == 0o600
     assert Keyset.load(path).primary
+
+
+def test_a_new_key_file_never_replaces_another(tmp_path, fast_scrypt):
+    """Keyset.generate().save(path) run twice (a README example run again) replaced the first
+    keyset, and whatever was encrypted to it could no longer be read. A keyset or identity
+    saves over the file it was read from or last saved to, or with overwrite=True."""
+    from gpucrypt import keys
+
+    path, who = tmp_path / "ks.json", tmp_path / "alice"
+    first = Keyset.generate()
+    first.save(path)
+    identity = Identity.generate()
+    identity.save(who)
+    before, before_identity = path.read_bytes(), who.read_bytes()
+    with pytest.raises(KeysetError, match="ks.json exists, and this keyset was not read from it"):
+        Keyset.generate().save(path)
+    with pytest.raises(KeysetError, match="alice exists, and this identity was not read"):
+        Identity.generate().save(who)
+    assert path.read_bytes() == before and who.read_bytes() == before_identity
+    first.add(primary=True)
+    first.save(path)  # its own file: saved over
+    loaded = Keyset.load(path)
+    loaded.add()
+    loaded.save(path)
+    assert len(Keyset.load(path)) == 3
+    identity.save(who, "a passphrase", scrypt_n=FAST_N)  # sealed in place, its own file
+    Identity.load(who, "a passphrase").save(who)  # and back
+    assert keys.Identity.load(who).fingerprint == identity.fingerprint
+    Keyset.generate().save(path, overwrite=True)
+    assert Keyset.load(path).primary.id != first.primary.id
 
 
 def test_destroyed_key_material_leaves_the_file(tmp_path):
@@ -355,7 +385,7 @@ def test_overlapping_saves_of_one_file_refuse_the_second(tmp_path, monkeypatch):
     a, b = Keyset.load(path), Keyset.load(path)   # e.g. `keys add` and `keys destroy --yes`
     added = a.add()
     b.destroy(doomed.id)
-    real, writing, failures = keyset_module.write_atomically, threading.Event(), []
+    real, writing, failures = keyset_module.write_key_file, threading.Event(), []
 
     def slow_for_a(*args, **kwargs):
         if threading.current_thread().name == "saver-a":
@@ -369,7 +399,7 @@ def test_overlapping_saves_of_one_file_refuse_the_second(tmp_path, monkeypatch):
         except BaseException as exc:  # reported below, not lost in the thread
             failures.append(exc)
 
-    monkeypatch.setattr(keyset_module, "write_atomically", slow_for_a)
+    monkeypatch.setattr(keyset_module, "write_key_file", slow_for_a)
     saver = threading.Thread(target=save_a, name="saver-a")
     saver.start()
     try:

@@ -420,7 +420,7 @@ def _refuse_overwrite(paths: list[str], force: bool) -> None:
             raise CliError(f"{path} exists; use --force to overwrite it", 2)
 
 
-def _save_pair(identity: Any, out: str, passphrase: Any) -> None:
+def _save_pair(identity: Any, out: str, passphrase: Any, force: bool) -> None:
     """Write ``identity`` to ``out`` and its recipient to ``out.pub``, both or neither
     (short of a crash between the two): a recipient left beside an identity that is not
     its own would have data encrypted to a key nobody holds. The recipient goes first;
@@ -435,7 +435,8 @@ def _save_pair(identity: Any, out: str, passphrase: Any) -> None:
         earlier = None
     try:
         _keys_call(identity.recipient.save, pub)
-        _keys_call(identity.save, out, passphrase)
+        # checked by _refuse_overwrite before the passphrase; one that appeared since is kept
+        _keys_call(identity.save, out, passphrase, overwrite=force)
     except BaseException:
         _settle_pair(identity, out, pub, earlier)
         raise
@@ -487,13 +488,13 @@ def _run_keygen(args) -> int:
     passphrase = _passphrase(args, "the new key file", confirm=True) if args.seal else None
     if args.public:
         identity = Identity.generate(args.kem)
-        _save_pair(identity, out, passphrase)
+        _save_pair(identity, out, passphrase, args.force)
         print(f"identity (private, keep it secret): {out}")
         print(f"recipient (public, share it):       {out}.pub")
         print(f"fingerprint: {identity.fingerprint}")
         return 0
     keyset = Keyset.generate()
-    _keys_call(keyset.save, out, passphrase)
+    _keys_call(keyset.save, out, passphrase, overwrite=args.force)
     print(f"keyset: {out} (primary key {keyset.primary.id})")
     return 0
 

@@ -64,6 +64,22 @@ def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
+def write_key_file(path: str | os.PathLike, data: bytes, *, replace: bool, what: str) -> None:
+    """Write a private key file (0600, atomically). ``replace=False``: an existing file at
+    ``path`` is left as it is (:class:`KeysetError`, also when one appears while this
+    writes): a key file written over is keys lost, and whatever was encrypted to them."""
+    from ..files._atomic import AtomicFile, OutputExists
+
+    try:
+        with AtomicFile(path, 0o600, overwrite=replace) as f:
+            f.write(data)
+    except OutputExists:
+        raise KeysetError(f"{os.fspath(path)} exists, and this {what} was not read from it: "
+                          f"writing over it would destroy the keys it holds (and what was "
+                          f"encrypted to them); save to a new path, or pass overwrite=True "
+                          f"if that file is no longer needed") from None
+
+
 def read_json(path: str | os.PathLike, expected_format: str) -> dict:
     return read_document(path, expected_format)[0]
 

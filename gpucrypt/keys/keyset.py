@@ -23,10 +23,9 @@ except ImportError:  # not POSIX: saves are checked, not locked (see _locked_dig
 
 from .. import audit
 from .._errors import KeyNotFound, KeysetError, KeyUnavailable
-from ..files._atomic import write_atomically
 from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document,
                         protection_method, read_document, read_json, scrypt_n_to_write,
-                        seal_document, utc_timestamp)
+                        seal_document, utc_timestamp, write_key_file)
 from ._material import HoldsKeyMaterial
 
 __all__ = ["KeysetKey", "Keyset", "PRIMARY", "ENABLED", "DISABLED", "DESTROYED",
@@ -192,8 +191,14 @@ class Keyset(HoldsKeyMaterial):
 
     def save(self, path: str | os.PathLike, passphrase: str | bytes | None = None, *,
              kek: bytes | None = None, kek_id: str | None = None,
-             scrypt_n: int | None = None, unsealed: bool = False) -> None:
+             scrypt_n: int | None = None, unsealed: bool = False,
+             overwrite: bool = False) -> None:
         """Write the keyset to ``path`` (0600, atomically).
+
+        ``path`` is the file this keyset was loaded from or last saved to, or a new one:
+        an existing other file is left as it is (:class:`KeysetError`) unless
+        ``overwrite=True`` (a ``Keyset.generate().save(path)`` run twice destroyed the
+        first keyset, and every file encrypted to it).
 
         With ``passphrase`` (scrypt + ChaCha20-Poly1305) or ``kek`` (32 bytes, AES-256-GCM)
         the materials are sealed. A keyset loaded sealed stays sealed with the same
@@ -215,10 +220,11 @@ class Keyset(HoldsKeyMaterial):
         """
         with audit.timed("keyset.save", path=os.fspath(path),
                          key_ids=sorted(self._unsaved)) as ev:
-            self._save(path, passphrase, kek, kek_id, scrypt_n, unsealed, ev)
+            self._save(path, passphrase, kek, kek_id, scrypt_n, unsealed, overwrite, ev)
         self._unsaved.clear()
 
-    def _save(self, path, passphrase, kek, kek_id, scrypt_n, unsealed, ev: dict) -> None:
+    def _save(self, path, passphrase, kek, kek_id, scrypt_n, unsealed, overwrite,
+              ev: dict) -> None:
         if not self._keys:  # a keyset file without a primary key could not be loaded back
             raise KeysetError("the keyset has no keys: add one (Keyset.generate) before saving")
         target = os.path.realpath(path)
@@ -229,7 +235,8 @@ class Keyset(HoldsKeyMaterial):
                                   f"it (another command or program saved it): nothing was "
                                   f"written; load it again, then redo the change")
             data, method = self._document(passphrase, kek, kek_id, scrypt_n, unsealed)
-            write_atomically(path, data, 0o600)  # still locked: the check holds until replaced
+            # still locked: the check holds until replaced
+            write_key_file(path, data, replace=checked or overwrite, what="keyset")
         self._origin = (target, hashlib.sha256(data).digest())
         ev.update(count=len(self._keys), key_id=self.primary.id, status=method or "unsealed")
 

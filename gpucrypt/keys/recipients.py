@@ -27,7 +27,7 @@ from .._errors import (EnvelopeError, KeyNotFound, KeysetError, KeyUnavailable,
 from ..files._atomic import write_atomically
 from . import _envelope
 from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document, read_json,
-                        seal_document, utc_timestamp)
+                        seal_document, utc_timestamp, write_key_file)
 from ._envelope import EnvelopeFormatError, Stanza
 from ._material import HoldsKeyMaterial
 from .keyset import Keyset, KeysetKey
@@ -180,6 +180,7 @@ class Identity(HoldsKeyMaterial):
             raise ValueError(f"unknown KEM {kem!r}; choose one of {sorted(_KEMS)}")
         self.kem, self._private_bytes = kem, bytes_arg(private_bytes, "private_bytes")
         self.created = created or utc_timestamp()
+        self._origin: str | None = None  # the file last read or written (resolved)
         if kem == "x25519":
             if len(self._private_bytes) != _X25519_SIZE:
                 raise ValueError("an X25519 private key is 32 bytes")
@@ -219,15 +220,20 @@ class Identity(HoldsKeyMaterial):
         return identity
 
     def save(self, path: str | os.PathLike, passphrase: str | bytes | None = None, *,
-             scrypt_n: int = DEFAULT_SCRYPT_N) -> None:
-        """Write the private file (0600, atomically), sealed when ``passphrase`` is given."""
+             scrypt_n: int = DEFAULT_SCRYPT_N, overwrite: bool = False) -> None:
+        """Write the private file (0600, atomically), sealed when ``passphrase`` is given.
+        An existing file is left as it is (:class:`KeysetError`) unless it is the one this
+        identity was loaded from or last saved to, or ``overwrite=True``."""
         public = {"format": IDENTITY_FORMAT, "version": FILE_VERSION, "kem": self.kem,
                   "created": self.created, "public_key": b64e(self.recipient.public_bytes),
                   "fingerprint": self.fingerprint}
         secret = {"private_key": b64e(self._private_bytes)}
         doc = (seal_document(public, secret, passphrase=passphrase, scrypt_n=scrypt_n)
                if passphrase is not None else {**public, **secret})
-        write_atomically(path, json.dumps(doc, indent=2).encode() + b"\n", 0o600)
+        target = os.path.realpath(path)
+        write_key_file(path, json.dumps(doc, indent=2).encode() + b"\n",
+                       replace=overwrite or target == self._origin, what="identity")
+        self._origin = target
 
     @classmethod
     def load(cls, path: str | os.PathLike, passphrase: str | bytes | None = None) -> "Identity":
@@ -238,10 +244,12 @@ class Identity(HoldsKeyMaterial):
         secret = open_document(doc, where, passphrase=passphrase)
         if secret is None:
             secret = doc
-        return _checked_key(
+        identity = _checked_key(
             lambda: cls(doc.get("kem"), b64d(secret.get("private_key"), f"{where}: private key"),
                         doc.get("created")),
             doc, where, "private")
+        identity._origin = os.path.realpath(path)
+        return identity
 
     def _unwrap(self, body: bytes) -> bytes:
         return _KEMS[self.kem][1].decrypt(body, self._private_key, info=HPKE_INFO)
