@@ -626,6 +626,58 @@ def test_pipes_as_with_age(work, capsys):
     assert back == (work / "plain").read_bytes()
 
 
+@pytest.mark.parametrize("how", ["IN named", "stdin"])
+@pytest.mark.parametrize("command", ["encrypt", "decrypt"])
+def test_a_stdout_that_is_the_input_file_is_refused(work, command, how):
+    """``gpucrypt encrypt f >> f`` exited 0 with the file's own header encrypted into it
+    (the output read back as input); ``< f >> f`` too. The file is left as it was."""
+    cli = [sys.executable, "-c", LAUNCHER, "unnamed"]
+    if command == "decrypt":
+        stream.encrypt((work / "plain").read_bytes(), work / "sealed", (work / "key").read_bytes(),
+                       device="cpu")
+    name = "plain" if command == "encrypt" else "sealed"
+    before = (work / name).read_bytes()
+    with open(work / name, "ab") as dst, open(work / name, "rb") as src:
+        done = subprocess.run(cli + [command, "--key-file", "key"] +
+                              ([name] if how == "IN named" else []),
+                              stdin=src if how == "stdin" else subprocess.DEVNULL, stdout=dst,
+                              stderr=subprocess.PIPE, text=True, cwd=work)
+    assert done.returncode == 2, done.stderr
+    assert "the input is the output" in done.stderr
+    assert (work / name).read_bytes() == before
+    # a named OUT is a new file until it is published: IN over itself with --force is safe
+    code = subprocess.run(cli + [command, "--key-file", "key", name, name, "--force"],
+                          cwd=work, capture_output=True).returncode
+    assert code == 0
+
+
+def test_options_may_come_between_in_and_out(work, capsys):
+    """``encrypt IN --key-file K OUT`` said "unrecognized arguments: OUT"."""
+    code, _, err = run(capsys, "encrypt", "plain", "--key-file", "key", "sealed")
+    assert code == 0, err
+    code, _, err = run(capsys, "decrypt", "sealed", "--key-file", "key", "back", "--device", "cpu")
+    assert code == 0, err
+    assert (work / "back").read_bytes() == (work / "plain").read_bytes()
+
+
+def test_names_as_the_library_and_frameworks_spell_them(work, capsys):
+    """--algorithm aes-gcm (the tensor API's name) is aes-256-gcm; --device cuda is gpu."""
+    code, _, err = run(capsys, "encrypt", "--algorithm", "aes-gcm", "--key-file", "key",
+                       "plain", "sealed")
+    assert code == 0, err
+    assert stream.read_header(work / "sealed").algorithm == "aes-256-gcm"
+    code, _, err = run(capsys, "encrypt", "--device", "cuda", "--key-file", "key", "plain", "x")
+    assert code == 0, err  # the GPU backend (numba's simulator here)
+    # outside the simulator, on a machine without a GPU, the advice is the option's words
+    environment = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, "unnamed", "encrypt", "--device",
+                           "cuda", "--key-file", "key", "plain", "y"], cwd=work, env=environment,
+                          capture_output=True, text=True)
+    if done.returncode != 0:  # else a real GPU ran it
+        assert done.returncode == 2 and "device 'gpu' unavailable" in done.stderr, done.stderr
+        assert "device='cpu'" not in done.stderr and "--device cpu" in done.stderr
+
+
 @pytest.mark.parametrize("progress", [[], ["--progress"]], ids=["plain", "progress"])
 def test_encrypt_waits_for_a_non_blocking_stdin(work, progress):
     """stdin left non-blocking by whatever started gpucrypt: a read that finds the pipe
@@ -1481,3 +1533,99 @@ def test_rekey_refuses_what_is_not_a_regular_file(work, capsys):
     done = _shell(work, "", "rekey", "pipe", "-r", "alice.pub", "-i", "alice")
     _one_line(done.returncode, done.stderr, 2)
     assert "pipe is a FIFO, not a file" in done.stderr
+
+
+# --------------------------------------------------------------------------- checkpoint folders
+@pytest.fixture
+def checkpoint(work):
+    """A sharded checkpoint folder ``ckpt``: two shards, their index, a config."""
+    np = pytest.importorskip("numpy")
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+    (work / "ckpt").mkdir()
+    shards = {"model-00001-of-00002.safetensors": {"embed.weight": np.ones((4, 8), np.float32)},
+              "model-00002-of-00002.safetensors": {"lm_head.weight": np.zeros(8, np.float32)}}
+    for name, tensors in shards.items():
+        safetensors_numpy.save_file(tensors, str(work / "ckpt" / name))
+    index = {"metadata": {}, "weight_map": {t: name for name, ts in shards.items() for t in ts}}
+    (work / "ckpt" / "model.safetensors.index.json").write_text(json.dumps(index))
+    (work / "ckpt" / "config.json").write_text("{}")
+    return work / "ckpt"
+
+
+@pytest.mark.parametrize("command", ["encrypt-model", "decrypt-model"])
+def test_a_checkpoint_out_that_is_a_symbolic_link_is_refused_before_any_work(
+        work, capsys, checkpoint, monkeypatch, command):
+    """OUT a link to an empty folder passed the check (isdir follows links), all the work
+    was done, then rename() failed (ENOTDIR) with a message naming the temporary folder.
+    Now refused at once, naming OUT; the library refuses it too."""
+    from gpucrypt.files import checkpoints
+
+    src = checkpoint
+    if command == "decrypt-model":
+        assert run(capsys, "encrypt-model", "--key-file", "key", checkpoint, "enc")[0] == 0
+        src = work / "enc"
+    (work / "empty").mkdir()
+    os.symlink("empty", work / "link")
+    work_done = []
+    monkeypatch.setattr(checkpoints, "_write_folder", lambda *a: work_done.append(a))
+    code, _, err = run(capsys, command, "--key-file", "key", src, "link")
+    _one_line(code, err, 2)
+    assert "output is a symbolic link: link" in err and "gpucrypt-tmp" not in err
+    assert work_done == [] and os.listdir(work / "empty") == []
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError, match=f"{work / 'link'} is a symbolic link"):
+        checkpoints.encrypt_checkpoint(checkpoint, work / "link", (work / "key").read_bytes())
+    assert os.listdir(work / "empty") == []
+    assert not any("gpucrypt-tmp" in n for n in os.listdir(work))
+
+
+def test_a_checkpoint_out_that_appears_meanwhile_is_named_not_the_temporary_folder(
+        work, capsys, checkpoint, monkeypatch):
+    """OUT filled by someone else while the folder was written: rename() fails and its
+    error named the temporary folder, which is removed by then; now it names OUT."""
+    from gpucrypt.files import checkpoints
+
+    real = checkpoints._copy_others
+
+    def copy_and_race(layout, temp, files=None):
+        real(layout, temp, files)
+        (work / "out").mkdir()
+        (work / "out" / "theirs").write_text("x")
+
+    monkeypatch.setattr(checkpoints, "_copy_others", copy_and_race)
+    code, _, err = run(capsys, "encrypt-model", "--key-file", "key", checkpoint, "out")
+    _one_line(code, err, 1)
+    assert f"{work / 'out'}: " in err and "could not take its place" in err, err
+    assert "gpucrypt-tmp" not in err
+    assert sorted(os.listdir(work / "out")) == ["theirs"]
+    assert not any("gpucrypt-tmp" in n for n in os.listdir(work))
+
+
+def test_encrypt_names_on_a_checkpoint_with_an_index_warns_that_it_stays_readable(
+        work, capsys, checkpoint):
+    """--encrypt-names encrypts each model file's table, but the index (every tensor name
+    and its shard) is copied as it is: one warning line on stderr says so, and what to do."""
+    code, _, err = run(capsys, "encrypt-model", "--key-file", "key", "--encrypt-names",
+                       checkpoint, "enc")
+    assert code == 0 and err.count("\n") == 1, err
+    assert ("warning: --encrypt-names hides the names in the model files only: "
+            "model.safetensors.index.json is copied as it is") in err and "move it out" in err
+    assert b"embed.weight" in (work / "enc" / "model.safetensors.index.json").read_bytes()
+    code, _, err = run(capsys, "encrypt-model", "--key-file", "key", checkpoint, "plain-names")
+    assert code == 0 and err == ""
+    os.remove(checkpoint / "model.safetensors.index.json")
+    code, _, err = run(capsys, "encrypt-model", "--key-file", "key", "--encrypt-names",
+                       checkpoint, "no-index")
+    assert code == 0 and err == ""
+    code, out, _ = run(capsys, "encrypt-model", "--help")
+    assert code == 0 and "every tensor name stays visible there" in " ".join(out.split())
+
+
+def test_encrypt_model_of_an_encrypted_folder_says_so(work, capsys, checkpoint):
+    """Its model files were "not a readable safetensors file (header too large)"."""
+    assert run(capsys, "encrypt-model", "--key-file", "key", checkpoint, "enc")[0] == 0
+    code, _, err = run(capsys, "encrypt-model", "--key-file", "key", "enc", "again")
+    _one_line(code, err, 1)
+    assert "model-00001-of-00002.safetensors is already a gpucrypt model file (encrypted)" in err
+    assert not os.path.exists(work / "again")

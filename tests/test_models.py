@@ -368,10 +368,18 @@ def test_appended_bytes(saved):
     load_fails(path, FormatError, "after its last tag")
 
 
+#: 200 bytes that start like nothing: a safetensors length would be 0x0706050403020100
+GARBAGE = bytes(range(200))
+#: starts like safetensors (8 bytes, then "{") but its little-endian length is far more
+#: than the file's 200 bytes: what os.urandom(200) gave once in 256 runs
+BRACE_AT_8 = b"\x9c\x31\xe0\x07\x5a\x11\xc4\x02{" + bytes(191)
+
+
 @pytest.mark.parametrize("kind, match", [
     ("stream", "gpucrypt stream file, not a model file"),
     ("safetensors", "plain \\(unencrypted\\) safetensors file"),
     ("garbage", "wrong magic"),
+    ("brace at 8", "wrong magic"),
     ("empty", "it is empty"),
     ("future", "unsupported gpucrypt model format version 2"),
 ])
@@ -384,7 +392,9 @@ def test_other_formats(tmp_path, kind, match):
 
         save_file({"w": torch.ones(3)}, str(path))
     elif kind == "garbage":
-        path.write_bytes(os.urandom(200))
+        path.write_bytes(GARBAGE)
+    elif kind == "brace at 8":
+        path.write_bytes(BRACE_AT_8)
     elif kind == "empty":
         path.write_bytes(b"")
     else:
@@ -831,7 +841,9 @@ def test_cli_recipients(st_file, capsys):
 @pytest.mark.parametrize("case, code, message", [
     ("wrong key", 1, "wrong key or tampered"),
     ("not a model", 1, "plain \\(unencrypted\\) safetensors"),
-    ("not safetensors", 1, "not a readable safetensors file"),
+    ("not safetensors", 1, "garbage: not a readable safetensors file"),
+    ("already encrypted", 1, "m.gc is already a gpucrypt model file \\(encrypted\\); "
+                             "'gpucrypt decrypt-model'"),
     ("exists", 2, "--force"),
     ("no key", 2, "no key given"),
     ("missing input", 2, "input file not found"),
@@ -842,10 +854,12 @@ def test_cli_errors(st_file, capsys, case, code, message):
     cli(["encrypt-model", *key, str(d / "m.safetensors"), str(d / "m.gc")])
     capsys.readouterr()
     write_private(d / "wrong", bytes(32))
+    (d / "garbage").write_bytes(GARBAGE)
     argv = {
         "wrong key": ["decrypt-model", "--key-file", str(d / "wrong"), str(d / "m.gc"), str(d / "o")],
         "not a model": ["decrypt-model", *key, str(d / "m.safetensors"), str(d / "o")],
-        "not safetensors": ["encrypt-model", *key, str(d / "m.gc"), str(d / "o")],
+        "not safetensors": ["encrypt-model", *key, str(d / "garbage"), str(d / "o")],
+        "already encrypted": ["encrypt-model", *key, str(d / "m.gc"), str(d / "o")],
         "exists": ["encrypt-model", *key, str(d / "m.safetensors"), str(d / "m.gc")],
         "no key": ["encrypt-model", str(d / "m.safetensors"), str(d / "o")],
         "missing input": ["decrypt-model", *key, str(d / "nope"), str(d / "o")],
@@ -957,3 +971,120 @@ def test_a_stored_tensor_no_framework_holds_is_not_written(tmp_path, shape, dtyp
     finally:
         os.close(fd)
     assert os.listdir(tmp_path) == ["data"]
+
+
+# ------------------------------------------------------------------ unauthenticated tables
+def hostile_file(path, table: bytes, envelope: bytes | None = None):
+    """What anyone can write with no key (and, with ``envelope``, a recipient's public
+    key): a readable table of ``table`` bytes under a header MAC of zeros."""
+    from gpucrypt.files import _format
+
+    fixed = models._fixed_fields("chacha20-poly1305", SEG, False, os.urandom(32), len(table),
+                                 0, os.urandom(_format.prefix_size("chacha20-poly1305")))
+    path.write_bytes(fixed + _format.variable_fields(None, envelope) + table + bytes(32))
+    return path
+
+
+def empty_objects(nbytes: int) -> bytes:
+    """``{"x":[{},{},...]}`` of at least ``nbytes``: /tmp/review-models/dos_table.py's
+    table, which Python holds in about 30 times its size (100 MiB of it took 3 GB)."""
+    return b'{"x":[' + b",".join([b"{}"] * (nbytes // 3 + 1)) + b"]}"
+
+
+def record_calls(monkeypatch, name: str) -> list:
+    """``models.<name>`` replaced by a wrapper that records the length of its first
+    argument (a table, a list of tensors) at each call, in this list."""
+    calls = []
+    real = getattr(models, name)
+
+    def recording(first, *rest):
+        calls.append(len(first))
+        return real(first, *rest)
+
+    monkeypatch.setattr(models, name, recording)
+    return calls
+
+
+@pytest.fixture
+def table_decodes(monkeypatch):
+    """The sizes of the tables ``_decode_table`` is asked to parse, in call order."""
+    return record_calls(monkeypatch, "_decode_table")
+
+
+def test_read_header_without_a_key_refuses_a_table_over_16_mib(tmp_path, table_decodes):
+    """A keyless read_header json-parsed up to 100 MiB of a table anyone can write; over
+    MAX_UNVERIFIED_TABLE_BYTES it now refuses before parsing, saying to pass the key. A
+    smaller table is decoded as before (the public API's promise: names without a key)."""
+    big = hostile_file(tmp_path / "big.gc", empty_objects(16 << 20))  # the documented bound
+    with pytest.raises(FormatError, match=r"over the 16777216 read without a key .*"
+                                          r"read_header\(path, key\)"):
+        models.read_header(big)
+    assert table_decodes == []
+    small = hostile_file(tmp_path / "small.gc", empty_objects(1000))
+    with pytest.raises(FormatError, match="malformed tensor table: entry 'x'"):
+        models.read_header(small)
+    assert len(table_decodes) == 1
+
+
+def test_finding_the_key_never_decodes_the_unauthenticated_table(tmp_path, capsys,
+                                                                 table_decodes):
+    """decrypt-model with a raw key read the header (table included) before the real open
+    did; with -i, rekey and checkpoint folders read it for the envelope. None of them needs
+    the table before the header MAC is checked, which this file fails (exit 1)."""
+    from gpucrypt import keys
+    from gpucrypt.files import checkpoints
+
+    alice = keys.Identity.generate()
+    alice.save(tmp_path / "alice")
+    envelope = keys.seal_envelope(keys.generate_dek(), [alice])
+    table = empty_objects(1 << 20)
+    plain = hostile_file(tmp_path / "raw.gc", table)
+    sealed = hostile_file(tmp_path / "sealed.gc", table, envelope)
+    write_private(tmp_path / "key", KEY)
+    for argv in (["--key-file", str(tmp_path / "key"), str(plain)],
+                 ["-i", str(tmp_path / "alice"), str(sealed)]):
+        capsys.readouterr()
+        assert cli(["decrypt-model", *argv, str(tmp_path / "out")]) == 1
+        assert "header authentication failed" in capsys.readouterr().err
+    with pytest.raises(AuthenticationError, match="header authentication failed"):
+        keys.rekey_file(sealed, recipients=[alice], identities=alice)
+    (tmp_path / "folder").mkdir()
+    os.replace(sealed, tmp_path / "folder" / "model.safetensors")
+    with pytest.raises(FormatError, match="has no gpucrypt-checkpoint.json"):
+        checkpoints.decrypt_checkpoint(tmp_path / "folder", tmp_path / "out", identity=alice)
+    assert table_decodes == []
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_decrypt_model_of_a_dtype_safetensors_cannot_hold_says_what_to_use(tmp_path, capsys):
+    """A valid file and key, but numpy:<U5 has no safetensors code: exit 1 (the data, not
+    the usage: it was 2), one line saying what reads it, nothing written."""
+    path = tmp_path / "u.gc"
+    models.save_encrypted({"w": np.ones(3, np.float32), "u": np.array(["abcde"] * 4)}, path,
+                          KEY, device="cpu")
+    _decrypt_model_refuses(tmp_path, capsys, path, tmp_path / "out.safetensors",
+                           "tensor 'u' has dtype numpy:<U5, which a safetensors file cannot "
+                           "hold, so the model cannot be written as one; load it with "
+                           "gpucrypt.models.load_encrypted(path, key, framework='numpy')")
+    with pytest.raises(models.NotSafetensorsDtype, match="tensor 'u' has dtype numpy:<U5"):
+        models.export_safetensors(path, tmp_path / "out.safetensors", KEY)
+    assert not os.path.exists(tmp_path / "out.safetensors")
+    assert models.load_encrypted(path, KEY, "cpu", framework="numpy")["u"][3] == "abcde"
+
+
+def test_reading_tensor_by_tensor_counts_the_file_segments_once(tmp_path, monkeypatch):
+    """Each safe_open get_tensor/get_slice needs the whole file's segment count (the last
+    segment's nonce flag), which ModelHeader.segment_count recounted over the whole table
+    at every call: reading 16000 tensors one by one took 22 s, quadratic. The header counts
+    once, so the number of table walks does not grow with the number of reads."""
+    path, n = tmp_path / "many.gc", 40
+    models.save_encrypted({f"t{i}": np.full(4, i, np.float32) for i in range(n)}, path, KEY,
+                          segment_size=SEG, device="cpu")
+    walks = record_calls(monkeypatch, "_segment_count")
+    with models.safe_open(path, "np", key=KEY) as f:
+        f.get_tensor("t0")
+        after_one = len(walks)
+        for name in f.keys():
+            assert f.get_tensor(name)[0] == int(name[1:])
+            assert f.get_slice(name)[1:3].tolist() == [int(name[1:])] * 2
+    assert len(walks) == after_one, f"{len(walks) - after_one} table walks for {2 * n} reads"

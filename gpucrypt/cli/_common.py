@@ -193,6 +193,21 @@ def output_path(args: Any) -> str:
     return option if option is not None else (positional if positional is not None else "-")
 
 
+def add_device(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--device auto|cpu|gpu`` ("cuda", as frameworks spell it, is "gpu")."""
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                        type=lambda name: "gpu" if name == "cuda" else name, help=help)
+
+
+def add_algorithm(parser: argparse.ArgumentParser) -> None:
+    """``--algorithm`` of the file formats ("aes-gcm", the tensor API's name, is aes-256-gcm)."""
+    from ..files._format import ALGORITHM_ALIASES, ALGORITHMS
+
+    parser.add_argument("--algorithm", choices=tuple(ALGORITHMS), default="chacha20-poly1305",
+                        type=lambda name: ALGORITHM_ALIASES.get(name, name),
+                        help="AEAD for the segments (default: chacha20-poly1305)")
+
+
 def add_force(parser: argparse.ArgumentParser) -> None:
     """Add ``-f/--force`` (overwrite an existing OUT), read by :func:`check_output`."""
     parser.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
@@ -240,13 +255,17 @@ def encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes | None]:
 
 
 def decrypt_key(args: Any, header: Any) -> bytes:
-    """The key to decrypt the file whose (unauthenticated) ``header`` is given: the raw key,
-    else the data key unwrapped from its envelope; usage CliError if no key was given."""
+    """The key to decrypt the file whose (unauthenticated) ``header`` is given, or a
+    function that reads it: the raw key, else the data key unwrapped from its envelope;
+    usage CliError if no key was given. The function is called only for the envelope: a
+    raw key needs no header before the real open, which checks it under the key."""
     key = _raw_key(args)
     if key is not None:
         return key
     cli_keys = _key_management()
-    key = cli_keys.resolve_decrypt_key(args, header) if cli_keys is not None else None
+    if cli_keys is None:
+        raise _no_key()
+    key = cli_keys.resolve_decrypt_key(args, header() if callable(header) else header)
     if key is None:
         raise _no_key()
     return key
@@ -460,7 +479,9 @@ def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
     except FormatError as exc:
         raise CliError(f"{'stdin' if args.input == '-' else args.input}: {exc}", 1) from None
     except BackendUnavailable as exc:
-        raise CliError(f"device {args.device!r} unavailable: {exc}", 2) from None
+        # the library's advice is in Python's words (device='cpu'): here, the option's
+        advice = str(exc).replace("device='cpu'", "--device cpu")
+        raise CliError(f"device {args.device!r} unavailable: {advice}", 2) from None
     except BrokenPipeError:
         raise CliError("output closed early (broken pipe)", 1) from None
     except OutputExists as exc:  # the AtomicFile's publishing without --force

@@ -39,9 +39,9 @@ import sys
 import time
 from typing import Any, Iterator
 
-from ._common import (add_force, add_input_output_and_keys, add_key_management,
-                      check_key_sources, decrypt_key, destination, encrypt_keys, parse_size,
-                      run_reporting_errors)
+from ._common import (add_algorithm, add_device, add_force, add_input_output_and_keys,
+                      add_key_management, check_key_sources, decrypt_key, destination,
+                      encrypt_keys, parse_size, run_reporting_errors)
 from . import CliError
 
 __all__ = ["add_encrypt", "add_decrypt"]
@@ -53,9 +53,7 @@ _PROGRESS_MIN_BYTES = 16 << 20
 def _common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
     add_input_output_and_keys(parser, "input file (default, or -: stdin)",
                               "output file (default, or -: stdout)", streams=True)
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                        type=lambda name: "gpu" if name == "cuda" else name,
-                        help=f"where to {mode} (default: auto)")
+    add_device(parser, f"where to {mode} (default: auto)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU worker threads (default: the usable cores)")
     add_force(parser)
@@ -67,13 +65,10 @@ def _common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
 
 def add_encrypt(parser: argparse.ArgumentParser) -> None:
     """Encrypt a file (or stdin) into the gpucrypt stream format."""
-    from ..files._format import ALGORITHM_ALIASES
-    from ..files.stream import ALGORITHMS, DEFAULT_SEGMENT_SIZE
+    from ..files.stream import DEFAULT_SEGMENT_SIZE
 
     _common_arguments(parser, "encrypt")
-    parser.add_argument("--algorithm", choices=ALGORITHMS, default="chacha20-poly1305",
-                        type=lambda name: ALGORITHM_ALIASES.get(name, name),
-                        help="AEAD for the segments (default: chacha20-poly1305)")
+    add_algorithm(parser)
     parser.add_argument("--segment-size", type=parse_size, default=DEFAULT_SEGMENT_SIZE,
                         metavar="SIZE", help="plaintext bytes per segment, a power of two "
                                              "from 4KiB to 64MiB (default: 1MiB)")

@@ -19,9 +19,11 @@ character device (``/dev/null``) is written in place instead, never replaced;
 ``decrypt-model`` makes the file in a private temporary folder first (a safetensors
 file is not written in order) and copies it there once everything verified.
 
-Memory: both work a batch of segments at a time, so a model of any size converts in
-a few MiB. ``encrypt-model`` reads the safetensors file segment by segment
-(:mod:`gpucrypt.files._safetensors`; ``--device`` as for ``gpucrypt encrypt``);
+Memory: both work a batch of segments at a time, so a model converts in a few MiB plus
+about 200 bytes per segment (the segment list and tags: 27 MB for 140 GB in the default
+1 MiB segments, 64 times that in 16 KiB ones). ``encrypt-model`` reads the safetensors
+file segment by segment (:mod:`gpucrypt.files._safetensors`; ``--device`` as for
+``gpucrypt encrypt``);
 ``decrypt-model`` (:func:`gpucrypt.models.export_safetensors`, on the CPU's threads)
 writes each verified batch where ``safetensors.save_file`` would have put it. To
 decrypt onto a GPU, load the file with :func:`gpucrypt.models.load_encrypted` instead.
@@ -29,19 +31,21 @@ decrypt onto a GPU, load the file with :func:`gpucrypt.models.load_encrypted` in
 Folders (:mod:`gpucrypt.files.checkpoints`): every ``*.safetensors`` file (the shards a
 ``model.safetensors.index.json`` lists, a PEFT ``adapter_model.safetensors``) becomes a
 model file of the same name under one data key; config, index and tokenizer files are
-copied. OUT must be new (or an empty folder) and appears whole at the end. With ``--kek``
-each model file's envelope is sealed for its own salt (AWS KMS and PKCS#11 AES-GCM bind
-the wrapped key to it), so each file opens on its own too; the other recipients'
-stanzas are the same in every file.
+copied (readable: with ``--encrypt-names`` the index still lists every tensor name, and a
+warning says so). OUT must be new (or an empty folder, not a symbolic link) and appears
+whole at the end. With ``--kek`` each model file's envelope is sealed for its own salt
+(AWS KMS and PKCS#11 AES-GCM bind the wrapped key to it), so each file opens on its own
+too; the other recipients' stanzas are the same in every file.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-from ._common import (add_force, add_input_output_and_keys, add_key_management,
-                      check_key_sources, decrypt_key, destination, encrypt_keys, parse_size,
-                      run_reporting_errors)
+from ._common import (add_algorithm, add_device, add_force, add_input_output_and_keys,
+                      add_key_management, check_key_sources, decrypt_key, destination,
+                      encrypt_keys, parse_size, run_reporting_errors)
 from . import CliError
 
 __all__ = ["add_encrypt_model", "add_decrypt_model"]
@@ -65,19 +69,19 @@ def _common(parser: argparse.ArgumentParser, mode: str, what_in: str, what_out: 
 def add_encrypt_model(parser: argparse.ArgumentParser) -> None:
     """Encrypt a safetensors file into a gpucrypt model file (tensor data encrypted)."""
     from ..files.models import DEFAULT_SEGMENT_SIZE
-    from ..files.stream import ALGORITHMS
 
     _common(parser, "encrypt", "a .safetensors file, or a Hugging Face checkpoint folder",
             "the encrypted model file (or new folder) to write")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                        help="where to encrypt (default: auto)")
-    parser.add_argument("--algorithm", choices=ALGORITHMS, default="chacha20-poly1305",
-                        help="AEAD for the segments (default: chacha20-poly1305)")
+    add_device(parser, "where to encrypt (default: auto)")
+    add_algorithm(parser)
     parser.add_argument("--segment-size", type=parse_size, default=DEFAULT_SEGMENT_SIZE,
                         metavar="SIZE", help="bytes per segment, a power of two from 4KiB to "
                                              "64MiB (default: 1MiB)")
     parser.add_argument("--encrypt-names", action="store_true",
-                        help="encrypt the tensor table too (names, dtypes, shapes, metadata)")
+                        help="encrypt the tensor table too (names, dtypes, shapes, metadata); "
+                             "a checkpoint folder's *.safetensors.index.json is still copied "
+                             "as it is (authenticated, readable), so every tensor name stays "
+                             "visible there: move it out of IN first to hide them")
     parser.set_defaults(func=_run_encrypt_model)
 
 
@@ -111,6 +115,10 @@ def _run_encrypt_model(args) -> int:
         raise CliError(f"cannot read {args.input}: {exc.strerror}", 2) from None
     try:
         try:
+            models._refuse_model_file(fd, args.input)  # its message names IN itself
+        except models.FormatError as exc:
+            raise CliError(str(exc), 1) from None
+        try:
             tensors, metadata = open_safetensors(args.input, fd)
         except ValueError as exc:
             raise CliError(f"{args.input}: {exc}", 1) from None
@@ -135,15 +143,30 @@ def _run_decrypt_model(args) -> int:
     _check_paths(args)
     with destination(args, binary_ciphertext=True) as dst:  # refuses a folder, an existing OUT
         def work():
-            header = models.read_header(args.input)  # unauthenticated: only to find the envelope
-            key = decrypt_key(args, header)
+            # the header, unauthenticated, only to find the envelope (its table undecoded)
+            key = decrypt_key(args, lambda: models._parse_path(args.input))
             if isinstance(dst, AtomicFile):
                 models.export_safetensors(args.input, dst, key)
             else:  # a FIFO or a character device (_common.streamed_output)
                 _export_streamed(args, dst, key)
 
-        run_reporting_errors(args, work)
+        _run_export(args, work)
     return 0
+
+
+def _run_export(args, work) -> None:
+    """``run_reporting_errors(args, work)`` for decrypt-model, where a valid file under the
+    right key that holds a dtype safetensors has no code for (``numpy:<U5``) is exit 1,
+    the data's problem, not a usage error (2, as its ValueError would be)."""
+    from ..files import models
+
+    def exporting():
+        try:
+            work()
+        except models.NotSafetensorsDtype as exc:
+            raise CliError(f"{args.input}: {exc}", 1) from None
+
+    run_reporting_errors(args, exporting)
 
 
 def _export_streamed(args, dst, key: bytes) -> None:
@@ -178,6 +201,10 @@ def _export_streamed(args, dst, key: bytes) -> None:
 def _check_folder_output(args) -> None:
     if args.output == "-":
         raise CliError("a checkpoint folder is written to a folder: give OUT as a path", 2)
+    if os.path.islink(args.output):  # refused at the end otherwise, after all the work
+        raise CliError(f"output is a symbolic link: {args.output} (a checkpoint folder is "
+                       f"renamed into place, which cannot go through a link: give the folder "
+                       f"it points to, or a new path)", 2)
     if os.path.lexists(args.output) and not (os.path.isdir(args.output)
                                              and not os.listdir(args.output)):
         raise CliError(f"output exists: {args.output} (a checkpoint folder is written to a new "
@@ -194,10 +221,22 @@ def _run_encrypt_checkpoint(args) -> int:
     key, key_id, envelope = encrypt_keys(args)
     if envelope is not None and getattr(args, "kek", None):
         envelope = _envelope_per_file(args, key, envelope)
-    run_reporting_errors(args, lambda: checkpoints.encrypt_checkpoint(
-        args.input, args.output, key, key_id=key_id, envelope=envelope,
-        algorithm=args.algorithm, encrypt_names=args.encrypt_names,
-        segment_size=args.segment_size, device=args.device))
+
+    def work():
+        index = checkpoints.checkpoint_layout(args.input).index
+        if args.encrypt_names and index:
+            # copied in the clear: the folder keeps its checkpoint's shape, and loading checks
+            # each tensor against it (authenticated by the manifest, not encrypted)
+            print(f"gpucrypt encrypt-model: warning: --encrypt-names hides the names in the "
+                  f"model files only: {index} is copied as it is and lists every tensor name "
+                  f"and its shard in the clear; to hide them, move it out of {args.input} "
+                  f"first (gpucrypt's loaders merge the shards without it)", file=sys.stderr)
+        checkpoints.encrypt_checkpoint(
+            args.input, args.output, key, key_id=key_id, envelope=envelope,
+            algorithm=args.algorithm, encrypt_names=args.encrypt_names,
+            segment_size=args.segment_size, device=args.device)
+
+    run_reporting_errors(args, work)
     return 0
 
 
@@ -233,9 +272,10 @@ def _run_decrypt_checkpoint(args) -> int:
 
     def work():
         layout = checkpoints.checkpoint_layout(args.input, encrypted=True)
-        # unauthenticated: only to find the envelope (one data key for the folder)
-        header = models.read_header(os.path.join(args.input, layout.tensor_files[0]))
-        checkpoints.decrypt_checkpoint(args.input, args.output, key=decrypt_key(args, header))
+        # unauthenticated, only to find the envelope (one data key for the folder)
+        first = os.path.join(args.input, layout.tensor_files[0])
+        key = decrypt_key(args, lambda: models._parse_path(first))
+        checkpoints.decrypt_checkpoint(args.input, args.output, key=key)
 
-    run_reporting_errors(args, work)
+    _run_export(args, work)
     return 0

@@ -539,7 +539,7 @@ class EncryptedReader(FileSystemReader):
         """The data key of the file ``name``, once the file is shown to be the one the
         metadata records (same header MAC, same length)."""
         recorded = self._files[name]
-        header = models.read_header(path)  # parsed, not yet verified: compared to the record
+        header = models._parse_path(path)  # parsed, not yet verified: compared to the record
         if not hmac.compare_digest(header.header_mac, recorded.header_mac):
             other = next((n for n, f in self._files.items()
                           if hmac.compare_digest(header.header_mac, f.header_mac)), None)

@@ -59,7 +59,9 @@ Rules:
 
 Not protected: the copied files are authenticated, not encrypted (``config.json`` and
 the index stay readable, as the tensor names and shapes in the headers do unless
-``encrypt_names``); the folder's name; which version of a folder is the newest (an
+``encrypt_names``; the index lists every tensor name and its shard even then: leave it
+out of ``src`` to hide them, and the loaders merge the shards without it); the folder's
+name; which version of a folder is the newest (an
 older folder encrypted under the same key verifies as itself: rotate keys to retire one);
 who wrote a folder sealed only to public-key recipients (anyone with the public key can
 write a whole folder of their own); a file the caller reads itself after loading (the
@@ -370,12 +372,22 @@ def _write_folder(dst: Any, fill) -> None:
     SIGTERM/SIGHUP (:class:`~gpucrypt.files._atomic.TemporaryFolder`): decrypting puts
     verified plaintext in it under plain names. SIGKILL can leave it behind."""
     dst = os.path.abspath(os.fspath(dst))
+    if os.path.islink(dst):  # rename() would refuse it (ENOTDIR) only after all the work
+        raise FileExistsError(f"{dst} is a symbolic link: give the folder it points to, or a "
+                              f"new output folder (a folder is renamed into place, which "
+                              f"cannot go through a link)")
     if os.path.lexists(dst) and not (os.path.isdir(dst) and not os.listdir(dst)):
         raise FileExistsError(f"{dst} exists: choose a new output folder (nothing is deleted "
                               f"to make room)")
     with TemporaryFolder(dst) as temp:
         fill(temp)
-        os.rename(temp, dst)  # onto an empty folder too (POSIX)
+        try:
+            os.rename(temp, dst)  # onto an empty folder too (POSIX)
+        except OSError as exc:  # named by dst: the temporary folder is gone with this error
+            raise OSError(exc.errno, f"{exc.strerror}: the finished folder could not take "
+                                     f"its place (did it change meanwhile, or is it a mount "
+                                     f"point?) and was removed; choose a new output folder",
+                          dst) from None
     fsync_folder(os.path.dirname(dst))
 
 
@@ -418,6 +430,7 @@ def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = Non
             file_envelope = envelope(salt) if callable(envelope) else envelope
             fd = os.open(path, os.O_RDONLY)
             try:
+                models._refuse_model_file(fd, name)
                 try:
                     tensors, metadata = open_safetensors(path, fd)
                 except ValueError as exc:
@@ -443,8 +456,8 @@ def _folder_key(layout: CheckpointLayout, key: Any, keyset: Any, identity: Any) 
     from ._safe_open import model_key
 
     header = None
-    if key is None:
-        header = models.read_header(os.path.join(layout.folder, layout.tensor_files[0]))
+    if key is None:  # the envelope only: the table (unauthenticated JSON) is left undecoded
+        header = models._parse_path(os.path.join(layout.folder, layout.tensor_files[0]))
     return model_key(header, key, keyset, identity)
 
 

@@ -71,6 +71,7 @@ import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping
 
 import numpy as np
@@ -87,7 +88,7 @@ from .._buffers import bytes_arg
 from ..tensors.api import _host_open, _host_seal
 
 __all__ = ["save_encrypted", "load_encrypted", "export_safetensors", "read_header", "safe_open",
-           "replace_envelope", "ModelHeader", "TensorInfo",
+           "replace_envelope", "ModelHeader", "TensorInfo", "NotSafetensorsDtype",
            "MAGIC", "VERSION", "DEFAULT_SEGMENT_SIZE", "FRAMEWORKS"]
 
 MAGIC = b"GPUCMODL"
@@ -96,9 +97,14 @@ DEFAULT_SEGMENT_SIZE = _format.DEFAULT_SEGMENT_SIZE
 TAG_SIZE = _format.TAG_SIZE
 MAC_SIZE = _format.MAC_SIZE
 MAX_TABLE_BYTES = 100 << 20          # safetensors' own header limit
+#: the largest readable table that read_header decodes without a key (unauthenticated);
+#: about 150,000 tensors of typical names, and about 0.5 GB of Python objects at worst
+MAX_UNVERIFIED_TABLE_BYTES = 16 << 20
 MAX_NAME_BYTES = 1 << 16
 MAX_NDIM = 64
 FRAMEWORKS = ("torch", "cupy", "numpy")
+#: safetensors' names for them (``safe_open(path, "pt")``)
+_FRAMEWORK_ALIASES = {"pt": "torch", "np": "numpy"}
 FLAG_NAMES_ENCRYPTED = 0x01
 
 #: magic, version, algorithm id, log2 segment size, flags, salt, table length, data length
@@ -113,6 +119,12 @@ _METADATA_KEY = "__metadata__"
 _GPU_BATCH_BYTES = 32 << 20
 #: batches started and not finished while the next is prepared (CPU)
 _DEPTH = 1
+
+class NotSafetensorsDtype(ValueError):
+    """:func:`export_safetensors` of a valid model file that holds a tensor whose dtype
+    a safetensors file cannot hold (``numpy:<U5``, ...): the data are fine, the target
+    format is not; :func:`load_encrypted` with ``framework="numpy"`` reads every dtype."""
+
 
 # ============================================================================ header
 @dataclass(frozen=True)
@@ -159,10 +171,13 @@ class ModelHeader:
         return _fixed_fields(self.algorithm, self.segment_size, self.names_encrypted, self.salt,
                              len(self.stored_table), self.data_length, self.nonce_prefix)
 
-    @property
+    @cached_property
     def segment_count(self) -> int:
         """Counted, not listed: a forged header's table can ask for 2**32 segments, and the
-        file's length (which this gives) is checked before any list is made."""
+        file's length (which this gives) is checked before any list is made. Counted once
+        per header (a walk over the whole table): every ``get_tensor`` of ``safe_open``
+        asks for it, and a loop over 16000 tensors that recounted each time took 22 s.
+        ``dataclasses.replace`` makes a new header, which counts again."""
         if self.tensors is None:
             return -1
         try:
@@ -359,10 +374,30 @@ def _wrong_magic(magic: bytes, f) -> FormatError:
     if magic == _format.MAGIC:
         return FormatError("this is a gpucrypt stream file, not a model file: decrypt it with "
                            "gpucrypt.stream.decrypt or 'gpucrypt decrypt'")
-    if len(magic) == 8 and f.read(1) == b"{":
+    if len(magic) == 8 and f.read(1) == b"{" and _fits(int.from_bytes(magic, "little"), f):
         return FormatError("not a gpucrypt model file: it looks like a plain (unencrypted) "
                            "safetensors file; encrypt it with 'gpucrypt encrypt-model'")
     return FormatError("not a gpucrypt model file (wrong magic bytes)")
+
+
+def _fits(header_length: int, f) -> bool:
+    """Whether a safetensors header of ``header_length`` bytes (its first 8 bytes, little
+    endian) fits in the file ``f``: one byte in 256 of random data is the ``{`` that starts
+    its JSON, and such garbage is not to be called a safetensors file."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, ValueError):  # not a file: the length cannot be checked
+        return False
+    return 2 <= header_length <= size - 8
+
+
+def _refuse_model_file(fd: int, name: str) -> None:
+    """FormatError when the file open at ``fd`` (to be encrypted) is a model file already:
+    read as safetensors its magic is a header length of exabytes, and the error said "not
+    a readable safetensors file (header too large)", which hid what it is."""
+    if os.pread(fd, len(MAGIC), 0) == MAGIC:
+        raise FormatError(f"{name} is already a gpucrypt model file (encrypted); "
+                          f"'gpucrypt decrypt-model' (or gpucrypt.models.load_encrypted) reads it")
 
 
 def _parse(f) -> ModelHeader:
@@ -448,7 +483,11 @@ def read_header(path: Any, key: Any = None) -> ModelHeader:
 
     Without ``key``: parsed, *not* authenticated (``verified`` False), with the table
     when it is readable (None when ``encrypt_names`` was used); enough to find the
-    envelope or key id. With ``key``: MAC checked, table decrypted, ``verified`` True.
+    envelope or key id. A readable table over ``MAX_UNVERIFIED_TABLE_BYTES`` (16 MiB) is
+    a ``FormatError`` then: unauthenticated JSON that anyone can write, which Python
+    holds in about 30 times its size (100 MiB of ``{}`` took 3 GB); pass the key to read
+    it once its MAC has been checked. With ``key``: MAC checked, table decrypted,
+    ``verified`` True.
     """
     with builtins.open(path, "rb") as f:
         header = _parse(f)
@@ -456,8 +495,22 @@ def read_header(path: Any, key: Any = None) -> ModelHeader:
         return _verify(header, _format.check_key(key))
     if header.names_encrypted:
         return header
+    if len(header.stored_table) > MAX_UNVERIFIED_TABLE_BYTES:
+        raise FormatError(f"the tensor table is {len(header.stored_table)} bytes, over the "
+                          f"{MAX_UNVERIFIED_TABLE_BYTES} read without a key (it is not "
+                          f"authenticated then): pass the key, read_header(path, key), to "
+                          f"read it after its MAC is checked")
     tensors, metadata = _decode_table(header.stored_table, header.data_length)
     return _replace(header, tensors=tensors, metadata=metadata)
+
+
+def _parse_path(path: Any) -> ModelHeader:
+    """The header of the model file at ``path`` as stored, its MAC not checked and its
+    table not decoded (``tensors`` None): the fixed fields, salt, key id and envelope,
+    which is all a reader needs to find the key. Unlike :func:`read_header` it never
+    parses the table, JSON that whoever made the file chose, before a key has checked it."""
+    with builtins.open(path, "rb") as f:
+        return _parse(f)
 
 
 # ============================================================================ arguments
@@ -614,7 +667,7 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any, metadata: Ma
     ``encrypt-model --kek`` command); reusing a salt under the same key repeats nonces.
     """
     key = _format.check_key(key)
-    _format.check_algorithm(algorithm)
+    algorithm = _format.check_algorithm(algorithm)
     _format.check_segment_size(segment_size)
     key_id, envelope = _format.check_key_id_envelope(key_id, envelope)
     metadata = _check_metadata(metadata)
@@ -780,7 +833,10 @@ def _seal_on_gpu(gpu, header, seg_key, aad, values, segments, sink) -> list[byte
 
 def _check_device(device: Any) -> str:
     """"cpu", "cuda" or "cuda:N" from the user's ``device``; "auto" picks cuda when a real
-    GPU is usable (never the simulator, which exists to test kernels)."""
+    GPU is usable (never the simulator, which exists to test kernels). A ``torch.device``
+    is taken by its name."""
+    if not isinstance(device, str) and isinstance(getattr(device, "type", None), str):
+        device = str(device)  # torch.device("cuda", 1) -> "cuda:1"
     if device == "auto":
         from ..backends import BackendUnavailable, get_backend
 
@@ -820,8 +876,11 @@ def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str 
     the verified header of the very open file that is then decrypted, and may raise.
     """
     key = _format.check_key(key)
+    framework = _FRAMEWORK_ALIASES.get(framework, framework) if isinstance(framework, str) \
+        else framework
     if framework not in FRAMEWORKS:
-        raise ValueError(f"framework must be one of {FRAMEWORKS}, not {framework!r}")
+        raise ValueError(f"framework must be one of {FRAMEWORKS} (or safetensors' 'pt', 'np'), "
+                         f"not {framework!r}")
     target = _check_device(device)
     threads = pipeline.cpu_threads(threads)
     with builtins.open(path, "rb", buffering=0) as f:
@@ -874,21 +933,32 @@ def _prepare_open(f, key: bytes):
 def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = None) -> ModelHeader:
     """Decrypt the model file ``path`` into a plain safetensors file ``out``, a batch of
     segments at a time (memory: two batches of about 8 MiB, or of one segment when
-    segments are larger, whatever the model's size).
+    segments are larger, plus about 200 bytes per segment for the segment list and
+    tags: 27 MB for a 140 GB model in the default 1 MiB segments).
 
     ``out`` gets the bytes ``safetensors.save_file`` would write for the same tensors and
     metadata (metadata keys in the file's order). It is written atomically (temporary
     file beside it, fsync, rename; mode 0600) and appears only once every segment has
     verified: on any failure the temporary file is removed and the error of
-    :func:`load_encrypted` is raised. Returns the verified header.
+    :func:`load_encrypted` is raised. A tensor whose dtype safetensors has no code for
+    (``numpy:<U5``, ``complex128``, ...) raises :class:`NotSafetensorsDtype`, before
+    anything is decrypted. Returns the verified header.
     """
-    from ._safetensors import safetensors_layout
+    from ._safetensors import SAFETENSORS_DTYPES, safetensors_layout
 
     key = _format.check_key(key)
     threads = pipeline.cpu_threads(threads)
     with builtins.open(path, "rb", buffering=0) as f:
         header, segments, tags, seg_key, aad = _prepare_open(f, key)
         infos = header.tensors
+        writable = set(SAFETENSORS_DTYPES.values())
+        for info in infos:
+            if info.dtype not in writable:
+                raise NotSafetensorsDtype(
+                    f"tensor {info.name!r} has dtype {info.dtype}, which a safetensors file "
+                    f"cannot hold, so the model cannot be written as one; load it with "
+                    f"gpucrypt.models.load_encrypted(path, key, framework='numpy') (or "
+                    f"safe_open(path, 'np', key=...)) instead")
         prefix, offsets = safetensors_layout(
             [(i.name, i.dtype, i.shape, i.nbytes) for i in infos], header.metadata or None)
         where = [offsets[i.name] for i in infos]
@@ -1215,7 +1285,8 @@ def _reencrypt(path: Any, key: Any, sink: Any, new_key: Any, *, key_id: Any = No
     """Write the model file ``path`` (opened with ``key``) to ``sink`` again under
     ``new_key``: a fresh salt (or ``_salt``) and nonce prefix, the same tensors, table,
     metadata, algorithm, segment size and ``encrypt_names``. A segment at a time through
-    the writer's batch buffers (memory: a few batches, whatever the model's size): each
+    the writer's batch buffers (memory: a few batches, plus about 200 bytes per segment of
+    either file for the segment lists and tags, 27 MB for 140 GB in 1 MiB segments): each
     is read, verified and decrypted in its slot there, and sealed again in place, so no
     plaintext reaches ``sink`` and none outlives its slot. Any segment that fails raises
     :class:`AuthenticationError` (naming it) from :func:`save_encrypted`, which leaves
