@@ -1629,3 +1629,49 @@ def test_encrypt_model_of_an_encrypted_folder_says_so(work, capsys, checkpoint):
     _one_line(code, err, 1)
     assert "model-00001-of-00002.safetensors is already a gpucrypt model file (encrypted)" in err
     assert not os.path.exists(work / "again")
+
+
+# ------------------------------------------------------------------ messages that lead somewhere
+def test_messages_name_the_option_that_would_work(work, capsys, monkeypatch):
+    """Each said something true that left the user stuck: "run chmod 600" for a public
+    .pub given as -i, "not a gpucrypt-keyset file" for an identity given as --keyset, "it
+    has 33 bytes" for a key with a trailing newline, "needs a passphrase" for an empty
+    $GPUCRYPT_PASSPHRASE, "open it with its passphrase" from rekey (which takes none)."""
+    assert run(capsys, "keygen", "--public", "--out", "alice.key")[0] == 0
+    assert run(capsys, "encrypt", "-r", "alice.key.pub", "plain", "sealed")[0] == 0
+
+    def fails(*argv) -> str:
+        code, _, err = run(capsys, *argv)
+        assert code in (1, 2) and err.count("\n") == 1 and "Traceback" not in err, err
+        return err
+
+    err = fails("decrypt", "-i", "alice.key.pub", "sealed", "out")
+    assert "it is a recipient file, a public key" in err and "chmod" not in err
+    assert "it is an identity file" in fails("decrypt", "--keyset", "alice.key", "sealed", "out")
+    assert "-i IDENTITY or --keyset, not a raw key" in fails("decrypt", "--key-file", "key",
+                                                               "sealed", "out")
+    private(work / "key33", os.urandom(32) + b"\n")
+    assert "ends in a newline" in fails("encrypt", "--key-file", "key33", "plain", "out")
+    assert "passphrase file nope:" in fails("encrypt", "-p", "--passphrase-file", "nope",
+                                            "plain", "out")
+    assert "add -p to key the file" in fails("encrypt", "--passphrase-file", "pw",
+                                             "--key-file", "key", "plain", "out")
+    monkeypatch.setenv("GPUCRYPT_PASSPHRASE", "")
+    assert "set but empty" in fails("encrypt", "-p", "plain", "out")
+    monkeypatch.setenv("GPUCRYPT_PASSPHRASE", "correct horse battery staple")
+    assert run(capsys, "encrypt", "-p", "plain", "by-passphrase")[0] == 0
+    err = fails("rekey", "by-passphrase", "-r", "alice.key.pub", "-i", "alice.key")
+    assert "encrypted with a passphrase, which rekey does not take" in err
+    assert not (work / "out").exists()
+
+
+def test_a_tampered_segment_is_not_called_a_wrong_key(work, capsys):
+    """Once the header verified under the key, a failing segment is the data's fault."""
+    assert run(capsys, "encrypt", "--key-file", "key", "--segment-size", "4KiB", "plain",
+               "sealed")[0] == 0
+    data = bytearray((work / "sealed").read_bytes())
+    data[-3000] ^= 1
+    (work / "sealed").write_bytes(bytes(data))
+    code, _, err = run(capsys, "decrypt", "--key-file", "key", "sealed", "back")
+    assert code == 1 and err.startswith("gpucrypt decrypt: tampered or damaged data: segment")
+    assert "wrong key" not in err.split("segment")[0]

@@ -150,7 +150,12 @@ def parse_key(data: bytes, what: str) -> bytes:
     if len(text) == 64 and re.fullmatch(rb"[0-9a-fA-F]{64}", text):
         return bytes.fromhex(text.decode("ascii"))
     size = f"{len(data)} bytes" if len(data) <= 4096 else "more than 4096 bytes"
-    raise CliError(f"{what} must hold 32 raw bytes or 64 hex digits (it has {size})", 2)
+    hint = ""
+    if len(data) in (33, 34) and data.endswith(b"\n"):  # `echo`, or an editor, added it
+        hint = ("; a raw key file holds its 32 bytes and nothing else: this one ends in a "
+                "newline (write it with 'head -c 32 /dev/urandom > FILE', or store the key "
+                "as 64 hex digits)")
+    raise CliError(f"{what} must hold 32 raw bytes or 64 hex digits (it has {size}){hint}", 2)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -261,6 +266,9 @@ def decrypt_key(args: Any, header: Any) -> bytes:
     raw key needs no header before the real open, which checks it under the key."""
     key = _raw_key(args)
     if key is not None:
+        # a file sealed for recipients or a keyset opened with a raw key: if its header fails,
+        # the error says which options open it (run_reporting_errors)
+        args.raw_key_for_envelope = bool(getattr(header, "envelope", None))
         return key
     cli_keys = _key_management()
     if cli_keys is None:
@@ -473,7 +481,12 @@ def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
     except TruncatedError as exc:
         raise CliError(str(exc), 1) from None
     except AuthenticationError as exc:
-        raise CliError(f"wrong key or tampered data: {exc}", 1) from None
+        if exc.segment is not None:  # the header verified: the key is right
+            raise CliError(f"tampered or damaged data: {exc}", 1) from None
+        hint = ("; this file is sealed for recipients or a keyset (its header holds their "
+                "wrapped keys): open it with -i IDENTITY or --keyset, not a raw key"
+                if getattr(args, "raw_key_for_envelope", False) else "")
+        raise CliError(f"wrong key or tampered data: {exc}{hint}", 1) from None
     except UnsupportedVersion as exc:
         raise CliError(str(exc), 1) from None
     except FormatError as exc:

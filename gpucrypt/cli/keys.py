@@ -88,7 +88,7 @@ def _passphrase(args: Any, what: str, *, confirm: bool = False) -> str:
             with open(path, "rb") as f:  # bytes: no newline translation inside it
                 text = passphrase.from_file_bytes(f.read())
         except OSError as exc:
-            raise CliError(f"cannot read the passphrase file: {exc.strerror}", 2) from None
+            raise CliError(f"cannot read the passphrase file {path}: {exc.strerror}", 2) from None
         except UnicodeDecodeError:
             raise _not_utf8(f"in {path}") from None
         if not text:
@@ -96,6 +96,9 @@ def _passphrase(args: Any, what: str, *, confirm: bool = False) -> str:
         return text
     if os.environ.get(PASSPHRASE_ENV):
         return _utf8(os.environ[PASSPHRASE_ENV], f"in ${PASSPHRASE_ENV}")
+    if PASSPHRASE_ENV in os.environ:  # set, empty: not the same as unset (a prompt)
+        raise CliError(f"${PASSPHRASE_ENV} is set but empty: set it to the passphrase, or unset "
+                       f"it to be asked", 2)
     if not _can_prompt():
         raise CliError(f"{what} needs a passphrase: give --passphrase-file or set "
                        f"{PASSPHRASE_ENV}", 2)
@@ -133,16 +136,24 @@ def _utf8(text: str, where: str) -> str:
     return text
 
 
-def _protection(path: str, unreadable: str | None = None) -> str | None:
-    """How the key file is sealed (``"passphrase"``, ``"kek"``), None when it is not or
-    is no key file; ``unreadable`` when it cannot be read as JSON (loading it then says
-    why)."""
+def _document(path: str) -> Any:
+    """The key file's JSON document, None when it cannot be read as JSON (loading it then
+    says why)."""
     import json
 
     try:
         with open(path, "rb") as f:
-            document = json.loads(f.read().decode("utf-8"))
+            return json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError, RecursionError):  # deep JSON: Recursion
+        return None
+
+
+def _protection(path: str, unreadable: str | None = None) -> str | None:
+    """How the key file is sealed (``"passphrase"``, ``"kek"``), None when it is not or
+    is no key file; ``unreadable`` when it cannot be read as JSON (loading it then says
+    why)."""
+    document = _document(path)
+    if document is None:
         return unreadable
     try:
         return document["protection"]["method"]
@@ -174,8 +185,8 @@ def check_passphrase_file(args: Any, given: list[str]) -> None:
     raise CliError(f"--passphrase-file would be ignored: it is the passphrase of -p, or of a "
                    f"keyset or identity sealed with a passphrase, and none is given here "
                    f"({options}); leave it out"
-                   + (", or key the file with -p alone" if hasattr(args, "passphrase") and not decrypting
-                      else ""), 2)
+                   + (", or add -p to key the file with that passphrase"
+                      if hasattr(args, "passphrase") and not decrypting else ""), 2)
 
 
 def _load_sealable(cls: Any, path: str, args: Any):
@@ -188,7 +199,11 @@ def _load_sealable(cls: Any, path: str, args: Any):
     data keys wrapped under their key. An identity only unwraps (its public half is what
     others wrap to), so an unsealed one beside a sealed keyset, with the keyset's
     passphrase given, is read as it is."""
-    check_private_file(path, "keyset" if cls.__name__ == "Keyset" else "identity", args)
+    kind = "keyset" if cls.__name__ == "Keyset" else "identity"
+    document = _document(path)
+    # a public .pub is 0644 and loading says what it is: "run chmod 600" would mislead
+    if not (isinstance(document, dict) and document.get("format") == "gpucrypt-recipient"):
+        check_private_file(path, kind, args)
     protection = _protection(path)
     if protection == "kek" and cls.__name__ == "Keyset":
         raise CliError(f"{path} is sealed by a key-encryption key, which the command line "
@@ -637,6 +652,26 @@ def _check_rekey_file(path: str) -> None:
                        f"header of an encrypted file; give the file's path", 2)
 
 
+def _refuse_passphrase_file(path: str) -> None:
+    """A file encrypted with a passphrase (its envelope's one scrypt stanza) has no
+    recipients to change, and rekey takes no passphrase: the library said "open it with its
+    passphrase", which this command cannot do."""
+    from ..files._format import StreamError
+    from ..files.keyed import _file_envelope, _is_model_file
+    from ..keys import KeyManagementError, _envelope
+    from ..keys.recipients import _SCRYPT
+
+    try:
+        envelope = _file_envelope(path, _is_model_file(path))[0]
+        passphrase_only = bool(envelope) and _envelope.decode(envelope)[0].kind == _SCRYPT
+    except (OSError, ValueError, StreamError, KeyManagementError):
+        return  # rekey_file itself says what is wrong with the file
+    if passphrase_only:
+        raise CliError(f"{path} is encrypted with a passphrase, which rekey does not take: to "
+                       f"give it recipients or a keyset, decrypt it with 'gpucrypt decrypt' "
+                       f"(it asks for the passphrase) and encrypt the result with -r/--keyset", 1)
+
+
 def _run_rekey(args) -> int:
     from ..files.keyed import rekey_file
     from ..keys import Recipient
@@ -649,6 +684,7 @@ def _run_rekey(args) -> int:
     if not args.identity and not args.old_keyset and not args.keyset and not args.old_kek:
         raise CliError("say how to open the file: -i IDENTITY, --old-keyset and/or --old-kek URI", 2)
     _check_rekey_file(args.file)
+    _refuse_passphrase_file(args.file)
     _refuse_other_links(args.file, args.force)
     recipients = [_keys_call(Recipient.load, p) for p in args.recipient]
     recipients += _key_references(args.kek, args)

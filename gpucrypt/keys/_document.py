@@ -93,6 +93,16 @@ def file_digest(path: str | os.PathLike) -> bytes | None:
         return None
 
 
+#: what each kind of key file is, said when another kind was expected (a recipient's
+#: public file given where its private identity goes is the usual mix-up)
+_KINDS = {
+    "gpucrypt-recipient": "a recipient file, a public key: it encrypts to its identity "
+                          "(recipients=, -r); to decrypt, give that private identity file",
+    "gpucrypt-identity": "an identity file, a private key (identities=, -i)",
+    "gpucrypt-keyset": "a keyset file (keyset=, --keyset)",
+}
+
+
 class UnreadableKeyFile(KeysetError):
     """The key file is missing or cannot be read, or is not a key file of the kind and
     version asked for: the wrong file was named (the command line's usage error, exit 2),
@@ -115,7 +125,9 @@ def read_document(path: str | os.PathLike, expected_format: str) -> tuple[dict, 
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # deep nesting: Recursion
         raise UnreadableKeyFile(f"{where}: not a {expected_format} file (not JSON)") from None
     if not isinstance(doc, dict) or doc.get("format") != expected_format:
-        raise UnreadableKeyFile(f"{where}: not a {expected_format} file")
+        kind = _KINDS.get(doc.get("format")) if isinstance(doc, dict) else None
+        raise UnreadableKeyFile(f"{where}: not a {expected_format} file"
+                                + (f": it is {kind}" if kind else ""))
     if doc.get("version") != FILE_VERSION:
         raise UnreadableKeyFile(f"{where}: {expected_format} version {doc.get('version')!r} "
                                 f"is not supported (this gpucrypt reads version {FILE_VERSION})")
