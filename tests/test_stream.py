@@ -614,7 +614,7 @@ def test_atomic_file_leaves_nothing_when_fsync_fails(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("case, code, message", [
     ("wrong key", 1, "wrong key or tampered"),
-    ("tampered", 1, "wrong key or tampered"),
+    ("tampered", 1, "tampered or damaged data: segment"),  # the header verified
     ("truncated", 1, "truncated"),
     ("not ours", 1, "not a gpucrypt file"),
     ("future", 1, "unsupported gpucrypt format version"),
@@ -1203,3 +1203,15 @@ def test_aes_gcm_by_the_tensor_apis_name():
     assert back.getvalue() == b"hello"
     with pytest.raises(ValueError, match="or aes-gcm, the same as aes-256-gcm"):
         stream.encrypt(b"hello", io.BytesIO(), key, algorithm="aes-128-gcm")
+
+
+@pytest.mark.parametrize("spelled", [".", "{d}", "{d}/"])
+def test_an_output_that_is_a_folder_is_refused_before_any_work(tmp_path, monkeypatch, spelled):
+    """It failed at publishing, after the work, as "Device or resource busy: '.'" or
+    "Not a directory: 'out/'" (which it is)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    target = spelled.format(d=tmp_path / "out")
+    with pytest.raises(IsADirectoryError, match="it is a folder: give the output file's own"):
+        stream.encrypt(b"data", target, os.urandom(32), device="cpu")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(tmp_path / "out") == []

@@ -434,6 +434,10 @@ class AtomicFile:
                           f"{os.readlink(self.path)}); gpucrypt does not write through "
                           f"links: give the file it points to as the output, or remove "
                           f"the link first", self.path)
+        if os.path.isdir(self.path):  # found only at publishing otherwise, after the work,
+            # as "Device or resource busy" ('.') or "Not a directory" ('out/')
+            raise IsADirectoryError(errno.EISDIR, "it is a folder: give the output file's own "
+                                    "path (a name inside that folder, say)", self.path)
         try:
             fd = _create_unnamed(self._folder)
             if fd is None:
