@@ -17,7 +17,9 @@ Contract:
   :class:`~gpucrypt.keys.portable.KeyReferences` (paths to key files, provider-backed
   keys, or URI references), resolved in the process that uses them. fsspec pickles a
   filesystem as its constructor arguments, so an instance sent to a worker carries no
-  secret; objects holding key material are refused when the filesystem is made.
+  secret; objects holding key material are refused when the filesystem is made. Key
+  paths given relative are made absolute when the filesystem is made (its token and its
+  pickle carry the absolute path): an ``os.chdir`` later does not switch keysets.
 - **One instance per key text; key files are watched.** fsspec hands back a cached
   instance for arguments that print alike. A filesystem is cached (and
   ``fsspec.filesystem(...)``, pandas and pyarrow calls share it) only when every key
@@ -41,22 +43,33 @@ Contract:
   ``cat_file`` and ``cat_ranges`` then decrypt only the segments they touch. A segment
   that fails raises :class:`~gpucrypt.stream.AuthenticationError` (or
   ``TruncatedError``), its message starting with the file's path; no byte of it is
-  returned. :func:`stats` counts the segments decrypted.
+  returned. :func:`stats` counts the segments decrypted. Readers are independent of
+  each other, in threads too: over ``memory://``, whose ``open`` hands every caller one
+  shared file object, they read by range (``cat_file``) instead.
 - **Sizes are plaintext sizes.** ``info``/``ls`` read each file's header (a few KiB)
   and report the size of its plaintext; a file that is not a gpucrypt stream keeps its
   stored size and gets ``"encrypted": False`` (opening it raises ``FormatError``); a
   stream cut inside a segment's tag keeps its stored size and gets ``"truncated": True``
   (listing, ``exists``, ``find``, ``glob`` and ``du`` work; opening it raises
-  ``TruncatedError``).
+  ``TruncatedError``). A file whose header cannot be read (an ``OSError``) keeps its
+  stored size with ``"encrypted": None``; one gone between the listing and its header
+  read is left out of ``ls``, as are gpucrypt's own temporary files
+  (``.*.gpucrypt-tmp``: look for leftovers through the target, ``fs.fs``).
 - **Writes are whole files, published at once.** ``open(path, "wb")`` keeps the
   plaintext in memory and seals it on ``close`` under a fresh data key wrapped for the
   recipients and/or the keyset's primary. ``algorithm``, ``segment_size`` and
   ``device`` are the filesystem's, or given to ``open`` for one file; both are checked
-  where they are given, before a byte is written. A local target gets it through
-  :mod:`gpucrypt.files._atomic` (temporary file in the same folder, fsync, rename); any
-  other target gets a temporary name in the same folder, then ``mv`` over the path (a
-  rename where the target has one, a copy of the whole object on object stores: readers
-  see the old file or the new one).
+  where they are given, before a byte is written. So are the keys (identities only:
+  ``ValueError``) and, on a local target, the path (a folder: ``IsADirectoryError``; a
+  missing folder: ``FileNotFoundError``, or made where the target has ``auto_mkdir=True``,
+  as its own writes do). A local target gets it through :mod:`gpucrypt.files._atomic`
+  (temporary file in the same folder, fsync, rename), and so does ``cp_file``; any other
+  target gets a temporary name in the same folder, then ``mv`` over the path (a rename
+  where the target has one, a copy of the whole object on object stores: readers see the
+  old file or the new one). There a path that is a folder is refused
+  (``IsADirectoryError``, checked before the ``mv``) and a ``mv`` that leaves no file at
+  the path raises. ``"xb"`` is refused: ``pipe_file``/``put_file`` take
+  ``mode="create"``. Open files are not pickled (``TypeError``): they hold plaintext.
 - **Only a successful close publishes.** Nothing is published (the old file stays) when
   a ``with`` block is left by an exception, when ``close`` runs while an exception is
   propagating (text mode, ``compression=`` and writers such as pandas close the file on
@@ -66,9 +79,9 @@ Contract:
   Inside ``with fs.transaction:`` (``autocommit=False``) ``close`` stages the file and
   the transaction publishes it (``commit``) or drops it (``discard``), file by file: a
   publish that fails part-way leaves the files before it published. A publish that
-  fails (an error of the target) raises and keeps the plaintext: a retried ``close`` or
-  ``commit()`` publishes it or raises again. Large files are better written with
-  :func:`gpucrypt.stream.encrypt`, which streams.
+  fails (an error of the target) raises and keeps the plaintext: a later ``close()``
+  does nothing, as any file's, and ``commit()`` publishes it or raises again. Large files
+  are better written with :func:`gpucrypt.stream.encrypt`, which streams.
 - **A file is not bound to its path.** Every file is authenticated on its own (header,
   every segment, its length), but nothing in it names the path it was written to, so
   files under the same keys can be swapped or renamed by someone with write access to
@@ -98,6 +111,8 @@ import io
 import logging
 import os
 import posixpath
+import re
+import shutil
 import sys
 import threading
 import uuid
@@ -106,7 +121,9 @@ from typing import Any
 import fsspec
 from fsspec.config import apply_config
 from fsspec.implementations.chained import ChainedFileSystem
+from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.utils import isfilelike, stringify_path, tokenize
 
 from .files import stream
@@ -116,7 +133,7 @@ from .files._format import (TAG_SIZE, AuthenticationError, FormatError, StreamEr
                             check_segment_size, parse_header)
 from .files._atomic import AtomicFile, OutputExists, _track, _untrack, fsync_folder
 from .keys import KeyReference, NoMatchingRecipient, encrypt_file
-from .keys.portable import KeyReferences, ResolvedKeys
+from .keys.portable import KeyReferences, ResolvedKeys, _is_key_uri
 
 __all__ = ["GpucryptFileSystem", "GpucryptFile", "stats", "reset_stats", "named_error"]
 
@@ -127,6 +144,8 @@ _TRUNCATED = -1
 #: bytes fetched to parse a header; a longer one (a large envelope) is fetched again whole
 _HEAD_BYTES = 4096
 _MAX_HEADER_BYTES = 2 << 20
+#: a size not in the cache (None there means "not a stream")
+_UNKNOWN = object()
 
 
 class _Counter:
@@ -249,6 +268,11 @@ class GpucryptFile(stream.SegmentReader):
     def name(self) -> str:
         return self.path
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"an open gpucrypt reader ({self.path}) holds its data key and "
+                        f"decrypted plaintext and is not pickled: send the filesystem and "
+                        f"the path, and open the file again where it is read")
+
     def _count(self) -> None:
         _COUNTER.add(segments=self.segments_decrypted - self._counted)
         self._counted = self.segments_decrypted
@@ -265,6 +289,57 @@ class GpucryptFile(stream.SegmentReader):
         if not self.closed:
             super().close()
             self._target_file.close()
+
+
+class _RangeFile(io.RawIOBase):
+    """A read-only, seekable file over stateless range reads (``cat_file(path, start=,
+    end=)``) of one target file, with a position of its own: for targets whose ``open``
+    hands every caller the same file object (fsspec's memory filesystem gives each
+    ``open("rb")`` one shared ``BytesIO``), where two readers' seek-then-read pairs would
+    interleave. Its size is taken when it is made; a file replaced after that reads short
+    or fails authentication, as a replaced file does through any reader."""
+
+    def __init__(self, fs: Any, path: str):
+        super().__init__()
+        self._fs, self.path = fs, path
+        info = fs.info(path)  # FileNotFoundError, as the target's open would raise
+        if info["type"] != "file":
+            raise IsADirectoryError(errno.EISDIR, "it is a folder, not a file to read", path)
+        self._size, self._pos = int(info["size"]), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}.get(whence)
+        if base is None:
+            raise ValueError(f"invalid whence ({whence!r})")
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        end = min(self._size, self._pos + len(view))
+        if end <= self._pos:
+            return 0
+        data = self._fs.cat_file(self.path, start=self._pos, end=end)
+        view[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def _shares_file_objects(fs: Any) -> bool:
+    """Whether ``fs.open(path, "rb")`` may hand two callers one file object (and one
+    position): fsspec's memory filesystem, also under a ``dir::`` prefix."""
+    while isinstance(fs, DirFileSystem):
+        fs = fs.fs
+    return isinstance(fs, MemoryFileSystem)
 
 
 class _EncryptingWriter(io.RawIOBase):
@@ -309,10 +384,15 @@ class _EncryptingWriter(io.RawIOBase):
         self._chunks = None
         super().close()
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"an open gpucrypt writer ({self.path}) holds the plaintext written "
+                        f"to it and is not pickled: send the filesystem and the path, and "
+                        f"write in the process that has the data")
+
     def close(self) -> None:
         if self.closed:
-            if self.autocommit and self._chunks is not None:
-                self.commit()  # its publish failed: retried, never reported as done
+            # as any file: a second close does nothing (a finaliser or an outer with block
+            # closing again must not raise again); a failed publish is retried by commit()
             return
         failing = sys.exc_info()[1]
         if failing is not None and failing is not self._handling:
@@ -333,7 +413,8 @@ class _EncryptingWriter(io.RawIOBase):
 
     def commit(self) -> None:
         """Publish what was written (also where ``close`` would not: inside an ``except``
-        clause). In a transaction, the file must have been closed."""
+        clause; and again after a ``close`` whose publish failed, which kept the
+        plaintext). In a transaction, the file must have been closed."""
         if not self.closed:
             if not self.autocommit:
                 self.discard()
@@ -394,6 +475,15 @@ class _CompressingWriter:
         finally:
             self._writer.discard()
 
+    def commit(self) -> None:
+        """Close the compressor (its trailer) and publish (see
+        :meth:`_EncryptingWriter.commit`)."""
+        self._close_compressor()
+        self._writer.commit()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self._writer.__reduce_ex__(protocol)  # refused, saying why
+
     def _close_compressor(self) -> None:
         try:
             self._compressor.close()  # its trailer, into the writer
@@ -426,11 +516,15 @@ class _TextWriter(io.TextIOWrapper):
         except Exception:  # noqa: BLE001 - a finaliser must not raise
             pass
 
-    def close(self) -> None:
-        if self.closed:  # TextIOWrapper's would return: a failed publish is retried
-            self.buffer.close()
-        else:
-            super().close()
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.buffer.__reduce_ex__(protocol)  # refused, saying why
+
+    def commit(self) -> None:
+        """Publish what was written (see :meth:`_EncryptingWriter.commit`): where
+        ``close`` would not, or again after a ``close`` whose publish failed."""
+        if not self.closed:
+            self.flush()
+        self.buffer.commit()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         writer = self.buffer
@@ -458,6 +552,40 @@ def _as_text(ref: Any) -> str | None:
     if isinstance(ref, os.PathLike) and type(ref).__module__.startswith("pathlib"):
         return os.fspath(ref)  # other PathLikes may print as something else than their path
     return None
+
+
+def _absolute_path(ref: Any) -> Any:
+    """``ref`` as an absolute path where it is a path given as text (a ``str`` that is not
+    a key URI, a ``pathlib`` path), else as it is: a relative one would be looked up again
+    from the current folder at each use, another keyset after an ``os.chdir``."""
+    if isinstance(ref, str) and not _is_key_uri(ref):
+        return os.path.abspath(ref)
+    if isinstance(ref, os.PathLike) and type(ref).__module__.startswith("pathlib"):
+        return os.path.abspath(os.fspath(ref))
+    return ref
+
+
+def _absolute_key_paths(kwargs: dict) -> dict:
+    """``kwargs`` with the key files they name (``keyset``, ``identities``,
+    ``recipients``, the same inside ``keys=``) made absolute (see :func:`_absolute_path`),
+    so that the instance, its token and its pickle name the files meant when it was made."""
+    out = dict(kwargs)
+    refs = out.get("keys")
+    if isinstance(refs, KeyReferences):
+        out["keys"] = KeyReferences(
+            keyset=None if refs.keyset is None else _absolute_path(refs.keyset),
+            identities=[_absolute_path(r) for r in refs.identities],
+            recipients=[_absolute_path(r) for r in refs.recipients],
+            passphrase_env=refs.passphrase_env)
+    if out.get("keyset") is not None:
+        out["keyset"] = _absolute_path(out["keyset"])
+    for name in ("identities", "recipients"):
+        given = out.get(name)
+        if isinstance(given, (list, tuple)):
+            out[name] = [_absolute_path(r) for r in given]
+        elif given is not None:
+            out[name] = _absolute_path(given)
+    return out
 
 
 def _key_arguments_as_text(kwargs: dict) -> dict | None:
@@ -515,6 +643,7 @@ class _CachedForKeyText(type(ChainedFileSystem)):
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         kwargs = apply_config(cls, kwargs)  # as fsspec does first: config may name keys
+        kwargs = _absolute_key_paths(kwargs)
         as_text = _key_arguments_as_text(kwargs)
         if as_text is not None:
             return super().__call__(*args, **as_text)
@@ -597,6 +726,15 @@ def _temp_beside(target: str) -> str:
     parent, base = posixpath.split(target)
     hint = base.encode("utf-8", "ignore")[:_TEMP_NAME_HINT].decode("utf-8", "ignore")
     return posixpath.join(parent, f".{hint}.{os.urandom(4).hex()}.gpucrypt-tmp")
+
+
+#: the names :func:`_temp_beside` and :mod:`gpucrypt.files._atomic` give temporary files
+_TEMP_NAME = re.compile(r"\..*\.[0-9a-f]{8}\.gpucrypt-tmp", re.DOTALL)
+
+
+def _is_temp_name(path: str) -> bool:
+    """Whether ``path`` names a gpucrypt temporary file (``.NAME.XXXXXXXX.gpucrypt-tmp``)."""
+    return _TEMP_NAME.fullmatch(posixpath.basename(path.rstrip("/"))) is not None
 
 
 def _refuse_link(target: str) -> None:
@@ -694,16 +832,28 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
                                                         end=_MAX_HEADER_BYTES)).read)
 
     def _plain_info(self, info: dict) -> dict:
+        """``info`` (the target's) with the plaintext size (see the module docstring).
+        A file gone before its header is read raises ``FileNotFoundError``; one whose
+        header cannot be read (another ``OSError``) keeps its stored size with
+        ``"encrypted": None`` (unknown, not remembered: asked again next time)."""
         info = dict(info)
         if info.get("type") != "file" or info.get("size") is None:
             return info
         path, stored = info["name"], int(info["size"])
         key = (path, stored, _version_of(info))
-        if key not in self._sizes:
+        # one look-up, kept in ``size``: another thread may clear the cache right after it
+        size = self._sizes.get(key, _UNKNOWN)
+        if size is _UNKNOWN:
             try:
                 header = self._header(path)
             except (FormatError, TruncatedError):
                 size = None
+            except FileNotFoundError:
+                raise
+            except OSError as exc:  # unreadable: listed all the same, as a plain listing does
+                _log.debug("%s: header unreadable (%s): its size is the stored one", path, exc)
+                info["stored_size"], info["encrypted"] = stored, None
+                return info
             else:
                 size = plaintext_size(header, stored)
                 if size is None:  # listed all the same: exists, find, glob and du keep working
@@ -711,7 +861,6 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
             if len(self._sizes) > 65536:
                 self._sizes.clear()
             self._sizes[key] = size
-        size = self._sizes[key]
         info["stored_size"] = stored
         info["encrypted"] = size is not None
         if size == _TRUNCATED:
@@ -722,10 +871,22 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
 
     # --------------------------------------------------------------------- listing
     def ls(self, path: Any, detail: bool = True, **kwargs: Any):
-        entries = self.fs.ls(self._target(path), detail=True, **kwargs)
+        """The target's listing, less this module's in-flight temporary files
+        (``.NAME.XXXXXXXX.gpucrypt-tmp``); with ``detail``, plaintext sizes, and a file
+        removed between the listing and its header read left out (another writer's
+        temporary file renamed into place, say), as a local listing leaves out a file
+        removed before it is stat'ed."""
+        entries = [e for e in self.fs.ls(self._target(path), detail=True, **kwargs)
+                   if not _is_temp_name(e["name"])]
         if not detail:
             return [e["name"] for e in entries]
-        return [self._plain_info(e) for e in entries]
+        listed = []
+        for entry in entries:
+            try:
+                listed.append(self._plain_info(entry))
+            except FileNotFoundError:
+                continue
+        return listed
 
     def info(self, path: Any, **kwargs: Any) -> dict:
         return self._plain_info(self.fs.info(self._target(path), **kwargs))
@@ -770,7 +931,17 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         if mode == "rb":
             return self._open_reader(target, **kwargs)
         if mode == "wb":
-            return _EncryptingWriter(self, target, autocommit, self._file_options(kwargs))
+            options = self._file_options(kwargs)
+            self._encrypting_keys()
+            if isinstance(self.fs, LocalFileSystem):
+                self._local_destination(target)
+            return _EncryptingWriter(self, target, autocommit, options)
+        if mode.startswith("x"):
+            raise ValueError(f"exclusive create ({mode!r}) is not supported by gpucrypt files: "
+                             f"use pipe_file(path, data, mode='create') or put_file(local, "
+                             f"path, mode='create'), which refuse an existing file "
+                             f"(FileExistsError; checked first, not atomically), or check "
+                             f"exists(path) yourself and open with 'wb'")
         raise ValueError(f"gpucrypt files open as 'rb' or 'wb', not {mode!r}: a stream file is "
                          f"written whole (appending would need its last segment resealed)")
 
@@ -780,8 +951,16 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         given = {name: kwargs[name] for name in _WRITE_OPTIONS if name in kwargs}
         return _write_options(**{**self.write_options, **given}) if given else None
 
+    def _open_target(self, target: str, **kwargs: Any) -> Any:
+        """The stored file at ``target``, for reading, with a position no other reader
+        moves (see :class:`_RangeFile`); elsewhere the target's own file object (local: a
+        descriptor of its own per open, as fast as before)."""
+        if _shares_file_objects(self.fs):
+            return _RangeFile(self.fs, target)
+        return self.fs.open(target, "rb", **kwargs)
+
     def _open_reader(self, target: str, **kwargs: Any) -> GpucryptFile:
-        return GpucryptFile(self.fs.open(target, "rb", **kwargs),
+        return GpucryptFile(self._open_target(target, **kwargs),
                             lambda header: self._data_key(header, target), target,
                             device=self.read_device)
 
@@ -834,7 +1013,7 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         if outfile is None:
             lpath = os.path.abspath(os.fspath(lpath))
             os.makedirs(os.path.dirname(lpath), exist_ok=True)
-        with self.fs.open(target, "rb") as f:
+        with self._open_target(target) as f:
             try:
                 key = self._data_key(stream.read_header(f), target)
                 f.seek(0)
@@ -850,17 +1029,42 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         options for this file, else the filesystem's."""
         seal = self._sealing(options)
         if isinstance(self.fs, LocalFileSystem):
+            self._local_destination(target)
             encrypt_file(source, target, **seal)  # AtomicFile: temp, fsync, rename
             return
         self._place(self._seal_beside(target, source, seal), target)
 
-    def _sealing(self, options: dict | None) -> dict:
-        """``encrypt_file``'s arguments for one file: the keys as their files are now."""
+    def _encrypting_keys(self) -> ResolvedKeys:
+        """The keys as their files are now, refused (``ValueError``) when they cannot
+        encrypt: checked when a writer opens, before any plaintext is buffered, and again
+        when it is sealed (the key files may have changed)."""
         keys = self._keys()
         if not keys.can_encrypt():
             raise ValueError("writing a gpucrypt file needs recipients= or keyset= (this "
-                             "filesystem was given identities only)")
-        return dict(recipients=keys.wrappers(), **(options or self.write_options))
+                             "filesystem was given identities only): make a filesystem "
+                             "with keyset= or recipients= to write")
+        return keys
+
+    def _sealing(self, options: dict | None) -> dict:
+        """``encrypt_file``'s arguments for one file: the keys as their files are now."""
+        return dict(recipients=self._encrypting_keys().wrappers(),
+                    **(options or self.write_options))
+
+    def _local_destination(self, target: str) -> None:
+        """Refuse a local ``target`` that a write could only fail on at its end: a folder
+        (``IsADirectoryError``), or one whose folder is missing (``FileNotFoundError``),
+        which is made instead where the target filesystem has ``auto_mkdir`` (as its own
+        writes do). A symbolic link is left to the write, which refuses it (ELOOP)."""
+        if not os.path.islink(target) and os.path.isdir(target):
+            raise IsADirectoryError(errno.EISDIR, "it is a folder: give the path of a file "
+                                    "inside it, or remove the folder first", target)
+        folder = os.path.dirname(target) or "."
+        if getattr(self.fs, "auto_mkdir", False):
+            os.makedirs(folder, exist_ok=True)
+        elif not os.path.isdir(folder):
+            raise FileNotFoundError(errno.ENOENT, f"its folder {folder} does not exist: make it "
+                                    f"first (fs.makedirs), or give the target auto_mkdir=True "
+                                    f"(target_options={{'auto_mkdir': True}})", target)
 
     def _seal_beside(self, target: str, source: Any, seal: dict) -> str:
         """Seal ``source`` into a new hidden temporary file in ``target``'s folder (see
@@ -876,6 +1080,7 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
                 self._remove_quietly(temp)
                 raise
             return temp
+        self._local_destination(target)
         for _ in range(100):
             temp = _temp_beside(target)
             # tracked before it exists, as _atomic's own temporary files are
@@ -899,7 +1104,9 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         on failure ``temp`` is removed and the error raised. A local ``target`` that is a
         symbolic link is refused (``OSError`` ELOOP), as every local write refuses it
         (:class:`~gpucrypt.files._atomic.AtomicFile`): renamed over, the link's own
-        target would keep the old data."""
+        target would keep the old data. Elsewhere a ``target`` that is a folder is refused
+        (``IsADirectoryError``; checked before the move, not atomically with it), and a
+        move that leaves no file at ``target`` raises ``OSError``."""
         try:
             if isinstance(self.fs, LocalFileSystem):
                 _refuse_link(target)
@@ -907,7 +1114,18 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
                 _untrack(temp)  # renamed: nothing of it left for the signal cleanup
                 fsync_folder(os.path.dirname(target) or ".")
             else:
-                self.fs.mv(temp, target)
+                # fsspec's generic mv copies into a folder: the file would land inside it
+                # under its temporary name, and the write look done
+                if self.fs.isdir(target):
+                    raise IsADirectoryError(errno.EISDIR, "it is a folder: the file was not "
+                                            "written; give the path of a file inside it, or "
+                                            "remove the folder first", target)
+                moved = self.fs.mv(temp, target)
+                # some targets report a failed move by what they return, not by raising
+                if not self.fs.isfile(target):
+                    raise OSError(errno.EIO, f"the target's mv left no file there (it "
+                                  f"returned {moved!r}): the file was not written; retry "
+                                  f"commit(), or check the target", target)
         except BaseException:
             self._drop_temp(temp)
             raise
@@ -969,8 +1187,18 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
     def cp_file(self, path1: Any, path2: Any, **kwargs: Any) -> None:
         """Copy the stored bytes: a stream file does not depend on its name, so the copy
         decrypts as the original does (and a file moved or swapped by someone else is not
-        detected either: see the module docstring)."""
-        self.fs.cp_file(self._target(path1), self._target(path2), **kwargs)
+        detected either: see the module docstring). On a local target the copy is
+        published at once, as every write is (the target's own ``cp_file`` truncates the
+        destination and rewrites it in place: a copy cut short would leave it clobbered,
+        and a reader holding it open would see the new bytes); elsewhere it is the
+        target's copy (an object store's is whole)."""
+        source, target = self._target(path1), self._target(path2)
+        if not isinstance(self.fs, LocalFileSystem) or not os.path.isfile(source):
+            self.fs.cp_file(source, target, **kwargs)  # folders, missing files: as the target
+            return
+        self._local_destination(target)
+        with open(source, "rb") as src, AtomicFile(target) as out:
+            shutil.copyfileobj(src, out, 1 << 20)
 
     def mv(self, path1: Any, path2: Any, **kwargs: Any) -> None:
         self.fs.mv(self._target(path1), self._target(path2), **kwargs)

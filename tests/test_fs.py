@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import pickle
+import posixpath
 import re
 import threading
 
@@ -15,6 +16,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 import gpucrypt.fs as gfs
 from gpucrypt import stream
@@ -537,20 +540,24 @@ def test_get_takes_file_objects_and_folders_as_fsspec_does(keys, tmp_path, targe
 
 
 def test_a_failed_publish_is_retried_never_reported_as_done(keys, tmp_path):
-    """The target refuses the file (its folder is missing): close raises and keeps the
-    plaintext; a retry raises again while the target refuses, then publishes."""
+    """The target refuses the file (its folder was removed after the open): close raises
+    and keeps the plaintext; a second close does nothing, as any file's; commit() raises
+    again while the target refuses, then publishes."""
     fs = local_fs(keys)
-    for retry, mode, data in (("commit", "wb", b"binary"), ("close", "wb", b"again"),
+    for first, mode, data in (("commit", "wb", b"binary"), ("close", "wb", b"again"),
                               ("close", "w", "text")):
-        folder = tmp_path / f"{retry}-{mode}"
+        folder = tmp_path / f"{first}-{mode}"
+        folder.mkdir()
         f = fs.open(str(folder / "x.gc"), mode)
         f.write(data)
+        folder.rmdir()
         with pytest.raises(FileNotFoundError):
-            f.close()
+            getattr(f, first)()
+        f.close()  # closed already: no second error (a finaliser, an outer with block)
         with pytest.raises(FileNotFoundError):
-            getattr(f, retry)()
+            f.commit()
         folder.mkdir()
-        getattr(f, retry)()
+        f.commit()
         assert fs.cat_file(str(folder / "x.gc")) == (data if mode == "wb" else data.encode())
 
 
@@ -591,14 +598,15 @@ def test_a_transaction_publishes_file_by_file_as_documented(keys, tmp_path):
     publish that fails leaves the files before it published, raises, and the files after
     it are not published."""
     fs = local_fs(keys)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "c").mkdir()
+    for folder in "abc":
+        (tmp_path / folder).mkdir()
     names = [str(tmp_path / "a" / "1.gc"), str(tmp_path / "b" / "2.gc"), str(tmp_path / "c" / "3.gc")]
     with pytest.raises(FileNotFoundError):
         with fs.transaction:
-            for name in names:  # b/ is missing: the second publish fails
+            for name in names:
                 with fs.open(name, "wb") as f:
                     f.write(name.encode())
+            (tmp_path / "b").rmdir()  # removed before the end: the second publish fails
     assert fs.cat_file(names[0]) == names[0].encode()
     assert not (tmp_path / "b" / "2.gc").exists() and not (tmp_path / "c" / "3.gc").exists()
 
@@ -965,3 +973,202 @@ def test_a_signal_inside_a_transaction_removes_the_staged_put(keys, tmp_path, si
         assert len(staged) == 1 and staged[0].endswith(".gpucrypt-tmp")
         dies_of(child, signame)
     assert os.listdir(out) == []
+
+
+class _ListedThenGone(LocalFileSystem):
+    """The real local filesystem, whose listing is followed, before anything else runs, by
+    what ``after_listing`` does to the folder: another writer removing or replacing a file
+    between a listing and the header reads that follow it, without a timing race."""
+
+    def ls(self, path, detail=False, **kwargs):
+        entries = super().ls(path, detail=detail, **kwargs)
+        self.after_listing()
+        return entries
+
+
+def test_a_listing_leaves_out_files_gone_before_their_header_is_read(keys, tmp_path):
+    """A file gone between the listing and its header read (another writer's temporary
+    file renamed into place) is left out, as a local listing leaves out a file gone before
+    it is stat'ed; one that cannot be read stays, with its stored size and
+    "encrypted": None. Before, either failed the whole ls, and find/glob (whose walk
+    swallows the error) returned nothing. gpucrypt's own temporary files are not listed."""
+    import os
+
+    fs = local_fs(keys)
+    for name in ("a.gc", "gone.gc", "unreadable.gc"):
+        fs.pipe_file(str(tmp_path / name), name.encode())
+    (tmp_path / ".a.gc.0123abcd.gpucrypt-tmp").write_bytes(b"a write in flight")
+
+    def another_writer():
+        os.remove(tmp_path / "gone.gc")
+        os.remove(tmp_path / "unreadable.gc")
+        (tmp_path / "unreadable.gc").mkdir()  # listed as a file: reading it fails (EISDIR)
+    target = _ListedThenGone(skip_instance_cache=True)
+    target.after_listing = another_writer
+    over_it = fsspec.filesystem("gpucrypt", fs=target, keyset=keys["keyset"])
+
+    listed = {posixpath.basename(e["name"]): e for e in over_it.ls(str(tmp_path))}
+    assert sorted(listed) == ["a.gc", "unreadable.gc"]
+    assert listed["a.gc"]["size"] == 4 and listed["a.gc"]["encrypted"] is True
+    unreadable = listed["unreadable.gc"]
+    assert unreadable["encrypted"] is None and unreadable["size"] == unreadable["stored_size"] > 0
+    # put back; the next listing (glob's) is followed by the same removals
+    (tmp_path / "unreadable.gc").rmdir()
+    fs.pipe_file(str(tmp_path / "gone.gc"), b"back")
+    fs.pipe_file(str(tmp_path / "unreadable.gc"), b"back")
+    assert sorted(posixpath.basename(p) for p in over_it.glob(str(tmp_path / "*.gc"))) == \
+        ["a.gc", "unreadable.gc"]
+    assert ".a.gc.0123abcd.gpucrypt-tmp" not in {posixpath.basename(p) for p in
+                                                 fs.ls(str(tmp_path), detail=False)}
+
+
+def test_a_write_onto_a_folder_is_refused_and_leaves_nothing(keys, memory):
+    """fsspec's generic mv copies into a folder: a write to a path that is a folder of
+    the memory target 'succeeded' and left the file inside it under its temporary name."""
+    fs, folder = memory
+    fs.pipe_file(f"{folder}/sub/x.gc", b"child")  # {folder}/sub is now a folder
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{folder}/sub")):
+        fs.pipe_file(f"{folder}/sub", b"IMPORTANT")
+    assert fs.fs.find(folder) == [f"{folder}/sub/x.gc"]  # no temporary file inside it
+    assert fs.cat_file(f"{folder}/sub/x.gc") == b"child"
+
+
+class _MoveReportsFailure(MemoryFileSystem):
+    """The real memory filesystem, whose ``mv`` reports failure by its return value
+    (some targets do) instead of raising."""
+
+    def mv(self, path1, path2, **kwargs):
+        return False
+
+
+def test_a_move_that_leaves_no_file_is_not_reported_as_written(keys, memory):
+    _, folder = memory
+    fs = fsspec.filesystem("gpucrypt", fs=_MoveReportsFailure(skip_instance_cache=True),
+                           keyset=keys["keyset"])
+    f = fs.open(f"{folder}/x.gc", "wb")
+    f.write(b"data")
+    with pytest.raises(OSError, match="left no file"):
+        f.close()
+    assert fs.fs.find(folder) == []  # the temporary file removed
+
+
+def test_memory_readers_in_threads_read_their_own_bytes(keys, memory):
+    """fsspec's memory filesystem hands every open("rb") one shared BytesIO: readers in two
+    threads moved each other's position (FormatError, AuthenticationError, wrong bytes)."""
+    import os
+    import sys
+
+    _, folder = memory
+    fs = fsspec.filesystem("gpucrypt", target_protocol="memory", keyset=keys["keyset"],
+                           segment_size=SEGMENT)
+    data = os.urandom(12 * SEGMENT + 5)
+    fs.pipe_file(f"{folder}/x.gc", data)
+    threads, rounds = 4, 150
+    barrier, failures = threading.Barrier(threads), []
+
+    def read(seed):
+        barrier.wait()
+        for i in range(rounds):
+            start = (i * 997 + seed * 4099) % (len(data) - 5000)
+            try:
+                if fs.cat_file(f"{folder}/x.gc", start, start + 5000) != data[start:start + 5000]:
+                    failures.append("wrong bytes")
+            except Exception as exc:  # noqa: BLE001 - counted, the test reports them
+                failures.append(type(exc).__name__)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: between a seek and its read
+    try:
+        workers = [threading.Thread(target=read, args=(n,)) for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []
+
+
+def test_the_targets_auto_mkdir_makes_the_folder_of_every_write(keys, tmp_path):
+    fs = fsspec.filesystem("gpucrypt", target_protocol="file", keyset=keys["keyset"],
+                           target_options={"auto_mkdir": True})
+    fs.pipe_file(str(tmp_path / "p" / "sub" / "x.gc"), b"piped")
+    fs.put_file(keys["recipient"], str(tmp_path / "u" / "sub" / "x.gc"))
+    with fs.open(str(tmp_path / "o" / "sub" / "x.gc"), "wb") as f:
+        f.write(b"opened")
+    fs.cp_file(str(tmp_path / "p" / "sub" / "x.gc"), str(tmp_path / "c" / "sub" / "x.gc"))
+    assert fs.cat_file(str(tmp_path / "p" / "sub" / "x.gc")) == b"piped"
+    assert fs.cat_file(str(tmp_path / "o" / "sub" / "x.gc")) == b"opened"
+    assert fs.cat_file(str(tmp_path / "c" / "sub" / "x.gc")) == b"piped"
+    with open(keys["recipient"], "rb") as source:
+        assert fs.cat_file(str(tmp_path / "u" / "sub" / "x.gc")) == source.read()
+
+
+def test_a_write_that_could_only_fail_is_refused_at_open(keys, tmp_path):
+    """Identities only (nothing to encrypt for), a missing folder, a folder at the path:
+    refused when the file is opened, not at close after the whole plaintext was kept."""
+    reader = fsspec.filesystem("gpucrypt", target_protocol="memory", identities=keys["identity"])
+    with pytest.raises(ValueError, match="recipients= or keyset="):
+        reader.open("/gc17-identities-only/x.gc", "wb")
+    fs = local_fs(keys)
+    with pytest.raises(FileNotFoundError, match="auto_mkdir"):
+        fs.open(str(tmp_path / "missing" / "x.gc"), "wb")
+    with pytest.raises(IsADirectoryError, match=re.escape(str(tmp_path))):
+        fs.open(str(tmp_path), "wb")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_relative_key_paths_name_the_files_meant_when_the_filesystem_was_made(
+        keys, tmp_path, monkeypatch):
+    """keyset="team.json" was looked up again from the current folder at each use: after
+    os.chdir a filesystem (one kept, or fsspec's cached one) used another keyset."""
+    for team in ("one", "two"):
+        (tmp_path / team).mkdir()
+        Keyset.generate().save(tmp_path / team / "team.json")
+    monkeypatch.chdir(tmp_path / "one")
+    fs = fsspec.filesystem("gpucrypt", target_protocol="file", keyset="team.json")
+    fs.pipe_file(str(tmp_path / "x.gc"), b"team one")
+    monkeypatch.chdir(tmp_path / "two")
+    assert fs.cat_file(str(tmp_path / "x.gc")) == b"team one"
+    assert pickle.loads(pickle.dumps(fs)).cat_file(str(tmp_path / "x.gc")) == b"team one"
+    assert fs.storage_options["keyset"] == str(tmp_path / "one" / "team.json")
+    there = fsspec.filesystem("gpucrypt", target_protocol="file", keyset="team.json")
+    assert there is not fs
+    assert there.storage_options["keyset"] == str(tmp_path / "two" / "team.json")
+    with pytest.raises(NoMatchingRecipient):
+        there.cat_file(str(tmp_path / "x.gc"))
+    secret = Keyset.load(tmp_path / "one" / "team.json").primary.secret_bytes()
+    # what the pickle and fsspec's token (a digest of these arguments) are made of
+    assert secret not in pickle.dumps(fs) and secret.hex() not in repr(fs.storage_options)
+
+
+def test_cp_file_on_a_local_target_replaces_the_destination_at_once(keys, tmp_path):
+    """The local target's cp_file truncated the destination and rewrote it in place: a
+    copy cut short left it clobbered, and a reader holding it saw the new bytes."""
+    fs = local_fs(keys)
+    fs.pipe_file(str(tmp_path / "new.gc"), b"new" * 1000)
+    fs.pipe_file(str(tmp_path / "old.gc"), b"old" * 1000)
+    old_key = _keyset_data_key(keys, str(tmp_path / "old.gc"))
+    with open(tmp_path / "old.gc", "rb") as held:
+        fs.cp_file(str(tmp_path / "new.gc"), str(tmp_path / "old.gc"))
+        assert stream.open(held, old_key).read() == b"old" * 1000
+    assert fs.cat_file(str(tmp_path / "old.gc")) == b"new" * 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.gc", "old.gc"]
+
+
+def test_exclusive_create_points_to_create_mode_and_open_files_refuse_pickling(keys, memory):
+    fs, folder = memory
+    with pytest.raises(ValueError, match=r"exclusive create.*mode='create'"):
+        fs.open(f"{folder}/x.gc", "xb")
+    fs.pipe_file(f"{folder}/x.gc", b"SECRET-PLAINTEXT", mode="create")
+    with pytest.raises(FileExistsError):
+        fs.pipe_file(f"{folder}/x.gc", b"again", mode="create")
+    with fs.open(f"{folder}/x.gc", "rb") as reader, pytest.raises(TypeError, match="reader"):
+        pickle.dumps(reader)
+    for mode, data in (("wb", b"WRITER-PLAINTEXT"), ("w", "WRITER-PLAINTEXT")):
+        with fs.open(f"{folder}/y.gc", mode) as writer:
+            writer.write(data)
+            with pytest.raises(TypeError, match="holds the plaintext"):
+                pickle.dumps(writer)
+    with fs.open(f"{folder}/z.gc.gz", "wb", compression="gzip") as writer:
+        with pytest.raises(TypeError, match="holds the plaintext"):
+            pickle.dumps(writer)
