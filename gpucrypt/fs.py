@@ -760,6 +760,11 @@ class _StagedPut:
         self._fs._drop_temp(self._temp)
 
 
+#: what fsspec's own AbstractFileSystem takes (instance caching, listings cache, async)
+_FSSPEC_OPTIONS = frozenset({"skip_instance_cache", "use_listings_cache", "listings_expiry_time",
+                             "max_paths", "asynchronous", "loop"})
+
+
 class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
     """fsspec filesystem of gpucrypt stream files over a target filesystem (see the module
     docstring for the contract).
@@ -782,6 +787,14 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
                  passphrase_env: str | None = None, algorithm: str = "chacha20-poly1305",
                  segment_size: int = stream.DEFAULT_SEGMENT_SIZE, device: str = "auto",
                  read_device: str = "cpu", fo: Any = None, **kwargs: Any):
+        unknown = sorted(set(kwargs) - _FSSPEC_OPTIONS)
+        if unknown:  # a typo (kyeset=) or key bytes (key=) would be dropped without a word
+            raise TypeError(
+                f"unexpected option(s) for the gpucrypt filesystem: {', '.join(unknown)}; "
+                f"keys are named by reference (keyset=, identities=, recipients=, "
+                f"passphrase_env= or keys=KeyReferences(...): paths and URIs, never key "
+                f"bytes, since fsspec pickles filesystems to workers), and the stored files' "
+                f"filesystem by target_protocol= and target_options=")
         super().__init__(**kwargs)
         if fs is not None and target_protocol is not None:
             raise ValueError("give a target filesystem as fs= or as target_protocol=, not both")

@@ -1172,3 +1172,14 @@ def test_exclusive_create_points_to_create_mode_and_open_files_refuse_pickling(k
     with fs.open(f"{folder}/z.gc.gz", "wb", compression="gzip") as writer:
         with pytest.raises(TypeError, match="holds the plaintext"):
             pickle.dumps(writer)
+
+
+@pytest.mark.parametrize("options", [{"kyeset": "team.json"}, {"key": b"k" * 32}])
+def test_an_option_the_filesystem_does_not_take_is_refused_not_dropped(options):
+    """A typo (kyeset=) or key bytes (key=) were dropped without a word, and the user was
+    told later that no key reference was given."""
+    import fsspec
+
+    with pytest.raises(TypeError, match="unexpected option.*keys are named by reference"):
+        fsspec.filesystem("gpucrypt", target_protocol="memory", skip_instance_cache=True,
+                          **options)
