@@ -1675,3 +1675,18 @@ def test_a_tampered_segment_is_not_called_a_wrong_key(work, capsys):
     code, _, err = run(capsys, "decrypt", "--key-file", "key", "sealed", "back")
     assert code == 1 and err.startswith("gpucrypt decrypt: tampered or damaged data: segment")
     assert "wrong key" not in err.split("segment")[0]
+
+
+def test_selftest_asked_for_the_gpu_fails_where_none_runs(work):
+    """GPUCRYPT_DEVICE=gpu gpucrypt selftest checked the CPU only and exited 0: a check
+    that a GPU works passed on a machine with none."""
+    environment = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    environment["GPUCRYPT_DEVICE"] = "gpu"
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, "unnamed", "selftest", "--size",
+                           "4096"], cwd=work, env=environment, capture_output=True, text=True)
+    if "gpu  ChaCha20Poly1305" in done.stdout:  # a real GPU here: it was checked
+        assert done.returncode == 0, done.stdout
+    else:
+        assert done.returncode == 1, done.stdout
+        assert "gpu  FAILED: GPUCRYPT_DEVICE=gpu, but the GPU backend cannot run here" \
+            in done.stdout

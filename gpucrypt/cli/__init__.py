@@ -120,7 +120,15 @@ def _run_selftest(args) -> int:
     messages = -(-args.size // SELFTEST_MESSAGE_BYTES)
     how = "" if messages == 1 else f" in {messages} messages"
     failures = 0
-    for device in available_backends():
+    devices = available_backends()
+    wanted = os.environ.get("GPUCRYPT_DEVICE", "").strip().lower()
+    if wanted == "gpu" and "gpu" not in devices:  # asked to check the GPU: none is no pass
+        from ..backends import unavailable_reasons
+
+        print(f"gpu  FAILED: GPUCRYPT_DEVICE=gpu, but the GPU backend cannot run here: "
+              f"{unavailable_reasons().get('gpu', 'no reason given')}")
+        failures += 1
+    for device in devices:
         cases = [(ChaCha20Poly1305, 32, 12, reference.ChaCha20Poly1305),
                  (AESGCM, 32, 12, reference.AESGCM), (XChaCha20Poly1305, 32, 24, None)]
         for cls, key_len, nonce_len, ref_cls in cases:
