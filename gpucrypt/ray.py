@@ -338,6 +338,9 @@ class StagedFilesDatasink(Datasink):
         else:
             filesystem = _fsspec_filesystem(filesystem)
             path = filesystem._strip_protocol(path)
+            if _is_local(filesystem) or getattr(getattr(filesystem, "fs", None), "type_name",
+                                                None) == "local":
+                path = os.path.abspath(path)  # write tasks may run in another folder
         self.fs, self.root = filesystem, path.rstrip("/")
         self.column, self.path_column = column, path_column
         # the rows' paths are the source's, not this sink's: spelled by the source's protocol
@@ -705,7 +708,7 @@ def read_encrypted(paths: Any, *, keys: KeyReferences | None = None,
     A folder is listed by the reader's own rules, as for files that are not encrypted:
     Ray's leave out names starting with "." or "_" (``_SUCCESS`` beside Parquet parts);
     give such files by name, in a list, to read them. A reader that keeps only its own
-    extensions (``read_parquet``: ``.parquet``) keeps them followed by ``suffix``
+    extensions (``read_parquet``: ``.parquet``) keeps them also followed by ``suffix``
     (``train.parquet.gc``, as :func:`encrypt_files` names it) unless ``file_extensions=``
     is given. ``keys`` or ``keyset=``/``identities=``: references, resolved in each read
     task."""
@@ -719,7 +722,8 @@ def read_encrypted(paths: Any, *, keys: KeyReferences | None = None,
     if suffix and "file_extensions" not in read_args:
         extensions = _default_extensions(reader)
         if extensions:
-            read_args["file_extensions"] = [ext + suffix for ext in extensions]
+            # both: a file encrypted under its own name (fsspec, a sink with suffix="")
+            read_args["file_extensions"] = extensions + [ext + suffix for ext in extensions]
     if isinstance(paths, (str, os.PathLike)) and target_protocol == "file":
         paths = _local_folder(paths)
     return reader(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), **read_args)

@@ -1136,3 +1136,14 @@ def test_device_names_as_frameworks_spell_them():
             gpucrypt.ChaCha20Poly1305(key, device=indexed)
     with pytest.raises(ValueError, match="device must be one of .*'cuda', the same as 'gpu'"):
         gpucrypt.AESGCM(key, device="tpu")
+
+
+def test_gpucrypt_device_cuda_is_the_gpu(monkeypatch):
+    """GPUCRYPT_DEVICE=cuda was refused where device="cuda" is taken."""
+    from gpucrypt import backends
+
+    monkeypatch.setenv("GPUCRYPT_DEVICE", "cuda")
+    assert backends._environment_device() == "gpu"
+    monkeypatch.setenv("GPUCRYPT_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="GPUCRYPT_DEVICE must be one of"):
+        backends._environment_device()

@@ -1690,3 +1690,24 @@ def test_selftest_asked_for_the_gpu_fails_where_none_runs(work):
         assert done.returncode == 1, done.stdout
         assert "gpu  FAILED: GPUCRYPT_DEVICE=gpu, but the GPU backend cannot run here" \
             in done.stdout
+
+
+def test_a_file_named_like_an_option_comes_after_double_dash(work, capsys):
+    """``--`` ends the options, as everywhere: intermixed parsing (which lets options come
+    between IN and OUT) dropped it, and "-- -plain" was an unrecognized argument."""
+    (work / "-plain").write_bytes(b"a file whose name starts with a dash")
+    code, _, err = run(capsys, "encrypt", "--key-file", "key", "--", "-plain", "-sealed")
+    assert code == 0, err
+    code, _, err = run(capsys, "decrypt", "--key-file", "key", "--", "-sealed", "back")
+    assert code == 0, err
+    assert (work / "back").read_bytes() == (work / "-plain").read_bytes()
+
+
+def test_encrypt_model_of_a_pipe_says_why_without_a_traceback(work):
+    """The already-encrypted check read the input with pread, which a pipe refuses (ESPIPE):
+    an uncaught OSError where the input's own error was due."""
+    done = subprocess.run(["bash", "-c", 'exec "$0" -c "$1" unnamed encrypt-model '
+                           '--key-file key <(cat plain) out.gc', sys.executable, LAUNCHER],
+                          cwd=work, capture_output=True, text=True)
+    assert done.returncode in (1, 2), done.stderr
+    assert "Traceback" not in done.stderr and "encrypt-model" in done.stderr

@@ -150,6 +150,14 @@ def test_a_new_key_file_never_replaces_another(tmp_path, fast_scrypt):
     Keyset.generate().save(path, overwrite=True)
     assert Keyset.load(path).primary.id != first.primary.id
 
+    # a file it was read from that another identity has replaced since is not its own any more
+    old = Identity.load(who)
+    Identity.generate().save(who, overwrite=True)  # `keygen --public --force`, elsewhere
+    replaced = who.read_bytes()
+    with pytest.raises(KeysetError, match="changed since this identity was read from it"):
+        old.save(who)
+    assert who.read_bytes() == replaced
+
 
 def test_destroyed_key_material_leaves_the_file(tmp_path):
     ks = Keyset.generate()

@@ -161,6 +161,13 @@ def test_a_local_cluster_encrypts_a_folder_reads_it_back_and_fails_by_name(clust
     rows = gray.read_encrypted(tmp_path / "table-enc", keyset=keyset[0],
                                reader=ray.data.read_parquet).take_all()
     assert sorted(row["label"] for row in rows) == [1, 2, 3]
+    # and one encrypted under its own name (fsspec, or a sink with suffix=""), in the same folder
+    os.rename(tmp_path / "table-enc" / "train.parquet.gc", tmp_path / "table-enc" / "a.parquet")
+    gray.encrypt_files(tmp_path / "table", tmp_path / "table-enc2", keyset=keyset[0], actors=1)
+    os.rename(tmp_path / "table-enc2" / "train.parquet.gc", tmp_path / "table-enc" / "b.parquet.gc")
+    rows = gray.read_encrypted(tmp_path / "table-enc", keyset=keyset[0],
+                               reader=ray.data.read_parquet).take_all()
+    assert sorted(row["label"] for row in rows) == [1, 1, 2, 2, 3, 3]
 
     # an S3 folder (moto's server on the loopback) to a local one and back: the rows'
     # paths are the bucket's ("bkt/raw/a.txt"), not local paths under the target's rules
@@ -334,6 +341,12 @@ def test_a_pyarrow_filesystem_is_taken_as_rays_own_datasinks_take_it(tmp_path):
 
     sink = gray.StagedFilesDatasink(str(tmp_path / "out"), filesystem=LocalFileSystem())
     _publish(sink, ["a.bin"])
+    os.chdir(tmp_path)  # a relative path is this folder's, not a write task's
+    try:
+        assert gray.StagedFilesDatasink("rel", filesystem=LocalFileSystem()).root == \
+            str(tmp_path / "rel")
+    finally:
+        os.chdir("/")
     assert _tree(tmp_path / "out") == {"a.bin": b"a.bin"}
     with pytest.raises(TypeError, match="fsspec or a pyarrow filesystem"):
         gray.StagedFilesDatasink(str(tmp_path / "x"), filesystem=object())

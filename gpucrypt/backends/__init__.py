@@ -110,8 +110,10 @@ def _simulated() -> bool:
 
 def _environment_device() -> str:
     override = os.environ.get("GPUCRYPT_DEVICE", "auto").strip().lower() or "auto"
+    if override == "cuda":  # as device="cuda"
+        return "gpu"
     if override not in DEVICES:
-        raise ValueError(f"GPUCRYPT_DEVICE must be one of {DEVICES}, not {override!r}")
+        raise ValueError(f"GPUCRYPT_DEVICE must be one of {DEVICES} (or cuda), not {override!r}")
     return override
 
 

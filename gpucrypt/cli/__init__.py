@@ -122,7 +122,7 @@ def _run_selftest(args) -> int:
     failures = 0
     devices = available_backends()
     wanted = os.environ.get("GPUCRYPT_DEVICE", "").strip().lower()
-    if wanted == "gpu" and "gpu" not in devices:  # asked to check the GPU: none is no pass
+    if wanted in ("gpu", "cuda") and "gpu" not in devices:  # asked to check the GPU: none is no pass
         from ..backends import unavailable_reasons
 
         print(f"gpu  FAILED: GPUCRYPT_DEVICE=gpu, but the GPU backend cannot run here: "
@@ -297,6 +297,8 @@ def _parse(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace
         parser = _command_parser(argv[0])
         # intermixed: `encrypt IN --key-file K OUT` is how many type it (parse_args took
         # IN, then OUT was "unrecognized")
+        if "--" in argv:  # intermixed parsing drops "--" (Python 3.11): "-- -name" is a file
+            return parser, parser.parse_args(argv[1:])
         try:
             return parser, parser.parse_intermixed_args(argv[1:])
         except TypeError:  # a command of commands (`keys list ...`): argparse cannot intermix

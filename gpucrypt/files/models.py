@@ -395,7 +395,11 @@ def _refuse_model_file(fd: int, name: str) -> None:
     """FormatError when the file open at ``fd`` (to be encrypted) is a model file already:
     read as safetensors its magic is a header length of exabytes, and the error said "not
     a readable safetensors file (header too large)", which hid what it is."""
-    if os.pread(fd, len(MAGIC), 0) == MAGIC:
+    try:
+        magic = os.pread(fd, len(MAGIC), 0)
+    except OSError:  # a pipe (ESPIPE): not told here; reading it as safetensors says why
+        return
+    if magic == MAGIC:
         raise FormatError(f"{name} is already a gpucrypt model file (encrypted); "
                           f"'gpucrypt decrypt-model' (or gpucrypt.models.load_encrypted) reads it")
 

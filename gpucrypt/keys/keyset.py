@@ -236,7 +236,9 @@ class Keyset(HoldsKeyMaterial):
                                   f"written; load it again, then redo the change")
             data, method = self._document(passphrase, kek, kek_id, scrypt_n, unsealed)
             # still locked: the check holds until replaced
-            write_key_file(path, data, replace=checked or overwrite, what="keyset")
+            # its own file, still there (gone: another may be made meanwhile, not replaced)
+            write_key_file(path, data, replace=overwrite or (checked and now is not None),
+                           what="keyset")
         self._origin = (target, hashlib.sha256(data).digest())
         ev.update(count=len(self._keys), key_id=self.primary.id, status=method or "unsealed")
 

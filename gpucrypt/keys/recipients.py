@@ -27,7 +27,8 @@ from .._errors import (EnvelopeError, KeyNotFound, KeysetError, KeyUnavailable,
 from ..files._atomic import write_atomically
 from . import _envelope
 from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document, read_json,
-                        seal_document, utc_timestamp, write_key_file)
+                        read_document, seal_document, utc_timestamp, write_key_file,
+                        file_digest)
 from ._envelope import EnvelopeFormatError, Stanza
 from ._material import HoldsKeyMaterial
 from .keyset import Keyset, KeysetKey
@@ -180,7 +181,8 @@ class Identity(HoldsKeyMaterial):
             raise ValueError(f"unknown KEM {kem!r}; choose one of {sorted(_KEMS)}")
         self.kem, self._private_bytes = kem, bytes_arg(private_bytes, "private_bytes")
         self.created = created or utc_timestamp()
-        self._origin: str | None = None  # the file last read or written (resolved)
+        # (the file last read or written, resolved; the SHA-256 of its bytes then)
+        self._origin: tuple[str, bytes | None] | None = None
         if kem == "x25519":
             if len(self._private_bytes) != _X25519_SIZE:
                 raise ValueError("an X25519 private key is 32 bytes")
@@ -231,16 +233,22 @@ class Identity(HoldsKeyMaterial):
         doc = (seal_document(public, secret, passphrase=passphrase, scrypt_n=scrypt_n)
                if passphrase is not None else {**public, **secret})
         target = os.path.realpath(path)
-        write_key_file(path, json.dumps(doc, indent=2).encode() + b"\n",
-                       replace=overwrite or target == self._origin, what="identity")
-        self._origin = target
+        data = json.dumps(doc, indent=2).encode() + b"\n"
+        own = self._origin is not None and self._origin[0] == target
+        if own and not overwrite and file_digest(target) not in (None, self._origin[1]):
+            raise KeysetError(f"{os.fspath(path)} changed since this identity was read from it "
+                              f"(another identity written there, say): nothing was written; "
+                              f"save to a new path, or pass overwrite=True")
+        write_key_file(path, data, replace=overwrite or (own and os.path.exists(target)),
+                       what="identity")
+        self._origin = (target, hashlib.sha256(data).digest())
 
     @classmethod
     def load(cls, path: str | os.PathLike, passphrase: str | bytes | None = None) -> "Identity":
         """Read an identity file; a sealed one needs its ``passphrase``, and one that is not
         sealed refuses a passphrase (:class:`KeysetError`: it may have been replaced)."""
         where = os.fspath(path)
-        doc = read_json(path, IDENTITY_FORMAT)
+        doc, digest = read_document(path, IDENTITY_FORMAT)
         secret = open_document(doc, where, passphrase=passphrase)
         if secret is None:
             secret = doc
@@ -248,7 +256,7 @@ class Identity(HoldsKeyMaterial):
             lambda: cls(doc.get("kem"), b64d(secret.get("private_key"), f"{where}: private key"),
                         doc.get("created")),
             doc, where, "private")
-        identity._origin = os.path.realpath(path)
+        identity._origin = (os.path.realpath(path), digest)
         return identity
 
     def _unwrap(self, body: bytes) -> bytes:
