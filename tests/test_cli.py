@@ -1711,3 +1711,16 @@ def test_encrypt_model_of_a_pipe_says_why_without_a_traceback(work):
                           cwd=work, capture_output=True, text=True)
     assert done.returncode in (1, 2), done.stderr
     assert "Traceback" not in done.stderr and "encrypt-model" in done.stderr
+
+
+def test_keygen_and_bench_take_the_short_options_the_file_commands_do(work, capsys):
+    """-o and -f, as encrypt and decrypt take them."""
+    assert run(capsys, "keygen", "-o", "ks.json")[0] == 0
+    first = (work / "ks.json").read_bytes()
+    code, _, err = run(capsys, "keygen", "-o", "ks.json")
+    assert code == 2 and "--force" in err
+    assert run(capsys, "keygen", "-o", "ks.json", "-f")[0] == 0
+    assert (work / "ks.json").read_bytes() != first
+    from gpucrypt.cli import _command_parser
+
+    assert _command_parser("bench").parse_args(["-f"]).force is True

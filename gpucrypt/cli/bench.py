@@ -70,7 +70,7 @@ def add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="write one record per cell plus the environment")
     parser.add_argument("--plot", metavar="FILE.png",
                         help="draw GB/s against size per implementation (needs matplotlib)")
-    parser.add_argument("--force", action="store_true",
+    parser.add_argument("-f", "--force", action="store_true",
                         help="overwrite the --json and --plot files if they exist")
     parser.add_argument("--progress", action="store_true",
                         help="show a progress bar on stderr even when it is not a terminal")

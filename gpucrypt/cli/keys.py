@@ -410,7 +410,7 @@ def _passphrase_stanza(envelope: bytes | None):
 
 def add_keygen(parser: argparse.ArgumentParser) -> None:
     """Generate a keyset of key-encryption keys, or with --public a recipient key pair."""
-    parser.add_argument("--out", metavar="FILE",
+    parser.add_argument("-o", "--out", metavar="FILE",
                         help="where to write (default gpucrypt-keyset.json, or with --public "
                              "gpucrypt-identity.json and FILE.pub); written 0600")
     parser.add_argument("--public", action="store_true",
@@ -423,7 +423,7 @@ def add_keygen(parser: argparse.ArgumentParser) -> None:
                         help="seal the secret file with a passphrase (scrypt)")
     parser.add_argument("--passphrase-file", metavar="FILE",
                         help=f"passphrase for --seal (else ${PASSPHRASE_ENV}, else a prompt)")
-    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    parser.add_argument("-f", "--force", action="store_true", help="overwrite existing files")
     add_unsafe_key_permissions(parser)
     _add_audit_argument(parser)
     parser.set_defaults(func=_run_keygen)
