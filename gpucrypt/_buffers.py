@@ -9,6 +9,7 @@ order. Keys and nonces of the drop-in classes follow ``cryptography``'s stricter
 """
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -26,20 +27,44 @@ def _non_contiguous(name: str) -> NonContiguousBuffer:
                                f"first (for NumPy: numpy.ascontiguousarray(x))")
 
 
-def readable(data: Any, name: str = "data") -> memoryview:
-    """A flat, read-only ``uint8`` view of ``data`` without copying.
+#: a struct format's field names (``T{<i:Offset:}``): text, not item codes
+_FIELD_NAMES = re.compile(r":[^:]*:")
 
-    Raises ``TypeError`` for objects without the buffer protocol (as ``cryptography``
-    does) and :class:`NonContiguousBuffer` (a ``ValueError`` and a ``BufferError``) for
-    non-contiguous buffers.
-    """
-    if isinstance(data, (bytes, bytearray)):
-        return memoryview(data)
+
+def _holds_objects(fmt: str) -> bool:
+    """Whether a buffer format has Python object items ("O"): their bytes are pointers,
+    which would leak addresses into a ciphertext, and writing into them crashes Python."""
+    return "O" in fmt and "O" in _FIELD_NAMES.sub("", fmt)
+
+
+def _view(data: Any, name: str) -> memoryview:
+    """``memoryview(data)``, with ``cryptography``'s TypeError for what is not a buffer of
+    bytes: no buffer protocol, a released view or closed mmap (ValueError from Python),
+    or Python objects (a NumPy array of dtype object)."""
     try:
         view = memoryview(data)
     except TypeError:
         raise TypeError(f"{name} must be bytes-like (bytes, bytearray, memoryview or a "
                         f"C-contiguous NumPy array), not {type(data).__name__}") from None
+    except ValueError as exc:  # a released memoryview, a closed mmap
+        raise TypeError(f"{name} cannot be read: {exc}") from None
+    if _holds_objects(view.format):
+        raise TypeError(f"{name} holds Python objects (buffer format {view.format!r}), not "
+                        f"bytes: encrypt their serialised form (pickle, np.save) instead")
+    return view
+
+
+def readable(data: Any, name: str = "data") -> memoryview:
+    """A flat, read-only ``uint8`` view of ``data`` without copying.
+
+    Raises ``TypeError`` for objects without the buffer protocol (as ``cryptography``
+    does), for released views and for buffers of Python objects, and
+    :class:`NonContiguousBuffer` (a ``ValueError`` and a ``BufferError``) for
+    non-contiguous buffers.
+    """
+    if isinstance(data, (bytes, bytearray)):
+        return memoryview(data)
+    view = _view(data, name)
     if not view.c_contiguous:
         raise _non_contiguous(name)
     if view.format != "B" or view.ndim != 1:
@@ -80,10 +105,7 @@ def bytes_arg(value: Any, name: str, *, uint8_only: bool = False) -> bytes:
     :class:`gpucrypt.backends.cpu.ContextCache`); anything else is copied."""
     if type(value) is bytes:
         return value
-    try:
-        view = memoryview(value)
-    except TypeError:
-        raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}") from None
+    view = _view(value, name)
     if uint8_only and view.format not in _BYTE_FORMATS:
         raise TypeError(f"{name} must be bytes (bytes, bytearray or a uint8 array), not a buffer "
                         f"of {view.format!r} items; pass its bytes (for NumPy: x.view(numpy.uint8))")

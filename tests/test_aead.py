@@ -1147,3 +1147,65 @@ def test_gpucrypt_device_cuda_is_the_gpu(monkeypatch):
     monkeypatch.setenv("GPUCRYPT_DEVICE", "tpu")
     with pytest.raises(ValueError, match="GPUCRYPT_DEVICE must be one of"):
         backends._environment_device()
+
+
+@pytest.mark.parametrize("name", ["chacha20-poly1305", "aes-256-gcm"])
+def test_a_small_bytes_message_goes_straight_to_openssl_where_a_gpu_could_take_large_ones(
+        monkeypatch, name):
+    """device="auto" where the GPU backend loads (numba's simulator here, a CUDA driver on
+    a GPU host): small messages run on the CPU, and a bytes one is handed to cryptography
+    with no choosing in between (that cost 0.3 us of a 0.5 us AES-GCM call at 1 KiB).
+    Large ones and other buffer types still choose (_slow)."""
+    from gpucrypt import aead as aead_module
+
+    cls, key_len, nonce_len = CLASSES[name]
+    key, nonce, data = os.urandom(key_len), os.urandom(nonce_len), os.urandom(1024)
+    obj = cls(key)
+    if obj._direct is not None:
+        pytest.skip("every size runs on the CPU here: there is no choosing to skip")
+    chosen = []
+    real_slow = aead_module._Aead._slow
+
+    def spy(self, method, *args, **kwargs):
+        chosen.append(method)
+        return real_slow(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(aead_module._Aead, "_slow", spy)
+    ref = reference_seal(name, key, nonce, data, b"a")
+    assert obj.encrypt(nonce, data, b"a") == ref
+    assert obj.decrypt(nonce, ref, b"a") == data
+    out = bytearray(len(ref))
+    assert obj.encrypt_into(nonce, data, b"a", out) == len(ref) and bytes(out) == ref
+    back = bytearray(len(data))
+    obj.decrypt_into(nonce, ref, b"a", back)
+    assert bytes(back) == data
+    with pytest.raises(InvalidTag):
+        obj.decrypt_into(nonce, ref[:-1] + bytes([ref[-1] ^ 1]), b"a", back)
+    assert bytes(back) == bytes(len(data))  # zeroed, as on every path
+    assert chosen == []
+    obj.encrypt(nonce, bytearray(data), b"a")  # not bytes: chooses
+    assert chosen == ["encrypt"]
+
+
+def test_buffers_of_python_objects_and_released_views_are_type_errors():
+    """A NumPy array of dtype object was read as its pointers (addresses in the ciphertext),
+    and decrypting into one wrote bytes over them: Python crashed reading it back.
+    cryptography raises TypeError for both, and for a released view (gpucrypt said
+    ValueError)."""
+    key, nonce = os.urandom(32), os.urandom(12)
+    ours, theirs = gpucrypt.ChaCha20Poly1305(key), reference.ChaCha20Poly1305(key)
+    objects = np.array([object(), 1, "x"], dtype=object)
+    mixed = np.zeros(2, dtype=[("a", "O"), ("b", "i4")])
+    named = np.zeros(2, dtype=[("Offset", "<i4")])  # an "O" in a field name is no object
+    released = memoryview(bytearray(8))
+    released.release()
+    for bad in (objects, mixed, released):
+        for obj in (ours, theirs):
+            with pytest.raises(TypeError):
+                obj.encrypt(nonce, bad, None)
+        with pytest.raises(TypeError):
+            ours.encrypt(nonce, b"data", bad)
+    sealed = ours.encrypt(nonce, bytes(24), None)
+    with pytest.raises(TypeError, match="holds Python objects"):
+        ours.decrypt_into(nonce, sealed, None, np.empty(3, dtype=object))
+    assert ours.decrypt(nonce, ours.encrypt(nonce, named, None), None) == named.tobytes()
