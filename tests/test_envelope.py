@@ -285,3 +285,78 @@ def test_fingerprint_is_documented_hash(tmp_path):
     pub = identity.recipient.public_bytes
     expected = hashlib.sha256(b"gpucrypt-recipient-v1\x00x25519\x00" + pub).hexdigest()[:32]
     assert identity.fingerprint == "x25519:" + expected
+
+
+def test_a_key_provider_is_asked_at_most_max_provider_unwraps_key_ids():
+    """A KeyProvider identity (a CallableKeyProvider over a KMS or a vault, say) is asked
+    for the key id of each aes-kwp stanza, an id whoever wrote the file chose: a forged
+    envelope of 254 such stanzas and one key-ref stanza made 508 calls (each stanza
+    twice: with the file context, then without). At most MAX_PROVIDER_UNWRAPS now, and
+    the error says why the rest were not tried. A file with several stanzas still opens,
+    and local providers (a Keyset) are not limited."""
+    from gpucrypt.keys import _envelope
+    from gpucrypt.keys.recipients import MAX_PROVIDER_UNWRAPS, open_file_envelope
+
+    asked = []
+    kek = os.urandom(32)
+
+    def fetch(key_id):
+        asked.append(key_id)
+        if key_id != "mine":
+            raise KeyError(key_id)
+        return kek
+
+    provider = CallableKeyProvider(fetch, "vault")
+    forged = [_envelope.Stanza("aes-kwp", f"../secret/{i}".encode(), b"x" * 40)
+              for i in range(254)]
+    forged.append(_envelope.Stanza(
+        "key-ref", b"awskms://arn:aws:kms:us-east-1:111122223333:key/x", b"y"))
+    with pytest.raises(NoMatchingRecipient, match="the others were not tried") as info:
+        open_file_envelope(_envelope.encode(forged), [provider], os.urandom(16))
+    assert len(asked) == MAX_PROVIDER_UNWRAPS, len(asked)
+    assert "WrappingKey.from_provider" in str(info.value)
+
+    # what a writer makes: several recipients, the provider's key among them
+    dek, salt = keys.generate_dek(), os.urandom(16)
+    others = [WrappingKey(f"team-{i}", os.urandom(32)) for i in range(5)]
+    envelope = seal_envelope(dek, [*others, WrappingKey("mine", kek), Identity.generate()])
+    asked.clear()
+    assert open_file_envelope(envelope, [provider], salt) == dek
+    assert asked == [f"team-{i}" for i in range(5)] + ["mine"]
+    # a keyset is looked up in this process: no limit (its key after 20 others opens)
+    keyset = Keyset.generate()
+    many = seal_envelope(dek, [*(WrappingKey(f"k{i}", os.urandom(32)) for i in range(20)),
+                               keyset])
+    assert open_file_envelope(many, [keyset], salt) == dek
+
+
+def test_two_references_making_one_stanza_id_are_refused(monkeypatch):
+    """Two different key references whose wrappings have the same stanza id (an alias and
+    its key's ARN, a PKCS#11 key with and without x-wrap) made one stanza, the second
+    silently dropped; the same reference given twice is still wrapped once."""
+    import sys
+    import types
+
+    from gpucrypt.keys import references
+
+    class Provider:  # one key, whatever the reference's query says
+        provider = "test"
+
+        @classmethod
+        def from_uri(cls, parsed):
+            return cls()
+
+        def wrap(self, dek, context):
+            return "awskms://arn:aws:kms:eu-west-1:111122223333:key/k", b"wrapped" + dek
+
+    module = types.ModuleType("gpucrypt_test_same_stanza_provider")
+    module.Provider = Provider
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(references.PROVIDERS, "awskms", f"{module.__name__}:Provider")
+    alias = keys.KeyReference("awskms:///alias/models?region=eu-west-1")
+    arn = keys.KeyReference("awskms://arn:aws:kms:eu-west-1:111122223333:key/k")
+    dek = keys.generate_dek()
+    with pytest.raises(ValueError, match="awskms:///alias/models and awskms://arn:aws:kms:"
+                                         "eu-west-1:111122223333:key/k both wrap as"):
+        seal_envelope(dek, [alias, arn])
+    assert len(_parse_by_hand(seal_envelope(dek, [alias, keys.KeyReference(alias.uri)]))) == 1

@@ -267,6 +267,53 @@ def test_file_reference_opens_a_sealed_keyset(plain, tmp_path, monkeypatch):
         keys.seal_envelope(keys.generate_dek(), KeyReference(f"file://{tmp_path / 'ks.json'}"))
 
 
+def test_key_references_read_a_file_uri_with_passphrase_env(tmp_path, monkeypatch):
+    """KeyReferences(keyset="file://...", passphrase_env=VAR) reads the passphrase from VAR
+    and so expects the keyset sealed, as a path does (docs/DATASETS.md): the file: reference
+    read $GPUCRYPT_PASSPHRASE instead, and took an unsealed keyset put in the sealed one's
+    place, whose primary would then wrap every new data key."""
+    from gpucrypt.keys.portable import KeyReferences
+
+    monkeypatch.setattr(keys.passphrase, "MIN_LOG_N", 10)
+    monkeypatch.delenv("GPUCRYPT_PASSPHRASE", raising=False)
+    monkeypatch.setenv("TEAM_PASS", "right horse")
+    path = tmp_path / "ks.json"
+    sealed = keys.Keyset.generate()
+    sealed.save(path, "right horse", scrypt_n=2**10)
+    for ref in (str(path), f"file://{path}"):
+        resolved = pickle.loads(pickle.dumps(KeyReferences(keyset=ref, passphrase_env="TEAM_PASS")))
+        assert resolved.resolve().keyset.primary.id == sealed.primary.id, ref
+    path.unlink()
+    keys.Keyset.generate().save(path)  # replaced by one that is not sealed
+    for ref in (str(path), f"file://{path}"):
+        with pytest.raises(keys.KeysetError, match="is not sealed"):
+            KeyReferences(keyset=ref, passphrase_env="TEAM_PASS").resolve()
+    # a reference naming its own passphrase source keeps it
+    (tmp_path / "pw").write_text("other\n")
+    own = KeyReferences(keyset=f"file://{path}?passphrase-source=file:{tmp_path / 'pw'}",
+                        passphrase_env="TEAM_PASS")
+    with pytest.raises(keys.KeysetError, match="is not sealed"):
+        own.resolve()
+
+
+@pytest.mark.parametrize("source", ["file:pin.txt", "file://pin.txt", "file:./pin.txt"])
+def test_a_relative_secret_source_is_refused(source, tmp_path, monkeypatch):
+    """docs/KEYS.md: pin-source and passphrase-source are env:VAR, file:/path or an absolute
+    path. file:pin.txt was read relative to the current folder of whichever process resolved
+    the reference (a worker's, say): refused, with what to give instead."""
+    from gpucrypt.keys.references import read_secret_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pin.txt").write_text("1234\n")
+    for uri in (f"pkcs11:token=prod;object=kek?pin-source={source}",
+                f"file://{tmp_path}/ks.json?passphrase-source={source}"):
+        with pytest.raises(keys.KeysetError, match="names a relative path: give an absolute"):
+            KeyReference(uri)
+    with pytest.raises(keys.KeysetError, match="names a relative path: give an absolute"):
+        read_secret_source(source, "GPUCRYPT_PKCS11_PIN", "the PIN")
+    assert read_secret_source(f"file:{tmp_path}/pin.txt", "X", "the PIN") == "1234"
+
+
 # ------------------------------------------------------------------------------------ PKCS#11
 
 
@@ -412,6 +459,44 @@ def test_pkcs11_unknown_key_and_token(hsm):
             f"pkcs11:token=absent;object=kek?module-path={hsm['module']}"))
 
 
+def test_pkcs11_a_reference_opens_only_what_its_kind_of_key_makes(hsm):
+    """The wrapping code is the stanza body's first byte, chosen by whoever wrote the file.
+    It chose the key's class too: a type=secret-key reference opened RSA-OAEP stanzas under
+    a key pair of the same label, which anyone holding the (public) public key can make.
+    A reference with a type opens that type's codes only; one without, those of the key
+    wrap() would use (the secret key, where the label has one)."""
+    from pkcs11 import KeyType
+
+    from gpucrypt.keys.pkcs11 import _library
+
+    with _library(hsm["module"]).get_token(token_label=TOKEN).open(user_pin=PIN, rw=True) as s:
+        s.generate_key(KeyType.AES, 256, label="dual", store=True)
+        public, _ = s.generate_keypair(KeyType.RSA, 2048, label="dual", store=True)
+        from pkcs11 import Attribute
+        rsa_public = rsa.RSAPublicNumbers(
+            int.from_bytes(public[Attribute.PUBLIC_EXPONENT], "big"),
+            int.from_bytes(public[Attribute.MODULUS], "big")).public_key()
+    secret_ref, untyped, private_ref = (
+        KeyReference(f"pkcs11:token={TOKEN};object=dual{t}?module-path={hsm['module']}")
+        for t in (";type=secret-key", "", ";type=private"))
+    stanza_id = b"pkcs11:token=gpucrypt-test;object=dual"
+    forged_dek = os.urandom(32)
+    oaep = bytes([5]) + rsa_public.encrypt(
+        forged_dek, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
+    forged = keys._envelope.encode([keys.Stanza("key-ref", stanza_id, oaep)])
+    for ref in (secret_ref, untyped):
+        with pytest.raises(keys.NoMatchingRecipient,
+                           match="names a secret \\(AES\\) key, which does not make rsa-oaep-sha1"):
+            keys.open_envelope(forged, ref)
+        dek = keys.generate_dek()  # what the reference wraps still opens
+        envelope = keys.seal_envelope(dek, ref)
+        assert keys._envelope.decode(envelope)[0].body[0] == 2
+        assert keys.open_envelope(envelope, ref) == dek
+        with pytest.raises(keys.NoMatchingRecipient, match="an RSA key pair, which does not make"):
+            keys.open_envelope(envelope, private_ref)  # and the pair does not open AES stanzas
+    assert keys.open_envelope(forged, private_ref) == forged_dek  # the pair's own kind
+
+
 # ------------------------------------------------------------------------------------ AWS KMS
 
 
@@ -508,6 +593,108 @@ def test_kms_a_stanza_id_that_is_no_arn_is_no_key_of_ours(env, tmp_path, capsys)
     code, _, err = _cli(capsys, "decrypt", damaged_file, tmp_path / "out", "--kek", refs[0].uri)
     assert code == 1 and err.count("\n") == 1 and "no recipient in this file matches" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def _kms_calls(monkeypatch, deny_describe: bool) -> list:
+    """Record every KMS call gpucrypt makes from now on as (region, operation, KeyId), and
+    refuse DescribeKey as IAM does (a ClientError AccessDeniedException, raised by a
+    botocore hook before the request is sent) when ``deny_describe``. Fresh clients, so
+    the hooks leave with the test."""
+    import botocore.exceptions
+
+    from gpucrypt.keys import awskms
+
+    calls: list = []
+    real = getattr(awskms._client, "unhooked", awskms._client)  # called twice in one test
+    monkeypatch.setattr(awskms, "_clients", {})
+
+    def hooked(profile, region, endpoint):
+        client = real(profile, region, endpoint)
+        if not getattr(client, "_test_hooked", False):
+            def record(model, params, **_):
+                sent = json.loads(params["body"] or b"{}")  # the request as it goes out
+                calls.append((client.meta.region_name, model.name, sent.get("KeyId")))
+                if deny_describe and model.name == "DescribeKey":
+                    raise botocore.exceptions.ClientError(
+                        {"Error": {"Code": "AccessDeniedException",
+                                   "Message": "User: arn:aws:sts::111122223333:assumed-role/r "
+                                              "is not authorized to perform: kms:DescribeKey"}},
+                        "DescribeKey")
+            client.meta.events.register("before-call.kms.*", record)
+            client._test_hooked = True
+        return client
+
+    hooked.unhooked = real
+    monkeypatch.setattr(awskms, "_client", hooked)
+    return calls
+
+
+def test_kms_an_alias_sends_nothing_where_a_stanza_says(kms, plain, tmp_path, monkeypatch):
+    """docs/KEYS.md, "What an awskms:// reference opens". A reference by alias whose role may not
+    DescribeKey cannot tell which key the alias names: it owned every ARN, and sent
+    DescribeKey and Decrypt to the stanza's region naming the stanza's key, with the
+    reader's credentials; a file an attacker made under its own key opened. Now every
+    request goes to the configured region and names the alias: an attacker's key in
+    another region is not asked at all, one in the same region is refused by KMS (the
+    ciphertext is not the alias's key's), and the reader's own file still opens, in one
+    DescribeKey and one Decrypt."""
+    import boto3
+
+    alias_name = "alias/gpucrypt-deputy"
+    kms.new_key(alias=alias_name)
+    near = kms.new_key()  # the attacker's keys: in the reader's region, and in another
+    far = boto3.client("kms", endpoint_url=kms.endpoint, region_name="eu-west-1").create_key(
+        )["KeyMetadata"]["Arn"]
+    files = {}
+    for name, uri in (("mine", kms.uri(alias_name)), ("near", kms.uri(near)),
+                      ("far", kms.uri(far))):
+        files[name] = tmp_path / f"{name}.gc"
+        keys.encrypt_file(plain, files[name], recipients=KeyReference(uri), device="cpu")
+
+    calls = _kms_calls(monkeypatch, deny_describe=True)
+    for name, expected in (("far", []), ("near", ["DescribeKey", "Decrypt", "Decrypt"])):
+        calls.clear()
+        with pytest.raises(keys.NoMatchingRecipient):
+            keys.decrypt_file(files[name], tmp_path / "x", identities=KeyReference(
+                kms.uri(alias_name)), device="cpu")
+        assert not (tmp_path / "x").exists()
+        # nothing to another region, nothing naming the attacker's key; for "near", one
+        # Decrypt per context (the file's, then none), each refused by KMS
+        assert [op for _, op, _ in calls] == expected, calls
+        assert all(region == "us-east-1" and key == alias_name for region, _, key in calls), calls
+    calls.clear()
+    _decrypts_to(files["mine"], plain, tmp_path, identities=KeyReference(kms.uri(alias_name)))
+    assert [op for _, op, _ in calls] == ["DescribeKey", "Decrypt"], calls  # not 4 calls
+    # a stanza naming another key than the one KMS used is refused, not opened
+    dek = keys.generate_dek()
+    [stanza] = keys._envelope.decode(keys.seal_envelope(dek, KeyReference(kms.uri(alias_name))))
+    relabelled = keys._envelope.encode([keys.Stanza("key-ref", f"awskms://{near}".encode(),
+                                                    stanza.body)])
+    with pytest.raises(keys.NoMatchingRecipient, match="names another key than the one that "
+                                                       "wrapped it"):
+        keys.open_envelope(relabelled, KeyReference(kms.uri(alias_name)))
+
+    # allowed to DescribeKey: the attacker's key in the reader's region is told apart by
+    # its ARN, without a Decrypt
+    calls = _kms_calls(monkeypatch, deny_describe=False)
+    with pytest.raises(keys.NoMatchingRecipient):
+        keys.decrypt_file(files["near"], tmp_path / "x", identities=KeyReference(
+            kms.uri(alias_name)), device="cpu")
+    assert [op for _, op, _ in calls] == ["DescribeKey"], calls
+
+
+def test_kms_describe_denied_is_told_by_the_error_code(kms, monkeypatch):
+    """A DescribeKey refused with AccessDeniedException skips the state check (whatever its
+    message says: IAM's reads "is not authorized to perform"); any other refusal stops."""
+    from gpucrypt.keys.awskms import AwsKmsKey
+
+    arn = kms.new_key()
+    calls = _kms_calls(monkeypatch, deny_describe=True)
+    dek = keys.generate_dek()
+    key = AwsKmsKey(arn, endpoint=kms.endpoint)
+    stanza_id, body = key.wrap(dek, {})
+    assert key.unwrap(stanza_id, body, {}) == dek
+    assert [op for _, op, _ in calls] == ["DescribeKey", "Encrypt", "Decrypt"], calls
 
 
 # ------------------------------------------------------------------------------------ between providers
@@ -690,3 +877,39 @@ def test_audit_names_providers_and_references_never_keys_or_pins(hsm, kms, plain
     for secret in (PIN, SO_PIN, AWS_SECRET, dek.hex(), base64.b64encode(dek).decode(),
                    KNOWN_KEK.hex()):
         assert secret not in text
+
+
+@pytest.mark.parametrize("module_name, lock_name", [("gpucrypt.keys.pkcs11", "_lock"),
+                                                    ("gpucrypt.keys.awskms", "_clients_lock")])
+def test_a_fork_while_a_provider_lock_is_held_leaves_the_child_a_free_lock(module_name,
+                                                                            lock_name):
+    """A fork while another thread holds the provider's lock (a PKCS#11 session open, a
+    boto3 client being made) copied the lock held into the child, where no thread would
+    ever release it: the child's first HSM or KMS call hung. The child gets a new lock."""
+    import importlib
+    import threading
+
+    module = importlib.import_module(module_name)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with getattr(module, lock_name):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: never return into pytest
+            code = 1
+            try:
+                code = 0 if getattr(module, lock_name).acquire(timeout=2) else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        holder.join()
+    assert os.waitstatus_to_exitcode(status) == 0, "the child could not take the lock"

@@ -14,12 +14,21 @@ that is not ``Enabled`` with one line saying so (KMS would refuse too, with
 ``kms:DescribeKey`` skips the check. Credentials and region come from boto3's usual
 chain (environment, profile, instance or OIDC role); the URI may name ``region``,
 ``profile`` and ``endpoint`` (a VPC endpoint, or a local emulator).
+
+Every request goes to the configured region and names the configured key (its ARN, alias
+or key id), never a region or key taken from a stanza: a file's stanza ids are written by
+whoever wrote the file, and a ``Decrypt`` sent where a stanza says would be made with the
+reader's credentials on a key of the writer's choosing (a confused deputy: an attacker's
+file, under the attacker's key, would open). KMS refuses a ``CiphertextBlob`` made under
+another key than the one ``Decrypt`` names, and the key it reports having used must be
+the stanza's.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
+import time
 from typing import Any, Iterator, Mapping
 
 from .._errors import KeyNotFound, KeyProviderError, KeysetError, KeyUnavailable
@@ -46,6 +55,21 @@ _clients_lock = threading.Lock()
 _clients: dict = {}  # (profile, region, endpoint, pid) -> boto3 client (thread-safe; ~0.3 s to make)
 
 
+def _new_lock_in_child() -> None:
+    # a fork while another thread holds the lock (making a client) would leave the
+    # child's copy held for ever: no thread of the child will release it
+    global _clients_lock
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+#: how long a DescribeKey answer (the key's ARN and state) is taken as current: long enough
+#: that one open (owns(), then unwrap()) asks once, short enough that a key disabled since
+#: is caught by the next file
+_STATE_TTL = 5.0
+
+
 def _client(profile: str | None, region: str | None, endpoint: str | None) -> Any:
     """One boto3 KMS client per profile, region and endpoint in this process."""
     slot = (profile, region, endpoint, os.getpid())
@@ -68,10 +92,18 @@ def _region_of(arn: str) -> str:
 
 
 class AwsKmsKey:
-    """A symmetric AWS KMS key: ``key`` is an ARN, ``alias/NAME`` or a key id.
+    """A symmetric AWS KMS key: ``key`` is an ARN, ``alias/NAME`` (or an alias ARN) or a key id.
 
     ``AwsKmsKey("alias/models", region="eu-west-1")``, or from a URI through
     :class:`gpucrypt.keys.KeyReference`. The boto3 client is made on first use.
+
+    Which ``key-ref`` stanzas it owns (ids are ``awskms://`` + a key ARN, as ``wrap``
+    records them): named by a key ARN, the stanza of that ARN only. Named by an alias or a
+    key id, a stanza whose ARN is in the configured region (the alias ARN's account, the
+    key id's key) and, when ``DescribeKey`` is allowed, the ARN the alias names now; when
+    it is denied, any such ARN, and ``Decrypt`` (of the configured alias or id, in the
+    configured region) tells: it refuses another key's ciphertext, and a key other than
+    the stanza's reported as used is refused here.
     """
 
     provider = "awskms"
@@ -83,7 +115,11 @@ class AwsKmsKey:
                               f"(arn:aws:kms:REGION:ACCOUNT:key/ID)")
         self.key, self.endpoint, self.profile = key, endpoint, profile
         self.region = _region_of(key) if key.startswith("arn:") else region
-        self._arns: dict = {}  # key as named -> its ARN (DescribeKey), when allowed
+        self._exact = key.startswith("arn:") and ":key/" in key  # names one key, for ever
+        # DescribeKey of self.key: (time.monotonic() of the answer, its KeyMetadata); and
+        # whether the role may not call it (then not asked again by this object)
+        self._described: tuple[float, dict] | None = None
+        self._describe_denied = False
 
     @classmethod
     def from_uri(cls, uri: KeyUri) -> "AwsKmsKey":
@@ -94,9 +130,10 @@ class AwsKmsKey:
         return f"AwsKmsKey({self.key!r})"
 
     # --- the client and its errors
-    def _client(self, region: str | None) -> Any:
+    def _client(self) -> Any:
+        """The client for the configured region: the only one this key sends anything to."""
         with self._errors("connect", self.key):
-            return _client(self.profile, region, self.endpoint)
+            return _client(self.profile, self.region, self.endpoint)
 
     def _where(self) -> str:
         return self.endpoint or f"region {self.region or '(default)'}"
@@ -125,26 +162,44 @@ class AwsKmsKey:
             raise KeyProviderError(f"AWS KMS {operation} failed for {key}: "
                                    f"{type(exc).__name__}") from None
 
-    def _check_enabled(self, key: str, region: str | None) -> None:
-        """KeyUnavailable unless ``key`` is Enabled; remembers its ARN. Skipped when the
-        caller may not DescribeKey."""
-        try:
-            with self._errors("DescribeKey", key):
-                meta = self._client(region).describe_key(KeyId=key)["KeyMetadata"]
-        except KeyUnavailable as exc:
-            if "denied" in str(exc):
-                return
-            raise
-        self._arns[key] = meta["Arn"]
+    def _describe(self) -> dict | None:
+        """``DescribeKey`` of the configured key, in the configured region: its metadata
+        (an answer younger than ``_STATE_TTL`` is reused), or None when the role may not
+        call it (``AccessDeniedException``, remembered: not asked again)."""
+        if self._describe_denied:
+            return None
+        if self._described is not None and time.monotonic() - self._described[0] < _STATE_TTL:
+            return self._described[1]
+        with self._errors("DescribeKey", self.key):
+            try:
+                meta = self._client().describe_key(KeyId=self.key)["KeyMetadata"]
+            except _bce.ClientError as exc:
+                if _code(exc) != "AccessDeniedException":
+                    raise
+                self._describe_denied = True
+                return None
+        self._described = (time.monotonic(), meta)
+        return meta
+
+    def _check_enabled(self) -> None:
+        """KeyUnavailable unless the configured key is Enabled. Skipped when the caller may
+        not DescribeKey."""
+        meta = self._describe()
+        if meta is None:
+            return
         state = meta.get("KeyState", "Enabled")
         if state != "Enabled":
             raise KeyUnavailable(f"AWS KMS key {meta['Arn']} is {state.lower()}: enable it "
                                  f"(aws kms enable-key --key-id {meta['KeyId']}) to use it")
 
+    def _region(self) -> str | None:
+        """The configured region, else boto3's default (the client's)."""
+        return self.region or self._client().meta.region_name
+
     # --- ExternalKey
     def wrap(self, dek: bytes, context: Mapping[str, str]) -> tuple[str, bytes]:
-        client = self._client(self.region)
-        self._check_enabled(self.key, self.region)
+        client = self._client()
+        self._check_enabled()
         with self._errors("Encrypt", self.key):
             answer = client.encrypt(KeyId=self.key, Plaintext=dek,
                                     EncryptionContext=dict(context))
@@ -152,31 +207,48 @@ class AwsKmsKey:
 
     def owns(self, stanza_id: str) -> bool:
         arn = stanza_id[len(STANZA_PREFIX):]
-        if not stanza_id.startswith(STANZA_PREFIX) or _ARN.fullmatch(arn) is None:
-            return False  # wrap() records ARNs only: anything else is damaged, or not KMS's
-        if self.key.startswith("arn:") and ":key/" in self.key:
+        if not stanza_id.startswith(STANZA_PREFIX) or _ARN.fullmatch(arn) is None \
+                or ":key/" not in arn:
+            return False  # wrap() records key ARNs only: anything else is damaged, or not KMS's
+        if self._exact:
             return arn == self.key
-        if self.key not in self._arns:  # an alias or a bare id: ask KMS what it names
-            try:
-                self._check_enabled(self.key, self.region or _region_of(arn))
-            except KeyUnavailable:
-                return True  # let Decrypt say why
-        return self._arns.get(self.key, arn) == arn
+        # an alias or a bare key id: plain from the ids where they differ (another region,
+        # account or key id), else as DescribeKey says (one call, reused; see _describe)
+        _, _, _, region, account, resource = arn.split(":", 5)
+        if region != self._region():
+            return False  # an alias or key id names a key of its own region
+        if self.key.startswith("arn:") and account != self.key.split(":", 5)[4]:
+            return False  # an alias ARN names a key of its own account
+        if not self.key.startswith(("arn:", "alias/")) and resource != "key/" + self.key:
+            return False  # a key id is the end of its key's ARN
+        try:
+            meta = self._describe()
+        except KeyUnavailable:
+            return True  # refused for another reason than access: unwrap() says why
+        return meta is None or meta["Arn"] == arn
 
     def unwrap(self, stanza_id: str, body: bytes, context: Mapping[str, str]) -> bytes:
         if not self.owns(stanza_id):
             raise KeyNotFound(f"{stanza_id} is not the AWS KMS key {self.key}")
         arn = stanza_id[len(STANZA_PREFIX):]
-        region = _region_of(arn)
-        self._check_enabled(arn, region)
-        with self._errors("Decrypt", arn):
-            answer = self._client(region).decrypt(CiphertextBlob=body, KeyId=arn,
-                                                  EncryptionContext=dict(context))
+        self._check_enabled()
+        with self._errors("Decrypt", self.key):
+            answer = self._client().decrypt(CiphertextBlob=body, KeyId=self.key,
+                                            EncryptionContext=dict(context))
+        if answer.get("KeyId") != arn:
+            raise KeyUnavailable(f"AWS KMS unwrapped the stanza of {arn} with the key "
+                                 f"{answer.get('KeyId')}: the envelope names another key than "
+                                 f"the one that wrapped it (altered or forged); not used")
         return bytes(answer["Plaintext"])
 
 
+def _code(exc: Any) -> str:
+    """A botocore ClientError's error code (``AccessDeniedException``, ...)."""
+    return exc.response.get("Error", {}).get("Code", "")
+
+
 def _client_error(exc: Any, operation: str, key: str) -> Exception:
-    code = exc.response.get("Error", {}).get("Code", "")
+    code = _code(exc)
     if code == "InvalidCiphertextException":
         return KeyUnavailable(f"AWS KMS refused to unwrap the data key under {key}: the encryption "
                               f"context does not match this file (the wrapped key was made for "

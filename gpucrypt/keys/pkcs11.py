@@ -24,6 +24,11 @@ RSA (key pair)              4: ``CKM_RSA_PKCS_OAEP`` with SHA-256 and MGF1-SHA-2
 Only AES-GCM binds the file context; key wrap and OAEP have no associated data (the
 stream header's MAC still binds the envelope to the file).
 
+A reference opens only the codes of its own kind of key: 1-3 with ``type=secret-key``,
+4-5 with ``type=private`` or ``public``, and with no ``type`` those of the key ``wrap``
+would use (a secret key of the label if the token has one, else the key pair). The code
+is the stanza's, chosen by whoever wrote the file: the key's type must not be.
+
 The module comes from the URI's ``module-path``, else ``$GPUCRYPT_PKCS11_MODULE``, else the
 first SoftHSM2 library found in the usual places. The user PIN comes from ``pin-source``
 (``env:VAR`` or ``file:/path``), else ``$GPUCRYPT_PKCS11_PIN``; never from the URI itself.
@@ -64,8 +69,21 @@ _CODE = {name: code for code, name in WRAP_CODES.items()}
 _OAEP = {4: (Mechanism.SHA256, MGF.SHA256), 5: (Mechanism.SHA_1, MGF.SHA1)}
 _GCM_IV, _GCM_TAG_BITS = 12, 128
 
+#: codes each class of key makes (wrap) and so is asked to open (unwrap)
+_SECRET_CODES, _PRIVATE_CODES = (1, 2, 3), (4, 5)
+
 _lock = threading.Lock()
 _libraries: dict[str, tuple[Any, int]] = {}  # module path -> (library, pid that loaded it)
+
+
+def _new_lock_in_child() -> None:
+    # a fork while another thread holds the lock (a session open in a reader thread) would
+    # leave the child's copy held for ever: no thread of the child will release it
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def _library(path: str) -> Any:
@@ -272,6 +290,35 @@ class Pkcs11Key:
         raise KeyUnavailable(f"{self.reference}: the token supports RSA-OAEP with neither SHA-256 "
                              f"nor SHA-1")
 
+    def _unwrapping_key(self, session: Any, code: int) -> Any:
+        """The key that opens what this reference wraps: the secret key, or the private
+        half of the key pair whose public half wraps; where the URI names no ``type``, the
+        one ``wrap`` would use (a secret key of the label first). ``code`` checked against
+        it (see ``_check_code``)."""
+        if self.key_type is None:
+            try:
+                key, secret = self._find(session, (ObjectClass.SECRET_KEY,)), True
+            except KeyNotFound:
+                key, secret = self._find(session, (ObjectClass.PRIVATE_KEY,)), False
+        else:
+            secret = self.key_type == "secret-key"
+            key = self._find(session, (ObjectClass.SECRET_KEY if secret
+                                       else ObjectClass.PRIVATE_KEY,))
+        self._check_code(secret, code)
+        return key
+
+    def _check_code(self, secret: bool, code: int) -> None:
+        """KeyUnavailable unless ``code`` (the stanza body's first byte, which whoever wrote
+        the file chose) is a wrapping this reference's key makes: a secret-key reference
+        must not open RSA-OAEP stanzas, which anyone holding the public key of a pair with
+        the same label can make, nor a key pair's reference AES ones."""
+        if code not in (_SECRET_CODES if secret else _PRIVATE_CODES):
+            kind = "a secret (AES) key" if secret else "an RSA key pair"
+            raise KeyUnavailable(f"{self.reference} names {kind}, which does not make "
+                                 f"{WRAP_CODES[code]} stanzas: this one was made with another "
+                                 f"key of the same label, or forged (add type= to the URI to "
+                                 f"name the other key)")
+
     def unwrap(self, stanza_id: str, body: bytes, context: Mapping[str, str]) -> bytes:
         if not self.owns(stanza_id):
             raise KeyNotFound(f"{self.reference} does not own {stanza_id}")
@@ -279,9 +326,10 @@ class Pkcs11Key:
         if code not in WRAP_CODES:
             raise KeyUnavailable(f"{self.reference}: unknown wrapping {code} in the envelope")
         rsa = code in _OAEP
+        if self.key_type is not None:  # plain from the URI: no session needed to refuse
+            self._check_code(self.key_type == "secret-key", code)
         with _lock, self._session() as session:
-            key = self._find(session, (ObjectClass.PRIVATE_KEY,) if rsa
-                             else (ObjectClass.SECRET_KEY,))
+            key = self._unwrapping_key(session, code)
             try:
                 if rsa:
                     return key.decrypt(data, mechanism=Mechanism.RSA_PKCS_OAEP,

@@ -9,7 +9,8 @@ A single reference is one of:
 - a path (str or PathLike) to a keyset file, an identity file or a recipient file
   (``gpucrypt keys ...`` writes them); which one is read from the file's ``format``.
   Sealed files take their passphrase from the environment variable ``passphrase_env``
-  names, read at resolution time (never stored);
+  names, read at resolution time (never stored); a ``file://`` key URI too, unless it
+  names its own ``passphrase-source``;
 - an object with a ``resolve()`` method returning a key object (the hook for URI
   references such as ``pkcs11:`` or a KMS, resolved on the worker);
 - a key object that holds no material: a :class:`~gpucrypt.keys.providers.WrappingKey`
@@ -30,7 +31,7 @@ from typing import Any
 from .._errors import KeysetError
 from .keyset import KEYSET_FORMAT, Keyset, KeysetKey
 from .providers import FileKeyProvider, KeyProvider, WrappingKey
-from ._uri import SCHEMES
+from ._uri import SCHEMES, KeyUri
 from .recipients import (IDENTITY_FORMAT, RECIPIENT_FORMAT, Identity, Recipient, _file_document,
                          open_file_envelope, recipient_list)
 from .references import KeyReference
@@ -95,7 +96,15 @@ def resolve_reference(ref: Any, passphrase_env: str | None = None) -> Any:
     if isinstance(ref, KeyReference):
         # a key inside an HSM or a KMS is used through its reference (which wraps, unwraps
         # and audits); only a file: reference names a keyset to load
-        return ref.resolve() if ref.scheme == "file" else ref
+        if ref.scheme != "file":
+            return ref
+        if passphrase_env and "passphrase-source" not in ref.query:
+            # as a path is: the passphrase from passphrase_env, and so a keyset expected
+            # sealed (a file: reference naming a passphrase refuses one that is not: it may
+            # have been replaced, and its primary would wrap new data keys)
+            ref = KeyReference(KeyUri("file", ref.attributes, {
+                **ref.query, "passphrase-source": "env:" + passphrase_env}).canonical())
+        return ref.resolve()
     if hasattr(ref, "resolve") and not isinstance(ref, (str, os.PathLike)):
         return ref.resolve()
     if not isinstance(ref, (str, os.PathLike)):
@@ -130,9 +139,10 @@ class KeyReferences:
     unwraps. ``identities``: references that unwrap (identity files, providers).
     ``recipients``: references that new data keys are wrapped for (recipient files;
     identities wrap for their public half). ``passphrase_env``: the environment variable
-    holding the passphrase of sealed key files, read in each process; the keyset file is
-    then expected sealed (one that is not is refused: it may have been replaced, and its
-    primary would wrap new data keys), identity files may be either.
+    holding the passphrase of sealed key files, read in each process; the keyset file (a
+    path, or a ``file://`` URI without its own ``passphrase-source``) is then expected
+    sealed (one that is not is refused: it may have been replaced, and its primary would
+    wrap new data keys), identity files may be either.
     """
 
     __slots__ = ("keyset", "identities", "recipients", "passphrase_env")

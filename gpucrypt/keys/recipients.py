@@ -33,7 +33,7 @@ from ._envelope import EnvelopeFormatError, Stanza
 from ._material import HoldsKeyMaterial
 from .keyset import Keyset, KeysetKey
 from .passphrase import STANZA_KIND as _SCRYPT, Passphrase
-from .providers import KeyProvider, WrappingKey
+from .providers import EnvKeyProvider, FileKeyProvider, KeyProvider, WrappingKey
 from .references import KeyReference, check_context
 
 __all__ = ["Recipient", "Identity", "generate_dek", "seal_envelope", "open_envelope",
@@ -336,6 +336,7 @@ def seal_envelope_with_labels(dek: bytes, recipients: Any, *,
     context = check_context(context)
     stanzas, labels = [], []
     keks: dict[str, bytes] = {}  # key id -> the symmetric KEK wrapping for it
+    wrapped_by: dict[str, KeyReference] = {}  # key-ref stanza id -> the reference that made it
     items = recipient_list(recipients)
     if len(items) > 1 and any(isinstance(item, Passphrase) for item in items):
         raise ValueError("a passphrase-encrypted file has no other recipient (so that only who "
@@ -373,9 +374,20 @@ def seal_envelope_with_labels(dek: bytes, recipients: Any, *,
                                 f"Recipient, Identity, Keyset, KeysetKey, WrappingKey or "
                                 f"KeyReference objects")
             label = _stanza_label(stanza)
-            if label not in labels:
-                stanzas.append(stanza)
-                labels.append(label)
+            if label in labels:
+                # the same key again: wrapped once. Two different references making one
+                # stanza id (an alias and its key's ARN, a key with and without x-wrap)
+                # would silently lose one of them: said instead
+                earlier = wrapped_by.get(label)
+                if earlier is not None and earlier != item:
+                    raise ValueError(f"{earlier.label} and {item.label} both wrap as {label}: "
+                                     f"an envelope holds one stanza per key, so one of them "
+                                     f"would be dropped; give that key once")
+                continue
+            if isinstance(item, KeyReference):
+                wrapped_by[label] = item
+            stanzas.append(stanza)
+            labels.append(label)
         if not stanzas:
             raise ValueError("seal_envelope needs at least one recipient")
         ev.update(recipients=labels, count=len(stanzas))
@@ -386,11 +398,22 @@ def seal_envelope_with_labels(dek: bytes, recipients: Any, *,
 #: unwrap, in one :func:`open_envelope`. An envelope gpucrypt writes holds one stanza per
 #: key reference, and a reference owns the stanzas of the key it names: one where it
 #: names the key exactly (an ARN, a PKCS#11 URI with its token's serial), but any of them
-#: where it cannot tell (a KMS alias that may not be described owns every ARN; a PKCS#11
-#: URI without a serial, every serial), and a file sealed for several KMS keys (regions,
-#: say) then has a stanza of each before the reader's own. 16 keeps such files open
+#: where it cannot tell (a KMS alias that may not be described owns every ARN of its
+#: region, and Decrypt of the alias tells; a PKCS#11 URI without a serial, every
+#: serial), and a file sealed for several KMS keys then has a stanza of each before the
+#: reader's own. 16 keeps such files open
 #: while a forged envelope of 255 stanzas costs 32 asks at most, not 510.
+#:
+#: A :class:`KeyProvider` given as an identity is asked for the key id of every
+#: ``aes-kwp`` stanza (an id whoever wrote the file chose), and may be a KMS or vault
+#: call (:class:`CallableKeyProvider`): it too is asked at most this many ids of one
+#: envelope, once (these stanzas take no context, so they are not tried again without
+#: it). Providers that hold their keys in this process (a :class:`Keyset`, a
+#: :class:`FileKeyProvider`, an :class:`EnvKeyProvider`) are not counted.
 MAX_PROVIDER_UNWRAPS = 16
+
+#: providers whose get_key is a lookup in this process, not a round trip
+_LOCAL_PROVIDERS = (Keyset, FileKeyProvider, EnvKeyProvider)
 
 
 def _distinct(items: list) -> list:
@@ -420,8 +443,30 @@ def identity_list(identities: Any) -> list:
     return items
 
 
+def _asks_a_provider(stanza: Stanza, identity: Any) -> bool:
+    """Whether trying ``identity`` on ``stanza`` may be a round trip to an HSM, a KMS or a
+    vault, which MAX_PROVIDER_UNWRAPS bounds: a key reference on a ``key-ref`` stanza, a
+    key provider other than the local ones on an ``aes-kwp`` stanza."""
+    if stanza.kind == "key-ref":
+        return isinstance(identity, KeyReference)
+    return (stanza.kind == "aes-kwp" and isinstance(identity, KeyProvider)
+            and not isinstance(identity, _LOCAL_PROVIDERS))
+
+
+def _limit_note(identity: Any) -> str:
+    if isinstance(identity, KeyReference):
+        return (f"{identity.label} was asked to unwrap {MAX_PROVIDER_UNWRAPS} of this "
+                f"envelope's stanzas, the most it is asked: the others were not tried (a forged "
+                f"envelope could name it in 255); name the key exactly (its ARN, or a pkcs11: "
+                f"URI with the token's serial) so that it owns only its own stanza")
+    return (f"{identity!r} was asked for {MAX_PROVIDER_UNWRAPS} of this envelope's key ids, the "
+            f"most a key provider is asked: the others were not tried (a forged envelope could "
+            f"name 255); give WrappingKey.from_provider(provider, KEY_ID) for the key you expect, "
+            f"so that only its own stanza asks the provider")
+
+
 def open_envelope(envelope: bytes, identities: Any, *, context: Any = None,
-                  _with_label: bool = False) -> Any:
+                  _with_label: bool = False, _then_without_context: bool = False) -> Any:
     """The data key, unwrapped by the first stanza one of ``identities`` opens.
 
     ``identities``: one or a sequence of :class:`Identity`, :class:`Keyset`,
@@ -436,7 +481,9 @@ def open_envelope(envelope: bytes, identities: Any, *, context: Any = None,
     when none opens, :class:`EnvelopeError` when the envelope is malformed.
 
     ``_with_label`` (private: :func:`open_file_envelope_with_label`): return ``(data key,
-    label of the stanza that opened)``.
+    label of the stanza that opened)``. ``_then_without_context`` (private, the same
+    caller's): when nothing opens, try the ``key-ref`` stanzas again with no context (the
+    other kinds take none: their answer could not change); one error says why for both.
     """
     candidates = identity_list(identities)
     context = check_context(context)
@@ -448,37 +495,41 @@ def open_envelope(envelope: bytes, identities: Any, *, context: Any = None,
         ev["recipients"] = [_stanza_label(s) for s in stanzas]
         notes: list[str] = []
         # each identity once (the same key given twice is asked once per stanza; the
-        # envelope has no stanza twice, _envelope.decode), and each key reference asked
-        # to unwrap at most MAX_PROVIDER_UNWRAPS stanzas: every ask is a round trip to an
-        # HSM or a KMS, made before anything authenticates the envelope
+        # envelope has no stanza twice, _envelope.decode), and each key reference or
+        # remote key provider asked to unwrap at most MAX_PROVIDER_UNWRAPS stanzas per
+        # context: every ask is a round trip to an HSM, a KMS or a vault, made before
+        # anything authenticates the envelope
         candidates = _distinct(candidates)
-        asked = [0] * len(candidates)
-        for stanza in stanzas:
-            for n, identity in enumerate(candidates):
-                external = stanza.kind == "key-ref" and isinstance(identity, KeyReference)
-                if external and asked[n] == MAX_PROVIDER_UNWRAPS:
-                    notes.append(f"{identity.label} was asked to unwrap {MAX_PROVIDER_UNWRAPS} "
-                                 f"of this envelope's stanzas, the most it is asked: the others "
-                                 f"were not tried (a forged envelope could name it in 255); "
-                                 f"name the key exactly (its ARN, or a pkcs11: URI with the "
-                                 f"token's serial) so that it owns only its own stanza")
-                    continue
-                try:
-                    dek = _try_open(stanza, identity, context)
-                except KeyNotFound:
-                    pass
-                except (KeyUnavailable, KeysetError) as exc:
-                    notes.append(str(exc))
-                except (InvalidUnwrap, InvalidTag, ValueError):
-                    notes.append(f"the wrapped key for {_stanza_label(stanza)} failed to "
-                                 f"authenticate: the envelope was altered or made with another key")
-                else:
-                    if dek is None:
-                        continue  # not its stanza: nothing was asked
-                    ev["key_id"] = label = _stanza_label(stanza)
-                    return (dek, label) if _with_label else dek
-                if external:
-                    asked[n] += 1
+        contexts = [context]
+        if _then_without_context and context and any(s.kind == "key-ref" for s in stanzas):
+            contexts.append({})
+        for attempt, attempt_context in enumerate(contexts):
+            asked = [0] * len(candidates)
+            for stanza in stanzas:
+                if attempt and stanza.kind != "key-ref":
+                    continue  # takes no context: tried once, above
+                for n, identity in enumerate(candidates):
+                    counted = _asks_a_provider(stanza, identity)
+                    if counted and asked[n] == MAX_PROVIDER_UNWRAPS:
+                        notes.append(_limit_note(identity))
+                        continue
+                    try:
+                        dek = _try_open(stanza, identity, attempt_context)
+                    except KeyNotFound:
+                        pass
+                    except (KeyUnavailable, KeysetError) as exc:
+                        notes.append(str(exc))
+                    except (InvalidUnwrap, InvalidTag, ValueError):
+                        notes.append(f"the wrapped key for {_stanza_label(stanza)} failed to "
+                                     f"authenticate: the envelope was altered or made with "
+                                     f"another key")
+                    else:
+                        if dek is None:
+                            continue  # not its stanza: nothing was asked
+                        ev["key_id"] = label = _stanza_label(stanza)
+                        return (dek, label) if _with_label else dek
+                    if counted:
+                        asked[n] += 1
         detail = "; ".join(dict.fromkeys(notes))
         if stanzas[0].kind == _SCRYPT:
             raise NoMatchingRecipient(detail or "this file is encrypted with a passphrase, not "
@@ -506,12 +557,7 @@ def open_file_envelope_with_label(envelope: bytes, identities: Any,
     under the data key, which whoever seals the file picks)."""
     from .references import file_context
 
-    try:
-        return _open_data_key(envelope, identities, file_context(salt))
-    except NoMatchingRecipient:
-        if not any(stanza.kind == "key-ref" for stanza in _envelope.decode(envelope)):
-            raise
-    return _open_data_key(envelope, identities, None)
+    return _open_data_key(envelope, identities, file_context(salt), then_without_context=True)
 
 
 def open_data_key(envelope: bytes, identities: Any, *, context: Any = None) -> bytes:
@@ -522,9 +568,11 @@ def open_data_key(envelope: bytes, identities: Any, *, context: Any = None) -> b
     return _open_data_key(envelope, identities, context)[0]
 
 
-def _open_data_key(envelope: bytes, identities: Any, context: Any) -> tuple[bytes, str]:
+def _open_data_key(envelope: bytes, identities: Any, context: Any, *,
+                   then_without_context: bool = False) -> tuple[bytes, str]:
     """:func:`open_data_key`'s data key and the label of the stanza that opened."""
-    dek, label = open_envelope(envelope, identities, context=context, _with_label=True)
+    dek, label = open_envelope(envelope, identities, context=context, _with_label=True,
+                               _then_without_context=then_without_context)
     if len(dek) != DEK_SIZE:
         raise EnvelopeError(f"this file's envelope holds a {len(dek)}-byte data key, not "
                             f"{DEK_SIZE}: the file was altered or not made by gpucrypt")

@@ -33,7 +33,7 @@ from .._errors import KeyProviderError, KeysetError
 from ._uri import KeyUri, check_secret_source, parse_key_uri
 
 __all__ = ["KeyReference", "ExternalKey", "file_context", "context_bytes", "read_secret_source",
-           "secret_source_path", "PROVIDERS"]
+           "secret_source_path", "check_source_is_absolute", "PROVIDERS"]
 
 #: URI scheme -> "module:class" of its :class:`ExternalKey` (imported on first use, so that
 #: importing gpucrypt.keys imports neither python-pkcs11 nor boto3)
@@ -110,9 +110,21 @@ def secret_source_path(source: str) -> str | None:
     return path[2:] if path.startswith("//") else path
 
 
+def check_source_is_absolute(attribute: str, source: str) -> None:
+    """KeysetError for a ``*-source`` naming a relative file (``file:pin.txt``): a reference
+    is resolved in whichever process uses it, from whatever folder that process is in, so
+    a relative name could read another file there. The value is not quoted (it may be the
+    secret itself, pasted in the wrong place)."""
+    path = secret_source_path(source)
+    if path is not None and not os.path.isabs(path):
+        raise KeysetError(f"{attribute} names a relative path: give an absolute one "
+                          f"({attribute}=file:/path/to/file): a reference is resolved in "
+                          f"whichever process and folder uses it")
+
+
 def read_secret_source(source: str | None, default_env: str, what: str,
                        attribute: str = "pin-source") -> str:
-    """The secret named by ``source``: ``env:VAR`` (an environment variable), ``file:PATH``
+    """The secret named by ``source``: ``env:VAR`` (an environment variable), ``file:/PATH``
     or a plain absolute path (the file's text without its final newline); with no source,
     the environment variable ``default_env``. :class:`KeyProviderError` saying where to put
     it when it is missing or not UTF-8, :class:`KeysetError` for a source of none of these
@@ -120,6 +132,7 @@ def read_secret_source(source: str | None, default_env: str, what: str,
     if source is None:
         source = "env:" + default_env
     check_secret_source(attribute, source)
+    check_source_is_absolute(attribute, source)
     if source.startswith("env:"):
         name = source[4:]
         value = os.environ.get(name)
@@ -167,6 +180,9 @@ class KeyReference:
         if isinstance(uri, KeyReference):
             uri = uri.uri
         self._parsed: KeyUri = parse_key_uri(uri)
+        for name, value in self._parsed.query.items():
+            if name.endswith("-source"):  # said here, in the driver, not on a worker
+                check_source_is_absolute(name, value)
         self.uri: str = self._parsed.canonical()
         self._resolved: Any = None
         self._pid = 0
