@@ -225,7 +225,8 @@ class _AuditFileHandler(_Raising, logging.FileHandler):
     (as :meth:`_take_back` does). A flock belongs to the open file, which a forked child
     shares, so a child opens the log anew (:meth:`emit`) to take the lock in its own right."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, durable: bool = True):
+        self.durable = durable
         super().__init__(path, mode="a", encoding="utf-8")
 
     def _open(self):
@@ -252,6 +253,8 @@ class _AuditFileHandler(_Raising, logging.FileHandler):
 
                     raise OSError(errno.ENOSPC, f"only {written or 0} of the event's "
                                   f"{len(line)} bytes could be written (the file system is full?)")
+                if self.durable:  # on disk before the operation it records returns: a crash
+                    os.fsync(fd)  # or power cut must not lose the record of what was done
             finally:
                 if _flock is not None:
                     _flock(fd, LOCK_UN)
@@ -329,7 +332,8 @@ def _open_log(path: str) -> int:
     return fd
 
 
-def enable(target: Any = None, level: int = logging.INFO) -> logging.Handler:
+def enable(target: Any = None, level: int = logging.INFO, *,
+           durable: bool = True) -> logging.Handler:
     """Send audit events, one JSON line each, to ``target``: a path (appended to, mode
     0600, an existing file's mode included; a symbolic link or anything but a regular file
     is refused with ``OSError``), a text stream, or ``None`` for stderr. An event
@@ -340,7 +344,9 @@ def enable(target: Any = None, level: int = logging.INFO) -> logging.Handler:
     Returns the handler (remove it with ``logging.getLogger(LOGGER_NAME).removeHandler(h)``);
     enabling a file that already has one returns that one, so no event is written twice:
     the same name, or the same file under another (a hard link, a directory reached
-    through a symbolic link)."""
+    through a symbolic link). ``durable`` (a file): each event is fsynced before the
+    operation that emitted it returns (a few milliseconds each on a disk; key operations
+    are few), so a crash loses no record of what was done; False leaves that to the OS."""
     import os
     import sys
 
@@ -351,7 +357,7 @@ def enable(target: Any = None, level: int = logging.INFO) -> logging.Handler:
         existing = _file_handler_for(path)
         if existing is not None:
             return existing
-        handler = _AuditFileHandler(path)
+        handler = _AuditFileHandler(path, durable)
     else:
         handler = _AuditStreamHandler(target)
     handler.setFormatter(logging.Formatter("%(message)s"))

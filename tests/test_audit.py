@@ -633,3 +633,35 @@ def test_no_secret_in_log_on_any_path(captured, tmp_path, monkeypatch, capsys):
     assert any(e["outcome"] == "error" for e in events)
     assert {"file.encrypt", "file.decrypt", "file.rekey"} <= operations
     _assert_no_secret(captured.texts + [log.read_text()], secrets, [passphrase, plaintext_word])
+
+
+def test_a_file_log_is_on_disk_before_the_operation_returns(tmp_path, monkeypatch):
+    """Each event is fsynced: a crash or a power cut right after a key operation lost its
+    record when the line was only in the page cache."""
+    from gpucrypt import audit as audit_module
+
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd")
+                      else fd)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(audit_module.os, "fsync", spy)
+    log = tmp_path / "audit.log"
+    handler = audit_module.enable(log)
+    try:
+        audit_module.event("keyset.save", key_ids=["k1"])
+        assert synced and str(synced[-1]).endswith("audit.log")
+        quick = audit_module.enable(tmp_path / "quick.log", durable=False)
+        try:
+            before = len(synced)
+            audit_module.event("keyset.save", key_ids=["k2"])
+            assert len(synced) == before + 1  # the durable log only
+        finally:
+            logging.getLogger(audit_module.LOGGER_NAME).removeHandler(quick)
+            quick.close()
+    finally:
+        logging.getLogger(audit_module.LOGGER_NAME).removeHandler(handler)
+        handler.close()
