@@ -573,7 +573,9 @@ class _Libsodium:
         return bytes(out)
 
     def encrypt_into(self, nonce, data, associated_data, buf):
-        if memoryview(buf).nbytes != len(data) + 16:
+        # writable(): cffi's from_buffer takes a buffer of Python objects, and libsodium
+        # would write over their pointers (Python crashes reading them back)
+        if writable(buf).nbytes != len(data) + 16:
             raise ValueError(f"buffer must be {len(data) + 16} bytes")
         self._seal(nonce, data, associated_data, buf)
         return len(data) + 16
@@ -582,7 +584,7 @@ class _Libsodium:
         if len(data) < 16:
             self._aad(associated_data)
             raise InvalidTag()
-        if memoryview(buf).nbytes != len(data) - 16:
+        if writable(buf).nbytes != len(data) - 16:
             raise ValueError(f"buffer must be {len(data) - 16} bytes")
         self._open(nonce, data, associated_data, buf)
         return len(data) - 16

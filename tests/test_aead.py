@@ -1208,4 +1208,11 @@ def test_buffers_of_python_objects_and_released_views_are_type_errors():
     sealed = ours.encrypt(nonce, bytes(24), None)
     with pytest.raises(TypeError, match="holds Python objects"):
         ours.decrypt_into(nonce, sealed, None, np.empty(3, dtype=object))
+    x = gpucrypt.XChaCha20Poly1305(key)  # libsodium's path (cffi took any buffer)
+    long_nonce = os.urandom(24)
+    with pytest.raises(TypeError, match="holds Python objects"):
+        x.decrypt_into(long_nonce, x.encrypt(long_nonce, bytes(24), None), None,
+                       np.empty(3, dtype=object))
+    with pytest.raises(TypeError, match="holds Python objects"):
+        x.encrypt_into(long_nonce, bytes(8), None, np.empty(3, dtype=object))
     assert ours.decrypt(nonce, ours.encrypt(nonce, named, None), None) == named.tobytes()

@@ -913,3 +913,28 @@ def test_a_fork_while_a_provider_lock_is_held_leaves_the_child_a_free_lock(modul
         release.set()
         holder.join()
     assert os.waitstatus_to_exitcode(status) == 0, "the child could not take the lock"
+
+
+def test_kms_an_alias_without_a_region_leaves_the_file_to_the_other_identities(
+        kms, monkeypatch):
+    """A reference by alias with no region= on a machine with no default region owns no
+    stanza (it sends nothing where a stanza says, and has nowhere else to send): the other
+    identities given with it still open the file. Its 'no region' error stopped the open."""
+    from gpucrypt.keys import awskms
+    from gpucrypt.keys.recipients import open_file_envelope
+    from gpucrypt.keys.references import file_context
+
+    alias_name = "alias/gpucrypt-no-region"
+    kms.new_key(alias=alias_name)
+    ops = keys.Keyset.generate()
+    dek, salt = keys.generate_dek(), os.urandom(16)
+    envelope = keys.seal_envelope(dek, [KeyReference(kms.uri(alias_name)), ops],
+                                  context=file_context(salt))
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setattr(awskms, "_clients", {})
+    no_region = KeyReference(f"awskms:///{alias_name}?endpoint={kms.endpoint}")
+    assert open_file_envelope(envelope, [no_region, ops], salt) == dek
+    with pytest.raises(keys.NoMatchingRecipient):
+        open_file_envelope(envelope, [no_region], salt)

@@ -125,7 +125,7 @@ def _run_selftest(args) -> int:
     if wanted in ("gpu", "cuda") and "gpu" not in devices:  # asked to check the GPU: none is no pass
         from ..backends import unavailable_reasons
 
-        print(f"gpu  FAILED: GPUCRYPT_DEVICE=gpu, but the GPU backend cannot run here: "
+        print(f"gpu  FAILED: GPUCRYPT_DEVICE={wanted}, but the GPU backend cannot run here: "
               f"{unavailable_reasons().get('gpu', 'no reason given')}")
         failures += 1
     for device in devices:

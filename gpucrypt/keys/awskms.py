@@ -193,8 +193,14 @@ class AwsKmsKey:
                                  f"(aws kms enable-key --key-id {meta['KeyId']}) to use it")
 
     def _region(self) -> str | None:
-        """The configured region, else boto3's default (the client's)."""
-        return self.region or self._client().meta.region_name
+        """The configured region, else boto3's default (the client's); None when there is
+        neither (this key can then open nothing, and other identities are tried)."""
+        if self.region:
+            return self.region
+        try:
+            return self._client().meta.region_name
+        except KeyProviderError:  # "no region": not this key's file to stop
+            return None
 
     # --- ExternalKey
     def wrap(self, dek: bytes, context: Mapping[str, str]) -> tuple[str, bytes]:
