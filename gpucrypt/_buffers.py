@@ -151,6 +151,9 @@ def inexact_overlap(data: Any, buf: Any) -> bool:
                 return False  # owners of distinct memory (or the very same array: in place)
         elif type(base) is bytes:
             return False  # data in a bytes object (immutable: no writable view aliases it)
+        spans = _writable_spans(data, buf)  # an in-place call: its views of one array
+        if spans is not None:
+            return spans
         if not _numpy.may_share_memory(data, buf):  # exact for the contiguous arrays we take
             return False
         return address(data) != address(buf)
@@ -162,6 +165,9 @@ def inexact_overlap(data: Any, buf: Any) -> bool:
         if type(owner) is bytes or (owner is not buf_owner and type(owner) is bytearray
                                     and type(buf_owner) is bytearray):
             return False  # immutable, or two bytearrays: distinct memory
+        spans = _writable_spans(data, buf)  # slices of one buffer: an in-place call, say
+        if spans is not None:
+            return spans
     elif t is tb:
         if t is bytearray:
             return False  # distinct memory, or the very same object (in place)
@@ -175,6 +181,36 @@ def inexact_overlap(data: Any, buf: Any) -> bool:
         return False
     start_a, start_b = address(a), address(b)
     return start_a != start_b and start_a < start_b + len(b) and start_b < start_a + len(a)
+
+
+_from_buffer: Any = None  # ctypes.c_char.from_buffer and ctypes.addressof, once loaded
+_addressof: Any = None
+
+
+def _writable_spans(data: Any, buf: Any) -> bool | None:
+    """:func:`inexact_overlap` of two writable, contiguous, non-empty buffers, from their
+    addresses through ctypes (0.16 us each: an in-place call of slices of one buffer cost
+    1.1-1.4 us of checks before), or None when either is not such a buffer (a read-only
+    or non-contiguous view, an empty one: the general test decides)."""
+    global _from_buffer, _addressof
+    if _from_buffer is None:
+        import ctypes
+
+        _from_buffer, _addressof = ctypes.c_char.from_buffer, ctypes.addressof
+    try:
+        start_a, start_b = _addressof(_from_buffer(data)), _addressof(_from_buffer(buf))
+    except (TypeError, ValueError):
+        return None
+    end_a, end_b = start_a + _nbytes(data), start_b + _nbytes(buf)
+    return start_a != start_b and start_a < end_b and start_b < end_a
+
+
+def _nbytes(x: Any) -> int:
+    """Bytes of a buffer: an attribute of arrays and views, a view's for the others."""
+    t = type(x)
+    if t is memoryview or t is _ndarray:
+        return x.nbytes
+    return len(x) if t is bytearray else memoryview(x).nbytes
 
 
 def plain_bytes(x: Any, writable: bool = False) -> bool:
