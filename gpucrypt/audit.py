@@ -231,13 +231,30 @@ class _AuditFileHandler(_Raising, logging.FileHandler):
 
     def _open(self):
         self._pid = os.getpid()
-        return open(_open_log(self.baseFilename), "ab", buffering=0)
+        created = not os.path.lexists(self.baseFilename)
+        stream = open(_open_log(self.baseFilename), "ab", buffering=0)
+        if created and self.durable:  # a new file's name is in its folder, on disk too
+            from .files._atomic import fsync_folder
+
+            fsync_folder(os.path.dirname(self.baseFilename))
+        return stream
+
+    def _rotated(self) -> bool:
+        """Whether the log's path no longer names the file this process has open: renamed
+        away (rotated) or removed, by any process. The next event then opens the path anew,
+        in every process that writes it (as logging's WatchedFileHandler does)."""
+        try:
+            now = os.stat(self.baseFilename)
+        except FileNotFoundError:
+            return True
+        held = os.fstat(self.stream.fileno())
+        return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = (self.format(record) + self.terminator).encode(self.encoding)
-            if self.stream is not None and self._pid != os.getpid():  # forked: see above
-                with contextlib.suppress(OSError):
+            if self.stream is not None and (self._pid != os.getpid() or self._rotated()):
+                with contextlib.suppress(OSError):  # forked (see above), or rotated
                     self.stream.close()  # this process's descriptor only
                 self.stream = None
             if self.stream is None:
@@ -254,7 +271,11 @@ class _AuditFileHandler(_Raising, logging.FileHandler):
                     raise OSError(errno.ENOSPC, f"only {written or 0} of the event's "
                                   f"{len(line)} bytes could be written (the file system is full?)")
                 if self.durable:  # on disk before the operation it records returns: a crash
-                    os.fsync(fd)  # or power cut must not lose the record of what was done
+                    try:          # or power cut must not lose the record of what was done
+                        os.fsync(fd)
+                    except OSError:  # not known to be on disk: taken back, so that the
+                        self._take_back(line)  # error's "missing from the log" is true
+                        raise
             finally:
                 if _flock is not None:
                     _flock(fd, LOCK_UN)
@@ -356,6 +377,8 @@ def enable(target: Any = None, level: int = logging.INFO, *,
         path = os.path.abspath(os.fspath(target))  # as FileHandler.baseFilename holds it
         existing = _file_handler_for(path)
         if existing is not None:
+            # one handler per file: durable if any caller asked for it
+            existing.durable = getattr(existing, "durable", False) or durable
             return existing
         handler = _AuditFileHandler(path, durable)
     else:

@@ -1216,3 +1216,16 @@ def test_buffers_of_python_objects_and_released_views_are_type_errors():
     with pytest.raises(TypeError, match="holds Python objects"):
         x.encrypt_into(long_nonce, bytes(8), None, np.empty(3, dtype=object))
     assert ours.decrypt(nonce, ours.encrypt(nonce, named, None), None) == named.tobytes()
+
+
+def test_a_released_view_in_the_into_forms_is_a_type_error():
+    """The overlap check read the released view's .obj first: ValueError, where
+    cryptography raises TypeError."""
+    key, nonce = os.urandom(32), os.urandom(12)
+    for cls in (gpucrypt.AESGCM, gpucrypt.ChaCha20Poly1305):
+        released = memoryview(bytearray(8))
+        released.release()
+        with pytest.raises(TypeError):
+            cls(key).encrypt_into(nonce, released, None, bytearray(24))
+        with pytest.raises(TypeError):
+            cls(key).encrypt_into(nonce, b"8 bytes!", None, released)

@@ -665,3 +665,75 @@ def test_a_file_log_is_on_disk_before_the_operation_returns(tmp_path, monkeypatc
     finally:
         logging.getLogger(audit_module.LOGGER_NAME).removeHandler(handler)
         handler.close()
+
+
+def test_an_event_whose_fsync_fails_is_taken_back_and_reported(tmp_path, monkeypatch):
+    """The error says the event is missing from the log: it must be (it was in the file,
+    not known to be on disk, and noting it by hand as the error says left it twice)."""
+    from gpucrypt import audit as audit_module
+
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    log = tmp_path / "audit.log"
+    handler = audit_module.enable(log)
+    try:
+        audit_module.event("keyset.save", key_ids=["before"])
+        monkeypatch.setattr(audit_module.os, "fsync", failing_fsync)
+        with pytest.raises(audit_module.AuditLogError, match="missing from it"):
+            audit_module.event("keyset.save", key_ids=["lost"])
+        lines = log.read_text().splitlines()
+        assert len(lines) == 1 and "before" in lines[0]
+    finally:
+        logging.getLogger(audit_module.LOGGER_NAME).removeHandler(handler)
+        handler.close()
+
+
+def test_enabling_a_file_again_with_the_default_makes_it_durable(tmp_path):
+    from gpucrypt import audit as audit_module
+
+    quick = audit_module.enable(tmp_path / "a.log", durable=False)
+    try:
+        assert audit_module.enable(tmp_path / "a.log") is quick and quick.durable
+    finally:
+        logging.getLogger(audit_module.LOGGER_NAME).removeHandler(quick)
+        quick.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="a forked writer")
+def test_a_rotated_log_is_reopened_by_every_process_that_writes_it(tmp_path):
+    """Renamed away (logrotate), the log's path is opened anew at the next event, in the
+    process that renamed it and in a forked child that had written before: the child kept
+    appending to the renamed file."""
+    from gpucrypt import audit as audit_module
+
+    log = tmp_path / "audit.log"
+    handler = audit_module.enable(log)
+    try:
+        audit_module.event("keyset.save", key_ids=["parent.before"])
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: one event, wait for the rotation, one more
+            code = 1
+            try:
+                audit_module.event("keyset.save", key_ids=["child.before"])
+                os.write(ready_w, b"1")
+                os.read(go_r, 1)
+                audit_module.event("keyset.save", key_ids=["child.after"])
+                code = 0
+            finally:
+                os._exit(code)
+        os.read(ready_r, 1)
+        os.rename(log, tmp_path / "audit.log.1")
+        audit_module.event("keyset.save", key_ids=["parent.after"])
+        os.write(go_w, b"1")
+        assert os.waitpid(pid, 0)[1] == 0
+        old = (tmp_path / "audit.log.1").read_text()
+        new = log.read_text()
+        assert "parent.before" in old and "child.before" in old
+        assert "parent.after" in new and "child.after" in new
+        assert "child.after" not in old
+    finally:
+        logging.getLogger(audit_module.LOGGER_NAME).removeHandler(handler)
+        handler.close()

@@ -1650,6 +1650,12 @@ def test_messages_name_the_option_that_would_work(work, capsys, monkeypatch):
     assert "it is an identity file" in fails("decrypt", "--keyset", "alice.key", "sealed", "out")
     assert "-i IDENTITY or --keyset, not a raw key" in fails("decrypt", "--key-file", "key",
                                                                "sealed", "out")
+    np = pytest.importorskip("numpy")
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    safetensors_numpy.save_file({"w": np.ones(4, np.float32)}, str(work / "m.safetensors"))
+    assert run(capsys, "encrypt-model", "-r", "alice.key.pub", "m.safetensors", "m.gc")[0] == 0
+    assert "-i IDENTITY or --keyset, not a raw key" in fails("decrypt-model", "--key-file",
+                                                               "key", "m.gc", "m.out")
     private(work / "key33", os.urandom(32) + b"\n")
     assert "ends in a newline" in fails("encrypt", "--key-file", "key33", "plain", "out")
     assert "passphrase file nope:" in fails("encrypt", "-p", "--passphrase-file", "nope",

@@ -936,5 +936,5 @@ def test_kms_an_alias_without_a_region_leaves_the_file_to_the_other_identities(
     monkeypatch.setattr(awskms, "_clients", {})
     no_region = KeyReference(f"awskms:///{alias_name}?endpoint={kms.endpoint}")
     assert open_file_envelope(envelope, [no_region, ops], salt) == dek
-    with pytest.raises(keys.NoMatchingRecipient):
-        open_file_envelope(envelope, [no_region], salt)
+    with pytest.raises(keys.NoMatchingRecipient, match="no region; add \\?region="):
+        open_file_envelope(envelope, [no_region], salt)  # and the reason is said

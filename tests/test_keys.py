@@ -137,6 +137,8 @@ def test_a_new_key_file_never_replaces_another(tmp_path, fast_scrypt):
         Keyset.generate().save(path)
     with pytest.raises(KeysetError, match="alice exists, and this identity was not read"):
         Identity.generate().save(who)
+    with pytest.raises(KeysetError, match="alice exists: a recipient file is written to a new"):
+        identity.recipient.save(who)  # the private file mistaken for the .pub one
     assert path.read_bytes() == before and who.read_bytes() == before_identity
     first.add(primary=True)
     first.save(path)  # its own file: saved over

@@ -267,8 +267,10 @@ def decrypt_key(args: Any, header: Any) -> bytes:
     key = _raw_key(args)
     if key is not None:
         # a file sealed for recipients or a keyset opened with a raw key: if its header fails,
-        # the error says which options open it (run_reporting_errors)
-        args.raw_key_for_envelope = bool(getattr(header, "envelope", None))
+        # the error says which options open it (run_reporting_errors reads the header then,
+        # where only a function that reads it was given)
+        args.raw_key_for_envelope = header if callable(header) else \
+            bool(getattr(header, "envelope", None))
         return key
     cli_keys = _key_management()
     if cli_keys is None:
@@ -470,6 +472,19 @@ def _input_changed(exc: ValueError) -> bool:
     return text.startswith("the input file ") and "while it was being encrypted" in text
 
 
+def _sealed_for_others(args: Any) -> bool:
+    """Whether the file a raw key failed to open carries an envelope (see decrypt_key)."""
+    probe = getattr(args, "raw_key_for_envelope", False)
+    if not callable(probe):
+        return bool(probe)
+    from ..files._format import StreamError
+
+    try:
+        return bool(getattr(probe(), "envelope", None))
+    except (OSError, ValueError, StreamError):  # the header itself is what failed
+        return False
+
+
 def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
     """Run ``work()``, turning the library's errors into one-line CliErrors; 0 on success."""
     from ..backends import BackendUnavailable
@@ -485,7 +500,7 @@ def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
             raise CliError(f"tampered or damaged data: {exc}", 1) from None
         hint = ("; this file is sealed for recipients or a keyset (its header holds their "
                 "wrapped keys): open it with -i IDENTITY or --keyset, not a raw key"
-                if getattr(args, "raw_key_for_envelope", False) else "")
+                if _sealed_for_others(args) else "")
         raise CliError(f"wrong key or tampered data: {exc}{hint}", 1) from None
     except UnsupportedVersion as exc:
         raise CliError(str(exc), 1) from None

@@ -449,7 +449,7 @@ def _save_pair(identity: Any, out: str, passphrase: Any, force: bool) -> None:
     except OSError:  # none there, or unreadable: then removed, never left unmatched
         earlier = None
     try:
-        _keys_call(identity.recipient.save, pub)
+        _keys_call(identity.recipient.save, pub, overwrite=force)
         # checked by _refuse_overwrite before the passphrase; one that appeared since is kept
         _keys_call(identity.save, out, passphrase, overwrite=force)
     except BaseException:
@@ -476,7 +476,7 @@ def _settle_pair(identity: Any, out: str, pub: str, earlier: bytes | None) -> No
     written, pub_written = holds_new(out), holds_new(pub)
     try:
         if written and not pub_written:
-            identity.recipient.save(pub)
+            identity.recipient.save(pub, overwrite=True)  # the identity's own half
         elif pub_written and not written:
             if earlier is None:
                 os.remove(pub)

@@ -151,8 +151,8 @@ class AwsKmsKey:
                                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run with a "
                                    "role)") from None
         except _bce.NoRegionError:
-            raise KeyProviderError(f"AWS KMS key {key}: no region; add ?region=... to the key "
-                                   f"URI or set AWS_REGION") from None
+            raise _NoRegion(f"AWS KMS key {key}: no region; add ?region=... to the key "
+                            f"URI or set AWS_REGION") from None
         except _bce.ProfileNotFound:
             raise KeyProviderError(f"AWS KMS: the profile {self.profile!r} is not "
                                    f"configured") from None
@@ -193,14 +193,16 @@ class AwsKmsKey:
                                  f"(aws kms enable-key --key-id {meta['KeyId']}) to use it")
 
     def _region(self) -> str | None:
-        """The configured region, else boto3's default (the client's); None when there is
-        neither (this key can then open nothing, and other identities are tried)."""
+        """The configured region, else boto3's default (the client's). With neither, this
+        key can open nothing: KeyUnavailable, which a reader notes (saying why) before it
+        tries the other identities; any other failure (a profile not configured) is raised
+        as it is."""
         if self.region:
             return self.region
         try:
             return self._client().meta.region_name
-        except KeyProviderError:  # "no region": not this key's file to stop
-            return None
+        except _NoRegion as exc:
+            raise KeyUnavailable(str(exc)) from None
 
     # --- ExternalKey
     def wrap(self, dek: bytes, context: Mapping[str, str]) -> tuple[str, bytes]:
@@ -246,6 +248,10 @@ class AwsKmsKey:
                                  f"{answer.get('KeyId')}: the envelope names another key than "
                                  f"the one that wrapped it (altered or forged); not used")
         return bytes(answer["Plaintext"])
+
+
+class _NoRegion(KeyProviderError):
+    """No region in the key's URI, its profile or the environment."""
 
 
 def _code(exc: Any) -> str:

@@ -24,7 +24,6 @@ from .. import audit
 from .._buffers import bytes_arg
 from .._errors import (EnvelopeError, KeyNotFound, KeysetError, KeyUnavailable,
                        NoMatchingRecipient)
-from ..files._atomic import write_atomically
 from . import _envelope
 from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document, read_json,
                         read_document, seal_document, utc_timestamp, write_key_file,
@@ -101,9 +100,18 @@ class Recipient:
         return {"format": RECIPIENT_FORMAT, "version": FILE_VERSION, "kem": self.kem,
                 "public_key": b64e(self.public_bytes), "fingerprint": self.fingerprint}
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the public file (0644: it is meant to be shared)."""
-        write_atomically(path, json.dumps(self.to_json(), indent=2).encode() + b"\n", 0o644)
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write the public file (0644: it is meant to be shared), atomically. An existing
+        file is left as it is (:class:`KeysetError`) unless ``overwrite=True``: the path
+        mistaken for the ``.pub`` one would otherwise replace its private identity."""
+        from ..files._atomic import AtomicFile, OutputExists
+
+        try:
+            with AtomicFile(path, 0o644, overwrite=overwrite) as f:
+                f.write(json.dumps(self.to_json(), indent=2).encode() + b"\n")
+        except OutputExists:
+            raise KeysetError(f"{os.fspath(path)} exists: a recipient file is written to a new "
+                              f"path, or over the old one with overwrite=True") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipient":
