@@ -34,8 +34,9 @@
 #   bench-device  the same rows with --device-time: the device's time alone, the calls
 #                 queued behind a delay (encryption only)                -> $OUT/bench-gpu-device.json, bench.log
 #   bench         gpucrypt bench --device gpu --sizes $SIZES --forms into (every algorithm,
-#                 $OPERATIONS, GPU rows against cryptography; the table and the JSON give
-#                 each GPU cell's fraction of the copy rate)            -> $OUT/bench-gpu.json, bench.log
+#                 $OPERATIONS, GPU rows beside cryptography: device-resident ones as a
+#                 fraction of the copy rate, +transfer (both PCIe copies) as a ratio to
+#                 cryptography on the same host bytes)                 -> $OUT/bench-gpu.json, bench.log
 #   tensor        benchmarks/tensor_bench.py --device cuda (state dicts) -> $OUT/tensor-bench.json, bench.log
 #   cpu-tests     the rest of the suite (CI runs it anyway; not in "all")
 #   profile       benchmarks/host_profile.py: host time per call (1 MiB raw and sealed, 256
@@ -242,7 +243,7 @@ run_steps() {
                 # H200 (2026-12-04), the CPU rows taking most of it
                 step bench "${T_BENCH:-100}" $PY -m gpucrypt bench --device gpu --sizes "${SIZES:-1MiB,1GiB}" \
                     --forms into --operations "${OPERATIONS:-encrypt}" \
-                    --implementations gpucrypt-gpu,gpucrypt-gpu-hosttag,cryptography \
+                    --implementations gpucrypt-gpu,gpucrypt-gpu-hosttag,gpucrypt-gpu+transfer,cryptography \
                     --seconds "${BENCH_SECONDS:-0.1}" --json "$OUT/bench-gpu.json" 2>&1 | tee -a "$OUT/bench.log" | tail -60 ;;
             bench-device)
                 step bench-device "${T_BENCH_DEVICE:-100}" $PY -m gpucrypt bench --device gpu --device-time \

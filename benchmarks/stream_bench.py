@@ -101,7 +101,21 @@ def _cells(size: int, cores: int):
     outs = [bytearray(size // cores + 16) for _ in range(cores)]
 
     def stream_encrypt(threads):
+        # the timed call, once into memory first: its file must decrypt to the data (a
+        # fresh salt per call: each call's file is its own, so it is checked, not compared)
+        sealed, again = io.BytesIO(), io.BytesIO()
+        stream.encrypt(data, sealed, KEY, threads=threads, device="cpu")
+        stream.decrypt(sealed.getbuffer(), again, KEY, threads=1, device="cpu")
+        if again.getbuffer() != data:
+            raise SystemExit(f"gpucrypt.stream encrypt threads={threads}: its file does not "
+                             f"decrypt to the data: not timed")
         return lambda: stream.encrypt(data, _Drop(), KEY, threads=threads, device="cpu")
+
+    opened = io.BytesIO()  # the timed decrypt, once into memory first
+    stream.decrypt(ct, opened, KEY, threads=cores, device="cpu")
+    if opened.getbuffer() != data:
+        raise SystemExit(f"gpucrypt.stream decrypt threads={cores} does not give the data back: "
+                         f"not timed")
 
     cells = {"cryptography 1 call": one_call, "cryptography 1 MiB x N": one_mib_messages,
              "gpucrypt.stream encrypt threads=1": stream_encrypt(1)}
@@ -133,6 +147,11 @@ def _model_cells(size: int, folder: str, cores: int):
             while got < len(view):
                 got += f.readinto(view[got:])
 
+    loaded = models.load_encrypted(path, KEY, "cpu", framework="numpy", threads=cores)
+    if list(loaded) != list(tensors) or any(not np.array_equal(loaded[name], x)
+                                            for name, x in tensors.items()):
+        raise SystemExit("load_encrypted does not give the saved tensors back: not timed")
+    del loaded
     cells = {"read the file (readinto)": read_file,
              f"load_encrypted cpu threads={cores}":
                  lambda: models.load_encrypted(path, KEY, "cpu", framework="numpy", threads=cores)}
@@ -154,6 +173,12 @@ def _model_cells(size: int, folder: str, cores: int):
         def load_to_gpu():
             models.load_encrypted(path, KEY, "cuda")
             torch.cuda.synchronize()
+
+        on_gpu = models.load_encrypted(path, KEY, "cuda")  # checked once, as timed
+        if any(not np.array_equal(on_gpu[name].cpu().numpy(), x) for name, x in tensors.items()):
+            raise SystemExit("load_encrypted to the GPU does not give the saved tensors back: "
+                             "not timed")
+        del on_gpu
 
         cells["pinned host-to-device copy"] = copy_to_gpu
         cells["load_encrypted cuda (torch)"] = load_to_gpu

@@ -75,6 +75,8 @@ SCHEMA_VERSION = 2
 CPU_IMPLEMENTATIONS = ("cryptography", "gpucrypt-cpu", "pycryptodome", "pynacl")
 #: Implementations that need a GPU.
 GPU_IMPLEMENTATIONS = ("gpucrypt-gpu", "gpucrypt-gpu-hosttag", "gpucrypt-gpu+transfer")
+#: GPU rows whose data start and end in device memory (CUDA events)
+DEVICE_RESIDENT = ("gpucrypt-gpu", "gpucrypt-gpu-hosttag")
 IMPLEMENTATIONS = ("cryptography", "gpucrypt-cpu", "gpucrypt-gpu", "gpucrypt-gpu-hosttag",
                    "gpucrypt-gpu+transfer", "pycryptodome", "pynacl")
 
@@ -573,6 +575,9 @@ def _fill_ratios(report: BenchReport) -> None:
             c.ratio = 1.0
         if c.note:  # simulator rows: a figure that is no measurement has no ratio either
             c.ratio = None
+        if c.implementation in DEVICE_RESIDENT:  # data already in GPU memory against host
+            c.ratio = None  # bytes: no like-for-like ratio (its copy fraction says it; the
+            # +transfer row, both PCIe copies included, is the one to compare)
         if report.copy_gbps and c.implementation in GPU_IMPLEMENTATIONS and not c.note:
             c.fraction_of_copy = c.gbps / report.copy_gbps
     for c in report.cells:
