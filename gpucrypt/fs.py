@@ -268,6 +268,15 @@ class GpucryptFile(stream.SegmentReader):
     def name(self) -> str:
         return self.path
 
+    @property
+    def blocksize(self) -> int:
+        # what fsspec's block cache asks of a file it caches: blocks of this file's
+        # plaintext would be kept on disk in the clear. Said instead of a bare AttributeError.
+        raise AttributeError(f"{self.path}: gpucrypt files are not cached above gpucrypt "
+                             f"(blockcache::gpucrypt:: would keep plaintext blocks on disk): put "
+                             f"the cache below it, gpucrypt::blockcache::PROTOCOL://..., which "
+                             f"caches the ciphertext")
+
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError(f"an open gpucrypt reader ({self.path}) holds its data key and "
                         f"decrypted plaintext and is not pickled: send the filesystem and "

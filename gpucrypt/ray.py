@@ -53,7 +53,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from .files import stream
-from .files._format import StreamError
+from .files._format import MAGIC as STREAM_MAGIC, StreamError
 from .fs import GpucryptFileSystem, named_error
 from .keys import NoMatchingRecipient, encrypt_file
 from .keys.portable import KeyReferences
@@ -530,6 +530,12 @@ class GpucryptDatasink(StagedFilesDatasink):
         if self.keys is not None:
             if self._sealer is None:
                 self._sealer = _Sealer(self.keys, self.stream_options)
+                # a pipeline that ran EncryptBatch and gave keys= too encrypts twice, which
+                # works but doubles the work and the readers' keys: its first row tells
+                if bytes(data[:len(STREAM_MAGIC)]) == STREAM_MAGIC:
+                    _log.warning("%s: this row is a gpucrypt stream already, and is encrypted "
+                                 "again (keys= was given to the sink): leave keys= out if the "
+                                 "rows come from EncryptBatch", name)
             return self._sealer.seal(data)
         try:
             stream.read_header(data)

@@ -5,6 +5,7 @@ filesystem pickles without a secret."""
 from __future__ import annotations
 
 import http.server
+import os
 import pickle
 import posixpath
 import re
@@ -1183,3 +1184,21 @@ def test_an_option_the_filesystem_does_not_take_is_refused_not_dropped(options):
     with pytest.raises(TypeError, match="unexpected option.*keys are named by reference"):
         fsspec.filesystem("gpucrypt", target_protocol="memory", skip_instance_cache=True,
                           **options)
+
+
+def test_a_block_cache_above_gpucrypt_is_refused_saying_where_it_goes(keys, tmp_path):
+    """blockcache::gpucrypt:: would keep blocks of plaintext in its cache folder; it failed
+    with "'GpucryptFile' object has no attribute 'blocksize'". Below gpucrypt it caches
+    ciphertext, and reads back the data."""
+    target = f"{tmp_path}/x.gc"
+    data = os.urandom(50_000)
+    with fsspec.open(f"gpucrypt::file://{target}", "wb",
+                     gpucrypt={"keyset": keys["keyset"]}) as f:
+        f.write(data)
+    with pytest.raises(AttributeError, match="not cached above gpucrypt.*put the cache below"):
+        with fsspec.open(f"blockcache::gpucrypt::file://{target}", "rb",
+                         gpucrypt={"keyset": keys["keyset"]},
+                         blockcache={"cache_storage": str(tmp_path / "cache")}) as f:
+            f.read()
+    assert not any(data[:64] in p.read_bytes() for p in (tmp_path / "cache").rglob("*")
+                   if p.is_file())

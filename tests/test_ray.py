@@ -515,3 +515,22 @@ def test_a_sink_runs_its_next_job_afresh(tmp_path, caplog):
     assert not os.path.exists(sink.staging) and (root / "sub" / "e.bin").exists()
     _job_failing_in_a_write_task(sink, ["g.bin"])
     assert not os.path.exists(sink.staging)
+
+
+def test_a_sink_given_keys_says_when_its_rows_are_encrypted_already(keyset, tmp_path, caplog):
+    """EncryptBatch's rows and keys= on the sink: encrypted twice, without a word."""
+    import io
+    import logging
+
+    sealed = io.BytesIO()
+    stream.encrypt(b"a row", sealed, os.urandom(32), device="cpu")
+    sink = gray.GpucryptDatasink(str(tmp_path / "out"), keys=KeyReferences(keyset=keyset[0]))
+    with caplog.at_level(logging.WARNING, logger="gpucrypt.ray"):
+        again = sink.prepare(sealed.getvalue(), "/in/a.bin")
+    assert "is a gpucrypt stream already, and is encrypted again" in caplog.text
+    assert stream.read_header(again).envelope  # encrypted for the keyset all the same
+    caplog.clear()
+    fresh = gray.GpucryptDatasink(str(tmp_path / "out2"), keys=KeyReferences(keyset=keyset[0]))
+    with caplog.at_level(logging.WARNING, logger="gpucrypt.ray"):
+        fresh.prepare(b"plain row", "/in/b.bin")
+    assert "encrypted again" not in caplog.text
