@@ -8,6 +8,7 @@ The envelope bytes themselves are :mod:`gpucrypt.keys._envelope`'s.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -26,11 +27,10 @@ from .._errors import (EnvelopeError, KeyNotFound, KeysetError, KeyUnavailable,
                        NoMatchingRecipient)
 from . import _envelope
 from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document, read_json,
-                        read_document, seal_document, utc_timestamp, write_key_file,
-                        file_digest)
+                        read_document, seal_document, utc_timestamp, write_key_file)
 from ._envelope import EnvelopeFormatError, Stanza
 from ._material import HoldsKeyMaterial
-from .keyset import Keyset, KeysetKey
+from .keyset import Keyset, KeysetKey, _locked_digest
 from .passphrase import STANZA_KIND as _SCRYPT, Passphrase
 from .providers import EnvKeyProvider, FileKeyProvider, KeyProvider, WrappingKey
 from .references import KeyReference, check_context
@@ -243,12 +243,14 @@ class Identity(HoldsKeyMaterial):
         target = os.path.realpath(path)
         data = json.dumps(doc, indent=2).encode() + b"\n"
         own = self._origin is not None and self._origin[0] == target
-        if own and not overwrite and file_digest(target) not in (None, self._origin[1]):
-            raise KeysetError(f"{os.fspath(path)} changed since this identity was read from it "
-                              f"(another identity written there, say): nothing was written; "
-                              f"save to a new path, or pass overwrite=True")
-        write_key_file(path, data, replace=overwrite or (own and os.path.exists(target)),
-                       what="identity")
+        # as Keyset.save: the check and the write are one step under the file's flock
+        with _locked_digest(target) if own else contextlib.nullcontext() as now:
+            if own and not overwrite and now not in (None, self._origin[1]):
+                raise KeysetError(f"{os.fspath(path)} changed since this identity was read "
+                                  f"from it (another identity written there, say): nothing "
+                                  f"was written; save to a new path, or pass overwrite=True")
+            write_key_file(path, data, replace=overwrite or (own and now is not None),
+                           what="identity")
         self._origin = (target, hashlib.sha256(data).digest())
 
     @classmethod
