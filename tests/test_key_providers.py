@@ -495,6 +495,14 @@ def test_pkcs11_a_reference_opens_only_what_its_kind_of_key_makes(hsm):
         with pytest.raises(keys.NoMatchingRecipient, match="an RSA key pair, which does not make"):
             keys.open_envelope(envelope, private_ref)  # and the pair does not open AES stanzas
     assert keys.open_envelope(forged, private_ref) == forged_dek  # the pair's own kind
+    # an RSA-OAEP body the token refuses: one message, whatever the token's reason (a
+    # failure's class told apart decoding from padding errors: a Manger-style oracle)
+    for body in (oaep[:1] + bytes(len(oaep) - 1), oaep[:1] + b"\xff" * (len(oaep) - 1),
+                 oaep[:-1] + bytes([oaep[-1] ^ 1])):
+        bad = keys._envelope.encode([keys.Stanza("key-ref", stanza_id, body)])
+        with pytest.raises(keys.NoMatchingRecipient) as refused:
+            keys.open_envelope(bad, private_ref)
+        assert "refused to unwrap the data key: the envelope was altered" in str(refused.value)
 
 
 # ------------------------------------------------------------------------------------ AWS KMS

@@ -350,7 +350,11 @@ class Pkcs11Key:
                 finally:
                     copy.destroy()
             except _p11e.PKCS11Error as exc:
-                raise KeyUnavailable(f"{self.reference}: the token refused to unwrap the data key "
-                                     f"({type(exc).__name__}): the envelope was altered, or made "
-                                     f"for another file or with another key") from None
+                # RSA-OAEP: one message whatever the token's reason. Telling a decoding
+                # failure from a padding one is what a chosen-ciphertext (Manger) attack on
+                # a service that reports errors for files it is sent needs
+                reason = "" if code in _PRIVATE_CODES else f" ({type(exc).__name__})"
+                raise KeyUnavailable(f"{self.reference}: the token refused to unwrap the data key"
+                                     f"{reason}: the envelope was altered, or made for another "
+                                     f"file or with another key") from None
 
