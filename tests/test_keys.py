@@ -1480,3 +1480,21 @@ def test_rekey_reencrypt_a_model_with_a_dtype_torch_lacks(tmp_path):
     back = models.load_encrypted(path, open_file_envelope(after.envelope, alice, after.salt),
                                  device="cpu", framework="numpy")
     assert back["a"].dtype == x.dtype and back["a"].tobytes() == x.tobytes()
+
+
+def test_paths_and_bytes_where_key_objects_go_say_what_to_load(tmp_path):
+    """recipients=os.urandom(32) said "cannot wrap a data key for a int" (the bytes were
+    iterated), and keyset="ks.json" or identities="alice" "cannot ... with a str"."""
+    src = tmp_path / "plain"
+    src.write_bytes(b"data")
+    with pytest.raises(TypeError, match="recipients must be key objects, not bytes.*WrappingKey"):
+        keys.encrypt_file(src, tmp_path / "out", recipients=os.urandom(32))
+    with pytest.raises(TypeError, match=r"keyset= takes a Keyset, not a str: .*Keyset.load\('ks.json'\)"):
+        keys.encrypt_file(src, tmp_path / "out", keyset="ks.json")
+    sealed = tmp_path / "sealed"
+    keys.encrypt_file(src, sealed, keyset=Keyset.generate())
+    with pytest.raises(TypeError, match=r"with a str: .*load the file first"):
+        keys.decrypt_file(sealed, tmp_path / "out", identities="alice")
+    with pytest.raises(TypeError, match=r"keyset= takes a Keyset"):
+        keys.decrypt_file(sealed, tmp_path / "out", keyset=tmp_path / "ks.json")
+    assert not (tmp_path / "out").exists()

@@ -1088,3 +1088,18 @@ def test_reading_tensor_by_tensor_counts_the_file_segments_once(tmp_path, monkey
             assert f.get_tensor(name)[0] == int(name[1:])
             assert f.get_slice(name)[1:3].tolist() == [int(name[1:])] * 2
     assert len(walks) == after_one, f"{len(walks) - after_one} table walks for {2 * n} reads"
+
+
+def test_save_encrypted_names_the_entry_it_cannot_save(tmp_path):
+    """A sparse tensor failed deep in the torch adapter ("unsupported memory format option"),
+    and a nested dict or a step count without its entry's name."""
+    torch = pytest.importorskip("torch")
+    key = os.urandom(32)
+    with pytest.raises(ValueError, match=r"tensor 'a': torch tensors with layout torch.sparse_coo"
+                                         r".*to_dense"):
+        models.save_encrypted({"a": torch.eye(3).to_sparse()}, tmp_path / "m.gc", key)
+    with pytest.raises(TypeError, match=r"entry 'model' is a nested dict"):
+        models.save_encrypted({"model": {"w": torch.ones(2)}}, tmp_path / "m.gc", key)
+    with pytest.raises(TypeError, match=r"entry 'step': expected a tensor"):
+        models.save_encrypted({"w": torch.ones(2), "step": 3}, tmp_path / "m.gc", key)
+    assert not (tmp_path / "m.gc").exists()

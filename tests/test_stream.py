@@ -1215,3 +1215,17 @@ def test_an_output_that_is_a_folder_is_refused_before_any_work(tmp_path, monkeyp
     with pytest.raises(IsADirectoryError, match="it is a folder: give the output file's own"):
         stream.encrypt(b"data", target, os.urandom(32), device="cpu")
     assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("operation", ["encrypt", "decrypt"])
+def test_src_and_dst_that_are_one_file_are_refused(tmp_path, operation):
+    """decrypt("d.gc", "d.gc", key) replaced the only ciphertext with its plaintext."""
+    key = os.urandom(32)
+    path = tmp_path / "d"
+    stream.encrypt(b"data", path, key, device="cpu")
+    before = path.read_bytes()
+    (tmp_path / "link").symlink_to(path)
+    for dst in (path, str(path), tmp_path / "link"):
+        with pytest.raises(ValueError, match="src and dst are the same file"):
+            getattr(stream, operation)(path, dst, key, device="cpu")
+    assert path.read_bytes() == before

@@ -1249,13 +1249,23 @@ def test_a_wrong_key_on_an_unnamed_tensor_says_what_can_be_wrong(size):
     named = gpucrypt.encrypt_tensors({"w": x}, b"k" * 32)
     with pytest.raises(InvalidTag, match=r"1 of 1 tensor\(s\): 'w' \(a wrong key"):
         gpucrypt.decrypt_tensors(named, os.urandom(32))
+    tagged = gpucrypt.encrypt_tensor(x, b"k" * 32, key_id="weights-2025")  # the key meant
+    with pytest.raises(InvalidTag, match=r"encrypted under key id 'weights-2025'"):
+        gpucrypt.decrypt_tensor(tagged, os.urandom(32))
+    tagged = gpucrypt.encrypt_tensors({"w": x}, b"k" * 32, key_id="weights-2025")
+    with pytest.raises(InvalidTag, match=r"'w' \(a wrong key.*key id 'weights-2025'"):
+        gpucrypt.decrypt_tensors(tagged, os.urandom(32))
 
 
 def test_a_state_dict_entry_that_is_no_tensor_is_named():
     """A real state dict holds a step count or extra state beside its tensors."""
     with pytest.raises(TypeError, match=r"entry 'step': expected a tensor .* not int; encrypt "
-                                        r"only the tensors"):
+                                        r"the tensors"):
         gpucrypt.encrypt_tensors({"w": np.ones(3), "step": 5}, os.urandom(32))
+    # an optimizer's state: its tensors must not be "stored as without encryption"
+    with pytest.raises(TypeError, match=r"entry 'state' is a nested dict: .* flatten it first.*"
+                                        r"none of its tensors is stored in the clear"):
+        gpucrypt.encrypt_tensors({"state": {"0": {"exp_avg": np.ones(3)}}}, os.urandom(32))
 
 
 # --------------------------------------------------------------------- GPU staging

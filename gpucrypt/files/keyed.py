@@ -47,10 +47,18 @@ def _primary_key_id(recipients: list) -> str | None:
     return None
 
 
+def _keyset_object(keyset: Any) -> Any:
+    """``keyset`` as given, refusing a path where the object goes (it was taken as a key)."""
+    if isinstance(keyset, (str, os.PathLike)):
+        raise TypeError(f"keyset= takes a Keyset, not a {type(keyset).__name__}: load it "
+                        f"first, keyset=Keyset.load({os.fspath(keyset)!r})")
+    return keyset
+
+
 def _gather(recipients: Any, keyset: Keyset | None) -> list:
     items = [] if recipients is None else recipient_list(recipients)
     if keyset is not None:
-        items.append(keyset)
+        items.append(_keyset_object(keyset))
     if not items:
         raise ValueError("give recipients= and/or keyset=")
     return items
@@ -104,7 +112,7 @@ def _size_of(obj: Any) -> int | None:
 def _identities_for(identities: Any, keyset: Keyset | None) -> list:
     items = identity_list(identities)
     if keyset is not None:
-        items.append(keyset)
+        items.append(_keyset_object(keyset))
     if not items:
         raise ValueError("give identities= and/or keyset=")
     return items

@@ -543,7 +543,15 @@ def _tensor_infos(tensors: Any) -> tuple[list[TensorInfo], list[Any]]:
         if isinstance(x, StoredTensor):
             dtype, shape = x.dtype, x.shape
         else:
-            adapter = fw.adapter_for(x)
+            from ..tensors.api import _not_a_tensor
+
+            try:
+                adapter = fw.adapter_for(x)
+                adapter.place(x)  # sparse, nested, meta: said there, before any copy
+            except TypeError as exc:
+                raise _not_a_tensor(name, x, exc) from None
+            except ValueError as exc:
+                raise ValueError(f"tensor {name!r}: {exc}") from None
             if adapter.needs_copy(x):
                 x = adapter.contiguous_copy(x)  # saving never changes the caller's tensors
             dtype, shape = adapter.dtype_name(x), adapter.shape(x)

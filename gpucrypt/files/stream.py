@@ -305,6 +305,7 @@ def encrypt(src: Any, dst: Any, key: Any, *, algorithm: str = "chacha20-poly1305
     :func:`gpucrypt.files.keyed.encrypt_file`, which draws it fresh to bind the envelope to it.)
     """
     key = _format.check_key(key)
+    _refuse_same_file(src, dst)
     header, header_bytes = _format.new_header(key, algorithm, segment_size, key_id=key_id,
                                               envelope=envelope, salt=_salt,
                                               nonce_prefix=_nonce_prefix)
@@ -558,6 +559,7 @@ def decrypt(src: Any, dst: Any, key: Any, *, device: str = "auto",
     See the module docstring for what ``dst`` holds when an error is raised.
     """
     key = _format.check_key(key)
+    _refuse_same_file(src, dst)
     with _open_source(src, allow_iterable=True) as source:
         header = _parse_source_header(source)
         _format.verify_header(key, header)
@@ -571,6 +573,23 @@ def decrypt(src: Any, dst: Any, key: Any, *, device: str = "auto",
             else:
                 pipeline.run(_open_sequential(segs, source, sink), segs.runner, depth=_DEPTH)
     return header
+
+
+def _refuse_same_file(src: Any, dst: Any) -> None:
+    """ValueError when the paths ``src`` and ``dst`` name one file: the result would replace
+    its own input (``decrypt("d.gc", "d.gc", key)`` put the plaintext where the only
+    ciphertext was), almost always a slip. Replacing a file by its own encryption is two
+    steps: write elsewhere, then rename."""
+    if not isinstance(src, (str, os.PathLike)) or not isinstance(dst, (str, os.PathLike)):
+        return
+    try:
+        same = os.path.samefile(src, dst)
+    except OSError:  # dst does not exist yet (or src is missing: opening it says so)
+        return
+    if same:
+        raise ValueError(f"src and dst are the same file ({os.fspath(dst)}): the output would "
+                         f"replace its own input; write to another path (and rename it over "
+                         f"the input afterwards if that is what you want)")
 
 
 def _truncated_inside(index: int, got: int) -> TruncatedError:

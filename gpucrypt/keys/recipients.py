@@ -310,6 +310,11 @@ def recipient_list(recipients: Any) -> list:
     if isinstance(recipients, (Recipient, Identity, Keyset, KeysetKey, WrappingKey, KeyReference,
                                 Passphrase)):
         return [recipients]
+    if isinstance(recipients, (bytes, bytearray, memoryview, str, os.PathLike)):
+        # iterated, bytes gave ints and a path its letters ("cannot wrap ... for a int")
+        raise TypeError(f"recipients must be key objects, not {type(recipients).__name__}: "
+                        f"load a file first (Recipient.load, Identity.load, Keyset.load), give a "
+                        f"raw key as WrappingKey(key, key_id), or a URI as KeyReference(uri)")
     return list(recipients)
 
 
@@ -447,9 +452,11 @@ def identity_list(identities: Any) -> list:
                             f"Identity (the identity file, not the .pub file)")
         if not isinstance(item, (Identity, KeysetKey, WrappingKey, KeyProvider, KeyReference,
                                  Passphrase)):
+            hint = (": load the file first (Identity.load(path), Keyset.load(path)), or give "
+                    "a URI as KeyReference(uri)" if isinstance(item, (str, os.PathLike)) else "")
             raise TypeError(f"cannot open an envelope with a {type(item).__name__}: give Identity, "
                             f"Keyset, KeysetKey, WrappingKey, KeyReference, KeyProvider or "
-                            f"Passphrase objects")
+                            f"Passphrase objects{hint}")
     return items
 
 

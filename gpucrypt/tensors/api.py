@@ -1166,9 +1166,15 @@ def _described(name: Any) -> str:
     return "an unnamed tensor" if name is None else repr(name)
 
 
+def _key_ids(encs) -> str:
+    """The key ids the failed tensors record (not authentic yet: a hint at the key meant)."""
+    ids = sorted({repr(e.key_id) for e in encs if e.key_id is not None})
+    return f"; encrypted under key id {', '.join(ids)}" if ids else ""
+
+
 def _raise_one_failed(enc: EncryptedTensor) -> None:
     exc = InvalidTag(f"authentication failed for 1 of 1 tensor(s): {_described(enc.name)} "
-                     f"({_FAILED_TAG})")
+                     f"({_FAILED_TAG}{_key_ids([enc])})")
     exc.failed = [None]
     raise exc
 
@@ -1220,10 +1226,7 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
         except TypeError as exc:
             if label is None:
                 raise
-            # a state dict's other entries (a step count, extra state): name the one
-            raise TypeError(f"entry {label!r}: {exc}; encrypt only the tensors (for example "
-                            f"{{k: v for k, v in state.items() if torch.is_tensor(v)}}) and "
-                            f"store the other entries as you would without encryption") from None
+            raise _not_a_tensor(label, x, exc) from None
         place = adapter.place(x)
         if device == "cpu" and place != HOST:
             raise ValueError("device='cpu' was asked for a tensor on the GPU; move it to the "
@@ -1611,6 +1614,29 @@ def encrypt_tensors(tensors: Mapping[str, Any] | Sequence[Any], key: Any, *,
     return rebuild(encs)
 
 
+def _is_tensor(x: Any) -> bool:
+    try:
+        fw.adapter_for(x)
+    except TypeError:
+        return False
+    return True
+
+
+def _not_a_tensor(label: str, x: Any, exc: TypeError) -> TypeError:
+    """The error for a container entry that is no tensor, naming it and what to do."""
+    if isinstance(x, Mapping) or (isinstance(x, (list, tuple)) and any(
+            isinstance(v, (Mapping, list, tuple)) or _is_tensor(v) for v in x)):
+        # an optimizer's state, a nested checkpoint (a list of numbers is said below)
+        return TypeError(f"entry {label!r} is a nested {type(x).__name__}: this takes one "
+                         f"level of name -> tensor; flatten it first (names such as "
+                         f"'{label}.0.exp_avg') or encrypt each nested dict of tensors on its "
+                         f"own, so that none of its tensors is stored in the clear")
+    # a state dict's other entries (a step count, extra state)
+    return TypeError(f"entry {label!r}: {exc}; encrypt the tensors (for example "
+                     f"{{k: v for k, v in state.items() if torch.is_tensor(v)}}) and store "
+                     f"plain values such as step counts as you would without encryption")
+
+
 def _items_of(container: Any):
     """(label, value) pairs of a dict or list, and a function rebuilding the container type."""
     if isinstance(container, Mapping):
@@ -1716,7 +1742,8 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
         exc = InvalidTag(f"authentication failed for {len(failed)} of {len(jobs)} tensor(s): "
                          f"{names}" + (f" (encrypted under another name: {filed}; decrypt "
                                        f"each under the name it was encrypted with)"
-                                       if filed else f" ({_FAILED_TAG})"))
+                                       if filed else
+                                       f" ({_FAILED_TAG}{_key_ids(j.enc for j in failed)})"))
         exc.failed = [j.label for j in failed]
         raise exc
     for job in jobs:
