@@ -136,6 +136,10 @@ class safe_open:  # noqa: N801 - safetensors' own name
                                      f"not {framework!r}")
         self._framework = _FRAMEWORKS[framework]
         self._device = _device(device)
+        if self._device != "cpu":  # said now (BackendUnavailable, why), not at get_tensor
+            from ..backends import get_backend
+
+            get_backend("gpu")
         self._threads = pipeline.cpu_threads(threads)
         self._file = builtins.open(filename, "rb", buffering=0)
         try:

@@ -1664,6 +1664,10 @@ def _items_of(container: Any):
 def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any, *,
                   stream: Any, device: Any, inplace: bool | None) -> list[Any]:
     device = _check_device(device)
+    if device == "gpu":  # BackendUnavailable saying why, as encrypting says it: before a
+        from ..backends import get_backend  # result is planned on a device there is none of
+
+        get_backend("gpu")
     jobs = []
     malformed: list[_Job] = []  # recorded fields that cannot be its ciphertext's (edited)
     keys: dict[str, bytes] = {}  # the key checked once per algorithm of the batch
