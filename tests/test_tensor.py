@@ -1324,3 +1324,17 @@ def test_aes_gcm_by_its_key_size_is_aes_gcm_with_exactly_that_key(name, size):
                  lambda: TensorCipher(os.urandom(other), algorithm=name)):
         with pytest.raises(ValueError, match=f"{name} takes a {size}-byte key, not {other}"):
             call()
+
+
+def test_a_tensor_cipher_says_what_it_chooses_itself():
+    """TensorCipher(key).encrypt(x, nonce=n) said "encrypt_tensor() got multiple values for
+    keyword argument 'nonce'"; and no nonce of its sequence is spent on the refusal."""
+    cipher = TensorCipher(os.urandom(32), nonces="counter", prefix=bytes(4))
+    x = np.arange(4.0)
+    with pytest.raises(TypeError, match=r"TensorCipher.encrypt chooses nonce itself.*"
+                                        r"encrypt_tensor\(\.\.\., nonce=\)"):
+        cipher.encrypt(x, nonce=os.urandom(12))
+    with pytest.raises(TypeError, match=r"TensorCipher.encrypt_many chooses algorithm, nonces"):
+        cipher.encrypt_many([x], nonces=None, algorithm="aes-gcm")
+    assert cipher.messages == 0
+    assert cipher.encrypt(x).nonce == bytes(4) + (0).to_bytes(8, "big")

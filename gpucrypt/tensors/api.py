@@ -2182,6 +2182,16 @@ def decrypt_tensors(encs: Mapping[str, EncryptedTensor] | Sequence[EncryptedTens
 
 
 # ============================================================================ TensorCipher
+def _refuse_chosen(kwargs: dict, method: str) -> None:
+    """TypeError for what a TensorCipher chooses itself, given to one of its calls (it said
+    "encrypt_tensor() got multiple values for keyword argument 'nonce'")."""
+    chosen = sorted(set(kwargs) & {"nonce", "nonces", "algorithm"})
+    if chosen:
+        raise TypeError(f"TensorCipher.{method} chooses {', '.join(chosen)} itself (its "
+                        f"algorithm, and nonces from its own sequence, so that none repeats): "
+                        f"for a nonce of your own, call gpucrypt.encrypt_tensor(..., nonce=)")
+
+
 class TensorCipher:
     """A key, an algorithm and a nonce policy, for many tensors.
 
@@ -2250,6 +2260,7 @@ class TensorCipher:
 
     def encrypt(self, x: Any, **kwargs) -> EncryptedTensor:
         """:func:`encrypt_tensor` with this cipher's key, algorithm, nonces and key id."""
+        _refuse_chosen(kwargs, "encrypt")
         nonce = self._reserve(1)[0]
         return encrypt_tensor(x, self._key, algorithm=self._algorithm, nonce=nonce,
                               key_id=kwargs.pop("key_id", self._key_id),
@@ -2257,6 +2268,7 @@ class TensorCipher:
 
     def encrypt_many(self, tensors: Any, **kwargs):
         """:func:`encrypt_tensors` with this cipher's key, algorithm, nonces and key id."""
+        _refuse_chosen(kwargs, "encrypt_many")
         count = len(tensors)
         return encrypt_tensors(tensors, self._key, algorithm=self._algorithm,
                                nonces=self._reserve(count),
