@@ -114,14 +114,27 @@ def bytes_arg(value: Any, name: str, *, uint8_only: bool = False) -> bytes:
     return bytes(view)
 
 
+_from_buffer: Any = None  # ctypes.c_char.from_buffer and ctypes.addressof, once loaded
+_addressof: Any = None
+
+
+def _writable_address(view: Any) -> int:
+    """The address of a writable, C-contiguous, non-empty buffer through ctypes (0.16 us);
+    ``TypeError``/``ValueError`` for any other buffer."""
+    global _from_buffer, _addressof
+    if _addressof is None:  # set last: another thread sees both or loads them again
+        import ctypes
+
+        _from_buffer, _addressof = ctypes.c_char.from_buffer, ctypes.addressof
+    return _addressof(_from_buffer(view))
+
+
 def address(view: Any) -> int:
     """The address of the first byte of a non-empty C-contiguous buffer or of any NumPy
     array: through ctypes for a writable contiguous one (0.2 us), else through NumPy's
     array interface (1 us: it builds a dict)."""
-    import ctypes
-
     try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+        return _writable_address(view)
     except (TypeError, ValueError):  # read-only, or an array that is not contiguous
         import numpy as np  # a core dependency; loaded here only for views whose memory may be shared
 
@@ -187,22 +200,13 @@ def inexact_overlap(data: Any, buf: Any) -> bool:
     return start_a != start_b and start_a < start_b + len(b) and start_b < start_a + len(a)
 
 
-_from_buffer: Any = None  # ctypes.c_char.from_buffer and ctypes.addressof, once loaded
-_addressof: Any = None
-
-
 def _writable_spans(data: Any, buf: Any) -> bool | None:
     """:func:`inexact_overlap` of two writable, contiguous, non-empty buffers, from their
     addresses through ctypes (0.16 us each: an in-place call of slices of one buffer cost
     1.1-1.4 us of checks before), or None when either is not such a buffer (a read-only
     or non-contiguous view, an empty one: the general test decides)."""
-    global _from_buffer, _addressof
-    if _addressof is None:  # set last: another thread sees both or loads them again
-        import ctypes
-
-        _from_buffer, _addressof = ctypes.c_char.from_buffer, ctypes.addressof
     try:
-        start_a, start_b = _addressof(_from_buffer(data)), _addressof(_from_buffer(buf))
+        start_a, start_b = _writable_address(data), _writable_address(buf)
     except (TypeError, ValueError):
         return None
     end_a, end_b = start_a + _nbytes(data), start_b + _nbytes(buf)
