@@ -743,6 +743,20 @@ def test_model_files_bind_their_salt_too(kms, tmp_path, capsys):
     keys.rekey_file(tmp_path / "lib.gc", recipients=[other], identities=[KeyReference(uri)])
     with models.safe_open(tmp_path / "lib.gc", "np", identity=other) as f:
         assert numpy.array_equal(f.get_tensor("w"), numpy.arange(5.0))
+    # save_encrypted(recipients=) binds the wrapped key to the file's salt, as the command
+    # line does: KMS opens it under that context, and the command line decrypts it
+    models.save_encrypted({"w": numpy.arange(7.0)}, tmp_path / "bound.gc",
+                          recipients=KeyReference(uri), device="cpu")
+    header = models.read_header(tmp_path / "bound.gc")
+    blob = keys._envelope.decode(header.envelope)[0].body
+    answer = kms.client.decrypt(CiphertextBlob=blob, EncryptionContext=file_context(header.salt))
+    assert len(answer["Plaintext"]) == keys.DEK_SIZE
+    code, _, err = _cli(capsys, "decrypt-model", tmp_path / "bound.gc",
+                        tmp_path / "bound.safetensors", "--kek", uri)
+    assert code == 0, err
+    assert numpy.array_equal(models.load_encrypted(tmp_path / "bound.gc", identity=KeyReference(uri),
+                                                   framework="numpy", device="cpu")["w"],
+                             numpy.arange(7.0))
 
 
 def test_a_file_envelope_is_tried_without_its_context_only_for_key_references(monkeypatch):

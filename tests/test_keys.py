@@ -1498,3 +1498,26 @@ def test_paths_and_bytes_where_key_objects_go_say_what_to_load(tmp_path):
     with pytest.raises(TypeError, match=r"keyset= takes a Keyset"):
         keys.decrypt_file(sealed, tmp_path / "out", keyset=tmp_path / "ks.json")
     assert not (tmp_path / "out").exists()
+
+
+def test_stream_open_with_an_identity_or_a_keyset(tmp_path):
+    """Random access to a file sealed for recipients: stream.open unwraps its data key with
+    identity=/keyset= as decrypt_file does, and says what to pass otherwise."""
+    data = os.urandom(3 * 4096 + 5)
+    alice, ks = keys.Identity.generate(), keys.Keyset.generate()
+    (tmp_path / "p").write_bytes(data)
+    keys.encrypt_file(tmp_path / "p", tmp_path / "e", recipients=alice.recipient, keyset=ks,
+                      segment_size=4096, device="cpu")
+    for kw in ({"identity": alice}, {"keyset": ks}, {"identity": [keys.Identity.generate(), alice]}):
+        with stream.open(tmp_path / "e", **kw) as f:
+            f.seek(4090)
+            assert f.read(20) == data[4090:4110]
+    with pytest.raises(keys.NoMatchingRecipient):
+        stream.open(tmp_path / "e", identity=keys.Identity.generate())
+    with pytest.raises(ValueError, match="no key given"):
+        stream.open(tmp_path / "e")
+    with pytest.raises(ValueError, match="not both"):
+        stream.open(tmp_path / "e", bytes(32), keyset=ks)
+    stream.encrypt(data, str(tmp_path / "raw"), bytes(32), device="cpu")
+    with pytest.raises(keys.NoMatchingRecipient, match="raw key.*open it with key="):
+        stream.open(tmp_path / "raw", keyset=ks)

@@ -195,6 +195,89 @@ def test_envelope_slot_with_keys_recipients(tmp_path):
     assert_identical(models.load_encrypted(tmp_path / "m", key, "cpu"), tensors)
 
 
+def test_saved_for_recipients_and_a_keyset(tmp_path):
+    """recipients=/keyset= instead of a key: a fresh data key per file, wrapped for each of
+    them; load_encrypted, safe_open and decrypt-model open it with identity=/keyset=, and the
+    keyed save and load are audited with the file's path."""
+    import io
+    import logging
+
+    from gpucrypt import audit
+    from gpucrypt.keys import Identity, Keyset, NoMatchingRecipient
+
+    alice, keyset = Identity.generate(), Keyset.generate()
+    tensors = model_tensors()
+    log = io.StringIO()
+    handler = audit.enable(log)
+    try:
+        first = models.save_encrypted(tensors, tmp_path / "a", recipients=[alice.recipient],
+                                      keyset=keyset, device="cpu")
+        second = models.save_encrypted(tensors, tmp_path / "b", recipients=alice.recipient,
+                                       device="cpu")
+        got = models.load_encrypted(tmp_path / "a", identity=alice, device="cpu")
+    finally:
+        logging.getLogger(audit.LOGGER_NAME).removeHandler(handler)
+    assert_identical(got, tensors)
+    assert first.key_id == keyset.primary.id and second.key_id is None
+    assert first.salt != second.salt  # and a data key of its own: the other's envelope fails
+    assert_identical(models.load_encrypted(tmp_path / "a", keyset=keyset, device="cpu"), tensors)
+    assert_identical(models.load_encrypted(tmp_path / "b", None, "cpu", identity=[
+        Identity.generate(), alice]), tensors)
+    with models.safe_open(tmp_path / "a", "pt", keyset=keyset) as f:
+        assert torch.equal(f.get_tensor("big"), tensors["big"])
+    assert cli(["decrypt-model", str(tmp_path / "b"), str(tmp_path / "b.safetensors"),
+                "-i", _saved_identity(tmp_path, alice)]) == 0
+    from safetensors.torch import load_file
+
+    assert_identical(load_file(tmp_path / "b.safetensors"), tensors, ordered=False)
+    with pytest.raises(NoMatchingRecipient):
+        models.load_encrypted(tmp_path / "b", keyset=keyset, device="cpu")
+    events = [json.loads(line) for line in log.getvalue().splitlines()]
+    saved, loaded = ([e for e in events if e["operation"] == op] for op in ("model.encrypt",
+                                                                     "model.decrypt"))
+    assert [e["path"] for e in saved] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert saved[0]["recipients"] == [alice.fingerprint, f"aes-kwp:{keyset.primary.id}"]
+    assert saved[0]["key_id"] == keyset.primary.id
+    assert [(e["path"], e["key_id"]) for e in loaded] == [(str(tmp_path / "a"), alice.fingerprint)]
+    assert KEY.hex() not in log.getvalue()
+
+
+def _saved_identity(tmp_path, identity) -> str:
+    path = tmp_path / "id.key"
+    identity.save(path)
+    return str(path)
+
+
+def test_keyed_argument_errors(tmp_path):
+    """Either a key or recipients/keyset, refused before anything is sealed or written; an
+    identity where a key opens the file, and a public key where the private one is needed,
+    are said before the file is read."""
+    from gpucrypt.keys import Identity, Keyset, NoMatchingRecipient
+
+    t, alice = {"w": torch.ones(3)}, Identity.generate()
+    for kw in ({"key": KEY}, {"key_id": "k"}, {"envelope": b"x"}, {"_salt": bytes(16)}):
+        with pytest.raises(ValueError, match="not both"):
+            models.save_encrypted(t, tmp_path / "m", recipients=alice.recipient, **kw)
+    with pytest.raises(ValueError, match="no key given"):
+        models.save_encrypted(t, tmp_path / "m")
+    with pytest.raises(TypeError, match="load it first"):
+        models.save_encrypted(t, tmp_path / "m", keyset=str(tmp_path / "ks.json"))
+    with pytest.raises(ValueError, match="power of two"):
+        models.save_encrypted(t, tmp_path / "m", recipients=alice.recipient, segment_size=1000)
+    assert os.listdir(tmp_path) == []
+    models.save_encrypted(t, tmp_path / "raw", KEY, device="cpu")
+    with pytest.raises(ValueError, match="no key given"):
+        models.load_encrypted(tmp_path / "raw", device="cpu")
+    with pytest.raises(ValueError, match="not both"):
+        models.load_encrypted(tmp_path / "raw", KEY, "cpu", keyset=Keyset.generate())
+    with pytest.raises(TypeError, match="public key"):
+        models.load_encrypted(tmp_path / "nowhere", identity=alice.recipient, device="cpu")
+    with pytest.raises(ValueError, match="framework"):
+        models.load_encrypted(tmp_path / "nowhere", identity=alice, framework="jax")
+    with pytest.raises(NoMatchingRecipient, match="open it with key="):
+        models.load_encrypted(tmp_path / "raw", identity=alice, device="cpu")
+
+
 def test_argument_errors(tmp_path):
     t = {"w": torch.ones(3)}
     with pytest.raises(ValueError, match="32 bytes"):

@@ -80,7 +80,7 @@ from ..files import keyed, models
 from ..files._format import (DEFAULT_SEGMENT_SIZE, AuthenticationError, FormatError,
                              StreamError, TruncatedError, UnsupportedVersion, check_algorithm,
                              check_segment_size)
-from ..files.keyed import _gather, _identities_for, _primary_key_id
+from ..files.keyed import _identities_for, _primary_key_id, gather
 from ..keys import generate_dek
 from ..keys.recipients import open_data_key
 from ..keys.recipients import seal_envelope_with_labels
@@ -265,7 +265,7 @@ class EncryptedWriter(FileSystemWriter):
                  algorithm: str = "chacha20-poly1305",
                  segment_size: int = DEFAULT_SEGMENT_SIZE, device: str = "auto",
                  threads: int | None = None, overwrite: bool = True):
-        self._recipients = _gather(recipients, keyset)
+        self._recipients = gather(recipients, keyset)
         algorithm = check_algorithm(algorithm)
         check_segment_size(segment_size)
         super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1,

@@ -29,7 +29,7 @@ from .. import pipeline
 from .._buffers import new_bytes
 from ..files import _format, stream
 from ..files._format import DEFAULT_SEGMENT_SIZE, TAG_SIZE
-from ..files.keyed import _gather, _identities_for, _primary_key_id
+from ..files.keyed import _identities_for, _primary_key_id, gather
 from ..keys import NoMatchingRecipient, generate_dek
 from ..keys.recipients import open_data_key
 from ..keys.recipients import seal_envelope_with_labels
@@ -61,7 +61,7 @@ class EncryptionExtension(StreamTransformExtension):
                              "keyset= (to read)")
         writes = recipients is not None or keyset is not None
         reads = identities is not None or keyset is not None
-        self._recipients = _gather(recipients, keyset) if writes else []
+        self._recipients = gather(recipients, keyset) if writes else []
         self._identities = _identities_for(identities, keyset) if reads else []
         self.algorithm, self.segment_size = algorithm, segment_size
         self._sealing: tuple[bytes, bytes, str | None] | None = None  # (key, envelope, key id)

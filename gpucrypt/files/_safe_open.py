@@ -54,7 +54,7 @@ from .. import pipeline
 from ._safetensors import SAFETENSORS_DTYPES
 from ..tensors import _frameworks as fw
 
-__all__ = ["safe_open", "SafeSlice", "model_key"]
+__all__ = ["safe_open", "SafeSlice"]
 
 #: safetensors' framework names -> gpucrypt.models' frameworks
 _FRAMEWORKS = {"pt": "torch", "torch": "torch", "np": "numpy", "numpy": "numpy"}
@@ -62,29 +62,6 @@ _CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
 #: most runs of a slice enumerated one by one; past it the innermost strided dimension
 #: is taken as one span (a few more segments decrypted, memory bounded)
 _MAX_RUNS = 1 << 20
-
-
-def model_key(header: Any, key: Any = None, keyset: Any = None, identity: Any = None) -> bytes:
-    """The 32-byte key of the model file whose (parsed, unverified) ``header`` is given:
-    ``key`` itself, or the data key unwrapped from the header's envelope with
-    ``identity`` and/or ``keyset``. ``ValueError`` when none or both kinds are given."""
-    if key is not None:
-        if keyset is not None or identity is not None:
-            raise ValueError("give key= or keyset=/identity=, not both")
-        return _format.check_key(key)
-    if keyset is None and identity is None:
-        raise ValueError("no key given: pass key= (32 bytes), or keyset= and/or identity= "
-                         "to unwrap the file's data key")
-    from ..keys import NoMatchingRecipient
-    from ..keys.recipients import identity_list, open_file_envelope
-
-    if not header.envelope:
-        raise NoMatchingRecipient("this model file carries no envelope: it was encrypted with a "
-                                  "raw key; open it with key=")
-    items = identity_list(identity)
-    if keyset is not None:
-        items.append(keyset)
-    return open_file_envelope(header.envelope, items, header.salt)
 
 
 def _device(device: Any) -> str:
@@ -143,7 +120,9 @@ class safe_open:  # noqa: N801 - safetensors' own name
         self._threads = pipeline.cpu_threads(threads)
         self._file = builtins.open(filename, "rb", buffering=0)
         try:
-            key = model_key(_models._parse(self._file), key, keyset, identity)
+            from .keyed import file_key  # key management: loaded at first use, not on import
+
+            key = file_key(lambda: _models._parse(self._file), key, keyset, identity)[0]
             self._file.seek(0)
             (self._header, segments, self._tags, self._seg_key,
              self._aad) = _models._prepare_open(self._file, key)

@@ -453,12 +453,11 @@ def _folder_key(layout: CheckpointLayout, key: Any, keyset: Any, identity: Any) 
     then every model file's header MAC are checked under this key, so a file whose own
     envelope holds another data key (sealed to the same public key by anyone) fails."""
     from . import models
-    from ._safe_open import model_key
+    from .keyed import file_key
 
-    header = None
-    if key is None:  # the envelope only: the table (unauthenticated JSON) is left undecoded
-        header = models._parse_path(os.path.join(layout.folder, layout.tensor_files[0]))
-    return model_key(header, key, keyset, identity)
+    # the envelope only: the table (unauthenticated JSON) is left undecoded
+    return file_key(lambda: models._parse_path(os.path.join(layout.folder, layout.tensor_files[0])),
+                     key, keyset, identity)[0]
 
 
 def decrypt_checkpoint(src: Any, dst: Any, *, key: Any = None, keyset: Any = None,

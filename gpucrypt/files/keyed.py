@@ -27,11 +27,18 @@ from ..keys.recipients import (identity_list, open_file_envelope, open_file_enve
 from . import _format, stream
 from ._atomic import AtomicFile
 
+#: and, for the file formats beside: file_key, new_file_key, gather, audit_path
 __all__ = ["encrypt_file", "decrypt_file", "rekey_file"]
 
 
 def _header_field(header: Any, name: str) -> Any:
     return header.get(name) if isinstance(header, dict) else getattr(header, name, None)
+
+
+def audit_path(obj: Any) -> str | None:
+    """What an audit event records as the place of ``obj``: its path, or None for a file
+    object or a buffer."""
+    return os.fspath(obj) if isinstance(obj, (str, os.PathLike)) else None
 
 
 def _primary_key_id(recipients: list) -> str | None:
@@ -55,7 +62,9 @@ def _keyset_object(keyset: Any) -> Any:
     return keyset
 
 
-def _gather(recipients: Any, keyset: Keyset | None) -> list:
+def gather(recipients: Any, keyset: Keyset | None) -> list:
+    """``recipients`` and ``keyset`` as one list to seal a data key for; ``ValueError`` if
+    neither is given."""
     items = [] if recipients is None else recipient_list(recipients)
     if keyset is not None:
         items.append(_keyset_object(keyset))
@@ -73,17 +82,24 @@ def encrypt_file(src: Any, dst: Any, *, recipients: Any = None, keyset: Keyset |
     for public-key recipients only). ``stream_options`` pass through (``algorithm``,
     ``device``, ...). Returns ``{"key_id", "recipients"}``.
     """
-    items = _gather(recipients, keyset)
-    path = src if isinstance(src, (str, os.PathLike)) else None
-    with audit.timed("file.encrypt", path=os.fspath(path) if path else None) as ev:
-        dek, salt = generate_dek(), os.urandom(_format.SALT_SIZE)  # fresh per file, as stream's own
-        envelope, labels = seal_envelope_with_labels(dek, items, context=file_context(salt))
-        key_id = _primary_key_id(items)
+    items = gather(recipients, keyset)
+    with audit.timed("file.encrypt", path=audit_path(src)) as ev:
+        dek, salt, envelope, key_id, labels = new_file_key(items)
         ev.update(key_id=key_id, recipients=labels)
         header = stream.encrypt(src, dst, dek, key_id=key_id, envelope=envelope, _salt=salt,
                                 **stream_options)
         _note_stream_result(ev, header, stream_options, src)
     return {"key_id": key_id, "recipients": labels}
+
+
+def new_file_key(items: list) -> tuple[bytes, bytes, bytes, str | None, list[str]]:
+    """A new file's keys for the gathered recipients/keyset ``items``: (data key, salt,
+    envelope, key id, labels). Both are fresh per file, as the formats' own; the envelope is
+    bound to the salt (:func:`gpucrypt.keys.file_context`), so the salt must be the
+    file's."""
+    dek, salt = generate_dek(), os.urandom(_format.SALT_SIZE)
+    envelope, labels = seal_envelope_with_labels(dek, items, context=file_context(salt))
+    return dek, salt, envelope, _primary_key_id(items), labels
 
 
 def _note_stream_result(ev: dict, header: Any, options: dict, plaintext: Any) -> None:
@@ -118,6 +134,32 @@ def _identities_for(identities: Any, keyset: Keyset | None) -> list:
     return items
 
 
+def file_key(read_header: Any, key: Any = None, keyset: Any = None,
+             identity: Any = None) -> tuple[bytes, str | None]:
+    """The 32-byte key of a stream or model file, and the label of the envelope stanza
+    that opened it (None for ``key``): ``key`` itself, or the data key unwrapped with ``identity``
+    and/or ``keyset`` from the envelope of the header ``read_header()`` returns (parsed,
+    unverified: called only then, after the arguments are checked). ``ValueError``
+    when none or both kinds are given."""
+    if key is not None:
+        if keyset is not None or identity is not None:
+            raise ValueError("give key= or keyset=/identity=, not both")
+        return _format.check_key(key), None
+    if keyset is None and identity is None:
+        raise ValueError("no key given: pass key= (32 bytes), or keyset= and/or identity= "
+                         "to unwrap the file's data key")
+    items = _identities_for(identity, keyset)
+    header = read_header()
+    if not header.envelope:
+        raise _no_envelope("; open it with key=")
+    return open_file_envelope_with_label(header.envelope, items, header.salt)
+
+
+def _no_envelope(then: str) -> NoMatchingRecipient:
+    return NoMatchingRecipient(f"this file carries no envelope: it was encrypted with a raw key, "
+                               f"not for recipients or a keyset{then}")
+
+
 def _is_model_file(path: Any) -> bool:
     from .models import MAGIC
 
@@ -138,8 +180,7 @@ def _file_envelope(src: Any, model: bool = False) -> tuple[bytes, Any, Any]:
         header, src = stream._header_and_whole(src)
     envelope = _header_field(header, "envelope")
     if not envelope:
-        raise NoMatchingRecipient("this file carries no envelope: it was encrypted with a raw "
-                                  "key, not for recipients or a keyset")
+        raise _no_envelope("")
     return envelope, header, src
 
 
@@ -157,8 +198,7 @@ def decrypt_file(src: Any, dst: Any, *, identities: Any = None, keyset: Keyset |
     the header's ``key_id``: that is MACed under the data key, which whoever made the file
     chose, and anyone with a recipient's public key can make one that claims any key id.
     """
-    path = src if isinstance(src, (str, os.PathLike)) else None
-    with audit.timed("file.decrypt", path=os.fspath(path) if path else None) as ev:
+    with audit.timed("file.decrypt", path=audit_path(src)) as ev:
         envelope, header, src = _file_envelope(src)
         ev["recipients"] = describe_envelope(envelope)
         dek, opened_by = open_file_envelope_with_label(
@@ -198,7 +238,7 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
 
     Returns ``{"key_id", "recipients", "previous_recipients", "reencrypted"}``.
     """
-    new_items = _gather(recipients, keyset)
+    new_items = gather(recipients, keyset)
     if identities is None and old_keyset is None:
         old = _identities_for(None, keyset)
     else:

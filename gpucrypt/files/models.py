@@ -10,11 +10,11 @@ arrays. ``docs/MODEL_FORMAT.md`` specifies the bytes; in short::
 
 Public API::
 
-    save_encrypted(tensors, path, key, metadata=None, *, algorithm="chacha20-poly1305",
+    save_encrypted(tensors, path, key=None, metadata=None, *, algorithm="chacha20-poly1305",
                    encrypt_names=False, segment_size=1 MiB, device="auto", key_id=None,
-                   envelope=None, threads=None) -> ModelHeader
-    load_encrypted(path, key, device="auto", *, framework="torch", threads=None,
-                   names=None) -> dict
+                   envelope=None, recipients=None, keyset=None, threads=None) -> ModelHeader
+    load_encrypted(path, key=None, device="auto", *, framework="torch", threads=None,
+                   names=None, keyset=None, identity=None) -> dict
     read_header(path, key=None) -> ModelHeader
     replace_envelope(path, key, envelope, key_id=<keep>) -> ModelHeader
     safe_open(path, framework, device="cpu", *, key=None, keyset=None, identity=None)
@@ -83,7 +83,7 @@ from ._atomic import AtomicFile, open_output, write_atomically_with
 from ._safetensors import StoredTensor, load_json
 from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedError,
                       UnsupportedVersion)
-from .. import pipeline
+from .. import audit, pipeline
 from .._buffers import bytes_arg
 from ..tensors.api import _host_open, _host_seal
 
@@ -658,16 +658,23 @@ class _SegmentCipher:
 
 
 # ============================================================================ save
-def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any, metadata: Mapping | None = None,
-                   *, algorithm: str = "chacha20-poly1305", encrypt_names: bool = False,
-                   segment_size: int = DEFAULT_SEGMENT_SIZE, device: str = "auto",
-                   key_id: str | None = None, envelope: Any = None,
+def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
+                   metadata: Mapping | None = None, *, algorithm: str = "chacha20-poly1305",
+                   encrypt_names: bool = False, segment_size: int = DEFAULT_SEGMENT_SIZE,
+                   device: str = "auto", key_id: str | None = None, envelope: Any = None,
+                   recipients: Any = None, keyset: Any = None,
                    threads: int | None = None, _salt: bytes | None = None) -> ModelHeader:
     """Write ``tensors`` (name -> tensor, any framework the tensor API takes, or a
     :class:`~gpucrypt.files._safetensors.StoredTensor` read from its file a segment at a time)
     to ``path``.
 
     ``key``: 32 bytes; the file's keys come from it by HKDF with a fresh random salt.
+    Or, instead of ``key``, ``recipients`` (public keys, key references, passphrases, as
+    :func:`gpucrypt.keys.encrypt_file` takes them) and/or ``keyset`` (its primary key):
+    the file gets a fresh data key of its own, wrapped for each of them in its envelope
+    (key references bound to the file's salt), and ``key_id`` is the keyset's primary id;
+    :func:`load_encrypted`, :func:`safe_open` and ``gpucrypt decrypt-model`` open it
+    with ``identity``/``keyset``.
     ``metadata``: str -> str, stored in the table. ``encrypt_names``: encrypt the whole
     table (names, dtypes, shapes, offsets, metadata); otherwise it stays readable (and
     authenticated). ``key_id``/``envelope``: header slots as in the stream format (an
@@ -678,9 +685,28 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any, metadata: Ma
     ``_salt``: given only by callers that drew it fresh to bind an envelope to it (the
     ``encrypt-model --kek`` command); reusing a salt under the same key repeats nonces.
     """
-    key = _format.check_key(key)
-    algorithm = _format.check_algorithm(algorithm)
+    algorithm = _format.check_algorithm(algorithm)  # before any key is sealed (a KMS call)
     _format.check_segment_size(segment_size)
+    if recipients is not None or keyset is not None:
+        if key is not None or key_id is not None or envelope is not None or _salt is not None:
+            raise ValueError("give key= (with key_id=/envelope= if you like) or "
+                             "recipients=/keyset=, not both: recipients and keysets get a "
+                             "fresh data key of the file's own, wrapped for them")
+        from . import keyed
+
+        with audit.timed("model.encrypt", path=keyed.audit_path(path)) as ev:
+            key, _salt, envelope, key_id, labels = keyed.new_file_key(
+                keyed.gather(recipients, keyset))
+            ev.update(key_id=key_id, recipients=labels, algorithm=algorithm,
+                      device=str(device))
+            return save_encrypted(tensors, path, key, metadata, algorithm=algorithm,
+                                  encrypt_names=encrypt_names, segment_size=segment_size,
+                                  device=device, key_id=key_id, envelope=envelope,
+                                  threads=threads, _salt=_salt)
+    if key is None:
+        raise ValueError("no key given: pass key= (32 bytes), or recipients= and/or keyset= "
+                         "for a fresh data key wrapped for them")
+    key = _format.check_key(key)
     key_id, envelope = _format.check_key_id_envelope(key_id, envelope)
     metadata = _check_metadata(metadata)
     threads = pipeline.cpu_threads(threads)
@@ -865,10 +891,14 @@ def _check_device(device: Any) -> str:
     raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {device!r}")
 
 
-def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str = "torch",
-                   threads: int | None = None, names: Any = None,
-                   _check_header: Any = None) -> dict:
+def load_encrypted(path: Any, key: Any = None, device: str = "auto", *,
+                   framework: str = "torch", threads: int | None = None, names: Any = None,
+                   keyset: Any = None, identity: Any = None, _check_header: Any = None) -> dict:
     """The tensors of the model file at ``path``, name -> tensor, in the file's order.
+
+    ``key``: the 32-byte key it was saved with; or, for a file saved for recipients or a
+    keyset, ``identity`` (one or several identities, key references, passphrases) and/or
+    ``keyset``, which unwrap its data key from its envelope.
 
     ``names``: the tensors to load (an iterable of names; default all). Only their
     segments are read and verified (a pipeline stage or a shard loads its own layers);
@@ -887,7 +917,6 @@ def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str 
     ``_check_header(header)`` (private: :mod:`gpucrypt.files.checkpoints`) is called with
     the verified header of the very open file that is then decrypted, and may raise.
     """
-    key = _format.check_key(key)
     framework = _FRAMEWORK_ALIASES.get(framework, framework) if isinstance(framework, str) \
         else framework
     if framework not in FRAMEWORKS:
@@ -895,6 +924,15 @@ def load_encrypted(path: Any, key: Any, device: str = "auto", *, framework: str 
                          f"not {framework!r}")
     target = _check_device(device)
     threads = pipeline.cpu_threads(threads)
+    if key is None or keyset is not None or identity is not None:
+        from . import keyed
+
+        with audit.timed("model.decrypt", path=keyed.audit_path(path)) as ev:
+            key, ev["key_id"] = keyed.file_key(lambda: _parse_path(path), key, keyset, identity)
+            ev["device"] = str(device)
+            return load_encrypted(path, key, device, framework=framework, threads=threads,
+                                  names=names, _check_header=_check_header)
+    key = _format.check_key(key)
     with builtins.open(path, "rb", buffering=0) as f:
         header, segments, tags, seg_key, aad = _prepare_open(f, key)
         if _check_header is not None:

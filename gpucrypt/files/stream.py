@@ -750,14 +750,21 @@ class SegmentReader(io.RawIOBase):
     truncation is caught up front); every other segment is verified when it is read, and
     a bad one raises AuthenticationError from ``read``. ``segments_decrypted`` counts the
     segments opened so far (the final one included; a cached segment is not opened again).
+
+    ``key``: the stream's 32-byte key; or, for a file sealed for recipients or a keyset
+    (:func:`gpucrypt.keys.encrypt_file`), ``identity`` (one or several) and/or ``keyset``,
+    which unwrap its data key from the header's envelope.
     """
 
-    def __init__(self, src: Any, key: Any, *, device: str = "cpu"):
+    def __init__(self, src: Any, key: Any = None, *, device: str = "cpu", keyset: Any = None,
+                 identity: Any = None):
         super().__init__()
         # what close() needs, before anything can raise: a failed open is still closed
         # (by IOBase's finaliser)
         self._owns, self._cached = False, b""
-        key = _format.check_key(key)
+        keyed = key is None or keyset is not None or identity is not None
+        if not keyed:
+            key = _format.check_key(key)
         if isinstance(src, (str, os.PathLike)):
             self._file, self._owns = builtins.open(src, "rb"), True
         elif hasattr(src, "read") and hasattr(src, "seek"):
@@ -776,6 +783,10 @@ class SegmentReader(io.RawIOBase):
                                 f"the stream is taken from there; seek to where it starts, "
                                 f"e.g. seek(0), before opening it)",) + exc.args[1:]
                 raise
+            if keyed:
+                from .keyed import file_key  # key management: loaded at first use
+
+                key = file_key(lambda: self.header, key, keyset, identity)[0]
             _format.verify_header(key, self.header)
             self._segs = _Segments(self.header, key, device, 1, 0, "open", inline=True)
             C = self.header.segment_size + TAG_SIZE
@@ -862,11 +873,12 @@ class SegmentReader(io.RawIOBase):
         super().close()
 
 
-def open(src: Any, key: Any, *, device: str = "cpu") -> SegmentReader:  # noqa: A001
+def open(src: Any, key: Any = None, *, device: str = "cpu", keyset: Any = None,  # noqa: A001
+         identity: Any = None) -> SegmentReader:
     """A read-only, seekable binary file object over the plaintext of the stream ``src``
-    (a path, or a seekable binary file object read from its current position); see
-    :class:`SegmentReader`."""
-    return SegmentReader(src, key, device=device)
+    (a path, or a seekable binary file object read from its current position), opened
+    with ``key`` or with ``identity``/``keyset``; see :class:`SegmentReader`."""
+    return SegmentReader(src, key, device=device, keyset=keyset, identity=identity)
 
 
 # ============================================================================ key rotation
