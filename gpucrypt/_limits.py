@@ -41,8 +41,15 @@ OPENSSL_GCM_MAX_NONCE = 128
 
 
 def check_length(what: str, length: int, limit: int, algorithm: str) -> None:
-    if length > limit:
-        raise OverflowError(
-            f"{what} is {length} bytes, over {algorithm}'s limit of {limit} bytes for one "
-            f"message: a longer message would repeat the keystream. Split it into several "
-            f"messages (gpucrypt.stream does that for you).")
+    """OverflowError if ``what`` (``"associated_data"``, or the message's plaintext, which
+    a ciphertext holds 16 bytes less of) is over ``algorithm``'s ``limit``."""
+    if length <= limit:
+        return
+    if what == "associated_data":
+        raise OverflowError(f"associated_data is {length} bytes, over {algorithm}'s limit of "
+                            f"{limit} bytes for one message: pass a hash of it instead")
+    raise OverflowError(
+        f"{what} is {length} bytes (of plaintext), over {algorithm}'s limit of {limit} bytes "
+        f"for one message: a longer message would repeat the keystream, so no ciphertext "
+        f"this long is valid. Split data into several messages (gpucrypt.stream does that "
+        f"for you).")

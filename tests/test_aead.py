@@ -598,9 +598,13 @@ def test_limits_refuse_before_any_keystream(monkeypatch):
     from gpucrypt import _limits
 
     aead = gpucrypt.ChaCha20Poly1305(bytes(32))
-    with pytest.raises(OverflowError, match="limit"):
+    with pytest.raises(OverflowError, match="limit.*repeat the keystream"):
         _limits.check_length("data", _limits.CHACHA20POLY1305_MAX_PLAINTEXT + 1,
                              _limits.CHACHA20POLY1305_MAX_PLAINTEXT, "ChaCha20Poly1305")
+    with pytest.raises(OverflowError, match="limit") as info:  # no keystream for it to repeat
+        _limits.check_length("associated_data", _limits.GCM_MAX_AAD + 1, _limits.GCM_MAX_AAD,
+                             "AESGCM")
+    assert "keystream" not in str(info.value) and "hash" in str(info.value)
     # through the public class: shrink the limit so a small message exceeds it, on the
     # general path (the fast path hands messages up to OpenSSL's own cap, 2**31 - 1 bytes,
     # to cryptography, which refuses more itself: far inside every algorithm's limit)

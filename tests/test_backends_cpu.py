@@ -190,6 +190,63 @@ def test_gcm_in_place_open_rolls_back_on_any_tamper(nonce_len, monkeypatch):
     assert buf.tobytes() == data
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_gcm_above_one_openssl_call_reads_the_ciphertext_once(in_place, monkeypatch):
+    """decrypt_into's combined open of a message above OpenSSL's one call (2**31 - 1 bytes;
+    the limit lowered here) takes streaming GCM, which reads each ciphertext block once for
+    GHASH and CTR. Composed (GHASH over all of it, then CTR), a write to the ciphertext that
+    lands between the passes (modelled by a CTR pass that first flips a byte, as another
+    thread or a file mapped shared could) came out as plaintext no tag covered."""
+    monkeypatch.setattr(cpu, "OPENSSL_AEAD_MAX", 1000)
+    monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", 100)  # both under the message, as above 2 GiB
+    real_ctr = cpu._AesGcm._ctr
+
+    def written_between_the_passes(self, j0, data, out):
+        data[-1] ^= 1
+        real_ctr(self, j0, data, out)
+    monkeypatch.setattr(cpu._AesGcm, "_ctr", written_between_the_passes)
+    key, nonce, aad = os.urandom(16), os.urandom(12), os.urandom(3)
+    plain = os.urandom(5000)
+    sealed = bytearray(reference.AESGCM(key).encrypt(nonce, plain, aad))
+    ctx = get_backend("cpu").aead("aes-gcm", key)
+    out = memoryview(sealed)[:5000] if in_place else memoryview(bytearray(5000))
+    ctx.open(nonce, memoryview(sealed), memoryview(aad), out)
+    assert bytes(out) == plain
+    again = bytearray(5016)  # and the seal, streaming too, gives cryptography's bytes
+    ctx.seal(nonce, memoryview(plain), memoryview(aad), memoryview(again))
+    assert bytes(again) == reference.AESGCM(key).encrypt(nonce, plain, aad)
+
+
+@pytest.mark.parametrize("algorithm, nonce_len", [("chacha20-poly1305", 12), ("aes-gcm", 7)])
+@pytest.mark.parametrize("form", ["seal", "seal_detached"])
+def test_composed_in_place_seal_stopped_at_its_mac_gives_the_plaintext_back(
+        algorithm, nonce_len, form, monkeypatch):
+    """The composed seal (the whole keystream, then the MAC: above OpenSSL's one call, or a
+    GCM nonce its streaming form refuses) stopped in its MAC leaves the caller's buffer
+    holding its plaintext, not ciphertext without a tag; a Ctrl-C there waits for the end."""
+    from gpucrypt import _host_primitives
+
+    monkeypatch.setattr(cpu, "OPENSSL_AEAD_MAX", 1000)
+    monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", 100)
+    monkeypatch.setattr(cpu, "CHACHA_ONE_SHOT_SEAL_MAX", 100)
+
+    def stopped(*args):
+        raise MemoryError
+    monkeypatch.setattr(_host_primitives, "gcm_tag", stopped)
+    monkeypatch.setattr(_host_primitives.Poly1305AeadMac, "update", stopped)
+    key, nonce = os.urandom(32), os.urandom(nonce_len)
+    ctx = get_backend("cpu").aead(algorithm, key)
+    plain = os.urandom(5000)
+    buf = bytearray(plain) + bytearray(16)
+    with pytest.raises(MemoryError):
+        if form == "seal":
+            ctx.seal(nonce, memoryview(buf)[:5000], memoryview(b""), memoryview(buf))
+        else:
+            ctx.seal_detached(nonce, memoryview(buf)[:5000], memoryview(b""),
+                              memoryview(buf)[:5000])
+    assert bytes(buf[:5000]) == plain
+
+
 # --------------------------------------------------------------------------- detached ChaCha20-Poly1305 seals
 
 class _CountingAead:

@@ -189,10 +189,24 @@ class _OpenSslAead(AeadContext):
         if self._native(nonce, len(data), len(aad)):
             self._aead.encrypt_into(nonce, data, aad, out)
             return
+        out[len(data):] = self._seal_composed(nonce, data, aad, out[: len(data)])
+
+    def _seal_composed(self, nonce, data, aad, ct) -> bytes:
+        """The whole keystream, then the MAC over the ciphertext; returns the tag. In place,
+        a Ctrl-C waits for the end (the MAC of 2 GiB holds the GIL for seconds: stopped
+        there, the buffer was ciphertext that no tag covers), and any other exception from
+        the MAC gives the buffer its plaintext back."""
         state = self._start(nonce)
-        ct = out[: len(data)]
-        self._xor(state, data, ct)
-        out[len(data):] = self._tag(state, ct, aad)
+        if not _same_memory(data, ct):
+            self._xor(state, data, ct)
+            return self._tag(state, ct, aad)
+        with held_interrupts():
+            self._xor(state, data, ct)
+            try:
+                return self._tag(state, ct, aad)
+            except BaseException:  # noqa: B036 (MemoryError and the like: the plaintext back)
+                self._xor(state, ct, ct)
+                raise
 
     def open(self, nonce, data, aad, out):
         if len(data) < 16:
@@ -217,9 +231,7 @@ class _OpenSslAead(AeadContext):
     def seal_detached(self, nonce, data, aad, out, threads=1, one_pass=False, shared_gil=False):
         if len(data) <= ONE_SHOT_DETACHED_MAX and self._native(nonce, len(data), len(aad)):
             return self.seal_one_shot(nonce, data, aad, out)
-        state = self._start(nonce)
-        self._xor(state, data, out)
-        return self._tag(state, out, aad)
+        return self._seal_composed(nonce, data, aad, out)
 
     def open_detached(self, nonce, data, tag, aad, out, threads=1, one_pass=False, shared_gil=False):
         if len(tag) != 16:
@@ -551,6 +563,22 @@ class _AesGcm(_OpenSslAead):
     # prefers it (an in-place open rolls the buffer back if the tag fails).
     def _streaming(self, nonce: bytes, data_len: int, aad_len: int) -> bool:
         return self._native(nonce, 0, 0) and aad_len <= OPENSSL_AEAD_MAX
+
+    # Above OpenSSL's one call (2**31 - 1 bytes), the combined forms take the streaming GCM
+    # too where OpenSSL accepts the nonce: composed, an open read the ciphertext twice
+    # (GHASH, then CTR), so a write to it between the passes (another thread, a file mapped
+    # shared) gave plaintext no tag covered; streaming reads each block once for both.
+    def seal(self, nonce, data, aad, out):
+        n = len(data)
+        if self._native(nonce, n, len(aad)) or not self._streaming(nonce, n, len(aad)):
+            return super().seal(nonce, data, aad, out)
+        out[n:] = self.seal_detached(nonce, data, aad, out[:n])
+
+    def open(self, nonce, data, aad, out):
+        n = len(data) - 16
+        if n < 0 or self._native(nonce, n, len(aad)) or not self._streaming(nonce, n, len(aad)):
+            return super().open(nonce, data, aad, out)
+        return self._open_streaming(nonce, data[:n], data[n:], aad, out)
 
     def seal_detached(self, nonce, data, aad, out, threads=1, one_pass=False,
                       shared_gil=False):  # one OpenSSL pass, the GIL released
