@@ -48,6 +48,9 @@ _FAST_PATH_MAX = 2**31 - 1
 #: what cryptography raises for arguments it will not take (types, buffer kinds, lengths,
 #: nonce sizes): the general path then handles them, or raises gpucrypt's own error
 _NOT_FOR_OPENSSL = (TypeError, ValueError, OverflowError, BufferError)
+#: and, for the allocating decrypt, the MemoryError of its zeroed output for a ciphertext past
+#: the algorithm's limit, allocated before the length is refused (OverflowError in _slow)
+_NOT_FOR_OPENSSL_DECRYPT = _NOT_FOR_OPENSSL + (MemoryError,)
 _MALFORMED_MESSAGE = "each message must be a (nonce, data, associated_data) tuple"
 
 
@@ -244,7 +247,7 @@ class _Aead:
         if direct is not None:
             try:
                 return direct.decrypt(nonce, data, associated_data)
-            except _NOT_FOR_OPENSSL:
+            except _NOT_FOR_OPENSSL_DECRYPT:
                 pass
             except BaseException as exc:  # noqa: B036 (see _reraise_unless_too_long)
                 _reraise_unless_too_long(exc)

@@ -593,6 +593,31 @@ def test_into_forms_refuse_no_buffer(make):
         aead.decrypt_into(nonce, sealed, None, None)
 
 
+def test_decrypt_past_the_limit_is_overflow_error(tmp_path):
+    """A ciphertext past AES-GCM's limit (a sparse file mapped, nothing read): OverflowError
+    from decrypt as from decrypt_into, not the MemoryError of cryptography's output buffer,
+    which its allocating call sizes before it refuses the length."""
+    import mmap
+
+    from gpucrypt import _limits
+
+    n = _limits.GCM_MAX_PLAINTEXT + 16 + 1
+    with open(tmp_path / "sparse", "wb") as f:
+        f.truncate(n)
+    with open(tmp_path / "sparse", "rb") as f:
+        mapped = mmap.mmap(f.fileno(), n, prot=mmap.PROT_READ)
+    aead = gpucrypt.AESGCM(bytes(16), device="cpu")
+    view = memoryview(mapped)
+    try:
+        for call in (lambda: aead.decrypt(bytes(12), view, None),
+                     lambda: aead.decrypt_into(bytes(12), view, None, bytearray(1))):
+            with pytest.raises(OverflowError, match="limit"):
+                call()
+    finally:
+        view.release()
+        mapped.close()
+
+
 def test_limits_refuse_before_any_keystream(monkeypatch):
     """Past each algorithm's limit: OverflowError, checked on the length alone."""
     from gpucrypt import _limits
