@@ -331,6 +331,44 @@ def test_a_passphrase_that_is_not_utf8_is_refused_without_quoting_it(fast_scrypt
     assert Identity.load(tmp_path / "id.json", b"abc\xffdef").fingerprint
 
 
+def test_an_empty_passphrase_or_a_kek_of_another_length_is_said_as_such(fast_scrypt,
+                                                                       tmp_path):
+    """Opening a sealed keyset or identity with an empty passphrase, or a KEK that is not
+    32 bytes, said "malformed protection block" (the file blamed for the caller's secret),
+    and a 16-byte KEK "wrong passphrase or key-encryption key"."""
+    kek = os.urandom(32)
+    Keyset.generate().save(tmp_path / "ks.json", "pw", scrypt_n=FAST_N)
+    Keyset.generate().save(tmp_path / "kek.json", kek=kek, kek_id="prod")
+    Identity.generate().save(tmp_path / "id.json", "pw", scrypt_n=FAST_N)
+    for empty in ("", b""):
+        for load, name in ((Keyset.load, "ks.json"), (Identity.load, "id.json")):
+            with pytest.raises(KeysetError, match=f"{name}: the passphrase given is empty"):
+                load(tmp_path / name, empty)
+    for bad in (kek[:31], kek[:16], kek + b"\n", kek.hex().encode()):
+        with pytest.raises(KeysetError, match=f"kek.json: a key-encryption key is 32 bytes, "
+                                              f"not {len(bad)}: give the raw key"):
+            Keyset.load(tmp_path / "kek.json", kek=bad)
+    assert Keyset.load(tmp_path / "kek.json", kek=kek).primary
+
+
+def test_a_sealed_file_loaded_without_its_passphrase_says_how_to_give_it(fast_scrypt, tmp_path):
+    """The hint named the command line's sources (--passphrase-file, GPUCRYPT_PASSPHRASE,
+    the prompt), which a library load never reads; the command line asks before loading."""
+    Keyset.generate().save(tmp_path / "ks.json", "pw", scrypt_n=FAST_N)
+    Identity.generate().save(tmp_path / "id.json", "pw", scrypt_n=FAST_N)
+    for load, name in ((Keyset.load, "ks.json"), (Identity.load, "id.json")):
+        with pytest.raises(KeysetError) as info:
+            load(tmp_path / name)
+        message = str(info.value)
+        assert "--passphrase-file" not in message and "GPUCRYPT_PASSPHRASE" not in message
+        assert "prompt" not in message, message
+        # "sealed with a passphrase" is what Recipient.load recognises
+        assert f"{name} is sealed with a passphrase, and none was given: pass it " \
+               f"(load(path, passphrase)" in message, message
+    with pytest.raises(KeysetError, match="is a sealed identity: use its .pub"):
+        Recipient.load(tmp_path / "id.json")
+
+
 def test_key_files_that_cannot_be_read_are_keyset_errors(tmp_path):
     """A folder or an unreadable file given as a key file: like a missing one, a KeysetError
     (UnreadableKeyFile, the command line's exit 2), not an OSError."""
@@ -365,8 +403,8 @@ def test_save_refuses_a_file_changed_since_it_was_loaded(tmp_path):
     a.save(path)                                   # a rotates
     b.disable(old.id)
     rotated = path.read_bytes()
-    with pytest.raises(KeysetError, match="changed since this keyset was read from it.*load it "
-                                          "again, then redo the change"):
+    with pytest.raises(KeysetError, match="changed since this keyset was read from it.*Save it "
+                                          "to a new path first"):
         b.save(path)                               # b finishes last: refused, nothing written
     assert path.read_bytes() == rotated
     b = Keyset.load(path)
@@ -378,6 +416,118 @@ def test_save_refuses_a_file_changed_since_it_was_loaded(tmp_path):
     assert [k.status for k in after if k.id == old.id] == ["disabled"]
     with pytest.raises(KeysetError, match="changed since"):
         a.save(path)                               # a is stale now
+
+
+def test_a_refused_save_says_to_keep_the_keyset_its_files_are_wrapped_under(tmp_path):
+    """Rotation wraps files under a new primary before the keyset is saved; when that save
+    is then refused (someone else saved the file meanwhile), the advice was "load it again,
+    then redo the change": a different key, and every file already rekeyed unreadable. The
+    refusal says to keep this keyset and save it elsewhere first, naming the keys in no file."""
+    path, data = tmp_path / "ks.json", tmp_path / "data"
+    data.write_bytes(os.urandom(5000))
+    Keyset.generate().save(path)
+    keys.encrypt_file(data, tmp_path / "data.gc", keyset=Keyset.load(path))
+    rotating = Keyset.load(path)
+    other = Keyset.load(path)
+    other.add()
+    other.save(path)                               # another admin adds a spare key meanwhile
+    new = rotating.add(primary=True)
+    keys.rekey_file(tmp_path / "data.gc", keyset=rotating)   # wrapped under `new` only now
+    saved_by_other = path.read_bytes()
+    with pytest.raises(KeysetError) as refused:
+        rotating.save(path)
+    message = str(refused.value)
+    assert "redo the change" not in message and "load it again" not in message, message
+    assert re.search(f"files are already wrapped under; its keys {new.id} are in no file yet. "
+                     f"Save it to a new path first, then merge", message), message
+    assert "overwrite=True" in message and path.read_bytes() == saved_by_other
+    rotating.save(tmp_path / "rotating.json")      # the advice, followed: the files still open
+    keys.decrypt_file(tmp_path / "data.gc", tmp_path / "out",
+                      keyset=Keyset.load(tmp_path / "rotating.json"))
+    assert (tmp_path / "out").read_bytes() == data.read_bytes()
+    rotating.save(path, overwrite=True)            # the other way out it offers: it works
+    assert Keyset.load(path).primary.id == new.id
+
+
+def test_unsaved_keys_names_the_keys_that_are_in_no_file_yet(tmp_path):
+    """What a caller about to wrap files checks (``ks.primary.id in ks.unsaved_keys``): keys
+    made in memory since the keyset was loaded or last saved, cleared by a save that
+    succeeds (to any path) and by a load, and left as it was by a save that fails."""
+    ks = Keyset.generate()
+    assert ks.unsaved_keys == {ks.primary.id}
+    ks.save(tmp_path / "ks.json")
+    assert ks.unsaved_keys == frozenset()
+    assert Keyset.load(tmp_path / "ks.json").unsaved_keys == frozenset()
+    old = ks.primary.id
+    new = ks.add(primary=True)
+    spare = ks.add()
+    assert ks.unsaved_keys == {new.id, spare.id} and ks.primary.id in ks.unsaved_keys
+    ks.destroy(spare.id)                           # no material left to lose
+    ks.disable(old)                                # a status change loses no key
+    assert ks.unsaved_keys == {new.id}
+    (tmp_path / "taken.json").write_text("{}")
+    with pytest.raises(KeysetError, match="exists"):
+        ks.save(tmp_path / "taken.json")
+    assert ks.unsaved_keys == {new.id}             # the failed save wrote nothing
+    ks.save(tmp_path / "backup.json")
+    assert ks.unsaved_keys == frozenset()
+    assert Keyset.load(tmp_path / "backup.json").primary.id == new.id
+    with pytest.raises(AttributeError):
+        ks.unsaved_keys = frozenset()              # read-only: only a save clears it
+    assert "unsaved_keys" in (Keyset.__doc__ or "") and "unsaved_keys" in DOCS.read_text()
+
+
+def test_a_failed_save_does_not_change_the_secret_the_keyset_is_saved_with(fast_scrypt,
+                                                                           tmp_path):
+    """save(other, passphrase B) refused (the file exists) remembered B all the same: the
+    next plain save() sealed the keyset's own file with B, and with kek=K changed that
+    file's protection to a KEK. The secret to keep is the one of the last save that wrote."""
+    path, taken = tmp_path / "ks.json", tmp_path / "taken.json"
+    Keyset.generate().save(path, "passphrase A", scrypt_n=FAST_N)
+    taken.write_text("{}")
+    ks = Keyset.load(path, "passphrase A")
+    with pytest.raises(KeysetError, match="taken.json exists"):
+        ks.save(taken, "passphrase B", scrypt_n=FAST_N)
+    with pytest.raises(KeysetError, match="taken.json exists"):
+        ks.save(taken, kek=os.urandom(32))
+    ks.add()
+    ks.save(path)
+    assert Keyset.inspect(path)["protection"] == "passphrase"
+    assert len(Keyset.load(path, "passphrase A")) == 2
+    with pytest.raises(KeysetError, match="wrong passphrase"):
+        Keyset.load(path, "passphrase B")
+    # a save that wrote does change it, as documented (a keyset re-sealed on purpose)
+    ks.save(path, "passphrase C", scrypt_n=FAST_N)
+    ks.save(path)
+    assert len(Keyset.load(path, "passphrase C")) == 2
+
+
+def test_saving_back_after_a_backup_says_why_it_is_refused(tmp_path):
+    """Load A, save a backup to B, save the change to A: refused, as A is no longer the file
+    whose changes this keyset can check, but the message said "this keyset was not read
+    from it", which is false. It says it was, then saved to B, and what to do."""
+    a, b = tmp_path / "ks.json", tmp_path / "ks.backup.json"
+    Keyset.generate().save(a)
+    ks = Keyset.load(a)
+    ks.save(b)
+    ks.add(primary=True)
+    before = a.read_bytes()
+    with pytest.raises(KeysetError) as refused:
+        ks.save(a)
+    message = str(refused.value)
+    assert "not read from it" not in message, message
+    assert f"this keyset was read from it, then saved to {os.path.realpath(b)}" in message
+    assert "overwrite=True if you are sure no one else has saved" in message
+    assert a.read_bytes() == before
+    ks.save(a, overwrite=True)                     # the user's informed choice
+    assert Keyset.load(a).primary.id == ks.primary.id
+    ks.add()
+    with pytest.raises(KeysetError, match="was saved to it, then saved to .*ks.json"):
+        ks.save(b)                                 # and the other way round
+    Keyset.generate().save(tmp_path / "new.json")
+    with pytest.raises(KeysetError, match="new.json exists, and this keyset was not read "
+                                          "from it"):
+        ks.save(tmp_path / "new.json")             # a file it never had: as before
 
 
 @pytest.mark.skipif(os.name != "posix", reason="saves are locked with flock on POSIX only")
@@ -479,6 +629,80 @@ def test_two_primaries_refused(tmp_path):
     (tmp_path / "ks.json").write_text(json.dumps(doc))
     with pytest.raises(KeysetError, match="exactly one primary"):
         Keyset.load(tmp_path / "ks.json")
+
+
+def test_a_keyset_without_a_primary_is_refused_before_it_is_written(tmp_path):
+    """Keyset().add() has a key and no primary: save wrote the file, then raised KeyNotFound
+    "this keyset is empty" (the audit said error, with the file written), and loading that
+    file failed without naming it. Refused before writing now, saying what to do."""
+    path = tmp_path / "ks.json"
+    log = io.StringIO()
+    handler = audit.enable(log)
+    try:
+        ks = Keyset()
+        key = ks.add()
+        with pytest.raises(KeysetError, match=f"has no primary key \\({key.id}\\).*promote"):
+            ks.save(path)
+        assert not path.exists()
+        ks.promote(key.id)
+        ks.save(path)
+    finally:
+        logging.getLogger(audit.LOGGER_NAME).removeHandler(handler)
+    saves = [(e["outcome"], e.get("key_id")) for e in map(json.loads, log.getvalue().splitlines())
+             if e["operation"] == "keyset.save"]
+    assert saves == [("error", None), ("ok", key.id)]
+    assert Keyset.load(path).primary.id == key.id
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda keys_: keys_.clear(), "the keyset holds no keys"),
+    (lambda keys_: keys_[0].update(status="enabled"), "exactly one primary key, this one has 0"),
+    (lambda keys_: keys_.append(dict(keys_[0])), "duplicate key id"),
+])
+def test_a_keyset_file_with_no_primary_or_no_keys_is_a_keyset_error_naming_it(
+        tmp_path, capsys, edit, message):
+    """A file with "keys": [] raised KeyNotFound ("this keyset is empty"), not KeysetError,
+    and one without a primary did not name the file."""
+    path = tmp_path / "ks.json"
+    Keyset.generate().save(path)
+    doc = json.loads(path.read_text())
+    edit(doc["keys"])
+    path.write_text(json.dumps(doc))
+    with pytest.raises(KeysetError, match=f"^{re.escape(str(path))}: .*{message}"):
+        Keyset.load(path)
+    code, out, err = _cli(capsys, "keys", "add", path)
+    assert code == 1 and err.count("\n") == 1 and str(path) in err and message in err, err
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("id", ["x"], "'id' is a list, not a string"),
+    ("id", {"a": 1}, "'id' is an object, not a string"),
+    ("id", 7, "'id' is a number, not a string"),
+    ("status", None, "'status' is null, not a string"),
+    ("created", None, None),  # deleted below: "no 'created'"
+])
+def test_a_key_entry_field_of_another_type_is_a_malformed_entry(tmp_path, capsys, field, value,
+                                                                problem):
+    """An unsealed keyset whose key id is not a string (a list: unhashable) failed with a
+    TypeError, and `gpucrypt keys add` printed a traceback. A KeysetError naming the entry
+    and the field now, and one line from the command line."""
+    path = tmp_path / "ks.json"
+    ks = Keyset.generate()
+    ks.add()
+    ks.save(path)
+    doc = json.loads(path.read_text())
+    if problem is None:
+        del doc["keys"][1][field]
+        problem = f"no {field!r}"
+    else:
+        doc["keys"][1][field] = value
+    path.write_text(json.dumps(doc))
+    expected = f"{path}: malformed key entry 2: {problem}"
+    with pytest.raises(KeysetError) as info:
+        Keyset.load(path)
+    assert str(info.value).startswith(expected), info.value
+    code, out, err = _cli(capsys, "keys", "add", path)
+    assert code == 1 and err.count("\n") == 1 and expected in err, err
 
 
 @pytest.mark.parametrize("kem", ["x25519", "mlkem768-x25519"])

@@ -64,17 +64,21 @@ def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def write_key_file(path: str | os.PathLike, data: bytes, *, replace: bool, what: str) -> None:
+def write_key_file(path: str | os.PathLike, data: bytes, *, replace: bool, what: str,
+                   refusal: str | None = None) -> None:
     """Write a private key file (0600, atomically). ``replace=False``: an existing file at
     ``path`` is left as it is (:class:`KeysetError`, also when one appears while this
-    writes): a key file written over is keys lost, and whatever was encrypted to them."""
+    writes): a key file written over is keys lost, and whatever was encrypted to them.
+    ``refusal``: that error's message, where the caller knows better than "this {what}
+    was not read from it" (it was, before it was saved elsewhere)."""
     from ..files._atomic import AtomicFile, OutputExists
 
     try:
         with AtomicFile(path, 0o600, overwrite=replace) as f:
             f.write(data)
     except OutputExists:
-        raise KeysetError(f"{os.fspath(path)} exists, and this {what} was not read from it: "
+        raise KeysetError(refusal or
+                          f"{os.fspath(path)} exists, and this {what} was not read from it: "
                           f"writing over it would destroy the keys it holds (and what was "
                           f"encrypted to them); save to a new path, or pass overwrite=True "
                           f"if that file is no longer needed") from None
@@ -200,12 +204,31 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict |
                           f"be unsealed, load it without one{how}")
     protection = doc["protection"]
     public = {k: v for k, v in doc.items() if k != "sealed"}
+    # the caller's secret is checked before anything of the file, and said as what it is:
+    # the ValueError catch-all below is for the file's protection block
+    if method == "passphrase" and passphrase is not None:
+        try:
+            forms = _passphrase.forms(passphrase)
+        except ValueError as exc:  # not UTF-8: passphrase.encode's KeysetError, as it is
+            if isinstance(exc, KeysetError):
+                raise
+            raise KeysetError(f"{where}: the passphrase given is empty: give the passphrase "
+                              f"the file was sealed with") from None
+    if method == "kek" and kek is not None:
+        kek = bytes_arg(kek, "kek")
+        if len(kek) != 32:
+            raise KeysetError(f"{where}: a key-encryption key is 32 bytes, not {len(kek)}: "
+                              f"give the raw key the file was sealed with (not hex or base64 "
+                              f"text of it)")
     nonce = b64d(protection.get("nonce"), f"{where}: nonce")
     try:
         if method == "passphrase":
             if passphrase is None:
-                raise KeysetError(f"{where} is sealed with a passphrase: give the passphrase "
-                                  f"(--passphrase-file, GPUCRYPT_PASSPHRASE or the prompt)")
+                # the library's ways: the command line asks for it before loading, and
+                # Recipient.load recognises "sealed with a passphrase"
+                raise KeysetError(f"{where} is sealed with a passphrase, and none was given: "
+                                  f"pass it (load(path, passphrase), FileKeyProvider(path, "
+                                  f"passphrase); passphrase_env= for a path in KeyReferences)")
             n, r, p = protection.get("n"), protection.get("r"), protection.get("p")
             if protection.get("kdf") != "scrypt" or not all(isinstance(v, int) for v in (n, r, p)):
                 raise KeysetError(f"{where}: unsupported key derivation")
@@ -220,7 +243,7 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict |
             # each of the passphrase's forms, NFC first (passphrase.forms: files sealed
             # before passphrases were normalised, or from an earlier reading of a
             # passphrase file, open too; one more scrypt each, for those passphrases only)
-            for form in _passphrase.forms(passphrase):
+            for form in forms:
                 key = Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(form)
                 try:
                     plain = ChaCha20Poly1305(key, device="cpu").decrypt(nonce, sealed, aad)
@@ -234,7 +257,7 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict |
             if kek is None:
                 raise KeysetError(f"{where} is sealed by a key-encryption key "
                                   f"(id {protection.get('kek_id')!r}): give it with kek=")
-            cipher = AESGCM(bytes_arg(kek, "kek"), device="cpu")
+            cipher = AESGCM(kek, device="cpu")
         else:
             raise KeysetError(f"{where}: unknown protection method {method!r}")
         if cipher is not None:

@@ -107,6 +107,12 @@ class Keyset(HoldsKeyMaterial):
     keys are wrapped under :attr:`primary`; unwrapping finds the key by the id the
     envelope records. A keyset is also a :class:`KeyProvider`. It cannot be pickled or
     copied (its keys, and the passphrase or KEK it was loaded with, would travel).
+
+    Save before wrapping files under a new primary: a key made by :meth:`generate` or
+    :meth:`add` exists only in this object until a :meth:`save` succeeds, and every file
+    wrapped under it is lost with it if that save is refused and the object dropped.
+    :attr:`unsaved_keys` names the keys in that state (``ks.primary.id in
+    ks.unsaved_keys``: the primary is one of them).
     """
 
     _travel_instead = KeysetKey._travel_instead
@@ -124,16 +130,34 @@ class Keyset(HoldsKeyMaterial):
             raise KeysetError(f"a keyset has exactly one primary key, this one has {len(primaries)}")
         self._seal: dict | None = None  # how it was loaded, so save() keeps it sealed
         self._origin: tuple[str, bytes] | None = None  # (file, SHA-256) last read or written
+        self._origin_verb = "saved to"  # or "read from": how _origin became its file
         #: ids of the keys added or changed since the keyset was read or last saved (all of
         #: a keyset made in memory): the ``keyset.save`` event lists them, so the log says
         #: which changes reached a file (each change's own event records it in memory)
         self._unsaved: set[str] = set(self._keys)
+        #: ids of the keys whose material is in no file yet (made in memory, not saved since):
+        #: what :attr:`unsaved_keys` shows; only a successful save or a load clears it
+        self._in_memory: set[str] = set(self._keys)
+        #: files this keyset was read from or saved to before its current one (realpath ->
+        #: "read from" / "saved to"): a save there is refused unchecked, and says why
+        self._earlier: dict[str, str] = {}
 
     def __repr__(self) -> str:
         primary = next((k.id for k in self._keys.values() if k.status == PRIMARY), None)
         return f"Keyset(primary={primary!r}, keys={list(self._keys)})"
 
     __str__ = __repr__
+
+    @property
+    def unsaved_keys(self) -> frozenset[str]:
+        """Ids of the keys whose material is in no file yet: made by :meth:`generate`,
+        :meth:`add` or the constructor since the keyset was loaded or last saved (to any
+        path). Empty once a :meth:`save` succeeds; a failed save leaves it as it was.
+
+        Why it matters: files wrapped under such a key (the primary, after
+        ``add(primary=True)``) open only while this object lives, until it is saved. Check
+        ``ks.primary.id in ks.unsaved_keys`` before wrapping, and save first."""
+        return frozenset(self._in_memory)
 
     # --- creation, files
     @classmethod
@@ -171,20 +195,28 @@ class Keyset(HoldsKeyMaterial):
             entries = doc.get("keys")
             if not isinstance(entries, list):
                 raise KeysetError(f"{where}: malformed keyset (no key list)")
+            for number, entry in enumerate(entries, 1):  # before any use of an id as a dict key
+                _check_entry(entry, number, where)
             materials = open_document(doc, where, passphrase=passphrase, kek=kek)
+            if not entries:  # after open_document: a damaged protection block is said first
+                raise KeysetError(f"{where}: the keyset holds no keys, and a keyset has one "
+                                  f"primary key (the file was damaged or edited: restore it "
+                                  f"from a copy)")
             if materials is None:
-                materials = {e.get("id"): e.get("material") for e in entries
-                             if isinstance(e, dict) and "material" in e}
-            keys = []
-            for entry in entries:
-                keys.append(_key_from_entry(entry, materials, where))
-            keyset = cls(keys)
+                materials = {e["id"]: e.get("material") for e in entries if "material" in e}
+            keys = [_key_from_entry(entry, materials, where) for entry in entries]
+            try:
+                keyset = cls(keys)
+            except KeysetError as exc:  # two primaries, a duplicate id: say which file
+                raise KeysetError(f"{where}: {exc} (the file was damaged or edited: restore "
+                                  f"it from a copy)") from None
             keyset._unsaved.clear()  # as in the file
+            keyset._in_memory.clear()
             if "protection" in doc:
                 keyset._seal = {"passphrase": passphrase, "kek": kek,
                                 "kek_id": doc["protection"].get("kek_id"),
                                 "scrypt_n": _scrypt_n_to_keep(doc["protection"].get("n"))}
-            keyset._origin = (os.path.realpath(path), digest)
+            keyset._origin, keyset._origin_verb = (os.path.realpath(path), digest), "read from"
             ev["count"] = len(keys)
             ev["key_id"] = keyset.primary.id
         return keyset
@@ -208,10 +240,20 @@ class Keyset(HoldsKeyMaterial):
 
         Raises :class:`KeysetError`, writing nothing, when ``path`` is the file this keyset
         was loaded from (or last saved to) and it has changed since: another program saved
-        it in between, and writing would undo that change. On POSIX the check and the write
-        are one step: saves of that file (from any process) hold an exclusive ``flock`` on
-        it from the check until the new file has replaced it, so of two overlapping saves
-        from one version the second is refused.
+        it in between, and writing would undo that change (``overwrite=True`` writes all the
+        same, dropping it). On POSIX the check and the write are one step: saves of that
+        file (from any process) hold an exclusive ``flock`` on it from the check until the
+        new file has replaced it, so of two overlapping saves from one version the second
+        is refused.
+
+        If that save is refused, keep this object: its new keys (:attr:`unsaved_keys`) may
+        already wrap files. Save it to a new path first, then merge the two keysets, or
+        write over the file with ``overwrite=True`` once sure the other change may go.
+
+        Raises :class:`KeysetError`, writing nothing, for a keyset without a primary key
+        (``Keyset().add()``: :meth:`promote` one first), which could not be loaded back.
+        A save that fails changes nothing: the secret a sealed keyset is saved with next
+        time is the one of its last successful save (or load).
 
         Audit: one ``keyset.save`` event, ``ok`` once the file is written or ``error`` (and
         nothing written) otherwise, whose ``key_ids`` are the keys added or changed since
@@ -222,28 +264,70 @@ class Keyset(HoldsKeyMaterial):
                          key_ids=sorted(self._unsaved)) as ev:
             self._save(path, passphrase, kek, kek_id, scrypt_n, unsealed, overwrite, ev)
         self._unsaved.clear()
+        self._in_memory.clear()
 
     def _save(self, path, passphrase, kek, kek_id, scrypt_n, unsealed, overwrite,
               ev: dict) -> None:
-        if not self._keys:  # a keyset file without a primary key could not be loaded back
+        # a keyset file without exactly one primary key could not be loaded back: refused
+        # before anything is written (the file would be there, unreadable, and the audit
+        # would say error)
+        if not self._keys:
             raise KeysetError("the keyset has no keys: add one (Keyset.generate) before saving")
-        target = os.path.realpath(path)
+        primary = next((k for k in self._keys.values() if k.status == PRIMARY), None)
+        if primary is None:
+            raise KeysetError(f"the keyset has no primary key ({', '.join(self._keys)}), and "
+                              f"a keyset file without one cannot be loaded back: make one of "
+                              f"them the primary (promote(key_id)) before saving")
+        where, target = os.fspath(path), os.path.realpath(path)
         checked = self._origin is not None and self._origin[0] == target
         with _locked_digest(target) if checked else contextlib.nullcontext() as now:
-            if checked and now not in (None, self._origin[1]):  # None: gone, nothing to undo
-                raise KeysetError(f"{os.fspath(path)} changed since this keyset was read from "
-                                  f"it (another command or program saved it): nothing was "
-                                  f"written; load it again, then redo the change")
-            data, method = self._document(passphrase, kek, kek_id, scrypt_n, unsealed)
+            # None: gone, nothing to undo; overwrite=True: the caller drops the other change
+            # on purpose (the way out the refusal offers, as Identity.save's)
+            if checked and not overwrite and now not in (None, self._origin[1]):
+                raise KeysetError(self._changed_message(where))
+            data, method, seal = self._document(passphrase, kek, kek_id, scrypt_n, unsealed)
             # still locked: the check holds until replaced
             # its own file, still there (gone: another may be made meanwhile, not replaced)
             write_key_file(path, data, replace=overwrite or (checked and now is not None),
-                           what="keyset")
-        self._origin = (target, hashlib.sha256(data).digest())
-        ev.update(count=len(self._keys), key_id=self.primary.id, status=method or "unsealed")
+                           what="keyset", refusal=self._earlier_message(where, target))
+        # only now that the file holds it: a failed save must not change the secret the
+        # next plain save() seals its own file with
+        if seal is not None:
+            self._seal = seal
+        if self._origin is not None and self._origin[0] != target:
+            self._earlier[self._origin[0]] = self._origin_verb
+        self._earlier.pop(target, None)
+        self._origin, self._origin_verb = (target, hashlib.sha256(data).digest()), "saved to"
+        ev.update(count=len(self._keys), key_id=primary.id, status=method or "unsealed")
 
-    def _document(self, passphrase, kek, kek_id, scrypt_n, unsealed) -> tuple[bytes, str | None]:
-        """The file's bytes, and how it is sealed (None: plain)."""
+    def _changed_message(self, where: str) -> str:
+        """Why a save over this keyset's own file, changed by someone else, is refused, and
+        what to do. Not "load it again and redo the change": a key made since exists only
+        in this object, and files may already be wrapped under it (rekey_file, encrypt_file)."""
+        new = sorted(self._in_memory)
+        held = (f"; its keys {', '.join(new)} are in no file yet" if new else "")
+        return (f"{where} changed since this keyset was read from it (another command or "
+                f"program saved it): nothing was written. Keep this keyset: it may hold keys "
+                f"that files are already wrapped under{held}. Save it to a new path first, "
+                f"then merge the two keysets deliberately, or save it over {where} with "
+                f"overwrite=True if you are sure the other change may be lost")
+
+    def _earlier_message(self, where: str, target: str) -> str | None:
+        """What a refused save to ``target`` says when this keyset read or wrote that file
+        before its current one (None: the default, "not read from it", is true)."""
+        verb = self._earlier.get(target)
+        if verb is None or self._origin is None:
+            return None
+        return (f"{where} exists: this keyset was {verb} it, then saved to {self._origin[0]}, "
+                f"which is its file now, so whether someone else changed {where} since can no "
+                f"longer be checked. Nothing was written: save to {self._origin[0]} (or a new "
+                f"path), or pass overwrite=True if you are sure no one else has saved {where} "
+                f"since (that writes over it unchecked)")
+
+    def _document(self, passphrase, kek, kek_id, scrypt_n,
+                  unsealed) -> tuple[bytes, str | None, dict | None]:
+        """The file's bytes, how it is sealed (None: plain), and the seal for the next plain
+        save to remember once the file is written (None: keep the one remembered)."""
         if passphrase is None and kek is None and not unsealed and self._seal is not None:
             passphrase, kek = self._seal["passphrase"], self._seal["kek"]
             kek_id = kek_id or self._seal["kek_id"]
@@ -255,16 +339,16 @@ class Keyset(HoldsKeyMaterial):
                 if key._material is not None:
                     entry["material"] = b64e(key._material)
             doc = public
-            method = None
+            method, seal = None, None
         else:
             materials = {k.id: b64e(k._material) for k in self._keys.values()
                          if k._material is not None}
             doc = seal_document(public, materials, passphrase=passphrase, kek=kek, kek_id=kek_id,
                                  scrypt_n=scrypt_n or DEFAULT_SCRYPT_N)
             method = doc["protection"]["method"]
-            self._seal = {"passphrase": passphrase, "kek": kek, "kek_id": kek_id,
-                          "scrypt_n": scrypt_n or DEFAULT_SCRYPT_N}
-        return json.dumps(doc, indent=2).encode("utf-8") + b"\n", method
+            seal = {"passphrase": passphrase, "kek": kek, "kek_id": kek_id,
+                    "scrypt_n": scrypt_n or DEFAULT_SCRYPT_N}
+        return json.dumps(doc, indent=2).encode("utf-8") + b"\n", method, seal
 
     # --- reading
     def __iter__(self) -> Iterator[KeysetKey]:
@@ -305,6 +389,7 @@ class Keyset(HoldsKeyMaterial):
         key = _fresh_key(algorithm, ENABLED)
         self._keys[key.id] = key
         self._unsaved.add(key.id)
+        self._in_memory.add(key.id)
         audit.event("keyset.add", key_id=key.id, algorithm=algorithm, status=ENABLED)
         if primary:
             self.promote(key.id)
@@ -351,6 +436,7 @@ class Keyset(HoldsKeyMaterial):
         key = _refuse_primary(self._find(key_id))
         key.status, key._material = DESTROYED, None
         self._unsaved.add(key.id)
+        self._in_memory.discard(key.id)  # no material left to lose
         audit.event("keyset.destroy", key_id=key.id, status=DESTROYED)
         return key
 
@@ -414,10 +500,30 @@ def _fresh_key(algorithm: str, status: str) -> KeysetKey:
                      os.urandom(KEK_ALGORITHMS[algorithm]))
 
 
-def _key_from_entry(entry: Any, materials: dict, where: str) -> KeysetKey:
-    if not isinstance(entry, dict) or not all(isinstance(entry.get(f), str) for f in
-                                              ("id", "algorithm", "created", "status")):
-        raise KeysetError(f"{where}: malformed key entry")
+_ENTRY_FIELDS = ("id", "algorithm", "created", "status")
+#: a JSON value's kind, as the file's reader knows it (not Python's type names)
+_JSON_KINDS = {dict: "an object", list: "a list", str: "a string", int: "a number",
+               float: "a number", bool: "true or false", type(None): "null"}
+
+
+def _check_entry(entry: Any, number: int, where: str) -> None:
+    """KeysetError "malformed key entry", naming the entry (from 1) and the field, unless
+    ``entry`` is an object whose fields are strings: an id of another type (a list, from a
+    damaged or edited file) would otherwise fail later as a TypeError, a traceback."""
+    if not isinstance(entry, dict):
+        problem = f"{_JSON_KINDS.get(type(entry), 'a value')}, not an object"
+    else:
+        field = next((f for f in _ENTRY_FIELDS if not isinstance(entry.get(f), str)), None)
+        if field is None:
+            return
+        problem = (f"no {field!r}" if field not in entry else
+                   f"{field!r} is {_JSON_KINDS.get(type(entry[field]), 'a value')}, not a string")
+    raise KeysetError(f"{where}: malformed key entry {number}: {problem} (the file was "
+                      f"damaged or edited: restore it from a copy)")
+
+
+def _key_from_entry(entry: dict, materials: dict, where: str) -> KeysetKey:
+    """The key ``entry`` (checked by _check_entry) describes, with its material."""
     key_id, algorithm, status = entry["id"], entry["algorithm"], entry["status"]
     if algorithm not in KEK_ALGORITHMS:
         raise KeysetError(f"{where}: key {key_id}: unknown algorithm {algorithm!r}")
