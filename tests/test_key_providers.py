@@ -296,6 +296,99 @@ def test_key_references_read_a_file_uri_with_passphrase_env(tmp_path, monkeypatc
         own.resolve()
 
 
+def test_a_passphrase_given_refuses_an_unsealed_keyset_behind_a_file_reference(plain, tmp_path,
+                                                                               capsys, monkeypatch):
+    """A sealed keyset swapped for someone's unsealed one, with $GPUCRYPT_PASSPHRASE set:
+    --keyset refused it, but --kek file:// to the same file (and the library's reference)
+    read no passphrase for an unsealed file and wrapped the data key under the swapped
+    keyset's primary. A reference naming a passphrase-source whose variable is unset is
+    refused for the file too: an unsealed file is the problem, not the missing secret."""
+    from gpucrypt.keys.portable import KeyReferences
+
+    path = tmp_path / "ks.json"
+    swapped = keys.Keyset.generate()
+    swapped.save(path)  # not sealed, 0600: what an attacker who can write the folder leaves
+    uri = f"file://{path}"
+    monkeypatch.setenv("GPUCRYPT_PASSPHRASE", "correct horse")
+    attempts = [lambda: KeyReference(uri).resolve(),
+                lambda: keys.seal_envelope(keys.generate_dek(), KeyReference(uri)),
+                lambda: KeyReferences(keyset=uri).resolve()]
+    for attempt in attempts:
+        with pytest.raises(keys.KeysetError, match="is not sealed, though a passphrase was "
+                                                    "given: it may have been replaced") as info:
+            attempt()
+        assert "GPUCRYPT_PASSPHRASE unset" in str(info.value), info.value
+    code, _, err = _cli(capsys, "encrypt", plain, tmp_path / "x", "--kek", uri)
+    assert code == 1 and "is not sealed, though a passphrase was given" in err, err
+    assert not (tmp_path / "x").exists()
+    monkeypatch.delenv("GPUCRYPT_PASSPHRASE")
+    monkeypatch.delenv("NOT_SET_PASS", raising=False)
+    with pytest.raises(keys.KeysetError, match="is not sealed.*without passphrase-source"):
+        KeyReference(f"{uri}?passphrase-source=env:NOT_SET_PASS").resolve()
+    # none given (unset, or set but empty as the command line counts it): used on purpose
+    for value in (None, ""):
+        if value is not None:
+            monkeypatch.setenv("GPUCRYPT_PASSPHRASE", value)
+        assert KeyReference(uri).resolve().primary.id == swapped.primary.id
+    assert _cli(capsys, "encrypt", plain, tmp_path / "x", "--kek", uri)[0] == 0
+
+
+def test_an_empty_passphrase_env_is_refused_naming_it_for_a_path_as_for_a_uri(tmp_path,
+                                                                             monkeypatch):
+    """KeyReferences(keyset=PATH, passphrase_env=V) with V set but empty passed "" on as the
+    passphrase, and the load said "malformed protection block" of a sound file; the same
+    keyset as a file:// URI said to set V. Both now refuse naming V and saying it is empty."""
+    from gpucrypt.keys.portable import KeyReferences
+
+    monkeypatch.setattr(keys.passphrase, "MIN_LOG_N", 10)
+    path = tmp_path / "ks.json"
+    keys.Keyset.generate().save(path, "right horse", scrypt_n=2**10)
+    monkeypatch.setenv("KS_PASS", "")
+    for ref in (str(path), f"file://{path}"):
+        with pytest.raises(keys.KeyManagementError,
+                           match="environment variable KS_PASS.*set but empty") as info:
+            KeyReferences(keyset=ref, passphrase_env="KS_PASS").resolve()
+        assert "malformed" not in str(info.value), info.value
+    monkeypatch.setenv("KS_PASS", "right horse")
+    for ref in (str(path), f"file://{path}"):
+        assert KeyReferences(keyset=ref, passphrase_env="KS_PASS").resolve().keyset is not None
+
+
+def test_a_sealed_key_file_by_path_says_what_opens_it_from_the_library(tmp_path, monkeypatch):
+    """A sealed keyset given by path to KeyReferences or FileKeyProvider without a
+    passphrase: the hint said to set GPUCRYPT_PASSPHRASE, which neither reads (doing so
+    changed nothing). It names what each one takes instead, and stays a KeysetError."""
+    from gpucrypt.keys.portable import KeyReferences
+
+    monkeypatch.setattr(keys.passphrase, "MIN_LOG_N", 10)
+    monkeypatch.setenv("GPUCRYPT_PASSPHRASE", "pw")  # following the old hint: no help here
+    path, identity = tmp_path / "ks.json", tmp_path / "id.json"
+    sealed = keys.Keyset.generate()
+    sealed.save(path, "pw", scrypt_n=2**10)
+    keys.Identity.generate().save(identity, "pw", scrypt_n=2**10)
+    attempts = [(lambda: keys.FileKeyProvider(path).get_key(sealed.primary.id),
+                 "FileKeyProvider(path, passphrase)"),
+                (lambda: KeyReferences(keyset=str(path)).resolve(), "passphrase_env=VAR"),
+                (lambda: KeyReferences(identities=[str(identity)]).resolve(),
+                 "passphrase_env=VAR")]
+    for attempt, hint in attempts:
+        with pytest.raises(keys.KeysetError, match="is sealed with a passphrase") as info:
+            attempt()
+        message = str(info.value)
+        assert hint in message and "not GPUCRYPT_PASSPHRASE" in message, message
+        assert "--passphrase-file" not in message and "prompt" not in message, message
+    # what the hints name works
+    monkeypatch.setenv("KS_PASS", "pw")
+    assert KeyReferences(keyset=str(path), passphrase_env="KS_PASS").resolve().keyset is not None
+    assert keys.FileKeyProvider(path, "pw").get_key(sealed.primary.id) \
+        == sealed.get_key(sealed.primary.id)
+    # a file that is not a keyset keeps its own error
+    (tmp_path / "junk.json").write_text("{}")
+    with pytest.raises(keys.KeysetError) as info:
+        keys.FileKeyProvider(tmp_path / "junk.json").get_key("x")
+    assert "sealed with a passphrase" not in str(info.value), info.value
+
+
 @pytest.mark.parametrize("source", ["file:pin.txt", "file://pin.txt", "file:./pin.txt"])
 def test_a_relative_secret_source_is_refused(source, tmp_path, monkeypatch):
     """docs/KEYS.md: pin-source and passphrase-source are env:VAR, file:/path or an absolute

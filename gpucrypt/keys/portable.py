@@ -30,11 +30,11 @@ from typing import Any
 
 from .._errors import KeysetError
 from .keyset import KEYSET_FORMAT, Keyset, KeysetKey
-from .providers import FileKeyProvider, KeyProvider, WrappingKey
-from ._uri import SCHEMES, KeyUri
+from .providers import FileKeyProvider, KeyProvider, WrappingKey, _sealed_with_passphrase
+from ._uri import SCHEMES
 from .recipients import (IDENTITY_FORMAT, RECIPIENT_FORMAT, Identity, Recipient, _file_document,
                          open_file_envelope, recipient_list)
-from .references import KeyReference
+from .references import KeyReference, with_passphrase_source
 
 __all__ = ["KeyReferences", "ResolvedKeys", "resolve_reference"]
 
@@ -91,6 +91,13 @@ def _check_reference(ref: Any) -> Any:
                     f"with a resolve() method")
 
 
+#: what opens a sealed key file named by path in a KeyReferences (the load's own hint names
+#: --passphrase-file and $GPUCRYPT_PASSPHRASE, which a path never reads)
+_PATH_PASSPHRASE_HINT = ("name the environment variable holding it, read in each process, "
+                         "with KeyReferences(..., passphrase_env=VAR) (a path reads no other "
+                         "variable: not GPUCRYPT_PASSPHRASE)")
+
+
 def resolve_reference(ref: Any, passphrase_env: str | None = None) -> Any:
     """The key object one reference names, loaded in this process."""
     if isinstance(ref, KeyReference):
@@ -98,12 +105,11 @@ def resolve_reference(ref: Any, passphrase_env: str | None = None) -> Any:
         # and audits); only a file: reference names a keyset to load
         if ref.scheme != "file":
             return ref
-        if passphrase_env and "passphrase-source" not in ref.query:
+        if passphrase_env:
             # as a path is: the passphrase from passphrase_env, and so a keyset expected
             # sealed (a file: reference naming a passphrase refuses one that is not: it may
             # have been replaced, and its primary would wrap new data keys)
-            ref = KeyReference(KeyUri("file", ref.attributes, {
-                **ref.query, "passphrase-source": "env:" + passphrase_env}).canonical())
+            ref = with_passphrase_source(ref, "env:" + passphrase_env)
         return ref.resolve()
     if hasattr(ref, "resolve") and not isinstance(ref, (str, os.PathLike)):
         return ref.resolve()
@@ -112,18 +118,38 @@ def resolve_reference(ref: Any, passphrase_env: str | None = None) -> Any:
     passphrase = None
     if passphrase_env:
         passphrase = os.environ.get(passphrase_env)
-        if passphrase is None:
+        if not passphrase:
+            # set but empty is refused as unset is, and as a file:// reference refuses it:
+            # "" went on as a passphrase, and the load failed as if the file were damaged
+            state = "not set" if passphrase is None else "set but empty"
             raise KeysetError(f"environment variable {passphrase_env} (the passphrase of "
-                              f"{ref}) is not set in this process")
+                              f"{ref}) is {state} in this process: set it to the passphrase")
     doc = _file_document(ref)
     kind = None if doc is None else doc.get("format")
     if kind == KEYSET_FORMAT:
-        return Keyset.load(ref, passphrase)
+        try:
+            return Keyset.load(ref, passphrase)
+        except KeysetError as exc:
+            if passphrase is None and _sealed_with_passphrase(ref):
+                # the document's hint names the command line's sources, which a path in
+                # KeyReferences never reads
+                raise type(exc)(f"{ref} is sealed with a passphrase: {_PATH_PASSPHRASE_HINT}, "
+                                f"or name the keyset as file://{os.path.abspath(ref)}"
+                                f"?passphrase-source=env:VAR (or file:/path)") from None
+            raise
     if kind == IDENTITY_FORMAT:
         # an identity only unwraps: one that is not sealed is taken as it is beside sealed
         # key files (a keyset, which wraps new data keys under its primary, is refused
         # unsealed when a passphrase is given: it may have been replaced)
-        return Identity.load(ref, passphrase if "protection" in doc else None)
+        try:
+            return Identity.load(ref, passphrase if "protection" in doc else None)
+        except KeysetError as exc:
+            protection = doc.get("protection")
+            if passphrase is None and isinstance(protection, dict) \
+                    and protection.get("method") == "passphrase":
+                raise type(exc)(f"{ref} is sealed with a passphrase: "
+                                f"{_PATH_PASSPHRASE_HINT}") from None
+            raise
     if kind == RECIPIENT_FORMAT:
         return Recipient.load(ref)
     if not os.path.exists(ref):

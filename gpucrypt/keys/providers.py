@@ -57,7 +57,21 @@ class FileKeyProvider(HoldsKeyMaterial):
     @property
     def keyset(self) -> Keyset:
         if self._keyset is None:
-            self._keyset = Keyset.load(self._path, self._passphrase, kek=self._kek)
+            try:
+                self._keyset = Keyset.load(self._path, self._passphrase, kek=self._kek)
+            except KeysetError as exc:
+                if self._passphrase is None and self._kek is None \
+                        and _sealed_with_passphrase(self._path):
+                    # the document's hint names the command line's sources (--passphrase-file,
+                    # $GPUCRYPT_PASSPHRASE), which this provider never reads
+                    raise type(exc)(
+                        f"{self._path} is sealed with a passphrase: pass it, "
+                        f"FileKeyProvider(path, passphrase) (this provider reads no environment "
+                        f"variable: not GPUCRYPT_PASSPHRASE); to load it in other processes, "
+                        f"KeyReferences(keyset=path, passphrase_env=VAR) or "
+                        f"KeyReference('file://...?passphrase-source=env:VAR') reads it where "
+                        f"it is used") from None
+                raise
         return self._keyset
 
     def get_key(self, key_id: str) -> bytes:
@@ -67,6 +81,16 @@ class FileKeyProvider(HoldsKeyMaterial):
         if self._passphrase is not None or self._kek is not None or self._keyset is not None:
             return super().__reduce__()  # refuses
         return (FileKeyProvider, (self._path,))
+
+
+def _sealed_with_passphrase(path: str | os.PathLike) -> bool:
+    """Whether ``path`` reads as a keyset sealed with a passphrase: what a load without one
+    failed for, if so. False for anything else (a missing or malformed file), whose load
+    error already says what is wrong."""
+    try:
+        return Keyset.inspect(path)["protection"] == "passphrase"
+    except (KeyManagementError, OSError, ValueError):
+        return False
 
 
 class EnvKeyProvider:

@@ -33,7 +33,8 @@ from .._errors import KeyProviderError, KeysetError
 from ._uri import KeyUri, check_secret_source, parse_key_uri
 
 __all__ = ["KeyReference", "ExternalKey", "file_context", "context_bytes", "read_secret_source",
-           "secret_source_path", "check_source_is_absolute", "PROVIDERS"]
+           "secret_source_path", "check_source_is_absolute", "with_passphrase_source",
+           "PROVIDERS"]
 
 #: URI scheme -> "module:class" of its :class:`ExternalKey` (imported on first use, so that
 #: importing gpucrypt.keys imports neither python-pkcs11 nor boto3)
@@ -47,6 +48,10 @@ _EXTRAS = {"pkcs11": "pip install 'gpucrypt[pkcs11]' (python-pkcs11)",
            "awskms": "pip install 'gpucrypt[aws]' (boto3)"}
 
 _MAX_STANZA_ID = 255
+
+#: where a ``file:`` reference naming no ``passphrase-source`` finds its keyset's passphrase:
+#: the command line's variable, so that ``--kek file://KS`` reads what ``--keyset KS`` reads
+DEFAULT_PASSPHRASE_ENV = "GPUCRYPT_PASSPHRASE"
 
 
 @runtime_checkable
@@ -137,8 +142,11 @@ def read_secret_source(source: str | None, default_env: str, what: str,
         name = source[4:]
         value = os.environ.get(name)
         if not value:
-            raise KeyProviderError(f"{what} is needed: set the environment variable {name}, or "
-                                   f"name a file holding it in the URI ({attribute}=file:/path)")
+            # set but empty is named as such: "set the variable" to one who did reads as a bug
+            state = "set but empty" if value == "" else "not set"
+            raise KeyProviderError(f"{what} is needed: set the environment variable {name} "
+                                   f"({state} in this process), or name a file holding it in "
+                                   f"the URI ({attribute}=file:/path)")
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:  # bytes os.environ could not decode: never quoted
@@ -264,6 +272,17 @@ class KeyReference:
             return self.resolve().unwrap(stanza_id, body, context)
 
 
+def with_passphrase_source(ref: KeyReference, source: str) -> KeyReference:
+    """``ref`` reading its keyset's passphrase from ``source`` (``env:VAR``, ``file:/PATH``)
+    when it is a ``file:`` reference naming no ``passphrase-source`` (its own one wins);
+    ``ref`` itself otherwise. Naming a source makes the keyset expected sealed. This is how
+    a passphrase given beside a reference (KeyReferences' ``passphrase_env=``) reaches it."""
+    if ref.scheme != "file" or "passphrase-source" in ref.query:
+        return ref
+    return KeyReference(KeyUri("file", ref.attributes,
+                               {**ref.query, "passphrase-source": source}).canonical())
+
+
 def _load_keyset(parsed: KeyUri):
     from .keyset import Keyset
 
@@ -272,11 +291,27 @@ def _load_keyset(parsed: KeyUri):
     if sealed not in (None, "passphrase"):
         raise KeysetError(f"{path} is sealed by a key-encryption key: a file: reference opens "
                           f"keysets sealed by a passphrase (or not sealed)")
-    passphrase = None
-    if sealed == "passphrase" or "passphrase-source" in parsed.query:
-        # a reference naming a passphrase expects a sealed file: Keyset.load refuses one that
-        # is not (it may have been replaced)
-        passphrase = read_secret_source(parsed.query.get("passphrase-source"), "GPUCRYPT_PASSPHRASE",
-                                        f"the passphrase of the keyset {path}",
-                                        "passphrase-source")
+    source = parsed.query.get("passphrase-source")
+    if sealed is None:
+        # A passphrase given means the keyset is expected sealed, as Keyset.load and the
+        # command line's --keyset expect it: an unsealed file there may have been put in the
+        # sealed one's place, and its primary would wrap every new data key. Given is the
+        # URI's passphrase-source (KeyReferences' passphrase_env= becomes one), or a
+        # $GPUCRYPT_PASSPHRASE that holds one, the variable this reference would read and
+        # that the command line hands every keyset it reads (--kek file:// as --keyset).
+        # Refused before the source is read: an unsealed file is the problem, not the secret.
+        if source is not None:
+            undo = ("through a reference without passphrase-source (which KeyReferences' "
+                    "passphrase_env= sets on a file:// URI naming none)")
+        elif os.environ.get(DEFAULT_PASSPHRASE_ENV):
+            undo = (f"with {DEFAULT_PASSPHRASE_ENV} unset (a file:// reference naming no "
+                    f"passphrase-source reads it, on the command line too)")
+        else:
+            return Keyset.load(path)
+        raise KeysetError(f"{path} is not sealed, though a passphrase was given: it may have "
+                          f"been replaced. Check where the file came from; if it is meant to "
+                          f"be unsealed, use it without one: {undo}")
+    passphrase = read_secret_source(source, DEFAULT_PASSPHRASE_ENV,
+                                    f"the passphrase of the keyset {path}", "passphrase-source")
+    # with the passphrase, Keyset.load refuses a file replaced by an unsealed one since inspect
     return Keyset.load(path, passphrase)
