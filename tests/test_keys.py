@@ -1745,3 +1745,30 @@ def test_stream_open_with_an_identity_or_a_keyset(tmp_path):
     stream.encrypt(data, str(tmp_path / "raw"), bytes(32), device="cpu")
     with pytest.raises(keys.NoMatchingRecipient, match="raw key.*open it with key="):
         stream.open(tmp_path / "raw", keyset=ks)
+
+
+def test_file_functions_refuse_options_they_do_not_pass_on(tmp_path):
+    """encrypt_file/decrypt_file make the data key, its id and envelope themselves: a key=,
+    key_id= or envelope= given, or a misspelt option, is a TypeError naming their own
+    options, before any key is sealed or opened, and nothing is written."""
+    (tmp_path / "p").write_bytes(b"x" * 100)
+    ks = keys.Keyset.generate()
+    log = io.StringIO()
+    handler = audit.enable(log)
+    try:
+        for kw, match in (({"key": bytes(32)}, "gpucrypt.stream.encrypt\\(src, dst, key\\)"),
+                          ({"key_id": "x"}, "makes the file's data key"),
+                          ({"envelope": b""}, "makes the file's data key"),
+                          ({"algoritm": "aes-256-gcm"}, "'algoritm'.*algorithm, segment_size")):
+            with pytest.raises(TypeError, match=match):
+                keys.encrypt_file(tmp_path / "p", tmp_path / "e", keyset=ks, **kw)
+        keys.encrypt_file(tmp_path / "p", tmp_path / "e2", keyset=ks, device="cpu")
+        for kw, match in (({"key": bytes(32)}, "gpucrypt.stream.decrypt\\(src, dst, key\\)"),
+                          ({"segment_size": 4096}, "'segment_size'.*device, threads")):
+            with pytest.raises(TypeError, match=match):
+                keys.decrypt_file(tmp_path / "e2", tmp_path / "o", keyset=ks, **kw)
+    finally:
+        logging.getLogger(audit.LOGGER_NAME).removeHandler(handler)
+    assert sorted(os.listdir(tmp_path)) == ["e2", "p"]
+    operations = [json.loads(line)["operation"] for line in log.getvalue().splitlines()]
+    assert operations == ["envelope.seal", "file.encrypt"]  # the one call that ran

@@ -16,6 +16,7 @@ about files.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -62,6 +63,33 @@ def _keyset_object(keyset: Any) -> Any:
     return keyset
 
 
+def _stream_options(function: Any) -> tuple[str, ...]:
+    """The keyword options of ``gpucrypt.stream``'s ``function`` that the functions here pass
+    on: all but those they fill themselves (the data key's id and envelope, the salt)."""
+    return tuple(name for name, p in inspect.signature(function).parameters.items()
+                 if p.kind is p.KEYWORD_ONLY and not name.startswith("_")
+                 and name not in ("key_id", "envelope"))
+
+
+_ENCRYPT_OPTIONS = _stream_options(stream.encrypt)
+_DECRYPT_OPTIONS = _stream_options(stream.decrypt)
+
+
+def _check_options(caller: str, options: dict, allowed: tuple[str, ...]) -> None:
+    """TypeError, before any key is sealed or opened, for an option ``caller`` does not pass
+    on to the stream (it said "stream.encrypt() got multiple values for argument 'key'")."""
+    for name in options:
+        if name in allowed:
+            continue
+        if name in ("key", "key_id", "envelope"):
+            why = (f"{caller} makes the file's data key, and its id and envelope, from "
+                   f"recipients/identities and keyset; for a raw key call "
+                   f"gpucrypt.stream.{caller.split('_')[0]}(src, dst, key) instead")
+        else:
+            why = f"its stream options are {', '.join(allowed)}"
+        raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}: {why}")
+
+
 def gather(recipients: Any, keyset: Keyset | None) -> list:
     """``recipients`` and ``keyset`` as one list to seal a data key for; ``ValueError`` if
     neither is given."""
@@ -82,6 +110,7 @@ def encrypt_file(src: Any, dst: Any, *, recipients: Any = None, keyset: Keyset |
     for public-key recipients only). ``stream_options`` pass through (``algorithm``,
     ``device``, ...). Returns ``{"key_id", "recipients"}``.
     """
+    _check_options("encrypt_file", stream_options, _ENCRYPT_OPTIONS)
     items = gather(recipients, keyset)
     with audit.timed("file.encrypt", path=audit_path(src)) as ev:
         dek, salt, envelope, key_id, labels = new_file_key(items)
@@ -198,6 +227,7 @@ def decrypt_file(src: Any, dst: Any, *, identities: Any = None, keyset: Keyset |
     the header's ``key_id``: that is MACed under the data key, which whoever made the file
     chose, and anyone with a recipient's public key can make one that claims any key id.
     """
+    _check_options("decrypt_file", stream_options, _DECRYPT_OPTIONS)
     with audit.timed("file.decrypt", path=audit_path(src)) as ev:
         envelope, header, src = _file_envelope(src)
         ev["recipients"] = describe_envelope(envelope)
