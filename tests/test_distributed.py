@@ -29,13 +29,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._extension import StreamTransformExtension
 from torch.distributed.checkpoint.api import CheckpointException
 
 import _dcp_worker
 from gpucrypt import keys
 from gpucrypt.distributed import EncryptedReader, EncryptedWriter, EncryptionExtension
 from gpucrypt.distributed.checkpoint import DATA_SUFFIX, METADATA_FORMAT, METADATA_VERSION
-from gpucrypt.files._format import FormatError
+from gpucrypt.files._format import FormatError, TruncatedError
 from gpucrypt.keys import NoMatchingRecipient
 
 pytestmark = pytest.mark.filterwarnings(
@@ -257,6 +258,56 @@ def test_unrecorded_data_key_is_refused(ckpt2_copy, tmp_path):
     assert type(error).__name__ == "AuthenticationError" and "another save" in str(error)
 
 
+def _metadata_document(folder, identity) -> dict:
+    """The decrypted .metadata of ``folder``: {"format", "version", "metadata", "files"}."""
+    from gpucrypt.distributed.checkpoint import _MetadataUnpickler
+
+    plain = io.BytesIO()
+    keys.decrypt_file(os.path.join(folder, META), plain, identities=identity)
+    return _MetadataUnpickler(io.BytesIO(plain.getvalue())).load()
+
+
+def _forge_metadata(folder, document, recipient) -> None:
+    """Seal ``document`` as ``folder``'s .metadata for ``recipient``: what anyone holding
+    only the recipient's public key can do."""
+    keys.encrypt_file(pickle.dumps(document, protocol=4), os.path.join(folder, META),
+                      recipients=[recipient])
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "subfolder"])
+def test_manifest_names_only_files_of_the_folder(tmp_path, where):
+    """A .metadata sealed for a public key (anyone holding it can write one) whose
+    manifest points at another file sealed for the same key, outside the checkpoint's
+    folder: refused, naming the entry, before that file is opened."""
+    from gpucrypt.distributed.checkpoint import EncryptedStorageInfo
+
+    alice = keys.Identity.generate()
+    elsewhere, folder = tmp_path / "elsewhere", tmp_path / "ckpt"
+    dcp.save({"w": torch.arange(4.0) + 100},
+             storage_writer=EncryptedWriter(elsewhere, recipients=[alice.recipient]))
+    dcp.save({"w": torch.zeros(4)},
+             storage_writer=EncryptedWriter(folder, recipients=[alice.recipient]))
+    os.makedirs(folder / "sub")
+    target = _rank_file(elsewhere, 0)
+    name = {"parent": f"../elsewhere/{target}", "absolute": str(elsewhere / target),
+            "subfolder": f"sub/{target}"}[where]
+    shutil.copyfile(elsewhere / target, folder / "sub" / target)
+    [info] = _metadata_document(elsewhere, alice)["metadata"].storage_data.values()
+    identity = _metadata_document(elsewhere, alice)["files"][target]  # all public values
+    document = _metadata_document(folder, alice)
+    document["metadata"].storage_data = {index: EncryptedStorageInfo(name, info.entry)
+                                         for index in document["metadata"].storage_data}
+    document["files"] = {name: identity}
+    _forge_metadata(folder, document, alice.recipient)
+    state = {"w": torch.zeros(4)}
+    error = _failure(lambda: dcp.load(state, storage_reader=EncryptedReader(
+        folder, identities=alice, device=CPU)))
+    assert f"its file list names {name!r}, which is not a data file" in str(error), str(error)
+    assert not state["w"].any()
+    with pytest.raises(FormatError, match=re.escape(f"{folder}/.metadata: malformed")):
+        EncryptedReader(folder, identities=alice, device=CPU).read_metadata()
+
+
 # ------------------------------------------------------------------ keys
 
 
@@ -309,6 +360,35 @@ def test_arguments_are_checked(tmp_path):
         EncryptedWriter(tmp_path, keyset=keys.Keyset.generate(), algorithm="rot13")
     with pytest.raises(ValueError, match="device must be"):
         EncryptedReader(tmp_path, keyset=keys.Keyset.generate(), device="tpu")
+
+
+@pytest.mark.parametrize("argument, error", [
+    ({"device": "bogus"}, "device must be one of"), ({"device": "cuda:1"}, "names one GPU"),
+    ({"threads": 0}, "threads must be a positive int"), ({"overwrite": "yes"}, "overwrite")])
+def test_writer_arguments_are_checked_when_made(tmp_path, argument, error):
+    """A wrong argument fails where the writer is made, not inside dcp.save, wrapped in
+    DCP's CheckpointException on every rank (and not after a save wrote anything)."""
+    with pytest.raises((ValueError, TypeError), match=error):
+        EncryptedWriter(tmp_path / "ckpt", keyset=keys.Keyset.generate(), **argument)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_reader_names_a_plain_dcp_checkpoint(tmp_path):
+    """EncryptedReader pointed at DCP's own checkpoint says what it is and what reads it."""
+    keyset = keys.Keyset.generate()
+    plain, extension = tmp_path / "plain", tmp_path / "extension"
+    dcp.save({"w": torch.ones(2)}, storage_writer=FileSystemWriter(plain))
+    dcp.save({"w": torch.ones(2)}, storage_writer=FileSystemWriter(
+        extension, _extensions=[EncryptionExtension(keyset=keyset)]))
+    with pytest.raises(FormatError, match=r"\.metadata: this looks like a plain \(unencrypted\) "
+                                          r"DCP checkpoint.*FileSystemReader\(path\)"):
+        EncryptedReader(plain, keyset=keyset, device=CPU).read_metadata()
+    with pytest.raises(FormatError, match=r"with gpucrypt's EncryptionExtension.*"
+                                          r"FileSystemReader\(path, _extension_registry="):
+        EncryptedReader(extension, keyset=keyset, device=CPU).read_metadata()
+    error = _failure(lambda: dcp.load({"w": torch.zeros(2)}, storage_reader=EncryptedReader(
+        plain, keyset=keyset, device=CPU)))
+    assert "plain (unencrypted) DCP checkpoint" in str(error)
 
 
 def test_metadata_unpickles_only_dcp_classes(tmp_path):
@@ -397,6 +477,38 @@ def test_non_tensor_values_are_unpickled_weights_only(tmp_path):
     assert tensors_only["w"].all()
     with pytest.raises(ValueError, match="non_tensors must be one of"):
         EncryptedReader(own, identities=alice, non_tensors="yes")
+
+
+def test_weights_only_refusal_names_the_type(tmp_path):
+    """torch's refusal opens with a paragraph pushing weights_only=False: the error gives
+    the specific reason instead (the refused global) and how to allow that very type."""
+    keyset = keys.Keyset.generate()
+    dcp.save({"w": torch.ones(2), "note": _Note("hi")},
+             storage_writer=EncryptedWriter(tmp_path, keyset=keyset, device=CPU))
+    out = {"w": torch.zeros(2), "note": None}
+    error = _failure(lambda: dcp.load(out, storage_reader=EncryptedReader(
+        tmp_path, keyset=keyset, device=CPU)))
+    name = f"{_Note.__module__}._Note"
+    assert f"refuses (Unsupported global: GLOBAL {name} was not an allowed global by " \
+           f"default). If {name} is a type of your own, allow it with " \
+           f"torch.serialization.add_safe_globals([{name}])" in str(error), str(error)
+    assert "In PyTorch 2.6" not in str(error) and out["note"] is None
+
+
+def test_bytes_io_values_load_by_default(tmp_path):
+    """io.BytesIO, a value DCP takes and plain DCP loads back, is a plain container of
+    bytes: the reader loads it by default, without leaving it allowed for the process's
+    other torch.load calls, and without removing the caller's own allowance."""
+    keyset = keys.Keyset.generate()
+    dcp.save({"w": torch.ones(2), "rng": io.BytesIO(b"rng-state")},
+             storage_writer=EncryptedWriter(tmp_path, keyset=keyset, device=CPU))
+    out = {"w": torch.zeros(2), "rng": io.BytesIO()}
+    dcp.load(out, storage_reader=EncryptedReader(tmp_path, keyset=keyset, device=CPU))
+    assert out["rng"].getvalue() == b"rng-state" and out["w"].all()
+    assert io.BytesIO not in torch.serialization.get_safe_globals()
+    with torch.serialization.safe_globals([io.BytesIO]):
+        dcp.load(out, storage_reader=EncryptedReader(tmp_path, keyset=keyset, device=CPU))
+        assert io.BytesIO in torch.serialization.get_safe_globals()
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path):
@@ -571,6 +683,138 @@ def test_extension_completes_an_item_only_on_an_explicit_close():
     sink.write(payload[:9000])
     sink.close()
     assert reader_side.transform_from(io.BytesIO(raw.getvalue())).readall() == payload[:9000]
+
+
+class _Framing(StreamTransformExtension):
+    """A transform that, like a compressor, writes a frame even for an empty item: placed
+    after gpucrypt's (compress, then encrypt), it feeds gpucrypt's writer every item."""
+
+    @staticmethod
+    def registry_name() -> str:
+        return "test.framing"
+
+    @staticmethod
+    def from_descriptor(version: str) -> "_Framing":
+        return _Framing()
+
+    def get_descriptor(self) -> str:
+        return "test.framing/1"
+
+    def transform_to(self, output):
+        class Writer(io.RawIOBase):
+            def writable(self):
+                return True
+
+            def write(self, data):
+                return output.write(data)
+
+            def close(self):
+                if not self.closed:
+                    output.write(b"FRAME-END")
+                    output.close()
+                super().close()
+
+        return Writer()
+
+    def transform_from(self, input):  # noqa: A002 - DCP's name
+        raise NotImplementedError("this test only saves")
+
+
+@pytest.mark.parametrize("framed", [False, True], ids=["alone", "behind-another-extension"])
+def test_extension_refuses_a_writer_that_bypasses_it(tmp_path, framed):
+    """With serialization_format=SAFETENSORS DCP writes tensors with safetensors.save
+    straight into the file, past every extension: the save fails before any tensor is
+    written, and nothing under the folder holds the plaintext."""
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    marker = b"TOPSECRETMARKER!"
+    state = {"w": torch.arange(64, dtype=torch.float32), "step": 3,
+             "tag": torch.frombuffer(bytearray(marker), dtype=torch.uint8)}
+    ext = EncryptionExtension(keyset=keys.Keyset.generate())
+    writer = FileSystemWriter(tmp_path, _extensions=[ext, _Framing()] if framed else [ext],
+                              serialization_format=SerializationFormat.SAFETENSORS)
+    with pytest.raises(CheckpointException) as info:
+        dcp.save(state, storage_writer=writer)
+    (error, _), = info.value.failures.values()
+    assert "serialization_format=SerializationFormat.SAFETENSORS" in str(error), str(error)
+    assert "EncryptedWriter" in str(error)
+    floats = state["w"].numpy().tobytes()
+    for file in (f for f in tmp_path.rglob("*") if f.is_file()):
+        data = file.read_bytes()
+        assert marker not in data and floats[:32] not in data and b'"w"' not in data, file
+
+
+def test_extension_refuses_an_item_closed_unwritten():
+    """The second wall, for a caller whose format the extension cannot see: DCP closes an
+    item without writing it only when it writes the item's bytes itself. Such an item is
+    refused and left incomplete; an empty item that was written (zero bytes) is sealed."""
+    keyset = keys.Keyset.generate()
+    ext, reader_side = EncryptionExtension(keyset=keyset), EncryptionExtension(keyset=keyset)
+    raw = _KeptOpen()
+    sink = ext.transform_to(raw)
+    with pytest.raises(ValueError, match="closed without being written.*SAFETENSORS"):
+        sink.close()
+    assert sink.closed
+    with pytest.raises(TruncatedError):
+        reader_side.transform_from(io.BytesIO(raw.getvalue())).readall()
+
+    raw = _KeptOpen()
+    sink = ext.transform_to(raw)
+    sink.write(b"")
+    sink.close()
+    assert reader_side.transform_from(io.BytesIO(raw.getvalue())).readall() == b""
+
+
+def test_auto_device_follows_the_targets():
+    """device="auto" decrypts an entry on the GPU only for CUDA targets (and a usable GPU):
+    CPU targets (offloaded parameters, optimizer state) are not staged in GPU memory."""
+    from gpucrypt.distributed.checkpoint import _auto_device
+
+    cpu, cuda, cuda1 = torch.device("cpu"), torch.device("cuda"), torch.device("cuda", 1)
+    assert _auto_device([cpu], gpu_usable=True) == "cpu"
+    assert _auto_device([cpu, cpu], gpu_usable=True) == "cpu"
+    assert _auto_device([cuda], gpu_usable=True) == "cuda"
+    assert _auto_device([cuda1, cuda1], gpu_usable=True) == "cuda:1"
+    assert _auto_device([cuda1, torch.device("cuda", 0)], gpu_usable=True) == "cuda:1"
+    assert _auto_device([cuda1, cpu], gpu_usable=True) == "cpu"  # the host gets it anyway
+    assert _auto_device([torch.device("meta")], gpu_usable=True) == "cpu"
+    assert _auto_device([], gpu_usable=True) == "cpu"  # a non-tensor value: unpickled here
+    assert _auto_device(None, gpu_usable=True) == "cuda"  # targets not seen: as for GPU ones
+    for targets in ([cpu], [cuda1], [], None):
+        assert _auto_device(targets, gpu_usable=False) == "cpu"
+
+
+class _DevicesSeen(EncryptedReader):
+    """An EncryptedReader that records the planner each decryption had and the devices
+    each data file's entries were decrypted on."""
+
+    def _open_entries(self, items, planner, skip=()):
+        self.planners.append(planner)
+        return super()._open_entries(items, planner, skip)
+
+    def _open_file(self, name, by_device):
+        self.devices.update(by_device)
+        return super()._open_file(name, by_device)
+
+
+def test_auto_sees_the_targets_before_the_plan_is_gathered(tmp_path):
+    """prepare_local_plan, which decrypts before DCP gathers the plans, has the load's own
+    planner (DCP hands a reader its planner only in read_data), so "auto" decides by the
+    targets' devices: CPU tensors here, decrypted on the CPU, the pickle too."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    keyset = keys.Keyset.generate()
+    state = {"a": torch.arange(6.0), "b": torch.ones(2, 3, dtype=torch.bfloat16), "step": 4}
+    dcp.save(state, storage_writer=EncryptedWriter(tmp_path, keyset=keyset, device=CPU))
+    reader = _DevicesSeen(tmp_path, keyset=keyset, device="auto")
+    reader.planners, reader.devices = [], {}
+    planner = DefaultLoadPlanner()
+    out = {"a": torch.zeros(6), "b": torch.zeros(2, 3, dtype=torch.bfloat16), "step": 0}
+    dcp.load(out, storage_reader=reader, planner=planner)
+    assert torch.equal(out["a"], state["a"]) and torch.equal(out["b"], state["b"])
+    assert out["step"] == 4
+    assert reader.planners[0] is planner  # prepare_local_plan's: every entry, decided by it
+    assert list(reader.devices) == ["cpu"] and len(reader.devices["cpu"]) == 3
 
 
 class _StagingSeen(EncryptedReader):

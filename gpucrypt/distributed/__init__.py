@@ -12,8 +12,9 @@
 ``docs/DISTRIBUTED.md`` says how to use them and what they protect.
 
 Importing this package imports torch (``import gpucrypt`` does not import this package).
-May import: :mod:`gpucrypt.files`, :mod:`gpucrypt.keys`, :mod:`gpucrypt.pipeline` and the
-ground floor. Nothing in gpucrypt imports it.
+May import: :mod:`gpucrypt.files`, :mod:`gpucrypt.keys`, :mod:`gpucrypt.pipeline`,
+:mod:`gpucrypt.backends` (its ``check_device``: arguments are checked where the backend
+choice is made) and the ground floor. Nothing in gpucrypt imports it.
 """
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ What goes where (``docs/DISTRIBUTED.md`` has the details and the threat model):
   envelope). Loading decrypts and authenticates it before unpickling it (and unpickles
   only DCP's metadata classes), then holds every data file to the manifest: a file
   swapped with another rank's, renamed, replaced, truncated or extended is refused,
-  naming the file.
+  naming the file. The manifest names only data files of the checkpoint's folder
+  (plain names as above): any other name ("../x", an absolute path) is refused.
 - **Saving over a checkpoint.** ``.metadata`` is published last, and no save writes a
   file the published ``.metadata`` refers to, so a save that fails at any point leaves
   the previous checkpoint whole. Once the new ``.metadata`` is in place the coordinator
@@ -42,7 +43,8 @@ What goes where (``docs/DISTRIBUTED.md`` has the details and the threat model):
   they hold key material.
 
 Loading is all or nothing. Every rank decrypts and verifies every entry it needs in
-``prepare_local_plan``, which DCP runs on all ranks before the plan is gathered; one
+``prepare_local_plan``, which DCP runs on all ranks before the plan is gathered (each
+entry where its target tensors are, with ``device="auto"``); one
 rank's failure fails the load on every rank before any tensor of the caller's state
 dict is written. The price: a rank holds the plaintext of its share of the checkpoint
 once more, until ``read_data`` has copied it into place. When another rank fails, DCP
@@ -60,6 +62,8 @@ import io
 import os
 import pickle
 import re
+import sys
+import threading
 import warnings
 import weakref
 from typing import Any
@@ -70,12 +74,13 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.filesystem import (CURRENT_DCP_VERSION, FileSystemReader,
                                                      FileSystemWriter)
 from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from .. import audit
+from .. import audit, pipeline
 from .._errors import KeyManagementError, NoMatchingRecipient
+from ..backends import check_device
 from ..files import keyed, models
 from ..files._format import (DEFAULT_SEGMENT_SIZE, AuthenticationError, FormatError,
                              StreamError, TruncatedError, UnsupportedVersion, check_algorithm,
@@ -99,7 +104,7 @@ _NON_TENSORS = ("weights_only", "refuse", "pickle")
 #: the data files EncryptedWriter writes: ``__{rank}_{16 hex digits}.gcdistcp`` (a name
 #: new to every save), or ``__{rank}_0.gcdistcp`` (earlier versions wrote that one name
 #: on every save; their checkpoints still load, the manifest names the files)
-_DATA_FILE = re.compile(rf"__\d+_(?:0|[0-9a-f]{{16}}){re.escape(DATA_SUFFIX)}")
+_DATA_FILE = re.compile(rf"__\d+_(?:0|[0-9a-f]{{16}}){re.escape(DATA_SUFFIX)}", re.ASCII)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +228,16 @@ def _load_metadata_document(plaintext: bytes) -> tuple[Metadata, dict]:
                 and isinstance(identity[0], int)
                 and all(isinstance(v, bytes) for v in identity[1:])):
             raise FormatError("malformed checkpoint metadata (file list)")
+        # the reader opens these names in the checkpoint's folder: a .metadata sealed for
+        # public-key recipients could otherwise make it open (and decrypt with the
+        # reader's key) any file of the reader's, "../x" or "/abs/x"; the writer only
+        # ever names its files as _DATA_FILE does, a plain name in the folder
+        if not _DATA_FILE.fullmatch(name):
+            raise FormatError(f"malformed checkpoint metadata: its file list names "
+                              f"{name[:200]!r}, which is not a data file of this checkpoint's "
+                              f"folder (__{{rank}}_{{16 hex digits}}{DATA_SUFFIX}); refusing to "
+                              f"open it (the metadata was forged, or damaged: restore the "
+                              f"checkpoint from a copy)")
         identities[name] = _FileIdentity(*identity)
     for index, info in (metadata.storage_data or {}).items():
         if not isinstance(info, EncryptedStorageInfo) or info.relative_path not in identities:
@@ -268,6 +283,13 @@ class EncryptedWriter(FileSystemWriter):
         self._recipients = gather(recipients, keyset)
         algorithm = check_algorithm(algorithm)
         check_segment_size(segment_size)
+        # checked here, not where they are used: inside dcp.save a wrong value would fail
+        # every rank's write, wrapped in DCP's CheckpointException
+        device = check_device(device)
+        if threads is not None:
+            pipeline.cpu_threads(threads)
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite must be True or False, not {overwrite!r}")
         super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1,
                          overwrite=overwrite)
         self.algorithm, self.segment_size = algorithm, segment_size
@@ -364,19 +386,23 @@ class EncryptedReader(FileSystemReader):
 
     ``identities`` (one or a sequence of :class:`~gpucrypt.keys.Identity`, ``KeysetKey``,
     ``WrappingKey`` or key provider) and/or ``keyset``: what opens the data keys.
-    ``device``: where the entries are decrypted: "auto" (the GPU when a real one is
-    usable, so the plaintext stays there; else the CPU), "cpu", "cuda" or "cuda:N".
+    ``device``: where the entries are decrypted: "auto" (each entry where the tensors it
+    is loaded into are: on the GPU when they are CUDA tensors and a real GPU is usable,
+    so the plaintext stays there; else on the CPU, so that CPU targets such as offloaded
+    parameters or optimizer state are not staged in GPU memory), "cpu", "cuda" or
+    "cuda:N" (every entry there).
     ``threads``: CPU threads per rank (default: the usable cores).
 
     ``non_tensors``: how the values that are not tensors (DCP pickles them with
     ``torch.save``) are unpickled. "weights_only" (default): each is unpickled first by
-    ``torch.load(weights_only=True)`` (plain Python values, tensors, and the types
-    ``torch.serialization.add_safe_globals`` allows) and refused otherwise, then handed to
-    DCP, whose planner unpickles it with ``weights_only=False``, as that pickle of what
-    was unpickled. "refuse": a load that would read one fails (load a state dict of
-    tensors only). "pickle": DCP's own behaviour, any pickle, which can run any code:
-    only for checkpoints from writers you trust with this machine (with public-key
-    recipients, anyone holding their public keys can write one).
+    ``torch.load(weights_only=True)`` (plain Python values, tensors, ``io.BytesIO``, and
+    the types ``torch.serialization.add_safe_globals`` allows) and refused otherwise
+    (naming the refused type), then handed to DCP, whose planner unpickles it with
+    ``weights_only=False``, as that pickle of what was unpickled. "refuse": a load that
+    would read one fails (load a state dict of tensors only). "pickle": DCP's own
+    behaviour, any pickle, which can run any code: only for checkpoints from writers you
+    trust with this machine (with public-key recipients, anyone holding their public
+    keys can write one).
 
     Errors name the file they are about and keep gpucrypt's types: ``NoMatchingRecipient``
     (wrong keys), ``AuthenticationError``/``TruncatedError`` (altered, swapped, replaced or
@@ -390,6 +416,8 @@ class EncryptedReader(FileSystemReader):
         self._identities = _identities_for(identities, keyset)
         if device != "auto":
             models._check_device(device)  # a wrong name fails here, not inside a load
+        if threads is not None:
+            pipeline.cpu_threads(threads)
         if non_tensors not in _NON_TENSORS:
             raise ValueError(f"non_tensors must be one of {', '.join(map(repr, _NON_TENSORS))}, "
                              f"not {non_tensors!r}")
@@ -420,6 +448,8 @@ class EncryptedReader(FileSystemReader):
         try:
             keyed.decrypt_file(path, plaintext, identities=self._identities, device="cpu")
             metadata, files = _load_metadata_document(plaintext.getvalue())
+        except FormatError as exc:
+            raise _in_file(path, _plain_dcp(path) or exc) from None
         except (StreamError, KeyManagementError, OSError) as exc:
             raise _in_file(path, exc) from None
         self._files = files
@@ -430,7 +460,7 @@ class EncryptedReader(FileSystemReader):
     def prepare_local_plan(self, plan):
         """Decrypt and verify every entry this rank will read (see the module docstring)."""
         self._discard_staged()
-        self._staged.update(self._open_entries(plan.items))
+        self._staged.update(self._open_entries(plan.items, _calling_planner()))
         return plan
 
     def read_data(self, plan, planner) -> Future:
@@ -439,7 +469,7 @@ class EncryptedReader(FileSystemReader):
         staged = dict(self._staged)
         self._staged.clear()
         try:
-            staged.update(self._open_entries(plan.items, skip=staged))
+            staged.update(self._open_entries(plan.items, planner, skip=staged))
             for req in plan.items:
                 info = self.storage_data[req.storage_index]
                 value = staged[(info.relative_path, info.entry)]
@@ -465,29 +495,45 @@ class EncryptedReader(FileSystemReader):
         _zero(self._staged)
         self._staged.clear()
 
-    def _open_entries(self, items, skip=()) -> dict:
+    def _open_entries(self, items, planner, skip=()) -> dict:
         """Every entry ``items`` need (but those in ``skip``), decrypted and verified, file
-        by file; on any failure the ones already decrypted are zeroed and the error raised."""
-        wanted: dict[str, list[str]] = {}
+        by file, each where ``device`` and its targets (resolved by ``planner``, which
+        may be None) say; on any failure the ones already decrypted are zeroed and the
+        error raised."""
+        # file -> entry -> the devices of the tensors it goes to (None: not known)
+        wanted: dict[str, dict[str, list | None]] = {}
         pickles: set[tuple[str, str]] = set()
         for item in items:
             info = self.storage_data[item.storage_index]
             if (info.relative_path, info.entry) not in skip:
-                names = wanted.setdefault(info.relative_path, [])
-                if info.entry not in names:
-                    names.append(info.entry)
+                targets = wanted.setdefault(info.relative_path, {}).setdefault(info.entry, [])
                 if item.type == LoadItemType.BYTE_IO:
                     pickles.add((info.relative_path, info.entry))
+                elif targets is not None:
+                    target = _target_device(planner, item)
+                    wanted[info.relative_path][info.entry] = None if target is None \
+                        else targets + [target]
         if pickles and self.non_tensors == "refuse":
             name, entry = min(pickles)
             raise _in_file(self.fs.concat_path(self.path, name), FormatError(
                 f"the state dict asks for {len(pickles)} non-tensor value(s) (e.g. {entry!r}), "
                 f"and this reader was made with non_tensors='refuse': load a state dict of "
                 f"tensors only, or read with non_tensors='weights_only'"))
+        gpu_usable = None  # probed (a numba import) only for an entry that could use it
+        placed: dict[str, dict[str, list[str]]] = {}  # file -> device -> entries
+        for name, entries in wanted.items():
+            for entry, targets in entries.items():
+                device = self.device
+                if device == "auto":
+                    if gpu_usable is None and (targets is None or any(
+                            t.type == "cuda" for t in targets)):
+                        gpu_usable = models._check_device("auto") != "cpu"
+                    device = _auto_device(targets, bool(gpu_usable))
+                placed.setdefault(name, {}).setdefault(device, []).append(entry)
         opened: dict[tuple[str, str], torch.Tensor] = {}
         try:
-            for name, entries in wanted.items():
-                for entry, tensor in self._open_file(name, entries).items():
+            for name, by_device in placed.items():
+                for entry, tensor in self._open_file(name, by_device).items():
                     opened[(name, entry)] = tensor
             if self.non_tensors == "weights_only":
                 for name, entry in pickles:
@@ -504,35 +550,47 @@ class EncryptedReader(FileSystemReader):
         ``weights_only=False``, and a storage reader only gives it bytes, so it is given
         the pickle of objects the restricted unpickler made, never the file's own."""
         try:
-            obj = torch.load(io.BytesIO(value.cpu().numpy().tobytes()), weights_only=True)
+            obj = _load_weights_only(value.cpu().numpy().tobytes())
         except Exception as exc:  # noqa: BLE001 - torch's refusal, or a malformed pickle
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            # torch's refusal is a general paragraph, the reason, then a documentation link
-            reason = (lines[1] if len(lines) > 2 else lines[0] if lines
-                      else type(exc).__name__)[:200]
+            reason, refused = _refusal_reason(exc)
+            if refused and "blocked" in reason:  # torch allows nothing of that module
+                allow = "If you trust"
+            elif refused:
+                allow = (f"If {refused} is a type of your own, allow it with "
+                         f"torch.serialization.add_safe_globals([{refused}]) (or load inside "
+                         f"torch.serialization.safe_globals([{refused}])); if you trust")
+            else:
+                allow = ("If it holds your own types, allow them with "
+                         "torch.serialization.add_safe_globals; if you trust")
             raise _in_file(self.fs.concat_path(self.path, name), FormatError(
                 f"the non-tensor value {entry!r} is a pickle that torch.load(weights_only=True) "
-                f"refuses ({reason}). If it holds your own types, allow them with "
-                f"torch.serialization.add_safe_globals; if you trust whoever wrote this "
-                f"checkpoint to run code on this machine, read it with "
-                f"EncryptedReader(..., non_tensors='pickle')")) from None
+                f"refuses ({reason}). {allow} whoever wrote this checkpoint to run code on "
+                f"this machine, read it with EncryptedReader(..., non_tensors='pickle')")) \
+                from None
         finally:
             value.zero_()
         again = io.BytesIO()
         torch.save(obj, again)
         return torch.frombuffer(bytearray(again.getbuffer()), dtype=torch.uint8)
 
-    def _open_file(self, name: str, entries: list[str]) -> dict:
+    def _open_file(self, name: str, by_device: dict[str, list[str]]) -> dict:
+        """The entries of the data file ``name``, decrypted and verified on the device
+        each is listed under (device -> entry names)."""
         path = self.fs.concat_path(self.path, name)
+        tensors: dict[str, torch.Tensor] = {}
         try:
             with audit.timed("checkpoint.read", path=os.fspath(path)) as ev:
                 dek = self._data_key(name, path)
-                tensors = models.load_encrypted(path, dek, self.device, names=entries,
-                                                threads=self.threads)
+                for device, entries in by_device.items():
+                    tensors.update(models.load_encrypted(path, dek, device, names=entries,
+                                                         threads=self.threads))
                 del dek
                 ev.update(count=len(tensors), bytes=sum(t.nbytes for t in tensors.values()))
-        except (StreamError, KeyManagementError, OSError, KeyError) as exc:
-            raise _in_file(path, exc) from None
+        except BaseException as exc:
+            _zero(tensors)  # what an earlier device's call decrypted
+            if isinstance(exc, (StreamError, KeyManagementError, OSError, KeyError)):
+                raise _in_file(path, exc) from None
+            raise
         return tensors
 
     def _data_key(self, name: str, path: Any) -> bytes:
@@ -563,6 +621,125 @@ class EncryptedReader(FileSystemReader):
         if not header.envelope:
             raise NoMatchingRecipient("this data file carries no envelope")
         return open_data_key(header.envelope, self._identities)
+
+
+#: io.BytesIO, which DCP takes as a state-dict value, is a plain container of bytes (its
+#: pickle is the class, its bytes, a position and an attribute dict, the last unpickled
+#: under the same restrictions), yet torch.load(weights_only=True) refuses it by default
+_ALWAYS_SAFE = [io.BytesIO]
+#: torch keeps the allowed globals in one process-wide set, and has no per-call list:
+#: _ALWAYS_SAFE is added to it for one load at a time, under this lock, and removed
+#: after, unless the caller had allowed it already (so two readers in two threads do not
+#: remove it under each other, nor remove the caller's own allowance)
+_SAFE_GLOBALS_LOCK = threading.Lock()
+
+
+def _load_weights_only(data: bytes) -> Any:
+    """``torch.load(weights_only=True)`` of ``data``, io.BytesIO allowed too."""
+    with _SAFE_GLOBALS_LOCK:
+        missing = [g for g in _ALWAYS_SAFE if g not in torch.serialization.get_safe_globals()]
+        if not missing:
+            return torch.load(io.BytesIO(data), weights_only=True)
+        with torch.serialization.safe_globals(missing):
+            return torch.load(io.BytesIO(data), weights_only=True)
+
+
+#: the global torch's weights-only unpickler refused, as its message names it
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+#: the lines of torch's refusal that are about weights_only in general, not this pickle
+_GENERAL = ("Weights only load failed", "(1)", "(2)", "Check the documentation")
+
+
+def _refusal_reason(exc: BaseException) -> tuple[str, str | None]:
+    """The specific part of ``torch.load(weights_only=True)``'s refusal (torch's message
+    opens with a general paragraph that suggests weights_only=False, and ends with a
+    documentation link; the reason is the line between, "Unsupported global: GLOBAL
+    __main__.Sched was not an allowed global by default"), and the global it names."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(_GENERAL)]
+    named = [line for line in specific if _REFUSED_GLOBAL.search(line)]
+    reason = (named or specific or lines or [type(exc).__name__])[0]
+    reason = reason.removeprefix("WeightsUnpickler error:").strip()
+    reason = reason.split(" Please use ")[0].rstrip(".")  # torch's advice: ours is our own
+    refused = _REFUSED_GLOBAL.search(reason)
+    return reason[:200], refused.group(1) if refused else None
+
+
+def _plain_dcp(path: Any) -> FormatError | None:
+    """What to tell a reader whose ``.metadata`` is not a gpucrypt file but a pickle, as
+    DCP's own FileSystemWriter writes it (a plain checkpoint, or one sealed item by item
+    by EncryptionExtension, whose descriptor the pickle names); None for anything else."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+            if not (len(head) == 2 and head[0] == pickle.PROTO[0] and 2 <= head[1] <= 5):
+                return None
+            extension = b"gpucrypt.stream/" in f.read()
+    except OSError:
+        return None
+    if extension:
+        return FormatError("this is the metadata of a checkpoint saved by DCP's own "
+                           "FileSystemWriter with gpucrypt's EncryptionExtension, not by "
+                           "EncryptedWriter: read it with FileSystemReader(path, "
+                           "_extension_registry=EncryptionExtension(keyset=... or "
+                           "identities=...).registry())")
+    return FormatError("this looks like a plain (unencrypted) DCP checkpoint: its metadata is "
+                       "DCP's pickle, not a gpucrypt file. Read it with DCP's "
+                       "FileSystemReader(path), and only if you trust whoever wrote it "
+                       "(DCP unpickles its metadata); EncryptedReader reads checkpoints "
+                       "saved with EncryptedWriter")
+
+
+def _auto_device(targets: list | None, gpu_usable: bool) -> str:
+    """Where ``device="auto"`` decrypts an entry whose plaintext goes to tensors on the
+    devices ``targets`` (``torch.device``; empty for a non-tensor value, None when the
+    targets could not be seen): on the GPU only when one is usable and every target is
+    a CUDA tensor (on the first target's GPU), so that the plaintext of a GPU tensor
+    never reaches host memory, and that of a CPU tensor (offloaded parameters, optimizer
+    state) is not staged in GPU memory on its way; else on the CPU. Unseen targets: the
+    GPU when one is usable, as for GPU tensors."""
+    if not gpu_usable:
+        return "cpu"
+    if targets is None:
+        return "cuda"
+    if not targets or any(t.type != "cuda" for t in targets):
+        return "cpu"
+    return str(targets[0])  # "cuda" (the current device) or "cuda:N"
+
+
+def _target_device(planner: Any, item: Any) -> torch.device | None:
+    """The device of the tensor ``item`` is loaded into, by the planner's own
+    ``resolve_tensor`` (a view of the caller's tensor for DCP's planners); None without a
+    planner, or where it cannot resolve the item yet (read_data asks it again, and
+    fails there if it must)."""
+    if planner is None:
+        return None
+    try:
+        return planner.resolve_tensor(item).device
+    except Exception:  # noqa: BLE001 - any planner's failure: the target is not known
+        return None
+
+
+def _calling_planner() -> LoadPlanner | None:
+    """The planner of the DCP load calling the reader's ``prepare_local_plan``, or None.
+
+    DCP gives a storage reader its planner only in ``read_data``, after the plans were
+    gathered; ``prepare_local_plan``, which decrypts all a rank reads before that
+    collective (see the module docstring), needs the targets' devices to decrypt each
+    entry where it goes. DCP has set the planner up with the caller's state dict by
+    then, and its load step, which calls ``prepare_local_plan``, holds it as
+    ``planner``: it is taken from there (the nearest callers only). Not found (a DCP
+    whose load step differs, a caller other than DCP): None, and "auto" decides as for
+    targets it cannot see (:func:`_auto_device`)."""
+    frame = sys._getframe(2)  # the caller of prepare_local_plan (or of an override's super)
+    for _ in range(4):
+        if frame is None:
+            return None
+        planner = frame.f_locals.get("planner")
+        if isinstance(planner, LoadPlanner):
+            return planner
+        frame = frame.f_back
+    return None
 
 
 def _header_sha256(path: Any, length: int) -> bytes:

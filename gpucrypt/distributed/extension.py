@@ -17,12 +17,20 @@ to its place (two items could be swapped), or protect ``.metadata``, which stays
 plain pickle (names, shapes, placement in the clear, and unauthenticated). Tensors
 reach a transform on the host. :class:`~gpucrypt.distributed.EncryptedWriter` has none
 of these limits; ``docs/DISTRIBUTED.md`` compares the two.
+
+Only DCP's default ``serialization_format`` (``TORCH_SAVE``) passes tensors through the
+extensions. With ``SerializationFormat.SAFETENSORS`` DCP writes the tensors with
+``safetensors.save`` straight into the file, past every extension, so an extension that
+allowed it would leave plaintext on disk: this one refuses such a writer's first item,
+before DCP writes any tensor.
 """
 from __future__ import annotations
 
 import io
+import sys
 from typing import IO, Any
 
+from torch.distributed.checkpoint import filesystem as _dcp_filesystem
 from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
 
 from .. import pipeline
@@ -39,6 +47,11 @@ __all__ = ["EncryptionExtension"]
 
 _NAME = "gpucrypt.stream"
 _VERSION = "1"
+#: why a DCP writer is refused: its tensors would reach the file without this extension
+_BYPASSED = ("EncryptionExtension cannot encrypt this checkpoint: {}, DCP writes the tensors "
+             "into the file itself, past its extensions, in plaintext. Save with "
+             "FileSystemWriter(path, _extensions=[ext]) and DCP's default serialization_format "
+             "(SerializationFormat.TORCH_SAVE), or with gpucrypt.distributed.EncryptedWriter")
 
 
 class EncryptionExtension(StreamTransformExtension):
@@ -105,12 +118,35 @@ class EncryptionExtension(StreamTransformExtension):
         if not self._recipients:
             raise ValueError("this EncryptionExtension has no recipients or keyset to write "
                              "for: give recipients= and/or keyset=")
+        self._refuse_unsealed_formats()
         if self._sealing is None:
             key = generate_dek()
             envelope, _ = seal_envelope_with_labels(key, self._recipients)
             self._sealing = (key, envelope, _primary_key_id(self._recipients))
         key, envelope, key_id = self._sealing
         return _SealingWriter(output, key, envelope, key_id, self.algorithm, self.segment_size)
+
+    @staticmethod
+    def _refuse_unsealed_formats() -> None:
+        """Refuse a DCP writer whose tensors would bypass the extension (see the module
+        docstring). DCP gives a transform neither its writer nor its serialization
+        format, and has no hook before the data is written; its ``_write_item``, which
+        asks for this transform once per item, holds the format as an argument, and
+        calls it for every item before any tensor of the file is written. So the format
+        is read there. Where DCP is not the caller (or no longer has that function),
+        :meth:`_SealingWriter.close` still refuses an item closed without a single
+        write, which is how DCP closes a tensor item whose bytes it writes itself."""
+        write_item = getattr(getattr(_dcp_filesystem, "_write_item", None), "__code__", None)
+        frame = sys._getframe(2)  # transform_to's caller (DCP: transform_save_stream)
+        for _ in range(4):
+            if frame is None or write_item is None:
+                return
+            if frame.f_code is write_item:
+                fmt = frame.f_locals.get("serialization_format")
+                if fmt is not None and fmt != _dcp_filesystem.SerializationFormat.TORCH_SAVE:
+                    raise ValueError(_BYPASSED.format(f"with serialization_format={fmt}"))
+                return
+            frame = frame.f_back
 
     def transform_from(self, input: IO[bytes]) -> IO[bytes]:  # noqa: A002 - DCP's name
         if not self._identities:
@@ -160,6 +196,7 @@ class _SealingWriter(io.RawIOBase):
     def __init__(self, output: IO[bytes], key: bytes, envelope: bytes, key_id: str | None,
                  algorithm: str, segment_size: int):
         super().__init__()
+        self._written = False  # whether write() was called at all (see close)
         header, header_bytes = _format.new_header(key, algorithm, segment_size, key_id=key_id,
                                                   envelope=envelope)
         self._segments = stream._Segments(header, key, "cpu", 1, 0, "seal", inline=True)
@@ -173,6 +210,7 @@ class _SealingWriter(io.RawIOBase):
         return True
 
     def write(self, data: Any) -> int:
+        self._written = True
         view = memoryview(data).cast("B")
         total = len(view)
         while len(view):
@@ -192,6 +230,16 @@ class _SealingWriter(io.RawIOBase):
         self._index, self._filled = self._index + 1, 0
 
     def close(self) -> None:
+        if not self.closed and not self._written:
+            # DCP writes every item it passes through its extensions, an empty value's
+            # too (its write gets zero bytes); it closes an item without a write only when
+            # it writes the item's bytes itself, past the extensions (SAFETENSORS), which
+            # it does once every item of the file is closed: refuse before that, leaving
+            # this item incomplete
+            self.discard()
+            raise ValueError(_BYPASSED.format(
+                "an item was closed without being written, as when, with "
+                "serialization_format=SerializationFormat.SAFETENSORS"))
         if not self.closed:
             try:
                 self._seal(last=True)
