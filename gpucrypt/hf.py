@@ -33,7 +33,11 @@ folder's manifest lists one (pass ``generation_config=`` to override).
 ``AutoConfig.from_pretrained``, ``GenerationConfig.from_pretrained`` and
 ``PeftConfig.from_pretrained`` run on a private copy of them (a 0700 temporary folder),
 never on the folder, where a file could change after the check; ``name_or_path`` is the
-folder, and no code is loaded from it. A file changed after the manifest was checked
+folder, and no code is loaded from it. A model that needs its own code (``auto_map`` in
+its ``config.json`` for a model type transformers does not know: what
+``trust_remote_code=True`` would run) is refused with a ``ValueError`` naming the folder:
+build it with its code and load the weights with :func:`load_state_dict`, or pass
+``config=`` and the model's own class. A file changed after the manifest was checked
 fails as it is read (``AuthenticationError`` naming it); one the manifest does not list,
 such as a ``generation_config.json`` added later, is not read.
 
@@ -151,9 +155,48 @@ def _auto_config(read: Any, folder: str) -> Any:
     # plain names only: they come from an authenticated file, but are joined to a path
     names += [n for n in versioned if isinstance(n, str) and n == os.path.basename(n)
               and n not in ("", ".", "..", "config.json")]
+    if data is not None:
+        _refuse_custom_code(doc, folder)
     config = _from_checked(read, folder, names, AutoConfig.from_pretrained)
     config.name_or_path = folder
     return config
+
+
+def _refuse_custom_code(doc: Any, folder: str) -> None:
+    """``ValueError`` naming ``folder`` when its ``config.json`` (parsed: ``doc``) is one
+    transformers builds only with code from the folder (``auto_map`` and a model type it
+    does not know), or with no model type, or one this transformers does not know.
+    Said here because transformers, given the private copy (:func:`_from_checked`),
+    named that throwaway folder, asked on stdin whether to run the code, and said to
+    pass ``trust_remote_code=True``, which gpucrypt.hf does not pass on (it runs no code
+    from an encrypted folder: the copied ``.py`` files are authenticated, not vetted),
+    so the advice gave the same error."""
+    from transformers import CONFIG_MAPPING, __version__
+
+    if not isinstance(doc, dict):
+        return  # not an object: transformers says what is wrong with it
+    model_type = doc.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return  # transformers' own classes, even where auto_map also names custom code
+    instead = (f"build the model with its own code and load the decrypted weights into it "
+               f"(state = gpucrypt.hf.load_state_dict({folder!r}, key=...); "
+               f"model.load_state_dict(state)), or pass config= a config built with that "
+               f"code and the model's own class instead of an Auto class")
+    auto_map = doc.get("auto_map")
+    if isinstance(auto_map, dict) and "AutoConfig" in auto_map:
+        raise ValueError(f"{folder}: its config.json needs the model's own code (auto_map "
+                         f"names {auto_map['AutoConfig']!r} for model type {model_type!r}, "
+                         f"which transformers does not know), and gpucrypt.hf does not run "
+                         f"code from a checkpoint folder (trust_remote_code is not "
+                         f"supported): {instead}")
+    if model_type is None:
+        raise ValueError(f"{folder}: its config.json has no model_type, so transformers "
+                         f"cannot tell which model it is: add the model_type to the "
+                         f"plaintext config.json and encrypt the folder again, or {instead}")
+    raise ValueError(f"{folder}: its config.json has model type {model_type!r}, which "
+                     f"transformers {__version__} does not know: upgrade transformers; a "
+                     f"model that needs its own code (trust_remote_code) is not supported "
+                     f"by gpucrypt.hf: {instead}")
 
 
 def _concrete(model_class: Any, config: Any) -> Any:

@@ -645,10 +645,53 @@ def test_a_stdout_that_is_the_input_file_is_refused(work, command, how):
     assert done.returncode == 2, done.stderr
     assert "the input is the output" in done.stderr
     assert (work / name).read_bytes() == before
-    # a named OUT is a new file until it is published: IN over itself with --force is safe
-    code = subprocess.run(cli + [command, "--key-file", "key", name, name, "--force"],
-                          cwd=work, capture_output=True).returncode
-    assert code == 0
+    # a named OUT is a new file until it is published: encrypting IN over itself with
+    # --force is safe (decrypting over it is refused: the next test)
+    if command == "encrypt":
+        code = subprocess.run(cli + [command, "--key-file", "key", name, name, "--force"],
+                              cwd=work, capture_output=True).returncode
+        assert code == 0
+
+
+@pytest.mark.parametrize("how", ["same name", "hard link", "symbolic link"])
+@pytest.mark.parametrize("command", ["decrypt", "decrypt-model", "encrypt-model"])
+def test_an_out_that_is_in_is_refused_even_with_force(work, capsys, command, how):
+    """``gpucrypt decrypt --force s.gc s.gc`` exited 0 and left the plaintext where the
+    only ciphertext was (the library refuses src == dst, but the command line handed it
+    a new file to be renamed over IN, so it could not tell); decrypt-model and
+    encrypt-model did the same. Refused before any key is read, whatever OUT's name for
+    IN, and IN is left as it was."""
+    np = pytest.importorskip("numpy")
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from gpucrypt import models
+
+    key = (work / "key").read_bytes()
+    if command == "decrypt":
+        stream.encrypt((work / "plain").read_bytes(), work / "in", key, device="cpu")
+    elif command == "decrypt-model":
+        models.save_encrypted({"w": np.arange(10, dtype=np.float32)}, work / "in", key,
+                              device="cpu")
+    else:
+        safetensors_numpy.save_file({"w": np.arange(10, dtype=np.float32)}, str(work / "in"))
+    before = (work / "in").read_bytes()
+    out = "in"
+    if how == "hard link":
+        os.link(work / "in", work / "out")
+        out = "out"
+    elif how == "symbolic link":
+        os.symlink("in", work / "out")
+        out = "out"
+    # a key source that would fail if it were read: the refusal comes first
+    code, _, err = run(capsys, command, "--key-env", "NO_SUCH_VARIABLE", "in", out, "--force")
+    assert code == 2, err
+    assert err.startswith(f"gpucrypt {command}: the input is the output (") and \
+        "choose another OUT" in err, err
+    assert (work / "in").read_bytes() == before
+    assert sorted(os.listdir(work)) == sorted(["key", "plain", "pw", "in"] +
+                                              ([] if out == "in" else ["out"]))
+    # another OUT is written as before
+    code, _, err = run(capsys, command, "--key-file", "key", "in", "elsewhere")
+    assert code == 0, err
 
 
 def test_options_may_come_between_in_and_out(work, capsys):

@@ -380,6 +380,95 @@ def test_weights_are_found_whatever_the_suffix_case(tiny, tmp_path, capsys):
         (plain / extra).unlink()
 
 
+def _one_shard_folder(folder):
+    """A plain folder with one small safetensors file and a config (NumPy, no model)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder.mkdir()
+    save_file({"w": np.arange(16, dtype=np.float32)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("name", [
+    "rust_model.ot", "model.ckpt.data-00000-of-00001", "model.ckpt.index", "ckpt-5.index",
+    "checkpoint.pth.tar", "weights.tar", "model.pte", "model.engine", "model.plan",
+    "model.mlmodel", "model.tflite", "adapter_model.bin.bak", "pytorch_model.bin~",
+    "pytorch_model.bin.1", "model.GGUF.old", "model.onnx.orig"])
+def test_weights_in_other_formats_are_refused_also_under_backup_names(tmp_path, name):
+    """Weight files the suffix list missed were copied in the clear into the encrypted
+    folder: rust_model.ot (gpt2, bert-base-uncased and t5-small ship one), TensorFlow
+    checkpoints, .pth.tar, ExecuTorch, TensorRT and Core ML files, and any listed format
+    under a backup suffix (adapter_model.bin.bak)."""
+    plain = _one_shard_folder(tmp_path / "plain")
+    (plain / name).write_bytes(b"WEIGHTS" + bytes(range(256)))
+    with pytest.raises(FormatError, match=re.escape(name) + r" holds weights in a format "
+                       r"other than safetensors .*would be copied in the clear.*"
+                       r"copy_unencrypted"):
+        checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", os.urandom(32), device="cpu")
+    assert sorted(os.listdir(tmp_path)) == ["plain"]  # nothing written, no leftovers
+    # vouched for by the caller: copied as it is (authenticated by the manifest)
+    key = os.urandom(32)
+    checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", key, device="cpu",
+                                   copy_unencrypted=[name])
+    assert (tmp_path / "enc" / name).read_bytes() == (plain / name).read_bytes()
+    assert sorted(checkpoints.load_checkpoint(tmp_path / "enc", key=key)) == ["w"]
+
+
+def test_a_safetensors_file_under_a_backup_name_is_refused(tmp_path):
+    """model.safetensors.bak is no model file (its suffix is not .safetensors), so it was
+    copied in the clear."""
+    plain = _one_shard_folder(tmp_path / "plain")
+    (plain / "model.safetensors.bak").write_bytes((plain / "model.safetensors").read_bytes())
+    with pytest.raises(FormatError, match=r"model.safetensors.bak is a safetensors file under "
+                                          r"a backup name.*copied in the clear"):
+        checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", os.urandom(32), device="cpu")
+    assert not (tmp_path / "enc").exists()
+
+
+def test_a_large_binary_file_is_refused_unless_named_and_text_is_copied(tmp_path, capsys):
+    """The second line of defence: a file over 16 MiB that is not text, in a format no
+    list names, is refused; large text (a tokenizer.json, here with a two-byte character
+    across every 1 MiB read) and small binary files (tokenizer.model) are copied, and
+    so is a large binary file the caller names (copy_unencrypted, --copy-unencrypted)."""
+    plain = _one_shard_folder(tmp_path / "plain")
+    big = checkpoints.LARGE_PLAIN_FILE_BYTES + 1
+    (plain / "tokenizer.json").write_text("x" + "é" * (big // 2), encoding="utf-8")
+    (plain / "tokenizer.model").write_bytes(bytes(range(256)) * 4096)  # 1 MiB, binary
+    (plain / "vocab.txt").write_bytes(b"a\nb\n" * (big // 4))
+    (plain / "layers.dat").write_bytes(os.urandom(big))
+    key = os.urandom(32)
+    with pytest.raises(FormatError, match=r"layers.dat is 16 MiB of binary data in no known "
+                       r"weight format.*copied in the clear.*--copy-unencrypted"):
+        checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", key, device="cpu")
+    (tmp_path / "key").write_bytes(key)
+    (tmp_path / "key").chmod(0o600)
+    argv = ["encrypt-model", "--key-file", str(tmp_path / "key"), str(plain),
+            str(tmp_path / "enc")]
+    assert cli(argv) == 1
+    assert "layers.dat is 16 MiB of binary data" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["key", "plain"]
+    # text just over the limit but ending inside a character is not text
+    (plain / "layers.dat").write_bytes(b"x" * big + "é".encode()[:1])
+    with pytest.raises(FormatError, match="layers.dat is 16 MiB of binary data"):
+        checkpoints.checkpoint_layout(plain)
+    assert cli(argv + ["--copy-unencrypted", "layers.dat"]) == 0, capsys.readouterr().err
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.txt", "layers.dat"):
+        assert filecmp.cmp(plain / name, tmp_path / "enc" / name, shallow=False), name
+    # the names must be the folder's files, and a model file is never copied
+    with pytest.raises(FileNotFoundError, match="'layers.bin', which is not a file of"):
+        checkpoints.checkpoint_layout(plain, copy_unencrypted=["layers.bin"])
+    with pytest.raises(ValueError, match="model.safetensors, a .safetensors file"):
+        checkpoints.checkpoint_layout(plain, copy_unencrypted=["model.safetensors"])
+    with pytest.raises(TypeError, match="not one name"):
+        checkpoints.checkpoint_layout(plain, copy_unencrypted="layers.dat")
+    capsys.readouterr()
+    assert cli(["encrypt-model", "--key-file", str(tmp_path / "key"), "--copy-unencrypted",
+                "layers.dat", str(plain / "model.safetensors"), str(tmp_path / "m.gc")]) == 2
+    assert "IN is a file: leave the option out" in capsys.readouterr().err
+
+
 def test_folders_written_under_older_rules_still_load(tiny, tmp_path, capsys):
     """What a folder holds is its manifest's word (model files listed with a salt, copied
     files with a digest), not this version's suffix rules: a folder an earlier version
@@ -764,6 +853,54 @@ def test_a_config_given_as_a_path_is_loaded_from_it(lib, tiny):
                                    config=config)
         assert isinstance(model, transformers.LlamaForCausalLM)
         assert torch.equal(logits_of(model), want)
+
+
+def test_a_model_that_needs_its_own_code_is_refused_naming_the_folder(lib, tmp_path):
+    """A config.json with auto_map for a model type transformers does not know said "pass
+    trust_remote_code=True" (which gave the same error, after asking on stdin whether to
+    run the code) and named the throwaway folder of the checked copy. Refused, naming the
+    folder, with what works instead, which does: the model's own class and config=."""
+    transformers, _ = lib
+    plain = _one_shard_folder(tmp_path / "plain")
+    (plain / "config.json").write_text(json.dumps(
+        {"model_type": "gpucrypt-test-custom",
+         "auto_map": {"AutoConfig": "configuration_my.MyConfig",
+                      "AutoModelForCausalLM": "modeling_my.MyModel"}}))
+    (plain / "configuration_my.py").write_text("raise SystemExit('custom code was run')\n")
+    key = os.urandom(32)
+    enc = tmp_path / "enc"
+    checkpoints.encrypt_checkpoint(plain, enc, key, device="cpu")
+    for extra in ({}, {"trust_remote_code": True}):
+        with pytest.raises(ValueError) as info:
+            hf.from_pretrained(transformers.AutoModelForCausalLM, enc, key=key, **extra)
+        message = str(info.value)
+        assert message.startswith(f"{enc}: its config.json needs the model's own code "
+                                  f"(auto_map names 'configuration_my.MyConfig'"), message
+        assert "trust_remote_code is not supported" in message
+        assert "gpucrypt.hf.load_state_dict(" in message and "gpucrypt-config-" not in message
+    # a model type this transformers does not know, without auto_map: upgrade
+    (plain / "config.json").write_text(json.dumps({"model_type": "gpucrypt-test-custom"}))
+    checkpoints.encrypt_checkpoint(plain, tmp_path / "enc2", key, device="cpu")
+    with pytest.raises(ValueError, match=r"enc2: its config.json has model type "
+                                         r"'gpucrypt-test-custom', which transformers .* does "
+                                         r"not know: upgrade transformers"):
+        hf.from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "enc2", key=key)
+
+    # what the message advises: the model's own class, given its config
+    class MyConfig(transformers.PretrainedConfig):
+        model_type = "gpucrypt-test-custom"
+
+    class MyModel(transformers.PreTrainedModel):
+        config_class = MyConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.w = torch.nn.Parameter(torch.zeros(16))
+            self.post_init()
+
+    model = hf.from_pretrained(MyModel, enc, key=key, config=MyConfig())
+    assert torch.equal(model.w.detach(), torch.arange(16, dtype=torch.float32))
+    assert torch.equal(hf.load_state_dict(enc, key=key)["w"], model.w.detach())
 
 
 def test_an_adapter_for_a_model_without_parameters_is_decrypted_on_the_cpu(lib, tiny, tmp_path,

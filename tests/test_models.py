@@ -711,7 +711,8 @@ def test_cli_model_conversions_work_a_batch_at_a_time(tmp_path):
 _ST_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32,
               torch.uint32, torch.int64, torch.uint64, torch.float16, torch.bfloat16,
               torch.float32, torch.float64, torch.complex64, torch.float8_e4m3fn,
-              torch.float8_e5m2, torch.float8_e8m0fnu]
+              torch.float8_e5m2, torch.float8_e8m0fnu, torch.float8_e4m3fnuz,
+              torch.float8_e5m2fnuz]
 
 
 @settings(max_examples=60, deadline=None)
@@ -741,6 +742,43 @@ def test_safetensors_layout_is_what_the_package_writes(tmp_path_factory, spec, m
     header = json.loads(prefix[8:])
     assert offsets == {n: len(prefix) + e["data_offsets"][0] for n, e in header.items()
                        if n != "__metadata__"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fnuz, torch.float8_e5m2fnuz])
+def test_fnuz_float8_round_trips_as_safetensors_writes_it(tmp_path, dtype):
+    """safetensors 0.8 holds F8_E4M3FNUZ and F8_E5M2FNUZ: encrypt-model refused such a
+    file ("gpucrypt cannot store"), safe_open's get_dtype() said "float8_e4m3fnuz", and
+    export_safetensors of a model file saved from such tensors said "which a safetensors
+    file cannot hold". Byte for byte what the package writes, both ways, placed among
+    other dtypes (the data is ordered by the package's dtype order)."""
+    import safetensors
+    from safetensors.torch import save_file
+
+    code = {torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ"}[dtype]
+    bits = torch.arange(24, dtype=torch.uint8) * 11
+    tensors = {"q": bits.view(dtype).reshape(4, 6),
+               "zero_d": bits[:1].clone().view(dtype).reshape(()),
+               "e8m0": bits[:5].clone().view(torch.float8_e8m0fnu),
+               "half": torch.ones(3, dtype=torch.float16), "i8": bits[:7].clone().view(torch.int8)}
+    plain = tmp_path / "m.safetensors"
+    save_file(tensors, str(plain), metadata={"format": "pt"})
+    write_private(tmp_path / "key", KEY)
+    assert cli(["encrypt-model", "--key-file", str(tmp_path / "key"), "--segment-size", "4KiB",
+                "--device", "cpu", str(plain), str(tmp_path / "m.gc")]) == 0
+    assert cli(["decrypt-model", "--key-file", str(tmp_path / "key"), str(tmp_path / "m.gc"),
+                str(tmp_path / "back.safetensors")]) == 0
+    assert (tmp_path / "back.safetensors").read_bytes() == plain.read_bytes()
+    with models.safe_open(tmp_path / "m.gc", "pt", key=KEY) as f, \
+            safetensors.safe_open(str(plain), "pt") as want:
+        assert f.get_slice("q").get_dtype() == want.get_slice("q").get_dtype() == code
+        for name in want.keys():
+            got = f.get_tensor(name)
+            assert got.dtype == want.get_tensor(name).dtype
+            assert raw(got) == raw(want.get_tensor(name)), name
+    # tensors saved by the library export as the package saves them
+    models.save_encrypted(tensors, tmp_path / "t.gc", KEY, {"format": "pt"}, device="cpu")
+    models.export_safetensors(tmp_path / "t.gc", tmp_path / "t.safetensors", KEY)
+    assert (tmp_path / "t.safetensors").read_bytes() == plain.read_bytes()
 
 
 @pytest.mark.parametrize("segment", [0, 3, "last"])
@@ -1153,6 +1191,47 @@ def test_decrypt_model_of_a_dtype_safetensors_cannot_hold_says_what_to_use(tmp_p
         models.export_safetensors(path, tmp_path / "out.safetensors", KEY)
     assert not os.path.exists(tmp_path / "out.safetensors")
     assert models.load_encrypted(path, KEY, "cpu", framework="numpy")["u"][3] == "abcde"
+
+
+def test_export_over_its_own_input_is_refused(saved, tmp_path):
+    """export_safetensors(p, p) replaced the only ciphertext with the plaintext
+    (stream.decrypt refuses src == dst; this reuses its check), also through a hard link."""
+    path, _ = saved
+    before = path.read_bytes()
+    os.link(path, tmp_path / "other name")
+    for out in (path, str(path), tmp_path / "other name"):
+        with pytest.raises(ValueError, match="same file .*write to another path"):
+            models.export_safetensors(path, out, KEY)
+        assert path.read_bytes() == before
+    models.export_safetensors(path, tmp_path / "plain.safetensors", KEY)  # elsewhere: as before
+    assert path.read_bytes() == before
+
+
+def test_metadata_keys_come_back_sorted_as_the_docs_say(tmp_path):
+    """docs/MODEL_FORMAT.md and export_safetensors said several metadata keys "come back
+    in the file's order"; the table is canonical JSON, so they come back sorted, and a
+    safetensors file whose header had them in another order decrypts to the same
+    metadata but other bytes (one key: the same bytes)."""
+    import safetensors
+
+    order = ["format", "alpha", "gamma", "beta"]
+    header = {"__metadata__": {k: "v" + k for k in order},
+              "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    plain = tmp_path / "m.safetensors"
+    plain.write_bytes(struct.pack("<Q", len(text)) + text + np.ones(2, np.float32).tobytes())
+    write_private(tmp_path / "key", KEY)
+    assert cli(["encrypt-model", "--key-file", str(tmp_path / "key"), str(plain),
+                str(tmp_path / "m.gc")]) == 0
+    assert cli(["decrypt-model", "--key-file", str(tmp_path / "key"), str(tmp_path / "m.gc"),
+                str(tmp_path / "back.safetensors")]) == 0
+    back = (tmp_path / "back.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", back[:8])
+    assert list(json.loads(back[8:8 + length])["__metadata__"]) == sorted(order)
+    with safetensors.safe_open(str(tmp_path / "back.safetensors"), "np") as f:
+        assert f.metadata() == header["__metadata__"]
+    assert back != plain.read_bytes()
 
 
 def test_reading_tensor_by_tensor_counts_the_file_segments_once(tmp_path, monkeypatch):

@@ -314,6 +314,86 @@ def test_argument_errors(files):
         s[0]
 
 
+@pytest.mark.parametrize("device", ["mps", "CPU", "cuda:x", "auto", "gpu", -1, True])
+def test_a_device_safe_open_does_not_take_is_refused_in_its_own_words(files, device):
+    """safe_open(device="mps") said "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
+    (load_encrypted's words), yet safe_open refuses 'auto': the message lists only what
+    it takes, and says what to do instead."""
+    _, enc, key = files
+    with pytest.raises(ValueError) as info:
+        models.safe_open(enc, "pt", device=device, key=key)
+    message = str(info.value)
+    assert message.startswith("device must be 'cpu', 'cuda', 'cuda:N' or a CUDA device "
+                              f"number N, not {device!r}: "), message
+    assert ("give 'cpu' or 'cuda'" if device in ("auto", "gpu") else "move the tensors") \
+        in message
+
+
+def test_a_shard_from_an_older_save_of_its_folder_is_refused(tmp_path):
+    """safe_open on the shards of a checkpoint folder (what per-shard loaders do) returned
+    the old weights of a shard copied in from an older save of the same folder under the
+    same key, which load_checkpoint refuses by the folder's manifest. The manifest beside
+    the file is checked too; a file under another key, or not listed, is refused as well.
+    Without the manifest the file stands alone (what the docs say safe_open cannot see)."""
+    import json
+    import shutil
+
+    from gpucrypt.files import checkpoints
+
+    key = os.urandom(32)
+    shard = "model-00001-of-00002.safetensors"
+
+    def save(version: str, value: float) -> None:
+        plain = tmp_path / version
+        plain.mkdir()
+        save_file({"a": torch.full((4,), value)}, str(plain / shard))
+        save_file({"b": torch.full((4,), value)}, str(plain / "model-00002-of-00002.safetensors"))
+        (plain / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            "a": shard, "b": "model-00002-of-00002.safetensors"}}))
+        checkpoints.encrypt_checkpoint(plain, tmp_path / f"{version}-enc", key, device="cpu")
+
+    save("v1", 1.0)
+    save("v2", 2.0)
+    new = tmp_path / "v2-enc"
+    with models.safe_open(new / shard, "pt", key=key) as f:  # the folder's own file
+        assert f.get_tensor("a").tolist() == [2.0] * 4
+    shutil.copy(tmp_path / "v1-enc" / shard, new / shard)
+    with pytest.raises(AuthenticationError, match=f"{shard} is not the file its folder was "
+                       f"encrypted with: the folder's gpucrypt-checkpoint.json lists it under "
+                       f"another encryption .*load_checkpoint or gpucrypt.hf"):
+        models.safe_open(new / shard, "pt", key=key)
+    with pytest.raises(AuthenticationError, match=f"{shard} is not the file"):
+        checkpoints.load_checkpoint(new, key=key)  # as before
+    # a file the manifest does not list (one under another key: the next test)
+    shutil.copy(new / shard, new / "extra.safetensors")
+    with pytest.raises(AuthenticationError, match="lists it not at all"):
+        models.safe_open(new / "extra.safetensors", "pt", key=key)
+    # outside the folder both open on their own, with their own weights
+    os.rename(new / shard, tmp_path / "moved.safetensors")
+    with models.safe_open(tmp_path / "moved.safetensors", "pt", key=key) as f:
+        assert f.get_tensor("a").tolist() == [1.0] * 4
+    os.rename(new / "gpucrypt-checkpoint.json", tmp_path / "manifest.json")
+    with models.safe_open(new / "extra.safetensors", "pt", key=key) as f:  # no manifest
+        assert f.get_tensor("a").tolist() == [1.0] * 4
+
+
+def test_a_file_under_another_key_in_a_checkpoint_folder_is_refused(tmp_path):
+    """A model file that opens under its own key but sits in a folder whose manifest does
+    not verify under that key is not that folder's file."""
+    from gpucrypt.files import checkpoints
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    save_file({"a": torch.ones(4)}, str(plain / "model.safetensors"))
+    checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", os.urandom(32), device="cpu")
+    own = os.urandom(32)
+    models.save_encrypted({"a": torch.zeros(4)}, tmp_path / "enc" / "model.safetensors", own)
+    with pytest.raises(AuthenticationError, match="model.safetensors is not from the "
+                       "checkpoint folder it sits in: the folder's gpucrypt-checkpoint.json "
+                       "fails authentication under the key that opens the file"):
+        models.safe_open(tmp_path / "enc" / "model.safetensors", "pt", key=own)
+
+
 @pytest.mark.gpu
 def test_torch_cuda_slices(files):
     plain, enc, key = files

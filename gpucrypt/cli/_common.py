@@ -39,7 +39,8 @@ __all__ = ["parse_size", "read_key_file", "parse_key", "add_input_output_and_key
            "add_force", "add_key_management", "add_unsafe_key_permissions", "check_key_sources",
            "check_private_file", "encrypt_keys", "decrypt_key", "check_output",
            "check_output_path", "streamed_output", "file_kind", "StreamedOutput",
-           "atomic_output", "destination", "output_path", "run_reporting_errors"]
+           "atomic_output", "destination", "output_path", "refuse_input_as_output",
+           "run_reporting_errors"]
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gib": 1 << 30}
@@ -416,6 +417,54 @@ def destination(args: Any, binary_ciphertext: bool) -> Iterator[Any]:
         return
     with atomic_output(target, bool(args.force)) as out:
         yield out
+
+
+def refuse_input_as_output(args: Any, reader: Any = None, dst: Any = None, *,
+                           replacing: str | None = None) -> None:
+    """A usage CliError (exit 2) when the output is the input file, in two cases:
+
+    - ``reader`` and ``dst`` (the open input and output) are one regular file: stdout is
+      the input (``gpucrypt encrypt f >> f``, or ``< f >> f``), so the output would be read
+      back as input (it exited 0 with the file's own header encrypted into it);
+    - ``replacing`` (what publishing OUT would replace, in words) is given and OUT names
+      IN itself, or another link to it. OUT is written to a new file, so IN is read whole,
+      but it is then renamed over IN: ``decrypt --force s.gc s.gc`` exited 0 leaving the
+      plaintext where the only ciphertext was. The library refuses ``src == dst``
+      (:func:`gpucrypt.files.stream._refuse_same_file`), but it is handed the new file
+      and cannot see that it will take IN's place, so the command line checks the paths.
+      ``encrypt`` passes no ``replacing``: ``encrypt --force f f``, replacing a file by its
+      encryption, is what it documents.
+
+    Call it with ``replacing`` before OUT is made, so that the refusal comes before
+    "output exists" and before any key or passphrase is asked for."""
+    if replacing is not None and args.input != "-":
+        out = output_path(args)
+        if out != "-" and _same_regular_file(args.input, out):
+            which = f"({out})" if out == args.input else \
+                f"({out} is another name for {args.input})"
+            raise CliError(f"the input is the output {which}: writing it would replace "
+                           f"{replacing}; choose another OUT (and rename it over IN "
+                           f"afterwards if that is what you want)", 2)
+    try:
+        written, read = os.fstat(dst.fileno()), os.fstat(reader.fileno())
+    except (AttributeError, OSError, ValueError):  # no descriptor: not a file of the system
+        return
+    if stat.S_ISREG(written.st_mode) and (written.st_dev, written.st_ino) == \
+            (read.st_dev, read.st_ino):
+        name = "the file stdin reads" if args.input == "-" else args.input
+        raise CliError(f"the input is the output: stdout is {name}; write to another "
+                       f"file, or give it as OUT (written to a new file, then renamed "
+                       f"into place)", 2)
+
+
+def _same_regular_file(first: str, second: str) -> bool:
+    """Whether the paths name one regular file (links followed, hard links included). A
+    FIFO or a character device is not: it is written as a stream, never replaced."""
+    try:
+        a, b = os.stat(first), os.stat(second)
+    except (OSError, ValueError):  # OUT does not exist yet (or IN is missing: said later)
+        return False
+    return stat.S_ISREG(a.st_mode) and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 #: names of the functions (the library's and ours) whose OSErrors are the input's, and

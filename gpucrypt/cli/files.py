@@ -28,20 +28,25 @@ written in place, with or without ``--force``, never replaced by a file
 file (a block device, a socket) is refused (exit 2). ``decrypt`` to such a stream
 writes each batch of segments once it verified, so it may have written the verified
 segments before a bad one when it fails (the exit code says so).
+
+An OUT that is IN (or another link to it) is refused by ``decrypt`` even with
+``--force`` (exit 2): the plaintext would take the place of the only ciphertext; write
+elsewhere, then rename. A stdout that is the input file is refused by both commands
+(:func:`gpucrypt.cli._common.refuse_input_as_output`); ``encrypt --force f f``
+replaces a file by its encryption, as asked.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
-import stat
 import sys
 import time
 from typing import Any, Iterator
 
 from ._common import (add_algorithm, add_device, add_force, add_input_output_and_keys,
                       add_key_management, check_key_sources, decrypt_key, destination,
-                      encrypt_keys, parse_size, run_reporting_errors)
+                      encrypt_keys, parse_size, refuse_input_as_output, run_reporting_errors)
 from . import CliError
 
 __all__ = ["add_encrypt", "add_decrypt"]
@@ -163,23 +168,6 @@ def _with_progress(args, reader, size, label):
     return (_Progress(reader, size, label), True) if show else (reader, False)
 
 
-def _refuse_input_as_output(args, reader, dst) -> None:
-    """``gpucrypt encrypt f >> f`` (or ``< f >> f``): stdout is the input file itself, so
-    the output would be read back as input (it exited 0 with the file's own header
-    encrypted into it). A named OUT is a new file until it is published, so ``IN IN
-    --force`` is safe and is never refused here."""
-    try:
-        written, read = os.fstat(dst.fileno()), os.fstat(reader.fileno())
-    except (AttributeError, OSError, ValueError):  # no descriptor: not a file of the system
-        return
-    if stat.S_ISREG(written.st_mode) and (written.st_dev, written.st_ino) == \
-            (read.st_dev, read.st_ino):
-        name = "the file stdin reads" if args.input == "-" else args.input
-        raise CliError(f"the input is the output: stdout is {name}; write to another "
-                       f"file (or give OUT: a named OUT is written to a new file, even with "
-                       f"--force over IN)", 2)
-
-
 def _check_threads(args):
     if args.threads is not None and args.threads < 1:
         raise CliError("--threads must be at least 1", 2)
@@ -209,7 +197,7 @@ def _run_encrypt(args) -> int:
     _check_threads(args)
     key, key_id, envelope = encrypt_keys(args)
     with destination(args, binary_ciphertext=True) as dst, _input(args, "encrypt") as (src, _):
-        _refuse_input_as_output(args, src, dst)
+        refuse_input_as_output(args, src, dst)
         run_reporting_errors(args, lambda: stream.encrypt(
             src, dst, key, algorithm=args.algorithm, segment_size=args.segment_size,
             device=args.device, key_id=key_id, envelope=envelope, threads=args.threads,
@@ -222,9 +210,10 @@ def _run_decrypt(args) -> int:
 
     check_key_sources(args)
     _check_threads(args)
+    refuse_input_as_output(args, replacing="its ciphertext with the plaintext")
     with destination(args, binary_ciphertext=False) as dst, \
             _input(args, "decrypt") as (src, is_file):
-        _refuse_input_as_output(args, src, dst)
+        refuse_input_as_output(args, src, dst)
 
         def header_then_decrypt():
             header = stream.read_header(src)  # leaves src just after the header

@@ -14,7 +14,8 @@ then wrapped in the file's envelope). Exit codes and one-line errors as there: 1
 data failed (wrong key, tampering, not a model file / not a safetensors file), 2 for
 usage problems. Both write OUT atomically (:func:`gpucrypt.cli._common.destination`:
 an unnamed file on Linux, fsync, then published), mode 0600, only once everything
-verified, and never over a file without ``--force``. An OUT that is a FIFO or a
+verified, and never over a file without ``--force``; never over IN itself (or a link
+to it), even with ``--force``: write elsewhere, then rename. An OUT that is a FIFO or a
 character device (``/dev/null``) is written in place instead, never replaced;
 ``decrypt-model`` makes the file in a private temporary folder first (a safetensors
 file is not written in order) and copies it there once everything verified.
@@ -32,10 +33,14 @@ Folders (:mod:`gpucrypt.files.checkpoints`): every ``*.safetensors`` file (the s
 ``model.safetensors.index.json`` lists, a PEFT ``adapter_model.safetensors``) becomes a
 model file of the same name under one data key; config, index and tokenizer files are
 copied (readable: with ``--encrypt-names`` the index still lists every tensor name, and a
-warning says so). OUT must be new (or an empty folder, not a symbolic link) and appears
-whole at the end. With ``--kek`` each model file's envelope is sealed for its own salt
-(AWS KMS and PKCS#11 AES-GCM bind the wrapped key to it), so each file opens on its own
-too; the other recipients' stanzas are the same in every file.
+warning says so). A folder holding weights in another format (``.bin``, ``.ot``, ...), or
+a file over 16 MiB that is not text, is refused (exit 1), unless ``--copy-unencrypted
+NAME`` vouches that the file holds no weights
+(:func:`gpucrypt.files.checkpoints.checkpoint_layout`). OUT must be new (or an empty
+folder, not a symbolic link) and appears whole at the end. With ``--kek`` each model
+file's envelope is sealed for its own salt (AWS KMS and PKCS#11 AES-GCM bind the wrapped
+key to it), so each file opens on its own too; the other recipients' stanzas are the
+same in every file.
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ import sys
 
 from ._common import (add_algorithm, add_device, add_force, add_input_output_and_keys,
                       add_key_management, check_key_sources, decrypt_key, destination,
-                      encrypt_keys, parse_size, run_reporting_errors)
+                      encrypt_keys, parse_size, refuse_input_as_output, run_reporting_errors)
 from . import CliError
 
 __all__ = ["add_encrypt_model", "add_decrypt_model"]
@@ -82,6 +87,11 @@ def add_encrypt_model(parser: argparse.ArgumentParser) -> None:
                              "a checkpoint folder's *.safetensors.index.json is still copied "
                              "as it is (authenticated, readable), so every tensor name stays "
                              "visible there: move it out of IN first to hide them")
+    parser.add_argument("--copy-unencrypted", action="append", default=[], metavar="NAME",
+                        help="a checkpoint folder's file to copy as it is (readable, "
+                             "authenticated) although its name or size says weights: one "
+                             "you know holds none, such as a pickled training_args.bin "
+                             "(repeat for several)")
     parser.set_defaults(func=_run_encrypt_model)
 
 
@@ -106,7 +116,11 @@ def _run_encrypt_model(args) -> int:
     check_key_sources(args)
     if os.path.isdir(args.input):
         return _run_encrypt_checkpoint(args)
+    if args.copy_unencrypted:
+        raise CliError("--copy-unencrypted names files of a checkpoint folder, and IN is a "
+                       "file: leave the option out", 2)
     _check_paths(args)
+    refuse_input_as_output(args, replacing="the plain model with its encryption")
     _safetensors()
     key, key_id, envelope = encrypt_keys(args)
     try:
@@ -141,6 +155,7 @@ def _run_decrypt_model(args) -> int:
     if os.path.isdir(args.input):
         return _run_decrypt_checkpoint(args)
     _check_paths(args)
+    refuse_input_as_output(args, replacing="the encrypted model with its plaintext")
     with destination(args, binary_ciphertext=True) as dst:  # refuses a folder, an existing OUT
         def work():
             # the header, unauthenticated, only to find the envelope (its table undecoded)
@@ -223,7 +238,8 @@ def _run_encrypt_checkpoint(args) -> int:
         envelope = _envelope_per_file(args, key, envelope)
 
     def work():
-        index = checkpoints.checkpoint_layout(args.input).index
+        index = checkpoints.checkpoint_layout(args.input,
+                                              copy_unencrypted=args.copy_unencrypted).index
         if args.encrypt_names and index:
             # copied in the clear: the folder keeps its checkpoint's shape, and loading checks
             # each tensor against it (authenticated by the manifest, not encrypted)
@@ -234,7 +250,8 @@ def _run_encrypt_checkpoint(args) -> int:
         checkpoints.encrypt_checkpoint(
             args.input, args.output, key, key_id=key_id, envelope=envelope,
             algorithm=args.algorithm, encrypt_names=args.encrypt_names,
-            segment_size=args.segment_size, device=args.device)
+            segment_size=args.segment_size, device=args.device,
+            copy_unencrypted=args.copy_unencrypted)
 
     run_reporting_errors(args, work)
     return 0

@@ -19,6 +19,11 @@ What happens when:
 - opening reads the header, checks its MAC (a wrong key or a tampered table, name,
   shape or metadata fails here, before any data is read) and reads the tag table
   (16 bytes per segment); the file stays open until ``__exit__``/:meth:`close`;
+- a file in a checkpoint folder (one with a ``gpucrypt-checkpoint.json``, as
+  :func:`gpucrypt.files.checkpoints.encrypt_checkpoint` writes) is also checked against
+  that manifest when it is opened: its MAC under the file's key, and the file listed
+  under its name with its own salt; a shard of an older save of the folder (or of
+  another folder) under the same key put in its place raises ``AuthenticationError``;
 - ``get_tensor(name)`` reads and verifies that tensor's segments only, with
   :func:`gpucrypt.models.load_encrypted`'s engine (straight into the tensor's memory
   on the CPU, through pinned staging into device memory on a GPU); a failed segment
@@ -30,6 +35,15 @@ What happens when:
   is a fresh contiguous tensor (the whole tensor itself when the index selects all of
   it); the decrypted segments around it are zeroed before the buffer is dropped.
   Damage to segments the slice does not touch is, by design, not noticed.
+
+**safe_open authenticates one file, not a folder.** Each file's header MAC and segment
+tags prove that its bytes are one encryption under the key, nothing about which
+version of a folder it belongs to: the manifest check above catches a shard mixed in
+from another save only while the manifest is there (someone who swaps a shard can
+remove the manifest with it, and the shard then opens on its own), and it does not see
+that the folder's other files, such as the index, agree. For a checkpoint folder use
+:func:`gpucrypt.files.checkpoints.load_checkpoint` or :mod:`gpucrypt.hf`, which refuse a
+folder without its manifest and check every file before any tensor is decrypted.
 
 Errors: an unknown name, an unknown framework and a closed file raise
 ``safetensors.SafetensorError`` as safetensors does (when safetensors is installed;
@@ -66,14 +80,24 @@ _MAX_RUNS = 1 << 20
 
 def _device(device: Any) -> str:
     """safetensors' device spellings (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``1``, a
-    ``torch.device``) as gpucrypt.models' ("cpu", "cuda", "cuda:N")."""
-    if isinstance(device, int) and not isinstance(device, bool):
+    ``torch.device``) as gpucrypt.models' ("cpu", "cuda", "cuda:N"). Checked here, not
+    by ``load_encrypted``'s check, whose message offers "auto", which safe_open does not
+    take (safetensors has no such device)."""
+    given = device
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
         device = f"cuda:{device}"
     elif type(device).__name__ == "device":  # torch.device
         device = str(device)
-    if device in ("auto", "gpu"):
-        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or an int, not {device!r}")
-    return _models._check_device(device)
+    if isinstance(device, str) and (device in ("cpu", "cuda") or (
+            device.startswith("cuda:") and device[5:].isdigit())):
+        return _models._check_device(device)
+    if given in ("auto", "gpu"):  # load_encrypted's spellings, which safetensors lacks
+        why = "safe_open, as safetensors', names the device itself: give 'cpu' or 'cuda'"
+    else:
+        why = ("gpucrypt decrypts on the CPU or a CUDA GPU only (lower case, as torch spells "
+               "them); for another device, open on 'cpu' and move the tensors with .to()")
+    raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or a CUDA device number N, "
+                     f"not {given!r}: {why}")
 
 
 try:  # code written for safetensors catches its own error class: ours derive from it
@@ -99,6 +123,9 @@ class SafeOpenValueError(SafeOpenError, ValueError):
 
 class safe_open:  # noqa: N801 - safetensors' own name
     """An open gpucrypt model file, read tensor by tensor (see the module docstring).
+    It authenticates this one file (and, when it lies in a checkpoint folder, that the
+    folder's manifest lists it); load a folder with ``load_checkpoint`` or
+    :mod:`gpucrypt.hf`, which check every file of it.
 
     ``framework``: "pt"/"torch" (torch tensors) or "np"/"numpy" (NumPy arrays).
     ``device``: "cpu" (default), "cuda", "cuda:N" or N. ``threads``: CPU threads for
@@ -126,6 +153,11 @@ class safe_open:  # noqa: N801 - safetensors' own name
             self._file.seek(0)
             (self._header, segments, self._tags, self._seg_key,
              self._aad) = _models._prepare_open(self._file, key)
+            # a shard of a checkpoint folder is checked against the folder's manifest:
+            # one from an older save under the same key opened with its old weights
+            from .checkpoints import _check_file_against_its_folder
+
+            _check_file_against_its_folder(filename, key, self._header.salt)
         except BaseException:
             self._file.close()
             raise

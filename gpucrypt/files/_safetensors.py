@@ -50,14 +50,17 @@ SAFETENSORS_DTYPES = {
     "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64",
     "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
     "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E8M0": "float8_e8m0fnu", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
 }
 _HEADER_LENGTH = struct.Struct("<Q")
 #: portable dtype name -> safetensors code
 _CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
-#: the package's dtype order (its ``Dtype`` enum), which sorts the data widest first
-_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16",
-          "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+#: the package's dtype order (its ``Dtype`` enum), which sorts the data widest first;
+#: 0.8 put the two FNUZ float8s after F8_E8M0 (read off files it wrote: the data of
+#: equal-sized dtypes lies in the reverse of this order)
+_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
+          "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
 
 
 def load_json(data: bytes | str, what: str) -> Any:

@@ -33,8 +33,12 @@ Rules:
   the files written so far (verified plaintext, when decrypting): delete it;
 - a model file is any ``*.safetensors`` file, the suffix in any case;
 - refused: a folder holding weights in another format (``PLAIN_WEIGHT_SUFFIXES``:
-  ``.bin``, ``.pt``, ``.npy``, ``.gguf``, ... in any case: copying them would ship
-  plaintext weights) or subfolders (encrypt each one on its own);
+  ``.bin``, ``.pt``, ``.ot``, ``.npy``, ``.gguf``, ``.pth.tar``, ... and TensorFlow's
+  ``model.ckpt.data-00000-of-00001``/``.index``, in any case, also under a backup
+  suffix such as ``.bak``, ``~`` or ``.1``: copying them would ship plaintext weights),
+  or any other file over ``LARGE_PLAIN_FILE_BYTES`` (16 MiB) that is not UTF-8 text
+  (weights in a format no list names), unless the caller names it in
+  ``copy_unencrypted``; and subfolders (encrypt each one on its own);
 - loading checks the tensors against the index: every name the index lists, from the
   file it names, and no other.
 
@@ -72,18 +76,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import codecs
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from . import _format
 from ._atomic import TemporaryFolder, fsync_folder
 from ._format import AuthenticationError, FormatError
 
 __all__ = ["encrypt_checkpoint", "decrypt_checkpoint", "load_checkpoint", "checkpoint_layout",
-           "CheckpointLayout", "INDEX_SUFFIX", "PLAIN_WEIGHT_SUFFIXES", "MANIFEST_NAME"]
+           "CheckpointLayout", "INDEX_SUFFIX", "PLAIN_WEIGHT_SUFFIXES", "LARGE_PLAIN_FILE_BYTES",
+           "MANIFEST_NAME"]
 
 #: the encrypted folder's list of its files, MAC'd under the data key
 MANIFEST_NAME = "gpucrypt-checkpoint.json"
@@ -92,11 +99,39 @@ _MANIFEST_VERSION = 1
 _MANIFEST_MAC_INFO = b"gpucrypt checkpoint manifest v1 mac"
 
 INDEX_SUFFIX = ".safetensors.index.json"
-#: weight formats that must not be copied into an encrypted folder
-#: (compared in lower case)
-PLAIN_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".hdf5", ".keras", ".msgpack",
-                         ".gguf", ".ggml", ".pkl", ".pickle", ".joblib", ".npy", ".npz",
-                         ".onnx", ".tflite", ".pb", ".pdparams")
+#: weight formats that must not be copied into an encrypted folder (compared in lower
+#: case, after any backup suffix is taken off: :func:`_weight_format`)
+PLAIN_WEIGHT_SUFFIXES = (
+    # PyTorch: pickles and zip archives (.bin, .pt, .pth), archives of them (.pth.tar),
+    # ExecuTorch and PyTorch Mobile programs
+    ".bin", ".pt", ".pth", ".tar", ".pte", ".ptl",
+    # TensorFlow, Keras, Flax
+    ".ckpt", ".h5", ".hdf5", ".keras", ".msgpack", ".pb", ".tflite",
+    # rust-bert's tch weights (rust_model.ot: gpt2, bert-base-uncased, t5-small ship one)
+    ".ot",
+    # llama.cpp, ONNX, TensorRT engines, Core ML, PaddlePaddle, MXNet, Caffe, NeMo
+    ".gguf", ".ggml", ".onnx", ".engine", ".plan", ".trt", ".mlmodel", ".mlpackage",
+    ".pdparams", ".pdiparams", ".params", ".caffemodel", ".nemo",
+    # NumPy arrays and pickles of any kind
+    ".npy", ".npz", ".pkl", ".pickle", ".joblib",
+)
+#: TensorFlow checkpoints, which carry no one suffix: the variables in
+#: ``model.ckpt.data-00000-of-00001`` (or ``ckpt-5.data-...``), their table in
+#: ``model.ckpt.index`` (``ckpt-5.index``), a TF1 graph in ``model.ckpt-1000.meta``
+_TF_CHECKPOINT = re.compile(r"(\.data-\d+-of-\d+|(^|\.)ckpt(-\d+)?(\.index|\.meta)?)$")
+#: what backups, editors, partial downloads and copies add to a name: ``model.bin.bak``,
+#: ``model.bin~``, ``model.bin.1`` (wget's second download), ``x.bin.incomplete`` (the
+#: Hugging Face hub's) still hold the weights of a ``.bin``
+_BACKUP_SUFFIX = re.compile(r"(\.(bak|backup|old|orig|tmp|temp|part|partial|incomplete|"
+                            r"download|swp|\d+)|~)$")
+#: a file this large that is not a known weight format is refused unless the caller names
+#: it (``copy_unencrypted``), when it is not text: weights in a format not listed above
+#: would otherwise be copied in the clear. What a folder legitimately copies is small or
+#: text: config and generation files are kilobytes, tokenizer.model (sentencepiece) and
+#: vocab/merges files a few MiB (Gemma's tokenizer.model, among the largest, is 4 MiB);
+#: the large tokenizer.json files (Gemma 3's is 33 MB) are JSON, which is text. 16 MiB
+#: of float16 is 8 million parameters, smaller than any model a folder is made for.
+LARGE_PLAIN_FILE_BYTES = 16 << 20
 _SAFETENSORS = ".safetensors"
 
 
@@ -113,10 +148,15 @@ class CheckpointLayout:
     other_files: tuple
 
 
-def checkpoint_layout(folder: Any, *, encrypted: bool = False) -> CheckpointLayout:
+def checkpoint_layout(folder: Any, *, encrypted: bool = False,
+                      copy_unencrypted: Iterable[str] = ()) -> CheckpointLayout:
     """The layout of ``folder``; ``FormatError`` for a folder that is not one checkpoint
     (no tensor file, several indexes, an index naming a file that is not there, a
-    subfolder or plaintext weights in another format).
+    subfolder) or that holds a file which would carry weights in the clear: one in a
+    weight format (``PLAIN_WEIGHT_SUFFIXES``, TensorFlow checkpoints, also under a backup
+    suffix such as ``.bak``), or one over ``LARGE_PLAIN_FILE_BYTES`` that is not text.
+    ``copy_unencrypted``: names of files the caller vouches hold no weights (a pickled
+    ``training_args.bin``, a large image), copied as they are despite these rules.
 
     ``encrypted``: the layout of a folder :func:`encrypt_checkpoint` wrote, whose model
     files are the ones its manifest lists with a salt (authenticated later by
@@ -132,14 +172,9 @@ def checkpoint_layout(folder: Any, *, encrypted: bool = False) -> CheckpointLayo
                           f"encrypt each checkpoint folder on its own")
     listed = _manifest_model_files(folder) if encrypted else None
     if listed is None:
-        foreign = [n for n in names if n.lower().endswith(PLAIN_WEIGHT_SUFFIXES)]
-        if foreign:
-            raise FormatError(f"{foreign[0]} holds weights in a format other than safetensors "
-                              f"(.{foreign[0].rsplit('.', 1)[-1]}); it would be copied in the "
-                              f"clear: convert it to safetensors (save_pretrained("
-                              f"safe_serialization=True), safetensors.numpy.save_file) or move "
-                              f"it out of the folder")
         tensor_files = tuple(n for n in names if n.lower().endswith(_SAFETENSORS))
+        _refuse_plain_weights(folder, [n for n in names if n not in tensor_files],
+                              _vouched(copy_unencrypted, names, tensor_files))
     else:
         tensor_files = tuple(n for n in names if n in listed)
         _check_listed_model_files(folder, tensor_files)
@@ -162,6 +197,93 @@ def checkpoint_layout(folder: Any, *, encrypted: bool = False) -> CheckpointLayo
     others = tuple(n for n in names if n not in tensor_files and n != MANIFEST_NAME)
     return CheckpointLayout(folder, indexes[0] if indexes else None, weight_map, tensor_files,
                             others)
+
+
+def _vouched(copy_unencrypted: Iterable[str], names: list, tensor_files: tuple) -> set:
+    """``copy_unencrypted`` as a set of names of the folder's files to be copied."""
+    if isinstance(copy_unencrypted, (str, bytes, os.PathLike)):
+        raise TypeError("copy_unencrypted must be an iterable of file names, not one name")
+    vouched = set(copy_unencrypted)
+    for name in sorted(vouched):
+        if name not in names:  # a slip in the name would leave the file refused, unsaid
+            raise FileNotFoundError(f"copy_unencrypted names {name!r}, which is not a file "
+                                    f"of the folder (give file names, not paths)")
+        if name in tensor_files:
+            raise ValueError(f"copy_unencrypted names {name}, a .safetensors file: those are "
+                             f"always encrypted, never copied; move it out of the folder to "
+                             f"leave it out")
+    return vouched
+
+
+def _weight_format(name: str) -> str | None:
+    """The weight format ``name`` says it holds (its suffix, in lower case), or None;
+    backup suffixes are looked through (``adapter_model.bin.bak`` is a ``.bin``)."""
+    base = name.lower()
+    while True:
+        stripped = _BACKUP_SUFFIX.sub("", base)
+        if stripped == base or not stripped:
+            break
+        base = stripped
+    tensorflow = _TF_CHECKPOINT.search(base)
+    if tensorflow:
+        return tensorflow.group(0)
+    if base.endswith(_SAFETENSORS):  # model.safetensors.bak: not a model file, so copied
+        return _SAFETENSORS
+    return next((suffix for suffix in PLAIN_WEIGHT_SUFFIXES if base.endswith(suffix)), None)
+
+
+def _is_text(path: str) -> bool:
+    """Whether the file at ``path`` is UTF-8 text (and no NUL): read to its end, or to the
+    first byte that is not; weights fail in their first block."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            if b"\0" in block:
+                return False
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError:
+                return False
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:  # it ends inside a character
+        return False
+    return True
+
+
+def _refuse_plain_weights(folder: str, names: list, vouched: set) -> None:
+    """``FormatError`` for the first of ``names`` (files to be copied as they are) that
+    would carry weights in the clear, unless the caller vouched for it: a weight format
+    by its name (:func:`_weight_format`), else a file over ``LARGE_PLAIN_FILE_BYTES`` that
+    is not text. The size, and for large files the content, are the second line of
+    defence: a list of suffixes is never complete (rust_model.ot was copied in the clear
+    until .ot was added)."""
+    vouch = ("; if it holds no weights, name it to be copied as it is: "
+             "copy_unencrypted=[...] (gpucrypt encrypt-model --copy-unencrypted NAME)")
+    for name in names:
+        if name in vouched:
+            continue
+        fmt = _weight_format(name)
+        if fmt == _SAFETENSORS:
+            raise FormatError(f"{name} is a safetensors file under a backup name, which is "
+                              f"not encrypted as a model file; it would be copied in the "
+                              f"clear: move it out of the folder" + vouch)
+        if fmt is not None:
+            raise FormatError(f"{name} holds weights in a format other than safetensors "
+                              f"({fmt}); it would be copied in the clear: convert it to "
+                              f"safetensors (save_pretrained(safe_serialization=True), "
+                              f"safetensors.numpy.save_file) or move it out of the folder"
+                              + vouch)
+    for name in names:
+        path = os.path.join(folder, name)
+        if name in vouched or os.path.getsize(path) <= LARGE_PLAIN_FILE_BYTES:
+            continue
+        if not _is_text(path):
+            raise FormatError(f"{name} is {os.path.getsize(path) / (1 << 20):.0f} MiB of "
+                              f"binary data in no known weight format, and files this large "
+                              f"are weights as a rule; it would be copied in the clear: "
+                              f"convert weights to safetensors or move it out of the folder"
+                              + vouch)
 
 
 def _read_json(path: str) -> Any:
@@ -296,15 +418,11 @@ def _manifest_model_files(folder: str) -> set | None:
         return None
 
 
-def _check_manifest(layout: CheckpointLayout, key: bytes) -> dict:
-    """Check the folder against its manifest (see the module docstring), and every model
-    file's header, under the folder's one data ``key``, before anything is decrypted;
-    ``AuthenticationError`` or ``FormatError`` naming what is wrong. Returns the
-    manifest's entries (file name -> ``{"salt"|"sha256": HEX}``), authenticated: what
-    the files' bytes must still be when they are used."""
-    from . import models
-
-    path = os.path.join(layout.folder, MANIFEST_NAME)
+def _authenticated_manifest(folder: str, key: bytes) -> dict:
+    """The entries of ``folder``'s manifest (file name -> ``{"salt"|"sha256": HEX}``),
+    its MAC checked under the folder's data ``key``: ``FormatError`` for a missing or
+    unreadable manifest, ``AuthenticationError`` for one that fails."""
+    path = os.path.join(folder, MANIFEST_NAME)
     try:
         doc = _read_json(path)
         salt, files, mac = bytes.fromhex(doc["salt"]), doc["files"], doc["mac"]
@@ -312,7 +430,7 @@ def _check_manifest(layout: CheckpointLayout, key: bytes) -> dict:
             raise ValueError("not a gpucrypt checkpoint manifest")
         version = doc.get("version")
     except FileNotFoundError:
-        raise FormatError(f"{layout.folder} has no {MANIFEST_NAME}: it is not a folder that "
+        raise FormatError(f"{folder} has no {MANIFEST_NAME}: it is not a folder that "
                           f"encrypt_checkpoint (gpucrypt encrypt-model) wrote, or the manifest "
                           f"was removed; encrypt the plaintext folder again") from None
     except FormatError as exc:  # not JSON: it names the manifest and says why
@@ -332,6 +450,18 @@ def _check_manifest(layout: CheckpointLayout, key: bytes) -> dict:
             _manifest_mac(key, salt, files).encode(), mac.encode()):
         raise AuthenticationError(f"{MANIFEST_NAME} failed authentication: wrong key, or the "
                                   f"manifest was changed")
+    return files
+
+
+def _check_manifest(layout: CheckpointLayout, key: bytes) -> dict:
+    """Check the folder against its manifest (see the module docstring), and every model
+    file's header, under the folder's one data ``key``, before anything is decrypted;
+    ``AuthenticationError`` or ``FormatError`` naming what is wrong. Returns the
+    manifest's entries (file name -> ``{"salt"|"sha256": HEX}``), authenticated: what
+    the files' bytes must still be when they are used."""
+    from . import models
+
+    files = _authenticated_manifest(layout.folder, key)
     present = set(layout.tensor_files) | set(layout.other_files)
     removed, added = sorted(set(files) - present), sorted(present - set(files))
     if removed or added:
@@ -363,6 +493,39 @@ def _check_manifest(layout: CheckpointLayout, key: bytes) -> dict:
         if not good:
             raise _not_the_file(name)
     return files
+
+
+def _check_file_against_its_folder(path: Any, key: bytes, salt: bytes) -> None:
+    """For a model file opened on its own (:func:`gpucrypt.models.safe_open`), whose
+    header, with ``salt``, was verified under ``key``: when it sits in a folder that has a
+    manifest, that manifest must verify under the same key and list the file, under its
+    name, with this salt. Else ``AuthenticationError``: a shard of an older save of the
+    folder (same key) put in place of the current one opened with the old weights, and
+    nothing said so. Cheap: the manifest only, no other file is read.
+
+    What it cannot see: a manifest removed or renamed along with the swap (the file then
+    stands alone). Folders are for :func:`load_checkpoint` and :mod:`gpucrypt.hf`, which
+    refuse a folder without its manifest and check every file."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return  # a descriptor: no folder to look in
+    folder, name = os.path.split(os.path.abspath(os.fsdecode(path)))
+    if not os.path.lexists(os.path.join(folder, MANIFEST_NAME)):
+        return
+    try:
+        files = _authenticated_manifest(folder, key)
+    except AuthenticationError:
+        raise AuthenticationError(
+            f"{name} is not from the checkpoint folder it sits in: the folder's "
+            f"{MANIFEST_NAME} fails authentication under the key that opens the file "
+            f"(a file encrypted on its own or in another folder, or a changed manifest); "
+            f"move the file out of the folder to open it on its own") from None
+    if not _is_listed_salt(files.get(name, {}), salt):
+        listed = "under another encryption" if name in files else "not at all"
+        raise AuthenticationError(
+            f"{name} is not the file its folder was encrypted with: the folder's "
+            f"{MANIFEST_NAME} lists it {listed} (a file of an older save of the folder, "
+            f"or of another folder, put in its place); load the folder with "
+            f"load_checkpoint or gpucrypt.hf, which check every file")
 
 
 # ---------------------------------------------------------------------------- writing
@@ -405,20 +568,23 @@ def _copy_others(layout: CheckpointLayout, temp: str, files: dict | None = None)
 
 
 def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = None,
-                       envelope: Any = None, **save_options: Any) -> list:
+                       envelope: Any = None, copy_unencrypted: Iterable[str] = (),
+                       **save_options: Any) -> list:
     """Encrypt the checkpoint folder ``src`` into the new folder ``dst`` (see the module
     docstring): each ``*.safetensors`` file with :func:`gpucrypt.models.save_encrypted`
     (read a segment at a time; its ``__metadata__`` kept), the rest copied.
     ``envelope``: the envelope bytes for every file, or a function called with each
     model file's salt (drawn fresh) returning that file's envelope, for wrapped keys
     bound to the file (``lambda salt: keys.seal_envelope(key, references,
-    context=keys.file_context(salt))``). ``save_options``: ``algorithm``,
+    context=keys.file_context(salt))``). ``copy_unencrypted``: names of files to copy as
+    they are although their name or size says weights (:func:`checkpoint_layout`: a
+    folder holding such a file is refused otherwise). ``save_options``: ``algorithm``,
     ``segment_size``, ``encrypt_names``, ``device``, ``threads``. Returns the headers,
     in file-name order."""
     from . import models
     from ._safetensors import open_safetensors
 
-    layout = checkpoint_layout(src)
+    layout = checkpoint_layout(src, copy_unencrypted=copy_unencrypted)
     key = _format.check_key(key)
     headers: list = []
 

@@ -987,16 +987,24 @@ def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = N
     tags: 27 MB for a 140 GB model in the default 1 MiB segments).
 
     ``out`` gets the bytes ``safetensors.save_file`` would write for the same tensors and
-    metadata (metadata keys in the file's order). It is written atomically (temporary
+    metadata, with the metadata keys sorted: the model file's table is canonical JSON
+    (sorted keys), so the order of the safetensors header they came from is not kept, and
+    a file whose header had several keys in another order comes back with the same
+    metadata but not byte for byte (the package itself writes them in its hash map's
+    order, which changes from run to run). It is written atomically (temporary
     file beside it, fsync, rename; mode 0600) and appears only once every segment has
     verified: on any failure the temporary file is removed and the error of
     :func:`load_encrypted` is raised. A tensor whose dtype safetensors has no code for
     (``numpy:<U5``, ``complex128``, ...) raises :class:`NotSafetensorsDtype`, before
-    anything is decrypted. Returns the verified header.
+    anything is decrypted. ``ValueError`` when ``out`` is ``path`` itself (or a link to
+    it): write elsewhere, then rename. Returns the verified header.
     """
     from ._safetensors import SAFETENSORS_DTYPES, safetensors_layout
+    from .stream import _refuse_same_file
 
     key = _format.check_key(key)
+    # export_safetensors(p, p) put the plaintext in place of the only ciphertext
+    _refuse_same_file(path, out)
     threads = pipeline.cpu_threads(threads)
     with builtins.open(path, "rb", buffering=0) as f:
         header, segments, tags, seg_key, aad = _prepare_open(f, key)
