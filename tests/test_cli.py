@@ -954,8 +954,24 @@ def test_a_passphrase_given_refuses_a_keyset_that_is_not_sealed(work, capsys, mo
             assert run(capsys, "decrypt", "-i", "alice", "for-alice", "x")[0] == 0
             os.remove(work / "x")
     assert (work / "ks.json").read_bytes() == before
+    # the same keyset named by --kek file:// (beside a sealed identity's passphrase file, or
+    # the variable): the passphrase reaches it too, and it is refused as --keyset refuses it
+    reference = f"file://{work / 'ks.json'}"
+    monkeypatch.delenv("GPUCRYPT_PASSPHRASE")
+    assert run(capsys, "keygen", "--seal", "--passphrase-file", "pw", "--out", "sealed-ks")[0] == 0
+    for given in (["--passphrase-file", "pw"], []):
+        if not given:
+            monkeypatch.setenv("GPUCRYPT_PASSPHRASE", "correct horse battery staple")
+        for argv in (["encrypt", "--keyset", "sealed-ks", "--kek", reference, "plain", "x"],
+                     ["encrypt", "--kek", reference, "plain", "x"],
+                     ["decrypt", "--kek", reference, "for-ks", "x"]):
+            code, _, err = run(capsys, *argv, *given)
+            _one_line(code, err, 1)
+            assert "is not sealed, though a passphrase was given" in err, (argv, given, err)
+            assert not (work / "x").exists()
     monkeypatch.delenv("GPUCRYPT_PASSPHRASE")
     assert run(capsys, "encrypt", "--keyset", "ks.json", "plain", "x")[0] == 0  # none given
+    assert run(capsys, "decrypt", "--kek", reference, "for-ks", "y")[0] == 0
 
 
 def test_keygen_refuses_an_existing_output_before_asking_for_a_passphrase(work, capsys, monkeypatch):

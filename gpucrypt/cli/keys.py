@@ -172,6 +172,9 @@ def check_passphrase_file(args: Any, given: list[str]) -> None:
         return
     if getattr(args, "keyset", None) or getattr(args, "old_keyset", None):
         return
+    if any(uri.startswith("file:") for name in ("kek", "old_kek")
+           for uri in getattr(args, name, None) or []):
+        return  # a keyset named by a file: reference reads it (_key_references)
     decrypting = hasattr(args, "identity") and not hasattr(args, "recipient")
     if decrypting and not given:
         return
@@ -300,12 +303,18 @@ def _key_references(uris: list[str], args: Any) -> list:
     file, in any form the reader takes: ``file:PATH``, ``file://PATH`` or a plain absolute
     path) get the same permission check as ``--keyset`` and ``--key-file``."""
     from ..keys import KeyReference, KeysetError
-    from ..keys.references import secret_source_path
+    from ..keys.references import secret_source_path, with_passphrase_source
 
     try:
         refs = [KeyReference(uri) for uri in uris]
     except KeysetError as exc:
         raise CliError(str(exc), 2) from None
+    if getattr(args, "passphrase_file", None) and not getattr(args, "passphrase", False):
+        # the passphrase given goes to every keyset the command reads, a file: reference's
+        # too (unless it names its own source): so an unsealed one put in the place of a
+        # sealed keyset is refused here as --keyset refuses it
+        source = "file:" + os.path.abspath(args.passphrase_file)
+        refs = [with_passphrase_source(ref, source) for ref in refs]
     for ref in refs:
         if ref.scheme == "file":
             check_private_file(ref.attributes["path"], "keyset", args)
