@@ -5,6 +5,7 @@ in-place decryption with its rollback on a wrong tag."""
 from __future__ import annotations
 
 import os
+import signal
 import tracemalloc
 
 import numpy as np
@@ -217,34 +218,80 @@ def test_gcm_above_one_openssl_call_reads_the_ciphertext_once(in_place, monkeypa
     assert bytes(again) == reference.AESGCM(key).encrypt(nonce, plain, aad)
 
 
+def _stopping(real, stop):
+    """``real``, stopped by ``stop``: a MemoryError raised in it, or a real SIGINT (Ctrl-C)
+    arriving as it starts ("ctrl-c", after which it goes on) or as its work is done
+    ("ctrl-c-late": all of the buffer transformed)."""
+    def stopped(*args, **kwargs):
+        if stop == "error":
+            raise MemoryError
+        if stop == "ctrl-c":
+            signal.raise_signal(signal.SIGINT)
+        result = real(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+        return result
+    return stopped
+
+
 @pytest.mark.parametrize("algorithm, nonce_len", [("chacha20-poly1305", 12), ("aes-gcm", 7)])
 @pytest.mark.parametrize("form", ["seal", "seal_detached"])
+@pytest.mark.parametrize("stop", ["error", "ctrl-c"])
 def test_composed_in_place_seal_stopped_at_its_mac_gives_the_plaintext_back(
-        algorithm, nonce_len, form, monkeypatch):
+        algorithm, nonce_len, form, stop, monkeypatch):
     """The composed seal (the whole keystream, then the MAC: above OpenSSL's one call, or a
     GCM nonce its streaming form refuses) stopped in its MAC leaves the caller's buffer
-    holding its plaintext, not ciphertext without a tag; a Ctrl-C there waits for the end."""
+    holding its plaintext, not ciphertext without a tag: a Ctrl-C there waits for the end,
+    then comes with the plaintext back (the tag it made is lost with the exception)."""
     from gpucrypt import _host_primitives
 
     monkeypatch.setattr(cpu, "OPENSSL_AEAD_MAX", 1000)
     monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", 100)
     monkeypatch.setattr(cpu, "CHACHA_ONE_SHOT_SEAL_MAX", 100)
-
-    def stopped(*args):
-        raise MemoryError
-    monkeypatch.setattr(_host_primitives, "gcm_tag", stopped)
-    monkeypatch.setattr(_host_primitives.Poly1305AeadMac, "update", stopped)
+    monkeypatch.setattr(_host_primitives, "gcm_tag", _stopping(_host_primitives.gcm_tag, stop))
+    monkeypatch.setattr(cpu._ChaCha20Poly1305, "_tag", _stopping(cpu._ChaCha20Poly1305._tag, stop))
     key, nonce = os.urandom(32), os.urandom(nonce_len)
     ctx = get_backend("cpu").aead(algorithm, key)
     plain = os.urandom(5000)
     buf = bytearray(plain) + bytearray(16)
-    with pytest.raises(MemoryError):
+    with pytest.raises(MemoryError if stop == "error" else KeyboardInterrupt):
         if form == "seal":
             ctx.seal(nonce, memoryview(buf)[:5000], memoryview(b""), memoryview(buf))
         else:
             ctx.seal_detached(nonce, memoryview(buf)[:5000], memoryview(b""),
                               memoryview(buf)[:5000])
     assert bytes(buf[:5000]) == plain
+
+
+@pytest.mark.parametrize("algorithm, nonce_len", [("chacha20-poly1305", 12), ("aes-gcm", 7)])
+@pytest.mark.parametrize("form", ["open", "open_detached"])
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("stop", ["ctrl-c", "ctrl-c-late"])
+def test_composed_open_interrupted_in_its_keystream_gives_nothing_out(
+        algorithm, nonce_len, form, in_place, stop, monkeypatch):
+    """The composed open (the MAC verified, then the keystream) with a Ctrl-C in its
+    keystream: the keystream runs to its end, then KeyboardInterrupt comes with an
+    in-place buffer holding its ciphertext again (not part plaintext, part ciphertext)
+    and a separate one zeroed: the interrupted caller would not know it held plaintext."""
+    monkeypatch.setattr(cpu, "OPENSSL_AEAD_MAX", 1000)
+    monkeypatch.setattr(cpu, "ONE_SHOT_DETACHED_MAX", 100)
+    key, nonce = os.urandom(32), os.urandom(nonce_len)
+    ctx = get_backend("cpu").aead(algorithm, key)
+    plain = os.urandom(5000)
+    sealed = bytearray(5016)
+    ctx.seal(nonce, memoryview(plain), memoryview(b""), memoryview(sealed))
+    before = bytes(sealed)
+    aead_class = cpu._ChaCha20Poly1305 if algorithm == "chacha20-poly1305" else cpu._AesGcm
+    monkeypatch.setattr(aead_class, "_xor", _stopping(aead_class._xor, stop))
+    out = memoryview(sealed)[:5000] if in_place else memoryview(bytearray(b"\xff" * 5000))
+    with pytest.raises(KeyboardInterrupt):
+        if form == "open":
+            ctx.open(nonce, memoryview(sealed), memoryview(b""), out)
+        else:
+            ctx.open_detached(nonce, memoryview(sealed)[:5000], bytes(sealed[5000:]),
+                              memoryview(b""), out, one_pass=False)
+    assert bytes(sealed) == before
+    if not in_place:
+        assert bytes(out) == bytes(5000)
 
 
 # --------------------------------------------------------------------------- detached ChaCha20-Poly1305 seals

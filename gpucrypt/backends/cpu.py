@@ -193,20 +193,24 @@ class _OpenSslAead(AeadContext):
 
     def _seal_composed(self, nonce, data, aad, ct) -> bytes:
         """The whole keystream, then the MAC over the ciphertext; returns the tag. In place,
-        a Ctrl-C waits for the end (the MAC of 2 GiB holds the GIL for seconds: stopped
-        there, the buffer was ciphertext that no tag covers), and any other exception from
-        the MAC gives the buffer its plaintext back."""
+        a Ctrl-C waits for the end of both (the MAC of 2 GiB holds the GIL for seconds),
+        and is then raised with the buffer given its plaintext back, as is any exception
+        from the MAC: stopped there, it was ciphertext that no tag covers."""
         state = self._start(nonce)
         if not _same_memory(data, ct):
             self._xor(state, data, ct)
             return self._tag(state, ct, aad)
-        with held_interrupts():
-            self._xor(state, data, ct)
-            try:
-                return self._tag(state, ct, aad)
-            except BaseException:  # noqa: B036 (MemoryError and the like: the plaintext back)
-                self._xor(state, ct, ct)
-                raise
+        sealed = False  # ct holds the whole ciphertext
+        try:
+            with held_interrupts():  # a Ctrl-C held is raised as the block ends: below
+                self._xor(state, data, ct)
+                sealed = True
+                tag = self._tag(state, ct, aad)
+        except BaseException:  # noqa: B036 (the tag is lost with the exception)
+            if sealed:
+                uninterrupted(self._xor, state, ct, ct)
+            raise
+        return tag
 
     def open(self, nonce, data, aad, out):
         if len(data) < 16:
@@ -226,7 +230,27 @@ class _OpenSslAead(AeadContext):
         if not _tags_equal(self._tag(state, ct, aad), bytes(tag)):
             uninterrupted(_zero, out)
             raise InvalidTag()
-        self._xor(state, ct, out)
+        self._open_composed_xor(state, ct, out)
+
+    def _open_composed_xor(self, state, ct, out) -> None:
+        """The keystream over ciphertext whose tag has verified, into ``out``: a Ctrl-C
+        waits for its end (in place, one part way left the buffer part plaintext, part
+        ciphertext) and is then raised with the ciphertext given back (in place) or
+        ``out`` zeroed, as the one-pass opens do: the caller, interrupted, would not know
+        the buffer holds plaintext. (The tag was computed over the ciphertext as read
+        then and the keystream reads it again, as OpenSSL's one-shot ChaCha20-Poly1305
+        does: a buffer another thread writes meanwhile is outside the contract.)"""
+        opened = False
+        try:
+            with held_interrupts():
+                self._xor(state, ct, out)
+                opened = True
+        except BaseException:  # noqa: B036 (a Ctrl-C held over the keystream)
+            if opened and _same_memory(ct, out):
+                uninterrupted(self._xor, state, out, out)
+            elif opened:
+                uninterrupted(_zero, out)
+            raise
 
     def seal_detached(self, nonce, data, aad, out, threads=1, one_pass=False, shared_gil=False):
         if len(data) <= ONE_SHOT_DETACHED_MAX and self._native(nonce, len(data), len(aad)):
@@ -243,7 +267,7 @@ class _OpenSslAead(AeadContext):
             if not _same_memory(data, out):
                 _zero(out)
             raise InvalidTag()
-        self._xor(state, data, out)
+        self._open_composed_xor(state, data, out)
 
     # Small messages: OpenSSL's one-shot AEAD through a scratch buffer holding
     # ``data || tag`` costs a copy of a few KiB; composing the AEAD from its primitives
