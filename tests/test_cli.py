@@ -1789,3 +1789,25 @@ def test_keygen_and_bench_take_the_short_options_the_file_commands_do(work, caps
     from gpucrypt.cli import _command_parser
 
     assert _command_parser("bench").parse_args(["-f"]).force is True
+
+
+def test_keys_add_racing_another_writer_says_to_run_it_again(work, capsys, monkeypatch):
+    """keys add whose keyset file another command saved meanwhile: refused (exit 1, nothing
+    written), and told as a command's failure, not with the library's advice to keep the
+    object and save it elsewhere, which a finished command cannot follow."""
+    from gpucrypt.keys import Keyset
+
+    assert run(capsys, "keygen", "--out", "ks.json")[0] == 0
+    real_add = Keyset.add
+
+    def add_while_another_saves(self, *args, **kwargs):
+        other = Keyset.load("ks.json")
+        real_add(other)
+        other.save("ks.json")
+        return real_add(self, *args, **kwargs)
+    monkeypatch.setattr(Keyset, "add", add_while_another_saves)
+    code, _, err = run(capsys, "keys", "add", "ks.json")
+    _one_line(code, err, 1)
+    assert "changed while this command ran" in err and "run the command again" in err
+    assert "overwrite=True" not in err and "new path" not in err
+    assert len(list(Keyset.load("ks.json"))) == 2  # the other command's key, not this one's

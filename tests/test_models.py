@@ -262,8 +262,23 @@ def test_keyed_argument_errors(tmp_path):
         models.save_encrypted(t, tmp_path / "m")
     with pytest.raises(TypeError, match="load it first"):
         models.save_encrypted(t, tmp_path / "m", keyset=str(tmp_path / "ks.json"))
-    with pytest.raises(ValueError, match="power of two"):
-        models.save_encrypted(t, tmp_path / "m", recipients=alice.recipient, segment_size=1000)
+    import io
+    import logging
+
+    from gpucrypt import audit
+
+    log = io.StringIO()
+    handler = audit.enable(log)
+    try:  # refused before the data key is sealed for the recipients (a KMS call, audited)
+        for kw, exc, match in (({"segment_size": 1000}, ValueError, "power of two"),
+                               ({"metadata": {"a": 1}}, TypeError, "metadata"),
+                               ({"device": "tpu"}, ValueError, "device"),
+                               ({"threads": 0}, ValueError, "threads")):
+            with pytest.raises(exc, match=match):
+                models.save_encrypted(t, tmp_path / "m", recipients=alice.recipient, **kw)
+    finally:
+        logging.getLogger(audit.LOGGER_NAME).removeHandler(handler)
+    assert "envelope.seal" not in log.getvalue()
     assert os.listdir(tmp_path) == []
     models.save_encrypted(t, tmp_path / "raw", KEY, device="cpu")
     with pytest.raises(ValueError, match="no key given"):

@@ -584,9 +584,23 @@ def _run_keys(args) -> int:
     else:
         key = _keys_call(getattr(keyset, args.keys_command), args.key_id)
         message = f"key {key.id} is now {key.status}"
-    _keys_call(keyset.save, args.keyset)
+    _keys_call(_save_keyset, keyset, args.keyset)
     print(message)
     return 0
+
+
+def _save_keyset(keyset: Any, path: str) -> None:
+    """``keyset.save(path)``; a file another program saved meanwhile is said for the command
+    line: the library's advice (keep the object, save it elsewhere) is not the command's,
+    whose change dies with the process and which wrapped nothing under a key it made."""
+    from ..keys.keyset import KeysetChangedOnDisk
+
+    try:
+        keyset.save(path)
+    except KeysetChangedOnDisk:
+        raise CliError(f"{path} changed while this command ran (another command or program "
+                       f"saved it): nothing was written and this change was dropped; run the "
+                       f"command again", 1) from None
 
 
 # --------------------------------------------------------------------------- rekey

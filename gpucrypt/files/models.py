@@ -83,7 +83,7 @@ from ._atomic import AtomicFile, open_output, write_atomically_with
 from ._safetensors import StoredTensor, load_json
 from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedError,
                       UnsupportedVersion)
-from .. import audit, pipeline
+from .. import pipeline
 from .._buffers import bytes_arg
 from ..tensors.api import _host_open, _host_seal
 
@@ -685,13 +685,21 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
     ``_salt``: given only by callers that drew it fresh to bind an envelope to it (the
     ``encrypt-model --kek`` command); reusing a salt under the same key repeats nonces.
     """
-    algorithm = _format.check_algorithm(algorithm)  # before any key is sealed (a KMS call)
+    # the arguments are checked before any key is sealed (a KMS or HSM call, audited)
+    algorithm = _format.check_algorithm(algorithm)
     _format.check_segment_size(segment_size)
+    metadata = _check_metadata(metadata)
+    threads = pipeline.cpu_threads(threads)
+    if device not in ("auto", "cpu", "gpu"):
+        from ..backends import check_device
+
+        device = check_device(device)
     if recipients is not None or keyset is not None:
         if key is not None or key_id is not None or envelope is not None or _salt is not None:
             raise ValueError("give key= (with key_id=/envelope= if you like) or "
                              "recipients=/keyset=, not both: recipients and keysets get a "
                              "fresh data key of the file's own, wrapped for them")
+        from .. import audit
         from . import keyed
 
         with audit.timed("model.encrypt", path=keyed.audit_path(path)) as ev:
@@ -708,8 +716,6 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
                          "for a fresh data key wrapped for them")
     key = _format.check_key(key)
     key_id, envelope = _format.check_key_id_envelope(key_id, envelope)
-    metadata = _check_metadata(metadata)
-    threads = pipeline.cpu_threads(threads)
     infos, values = _tensor_infos(tensors)
     segments = _segments(infos, segment_size)
     data_length = infos[-1].end if infos else 0
@@ -925,6 +931,7 @@ def load_encrypted(path: Any, key: Any = None, device: str = "auto", *,
     target = _check_device(device)
     threads = pipeline.cpu_threads(threads)
     if key is None or keyset is not None or identity is not None:
+        from .. import audit
         from . import keyed
 
         with audit.timed("model.decrypt", path=keyed.audit_path(path)) as ev:

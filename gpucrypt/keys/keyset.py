@@ -99,6 +99,11 @@ def _new_key_id() -> str:
     return secrets.token_hex(8)
 
 
+class KeysetChangedOnDisk(KeysetError):
+    """A save refused because another program saved the keyset's file since this keyset
+    read it; nothing was written (the command line words its own advice from it)."""
+
+
 class Keyset(HoldsKeyMaterial):
     """An ordered set of symmetric key-encryption keys with one primary.
 
@@ -284,7 +289,7 @@ class Keyset(HoldsKeyMaterial):
             # None: gone, nothing to undo; overwrite=True: the caller drops the other change
             # on purpose (the way out the refusal offers, as Identity.save's)
             if checked and not overwrite and now not in (None, self._origin[1]):
-                raise KeysetError(self._changed_message(where))
+                raise KeysetChangedOnDisk(self._changed_message(where))
             data, method, seal = self._document(passphrase, kek, kek_id, scrypt_n, unsealed)
             # still locked: the check holds until replaced
             # its own file, still there (gone: another may be made meanwhile, not replaced)
