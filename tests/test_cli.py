@@ -653,14 +653,16 @@ def test_a_stdout_that_is_the_input_file_is_refused(work, command, how):
         assert code == 0
 
 
-@pytest.mark.parametrize("how", ["same name", "hard link", "symbolic link"])
-@pytest.mark.parametrize("command", ["decrypt", "decrypt-model", "encrypt-model"])
+@pytest.mark.parametrize("command, how", [
+    (command, how) for command in ("decrypt", "decrypt-model", "encrypt-model")
+    for how in ("same name", "symbolic link", "hard link")] + [("decrypt", "stdin")])
 def test_an_out_that_is_in_is_refused_even_with_force(work, capsys, command, how):
     """``gpucrypt decrypt --force s.gc s.gc`` exited 0 and left the plaintext where the
     only ciphertext was (the library refuses src == dst, but the command line handed it
     a new file to be renamed over IN, so it could not tell); decrypt-model and
-    encrypt-model did the same. Refused before any key is read, whatever OUT's name for
-    IN, and IN is left as it was."""
+    encrypt-model did the same, and ``decrypt --force - s.gc < s.gc`` too. Refused before
+    any key is read, whatever OUT's name for IN, and IN is left as it was. A hard link to
+    IN as OUT is not refused: the rename replaces that name, and IN keeps its bytes."""
     np = pytest.importorskip("numpy")
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     from gpucrypt import models
@@ -681,8 +683,20 @@ def test_an_out_that_is_in_is_refused_even_with_force(work, capsys, command, how
     elif how == "symbolic link":
         os.symlink("in", work / "out")
         out = "out"
+    if how == "hard link":
+        code, _, err = run(capsys, command, "--key-file", "key", "in", out, "--force")
+        assert code == 0, err
+        assert (work / "in").read_bytes() == before and (work / "out").read_bytes() != before
+        return
     # a key source that would fail if it were read: the refusal comes first
-    code, _, err = run(capsys, command, "--key-env", "NO_SUCH_VARIABLE", "in", out, "--force")
+    if how == "stdin":
+        with open(work / "in", "rb") as src:
+            done = subprocess.run([sys.executable, "-c", LAUNCHER, "unnamed", command,
+                                   "--key-env", "NO_SUCH_VARIABLE", "-", out, "--force"],
+                                  stdin=src, capture_output=True, text=True, cwd=work)
+        code, err = done.returncode, done.stderr
+    else:
+        code, _, err = run(capsys, command, "--key-env", "NO_SUCH_VARIABLE", "in", out, "--force")
     assert code == 2, err
     assert err.startswith(f"gpucrypt {command}: the input is the output (") and \
         "choose another OUT" in err, err

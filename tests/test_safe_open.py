@@ -362,6 +362,12 @@ def test_a_shard_from_an_older_save_of_its_folder_is_refused(tmp_path):
                        f"encrypted with: the folder's gpucrypt-checkpoint.json lists it under "
                        f"another encryption .*load_checkpoint or gpucrypt.hf"):
         models.safe_open(new / shard, "pt", key=key)
+    # the other ways of opening one model file check it too
+    with pytest.raises(AuthenticationError, match=f"{shard} is not the file its folder"):
+        models.load_encrypted(new / shard, key, "cpu")
+    with pytest.raises(AuthenticationError, match=f"{shard} is not the file its folder"):
+        models.export_safetensors(new / shard, tmp_path / "exported.safetensors", key)
+    assert not (tmp_path / "exported.safetensors").exists()
     with pytest.raises(AuthenticationError, match=f"{shard} is not the file"):
         checkpoints.load_checkpoint(new, key=key)  # as before
     # a file the manifest does not list (one under another key: the next test)
@@ -377,9 +383,11 @@ def test_a_shard_from_an_older_save_of_its_folder_is_refused(tmp_path):
         assert f.get_tensor("a").tolist() == [1.0] * 4
 
 
-def test_a_file_under_another_key_in_a_checkpoint_folder_is_refused(tmp_path):
-    """A model file that opens under its own key but sits in a folder whose manifest does
-    not verify under that key is not that folder's file."""
+def test_a_manifest_that_says_nothing_of_the_file_leaves_it_standing_alone(tmp_path):
+    """A file whose own header verifies, beside a manifest that does not verify under its
+    key, cannot be read, or is of another version: the manifest says nothing about it, so
+    it opens on its own, as with no manifest there (safe_open had refused it, naming a
+    folder problem for a file that had none)."""
     from gpucrypt.files import checkpoints
 
     plain = tmp_path / "plain"
@@ -387,11 +395,23 @@ def test_a_file_under_another_key_in_a_checkpoint_folder_is_refused(tmp_path):
     save_file({"a": torch.ones(4)}, str(plain / "model.safetensors"))
     checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", os.urandom(32), device="cpu")
     own = os.urandom(32)
-    models.save_encrypted({"a": torch.zeros(4)}, tmp_path / "enc" / "model.safetensors", own)
-    with pytest.raises(AuthenticationError, match="model.safetensors is not from the "
-                       "checkpoint folder it sits in: the folder's gpucrypt-checkpoint.json "
-                       "fails authentication under the key that opens the file"):
-        models.safe_open(tmp_path / "enc" / "model.safetensors", "pt", key=own)
+    path = tmp_path / "enc" / "model.safetensors"
+    models.save_encrypted({"a": torch.zeros(4)}, path, own)
+    manifest = tmp_path / "enc" / "gpucrypt-checkpoint.json"
+    for state in ("another key", "malformed", "a later version", "a folder", "a dangling link"):
+        if state == "malformed":
+            manifest.write_text("{not json")
+        elif state == "a later version":
+            manifest.write_text('{"format": "gpucrypt-checkpoint-manifest", "version": 99, "files": {}}')
+        elif state == "a folder":
+            manifest.unlink()
+            manifest.mkdir()
+        elif state == "a dangling link":
+            manifest.rmdir()
+            manifest.symlink_to(tmp_path / "nowhere")
+        with models.safe_open(path, "pt", key=own) as f:
+            assert f.get_tensor("a").tolist() == [0.0] * 4, state
+        assert models.load_encrypted(path, own, "cpu")["a"].tolist() == [0.0] * 4
 
 
 @pytest.mark.gpu

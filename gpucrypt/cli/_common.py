@@ -437,14 +437,14 @@ def refuse_input_as_output(args: Any, reader: Any = None, dst: Any = None, *,
 
     Call it with ``replacing`` before OUT is made, so that the refusal comes before
     "output exists" and before any key or passphrase is asked for."""
-    if replacing is not None and args.input != "-":
-        out = output_path(args)
-        if out != "-" and _same_regular_file(args.input, out):
-            which = f"({out})" if out == args.input else \
-                f"({out} is another name for {args.input})"
-            raise CliError(f"the input is the output {which}: writing it would replace "
-                           f"{replacing}; choose another OUT (and rename it over IN "
-                           f"afterwards if that is what you want)", 2)
+    out = output_path(args) if replacing is not None else "-"
+    if out != "-" and _replaces_input(args.input, out):
+        which = f"({out})" if out == args.input else \
+            "(stdin reads the file OUT names, its only name)" if args.input == "-" else \
+            f"({out} leads to {args.input})"
+        raise CliError(f"the input is the output {which}: writing it would replace "
+                       f"{replacing}; choose another OUT (and rename it over IN "
+                       f"afterwards if that is what you want)", 2)
     try:
         written, read = os.fstat(dst.fileno()), os.fstat(reader.fileno())
     except (AttributeError, OSError, ValueError):  # no descriptor: not a file of the system
@@ -457,14 +457,22 @@ def refuse_input_as_output(args: Any, reader: Any = None, dst: Any = None, *,
                        f"into place)", 2)
 
 
-def _same_regular_file(first: str, second: str) -> bool:
-    """Whether the paths name one regular file (links followed, hard links included). A
-    FIFO or a character device is not: it is written as a stream, never replaced."""
+def _replaces_input(source: str, out: str) -> bool:
+    """Whether publishing OUT (a new file renamed over the place ``out`` leads to) would
+    take the input's last name: ``out`` leads (symbolic links followed) to the file
+    ``source`` names, or, for ``-``, to the regular file stdin reads when that file has no
+    other name. A hard link to IN elsewhere is not: the rename replaces that name only,
+    and IN keeps its bytes. A FIFO or a character device is never replaced either: it is
+    written as a stream."""
     try:
-        a, b = os.stat(first), os.stat(second)
+        if source == "-":
+            read, written = os.fstat(0), os.stat(out)
+            return stat.S_ISREG(read.st_mode) and read.st_nlink == 1 and \
+                (read.st_dev, read.st_ino) == (written.st_dev, written.st_ino)
+        return stat.S_ISREG(os.stat(source).st_mode) and \
+            os.path.realpath(source) == os.path.realpath(out)
     except (OSError, ValueError):  # OUT does not exist yet (or IN is missing: said later)
         return False
-    return stat.S_ISREG(a.st_mode) and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 #: names of the functions (the library's and ours) whose OSErrors are the input's, and

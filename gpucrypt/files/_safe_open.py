@@ -21,9 +21,12 @@ What happens when:
   (16 bytes per segment); the file stays open until ``__exit__``/:meth:`close`;
 - a file in a checkpoint folder (one with a ``gpucrypt-checkpoint.json``, as
   :func:`gpucrypt.files.checkpoints.encrypt_checkpoint` writes) is also checked against
-  that manifest when it is opened: its MAC under the file's key, and the file listed
-  under its name with its own salt; a shard of an older save of the folder (or of
-  another folder) under the same key put in its place raises ``AuthenticationError``;
+  that manifest when it is opened, as ``load_encrypted`` and ``export_safetensors``
+  check it: when the manifest verifies under the file's key, it must list the file under
+  its name with its own salt, so a shard of an older save of the folder (or of another
+  folder) under the same key put in its place raises ``AuthenticationError`` (a
+  manifest that does not verify under the key says nothing of the file, which then
+  opens on its own);
 - ``get_tensor(name)`` reads and verifies that tensor's segments only, with
   :func:`gpucrypt.models.load_encrypted`'s engine (straight into the tensor's memory
   on the CPU, through pinned staging into device memory on a GPU); a failed segment
@@ -155,9 +158,7 @@ class safe_open:  # noqa: N801 - safetensors' own name
              self._aad) = _models._prepare_open(self._file, key)
             # a shard of a checkpoint folder is checked against the folder's manifest:
             # one from an older save under the same key opened with its old weights
-            from .checkpoints import _check_file_against_its_folder
-
-            _check_file_against_its_folder(filename, key, self._header.salt)
+            _models._check_against_its_folder(filename, key, self._header.salt)
         except BaseException:
             self._file.close()
             raise

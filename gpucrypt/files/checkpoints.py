@@ -86,7 +86,7 @@ from typing import Any, Iterable
 
 from . import _format
 from ._atomic import TemporaryFolder, fsync_folder
-from ._format import AuthenticationError, FormatError
+from ._format import AuthenticationError, FormatError, StreamError
 
 __all__ = ["encrypt_checkpoint", "decrypt_checkpoint", "load_checkpoint", "checkpoint_layout",
            "CheckpointLayout", "INDEX_SUFFIX", "PLAIN_WEIGHT_SUFFIXES", "LARGE_PLAIN_FILE_BYTES",
@@ -496,16 +496,20 @@ def _check_manifest(layout: CheckpointLayout, key: bytes) -> dict:
 
 
 def _check_file_against_its_folder(path: Any, key: bytes, salt: bytes) -> None:
-    """For a model file opened on its own (:func:`gpucrypt.models.safe_open`), whose
-    header, with ``salt``, was verified under ``key``: when it sits in a folder that has a
-    manifest, that manifest must verify under the same key and list the file, under its
-    name, with this salt. Else ``AuthenticationError``: a shard of an older save of the
-    folder (same key) put in place of the current one opened with the old weights, and
-    nothing said so. Cheap: the manifest only, no other file is read.
+    """For a model file opened on its own (:func:`gpucrypt.models.safe_open`,
+    ``load_encrypted``, ``export_safetensors``), whose header, with ``salt``, was verified
+    under ``key``: when it sits in a folder whose manifest verifies under the same key,
+    that manifest must list the file, under its name, with this salt. Else
+    ``AuthenticationError``: a shard of an older save of the folder (same key) put in
+    place of the current one opened with the old weights, and nothing said so. Cheap:
+    the manifest only, no other file is read.
 
-    What it cannot see: a manifest removed or renamed along with the swap (the file then
-    stands alone). Folders are for :func:`load_checkpoint` and :mod:`gpucrypt.hf`, which
-    refuse a folder without its manifest and check every file."""
+    A manifest that does not verify under the key (another key's folder, a file
+    encrypted on its own and put there), cannot be read, or is of another version says
+    nothing about this file, whose own header has verified: it opens as a file on its
+    own, as it would with no manifest there. This check cannot see a manifest removed or
+    renamed along with the swap either. Folders are for :func:`load_checkpoint` and
+    :mod:`gpucrypt.hf`, which refuse a folder without its manifest and check every file."""
     if not isinstance(path, (str, bytes, os.PathLike)):
         return  # a descriptor: no folder to look in
     folder, name = os.path.split(os.path.abspath(os.fsdecode(path)))
@@ -513,12 +517,8 @@ def _check_file_against_its_folder(path: Any, key: bytes, salt: bytes) -> None:
         return
     try:
         files = _authenticated_manifest(folder, key)
-    except AuthenticationError:
-        raise AuthenticationError(
-            f"{name} is not from the checkpoint folder it sits in: the folder's "
-            f"{MANIFEST_NAME} fails authentication under the key that opens the file "
-            f"(a file encrypted on its own or in another folder, or a changed manifest); "
-            f"move the file out of the folder to open it on its own") from None
+    except (StreamError, OSError):
+        return
     if not _is_listed_salt(files.get(name, {}), salt):
         listed = "under another encryption" if name in files else "not at all"
         raise AuthenticationError(
@@ -644,7 +644,7 @@ def decrypt_checkpoint(src: Any, dst: Any, *, key: Any = None, keyset: Any = Non
             # the header returned is the one the file was decrypted with (read from the
             # same open file): a file swapped since the check has another salt
             header = models.export_safetensors(path, os.path.join(temp, name), key,
-                                               threads=threads)
+                                               threads=threads, _folder_checked=True)
             if not _is_listed_salt(files[name], header.salt):
                 raise _not_the_file(name)
             headers.append(header)

@@ -944,6 +944,8 @@ def load_encrypted(path: Any, key: Any = None, device: str = "auto", *,
         header, segments, tags, seg_key, aad = _prepare_open(f, key)
         if _check_header is not None:
             _check_header(header)
+        else:  # opened on its own: a shard of a checkpoint folder is checked against it
+            _check_against_its_folder(path, key, header.salt)
         picked = _pick(header.tensors, names)
         if len(picked) < len(header.tensors):
             wanted = set(picked)
@@ -987,7 +989,14 @@ def _prepare_open(f, key: bytes):
     return header, segments, tags, seg_key, aad
 
 
-def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = None) -> ModelHeader:
+def _check_against_its_folder(path: Any, key: bytes, salt: bytes) -> None:
+    from .checkpoints import _check_file_against_its_folder
+
+    _check_file_against_its_folder(path, key, salt)
+
+
+def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = None,
+                       _folder_checked: bool = False) -> ModelHeader:
     """Decrypt the model file ``path`` into a plain safetensors file ``out``, a batch of
     segments at a time (memory: two batches of about 8 MiB, or of one segment when
     segments are larger, plus about 200 bytes per segment for the segment list and
@@ -1015,6 +1024,8 @@ def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = N
     threads = pipeline.cpu_threads(threads)
     with builtins.open(path, "rb", buffering=0) as f:
         header, segments, tags, seg_key, aad = _prepare_open(f, key)
+        if not _folder_checked:  # decrypt_checkpoint checks each file against the manifest
+            _check_against_its_folder(path, key, header.salt)
         infos = header.tensors
         writable = set(SAFETENSORS_DTYPES.values())
         for info in infos:
