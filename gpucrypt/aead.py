@@ -51,6 +51,9 @@ _NOT_FOR_OPENSSL = (TypeError, ValueError, OverflowError, BufferError)
 #: and, for the allocating decrypt, the MemoryError of its zeroed output for a ciphertext past
 #: the algorithm's limit, allocated before the length is refused (OverflowError in _slow)
 _NOT_FOR_OPENSSL_DECRYPT = _NOT_FOR_OPENSSL + (MemoryError,)
+#: the longest ciphertext OpenSSL's one call takes (len() of a buffer of wider items
+#: counts fewer: such a one over it still reaches the MemoryError above)
+_ONE_CALL_CIPHERTEXT = (2**31 - 1) + _limits.TAG_SIZE
 _MALFORMED_MESSAGE = "each message must be a (nonce, data, associated_data) tuple"
 
 
@@ -246,7 +249,10 @@ class _Aead:
             direct = self._small_direct
         if direct is not None:
             try:
-                return direct.decrypt(nonce, data, associated_data)
+                # cryptography's allocating decrypt zero-fills its output before it refuses
+                # a ciphertext OpenSSL's one call cannot take (past GCM's limit, 64 GiB)
+                if len(data) <= _ONE_CALL_CIPHERTEXT:
+                    return direct.decrypt(nonce, data, associated_data)
             except _NOT_FOR_OPENSSL_DECRYPT:
                 pass
             except BaseException as exc:  # noqa: B036 (see _reraise_unless_too_long)
@@ -505,6 +511,12 @@ class XChaCha20Poly1305(ChaCha20Poly1305):
         libsodium = self._openssl
         if libsodium is not None and plain_bytes(data) and len(data) - tag_len <= self._libsodium_max:
             return libsodium, nonce  # PyNaCl takes bytes only: bytes-like arrays are copied
+        try:
+            nbytes = len(data) if type(data) is bytes else readable(data).nbytes
+        except (TypeError, ValueError):
+            nbytes = 0  # not a buffer: cryptography refuses it, the general path says why
+        if nbytes - tag_len > 2**31 - 1:  # past OpenSSL's one call: its decrypt zero-filled
+            return None, None  # an output first (the general path composes the message)
         subkey, nonce12 = xchacha20_key_nonce(self._key, nonce)
         return _openssl.ChaCha20Poly1305(subkey), nonce12
 

@@ -593,24 +593,30 @@ def test_into_forms_refuse_no_buffer(make):
         aead.decrypt_into(nonce, sealed, None, None)
 
 
-def test_decrypt_past_the_limit_is_overflow_error(tmp_path):
-    """A ciphertext past AES-GCM's limit (a sparse file mapped, nothing read): OverflowError
-    from decrypt as from decrypt_into, not the MemoryError of cryptography's output buffer,
-    which its allocating call sizes before it refuses the length."""
+@pytest.mark.parametrize("cls", [gpucrypt.AESGCM, gpucrypt.ChaCha20Poly1305,
+                                 gpucrypt.XChaCha20Poly1305])
+def test_decrypt_past_the_limit_is_overflow_error(tmp_path, cls):
+    """A ciphertext past the algorithm's limit (a sparse file mapped, nothing read):
+    OverflowError from decrypt as from decrypt_into, at once, not after cryptography's
+    allocating call zero-filled an output of its size (64 GiB and more; a MemoryError
+    where that cannot be had)."""
     import mmap
 
     from gpucrypt import _limits
 
-    n = _limits.GCM_MAX_PLAINTEXT + 16 + 1
+    limit = _limits.GCM_MAX_PLAINTEXT if cls is gpucrypt.AESGCM else \
+        _limits.CHACHA20POLY1305_MAX_PLAINTEXT
+    n = limit + 16 + 1
     with open(tmp_path / "sparse", "wb") as f:
         f.truncate(n)
     with open(tmp_path / "sparse", "rb") as f:
         mapped = mmap.mmap(f.fileno(), n, prot=mmap.PROT_READ)
-    aead = gpucrypt.AESGCM(bytes(16), device="cpu")
+    aead = cls(bytes(16 if cls is gpucrypt.AESGCM else 32), device="cpu")
+    nonce = bytes(24 if cls is gpucrypt.XChaCha20Poly1305 else 12)
     view = memoryview(mapped)
     try:
-        for call in (lambda: aead.decrypt(bytes(12), view, None),
-                     lambda: aead.decrypt_into(bytes(12), view, None, bytearray(1))):
+        for call in (lambda: aead.decrypt(nonce, view, None),
+                     lambda: aead.decrypt_into(nonce, view, None, bytearray(1))):
             with pytest.raises(OverflowError, match="limit"):
                 call()
     finally:
