@@ -978,6 +978,7 @@ def test_a_passphrase_given_refuses_a_keyset_that_is_not_sealed(work, capsys, mo
             monkeypatch.setenv("GPUCRYPT_PASSPHRASE", "correct horse battery staple")
         for argv in (["encrypt", "--keyset", "sealed-ks", "--kek", reference, "plain", "x"],
                      ["encrypt", "--kek", reference, "plain", "x"],
+                     ["encrypt", "--kek", "FILE" + reference[4:], "plain", "x"],
                      ["decrypt", "--kek", reference, "for-ks", "x"]):
             code, _, err = run(capsys, *argv, *given)
             _one_line(code, err, 1)

@@ -374,8 +374,7 @@ def test_weights_are_found_whatever_the_suffix_case(tiny, tmp_path, capsys):
         (plain / extra).write_bytes(b"\x93NUMPY weights")
         assert cli(["encrypt-model", "--key-file", str(d / "key"), str(plain),
                     str(tmp_path / f"out{i}")]) == 1
-        assert f"{extra} holds weights in a format other than safetensors" in \
-            capsys.readouterr().err
+        assert f"{extra}: a " in capsys.readouterr().err
         assert not (tmp_path / f"out{i}").exists()
         (plain / extra).unlink()
 
@@ -395,7 +394,9 @@ def _one_shard_folder(folder):
     "rust_model.ot", "model.ckpt.data-00000-of-00001", "model.ckpt.index", "ckpt-5.index",
     "checkpoint.pth.tar", "weights.tar", "model.pte", "model.engine", "model.plan",
     "model.mlmodel", "model.tflite", "adapter_model.bin.bak", "pytorch_model.bin~",
-    "pytorch_model.bin.1", "model.GGUF.old", "model.onnx.orig"])
+    "pytorch_model.bin.1", "model.GGUF.old", "model.onnx.orig", "model.pt2", "model.zip",
+    "weights.tar.gz", "adapter_model.bin.gz", "model.pt.zst", "model.torchscript",
+    "model.jit", "inference.pdmodel", "model.mar", "model.llamafile"])
 def test_weights_in_other_formats_are_refused_also_under_backup_names(tmp_path, name):
     """Weight files the suffix list missed were copied in the clear into the encrypted
     folder: rust_model.ot (gpt2, bert-base-uncased and t5-small ship one), TensorFlow
@@ -403,8 +404,9 @@ def test_weights_in_other_formats_are_refused_also_under_backup_names(tmp_path, 
     under a backup suffix (adapter_model.bin.bak)."""
     plain = _one_shard_folder(tmp_path / "plain")
     (plain / name).write_bytes(b"WEIGHTS" + bytes(range(256)))
-    with pytest.raises(FormatError, match=re.escape(name) + r" holds weights in a format "
-                       r"other than safetensors .*would be copied in the clear.*"
+    with pytest.raises(FormatError, match=r"1 file\(s\) would be copied in the clear \("
+                       + re.escape(name) + r": a (\.\S+|TensorFlow checkpoint) file, a format "
+                       r"that holds weights.*"
                        r"copy_unencrypted"):
         checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", os.urandom(32), device="cpu")
     assert sorted(os.listdir(tmp_path)) == ["plain"]  # nothing written, no leftovers
@@ -416,13 +418,29 @@ def test_weights_in_other_formats_are_refused_also_under_backup_names(tmp_path, 
     assert sorted(checkpoints.load_checkpoint(tmp_path / "enc", key=key)) == ["w"]
 
 
+def test_a_trainer_checkpoint_is_refused_naming_every_file_at_once(tmp_path):
+    """A Trainer checkpoint's optimizer.pt, scheduler.pt, rng_state.pth and
+    training_args.bin were refused one per run: all are named in one refusal, and vouched
+    for together they are copied."""
+    plain = _one_shard_folder(tmp_path / "plain")
+    pickles = ["optimizer.pt", "rng_state.pth", "scheduler.pt", "training_args.bin"]
+    for name in pickles:
+        (plain / name).write_bytes(b"PK pickle")
+    with pytest.raises(FormatError, match=r"4 file\(s\) would be copied in the clear") as info:
+        checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", os.urandom(32), device="cpu")
+    assert all(f"{name}: a ." in str(info.value) for name in pickles)
+    checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", os.urandom(32), device="cpu",
+                                   copy_unencrypted=pickles)
+    assert all((tmp_path / "enc" / name).exists() for name in pickles)
+
+
 def test_a_safetensors_file_under_a_backup_name_is_refused(tmp_path):
     """model.safetensors.bak is no model file (its suffix is not .safetensors), so it was
     copied in the clear."""
     plain = _one_shard_folder(tmp_path / "plain")
     (plain / "model.safetensors.bak").write_bytes((plain / "model.safetensors").read_bytes())
-    with pytest.raises(FormatError, match=r"model.safetensors.bak is a safetensors file under "
-                                          r"a backup name.*copied in the clear"):
+    with pytest.raises(FormatError, match=r"copied in the clear \(model.safetensors.bak: a "
+                                          r"safetensors file under a backup name"):
         checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", os.urandom(32), device="cpu")
     assert not (tmp_path / "enc").exists()
 
@@ -439,19 +457,19 @@ def test_a_large_binary_file_is_refused_unless_named_and_text_is_copied(tmp_path
     (plain / "vocab.txt").write_bytes(b"a\nb\n" * (big // 4))
     (plain / "layers.dat").write_bytes(os.urandom(big))
     key = os.urandom(32)
-    with pytest.raises(FormatError, match=r"layers.dat is 16 MiB of binary data in no known "
-                       r"weight format.*copied in the clear.*--copy-unencrypted"):
+    with pytest.raises(FormatError, match=r"copied in the clear \(layers.dat: 16 MiB that are "
+                       r"not UTF-8 text, in no known format.*--copy-unencrypted"):
         checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", key, device="cpu")
     (tmp_path / "key").write_bytes(key)
     (tmp_path / "key").chmod(0o600)
     argv = ["encrypt-model", "--key-file", str(tmp_path / "key"), str(plain),
             str(tmp_path / "enc")]
     assert cli(argv) == 1
-    assert "layers.dat is 16 MiB of binary data" in capsys.readouterr().err
+    assert "layers.dat: 16 MiB that are not UTF-8 text" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["key", "plain"]
     # text just over the limit but ending inside a character is not text
     (plain / "layers.dat").write_bytes(b"x" * big + "é".encode()[:1])
-    with pytest.raises(FormatError, match="layers.dat is 16 MiB of binary data"):
+    with pytest.raises(FormatError, match="layers.dat: 16 MiB that are not UTF-8 text"):
         checkpoints.checkpoint_layout(plain)
     assert cli(argv + ["--copy-unencrypted", "layers.dat"]) == 0, capsys.readouterr().err
     for name in ("tokenizer.json", "tokenizer.model", "vocab.txt", "layers.dat"):

@@ -172,7 +172,7 @@ def check_passphrase_file(args: Any, given: list[str]) -> None:
         return
     if getattr(args, "keyset", None) or getattr(args, "old_keyset", None):
         return
-    if any(uri.startswith("file:") for name in ("kek", "old_kek")
+    if any(uri[:5].lower() == "file:" for name in ("kek", "old_kek")
            for uri in getattr(args, name, None) or []):
         return  # a keyset named by a file: reference reads it (_key_references)
     decrypting = hasattr(args, "identity") and not hasattr(args, "recipient")

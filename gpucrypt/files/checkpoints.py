@@ -102,16 +102,18 @@ INDEX_SUFFIX = ".safetensors.index.json"
 #: weight formats that must not be copied into an encrypted folder (compared in lower
 #: case, after any backup suffix is taken off: :func:`_weight_format`)
 PLAIN_WEIGHT_SUFFIXES = (
-    # PyTorch: pickles and zip archives (.bin, .pt, .pth), archives of them (.pth.tar),
-    # ExecuTorch and PyTorch Mobile programs
-    ".bin", ".pt", ".pth", ".tar", ".pte", ".ptl",
+    # PyTorch: pickles and zip archives (.bin, .pt, .pth), archives of them (.pth.tar,
+    # .zip, .tgz), torch.export and TorchScript programs, ExecuTorch and PyTorch Mobile
+    # programs, TorchServe model archives, llamafiles
+    ".bin", ".pt", ".pth", ".tar", ".tgz", ".zip", ".pt2", ".torchscript", ".jit", ".pte",
+    ".ptl", ".mar", ".llamafile",
     # TensorFlow, Keras, Flax
     ".ckpt", ".h5", ".hdf5", ".keras", ".msgpack", ".pb", ".tflite",
     # rust-bert's tch weights (rust_model.ot: gpt2, bert-base-uncased, t5-small ship one)
     ".ot",
     # llama.cpp, ONNX, TensorRT engines, Core ML, PaddlePaddle, MXNet, Caffe, NeMo
     ".gguf", ".ggml", ".onnx", ".engine", ".plan", ".trt", ".mlmodel", ".mlpackage",
-    ".pdparams", ".pdiparams", ".params", ".caffemodel", ".nemo",
+    ".pdparams", ".pdiparams", ".pdmodel", ".params", ".caffemodel", ".nemo",
     # NumPy arrays and pickles of any kind
     ".npy", ".npz", ".pkl", ".pickle", ".joblib",
 )
@@ -119,11 +121,12 @@ PLAIN_WEIGHT_SUFFIXES = (
 #: ``model.ckpt.data-00000-of-00001`` (or ``ckpt-5.data-...``), their table in
 #: ``model.ckpt.index`` (``ckpt-5.index``), a TF1 graph in ``model.ckpt-1000.meta``
 _TF_CHECKPOINT = re.compile(r"(\.data-\d+-of-\d+|(^|\.)ckpt(-\d+)?(\.index|\.meta)?)$")
-#: what backups, editors, partial downloads and copies add to a name: ``model.bin.bak``,
-#: ``model.bin~``, ``model.bin.1`` (wget's second download), ``x.bin.incomplete`` (the
-#: Hugging Face hub's) still hold the weights of a ``.bin``
+#: what backups, editors, partial downloads, copies and compressors add to a name:
+#: ``model.bin.bak``, ``model.bin~``, ``model.bin.1`` (wget's second download),
+#: ``x.bin.incomplete`` (the Hugging Face hub's), ``model.pt.zst`` still hold the weights
+#: of a ``.bin`` or ``.pt``
 _BACKUP_SUFFIX = re.compile(r"(\.(bak|backup|old|orig|tmp|temp|part|partial|incomplete|"
-                            r"download|swp|\d+)|~)$")
+                            r"download|swp|\d+|gz|bz2|xz|zst|lz4|br)|~)$")  # compressed too
 #: a file this large that is not a known weight format is refused unless the caller names
 #: it (``copy_unencrypted``), when it is not text: weights in a format not listed above
 #: would otherwise be copied in the clear. What a folder legitimately copies is small or
@@ -258,32 +261,37 @@ def _refuse_plain_weights(folder: str, names: list, vouched: set) -> None:
     is not text. The size, and for large files the content, are the second line of
     defence: a list of suffixes is never complete (rust_model.ot was copied in the clear
     until .ot was added)."""
-    vouch = ("; if it holds no weights, name it to be copied as it is: "
-             "copy_unencrypted=[...] (gpucrypt encrypt-model --copy-unencrypted NAME)")
+    vouch = ("; whichever holds no weights (a pickled training_args.bin, a large image), "
+             "name to be copied as it is: copy_unencrypted=[...] (gpucrypt encrypt-model "
+             "--copy-unencrypted NAME, repeated)")
+    refused = []  # (name, why), all of them: a Trainer checkpoint has four such files
     for name in names:
         if name in vouched:
             continue
         fmt = _weight_format(name)
         if fmt == _SAFETENSORS:
-            raise FormatError(f"{name} is a safetensors file under a backup name, which is "
-                              f"not encrypted as a model file; it would be copied in the "
-                              f"clear: move it out of the folder" + vouch)
-        if fmt is not None:
-            raise FormatError(f"{name} holds weights in a format other than safetensors "
-                              f"({fmt}); it would be copied in the clear: convert it to "
-                              f"safetensors (save_pretrained(safe_serialization=True), "
-                              f"safetensors.numpy.save_file) or move it out of the folder"
-                              + vouch)
+            refused.append((name, "a safetensors file under a backup name, which is not "
+                                  "encrypted as a model file"))
+        elif fmt is not None:
+            kind = fmt if fmt.startswith(".") and not _TF_CHECKPOINT.search(fmt) else \
+                "TensorFlow checkpoint"
+            refused.append((name, f"a {kind} file, a format that holds weights or pickled "
+                                  f"objects"))
     for name in names:
         path = os.path.join(folder, name)
-        if name in vouched or os.path.getsize(path) <= LARGE_PLAIN_FILE_BYTES:
+        if name in vouched or _weight_format(name) is not None or \
+                os.path.getsize(path) <= LARGE_PLAIN_FILE_BYTES:
             continue
         if not _is_text(path):
-            raise FormatError(f"{name} is {os.path.getsize(path) / (1 << 20):.0f} MiB of "
-                              f"binary data in no known weight format, and files this large "
-                              f"are weights as a rule; it would be copied in the clear: "
-                              f"convert weights to safetensors or move it out of the folder"
-                              + vouch)
+            refused.append((name, f"{os.path.getsize(path) / (1 << 20):.0f} MiB that are not "
+                                  f"UTF-8 text, in no known format (files this large are "
+                                  f"weights as a rule)"))
+    if refused:
+        listed = "; ".join(f"{name}: {why}" for name, why in refused)
+        raise FormatError(f"{len(refused)} file(s) would be copied in the clear ({listed}): "
+                          f"convert weights to safetensors (save_pretrained("
+                          f"safe_serialization=True), safetensors.numpy.save_file) or move "
+                          f"them out of the folder" + vouch)
 
 
 def _read_json(path: str) -> Any:
