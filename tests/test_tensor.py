@@ -1338,3 +1338,63 @@ def test_a_tensor_cipher_says_what_it_chooses_itself():
         cipher.encrypt_many([x], nonces=None, algorithm="aes-gcm")
     assert cipher.messages == 0
     assert cipher.encrypt(x).nonce == bytes(4) + (0).to_bytes(8, "big")
+
+
+def test_a_refused_tensor_cipher_call_spends_no_nonce():
+    """TensorCipher took its nonces before encrypt_tensor(s) checked their arguments, so
+    calls refused for a non-contiguous array or a non-tensor spent counter nonces and
+    counted as messages; they are taken once the arguments are checked."""
+    cipher = TensorCipher(os.urandom(32), nonces="counter", prefix=b"p")
+    x = random_array((4, 4), "float32")
+    for call in (lambda: cipher.encrypt(x.T), lambda: cipher.encrypt([1, 2]),
+                 lambda: cipher.encrypt_many([x, x.T]), lambda: cipher.encrypt_many({"a": "b"})):
+        with pytest.raises((ValueError, TypeError)):
+            call()
+    assert cipher.messages == 0
+    assert cipher.encrypt(x).nonce == b"p" + bytes(11)
+    assert [e.nonce for e in cipher.encrypt_many([x, x])] == [b"p" + i.to_bytes(11, "big")
+                                                              for i in (1, 2)]
+    assert cipher.messages == 3
+
+
+def test_inplace_with_a_non_contiguous_array_says_what_in_place_needs():
+    """It offered contiguous=True, with which the call then failed for in place."""
+    x = random_array((4, 4), "float32")
+    with pytest.raises(ValueError, match="inplace=True needs a C-contiguous tensor"):
+        gpucrypt.encrypt_tensor(x.T, bytes(32), inplace=True)
+
+
+def test_an_unnamed_entry_among_named_ones_is_misfiled():
+    """encrypt_tensor's results carry no name: one put in the place of an entry of a batch
+    encrypt_tensors made (the same key) decrypted as that entry. Among named entries it is
+    misfiled; a batch of unnamed entries alone still decrypts."""
+    key = os.urandom(32)
+    x, other = random_array((3,), "float32"), random_array((3,), "int8")
+    batch = gpucrypt.encrypt_tensors({"w": x, "b": x}, key)
+    stray = gpucrypt.encrypt_tensor(other, key)
+    for container in ({"w": stray, "b": batch["b"]},
+                      [stray, gpucrypt.encrypt_tensors([x, x], key)[1]]):
+        with pytest.raises(InvalidTag, match="encrypted under another name: None is filed as"):
+            gpucrypt.decrypt_tensors(container, key)
+    back = gpucrypt.decrypt_tensors([stray, gpucrypt.encrypt_tensor(x, key)], key)
+    assert back[0].tobytes() == other.tobytes() and back[1].tobytes() == x.tobytes()
+
+
+def test_a_spent_in_place_ciphertext_cannot_be_pickled():
+    """After an in-place decrypt its memory holds the plaintext again: to_bytes() and
+    .ciphertext refuse it, and so do pickle and copy now (a pickle wrote the plaintext
+    out). One that is not spent pickles and decrypts as before."""
+    import copy
+    import pickle
+
+    key = os.urandom(32)
+    x = random_array((64,), "float32")
+    enc = gpucrypt.encrypt_tensor(x.copy(), key)
+    again = pickle.loads(pickle.dumps(enc))
+    assert gpucrypt.decrypt_tensor(again, key).tobytes() == x.tobytes()
+    buf = x.copy()
+    spent = gpucrypt.encrypt_tensor(buf, key, inplace=True)
+    gpucrypt.decrypt_tensor(spent, key, inplace=True)
+    for make in (pickle.dumps, copy.copy):
+        with pytest.raises(ValueError, match="decrypted in place"):
+            make(spent)

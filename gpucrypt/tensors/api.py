@@ -533,6 +533,11 @@ class EncryptedTensor:
             raise ValueError("this EncryptedTensor was decrypted in place: its memory holds the "
                              "plaintext again, not the ciphertext")
 
+    def __reduce_ex__(self, protocol):  # pickle, torch.save, copy
+        # spent in place, its memory is the plaintext again: a pickle would write it out
+        self._check_alive()
+        return super().__reduce_ex__(protocol)
+
     def __repr__(self) -> str:
         return (f"EncryptedTensor(framework={self.framework!r}, dtype={self.dtype!r}, "
                 f"shape={self.shape}, algorithm={self.algorithm!r}, key_id={self.key_id!r}, "
@@ -1235,12 +1240,13 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
             raise ValueError(f"{adapter.name} arrays are immutable: inplace=True is not "
                              f"possible (leave it False: the ciphertext goes to a new buffer)")
         if adapter.needs_copy(x):
+            if inplace:  # before contiguous=True is offered, which would not do here
+                raise ValueError("inplace=True needs a C-contiguous tensor (a copy would not be "
+                                 "the tensor's own memory): make the tensor contiguous first, "
+                                 "or leave inplace False (and pass contiguous=True)")
             if not contiguous:
                 raise ValueError("the tensor is not C-contiguous (or is a lazily conjugated/"
                                  "negated view): pass contiguous=True to encrypt a contiguous copy")
-            if inplace:
-                raise ValueError("inplace=True needs a C-contiguous tensor (a copy would not be "
-                                 "the tensor's own memory)")
             x = adapter.contiguous_copy(x)
         dtype, shape = adapter.dtype_name(x), adapter.shape(x)
         nbytes = math.prod(shape) * fw.dtype_itemsize(dtype)
@@ -1707,7 +1713,12 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
         jobs.append(job)
     # An entry filed under another name than it was encrypted with (two state-dict entries
     # swapped, say) is refused before anything is decrypted: its plaintext is never released.
-    misfiled = [j for j in jobs if j.label is not None and j.enc.name is not None
+    # In a batch whose entries carry names (encrypt_tensors records each one's), an entry
+    # without one is misfiled too: an unnamed ciphertext under the same key (from
+    # encrypt_tensor) put in an entry's place decrypted as that entry. A batch of unnamed
+    # entries alone (encrypt_tensor's results, gathered) has no names to check.
+    named = any(j.enc.name is not None for j in jobs if j.label is not None)
+    misfiled = [j for j in jobs if j.label is not None and (j.enc.name is not None or named)
                 and j.enc.name != j.label]
     refused = {id(j) for j in misfiled + malformed}
     todo = [j for j in jobs if id(j) not in refused]
@@ -2154,7 +2165,7 @@ def decrypt_tensors(encs: Mapping[str, EncryptedTensor] | Sequence[EncryptedTens
     ``out``: optional dict/list of tensors to write into (same keys/length). Every GPU
     tensor goes through one ``open_batch`` call. If any tensor fails (wrong tag, or an
     entry filed under another name than it was encrypted with: a dict's entries decrypted
-    as a list, say), ``InvalidTag`` names them (its ``failed`` attribute lists them) and
+    as a list, say, or an entry with no recorded name among named ones), ``InvalidTag`` names them (its ``failed`` attribute lists them) and
     no plaintext is returned; their ``out=`` tensors are zeroed (where they have the
     recorded dtype and shape and are no entry's ciphertext); tensors decrypted in place
     that did verify are restored. A batch that would write where
@@ -2190,6 +2201,26 @@ def _refuse_chosen(kwargs: dict, method: str) -> None:
         raise TypeError(f"TensorCipher.{method} chooses {', '.join(chosen)} itself (its "
                         f"algorithm, and nonces from its own sequence, so that none repeats): "
                         f"for a nonce of your own, call gpucrypt.encrypt_tensor(..., nonce=)")
+
+
+class _TakenOnUse(NonceSequence):
+    """A :class:`TensorCipher`'s nonces as the sequence its calls hand on: the tensor
+    functions take them once their arguments are checked, so a call refused before that
+    (a non-contiguous tensor, not a tensor at all) spends none, and ``messages`` counts
+    only what was encrypted (nonces reserved first were spent by refused calls)."""
+
+    def __init__(self, cipher: "TensorCipher", size: int):  # no counter of its own
+        self._cipher, self._size = cipher, size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def take(self, count: int) -> list[bytes]:
+        return self._cipher._reserve(count)
+
+    def __repr__(self) -> str:
+        return f"<the nonces of {self._cipher!r}>"
 
 
 class TensorCipher:
@@ -2261,19 +2292,21 @@ class TensorCipher:
     def encrypt(self, x: Any, **kwargs) -> EncryptedTensor:
         """:func:`encrypt_tensor` with this cipher's key, algorithm, nonces and key id."""
         _refuse_chosen(kwargs, "encrypt")
-        nonce = self._reserve(1)[0]
-        return encrypt_tensor(x, self._key, algorithm=self._algorithm, nonce=nonce,
+        return encrypt_tensor(x, self._key, algorithm=self._algorithm, nonce=self._on_use,
                               key_id=kwargs.pop("key_id", self._key_id),
                               device=kwargs.pop("device", self._device), **kwargs)
 
     def encrypt_many(self, tensors: Any, **kwargs):
         """:func:`encrypt_tensors` with this cipher's key, algorithm, nonces and key id."""
         _refuse_chosen(kwargs, "encrypt_many")
-        count = len(tensors)
         return encrypt_tensors(tensors, self._key, algorithm=self._algorithm,
-                               nonces=self._reserve(count),
+                               nonces=self._on_use,
                                key_id=kwargs.pop("key_id", self._key_id),
                                device=kwargs.pop("device", self._device), **kwargs)
+
+    @property
+    def _on_use(self) -> "_TakenOnUse":
+        return _TakenOnUse(self, _NONCE_SIZE[self._algorithm])
 
     def decrypt(self, enc: EncryptedTensor, **kwargs) -> Any:
         return decrypt_tensor(enc, self._key, **kwargs)
