@@ -1229,3 +1229,75 @@ def test_src_and_dst_that_are_one_file_are_refused(tmp_path, operation):
         with pytest.raises(ValueError, match="src and dst are the same file"):
             getattr(stream, operation)(path, dst, key, device="cpu")
     assert path.read_bytes() == before
+
+
+def test_a_fifo_named_as_dst_is_written_as_a_stream_not_replaced(tmp_path):
+    """stream.decrypt(src, "/dev/null", key) as root put a regular file holding the
+    plaintext where /dev/null was: a FIFO or a character device named by path was replaced
+    by the file AtomicFile renamed over it. It is written in place now, as the command
+    line writes it, and AtomicFile itself refuses such a node."""
+    import stat
+    import threading
+
+    from gpucrypt.files._atomic import AtomicFile
+
+    key, data = os.urandom(32), os.urandom(20_000)
+    stream.encrypt(data, tmp_path / "ct", key, segment_size=4096, device="cpu")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    stream.decrypt(tmp_path / "ct", fifo, key, device="cpu")
+    reader.join(timeout=60)
+    assert got == [data]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["ct", "fifo"]
+    with pytest.raises(OSError, match="it is a FIFO, which a new file would replace"):
+        AtomicFile(fifo)
+
+
+def test_a_read_stopped_by_a_bad_segment_leaves_the_position_where_it_was(tmp_path):
+    """A read spanning a good segment and a tampered one raised with the position moved
+    past the good bytes, which were never returned: the position stays where the read
+    started, so they can be read again (a short read of them instead would read as the
+    file's end to readers such as pyarrow's)."""
+    seg, key, data = 4096, os.urandom(32), os.urandom(5 * 4096 + 100)
+    sealed = io.BytesIO()
+    stream.encrypt(data, sealed, key, segment_size=seg, device="cpu")
+    raw = bytearray(sealed.getvalue())
+    raw[stream.read_header(bytes(raw)).header_length + 2 * (seg + 16) + 5] ^= 1  # segment 2
+    f = stream.open(io.BytesIO(bytes(raw)), key)
+    f.seek(seg + 10)
+    with pytest.raises(stream.AuthenticationError):
+        f.read(2 * seg)
+    assert f.tell() == seg + 10
+    assert f.read(seg - 10) == data[seg + 10:2 * seg]
+
+
+def test_encrypting_a_file_object_read_past_its_end_gives_an_empty_stream(tmp_path):
+    """A file object positioned past its end (seek allows it) holds nothing more: encrypted
+    into a path it failed ("the input file shrank", or "buffer must be 16 bytes") where
+    into a BytesIO it gave the empty stream."""
+    key = os.urandom(32)
+    (tmp_path / "p").write_bytes(b"x" * 100)
+    for past in (100, 5000):
+        with open(tmp_path / "p", "rb") as src:
+            src.seek(100 + past)
+            stream.encrypt(src, tmp_path / "e", key, device="cpu")
+        back = io.BytesIO()
+        stream.decrypt(tmp_path / "e", back, key, device="cpu")
+        assert back.getvalue() == b""
+        os.remove(tmp_path / "e")
+
+
+def test_a_text_file_given_to_decrypt_or_open_says_to_open_it_in_binary_mode(tmp_path):
+    """encrypt said so; decrypt and open raised UnicodeDecodeError from the header's read."""
+    key = os.urandom(32)
+    stream.encrypt(b"abc" * 100, tmp_path / "e", key, device="cpu")
+    with open(tmp_path / "e") as text:
+        for call in (lambda: stream.decrypt(text, tmp_path / "o", key, device="cpu"),
+                     lambda: stream.open(text, key)):
+            with pytest.raises(TypeError, match="open it in binary mode"):
+                call()
+    assert not (tmp_path / "o").exists()

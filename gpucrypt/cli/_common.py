@@ -306,24 +306,20 @@ def streamed_output(path: str) -> bool:
     link followed (``/dev/stdout``). Such a node cannot take a file renamed over it, and
     must not: publishing an AtomicFile there replaced it with a regular file, and as root
     ``-o /dev/null -f`` replaced the machine's /dev/null."""
-    try:
-        return _streamed_mode(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
+    from ..files._atomic import streamed_path  # the library's own test (open_output)
 
-
-def _streamed_mode(mode: int) -> bool:
-    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+    return streamed_path(path)
 
 
 def file_kind(mode: int) -> str:
     """What a ``st_mode`` is, in words, for messages."""
-    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISBLK, "block device"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISFIFO, "FIFO"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISREG, "regular file")):
-        if test(mode):
-            return kind
-    return "special file"
+    from ..files._atomic import file_kind as kind
+
+    return kind(mode)
+
+
+def _streamed_mode(mode: int) -> bool:
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
 def check_output_path(out: str, force: bool) -> str:

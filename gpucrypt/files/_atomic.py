@@ -44,6 +44,7 @@ import errno
 import _thread
 import io
 import os
+import stat
 import sys
 from typing import Any, Callable
 
@@ -439,6 +440,16 @@ class AtomicFile:
             raise IsADirectoryError(errno.EISDIR, "it is a folder: give the output file's own "
                                     "path (a name inside that folder, say)", self.path)
         try:
+            existing = os.stat(self.path).st_mode
+        except OSError:
+            existing = None
+        if existing is not None and not stat.S_ISREG(existing):
+            # a file renamed over a device or a FIFO replaces the node: as root,
+            # stream.decrypt(src, "/dev/null", key) put the plaintext where /dev/null was
+            raise OSError(errno.EEXIST, f"it is a {file_kind(existing)}, which a new file "
+                          f"would replace: write to it as a stream, through a file object "
+                          f"(open(path, 'wb')), or give a regular file's path", self.path)
+        try:
             fd = _create_unnamed(self._folder)
             if fd is None:
                 fd, self._temp = _create_exclusively(self._folder, os.path.basename(self.path))
@@ -657,14 +668,54 @@ class FileObjectOutput:
             self.commit()
 
 
+class _StreamedPath(FileObjectOutput):
+    """A FIFO or a character device named by path (``/dev/null``), written in place as a
+    stream, as stdout is; closed when the work ends."""
+
+    def __init__(self, path: Any):
+        super().__init__(open(path, "wb", buffering=0))
+
+    def commit(self) -> None:
+        self._file.close()
+
+    def abort(self) -> None:
+        self._file.close()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._file.close()  # flushed: unbuffered
+
+
+def streamed_path(path: Any) -> bool:
+    """Whether ``path`` exists and is a FIFO or a character device (a symbolic link
+    followed: ``/dev/stdout``): written in place as a stream, never replaced."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` is, in words, for messages."""
+    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISREG, "regular file")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
 def open_output(dst: Any, mode: int = DEFAULT_MODE) -> AtomicFile | FileObjectOutput:
-    """An :class:`AtomicFile` for a path (str or PathLike); ``dst`` itself when it is an
-    AtomicFile (the caller chose its options; it is committed or aborted with the
-    work); else ``dst`` wrapped as a :class:`FileObjectOutput`; TypeError if it is
-    neither a path nor writable."""
+    """An :class:`AtomicFile` for a path (str or PathLike), or for a path that is a FIFO
+    or a character device a stream written in place (:func:`streamed_path`); ``dst``
+    itself when it is an AtomicFile (the caller chose its options; it is committed or
+    aborted with the work); else ``dst`` wrapped as a :class:`FileObjectOutput`;
+    TypeError if it is neither a path nor writable."""
     if isinstance(dst, AtomicFile):
         return dst
     if isinstance(dst, (str, os.PathLike)):
+        if streamed_path(dst):
+            return _StreamedPath(dst)
         return AtomicFile(dst, mode)
     if hasattr(dst, "write"):
         return FileObjectOutput(dst)

@@ -133,8 +133,8 @@ class _FileSource(_Source):
             return
         try:
             st = os.fstat(fileobj.fileno())
-            if stat.S_ISREG(st.st_mode):
-                self.size = st.st_size - fileobj.tell()
+            if stat.S_ISREG(st.st_mode):  # past its end (seek() allows that): nothing left
+                self.size = max(st.st_size - fileobj.tell(), 0)
                 # only our own kind of file object: a wrapper (a progress bar, say) wants
                 # to see every read
                 if isinstance(fileobj, (io.FileIO, io.BufferedReader)):
@@ -165,7 +165,7 @@ class _FileSource(_Source):
         if self._fd is None:
             return None
         offset = self._file.tell()
-        return self._fd, offset, os.fstat(self._fd).st_size - offset
+        return self._fd, offset, max(os.fstat(self._fd).st_size - offset, 0)
 
     def skip(self, n):
         self._file.seek(n, io.SEEK_CUR)
@@ -203,6 +203,8 @@ class _IterableSource(_Source):
 def _open_source(src: Any, allow_iterable: bool) -> _Source:
     if isinstance(src, (str, os.PathLike)):
         return _FileSource(builtins.open(src, "rb", buffering=0), close=True)
+    if isinstance(src, io.TextIOBase):  # its read() gives str, or a decoding error first
+        raise TypeError("the input is a text file: open it in binary mode ('rb')")
     if hasattr(src, "readinto") or hasattr(src, "read"):
         return _FileSource(src)
     try:
@@ -734,8 +736,9 @@ def _failure(segs: _Segments, index: int, sealed: memoryview, last: bool) -> Aut
                                    f"follows (data appended or segments spliced)", index)
     if last:
         return AuthenticationError(f"segment {index}, the final one in the file, failed "
-                                   f"authentication: tampered data, or the file was cut inside "
-                                   f"this segment", index)
+                                   f"authentication: tampered data, the file cut inside this "
+                                   f"segment, segments dropped, duplicated or reordered before "
+                                   f"it, or data from another file", index)
     return AuthenticationError(f"segment {index} failed authentication: tampered, reordered, "
                                f"dropped or duplicated segments, or data from another file",
                                index)
@@ -767,6 +770,8 @@ class SegmentReader(io.RawIOBase):
             key = _format.check_key(key)
         if isinstance(src, (str, os.PathLike)):
             self._file, self._owns = builtins.open(src, "rb"), True
+        elif isinstance(src, io.TextIOBase):
+            raise TypeError("src is a text file: open it in binary mode ('rb')")
         elif hasattr(src, "read") and hasattr(src, "seek"):
             self._file, self._owns = src, False
         else:
@@ -852,9 +857,17 @@ class SegmentReader(io.RawIOBase):
         view = memoryview(buf).cast("B")
         S = self.header.segment_size
         done = 0
+        start = self._pos
         while done < len(view) and self._pos < self.size:
             index, offset = divmod(self._pos, S)
-            plain = self._load(index)
+            try:
+                plain = self._load(index)
+            except StreamError:
+                # a read that raises reads nothing: the position had moved past the bytes
+                # of earlier segments, which the caller never got. (Not a short read of
+                # them: readers of files, pyarrow's, take a short read as the file's end.)
+                self._pos = start
+                raise
             n = min(len(view) - done, len(plain) - offset)
             view[done:done + n] = plain[offset:offset + n]
             done += n
