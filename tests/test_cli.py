@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import os
+import shlex
 import select
 import signal
 import subprocess
@@ -706,6 +707,30 @@ def test_an_out_that_is_in_is_refused_even_with_force(work, capsys, command, how
     # another OUT is written as before
     code, _, err = run(capsys, command, "--key-file", "key", "in", "elsewhere")
     assert code == 0, err
+
+
+def test_an_out_that_is_in_through_a_bind_mount_is_refused(work, capsys):
+    """The same file by two paths with one name (a bind mount; a case-insensitive file
+    system does the same): comparing resolved paths let ``decrypt --force a/s.gc b/s.gc``
+    replace the only ciphertext; one file with no other name is IN. Needs a bind mount:
+    root in this test's mount namespace (unshare), as in CI's container."""
+    import shutil
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) for a private bind mount")
+    (work / "a").mkdir()
+    (work / "b").mkdir()
+    key = (work / "key").read_bytes()
+    stream.encrypt((work / "plain").read_bytes(), work / "a" / "s.gc", key, device="cpu")
+    before = (work / "a" / "s.gc").read_bytes()
+    script = ("mount --bind a b && "
+              f"{sys.executable} -c {shlex.quote(LAUNCHER)} unnamed decrypt --key-file key "
+              "--force a/s.gc b/s.gc")
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          cwd=work, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "the input is the output" in done.stderr
+    assert (work / "a" / "s.gc").read_bytes() == before
 
 
 def test_options_may_come_between_in_and_out(work, capsys):

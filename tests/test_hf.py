@@ -423,12 +423,12 @@ def test_a_trainer_checkpoint_is_refused_naming_every_file_at_once(tmp_path):
     training_args.bin were refused one per run: all are named in one refusal, and vouched
     for together they are copied."""
     plain = _one_shard_folder(tmp_path / "plain")
-    pickles = ["optimizer.pt", "rng_state.pth", "scheduler.pt", "training_args.bin"]
+    pickles = ["optimizer.pt", "rng_state.pth", "scheduler.pt", "training_args.bin", "last.ckpt"]
     for name in pickles:
         (plain / name).write_bytes(b"PK pickle")
-    with pytest.raises(FormatError, match=r"4 file\(s\) would be copied in the clear") as info:
+    with pytest.raises(FormatError, match=r"5 file\(s\) would be copied in the clear") as info:
         checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", os.urandom(32), device="cpu")
-    assert all(f"{name}: a ." in str(info.value) for name in pickles)
+    assert all(f"{name}: a ." in str(info.value) for name in pickles)  # .ckpt: Lightning's too
     checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", os.urandom(32), device="cpu",
                                    copy_unencrypted=pickles)
     assert all((tmp_path / "enc" / name).exists() for name in pickles)

@@ -1253,8 +1253,12 @@ def test_a_fifo_named_as_dst_is_written_as_a_stream_not_replaced(tmp_path):
     assert got == [data]
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert sorted(os.listdir(tmp_path)) == ["ct", "fifo"]
-    with pytest.raises(OSError, match="it is a FIFO, which a new file would replace"):
+    with pytest.raises(OSError, match="it is a FIFO, which a new file would replace") as info:
         AtomicFile(fifo)
+    assert not isinstance(info.value, FileExistsError)  # not "exists: overwrite it"
+    with open(tmp_path / "text", "w") as text, \
+            pytest.raises(TypeError, match="open it in binary mode"):
+        stream.decrypt(tmp_path / "ct", text, key, device="cpu")
 
 
 def test_a_read_stopped_by_a_bad_segment_leaves_the_position_where_it_was(tmp_path):
@@ -1273,6 +1277,22 @@ def test_a_read_stopped_by_a_bad_segment_leaves_the_position_where_it_was(tmp_pa
         f.read(2 * seg)
     assert f.tell() == seg + 10
     assert f.read(seg - 10) == data[seg + 10:2 * seg]
+
+    class FailingRead(io.BytesIO):  # an I/O error (EIO, a network file system) instead
+        fail = False
+
+        def read(self, size=-1):
+            if self.fail:
+                raise OSError(5, "Input/output error")
+            return super().read(size)
+    source = FailingRead(sealed.getvalue())
+    f = stream.open(source, key)
+    f.seek(seg + 10)
+    f.read(1)  # segment 1 cached
+    source.fail = True
+    with pytest.raises(OSError, match="Input/output error"):
+        f.read(2 * seg)
+    assert f.tell() == seg + 11
 
 
 def test_encrypting_a_file_object_read_past_its_end_gives_an_empty_stream(tmp_path):

@@ -455,20 +455,24 @@ def refuse_input_as_output(args: Any, reader: Any = None, dst: Any = None, *,
 
 def _replaces_input(source: str, out: str) -> bool:
     """Whether publishing OUT (a new file renamed over the place ``out`` leads to) would
-    take the input's last name: ``out`` leads (symbolic links followed) to the file
-    ``source`` names, or, for ``-``, to the regular file stdin reads when that file has no
-    other name. A hard link to IN elsewhere is not: the rename replaces that name only,
+    take the input's last name: ``out`` leads (symbolic links followed) to the regular
+    file ``source`` names (or stdin reads), and that file has no other name, or ``out`` is
+    IN's own path. A hard link to IN elsewhere is not: the rename replaces that name only,
     and IN keeps its bytes. A FIFO or a character device is never replaced either: it is
     written as a stream."""
     try:
-        if source == "-":
-            read, written = os.fstat(0), os.stat(out)
-            return stat.S_ISREG(read.st_mode) and read.st_nlink == 1 and \
-                (read.st_dev, read.st_ino) == (written.st_dev, written.st_ino)
-        return stat.S_ISREG(os.stat(source).st_mode) and \
-            os.path.realpath(source) == os.path.realpath(out)
+        read = os.fstat(0) if source == "-" else os.stat(source)
+        written = os.stat(out)
     except (OSError, ValueError):  # OUT does not exist yet (or IN is missing: said later)
         return False
+    if not stat.S_ISREG(read.st_mode) or \
+            (read.st_dev, read.st_ino) != (written.st_dev, written.st_ino):
+        return False
+    # the same file: replacing OUT's name loses it unless IN keeps a name of its own (the
+    # paths differ once links are resolved, and the file has another name: a hard link;
+    # a bind mount or a case-insensitive file system give one file two paths, one name)
+    return read.st_nlink == 1 or (source != "-" and
+                                  os.path.realpath(source) == os.path.realpath(out))
 
 
 #: names of the functions (the library's and ours) whose OSErrors are the input's, and

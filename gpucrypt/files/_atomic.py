@@ -446,9 +446,11 @@ class AtomicFile:
         if existing is not None and not stat.S_ISREG(existing):
             # a file renamed over a device or a FIFO replaces the node: as root,
             # stream.decrypt(src, "/dev/null", key) put the plaintext where /dev/null was
-            raise OSError(errno.EEXIST, f"it is a {file_kind(existing)}, which a new file "
-                          f"would replace: write to it as a stream, through a file object "
-                          f"(open(path, 'wb')), or give a regular file's path", self.path)
+            # (not EEXIST: FileExistsError reads as "exists: overwrite it", which is the harm)
+            raise OSError(errno.EINVAL, f"it is a {file_kind(existing)}, which a new file "
+                          f"would replace: give a regular file's path (gpucrypt.stream's "
+                          f"functions also write to such a node in place, as a stream)",
+                          self.path)
         try:
             fd = _create_unnamed(self._folder)
             if fd is None:
@@ -713,6 +715,8 @@ def open_output(dst: Any, mode: int = DEFAULT_MODE) -> AtomicFile | FileObjectOu
     TypeError if it is neither a path nor writable."""
     if isinstance(dst, AtomicFile):
         return dst
+    if isinstance(dst, io.TextIOBase):  # its write() takes str only
+        raise TypeError("dst is a text file: open it in binary mode ('wb')")
     if isinstance(dst, (str, os.PathLike)):
         if streamed_path(dst):
             return _StreamedPath(dst)

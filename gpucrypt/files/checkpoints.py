@@ -273,8 +273,9 @@ def _refuse_plain_weights(folder: str, names: list, vouched: set) -> None:
             refused.append((name, "a safetensors file under a backup name, which is not "
                                   "encrypted as a model file"))
         elif fmt is not None:
-            kind = fmt if fmt.startswith(".") and not _TF_CHECKPOINT.search(fmt) else \
-                "TensorFlow checkpoint"
+            tensorflow = not fmt.startswith(".") or fmt.startswith(".data-") or \
+                fmt.endswith((".index", ".meta"))  # a bare .ckpt: Lightning's as well
+            kind = "TensorFlow checkpoint" if tensorflow else fmt
             refused.append((name, f"a {kind} file, a format that holds weights or pickled "
                                   f"objects"))
     for name in names:

@@ -690,6 +690,8 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
     _format.check_segment_size(segment_size)
     metadata = _check_metadata(metadata)
     threads = pipeline.cpu_threads(threads)
+    if not isinstance(tensors, Mapping):  # the rest of them with the table, below
+        raise TypeError(f"tensors must be a dict of name to tensor, not {type(tensors).__name__}")
     if device not in ("auto", "cpu", "gpu"):
         from ..backends import check_device
 

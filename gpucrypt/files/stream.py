@@ -862,7 +862,7 @@ class SegmentReader(io.RawIOBase):
             index, offset = divmod(self._pos, S)
             try:
                 plain = self._load(index)
-            except StreamError:
+            except BaseException:  # noqa: B036 (a bad segment, an I/O error, Ctrl-C)
                 # a read that raises reads nothing: the position had moved past the bytes
                 # of earlier segments, which the caller never got. (Not a short read of
                 # them: readers of files, pyarrow's, take a short read as the file's end.)

@@ -1754,9 +1754,14 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
         # the recorded name is not authentic yet, but says what went wrong when it is
         # (a dict's entries decrypted as a list, or entries swapped)
         filed = "; ".join(f"{j.enc.name!r} is filed as {j.label!r}" for j in misfiled)
+        unnamed = any(j.enc.name is None for j in misfiled)
         exc = InvalidTag(f"authentication failed for {len(failed)} of {len(jobs)} tensor(s): "
                          f"{names}" + (f" (encrypted under another name: {filed}; decrypt "
-                                       f"each under the name it was encrypted with)"
+                                       f"each under the name it was encrypted with"
+                                       + ("; an entry with no recorded name (an "
+                                          "encrypt_tensor result) among named ones is "
+                                          "decrypted on its own, with decrypt_tensor"
+                                          if unnamed else "") + ")"
                                        if filed else
                                        f" ({_FAILED_TAG}{_key_ids(j.enc for j in failed)})"))
         exc.failed = [j.label for j in failed]
