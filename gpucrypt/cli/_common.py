@@ -214,9 +214,10 @@ def add_algorithm(parser: argparse.ArgumentParser) -> None:
                         help="AEAD for the segments (default: chacha20-poly1305)")
 
 
-def add_force(parser: argparse.ArgumentParser) -> None:
+def add_force(parser: argparse.ArgumentParser,
+              help_text: str = "overwrite OUT if it exists") -> None:
     """Add ``-f/--force`` (overwrite an existing OUT), read by :func:`check_output`."""
-    parser.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
+    parser.add_argument("-f", "--force", action="store_true", help=help_text)
 
 
 def add_key_management(parser: argparse.ArgumentParser, mode: str) -> None:

@@ -67,7 +67,8 @@ def _safetensors():
 
 def _common(parser: argparse.ArgumentParser, mode: str, what_in: str, what_out: str) -> None:
     add_input_output_and_keys(parser, what_in, what_out)
-    add_force(parser)
+    add_force(parser, "overwrite an OUT file if it exists (an OUT folder, for a checkpoint "
+                      "folder IN, must be new or empty: nothing is deleted to make room)")
     add_key_management(parser, mode)
 
 
