@@ -1399,3 +1399,32 @@ def test_a_spent_in_place_ciphertext_cannot_be_pickled():
     for make in (pickle.dumps, copy.copy):
         with pytest.raises(ValueError, match="decrypted in place"):
             make(spent)
+
+
+def test_a_gpu_result_copies_with_its_tag():
+    """A result sealed on the GPU holds its batch's device tags until its tag is read:
+    copy and deepcopy failed on them ("cannot pickle 'module' object"); they take the
+    tag, read once, and the copies decrypt."""
+    import copy
+
+    require_gpu_backend()
+    from numba import cuda
+
+    key = os.urandom(32)
+    x = random_array((16,), "float32")
+    enc = gpucrypt.encrypt_tensor(cuda.to_device(x), key, device="gpu")
+    for make in (copy.copy, copy.deepcopy):
+        back = gpucrypt.decrypt_tensor(make(enc), key)
+        assert back.copy_to_host().tobytes() == x.tobytes()
+
+
+def test_a_call_the_gpu_half_refuses_spends_no_nonce():
+    """The GPU half's refusals (here a stream of no known kind) came after the nonces were
+    drawn: a TensorCipher counted the refused call and its counter moved on."""
+    require_gpu_backend()
+    cipher = TensorCipher(os.urandom(32), nonces="counter", prefix=b"g")
+    x = random_array((8,), "float32")
+    with pytest.raises(TypeError):
+        cipher.encrypt(x, device="gpu", stream=object())
+    assert cipher.messages == 0
+    assert cipher.encrypt(x, device="gpu").nonce == b"g" + bytes(11)

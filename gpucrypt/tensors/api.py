@@ -533,10 +533,14 @@ class EncryptedTensor:
             raise ValueError("this EncryptedTensor was decrypted in place: its memory holds the "
                              "plaintext again, not the ciphertext")
 
-    def __reduce_ex__(self, protocol):  # pickle, torch.save, copy
+    def __getstate__(self):  # pickle, torch.save, copy
         # spent in place, its memory is the plaintext again: a pickle would write it out
         self._check_alive()
-        return super().__reduce_ex__(protocol)
+        if self._tag is None and self._tags is not None:
+            self._tag = self._tags.row(self._tag_row)  # its batch's device tags stay here
+        state = {name: getattr(self, name) for name in self.__slots__ if hasattr(self, name)}
+        state["_tags"] = None
+        return None, state
 
     def __repr__(self) -> str:
         return (f"EncryptedTensor(framework={self.framework!r}, dtype={self.dtype!r}, "
@@ -1269,16 +1273,16 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
     if inplace:
         _refuse_read_only_spans(probes)
         _refuse_shared_memory(jobs)
-    for job, nonce in zip(jobs, _nonces_for(len(jobs), algorithm, nonces)):
-        job.enc.nonce = job.nonce = nonce
-
     on_gpu = [j for j in jobs if j.place != HOST or device == "gpu"]
     on_host = [j for j in jobs if j.place == HOST and device != "gpu"]
     # Everything the GPU half can refuse (tensors on several devices, a stream of another
     # device or of no known kind) or fail to allocate (its outputs) is done before any
-    # host tensor is encrypted: in place, a host tensor sealed before such an error would
+    # host tensor is encrypted, and before the nonces are drawn (a sequence's counter,
+    # a TensorCipher's count): in place, a host tensor sealed before such an error would
     # be left holding ciphertext whose nonce and tag were never returned.
     launch_gpu = _prepare_gpu_seal(on_gpu, algorithm, key, inplace, stream) if on_gpu else None
+    for job, nonce in zip(jobs, _nonces_for(len(jobs), algorithm, nonces)):
+        job.enc.nonce = job.nonce = nonce
     if inplace:  # nothing is refused from here on: autograd learns of the writes
         _bump_torch_version([job.x for job in jobs if job.adapter.name == "torch"])
     try:
@@ -1541,7 +1545,7 @@ def _prepare_gpu_seal(jobs: list[_Job], algorithm: str, key: bytes, inplace: boo
             gpu.wait_for(launch, launch)
         _order_inputs(gpu, stream, launch, place,
                       [(j.adapter, j.view) for j in jobs if j.place != HOST])
-        tasks = []
+        spans = []
         for job in jobs:
             if job.place == HOST:   # host tensor sealed on the GPU: staged, and back
                 job.host_src = src = job.adapter.host_array(job.view)
@@ -1558,11 +1562,13 @@ def _prepare_gpu_seal(jobs: list[_Job], algorithm: str, key: bytes, inplace: boo
                         job.dst_obj = job.adapter.empty_bytes(job.enc.nbytes, job.place)
                     dst = gpu.device_span(job.dst_obj)
                 job.enc._ciphertext = job.dst_obj
-            tasks.append(pipeline.Job(job.label, job.nonce, job.aad, src, dst, size=job.enc.nbytes))
+            spans.append((src, dst))
         runner = pipeline.GpuRunner(gpu, "seal", algorithm, key, stream=launch, host_tags=False,
                                     device=_device_index(place))
 
-    def launch_batch() -> None:
+    def launch_batch() -> None:  # the nonces are drawn by now (after every refusal)
+        tasks = [pipeline.Job(job.label, job.nonce, job.aad, src, dst, size=job.enc.nbytes)
+                 for job, (src, dst) in zip(jobs, spans)]
         tags = runner.start(pipeline.Batch(tasks))()
         for row, job in enumerate(jobs):
             if job.place == HOST:
