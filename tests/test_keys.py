@@ -1740,6 +1740,15 @@ def test_stream_open_with_an_identity_or_a_keyset(tmp_path):
         stream.open(tmp_path / "e", identity=keys.Identity.generate())
     with pytest.raises(ValueError, match="no key given"):
         stream.open(tmp_path / "e")
+    log = io.StringIO()
+    handler = audit.enable(log)
+    try:  # which file was opened, by which stanza (as decrypt_file's file.decrypt says)
+        stream.open(tmp_path / "e", identity=alice).close()
+    finally:
+        logging.getLogger(audit.LOGGER_NAME).removeHandler(handler)
+    opened = [json.loads(line) for line in log.getvalue().splitlines()
+              if json.loads(line)["operation"] == "file.open"]
+    assert [(e["path"], e["key_id"]) for e in opened] == [(str(tmp_path / "e"), alice.fingerprint)]
     with pytest.raises(ValueError, match="not both"):
         stream.open(tmp_path / "e", bytes(32), keyset=ks)
     stream.encrypt(data, str(tmp_path / "raw"), bytes(32), device="cpu")

@@ -244,10 +244,26 @@ def test_keys_from_an_envelope(tmp_path):
     tensors = {"w": torch.randn(3, 5)}
     models.save_encrypted(tensors, tmp_path / "m", dek, device="cpu",
                           envelope=seal_envelope(dek, [identity.recipient, keyset]))
-    for kw in ({"identity": identity}, {"keyset": keyset}, {"identity": [Identity.generate(),
-                                                                          identity]}):
-        with models.safe_open(tmp_path / "m", "pt", **kw) as f:
-            same(f.get_tensor("w"), tensors["w"])
+    import io
+    import json
+    import logging
+
+    from gpucrypt import audit
+
+    log = io.StringIO()
+    handler = audit.enable(log)
+    try:
+        for kw in ({"identity": identity}, {"keyset": keyset},
+                   {"identity": [Identity.generate(), identity]}):
+            with models.safe_open(tmp_path / "m", "pt", **kw) as f:
+                same(f.get_tensor("w"), tensors["w"])
+    finally:
+        logging.getLogger(audit.LOGGER_NAME).removeHandler(handler)
+    opened = [json.loads(line) for line in log.getvalue().splitlines()]
+    assert [(e["path"], e["key_id"]) for e in opened if e["operation"] == "model.open"] == [
+        (str(tmp_path / "m"), label) for label in (identity.fingerprint,
+                                                    f"aes-kwp:{keyset.primary.id}",
+                                                    identity.fingerprint)]
     with pytest.raises(NoMatchingRecipient):
         models.safe_open(tmp_path / "m", "pt", identity=Identity.generate())
     with pytest.raises(ValueError, match="not both"):

@@ -150,9 +150,13 @@ class safe_open:  # noqa: N801 - safetensors' own name
         self._threads = pipeline.cpu_threads(threads)
         self._file = builtins.open(filename, "rb", buffering=0)
         try:
-            from .keyed import file_key  # key management: loaded at first use, not on import
+            from .keyed import audit_path, file_key  # key management: loaded at first use
 
-            key = file_key(lambda: _models._parse(self._file), key, keyset, identity)[0]
+            key, opened_by = file_key(lambda: _models._parse(self._file), key, keyset, identity)
+            if opened_by is not None:  # as load_encrypted's model.decrypt: which file, which key
+                from .. import audit
+
+                audit.event("model.open", path=audit_path(filename), key_id=opened_by)
             self._file.seek(0)
             (self._header, segments, self._tags, self._seg_key,
              self._aad) = _models._prepare_open(self._file, key)

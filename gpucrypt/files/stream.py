@@ -789,9 +789,11 @@ class SegmentReader(io.RawIOBase):
                                 f"e.g. seek(0), before opening it)",) + exc.args[1:]
                 raise
             if keyed:
-                from .keyed import file_key  # key management: loaded at first use
+                from .. import audit
+                from .keyed import audit_path, file_key  # key management: loaded at first use
 
-                key = file_key(lambda: self.header, key, keyset, identity)[0]
+                key, opened_by = file_key(lambda: self.header, key, keyset, identity)
+                audit.event("file.open", path=audit_path(src), key_id=opened_by)
             _format.verify_header(key, self.header)
             self._segs = _Segments(self.header, key, device, 1, 0, "open", inline=True)
             C = self.header.segment_size + TAG_SIZE
