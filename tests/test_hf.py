@@ -940,3 +940,31 @@ def test_an_adapter_for_a_model_without_parameters_is_decrypted_on_the_cpu(lib, 
     with pytest.raises(Seen):
         hf.load_adapter(torch.nn.Module(), tmp_path / "lora-enc", key=key)
     assert devices == ["cpu"]
+
+
+def test_copied_files_keep_their_mode_and_links_out_of_the_folder_are_warned_of(tmp_path):
+    """Files copied in the clear came out 0644 whatever their mode; a symbolic link out of
+    the folder (special.json -> ../key.bin) copied its target with no word. The mode is
+    kept, and such a link is warned of, except into a Hugging Face cache's blobs, where
+    every snapshot file leads."""
+    import warnings
+
+    plain = _one_shard_folder(tmp_path / "plain")
+    (plain / "config.json").chmod(0o600)
+    (tmp_path / "key.bin").write_bytes(b"secret")
+    (plain / "special.json").symlink_to(tmp_path / "key.bin")
+    with pytest.warns(UserWarning, match="special.json is a symbolic link to .*key.bin, "
+                                         "outside the folder"):
+        checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", os.urandom(32), device="cpu")
+    assert (tmp_path / "enc" / "config.json").stat().st_mode & 0o777 == 0o600
+    # a Hugging Face cache: models--x/snapshots/REV/* -> ../../blobs/*
+    cache = tmp_path / "models--x"
+    (cache / "blobs").mkdir(parents=True)
+    (cache / "snapshots").mkdir()
+    snapshot = _one_shard_folder(cache / "snapshots" / "rev")
+    os.replace(snapshot / "config.json", cache / "blobs" / "abc")
+    (snapshot / "config.json").symlink_to("../../blobs/abc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkpoints.encrypt_checkpoint(snapshot, tmp_path / "enc2", os.urandom(32), device="cpu")
+    assert (tmp_path / "enc2" / "config.json").read_text() == "{}"

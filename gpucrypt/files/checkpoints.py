@@ -81,6 +81,8 @@ import json
 import os
 import re
 import shutil
+import stat
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -571,9 +573,31 @@ def _copy_others(layout: CheckpointLayout, temp: str, files: dict | None = None)
     for name in layout.other_files:
         src, dst = os.path.join(layout.folder, name), os.path.join(temp, name)
         if files is None:
+            _warn_if_from_outside(layout.folder, name)
             shutil.copyfile(src, dst)
         elif not _is_listed_digest(files[name], _file_sha256(src, copy_to=dst)):
             raise _not_the_file(name)
+        # the source's permissions (a 0600 file came out 0644, readable by all)
+        os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode) & 0o777)
+
+
+def _warn_if_from_outside(folder: str, name: str) -> None:
+    """A warning for a file copied in the clear that is a symbolic link leading out of
+    the folder (``special.json -> ../key.bin`` copied the key into the encrypted folder,
+    in the clear). Links are followed, as a Hugging Face cache needs (its snapshot's files
+    lead to ``../../blobs``, which is not warned of); a link elsewhere may be a mistake
+    whose target the user did not mean to share."""
+    path = os.path.join(folder, name)
+    if not os.path.islink(path):
+        return
+    home, target = os.path.realpath(folder), os.path.realpath(path)
+    inside = [home]
+    if os.path.basename(os.path.dirname(home)) == "snapshots":  # an HF cache's snapshot
+        inside.append(os.path.join(os.path.dirname(os.path.dirname(home)), "blobs"))
+    if not any(os.path.commonpath([target, place]) == place for place in inside):
+        warnings.warn(f"{name} is a symbolic link to {target}, outside the folder: its target "
+                      f"is copied in the clear into the encrypted folder; if that was not "
+                      f"meant, remove the link and encrypt again", stacklevel=4)
 
 
 def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = None,
