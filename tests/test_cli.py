@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -552,14 +553,22 @@ def test_a_passphrase_stands_alone_in_its_envelope(work):
     assert "pw" not in repr(pw)
 
 
-def _converse(work: Path, answers: list[bytes], *argv: str) -> tuple[int, bytes]:
-    """Run ``gpucrypt ARGV`` with stdin and stderr a pseudo-terminal (a UTF-8 locale), type
-    each answer after the next prompt, and return the exit code and what the terminal saw."""
+def _converse(work: Path, answers: list[bytes], *argv: str, stdout_tty: bool = False,
+              stdin: Any = None, launcher: str = LAUNCHER) -> tuple[int, bytes]:
+    """Run ``gpucrypt ARGV`` with stdin and stderr (and stdout with ``stdout_tty``) a
+    pseudo-terminal (a UTF-8 locale), type each answer after the next prompt, and return
+    the exit code and what the terminal saw. ``stdin``: a file or descriptor to read
+    instead (``< FILE``); the terminal is then the process's controlling terminal, as in
+    a shell, so that prompts go to /dev/tty."""
     import pty
 
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "unnamed", *argv], cwd=work,
-                            stdin=slave, stdout=subprocess.DEVNULL, stderr=slave,
+    if stdin is not None:  # stderr (the terminal) made the new session's terminal
+        launcher = "import fcntl, termios\nfcntl.ioctl(2, termios.TIOCSCTTY, 0)\n" + launcher
+    proc = subprocess.Popen([sys.executable, "-c", launcher, "unnamed", *argv], cwd=work,
+                            stdin=slave if stdin is None else stdin,
+                            stdout=slave if stdout_tty else subprocess.DEVNULL,
+                            stderr=slave,
                             start_new_session=True, env={**os.environ, "LC_ALL": "C.UTF-8"})
     os.close(slave)
     seen = b""
@@ -599,6 +608,70 @@ def test_encrypt_asks_twice_on_a_terminal(work):
     assert out.getvalue() == (work / "plain").read_bytes()
     code, seen = converse([b"one", b"two"])
     assert code == 2 and b"the passphrases differ" in seen
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="a pseudo-terminal (Linux)")
+def test_encrypt_refuses_its_input_and_output_before_asking_for_a_passphrase(work):
+    """``encrypt -p`` asked twice for the passphrase, then said "output exists" (as for a
+    missing IN, or ciphertext to a terminal): every such refusal comes first, with nothing
+    typed, as in ``keygen`` and ``decrypt``; so for a sealed keyset's passphrase."""
+    from gpucrypt.keys import Keyset
+
+    (work / "sealed").write_bytes(b"there")
+    Keyset.generate().save(work / "ks.json", "keyset words", scrypt_n=2**10)
+    cases = [(["encrypt", "-p", "plain", "sealed"], "output exists"),
+             (["encrypt", "-p", "nothere", "out"], "input file not found"),
+             (["encrypt", "-p", "plain"], "refusing to write ciphertext to a terminal"),
+             (["encrypt", "--keyset", "ks.json", "plain", "sealed"], "output exists")]
+    for argv, refusal in cases:
+        code, seen = _converse(work, [], *argv, stdout_tty=True)  # nothing typed
+        assert code == 2 and refusal.encode() in seen, (argv, seen)
+        assert b"passphrase" not in seen, (argv, seen)
+    assert (work / "sealed").read_bytes() == b"there" and not (work / "out").exists()
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="a pseudo-terminal (Linux)")
+def test_the_progress_bar_is_for_large_inputs_and_never_on_a_prompt(work, capsys):
+    """``gpucrypt decrypt < f.gc > f.out`` on a terminal drew "\\rdecrypt 8 B ..." onto the
+    passphrase prompt's line: stdin had no size, so it got a bar. A stdin redirected from a
+    file has its size (small: no bar); a pipe gets one only once 16 MiB passed (64 KiB
+    here); and no bar is drawn before the prompt, not even with --progress."""
+    import threading
+
+    lowered = LAUNCHER.replace("from gpucrypt.cli import main\n", "from gpucrypt.cli import "
+                               "files, main\nfiles._PROGRESS_MIN_BYTES = 1 << 16\n")
+    assert run(capsys, "encrypt", "-p", "--passphrase-file", "pw", "plain", "f.gc")[0] == 0
+    typed = [b"correct horse battery staple"]
+    for extra in ([], ["--progress"]):
+        with open(work / "f.gc", "rb") as f:
+            code, seen = _converse(work, typed, "decrypt", "-o", "f.out", "--force", *extra,
+                                   stdin=f, launcher=lowered)
+        assert code == 0, seen
+        before, prompt, after = seen.partition(b"passphrase for this file: ")
+        assert prompt and b"\r" not in before and b"B/s" not in before, seen
+        assert (b"B/s" in after) == bool(extra), seen
+    assert (work / "f.out").read_bytes() == (work / "plain").read_bytes()
+
+    def through_a_pipe(data: bytes) -> bytes:
+        r, w = os.pipe()
+
+        def feed():
+            with open(w, "wb") as pipe:
+                pipe.write(data)
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        try:
+            code, seen = _converse(work, [], "encrypt", "--key-file", "key", "-o", "p.gc",
+                                   "--force", stdin=r, launcher=lowered)
+        finally:
+            os.close(r)
+            feeder.join(timeout=10)
+        assert code == 0, seen
+        return seen
+
+    assert b"B/s" not in through_a_pipe(os.urandom(10_000))      # small, size unknown
+    assert b"B/s" in through_a_pipe(os.urandom(1 << 18))         # large once read
 
 
 @pytest.mark.skipif(not ON_LINUX, reason="a pseudo-terminal (Linux)")
@@ -786,14 +859,57 @@ def test_encrypt_waits_for_a_non_blocking_stdin(work, progress):
 
 
 def test_an_output_that_is_a_symbolic_link_is_refused_with_what_to_do(work, capsys):
-    """A link, even a dangling one, is neither replaced nor written through."""
+    """A link, even a dangling one, is neither replaced nor written through: a usage
+    refusal (exit 2, as a folder OUT), said first, not "output exists ... give --force"
+    (which --force then refused)."""
     assert run(capsys, "encrypt", "--key-file", "key", "plain", "sealed")[0] == 0
+    (work / "target").write_bytes(b"kept")
     (work / "link").symlink_to(work / "target")
+    (work / "dangling").symlink_to(work / "nowhere")
     for command, src in (("encrypt", "plain"), ("decrypt", "sealed")):
-        code, _, err = run(capsys, command, "--force", "--key-file", "key", src, "link")
-        assert code == 1 and "cannot write link: it is a symbolic link" in err, err
-        assert "give the file it points to as the output, or remove the link" in err
-    assert (work / "link").is_symlink() and not (work / "target").exists()
+        for link in ("link", "dangling"):
+            for force in ([], ["--force"]):
+                code, _, err = run(capsys, command, *force, "--key-file", "key", src, link)
+                assert code == 2 and f"cannot write {link}: it is a symbolic link" in err, err
+                assert "give the file it points to as the output, or remove the link" in err
+                assert "exists" not in err, err
+    assert (work / "link").is_symlink() and (work / "target").read_bytes() == b"kept"
+    assert not (work / "nowhere").exists()
+
+
+def test_keygen_says_why_a_path_cannot_take_a_key_file_before_mentioning_force(work, capsys):
+    """``keygen -o .`` said "exists; use --force", then with --force "it is a folder"; so
+    for a device and a link. The real reason first, exit 2, with or without --force; and
+    ``-o -`` (a file named "-", never stdout: no place for a private key) is refused."""
+    (work / "folder").mkdir()
+    (work / "link").symlink_to(work / "target")
+    cases = [("folder", "is a folder: give the key file's path"),
+             ("/dev/null", "is a character device"),
+             ("link", "it is a symbolic link"),
+             ("-", "-o - would write a file named '-'")]
+    for out, reason in cases:
+        for extra in ([], ["--force"], ["--public"], ["--public", "--force"]):
+            code, _, err = run(capsys, "keygen", "-o", out, *extra)
+            assert code == 2 and reason in err, (out, extra, err)
+            assert "use --force" not in err, err
+    assert os.listdir(work / "folder") == [] and not (work / "-").exists()
+    assert not (work / "target").exists() and not (work / "-.pub").exists()
+    code, _, err = run(capsys, "bench", "--json", "-")
+    assert code == 2 and "--json - would write a file named '-'" in err, err
+    assert not (work / "-").exists()
+
+
+def test_keygen_refuses_kem_without_public(work, capsys):
+    """``--kem`` is the key type of a --public pair: a keyset has none, and the README
+    promises that an option that would be ignored is refused."""
+    for kem in ("mlkem768-x25519", "x25519"):
+        code, _, err = run(capsys, "keygen", "--kem", kem, "-o", "ks.json")
+        assert code == 2 and "add --public" in err, err
+        assert not (work / "ks.json").exists()
+    assert run(capsys, "keygen", "--public", "--kem", "mlkem768-x25519", "-o", "pq")[0] == 0
+    assert keys.Identity.load(work / "pq").kem == "mlkem768-x25519"
+    assert run(capsys, "keygen", "--public", "-o", "classic")[0] == 0
+    assert keys.Identity.load(work / "classic").kem == "x25519"
 
 
 def test_output_option_and_its_conflict(work, capsys):
@@ -1033,19 +1149,21 @@ def test_keygen_public_writes_both_halves_or_neither(work, capsys):
     """``keygen --public --force`` whose identity cannot be written (its path is a
     folder) leaves the recipient file as it found it: absent, or the earlier pair's,
     byte for byte; one whose recipient cannot be written leaves the earlier identity.
-    Never a .pub beside an identity that is not its own."""
+    Never a .pub beside an identity that is not its own. (A folder there is refused
+    before anything is written, exit 2; a failure part-way, tested with Ctrl-C below,
+    settles the pair the same way.)"""
     from gpucrypt.keys import Identity, Recipient
 
     (work / "alice").mkdir()
     code, _, err = run(capsys, "keygen", "--public", "--force", "--out", "alice")
-    _one_line(code, err, 1)
+    _one_line(code, err, 2)
     assert not (work / "alice.pub").exists()
     assert run(capsys, "keygen", "--public", "--out", "bob")[0] == 0
     earlier = (work / "bob.pub").read_bytes()
     (work / "bob").unlink()
     (work / "bob").mkdir()
     code, _, err = run(capsys, "keygen", "--public", "--force", "--out", "bob")
-    _one_line(code, err, 1)
+    _one_line(code, err, 2)
     assert (work / "bob.pub").read_bytes() == earlier
     (work / "bob").rmdir()
     assert run(capsys, "keygen", "--public", "--force", "--out", "bob")[0] == 0
@@ -1055,7 +1173,7 @@ def test_keygen_public_writes_both_halves_or_neither(work, capsys):
     (work / "bob.pub").unlink()
     (work / "bob.pub").mkdir()
     code, _, err = run(capsys, "keygen", "--public", "--force", "--out", "bob")
-    _one_line(code, err, 1)
+    _one_line(code, err, 2)
     assert (work / "bob").read_bytes() == identity
 
 
@@ -1188,6 +1306,83 @@ def test_key_files_that_are_missing_or_of_another_kind_are_usage_errors(work, ca
     code, _, err = run(capsys, "decrypt", "-i", "damaged", "sealed", "x")
     _one_line(code, err, 1)
     assert not (work / "x").exists()
+
+
+class _FedOnce:
+    """Feed ``data`` to the first reader of the FIFO ``fifo`` (a thread), as a shell's
+    process substitution does; then open the FIFO again and again without blocking, so
+    that a second reader gets end of file at once (as from ``<(cat FILE)`` once ``cat``
+    is done) instead of waiting forever."""
+
+    def __init__(self, fifo: Path, data: bytes):
+        import threading
+
+        self.fifo, self.data, self.stop = fifo, data, threading.Event()
+        self.thread = threading.Thread(target=self._feed, daemon=True)
+
+    def _feed(self) -> None:
+        try:
+            with open(self.fifo, "wb") as f:
+                f.write(self.data)
+        except BrokenPipeError:
+            return
+        while not self.stop.wait(0.01):
+            try:
+                os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # ENXIO: no reader now
+                pass
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        try:  # a writer still waiting for its first reader (the command never read)
+            os.close(os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        self.thread.join(timeout=10)
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="FIFOs and /dev/fd (Linux)")
+def test_key_files_are_read_once_so_fifos_and_process_substitution_work(work, capsys):
+    """``-i <(cat alice.key)``, ``--keyset <(...)`` and ``-r <(...)``: a FIFO gives its
+    bytes once, and the command looked into each key file (sealed? a recipient?) before
+    loading it, reading it twice ("not JSON", or a hang on a real FIFO)."""
+    assert run(capsys, "keygen", "--public", "-o", "alice")[0] == 0
+    assert run(capsys, "keygen", "--public", "-o", "bob", "--seal", "--passphrase-file",
+               "pw")[0] == 0
+    assert run(capsys, "keygen", "-o", "ks.json")[0] == 0
+    fifo = work / "fifo"
+    os.mkfifo(fifo)
+
+    def through_fifo(source: str, *argv: str) -> None:
+        with _FedOnce(fifo, (work / source).read_bytes()):
+            code, _, err = run(capsys, *argv)
+        assert code == 0, err
+
+    plain = (work / "plain").read_bytes()
+    through_fifo("alice.pub", "encrypt", "-r", "fifo", "plain", "a.gc")
+    through_fifo("alice", "decrypt", "-i", "fifo", "a.gc", "a.out")
+    assert (work / "a.out").read_bytes() == plain
+    through_fifo("alice", "encrypt", "-r", "fifo", "plain", "a2.gc")  # an identity as -r
+    assert run(capsys, "encrypt", "-r", "bob.pub", "plain", "b.gc")[0] == 0
+    through_fifo("bob", "decrypt", "-i", "fifo", "--passphrase-file", "pw", "b.gc", "b.out")
+    assert (work / "b.out").read_bytes() == plain
+    through_fifo("ks.json", "encrypt", "--keyset", "fifo", "plain", "k.gc")
+    through_fifo("ks.json", "decrypt", "--keyset", "fifo", "k.gc", "k.out")
+    assert (work / "k.out").read_bytes() == plain
+    # /dev/fd/N of a pipe, as bash's <(...) names it
+    r, w = os.pipe()
+    try:
+        os.write(w, (work / "alice").read_bytes())
+        os.close(w)
+        code, _, err = run(capsys, "decrypt", "-i", f"/dev/fd/{r}", "a2.gc", "a2.out")
+    finally:
+        os.close(r)
+    assert code == 0, err
+    assert (work / "a2.out").read_bytes() == plain
 
 
 def test_keys_list_shows_damaged_fields_and_a_closed_pipe_is_one_line(work, capsys):

@@ -391,6 +391,42 @@ def test_save_writes_a_keyset_whose_file_is_gone(tmp_path):
     assert Keyset.load(path).primary.id == ks.primary.id
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_loading_reads_a_key_file_once(tmp_path):
+    """A FIFO (``<(cat alice.key)``) gives its bytes once: Recipient.load of an identity
+    file read it once to see what it is and again to load it."""
+    identity = Identity.generate()
+    identity.save(tmp_path / "alice")
+    ks = Keyset.generate()
+    ks.save(tmp_path / "ks.json")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def load_through_fifo(load, source: str):
+        done = threading.Event()
+
+        def feed():
+            with open(fifo, "wb") as f:
+                f.write((tmp_path / source).read_bytes())
+            while not done.wait(0.01):  # a second reader: end of file, not a hang
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    pass
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        try:
+            return load(fifo)
+        finally:
+            done.set()
+            feeder.join(timeout=10)
+
+    assert load_through_fifo(Recipient.load, "alice") == identity.recipient
+    assert load_through_fifo(Identity.load, "alice").fingerprint == identity.fingerprint
+    assert load_through_fifo(Keyset.load, "ks.json").primary.id == ks.primary.id
+
+
 def test_save_refuses_a_file_changed_since_it_was_loaded(tmp_path):
     """Two edits of one keyset at once (two `gpucrypt keys` runs, a service holding a loaded
     keyset): the later save is refused instead of dropping the other's change."""

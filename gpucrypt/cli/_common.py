@@ -38,7 +38,7 @@ from . import CliError
 __all__ = ["parse_size", "read_key_file", "parse_key", "add_input_output_and_keys",
            "add_force", "add_key_management", "add_unsafe_key_permissions", "check_key_sources",
            "check_private_file", "encrypt_keys", "decrypt_key", "check_output",
-           "check_output_path", "streamed_output", "file_kind", "StreamedOutput",
+           "check_output_path", "link_refusal", "refuse_dash", "streamed_output", "file_kind", "StreamedOutput",
            "atomic_output", "destination", "output_path", "refuse_input_as_output",
            "run_reporting_errors"]
 
@@ -330,9 +330,13 @@ def check_output_path(out: str, force: bool) -> str:
     is accepted with or without ``force``: it is written in place, never replaced."""
     try:
         mode = os.stat(out).st_mode  # one look: the tests below are of this one answer
-    except (OSError, ValueError):  # missing (or a dangling link, which AtomicFile refuses)
-        return out
-    if _streamed_mode(mode):
+    except (OSError, ValueError):  # missing, or a dangling link (refused below)
+        mode = None
+    if mode is not None and _streamed_mode(mode):
+        return out  # /dev/stdout, a link to a FIFO: written in place, as itself
+    if os.path.islink(out):  # before "exists": --force would not help
+        raise CliError(link_refusal(out), 2)
+    if mode is None:
         return out
     if stat.S_ISDIR(mode):
         raise CliError(f"output is a directory: {out}", 2)
@@ -343,6 +347,27 @@ def check_output_path(out: str, force: bool) -> str:
     if not force:
         raise CliError(f"output exists: {out} (give --force to overwrite it)", 2)
     return out
+
+
+def link_refusal(path: str) -> str:
+    """Why an output ``path`` that is a symbolic link is refused (exit 2, with or without
+    --force): publishing would rename over the link, and writing through it would let a
+    planted link choose where the data go (:class:`gpucrypt.files._atomic.AtomicFile`)."""
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return (f"cannot write {path}: it is a symbolic link{target}; gpucrypt does not write "
+            f"through links, with or without --force: give the file it points to as the "
+            f"output, or remove the link first")
+
+
+def refuse_dash(path: str, option: str, what: str) -> None:
+    """A usage CliError for ``-`` given as ``option`` where it would not be stdout but a
+    file named "-" (``keygen -o``, ``bench --json``)."""
+    if path == "-":
+        raise CliError(f"{option} - would write a file named '-': {what}; give a file's path "
+                       f"(./- for a file of that name)", 2)
 
 
 def atomic_output(path: str, force: bool, mode: int = 0o600):

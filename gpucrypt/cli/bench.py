@@ -15,8 +15,8 @@ import tempfile
 import time
 
 from . import CliError
-from ._common import (StreamedOutput, atomic_output, check_output_path, run_reporting_errors,
-                      streamed_output)
+from ._common import (StreamedOutput, atomic_output, check_output_path, refuse_dash,
+                      run_reporting_errors, streamed_output)
 
 #: the largest message size a run takes (1 TiB): larger ones fit in no machine's memory,
 #: and far larger ones overflowed where the buffers are made (an OverflowError traceback)
@@ -193,6 +193,8 @@ def run_bench(args) -> int:
     # run's file as it was), with the mode a new file gets under the umask: results are
     # meant to be shared as the user shares files. A FIFO or a character device (a pipe,
     # /dev/stdout) is written to as it is, as the file commands do (_common.streamed_output).
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        refuse_dash(path or "", option, "the table is what goes to stdout")
     outputs = {name: check_output_path(path, args.force)
                for name, path in (("json", args.json), ("plot", args.plot)) if path}
     if args.json and args.plot and _same_file(args.json, args.plot):

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import stat
 import sys
 import time
 from typing import Any, Iterator
@@ -51,7 +52,8 @@ from . import CliError
 
 __all__ = ["add_encrypt", "add_decrypt"]
 
-#: inputs at least this large get a progress bar when stderr is a terminal
+#: inputs at least this large get a progress bar when stderr is a terminal: a file (or a
+#: stdin redirected from one) by its size, a pipe once this much of it has been read
 _PROGRESS_MIN_BYTES = 16 << 20
 
 
@@ -64,7 +66,9 @@ def _common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
     add_force(parser)
     parser.add_argument("--progress", action="store_true",
                         help="show a progress bar on stderr (default: when stderr is a "
-                             "terminal and the input is large)")
+                             "terminal and the input is 16 MiB or more: a file by its size, "
+                             "a pipe once that much was read; never before a passphrase "
+                             "prompt)")
     add_key_management(parser, mode)
 
 
@@ -88,11 +92,21 @@ def add_decrypt(parser: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------- I/O
 class _Progress:
-    """A binary reader that counts what passes through it and draws a bar on stderr."""
+    """A binary reader that counts what passes through it and draws a bar on stderr.
 
-    def __init__(self, fileobj, total: int | None, label: str):
+    ``from_bytes``: draw nothing until that much was read (an input of unknown size is
+    shown once it is known to be large). ``held``: draw nothing until :meth:`release`
+    (decrypt reads the header before it may ask for a passphrase: no bar on the prompt's
+    line). :meth:`finish` ends a bar only where one was drawn."""
+
+    def __init__(self, fileobj, total: int | None, label: str, *, from_bytes: int = 0,
+                 held: bool = False):
         self._file, self._total, self._label = fileobj, total, label
+        self._from, self._held, self._shown = from_bytes, held, False
         self._done, self._start, self._drawn = 0, time.monotonic(), 0.0
+
+    def release(self) -> None:
+        self._held = False
 
     def fileno(self):
         return self._file.fileno()
@@ -115,12 +129,15 @@ class _Progress:
 
     def _count(self, n: int) -> None:
         self._done += n
+        if self._held or self._done < self._from:
+            return
         now = time.monotonic()
         if now - self._drawn >= 0.2 or n == 0:
             self._drawn = now
             self._draw(now)
 
     def _draw(self, now: float) -> None:
+        self._shown = True
         rate = self._done / max(now - self._start, 1e-9)
         text = f"{self._label} {_human(self._done)}"
         if self._total:
@@ -131,6 +148,8 @@ class _Progress:
         sys.stderr.flush()
 
     def finish(self) -> None:
+        if not self._shown and (self._held or self._done < self._from):
+            return  # never drawn: no bar to end
         self._draw(time.monotonic())
         sys.stderr.write("\n")
         sys.stderr.flush()
@@ -151,7 +170,7 @@ def _open_input(args):
             from . import closed_stream_error
 
             raise closed_stream_error("stdin", "give the input file as IN, or redirect stdin")
-        return sys.stdin.buffer, None, False
+        return sys.stdin.buffer, _stdin_size(sys.stdin.buffer), False
     try:
         f = open(args.input, "rb")
     except FileNotFoundError:
@@ -163,9 +182,29 @@ def _open_input(args):
     return f, os.fstat(f.fileno()).st_size, True
 
 
-def _with_progress(args, reader, size, label):
-    show = args.progress or (sys.stderr.isatty() and (size is None or size >= _PROGRESS_MIN_BYTES))
-    return (_Progress(reader, size, label), True) if show else (reader, False)
+def _stdin_size(reader) -> int | None:
+    """What is left to read of a stdin redirected from a regular file (``< file``), None
+    for a pipe, a terminal or anything else of unknown length."""
+    try:
+        fd = reader.fileno()
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return max(st.st_size - os.lseek(fd, 0, os.SEEK_CUR), 0)
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _with_progress(args, reader, size, label, held):
+    """``(reader, bar)``: a bar when --progress asks for one, or stderr is a terminal and
+    the input is large (by its size, or once that much was read when its size is unknown);
+    ``held``: drawn only after :meth:`_Progress.release` (a prompt may come first)."""
+    if args.progress:
+        return _Progress(reader, size, label, held=held), True
+    if not sys.stderr.isatty() or (size is not None and size < _PROGRESS_MIN_BYTES):
+        return reader, False
+    return _Progress(reader, size, label, held=held,
+                     from_bytes=_PROGRESS_MIN_BYTES if size is None else 0), True
 
 
 def _check_threads(args):
@@ -174,13 +213,13 @@ def _check_threads(args):
 
 
 @contextlib.contextmanager
-def _input(args, label: str) -> Iterator[tuple[Any, bool]]:
-    """``(reader, is_file)`` for IN (or stdin), with a progress bar when one is wanted;
-    ``is_file`` says the reader is a file of ours that can be rewound (not a FIFO or a
-    ``<(...)`` path). On exit the bar
+def _input(args, label: str, held: bool = False) -> Iterator[tuple[Any, bool]]:
+    """``(reader, is_file)`` for IN (or stdin), with a progress bar when one is wanted
+    (``held``: not drawn before :func:`_release_progress`); ``is_file`` says the reader is
+    a file of ours that can be rewound (not a FIFO or a ``<(...)`` path). On exit the bar
     is finished and the file closed."""
     reader, size, owned = _open_input(args)
-    src, progress = _with_progress(args, reader, size, label)
+    src, progress = _with_progress(args, reader, size, label, held)
     try:
         yield src, owned and reader.seekable()
     finally:
@@ -190,14 +229,22 @@ def _input(args, label: str) -> Iterator[tuple[Any, bool]]:
             reader.close()
 
 
+def _release_progress(src) -> None:
+    """Let the bar of :func:`_input` (``held``) draw: the key is known, no prompt is left."""
+    if isinstance(src, _Progress):
+        src.release()
+
+
 def _run_encrypt(args) -> int:
     from ..files import stream
 
     check_key_sources(args)
     _check_threads(args)
-    key, key_id, envelope = encrypt_keys(args)
     with destination(args, binary_ciphertext=True) as dst, _input(args, "encrypt") as (src, _):
         refuse_input_as_output(args, src, dst)
+        # after IN, OUT and the terminal were checked, as decrypt and keygen do: a passphrase
+        # (typed twice with -p, or a sealed keyset's) is asked for only when it can be used
+        key, key_id, envelope = encrypt_keys(args)
         run_reporting_errors(args, lambda: stream.encrypt(
             src, dst, key, algorithm=args.algorithm, segment_size=args.segment_size,
             device=args.device, key_id=key_id, envelope=envelope, threads=args.threads,
@@ -212,12 +259,13 @@ def _run_decrypt(args) -> int:
     _check_threads(args)
     refuse_input_as_output(args, replacing="its ciphertext with the plaintext")
     with destination(args, binary_ciphertext=False) as dst, \
-            _input(args, "decrypt") as (src, is_file):
+            _input(args, "decrypt", held=True) as (src, is_file):
         refuse_input_as_output(args, src, dst)
 
         def header_then_decrypt():
             header = stream.read_header(src)  # leaves src just after the header
-            key = decrypt_key(args, header)
+            key = decrypt_key(args, header)  # may ask for a passphrase: the bar waits
+            _release_progress(src)
             if is_file:  # a regular file: start again from its first byte
                 src.seek(0)
                 whole = src

@@ -36,7 +36,8 @@ import sys
 from typing import Any
 
 from . import CliError
-from ._common import add_unsafe_key_permissions, check_key_sources, check_private_file
+from ._common import (add_unsafe_key_permissions, check_key_sources, check_private_file,
+                      refuse_dash)
 
 __all__ = ["add_key_arguments", "resolve_encrypt_keys", "resolve_decrypt_key",
            "check_passphrase_file", "add_keygen", "add_keys", "add_rekey"]
@@ -136,23 +137,38 @@ def _utf8(text: str, where: str) -> str:
     return text
 
 
-def _document(path: str) -> Any:
+def _key_file_bytes(path: str, args: Any) -> bytes | None:
+    """The bytes of the key file ``path``, read once per command and kept on ``args``
+    (None when it cannot be read: loading it then says why): the command looks into a
+    key file (how it is sealed, what it is) before loading it, and a FIFO or a process
+    substitution (``-i <(...)``) gives its bytes only once."""
+    kept = vars(args).setdefault("_key_file_bytes", {})
+    if path not in kept:
+        try:
+            with open(path, "rb") as f:
+                kept[path] = f.read()
+        except OSError:
+            kept[path] = None
+    return kept[path]
+
+
+def _document(path: str, args: Any) -> Any:
     """The key file's JSON document, None when it cannot be read as JSON (loading it then
     says why)."""
     import json
 
+    raw = _key_file_bytes(path, args)
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError, RecursionError):  # deep JSON: Recursion
+        return None if raw is None else json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # deep JSON: Recursion
         return None
 
 
-def _protection(path: str, unreadable: str | None = None) -> str | None:
+def _protection(path: str, args: Any, unreadable: str | None = None) -> str | None:
     """How the key file is sealed (``"passphrase"``, ``"kek"``), None when it is not or
     is no key file; ``unreadable`` when it cannot be read as JSON (loading it then says
     why)."""
-    document = _document(path)
+    document = _document(path, args)
     if document is None:
         return unreadable
     try:
@@ -179,7 +195,7 @@ def check_passphrase_file(args: Any, given: list[str]) -> None:
     if decrypting and not given:
         return
     # "?": an identity that cannot be read is left to loading, which says why
-    if any(_protection(path, unreadable="?") in ("passphrase", "?")
+    if any(_protection(path, args, unreadable="?") in ("passphrase", "?")
            for path in getattr(args, "identity", None) or []):
         return
     from ._common import KEY_SOURCES
@@ -203,18 +219,26 @@ def _load_sealable(cls: Any, path: str, args: Any):
     others wrap to), so an unsealed one beside a sealed keyset, with the keyset's
     passphrase given, is read as it is."""
     kind = "keyset" if cls.__name__ == "Keyset" else "identity"
-    document = _document(path)
+    document = _document(path, args)
     # a public .pub is 0644 and loading says what it is: "run chmod 600" would mislead
     if not (isinstance(document, dict) and document.get("format") == "gpucrypt-recipient"):
         check_private_file(path, kind, args)
-    protection = _protection(path)
+    protection = _protection(path, args)
     if protection == "kek" and cls.__name__ == "Keyset":
         raise CliError(f"{path} is sealed by a key-encryption key, which the command line "
                        f"cannot take: use or edit it through the library "
                        f"(gpucrypt.keys.Keyset.load(path, kek=...), then save)", 1)
     strict = cls.__name__ == "Keyset" and _passphrase_given(args)
     passphrase = _passphrase(args, path) if protection == "passphrase" or strict else None
-    return _keys_call(cls.load, path, passphrase)
+    # the bytes read above (read once): the keyset's origin, which its save checks the
+    # file against, is their digest and the path
+    return _keys_call(cls._load_bytes, path, _key_file_bytes(path, args), passphrase)
+
+
+def _load_recipient(path: str, args: Any):
+    from ..keys import Recipient
+
+    return _keys_call(Recipient._load_bytes, path, _key_file_bytes(path, args))
 
 
 def _load_keyset(path: str, args: Any):
@@ -334,7 +358,7 @@ def resolve_encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes] | None:
     """``(dek, key_id, envelope)`` for ``stream.encrypt`` from the parsed options, or None
     when no ``-r``/``--keyset``/``--kek``/``-p`` was given."""
     from ..files._format import SALT_SIZE
-    from ..keys import Passphrase, Recipient, file_context, generate_dek, seal_envelope
+    from ..keys import Passphrase, file_context, generate_dek, seal_envelope
 
     args.file_salt = None  # a passphrase stanza binds nothing: the stream draws its own salt
     if getattr(args, "passphrase", False):
@@ -343,7 +367,7 @@ def resolve_encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes] | None:
         stanza = _keys_call(Passphrase, secret, log_n=_passphrase_log_n())
         return dek, None, _keys_call(seal_envelope, dek, stanza)
 
-    recipients = [_keys_call(Recipient.load, path) for path in getattr(args, "recipient", None) or []]
+    recipients = [_load_recipient(path, args) for path in getattr(args, "recipient", None) or []]
     keyset = _load_keyset(args.keyset, args) if getattr(args, "keyset", None) else None
     references = _key_references(getattr(args, "kek", None) or [], args)
     if not recipients and keyset is None and not references:
@@ -425,7 +449,7 @@ def add_keygen(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--public", action="store_true",
                         help="make a public-key pair: a private identity FILE and a public "
                              "recipient FILE.pub to share")
-    parser.add_argument("--kem", choices=("x25519", "mlkem768-x25519"), default="x25519",
+    parser.add_argument("--kem", choices=("x25519", "mlkem768-x25519"), default=None,
                         help="key type for --public: X25519, or the post-quantum hybrid "
                              "ML-KEM-768 + X25519 (default x25519)")
     parser.add_argument("--seal", action="store_true",
@@ -438,9 +462,26 @@ def add_keygen(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=_run_keygen)
 
 
-def _refuse_overwrite(paths: list[str], force: bool) -> None:
+def _refuse_overwrite(paths: list[str], force: bool, default: str) -> None:
+    """Refuse (exit 2) a key file's path that is a symbolic link, a folder or not a
+    regular file, with or without --force (said first: --force would not help), or an
+    existing file without --force."""
+    from ._common import file_kind, link_refusal
+
     for path in paths:
-        if os.path.exists(path) and not force:
+        try:
+            mode = os.lstat(path).st_mode
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISLNK(mode):
+            raise CliError(link_refusal(path), 2)
+        if stat.S_ISDIR(mode):
+            raise CliError(f"{path} is a folder: give the key file's path (in it, say "
+                           f"{os.path.join(path, default)})", 2)
+        if not stat.S_ISREG(mode):
+            raise CliError(f"{path} is a {file_kind(mode)}: a key file is written as a "
+                           f"regular file, with or without --force; give a file's path", 2)
+        if not force:
             raise CliError(f"{path} exists; use --force to overwrite it", 2)
 
 
@@ -505,13 +546,19 @@ def _run_keygen(args) -> int:
         raise CliError(f"a passphrase was given (--passphrase-file or ${PASSPHRASE_ENV}) but not "
                        f"--seal: add --seal to seal the new file with it, or leave the passphrase "
                        f"out", 2)
+    if args.kem is not None and not args.public:  # else ignored: a keyset has no KEM
+        raise CliError(f"--kem {args.kem} is the key type of a public-key pair: add --public, "
+                       f"or leave --kem out for a keyset", 2)
+    refuse_dash(args.out or "", "-o", "keygen writes key files, and stdout is no place "
+                                      "for a private key")
     _enable_audit(args)
-    out = args.out or ("gpucrypt-identity.json" if args.public else "gpucrypt-keyset.json")
+    default = "gpucrypt-identity.json" if args.public else "gpucrypt-keyset.json"
+    out = args.out or default
     # before the passphrase: typed twice for nothing, an existing file would still refuse
-    _refuse_overwrite([out, out + ".pub"] if args.public else [out], args.force)
+    _refuse_overwrite([out, out + ".pub"] if args.public else [out], args.force, default)
     passphrase = _passphrase(args, "the new key file", confirm=True) if args.seal else None
     if args.public:
-        identity = Identity.generate(args.kem)
+        identity = Identity.generate(args.kem or "x25519")
         _save_pair(identity, out, passphrase, args.force)
         print(f"identity (private, keep it secret): {out}")
         print(f"recipient (public, share it):       {out}.pub")
@@ -697,7 +744,6 @@ def _refuse_passphrase_file(path: str) -> None:
 
 def _run_rekey(args) -> int:
     from ..files.keyed import rekey_file
-    from ..keys import Recipient
 
     check_key_sources(args)
     _enable_audit(args)
@@ -709,7 +755,7 @@ def _run_rekey(args) -> int:
     _check_rekey_file(args.file)
     _refuse_passphrase_file(args.file)
     _refuse_other_links(args.file, args.force)
-    recipients = [_keys_call(Recipient.load, p) for p in args.recipient]
+    recipients = [_load_recipient(p, args) for p in args.recipient]
     recipients += _key_references(args.kek, args)
     keyset = _load_keyset(args.keyset, args) if args.keyset else None
     identities = [_load_identity(p, args) for p in args.identity]

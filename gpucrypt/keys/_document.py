@@ -117,15 +117,29 @@ class UnreadableKeyFile(KeysetError):
 def read_document(path: str | os.PathLike, expected_format: str) -> tuple[dict, bytes]:
     """The file's JSON document and the SHA-256 of the bytes it was parsed from;
     :class:`UnreadableKeyFile` when it is not one (see there)."""
+    return parse_document(read_key_bytes(path), path, expected_format)
+
+
+def read_key_bytes(path: str | os.PathLike) -> bytes:
+    """The key file's bytes, read once (a FIFO or ``/dev/fd/N`` gives them only once:
+    whoever inspects them before loading passes them on, :func:`parse_document`);
+    :class:`UnreadableKeyFile` when it cannot be read."""
     where = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            raw = f.read()
-        doc = json.loads(raw.decode("utf-8"))
+            return f.read()
     except FileNotFoundError:
         raise UnreadableKeyFile(f"{where}: no such file") from None
     except OSError as exc:  # a folder, no permission: as for a missing file, a KeysetError
         raise UnreadableKeyFile(f"{where}: cannot read it ({exc.strerror})") from None
+
+
+def parse_document(raw: bytes, path: str | os.PathLike,
+                   expected_format: str) -> tuple[dict, bytes]:
+    """:func:`read_document` for the bytes ``raw`` already read from ``path``."""
+    where = os.fspath(path)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # deep nesting: Recursion
         raise UnreadableKeyFile(f"{where}: not a {expected_format} file (not JSON)") from None
     if not isinstance(doc, dict) or doc.get("format") != expected_format:

@@ -24,8 +24,8 @@ except ImportError:  # not POSIX: saves are checked, not locked (see _locked_dig
 from .. import audit
 from .._errors import KeyNotFound, KeysetError, KeyUnavailable
 from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document,
-                        protection_method, read_document, read_json, scrypt_n_to_write,
-                        seal_document, utc_timestamp, write_key_file)
+                        parse_document, protection_method, read_json, read_key_bytes,
+                        scrypt_n_to_write, seal_document, utc_timestamp, write_key_file)
 from ._material import HoldsKeyMaterial
 
 __all__ = ["KeysetKey", "Keyset", "PRIMARY", "ENABLED", "DISABLED", "DESTROYED",
@@ -194,9 +194,20 @@ class Keyset(HoldsKeyMaterial):
         Raises :class:`KeysetError` for a malformed file, a wrong passphrase/KEK, or a
         passphrase/KEK given for a file that is not sealed (it may have been replaced).
         """
+        return cls._load_bytes(path, None, passphrase, kek=kek)
+
+    @classmethod
+    def _load_bytes(cls, path: str | os.PathLike, data: bytes | None,
+                    passphrase: str | bytes | None = None, *,
+                    kek: bytes | None = None) -> "Keyset":
+        """:meth:`load` from ``data``, the bytes the caller already read from ``path``
+        (None: read them here): the command line looks into a key file before loading it,
+        and a FIFO or ``/dev/fd/N`` gives its bytes only once. What :meth:`save` checks
+        the file against is ``path`` (resolved) and the digest of these bytes."""
         where = os.fspath(path)
         with audit.timed("keyset.load", path=where) as ev:
-            doc, digest = read_document(path, KEYSET_FORMAT)
+            raw = read_key_bytes(path) if data is None else data
+            doc, digest = parse_document(raw, path, KEYSET_FORMAT)
             entries = doc.get("keys")
             if not isinstance(entries, list):
                 raise KeysetError(f"{where}: malformed keyset (no key list)")

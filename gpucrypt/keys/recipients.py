@@ -26,8 +26,9 @@ from .._buffers import bytes_arg
 from .._errors import (EnvelopeError, KeyNotFound, KeysetError, KeyUnavailable,
                        NoMatchingRecipient)
 from . import _envelope
-from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document, read_json,
-                        read_document, seal_document, utc_timestamp, write_key_file)
+from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document,
+                        parse_document, read_key_bytes, seal_document, utc_timestamp,
+                        write_key_file)
 from ._envelope import EnvelopeFormatError, Stanza
 from ._material import HoldsKeyMaterial
 from .keyset import Keyset, KeysetKey, _locked_digest
@@ -116,9 +117,17 @@ class Recipient:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipient":
         """Read a recipient file; an identity file is accepted too (its public half is used)."""
+        return cls._load_bytes(path, None)
+
+    @classmethod
+    def _load_bytes(cls, path: str | os.PathLike, data: bytes | None) -> "Recipient":
+        """:meth:`load` from ``data``, the bytes already read from ``path`` (None: read
+        them here, once: a FIFO or ``/dev/fd/N`` gives them only once)."""
+        raw = read_key_bytes(path) if data is None else data
         try:
-            return Identity.load(path).recipient if _file_format(path) == IDENTITY_FORMAT \
-                else cls._from_doc(read_json(path, RECIPIENT_FORMAT), os.fspath(path))
+            if _document_format(raw) == IDENTITY_FORMAT:
+                return Identity._load_bytes(path, raw).recipient
+            return cls._from_doc(parse_document(raw, path, RECIPIENT_FORMAT)[0], os.fspath(path))
         except KeysetError as exc:
             if "sealed with a passphrase" in str(exc):
                 raise KeysetError(f"{os.fspath(path)} is a sealed identity: use its .pub "
@@ -151,14 +160,22 @@ def _file_document(path) -> dict | None:
     """A key file's JSON document, None for anything else (loading it says what is wrong)."""
     try:
         with open(path, "rb") as f:
-            doc = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
+            return _bytes_document(f.read())
+    except OSError:
+        return None
+
+
+def _bytes_document(raw: bytes) -> dict | None:
+    """The JSON document in a key file's bytes ``raw``, None for anything else."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply
         return None
     return doc if isinstance(doc, dict) else None
 
 
-def _file_format(path) -> str | None:
-    doc = _file_document(path)
+def _document_format(raw: bytes) -> str | None:
+    doc = _bytes_document(raw)
     return None if doc is None else doc.get("format")
 
 
@@ -257,8 +274,17 @@ class Identity(HoldsKeyMaterial):
     def load(cls, path: str | os.PathLike, passphrase: str | bytes | None = None) -> "Identity":
         """Read an identity file; a sealed one needs its ``passphrase``, and one that is not
         sealed refuses a passphrase (:class:`KeysetError`: it may have been replaced)."""
+        return cls._load_bytes(path, None, passphrase)
+
+    @classmethod
+    def _load_bytes(cls, path: str | os.PathLike, data: bytes | None,
+                    passphrase: str | bytes | None = None) -> "Identity":
+        """:meth:`load` from ``data``, the bytes already read from ``path`` (None: read
+        them here): a FIFO or ``/dev/fd/N`` gives them only once. What :meth:`save` checks
+        the file against is ``path`` (resolved) and the digest of these bytes."""
         where = os.fspath(path)
-        doc, digest = read_document(path, IDENTITY_FORMAT)
+        raw = read_key_bytes(path) if data is None else data
+        doc, digest = parse_document(raw, path, IDENTITY_FORMAT)
         secret = open_document(doc, where, passphrase=passphrase)
         if secret is None:
             secret = doc
