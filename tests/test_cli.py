@@ -623,9 +623,20 @@ def test_encrypt_refuses_its_input_and_output_before_asking_for_a_passphrase(wor
              (["encrypt", "-p", "nothere", "out"], "input file not found"),
              (["encrypt", "-p", "plain"], "refusing to write ciphertext to a terminal"),
              (["encrypt", "--keyset", "ks.json", "plain", "sealed"], "output exists")]
+    # encrypt-model too: a file OUT that exists, and a folder holding weights in the clear
+    np = pytest.importorskip("numpy")
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.arange(4, dtype=np.float32)}, str(work / "m.safetensors"))
+    (work / "folder").mkdir()
+    save_file({"w": np.arange(4, dtype=np.float32)}, str(work / "folder" / "m.safetensors"))
+    (work / "folder" / "pytorch_model.bin").write_bytes(b"weights")
+    cases += [(["encrypt-model", "-p", "m.safetensors", "sealed"], "output exists"),
+              (["encrypt-model", "-p", "folder", "folder-enc"], "would be copied in the clear")]
     for argv, refusal in cases:
         code, seen = _converse(work, [], *argv, stdout_tty=True)  # nothing typed
-        assert code == 2 and refusal.encode() in seen, (argv, seen)
+        data_refused = "clear" in refusal  # the folder's contents: exit 1, not usage
+        assert code == (1 if data_refused else 2) and refusal.encode() in seen, (argv, seen)
         assert b"passphrase" not in seen, (argv, seen)
     assert (work / "sealed").read_bytes() == b"there" and not (work / "out").exists()
 

@@ -49,8 +49,9 @@ import os
 import sys
 
 from ._common import (add_algorithm, add_device, add_force, add_input_output_and_keys,
-                      add_key_management, check_key_sources, decrypt_key, destination,
-                      encrypt_keys, parse_size, refuse_input_as_output, run_reporting_errors)
+                      add_key_management, check_key_sources, check_output, decrypt_key,
+                      destination, encrypt_keys, parse_size, refuse_input_as_output,
+                      run_reporting_errors)
 from . import CliError
 
 __all__ = ["add_encrypt_model", "add_decrypt_model"]
@@ -122,6 +123,7 @@ def _run_encrypt_model(args) -> int:
                        "file: leave the option out", 2)
     _check_paths(args)
     refuse_input_as_output(args, replacing="the plain model with its encryption")
+    check_output(args, binary_ciphertext=True)  # before a passphrase is asked for
     _safetensors()
     key, key_id, envelope = encrypt_keys(args)
     try:
@@ -234,13 +236,15 @@ def _run_encrypt_checkpoint(args) -> int:
 
     _check_folder_output(args)
     _safetensors()
+    layouts = []  # the folder's refusals (weights in the clear, ...) before a passphrase
+    run_reporting_errors(args, lambda: layouts.append(checkpoints.checkpoint_layout(
+        args.input, copy_unencrypted=args.copy_unencrypted)))
     key, key_id, envelope = encrypt_keys(args)
     if envelope is not None and getattr(args, "kek", None):
         envelope = _envelope_per_file(args, key, envelope)
 
     def work():
-        index = checkpoints.checkpoint_layout(args.input,
-                                              copy_unencrypted=args.copy_unencrypted).index
+        index = layouts[0].index
         if args.encrypt_names and index:
             # copied in the clear: the folder keeps its checkpoint's shape, and loading checks
             # each tensor against it (authenticated by the manifest, not encrypted)
