@@ -2057,3 +2057,22 @@ def test_keys_add_racing_another_writer_says_to_run_it_again(work, capsys, monke
     assert "changed while this command ran" in err and "run the command again" in err
     assert "overwrite=True" not in err and "new path" not in err
     assert len(list(Keyset.load("ks.json"))) == 2  # the other command's key, not this one's
+
+
+def test_info_and_warmup_give_the_backends_advice_in_option_words(tmp_path):
+    """`gpucrypt info` and `warmup` passed on the library's "use device='cpu'": the file
+    commands say --device cpu, and so do these now. Run outside the simulator, where a
+    machine without a GPU has advice to give."""
+    from _outside_simulator import run_outside_simulator
+
+    code = ("import contextlib, io, sys\n"
+            "from gpucrypt.cli import main\n"
+            "for command in ('info', 'warmup'):\n"
+            "    out, err = io.StringIO(), io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+            "        rc = main([command])\n"
+            "    print(command, rc, repr(out.getvalue() + err.getvalue()))\n")
+    printed, has_gpu = run_outside_simulator(code, tmp_path)
+    assert "device='" not in printed, printed
+    if not has_gpu:  # the advice is there to check
+        assert printed.count("use --device cpu") == 2, printed

@@ -82,8 +82,10 @@ def _run_info(args) -> int:
     for name, details in report["backends"].items():
         extra = ", ".join(f"{k}={v}" for k, v in details.items() if k != "name")
         print(f"  {name}: {extra}")
+    from ._common import in_option_words
+
     for name, reason in report["unavailable"].items():
-        print(f"backend {name} unavailable: {reason}")
+        print(f"backend {name} unavailable: {in_option_words(reason)}")
     return 0
 
 
@@ -186,8 +188,10 @@ def _run_warmup(args) -> int:
 
     try:
         get_backend("gpu")
-    except BackendUnavailable as exc:
-        raise CliError(f"no GPU to compile for: {exc}") from exc
+    except BackendUnavailable as exc:  # the file commands' --device cpu runs without one
+        from ._common import in_option_words
+
+        raise CliError(f"no GPU to compile for: {in_option_words(str(exc))}") from exc
     from ..kernels._compile import KERNELS, ON_SIMULATOR, cache_dir, kernel_name
 
     if ON_SIMULATOR:

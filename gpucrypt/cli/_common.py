@@ -568,6 +568,12 @@ def _sealed_for_others(args: Any) -> bool:
         return False
 
 
+def in_option_words(advice: str) -> str:
+    """The library's advice about the backend, in the command line's words: its Python
+    ``device='cpu'`` is the option ``--device cpu`` here."""
+    return advice.replace("device='cpu'", "--device cpu")
+
+
 def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
     """Run ``work()``, turning the library's errors into one-line CliErrors; 0 on success."""
     from ..backends import BackendUnavailable
@@ -590,9 +596,8 @@ def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
     except FormatError as exc:
         raise CliError(f"{'stdin' if args.input == '-' else args.input}: {exc}", 1) from None
     except BackendUnavailable as exc:
-        # the library's advice is in Python's words (device='cpu'): here, the option's
-        advice = str(exc).replace("device='cpu'", "--device cpu")
-        raise CliError(f"device {args.device!r} unavailable: {advice}", 2) from None
+        raise CliError(f"device {args.device!r} unavailable: {in_option_words(str(exc))}",
+                       2) from None
     except BrokenPipeError:
         raise CliError("output closed early (broken pipe)", 1) from None
     except OutputExists as exc:  # the AtomicFile's publishing without --force
