@@ -631,11 +631,15 @@ def test_encrypt_refuses_its_input_and_output_before_asking_for_a_passphrase(wor
     (work / "folder").mkdir()
     save_file({"w": np.arange(4, dtype=np.float32)}, str(work / "folder" / "m.safetensors"))
     (work / "folder" / "pytorch_model.bin").write_bytes(b"weights")
+    (work / "notst.bin").write_bytes(b"not a safetensors file")
     cases += [(["encrypt-model", "-p", "m.safetensors", "sealed"], "output exists"),
-              (["encrypt-model", "-p", "folder", "folder-enc"], "would be copied in the clear")]
+              (["encrypt-model", "-p", "folder", "folder-enc"], "would be copied in the clear"),
+              (["encrypt-model", "-p", "notst.bin", "o1"], "not a readable safetensors file"),
+              (["encrypt-model", "-p", "m.safetensors", "nodir/out"], "does not exist"),
+              (["encrypt-model", "-p", "folder", "nodir/out"], "does not exist")]
     for argv, refusal in cases:
         code, seen = _converse(work, [], *argv, stdout_tty=True)  # nothing typed
-        data_refused = "clear" in refusal  # the folder's contents: exit 1, not usage
+        data_refused = "clear" in refusal or "safetensors" in refusal  # IN's data: exit 1
         assert code == (1 if data_refused else 2) and refusal.encode() in seen, (argv, seen)
         assert b"passphrase" not in seen, (argv, seen)
     assert (work / "sealed").read_bytes() == b"there" and not (work / "out").exists()
@@ -2076,3 +2080,28 @@ def test_info_and_warmup_give_the_backends_advice_in_option_words(tmp_path):
     assert "device='" not in printed, printed
     if not has_gpu:  # the advice is there to check
         assert printed.count("use --device cpu") == 2, printed
+
+
+def test_fifos_are_refused_or_waited_on_only_where_they_can_be(work, capsys):
+    """`keys add` on a keyset FIFO read it once, then waited forever to check it before
+    saving back; now refused at once (exit 2: the keyset is saved back to a regular file).
+    `encrypt -r missing.pub IN -o FIFO` waited for the FIFO's reader before saying the key
+    file was missing; the keys are resolved before OUT is opened."""
+    import threading
+
+    assert run(capsys, "keygen", "--out", "ks.json")[0] == 0
+    os.mkfifo(work / "ks.fifo")
+    feeder = threading.Thread(target=lambda: (work / "ks.fifo").write_bytes(
+        (work / "ks.json").read_bytes()), daemon=True)
+    feeder.start()
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, "unnamed", "keys", "add", "ks.fifo"],
+                          cwd=work, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "ks.fifo is a FIFO" in done.stderr, done.stderr
+    with open(work / "ks.fifo", "rb"):  # let the feeder finish: nothing read it
+        pass
+    feeder.join(timeout=10)
+    os.mkfifo(work / "out.fifo")
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, "unnamed", "encrypt", "-r",
+                           "missing.pub", "plain", "-o", "out.fifo"],
+                          cwd=work, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "missing.pub" in done.stderr, done.stderr

@@ -429,6 +429,10 @@ def test_a_trainer_checkpoint_is_refused_naming_every_file_at_once(tmp_path):
     with pytest.raises(FormatError, match=r"5 file\(s\) would be copied in the clear") as info:
         checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", os.urandom(32), device="cpu")
     assert all(f"{name}: a ." in str(info.value) for name in pickles)  # .ckpt: Lightning's too
+    (plain / "model.ckpt-1000").write_bytes(b"TF1 variables")
+    with pytest.raises(FormatError, match="model.ckpt-1000: a TensorFlow checkpoint file"):
+        checkpoints.checkpoint_layout(plain)
+    (plain / "model.ckpt-1000").unlink()
     checkpoints.encrypt_checkpoint(plain, tmp_path / "enc", os.urandom(32), device="cpu",
                                    copy_unencrypted=pickles)
     assert all((tmp_path / "enc" / name).exists() for name in pickles)
@@ -968,3 +972,14 @@ def test_copied_files_keep_their_mode_and_links_out_of_the_folder_are_warned_of(
         warnings.simplefilter("error")
         checkpoints.encrypt_checkpoint(snapshot, tmp_path / "enc2", os.urandom(32), device="cpu")
     assert (tmp_path / "enc2" / "config.json").read_text() == "{}"
+    # a component folder of a snapshot (a diffusers pipeline's text_encoder) leads there too
+    component = _one_shard_folder(cache / "snapshots" / "rev2")
+    os.replace(component, cache / "snapshots" / "text_encoder")
+    (cache / "snapshots" / "rev2").mkdir()
+    os.replace(cache / "snapshots" / "text_encoder", cache / "snapshots" / "rev2" / "text_encoder")
+    component = cache / "snapshots" / "rev2" / "text_encoder"
+    os.replace(component / "config.json", cache / "blobs" / "def")
+    (component / "config.json").symlink_to("../../../blobs/def")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkpoints.encrypt_checkpoint(component, tmp_path / "enc3", os.urandom(32), device="cpu")

@@ -1785,6 +1785,20 @@ def test_stream_open_with_an_identity_or_a_keyset(tmp_path):
     opened = [json.loads(line) for line in log.getvalue().splitlines()
               if json.loads(line)["operation"] == "file.open"]
     assert [(e["path"], e["key_id"]) for e in opened] == [(str(tmp_path / "e"), alice.fingerprint)]
+    # a header that fails after its key was unwrapped is recorded as an error, not ok
+    raw = bytearray((tmp_path / "e").read_bytes())
+    raw[stream.read_header(bytes(raw)).header_length - 1] ^= 1  # the header MAC's last byte
+    (tmp_path / "bad").write_bytes(bytes(raw))
+    log = io.StringIO()
+    handler = audit.enable(log)
+    try:
+        with pytest.raises(stream.AuthenticationError):
+            stream.open(tmp_path / "bad", identity=alice)
+    finally:
+        logging.getLogger(audit.LOGGER_NAME).removeHandler(handler)
+    opened = [json.loads(line) for line in log.getvalue().splitlines()
+              if json.loads(line)["operation"] == "file.open"]
+    assert [(e["outcome"], e["error"]) for e in opened] == [("error", "AuthenticationError")]
     with pytest.raises(ValueError, match="not both"):
         stream.open(tmp_path / "e", bytes(32), keyset=ks)
     stream.encrypt(data, str(tmp_path / "raw"), bytes(32), device="cpu")
@@ -1817,3 +1831,11 @@ def test_file_functions_refuse_options_they_do_not_pass_on(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["e2", "p"]
     operations = [json.loads(line)["operation"] for line in log.getvalue().splitlines()]
     assert operations == ["envelope.seal", "file.encrypt"]  # the one call that ran
+
+
+def test_a_keyset_is_not_saved_to_a_fifo(tmp_path):
+    """Saving to a FIFO (say one it was read from) opened it to check for changes and
+    waited forever for a writer: refused at once, naming what it is."""
+    os.mkfifo(tmp_path / "ks.fifo")
+    with pytest.raises(keys.KeysetError, match="is a FIFO: a keyset is saved to a regular file"):
+        keys.Keyset.generate().save(tmp_path / "ks.fifo")

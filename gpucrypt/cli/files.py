@@ -46,8 +46,9 @@ import time
 from typing import Any, Iterator
 
 from ._common import (add_algorithm, add_device, add_force, add_input_output_and_keys,
-                      add_key_management, check_key_sources, decrypt_key, destination,
-                      encrypt_keys, parse_size, refuse_input_as_output, run_reporting_errors)
+                      add_key_management, check_key_sources, check_output, decrypt_key,
+                      destination, encrypt_keys, parse_size, refuse_input_as_output,
+                      run_reporting_errors)
 from . import CliError
 
 __all__ = ["add_encrypt", "add_decrypt"]
@@ -240,15 +241,20 @@ def _run_encrypt(args) -> int:
 
     check_key_sources(args)
     _check_threads(args)
-    with destination(args, binary_ciphertext=True) as dst, _input(args, "encrypt") as (src, _):
-        refuse_input_as_output(args, src, dst)
-        # after IN, OUT and the terminal were checked, as decrypt and keygen do: a passphrase
-        # (typed twice with -p, or a sealed keyset's) is asked for only when it can be used
+    # OUT's refusals (it exists, a folder, ciphertext to a terminal), which open nothing,
+    # and IN's, which opens it, come before the keys, as in decrypt and keygen: a passphrase
+    # (typed twice with -p, or a sealed keyset's) is asked for only when it can be used.
+    # OUT itself is opened after the keys: a FIFO's open waits for its reader, and a key
+    # file that is missing is said at once
+    check_output(args, binary_ciphertext=True)
+    with _input(args, "encrypt") as (src, _):
         key, key_id, envelope = encrypt_keys(args)
-        run_reporting_errors(args, lambda: stream.encrypt(
-            src, dst, key, algorithm=args.algorithm, segment_size=args.segment_size,
-            device=args.device, key_id=key_id, envelope=envelope, threads=args.threads,
-            _salt=getattr(args, "file_salt", None)))  # the envelope is bound to it (--kek)
+        with destination(args, binary_ciphertext=True) as dst:
+            refuse_input_as_output(args, src, dst)
+            run_reporting_errors(args, lambda: stream.encrypt(
+                src, dst, key, algorithm=args.algorithm, segment_size=args.segment_size,
+                device=args.device, key_id=key_id, envelope=envelope, threads=args.threads,
+                _salt=getattr(args, "file_salt", None)))  # the envelope is bound to it (--kek)
     return 0
 
 

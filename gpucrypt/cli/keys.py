@@ -624,6 +624,7 @@ def _run_keys(args) -> int:
     if args.keys_command == "destroy" and not args.yes:
         raise CliError(f"destroying key {args.key_id} cannot be undone: data wrapped only under "
                        f"it becomes unreadable. Add --yes to confirm", 2)
+    _refuse_unsavable_keyset(args)
     keyset = _load_keyset(args.keyset, args)
     if args.keys_command == "add":
         key = _keys_call(keyset.add, primary=args.primary)
@@ -634,6 +635,20 @@ def _run_keys(args) -> int:
     _keys_call(_save_keyset, keyset, args.keyset)
     print(message)
     return 0
+
+
+def _refuse_unsavable_keyset(args: Any) -> None:
+    """A usage CliError, before the keyset is read or changed, when KEYSET is not a regular
+    file: the command saves it back there (a FIFO's save waited for a writer forever)."""
+    from ._common import file_kind
+
+    try:
+        mode = os.stat(args.keyset).st_mode
+    except OSError:
+        return  # missing or unreadable: loading says so
+    if not stat.S_ISREG(mode):
+        raise CliError(f"{args.keyset} is a {file_kind(mode)}: 'keys {args.keys_command}' "
+                       f"saves the keyset back to its file, so it must be a regular file", 2)
 
 
 def _save_keyset(keyset: Any, path: str) -> None:

@@ -123,9 +123,10 @@ def _run_encrypt_model(args) -> int:
                        "file: leave the option out", 2)
     _check_paths(args)
     refuse_input_as_output(args, replacing="the plain model with its encryption")
-    check_output(args, binary_ciphertext=True)  # before a passphrase is asked for
+    # OUT's and IN's refusals before a passphrase is asked for (typed twice with -p)
+    check_output(args, binary_ciphertext=True)
+    _refuse_missing_folder(args.output)
     _safetensors()
-    key, key_id, envelope = encrypt_keys(args)
     try:
         fd = os.open(args.input, os.O_RDONLY)
     except OSError as exc:
@@ -139,6 +140,7 @@ def _run_encrypt_model(args) -> int:
             tensors, metadata = open_safetensors(args.input, fd)
         except ValueError as exc:
             raise CliError(f"{args.input}: {exc}", 1) from None
+        key, key_id, envelope = encrypt_keys(args)
         with destination(args, binary_ciphertext=True) as dst:  # refuses a folder, an existing OUT
             run_reporting_errors(args, lambda: models.save_encrypted(
                 tensors, dst, key, metadata, algorithm=args.algorithm,
@@ -216,9 +218,18 @@ def _export_streamed(args, dst, key: bytes) -> None:
 
 
 # --------------------------------------------------------------------------- checkpoint folders
+def _refuse_missing_folder(out: str) -> None:
+    """A usage CliError when OUT's folder does not exist (said after the work, it named
+    the temporary file beside OUT instead of OUT)."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise CliError(f"cannot write {out}: the folder {folder} does not exist", 2)
+
+
 def _check_folder_output(args) -> None:
     if args.output == "-":
         raise CliError("a checkpoint folder is written to a folder: give OUT as a path", 2)
+    _refuse_missing_folder(args.output)
     if os.path.islink(args.output):  # refused at the end otherwise, after all the work
         raise CliError(f"output is a symbolic link: {args.output} (a checkpoint folder is "
                        f"renamed into place, which cannot go through a link: give the folder "

@@ -69,6 +69,7 @@ from . import _format
 from . import models as _models
 from .. import pipeline
 from ._safetensors import SAFETENSORS_DTYPES
+from .stream import _audit_keyed_open
 from ..tensors import _frameworks as fw
 
 __all__ = ["safe_open", "SafeSlice"]
@@ -149,23 +150,24 @@ class safe_open:  # noqa: N801 - safetensors' own name
             get_backend("gpu")
         self._threads = pipeline.cpu_threads(threads)
         self._file = builtins.open(filename, "rb", buffering=0)
+        opened_by = None  # the envelope stanza that opened a keyed file: audited below
         try:
-            from .keyed import audit_path, file_key  # key management: loaded at first use
+            from .keyed import file_key  # key management: loaded at first use
 
             key, opened_by = file_key(lambda: _models._parse(self._file), key, keyset, identity)
-            if opened_by is not None:  # as load_encrypted's model.decrypt: which file, which key
-                from .. import audit
-
-                audit.event("model.open", path=audit_path(filename), key_id=opened_by)
             self._file.seek(0)
             (self._header, segments, self._tags, self._seg_key,
              self._aad) = _models._prepare_open(self._file, key)
             # a shard of a checkpoint folder is checked against the folder's manifest:
             # one from an older save under the same key opened with its old weights
             _models._check_against_its_folder(filename, key, self._header.salt)
-        except BaseException:
+        except BaseException as exc:
             self._file.close()
+            if opened_by is not None:
+                _audit_keyed_open("model.open", filename, opened_by, exc)
             raise
+        if opened_by is not None:  # as load_encrypted's model.decrypt, once the header verified
+            _audit_keyed_open("model.open", filename, opened_by)
         infos = self._header.tensors
         self._position = {info.name: t for t, info in enumerate(infos)}
         self._segments: list[list] = [[] for _ in infos]

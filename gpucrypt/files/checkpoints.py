@@ -275,8 +275,9 @@ def _refuse_plain_weights(folder: str, names: list, vouched: set) -> None:
             refused.append((name, "a safetensors file under a backup name, which is not "
                                   "encrypted as a model file"))
         elif fmt is not None:
+            # TensorFlow's own names; a bare .ckpt is Lightning's as well
             tensorflow = not fmt.startswith(".") or fmt.startswith(".data-") or \
-                fmt.endswith((".index", ".meta"))  # a bare .ckpt: Lightning's as well
+                fmt.endswith((".index", ".meta")) or re.fullmatch(r"\.ckpt-\d+", fmt)
             kind = "TensorFlow checkpoint" if tensorflow else fmt
             refused.append((name, f"a {kind} file, a format that holds weights or pickled "
                                   f"objects"))
@@ -592,8 +593,14 @@ def _warn_if_from_outside(folder: str, name: str) -> None:
         return
     home, target = os.path.realpath(folder), os.path.realpath(path)
     inside = [home]
-    if os.path.basename(os.path.dirname(home)) == "snapshots":  # an HF cache's snapshot
-        inside.append(os.path.join(os.path.dirname(os.path.dirname(home)), "blobs"))
+    # a Hugging Face cache's snapshot, or a subfolder of one (a pipeline's text_encoder):
+    # models--org--name/snapshots/REV/... lead to models--org--name/blobs
+    place = home
+    while os.path.dirname(place) != place:
+        if os.path.basename(os.path.dirname(place)) == "snapshots":
+            inside.append(os.path.join(os.path.dirname(os.path.dirname(place)), "blobs"))
+            break
+        place = os.path.dirname(place)
     if not any(os.path.commonpath([target, place]) == place for place in inside):
         warnings.warn(f"{name} is a symbolic link to {target}, outside the folder: its target "
                       f"is copied in the clear into the encrypted folder; if that was not "

@@ -777,6 +777,7 @@ class SegmentReader(io.RawIOBase):
         else:
             raise TypeError(f"src must be a path or a seekable binary file object, "
                             f"not {type(src).__name__}")
+        opened_by = None  # the envelope stanza that opened a keyed file: audited below
         try:
             # the stream starts at the file's position, as read_header and decrypt take it
             start = self._file.tell()
@@ -789,11 +790,9 @@ class SegmentReader(io.RawIOBase):
                                 f"e.g. seek(0), before opening it)",) + exc.args[1:]
                 raise
             if keyed:
-                from .. import audit
-                from .keyed import audit_path, file_key  # key management: loaded at first use
+                from .keyed import file_key  # key management: loaded at first use
 
                 key, opened_by = file_key(lambda: self.header, key, keyset, identity)
-                audit.event("file.open", path=audit_path(src), key_id=opened_by)
             _format.verify_header(key, self.header)
             self._segs = _Segments(self.header, key, device, 1, 0, "open", inline=True)
             C = self.header.segment_size + TAG_SIZE
@@ -812,10 +811,14 @@ class SegmentReader(io.RawIOBase):
             self._cached_index, self._cached = -1, b""
             self.segments_decrypted = 0
             self._load(self._segments - 1)
-        except BaseException:
+        except BaseException as exc:
             if self._owns:
                 self._file.close()
+            if opened_by is not None:
+                _audit_keyed_open("file.open", src, opened_by, exc)
             raise
+        if opened_by is not None:  # once the header and the final segment verified
+            _audit_keyed_open("file.open", src, opened_by)
 
     def _load(self, index: int) -> bytes:
         if index == self._cached_index:
@@ -886,6 +889,20 @@ class SegmentReader(io.RawIOBase):
                 self._file.close()
             self._cached = b""
         super().close()
+
+
+def _audit_keyed_open(operation: str, src: Any, opened_by: str,
+                      exc: BaseException | None = None) -> None:
+    """The audit event of a file opened with an identity or keyset: which file, by which
+    stanza; ``error`` (and why) when it failed to verify after the key was unwrapped."""
+    from .. import audit
+    from .keyed import audit_path
+
+    if exc is None:
+        audit.event(operation, path=audit_path(src), key_id=opened_by)
+    else:
+        audit.event(operation, outcome="error", path=audit_path(src), key_id=opened_by,
+                    error=audit.error_fields(exc))
 
 
 def open(src: Any, key: Any = None, *, device: str = "cpu", keyset: Any = None,  # noqa: A001

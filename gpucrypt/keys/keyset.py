@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import secrets
 from typing import Any, Iterable, Iterator
 
@@ -295,6 +296,17 @@ class Keyset(HoldsKeyMaterial):
                               f"a keyset file without one cannot be loaded back: make one of "
                               f"them the primary (promote(key_id)) before saving")
         where, target = os.fspath(path), os.path.realpath(path)
+        try:
+            mode = os.stat(target).st_mode
+        except OSError:
+            mode = None
+        if mode is not None and not stat.S_ISREG(mode):
+            # before the changed-since check, whose open of a FIFO waits for a writer forever
+            from ..files._atomic import file_kind
+
+            raise KeysetError(f"{where} is a {file_kind(mode)}: a keyset is saved to a "
+                              f"regular file; give a file's path (a keyset read from a pipe "
+                              f"can be saved to a new file)")
         checked = self._origin is not None and self._origin[0] == target
         with _locked_digest(target) if checked else contextlib.nullcontext() as now:
             # None: gone, nothing to undo; overwrite=True: the caller drops the other change
