@@ -1839,3 +1839,24 @@ def test_a_keyset_is_not_saved_to_a_fifo(tmp_path):
     os.mkfifo(tmp_path / "ks.fifo")
     with pytest.raises(keys.KeysetError, match="is a FIFO: a keyset is saved to a regular file"):
         keys.Keyset.generate().save(tmp_path / "ks.fifo")
+    # an identity loaded from a FIFO and saved back there checked it first: waited forever
+    identity = keys.Identity.generate()
+    identity.save(tmp_path / "id")
+    os.mkfifo(tmp_path / "id.fifo")
+    feeder = threading.Thread(target=lambda: (tmp_path / "id.fifo").write_bytes(
+        (tmp_path / "id").read_bytes()), daemon=True)
+    feeder.start()
+    loaded = keys.Identity.load(tmp_path / "id.fifo")
+    feeder.join(timeout=10)
+    raised = []
+
+    def save():  # in a thread: before the fix it waited forever
+        try:
+            loaded.save(tmp_path / "id.fifo", overwrite=True)
+        except keys.KeysetError as exc:
+            raised.append(exc)
+    saver = threading.Thread(target=save, daemon=True)
+    saver.start()
+    saver.join(timeout=30)
+    assert not saver.is_alive(), "Identity.save to a FIFO is waiting for a writer"
+    assert len(raised) == 1 and "is a FIFO: a key file is saved to a regular file" in str(raised[0])

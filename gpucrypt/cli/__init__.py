@@ -85,7 +85,7 @@ def _run_info(args) -> int:
     from ._common import in_option_words
 
     for name, reason in report["unavailable"].items():
-        print(f"backend {name} unavailable: {in_option_words(reason)}")
+        print(f"backend {name} unavailable: {in_option_words(reason, elsewhere=True)}")
     return 0
 
 
@@ -191,7 +191,8 @@ def _run_warmup(args) -> int:
     except BackendUnavailable as exc:  # the file commands' --device cpu runs without one
         from ._common import in_option_words
 
-        raise CliError(f"no GPU to compile for: {in_option_words(str(exc))}") from exc
+        raise CliError(f"no GPU to compile for: {in_option_words(str(exc), elsewhere=True)}") \
+            from exc
     from ..kernels._compile import KERNELS, ON_SIMULATOR, cache_dir, kernel_name
 
     if ON_SIMULATOR:

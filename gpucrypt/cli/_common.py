@@ -568,10 +568,12 @@ def _sealed_for_others(args: Any) -> bool:
         return False
 
 
-def in_option_words(advice: str) -> str:
+def in_option_words(advice: str, elsewhere: bool = False) -> str:
     """The library's advice about the backend, in the command line's words: its Python
-    ``device='cpu'`` is the option ``--device cpu`` here."""
-    return advice.replace("device='cpu'", "--device cpu")
+    ``device='cpu'`` is the option ``--device cpu`` here (``elsewhere``: of the commands
+    that take it, for one that does not, such as ``info``)."""
+    return advice.replace("device='cpu'", "--device cpu" + (
+        " (encrypt, decrypt, encrypt-model, decrypt-model)" if elsewhere else ""))
 
 
 def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:

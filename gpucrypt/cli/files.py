@@ -47,8 +47,8 @@ from typing import Any, Iterator
 
 from ._common import (add_algorithm, add_device, add_force, add_input_output_and_keys,
                       add_key_management, check_key_sources, check_output, decrypt_key,
-                      destination, encrypt_keys, parse_size, refuse_input_as_output,
-                      run_reporting_errors)
+                      destination, encrypt_keys, output_path, parse_size,
+                      refuse_input_as_output, run_reporting_errors)
 from . import CliError
 
 __all__ = ["add_encrypt", "add_decrypt"]
@@ -241,21 +241,34 @@ def _run_encrypt(args) -> int:
 
     check_key_sources(args)
     _check_threads(args)
-    # OUT's refusals (it exists, a folder, ciphertext to a terminal), which open nothing,
-    # and IN's, which opens it, come before the keys, as in decrypt and keygen: a passphrase
-    # (typed twice with -p, or a sealed keyset's) is asked for only when it can be used.
-    # OUT itself is opened after the keys: a FIFO's open waits for its reader, and a key
-    # file that is missing is said at once
+    # IN's and OUT's refusals (missing, a folder, OUT exists or its folder does not, the
+    # output is the input, ciphertext to a terminal) come before the keys, as in decrypt
+    # and keygen: a passphrase (typed twice with -p, or a sealed keyset's) is asked for
+    # only when it can be used. A FIFO OUT alone is opened after the keys: its open waits
+    # for a reader, and a missing key file is said at once (the checks that open nothing
+    # come first all the same)
     check_output(args, binary_ciphertext=True)
-    with _input(args, "encrypt") as (src, _):
-        key, key_id, envelope = encrypt_keys(args)
-        with destination(args, binary_ciphertext=True) as dst:
+    fifo = _is_fifo(output_path(args))
+    with contextlib.ExitStack() as stack:
+        src, _ = stack.enter_context(_input(args, "encrypt"))
+        if not fifo:
+            dst = stack.enter_context(destination(args, binary_ciphertext=True))
             refuse_input_as_output(args, src, dst)
-            run_reporting_errors(args, lambda: stream.encrypt(
-                src, dst, key, algorithm=args.algorithm, segment_size=args.segment_size,
-                device=args.device, key_id=key_id, envelope=envelope, threads=args.threads,
-                _salt=getattr(args, "file_salt", None)))  # the envelope is bound to it (--kek)
+        key, key_id, envelope = encrypt_keys(args)
+        if fifo:
+            dst = stack.enter_context(destination(args, binary_ciphertext=True))
+        run_reporting_errors(args, lambda: stream.encrypt(
+            src, dst, key, algorithm=args.algorithm, segment_size=args.segment_size,
+            device=args.device, key_id=key_id, envelope=envelope, threads=args.threads,
+            _salt=getattr(args, "file_salt", None)))  # the envelope is bound to it (--kek)
     return 0
+
+
+def _is_fifo(path: str) -> bool:
+    try:
+        return path != "-" and stat.S_ISFIFO(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def _run_decrypt(args) -> int:

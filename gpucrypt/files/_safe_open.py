@@ -161,13 +161,14 @@ class safe_open:  # noqa: N801 - safetensors' own name
             # a shard of a checkpoint folder is checked against the folder's manifest:
             # one from an older save under the same key opened with its old weights
             _models._check_against_its_folder(filename, key, self._header.salt)
+            if opened_by is not None:  # as load_encrypted's model.decrypt, once verified
+                _audit_keyed_open("model.open", filename, opened_by)
+                opened_by = None  # recorded: an audit log that fails says so itself
         except BaseException as exc:
             self._file.close()
             if opened_by is not None:
                 _audit_keyed_open("model.open", filename, opened_by, exc)
             raise
-        if opened_by is not None:  # as load_encrypted's model.decrypt, once the header verified
-            _audit_keyed_open("model.open", filename, opened_by)
         infos = self._header.tensors
         self._position = {info.name: t for t, info in enumerate(infos)}
         self._segments: list[list] = [[] for _ in infos]

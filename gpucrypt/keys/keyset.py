@@ -267,7 +267,8 @@ class Keyset(HoldsKeyMaterial):
         already wrap files. Save it to a new path first, then merge the two keysets, or
         write over the file with ``overwrite=True`` once sure the other change may go.
 
-        Raises :class:`KeysetError`, writing nothing, for a keyset without a primary key
+        Raises :class:`KeysetError`, writing nothing, when ``path`` exists and is not a
+        regular file (a folder, a FIFO, a device), and for a keyset without a primary key
         (``Keyset().add()``: :meth:`promote` one first), which could not be loaded back.
         A save that fails changes nothing: the secret a sealed keyset is saved with next
         time is the one of its last successful save (or load).
@@ -486,11 +487,19 @@ def _locked_digest(path: str) -> Iterator[bytes | None]:
     digest is yielded unlocked: the check then catches saves that do not overlap, as it
     did before locking existed."""
     while True:
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:  # O_NONBLOCK: a FIFO's open would wait for a writer forever (refused below)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+                         | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             yield None
             return
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            from ..files._atomic import file_kind
+
+            raise KeysetError(f"{path} is a {file_kind(mode)}: a key file is saved to a "
+                              f"regular file; give a file's path")
         try:
             if fcntl is not None:
                 try:
