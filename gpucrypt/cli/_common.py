@@ -38,8 +38,8 @@ from . import CliError
 __all__ = ["parse_size", "read_key_file", "parse_key", "add_input_output_and_keys",
            "add_force", "add_key_management", "add_unsafe_key_permissions", "check_key_sources",
            "check_private_file", "encrypt_keys", "decrypt_key", "check_output",
-           "check_output_path", "link_refusal", "refuse_dash", "streamed_output", "file_kind", "StreamedOutput",
-           "atomic_output", "destination", "output_path", "refuse_input_as_output",
+           "check_output_path", "link_refusal", "refuse_dash", "streamed_output", "file_kind",
+           "StreamedOutput", "atomic_output", "destination", "output_path", "refuse_input_as_output",
            "run_reporting_errors"]
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,

@@ -2176,11 +2176,11 @@ def decrypt_tensors(encs: Mapping[str, EncryptedTensor] | Sequence[EncryptedTens
     ``out``: optional dict/list of tensors to write into (same keys/length). Every GPU
     tensor goes through one ``open_batch`` call. If any tensor fails (wrong tag, or an
     entry filed under another name than it was encrypted with: a dict's entries decrypted
-    as a list, say, or an entry with no recorded name among named ones), ``InvalidTag`` names them (its ``failed`` attribute lists them) and
-    no plaintext is returned; their ``out=`` tensors are zeroed (where they have the
-    recorded dtype and shape and are no entry's ciphertext); tensors decrypted in place
-    that did verify are restored. A batch that would write where
-    another entry's ciphertext or plaintext lies (one in-place result twice, ``out=``
+    as a list, say, or an entry with no recorded name among named ones), ``InvalidTag``
+    names them (its ``failed`` attribute lists them) and no plaintext is returned; their
+    ``out=`` tensors are zeroed (where they have the recorded dtype and shape and are no
+    entry's ciphertext); tensors decrypted in place that did verify are restored. A batch
+    that would write where another entry's ciphertext or plaintext lies (one in-place result twice, ``out=``
     naming one tensor twice or another entry's ciphertext) is refused, ``ValueError``,
     before anything is written. An entry decrypted in place is spent as soon as it is
     (an error later in the batch leaves it spent, its plaintext back in its memory).
