@@ -19,3 +19,18 @@ def run_outside_simulator(code: str, cwd) -> tuple[str, bool]:
                              env=environment, capture_output=True, text=True,
                              timeout=120).stdout.strip() == "True"
     return done.stdout, has_gpu
+
+
+def assert_gpu_call_refused_outside_simulator(setup: str, call: str, cwd) -> None:
+    """Run ``setup`` then ``call`` (Python lines) where the simulator is off: ``call`` must
+    run where the GPU backend runs, and raise BackendUnavailable where it does not (not
+    another error, nor later)."""
+    code = (f"{setup}\n"
+            f"from gpucrypt import BackendUnavailable\n"
+            f"try:\n"
+            f"    {call}\n"
+            f"    print('ran on a GPU')\n"
+            f"except BackendUnavailable as exc:\n"
+            f"    print('BackendUnavailable:', exc)\n")
+    printed, has_gpu = run_outside_simulator(code, cwd)
+    assert printed.startswith("ran on a GPU" if has_gpu else "BackendUnavailable:"), printed

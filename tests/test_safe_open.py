@@ -24,7 +24,7 @@ from gpucrypt.cli import main as cli
 from gpucrypt.files import _safe_open
 from gpucrypt.files._safe_open import _normalise, touched_segments
 from gpucrypt.stream import AuthenticationError
-from _outside_simulator import run_outside_simulator
+from _outside_simulator import assert_gpu_call_refused_outside_simulator
 
 SEG = 4096
 
@@ -486,15 +486,9 @@ def _open_forged(tmp_path, n: int, error: str) -> None:
 def test_a_cuda_device_where_no_gpu_runs_is_refused_when_opened(tmp_path):
     """safe_open(..., device="cuda") opened on a machine without a GPU and failed only at
     the first get_tensor. Outside the simulator (a subprocess), where no GPU runs."""
-    code = (
+    assert_gpu_call_refused_outside_simulator(
         "import os, numpy as np\n"
-        "from gpucrypt import BackendUnavailable, models\n"
+        "from gpucrypt import models\n"
         "key = os.urandom(32)\n"
-        "models.save_encrypted({'w': np.ones(4, np.float32)}, 'm.gc', key, device='cpu')\n"
-        "try:\n"
-        "    models.safe_open('m.gc', 'pt', device='cuda', key=key)\n"
-        "    print('opened on a GPU')\n"
-        "except BackendUnavailable as exc:\n"
-        "    print('BackendUnavailable:', exc)\n")
-    printed, has_gpu = run_outside_simulator(code, tmp_path)
-    assert printed.startswith("opened on a GPU" if has_gpu else "BackendUnavailable:"), printed
+        "models.save_encrypted({'w': np.ones(4, np.float32)}, 'm.gc', key, device='cpu')",
+        "models.safe_open('m.gc', 'pt', device='cuda', key=key)", tmp_path)

@@ -69,7 +69,6 @@ from . import _format
 from . import models as _models
 from .. import pipeline
 from ._safetensors import SAFETENSORS_DTYPES
-from .stream import _audit_keyed_open
 from ..tensors import _frameworks as fw
 
 __all__ = ["safe_open", "SafeSlice"]
@@ -152,7 +151,7 @@ class safe_open:  # noqa: N801 - safetensors' own name
         self._file = builtins.open(filename, "rb", buffering=0)
         opened_by = None  # the envelope stanza that opened a keyed file: audited below
         try:
-            from .keyed import file_key  # key management: loaded at first use
+            from .keyed import audit_keyed_open, file_key  # key management: at first use
 
             key, opened_by = file_key(lambda: _models._parse(self._file), key, keyset, identity)
             self._file.seek(0)
@@ -162,12 +161,12 @@ class safe_open:  # noqa: N801 - safetensors' own name
             # one from an older save under the same key opened with its old weights
             _models._check_against_its_folder(filename, key, self._header.salt)
             if opened_by is not None:  # as load_encrypted's model.decrypt, once verified
-                _audit_keyed_open("model.open", filename, opened_by)
+                audit_keyed_open("model.open", filename, opened_by)
                 opened_by = None  # recorded: an audit log that fails says so itself
         except BaseException as exc:
             self._file.close()
-            if opened_by is not None:
-                _audit_keyed_open("model.open", filename, opened_by, exc)
+            if opened_by is not None:  # set only once keyed has been imported
+                audit_keyed_open("model.open", filename, opened_by, exc)
             raise
         infos = self._header.tensors
         self._position = {info.name: t for t, info in enumerate(infos)}

@@ -28,7 +28,8 @@ from ..keys.recipients import (identity_list, open_file_envelope, open_file_enve
 from . import _format, stream
 from ._atomic import AtomicFile
 
-#: and, for the file formats beside: file_key, new_file_key, gather, audit_path
+#: and, for the file formats beside: file_key, new_file_key, gather, audit_path,
+#: audit_keyed_open
 __all__ = ["encrypt_file", "decrypt_file", "rekey_file"]
 
 
@@ -40,6 +41,18 @@ def audit_path(obj: Any) -> str | None:
     """What an audit event records as the place of ``obj``: its path, or None for a file
     object or a buffer."""
     return os.fspath(obj) if isinstance(obj, (str, os.PathLike)) else None
+
+
+def audit_keyed_open(operation: str, src: Any, opened_by: str,
+                     exc: BaseException | None = None) -> None:
+    """The audit event of a file opened with an identity or keyset (``stream.open``,
+    ``safe_open``): which file, by which stanza; ``error`` (and why) when it failed to
+    verify after the key was unwrapped."""
+    if exc is None:
+        audit.event(operation, path=audit_path(src), key_id=opened_by)
+    else:
+        audit.event(operation, outcome="error", path=audit_path(src), key_id=opened_by,
+                    error=audit.error_fields(exc))
 
 
 def _primary_key_id(recipients: list) -> str | None:

@@ -815,10 +815,14 @@ class SegmentReader(io.RawIOBase):
             if self._owns:
                 self._file.close()
             if opened_by is not None:
-                _audit_keyed_open("file.open", src, opened_by, exc)
+                from .keyed import audit_keyed_open
+
+                audit_keyed_open("file.open", src, opened_by, exc)
             raise
         if opened_by is not None:  # once the header and the final segment verified
-            _audit_keyed_open("file.open", src, opened_by)
+            from .keyed import audit_keyed_open
+
+            audit_keyed_open("file.open", src, opened_by)
 
     def _load(self, index: int) -> bytes:
         if index == self._cached_index:
@@ -889,20 +893,6 @@ class SegmentReader(io.RawIOBase):
                 self._file.close()
             self._cached = b""
         super().close()
-
-
-def _audit_keyed_open(operation: str, src: Any, opened_by: str,
-                      exc: BaseException | None = None) -> None:
-    """The audit event of a file opened with an identity or keyset: which file, by which
-    stanza; ``error`` (and why) when it failed to verify after the key was unwrapped."""
-    from .. import audit
-    from .keyed import audit_path
-
-    if exc is None:
-        audit.event(operation, path=audit_path(src), key_id=opened_by)
-    else:
-        audit.event(operation, outcome="error", path=audit_path(src), key_id=opened_by,
-                    error=audit.error_fields(exc))
 
 
 def open(src: Any, key: Any = None, *, device: str = "cpu", keyset: Any = None,  # noqa: A001

@@ -2180,9 +2180,9 @@ def decrypt_tensors(encs: Mapping[str, EncryptedTensor] | Sequence[EncryptedTens
     names them (its ``failed`` attribute lists them) and no plaintext is returned; their
     ``out=`` tensors are zeroed (where they have the recorded dtype and shape and are no
     entry's ciphertext); tensors decrypted in place that did verify are restored. A batch
-    that would write where another entry's ciphertext or plaintext lies (one in-place result twice, ``out=``
-    naming one tensor twice or another entry's ciphertext) is refused, ``ValueError``,
-    before anything is written. An entry decrypted in place is spent as soon as it is
+    that would write where another entry's ciphertext or plaintext lies (one in-place
+    result twice, ``out=`` naming one tensor twice or another entry's ciphertext) is
+    refused, ``ValueError``, before anything is written. An entry decrypted in place is spent as soon as it is
     (an error later in the batch leaves it spent, its plaintext back in its memory).
     """
     items, rebuild = _items_of(encs)
