@@ -449,7 +449,7 @@ def refuse_input_as_output(args: Any, reader: Any = None, dst: Any = None, *,
       the input (``gpucrypt encrypt f >> f``, or ``< f >> f``), so the output would be read
       back as input (it exited 0 with the file's own header encrypted into it);
     - ``replacing`` (what publishing OUT would replace, in words) is given and OUT names
-      IN itself, or another link to it. OUT is written to a new file, so IN is read whole,
+      IN itself (:func:`_replaces_input`). OUT is written to a new file, so IN is read whole,
       but it is then renamed over IN: ``decrypt --force s.gc s.gc`` exited 0 leaving the
       plaintext where the only ciphertext was. The library refuses ``src == dst``
       (:func:`gpucrypt.files.stream._refuse_same_file`), but it is handed the new file

@@ -29,8 +29,9 @@ file (a block device, a socket) is refused (exit 2). ``decrypt`` to such a strea
 writes each batch of segments once it verified, so it may have written the verified
 segments before a bad one when it fails (the exit code says so).
 
-An OUT that is IN (or another link to it) is refused by ``decrypt`` even with
-``--force`` (exit 2): the plaintext would take the place of the only ciphertext; write
+An OUT that is IN (its path, a symbolic link to it, or another path to a file with no
+other name; a hard link is written as a name of its own) is refused by ``decrypt`` even
+with ``--force`` (exit 2): the plaintext would take the place of the only ciphertext; write
 elsewhere, then rename. A stdout that is the input file is refused by both commands
 (:func:`gpucrypt.cli._common.refuse_input_as_output`); ``encrypt --force f f``
 replaces a file by its encryption, as asked.
