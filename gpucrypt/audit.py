@@ -126,7 +126,9 @@ def timed(operation: str, **fields: Any) -> Iterator[dict]:
 
     Yields a dict the block may fill with more fields (say ``bytes`` once known).
     On an exception the event records ``outcome="error"`` and :func:`error_fields`,
-    then the exception propagates unchanged.
+    then the exception propagates unchanged. A block that raises its own error in place
+    of another's (the command line's one-line errors) may put the ``error`` field of the
+    one it replaced there first: that is recorded instead.
     """
     for name, value in fields.items():
         _check(name, value)  # refuse bad fields before the work starts
@@ -135,7 +137,7 @@ def timed(operation: str, **fields: Any) -> Iterator[dict]:
     try:
         yield extra
     except BaseException as exc:
-        merged = {**fields, **extra, "error": error_fields(exc)}
+        merged = {**fields, "error": error_fields(exc), **extra}
         event(operation, outcome="error", duration_s=round(time.perf_counter() - start, 6),
               **merged)
         raise

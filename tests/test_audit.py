@@ -101,6 +101,17 @@ def test_timed_records_error_class_not_message(captured):
     assert "secret-detail-123" not in " ".join(captured.texts)
 
 
+def test_timed_records_the_error_a_block_says_it_replaced(captured):
+    """A block that raises its own error for another's (the command line's one-line
+    errors) records the one it replaced, as that block says it."""
+    with pytest.raises(RuntimeError):
+        with audit.timed("file.decrypt") as extra:
+            extra["error"] = "AuthenticationError"
+            raise RuntimeError("gpucrypt decrypt: wrong key")
+    [event] = _events(captured)
+    assert event["outcome"] == "error" and event["error"] == "AuthenticationError"
+
+
 def test_silent_by_default(capsys):
     audit.event("x")
     assert capsys.readouterr() == ("", "")
@@ -177,6 +188,13 @@ def test_cli_audit_log_that_cannot_be_opened_is_one_line(tmp_path, capsys, monke
             assert code == 1 and f"cannot open the audit log {log}: " in err and why in err, err
             assert err.count("\n") == 1 and "Traceback" not in err
             assert not (tmp_path / "ks.json").exists()  # nothing done that goes unrecorded
+        # an empty name (an unset $VARIABLE) is no log left out: a usage error, nothing done
+        for argv in (["keygen", "--out", "ks.json"], ["encrypt", "--key-file", "victim.txt",
+                                                       "victim.txt", "out.gc"]):
+            code = main([*argv, "--audit-log", ""])
+            err = capsys.readouterr().err
+            assert code == 2 and "--audit-log was given an empty name" in err, err
+            assert not (tmp_path / "ks.json").exists() and not (tmp_path / "out.gc").exists()
     finally:
         _remove_file_handlers()
     assert (tmp_path / "victim.txt").read_text() == "victim data\n"
@@ -737,3 +755,91 @@ def test_a_rotated_log_is_reopened_by_every_process_that_writes_it(tmp_path):
     finally:
         logging.getLogger(audit_module.LOGGER_NAME).removeHandler(handler)
         handler.close()
+
+
+# ---------------------------------------------------------------- the file commands' --audit-log
+def _log_events(log) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_cli_file_commands_record_what_they_did(tmp_path, monkeypatch, capsys):
+    """``encrypt``/``decrypt``/``encrypt-model``/``decrypt-model --audit-log``: one event per
+    run, as the library's encrypt_file/decrypt_file/save_encrypted/load_encrypted record
+    theirs (the file, the keys, the bytes), failures by the library error the command
+    reported; and no key, data key, passphrase or plaintext in the log."""
+    np = pytest.importorskip("numpy")
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GPUCRYPT_PASSPHRASE", raising=False)
+    monkeypatch.setattr(keys.passphrase, "DEFAULT_LOG_N", 15)  # the least -p may seal with
+    deks: list[bytes] = []
+    real_dek = keys.generate_dek
+
+    def remembered_dek():
+        deks.append(real_dek())
+        return deks[-1]
+
+    monkeypatch.setattr(keys, "generate_dek", remembered_dek)
+    plaintext = b"the plaintext word zanzibar " * 1000
+    (tmp_path / "in.bin").write_bytes(plaintext)
+    raw_key = os.urandom(32)
+    (tmp_path / "raw.key").write_bytes(raw_key)
+    os.chmod(tmp_path / "raw.key", 0o600)
+    (tmp_path / "pass.txt").write_text("correct horse zanzibar\n")
+    os.chmod(tmp_path / "pass.txt", 0o600)
+    safetensors_numpy.save_file({"w": np.arange(64, dtype=np.float32)}, str(tmp_path / "m.safetensors"))
+    log = tmp_path / "audit.jsonl"
+    try:
+        assert main(["keygen", "--out", "ks.json"]) == 0
+        assert main(["keygen", "--public", "--out", "other.json"]) == 0
+        ks = keys.Keyset.load("ks.json")
+        audited = ["--audit-log", str(log)]
+        assert main(["encrypt", "--keyset", "ks.json", "in.bin", "enc.gc", *audited]) == 0
+        assert main(["decrypt", "--keyset", "ks.json", "enc.gc", "back.bin", *audited]) == 0
+        assert (tmp_path / "back.bin").read_bytes() == plaintext
+        assert main(["decrypt", "-i", "other.json", "enc.gc", "no.bin", *audited]) == 1
+        blob = bytearray((tmp_path / "enc.gc").read_bytes())
+        blob[-5] ^= 1  # the last segment's tag
+        (tmp_path / "bad.gc").write_bytes(bytes(blob))
+        assert main(["decrypt", "--keyset", "ks.json", "bad.gc", "bad.bin", *audited]) == 1
+        assert not (tmp_path / "bad.bin").exists()
+        assert main(["encrypt", "--key-file", "raw.key", "in.bin", "raw.gc", *audited]) == 0
+        assert main(["encrypt", "-p", "--passphrase-file", "pass.txt", "in.bin", "pw.gc",
+                     *audited]) == 0
+        assert main(["decrypt", "--passphrase-file", "pass.txt", "pw.gc", "pw.bin", *audited]) == 0
+        assert main(["encrypt-model", "--keyset", "ks.json", "m.safetensors", "m.gcsafetensors",
+                     *audited]) == 0
+        assert main(["decrypt-model", "--keyset", "ks.json", "m.gcsafetensors", "m2.safetensors",
+                     *audited]) == 0
+        # a log that cannot be opened: said before any key is read, nothing written
+        assert main(["encrypt", "--keyset", "ks.json", "in.bin", "never.gc",
+                     "--audit-log", "missing/audit.log"]) == 1
+        assert not (tmp_path / "never.gc").exists()
+    finally:
+        _remove_file_handlers()
+    err = capsys.readouterr().err
+    assert "cannot open the audit log missing/audit.log" in err
+    events = [e for e in _log_events(log) if e["operation"].split(".")[0] in ("file", "model")]
+    primary = ks.primary.id
+    summary = [(e["operation"], e["outcome"], e["path"], e.get("key_id"), e.get("error"))
+               for e in events]
+    assert summary == [
+        ("file.encrypt", "ok", str(tmp_path / "in.bin"), primary, None),
+        ("file.decrypt", "ok", str(tmp_path / "enc.gc"), "aes-kwp:" + primary, None),
+        ("file.decrypt", "error", str(tmp_path / "enc.gc"), None,
+         "NoMatchingRecipient: no recipient in this file matches your key(s)"),
+        ("file.decrypt", "error", str(tmp_path / "bad.gc"), "aes-kwp:" + primary,
+         "AuthenticationError"),
+        ("file.encrypt", "ok", str(tmp_path / "in.bin"), None, None),
+        ("file.encrypt", "ok", str(tmp_path / "in.bin"), None, None),
+        ("file.decrypt", "ok", str(tmp_path / "pw.gc"), "scrypt", None),
+        ("model.encrypt", "ok", str(tmp_path / "m.gcsafetensors"), primary, None),
+        ("model.decrypt", "ok", str(tmp_path / "m.gcsafetensors"), "aes-kwp:" + primary, None),
+    ], summary
+    for e in events[:2] + events[4:7]:
+        assert e["bytes"] == len(plaintext) and e["algorithm"] == "chacha20-poly1305", e
+    assert events[0]["recipients"] == events[1]["recipients"] == ["aes-kwp:" + primary]
+    assert "recipients" not in events[4] and events[5]["recipients"] == ["scrypt"]
+    assert all(e["pid"] == os.getpid() and e["duration_s"] >= 0 for e in events)
+    _assert_no_secret([log.read_text()], [raw_key, *deks, *(k.secret_bytes() for k in ks)],
+                      ["zanzibar"])

@@ -169,6 +169,16 @@ def _key_management() -> ModuleType | None:
     return _cli_keys
 
 
+def audited(args: Any, operation: str, path: str):
+    """A block recording one audit event of a file command when ``--audit-log`` is given
+    (:func:`gpucrypt.cli.keys.audited_command`); recording nothing otherwise. Yields a dict
+    of fields for the event (``algorithm``, ``bytes``, ``device``)."""
+    cli_keys = _key_management()
+    if cli_keys is None or getattr(args, "audit_log", None) is None:
+        return contextlib.nullcontext({})
+    return cli_keys.audited_command(args, operation, path)
+
+
 def add_input_output_and_keys(parser: argparse.ArgumentParser, input_help: str,
                               output_help: str, *, streams: bool = False) -> None:
     """Add ``IN`` and ``OUT``, ``--key-file``/``--key-env`` (exclusive, as every key option:

@@ -47,7 +47,7 @@ import time
 from typing import Any, Iterator
 
 from ._common import (add_algorithm, add_device, add_force, add_input_output_and_keys,
-                      add_key_management, check_key_sources, check_output, decrypt_key,
+                      add_key_management, audited, check_key_sources, check_output, decrypt_key,
                       destination, encrypt_keys, output_path, parse_size,
                       refuse_input_as_output, run_reporting_errors)
 from . import CliError
@@ -216,14 +216,15 @@ def _check_threads(args):
 
 @contextlib.contextmanager
 def _input(args, label: str, held: bool = False) -> Iterator[tuple[Any, bool]]:
-    """``(reader, is_file)`` for IN (or stdin), with a progress bar when one is wanted
-    (``held``: not drawn before :func:`_release_progress`); ``is_file`` says the reader is
-    a file of ours that can be rewound (not a FIFO or a ``<(...)`` path). On exit the bar
-    is finished and the file closed."""
+    """``(reader, is_file, size)`` for IN (or stdin), with a progress bar when one is
+    wanted (``held``: not drawn before :func:`_release_progress`); ``is_file`` says the
+    reader is a file of ours that can be rewound (not a FIFO or a ``<(...)`` path);
+    ``size``: what it holds, None where unknown (a pipe). On exit the bar is finished and
+    the file closed."""
     reader, size, owned = _open_input(args)
     src, progress = _with_progress(args, reader, size, label, held)
     try:
-        yield src, owned and reader.seekable()
+        yield src, owned and reader.seekable(), size
     finally:
         if progress:
             src.finish()
@@ -250,18 +251,22 @@ def _run_encrypt(args) -> int:
     # come first all the same)
     check_output(args, binary_ciphertext=True)
     fifo = _is_fifo(output_path(args))
-    with contextlib.ExitStack() as stack:
-        src, _ = stack.enter_context(_input(args, "encrypt"))
+    # --audit-log: one event for the run, written once OUT is published (or failed)
+    with audited(args, "file.encrypt", args.input) as event, contextlib.ExitStack() as stack:
+        src, _, size = stack.enter_context(_input(args, "encrypt"))
         if not fifo:
             dst = stack.enter_context(destination(args, binary_ciphertext=True))
             refuse_input_as_output(args, src, dst)
         key, key_id, envelope = encrypt_keys(args)
         if fifo:
             dst = stack.enter_context(destination(args, binary_ciphertext=True))
+        event.update(algorithm=args.algorithm, device=args.device)
         run_reporting_errors(args, lambda: stream.encrypt(
             src, dst, key, algorithm=args.algorithm, segment_size=args.segment_size,
             device=args.device, key_id=key_id, envelope=envelope, threads=args.threads,
             _salt=getattr(args, "file_salt", None)))  # the envelope is bound to it (--kek)
+        if size is not None:  # the input's size, checked unchanged by the stream
+            event["bytes"] = size
     return 0
 
 
@@ -278,20 +283,38 @@ def _run_decrypt(args) -> int:
     check_key_sources(args)
     _check_threads(args)
     refuse_input_as_output(args, replacing="its ciphertext with the plaintext")
-    with destination(args, binary_ciphertext=False) as dst, \
-            _input(args, "decrypt", held=True) as (src, is_file):
-        refuse_input_as_output(args, src, dst)
+    # --audit-log: one event for the run, written once OUT is published (or failed)
+    with audited(args, "file.decrypt", args.input) as event:
+        with destination(args, binary_ciphertext=False) as dst, \
+                _input(args, "decrypt", held=True) as (src, is_file, _):
+            refuse_input_as_output(args, src, dst)
 
-        def header_then_decrypt():
-            header = stream.read_header(src)  # leaves src just after the header
-            key = decrypt_key(args, header)  # may ask for a passphrase: the bar waits
-            _release_progress(src)
-            if is_file:  # a regular file: start again from its first byte
-                src.seek(0)
-                whole = src
-            else:  # a pipe: put the header back in front of the rest, as it arrives
-                whole = stream._after_header(header, src)
-            stream.decrypt(whole, dst, key, device=args.device, threads=args.threads)
+            def header_then_decrypt():
+                header = stream.read_header(src)  # leaves src just after the header
+                key = decrypt_key(args, header)  # may ask for a passphrase: the bar waits
+                event.update(algorithm=header.algorithm, device=args.device)
+                _release_progress(src)
+                if is_file:  # a regular file: start again from its first byte
+                    src.seek(0)
+                    whole = src
+                else:  # a pipe: put the header back in front of the rest, as it arrives
+                    whole = stream._after_header(header, src)
+                stream.decrypt(whole, dst, key, device=args.device, threads=args.threads)
 
-        run_reporting_errors(args, header_then_decrypt)
+            run_reporting_errors(args, header_then_decrypt)
+        size = _published_size(output_path(args))
+        if size is not None:
+            event["bytes"] = size
     return 0
+
+
+def _published_size(path: str) -> int | None:
+    """The size of a decrypted OUT that is a regular file (the plaintext's), else None
+    (stdout, a FIFO, a device: what passed through them is not counted)."""
+    if path == "-":
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None

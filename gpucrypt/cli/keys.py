@@ -30,10 +30,11 @@ same places. Files holding secrets that group or others can access are refused
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import stat
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from . import CliError
 from ._common import (add_unsafe_key_permissions, check_key_sources, check_private_file,
@@ -307,6 +308,7 @@ def add_key_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
     group.add_argument("--passphrase-file", metavar="FILE",
                        help=f"the passphrase of -p, or of a sealed keyset/identity (else "
                             f"${PASSPHRASE_ENV}, else a prompt); mode 0600")
+    _add_audit_argument(group)
 
 
 def _passphrase_log_n() -> int:
@@ -358,14 +360,16 @@ def resolve_encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes] | None:
     """``(dek, key_id, envelope)`` for ``stream.encrypt`` from the parsed options, or None
     when no ``-r``/``--keyset``/``--kek``/``-p`` was given."""
     from ..files._format import SALT_SIZE
-    from ..keys import Passphrase, file_context, generate_dek, seal_envelope
+    from ..keys import Passphrase, file_context, generate_dek
+    from ..keys.recipients import seal_envelope_with_labels
 
     args.file_salt = None  # a passphrase stanza binds nothing: the stream draws its own salt
     if getattr(args, "passphrase", False):
         secret = _passphrase(args, "the file", confirm=True)
         dek = generate_dek()
         stanza = _keys_call(Passphrase, secret, log_n=_passphrase_log_n())
-        return dek, None, _keys_call(seal_envelope, dek, stanza)
+        envelope, args.audit_recipients = _keys_call(seal_envelope_with_labels, dek, stanza)
+        return dek, None, envelope
 
     recipients = [_load_recipient(path, args) for path in getattr(args, "recipient", None) or []]
     keyset = _load_keyset(args.keyset, args) if getattr(args, "keyset", None) else None
@@ -374,16 +378,25 @@ def resolve_encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes] | None:
         return None
     items: list = recipients + ([keyset] if keyset is not None else []) + references
     dek, args.file_salt = generate_dek(), os.urandom(SALT_SIZE)  # the stream and model salt
-    envelope = _keys_call(seal_envelope, dek, items, context=file_context(args.file_salt))
-    return dek, (keyset.primary.id if keyset is not None else None), envelope
+    envelope, args.audit_recipients = _keys_call(seal_envelope_with_labels, dek, items,
+                                                 context=file_context(args.file_salt))
+    args.audit_key_id = keyset.primary.id if keyset is not None else None
+    return dek, args.audit_key_id, envelope
 
 
 def resolve_decrypt_key(args: Any, header: Any) -> bytes | None:
     """The data key of the file whose parsed ``header`` (from ``stream.read_header``) is
     given, unwrapped with the ``-i``/``--keyset`` options; None when neither was given."""
-    from ..keys.recipients import open_data_key, open_file_envelope
+    from ..keys import EnvelopeError
+    from ..keys.recipients import describe_envelope, open_data_key, open_file_envelope_with_label
 
     envelope = header.get("envelope") if isinstance(header, dict) else getattr(header, "envelope", None)
+    if envelope and getattr(args, "audit_log", None) is not None:
+        # who it is for, as decrypt_file records it (unauthenticated, as there)
+        try:
+            args.audit_recipients = describe_envelope(envelope)
+        except EnvelopeError:
+            pass  # malformed: refused below, in the words said for it
     stanza = _passphrase_stanza(envelope)
     if stanza is not None and not getattr(args, "identity", None) \
             and not getattr(args, "keyset", None) and not getattr(args, "kek", None):
@@ -391,7 +404,9 @@ def resolve_decrypt_key(args: Any, header: Any) -> bytes | None:
 
         _keys_call(passphrase.work_factor, stanza)  # the limit, before asking or deriving
         secret = _keys_call(Passphrase, _passphrase(args, "this file"))
-        return _keys_call(open_data_key, envelope, secret)
+        dek = _keys_call(open_data_key, envelope, secret)
+        args.audit_key_id = "scrypt"  # the stanza that opened, as decrypt_file's key_id
+        return dek
     if getattr(args, "passphrase", False):
         raise CliError("this file is not passphrase-encrypted: it needs "
                        + ("the key it was encrypted with" if not envelope else "-i or --keyset"), 1)
@@ -418,7 +433,9 @@ def resolve_decrypt_key(args: Any, header: Any) -> bytes | None:
     if not envelope:
         raise CliError("this file carries no envelope (it was encrypted with a raw key): "
                        "-i/--keyset/--kek cannot open it", 1)
-    return _keys_call(open_file_envelope, envelope, identities, _header_salt(header))
+    dek, args.audit_key_id = _keys_call(open_file_envelope_with_label, envelope, identities,
+                                        _header_salt(header))
+    return dek
 
 
 def _passphrase_stanza(envelope: bytes | None):
@@ -800,8 +817,38 @@ def _add_audit_argument(parser: argparse.ArgumentParser) -> None:
                         help="append audit events (JSON lines, no secrets) to FILE")
 
 
+@contextlib.contextmanager
+def audited_command(args: Any, operation: str, path: str) -> Iterator[dict]:
+    """The audit event of one ``encrypt``/``decrypt``/``encrypt-model``/``decrypt-model``
+    run given ``--audit-log``: the log is opened first (before any key is read), and one
+    event is written when the block ends, ``ok`` or ``error``, as the library's
+    ``encrypt_file``/``decrypt_file``/``save_encrypted``/``load_encrypted`` record theirs:
+    ``path`` (None for stdin), ``key_id`` (encrypting: the keyset's primary; decrypting:
+    the stanza that opened the data key, ``"scrypt"`` for a passphrase; none for a raw
+    key), ``recipients`` (the envelope's stanzas) and what the block adds. A failure is
+    recorded by the library error the command reported (class name; the message only
+    for key-management errors), not as the command line's own error."""
+    from .. import audit
+
+    _enable_audit(args)
+    with audit.timed(operation, path=None if path == "-" else path) as ev:
+        try:
+            yield ev
+        except CliError as exc:
+            if exc.__context__ is not None:  # raised in the handler of the library's error
+                ev["error"] = audit.error_fields(exc.__context__)
+            raise
+        finally:
+            for field in ("key_id", "recipients"):
+                value = getattr(args, "audit_" + field, None)
+                if value is not None:
+                    ev[field] = value
+
+
 def _enable_audit(args) -> None:
-    if getattr(args, "audit_log", None):
+    if getattr(args, "audit_log", None) is not None:
+        if not args.audit_log:  # an unset $VARIABLE, say: not a log left out
+            raise CliError("--audit-log was given an empty name: give the log file's path", 2)
         from .. import audit
 
         try:

@@ -49,7 +49,7 @@ import os
 import sys
 
 from ._common import (add_algorithm, add_device, add_force, add_input_output_and_keys,
-                      add_key_management, check_key_sources, check_output, decrypt_key,
+                      add_key_management, audited, check_key_sources, check_output, decrypt_key,
                       destination, encrypt_keys, parse_size, refuse_input_as_output,
                       run_reporting_errors)
 from . import CliError
@@ -140,13 +140,16 @@ def _run_encrypt_model(args) -> int:
             tensors, metadata = open_safetensors(args.input, fd)
         except ValueError as exc:
             raise CliError(f"{args.input}: {exc}", 1) from None
-        key, key_id, envelope = encrypt_keys(args)
-        with destination(args, binary_ciphertext=True) as dst:  # refuses a folder, an existing OUT
-            run_reporting_errors(args, lambda: models.save_encrypted(
-                tensors, dst, key, metadata, algorithm=args.algorithm,
-                encrypt_names=args.encrypt_names, segment_size=args.segment_size,
-                device=args.device, key_id=key_id, envelope=envelope,
-                _salt=getattr(args, "file_salt", None)))  # the envelope is bound to it (--kek)
+        # --audit-log: as save_encrypted's own event, for the file written
+        with audited(args, "model.encrypt", args.output) as event:
+            key, key_id, envelope = encrypt_keys(args)
+            event.update(algorithm=args.algorithm, device=args.device)
+            with destination(args, binary_ciphertext=True) as dst:  # refuses a folder, an existing OUT
+                run_reporting_errors(args, lambda: models.save_encrypted(
+                    tensors, dst, key, metadata, algorithm=args.algorithm,
+                    encrypt_names=args.encrypt_names, segment_size=args.segment_size,
+                    device=args.device, key_id=key_id, envelope=envelope,
+                    _salt=getattr(args, "file_salt", None)))  # the envelope is bound to it (--kek)
     finally:
         os.close(fd)
     return 0
@@ -161,10 +164,13 @@ def _run_decrypt_model(args) -> int:
         return _run_decrypt_checkpoint(args)
     _check_paths(args)
     refuse_input_as_output(args, replacing="the encrypted model with its plaintext")
-    with destination(args, binary_ciphertext=True) as dst:  # refuses a folder, an existing OUT
+    # --audit-log: as load_encrypted's own event, for the file read
+    with audited(args, "model.decrypt", args.input) as event, \
+            destination(args, binary_ciphertext=True) as dst:  # refuses a folder, an existing OUT
         def work():
             # the header, unauthenticated, only to find the envelope (its table undecoded)
             key = decrypt_key(args, lambda: models._parse_path(args.input))
+            event["device"] = "cpu"  # export_safetensors works on the CPU's threads
             if isinstance(dst, AtomicFile):
                 models.export_safetensors(args.input, dst, key)
             else:  # a FIFO or a character device (_common.streamed_output)
@@ -250,12 +256,20 @@ def _run_encrypt_checkpoint(args) -> int:
     layouts = []  # the folder's refusals (weights in the clear, ...) before a passphrase
     run_reporting_errors(args, lambda: layouts.append(checkpoints.checkpoint_layout(
         args.input, copy_unencrypted=args.copy_unencrypted)))
-    key, key_id, envelope = encrypt_keys(args)
-    if envelope is not None and getattr(args, "kek", None):
-        envelope = _envelope_per_file(args, key, envelope)
+    with audited(args, "model.encrypt", args.output) as event:  # --audit-log: the folder
+        key, key_id, envelope = encrypt_keys(args)
+        if envelope is not None and getattr(args, "kek", None):
+            envelope = _envelope_per_file(args, key, envelope)
+        event.update(algorithm=args.algorithm, device=args.device)
+        _encrypt_checkpoint(args, layouts[0], key, key_id, envelope)
+    return 0
+
+
+def _encrypt_checkpoint(args, layout, key: bytes, key_id, envelope) -> None:
+    from ..files import checkpoints
 
     def work():
-        index = layouts[0].index
+        index = layout.index
         if args.encrypt_names and index:
             # copied in the clear: the folder keeps its checkpoint's shape, and loading checks
             # each tensor against it (authenticated by the manifest, not encrypted)
@@ -270,7 +284,6 @@ def _run_encrypt_checkpoint(args) -> int:
             copy_unencrypted=args.copy_unencrypted)
 
     run_reporting_errors(args, work)
-    return 0
 
 
 def _envelope_per_file(args, key: bytes, envelope: bytes):
@@ -308,7 +321,9 @@ def _run_decrypt_checkpoint(args) -> int:
         # unauthenticated, only to find the envelope (one data key for the folder)
         first = os.path.join(args.input, layout.tensor_files[0])
         key = decrypt_key(args, lambda: models._parse_path(first))
+        event["device"] = "cpu"  # as export_safetensors, on the CPU's threads
         checkpoints.decrypt_checkpoint(args.input, args.output, key=key)
 
-    _run_export(args, work)
+    with audited(args, "model.decrypt", args.input) as event:  # --audit-log: the folder
+        _run_export(args, work)
     return 0
