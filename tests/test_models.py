@@ -276,10 +276,21 @@ def test_keyed_argument_errors(tmp_path):
                                ({"threads": 0}, ValueError, "threads")):
             with pytest.raises(exc, match=match):
                 models.save_encrypted(t, tmp_path / "m", recipients=alice.recipient, **kw)
+        # and so is an output path that cannot be written: a missing folder, a folder, a link
+        links = tmp_path / "links"
+        links.mkdir()
+        (links / "m").symlink_to(tmp_path / "elsewhere")
+        for path, exc in ((tmp_path / "missing" / "m", FileNotFoundError),
+                          (links, IsADirectoryError), (links / "m", OSError)):
+            with pytest.raises(exc):
+                models.save_encrypted(t, path, recipients=alice.recipient)
     finally:
         logging.getLogger(audit.LOGGER_NAME).removeHandler(handler)
     assert "envelope.seal" not in log.getvalue()
-    assert os.listdir(tmp_path) == []
+    assert log.getvalue().count('"model.encrypt", "outcome": "error"') == 3
+    assert sorted(os.listdir(tmp_path)) == ["links"] and os.listdir(links) == ["m"]
+    (links / "m").unlink()
+    links.rmdir()
     models.save_encrypted(t, tmp_path / "raw", KEY, device="cpu")
     with pytest.raises(ValueError, match="no key given"):
         models.load_encrypted(tmp_path / "raw", device="cpu")

@@ -64,6 +64,7 @@ data; ``.segment`` names the failing segment, None for the header) and
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import hmac
 import json
@@ -79,7 +80,7 @@ from cryptography.exceptions import InvalidTag
 
 from . import _format
 from ..tensors import _frameworks as fw
-from ._atomic import AtomicFile, open_output, write_atomically_with
+from ._atomic import AtomicFile, open_output, streamed_path, write_atomically_with
 from ._safetensors import StoredTensor, load_json
 from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedError,
                       UnsupportedVersion)
@@ -705,14 +706,17 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
         from . import keyed
 
         with audit.timed("model.encrypt", path=keyed.audit_path(path)) as ev:
-            key, _salt, envelope, key_id, labels = keyed.new_file_key(
-                keyed.gather(recipients, keyset))
-            ev.update(key_id=key_id, recipients=labels, algorithm=algorithm,
-                      device=str(device))
-            return save_encrypted(tensors, path, key, metadata, algorithm=algorithm,
-                                  encrypt_names=encrypt_names, segment_size=segment_size,
-                                  device=device, key_id=key_id, envelope=envelope,
-                                  threads=threads, _salt=_salt)
+            items = keyed.gather(recipients, keyset)
+            # the output's refusals (a missing folder, a folder, a link, a device) before the
+            # seal too: the file is made now, and written and published by the save below
+            with _output_made_now(path) as path:
+                key, _salt, envelope, key_id, labels = keyed.new_file_key(items)
+                ev.update(key_id=key_id, recipients=labels, algorithm=algorithm,
+                          device=str(device))
+                return save_encrypted(tensors, path, key, metadata, algorithm=algorithm,
+                                      encrypt_names=encrypt_names, segment_size=segment_size,
+                                      device=device, key_id=key_id, envelope=envelope,
+                                      threads=threads, _salt=_salt)
     if key is None:
         raise ValueError("no key given: pass key= (32 bytes), or recipients= and/or keyset= "
                          "for a fresh data key wrapped for them")
@@ -750,6 +754,16 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
             tags = _seal_on_cpu(header, seg_key, aad, values, segments, sink, threads)
         sink.write(b"".join(tags))
     return header
+
+
+def _output_made_now(path: Any):
+    """``path``'s :class:`AtomicFile` (as ``open_output`` makes it: refusals said now),
+    to be written, published or dropped by whoever takes it; ``path`` itself (in a block
+    that does nothing) when it is no such path: a file object, a FIFO or a device (written
+    in place, and a FIFO's open waits for its reader)."""
+    if isinstance(path, (str, os.PathLike)) and not streamed_path(path):
+        return AtomicFile(path)
+    return contextlib.nullcontext(path)
 
 
 def _save_backend(device: str, data_length: int, values: list):
