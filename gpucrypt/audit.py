@@ -39,6 +39,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any, Iterator
@@ -97,7 +98,11 @@ def event(operation: str, *, outcome: str = "ok", **fields: Any) -> None:
     if outcome not in ("ok", "error"):
         raise ValueError("audit.event: outcome must be 'ok' or 'error'")
     checked = {name: _check(name, value) for name, value in fields.items()}
-    if not _logger.isEnabledFor(logging.INFO):
+    # A logger disabled under enable()'s handlers (dictConfig's disable_existing_loggers,
+    # True by default, disables every logger it does not name) would leave a silent gap
+    # in a log the application asked for: those handlers still get the event.
+    own = _own_handlers() if _logger.disabled else []
+    if not (_logger.isEnabledFor(logging.INFO) or own and _level_allows(logging.INFO)):
         return
     now = datetime.now(timezone.utc)
     record = {"ts": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
@@ -108,7 +113,26 @@ def event(operation: str, *, outcome: str = "ok", **fields: Any) -> None:
     if isinstance(path, str) and path and "://" not in path:  # a URL names its place itself
         checked["path"] = os.path.abspath(path)
     record.update(checked)
-    _logger.info(json.dumps(record, separators=(", ", ": ")), extra={"audit": record})
+    message = json.dumps(record, separators=(", ", ": "))
+    if not own:
+        _logger.info(message, extra={"audit": record})
+        return
+    log_record = _logger.makeRecord(_logger.name, logging.INFO, "(audit)", 0, message, (),
+                                    None, extra={"audit": record})
+    for handler in own:
+        if log_record.levelno >= handler.level:
+            handler.handle(log_record)
+
+
+def _own_handlers() -> list[logging.Handler]:
+    """The handlers :func:`enable` attached to the audit logger."""
+    return [h for h in _logger.handlers if isinstance(h, _Raising)]
+
+
+def _level_allows(level: int) -> bool:
+    """Whether the audit logger takes ``level``, its ``disabled`` flag aside (the level
+    and :func:`logging.disable` still hold: those an application sets on purpose)."""
+    return _logger.manager.disable < level and level >= _logger.getEffectiveLevel()
 
 
 def error_fields(exc: BaseException) -> str:
@@ -355,6 +379,20 @@ def _open_log(path: str) -> int:
     return fd
 
 
+#: held by :func:`enable` from looking for a handler to adding one: two threads enabling
+#: the same log at once would each find none and add one, and write every event twice
+_enable_lock = threading.Lock()
+
+
+def _new_enable_lock() -> None:
+    global _enable_lock
+    _enable_lock = threading.Lock()  # a child forked while a thread held it would hang
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_enable_lock)
+
+
 def enable(target: Any = None, level: int = logging.INFO, *,
            durable: bool = True) -> logging.Handler:
     """Send audit events, one JSON line each, to ``target``: a path (appended to, mode
@@ -367,43 +405,60 @@ def enable(target: Any = None, level: int = logging.INFO, *,
     Returns the handler (remove it with ``logging.getLogger(LOGGER_NAME).removeHandler(h)``);
     enabling a file that already has one returns that one, so no event is written twice:
     the same name, or the same file under another (a hard link, a directory reached
-    through a symbolic link). ``durable`` (a file): each event is fsynced before the
+    through a symbolic link); so does enabling the same stream object again (``None``:
+    the ``sys.stderr`` of the moment). Safe to call from several threads at once.
+    ``durable`` (a file): each event is fsynced before the
     operation that emitted it returns (a few milliseconds each on a disk; key operations
-    are few), so a crash loses no record of what was done; False leaves that to the OS."""
-    import os
+    are few), so a crash loses no record of what was done; False leaves that to the OS.
+
+    The audit logger is set to ``level`` (unless it takes lower already) and stops
+    propagating: its events no longer reach the root logger's handlers, whose file (an
+    application's log, often readable by more users) would otherwise get every audit line
+    too, its level notwithstanding. An application that wants them there as well sets
+    ``logging.getLogger(LOGGER_NAME).propagate = True`` after enabling. The logger is
+    also enabled again if a logging configuration disabled it (``dictConfig`` does by
+    default), and one disabled afterwards still writes to the handlers this function
+    attached: an enabled log has no silent gap."""
     import sys
 
-    if target is None:
-        handler: logging.Handler = _AuditStreamHandler(sys.stderr)
-    elif isinstance(target, (str, os.PathLike)):
-        path = os.path.abspath(os.fspath(target))  # as FileHandler.baseFilename holds it
-        existing = _file_handler_for(path)
-        if existing is not None:
-            # one handler per file: durable if any caller asked for it
-            existing.durable = getattr(existing, "durable", False) or durable
-            return existing
-        handler = _AuditFileHandler(path, durable)
-    else:
-        handler = _AuditStreamHandler(target)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.setLevel(level)
-    _logger.addHandler(handler)
-    if _logger.level == logging.NOTSET or _logger.level > level:
-        _logger.setLevel(level)
-    return handler
+    with _enable_lock:
+        if target is None:
+            target = sys.stderr
+        to_file = isinstance(target, (str, os.PathLike))
+        if to_file:
+            path = os.path.abspath(os.fspath(target))  # as FileHandler.baseFilename holds it
+            handler = _file_handler_for(path)
+            if handler is not None:
+                # one handler per file: durable if any caller asked for it
+                handler.durable = handler.durable or durable
+        else:
+            handler = next((h for h in _logger.handlers if isinstance(h, _AuditStreamHandler)
+                            and h.stream is target), None)
+        if handler is None:
+            handler = _AuditFileHandler(path, durable) if to_file else _AuditStreamHandler(target)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            handler.setLevel(level)
+            _logger.addHandler(handler)
+        if _logger.level == logging.NOTSET or _logger.level > level:
+            _logger.setLevel(level)
+        _logger.propagate = False
+        _logger.disabled = False
+        return handler
 
 
-def _file_handler_for(path: str) -> logging.FileHandler | None:
-    """The file handler already writing ``path``: by name, or by the file's identity
-    (``st_dev``, ``st_ino``) when it exists. ``lstat``: a link at ``path`` itself is not
-    the file, and is refused when opened."""
+def _file_handler_for(path: str) -> _AuditFileHandler | None:
+    """The handler :func:`enable` made that already writes ``path``: by name, or by the
+    file's identity (``st_dev``, ``st_ino``) when it exists. ``lstat``: a link at ``path``
+    itself is not the file, and is refused when opened. Another ``FileHandler`` (one a
+    logging configuration added) is not taken for it: it would refuse no link, make no
+    file 0600 and let a failed write pass."""
     try:
         st = os.lstat(path)
         identity = (st.st_dev, st.st_ino)
     except OSError:
         identity = None
     for handler in _logger.handlers:
-        if not isinstance(handler, logging.FileHandler):
+        if not isinstance(handler, _AuditFileHandler):
             continue
         if handler.baseFilename == path:
             return handler

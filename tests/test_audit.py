@@ -35,15 +35,50 @@ class _Capture(logging.Handler):
 
 @pytest.fixture
 def captured():
-    logger = logging.getLogger("gpucrypt")
-    handler, old_level = _Capture(), logger.level
+    """A _Capture on ``gpucrypt`` and on the audit logger itself: audit.enable() stops the
+    audit logger propagating (for the rest of the process), so a handler on its parent
+    alone would see no event after any test that enabled a log. Propagation is off while
+    the capture is on, so that each event is captured once whatever ran before."""
+    logger, audit_logger = logging.getLogger("gpucrypt"), logging.getLogger(audit.LOGGER_NAME)
+    handler, old_level, old_propagate = _Capture(), logger.level, audit_logger.propagate
     logger.addHandler(handler)
+    audit_logger.addHandler(handler)
+    audit_logger.propagate = False
     logger.setLevel(logging.DEBUG)
     try:
         yield handler
     finally:
         logger.removeHandler(handler)
+        audit_logger.removeHandler(handler)
+        audit_logger.propagate = old_propagate
         logger.setLevel(old_level)
+
+
+@pytest.fixture
+def logging_state():
+    """The audit logger (yielded), as the test leaves it undone afterwards: its handlers,
+    level, propagation and ``disabled``; the root logger's handlers and level; every
+    logger's ``disabled`` (a dictConfig disables them all). Later tests rely on them."""
+    manager = logging.root.manager
+    audit_logger, root = logging.getLogger(audit.LOGGER_NAME), logging.getLogger()
+    saved = [(logger, logger.handlers[:], logger.level, logger.propagate, logger.disabled)
+             for logger in (audit_logger, root)]
+    disabled = {name: logger.disabled for name, logger in manager.loggerDict.items()
+                if isinstance(logger, logging.Logger)}
+    try:
+        yield audit_logger
+    finally:
+        for logger, handlers, level, propagate, _ in saved:
+            for handler in logger.handlers[:]:
+                if handler not in handlers:
+                    logger.removeHandler(handler)
+                    handler.close()
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+        for name, was in disabled.items():
+            manager.loggerDict[name].disabled = was
+        audit_logger.disabled = saved[0][4]
 
 
 def _events(handler: _Capture) -> list[dict]:
@@ -222,6 +257,63 @@ def test_a_keyset_save_that_fails_is_recorded_with_the_keys_it_did_not_write(tmp
     assert [(e["path"], e["outcome"], e["key_ids"]) for e in saves] == [
         (str(tmp_path / "ks.json"), "error", [doomed]), (str(tmp_path / "real.json"), "ok", [doomed])]
     assert saves[0]["error"] == "OSError"
+
+
+def _refused(keyset, operation):
+    """Run ``keyset.<operation>`` on its refusal case; the id asked for and the error."""
+    primary = keyset.primary.id
+    destroyed = next(k.id for k in keyset if k.status == "destroyed")
+    cases = {"promote": (keyset.promote, destroyed, keys.KeyUnavailable),
+             "enable": (keyset.enable, "no-such-key", keys.KeyNotFound),
+             "disable": (keyset.disable, primary, keys.KeyUnavailable),
+             "destroy": (keyset.destroy, primary, keys.KeyUnavailable)}
+    change, key_id, error = cases[operation]
+    with pytest.raises(error) as info:
+        change(key_id)
+    return key_id, f"{error.__name__}: {info.value}"
+
+
+@pytest.mark.parametrize("operation", ["promote", "enable", "disable", "destroy"])
+def test_a_refused_key_change_is_recorded(captured, operation):
+    """Only changes that were made were recorded: an attempt to destroy the primary, or
+    a key that is not there, left nothing in the log. It is an error event naming the key
+    asked for and why it was refused."""
+    ks = keys.Keyset.generate()
+    ks.destroy(ks.add().id)
+    captured.records.clear()
+    key_id, error = _refused(ks, operation)
+    [event] = _events(captured)
+    assert (event["operation"], event["outcome"], event["key_id"], event["error"]) == (
+        f"keyset.{operation}", "error", key_id, error)
+
+
+def test_a_refused_add_and_a_key_id_of_the_wrong_type_are_recorded(captured):
+    """An unknown algorithm is recorded by name; a key id that is not a str (key material
+    passed by mistake, say) is refused with TypeError, and neither it nor its repr reaches
+    the log (a key error's message, which the event keeps, would have held its repr)."""
+    ks = keys.Keyset.generate()
+    secret = os.urandom(32)
+    with pytest.raises(ValueError, match="unknown key algorithm"):
+        ks.add("rot13")
+    with pytest.raises(TypeError, match="key_id must be a str"):
+        ks.destroy(secret)
+    added, destroyed = _events(captured)[1:]
+    assert (added["operation"], added["outcome"], added["algorithm"], added["error"]) == (
+        "keyset.add", "error", "rot13", "ValueError")
+    assert (destroyed["operation"], destroyed["outcome"], destroyed["key_id"],
+            destroyed["error"]) == ("keyset.destroy", "error", None, "TypeError")
+    _assert_no_secret(captured.texts, [secret], [])
+
+
+def test_promote_records_the_key_it_demoted(captured):
+    """The event named the new primary only: which key stopped wrapping new data keys
+    had to be worked out from earlier events."""
+    ks = keys.Keyset.generate()
+    old, new = ks.primary.id, ks.add().id
+    ks.promote(new)
+    ks.promote(new)  # the primary already: nothing demoted
+    promoted = [e for e in _events(captured) if e["operation"] == "keyset.promote"]
+    assert [(e["key_id"], e["key_ids"]) for e in promoted] == [(new, [new, old]), (new, [new])]
 
 
 # ---------------------------------------------------------------- a log that cannot be written
@@ -484,6 +576,101 @@ def test_enable_the_same_file_under_another_name_writes_each_event_once(tmp_path
     finally:
         _remove_file_handlers()
     assert [json.loads(line)["key_id"] for line in path.read_text().splitlines()] == ["abc"]
+
+
+def test_enable_from_several_threads_adds_one_handler(tmp_path, logging_state):
+    """Threads enabling one log at once each found no handler for it and added one: every
+    event was written once per thread."""
+    import threading
+
+    for round_ in range(5):
+        path = tmp_path / f"audit-{round_}.log"
+        barrier, handlers = threading.Barrier(4), []
+
+        def enable():
+            barrier.wait()
+            handlers.append(audit.enable(path))
+
+        threads = [threading.Thread(target=enable) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        audit.event("keyset.add", key_id=f"round-{round_}")
+        assert len({id(h) for h in handlers}) == 1, f"round {round_}"
+        assert len(path.read_text().splitlines()) == 1, f"round {round_}"
+
+
+def test_enable_the_same_stream_twice_writes_each_event_once(capsys, logging_state):
+    """A stream enabled twice (None, stderr, too) got a handler each time, and each event
+    was written once per call."""
+    stream_ = io.StringIO()
+    assert audit.enable(stream_) is audit.enable(stream_)
+    assert audit.enable() is audit.enable()  # the stderr capsys put in place
+    audit.event("keyset.add", key_id="abc")
+    assert len(stream_.getvalue().splitlines()) == 1
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_enable_takes_no_other_file_handler_for_its_own(tmp_path, logging_state):
+    """A plain FileHandler on the audit logger (a logging configuration's) was returned as
+    the log's handler: a link at the path written through, no 0600, a failed write passed
+    over, and the logger's level left as it was (WARNING, from the root: no event)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("")
+    victim.chmod(0o644)
+    (tmp_path / "link.log").symlink_to(victim)
+    logger = logging_state
+    logger.setLevel(logging.NOTSET)
+    logger.addHandler(logging.FileHandler(tmp_path / "link.log"))
+    with pytest.raises(OSError, match="symbolic link"):
+        audit.enable(tmp_path / "link.log")
+    assert victim.stat().st_mode & 0o777 == 0o644
+    path = tmp_path / "audit.log"
+    path.write_text("")
+    path.chmod(0o644)
+    logger.addHandler(logging.FileHandler(path))
+    handler = audit.enable(path)
+    assert isinstance(handler, audit._AuditFileHandler)
+    assert path.stat().st_mode & 0o777 == 0o600 and logger.getEffectiveLevel() == logging.INFO
+    handler.stream = _ShortWrites(handler.stream, None)
+    with pytest.raises(audit.AuditLogError):
+        audit.event("keyset.add", key_id="abc")
+
+
+@pytest.mark.parametrize("order", ["configured-first", "enabled-first"])
+def test_a_logging_configuration_does_not_silence_an_enabled_log(tmp_path, logging_state, order):
+    """dictConfig (disable_existing_loggers defaults to True) disables the audit logger,
+    and every event after it, to a log enabled before or after, was dropped without a
+    word. enable() enables the logger again; a logger disabled after it still writes to
+    the handlers enable() attached."""
+    import logging.config
+
+    config = {"version": 1, "root": {"level": "WARNING"}}
+    path = tmp_path / "audit.log"
+    if order == "configured-first":
+        logging.config.dictConfig(config)
+        audit.enable(path)
+    else:
+        audit.enable(path)
+        logging.config.dictConfig(config)
+    ks = keys.Keyset.generate()
+    ks.destroy(ks.add().id)
+    assert [json.loads(line)["operation"] for line in path.read_text().splitlines()] == [
+        "keyset.generate", "keyset.add", "keyset.destroy"]
+
+
+def test_enable_keeps_audit_lines_out_of_the_applications_log(tmp_path, logging_state):
+    """An application logging WARNING and up to its own log (often readable by more users
+    than the audit log) got every audit line too: enable() set the audit logger to INFO
+    and its records propagated to the root's handlers, whatever the root's level."""
+    app_log = io.StringIO()
+    logging.basicConfig(stream=app_log, level=logging.WARNING, force=True)
+    audit.enable(tmp_path / "audit.log")
+    keys.Keyset.generate()
+    logging.getLogger("gpucrypt.app").warning("the application's own warning")
+    assert app_log.getvalue().splitlines() == ["WARNING:gpucrypt.app:the application's own warning"]
+    assert len((tmp_path / "audit.log").read_text().splitlines()) == 1
 
 
 @pytest.mark.parametrize("command", ["keygen", "rekey"])

@@ -96,6 +96,26 @@ def _refuse_primary(key: KeysetKey) -> KeysetKey:
     return key
 
 
+@contextlib.contextmanager
+def _refusal_recorded(operation: str, **asked: Any) -> Iterator[None]:
+    """Record a change the block refuses as an ``error`` event of ``operation``, naming
+    what was asked for (``asked``), then let its error go on: an attempt to destroy,
+    disable or promote a key is what an audit log is read for, refused or not. Only a
+    ``str`` is recorded as asked (anything else, bytes a caller passed by mistake say, is
+    recorded as None), and a ``key_id`` that is not one is refused with ``TypeError``, whose
+    message, unlike a key error's, the event leaves out."""
+    try:
+        if not isinstance(asked.get("key_id", ""), str):
+            raise TypeError(f"key_id must be a str (an id that `gpucrypt keys list` shows), "
+                            f"not {type(asked['key_id']).__name__}")
+        yield
+    except Exception as exc:
+        audit.event(operation, outcome="error", error=audit.error_fields(exc),
+                    **{name: value if isinstance(value, str) else None
+                       for name, value in asked.items()})
+        raise
+
+
 def _new_key_id() -> str:
     return secrets.token_hex(8)
 
@@ -415,7 +435,8 @@ class Keyset(HoldsKeyMaterial):
     # --- changes
     def add(self, algorithm: str = DEFAULT_KEK_ALGORITHM, *, primary: bool = False) -> KeysetKey:
         """Add a fresh ``enabled`` key (or make it the primary at once) and return it."""
-        key = _fresh_key(algorithm, ENABLED)
+        with _refusal_recorded("keyset.add", algorithm=algorithm):
+            key = _fresh_key(algorithm, ENABLED)
         self._keys[key.id] = key
         self._unsaved.add(key.id)
         self._in_memory.add(key.id)
@@ -432,20 +453,25 @@ class Keyset(HoldsKeyMaterial):
         return key
 
     def promote(self, key_id: str) -> KeysetKey:
-        """Make ``key_id`` (enabled or disabled) the primary; the old primary stays enabled."""
-        key = self._find_not_destroyed(key_id)
-        for other in self._keys.values():
-            if other.status == PRIMARY:
-                other.status = ENABLED
-                self._unsaved.add(other.id)
+        """Make ``key_id`` (enabled or disabled) the primary; the old primary stays enabled.
+        The event's ``key_ids`` are the new primary, then the key it demoted (if another)."""
+        with _refusal_recorded("keyset.promote", key_id=key_id):
+            key = self._find_not_destroyed(key_id)
+        demoted = [other for other in self._keys.values()
+                   if other.status == PRIMARY and other is not key]
+        for other in demoted:
+            other.status = ENABLED
+            self._unsaved.add(other.id)
         key.status = PRIMARY
         self._unsaved.add(key.id)
-        audit.event("keyset.promote", key_id=key.id, status=PRIMARY)
+        audit.event("keyset.promote", key_id=key.id, key_ids=[key.id, *(k.id for k in demoted)],
+                    status=PRIMARY)
         return key
 
     def enable(self, key_id: str) -> KeysetKey:
         """Let a disabled key unwrap again."""
-        key = self._find_not_destroyed(key_id)
+        with _refusal_recorded("keyset.enable", key_id=key_id):
+            key = self._find_not_destroyed(key_id)
         if key.status == DISABLED:
             key.status = ENABLED
             self._unsaved.add(key.id)
@@ -454,7 +480,8 @@ class Keyset(HoldsKeyMaterial):
 
     def disable(self, key_id: str) -> KeysetKey:
         """Stop a key from unwrapping (reversible). The primary cannot be disabled."""
-        key = _refuse_primary(self._find_not_destroyed(key_id))
+        with _refusal_recorded("keyset.disable", key_id=key_id):
+            key = _refuse_primary(self._find_not_destroyed(key_id))
         key.status = DISABLED
         self._unsaved.add(key.id)
         audit.event("keyset.disable", key_id=key.id, status=DISABLED)
@@ -462,7 +489,8 @@ class Keyset(HoldsKeyMaterial):
 
     def destroy(self, key_id: str) -> KeysetKey:
         """Drop a key's material for good; its id stays, marked ``destroyed``."""
-        key = _refuse_primary(self._find(key_id))
+        with _refusal_recorded("keyset.destroy", key_id=key_id):
+            key = _refuse_primary(self._find(key_id))
         key.status, key._material = DESTROYED, None
         self._unsaved.add(key.id)
         self._in_memory.discard(key.id)  # no material left to lose
