@@ -153,6 +153,8 @@ def test_json_schema(cpu_run):
         assert isinstance(doc["environment"][name], kind), name
     assert doc["environment"]["libraries"]["cryptography"]
     assert doc["config"]["sizes"] == [16, 64]
+    # what the run planned: --device cpu left the GPU rows out, so the record does too
+    assert doc["config"]["implementations"] == list(bench.CPU_IMPLEMENTATIONS)
     assert doc["cells"]
     for cell in doc["cells"]:
         assert set(cell) == set(CELL_FIELDS)
@@ -209,6 +211,30 @@ def test_tie_is_judged_on_times_like_the_noise(seconds, tie):
     assert _results_md()._marks(cells[1], cells) == ("=" if tie else "")
 
 
+def test_a_one_thread_gpu_row_gets_no_ratio_to_an_n_thread_baseline():
+    """With --threads 4 the +transfer row (one host thread, same seconds per message as one
+    CPU thread) came out x0.25 against the baseline's 4-thread aggregate: unlike with
+    unlike. It gets no ratio (the run's note says why); a 1-thread baseline gives one."""
+    def cell(implementation, threads):
+        return bench.Cell("aes-128-gcm", "encrypt", "into", implementation, "x", 1 << 20, threads,
+                          7, 1, 1e-4, (1 << 20) * threads / 1e-4 / 1e9, None, "cryptography",
+                          None, "t", spread=0.01 if implementation == "cryptography" else None)
+    config = bench.BenchConfig(sizes=(1 << 20,), threads=4, include_transfer=True)
+    report = bench.BenchReport(environment={}, config=config)
+    report.cells = [cell("cryptography", 4), cell("gpucrypt-gpu+transfer", 1)]
+    bench._fill_ratios(report)
+    assert report.cells[1].ratio is None and report.cells[1].tie is None
+    report.cells = [cell("cryptography", 1), cell("gpucrypt-gpu+transfer", 1)]
+    bench._fill_ratios(report)
+    assert report.cells[1].ratio == pytest.approx(1.0) and report.cells[1].tie is True
+
+
+def test_the_threads_note_says_why_gpu_rows_have_no_ratio(capsys):
+    code, out, err = run_cli(capsys, *ONE_CELL, "--threads", "2")
+    assert code == 0, err
+    assert "GPU rows: one host thread, so no ratio to the 2-thread baseline" in out
+
+
 def test_a_cell_exactly_at_the_noise_bound_is_a_tie_as_the_verdicts_say():
     """1.1 s against 1.0 s with 10% noise: the issue-13 verdict compares the times (within
     the noise); the tie mark works back from the throughput ratio, whose rounding put
@@ -260,6 +286,22 @@ def test_table_output(capsys):
     row = next(line for line in out.splitlines() if line.startswith("cryptography"))
     assert row.count("x1.00") == 2  # one per size
     assert "decrypt" not in out
+
+
+def test_the_header_claims_the_checks_only_for_checked_rows():
+    """The header said every row was checked while the simulator's +transfer rows were
+    not: it now names the rows whose output was not checked."""
+    def cell(implementation, verified):
+        return bench.Cell("chacha20", "encrypt", "into", implementation, "x", 64, 1, 1, 1, 1e-6,
+                          0.064, None, "cryptography", None, "t", verified=verified)
+    report = bench.BenchReport(environment={"cpu": "a CPU", "cpu_usable": 2, "date": "today"},
+                               config=bench.BenchConfig(algorithms=("chacha20",), sizes=(64,)))
+    report.cells = [cell("cryptography", True), cell("gpucrypt-gpu+transfer", False)]
+    text = report.render()
+    assert "every row's output was checked" not in text
+    assert "output NOT checked against the reference: gpucrypt-gpu+transfer (1 cell)" in text
+    report.cells[1].verified = True
+    assert "every row's output was checked against the reference" in report.render()
 
 
 def test_threads_aggregate(tmp_path, capsys):
@@ -479,15 +521,50 @@ def test_simulator_smoke_rows_are_labelled(on_cudasim, tmp_path, capsys):
     path = tmp_path / "sim.json"
     code, out, _ = run_cli(capsys, "--device", "gpu", "--simulator-smoke", "--seconds", "0.01",
                            "--sizes", "64", "--algorithms", "chacha20-poly1305",
-                           "--operations", "encrypt", "--json", str(path))
+                           "--operations", "encrypt", "--include-transfer", "--json", str(path))
     assert code == 0
     doc = json.loads(path.read_text())
     gpu_cells = [c for c in doc["cells"] if c["implementation"] in bench.GPU_IMPLEMENTATIONS]
-    assert {c["implementation"] for c in gpu_cells} == {"gpucrypt-gpu", "gpucrypt-gpu-hosttag"}
+    assert {c["implementation"] for c in gpu_cells} == set(bench.GPU_IMPLEMENTATIONS)
     for c in gpu_cells:
         assert c["device"] == c["note"] == "simulator (not a measurement)"
         assert c["ratio"] is None and c["fraction_of_copy"] is None
+    # a simulated figure is a label, but its bytes were checked: verified says so (it
+    # said False for every simulator row, under a header claiming every row was checked)
+    assert all(c["verified"] for c in doc["cells"])
     assert "simulator (not a measurement)" in out
+    assert "every row's output was checked against the reference" in out
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("form, method", [("alloc", "encrypt"), ("into", "encrypt_into")])
+def test_a_simulated_transfer_row_with_wrong_output_is_never_reported(on_cudasim, monkeypatch,
+                                                                     capsys, form, method):
+    """The simulator's +transfer rows were timed without a check: wrong bytes came out as
+    a row like any other."""
+    if not on_cudasim:
+        pytest.skip("only meaningful under numba's CUDA simulator")
+    from _reference import require_gpu_backend
+
+    require_gpu_backend()
+    import gpucrypt
+
+    real = getattr(gpucrypt.ChaCha20Poly1305, method)
+
+    def flipped(self, *args):
+        result = real(self, *args)
+        if method == "encrypt":
+            return bytes([result[0] ^ 1]) + result[1:]
+        args[-1][0] ^= 1  # the output buffer
+        return result
+
+    monkeypatch.setattr(gpucrypt.ChaCha20Poly1305, method, flipped)
+    code, out, err = run_cli(capsys, "--device", "gpu", "--simulator-smoke", "--seconds", "0.01",
+                             "--sizes", "64", "--algorithms", "chacha20-poly1305",
+                             "--operations", "encrypt", "--forms", form,
+                             "--implementations", "gpucrypt-gpu+transfer")
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert "gpucrypt-gpu+transfer produced bytes that differ from the reference" in err
 
 
 # --------------------------------------------------------------------------- RESULTS.md
@@ -858,3 +935,100 @@ def test_outputs_are_written_before_a_failing_stdout(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert code == 1 and "cannot write to stdout (No space left on device)" in err, err
     assert json.loads(path.read_text())["cells"]
+
+
+@pytest.mark.parametrize("implementations, algorithms, named", [
+    ("gpucrypt-cpu", "aes-128-gcm", "gpucrypt-cpu"),
+    ("pynacl", "aes-128-gcm", "pynacl"),
+    ("gpucrypt-cpu,gpucrypt-gpu", "aes-128-gcm", "gpucrypt-cpu"),
+    ("cryptography,gpucrypt-gpu", "xchacha20-poly1305", "cryptography"),  # not its baseline
+])
+def test_cpu_implementations_with_device_gpu_are_refused(capsys, monkeypatch, implementations,
+                                                         algorithms, named):
+    """With no GPU they made a baseline-only table and exit 0, the named row dropped
+    without a word (as --device cpu refuses the GPU ones)."""
+    monkeypatch.setattr(bench, "run", lambda config, progress=None: pytest.fail("it ran"))
+    code, out, err = run_cli(capsys, "--device", "gpu", "--implementations", implementations,
+                             "--algorithms", algorithms, "--sizes", "16", "--seconds", "0.01")
+    _refused_before_the_run(code, out, err, "--device gpu runs the GPU rows", named,
+                            "--device auto")
+
+
+def test_a_device_gpu_run_without_a_gpu_row_is_refused(capsys, monkeypatch):
+    """Naming only the baseline timed the baseline alone and exit 0 (the library's run()
+    refuses too, for callers of the Python API)."""
+    real_run = bench.run
+    monkeypatch.setattr(bench, "run", lambda config, progress=None: pytest.fail("it ran"))
+    code, out, err = run_cli(capsys, "--device", "gpu", "--implementations", "cryptography",
+                             "--algorithms", "aes-128-gcm", "--sizes", "16", "--seconds", "0.01")
+    _refused_before_the_run(code, out, err, "names none", "add gpucrypt-gpu", "--device cpu")
+    config = bench.BenchConfig(algorithms=("aes-128-gcm",), implementations=("cryptography",),
+                               device="gpu", sizes=(16,), seconds=0.01)
+    with pytest.raises(ValueError, match="add gpucrypt-gpu"):
+        real_run(config)
+
+
+def test_simulator_smoke_without_the_simulator_is_refused(capsys, monkeypatch):
+    """Without NUMBA_ENABLE_CUDASIM=1 the option was ignored (a real GPU timed as usual)."""
+    monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)
+    monkeypatch.setattr(bench, "run", lambda config, progress=None: pytest.fail("it ran"))
+    args = [a for a in ONE_CELL]
+    args[args.index("--device") + 1] = "auto"
+    code, out, err = run_cli(capsys, *args, "--simulator-smoke")
+    _refused_before_the_run(code, out, err, "--simulator-smoke", "NUMBA_ENABLE_CUDASIM=1")
+
+
+def test_a_named_implementation_without_a_row_is_said(capsys, monkeypatch):
+    """PyNaCl offers XChaCha20-Poly1305 only: named for AES-GCM it was dropped without a
+    word. Refused when no implementation named has a row; a note when some do."""
+    real_run = bench.run
+    monkeypatch.setattr(bench, "run", lambda config, progress=None: pytest.fail("it ran"))
+    code, out, err = run_cli(capsys, "--implementations", "pynacl", "--algorithms", "aes-128-gcm",
+                             "--sizes", "16", "--seconds", "0.01")
+    _refused_before_the_run(code, out, err, "no implementation named has a row for aes-128-gcm",
+                            "pynacl offers only xchacha20-poly1305", "--algorithms")
+    monkeypatch.setattr(bench, "run", real_run)
+    code, out, err = run_cli(capsys, "--device", "cpu", "--implementations", "gpucrypt-cpu,pynacl",
+                             "--algorithms", "aes-128-gcm", "--sizes", "16", "--seconds", "0.01",
+                             "--operations", "encrypt", "--forms", "into")
+    assert code == 0 and "gpucrypt-cpu" in out, err
+    assert err == ("gpucrypt bench: note: pynacl: no row for aes-128-gcm "
+                   "(pynacl offers only xchacha20-poly1305)\n")
+
+
+def test_the_json_lists_the_implementations_planned():
+    """gpucrypt-gpu+transfer was listed without include_transfer, as if it had run."""
+    doc = bench.BenchReport(environment={}, config=bench.BenchConfig()).to_json()
+    assert "gpucrypt-gpu+transfer" not in doc["config"]["implementations"]
+    config = bench.BenchConfig(include_transfer=True)
+    assert "gpucrypt-gpu+transfer" in bench.BenchReport({}, config).to_json()["config"]["implementations"]
+    # --device gpu: the GPU rows and the baseline (measured whatever was named)
+    config = bench.BenchConfig(algorithms=("aes-128-gcm",), implementations=("gpucrypt-gpu",),
+                               device="gpu")
+    assert bench.BenchReport({}, config).to_json()["config"]["implementations"] == \
+        ["cryptography", "gpucrypt-gpu"]
+
+
+def test_no_gpu_is_said_in_the_commands_words(tmp_path):
+    """The backend's reason ends "use device='cpu'", the Python API's words: the command
+    says --device cpu, in the error, the table's note and the JSON alike. A real process
+    on a machine without a GPU driver (no simulator)."""
+    from gpucrypt.backends._probe import _cuda_driver_loadable
+
+    if _cuda_driver_loadable():
+        pytest.skip("a GPU driver is present: the no-GPU reason cannot come up here")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    launcher = "import sys; from gpucrypt.cli import main; sys.exit(main())"
+    one = ["--algorithms", "chacha20", "--sizes", "16", "--seconds", "0.01", "--operations",
+           "encrypt", "--forms", "into"]
+    proc = subprocess.run([sys.executable, "-c", launcher, "bench", "--device", "gpu", *one],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1 and "no GPU found" in proc.stderr, proc.stderr
+    assert "--device cpu" in proc.stderr and "device='cpu'" not in proc.stderr
+    path = tmp_path / "n.json"
+    proc = subprocess.run([sys.executable, "-c", launcher, "bench", *one, "--implementations",
+                           "cryptography,gpucrypt-gpu", "--json", str(path)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "use --device cpu" in proc.stdout and "device='cpu'" not in proc.stdout
+    assert "device='cpu'" not in path.read_text() and "--device cpu" in path.read_text()

@@ -1,7 +1,8 @@
 """``gpucrypt bench``: the command line over :mod:`gpucrypt.bench`.
 
-Usage errors (unknown algorithm, bad size, ...) exit 2 with one line on stderr;
-a GPU that was asked for but cannot be timed exits 1 with the reason.
+Usage errors (unknown algorithm, bad size, an option the run would ignore, ...) exit 2
+with one line on stderr; a GPU that was asked for but cannot be timed exits 1 with the
+reason.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import tempfile
 import time
 
 from . import CliError
-from ._common import (StreamedOutput, atomic_output, check_output_path, refuse_dash,
-                      run_reporting_errors, streamed_output)
+from ._common import (StreamedOutput, atomic_output, check_output_path, in_option_words,
+                      refuse_dash, run_reporting_errors, streamed_output)
 
 #: the largest message size a run takes (1 TiB): larger ones fit in no machine's memory,
 #: and far larger ones overflowed where the buffers are made (an OverflowError traceback)
@@ -102,15 +103,53 @@ def _config(args):
         raise CliError(f"--threads must be at least 1, not {args.threads}", exit_code=2)
     if args.device == "cpu":
         _refuse_gpu_only(args, implementations)
+    elif args.device == "gpu":
+        _refuse_cpu_only(args, implementations, algorithms)
+    if args.simulator_smoke and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        # without the simulator the option changed nothing: a real GPU was timed as usual
+        raise CliError("--simulator-smoke runs the GPU rows in numba's CUDA simulator, which is "
+                       "not on: set NUMBA_ENABLE_CUDASIM=1 in the environment, or leave the "
+                       "option out", exit_code=2)
     # naming the transfer row asks for it: left out without --include-transfer, it was
     # dropped without a word
-    named = args.implementations.strip().lower() != "all"
+    named = _named(args)
     include_transfer = args.include_transfer or (named and "gpucrypt-gpu+transfer" in implementations)
-    return bench.BenchConfig(algorithms=algorithms, operations=operations, forms=forms,
-                             implementations=implementations, sizes=sizes, device=args.device,
-                             seconds=args.seconds, threads=args.threads,
-                             include_transfer=include_transfer,
-                             simulator_smoke=args.simulator_smoke, device_time=args.device_time)
+    config = bench.BenchConfig(algorithms=algorithms, operations=operations, forms=forms,
+                               implementations=implementations, sizes=sizes, device=args.device,
+                               seconds=args.seconds, threads=args.threads,
+                               include_transfer=include_transfer,
+                               simulator_smoke=args.simulator_smoke, device_time=args.device_time)
+    if named:
+        _say_rowless(config)
+    if args.device == "gpu" and not bench.gpu_rows_planned(config):
+        raise CliError(f"--device gpu times the GPU rows, and --implementations "
+                       f"{args.implementations} names none: add gpucrypt-gpu, or use --device cpu",
+                       exit_code=2)
+    return config
+
+
+def _named(args) -> bool:
+    """Whether --implementations names implementations one by one: ``all`` means those
+    that run on the device asked, and leaving some out is no news then."""
+    return args.implementations.strip().lower() != "all"
+
+
+def _say_rowless(config) -> None:
+    """Named implementations that offer none of the algorithms asked have no row: refuse
+    when none of those named has one (the run would time the baseline alone), else say
+    which were left out (a note on stderr)."""
+    from .. import bench
+
+    rowless = bench.without_rows(config)
+    if not rowless:
+        return
+    why = "; ".join(f"{i} offers only {', '.join(bench.offered(i))}" for i in rowless)
+    asked = ", ".join(config.algorithms)
+    if len(rowless) == len(config.implementations):
+        raise CliError(f"no implementation named has a row for {asked} ({why}): add one of "
+                       f"those to --algorithms, or name another implementation", exit_code=2)
+    print(f"gpucrypt bench: note: {', '.join(rowless)}: no row for {asked} ({why})",
+          file=sys.stderr)
 
 
 def _refuse_gpu_only(args, implementations) -> None:
@@ -119,13 +158,30 @@ def _refuse_gpu_only(args, implementations) -> None:
     implementations is not naming them: it means those that run on the device asked."""
     from .. import bench
 
-    named = args.implementations.strip().lower() != "all"
+    named = _named(args)
     gpu_only = [flag for name, flag in _GPU_OPTIONS if getattr(args, name)]
     gpu_only += [i for i in implementations if named and i in bench.GPU_IMPLEMENTATIONS]
     if gpu_only:
         raise CliError(f"--device cpu runs no GPU row, so {', '.join(gpu_only)} would be "
                        f"ignored: leave {'it' if len(gpu_only) == 1 else 'them'} out, or use "
                        f"--device gpu or auto", exit_code=2)
+
+
+def _refuse_cpu_only(args, implementations, algorithms) -> None:
+    """With ``--device gpu``: refuse named CPU implementations, which the run left out
+    without a word (exit 2), as ``--device cpu`` refuses the GPU ones. An algorithm's
+    baseline (cryptography, pynacl) may be named: it is measured anyway."""
+    from .. import bench
+
+    if not _named(args):
+        return
+    baselines = {bench.ALGORITHMS[a].baseline for a in algorithms}
+    cpu_only = [i for i in implementations if i in bench.CPU_IMPLEMENTATIONS and i not in baselines]
+    if cpu_only:
+        them = "it" if len(cpu_only) == 1 else "them"
+        raise CliError(f"--device gpu runs the GPU rows and each algorithm's baseline only, so "
+                       f"{', '.join(cpu_only)} would be ignored: leave {them} out, or use "
+                       f"--device auto to time {them} too", exit_code=2)
 
 
 def _check_plot(path: str) -> None:
@@ -212,17 +268,26 @@ def run_bench(args) -> int:
         try:
             report = bench.run(config, progress=bar)
         except RuntimeError as exc:  # no GPU to time, or a row's output was wrong (WrongOutput)
-            raise CliError(str(exc), exit_code=1) from None
+            raise CliError(in_option_words(str(exc)), exit_code=1) from None
         except MemoryError:
             raise CliError(f"out of memory for the sizes asked (the largest is "
                            f"{bench.format_size(max(config.sizes))}, a few buffers of it are "
                            f"needed): give smaller --sizes", exit_code=1) from None
         finally:
             bar.close()
+        _in_cli_words(report)
         # the files first: a stdout that fails (full, closed) must not cost the results
         run_reporting_errors(args, lambda: _write_outputs(report, files, outputs))
     print(report.render())
     return 0
+
+
+def _in_cli_words(report) -> None:
+    """The backends' reasons (no GPU: "use device='cpu'") in this command's words, in the
+    table's notes and the JSON's alike."""
+    report.notes[:] = [in_option_words(note) for note in report.notes]
+    for missing in report.unavailable:
+        missing.reason = in_option_words(missing.reason)
 
 
 def _shared_mode() -> int:
