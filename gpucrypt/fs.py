@@ -17,9 +17,14 @@ Contract:
   :class:`~gpucrypt.keys.portable.KeyReferences` (paths to key files, provider-backed
   keys, or URI references), resolved in the process that uses them. fsspec pickles a
   filesystem as its constructor arguments, so an instance sent to a worker carries no
-  secret; objects holding key material are refused when the filesystem is made. Key
-  paths given relative are made absolute when the filesystem is made (its token and its
-  pickle carry the absolute path): an ``os.chdir`` later does not switch keysets.
+  secret; objects holding key material are refused when the filesystem is made. That
+  refusal is a check of known types (key bytes, a loaded ``Keyset``, ``KeysetKey`` or
+  ``Identity``, a ``WrappingKey`` made from bytes, a ``FileKeyProvider``): any other
+  object with ``get_key`` is taken as a provider, and whatever it holds (a key it was
+  given, a cache) travels in the pickle. A provider of your own must hold where its keys
+  are, not the keys. Key paths given relative are made absolute when the filesystem is
+  made (its token and its pickle carry the absolute path): an ``os.chdir`` later does
+  not switch keysets.
 - **One instance per key text; key files are watched.** fsspec hands back a cached
   instance for arguments that print alike. A filesystem is cached (and
   ``fsspec.filesystem(...)``, pandas and pyarrow calls share it) only when every key
@@ -28,9 +33,12 @@ Contract:
   ``Recipient``, a provider, anything with ``resolve()``) is a new instance on every
   call, so two objects that print alike never share one, and has a token of its own: it
   equals (``==``, ``hash``, dask's token, pyarrow's ``equals``) only itself. Key
-  arguments given explicitly win over fsspec's config, ``None`` and ``[]`` included
-  (``keyset=None`` with identities: read only, whatever keyset the config names); left
-  out, the config's apply. Keys are resolved on first use and again whenever a key file
+  arguments given explicitly win over fsspec's config (``fsspec.config.conf``,
+  ``FSSPEC_GPUCRYPT_KEYSET=...``), ``None`` and ``[]`` included (``keyset=None`` with
+  identities: read only, whatever keyset the config names), and replace the config's
+  keys whole: ``keys=`` drops the config's ``keyset``, ``identities``, ``recipients`` and
+  ``passphrase_env``, and any of those drops the config's ``keys``; left out, the
+  config's apply. Keys are resolved on first use and again whenever a key file
   they name (a keyset, identity or recipient file, a ``file:`` URI's keyset) has changed
   since (its inode, size, or modification or change time): a keyset rotated on disk
   reaches the next file written or opened, by a new filesystem call or by one kept from
@@ -43,17 +51,20 @@ Contract:
   ``cat_file`` and ``cat_ranges`` then decrypt only the segments they touch. A segment
   that fails raises :class:`~gpucrypt.stream.AuthenticationError` (or
   ``TruncatedError``), its message starting with the file's path; no byte of it is
-  returned. :func:`stats` counts the segments decrypted. Readers are independent of
-  each other, in threads too: over ``memory://``, whose ``open`` hands every caller one
-  shared file object, they read by range (``cat_file``) instead.
+  returned. ``cat`` and ``cat_ranges`` (and so a mapper's ``getitems``, zarr's reads)
+  raise such a failure, a file that is not a stream and one for other keys
+  (``NoMatchingRecipient``) whatever ``on_error`` says: ``on_error`` applies to the
+  other errors (a missing file). :func:`stats` counts the segments decrypted. Readers
+  are independent of each other, in threads too: over ``memory://``, whose ``open``
+  hands every caller one shared file object, they read by range (``cat_file``) instead.
 - **Sizes are plaintext sizes.** ``info``/``ls`` read each file's header (a few KiB)
   and report the size of its plaintext; a file that is not a gpucrypt stream keeps its
   stored size and gets ``"encrypted": False`` (opening it raises ``FormatError``); a
-  stream cut inside a segment's tag keeps its stored size and gets ``"truncated": True``
-  (listing, ``exists``, ``find``, ``glob`` and ``du`` work; opening it raises
-  ``TruncatedError``). A file whose header cannot be read (an ``OSError``) keeps its
-  stored size with ``"encrypted": None``; one gone between the listing and its header
-  read is left out of ``ls``, as are gpucrypt's own temporary files
+  stream cut inside its header or a segment's tag keeps its stored size and gets
+  ``"truncated": True`` (listing, ``exists``, ``find``, ``glob`` and ``du`` work;
+  opening it raises ``TruncatedError``). A file whose header cannot be read (an
+  ``OSError``) keeps its stored size with ``"encrypted": None``; one gone between the
+  listing and its header read is left out of ``ls``, as are gpucrypt's own temporary files
   (``.*.gpucrypt-tmp``: look for leftovers through the target, ``fs.fs``).
 - **Writes are whole files, published at once.** ``open(path, "wb")`` keeps the
   plaintext in memory and seals it on ``close`` under a fresh data key wrapped for the
@@ -92,6 +103,18 @@ Contract:
   dataset (a file from another keyset fails with ``NoMatchingRecipient``).
 - Data keys unwrapped from envelopes are kept (by envelope) in the instance, never
   pickled, until the key files change.
+- **No cache above gpucrypt.** fsspec's caching filesystems over gpucrypt
+  (``filecache::``, ``simplecache::``, ``blockcache::gpucrypt::...``) would keep the
+  plaintext on disk in their cache folder: reading through them is refused
+  (``ValueError``, told by the caller: a ``CachingFileSystem`` whose target is this
+  filesystem; a cache of another kind is not recognised). Put the cache below:
+  ``gpucrypt::simplecache::PROTOCOL://...`` caches the ciphertext. Writing through
+  ``filecache::``/``simplecache::`` cannot be refused: those caches write the plaintext
+  into their cache folder and call gpucrypt only when the file is closed, to encrypt
+  it, and keep the plaintext copy there. Don't write through them.
+- ``get_file(rpath, lpath)`` refuses a local ``lpath`` that is ``rpath`` itself
+  (``ValueError``, as :func:`gpucrypt.stream.decrypt` refuses it), before anything is
+  written: the plaintext would replace the only ciphertext.
 - ``put_file`` follows fsspec: ``mode="create"`` refuses an existing target
   (``FileExistsError``, checked before writing, not atomically, as fsspec's own
   filesystems check it); inside ``with fs.transaction:`` the file is sealed at once into
@@ -120,6 +143,7 @@ from typing import Any
 
 import fsspec
 from fsspec.config import apply_config
+from fsspec.implementations.cached import CachingFileSystem
 from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
@@ -128,7 +152,7 @@ from fsspec.utils import isfilelike, stringify_path, tokenize
 
 from .files import stream
 from .backends import check_device
-from .files._format import (TAG_SIZE, AuthenticationError, FormatError, StreamError,
+from .files._format import (MAGIC, TAG_SIZE, AuthenticationError, FormatError, StreamError,
                             TruncatedError, UnsupportedVersion, check_algorithm,
                             check_segment_size, parse_header)
 from .files._atomic import AtomicFile, OutputExists, _track, _untrack, fsync_folder
@@ -146,6 +170,10 @@ _HEAD_BYTES = 4096
 _MAX_HEADER_BYTES = 2 << 20
 #: a size not in the cache (None there means "not a stream")
 _UNKNOWN = object()
+#: what a file fails with when it is tampered with, truncated, not a gpucrypt stream, or
+#: for other keys: raised by the reads that take ``on_error`` whatever it says, never
+#: returned or left out as a missing file is
+_INTEGRITY_ERRORS = (StreamError, NoMatchingRecipient)
 
 
 class _Counter:
@@ -270,8 +298,9 @@ class GpucryptFile(stream.SegmentReader):
 
     @property
     def blocksize(self) -> int:
-        # what fsspec's block cache asks of a file it caches: blocks of this file's
-        # plaintext would be kept on disk in the clear. Said instead of a bare AttributeError.
+        # what a block cache asks of a file it caches: blocks of this file's plaintext
+        # would be kept on disk in the clear. Said instead of a bare AttributeError (fsspec's
+        # own blockcache is refused before, when it opens the file: _refuse_cache_above)
         raise AttributeError(f"{self.path}: gpucrypt files are not cached above gpucrypt "
                              f"(blockcache::gpucrypt:: would keep plaintext blocks on disk): put "
                              f"the cache below it, gpucrypt::blockcache::PROTOCOL://..., which "
@@ -298,6 +327,40 @@ class GpucryptFile(stream.SegmentReader):
         if not self.closed:
             super().close()
             self._target_file.close()
+
+
+#: frames of the gpucrypt filesystem's own methods looked through, at most, to find who
+#: called it (``get`` -> ``get_file``, ``open`` -> ``_open``: a few)
+_OWN_FRAMES = 8
+
+
+def _refuse_cache_above(fs: "GpucryptFileSystem", path: str) -> None:
+    """Raise ``ValueError`` when ``fs`` is read by one of fsspec's caching filesystems
+    wrapping it (``filecache::``, ``simplecache::``, ``blockcache::gpucrypt::...``): they
+    download the whole file (``get_file``, ``get``) or its blocks (``_open``) into their
+    cache folder, which would then hold the plaintext on disk, unencrypted, for as long
+    as the cache keeps it. Told by the caller: the first frame up the stack that is not
+    one of ``fs``'s own methods is a method of a :class:`CachingFileSystem` whose target
+    (``.fs``) is ``fs``, which is how fsspec's caches call their target. A cache of
+    another kind (one not derived from CachingFileSystem) is not recognised."""
+    frame = sys._getframe(2)  # the caller of the method of fs that asks
+    for _ in range(_OWN_FRAMES):
+        if frame is None:
+            return
+        caller = frame.f_locals.get("self")
+        if caller is not fs:
+            # a CachingFileSystem hands most attributes to its target: its own, directly
+            if isinstance(caller, CachingFileSystem) and \
+                    object.__getattribute__(caller, "__dict__").get("fs") is fs:
+                protocol = caller.protocol if isinstance(caller.protocol, str) \
+                    else caller.protocol[0]
+                raise ValueError(
+                    f"{path}: gpucrypt files are not cached above gpucrypt "
+                    f"({protocol}::gpucrypt:: would keep their plaintext on disk, in its "
+                    f"cache folder): put the cache below it, gpucrypt::{protocol}::"
+                    f"PROTOCOL://..., which caches the ciphertext")
+            return
+        frame = frame.f_back
 
 
 class _RangeFile(io.RawIOBase):
@@ -639,6 +702,28 @@ def _key_arguments_as_text(kwargs: dict) -> dict | None:
     return spelled
 
 
+#: the key arguments other than ``keys=``, which a ``keys=`` KeyReferences holds
+_SEPARATE_KEY_ARGUMENTS = ("keyset", "identities", "recipients", "passphrase_env")
+
+
+def _apply_config(cls: type, kwargs: dict) -> dict:
+    """``kwargs`` over fsspec's config (``fsspec.config.conf``, the ``FSSPEC_GPUCRYPT_*``
+    environment variables), where the keys the caller named replace the config's whole:
+    ``keys=`` and the separate key arguments are two spellings of one set of keys, and
+    a config's ``keyset`` filled in beside a caller's ``keys=`` (or the config's
+    ``keys=`` beside a caller's ``keyset``) made every such call fail ("give keys= or
+    keyset=..., not both"). The config's are dropped as explicit ``None``, so that
+    fsspec, which applies its config again after this, cannot fill them in either."""
+    given = kwargs
+    kwargs = apply_config(cls, kwargs)
+    if given.get("keys") is not None:
+        for name in _SEPARATE_KEY_ARGUMENTS:
+            kwargs[name] = given.get(name)
+    if any(name in given for name in _SEPARATE_KEY_ARGUMENTS):
+        kwargs["keys"] = given.get("keys")
+    return kwargs
+
+
 class _CachedForKeyText(type(ChainedFileSystem)):
     """fsspec's instance cache (the metaclass of its filesystems), which finds an instance
     by the printed form of the constructor's arguments, kept only where that form names
@@ -651,7 +736,7 @@ class _CachedForKeyText(type(ChainedFileSystem)):
     keyed by filesystem hand one caller's reads to the other)."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        kwargs = apply_config(cls, kwargs)  # as fsspec does first: config may name keys
+        kwargs = _apply_config(cls, kwargs)  # as fsspec does first: config may name keys
         kwargs = _absolute_key_paths(kwargs)
         as_text = _key_arguments_as_text(kwargs)
         if as_text is not None:
@@ -868,7 +953,13 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         if size is _UNKNOWN:
             try:
                 header = self._header(path)
-            except (FormatError, TruncatedError):
+            except TruncatedError:
+                # raised only for a file that starts as a stream does (wrong magic bytes
+                # are a FormatError): one at least as long as the magic has it whole, and
+                # is a stream cut inside its header, listed as one cut inside a tag is;
+                # a shorter one (the three bytes "GPU") is taken for some other file
+                size = _TRUNCATED if stored >= len(MAGIC) else None
+            except FormatError:
                 size = None
             except FileNotFoundError:
                 raise
@@ -951,6 +1042,7 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
               cache_options: Any = None, **kwargs: Any):
         target = self._target(path)
         if mode == "rb":
+            _refuse_cache_above(self, target)
             return self._open_reader(target, **kwargs)
         if mode == "wb":
             options = self._file_options(kwargs)
@@ -991,6 +1083,31 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         with self._open_reader(self._target(path)) as f:
             return _read_range(f, start, end)
 
+    def cat(self, path: Any, recursive: bool = False, on_error: str = "raise",
+            **kwargs: Any) -> Any:
+        """fsspec's ``cat``, except that a file that fails as a gpucrypt file (tampered,
+        truncated, not a stream, or for other keys: :data:`_INTEGRITY_ERRORS`) raises
+        whatever ``on_error`` says. fsspec's own would leave it out under ``"omit"``, as
+        if it were missing, and a mapper's ``getitems(on_error="omit")`` (zarr's reads)
+        would then read a tampered chunk as a missing one, its fill value. ``on_error``
+        applies to the other errors (a missing file), as fsspec applies it."""
+        paths = self.expand_path(path, recursive=recursive, **kwargs)
+        if not (len(paths) > 1 or isinstance(path, list)
+                or paths[0] != self._strip_protocol(path)):
+            return self.cat_file(paths[0], **kwargs)  # one file named: its bytes, as fsspec
+        out = {}
+        for p in paths:
+            try:
+                out[p] = self.cat_file(p, **kwargs)
+            except _INTEGRITY_ERRORS:
+                raise
+            except Exception as exc:
+                if on_error == "raise":
+                    raise
+                if on_error == "return":
+                    out[p] = exc
+        return out
+
     def cat_ranges(self, paths: list, starts: Any, ends: Any, max_gap: Any = None,
                    on_error: str = "return", **kwargs: Any) -> list:
         """Byte ranges of plaintext, one file opened once for all its ranges. A failed
@@ -1010,7 +1127,7 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
                 with self._open_reader(target) as f:
                     for i in _reading_order(f, [starts[i] or 0 for i in indices], indices):
                         out[i] = _read_range(f, starts[i], ends[i])
-            except (StreamError, NoMatchingRecipient):
+            except _INTEGRITY_ERRORS:
                 raise
             except Exception as exc:
                 if on_error != "return":
@@ -1027,6 +1144,7 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         verified plaintext of the segments before the bad one: not to be used). A folder
         ``rpath`` makes the local folder (``get(..., recursive=True)`` passes folders)."""
         target = self._target(rpath)
+        _refuse_cache_above(self, target)
         if outfile is None and isfilelike(lpath):
             outfile = lpath
         elif outfile is None and self.fs.isdir(target):
@@ -1034,6 +1152,11 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
             return
         if outfile is None:
             lpath = os.path.abspath(os.fspath(lpath))
+            if isinstance(self.fs, LocalFileSystem):
+                # stream.decrypt refuses one file as both ends only when given two paths;
+                # it gets the source as a file object here, and would put the plaintext
+                # where the only ciphertext was
+                stream._refuse_same_file(target, lpath)
             os.makedirs(os.path.dirname(lpath), exist_ok=True)
         with self._open_target(target) as f:
             try:

@@ -30,6 +30,13 @@ Pieces, each usable on its own in a Ray Data pipeline::
   otherwise; :func:`read_encrypted` reads gpucrypt files through the
   :mod:`gpucrypt.fs` filesystem (decrypted in the read tasks).
 
+Keys travel by reference (:class:`KeyReferences`: paths, key URIs, provider-backed keys),
+resolved in the actors and tasks that use them. Objects holding key material are refused
+by a check of known types (key bytes, a loaded ``Keyset``, ``KeysetKey`` or ``Identity``,
+a ``WrappingKey`` made from bytes, a ``FileKeyProvider``): any other object with
+``get_key`` is taken as a provider, and whatever it holds travels in the task graph with
+it. A provider of your own must hold where its keys are, not the keys.
+
 Errors: a tampered, truncated or foreign file fails the job; the exception Ray raises
 carries the gpucrypt error, whose message starts with the file's path.
 """
@@ -54,7 +61,7 @@ from ray.data.block import BlockAccessor
 
 from .files import stream
 from .files._format import MAGIC as STREAM_MAGIC, StreamError
-from .fs import GpucryptFileSystem, named_error
+from .fs import GpucryptFileSystem, named_error, plaintext_size
 from .keys import NoMatchingRecipient, encrypt_file
 from .keys.portable import KeyReferences
 
@@ -322,7 +329,9 @@ class StagedFilesDatasink(Datasink):
     keeps the staging folder (``.gpucrypt-staging-*``), where the files not yet moved
     are, for the user to move or remove; a crash there leaves the same state unreported.
     A rerun of the job replaces the published files. A dataset without rows publishes an
-    empty folder.
+    empty folder. A file whose place in the folder is taken by a folder is refused
+    before anything is moved (``IsADirectoryError``: nothing is published, the staging
+    folder is removed), since a move onto a folder would put the file inside it.
 
     A sink may run several jobs, one after another. A folder kept by a publish that
     stopped part-way stays kept through the sink's later jobs (a failed one adds to it
@@ -425,6 +434,7 @@ class StagedFilesDatasink(Datasink):
         self._check_staged(names)
         if self.whole and self._publish_whole():
             return
+        self._refuse_folders_in_the_way(names)
         self._published = []
         for name in names:
             final = posixpath.join(self.root, name)
@@ -453,6 +463,20 @@ class StagedFilesDatasink(Datasink):
         # done: the sink's next job starts afresh (a failure of it before publishing
         # removes its staging folder)
         self._published, self._kept = None, False
+
+    def _refuse_folders_in_the_way(self, names: list[str]) -> None:
+        """Raise ``IsADirectoryError`` when a folder stands where one of ``names`` must go,
+        before any file is moved: ``mv`` onto a folder moves the file inside it (local and
+        fsspec's generic move alike) and reports success, so the job would look done with
+        the file under another name. Checked first, not atomically with the moves: a
+        folder made meanwhile is still moved into."""
+        folders = [name for name in names if self.fs.isdir(posixpath.join(self.root, name))]
+        if folders:
+            raise IsADirectoryError(
+                errno.EISDIR, f"{len(folders)} of the file(s) to publish would replace a "
+                f"folder ({_some(folders)}): nothing was published; remove or rename those "
+                f"folders, or write the rows under other names (suffix=, relative_to=), and "
+                f"run the job again", self.root)
 
     def _check_staged(self, names: list[str]) -> None:
         """Every file the write tasks reported is in the staging folder as this process sees
@@ -509,7 +533,12 @@ class GpucryptDatasink(StagedFilesDatasink):
     """A :class:`StagedFilesDatasink` of gpucrypt files (``suffix`` ``.gc`` by default).
 
     Without ``keys``, rows must already hold gpucrypt streams (from :class:`EncryptBatch`);
-    one that does not raises rather than be stored in the clear. With ``keys`` (a
+    one that does not raises rather than be stored in the clear. Without keys only the
+    structure is checked: a row must start with a well-formed header and have a length
+    that a whole stream under that header has; a header alone, or one followed by fewer
+    bytes than a tag (16), after it or after a segment's end, is refused. Nothing is
+    authenticated: any other cut stream, or a header followed by plaintext of such a
+    length, is stored as it is and fails when it is read. With ``keys`` (a
     :class:`KeyReferences`) and stream options, the write tasks encrypt the rows.
     """
 
@@ -538,10 +567,18 @@ class GpucryptDatasink(StagedFilesDatasink):
                                  "rows come from EncryptBatch", name)
             return self._sealer.seal(data)
         try:
-            stream.read_header(data)
+            header = stream.read_header(data)
         except StreamError:
             raise ValueError(f"{name}: this row is not a gpucrypt stream; encrypt it first "
                              f"(EncryptBatch) or give GpucryptDatasink keys=") from None
+        # a header alone, or one followed by a length no stream under it has (cut inside
+        # a tag, a header glued to a short plaintext): the rest needs the keys
+        if plaintext_size(header, len(data)) is None:
+            raise ValueError(f"{name}: this row starts with a gpucrypt header but its "
+                             f"length ({len(data)} bytes) is not that of a whole stream "
+                             f"under it: cut short, or a header followed by something else; "
+                             f"encrypt the rows whole (EncryptBatch) or give "
+                             f"GpucryptDatasink keys=")
         return data
 
 

@@ -1186,19 +1186,169 @@ def test_an_option_the_filesystem_does_not_take_is_refused_not_dropped(options):
                           **options)
 
 
-def test_a_block_cache_above_gpucrypt_is_refused_saying_where_it_goes(keys, tmp_path):
-    """blockcache::gpucrypt:: would keep blocks of plaintext in its cache folder; it failed
-    with "'GpucryptFile' object has no attribute 'blocksize'". Below gpucrypt it caches
-    ciphertext, and reads back the data."""
+@pytest.mark.parametrize("target", ["file", "memory"])
+def test_cat_and_a_mappers_getitems_raise_a_failing_file_whatever_on_error_says(
+        keys, tmp_path, target, request):
+    """fsspec's own ``cat`` treats every error as a missing file: ``on_error="omit"`` left
+    a tampered file out without a word, and so did a mapper's ``getitems(on_error="omit")``
+    (zarr v2's reads: a tampered chunk read as missing, its fill value). A file that fails
+    as a gpucrypt file raises whatever ``on_error`` says; a missing one is still left out
+    or returned, as fsspec does."""
+    base = str(tmp_path) if target == "file" else "/" + re.sub(r"\W", "_", request.node.name)
+    fs = fsspec.filesystem("gpucrypt", target_protocol=target, keyset=keys["keyset"],
+                           segment_size=SEGMENT)
+    good, missing = f"{base}/store/good", f"{base}/store/missing"
+    fs.makedirs(f"{base}/store", exist_ok=True)
+    fs.pipe_file(good, b"g" * 9000)
+    failing = {stream.AuthenticationError: f"{base}/store/tampered",
+               stream.TruncatedError: f"{base}/store/cut",
+               stream.FormatError: f"{base}/store/plain",
+               NoMatchingRecipient: f"{base}/store/foreign"}
+    fs.pipe_file(failing[stream.AuthenticationError], b"t" * 9000)
+    fs.fs.pipe_file(failing[stream.AuthenticationError],
+                    _flip(fs.fs.cat_file(failing[stream.AuthenticationError]), -100))
+    fs.pipe_file(failing[stream.TruncatedError], b"c" * 9000)
+    fs.fs.pipe_file(failing[stream.TruncatedError],
+                    fs.fs.cat_file(failing[stream.TruncatedError])[:-(9000 - 2 * SEGMENT + 16)])
+    fs.fs.pipe_file(failing[stream.FormatError], b"not a gpucrypt file at all")
+    fsspec.filesystem("gpucrypt", target_protocol=target, recipients=keys["recipient"]).pipe_file(
+        failing[NoMatchingRecipient], b"for another key")
+    mapper = fs.get_mapper(f"{base}/store")
+    for error, path in failing.items():
+        for on_error in ("omit", "return"):
+            with pytest.raises(error, match=re.escape(path)):
+                fs.cat([good, path, missing], on_error=on_error)
+            with pytest.raises(error, match=re.escape(path)):
+                mapper.getitems(["good", posixpath.basename(path)], on_error=on_error)
+        with pytest.raises(error, match=re.escape(path)):
+            fs.cat([good, path])  # on_error="raise": as fsspec
+
+    assert fs.cat([good, missing], on_error="omit") == {good: b"g" * 9000}
+    returned = fs.cat([good, missing], on_error="return")
+    assert returned[good] == b"g" * 9000 and isinstance(returned[missing], FileNotFoundError)
+    with pytest.raises(FileNotFoundError):
+        fs.cat([good, missing])
+    assert fs.cat(good) == b"g" * 9000  # one file named: its bytes, as fsspec gives them
+    assert mapper.getitems(["good", "missing"], on_error="omit") == {"good": b"g" * 9000}
+    if target == "memory":
+        fs.fs.rm(base, recursive=True)
+
+
+def test_get_file_refuses_to_decrypt_a_local_file_onto_itself(keys, tmp_path):
+    """``stream.decrypt`` refuses one file as input and output only when given two paths;
+    ``get_file`` hands it the source as a file object, so ``get_file(p, p)`` replaced the
+    only ciphertext with its plaintext."""
+    fs = local_fs(keys)
+    path = str(tmp_path / "a.gc")
+    fs.pipe_file(path, b"A" * 100)
+    stored = (tmp_path / "a.gc").read_bytes()
+    for same in (path, str(tmp_path / "sub" / ".." / "a.gc")):
+        with pytest.raises(ValueError, match=r"src and dst are the same file.*another path"):
+            fs.get_file(path, same)
+    os.link(path, tmp_path / "hard.gc")  # another name of the same file
+    with pytest.raises(ValueError, match="same file"):
+        fs.get_file(path, str(tmp_path / "hard.gc"))
+    assert (tmp_path / "a.gc").read_bytes() == stored and not (tmp_path / "sub").exists()
+    fs.get_file(path, str(tmp_path / "a.bin"))  # another file: decrypted there
+    assert (tmp_path / "a.bin").read_bytes() == b"A" * 100
+
+
+def test_a_stream_cut_inside_its_header_is_listed_truncated(keys, tmp_path):
+    """A stream cut inside its header was listed ``"encrypted": False``, as if it were
+    some other file, while opening it raised TruncatedError; a file shorter than the
+    magic, or with other magic bytes, is still no stream."""
+    fs = local_fs(keys)
+    fs.pipe_file(str(tmp_path / "whole.gc"), b"x" * 1000)
+    stored = (tmp_path / "whole.gc").read_bytes()
+    header_length = stream.read_header(stored).header_length
+    for cut in (len(b"GPUCRYPT"), 40, header_length - 1):  # the magic whole, and more
+        path = str(tmp_path / f"cut{cut}.gc")
+        with open(path, "wb") as f:
+            f.write(stored[:cut])
+        entry = fs.info(path)
+        assert entry["truncated"] and entry["encrypted"] and entry["size"] == cut
+        with pytest.raises(stream.TruncatedError, match=re.escape(path)):
+            fs.open(path, "rb")
+    for name, data in (("short", stored[:3]), ("other", b"PK\x03\x04" + bytes(60))):
+        (tmp_path / name).write_bytes(data)
+        entry = fs.info(str(tmp_path / name))
+        assert entry["encrypted"] is False and "truncated" not in entry
+
+
+def test_key_arguments_given_win_over_the_fsspec_configs_keys_whole(keys, tmp_path, monkeypatch):
+    """With fsspec's config naming a keyset (``FSSPEC_GPUCRYPT_KEYSET=...``), a filesystem
+    given ``keys=KeyReferences(...)`` was refused ("give keys= or keyset=..., not both"),
+    and so was every ``gpucrypt.ray.read_encrypted``, which passes ``keys=``. The caller's
+    keys replace the config's whole, in either spelling."""
+    from fsspec.config import conf
+
+    from gpucrypt.keys.portable import KeyReferences
+
+    other = tmp_path / "other.json"
+    Keyset.generate().save(other)
+    monkeypatch.setitem(conf, "gpucrypt", {"keyset": str(other)})  # restored after
+    path = str(tmp_path / "a.gc")
+    local_fs(keys).pipe_file(path, b"for the keys given")
+    by_keys = fsspec.filesystem("gpucrypt", target_protocol="file",
+                                keys=KeyReferences(keyset=keys["keyset"]))
+    assert by_keys.keys.keyset == keys["keyset"] and by_keys.cat_file(path) == b"for the keys given"
+    direct = gfs.GpucryptFileSystem(target_protocol="file",  # as read_encrypted makes it
+                                    keys=KeyReferences(identities=[keys["identity"]]))
+    assert direct.keys.keyset is None and list(direct.keys.identities) == [keys["identity"]]
+    again = pickle.loads(pickle.dumps(direct))  # the config applied again where unpickled
+    assert again.keys.keyset is None and not again._keys().can_encrypt()
+    # key objects (not cached by their text) take the same way
+    provider_key = WrappingKey.from_provider(EnvKeyProvider("k", "GC17_NO_SUCH_VARIABLE"), "k")
+    by_object = fsspec.filesystem("gpucrypt", target_protocol="file",
+                                  keys=KeyReferences(identities=[provider_key]))
+    assert by_object.keys.keyset is None
+
+    monkeypatch.setitem(conf, "gpucrypt", {"keys": KeyReferences(keyset=str(other))})
+    by_keyset = fsspec.filesystem("gpucrypt", target_protocol="file", keyset=keys["keyset"])
+    assert by_keyset.keys.keyset == keys["keyset"] and by_keyset.cat_file(path)
+    assert fsspec.filesystem("gpucrypt", target_protocol="file").keys.keyset == str(other)
+    with pytest.raises(TypeError, match="not both"):  # both given by the caller: its slip
+        fsspec.filesystem("gpucrypt", target_protocol="file", keyset=keys["keyset"],
+                          keys=KeyReferences(keyset=keys["keyset"]))
+
+
+@pytest.mark.parametrize("cache", ["filecache", "simplecache", "blockcache"])
+def test_a_cache_above_gpucrypt_is_refused_and_keeps_no_plaintext(keys, tmp_path, cache):
+    """``filecache::`` and ``simplecache::`` over gpucrypt downloaded whole files into
+    their cache folder, decrypted (only blockcache reached a refusal, on ``blocksize``).
+    Every read through one of fsspec's caching filesystems is refused; below gpucrypt the
+    cache holds ciphertext and reads back the data."""
     target = f"{tmp_path}/x.gc"
     data = os.urandom(50_000)
-    with fsspec.open(f"gpucrypt::file://{target}", "wb",
-                     gpucrypt={"keyset": keys["keyset"]}) as f:
-        f.write(data)
-    with pytest.raises(AttributeError, match="not cached above gpucrypt.*put the cache below"):
-        with fsspec.open(f"blockcache::gpucrypt::file://{target}", "rb",
-                         gpucrypt={"keyset": keys["keyset"]},
-                         blockcache={"cache_storage": str(tmp_path / "cache")}) as f:
-            f.read()
-    assert not any(data[:64] in p.read_bytes() for p in (tmp_path / "cache").rglob("*")
-                   if p.is_file())
+    local_fs(keys).pipe_file(target, data)
+    storage = tmp_path / "cache"
+    reads = {
+        "open": lambda c: c.open(target, "rb").read(),
+        "cat_file": lambda c: c.cat_file(target),
+        "cat": lambda c: c.cat([target]),
+        "get": lambda c: c.get(target, str(tmp_path / "got")),
+    }
+    for made_by in ("chained", "fs="):
+        if made_by == "chained":
+            caching = fsspec.core.url_to_fs(f"{cache}::gpucrypt::file://{target}",
+                                            gpucrypt={"keyset": keys["keyset"]},
+                                            **{cache: {"cache_storage": str(storage)}})[0]
+        else:
+            caching = fsspec.filesystem(cache, fs=local_fs(keys), cache_storage=str(storage),
+                                        skip_instance_cache=True)
+        for read in reads.values():
+            with pytest.raises(ValueError, match=f"not cached above gpucrypt.*{cache}::gpucrypt"
+                                                 f".*put the cache below"):
+                read(caching)
+    assert not any(data[:64] in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
+                   and p.name != "x.gc")
+
+    if cache == "blockcache":
+        return  # below gpucrypt over a local file it fails in fsspec itself, on close
+        # (its close_and_update sets LocalFileOpener.closed, a property without a setter)
+    with fsspec.open(f"gpucrypt::{cache}::file://{target}", "rb",
+                     gpucrypt={"keyset": keys["keyset"]},
+                     **{cache: {"cache_storage": str(tmp_path / "below")}}) as f:
+        assert f.read() == data
+    cached = [p for p in (tmp_path / "below").rglob("*") if p.is_file()]
+    assert cached and not any(data[:64] in p.read_bytes() for p in cached)

@@ -534,3 +534,90 @@ def test_a_sink_given_keys_says_when_its_rows_are_encrypted_already(keyset, tmp_
     with caplog.at_level(logging.WARNING, logger="gpucrypt.ray"):
         fresh.prepare(b"plain row", "/in/b.bin")
     assert "encrypted again" not in caplog.text
+
+
+@pytest.mark.parametrize("target", ["file", "memory"])
+def test_a_publish_onto_a_folder_is_refused_before_anything_moves(tmp_path, target):
+    """A row whose file's place is taken by a folder: ``mv`` moved the file inside the
+    folder (``report/report``) and the job reported success. Every place is checked
+    before the first move: nothing is published and on_write_failed removes the staging
+    folder. Ray's call order is replayed without a cluster (see _publish)."""
+    from types import SimpleNamespace
+
+    import fsspec
+
+    if target == "file":
+        root = tmp_path / "out"
+        (root / "report").mkdir(parents=True)
+        (root / "report" / "keep").write_bytes(b"theirs")
+        sink = gray.StagedFilesDatasink(str(root))
+        with pytest.raises(IsADirectoryError, match=r"1 of the file\(s\).*\(report\).*nothing "
+                                                    r"was published"):
+            _publish(sink, ["a.bin", "report", "z.bin"])
+        assert _tree(root) == {"report/keep": b"theirs"} and os.listdir(root) == ["report"]
+        return
+    memory = fsspec.filesystem("memory")
+    root = "/" + re.sub(r"\W", "_", tmp_path.name) + "/out"
+    memory.pipe_file(f"{root}/report/keep", b"theirs")
+    sink = gray.StagedFilesDatasink(f"memory://{root}")
+    try:
+        sink.on_write_start()
+        memory.pipe_file(f"{sink.staging}/a.bin", b"a")
+        memory.pipe_file(f"{sink.staging}/report", b"NEW")
+        with pytest.raises(IsADirectoryError, match="report"):
+            try:  # _publish's calls, with the files staged on the memory target
+                sink.on_write_complete(SimpleNamespace(write_returns=[["a.bin", "report"]]))
+            except Exception as exc:
+                sink.on_write_failed(exc)
+                raise
+        assert memory.find(root) == [f"{root}/report/keep"]
+    finally:
+        memory.rm(root.rsplit("/", 1)[0], recursive=True)
+
+
+def test_a_sink_without_keys_refuses_rows_that_are_no_whole_stream(keyset):
+    """Without keys the sink checked the header only: a header alone, or one followed by
+    fewer bytes than a tag (a stream cut there, a header glued to a short plaintext), was
+    stored under a .gc name. Only the structure can be checked there: a length some
+    whole stream has (16 bytes or more after the header, or after a segment's end) still
+    passes, plaintext or not, as documented."""
+    import io
+
+    sink = gray.GpucryptDatasink("/tmp/unused")
+    enc = gray.EncryptBatch(KeyReferences(keyset=keyset[0]), segment_size=4096, device="cpu")
+    whole = {n: enc({"bytes": [os.urandom(n)]})["bytes"][0] for n in (0, 5000, 8192)}
+    for data in whole.values():
+        assert sink.prepare(data, "/in/whole") == data
+    header_length = stream.read_header(io.BytesIO(whole[0])).header_length
+    for name, row in [("header alone", whole[0][:header_length]),
+                      ("header and a short plaintext", whole[0][:header_length] + b"secret"),
+                      ("cut 10 bytes into a segment",
+                       whole[8192][:header_length + 4096 + 16 + 10])]:
+        with pytest.raises(ValueError, match="not that of a whole stream"):
+            sink.prepare(row, name)
+    # the documented limit: whole by length, so not refused without keys
+    for row in (whole[0][:header_length] + b"SECRET PLAINTEXT",
+                whole[8192][:header_length + 4096 + 16],
+                whole[5000][:-1]):
+        assert sink.prepare(row, "/in/limit") == row
+
+
+def test_read_encrypted_takes_its_keys_over_the_fsspec_configs(keyset, tmp_path, monkeypatch):
+    """``FSSPEC_GPUCRYPT_KEYSET`` (fsspec's config) made every read_encrypted fail: it
+    passes ``keys=``, and the config's keyset was added beside it ("give keys= or
+    keyset=..., not both"). The reader is given as a function here, which gets the
+    pyarrow filesystem read_encrypted made; the read goes through it."""
+    from fsspec.config import conf
+
+    other = tmp_path / "other.json"
+    Keyset.generate().save(other)
+    path = str(tmp_path / "a.gc")
+    refs = KeyReferences(keyset=keyset[0])
+    with open(path, "wb") as f:
+        f.write(gray.EncryptBatch(refs, device="cpu")({"bytes": [b"the rows"]})["bytes"][0])
+    monkeypatch.setitem(conf, "gpucrypt", {"keyset": str(other)})  # restored after
+    for given in ({"keyset": keyset[0]}, {"keys": refs}):
+        filesystem = gray.read_encrypted(path, reader=lambda paths, filesystem: filesystem,
+                                         **given)
+        with filesystem.open_input_file(path) as f:
+            assert f.read() == b"the rows"
