@@ -119,6 +119,8 @@ def event(operation: str, *, outcome: str = "ok", **fields: Any) -> None:
         return
     log_record = _logger.makeRecord(_logger.name, logging.INFO, "(audit)", 0, message, (),
                                     None, extra={"audit": record})
+    if not _logger.filter(log_record):  # the application's filters hold all the same
+        return
     for handler in own:
         if log_record.levelno >= handler.level:
             handler.handle(log_record)
@@ -150,9 +152,7 @@ def timed(operation: str, **fields: Any) -> Iterator[dict]:
 
     Yields a dict the block may fill with more fields (say ``bytes`` once known).
     On an exception the event records ``outcome="error"`` and :func:`error_fields`,
-    then the exception propagates unchanged. A block that raises its own error in place
-    of another's (the command line's one-line errors) may put the ``error`` field of the
-    one it replaced there first: that is recorded instead.
+    then the exception propagates unchanged.
     """
     for name, value in fields.items():
         _check(name, value)  # refuse bad fields before the work starts
@@ -161,7 +161,7 @@ def timed(operation: str, **fields: Any) -> Iterator[dict]:
     try:
         yield extra
     except BaseException as exc:
-        merged = {**fields, "error": error_fields(exc), **extra}
+        merged = {**fields, **extra, "error": error_fields(exc)}
         event(operation, outcome="error", duration_s=round(time.perf_counter() - start, 6),
               **merged)
         raise
@@ -415,10 +415,12 @@ def enable(target: Any = None, level: int = logging.INFO, *,
     propagating: its events no longer reach the root logger's handlers, whose file (an
     application's log, often readable by more users) would otherwise get every audit line
     too, its level notwithstanding. An application that wants them there as well sets
-    ``logging.getLogger(LOGGER_NAME).propagate = True`` after enabling. The logger is
+    ``logging.getLogger(LOGGER_NAME).propagate = True`` after enabling. (Turned off only
+    when a handler is attached: removing it later leaves propagation off, and enabling a
+    log already attached leaves the setting as the application made it.) The logger is
     also enabled again if a logging configuration disabled it (``dictConfig`` does by
     default), and one disabled afterwards still writes to the handlers this function
-    attached: an enabled log has no silent gap."""
+    attached, through the logger's filters: an enabled log has no silent gap."""
     import sys
 
     with _enable_lock:
@@ -438,10 +440,10 @@ def enable(target: Any = None, level: int = logging.INFO, *,
             handler = _AuditFileHandler(path, durable) if to_file else _AuditStreamHandler(target)
             handler.setFormatter(logging.Formatter("%(message)s"))
             handler.setLevel(level)
+            _logger.propagate = False  # before the handler: no event reaches root in between
             _logger.addHandler(handler)
         if _logger.level == logging.NOTSET or _logger.level > level:
             _logger.setLevel(level)
-        _logger.propagate = False
         _logger.disabled = False
         return handler
 

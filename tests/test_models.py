@@ -284,10 +284,13 @@ def test_keyed_argument_errors(tmp_path):
                           (links, IsADirectoryError), (links / "m", OSError)):
             with pytest.raises(exc):
                 models.save_encrypted(t, path, recipients=alice.recipient)
+        # and a tensor that cannot be saved
+        with pytest.raises(TypeError, match="'w'"):
+            models.save_encrypted({"w": object()}, tmp_path / "m", recipients=alice.recipient)
     finally:
         logging.getLogger(audit.LOGGER_NAME).removeHandler(handler)
     assert "envelope.seal" not in log.getvalue()
-    assert log.getvalue().count('"model.encrypt", "outcome": "error"') == 3
+    assert log.getvalue().count('"model.encrypt", "outcome": "error"') == 4
     assert sorted(os.listdir(tmp_path)) == ["links"] and os.listdir(links) == ["m"]
     (links / "m").unlink()
     links.rmdir()

@@ -386,12 +386,28 @@ def _audit_failure(exc: OSError) -> str | None:
     for any other error. An event not recorded fails the command: the log is the
     record of what was done with the keys, and a silent gap in it is what an audit is
     there to rule out."""
-    audit = sys.modules.get("gpucrypt.audit")  # loaded if any event was written
-    if audit is None or not isinstance(exc, audit.AuditLogError):
+    if not is_audit_failure(exc):
         return None
-    return (f"cannot write the audit log {exc.filename}: {exc.strerror}. The event "
-            f"{exc.operation!r} is missing from it ({exc.consequence}): make room or repair the log's "
-            f"file system, then note that event in the log by hand")
+    # every event lost, the first first: the operation's own event (file.encrypt, say)
+    # fails after an inner one (keyset.load) did, and its error holds that one as context
+    lost, seen = [], exc
+    while seen is not None:
+        if is_audit_failure(seen):
+            lost.append(seen)
+        seen = seen.__context__
+    lost.reverse()
+    events = "; ".join(f"{e.operation!r} ({e.consequence})" for e in lost)
+    return (f"cannot write the audit log {exc.filename}: {exc.strerror}. "
+            f"{'The event' if len(lost) == 1 else 'These events are'} missing from it: {events}. "
+            f"Make room or repair the log's file system, then note "
+            f"{'that event' if len(lost) == 1 else 'them'} in the log by hand")
+
+
+def is_audit_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is an audit event that could not be written (the command's own
+    errors never are: they are reported as the log's, by :func:`_run`)."""
+    audit = sys.modules.get("gpucrypt.audit")  # loaded if any event was written
+    return audit is not None and isinstance(exc, audit.AuditLogError)
 
 
 class StdoutFailed(CliError):

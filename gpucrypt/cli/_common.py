@@ -33,7 +33,7 @@ import sys
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
-from . import CliError
+from . import CliError, is_audit_failure
 
 __all__ = ["parse_size", "read_key_file", "parse_key", "add_input_output_and_keys",
            "add_force", "add_key_management", "add_unsafe_key_permissions", "check_key_sources",
@@ -258,9 +258,17 @@ def _no_key() -> CliError:
                     "(or -r/-i/--keyset, or -p for a passphrase)", 2)
 
 
+def key_read(args: Any) -> None:
+    """Note that the command has begun to read its keys: from here on, a failure is an
+    event of the audit log (``--audit-log``), where a refusal before it is a usage error
+    that used no key."""
+    args.audit_key_read = True
+
+
 def encrypt_keys(args: Any) -> tuple[bytes, str | None, bytes | None]:
     """``(key, key_id, envelope)`` to encrypt with: the raw key (no key id, no envelope),
     else a fresh data key wrapped for the recipients/keyset; usage CliError if none given."""
+    key_read(args)
     key = _raw_key(args)
     if key is not None:
         return key, None, None
@@ -276,6 +284,7 @@ def decrypt_key(args: Any, header: Any) -> bytes:
     function that reads it: the raw key, else the data key unwrapped from its envelope;
     usage CliError if no key was given. The function is called only for the envelope: a
     raw key needs no header before the real open, which checks it under the key."""
+    key_read(args)
     key = _raw_key(args)
     if key is not None:
         # a file sealed for recipients or a keyset opened with a raw key: if its header fails,
@@ -626,5 +635,7 @@ def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
                            1) from None
         raise CliError(str(exc), 2) from None
     except OSError as exc:
+        if is_audit_failure(exc):  # the log's failure, not the work's: gpucrypt.cli says so
+            raise
         raise CliError(_io_error(args, exc), 1) from None
     return 0

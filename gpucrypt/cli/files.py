@@ -181,7 +181,9 @@ def _open_input(args):
         raise CliError(f"input is a directory: {args.input}", 2) from None
     except OSError as exc:
         raise CliError(f"cannot read {args.input}: {exc.strerror}", 2) from None
-    return f, os.fstat(f.fileno()).st_size, True
+    st = os.fstat(f.fileno())
+    # a FIFO or a process substitution (<(...)) has no size (st_size 0): unknown, as stdin's
+    return f, st.st_size if stat.S_ISREG(st.st_mode) else None, True
 
 
 def _stdin_size(reader) -> int | None:

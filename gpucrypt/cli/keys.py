@@ -821,28 +821,42 @@ def _add_audit_argument(parser: argparse.ArgumentParser) -> None:
 def audited_command(args: Any, operation: str, path: str) -> Iterator[dict]:
     """The audit event of one ``encrypt``/``decrypt``/``encrypt-model``/``decrypt-model``
     run given ``--audit-log``: the log is opened first (before any key is read), and one
-    event is written when the block ends, ``ok`` or ``error``, as the library's
-    ``encrypt_file``/``decrypt_file``/``save_encrypted``/``load_encrypted`` record theirs:
-    ``path`` (None for stdin), ``key_id`` (encrypting: the keyset's primary; decrypting:
-    the stanza that opened the data key, ``"scrypt"`` for a passphrase; none for a raw
-    key), ``recipients`` (the envelope's stanzas) and what the block adds. A failure is
-    recorded by the library error the command reported (class name; the message only
-    for key-management errors), not as the command line's own error."""
+    event is written when the block ends, once OUT is published or dropped, as the
+    library's ``encrypt_file``/``decrypt_file``/``save_encrypted``/``load_encrypted``
+    record theirs: ``path`` (None for stdin), ``key_id`` (encrypting: the keyset's
+    primary; decrypting: the stanza that opened the data key, ``"scrypt"`` for a
+    passphrase; none for a raw key), ``recipients`` (the envelope's stanzas) and what the
+    block adds. A run refused before it read any key (IN missing, OUT refused:
+    :func:`gpucrypt.cli._common.key_read`) records nothing, as a usage error uses no
+    key. A failure after that is recorded by the library error the command
+    reported (class name; the message only for key-management errors), not as the
+    command line's own one-line error."""
+    import time
+
     from .. import audit
 
     _enable_audit(args)
-    with audit.timed(operation, path=None if path == "-" else path) as ev:
-        try:
-            yield ev
-        except CliError as exc:
-            if exc.__context__ is not None:  # raised in the handler of the library's error
-                ev["error"] = audit.error_fields(exc.__context__)
+    fields: dict = {"path": None if path == "-" else path}
+    start = time.perf_counter()
+    try:
+        yield fields
+    except BaseException as exc:
+        if not getattr(args, "audit_key_read", False):
             raise
-        finally:
-            for field in ("key_id", "recipients"):
-                value = getattr(args, "audit_" + field, None)
-                if value is not None:
-                    ev[field] = value
+        # a CliError raised in the handler of the library's error holds it as its context
+        cause = exc.__context__ if isinstance(exc, CliError) and exc.__context__ is not None \
+            else exc
+        audit.event(operation, outcome="error", duration_s=round(time.perf_counter() - start, 6),
+                    error=audit.error_fields(cause), **fields, **_audit_key_fields(args))
+        raise
+    audit.event(operation, duration_s=round(time.perf_counter() - start, 6), **fields,
+                **_audit_key_fields(args))
+
+
+def _audit_key_fields(args: Any) -> dict:
+    """The keys' fields of a file command's event, as its key resolution noted them."""
+    return {field: getattr(args, "audit_" + field) for field in ("key_id", "recipients")
+            if getattr(args, "audit_" + field, None) is not None}
 
 
 def _enable_audit(args) -> None:

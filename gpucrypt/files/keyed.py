@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import stat
 from typing import Any
 
 from .. import audit
@@ -158,9 +159,10 @@ def _note_stream_result(ev: dict, header: Any, options: dict, plaintext: Any) ->
 def _size_of(obj: Any) -> int | None:
     if isinstance(obj, (str, os.PathLike)):
         try:
-            return os.path.getsize(obj)
+            st = os.stat(obj)
         except OSError:
             return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None  # a FIFO's size is not its data's
     try:
         return memoryview(obj).nbytes
     except TypeError:

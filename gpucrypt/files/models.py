@@ -664,7 +664,8 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
                    encrypt_names: bool = False, segment_size: int = DEFAULT_SEGMENT_SIZE,
                    device: str = "auto", key_id: str | None = None, envelope: Any = None,
                    recipients: Any = None, keyset: Any = None,
-                   threads: int | None = None, _salt: bytes | None = None) -> ModelHeader:
+                   threads: int | None = None, _salt: bytes | None = None,
+                   _tensors: tuple | None = None) -> ModelHeader:
     """Write ``tensors`` (name -> tensor, any framework the tensor API takes, or a
     :class:`~gpucrypt.files._safetensors.StoredTensor` read from its file a segment at a time)
     to ``path``.
@@ -685,6 +686,8 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
     Atomic (temporary file, fsync, rename), mode 0600. Returns the verified header.
     ``_salt``: given only by callers that drew it fresh to bind an envelope to it (the
     ``encrypt-model --kek`` command); reusing a salt under the same key repeats nonces.
+    ``_tensors``: ``_tensor_infos(tensors)``, made already (by the keyed form, before it
+    seals a key).
     """
     # the arguments are checked before any key is sealed (a KMS or HSM call, audited)
     algorithm = _format.check_algorithm(algorithm)
@@ -707,8 +710,10 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
 
         with audit.timed("model.encrypt", path=keyed.audit_path(path)) as ev:
             items = keyed.gather(recipients, keyset)
-            # the output's refusals (a missing folder, a folder, a link, a device) before the
-            # seal too: the file is made now, and written and published by the save below
+            # the tensors' refusals and the output's (a missing folder, a folder, a link, a
+            # device) before the seal too: the file is made now, and written and published by
+            # the save below
+            prepared = _tensor_infos(tensors)
             with _output_made_now(path) as path:
                 key, _salt, envelope, key_id, labels = keyed.new_file_key(items)
                 ev.update(key_id=key_id, recipients=labels, algorithm=algorithm,
@@ -716,13 +721,13 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
                 return save_encrypted(tensors, path, key, metadata, algorithm=algorithm,
                                       encrypt_names=encrypt_names, segment_size=segment_size,
                                       device=device, key_id=key_id, envelope=envelope,
-                                      threads=threads, _salt=_salt)
+                                      threads=threads, _salt=_salt, _tensors=prepared)
     if key is None:
         raise ValueError("no key given: pass key= (32 bytes), or recipients= and/or keyset= "
                          "for a fresh data key wrapped for them")
     key = _format.check_key(key)
     key_id, envelope = _format.check_key_id_envelope(key_id, envelope)
-    infos, values = _tensor_infos(tensors)
+    infos, values = _tensor_infos(tensors) if _tensors is None else _tensors
     segments = _segments(infos, segment_size)
     data_length = infos[-1].end if infos else 0
 
