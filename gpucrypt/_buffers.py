@@ -2,10 +2,10 @@
 
 Every public entry point goes through these functions, so the rules are the same
 everywhere: any C-contiguous buffer is accepted as *data* and read as its raw bytes
-(a float32 array of 4 elements is 16 bytes of data); anything non-contiguous is
-refused (:class:`NonContiguousBuffer`) rather than silently copied in some other
-order. Keys and nonces of the drop-in classes follow ``cryptography``'s stricter rule
-(bytes only: ``bytes_arg(..., uint8_only=True)``).
+(a float32 array of 4 elements is 16 bytes of data), and any empty one as empty;
+anything else non-contiguous is refused (:class:`NonContiguousBuffer`) rather than
+silently copied in some other order. Keys and nonces of the drop-in classes follow
+``cryptography``'s stricter rule (bytes only: ``bytes_arg(..., uint8_only=True)``).
 """
 from __future__ import annotations
 
@@ -60,16 +60,19 @@ def readable(data: Any, name: str = "data") -> memoryview:
     Raises ``TypeError`` for objects without the buffer protocol (as ``cryptography``
     does), for released views and for buffers of Python objects, and
     :class:`NonContiguousBuffer` (a ``ValueError`` and a ``BufferError``) for
-    non-contiguous buffers.
+    non-contiguous buffers that hold any bytes (an empty one is empty data).
     """
     if isinstance(data, (bytes, bytearray)):
         return memoryview(data)
     view = _view(data, name)
-    if not view.c_contiguous:
-        raise _non_contiguous(name)
-    if view.format != "B" or view.ndim != 1:
-        if not view.nbytes:  # cast() refuses a shape with a zero in it, e.g. (0, 4)
+    if not view.c_contiguous or view.format != "B" or view.ndim != 1:
+        if not view.nbytes:
+            # empty: no bytes whose order could be wrong, so taken as b"" even where
+            # CPython calls it non-contiguous (memoryview(bytearray(4))[4::2]), as
+            # cryptography takes it; and cast() refuses a shape with a zero, e.g. (0, 4)
             return memoryview(b"" if view.readonly else bytearray())
+        if not view.c_contiguous:
+            raise _non_contiguous(name)
         view = view.cast("B")
     return view
 
@@ -109,8 +112,8 @@ def bytes_arg(value: Any, name: str, *, uint8_only: bool = False) -> bytes:
     if uint8_only and view.format not in _BYTE_FORMATS:
         raise TypeError(f"{name} must be bytes (bytes, bytearray or a uint8 array), not a buffer "
                         f"of {view.format!r} items; pass its bytes (for NumPy: x.view(numpy.uint8))")
-    if not view.c_contiguous:  # bytes() would copy it in order; readable() refuses it too
-        raise _non_contiguous(name)
+    if not view.c_contiguous and view.nbytes:  # bytes() would copy it in order; readable()
+        raise _non_contiguous(name)  # refuses it too, and takes an empty one as b"" as here
     return bytes(view)
 
 

@@ -44,6 +44,30 @@ for a call past the end on a finalized context, or with a too-short buffer, wher
 gpucrypt says ``AlreadyFinalized`` or gives the buffer size), and an ``update_into``
 refused for its buffer's size still counts its bytes against the allowance, so that
 a later call within the remaining keystream is refused as an overflow.
+
+A key or nonce other than ``bytes`` (a bytearray, a NumPy array) is read again at each
+``encryptor()``/``decryptor()``, as ``cryptography`` reads the objects its ``Cipher``
+keeps: a nonce updated in place before each message gives each message its own
+keystream, and a context already made keeps the key and nonce it was made with.
+``bytes`` cannot change and is read once.
+
+Other deliberate differences from ``cryptography`` 50:
+
+- ``ChaCha20``/``AESCTR`` objects refuse pickle and copy (``TypeError``), as their
+  contexts and ``cryptography``'s contexts do. ``cryptography``'s ``Cipher`` and
+  algorithm objects pickle and copy, key included; here a pickle would carry the key in
+  the clear into wherever pickles go (worker processes, caches, logs).
+- A key or nonce changed in place to a size it may not have raises, at
+  ``encryptor()``, the ``ValueError`` that construction gives for that size.
+  ``cryptography`` raises ``InternalError``, ``UnsupportedAlgorithm`` or pyo3's
+  ``PanicException`` (a ``BaseException``, which ``except Exception`` does not catch)
+  there, and takes the first 16 bytes of a longer CTR nonce.
+- With both the key and the nonce wrong, the error reported can be the other one.
+  gpucrypt checks everything at construction: the key's type and size, the nonce's,
+  then the key's buffer, then the nonce's. ``cryptography`` checks the types and sizes
+  at construction too, but reads the buffers at ``encryptor()``, the nonce's first: a
+  wide-item key (``TypeError`` here) with a non-contiguous nonce is ``BufferError``
+  there, and the other way round.
 """
 from __future__ import annotations
 
@@ -67,9 +91,11 @@ def _cpu_backend():
 
 
 class _Unpicklable:
-    """Refuses pickle and copy, as cryptography's ciphers and contexts do: a pickle would
-    carry the key in the clear, and a copied context would continue the same keystream
-    from the same position (two ciphertexts under one keystream)."""
+    """Refuses pickle and copy: a pickle would carry the key in the clear, and a copied
+    context would continue the same keystream from the same position (two ciphertexts
+    under one keystream). cryptography refuses both for its contexts only; its Cipher
+    and algorithm objects pickle and copy (a deliberate difference, in the module's
+    docstring)."""
 
     __slots__ = ()
 
@@ -82,14 +108,12 @@ class _StreamCipher(_Unpicklable):
     _algorithm = ""
 
     def __init__(self, key: Any, nonce: Any, *, device: str = "auto"):
-        # cryptography's order: each argument is bytes-like, then its size as len() counts
-        # it (a 2-D array by its rows), and only then is its memory read, as bytes only
-        self._check_key(_length(key, "key"))
-        self._check_nonce(_length(nonce, "nonce"))
-        self._key = bytes_arg(key, "key", uint8_only=True)
-        self._nonce = bytes_arg(nonce, "nonce", uint8_only=True)
-        self._check_key(len(self._key))  # a (32, 2) array has 32 rows and 64 bytes
-        self._check_nonce(len(self._nonce))
+        self._key, self._nonce = self._read(key, nonce)
+        # cryptography keeps the caller's key and nonce objects and reads them at each
+        # encryptor(): code that updates a bytearray nonce between messages gets a new
+        # keystream per message there, and must here too (not the first nonce's again: a
+        # two-time pad). bytes cannot change, so bytes arguments are never read again.
+        self._given = None if type(key) is bytes and type(nonce) is bytes else (key, nonce)
         self._device = device = check_device(device)
         # every size on the CPU (asked for, or "auto" on a machine without a CUDA driver):
         # then contexts are cryptography's own, wrapped as thinly as Python allows
@@ -98,10 +122,29 @@ class _StreamCipher(_Unpicklable):
         else:
             self._small_on_cpu = small_payloads_on_cpu(device)  # as in the AEAD classes
             self._all_on_cpu = self._small_on_cpu and every_payload_on_cpu(device)
-        self._openssl = None  # cryptography's Cipher for this key and nonce, made on first use
+        self._openssl = None  # cryptography's Cipher for bytes arguments, made on first use
+        # and for the others, (key, nonce, Cipher) as last read: one object, replaced
+        # whole, so that no thread pairs one read's bytes with another read's Cipher
+        self._openssl_of: tuple[bytes, bytes, Any] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self._device!r})"
+
+    def _read(self, key: Any, nonce: Any) -> tuple[bytes, bytes]:
+        """The bytes of ``key`` and ``nonce`` as they are now, checked in cryptography's
+        order: each argument is bytes-like, then its size as len() counts it (a 2-D array
+        by its rows), and only then is its memory read, as bytes only."""
+        if type(key) is bytearray and type(nonce) is bytearray:  # what a caller updates in
+            self._check_key(len(key))  # place, read again at each encryptor(): its len() is
+            self._check_nonce(len(nonce))  # its size, its memory one block of bytes
+            return bytes(key), bytes(nonce)
+        self._check_key(_length(key, "key"))
+        self._check_nonce(_length(nonce, "nonce"))
+        key_bytes = bytes_arg(key, "key", uint8_only=True)
+        nonce_bytes = bytes_arg(nonce, "nonce", uint8_only=True)
+        self._check_key(len(key_bytes))  # a (32, 2) array has 32 rows and 64 bytes
+        self._check_nonce(len(nonce_bytes))
+        return key_bytes, nonce_bytes
 
     def _check_key(self, size: int) -> None:
         raise NotImplementedError
@@ -114,16 +157,29 @@ class _StreamCipher(_Unpicklable):
         return None
 
     def encryptor(self) -> "StreamContext | _OpenSslStreamContext":
+        if self._given is not None:  # a bytearray, an array: what it holds now
+            return self._context_of(*self._read(*self._given))
         if self._all_on_cpu:
             openssl = self._openssl
             if openssl is None:
                 openssl = self._openssl = _cpu_backend().keystream_cipher(
                     self._algorithm, self._key, self._nonce)
             return _OpenSslStreamContext(openssl.encryptor())
-        return StreamContext(self)
+        return StreamContext(self, self._key, self._nonce)
 
     # XOR is its own inverse: decryption is the same keystream.
     decryptor = encryptor
+
+    def _context_of(self, key: bytes, nonce: bytes) -> "StreamContext | _OpenSslStreamContext":
+        """``encryptor()`` for arguments read again: cryptography's Cipher is made again
+        only when their bytes changed."""
+        if not self._all_on_cpu:
+            return StreamContext(self, key, nonce)
+        last = self._openssl_of
+        if last is None or last[0] != key or last[1] != nonce:
+            last = self._openssl_of = (key, nonce, _cpu_backend().keystream_cipher(
+                self._algorithm, key, nonce))
+        return _OpenSslStreamContext(last[2].encryptor())
 
 
 class ChaCha20(_StreamCipher):
@@ -227,16 +283,23 @@ class _OpenSslStreamContext(_Unpicklable):
             # size: 1-byte items, as cryptography takes them), buf long enough, no overlap
             # (bytes: immutable; two bytearrays: separate memory, or in place)
             # and buf flat too (a (64, 0) array's len() is 64, its size 0)
-            if (t is bytes or (t is bytearray and type(buf) is bytearray)
-                    or ((t is bytearray or getattr(data, "ndim", 0) == 1)
-                        and not inexact_overlap(data, buf))) and len(data) <= len(buf) \
-                    and getattr(buf, "ndim", 1) == 1:
+            direct = (t is bytes or (t is bytearray and type(buf) is bytearray)
+                      or ((t is bytearray or getattr(data, "ndim", 0) == 1)
+                          and not inexact_overlap(data, buf))) and len(data) <= len(buf) \
+                and getattr(buf, "ndim", 1) == 1
+        except (TypeError, ValueError, BufferError):
+            # no len(), or a released view or closed mmap (ValueError from Python): the
+            # checks below say what is wrong, as the TypeError cryptography gives. Out of
+            # the try below, whose ValueError can only be ChaCha20's counter overflow.
+            direct = False
+        if direct:
+            try:
                 return self._openssl.update_into(data, buf)
-        except (TypeError, BufferError):  # no len(), or items OpenSSL does not take: below
-            pass
-        except ValueError:  # the counter overflow (the size and overlap are checked)
-            self._ensure_open()
-            raise
+            except (TypeError, BufferError):  # items OpenSSL does not take: below
+                pass
+            except ValueError:  # the counter overflow (the size and overlap are checked)
+                self._ensure_open()
+                raise
         src, out = readable(data, "data"), writable(buf, "buf")
         self._ensure_open()
         _check_into(data, buf, src, out)
@@ -263,10 +326,14 @@ class _OpenSslStreamContext(_Unpicklable):
 class StreamContext(_Unpicklable):
     """An encryption (or decryption) in progress; ``update`` calls continue the keystream."""
 
-    def __init__(self, cipher: _StreamCipher):
+    def __init__(self, cipher: _StreamCipher, key: bytes, nonce: bytes):
         self._cipher = cipher
+        # the key as encryptor() read it: a later encryptor() of the cipher may read another
+        # (a bytearray changed meanwhile), which this context must not switch to, as an
+        # OpenSSL context keeps the key it was made with
+        self._key = key
         self._finalized = False
-        self._start(cipher._nonce)
+        self._start(nonce)
 
     def _start(self, nonce: bytes) -> None:
         """Keystream byte 0 of ``nonce`` is next (the context's own: ``reset_nonce``
@@ -278,7 +345,7 @@ class StreamContext(_Unpicklable):
         self._cpu = None          # a positioned cryptography encryptor, reused across calls
         self._cpu_position = -1
         if cipher._small_on_cpu:  # small updates will run on the CPU: be ready for the first
-            self._cpu = _cpu_backend().keystream_encryptor(cipher._algorithm, cipher._key, nonce, 0)
+            self._cpu = _cpu_backend().keystream_encryptor(cipher._algorithm, self._key, nonce, 0)
             self._cpu_position = 0
 
     def reset_nonce(self, nonce: Any) -> None:
@@ -304,7 +371,7 @@ class StreamContext(_Unpicklable):
             self._cpu_position = self._position
             return out
         out = bytearray(len(src))
-        backend.xor_keystream(self._cipher._algorithm, self._cipher._key, self._nonce,
+        backend.xor_keystream(self._cipher._algorithm, self._key, self._nonce,
                               self._position, src, memoryview(out))
         self._position += len(src)
         return bytes(out)
@@ -359,7 +426,7 @@ class StreamContext(_Unpicklable):
     def _cpu_encryptor(self, backend):
         """cryptography's encryptor, positioned where this context is in the keystream."""
         if self._cpu is None or self._cpu_position != self._position:
-            self._cpu = backend.keystream_encryptor(self._cipher._algorithm, self._cipher._key,
+            self._cpu = backend.keystream_encryptor(self._cipher._algorithm, self._key,
                                                     self._nonce, self._position)
         return self._cpu
 
@@ -372,5 +439,6 @@ class StreamContext(_Unpicklable):
             self._cpu_position = self._position + len(src)
         else:
             cipher = self._cipher
-            backend.xor_keystream(cipher._algorithm, cipher._key, self._nonce, self._position, src, out)
+            backend.xor_keystream(cipher._algorithm, self._key, self._nonce, self._position,
+                                  src, out)
         self._position += len(src)

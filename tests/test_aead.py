@@ -1264,3 +1264,34 @@ def test_a_released_view_in_the_into_forms_is_a_type_error():
             cls(key).encrypt_into(nonce, released, None, bytearray(24))
         with pytest.raises(TypeError):
             cls(key).encrypt_into(nonce, b"8 bytes!", None, released)
+
+
+@pytest.mark.parametrize("where", ["cpu", "auto"])
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_an_empty_strided_view_is_empty_as_in_cryptography(name, where):
+    """memoryview(bytearray(4))[4::2] has no bytes but is not C-contiguous by CPython's
+    flag: cryptography takes it as empty data, associated data or output (a forgery
+    decrypted into it is InvalidTag), where gpucrypt raised NonContiguousBuffer."""
+    cls, key_len, nonce_len = CLASSES[name]
+    key, nonce = os.urandom(key_len), os.urandom(nonce_len)
+    empty = lambda: memoryview(bytearray(4))[4::2]  # noqa: E731
+    empty_read_only = lambda: memoryview(bytes(4))[4::2]  # noqa: E731
+    sealed = reference_seal(name, key, nonce, b"", b"")
+    forged = reference_seal(name, key, nonce, b"", b"other associated data")
+    ref = getattr(reference, cls.__name__, None)
+    calls = [(lambda o: o.encrypt(nonce, empty(), None), sealed),
+             (lambda o: o.encrypt(nonce, empty_read_only(), empty()), sealed),
+             (lambda o: o.decrypt(nonce, sealed, empty()), b""),
+             (lambda o: o.decrypt_into(nonce, sealed, empty_read_only(), empty()), 0),
+             (lambda o: o.decrypt_into(nonce, forged, None, empty()), InvalidTag)]
+    objects = [cls(key, device=where)] + ([] if ref is None else [ref(key)])
+    for call, expected in calls:
+        for obj in objects:
+            if expected is InvalidTag:
+                with pytest.raises(InvalidTag):
+                    call(obj)
+            else:
+                assert call(obj) == expected
+    buf = bytearray(16)
+    assert cls(key, device=where).encrypt_into(nonce, empty(), None, buf) == 16
+    assert bytes(buf) == sealed

@@ -1,7 +1,10 @@
 """Raw stream ciphers against cryptography's Cipher(...).encryptor(), on every backend."""
 from __future__ import annotations
 
+import copy
+import mmap
 import os
+import pickle
 import struct
 
 import numpy as np
@@ -322,9 +325,10 @@ def test_keys_nonces_and_buffers_are_refused_as_cryptography_refuses_them(where)
 
 @pytest.mark.parametrize("kind", ["chacha20", "aes-ctr"])
 def test_ciphers_and_their_contexts_refuse_pickle_and_copy(kind, device):
-    """cryptography refuses to pickle or copy its ciphers and contexts: a pickle would
-    carry the key in the clear, and a copied context would go on with the same keystream
-    from the same position (two messages under one keystream)."""
+    """gpucrypt refuses to pickle or copy its ciphers and contexts: a pickle would carry
+    the key in the clear, and a copied context would go on with the same keystream from
+    the same position (two messages under one keystream). cryptography refuses it for
+    its contexts only (test_only_the_contexts_of_cryptography_refuse_pickle)."""
     import copy
     import pickle
 
@@ -425,3 +429,153 @@ def test_chacha20_refusals_near_the_counter_end_agree_on_every_device(every_devi
                  lambda: enc.update_into(np.zeros((10, 6), np.uint8), bytearray(60))):
         with pytest.raises(AlreadyFinalized):
             call()
+
+
+# --- found by the fourth review (/tmp/review-aead) ----------------------------------------------
+
+def _cryptography_cipher(kind: str, key, nonce) -> Cipher:
+    """cryptography's Cipher over the very ``key`` and ``nonce`` objects (it keeps them)."""
+    if kind == "chacha20":
+        return Cipher(algorithms.ChaCha20(key, nonce), None)
+    return Cipher(algorithms.AES(key), modes.CTR(nonce))
+
+
+def _as_bytearray(raw: bytes) -> bytearray:
+    return bytearray(raw)
+
+
+def _as_array(raw: bytes) -> np.ndarray:
+    return np.frombuffer(bytearray(raw), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("kind,key_len", [("chacha20", 32), ("aes-ctr", 16), ("aes-ctr", 32)])
+@pytest.mark.parametrize("make", [_as_bytearray, _as_array], ids=["bytearray", "numpy"])
+def test_a_key_and_nonce_changed_in_place_are_read_at_each_encryptor(every_device, kind,
+                                                                     key_len, make):
+    """cryptography's Cipher keeps the caller's key and nonce and reads them at each
+    encryptor(): a nonce updated in place before each message gives each its own
+    keystream. gpucrypt copied them once and gave every message the first nonce's
+    keystream (a two-time pad), on every device. A context already made keeps what it
+    was made with, there and here."""
+    key, nonce = make(os.urandom(key_len)), make(bytes(4) + os.urandom(12))  # block 0
+    ref = _cryptography_cipher(kind, key, nonce)
+    cls = ciphers.ChaCha20 if kind == "chacha20" else ciphers.AESCTR
+    cipher = cls(key, nonce, device=every_device)
+    data = os.urandom(300)
+    keystreams = set()
+    for message in range(4):
+        memoryview(nonce)[4:] = os.urandom(12)  # a fresh nonce for each message
+        if message == 2:
+            memoryview(key)[:] = os.urandom(key_len)  # and a new key
+        expected = ref.encryptor().update(data)
+        assert cipher.encryptor().update(data) == expected
+        out = bytearray(300)
+        assert cipher.decryptor().update_into(expected, out) == 300 and out == data
+        keystreams.add(expected)
+    assert len(keystreams) == 4
+
+    ref_context, context = ref.encryptor(), cipher.encryptor()
+    assert context.update(data[:100]) == ref_context.update(data[:100])
+    memoryview(nonce)[4:] = os.urandom(12)
+    memoryview(key)[:] = os.urandom(key_len)
+    assert cipher.encryptor().update(data) == ref.encryptor().update(data)  # the new ones
+    assert context.update(data[100:]) == ref_context.update(data[100:])  # still the old
+
+
+@pytest.mark.parametrize("where", ["cpu", "auto"])
+def test_a_key_or_nonce_changed_to_a_size_it_may_not_have_is_refused_at_encryptor(where):
+    """Read again at encryptor(), a key or nonce is checked again, with construction's
+    ValueError (cryptography 50 raises InternalError or pyo3's PanicException there, or
+    takes the first 16 bytes of a longer CTR nonce: see the module's docstring). Another
+    valid size is taken as cryptography takes it (an AES-128 key grown to AES-256)."""
+    for kind, key_len, bad_keys, bad_nonces in (("chacha20", 32, (16, 33), (12, 15, 17)),
+                                                ("aes-ctr", 16, (0, 20), (0, 12, 17))):
+        key, nonce = bytearray(key_len), bytearray(16)
+        ref = _cryptography_cipher(kind, key, nonce)
+        cls = ciphers.ChaCha20 if kind == "chacha20" else ciphers.AESCTR
+        cipher = cls(key, nonce, device=where)
+        for size in bad_nonces:
+            nonce[:] = bytes(size)
+            for make in (cipher.encryptor, cipher.decryptor):
+                with pytest.raises(ValueError, match="[Nn]once"):
+                    make()
+        nonce[:] = bytes(16)
+        for size in bad_keys:
+            key[:] = bytes(size)
+            with pytest.raises(ValueError, match="key size"):
+                cipher.encryptor()
+        key[:] = os.urandom(32)  # valid for both: ChaCha20's size, and AES-256
+        assert cipher.encryptor().update(bytes(100)) == ref.encryptor().update(bytes(100))
+
+
+def _released(buffer) -> memoryview:
+    view = memoryview(buffer)
+    view.release()
+    return view
+
+
+def _closed_mmap() -> mmap.mmap:
+    memory = mmap.mmap(-1, 64)
+    memory.close()
+    return memory
+
+
+@pytest.mark.parametrize("finalized", [False, True], ids=["open", "finalized"])
+def test_released_views_and_closed_mmaps_are_type_errors_as_in_cryptography(every_device,
+                                                                            finalized):
+    """update_into's fast-path test ran len() on the arguments inside the try whose
+    ValueError means ChaCha20's counter overflow: a released view or a closed mmap was
+    ValueError, or AlreadyFinalized on a finalized context, where cryptography raises
+    TypeError (the argument's type comes first, as for any other unusable buffer)."""
+    key, nonce = os.urandom(32), os.urandom(16)
+    calls = [lambda c: c.update_into(_released(bytes(64)), bytearray(64)),
+             lambda c: c.update_into(bytes(64), _released(bytearray(64))),
+             lambda c: c.update_into(_closed_mmap(), bytearray(64)),
+             lambda c: c.update_into(bytes(64), _closed_mmap()),
+             lambda c: c.update(_released(bytes(64))),
+             lambda c: c.update(_closed_mmap())]
+    ref, enc = reference("chacha20", key, nonce), ours("chacha20", key, nonce, every_device)
+    if finalized:
+        ref.finalize(), enc.finalize()
+    for call in calls:
+        for context in (ref, enc):
+            with pytest.raises(TypeError):
+                call(context)
+    if not finalized:  # and nothing of the keystream was used by the refusals
+        assert enc.update(bytes(64)) == ref.update(bytes(64))
+
+
+def test_an_empty_strided_view_is_empty_data_as_in_cryptography(every_device):
+    """memoryview(bytearray(4))[4::2] has no bytes but is not C-contiguous by CPython's
+    flag: cryptography takes it as empty, gpucrypt's own context (device="auto" and
+    "gpu") refused it as non-contiguous."""
+    key, nonce = os.urandom(32), os.urandom(16)
+    ref, enc = reference("chacha20", key, nonce), ours("chacha20", key, nonce, every_device)
+    for context in (ref, enc):
+        assert context.update(memoryview(bytearray(4))[4::2]) == b""
+        assert context.update(memoryview(bytes(4))[4::2]) == b""
+        assert context.update_into(memoryview(bytearray(4))[4::2], bytearray(0)) == 0
+        assert context.update_into(b"", memoryview(bytearray(4))[4::2]) == 0
+    assert enc.update(bytes(64)) == ref.update(bytes(64))  # from keystream byte 0
+
+
+def test_only_the_contexts_of_cryptography_refuse_pickle():
+    """The module said its ciphers refuse pickle and copy "as cryptography's ciphers and
+    contexts do"; cryptography's Cipher and algorithm objects pickle and copy (key and
+    all), only its contexts refuse. gpucrypt's ciphers keep refusing (a pickle would
+    carry the key in the clear), and the module's docstring lists it as a deliberate
+    difference."""
+    key, nonce = os.urandom(32), os.urandom(16)
+    for obj in (Cipher(algorithms.ChaCha20(key, nonce), None),
+                Cipher(algorithms.AES(key), modes.CTR(nonce)), algorithms.ChaCha20(key, nonce)):
+        for attempt in (lambda o: pickle.loads(pickle.dumps(o)), copy.copy, copy.deepcopy):
+            assert type(attempt(obj)) is type(obj)
+    with pytest.raises(TypeError):
+        pickle.dumps(Cipher(algorithms.ChaCha20(key, nonce), None).encryptor())
+    for cls in (ciphers.ChaCha20, ciphers.AESCTR):
+        for attempt in (pickle.dumps, copy.copy, copy.deepcopy):
+            with pytest.raises(TypeError, match="cannot pickle or copy"):
+                attempt(cls(key, nonce, device="cpu"))
+    differences = " ".join(ciphers.__doc__.split())
+    assert "``ChaCha20``/``AESCTR`` objects refuse pickle and copy" in differences
+    assert "contexts only" in " ".join(ciphers._Unpicklable.__doc__.split())
