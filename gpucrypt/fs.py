@@ -36,13 +36,13 @@ Contract:
   arguments given explicitly win over fsspec's config (``fsspec.config.conf``,
   ``FSSPEC_GPUCRYPT_KEYSET=...``), ``None`` and ``[]`` included (``keyset=None`` with
   identities: read only, whatever keyset the config names), and replace the config's
-  keys whole: ``keys=`` drops the config's ``keyset``, ``identities``, ``recipients`` and
-  ``passphrase_env``, and any of those drops the config's ``keys``; left out, the
-  config's apply. Keys are resolved on first use and again whenever a key file
-  they name (a keyset, identity or recipient file, a ``file:`` URI's keyset) has changed
-  since (its inode, size, or modification or change time): a keyset rotated on disk
-  reaches the next file written or opened, by a new filesystem call or by one kept from
-  before. The cost: one ``os.stat`` per key file each time a file is written or opened,
+  keys whole: ``keys=`` (``keys=None`` too) drops the config's ``keyset``,
+  ``identities``, ``recipients`` and ``passphrase_env``, and any of those drops the
+  config's ``keys``; left out, the config's apply. Keys are resolved on first use and
+  again whenever a key file they name (a keyset, identity or recipient file, a
+  ``file:`` URI's keyset) has changed since (its inode, size, or modification or change
+  time): a keyset rotated on disk reaches the next file written or opened, by a new
+  filesystem call or by one kept from before. The cost: one ``os.stat`` per key file each time a file is written or opened,
   and a sealed keyset is unsealed (scrypt) once per instance and again only when its
   file changes. A file that is removed fails the next write or open (``KeysetError``)
   rather than keep using what it held.
@@ -51,10 +51,14 @@ Contract:
   ``cat_file`` and ``cat_ranges`` then decrypt only the segments they touch. A segment
   that fails raises :class:`~gpucrypt.stream.AuthenticationError` (or
   ``TruncatedError``), its message starting with the file's path; no byte of it is
-  returned. ``cat`` and ``cat_ranges`` (and so a mapper's ``getitems``, zarr's reads)
-  raise such a failure, a file that is not a stream and one for other keys
-  (``NoMatchingRecipient``) whatever ``on_error`` says: ``on_error`` applies to the
-  other errors (a missing file). :func:`stats` counts the segments decrypted. Readers
+  returned. ``on_error`` of ``cat`` and ``cat_ranges`` (and so of a mapper's
+  ``getitems``, zarr's reads) applies only to a missing file (``FileNotFoundError``,
+  ``IsADirectoryError``, ``NotADirectoryError``, what fsspec's mappers take for a
+  missing key): anything else raises whatever it says, such a failure, a file that is
+  not a stream, a malformed envelope (``EnvelopeError``, its message starting with the
+  file's path too), keys that cannot be loaded or reached (``KeysetError``,
+  ``KeyUnavailable``, ``KeyProviderError``) and a file for other keys
+  (``NoMatchingRecipient``). :func:`stats` counts the segments decrypted. Readers
   are independent of each other, in threads too: over ``memory://``, whose ``open``
   hands every caller one shared file object, they read by range (``cat_file``) instead.
 - **Sizes are plaintext sizes.** ``info``/``ls`` read each file's header (a few KiB)
@@ -106,15 +110,23 @@ Contract:
 - **No cache above gpucrypt.** fsspec's caching filesystems over gpucrypt
   (``filecache::``, ``simplecache::``, ``blockcache::gpucrypt::...``) would keep the
   plaintext on disk in their cache folder: reading through them is refused
-  (``ValueError``, told by the caller: a ``CachingFileSystem`` whose target is this
-  filesystem; a cache of another kind is not recognised). Put the cache below:
+  (``ValueError``), also through ``dir::`` between them. It is told by the caller: a
+  ``CachingFileSystem`` whose targets (``.fs``, down the chain) lead to this filesystem.
+  Not caught: a cache of another kind, and a cache over an ``AsyncFileSystemWrapper``
+  of gpucrypt (``simplecache`` with ``fs=AsyncFileSystemWrapper(gpucrypt_fs)``), whose
+  calls reach gpucrypt in a worker thread, with no caller to tell: such a cache keeps
+  the plaintext. Put the cache below:
   ``gpucrypt::simplecache::PROTOCOL://...`` caches the ciphertext. Writing through
   ``filecache::``/``simplecache::`` cannot be refused: those caches write the plaintext
   into their cache folder and call gpucrypt only when the file is closed, to encrypt
   it, and keep the plaintext copy there. Don't write through them.
-- ``get_file(rpath, lpath)`` refuses a local ``lpath`` that is ``rpath`` itself
-  (``ValueError``, as :func:`gpucrypt.stream.decrypt` refuses it), before anything is
-  written: the plaintext would replace the only ciphertext.
+- ``get_file(rpath, lpath)`` refuses a local ``lpath`` that is ``rpath``'s stored file
+  itself (``ValueError``, as :func:`gpucrypt.stream.decrypt` refuses it), before
+  anything is written: the plaintext would replace the only ciphertext. It compares
+  files, not paths (links followed): the descriptor the stored file is read through,
+  where the target has one, and the local file a local target stores it as, also under
+  ``dir::`` or a cache below gpucrypt. ``lpath`` is taken as fsspec's local filesystem
+  takes it (``file://`` stripped).
 - ``put_file`` follows fsspec: ``mode="create"`` refuses an existing target
   (``FileExistsError``, checked before writing, not atomically, as fsspec's own
   filesystems check it); inside ``with fs.transaction:`` the file is sealed at once into
@@ -156,7 +168,8 @@ from .files._format import (MAGIC, TAG_SIZE, AuthenticationError, FormatError, S
                             TruncatedError, UnsupportedVersion, check_algorithm,
                             check_segment_size, parse_header)
 from .files._atomic import AtomicFile, OutputExists, _track, _untrack, fsync_folder
-from .keys import KeyReference, NoMatchingRecipient, encrypt_file
+from .keys import (KeyManagementError, KeyProviderError, KeyReference, NoMatchingRecipient,
+                   encrypt_file)
 from .keys.portable import KeyReferences, ResolvedKeys, _is_key_uri
 
 __all__ = ["GpucryptFileSystem", "GpucryptFile", "stats", "reset_stats", "named_error"]
@@ -170,10 +183,15 @@ _HEAD_BYTES = 4096
 _MAX_HEADER_BYTES = 2 << 20
 #: a size not in the cache (None there means "not a stream")
 _UNKNOWN = object()
-#: what a file fails with when it is tampered with, truncated, not a gpucrypt stream, or
-#: for other keys: raised by the reads that take ``on_error`` whatever it says, never
-#: returned or left out as a missing file is
-_INTEGRITY_ERRORS = (StreamError, NoMatchingRecipient)
+#: what says that no file is there, as fsspec's mappers take it (``FSMap``'s
+#: ``missing_exceptions``): the only errors that the reads taking ``on_error`` (``cat``,
+#: ``cat_ranges``, a mapper's ``getitems``) return or leave out. Every other error (a
+#: tampered, truncated or foreign file, one that is not a stream, a malformed envelope,
+#: keys that cannot be loaded or reached) raises whatever ``on_error`` says: left out, a
+#: zarr chunk reads as missing, its fill value. Raised while the keys are resolved, these
+#: become a ``KeyProviderError`` (:meth:`GpucryptFileSystem._data_key`): a key's file
+#: missing is not this file missing
+_MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
 class _Counter:
@@ -240,8 +258,9 @@ def reset_stats() -> None:
     _COUNTER = _Counter()
 
 
-def named_error(exc: StreamError, path: str) -> StreamError:
-    """``exc`` again, of the same class, with ``path`` leading its message (and in ``.path``)."""
+def named_error(exc: Exception, path: str) -> Exception:
+    """``exc`` again, of the same class, with ``path`` leading its message (and in ``.path``):
+    a :class:`StreamError`, or one of gpucrypt's key errors (whose classes take a message)."""
     message = f"{path}: {exc}"
     if isinstance(exc, UnsupportedVersion):
         new: StreamError = UnsupportedVersion(message, exc.version)
@@ -329,29 +348,74 @@ class GpucryptFile(stream.SegmentReader):
             self._target_file.close()
 
 
-#: frames of the gpucrypt filesystem's own methods looked through, at most, to find who
-#: called it (``get`` -> ``get_file``, ``open`` -> ``_open``: a few)
-_OWN_FRAMES = 8
+#: frames looked through, at most, from gpucrypt's check up to the method of a cache that
+#: reads it (gpucrypt's own methods, fsspec's base methods, a ``dir::`` prefix: a dozen)
+_CALLER_FRAMES = 24
+#: the modules of the frames looked through on the way up: gpucrypt's own methods and
+#: those fsspec's wrappers reach it by (``AbstractFileSystem`` methods, ``dir::``). A frame
+#: of any other module (the application's) ends the look without its locals being read:
+#: on Python 3.11 reading a frame's ``f_locals`` keeps a snapshot of them, and so keeps
+#: alive whatever that function deletes afterwards (a plaintext buffer)
+_PASSED_THROUGH = frozenset({__name__, "fsspec.spec", "fsspec.asyn",
+                             "fsspec.implementations.dirfs"})
+#: the module of fsspec's caching filesystems, whose frames' ``self`` is looked at
+_CACHES_MODULE = CachingFileSystem.__module__
+#: wrappers looked through, at most, from a cache down to the filesystem it caches
+_CHAIN_DEPTH = 16
+#: fsspec's wrappers that hand their target every path unchanged
+_SAME_PATH_WRAPPERS: tuple = (CachingFileSystem,)
+try:
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+except ImportError:  # fsspec before 2024.12
+    pass
+else:
+    _SAME_PATH_WRAPPERS += (AsyncFileSystemWrapper,)
+
+
+def _inner(fs: Any) -> Any:
+    """The filesystem that ``fs`` wraps, where it is one of fsspec's wrappers: ``.fs`` of a
+    ChainedFileSystem (caches, ``dir::``, gpucrypt itself), ``.sync_fs`` of an
+    AsyncFileSystemWrapper; None otherwise. Read from the instance's ``__dict__``: a
+    CachingFileSystem hands most attribute look-ups to its target."""
+    try:
+        attributes = object.__getattribute__(fs, "__dict__")
+    except AttributeError:
+        return None
+    inner = attributes.get("fs")
+    return attributes.get("sync_fs") if inner is None else inner
+
+
+def _wraps(outer: Any, fs: Any) -> bool:
+    """Whether ``fs`` is found below ``outer`` through fsspec's wrappers (see :func:`_inner`)."""
+    for _ in range(_CHAIN_DEPTH):
+        outer = _inner(outer)
+        if outer is None:
+            return False
+        if outer is fs:
+            return True
+    return False
 
 
 def _refuse_cache_above(fs: "GpucryptFileSystem", path: str) -> None:
     """Raise ``ValueError`` when ``fs`` is read by one of fsspec's caching filesystems
-    wrapping it (``filecache::``, ``simplecache::``, ``blockcache::gpucrypt::...``): they
-    download the whole file (``get_file``, ``get``) or its blocks (``_open``) into their
-    cache folder, which would then hold the plaintext on disk, unencrypted, for as long
-    as the cache keeps it. Told by the caller: the first frame up the stack that is not
-    one of ``fs``'s own methods is a method of a :class:`CachingFileSystem` whose target
-    (``.fs``) is ``fs``, which is how fsspec's caches call their target. A cache of
-    another kind (one not derived from CachingFileSystem) is not recognised."""
-    frame = sys._getframe(2)  # the caller of the method of fs that asks
-    for _ in range(_OWN_FRAMES):
+    over it (``filecache::``, ``simplecache::``, ``blockcache::gpucrypt::...``), directly
+    or through wrappers (``dir::``): they download the whole file (``get_file``) or its
+    blocks (``_open``, ``cat_ranges``) into their cache folder, which would then hold the
+    plaintext on disk, unencrypted, for as long as the cache keeps it. Told by the
+    caller: up the stack, past gpucrypt's own frames and those of fsspec's base methods
+    and ``dir::`` (:data:`_PASSED_THROUGH`), the first other frame is a method of a
+    :class:`CachingFileSystem` whose targets (``.fs``, ``.sync_fs``, down the chain) lead
+    to ``fs``. Not recognised: a cache of another kind (not derived from
+    CachingFileSystem), and one whose calls reach gpucrypt in another thread (a cache
+    over an ``AsyncFileSystemWrapper``, which runs gpucrypt's methods in a thread pool)."""
+    frame = sys._getframe(1)
+    for _ in range(_CALLER_FRAMES):
         if frame is None:
             return
-        caller = frame.f_locals.get("self")
-        if caller is not fs:
-            # a CachingFileSystem hands most attributes to its target: its own, directly
-            if isinstance(caller, CachingFileSystem) and \
-                    object.__getattribute__(caller, "__dict__").get("fs") is fs:
+        module = frame.f_globals.get("__name__")
+        if module == _CACHES_MODULE:
+            caller = frame.f_locals.get("self")  # a frame of fsspec's caches only
+            if isinstance(caller, CachingFileSystem) and _wraps(caller, fs):
                 protocol = caller.protocol if isinstance(caller.protocol, str) \
                     else caller.protocol[0]
                 raise ValueError(
@@ -359,8 +423,52 @@ def _refuse_cache_above(fs: "GpucryptFileSystem", path: str) -> None:
                     f"({protocol}::gpucrypt:: would keep their plaintext on disk, in its "
                     f"cache folder): put the cache below it, gpucrypt::{protocol}::"
                     f"PROTOCOL://..., which caches the ciphertext")
+        elif module not in _PASSED_THROUGH:
             return
         frame = frame.f_back
+
+
+def _local_path_of(fs: Any, path: str) -> str | None:
+    """The local file that ``path`` of ``fs`` is stored as, where ``fs`` reaches the local
+    disk through wrappers that keep or prefix paths (``dir::``, fsspec's caches, an
+    async wrapper); None for any other filesystem."""
+    for _ in range(_CHAIN_DEPTH):
+        if isinstance(fs, LocalFileSystem):
+            return fs._strip_protocol(path)
+        if isinstance(fs, DirFileSystem):
+            path = fs._join(path)
+        elif not isinstance(fs, _SAME_PATH_WRAPPERS):
+            return None
+        fs = _inner(fs)
+    return None
+
+
+def _refuse_same_local_file(fs: Any, target: str, source: Any, lpath: str) -> None:
+    """Raise ``ValueError`` (as :func:`gpucrypt.stream.decrypt` does for two paths) when
+    the local ``lpath`` is the stored file ``target`` of ``fs``, open as ``source``: the
+    plaintext would replace the only ciphertext. Told by identity (device and inode,
+    links followed): of the descriptor ``source`` reads, where it has one, and of the
+    local file ``target`` is stored as, where ``fs`` is the local disk under wrappers
+    (:func:`_local_path_of`; a cache below gpucrypt reads its own copy)."""
+    try:
+        wanted = os.stat(lpath)
+    except OSError:
+        return  # not there yet (or unreachable: the write says so)
+    found = []
+    try:
+        found.append(os.fstat(source.fileno()))
+    except (AttributeError, OSError, ValueError):
+        pass  # no descriptor (memory, object stores)
+    local = _local_path_of(fs, target)
+    if local is not None:
+        try:
+            found.append(os.stat(local))
+        except OSError:
+            pass
+    if any(os.path.samestat(st, wanted) for st in found):
+        raise ValueError(f"src and dst are the same file ({lpath}): decrypting {target} "
+                         f"there would replace its only ciphertext with its plaintext; "
+                         f"write to another path")
 
 
 class _RangeFile(io.RawIOBase):
@@ -716,7 +824,7 @@ def _apply_config(cls: type, kwargs: dict) -> dict:
     fsspec, which applies its config again after this, cannot fill them in either."""
     given = kwargs
     kwargs = apply_config(cls, kwargs)
-    if given.get("keys") is not None:
+    if "keys" in given:  # keys=None included: explicit, it wins as any key argument does
         for name in _SEPARATE_KEY_ARGUMENTS:
             kwargs[name] = given.get(name)
     if any(name in given for name in _SEPARATE_KEY_ARGUMENTS):
@@ -924,8 +1032,14 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
                                       f"with a raw key); read it with gpucrypt.stream.open")
         try:
             return self._keys().data_key(header.envelope, header.salt)
-        except NoMatchingRecipient as exc:
-            raise NoMatchingRecipient(f"{path}: {exc}") from None
+        except KeyManagementError as exc:
+            if type(exc).__module__ != KeyManagementError.__module__:
+                raise  # a provider's own class: its constructor may take other arguments
+            raise named_error(exc, path) from None
+        except _MISSING as exc:
+            # a key's file or a provider's, not this file: never to be left out as missing
+            raise KeyProviderError(f"{path}: its keys could not be loaded "
+                                   f"({type(exc).__name__}: {exc})") from exc
 
     def _header(self, path: str) -> stream.Header:
         """The header of the stream at target ``path`` (not verified: no key is used)."""
@@ -1042,7 +1156,6 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
               cache_options: Any = None, **kwargs: Any):
         target = self._target(path)
         if mode == "rb":
-            _refuse_cache_above(self, target)
             return self._open_reader(target, **kwargs)
         if mode == "wb":
             options = self._file_options(kwargs)
@@ -1068,7 +1181,10 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
     def _open_target(self, target: str, **kwargs: Any) -> Any:
         """The stored file at ``target``, for reading, with a position no other reader
         moves (see :class:`_RangeFile`); elsewhere the target's own file object (local: a
-        descriptor of its own per open, as fast as before)."""
+        descriptor of its own per open, as fast as before). Every read of a stored file
+        opens it here, and is refused here when a cache above would keep its plaintext
+        (:func:`_refuse_cache_above`)."""
+        _refuse_cache_above(self, target)
         if _shares_file_objects(self.fs):
             return _RangeFile(self.fs, target)
         return self.fs.open(target, "rb", **kwargs)
@@ -1085,12 +1201,11 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
 
     def cat(self, path: Any, recursive: bool = False, on_error: str = "raise",
             **kwargs: Any) -> Any:
-        """fsspec's ``cat``, except that a file that fails as a gpucrypt file (tampered,
-        truncated, not a stream, or for other keys: :data:`_INTEGRITY_ERRORS`) raises
-        whatever ``on_error`` says. fsspec's own would leave it out under ``"omit"``, as
-        if it were missing, and a mapper's ``getitems(on_error="omit")`` (zarr's reads)
-        would then read a tampered chunk as a missing one, its fill value. ``on_error``
-        applies to the other errors (a missing file), as fsspec applies it."""
+        """fsspec's ``cat``, except that ``on_error`` applies only to a missing file
+        (:data:`_MISSING`); any other error (a tampered or foreign file, keys that fail)
+        raises whatever it says. fsspec's own would leave such a file out under
+        ``"omit"``, as if it were missing, and a mapper's ``getitems(on_error="omit")``
+        (zarr's reads) would then read a tampered chunk as a missing one, its fill value."""
         paths = self.expand_path(path, recursive=recursive, **kwargs)
         if not (len(paths) > 1 or isinstance(path, list)
                 or paths[0] != self._strip_protocol(path)):
@@ -1099,9 +1214,7 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         for p in paths:
             try:
                 out[p] = self.cat_file(p, **kwargs)
-            except _INTEGRITY_ERRORS:
-                raise
-            except Exception as exc:
+            except _MISSING as exc:
                 if on_error == "raise":
                     raise
                 if on_error == "return":
@@ -1110,9 +1223,9 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
 
     def cat_ranges(self, paths: list, starts: Any, ends: Any, max_gap: Any = None,
                    on_error: str = "return", **kwargs: Any) -> list:
-        """Byte ranges of plaintext, one file opened once for all its ranges. A failed
-        segment raises, whatever ``on_error`` says; ``on_error="return"`` returns other
-        errors (a missing file) in place of their range, as fsspec does."""
+        """Byte ranges of plaintext, one file opened once for all its ranges.
+        ``on_error="return"`` returns a missing file's error (:data:`_MISSING`) in place of
+        its ranges, as fsspec does; any other error raises whatever ``on_error`` says."""
         count = len(paths)
         starts = [starts] * count if not isinstance(starts, list) else starts
         ends = [ends] * count if not isinstance(ends, list) else ends
@@ -1127,9 +1240,7 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
                 with self._open_reader(target) as f:
                     for i in _reading_order(f, [starts[i] or 0 for i in indices], indices):
                         out[i] = _read_range(f, starts[i], ends[i])
-            except _INTEGRITY_ERRORS:
-                raise
-            except Exception as exc:
+            except _MISSING as exc:
                 if on_error != "return":
                     raise
                 for i in indices:
@@ -1142,23 +1253,22 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         (renamed into place only once every segment verified), or, as fsspec does, into
         a file object given as ``lpath`` or ``outfile`` (on an error it may hold the
         verified plaintext of the segments before the bad one: not to be used). A folder
-        ``rpath`` makes the local folder (``get(..., recursive=True)`` passes folders)."""
+        ``rpath`` makes the local folder (``get(..., recursive=True)`` passes folders).
+        ``lpath`` is a local path as fsspec's local filesystem takes it (``file://``
+        stripped); one that is the stored file itself is refused before anything is
+        written (see :func:`_refuse_same_local_file`)."""
         target = self._target(rpath)
-        _refuse_cache_above(self, target)
         if outfile is None and isfilelike(lpath):
             outfile = lpath
         elif outfile is None and self.fs.isdir(target):
-            os.makedirs(lpath, exist_ok=True)
+            os.makedirs(LocalFileSystem._strip_protocol(lpath), exist_ok=True)
             return
         if outfile is None:
-            lpath = os.path.abspath(os.fspath(lpath))
-            if isinstance(self.fs, LocalFileSystem):
-                # stream.decrypt refuses one file as both ends only when given two paths;
-                # it gets the source as a file object here, and would put the plaintext
-                # where the only ciphertext was
-                stream._refuse_same_file(target, lpath)
-            os.makedirs(os.path.dirname(lpath), exist_ok=True)
+            lpath = os.path.abspath(LocalFileSystem._strip_protocol(lpath))
         with self._open_target(target) as f:
+            if outfile is None:
+                _refuse_same_local_file(self.fs, target, f, lpath)
+                os.makedirs(os.path.dirname(lpath), exist_ok=True)
             try:
                 key = self._data_key(stream.read_header(f), target)
                 f.seek(0)

@@ -329,9 +329,10 @@ class StagedFilesDatasink(Datasink):
     keeps the staging folder (``.gpucrypt-staging-*``), where the files not yet moved
     are, for the user to move or remove; a crash there leaves the same state unreported.
     A rerun of the job replaces the published files. A dataset without rows publishes an
-    empty folder. A file whose place in the folder is taken by a folder is refused
-    before anything is moved (``IsADirectoryError``: nothing is published, the staging
-    folder is removed), since a move onto a folder would put the file inside it.
+    empty folder. A file whose place in the folder is taken by a folder
+    (``IsADirectoryError``: a move onto a folder would put the file inside it), or one
+    whose parent path is a file (``NotADirectoryError``), is refused before anything is
+    moved: nothing is published, the staging folder is removed.
 
     A sink may run several jobs, one after another. A folder kept by a publish that
     stopped part-way stays kept through the sink's later jobs (a failed one adds to it
@@ -434,7 +435,7 @@ class StagedFilesDatasink(Datasink):
         self._check_staged(names)
         if self.whole and self._publish_whole():
             return
-        self._refuse_folders_in_the_way(names)
+        self._refuse_what_is_in_the_way(names)
         self._published = []
         for name in names:
             final = posixpath.join(self.root, name)
@@ -464,19 +465,66 @@ class StagedFilesDatasink(Datasink):
         # removes its staging folder)
         self._published, self._kept = None, False
 
-    def _refuse_folders_in_the_way(self, names: list[str]) -> None:
-        """Raise ``IsADirectoryError`` when a folder stands where one of ``names`` must go,
-        before any file is moved: ``mv`` onto a folder moves the file inside it (local and
-        fsspec's generic move alike) and reports success, so the job would look done with
-        the file under another name. Checked first, not atomically with the moves: a
-        folder made meanwhile is still moved into."""
-        folders = [name for name in names if self.fs.isdir(posixpath.join(self.root, name))]
+    def _refuse_what_is_in_the_way(self, names: list[str]) -> None:
+        """Raise, before any file is moved, when something other than a free place stands
+        where one of ``names`` must go: a folder at the file's own path
+        (``IsADirectoryError``: ``mv`` onto a folder moves the file inside it, local and
+        fsspec's generic move alike, and reports success, so the job would look done
+        with the file under another name), or a file (anything but a folder) at one of
+        its parent paths (``NotADirectoryError``: the moves before it would be published,
+        the job failing part-way at it). Told by one listing per folder the files go
+        into that exists (one for names without folders), not one request per file.
+        Checked first, not atomically with the moves: what is made meanwhile is still
+        in the way. On object stores too, where an object and a prefix may share a name."""
+        kinds: dict[str, set] = {}  # path -> the types listed under it
+
+        def kinds_of(relative: str) -> set:
+            return kinds.get(posixpath.join(self.root, relative), set())
+
+        parents = {posixpath.dirname(name) for name in names}
+        for parent in list(parents):
+            while parent:
+                parent = posixpath.dirname(parent)
+                parents.add(parent)
+        for folder in sorted(parents, key=lambda f: (f.count("/"), f)):  # "" (the root) first
+            if folder and kinds_of(folder) != {"directory"}:
+                continue  # not there (nothing below it is), or a file: refused below
+            try:
+                entries = self.fs.ls(posixpath.join(self.root, folder) if folder else self.root,
+                                     detail=True)
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                path, kind = entry["name"].rstrip("/"), entry["type"]
+                if entry.get("islink"):  # a local listing's link: what it points to counts
+                    try:
+                        kind = self.fs.info(path)["type"]
+                    except FileNotFoundError:
+                        pass  # a broken link: replaced by a move, as a file is
+                kinds.setdefault(path, set()).add(kind)
+        folders = [name for name in names if "directory" in kinds_of(name)]
+        inside_files = []
+        for name in names:
+            parts = name.split("/")[:-1]
+            for depth in range(1, len(parts) + 1):
+                parent = "/".join(parts[:depth])
+                if kinds_of(parent) - {"directory"}:
+                    inside_files.append(f"{name}: {parent} is a file")
+                    break
+        if not folders and not inside_files:
+            return
+        said = []
         if folders:
-            raise IsADirectoryError(
-                errno.EISDIR, f"{len(folders)} of the file(s) to publish would replace a "
-                f"folder ({_some(folders)}): nothing was published; remove or rename those "
-                f"folders, or write the rows under other names (suffix=, relative_to=), and "
-                f"run the job again", self.root)
+            said.append(f"{len(folders)} of the file(s) to publish would replace a folder "
+                        f"({_some(folders)})")
+        if inside_files:
+            said.append(f"{len(inside_files)} of the file(s) to publish would go inside a "
+                        f"file, not a folder ({_some(inside_files)})")
+        error, code = (IsADirectoryError, errno.EISDIR) if folders else \
+            (NotADirectoryError, errno.ENOTDIR)
+        raise error(code, f"{'; '.join(said)}: nothing was published; remove or rename what "
+                          f"is in the way, or write the rows under other names (suffix=, "
+                          f"relative_to=), and run the job again", self.root)
 
     def _check_staged(self, names: list[str]) -> None:
         """Every file the write tasks reported is in the staging folder as this process sees

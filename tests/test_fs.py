@@ -1352,3 +1352,157 @@ def test_a_cache_above_gpucrypt_is_refused_and_keeps_no_plaintext(keys, tmp_path
         assert f.read() == data
     cached = [p for p in (tmp_path / "below").rglob("*") if p.is_file()]
     assert cached and not any(data[:64] in p.read_bytes() for p in cached)
+
+
+@pytest.mark.parametrize("target", ["file", "memory"])
+def test_only_a_missing_file_follows_on_error_a_bad_envelope_or_lost_keys_raise(
+        tmp_path, target, request):
+    """``on_error`` was applied to every error but a failing stream's: a file whose
+    envelope was tampered with (``EnvelopeError``), and every file once the keyset file
+    was moved away (``KeysetError``), were left out by ``cat(on_error="omit")`` and a
+    mapper's ``getitems(on_error="omit")`` (zarr read the chunk, or the whole array, as
+    fill values) and returned by ``cat_ranges``. Only a missing file follows ``on_error``;
+    the envelope's error starts with the file's path."""
+    from gpucrypt.keys import EnvelopeError, KeysetError
+
+    keyset = tmp_path / "keyset.json"
+    Keyset.generate().save(keyset)
+    base = str(tmp_path) if target == "file" else "/" + re.sub(r"\W", "_", request.node.name)
+    fs = fsspec.filesystem("gpucrypt", target_protocol=target, keyset=str(keyset))
+    good, bad, missing = (f"{base}/store/{name}" for name in ("good", "bad", "missing"))
+    fs.makedirs(f"{base}/store", exist_ok=True)
+    fs.pipe_file(good, b"g" * 100)
+    fs.pipe_file(bad, b"b" * 100)
+    stored = fs.fs.cat_file(bad)
+    envelope_at = stored.index(stream.read_header(stored).envelope)
+    fs.fs.pipe_file(bad, _flip(stored, envelope_at + 2))  # the envelope's magic
+    mapper = fs.get_mapper(f"{base}/store")
+    starts_with_bad = "^" + re.escape(f"{bad}: ")
+    for on_error in ("omit", "return"):
+        with pytest.raises(EnvelopeError, match=starts_with_bad):
+            fs.cat([good, bad, missing], on_error=on_error)
+        with pytest.raises(EnvelopeError, match=starts_with_bad):
+            mapper.getitems(["good", "bad"], on_error=on_error)
+    with pytest.raises(EnvelopeError, match=starts_with_bad):
+        fs.cat_ranges([good, bad], [0, 0], [5, 5], on_error="return")
+
+    # missing files still follow on_error, as fsspec has them
+    assert fs.cat([good, missing], on_error="omit") == {good: b"g" * 100}
+    assert mapper.getitems(["good", "missing"], on_error="omit") == {"good": b"g" * 100}
+    ranges = fs.cat_ranges([good, missing], [0, 0], [5, 5], on_error="return")
+    assert ranges[0] == b"ggggg" and isinstance(ranges[1], FileNotFoundError)
+
+    os.rename(keyset, tmp_path / "moved.json")  # the keys cannot be loaded any more
+    for on_error in ("omit", "return"):
+        with pytest.raises(KeysetError, match="^" + re.escape(f"{good}: ")):
+            fs.cat([missing, good], on_error=on_error)
+        with pytest.raises(KeysetError, match="no such file"):
+            mapper.getitems(["good"], on_error=on_error)
+    with pytest.raises(KeysetError, match="no such file"):
+        fs.cat_ranges([good], [0], [5], on_error="return")
+    if target == "memory":
+        fs.fs.rm(base, recursive=True)
+
+
+@pytest.mark.parametrize("cache", ["filecache", "simplecache", "blockcache"])
+def test_a_cache_over_a_dir_prefix_of_gpucrypt_is_refused_too(keys, tmp_path, cache):
+    """A cache over ``dir::`` over gpucrypt was not recognised (the frame above gpucrypt's
+    was DirFileSystem's, not the cache's): the whole plaintext file was kept in its cache
+    folder. The cache's targets are followed down to gpucrypt, made by ``fs=`` or by a
+    chained URL."""
+    from fsspec.implementations.dirfs import DirFileSystem
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    data = os.urandom(20_000)
+    local_fs(keys).pipe_file(str(folder / "x.gc"), data)
+    reads = (lambda c: c.open("x.gc", "rb").read(), lambda c: c.cat_file("x.gc"),
+             lambda c: c.cat(["x.gc"]), lambda c: c.get("x.gc", str(tmp_path / "got")))
+    for i, read in enumerate(reads):
+        # a cache each (a blockcache keeps a refused block as fetched, its zeros, and
+        # would read them back without asking gpucrypt again)
+        storage = str(tmp_path / f"cache{i}")
+        by_fs = fsspec.filesystem(cache, fs=DirFileSystem(path=str(folder), fs=local_fs(keys)),
+                                  cache_storage=storage + "-fs", skip_instance_cache=True)
+        by_url = fsspec.core.url_to_fs(f"{cache}::dir::gpucrypt::file://{folder}",
+                                       gpucrypt={"keyset": keys["keyset"]},
+                                       dir={"path": str(folder)},
+                                       **{cache: {"cache_storage": storage + "-url"}})[0]
+        for caching in (by_fs, by_url):
+            assert isinstance(caching.fs, DirFileSystem)
+            with pytest.raises(ValueError, match=f"not cached above gpucrypt.*{cache}::gpucrypt"):
+                read(caching)
+    assert not any(data[:64] in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
+                   and p.name != "x.gc")
+    # the same filesystems, no cache above: read as before
+    assert DirFileSystem(path=str(folder), fs=local_fs(keys)).cat_file("x.gc") == data
+
+
+def test_the_cache_check_keeps_none_of_the_callers_locals_alive(memory):
+    """The check for a cache above read ``f_locals`` of the frame that called gpucrypt:
+    on Python 3.11 that snapshot kept the caller's locals alive after the caller deleted
+    them (a plaintext buffer, until the caller returned). Only frames of fsspec's caches
+    are read."""
+    import gc
+    import weakref
+
+    fs, folder = memory
+    fs.pipe_file(f"{folder}/a", b"x")
+
+    class Plaintext:
+        pass
+
+    def caller():
+        buffer = Plaintext()
+        alive = weakref.ref(buffer)
+        fs.open(f"{folder}/a", "rb").close()
+        fs.cat_file(f"{folder}/a")
+        del buffer
+        gc.collect()
+        return alive() is None
+
+    assert caller()
+
+
+def test_get_file_refuses_the_stored_file_itself_under_wrappers_and_file_urls(
+        keys, tmp_path, monkeypatch):
+    """``get_file(p, p)`` was refused only over a plain local target: under ``dir::`` or
+    with a simplecache below gpucrypt it replaced the only ciphertext with its
+    plaintext. And an ``lpath`` given as ``file:///...`` was not stripped: the plaintext
+    went to ``./file:/...``. The files are compared (the descriptor read, the local file
+    a wrapped local target stores) before anything is written."""
+    from fsspec.implementations.dirfs import DirFileSystem
+
+    path = tmp_path / "a.gc"
+    local_fs(keys).pipe_file(str(path), b"A" * 100)
+    stored = path.read_bytes()
+    in_dir = fsspec.filesystem("gpucrypt", keyset=keys["keyset"],
+                               fs=DirFileSystem(path=str(tmp_path), fs=LocalFileSystem()))
+    cache_below = fsspec.filesystem(
+        "gpucrypt", keyset=keys["keyset"],
+        fs=fsspec.filesystem("simplecache", target_protocol="file",
+                             cache_storage=str(tmp_path / "below"), skip_instance_cache=True))
+    monkeypatch.chdir(tmp_path)
+    for fs, rpath in ((in_dir, "a.gc"), (cache_below, str(path)), (local_fs(keys), str(path))):
+        for lpath in (str(path), f"file://{path}"):
+            with pytest.raises(ValueError, match="same file"):
+                fs.get_file(rpath, lpath)
+            assert path.read_bytes() == stored
+    local_fs(keys).get_file(str(path), f"file://{tmp_path}/b.bin")
+    assert (tmp_path / "b.bin").read_bytes() == b"A" * 100
+    assert not (tmp_path / "file:").exists()
+
+
+def test_an_explicit_keys_none_wins_over_the_fsspec_configs_keyset(keys, monkeypatch):
+    """``keys=None`` given beside a configured keyset still took the config's keyset,
+    though explicit key arguments win, ``None`` included: it names no keys now (refused
+    alone, as without a config), and beside ``identities=`` reads only."""
+    from fsspec.config import conf
+
+    monkeypatch.setitem(conf, "gpucrypt", {"keyset": keys["keyset"]})  # restored after
+    with pytest.raises(ValueError, match="no key reference given"):
+        fsspec.filesystem("gpucrypt", target_protocol="memory", keys=None)
+    reader = fsspec.filesystem("gpucrypt", target_protocol="memory", keys=None,
+                               identities=[keys["identity"]])
+    assert reader.keys.keyset is None and not reader._keys().can_encrypt()
+    assert fsspec.filesystem("gpucrypt", target_protocol="memory").keys.keyset == keys["keyset"]

@@ -16,6 +16,8 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray Data pipelines need the [ray] extra")
 
+from fsspec.implementations.local import LocalFileSystem  # noqa: E402
+
 from gpucrypt import ray as gray  # noqa: E402
 from gpucrypt import stream  # noqa: E402
 from gpucrypt.keys import Keyset  # noqa: E402
@@ -414,16 +416,32 @@ def test_a_new_local_folder_is_published_in_one_rename_an_existing_one_file_by_f
     assert sorted(os.listdir(tmp_path)) == ["fresh", "full", "late"]
 
 
+class _AFileMadeMeanwhile(LocalFileSystem):
+    """A local target where another writer makes the file ``blocker`` once ``after`` is
+    moved into place: after the sink checked what is in the way, before its next move."""
+
+    def __init__(self, after: str, blocker: str, **kwargs):
+        super().__init__(skip_instance_cache=True, **kwargs)
+        self._after, self._blocker = after, blocker
+
+    def mv(self, path1, path2, **kwargs):
+        super().mv(path1, path2, **kwargs)
+        if path2 == self._after:
+            with open(self._blocker, "wb") as f:
+                f.write(b"a file where a folder must go")
+
+
 def test_a_publish_that_fails_part_way_keeps_the_rest_and_says_where(tmp_path, caplog):
     """Into an existing folder the files are moved one by one; an error of the target on
-    the second (a file stands where its folder must go) leaves the first published. The
-    others are only in the staging folder, so Ray's on_write_failed keeps it, and the
-    error names what was published and where the rest are. Ray's call order is replayed
-    without a cluster (_publish); a failure before publishing still removes the staging."""
+    the second (a file made meanwhile where its folder must go) leaves the first
+    published. The others are only in the staging folder, so Ray's on_write_failed keeps
+    it, and the error names what was published and where the rest are. Ray's call order
+    is replayed without a cluster (_publish); a failure before publishing still removes
+    the staging."""
     root = tmp_path / "out"
     root.mkdir()
-    (root / "sub").write_bytes(b"a file where the folder sub/ must go")
-    sink = gray.StagedFilesDatasink(str(root))
+    sink = gray.StagedFilesDatasink(
+        str(root), filesystem=_AFileMadeMeanwhile(str(root / "a.bin"), str(root / "sub")))
     names = ["a.bin", "sub/b.bin", "c.bin"]
     with pytest.raises(gray.PartialPublishError) as caught:
         _publish(sink, names)
@@ -496,15 +514,15 @@ def test_a_sink_runs_its_next_job_afresh(tmp_path, caplog):
     (it holds the only copy of its files) until a job publishes completely."""
     root = tmp_path / "out"
     root.mkdir()
-    sink = gray.StagedFilesDatasink(str(root))
+    sink = gray.StagedFilesDatasink(
+        str(root), filesystem=_AFileMadeMeanwhile(str(root / "d.bin"), str(root / "sub")))
     _publish(sink, ["a.bin", "b.bin"])
     assert _tree(root) == {"a.bin": b"a.bin", "b.bin": b"b.bin"}
     _job_failing_in_a_write_task(sink, ["c.bin"])
     assert not os.path.exists(sink.staging) and not (root / "c.bin").exists()
     assert "publishing had started" not in caplog.text and sink.staging not in caplog.text
 
-    (root / "sub").write_bytes(b"a file where the folder sub/ must go")
-    with pytest.raises(gray.PartialPublishError):
+    with pytest.raises(gray.PartialPublishError):  # sub is made once d.bin is in place
         _publish(sink, ["d.bin", "sub/e.bin"])
     caplog.clear()
     _job_failing_in_a_write_task(sink, ["f.bin"])  # the same sink, before publishing
@@ -542,10 +560,6 @@ def test_a_publish_onto_a_folder_is_refused_before_anything_moves(tmp_path, targ
     folder (``report/report``) and the job reported success. Every place is checked
     before the first move: nothing is published and on_write_failed removes the staging
     folder. Ray's call order is replayed without a cluster (see _publish)."""
-    from types import SimpleNamespace
-
-    import fsspec
-
     if target == "file":
         root = tmp_path / "out"
         (root / "report").mkdir(parents=True)
@@ -556,21 +570,35 @@ def test_a_publish_onto_a_folder_is_refused_before_anything_moves(tmp_path, targ
             _publish(sink, ["a.bin", "report", "z.bin"])
         assert _tree(root) == {"report/keep": b"theirs"} and os.listdir(root) == ["report"]
         return
+    assert _refused_on_memory(tmp_path, {"report/keep": b"theirs"},
+                              {"a.bin": b"a", "report": b"NEW"},
+                              IsADirectoryError, "report") == ["report/keep"]
+
+
+def _refused_on_memory(tmp_path, theirs: dict, staged: dict, error: type, match: str) -> list:
+    """A publish of ``staged`` (name: bytes) into a memory folder holding ``theirs``,
+    refused with ``error``: what the folder holds afterwards (relative names). Ray's
+    calls as _publish replays them, with the files staged on the memory target."""
+    from types import SimpleNamespace
+
+    import fsspec
+
     memory = fsspec.filesystem("memory")
     root = "/" + re.sub(r"\W", "_", tmp_path.name) + "/out"
-    memory.pipe_file(f"{root}/report/keep", b"theirs")
+    for name, data in theirs.items():
+        memory.pipe_file(f"{root}/{name}", data)
     sink = gray.StagedFilesDatasink(f"memory://{root}")
     try:
         sink.on_write_start()
-        memory.pipe_file(f"{sink.staging}/a.bin", b"a")
-        memory.pipe_file(f"{sink.staging}/report", b"NEW")
-        with pytest.raises(IsADirectoryError, match="report"):
-            try:  # _publish's calls, with the files staged on the memory target
-                sink.on_write_complete(SimpleNamespace(write_returns=[["a.bin", "report"]]))
+        for name, data in staged.items():
+            memory.pipe_file(f"{sink.staging}/{name}", data)
+        with pytest.raises(error, match=match):
+            try:
+                sink.on_write_complete(SimpleNamespace(write_returns=[list(staged)]))
             except Exception as exc:
                 sink.on_write_failed(exc)
                 raise
-        assert memory.find(root) == [f"{root}/report/keep"]
+        return [path[len(root) + 1:] for path in memory.find(root)]
     finally:
         memory.rm(root.rsplit("/", 1)[0], recursive=True)
 
@@ -621,3 +649,38 @@ def test_read_encrypted_takes_its_keys_over_the_fsspec_configs(keyset, tmp_path,
                                          **given)
         with filesystem.open_input_file(path) as f:
             assert f.read() == b"the rows"
+
+
+@pytest.mark.parametrize("target", ["file", "memory"])
+def test_a_file_standing_where_a_folder_must_go_is_refused_before_anything_moves(
+        tmp_path, target):
+    """A row mapped to ``a/c.txt`` while ``a`` is a file in the folder: the files before it
+    were published, and the job failed part-way at its move (PartialPublishError). Every
+    parent path is checked with the final paths, before the first move: nothing is
+    published and on_write_failed removes the staging folder. A link to a folder at a
+    file's place is still a folder; new and existing folders still take files."""
+    if target == "file":
+        root = tmp_path / "out"
+        (root / "deep").mkdir(parents=True)
+        (root / "a").write_bytes(b"theirs")
+        (root / "deep" / "x").write_bytes(b"theirs too")
+        sink = gray.StagedFilesDatasink(str(root))
+        with pytest.raises(NotADirectoryError, match=r"2 of the file\(s\).*inside a file.*"
+                                                     r"a/c\.txt: a is a file.*deep/x/y\.txt: "
+                                                     r"deep/x is a file.*nothing was published"):
+            _publish(sink, ["b.txt", "a/c.txt", "deep/x/y.txt"])
+        assert _tree(root) == {"a": b"theirs", "deep/x": b"theirs too"}
+        assert sorted(os.listdir(root)) == ["a", "deep"]
+
+        (tmp_path / "real").mkdir()
+        os.symlink(tmp_path / "real", root / "link.txt")
+        with pytest.raises(IsADirectoryError, match=r"replace a folder \(link\.txt\)"):
+            _publish(gray.StagedFilesDatasink(str(root)), ["b.txt", "link.txt"])
+        assert os.listdir(tmp_path / "real") == [] and not (root / "b.txt").exists()
+
+        _publish(gray.StagedFilesDatasink(str(root)), ["deep/n.txt", "new/er/m.txt", "t.txt"])
+        assert _tree(root) == {"a": b"theirs", "deep/x": b"theirs too", "deep/n.txt":
+                               b"deep/n.txt", "new/er/m.txt": b"new/er/m.txt", "t.txt": b"t.txt"}
+        return
+    assert _refused_on_memory(tmp_path, {"a": b"theirs"}, {"b.txt": b"b", "a/c.txt": b"c"},
+                              NotADirectoryError, "a/c.txt: a is a file") == ["a"]
