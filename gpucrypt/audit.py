@@ -174,7 +174,8 @@ class AuditLogError(OSError):
     :func:`event` (and so from the operation that emitted it), never passed over as
     logging's own handlers do (they print "--- Logging error ---" and go on), since a gap
     in an audit log is what it exists to rule out. ``operation`` and ``outcome``: the
-    event that is missing; ``filename``: the log (None for a stream); ``errno``: None
+    event that is missing (``error``: its error field, if it recorded a failure);
+    ``filename``: the log (None for a stream); ``errno``: None
     where the write failed other than with ``OSError`` (a closed stream's ``ValueError``).
 
     An ``ok`` event is written once its work is done, so an error for one comes from an
@@ -187,6 +188,7 @@ class AuditLogError(OSError):
                          filename)
         self.operation = audit.get("operation")
         self.outcome = audit.get("outcome")
+        self.error = audit.get("error")  # what a lost error event recorded, or None
 
     @property
     def consequence(self) -> str:

@@ -1089,3 +1089,115 @@ def test_cli_file_commands_record_what_they_did(tmp_path, monkeypatch, capsys):
     assert all(e["pid"] == os.getpid() and e["duration_s"] >= 0 for e in events)
     _assert_no_secret([log.read_text()], [raw_key, *deks, *(k.secret_bytes() for k in ks)],
                       ["zanzibar"])
+
+
+def test_cli_audit_log_may_not_be_a_file_the_command_reads_or_writes(tmp_path, monkeypatch,
+                                                                      capsys):
+    """OUT (or keygen's new file) named as the log, with --force: OUT was renamed over the
+    log (its lines lost), the next event appended to OUT (a plaintext or keyset with a JSON
+    line after it), exit 0. Refused as a usage error, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    key = tmp_path / "k"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    (tmp_path / "in").write_bytes(b"plain")
+    assert main(["encrypt", "--key-file", "k", "in", "enc"]) == 0
+    (tmp_path / "audit.log").write_text("an earlier line\n")
+    os.link(tmp_path / "audit.log", tmp_path / "alias.log")
+    cases = [["decrypt", "--key-file", "k", "--force", "enc", "audit.log"],
+             ["encrypt", "--key-file", "k", "--force", "in", "alias.log"],
+             ["keygen", "--force", "--out", "audit.log"],
+             ["encrypt", "--key-file", "audit.log", "in", "out"]]
+    try:
+        for argv in cases:
+            code = main([*argv, "--audit-log", "audit.log"])
+            err = capsys.readouterr().err
+            assert code == 2 and "is also a file this command reads or writes" in err, (argv, err)
+    finally:
+        _remove_file_handlers()
+    assert (tmp_path / "audit.log").read_text() == "an earlier line\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_events_record_the_failure_not_the_usage_error(tmp_path, monkeypatch, capsys):
+    """A usage error (exit 2: no key given, a segment size out of range) records nothing,
+    and a segment size is refused before the keyset is loaded or a key sealed (a KMS call,
+    audited); a header that fails is a failure recorded as such (decrypt recorded none,
+    decrypt-model did); the command line's own refusal of a key (exit 1) with its words."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["keygen", "--out", "ks.json"]) == 0
+    key = tmp_path / "k"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    (tmp_path / "in").write_bytes(os.urandom(5000))
+    assert main(["encrypt", "--key-file", "k", "in", "raw.gc"]) == 0
+    log = tmp_path / "audit.jsonl"
+    audited = ["--audit-log", str(log)]
+    try:
+        assert main(["encrypt", "--keyset", "ks.json", "--segment-size", "1", "in", "o1",
+                     *audited]) == 2
+        assert main(["decrypt", "raw.gc", "o2", *audited]) == 2  # no key given
+        assert main(["decrypt", "--keyset", "ks.json", "in", "o3", *audited]) == 1
+        assert main(["decrypt", "--keyset", "ks.json", "raw.gc", "o4", *audited]) == 1
+    finally:
+        _remove_file_handlers()
+    err = capsys.readouterr().err
+    assert "carries no envelope" in err
+    events = [(e["operation"], e["outcome"], os.path.basename(e["path"]), e.get("error"))
+              for e in _log_events(log) if e["operation"].startswith("file.")]
+    assert events == [
+        ("file.decrypt", "error", "in", "FormatError"),
+        ("file.decrypt", "error", "raw.gc",
+         "CliError: this file carries no envelope (it was encrypted with a raw key): "
+         "-i/--keyset/--kek cannot open it"),
+    ], events
+    assert not any(e["operation"] == "envelope.seal" for e in _log_events(log))
+
+
+def test_an_audit_log_given_to_one_main_call_is_not_written_by_the_next(tmp_path, monkeypatch,
+                                                                        capsys):
+    """main(argv) in a process (a test, an embedding program): call 1's --audit-log got the
+    events of every later call, with or without its own log."""
+    monkeypatch.chdir(tmp_path)
+    key = tmp_path / "k"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    (tmp_path / "in").write_bytes(b"plain")
+    assert main(["encrypt", "--key-file", "k", "in", "a.gc", "--audit-log", "a.log"]) == 0
+    assert main(["encrypt", "--key-file", "k", "in", "b.gc", "--audit-log", "b.log"]) == 0
+    assert main(["encrypt", "--key-file", "k", "in", "c.gc"]) == 0
+    capsys.readouterr()
+    assert [os.path.basename(e["path"]) for e in _log_events(tmp_path / "a.log")] == ["in"]
+    assert len(_log_events(tmp_path / "b.log")) == 1
+    assert not any(getattr(h, "baseFilename", "").startswith(str(tmp_path))
+                   for h in logging.getLogger(audit.LOGGER_NAME).handlers)
+
+
+def test_a_lost_error_event_leaves_its_failure_in_the_runs_event(tmp_path, monkeypatch, capsys):
+    """envelope.open failing (a wrong identity) whose own error event cannot be written:
+    the run's file.decrypt event, written, said AuditLogError; the failure was the key."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["keygen", "--public", "--out", "alice"]) == 0
+    assert main(["keygen", "--public", "--out", "bob"]) == 0
+    (tmp_path / "plain").write_bytes(os.urandom(1000))
+    assert main(["encrypt", "-r", "alice.pub", "plain", "sealed"]) == 0
+    capsys.readouterr()
+    real_open, writes = audit._AuditFileHandler._open, []
+
+    class _FirstWriteFails(_ShortWrites):
+        def write(self, data):
+            writes.append(data)
+            self.keep = None if len(writes) == 1 else len(data)
+            return super().write(data)
+
+    monkeypatch.setattr(audit._AuditFileHandler, "_open",
+                        lambda self: _FirstWriteFails(real_open(self), None))
+    try:
+        assert main(["decrypt", "-i", "bob", "sealed", "out", "--audit-log", "audit.log"]) == 1
+    finally:
+        _remove_file_handlers()
+    err = capsys.readouterr().err
+    assert "'envelope.open' (it failed" in err, err
+    [written] = _log_events(tmp_path / "audit.log")
+    assert written["operation"] == "file.decrypt" and written["error"].startswith(
+        "NoMatchingRecipient"), written

@@ -348,10 +348,25 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdin = saved[0] if saved[0] is not None else _ClosedStream("stdin")
     sys.stderr = saved[2] if saved[2] is not None else _ClosedStream("stderr")
     sys.stdout = _Stdout(saved[1] if saved[1] is not None else _ClosedStream("stdout"))
+    handlers_before = _audit_handlers()
     try:
         return _run(args)
     finally:
         sys.stdin, sys.stdout, sys.stderr = saved
+        if not whole_process:
+            # an --audit-log of this call is this call's: a later main() in the process,
+            # given another log or none, must not write to it (nor fail when it fails)
+            for handler in _audit_handlers():
+                if handler not in handlers_before:
+                    sys.modules["logging"].getLogger("gpucrypt.audit").removeHandler(handler)
+                    handler.close()
+
+
+def _audit_handlers() -> list:
+    """The audit logger's handlers; none where logging was never loaded (the command line
+    does not load it for commands that write no log: 4 ms of start-up)."""
+    logging = sys.modules.get("logging")
+    return [] if logging is None else logging.getLogger("gpucrypt.audit").handlers[:]
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -258,6 +258,22 @@ def _no_key() -> CliError:
                     "(or -r/-i/--keyset, or -p for a passphrase)", 2)
 
 
+def check_sealing_options(args: Any) -> None:
+    """``--segment-size`` and ``--device gpu`` refused (through :func:`run_reporting_errors`:
+    exit 2) before any key is read: they were refused after the data key was sealed, a
+    KMS or HSM call the audit log records, for a usage error."""
+    def check():
+        from ..files._format import check_segment_size
+
+        check_segment_size(args.segment_size)
+        if args.device == "gpu":
+            from ..backends import get_backend
+
+            get_backend("gpu")  # BackendUnavailable, with the reason
+
+    run_reporting_errors(args, check)
+
+
 def key_read(args: Any) -> None:
     """Note that the command has begun to read its keys: from here on, a failure is an
     event of the audit log (``--audit-log``), where a refusal before it is a usage error

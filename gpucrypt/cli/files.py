@@ -47,9 +47,9 @@ import time
 from typing import Any, Iterator
 
 from ._common import (add_algorithm, add_device, add_force, add_input_output_and_keys,
-                      add_key_management, audited, check_key_sources, check_output, decrypt_key,
-                      destination, encrypt_keys, output_path, parse_size,
-                      refuse_input_as_output, run_reporting_errors)
+                      add_key_management, audited, check_key_sources, check_output,
+                      check_sealing_options, decrypt_key, destination, encrypt_keys, key_read,
+                      output_path, parse_size, refuse_input_as_output, run_reporting_errors)
 from . import CliError
 
 __all__ = ["add_encrypt", "add_decrypt"]
@@ -245,6 +245,7 @@ def _run_encrypt(args) -> int:
 
     check_key_sources(args)
     _check_threads(args)
+    check_sealing_options(args)
     # IN's and OUT's refusals (missing, a folder, OUT exists or its folder does not, the
     # output is the input, ciphertext to a terminal) come before the keys, as in decrypt
     # and keygen: a passphrase (typed twice with -p, or a sealed keyset's) is asked for
@@ -292,6 +293,7 @@ def _run_decrypt(args) -> int:
             refuse_input_as_output(args, src, dst)
 
             def header_then_decrypt():
+                key_read(args)  # the header is the key's first use: a bad one is a failure
                 header = stream.read_header(src)  # leaves src just after the header
                 key = decrypt_key(args, header)  # may ask for a passphrase: the bar waits
                 event.update(algorithm=header.algorithm, device=args.device)

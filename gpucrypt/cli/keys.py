@@ -841,16 +841,28 @@ def audited_command(args: Any, operation: str, path: str) -> Iterator[dict]:
     try:
         yield fields
     except BaseException as exc:
-        if not getattr(args, "audit_key_read", False):
-            raise
-        # a CliError raised in the handler of the library's error holds it as its context
-        cause = exc.__context__ if isinstance(exc, CliError) and exc.__context__ is not None \
-            else exc
+        if not getattr(args, "audit_key_read", False) or \
+                isinstance(exc, CliError) and exc.exit_code == 2:
+            raise  # a usage error: it used no key (or the library's events say which it did)
         audit.event(operation, outcome="error", duration_s=round(time.perf_counter() - start, 6),
-                    error=audit.error_fields(cause), **fields, **_audit_key_fields(args))
+                    error=_failure(exc, audit), **fields, **_audit_key_fields(args))
         raise
     audit.event(operation, duration_s=round(time.perf_counter() - start, 6), **fields,
                 **_audit_key_fields(args))
+
+
+def _failure(exc: BaseException, audit: Any) -> str:
+    """The ``error`` field of a failed run: the library's error that ``exc`` reports (a
+    CliError raised in its handler, or an audit event lost while it was being recorded,
+    holds it as its context); the command line's own refusals (written for stderr, with
+    no secret) with their message, as key-management errors are recorded."""
+    if isinstance(exc, audit.AuditLogError) and exc.error is not None:
+        return exc.error  # the failure the lost event was recording
+    if isinstance(exc, CliError):
+        if exc.__context__ is not None:
+            return audit.error_fields(exc.__context__)
+        return f"{type(exc).__name__}: {exc}"
+    return audit.error_fields(exc)
 
 
 def _audit_key_fields(args: Any) -> dict:
@@ -859,10 +871,42 @@ def _audit_key_fields(args: Any) -> dict:
             if getattr(args, "audit_" + field, None) is not None}
 
 
+#: the arguments naming files a command reads or writes, which the audit log must not be
+_FILE_ARGUMENTS = ("input", "output", "output_option", "out", "keyset", "file", "old_keyset",
+                   "identity", "recipient", "key_file", "passphrase_file")
+
+
+def _refuse_log_among_files(args: Any) -> None:
+    """A usage CliError when ``--audit-log`` names a file the command reads or writes
+    (OUT, IN, a key file, keygen's new files): with --force, OUT was renamed over the log
+    (its lines lost) and the next event appended to OUT, corrupting it, exit 0."""
+    log = os.path.abspath(args.audit_log)
+    named: list[str] = []
+    for name in _FILE_ARGUMENTS:
+        value = getattr(args, name, None)
+        named += value if isinstance(value, list) else [value] if isinstance(value, str) else []
+    if getattr(args, "command", None) == "keygen":  # its files, named or by default
+        out = args.out or ("gpucrypt-identity.json" if args.public else "gpucrypt-keyset.json")
+        named += [out, out + ".pub"]
+    for path in named:
+        if path == "-":
+            continue
+        same = os.path.abspath(path) == log
+        if not same:
+            try:
+                same = os.path.samefile(path, log)
+            except (OSError, ValueError):
+                pass
+        if same:
+            raise CliError(f"--audit-log {args.audit_log} is also a file this command reads or "
+                           f"writes ({path}): give the log a file of its own", 2)
+
+
 def _enable_audit(args) -> None:
     if getattr(args, "audit_log", None) is not None:
         if not args.audit_log:  # an unset $VARIABLE, say: not a log left out
             raise CliError("--audit-log was given an empty name: give the log file's path", 2)
+        _refuse_log_among_files(args)
         from .. import audit
 
         try:

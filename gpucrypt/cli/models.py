@@ -49,9 +49,9 @@ import os
 import sys
 
 from ._common import (add_algorithm, add_device, add_force, add_input_output_and_keys,
-                      add_key_management, audited, check_key_sources, check_output, decrypt_key,
-                      destination, encrypt_keys, parse_size, refuse_input_as_output,
-                      run_reporting_errors)
+                      add_key_management, audited, check_key_sources, check_output,
+                      check_sealing_options, decrypt_key, destination, encrypt_keys, parse_size,
+                      refuse_input_as_output, run_reporting_errors)
 from . import CliError
 
 __all__ = ["add_encrypt_model", "add_decrypt_model"]
@@ -116,6 +116,7 @@ def _run_encrypt_model(args) -> int:
     from ..files._safetensors import open_safetensors
 
     check_key_sources(args)
+    check_sealing_options(args)
     if os.path.isdir(args.input):
         return _run_encrypt_checkpoint(args)
     if args.copy_unencrypted:
