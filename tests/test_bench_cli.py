@@ -229,8 +229,44 @@ def test_a_one_thread_gpu_row_gets_no_ratio_to_an_n_thread_baseline():
     assert report.cells[1].ratio == pytest.approx(1.0) and report.cells[1].tie is True
 
 
-def test_the_threads_note_says_why_gpu_rows_have_no_ratio(capsys):
+class _PretendGpu:
+    """A GPU session for the run's logic where no GPU is: every device-resident row
+    takes 1 us (a real one's figure comes from CUDA events), or is refused with
+    ``refuse``. Not a measurement of anything."""
+
+    simulator = False
+    device_name = "pretend GPU"
+
+    def __init__(self, refuse=None):
+        self.refuse = refuse
+
+    def copy_bandwidth(self, budget):
+        return 1e12
+
+    def time_cell(self, implementation, m, operation, budget):
+        from gpucrypt.bench.cpu import Timing
+        from gpucrypt.bench.gpu import GpuRefused
+
+        if self.refuse:
+            raise GpuRefused(self.refuse)
+        return Timing(3, 1, 1e-6)
+
+
+def _pretend_gpu(monkeypatch, refuse=None):
+    monkeypatch.setattr(bench, "_gpu_session", lambda config: (_PretendGpu(refuse), None))
+
+
+def test_the_threads_note_says_why_gpu_rows_have_no_ratio(capsys, monkeypatch):
+    """The note is about GPU rows: a run with none (--device cpu) printed it too."""
     code, out, err = run_cli(capsys, *ONE_CELL, "--threads", "2")
+    assert code == 0, err
+    assert "CPU rows: 2 threads" in out and "GPU rows" not in out
+    _pretend_gpu(monkeypatch)
+    args = [a for a in ONE_CELL]
+    args[args.index("--device") + 1] = "gpu"
+    args[args.index("--forms") + 1] = "into"
+    args[args.index("--implementations") + 1] = "gpucrypt-gpu"
+    code, out, err = run_cli(capsys, *args, "--threads", "2")
     assert code == 0, err
     assert "GPU rows: one host thread, so no ratio to the 2-thread baseline" in out
 
@@ -305,14 +341,24 @@ def test_the_header_claims_the_checks_only_for_checked_rows():
 
 
 def test_threads_aggregate(tmp_path, capsys):
+    """CPU rows at --threads 2 are aggregates with a ratio to the 2-thread baseline (a
+    lookup of a 1-thread baseline left them without one)."""
     path = tmp_path / "t.json"
     code, _, _ = run_cli(capsys, "--device", "cpu", *TINY, "--algorithms", "chacha20-poly1305",
-                         "--implementations", "cryptography", "--threads", "2", "--json", str(path))
+                         "--implementations", "cryptography,gpucrypt-cpu", "--threads", "2",
+                         "--operations", "encrypt", "--json", str(path))
     assert code == 0
     cells = json.loads(path.read_text())["cells"]
     assert cells and all(c["threads"] == 2 for c in cells)
     for c in cells:
         assert c["gbps"] == pytest.approx(2 * c["size"] / c["median_seconds"] / 1e9)
+    ours = [c for c in cells if c["implementation"] == "gpucrypt-cpu"]
+    assert len(ours) == 4  # two sizes, two forms
+    for c in ours:
+        assert c["ratio"] is not None, c
+        base = next(b for b in cells if b["implementation"] == "cryptography"
+                    and (b["form"], b["size"]) == (c["form"], c["size"]))
+        assert c["ratio"] == pytest.approx(c["gbps"] / base["gbps"])
 
 
 def test_sizes_with_units_reach_the_json(tmp_path, capsys):
@@ -881,7 +927,8 @@ def test_json_and_plot_naming_one_file_are_refused(tmp_path, capsys, force):
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--implementations", "cryptography,gpucrypt-gpu"], ["gpucrypt-gpu"]),
+    # (an _into table: the device-resident rows have none in the allocating ones)
+    (["--implementations", "cryptography,gpucrypt-gpu", "--forms", "into"], ["gpucrypt-gpu"]),
     (["--device-time"], ["--device-time"]),
     (["--include-transfer"], ["--include-transfer"]),
     (["--simulator-smoke"], ["--simulator-smoke"]),
@@ -939,9 +986,8 @@ def test_outputs_are_written_before_a_failing_stdout(tmp_path, capsys, monkeypat
 
 @pytest.mark.parametrize("implementations, algorithms, named", [
     ("gpucrypt-cpu", "aes-128-gcm", "gpucrypt-cpu"),
-    ("pynacl", "aes-128-gcm", "pynacl"),
     ("gpucrypt-cpu,gpucrypt-gpu", "aes-128-gcm", "gpucrypt-cpu"),
-    ("cryptography,gpucrypt-gpu", "xchacha20-poly1305", "cryptography"),  # not its baseline
+    ("pycryptodome,gpucrypt-gpu", "xchacha20-poly1305", "pycryptodome"),  # not its baseline
 ])
 def test_cpu_implementations_with_device_gpu_are_refused(capsys, monkeypatch, implementations,
                                                          algorithms, named):
@@ -952,6 +998,90 @@ def test_cpu_implementations_with_device_gpu_are_refused(capsys, monkeypatch, im
                              "--algorithms", algorithms, "--sizes", "16", "--seconds", "0.01")
     _refused_before_the_run(code, out, err, "--device gpu runs the GPU rows", named,
                             "--device auto")
+
+
+def test_device_auto_is_advised_only_for_implementations_it_would_time(capsys, monkeypatch):
+    """PyNaCl named with AES-GCM: --device gpu advised --device auto "to time it too",
+    which then refused it (PyNaCl has no row for AES-GCM on any device). Now the
+    implementation without a row is said first, and left out of the device's advice;
+    the same for a GPU row without one under --device cpu."""
+    monkeypatch.setattr(bench, "run", lambda config, progress=None: pytest.fail("it ran"))
+    code, out, err = run_cli(capsys, "--device", "gpu", "--implementations", "pynacl",
+                             "--algorithms", "aes-128-gcm", "--sizes", "16", "--seconds", "0.01")
+    _refused_before_the_run(code, out, err, "no implementation named has a row for aes-128-gcm",
+                            "pynacl offers only xchacha20-poly1305")
+    assert "--device auto" not in err
+    monkeypatch.undo()  # bench.run is real again
+    _pretend_gpu(monkeypatch)
+    code, out, err = run_cli(capsys, "--device", "gpu", "--implementations", "pynacl,gpucrypt-gpu",
+                             "--algorithms", "aes-128-gcm", "--forms", "into", "--operations",
+                             "encrypt", "--sizes", "16", "--seconds", "0.01")
+    assert code == 0 and "gpucrypt-gpu" in out, err
+    assert err == ("gpucrypt bench: note: pynacl: no row for aes-128-gcm in the into tables "
+                   "(pynacl offers only xchacha20-poly1305, in the alloc tables)\n")
+    code, out, err = run_cli(capsys, *ONE_CELL[:-1], "cryptography,gpucrypt-gpu-hosttag")
+    assert code == 0 and "--device gpu or auto" not in err, err
+    assert "gpucrypt-gpu-hosttag: no row for chacha20" in err
+    # cryptography, no baseline of XChaCha20-Poly1305, has no row for it on any device
+    code, out, err = run_cli(capsys, "--device", "gpu", "--implementations",
+                             "cryptography,gpucrypt-gpu", "--algorithms", "xchacha20-poly1305",
+                             "--forms", "into", "--operations", "encrypt", "--sizes", "16",
+                             "--seconds", "0.01")
+    assert code == 0 and "--device auto" not in err, err
+    assert err.startswith("gpucrypt bench: note: cryptography: no row for xchacha20-poly1305")
+
+
+@pytest.mark.parametrize("extra, words", [
+    # the device-resident rows write into device buffers: the _into tables only
+    (["--forms", "alloc"], ["none has a row for aes-128-gcm in the alloc tables",
+                            "gpucrypt-gpu offers only the into tables", "--include-transfer"]),
+    (["--forms", "alloc", "--implementations", "cryptography,gpucrypt-gpu"],
+     ["gpucrypt-gpu offers only the into tables"]),
+    # device time: no AEAD decryption, no host-tag path
+    (["--forms", "into", "--device-time", "--operations", "decrypt"],
+     ["decryption waits for its verdicts", "host-tag path", "leave --device-time out"]),
+])
+def test_a_device_gpu_run_whose_gpu_rows_have_no_table_asked_is_refused(capsys, monkeypatch,
+                                                                       extra, words):
+    """The check looked at the algorithms only: with --forms alloc, or --device-time and
+    decryption, every GPU row was refused during the run, which timed the baseline alone
+    and exit 0. The library's run() refuses too, before any GPU is looked for."""
+    monkeypatch.setattr(bench, "run", lambda config, progress=None: pytest.fail("it ran"))
+    code, out, err = run_cli(capsys, "--device", "gpu", "--algorithms", "aes-128-gcm",
+                             "--sizes", "16", "--seconds", "0.01", *extra)
+    _refused_before_the_run(code, out, err, "--device gpu times the GPU rows", *words)
+    monkeypatch.undo()
+    monkeypatch.setattr(bench, "_gpu_session", lambda config: pytest.fail("a GPU was looked for"))
+    from gpucrypt.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--device", "auto", "--algorithms", "aes-128-gcm",
+                                      *extra])
+    config = dataclasses.replace(_cli_config(args), device="gpu")
+    assert bench.gpu_rows_planned(config) == ()
+    with pytest.raises(ValueError, match="this run would time none"):
+        bench.run(config)
+
+
+def _cli_config(args):
+    from gpucrypt.cli.bench import _config
+
+    return _config(args)
+
+
+def test_a_device_gpu_run_that_timed_no_gpu_row_fails(capsys, monkeypatch):
+    """A GPU row refused only during the run (the simulator's 4 KiB limit, a host that
+    never got ahead in device time): the run timed the baseline alone and exit 0."""
+    _pretend_gpu(monkeypatch, refuse="refused for the test")
+    code, out, err = run_cli(capsys, "--device", "gpu", "--implementations", "gpucrypt-gpu",
+                             "--algorithms", "aes-128-gcm", "--forms", "into", "--operations",
+                             "encrypt", "--sizes", "16", "--seconds", "0.01")
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert "no GPU row could be timed" in err and "gpucrypt-gpu: refused for the test" in err
+    # --device auto goes on without them, as before
+    code, out, err = run_cli(capsys, "--implementations", "cryptography,gpucrypt-gpu",
+                             "--algorithms", "aes-128-gcm", "--forms", "into", "--operations",
+                             "encrypt", "--sizes", "16", "--seconds", "0.01")
+    assert code == 0 and "gpucrypt-gpu: not available: refused for the test" in out, err
 
 
 def test_a_device_gpu_run_without_a_gpu_row_is_refused(capsys, monkeypatch):
@@ -966,6 +1096,13 @@ def test_a_device_gpu_run_without_a_gpu_row_is_refused(capsys, monkeypatch):
                                device="gpu", sizes=(16,), seconds=0.01)
     with pytest.raises(ValueError, match="add gpucrypt-gpu"):
         real_run(config)
+    # the transfer row asked without include_transfer: that is the reason, not that it
+    # is no GPU implementation
+    config = dataclasses.replace(config, implementations=("gpucrypt-gpu+transfer",))
+    with pytest.raises(ValueError, match="gpucrypt-gpu\\+transfer is timed only with "
+                                         "include_transfer=True") as raised:
+        real_run(config)
+    assert "is a GPU one" not in str(raised.value)
 
 
 def test_simulator_smoke_without_the_simulator_is_refused(capsys, monkeypatch):
@@ -992,8 +1129,32 @@ def test_a_named_implementation_without_a_row_is_said(capsys, monkeypatch):
                              "--algorithms", "aes-128-gcm", "--sizes", "16", "--seconds", "0.01",
                              "--operations", "encrypt", "--forms", "into")
     assert code == 0 and "gpucrypt-cpu" in out, err
-    assert err == ("gpucrypt bench: note: pynacl: no row for aes-128-gcm "
-                   "(pynacl offers only xchacha20-poly1305)\n")
+    assert err == ("gpucrypt bench: note: pynacl: no row for aes-128-gcm in the into tables "
+                   "(pynacl offers only xchacha20-poly1305, in the alloc tables)\n")
+
+
+@pytest.mark.parametrize("implementations, forms, words", [
+    ("pynacl", "into", ["xchacha20-poly1305 in the into tables", "PyNaCl has no _into API"]),
+    ("gpucrypt-gpu", "alloc", ["gpucrypt-gpu offers only the into tables"]),
+])
+def test_a_named_implementation_without_a_row_in_the_forms_asked_is_refused(
+        capsys, monkeypatch, implementations, forms, words):
+    """The check looked at the algorithms only: PyNaCl (allocating calls only) named for
+    XChaCha20-Poly1305's _into tables timed nothing at all and exit 0."""
+    monkeypatch.setattr(bench, "run", lambda config, progress=None: pytest.fail("it ran"))
+    code, out, err = run_cli(capsys, "--implementations", implementations, "--algorithms",
+                             "xchacha20-poly1305", "--forms", forms, "--sizes", "16",
+                             "--seconds", "0.01")
+    _refused_before_the_run(code, out, err, "no implementation named has a row", *words)
+
+
+def test_a_named_implementation_without_a_row_in_the_forms_asked_is_said(capsys):
+    code, out, err = run_cli(capsys, "--device", "cpu", "--implementations", "pynacl,gpucrypt-cpu",
+                             "--algorithms", "xchacha20-poly1305", "--forms", "into",
+                             "--operations", "encrypt", "--sizes", "16", "--seconds", "0.01")
+    assert code == 0 and "gpucrypt-cpu" in out, err
+    assert err.startswith("gpucrypt bench: note: pynacl: no row for xchacha20-poly1305 in the "
+                          "into tables") and "PyNaCl has no _into API" in err
 
 
 def test_the_json_lists_the_implementations_planned():
@@ -1007,6 +1168,59 @@ def test_the_json_lists_the_implementations_planned():
                                device="gpu")
     assert bench.BenchReport({}, config).to_json()["config"]["implementations"] == \
         ["cryptography", "gpucrypt-gpu"]
+
+
+@pytest.mark.parametrize("changes, listed", [
+    # cryptography has no XChaCha20-Poly1305: no cell, no "unavailable" entry
+    (dict(algorithms=("xchacha20-poly1305",), forms=("into",)),
+     ["gpucrypt-cpu", "pycryptodome", "pynacl"]),
+    # PyNaCl has no AES-GCM
+    (dict(algorithms=("aes-128-gcm",), implementations=("gpucrypt-cpu", "pynacl")),
+     ["cryptography", "gpucrypt-cpu"]),
+])
+def test_the_json_lists_the_implementations_with_a_row(tmp_path, capsys, changes, listed):
+    """The list held implementations with no cell and no "unavailable" entry, so a reader
+    took them for run; it is the cells' and the entries' implementations now."""
+    config = bench.BenchConfig(device="cpu", operations=("encrypt",), sizes=(16,), seconds=0.01,
+                               **changes)
+    doc = bench.run(config).to_json()
+    assert doc["config"]["implementations"] == listed
+    with_a_row = {c["implementation"] for c in doc["cells"]}
+    with_a_row |= {u["implementation"] for u in doc["unavailable"]}
+    assert set(listed) == with_a_row
+
+
+def test_the_json_leaves_device_resident_rows_out_of_an_alloc_run():
+    config = bench.BenchConfig(forms=("alloc",))
+    assert not {"gpucrypt-gpu", "gpucrypt-gpu-hosttag"} & \
+        set(bench.BenchReport({}, config).to_json()["config"]["implementations"])
+    config = bench.BenchConfig(algorithms=("chacha20",))  # the host-tag path: AEADs only
+    listed = bench.BenchReport({}, config).to_json()["config"]["implementations"]
+    assert "gpucrypt-gpu-hosttag" not in listed and "gpucrypt-gpu" in listed
+
+
+def test_the_plot_leaves_the_simulators_figures_out(monkeypatch, tmp_path):
+    """--simulator-smoke's figures were drawn as lines among the measured ones."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from gpucrypt.bench.gpu import SIMULATOR_LABEL
+
+    drawn = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: drawn.append(k.get("label")) or real(self, *a, **k))
+
+    def cell(implementation, size, note=""):
+        return bench.Cell("chacha20", "encrypt", "into", implementation, note or "a CPU", size, 1,
+                          3, 1, 1e-6, size / 1e-6 / 1e9, None, "cryptography", None, "t", note=note)
+    config = bench.BenchConfig(algorithms=("chacha20",), operations=("encrypt",), forms=("into",),
+                               sizes=(16, 64))
+    report = bench.BenchReport({"cpu": "a CPU", "date": "2026-12-05"}, config)
+    report.cells = [cell(i, size, note) for size in (16, 64) for i, note in
+                    (("cryptography", ""), ("gpucrypt-gpu", SIMULATOR_LABEL))]
+    bench.plot(report, tmp_path / "p.png")
+    assert drawn == ["cryptography (into)"]
 
 
 def test_no_gpu_is_said_in_the_commands_words(tmp_path):

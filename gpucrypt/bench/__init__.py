@@ -44,7 +44,7 @@ The stream ciphers' gpucrypt rows use :mod:`gpucrypt.ciphers`.
 Public API: :func:`parse_size`, :func:`format_size`, :func:`parse_list`,
 :class:`BenchConfig`, :func:`run`, :class:`BenchReport` (``to_json()``,
 ``render()``), :func:`plot`, :func:`environment`; for checking a configuration before
-the run, :func:`offered`, :func:`without_rows`, :func:`gpu_rows_planned`.
+the run, :func:`offered`, :func:`without_rows`, :func:`why_no_rows`, :func:`gpu_rows_planned`.
 """
 from __future__ import annotations
 
@@ -55,21 +55,21 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from .cpu import ALGORITHMS, FORMS, OPERATIONS, UNSTEADY_MAX_FACTOR, UNSTEADY_SPREAD, Material, \
-    NotAvailable, Timing, WrongOutput, applicable, checked_call, host_operation, spoil, time_host, \
-    time_host_group
+from .cpu import ALGORITHMS, FORMS, OPERATIONS, PYNACL_NO_INTO, UNSTEADY_MAX_FACTOR, \
+    UNSTEADY_SPREAD, Algorithm, Material, NotAvailable, Timing, WrongOutput, applicable, \
+    checked_call, host_operation, spoil, time_host, time_host_group
 
 __all__ = ["ALGORITHMS", "OPERATIONS", "FORMS", "WrongOutput", "IMPLEMENTATIONS", "CPU_IMPLEMENTATIONS", "GPU_IMPLEMENTATIONS",
            "DEFAULT_SIZES", "SIZE_PRESETS", "DEFAULT_SECONDS", "BenchConfig", "Cell", "Unavailable",
            "BenchReport", "parse_size", "format_size", "parse_list", "run", "plot", "environment",
-           "SCHEMA_VERSION", "offered", "without_rows", "gpu_rows_planned"]
+           "SCHEMA_VERSION", "offered", "without_rows", "why_no_rows", "gpu_rows_planned"]
 
 SCHEMA_VERSION = 2
 
@@ -234,12 +234,13 @@ class BenchReport:
 
     def to_json(self) -> dict:
         """The ``--json`` document: schema version, environment, configuration, cells.
-        The configuration's ``implementations`` are those the run planned (what ``device``
-        and ``include_transfer`` left of those asked, and every algorithm's baseline), not
-        every one asked: a reader takes the list for what was run."""
+        The configuration's ``implementations`` are those the run planned a row for in
+        some table (algorithm, operation, form), timed or said not available: what
+        ``device``, ``include_transfer`` and the forms left of those asked, and every
+        algorithm's baseline; not every one asked: a reader takes the list for what was
+        run, and each one in it has cells or an ``unavailable`` entry."""
         config = asdict(self.config)
-        planned = set(_plan(self.config)) | {ALGORITHMS[a].baseline for a in self.config.algorithms}
-        config["implementations"] = tuple(i for i in IMPLEMENTATIONS if i in planned)
+        config["implementations"] = _planned(self.config)
         return {
             "schema": SCHEMA_VERSION,
             "tool": "gpucrypt bench",
@@ -405,45 +406,164 @@ def _plan(config: BenchConfig) -> list[str]:
     return chosen
 
 
-def offered(implementation: str) -> tuple[str, ...]:
-    """The algorithms ``implementation`` has rows for (PyNaCl: XChaCha20-Poly1305 only;
-    the host-tag path: the AEADs only)."""
-    return tuple(a for a, alg in ALGORITHMS.items() if applicable(implementation, alg))
+#: why a device-resident row has no place in an allocating table (said there when the
+#: run has the _into tables too)
+_DEVICE_RESIDENT_INTO_ONLY = "device-resident rows write into device buffers: see the into tables"
+
+
+def _row(impl: str, alg: Algorithm, operation: str, form: str,
+         config: BenchConfig) -> tuple[bool, str | None]:
+    """Whether the table of ``alg``, ``operation`` and ``form`` times ``impl``; where it
+    does not, the reason the table gives (None: no row at all, nothing to say). Known
+    before the run; what only the run finds (no GPU, a library not installed) is not."""
+    from .gpu import device_time_refusal
+
+    if not applicable(impl, alg):
+        return False, None
+    if impl == "pynacl" and form == "into":
+        return False, PYNACL_NO_INTO
+    if impl in DEVICE_RESIDENT:
+        if form != "into":
+            return False, _DEVICE_RESIDENT_INTO_ONLY if "into" in config.forms else None
+        if config.device_time:
+            refused = device_time_refusal(impl, alg, operation)
+            if refused:
+                return False, refused
+    return True, None
+
+
+def _tables(config: BenchConfig):
+    """Each table of ``config``: ``(algorithm, operation, form, timed, said)``, ``timed`` the
+    implementations it times (for ``config.device``; the baseline wherever it has a row),
+    ``said`` those it shows as not available, with why."""
+    implementations = _plan(config)
+    for name in config.algorithms:
+        alg = ALGORITHMS[name]
+        impls = [i for i in implementations if applicable(i, alg)]
+        if alg.baseline not in impls:
+            impls.insert(0, alg.baseline)
+        for operation in config.operations:
+            for form in config.forms:
+                timed, said = [], {}
+                for impl in impls:
+                    runs, reason = _row(impl, alg, operation, form, config)
+                    if runs:
+                        timed.append(impl)
+                    elif reason:
+                        said[impl] = reason
+                yield alg, operation, form, timed, said
+
+
+def _planned(config: BenchConfig) -> tuple[str, ...]:
+    """The implementations with a row in some table of ``config``, timed or said not
+    available, in :data:`IMPLEMENTATIONS` order."""
+    seen = {i for *_, timed, said in _tables(config) for i in (*timed, *said)}
+    return tuple(i for i in IMPLEMENTATIONS if i in seen)
+
+
+def _timed(config: BenchConfig) -> set[str]:
+    return {i for *_, timed, _ in _tables(config) for i in timed}
+
+
+def offered(implementation: str, config: BenchConfig | None = None) -> tuple[tuple[str, str], ...]:
+    """The ``(algorithm, form)`` tables ``implementation`` is timed in, for the operations
+    and options of ``config`` (every algorithm and form, whatever it asks; PyNaCl:
+    XChaCha20-Poly1305's allocating tables only; the device-resident rows: the ``into``
+    tables only, and with ``device_time`` the encryptions of the AEADs only for
+    ``gpucrypt-gpu``, none for ``gpucrypt-gpu-hosttag``)."""
+    config = config or BenchConfig()
+    every = replace(config, algorithms=tuple(ALGORITHMS), forms=FORMS, device="auto",
+                    implementations=(implementation,))
+    return tuple(dict.fromkeys((alg.name, form) for alg, _, form, timed, _ in _tables(every)
+                               if implementation in timed))
+
+
+def _tables_text(pairs) -> str:
+    """``(algorithm, form)`` pairs in words: "xchacha20-poly1305, in the alloc tables"."""
+    pairs = set(pairs)
+    by_forms: dict[tuple[str, ...], list[str]] = {}
+    for alg in ALGORITHMS:
+        forms = tuple(f for f in FORMS if (alg, f) in pairs)
+        if forms:
+            by_forms.setdefault(forms, []).append(alg)
+    parts = []
+    for forms, algs in by_forms.items():
+        where = "" if forms == FORMS else f"in the {forms[0]} tables"
+        if len(algs) == len(ALGORITHMS):
+            parts.append(where[3:] if where else "every table")
+        else:
+            parts.append(", ".join(algs) + (f", {where}" if where else ""))
+    return "; ".join(parts)
+
+
+def why_no_rows(implementation: str, config: BenchConfig) -> str:
+    """Why the run of ``config`` times no row of ``implementation`` (whatever device it
+    asks: the device's own refusals are the caller's), in words for a message."""
+    if implementation == "gpucrypt-gpu+transfer" and not config.include_transfer:
+        return f"{implementation} is timed only with include_transfer=True"
+    # the allocating tables' pointer to the _into ones is no reason: theirs is
+    said = {reason for *_, why in _tables(replace(config, device="auto"))
+            for impl, reason in why.items()
+            if impl == implementation and reason != _DEVICE_RESIDENT_INTO_ONLY}
+    if said:
+        return f"{implementation}: {'; '.join(sorted(said))}"
+    offer = offered(implementation, config)
+    if not offer:
+        return f"{implementation} has no row with these options"
+    return f"{implementation} offers only {_tables_text(offer)}"
 
 
 def without_rows(config: BenchConfig) -> tuple[str, ...]:
-    """The implementations of ``config.implementations`` that offer none of its
-    algorithms: the run has no row for them (only the command line names them one by
-    one; for ``all`` this is no news)."""
-    return tuple(i for i in config.implementations
-                 if not set(offered(i)) & set(config.algorithms))
+    """The implementations of ``config.implementations`` that no table of ``config``
+    times, whatever its device (for the algorithms, forms and operations asked, with its
+    options): the run has no row for them (only the command line names them one by one;
+    for ``all`` this is no news). :func:`why_no_rows` says why."""
+    timed = _timed(replace(config, device="auto"))
+    return tuple(i for i in config.implementations if i not in timed)
 
 
 def gpu_rows_planned(config: BenchConfig) -> tuple[str, ...]:
-    """The GPU implementations the run of ``config`` would time for at least one of its
-    algorithms (where a GPU can be timed)."""
-    return tuple(i for i in _plan(config) if i in GPU_IMPLEMENTATIONS
-                 and set(offered(i)) & set(config.algorithms))
+    """The GPU implementations the run of ``config`` would time in at least one of its
+    tables (where a GPU can be timed): none makes a ``device="gpu"`` run pointless."""
+    timed = _timed(config)
+    return tuple(i for i in GPU_IMPLEMENTATIONS if i in timed)
+
+
+def _no_gpu_row(config: BenchConfig) -> str:
+    """Why a ``device="gpu"`` run of ``config`` would time no GPU row."""
+    asked = [i for i in config.implementations if i in GPU_IMPLEMENTATIONS]
+    if not asked:
+        return (f"device='gpu' times the GPU rows, and none of the implementations asked "
+                f"({', '.join(config.implementations)}) is a GPU one: add gpucrypt-gpu to them, "
+                f"or use device='cpu'")
+    return (f"device='gpu' times the GPU rows, and this run would time none "
+            f"({'; '.join(why_no_rows(i, config) for i in asked)}): ask for tables they have, "
+            f"or use device='cpu'")
+
+
+def _say_unavailable(report: BenchReport, algorithm: str, implementation: str, reason: str) -> None:
+    if not any((u.algorithm, u.implementation, u.reason) == (algorithm, implementation, reason)
+               for u in report.unavailable):
+        report.unavailable.append(Unavailable(algorithm, implementation, reason))
 
 
 def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
     """Measure every cell of ``config``; ``progress(done, total, label)`` after each one.
 
-    Raises ``ValueError`` when ``device="gpu"`` and no GPU implementation asked has a
-    row for the algorithms asked (the run would time the baseline alone); ``RuntimeError``
-    when ``device="gpu"`` and the GPU cannot be timed (the message says why), and when
-    any row computes wrong bytes (:class:`WrongOutput`, a ``RuntimeError``: every row's
-    output, encryption and decryption, CPU and GPU, is checked before it is timed).
+    Raises ``ValueError`` when ``device="gpu"`` and no table would time a GPU row (no GPU
+    implementation asked, or none with a row for the algorithms, forms and operations
+    asked: the run would time the baseline alone); ``RuntimeError`` when ``device="gpu"``
+    and the GPU cannot be timed (the message says why), or when it timed no GPU row after
+    all (each row's reason said), and when any row computes wrong bytes
+    (:class:`WrongOutput`, a ``RuntimeError``: every row's output, encryption and
+    decryption, CPU and GPU, is checked before it is timed).
     """
     if config.device == "gpu" and not gpu_rows_planned(config):
-        raise ValueError(f"device='gpu' times the GPU rows, and none of the implementations asked "
-                         f"({', '.join(config.implementations)}) is a GPU one offering "
-                         f"{', '.join(config.algorithms)}: add gpucrypt-gpu to them, or use "
-                         f"device='cpu'")
+        raise ValueError(_no_gpu_row(config))
     report = BenchReport(environment=environment(), config=config)
     cpu_name = report.environment["cpu"]
-    implementations = _plan(config)
-    wants_gpu = any(i in GPU_IMPLEMENTATIONS for i in implementations)
+    tables = list(_tables(config))
+    wants_gpu = any(i in GPU_IMPLEMENTATIONS for *_, timed, _ in tables for i in timed)
     session, gpu_reason = _gpu_session(config) if wants_gpu else (None, None)
     if wants_gpu and session is None:
         if config.device == "gpu":
@@ -458,45 +578,54 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
             report.copy_gbps = session.copy_bandwidth(max(config.seconds, 0.05)) / 1e9
             report.notes.append(f"device-to-device copy on {session.device_name}: "
                                 f"{report.copy_gbps:.1f} GB/s copied (read + write = twice that)")
-    if config.threads > 1:
-        report.notes.append(f"CPU rows: {config.threads} threads, each encrypting its own messages; "
-                            f"GB/s is the aggregate. GPU rows: one host thread, so no ratio to the "
-                            f"{config.threads}-thread baseline (--threads 1 gives them one)")
 
-    algorithms = [ALGORITHMS[a] for a in config.algorithms]
-    jobs = []  # (algorithm, implementation) pairs that run; the rest recorded as unavailable
-    for alg in algorithms:
-        impls = [i for i in implementations if applicable(i, alg)]
-        if alg.baseline not in impls:
-            impls.insert(0, alg.baseline)
-        for impl in impls:
+    jobs: dict[tuple[str, str, str], list[str]] = {}  # what each table times; the rest is said
+    for alg, operation, form, timed, said in tables:
+        for impl, reason in said.items():  # without a GPU, that is the reason to say
+            no_gpu = impl in GPU_IMPLEMENTATIONS and session is None and gpu_reason
+            _say_unavailable(report, alg.name, impl, gpu_reason if no_gpu else reason)
+        for impl in timed:
             if impl in GPU_IMPLEMENTATIONS and session is None:
-                report.unavailable.append(Unavailable(alg.name, impl, gpu_reason or ""))
-                continue
-            jobs.append((alg, impl))
-    total = len(jobs) * len(config.operations) * len(config.forms) * len(config.sizes)
+                _say_unavailable(report, alg.name, impl, gpu_reason or "")
+        jobs[alg.name, operation, form] = [i for i in timed
+                                           if session is not None or i not in GPU_IMPLEMENTATIONS]
+    total = sum(len(impls) for impls in jobs.values()) * len(config.sizes)
     done = 0
     for size in config.sizes:
-        for alg in algorithms:
-            material = Material(alg, size)
-            impls = [impl for a, impl in jobs if a is alg]
+        for name in config.algorithms:
+            if not any(jobs[name, o, f] for o in config.operations for f in config.forms):
+                continue
+            material = Material(ALGORITHMS[name], size)
             for operation in config.operations:
                 for form in config.forms:
+                    impls = jobs[name, operation, form]
+                    if not impls:
+                        continue
                     results = _measure_group(impls, material, operation, form, config, session,
                                              cpu_name)
                     for impl in impls:
                         result = results[impl]
                         if isinstance(result, str):
-                            if not any(u.algorithm == alg.name and u.implementation == impl
-                                       and u.reason == result for u in report.unavailable):
-                                report.unavailable.append(Unavailable(alg.name, impl, result))
+                            _say_unavailable(report, name, impl, result)
                         else:
                             report.cells.append(result)
                         done += 1
                         if progress:
-                            progress(done, total, f"{alg.name} {operation} {form} "
+                            progress(done, total, f"{name} {operation} {form} "
                                                   f"{format_size(size)} {impl}")
             del material
+    gpu_cells = any(c.implementation in GPU_IMPLEMENTATIONS for c in report.cells)
+    if config.device == "gpu" and not gpu_cells:  # every GPU row refused at run time
+        reasons = dict.fromkeys(f"{u.implementation}: {u.reason}" for u in report.unavailable
+                                if u.implementation in GPU_IMPLEMENTATIONS)
+        raise RuntimeError(f"no GPU row could be timed, and a GPU run of the baseline alone "
+                           f"is no result: {'; '.join(reasons) or 'no reason given'}")
+    if config.threads > 1:
+        report.notes.append(f"CPU rows: {config.threads} threads, each encrypting its own messages; "
+                            f"GB/s is the aggregate" + (
+                                f". GPU rows: one host thread, so no ratio to the "
+                                f"{config.threads}-thread baseline (--threads 1 gives them one)"
+                                if gpu_cells else ""))
     _fill_ratios(report)
     report.environment["load_average_end"] = _load_average()
     report.environment["peak_rss_mib"] = _peak_rss_mib()
@@ -561,9 +690,7 @@ def _measure_gpu(impl: str, m: Material, operation: str, form: str, config: Benc
                 timing = time_host(lambda t: host_operation(impl, m, operation, form), 1,
                                    config.seconds, m.expected(operation))
             clock = "perf_counter"
-        else:
-            if form != "into":
-                return "device-resident rows write into device buffers: see the into tables"
+        else:  # an _into table's (the run plans no other: _row)
             timing = session.time_cell(impl, m, operation, config.seconds)
             clock = "host clock (simulator)" if session.simulator else \
                 "cuda events, queued ahead of the host (device time)" if config.device_time else "cuda events"
@@ -781,6 +908,8 @@ def _unavailable_lines(report: BenchReport, missing: list[Unavailable], shown: s
 
 def plot(report: BenchReport, path: str | os.PathLike) -> None:
     """Throughput against size, a line per implementation, a panel per algorithm and operation.
+    The simulator's rows are left out (their figures are labels, not measurements; the
+    title says so), as the table shows no figure for them.
 
     Needs matplotlib (``pip install 'gpucrypt[plot]'``); raises ``ImportError`` saying so.
     """
@@ -791,15 +920,16 @@ def plot(report: BenchReport, path: str | os.PathLike) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("--plot needs matplotlib: pip install 'gpucrypt[plot]'") from None
+    measured = [c for c in report.cells if not c.note]
     panels = [(a, o) for a in report.config.algorithms for o in report.config.operations
-              if any((c.algorithm, c.operation) == (a, o) for c in report.cells)]
+              if any((c.algorithm, c.operation) == (a, o) for c in measured)]
     cols = 2 if len(panels) > 1 else 1
     rows = max(1, (len(panels) + cols - 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.6 * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax, (alg, op) in zip(axes.flat, panels):
-        cells = [c for c in report.cells if (c.algorithm, c.operation) == (alg, op)]
+        cells = [c for c in measured if (c.algorithm, c.operation) == (alg, op)]
         for form in report.config.forms:  # one panel, both forms: alloc dotted, into solid
             in_form = [c for c in cells if c.form == form]
             baseline = ALGORITHMS[alg].baseline_for(form)
@@ -820,7 +950,10 @@ def plot(report: BenchReport, path: str | os.PathLike) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     env = report.environment
-    fig.suptitle(f"gpucrypt bench: {env['cpu']} / GPU {report.gpu_device or 'none'} ({env['date'][:10]})")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+    title = f"gpucrypt bench: {env['cpu']} / GPU {report.gpu_device or 'none'} ({env['date'][:10]})"
+    if len(measured) < len(report.cells):
+        title += "\nthe simulator's GPU rows are left out: their figures are not measurements"
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 * (title.count("\n") + 1) / fig.get_figheight()))
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -357,11 +357,15 @@ def _op_pycryptodome(m: Material, operation: str, form: str, out: np.ndarray) ->
     return seal_one
 
 
+#: why PyNaCl has no row in the ``_into`` tables (the run plans its rows by it too)
+PYNACL_NO_INTO = "PyNaCl has no _into API (its calls allocate their result)"
+
+
 def _op_pynacl(m: Material, operation: str, form: str, out: np.ndarray) -> Operation:
     if m.algorithm.family != "xchacha20-poly1305":
         raise NotAvailable("benchmarked for XChaCha20-Poly1305 only")
     if form == "into":
-        raise NotAvailable("PyNaCl has no _into API (its calls allocate their result)")
+        raise NotAvailable(PYNACL_NO_INTO)
     try:
         from nacl.bindings import (crypto_aead_xchacha20poly1305_ietf_decrypt,
                                    crypto_aead_xchacha20poly1305_ietf_encrypt)

@@ -72,6 +72,22 @@ SIMULATOR_MAX_SIZE = 4096
 _TAG_PATHS = {"gpucrypt-gpu": "gpu", "gpucrypt-gpu-hosttag": "host"}
 
 
+def device_time_refusal(implementation: str, alg: Algorithm, operation: str) -> str | None:
+    """Why ``implementation`` (``gpucrypt-gpu`` or ``gpucrypt-gpu-hosttag``) has no
+    device-time row for ``operation`` of ``alg``, or None where it has one: a call that
+    waits on the host once (the host-tag path's copy back, decryption's verdicts) cannot
+    be queued ahead of it. The run plans its rows by this too (``gpucrypt.bench``)."""
+    if alg.kind == "stream":
+        return None
+    if _TAG_PATHS[implementation] == "host":
+        return ("the host-tag path copies every message back to the host for its tag, so its "
+                "device time cannot be queued ahead of the host")
+    if operation != "encrypt":
+        return ("decryption waits for its verdicts once per call, so its device time cannot be "
+                "queued ahead of the host: see the rows without --device-time")
+    return None
+
+
 class GpuRefused(Exception):
     """The GPU is not timed in this run; the message says why."""
 
@@ -228,14 +244,10 @@ class GpuSession:
         if alg.kind == "stream":
             return self._time_stream(m, operation, budget)
         tag_path = _TAG_PATHS[implementation]
-        if self.device_time and not self.simulator:
-            if tag_path == "host":
-                raise GpuRefused("the host-tag path copies every message back to the host for its "
-                                 "tag, so its device time cannot be queued ahead of the host")
-            if operation != "encrypt":
-                raise GpuRefused("decryption waits for its verdicts once per call, so its device "
-                                 "time cannot be queued ahead of the host: see the rows without "
-                                 "--device-time")
+        refused = device_time_refusal(implementation, alg, operation) if self.device_time \
+            and not self.simulator else None
+        if refused:
+            raise GpuRefused(refused)
         gpu, size = self.backend, m.size
         pool, views, stride = self._pool(size)
         src_pool = self._device_pool(m.plaintext, pool, views, stride)

@@ -101,15 +101,6 @@ def _config(args):
                        f"(a day per cell), not {args.seconds}", exit_code=2)
     if args.threads < 1:
         raise CliError(f"--threads must be at least 1, not {args.threads}", exit_code=2)
-    if args.device == "cpu":
-        _refuse_gpu_only(args, implementations)
-    elif args.device == "gpu":
-        _refuse_cpu_only(args, implementations, algorithms)
-    if args.simulator_smoke and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-        # without the simulator the option changed nothing: a real GPU was timed as usual
-        raise CliError("--simulator-smoke runs the GPU rows in numba's CUDA simulator, which is "
-                       "not on: set NUMBA_ENABLE_CUDASIM=1 in the environment, or leave the "
-                       "option out", exit_code=2)
     # naming the transfer row asks for it: left out without --include-transfer, it was
     # dropped without a word
     named = _named(args)
@@ -119,12 +110,23 @@ def _config(args):
                                seconds=args.seconds, threads=args.threads,
                                include_transfer=include_transfer,
                                simulator_smoke=args.simulator_smoke, device_time=args.device_time)
-    if named:
-        _say_rowless(config)
-    if args.device == "gpu" and not bench.gpu_rows_planned(config):
-        raise CliError(f"--device gpu times the GPU rows, and --implementations "
-                       f"{args.implementations} names none: add gpucrypt-gpu, or use --device cpu",
-                       exit_code=2)
+    # first: another device would not give a row to an implementation without one, and
+    # the device's refusals below advise one (said at the end, for a run that runs)
+    rowless, why = _rowless(config) if named else ((), "")
+    if args.device == "cpu":
+        _refuse_gpu_only(args, implementations, rowless)
+    elif args.device == "gpu":
+        _refuse_cpu_only(args, implementations, algorithms, rowless)
+    if args.simulator_smoke and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        # without the simulator the option changed nothing: a real GPU was timed as usual
+        raise CliError("--simulator-smoke runs the GPU rows in numba's CUDA simulator, which is "
+                       "not on: set NUMBA_ENABLE_CUDASIM=1 in the environment, or leave the "
+                       "option out", exit_code=2)
+    if args.device == "gpu":
+        _refuse_no_gpu_row(args, config)
+    if rowless:
+        print(f"gpucrypt bench: note: {', '.join(rowless)}: no row for {_asked_text(config)} "
+              f"({why})", file=sys.stderr)
     return config
 
 
@@ -134,54 +136,93 @@ def _named(args) -> bool:
     return args.implementations.strip().lower() != "all"
 
 
-def _say_rowless(config) -> None:
-    """Named implementations that offer none of the algorithms asked have no row: refuse
-    when none of those named has one (the run would time the baseline alone), else say
-    which were left out (a note on stderr)."""
+def _asked_text(config) -> str:
+    """The tables asked, in words: "aes-128-gcm in the into tables with --device-time"."""
+    return (", ".join(config.algorithms)
+            + (f" in the {config.forms[0]} tables" if len(config.forms) == 1 else "")
+            + (f" ({config.operations[0]} only)" if len(config.operations) == 1
+               and config.device_time else "")
+            + (" with --device-time" if config.device_time else ""))
+
+
+def _rowless(config) -> tuple[tuple[str, ...], str]:
+    """Named implementations that no table asked would time, on any device (the
+    algorithms, forms and operations asked, with the options given), and why: refused
+    when none of those named has a row (the run would time the baseline alone, or
+    nothing); otherwise the caller says which are left out (a note on stderr)."""
     from .. import bench
 
     rowless = bench.without_rows(config)
     if not rowless:
-        return
-    why = "; ".join(f"{i} offers only {', '.join(bench.offered(i))}" for i in rowless)
-    asked = ", ".join(config.algorithms)
+        return (), ""
+    why = "; ".join(bench.why_no_rows(i, config) for i in rowless)
     if len(rowless) == len(config.implementations):
-        raise CliError(f"no implementation named has a row for {asked} ({why}): add one of "
-                       f"those to --algorithms, or name another implementation", exit_code=2)
-    print(f"gpucrypt bench: note: {', '.join(rowless)}: no row for {asked} ({why})",
-          file=sys.stderr)
+        raise CliError(f"no implementation named has a row for {_asked_text(config)} ({why}): "
+                       f"ask for a table they have (--algorithms, --forms), or name another "
+                       f"implementation", exit_code=2)
+    return rowless, why
 
 
-def _refuse_gpu_only(args, implementations) -> None:
+def _refuse_gpu_only(args, implementations, rowless=()) -> None:
     """With ``--device cpu``: refuse the options and the implementations that only time
     the GPU, which the run would otherwise leave out without a word (exit 2). ``all``
-    implementations is not naming them: it means those that run on the device asked."""
+    implementations is not naming them: it means those that run on the device asked.
+    ``rowless`` (said already, no device gives them a row) are left out of the advice."""
     from .. import bench
 
     named = _named(args)
     gpu_only = [flag for name, flag in _GPU_OPTIONS if getattr(args, name)]
-    gpu_only += [i for i in implementations if named and i in bench.GPU_IMPLEMENTATIONS]
+    gpu_only += [i for i in implementations
+                 if named and i in bench.GPU_IMPLEMENTATIONS and i not in rowless]
     if gpu_only:
         raise CliError(f"--device cpu runs no GPU row, so {', '.join(gpu_only)} would be "
                        f"ignored: leave {'it' if len(gpu_only) == 1 else 'them'} out, or use "
                        f"--device gpu or auto", exit_code=2)
 
 
-def _refuse_cpu_only(args, implementations, algorithms) -> None:
+def _refuse_cpu_only(args, implementations, algorithms, rowless=()) -> None:
     """With ``--device gpu``: refuse named CPU implementations, which the run left out
     without a word (exit 2), as ``--device cpu`` refuses the GPU ones. An algorithm's
-    baseline (cryptography, pynacl) may be named: it is measured anyway."""
+    baseline (cryptography, pynacl) may be named: it is measured anyway. ``rowless``
+    (said already) are left out: ``--device auto``, which the refusal advises, would not
+    time them either."""
     from .. import bench
 
     if not _named(args):
         return
     baselines = {bench.ALGORITHMS[a].baseline for a in algorithms}
-    cpu_only = [i for i in implementations if i in bench.CPU_IMPLEMENTATIONS and i not in baselines]
+    cpu_only = [i for i in implementations if i in bench.CPU_IMPLEMENTATIONS
+                and i not in baselines and i not in rowless]
     if cpu_only:
         them = "it" if len(cpu_only) == 1 else "them"
         raise CliError(f"--device gpu runs the GPU rows and each algorithm's baseline only, so "
                        f"{', '.join(cpu_only)} would be ignored: leave {them} out, or use "
                        f"--device auto to time {them} too", exit_code=2)
+
+
+def _refuse_no_gpu_row(args, config) -> None:
+    """With ``--device gpu``: refuse a run no table of which would time a GPU row (it
+    timed the baseline alone and exit 0): none named, or none with a row for the
+    algorithms, forms and operations asked (the device-resident rows are in the _into
+    tables only, and with --device-time time the AEADs' encryption only)."""
+    from .. import bench
+
+    if bench.gpu_rows_planned(config):
+        return
+    asked = [i for i in config.implementations if i in bench.GPU_IMPLEMENTATIONS
+             and (config.include_transfer or i != "gpucrypt-gpu+transfer")]
+    if not asked:
+        raise CliError(f"--device gpu times the GPU rows, and --implementations "
+                       f"{args.implementations} names none: add gpucrypt-gpu, or use --device cpu",
+                       exit_code=2)
+    ways = ["ask for a table they have (--algorithms, --forms, --operations)"]
+    if config.device_time:
+        ways.append("leave --device-time out")
+    if not config.include_transfer:
+        ways.append("add --include-transfer (gpucrypt-gpu+transfer has a row in every table)")
+    raise CliError(f"--device gpu times the GPU rows, and none has a row for {_asked_text(config)} "
+                   f"({'; '.join(bench.why_no_rows(i, config) for i in asked)}): "
+                   f"{', '.join(ways)}, or use --device cpu", exit_code=2)
 
 
 def _check_plot(path: str) -> None:
