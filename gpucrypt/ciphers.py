@@ -114,6 +114,8 @@ class _StreamCipher(_Unpicklable):
         # keystream per message there, and must here too (not the first nonce's again: a
         # two-time pad). bytes cannot change, so bytes arguments are never read again.
         self._given = None if type(key) is bytes and type(nonce) is bytes else (key, nonce)
+        if self._given is not None:  # read again at each encryptor(): no copy kept of a key
+            self._key = self._nonce = None  # its owner may have overwritten since
         self._device = device = check_device(device)
         # every size on the CPU (asked for, or "auto" on a machine without a CUDA driver):
         # then contexts are cryptography's own, wrapped as thinly as Python allows
@@ -134,14 +136,21 @@ class _StreamCipher(_Unpicklable):
         """The bytes of ``key`` and ``nonce`` as they are now, checked in cryptography's
         order: each argument is bytes-like, then its size as len() counts it (a 2-D array
         by its rows), and only then is its memory read, as bytes only."""
-        if type(key) is bytearray and type(nonce) is bytearray:  # what a caller updates in
-            self._check_key(len(key))  # place, read again at each encryptor(): its len() is
-            self._check_nonce(len(nonce))  # its size, its memory one block of bytes
+        tk, tn = type(key), type(nonce)
+        if tk is bytes and tn is bytes:  # the usual arguments: their len() is their size
+            self._check_key(len(key))
+            self._check_nonce(len(nonce))
+            return key, nonce
+        if tk is bytearray and tn is bytearray:  # what a caller updates in place, read
+            self._check_key(len(key))  # again at each encryptor(): its len() is its size,
+            self._check_nonce(len(nonce))  # its memory one block of bytes
             return bytes(key), bytes(nonce)
-        self._check_key(_length(key, "key"))
-        self._check_nonce(_length(nonce, "nonce"))
-        key_bytes = bytes_arg(key, "key", uint8_only=True)
-        nonce_bytes = bytes_arg(nonce, "nonce", uint8_only=True)
+        key_view, nonce_view = _view_of(key, "key"), _view_of(nonce, "nonce")
+        self._check_key(len(key_view))
+        self._check_nonce(len(nonce_view))
+        # the views, made once (a NumPy array's view is the costly part of reading it again)
+        key_bytes = bytes_arg(key if tk is bytes else key_view, "key", uint8_only=True)
+        nonce_bytes = bytes_arg(nonce if tn is bytes else nonce_view, "nonce", uint8_only=True)
         self._check_key(len(key_bytes))  # a (32, 2) array has 32 rows and 64 bytes
         self._check_nonce(len(nonce_bytes))
         return key_bytes, nonce_bytes
@@ -214,13 +223,28 @@ class AESCTR(_StreamCipher):
             raise ValueError(f"Invalid nonce size ({size}) for CTR.")
 
 
-def _length(value: Any, name: str) -> int:
-    """``len(value)`` of a bytes-like argument, as ``cryptography`` measures keys and
-    nonces (a NumPy array's first dimension); ``TypeError`` for anything else."""
+def _view_of(value: Any, name: str) -> memoryview:
+    """``memoryview(value)`` of a bytes-like argument, whose ``len()`` is its size as
+    ``cryptography`` measures keys and nonces (a NumPy array's first dimension);
+    ``TypeError`` for anything else, a released view or a closed mmap included (as
+    cryptography says of them; a key or nonce re-read at ``encryptor()`` can be one)."""
     try:
-        return len(memoryview(value))
+        return memoryview(value)
     except TypeError:
         raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}") from None
+    except ValueError as exc:
+        raise TypeError(f"{name} cannot be read: {exc}") from None
+
+
+def _both_readable(data: Any, buf: Any) -> bool:
+    """Whether neither buffer is released or closed (a ValueError was ChaCha20's, then)."""
+    try:
+        memoryview(data), memoryview(buf)
+    except ValueError:
+        return False
+    except TypeError:
+        return True
+    return True
 
 
 _RESET_NONCE_SIZE = "Nonce must be 16 bytes long"  # cryptography's words, for both ciphers
@@ -283,21 +307,18 @@ class _OpenSslStreamContext(_Unpicklable):
             # size: 1-byte items, as cryptography takes them), buf long enough, no overlap
             # (bytes: immutable; two bytearrays: separate memory, or in place)
             # and buf flat too (a (64, 0) array's len() is 64, its size 0)
-            direct = (t is bytes or (t is bytearray and type(buf) is bytearray)
-                      or ((t is bytearray or getattr(data, "ndim", 0) == 1)
-                          and not inexact_overlap(data, buf))) and len(data) <= len(buf) \
-                and getattr(buf, "ndim", 1) == 1
-        except (TypeError, ValueError, BufferError):
-            # no len(), or a released view or closed mmap (ValueError from Python): the
-            # checks below say what is wrong, as the TypeError cryptography gives. Out of
-            # the try below, whose ValueError can only be ChaCha20's counter overflow.
-            direct = False
-        if direct:
-            try:
+            if (t is bytes or (t is bytearray and type(buf) is bytearray)
+                    or ((t is bytearray or getattr(data, "ndim", 0) == 1)
+                        and not inexact_overlap(data, buf))) and len(data) <= len(buf) \
+                    and getattr(buf, "ndim", 1) == 1:
                 return self._openssl.update_into(data, buf)
-            except (TypeError, BufferError):  # items OpenSSL does not take: below
-                pass
-            except ValueError:  # the counter overflow (the size and overlap are checked)
+        except (TypeError, BufferError):  # no len(), or items OpenSSL does not take: below
+            pass
+        except ValueError:
+            # the counter overflow (the size and overlap are checked), unless a buffer
+            # cannot be read at all (a released view, a closed mmap: ValueError from
+            # len()), which the checks below give as the TypeError cryptography gives
+            if _both_readable(data, buf):
                 self._ensure_open()
                 raise
         src, out = readable(data, "data"), writable(buf, "buf")

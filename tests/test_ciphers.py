@@ -482,6 +482,46 @@ def test_a_key_and_nonce_changed_in_place_are_read_at_each_encryptor(every_devic
     assert context.update(data[100:]) == ref_context.update(data[100:])  # still the old
 
 
+@pytest.mark.parametrize("kind,key_len", [("chacha20", 32), ("aes-ctr", 16)])
+@pytest.mark.parametrize("changing", ["nonce", "key"])
+def test_one_of_key_and_nonce_changed_in_place_beside_bytes_is_read_again(every_device, kind,
+                                                                          key_len, changing):
+    """The commonest form: a bytes key and one bytearray nonce updated per message (and the
+    other way round). Reading again only when both were mutable brought the two-time pad
+    back for it."""
+    key, nonce = os.urandom(key_len), bytes(4) + os.urandom(12)
+    if changing == "nonce":
+        nonce = bytearray(nonce)
+    else:
+        key = bytearray(key)
+    ref = _cryptography_cipher(kind, key, nonce)
+    cipher = (ciphers.ChaCha20 if kind == "chacha20" else ciphers.AESCTR)(key, nonce,
+                                                                         device=every_device)
+    data, keystreams = os.urandom(200), set()
+    for _ in range(3):
+        if changing == "nonce":
+            nonce[4:] = os.urandom(12)
+        else:
+            key[:] = os.urandom(key_len)
+        expected = ref.encryptor().update(data)
+        assert cipher.encryptor().update(data) == expected
+        keystreams.add(expected)
+    assert len(keystreams) == 3
+
+
+def test_a_nonce_released_after_construction_is_a_type_error_at_encryptor():
+    """As cryptography says of a buffer it cannot read (it said ValueError here)."""
+    backing = bytearray(16)
+    nonce = memoryview(backing)
+    cipher = ciphers.ChaCha20(bytes(32), nonce, device="cpu")
+    ref = _cryptography_cipher("chacha20", bytes(32), nonce)
+    nonce.release()
+    with pytest.raises(TypeError):
+        ref.encryptor()
+    with pytest.raises(TypeError, match="nonce cannot be read"):
+        cipher.encryptor()
+
+
 @pytest.mark.parametrize("where", ["cpu", "auto"])
 def test_a_key_or_nonce_changed_to_a_size_it_may_not_have_is_refused_at_encryptor(where):
     """Read again at encryptor(), a key or nonce is checked again, with construction's
