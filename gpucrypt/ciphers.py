@@ -90,6 +90,15 @@ def _cpu_backend():
     return get_backend("cpu")
 
 
+def _keystream_cipher(algorithm: str, key: bytes, nonce: bytes) -> Any:
+    """The CPU backend's ``keystream_cipher`` (cryptography's Cipher), looked up once: a
+    message with a cipher of its own (a nonce per message, as cryptography's Cipher is
+    used) paid the backend's lookup each time."""
+    global _keystream_cipher
+    _keystream_cipher = _cpu_backend().keystream_cipher
+    return _keystream_cipher(algorithm, key, nonce)
+
+
 class _Unpicklable:
     """Refuses pickle and copy: a pickle would carry the key in the clear, and a copied
     context would continue the same keystream from the same position (two ciphertexts
@@ -116,12 +125,13 @@ class _StreamCipher(_Unpicklable):
         self._given = None if type(key) is bytes and type(nonce) is bytes else (key, nonce)
         if self._given is not None:  # read again at each encryptor(): no copy kept of a key
             self._key = self._nonce = None  # its owner may have overwritten since
-        self._device = device = check_device(device)
         # every size on the CPU (asked for, or "auto" on a machine without a CUDA driver):
         # then contexts are cryptography's own, wrapped as thinly as Python allows
-        if device == "cpu":  # the common explicit case, decided without the two calls
+        if device == "cpu":  # the common explicit case, decided without the three calls
+            self._device = device
             self._small_on_cpu = self._all_on_cpu = True
         else:
+            self._device = device = check_device(device)
             self._small_on_cpu = small_payloads_on_cpu(device)  # as in the AEAD classes
             self._all_on_cpu = self._small_on_cpu and every_payload_on_cpu(device)
         self._openssl = None  # cryptography's Cipher for bytes arguments, made on first use
@@ -171,8 +181,8 @@ class _StreamCipher(_Unpicklable):
         if self._all_on_cpu:
             openssl = self._openssl
             if openssl is None:
-                openssl = self._openssl = _cpu_backend().keystream_cipher(
-                    self._algorithm, self._key, self._nonce)
+                openssl = self._openssl = _keystream_cipher(self._algorithm, self._key,
+                                                            self._nonce)
             return _OpenSslStreamContext(openssl.encryptor())
         return StreamContext(self, self._key, self._nonce)
 
@@ -186,8 +196,7 @@ class _StreamCipher(_Unpicklable):
             return StreamContext(self, key, nonce)
         last = self._openssl_of
         if last is None or last[0] != key or last[1] != nonce:
-            last = self._openssl_of = (key, nonce, _cpu_backend().keystream_cipher(
-                self._algorithm, key, nonce))
+            last = self._openssl_of = (key, nonce, _keystream_cipher(self._algorithm, key, nonce))
         return _OpenSslStreamContext(last[2].encryptor())
 
 
