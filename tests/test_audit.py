@@ -1073,7 +1073,8 @@ def test_cli_file_commands_record_what_they_did(tmp_path, monkeypatch, capsys):
         ("file.encrypt", "ok", str(tmp_path / "in.bin"), primary, None),
         ("file.decrypt", "ok", str(tmp_path / "enc.gc"), "aes-kwp:" + primary, None),
         ("file.decrypt", "error", str(tmp_path / "enc.gc"), None,
-         "NoMatchingRecipient: no recipient in this file matches your key(s)"),
+         f"NoMatchingRecipient: no recipient in this file matches your key(s); it is for "
+         f"aes-kwp:{primary}"),
         ("file.decrypt", "error", str(tmp_path / "bad.gc"), "aes-kwp:" + primary,
          "AuthenticationError"),
         ("file.encrypt", "ok", str(tmp_path / "in.bin"), None, None),

@@ -1467,6 +1467,23 @@ def test_rekey_warns_that_dropping_a_recipient_without_reencrypt_does_not_revoke
     assert (work / "b").read_bytes() == (work / "plain").read_bytes()
 
 
+def test_rekey_within_a_keyset_is_no_revocation_to_warn_of(work, capsys):
+    """keys add --primary, then rekey --keyset (KEYS.md's rotation): the stanza removed is
+    the keyset's older key, whose holders hold the new one too: no warning. A recipient
+    removed beside it still gets one."""
+    assert run(capsys, "keygen", "--out", "ks.json")[0] == 0
+    assert run(capsys, "keygen", "--public", "--out", "bob")[0] == 0
+    assert run(capsys, "encrypt", "--keyset", "ks.json", "plain", "sealed")[0] == 0
+    assert run(capsys, "encrypt", "--keyset", "ks.json", "-r", "bob.pub", "plain", "shared")[0] == 0
+    assert run(capsys, "keys", "add", "ks.json", "--primary")[0] == 0
+    code, out, err = run(capsys, "rekey", "sealed", "--keyset", "ks.json")
+    assert code == 0 and err == "" and "removed: aes-kwp:" in out, (out, err)
+    code, out, err = run(capsys, "rekey", "shared", "--keyset", "ks.json", "--old-keyset",
+                         "ks.json")
+    _one_line(code, err, 0)
+    assert "can still read shared" in err and "x25519:" in out
+
+
 def test_rekey_reencrypt_revokes(work, capsys):
     for name in ("alice", "bob"):
         assert run(capsys, "keygen", "--public", "--out", name)[0] == 0

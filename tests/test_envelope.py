@@ -18,6 +18,7 @@ from gpucrypt import keys
 from gpucrypt.keys import (CallableKeyProvider, EnvelopeError, EnvKeyProvider, Identity, Keyset,
                            KeyUnavailable, NoMatchingRecipient, WrappingKey, open_envelope,
                            seal_envelope)
+from gpucrypt.keys.recipients import describe_envelope
 
 NO_MATCH = "no recipient in this file matches your key(s)"
 
@@ -79,7 +80,8 @@ def test_missing_recipient_is_a_clear_error(x_identity):
     env = seal_envelope(keys.generate_dek(), [x_identity, Keyset.generate()])
     with pytest.raises(NoMatchingRecipient) as info:
         open_envelope(env, [Identity.generate(), Keyset.generate(), WrappingKey("x", os.urandom(32))])
-    assert str(info.value) == NO_MATCH
+    # and who it is for (public labels): which key to look for
+    assert str(info.value) == f"{NO_MATCH}; it is for {', '.join(describe_envelope(env))}"
     with pytest.raises(NoMatchingRecipient):
         open_envelope(env, [])
 

@@ -802,7 +802,11 @@ def _run_rekey(args) -> int:
     dropped = [r for r in result["previous_recipients"] if r not in result["recipients"]]
     if dropped:
         print(f"removed: {', '.join(dropped)}")
-        if not args.reencrypt:  # the same data key: a header rewrite revokes no one
+        # the same data key: a header rewrite revokes no one. Said unless every one removed
+        # is a key of the keyset the file is now wrapped for (a rotation within it: whoever
+        # holds the old key holds the new one)
+        in_keyset = {f"aes-kwp:{key.id}" for key in keyset} if keyset is not None else set()
+        if not args.reencrypt and not set(dropped) <= in_keyset:
             print(f"gpucrypt rekey: warning: the removed recipients can still read {args.file} "
                   f"if they ever unwrapped its data key; rekey with --reencrypt to revoke them",
                   file=sys.stderr)

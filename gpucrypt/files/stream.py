@@ -33,7 +33,9 @@ Guarantees and limits:
   made only when used, and is sealed into an ``io.BytesIO`` in place, in the object's own
   buffer. A one-segment input runs in the calling thread.
 - Writes to a path are atomic: a temporary file in the same folder, fsync, then
-  rename. ``decrypt`` to a path renames only after every segment, including the
+  rename. An existing file at ``dst`` is replaced, as ``open(dst, "wb")`` would
+  (the command line asks for ``--force``); ``dst`` naming ``src``'s own file is
+  refused (``ValueError``). ``decrypt`` to a path renames only after every segment, including the
   one marked last, verified; on any error the temporary file is removed and the
   destination is untouched. A path that is a symbolic link is refused (OSError).
 - ``decrypt`` to a file object writes each batch of segments only after they

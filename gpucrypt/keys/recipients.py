@@ -577,8 +577,12 @@ def open_envelope(envelope: bytes, identities: Any, *, context: Any = None,
         if stanzas[0].kind == _SCRYPT:
             raise NoMatchingRecipient(detail or "this file is encrypted with a passphrase, not "
                                                 "for your key(s): open it with its passphrase")
-        raise NoMatchingRecipient("no recipient in this file matches your key(s)"
-                                  + (f" ({detail})" if detail else ""))
+        # who it is for (public labels: fingerprints, key ids), as the command line says
+        # when no key was given: which key to look for
+        labels = [_stanza_label(s) for s in stanzas]
+        shown = ", ".join(labels[:8]) + (f" and {len(labels) - 8} more" if len(labels) > 8 else "")
+        raise NoMatchingRecipient(f"no recipient in this file matches your key(s); it is for "
+                                  f"{shown}" + (f" ({detail})" if detail else ""))
 
 
 def open_file_envelope(envelope: bytes, identities: Any, salt: bytes) -> bytes:
