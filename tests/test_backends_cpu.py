@@ -1072,3 +1072,25 @@ def test_a_ctrl_c_during_a_failing_decryption_waits_for_its_zeroing(algorithm, f
         sender.join()
         signal.signal(signal.SIGINT, previous)
     assert interrupted > 0 and left == 0, (interrupted, left)
+
+
+def test_a_gpu_gpucrypt_device_asks_for_names_the_variable(monkeypatch):
+    """device="auto" with GPUCRYPT_DEVICE=gpu where no GPU runs raised the backend's reason
+    alone: the caller, who said auto, was not told the variable had chosen the GPU, nor how
+    to undo it. The error names it (``environment``, for the command line's message)."""
+    from gpucrypt import backends
+
+    monkeypatch.setitem(backends._reasons, "gpu", "no CUDA driver (test)")
+    monkeypatch.delitem(backends._instances, "gpu", raising=False)
+    monkeypatch.setenv("GPUCRYPT_DEVICE", "gpu")
+    for call in (lambda: backends.select_backend("auto", 0),
+                 lambda: backends.small_payloads_on_cpu("auto")):
+        with pytest.raises(gpucrypt.BackendUnavailable) as caught:
+            call()
+        assert caught.value.environment == "gpu"
+        assert "GPUCRYPT_DEVICE=gpu" in str(caught.value) and "no CUDA driver (test)" in \
+            str(caught.value) and "unset GPUCRYPT_DEVICE" in str(caught.value)
+    with pytest.raises(gpucrypt.BackendUnavailable) as caught:  # asked for by name: as it was
+        backends.select_backend("gpu", 0)
+    assert caught.value.environment is None and str(caught.value) == "no CUDA driver (test)"
+    assert backends.select_backend("cpu", 0).name == "cpu"

@@ -1246,3 +1246,40 @@ def test_no_gpu_is_said_in_the_commands_words(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "use --device cpu" in proc.stdout and "device='cpu'" not in proc.stdout
     assert "device='cpu'" not in path.read_text() and "--device cpu" in path.read_text()
+
+
+def _labelled_ticks(axis) -> list[str]:
+    """The tick labels an axis shows: those of its ticks (major and minor) inside its view."""
+    low, high = sorted(axis.get_view_interval())
+    shown = []
+    for locs, labels in ((axis.get_majorticklocs(), axis.get_majorticklabels()),
+                         (axis.get_minorticklocs(), axis.get_minorticklabels())):
+        shown += [label.get_text() for loc, label in zip(locs, labels)
+                  if low <= loc <= high and label.get_visible() and label.get_text()]
+    return shown
+
+
+@pytest.mark.parametrize("gbps, scale", [((2.0, 3.0, 4.5), "linear"),
+                                         ((0.02, 0.4, 20.0), "log")])
+def test_the_plot_labels_its_gbps_axis_whatever_the_range(tmp_path, gbps, scale):
+    """`bench --sizes 64 --plot` drew a GB/s axis without a single number: a log axis labels
+    powers of ten only, and figures within one decade (2 to 4.5 GB/s) span none. Such a
+    range is drawn on a linear axis; a wider one on a log axis ticked at 1, 2 and 5."""
+    pytest.importorskip("matplotlib")
+
+    def cell(implementation, size, rate):
+        return bench.Cell("chacha20", "encrypt", "into", implementation, "a CPU", size, 1, 3, 1,
+                          size / rate / 1e9, rate, None, "cryptography", None, "t")
+    sizes = (64,) if scale == "linear" else (16, 64, 1 << 20)
+    config = bench.BenchConfig(algorithms=("chacha20",), operations=("encrypt",),
+                               forms=("into",), sizes=sizes)
+    report = bench.BenchReport({"cpu": "a CPU", "date": "2026-12-05"}, config)
+    implementations = ("cryptography", "gpucrypt-cpu", "pycryptodome")
+    report.cells = [cell(impl, size, rate) for size in sizes
+                    for impl, rate in zip(implementations, gbps)]
+    figure = bench.plot(report, tmp_path / "p.png")
+    axes = figure.axes[0]
+    labels = _labelled_ticks(axes.yaxis)
+    assert len(labels) >= 3, labels
+    assert all(label.replace(".", "", 1).isdigit() for label in labels), labels  # 0.5, 2, 20
+    assert axes.get_yscale() == scale

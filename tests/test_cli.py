@@ -1909,6 +1909,47 @@ def test_a_checkpoint_out_that_is_a_symbolic_link_is_refused_before_any_work(
     assert not any("gpucrypt-tmp" in n for n in os.listdir(work))
 
 
+@pytest.mark.parametrize("command", ["encrypt-model", "decrypt-model"])
+@pytest.mark.parametrize("out, said", [
+    ("{src}/sub", "OUT {src}/sub is inside IN {src}"),
+    ("{src}", "OUT {src} is IN {src} itself"),
+    (".", "IN {src} is inside OUT ."),
+])
+def test_a_checkpoint_out_inside_in_or_around_it_is_refused_before_any_key(
+        work, capsys, checkpoint, command, out, said):
+    """`encrypt-model ck/ ck/enc/` succeeded and left ck/ holding a subfolder, so that ck/
+    could no longer be encrypted ("has subfolders"). OUT inside IN, IN itself, or holding
+    IN is a usage error before any key is read (the key variable below is not set)."""
+    src = "ckpt"
+    if command == "decrypt-model":
+        assert run(capsys, "encrypt-model", "--key-file", "key", checkpoint, "enc")[0] == 0
+        src = "enc"
+    before = sorted(os.listdir(work / src))
+    out, said = out.format(src=src), said.format(src=src)
+    code, _, err = run(capsys, command, "--key-env", "GPUCRYPT_TEST_UNSET", src, out)
+    _one_line(code, err, 2)
+    assert said in err and "GPUCRYPT_TEST_UNSET" not in err, err
+    assert sorted(os.listdir(work / src)) == before
+
+
+@pytest.mark.parametrize("command", ["encrypt-model", "decrypt-model"])
+@pytest.mark.parametrize("name", ["model.safetensors", "model.SafeTensors", "model.gguf"])
+def test_a_checkpoint_out_named_like_a_weights_file_is_refused(work, capsys, checkpoint,
+                                                               command, name):
+    """`encrypt-model llama/ llama-enc/model.safetensors` made a folder named
+    model.safetensors: a folder IN is written to a folder, and OUT named like a file is
+    refused, saying so."""
+    src = checkpoint
+    if command == "decrypt-model":
+        assert run(capsys, "encrypt-model", "--key-file", "key", checkpoint, "enc")[0] == 0
+        src = work / "enc"
+    (work / "out").mkdir()
+    code, _, err = run(capsys, command, "--key-file", "key", src, f"out/{name}")
+    _one_line(code, err, 2)
+    assert "OUT must be a folder" in err and name in err, err
+    assert os.listdir(work / "out") == []
+
+
 def test_a_checkpoint_out_that_appears_meanwhile_is_named_not_the_temporary_folder(
         work, capsys, checkpoint, monkeypatch):
     """OUT filled by someone else while the folder was written: rename() fails and its
@@ -2126,3 +2167,105 @@ def test_fifos_are_refused_or_waited_on_only_where_they_can_be(work, capsys):
                            "missing.pub", "plain", "-o", "out.fifo"],
                           cwd=work, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "missing.pub" in done.stderr, done.stderr
+
+
+# ------------------------------------------------------------------ no GPU, GPUCRYPT_DEVICE
+#: the probe's reason on a machine without a driver, in the library's words
+NO_DRIVER = ("no CUDA driver library (libcuda) can be loaded: this machine has no NVIDIA GPU "
+             "driver; use device='cpu', or install the driver")
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """The GPU backend refuses to start, with the probe's reason (the suite's own process
+    has the simulator's GPU otherwise)."""
+    from gpucrypt import backends
+
+    monkeypatch.setitem(backends._reasons, "gpu", NO_DRIVER)
+    monkeypatch.delitem(backends._instances, "gpu", raising=False)
+
+
+def test_info_advises_device_cpu_only_for_the_commands_that_take_it(capsys, no_gpu):
+    """`gpucrypt info` said "use --device cpu (encrypt, decrypt, encrypt-model,
+    decrypt-model)", and decrypt-model has no --device: following the advice was an
+    "unrecognized arguments" error. bench's --device chooses what to measure, not where a
+    file is encrypted, so it is not named."""
+    from gpucrypt.cli import SUBCOMMANDS, _command_parser
+
+    code, out, _ = run(capsys, "info")
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("backend gpu unavailable"))
+    named = line.split("use --device cpu (", 1)[1].split(")", 1)[0].split(", ")
+    taking = {name for name in SUBCOMMANDS if name != "bench"
+              and "--device" in _command_parser(name)._option_string_actions}
+    assert set(named) == taking and "decrypt-model" not in named, line
+
+
+def test_gpucrypt_device_gpu_without_a_gpu_names_the_variable(work, capsys, monkeypatch, no_gpu):
+    """GPUCRYPT_DEVICE=gpu where no GPU runs said "device 'auto' unavailable": the user
+    gave no --device, and the variable that chose the GPU went unnamed. encrypt refuses it
+    before any key is read (as --device gpu), decrypt when it starts on the data."""
+    monkeypatch.setenv("GPUCRYPT_DEVICE", "gpu")
+    code, _, err = run(capsys, "encrypt", "--key-env", "GPUCRYPT_TEST_UNSET", "plain", "sealed")
+    _one_line(code, err, 2)
+    assert "GPUCRYPT_DEVICE=gpu" in err and "unset GPUCRYPT_DEVICE" in err, err
+    assert "GPUCRYPT_DEVICE=cpu" in err and "device 'auto'" not in err, err
+    assert "device='cpu'" not in err and "GPUCRYPT_TEST_UNSET" not in err, err  # no key read
+    monkeypatch.setenv("GPUCRYPT_DEVICE", "cpu")
+    assert run(capsys, "encrypt", "--key-file", "key", "plain", "sealed")[0] == 0
+    monkeypatch.setenv("GPUCRYPT_DEVICE", "cuda")
+    code, _, err = run(capsys, "decrypt", "--key-file", "key", "sealed", "back")
+    _one_line(code, err, 2)
+    assert "GPUCRYPT_DEVICE=cuda" in err and "device 'auto'" not in err, err
+    assert not (work / "back").exists()
+    # --device cpu says where, whatever the environment asks for
+    assert run(capsys, "decrypt", "--device", "cpu", "--key-file", "key", "sealed", "back")[0] == 0
+
+
+def test_decrypt_model_says_gpucrypt_device_gpu_does_not_apply(work, capsys, monkeypatch):
+    """GPUCRYPT_DEVICE=gpu decrypt-model ran on the CPU without a word: decrypt-model exports
+    on the CPU's threads by design (its help says so), and now says so on stderr when the
+    variable asks for the GPU; it still runs (the variable may be set for a whole session)."""
+    np = pytest.importorskip("numpy")
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    safetensors_numpy.save_file({"w": np.arange(4, dtype=np.float32)}, str(work / "m.safetensors"))
+    with pytest.raises(SystemExit):
+        main(["decrypt-model", "--help"])
+    assert "GPUCRYPT_DEVICE does not apply" in " ".join(capsys.readouterr().out.split())
+    assert run(capsys, "encrypt-model", "--key-file", "key", "m.safetensors", "m.gc")[0] == 0
+    monkeypatch.setenv("GPUCRYPT_DEVICE", "gpu")
+    code, _, err = run(capsys, "decrypt-model", "--key-file", "key", "m.gc", "back.safetensors")
+    assert code == 0, err
+    assert "GPUCRYPT_DEVICE=gpu does not apply" in err and "CPU" in err, err
+    monkeypatch.setenv("GPUCRYPT_DEVICE", "cpu")
+    code, _, err = run(capsys, "decrypt-model", "--key-file", "key", "m.gc", "again.safetensors")
+    assert code == 0 and err == "", err
+
+
+# --------------------------------------------------------------------------- progress
+@pytest.mark.parametrize("command", ["encrypt", "decrypt"])
+def test_progress_draws_its_last_line_once(work, capsys, command):
+    """--progress printed its "100.0%" line twice, at two different speeds: once when the
+    input ended, once more when the bar finished; and decrypt's said "10.0 KiB / 9.9 KiB"
+    (the header, read before the key and again after, was counted twice)."""
+    assert run(capsys, "encrypt", "--key-file", "key", "plain", "sealed")[0] == 0
+    src = "plain" if command == "encrypt" else "sealed"
+    code, _, err = run(capsys, command, "--progress", "--key-file", "key", src, "out")
+    assert code == 0, err
+    assert err.count("100.0%") == 1, repr(err)
+    assert err.endswith("\n") and err.count("\n") == 1, repr(err)
+    done, total = err.rsplit("100.0%", 1)[1].split(" / ", 1)  # "9.8 KiB / 9.8 KiB  2 MiB/s"
+    assert done.strip() == " ".join(total.split()[:2]), repr(err)
+
+
+def test_progress_of_an_input_of_unknown_size_ends_in_one_line(capsys):
+    """A pipe's bar (no size, no percentage) drew its last figure three times: at the read
+    that returned it, at the empty read that ended the input, and when it finished."""
+    from gpucrypt.cli.files import _Progress
+
+    bar = _Progress(io.BytesIO(bytes(10_000)), None, "encrypt")
+    while bar.read(1 << 16):
+        pass
+    bar.finish()
+    err = capsys.readouterr().err
+    assert err.count("encrypt 9.8 KiB") == 1 and err.endswith("\n"), repr(err)

@@ -34,7 +34,13 @@ AUTO_GPU_THRESHOLD = 8 << 20
 
 
 class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run on this machine; the message says why."""
+    """The requested backend cannot run on this machine; the message says why.
+
+    ``environment``: the ``GPUCRYPT_DEVICE`` value that asked for the backend, when the
+    variable chose it for a caller's ``device="auto"``, else None. The caller asked for
+    ``auto``, so a message about its own ``device`` would hide the cause."""
+
+    environment: str | None = None
 
 
 _lock = _thread.allocate_lock()  # threading.Lock; threading itself loads with a pool
@@ -117,6 +123,22 @@ def _environment_device() -> str:
     return override
 
 
+def _environment_backend(name: str) -> Backend:
+    """``get_backend(name)`` for the backend ``GPUCRYPT_DEVICE`` chose in place of
+    ``auto``: a refusal names the variable and how to undo it (the caller, who said
+    ``auto``, may not know it is set)."""
+    try:
+        return get_backend(name)
+    except BackendUnavailable as exc:
+        setting = os.environ.get("GPUCRYPT_DEVICE", "").strip()
+        error = BackendUnavailable(
+            f"GPUCRYPT_DEVICE={setting} in the environment asks for the {name.upper()}, "
+            f"which cannot run here ({exc}): unset GPUCRYPT_DEVICE, or set "
+            f"GPUCRYPT_DEVICE=cpu, to run on the CPU")
+        error.environment = setting
+        raise error from None
+
+
 def check_device(device: Any) -> str:
     """``device`` as one of :data:`DEVICES`. Also taken, as frameworks spell them: "cuda"
     and ``torch.device("cuda")`` for "gpu" (the GPU backend works on the current CUDA
@@ -145,7 +167,10 @@ def small_payloads_on_cpu(device: str) -> bool:
     call this once, when made, so that small calls skip selection entirely."""
     device = check_device(device)
     if device == "auto":
-        device = _environment_device()
+        if _environment_device() == "gpu":
+            _environment_backend("gpu")
+            return False
+        return True
     if device == "gpu":
         get_backend("gpu")
         return False
@@ -158,7 +183,8 @@ def select_backend(device: str, nbytes: int = 0) -> Backend:
         device = check_device(device)
     if device == "auto":
         device = _environment_device()
-    if device == "auto":
+        if device != "auto":
+            return _environment_backend(device)
         if nbytes >= AUTO_GPU_THRESHOLD and not _simulated():
             try:
                 return get_backend("gpu")

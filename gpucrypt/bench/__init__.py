@@ -906,10 +906,12 @@ def _unavailable_lines(report: BenchReport, missing: list[Unavailable], shown: s
     return lines
 
 
-def plot(report: BenchReport, path: str | os.PathLike) -> None:
+def plot(report: BenchReport, path: str | os.PathLike):
     """Throughput against size, a line per implementation, a panel per algorithm and operation.
     The simulator's rows are left out (their figures are labels, not measurements; the
     title says so), as the table shows no figure for them.
+
+    Returns the figure, saved and closed (its axes can be inspected, not drawn to).
 
     Needs matplotlib (``pip install 'gpucrypt[plot]'``); raises ``ImportError`` saying so.
     """
@@ -940,10 +942,10 @@ def plot(report: BenchReport, path: str | os.PathLike) -> None:
                         color=f"C{IMPLEMENTATIONS.index(impl)}",
                         linestyle=("--" if impl == baseline else "-") if form == "into" else ":")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         sizes = sorted({c.size for c in cells})
         ax.set_xticks(sizes, [format_size(s).replace(" ", "") for s in sizes], fontsize="small")
         ax.minorticks_off()
+        _gbps_axis(ax, [c.gbps for c in cells if c.gbps and c.gbps > 0])
         ax.set_title(f"{alg} {op}")
         ax.set_xlabel("message size (bytes)")
         ax.set_ylabel("GB/s")
@@ -957,3 +959,20 @@ def plot(report: BenchReport, path: str | os.PathLike) -> None:
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 * (title.count("\n") + 1) / fig.get_figheight()))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig
+
+
+def _gbps_axis(ax, gbps: list) -> None:
+    """The GB/s axis of a panel, labelled whatever its range. A log axis labels only powers
+    of ten, so figures within one decade (2 to 5 GB/s: one size, or one machine's spread)
+    got an axis without a single number: those are drawn on a linear axis, from zero;
+    wider ranges on a log axis ticked at 1, 2 and 5 times each power of ten."""
+    from matplotlib import ticker
+
+    if gbps and max(gbps) < 10 * min(gbps):
+        ax.set_ylim(0, max(gbps) * 1.1)
+        return
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_locator(ticker.NullLocator())

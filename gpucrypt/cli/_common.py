@@ -259,17 +259,17 @@ def _no_key() -> CliError:
 
 
 def check_sealing_options(args: Any) -> None:
-    """``--segment-size`` and ``--device gpu`` refused (through :func:`run_reporting_errors`:
-    exit 2) before any key is read: they were refused after the data key was sealed, a
-    KMS or HSM call the audit log records, for a usage error."""
+    """``--segment-size`` and a GPU that cannot run (``--device gpu``, or ``GPUCRYPT_DEVICE=gpu``
+    for ``--device auto``; or a ``GPUCRYPT_DEVICE`` that is no device) refused (through
+    :func:`run_reporting_errors`: exit 2) before any key is read: they were refused after
+    the data key was sealed, a KMS or HSM call the audit log records, for a usage error."""
     def check():
         from ..files._format import check_segment_size
 
         check_segment_size(args.segment_size)
-        if args.device == "gpu":
-            from ..backends import get_backend
+        from ..backends import small_payloads_on_cpu
 
-            get_backend("gpu")  # BackendUnavailable, with the reason
+        small_payloads_on_cpu(args.device)  # BackendUnavailable or ValueError, with the reason
 
     run_reporting_errors(args, check)
 
@@ -603,12 +603,19 @@ def _sealed_for_others(args: Any) -> bool:
         return False
 
 
+#: the commands whose ``--device`` (:func:`add_device`) says where the cipher runs, named
+#: where the advice is given elsewhere (``info``, ``warmup``). ``decrypt-model`` has none:
+#: it exports on the CPU's threads; ``bench --device`` chooses what to measure, not where
+#: a file is encrypted. A test checks this against the commands' parsers.
+DEVICE_COMMANDS = ("encrypt", "decrypt", "encrypt-model")
+
+
 def in_option_words(advice: str, elsewhere: bool = False) -> str:
     """The library's advice about the backend, in the command line's words: its Python
     ``device='cpu'`` is the option ``--device cpu`` here (``elsewhere``: of the commands
-    that take it, for one that does not, such as ``info``)."""
+    that take it, :data:`DEVICE_COMMANDS`, for one that does not, such as ``info``)."""
     return advice.replace("device='cpu'", "--device cpu" + (
-        " (encrypt, decrypt, encrypt-model, decrypt-model)" if elsewhere else ""))
+        f" ({', '.join(DEVICE_COMMANDS)})" if elsewhere else ""))
 
 
 def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
@@ -633,6 +640,8 @@ def run_reporting_errors(args: Any, work: Callable[[], Any]) -> int:
     except FormatError as exc:
         raise CliError(f"{'stdin' if args.input == '-' else args.input}: {exc}", 1) from None
     except BackendUnavailable as exc:
+        if exc.environment is not None:  # GPUCRYPT_DEVICE chose it: --device said auto
+            raise CliError(in_option_words(str(exc)), 2) from None
         raise CliError(f"device {args.device!r} unavailable: {in_option_words(str(exc))}",
                        2) from None
     except BrokenPipeError:

@@ -106,6 +106,7 @@ class _Progress:
         self._file, self._total, self._label = fileobj, total, label
         self._from, self._held, self._shown = from_bytes, held, False
         self._done, self._start, self._drawn = 0, time.monotonic(), 0.0
+        self._drawn_done = -1  # what the last line drawn showed read
 
     def release(self) -> None:
         self._held = False
@@ -117,7 +118,12 @@ class _Progress:
         return self._file.tell()
 
     def seek(self, offset, whence=0):
-        return self._file.seek(offset, whence)
+        before = self._file.tell()
+        after = self._file.seek(offset, whence)
+        # the bar counts how far the input was read, not the bytes read: decrypt reads the
+        # header, then rewinds and reads it again, and the last line said 10.0 of 9.9 KiB
+        self._done += after - before
+        return after
 
     def read(self, n=-1):
         data = self._file.read(n)
@@ -133,13 +139,18 @@ class _Progress:
         self._done += n
         if self._held or self._done < self._from:
             return
+        if n == 0 or (self._total and self._done >= self._total):
+            # the end of the input (or a non-blocking read that found nothing: nothing new):
+            # finish() draws the last line, once, with the whole run's speed; drawing it here
+            # too printed the 100% line twice, at two speeds
+            return
         now = time.monotonic()
-        if now - self._drawn >= 0.2 or n == 0:
+        if now - self._drawn >= 0.2:
             self._drawn = now
             self._draw(now)
 
     def _draw(self, now: float) -> None:
-        self._shown = True
+        self._shown, self._drawn_done = True, self._done
         rate = self._done / max(now - self._start, 1e-9)
         text = f"{self._label} {_human(self._done)}"
         if self._total:
@@ -152,7 +163,8 @@ class _Progress:
     def finish(self) -> None:
         if not self._shown and (self._held or self._done < self._from):
             return  # never drawn: no bar to end
-        self._draw(time.monotonic())
+        if self._drawn_done != self._done:  # else the last line drawn is the final one already
+            self._draw(time.monotonic())
         sys.stderr.write("\n")
         sys.stderr.flush()
 

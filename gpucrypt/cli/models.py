@@ -101,7 +101,23 @@ def add_decrypt_model(parser: argparse.ArgumentParser) -> None:
     """Decrypt a gpucrypt model file back into a safetensors file."""
     _common(parser, "decrypt", "an encrypted model file, or an encrypted checkpoint folder",
             "the .safetensors file (or new folder) to write")
+    parser.epilog = ("decrypt-model runs on the CPU's threads, by design: it has no --device, "
+                     "and GPUCRYPT_DEVICE does not apply (GPUCRYPT_DEVICE=gpu is noted on "
+                     "stderr and the CPU runs it). To decrypt onto a GPU, load the file with "
+                     "gpucrypt.models.load_encrypted.")
     parser.set_defaults(func=_run_decrypt_model)
+
+
+def _note_device_environment() -> None:
+    """Say on stderr that ``GPUCRYPT_DEVICE=gpu`` is not followed: decrypt-model exports on
+    the CPU's threads whatever the variable says, and doing so silently let a user believe
+    the GPU had run it. Not refused: the variable may be set for a whole session on a GPU
+    machine, where the other commands follow it."""
+    setting = os.environ.get("GPUCRYPT_DEVICE", "").strip()
+    if setting.lower() in ("gpu", "cuda"):
+        print(f"gpucrypt decrypt-model: note: GPUCRYPT_DEVICE={setting} does not apply here: "
+              f"decrypt-model runs on the CPU's threads (to decrypt onto a GPU, load the "
+              f"file with gpucrypt.models.load_encrypted)", file=sys.stderr)
 
 
 def _check_paths(args) -> None:
@@ -161,6 +177,7 @@ def _run_decrypt_model(args) -> int:
     from ..files._atomic import AtomicFile
 
     check_key_sources(args)
+    _note_device_environment()
     if os.path.isdir(args.input):
         return _run_decrypt_checkpoint(args)
     _check_paths(args)
@@ -233,9 +250,13 @@ def _refuse_missing_folder(out: str) -> None:
         raise CliError(f"cannot write {out}: the folder {folder} does not exist", 2)
 
 
-def _check_folder_output(args) -> None:
+def _check_folder_output(args, done: str) -> None:
+    """Refuse (exit 2, before any key is read) an OUT a checkpoint folder cannot be written
+    to; ``done``: what OUT will hold ("encrypted", "decrypted"), for the suggested name."""
     if args.output == "-":
         raise CliError("a checkpoint folder is written to a folder: give OUT as a path", 2)
+    _refuse_file_name(args.input, args.output)
+    _refuse_nested_folders(args.input, args.output, done)
     _refuse_missing_folder(args.output)
     if os.path.islink(args.output):  # refused at the end otherwise, after all the work
         raise CliError(f"output is a symbolic link: {args.output} (a checkpoint folder is "
@@ -247,12 +268,48 @@ def _check_folder_output(args) -> None:
                        f"or empty folder; nothing is deleted to make room)", 2)
 
 
+def _refuse_file_name(folder: str, out: str) -> None:
+    """A usage CliError when IN is a checkpoint folder and OUT is named like a weights file
+    (``llama-enc/model.safetensors``): the folder written there was named
+    model.safetensors, where the user meant a file, or the folder above it."""
+    from ..files.checkpoints import PLAIN_WEIGHT_SUFFIXES
+
+    name = os.path.basename(os.path.normpath(out)).lower()
+    suffix = next((s for s in (".safetensors", ".gcsafetensors") + PLAIN_WEIGHT_SUFFIXES
+                   if name.endswith(s)), None)
+    if suffix is not None:
+        raise CliError(f"OUT {out} is named like a weights file ({suffix}), but IN {folder} is a "
+                       f"checkpoint folder, so OUT must be a folder: give the new folder's "
+                       f"path (its model files keep their names inside it)", 2)
+
+
+def _refuse_nested_folders(folder: str, out: str, done: str) -> None:
+    """A usage CliError when OUT is IN, or one holds the other (links resolved): an OUT
+    inside IN was written there, and IN, holding a subfolder from then on, could no longer
+    be encrypted or decrypted ("has subfolders"). ``done``: what OUT holds ("encrypted"),
+    for the suggested name."""
+    inside, outside = os.path.realpath(folder), os.path.realpath(out)  # OUT may be new
+    common = os.path.commonpath((inside, outside))
+    if common not in (inside, outside):
+        return
+    other = f"{os.path.normpath(folder)}-{done}"
+    if inside == outside:
+        raise CliError(f"OUT {out} is IN {folder} itself: give a new folder for OUT, such "
+                       f"as {other}", 2)
+    if common == inside:
+        raise CliError(f"OUT {out} is inside IN {folder}: IN would then hold a subfolder, and "
+                       f"gpucrypt refuses a checkpoint folder with subfolders from then on; "
+                       f"give an OUT outside IN, such as {other}", 2)
+    raise CliError(f"IN {folder} is inside OUT {out}: OUT must be a new or empty folder, "
+                   f"outside IN; give another OUT, such as {other}", 2)
+
+
 def _run_encrypt_checkpoint(args) -> int:
     """IN is a Hugging Face checkpoint folder: every .safetensors file encrypted under one
     data key, the rest copied (:func:`gpucrypt.files.checkpoints.encrypt_checkpoint`)."""
     from ..files import checkpoints
 
-    _check_folder_output(args)
+    _check_folder_output(args, "encrypted")
     _safetensors()
     layouts = []  # the folder's refusals (weights in the clear, ...) before a passphrase
     run_reporting_errors(args, lambda: layouts.append(checkpoints.checkpoint_layout(
@@ -315,7 +372,7 @@ def _envelope_per_file(args, key: bytes, envelope: bytes):
 def _run_decrypt_checkpoint(args) -> int:
     from ..files import checkpoints, models
 
-    _check_folder_output(args)
+    _check_folder_output(args, "decrypted")
 
     def work():
         layout = checkpoints.checkpoint_layout(args.input, encrypted=True)
