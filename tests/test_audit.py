@@ -1202,3 +1202,35 @@ def test_a_lost_error_event_leaves_its_failure_in_the_runs_event(tmp_path, monke
     [written] = _log_events(tmp_path / "audit.log")
     assert written["operation"] == "file.decrypt" and written["error"].startswith(
         "NoMatchingRecipient"), written
+
+
+def test_cli_audit_log_may_not_be_a_file_a_key_reference_or_a_folder_names(tmp_path, monkeypatch,
+                                                                           capsys):
+    """--kek file://KS (or its passphrase-source=file:PW) named as the log: the event was
+    appended to the keyset (no longer JSON: its keys lost) or to the passphrase file; a
+    log inside a checkpoint folder IN made the folder fail its manifest from then on."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GPUCRYPT_PASSPHRASE", raising=False)
+    assert main(["keygen", "--out", "ks.json"]) == 0
+    (tmp_path / "pw").write_text("correct horse\n")
+    (tmp_path / "pw").chmod(0o600)
+    (tmp_path / "in").write_bytes(b"plain")
+    (tmp_path / "ck").mkdir()
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("safetensors.numpy").save_file({"w": np.zeros(4, np.float32)},
+                                                       str(tmp_path / "ck" / "model.safetensors"))
+    keyset_before = (tmp_path / "ks.json").read_bytes()
+    cases = [(["encrypt", "--kek", f"file://{tmp_path}/ks.json", "in", "o1"], "ks.json"),
+             (["encrypt", "--kek", f"file://{tmp_path}/ks.json?passphrase-source=file:{tmp_path}/pw",
+               "in", "o2"], "pw"),
+             (["encrypt-model", "--keyset", "ks.json", "ck", "ck-enc"], "ck/audit.log")]
+    try:
+        for argv, log in cases:
+            code = main([*argv, "--audit-log", log])
+            err = capsys.readouterr().err
+            assert code == 2 and "is also a file this command reads or writes" in err, (argv, err)
+    finally:
+        _remove_file_handlers()
+    assert (tmp_path / "ks.json").read_bytes() == keyset_before
+    assert (tmp_path / "pw").read_text() == "correct horse\n"
+    assert not (tmp_path / "ck" / "audit.log").exists() and not (tmp_path / "o1").exists()

@@ -1482,6 +1482,19 @@ def test_rekey_within_a_keyset_is_no_revocation_to_warn_of(work, capsys):
                          "ks.json")
     _one_line(code, err, 0)
     assert "can still read shared" in err and "x25519:" in out
+    # the old key destroyed (a revocation: a leaked copy of the keyset still opens the
+    # unchanged data key), or opened with another keyset file: warned of
+    import shutil
+
+    shutil.copy(work / "ks.json", work / "old.json")
+    assert run(capsys, "encrypt", "--keyset", "ks.json", "plain", "third")[0] == 0
+    old = next(k.id for k in keys.Keyset.load("ks.json") if k.status == "primary")
+    assert run(capsys, "keys", "add", "ks.json", "--primary")[0] == 0
+    assert run(capsys, "keys", "destroy", "ks.json", old, "--yes")[0] == 0
+    code, out, err = run(capsys, "rekey", "third", "--keyset", "ks.json", "--old-keyset",
+                         "old.json")
+    _one_line(code, err, 0)
+    assert "can still read third" in err and f"removed: aes-kwp:{old}" in out
 
 
 def test_rekey_reencrypt_revokes(work, capsys):

@@ -362,3 +362,18 @@ def test_two_references_making_one_stanza_id_are_refused(monkeypatch):
                                          "eu-west-1:111122223333:key/k both wrap as"):
         seal_envelope(dek, [alias, arn])
     assert len(_parse_by_hand(seal_envelope(dek, [alias, keys.KeyReference(alias.uri)]))) == 1
+
+
+def test_labels_from_a_header_are_shown_escaped():
+    """Stanza ids are unauthenticated header bytes that errors and the command line print:
+    a terminal escape or a line break in one (a forged "decrypted OK" line) is escaped."""
+    from gpucrypt.keys._envelope import Stanza, encode
+
+    envelope = encode([Stanza("key-ref", b"pkcs11:token=t;object=o\x1b[2J\nFAKE: decrypted OK",
+                              b"x"), Stanza("aes-kwp", b"\x1b[31mred", b"y" * 40)])
+    labels = describe_envelope(envelope)
+    assert labels == ["pkcs11:token=t;object=o\\x1b[2J\\nFAKE: decrypted OK".replace("\\n", "\\x0a"),
+                      "aes-kwp:\\x1b[31mred"], labels
+    with pytest.raises(NoMatchingRecipient) as info:
+        open_envelope(envelope, [Keyset.generate()])
+    assert "\x1b" not in str(info.value) and "\n" not in str(info.value)

@@ -803,9 +803,11 @@ def _run_rekey(args) -> int:
     if dropped:
         print(f"removed: {', '.join(dropped)}")
         # the same data key: a header rewrite revokes no one. Said unless every one removed
-        # is a key of the keyset the file is now wrapped for (a rotation within it: whoever
-        # holds the old key holds the new one)
-        in_keyset = {f"aes-kwp:{key.id}" for key in keyset} if keyset is not None else set()
+        # is a live key of the one keyset the file is now wrapped for (a rotation within
+        # it: whoever holds the old key holds the new one); a disabled or destroyed key,
+        # or another keyset's (--old-keyset), is a revocation, and the one to warn of
+        in_keyset = {f"aes-kwp:{key.id}" for key in keyset if key.status in ("enabled", "primary")} \
+            if keyset is not None and not args.old_keyset else set()
         if not args.reencrypt and not set(dropped) <= in_keyset:
             print(f"gpucrypt rekey: warning: the removed recipients can still read {args.file} "
                   f"if they ever unwrapped its data key; rekey with --reencrypt to revoke them",
@@ -892,6 +894,8 @@ def _refuse_log_among_files(args: Any) -> None:
     if getattr(args, "command", None) == "keygen":  # its files, named or by default
         out = args.out or ("gpucrypt-identity.json" if args.public else "gpucrypt-keyset.json")
         named += [out, out + ".pub"]
+    named += _reference_files(args)
+    real_log = os.path.realpath(log)
     for path in named:
         if path == "-":
             continue
@@ -901,9 +905,31 @@ def _refuse_log_among_files(args: Any) -> None:
                 same = os.path.samefile(path, log)
             except (OSError, ValueError):
                 pass
-        if same:
+        # inside a folder IN or OUT (a checkpoint): a file the command reads or writes too,
+        # which the folder's manifest then fails on (or lists)
+        if same or os.path.isdir(path) and os.path.commonpath(
+                (os.path.realpath(path), real_log)) == os.path.realpath(path):
             raise CliError(f"--audit-log {args.audit_log} is also a file this command reads or "
                            f"writes ({path}): give the log a file of its own", 2)
+
+
+def _reference_files(args: Any) -> list[str]:
+    """The local files ``--kek``/``--old-kek`` references name: a ``file:`` keyset, and the
+    secret sources (``passphrase-source``, ``pin-source``) of any reference."""
+    from ..keys import KeyReference, KeysetError
+    from ..keys.references import secret_source_path
+
+    paths = []
+    for uri in (getattr(args, "kek", None) or []) + (getattr(args, "old_kek", None) or []):
+        try:
+            ref = KeyReference(uri)
+        except KeysetError:
+            continue  # refused as malformed where it is read, in its own words
+        if ref.scheme == "file":
+            paths.append(ref.attributes["path"])
+        paths += [path for name, source in ref.query.items() if name.endswith("-source")
+                  for path in [secret_source_path(source)] if path is not None]
+    return paths
 
 
 def _enable_audit(args) -> None:

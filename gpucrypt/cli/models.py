@@ -292,7 +292,8 @@ def _refuse_nested_folders(folder: str, out: str, done: str) -> None:
     common = os.path.commonpath((inside, outside))
     if common not in (inside, outside):
         return
-    other = f"{os.path.normpath(folder)}-{done}"
+    # beside IN, by its real name (IN given as "." would suggest ".-encrypted", inside it)
+    other = os.path.join(os.path.dirname(inside), f"{os.path.basename(inside)}-{done}")
     if inside == outside:
         raise CliError(f"OUT {out} is IN {folder} itself: give a new folder for OUT, such "
                        f"as {other}", 2)

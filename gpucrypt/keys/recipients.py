@@ -311,10 +311,20 @@ def _stanza_label(stanza: Stanza) -> str:
     if stanza.kind == _SCRYPT:
         return _SCRYPT  # a passphrase: nothing to name (the salt is no one's id)
     if stanza.kind == "aes-kwp":
-        return "aes-kwp:" + stanza.recipient_id.decode("utf-8", "replace")
+        return "aes-kwp:" + _printable(stanza.recipient_id)
     if stanza.kind == "key-ref":
-        return stanza.recipient_id.decode("utf-8", "replace")
+        return _printable(stanza.recipient_id)
     return f"{_KEM_OF_STANZA[stanza.kind]}:{stanza.recipient_id.hex()}"
+
+
+def _printable(raw: bytes) -> str:
+    """A stanza's id as text to show: bytes from a file's header, unauthenticated until a
+    key opens it, which errors and the command line print; a terminal's escape sequences
+    and line breaks in them (a forged "decrypted OK" line) are shown escaped."""
+    text = raw.decode("utf-8", "replace")
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+        for c in text)
 
 
 def describe_envelope(envelope: bytes) -> list[str]:
@@ -518,8 +528,8 @@ def open_envelope(envelope: bytes, identities: Any, *, context: Any = None,
     tried only with identities that own its id (a fingerprint, key id or key reference; a
     passphrase for a ``scrypt`` stanza). ``context``: as given to :func:`seal_envelope`.
     :class:`KeyProviderError` (an HSM or KMS that cannot be used at all) propagates. Raises
-    :class:`NoMatchingRecipient` ("no recipient in this file matches your key(s)", with
-    why for each near miss: a disabled key, a failed unwrap; for a passphrase file just
+    :class:`NoMatchingRecipient` ("no recipient in this file matches your key(s); it is
+    for ..." with the envelope's labels, then why for each near miss: a disabled key, a failed unwrap; for a passphrase file just
     why: "wrong passphrase, or the file was altered", or a work factor above the limit)
     when none opens, :class:`EnvelopeError` when the envelope is malformed.
 
