@@ -57,10 +57,19 @@ Contract:
   missing key): anything else raises whatever it says, such a failure, a file that is
   not a stream, a malformed envelope (``EnvelopeError``, its message starting with the
   file's path too), keys that cannot be loaded or reached (``KeysetError``,
-  ``KeyUnavailable``, ``KeyProviderError``) and a file for other keys
-  (``NoMatchingRecipient``). :func:`stats` counts the segments decrypted. Readers
-  are independent of each other, in threads too: over ``memory://``, whose ``open``
-  hands every caller one shared file object, they read by range (``cat_file``) instead.
+  ``KeyUnavailable``, ``KeyProviderError``; a key provider's own error, such as a KMS
+  that is down raising ``ConnectionError`` or ``TimeoutError``, becomes a
+  ``KeyProviderError`` chained from it) and a file for other keys
+  (``NoMatchingRecipient``); the key errors' messages start with the file's path too.
+  A ``PermissionError`` of the target raises as well, where plain fsspec's ``cat``
+  leaves it out under ``on_error="omit"``: a read refused is not a file missing, and
+  left out it would read as one (a zarr chunk as its fill value). On S3 without
+  ``s3:ListBucket`` a missing key answers 403 (``PermissionError``) too, so there a
+  missing file raises rather than being left out: grant ``s3:ListBucket`` to have it
+  answer 404 (``FileNotFoundError``). :func:`stats` counts the segments decrypted.
+  Readers are independent of each other, in threads too: over ``memory://``, whose
+  ``open`` hands every caller one shared file object, they read by range (``cat_file``)
+  instead.
 - **Sizes are plaintext sizes.** ``info``/``ls`` read each file's header (a few KiB)
   and report the size of its plaintext; a file that is not a gpucrypt stream keeps its
   stored size and gets ``"encrypted": False`` (opening it raises ``FormatError``); a
@@ -110,12 +119,16 @@ Contract:
 - **No cache above gpucrypt.** fsspec's caching filesystems over gpucrypt
   (``filecache::``, ``simplecache::``, ``blockcache::gpucrypt::...``) would keep the
   plaintext on disk in their cache folder: reading through them is refused
-  (``ValueError``), also through ``dir::`` between them. It is told by the caller: a
-  ``CachingFileSystem`` whose targets (``.fs``, down the chain) lead to this filesystem.
-  Not caught: a cache of another kind, and a cache over an ``AsyncFileSystemWrapper``
-  of gpucrypt (``simplecache`` with ``fs=AsyncFileSystemWrapper(gpucrypt_fs)``), whose
-  calls reach gpucrypt in a worker thread, with no caller to tell: such a cache keeps
-  the plaintext. Put the cache below:
+  (``ValueError``), also through ``dir::`` between them, or a ``ReferenceFileSystem``
+  given gpucrypt in its ``fs=`` dict (``fs={"gpucrypt": gpucrypt_fs}``). It is told by
+  the caller: a ``CachingFileSystem`` whose targets (``.fs``, ``.fss``, down the chain)
+  lead to this filesystem. Not caught: a cache of another kind, and a cache over an
+  ``AsyncFileSystemWrapper`` of gpucrypt (``simplecache`` with
+  ``fs=AsyncFileSystemWrapper(gpucrypt_fs)``), whose calls reach gpucrypt in a worker
+  thread, with no caller to tell: such a cache keeps the plaintext. That is also how a
+  ``ReferenceFileSystem`` holds gpucrypt when it makes it (``remote_protocol=
+  "gpucrypt"``, ``simplecache::reference://``) or is given it alone (``fs=gpucrypt_fs``):
+  a cache over those is not caught either. Put the cache below:
   ``gpucrypt::simplecache::PROTOCOL://...`` caches the ciphertext. Writing through
   ``filecache::``/``simplecache::`` cannot be refused: those caches write the plaintext
   into their cache folder and call gpucrypt only when the file is closed, to encrypt
@@ -189,8 +202,8 @@ _UNKNOWN = object()
 #: tampered, truncated or foreign file, one that is not a stream, a malformed envelope,
 #: keys that cannot be loaded or reached) raises whatever ``on_error`` says: left out, a
 #: zarr chunk reads as missing, its fill value. Raised while the keys are resolved, these
-#: become a ``KeyProviderError`` (:meth:`GpucryptFileSystem._data_key`): a key's file
-#: missing is not this file missing
+#: become a ``KeyProviderError`` (:meth:`GpucryptFileSystem._data_key`), as does any
+#: other error of a key provider's own: a key's file missing is not this file missing
 _MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
@@ -349,15 +362,18 @@ class GpucryptFile(stream.SegmentReader):
 
 
 #: frames looked through, at most, from gpucrypt's check up to the method of a cache that
-#: reads it (gpucrypt's own methods, fsspec's base methods, a ``dir::`` prefix: a dozen)
+#: reads it (gpucrypt's own methods, fsspec's base methods, a ``dir::`` prefix, a
+#: ``reference::`` filesystem: a dozen)
 _CALLER_FRAMES = 24
 #: the modules of the frames looked through on the way up: gpucrypt's own methods and
-#: those fsspec's wrappers reach it by (``AbstractFileSystem`` methods, ``dir::``). A frame
-#: of any other module (the application's) ends the look without its locals being read:
-#: on Python 3.11 reading a frame's ``f_locals`` keeps a snapshot of them, and so keeps
-#: alive whatever that function deletes afterwards (a plaintext buffer)
+#: those fsspec's wrappers reach it by (``AbstractFileSystem`` methods, ``dir::``,
+#: ``reference::``). A frame of any other module (the application's) ends the look
+#: without its locals being read: on Python 3.11 reading a frame's ``f_locals`` keeps a
+#: snapshot of them, and so keeps alive whatever that function deletes afterwards (a
+#: plaintext buffer)
 _PASSED_THROUGH = frozenset({__name__, "fsspec.spec", "fsspec.asyn",
-                             "fsspec.implementations.dirfs"})
+                             "fsspec.implementations.dirfs",
+                             "fsspec.implementations.reference"})
 #: the module of fsspec's caching filesystems, whose frames' ``self`` is looked at
 _CACHES_MODULE = CachingFileSystem.__module__
 #: wrappers looked through, at most, from a cache down to the filesystem it caches
@@ -372,26 +388,34 @@ else:
     _SAME_PATH_WRAPPERS += (AsyncFileSystemWrapper,)
 
 
-def _inner(fs: Any) -> Any:
-    """The filesystem that ``fs`` wraps, where it is one of fsspec's wrappers: ``.fs`` of a
-    ChainedFileSystem (caches, ``dir::``, gpucrypt itself), ``.sync_fs`` of an
-    AsyncFileSystemWrapper; None otherwise. Read from the instance's ``__dict__``: a
-    CachingFileSystem hands most attribute look-ups to its target."""
+def _inners(fs: Any) -> tuple:
+    """The filesystems that ``fs`` wraps, where it is one of fsspec's wrappers: ``.fs`` of
+    a ChainedFileSystem (caches, ``dir::``, gpucrypt itself), ``.sync_fs`` of an
+    AsyncFileSystemWrapper, every value of ``.fss`` of a ReferenceFileSystem (one per
+    protocol its references name); empty otherwise. Read from the instance's
+    ``__dict__``: a CachingFileSystem hands most attribute look-ups to its target."""
     try:
         attributes = object.__getattribute__(fs, "__dict__")
     except AttributeError:
-        return None
+        return ()
     inner = attributes.get("fs")
-    return attributes.get("sync_fs") if inner is None else inner
+    if inner is None:
+        inner = attributes.get("sync_fs")
+    if inner is not None:
+        return (inner,)
+    targets = attributes.get("fss")
+    return tuple(targets.values()) if isinstance(targets, dict) else ()
 
 
 def _wraps(outer: Any, fs: Any) -> bool:
-    """Whether ``fs`` is found below ``outer`` through fsspec's wrappers (see :func:`_inner`)."""
+    """Whether ``fs`` is found below ``outer`` through fsspec's wrappers (see
+    :func:`_inners`), at most :data:`_CHAIN_DEPTH` wrappers down."""
+    level = [outer]
     for _ in range(_CHAIN_DEPTH):
-        outer = _inner(outer)
-        if outer is None:
+        level = [inner for wrapper in level for inner in _inners(wrapper)]
+        if not level:
             return False
-        if outer is fs:
+        if any(inner is fs for inner in level):
             return True
     return False
 
@@ -399,15 +423,17 @@ def _wraps(outer: Any, fs: Any) -> bool:
 def _refuse_cache_above(fs: "GpucryptFileSystem", path: str) -> None:
     """Raise ``ValueError`` when ``fs`` is read by one of fsspec's caching filesystems
     over it (``filecache::``, ``simplecache::``, ``blockcache::gpucrypt::...``), directly
-    or through wrappers (``dir::``): they download the whole file (``get_file``) or its
-    blocks (``_open``, ``cat_ranges``) into their cache folder, which would then hold the
-    plaintext on disk, unencrypted, for as long as the cache keeps it. Told by the
-    caller: up the stack, past gpucrypt's own frames and those of fsspec's base methods
-    and ``dir::`` (:data:`_PASSED_THROUGH`), the first other frame is a method of a
-    :class:`CachingFileSystem` whose targets (``.fs``, ``.sync_fs``, down the chain) lead
-    to ``fs``. Not recognised: a cache of another kind (not derived from
-    CachingFileSystem), and one whose calls reach gpucrypt in another thread (a cache
-    over an ``AsyncFileSystemWrapper``, which runs gpucrypt's methods in a thread pool)."""
+    or through wrappers (``dir::``, ``reference::``): they download the whole file
+    (``get_file``) or its blocks (``_open``, ``cat_ranges``) into their cache folder,
+    which would then hold the plaintext on disk, unencrypted, for as long as the cache
+    keeps it. Told by the caller: up the stack, past gpucrypt's own frames and those of
+    fsspec's base methods, ``dir::`` and ``reference::`` (:data:`_PASSED_THROUGH`), the
+    first other frame is a method of a :class:`CachingFileSystem` whose targets (``.fs``,
+    ``.sync_fs``, ``.fss``, down the chain) lead to ``fs``. Not recognised: a cache of
+    another kind (not derived from CachingFileSystem), and one whose calls reach
+    gpucrypt in another thread (a cache over an ``AsyncFileSystemWrapper``, which runs
+    gpucrypt's methods in a thread pool, as does a ``reference::`` made with
+    ``remote_protocol="gpucrypt"``)."""
     frame = sys._getframe(1)
     for _ in range(_CALLER_FRAMES):
         if frame is None:
@@ -439,7 +465,10 @@ def _local_path_of(fs: Any, path: str) -> str | None:
             path = fs._join(path)
         elif not isinstance(fs, _SAME_PATH_WRAPPERS):
             return None
-        fs = _inner(fs)
+        inners = _inners(fs)
+        if not inners:
+            return None
+        fs = inners[0]
     return None
 
 
@@ -1033,13 +1062,16 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         try:
             return self._keys().data_key(header.envelope, header.salt)
         except KeyManagementError as exc:
-            if type(exc).__module__ != KeyManagementError.__module__:
-                raise  # a provider's own class: its constructor may take other arguments
-            raise named_error(exc, path) from None
-        except _MISSING as exc:
-            # a key's file or a provider's, not this file: never to be left out as missing
-            raise KeyProviderError(f"{path}: its keys could not be loaded "
-                                   f"({type(exc).__name__}: {exc})") from exc
+            if type(exc).__module__.partition(".")[0] == "gpucrypt":
+                raise named_error(exc, path) from None  # gpucrypt's classes take a message
+            failure: Exception = exc  # a provider's own class, whose constructor may differ
+        except Exception as exc:
+            failure = exc
+        # a provider's own error (a KMS down: ConnectionError, TimeoutError; a key's file
+        # missing, which is not this file missing: never to be left out as missing), said
+        # as this file's, as every failure of a read is
+        raise KeyProviderError(f"{path}: its keys could not be loaded "
+                               f"({type(failure).__name__}: {failure})") from failure
 
     def _header(self, path: str) -> stream.Header:
         """The header of the stream at target ``path`` (not verified: no key is used)."""

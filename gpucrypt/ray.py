@@ -52,6 +52,7 @@ import uuid
 from typing import Any, Iterable
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import pyarrow as pa
 import ray
@@ -330,9 +331,11 @@ class StagedFilesDatasink(Datasink):
     are, for the user to move or remove; a crash there leaves the same state unreported.
     A rerun of the job replaces the published files. A dataset without rows publishes an
     empty folder. A file whose place in the folder is taken by a folder
-    (``IsADirectoryError``: a move onto a folder would put the file inside it), or one
-    whose parent path is a file (``NotADirectoryError``), is refused before anything is
-    moved: nothing is published, the staging folder is removed.
+    (``IsADirectoryError``: a move onto a folder would put the file inside it), or, on
+    the local disk, one whose parent path is a file (``NotADirectoryError``), is refused
+    before anything is moved: nothing is published, the staging folder is removed. An
+    object store (``s3://``, ``memory://``) takes ``a/new`` where an object ``a`` is, as
+    its keys are names, not folders: it is published there.
 
     A sink may run several jobs, one after another. A folder kept by a publish that
     stopped part-way stays kept through the sink's later jobs (a failed one adds to it
@@ -348,8 +351,7 @@ class StagedFilesDatasink(Datasink):
         else:
             filesystem = _fsspec_filesystem(filesystem)
             path = filesystem._strip_protocol(path)
-            if _is_local(filesystem) or getattr(getattr(filesystem, "fs", None), "type_name",
-                                                None) == "local":
+            if _has_folders(filesystem):
                 path = os.path.abspath(path)  # write tasks may run in another folder
         self.fs, self.root = filesystem, path.rstrip("/")
         self.column, self.path_column = column, path_column
@@ -475,7 +477,10 @@ class StagedFilesDatasink(Datasink):
         the job failing part-way at it). Told by one listing per folder the files go
         into that exists (one for names without folders), not one request per file.
         Checked first, not atomically with the moves: what is made meanwhile is still
-        in the way. On object stores too, where an object and a prefix may share a name."""
+        in the way. A folder at a file's path is refused on every target, object stores
+        too (where an object and a prefix may share a name); a file at a parent path
+        only where folders are real (the local disk, :func:`_has_folders`): an object
+        store takes ``a/new`` beside an object ``a``, as its own moves do."""
         kinds: dict[str, set] = {}  # path -> the types listed under it
 
         def kinds_of(relative: str) -> set:
@@ -487,8 +492,8 @@ class StagedFilesDatasink(Datasink):
                 parent = posixpath.dirname(parent)
                 parents.add(parent)
         for folder in sorted(parents, key=lambda f: (f.count("/"), f)):  # "" (the root) first
-            if folder and kinds_of(folder) != {"directory"}:
-                continue  # not there (nothing below it is), or a file: refused below
+            if folder and "directory" not in kinds_of(folder):
+                continue  # not there (nothing below it is), or a file only
             try:
                 entries = self.fs.ls(posixpath.join(self.root, folder) if folder else self.root,
                                      detail=True)
@@ -504,7 +509,7 @@ class StagedFilesDatasink(Datasink):
                 kinds.setdefault(path, set()).add(kind)
         folders = [name for name in names if "directory" in kinds_of(name)]
         inside_files = []
-        for name in names:
+        for name in names if _has_folders(self.fs) else ():
             parts = name.split("/")[:-1]
             for depth in range(1, len(parts) + 1):
                 parent = "/".join(parts[:depth])
@@ -676,6 +681,15 @@ def _source_folder(folder: Any) -> str:
 def _is_local(fs: Any) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
+
+
+def _has_folders(fs: Any) -> bool:
+    """Whether ``fs`` is the local disk, whose folders are real: fsspec's local filesystem
+    (by class or protocol) or a pyarrow local one wrapped. There a path is a file or a
+    folder; on an object store (``s3``, ``memory``) an object and a prefix may share a
+    name, and an object may have keys below its name."""
+    return isinstance(fs, LocalFileSystem) or _is_local(fs) or \
+        getattr(getattr(fs, "fs", None), "type_name", None) == "local"
 
 
 def gpus_per_actor(num_gpus: float | None = None) -> float:

@@ -1115,6 +1115,37 @@ def test_simulator_smoke_without_the_simulator_is_refused(capsys, monkeypatch):
     _refused_before_the_run(code, out, err, "--simulator-smoke", "NUMBA_ENABLE_CUDASIM=1")
 
 
+def test_simulator_smoke_with_every_size_above_its_limit_is_refused(capsys, monkeypatch):
+    """``--device gpu --simulator-smoke`` with every size above the simulator's 4 KiB
+    limit timed the baseline, then exit 1 ("simulator smoke runs stop at 4096 bytes"):
+    refused before the run (exit 2), as the library's run() refuses it. One size within
+    the limit runs, as does --device auto (its GPU rows said unavailable)."""
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
+    real_run = bench.run
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda config, progress=None: ran.append(config)
+                        or pytest.fail("it ran"))
+    asked = ["--device", "gpu", "--simulator-smoke", "--algorithms", "aes-128-gcm", "--forms",
+             "into", "--operations", "encrypt", "--seconds", "0.01"]
+    for sizes in ("16KiB", "4097,64KiB"):
+        code, out, err = run_cli(capsys, *asked, "--sizes", sizes)
+        _refused_before_the_run(code, out, err, "--simulator-smoke", "4 KiB or less",
+                                "--sizes 4KiB")
+    config = bench.BenchConfig(algorithms=("aes-128-gcm",), forms=("into",),
+                               operations=("encrypt",), device="gpu", sizes=(16384,),
+                               seconds=0.01, simulator_smoke=True)
+    with pytest.raises(ValueError, match="4 KiB or less"):
+        real_run(config)
+    # within the limit, or not on the GPU alone: not refused
+    assert not ran
+    for config in (dataclasses.replace(config, sizes=(4096, 16384)),
+                   dataclasses.replace(config, device="auto"),
+                   dataclasses.replace(config, simulator_smoke=False)):
+        assert not bench.simulator_sizes_too_large(config)
+    monkeypatch.delenv("NUMBA_ENABLE_CUDASIM")  # a real GPU takes any size
+    assert not bench.simulator_sizes_too_large(dataclasses.replace(config, sizes=(16384,)))
+
+
 def test_a_named_implementation_without_a_row_is_said(capsys, monkeypatch):
     """PyNaCl offers XChaCha20-Poly1305 only: named for AES-GCM it was dropped without a
     word. Refused when no implementation named has a row; a note when some do."""

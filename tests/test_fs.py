@@ -22,7 +22,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 import gpucrypt.fs as gfs
 from gpucrypt import stream
-from gpucrypt.keys import Identity, Keyset, NoMatchingRecipient, WrappingKey
+from gpucrypt.keys import Identity, KeyManagementError, Keyset, NoMatchingRecipient, WrappingKey
 from gpucrypt.keys.providers import EnvKeyProvider
 
 from _signals import dies_of, python_child
@@ -1404,6 +1404,62 @@ def test_only_a_missing_file_follows_on_error_a_bad_envelope_or_lost_keys_raise(
         fs.fs.rm(base, recursive=True)
 
 
+class _OwnKeyError(KeyManagementError):
+    """A provider's own key error, whose constructor takes other arguments than a message."""
+
+    def __init__(self, code, text):
+        super().__init__(f"{code}: {text}")
+
+
+def _provider_errors():
+    from gpucrypt.keys.awskms import _NoRegion
+
+    return {"connection": ConnectionError("kms unreachable"),
+            "timeout": TimeoutError("kms timed out"), "runtime": RuntimeError("boom"),
+            "missing": FileNotFoundError(2, "no credentials file"),
+            "own-class": _OwnKeyError(7, "token locked"),
+            "gpucrypt-class": _NoRegion("no region for aws-kms:team")}
+
+
+@pytest.mark.parametrize("kind", list(_provider_errors()))
+def test_a_key_providers_own_error_is_said_as_the_files(memory, kind):
+    """A key provider that fails (a KMS down: ``ConnectionError``, ``TimeoutError``; any
+    error of its own) raised its error bare, without the data file's path, where every
+    other failure of a read starts with it; and gpucrypt's own key errors from outside
+    ``gpucrypt._errors`` (``_NoRegion``) were re-raised unnamed too. Now a provider's error
+    is a ``KeyProviderError`` starting with the path, chained from it; gpucrypt's own
+    classes keep their class, the path leading their message. None is left out as a
+    missing file."""
+    from gpucrypt.keys import KeyProviderError
+
+    fs, folder = memory
+    failure = _provider_errors()[kind]
+
+    class Provider:
+        fail = None
+
+        def get_key(self, key_id):
+            if Provider.fail is not None:
+                raise Provider.fail
+            return bytes(range(32))
+
+    key = WrappingKey.from_provider(Provider(), "team")
+    path = f"{folder}/0.0"
+    fsspec.filesystem("gpucrypt", target_protocol="memory", identities=[key],
+                      recipients=[key]).pipe_file(path, b"hello")
+    Provider.fail = failure
+    reader = fsspec.filesystem("gpucrypt", target_protocol="memory", identities=[key],
+                               recipients=[key])
+    expected = type(failure) if kind == "gpucrypt-class" else KeyProviderError
+    for read in (lambda: reader.cat([path], on_error="omit"), lambda: reader.cat_file(path),
+                 lambda: reader.open(path, "rb")):
+        with pytest.raises(expected, match="^" + re.escape(f"{path}: ")) as raised:
+            read()
+        if kind != "gpucrypt-class":
+            assert raised.value.__cause__ is failure
+            assert f"({type(failure).__name__}: {failure})" in str(raised.value)
+
+
 @pytest.mark.parametrize("cache", ["filecache", "simplecache", "blockcache"])
 def test_a_cache_over_a_dir_prefix_of_gpucrypt_is_refused_too(keys, tmp_path, cache):
     """A cache over ``dir::`` over gpucrypt was not recognised (the frame above gpucrypt's
@@ -1436,6 +1492,52 @@ def test_a_cache_over_a_dir_prefix_of_gpucrypt_is_refused_too(keys, tmp_path, ca
                    and p.name != "x.gc")
     # the same filesystems, no cache above: read as before
     assert DirFileSystem(path=str(folder), fs=local_fs(keys)).cat_file("x.gc") == data
+
+
+@pytest.mark.parametrize("cache", ["filecache", "simplecache", "blockcache"])
+def test_a_cache_over_a_reference_filesystem_of_gpucrypt_is_refused(keys, tmp_path, cache):
+    """kerchunk's references over gpucrypt (``ReferenceFileSystem(refs, fs={"gpucrypt":
+    gpucrypt_fs})``) under a cache were not recognised: the frames between the cache's
+    and gpucrypt's were fsspec's reference module, which ended the look, and the
+    reference filesystem keeps its targets in ``.fss``, not ``.fs``. The whole plaintext
+    file was kept in the cache folder. Now refused; the same references read as before
+    with no cache above them."""
+    from fsspec.implementations.reference import ReferenceFileSystem
+
+    target = str(tmp_path / "x.gc")
+    data = os.urandom(20_000)
+    local_fs(keys).pipe_file(target, data)
+    refs = {"version": 1, "refs": {"whole": [f"gpucrypt://{target}"],
+                                   "part": [f"gpucrypt://{target}", 100, 50]}}
+
+    def references():
+        return ReferenceFileSystem(refs, fs={"gpucrypt": local_fs(keys)},
+                                   skip_instance_cache=True)
+
+    reads = (lambda c: c.open("whole", "rb").read(), lambda c: c.cat_file("whole"),
+             lambda c: c.cat(["whole", "part"]),
+             lambda c: c.get_mapper("").getitems(["whole", "part"]))
+    for i, read in enumerate(reads):
+        caching = fsspec.filesystem(cache, fs=references(), skip_instance_cache=True,
+                                    cache_storage=str(tmp_path / f"cache{i}"))
+        with pytest.raises(Exception) as raised:  # the refusal, or ReferenceNotReachable
+            read(caching)                         # from it
+        if cache == "blockcache" and i >= 2:
+            # blockcache's cat_ranges takes the reference filesystem's on_error="return"
+            # answer (a ReferenceNotReachable from the refusal) for a block, and fails on it
+            assert isinstance(raised.value, TypeError), raised.value
+            continue
+        refusal = raised.value.__cause__ or raised.value
+        assert isinstance(refusal, ValueError) and re.search(
+            f"not cached above gpucrypt.*{cache}::gpucrypt.*put the cache below", str(refusal))
+    assert not any(data[:64] in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
+                   and p.name != "x.gc")
+    # no cache above: the references read gpucrypt's plaintext, whole and by range
+    assert references().cat_file("whole") == data
+    assert references().cat(["whole", "part"]) == {"whole": data, "part": data[100:150]}
+    assert references().get_mapper("").getitems(["part"]) == {"part": data[100:150]}
+    with references().open("whole", "rb") as f:
+        assert f.read() == data
 
 
 def test_the_cache_check_keeps_none_of_the_callers_locals_alive(memory):

@@ -570,35 +570,50 @@ def test_a_publish_onto_a_folder_is_refused_before_anything_moves(tmp_path, targ
             _publish(sink, ["a.bin", "report", "z.bin"])
         assert _tree(root) == {"report/keep": b"theirs"} and os.listdir(root) == ["report"]
         return
-    assert _refused_on_memory(tmp_path, {"report/keep": b"theirs"},
+    assert _publish_on_memory(tmp_path, {"report/keep": b"theirs"},
                               {"a.bin": b"a", "report": b"NEW"},
-                              IsADirectoryError, "report") == ["report/keep"]
+                              IsADirectoryError, "report") == {"report/keep": b"theirs"}
+    # an object and a prefix that share a name: the object is not republished over it
+    assert _publish_on_memory(tmp_path, {"report": b"obj", "report/keep": b"theirs"},
+                              {"a.bin": b"a", "report": b"NEW"}, IsADirectoryError,
+                              "report") == {"report": b"obj", "report/keep": b"theirs"}
 
 
-def _refused_on_memory(tmp_path, theirs: dict, staged: dict, error: type, match: str) -> list:
-    """A publish of ``staged`` (name: bytes) into a memory folder holding ``theirs``,
-    refused with ``error``: what the folder holds afterwards (relative names). Ray's
-    calls as _publish replays them, with the files staged on the memory target."""
+def _publish_on_memory(tmp_path, theirs: dict, staged: dict, error: type | None = None,
+                       match: str = "") -> dict:
+    """A publish of ``staged`` (name: bytes) into a memory folder holding ``theirs``
+    (stored as an object store holds its keys: an object ``a`` and keys below ``a/`` may
+    both be there), refused with ``error`` where one is given: what the folder holds
+    afterwards (relative name: bytes). Ray's calls as _publish replays them, with the
+    files staged on the memory target."""
     from types import SimpleNamespace
 
     import fsspec
+    from fsspec.implementations.memory import MemoryFile
 
     memory = fsspec.filesystem("memory")
     root = "/" + re.sub(r"\W", "_", tmp_path.name) + "/out"
     for name, data in theirs.items():
-        memory.pipe_file(f"{root}/{name}", data)
+        memory.store[f"{root}/{name}"] = MemoryFile(memory, f"{root}/{name}", data)
     sink = gray.StagedFilesDatasink(f"memory://{root}")
     try:
         sink.on_write_start()
         for name, data in staged.items():
             memory.pipe_file(f"{sink.staging}/{name}", data)
-        with pytest.raises(error, match=match):
+
+        def complete():
             try:
                 sink.on_write_complete(SimpleNamespace(write_returns=[list(staged)]))
             except Exception as exc:
                 sink.on_write_failed(exc)
                 raise
-        return [path[len(root) + 1:] for path in memory.find(root)]
+
+        if error is None:
+            complete()
+        else:
+            with pytest.raises(error, match=match):
+                complete()
+        return {path[len(root) + 1:]: memory.cat_file(path) for path in memory.find(root)}
     finally:
         memory.rm(root.rsplit("/", 1)[0], recursive=True)
 
@@ -658,7 +673,10 @@ def test_a_file_standing_where_a_folder_must_go_is_refused_before_anything_moves
     were published, and the job failed part-way at its move (PartialPublishError). Every
     parent path is checked with the final paths, before the first move: nothing is
     published and on_write_failed removes the staging folder. A link to a folder at a
-    file's place is still a folder; new and existing folders still take files."""
+    file's place is still a folder; new and existing folders still take files. On an
+    object store (memory) an object ``a`` has no folder to stand in the way of: ``a/c.txt``
+    is a key beside it, published as the store's own moves publish it (the check refused
+    it), beside a prefix ``a/`` too."""
     if target == "file":
         root = tmp_path / "out"
         (root / "deep").mkdir(parents=True)
@@ -682,5 +700,7 @@ def test_a_file_standing_where_a_folder_must_go_is_refused_before_anything_moves
         assert _tree(root) == {"a": b"theirs", "deep/x": b"theirs too", "deep/n.txt":
                                b"deep/n.txt", "new/er/m.txt": b"new/er/m.txt", "t.txt": b"t.txt"}
         return
-    assert _refused_on_memory(tmp_path, {"a": b"theirs"}, {"b.txt": b"b", "a/c.txt": b"c"},
-                              NotADirectoryError, "a/c.txt: a is a file") == ["a"]
+    staged = {"b.txt": b"b", "a/c.txt": b"c", "deep/x/y.txt": b"y"}
+    for theirs in ({"a": b"theirs", "deep/x": b"too"},  # objects alone
+                   {"a": b"theirs", "a/keep": b"k", "deep/x": b"too"}):  # and a prefix a/
+        assert _publish_on_memory(tmp_path, theirs, staged) == {**theirs, **staged}

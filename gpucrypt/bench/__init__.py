@@ -529,6 +529,18 @@ def gpu_rows_planned(config: BenchConfig) -> tuple[str, ...]:
     return tuple(i for i in GPU_IMPLEMENTATIONS if i in timed)
 
 
+def simulator_sizes_too_large(config: BenchConfig) -> bool:
+    """Whether a ``device="gpu"`` run of ``config`` in numba's CUDA simulator
+    (``simulator_smoke`` with ``NUMBA_ENABLE_CUDASIM=1``) would time no GPU row because
+    every size asked is above what its smoke rows take (:data:`gpu.SIMULATOR_MAX_SIZE`):
+    the run would time the baseline, then fail."""
+    from .gpu import SIMULATOR_MAX_SIZE
+
+    return (config.device == "gpu" and config.simulator_smoke
+            and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+            and min(config.sizes) > SIMULATOR_MAX_SIZE)
+
+
 def _no_gpu_row(config: BenchConfig) -> str:
     """Why a ``device="gpu"`` run of ``config`` would time no GPU row."""
     asked = [i for i in config.implementations if i in GPU_IMPLEMENTATIONS]
@@ -552,7 +564,8 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
 
     Raises ``ValueError`` when ``device="gpu"`` and no table would time a GPU row (no GPU
     implementation asked, or none with a row for the algorithms, forms and operations
-    asked: the run would time the baseline alone); ``RuntimeError`` when ``device="gpu"``
+    asked, or, in the simulator, no size small enough for its smoke rows: the run would
+    time the baseline alone); ``RuntimeError`` when ``device="gpu"``
     and the GPU cannot be timed (the message says why), or when it timed no GPU row after
     all (each row's reason said), and when any row computes wrong bytes
     (:class:`WrongOutput`, a ``RuntimeError``: every row's output, encryption and
@@ -560,6 +573,13 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
     """
     if config.device == "gpu" and not gpu_rows_planned(config):
         raise ValueError(_no_gpu_row(config))
+    if simulator_sizes_too_large(config):
+        from .gpu import SIMULATOR_MAX_SIZE
+
+        raise ValueError(f"device='gpu' with simulator_smoke times the GPU rows in numba's CUDA "
+                         f"simulator, whose smoke rows stop at {format_size(SIMULATOR_MAX_SIZE)}, "
+                         f"and every size asked is larger: give a size of "
+                         f"{format_size(SIMULATOR_MAX_SIZE)} or less")
     report = BenchReport(environment=environment(), config=config)
     cpu_name = report.environment["cpu"]
     tables = list(_tables(config))

@@ -124,6 +124,14 @@ def _config(args):
                        "option out", exit_code=2)
     if args.device == "gpu":
         _refuse_no_gpu_row(args, config)
+    if bench.simulator_sizes_too_large(config):
+        from ..bench.gpu import SIMULATOR_MAX_SIZE
+
+        limit = bench.format_size(SIMULATOR_MAX_SIZE)
+        raise CliError(f"--device gpu with --simulator-smoke times the GPU rows in numba's CUDA "
+                       f"simulator, whose smoke rows stop at {limit}, and every size in --sizes "
+                       f"is larger: give a size of {limit} or less (--sizes "
+                       f"{limit.replace(' ', '')})", exit_code=2)
     if rowless:
         print(f"gpucrypt bench: note: {', '.join(rowless)}: no row for {_asked_text(config)} "
               f"({why})", file=sys.stderr)
