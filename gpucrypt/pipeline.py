@@ -196,6 +196,47 @@ def _run_jobs(jobs: Sequence[Job], batch: Batch, crypto: Callable) -> list:
     return results
 
 
+class _Runs:
+    """The runs of one batch submitted to a pool, to be stopped as one: after ``stop()``
+    no run starts any more, and it returns once none is running. For an interrupt
+    (Ctrl-C) while the runs are being submitted, which may come inside ``submit`` after
+    the run was queued and before its future is returned: a run no future names would
+    otherwise go on writing after :func:`run` raised."""
+
+    def __init__(self):
+        import threading
+
+        self._changed = threading.Condition()
+        self._running = 0
+        self._stopped = False
+
+    def run(self, jobs: Sequence[Job], batch: Batch, crypto: Callable) -> list:
+        """``_run_jobs`` in a worker, unless the batch was stopped before it started."""
+        with self._changed:
+            if self._stopped:
+                return []
+            self._running += 1
+        try:
+            return _run_jobs(jobs, batch, crypto)
+        finally:
+            with self._changed:
+                self._running -= 1
+                self._changed.notify_all()
+
+    def stop(self) -> None:
+        """Let no run start and wait for those running; a further interrupt while waiting
+        is dropped (the caller is raising the first) and the wait goes on."""
+        while True:
+            try:
+                with self._changed:
+                    self._stopped = True
+                    while self._running:
+                        self._changed.wait()
+                return
+            except BaseException:
+                continue
+
+
 class CpuRunner:
     """Runs each batch's jobs on ``threads`` workers (``cryptography`` releases the GIL
     inside OpenSSL). ``crypto(job, src)`` is one of the job functions above, or the
@@ -211,8 +252,16 @@ class CpuRunner:
         if self._pool is None:
             results = _run_jobs(batch.jobs, batch, self.crypto)
             return lambda: results
-        futures = [self._pool.submit(_run_jobs, run_, batch, self.crypto)
-                   for run_ in split_evenly(batch.jobs, self.threads)]
+        runs, futures = _Runs(), []
+        try:
+            for run_ in split_evenly(batch.jobs, self.threads):
+                futures.append(self._pool.submit(runs.run, run_, batch, self.crypto))
+        except BaseException:
+            # Ctrl-C (or a pool shut down) between two submits: the runs queued so far, a
+            # future returned for them or not, stop before this leaves (the contract: when
+            # run() raises, every worker has stopped)
+            runs.stop()
+            raise
 
         def wait() -> list:
             # Every run first, then the results: when one run raised, the others must have
@@ -506,6 +555,7 @@ def run(batches: Iterable[Batch], runner, *, depth: int = 2) -> None:
     order. See the module docstring for the callbacks' contract."""
     in_flight: deque = deque()
     batches = iter(batches)
+    started = None  # a batch started and not yet in in_flight (Ctrl-C came in between)
     try:
         while True:
             try:
@@ -521,17 +571,26 @@ def run(batches: Iterable[Batch], runner, *, depth: int = 2) -> None:
                     _finish_oldest(in_flight)
                 raise
             in_flight.append((batch, started))
+            started = None
             while len(in_flight) > depth:
                 _finish_oldest(in_flight)
         while in_flight:
             _finish_oldest(in_flight)
     finally:
-        while in_flight:  # stop the workers before the caller's buffers go away
-            _, wait = in_flight.popleft()
-            try:
-                wait()
-            except BaseException:
-                pass
+        # stop the workers before the caller's buffers go away: those of every batch in
+        # flight, and of one started that an interrupt kept out of in_flight
+        if started is not None and all(wait is not started for _, wait in in_flight):
+            _wait_quietly(started)
+        while in_flight:
+            _wait_quietly(in_flight.popleft()[1])
+
+
+def _wait_quietly(wait: Callable[[], list]) -> None:
+    """``wait()`` for a batch's clean-up, its error dropped (another is being raised)."""
+    try:
+        wait()
+    except BaseException:
+        pass
 
 
 def _finish_oldest(in_flight: deque) -> None:

@@ -983,3 +983,170 @@ def test_copied_files_keep_their_mode_and_links_out_of_the_folder_are_warned_of(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         checkpoints.encrypt_checkpoint(component, tmp_path / "enc3", os.urandom(32), device="cpu")
+
+
+# ---------------------------------------------------------------- entries that are not files
+# Each call runs in a child given a deadline: on a regression it waits forever on a FIFO,
+# in places (safetensors' open) that hold the GIL, so that no thread of the test's could
+# let it go, or copies /dev/zero without end, which RLIMIT_FSIZE stops at a small size
+# instead of the disk's. ``after``: the checkpoints function after whose return ``victim``
+# is swapped for a FIFO (a file changed between the check and the use).
+_FOLDER_CHILD = r"""
+import json, os, resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 20, 64 << 20))
+from gpucrypt import hf
+from gpucrypt.files import checkpoints
+spec = json.loads(sys.argv[1])
+key = bytes.fromhex(spec["key"])
+
+def build():
+    from transformers import AutoModelForCausalLM
+    hf.from_pretrained(AutoModelForCausalLM, spec["enc"], key=key)
+
+uses = {
+    "layout": lambda: checkpoints.checkpoint_layout(spec["plain"]),
+    "encrypt": lambda: checkpoints.encrypt_checkpoint(spec["plain"], spec["out"], key,
+                                                      device="cpu"),
+    "load": lambda: checkpoints.load_checkpoint(spec["enc"], key=key, framework="numpy"),
+    "decrypt": lambda: checkpoints.decrypt_checkpoint(spec["enc"], spec["out"], key=key),
+    "build": build,
+}
+if spec.get("after"):
+    real = getattr(checkpoints, spec["after"])
+
+    def swapped(*args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        finally:
+            os.remove(spec["victim"])
+            os.mkfifo(spec["victim"])
+    setattr(checkpoints, spec["after"], swapped)
+for use in spec["uses"]:
+    try:
+        uses[use]()
+        print(use, "returned", flush=True)
+    except Exception as exc:
+        print(use, type(exc).__name__, str(exc).replace(chr(10), " "), flush=True)
+"""
+
+
+def _outcomes_in_child(uses, key, plain="", enc="", out="", after=None, victim="",
+                       seconds=60) -> list:
+    """One line per use (``use ExceptionName message``, or ``use returned``), from a child
+    killed after ``seconds``: a call still blocked then fails the test."""
+    spec = {"uses": uses, "key": key.hex(), "plain": str(plain), "enc": str(enc),
+            "out": str(out), "after": after, "victim": str(victim)}
+    try:
+        done = subprocess.run([sys.executable, "-c", _FOLDER_CHILD, json.dumps(spec)],
+                              capture_output=True, text=True, timeout=seconds)
+    except subprocess.TimeoutExpired as exc:
+        said = (exc.stdout or b"").decode(errors="replace")
+        pytest.fail(f"{uses} still blocked after {seconds} s (on a FIFO?); said so far: {said!r}")
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and len(lines) == len(uses), (done.stdout, done.stderr[-2000:])
+    return lines
+
+
+@pytest.mark.parametrize("odd", [["fifo"], ["device"], ["fifo", "device"]])
+def test_a_plain_folder_holding_a_fifo_or_a_device_is_refused_before_any_work(tmp_path, odd):
+    """A FIFO named extra.safetensors made encrypt_checkpoint wait forever in its open;
+    tokenizer.model -> /dev/zero passed the size rule (getsize is 0) and was copied
+    without end, filling the disk. Every entry is stat'ed first: a FormatError names each
+    one that is not a file, and what it is, before anything is read or written."""
+    plain = _one_shard_folder(tmp_path / "plain")
+    said = []
+    if "fifo" in odd:
+        os.mkfifo(plain / "extra.safetensors")
+        said.append("extra.safetensors (a FIFO)")
+    if "device" in odd:
+        (plain / "tokenizer.model").symlink_to("/dev/zero")
+        said.append("tokenizer.model (a character device)")
+    for line in _outcomes_in_child(["layout", "encrypt"], os.urandom(32), plain=plain,
+                                   out=tmp_path / "enc"):
+        assert " FormatError not every entry of" in line and all(s in line for s in said), line
+    assert sorted(os.listdir(tmp_path)) == ["plain"]  # no output, no temporary folder
+
+
+def test_a_link_leading_nowhere_is_named_with_the_other_entries_that_are_not_files(tmp_path):
+    """A dangling link was a bare FileNotFoundError from wherever it was first read; it
+    is named in the one refusal, with what else is not a file (a subfolder too)."""
+    plain = _one_shard_folder(tmp_path / "plain")
+    (plain / "vocab.json").symlink_to(tmp_path / "gone")
+    (plain / "sub").mkdir()
+    with pytest.raises(FormatError, match=r"not every entry of .*: sub \(a directory\); "
+                                          r"vocab.json \(a symbolic link that leads nowhere"):
+        checkpoints.checkpoint_layout(plain)
+
+
+def test_an_encrypted_folder_holding_a_fifo_is_refused_not_waited_on(small_folder, tmp_path):
+    """A FIFO in place of a listed file: loading (gpucrypt.hf included) waited forever in
+    the check that a listed model file is one, or in hashing the copied file for the
+    manifest. Refused up front, naming both, by every reader."""
+    _, enc, key = small_folder
+    for name in ("config.json", "model-2.safetensors"):
+        os.remove(enc / name)
+        os.mkfifo(enc / name)
+    for line in _outcomes_in_child(["load", "decrypt", "build"], key, enc=enc,
+                                   out=tmp_path / "out"):
+        assert " FormatError not every entry of" in line, line
+        assert "config.json (a FIFO)" in line and "model-2.safetensors (a FIFO)" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("use, after, victim", [
+    ("encrypt", "checkpoint_layout", "plain/model-1.safetensors"),   # the shard's open
+    ("load", "_manifest_model_files", "enc/model-2.safetensors"),   # a listed model file's magic
+    ("load", "checkpoint_layout", "enc/config.json"),               # the manifest check's digest
+    ("decrypt", "_check_manifest", "enc/config.json"),              # the copy, hashed
+    ("build", "_check_manifest", "enc/config.json"),                # gpucrypt.hf's checked bytes
+])
+def test_a_file_swapped_for_a_fifo_after_the_check_is_refused_not_waited_on(
+        small_folder, tmp_path, use, after, victim):
+    """Every open of a folder's file here waited forever on a FIFO put in the file's
+    place after the up-front check: each is now opened without waiting, and refused
+    unless it is a regular file."""
+    plain, enc, key = small_folder
+    victim = tmp_path / victim
+    [line] = _outcomes_in_child([use], key, plain=plain, enc=enc, out=tmp_path / "out",
+                                after=after, victim=victim)
+    assert f"FormatError {victim.name} is a FIFO, not a regular file" in line, line
+    assert sorted(os.listdir(tmp_path)) == ["enc", "plain"]  # no output, no temporary folder
+
+
+# ---------------------------------------------------------------- durability
+def test_a_written_folder_is_fsynced_whole_before_it_is_renamed_into_place(small_folder,
+                                                                          tmp_path, monkeypatch):
+    """The copied files (config.json, the index) were never fsynced, and the temporary
+    folder not after its last entries (the copies, the manifest) were made, so a power
+    cut after the rename could publish a folder with empty or missing files. Now, at the
+    rename, every file in it and then the folder have been fsynced. (A spy on os.fsync:
+    a power cut cannot be reproduced here.) Files are known by inode, as the model files
+    are written unnamed and linked in afterwards."""
+    plain, enc, key = small_folder
+    last_fsync, at_rename, clock = {}, {}, iter(range(1, 1 << 30))
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        real_fsync(fd)
+        st = os.fstat(fd)
+        last_fsync[st.st_dev, st.st_ino] = next(clock)
+
+    def rename(src, dst, *args, **kwargs):
+        at_rename[os.fspath(dst)] = dict(last_fsync)
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    for out, write in (
+            (tmp_path / "enc2", lambda out: checkpoints.encrypt_checkpoint(plain, out, key,
+                                                                           device="cpu")),
+            (tmp_path / "back", lambda out: checkpoints.decrypt_checkpoint(enc, out, key=key))):
+        write(out)
+        synced = at_rename[str(out)]
+        files = {name: ((st := (out / name).stat()).st_dev, st.st_ino) for name in os.listdir(out)}
+        assert "config.json" in files and "model.safetensors.index.json" in files
+        unsynced = sorted(name for name, ident in files.items() if ident not in synced)
+        assert not unsynced, f"{out.name}: not fsynced before the rename: {unsynced}"
+        folder = ((st := out.stat()).st_dev, st.st_ino)
+        assert synced.get(folder, 0) > max(synced[ident] for ident in files.values()), \
+            f"{out.name}: the folder was not fsynced after its last file"

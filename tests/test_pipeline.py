@@ -214,6 +214,98 @@ def test_an_interrupt_while_waiting_is_raised_after_the_workers_stop(monkeypatch
     assert sorted(finished) == [(0, 0), (0, 1)]
 
 
+def _raised_in_time(call, seconds: float = 30.0) -> tuple[BaseException, float]:
+    """``call()`` in a thread given ``seconds`` (a clean-up that waits forever fails the
+    test instead of hanging it): the exception it raised and when."""
+    outcome = {}
+
+    def target():
+        try:
+            call()
+        except BaseException as exc:  # handed to the test's thread
+            outcome["exc"], outcome["at"] = exc, time.monotonic()
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"run() still running after {seconds} s"
+    assert "exc" in outcome, "run() returned instead of raising"
+    return outcome["exc"], outcome["at"]
+
+
+class _Jobs:
+    """A crypto function whose jobs take ``seconds`` each, counting those inside it
+    (``active``) and recording when each one's output was written (``written``)."""
+
+    def __init__(self, seconds: float = 0.2):
+        self.seconds, self.lock, self.active, self.written = seconds, threading.Lock(), 0, []
+
+    def __call__(self, job, src):
+        with self.lock:
+            self.active += 1
+        time.sleep(self.seconds)
+        with self.lock:
+            self.active -= 1
+            self.written.append((job.ident, time.monotonic()))
+        return True
+
+    def check_stopped_when_raised(self, call) -> None:
+        exc, at = _raised_in_time(call)
+        assert isinstance(exc, KeyboardInterrupt), repr(exc)
+        with self.lock:
+            assert self.active == 0, f"{self.active} job(s) still running when run() raised"
+        time.sleep(3 * self.seconds)  # time enough for a job left running to finish
+        late = [ident for ident, when in self.written if when > at]
+        assert not late, f"written after run() raised: {late}"
+
+
+@pytest.mark.parametrize("where", ["before the second submit", "inside it, once queued"])
+def test_an_interrupt_while_a_batch_is_submitted_stops_its_runs_before_run_raises(
+        monkeypatch, where):
+    """Ctrl-C while CpuRunner.start submitted a batch's runs: those submitted were in no
+    batch in flight, so run() raised while they went on writing (to buffers the caller
+    frees on the way out). A KeyboardInterrupt is injected at the second submit, before
+    it queues its run or after (then no future names the run)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    class InterruptedPool(ThreadPoolExecutor):
+        submits = 0
+
+        def submit(self, *args, **kwargs):
+            InterruptedPool.submits += 1
+            if InterruptedPool.submits == 2 and where.startswith("before"):
+                raise KeyboardInterrupt
+            future = super().submit(*args, **kwargs)
+            if InterruptedPool.submits == 2:
+                raise KeyboardInterrupt
+            return future
+
+    monkeypatch.setattr(pipeline, "ThreadPoolExecutor", InterruptedPool, raising=False)
+    jobs = _Jobs()
+    runner = pipeline.CpuRunner(jobs, 2)
+    try:
+        jobs.check_stopped_when_raised(lambda: pipeline.run(_batches(1, 4, []), runner))
+        assert InterruptedPool.submits == 2
+    finally:
+        runner.close()
+
+
+def test_an_interrupt_just_after_a_batch_started_waits_for_it(monkeypatch):
+    """Ctrl-C between runner.start() returning and run() putting the batch in flight:
+    its runs were not waited for on the way out. Injected as the append raising."""
+    from collections import deque
+
+    class InterruptedDeque(deque):
+        def append(self, item):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "deque", InterruptedDeque)
+    jobs = _Jobs()
+    with pipeline.CpuRunner(jobs, 2) as runner:
+        jobs.check_stopped_when_raised(lambda: pipeline.run(_batches(1, 4, []), runner))
+    assert len(jobs.written) == 4
+
+
 # ---------------------------------------------------------------------------- GpuRunner
 # In numba's CUDA simulator here (conftest), on the device on a lent GPU.
 def _gpu_runner(op: str, key: bytes, **kw) -> "pipeline.GpuRunner":

@@ -26,7 +26,8 @@ Rules:
   header MAC even when its own envelope opens for the same recipient (anyone holding a
   recipient's public key can seal a file to it);
 - ``dst`` is written as a temporary folder ``.DST.XXXXXXXX.gpucrypt-tmp`` beside it and
-  renamed into place at the end: it appears complete or not at all. It must not exist
+  renamed into place at the end, once every file in it and the folder itself are
+  fsynced: it appears complete or not at all, a power cut included. It must not exist
   (an empty folder is replaced); nothing is ever deleted to make room. The temporary
   folder is removed on any error and by SIGTERM and SIGHUP (when they have their default
   action and the work runs in the main thread); SIGKILL or a crash can leave it, with
@@ -39,6 +40,11 @@ Rules:
   or any other file over ``LARGE_PLAIN_FILE_BYTES`` (16 MiB) that is not UTF-8 text
   (weights in a format no list names), unless the caller names it in
   ``copy_unencrypted``; and subfolders (encrypt each one on its own);
+- refused in either direction, before anything is read: an entry that is not a regular
+  file once links are followed (a FIFO, a device, a socket, a link leading nowhere);
+  the files read here are opened without waiting (``O_NONBLOCK``) and read only once
+  seen to be regular files, so one put in a file's place later is refused too (a model
+  file swapped after the check is still opened by :mod:`gpucrypt.files.models`);
 - loading checks the tensors against the index: every name the index lists, from the
   file it names, and no other.
 
@@ -80,14 +86,13 @@ import codecs
 import json
 import os
 import re
-import shutil
 import stat
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from . import _format
-from ._atomic import TemporaryFolder, fsync_folder
+from ._atomic import TemporaryFolder, file_kind, fsync_folder
 from ._format import AuthenticationError, FormatError, StreamError
 
 __all__ = ["encrypt_checkpoint", "decrypt_checkpoint", "load_checkpoint", "checkpoint_layout",
@@ -171,10 +176,7 @@ def checkpoint_layout(folder: Any, *, encrypted: bool = False,
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"not a folder: {folder}")
     names = sorted(os.listdir(folder))
-    subfolders = [n for n in names if os.path.isdir(os.path.join(folder, n))]
-    if subfolders:
-        raise FormatError(f"the checkpoint folder has subfolders ({', '.join(subfolders[:3])}): "
-                          f"encrypt each checkpoint folder on its own")
+    _refuse_other_than_files(folder, names)
     listed = _manifest_model_files(folder) if encrypted else None
     if listed is None:
         tensor_files = tuple(n for n in names if n.lower().endswith(_SAFETENSORS))
@@ -202,6 +204,56 @@ def checkpoint_layout(folder: Any, *, encrypted: bool = False,
     others = tuple(n for n in names if n not in tensor_files and n != MANIFEST_NAME)
     return CheckpointLayout(folder, indexes[0] if indexes else None, weight_map, tensor_files,
                             others)
+
+
+def _refuse_other_than_files(folder: str, names: list) -> None:
+    """``FormatError`` naming every entry of ``folder`` that is not a regular file (links
+    followed, as everywhere here), before anything is read: a FIFO waited for a writer
+    forever in the read (or open) of whatever found it, and a character device passed
+    the size rule (``getsize`` is 0) and was copied without end (``tokenizer.model ->
+    /dev/zero`` filled the disk); ``_open_regular`` refuses one put there afterwards."""
+    subfolders, others = [], []  # others: every entry not a file, in name order
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            if not os.path.islink(path):
+                raise
+            others.append(f"{name} (a symbolic link that leads nowhere: {exc.strerror})")
+            continue
+        if stat.S_ISDIR(mode):
+            subfolders.append(name)
+        if not stat.S_ISREG(mode):
+            others.append(f"{name} (a {file_kind(mode)})")
+    if subfolders and len(subfolders) == len(others):
+        raise FormatError(f"the checkpoint folder has subfolders ({', '.join(subfolders[:3])}): "
+                          f"encrypt each checkpoint folder on its own")
+    if others:
+        raise FormatError(f"not every entry of {folder} is a file: {'; '.join(others)}; a "
+                          f"checkpoint folder holds regular files (or links to them) only: "
+                          f"remove these, or put the files themselves in their place")
+
+
+def _open_regular(path: str):
+    """``path`` opened for reading (unbuffered), ``FormatError`` unless it is a regular
+    file: what is read is what was opened, so a FIFO or device put in a checked file's
+    place later is refused too. ``O_NONBLOCK``: a FIFO's open would otherwise wait for a
+    writer forever, before any check could see it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise FormatError(f"{os.path.basename(path)} is a {file_kind(mode)}, not a regular "
+                              f"file (it was put in the file's place after the folder was "
+                              f"checked?): a checkpoint folder holds regular files only; put "
+                              f"the file itself there and try again")
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)  # (no effect on a regular file: the usual flags back)
+        return open(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _vouched(copy_unencrypted: Iterable[str], names: list, tensor_files: tuple) -> set:
@@ -241,7 +293,7 @@ def _is_text(path: str) -> bool:
     """Whether the file at ``path`` is UTF-8 text (and no NUL): read to its end, or to the
     first byte that is not; weights fail in their first block."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             if b"\0" in block:
                 return False
@@ -304,15 +356,15 @@ def _read_json(path: str) -> Any:
     file for whatever is not JSON, deep nesting included."""
     from ._safetensors import load_json
 
-    with open(path, "rb") as f:
-        return load_json(f.read(), os.path.basename(path))
+    with _open_regular(path) as f:
+        return load_json(f.readall(), os.path.basename(path))
 
 
 def _read_weight_map(path: str) -> dict:
     name = os.path.basename(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        with _open_regular(path) as f:
+            data = f.readall()
     except OSError as exc:
         raise FormatError(f"{name} is not a checkpoint index with a weight_map "
                           f"({type(exc).__name__})") from None
@@ -340,15 +392,22 @@ def _weight_map(data: bytes, name: str) -> dict:
 
 # ---------------------------------------------------------------------------- manifest
 def _file_sha256(path: str, copy_to: str | None = None) -> str:
-    """The SHA-256 of the file at ``path``; with ``copy_to``, the file is copied there as
-    it is hashed, so the copy holds exactly the bytes the digest is of."""
+    """The SHA-256 of the regular file at ``path``; with ``copy_to``, the file is copied
+    there as it is hashed, so the copy holds exactly the bytes the digest is of, with the
+    source's permission bits (a 0600 file came out 0644, readable by all), fsynced: the
+    folder holding it is renamed into place next, and a power cut must not publish it
+    with an empty or partial copy."""
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f, \
+    with _open_regular(path) as f, \
             (open(copy_to, "xb") if copy_to else contextlib.nullcontext()) as out:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
             if out is not None:
                 out.write(block)
+        if out is not None:
+            out.flush()
+            os.fchmod(out.fileno(), stat.S_IMODE(os.fstat(f.fileno()).st_mode) & 0o777)
+            os.fsync(out.fileno())
     return digest.hexdigest()
 
 
@@ -371,8 +430,8 @@ def _read_checked(folder: str, files: dict, name: str) -> bytes:
     """The bytes of the copied file ``name``, read once and checked against its entry in
     ``files`` (the authenticated manifest's): the bytes returned are the bytes checked,
     whatever happens to the file afterwards."""
-    with open(os.path.join(folder, name), "rb") as f:
-        data = f.read()
+    with _open_regular(os.path.join(folder, name)) as f:
+        data = f.readall()
     if not _is_listed_digest(files[name], hashlib.sha256(data).hexdigest()):
         raise _not_the_file(name)
     return data
@@ -415,7 +474,7 @@ def _check_listed_model_files(folder: str, names: tuple) -> None:
     from . import models
 
     for name in names:
-        with open(os.path.join(folder, name), "rb") as f:
+        with _open_regular(os.path.join(folder, name)) as f:
             if f.read(len(models.MAGIC)) != models.MAGIC:
                 raise _manifest_changed(f"{name} is listed as a model file and is not one")
 
@@ -556,6 +615,10 @@ def _write_folder(dst: Any, fill) -> None:
                               f"to make room)")
     with TemporaryFolder(dst) as temp:
         fill(temp)
+        # the folder's own entries (every file fill wrote, the copies and the manifest
+        # last) made durable before the rename publishes them: otherwise a power cut just
+        # after could leave dst in place with files missing
+        fsync_folder(temp)
         try:
             os.rename(temp, dst)  # onto an empty folder too (POSIX)
         except OSError as exc:  # named by dst: the temporary folder is gone with this error
@@ -575,11 +638,11 @@ def _copy_others(layout: CheckpointLayout, temp: str, files: dict | None = None)
         src, dst = os.path.join(layout.folder, name), os.path.join(temp, name)
         if files is None:
             _warn_if_from_outside(layout.folder, name)
-            shutil.copyfile(src, dst)
-        elif not _is_listed_digest(files[name], _file_sha256(src, copy_to=dst)):
+        # hashed when encrypting too (it costs little beside the model files): one copy,
+        # refusing what is not a regular file, keeping the mode, fsynced
+        digest = _file_sha256(src, copy_to=dst)
+        if files is not None and not _is_listed_digest(files[name], digest):
             raise _not_the_file(name)
-        # the source's permissions (a 0600 file came out 0644, readable by all)
-        os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode) & 0o777)
 
 
 def _warn_if_from_outside(folder: str, name: str) -> None:
@@ -634,8 +697,8 @@ def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = Non
             # an envelope bound to the file is sealed for the salt the file will carry
             salt = os.urandom(_format.SALT_SIZE) if callable(envelope) else None
             file_envelope = envelope(salt) if callable(envelope) else envelope
-            fd = os.open(path, os.O_RDONLY)
-            try:
+            with _open_regular(path) as source:
+                fd = source.fileno()
                 models._refuse_model_file(fd, name)
                 try:
                     tensors, metadata = open_safetensors(path, fd)
@@ -644,8 +707,6 @@ def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = Non
                 headers.append(models.save_encrypted(
                     tensors, os.path.join(temp, name), key, metadata, key_id=key_id,
                     envelope=file_envelope, _salt=salt, **save_options))
-            finally:
-                os.close(fd)
         _copy_others(layout, temp)
         _write_manifest(temp, key, {name: h.salt for name, h in zip(layout.tensor_files, headers)})
 
