@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -1099,6 +1100,8 @@ def test_an_encrypted_folder_holding_a_fifo_is_refused_not_waited_on(small_folde
     ("load", "checkpoint_layout", "enc/config.json"),               # the manifest check's digest
     ("decrypt", "_check_manifest", "enc/config.json"),              # the copy, hashed
     ("build", "_check_manifest", "enc/config.json"),                # gpucrypt.hf's checked bytes
+    ("load", "_check_manifest", "enc/model-2.safetensors"),         # a model file's own open
+    ("decrypt", "_check_manifest", "enc/model-2.safetensors"),      # (models.py's opens)
 ])
 def test_a_file_swapped_for_a_fifo_after_the_check_is_refused_not_waited_on(
         small_folder, tmp_path, use, after, victim):
@@ -1109,8 +1112,45 @@ def test_a_file_swapped_for_a_fifo_after_the_check_is_refused_not_waited_on(
     victim = tmp_path / victim
     [line] = _outcomes_in_child([use], key, plain=plain, enc=enc, out=tmp_path / "out",
                                 after=after, victim=victim)
-    assert f"FormatError {victim.name} is a FIFO, not a regular file" in line, line
+    assert line.startswith(f"{use} FormatError") and \
+        f"{victim.name} is a FIFO, not a regular file" in line, line
     assert sorted(os.listdir(tmp_path)) == ["enc", "plain"]  # no output, no temporary folder
+
+
+_LEASE_HOLDER = r"""
+import fcntl, os, signal, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+# asked to let go (another open): hold on for half a second, as a Samba or NFS server
+# flushing its client's writes does, then let go
+signal.signal(signal.SIGIO, lambda *a: (time.sleep(0.5),
+                                        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)))
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+print("leased", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file leases are Linux's")
+def test_a_file_under_a_lease_is_read_once_the_lease_breaks(tmp_path):
+    """A file another process holds a lease on (Samba, an NFS server): a blocking open waits
+    for the lease to break, and the non-blocking open that keeps a FIFO from hanging
+    answered EWOULDBLOCK at once instead, which a checkpoint folder's reads reported as a
+    file that is no checkpoint index. It now waits as the blocking open did."""
+    from gpucrypt.files._atomic import open_regular
+
+    path = tmp_path / "config.json"
+    path.write_text('{"a": 1}')
+    holder = subprocess.Popen([sys.executable, "-c", _LEASE_HOLDER, str(path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "leased"
+        start = time.monotonic()
+        with open_regular(path, ValueError) as f:
+            assert f.read() == b'{"a": 1}'
+        assert time.monotonic() - start >= 0.4  # it waited for the lease to break
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # ---------------------------------------------------------------- durability

@@ -707,6 +707,50 @@ def file_kind(mode: int) -> str:
     return "special file"
 
 
+def open_regular(path: Any, not_regular: Callable[[str], Exception], buffering: int = -1):
+    """``path`` opened for reading when it is a regular file, else ``not_regular(kind)``
+    raised (kind in words: "FIFO", "character device", ...). What is read is what was
+    opened, so a FIFO or device put in a checked file's place later is refused too.
+    ``O_NONBLOCK``: a FIFO's open would otherwise wait for a writer forever, before any
+    check could see it. A file another process holds a lease on (Samba, an NFS server)
+    answers such an open EWOULDBLOCK at once, where a blocking open waits for the lease to
+    break: it is tried again for as long as the kernel gives a lease holder
+    (``/proc/sys/fs/lease-break-time``), as the blocking open would have waited."""
+    import time
+
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    deadline = None
+    while True:
+        try:
+            fd = os.open(path, flags)
+            break
+        except BlockingIOError:  # a lease being broken (never a FIFO: its open returns)
+            now = time.monotonic()
+            deadline = deadline or now + _lease_break_seconds()
+            if now >= deadline:
+                raise
+            time.sleep(0.05)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise not_regular(file_kind(mode))
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)  # (no effect on a regular file: the usual flags back)
+        return open(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _lease_break_seconds() -> float:
+    """How long the kernel lets a lease holder take to let go (45 s by default)."""
+    try:
+        with open("/proc/sys/fs/lease-break-time") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 45.0
+
+
 def open_output(dst: Any, mode: int = DEFAULT_MODE) -> AtomicFile | FileObjectOutput:
     """An :class:`AtomicFile` for a path (str or PathLike), or for a path that is a FIFO
     or a character device a stream written in place (:func:`streamed_path`); ``dst``

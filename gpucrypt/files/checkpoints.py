@@ -92,7 +92,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from . import _format
-from ._atomic import TemporaryFolder, file_kind, fsync_folder
+from ._atomic import TemporaryFolder, file_kind, fsync_folder, open_regular
 from ._format import AuthenticationError, FormatError, StreamError
 
 __all__ = ["encrypt_checkpoint", "decrypt_checkpoint", "load_checkpoint", "checkpoint_layout",
@@ -240,20 +240,13 @@ def _open_regular(path: str):
     file: what is read is what was opened, so a FIFO or device put in a checked file's
     place later is refused too. ``O_NONBLOCK``: a FIFO's open would otherwise wait for a
     writer forever, before any check could see it."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise FormatError(f"{os.path.basename(path)} is a {file_kind(mode)}, not a regular "
-                              f"file (it was put in the file's place after the folder was "
-                              f"checked?): a checkpoint folder holds regular files only; put "
-                              f"the file itself there and try again")
-        if hasattr(os, "O_NONBLOCK"):
-            os.set_blocking(fd, True)  # (no effect on a regular file: the usual flags back)
-        return open(fd, "rb", buffering=0)
-    except BaseException:
-        os.close(fd)
-        raise
+    def not_regular(kind: str) -> FormatError:
+        return FormatError(f"{os.path.basename(path)} is a {kind}, not a regular file (it was "
+                           f"put in the file's place after the folder was checked?): a "
+                           f"checkpoint folder holds regular files only; put the file itself "
+                           f"there and try again")
+
+    return open_regular(path, not_regular, buffering=0)
 
 
 def _vouched(copy_unencrypted: Iterable[str], names: list, tensor_files: tuple) -> set:
@@ -447,13 +440,15 @@ def _manifest_mac(key: bytes, salt: bytes, files: dict) -> str:
     return hmac.new(mac_key, body, hashlib.sha256).hexdigest()
 
 
-def _write_manifest(folder: str, key: bytes, salts: dict) -> None:
+def _write_manifest(folder: str, key: bytes, salts: dict, digests: dict | None = None) -> None:
     """The manifest of ``folder``: ``salts`` (model file name -> its header's salt)
-    and the SHA-256 of every other file now in it."""
+    and the SHA-256 of every other file now in it (``digests``: those taken as they were
+    copied, by name; any other is hashed here)."""
     files = {name: {"salt": salt.hex()} for name, salt in salts.items()}
     for name in sorted(os.listdir(folder)):
         if name not in files and name != MANIFEST_NAME:
-            files[name] = {"sha256": _file_sha256(os.path.join(folder, name))}
+            digest = (digests or {}).get(name) or _file_sha256(os.path.join(folder, name))
+            files[name] = {"sha256": digest}
     salt = os.urandom(32)
     doc = {"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION, "salt": salt.hex(),
            "files": files, "mac": _manifest_mac(key, salt, files)}
@@ -629,20 +624,23 @@ def _write_folder(dst: Any, fill) -> None:
     fsync_folder(os.path.dirname(dst))
 
 
-def _copy_others(layout: CheckpointLayout, temp: str, files: dict | None = None) -> None:
+def _copy_others(layout: CheckpointLayout, temp: str, files: dict | None = None) -> dict:
     """Copy the files that are not model files into ``temp``; with ``files`` (the
     authenticated manifest's entries), each hashed as it is copied and checked against
     its entry, so that a file changed after the manifest was checked is not copied
-    unchecked (the error removes the temporary folder)."""
+    unchecked (the error removes the temporary folder). Returns each copy's SHA-256 (the
+    manifest's, when encrypting: read once, not again from the copy)."""
+    digests = {}
     for name in layout.other_files:
         src, dst = os.path.join(layout.folder, name), os.path.join(temp, name)
         if files is None:
             _warn_if_from_outside(layout.folder, name)
         # hashed when encrypting too (it costs little beside the model files): one copy,
         # refusing what is not a regular file, keeping the mode, fsynced
-        digest = _file_sha256(src, copy_to=dst)
+        digest = digests[name] = _file_sha256(src, copy_to=dst)
         if files is not None and not _is_listed_digest(files[name], digest):
             raise _not_the_file(name)
+    return digests
 
 
 def _warn_if_from_outside(folder: str, name: str) -> None:
@@ -707,8 +705,9 @@ def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = Non
                 headers.append(models.save_encrypted(
                     tensors, os.path.join(temp, name), key, metadata, key_id=key_id,
                     envelope=file_envelope, _salt=salt, **save_options))
-        _copy_others(layout, temp)
-        _write_manifest(temp, key, {name: h.salt for name, h in zip(layout.tensor_files, headers)})
+        digests = _copy_others(layout, temp)
+        _write_manifest(temp, key, {name: h.salt for name, h in zip(layout.tensor_files, headers)},
+                        digests)
 
     _write_folder(dst, fill)
     return headers

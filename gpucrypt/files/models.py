@@ -63,7 +63,6 @@ data; ``.segment`` names the failing segment, None for the header) and
 """
 from __future__ import annotations
 
-import builtins
 import contextlib
 import hashlib
 import hmac
@@ -80,7 +79,7 @@ from cryptography.exceptions import InvalidTag
 
 from . import _format
 from ..tensors import _frameworks as fw
-from ._atomic import AtomicFile, open_output, streamed_path, write_atomically_with
+from ._atomic import AtomicFile, open_output, open_regular, streamed_path, write_atomically_with
 from ._safetensors import StoredTensor, load_json
 from ._format import (ALGORITHMS, AuthenticationError, FormatError, TruncatedError,
                       UnsupportedVersion)
@@ -494,7 +493,7 @@ def read_header(path: Any, key: Any = None) -> ModelHeader:
     it once its MAC has been checked. With ``key``: MAC checked, table decrypted,
     ``verified`` True.
     """
-    with builtins.open(path, "rb") as f:
+    with _open_model(path) as f:
         header = _parse(f)
     if key is not None:
         return _verify(header, _format.check_key(key))
@@ -509,12 +508,23 @@ def read_header(path: Any, key: Any = None) -> ModelHeader:
     return _replace(header, tensors=tensors, metadata=metadata)
 
 
+def _open_model(path: Any, buffering: int = -1):
+    """The model file at ``path`` opened for reading, ``FormatError`` for a FIFO or a
+    device there (a FIFO's open waited for a writer forever: a checkpoint folder's shard
+    swapped for one after its check hung ``load_encrypted`` and ``hf.from_pretrained``)."""
+    def not_regular(kind: str) -> FormatError:
+        return FormatError(f"{os.fspath(path)} is a {kind}, not a regular file: give the path "
+                           f"of the model file itself")
+
+    return open_regular(path, not_regular, buffering)
+
+
 def _parse_path(path: Any) -> ModelHeader:
     """The header of the model file at ``path`` as stored, its MAC not checked and its
     table not decoded (``tensors`` None): the fixed fields, salt, key id and envelope,
     which is all a reader needs to find the key. Unlike :func:`read_header` it never
     parses the table, JSON that whoever made the file chose, before a key has checked it."""
-    with builtins.open(path, "rb") as f:
+    with _open_model(path) as f:
         return _parse(f)
 
 
@@ -961,7 +971,7 @@ def load_encrypted(path: Any, key: Any = None, device: str = "auto", *,
             return load_encrypted(path, key, device, framework=framework, threads=threads,
                                   names=names, _check_header=_check_header)
     key = _format.check_key(key)
-    with builtins.open(path, "rb", buffering=0) as f:
+    with _open_model(path, buffering=0) as f:
         header, segments, tags, seg_key, aad = _prepare_open(f, key)
         if _check_header is not None:
             _check_header(header)
@@ -1043,7 +1053,7 @@ def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = N
     # export_safetensors(p, p) put the plaintext in place of the only ciphertext
     _refuse_same_file(path, out)
     threads = pipeline.cpu_threads(threads)
-    with builtins.open(path, "rb", buffering=0) as f:
+    with _open_model(path, buffering=0) as f:
         header, segments, tags, seg_key, aad = _prepare_open(f, key)
         if not _folder_checked:  # decrypt_checkpoint checks each file against the manifest
             _check_against_its_folder(path, key, header.salt)
@@ -1324,7 +1334,7 @@ def replace_envelope(path: Any, key: Any, envelope: Any, key_id: Any = _KEEP) ->
     from ._atomic import replace_head
 
     key = _format.check_key(key)
-    with builtins.open(path, "rb") as f:
+    with _open_model(path) as f:
         old = _verify(_parse(f), key)
         new_key_id = old.key_id if key_id is _KEEP else key_id
         new_key_id, envelope = _format.check_key_id_envelope(new_key_id, envelope)
@@ -1389,7 +1399,7 @@ def _reencrypt(path: Any, key: Any, sink: Any, new_key: Any, *, key_id: Any = No
     :class:`AuthenticationError` (naming it) from :func:`save_encrypted`, which leaves
     ``sink`` unpublished. Returns the new file's verified header."""
     key = _format.check_key(key)
-    with builtins.open(path, "rb", buffering=0) as f:
+    with _open_model(path, buffering=0) as f:
         old, segments, tags, seg_key, aad = _prepare_open(f, key)
         opener = _SegmentOpener(old, segments, tags, seg_key, aad)
         sealed, first = {}, 0
