@@ -135,9 +135,6 @@ class _StreamCipher(_Unpicklable):
             self._small_on_cpu = small_payloads_on_cpu(device)  # as in the AEAD classes
             self._all_on_cpu = self._small_on_cpu and every_payload_on_cpu(device)
         self._openssl = None  # cryptography's Cipher for bytes arguments, made on first use
-        # and for the others, (key, nonce, Cipher) as last read: one object, replaced
-        # whole, so that no thread pairs one read's bytes with another read's Cipher
-        self._openssl_of: tuple[bytes, bytes, Any] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self._device!r})"
@@ -190,14 +187,12 @@ class _StreamCipher(_Unpicklable):
     decryptor = encryptor
 
     def _context_of(self, key: bytes, nonce: bytes) -> "StreamContext | _OpenSslStreamContext":
-        """``encryptor()`` for arguments read again: cryptography's Cipher is made again
-        only when their bytes changed."""
+        """``encryptor()`` for arguments read again: cryptography's Cipher made for them
+        each time, as cryptography's own encryptor() does, and kept by the context only
+        (a Cipher kept here would keep a key its owner has since overwritten)."""
         if not self._all_on_cpu:
             return StreamContext(self, key, nonce)
-        last = self._openssl_of
-        if last is None or last[0] != key or last[1] != nonce:
-            last = self._openssl_of = (key, nonce, _keystream_cipher(self._algorithm, key, nonce))
-        return _OpenSslStreamContext(last[2].encryptor())
+        return _OpenSslStreamContext(_keystream_cipher(self._algorithm, key, nonce).encryptor())
 
 
 class ChaCha20(_StreamCipher):

@@ -42,10 +42,10 @@ Contract:
   again whenever a key file they name (a keyset, identity or recipient file, a
   ``file:`` URI's keyset) has changed since (its inode, size, or modification or change
   time): a keyset rotated on disk reaches the next file written or opened, by a new
-  filesystem call or by one kept from before. The cost: one ``os.stat`` per key file each time a file is written or opened,
-  and a sealed keyset is unsealed (scrypt) once per instance and again only when its
-  file changes. A file that is removed fails the next write or open (``KeysetError``)
-  rather than keep using what it held.
+  filesystem call or by one kept from before. The cost: one ``os.stat`` per key file
+  each time a file is written or opened, and a sealed keyset is unsealed (scrypt) once
+  per instance and again only when its file changes. A file that is removed fails the
+  next write or open (``KeysetError``) rather than keep using what it held.
 - **Reads are random access.** ``open(path, "rb")`` verifies the header MAC and the final
   segment (the size is authentic, truncation is caught up front); ``seek``/``read``,
   ``cat_file`` and ``cat_ranges`` then decrypt only the segments they touch. A segment

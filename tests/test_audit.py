@@ -706,12 +706,15 @@ def test_cli_refusals_before_any_key_is_read_are_not_recorded(tmp_path, monkeypa
         assert main(["decrypt", *audited, "enc", "taken"]) == 2
         assert main(["decrypt", *audited, "missing", "out"]) == 2
         os.mkfifo(tmp_path / "fifo")
-        feeder = threading.Thread(target=(tmp_path / "fifo").write_bytes, args=(plaintext,))
+        feeder = threading.Thread(target=(tmp_path / "fifo").write_bytes, args=(plaintext,),
+                                  daemon=True)
         feeder.start()
         try:
             assert main(["encrypt", *audited, "fifo", "from-fifo"]) == 0
         finally:
             feeder.join(timeout=30)
+            if feeder.is_alive():  # never opened by the command: let the writer go
+                os.close(os.open(tmp_path / "fifo", os.O_RDONLY | os.O_NONBLOCK))
         assert main(["decrypt", *audited, "from-fifo", "back"]) == 0
     finally:
         _remove_file_handlers()
@@ -1172,6 +1175,22 @@ def test_an_audit_log_given_to_one_main_call_is_not_written_by_the_next(tmp_path
     assert len(_log_events(tmp_path / "b.log")) == 1
     assert not any(getattr(h, "baseFilename", "").startswith(str(tmp_path))
                    for h in logging.getLogger(audit.LOGGER_NAME).handlers)
+
+
+def test_main_leaves_the_applications_audit_logger_as_it_found_it(tmp_path, monkeypatch, capsys,
+                                                                 logging_state):
+    """Detaching the call's handler left enable()'s propagate=False and level behind: an
+    embedding application's root log silently stopped getting gpucrypt.audit events."""
+    monkeypatch.chdir(tmp_path)
+    key = tmp_path / "k"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    (tmp_path / "in").write_bytes(b"plain")
+    logging_state.propagate, logging_state.level = True, logging.NOTSET
+    assert main(["encrypt", "--key-file", "k", "in", "a.gc", "--audit-log", "a.log"]) == 0
+    capsys.readouterr()
+    assert logging_state.propagate is True and logging_state.level == logging.NOTSET
+    assert len(_log_events(tmp_path / "a.log")) == 1
 
 
 def test_a_lost_error_event_leaves_its_failure_in_the_runs_event(tmp_path, monkeypatch, capsys):

@@ -372,7 +372,7 @@ def test_labels_from_a_header_are_shown_escaped():
     envelope = encode([Stanza("key-ref", b"pkcs11:token=t;object=o\x1b[2J\nFAKE: decrypted OK",
                               b"x"), Stanza("aes-kwp", b"\x1b[31mred", b"y" * 40)])
     labels = describe_envelope(envelope)
-    assert labels == ["pkcs11:token=t;object=o\\x1b[2J\\nFAKE: decrypted OK".replace("\\n", "\\x0a"),
+    assert labels == ["pkcs11:token=t;object=o\\x1b[2J\\nFAKE: decrypted OK",
                       "aes-kwp:\\x1b[31mred"], labels
     with pytest.raises(NoMatchingRecipient) as info:
         open_envelope(envelope, [Keyset.generate()])

@@ -1120,6 +1120,12 @@ def test_a_file_swapped_for_a_fifo_after_the_check_is_refused_not_waited_on(
 _LEASE_HOLDER = r"""
 import fcntl, os, signal, sys, time
 fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+except OSError as exc:  # leases off here (fs.leases, overlay or network file systems)
+    print("unsupported", exc, flush=True)
+    sys.exit(0)
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
 # asked to let go (another open): hold on for half a second, as a Samba or NFS server
 # flushing its client's writes does, then let go
 signal.signal(signal.SIGIO, lambda *a: (time.sleep(0.5),
@@ -1143,7 +1149,10 @@ def test_a_file_under_a_lease_is_read_once_the_lease_breaks(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", _LEASE_HOLDER, str(path)],
                               stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "leased"
+        said = holder.stdout.readline().strip()
+        if said.startswith("unsupported"):
+            pytest.skip(f"this file system takes no lease ({said}): nothing to wait for")
+        assert said == "leased"
         start = time.monotonic()
         with open_regular(path, ValueError) as f:
             assert f.read() == b'{"a": 1}'

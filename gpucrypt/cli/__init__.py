@@ -348,25 +348,41 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdin = saved[0] if saved[0] is not None else _ClosedStream("stdin")
     sys.stderr = saved[2] if saved[2] is not None else _ClosedStream("stderr")
     sys.stdout = _Stdout(saved[1] if saved[1] is not None else _ClosedStream("stdout"))
-    handlers_before = _audit_handlers()
+    audit_before = _audit_logger_state()
     try:
         return _run(args)
     finally:
         sys.stdin, sys.stdout, sys.stderr = saved
         if not whole_process:
-            # an --audit-log of this call is this call's: a later main() in the process,
-            # given another log or none, must not write to it (nor fail when it fails)
-            for handler in _audit_handlers():
-                if handler not in handlers_before:
-                    sys.modules["logging"].getLogger("gpucrypt.audit").removeHandler(handler)
-                    handler.close()
+            _restore_audit_logger(audit_before)
 
 
-def _audit_handlers() -> list:
-    """The audit logger's handlers; none where logging was never loaded (the command line
-    does not load it for commands that write no log: 4 ms of start-up)."""
+def _audit_logger_state() -> tuple | None:
+    """The audit logger's handlers, level, propagation and ``disabled`` flag; None where
+    logging was never loaded (the command line does not load it for commands that write
+    no log: 4 ms of start-up)."""
     logging = sys.modules.get("logging")
-    return [] if logging is None else logging.getLogger("gpucrypt.audit").handlers[:]
+    if logging is None:
+        return None
+    logger = logging.getLogger("gpucrypt.audit")
+    return logger.handlers[:], logger.level, logger.propagate, logger.disabled
+
+
+def _restore_audit_logger(before: tuple | None) -> None:
+    """An --audit-log of a ``main(argv)`` call is that call's: a later call in the process,
+    given another log or none, must not write to it (nor fail when it fails), and the
+    application's own logging is left as it was (``enable`` turns propagation off)."""
+    logging = sys.modules.get("logging")
+    if logging is None:
+        return
+    logger = logging.getLogger("gpucrypt.audit")
+    handlers, level, propagate, disabled = before or ([], logging.NOTSET, True, False)
+    for handler in logger.handlers[:]:
+        if handler not in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+    logger.setLevel(level)
+    logger.propagate, logger.disabled = propagate, disabled
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -323,8 +323,7 @@ def _printable(raw: bytes) -> str:
     and line breaks in them (a forged "decrypted OK" line) are shown escaped."""
     text = raw.decode("utf-8", "replace")
     return text if text.isprintable() else "".join(
-        c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
-        for c in text)
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def describe_envelope(envelope: bytes) -> list[str]:
@@ -529,8 +528,9 @@ def open_envelope(envelope: bytes, identities: Any, *, context: Any = None,
     passphrase for a ``scrypt`` stanza). ``context``: as given to :func:`seal_envelope`.
     :class:`KeyProviderError` (an HSM or KMS that cannot be used at all) propagates. Raises
     :class:`NoMatchingRecipient` ("no recipient in this file matches your key(s); it is
-    for ..." with the envelope's labels, then why for each near miss: a disabled key, a failed unwrap; for a passphrase file just
-    why: "wrong passphrase, or the file was altered", or a work factor above the limit)
+    for ..." with the envelope's labels, then why for each near miss: a disabled key, a
+    failed unwrap; for a passphrase file just why: "wrong passphrase, or the file was
+    altered", or a work factor above the limit)
     when none opens, :class:`EnvelopeError` when the envelope is malformed.
 
     ``_with_label`` (private: :func:`open_file_envelope_with_label`): return ``(data key,
