@@ -193,9 +193,10 @@ def _open_input(args):
         raise CliError(f"input is a directory: {args.input}", 2) from None
     except OSError as exc:
         raise CliError(f"cannot read {args.input}: {exc.strerror}", 2) from None
-    st = os.fstat(f.fileno())
+    from ..files._atomic import regular_size
+
     # a FIFO or a process substitution (<(...)) has no size (st_size 0): unknown, as stdin's
-    return f, st.st_size if stat.S_ISREG(st.st_mode) else None, True
+    return f, regular_size(f.fileno()), True
 
 
 def _stdin_size(reader) -> int | None:
@@ -327,10 +328,6 @@ def _run_decrypt(args) -> int:
 def _published_size(path: str) -> int | None:
     """The size of a decrypted OUT that is a regular file (the plaintext's), else None
     (stdout, a FIFO, a device: what passed through them is not counted)."""
-    if path == "-":
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
+    from ..files._atomic import regular_size
+
+    return None if path == "-" else regular_size(path)

@@ -707,6 +707,17 @@ def file_kind(mode: int) -> str:
     return "special file"
 
 
+def regular_size(where: Any) -> int | None:
+    """The size of the regular file at ``where`` (a path, or an open file's descriptor),
+    else None: a FIFO's or a device's ``st_size`` (0) says nothing of what passes through
+    it, and a path that cannot be stat'ed has none to tell."""
+    try:
+        st = os.fstat(where) if isinstance(where, int) else os.stat(where)
+    except (OSError, ValueError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
 def open_regular(path: Any, not_regular: Callable[[str], Exception], buffering: int = -1):
     """``path`` opened for reading when it is a regular file, else ``not_regular(kind)``
     raised (kind in words: "FIFO", "character device", ...). What is read is what was

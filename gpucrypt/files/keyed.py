@@ -27,7 +27,7 @@ from ..keys import (KeyReference, Keyset, KeysetKey, NoMatchingRecipient, Wrappi
 from ..keys.recipients import (identity_list, open_file_envelope, open_file_envelope_with_label,
                                recipient_list, seal_envelope_with_labels)
 from . import _format, stream
-from ._atomic import AtomicFile
+from ._atomic import AtomicFile, regular_size
 
 #: and, for the file formats beside: file_key, new_file_key, gather, audit_path,
 #: audit_keyed_open
@@ -158,11 +158,7 @@ def _note_stream_result(ev: dict, header: Any, options: dict, plaintext: Any) ->
 
 def _size_of(obj: Any) -> int | None:
     if isinstance(obj, (str, os.PathLike)):
-        try:
-            st = os.stat(obj)
-        except OSError:
-            return None
-        return st.st_size if stat.S_ISREG(st.st_mode) else None  # a FIFO's size is not its data's
+        return regular_size(obj)
     try:
         return memoryview(obj).nbytes
     except TypeError:
