@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shlex
 import select
 import signal
@@ -1942,6 +1943,35 @@ def test_a_checkpoint_out_inside_in_or_around_it_is_refused_before_any_key(
     code, _, err = run(capsys, command, "--key-env", "GPUCRYPT_TEST_UNSET", src, out)
     _one_line(code, err, 2)
     assert said in err and "GPUCRYPT_TEST_UNSET" not in err, err
+    assert sorted(os.listdir(work / src)) == before
+
+
+@pytest.mark.parametrize("operation", ["encrypt", "decrypt"])
+@pytest.mark.parametrize("out, said", [
+    ("{src}/sub", "the output {src}/sub is inside the checkpoint folder {src}"),
+    ("{src}", "the output {src} is the checkpoint folder {src} itself"),
+    (".", "the checkpoint folder {src} is inside the output ."),
+])
+def test_the_library_refuses_a_checkpoint_out_inside_in_or_around_it(
+        work, capsys, checkpoint, operation, out, said):
+    """The CLI refused OUT inside IN, but encrypt_checkpoint/decrypt_checkpoint wrote
+    ck/sub/ and left ck/ holding a subfolder it could no longer be read with. The library
+    refuses it too (ValueError), before any key is used: a keyset that cannot be
+    opened is not reached."""
+    from gpucrypt.files import checkpoints
+
+    key = (work / "key").read_bytes()
+    src = "ckpt"
+    if operation == "decrypt":
+        checkpoints.encrypt_checkpoint(checkpoint, work / "enc", key)
+        src = "enc"
+    before = sorted(os.listdir(work / src))
+    out, said = out.format(src=src), said.format(src=src)
+    with pytest.raises(ValueError, match=re.escape(said)):
+        if operation == "encrypt":
+            checkpoints.encrypt_checkpoint(src, out, key)
+        else:
+            checkpoints.decrypt_checkpoint(src, out, keyset=work / "no-such-keyset.json")
     assert sorted(os.listdir(work / src)) == before
 
 

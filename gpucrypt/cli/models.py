@@ -284,25 +284,14 @@ def _refuse_file_name(folder: str, out: str) -> None:
 
 
 def _refuse_nested_folders(folder: str, out: str, done: str) -> None:
-    """A usage CliError when OUT is IN, or one holds the other (links resolved): an OUT
-    inside IN was written there, and IN, holding a subfolder from then on, could no longer
-    be encrypted or decrypted ("has subfolders"). ``done``: what OUT holds ("encrypted"),
-    for the suggested name."""
-    inside, outside = os.path.realpath(folder), os.path.realpath(out)  # OUT may be new
-    common = os.path.commonpath((inside, outside))
-    if common not in (inside, outside):
-        return
-    # beside IN, by its real name (IN given as "." would suggest ".-encrypted", inside it)
-    other = os.path.join(os.path.dirname(inside), f"{os.path.basename(inside)}-{done}")
-    if inside == outside:
-        raise CliError(f"OUT {out} is IN {folder} itself: give a new folder for OUT, such "
-                       f"as {other}", 2)
-    if common == inside:
-        raise CliError(f"OUT {out} is inside IN {folder}: IN would then hold a subfolder, and "
-                       f"gpucrypt refuses a checkpoint folder with subfolders from then on; "
-                       f"give an OUT outside IN, such as {other}", 2)
-    raise CliError(f"IN {folder} is inside OUT {out}: OUT must be a new or empty folder, "
-                   f"outside IN; give another OUT, such as {other}", 2)
+    """:func:`gpucrypt.files.checkpoints.refuse_nested_folders`, as a usage CliError, before
+    any key is read."""
+    from ..files.checkpoints import refuse_nested_folders
+
+    try:
+        refuse_nested_folders(folder, out, done, names=("IN", "OUT"))
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
 
 
 def _run_encrypt_checkpoint(args) -> int:

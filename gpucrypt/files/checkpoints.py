@@ -595,6 +595,33 @@ def _check_file_against_its_folder(path: Any, key: bytes, salt: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------- writing
+def refuse_nested_folders(src: Any, dst: Any, done: str,
+                          names: tuple[str, str] = ("the checkpoint folder", "the output")) -> None:
+    """``ValueError`` when the output folder ``dst`` is the checkpoint folder ``src``, or
+    one holds the other (links resolved): an output inside ``src`` was written there, and
+    ``src``, holding a subfolder from then on, could no longer be encrypted or decrypted
+    ("has subfolders"). ``done``: what ``dst`` holds ("encrypted"), for the suggested name;
+    ``names``: what the message calls ``src`` and ``dst`` (the command line's IN and OUT)."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    inside, outside = os.path.realpath(src), os.path.realpath(dst)  # dst may be new
+    common = os.path.commonpath((inside, outside))
+    if common not in (inside, outside):
+        return
+    # beside src, by its real name (src given as "." would suggest ".-encrypted", inside it)
+    other = os.path.join(os.path.dirname(inside), f"{os.path.basename(inside)}-{done}")
+    src_name, dst_name = names
+    if inside == outside:
+        raise ValueError(f"{dst_name} {dst} is {src_name} {src} itself: give a new folder "
+                         f"for {dst_name}, such as {other}")
+    if common == inside:
+        raise ValueError(f"{dst_name} {dst} is inside {src_name} {src}: {src_name} would then "
+                         f"hold a subfolder, and gpucrypt refuses a checkpoint folder with "
+                         f"subfolders from then on; give {dst_name} outside {src_name}, such "
+                         f"as {other}")
+    raise ValueError(f"{src_name} {src} is inside {dst_name} {dst}: {dst_name} must be a new "
+                     f"or empty folder, outside {src_name}; give another, such as {other}")
+
+
 def _write_folder(dst: Any, fill) -> None:
     """``fill(temp_folder)`` then rename the temporary folder to ``dst`` (which must not
     exist, or be an empty folder). The temporary folder is removed on any error and by
@@ -672,8 +699,9 @@ def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = Non
                        envelope: Any = None, copy_unencrypted: Iterable[str] = (),
                        **save_options: Any) -> list:
     """Encrypt the checkpoint folder ``src`` into the new folder ``dst`` (see the module
-    docstring): each ``*.safetensors`` file with :func:`gpucrypt.models.save_encrypted`
-    (read a segment at a time; its ``__metadata__`` kept), the rest copied.
+    docstring; ``dst`` inside ``src``, or around it, is ``ValueError``): each
+    ``*.safetensors`` file with :func:`gpucrypt.models.save_encrypted` (read a segment at
+    a time; its ``__metadata__`` kept), the rest copied.
     ``envelope``: the envelope bytes for every file, or a function called with each
     model file's salt (drawn fresh) returning that file's envelope, for wrapped keys
     bound to the file (``lambda salt: keys.seal_envelope(key, references,
@@ -685,6 +713,7 @@ def encrypt_checkpoint(src: Any, dst: Any, key: Any, *, key_id: str | None = Non
     from . import models
     from ._safetensors import open_safetensors
 
+    refuse_nested_folders(src, dst, "encrypted")
     layout = checkpoint_layout(src, copy_unencrypted=copy_unencrypted)
     key = _format.check_key(key)
     headers: list = []
@@ -730,9 +759,11 @@ def decrypt_checkpoint(src: Any, dst: Any, *, key: Any = None, keyset: Any = Non
                        identity: Any = None, threads: int | None = None) -> list:
     """The reverse of :func:`encrypt_checkpoint`: each model file of ``src`` exported with
     :func:`gpucrypt.models.export_safetensors` (verified before it appears), the rest
-    copied, into the new folder ``dst``. Returns the verified headers."""
+    copied, into the new folder ``dst`` (not inside ``src`` or around it). Returns the
+    verified headers."""
     from . import models
 
+    refuse_nested_folders(src, dst, "decrypted")
     layout = checkpoint_layout(src, encrypted=True)
     key = _folder_key(layout, key, keyset, identity)
     files = _check_manifest(layout, key)
