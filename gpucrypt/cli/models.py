@@ -113,8 +113,14 @@ def _note_device_environment() -> None:
     the CPU's threads whatever the variable says, and doing so silently let a user believe
     the GPU had run it. Not refused: the variable may be set for a whole session on a GPU
     machine, where the other commands follow it."""
-    setting = os.environ.get("GPUCRYPT_DEVICE", "").strip()
-    if setting.lower() in ("gpu", "cuda"):
+    from ..backends import _environment_device
+
+    try:
+        asks_gpu = _environment_device() == "gpu"
+    except ValueError:  # no device at all: nothing here follows it either
+        asks_gpu = False
+    if asks_gpu:
+        setting = os.environ["GPUCRYPT_DEVICE"].strip()
         print(f"gpucrypt decrypt-model: note: GPUCRYPT_DEVICE={setting} does not apply here: "
               f"decrypt-model runs on the CPU's threads (to decrypt onto a GPU, load the "
               f"file with gpucrypt.models.load_encrypted)", file=sys.stderr)
