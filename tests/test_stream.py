@@ -1321,3 +1321,142 @@ def test_a_text_file_given_to_decrypt_or_open_says_to_open_it_in_binary_mode(tmp
             with pytest.raises(TypeError, match="open it in binary mode"):
                 call()
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------ pipes, devices, io contracts
+def _release_fifo_reader(fifo) -> None:
+    """Open ``fifo`` for writing and close it: a reader blocked in its open() returns."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader waiting: nothing to release
+        pass
+
+
+def _within(seconds: float, call, fifo):
+    """``call()``'s result or exception, failing the test if it has not returned within
+    ``seconds`` (a FIFO's open waits for a writer forever: the hang is released after)."""
+    import threading
+
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(("returned", call()))
+        except BaseException as exc:  # noqa: B036 (reported to the test)
+            outcome.append(("raised", exc))
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    hung = worker.is_alive()
+    _release_fifo_reader(fifo)
+    worker.join(10)
+    assert not hung, f"still waiting after {seconds} s (blocked opening the FIFO?)"
+    return outcome[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_decrypt_file_reads_a_named_pipe_given_by_path_once(tmp_path):
+    """keys.decrypt_file(FIFO path) read the header through one open and the stream through
+    a second, which started where the first one's buffer had stopped: "not a gpucrypt
+    file". The path is opened once now, as stream.decrypt and the command line do."""
+    import threading
+
+    from gpucrypt import keys
+
+    alice = keys.Identity.generate()
+    data = os.urandom(100_000)
+    sealed = io.BytesIO()
+    keys.encrypt_file(data, sealed, recipients=[alice.recipient], segment_size=4096)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(sealed.getvalue()), daemon=True)
+    writer.start()
+    out = io.BytesIO()
+    kind, value = _within(30, lambda: keys.decrypt_file(fifo, out, identities=[alice]), fifo)
+    writer.join(10)
+    assert kind == "returned", value
+    assert out.getvalue() == data
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_random_access_and_rekey_refuse_a_named_pipe_at_once(tmp_path):
+    """stream.open(FIFO path) and keys.rekey_file(FIFO path) waited forever for a writer
+    (a blocking open); both refuse it now, saying what they need."""
+    from gpucrypt import keys
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    kind, exc = _within(10, lambda: stream.open(fifo, os.urandom(32)), fifo)
+    assert kind == "raised" and isinstance(exc, io.UnsupportedOperation), exc
+    assert "is a FIFO" in str(exc) and "stream.decrypt" in str(exc)
+    alice = keys.Identity.generate()
+    kind, exc = _within(10, lambda: keys.rekey_file(fifo, recipients=[alice.recipient],
+                                                     identities=[alice]), fifo)
+    assert kind == "raised" and isinstance(exc, ValueError), exc
+    assert "is a FIFO" in str(exc) and "regular file" in str(exc)
+
+
+def test_random_access_refuses_a_pipe_object_saying_why():
+    """A pipe's file object failed with "[Errno 29] Illegal seek" from tell()."""
+    key = os.urandom(32)
+    sealed = io.BytesIO()
+    stream.encrypt(b"x" * 10, sealed, key, device="cpu")
+    r, w = os.pipe()
+    with open(r, "rb") as pipe, open(w, "wb") as writer:
+        writer.write(sealed.getvalue())
+        writer.flush()
+        with pytest.raises(io.UnsupportedOperation, match="cannot seek .* stream.decrypt"):
+            stream.open(pipe, key)
+
+
+def test_the_random_access_reader_keeps_io_contracts():
+    """As io.FileIO: seek takes integers only (a float was kept and failed at the next
+    read), read(None) reads to the end, write is UnsupportedOperation, and a closed
+    reader's readable()/seekable()/writable() are ValueError (they said True)."""
+    key, data = os.urandom(32), os.urandom(10_000)
+    sealed = io.BytesIO()
+    stream.encrypt(data, sealed, key, segment_size=4096, device="cpu")
+    f = stream.open(io.BytesIO(sealed.getvalue()), key)
+    with pytest.raises(TypeError):
+        f.seek(1.5)
+    assert f.tell() == 0
+    with pytest.raises(TypeError):
+        f.seek(0, 1.0)
+    f.seek(4090)
+    assert f.read(None) == data[4090:]
+    assert (f.readable(), f.seekable(), f.writable()) == (True, True, False)
+    with pytest.raises(io.UnsupportedOperation):
+        f.write(b"x")
+    f.close()
+    for question in (f.readable, f.seekable, f.writable):
+        with pytest.raises(ValueError, match="closed file"):
+            question()
+
+
+def test_rewriting_a_header_warns_of_other_hard_links(tmp_path):
+    """A hard link kept the old file (its old envelope) after the name given was rewritten,
+    unsaid; a rekey meant to drop a recipient left that recipient's stanza under the
+    other name."""
+    key = os.urandom(32)
+    stream.encrypt(b"data" * 100, tmp_path / "ct", key, device="cpu")
+    os.link(tmp_path / "ct", tmp_path / "other-name")
+    with pytest.warns(UserWarning, match="1 other hard link"):
+        stream.replace_envelope(tmp_path / "ct", key, b"\x01new envelope")
+    assert stream.read_header(tmp_path / "other-name").envelope is None
+    assert stream.read_header(tmp_path / "ct").envelope == b"\x01new envelope"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="giving a file another owner needs root")
+def test_rewriting_a_header_keeps_the_owner_and_group(tmp_path):
+    """The rewritten file belonged to the rewriting user and group: a shared group's
+    members lost their access although the mode was kept."""
+    key = os.urandom(32)
+    path = tmp_path / "ct"
+    stream.encrypt(b"data" * 100, path, key, device="cpu")
+    os.chown(path, 1, 4)
+    os.chmod(path, 0o2640)  # setgid: cleared by a change of owner, set again
+    stream.replace_envelope(path, key, b"\x01new envelope")
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1, 4, 0o2640)

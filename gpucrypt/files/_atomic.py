@@ -50,7 +50,7 @@ from typing import Any, Callable
 
 __all__ = ["AtomicFile", "OutputExists", "write_atomically", "write_atomically_with",
            "replace_head", "open_output", "FileObjectOutput", "write_all", "wait_ready",
-           "fsync_folder", "TemporaryFolder"]
+           "fsync_folder", "TemporaryFolder", "replacement_for"]
 
 #: permissions of files written here unless the caller says otherwise
 DEFAULT_MODE = 0o600
@@ -800,6 +800,37 @@ def write_atomically_with(path: str | os.PathLike | AtomicFile, write: Callable[
         write(target.writable_name())
 
 
+def replacement_for(target: str) -> AtomicFile:
+    """The unpublished file that will replace the regular file ``target`` (a resolved path),
+    with its permission bits and, as far as this process may set them, its owner and group:
+    a shared group's members kept their access (the new file had the rekeying user's
+    group). Other hard links to ``target`` keep the old file, whatever it held (an envelope
+    with a revoked recipient's stanza, data under a revoked key): a ``UserWarning`` says
+    so, as the links cannot be found to be rewritten too."""
+    old = os.stat(target)
+    if old.st_nlink > 1:
+        import warnings
+
+        warnings.warn(f"{target} has {old.st_nlink - 1} other hard link(s): they keep the old "
+                      f"file, with its old header and data, and only this name gets the new "
+                      f"one; remove the other links (find them with 'find / -samefile "
+                      f"{target}') if the old file must not remain", stacklevel=3)
+    sink = AtomicFile(target, mode=old.st_mode & 0o7777)
+    try:
+        for owner, group in ((old.st_uid, old.st_gid), (-1, old.st_gid)):
+            try:  # the owner needs privilege; a group this user is in does not
+                os.fchown(sink.fileno(), owner, group)
+                break
+            except PermissionError:
+                continue
+        if old.st_mode & (stat.S_ISUID | stat.S_ISGID):  # cleared by a change of owner
+            os.fchmod(sink.fileno(), old.st_mode & 0o7777)
+    except BaseException:
+        sink.abort()
+        raise
+    return sink
+
+
 def replace_head(path: str | os.PathLike, f: Any, head: bytes) -> None:
     """Atomically replace the file at ``path`` by ``head`` followed by the rest of ``f`` (the
     same file, open for reading and positioned just after its old head), keeping the
@@ -807,9 +838,10 @@ def replace_head(path: str | os.PathLike, f: Any, head: bytes) -> None:
 
     A symbolic link is followed: the file ``f`` was read from is the one rewritten (in its
     own folder), and the link stays a link (replacing the link instead would leave the
-    old head, a revoked recipient's envelope say, in the file it points to)."""
+    old head, a revoked recipient's envelope say, in the file it points to). The owner and
+    group are kept where this process may set them (:func:`replacement_for`)."""
     path = os.path.realpath(path)
-    with AtomicFile(path, mode=os.stat(path).st_mode & 0o7777) as sink:
+    with replacement_for(path) as sink:
         sink.write(head)
         while True:
             chunk = f.read(8 << 20)

@@ -16,6 +16,7 @@ about files.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import stat
@@ -27,7 +28,7 @@ from ..keys import (KeyReference, Keyset, KeysetKey, NoMatchingRecipient, Wrappi
 from ..keys.recipients import (identity_list, open_file_envelope, open_file_envelope_with_label,
                                recipient_list, seal_envelope_with_labels)
 from . import _format, stream
-from ._atomic import AtomicFile, regular_size
+from ._atomic import open_regular, regular_size, replacement_for
 
 #: and, for the file formats beside: file_key, new_file_key, gather, audit_path,
 #: audit_keyed_open
@@ -201,10 +202,34 @@ def _no_envelope(then: str) -> NoMatchingRecipient:
 
 
 def _is_model_file(path: Any) -> bool:
+    """Whether the regular file at ``path`` starts as a model file; ``ValueError`` for
+    anything else there (a file is rekeyed where it lies: a FIFO's open waited forever)."""
     from .models import MAGIC
 
-    with open(path, "rb") as f:
+    def not_regular(kind: str) -> ValueError:
+        return ValueError(f"{os.fspath(path)} is a {kind}: a file is rekeyed where it lies, "
+                          f"so it must be a regular file")
+
+    with open_regular(path, not_regular) as f:
         return f.read(len(MAGIC)) == MAGIC
+
+
+@contextlib.contextmanager
+def _opened_once(src: Any):
+    """``src``, or the file at ``src`` opened, when it is a path to something that is not a
+    regular file (a FIFO, ``/dev/stdin``): its header is read to find the envelope and
+    the rest is decrypted after it, from the same open. Opened twice, the second open read
+    on from where the first one's buffer stopped ("not a gpucrypt file")."""
+    if isinstance(src, (str, os.PathLike)):
+        try:
+            regular = stat.S_ISREG(os.stat(src).st_mode)
+        except OSError:
+            regular = True  # the stream's own open says what is wrong
+        if not regular:
+            with open(src, "rb", buffering=0) as f:
+                yield f
+            return
+    yield src
 
 
 def _file_envelope(src: Any, model: bool = False) -> tuple[bytes, Any, Any]:
@@ -239,8 +264,8 @@ def decrypt_file(src: Any, dst: Any, *, identities: Any = None, keyset: Keyset |
     chose, and anyone with a recipient's public key can make one that claims any key id.
     """
     _check_options("decrypt_file", stream_options, _DECRYPT_OPTIONS)
-    with audit.timed("file.decrypt", path=audit_path(src)) as ev:
-        envelope, header, src = _file_envelope(src)
+    with audit.timed("file.decrypt", path=audit_path(src)) as ev, _opened_once(src) as once:
+        envelope, header, src = _file_envelope(once)
         ev["recipients"] = describe_envelope(envelope)
         dek, opened_by = open_file_envelope_with_label(
             envelope, _identities_for(identities, keyset), _header_field(header, "salt"))
@@ -315,24 +340,18 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
             "reencrypted": bool(reencrypt)}
 
 
-def _replacement(target: str) -> AtomicFile:
-    """The unpublished file that will replace ``target`` (``path`` resolved: a symbolic
-    link stays a link and its file is rewritten, as :func:`gpucrypt.files._atomic.replace_head`
-    does, rather than the link replaced and its file left with the old data), with
-    ``target``'s permissions."""
-    return AtomicFile(target, mode=os.stat(target).st_mode & 0o7777)
-
-
 def _reencrypt_stream(path: Any, dek: bytes, new_dek: bytes, salt: bytes, envelope: bytes,
                       key_id: str | None) -> None:
     """Replace the stream file ``path`` by its plaintext encrypted under ``new_dek`` and
     ``salt``: the reader verifies the header and the final segment when it opens and each
     segment before giving out its plaintext, so a bad segment raises before its bytes
     reach the new file, which is then dropped."""
+    # resolved: a link stays a link and its file is rewritten (as replace_head does), not
+    # the link replaced and its file left with the old data
     target = os.path.realpath(path)
     with stream.open(target, dek) as plaintext:
         old = plaintext.header
-        with _replacement(target) as sink:  # stream.encrypt commits it, or drops it on error
+        with replacement_for(target) as sink:  # stream.encrypt commits it, or drops it on error
             stream.encrypt(plaintext, sink, new_dek, algorithm=old.algorithm,
                            segment_size=old.segment_size, key_id=key_id, envelope=envelope,
                            _salt=salt)
@@ -345,7 +364,9 @@ def _reencrypt_model(path: Any, dek: bytes, new_dek: bytes, salt: bytes, envelop
     before it is sealed again, and a bad one leaves the original as it was."""
     from . import models
 
+    # resolved: a link stays a link and its file is rewritten (as replace_head does), not
+    # the link replaced and its file left with the old data
     target = os.path.realpath(path)
-    with _replacement(target) as sink:
+    with replacement_for(target) as sink:
         models._reencrypt(target, dek, sink, new_dek, key_id=key_id, envelope=envelope,
                           _salt=salt)

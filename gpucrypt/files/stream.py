@@ -33,8 +33,9 @@ Guarantees and limits:
   made only when used, and is sealed into an ``io.BytesIO`` in place, in the object's own
   buffer. A one-segment input runs in the calling thread.
 - Writes to a path are atomic: a temporary file in the same folder, fsync, then
-  rename. An existing file at ``dst`` is replaced, as ``open(dst, "wb")`` would
-  (the command line asks for ``--force``); ``dst`` naming ``src``'s own file is
+  rename. An existing file at ``dst`` is replaced by that new file, mode 0600 and owned
+  by this process's user (the command line asks for ``--force``); the old file's other
+  hard links keep its old contents. ``dst`` naming ``src``'s own file is
   refused (``ValueError``). ``decrypt`` to a path renames only after every segment, including the
   one marked last, verified; on any error the temporary file is removed and the
   destination is untouched. A path that is a symbolic link is refused (OSError).
@@ -53,13 +54,14 @@ from __future__ import annotations
 import builtins
 import io
 import itertools
+import operator
 import os
 import stat
 from typing import Any, Iterable
 
 from .. import pipeline
 from . import _format
-from ._atomic import AtomicFile, open_output, replace_head, wait_ready
+from ._atomic import AtomicFile, open_output, open_regular, replace_head, wait_ready
 from ._format import (DEFAULT_SEGMENT_SIZE, MAX_SEGMENTS, TAG_SIZE, AuthenticationError,
                       FormatError, Header, StreamError, TruncatedError, UnsupportedVersion)
 from ..backends import select_backend
@@ -771,10 +773,15 @@ class SegmentReader(io.RawIOBase):
         if not keyed:
             key = _format.check_key(key)
         if isinstance(src, (str, os.PathLike)):
-            self._file, self._owns = builtins.open(src, "rb"), True
+            # non-blocking: a FIFO's open waited for a writer forever before it was refused
+            self._file = open_regular(src, lambda kind: _not_random_access(
+                f"{os.fspath(src)} is a {kind}"))
+            self._owns = True
         elif isinstance(src, io.TextIOBase):
             raise TypeError("src is a text file: open it in binary mode ('rb')")
         elif hasattr(src, "read") and hasattr(src, "seek"):
+            if not getattr(src, "seekable", lambda: True)():  # a pipe's tell(): "Illegal seek"
+                raise _not_random_access("src cannot seek (a pipe?)")
             self._file, self._owns = src, False
         else:
             raise TypeError(f"src must be a path or a seekable binary file object, "
@@ -843,11 +850,25 @@ class SegmentReader(io.RawIOBase):
         self._cached_index, self._cached = index, bytes(out)
         return self._cached
 
+    # as io.FileIO: the questions of a closed file are ValueError, writing is unsupported
     def readable(self) -> bool:
+        self._check_open()
         return True
 
     def seekable(self) -> bool:
+        self._check_open()
         return True
+
+    def writable(self) -> bool:
+        self._check_open()
+        return False
+
+    def write(self, data: Any) -> int:
+        self._check_open()
+        raise io.UnsupportedOperation("write: a SegmentReader is read-only")
+
+    def read(self, size: int | None = -1) -> bytes:
+        return super().read(-1 if size is None else size)
 
     def tell(self) -> int:
         self._check_open()
@@ -855,6 +876,8 @@ class SegmentReader(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         self._check_open()
+        # an integer now, as FileIO takes it (a float was kept, and failed at the next read)
+        offset, whence = operator.index(offset), operator.index(whence)
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}.get(whence)
         if base is None:
             raise ValueError(f"invalid whence ({whence!r})")
@@ -895,6 +918,12 @@ class SegmentReader(io.RawIOBase):
                 self._file.close()
             self._cached = b""
         super().close()
+
+
+def _not_random_access(what: str) -> io.UnsupportedOperation:
+    return io.UnsupportedOperation(f"{what}: stream.open reads at any position, so it needs a "
+                                   f"regular file; read a pipe or a device once, in order, "
+                                   f"with stream.decrypt")
 
 
 def open(src: Any, key: Any = None, *, device: str = "cpu", keyset: Any = None,  # noqa: A001
