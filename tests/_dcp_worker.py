@@ -208,11 +208,51 @@ def main(rank: int, world: int, work: str) -> None:
             _equal_to_reference(again)
         dist.barrier()
 
+    def mixed_keys_are_refused():
+        """Two ranks whose writers hold different keysets (one read a stale key file):
+        published, no one key would open the checkpoint, and the previous one's files
+        would be gone. The coordinator refuses before .metadata, naming the odd rank, and
+        the previous checkpoint loads as it was."""
+        group = dist.new_group([0, 1])  # every rank takes part in making the group
+        failure, before, after, loaded = None, None, None, None
+        if rank < 2:
+            folder = os.path.join(work, "mixed")
+            mesh2 = DeviceMesh.from_group(group, "cpu")
+            dcp.save(_sharded(mesh2), storage_writer=EncryptedWriter(folder, keyset=keyset),
+                     process_group=group)
+            before = sorted(os.listdir(folder))
+            stale = keyset if rank == 0 else keys.Keyset.generate()
+            try:
+                dcp.save(_sharded(mesh2, fill=3.0),
+                         storage_writer=EncryptedWriter(folder, keyset=stale),
+                         process_group=group)
+            except BaseException as exc:  # noqa: BLE001 - DCP's CheckpointException
+                failure = exc
+            dist.barrier(group=group)
+            after = sorted(os.listdir(folder))
+            loaded = _sharded(mesh2, fill=0.0)
+            try:
+                dcp.load(loaded, storage_reader=EncryptedReader(folder, keyset=keyset),
+                         process_group=group)
+            except BaseException:  # noqa: BLE001 - on both ranks: asserted below
+                loaded = None
+        dist.barrier()
+        if rank < 2:
+            assert failure is not None, "a save sealed for two different keys was published"
+            (who, (error, _)), = failure.failures.items()
+            assert who == 0 and type(error).__name__ == "ValueError", repr(error)
+            assert "different keys" in str(error) and "rank 1 sealed __1_" in str(error), error
+            assert "rank 0" not in str(error) and keyset.primary.id in str(error), error
+            assert after == before  # nothing published, the refused save's files removed
+            assert loaded is not None, "the previous checkpoint no longer loads"
+            _equal_to_reference(loaded)
+
     scenario("save4", save4)
     scenario("load4", load4)
     scenario("tampered_load_changes_nothing", tampered_load_changes_nothing)
     scenario("failed_load_leaves_no_plaintext_staged", failed_load_leaves_no_plaintext_staged)
     scenario("reshard_to_two", reshard_to_two)
+    scenario("mixed_keys_are_refused", mixed_keys_are_refused)
     with open(os.path.join(work, f"rank{rank}.json"), "w") as f:
         json.dump(outcomes, f)
     dist.destroy_process_group()

@@ -5,7 +5,8 @@ the ranks share this process's imports) saves a sharded state dict (FSDP2 parame
 DTensors sharded along either dimension, a replicated one, a Python value), loads it
 back on 4 ranks, shows that a tampered file fails the load on every rank without
 touching any rank's state (and that the ranks whose entries verified do not keep them
-decrypted), reshards it onto 2 ranks and saves it again from there.
+decrypted), reshards it onto 2 ranks and saves it again from there, and shows that 2
+ranks sealing for different keysets are refused before anything is published.
 This process then loads both checkpoints into plain single-process state dicts
 (4 -> 1 and 4 -> 2 -> 1) and runs the tamper cases on copies of the 2-rank one.
 
@@ -48,7 +49,8 @@ WORLD = 4
 #: numba to probe for a GPU, seconds that the test says nothing with
 CPU = "cpu"
 SCENARIOS = ("save4", "load4", "tampered_load_changes_nothing",
-             "failed_load_leaves_no_plaintext_staged", "reshard_to_two")
+             "failed_load_leaves_no_plaintext_staged", "reshard_to_two",
+             "mixed_keys_are_refused")
 
 
 @pytest.fixture(scope="module")
@@ -844,3 +846,114 @@ def test_a_load_failing_while_copying_zeroes_what_was_staged(tmp_path):
                                       storage_reader=reader, planner=Failing()))
     assert "the planner failed" in str(error)
     assert len(reader.seen) == 2 and not any(bool(t.any()) for t in reader.seen)
+
+
+# ------------------------------------------------------------------ review findings
+
+
+def _fifo_in_place(folder, which: str) -> str:
+    """Replace the checkpoint's ``.metadata`` or its data file by a FIFO; its path."""
+    name = META if which == "metadata" else _rank_file(folder, 0)
+    path = os.path.join(folder, name)
+    os.remove(path)
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize("which", ["metadata", "data"])
+def test_a_fifo_in_place_of_a_checkpoint_file_is_refused_at_once(tmp_path, which):
+    """A FIFO put in place of a checkpoint file (by whoever can write to its folder) is
+    refused when opened, naming it once: a blocking open of .metadata waited for a
+    writer forever, and with it every rank's load."""
+    import threading
+
+    keyset = keys.Keyset.generate()
+    dcp.save({"w": torch.ones(3)}, storage_writer=EncryptedWriter(tmp_path, keyset=keyset))
+    path = _fifo_in_place(tmp_path, which)
+    outcome = []
+
+    def load():
+        try:
+            dcp.load({"w": torch.zeros(3)},
+                     storage_reader=EncryptedReader(tmp_path, keyset=keyset, device=CPU))
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            outcome.append(exc)
+
+    loading = threading.Thread(target=load, daemon=True)
+    loading.start()
+    loading.join(timeout=10)
+    hung = loading.is_alive()
+    for _ in range(100):  # let a hung open go: a writer opens the FIFO and closes it at once
+        if not loading.is_alive():
+            break
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader has it open at this instant
+            pass
+        loading.join(timeout=0.1)
+    assert not hung, f"the load waited on the FIFO at {path}"
+    [error] = outcome
+    assert isinstance(error, CheckpointException), repr(error)
+    message = str(error)
+    assert "this is a FIFO, not a regular file" in message, message
+    assert message.count(path) == 1, message  # was "PATH: PATH is a FIFO"
+
+
+def test_load_bumps_the_autograd_version_of_its_targets(tmp_path):
+    """Loading writes into the caller's tensors in place; like DCP's own reader (copy_),
+    it tells autograd so, and a backward through values saved before the load fails
+    instead of computing with the loaded ones (the memcpy fast path did not)."""
+    keyset = keys.Keyset.generate()
+    dcp.save({"w": torch.full((3,), 2.0)},
+             storage_writer=EncryptedWriter(tmp_path, keyset=keyset, device=CPU))
+    w = torch.nn.Parameter(torch.ones(3))
+    loss = (w * w).sum()  # saves w for backward
+    version = w._version
+    dcp.load({"w": w}, storage_reader=EncryptedReader(tmp_path, keyset=keyset, device=CPU))
+    assert torch.equal(w.detach(), torch.full((3,), 2.0))
+    assert w._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_plain_shards_left_beside_an_encrypted_save_are_warned_of(tmp_path):
+    """An encrypted save into a folder holding a plain DCP checkpoint says that its data
+    files, which hold plaintext, are still there (it does not remove what it did not
+    write); one holding EncryptionExtension's sealed files is not warned of."""
+    keyset = keys.Keyset.generate()
+    plain, sealed = tmp_path / "plain", tmp_path / "sealed"
+    dcp.save({"w": torch.full((4,), 1234.5)}, storage_writer=FileSystemWriter(plain))
+    with pytest.warns(UserWarning, match=r"plain \(unencrypted\) checkpoint: __0_0\.distcp\. "
+                                         r"They hold its tensors in plaintext and were not "
+                                         r"removed"):
+        dcp.save({"w": torch.full((4,), 1234.5)},
+                 storage_writer=EncryptedWriter(plain, keyset=keyset, device=CPU))
+    assert (plain / "__0_0.distcp").exists()
+
+    dcp.save({"w": torch.ones(4)}, storage_writer=FileSystemWriter(
+        sealed, _extensions=[EncryptionExtension(keyset=keyset)]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dcp.save({"w": torch.ones(4)},
+                 storage_writer=EncryptedWriter(sealed, keyset=keyset, device=CPU))
+    assert not [w for w in caught if "plaintext" in str(w.message)], caught
+    assert (sealed / "__0_0.distcp").exists()
+
+
+def test_keys_that_are_no_model_file_names_save_and_load(tmp_path):
+    """State-dict keys DCP saves but a model file cannot name an entry by (over 64 KiB of
+    UTF-8 with or without the chunk's offsets, a lone surrogate) are stored under an
+    entry name of their own; the metadata maps each key to it."""
+    from gpucrypt.files.models import MAX_NAME_BYTES
+
+    keyset = keys.Keyset.generate()
+    state = {"b" * 70000: torch.arange(2.0), "c" * (MAX_NAME_BYTES - 1): torch.arange(3.0),
+             "w\udc80": torch.arange(4.0), "<item 0>": torch.arange(5.0), "ok": torch.arange(6.0),
+             "x" * 70000 + "-step": 7}
+    dcp.save(state, storage_writer=EncryptedWriter(tmp_path, keyset=keyset, device=CPU))
+    out = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in state.items()}
+    dcp.load(out, storage_reader=EncryptedReader(tmp_path, keyset=keyset, device=CPU))
+    for name, value in state.items():
+        assert (torch.equal(out[name], value) if isinstance(value, torch.Tensor)
+                else out[name] == value), name[:20]

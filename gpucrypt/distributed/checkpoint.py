@@ -29,7 +29,10 @@ What goes where (``docs/DISTRIBUTED.md`` has the details and the threat model):
 - **Saving over a checkpoint.** ``.metadata`` is published last, and no save writes a
   file the published ``.metadata`` refers to, so a save that fails at any point leaves
   the previous checkpoint whole. Once the new ``.metadata`` is in place the coordinator
-  removes the data files it does not name (files named as above only).
+  removes the data files it does not name (files named as above only), and warns of a
+  plain DCP checkpoint's data files left there (plaintext, not this writer's to
+  remove). Before publishing, it refuses a save whose ranks sealed their files for
+  different keys (each reports its envelope's public labels with its write results).
 - **Non-tensor values** are pickles (DCP's ``torch.save``), which DCP's planner unpickles
   with ``torch.load(weights_only=False)``. With public-key recipients anyone holding
   their public keys can write a checkpoint, so the reader hands the planner only values
@@ -82,7 +85,8 @@ from .. import audit, pipeline
 from .._errors import KeyManagementError, NoMatchingRecipient
 from ..backends import check_device
 from ..files import keyed, models
-from ..files._format import (DEFAULT_SEGMENT_SIZE, AuthenticationError, FormatError,
+from ..files._atomic import open_regular
+from ..files._format import (DEFAULT_SEGMENT_SIZE, MAGIC, AuthenticationError, FormatError,
                              StreamError, TruncatedError, UnsupportedVersion, check_algorithm,
                              check_segment_size)
 from ..files.keyed import _identities_for, _primary_key_id, gather
@@ -105,6 +109,8 @@ _NON_TENSORS = ("weights_only", "refuse", "pickle")
 #: new to every save), or ``__{rank}_0.gcdistcp`` (earlier versions wrote that one name
 #: on every save; their checkpoints still load, the manifest names the files)
 _DATA_FILE = re.compile(rf"__\d+_(?:0|[0-9a-f]{{16}}){re.escape(DATA_SUFFIX)}", re.ASCII)
+#: the data files DCP's own FileSystemWriter writes (``__{rank}_{n}.distcp``)
+_PLAIN_DCP_FILE = re.compile(r"__\d+_\d+\.distcp", re.ASCII)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,10 +125,14 @@ class EncryptedStorageInfo:
 @dataclasses.dataclass(frozen=True)
 class _WrittenItem:
     """What a rank's ``write_data`` reports about an item to the coordinator: where it
-    is, and the identity of its file (public values: a length and a header MAC)."""
+    is, the identity of its file (public values: a length and a header MAC), and whom
+    the file's envelope is sealed for (its stanzas' public labels, sorted: key ids and
+    recipient fingerprints), so that the coordinator can refuse a save whose ranks
+    sealed for different keys before it publishes anything."""
 
     info: EncryptedStorageInfo
     file: "_FileIdentity"
+    sealed_for: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +165,9 @@ def _in_file(path: Any, exc: BaseException) -> BaseException:
     instances could not be rebuilt from a message after crossing a collective (DCP sends
     exceptions between ranks pickled): those become FormatError or OSError."""
     where = os.fspath(path)
-    message = f"{where}: {exc}"
+    # a message that names the file already (gpucrypt.models' "PATH is a FIFO") keeps its
+    # one mention: "PATH: PATH is a FIFO" said it twice
+    message = str(exc) if str(exc).startswith(where) else f"{where}: {exc}"
     if isinstance(exc, AuthenticationError):
         new: BaseException = type(exc)(message, exc.segment)
     elif isinstance(exc, UnsupportedVersion):
@@ -247,17 +259,37 @@ def _load_metadata_document(plaintext: bytes) -> tuple[Metadata, dict]:
 
 
 # ============================================================================ writer
-def _entry_name(index: Any, taken: set) -> str:
-    """A readable, unique entry name for a write item: ``fqn@offsets`` for a tensor chunk
-    (DCP's own MetadataIndex, which is unique per checkpoint), ``fqn`` for bytes."""
+def _entry_name(index: Any, taken: set, position: int) -> str:
+    """A readable, unique entry name for the write item at ``position`` of a rank's plan:
+    ``fqn@offsets`` for a tensor chunk (DCP's own MetadataIndex, which is unique per
+    checkpoint), ``fqn`` for bytes; ``<item {position}>`` where that is no model-file name
+    (over ``models.MAX_NAME_BYTES`` of UTF-8, or not UTF-8 at all: a lone surrogate),
+    which DCP saves. Readers find entries by the name the metadata records, never by
+    the fqn, so any unique name loads, in this version and earlier ones."""
     name = index.fqn if index.offset is None else \
         f"{index.fqn}@{','.join(str(int(o)) for o in index.offset)}"
     name = name or "<empty>"
+    unique = _unique(name, taken)
+    if not _model_file_name(unique):
+        unique = _unique(f"<item {position}>", taken)
+    taken.add(unique)
+    return unique
+
+
+def _unique(name: str, taken: set) -> str:
     unique, n = name, 1
     while unique in taken or unique == "__metadata__":
         unique, n = f"{name}#{n}", n + 1
-    taken.add(unique)
     return unique
+
+
+def _model_file_name(name: str) -> bool:
+    """Whether gpucrypt.models takes ``name`` as a tensor name (the other rules, non-empty
+    and not ``__metadata__``, _entry_name keeps itself)."""
+    try:
+        return len(name.encode("utf-8")) <= models.MAX_NAME_BYTES
+    except UnicodeEncodeError:
+        return False
 
 
 class EncryptedWriter(FileSystemWriter):
@@ -295,6 +327,7 @@ class EncryptedWriter(FileSystemWriter):
         self.algorithm, self.segment_size = algorithm, segment_size
         self.device, self.threads = device, threads
         self._key_id = _primary_key_id(self._recipients)
+        self._sealed_for: tuple[str, ...] | None = None  # set by write_data
 
     def __getstate__(self) -> dict:
         _refuse_pickling(self)
@@ -314,9 +347,10 @@ class EncryptedWriter(FileSystemWriter):
         entries: dict[str, Any] = {}
         placed: list[tuple[Any, str]] = []
         taken: set = set()
-        for item in plan.items:
+        self._sealed_for = None  # this save's: a writer may be used for several saves
+        for position, item in enumerate(plan.items):
             data = planner.resolve_data(item)
-            entry = _entry_name(item.index, taken)
+            entry = _entry_name(item.index, taken, position)
             if item.type == WriteItemType.BYTE_IO:
                 raw = bytes(data.getbuffer())
                 entries[entry] = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw \
@@ -336,24 +370,29 @@ class EncryptedWriter(FileSystemWriter):
                 del dek
                 ev.update(key_id=self._key_id, recipients=labels, algorithm=self.algorithm,
                           bytes=header.data_length, count=len(entries))
+            self._sealed_for = _sealed_for(labels)
             identity = _FileIdentity(header.file_length, header.header_mac,
                                      _header_sha256(path, header.header_length))
             for index, entry in placed:
                 results.append(WriteResult(
                     index=index, size_in_bytes=entries[entry].nbytes,
-                    storage_data=_WrittenItem(EncryptedStorageInfo(name, entry), identity)))
+                    storage_data=_WrittenItem(EncryptedStorageInfo(name, entry), identity,
+                                              self._sealed_for)))
         future: Future = Future()
         future.set_result(results)
         return future
 
     def finish(self, metadata: Metadata, results: list) -> None:
-        """Write ``.metadata``: DCP's metadata and the manifest of data files, sealed."""
+        """Write ``.metadata``: DCP's metadata and the manifest of data files, sealed.
+        ``ValueError`` (nothing published, nothing of the previous checkpoint touched) when
+        the ranks sealed their data files for different keys."""
         metadata.version = CURRENT_DCP_VERSION
         storage, files = {}, {}
         for written in (w for rank_results in results for w in rank_results):
             record = written.storage_data
             storage[written.index] = record.info
             files[record.info.relative_path] = record.file.as_tuple()
+        self._check_sealed_alike(results, files)
         metadata.storage_data = storage
         metadata.storage_meta = self.storage_meta()
         document = pickle.dumps({"format": METADATA_FORMAT, "version": METADATA_VERSION,
@@ -362,6 +401,43 @@ class EncryptedWriter(FileSystemWriter):
         keyed.encrypt_file(document, self._get_metadata_path(), recipients=self._recipients,
                            algorithm=self.algorithm, device="cpu")
         self._remove_unreferenced(files)
+        self._warn_plain_shards()
+
+    def _check_sealed_alike(self, results: list, files: dict) -> None:
+        """Refuse a save whose ranks sealed their data files for other keys than the
+        coordinator seals ``.metadata`` for (one rank read a stale key file, or was given
+        another keyset): published, no one key would open the whole checkpoint, and the
+        previous one, whose files the publication removes, would be lost with it. The
+        labels are public (key ids, fingerprints), so they may cross the collective; two
+        different keys under one id are not told apart here (their readers' unwrap is)."""
+        expected = self._sealed_for
+        if expected is None:  # the coordinator wrote no data file: what .metadata will be
+            expected = _sealed_for(seal_envelope_with_labels(generate_dek(), self._recipients)[1])
+        odd: dict[int, tuple[str, tuple[str, ...]]] = {}
+        for rank, rank_results in enumerate(results):
+            for written in rank_results:
+                record = written.storage_data
+                if record.sealed_for != expected:
+                    odd[rank] = (record.info.relative_path, record.sealed_for)
+                    break
+        if not odd:
+            return
+        # the refused files are this save's own (names no earlier save used): removed, so
+        # that copies sealed for a stale key are not left behind; best effort (a rank's own
+        # disk is not the coordinator's to see)
+        for name in files:
+            try:
+                os.remove(os.path.join(self.path, name))
+            except OSError:
+                pass
+        ranks = "; ".join(f"rank {rank} sealed {name} for {', '.join(labels) or 'no one'}"
+                          for rank, (name, labels) in sorted(odd.items()))
+        raise ValueError(
+            f"refusing to publish the checkpoint in {os.fspath(self.path)}: its ranks sealed "
+            f"their data files for different keys, so no one key would open it all. The "
+            f"coordinator seals for {', '.join(expected)}; {ranks}. Give every rank the same "
+            f"recipients/keyset (a rank may have read a stale key file) and save again; the "
+            f"previous checkpoint there is unchanged")
 
     def _remove_unreferenced(self, keep: dict) -> None:
         """Remove the data files of earlier (or failed) saves into this folder, now that
@@ -378,6 +454,46 @@ class EncryptedWriter(FileSystemWriter):
                     warnings.warn(f"the checkpoint in {os.fspath(self.path)} was saved, but the "
                                   f"previous save's data file {name} could not be removed "
                                   f"({exc}): remove it by hand", stacklevel=2)
+
+    def _warn_plain_shards(self) -> None:
+        """Warn of DCP's own data files (a plain checkpoint saved here before) left in the
+        folder beside the encrypted one: they hold its tensors in plaintext.
+
+        Warned of, not removed nor refused: they are not this writer's files (it removes
+        only files named as it names them), a user may keep them on purpose (they are
+        migrating the folder, or keep the plain copy elsewhere in mind), and removing them
+        would suggest the plaintext is gone when an unlink scrubs nothing from the disk or
+        its backups. Refusing the save would break a load-plain-then-save-encrypted run
+        that works today. Files that start as gpucrypt streams (saved with DCP's
+        FileSystemWriter and gpucrypt's EncryptionExtension) are not plaintext: not named."""
+        plain = sorted(name for name in os.listdir(self.path)
+                       if _PLAIN_DCP_FILE.fullmatch(name)
+                       and _may_be_plaintext(os.path.join(self.path, name)))
+        if plain:
+            shown = ", ".join(plain[:8]) + (f" and {len(plain) - 8} more" if len(plain) > 8 else "")
+            warnings.warn(f"the encrypted checkpoint in {os.fspath(self.path)} was saved, but the "
+                          f"folder still holds DCP data files of a plain (unencrypted) checkpoint: "
+                          f"{shown}. They hold its tensors in plaintext and were not removed: "
+                          f"if that plaintext must not stay, remove them (and treat what they "
+                          f"held as exposed)", UserWarning, stacklevel=2)
+
+
+def _may_be_plaintext(path: str) -> bool:
+    """Whether the DCP data file at ``path`` may hold plaintext: a regular file that does
+    not start as a gpucrypt stream (what EncryptionExtension writes), or one that cannot
+    be read to tell. Not a regular file (a FIFO, opened without waiting): no data."""
+    try:
+        with open_regular(path, lambda kind: FormatError(kind)) as f:
+            return f.read(len(MAGIC)) != MAGIC
+    except FormatError:
+        return False
+    except OSError:
+        return True
+
+
+def _sealed_for(labels: list[str]) -> tuple[str, ...]:
+    """An envelope's stanza labels as ranks compare them: order and repeats aside."""
+    return tuple(sorted(set(labels)))
 
 
 # ============================================================================ reader
@@ -446,10 +562,14 @@ class EncryptedReader(FileSystemReader):
         path = self._get_metadata_path()
         plaintext = io.BytesIO()
         try:
-            keyed.decrypt_file(path, plaintext, identities=self._identities, device="cpu")
+            # opened without waiting, regular files only: a FIFO put in its place would
+            # otherwise hang every rank's load in open() until someone wrote to it
+            with open_regular(path, _not_regular) as f:
+                try:
+                    keyed.decrypt_file(f, plaintext, identities=self._identities, device="cpu")
+                except FormatError as exc:
+                    raise _plain_dcp(f) or exc from None
             metadata, files = _load_metadata_document(plaintext.getvalue())
-        except FormatError as exc:
-            raise _in_file(path, _plain_dcp(path) or exc) from None
         except (StreamError, KeyManagementError, OSError) as exc:
             raise _in_file(path, exc) from None
         self._files = files
@@ -597,7 +717,13 @@ class EncryptedReader(FileSystemReader):
         """The data key of the file ``name``, once the file is shown to be the one the
         metadata records (same header MAC, same length)."""
         recorded = self._files[name]
-        header = models._parse_path(path)  # parsed, not yet verified: compared to the record
+        # one open for the checks, regular files only (a FIFO's open would wait forever);
+        # load_encrypted opens it again, as gpucrypt.models refuses a FIFO swapped in after
+        with open_regular(path, _not_regular) as f:
+            header = models._parse(f)  # parsed, not yet verified: compared to the record
+            f.seek(0)
+            header_sha256 = hashlib.sha256(f.read(header.header_length)).digest()
+            size = os.fstat(f.fileno()).st_size
         if not hmac.compare_digest(header.header_mac, recorded.header_mac):
             other = next((n for n, f in self._files.items()
                           if hmac.compare_digest(header.header_mac, f.header_mac)), None)
@@ -605,13 +731,11 @@ class EncryptedReader(FileSystemReader):
                 "this is not the data file the checkpoint's metadata records under this name: "
                 + (f"it is the one recorded as {other} (files swapped or renamed)" if other
                    else "it was replaced, or comes from another save into this folder"))
-        if not hmac.compare_digest(_header_sha256(path, header.header_length),
-                                   recorded.header_sha256):
+        if not hmac.compare_digest(header_sha256, recorded.header_sha256):
             raise AuthenticationError("header authentication failed: the header (envelope, key "
                                       "id or entry table) differs from the one the checkpoint's "
                                       "metadata records")
         length = recorded.length
-        size = os.stat(path).st_size
         if size < length:
             raise TruncatedError(f"truncated file: {size} bytes, the checkpoint's metadata "
                                  f"records {length}")
@@ -665,16 +789,23 @@ def _refusal_reason(exc: BaseException) -> tuple[str, str | None]:
     return reason[:200], refused.group(1) if refused else None
 
 
-def _plain_dcp(path: Any) -> FormatError | None:
-    """What to tell a reader whose ``.metadata`` is not a gpucrypt file but a pickle, as
-    DCP's own FileSystemWriter writes it (a plain checkpoint, or one sealed item by item
-    by EncryptionExtension, whose descriptor the pickle names); None for anything else."""
+def _not_regular(kind: str) -> FormatError:
+    """The error for a checkpoint file that is not a regular file (``_in_file`` names it)."""
+    return FormatError(f"this is a {kind}, not a regular file: a checkpoint's files are "
+                       f"regular files (it was replaced: restore the checkpoint from a copy)")
+
+
+def _plain_dcp(f: Any) -> FormatError | None:
+    """What to tell a reader whose ``.metadata`` (``f``, open) is not a gpucrypt file but a
+    pickle, as DCP's own FileSystemWriter writes it (a plain checkpoint, or one sealed
+    item by item by EncryptionExtension, whose descriptor the pickle names); None for
+    anything else."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-            if not (len(head) == 2 and head[0] == pickle.PROTO[0] and 2 <= head[1] <= 5):
-                return None
-            extension = b"gpucrypt.stream/" in f.read()
+        f.seek(0)
+        head = f.read(2)
+        if not (len(head) == 2 and head[0] == pickle.PROTO[0] and 2 <= head[1] <= 5):
+            return None
+        extension = b"gpucrypt.stream/" in f.read()
     except OSError:
         return None
     if extension:
@@ -763,6 +894,10 @@ def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
             and not target.is_neg() and not source.is_neg()):
         np.copyto(target.reshape(-1).view(torch.uint8).numpy(),
                   source.reshape(-1).view(torch.uint8).numpy())
+        # the memcpy is invisible to autograd: bump the version counter as copy_() does, so
+        # that a backward through a graph that saved the old values fails, as with DCP's
+        # own reader, instead of using the loaded ones (inference tensors: a no-op)
+        torch.autograd.graph.increment_version(target)
     else:
         target.copy_(source)
 
