@@ -1426,6 +1426,25 @@ def test_keys_list_shows_damaged_fields_and_a_closed_pipe_is_one_line(work, caps
     assert "BrokenPipeError" not in done.stderr and "Exception ignored" not in done.stderr
 
 
+def test_keys_list_escapes_a_files_control_characters(work, capsys):
+    """keys list reads a keyset without its passphrase, so nothing it shows is
+    authenticated: an id, a date, a status or a protection method holding a terminal's
+    escape sequence (retitle the window, recolour, erase a line) or a line break reached the
+    terminal as it was. Shown escaped now, as stanza labels are."""
+    evil = "ab\x1b]0;pwned\x07\x1b[31mRED\r\nfake line\x9b"
+    (work / "esc.json").write_text(json.dumps({
+        "format": "gpucrypt-keyset", "version": 1,
+        "keys": [{"id": evil, "algorithm": evil, "created": evil, "status": evil}],
+        "protection": {"method": evil}}))
+    code, out, err = run(capsys, "keys", "list", "esc.json")
+    assert code == 0, err
+    assert not any(c in out for c in "\x1b\x07\r\x9b"), out
+    lines = out.splitlines()
+    shown = "ab\\x1b]0;pwned\\x07\\x1b[31mRED\\r\\nfake line"
+    assert len(lines) == 2 and lines[1].count(shown) == 4
+    assert "sealed by ab\\x1b]0;pwned" in lines[0]
+
+
 def test_rekey_refuses_a_file_with_other_hard_links(work, capsys):
     """Rekeying writes a new file in FILE's place: another hard link would keep the envelope
     a revoked recipient opens."""

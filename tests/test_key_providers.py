@@ -198,6 +198,31 @@ def test_bad_uris_say_what_is_wrong(uri, why):
 
 
 @pytest.mark.parametrize("uri", [
+    "pkcs11:token=prod;object=kek?pin-source=env:HSM_PIN&Tr0ub4dorXyzzy42",
+    "awskms:///alias/models?region=eu-west-1&=AKIAXYZZY42",
+    "awskms:///alias/models?region=eu-west-1&AKIAXYZZY42==",  # base64: reads as a name
+    "awskms:///alias/models?region=eu-west-1&AKIAXYZZY42=1&AKIAXYZZY42=2",
+    "file:///etc/ks.json?passphrase-source=env:P&correct horse xyzzy42 staple",
+])
+def test_errors_quote_nothing_of_a_query_but_the_names_gpucrypt_knows(uri):
+    """_shown leaves the query out of errors because an item there may be a secret pasted
+    by mistake; the error about that item quoted it back ("attribute '=akiaexamplesecret'
+    has no value"). Nothing of it is shown now, and the error still says what is wrong."""
+    with pytest.raises(keys.KeysetError, match="name=value|unknown query attribute|given "
+                                               "twice") as info:
+        KeyReference(uri)
+    assert "xyzzy42" not in str(info.value).lower(), info.value
+    assert "not shown" in str(info.value)
+
+
+def test_a_query_name_gpucrypt_knows_is_still_named():
+    with pytest.raises(keys.KeysetError, match="unknown query attribute 'module-path'"):
+        KeyReference("awskms:///alias/models?region=eu-west-1&module-path=/x.so")
+    with pytest.raises(keys.KeysetError, match="query attribute 'region' is given twice"):
+        KeyReference("awskms:///alias/models?region=eu-west-1&region=us-east-1")
+
+
+@pytest.mark.parametrize("uri", [
     "pkcs11:token=prod;object=k;pin%2Dvalue=SECRET-7d1",
     "pkcs11:token=prod;object=k;pin%2dval%75e=SECRET-7d1",
     "pkcs11:token=prod;object=k;PIN-VALUE=SECRET-7d1",
@@ -485,6 +510,65 @@ def test_pkcs11_pin_from_a_file_and_wrong_pins(hsm, tmp_path, monkeypatch):
     with pytest.raises(keys.KeyProviderError, match="refused the PIN") as info:
         keys.seal_envelope(dek, KeyReference(_hsm_uri(hsm, extra="&pin-source=env:WRONG_PIN")))
     assert "not-the-pin" not in str(info.value)
+
+
+def _open_sessions(module: str) -> int:
+    """How many sessions this process has open on SoftHSM2 (which reports no session count
+    in C_GetTokenInfo): the handles C_GetSessionInfo knows, probed one by one. SoftHSM2
+    hands out the lowest free handle, so 1 to 512 covers every test here."""
+    import ctypes
+
+    info = (ctypes.c_ulong * 4)()  # CK_SESSION_INFO: slot, state, flags, device error
+    lib = ctypes.CDLL(module)
+    return sum(lib.C_GetSessionInfo(ctypes.c_ulong(handle), ctypes.byref(info)) == 0
+               for handle in range(1, 513))
+
+
+def test_pkcs11_a_refused_pin_leaves_no_session_open(hsm, monkeypatch):
+    """python-pkcs11's token.open(user_pin=...) opens the session, then logs in: a PIN the
+    token refused left that session open, one more per try (a retry loop, or a server
+    handed a wrong PIN, ran the token out of sessions). None stays open now."""
+    dek = keys.generate_dek()
+    ref = KeyReference(_hsm_uri(hsm))
+    keys.seal_envelope(dek, ref)  # the module loaded, as in a long-running process
+    before = _open_sessions(hsm["module"])
+    monkeypatch.setenv("WRONG_PIN", "not-the-pin")
+    wrong = KeyReference(_hsm_uri(hsm, extra="&pin-source=env:WRONG_PIN"))
+    for _ in range(3):
+        with pytest.raises(keys.KeyProviderError, match="refused the PIN"):
+            keys.seal_envelope(dek, wrong)
+    assert _open_sessions(hsm["module"]) == before
+    assert keys.open_envelope(keys.seal_envelope(dek, ref), ref) == dek
+    assert _open_sessions(hsm["module"]) == before
+
+
+def test_pkcs11_works_beside_the_applications_own_login_and_undoes_only_its_own(hsm):
+    """PKCS#11 logs in an application, not a session. An application already logged in to
+    the token (using it for other work) got UserAlreadyLoggedIn from every gpucrypt call:
+    gpucrypt now uses that login and leaves it in place (the application's session still
+    sees private objects afterwards). A login gpucrypt made itself is logged out when its
+    operation ends: a public session sees no private key after it."""
+    from pkcs11 import ObjectClass
+    from pkcs11 import exceptions as p11e
+
+    from gpucrypt.keys.pkcs11 import _library
+
+    token = _library(hsm["module"]).get_token(token_label=TOKEN)
+    dek, ref = keys.generate_dek(), KeyReference(_hsm_uri(hsm))
+    app = token.open(user_pin=PIN)
+    try:
+        envelope = keys.seal_envelope(dek, ref)
+        assert keys.open_envelope(envelope, ref) == dek
+        app.get_key(object_class=ObjectClass.SECRET_KEY, label="kek")  # still logged in
+    finally:
+        app.close()  # logs the application out
+    public = token.open()
+    try:
+        assert keys.open_envelope(envelope, ref) == dek  # gpucrypt logs in, then out
+        with pytest.raises(p11e.NoSuchKey):  # a private object: invisible when logged out
+            public.get_key(object_class=ObjectClass.SECRET_KEY, label="kek")
+    finally:
+        public.close()
 
 
 def test_pkcs11_serial_manufacturer_and_model_pick_the_token(hsm):

@@ -223,12 +223,19 @@ class _ScryptReached(Exception):
     (2**21, 8, 1, False),    # 2 GiB
     (2**20, 16, 1, False),   # 2 GiB
     (2**17, 8, 64, False),   # 128 MiB, but 64 passes: 64 times the default's work
+    (2**22, 1, 2, False),    # 512 MiB, but r and p are not what gpucrypt writes
+    (2, 2**22, 1, False),    # N * r * p = 2**23, but 128 * r * p is 512 MiB more (B)
+    (2, 1, 2**22, False),    # the same through p
+    (3 * 2**10, 8, 1, False),  # not a power of 2: no gpucrypt wrote it
+    (2**20, 8, True, False),   # true is not 1 in a work factor
     (2**20, 8, 1, True),     # 1 GiB: the most a passphrase-encrypted file may ask
-    (2**22, 1, 2, True),     # 512 MiB, as much work as the line above
+    (2**17, 8, 1, True),     # the default
+    (2**10, 8, 1, True),     # weaker than writers take now: read, saved again stronger
 ])
 def test_scrypt_parameters_bounded(fast_scrypt, tmp_path, monkeypatch, n, r, p, accepted):
-    """A sealed file asking scrypt for more than 1 GiB, or more work than a
-    passphrase-encrypted file may ask, is refused before scrypt runs."""
+    """A sealed file asking scrypt for anything but what gpucrypt writes (r = 8, p = 1,
+    N a power of 2 up to 2**20) is refused before scrypt runs: its memory is
+    128 * r * (N + p) bytes, so bounds on N and N * r * p alone let r or p ask gigabytes."""
     from gpucrypt.keys import _document
 
     path = tmp_path / "ks.json"
@@ -242,7 +249,8 @@ def test_scrypt_parameters_bounded(fast_scrypt, tmp_path, monkeypatch, n, r, p, 
 
     monkeypatch.setattr(_document, "Scrypt", scrypt)
     with pytest.raises(_ScryptReached if accepted else KeysetError,
-                       match=None if accepted else "out of the accepted range"):
+                       match=None if accepted else "scrypt parameters are outside what "
+                                                   "gpucrypt writes .*r = 8, p = 1"):
         Keyset.load(path, "pw")
 
 
@@ -633,6 +641,9 @@ def test_kek_sealing(tmp_path):
     ('{"format": "something-else"}', "not a gpucrypt-keyset file"),
     ('{"format": "gpucrypt-keyset", "version": 9, "keys": []}', "version 9 is not supported"),
     ('{"format": "gpucrypt-keyset", "version": 1, "keys": [{"id": "a"}]}', "malformed key entry"),
+    # json.loads refuses an integer past 4300 digits with a plain ValueError (a traceback)
+    ('{"format": "gpucrypt-keyset", "version": 1, "keys": [], "n": ' + "9" * 5000 + "}",
+     "not JSON gpucrypt reads: a number in it is too long"),
 ])
 def test_malformed_keyset_files(tmp_path, content, message):
     path = tmp_path / "ks.json"
@@ -766,6 +777,118 @@ def test_recipient_file_with_wrong_fingerprint(tmp_path):
     (tmp_path / "r.pub").write_text(json.dumps(doc))
     with pytest.raises(KeysetError, match="fingerprint does not match"):
         Recipient.load(tmp_path / "r.pub")
+
+
+@pytest.mark.parametrize("kem, problem", [
+    (["x25519"], '"kem" is a list, not a string'),
+    ({"x25519": 1}, '"kem" is an object, not a string'),
+    (25519, '"kem" is a number, not a string'),
+    (None, '"kem" is null, not a string'),
+])
+def test_a_key_file_whose_kem_is_not_a_string_is_a_keyset_error(tmp_path, capsys, kem, problem):
+    """``kem not in _KEMS`` of a list or an object is a TypeError, "unhashable type", which
+    loading did not catch: a traceback from Recipient.load, Identity.load and `encrypt -r`."""
+    identity = Identity.generate()
+    identity.save(tmp_path / "id.json")
+    public, private = identity.recipient.to_json(), json.loads((tmp_path / "id.json").read_text())
+    for doc in (public, private):
+        doc["kem"] = kem
+    (tmp_path / "r.pub").write_text(json.dumps(public))
+    (tmp_path / "id.json").write_text(json.dumps(private))
+    (tmp_path / "plain").write_bytes(b"data")
+    with pytest.raises(KeysetError, match=f"r.pub: invalid public key \\({re.escape(problem)}"):
+        Recipient.load(tmp_path / "r.pub")
+    with pytest.raises(KeysetError, match=f"id.json: invalid private key \\({re.escape(problem)}"):
+        Identity.load(tmp_path / "id.json")
+    code, _, err = _cli(capsys, "encrypt", "-r", tmp_path / "r.pub", "-o", tmp_path / "out",
+                        tmp_path / "plain")
+    assert code == 1 and err.count("\n") == 1 and problem in err, err
+    with pytest.raises(TypeError, match="kem must be a str"):  # the library's caller: a TypeError
+        Recipient(["x25519"], bytes(32))
+    with pytest.raises(TypeError, match="kem must be a str"):
+        Identity({"x": 1}, bytes(32))
+
+
+#: X25519 points of small order (RFC 7748 section 6.1 and libsodium's blocklist): all of them
+#: give an all-zero shared secret, whatever the private key
+_LOW_ORDER_X25519 = [bytes(32), (1).to_bytes(32, "little"), *map(bytes.fromhex, (
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"))]
+
+
+def test_a_low_order_x25519_recipient_is_refused_when_loaded(tmp_path, capsys):
+    """age refuses such keys; gpucrypt loaded one, then sealing failed with cryptography's
+    "Error computing shared key.", naming no recipient (on the command line, with several
+    -r, which one was left to guess). Refused at load now, naming the file."""
+    from cryptography.hazmat.primitives.asymmetric import mlkem
+
+    hybrid_public = mlkem.MLKEM768PrivateKey.generate().public_key().public_bytes_raw()
+    for point in _LOW_ORDER_X25519:
+        with pytest.raises(ValueError, match="low-order point"):
+            Recipient("x25519", point)
+        with pytest.raises(ValueError, match="low-order point"):  # the hybrid's X25519 half
+            Recipient("mlkem768-x25519", hybrid_public + point)
+    Identity.generate().recipient.save(tmp_path / "good.pub")
+    (tmp_path / "bad.pub").write_text(json.dumps({
+        "format": "gpucrypt-recipient", "version": 1, "kem": "x25519",
+        "public_key": base64.b64encode(bytes(32)).decode()}))
+    with pytest.raises(KeysetError, match="bad.pub: invalid public key \\(the X25519 public key "
+                                          "is a low-order point"):
+        Recipient.load(tmp_path / "bad.pub")
+    (tmp_path / "plain").write_bytes(b"data")
+    code, _, err = _cli(capsys, "encrypt", "-r", tmp_path / "good.pub", "-r", tmp_path / "bad.pub",
+                        "-o", tmp_path / "out", tmp_path / "plain")
+    assert code == 1 and err.count("\n") == 1 and "bad.pub" in err and "low-order" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_recipient_that_cannot_be_wrapped_for_is_named(monkeypatch):
+    """Should the HPKE seal still fail for a recipient (here: one whose key object was
+    swapped after the checks), the error names it by fingerprint."""
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    good, bad = Identity.generate().recipient, Identity.generate().recipient
+    bad._public_key = x25519.X25519PublicKey.from_public_bytes(bytes(32))
+    with pytest.raises(keys.EnvelopeError, match=f"cannot wrap the data key for recipient "
+                                                 f"{bad.fingerprint}"):
+        keys.seal_envelope(keys.generate_dek(), [good, bad])
+
+
+@pytest.mark.parametrize("key_id, problem", [
+    ("", "empty"),
+    ("k" * 256, "256 bytes of UTF-8"),
+    ("\u00e9" * 128, "256 bytes of UTF-8"),  # 128 characters, 2 bytes each
+    ("\ud800", "not valid UTF-8 \\(it holds a lone surrogate\\)"),
+])
+def test_a_key_id_that_cannot_name_a_stanza_is_refused_at_load(tmp_path, key_id, problem):
+    """An envelope names a keyset key by its id's UTF-8, 1 to 255 bytes: a file with an
+    empty, longer or surrogate id loaded, then its first wrap failed with a ValueError or a
+    UnicodeEncodeError (a traceback on the command line)."""
+    from gpucrypt.keys import KeysetKey, WrappingKey
+
+    path = tmp_path / "ks.json"
+    path.write_text(json.dumps({"format": "gpucrypt-keyset", "version": 1, "keys": [
+        {"id": key_id, "algorithm": "aes-256-kwp", "created": "2024-01-01T00:00:00Z",
+         "status": "primary", "material": base64.b64encode(os.urandom(32)).decode()}]}))
+    with pytest.raises(KeysetError, match=f"malformed key entry 1: its id is {problem}, and a "
+                                          f"key id is 1 to 255 bytes of UTF-8"):
+        Keyset.load(path)
+    with pytest.raises(KeysetError, match=f"id is {problem}, and a key id is 1 to 255 bytes"):
+        Keyset([KeysetKey(key_id, "aes-256-kwp", "2024-01-01T00:00:00Z", "primary",
+                          os.urandom(32))])
+    with pytest.raises(ValueError, match=f"key_id is {problem}: a key id is 1 to 255 bytes"):
+        WrappingKey(key_id, os.urandom(32))
+
+
+def test_a_key_id_of_255_bytes_loads_and_wraps(tmp_path):
+    path = tmp_path / "ks.json"
+    key_id = "\u00e9" * 127 + "k"  # 255 bytes
+    path.write_text(json.dumps({"format": "gpucrypt-keyset", "version": 1, "keys": [
+        {"id": key_id, "algorithm": "aes-256-kwp", "created": "2024-01-01T00:00:00Z",
+         "status": "primary", "material": base64.b64encode(os.urandom(32)).decode()}]}))
+    ks, dek = Keyset.load(path), keys.generate_dek()
+    assert keys.open_envelope(keys.seal_envelope(dek, ks), ks) == dek
 
 
 def test_file_key_provider(fast_scrypt, tmp_path):
@@ -1379,7 +1502,8 @@ def test_objects_holding_key_material_refuse_pickle_and_copy(fast_scrypt, tmp_pa
                "Identity": Identity.generate(),
                "hybrid Identity": Identity.generate("mlkem768-x25519"),
                "FileKeyProvider with a passphrase": FileKeyProvider(path, "sealing-pass-xyz"),
-               "used FileKeyProvider": used}
+               "used FileKeyProvider": used,
+               "PassphraseText": keys.passphrase.from_file_bytes(b"sealing-pass-xyz\r\n")}
     for name, holder in holders.items():
         for attempt in (pickle.dumps, copy.copy, copy.deepcopy):
             with pytest.raises(TypeError, match=r"it holds key material, which a pickle "
@@ -1399,6 +1523,67 @@ def test_objects_holding_key_material_refuse_pickle_and_copy(fast_scrypt, tmp_pa
     Keyset.generate().save(plain_path)
     assert pickle.loads(pickle.dumps(FileKeyProvider(plain_path))).keyset.primary.id == \
         Keyset.load(plain_path).primary.id
+
+
+def test_a_passphrase_read_from_a_file_is_not_pickled_but_is_its_text():
+    """PassphraseText (a passphrase file's reading, with its earlier readings) pickled and
+    copied with the passphrase in the clear, where Passphrase refused. It refuses too now;
+    it stays a str whose str() is the passphrase (what takes a passphrase as text gets
+    it), and its repr shows nothing."""
+    import copy
+    import pickle
+
+    text = keys.passphrase.from_file_bytes(b"\xef\xbb\xbfpass-words-q7\r\n")
+    for attempt in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match="cannot pickle or copy 'PassphraseText' object.*"
+                                            "name where the passphrase is instead"):
+            attempt(text)
+    assert "pass-words-q7" not in repr(text)
+    assert str(text) == text == "pass-words-q7" and isinstance(text, str)
+    assert keys.passphrase.forms(text)[0] == b"pass-words-q7"
+
+
+def test_save_refuses_arguments_that_contradict_each_other(fast_scrypt, tmp_path):
+    """Keyset.save(path, passphrase, kek=K) sealed with the passphrase and dropped K without
+    a word (the file then did not load with K); unsealed=True beside a secret, scrypt_n or
+    kek_id with nothing they apply to, were dropped the same way. Each is a ValueError now,
+    before anything is written; so is a load, or a FileKeyProvider, given both secrets."""
+    kek, path = os.urandom(32), tmp_path / "ks.json"
+    ks = Keyset.generate()
+    refused = [
+        (lambda: ks.save(path, "pw", kek=kek), "not both"),
+        (lambda: ks.save(path, "pw", unsealed=True), "unsealed=True"),
+        (lambda: ks.save(path, kek=kek, unsealed=True), "unsealed=True"),
+        (lambda: ks.save(path, scrypt_n=FAST_N), "scrypt_n is the work factor"),
+        (lambda: ks.save(path, kek=kek, scrypt_n=FAST_N), "scrypt_n is the work factor"),
+        (lambda: ks.save(path, "pw", kek_id="hsm-7"), "kek_id labels"),
+        (lambda: ks.save(path, kek_id="hsm-7"), "kek_id labels"),
+        (lambda: Identity.generate().save(tmp_path / "id.json", scrypt_n=FAST_N),
+         "scrypt_n is the work factor"),
+    ]
+    for attempt, message in refused:
+        with pytest.raises(ValueError, match=message):
+            attempt()
+        assert not list(tmp_path.iterdir())
+    ks.save(path, "pw", scrypt_n=FAST_N)
+    with pytest.raises(ValueError, match="not both"):
+        Keyset.load(path, "pw", kek=kek)
+    with pytest.raises(ValueError, match="not both"):
+        FileKeyProvider(path, "pw", kek=kek)
+    # what a loaded keyset remembers counts: its passphrase takes scrypt_n, its KEK kek_id
+    sealed = Keyset.load(path, "pw")
+    sealed.save(path, scrypt_n=2 * FAST_N)
+    assert json.loads(path.read_text())["protection"]["n"] == 2 * FAST_N
+    with pytest.raises(ValueError, match="kek_id labels"):
+        sealed.save(path, kek_id="hsm-7")
+    with pytest.raises(ValueError, match="scrypt_n is the work factor"):
+        sealed.save(path, unsealed=True, scrypt_n=FAST_N)
+    ks.save(tmp_path / "kek.json", kek=kek)
+    by_kek = Keyset.load(tmp_path / "kek.json", kek=kek)
+    by_kek.save(tmp_path / "kek.json", kek_id="hsm-8")
+    assert json.loads((tmp_path / "kek.json").read_text())["protection"]["kek_id"] == "hsm-8"
+    with pytest.raises(ValueError, match="scrypt_n is the work factor"):
+        by_kek.save(tmp_path / "kek.json", scrypt_n=FAST_N)
 
 
 def test_data_key_cache_is_safe_from_many_threads(tmp_path, monkeypatch):

@@ -632,11 +632,20 @@ def _run_keys(args) -> int:
 
             print(json.dumps(info, indent=2))
             return 0
+        from ..keys.recipients import printable_text
+
+        def shown(value: Any) -> str:
+            # str(): a damaged file's field may be a number, null, a list; escaped: nothing
+            # of the file is authenticated here (no passphrase), and an id or date holding a
+            # terminal's escape sequence would rewrite the screen
+            return printable_text(str(value))
+
+        protection = info["protection"]
         print(f"{args.keyset}: {len(info['keys'])} key(s), "
-              f"{'sealed by ' + info['protection'] if info['protection'] else 'not sealed'}")
-        for key in info["keys"]:  # !s: a damaged file's field may be a number, null, a list
-            print(f"  {key.get('id', '?')!s:18s} {key.get('status', '?')!s:9s} "
-                  f"{key.get('algorithm', '?')!s:12s} {key.get('created', '?')!s}")
+              f"{'sealed by ' + shown(protection) if protection else 'not sealed'}")
+        for key in info["keys"]:
+            print(f"  {shown(key.get('id', '?')):18s} {shown(key.get('status', '?')):9s} "
+                  f"{shown(key.get('algorithm', '?')):12s} {shown(key.get('created', '?'))}")
         return 0
     if args.keys_command == "destroy" and not args.yes:
         raise CliError(f"destroying key {args.key_id} cannot be undone: data wrapped only under "

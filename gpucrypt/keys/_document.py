@@ -10,9 +10,9 @@ the file breaks the seal. Two protections exist (docs/KEYS.md):
 - ``kek``: a 32-byte key-encryption key, AES-256-GCM.
 
 scrypt's bounds are :mod:`~gpucrypt.keys.passphrase`'s: files are written with N from
-2**MIN_LOG_N to 2**MAX_LOG_N (r = 8, p = 1); a file is read when 128 * r * N (memory) is
-at most 1 GiB and N * r * p (work) at most 2**MAX_LOG_N * 8, the most a passphrase-encrypted
-file may ask for.
+2**MIN_LOG_N to 2**MAX_LOG_N (r = 8, p = 1); a file is read when it asks for r = 8, p = 1
+and N a power of 2 up to 2**MAX_LOG_N (:func:`~gpucrypt.keys.passphrase.readable_log_n`,
+the check a passphrase-encrypted file's stanza passes too), refused before any work.
 
 Used by :mod:`~gpucrypt.keys.keyset` and :mod:`~gpucrypt.keys.recipients`. Imports the
 ground floor (:mod:`gpucrypt._errors`), :mod:`~gpucrypt.keys.passphrase` and, when sealing,
@@ -39,10 +39,6 @@ FILE_VERSION = 1
 
 #: scrypt work factor for passphrase sealing: N = 2**17, r = 8, p = 1 (128 MiB, ~1.4 s measured here)
 DEFAULT_SCRYPT_N = 2**17
-#: refuse files that ask scrypt for more (a denial of service): 128 * r * N bytes of memory
-#: at most 1 GiB, N * r * p at most what a passphrase-encrypted file may ask (N = 2**20, r = 8)
-_SCRYPT_MAX_MEMORY = 2**30
-_SCRYPT_MAX_WORK = 2**_passphrase.MAX_LOG_N * _passphrase.SCRYPT_R * _passphrase.SCRYPT_P
 
 
 def b64e(data: bytes) -> str:
@@ -140,8 +136,13 @@ def parse_document(raw: bytes, path: str | os.PathLike,
     where = os.fspath(path)
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # deep nesting: Recursion
-        raise UnreadableKeyFile(f"{where}: not a {expected_format} file (not JSON)") from None
+    # ValueError: not UTF-8, not JSON, or a number past int's 4300 digits (json.loads says
+    # so with a plain ValueError); RecursionError: nested too deeply
+    except (ValueError, RecursionError) as exc:
+        why = ("not JSON" if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError,
+                                              RecursionError))
+               else "not JSON gpucrypt reads: a number in it is too long")
+        raise UnreadableKeyFile(f"{where}: not a {expected_format} file ({why})") from None
     if not isinstance(doc, dict) or doc.get("format") != expected_format:
         kind = _KINDS.get(doc.get("format")) if isinstance(doc, dict) else None
         raise UnreadableKeyFile(f"{where}: not a {expected_format} file"
@@ -174,10 +175,20 @@ def scrypt_n_to_write(scrypt_n: int) -> int:
     return n
 
 
+def refuse_both_secrets(passphrase: Any, kek: Any) -> None:
+    """ValueError when both a passphrase and a key-encryption key are given: a file is
+    sealed by one of them, and the other would be dropped without a word (a save "with a
+    KEK" that wrote a passphrase-sealed file, which then did not load with that KEK)."""
+    if passphrase is not None and kek is not None:
+        raise ValueError("give a passphrase or a key-encryption key (kek=), not both: a key "
+                         "file is sealed by one of them, and the other would be ignored")
+
+
 def seal_document(public: dict, secret: dict, *, passphrase=None, kek=None, kek_id=None,
                    scrypt_n: int = DEFAULT_SCRYPT_N) -> dict:
     from ..aead import AESGCM, ChaCha20Poly1305
 
+    refuse_both_secrets(passphrase, kek)
     nonce = os.urandom(12)
     if passphrase is not None:
         salt, n = os.urandom(16), scrypt_n_to_write(scrypt_n)
@@ -206,6 +217,7 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict |
     under someone else's keys."""
     from ..aead import AESGCM, ChaCha20Poly1305
 
+    refuse_both_secrets(passphrase, kek)  # else a keyset would remember both, to seal with
     method = protection_method(doc, where)
     if method is None:
         if passphrase is None and kek is None:
@@ -246,12 +258,15 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict |
             n, r, p = protection.get("n"), protection.get("r"), protection.get("p")
             if protection.get("kdf") != "scrypt" or not all(isinstance(v, int) for v in (n, r, p)):
                 raise KeysetError(f"{where}: unsupported key derivation")
-            if not (n >= 2 and r >= 1 and p >= 1 and 128 * r * n <= _SCRYPT_MAX_MEMORY
-                    and n * r * p <= _SCRYPT_MAX_WORK):
-                raise KeysetError(f"{where}: scrypt parameters out of the accepted range "
-                                  f"(128 * r * N at most 1 GiB, N * r * p at most "
-                                  f"2**{_SCRYPT_MAX_WORK.bit_length() - 1}), refused before "
-                                  f"any work: restore the file from a copy")
+            # only what gpucrypt writes (r = 8, p = 1, N = 2**k up to 2**MAX_LOG_N), refused
+            # before any work: a file is untrusted until the seal opens, and scrypt's memory
+            # is 128 * r * (N + p) bytes, so any other (r, p) lets it ask for gigabytes
+            if _passphrase.readable_log_n(n, r, p) is None:
+                raise KeysetError(f"{where}: its scrypt parameters are outside what gpucrypt "
+                                  f"writes (r = {_passphrase.SCRYPT_R}, p = "
+                                  f"{_passphrase.SCRYPT_P}, N a power of 2 up to "
+                                  f"2**{_passphrase.MAX_LOG_N}), refused before any work: the "
+                                  f"file was damaged or crafted; restore it from a copy")
             salt = b64d(protection.get("salt"), f"{where}: salt")
             sealed, aad = b64d(doc.get("sealed"), f"{where}: sealed part"), _canonical(public)
             # each of the passphrase's forms, NFC first (passphrase.forms: files sealed
@@ -286,7 +301,7 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict |
         raise KeysetError(f"{where}: malformed protection block") from None
     try:
         secret = json.loads(plain)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # as parse_document's
         raise KeysetError(f"{where}: sealed part is not JSON") from None
     if not isinstance(secret, dict):
         raise KeysetError(f"{where}: malformed sealed part")

@@ -129,7 +129,7 @@ def parse_key_uri(uri: str) -> KeyUri:
     scheme = scheme.lower()
     rest = uri[len(scheme) + 1:]
     body, _, query_text = rest.partition("?")
-    query = _attributes(uri, query_text, "&") if query_text else {}
+    query = _attributes(uri, query_text, "&", query=True) if query_text else {}
     for name, value in query.items():
         if name in _SECRET_ATTRIBUTES:
             raise _bad(uri, f"{name} would put a secret in the URI; use pin-source=env:VAR or "
@@ -146,7 +146,18 @@ def parse_key_uri(uri: str) -> KeyUri:
     return _file(uri, body, query)
 
 
-def _attributes(uri: str, text: str, separator: str, encoded: tuple = ()) -> dict:
+#: query attribute names errors may quote: the ones gpucrypt knows, and nothing else of
+#: a query (_shown leaves the query out: an item there may be a secret pasted by mistake,
+#: "&Tr0ub4dor&3" or a base64 "&AKIA...==", which reads as a name)
+_KNOWN_QUERY = frozenset((*_PKCS11_QUERY, *_PKCS11_BEHAVIOUR, *_AWS_QUERY, *_FILE_QUERY,
+                          *_SECRET_ATTRIBUTES))
+_NOT_SHOWN = "not shown: it may be a secret pasted by mistake"
+
+
+def _attributes(uri: str, text: str, separator: str, encoded: tuple = (),
+                query: bool = False) -> dict:
+    """``text``'s ``name=value`` items; ``query``: they are a URI's query, whose items
+    errors quote only by a name gpucrypt knows (:data:`_KNOWN_QUERY`)."""
     out: dict = {}
     for item in text.split(separator):
         if not item:
@@ -154,9 +165,13 @@ def _attributes(uri: str, text: str, separator: str, encoded: tuple = ()) -> dic
         name, eq, value = item.partition("=")
         name = name.strip().lower()
         if not eq or not name:
+            if query:
+                raise _bad(uri, f"a query item has no name=value form ({_NOT_SHOWN}); write "
+                                f"name=value, separated by &")
             raise _bad(uri, f"attribute {name or item!r} has no value (write name=value)")
         if name in out:
-            raise _bad(uri, f"attribute {name!r} is given twice")
+            shown = repr(name) if not query or name in _KNOWN_QUERY else f"({_NOT_SHOWN})"
+            raise _bad(uri, f"{'query ' if query else ''}attribute {shown} is given twice")
         out[name] = value if name in encoded else unquote(value)
     return out
 
@@ -164,7 +179,8 @@ def _attributes(uri: str, text: str, separator: str, encoded: tuple = ()) -> dic
 def _only(uri: str, attrs: dict, allowed: tuple, where: str) -> None:
     for name in attrs:
         if name not in allowed and not name.startswith("x-"):
-            raise _bad(uri, f"unknown {where} attribute {name!r} (known: {', '.join(allowed)})")
+            shown = repr(name) if where != "query" or name in _KNOWN_QUERY else f"({_NOT_SHOWN})"
+            raise _bad(uri, f"unknown {where} attribute {shown} (known: {', '.join(allowed)})")
 
 
 def _pkcs11(uri: str, body: str, query: dict) -> KeyUri:

@@ -26,7 +26,8 @@ from .. import audit
 from .._errors import KeyNotFound, KeysetError, KeyUnavailable
 from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document,
                         parse_document, protection_method, read_json, read_key_bytes,
-                        scrypt_n_to_write, seal_document, utc_timestamp, write_key_file)
+                        refuse_both_secrets, scrypt_n_to_write, seal_document, utc_timestamp,
+                        write_key_file)
 from ._material import HoldsKeyMaterial
 
 __all__ = ["KeysetKey", "Keyset", "PRIMARY", "ENABLED", "DISABLED", "DESTROYED",
@@ -146,6 +147,11 @@ class Keyset(HoldsKeyMaterial):
     def __init__(self, keys: Iterable[KeysetKey] = ()):
         self._keys: dict[str, KeysetKey] = {}
         for key in keys:
+            # before it is a dict key (a list is unhashable), and before any wrap
+            problem = (key_id_problem(key.id) if isinstance(key.id, str)
+                       else f"a {type(key.id).__name__}, not a str")
+            if problem is not None:
+                raise KeysetError(f"a key's id is {problem}, and {KEY_ID_RULE}")
             if key.id in self._keys:
                 raise KeysetError(f"duplicate key id {key.id}")
             if key.status not in _STATUSES:
@@ -270,7 +276,10 @@ class Keyset(HoldsKeyMaterial):
         first keyset, and every file encrypted to it).
 
         With ``passphrase`` (scrypt + ChaCha20-Poly1305) or ``kek`` (32 bytes, AES-256-GCM)
-        the materials are sealed. A keyset loaded sealed stays sealed with the same
+        the materials are sealed. ``ValueError``, before anything is done, for arguments
+        that contradict each other: both a passphrase and a kek, ``unsealed=True`` with
+        either, ``scrypt_n`` with no passphrase to apply to (given or remembered), ``kek_id``
+        with no kek. A keyset loaded sealed stays sealed with the same
         secret unless another is given, or ``unsealed=True`` asks for plain JSON; it keeps
         the file's scrypt work factor too, unless sealing would now refuse it (a weak one
         becomes the default).
@@ -298,11 +307,32 @@ class Keyset(HoldsKeyMaterial):
         the keyset was read or last saved: a ``keyset.destroy`` is on disk when a later
         ``keyset.save`` that lists its key is ``ok``.
         """
+        self._check_save_arguments(passphrase, kek, kek_id, scrypt_n, unsealed)
         with audit.timed("keyset.save", path=os.fspath(path),
                          key_ids=sorted(self._unsaved)) as ev:
             self._save(path, passphrase, kek, kek_id, scrypt_n, unsealed, overwrite, ev)
         self._unsaved.clear()
         self._in_memory.clear()
+
+    def _check_save_arguments(self, passphrase, kek, kek_id, scrypt_n, unsealed) -> None:
+        """ValueError for :meth:`save` arguments that contradict each other, before anything
+        is done: each would otherwise be dropped without a word, and the file sealed (or
+        not) other than the caller believes. ``scrypt_n`` and ``kek_id`` need a passphrase
+        or a KEK to apply to: given, or the one this keyset remembers (a plain save)."""
+        refuse_both_secrets(passphrase, kek)
+        if unsealed and (passphrase is not None or kek is not None):
+            raise ValueError("unsealed=True writes the keys in the clear, and a passphrase or "
+                             "kek seals them: give one or the other")
+        remembered = (self._seal or {}) if passphrase is None and kek is None \
+            and not unsealed else {}
+        if scrypt_n is not None and passphrase is None \
+                and remembered.get("passphrase") is None:
+            raise ValueError("scrypt_n is the work factor of passphrase sealing, and this save "
+                             "seals with no passphrase: give the passphrase too, or drop "
+                             "scrypt_n")
+        if kek_id is not None and kek is None and remembered.get("kek") is None:
+            raise ValueError("kek_id labels the key-encryption key a file is sealed with, and "
+                             "this save seals with none: give kek= too, or drop kek_id")
 
     def _save(self, path, passphrase, kek, kek_id, scrypt_n, unsealed, overwrite,
               ev: dict) -> None:
@@ -551,7 +581,7 @@ def _locked_digest(path: str) -> Iterator[bytes | None]:
 
 def _scrypt_n_to_keep(n: Any) -> int:
     """The work factor a loaded file's next save uses: the file's, unless sealing would
-    refuse it (too weak, or from a file written with other r and p): then the default."""
+    refuse it (weaker than writers take now): then the default."""
     try:
         return scrypt_n_to_write(n)
     except (TypeError, ValueError):
@@ -571,18 +601,42 @@ _JSON_KINDS = {dict: "an object", list: "a list", str: "a string", int: "a numbe
                float: "a number", bool: "true or false", type(None): "null"}
 
 
+#: the rule a key id keeps: an envelope's stanza names its key by the id's UTF-8, in 1 to
+#: 255 bytes (gpucrypt.keys._envelope)
+KEY_ID_RULE = "a key id is 1 to 255 bytes of UTF-8 (an envelope names its key by it)"
+
+
+def key_id_problem(key_id: str) -> str | None:
+    """What keeps the str ``key_id`` out of an envelope (None: nothing), without quoting it
+    (it may come from a file, control characters and all): such an id loaded, then failed
+    at the first wrap as a ValueError, or a UnicodeEncodeError for a lone surrogate."""
+    try:
+        size = len(key_id.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate: JSON's "\ud800" reads as one
+        return "not valid UTF-8 (it holds a lone surrogate)"
+    if not 1 <= size <= 255:
+        return "empty" if not size else f"{size} bytes of UTF-8"
+    return None
+
+
 def _check_entry(entry: Any, number: int, where: str) -> None:
     """KeysetError "malformed key entry", naming the entry (from 1) and the field, unless
-    ``entry`` is an object whose fields are strings: an id of another type (a list, from a
-    damaged or edited file) would otherwise fail later as a TypeError, a traceback."""
+    ``entry`` is an object whose fields are strings and whose id may go in an envelope: an
+    id of another type (a list, from a damaged or edited file) would otherwise fail later
+    as a TypeError, a traceback, and one too long or empty at the first wrap."""
     if not isinstance(entry, dict):
         problem = f"{_JSON_KINDS.get(type(entry), 'a value')}, not an object"
     else:
         field = next((f for f in _ENTRY_FIELDS if not isinstance(entry.get(f), str)), None)
         if field is None:
-            return
-        problem = (f"no {field!r}" if field not in entry else
-                   f"{field!r} is {_JSON_KINDS.get(type(entry[field]), 'a value')}, not a string")
+            id_problem = key_id_problem(entry["id"])
+            if id_problem is None:
+                return
+            problem = f"its id is {id_problem}, and {KEY_ID_RULE}"
+        else:
+            problem = (f"no {field!r}" if field not in entry else
+                       f"{field!r} is {_JSON_KINDS.get(type(entry[field]), 'a value')}, "
+                       f"not a string")
     raise KeysetError(f"{where}: malformed key entry {number}: {problem} (the file was "
                       f"damaged or edited: restore it from a copy)")
 

@@ -32,7 +32,8 @@ from ._envelope import Stanza
 from ._material import HoldsKeyMaterial
 
 __all__ = ["Passphrase", "PassphraseText", "DEFAULT_LOG_N", "MIN_LOG_N", "MAX_LOG_N",
-           "STANZA_KIND", "work_factor", "check_log_n", "forms", "from_file_bytes"]
+           "STANZA_KIND", "work_factor", "readable_log_n", "check_log_n", "forms",
+           "from_file_bytes"]
 
 STANZA_KIND = "scrypt"
 #: scrypt's N = 2**17 (128 MiB with r = 8): about 1.4 s on one core here (docs/KEYS.md)
@@ -67,11 +68,21 @@ def encode(passphrase: Any) -> bytes:
     return bytes(passphrase)
 
 
-class PassphraseText(str):
+class PassphraseText(HoldsKeyMaterial, str):
     """A passphrase read as text, with ``earlier``: the texts earlier gpucrypt versions read
     from the same source (:func:`from_file_bytes`), which files they sealed may have been
     derived from. :func:`forms` tries them after the passphrase itself, to open; nothing is
-    ever sealed with them."""
+    ever sealed with them.
+
+    It is the passphrase, as a ``str`` is: ``str()``, formatting and slicing give the
+    secret (it is handed to what takes a passphrase as text). Its ``repr`` does not, and
+    it refuses to be pickled or copied (``TypeError``, as :class:`Passphrase` does): a
+    pickle would carry it in the clear, and a copy is one more holder."""
+
+    _travel_instead = (
+        "name where the passphrase is instead (an environment variable or a file, read in "
+        "each process: KeyReferences(passphrase_env=VAR), or a file: key reference's "
+        "passphrase-source)")
 
     def __new__(cls, text: str, earlier: Any = ()):
         self = super().__new__(cls, text)
@@ -111,13 +122,29 @@ def from_file_bytes(data: bytes) -> PassphraseText:
     return PassphraseText(text.removeprefix("\ufeff").rstrip("\r\n"), (earlier,))
 
 
+def readable_log_n(n: Any, r: Any = SCRYPT_R, p: Any = SCRYPT_P,
+                   max_log_n: int = MAX_LOG_N) -> int | None:
+    """log2(n) when a reader may run scrypt with ``(n, r, p)`` from a file, else None: r and
+    p are what gpucrypt writes (:data:`SCRYPT_R`, :data:`SCRYPT_P`) and n is 2**1 to
+    2**max_log_n. The one check for every file that names its own work factor (a ``scrypt``
+    stanza, a sealed key file), made before any work: scrypt allocates 128 * r * N bytes
+    and 128 * r * p more, so a bound on N alone, or on N * r * p, still let a crafted file
+    ask for gigabytes (N = 2, r = 2**22: 1 GiB each). N below what writers take
+    (:data:`MIN_LOG_N`) is read: an older file, cheap to derive, saved again stronger."""
+    if not all(type(v) is int for v in (n, r, p)) or (r, p) != (SCRYPT_R, SCRYPT_P):
+        return None
+    if n < 2 or n & (n - 1) or n.bit_length() - 1 > max_log_n:
+        return None
+    return n.bit_length() - 1
+
+
 def work_factor(stanza: Stanza, max_log_n: int = MAX_LOG_N) -> int:
     """log2(N) of a ``scrypt`` stanza, checked (malformed: :class:`KeysetError`; above
     ``max_log_n``: :class:`KeyUnavailable`) without deriving anything."""
     if stanza.kind != STANZA_KIND or len(stanza.recipient_id) != SALT_SIZE + 1:
         raise KeysetError("malformed passphrase stanza")
     log_n = stanza.recipient_id[SALT_SIZE]
-    if not 1 <= log_n <= max_log_n:
+    if log_n == 0 or readable_log_n(1 << log_n, max_log_n=max_log_n) is None:
         raise KeyUnavailable(f"the file asks for scrypt work factor 2**{log_n}, above the limit "
                              f"2**{max_log_n}: refused before any work (a crafted file could "
                              f"make gpucrypt spin)")

@@ -33,12 +33,24 @@ The module comes from the URI's ``module-path``, else ``$GPUCRYPT_PKCS11_MODULE`
 first SoftHSM2 library found in the usual places. The user PIN comes from ``pin-source``
 (``env:VAR`` or ``file:/path``), else ``$GPUCRYPT_PKCS11_PIN``; never from the URI itself.
 A session is opened (and logged in) per operation, under one lock per process.
+
+Logging in is gpucrypt's own ``C_Login`` (:func:`_login`), not python-pkcs11's
+``token.open(user_pin=...)``: that opens the session, then logs in, and a login that fails
+(a wrong PIN) left the session open, one more each try; and a process already logged in
+to the token (an application using it for other work) got ``UserAlreadyLoggedIn`` from
+every gpucrypt call. Login is the application's, not the session's, in PKCS#11: a token
+already logged in is used as it is and left so; a login gpucrypt made is logged out when
+the operation ends, which also returns the application's other sessions on that token to
+the public state they were in (one the application logs in meanwhile, from another
+thread, is logged out with them: PKCS#11 cannot tell the two apart).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import threading
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from .._errors import KeyNotFound, KeyProviderError, KeysetError, KeyUnavailable
 from ._uri import _PKCS11_PATH, KeyUri, parse_key_uri, pkcs11_id_text
@@ -101,6 +113,90 @@ def _library(path: str) -> Any:
         raise KeyProviderError(f"cannot load the PKCS#11 module {path} ({exc})") from None
     _libraries[path] = (lib, os.getpid())
     return lib
+
+
+# ------------------------------------------------------------------ C_Login, C_Logout
+# python-pkcs11 0.10 calls C_Login only inside token.open(user_pin=...) (see the module
+# docstring for why gpucrypt does not use that), so the two calls are made here, through
+# the module's own function list (C_GetFunctionList: the entry point every module
+# exports; not every module exports C_Login itself). ctypes loads the same file python-
+# pkcs11 loaded, and the dynamic loader gives back that one loaded copy: its state (the
+# sessions, the login) is the one python-pkcs11's session handles refer to.
+
+_CKU_USER = 1
+_CKR_OK, _CKR_USER_ALREADY_LOGGED_IN = 0x0, 0x100
+_CKR_PIN_REFUSED = (0xA0, 0xA1, 0xA2)  # PIN_INCORRECT, PIN_INVALID, PIN_LEN_RANGE
+_CKR_PIN_LOCKED = 0xA4
+_CKR_NAMES = {0xA0: "PinIncorrect", 0xA1: "PinInvalid", 0xA2: "PinLenRange",
+              0xA3: "PinExpired", 0xA4: "PinLocked", 0x101: "UserNotLoggedIn",
+              0x102: "UserPinNotInitialized", 0x104: "AnotherUserAlreadyLoggedIn",
+              0xB3: "SessionHandleInvalid", 0xE0: "TokenNotPresent", 0x32: "DeviceRemoved"}
+#: CK_FUNCTION_LIST up to C_Logout, in the order of the PKCS#11 headers (pkcs11f.h)
+_FUNCTIONS = ("C_Initialize", "C_Finalize", "C_GetInfo", "C_GetFunctionList", "C_GetSlotList",
+              "C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList", "C_GetMechanismInfo",
+              "C_InitToken", "C_InitPIN", "C_SetPIN", "C_OpenSession", "C_CloseSession",
+              "C_CloseAllSessions", "C_GetSessionInfo", "C_GetOperationState",
+              "C_SetOperationState", "C_Login", "C_Logout")
+
+
+class _FunctionList(ctypes.Structure):
+    if os.name == "nt":  # PKCS#11 packs its structures to 1 byte there (pkcs11.h)
+        _pack_ = 1
+    _fields_ = [("version", ctypes.c_ubyte * 2),
+                *((name, ctypes.c_void_p) for name in _FUNCTIONS)]
+
+
+_ulong = ctypes.c_ulong  # CK_ULONG, CK_RV, CK_SESSION_HANDLE, CK_USER_TYPE
+_LoginFn = ctypes.CFUNCTYPE(_ulong, _ulong, _ulong, ctypes.c_char_p, _ulong)
+_LogoutFn = ctypes.CFUNCTYPE(_ulong, _ulong)
+_login_calls: dict[str, tuple[Any, Any]] = {}  # module path -> (C_Login, C_Logout)
+
+
+def _login_functions(path: str) -> tuple[Any, Any]:
+    """The module at ``path``'s ``C_Login`` and ``C_Logout``, once per process."""
+    calls = _login_calls.get(path)
+    if calls is None:
+        try:
+            module = ctypes.CDLL(path)
+            get_list = module.C_GetFunctionList
+        except (OSError, AttributeError) as exc:
+            raise KeyProviderError(f"cannot load the PKCS#11 module {path} ({exc})") from None
+        get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_FunctionList))]
+        get_list.restype = _ulong
+        functions = ctypes.POINTER(_FunctionList)()
+        rv = get_list(ctypes.byref(functions))
+        if rv != _CKR_OK or not functions or not functions.contents.C_Login:
+            raise KeyProviderError(f"the PKCS#11 module {path} gives no function list "
+                                   f"(CKR 0x{rv:X})")
+        calls = (_LoginFn(functions.contents.C_Login), _LogoutFn(functions.contents.C_Logout))
+        _login_calls[path] = calls
+    return calls
+
+
+def _login(path: str, session: Any, pin: str) -> bool:
+    """Log the user in through ``session`` (of the module at ``path``): True when this
+    login is gpucrypt's (to log out when done), False when the application was logged in
+    already (left so); :class:`_LoginRefused`, carrying the ``CKR`` code, otherwise."""
+    login, _ = _login_functions(path)
+    pin_bytes = pin.encode("utf-8")
+    rv = login(session.handle, _CKU_USER, pin_bytes, len(pin_bytes))
+    if rv == _CKR_USER_ALREADY_LOGGED_IN:
+        return False
+    if rv != _CKR_OK:
+        raise _LoginRefused(rv)
+    return True
+
+
+def _logout(path: str, session: Any) -> None:
+    _login_functions(path)[1](session.handle)  # nothing to do if it fails: it is the end
+
+
+class _LoginRefused(Exception):
+    """C_Login's return value, when not CKR_OK (nor already logged in)."""
+
+    def __init__(self, rv: int):
+        super().__init__(rv)
+        self.rv = rv
 
 
 def _module_path(given: str | None) -> str:
@@ -171,10 +267,10 @@ class Pkcs11Key:
         return f"Pkcs11Key({self.reference!r})"
 
     # --- sessions and objects
-    def _token(self) -> Any:
-        """The one token of the module with this label (and serial, manufacturer, model
-        when given); KeyProviderError for none or several."""
-        lib = _library(_module_path(self.module_path))
+    def _token(self, path: str) -> Any:
+        """The one token of the module at ``path`` with this label (and serial, manufacturer,
+        model when given); KeyProviderError for none or several."""
+        lib = _library(path)
         serial = None if self.serial is None else self.serial.encode("utf-8")
         found = [t for t in lib.get_tokens(token_label=self.token, token_serial=serial)
                  if self.manufacturer in (None, t.manufacturer_id)
@@ -190,20 +286,46 @@ class Pkcs11Key:
                                    f"their serial numbers)")
         return found[0]
 
-    def _session(self) -> Any:
-        token = self._token()
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Any]:
+        """A session on the token, logged in as the user, closed when the block ends (and
+        logged out if gpucrypt logged it in: the module docstring says why and when)."""
+        path = _module_path(self.module_path)
+        token = self._token(path)
         pin = read_secret_source(self.pin_source, PIN_ENV,
                                  f"the user PIN of PKCS#11 token {self.token!r}")
         try:
-            return token.open(user_pin=pin)
-        except (_p11e.PinIncorrect, _p11e.PinInvalid, _p11e.PinLenRange):
-            raise KeyProviderError(f"{self.reference}: the token refused the PIN: check the PIN "
-                                   f"source") from None
-        except _p11e.PinLocked:
-            raise KeyProviderError(f"{self.reference}: the token's user PIN is locked") from None
+            session = token.open()  # public; logged in below, where a failure can close it
         except _p11e.PKCS11Error as exc:
             raise KeyProviderError(f"{self.reference}: cannot open a session "
                                    f"({type(exc).__name__})") from None
+        try:
+            ours = _login(path, session, pin)
+        except BaseException as exc:
+            with contextlib.suppress(_p11e.PKCS11Error):
+                session.close()
+            if not isinstance(exc, _LoginRefused):
+                raise
+            raise self._login_error(exc.rv) from None
+        try:
+            yield session
+        finally:
+            # a failure here is not the operation's: its result, or its own error, stands
+            with contextlib.suppress(_p11e.PKCS11Error):
+                try:
+                    if ours:
+                        _logout(path, session)
+                finally:
+                    session.close()
+
+    def _login_error(self, rv: int) -> KeyProviderError:
+        if rv in _CKR_PIN_REFUSED:
+            return KeyProviderError(f"{self.reference}: the token refused the PIN: check the "
+                                    f"PIN source")
+        if rv == _CKR_PIN_LOCKED:
+            return KeyProviderError(f"{self.reference}: the token's user PIN is locked")
+        return KeyProviderError(f"{self.reference}: cannot log in to the token "
+                                f"({_CKR_NAMES.get(rv, f'CKR 0x{rv:X}')})")
 
     def _find(self, session: Any, classes: tuple) -> Any:
         found = []

@@ -16,7 +16,7 @@ from typing import Callable, Protocol, runtime_checkable
 from .._buffers import bytes_arg
 from .._errors import KeyManagementError, KeyNotFound, KeysetError
 from ._material import HoldsKeyMaterial
-from .keyset import Keyset
+from .keyset import KEY_ID_RULE, Keyset, key_id_problem
 
 __all__ = ["KeyProvider", "FileKeyProvider", "EnvKeyProvider", "CallableKeyProvider",
            "WrappingKey"]
@@ -48,6 +48,9 @@ class FileKeyProvider(HoldsKeyMaterial):
 
     def __init__(self, path: str | os.PathLike, passphrase: str | bytes | None = None, *,
                  kek: bytes | None = None):
+        from ._document import refuse_both_secrets
+
+        refuse_both_secrets(passphrase, kek)  # here, not at the first get_key far away
         self._path, self._passphrase, self._kek = os.fspath(path), passphrase, kek
         self._keyset: Keyset | None = None
 
@@ -167,6 +170,11 @@ class WrappingKey(HoldsKeyMaterial):
                  provider: KeyProvider | None = None):
         if (key is None) == (provider is None):
             raise TypeError("give exactly one of key= and provider=")
+        if not isinstance(key_id, str):
+            raise TypeError(f"key_id must be a str, not {type(key_id).__name__}")
+        problem = key_id_problem(key_id)  # here, not at the first wrap
+        if problem is not None:
+            raise ValueError(f"key_id is {problem}: {KEY_ID_RULE}")
         if key is not None:
             key = bytes_arg(key, "key")  # bytes(16) would be a key of 16 zero bytes
             if len(key) not in (16, 24, 32):

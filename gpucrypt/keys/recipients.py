@@ -73,6 +73,7 @@ class Recipient:
     and audit logs (``"x25519:" + 32 hex digits``, the first 16 bytes of a SHA-256)."""
 
     def __init__(self, kem: str, public_bytes: bytes):
+        _check_kem_type(kem)
         if kem not in _KEMS:
             raise ValueError(f"unknown KEM {kem!r}; choose one of {sorted(_KEMS)}")
         self.kem, self.public_bytes = kem, bytes_arg(public_bytes, "public_bytes")
@@ -141,10 +142,26 @@ class Recipient:
             doc, where, "public")
 
 
+def _check_kem_type(kem: Any) -> None:
+    """TypeError unless ``kem`` is a str: ``kem not in _KEMS`` of a list is itself a
+    TypeError, "unhashable type", which names neither the argument nor what it should be."""
+    if not isinstance(kem, str):
+        raise TypeError(f"kem must be a str (one of {sorted(_KEMS)}), not {type(kem).__name__}")
+
+
 def _checked_key(make: Callable[[], Any], doc: dict, where: str, half: str) -> Any:
     """``make()`` (a Recipient or Identity built from the file ``where``'s document ``doc``),
     its ValueErrors reported as KeysetError "invalid {half} key"; KeysetError too when
-    ``doc`` records a fingerprint that is not the key's."""
+    ``doc`` records a fingerprint that is not the key's, or a ``kem`` that is not a string
+    (the constructor's TypeError is the caller's mistake; here it is the file's)."""
+    from .keyset import _JSON_KINDS
+
+    kem = doc.get("kem")
+    if not isinstance(kem, str):
+        problem = ("no \"kem\"" if kem is None and "kem" not in doc else
+                   f"\"kem\" is {_JSON_KINDS.get(type(kem), 'a value')}, not a string")
+        raise KeysetError(f"{where}: invalid {half} key ({problem}; the file was damaged or "
+                          f"edited: restore it from a copy)")
     try:
         key = make()
     except ValueError as exc:
@@ -179,16 +196,39 @@ def _document_format(raw: bytes) -> str | None:
     return None if doc is None else doc.get("format")
 
 
+#: any fixed X25519 private key: an exchange with it tells a low-order public point
+#: (:func:`_x25519_public`); the key itself protects nothing
+_PROBE = x25519.X25519PrivateKey.from_private_bytes(
+    hashlib.sha256(b"gpucrypt-x25519-low-order-probe").digest())
+
+
+def _x25519_public(raw: bytes) -> x25519.X25519PublicKey:
+    """The X25519 public key ``raw``; ValueError for a low-order point (all zeros, and the
+    other few): the secret shared with it is all zeros whatever the private key, so
+    cryptography refuses to wrap for it, and a file did load that then failed at sealing
+    with "Error computing shared key." naming no recipient. Refused here, as age does.
+    An exchange with a fixed key tells: X25519 clamps every private key to a multiple of
+    the cofactor 8, so the product is zero exactly for the points of small order."""
+    key = x25519.X25519PublicKey.from_public_bytes(raw)
+    try:
+        _PROBE.exchange(key)
+    except ValueError:
+        raise ValueError("the X25519 public key is a low-order point: no one holds its "
+                         "private key, and the secret shared with it is all zeros; the file "
+                         "was damaged or crafted: ask its owner for the right one") from None
+    return key
+
+
 def _load_public(kem: str, public: bytes):
     if kem == "x25519":
         if len(public) != _X25519_SIZE:
             raise ValueError("an X25519 public key is 32 bytes")
-        return x25519.X25519PublicKey.from_public_bytes(public)
+        return _x25519_public(public)
     if len(public) != _MLKEM768_PUBLIC + _X25519_SIZE:
         raise ValueError(f"an ML-KEM-768 + X25519 public key is {_MLKEM768_PUBLIC + 32} bytes")
     return hpke.MLKEM768X25519PublicKey(
         mlkem.MLKEM768PublicKey.from_public_bytes(public[:_MLKEM768_PUBLIC]),
-        x25519.X25519PublicKey.from_public_bytes(public[_MLKEM768_PUBLIC:]))
+        _x25519_public(public[_MLKEM768_PUBLIC:]))
 
 
 class Identity(HoldsKeyMaterial):
@@ -202,6 +242,7 @@ class Identity(HoldsKeyMaterial):
                        "(identities=PATH), and load it in the process that uses it")
 
     def __init__(self, kem: str, private_bytes: bytes, created: str | None = None):
+        _check_kem_type(kem)
         if kem not in _KEMS:
             raise ValueError(f"unknown KEM {kem!r}; choose one of {sorted(_KEMS)}")
         self.kem, self._private_bytes = kem, bytes_arg(private_bytes, "private_bytes")
@@ -247,15 +288,21 @@ class Identity(HoldsKeyMaterial):
         return identity
 
     def save(self, path: str | os.PathLike, passphrase: str | bytes | None = None, *,
-             scrypt_n: int = DEFAULT_SCRYPT_N, overwrite: bool = False) -> None:
-        """Write the private file (0600, atomically), sealed when ``passphrase`` is given.
+             scrypt_n: int | None = None, overwrite: bool = False) -> None:
+        """Write the private file (0600, atomically), sealed when ``passphrase`` is given,
+        with scrypt work factor ``scrypt_n`` (default 2**17; ``ValueError`` without a
+        passphrase, which it would not apply to).
         An existing file is left as it is (:class:`KeysetError`) unless it is the one this
         identity was loaded from or last saved to, or ``overwrite=True``."""
+        if scrypt_n is not None and passphrase is None:
+            raise ValueError("scrypt_n is the work factor of passphrase sealing, and this save "
+                             "is not sealed: give the passphrase too, or drop scrypt_n")
         public = {"format": IDENTITY_FORMAT, "version": FILE_VERSION, "kem": self.kem,
                   "created": self.created, "public_key": b64e(self.recipient.public_bytes),
                   "fingerprint": self.fingerprint}
         secret = {"private_key": b64e(self._private_bytes)}
-        doc = (seal_document(public, secret, passphrase=passphrase, scrypt_n=scrypt_n)
+        doc = (seal_document(public, secret, passphrase=passphrase,
+                             scrypt_n=DEFAULT_SCRYPT_N if scrypt_n is None else scrypt_n)
                if passphrase is not None else {**public, **secret})
         target = os.path.realpath(path)
         data = json.dumps(doc, indent=2).encode() + b"\n"
@@ -319,9 +366,14 @@ def _stanza_label(stanza: Stanza) -> str:
 
 def _printable(raw: bytes) -> str:
     """A stanza's id as text to show: bytes from a file's header, unauthenticated until a
-    key opens it, which errors and the command line print; a terminal's escape sequences
-    and line breaks in them (a forged "decrypted OK" line) are shown escaped."""
-    text = raw.decode("utf-8", "replace")
+    key opens it, which errors and the command line print (:func:`printable_text`)."""
+    return printable_text(raw.decode("utf-8", "replace"))
+
+
+def printable_text(text: str) -> str:
+    """``text`` from a file, as it may be shown: a terminal's escape sequences and line
+    breaks in it (a forged "decrypted OK" line, a retitled window) escaped, and every
+    other character that does not print (a lone surrogate included)."""
     return text if text.isprintable() else "".join(
         c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
@@ -408,8 +460,13 @@ def seal_envelope_with_labels(dek: bytes, recipients: Any, *,
                 stanza = Stanza("key-ref", stanza_id.encode("utf-8"), body)
             elif isinstance(item, Recipient):
                 kind, suite = _KEMS[item.kem]
-                stanza = Stanza(kind, item.stanza_id,
-                                suite.encrypt(dek, item._public_key, info=HPKE_INFO))
+                try:
+                    body = suite.encrypt(dek, item._public_key, info=HPKE_INFO)
+                except ValueError as exc:  # cryptography's words name no one: say who
+                    raise EnvelopeError(f"cannot wrap the data key for recipient "
+                                        f"{item.fingerprint} ({exc}): check that recipient's "
+                                        f"public key file") from None
+                stanza = Stanza(kind, item.stanza_id, body)
             elif isinstance(item, (KeysetKey, WrappingKey)):
                 key_id = item.id if isinstance(item, KeysetKey) else item.key_id
                 kek = item.secret_bytes()
