@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -1457,8 +1458,11 @@ def test_rekey_refuses_a_file_with_other_hard_links(work, capsys):
     _one_line(code, err, 2)
     assert "1 other hard link" in err and "--force" in err
     assert (work / "sealed").read_bytes() == before
-    code, _, err = run(capsys, "rekey", "sealed", "-r", "alice.pub", "-i", "alice", "--force")
+    with warnings.catch_warnings(record=True) as caught:  # --force answered the library's
+        warnings.simplefilter("always")                   # warning of the same: not repeated
+        code, _, err = run(capsys, "rekey", "sealed", "-r", "alice.pub", "-i", "alice", "--force")
     assert code == 0, err
+    assert [str(w.message) for w in caught] == []
     assert run(capsys, "decrypt", "-i", "bob", "sealed", "x")[0] == 1
     assert run(capsys, "decrypt", "-i", "bob", "shared", "x")[0] == 0  # what --force accepted
 

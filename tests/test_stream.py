@@ -1390,6 +1390,10 @@ def test_random_access_and_rekey_refuse_a_named_pipe_at_once(tmp_path):
     kind, exc = _within(10, lambda: stream.open(fifo, os.urandom(32)), fifo)
     assert kind == "raised" and isinstance(exc, io.UnsupportedOperation), exc
     assert "is a FIFO" in str(exc) and "stream.decrypt" in str(exc)
+    kind, exc = _within(10, lambda: stream.replace_envelope(fifo, os.urandom(32), b"\x01e"),
+                        fifo)
+    assert kind == "raised" and isinstance(exc, ValueError), exc
+    assert "is a FIFO" in str(exc) and "regular file" in str(exc)
     alice = keys.Identity.generate()
     kind, exc = _within(10, lambda: keys.rekey_file(fifo, recipients=[alice.recipient],
                                                      identities=[alice]), fifo)
@@ -1441,8 +1445,9 @@ def test_rewriting_a_header_warns_of_other_hard_links(tmp_path):
     key = os.urandom(32)
     stream.encrypt(b"data" * 100, tmp_path / "ct", key, device="cpu")
     os.link(tmp_path / "ct", tmp_path / "other-name")
-    with pytest.warns(UserWarning, match="1 other hard link"):
+    with pytest.warns(UserWarning, match="1 other hard link") as caught:
         stream.replace_envelope(tmp_path / "ct", key, b"\x01new envelope")
+    assert caught[0].filename == __file__  # the user's call, not a line inside gpucrypt
     assert stream.read_header(tmp_path / "other-name").envelope is None
     assert stream.read_header(tmp_path / "ct").envelope == b"\x01new envelope"
 
@@ -1460,3 +1465,77 @@ def test_rewriting_a_header_keeps_the_owner_and_group(tmp_path):
     stream.replace_envelope(path, key, b"\x01new envelope")
     st = os.stat(path)
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1, 4, 0o2640)
+
+
+def _rewrite_header_in_child(path, key: bytes, *wrapper: str) -> None:
+    """stream.replace_envelope(path) run by a child started through ``wrapper`` (a command
+    that takes privileges away)."""
+    code = ("import sys; from gpucrypt import stream; "
+            "stream.replace_envelope(sys.argv[1], bytes.fromhex(sys.argv[2]), b'\\x01new')")
+    subprocess.run([*wrapper, sys.executable, "-c", code, str(path), key.hex()], check=True,
+                   timeout=120)
+
+
+def _setuid_file_of_another_user(tmp_path):
+    key = os.urandom(32)
+    path = tmp_path / "ct"
+    stream.encrypt(b"data" * 100, path, key, device="cpu")
+    os.chown(path, 1, 4)
+    os.chmod(path, 0o6755)
+    return path, key
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not
+                    __import__("shutil").which("setpriv"),
+                    reason="needs root, and setpriv to take CAP_CHOWN away from a child")
+def test_a_rewrite_that_cannot_keep_the_owner_drops_set_user_id(tmp_path):
+    """root without CAP_CHOWN (a hardened container) could not give the new file its
+    owner, and set the old mode on it all the same: another user's set-user-ID file
+    became root's, still set-user-ID. The bits stay only with the ids they belong to."""
+    path, key = _setuid_file_of_another_user(tmp_path)
+    _rewrite_header_in_child(path, key, "setpriv", "--bounding-set", "-chown")
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid) == (0, 0)  # could not be kept
+    assert st.st_mode & 0o7777 == 0o755
+    assert stream.read_header(path).envelope == b"\x01new"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or
+                    subprocess.run(["unshare", "-r", "true"], capture_output=True).returncode,
+                    reason="needs root (to give the file another owner) and user namespaces")
+def test_a_rewrite_in_a_user_namespace_keeps_going_without_the_owner(tmp_path):
+    """In a user namespace (a rootless container) the owner's id is not mapped and fchown
+    fails with EINVAL, not EPERM: the rewrite failed ('Invalid argument', no path) where it
+    had worked before the owner was kept. It goes on, as with EPERM."""
+    path, key = _setuid_file_of_another_user(tmp_path)
+    _rewrite_header_in_child(path, key, "unshare", "-r")
+    st = os.stat(path)
+    assert st.st_mode & (0o4000 | 0o2000) == 0
+    assert stream.read_header(path).envelope == b"\x01new"
+
+
+def test_random_access_reads_a_block_device():
+    """stream.open took a block device (seekable, sized) before FIFOs were refused, and
+    must still: it is refused for holding no stream, not for being a device."""
+    import stat
+
+    device = next((entry.path for entry in os.scandir("/dev")
+                   if stat.S_ISBLK(entry.stat().st_mode) and os.access(entry.path, os.R_OK)), None)
+    if device is None:
+        pytest.skip("no readable block device here")
+    with pytest.raises(stream.StreamError):  # not a gpucrypt stream (an empty loop: truncated)
+        stream.open(device, os.urandom(32)).close()
+
+
+def test_rewriting_a_header_keeps_extended_attributes(tmp_path):
+    """A POSIX ACL that let another user read the file, and user attributes, were lost when
+    the header was rewritten into a new file."""
+    key = os.urandom(32)
+    path = tmp_path / "ct"
+    stream.encrypt(b"data" * 100, path, key, device="cpu")
+    try:
+        os.setxattr(path, "user.gpucrypt-test", b"kept")
+    except OSError as exc:
+        pytest.skip(f"this file system takes no user attributes ({exc.strerror})")
+    stream.replace_envelope(path, key, b"\x01new envelope")
+    assert os.getxattr(path, "user.gpucrypt-test") == b"kept"

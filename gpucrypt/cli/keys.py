@@ -34,6 +34,7 @@ import contextlib
 import os
 import stat
 import sys
+import warnings
 from typing import Any, Iterator
 
 from . import CliError
@@ -802,9 +803,13 @@ def _run_rekey(args) -> int:
     identities = [_load_identity(p, args) for p in args.identity]
     identities += _key_references(args.old_kek, args)
     old_keyset = _load_keyset(args.old_keyset, args) if args.old_keyset else None
-    result = _keys_call(rekey_file, args.file, recipients=recipients or None, keyset=keyset,
-                        identities=identities or None, old_keyset=old_keyset,
-                        reencrypt=args.reencrypt)
+    with warnings.catch_warnings():
+        # the library's warning of other hard links: _refuse_other_links said it, and
+        # --force answered it (printed raw, it named a line of gpucrypt's own code)
+        warnings.filterwarnings("ignore", message=r".* other hard link\(s\)", category=UserWarning)
+        result = _keys_call(rekey_file, args.file, recipients=recipients or None, keyset=keyset,
+                            identities=identities or None, old_keyset=old_keyset,
+                            reencrypt=args.reencrypt)
     done = "re-encrypted under a fresh data key, wrapped" if args.reencrypt else \
         "data key now wrapped"
     print(f"{args.file}: {done} for {', '.join(result['recipients'])}")

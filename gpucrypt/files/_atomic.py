@@ -718,9 +718,11 @@ def regular_size(where: Any) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def open_regular(path: Any, not_regular: Callable[[str], Exception], buffering: int = -1):
-    """``path`` opened for reading when it is a regular file, else ``not_regular(kind)``
-    raised (kind in words: "FIFO", "character device", ...). What is read is what was
+def open_regular(path: Any, not_regular: Callable[[str], Exception], buffering: int = -1,
+                 block_devices: bool = False):
+    """``path`` opened for reading when it is a regular file (or, with ``block_devices``, a
+    block device: seekable, with a size), else ``not_regular(kind)`` raised (kind in
+    words: "FIFO", "character device", ...). What is read is what was
     opened, so a FIFO or device put in a checked file's place later is refused too.
     ``O_NONBLOCK``: a FIFO's open would otherwise wait for a writer forever, before any
     check could see it. A file another process holds a lease on (Samba, an NFS server)
@@ -743,7 +745,7 @@ def open_regular(path: Any, not_regular: Callable[[str], Exception], buffering: 
             time.sleep(0.05)
     try:
         mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        if not (stat.S_ISREG(mode) or block_devices and stat.S_ISBLK(mode)):
             raise not_regular(file_kind(mode))
         if flags & getattr(os, "O_NONBLOCK", 0):
             os.set_blocking(fd, True)  # (no effect on a regular file: the usual flags back)
@@ -804,9 +806,13 @@ def replacement_for(target: str) -> AtomicFile:
     """The unpublished file that will replace the regular file ``target`` (a resolved path),
     with its permission bits and, as far as this process may set them, its owner and group:
     a shared group's members kept their access (the new file had the rekeying user's
-    group). Other hard links to ``target`` keep the old file, whatever it held (an envelope
-    with a revoked recipient's stanza, data under a revoked key): a ``UserWarning`` says
-    so, as the links cannot be found to be rewritten too."""
+    group). Set-user-ID and set-group-ID are kept only with the owner and group they
+    belong to (a root without CAP_CHOWN made another user's set-user-ID file its own,
+    still set-user-ID). Extended attributes (POSIX ACLs, user attributes) are copied where
+    this process may set them. Other hard links to
+    ``target`` keep the old file, whatever it held (an envelope with a revoked
+    recipient's stanza, data under a revoked key): a ``UserWarning`` says so, as the links
+    cannot be found to be rewritten too, at the first caller outside gpucrypt."""
     old = os.stat(target)
     if old.st_nlink > 1:
         import warnings
@@ -814,21 +820,66 @@ def replacement_for(target: str) -> AtomicFile:
         warnings.warn(f"{target} has {old.st_nlink - 1} other hard link(s): they keep the old "
                       f"file, with its old header and data, and only this name gets the new "
                       f"one; remove the other links (find them with 'find / -samefile "
-                      f"{target}') if the old file must not remain", stacklevel=3)
-    sink = AtomicFile(target, mode=old.st_mode & 0o7777)
+                      f"{target}') if the old file must not remain", stacklevel=_outside_gpucrypt())
+    mode = old.st_mode & 0o7777
+    sink = AtomicFile(target, mode=mode & ~(stat.S_ISUID | stat.S_ISGID))
     try:
-        for owner, group in ((old.st_uid, old.st_gid), (-1, old.st_gid)):
-            try:  # the owner needs privilege; a group this user is in does not
-                os.fchown(sink.fileno(), owner, group)
-                break
-            except PermissionError:
-                continue
-        if old.st_mode & (stat.S_ISUID | stat.S_ISGID):  # cleared by a change of owner
-            os.fchmod(sink.fileno(), old.st_mode & 0o7777)
+        kept = _keep_owner(sink.fileno(), old)
+        _copy_extended_attributes(target, sink.fileno())  # after the chown: ACLs name users
+        special = (stat.S_ISUID if "owner" in kept else 0) | (stat.S_ISGID if "group" in kept else 0)
+        if mode & special:  # after the chown, which clears them
+            os.fchmod(sink.fileno(), mode & ~(stat.S_ISUID | stat.S_ISGID) | (mode & special))
     except BaseException:
         sink.abort()
         raise
     return sink
+
+
+def _outside_gpucrypt() -> int:
+    """The ``stacklevel`` that points a warning issued by this function's caller at the
+    first frame outside the gpucrypt package (the user's call, however deep inside
+    gpucrypt the warning is raised)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(1), 1  # 1: the caller, which warns
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _copy_extended_attributes(target: str, fd: int) -> None:
+    """Copy ``target``'s extended attributes to the file ``fd``, each that this process may
+    set (a POSIX ACL that gave another user access, ``user.*``); one it may not (a
+    ``security.*`` label, a file system without them) is left, as a copy by ``cp -p``
+    would."""
+    try:
+        names = os.listxattr(target)
+    except (OSError, AttributeError):  # none here, or no such call on this platform
+        return
+    for name in names:
+        try:
+            os.setxattr(fd, name, os.getxattr(target, name))
+        except OSError:
+            continue
+
+
+def _keep_owner(fd: int, old: os.stat_result) -> set:
+    """Give the file ``fd`` the owner and group of ``old`` where this process may: both
+    (root, CAP_CHOWN), else the group (one this user is in), else neither. Returns which
+    ("owner", "group") the file has now. Any refusal is taken as "may not": EPERM, and
+    EINVAL for an id a user namespace does not map (a rootless container)."""
+    me = os.fstat(fd)
+    kept = {name for name, (now, was) in {"owner": (me.st_uid, old.st_uid),
+                                          "group": (me.st_gid, old.st_gid)}.items() if now == was}
+    for owner, group, names in ((old.st_uid, old.st_gid, {"owner", "group"}),
+                                (-1, old.st_gid, {"group"})):
+        if names <= kept:
+            break
+        try:
+            os.fchown(fd, owner, group)
+            return kept | names
+        except OSError:
+            continue
+    return kept
 
 
 def replace_head(path: str | os.PathLike, f: Any, head: bytes) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import stat
 from typing import Any
 
 from .. import audit
@@ -204,32 +203,42 @@ def _no_envelope(then: str) -> NoMatchingRecipient:
 def _is_model_file(path: Any) -> bool:
     """Whether the regular file at ``path`` starts as a model file; ``ValueError`` for
     anything else there (a file is rekeyed where it lies: a FIFO's open waited forever)."""
-    from .models import MAGIC
+    with _open_rekeyable(path) as f:
+        return _starts_as_model(f)
 
+
+def _open_rekeyable(path: Any):
+    """The file at ``path`` opened without waiting, ``ValueError`` unless it is a regular
+    file."""
     def not_regular(kind: str) -> ValueError:
         return ValueError(f"{os.fspath(path)} is a {kind}: a file is rekeyed where it lies, "
                           f"so it must be a regular file")
 
-    with open_regular(path, not_regular) as f:
-        return f.read(len(MAGIC)) == MAGIC
+    return open_regular(path, not_regular)
+
+
+def _starts_as_model(f: Any) -> bool:
+    """Whether the file ``f`` (at its start) is a model file; ``f`` is left at its start."""
+    from .models import MAGIC
+
+    model = f.read(len(MAGIC)) == MAGIC
+    f.seek(0)
+    return model
 
 
 @contextlib.contextmanager
-def _opened_once(src: Any):
-    """``src``, or the file at ``src`` opened, when it is a path to something that is not a
-    regular file (a FIFO, ``/dev/stdin``): its header is read to find the envelope and
-    the rest is decrypted after it, from the same open. Opened twice, the second open read
-    on from where the first one's buffer stopped ("not a gpucrypt file")."""
-    if isinstance(src, (str, os.PathLike)):
-        try:
-            regular = stat.S_ISREG(os.stat(src).st_mode)
-        except OSError:
-            regular = True  # the stream's own open says what is wrong
-        if not regular:
-            with open(src, "rb", buffering=0) as f:
-                yield f
-            return
-    yield src
+def _opened_once(src: Any, dst: Any):
+    """``src``, or for a path the file there, opened once: its header is read to find the
+    envelope and the rest is decrypted after it, from that one open (twice, a FIFO's or
+    ``/dev/stdin``'s second open read on from where the first one's buffer stopped: "not
+    a gpucrypt file"; and a file swapped between the opens was read as two). ``dst``
+    naming ``src``'s own file is refused first, as :func:`gpucrypt.stream.decrypt` does."""
+    if not isinstance(src, (str, os.PathLike)):
+        yield src
+        return
+    stream._refuse_same_file(src, dst)
+    with open(src, "rb", buffering=0) as f:
+        yield f
 
 
 def _file_envelope(src: Any, model: bool = False) -> tuple[bytes, Any, Any]:
@@ -240,7 +249,8 @@ def _file_envelope(src: Any, model: bool = False) -> tuple[bytes, Any, Any]:
     if model:
         from . import models
 
-        header = models._parse_path(src)
+        header = models._parse_path(src) if isinstance(src, (str, os.PathLike)) else \
+            models._parse(src)
     else:
         header, src = stream._header_and_whole(src)
     envelope = _header_field(header, "envelope")
@@ -264,7 +274,7 @@ def decrypt_file(src: Any, dst: Any, *, identities: Any = None, keyset: Keyset |
     chose, and anyone with a recipient's public key can make one that claims any key id.
     """
     _check_options("decrypt_file", stream_options, _DECRYPT_OPTIONS)
-    with audit.timed("file.decrypt", path=audit_path(src)) as ev, _opened_once(src) as once:
+    with audit.timed("file.decrypt", path=audit_path(src)) as ev, _opened_once(src, dst) as once:
         envelope, header, src = _file_envelope(once)
         ev["recipients"] = describe_envelope(envelope)
         dek, opened_by = open_file_envelope_with_label(
@@ -313,8 +323,11 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
         # the data key's status afterwards (audit.FIELDS has no field of its own for it):
         # only "reencrypted" says that who held the old data key can no longer read the file
         ev["status"] = "reencrypted" if reencrypt else "rewrapped"
-        model = _is_model_file(path)
-        envelope, header, _ = _file_envelope(path, model)
+        # read through one open that waits for no writer; the rewrite below opens the file
+        # again the same way, so a FIFO swapped in meanwhile is refused, not waited on
+        with _open_rekeyable(path) as f:
+            model = _starts_as_model(f)
+            envelope, header, _ = _file_envelope(f, model)
         previous = describe_envelope(envelope)
         ev["key_ids"] = previous
         salt = _header_field(header, "salt")

@@ -775,7 +775,7 @@ class SegmentReader(io.RawIOBase):
         if isinstance(src, (str, os.PathLike)):
             # non-blocking: a FIFO's open waited for a writer forever before it was refused
             self._file = open_regular(src, lambda kind: _not_random_access(
-                f"{os.fspath(src)} is a {kind}"))
+                f"{os.fspath(src)} is a {kind}"), block_devices=True)
             self._owns = True
         elif isinstance(src, io.TextIOBase):
             raise TypeError("src is a text file: open it in binary mode ('rb')")
@@ -922,8 +922,8 @@ class SegmentReader(io.RawIOBase):
 
 def _not_random_access(what: str) -> io.UnsupportedOperation:
     return io.UnsupportedOperation(f"{what}: stream.open reads at any position, so it needs a "
-                                   f"regular file; read a pipe or a device once, in order, "
-                                   f"with stream.decrypt")
+                                   f"regular file (or a block device); read a pipe or a "
+                                   f"character device once, in order, with stream.decrypt")
 
 
 def open(src: Any, key: Any = None, *, device: str = "cpu", keyset: Any = None,  # noqa: A001
@@ -945,7 +945,10 @@ def replace_envelope(path: Any, key: Any, envelope: Any, key_id: Any = _KEEP) ->
     followed: the file it points to is rewritten and the link stays.
     """
     key = _format.check_key(key)
-    with builtins.open(path, "rb") as f:
+    # non-blocking, regular files only: a FIFO's open waited for a writer forever
+    with open_regular(path, lambda kind: ValueError(
+            f"{os.fspath(path)} is a {kind}: a header is rewritten where the file lies, so it "
+            f"must be a regular file")) as f:
         old = _format.parse_header(f.read)
         _format.verify_header(key, old)
         new_key_id = old.key_id if key_id is _KEEP else key_id
