@@ -1253,3 +1253,22 @@ def test_cli_audit_log_may_not_be_a_file_a_key_reference_or_a_folder_names(tmp_p
     assert (tmp_path / "ks.json").read_bytes() == keyset_before
     assert (tmp_path / "pw").read_text() == "correct horse\n"
     assert not (tmp_path / "ck" / "audit.log").exists() and not (tmp_path / "o1").exists()
+
+
+def test_a_dcp_load_records_the_path_of_its_metadata(captured, tmp_path):
+    """The DCP reader opens .metadata itself (without waiting, so that a FIFO there is
+    refused) and hands the open file on: its file.decrypt event recorded path null."""
+    torch = pytest.importorskip("torch")
+    import torch.distributed.checkpoint as dcp
+
+    from gpucrypt.distributed import EncryptedReader, EncryptedWriter
+
+    keyset = keys.Keyset.generate()
+    dcp.save({"w": torch.ones(4)}, storage_writer=EncryptedWriter(tmp_path, keyset=keyset,
+                                                                  device="cpu"))
+    captured.records.clear()
+    out = {"w": torch.zeros(4)}
+    dcp.load(out, storage_reader=EncryptedReader(tmp_path, keyset=keyset, device="cpu"))
+    assert torch.equal(out["w"], torch.ones(4))
+    paths = [e.get("path") for e in _events(captured) if e["operation"] == "file.decrypt"]
+    assert paths == [str(tmp_path / ".metadata")]

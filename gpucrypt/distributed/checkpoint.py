@@ -566,7 +566,8 @@ class EncryptedReader(FileSystemReader):
             # otherwise hang every rank's load in open() until someone wrote to it
             with open_regular(path, _not_regular) as f:
                 try:
-                    keyed.decrypt_file(f, plaintext, identities=self._identities, device="cpu")
+                    keyed.decrypt_file_at(f, plaintext, os.fspath(path),
+                                          identities=self._identities, device="cpu")
                 except FormatError as exc:
                     raise _plain_dcp(f) or exc from None
             metadata, files = _load_metadata_document(plaintext.getvalue())

@@ -273,8 +273,17 @@ def decrypt_file(src: Any, dst: Any, *, identities: Any = None, keyset: Keyset |
     the header's ``key_id``: that is MACed under the data key, which whoever made the file
     chose, and anyone with a recipient's public key can make one that claims any key id.
     """
+    return decrypt_file_at(src, dst, audit_path(src), identities=identities, keyset=keyset,
+                           **stream_options)
+
+
+def decrypt_file_at(src: Any, dst: Any, place: str | None, *, identities: Any = None,
+                    keyset: Keyset | None = None, **stream_options: Any) -> dict:
+    """:func:`decrypt_file`, its audit event naming ``place`` as the file's path: for a
+    caller that opened the file itself (a checkpoint's ``.metadata``, opened without
+    waiting so that a FIFO there is refused) and knows where it is."""
     _check_options("decrypt_file", stream_options, _DECRYPT_OPTIONS)
-    with audit.timed("file.decrypt", path=audit_path(src)) as ev, _opened_once(src, dst) as once:
+    with audit.timed("file.decrypt", path=place) as ev, _opened_once(src, dst) as once:
         envelope, header, src = _file_envelope(once)
         ev["recipients"] = describe_envelope(envelope)
         dek, opened_by = open_file_envelope_with_label(
