@@ -1428,3 +1428,47 @@ def test_a_call_the_gpu_half_refuses_spends_no_nonce():
         cipher.encrypt(x, device="gpu", stream=object())
     assert cipher.messages == 0
     assert cipher.encrypt(x, device="gpu").nonce == b"g" + bytes(11)
+
+
+def test_a_retried_batch_names_every_entry_already_decrypted_in_place():
+    """After an in-place batch fails on one entry, the others are decrypted (spent); a
+    retry said only "this EncryptedTensor was decrypted in place", of possibly hundreds.
+    It names them now, all at once (``exc.spent``), before anything is decrypted."""
+    key = os.urandom(32)
+    arrays = {f"layer{i}": random_array((8,), "float32") for i in range(30)}
+    encs = gpucrypt.encrypt_tensors({k: v.copy() for k, v in arrays.items()}, key, inplace=True)
+    good = encs["layer7"]._tag
+    encs["layer7"]._tag = bytes(16)
+    with pytest.raises(InvalidTag):
+        gpucrypt.decrypt_tensors(encs, key)
+    encs["layer7"]._tag = good
+    spent = [k for k in arrays if k != "layer7"]
+    with pytest.raises(ValueError, match=r"29 of 30 entries were decrypted in place already: "
+                                         r"'layer0', 'layer1', .* and 9 more") as info:
+        gpucrypt.decrypt_tensors(encs, key)
+    assert info.value.spent == spent
+    with pytest.raises(ValueError, match=r"1 of 2 entries .*: '1'\. Their memory holds"):
+        gpucrypt.decrypt_tensors([encs["layer7"], encs["layer3"]], key)  # a list: by index
+    back = gpucrypt.decrypt_tensors({"layer7": encs["layer7"]}, key)
+    assert back["layer7"].tobytes() == arrays["layer7"].tobytes()
+    with pytest.raises(ValueError, match="^this EncryptedTensor was decrypted in place"):
+        gpucrypt.decrypt_tensor(encs["layer7"], key)  # one tensor: "this" says which
+
+
+@pytest.mark.cudasim
+def test_a_deep_copy_of_an_in_place_device_result_is_its_ciphertext_alone():
+    """A deep copy (as a pickle) of an in-place result holds exactly its ciphertext, in a
+    buffer of its own on its device, not a copy of the caller's tensor (whose view's
+    storage reaches beyond it): an ordinary out-of-place result."""
+    import copy
+
+    require_gpu_backend()
+    from numba import cuda
+
+    key = os.urandom(32)
+    data = cuda.to_device(np.arange(64, dtype=np.uint8))
+    enc = gpucrypt.encrypt_tensor(data[:16], key, inplace=True)
+    deep = copy.deepcopy(enc)
+    assert not deep.inplace and deep.ciphertext.size == 16 and deep.on_device
+    assert gpucrypt.decrypt_tensor(deep, key).copy_to_host().tobytes() == bytes(range(16))
+    assert gpucrypt.decrypt_tensor(enc, key).copy_to_host().tobytes() == bytes(range(16))

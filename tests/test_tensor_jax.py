@@ -305,3 +305,34 @@ def test_jax_gpu_arrays_roundtrip_and_batch():
     back = gpucrypt.decrypt_tensors(encs, key)
     for n, x in tensors.items():
         assert_same_array(back[n], x)
+
+
+def test_a_host_array_comes_back_on_its_own_cpu_device(tmp_path):
+    """JAX can have several CPU devices (``--xla_force_host_platform_device_count``), which
+    the result's place ("the host") does not tell apart: an array on the second one was
+    decrypted onto the first. It comes back where it was, alone and in a batch; a pickled
+    result, which keeps no device object of this process, on JAX's first CPU device.
+    In a process of its own: the flag must be set before JAX starts."""
+    import subprocess
+
+    code = """if True:
+        import os, pickle
+        import jax, jax.numpy as jnp, numpy as np, gpucrypt
+        key = os.urandom(32)
+        cpu = jax.devices("cpu")
+        assert len(cpu) == 2, cpu
+        x = jax.device_put(jnp.arange(4.0), cpu[1])
+        enc = gpucrypt.encrypt_tensor(x, key)
+        for back in (gpucrypt.decrypt_tensor(enc, key), gpucrypt.decrypt_tensors([enc], key)[0],
+                     gpucrypt.decrypt_tensors(gpucrypt.encrypt_tensors({"x": x}, key), key)["x"]):
+            assert back.devices() == {cpu[1]}, back.devices()
+            assert (back == x).all()
+        again = gpucrypt.decrypt_tensor(pickle.loads(pickle.dumps(enc)), key)
+        assert again.devices() == {cpu[0]} and (np.asarray(again) == np.asarray(x)).all()
+        print("ok")
+    """
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -393,3 +393,37 @@ def test_a_new_torch_result_is_a_cpu_tensor_whatever_the_default_device():
         torch.set_default_device(None)
     for back in backs:
         assert back.device.type == "cpu" and torch.equal(back, x)
+
+
+#: recorded fields edited to values of the wrong type: no encryption records such values
+WRONG_TYPES = [("name", 5), ("name", b"w"), ("name", "\udc80"), ("name", "n" * 70000),
+               ("key_id", 5), ("key_id", ["k"]), ("dtype", 5), ("dtype", ["float32"]),
+               ("framework", ["numpy"]), ("algorithm", 5), ("algorithm", ["aes-gcm"]),
+               ("shape", "ab"), ("shape", None), ("shape", (2.0, 4.0)), ("nbytes", "32"),
+               ("nbytes", None), ("nbytes", 32.0), ("aad", "str"), ("nonce", None)]
+
+
+@pytest.mark.parametrize("field,value", WRONG_TYPES, ids=[f"{f}={v!r:.12}" for f, v in WRONG_TYPES])
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fields_edited_to_the_wrong_type_fail_as_any_edit_does(field, value, framework, inplace):
+    """Any edit to a recorded field fails with InvalidTag, whichever path decrypts; edits
+    of the wrong type raised AttributeError, TypeError or UnicodeEncodeError (the short
+    path compared the byte count, and both encoded the name and key id, unchecked).
+    Nothing is decrypted: an in-place tensor keeps its ciphertext, and undone the edit
+    decrypts."""
+    key = os.urandom(32)
+    x = np.arange(8, dtype=np.float32) if framework == "numpy" else torch.arange(8.0)
+    plain = _memory(x)
+    for decrypt in (lambda e: gpucrypt.decrypt_tensor(e, key),
+                    lambda e: gpucrypt.decrypt_tensors([e], key)[0]):
+        t = x.copy() if framework == "numpy" else x.clone()
+        enc = gpucrypt.encrypt_tensor(t, key, inplace=inplace)
+        ciphertext = _memory(t)
+        kept = getattr(enc, field)
+        setattr(enc, field, value)
+        with pytest.raises(InvalidTag):
+            decrypt(enc)
+        assert _memory(t) == ciphertext  # in place: nothing written
+        setattr(enc, field, kept)
+        assert _memory(decrypt(enc)) == plain

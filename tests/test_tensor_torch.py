@@ -680,3 +680,44 @@ def test_decrypting_on_a_gpu_where_none_runs_is_backend_unavailable(tmp_path):
         "import torch, gpucrypt\n"
         "enc = gpucrypt.encrypt_tensor(torch.ones(4), b'k' * 32)",
         "gpucrypt.decrypt_tensor(enc, b'k' * 32, device='gpu')", tmp_path)
+
+
+def test_pickling_an_in_place_result_writes_its_ciphertext_alone():
+    """An in-place result's ciphertext is the caller's tensor; pickled (pickle, torch.save)
+    as it was, a view wrote its whole storage: the plaintext of the tensors beside it (q
+    of a fused qkv, a flat parameter's other entries) and the tensor's Python attributes.
+    Exactly its ciphertext's bytes are pickled now, and what comes back is an ordinary
+    out-of-place result; the original is still in place."""
+    import io
+    import pickle
+
+    key = os.urandom(32)
+    secret = b"PLAINTEXT-BESIDE" * 64
+
+    def storage(head: bytes):
+        return torch.frombuffer(bytearray(head + secret), dtype=torch.uint8).clone()
+
+    def pickled(obj) -> list[bytes]:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return [pickle.dumps(obj), buf.getvalue()]
+
+    qkv = storage(bytes(range(256)))
+    q = qkv[:256]
+    q.note = "PLAINTEXT-ATTRIBUTE"  # a Python attribute on the tensor
+    enc = gpucrypt.encrypt_tensor(q, key, inplace=True, name="q")
+    for blob in pickled(enc):
+        assert secret not in blob and b"PLAINTEXT-ATTRIBUTE" not in blob
+    again = pickle.loads(pickle.dumps(enc))
+    assert not again.inplace and again.ciphertext.nbytes == 256
+    assert again.ciphertext.untyped_storage().nbytes() == 256
+    assert torch.equal(gpucrypt.decrypt_tensor(again, key), torch.arange(256, dtype=torch.uint8))
+    assert gpucrypt.decrypt_tensor(enc, key) is q and torch.equal(q, torch.arange(256, dtype=torch.uint8))
+    # a state dict of views of one flat buffer, whose end is in no entry
+    flat = storage(bytes(512))
+    encs = gpucrypt.encrypt_tensors({"w": flat[:256], "b": flat[256:512]}, key, inplace=True)
+    for blob in pickled(encs):
+        assert secret not in blob
+    back = gpucrypt.decrypt_tensors(torch.load(io.BytesIO(pickled(encs)[1]), weights_only=False), key)
+    assert all(torch.equal(v, torch.zeros(256, dtype=torch.uint8)) for v in back.values())
+    assert encs["w"].inplace and gpucrypt.decrypt_tensors(encs, key)["w"] is not None

@@ -199,8 +199,20 @@ class Adapter:
         """The tensor of ``dtype``/``shape`` whose memory is the byte view ``view``."""
         return view.view(numpy_dtype(dtype)).reshape(shape)
 
-    def finish(self, obj: Any) -> Any:
+    def finish(self, obj: Any, home: Any = None) -> Any:
+        """The result a filled ``empty`` object stands for; ``home``: see :meth:`home`."""
         return obj
+
+    def home(self, x: Any) -> Any:
+        """The device object ``x`` is on where its place does not say (JAX's CPU devices,
+        which all are ``HOST``), for :meth:`finish` to put the result back there; None
+        where the place says it all."""
+        return None
+
+    def copy_bytes(self, view: Any, place) -> Any:
+        """A byte buffer of this framework at ``place``, of its own, holding ``view``'s
+        bytes (a byte view of a tensor, as ``byte_view`` makes) and nothing more."""
+        return view.copy()
 
     def current_stream(self, place) -> Any:
         return None
@@ -357,6 +369,10 @@ class TorchAdapter(Adapter):
     def adopt_host(self, array):
         return self._torch().from_numpy(array)
 
+    def copy_bytes(self, view, place):
+        # a storage of exactly the view's bytes (a view pickles its whole storage)
+        return view.clone(memory_format=self._torch().contiguous_format)
+
     def view_as(self, view, dtype, shape):
         return view.view(getattr(self._torch(), dtype)).reshape(shape)
 
@@ -416,6 +432,11 @@ class CupyAdapter(Adapter):
         with cupy.cuda.Device(place[1]):
             return cupy.empty(nbytes, dtype=np.uint8)
 
+    def copy_bytes(self, view, place):
+        cupy = importlib.import_module("cupy")
+        with cupy.cuda.Device(place[1]):  # CuPy copies onto the current device
+            return view.copy()
+
     def current_stream(self, place):
         cupy = importlib.import_module("cupy")
         with cupy.cuda.Device(place[1]):
@@ -472,6 +493,12 @@ class NumbaAdapter(Adapter):
 
         with _numba_device(place):
             return cuda.device_array(nbytes, dtype=np.uint8)
+
+    def copy_bytes(self, view, place):
+        out = self.empty_bytes(view.size, place)
+        with _numba_device(place):
+            out.copy_to_device(view)
+        return out
 
 
 def _numba_device_index() -> int:
@@ -568,12 +595,22 @@ class JaxAdapter(Adapter):
     def view_as(self, view, dtype, shape):
         return self.finish(view.view(_jax_dtype(dtype)).reshape(shape))
 
-    def finish(self, obj):
+    def home(self, x):
+        devices = x.devices()
+        if len(devices) == 1:
+            (device,) = devices
+            if device.platform == "cpu":
+                return device
+        return None
+
+    def finish(self, obj, home=None):
         import jax
         import jax.numpy as jnp
 
         if isinstance(obj, np.ndarray):
-            return jax.device_put(obj, jax.local_devices(backend="cpu")[0])
+            # the CPU device the array was on (there may be several), else the first one
+            return jax.device_put(obj, home if home is not None
+                                  else jax.local_devices(backend="cpu")[0])
         raw = jax.dlpack.from_dlpack(obj.buffer)
         if obj.dtype == "bool":
             return raw.reshape(obj.shape) != 0

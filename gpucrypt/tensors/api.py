@@ -28,7 +28,9 @@ Memory: out of place allocates exactly one output, through the framework's own
 allocator (or NumPy's, for the ciphertext of a torch tensor sealed on the CPU, which
 torch adopts without a copy when it is asked for). ``inplace=True`` encrypts in the
 tensor's own memory; the EncryptedTensor then refers to that memory (the tensor holds
-ciphertext until it is decrypted in place again). A failed in-place decrypt leaves the
+ciphertext until it is decrypted in place again), and a pickle (or deep copy) of it holds a
+copy of exactly the ciphertext's bytes, never the tensor (a view would bring its whole
+storage), and comes back an out-of-place result. A failed in-place decrypt leaves the
 ciphertext as it was; a failed out-of-place decrypt zeroes its output and returns
 nothing. An in-place batch whose entries share memory (a state dict's tied weights) is refused
 before anything is touched: each memory can hold one ciphertext. Writing a torch tensor in
@@ -409,6 +411,11 @@ def _decode_metadata(data: memoryview, offset: int = 0) -> tuple[dict, int]:
 
 
 # ============================================================================ EncryptedTensor
+#: what a spent EncryptedTensor (decrypted in place) says when it is used
+_SPENT = ("this EncryptedTensor was decrypted in place: its memory holds the plaintext again, "
+          "not the ciphertext")
+
+
 class EncryptedTensor:
     """A tensor's ciphertext plus everything needed to check and rebuild it.
 
@@ -423,10 +430,10 @@ class EncryptedTensor:
 
     __slots__ = ("framework", "dtype", "shape", "nbytes", "algorithm", "key_id", "name", "aad",
                  "nonce", "_ct", "_place", "_tag", "_tags", "_tag_row", "_source",
-                 "_consumed", "_adopt")
+                 "_consumed", "_adopt", "_home")
 
     def __init__(self, *, framework, dtype, shape, nbytes, algorithm, key_id, name, aad, nonce,
-                 ciphertext, place, tag=None, tags=None, tag_row=0, source=None):
+                 ciphertext, place, tag=None, tags=None, tag_row=0, source=None, home=None):
         self.framework, self.dtype, self.shape, self.nbytes = framework, dtype, tuple(shape), nbytes
         self.algorithm, self.key_id, self.name, self.aad = algorithm, key_id, name, aad
         self.nonce = nonce
@@ -434,6 +441,10 @@ class EncryptedTensor:
         self._tag, self._tags, self._tag_row = tag, tags, tag_row
         self._source = source
         self._consumed, self._adopt = [False], False  # a cell: see above _check_alive
+        # the framework's own device object where ``place`` does not tell it (a JAX array on
+        # one of several CPU devices: see Adapter.home); this process's, never pickled. Left
+        # unset by ``_host`` (NumPy and torch have none): read it with getattr
+        self._home = home
 
     @classmethod
     def _host(cls, framework, dtype, shape, nbytes, algorithm, key_id, name, aad, nonce,
@@ -530,17 +541,51 @@ class EncryptedTensor:
 
     def _check_alive(self) -> None:
         if self._consumed[0]:
-            raise ValueError("this EncryptedTensor was decrypted in place: its memory holds the "
-                             "plaintext again, not the ciphertext")
+            raise ValueError(_SPENT)
 
-    def __getstate__(self):  # pickle, torch.save, copy
-        # spent in place, its memory is the plaintext again: a pickle would write it out
+    def __getstate__(self):  # pickle, torch.save, deepcopy (copy.copy: __copy__)
+        state = self._slot_state()
+        state["_home"] = None  # a device object of this process
+        if self._source is not None:
+            # In place, the ciphertext is the caller's tensor, which pickles as more than its
+            # bytes: a torch view writes its whole storage (the plaintext of the tensors
+            # beside it: q of a fused qkv, a flat parameter's other entries) and the
+            # tensor's Python attributes. Exactly the ciphertext's bytes go instead, a
+            # compact copy; the copy made of them is an ordinary out-of-place result, with
+            # memory (and a spent cell) of its own.
+            state["_source"] = None
+            state["_ct"], state["_adopt"] = self._ciphertext_copy()
+            state["_consumed"] = [False]
+        return None, state
+
+    def __copy__(self):
+        # a shallow copy names the same memory, the same source included, and shares the
+        # spent cell (see above _check_alive)
+        new = object.__new__(type(self))
+        for name, value in self._slot_state().items():
+            setattr(new, name, value)
+        return new
+
+    def _slot_state(self) -> dict:
+        """The slots as they are, for a copy or a pickle: refused once spent, and with the
+        tag read from the batch's device tags (which stay here)."""
+        # spent in place, its memory is the plaintext again: a copy would write it out
         self._check_alive()
         if self._tag is None and self._tags is not None:
-            self._tag = self._tags.row(self._tag_row)  # its batch's device tags stay here
+            self._tag = self._tags.row(self._tag_row)
         state = {name: getattr(self, name) for name in self.__slots__ if hasattr(self, name)}
         state["_tags"] = None
-        return None, state
+        return state
+
+    def _ciphertext_copy(self) -> tuple:
+        """(a buffer of its own holding exactly an in-place result's ciphertext, whether it
+        is a NumPy array to hand out as a torch tensor: see ``_adopt``)."""
+        if self._place == HOST:
+            # the source's framework, not the recorded one (which may have been edited)
+            return _host_ciphertext(self).copy(), _framework_of(self._source) == "torch"
+        view = self._ciphertext  # the source's byte view, on its device: its tag (read by
+        # _slot_state) came back after the work writing it, so it is there to copy
+        return fw.adapter_for(view).copy_bytes(view, self._place), False
 
     def __repr__(self) -> str:
         return (f"EncryptedTensor(framework={self.framework!r}, dtype={self.dtype!r}, "
@@ -1042,18 +1087,28 @@ def _encrypt_small_on_host(x: Any, key: Any, algorithm: str, aad: Any, inplace: 
 def _decrypt_small_on_host(enc: Any, key: Any, inplace: bool | None) -> Any:
     """:func:`decrypt_tensor` of one small host ciphertext into a new NumPy/torch tensor
     or back into the tensor it was encrypted from, or _NOT_SMALL for the general path."""
-    if type(enc) is not EncryptedTensor or enc._place != HOST or enc.nbytes >= _HOST_PARALLEL_BYTES \
-            or enc.framework not in ("numpy", "torch"):
+    if type(enc) is not EncryptedTensor:
+        return _NOT_SMALL
+    # Edited fields (recorded fields are public attributes) go to the general path, which
+    # fails them as InvalidTag: the try costs nothing until something raises
+    try:
+        if enc._place != HOST or enc.nbytes >= _HOST_PARALLEL_BYTES \
+                or enc.framework not in ("numpy", "torch"):
+            return _NOT_SMALL
+    except (TypeError, ValueError):  # a byte count that is no number
         return _NOT_SMALL
     enc._check_alive()
-    key = _key_bytes(key, enc.algorithm)
-    try:  # metadata an edit made unencodable (a negative dimension): the general path fails it
+    try:  # a wrong size for an edited algorithm: the general path says which it is
+        key = _key_bytes(key, enc.algorithm)
+    except ValueError:
+        return _NOT_SMALL
+    try:  # metadata an edit made unencodable (a negative dimension, a name that is no str)
         aad = enc.associated_data()
         nonce = enc.nonce  # one an edit made the cipher's ValueError: failed there, InvalidTag
         if type(nonce) is not bytes or len(nonce) != _NONCE_SIZE[enc.algorithm] \
                 or type(enc.aad) is not bytes:
             return _NOT_SMALL
-    except (struct.error, TypeError, ValueError, KeyError, UnicodeError, OverflowError):
+    except _UNENCODABLE:
         return _NOT_SMALL
     in_place = _decides_inplace(enc, None, inplace)
     sealed = enc._ct
@@ -1266,7 +1321,7 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
         enc = EncryptedTensor(framework=adapter.name, dtype=dtype, shape=shape, nbytes=nbytes,
                               algorithm=algorithm, key_id=key_id, name=name, aad=user_aad,
                               nonce=b"", ciphertext=None, place=place,
-                              source=x if inplace else None)
+                              source=x if inplace else None, home=adapter.home(x))
         job = _Job(label, enc, place, meta + user_aad)
         job.adapter, job.x, job.view, job.host_src = adapter, x, view, host
         jobs.append(job)
@@ -1683,19 +1738,32 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     jobs = []
     malformed: list[_Job] = []  # recorded fields that cannot be its ciphertext's (edited)
     keys: dict[str, bytes] = {}  # the key checked once per algorithm of the batch
+    spent: list = []  # entries decrypted in place already: all named at once, below
     for label, enc, out in items:
         if not isinstance(enc, EncryptedTensor):
             raise TypeError(f"expected an EncryptedTensor, not {type(enc).__name__}")
-        enc._check_alive()
-        job_key = keys.get(enc.algorithm)
-        if job_key is None:
-            job_key = keys[enc.algorithm] = _key_bytes(key, enc.algorithm)
-        if not _describes_its_ciphertext(enc):  # failed, before anything is allocated
+        if enc._consumed[0]:
+            spent.append(label if label is not None else enc.name)
+            continue
+        # None: recorded fields that cannot be its ciphertext's, or that no metadata block
+        # can hold (a name that is not text, say): edited since, so failed (InvalidTag)
+        # before anything is allocated, and before the key is checked against an algorithm
+        # that may be no algorithm at all
+        aad = None
+        if _describes_its_ciphertext(enc):
+            try:
+                aad = enc.associated_data()
+            except _UNENCODABLE:
+                pass
+        if aad is None:
             job = _Job(label, enc, HOST, b"")
             job.x = out  # zeroed, if it can be, as a bad tag's would be
             jobs.append(job)
             malformed.append(job)
             continue
+        job_key = keys.get(enc.algorithm)
+        if job_key is None:
+            job_key = keys[enc.algorithm] = _key_bytes(key, enc.algorithm)
         in_place = _decides_inplace(enc, out, inplace)
         ct_place = enc._place
         out_on_gpu = out is not None and fw.adapter_for(out).place(out) != HOST
@@ -1714,9 +1782,13 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
             result_place = ct_place if ct_place != HOST else fw.current_device_place(enc.framework)
         else:
             result_place = HOST
-        job = _Job(label, enc, result_place, enc.associated_data())
+        job = _Job(label, enc, result_place, aad)
         job.inplace, job.nonce, job.x, job.result = in_place, enc.nonce, out, (run_gpu, job_key)
         jobs.append(job)
+    if spent:
+        if len(items) == 1 and items[0][0] is None:  # decrypt_tensor: "this" says which
+            raise ValueError(_SPENT)
+        _refuse_spent(spent, len(items))
     # An entry filed under another name than it was encrypted with (two state-dict entries
     # swapped, say) is refused before anything is decrypted: its plaintext is never released.
     # In a batch whose entries carry names (encrypt_tensors records each one's), an entry
@@ -1776,7 +1848,13 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
         if job.error is not None:
             job.dst_obj[...] = 0
             raise job.error
-    return [j.dst_obj if j.inplace else j.adapter.finish(j.dst_obj) for j in jobs]
+    return [j.dst_obj if j.inplace else j.adapter.finish(j.dst_obj, getattr(j.enc, "_home", None))
+            if j.adapter is _JAX_ADAPTER else j.adapter.finish(j.dst_obj) for j in jobs]
+
+
+#: the one adapter whose results go back to a device their place does not name (see
+#: EncryptedTensor._home, which the others' results made by ``_host`` leave unset)
+_JAX_ADAPTER = fw.BY_NAME["jax"]
 
 
 def _zero_refused_outputs(refused: list[_Job], jobs: list[_Job]) -> None:
@@ -1854,6 +1932,33 @@ def _describes_its_ciphertext(enc: EncryptedTensor) -> bool:
         return src is not None
     length = len(ct) - TAG_SIZE if type(ct) is bytes else getattr(ct, "nbytes", None)
     return length is None or length == nbytes  # None: a buffer that does not say (none yet)
+
+
+#: what encoding the metadata of edited fields raises (no encryption records such fields):
+#: a name or key id that is not text (or bytes), or not UTF-8, or over 65535 bytes; a dtype
+#: that is not ASCII text; dimensions that are not ints
+_UNENCODABLE = (struct.error, TypeError, ValueError, KeyError, AttributeError, UnicodeError,
+                OverflowError)
+
+
+#: how many spent entries the error names (exc.spent has them all)
+_SPENT_SHOWN = 20
+
+
+def _refuse_spent(spent: list, count: int) -> None:
+    """``ValueError`` naming every entry of a batch of ``count`` that was decrypted in
+    place already (``spent``: their labels, or recorded names), e.g. by an earlier try of
+    the same batch that failed part way."""
+    shown = ", ".join(map(_described, spent[:_SPENT_SHOWN]))
+    if len(spent) > _SPENT_SHOWN:  # typically all but the entry that failed: a state dict
+        shown += f" and {len(spent) - _SPENT_SHOWN} more"
+    exc = ValueError(
+        f"{len(spent)} of {count} entries were decrypted in place already: {shown}. Their "
+        f"memory holds the plaintext again, not the ciphertext (an in-place batch that fails "
+        f"part way spends the entries it decrypted): use those tensors as they are, and "
+        f"decrypt the other entries without them (exc.spent lists them all)")
+    exc.spent = spent
+    raise exc
 
 
 def _framework_of(x: Any) -> str:
@@ -2183,7 +2288,9 @@ def decrypt_tensors(encs: Mapping[str, EncryptedTensor] | Sequence[EncryptedTens
     that would write where another entry's ciphertext or plaintext lies (one in-place
     result twice, ``out=`` naming one tensor twice or another entry's ciphertext) is
     refused, ``ValueError``, before anything is written. An entry decrypted in place is spent as soon as it is
-    (an error later in the batch leaves it spent, its plaintext back in its memory).
+    (an error later in the batch leaves it spent, its plaintext back in its memory): a batch
+    holding spent entries is refused, ``ValueError``, before anything is decrypted, naming
+    them (its ``spent`` attribute lists them all), so that a retry can leave them out.
     """
     items, rebuild = _items_of(encs)
     if out is None:
