@@ -651,6 +651,33 @@ def test_encrypt_refuses_its_input_and_output_before_asking_for_a_passphrase(wor
 
 
 @pytest.mark.skipif(not ON_LINUX, reason="a pseudo-terminal (Linux)")
+@pytest.mark.parametrize("plaintext, is_text", [
+    (b"caf\xc3\xa9 ol\xc3\xa9\tcolumns\r\nmarker line\n", True),
+    (b"marker\x00\x01\x02 binary", False),
+    (b"marker text, then a title: \x1b]0;pwned\x07", False),
+    (b"marker \xc2\x9b31m (a one-character CSI)", False),
+    (b"marker \xff\xfe (not UTF-8)", False),
+])
+def test_decrypt_writes_to_a_terminal_only_text(work, capsys, plaintext, is_text):
+    """``decrypt`` to a terminal wrote whatever the file held: binary garbled it, and a
+    crafted file's escape sequences drove it (set its title, rewrote the screen). Text is
+    written; anything else is refused before it reaches the terminal, unless --force."""
+    (work / "p").write_bytes(plaintext)
+    assert run(capsys, "encrypt", "--key-file", "key", "p", "sealed")[0] == 0
+    code, seen = _converse(work, [], "decrypt", "--key-file", "key", "sealed", "-",
+                           stdout_tty=True)
+    if is_text:
+        assert code == 0, seen
+        assert plaintext.replace(b"\n", b"\r\n") in seen  # the terminal's own CR before LF
+    else:
+        assert code == 1 and b"refusing to write the plaintext to a terminal" in seen, seen
+        assert b"marker" not in seen
+        code, seen = _converse(work, [], "decrypt", "--key-file", "key", "sealed", "-",
+                               "--force", stdout_tty=True)
+        assert code == 0 and plaintext.split(b" ")[0] in seen, seen
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="a pseudo-terminal (Linux)")
 def test_the_progress_bar_is_for_large_inputs_and_never_on_a_prompt(work, capsys):
     """``gpucrypt decrypt < f.gc > f.out`` on a terminal drew "\\rdecrypt 8 B ..." onto the
     passphrase prompt's line: stdin had no size, so it got a bar. A stdin redirected from a

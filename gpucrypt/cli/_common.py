@@ -463,17 +463,66 @@ def destination(args: Any, binary_ciphertext: bool) -> Iterator[Any]:
     leave the verified segments before it written there, as on stdout."""
     target = check_output(args, binary_ciphertext)
     if not isinstance(target, str):
-        yield target
+        yield _guarded(target, args, binary_ciphertext)
         return
     if streamed_output(target):
         with StreamedOutput(target) as out:
             if binary_ciphertext and out.file.isatty() and not args.force:
                 raise CliError(f"refusing to write binary output to a terminal ({target}); give "
                                f"another OUT, or give --force", 2)
-            yield out.file
+            yield _guarded(out.file, args, binary_ciphertext)
         return
     with atomic_output(target, bool(args.force)) as out:
         yield out
+
+
+def _guarded(file: Any, args: Any, binary_ciphertext: bool) -> Any:
+    """``file``, or for plaintext to a terminal without ``--force`` a :class:`TerminalText`
+    over it."""
+    if binary_ciphertext or args.force or not file.isatty():
+        return file
+    return TerminalText(file)
+
+
+#: what a terminal must not be sent from a decrypted file: C0 controls but tab, line feed
+#: and carriage return (ESC starts the escape sequences), DEL, and the C1 controls (U+009B
+#: is a one-character CSI to some terminals)
+_TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+class TerminalText:
+    """A terminal as ``decrypt``'s output, written to as long as the plaintext is text:
+    the first write holding bytes that are no UTF-8, or control characters (see
+    _TERMINAL_CONTROLS), raises CliError before any of it reaches the terminal. Binary
+    data garbles a terminal, and a crafted file's plaintext could drive it with escape
+    sequences (rewrite what is on the screen, set its title, on some terminals more).
+    What was written before, all verified plaintext, stays. rage refuses unprintable
+    plaintext the same way; ``--force`` writes anything."""
+
+    def __init__(self, file: Any):
+        import codecs
+
+        self._file = file
+        self._decode = codecs.getincrementaldecoder("utf-8")().decode  # a character may be
+        # split between two writes
+
+    def write(self, data: Any) -> int:
+        try:
+            text = self._decode(bytes(data))
+        except UnicodeDecodeError:
+            text = None
+        if text is None or _TERMINAL_CONTROLS.search(text):
+            raise CliError("refusing to write the plaintext to a terminal: it is binary, or it "
+                           "holds terminal control characters (escape sequences) that would "
+                           "drive the terminal; redirect stdout (> FILE, | less), give an OUT "
+                           "file, or give --force to write it anyway", 1)
+        from ..files._atomic import write_all
+
+        write_all(self._file, data)
+        return len(data)
+
+    def __getattr__(self, name: str) -> Any:  # fileno, flush, isatty, ...: the terminal's
+        return getattr(self._file, name)
 
 
 def refuse_input_as_output(args: Any, reader: Any = None, dst: Any = None, *,

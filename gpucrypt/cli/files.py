@@ -65,7 +65,9 @@ def _common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
     add_device(parser, f"where to {mode} (default: auto)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU worker threads (default: the usable cores)")
-    add_force(parser)
+    add_force(parser, "overwrite OUT if it exists; write to a terminal what is refused there "
+                      "otherwise (ciphertext; plaintext that is binary or holds terminal "
+                      "control characters)")
     parser.add_argument("--progress", action="store_true",
                         help="show a progress bar on stderr (default: when stderr is a "
                              "terminal and the input is 16 MiB or more: a file by its size, "
