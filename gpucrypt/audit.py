@@ -62,7 +62,9 @@ FIELDS = {
     "key_ids": "list of key ids involved",
     "algorithm": "algorithm name, e.g. chacha20-poly1305, aes-256-kwp, hpke-x25519",
     "bytes": "payload size in bytes",
-    "device": "cpu or gpu (or the device's name)",
+    "device": "where the work ran: cpu or gpu (a model load: cpu, cuda or cuda:N; a folder "
+              "whose files ran on both: cpu+gpu); the device asked for (auto) only when the "
+              "operation failed before one was chosen",
     "duration_s": "wall-clock seconds the operation took",
     "recipients": "list of recipient fingerprints (public) or key ids the data key is wrapped for",
     "path": "file path operated on",

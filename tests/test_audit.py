@@ -1272,3 +1272,50 @@ def test_a_dcp_load_records_the_path_of_its_metadata(captured, tmp_path):
     assert torch.equal(out["w"], torch.ones(4))
     paths = [e.get("path") for e in _events(captured) if e["operation"] == "file.decrypt"]
     assert paths == [str(tmp_path / ".metadata")]
+
+
+@pytest.mark.parametrize("device, ran", [("auto", "cpu"), ("cpu", "cpu"), ("gpu", "gpu")])
+def test_file_events_record_the_device_that_ran(captured, tmp_path, device, ran):
+    """The events recorded the device asked for ("auto"), not the one that ran the
+    segments; the audit's own description says "cpu or gpu". (gpu: the simulator here.)"""
+    if device == "gpu":
+        from gpucrypt.backends import BackendUnavailable, get_backend
+        try:
+            get_backend("gpu")
+        except BackendUnavailable as exc:
+            pytest.skip(f"no GPU backend, not even the simulator: {exc}")
+    alice = keys.Identity.generate()
+    data = os.urandom(3000)
+    keys.encrypt_file(data, tmp_path / "ct", recipients=[alice.recipient], device=device,
+                      segment_size=4096)
+    out = io.BytesIO()
+    keys.decrypt_file(tmp_path / "ct", out, identities=[alice], device=device)
+    assert out.getvalue() == data
+    events = {e["operation"]: e for e in _events(captured)}
+    assert events["file.encrypt"]["device"] == events["file.decrypt"]["device"] == ran
+
+
+def test_model_and_command_line_events_record_the_device_that_ran(captured, tmp_path):
+    """save_encrypted(recipients=...), load_encrypted(identity=...) and the command line's
+    --audit-log recorded "auto"."""
+    np = pytest.importorskip("numpy")
+    from gpucrypt import models
+    from gpucrypt.cli import main
+
+    alice = keys.Identity.generate()
+    models.save_encrypted({"w": np.arange(8, dtype=np.float32)}, tmp_path / "m.gc",
+                          recipients=[alice.recipient])
+    models.load_encrypted(tmp_path / "m.gc", identity=alice, framework="numpy")
+    (tmp_path / "key").write_bytes(os.urandom(32))
+    os.chmod(tmp_path / "key", 0o600)
+    (tmp_path / "plain").write_bytes(b"x" * 100)
+    log = tmp_path / "audit.log"
+    for argv in (["encrypt", "--key-file", str(tmp_path / "key"), str(tmp_path / "plain"),
+                  str(tmp_path / "ct")],
+                 ["decrypt", "--key-file", str(tmp_path / "key"), str(tmp_path / "ct"),
+                  str(tmp_path / "back")]):
+        assert main([*argv, "--audit-log", str(log)]) == 0
+    devices = [e["device"] for e in _events(captured) if e["operation"] in
+               ("model.encrypt", "model.decrypt")]
+    devices += [json.loads(line)["device"] for line in log.read_text().splitlines()]
+    assert devices == ["cpu"] * 4

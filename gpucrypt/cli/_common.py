@@ -209,6 +209,20 @@ def output_path(args: Any) -> str:
     return option if option is not None else (positional if positional is not None else "-")
 
 
+@contextlib.contextmanager
+def device_run(event: dict) -> Iterator[list]:
+    """A list for the library's ``_ran_on`` (``stream.encrypt``, ``save_encrypted``, ...);
+    the device it names, once the work was given one, recorded in the audit ``event``
+    (the device asked for, "auto" say, stays for a run that failed before). A folder's
+    files each name theirs: one device for all, or "cpu+gpu"."""
+    ran_on: list = []
+    try:
+        yield ran_on
+    finally:
+        if ran_on:
+            event["device"] = "+".join(sorted(set(ran_on)))
+
+
 def add_device(parser: argparse.ArgumentParser, help: str) -> None:
     """``--device auto|cpu|gpu`` ("cuda", as frameworks spell it, is "gpu")."""
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",

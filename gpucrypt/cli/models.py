@@ -50,8 +50,8 @@ import sys
 
 from ._common import (add_algorithm, add_device, add_force, add_input_output_and_keys,
                       add_key_management, audited, check_key_sources, check_output,
-                      check_sealing_options, decrypt_key, destination, encrypt_keys, parse_size,
-                      refuse_input_as_output, run_reporting_errors)
+                      check_sealing_options, decrypt_key, destination, device_run, encrypt_keys,
+                      parse_size, refuse_input_as_output, run_reporting_errors)
 from . import CliError
 
 __all__ = ["add_encrypt_model", "add_decrypt_model"]
@@ -167,12 +167,14 @@ def _run_encrypt_model(args) -> int:
         with audited(args, "model.encrypt", args.output) as event:
             key, key_id, envelope = encrypt_keys(args)
             event.update(algorithm=args.algorithm, device=args.device)
-            with destination(args, binary_ciphertext=True) as dst:  # refuses a folder, an existing OUT
+            with destination(args, binary_ciphertext=True) as dst, \
+                    device_run(event) as ran_on:  # refuses a folder, an existing OUT
                 run_reporting_errors(args, lambda: models.save_encrypted(
                     tensors, dst, key, metadata, algorithm=args.algorithm,
                     encrypt_names=args.encrypt_names, segment_size=args.segment_size,
                     device=args.device, key_id=key_id, envelope=envelope,
-                    _salt=getattr(args, "file_salt", None)))  # the envelope is bound to it (--kek)
+                    _salt=getattr(args, "file_salt", None),  # the envelope is bound to it (--kek)
+                    _ran_on=ran_on))
     finally:
         os.close(fd)
     return 0
@@ -315,11 +317,12 @@ def _run_encrypt_checkpoint(args) -> int:
         if envelope is not None and getattr(args, "kek", None):
             envelope = _envelope_per_file(args, key, envelope)
         event.update(algorithm=args.algorithm, device=args.device)
-        _encrypt_checkpoint(args, layouts[0], key, key_id, envelope)
+        with device_run(event) as ran_on:
+            _encrypt_checkpoint(args, layouts[0], key, key_id, envelope, ran_on)
     return 0
 
 
-def _encrypt_checkpoint(args, layout, key: bytes, key_id, envelope) -> None:
+def _encrypt_checkpoint(args, layout, key: bytes, key_id, envelope, ran_on: list) -> None:
     from ..files import checkpoints
 
     def work():
@@ -335,7 +338,7 @@ def _encrypt_checkpoint(args, layout, key: bytes, key_id, envelope) -> None:
             args.input, args.output, key, key_id=key_id, envelope=envelope,
             algorithm=args.algorithm, encrypt_names=args.encrypt_names,
             segment_size=args.segment_size, device=args.device,
-            copy_unencrypted=args.copy_unencrypted)
+            copy_unencrypted=args.copy_unencrypted, _ran_on=ran_on)
 
     run_reporting_errors(args, work)
 

@@ -675,7 +675,7 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
                    device: str = "auto", key_id: str | None = None, envelope: Any = None,
                    recipients: Any = None, keyset: Any = None,
                    threads: int | None = None, _salt: bytes | None = None,
-                   _tensors: tuple | None = None) -> ModelHeader:
+                   _tensors: tuple | None = None, _ran_on: list | None = None) -> ModelHeader:
     """Write ``tensors`` (name -> tensor, any framework the tensor API takes, or a
     :class:`~gpucrypt.files._safetensors.StoredTensor` read from its file a segment at a time)
     to ``path``.
@@ -727,11 +727,17 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
             with _output_made_now(path) as path:
                 key, _salt, envelope, key_id, labels = keyed.new_file_key(items)
                 ev.update(key_id=key_id, recipients=labels, algorithm=algorithm,
-                          device=str(device))
-                return save_encrypted(tensors, path, key, metadata, algorithm=algorithm,
-                                      encrypt_names=encrypt_names, segment_size=segment_size,
-                                      device=device, key_id=key_id, envelope=envelope,
-                                      threads=threads, _salt=_salt, _tensors=prepared)
+                          device=str(device))  # the one that ran, once chosen (below)
+                ran_on: list = []
+                try:
+                    return save_encrypted(tensors, path, key, metadata, algorithm=algorithm,
+                                          encrypt_names=encrypt_names, segment_size=segment_size,
+                                          device=device, key_id=key_id, envelope=envelope,
+                                          threads=threads, _salt=_salt, _tensors=prepared,
+                                          _ran_on=ran_on)
+                finally:
+                    if ran_on:
+                        ev["device"] = ran_on[0]
     if key is None:
         raise ValueError("no key given: pass key= (32 bytes), or recipients= and/or keyset= "
                          "for a fresh data key wrapped for them")
@@ -761,6 +767,8 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
     seg_key = _derive(key, salt, _SEGMENT_INFO, fixed)
     aad = _segment_aad(fixed, stored)
     backend = _save_backend(device, data_length, values)
+    if _ran_on is not None:  # for the audit event (save_encrypted(recipients=...) above)
+        _ran_on.append(backend.name)
     with open_output(path) as sink:
         sink.write(body + mac)
         if backend.name == "gpu":
@@ -967,7 +975,7 @@ def load_encrypted(path: Any, key: Any = None, device: str = "auto", *,
 
         with audit.timed("model.decrypt", path=keyed.audit_path(path)) as ev:
             key, ev["key_id"] = keyed.file_key(lambda: _parse_path(path), key, keyset, identity)
-            ev["device"] = str(device)
+            ev["device"] = target  # "auto" resolved: where the tensors are decrypted
             return load_encrypted(path, key, device, framework=framework, threads=threads,
                                   names=names, _check_header=_check_header)
     key = _format.check_key(key)

@@ -295,11 +295,17 @@ class _Segments(_Closing):
         return store
 
 
+def _note_device(segs: _Segments, ran_on: list | None) -> None:
+    if ran_on is not None:
+        ran_on.append("gpu" if segs.on_gpu else "cpu")
+
+
 # ============================================================================ encrypt
 def encrypt(src: Any, dst: Any, key: Any, *, algorithm: str = "chacha20-poly1305",
             segment_size: int = DEFAULT_SEGMENT_SIZE, device: str = "auto",
             key_id: str | None = None, envelope: Any = None, threads: int | None = None,
-            _salt: bytes | None = None, _nonce_prefix: bytes | None = None) -> Header:
+            _salt: bytes | None = None, _nonce_prefix: bytes | None = None,
+            _ran_on: list | None = None) -> Header:
     """Encrypt everything ``src`` holds into ``dst`` as a gpucrypt stream; returns its header.
 
     ``key``: 32 bytes (the per-file key is derived from it and a random salt).
@@ -309,6 +315,8 @@ def encrypt(src: Any, dst: Any, key: Any, *, algorithm: str = "chacha20-poly1305
     tests only: reusing both under the same key repeats the segment keys and nonces (the
     prefix is drawn fresh otherwise, and enters the key derivation). (``_salt`` is also given by
     :func:`gpucrypt.files.keyed.encrypt_file`, which draws it fresh to bind the envelope to it.)
+    ``_ran_on``: a list the device that runs the segments ("cpu" or "gpu") is appended to,
+    for an audit event to record it rather than the ``device`` asked for ("auto").
     """
     key = _format.check_key(key)
     _refuse_same_file(src, dst)
@@ -319,6 +327,7 @@ def encrypt(src: Any, dst: Any, key: Any, *, algorithm: str = "chacha20-poly1305
         # the output closes (or is removed) only after the workers writing it stopped
         with open_output(dst) as sink, \
                 _Segments(header, key, device, threads, source.size, "seal") as segs:
+            _note_device(segs, _ran_on)
             sink.write(header_bytes)
             where = source.positional()
             if where is not None and not segs.on_gpu and isinstance(sink, AtomicFile):
@@ -558,11 +567,12 @@ def _parse_source_header(source: _Source) -> Header:
 
 
 def decrypt(src: Any, dst: Any, key: Any, *, device: str = "auto",
-            threads: int | None = None) -> Header:
+            threads: int | None = None, _ran_on: list | None = None) -> Header:
     """Decrypt the gpucrypt stream ``src`` into ``dst``; returns its (verified) header.
 
     The header MAC is checked first (a wrong key fails there, before any segment).
     See the module docstring for what ``dst`` holds when an error is raised.
+    ``_ran_on``: as :func:`encrypt`'s.
     """
     key = _format.check_key(key)
     _refuse_same_file(src, dst)
@@ -572,6 +582,7 @@ def decrypt(src: Any, dst: Any, key: Any, *, device: str = "auto",
         size_hint = None if source.size is None else source.size - header.header_length
         with open_output(dst) as sink, \
                 _Segments(header, key, device, threads, size_hint, "open") as segs:
+            _note_device(segs, _ran_on)
             where = source.positional()
             if where is not None and not segs.on_gpu and isinstance(sink, AtomicFile):
                 pipeline.run(_open_positional(segs, where, sink), segs.runner, depth=_DEPTH)
