@@ -161,3 +161,30 @@ def test_a_batch_plan_shows_no_key_material_in_its_repr(gpu, algorithm, nonce_le
     text = repr(plan)
     assert not [s for s in secrets if (s if isinstance(s, str) else repr(s)[2:-1]) in text], text
     assert algorithm in text and "n=1" in text
+
+
+class _ExportedArray:
+    """A bare __cuda_array_interface__ (v3, explicit strides), as an exporter writes one;
+    never dereferenced: only its description is read."""
+
+    def __init__(self, shape, strides):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": "<f4", "data": (1 << 20, False),
+                                         "version": 3, "strides": strides}
+
+
+@pytest.mark.parametrize("shape, strides", [((4, 1), (4, 0)), ((1, 4), (0, 4)),
+                                            ((4, 1), (4, 64)), ((3, 1, 2), (8, 0, 4))])
+def test_an_axis_of_length_one_may_have_any_stride(shape, strides):
+    """x[:, None] exported with stride 0 on its new axis is contiguous memory (NumPy's own
+    flags say so, and the simulator's path took it), but was refused as not C-contiguous."""
+    from gpucrypt.backends.gpu import _interface_of
+
+    assert _interface_of(_ExportedArray(shape, strides)) == (1 << 20, 4 * int(np.prod(shape)))
+
+
+@pytest.mark.parametrize("shape, strides", [((2, 3), (4, 8)), ((4, 1), (8, 4)), ((3, 2), (8, 8))])
+def test_strides_that_skip_or_reorder_memory_are_refused(shape, strides):
+    from gpucrypt.backends.gpu import _interface_of
+
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        _interface_of(_ExportedArray(shape, strides))

@@ -188,7 +188,10 @@ def _interface_of(obj: Any) -> tuple[int, int] | None:
         for dim in reversed(shape):
             expected.append(step)
             step *= dim
-        if tuple(reversed(expected)) != tuple(strides) and int(np.prod(shape)) > 1:
+        # an axis of length 1 is never stepped along: its stride is whatever the exporter
+        # wrote (NumPy-style x[:, None] says 0), as NumPy's own contiguity flags take it
+        if int(np.prod(shape)) > 1 and any(dim != 1 and stride != want for dim, stride, want
+                                           in zip(shape, strides, reversed(expected))):
             raise ValueError("device array is not C-contiguous; make a contiguous copy first")
     return int(cai["data"][0]), int(np.prod(shape, dtype=np.int64)) * itemsize
 
