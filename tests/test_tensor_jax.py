@@ -336,3 +336,38 @@ def test_a_host_array_comes_back_on_its_own_cpu_device(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_deep_copy_comes_back_on_the_cpu_device_of_its_original(tmp_path):
+    """A deep copy lives in the same process as its original, so its result goes back to
+    the CPU device the array was on; it went through the pickle's state, which keeps no
+    device object, and came back on JAX's first CPU device. A pickle still does (and
+    holds no ``_home`` for another process or version to load). In a process of its own:
+    the flag must be set before JAX starts."""
+    import subprocess
+
+    code = """if True:
+        import copy, os, pickle
+        import jax, jax.numpy as jnp, gpucrypt
+        key = os.urandom(32)
+        cpu = jax.devices("cpu")
+        assert len(cpu) == 2, cpu
+        x = jax.device_put(jnp.arange(4.0), cpu[1])
+        enc = gpucrypt.encrypt_tensor(x, key)
+        encs = gpucrypt.encrypt_tensors({"x": x, "y": jax.device_put(x, cpu[0])}, key)
+        for back in (gpucrypt.decrypt_tensor(copy.deepcopy(enc), key),
+                     gpucrypt.decrypt_tensor(copy.deepcopy(copy.deepcopy(enc)), key),
+                     gpucrypt.decrypt_tensors(copy.deepcopy(encs), key)["x"]):
+            assert back.devices() == {cpu[1]}, back.devices()
+            assert (back == x).all()
+        assert gpucrypt.decrypt_tensors(copy.deepcopy(encs), key)["y"].devices() == {cpu[0]}
+        assert "_home" not in enc.__getstate__()[1]
+        again = gpucrypt.decrypt_tensor(copy.deepcopy(pickle.loads(pickle.dumps(enc))), key)
+        assert again.devices() == {cpu[0]} and (again == jax.device_put(x, cpu[0])).all()
+        print("ok")
+    """
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -427,3 +427,54 @@ def test_fields_edited_to_the_wrong_type_fail_as_any_edit_does(field, value, fra
         assert _memory(t) == ciphertext  # in place: nothing written
         setattr(enc, field, kept)
         assert _memory(decrypt(enc)) == plain
+
+
+#: recorded fields edited (an algorithm's among them, to another algorithm): the entry
+#: still names an algorithm to check the key against
+EDITED = [("name", 5), ("name", "other"), ("nbytes", "32"), ("nbytes", 64), ("shape", (5,)),
+          ("dtype", 3), ("key_id", 3.5), ("framework", ["numpy"]), ("aad", "str"),
+          ("nonce", None), ("algorithm", "xchacha20-poly1305")]
+
+
+@pytest.mark.parametrize("field,value", EDITED, ids=[f"{f}={v!r:.12}" for f, v in EDITED])
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_key_is_checked_first_whatever_field_was_edited(field, value, framework, inplace):
+    """The key's own errors are the caller's to fix, whatever the entry holds: TypeError
+    for a key that is not bytes-like, ValueError for a wrong length for the entry's
+    algorithm, whichever path decrypts. They depended on the edited field (an edited name
+    raised TypeError, an edited byte count InvalidTag, for one wrong key), and a key of a
+    wrong length gave InvalidTag for any edit. A right key then fails the edit, InvalidTag;
+    nothing is written."""
+    key = os.urandom(32)
+    x = np.arange(8, dtype=np.float32) if framework == "numpy" else torch.arange(8.0)
+    for decrypt in (gpucrypt.decrypt_tensor,  # the short path, where it can
+                    lambda e, k: gpucrypt.decrypt_tensors([e], k)[0],  # the batch path
+                    lambda e, k: gpucrypt.decrypt_tensor(e, k, out=x * 0)):
+        t = x.copy() if framework == "numpy" else x.clone()
+        enc = gpucrypt.encrypt_tensor(t, key, inplace=inplace)
+        ciphertext = _memory(t)
+        setattr(enc, field, value)
+        with pytest.raises(TypeError, match="^key must be bytes-like"):
+            decrypt(enc, 12345)
+        with pytest.raises(ValueError, match="key must be 32 bytes"):
+            decrypt(enc, b"k" * 5)
+        with pytest.raises(InvalidTag):
+            decrypt(enc, key)
+        assert _memory(t) == ciphertext
+
+
+@pytest.mark.parametrize("algorithm", [5, ["aes-gcm"], "bogus", None])
+def test_an_entry_naming_no_algorithm_is_malformed_whatever_the_key_length(algorithm):
+    """An algorithm edited to no algorithm has no key length: the entry fails as any edit
+    does, InvalidTag, for a key of any length, on either path (a key that is not
+    bytes-like is still TypeError)."""
+    key = os.urandom(32)
+    enc = gpucrypt.encrypt_tensor(torch.arange(8.0), key)
+    enc.algorithm = algorithm
+    for decrypt in (gpucrypt.decrypt_tensor, lambda e, k: gpucrypt.decrypt_tensors([e], k)[0]):
+        for k in (key, key[:5], key + key):
+            with pytest.raises(InvalidTag):
+                decrypt(enc, k)
+        with pytest.raises(TypeError, match="^key must be bytes-like"):
+            decrypt(enc, 12345)

@@ -721,3 +721,28 @@ def test_pickling_an_in_place_result_writes_its_ciphertext_alone():
     back = gpucrypt.decrypt_tensors(torch.load(io.BytesIO(pickled(encs)[1]), weights_only=False), key)
     assert all(torch.equal(v, torch.zeros(256, dtype=torch.uint8)) for v in back.values())
     assert encs["w"].inplace and gpucrypt.decrypt_tensors(encs, key)["w"] is not None
+
+
+@pytest.mark.parametrize("make", [lambda: torch.zeros(0), lambda: torch.zeros(3, 0),
+                                  lambda: torch.arange(16.0)[4:12]],
+                         ids=["empty", "empty 2-D", "view of a larger storage"])
+def test_a_copy_of_an_in_place_result_decrypts_in_place(make):
+    """A deep copy or a pickle of an in-place result holds its ciphertext alone, in memory
+    of its own, and decrypts in place into it. NumPy copies an empty array with stride 0,
+    which torch keeps and its views as another dtype refuse: a copy of an empty tensor's
+    result (and a copy of such a copy) raised RuntimeError there."""
+    import copy
+    import pickle
+
+    key = os.urandom(32)
+    x = make()
+    enc = gpucrypt.encrypt_tensor(x.clone(), key, inplace=True)
+    copies = [copy.deepcopy(enc), pickle.loads(pickle.dumps(enc))]
+    again = copy.deepcopy(enc)
+    assert torch.equal(gpucrypt.decrypt_tensor(again, key), x)  # its ciphertext is read now
+    copies.append(copy.deepcopy(again))
+    for c in copies:
+        assert not c.inplace and c.ciphertext.untyped_storage().nbytes() == x.nbytes
+        back = gpucrypt.decrypt_tensor(c, key, inplace=True)
+        assert back.shape == x.shape and torch.equal(back, x)
+    assert torch.equal(gpucrypt.decrypt_tensor(enc, key), x)  # the original: still in place

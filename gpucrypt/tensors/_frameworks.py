@@ -367,6 +367,11 @@ class TorchAdapter(Adapter):
         return torch.empty(nbytes, dtype=torch.uint8, device=self._device(place))
 
     def adopt_host(self, array):
+        if not array.size:
+            # NumPy copies an empty array (a copy or deep copy of a result, a pickle's
+            # in-place ciphertext) with stride 0, which torch keeps and its views of another
+            # dtype refuse (view_as: an in-place decrypt): one of its own has stride 1
+            array = np.empty(1, dtype=np.uint8)[:0]
         return self._torch().from_numpy(array)
 
     def copy_bytes(self, view, place):

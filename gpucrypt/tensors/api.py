@@ -61,6 +61,7 @@ Limits: one message per tensor, so a tensor is at most (2**32 - 1) * 64 bytes
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import errno
 import functools
@@ -543,9 +544,11 @@ class EncryptedTensor:
         if self._consumed[0]:
             raise ValueError(_SPENT)
 
-    def __getstate__(self):  # pickle, torch.save, deepcopy (copy.copy: __copy__)
+    def __getstate__(self):  # pickle, torch.save (copy.copy: __copy__, deepcopy: __deepcopy__)
         state = self._slot_state()
-        state["_home"] = None  # a device object of this process
+        # a device object of this process, left out: unpickling leaves the slot unset, which
+        # its reader takes as None, and a class without the slot (before a9b6888) can load it
+        state.pop("_home", None)
         if self._source is not None:
             # In place, the ciphertext is the caller's tensor, which pickles as more than its
             # bytes: a torch view writes its whole storage (the plaintext of the tensors
@@ -557,6 +560,24 @@ class EncryptedTensor:
             state["_ct"], state["_adopt"] = self._ciphertext_copy()
             state["_consumed"] = [False]
         return None, state
+
+    def __deepcopy__(self, memo):
+        # as a pickle (an in-place result becomes an out-of-place one holding a copy of its
+        # ciphertext alone), but in this process, so the device it goes back to (_home)
+        # stays: a JAX array on a second CPU device came back on the first
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        _, state = self.__getstate__()
+        fresh = state["_ct"] if self._source is not None else None  # a copy already
+        state = copy.deepcopy(state, memo)
+        if fresh is not None:
+            state["_ct"] = fresh  # not copied twice
+        for name, value in state.items():
+            setattr(new, name, value)
+        home = getattr(self, "_home", None)
+        if home is not None:
+            new._home = home
+        return new
 
     def __copy__(self):
         # a shallow copy names the same memory, the same source included, and shares the
@@ -1745,10 +1766,21 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
         if enc._consumed[0]:
             spent.append(label if label is not None else enc.name)
             continue
+        # The key's own errors come first, whatever else an edit changed, as for an intact
+        # entry: TypeError for a key that is not bytes-like, ValueError for a wrong length
+        # for the entry's algorithm (the small path raises the first itself and leaves the
+        # second to this one). An algorithm edited to no algorithm has no length to check
+        # the key against: the entry is malformed, below.
+        algorithm = enc.algorithm
+        if isinstance(algorithm, str) and algorithm in _NONCE_SIZE:
+            job_key = keys.get(algorithm)
+            if job_key is None:
+                job_key = keys[algorithm] = _key_bytes(key, algorithm)
+        else:
+            bytes_arg(key, "key")
         # None: recorded fields that cannot be its ciphertext's, or that no metadata block
         # can hold (a name that is not text, say): edited since, so failed (InvalidTag)
-        # before anything is allocated, and before the key is checked against an algorithm
-        # that may be no algorithm at all
+        # before anything is allocated
         aad = None
         if _describes_its_ciphertext(enc):
             try:
@@ -1761,9 +1793,6 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
             jobs.append(job)
             malformed.append(job)
             continue
-        job_key = keys.get(enc.algorithm)
-        if job_key is None:
-            job_key = keys[enc.algorithm] = _key_bytes(key, enc.algorithm)
         in_place = _decides_inplace(enc, out, inplace)
         ct_place = enc._place
         out_on_gpu = out is not None and fw.adapter_for(out).place(out) != HOST
