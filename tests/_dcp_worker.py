@@ -13,6 +13,7 @@ import datetime
 import glob
 import json
 import os
+import re
 import shutil
 import traceback
 import warnings
@@ -241,11 +242,119 @@ def main(rank: int, world: int, work: str) -> None:
             assert failure is not None, "a save sealed for two different keys was published"
             (who, (error, _)), = failure.failures.items()
             assert who == 0 and type(error).__name__ == "ValueError", repr(error)
-            assert "different keys" in str(error) and "rank 1 sealed __1_" in str(error), error
-            assert "rank 0" not in str(error) and keyset.primary.id in str(error), error
+            # each group of ranks with its keys, the coordinator's among them: no culprit
+            found = re.search(r"different keys, so no one key would open it all: the "
+                              r"coordinator's \.metadata and rank 0 for aes-kwp:(\w+); rank 1 "
+                              r"for aes-kwp:(\w+)\. ", str(error))
+            assert found and found.group(1) == keyset.primary.id != found.group(2), error
             assert after == before  # nothing published, the refused save's files removed
             assert loaded is not None, "the previous checkpoint no longer loads"
             _equal_to_reference(loaded)
+
+    def _saved(folder, fill, writer_for, **save):
+        """dcp.save of this rank's own tensor ``w{rank}`` full of ``fill`` (a plain tensor:
+        each rank writes one data file), with the writer ``writer_for(folder)``; None, or
+        what it raised (DCP's CheckpointException, raised on every rank)."""
+        try:
+            dcp.save({f"w{rank}": torch.full((4,), fill)}, storage_writer=writer_for(folder),
+                     **save)
+        except BaseException as exc:  # noqa: BLE001 - asserted by the caller
+            return exc
+        return None
+
+    def _refusal(failure) -> str:
+        """The coordinator's refusal in DCP's CheckpointException, as text."""
+        assert failure is not None, "a save sealed for different keys was published"
+        (who, (error, _)), = failure.failures.items()
+        assert who == 0 and type(error).__name__ == "ValueError", repr(error)
+        return str(error)
+
+    def _loaded(folder, **reader):
+        """The values of every rank's ``w{rank}`` loaded from ``folder``, or the failure."""
+        state = {f"w{r}": torch.zeros(4) for r in range(world)}
+        try:
+            dcp.load(state, storage_reader=EncryptedReader(folder, **reader))
+        except BaseException as exc:  # noqa: BLE001 - asserted by the caller
+            return exc
+        return sorted({float(v) for t in state.values() for v in t})
+
+    def a_stale_coordinator_is_not_singled_out():
+        """Only the coordinator read a stale key file: the refusal lists each group of
+        ranks with its keys, the coordinator's among them, and blames no one (it said
+        "the coordinator seals for X; rank 1 sealed ... for Y; rank 2 ..."). A rolling key
+        rotation that reached the coordinator first (new primary, old key kept) is
+        refused too, saying what to do."""
+        folder = os.path.join(work, "stale-coordinator")
+        if rank == 0:
+            keys.Keyset.generate().save(os.path.join(work, "stale.json"))
+            rotated = keys.Keyset.load(os.path.join(work, "keyset.json"))
+            rotated.add(primary=True)
+            rotated.save(os.path.join(work, "rotated.json"))
+        dist.barrier()
+        mine = {"good": keyset, "stale": keyset, "rotated": keyset}
+        if rank == 0:
+            mine.update((name, keys.Keyset.load(os.path.join(work, f"{name}.json")))
+                        for name in ("stale", "rotated"))
+        first = _saved(folder, 1.0, lambda f: EncryptedWriter(f, keyset=mine["good"]))
+        before = sorted(os.listdir(folder))
+        stale = _saved(folder, 2.0, lambda f: EncryptedWriter(f, keyset=mine["stale"]))
+        rotation = _saved(folder, 3.0, lambda f: EncryptedWriter(f, keyset=mine["rotated"]))
+        after = sorted(os.listdir(folder))
+        loaded = _loaded(folder, keyset=keyset)
+        assert first is None, first
+        stale, rotation = _refusal(stale), _refusal(rotation)
+        found = re.search(r"open it all: the coordinator's \.metadata and rank 0 for "
+                          r"aes-kwp:(\w+); ranks 1-3 for aes-kwp:(\w+)\. ", stale)
+        assert found and found.group(1) != found.group(2) == keyset.primary.id, stale
+        assert "ranks 1-3 for aes-kwp:" in rotation and "key rotation" in rotation, rotation
+        assert after == before and loaded == [1.0], (before, after, loaded)
+
+    def passphrases_are_compared():
+        """Ranks given different passphrases (a per-node variable differs): every
+        passphrase's label is "scrypt", so the labels matched, the save was published and
+        the previous checkpoint removed, and no passphrase opened the new one. Each rank
+        opens the coordinator's .metadata envelope with its own passphrase and reports
+        it; the coordinator refuses before publishing, listing who shares its passphrase.
+        Also through plans DCP cached from an earlier save (enable_plan_caching), whose
+        envelope the coordinator sealed then, with the passphrase of then."""
+        from torch.distributed.checkpoint import DefaultSavePlanner
+
+        from gpucrypt.keys import passphrase
+
+        passphrase.MIN_LOG_N = 10  # this forked rank's own module: scrypt 2**10, fast
+        folder = os.path.join(work, "passphrase")
+
+        def sealed_with(secret):
+            return lambda f: EncryptedWriter(f, recipients=keys.Passphrase(secret, log_n=10))
+
+        def cached():
+            return DefaultSavePlanner(enable_plan_caching=True)
+
+        first = _saved(folder, 1.0, sealed_with("good"))
+        before = sorted(os.listdir(folder))
+        one = _saved(folder, 2.0, sealed_with("stale" if rank == 2 else "good"))
+        coordinator = _saved(folder, 2.0, sealed_with("stale" if rank == 0 else "good"))
+        after = sorted(os.listdir(folder))
+        loaded = _loaded(folder, identities=keys.Passphrase("good"))
+        # the second save's plans come from DCP's cache: their envelope is the first's
+        runs = [_saved(folder, 4.0, sealed_with("good"), planner=cached()),
+                _saved(folder, 5.0, sealed_with("good"), planner=cached()),
+                _saved(folder, 6.0, sealed_with("new"), planner=cached())]  # every rank's
+        changed = _loaded(folder, identities=keys.Passphrase("new"))
+        late = _saved(folder, 7.0, sealed_with("stale" if rank == 3 else "new"),
+                      planner=cached())
+        kept = _loaded(folder, identities=keys.Passphrase("new"))
+        assert first is None and runs == [None] * 3, (first, runs)
+        one, coordinator, late = _refusal(one), _refusal(coordinator), _refusal(late)
+        assert ("different passphrases, so no one passphrase would open it all: the "
+                "coordinator's .metadata and ranks 0-1, 3 share one passphrase; rank 2 sealed "
+                "with another. ") in one, one
+        assert ("the coordinator's .metadata and rank 0 share one passphrase; ranks 1-3 sealed "
+                "with another. ") in coordinator, coordinator
+        assert ("the coordinator's .metadata and ranks 0-2 share one passphrase; rank 3 sealed "
+                "with another. ") in late, late
+        assert after == before and loaded == [1.0] and changed == kept == [6.0], \
+            (before, after, loaded, changed, kept)
 
     scenario("save4", save4)
     scenario("load4", load4)
@@ -253,6 +362,8 @@ def main(rank: int, world: int, work: str) -> None:
     scenario("failed_load_leaves_no_plaintext_staged", failed_load_leaves_no_plaintext_staged)
     scenario("reshard_to_two", reshard_to_two)
     scenario("mixed_keys_are_refused", mixed_keys_are_refused)
+    scenario("a_stale_coordinator_is_not_singled_out", a_stale_coordinator_is_not_singled_out)
+    scenario("passphrases_are_compared", passphrases_are_compared)
     with open(os.path.join(work, f"rank{rank}.json"), "w") as f:
         json.dump(outcomes, f)
     dist.destroy_process_group()

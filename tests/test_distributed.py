@@ -5,8 +5,9 @@ the ranks share this process's imports) saves a sharded state dict (FSDP2 parame
 DTensors sharded along either dimension, a replicated one, a Python value), loads it
 back on 4 ranks, shows that a tampered file fails the load on every rank without
 touching any rank's state (and that the ranks whose entries verified do not keep them
-decrypted), reshards it onto 2 ranks and saves it again from there, and shows that 2
-ranks sealing for different keysets are refused before anything is published.
+decrypted), reshards it onto 2 ranks and saves it again from there, and shows that
+ranks sealing for different keysets, or passphrases, are refused before anything is
+published, with every group of ranks named, the coordinator's too.
 This process then loads both checkpoints into plain single-process state dicts
 (4 -> 1 and 4 -> 2 -> 1) and runs the tamper cases on copies of the 2-rank one.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import pickle
 import re
@@ -50,7 +52,8 @@ WORLD = 4
 CPU = "cpu"
 SCENARIOS = ("save4", "load4", "tampered_load_changes_nothing",
              "failed_load_leaves_no_plaintext_staged", "reshard_to_two",
-             "mixed_keys_are_refused")
+             "mixed_keys_are_refused", "a_stale_coordinator_is_not_singled_out",
+             "passphrases_are_compared")
 
 
 @pytest.fixture(scope="module")
@@ -957,3 +960,55 @@ def test_keys_that_are_no_model_file_names_save_and_load(tmp_path):
     for name, value in state.items():
         assert (torch.equal(out[name], value) if isinstance(value, torch.Tensor)
                 else out[name] == value), name[:20]
+
+
+@pytest.fixture
+def audit_events():
+    """The audit events emitted during the test (the audit logger at INFO, one handler)."""
+    from gpucrypt import audit
+
+    logger, events = logging.getLogger(audit.LOGGER_NAME), []
+    handler, old_level = logging.Handler(logging.INFO), logger.level
+    handler.emit = lambda record: events.append(record.audit)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield events
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def test_a_coordinator_without_a_data_file_seals_one_envelope(tmp_path, audit_events):
+    """A coordinator that writes no data file (nothing of the state dict is its own) still
+    knows whom .metadata is sealed for, to hold the ranks to it: it sealed a throwaway
+    envelope to learn that (one more KMS call or scrypt, one more envelope.seal event with
+    no file behind it). .metadata's own envelope, sealed before the ranks write, serves."""
+    keyset = keys.Keyset.generate()
+    audit_events.clear()
+    dcp.save({}, storage_writer=EncryptedWriter(tmp_path, keyset=keyset, device=CPU))
+    assert [e["operation"] for e in audit_events].count("envelope.seal") == 1, audit_events
+    [written] = [e for e in audit_events if e["operation"] == "file.encrypt"]
+    assert written["path"] == str(tmp_path / META), written
+    assert written["recipients"] == [f"aes-kwp:{keyset.primary.id}"], written
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(DATA_SUFFIX)]
+    EncryptedReader(tmp_path, keyset=keyset, device=CPU).read_metadata()
+
+
+def test_a_passphrase_save_derives_one_key_per_file(tmp_path, monkeypatch):
+    """What telling the ranks' passphrases apart costs the coordinator of a single
+    process: nothing (it seals .metadata itself), one scrypt per file as before. Ranks
+    other than the coordinator pay one more each, all at once (tests/_dcp_worker.py)."""
+    from gpucrypt.keys import passphrase
+
+    monkeypatch.setattr(passphrase, "MIN_LOG_N", 10)  # scrypt 2**10: fast
+    derived, real = [], keys.Passphrase._key
+    monkeypatch.setattr(keys.Passphrase, "_key",
+                        staticmethod(lambda *args: derived.append(args[2]) or real(*args)))
+    dcp.save({"w": torch.ones(4)}, storage_writer=EncryptedWriter(
+        tmp_path, recipients=keys.Passphrase("pw", log_n=10), device=CPU))
+    assert derived == [10, 10]  # the data file's envelope and .metadata's
+    out = {"w": torch.zeros(4)}
+    dcp.load(out, storage_reader=EncryptedReader(tmp_path, identities=keys.Passphrase("pw"),
+                                                 device=CPU))
+    assert torch.equal(out["w"], torch.ones(4))

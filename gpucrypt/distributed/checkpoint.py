@@ -32,7 +32,9 @@ What goes where (``docs/DISTRIBUTED.md`` has the details and the threat model):
   removes the data files it does not name (files named as above only), and warns of a
   plain DCP checkpoint's data files left there (plaintext, not this writer's to
   remove). Before publishing, it refuses a save whose ranks sealed their files for
-  different keys (each reports its envelope's public labels with its write results).
+  different keys (each reports its envelope's public labels with its write results)
+  or passphrases (each opens ``.metadata``'s envelope, which the coordinator seals
+  before the ranks write, with its own passphrase, and reports it).
 - **Non-tensor values** are pickles (DCP's ``torch.save``), which DCP's planner unpickles
   with ``torch.load(weights_only=False)``. With public-key recipients anyone holding
   their public keys can write a checkpoint, so the reader hands the planner only values
@@ -69,28 +71,31 @@ import sys
 import threading
 import warnings
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.filesystem import (CURRENT_DCP_VERSION, FileSystemReader,
-                                                     FileSystemWriter)
+                                                     FileSystemWriter, _StoragePrefix)
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from .. import audit, pipeline
-from .._errors import KeyManagementError, NoMatchingRecipient
+from .._errors import KeyManagementError, KeysetError, KeyUnavailable, NoMatchingRecipient
 from ..backends import check_device
-from ..files import keyed, models
+from ..files import keyed, models, stream
 from ..files._atomic import open_regular
 from ..files._format import (DEFAULT_SEGMENT_SIZE, MAGIC, AuthenticationError, FormatError,
                              StreamError, TruncatedError, UnsupportedVersion, check_algorithm,
                              check_segment_size)
 from ..files.keyed import _identities_for, _primary_key_id, gather
+from ..keys import Passphrase, _envelope
 from ..keys import generate_dek
+from ..keys.passphrase import STANZA_KIND as _SCRYPT
 from ..keys.recipients import open_data_key
 from ..keys.recipients import seal_envelope_with_labels
 
@@ -133,6 +138,31 @@ class _WrittenItem:
     info: EncryptedStorageInfo
     file: "_FileIdentity"
     sealed_for: tuple[str, ...]
+    #: a rank sealing for a passphrase: what it knows of its passphrase (labels cannot
+    #: tell passphrases apart: every one is "scrypt")
+    passphrase_check: "_PassphraseCheck | None" = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _PassphraseCheck:
+    """What a rank that seals for a passphrase reports to the coordinator, envelopes only
+    (public: they are in files' headers anyway; a digest of the passphrase would be a
+    value to guess it from offline): ``opens``, an envelope its passphrase opens (the
+    coordinator's ``.metadata`` envelope from the plan, else its own data file's), and
+    ``failed``, the coordinator's envelope when its passphrase did not open that one."""
+
+    opens: bytes | None  # None only inside write_data, until its own envelope is sealed
+    failed: bytes | None = None
+
+
+@dataclasses.dataclass
+class _StoragePlan(_StoragePrefix):
+    """What the coordinator sends each rank with its part of the global plan: DCP's file
+    prefix, and, when the coordinator seals for a passphrase, the envelope of this save's
+    ``.metadata`` (public: it is written in that file's header), which a rank opens with
+    its own passphrase (EncryptedWriter._check_passphrase)."""
+
+    passphrase_check: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,16 +357,33 @@ class EncryptedWriter(FileSystemWriter):
         self.algorithm, self.segment_size = algorithm, segment_size
         self.device, self.threads = device, threads
         self._key_id = _primary_key_id(self._recipients)
-        self._sealed_for: tuple[str, ...] | None = None  # set by write_data
+        # the coordinator's .metadata keys, sealed in prepare_global_plan and used once by
+        # finish: (data key, salt, envelope, key id, labels), as keyed.new_file_key makes them
+        self._metadata_key: tuple | None = None
 
     def __getstate__(self) -> dict:
         _refuse_pickling(self)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         super().set_up_storage_writer(is_coordinator, *args, **kwargs)
+        self._metadata_key = None  # a failed save's, if any: never used for another file
         if not self.use_collectives:
             raise ValueError("EncryptedWriter needs one global metadata file: save with "
                              "collectives (DCP's default), not use_collectives=False")
+
+    def prepare_global_plan(self, plans: list) -> list:
+        """The coordinator's step before any rank writes: seal ``.metadata``'s data key now
+        (finish writes the file with it), so that its envelope's labels are what ranks are
+        held to even when the coordinator writes no data file (no envelope sealed for
+        nothing: one more KMS call or scrypt, one more audit event), and, for a passphrase,
+        so that every rank can check its own passphrase against it (see write_data)."""
+        plans = super().prepare_global_plan(plans)
+        self._metadata_key = keyed.new_file_key(self._recipients)
+        check = self._metadata_key[2] if _passphrase_of(self._recipients) else None
+        return [dataclasses.replace(plan, storage_data=_StoragePlan(
+                    plan.storage_data.prefix, check))
+                if isinstance(plan.storage_data, _StoragePrefix) else plan
+                for plan in plans]
 
     def write_data(self, plan, planner) -> Future:
         """Seal this rank's items into one data file under a fresh data key."""
@@ -347,7 +394,6 @@ class EncryptedWriter(FileSystemWriter):
         entries: dict[str, Any] = {}
         placed: list[tuple[Any, str]] = []
         taken: set = set()
-        self._sealed_for = None  # this save's: a writer may be used for several saves
         for position, item in enumerate(plan.items):
             data = planner.resolve_data(item)
             entry = _entry_name(item.index, taken, position)
@@ -362,7 +408,8 @@ class EncryptedWriter(FileSystemWriter):
         if entries:  # a rank with nothing to write (all its items deduplicated) writes no file
             with audit.timed("checkpoint.write", path=os.fspath(path)) as ev:
                 dek = generate_dek()  # this file's own: never leaves this process unwrapped
-                envelope, labels = seal_envelope_with_labels(dek, self._recipients)
+                envelope, labels, check = self._seal_and_check(
+                    dek, getattr(plan.storage_data, "passphrase_check", None))
                 header = models.save_encrypted(
                     entries, path, dek, {_FILE_NAME_KEY: name}, algorithm=self.algorithm,
                     encrypt_names=True, segment_size=self.segment_size, device=self.device,
@@ -370,58 +417,158 @@ class EncryptedWriter(FileSystemWriter):
                 del dek
                 ev.update(key_id=self._key_id, recipients=labels, algorithm=self.algorithm,
                           bytes=header.data_length, count=len(entries))
-            self._sealed_for = _sealed_for(labels)
+            if check is not None and check.opens is None:
+                check = _PassphraseCheck(envelope, check.failed)  # it opens our own
+            sealed_for = _sealed_for(labels)
             identity = _FileIdentity(header.file_length, header.header_mac,
                                      _header_sha256(path, header.header_length))
             for index, entry in placed:
                 results.append(WriteResult(
                     index=index, size_in_bytes=entries[entry].nbytes,
                     storage_data=_WrittenItem(EncryptedStorageInfo(name, entry), identity,
-                                              self._sealed_for)))
+                                              sealed_for, check)))
         future: Future = Future()
         future.set_result(results)
         return future
 
+    def _seal_and_check(self, dek: bytes, coordinators: bytes | None) -> tuple:
+        """This rank's envelope for ``dek``, its labels, and what _check_passphrase reports
+        of ``coordinators`` (the coordinator's envelope). For a passphrase both are one
+        scrypt, and scrypt releases the GIL: the check runs beside the sealing, so that
+        where a core is free it adds no time to the save."""
+        if _passphrase_of(self._recipients) is None or self._metadata_key is not None:
+            envelope, labels = seal_envelope_with_labels(dek, self._recipients)
+            return envelope, labels, self._check_passphrase(coordinators)
+        with ThreadPoolExecutor(1, thread_name_prefix="gpucrypt-passphrase-check") as pool:
+            checking = pool.submit(self._check_passphrase, coordinators)
+            envelope, labels = seal_envelope_with_labels(dek, self._recipients)
+            return envelope, labels, checking.result()
+
+    def _check_passphrase(self, envelope: bytes | None) -> "_PassphraseCheck | None":
+        """What this rank reports of its passphrase (None: it seals for none): whether it
+        opens ``envelope``, the coordinator's ``.metadata`` envelope from the plan (one
+        scrypt at the coordinator's work factor, on every rank at once; none on the
+        coordinator, which seals ``.metadata`` itself). ``opens`` is None where the caller
+        is to put its own data file's envelope: none came (the coordinator seals for no
+        passphrase), or it did not open.
+
+        Not refused here: DCP may hand a rank a plan it cached from an earlier save
+        (``DefaultSavePlanner(enable_plan_caching=True)``), whose envelope the coordinator
+        sealed then, maybe with an earlier passphrase; the coordinator, which knows its own
+        envelope, decides in finish (``_check_sealed_alike``)."""
+        mine = _passphrase_of(self._recipients)
+        if mine is None:
+            return None
+        if self._metadata_key is not None:  # the coordinator: .metadata's passphrase is ours
+            return _PassphraseCheck(self._metadata_key[2])
+        if envelope is None:
+            return _PassphraseCheck(None)
+        try:
+            opens = _opens_as_sealed(mine, envelope)
+        except (KeyUnavailable, KeysetError, _envelope.EnvelopeFormatError):
+            opens = None  # not known (a work factor above this rank's limit): finish tries
+        if opens:
+            return _PassphraseCheck(envelope)
+        return _PassphraseCheck(None, envelope if opens is False else None)
+
     def finish(self, metadata: Metadata, results: list) -> None:
         """Write ``.metadata``: DCP's metadata and the manifest of data files, sealed.
         ``ValueError`` (nothing published, nothing of the previous checkpoint touched) when
-        the ranks sealed their data files for different keys."""
+        the ranks sealed their data files for different keys or passphrases."""
+        # sealed by prepare_global_plan, which DCP calls first (made here only for a
+        # caller of finish alone); used once: a data key and salt seal one file
+        metadata_key = self._metadata_key or keyed.new_file_key(self._recipients)
+        self._metadata_key = None
+        dek, salt, envelope, key_id, labels = metadata_key
         metadata.version = CURRENT_DCP_VERSION
         storage, files = {}, {}
         for written in (w for rank_results in results for w in rank_results):
             record = written.storage_data
             storage[written.index] = record.info
             files[record.info.relative_path] = record.file.as_tuple()
-        self._check_sealed_alike(results, files)
+        self._check_sealed_alike(results, files, labels, envelope)
         metadata.storage_data = storage
         metadata.storage_meta = self.storage_meta()
         document = pickle.dumps({"format": METADATA_FORMAT, "version": METADATA_VERSION,
                                  "metadata": metadata, "files": files}, protocol=4)
-        # atomic: a temporary file beside it, fsync, rename over any older one
-        keyed.encrypt_file(document, self._get_metadata_path(), recipients=self._recipients,
+        path = self._get_metadata_path()
+        # keyed.encrypt_file's steps, with the keys sealed before the ranks wrote; atomic:
+        # a temporary file beside it, fsync, rename over any older one
+        with audit.timed("file.encrypt", path=os.fspath(path)) as ev:
+            ev.update(key_id=key_id, recipients=labels, algorithm=self.algorithm, device="cpu",
+                      bytes=len(document))
+            stream.encrypt(document, path, dek, key_id=key_id, envelope=envelope, _salt=salt,
                            algorithm=self.algorithm, device="cpu")
+        del dek, metadata_key
         self._remove_unreferenced(files)
         self._warn_plain_shards()
 
-    def _check_sealed_alike(self, results: list, files: dict) -> None:
-        """Refuse a save whose ranks sealed their data files for other keys than the
-        coordinator seals ``.metadata`` for (one rank read a stale key file, or was given
-        another keyset): published, no one key would open the whole checkpoint, and the
-        previous one, whose files the publication removes, would be lost with it. The
-        labels are public (key ids, fingerprints), so they may cross the collective; two
-        different keys under one id are not told apart here (their readers' unwrap is)."""
-        expected = self._sealed_for
-        if expected is None:  # the coordinator wrote no data file: what .metadata will be
-            expected = _sealed_for(seal_envelope_with_labels(generate_dek(), self._recipients)[1])
-        odd: dict[int, tuple[str, tuple[str, ...]]] = {}
+    def _check_sealed_alike(self, results: list, files: dict, labels: list[str],
+                            envelope: bytes) -> None:
+        """Refuse a save whose ranks sealed their data files for other keys than
+        ``.metadata`` (``labels``, ``envelope``) is sealed for (a rank, the coordinator
+        included, read a stale key file, or was given another keyset or passphrase):
+        published, no one key would open the whole checkpoint, and the previous one, whose
+        files the publication removes, would be lost with it.
+
+        Keys are compared by their envelopes' labels, which are public (key ids,
+        fingerprints) and may cross the collective; two different keys under one id are
+        not told apart here (their readers' unwrap is). A passphrase's label is always
+        "scrypt": each rank reports an envelope its passphrase opens (``.metadata``'s,
+        checked in write_data), and one that is not ``.metadata``'s costs one scrypt here
+        (an earlier save's, from a plan DCP cached then; or the rank's own, when its
+        passphrase did not open that one either)."""
+        expected = _sealed_for(labels)
+        groups: dict[tuple[str, ...], list[int]] = {expected: []}
+        checks: dict[_PassphraseCheck | None, list[int]] = {}
         for rank, rank_results in enumerate(results):
-            for written in rank_results:
+            for written in rank_results[:1]:  # one data file per rank: one record
                 record = written.storage_data
-                if record.sealed_for != expected:
-                    odd[rank] = (record.info.relative_path, record.sealed_for)
-                    break
-        if not odd:
+                groups.setdefault(record.sealed_for, []).append(rank)
+                checks.setdefault(record.passphrase_check, []).append(rank)
+        if len(groups) > 1:
+            shown = "; ".join(
+                f"{_who(ranks, metadata=sealed_for == expected)} for "
+                f"{', '.join(sealed_for) or 'no one'}"
+                for sealed_for, ranks in sorted(groups.items(), key=_group_order(expected)))
+            self._refuse(files, f"its ranks sealed their data files for different keys, so no "
+                                f"one key would open it all: {shown}. Give every rank the same "
+                                f"recipients/keyset (a rank, the coordinator included, may have "
+                                f"read a stale key file; during a key rotation, every rank needs "
+                                f"the new keyset before the next save: docs/DISTRIBUTED.md)")
+        mine = _passphrase_of(self._recipients)
+        if mine is None:
             return
+        alike, other, unchecked = [], [], []
+        tried: dict[bytes, bool | None] = {}  # an envelope the coordinator opened: its answer
+        for check, ranks in checks.items():
+            if check is not None and check.opens == envelope:
+                alike.extend(ranks)  # the rank opened .metadata's envelope: no cost here
+            elif check is not None and check.failed == envelope:
+                other.extend(ranks)  # it failed to open it: no cost here either
+            elif check is None:  # reported nothing: a gpucrypt older than this one
+                unchecked.extend(ranks)
+            else:  # a plan DCP cached from an earlier save: one scrypt per envelope
+                if check.opens not in tried:
+                    try:
+                        tried[check.opens] = _opens_as_sealed(mine, check.opens)
+                    except (KeyUnavailable, KeysetError, _envelope.EnvelopeFormatError):
+                        tried[check.opens] = None
+                opens = tried[check.opens]
+                (alike if opens else other if opens is False else unchecked).extend(ranks)
+        if other or unchecked:
+            shown = f"{_who(sorted(alike), metadata=True)} share one passphrase"
+            if other:
+                shown += f"; {_who(sorted(other))} sealed with another"
+            if unchecked:
+                shown += f"; {_who(sorted(unchecked))} could not be checked against it"
+            self._refuse(files, f"its ranks sealed their data files with different passphrases, "
+                                f"so no one passphrase would open it all: {shown}. Give every "
+                                f"rank the same passphrase (a per-node environment variable or "
+                                f"passphrase file may differ) and save again")
+
+    def _refuse(self, files: dict, why: str) -> None:
+        """Remove this save's data files and refuse to publish it, saying ``why``."""
         # the refused files are this save's own (names no earlier save used): removed, so
         # that copies sealed for a stale key are not left behind; best effort (a rank's own
         # disk is not the coordinator's to see)
@@ -430,14 +577,8 @@ class EncryptedWriter(FileSystemWriter):
                 os.remove(os.path.join(self.path, name))
             except OSError:
                 pass
-        ranks = "; ".join(f"rank {rank} sealed {name} for {', '.join(labels) or 'no one'}"
-                          for rank, (name, labels) in sorted(odd.items()))
-        raise ValueError(
-            f"refusing to publish the checkpoint in {os.fspath(self.path)}: its ranks sealed "
-            f"their data files for different keys, so no one key would open it all. The "
-            f"coordinator seals for {', '.join(expected)}; {ranks}. Give every rank the same "
-            f"recipients/keyset (a rank may have read a stale key file) and save again; the "
-            f"previous checkpoint there is unchanged")
+        raise ValueError(f"refusing to publish the checkpoint in {os.fspath(self.path)}: {why}; "
+                         f"the previous checkpoint there is unchanged")
 
     def _remove_unreferenced(self, keep: dict) -> None:
         """Remove the data files of earlier (or failed) saves into this folder, now that
@@ -494,6 +635,58 @@ def _may_be_plaintext(path: str) -> bool:
 def _sealed_for(labels: list[str]) -> tuple[str, ...]:
     """An envelope's stanza labels as ranks compare them: order and repeats aside."""
     return tuple(sorted(set(labels)))
+
+
+def _passphrase_of(recipients: list) -> Passphrase | None:
+    """The passphrase a writer seals for (sealing takes a passphrase alone), or None."""
+    return recipients[0] if len(recipients) == 1 and isinstance(recipients[0], Passphrase) \
+        else None
+
+
+def _opens_as_sealed(passphrase: Passphrase, envelope: bytes) -> bool | None:
+    """Whether ``passphrase``, in the one form it seals with, opens ``envelope``, a
+    passphrase's (one scrypt, at the envelope's work factor); None when ``envelope`` is no
+    passphrase's. ``KeyUnavailable`` when that work factor is above the passphrase's
+    ``max_log_n``.
+
+    Not ``passphrase.unwrap`` as given: it also tries the forms that open files sealed by
+    earlier versions (a passphrase file's earlier reading), and a rank whose earlier
+    form is another rank's passphrase seals with its first form, which the other's
+    readers cannot open."""
+    stanzas = _envelope.decode(envelope)
+    if len(stanzas) != 1 or stanzas[0].kind != _SCRYPT:
+        return None
+    # a passphrase given as bytes has that one form
+    sealing = Passphrase(passphrase._secrets[0], log_n=passphrase.log_n,
+                         max_log_n=passphrase.max_log_n)
+    try:
+        sealing.unwrap(stanzas[0])  # the data key of .metadata: dropped at once
+    except KeysetError:  # the wrong passphrase (KeyUnavailable, above its limit, propagates)
+        return False
+    return True
+
+
+def _who(ranks: list[int], *, metadata: bool = False) -> str:
+    """Ranks as a refusal names them ("ranks 1-3, 7"), after ".metadata" for the group of
+    the keys the coordinator seals ``.metadata`` for: a list of groups, no culprit."""
+    runs: list[str] = []
+    for rank in ranks:
+        if runs and rank == last + 1:
+            runs[-1] = f"{runs[-1].split('-')[0]}-{rank}"
+        else:
+            runs.append(str(rank))
+        last = rank
+    shown = ", ".join(runs[:8]) + (f" and {len(runs) - 8} more" if len(runs) > 8 else "")
+    named = f"rank{'s' if len(ranks) > 1 else ''} {shown}" if ranks else ""
+    if not metadata:
+        return named
+    return "the coordinator's .metadata" + (f" and {named}" if named else "")
+
+
+def _group_order(expected: tuple[str, ...]):
+    """Groups of ranks in the order a refusal lists them: .metadata's first (the keys the
+    other groups are told apart from, not a verdict), then by their first rank."""
+    return lambda group: (group[0] != expected, group[1][:1])
 
 
 # ============================================================================ reader
