@@ -512,16 +512,54 @@ def test_pkcs11_pin_from_a_file_and_wrong_pins(hsm, tmp_path, monkeypatch):
     assert "not-the-pin" not in str(info.value)
 
 
-def _open_sessions(module: str) -> int:
-    """How many sessions this process has open on SoftHSM2 (which reports no session count
-    in C_GetTokenInfo): the handles C_GetSessionInfo knows, probed one by one. SoftHSM2
-    hands out the lowest free handle, so 1 to 512 covers every test here."""
+def _handle_mark(module: str) -> int:
+    """A handle SoftHSM2 gives next: that of a session opened and closed now. SoftHSM2
+    numbers sessions (and objects) from one counter that only counts up (a closed
+    session's handle is not given again), so every session opened before this call has a
+    lower handle, every one opened after a higher."""
+    from gpucrypt.keys.pkcs11 import _library
+
+    session = _library(module).get_token(token_label=TOKEN).open()
+    try:
+        return session.handle
+    finally:
+        session.close()
+
+
+def _sessions_left_since(module: str, mark: int) -> int:
+    """How many sessions opened on SoftHSM2 since ``mark`` (from :func:`_handle_mark`), by
+    any path to it (the p11-kit proxy's sessions are SoftHSM2's too), are open still
+    (SoftHSM2 reports no session count in C_GetTokenInfo): the handles between ``mark`` and
+    a fresh mark that C_GetSessionInfo knows. (Probing a fixed range, 1 to 512, stopped
+    seeing anything once the counter passed it.)"""
     import ctypes
 
+    now = _handle_mark(module)
+    assert now > mark, (f"SoftHSM2 gave handle {now} after {mark}: it no longer counts up, "
+                        f"and this count relies on it")
     info = (ctypes.c_ulong * 4)()  # CK_SESSION_INFO: slot, state, flags, device error
     lib = ctypes.CDLL(module)
     return sum(lib.C_GetSessionInfo(ctypes.c_ulong(handle), ctypes.byref(info)) == 0
-               for handle in range(1, 513))
+               for handle in range(mark + 1, now))
+
+
+def test_the_session_count_sees_a_session_whatever_its_handle(hsm):
+    """The count the leak tests below rely on sees a session left open however many
+    handles SoftHSM2 gave before it (it gives each once: past 512, a fixed probe of 1 to
+    512 counted nothing, and a leak passed unseen)."""
+    from gpucrypt.keys.pkcs11 import _library
+
+    token = _library(hsm["module"]).get_token(token_label=TOKEN)
+    while _handle_mark(hsm["module"]) < 600:
+        pass  # a long-running process, or a long test run: handles past any fixed range
+    mark = _handle_mark(hsm["module"])
+    left = token.open()
+    try:
+        assert left.handle > 512
+        assert _sessions_left_since(hsm["module"], mark) == 1
+    finally:
+        left.close()
+    assert _sessions_left_since(hsm["module"], mark) == 0
 
 
 def test_pkcs11_a_refused_pin_leaves_no_session_open(hsm, monkeypatch):
@@ -531,15 +569,15 @@ def test_pkcs11_a_refused_pin_leaves_no_session_open(hsm, monkeypatch):
     dek = keys.generate_dek()
     ref = KeyReference(_hsm_uri(hsm))
     keys.seal_envelope(dek, ref)  # the module loaded, as in a long-running process
-    before = _open_sessions(hsm["module"])
+    mark = _handle_mark(hsm["module"])
     monkeypatch.setenv("WRONG_PIN", "not-the-pin")
     wrong = KeyReference(_hsm_uri(hsm, extra="&pin-source=env:WRONG_PIN"))
     for _ in range(3):
         with pytest.raises(keys.KeyProviderError, match="refused the PIN"):
             keys.seal_envelope(dek, wrong)
-    assert _open_sessions(hsm["module"]) == before
+    assert _sessions_left_since(hsm["module"], mark) == 0
     assert keys.open_envelope(keys.seal_envelope(dek, ref), ref) == dek
-    assert _open_sessions(hsm["module"]) == before
+    assert _sessions_left_since(hsm["module"], mark) == 0
 
 
 def test_pkcs11_works_beside_the_applications_own_login_and_undoes_only_its_own(hsm):
@@ -680,6 +718,146 @@ def test_pkcs11_a_reference_opens_only_what_its_kind_of_key_makes(hsm):
         with pytest.raises(keys.NoMatchingRecipient) as refused:
             keys.open_envelope(bad, private_ref)
         assert "refused to unwrap the data key: the envelope was altered" in str(refused.value)
+
+
+#: the p11-kit proxy (p11-kit-proxy.so is a link to libp11-kit.so.0, which every Debian, Ubuntu,
+#: Fedora and RHEL system has: GnuTLS needs it): one module for every token the system
+#: registers with p11-kit, SoftHSM2's included (its package installs softhsm2.module)
+_P11_KIT_PROXIES = tuple(f"{lib}/{name}" for name in ("p11-kit-proxy.so", "libp11-kit.so.0")
+                         for lib in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
+                                     "/usr/lib64", "/usr/lib"))
+
+
+@pytest.fixture()
+def proxy(hsm):
+    """The p11-kit proxy's path, reaching the module's SoftHSM2 token."""
+    from gpucrypt.keys.pkcs11 import _library
+
+    path = next((p for p in _P11_KIT_PROXIES if os.path.exists(p)), None)
+    if path is None:
+        pytest.skip("the p11-kit proxy is not installed (none of "
+                    f"{', '.join(_P11_KIT_PROXIES)}): apt-get install p11-kit-modules")
+    if not list(_library(path).get_tokens(token_label=TOKEN)):
+        pytest.fail(f"the p11-kit proxy {path} does not reach SoftHSM2: SoftHSM2 is not "
+                    f"registered with p11-kit (/usr/share/p11-kit/modules/softhsm2.module, "
+                    f"which Debian's libsofthsm2 installs)", pytrace=False)
+    return path
+
+
+def _logins_are_left_as_found(token, dek: bytes, reference) -> None:
+    """An application's own login (through ``token``) is used and kept by gpucrypt's
+    operations on ``reference``; a login gpucrypt made for itself is undone after."""
+    from pkcs11 import ObjectClass
+    from pkcs11 import exceptions as p11e
+
+    app = token.open(user_pin=PIN)  # the application, logged in
+    try:
+        assert keys.open_envelope(keys.seal_envelope(dek, reference), reference) == dek
+        app.get_key(object_class=ObjectClass.SECRET_KEY, label="kek")  # still logged in
+    finally:
+        app.close()
+    public = token.open()
+    try:
+        assert keys.open_envelope(keys.seal_envelope(dek, reference), reference) == dek
+        with pytest.raises(p11e.NoSuchKey):  # gpucrypt logged in, then out
+            public.get_key(object_class=ObjectClass.SECRET_KEY, label="kek")
+    finally:
+        public.close()
+
+
+def test_pkcs11_through_the_p11_kit_proxy(hsm, proxy, monkeypatch):
+    """The p11-kit proxy makes a new module instance for every C_GetFunctionList call: a
+    C_Login through the list gpucrypt got itself went to an instance that had never been
+    initialised (CKR_CRYPTOKI_NOT_INITIALIZED), and every call failed. The login goes to
+    python-pkcs11's own instance now: the proxy wraps and unwraps, for files the module
+    itself opens, with what gpucrypt's own login does (a refused PIN leaves no session, the
+    application's login is used and left, gpucrypt's own is undone)."""
+    from pkcs11 import ObjectClass
+    from pkcs11 import exceptions as p11e
+
+    from gpucrypt.keys.pkcs11 import _library
+
+    direct, proxied = KeyReference(_hsm_uri(hsm)), KeyReference(
+        f"pkcs11:token={TOKEN};object=kek?module-path={proxy}")
+    rsa_proxied = KeyReference(f"pkcs11:token={TOKEN};object=rsa?module-path={proxy}")
+    dek = keys.generate_dek()
+    for ref in (proxied, rsa_proxied):
+        assert keys.open_envelope(keys.seal_envelope(dek, ref), ref) == dek
+    assert keys.open_envelope(keys.seal_envelope(dek, proxied), direct) == dek  # one token
+    assert keys.open_envelope(keys.seal_envelope(dek, direct), proxied) == dek
+    mark = _handle_mark(hsm["module"])
+    monkeypatch.setenv("WRONG_PIN", "not-the-pin")
+    wrong = KeyReference(f"pkcs11:token={TOKEN};object=kek?module-path={proxy}"
+                         f"&pin-source=env:WRONG_PIN")
+    for _ in range(3):
+        with pytest.raises(keys.KeyProviderError, match="refused the PIN"):
+            keys.seal_envelope(dek, wrong)
+    assert _sessions_left_since(hsm["module"], mark) == 0
+    _logins_are_left_as_found(_library(proxy).get_token(token_label=TOKEN), dek, proxied)
+    assert _sessions_left_since(hsm["module"], mark) == 0
+
+
+def test_pkcs11_login_goes_to_the_instance_python_pkcs11_uses(hsm, proxy):
+    """The function list gpucrypt reads from python-pkcs11's objects is the module's own
+    where the module has one instance (SoftHSM2: what its C_GetFunctionList gives), and
+    through the proxy the one that knows python-pkcs11's sessions, which the list the
+    proxy's C_GetFunctionList gives gpucrypt does not (CKR 0x190, now named)."""
+    from gpucrypt.keys import pkcs11 as p11
+
+    for path in (hsm["module"], proxy):
+        session = p11._library(path).get_token(token_label=TOKEN).open()
+        try:
+            own, module = p11._pkcs11_function_list(session), p11._module_function_list(path)
+            assert own and module
+            assert (own == module) == (path == hsm["module"])
+            assert p11._Calls(own).knows(session.handle)
+            assert p11._Calls(module).knows(session.handle) == (path == hsm["module"])
+            assert p11._session_calls(path, session) is not None
+        finally:
+            session.close()
+    message = str(p11.Pkcs11Key(TOKEN, "kek")._login_error(0x190))
+    assert "CryptokiNotInitialized" in message
+
+
+def test_pkcs11_where_gpucrypt_cannot_reach_the_instance_python_pkcs11_logs_in(
+        hsm, proxy, monkeypatch):
+    """A python-pkcs11 laid out otherwise than 0.10 (gpucrypt then cannot read its function
+    list), with the proxy: python-pkcs11's own login (token.open(user_pin=)) does the work,
+    its errors worded as gpucrypt's; an application already logged in gets no
+    UserAlreadyLoggedIn (the session is opened again without a PIN), and keeps its login;
+    a login python-pkcs11 made is undone."""
+    from pkcs11 import ObjectClass
+    from pkcs11 import exceptions as p11e
+
+    from gpucrypt.keys import pkcs11 as p11
+
+    monkeypatch.setattr(p11, "_pkcs11_function_list", lambda session: 0)
+    proxied = KeyReference(f"pkcs11:token={TOKEN};object=kek?module-path={proxy}")
+    dek = keys.generate_dek()
+    assert keys.open_envelope(keys.seal_envelope(dek, proxied), proxied) == dek
+    monkeypatch.setenv("WRONG_PIN", "not-the-pin")
+    with pytest.raises(keys.KeyProviderError, match="the token refused the PIN: check") as info:
+        keys.seal_envelope(dek, KeyReference(f"pkcs11:token={TOKEN};object=kek?module-path="
+                                             f"{proxy}&pin-source=env:WRONG_PIN"))
+    assert "not-the-pin" not in str(info.value)
+    _logins_are_left_as_found(p11._library(proxy).get_token(token_label=TOKEN), dek, proxied)
+
+
+def test_a_provider_names_a_stanza_it_does_not_own_escaped():
+    """A stanza's id comes from the file's header, unauthenticated until a key opens it: a
+    PKCS#11 or AWS KMS reference asked to unwrap one it does not own named it as it was,
+    a terminal's escape sequences and line breaks included."""
+    from gpucrypt.keys.awskms import AwsKmsKey
+    from gpucrypt.keys.pkcs11 import Pkcs11Key
+
+    forged = "pkcs11:token=x;object=y\x1b]0;pwned\x07\r\ngpucrypt: all good"
+    for key in (Pkcs11Key(TOKEN, "kek"),
+                AwsKmsKey("arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-"
+                          "1234567890ab")):
+        with pytest.raises(keys.KeyNotFound) as refused:
+            key.unwrap(forged, b"\x01", {})
+        assert str(refused.value).isprintable(), str(refused.value)
+        assert "y\\x1b]0;pwned\\x07\\r\\ngpucrypt" in str(refused.value)
 
 
 # ------------------------------------------------------------------------------------ AWS KMS

@@ -881,6 +881,88 @@ def test_a_key_id_that_cannot_name_a_stanza_is_refused_at_load(tmp_path, key_id,
         WrappingKey(key_id, os.urandom(32))
 
 
+_TERMINAL_ESCAPE = "\x1b]0;pwned\x07\rgpucrypt: all good"  # retitle the window, fake a line
+
+
+@pytest.mark.parametrize("key_id", [
+    _TERMINAL_ESCAPE,
+    "tab\there",                  # Cc
+    "csi\x9b31m",                 # a C1 control: CSI, on terminals that take 8-bit ones
+    "abc\u202edcba",              # Cf: a right-to-left override, reorders what is shown
+    "line\u2028separator",        # Zl
+])
+def test_a_key_id_with_control_characters_is_refused_at_load_and_shown_escaped(tmp_path, key_id):
+    """A keyset read without its passphrase (or not sealed) is unauthenticated, and ids
+    gpucrypt makes are hex: an id holding a terminal's escape sequence loaded, and every
+    message naming its key (an unknown status, "it holds ..." of a key not found: `keys
+    add`, `keys promote` on the command line) put the sequence on the user's terminal.
+    Refused at load now, the error showing the id escaped."""
+    from gpucrypt.keys import KeysetKey, WrappingKey
+
+    material = base64.b64encode(os.urandom(32)).decode()
+    entries = [{"id": "0123456789abcdef", "algorithm": "aes-256-kwp",
+                "created": "2026-01-01T00:00:00Z", "status": "primary", "material": material},
+               {"id": key_id, "algorithm": "aes-256-kwp", "created": "2026-01-01T00:00:00Z",
+                "status": "enabled", "material": material}]
+    for status in ("enabled", "bogus"):  # a valid file, and one whose entry is refused
+        entries[1]["status"] = status
+        path = tmp_path / f"{status}.json"
+        path.write_text(json.dumps({"format": "gpucrypt-keyset", "version": 1,
+                                    "keys": entries}))
+        with pytest.raises(KeysetError) as refused:
+            Keyset.load(path)
+        message = str(refused.value)
+        assert message.isprintable(), message
+        assert (f"malformed key entry 2: its id is {key_id!r}, which holds control "
+                f"characters") in message
+        assert "without control characters" in message
+    with pytest.raises(KeysetError, match="which holds control characters") as refused:
+        Keyset([KeysetKey(key_id, "aes-256-kwp", "2026-01-01T00:00:00Z", "primary",
+                          os.urandom(32))])
+    assert str(refused.value).isprintable()
+    with pytest.raises(ValueError, match="which holds control characters") as refused:
+        WrappingKey(key_id, os.urandom(32))
+    assert str(refused.value).isprintable()
+
+
+def test_a_key_id_that_prints_loads_whatever_its_script(tmp_path):
+    """Only what a terminal acts on is refused in ids: letters of any script, symbols and
+    spaces load (a rule on str.isprintable() would refuse characters a newer Unicode
+    assigned: an id loading on one Python and refused on an older one)."""
+    key_id = "clé Ключ 鍵 🔑-01"
+    path = tmp_path / "ks.json"
+    path.write_text(json.dumps({"format": "gpucrypt-keyset", "version": 1, "keys": [
+        {"id": key_id, "algorithm": "aes-256-kwp", "created": "2024-01-01T00:00:00Z",
+         "status": "primary", "material": base64.b64encode(os.urandom(32)).decode()}]}))
+    ks, dek = Keyset.load(path), keys.generate_dek()
+    assert ks.primary.id == key_id
+    assert keys.open_envelope(keys.seal_envelope(dek, ks), ks) == dek
+
+
+def test_messages_naming_a_key_show_its_id_escaped():
+    """Every message naming a keyset key shows its id escaped: ids with control characters
+    are refused when a keyset is made or loaded, but an id can still be set on a key object
+    (or the keyset's table) afterwards, and a message must not depend on that."""
+    from gpucrypt.keys import KeysetKey
+
+    primary, other = (KeysetKey(key_id, "aes-256-kwp", "2026-01-01T00:00:00Z", status,
+                                os.urandom(32))
+                      for key_id, status in (("0123456789abcdef", "primary"),
+                                             ("fedcba9876543210", "enabled")))
+    ks = Keyset([primary, other])
+    ks.disable(other.id)
+    primary.id = other.id = _TERMINAL_ESCAPE  # set after the keyset checked them
+    ks._keys[_TERMINAL_ESCAPE] = ks._keys.pop("fedcba9876543210")
+    shown = "\\x1b]0;pwned\\x07\\rgpucrypt: all good"
+    for attempt, said in ((lambda: ks.disable("0123456789abcdef"), "is the primary"),
+                          (lambda: ks.get(_TERMINAL_ESCAPE), "is disabled"),
+                          (lambda: ks.promote("nope"), "no key 'nope' in this keyset")):
+        with pytest.raises((KeyNotFound, keys.KeyUnavailable), match=said) as refused:
+            attempt()
+        assert str(refused.value).isprintable(), str(refused.value)
+        assert shown in str(refused.value)
+
+
 def test_a_key_id_of_255_bytes_loads_and_wraps(tmp_path):
     path = tmp_path / "ks.json"
     key_id = "\u00e9" * 127 + "k"  # 255 bytes

@@ -41,6 +41,15 @@ FILE_VERSION = 1
 DEFAULT_SCRYPT_N = 2**17
 
 
+def printable_text(text: str) -> str:
+    """``text`` from a file, as it may be shown: a terminal's escape sequences and line
+    breaks in it (a forged "decrypted OK" line, a retitled window) escaped, and every
+    other character that does not print (a lone surrogate included). Here, below every
+    module that words messages with what a file holds (key ids, stanza ids)."""
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def b64e(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 

@@ -32,6 +32,7 @@ import time
 from typing import Any, Iterator, Mapping
 
 from .._errors import KeyNotFound, KeyProviderError, KeysetError, KeyUnavailable
+from ._document import printable_text
 from ._uri import _ARN, KeyUri
 
 try:
@@ -237,16 +238,16 @@ class AwsKmsKey:
 
     def unwrap(self, stanza_id: str, body: bytes, context: Mapping[str, str]) -> bytes:
         if not self.owns(stanza_id):
-            raise KeyNotFound(f"{stanza_id} is not the AWS KMS key {self.key}")
+            raise KeyNotFound(f"{printable_text(stanza_id)} is not the AWS KMS key {self.key}")
         arn = stanza_id[len(STANZA_PREFIX):]
         self._check_enabled()
         with self._errors("Decrypt", self.key):
             answer = self._client().decrypt(CiphertextBlob=body, KeyId=self.key,
                                             EncryptionContext=dict(context))
         if answer.get("KeyId") != arn:
-            raise KeyUnavailable(f"AWS KMS unwrapped the stanza of {arn} with the key "
-                                 f"{answer.get('KeyId')}: the envelope names another key than "
-                                 f"the one that wrapped it (altered or forged); not used")
+            raise KeyUnavailable(f"AWS KMS unwrapped the stanza of {printable_text(arn)} with "
+                                 f"the key {answer.get('KeyId')}: the envelope names another key "
+                                 f"than the one that wrapped it (altered or forged); not used")
         return bytes(answer["Plaintext"])
 
 

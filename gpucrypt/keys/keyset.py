@@ -15,6 +15,7 @@ import json
 import os
 import stat
 import secrets
+import unicodedata
 from typing import Any, Iterable, Iterator
 
 try:
@@ -25,9 +26,9 @@ except ImportError:  # not POSIX: saves are checked, not locked (see _locked_dig
 from .. import audit
 from .._errors import KeyNotFound, KeysetError, KeyUnavailable
 from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document,
-                        parse_document, protection_method, read_json, read_key_bytes,
-                        refuse_both_secrets, scrypt_n_to_write, seal_document, utc_timestamp,
-                        write_key_file)
+                        parse_document, printable_text, protection_method, read_json,
+                        read_key_bytes, refuse_both_secrets, scrypt_n_to_write, seal_document,
+                        utc_timestamp, write_key_file)
 from ._material import HoldsKeyMaterial
 
 __all__ = ["KeysetKey", "Keyset", "PRIMARY", "ENABLED", "DISABLED", "DESTROYED",
@@ -83,17 +84,18 @@ class KeysetKey(HoldsKeyMaterial):
 
 def _require_usable(key: KeysetKey) -> None:
     if key.status == DISABLED:
-        raise KeyUnavailable(f"key {key.id} is disabled in this keyset: enable it again "
-                             f"(gpucrypt keys enable) to use it")
+        raise KeyUnavailable(f"key {printable_text(key.id)} is disabled in this keyset: enable "
+                             f"it again (gpucrypt keys enable) to use it")
     if key.status == DESTROYED:
-        raise KeyUnavailable(f"key {key.id} was destroyed: its material is gone, and data "
-                             f"wrapped only under it cannot be recovered")
+        raise KeyUnavailable(f"key {printable_text(key.id)} was destroyed: its material is "
+                             f"gone, and data wrapped only under it cannot be recovered")
 
 
 def _refuse_primary(key: KeysetKey) -> KeysetKey:
     """``key``, unless it is the primary (KeyUnavailable: the keyset would have none)."""
     if key.status == PRIMARY:
-        raise KeyUnavailable(f"key {key.id} is the primary: promote another key first")
+        raise KeyUnavailable(f"key {printable_text(key.id)} is the primary: promote another "
+                             f"key first")
     return key
 
 
@@ -153,9 +155,10 @@ class Keyset(HoldsKeyMaterial):
             if problem is not None:
                 raise KeysetError(f"a key's id is {problem}, and {KEY_ID_RULE}")
             if key.id in self._keys:
-                raise KeysetError(f"duplicate key id {key.id}")
+                raise KeysetError(f"duplicate key id {printable_text(key.id)}")
             if key.status not in _STATUSES:
-                raise KeysetError(f"key {key.id}: unknown status {key.status!r}")
+                raise KeysetError(f"key {printable_text(key.id)}: unknown status "
+                                  f"{key.status!r}")
             self._keys[key.id] = key
         primaries = [k for k in self._keys.values() if k.status == PRIMARY]
         if self._keys and len(primaries) != 1:
@@ -383,7 +386,7 @@ class Keyset(HoldsKeyMaterial):
         """Why a save over this keyset's own file, changed by someone else, is refused, and
         what to do. Not "load it again and redo the change": a key made since exists only
         in this object, and files may already be wrapped under it (rekey_file, encrypt_file)."""
-        new = sorted(self._in_memory)
+        new = sorted(printable_text(key_id) for key_id in self._in_memory)
         held = (f"; its keys {', '.join(new)} are in no file yet" if new else "")
         return (f"{where} changed since this keyset was read from it (another command or "
                 f"program saved it): nothing was written. Keep this keyset: it may hold keys "
@@ -448,8 +451,9 @@ class Keyset(HoldsKeyMaterial):
         try:
             return self._keys[key_id]
         except KeyError:
+            held = ", ".join(printable_text(held_id) for held_id in self._keys)
             raise KeyNotFound(f"no key {key_id!r} in this keyset (it holds "
-                              f"{', '.join(self._keys) or 'nothing'})") from None
+                              f"{held or 'nothing'})") from None
 
     def get(self, key_id: str) -> KeysetKey:
         """The key ``key_id``, if it may be used; :class:`KeyUnavailable` for a disabled
@@ -602,20 +606,31 @@ _JSON_KINDS = {dict: "an object", list: "a list", str: "a string", int: "a numbe
 
 
 #: the rule a key id keeps: an envelope's stanza names its key by the id's UTF-8, in 1 to
-#: 255 bytes (gpucrypt.keys._envelope)
-KEY_ID_RULE = "a key id is 1 to 255 bytes of UTF-8 (an envelope names its key by it)"
+#: 255 bytes (gpucrypt.keys._envelope), and messages and `keys list` show it
+KEY_ID_RULE = ("a key id is 1 to 255 bytes of UTF-8 without control characters (an "
+               "envelope names its key by it; ids gpucrypt makes are 16 hex digits)")
+#: Unicode categories a key id may not hold: controls (a terminal's escape sequences, CR),
+#: format characters (bidirectional overrides, which reorder what a terminal shows), line
+#: and paragraph separators. Not "whatever str.isprintable() refuses": that includes the
+#: characters a Unicode version has not assigned yet, so an id would load on one Python
+#: and be refused on an older one
+_NOT_IN_IDS = ("Cc", "Cf", "Zl", "Zp")
 
 
 def key_id_problem(key_id: str) -> str | None:
-    """What keeps the str ``key_id`` out of an envelope (None: nothing), without quoting it
-    (it may come from a file, control characters and all): such an id loaded, then failed
-    at the first wrap as a ValueError, or a UnicodeEncodeError for a lone surrogate."""
+    """What keeps the str ``key_id`` out of a keyset or an envelope (None: nothing): such
+    an id loaded, then failed at the first wrap as a ValueError, or a UnicodeEncodeError
+    for a lone surrogate; one with control characters loaded, and every message naming
+    the key put them on the user's terminal. Quoted only escaped (it may come from a file)
+    and only once it is known to be at most 255 bytes."""
     try:
         size = len(key_id.encode("utf-8"))
     except UnicodeEncodeError:  # a lone surrogate: JSON's "\ud800" reads as one
         return "not valid UTF-8 (it holds a lone surrogate)"
     if not 1 <= size <= 255:
         return "empty" if not size else f"{size} bytes of UTF-8"
+    if any(unicodedata.category(c) in _NOT_IN_IDS for c in key_id):
+        return f"{key_id!r}, which holds control characters"  # repr escapes them
     return None
 
 
@@ -644,15 +659,16 @@ def _check_entry(entry: Any, number: int, where: str) -> None:
 def _key_from_entry(entry: dict, materials: dict, where: str) -> KeysetKey:
     """The key ``entry`` (checked by _check_entry) describes, with its material."""
     key_id, algorithm, status = entry["id"], entry["algorithm"], entry["status"]
+    shown = printable_text(key_id)  # checked by _check_entry; escaped all the same
     if algorithm not in KEK_ALGORITHMS:
-        raise KeysetError(f"{where}: key {key_id}: unknown algorithm {algorithm!r}")
+        raise KeysetError(f"{where}: key {shown}: unknown algorithm {algorithm!r}")
     if status not in _STATUSES:
-        raise KeysetError(f"{where}: key {key_id}: unknown status {status!r}")
+        raise KeysetError(f"{where}: key {shown}: unknown status {status!r}")
     material = None
     if status != DESTROYED:
         if materials.get(key_id) is None:
-            raise KeysetError(f"{where}: key {key_id} has no material")
-        material = b64d(materials[key_id], f"{where}: key {key_id}")
+            raise KeysetError(f"{where}: key {shown} has no material")
+        material = b64d(materials[key_id], f"{where}: key {shown}")
         if len(material) != KEK_ALGORITHMS[algorithm]:
-            raise KeysetError(f"{where}: key {key_id} has the wrong length for {algorithm}")
+            raise KeysetError(f"{where}: key {shown} has the wrong length for {algorithm}")
     return KeysetKey(key_id, algorithm, entry["created"], status, material)

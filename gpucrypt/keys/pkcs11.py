@@ -43,16 +43,24 @@ already logged in is used as it is and left so; a login gpucrypt made is logged 
 the operation ends, which also returns the application's other sessions on that token to
 the public state they were in (one the application logs in meanwhile, from another
 thread, is logged out with them: PKCS#11 cannot tell the two apart).
+
+The login goes to the module instance python-pkcs11 opened the session on: the p11-kit
+proxy (``p11-kit-proxy.so``) makes a new instance for every ``C_GetFunctionList`` call,
+and an instance that is not the session's refuses it. Where gpucrypt cannot reach that
+instance (a python-pkcs11 laid out otherwise than 0.10, with such a module), python-pkcs11
+logs in, with the drawbacks above (:meth:`Pkcs11Key._pkcs11_login`).
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import os
+import sys
 import threading
 from typing import Any, Iterator, Mapping
 
 from .._errors import KeyNotFound, KeyProviderError, KeysetError, KeyUnavailable
+from ._document import printable_text
 from ._uri import _PKCS11_PATH, KeyUri, parse_key_uri, pkcs11_id_text
 from .references import context_bytes, read_secret_source
 
@@ -117,11 +125,17 @@ def _library(path: str) -> Any:
 
 # ------------------------------------------------------------------ C_Login, C_Logout
 # python-pkcs11 0.10 calls C_Login only inside token.open(user_pin=...) (see the module
-# docstring for why gpucrypt does not use that), so the two calls are made here, through
-# the module's own function list (C_GetFunctionList: the entry point every module
-# exports; not every module exports C_Login itself). ctypes loads the same file python-
-# pkcs11 loaded, and the dynamic loader gives back that one loaded copy: its state (the
-# sessions, the login) is the one python-pkcs11's session handles refer to.
+# docstring for why gpucrypt does not use that), so gpucrypt makes the call itself, through
+# a CK_FUNCTION_LIST: the table of one module instance's entry points. It must be the
+# instance python-pkcs11 opened the session on. A module may make a new instance for every
+# C_GetFunctionList call: the p11-kit proxy (p11-kit-proxy.so, libp11-kit.so.0: how Debian,
+# Fedora and RHEL usually reach an HSM) does, and a login sent to another instance fails
+# (CKR_CRYPTOKI_NOT_INITIALIZED, or CKR_SESSION_HANDLE_INVALID: it has no such session).
+# So the list is the module's C_GetFunctionList (the same list where the module has one
+# instance: ctypes and python-pkcs11 share the one loaded copy of the file), else python-
+# pkcs11's own (_pkcs11_function_list, read from its object layout: the proxy's case),
+# whichever knows the session (C_GetSessionInfo); where neither does, python-pkcs11 logs
+# in (Pkcs11Key._pkcs11_login).
 
 _CKU_USER = 1
 _CKR_OK, _CKR_USER_ALREADY_LOGGED_IN = 0x0, 0x100
@@ -130,7 +144,11 @@ _CKR_PIN_LOCKED = 0xA4
 _CKR_NAMES = {0xA0: "PinIncorrect", 0xA1: "PinInvalid", 0xA2: "PinLenRange",
               0xA3: "PinExpired", 0xA4: "PinLocked", 0x101: "UserNotLoggedIn",
               0x102: "UserPinNotInitialized", 0x104: "AnotherUserAlreadyLoggedIn",
-              0xB3: "SessionHandleInvalid", 0xE0: "TokenNotPresent", 0x32: "DeviceRemoved"}
+              0xB3: "SessionHandleInvalid", 0xE0: "TokenNotPresent", 0x32: "DeviceRemoved",
+              0x190: "CryptokiNotInitialized"}
+#: python-pkcs11's exceptions for the codes _login_error words itself (its fallback login)
+_RV_OF_ERROR = {_p11e.PinIncorrect: 0xA0, _p11e.PinInvalid: 0xA1, _p11e.PinLenRange: 0xA2,
+                _p11e.PinLocked: _CKR_PIN_LOCKED}
 #: CK_FUNCTION_LIST up to C_Logout, in the order of the PKCS#11 headers (pkcs11f.h)
 _FUNCTIONS = ("C_Initialize", "C_Finalize", "C_GetInfo", "C_GetFunctionList", "C_GetSlotList",
               "C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList", "C_GetMechanismInfo",
@@ -146,49 +164,113 @@ class _FunctionList(ctypes.Structure):
                 *((name, ctypes.c_void_p) for name in _FUNCTIONS)]
 
 
-_ulong = ctypes.c_ulong  # CK_ULONG, CK_RV, CK_SESSION_HANDLE, CK_USER_TYPE
+_ulong = ctypes.c_ulong  # CK_ULONG, CK_RV, CK_SESSION_HANDLE, CK_USER_TYPE, CK_SLOT_ID
+
+
+class _SessionInfo(ctypes.Structure):  # CK_SESSION_INFO
+    if os.name == "nt":
+        _pack_ = 1
+    _fields_ = [("slot", _ulong), ("state", _ulong), ("flags", _ulong), ("device_error", _ulong)]
+
+
 _LoginFn = ctypes.CFUNCTYPE(_ulong, _ulong, _ulong, ctypes.c_char_p, _ulong)
 _LogoutFn = ctypes.CFUNCTYPE(_ulong, _ulong)
-_login_calls: dict[str, tuple[Any, Any]] = {}  # module path -> (C_Login, C_Logout)
+_SessionInfoFn = ctypes.CFUNCTYPE(_ulong, _ulong, ctypes.POINTER(_SessionInfo))
+#: module path -> (the module as ctypes loaded it, which keeps the list alive; the address
+#: of the list its C_GetFunctionList gave, 0 for none)
+_module_lists: dict[str, tuple[Any, int]] = {}
 
 
-def _login_functions(path: str) -> tuple[Any, Any]:
-    """The module at ``path``'s ``C_Login`` and ``C_Logout``, once per process."""
-    calls = _login_calls.get(path)
-    if calls is None:
+class _Calls:
+    """C_Login, C_Logout and C_GetSessionInfo of one module instance (one function list)."""
+
+    def __init__(self, address: int):
+        functions = _FunctionList.from_address(address)
+        self.usable = (functions.version[0] in (2, 3) and bool(functions.C_Login)
+                       and bool(functions.C_Logout) and bool(functions.C_GetSessionInfo))
+        if self.usable:
+            self.login = _LoginFn(functions.C_Login)
+            self.logout = _LogoutFn(functions.C_Logout)
+            self._session_info = _SessionInfoFn(functions.C_GetSessionInfo)
+
+    def knows(self, handle: int) -> bool:
+        """Whether ``handle`` is a session of this instance (an instance that is not the
+        session's says CKR_CRYPTOKI_NOT_INITIALIZED or CKR_SESSION_HANDLE_INVALID)."""
+        info = _SessionInfo()
+        return self.usable and self._session_info(handle, ctypes.byref(info)) == _CKR_OK
+
+
+def _pkcs11_function_list(session: Any) -> int:
+    """The address of the function list python-pkcs11 calls ``session``'s module through;
+    0 where this python-pkcs11 is not laid out as 0.10 is.
+
+    python-pkcs11 keeps it in a C field of its objects, with no Python attribute: in 0.10,
+    ``HasFuncList.funclist``, the first field after the object header, which ``Session``,
+    ``Token`` and ``lib`` inherit. The layout is checked before the field is read: that
+    base class, its size (the header and three pointers: funclist, funclist30,
+    funclist32), and the session and its token holding the same value. Another layout (an
+    older python-pkcs11 kept one list in a module global) reads as 0, never as a guess."""
+    if sys.implementation.name != "cpython":  # id() is no address elsewhere
+        return 0
+    base = getattr(sys.modules.get("pkcs11._pkcs11"), "HasFuncList", None)
+    header = object.__basicsize__
+    if (not isinstance(base, type)
+            or base.__basicsize__ != header + 3 * ctypes.sizeof(ctypes.c_void_p)
+            or not isinstance(session, base)
+            or not isinstance(getattr(session, "token", None), base)):
+        return 0
+    address = ctypes.c_void_p.from_address(id(session) + header).value or 0
+    token = ctypes.c_void_p.from_address(id(session.token) + header).value or 0
+    return address if address == token else 0
+
+
+def _module_function_list(path: str) -> int:
+    """The address of the function list the module at ``path``'s C_GetFunctionList gives
+    (asked once per process); 0 where it gives none."""
+    cached = _module_lists.get(path)
+    if cached is None:
+        functions = ctypes.POINTER(_FunctionList)()
         try:
             module = ctypes.CDLL(path)
             get_list = module.C_GetFunctionList
-        except (OSError, AttributeError) as exc:
-            raise KeyProviderError(f"cannot load the PKCS#11 module {path} ({exc})") from None
-        get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_FunctionList))]
-        get_list.restype = _ulong
-        functions = ctypes.POINTER(_FunctionList)()
-        rv = get_list(ctypes.byref(functions))
-        if rv != _CKR_OK or not functions or not functions.contents.C_Login:
-            raise KeyProviderError(f"the PKCS#11 module {path} gives no function list "
-                                   f"(CKR 0x{rv:X})")
-        calls = (_LoginFn(functions.contents.C_Login), _LogoutFn(functions.contents.C_Logout))
-        _login_calls[path] = calls
-    return calls
+        except (OSError, AttributeError):
+            module, address = None, 0
+        else:
+            get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_FunctionList))]
+            get_list.restype = _ulong
+            ok = get_list(ctypes.byref(functions)) == _CKR_OK and functions
+            address = ctypes.addressof(functions.contents) if ok else 0
+        cached = _module_lists[path] = (module, address)
+    return cached[1]
 
 
-def _login(path: str, session: Any, pin: str) -> bool:
-    """Log the user in through ``session`` (of the module at ``path``): True when this
+def _session_calls(path: str, session: Any) -> _Calls | None:
+    """C_Login and C_Logout of the module instance ``session`` is open on (see above);
+    None where no list gpucrypt can reach knows the session."""
+    tried = set()
+    # the module's own list first: a documented call, and the instance python-pkcs11 uses
+    # wherever the module has one (SoftHSM2, vendors' modules); python-pkcs11's, read from
+    # its object layout, only for a module that makes an instance per call (the proxy)
+    for address in (_module_function_list(path), _pkcs11_function_list(session)):
+        if address and address not in tried:
+            tried.add(address)
+            calls = _Calls(address)
+            if calls.knows(session.handle):
+                return calls
+    return None
+
+
+def _login(calls: _Calls, session: Any, pin: str) -> bool:
+    """Log the user in through ``session`` (``calls``: its instance's): True when this
     login is gpucrypt's (to log out when done), False when the application was logged in
     already (left so); :class:`_LoginRefused`, carrying the ``CKR`` code, otherwise."""
-    login, _ = _login_functions(path)
     pin_bytes = pin.encode("utf-8")
-    rv = login(session.handle, _CKU_USER, pin_bytes, len(pin_bytes))
+    rv = calls.login(session.handle, _CKU_USER, pin_bytes, len(pin_bytes))
     if rv == _CKR_USER_ALREADY_LOGGED_IN:
         return False
     if rv != _CKR_OK:
         raise _LoginRefused(rv)
     return True
-
-
-def _logout(path: str, session: Any) -> None:
-    _login_functions(path)[1](session.handle)  # nothing to do if it fails: it is the end
 
 
 class _LoginRefused(Exception):
@@ -300,13 +382,18 @@ class Pkcs11Key:
             raise KeyProviderError(f"{self.reference}: cannot open a session "
                                    f"({type(exc).__name__})") from None
         try:
-            ours = _login(path, session, pin)
+            calls = _session_calls(path, session)
+            ours = calls is not None and _login(calls, session, pin)
         except BaseException as exc:
             with contextlib.suppress(_p11e.PKCS11Error):
                 session.close()
             if not isinstance(exc, _LoginRefused):
                 raise
             raise self._login_error(exc.rv) from None
+        if calls is None:  # no way to the session's instance: python-pkcs11 logs in
+            with contextlib.suppress(_p11e.PKCS11Error):
+                session.close()
+            session = self._pkcs11_login(token, pin)
         try:
             yield session
         finally:
@@ -314,9 +401,33 @@ class Pkcs11Key:
             with contextlib.suppress(_p11e.PKCS11Error):
                 try:
                     if ours:
-                        _logout(path, session)
+                        calls.logout(session.handle)
                 finally:
-                    session.close()
+                    session.close()  # logs out too, where python-pkcs11 logged in
+
+    def _pkcs11_login(self, token: Any, pin: str) -> Any:
+        """A session python-pkcs11 logs in (``token.open(user_pin=)``), for a module whose
+        instance gpucrypt cannot reach (a python-pkcs11 laid out otherwise than 0.10, with
+        a module that makes an instance per C_GetFunctionList, as the p11-kit proxy does).
+        Its drawbacks, which gpucrypt's own login avoids: a refused PIN leaves the session
+        python-pkcs11 opened (it keeps no handle to close), and where the application is
+        logged in already that session is left too, and a second one is opened without a
+        PIN (the application's login serves it, and closing it leaves that login)."""
+        try:
+            return token.open(user_pin=pin)  # its close() logs out
+        except _p11e.UserAlreadyLoggedIn:
+            pass
+        except _p11e.PKCS11Error as exc:
+            rv = _RV_OF_ERROR.get(type(exc))
+            if rv is None:
+                raise KeyProviderError(f"{self.reference}: cannot log in to the token "
+                                       f"({type(exc).__name__})") from None
+            raise self._login_error(rv) from None
+        try:
+            return token.open()
+        except _p11e.PKCS11Error as exc:
+            raise KeyProviderError(f"{self.reference}: cannot open a session "
+                                   f"({type(exc).__name__})") from None
 
     def _login_error(self, rv: int) -> KeyProviderError:
         if rv in _CKR_PIN_REFUSED:
@@ -443,7 +554,7 @@ class Pkcs11Key:
 
     def unwrap(self, stanza_id: str, body: bytes, context: Mapping[str, str]) -> bytes:
         if not self.owns(stanza_id):
-            raise KeyNotFound(f"{self.reference} does not own {stanza_id}")
+            raise KeyNotFound(f"{self.reference} does not own {printable_text(stanza_id)}")
         code, data = (body[0], bytes(body[1:])) if body else (0, b"")
         if code not in WRAP_CODES:
             raise KeyUnavailable(f"{self.reference}: unknown wrapping {code} in the envelope")

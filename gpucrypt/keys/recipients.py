@@ -27,8 +27,8 @@ from .._errors import (EnvelopeError, KeyNotFound, KeysetError, KeyUnavailable,
                        NoMatchingRecipient)
 from . import _envelope
 from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document,
-                        parse_document, read_key_bytes, seal_document, utc_timestamp,
-                        write_key_file)
+                        parse_document, printable_text, read_key_bytes, seal_document,
+                        utc_timestamp, write_key_file)
 from ._envelope import EnvelopeFormatError, Stanza
 from ._material import HoldsKeyMaterial
 from .keyset import Keyset, KeysetKey, _locked_digest
@@ -368,14 +368,6 @@ def _printable(raw: bytes) -> str:
     """A stanza's id as text to show: bytes from a file's header, unauthenticated until a
     key opens it, which errors and the command line print (:func:`printable_text`)."""
     return printable_text(raw.decode("utf-8", "replace"))
-
-
-def printable_text(text: str) -> str:
-    """``text`` from a file, as it may be shown: a terminal's escape sequences and line
-    breaks in it (a forged "decrypted OK" line, a retitled window) escaped, and every
-    other character that does not print (a lone surrogate included)."""
-    return text if text.isprintable() else "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def describe_envelope(envelope: bytes) -> list[str]:
