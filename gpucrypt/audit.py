@@ -51,8 +51,8 @@ try:
 except ImportError:  # not POSIX: appends are not locked (see _AuditFileHandler)
     _flock = None
 
-__all__ = ["LOGGER_NAME", "FIELDS", "event", "timed", "enable", "error_fields",
-           "AuditLogError"]
+__all__ = ["LOGGER_NAME", "FIELDS", "event", "timed", "device_chosen", "enable",
+           "error_fields", "AuditLogError"]
 
 LOGGER_NAME = "gpucrypt.audit"
 
@@ -169,6 +169,21 @@ def timed(operation: str, **fields: Any) -> Iterator[dict]:
         raise
     event(operation, outcome="ok", duration_s=round(time.perf_counter() - start, 6),
           **{**fields, **extra})
+
+
+@contextlib.contextmanager
+def device_chosen(fields: dict) -> Iterator[list]:
+    """Yields a list for the work to append the device it chose to (the ``_ran_on``
+    argument of gpucrypt's stream and model functions); once it holds one, ``fields`` (an
+    event's, as :func:`timed` yields) records it as ``device``, whether the block then
+    succeeds or fails (a tampered segment, after the device was chosen). Several pieces of
+    work on several devices (a folder's files): "cpu+gpu"."""
+    chosen: list = []
+    try:
+        yield chosen
+    finally:
+        if chosen:
+            fields["device"] = "+".join(sorted(set(chosen)))
 
 
 class AuditLogError(OSError):

@@ -1319,3 +1319,20 @@ def test_model_and_command_line_events_record_the_device_that_ran(captured, tmp_
                ("model.encrypt", "model.decrypt")]
     devices += [json.loads(line)["device"] for line in log.read_text().splitlines()]
     assert devices == ["cpu"] * 4
+
+
+def test_a_failure_after_the_device_was_chosen_records_it(captured, tmp_path):
+    """decrypt_file of a tampered segment recorded no device at all: the field was set
+    only when the work succeeded."""
+    alice = keys.Identity.generate()
+    keys.encrypt_file(os.urandom(10_000), tmp_path / "ct", recipients=[alice.recipient],
+                      segment_size=4096)
+    raw = bytearray((tmp_path / "ct").read_bytes())
+    raw[-40] ^= 1  # inside the last segment
+    (tmp_path / "ct").write_bytes(bytes(raw))
+    from gpucrypt.stream import AuthenticationError
+
+    with pytest.raises(AuthenticationError):
+        keys.decrypt_file(tmp_path / "ct", io.BytesIO(), identities=[alice])
+    [event] = [e for e in _events(captured) if e["operation"] == "file.decrypt"]
+    assert event["outcome"] == "error" and event["device"] == "cpu"

@@ -678,6 +678,19 @@ def test_decrypt_writes_to_a_terminal_only_text(work, capsys, plaintext, is_text
 
 
 @pytest.mark.skipif(not ON_LINUX, reason="a pseudo-terminal (Linux)")
+def test_decrypt_to_a_terminal_holds_back_a_character_never_finished(work, capsys):
+    """A plaintext ending inside a UTF-8 character reached the terminal and decrypt said
+    nothing: its bytes ("\xc2", which the next program's "\x9b" would make a CSI) are held
+    back until the character is whole, and at the end they are refused."""
+    (work / "p").write_bytes(b"text before \xe2\x82")
+    assert run(capsys, "encrypt", "--key-file", "key", "p", "sealed")[0] == 0
+    code, seen = _converse(work, [], "decrypt", "--key-file", "key", "sealed", "-",
+                           stdout_tty=True)
+    assert code == 1 and b"refusing to write the plaintext to a terminal" in seen, seen
+    assert b"text before" in seen and b"\xe2" not in seen
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="a pseudo-terminal (Linux)")
 def test_the_progress_bar_is_for_large_inputs_and_never_on_a_prompt(work, capsys):
     """``gpucrypt decrypt < f.gc > f.out`` on a terminal drew "\\rdecrypt 8 B ..." onto the
     passphrase prompt's line: stdin had no size, so it got a bar. A stdin redirected from a

@@ -188,3 +188,13 @@ def test_strides_that_skip_or_reorder_memory_are_refused(shape, strides):
 
     with pytest.raises(ValueError, match="not C-contiguous"):
         _interface_of(_ExportedArray(shape, strides))
+
+
+@pytest.mark.parametrize("strides", [(12,), (12, 4, 99)])
+def test_strides_that_do_not_match_the_shape_are_refused(strides):
+    """zip() stopped at the shorter of shape and strides: a malformed interface with one
+    stride too few or too many read as contiguous."""
+    from gpucrypt.backends.gpu import _interface_of
+
+    with pytest.raises(ValueError, match="malformed"):
+        _interface_of(_ExportedArray((2, 3), strides))

@@ -1461,10 +1461,11 @@ def test_rewriting_a_header_keeps_the_owner_and_group(tmp_path):
     path = tmp_path / "ct"
     stream.encrypt(b"data" * 100, path, key, device="cpu")
     os.chown(path, 1, 4)
-    os.chmod(path, 0o2640)  # setgid: cleared by a change of owner, set again
+    os.chmod(path, 0o2640)
     stream.replace_envelope(path, key, b"\x01new envelope")
     st = os.stat(path)
-    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1, 4, 0o2640)
+    # set-group-ID is not kept: a rewritten file is new data (see the next test)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1, 4, 0o640)
 
 
 def _rewrite_header_in_child(path, key: bytes, *wrapper: str) -> None:
@@ -1491,7 +1492,9 @@ def _setuid_file_of_another_user(tmp_path):
 def test_a_rewrite_that_cannot_keep_the_owner_drops_set_user_id(tmp_path):
     """root without CAP_CHOWN (a hardened container) could not give the new file its
     owner, and set the old mode on it all the same: another user's set-user-ID file
-    became root's, still set-user-ID. The bits stay only with the ids they belong to."""
+    became root's, still set-user-ID. A rewrite drops set-user-ID and set-group-ID (kept
+    with their owner, the kernel cleared them anyway at the first write by anyone
+    without CAP_FSETID: a non-root owner rewriting their own file lost them)."""
     path, key = _setuid_file_of_another_user(tmp_path)
     _rewrite_header_in_child(path, key, "setpriv", "--bounding-set", "-chown")
     st = os.stat(path)
@@ -1539,3 +1542,32 @@ def test_rewriting_a_header_keeps_extended_attributes(tmp_path):
         pytest.skip(f"this file system takes no user attributes ({exc.strerror})")
     stream.replace_envelope(path, key, b"\x01new envelope")
     assert os.getxattr(path, "user.gpucrypt-test") == b"kept"
+
+
+def _posix_acl(*entries) -> bytes:
+    """A system.posix_acl_* value: (tag, permissions, id) entries (the kernel's format)."""
+    import struct
+
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+
+
+def test_a_rewrite_gives_no_access_the_old_file_did_not(tmp_path):
+    """The new file took its folder's default ACL (here: a user allowed to read), which
+    the old file did not have, and the old group bits set as its mask turned it on: a
+    rewrite gave that user read access. The new file has the old file's attributes, no
+    more."""
+    nobody, anyone = 65534, 0xFFFFFFFF
+    user_obj, user, group_obj, mask, other = 0x01, 0x02, 0x04, 0x10, 0x20
+    try:
+        os.setxattr(tmp_path, "system.posix_acl_default", _posix_acl(
+            (user_obj, 6, anyone), (user, 4, nobody), (group_obj, 4, anyone), (mask, 6, anyone),
+            (other, 0, anyone)))
+    except OSError as exc:
+        pytest.skip(f"this file system takes no POSIX ACLs ({exc.strerror})")
+    key, path = os.urandom(32), tmp_path / "ct"
+    stream.encrypt(b"data" * 100, path, key, device="cpu")
+    os.removexattr(path, "system.posix_acl_access")  # its owner took the inherited ACL away
+    os.chmod(path, 0o640)
+    stream.replace_envelope(path, key, b"\x01new envelope")
+    assert "system.posix_acl_access" not in os.listxattr(path)
+    assert os.stat(path).st_mode & 0o7777 == 0o640

@@ -190,6 +190,9 @@ def _interface_of(obj: Any) -> tuple[int, int] | None:
             step *= dim
         # an axis of length 1 is never stepped along: its stride is whatever the exporter
         # wrote (NumPy-style x[:, None] says 0), as NumPy's own contiguity flags take it
+        if len(strides) != len(shape):  # zip() below would stop at the shorter
+            raise ValueError(f"device array's interface gives {len(strides)} strides for "
+                             f"{len(shape)} dimensions: it is malformed")
         if int(np.prod(shape)) > 1 and any(dim != 1 and stride != want for dim, stride, want
                                            in zip(shape, strides, reversed(expected))):
             raise ValueError("device array is not C-contiguous; make a contiguous copy first")

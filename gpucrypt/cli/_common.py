@@ -179,6 +179,17 @@ def audited(args: Any, operation: str, path: str):
     return cli_keys.audited_command(args, operation, path)
 
 
+def device_chosen(args: Any, event: dict):
+    """:func:`gpucrypt.audit.device_chosen` for the event :func:`audited` yields, when
+    ``--audit-log`` is given; a list nothing reads otherwise (gpucrypt.audit, and the
+    threading it loads, stay out of a command that records nothing)."""
+    if getattr(args, "audit_log", None) is None:
+        return contextlib.nullcontext([])
+    from .. import audit
+
+    return audit.device_chosen(event)
+
+
 def add_input_output_and_keys(parser: argparse.ArgumentParser, input_help: str,
                               output_help: str, *, streams: bool = False) -> None:
     """Add ``IN`` and ``OUT``, ``--key-file``/``--key-env`` (exclusive, as every key option:
@@ -207,20 +218,6 @@ def output_path(args: Any) -> str:
     if positional is not None and option is not None:
         raise CliError(f"OUT given twice ({positional} and -o {option}): give one", 2)
     return option if option is not None else (positional if positional is not None else "-")
-
-
-@contextlib.contextmanager
-def device_run(event: dict) -> Iterator[list]:
-    """A list for the library's ``_ran_on`` (``stream.encrypt``, ``save_encrypted``, ...);
-    the device it names, once the work was given one, recorded in the audit ``event``
-    (the device asked for, "auto" say, stays for a run that failed before). A folder's
-    files each name theirs: one device for all, or "cpu+gpu"."""
-    ran_on: list = []
-    try:
-        yield ran_on
-    finally:
-        if ran_on:
-            event["device"] = "+".join(sorted(set(ran_on)))
 
 
 def add_device(parser: argparse.ArgumentParser, help: str) -> None:
@@ -477,31 +474,41 @@ def destination(args: Any, binary_ciphertext: bool) -> Iterator[Any]:
     leave the verified segments before it written there, as on stdout."""
     target = check_output(args, binary_ciphertext)
     if not isinstance(target, str):
-        yield _guarded(target, args, binary_ciphertext)
+        yield from _guarded(target, args, binary_ciphertext)
         return
     if streamed_output(target):
         with StreamedOutput(target) as out:
             if binary_ciphertext and out.file.isatty() and not args.force:
                 raise CliError(f"refusing to write binary output to a terminal ({target}); give "
                                f"another OUT, or give --force", 2)
-            yield _guarded(out.file, args, binary_ciphertext)
+            yield from _guarded(out.file, args, binary_ciphertext)
         return
     with atomic_output(target, bool(args.force)) as out:
         yield out
 
 
-def _guarded(file: Any, args: Any, binary_ciphertext: bool) -> Any:
-    """``file``, or for plaintext to a terminal without ``--force`` a :class:`TerminalText`
-    over it."""
+def _guarded(file: Any, args: Any, binary_ciphertext: bool) -> Iterator[Any]:
+    """Yields ``file``, or for plaintext to a terminal without ``--force`` a
+    :class:`TerminalText` over it, finished when the block ends without an error."""
     if binary_ciphertext or args.force or not file.isatty():
-        return file
-    return TerminalText(file)
+        yield file
+        return
+    text = TerminalText(file)
+    yield text
+    text.finish()
 
 
 #: what a terminal must not be sent from a decrypted file: C0 controls but tab, line feed
 #: and carriage return (ESC starts the escape sequences), DEL, and the C1 controls (U+009B
 #: is a one-character CSI to some terminals)
 _TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _not_text() -> CliError:
+    return CliError("refusing to write the plaintext to a terminal: it is binary, or it holds "
+                    "terminal control characters (escape sequences) that would drive the "
+                    "terminal; redirect stdout (> FILE, | less), give an OUT file, or give "
+                    "--force to write it anyway", 1)
 
 
 class TerminalText:
@@ -517,23 +524,31 @@ class TerminalText:
         import codecs
 
         self._file = file
-        self._decode = codecs.getincrementaldecoder("utf-8")().decode  # a character may be
-        # split between two writes
+        # a character may be split between two writes: its first bytes are held back (not
+        # written: "\xc2" then the next program's "\x9b" would make a CSI) until it is whole
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._held = b""
 
     def write(self, data: Any) -> int:
+        data = self._held + bytes(data)
         try:
-            text = self._decode(bytes(data))
+            text = self._decoder.decode(data[len(self._held):])
         except UnicodeDecodeError:
             text = None
         if text is None or _TERMINAL_CONTROLS.search(text):
-            raise CliError("refusing to write the plaintext to a terminal: it is binary, or it "
-                           "holds terminal control characters (escape sequences) that would "
-                           "drive the terminal; redirect stdout (> FILE, | less), give an OUT "
-                           "file, or give --force to write it anyway", 1)
+            raise _not_text()
         from ..files._atomic import write_all
 
-        write_all(self._file, data)
+        self._held = self._decoder.getstate()[0]
+        write_all(self._file, memoryview(data)[:len(data) - len(self._held)])
         return len(data)
+
+    def finish(self) -> None:
+        """At the end of the plaintext: a character begun and never finished is no text."""
+        try:
+            self._decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise _not_text() from None
 
     def __getattr__(self, name: str) -> Any:  # fileno, flush, isatty, ...: the terminal's
         return getattr(self._file, name)

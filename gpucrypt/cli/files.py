@@ -48,8 +48,9 @@ from typing import Any, Iterator
 
 from ._common import (add_algorithm, add_device, add_force, add_input_output_and_keys,
                       add_key_management, audited, check_key_sources, check_output,
-                      check_sealing_options, decrypt_key, destination, device_run,
-                      encrypt_keys, key_read, output_path, parse_size, refuse_input_as_output, run_reporting_errors)
+                      check_sealing_options, decrypt_key, destination, device_chosen,
+                      encrypt_keys, key_read, output_path, parse_size, refuse_input_as_output,
+                      run_reporting_errors)
 from . import CliError
 
 __all__ = ["add_encrypt", "add_decrypt"]
@@ -279,7 +280,7 @@ def _run_encrypt(args) -> int:
         if fifo:
             dst = stack.enter_context(destination(args, binary_ciphertext=True))
         event.update(algorithm=args.algorithm, device=args.device)
-        with device_run(event) as ran_on:
+        with device_chosen(args, event) as ran_on:
             run_reporting_errors(args, lambda: stream.encrypt(
                 src, dst, key, algorithm=args.algorithm, segment_size=args.segment_size,
                 device=args.device, key_id=key_id, envelope=envelope, threads=args.threads,
@@ -320,7 +321,7 @@ def _run_decrypt(args) -> int:
                     whole = src
                 else:  # a pipe: put the header back in front of the rest, as it arrives
                     whole = stream._after_header(header, src)
-                with device_run(event) as ran_on:
+                with device_chosen(args, event) as ran_on:
                     stream.decrypt(whole, dst, key, device=args.device, threads=args.threads,
                                    _ran_on=ran_on)
 

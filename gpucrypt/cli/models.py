@@ -50,8 +50,8 @@ import sys
 
 from ._common import (add_algorithm, add_device, add_force, add_input_output_and_keys,
                       add_key_management, audited, check_key_sources, check_output,
-                      check_sealing_options, decrypt_key, destination, device_run, encrypt_keys,
-                      parse_size, refuse_input_as_output, run_reporting_errors)
+                      check_sealing_options, decrypt_key, destination, device_chosen,
+                      encrypt_keys, parse_size, refuse_input_as_output, run_reporting_errors)
 from . import CliError
 
 __all__ = ["add_encrypt_model", "add_decrypt_model"]
@@ -168,7 +168,7 @@ def _run_encrypt_model(args) -> int:
             key, key_id, envelope = encrypt_keys(args)
             event.update(algorithm=args.algorithm, device=args.device)
             with destination(args, binary_ciphertext=True) as dst, \
-                    device_run(event) as ran_on:  # refuses a folder, an existing OUT
+                    device_chosen(args, event) as ran_on:  # refuses a folder, an existing OUT
                 run_reporting_errors(args, lambda: models.save_encrypted(
                     tensors, dst, key, metadata, algorithm=args.algorithm,
                     encrypt_names=args.encrypt_names, segment_size=args.segment_size,
@@ -317,7 +317,7 @@ def _run_encrypt_checkpoint(args) -> int:
         if envelope is not None and getattr(args, "kek", None):
             envelope = _envelope_per_file(args, key, envelope)
         event.update(algorithm=args.algorithm, device=args.device)
-        with device_run(event) as ran_on:
+        with device_chosen(args, event) as ran_on:
             _encrypt_checkpoint(args, layouts[0], key, key_id, envelope, ran_on)
     return 0
 

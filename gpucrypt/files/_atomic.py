@@ -804,15 +804,18 @@ def write_atomically_with(path: str | os.PathLike | AtomicFile, write: Callable[
 
 def replacement_for(target: str) -> AtomicFile:
     """The unpublished file that will replace the regular file ``target`` (a resolved path),
-    with its permission bits and, as far as this process may set them, its owner and group:
-    a shared group's members kept their access (the new file had the rekeying user's
-    group). Set-user-ID and set-group-ID are kept only with the owner and group they
-    belong to (a root without CAP_CHOWN made another user's set-user-ID file its own,
-    still set-user-ID). Extended attributes (POSIX ACLs, user attributes) are copied where
-    this process may set them. Other hard links to
-    ``target`` keep the old file, whatever it held (an envelope with a revoked
-    recipient's stanza, data under a revoked key): a ``UserWarning`` says so, as the links
-    cannot be found to be rewritten too, at the first caller outside gpucrypt."""
+    with its permission bits, its extended attributes (POSIX ACLs, user attributes) and,
+    as far as this process may set them, its owner and group: a shared group's members
+    kept their access (the new file had the rekeying user's group). Nothing more: an ACL
+    the new file took from its folder's default ACL, which the old file did not have, is
+    removed (with the old group bits as its mask, it gave users the old file did not).
+    Set-user-ID and set-group-ID are dropped: a rewritten file is new data (the kernel
+    clears them at a write by anyone without CAP_FSETID anyway), and for a file whose
+    owner could not be kept they would have made it the rewriter's own, set-user-ID.
+    Other hard links to ``target`` keep the old file, whatever it held (an envelope with
+    a revoked recipient's stanza, data under a revoked key): a ``UserWarning`` says so,
+    at the first caller outside gpucrypt, as the links cannot be found to be rewritten
+    too."""
     old = os.stat(target)
     if old.st_nlink > 1:
         import warnings
@@ -821,14 +824,13 @@ def replacement_for(target: str) -> AtomicFile:
                       f"file, with its old header and data, and only this name gets the new "
                       f"one; remove the other links (find them with 'find / -samefile "
                       f"{target}') if the old file must not remain", stacklevel=_outside_gpucrypt())
-    mode = old.st_mode & 0o7777
-    sink = AtomicFile(target, mode=mode & ~(stat.S_ISUID | stat.S_ISGID))
+    mode = old.st_mode & 0o7777 & ~(stat.S_ISUID | stat.S_ISGID)
+    sink = AtomicFile(target, mode=mode)
     try:
-        kept = _keep_owner(sink.fileno(), old)
-        _copy_extended_attributes(target, sink.fileno())  # after the chown: ACLs name users
-        special = (stat.S_ISUID if "owner" in kept else 0) | (stat.S_ISGID if "group" in kept else 0)
-        if mode & special:  # after the chown, which clears them
-            os.fchmod(sink.fileno(), mode & ~(stat.S_ISUID | stat.S_ISGID) | (mode & special))
+        fd = sink.fileno()
+        _keep_owner(fd, old)
+        _copy_extended_attributes(target, fd)  # after the chown: ACLs name users
+        os.fchmod(fd, mode)  # last: the ACL's mask is the old group bits again
     except BaseException:
         sink.abort()
         raise
@@ -847,12 +849,14 @@ def _outside_gpucrypt() -> int:
 
 
 def _copy_extended_attributes(target: str, fd: int) -> None:
-    """Copy ``target``'s extended attributes to the file ``fd``, each that this process may
-    set (a POSIX ACL that gave another user access, ``user.*``); one it may not (a
-    ``security.*`` label, a file system without them) is left, as a copy by ``cp -p``
-    would."""
+    """Give the file ``fd`` exactly ``target``'s extended attributes, as far as this process
+    may: each of ``target``'s copied (a POSIX ACL that gave another user access,
+    ``user.*``), and each the new file has that ``target`` lacks removed (an access ACL
+    inherited from the folder's default ACL). One it may not set or remove (a
+    ``security.*`` label, a file system without them) is left, as ``cp -p`` leaves it."""
     try:
         names = os.listxattr(target)
+        present = os.listxattr(fd)
     except (OSError, AttributeError):  # none here, or no such call on this platform
         return
     for name in names:
@@ -860,26 +864,27 @@ def _copy_extended_attributes(target: str, fd: int) -> None:
             os.setxattr(fd, name, os.getxattr(target, name))
         except OSError:
             continue
-
-
-def _keep_owner(fd: int, old: os.stat_result) -> set:
-    """Give the file ``fd`` the owner and group of ``old`` where this process may: both
-    (root, CAP_CHOWN), else the group (one this user is in), else neither. Returns which
-    ("owner", "group") the file has now. Any refusal is taken as "may not": EPERM, and
-    EINVAL for an id a user namespace does not map (a rootless container)."""
-    me = os.fstat(fd)
-    kept = {name for name, (now, was) in {"owner": (me.st_uid, old.st_uid),
-                                          "group": (me.st_gid, old.st_gid)}.items() if now == was}
-    for owner, group, names in ((old.st_uid, old.st_gid, {"owner", "group"}),
-                                (-1, old.st_gid, {"group"})):
-        if names <= kept:
-            break
+    for name in set(present) - set(names):
         try:
-            os.fchown(fd, owner, group)
-            return kept | names
+            os.removexattr(fd, name)
         except OSError:
             continue
-    return kept
+
+
+def _keep_owner(fd: int, old: os.stat_result) -> None:
+    """Give the file ``fd`` the owner and group of ``old`` where this process may: both
+    (root, CAP_CHOWN), else the group (one this user is in), else neither. Any refusal is
+    taken as "may not": EPERM, and EINVAL for an id a user namespace does not map (a
+    rootless container)."""
+    me = os.fstat(fd)
+    for owner, group in ((old.st_uid, old.st_gid), (-1, old.st_gid)):
+        if (me.st_uid == old.st_uid or owner == -1) and me.st_gid == old.st_gid:
+            return
+        try:
+            os.fchown(fd, owner, group)
+            return
+        except OSError:
+            continue
 
 
 def replace_head(path: str | os.PathLike, f: Any, head: bytes) -> None:

@@ -129,10 +129,10 @@ def encrypt_file(src: Any, dst: Any, *, recipients: Any = None, keyset: Keyset |
     with audit.timed("file.encrypt", path=audit_path(src)) as ev:
         dek, salt, envelope, key_id, labels = new_file_key(items)
         ev.update(key_id=key_id, recipients=labels)
-        ran_on: list = []
-        header = stream.encrypt(src, dst, dek, key_id=key_id, envelope=envelope, _salt=salt,
-                                _ran_on=ran_on, **stream_options)
-        _note_stream_result(ev, header, ran_on, src)
+        with audit.device_chosen(ev) as ran_on:
+            header = stream.encrypt(src, dst, dek, key_id=key_id, envelope=envelope,
+                                    _salt=salt, _ran_on=ran_on, **stream_options)
+        _note_stream_result(ev, header, src)
     return {"key_id": key_id, "recipients": labels}
 
 
@@ -146,10 +146,8 @@ def new_file_key(items: list) -> tuple[bytes, bytes, bytes, str | None, list[str
     return dek, salt, envelope, _primary_key_id(items), labels
 
 
-def _note_stream_result(ev: dict, header: Any, ran_on: list, plaintext: Any) -> None:
-    """Audit fields from the stream's returned header, the device that ran it and the
-    plaintext's size."""
-    ev["device"] = ran_on[0]
+def _note_stream_result(ev: dict, header: Any, plaintext: Any) -> None:
+    """Audit fields from the stream's returned header and the plaintext's size."""
     algorithm = _header_field(header, "algorithm")
     if isinstance(algorithm, str):
         ev["algorithm"] = algorithm
@@ -291,9 +289,9 @@ def decrypt_file_at(src: Any, dst: Any, place: str | None, *, identities: Any = 
         dek, opened_by = open_file_envelope_with_label(
             envelope, _identities_for(identities, keyset), _header_field(header, "salt"))
         ev["key_id"] = opened_by
-        ran_on: list = []
-        verified = stream.decrypt(src, dst, dek, _ran_on=ran_on, **stream_options)
-        _note_stream_result(ev, verified, ran_on, dst)
+        with audit.device_chosen(ev) as ran_on:
+            verified = stream.decrypt(src, dst, dek, _ran_on=ran_on, **stream_options)
+        _note_stream_result(ev, verified, dst)
     key_id = opened_by[len("aes-kwp:"):] if opened_by.startswith("aes-kwp:") else None
     return {"key_id": key_id, "opened_by": opened_by}
 

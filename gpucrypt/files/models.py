@@ -728,16 +728,12 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
                 key, _salt, envelope, key_id, labels = keyed.new_file_key(items)
                 ev.update(key_id=key_id, recipients=labels, algorithm=algorithm,
                           device=str(device))  # the one that ran, once chosen (below)
-                ran_on: list = []
-                try:
+                with audit.device_chosen(ev) as ran_on:
                     return save_encrypted(tensors, path, key, metadata, algorithm=algorithm,
                                           encrypt_names=encrypt_names, segment_size=segment_size,
                                           device=device, key_id=key_id, envelope=envelope,
                                           threads=threads, _salt=_salt, _tensors=prepared,
                                           _ran_on=ran_on)
-                finally:
-                    if ran_on:
-                        ev["device"] = ran_on[0]
     if key is None:
         raise ValueError("no key given: pass key= (32 bytes), or recipients= and/or keyset= "
                          "for a fresh data key wrapped for them")
