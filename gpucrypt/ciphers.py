@@ -90,6 +90,15 @@ def _cpu_backend():
     return get_backend("cpu")
 
 
+def _in_place_stream(context: Any) -> Any:
+    """The CPU backend's ``in_place_stream`` (cryptography 51 on refuses an ``update_into``
+    in place, which this module's contexts take), looked up once, as below."""
+    global _in_place_stream
+    from .backends.cpu import in_place_stream as _in_place_stream
+
+    return _in_place_stream(context)
+
+
 def _keystream_cipher(algorithm: str, key: bytes, nonce: bytes) -> Any:
     """The CPU backend's ``keystream_cipher`` (cryptography's Cipher), looked up once: a
     message with a cipher of its own (a nonce per message, as cryptography's Cipher is
@@ -180,7 +189,7 @@ class _StreamCipher(_Unpicklable):
             if openssl is None:
                 openssl = self._openssl = _keystream_cipher(self._algorithm, self._key,
                                                             self._nonce)
-            return _OpenSslStreamContext(openssl.encryptor())
+            return _OpenSslStreamContext(_in_place_stream(openssl.encryptor()))
         return StreamContext(self, self._key, self._nonce)
 
     # XOR is its own inverse: decryption is the same keystream.
@@ -192,7 +201,8 @@ class _StreamCipher(_Unpicklable):
         (a Cipher kept here would keep a key its owner has since overwritten)."""
         if not self._all_on_cpu:
             return StreamContext(self, key, nonce)
-        return _OpenSslStreamContext(_keystream_cipher(self._algorithm, key, nonce).encryptor())
+        return _OpenSslStreamContext(_in_place_stream(
+            _keystream_cipher(self._algorithm, key, nonce).encryptor()))
 
 
 class ChaCha20(_StreamCipher):

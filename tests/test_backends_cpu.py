@@ -1094,3 +1094,75 @@ def test_a_gpu_gpucrypt_device_asks_for_names_the_variable(monkeypatch):
         backends.select_backend("gpu", 0)
     assert caught.value.environment is None and str(caught.value) == "no CUDA driver (test)"
     assert backends.select_backend("cpu", 0).name == "cpu"
+
+
+# ------------------------------------------------------------- in place on every cryptography
+@pytest.fixture(params=["as installed", "as cryptography 51"])
+def in_place_rule(request, monkeypatch):
+    """The installed cryptography's rule on in-place calls, and cryptography 51's ("data
+    and buf must not overlap" for update_into and the AEADs' *_into, in place included),
+    which the CPU backend meets with a window or a scratch buffer: both paths run on any
+    machine, whichever version is installed (CI's may be either)."""
+    if request.param == "as cryptography 51":
+        monkeypatch.setattr(cpu, "UPDATE_INTO_IN_PLACE", False)
+        monkeypatch.setattr(cpu, "AEAD_INTO_IN_PLACE", False)
+    return request.param
+
+
+@pytest.mark.parametrize("algorithm", ["chacha20-poly1305", "aes-gcm"])
+@pytest.mark.parametrize("size", [0, 1, 4095, 65 << 10, (256 << 10) + 17, 1 << 20])
+@pytest.mark.parametrize("form", ["combined", "detached", "one_pass"])
+def test_in_place_gives_cryptographys_bytes_whatever_it_takes(in_place_rule, algorithm, size,
+                                                              form):
+    """cryptography 51 refuses an output that is its input, and every in-place path of the
+    CPU backend (stream segments, in-place tensors) failed with its ValueError: the same
+    bytes come out through a window or the thread's scratch, and a wrong tag leaves no
+    plaintext: the combined open zeroes its output (as documented), the detached ones
+    give the buffer its ciphertext back."""
+    key, nonce, aad, data, ct, tag, ctx = _detached_message(algorithm, 32, size)
+    buf = memoryview(bytearray(data + bytes(16)))
+    if form == "combined":
+        ctx.seal(nonce, buf[:size], memoryview(aad), buf)
+        assert bytes(buf) == ct + tag
+        ctx.open(nonce, buf, memoryview(aad), buf[:size])
+        assert bytes(buf[:size]) == data
+        forged = memoryview(bytearray(ct + bytes([tag[0] ^ 1]) + tag[1:]))
+        with pytest.raises(InvalidTag):
+            ctx.open(nonce, forged, memoryview(aad), forged[:size])
+        assert bytes(forged[:size]) == bytes(size)
+        return
+    one_pass = form == "one_pass"
+    view = buf[:size]
+    assert ctx.seal_detached(nonce, view, memoryview(aad), view, one_pass=one_pass) == tag
+    assert bytes(view) == ct
+    ctx.open_detached(nonce, view, tag, memoryview(aad), view, one_pass=one_pass)
+    assert bytes(view) == data
+    view[:] = ct
+    with pytest.raises(InvalidTag):
+        ctx.open_detached(nonce, view, bytes([tag[0] ^ 1]) + tag[1:], memoryview(aad), view,
+                          one_pass=one_pass)
+    assert bytes(view) == ct
+
+
+@pytest.mark.parametrize("algorithm", ["chacha20", "aes-ctr"])
+@pytest.mark.parametrize("size", [1, 1000, (256 << 10) + 5])
+def test_raw_keystreams_in_place_whatever_cryptography_takes(in_place_rule, algorithm, size):
+    """gpucrypt.ciphers' update_into in place (its documented form) and the backend's
+    keystream at a position, under both rules."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from gpucrypt import ciphers
+
+    key, nonce, data = os.urandom(32), os.urandom(16), os.urandom(size)
+    if algorithm == "chacha20":
+        nonce = bytes(4) + nonce[4:]  # a counter far from its end
+        ref, ours = Cipher(algorithms.ChaCha20(key, nonce), None), ciphers.ChaCha20
+    else:
+        ref, ours = Cipher(algorithms.AES(key), modes.CTR(nonce)), ciphers.AESCTR
+    expected = ref.encryptor().update(data)
+    buf = bytearray(data)
+    assert ours(key, nonce, device="cpu").encryptor().update_into(buf, buf) == size
+    assert bytes(buf) == expected
+    view = memoryview(bytearray(data))
+    get_backend("cpu").xor_keystream(algorithm, key, nonce, 0, view, view)
+    assert bytes(view) == expected
