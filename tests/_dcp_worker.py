@@ -348,11 +348,11 @@ def main(rank: int, world: int, work: str) -> None:
         one, coordinator, late = _refusal(one), _refusal(coordinator), _refusal(late)
         assert ("different passphrases, so no one passphrase would open it all: the "
                 "coordinator's .metadata and ranks 0-1, 3 share one passphrase; rank 2 sealed "
-                "with another. ") in one, one
+                "with another (not necessarily one and the same). ") in one, one
         assert ("the coordinator's .metadata and rank 0 share one passphrase; ranks 1-3 sealed "
-                "with another. ") in coordinator, coordinator
+                "with another (not necessarily one and the same). ") in coordinator, coordinator
         assert ("the coordinator's .metadata and ranks 0-2 share one passphrase; rank 3 sealed "
-                "with another. ") in late, late
+                "with another (not necessarily one and the same). ") in late, late
         assert after == before and loaded == [1.0] and changed == kept == [6.0], \
             (before, after, loaded, changed, kept)
 

@@ -1012,3 +1012,20 @@ def test_a_passphrase_save_derives_one_key_per_file(tmp_path, monkeypatch):
     dcp.load(out, storage_reader=EncryptedReader(tmp_path, identities=keys.Passphrase("pw"),
                                                  device=CPU))
     assert torch.equal(out["w"], torch.ones(4))
+
+
+def test_a_keyset_saves_plans_are_dcps_own(tmp_path):
+    """Every plan carried gpucrypt's _StoragePlan, which only a passphrase save needs (its
+    .metadata envelope): a rank still running the gpucrypt before it could not unpickle
+    even a keyset save's plan. Keys, recipients and KMS references send DCP's own."""
+    from torch.distributed.checkpoint.filesystem import _StoragePrefix
+    from torch.distributed.checkpoint.planner import SavePlan
+
+    from gpucrypt.distributed.checkpoint import _StoragePlan
+
+    for recipients, kind in (({"keyset": keys.Keyset.generate()}, _StoragePrefix),
+                             ({"recipients": keys.Passphrase("words")}, _StoragePlan)):
+        writer = EncryptedWriter(tmp_path, device=CPU, **recipients)
+        writer.set_up_storage_writer(True, rank=0, use_collectives=True)
+        plans = writer.prepare_global_plan([SavePlan([]), SavePlan([])])
+        assert [type(plan.storage_data) for plan in plans] == [kind, kind]

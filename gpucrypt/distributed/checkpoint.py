@@ -379,7 +379,9 @@ class EncryptedWriter(FileSystemWriter):
         so that every rank can check its own passphrase against it (see write_data)."""
         plans = super().prepare_global_plan(plans)
         self._metadata_key = keyed.new_file_key(self._recipients)
-        check = self._metadata_key[2] if _passphrase_of(self._recipients) else None
+        if _passphrase_of(self._recipients) is None:  # DCP's own plans: a rank running an
+            return plans  # earlier gpucrypt reads them (it has no _StoragePlan to unpickle)
+        check = self._metadata_key[2]
         return [dataclasses.replace(plan, storage_data=_StoragePlan(
                     plan.storage_data.prefix, check))
                 if isinstance(plan.storage_data, _StoragePrefix) else plan
@@ -559,7 +561,8 @@ class EncryptedWriter(FileSystemWriter):
         if other or unchecked:
             shown = f"{_who(sorted(alike), metadata=True)} share one passphrase"
             if other:
-                shown += f"; {_who(sorted(other))} sealed with another"
+                shown += (f"; {_who(sorted(other))} sealed with another (not "
+                          f"necessarily one and the same)")
             if unchecked:
                 shown += f"; {_who(sorted(unchecked))} could not be checked against it"
             self._refuse(files, f"its ranks sealed their data files with different passphrases, "
