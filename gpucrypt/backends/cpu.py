@@ -277,6 +277,15 @@ def in_place_stream(context):
     return context if UPDATE_INTO_IN_PLACE else InPlaceStream(context)
 
 
+def _thread_plaintext(nbytes: int) -> memoryview:
+    """``nbytes`` of this thread's plaintext scratch (grown as needed), for an in-place open
+    where this ``cryptography`` refuses one: the callers zero what they used."""
+    buf = getattr(_SCRATCH, "plain", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _SCRATCH.plain = bytearray(nbytes)
+    return memoryview(buf)[:nbytes]
+
+
 def _thread_window():
     """This thread's window for :class:`InPlaceStream`, as a byte view and the NumPy array
     over it (with block-size slack: an AES mode's ``update_into`` asks for
@@ -363,12 +372,20 @@ class _OpenSslAead(AeadContext):
                     except ValueError:  # refused before any byte, if for an overlap
                         if AEAD_INTO_IN_PLACE or not _overlaps(data, out):
                             raise
-            n = len(data) - 16  # through the scratch, as seal's
+            # in place, where this version refuses it: OpenSSL decrypts into the thread's
+            # plaintext scratch, copied to out once the tag verified; zeroed either way
+            plain = _thread_plaintext(len(data) - 16)
             try:
-                return self.open_one_shot(nonce, data[:n], data[n:], aad, out)
-            except InvalidTag:  # zeroed, as the in-place call above leaves it
-                _zero(out)
-                raise
+                with held_interrupts():  # as above: a wrong tag's clean-up comes first
+                    try:
+                        self._aead.decrypt_into(nonce, data, aad, plain)
+                    except InvalidTag:  # zeroed, as the in-place call above leaves it
+                        _zero(out)
+                        raise
+                _copy(out, plain)
+            finally:
+                _zero(plain)
+            return
         state = self._start(nonce)
         ct, tag = data[:-16], data[-16:]
         if not _tags_equal(self._tag(state, ct, aad), bytes(tag)):
