@@ -90,13 +90,15 @@ def _cpu_backend():
     return get_backend("cpu")
 
 
-def _in_place_stream(context: Any) -> Any:
+def _in_place_stream(context: Any, windows: bool) -> Any:
     """The CPU backend's ``in_place_stream`` (cryptography 51 on refuses an ``update_into``
-    in place, which this module's contexts take), looked up once, as below."""
+    in place, which this module's contexts take; ``windows`` False: only cryptography
+    knows where their keystream is, so an in-place call is one call), looked up once, as
+    below."""
     global _in_place_stream
     from .backends.cpu import in_place_stream as _in_place_stream
 
-    return _in_place_stream(context)
+    return _in_place_stream(context, windows)
 
 
 def _keystream_cipher(algorithm: str, key: bytes, nonce: bytes) -> Any:
@@ -189,7 +191,7 @@ class _StreamCipher(_Unpicklable):
             if openssl is None:
                 openssl = self._openssl = _keystream_cipher(self._algorithm, self._key,
                                                             self._nonce)
-            return _OpenSslStreamContext(_in_place_stream(openssl.encryptor()))
+            return _OpenSslStreamContext(_in_place_stream(openssl.encryptor(), False))
         return StreamContext(self, self._key, self._nonce)
 
     # XOR is its own inverse: decryption is the same keystream.
@@ -202,7 +204,7 @@ class _StreamCipher(_Unpicklable):
         if not self._all_on_cpu:
             return StreamContext(self, key, nonce)
         return _OpenSslStreamContext(_in_place_stream(
-            _keystream_cipher(self._algorithm, key, nonce).encryptor()))
+            _keystream_cipher(self._algorithm, key, nonce).encryptor(), False))
 
 
 class ChaCha20(_StreamCipher):

@@ -333,7 +333,7 @@ def test_chacha20_poly1305_detached_seal_is_one_openssl_call(size, in_place, mon
     tag = ctx.seal_detached(nonce, memoryview(src), memoryview(aad), memoryview(dst))
     assert bytes(dst) + tag == expected
     assert counting.calls == 1
-    assert bytes(cpu._thread_scratch(size + 16)) == expected
+    assert bytes(cpu._SCRATCH.buf[:size + 16]) == expected  # the thread's scratch, given back
 
 
 def test_chacha20_poly1305_detached_seal_scratch_is_per_thread_across_sizes():
@@ -543,19 +543,31 @@ def _detached_message(algorithm: str, key_len: int, size: int):
 class _StopsAt:
     """A cryptography encryptor or decryptor whose ``update_into`` is interrupted at its
     ``stop``-th call: from within it before any byte (``when="before"``) or as it returns
-    (``"after"``, how a signal arrives)."""
+    (``"after"``, how a signal arrives). ``pieces_by_update``: ``update`` calls count as
+    pieces too, for a context the CPU backend wraps (cpu.InPlaceStream: where
+    cryptography refuses an in-place update_into, a small in-place piece is one
+    ``update``)."""
 
-    def __init__(self, real, stop: int, when: str):
+    def __init__(self, real, stop: int, when: str, pieces_by_update: bool = False):
         self.real, self.stop, self.when, self.pieces = real, stop, when, 0
+        self.pieces_by_update = pieces_by_update
 
-    def update_into(self, src, dst):
+    def _call(self, method, *args):
         self.pieces += 1
         if self.pieces == self.stop and self.when == "before":
             raise KeyboardInterrupt
-        n = self.real.update_into(src, dst)
+        result = method(*args)
         if self.pieces == self.stop:
             raise KeyboardInterrupt
-        return n
+        return result
+
+    def update_into(self, src, dst):
+        return self._call(self.real.update_into, src, dst)
+
+    def update(self, src):
+        if not self.pieces_by_update:
+            return self.real.update(src)
+        return self._call(self.real.update, src)
 
     def __getattr__(self, name):
         return getattr(self.real, name)
@@ -721,7 +733,7 @@ def test_gcm_streaming_open_stopped_part_way_leaves_no_plaintext(in_place, when,
             self.real = real_gcm(nonce)
 
         def decryptor(self):
-            return _StopsAt(self.real.decryptor(), stop, when)
+            return _StopsAt(self.real.decryptor(), stop, when, pieces_by_update=True)
 
         def encryptor(self):
             return self.real.encryptor()
@@ -814,7 +826,7 @@ def test_gcm_streaming_seal_stopped_part_way_gives_the_plaintext_back(in_place, 
         def encryptor(self):
             calls.append(None)  # the first is the seal's, any later one the take-back's
             real = self.real.encryptor()
-            return _StopsAt(real, stop, when) if len(calls) == 1 else real
+            return _StopsAt(real, stop, when, pieces_by_update=True) if len(calls) == 1 else real
 
     monkeypatch.setattr(ctx, "_gcm", Gcm)
     buf, out = _interrupted_in_place_seal(ctx, nonce, data, aad, in_place)
@@ -1166,3 +1178,79 @@ def test_raw_keystreams_in_place_whatever_cryptography_takes(in_place_rule, algo
     view = memoryview(bytearray(data))
     get_backend("cpu").xor_keystream(algorithm, key, nonce, 0, view, view)
     assert bytes(view) == expected
+
+
+def test_an_in_place_keystream_at_its_counter_limit_writes_all_or_nothing(in_place_rule):
+    """On cryptography 51 an in-place call past ChaCha20's counter limit left the buffer
+    part encrypted (windows before the refusal) and used up the allowance twice (the
+    refused overlapping call counted its bytes): a refused call writes nothing and uses
+    up nothing, as one update_into did on 50."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    from gpucrypt import ciphers
+
+    key = os.urandom(32)
+    nonce = (2**32 - 8).to_bytes(4, "little") + os.urandom(12)  # 8 blocks (512 B) left
+    enc = ciphers.ChaCha20(key, nonce, device="cpu").encryptor()
+    before = os.urandom(600)
+    buf = bytearray(before)
+    with pytest.raises(ValueError):
+        enc.update_into(buf, buf)
+    assert bytes(buf) == before
+    fits = bytearray(before[:512])
+    assert enc.update_into(fits, fits) == 512
+    assert bytes(fits) == Cipher(algorithms.ChaCha20(key, nonce), None).encryptor().update(before[:512])
+
+
+def test_a_windowed_call_lends_no_window_to_a_call_within_it(in_place_rule):
+    """The window of a large in-place call is the thread's: a signal handler that
+    encrypted in place between two windows reused and zeroed it, and the outer call
+    copied the wrong bytes out, silently. A call made within another gets a window of
+    its own."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    key, data = os.urandom(32), os.urandom(3 * cpu._IN_PLACE_WINDOW + 5)
+    cipher = Cipher(algorithms.ChaCha20(key, bytes(16)), None)
+    expected = cipher.encryptor().update(data)
+
+    class HandlerBetweenWindows:  # as a signal handler runs between two bytecodes
+        def __init__(self, real):
+            self.real, self.calls = real, 0
+
+        def update_into(self, src, dst):
+            self.calls += 1
+            n = self.real.update_into(src, dst)  # the window filled, not yet copied out
+            if self.calls == 2:
+                inner = memoryview(bytearray(os.urandom(2 * cpu._IN_PLACE_WINDOW)))
+                cpu.InPlaceStream(cipher.encryptor()).update_into(inner, inner)
+            return n
+
+    buf = memoryview(bytearray(data))
+    assert cpu.InPlaceStream(HandlerBetweenWindows(cipher.encryptor())).update_into(buf, buf) \
+        == len(data)
+    assert bytes(buf) == expected
+
+
+@pytest.mark.parametrize("algorithm", ["chacha20-poly1305", "aes-gcm"])
+def test_a_one_shot_seal_lends_no_scratch_to_a_call_within_it(algorithm):
+    """The one-shot seal's scratch is the thread's: a signal handler that sealed between
+    OpenSSL's call and the copy out reused it, and the outer seal copied the inner's
+    ciphertext out, silently (every in-place seal takes this path on cryptography 51)."""
+    key, nonce, aad, data, ct, tag, ctx = _detached_message(algorithm, 32, 5000)
+    real = ctx._aead
+
+    class HandlerAfterTheCall:  # as a signal handler runs between two bytecodes
+        def encrypt_into(self, *args):
+            n = real.encrypt_into(*args)
+            ctx._aead = real  # the inner seal sees the real one
+            ctx.seal_one_shot(os.urandom(12), memoryview(os.urandom(3000)), b"",
+                              memoryview(bytearray(3000)))  # smaller: the same scratch
+            return n
+
+    ctx._aead = HandlerAfterTheCall()
+    out = memoryview(bytearray(5000))
+    try:
+        assert ctx.seal_one_shot(nonce, memoryview(data), aad, out) == tag
+    finally:
+        ctx._aead = real
+    assert bytes(out) == ct

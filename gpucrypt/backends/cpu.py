@@ -31,11 +31,14 @@ reaches the caller, so a buffer left part encrypted could not be decrypted again
 
 In place on any ``cryptography``: 51 refuses an output that is its input ("data and buf
 must not overlap"), which 50 took. Where the installed version refuses, an in-place call
-goes through a cache-sized window (:class:`InPlaceStream`) or the one-shot forms' scratch
-buffer, and gives the same bytes; it costs one more copy of the data (measured here, on
-the Intel Xeon's 2 cores: AES-GCM in-place 1 MiB seals 13.9 GB/s on 50 against 8.7 on 51,
-one thread; two threads 25.6 against 6.7: the copies are bound by memory, where the cipher
-was not).
+is never handed to it (51 counts a refused call's bytes against ChaCha20's allowance): a
+small one is one ``update`` copied over its input, a large one goes through a cache-sized
+window (:class:`InPlaceStream`), and an in-place AEAD message through the thread's scratch
+(up to ``_IN_PLACE_SCRATCH_MAX``) or the detached one-pass forms. The same bytes come out,
+for one more copy of the data. Measured here (Intel Xeon, 2 cores, medians of steady
+calls, unrecorded), AES-GCM in place on 51: 1 MiB seal 7.8 GB/s, open 5.1; 16 MiB 10.8 /
+10.7; 256 MiB 6.6 / 6.6 (on 50: about 16.7 at 1 and 16 MiB, 7.6 at 256 MiB); two threads
+sealing 1 MiB in place do not scale (the copies are bound by memory, where AES-NI was not).
 
 Contexts (a key schedule and OpenSSL objects) are kept per key in a small
 :class:`ContextCache`, so that repeated calls under one key (a tensor at a time,
@@ -162,14 +165,20 @@ def _submit_piece(pool, futures: list, workers: int, xor, start: int) -> None:
         futures.append(pool.submit(xor, start))
 
 
-def _thread_scratch(nbytes: int) -> memoryview:
-    """``nbytes`` of this thread's reusable scratch buffer (grown as needed; it dies with
-    the thread). Only sealed bytes go into it (ciphertext and tags, made or to be opened),
-    never plaintext."""
-    buf = getattr(_SCRATCH, "buf", None)
+def _borrow(name: str, nbytes: int) -> bytearray:
+    """This thread's reusable scratch buffer ``name`` (grown to ``nbytes`` as needed; it
+    dies with the thread), taken from the thread until :func:`_give_back`: a call made
+    meanwhile in this thread (a signal handler's, between two bytecodes) gets one of its
+    own instead of overwriting, and zeroing, the one in use."""
+    buf = getattr(_SCRATCH, name, None)
     if buf is None or len(buf) < nbytes:
-        buf = _SCRATCH.buf = bytearray(nbytes)
-    return memoryview(buf)[:nbytes]
+        return bytearray(nbytes)
+    setattr(_SCRATCH, name, None)
+    return buf
+
+
+def _give_back(name: str, buf: bytearray) -> None:
+    setattr(_SCRATCH, name, buf)
 
 
 # ---------------------------------------------------------------- in place, whatever the version
@@ -180,6 +189,10 @@ def _thread_scratch(nbytes: int) -> memoryview:
 # in-place call goes through a window of this thread's (a stream context) or through the
 # one-shot forms' scratch (an AEAD), and the same bytes come out.
 
+#: an in-place AEAD message up to this size goes through the thread's scratch buffers where
+#: cryptography refuses in place (the GIL released throughout); larger ones through the
+#: one-pass forms and their window
+_IN_PLACE_SCRATCH_MAX = 1 << 20
 #: the window an in-place ``update_into`` goes through where cryptography refuses it: small
 #: enough to stay in L2 cache (1 MiB a core here), so that the copy back costs little beside
 #: the cipher
@@ -215,10 +228,10 @@ def _one_base(data, out) -> bool:
 
 
 def _overlaps(data, out) -> bool:
-    """Whether ``data`` and ``out`` (non-empty buffers) share memory, asked after this
-    cryptography refused the call for it: views of one memory through two objects (two
-    NumPy views of an array) that :func:`_one_base` does not see."""
-    if type(data) is bytes or not len(data) or not len(out):
+    """Whether ``data`` and ``out`` (non-empty buffers) share memory: views of one memory
+    through two objects (two NumPy views of an array) that :func:`_one_base` does not
+    see. Asked of their addresses, unless ``data`` is immutable ``bytes``."""
+    if type(data) is bytes or type(out) is bytes or not len(data) or not len(out):
         return False
     start, end = address(data), address(out)
     return start < end + len(out) and end < start + len(data)
@@ -226,33 +239,46 @@ def _overlaps(data, out) -> bool:
 
 class InPlaceStream:
     """A ``cryptography`` encryptor or decryptor whose ``update_into`` takes the same
-    memory in and out on every version: where this one refuses it, an in-place call runs
-    through a window of this thread's, ``_IN_PLACE_WINDOW`` bytes at a time, copied back
-    (the keystream is a stream: the same bytes as one call). The copies go through NumPy,
-    which releases the GIL while it copies: threads sealing side by side (a tensor
-    batch's) would otherwise take turns at every window. The windows run with SIGINT
-    held, so that a Ctrl-C comes after the whole call, as it did when it was one C call
-    (the callers' clean-up knows only whole calls). Everything else is the context's."""
+    memory in and out on every version. Where this one refuses it, an in-place call is
+    never handed to it (51 counts a refused call's bytes against ChaCha20's allowance):
 
-    __slots__ = ("_context",)
+    - up to ``_IN_PLACE_WINDOW`` bytes, or always where ``windows`` is False (a context
+      whose keystream position only cryptography knows: gpucrypt.ciphers'), one
+      ``update`` of the whole input, copied over it: one C call, so a refusal (ChaCha20's
+      counter) writes nothing and a signal comes after it, as with ``update_into``;
+    - larger, through a window ``_IN_PLACE_WINDOW`` bytes at a time, copied back with
+      NumPy (which releases the GIL while it copies: threads sealing side by side would
+      otherwise take turns at every window), SIGINT held over the whole call. For
+      gpucrypt's own callers, which check a message's length against the algorithm's
+      limit before any keystream, so that no window is refused. The window is taken
+      from the thread while in use: a signal handler that encrypts in place meanwhile
+      gets a window of its own.
 
-    def __init__(self, context):
+    Everything else is the context's."""
+
+    __slots__ = ("_context", "_windows")
+
+    def __init__(self, context, windows: bool = True):
         self._context = context
+        self._windows = windows
 
     def update_into(self, data, out) -> int:
-        if not _one_base(data, out):
-            try:
-                return self._context.update_into(data, out)
-            except ValueError:  # refused before any byte, if for an overlap
-                if not _overlaps(data, out):
-                    raise
+        if not (_one_base(data, out) or _overlaps(data, out)):
+            return self._context.update_into(data, out)
         # in place (the callers' only overlap: an inexact one was refused before them),
-        # or views of one object apart, which the window serves as well
+        # or views of one object apart, which both forms serve as well
+        n = len(memoryview(data).cast("B"))
+        if n <= _IN_PLACE_WINDOW or not self._windows:
+            memoryview(out).cast("B")[:n] = self._context.update(data)
+            return n
+        return self._through_windows(memoryview(data).cast("B"), memoryview(out).cast("B"))
+
+    def _through_windows(self, src: memoryview, out: memoryview) -> int:
         import numpy as np  # a core dependency; loaded here, where this version needs it
 
-        src = memoryview(data).cast("B")
-        dst = np.frombuffer(memoryview(out).cast("B"), dtype=np.uint8)
-        view, window = _thread_window()
+        dst = np.frombuffer(out, dtype=np.uint8)
+        view, window = getattr(_SCRATCH, "window", None) or _new_window()
+        _SCRATCH.window = None  # in use: a nested call (a signal handler's) makes its own
         update_into = self._context.update_into
         done = used = 0
         try:
@@ -265,38 +291,27 @@ class InPlaceStream:
                     done += n
         finally:
             window[:used] = 0  # it held what went to out: plaintext, opening
+            _SCRATCH.window = (view, window)
         return done
 
     def __getattr__(self, name):
         return getattr(self._context, name)
 
 
-def in_place_stream(context):
+def in_place_stream(context, windows: bool = True):
     """``context`` (a ``cryptography`` encryptor or decryptor), able to work in place
     whatever the version (:class:`InPlaceStream` where it needs one)."""
-    return context if UPDATE_INTO_IN_PLACE else InPlaceStream(context)
+    return context if UPDATE_INTO_IN_PLACE else InPlaceStream(context, windows)
 
 
-def _thread_plaintext(nbytes: int) -> memoryview:
-    """``nbytes`` of this thread's plaintext scratch (grown as needed), for an in-place open
-    where this ``cryptography`` refuses one: the callers zero what they used."""
-    buf = getattr(_SCRATCH, "plain", None)
-    if buf is None or len(buf) < nbytes:
-        buf = _SCRATCH.plain = bytearray(nbytes)
-    return memoryview(buf)[:nbytes]
+def _new_window():
+    """A window for :class:`InPlaceStream`, as a byte view and the NumPy array over it
+    (with block-size slack: an AES mode's ``update_into`` asks for ``len(data) + 15``
+    bytes)."""
+    import numpy as np
 
-
-def _thread_window():
-    """This thread's window for :class:`InPlaceStream`, as a byte view and the NumPy array
-    over it (with block-size slack: an AES mode's ``update_into`` asks for
-    ``len(data) + 15`` bytes)."""
-    found = getattr(_SCRATCH, "window", None)
-    if found is None:
-        import numpy as np
-
-        array = np.zeros(_IN_PLACE_WINDOW + 16, dtype=np.uint8)
-        found = _SCRATCH.window = (memoryview(array), array)
-    return found
+    array = np.zeros(_IN_PLACE_WINDOW + 16, dtype=np.uint8)
+    return memoryview(array), array
 
 
 class _OpenSslAead(AeadContext):
@@ -329,10 +344,46 @@ class _OpenSslAead(AeadContext):
                 except ValueError:  # refused before any byte, if for an overlap
                     if AEAD_INTO_IN_PLACE or not _overlaps(data, out):
                         raise
-            n = len(data)  # through the thread's scratch, which this version needs
-            out[n:] = self.seal_one_shot(nonce, data, aad, out[:n])
+            n = len(data)  # in place, where this version refuses it
+            out[n:] = self._seal_in_place(nonce, data, aad, out[:n])
             return
         out[len(data):] = self._seal_composed(nonce, data, aad, out[: len(data)])
+
+    # In place where this cryptography refuses it (the module docstring): small messages
+    # through the thread's scratch buffers (OpenSSL's one-shot AEAD, the GIL released),
+    # larger ones through the detached one-pass forms, whose copies stay cache-sized (a
+    # full-size scratch cost 3-5 times the cipher at 16 MiB and stayed with the thread).
+    def _seal_in_place(self, nonce, data, aad, ct) -> bytes:
+        if len(data) <= _IN_PLACE_SCRATCH_MAX:
+            return self.seal_one_shot(nonce, data, aad, ct)
+        return self.seal_detached(nonce, data, memoryview(aad), ct, one_pass=True)
+
+    def _open_in_place(self, nonce, data, aad, out) -> None:
+        """``data`` (``ciphertext || tag``) opened into ``out``, its start; a wrong tag
+        zeroes ``out``, as ``open``'s in-place call leaves it."""
+        n = len(data) - 16
+        if n <= _IN_PLACE_SCRATCH_MAX:
+            # OpenSSL decrypts into the thread's plaintext scratch, copied to out once the
+            # tag verified; zeroed either way
+            buf = _borrow("plain", n)
+            plain = memoryview(buf)[:n]
+            try:
+                with held_interrupts():  # as open's: a wrong tag's clean-up comes first
+                    try:
+                        self._aead.decrypt_into(nonce, data, aad, plain)
+                    except InvalidTag:
+                        _zero(out)
+                        raise
+                _copy(out, plain)
+            finally:
+                _zero(plain)
+                _give_back("plain", buf)
+            return
+        try:
+            self.open_detached(nonce, data[:n], data[n:], memoryview(aad), out, one_pass=True)
+        except InvalidTag:  # the detached form gave out its ciphertext back
+            uninterrupted(_zero, out)
+            raise
 
     def _seal_composed(self, nonce, data, aad, ct) -> bytes:
         """The whole keystream, then the MAC over the ciphertext; returns the tag. In place,
@@ -372,20 +423,7 @@ class _OpenSslAead(AeadContext):
                     except ValueError:  # refused before any byte, if for an overlap
                         if AEAD_INTO_IN_PLACE or not _overlaps(data, out):
                             raise
-            # in place, where this version refuses it: OpenSSL decrypts into the thread's
-            # plaintext scratch, copied to out once the tag verified; zeroed either way
-            plain = _thread_plaintext(len(data) - 16)
-            try:
-                with held_interrupts():  # as above: a wrong tag's clean-up comes first
-                    try:
-                        self._aead.decrypt_into(nonce, data, aad, plain)
-                    except InvalidTag:  # zeroed, as the in-place call above leaves it
-                        _zero(out)
-                        raise
-                _copy(out, plain)
-            finally:
-                _zero(plain)
-            return
+            return self._open_in_place(nonce, data, aad, out)  # where this version refuses
         state = self._start(nonce)
         ct, tag = data[:-16], data[-16:]
         if not _tags_equal(self._tag(state, ct, aad), bytes(tag)):
@@ -442,15 +480,19 @@ class _OpenSslAead(AeadContext):
         message cost a fifth of a 16 KiB tensor's seal in a batch), then the ciphertext
         out of it: ``out`` may be ``data`` itself, the scratch is apart."""
         n = len(data)
-        scratch = _thread_scratch(n + 16)
-        self._aead.encrypt_into(nonce, data, aad, scratch)
-        tag = bytes(scratch[n:])
+        buf = _borrow("buf", n + 16)  # only sealed bytes go into it, never plaintext
+        scratch = memoryview(buf)[:n + 16]
         try:
-            _copy(out, scratch[:n])
-            return tag
-        except BaseException:  # noqa: B036 (Ctrl-C as the copy returns: the tag never leaves)
-            uninterrupted(self._plaintext_back, nonce, data, scratch, aad, out)
-            raise
+            self._aead.encrypt_into(nonce, data, aad, scratch)
+            tag = bytes(scratch[n:])
+            try:
+                _copy(out, scratch[:n])
+                return tag
+            except BaseException:  # noqa: B036 (Ctrl-C as the copy returns: the tag never leaves)
+                uninterrupted(self._plaintext_back, nonce, data, scratch, aad, out)
+                raise
+        finally:
+            _give_back("buf", buf)
 
     def _plaintext_back(self, nonce, data, sealed, aad, out) -> None:
         if _same_memory(data, out):  # an in-place seal: its plaintext, from the sealed copy
@@ -463,7 +505,15 @@ class _OpenSslAead(AeadContext):
         never holds unauthenticated bytes. ``data || tag`` goes into the thread's scratch
         buffer (sealed bytes only), not a fresh zeroed one."""
         n = len(data)
-        sealed = _thread_scratch(n + 16)
+        buf = _borrow("buf", n + 16)
+        try:
+            self._open_sealed_copy(nonce, data, tag, aad, out, into_out, memoryview(buf)[:n + 16])
+        finally:
+            _give_back("buf", buf)
+
+    def _open_sealed_copy(self, nonce, data, tag, aad, out, into_out, sealed) -> None:
+        """:meth:`open_one_shot` with ``sealed``, the scratch for ``data || tag``."""
+        n = len(data)
         _copy(sealed[:n], data)
         sealed[n:] = tag
         if into_out:
