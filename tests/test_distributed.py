@@ -1029,3 +1029,27 @@ def test_a_keyset_saves_plans_are_dcps_own(tmp_path):
         writer.set_up_storage_writer(True, rank=0, use_collectives=True)
         plans = writer.prepare_global_plan([SavePlan([]), SavePlan([])])
         assert [type(plan.storage_data) for plan in plans] == [kind, kind]
+
+
+def test_a_rank_that_reports_no_labels_is_refused_by_name(tmp_path):
+    """A rank on a gpucrypt from before the check sends write results without the labels
+    its file is sealed for: the coordinator failed with AttributeError. It refuses the
+    save, saying to give every rank this version."""
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    from gpucrypt.distributed.checkpoint import (EncryptedStorageInfo, _FileIdentity,
+                                                 _WrittenItem)
+
+    keyset = keys.Keyset.generate()
+    writer = EncryptedWriter(tmp_path, keyset=keyset, device=CPU)
+    labels = [f"aes-kwp:{keyset.primary.id}"]
+    identity = _FileIdentity(10, bytes(32), bytes(32))
+    current = _WrittenItem(EncryptedStorageInfo("__0_a.gcdistcp", "w"), identity, tuple(labels))
+    earlier = object.__new__(_WrittenItem)  # as unpickled from the earlier version's record
+    object.__setattr__(earlier, "info", EncryptedStorageInfo("__1_b.gcdistcp", "v"))
+    object.__setattr__(earlier, "file", identity)
+    with pytest.raises(ValueError, match="rank 1 for nothing reported .an earlier gpucrypt"):
+        writer._check_sealed_alike([[WriteResult(index=None, size_in_bytes=10,
+                                                  storage_data=current)],
+                                     [WriteResult(index=None, size_in_bytes=10,
+                                                  storage_data=earlier)]], {}, labels, b"")

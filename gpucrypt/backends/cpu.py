@@ -222,7 +222,8 @@ UPDATE_INTO_IN_PLACE, AEAD_INTO_IN_PLACE = _takes_in_place()
 def _one_base(data, out) -> bool:
     """Whether ``data`` and ``out`` are views of one object (an in-place call, as the
     callers here make them: ``buf[:n]`` into ``buf``), told without asking for an
-    address (ctypes would load, a cost a small file's run must not pay)."""
+    address: the AEADs' in-place calls (a small file's segments) are told this way, and
+    load no ctypes; other buffers are asked their addresses (:func:`_overlaps`)."""
     return type(data) is memoryview and type(out) is memoryview and data.obj is out.obj \
         and len(data) > 0 and len(out) > 0
 
@@ -234,7 +235,7 @@ def _overlaps(data, out) -> bool:
     if type(data) is bytes or type(out) is bytes or not len(data) or not len(out):
         return False
     start, end = address(data), address(out)
-    return start < end + len(out) and end < start + len(data)
+    return start < end + memoryview(out).nbytes and end < start + memoryview(data).nbytes
 
 
 class InPlaceStream:

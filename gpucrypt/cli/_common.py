@@ -517,8 +517,10 @@ class TerminalText:
     _TERMINAL_CONTROLS), raises CliError before any of it reaches the terminal. Binary
     data garbles a terminal, and a crafted file's plaintext could drive it with escape
     sequences (rewrite what is on the screen, set its title, on some terminals more).
-    What was written before, all verified plaintext, stays. rage refuses unprintable
-    plaintext the same way; ``--force`` writes anything."""
+    What was written before, all verified plaintext, stays. A character split between two
+    writes is held back until it is whole; one never finished is refused at the end
+    (:meth:`finish`). rage refuses unprintable plaintext the same way; ``--force`` writes
+    anything."""
 
     def __init__(self, file: Any):
         import codecs
@@ -530,18 +532,19 @@ class TerminalText:
         self._held = b""
 
     def write(self, data: Any) -> int:
-        data = self._held + bytes(data)
+        given = bytes(data)
         try:
-            text = self._decoder.decode(data[len(self._held):])
+            text = self._decoder.decode(given)
         except UnicodeDecodeError:
             text = None
         if text is None or _TERMINAL_CONTROLS.search(text):
             raise _not_text()
-        from ..files._atomic import write_all
+        from ..files._atomic import write_all  # loaded by then: the output is a gpucrypt one
 
+        whole = self._held + given
         self._held = self._decoder.getstate()[0]
-        write_all(self._file, memoryview(data)[:len(data) - len(self._held)])
-        return len(data)
+        write_all(self._file, memoryview(whole)[:len(whole) - len(self._held)])
+        return len(given)
 
     def finish(self) -> None:
         """At the end of the plaintext: a character begun and never finished is no text."""

@@ -137,7 +137,8 @@ class _WrittenItem:
 
     info: EncryptedStorageInfo
     file: "_FileIdentity"
-    sealed_for: tuple[str, ...]
+    #: None from a rank whose gpucrypt reports none (one before the check): refused
+    sealed_for: tuple[str, ...] | None = None
     #: a rank sealing for a passphrase: what it knows of its passphrase (labels cannot
     #: tell passphrases apart: every one is "scrypt")
     passphrase_check: "_PassphraseCheck | None" = None
@@ -526,8 +527,10 @@ class EncryptedWriter(FileSystemWriter):
         for rank, rank_results in enumerate(results):
             for written in rank_results[:1]:  # one data file per rank: one record
                 record = written.storage_data
-                groups.setdefault(record.sealed_for, []).append(rank)
-                checks.setdefault(record.passphrase_check, []).append(rank)
+                sealed_for = getattr(record, "sealed_for", None) or (
+                    "nothing reported (an earlier gpucrypt: give every rank this version)",)
+                groups.setdefault(sealed_for, []).append(rank)
+                checks.setdefault(getattr(record, "passphrase_check", None), []).append(rank)
         if len(groups) > 1:
             shown = "; ".join(
                 f"{_who(ranks, metadata=sealed_for == expected)} for "

@@ -805,8 +805,8 @@ def write_atomically_with(path: str | os.PathLike | AtomicFile, write: Callable[
 def replacement_for(target: str) -> AtomicFile:
     """The unpublished file that will replace the regular file ``target`` (a resolved path),
     with its permission bits, its extended attributes (POSIX ACLs, user attributes) and,
-    as far as this process may set them, its owner and group: a shared group's members
-    kept their access (the new file had the rekeying user's group). Nothing more: an ACL
+    as far as this process may set them, its owner and group, so that a shared group's
+    members keep their access (a new file has the rewriting user's group). Nothing more: an ACL
     the new file took from its folder's default ACL, which the old file did not have, is
     removed (with the old group bits as its mask, it gave users the old file did not).
     Set-user-ID and set-group-ID are dropped: a rewritten file is new data (the kernel
