@@ -307,14 +307,24 @@ def test_jax_gpu_arrays_roundtrip_and_batch():
         assert_same_array(back[n], x)
 
 
+def _runs_ok_with_two_cpu_devices(code: str, cwd) -> None:
+    """Run ``code`` in a Python process whose JAX has two CPU devices (the flag must be set
+    before JAX starts); it must print "ok"."""
+    import subprocess
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
 def test_a_host_array_comes_back_on_its_own_cpu_device(tmp_path):
     """JAX can have several CPU devices (``--xla_force_host_platform_device_count``), which
     the result's place ("the host") does not tell apart: an array on the second one was
     decrypted onto the first. It comes back where it was, alone and in a batch; a pickled
     result, which keeps no device object of this process, on JAX's first CPU device.
     In a process of its own: the flag must be set before JAX starts."""
-    import subprocess
-
     code = """if True:
         import os, pickle
         import jax, jax.numpy as jnp, numpy as np, gpucrypt
@@ -331,11 +341,7 @@ def test_a_host_array_comes_back_on_its_own_cpu_device(tmp_path):
         assert again.devices() == {cpu[0]} and (np.asarray(again) == np.asarray(x)).all()
         print("ok")
     """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    _runs_ok_with_two_cpu_devices(code, tmp_path)
 
 
 def test_a_deep_copy_comes_back_on_the_cpu_device_of_its_original(tmp_path):
@@ -344,8 +350,6 @@ def test_a_deep_copy_comes_back_on_the_cpu_device_of_its_original(tmp_path):
     device object, and came back on JAX's first CPU device. A pickle still does (and
     holds no ``_home`` for another process or version to load). In a process of its own:
     the flag must be set before JAX starts."""
-    import subprocess
-
     code = """if True:
         import copy, os, pickle
         import jax, jax.numpy as jnp, gpucrypt
@@ -366,8 +370,4 @@ def test_a_deep_copy_comes_back_on_the_cpu_device_of_its_original(tmp_path):
         assert again.devices() == {cpu[0]} and (again == jax.device_put(x, cpu[0])).all()
         print("ok")
     """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    _runs_ok_with_two_cpu_devices(code, tmp_path)

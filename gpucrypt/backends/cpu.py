@@ -268,11 +268,11 @@ class InPlaceStream:
             return self._context.update_into(data, out)
         # in place (the callers' only overlap: an inexact one was refused before them),
         # or views of one object apart, which both forms serve as well
-        n = len(memoryview(data).cast("B"))
-        if n <= _IN_PLACE_WINDOW or not self._windows:
-            memoryview(out).cast("B")[:n] = self._context.update(data)
-            return n
-        return self._through_windows(memoryview(data).cast("B"), memoryview(out).cast("B"))
+        src, dst = memoryview(data).cast("B"), memoryview(out).cast("B")
+        if len(src) <= _IN_PLACE_WINDOW or not self._windows:
+            dst[:len(src)] = self._context.update(src)
+            return len(src)
+        return self._through_windows(src, dst)
 
     def _through_windows(self, src: memoryview, out: memoryview) -> int:
         import numpy as np  # a core dependency; loaded here, where this version needs it
