@@ -38,8 +38,9 @@ from . import _limits
 from ._buffers import (bytes_arg, inexact_overlap, new_bytes, optional_readable, plain_bytes, readable,
                        writable, zero)
 from ._host_primitives import xchacha20_key_nonce
+from ._interrupts import uninterrupted
 from .backends import AUTO_GPU_THRESHOLD, AeadContext, Backend, select_backend, small_payloads_on_cpu
-from .backends import check_device, every_payload_on_cpu
+from .backends import check_device, every_payload_on_cpu, get_backend
 
 #: largest data or associated data cryptography's AEAD classes take in one call: the fast
 #: path hands anything up to this straight to OpenSSL (cryptography itself refuses more,
@@ -67,6 +68,15 @@ def _reraise_unless_too_long(exc: BaseException) -> None:
     decrypt. (Rust prints the panic on stderr all the same.)"""
     if type(exc).__name__ != "PanicException":
         raise exc
+
+
+def _refused_in_place(exc: BaseException) -> bool:
+    """Whether ``exc`` is cryptography's refusal (51 on) of an output that overlaps its
+    input, for an exact in-place call (the only overlap the fast path hands it): raised
+    after every other check of the arguments, so the call is otherwise one OpenSSL takes."""
+    return type(exc) is ValueError and "overlap" in str(exc)
+
+
 #: ``_slow``'s "no output buffer" (the allocating forms); None is a buffer argument to refuse
 _ALLOCATE = object()
 
@@ -238,8 +248,9 @@ class _Aead:
         if direct is not None and (type(data) is bytes or not inexact_overlap(data, buf)):
             try:
                 return direct.encrypt_into(nonce, data, associated_data, buf)
-            except _NOT_FOR_OPENSSL:
-                pass
+            except _NOT_FOR_OPENSSL as exc:
+                if _refused_in_place(exc):
+                    return self._in_place(False, nonce, data, associated_data, buf)
         return self._slow("encrypt_into", nonce, data, associated_data, buf)
 
     def decrypt(self, nonce: Any, data: Any, associated_data: Any) -> bytes:
@@ -279,11 +290,40 @@ class _Aead:
                 if stopped is not None:
                     raise stopped from None
                 raise
-            except _NOT_FOR_OPENSSL:
-                pass
+            except _NOT_FOR_OPENSSL as exc:
+                if _refused_in_place(exc):
+                    return self._in_place(True, nonce, data, associated_data, buf)
             except BaseException as exc:  # noqa: B036 (see _reraise_unless_too_long)
                 _reraise_unless_too_long(exc)
         return self._slow("decrypt_into", nonce, data, associated_data, buf)
+
+    def _in_place(self, decrypting: bool, nonce: bytes, data: Any, associated_data: Any,
+                  buf: Any) -> int:
+        """An exact in-place call that cryptography refused for the overlap alone (it
+        checks the nonce, the types and the buffer's size first): the CPU backend's
+        in-place route, which goes around the refusal with the same bytes and the same
+        rule on a wrong tag (``buf`` zeroed). Small messages take the one-shot forms
+        straight (their arguments are what cryptography has just checked): through the
+        general path a 64-byte call cost 6 us, where cryptography's takes 0.4."""
+        nonce = _nonce_bytes(nonce)
+        self._check_nonce(nonce)  # cryptography's rule, should its refusal be for another reason:
+        ctx = self._context(get_backend("cpu"), self._key)  # the backend takes more nonces
+        from .backends.cpu import ONE_SHOT_DETACHED_MAX  # loaded by get_backend: not at import
+        src, out = readable(data), writable(buf)
+        aad = optional_readable(associated_data, "associated_data")
+        if len(out) > ONE_SHOT_DETACHED_MAX:
+            (ctx.open if decrypting else ctx.seal)(nonce, src, aad, out)
+        elif decrypting:
+            n = len(out)
+            try:
+                ctx.open_one_shot(nonce, src[:n], src[n:], aad, out, into_out=True)
+            except InvalidTag:  # out was given back its ciphertext: zeroed, as decrypt_into's
+                uninterrupted(zero, out)
+                raise
+        else:
+            n = len(src)
+            out[n:] = ctx.seal_one_shot(nonce, src, aad, out[:n])
+        return len(out)
 
     def _slow(self, method: str, nonce: Any, data: Any, associated_data: Any, buf: Any = _ALLOCATE):
         """``method`` for a call the direct path did not take: OpenSSL still, when this

@@ -1295,3 +1295,70 @@ def test_an_empty_strided_view_is_empty_as_in_cryptography(name, where):
     buf = bytearray(16)
     assert cls(key, device=where).encrypt_into(nonce, empty(), None, buf) == 16
     assert bytes(buf) == sealed
+
+
+class _RefusingOverlap:
+    """An AEAD object of cryptography 51's rule over the installed one's: an output that
+    shares memory with its input, in place included, is ValueError before a byte is
+    written (on 51 the rule is cryptography's own, and this changes nothing)."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def _refuse_overlap(self, data, buf):
+        if np.shares_memory(np.frombuffer(data, np.uint8), np.frombuffer(buf, np.uint8)):
+            raise ValueError("data and buf must not overlap")
+
+    def encrypt_into(self, nonce, data, aad, buf):
+        self._refuse_overlap(data, buf)
+        return self._real.encrypt_into(nonce, data, aad, buf)
+
+    def decrypt_into(self, nonce, data, aad, buf):
+        self._refuse_overlap(data, buf)
+        return self._real.decrypt_into(nonce, data, aad, buf)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize("name", ["aes-256-gcm", "chacha20-poly1305"])
+@pytest.mark.parametrize("size", [0, 1, 64, 4095, 64 << 10, (64 << 10) + 1, (1 << 20) + 17])
+@pytest.mark.parametrize("kind", ["numpy", "memoryview"])
+def test_in_place_into_forms_where_cryptography_refuses_in_place(name, size, kind, monkeypatch):
+    """cryptography 51 refuses an exact in-place ``encrypt_into``/``decrypt_into``, which the
+    drop-in classes take: such a call goes from cryptography's refusal straight to the CPU
+    backend's in-place route (not through the general path's checks, which cost 6 us at
+    64 bytes), with cryptography's bytes, a wrong tag zeroing ``buf``, and a bad nonce
+    still cryptography's error."""
+    from gpucrypt.backends import cpu
+
+    cls, key_len, nonce_len = CLASSES[name]
+    key, nonce, aad = os.urandom(key_len), os.urandom(nonce_len), b"ad"
+    data = os.urandom(size)
+    expected = reference_seal(name, key, nonce, data, aad)
+    aead = cls(key, device="cpu")
+    monkeypatch.setattr(cpu, "AEAD_INTO_IN_PLACE", False)
+    aead._direct = aead._small_direct = aead._openssl = _RefusingOverlap(aead._openssl)
+
+    general_path = []  # the calls that took it
+
+    def slow(*args):
+        general_path.append(args[0])
+        return type(aead)._slow(aead, *args)
+
+    monkeypatch.setattr(aead, "_slow", slow)
+    view, arena = _arena(kind, size + 16)
+    arena[:size] = data
+    assert aead.encrypt_into(nonce, view(0, size), aad, view(0, size + 16)) == size + 16
+    assert arena == expected
+    assert aead.decrypt_into(nonce, view(0, size + 16), aad, view(0, size)) == size
+    assert arena[:size] == data
+    arena[:] = expected[:-1] + bytes([expected[-1] ^ 1])
+    with pytest.raises(InvalidTag):
+        aead.decrypt_into(nonce, view(0, size + 16), aad, view(0, size))
+    assert arena[:size] == bytes(size), "no plaintext of a forged message is left in buf"
+    assert general_path == [], "an in-place call that cryptography refused took the general path"
+    arena[:size] = data  # a bad nonce is cryptography's error, whichever check comes first
+    with pytest.raises(ValueError, match="Nonce must be"):
+        aead.encrypt_into(os.urandom(5), view(0, size), aad, view(0, size + 16))
+    assert arena[:size] == data
