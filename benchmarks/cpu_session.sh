@@ -6,17 +6,18 @@
 #   benchmarks/cpu_session.sh [TAG] [STEP...]
 #
 # TAG names the results, benchmarks/results/$(date +%F)-cpu-<vendor>-<family>-<step>-TAG.json
-# (default: quiet; vendor and family from /proc/cpuinfo: amd-epyc, intel-xeon, ...). STEPs (default: all, in this order; about 15 minutes on 2 cores):
+# (default: quiet; vendor and family from /proc/cpuinfo: amd-epyc, intel-xeon, ...). STEPs (default: all, in this order; about 17 minutes on 2 cores):
 #   dcp      benchmarks/dcp_bench.py           issue 16 (2 gloo ranks, 256 MiB)   ~1 min
 #   model    benchmarks/model_load_bench.py    issue 18 (1 GiB, tensorizer)       ~2 min
 #   tensor   benchmarks/tensor_bench.py        issue 13 (state dicts, 4 KiB)      ~3 min
 #   cli      benchmarks/cli_bench.py           issue 12 (1 GiB file, age, cp)     ~3 min
 #   bench    gpucrypt bench --device cpu       issue 13 (64 B .. 1 GiB)           ~6 min
+#   ceiling  benchmarks/in_place_ceiling.py    issue 13 (in place, cryptography)  ~2 min
 # Then regenerate benchmarks/RESULTS.md: python benchmarks/make_results_md.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tag=${1:-quiet}; shift || true
-steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(dcp model tensor cli bench)
+steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(dcp model tensor cli bench ceiling)
 py=${PYTHON:-python}
 # the machine in the name: the lent machines differ (AMD EPYC, Intel Xeon with VAES), and
 # a ratio against OpenSSL means something only next to the CPU it was taken on; any other
@@ -31,6 +32,7 @@ for step in "${steps[@]}"; do
     model)  $py benchmarks/model_load_bench.py --dir /dev/shm/gpucrypt-mlb --json "$(name model-load)" ;;
     tensor) $py benchmarks/tensor_bench.py --device cpu --threads 1,2 --json "$(name tensor)" ;;
     cli)    $py benchmarks/cli_bench.py --json "$(name cli)" ;;
+    ceiling) $py benchmarks/in_place_ceiling.py --json "$(name in-place-ceiling)" ;;
     bench)  $py -m gpucrypt bench --device cpu --sizes 64,1KiB,16KiB,1MiB,16MiB,256MiB,1GiB \
               --json "$(name issue13)" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

@@ -332,6 +332,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
                       "model_load_bench": render_model_load_run,
                       "ray_bench": render_ray_run,
                       "address_bench": render_address_run,
+                      "in_place_ceiling": render_in_place_ceiling_run,
                       "kernel_report": render_kernel_report_run}.get(doc.get("benchmark"), render_run)
         lines += render_one(path.stem, doc)
     if cli_runs:
@@ -395,6 +396,28 @@ def render_tensor_run(name: str, doc: dict) -> list[str]:
         for alg, r in doc["model_over_single"].items()) + ".", "",
         "| small (4 KiB) | algorithm | us per call |", "|---|---|---:|"]
     lines += [f"| {r['what']} | {r['algorithm']} | {r['us_per_call']:.1f} |" for r in doc["small"]]
+    return lines + [""]
+
+
+def render_in_place_ceiling_run(name: str, doc: dict) -> list[str]:
+    """A ``benchmarks/in_place_ceiling.py`` run: in-place routes through cryptography alone,
+    one flat buffer on one thread against model-shaped buffers on two."""
+    lines = [f"## {name}", "",
+             f"`benchmarks/in_place_ceiling.py --mib {doc['mib']}` on {doc['cpu']} (cryptography "
+             f"{doc['cryptography']}, commit {_commit_text(doc.get('commit'))}): in-place passes "
+             f"through cryptography alone, no gpucrypt code; medians of {2 * doc['reps']} passes, "
+             f"interleaved; 1-minute load average {doc['load_average_start']:.1f} at the start, "
+             f"{doc['load_average_end']:.1f} at the end. Routes: `in place` (where this "
+             f"cryptography takes it), `window` ({doc['window'] >> 10} KiB window copied back), "
+             f"`copy in` ({doc['copy_in'] >> 10} KiB copied in, then encrypted into place), `apart` "
+             f"(into a separate buffer). Every route's bytes were checked against `apart`'s.", "",
+             "| algorithm | route | flat, 1 thread GB/s | model, 2 threads GB/s | 2 threads / 1 |",
+             "|---|---|---:|---:|---:|"]
+    rows = {(r["algorithm"], r["case"], r["route"]): r["gb_per_s"] for r in doc["rows"]}
+    for algorithm, ratios in doc["two_threads_over_flat"].items():
+        for route, ratio in ratios.items():
+            lines.append(f"| {algorithm} | {route} | {rows[(algorithm, 'flat, 1 thread', route)]:.2f} | "
+                         f"{rows[(algorithm, 'model, 2 threads', route)]:.2f} | x{ratio:.2f} |")
     return lines + [""]
 
 
