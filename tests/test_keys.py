@@ -2127,3 +2127,27 @@ def test_a_keyset_is_not_saved_to_a_fifo(tmp_path):
     saver.join(timeout=30)
     assert not saver.is_alive(), "Identity.save to a FIFO is waiting for a writer"
     assert len(raised) == 1 and "is a FIFO: a key file is saved to a regular file" in str(raised[0])
+
+
+def test_a_passphrases_sealing_form_opens_only_what_it_seals():
+    """``Passphrase.sealing_form()``: the one form a passphrase seals with (NFC text), at its
+    work factors, without the forms that only open files of earlier versions (a text not
+    in NFC as given, a passphrase file's earlier reading): DCP asks it whether a rank's
+    passphrase sealed ``.metadata``, where any form opening it would pass a rank whose
+    earlier reading is another rank's passphrase."""
+    from gpucrypt.keys.passphrase import Passphrase, PassphraseText
+
+    text = "cafe\u0301 pass"  # not NFC: sealing uses "caf\u00e9 pass"
+    earlier = Passphrase(PassphraseText("old reading"), log_n=15)
+    dek = os.urandom(32)
+    by_earlier = earlier.wrap(dek)
+    by_raw = Passphrase(text.encode("utf-8"), log_n=15).wrap(dek)  # before NFC, as given
+    now = Passphrase(PassphraseText(text, ("old reading",)), log_n=15, max_log_n=16)
+    assert now.unwrap(by_earlier) == dek and now.unwrap(by_raw) == dek  # every form opens
+    sealing = now.sealing_form()
+    assert (sealing.log_n, sealing.max_log_n) == (15, 16)
+    for stanza in (by_earlier, by_raw):
+        with pytest.raises(KeysetError, match="wrong passphrase"):
+            sealing.unwrap(stanza)
+    assert sealing.unwrap(now.wrap(dek)) == dek
+    assert Passphrase("caf\u00e9 pass").unwrap(sealing.wrap(dek)) == dek

@@ -662,11 +662,8 @@ def _opens_as_sealed(passphrase: Passphrase, envelope: bytes) -> bool | None:
     stanzas = _envelope.decode(envelope)
     if len(stanzas) != 1 or stanzas[0].kind != _SCRYPT:
         return None
-    # a passphrase given as bytes has that one form
-    sealing = Passphrase(passphrase._secrets[0], log_n=passphrase.log_n,
-                         max_log_n=passphrase.max_log_n)
     try:
-        sealing.unwrap(stanzas[0])  # the data key of .metadata: dropped at once
+        passphrase.sealing_form().unwrap(stanzas[0])  # the data key of .metadata: dropped at once
     except KeysetError:  # the wrong passphrase (KeyUnavailable, above its limit, propagates)
         return False
     return True

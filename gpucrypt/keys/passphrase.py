@@ -187,6 +187,12 @@ class Passphrase(HoldsKeyMaterial):
 
     __str__ = __repr__
 
+    def sealing_form(self) -> "Passphrase":
+        """This passphrase in the one form it seals with, without those that only open
+        (:func:`forms`): whether a file opens under it tells whether this passphrase
+        sealed it, not an earlier reading of it (a passphrase file's)."""
+        return Passphrase(self._secrets[0], log_n=self.log_n, max_log_n=self.max_log_n)
+
     @staticmethod
     def _key(secret: bytes, salt: bytes, log_n: int) -> bytes:
         return Scrypt(salt=SALT_LABEL + salt, length=32, n=2 ** log_n, r=SCRYPT_R,
