@@ -299,8 +299,8 @@ class _Aead:
 
     def _in_place(self, decrypting: bool, nonce: bytes, data: Any, associated_data: Any,
                   buf: Any) -> int:
-        """An exact in-place call that cryptography refused for the overlap alone (it
-        checks the nonce, the types and the buffer's size first): the CPU backend's
+        """An exact in-place call that cryptography refused for the overlap (it checks
+        the nonce, the types and the buffer's size first): the CPU backend's
         in-place route, which goes around the refusal with the same bytes and the same
         rule on a wrong tag (``buf`` zeroed). Small messages take the one-shot forms
         straight (their arguments are what cryptography has just checked): through the
@@ -308,10 +308,12 @@ class _Aead:
         nonce = _nonce_bytes(nonce)
         self._check_nonce(nonce)  # cryptography's rule, should its refusal be for another reason:
         ctx = self._context(get_backend("cpu"), self._key)  # the backend takes more nonces
-        from .backends.cpu import ONE_SHOT_DETACHED_MAX  # loaded by get_backend: not at import
+        from .backends.cpu import ONE_SHOT_DETACHED_MAX, OPENSSL_AEAD_MAX  # loaded by now
         src, out = readable(data), writable(buf)
         aad = optional_readable(associated_data, "associated_data")
-        if len(out) > ONE_SHOT_DETACHED_MAX:
+        # cryptography refuses the overlap before associated data past its one call: such a
+        # message is the backend's to compose
+        if len(out) > ONE_SHOT_DETACHED_MAX or len(aad) > OPENSSL_AEAD_MAX:
             (ctx.open if decrypting else ctx.seal)(nonce, src, aad, out)
         elif decrypting:
             n = len(out)

@@ -1362,3 +1362,26 @@ def test_in_place_into_forms_where_cryptography_refuses_in_place(name, size, kin
     with pytest.raises(ValueError, match="Nonce must be"):
         aead.encrypt_into(os.urandom(5), view(0, size), aad, view(0, size + 16))
     assert arena[:size] == data
+
+
+@pytest.mark.parametrize("name", ["aes-256-gcm", "chacha20-poly1305"])
+def test_in_place_with_associated_data_past_openssls_call_where_cryptography_refuses(name, monkeypatch):
+    """cryptography 51 refuses an in-place call for the overlap before it looks at the
+    associated data's length: a message with more than 2**31 - 1 bytes of it (which
+    gpucrypt composes) must not go to OpenSSL's one-shot call from there (OverflowError,
+    where the same call worked on 50 and apart)."""
+    from gpucrypt.backends import cpu
+
+    cls, key_len, nonce_len = CLASSES[name]
+    key, nonce, data = os.urandom(key_len), os.urandom(nonce_len), os.urandom(64)
+    aad = np.zeros(2**31, np.uint8)  # untouched pages: no memory of its own
+    aead = cls(key, device="cpu")
+    sealed = bytearray(80)
+    aead.encrypt_into(nonce, data, aad, sealed)  # apart: the composed reference
+    monkeypatch.setattr(cpu, "AEAD_INTO_IN_PLACE", False)
+    aead._direct = aead._small_direct = aead._openssl = _RefusingOverlap(aead._openssl)
+    buf = bytearray(data + bytes(16))
+    aead.encrypt_into(nonce, memoryview(buf)[:64], aad, buf)
+    assert buf == sealed
+    aead.decrypt_into(nonce, buf, aad, memoryview(buf)[:64])
+    assert buf[:64] == data
