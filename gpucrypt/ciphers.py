@@ -231,6 +231,8 @@ class AESCTR(_StreamCipher):
     _algorithm = "aes-ctr"
 
     def _check_key(self, size):
+        if size == 64:  # AES takes it (for XTS), then CTR refuses it: cryptography's words
+            raise ValueError("Only 128, 192, and 256 bit keys are allowed for this AES mode")
         if size not in (16, 24, 32):
             raise ValueError(f"Invalid key size ({size * 8}) for AES.")
 

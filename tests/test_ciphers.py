@@ -619,3 +619,17 @@ def test_only_the_contexts_of_cryptography_refuse_pickle():
     differences = " ".join(ciphers.__doc__.split())
     assert "``ChaCha20``/``AESCTR`` objects refuse pickle and copy" in differences
     assert "contexts only" in " ".join(ciphers._Unpicklable.__doc__.split())
+
+
+@pytest.mark.parametrize("key_len", [0, 15, 17, 33, 48, 64])
+def test_aes_ctr_key_sizes_are_refused_in_cryptographys_words(key_len):
+    """Every AES-CTR key size cryptography refuses is ValueError with its message: AES
+    itself takes 64 bytes (for XTS) and CTR then refuses them, in other words."""
+    def message(make):
+        with pytest.raises(ValueError) as caught:
+            make().encryptor().update(b"x")
+        return str(caught.value)
+
+    key = bytes(key_len)
+    assert message(lambda: ciphers.AESCTR(key, bytes(16), device="cpu")) == \
+        message(lambda: Cipher(algorithms.AES(key), modes.CTR(bytes(16))))
