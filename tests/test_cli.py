@@ -1751,6 +1751,38 @@ def test_model_commands_write_a_fifo_in_place(work, capsys):
     assert os.path.exists(work / "pipe") and not os.path.isfile(work / "pipe")
 
 
+@pytest.mark.skipif(not ON_LINUX, reason="FIFOs and /dev/fd (Linux)")
+def test_encrypt_model_refuses_an_in_that_is_a_fifo_at_once(work):
+    """encrypt-model opened IN with a blocking open: a FIFO nobody writes to hung it (where
+    decrypt-model refuses one at once), and ``<(cat m.safetensors)`` reached the
+    safetensors package, which said "No such device". A safetensors file is read at any
+    position, so IN must be a regular file: said at once, as a usage error. Run in a
+    process of its own with a time limit, so that a regression fails instead of hanging."""
+    np = pytest.importorskip("numpy")
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+    safetensors_numpy.save_file({"w": np.ones(8, dtype=np.float32)}, str(work / "m.st"))
+    os.mkfifo(work / "in.fifo")
+    r, w = os.pipe()  # bash's <(cat m.st): /dev/fd/N of a pipe with the bytes in it
+    try:
+        os.write(w, (work / "m.st").read_bytes())
+        os.close(w)
+        for given, out in (("in.fifo", "a.gc"), (f"/dev/fd/{r}", "b.gc")):
+            done = subprocess.run([sys.executable, "-m", "gpucrypt", "encrypt-model",
+                                   "--key-file", "key", given, out], cwd=work, pass_fds=(r,),
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 2, done.stderr
+            assert f"IN {given} is a FIFO, not a regular file: a safetensors file is read at " \
+                   f"any position" in done.stderr
+            assert "save it to a file first" in done.stderr
+            assert not (work / out).exists()
+    finally:
+        os.close(r)
+    code = subprocess.run([sys.executable, "-m", "gpucrypt", "encrypt-model", "--key-file",
+                           "key", "m.st", "c.gc"], cwd=work, timeout=60).returncode
+    assert code == 0 and (work / "c.gc").exists()  # a regular IN still converts
+
+
 def test_outputs_that_are_neither_file_nor_stream_are_refused_even_with_force(work, capsys):
     """A block device or a socket at OUT: refused (exit 2), never replaced."""
     import socket

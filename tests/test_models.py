@@ -11,7 +11,9 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -1294,3 +1296,151 @@ def test_save_encrypted_names_the_entry_it_cannot_save(tmp_path):
     with pytest.raises(TypeError, match=r"entry 'step': expected a tensor"):
         models.save_encrypted({"w": torch.ones(2), "step": 3}, tmp_path / "m.gc", key)
     assert not (tmp_path / "m.gc").exists()
+
+
+# ------------------------------------------------------------------ what a reader is asked for
+def test_an_unknown_name_prints_without_extra_quotes(saved):
+    """load_encrypted(names=...) raised a plain KeyError, whose str() put the message
+    inside a second pair of quotes; safe_open's unknown name printed it as it is."""
+    path, _ = saved
+    with pytest.raises(KeyError) as info:
+        models.load_encrypted(path, KEY, "cpu", names=["big", "nope", "nope2"])
+    assert str(info.value) == "no tensor 'nope' in this model file (and 1 more unknown names)"
+
+
+#: dtypes a valid model file can hold that torch has no dtype for: NumPy's own (another
+#: byte order, strings) and ml_dtypes' float8s that torch lacks; (NumPy or ml_dtypes name,
+#: the name the table stores)
+TORCHLESS_DTYPES = [(">f4", "numpy:>f4"), ("<U2", "numpy:<U2"), ("float8_e4m3", "float8_e4m3"),
+                    ("float8_e3m4", "float8_e3m4"), ("float8_e4m3b11fnuz", "float8_e4m3b11fnuz")]
+
+
+@pytest.mark.parametrize("dtype, stored", TORCHLESS_DTYPES)
+def test_a_dtype_torch_lacks_is_refused_by_name_before_anything_is_decrypted(tmp_path, dtype,
+                                                                            stored):
+    """framework="torch" (the default) looked the dtype up in torch when it allocated the
+    tensor and failed with a bare AttributeError ("module 'torch' has no attribute
+    'numpy:>f4'"). Now a ValueError names the tensor and its dtype and says to read it
+    with NumPy; the file's other tensors still load as torch tensors, one by one."""
+    if not dtype.startswith(("<", ">")):
+        ml_dtypes = pytest.importorskip("ml_dtypes", reason="the float8 dtypes come from ml_dtypes")
+        np_dtype = np.dtype(getattr(ml_dtypes, dtype))
+    else:
+        np_dtype = np.dtype(dtype)
+    if hasattr(torch, stored):
+        pytest.skip(f"torch {torch.__version__} has {stored}: nothing to refuse")
+    odd = np.arange(6).astype(np_dtype)
+    path = tmp_path / "m.gc"
+    models.save_encrypted({"w": np.arange(3, dtype=np.float32), "odd": odd}, path, KEY,
+                          segment_size=SEG, device="cpu")
+    assert [i.dtype for i in models.read_header(path, KEY).tensors] == ["float32", stored]
+    refused = rf"tensor 'odd' has dtype {re.escape(stored)}, which torch .* framework='numpy'"
+    for call in (lambda: models.load_encrypted(path, KEY, "cpu"),
+                 lambda: models.load_encrypted(path, KEY, "cpu", framework="pt", names=["odd"])):
+        with pytest.raises(ValueError, match=refused):
+            call()
+    with models.safe_open(path, "pt", key=KEY) as f:
+        for call in (lambda: f.get_tensor("odd"), lambda: f.get_slice("odd")[1:3],
+                     f.get_tensors):
+            with pytest.raises(ValueError, match=refused):
+                call()
+        assert f.get_tensor("w").tolist() == [0.0, 1.0, 2.0]
+    assert models.load_encrypted(path, KEY, "cpu", names=["w"])["w"].tolist() == [0.0, 1.0, 2.0]
+    back = models.load_encrypted(path, KEY, "cpu", framework="numpy")["odd"]
+    assert back.dtype == np_dtype and back.tobytes() == odd.tobytes()
+
+
+def test_a_framework_that_cannot_be_imported_is_an_import_error(tmp_path, monkeypatch):
+    """With torch not importable, framework="torch" (the default) and safe_open(path, "pt")
+    returned NumPy arrays without a word (the tensor API's fallback, for a ciphertext made
+    with a framework this machine lacks); safetensors raises. The tensor API keeps its
+    fallback."""
+    from gpucrypt import tensor
+
+    path = tmp_path / "m.gc"
+    models.save_encrypted({"w": np.arange(3, dtype=np.float32)}, path, KEY, device="cpu")
+    sealed = tensor.encrypt_tensor(torch.arange(3, dtype=torch.float32), KEY)
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    missing = r"framework 'torch' \(the default\) cannot be imported .*install torch, or " \
+              r"load NumPy arrays with framework='numpy'"
+    with pytest.raises(ImportError, match=missing):
+        models.load_encrypted(path, KEY, "cpu")
+    with pytest.raises(ImportError, match=r"framework 'torch'.*install torch"):
+        models.load_encrypted(path, KEY, "cpu", framework="pt")
+    with pytest.raises(ImportError, match=r"framework 'torch'.*install torch"):
+        models.safe_open(path, "pt", key=KEY)
+    assert models.load_encrypted(path, KEY, "cpu", framework="numpy")["w"].tolist() == [0, 1, 2]
+    with models.safe_open(path, "np", key=KEY) as f:
+        assert isinstance(f.get_tensor("w"), np.ndarray)
+    back = tensor.decrypt_tensor(sealed, KEY)
+    assert isinstance(back, np.ndarray) and back.tolist() == [0, 1, 2]
+
+
+# ------------------------------------------------------------------ empty metadata
+@pytest.mark.parametrize("metadata", [{}, None, {"format": "pt"}])
+def test_empty_metadata_is_kept_apart_from_none(tmp_path, metadata):
+    """safetensors tells an empty ``__metadata__`` ({}) from none (None). The table
+    dropped {} (``if metadata:``) and the reader could not tell them apart, so a file with
+    ``"__metadata__":{}`` came back from encrypt-model/decrypt-model without it, not byte
+    for byte, and safe_open's metadata() said None where safetensors says {}."""
+    import safetensors
+    from gpucrypt.files._atomic import AtomicFile
+    from safetensors.numpy import save_file
+
+    write_private(tmp_path / "key", KEY)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": np.ones(4, np.float32)}, str(plain), metadata=metadata)
+    with safetensors.safe_open(str(plain), "np") as ref:
+        assert ref.metadata() == metadata  # the package itself keeps them apart
+    assert cli(["encrypt-model", "--key-file", str(tmp_path / "key"), str(plain),
+                str(tmp_path / "m.gc")]) == 0
+    assert models.read_header(tmp_path / "m.gc", KEY).metadata == metadata
+    assert models.read_header(tmp_path / "m.gc").metadata == metadata  # readable table
+    with models.safe_open(tmp_path / "m.gc", "np", key=KEY) as f:
+        assert f.metadata() == metadata
+    assert cli(["decrypt-model", "--key-file", str(tmp_path / "key"), str(tmp_path / "m.gc"),
+                str(tmp_path / "back.safetensors")]) == 0
+    assert (tmp_path / "back.safetensors").read_bytes() == plain.read_bytes()
+    # save_encrypted's own header, and a re-encryption (rekey --reencrypt), keep it too
+    header = models.save_encrypted({"w": np.ones(4, np.float32)}, tmp_path / "s.gc", KEY,
+                                   metadata, encrypt_names=True, device="cpu")
+    assert header.metadata == metadata
+    other = os.urandom(32)
+    with AtomicFile(tmp_path / "r.gc") as sink:
+        assert models._reencrypt(tmp_path / "s.gc", KEY, sink, other).metadata == metadata
+    assert models.read_header(tmp_path / "r.gc", other).metadata == metadata
+
+
+def test_a_table_without_metadata_from_an_earlier_version_reads_as_none(tmp_path):
+    """An earlier gpucrypt wrote no ``__metadata__`` for None and for {} alike: such a file
+    still has no metadata (None), and exports without it."""
+    import safetensors
+
+    table = b'{"w":{"data_offsets":[0,0],"dtype":"float32","shape":[0]}}'
+    path = forged_file(tmp_path / "old.gc", table)
+    assert models.read_header(path).metadata is None
+    assert models.read_header(path, KEY).metadata is None
+    with models.safe_open(path, "np", key=KEY) as f:
+        assert f.metadata() is None
+    models.export_safetensors(path, tmp_path / "old.safetensors", KEY)
+    assert b"__metadata__" not in (tmp_path / "old.safetensors").read_bytes()
+    with safetensors.safe_open(str(tmp_path / "old.safetensors"), "np") as ref:
+        assert ref.metadata() is None
+
+
+# ------------------------------------------------------------------ header without its key
+def test_file_length_needs_the_table(tmp_path):
+    """A header read without the key of a file with encrypt_names has no table, and its
+    segment count is -1: file_length came out 16 bytes short per segment (10169 for a
+    10233-byte file). It says to pass the key instead."""
+    path = tmp_path / "m.gc"
+    models.save_encrypted({"w": np.zeros(10000, np.uint8)}, path, KEY, encrypt_names=True,
+                          segment_size=SEG, device="cpu")
+    unread = models.read_header(path)
+    assert unread.tensors is None
+    with pytest.raises(ValueError, match=r"encrypted .*pass the key, read_header\(path, key\)"):
+        unread.file_length
+    assert models.read_header(path, KEY).file_length == os.path.getsize(path)
+    models.save_encrypted({"w": np.zeros(10000, np.uint8)}, path, KEY, segment_size=SEG,
+                          device="cpu")
+    assert models.read_header(path).file_length == os.path.getsize(path)  # readable table

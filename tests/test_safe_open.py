@@ -9,6 +9,7 @@ corrupted, and the slice still loads, while a flipped byte in one it needs raise
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from gpucrypt import models
 from gpucrypt.cli import main as cli
 from gpucrypt.files import _safe_open
 from gpucrypt.files._safe_open import _normalise, touched_segments
-from gpucrypt.stream import AuthenticationError
+from gpucrypt.stream import AuthenticationError, FormatError
 from _outside_simulator import assert_gpu_call_refused_outside_simulator
 
 SEG = 4096
@@ -96,8 +97,12 @@ def test_parity_with_safetensors(files):
             same(t, ref.get_tensor(name))
 
 
-def test_metadata_is_none_without_metadata(tmp_path):
-    save_file({"w": torch.ones(3)}, str(tmp_path / "p"))
+@pytest.mark.parametrize("metadata", [None, {}], ids=["none", "empty"])
+def test_metadata_none_and_empty_as_in_safetensors(tmp_path, metadata):
+    """safetensors' metadata() is {} for ``"__metadata__":{}`` and None without one; this
+    metadata() said None for both (the table dropped {}, and the reader tested it for
+    truth)."""
+    save_file({"w": torch.ones(3)}, str(tmp_path / "p"), metadata=metadata)
     key = os.urandom(32)
     (tmp_path / "key").write_bytes(key)
     (tmp_path / "key").chmod(0o600)  # the CLI refuses key files others can read
@@ -105,7 +110,8 @@ def test_metadata_is_none_without_metadata(tmp_path):
                 str(tmp_path / "e")]) == 0
     with models.safe_open(tmp_path / "e", "pt", key=key) as f, \
             safetensors.safe_open(str(tmp_path / "p"), "pt") as ref:
-        assert f.metadata() is ref.metadata() is None
+        assert ref.metadata() == metadata
+        assert f.metadata() == metadata and type(f.metadata()) is type(metadata)
 
 
 def test_numpy_framework(files):
@@ -302,6 +308,45 @@ def test_errors_are_safetensors_own_class(files):
     f.close()
     with pytest.raises(SafetensorError, match="closed"):
         f.get_tensor("big")
+
+
+def _raised_without_waiting(fifo, call) -> BaseException | None:
+    """What ``call()`` raised (None if it returned), run in a thread. A FIFO's blocking
+    open waits for a writer forever: if the call is still running after 10 s, the writer
+    side is opened and closed (the waiting open then returns, and reads the end) and the
+    test fails, so that a regression fails here instead of hanging the suite."""
+    raised = []
+
+    def target():
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            raised.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a reader waits: this opens
+        thread.join(10)
+        pytest.fail("the call waited on the FIFO for a writer instead of refusing it")
+    return raised[0] if raised else None
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_fifo_or_a_folder_is_refused_at_once_as_load_encrypted_refuses_it(tmp_path):
+    """safe_open opened the path with a plain blocking open: on a FIFO it waited for a
+    writer forever, and a folder raised a bare IsADirectoryError, where load_encrypted and
+    export_safetensors say at once, in a FormatError, that it is no regular file."""
+    fifo = tmp_path / "model.gc"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, "FIFO"), (tmp_path, "directory")):
+        got = _raised_without_waiting(fifo, lambda: models.safe_open(path, "np", key=bytes(32)))
+        want = _raised_without_waiting(fifo, lambda: models.load_encrypted(
+            path, bytes(32), "cpu", framework="numpy"))
+        assert isinstance(got, FormatError), repr(got)
+        assert str(got) == str(want) == f"{path} is a {kind}, not a regular file: give the " \
+                                         f"path of the model file itself"
 
 
 def test_argument_errors(files):

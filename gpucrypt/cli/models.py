@@ -135,6 +135,7 @@ def _check_paths(args) -> None:
 
 def _run_encrypt_model(args) -> int:
     from ..files import models
+    from ..files._atomic import open_regular
     from ..files._safetensors import open_safetensors
 
     check_key_sources(args)
@@ -150,10 +151,21 @@ def _run_encrypt_model(args) -> int:
     check_output(args, binary_ciphertext=True)
     _refuse_missing_folder(args.output)
     _safetensors()
+
+    def not_regular(kind: str) -> CliError:
+        return CliError(f"IN {args.input} is a {kind}, not a regular file: a safetensors file "
+                        f"is read at any position (its header, then each tensor where it "
+                        f"lies), which a pipe or a device cannot give; save it to a file "
+                        f"first and give that file", 2)
+
     try:
-        fd = os.open(args.input, os.O_RDONLY)
+        # non-blocking, regular files only (as decrypt-model's IN): a FIFO's plain open
+        # waited for a writer forever, and <(...) reached safetensors, which said "No such
+        # device"
+        source = open_regular(args.input, not_regular, buffering=0)
     except OSError as exc:
         raise CliError(f"cannot read {args.input}: {exc.strerror}", 2) from None
+    fd = source.fileno()
     try:
         try:
             models._refuse_model_file(fd, args.input)  # its message names IN itself
@@ -176,7 +188,7 @@ def _run_encrypt_model(args) -> int:
                     _salt=getattr(args, "file_salt", None),  # the envelope is bound to it (--kek)
                     _ran_on=ran_on))
     finally:
-        os.close(fd)
+        source.close()
     return 0
 
 

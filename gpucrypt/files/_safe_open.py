@@ -51,7 +51,10 @@ folder without its manifest and check every file before any tensor is decrypted.
 Errors: an unknown name, an unknown framework and a closed file raise
 ``safetensors.SafetensorError`` as safetensors does (when safetensors is installed;
 ``SafeOpenError`` itself otherwise), which here is also a ``KeyError`` (unknown name)
-or a ``ValueError`` (the others), so code written for either kind catches it.
+or a ``ValueError`` (the others), so code written for either kind catches it. A path
+that is no regular file (a FIFO, a folder) is ``FormatError``, as for ``load_encrypted``;
+"pt" where torch cannot be imported is ``ImportError`` when the file is opened, and a
+tensor whose dtype torch lacks a ``ValueError`` naming it ("np" reads every dtype).
 Differences from safetensors: frameworks
 are "pt"/"torch" and "np"/"numpy" (bfloat16 and float8 in NumPy need ``ml_dtypes``);
 ``get_dtype()`` gives safetensors' codes ("F32", "BF16", "F8_E4M3", ...), or the
@@ -60,7 +63,6 @@ memory the size of its whole tensor, for as long as the call lasts.
 """
 from __future__ import annotations
 
-import builtins
 from typing import Any
 
 import numpy as np
@@ -113,11 +115,9 @@ class SafeOpenError(_SafetensorError):
     """What :class:`safe_open` raises where safetensors raises ``SafetensorError``."""
 
 
-class UnknownTensorError(SafeOpenError, KeyError):
-    """No tensor of that name in the file."""
-
-    def __str__(self) -> str:  # KeyError's own would quote the message
-        return str(self.args[0]) if self.args else ""
+class UnknownTensorError(SafeOpenError, _models._UnknownTensor):
+    """No tensor of that name in the file (a ``KeyError``, as ``load_encrypted``'s for an
+    unknown name, printed without KeyError's extra quotes)."""
 
 
 class SafeOpenValueError(SafeOpenError, ValueError):
@@ -142,13 +142,18 @@ class safe_open:  # noqa: N801 - safetensors' own name
             raise SafeOpenValueError(f"framework must be one of {sorted(_FRAMEWORKS)}, "
                                      f"not {framework!r}")
         self._framework = _FRAMEWORKS[framework]
+        # safetensors raises for a framework it cannot import; the tensor API's fallback
+        # to NumPy arrays handed "pt" callers arrays without a word
+        _models._import_framework(self._framework)
         self._device = _device(device)
         if self._device != "cpu":  # said now (BackendUnavailable, why), not at get_tensor
             from ..backends import get_backend
 
             get_backend("gpu")
         self._threads = pipeline.cpu_threads(threads)
-        self._file = builtins.open(filename, "rb", buffering=0)
+        # load_encrypted's opener: a FIFO's plain open waited for a writer forever, and a
+        # folder raised IsADirectoryError, where load_encrypted says FormatError at once
+        self._file = _models._open_model(filename, buffering=0)
         opened_by = None  # the envelope stanza that opened a keyed file: audited below
         try:
             from .keyed import audit_keyed_open, file_key  # key management: at first use
@@ -194,8 +199,10 @@ class safe_open:  # noqa: N801 - safetensors' own name
         return [info.name for info in self._header.tensors]
 
     def metadata(self) -> dict | None:
-        """The file's ``__metadata__`` (str -> str), or None when it has none."""
-        return dict(self._header.metadata) if self._header.metadata else None
+        """The file's ``__metadata__`` (str -> str), ``{}`` when it is empty, or None when
+        it has none (as safetensors: the two are told apart)."""
+        metadata = self._header.metadata
+        return None if metadata is None else dict(metadata)
 
     def get_tensor(self, name: str) -> Any:
         """The whole tensor ``name``, decrypted and verified."""

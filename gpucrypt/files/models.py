@@ -120,6 +120,14 @@ _GPU_BATCH_BYTES = 32 << 20
 #: batches started and not finished while the next is prepared (CPU)
 _DEPTH = 1
 
+class _UnknownTensor(KeyError):
+    """A tensor name the model file does not hold (``load_encrypted(names=...)``; the base
+    of ``safe_open``'s ``UnknownTensorError``)."""
+
+    def __str__(self) -> str:  # KeyError's own prints the message inside a second pair of quotes
+        return str(self.args[0]) if self.args else ""
+
+
 class NotSafetensorsDtype(ValueError):
     """:func:`export_safetensors` of a valid model file that holds a tensor whose dtype
     a safetensors file cannot hold (``numpy:<U5``, ...): the data are fine, the target
@@ -146,8 +154,11 @@ class TensorInfo:
 class ModelHeader:
     """A parsed model-file header.
 
-    ``tensors`` and ``metadata`` are None when the table is encrypted and no key was
-    given. ``verified`` is True only when the header MAC was checked with a key.
+    ``metadata`` is the table's ``__metadata__`` as stored: None when the file has none,
+    ``{}`` when it has an empty one (safetensors keeps the two apart, and so does an
+    export of the file). ``tensors`` and ``metadata`` are None when the table is
+    encrypted and no key was given. ``verified`` is True only when the header MAC was
+    checked with a key.
     """
 
     version: int
@@ -188,7 +199,13 @@ class ModelHeader:
 
     @property
     def file_length(self) -> int:
-        """The exact size of the file (needs the table, for the segment count)."""
+        """The exact size of the file. It needs the table, for the segment count:
+        ``ValueError`` for a header read without a key whose table is encrypted (its
+        segment count of -1 gave a length 16 bytes a segment short)."""
+        if self.tensors is None:
+            raise ValueError("the file's length depends on its tensor table, which is "
+                             "encrypted (encrypt_names) and was read without a key: pass "
+                             "the key, read_header(path, key)")
         return self.header_length + self.data_length + TAG_SIZE * self.segment_count
 
 
@@ -215,10 +232,12 @@ def _header_body(header: ModelHeader) -> bytes:
 
 # ---------------------------------------------------------------------------- the table
 def _encode_table(infos: list[TensorInfo], metadata: dict | None) -> bytes:
-    """Canonical JSON (sorted keys, no spaces, UTF-8): safetensors' own header layout."""
+    """Canonical JSON (sorted keys, no spaces, UTF-8): safetensors' own header layout.
+    An empty ``metadata`` is written (``"__metadata__":{}``), None is not: safetensors
+    tells the two apart, and a file converted from one comes back the same."""
     doc: dict[str, Any] = {i.name: {"dtype": i.dtype, "shape": list(i.shape),
                                      "data_offsets": [i.begin, i.end]} for i in infos}
-    if metadata:
+    if metadata is not None:
         doc[_METADATA_KEY] = dict(metadata)
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -256,16 +275,18 @@ def _bad_table(why: str) -> FormatError:
     return FormatError(f"malformed tensor table: {why}")
 
 
-def _decode_table(raw: bytes, data_length: int) -> tuple[tuple, dict]:
-    """(tensors in data order, metadata); FormatError for anything but a table we write:
-    valid dtypes, shapes whose byte count matches the offsets, and offsets that tile
-    ``[0, data_length)`` exactly, in order, with no gap or overlap."""
+def _decode_table(raw: bytes, data_length: int) -> tuple[tuple, dict | None]:
+    """(tensors in data order, metadata: None when the table has no ``__metadata__``, as
+    in every file an earlier gpucrypt wrote without metadata or with an empty one);
+    FormatError for anything but a table we write: valid dtypes, shapes whose byte count
+    matches the offsets, and offsets that tile ``[0, data_length)`` exactly, in order,
+    with no gap or overlap."""
     doc = load_json(raw, "malformed tensor table")  # unauthenticated without a key
     if not isinstance(doc, dict):
         raise _bad_table("not a JSON object")
-    metadata = doc.pop(_METADATA_KEY, {})
-    if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    metadata = doc.pop(_METADATA_KEY, None)
+    if metadata is not None and (not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise _bad_table("__metadata__ must map strings to strings")
     infos = []
     for name, entry in doc.items():
@@ -687,7 +708,8 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
     (key references bound to the file's salt), and ``key_id`` is the keyset's primary id;
     :func:`load_encrypted`, :func:`safe_open` and ``gpucrypt decrypt-model`` open it
     with ``identity``/``keyset``.
-    ``metadata``: str -> str, stored in the table. ``encrypt_names``: encrypt the whole
+    ``metadata``: str -> str, stored in the table (``{}`` as an empty ``__metadata__``,
+    None as none, as safetensors keeps them). ``encrypt_names``: encrypt the whole
     table (names, dtypes, shapes, offsets, metadata); otherwise it stays readable (and
     authenticated). ``key_id``/``envelope``: header slots as in the stream format (an
     envelope from :func:`gpucrypt.keys.seal_envelope` wraps ``key`` for recipients).
@@ -758,7 +780,7 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
     body = _header_body(header)
     mac = hmac.new(_derive(key, salt, _HEADER_MAC_INFO, fixed), body, hashlib.sha256).digest()
     header = _replace(header, header_mac=mac, header_length=len(body) + MAC_SIZE,
-                      tensors=tuple(infos), metadata=metadata or {}, verified=True)
+                      tensors=tuple(infos), metadata=metadata, verified=True)
 
     seg_key = _derive(key, salt, _SEGMENT_INFO, fixed)
     aad = _segment_aad(fixed, stored)
@@ -949,7 +971,11 @@ def load_encrypted(path: Any, key: Any = None, device: str = "auto", *,
     tensors or CuPy arrays, decrypted on the device; see the module docstring), or
     "auto" (cuda when a real GPU is usable, else cpu). ``framework``: "torch", "cupy"
     (GPU only) or "numpy" (host arrays; under numba's simulator also the stand-in for
-    device arrays with ``device="cuda"``). Each tensor is its own allocation.
+    device arrays with ``device="cuda"``). Each tensor is its own allocation. A
+    framework that cannot be imported is an ``ImportError`` (never NumPy arrays in its
+    place), and a tensor whose dtype torch lacks (``numpy:>f4``, ``numpy:<U2``,
+    ml_dtypes' ``float8_e4m3``) a ``ValueError`` naming it, before anything is decrypted:
+    "numpy" reads every dtype.
 
     Everything is verified before anything is returned: the header MAC first (a wrong
     key fails there), then every segment. On any failure the outputs are zeroed and
@@ -964,6 +990,10 @@ def load_encrypted(path: Any, key: Any = None, device: str = "auto", *,
         raise ValueError(f"framework must be one of {FRAMEWORKS} (or safetensors' 'pt', 'np'), "
                          f"not {framework!r}")
     target = _check_device(device)
+    if framework == "cupy" and target == "cpu":
+        raise ValueError("CuPy arrays live on the GPU: use device='cuda', or framework='numpy' "
+                         "or 'torch' for device='cpu'")
+    _import_framework(framework)  # before a key is unwrapped (a KMS call, an audit event)
     threads = pipeline.cpu_threads(threads)
     if key is None or keyset is not None or identity is not None:
         from .. import audit
@@ -991,6 +1021,43 @@ def load_encrypted(path: Any, key: Any = None, device: str = "auto", *,
         return _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target, picked)
 
 
+def _import_framework(framework: str) -> None:
+    """ImportError, saying what to do, when ``framework`` (given to ``safe_open``, or to
+    ``load_encrypted``, whose default is "torch") cannot be imported. The tensor API's
+    fallback to NumPy arrays (for a ciphertext made with a framework this machine lacks)
+    is not wanted here: code that asked for torch tensors got NumPy arrays without a
+    word, and failed later, far from the cause (safetensors raises)."""
+    if framework == "numpy":
+        return
+    import importlib
+
+    try:
+        importlib.import_module(framework)
+    except ImportError as exc:
+        default = " (the default)" if framework == "torch" else ""
+        raise ImportError(f"framework {framework!r}{default} cannot be imported here ({exc}): "
+                          f"install {framework}, or load NumPy arrays with "
+                          f"framework='numpy' (safe_open(path, 'np'))") from None
+
+
+def _check_dtypes(framework: str, infos, picked) -> None:
+    """ValueError naming the first tensor of ``picked`` whose dtype ``framework`` cannot
+    make, before anything is allocated or decrypted: a valid file may hold any NumPy dtype
+    (big-endian ``numpy:>f4``, strings ``numpy:<U2``, ml_dtypes' ``float8_e4m3``), and
+    torch's lookup of one failed with a bare AttributeError. NumPy makes every dtype
+    (ml_dtypes' with ml_dtypes installed, which its own error says)."""
+    if framework != "torch":
+        return
+    import torch
+
+    for t in picked:
+        info = infos[t]
+        if not isinstance(getattr(torch, info.dtype, None), torch.dtype):
+            raise ValueError(f"tensor {info.name!r} has dtype {info.dtype}, which torch "
+                             f"{torch.__version__} has no dtype for: load it as a NumPy "
+                             f"array, with framework='numpy' (safe_open(path, 'np'))")
+
+
 def _pick(infos, names: Any) -> list[int]:
     """Table positions of the tensors ``names`` asks for (all for None), in table order."""
     if names is None:
@@ -1000,8 +1067,8 @@ def _pick(infos, names: Any) -> list[int]:
     wanted = set(names)
     unknown = sorted(wanted - {i.name for i in infos})
     if unknown:
-        raise KeyError(f"no tensor {unknown[0]!r} in this model file"
-                       + (f" (and {len(unknown) - 1} more unknown names)" if len(unknown) > 1 else ""))
+        raise _UnknownTensor(f"no tensor {unknown[0]!r} in this model file" + (
+            f" (and {len(unknown) - 1} more unknown names)" if len(unknown) > 1 else ""))
     return [t for t, i in enumerate(infos) if i.name in wanted]
 
 
@@ -1071,7 +1138,7 @@ def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = N
                     f"gpucrypt.models.load_encrypted(path, key, framework='numpy') (or "
                     f"safe_open(path, 'np', key=...)) instead")
         prefix, offsets = safetensors_layout(
-            [(i.name, i.dtype, i.shape, i.nbytes) for i in infos], header.metadata or None)
+            [(i.name, i.dtype, i.shape, i.nbytes) for i in infos], header.metadata)
         where = [offsets[i.name] for i in infos]
         in_batch, largest = {}, 0  # segment index -> its offset in its batch's buffer
         for batch in _batches(segments, pipeline.CPU_BATCH_BYTES):
@@ -1120,11 +1187,11 @@ def _tag_of(tags: bytes, seg: _Segment) -> bytes:
 def _load_on_cpu(f, header, segments, tags, seg_key, aad, framework, threads, picked) -> dict:
     """Each segment opened into its tensor's memory on the pool (``_open_on_cpu``);
     ``picked``: the table positions of the tensors to return."""
-    if framework == "cupy":
-        raise ValueError("CuPy arrays live on the GPU: use device='cuda', or framework='numpy' "
-                         "or 'torch' for device='cpu'")
-    adapter = fw.result_adapter(framework, fw.HOST)
     infos = header.tensors
+    _check_dtypes(framework, infos, picked)
+    # the framework itself (not the tensor API's result_adapter, whose fallback to NumPy
+    # hid a missing torch): its import was checked when the file was opened
+    adapter = fw.BY_NAME[framework]
     outputs = {t: adapter.empty(infos[t].dtype, infos[t].shape, fw.HOST) for t in picked}
     flat = {t: np.asarray(adapter.host_array(adapter.byte_view(o))).reshape(-1)
             for t, o in outputs.items() if infos[t].nbytes}
@@ -1260,9 +1327,10 @@ def _gpu_target(framework: str, target: str, gpu):
 def _load_on_gpu(f, header, segments, tags, seg_key, aad, framework, target, picked) -> dict:
     from ..backends import get_backend
 
+    infos = header.tensors
+    _check_dtypes(framework, infos, picked)
     gpu = get_backend("gpu")
     adapter, place, stream = _gpu_target(framework, target, gpu)
-    infos = header.tensors
     outputs = {t: adapter.empty(infos[t].dtype, infos[t].shape, place) for t in picked}
     dev_bytes = {t: adapter.byte_view(o) for t, o in outputs.items() if infos[t].nbytes}
     batches = _batches(segments, _GPU_BATCH_BYTES, infos)
@@ -1412,7 +1480,7 @@ def _reencrypt(path: Any, key: Any, sink: Any, new_key: Any, *, key_id: Any = No
                                               old.header_length + info.begin, info.nbytes,
                                               first, opener)
             first += -(-info.nbytes // old.segment_size)
-        return save_encrypted(sealed, sink, new_key, old.metadata or None,
+        return save_encrypted(sealed, sink, new_key, old.metadata,
                               algorithm=old.algorithm, encrypt_names=old.names_encrypted,
                               segment_size=old.segment_size, device="cpu", key_id=key_id,
                               envelope=envelope, threads=threads, _salt=_salt)
