@@ -69,7 +69,9 @@ Contract:
   answer 404 (``FileNotFoundError``). :func:`stats` counts the segments decrypted.
   Readers are independent of each other, in threads too: over ``memory://``, whose
   ``open`` hands every caller one shared file object, they read by range (``cat_file``)
-  instead.
+  instead, so there a file replaced while a reader is open fails its next read (a local
+  reader keeps reading the file it opened, unless it is rewritten in place); the error
+  then says that the file changed since it was opened, and to open it again.
 - **Sizes are plaintext sizes.** ``info``/``ls`` read each file's header (a few KiB)
   and report the size of its plaintext; a file that is not a gpucrypt stream keeps its
   stored size and gets ``"encrypted": False`` (opening it raises ``FormatError``); a
@@ -86,10 +88,14 @@ Contract:
   where they are given, before a byte is written. So are the keys (identities only:
   ``ValueError``) and, on a local target, the path (a folder: ``IsADirectoryError``; a
   missing folder: ``FileNotFoundError``, or made where the target has ``auto_mkdir=True``,
-  as its own writes do). A local target gets it through :mod:`gpucrypt.files._atomic`
-  (temporary file in the same folder, fsync, rename), and so does ``cp_file``; any other
-  target gets a temporary name in the same folder, then ``mv`` over the path (a rename
-  where the target has one, a copy of the whole object on object stores: readers see the
+  as its own writes do), and any other keyword argument of a write (``open(...,
+  "wb")``, ``pipe_file``, ``put_file``): one that neither fsspec's ``open`` nor the
+  target's methods name (``block_size``, ``cache_type``, ...: taken, and unused) raises
+  ``TypeError``, so that a misspelt ``algoritm=`` cannot seal with the default. A
+  local target gets the write through :mod:`gpucrypt.files._atomic` (temporary file in
+  the same folder, fsync, rename), and so does ``cp_file``; any other target gets a
+  temporary name in the same folder, then ``mv`` over the path (a rename where the
+  target has one, a copy of the whole object on object stores: readers see the
   old file or the new one). There a path that is a folder is refused
   (``IsADirectoryError``, checked before the ``mv``) and a ``mv`` that leaves no file at
   the path raises. ``"xb"`` is refused: ``pipe_file``/``put_file`` take
@@ -98,8 +104,22 @@ Contract:
   a ``with`` block is left by an exception, when ``close`` runs while an exception is
   propagating (text mode, ``compression=`` and writers such as pandas close the file on
   their way out of a failure), when ``discard()`` is called, or when a writer is dropped
-  without being closed. A ``close`` inside an ``except`` clause therefore discards too,
-  unless the file was opened inside that clause; call ``commit()`` there to publish.
+  without being closed, or closed by the finaliser of one of :mod:`io`'s wrappers
+  (``TextIOWrapper``, ``BufferedWriter``) collected unclosed, which tell the file so.
+  A ``close`` inside an ``except`` clause therefore discards too, unless the file was
+  opened inside that clause; call ``commit()`` there to publish. Opened there, it is
+  discarded all the same when that exception is raised again before the close (``raise
+  exc``, a re-raise from a function called, a bare ``raise`` that leaves a ``with``
+  block of the writer or of ``fsspec.open``); a bare ``raise`` followed by a plain
+  ``f.close()`` (in a ``finally:``) in the same function cannot be told from the clause
+  ending normally, and publishes: write there in a ``with`` block.
+  Not caught either: a close by the finaliser of another library's writer that was left
+  unclosed after a failure that has since been handled (pyarrow's ``ParquetWriter``,
+  collected after a job failed between batches, writes its footer and closes the file:
+  what was written so far is published). Such a close looks, to the file, exactly like
+  a successful one, so close those writers yourself: in a ``with`` block (``with
+  pq.ParquetWriter(path, schema, filesystem=fs) as w:``), or call the gpucrypt file's
+  ``discard()`` when the job fails.
   Inside ``with fs.transaction:`` (``autocommit=False``) ``close`` stages the file and
   the transaction publishes it (``commit``) or drops it (``discard``), file by file: a
   publish that fails part-way leaves the files before it published. A publish that
@@ -154,7 +174,10 @@ Contract:
 """
 from __future__ import annotations
 
+import difflib
 import errno
+import functools
+import inspect
 import io
 import logging
 import os
@@ -168,6 +191,7 @@ from typing import Any
 
 import fsspec
 from fsspec.config import apply_config
+from fsspec.core import OpenFile, OpenFiles
 from fsspec.implementations.cached import CachingFileSystem
 from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.implementations.dirfs import DirFileSystem
@@ -225,16 +249,28 @@ class _Counter:
 _COUNTER = _Counter()
 
 
-#: what filesystems report that changes when a file is replaced (local: inode and mtime;
-#: object stores: ETag, generation, version, modification time; memory: creation time)
+#: what filesystems report that changes when a file is replaced, as their ``info`` names
+#: it: local (inode, mtime, created), memory (created), http (ETag, Last-Modified,
+#: Content-MD5, Digest: those the server sends), s3fs (ETag, LastModified, VersionId),
+#: gcsfs (generation, md5Hash, crc32c, etag, updated, mtime), adlfs (etag, last_modified,
+#: creation_time, version_id), webhdfs (modificationTime), sftp and smb (mtime; not their
+#: "time", the access time, which a read changes), ftp (modify), arrow (mtime), github
+#: (sha), git (hex), Hugging Face (blob_id, last_commit)
 _VERSION_FIELDS = ("ino", "mtime", "created", "ETag", "etag", "LastModified", "last_modified",
-                   "generation", "VersionId", "version_id", "md5Hash")
+                   "Last-Modified", "Content-MD5", "Digest", "generation", "VersionId",
+                   "version_id", "md5Hash", "crc32c", "updated", "creation_time",
+                   "modificationTime", "modification_time", "modify", "sha", "hex",
+                   "blob_id", "last_commit")
 
 
 def _version_of(info: dict) -> tuple:
     """The fields of ``info`` that tell one version of a file from the next: a file
     replaced by another of the same stored size (another header, or no stream at all) is
-    then read again, not given the first one's size. Unhashable values count by ``repr``."""
+    then read again, not given the first one's size. Unhashable values count by ``repr``.
+    Empty when the target reports none of them (an HTTP server that sends neither ETag
+    nor Last-Modified): such a file's size is then not remembered (see
+    :meth:`GpucryptFileSystem._plain_info`). A time kept to the second (Last-Modified)
+    tells apart replacements a second apart or more."""
     version = []
     for name in _VERSION_FIELDS:
         value = info.get(name)
@@ -248,6 +284,37 @@ def _version_of(info: dict) -> tuple:
 
 
 _WRITE_OPTIONS = ("algorithm", "segment_size", "device")
+
+
+#: what fsspec's ``open`` and its files take beside a path and a mode (and pass on to
+#: ``_open``), which a write here accepts and has no use for: the plaintext is buffered
+#: and sealed whole, so no block size, cache or expected size of the target applies
+_FSSPEC_FILE_OPTIONS = frozenset({"block_size", "cache_type", "cache_options", "autocommit",
+                                  "size", "compression", "encoding", "errors", "newline"})
+#: the target's methods whose keyword arguments a write through gpucrypt accepts (and
+#: ignores, as it always did), by the call they reach gpucrypt through
+_TARGET_METHODS = {"open": ("open", "_open", "pipe_file", "_pipe_file"),
+                   "put_file": ("open", "_open", "put_file", "_put_file")}
+
+
+@functools.lru_cache(maxsize=64)
+def _target_write_options(target_class: type, call: str) -> frozenset:
+    """The keyword arguments that ``target_class``'s methods for ``call`` name (see
+    :data:`_TARGET_METHODS`): named parameters only, its ``**kwargs`` taking any name
+    (local and memory filesystems have one) would let every typo through."""
+    names: set[str] = set()
+    for method in _TARGET_METHODS[call]:
+        function = getattr(target_class, method, None)
+        if function is None:
+            continue
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):  # a builtin or a wrapper without a signature
+            continue
+        names.update(p.name for p in parameters
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    names.discard("self")
+    return frozenset(names)
 
 
 def _write_options(algorithm: Any, segment_size: Any, device: Any) -> dict:
@@ -305,8 +372,12 @@ class GpucryptFile(stream.SegmentReader):
 
     mode = "rb"
 
-    def __init__(self, target_file: Any, key: Any, path: str, device: str = "cpu"):
+    def __init__(self, target_file: Any, key: Any, path: str, device: str = "cpu",
+                 changed: Any = None):
         self.path = path
+        # whether the stored file changed since it was opened (see _change_check): said
+        # when a segment then fails, which is then likely no tampering
+        self._changed = changed
         try:
             if callable(key):
                 header = stream.read_header(target_file)
@@ -344,16 +415,43 @@ class GpucryptFile(stream.SegmentReader):
                         f"the path, and open the file again where it is read")
 
     def _count(self) -> None:
-        _COUNTER.add(segments=self.segments_decrypted - self._counted)
-        self._counted = self.segments_decrypted
+        if self.segments_decrypted != self._counted:  # no lock taken per line read
+            _COUNTER.add(segments=self.segments_decrypted - self._counted)
+            self._counted = self.segments_decrypted
 
     def readinto(self, buf) -> int:
         try:
             return super().readinto(buf)
         except StreamError as exc:
-            raise named_error(exc, self.path) from None
+            raise self._failure(exc) from None
         finally:
             self._count()
+
+    def readline(self, size: int | None = -1) -> bytes:
+        try:
+            return super().readline(size)
+        except StreamError as exc:
+            raise self._failure(exc) from None
+        finally:
+            self._count()
+
+    def _failure(self, exc: StreamError) -> Exception:
+        """``exc`` named for this file; a segment that failed in a file that has changed
+        since it was opened (another writer replaced it: over ``memory://`` every read
+        is a range of whatever the path holds now) says so: not a sign of tampering."""
+        failure = named_error(exc, self.path)
+        if isinstance(exc, AuthenticationError) and self._changed is not None:
+            try:
+                changed = self._changed()
+            except Exception:  # noqa: BLE001 - the failure itself is what to raise
+                changed = False
+            if changed:
+                failure.args = (f"{failure.args[0]}; but the stored file has changed since "
+                                f"it was opened (replaced or rewritten), which explains "
+                                f"that: open it again to read it as it is now (should a "
+                                f"new open fail too, the file is damaged or tampered "
+                                f"with)",) + failure.args[1:]
+        return failure
 
     def close(self) -> None:
         if not self.closed:
@@ -514,6 +612,7 @@ class _RangeFile(io.RawIOBase):
         info = fs.info(path)  # FileNotFoundError, as the target's open would raise
         if info["type"] != "file":
             raise IsADirectoryError(errno.EISDIR, "it is a folder, not a file to read", path)
+        self.info = info  # what it was when opened (see _change_check)
         self._size, self._pos = int(info["size"]), 0
 
     def readable(self) -> bool:
@@ -543,6 +642,42 @@ class _RangeFile(io.RawIOBase):
         return len(data)
 
 
+def _change_check(fs: Any, path: str, stored: Any) -> Any:
+    """A function that tells whether the stored file ``path`` of ``fs``, just opened as
+    ``stored``, has changed since this call, for the error of a segment that fails later;
+    None where that cannot be told. Costs nothing more at open: a local file is
+    ``fstat``'ed (its descriptor: rewritten in place, it has a new size or time; replaced
+    by a rename, the descriptor still reads the old file, which does not fail); a
+    :class:`_RangeFile` or an fsspec file that fetched its ``info`` when it opened (s3fs's,
+    gcsfs's) keeps it, and ``fs.info`` is asked again only once a segment has failed."""
+    try:
+        descriptor = stored.fileno()
+    except (AttributeError, OSError, ValueError):
+        descriptor = None
+    if isinstance(descriptor, int):
+        def stat_version() -> tuple:
+            st = os.fstat(descriptor)
+            return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+        try:
+            opened = stat_version()
+        except OSError:
+            return None
+        return lambda: stat_version() != opened
+    # an fsspec file's info, where its open fetched it (``details`` would fetch it now)
+    info = stored.info if isinstance(stored, _RangeFile) else getattr(stored, "_details", None)
+    if not isinstance(info, dict) or info.get("size") is None:
+        return None
+    opened = (int(info["size"]), _version_of(info))
+
+    def changed() -> bool:
+        try:
+            now = fs.info(path)
+        except FileNotFoundError:
+            return True  # removed since
+        return (int(now.get("size") or -1), _version_of(now)) != opened
+    return changed
+
+
 def _shares_file_objects(fs: Any) -> bool:
     """Whether ``fs.open(path, "rb")`` may hand two callers one file object (and one
     position): fsspec's memory filesystem, also under a ``dir::`` prefix."""
@@ -551,13 +686,52 @@ def _shares_file_objects(fs: Any) -> bool:
     return isinstance(fs, MemoryFileSystem)
 
 
+#: the ``__exit__`` of fsspec's context managers that close the files they opened
+#: (``fsspec.open``'s ``OpenFile``, ``open_files``' ``OpenFiles``), as ``__exit__(self,
+#: *args)``: they close a writer without passing on the exception that ends their block
+_FSSPEC_EXITS = frozenset({OpenFile.__exit__.__code__, OpenFiles.__exit__.__code__})
+#: the modules of the frames between a writer's close and such an ``__exit__``
+_CLOSING_MODULES = frozenset({__name__, "fsspec.core"})
+
+
+def _closed_by_a_failing_with() -> bool:
+    """Whether this close is made by a ``with fsspec.open(...)`` (or ``open_files``) block
+    left by an exception: by its ``__exit__``, found up the stack past this module's and
+    fsspec.core's frames only, given an exception. Asked only where ``sys.exc_info()``
+    cannot tell: a writer opened inside an ``except`` clause, closed while the same
+    exception is the one handled, the same traceback too. A bare ``raise`` of it inside
+    the block leaves both unchanged, and fsspec's ``__exit__`` closes its files without
+    passing on what it was given. Only those frames' locals are read: an application
+    frame ends the look unread (see :data:`_PASSED_THROUGH`)."""
+    frame = sys._getframe(1)
+    try:
+        for _ in range(_CALLER_FRAMES):
+            if frame is None:
+                return False
+            if frame.f_code in _FSSPEC_EXITS:
+                args = frame.f_locals.get("args") or (None,)
+                return args[0] is not None
+            if frame.f_globals.get("__name__") not in _CLOSING_MODULES:
+                return False
+            frame = frame.f_back
+        return False
+    finally:
+        del frame  # no cycle through this frame
+
+
 class _EncryptingWriter(io.RawIOBase):
     """Plaintext written here is sealed into one stream file and published by a
     successful ``close`` (see the module docstring). Dropped instead: on ``discard()``, a
     ``with`` block left by an exception, a ``close`` while an exception propagates (the
-    close that ``TextIOWrapper`` or a compressor makes on its way out of a failure), and
-    a writer collected unclosed. With ``autocommit=False`` (an fsspec transaction)
-    ``close`` keeps it for ``commit()``."""
+    close that ``TextIOWrapper`` or a compressor makes on its way out of a failure), a
+    writer collected unclosed, and one closed by the finaliser of an :mod:`io` wrapper
+    collected unclosed. With ``autocommit=False`` (an fsspec transaction) ``close`` keeps
+    it for ``commit()``.
+
+    Limit: a ``close`` is all a file is told. One made by another library's finaliser
+    after a failure was handled (pyarrow's ``ParquetWriter.__del__``) comes with no
+    exception and no sign of where it comes from, and publishes: close such writers in
+    a ``with`` block, or call :meth:`discard` when the work fails."""
 
     mode = "wb"
 
@@ -568,8 +742,13 @@ class _EncryptingWriter(io.RawIOBase):
         self._options = options  # this file's write options; None: the filesystem's
         self.autocommit, self._written = autocommit, 0
         # an exception already being handled where the file is opened (its with block
-        # inside an except clause) is not one that fails the writing
+        # inside an except clause) is not one that fails the writing; its traceback too:
+        # the same exception raised again since (raise exc, or re-raised by a function
+        # called) carries a new one, and does fail it
         self._handling = sys.exc_info()[1]
+        self._handling_tb = getattr(self._handling, "__traceback__", None)
+        # set when an io wrapper's finaliser is about to close this file (_dealloc_warn)
+        self._collected_wrapper: str | None = None
 
     @property
     def name(self) -> str:
@@ -603,8 +782,18 @@ class _EncryptingWriter(io.RawIOBase):
             # as any file: a second close does nothing (a finaliser or an outer with block
             # closing again must not raise again); a failed publish is retried by commit()
             return
+        if self._collected_wrapper is not None:
+            self.discard()
+            if self._written:
+                _log.warning("%s: the write was discarded, not published: the %s over it "
+                             "was collected without being closed, and its finaliser closed "
+                             "this file; close the wrapper (or write in a with block) to "
+                             "publish", self.path, self._collected_wrapper)
+            return
         failing = sys.exc_info()[1]
-        if failing is not None and failing is not self._handling:
+        if failing is not None and (failing is not self._handling
+                                    or failing.__traceback__ is not self._handling_tb
+                                    or _closed_by_a_failing_with()):
             self.discard()
             if self._written:  # logged, not warned: a warning could replace that exception
                 _log.warning("%s: the write was discarded, not published: the file was "
@@ -612,6 +801,14 @@ class _EncryptingWriter(io.RawIOBase):
                              "commit() to publish there", self.path, type(failing).__name__)
         else:
             self._finish()
+
+    def _dealloc_warn(self, source: Any) -> None:
+        # what io's C wrappers (TextIOWrapper, BufferedWriter, ...) call on the raw file
+        # when they are collected unclosed, right before their finaliser closes it (FileIO
+        # warns "unclosed file" there): that close is no successful end of the writing. It
+        # may come long after the failure that left the wrapper unclosed was handled, with
+        # nothing else to tell it from a successful close
+        self._collected_wrapper = type(source).__name__
 
     def _finish(self) -> None:
         """The successful close: publish, or in a transaction, stage for it."""
@@ -734,6 +931,12 @@ class _TextWriter(io.TextIOWrapper):
         if not self.closed:
             self.flush()
         self.buffer.commit()
+
+    def discard(self) -> None:
+        """Drop what was written, the text not yet flushed included: nothing is published
+        and the old file stays. The file is closed (``closed`` is true: it is the binary
+        writer's), and a later ``close()`` does nothing."""
+        self.buffer.discard()  # before any close() could flush the pending text into it
 
     def __exit__(self, exc_type, exc, tb) -> None:
         writer = self.buffer
@@ -1117,9 +1320,13 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
                 size = plaintext_size(header, stored)
                 if size is None:  # listed all the same: exists, find, glob and du keep working
                     size = _TRUNCATED
-            if len(self._sizes) > 65536:
-                self._sizes.clear()
-            self._sizes[key] = size
+            # remembered only where the target says which version of the file this is:
+            # without, a file replaced by another of the same stored size (another header
+            # length) would keep the first one's plaintext size
+            if key[2]:
+                if len(self._sizes) > 65536:
+                    self._sizes.clear()
+                self._sizes[key] = size
         info["stored_size"] = stored
         info["encrypted"] = size is not None
         if size == _TRUNCATED:
@@ -1190,7 +1397,7 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         if mode == "rb":
             return self._open_reader(target, **kwargs)
         if mode == "wb":
-            options = self._file_options(kwargs)
+            options = self._file_options(kwargs, target)
             self._encrypting_keys()
             if isinstance(self.fs, LocalFileSystem):
                 self._local_destination(target)
@@ -1204,9 +1411,26 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         raise ValueError(f"gpucrypt files open as 'rb' or 'wb', not {mode!r}: a stream file is "
                          f"written whole (appending would need its last segment resealed)")
 
-    def _file_options(self, kwargs: dict) -> dict | None:
+    def _file_options(self, kwargs: dict, path: str, call: str = "open") -> dict | None:
         """Write options given for one file (``open(path, "wb", segment_size=...)``,
-        ``put_file``), over the filesystem's and checked now; None if none are given."""
+        ``pipe_file``, ``put_file``), over the filesystem's and checked now; None if none
+        are given. Any other keyword argument must be one fsspec's ``open`` or the
+        target's methods for ``call`` take (see :func:`_target_write_options`), else
+        ``TypeError``, as the constructor refuses an option it does not take: a misspelt
+        ``algoritm=`` dropped without a word would seal the file with the default."""
+        unknown = sorted(set(kwargs) - set(_WRITE_OPTIONS) - _FSSPEC_FILE_OPTIONS
+                         - _target_write_options(type(self.fs), call))
+        if unknown:
+            hints = [f"{name}= (did you mean {close[0]}=?)" if close else f"{name}="
+                     for name in unknown
+                     for close in [difflib.get_close_matches(name, _WRITE_OPTIONS, 1)]]
+            protocol = self.fs.protocol if isinstance(self.fs.protocol, str) \
+                else self.fs.protocol[0]
+            raise TypeError(f"{path}: unexpected option(s) for writing a gpucrypt file: "
+                            f"{', '.join(hints)}; a file is sealed with algorithm=, "
+                            f"segment_size= and device=, and besides those a write takes "
+                            f"only what fsspec's open and the target ({protocol}) take: "
+                            f"correct the name; nothing was written")
         given = {name: kwargs[name] for name in _WRITE_OPTIONS if name in kwargs}
         return _write_options(**{**self.write_options, **given}) if given else None
 
@@ -1222,9 +1446,14 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         return self.fs.open(target, "rb", **kwargs)
 
     def _open_reader(self, target: str, **kwargs: Any) -> GpucryptFile:
-        return GpucryptFile(self._open_target(target, **kwargs),
-                            lambda header: self._data_key(header, target), target,
-                            device=self.read_device)
+        stored = self._open_target(target, **kwargs)
+        try:
+            changed = _change_check(self.fs, target, stored)
+        except BaseException:
+            stored.close()
+            raise
+        return GpucryptFile(stored, lambda header: self._data_key(header, target), target,
+                            device=self.read_device, changed=changed)
 
     def cat_file(self, path: Any, start: int | None = None, end: int | None = None,
                  **kwargs: Any) -> bytes:
@@ -1438,13 +1667,14 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         ``mode="create"`` refuses an existing ``rpath`` (``FileExistsError``, as fsspec's
         filesystems do); inside a transaction the sealed file waits beside ``rpath``
         until the transaction ends (see the module docstring)."""
+        target = self._target(rpath)
+        options = self._file_options(kwargs, target, "put_file")  # first: a typo does nothing
         if mode == "create" and self.exists(rpath):
             raise FileExistsError(f"{rpath} exists and put_file was given mode='create': "
                                   f"remove it first, or put with mode='overwrite'")
         if os.path.isdir(lpath):
             self.makedirs(rpath, exist_ok=True)
             return
-        target, options = self._target(rpath), self._file_options(kwargs)
         if not self._intrans:
             self._publish(target, os.fspath(lpath), options)
             return

@@ -1608,3 +1608,289 @@ def test_an_explicit_keys_none_wins_over_the_fsspec_configs_keyset(keys, monkeyp
                                identities=[keys["identity"]])
     assert reader.keys.keyset is None and not reader._keys().can_encrypt()
     assert fsspec.filesystem("gpucrypt", target_protocol="memory").keys.keyset == keys["keyset"]
+
+
+def test_a_writer_opened_while_handling_is_discarded_when_that_exception_is_raised_again(
+        keys, tmp_path, caplog):
+    """A writer opened inside an ``except`` clause publishes when its block ends normally,
+    and is discarded when the block fails by raising the handled exception again: a bare
+    ``raise`` leaving a ``with fsspec.open(...)`` block (whose ``__exit__`` closes the
+    file without passing the exception on), ``raise exc``, a re-raise by a function."""
+    fs = local_fs(keys)
+    path = str(tmp_path / "report.gc")
+    options = {"gpucrypt": {"keyset": keys["keyset"]}}
+    url = f"gpucrypt::file://{path}"
+
+    def reraise(exc):
+        raise exc
+
+    def fails_while_handling(write):
+        fs.pipe_file(path, b"OLD complete report")
+        with pytest.raises(ValueError, match="input bad"):
+            try:
+                raise ValueError("input bad")
+            except ValueError as exc:
+                write(exc)
+        assert fs.cat_file(path) == b"OLD complete report"
+
+    def through_open_file(exc, mode="wb"):
+        with fsspec.open(url, mode, **options) as f:
+            f.write(b"NEW half" if mode == "wb" else "NEW half")
+            raise
+
+    def through_its_own_with(exc):
+        with fs.open(path, "wb") as f:
+            f.write(b"NEW half")
+            raise
+
+    def raised_again_then_closed(exc):
+        f = fs.open(path, "wb")
+        try:
+            f.write(b"NEW half")
+            raise exc
+        finally:
+            f.close()
+
+    def reraised_by_a_function_then_closed(exc):
+        f = fs.open(path, "wb")
+        try:
+            f.write(b"NEW half")
+            reraise(exc)
+        finally:
+            f.close()
+
+    with caplog.at_level("WARNING", logger="gpucrypt.fs"):
+        fails_while_handling(through_open_file)
+        fails_while_handling(lambda exc: through_open_file(exc, "w"))
+        fails_while_handling(through_its_own_with)
+        fails_while_handling(raised_again_then_closed)
+        fails_while_handling(reraised_by_a_function_then_closed)
+    # logged by each close that discarded (its own with block discards without a word)
+    assert caplog.text.count("discarded, not published") == 4
+
+    # opened there and ended normally: published, by fsspec.open's block and by close()
+    for mode, data in (("wb", b"report A"), ("w", "report B")):
+        try:
+            raise ValueError("input bad")
+        except ValueError:
+            with fsspec.open(url, mode, **options) as f:
+                f.write(data)
+        assert fs.cat_file(path) == (data if mode == "wb" else data.encode())
+    try:
+        raise ValueError("input bad")
+    except ValueError:
+        f = fs.open(path, "wb")
+        f.write(b"report C")
+        f.close()
+    assert fs.cat_file(path) == b"report C"
+
+
+def test_an_io_wrapper_collected_unclosed_does_not_publish(keys, tmp_path, caplog):
+    """A writer wrapped in io's TextIOWrapper or BufferedWriter whose export fails: the
+    wrapper's finaliser closes the writer once the failure is handled, with nothing in
+    sys.exc_info(); io tells the file (``_dealloc_warn``), which is then discarded. A
+    wrapper closed by the caller publishes."""
+    import gc
+    import io
+
+    fs = local_fs(keys)
+    path = str(tmp_path / "report.csv.gc")
+    old = b"id\n" + b"".join(b"%d\n" % i for i in range(100))
+
+    def rows():
+        for i in range(100):
+            if i == 10:
+                raise ValueError("bad row 10")
+            yield f"{i}\n"
+
+    wrappers = {"text": lambda raw: io.TextIOWrapper(raw, encoding="utf-8"),
+                "text over buffered": lambda raw: io.TextIOWrapper(io.BufferedWriter(raw),
+                                                                   encoding="utf-8"),
+                "buffered": lambda raw: io.TextIOWrapper(io.BufferedWriter(raw),
+                                                         encoding="utf-8").detach()}
+
+    def export(wrap, close):
+        f = wrap(fs.open(path, "wb"))
+        text = not isinstance(f, io.BufferedWriter)
+        f.write("id\n" if text else b"id\n")
+        for row in rows() if not close else (f"{i}\n" for i in range(5)):
+            f.write(row if text else row.encode())
+        if close:
+            f.close()
+
+    for name, wrap in wrappers.items():
+        fs.pipe_file(path, old)
+        with caplog.at_level("WARNING", logger="gpucrypt.fs"):
+            with pytest.raises(ValueError, match="bad row 10"):
+                export(wrap, close=False)
+            gc.collect()
+        assert fs.cat_file(path) == old, name
+        assert "was collected without being closed" in caplog.text
+        caplog.clear()
+        export(wrap, close=True)
+        assert fs.cat_file(path) == b"id\n0\n1\n2\n3\n4\n", name
+
+
+class _VersionedRangeHandler(_RangeHandler):
+    """:class:`_RangeHandler` that also sends ``server.headers[path]`` (Last-Modified,
+    ETag, ...) with every response."""
+
+    def end_headers(self):
+        for name, value in self.server.headers.get(self.path, {}).items():
+            self.send_header(name, value)
+        super().end_headers()
+
+
+def test_info_over_http_reads_a_replaced_file_again(keys):
+    """A file replaced by another of the same stored size but another header length (a
+    keyset-only file by one also sealed for a recipient) gets its own plaintext size:
+    over a server that sends Last-Modified (what fsspec's http info reports, under that
+    name), and over one that sends no version at all (then nothing is remembered)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _VersionedRangeHandler)
+    server.files, server.served, server.headers = {}, [], {}
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        writer = fsspec.filesystem("gpucrypt", target_protocol="memory",
+                                   keyset=keys["keyset"])
+        for_recipient = fsspec.filesystem("gpucrypt", target_protocol="memory",
+                                          keyset=keys["keyset"],
+                                          recipients=[keys["recipient"]])
+        writer.pipe_file("/gc17http/a", b"x" * 1000)
+        first = writer.fs.cat_file("/gc17http/a")
+        for_recipient.pipe_file("/gc17http/probe", b"")
+        longer_header = len(writer.fs.cat_file("/gc17http/probe")) - 16
+        n = len(first) - 16 - longer_header
+        for_recipient.pipe_file("/gc17http/b", b"y" * n)
+        second = writer.fs.cat_file("/gc17http/b")
+        writer.fs.rm("/gc17http", recursive=True)
+        assert len(first) == len(second) and n != 1000
+
+        fs = fsspec.filesystem("gpucrypt", target_protocol="http", keyset=keys["keyset"])
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        for name, versions in (("/lastmod.gc", ("Sat, 05 Dec 2026 20:40:45 GMT",
+                                                "Sat, 05 Dec 2026 20:40:46 GMT")),
+                               ("/unversioned.gc", None)):
+            url = base + name
+            for stored, size, version in ((first, 1000, versions and versions[0]),
+                                          (second, n, versions and versions[1])):
+                server.files[name] = stored
+                if version:
+                    server.headers[name] = {"Last-Modified": version}
+                    assert fs.fs.info(url)["Last-Modified"] == version
+                info = fs.info(url)
+                assert (info["size"], info["stored_size"]) == (size, len(stored)), name
+                assert len(fs.cat_file(url)) == size
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_text_writer_can_be_discarded(keys, tmp_path):
+    """``discard()``, documented for every writer, on text-mode ones (plain and
+    compressed) too: nothing is published, the text not yet flushed included."""
+    import gc
+
+    fs = local_fs(keys)
+    path = str(tmp_path / "d.gc")
+    for compression in (None, "gzip"):
+        fs.pipe_file(path, b"old")
+        f = fs.open(path, "w", compression=compression)
+        f.write("new text")
+        f.discard()
+        assert f.closed
+        f.close()  # nothing more to do
+        del f
+        gc.collect()
+        assert fs.cat_file(path) == b"old"
+        with fs.open(path, "w", compression=compression) as f:
+            f.write("new text")
+            f.discard()
+        assert fs.cat_file(path) == b"old"
+        assert sorted(os.listdir(tmp_path)) == ["d.gc"]  # no temporary file left
+
+
+@pytest.mark.parametrize("target", ["file", "memory"])
+def test_a_misspelt_write_option_is_refused_not_dropped(keys, tmp_path, target, request):
+    """``algoritm=``, ``segmentsize=`` given to ``open(..., "wb")``, ``pipe_file`` or
+    ``put_file`` are refused (``TypeError``, the likely name suggested) before anything
+    is written, as the constructor refuses them; what fsspec's open takes still goes."""
+    base = str(tmp_path) if target == "file" else "/" + re.sub(r"\W", "_", request.node.name)
+    fs = fsspec.filesystem("gpucrypt", target_protocol=target, keyset=keys["keyset"])
+    path = f"{base}/o.gc"
+    fs.pipe_file(path, b"old")
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"plain")
+    for call in (lambda: fs.open(path, "wb", algoritm="aes-256-gcm"),
+                 lambda: fs.open(path, "w", algoritm="aes-256-gcm"),
+                 lambda: fs.pipe_file(path, b"new", segmentsize=1 << 20),
+                 lambda: fs.put_file(str(plain), path, algoritm="aes-256-gcm"),
+                 lambda: fs.put_file(str(plain), f"{base}/new.gc", algoritm="aes-256-gcm")):
+        with pytest.raises(TypeError, match=r"algoritm= \(did you mean algorithm=\?\)|"
+                                            r"segmentsize= \(did you mean segment_size=\?\)"):
+            call()
+    assert fs.cat_file(path) == b"old" and not fs.exists(f"{base}/new.gc")
+    with fs.open(path, "wb", block_size=1 << 20, cache_type="none", cache_options={},
+                 autocommit=True, algorithm="aes-256-gcm") as f:
+        f.write(b"new")
+    assert fs.cat_file(path) == b"new"
+    assert stream.read_header(fs.fs.cat_file(path)).algorithm == "aes-256-gcm"
+    if target == "memory":
+        fs.fs.rm(base, recursive=True)
+
+
+def test_a_file_replaced_while_open_is_said_to_have_changed_not_to_be_tampered(keys, memory,
+                                                                                 tmp_path):
+    """A reader open while its file is replaced (memory: every read is a range of what
+    the path holds now) or rewritten in place (local) fails authentication; the error
+    says the file changed since it was opened, and to open it again. A file tampered
+    with before it was opened gets no such excuse."""
+    fs, folder = memory
+    path = f"{folder}/r.gc"
+    fs.pipe_file(path, b"old" * 5000, segment_size=SEGMENT)
+    with fs.open(path, "rb") as f:
+        fs.pipe_file(path, b"new" * 5000, segment_size=SEGMENT)
+        with pytest.raises(stream.AuthenticationError,
+                           match="changed since it was opened.*open it again"):
+            f.read()
+    assert fs.cat_file(path) == b"new" * 5000
+
+    local = local_fs(keys)
+    path = str(tmp_path / "r.gc")
+    local.pipe_file(path, b"old" * 5000, segment_size=SEGMENT)
+    local.pipe_file(path + ".other", b"new" * 5000, segment_size=SEGMENT)
+    other = (tmp_path / "r.gc.other").read_bytes()
+    with local.open(path, "rb") as f:
+        with open(path, "r+b") as raw:  # in place, as cp or shutil.copyfile rewrite it
+            raw.write(other)
+        with pytest.raises(stream.AuthenticationError, match="changed since it was opened"):
+            f.readline()
+
+    stored = (tmp_path / "r.gc.other").read_bytes()
+    header_length = stream.read_header(stored).header_length
+    (tmp_path / "bad.gc").write_bytes(_flip(stored, header_length + 100))  # segment 0
+    with local.open(str(tmp_path / "bad.gc"), "rb") as f:
+        with pytest.raises(stream.AuthenticationError) as caught:
+            f.read()
+    assert "changed since" not in str(caught.value)
+
+
+def test_lines_of_an_encrypted_file_are_read_whole(keys, tmp_path):
+    """Iterating a reader gives its lines, across segments, the last without a newline;
+    a line that reaches a tampered segment raises with the file's name, and nothing of
+    it is consumed."""
+    fs = local_fs(keys, segment_size=SEGMENT)
+    data = b"".join(b"%06d %s\n" % (i, b"t" * (i % 50)) for i in range(2000)) + b"last"
+    path = str(tmp_path / "lines.gc")
+    fs.pipe_file(path, data)
+    with fs.open(path, "rb") as f:
+        assert list(f) == data.splitlines(keepends=True)
+        f.seek(SEGMENT - 3)
+        assert f.readline(10) == data[SEGMENT - 3:SEGMENT + 7]
+    stored = (tmp_path / "lines.gc").read_bytes()
+    header_length = stream.read_header(stored).header_length
+    (tmp_path / "bad.gc").write_bytes(_flip(stored, header_length + (SEGMENT + 16) + 10))
+    with fs.open(str(tmp_path / "bad.gc"), "rb") as f:
+        f.seek(SEGMENT - 3)
+        with pytest.raises(stream.AuthenticationError, match=re.escape(str(tmp_path / "bad.gc"))):
+            f.readline()
+        assert f.tell() == SEGMENT - 3

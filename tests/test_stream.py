@@ -1571,3 +1571,80 @@ def test_a_rewrite_gives_no_access_the_old_file_did_not(tmp_path):
     stream.replace_envelope(path, key, b"\x01new envelope")
     assert "system.posix_acl_access" not in os.listxattr(path)
     assert os.stat(path).st_mode & 0o7777 == 0o640
+
+
+# ------------------------------------------------------------------ lines
+class _CountingReader(stream.SegmentReader):
+    """A SegmentReader that counts the calls its readline makes to readinto."""
+
+    calls = 0
+
+    def readinto(self, buf):
+        self.calls += 1
+        return super().readinto(buf)
+
+
+def _lines_file(tail: bytes = b"no newline at the end") -> bytes:
+    """Lines of many lengths, several across the 4 KiB segment boundaries, one longer
+    than a whole segment, empty ones, and a last line ``tail``."""
+    lines = [b"x" * n + b"\n" for n in (0, 5, 4090, 1, 0, 3 * SEG, 17, SEG - 1, SEG)]
+    return b"".join(lines) + tail
+
+
+@pytest.mark.parametrize("tail", [b"no newline at the end", b""])
+def test_readline_and_iteration_give_the_lines_across_segments(tail):
+    data = _lines_file(tail)
+    with stream.open(io.BytesIO(seal(data)), KEY) as f:
+        assert list(f) == data.splitlines(keepends=True)
+        assert f.readline() == b"" and f.tell() == len(data)
+        f.seek(0)
+        assert f.readlines() == data.splitlines(keepends=True)
+        # from any position: the rest of its line, then reads go on where it ended
+        for start in (0, 6, SEG - 3, SEG, SEG + 1, 2 * SEG + 5, len(data) - 3):
+            f.seek(start)
+            end = data.find(b"\n", start)
+            end = len(data) if end < 0 else end + 1
+            assert f.readline() == data[start:end] and f.tell() == end
+            assert f.read(7) == data[end:end + 7]
+
+
+def test_readline_keeps_to_its_limit():
+    data = _lines_file()
+    with stream.open(io.BytesIO(seal(data)), KEY) as f:
+        for start, limit in ((0, 0), (0, 1), (6, 3), (SEG - 3, 10), (SEG - 3, 5000),
+                             (12, 3 * SEG + 100), (len(data) - 4, 100), (0, None), (6, -1)):
+            f.seek(start)
+            end = data.find(b"\n", start)
+            end = len(data) if end < 0 else end + 1
+            if limit is not None and limit >= 0:
+                end = min(end, start + limit)
+            assert f.readline(limit) == data[start:end], (start, limit)
+            assert f.tell() == end
+        with pytest.raises(TypeError):
+            f.readline(1.5)
+
+
+def test_readline_reads_a_line_whole_not_a_byte_per_call():
+    """IOBase's readline reads one byte per readinto call (a line of 4 KiB: 4096 calls,
+    each through the segment cache); this one takes the line from the segments."""
+    data = _lines_file()
+    with _CountingReader(io.BytesIO(seal(data)), KEY) as f:
+        assert sum(1 for _ in f) == len(data.splitlines())
+        assert f.calls == 0
+
+
+def test_readline_releases_no_byte_of_a_line_that_reaches_a_bad_segment():
+    data = b"a" * (SEG - 10) + b"\n" + b"b" * 20 + b"\n" + b"c" * SEG + b"\n"
+    header, segs = segments(seal(data))
+    bad = bytearray(segs[1])
+    bad[30] ^= 1
+    tampered = header + segs[0] + bytes(bad) + b"".join(segs[2:])
+    with stream.open(io.BytesIO(tampered), KEY) as f:  # the final segment (2) verifies
+        assert f.readline() == data[:SEG - 9]  # segment 0 alone
+        start = f.tell()
+        with pytest.raises(stream.AuthenticationError) as caught:
+            f.readline()  # starts in segment 0, ends in the bad segment 1
+        assert caught.value.segment == 1
+        assert f.tell() == start  # nothing of it consumed
+        f.seek(2 * SEG)
+        assert f.readline() == data[2 * SEG:]

@@ -919,6 +919,35 @@ class SegmentReader(io.RawIOBase):
             self._pos += n
         return done
 
+    def readline(self, size: int | None = -1) -> bytes:
+        """The next line (up to and including ``b"\\n"``; the last one may lack it), at most
+        ``size`` bytes where ``size`` >= 0; ``b""`` at the end. Searched in the verified
+        plaintext of the segments it spans (IOBase's would read one byte per call, each
+        a ``readinto``); a segment that fails raises, and the position stays where the
+        line started, as ``readinto``'s does: no byte of a line is returned unless every
+        segment it touches verified. Iterating the file reads its lines through this."""
+        self._check_open()
+        size = -1 if size is None else operator.index(size)
+        S = self.header.segment_size
+        start, parts, left = self._pos, [], size
+        try:
+            while left != 0 and self._pos < self.size:
+                index, offset = divmod(self._pos, S)
+                plain = self._load(index)
+                stop = len(plain) if left < 0 else min(len(plain), offset + left)
+                newline = plain.find(b"\n", offset, stop)
+                end = stop if newline < 0 else newline + 1
+                parts.append(plain[offset:end])
+                self._pos += end - offset
+                if left > 0:
+                    left -= end - offset
+                if newline >= 0:
+                    break
+        except BaseException:  # noqa: B036 (a bad segment, an I/O error, Ctrl-C)
+            self._pos = start
+            raise
+        return b"".join(parts)
+
     def _check_open(self):
         if self.closed:
             raise ValueError("I/O operation on closed file.")
