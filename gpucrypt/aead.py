@@ -311,6 +311,11 @@ class _Aead:
         from .backends.cpu import ONE_SHOT_DETACHED_MAX, OPENSSL_AEAD_MAX  # loaded by now
         src, out = readable(data), writable(buf)
         aad = optional_readable(associated_data, "associated_data")
+        # 51 refuses a decryption's overlap before its length: the algorithm's limits here,
+        # as the general path says them, not after 64 GiB of work
+        _limits.check_length("data", len(src) if not decrypting else len(out), self._max_data,
+                             self._display)
+        _limits.check_length("associated_data", len(aad), self._max_aad, self._display)
         # cryptography refuses the overlap before associated data past its one call: such a
         # message is the backend's to compose
         if len(out) > ONE_SHOT_DETACHED_MAX or len(aad) > OPENSSL_AEAD_MAX:

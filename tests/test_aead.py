@@ -1385,3 +1385,28 @@ def test_in_place_with_associated_data_past_openssls_call_where_cryptography_ref
     assert buf == sealed
     aead.decrypt_into(nonce, buf, aad, memoryview(buf)[:64])
     assert buf[:64] == data
+
+
+@pytest.mark.parametrize("name", ["aes-256-gcm", "chacha20-poly1305"])
+def test_in_place_where_cryptography_refuses_keeps_the_algorithms_limits(name, monkeypatch):
+    """cryptography 51 refuses an in-place decryption's overlap before its length, so a
+    message past OpenSSL's one call reached the in-place route unchecked: refused there by
+    the algorithm's limit (OverflowError, nothing touched), as on the general path. The
+    limit is lowered here so that a small message stands for one of 64 GiB."""
+    from gpucrypt.backends import cpu
+
+    cls, key_len, nonce_len = CLASSES[name]
+    key, nonce, data = os.urandom(key_len), os.urandom(nonce_len), os.urandom(200)
+    aead = cls(key, device="cpu")
+    sealed = bytearray(aead.encrypt(nonce, data, None))
+    monkeypatch.setattr(cpu, "AEAD_INTO_IN_PLACE", False)
+    aead._direct = aead._small_direct = aead._openssl = _RefusingOverlap(aead._openssl)
+    monkeypatch.setattr(aead, "_max_data", 100)
+    before = bytes(sealed)
+    with pytest.raises(OverflowError, match="limit"):
+        aead.decrypt_into(nonce, sealed, None, memoryview(sealed)[:200])
+    assert sealed == before
+    buf = bytearray(data + bytes(16))
+    with pytest.raises(OverflowError, match="limit"):
+        aead.encrypt_into(nonce, memoryview(buf)[:200], None, buf)
+    assert buf[:200] == data

@@ -1394,8 +1394,10 @@ def test_empty_metadata_is_kept_apart_from_none(tmp_path, metadata):
         assert ref.metadata() == metadata  # the package itself keeps them apart
     assert cli(["encrypt-model", "--key-file", str(tmp_path / "key"), str(plain),
                 str(tmp_path / "m.gc")]) == 0
-    assert models.read_header(tmp_path / "m.gc", KEY).metadata == metadata
-    assert models.read_header(tmp_path / "m.gc").metadata == metadata  # readable table
+    for header in (models.read_header(tmp_path / "m.gc", KEY),
+                   models.read_header(tmp_path / "m.gc")):  # readable table: no key needed
+        assert header.stored_metadata == metadata
+        assert header.metadata == (metadata or {})  # a dict, as it always was
     with models.safe_open(tmp_path / "m.gc", "np", key=KEY) as f:
         assert f.metadata() == metadata
     assert cli(["decrypt-model", "--key-file", str(tmp_path / "key"), str(tmp_path / "m.gc"),
@@ -1404,11 +1406,11 @@ def test_empty_metadata_is_kept_apart_from_none(tmp_path, metadata):
     # save_encrypted's own header, and a re-encryption (rekey --reencrypt), keep it too
     header = models.save_encrypted({"w": np.ones(4, np.float32)}, tmp_path / "s.gc", KEY,
                                    metadata, encrypt_names=True, device="cpu")
-    assert header.metadata == metadata
+    assert header.stored_metadata == metadata and header.metadata == (metadata or {})
     other = os.urandom(32)
     with AtomicFile(tmp_path / "r.gc") as sink:
-        assert models._reencrypt(tmp_path / "s.gc", KEY, sink, other).metadata == metadata
-    assert models.read_header(tmp_path / "r.gc", other).metadata == metadata
+        assert models._reencrypt(tmp_path / "s.gc", KEY, sink, other).stored_metadata == metadata
+    assert models.read_header(tmp_path / "r.gc", other).stored_metadata == metadata
 
 
 def test_a_table_without_metadata_from_an_earlier_version_reads_as_none(tmp_path):
@@ -1418,8 +1420,8 @@ def test_a_table_without_metadata_from_an_earlier_version_reads_as_none(tmp_path
 
     table = b'{"w":{"data_offsets":[0,0],"dtype":"float32","shape":[0]}}'
     path = forged_file(tmp_path / "old.gc", table)
-    assert models.read_header(path).metadata is None
-    assert models.read_header(path, KEY).metadata is None
+    for header in (models.read_header(path), models.read_header(path, KEY)):
+        assert header.stored_metadata is None and header.metadata == {}
     with models.safe_open(path, "np", key=KEY) as f:
         assert f.metadata() is None
     models.export_safetensors(path, tmp_path / "old.safetensors", KEY)

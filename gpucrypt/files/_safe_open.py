@@ -54,7 +54,7 @@ Errors: an unknown name, an unknown framework and a closed file raise
 or a ``ValueError`` (the others), so code written for either kind catches it. A path
 that is no regular file (a FIFO, a folder) is ``FormatError``, as for ``load_encrypted``;
 "pt" where torch cannot be imported is ``ImportError`` when the file is opened, and a
-tensor whose dtype torch lacks a ``ValueError`` naming it ("np" reads every dtype).
+tensor whose dtype torch lacks a ``ValueError`` naming it ("np" reads those).
 Differences from safetensors: frameworks
 are "pt"/"torch" and "np"/"numpy" (bfloat16 and float8 in NumPy need ``ml_dtypes``);
 ``get_dtype()`` gives safetensors' codes ("F32", "BF16", "F8_E4M3", ...), or the
@@ -201,7 +201,7 @@ class safe_open:  # noqa: N801 - safetensors' own name
     def metadata(self) -> dict | None:
         """The file's ``__metadata__`` (str -> str), ``{}`` when it is empty, or None when
         it has none (as safetensors: the two are told apart)."""
-        metadata = self._header.metadata
+        metadata = self._header.stored_metadata
         return None if metadata is None else dict(metadata)
 
     def get_tensor(self, name: str) -> Any:

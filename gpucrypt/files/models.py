@@ -131,7 +131,7 @@ class _UnknownTensor(KeyError):
 class NotSafetensorsDtype(ValueError):
     """:func:`export_safetensors` of a valid model file that holds a tensor whose dtype
     a safetensors file cannot hold (``numpy:<U5``, ...): the data are fine, the target
-    format is not; :func:`load_encrypted` with ``framework="numpy"`` reads every dtype."""
+    format is not; :func:`load_encrypted` with ``framework="numpy"`` reads such dtypes."""
 
 
 # ============================================================================ header
@@ -154,11 +154,10 @@ class TensorInfo:
 class ModelHeader:
     """A parsed model-file header.
 
-    ``metadata`` is the table's ``__metadata__`` as stored: None when the file has none,
-    ``{}`` when it has an empty one (safetensors keeps the two apart, and so does an
-    export of the file). ``tensors`` and ``metadata`` are None when the table is
-    encrypted and no key was given. ``verified`` is True only when the header MAC was
-    checked with a key.
+    ``metadata`` is the table's ``__metadata__``, ``{}`` when it has none or an empty one;
+    :attr:`stored_metadata` tells the two apart (as safetensors does, and an export of
+    the file). ``tensors`` and ``metadata`` are None when the table is encrypted and no
+    key was given. ``verified`` is True only when the header MAC was checked with a key.
     """
 
     version: int
@@ -176,6 +175,14 @@ class ModelHeader:
     tensors: tuple | None = field(repr=False, default=None)
     metadata: dict | None = None
     verified: bool = False
+    #: whether the table holds a ``__metadata__`` (an empty one included)
+    metadata_stored: bool = False
+
+    @property
+    def stored_metadata(self) -> dict | None:
+        """The table's ``__metadata__`` as stored: None when it has none, ``{}`` when it
+        has an empty one (what safetensors' ``metadata()`` says of the plain file)."""
+        return self.metadata if self.metadata_stored else None
 
     @property
     def fixed_fields(self) -> bytes:
@@ -467,7 +474,7 @@ def _verify(header: ModelHeader, key: bytes) -> ModelHeader:
     if header.names_encrypted:
         raw = _open_table(key, header, fixed)
     tensors, metadata = _decode_table(raw, header.data_length)
-    return _replace(header, tensors=tensors, metadata=metadata, verified=True)
+    return _replace(header, tensors=tensors, verified=True, **_metadata_fields(metadata))
 
 
 def _replace(header: ModelHeader, **changes) -> ModelHeader:
@@ -526,7 +533,13 @@ def read_header(path: Any, key: Any = None) -> ModelHeader:
                           f"authenticated then): pass the key, read_header(path, key), to "
                           f"read it after its MAC is checked")
     tensors, metadata = _decode_table(header.stored_table, header.data_length)
-    return _replace(header, tensors=tensors, metadata=metadata)
+    return _replace(header, tensors=tensors, **_metadata_fields(metadata))
+
+
+def _metadata_fields(stored: dict | None) -> dict:
+    """A header's ``metadata`` fields for a table's ``__metadata__`` (None: it has none):
+    ``metadata`` a dict either way, as it always was, and whether one was stored."""
+    return {"metadata": {} if stored is None else stored, "metadata_stored": stored is not None}
 
 
 def _open_model(path: Any, buffering: int = -1):
@@ -780,7 +793,7 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
     body = _header_body(header)
     mac = hmac.new(_derive(key, salt, _HEADER_MAC_INFO, fixed), body, hashlib.sha256).digest()
     header = _replace(header, header_mac=mac, header_length=len(body) + MAC_SIZE,
-                      tensors=tuple(infos), metadata=metadata, verified=True)
+                      tensors=tuple(infos), verified=True, **_metadata_fields(metadata))
 
     seg_key = _derive(key, salt, _SEGMENT_INFO, fixed)
     aad = _segment_aad(fixed, stored)
@@ -975,7 +988,7 @@ def load_encrypted(path: Any, key: Any = None, device: str = "auto", *,
     framework that cannot be imported is an ``ImportError`` (never NumPy arrays in its
     place), and a tensor whose dtype torch lacks (``numpy:>f4``, ``numpy:<U2``,
     ml_dtypes' ``float8_e4m3``) a ``ValueError`` naming it, before anything is decrypted:
-    "numpy" reads every dtype.
+    "numpy" reads those.
 
     Everything is verified before anything is returned: the header MAC first (a wrong
     key fails there), then every segment. On any failure the outputs are zeroed and
@@ -1044,8 +1057,8 @@ def _check_dtypes(framework: str, infos, picked) -> None:
     """ValueError naming the first tensor of ``picked`` whose dtype ``framework`` cannot
     make, before anything is allocated or decrypted: a valid file may hold any NumPy dtype
     (big-endian ``numpy:>f4``, strings ``numpy:<U2``, ml_dtypes' ``float8_e4m3``), and
-    torch's lookup of one failed with a bare AttributeError. NumPy makes every dtype
-    (ml_dtypes' with ml_dtypes installed, which its own error says)."""
+    torch's lookup of one failed with a bare AttributeError. NumPy makes those (ml_dtypes'
+    with ml_dtypes installed, which its own error says)."""
     if framework != "torch":
         return
     import torch
@@ -1138,7 +1151,7 @@ def export_safetensors(path: Any, out: Any, key: Any, *, threads: int | None = N
                     f"gpucrypt.models.load_encrypted(path, key, framework='numpy') (or "
                     f"safe_open(path, 'np', key=...)) instead")
         prefix, offsets = safetensors_layout(
-            [(i.name, i.dtype, i.shape, i.nbytes) for i in infos], header.metadata)
+            [(i.name, i.dtype, i.shape, i.nbytes) for i in infos], header.stored_metadata)
         where = [offsets[i.name] for i in infos]
         in_batch, largest = {}, 0  # segment index -> its offset in its batch's buffer
         for batch in _batches(segments, pipeline.CPU_BATCH_BYTES):
@@ -1480,7 +1493,7 @@ def _reencrypt(path: Any, key: Any, sink: Any, new_key: Any, *, key_id: Any = No
                                               old.header_length + info.begin, info.nbytes,
                                               first, opener)
             first += -(-info.nbytes // old.segment_size)
-        return save_encrypted(sealed, sink, new_key, old.metadata,
+        return save_encrypted(sealed, sink, new_key, old.stored_metadata,
                               algorithm=old.algorithm, encrypt_names=old.names_encrypted,
                               segment_size=old.segment_size, device="cpu", key_id=key_id,
                               envelope=envelope, threads=threads, _salt=_salt)
