@@ -108,11 +108,12 @@ Contract:
   (``TextIOWrapper``, ``BufferedWriter``) collected unclosed, which tell the file so.
   A ``close`` inside an ``except`` clause therefore discards too, unless the file was
   opened inside that clause; call ``commit()`` there to publish. Opened there, it is
-  discarded all the same when that exception is raised again before the close (``raise
-  exc``, a re-raise from a function called, a bare ``raise`` that leaves a ``with``
-  block of the writer or of ``fsspec.open``); a bare ``raise`` followed by a plain
-  ``f.close()`` (in a ``finally:``) in the same function cannot be told from the clause
-  ending normally, and publishes: write there in a ``with`` block.
+  discarded all the same when that exception, raised again, leaves a ``with`` block of
+  the writer or of ``fsspec.open``/``open_files``. Raised again and closed otherwise
+  (a plain ``f.close()`` in a ``finally:``, ``contextlib.closing``, an ``ExitStack``
+  callback), the close cannot be told from one after the exception was raised and
+  caught again inside the clause (a helper that sorts exceptions by raising them), and
+  publishes: write there in the writer's own ``with`` block, or call ``discard()``.
   Not caught either: a close by the finaliser of another library's writer that was left
   unclosed after a failure that has since been handled (pyarrow's ``ParquetWriter``,
   collected after a job failed between batches, writes its footer and closes the file:
@@ -255,8 +256,9 @@ _COUNTER = _Counter()
 #: gcsfs (generation, md5Hash, crc32c, etag, updated, mtime), adlfs (etag, last_modified,
 #: creation_time, version_id), webhdfs (modificationTime), sftp and smb (mtime; not their
 #: "time", the access time, which a read changes), ftp (modify), arrow (mtime), github
-#: (sha), git (hex), Hugging Face (blob_id, last_commit)
+#: (sha), git (hex), Hugging Face (blob_id, last_commit), zip (CRC, date_time)
 _VERSION_FIELDS = ("ino", "mtime", "created", "ETag", "etag", "LastModified", "last_modified",
+                   "CRC", "date_time",
                    "Last-Modified", "Content-MD5", "Digest", "generation", "VersionId",
                    "version_id", "md5Hash", "crc32c", "updated", "creation_time",
                    "modificationTime", "modification_time", "modify", "sha", "hex",
@@ -657,7 +659,7 @@ def _change_check(fs: Any, path: str, stored: Any) -> Any:
     if isinstance(descriptor, int):
         def stat_version() -> tuple:
             st = os.fstat(descriptor)
-            return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+            return st.st_ino, st.st_size, st.st_mtime_ns  # not ctime: chmod, a link move it
         try:
             opened = stat_version()
         except OSError:
@@ -742,11 +744,10 @@ class _EncryptingWriter(io.RawIOBase):
         self._options = options  # this file's write options; None: the filesystem's
         self.autocommit, self._written = autocommit, 0
         # an exception already being handled where the file is opened (its with block
-        # inside an except clause) is not one that fails the writing; its traceback too:
-        # the same exception raised again since (raise exc, or re-raised by a function
-        # called) carries a new one, and does fail it
+        # inside an except clause) is not one that fails the writing. Its traceback says
+        # nothing either way: the clause may raise it again and catch it (a helper that
+        # sorts exceptions by raising them, a failed future's result()), then write on
         self._handling = sys.exc_info()[1]
-        self._handling_tb = getattr(self._handling, "__traceback__", None)
         # set when an io wrapper's finaliser is about to close this file (_dealloc_warn)
         self._collected_wrapper: str | None = None
 
@@ -792,7 +793,6 @@ class _EncryptingWriter(io.RawIOBase):
             return
         failing = sys.exc_info()[1]
         if failing is not None and (failing is not self._handling
-                                    or failing.__traceback__ is not self._handling_tb
                                     or _closed_by_a_failing_with()):
             self.discard()
             if self._written:  # logged, not warned: a warning could replace that exception
@@ -1429,8 +1429,9 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
             raise TypeError(f"{path}: unexpected option(s) for writing a gpucrypt file: "
                             f"{', '.join(hints)}; a file is sealed with algorithm=, "
                             f"segment_size= and device=, and besides those a write takes "
-                            f"only what fsspec's open and the target ({protocol}) take: "
-                            f"correct the name; nothing was written")
+                            f"only what fsspec's open and the target's ({protocol}) named "
+                            f"arguments are (none is passed on: the sealed file is written "
+                            f"whole): correct the name, or leave it out; nothing was written")
         given = {name: kwargs[name] for name in _WRITE_OPTIONS if name in kwargs}
         return _write_options(**{**self.write_options, **given}) if given else None
 
