@@ -1336,3 +1336,41 @@ def test_a_failure_after_the_device_was_chosen_records_it(captured, tmp_path):
         keys.decrypt_file(tmp_path / "ct", io.BytesIO(), identities=[alice])
     [event] = [e for e in _events(captured) if e["operation"] == "file.decrypt"]
     assert event["outcome"] == "error" and event["device"] == "cpu"
+
+
+@pytest.mark.parametrize("device, environment", [("gpu", None), ("auto", "gpu"), ("auto", "tpu")],
+                         ids=["device-gpu", "GPUCRYPT_DEVICE-gpu", "GPUCRYPT_DEVICE-unknown"])
+def test_decrypt_refuses_a_device_that_cannot_run_before_any_key_is_read(
+        tmp_path, monkeypatch, capsys, device, environment):
+    """decrypt --device gpu where no GPU runs unwrapped the data key (the keyset loaded, the
+    envelope opened: events of the log, a KMS or HSM call for --kek) and only then found no
+    GPU, a usage error (exit 2) that records no file.decrypt event: the log held an
+    envelope.open with no run to go with it. It is refused first, as encrypt refuses it."""
+    from gpucrypt import backends
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["keygen", "--out", "ks.json"]) == 0
+    (tmp_path / "in").write_bytes(os.urandom(5000))
+    assert main(["encrypt", "--keyset", "ks.json", "in", "sealed.gc"]) == 0
+    capsys.readouterr()
+    # the GPU backend refuses to start, with a driverless machine's reason (the suite's own
+    # process has the simulator's GPU otherwise)
+    monkeypatch.setitem(backends._reasons, "gpu", "no CUDA driver library (libcuda) can be "
+                                                  "loaded: this machine has no NVIDIA GPU driver")
+    monkeypatch.delitem(backends._instances, "gpu", raising=False)
+    if environment is None:
+        monkeypatch.delenv("GPUCRYPT_DEVICE", raising=False)
+    else:
+        monkeypatch.setenv("GPUCRYPT_DEVICE", environment)
+    log = tmp_path / "audit.jsonl"
+    try:
+        code = main(["decrypt", "--keyset", "ks.json", "--device", device, "sealed.gc", "out",
+                     "--audit-log", str(log)])
+    finally:
+        _remove_file_handlers()
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert ("GPUCRYPT_DEVICE" if environment else "device 'gpu' unavailable") in err, err
+    assert not (tmp_path / "out").exists()
+    events = _log_events(log) if log.exists() else []
+    assert events == [], events  # no keyset.load, no envelope.open: no key was read

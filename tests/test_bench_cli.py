@@ -1054,9 +1054,12 @@ def test_a_device_gpu_run_whose_gpu_rows_have_no_table_asked_is_refused(capsys, 
     monkeypatch.setattr(bench, "_gpu_session", lambda config: pytest.fail("a GPU was looked for"))
     from gpucrypt.cli import build_parser
 
+    # --device-time is set on the library's config: the command line refuses it with --device
+    # auto too where no row would use it (test_gpu_options_no_row_would_use_are_refused)
     args = build_parser().parse_args(["bench", "--device", "auto", "--algorithms", "aes-128-gcm",
-                                      *extra])
-    config = dataclasses.replace(_cli_config(args), device="gpu")
+                                      *(e for e in extra if e != "--device-time")])
+    config = dataclasses.replace(_cli_config(args), device="gpu",
+                                 device_time="--device-time" in extra)
     assert bench.gpu_rows_planned(config) == ()
     with pytest.raises(ValueError, match="this run would time none"):
         bench.run(config)
@@ -1314,3 +1317,159 @@ def test_the_plot_labels_its_gbps_axis_whatever_the_range(tmp_path, gbps, scale)
     assert len(labels) >= 3, labels
     assert all(label.replace(".", "", 1).isdigit() for label in labels), labels  # 0.5, 2, 20
     assert axes.get_yscale() == scale
+
+
+# --------------------------------------------------------------------------- review fixes
+
+def test_aead_sizes_above_what_cryptography_seals_are_refused_before_the_run(capsys, monkeypatch):
+    """--sizes 3GiB with an AEAD: every smaller size was measured, then the reference
+    (cryptography's AEAD classes, which take 2**31 - 1 bytes at most) ended the run in an
+    OverflowError traceback. Refused first; the stream ciphers take such sizes."""
+    from gpucrypt.cli import build_parser
+
+    real_run = bench.run
+    monkeypatch.setattr(bench, "run", lambda config, progress=None: pytest.fail("it ran"))
+    code, out, err = run_cli(capsys, *ONE_CELL[:2], "--algorithms", "aes-128-gcm", "--sizes",
+                             "16,3GiB", "--seconds", "0.01")
+    _refused_before_the_run(code, out, err, "aes-128-gcm cannot be timed at 3 GiB",
+                            "at most 2147483647 bytes",
+                            "--algorithms chacha20,aes-128-ctr,aes-256-ctr")
+    code, out, err = run_cli(capsys, *ONE_CELL[:2], "--sizes", "2GiB", "--seconds", "0.01")
+    _refused_before_the_run(code, out, err, "chacha20-poly1305, xchacha20-poly1305, aes-128-gcm, "
+                                            "aes-256-gcm cannot be timed at 2 GiB")
+    for algorithms, sizes in (("aes-128-gcm", "2147483647"), ("chacha20,aes-256-ctr", "3GiB")):
+        args = build_parser().parse_args(["bench", "--algorithms", algorithms, "--sizes", sizes])
+        assert max(_cli_config(args).sizes) == bench.parse_size(sizes)  # taken
+    # the library refuses too, before it makes any message
+    monkeypatch.setattr(bench, "Material", lambda *a, **k: pytest.fail("a message was made"))
+    config = bench.BenchConfig(algorithms=("chacha20", "xchacha20-poly1305"), sizes=(16, 3 << 30),
+                               device="cpu")
+    with pytest.raises(ValueError, match="xchacha20-poly1305 cannot be timed at 3 GiB"):
+        real_run(config)
+
+
+@pytest.mark.parametrize("extra, words", [
+    # no device-resident row at all: only the host clock runs
+    (["--implementations", "gpucrypt-cpu", "--device-time"],
+     ["--device-time", "--implementations gpucrypt-cpu names none"]),
+    # only the +transfer row, which is timed on the host clock with or without it
+    (["--device", "gpu", "--forms", "alloc", "--include-transfer", "--device-time"],
+     ["--device-time", "gpucrypt-gpu offers only the into tables"]),
+    # device-resident rows asked, none with a device-time row
+    (["--operations", "decrypt", "--device-time"],
+     ["--device-time", "decryption waits for its verdicts", "host-tag path"]),
+    (["--implementations", "cryptography,gpucrypt-cpu", "--include-transfer"],
+     ["--include-transfer", "--implementations cryptography,gpucrypt-cpu leaves it out",
+      "add gpucrypt-gpu+transfer"]),
+    (["--implementations", "gpucrypt-cpu", "--simulator-smoke"],
+     ["--simulator-smoke", "--implementations gpucrypt-cpu names none"]),
+])
+def test_gpu_options_no_row_would_use_are_refused(capsys, monkeypatch, extra, words):
+    """Only --device cpu refused them: with no row that uses them the run ignored them
+    (exit 0; the JSON said device_time true of a run timed on the host clock alone)."""
+    from gpucrypt.cli import build_parser
+
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")  # --simulator-smoke's own condition
+    monkeypatch.setattr(bench, "run", lambda config, progress=None: pytest.fail("it ran"))
+    code, out, err = run_cli(capsys, "--algorithms", "aes-128-gcm", "--sizes", "16",
+                             "--seconds", "0.01", *extra)
+    _refused_before_the_run(code, out, err, "would be ignored", *words)
+    # where a row uses them they are taken
+    for taken in (["--device-time", "--implementations", "gpucrypt-gpu", "--forms", "into"],
+                  ["--device-time", "--operations", "decrypt", "--algorithms", "chacha20"],
+                  ["--include-transfer"], ["--simulator-smoke", "--device", "gpu"],
+                  ["--include-transfer", "--implementations", "gpucrypt-gpu+transfer"]):
+        args = build_parser().parse_args(["bench", "--algorithms", "aes-128-gcm", "--sizes",
+                                          "16", *taken])
+        _cli_config(args)
+
+
+class _RefusedAtSomeSizes(_PretendGpu):
+    """A pretend GPU whose device-resident rows are refused at 64 B only."""
+
+    def time_cell(self, implementation, m, operation, budget):
+        from gpucrypt.bench.gpu import GpuRefused
+
+        if m.size == 64:
+            raise GpuRefused("refused at 64 B for the test")
+        return super().time_cell(implementation, m, operation, budget)
+
+
+def _table_blocks(out: str) -> dict[str, str]:
+    """The text tables of a run, by their titles' first words ("aes-128-gcm decrypt, _into")."""
+    return {block.split("  ")[0].split(" (")[0]: block for block in out.split("\n\n")[1:]}
+
+
+def test_unavailable_reasons_are_said_in_their_own_tables_and_sizes(tmp_path, capsys,
+                                                                    monkeypatch):
+    """Reasons were kept per algorithm: with --device-time the encryption tables said
+    decryption's refusal ("waits for its verdicts"), and a row refused at some sizes only
+    showed "-" there with no reason; the JSON's entries said neither table nor sizes."""
+    monkeypatch.setattr(bench, "_gpu_session", lambda config: (_RefusedAtSomeSizes(), None))
+    path = tmp_path / "u.json"
+    code, out, err = run_cli(capsys, "--algorithms", "aes-128-gcm", "--sizes", "16,64",
+                             "--seconds", "0.01", "--implementations", "cryptography,gpucrypt-gpu",
+                             "--device-time", "--json", str(path))
+    assert code == 0, err
+    tables = _table_blocks(out)
+    assert set(tables) == {f"aes-128-gcm {o}, {f}" for o in ("encrypt", "decrypt")
+                           for f in ("allocating", "_into")}, list(tables)
+    waits = "gpucrypt-gpu: not available: decryption waits for its verdicts"
+    assert waits in tables["aes-128-gcm decrypt, _into"]
+    for title in ("aes-128-gcm encrypt, allocating", "aes-128-gcm encrypt, _into",
+                  "aes-128-gcm decrypt, allocating"):
+        assert "waits for its verdicts" not in tables[title], tables[title]
+    into = tables["aes-128-gcm encrypt, _into"]
+    row = next(line for line in into.splitlines() if line.startswith("gpucrypt-gpu "))
+    assert row.split()[-1] == "-", row  # refused at 64 B, timed at 16 B
+    assert "gpucrypt-gpu: not available at 64 B: refused at 64 B for the test" in into, into
+    assert "refused at 64 B" not in out.replace(into, "")
+    doc = json.loads(path.read_text())
+    entries = {(u["implementation"], u["operation"], u["form"]): (u["sizes"], u["reason"])
+               for u in doc["unavailable"]}
+    assert all(u["algorithm"] == "aes-128-gcm" for u in doc["unavailable"])
+    sizes, reason = entries.pop(("gpucrypt-gpu", "decrypt", "into"))
+    assert sizes is None and reason.startswith("decryption waits for its verdicts"), reason
+    assert entries == {
+        ("gpucrypt-gpu", "encrypt", "alloc"): (None, bench._DEVICE_RESIDENT_INTO_ONLY),
+        ("gpucrypt-gpu", "decrypt", "alloc"): (None, bench._DEVICE_RESIDENT_INTO_ONLY),
+        ("gpucrypt-gpu", "encrypt", "into"): ([64], "refused at 64 B for the test"),
+    }, entries
+
+
+def test_a_row_refused_at_every_size_is_said_for_its_table():
+    """Refused at each size in turn, a row is refused in its whole table: one entry, sizes
+    null, and the line without sizes."""
+    report = bench.BenchReport(environment={}, config=bench.BenchConfig(sizes=(16, 64)))
+    for size in (16, 64):
+        bench._say_unavailable(report, "chacha20", "gpucrypt-gpu", "no", "encrypt", "into", size)
+    bench._whole_tables(report)
+    assert [(u.operation, u.form, u.sizes) for u in report.unavailable] == \
+        [("encrypt", "into", None)]
+    lines = bench._unavailable_lines(report, report.unavailable, set())
+    assert lines == ["gpucrypt-gpu: not available: no"]
+
+
+def test_the_fraction_of_copy_is_for_device_resident_rows_in_into_tables():
+    """The +transfer row (host buffers, both PCIe copies) got a fraction of the
+    device-to-device copy rate, in the allocating tables too."""
+    def cell(impl, form, gbps):
+        return bench.Cell("aes-128-gcm", "encrypt", form, impl, "GPU", 1 << 20, 1, 7, 10,
+                          (1 << 20) / gbps / 1e9, gbps, None, "cryptography", None, "t")
+    config = bench.BenchConfig(algorithms=("aes-128-gcm",), operations=("encrypt",),
+                               sizes=(1 << 20,), include_transfer=True)
+    report = bench.BenchReport(environment={}, config=config, copy_gbps=1500.0, cells=[
+        cell(impl, form, 15.0) for form in ("alloc", "into")
+        for impl in ("cryptography", "gpucrypt-gpu+transfer")] + [
+        cell("gpucrypt-gpu", "into", 150.0), cell("gpucrypt-gpu-hosttag", "into", 75.0)])
+    bench._fill_ratios(report)
+    fractions = {(c.implementation, c.form): c.fraction_of_copy for c in report.cells
+                 if c.fraction_of_copy is not None}
+    assert fractions == {("gpucrypt-gpu", "into"): pytest.approx(0.1),
+                         ("gpucrypt-gpu-hosttag", "into"): pytest.approx(0.05)}, fractions
+    rows = bench._table_rows([c for c in report.cells if c.form == "into"],
+                             ["cryptography", "gpucrypt-gpu", "gpucrypt-gpu-hosttag",
+                              "gpucrypt-gpu+transfer"], [1 << 20], 24)
+    assert [line.split()[0] for line in rows] == ["cryptography", "gpucrypt-gpu", "10.0%",
+                                                  "gpucrypt-gpu-hosttag", "5.0%",
+                                                  "gpucrypt-gpu+transfer"], rows

@@ -2341,8 +2341,8 @@ def test_info_advises_device_cpu_only_for_the_commands_that_take_it(capsys, no_g
 
 def test_gpucrypt_device_gpu_without_a_gpu_names_the_variable(work, capsys, monkeypatch, no_gpu):
     """GPUCRYPT_DEVICE=gpu where no GPU runs said "device 'auto' unavailable": the user
-    gave no --device, and the variable that chose the GPU went unnamed. encrypt refuses it
-    before any key is read (as --device gpu), decrypt when it starts on the data."""
+    gave no --device, and the variable that chose the GPU went unnamed. encrypt and decrypt
+    refuse it before any key is read (as --device gpu)."""
     monkeypatch.setenv("GPUCRYPT_DEVICE", "gpu")
     code, _, err = run(capsys, "encrypt", "--key-env", "GPUCRYPT_TEST_UNSET", "plain", "sealed")
     _one_line(code, err, 2)
@@ -2356,6 +2356,11 @@ def test_gpucrypt_device_gpu_without_a_gpu_names_the_variable(work, capsys, monk
     _one_line(code, err, 2)
     assert "GPUCRYPT_DEVICE=cuda" in err and "device 'auto'" not in err, err
     assert not (work / "back").exists()
+    for setting in ("cuda", "gpu"):  # refused before the key: the unset variable is not read
+        monkeypatch.setenv("GPUCRYPT_DEVICE", setting)
+        code, _, err = run(capsys, "decrypt", "--key-env", "GPUCRYPT_TEST_UNSET", "sealed", "back")
+        _one_line(code, err, 2)
+        assert f"GPUCRYPT_DEVICE={setting}" in err and "GPUCRYPT_TEST_UNSET" not in err, err
     # --device cpu says where, whatever the environment asks for
     assert run(capsys, "decrypt", "--device", "cpu", "--key-file", "key", "sealed", "back")[0] == 0
 

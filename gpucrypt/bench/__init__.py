@@ -25,7 +25,9 @@ heads it), and a ratio whose time ratio is within its size's noise of 1 is marke
 a tie (``=``): no measured difference. A cell whose own repetitions spread widely even after extra ones
 is marked unsteady (``~``): the machine set its time (see
 :data:`gpucrypt.bench.cpu.UNSTEADY_SPREAD`). The load average at the start and end is
-printed and recorded.
+printed and recorded. The AEADs are timed at up to :data:`AEAD_MAX_SIZE` bytes per
+message (2**31 - 1: what ``cryptography``'s AEAD classes, the reference, take), the
+stream ciphers at any size.
 
 Implementations (:data:`IMPLEMENTATIONS`):
 
@@ -44,7 +46,8 @@ The stream ciphers' gpucrypt rows use :mod:`gpucrypt.ciphers`.
 Public API: :func:`parse_size`, :func:`format_size`, :func:`parse_list`,
 :class:`BenchConfig`, :func:`run`, :class:`BenchReport` (``to_json()``,
 ``render()``), :func:`plot`, :func:`environment`; for checking a configuration before
-the run, :func:`offered`, :func:`without_rows`, :func:`why_no_rows`, :func:`gpu_rows_planned`.
+the run, :func:`offered`, :func:`without_rows`, :func:`why_no_rows`, :func:`gpu_rows_planned`,
+:func:`device_resident_rows_planned`, :func:`aead_sizes_too_large`.
 """
 from __future__ import annotations
 
@@ -62,14 +65,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .cpu import ALGORITHMS, FORMS, OPERATIONS, PYNACL_NO_INTO, UNSTEADY_MAX_FACTOR, \
-    UNSTEADY_SPREAD, Algorithm, Material, NotAvailable, Timing, WrongOutput, applicable, \
-    checked_call, host_operation, spoil, time_host, time_host_group
+from .cpu import AEAD_MAX_SIZE, ALGORITHMS, FORMS, OPERATIONS, PYNACL_NO_INTO, \
+    UNSTEADY_MAX_FACTOR, UNSTEADY_SPREAD, Algorithm, Material, NotAvailable, Timing, WrongOutput, \
+    applicable, checked_call, host_operation, spoil, time_host, time_host_group
 
 __all__ = ["ALGORITHMS", "OPERATIONS", "FORMS", "WrongOutput", "IMPLEMENTATIONS", "CPU_IMPLEMENTATIONS", "GPU_IMPLEMENTATIONS",
            "DEFAULT_SIZES", "SIZE_PRESETS", "DEFAULT_SECONDS", "BenchConfig", "Cell", "Unavailable",
            "BenchReport", "parse_size", "format_size", "parse_list", "run", "plot", "environment",
-           "SCHEMA_VERSION", "offered", "without_rows", "why_no_rows", "gpu_rows_planned"]
+           "SCHEMA_VERSION", "offered", "without_rows", "why_no_rows", "gpu_rows_planned",
+           "AEAD_MAX_SIZE", "aead_sizes_too_large", "device_resident_rows_planned"]
 
 SCHEMA_VERSION = 2
 
@@ -175,11 +179,16 @@ class Cell:
     """One measured cell: the JSON record. ``ratio`` is against ``baseline`` at the same
     algorithm, operation, form, size and thread count (None when there is no baseline,
     ``baseline`` then ""); ``fraction_of_copy`` is GB/s over the device-to-device copy
-    rate (GPU rows only). ``verified``: the output was checked against the reference
-    before timing. ``spread`` (baseline cells): how far the baseline's second, interleaved
-    measurement differs from its first, as a fraction. ``tie`` (other cells): the time
-    ratio is within the noise of 1 at this size (None where there is no ratio). ``unsteady``:
-    the cell's repetitions still spread widely after extra ones (see
+    rate, for the device-resident rows (:data:`DEVICE_RESIDENT`) of the ``into`` tables
+    only, whose data stay in device memory as the copy's do (None elsewhere, and in the
+    simulator). ``verified`` is always True in what :func:`run` reports: a cell exists
+    only once its output was checked against the reference, and a wrong output stops
+    the run (:class:`WrongOutput`) instead of making a cell; the field stays in the JSON
+    record so that readers of earlier files find it, and a report made by hand with
+    False in it says so in its header. ``spread`` (baseline cells): how far the baseline's
+    second, interleaved measurement differs from its first, as a fraction. ``tie`` (other
+    cells): the time ratio is within the noise of 1 at this size (None where there is no
+    ratio). ``unsteady``: the cell's repetitions still spread widely after extra ones (see
     :data:`gpucrypt.bench.cpu.UNSTEADY_SPREAD`): the machine, not the code, set its time
     (None where not measured so: the device-timed GPU rows and simulator smoke rows)."""
 
@@ -207,11 +216,27 @@ class Cell:
 
 @dataclass
 class Unavailable:
-    """An implementation that would make sense for an algorithm but cannot run here."""
+    """An implementation that would make sense in a table but cannot run there, and why:
+    the table of ``algorithm``, ``operation`` and ``form``, at every size (``sizes`` None)
+    or at ``sizes`` only (refused during the run at some sizes: the simulator's 4 KiB
+    limit, say; its row shows ``-`` there). A reason applies to its own table only:
+    decryption's refusal of ``--device-time`` is no reason in the encryption tables.
+    ``operation`` or ``form`` None (reports made by hand, or before they were recorded):
+    every operation or form of the algorithm. The JSON's ``unavailable`` entries are
+    these fields; ``operation``, ``form`` and ``sizes`` came after the others, which
+    keep their meaning."""
 
     algorithm: str
     implementation: str
     reason: str
+    operation: str | None = None
+    form: str | None = None
+    sizes: list[int] | None = None
+
+    def in_table(self, algorithm: str, operation: str, form: str) -> bool:
+        """Whether this applies to the table of ``algorithm``, ``operation`` and ``form``."""
+        return (self.algorithm == algorithm and self.operation in (None, operation)
+                and self.form in (None, form))
 
 
 @dataclass
@@ -238,7 +263,10 @@ class BenchReport:
         some table (algorithm, operation, form), timed or said not available: what
         ``device``, ``include_transfer`` and the forms left of those asked, and every
         algorithm's baseline; not every one asked: a reader takes the list for what was
-        run, and each one in it has cells or an ``unavailable`` entry."""
+        run, and each one in it has cells or an ``unavailable`` entry. Each ``unavailable``
+        entry is an :class:`Unavailable`: the algorithm, implementation and reason, and
+        the table it applies to (``operation``, ``form``) with the ``sizes`` it was refused
+        at (null: every size of the run). Every cell is ``verified`` (see :class:`Cell`)."""
         config = asdict(self.config)
         config["implementations"] = _planned(self.config)
         return {
@@ -529,6 +557,23 @@ def gpu_rows_planned(config: BenchConfig) -> tuple[str, ...]:
     return tuple(i for i in GPU_IMPLEMENTATIONS if i in timed)
 
 
+def device_resident_rows_planned(config: BenchConfig) -> tuple[str, ...]:
+    """The device-resident implementations (:data:`DEVICE_RESIDENT`) the run of ``config``
+    would time in at least one of its tables (where a GPU can be timed): the only rows
+    ``device_time`` changes, so a run without one would ignore it."""
+    timed = _timed(config)
+    return tuple(i for i in DEVICE_RESIDENT if i in timed)
+
+
+def aead_sizes_too_large(config: BenchConfig) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """``(sizes, algorithms)``: the sizes of ``config`` above :data:`AEAD_MAX_SIZE` and its
+    AEADs, which cannot be timed at them (the reference and the baseline refuse them);
+    two empty tuples where there is no such pair. The stream ciphers take any size."""
+    sizes = tuple(s for s in config.sizes if s > AEAD_MAX_SIZE)
+    aeads = tuple(a for a in config.algorithms if ALGORITHMS[a].kind == "aead")
+    return (sizes, aeads) if sizes and aeads else ((), ())
+
+
 def simulator_sizes_too_large(config: BenchConfig) -> bool:
     """Whether a ``device="gpu"`` run of ``config`` in numba's CUDA simulator
     (``simulator_smoke`` with ``NUMBA_ENABLE_CUDASIM=1``) would time no GPU row because
@@ -539,6 +584,12 @@ def simulator_sizes_too_large(config: BenchConfig) -> bool:
     return (config.device == "gpu" and config.simulator_smoke
             and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
             and min(config.sizes) > SIMULATOR_MAX_SIZE)
+
+
+#: why an AEAD has no row above AEAD_MAX_SIZE, in run()'s refusal
+_AEAD_LIMIT_TEXT = ("cryptography's AEAD classes, which make the reference every row is "
+                    "checked against and are the baseline, take at most 2**31 - 1 bytes "
+                    "(2 GiB less one byte) per message")
 
 
 def _no_gpu_row(config: BenchConfig) -> str:
@@ -553,10 +604,27 @@ def _no_gpu_row(config: BenchConfig) -> str:
             f"or use device='cpu'")
 
 
-def _say_unavailable(report: BenchReport, algorithm: str, implementation: str, reason: str) -> None:
-    if not any((u.algorithm, u.implementation, u.reason) == (algorithm, implementation, reason)
-               for u in report.unavailable):
-        report.unavailable.append(Unavailable(algorithm, implementation, reason))
+def _say_unavailable(report: BenchReport, algorithm: str, implementation: str, reason: str,
+                     operation: str, form: str, size: int | None = None) -> None:
+    """Record that ``implementation`` cannot run in a table, at every size (``size`` None:
+    known before the run) or at ``size`` (found when that size was measured)."""
+    for u in report.unavailable:
+        if (u.algorithm, u.implementation, u.reason, u.operation, u.form) == \
+                (algorithm, implementation, reason, operation, form):
+            if size is None:
+                u.sizes = None
+            elif u.sizes is not None and size not in u.sizes:
+                u.sizes.append(size)
+            return
+    report.unavailable.append(Unavailable(algorithm, implementation, reason, operation, form,
+                                          None if size is None else [size]))
+
+
+def _whole_tables(report: BenchReport) -> None:
+    """An entry refused at every size of the run is one of its table (``sizes`` None)."""
+    for u in report.unavailable:
+        if u.sizes is not None and set(report.config.sizes) <= set(u.sizes):
+            u.sizes = None
 
 
 def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
@@ -565,7 +633,8 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
     Raises ``ValueError`` when ``device="gpu"`` and no table would time a GPU row (no GPU
     implementation asked, or none with a row for the algorithms, forms and operations
     asked, or, in the simulator, no size small enough for its smoke rows: the run would
-    time the baseline alone); ``RuntimeError`` when ``device="gpu"``
+    time the baseline alone), and when an AEAD is asked at a size above
+    :data:`AEAD_MAX_SIZE` (:func:`aead_sizes_too_large`), before anything is timed; ``RuntimeError`` when ``device="gpu"``
     and the GPU cannot be timed (the message says why), or when it timed no GPU row after
     all (each row's reason said), and when any row computes wrong bytes
     (:class:`WrongOutput`, a ``RuntimeError``: every row's output, encryption and
@@ -573,6 +642,11 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
     """
     if config.device == "gpu" and not gpu_rows_planned(config):
         raise ValueError(_no_gpu_row(config))
+    too_large, aeads = aead_sizes_too_large(config)
+    if too_large:  # found only once every smaller size was timed, as an OverflowError
+        raise ValueError(f"{', '.join(aeads)} cannot be timed at {format_size(too_large[0])}: "
+                         f"{_AEAD_LIMIT_TEXT}; give sizes of at most {AEAD_MAX_SIZE} bytes, "
+                         f"or the stream ciphers alone at larger ones")
     if simulator_sizes_too_large(config):
         from .gpu import SIMULATOR_MAX_SIZE
 
@@ -603,10 +677,11 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
     for alg, operation, form, timed, said in tables:
         for impl, reason in said.items():  # without a GPU, that is the reason to say
             no_gpu = impl in GPU_IMPLEMENTATIONS and session is None and gpu_reason
-            _say_unavailable(report, alg.name, impl, gpu_reason if no_gpu else reason)
+            _say_unavailable(report, alg.name, impl, gpu_reason if no_gpu else reason,
+                             operation, form)
         for impl in timed:
             if impl in GPU_IMPLEMENTATIONS and session is None:
-                _say_unavailable(report, alg.name, impl, gpu_reason or "")
+                _say_unavailable(report, alg.name, impl, gpu_reason or "", operation, form)
         jobs[alg.name, operation, form] = [i for i in timed
                                            if session is not None or i not in GPU_IMPLEMENTATIONS]
     total = sum(len(impls) for impls in jobs.values()) * len(config.sizes)
@@ -626,7 +701,7 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
                     for impl in impls:
                         result = results[impl]
                         if isinstance(result, str):
-                            _say_unavailable(report, name, impl, result)
+                            _say_unavailable(report, name, impl, result, operation, form, size)
                         else:
                             report.cells.append(result)
                         done += 1
@@ -646,6 +721,7 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> BenchReport:
                                 f". GPU rows: one host thread, so no ratio to the "
                                 f"{config.threads}-thread baseline (--threads 1 gives them one)"
                                 if gpu_cells else ""))
+    _whole_tables(report)
     _fill_ratios(report)
     report.environment["load_average_end"] = _load_average()
     report.environment["peak_rss_mib"] = _peak_rss_mib()
@@ -681,8 +757,7 @@ def _measure_group(impls: list[str], m: Material, operation: str, form: str, con
         if isinstance(timing, NotAvailable):
             results[impl] = str(timing)
             continue
-        cell = _cell(impl, m, operation, form, timing, cpu_name, config.threads, "perf_counter",
-                     verified=True)
+        cell = _cell(impl, m, operation, form, timing, cpu_name, config.threads, "perf_counter")
         if impl == baseline and isinstance(again, Timing):
             cell.spread = abs(again.median_seconds / timing.median_seconds - 1.0)
         results[impl] = cell
@@ -716,20 +791,21 @@ def _measure_gpu(impl: str, m: Material, operation: str, form: str, config: Benc
                 "cuda events, queued ahead of the host (device time)" if config.device_time else "cuda events"
     except (NotAvailable, GpuRefused) as exc:
         return str(exc)
-    return _cell(impl, m, operation, form, timing, session.device_name, 1, clock, verified=True)
+    return _cell(impl, m, operation, form, timing, session.device_name, 1, clock)
 
 
 def _cell(impl: str, m: Material, operation: str, form: str, timing: Timing, device: str,
-          threads: int, clock: str, verified: bool) -> Cell:
-    """``verified``: whether the output was checked against the reference (a simulator
-    row is checked too: its figure is a label, its bytes are not)."""
+          threads: int, clock: str) -> Cell:
+    """The cell of a timing whose output was checked against the reference (every one
+    is, a simulator row's too: its figure is a label, its bytes are not; a wrong one
+    raised :class:`WrongOutput` instead), so ``verified`` keeps its True."""
     note = device if device == _simulator_label() else ""
     return Cell(algorithm=m.algorithm.name, operation=operation, form=form, implementation=impl,
                 device=device, size=m.size, threads=threads, repetitions=timing.repetitions,
                 iterations=timing.iterations, median_seconds=timing.median_seconds,
                 gbps=m.size * threads / timing.median_seconds / 1e9, ratio=None,
                 baseline=m.algorithm.baseline_for(form) or "", fraction_of_copy=None,
-                timing=clock, note=note, verified=verified,
+                timing=clock, note=note,
                 unsteady=timing.unsteady if timing.spread is not None and not note else None)
 
 
@@ -771,7 +847,10 @@ def _fill_ratios(report: BenchReport) -> None:
         if c.implementation in DEVICE_RESIDENT:  # data already in GPU memory against host
             c.ratio = None  # bytes: no like-for-like ratio (its copy fraction says it; the
             # +transfer row, both PCIe copies included, is the one to compare)
-        if report.copy_gbps and c.implementation in GPU_IMPLEMENTATIONS and not c.note:
+        if report.copy_gbps and c.implementation in DEVICE_RESIDENT and c.form == "into" \
+                and not c.note:
+            # device memory to device memory, as the copy: the +transfer row's figure is
+            # set by its two PCIe copies, which no fraction of an HBM copy describes
             c.fraction_of_copy = c.gbps / report.copy_gbps
     for c in report.cells:
         # the column's noise, not the table's: a noisy 1 GiB column says nothing of 64 B
@@ -838,11 +917,11 @@ def render_table(report: BenchReport) -> str:
     heads = [format_size(s) for s in sizes]
     for alg_name in report.config.algorithms:
         alg = ALGORITHMS[alg_name]
-        missing = [u for u in report.unavailable if u.algorithm == alg_name]
         for operation in report.config.operations:
             for form in report.config.forms:
                 cells = [c for c in report.cells
                          if (c.algorithm, c.operation, c.form) == (alg_name, operation, form)]
+                missing = [u for u in report.unavailable if u.in_table(alg_name, operation, form)]
                 if not cells and not missing:
                     continue
                 baseline = alg.baseline_for(form)
@@ -854,12 +933,15 @@ def render_table(report: BenchReport) -> str:
                 lines += _table_rows(cells, impls, sizes, width)
                 if baseline is not None:
                     lines.append(_noise_row(report, alg_name, operation, form, sizes, width))
-                lines += _unavailable_lines(report, missing, {c.implementation for c in cells}, form)
+                lines += _unavailable_lines(report, missing, {c.implementation for c in cells})
     return "\n".join(lines)
 
 
 def _checked_text(report: BenchReport) -> str:
-    """The header's claim about the checks, made only as far as the cells bear it out."""
+    """The header's claim about the checks, made only as far as the cells bear it out.
+    :func:`run` makes no unchecked cell (a wrong output stops it), so its reports always
+    get the first sentence; the second is for a report made by hand (:class:`Cell` is
+    public), which is not to be told it was checked."""
     unchecked: dict[str, int] = {}
     for c in report.cells:
         if not c.verified:
@@ -908,21 +990,22 @@ def _table_rows(cells: list[Cell], impls: list[str], sizes: list[int], width: in
     return lines
 
 
-def _unavailable_lines(report: BenchReport, missing: list[Unavailable], shown: set[str],
-                       form: str) -> list[str]:
-    """'not available' lines for the implementations missing from this table."""
-    by_reason: dict[str, list[str]] = {}
+def _unavailable_lines(report: BenchReport, missing: list[Unavailable],
+                       shown: set[str]) -> list[str]:
+    """'not available' lines of one table (``missing``: its entries, :meth:`Unavailable.in_table`):
+    for the implementations missing from it, and for the sizes at which a row that is
+    shown (``shown``) was refused, which it shows as ``-``."""
+    by_reason: dict[tuple[str, str], list[str]] = {}
     for u in missing:
-        if u.implementation in shown:
-            continue
-        if ("_into API" in u.reason and form == "alloc") or ("into tables" in u.reason and form == "into"):
-            continue  # a reason about the other form
-        by_reason.setdefault(u.reason, []).append(u.implementation)
+        if u.sizes is None and u.implementation in shown:
+            continue  # a table-wide entry made by hand next to the row's own cells
+        at = "" if u.sizes is None else " at " + ", ".join(format_size(s) for s in sorted(u.sizes))
+        by_reason.setdefault((at, u.reason), []).append(u.implementation)
     lines = []
-    for reason, names in by_reason.items():
+    for (at, reason), names in by_reason.items():
         if any(reason in note for note in report.notes):
             reason = "see the note above"
-        lines.append(f"{', '.join(dict.fromkeys(names))}: not available: {reason}")
+        lines.append(f"{', '.join(dict.fromkeys(names))}: not available{at}: {reason}")
     return lines
 
 

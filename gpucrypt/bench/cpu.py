@@ -117,6 +117,13 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
 
 OPERATIONS = ("encrypt", "decrypt")
 
+#: The largest message an AEAD row takes: 2**31 - 1 bytes, the most ``cryptography``'s AEAD
+#: classes seal or open in one call (OverflowError beyond), and they make the reference
+#: every row is checked against (XChaCha20-Poly1305's too, through ChaCha20Poly1305) and
+#: are the baseline. The stream ciphers have no such limit (``update`` and
+#: ``update_into`` took 2 GiB + 64 B under cryptography 50 and 51).
+AEAD_MAX_SIZE = 2**31 - 1
+
 
 class Material:
     """Key, nonce and the shared input buffers for one algorithm and message size.

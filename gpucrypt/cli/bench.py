@@ -96,6 +96,19 @@ def _config(args):
     if too_large:
         raise CliError(f"--sizes: {too_large[0]} bytes is more than the benchmark takes "
                        f"({bench.format_size(MAX_SIZE)}); give smaller sizes", exit_code=2)
+    too_large, aeads = bench.aead_sizes_too_large(
+        bench.BenchConfig(algorithms=algorithms, sizes=sizes))
+    if too_large:
+        # found by the run only once every smaller size was timed: an OverflowError traceback
+        # when the reference was made, after minutes of measuring
+        streams = [a for a in bench.ALGORITHMS if bench.ALGORITHMS[a].kind == "stream"]
+        raise CliError(f"--sizes: {', '.join(aeads)} cannot be timed at "
+                       f"{bench.format_size(too_large[0])}: cryptography's AEAD classes, which "
+                       f"make the reference every row is checked against and are the "
+                       f"baseline, take at most {bench.AEAD_MAX_SIZE} bytes (2**31 - 1) per "
+                       f"message; give sizes of at most {bench.AEAD_MAX_SIZE}, or time the "
+                       f"larger ones with the stream ciphers alone (--algorithms "
+                       f"{','.join(streams)})", exit_code=2)
     if not (args.seconds > 0 and math.isfinite(args.seconds) and args.seconds <= MAX_SECONDS):
         raise CliError(f"--seconds must be positive, finite and at most {MAX_SECONDS:.0f} "
                        f"(a day per cell), not {args.seconds}", exit_code=2)
@@ -124,6 +137,8 @@ def _config(args):
                        "option out", exit_code=2)
     if args.device == "gpu":
         _refuse_no_gpu_row(args, config)
+    if args.device != "cpu":  # --device cpu refused these options already, with its reason
+        _refuse_options_without_rows(args, config)
     if bench.simulator_sizes_too_large(config):
         from ..bench.gpu import SIMULATOR_MAX_SIZE
 
@@ -231,6 +246,46 @@ def _refuse_no_gpu_row(args, config) -> None:
     raise CliError(f"--device gpu times the GPU rows, and none has a row for {_asked_text(config)} "
                    f"({'; '.join(bench.why_no_rows(i, config) for i in asked)}): "
                    f"{', '.join(ways)}, or use --device cpu", exit_code=2)
+
+
+def _refuse_options_without_rows(args, config) -> None:
+    """Refuse (exit 2) a GPU option that no row of the run would use, as ``--device cpu``
+    refuses them all: accepted, it was ignored without a word (and the JSON said
+    ``device_time: true`` of a run timed on the host clock alone). ``--include-transfer``
+    adds the gpucrypt-gpu+transfer row, which named implementations may leave out;
+    ``--device-time`` changes the device-resident rows only (gpucrypt-gpu,
+    gpucrypt-gpu-hosttag: the +transfer row is timed on the host clock with or without
+    it); ``--simulator-smoke`` the GPU rows only."""
+    from .. import bench
+
+    if config.include_transfer and "gpucrypt-gpu+transfer" not in config.implementations:
+        raise CliError(f"--include-transfer adds the gpucrypt-gpu+transfer row, and "
+                       f"--implementations {args.implementations} leaves it out, so the option "
+                       f"would be ignored: add gpucrypt-gpu+transfer to --implementations (naming "
+                       f"it is enough), or leave --include-transfer out", exit_code=2)
+    if config.simulator_smoke and not bench.gpu_rows_planned(config):
+        why = _gpu_rows_text(args, config, bench.GPU_IMPLEMENTATIONS)
+        raise CliError(f"--simulator-smoke runs the GPU rows in numba's CUDA simulator, and no "
+                       f"table asked has a GPU row ({why}), so the option would be ignored: "
+                       f"leave it out, or ask for a GPU row", exit_code=2)
+    if config.device_time and not bench.device_resident_rows_planned(config):
+        why = _gpu_rows_text(args, config, bench.DEVICE_RESIDENT)
+        raise CliError(f"--device-time times the device-resident rows (gpucrypt-gpu, in the into "
+                       f"tables, the AEADs' encryption only) on the device's clock, and no table "
+                       f"asked has one ({why}), so the option would be ignored: leave it out, or "
+                       f"ask for such a row (--implementations gpucrypt-gpu, --forms into, "
+                       f"--operations encrypt)", exit_code=2)
+
+
+def _gpu_rows_text(args, config, kinds) -> str:
+    """Why the run of ``config`` times none of ``kinds``: none asked, or each one's reason."""
+    from .. import bench
+
+    asked = [i for i in config.implementations if i in kinds
+             and (config.include_transfer or i != "gpucrypt-gpu+transfer")]
+    if not asked:
+        return f"--implementations {args.implementations} names none"
+    return "; ".join(bench.why_no_rows(i, config) for i in asked)
 
 
 def _check_plot(path: str) -> None:

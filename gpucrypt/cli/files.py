@@ -298,11 +298,24 @@ def _is_fifo(path: str) -> bool:
         return False
 
 
+def _check_device(args) -> None:
+    """A GPU that cannot run (``--device gpu``, or ``GPUCRYPT_DEVICE=gpu`` for ``--device
+    auto``; or a ``GPUCRYPT_DEVICE`` that is no device) refused (through
+    :func:`run_reporting_errors`: exit 2) before any key is read, as encrypt's
+    :func:`check_sealing_options` does: found after the key, the refusal came once the data
+    key was unwrapped (scrypt, or a KMS or HSM call the audit log records as
+    ``envelope.open``), and a usage error records no ``file.decrypt`` event to go with it."""
+    from ..backends import small_payloads_on_cpu
+
+    run_reporting_errors(args, lambda: small_payloads_on_cpu(args.device))
+
+
 def _run_decrypt(args) -> int:
     from ..files import stream
 
     check_key_sources(args)
     _check_threads(args)
+    _check_device(args)
     refuse_input_as_output(args, replacing="its ciphertext with the plaintext")
     # --audit-log: one event for the run, written once OUT is published (or failed)
     with audited(args, "file.decrypt", args.input) as event:
