@@ -1124,7 +1124,7 @@ def in_place_rule(request, monkeypatch):
 @pytest.mark.parametrize("algorithm", ["chacha20-poly1305", "aes-gcm"])
 @pytest.mark.parametrize("size", [0, 1, 4095, 65 << 10, (256 << 10) + 17, 1 << 20,
                                   (1 << 20) + 17])  # the last past _IN_PLACE_SCRATCH_MAX
-@pytest.mark.parametrize("form", ["combined", "detached", "one_pass"])
+@pytest.mark.parametrize("form", ["combined", "detached", "one_pass", "shared_gil"])
 def test_in_place_gives_cryptographys_bytes_whatever_it_takes(in_place_rule, algorithm, size,
                                                               form):
     """cryptography 51 refuses an output that is its input, and every in-place path of the
@@ -1144,17 +1144,52 @@ def test_in_place_gives_cryptographys_bytes_whatever_it_takes(in_place_rule, alg
             ctx.open(nonce, forged, memoryview(aad), forged[:size])
         assert bytes(forged[:size]) == bytes(size)
         return
-    one_pass = form == "one_pass"
+    one_pass, shared_gil = form in ("one_pass", "shared_gil"), form == "shared_gil"
     view = buf[:size]
-    assert ctx.seal_detached(nonce, view, memoryview(aad), view, one_pass=one_pass) == tag
+    assert ctx.seal_detached(nonce, view, memoryview(aad), view, one_pass=one_pass,
+                             shared_gil=shared_gil) == tag
     assert bytes(view) == ct
-    ctx.open_detached(nonce, view, tag, memoryview(aad), view, one_pass=one_pass)
+    ctx.open_detached(nonce, view, tag, memoryview(aad), view, one_pass=one_pass,
+                      shared_gil=shared_gil)
     assert bytes(view) == data
     view[:] = ct
     with pytest.raises(InvalidTag):
         ctx.open_detached(nonce, view, bytes([tag[0] ^ 1]) + tag[1:], memoryview(aad), view,
-                          one_pass=one_pass)
+                          one_pass=one_pass, shared_gil=shared_gil)
     assert bytes(view) == ct
+
+
+@pytest.mark.parametrize("size", [(64 << 10) + 1, (1 << 20) + 17])
+def test_an_in_place_aes_gcm_worker_takes_the_one_shot_where_cryptography_refuses(size,
+                                                                                monkeypatch):
+    """Where cryptography refuses in place (51), AES-GCM's streaming form goes through a
+    window whose every piece takes the GIL twice, which workers sealing side by side
+    (``shared_gil``: a state dict on 2 threads) wait for. A worker takes OpenSSL's
+    one-shot call through the thread's scratch instead, with the
+    same bytes, and a wrong tag gives the buffer its ciphertext back; a thread of its
+    own keeps the window (the faster form alone)."""
+    from gpucrypt.backends import cpu
+
+    monkeypatch.setattr(cpu, "UPDATE_INTO_IN_PLACE", False)
+    monkeypatch.setattr(cpu, "AEAD_INTO_IN_PLACE", False)
+    windows = []  # pieces through the in-place stream's window (or its one update)
+    real = cpu.InPlaceStream.update_into
+    monkeypatch.setattr(cpu.InPlaceStream, "update_into",
+                        lambda self, *a: windows.append(1) or real(self, *a))
+    key, nonce, aad, data, ct, tag, ctx = _detached_message("aes-gcm", 32, size)
+    view = memoryview(bytearray(data))
+    assert ctx.seal_detached(nonce, view, memoryview(aad), view, one_pass=True,
+                             shared_gil=True) == tag
+    assert bytes(view) == ct
+    ctx.open_detached(nonce, view, tag, memoryview(aad), view, one_pass=True, shared_gil=True)
+    assert bytes(view) == data and windows == []
+    view[:] = ct
+    with pytest.raises(InvalidTag):
+        ctx.open_detached(nonce, view, bytes(16), memoryview(aad), view, one_pass=True,
+                          shared_gil=True)
+    assert bytes(view) == ct and windows == []
+    assert ctx.seal_detached(nonce, view, memoryview(aad), view, one_pass=True) != tag
+    assert windows, "a thread of its own keeps the streaming form"
 
 
 @pytest.mark.parametrize("algorithm", ["chacha20", "aes-ctr"])
