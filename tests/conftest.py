@@ -81,3 +81,15 @@ def device(request) -> str:
 
         require_gpu_backend()
     return name
+
+
+@pytest.fixture
+def workers_in_place(monkeypatch):
+    """One ChaCha20-Poly1305 message in place on several threads runs on the pool's workers
+    whatever cryptography is installed: where it refuses in place (51) the CPU backend
+    takes its one-thread forms instead (faster there), and the pool path's own rules
+    (pieces taken back, interrupts, worker failures), which 50 runs, are tested on both."""
+    from gpucrypt.backends import cpu
+
+    monkeypatch.setattr(cpu._ChaCha20Poly1305, "_parallel",
+                        lambda self, threads, data, out: threads >= 2 and len(data) >= cpu.PARALLEL_MIN)

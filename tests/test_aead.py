@@ -835,7 +835,8 @@ def test_cpu_detached_tag_form_in_place_and_out(name, nonce_len, size, path, mon
 @pytest.mark.parametrize("size", [1000, 1024, 4096, 5000, 9999])
 @pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("one_pass", [False, True])
-def test_cpu_detached_chacha20_poly1305_on_threads(size, in_place, one_pass, monkeypatch):
+def test_cpu_detached_chacha20_poly1305_on_threads(size, in_place, one_pass, monkeypatch,
+                                                 workers_in_place):
     """threads=3 on one message: the keystream in 256-byte pieces on 2 workers (counters
     from each piece's offset), this thread's MAC following in order. Opening, the MAC
     runs first over everything, then the keystream on 3 workers; or, ``one_pass``, the
