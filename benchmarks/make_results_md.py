@@ -418,6 +418,14 @@ def render_in_place_ceiling_run(name: str, doc: dict) -> list[str]:
         for route, ratio in ratios.items():
             lines.append(f"| {algorithm} | {route} | {rows[(algorithm, 'flat, 1 thread', route)]:.2f} | "
                          f"{rows[(algorithm, 'model, 2 threads', route)]:.2f} | x{ratio:.2f} |")
+    lines += ["", "The most an in-place state dict on 2 threads can show against one flat buffer on 1, "
+              "each by its fastest in-place route (not `apart`):"]
+    for algorithm in doc["two_threads_over_flat"]:
+        best = {case: max((rows[(algorithm, case, route)], route) for route in doc["routes"]
+                          if route != "apart") for case in ("flat, 1 thread", "model, 2 threads")}
+        (wide, wide_route), (flat, flat_route) = best["model, 2 threads"], best["flat, 1 thread"]
+        lines.append(f"- {algorithm}: x{wide / flat:.2f} ({wide_route} {wide:.2f} GB/s on 2 threads, "
+                     f"{flat_route} {flat:.2f} GB/s on 1)")
     return lines + [""]
 
 
