@@ -83,7 +83,8 @@ CHACHA_ONE_SHOT_SEAL_MAX = 8 << 20
 ONE_PASS_PIECE = 512 << 10
 #: ``one_pass=True, shared_gil=True`` ChaCha20-Poly1305 messages up to this size go through
 #: OpenSSL's one-shot AEAD and the thread's scratch buffer (so a worker holds at most this
-#: much more memory), which release the GIL throughout; larger ones take the one-pass form
+#: much more memory), which release the GIL throughout; larger ones take the one-pass form.
+#: So do in-place AES-GCM messages on a worker where cryptography refuses in place (51)
 SHARED_GIL_ONE_SHOT_MAX = 64 << 20
 #: copies at least this large go through NumPy, which releases the GIL while it copies (a
 #: memoryview's slice assignment holds it); smaller ones are not worth NumPy's set-up
@@ -96,7 +97,8 @@ def _same_memory(a: memoryview, b: memoryview) -> bool:
     """Whether two byte views are the very same memory (an in-place call)."""
     if len(a) != len(b) or not len(a):
         return len(a) == len(b)
-    return address(a) == address(b)  # only the composed paths and failed tags get here
+    return address(a) == address(b)  # 0.2 us: the composed paths, failed tags, and (where
+    # cryptography refuses in place) large messages choosing their route
 
 
 def _transformed_end(out: memoryview, done: int, pending: tuple | None) -> int:
