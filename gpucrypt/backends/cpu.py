@@ -582,12 +582,12 @@ class _ChaCha20Poly1305(_OpenSslAead):
     # buffer on one thread: one-pass everywhere x1.26 encrypt / x1.00 decrypt, one-shot on
     # the workers and one-pass on the calling thread x1.34 / x1.46, one-shot on both x1.18
     # / x1.53 (the one-shot form is the slower one on a thread of its own).
-    # One message on several threads runs the keystream on workers and the MAC here. In
-    # place where cryptography refuses it (51) a worker's piece goes through a window,
-    # whose copy back needs the GIL that this thread's Poly1305 holds over each call:
-    # one 1 GiB tensor in place ran at 2.4-2.6 GB/s on 2 threads, 3.1 on one (4.5-4.9
-    # on 2 with 50, in place). There it takes the one-thread forms.
     def _parallel(self, threads: int, data, out) -> bool:
+        """Whether one message runs on several threads: the keystream on workers, the MAC
+        here. Not in place where cryptography refuses it (51): a worker's piece goes
+        through a window whose copy back needs the GIL, which this thread's Poly1305 holds
+        over each call, and one 1 GiB tensor in place ran at 2.4-2.6 GB/s on 2 threads
+        against 3.1 on one (4.5-4.9 on 2 with 50, in place): the one-thread forms then."""
         return threads >= 2 and len(data) >= PARALLEL_MIN and \
             (UPDATE_INTO_IN_PLACE or not _same_memory(data, out))
 

@@ -120,6 +120,7 @@ _GPU_BATCH_BYTES = 32 << 20
 #: batches started and not finished while the next is prepared (CPU)
 _DEPTH = 1
 
+
 class _UnknownTensor(KeyError):
     """A tensor name the model file does not hold (``load_encrypted(names=...)``; the base
     of ``safe_open``'s ``UnknownTensorError``)."""
