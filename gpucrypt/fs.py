@@ -1152,6 +1152,29 @@ class _WatchedKeys:
 _TEMP_NAME_HINT = 64
 
 
+def on_local_disk(fs: Any) -> bool:
+    """Whether ``fs`` is the local disk, whose folders are real: fsspec's local filesystem
+    (by class or protocol) or a pyarrow local one wrapped. There a path is a file or a
+    folder; on an object store (``s3``, ``memory``) an object and a prefix may share a
+    name, and an object may have keys below its name."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return isinstance(fs, LocalFileSystem) or "file" in protocols or "local" in protocols \
+        or getattr(getattr(fs, "fs", None), "type_name", None) == "local"
+
+
+def move_exactly(fs: Any, source: str, target: str) -> Any:
+    """Move the file ``source`` to ``target`` on ``fs``, both taken as exact names; returns
+    what the target's call returned. fsspec's generic ``mv`` (object stores) takes a name
+    holding ``*``, ``?`` or ``[`` as a glob pattern: ``a[1]`` was never written, and
+    files the pattern matched (``a1``) were moved into a folder named ``a[1]``. The local
+    disk's ``mv`` is a rename (atomic), which globs nothing."""
+    if on_local_disk(fs):
+        return fs.mv(source, target)
+    copied = fs.cp_file(source, target)
+    fs.rm_file(source)
+    return copied
+
+
 def _temp_beside(target: str) -> str:
     """A fresh hidden name in ``target``'s folder, ``.NAME.XXXXXXXX.gpucrypt-tmp``, NAME
     the target's name cut to its first 64 bytes: at most 87 bytes, so that staging a
@@ -1637,10 +1660,10 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
                     raise IsADirectoryError(errno.EISDIR, "it is a folder: the file was not "
                                             "written; give the path of a file inside it, or "
                                             "remove the folder first", target)
-                moved = self.fs.mv(temp, target)
+                moved = move_exactly(self.fs, temp, target)
                 # some targets report a failed move by what they return, not by raising
                 if not self.fs.isfile(target):
-                    raise OSError(errno.EIO, f"the target's mv left no file there (it "
+                    raise OSError(errno.EIO, f"the target's copy left no file there (it "
                                   f"returned {moved!r}): the file was not written; retry "
                                   f"commit(), or check the target", target)
         except BaseException:

@@ -62,7 +62,8 @@ from ray.data.block import BlockAccessor
 
 from .files import stream
 from .files._format import MAGIC as STREAM_MAGIC, StreamError
-from .fs import GpucryptFileSystem, named_error, plaintext_size
+from .fs import (GpucryptFileSystem, move_exactly, named_error, on_local_disk,
+                 plaintext_size)
 from .keys import NoMatchingRecipient, encrypt_file
 from .keys.portable import KeyReferences
 
@@ -351,7 +352,7 @@ class StagedFilesDatasink(Datasink):
         else:
             filesystem = _fsspec_filesystem(filesystem)
             path = filesystem._strip_protocol(path)
-            if _has_folders(filesystem):
+            if on_local_disk(filesystem):
                 path = os.path.abspath(path)  # write tasks may run in another folder
         self.fs, self.root = filesystem, path.rstrip("/")
         self.column, self.path_column = column, path_column
@@ -443,7 +444,7 @@ class StagedFilesDatasink(Datasink):
             final = posixpath.join(self.root, name)
             try:
                 self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-                self.fs.mv(posixpath.join(self.staging, name), final)
+                move_exactly(self.fs, posixpath.join(self.staging, name), final)
             except Exception as exc:
                 self._kept = True
                 done = list(self._published)
@@ -479,8 +480,9 @@ class StagedFilesDatasink(Datasink):
         Checked first, not atomically with the moves: what is made meanwhile is still
         in the way. A folder at a file's path is refused on every target, object stores
         too (where an object and a prefix may share a name); a file at a parent path
-        only where folders are real (the local disk, :func:`_has_folders`): an object
-        store takes ``a/new`` beside an object ``a``, as its own moves do."""
+        only where folders are real (the local disk,
+        :func:`gpucrypt.fs.on_local_disk`): an object store takes ``a/new`` beside an
+        object ``a``, as its own moves do."""
         kinds: dict[str, set] = {}  # path -> the types listed under it
 
         def kinds_of(relative: str) -> set:
@@ -509,7 +511,7 @@ class StagedFilesDatasink(Datasink):
                 kinds.setdefault(path, set()).add(kind)
         folders = [name for name in names if "directory" in kinds_of(name)]
         inside_files = []
-        for name in names if _has_folders(self.fs) else ():
+        for name in names if on_local_disk(self.fs) else ():
             parts = name.split("/")[:-1]
             for depth in range(1, len(parts) + 1):
                 parent = "/".join(parts[:depth])
@@ -579,7 +581,7 @@ class StagedFilesDatasink(Datasink):
 
     def _remove_staging(self) -> None:
         if self.fs.exists(self.staging):
-            self.fs.rm(self.staging, recursive=True)
+            _remove_folder(self.fs, self.staging)
 
 
 class GpucryptDatasink(StagedFilesDatasink):
@@ -678,18 +680,31 @@ def _source_folder(folder: Any) -> str:
     return stripped.rstrip("/") or "/"
 
 
+def _remove_folder(fs: Any, folder: str) -> None:
+    """Remove ``folder`` and everything under it. ``rm(recursive=True)`` globs a path
+    holding ``*``, ``?`` or ``[`` on an object store (a root such as ``out[1]``: it
+    removed nothing and raised); such a folder is emptied file by file, by exact name, then its folders
+    (see :func:`gpucrypt.fs.move_exactly`)."""
+    from glob import has_magic  # what fsspec itself asks
+
+    if not has_magic(folder):
+        fs.rm(folder, recursive=True)
+        return
+    found = fs.find(folder, withdirs=True, detail=True)
+    for path, info in found.items():
+        if info["type"] != "directory":
+            fs.rm_file(path)
+    for path in sorted((p for p, i in found.items() if i["type"] == "directory"),
+                       key=len, reverse=True) + [folder]:
+        try:
+            fs.rmdir(path)
+        except FileNotFoundError:
+            pass  # an object store's folders are prefixes: gone with their last file
+
+
 def _is_local(fs: Any) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
-
-
-def _has_folders(fs: Any) -> bool:
-    """Whether ``fs`` is the local disk, whose folders are real: fsspec's local filesystem
-    (by class or protocol) or a pyarrow local one wrapped. There a path is a file or a
-    folder; on an object store (``s3``, ``memory``) an object and a prefix may share a
-    name, and an object may have keys below its name."""
-    return isinstance(fs, LocalFileSystem) or _is_local(fs) or \
-        getattr(getattr(fs, "fs", None), "type_name", None) == "local"
 
 
 def gpus_per_actor(num_gpus: float | None = None) -> float:

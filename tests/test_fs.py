@@ -1035,10 +1035,11 @@ def test_a_write_onto_a_folder_is_refused_and_leaves_nothing(keys, memory):
 
 
 class _MoveReportsFailure(MemoryFileSystem):
-    """The real memory filesystem, whose ``mv`` reports failure by its return value
-    (some targets do) instead of raising."""
+    """The real memory filesystem, whose ``cp_file`` (a move on an object store is a copy,
+    then a removal: gpucrypt.fs.move_exactly) reports failure by its return value (some
+    targets do) instead of raising."""
 
-    def mv(self, path1, path2, **kwargs):
+    def cp_file(self, path1, path2, **kwargs):
         return False
 
 
@@ -1051,6 +1052,22 @@ def test_a_move_that_leaves_no_file_is_not_reported_as_written(keys, memory):
     with pytest.raises(OSError, match="left no file"):
         f.close()
     assert fs.fs.find(folder) == []  # the temporary file removed
+
+
+def test_names_that_read_as_glob_patterns_are_written_as_they_are(keys, memory):
+    """fsspec's generic mv takes ``[``, ``*`` and ``?`` as glob patterns: on an object
+    store a write to ``a[1].gc`` raised FileNotFoundError (its temporary name matched
+    nothing), and one to ``x?.gc`` left its temporary file in a folder named ``x?.gc``
+    and reported the write failed."""
+    fs, folder = memory
+    fs.pipe_file(f"{folder}/a1.gc", b"theirs")
+    for name in ("a[1].gc", "x?.gc", "s*.gc"):
+        with fs.open(f"{folder}/{name}", "wb") as f:
+            f.write(name.encode())
+    assert {posixpath.basename(p): fs.cat_file(p) for p in fs.find(folder)} == {
+        "a1.gc": b"theirs", "a[1].gc": b"a[1].gc", "x?.gc": b"x?.gc", "s*.gc": b"s*.gc"}
+    assert sorted(posixpath.basename(p) for p in fs.fs.find(folder)) == \
+        ["a1.gc", "a[1].gc", "s*.gc", "x?.gc"]  # no temporary file left
 
 
 def test_memory_readers_in_threads_read_their_own_bytes(keys, memory):

@@ -580,7 +580,7 @@ def test_a_publish_onto_a_folder_is_refused_before_anything_moves(tmp_path, targ
 
 
 def _publish_on_memory(tmp_path, theirs: dict, staged: dict, error: type | None = None,
-                       match: str = "") -> dict:
+                       match: str = "", folder: str = "out") -> dict:
     """A publish of ``staged`` (name: bytes) into a memory folder holding ``theirs``
     (stored as an object store holds its keys: an object ``a`` and keys below ``a/`` may
     both be there), refused with ``error`` where one is given: what the folder holds
@@ -592,7 +592,7 @@ def _publish_on_memory(tmp_path, theirs: dict, staged: dict, error: type | None 
     from fsspec.implementations.memory import MemoryFile
 
     memory = fsspec.filesystem("memory")
-    root = "/" + re.sub(r"\W", "_", tmp_path.name) + "/out"
+    root = "/" + re.sub(r"\W", "_", tmp_path.name) + "/" + folder
     for name, data in theirs.items():
         memory.store[f"{root}/{name}"] = MemoryFile(memory, f"{root}/{name}", data)
     sink = gray.StagedFilesDatasink(f"memory://{root}")
@@ -616,6 +616,22 @@ def _publish_on_memory(tmp_path, theirs: dict, staged: dict, error: type | None 
         return {path[len(root) + 1:]: memory.cat_file(path) for path in memory.find(root)}
     finally:
         memory.rm(root.rsplit("/", 1)[0], recursive=True)
+
+
+def test_names_that_read_as_glob_patterns_are_published_as_they_are(tmp_path):
+    """fsspec's generic mv and rm(recursive=True) take ``[``, ``*`` and ``?`` as glob
+    patterns: on an object store ``a[1]`` was never published and the staged ``a1`` it
+    matched was moved into a folder named ``a[1]`` (the job failing part-way), and a
+    root such as ``out[1]`` kept its staging folder. The local disk globbed nothing
+    before; its root such as ``out[1]`` now takes the exact-name removal."""
+    names = {"a[1]": b"A[1]", "a1": b"A1", "x?": b"X?", "x1": b"X1", "s*/b": b"B"}
+    assert _publish_on_memory(tmp_path, {}, names) == names
+    assert _publish_on_memory(tmp_path, {"old": b"theirs"}, {"a1": b"A1"},
+                              folder="out[1]") == {"old": b"theirs", "a1": b"A1"}
+    root = tmp_path / "out[1]"
+    root.mkdir()  # an existing folder: published file by file, then the staging removed
+    _publish(gray.StagedFilesDatasink(str(root)), ["a[1]", "sub/b?"])
+    assert _tree(root) == {"a[1]": b"a[1]", "sub/b?": b"sub/b?"}
 
 
 def test_a_sink_without_keys_refuses_rows_that_are_no_whole_stream(keyset):
