@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import pathlib
 import pickle
 import re
 import shutil
@@ -277,6 +278,27 @@ def _forge_metadata(folder, document, recipient) -> None:
     only the recipient's public key can do."""
     keys.encrypt_file(pickle.dumps(document, protocol=4), os.path.join(folder, META),
                       recipients=[recipient])
+
+
+def test_metadata_pickled_by_python_3_13_loads(tmp_path):
+    """Python 3.13 pickles a path as pathlib._local.PosixPath, which the metadata's
+    unpickler refused (as a forgery): every checkpoint saved on 3.13 failed to load. The
+    writer stores its path as a str now; a document holding 3.13's name (pickled here by
+    hand: this Python has no such module) loads, on any Python."""
+    alice = keys.Identity.generate()
+    state = {"w": torch.arange(6.0)}
+    dcp.save(state, storage_writer=EncryptedWriter(tmp_path, recipients=[alice.recipient]))
+    document = _metadata_document(tmp_path, alice)
+    assert document["metadata"].storage_meta.checkpoint_id == str(tmp_path)
+    assert type(document["metadata"].storage_meta.checkpoint_id) is str
+    document["metadata"].storage_meta.checkpoint_id = pathlib.PosixPath(tmp_path)
+    pickled = pickle.dumps(document, protocol=4)
+    as_313 = pickled.replace(b"\x8c\x07pathlib\x94", b"\x8c\x0epathlib._local\x94")
+    assert as_313.count(b"pathlib._local") == 1
+    keys.encrypt_file(as_313, os.path.join(tmp_path, META), recipients=[alice.recipient])
+    out = {"w": torch.zeros(6)}
+    dcp.load(out, storage_reader=EncryptedReader(tmp_path, identities=alice, device=CPU))
+    assert torch.equal(out["w"], state["w"])
 
 
 @pytest.mark.parametrize("where", ["parent", "absolute", "subfolder"])

@@ -627,6 +627,32 @@ def test_device_tensors_are_sealed_on_the_device(gpu_files, tmp_path, monkeypatc
 
 
 @pytest.mark.cudasim
+def test_device_tensors_without_the_gpu_backend_are_refused_under_auto(gpu_files, tmp_path,
+                                                                       monkeypatch):
+    """"auto" fell back to the CPU silently where gpucrypt's GPU backend cannot run (no
+    gpucrypt[gpu] beside a CUDA torch): every GPU tensor's plaintext was copied to the
+    host. It is BackendUnavailable now, before anything is written; "cpu" says yes."""
+    from numba import cuda
+
+    from gpucrypt import backends
+
+    _, tensors = gpu_files
+    on_device = {"w": cuda.to_device(tensors["w"]), "host": np.arange(5, dtype=np.uint8)}
+    monkeypatch.delitem(backends._instances, "gpu", raising=False)
+    monkeypatch.setitem(backends._reasons, "gpu", "no module named numba.cuda (test)")
+    copies = []
+    host_bytes = models._host_bytes
+    monkeypatch.setattr(models, "_host_bytes", lambda x: copies.append(x) or host_bytes(x))
+    with pytest.raises(backends.BackendUnavailable,
+                       match=r"(?s)on a GPU.*numba.cuda \(test\).*gpucrypt\[gpu\].*device='cpu'"):
+        models.save_encrypted(on_device, tmp_path / "a", KEY, segment_size=SEG, device="auto")
+    assert copies == [] and os.listdir(tmp_path) == [gpu_files[0].name]
+    models.save_encrypted(on_device, tmp_path / "c", KEY, segment_size=SEG, device="cpu")
+    assert models.load_encrypted(tmp_path / "c", KEY, "cpu",
+                                 framework="numpy")["w"].tobytes() == tensors["w"].tobytes()
+
+
+@pytest.mark.cudasim
 def test_device_tensors_sealed_on_the_cpu_are_copied_a_tensor_at_a_time(gpu_files, tmp_path,
                                                                          monkeypatch):
     """device="cpu": each device tensor is copied to the host once (not once per segment)."""

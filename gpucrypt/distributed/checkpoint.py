@@ -227,6 +227,9 @@ _ALLOWED = {(_DCP_METADATA_MODULE, name) for name in _METADATA_CLASSES} | {
     ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
     ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
     ("collections", "OrderedDict"), (__name__, "EncryptedStorageInfo")}
+#: Python 3.13 moved pathlib's classes to pathlib._local and pickles them under that name;
+#: read as pathlib's (the same classes), so that such a document loads on 3.10-3.12 too
+_MOVED_MODULES = {"pathlib._local": "pathlib"}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -239,6 +242,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         # pickle protocol 4 looks a dotted name up attribute by attribute, so an allowed
         # module's "os.system" would be os.system: no allowed name has a dot
         if "." not in name:
+            module = _MOVED_MODULES.get(module, module)
             if (module, name) in _ALLOWED:
                 return super().find_class(module, name)
             if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
@@ -332,7 +336,8 @@ class EncryptedWriter(FileSystemWriter):
     ``keyset``: a keyset whose primary key also wraps the data keys (at least one of
     the two). ``algorithm``/``segment_size``: the model files' (``docs/MODEL_FORMAT.md``).
     ``device``: where the segments are sealed: "auto" (the GPU for tensors already on
-    one, so their plaintext never reaches host memory), "cpu" or "gpu". ``threads``: CPU
+    one, so their plaintext never reaches host memory; ``BackendUnavailable`` where
+    gpucrypt's GPU backend cannot run), "cpu" or "gpu". ``threads``: CPU
     sealing threads per rank (default: the usable cores). ``overwrite``: as DCP's.
 
     Files are written atomically (temporary file, fsync, rename), mode 0600. Checkpoints
@@ -492,6 +497,11 @@ class EncryptedWriter(FileSystemWriter):
         self._check_sealed_alike(results, files, labels, envelope)
         metadata.storage_data = storage
         metadata.storage_meta = self.storage_meta()
+        if metadata.storage_meta is not None and isinstance(metadata.storage_meta.checkpoint_id,
+                                                            os.PathLike):
+            # a str: a path's class pickles under a module name of its Python's own
+            # (pathlib._local from 3.13), which an older Python cannot unpickle
+            metadata.storage_meta.checkpoint_id = os.fspath(metadata.storage_meta.checkpoint_id)
         document = pickle.dumps({"format": METADATA_FORMAT, "version": METADATA_VERSION,
                                  "metadata": metadata, "files": files}, protocol=4)
         path = self._get_metadata_path()

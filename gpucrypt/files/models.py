@@ -728,7 +728,9 @@ def save_encrypted(tensors: Mapping[str, Any], path: Any, key: Any = None,
     authenticated). ``key_id``/``envelope``: header slots as in the stream format (an
     envelope from :func:`gpucrypt.keys.seal_envelope` wraps ``key`` for recipients).
     ``device``: where the segments are sealed ("auto", "cpu", "gpu"; "auto" takes the
-    GPU when a tensor is on it, else decides by size as the AEAD classes do).
+    GPU when a tensor is on it, else decides by size as the AEAD classes do; a tensor on
+    a GPU where gpucrypt's GPU backend cannot run is ``BackendUnavailable`` then: pass
+    "cpu" to copy such tensors to the host and seal them there).
     Atomic (temporary file, fsync, rename), mode 0600. Returns the verified header.
     ``_salt``: given only by callers that drew it fresh to bind an envelope to it (the
     ``encrypt-model --kek`` command); reusing a salt under the same key repeats nonces.
@@ -823,15 +825,21 @@ def _output_made_now(path: Any):
 
 def _save_backend(device: str, data_length: int, values: list):
     """``select_backend``'s choice, except that "auto" seals on the GPU when a tensor is
-    already there (so its plaintext never crosses to the host)."""
+    already there, so its plaintext never crosses to the host; where gpucrypt's GPU
+    backend cannot run that is ``BackendUnavailable`` (it fell back to the CPU silently,
+    copying every GPU tensor's plaintext into host memory)."""
     from ..backends import BackendUnavailable, get_backend, select_backend
 
     if device == "auto" and any(not isinstance(x, StoredTensor) and
                                 fw.adapter_for(x).place(x) != fw.HOST for x in values):
         try:
             return get_backend("gpu")
-        except BackendUnavailable:
-            pass
+        except BackendUnavailable as exc:
+            raise BackendUnavailable(
+                f"tensors to save are on a GPU, and device='auto' seals them there so that "
+                f"their plaintext never reaches host memory, but gpucrypt's GPU backend "
+                f"cannot run: {exc}. Install gpucrypt[gpu] (numba-cuda, CuPy), or pass "
+                f"device='cpu' to copy the tensors to the host and seal them there") from exc
     return select_backend(device, data_length)
 
 
