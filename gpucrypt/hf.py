@@ -13,7 +13,9 @@ wrote, with every ``*.safetensors`` file (shards and index, or one file) encrypt
     model = hf.load_adapter(model, "lora-enc/", keyset=keyset)   # a PeftModel
 
 Plaintext weights never touch the disk: the tensors are decrypted into memory (on a GPU,
-into device memory only) and handed to the libraries' own loading code.
+into device memory only) and handed to the libraries' own loading code; the arguments
+that would make transformers offload weights to disk (``offload_folder``, a
+``device_map`` entry ``"disk"``) are refused.
 
 **How the model is built.** :func:`from_pretrained` decrypts the state dict with
 :func:`~gpucrypt.files.checkpoints.load_checkpoint` and calls the class's own
@@ -75,8 +77,12 @@ def from_pretrained(model_class: Any, folder: Any, *, key: Any = None, keyset: A
     Keys: ``key=`` (32 bytes) or ``keyset=``/``identity=`` for the files' envelope.
     ``device``: where the weights are decrypted, "cpu" or "cuda[:N]"; a GPU device is
     also passed on as ``device_map`` unless one is given. Other ``kwargs`` go to
-    ``from_pretrained`` (``dtype``, ``config``, ``attn_implementation``, ...).
+    ``from_pretrained`` (``dtype``, ``config``, ``attn_implementation``, ...), except
+    those that offload weights to disk (``offload_folder``, a ``device_map`` entry
+    ``"disk"``, ``offload_state_dict=True``): ``ValueError``, as transformers would write
+    the decrypted weights there as plain files.
     """
+    _refuse_disk_offload(kwargs)
     folder = os.fspath(folder)
     # the weights first: loading checks the folder's manifest; read() gives the checked
     # bytes of the config files, which are built from those bytes only
@@ -108,6 +114,25 @@ def from_pretrained(model_class: Any, folder: Any, *, key: Any = None, keyset: A
                                                 ["generation_config.json"],
                                                 GenerationConfig.from_pretrained)
     return loaded
+
+
+def _refuse_disk_offload(kwargs: dict) -> None:
+    """``ValueError`` for the ``from_pretrained`` arguments that put weights on disk:
+    transformers saves offloaded weights as plain safetensors files (one per tensor, in
+    ``offload_folder``), which would leave the decrypted model there."""
+    device_map = kwargs.get("device_map")
+    disk = isinstance(device_map, dict) and any(
+        isinstance(v, str) and v == "disk" for v in device_map.values())
+    asked = [name for name, given in (
+        ("offload_folder", kwargs.get("offload_folder") is not None),
+        ("device_map 'disk'", disk),
+        ("offload_state_dict", bool(kwargs.get("offload_state_dict")))) if given]
+    if asked:
+        raise ValueError(f"{' and '.join(asked)} would offload weights to disk, where "
+                         f"transformers writes them decrypted, as plain files: gpucrypt "
+                         f"keeps the plaintext in memory. Give a device_map of GPUs and "
+                         f"'cpu' only (without offload_folder), or decrypt the folder with "
+                         f"gpucrypt decrypt-model onto storage you trust and load that")
 
 
 def _load(folder: str, key: Any, keyset: Any, identity: Any, device: str,

@@ -85,6 +85,27 @@ def test_sharded_checkpoint_loads_with_identical_outputs(lib, tiny):
     assert torch.equal(logits_of(model), want)
 
 
+@pytest.mark.parametrize("offload", [
+    {"offload_folder": "OFFLOAD"},
+    {"device_map": {"model.embed_tokens": "cpu", "model.layers.0": "cpu",
+                    "model.layers.1": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                    "lm_head": "cpu"}, "offload_folder": "OFFLOAD"},
+    {"device_map": "auto", "offload_folder": "OFFLOAD"},
+    {"offload_state_dict": True}])
+def test_offloading_to_disk_is_refused_before_anything_is_decrypted(lib, tiny, tmp_path,
+                                                                    monkeypatch, offload):
+    """transformers saves the weights a device map sends to "disk" into offload_folder
+    as plain safetensors files: the decrypted model was left there. Refused, before the
+    folder's files are even read."""
+    transformers, _ = lib
+    d, _, _, key = tiny
+    kwargs = {k: str(tmp_path / "offload") if v == "OFFLOAD" else v for k, v in offload.items()}
+    monkeypatch.setattr(hf, "_load", lambda *a: pytest.fail("the folder was decrypted"))
+    with pytest.raises(ValueError, match="offload weights to disk.*decrypt-model"):
+        hf.from_pretrained(transformers.AutoModelForCausalLM, d / "enc", key=key, **kwargs)
+    assert not (tmp_path / "offload").exists()
+
+
 def test_folder_round_trip_is_byte_identical(tiny):
     d, _, _, _ = tiny
     assert cli(["decrypt-model", "--key-file", str(d / "key"), str(d / "enc"),
