@@ -151,6 +151,52 @@ def test_non_contiguous_and_lazy_views():
     assert torch.equal(gpucrypt.decrypt_tensor(enc, key), c.conj())
 
 
+def _without_memory(kind: str):
+    if kind == "wrapper":  # what DTensor, torchao's and FSDP2's tensors are made like
+        from torch.testing._internal.two_tensor import TwoTensor
+
+        return TwoTensor(torch.arange(8.0), torch.zeros(8))
+    if kind == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode():
+            return torch.arange(8.0)
+    return torch._efficientzerotensor(8)
+
+
+@pytest.mark.parametrize("kind", ["wrapper", "fake", "zero"])
+def test_tensors_without_memory_of_their_own_are_refused(kind):
+    """Such tensors report a storage of the right size at data_ptr() 0: out of place
+    their "ciphertext" was read from address 0 (the result could never be decrypted),
+    in place the process died writing there, after sealing the batch's earlier entries.
+    ValueError, naming what to encrypt instead, before anything is written."""
+    key = os.urandom(32)
+    x = _without_memory(kind)
+    with pytest.raises(ValueError, match=r"no memory of its own.*to_local\(\)"):
+        gpucrypt.encrypt_tensor(x, key)
+    for inplace in (False, True):
+        before = torch.arange(300.0)
+        state = {"a": before.clone(), "x": x, "b": torch.ones(5)}
+        with pytest.raises(ValueError, match="no memory of its own"):
+            gpucrypt.encrypt_tensors(state, key, inplace=inplace)
+        assert torch.equal(state["a"], before) and torch.equal(state["b"], torch.ones(5))
+    enc = gpucrypt.encrypt_tensor(torch.arange(8.0), key)
+    with pytest.raises(ValueError, match="no memory of its own"):
+        gpucrypt.decrypt_tensor(enc, key, out=_without_memory(kind))
+
+
+def test_layouts_without_one_block_of_values_are_value_errors():
+    """A jagged nested tensor (AttributeError) and an MKLDNN one (NotImplementedError,
+    RuntimeError) took the small tensors' fast path, past the adapter's refusal."""
+    key = os.urandom(32)
+    jagged = torch.nested.nested_tensor([torch.ones(2, 3), torch.ones(4, 3)], layout=torch.jagged)
+    for x in (jagged, torch.ones(4).to_mkldnn()):
+        for encrypt in (lambda: gpucrypt.encrypt_tensor(x, key),
+                        lambda: gpucrypt.encrypt_tensors({"x": x}, key, inplace=True)):
+            with pytest.raises(ValueError, match="no single block of values"):
+                encrypt()
+
+
 def test_parameter_requiring_grad_inplace():
     key = os.urandom(32)
     layer = torch.nn.Linear(3, 2)

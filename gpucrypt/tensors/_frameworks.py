@@ -302,6 +302,27 @@ class NumpyAdapter(Adapter):
         return np.empty(nbytes, dtype=np.uint8)
 
 
+#: the refusal of a tensor whose memory is not its values (:func:`memory_not_its_own`)
+MEMORY_NOT_ITS_OWN = (
+    "this torch tensor has no memory of its own (a DTensor, a FakeTensor or "
+    "FunctionalTensor, a subclass wrapping other tensors, or a zero tensor: its "
+    "data_ptr() is 0, and its bytes would be read from, or written to, address 0): "
+    "encrypt its local shard (DTensor.to_local()), or a materialised copy "
+    "(DTensor.full_tensor(), .clone())")
+
+
+def memory_not_its_own(x: Any) -> bool:
+    """Whether the torch tensor ``x`` holds no memory of its own: a subclass that
+    dispatches to Python (DTensor, FakeTensor, FunctionalTensor, wrappers of other
+    tensors), torch's zero tensor, or any tensor of some bytes at address 0. Such a
+    tensor reports a storage of the right size, so the storage check passes it."""
+    torch = sys.modules["torch"]
+    if type(x) is not torch.Tensor and torch._C._dispatch_keys(x).has(
+            torch._C.DispatchKey.Python):
+        return True
+    return x._is_zerotensor() or (x.numel() > 0 and x.data_ptr() == 0)
+
+
 class TorchAdapter(Adapter):
     name = "torch"
 
@@ -319,6 +340,8 @@ class TorchAdapter(Adapter):
             raise ValueError(f"torch tensors with layout {x.layout}{' (nested)' if x.is_nested else ''} "
                              f"have no single block of values to encrypt: convert them first "
                              f"(.to_dense(), or each of a nested tensor's .unbind())")
+        if memory_not_its_own(x):
+            raise ValueError(MEMORY_NOT_ITS_OWN)
         if x.device.type == "cpu":
             return HOST
         if x.device.type == "cuda":

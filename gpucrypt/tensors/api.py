@@ -787,11 +787,11 @@ def _host_tensor_parts(x: Any) -> tuple | None:
     # the torch adapter's needs_copy, inline (a lazily conjugated/negated view's memory is
     # not its values)
     try:
-        if not x.is_contiguous() or x.is_neg() or x.is_conj():
+        if not x.is_contiguous() or x.is_neg() or x.is_conj() or fw.memory_not_its_own(x):
             return None
         shape = tuple(x.shape)
-    except RuntimeError:  # sparse and nested tensors have no strides, nested ones no shape:
-        return None       # the adapter says what to do
+    except (RuntimeError, NotImplementedError):  # sparse, nested and MKLDNN tensors have no
+        return None  # strides, nested ones no shape: the adapter says what to do
     dtype = _TORCH_DTYPE_NAMES.get(x.dtype) or _remember_torch_dtype_name(x)
     return "torch", dtype, shape, x.nbytes
 
@@ -810,17 +810,20 @@ def _small_host_source(x: Any) -> tuple | None:
             if not x.is_cpu or not x.is_contiguous() or x.is_neg() or x.is_conj():
                 return None
             shape = tuple(x.shape)
-        except RuntimeError:  # sparse and nested tensors: the adapter says what to do
-            return None
+            address = x.data_ptr()
+        except (RuntimeError, NotImplementedError):  # sparse, nested and MKLDNN tensors:
+            return None  # the adapter says what to do
         nbytes = x.nbytes
         if nbytes >= _HOST_PARALLEL_BYTES:
             return None
         dtype = _TORCH_DTYPE_NAMES.get(x.dtype) or _remember_torch_dtype_name(x)
         if nbytes:  # _check_storage's test, without element_size() for the usual offset 0
+            if not address:  # a zero tensor (fw.memory_not_its_own): the adapter refuses it
+                return None
             offset = x.storage_offset()
             if x.untyped_storage().nbytes() < (offset * x.element_size() if offset else 0) + nbytes:
                 _check_storage(x, nbytes)  # raises, saying why
-        view = _TORCH_VIEWS.get((x.data_ptr(), nbytes))
+        view = _TORCH_VIEWS.get((address, nbytes))
         return "torch", dtype, shape, view if view is not None else \
             _torch_host_bytes(x, nbytes, own=True)  # checked above
     parts = _host_tensor_parts(x)
@@ -894,6 +897,8 @@ def _check_storage(t: Any, nbytes: int, written_as: Any = _NOT_WRITTEN,
     given ``probes``, one to probe with the others (:func:`_refuse_read_only_spans`)."""
     if not nbytes:
         return
+    if not t.data_ptr():  # the last wall before an address is read or written
+        raise ValueError(fw.MEMORY_NOT_ITS_OWN)
     storage = t.untyped_storage()
     if storage.nbytes() < t.storage_offset() * t.element_size() + nbytes:
         raise ValueError("the tensor's storage is smaller than the tensor (resized underneath "
