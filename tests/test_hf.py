@@ -684,6 +684,35 @@ def test_deeply_nested_json_in_a_folder_is_a_format_error(small_folder, tmp_path
     assert sorted(os.listdir(tmp_path)) == ["enc", "plain"]  # no output, no temporary folder
 
 
+@pytest.mark.parametrize("damage", ["surrogate", "surrogate in a key", "oversized"])
+def test_a_manifest_no_writer_makes_is_a_format_error(small_folder, tmp_path, capsys,
+                                                      monkeypatch, damage):
+    """Read before its MAC is checked: a lone UTF-16 surrogate ("\\ud800", no key needed to
+    write one) raised UnicodeEncodeError at the MAC's .encode() (decrypt-model exited 2,
+    as for a usage error), and a manifest of tens of MB was parsed whole (hundreds of MiB).
+    Now FormatError naming the manifest, exit 1."""
+    _, enc, key = small_folder
+    path = enc / checkpoints.MANIFEST_NAME
+    doc = json.loads(path.read_text())
+    if damage == "oversized":
+        from gpucrypt.files import models
+
+        text = json.dumps({**doc, "pad": "x" * models.MAX_UNVERIFIED_TABLE_BYTES})
+        match = "larger than 16 MiB"
+    else:
+        text = json.dumps(doc).replace(doc["mac"], "\\ud800") if damage == "surrogate" else \
+            json.dumps(doc).replace('"files"', '"fil\\udc00es"')
+        match = "not UTF-8 JSON"
+    path.write_text(text)
+    with pytest.raises(FormatError, match=f"{re.escape(checkpoints.MANIFEST_NAME)}.*{match}"):
+        checkpoints.load_checkpoint(enc, key=key, framework="numpy")
+    monkeypatch.setenv("GPUCRYPT_TEST_KEY", key.hex())
+    capsys.readouterr()
+    assert cli(["decrypt-model", "--key-env", "GPUCRYPT_TEST_KEY", str(enc),
+                str(tmp_path / "out")]) == 1
+    assert checkpoints.MANIFEST_NAME in capsys.readouterr().err
+
+
 # a child that decrypts a checkpoint folder and stops, for the test's signal, once the
 # first model file's plaintext is in the temporary folder; signals start at their default
 # action, as in a shell

@@ -1065,6 +1065,29 @@ def forged_file(path, table: bytes, data_length: int = 0, key: bytes = KEY):
     return path
 
 
+@pytest.mark.parametrize("dtype", ["numpy:|S0", "numpy:<U0", "numpy:|V0"])
+def test_a_dtype_of_elements_of_no_bytes_is_a_format_error(tmp_path, dtype):
+    """With 0-byte elements every size check passes at any shape: a file sealed for a
+    public key (anyone holding it can write one) made load_encrypted allocate an array of
+    the table's shape and hand back memory it never wrote (freed plaintext of this
+    process), or MemoryError."""
+    table = json.dumps({"a": {"dtype": dtype, "shape": [64], "data_offsets": [0, 0]}}).encode()
+    path = forged_file(tmp_path / "zero.gc", table)
+    for read in (models.read_header, lambda p: models.load_encrypted(p, KEY, "cpu",
+                                                                       framework="numpy")):
+        with pytest.raises(FormatError, match="unknown dtype"):
+            read(path)
+
+
+def test_a_table_string_no_utf8_holds_is_a_format_error(tmp_path):
+    """A lone UTF-16 surrogate in a name ("\\ud800") was read, and broke only the export to
+    safetensors (UnicodeEncodeError, decrypt-model exiting 2): no writer makes one."""
+    table = b'{"\\ud800": {"dtype": "float32", "shape": [0], "data_offsets": [0, 0]}}'
+    path = forged_file(tmp_path / "lone.gc", table)
+    with pytest.raises(FormatError, match="malformed tensor table: not UTF-8 JSON"):
+        models.read_header(path)
+
+
 def test_a_deeply_nested_table_is_a_format_error(tmp_path, capsys):
     """Without a key the table is parsed unauthenticated (to find the envelope, by
     ``decrypt-model``, ``rekey``, checkpoint folders): JSON nested past the parser's limit

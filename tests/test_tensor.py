@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import math
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -1095,6 +1096,21 @@ def test_dtypes_the_format_cannot_name_are_refused_before_encrypting():
         back = gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(
             gpucrypt.encrypt_tensor(x, key).to_bytes()), key)
         assert back.dtype == x.dtype and back.tobytes() == x.tobytes()
+
+
+def test_dtypes_of_elements_of_no_bytes_are_refused():
+    """A dtype of 0-byte elements (numpy:|S0, <U0, |V0) passes every size check at any
+    shape: a blob naming one (no key needed to make it) made decrypt_tensor allocate
+    from its unchecked shape before the tag was checked. Refused when the blob is
+    parsed, and when such an array (only void ones exist) is encrypted."""
+    with pytest.raises(ValueError, match="elements of no bytes"):
+        gpucrypt.encrypt_tensor(np.zeros(3, dtype="V0"), os.urandom(32))
+    for dtype in ("numpy:|S0", "numpy:<U0", "numpy:|V0"):
+        meta = hand_metadata(algorithm="chacha20-poly1305", framework="numpy", dtype=dtype,
+                             shape=(2**40, 2**20), nbytes=0)
+        blob = meta + struct.pack("<Q", 0) + bytes(12) + bytes(16)
+        with pytest.raises(ValueError, match="invalid NumPy dtype string"):
+            EncryptedTensor.from_bytes(blob)
 
 
 # --------------------------------------------------------------------- edited nonces, aad

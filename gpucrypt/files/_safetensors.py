@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -63,15 +64,25 @@ _ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F
           "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def load_json(data: bytes | str, what: str) -> Any:
     """``data`` (UTF-8 bytes, or str) parsed as JSON, for input that is not authenticated
     yet. ``FormatError`` starting with ``what`` for anything that is not JSON: bad UTF-8,
-    bad syntax, an integer past Python's digit limit (``ValueError``s), and nesting too
+    bad syntax, an integer past Python's digit limit, a string holding half of a UTF-16
+    surrogate pair (``ValueError``s), and nesting too
     deep for the parser: ``json`` raises ``RecursionError`` there (from about a thousand
     levels), which no caller expects and which would escape as a traceback. Files that
     gpucrypt and safetensors write nest three levels at most."""
     try:
-        return json.loads(data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data)
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+        doc = json.loads(text)
+        if _SURROGATE_ESCAPE.search(text):
+            # "\ud800" alone parses to a str no UTF-8 can hold: it broke later, at an
+            # .encode() (UnicodeEncodeError, no FormatError); a pair is one character
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        return doc
     except RecursionError:
         raise FormatError(f"{what}: JSON nested too deeply to read (arrays or objects "
                           f"inside each other past Python's recursion limit); the file "

@@ -344,13 +344,23 @@ def _refuse_plain_weights(folder: str, names: list, vouched: set) -> None:
 
 
 def _read_json(path: str) -> Any:
-    """The JSON file at ``path``, read before anything authenticates it (an index, a
-    manifest): :func:`~gpucrypt.files._safetensors.load_json`'s ``FormatError`` naming the
-    file for whatever is not JSON, deep nesting included."""
+    """The JSON file at ``path``, read before anything authenticates it (a manifest):
+    :func:`~gpucrypt.files._safetensors.load_json`'s ``FormatError`` naming the file for
+    whatever is not JSON, deep nesting included, and for a file past
+    ``models.MAX_UNVERIFIED_TABLE_BYTES`` (16 MiB: a manifest lists a folder's files, some
+    hundred bytes each; a 30 MB one beside a 1 KB model file took 763 MiB to parse)."""
+    from . import models
     from ._safetensors import load_json
 
-    with _open_regular(path) as f:
-        return load_json(f.readall(), os.path.basename(path))
+    limit = models.MAX_UNVERIFIED_TABLE_BYTES
+    data = bytearray()
+    with _open_regular(path) as f:  # unbuffered: a read may return less than asked
+        while len(data) <= limit and (chunk := f.read(limit + 1 - len(data))):
+            data += chunk
+    if len(data) > limit:
+        raise FormatError(f"{os.path.basename(path)} is larger than {limit >> 20} MiB, which "
+                          f"no checkpoint manifest is: it is damaged or not gpucrypt's")
+    return load_json(data, os.path.basename(path))
 
 
 def _read_weight_map(path: str) -> dict:
