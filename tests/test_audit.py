@@ -4,6 +4,7 @@ included."""
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
 import logging
@@ -235,8 +236,14 @@ def test_a_keyset_save_that_fails_is_recorded_with_the_keys_it_did_not_write(tmp
         assert main(["keygen", "--out", "real.json"]) == 0
         assert main(["keys", "add", "real.json"]) == 0
         doomed = next(k.id for k in keys.Keyset.load("real.json") if k.status == "enabled")
-        (tmp_path / "ks.json").symlink_to("real.json")  # the save refuses to write through it
-        assert main(["keys", "destroy", "ks.json", doomed, "--yes", "--audit-log", str(log)]) == 1
+
+        def disk_full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with monkeypatch.context() as patched:  # the save fails as a full disk fails it
+            patched.setattr(keys.keyset, "write_key_file", disk_full)
+            assert main(["keys", "destroy", "real.json", doomed, "--yes",
+                         "--audit-log", str(log)]) == 1
         assert main(["keys", "destroy", "real.json", doomed, "--yes", "--audit-log", str(log)]) == 0
     finally:
         _remove_file_handlers()
@@ -244,7 +251,8 @@ def test_a_keyset_save_that_fails_is_recorded_with_the_keys_it_did_not_write(tmp
     saves = [e for e in map(json.loads, log.read_text().splitlines())
              if e["operation"] == "keyset.save"]
     assert [(e["path"], e["outcome"], e["key_ids"]) for e in saves] == [
-        (str(tmp_path / "ks.json"), "error", [doomed]), (str(tmp_path / "real.json"), "ok", [doomed])]
+        (str(tmp_path / "real.json"), "error", [doomed]),
+        (str(tmp_path / "real.json"), "ok", [doomed])]
     assert saves[0]["error"] == "OSError"
 
 

@@ -4,6 +4,7 @@ the README scenario from docs/KEYS.md."""
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
 import logging
@@ -147,7 +148,7 @@ def test_a_new_key_file_never_replaces_another(tmp_path, fast_scrypt):
     loaded.save(path)
     assert len(Keyset.load(path)) == 3
     identity.save(who, "a passphrase", scrypt_n=FAST_N)  # sealed in place, its own file
-    Identity.load(who, "a passphrase").save(who)  # and back
+    Identity.load(who, "a passphrase").save(who, unsealed=True)  # and back, on purpose
     assert keys.Identity.load(who).fingerprint == identity.fingerprint
     Keyset.generate().save(path, overwrite=True)
     assert Keyset.load(path).primary.id != first.primary.id
@@ -1642,6 +1643,10 @@ def test_save_refuses_arguments_that_contradict_each_other(fast_scrypt, tmp_path
         (lambda: ks.save(path, kek_id="hsm-7"), "kek_id labels"),
         (lambda: Identity.generate().save(tmp_path / "id.json", scrypt_n=FAST_N),
          "scrypt_n is the work factor"),
+        # 0 is not "the default" (Identity.save refused it, Keyset.save wrote 2**17)
+        (lambda: ks.save(path, "pw", scrypt_n=0), "scrypt_n must be a power of 2, not 0"),
+        (lambda: Identity.generate().save(tmp_path / "id.json", "pw", scrypt_n=0),
+         "scrypt_n must be a power of 2, not 0"),
     ]
     for attempt, message in refused:
         with pytest.raises(ValueError, match=message):
@@ -1654,6 +1659,8 @@ def test_save_refuses_arguments_that_contradict_each_other(fast_scrypt, tmp_path
         FileKeyProvider(path, "pw", kek=kek)
     # what a loaded keyset remembers counts: its passphrase takes scrypt_n, its KEK kek_id
     sealed = Keyset.load(path, "pw")
+    with pytest.raises(ValueError, match="not 0"):  # nor with the remembered passphrase
+        sealed.save(path, scrypt_n=0)
     sealed.save(path, scrypt_n=2 * FAST_N)
     assert json.loads(path.read_text())["protection"]["n"] == 2 * FAST_N
     with pytest.raises(ValueError, match="kek_id labels"):
@@ -2151,3 +2158,476 @@ def test_a_passphrases_sealing_form_opens_only_what_it_seals():
             sealing.unwrap(stanza)
     assert sealing.unwrap(now.wrap(dek)) == dek
     assert Passphrase("caf\u00e9 pass").unwrap(sealing.wrap(dek)) == dek
+
+
+# ---------------------------------------------------------------- key files: the review of b783300
+
+
+def test_a_wiped_kek_or_passphrase_buffer_changes_nothing(fast_scrypt, tmp_path):
+    """A KEK or passphrase given as a bytearray was remembered by reference: a caller that
+    wiped it after the call (the one way Python has to drop a secret) made the next plain
+    save() seal every key under zeros, which anyone can guess, and a FileKeyProvider's
+    first load fail. Each is a copy now."""
+    real_kek, real_pw = os.urandom(32), b"correct horse"
+    by_kek, by_pw = tmp_path / "kek.json", tmp_path / "pw.json"
+    Keyset.generate().save(by_kek, kek=real_kek)
+    Keyset.generate().save(by_pw, real_pw, scrypt_n=FAST_N)
+
+    def wiped(secret: bytes):  # a bytearray of it, and what wipes it
+        buffer = bytearray(secret)
+        return buffer, lambda: buffer.__setitem__(slice(None), bytes(len(buffer)))
+
+    for path, load in ((by_kek, lambda s: Keyset.load(by_kek, kek=s)),
+                       (by_pw, lambda s: Keyset.load(by_pw, s))):
+        buffer, wipe = wiped(real_kek if path == by_kek else real_pw)
+        ks = load(buffer)  # loaded with the buffer, which is then wiped
+        wipe()
+        ks.add(primary=True)
+        ks.save(path)
+        assert len(load(real_kek if path == by_kek else real_pw)) == 2
+        with pytest.raises(KeysetError, match="wrong passphrase or key-encryption key"):
+            load(bytes(32) if path == by_kek else bytes(len(real_pw)))
+    for path, secret in ((tmp_path / "kek2.json", {"kek": None}),
+                         (tmp_path / "pw2.json", {"passphrase": None})):
+        buffer, wipe = wiped(real_kek if "kek" in secret else real_pw)
+        ks = Keyset.generate()
+        if "kek" in secret:
+            ks.save(path, kek=buffer)  # saved with the buffer, which is then wiped
+        else:
+            ks.save(path, buffer, scrypt_n=FAST_N)
+        wipe()
+        ks.add()
+        ks.save(path)
+        assert len(Keyset.load(path, kek=real_kek) if "kek" in secret
+                   else Keyset.load(path, real_pw)) == 2
+    buffer, wipe = wiped(real_kek)
+    provider = FileKeyProvider(by_kek, kek=buffer)  # loads at its first use, after the wipe
+    wipe()
+    assert provider.get_key(Keyset.load(by_kek, kek=real_kek).primary.id)
+    who = tmp_path / "alice"
+    Identity.generate().save(who, real_pw, scrypt_n=FAST_N)
+    buffer, wipe = wiped(real_pw)
+    identity = Identity.load(who, buffer)
+    wipe()
+    identity.save(who)
+    assert Identity.load(who, real_pw).fingerprint == identity.fingerprint
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0,
+                    reason="gives a key file another user's owner: needs root")
+def test_saving_over_a_key_file_keeps_its_owner_and_group(tmp_path, fast_scrypt):
+    """`sudo gpucrypt keys add` on a service's keyset (svc:svc 0600) left a root-owned file
+    the service could no longer read: an outage at the rotation. The owner and group are
+    kept now, as data files rewritten in place keep theirs; the mode is 0600 again, or the
+    old one where stricter (a group's or others' access is not carried over)."""
+    uid, gid = 4242, 4343  # any ids but root's
+    path, who = tmp_path / "ks.json", tmp_path / "alice"
+    Keyset.generate().save(path)
+    Identity.generate().save(who)
+    for old_mode, new_mode in ((0o600, 0o600), (0o400, 0o400), (0o640, 0o600)):
+        os.chown(path, uid, gid)
+        os.chmod(path, old_mode)
+        ks = Keyset.load(path)
+        ks.add(primary=True)
+        ks.save(path)
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid, _mode(path)) == (uid, gid, new_mode), old_mode
+    os.chown(who, uid, gid)
+    Identity.load(who).save(who, "pw", scrypt_n=FAST_N)  # sealed in place
+    assert (os.stat(who).st_uid, os.stat(who).st_gid, _mode(who)) == (uid, gid, 0o600)
+    Keyset.generate().save(tmp_path / "new.json")
+    assert os.stat(tmp_path / "new.json").st_uid == 0  # a new file is the saver's
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0,
+                    reason="plants key files owned by another user: needs root")
+def test_new_keys_saved_over_another_users_file_are_the_savers(tmp_path, fast_scrypt):
+    """A save kept the owner of any file it wrote over, so a user who planted ks.json or
+    id.json in a shared folder received the new private keys of root's
+    `save(overwrite=True)` or `keygen --force`. The owner is kept now only for a key
+    object's own file, unchanged since it was read (taken from the file locked and
+    checked, not from whatever is at the path a moment later), and never in a folder
+    others may write to: there a file's owner is whoever made it first."""
+    from gpucrypt.keys import keyset as keyset_module
+
+    planter = (4242, 4343)
+    path, who, alice = tmp_path / "ks.json", tmp_path / "id.json", tmp_path / "alice.json"
+    for planted in (path, who, tmp_path / "id.json.pub", alice):
+        planted.write_text("planted\n")
+        os.chown(planted, *planter)
+        os.chmod(planted, 0o400)
+    Keyset.generate().save(path, overwrite=True)
+    Identity.generate().save(alice, overwrite=True)
+    assert main(["keygen", "--public", "-o", str(who), "--force"]) == 0
+    for written in (path, who, alice):
+        st = os.stat(written)
+        assert (st.st_uid, st.st_gid, _mode(written)) == (0, 0, 0o600), written
+
+    # its own file, swapped for another user's after the check: the checked file's owner
+    os.chown(path, *planter)
+    ks = Keyset.load(path)
+    ks.add(primary=True)
+    real = keyset_module.write_key_file
+    swapped = tmp_path / "swapped"
+
+    def swap_then_write(*args, **kwargs):
+        swapped.write_text("someone else's\n")
+        os.chown(swapped, 5151, 5252)
+        os.replace(swapped, path)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(keyset_module, "write_key_file", swap_then_write)
+        ks.save(path)
+    assert (os.stat(path).st_uid, os.stat(path).st_gid) == planter
+
+    # a folder anyone may write to (a /tmp): even its own file is not handed to its owner
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    mine = shared / "ks.json"
+    Keyset.generate().save(mine)
+    os.chown(mine, *planter)
+    os.chmod(mine, 0o400)
+    ks = Keyset.load(mine)
+    ks.add(primary=True)
+    ks.save(mine)
+    st = os.stat(mine)
+    assert (st.st_uid, st.st_gid, _mode(mine)) == (0, 0, 0o400)  # a stricter mode is kept
+
+
+@pytest.mark.parametrize("refusal", [errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_a_key_file_on_a_file_system_without_modes_is_saved_over_its_own(tmp_path,
+                                                                           monkeypatch, refusal):
+    """FAT and exFAT refuse chmod (fusefat: ENOSYS; the kernel's: EPERM): keeping a
+    stricter mode failed the save of a keyset or identity over its own file (`keys add`:
+    "gpucrypt keys: : Function not implemented"), as writing a new one never did. The
+    mode is kept where it can be, skipped where it cannot; other errors still raise."""
+    path, who = tmp_path / "ks.json", tmp_path / "id.json"
+    Keyset.generate().save(path)
+    Identity.generate().save(who)
+    os.chmod(path, 0o400)
+    os.chmod(who, 0o400)
+
+    fchmod = os.fchmod
+
+    def no_modes(fd, mode):  # the mode a new file has is taken; changing it is refused
+        if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+            raise OSError(refusal, os.strerror(refusal))
+        fchmod(fd, mode)
+
+    monkeypatch.setattr(os, "fchmod", no_modes)
+    ks = Keyset.load(path)
+    ks.add(primary=True)
+    ks.save(path)
+    assert [k.id for k in Keyset.load(path)] == [k.id for k in ks]
+    Identity.load(who).save(who)
+    os.chmod(path, 0o400)  # (left 0600 by the save above)
+    refusal = errno.EIO  # no_modes' refusal now: not one of a file system without modes
+    with pytest.raises(OSError, match="Input/output error"):
+        ks.save(path)
+
+
+def test_only_a_key_files_own_save_keeps_its_stricter_mode(tmp_path):
+    """The mode rule, for any user: a keyset or identity saved over its own file keeps a
+    mode stricter than 0600 (0400 stays 0400) and drops the rest (0640 becomes 0600); new
+    keys written with overwrite=True over a file they were not read from get a new 0600
+    file, as a data file written with --force does."""
+    path, who = tmp_path / "ks.json", tmp_path / "id.json"
+    Keyset.generate().save(path)
+    Identity.generate().save(who)
+    for old_mode, new_mode in ((0o400, 0o400), (0o640, 0o600)):
+        os.chmod(path, old_mode)
+        ks = Keyset.load(path)
+        ks.add(primary=True)
+        ks.save(path)
+        assert _mode(path) == new_mode, old_mode
+        os.chmod(who, old_mode)
+        Identity.load(who).save(who)
+        assert _mode(who) == new_mode, old_mode
+    os.chmod(path, 0o400)
+    os.chmod(who, 0o400)
+    Keyset.generate().save(path, overwrite=True)
+    Identity.generate().save(who, overwrite=True)
+    assert (_mode(path), _mode(who)) == (0o600, 0o600)
+    stale, stale_identity = Keyset.load(path), Identity.load(who)
+    Keyset.generate().save(path, overwrite=True)  # its own file, changed by another save
+    Identity.generate().save(who, overwrite=True)
+    os.chmod(path, 0o400)
+    os.chmod(who, 0o400)
+    stale.save(path, overwrite=True)
+    stale_identity.save(who, overwrite=True)
+    assert (_mode(path), _mode(who)) == (0o600, 0o600)
+
+
+def test_an_identity_loaded_sealed_is_saved_sealed_again(fast_scrypt, tmp_path):
+    """Identity.load(p, pw).save(p) wrote the private key in the clear over its sealed file,
+    where a keyset in the same place stays sealed. An identity keeps its seal now (the
+    passphrase and work factor); unsealed=True writes it in the clear, on purpose only."""
+    who = tmp_path / "alice"
+    Identity.generate().save(who, "a passphrase", scrypt_n=2 * FAST_N)
+    loaded = Identity.load(who, "a passphrase")
+    loaded.save(who)
+    doc = json.loads(who.read_text())
+    assert "private_key" not in doc and doc["protection"]["n"] == 2 * FAST_N
+    assert Identity.load(who, "a passphrase").fingerprint == loaded.fingerprint
+    loaded.save(who, scrypt_n=FAST_N)  # the remembered passphrase takes a work factor
+    assert json.loads(who.read_text())["protection"]["n"] == FAST_N
+    with pytest.raises(ValueError, match="unsealed=True writes the private key in the clear"):
+        loaded.save(who, "a passphrase", unsealed=True)
+    with pytest.raises(ValueError, match="scrypt_n is the work factor"):
+        loaded.save(who, unsealed=True, scrypt_n=FAST_N)
+    with pytest.raises(ValueError, match="power of 2"):
+        loaded.save(who, scrypt_n=0)
+    loaded.save(who, unsealed=True)
+    assert "private_key" in json.loads(who.read_text())
+    fresh = Identity.generate()
+    fresh.save(tmp_path / "bob", "another", scrypt_n=FAST_N)
+    fresh.save(tmp_path / "bob")  # sealed by its last save: sealed again
+    assert "protection" in json.loads((tmp_path / "bob").read_text())
+
+
+def test_a_non_canonical_x25519_key_is_refused(tmp_path):
+    """An X25519 key with bit 255 set, or u at least 2**255 - 19, is the same point as its
+    canonical encoding (RFC 7748 reduces it) under another fingerprint: sealing to it
+    worked, and no one could open the file (HPKE binds the encoding). Refused, as a
+    low-order point is, for the plain and the hybrid recipient."""
+    from cryptography.hazmat.primitives.asymmetric import mlkem
+
+    canonical = Identity.generate().recipient.public_bytes
+    flipped = canonical[:31] + bytes([canonical[31] | 0x80])
+    nine = (9).to_bytes(32, "little")  # the base point, canonical
+    nine_again = (9 + 2**255 - 19).to_bytes(32, "little")  # the same point, bit 255 clear
+    Recipient("x25519", nine)
+    hybrid_public = mlkem.MLKEM768PrivateKey.generate().public_key().public_bytes_raw()
+    for alias in (flipped, nine_again):
+        with pytest.raises(ValueError, match="X25519 public key is not in canonical form"):
+            Recipient("x25519", alias)
+        with pytest.raises(ValueError, match="X25519 public key is not in canonical form"):
+            Recipient("mlkem768-x25519", hybrid_public + alias)
+    (tmp_path / "r.pub").write_text(json.dumps({
+        "format": "gpucrypt-recipient", "version": 1, "kem": "x25519",
+        "public_key": base64.b64encode(flipped).decode()}))
+    with pytest.raises(KeysetError, match="r.pub: invalid public key \\(the X25519 public key "
+                                          "is not in canonical form"):
+        Recipient.load(tmp_path / "r.pub")
+
+
+_KEYSET_HEAD = '{"format": "gpucrypt-keyset", "version": 1, '
+_ENTRY = ('{"id": "00112233aabbccdd", "algorithm": "aes-256-kwp", "created": "x", '
+          '"status": "primary", "material": "' + base64.b64encode(bytes(range(32))).decode()
+          + '"}')
+
+
+@pytest.mark.parametrize("content, message", [
+    (_KEYSET_HEAD + '"keys": [' + _ENTRY[:-1] + ', "status": "disabled"}]}',
+     "the member 'status' appears twice in one object"),
+    (_KEYSET_HEAD + '"keys": [], "keys": [' + _ENTRY + ']}', "the member 'keys' appears twice"),
+    ('{"format": "gpucrypt-keyset", "format": "gpucrypt-keyset", "version": 1, "keys": []}',
+     "the member 'format' appears twice"),
+    (_KEYSET_HEAD + '"keys": [' + _ENTRY + '], "n": NaN}', "it holds NaN, which JSON does not"),
+    (_KEYSET_HEAD + '"keys": [' + _ENTRY + '], "n": -Infinity}', "it holds -Infinity"),
+    ('{"format": "gpucrypt-keyset", "version": true, "keys": [' + _ENTRY + ']}',
+     "version true is not supported"),
+    ('{"format": "gpucrypt-keyset", "version": 1.0, "keys": [' + _ENTRY + ']}',
+     "version 1.0 is not supported"),
+    ('{"format": "gpucrypt-keyset", "version": "' + "1" * 200 + '", "keys": []}',
+     'version "' + "1" * 63 + '... is not supported'),
+])
+def test_a_key_file_has_one_meaning(tmp_path, capsys, content, message):
+    """Duplicate member names loaded (the last one winning, where a person, a diff or a
+    first-wins reader sees the first: with the seal intact, as it authenticates what was
+    parsed), and so did NaN, Infinity and "version": true or 1.0. Each is refused now, as
+    a file gpucrypt does not read, naming why."""
+    from gpucrypt.keys._document import UnreadableKeyFile
+
+    path = tmp_path / "ks.json"
+    path.write_text(content)
+    for read in (Keyset.load, Keyset.inspect):
+        with pytest.raises(UnreadableKeyFile, match=re.escape(message)):
+            read(path)
+    code, _, err = _cli(capsys, "keys", "list", path)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_a_sealed_key_file_with_a_member_twice_is_refused(fast_scrypt, tmp_path):
+    """A duplicate inserted before the real member left a sealed keyset's seal intact (the
+    last member won, and the seal covers what was parsed) while every first-wins reader
+    saw the forged status; and an identity with two private keys loaded the second."""
+    from gpucrypt.keys._document import UnreadableKeyFile
+
+    path, who = tmp_path / "ks.json", tmp_path / "alice"
+    ks = Keyset.generate()
+    ks.save(path, "pw", scrypt_n=FAST_N)
+    text = path.read_text()
+    path.write_text(text.replace('"status": "primary"',
+                                 '"status": "disabled", "status": "primary"', 1))
+    with pytest.raises(UnreadableKeyFile, match="the member 'status' appears twice"):
+        Keyset.load(path, "pw")
+    Identity.generate().save(who)
+    doc = who.read_text()
+    other = base64.b64encode(os.urandom(32)).decode()
+    who.write_text(doc.replace('"private_key"', f'"private_key": "{other}", "private_key"', 1))
+    with pytest.raises(UnreadableKeyFile, match="the member 'private_key' appears twice"):
+        Identity.load(who)
+
+
+class _SameName(str):
+    """A member name that json.dumps writes once for each time it is a key of a dict: two
+    of them with the same text make one object with that member twice."""
+    __hash__ = object.__hash__
+
+    def __eq__(self, other):
+        return self is other
+
+    def __ne__(self, other):
+        return self is not other
+
+
+def test_the_sealed_part_is_read_as_strictly_as_the_file(fast_scrypt, tmp_path):
+    """The sealed part, once opened, was parsed by a plain json.loads, where the file
+    around it is read strictly: a member twice in it (the last one winning) loaded. Made
+    here by sealing such bytes, as whoever held the secret could: refused, naming why."""
+    from gpucrypt.keys._document import seal_document
+
+    key = Keyset.generate().primary
+    kek, other = os.urandom(32), base64.b64encode(os.urandom(32)).decode()
+    public = {"format": "gpucrypt-keyset", "version": 1, "keys": [key.metadata()]}
+    secret = {_SameName(key.id): other,
+              _SameName(key.id): base64.b64encode(key.secret_bytes()).decode()}
+    path = tmp_path / "ks.json"
+    path.write_text(json.dumps(seal_document(public, secret, kek=kek)))
+    assert path.read_text().count(key.id) == 1  # in the public part: the secret is sealed
+    with pytest.raises(KeysetError, match=f"sealed part is not JSON gpucrypt reads "
+                                          f"\\(the member '{key.id}' appears twice"):
+        Keyset.load(path, kek=kek)
+
+    who = tmp_path / "alice"
+    Identity.generate().save(who)
+    public = json.loads(who.read_text())
+    real = public.pop("private_key")
+    secret = {_SameName("private_key"): other, _SameName("private_key"): real}
+    who.write_text(json.dumps(seal_document(public, secret, passphrase="pw",
+                                            scrypt_n=FAST_N)))
+    with pytest.raises(KeysetError, match="the member 'private_key' appears twice"):
+        Identity.load(who, "pw")
+
+
+def test_a_member_twice_among_many_is_found_at_once(tmp_path):
+    """The duplicate was found with names.count() for each name, quadratic: a crafted
+    0.77 MB .pub file someone sends kept `encrypt -r` busy for 30 s (a 2 MB one, minutes),
+    and the member's name was echoed whole, however long. One pass with a set now, and
+    the name is shortened. (Tens of seconds here would be the quadratic search back.)"""
+    from gpucrypt.keys._document import UnreadableKeyFile
+
+    long_name = "n" * 100_000
+    members = "".join(f'"m{i}": 0, ' for i in range(50_000))
+    pub = tmp_path / "bob.pub"
+    pub.write_text('{"format": "gpucrypt-recipient", "version": 1, "kem": "x25519", '
+                   + members + f'"{long_name}": 0, "{long_name}": 1}}')
+    for read in (Recipient.load, lambda p: Keyset.inspect(p)):
+        with pytest.raises(UnreadableKeyFile, match="appears twice") as caught:
+            read(pub)
+        message = str(caught.value)
+        assert "'" + "n" * 64 + "...'" in message and len(message) < 400 + len(str(pub))
+
+
+@pytest.mark.parametrize("found", [["gpucrypt-keyset"], {"a": 1}, 1, None])
+def test_a_format_that_is_not_a_string_is_an_unreadable_key_file(tmp_path, capsys, found):
+    """A list or an object as "format" was a TypeError ("unhashable type"), a traceback
+    from `keys list` and `--keyset` (exit 1), missed by callers catching
+    KeyManagementError. It is the documented UnreadableKeyFile (exit 2) now."""
+    from gpucrypt.keys._document import UnreadableKeyFile
+
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps({"format": found, "version": 1, "keys": []}))
+    for read, kind in ((Keyset.load, "keyset"), (Keyset.inspect, "keyset"),
+                       (Identity.load, "identity"), (Recipient.load, "recipient")):
+        with pytest.raises(UnreadableKeyFile, match=f"k.json: not a gpucrypt-{kind} file$"):
+            read(path)
+    code, _, err = _cli(capsys, "keys", "list", path)
+    assert code == 2 and err.count("\n") == 1 and "not a gpucrypt-keyset file" in err, err
+
+
+def test_a_key_file_loaded_through_a_symbolic_link_is_saved_back_to_its_file(tmp_path, capsys,
+                                                                            fast_scrypt):
+    """A keyset loaded through a link (a `current` link, a mounted secret) could not be
+    saved back: an OSError, not the KeysetError documented. Its own file is written through
+    the link now (the link stays a link); a link at any other path is still refused,
+    as outputs refuse links, with a KeysetError."""
+    real, link = tmp_path / "keyset-v1.json", tmp_path / "keyset.json"
+    Keyset.generate().save(real)
+    link.symlink_to("keyset-v1.json")
+    ks = Keyset.load(link)
+    ks.add(primary=True)
+    ks.save(link)
+    assert link.is_symlink() and Keyset.load(real).primary.id == ks.primary.id
+    assert _cli(capsys, "keys", "add", link, "--primary")[0] == 0
+    assert link.is_symlink() and len(Keyset.load(real)) == 3
+    who, who_link = tmp_path / "alice", tmp_path / "alice-current"
+    Identity.generate().save(who)
+    who_link.symlink_to("alice")
+    identity = Identity.load(who_link)
+    identity.save(who_link, "pw", scrypt_n=FAST_N)
+    assert who_link.is_symlink() and "protection" in json.loads(who.read_text())
+    # a link to a file the object was not read from: refused, nothing written
+    elsewhere, other = tmp_path / "someone-else.json", tmp_path / "other.json"
+    Keyset.generate().save(elsewhere)
+    other.symlink_to("someone-else.json")
+    before = elsewhere.read_bytes()
+    for save in (lambda: Keyset.generate().save(other, overwrite=True),
+                 lambda: ks.save(other, overwrite=True),
+                 lambda: identity.save(other, overwrite=True)):
+        with pytest.raises(KeysetError, match="other.json: it is a symbolic link"):
+            save()
+    assert elsewhere.read_bytes() == before and other.is_symlink()
+
+
+def test_a_keyset_is_not_made_of_keys_it_could_not_save():
+    """Keyset(...) took any algorithm and material: a key with no material failed its first
+    wrap with an AssertionError, a "rot13" key wrapped with AES-KWP, and save() wrote files
+    that load() refused. The constructor checks what load checks now."""
+    from gpucrypt.keys import KeysetKey
+
+    def key(algorithm="aes-256-kwp", status="primary", material=bytes(range(32)),
+            created="2026-01-01T00:00:00Z"):
+        return KeysetKey("00112233aabbccdd", algorithm, created, status, material)
+
+    for bad, message in ((key(algorithm="rot13"), "unknown algorithm 'rot13'"),
+                         (key(algorithm=["aes-256-kwp"]), "unknown algorithm"),
+                         (key(material=None), "has no material"),
+                         (key(material=b"12345"), "its material is 5 bytes"),
+                         (key(material="0" * 32), "must be bytes (32 of them), not str"),
+                         (key(status="destroyed"), "destroyed, and holds material"),
+                         (key(created=2026), "created must be a str (an ISO 8601 UTC time)")):
+        with pytest.raises(KeysetError, match=re.escape(message)):
+            Keyset([bad])
+    buffer = bytearray(range(32))
+    ks = Keyset([key(material=buffer), KeysetKey("gone", "aes-256-kwp", "x", "destroyed", None)])
+    buffer[:] = bytes(32)  # the caller's copy, wiped: the keyset's is its own
+    assert ks.primary.secret_bytes() == bytes(range(32))
+
+
+def test_malformed_key_material_is_said_as_what_it_is(tmp_path):
+    """A scrypt stanza asking for 2**0 was said to be "above the limit", and an ML-KEM key
+    of the right length that fails FIPS 203's modulus check was said to have the wrong
+    length (cryptography's message). Each says what is wrong now."""
+    from gpucrypt.keys import _envelope
+    from gpucrypt.keys.passphrase import Passphrase
+
+    envelope = _envelope.encode([_envelope.Stanza("scrypt", os.urandom(16) + b"\x00",
+                                                  os.urandom(48))])
+    with pytest.raises(NoMatchingRecipient, match="malformed passphrase stanza") as raised:
+        keys.open_envelope(envelope, Passphrase("pw"))
+    assert "above the limit" not in str(raised.value)
+    recipient = Identity.generate("mlkem768-x25519").recipient
+    public = bytearray(recipient.public_bytes)
+    public[0], public[1] = 0xFF, public[1] | 0x0F  # a 12-bit coefficient of 4095 > q
+    doc = recipient.to_json()
+    doc["public_key"] = base64.b64encode(bytes(public)).decode()
+    del doc["fingerprint"]
+    (tmp_path / "r.pub").write_text(json.dumps(doc))
+    with pytest.raises(KeysetError, match="r.pub: invalid public key \\(the ML-KEM-768 public "
+                                          "key is invalid, a coefficient out of range") as raised:
+        Recipient.load(tmp_path / "r.pub")
+    assert "bytes long" not in str(raised.value)

@@ -1,6 +1,7 @@
 """Key files on disk: the JSON documents that keysets and identities are saved as.
 
-Every such file is a JSON object with ``format`` and ``version``. A *sealed* file keeps
+Every such file is a JSON object with ``format`` and ``version`` (the number 1), read
+strictly (:func:`strict_json`: no member twice, no ``NaN``). A *sealed* file keeps
 its public part (ids, statuses, algorithm names) readable, so ``gpucrypt keys list``
 works without the passphrase, and encrypts its secrets as one JSON object, with the
 canonical JSON of the public part as associated data: changing a status or an id in
@@ -22,9 +23,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import json
 import os
+import stat
 from datetime import datetime, timezone
 from typing import Any
 
@@ -70,16 +73,37 @@ def _canonical(obj: Any) -> bytes:
 
 
 def write_key_file(path: str | os.PathLike, data: bytes, *, replace: bool, what: str,
-                   refusal: str | None = None) -> None:
+                   refusal: str | None = None, keep: os.stat_result | None = None) -> None:
     """Write a private key file (0600, atomically). ``replace=False``: an existing file at
     ``path`` is left as it is (:class:`KeysetError`, also when one appears while this
     writes): a key file written over is keys lost, and whatever was encrypted to them.
     ``refusal``: that error's message, where the caller knows better than "this {what}
-    was not read from it" (it was, before it was saved elsewhere)."""
+    was not read from it" (it was, before it was saved elsewhere).
+
+    ``keep``: the ``fstat`` of the file replaced, given only when it is the key object's
+    own file (the one it was loaded from or last saved to), locked and found unchanged,
+    so that what is kept is the owner of the very bytes checked. The new file then keeps
+    that owner and group where this process may set them
+    (:func:`~gpucrypt.files._atomic._keep_owner`, as data files rewritten in place keep
+    theirs), and its mode if stricter than 0600: ``sudo gpucrypt keys add`` on a service's
+    keyset left a root-owned file the service could no longer read, an outage at the
+    rotation. Not its group or other bits, nor its ACLs, which would give others the keys
+    (a key file is 0600; chmod it again, deliberately, if it is shared). Not the owner at
+    all in a folder others may write to (``/tmp``): there a file's owner is whoever made
+    it first, and the keys are the saver's. Without ``keep`` (a new file, or
+    ``overwrite=True`` over another file: its owner says nothing about who should hold
+    keys made now, and anyone may have planted it) the file is the saver's, 0600, as a
+    data file written with ``--force`` is.
+
+    ``path`` itself a symbolic link is refused (:class:`KeysetError`), as every output's
+    is (:class:`~gpucrypt.files._atomic.AtomicFile`): callers pass the resolved path of
+    the file a key object was read from, which may be reached through a link."""
     from ..files._atomic import AtomicFile, OutputExists
 
     try:
         with AtomicFile(path, 0o600, overwrite=replace) as f:
+            if keep is not None:
+                _keep_owner_and_mode(f.fileno(), keep, path)
             f.write(data)
     except OutputExists:
         raise KeysetError(refusal or
@@ -87,6 +111,32 @@ def write_key_file(path: str | os.PathLike, data: bytes, *, replace: bool, what:
                           f"writing over it would destroy the keys it holds (and what was "
                           f"encrypted to them); save to a new path, or pass overwrite=True "
                           f"if that file is no longer needed") from None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        # AtomicFile's refusal of a link, with its advice: a KeysetError, as documented
+        raise KeysetError(f"{os.fspath(path)}: {exc.strerror}") from None
+
+
+def _keep_owner_and_mode(fd: int, old: os.stat_result, path: str | os.PathLike) -> None:
+    """Give the unpublished key file ``fd`` the owner and group of ``old`` (the file at
+    ``path`` it replaces, as locked and checked) where this process may, unless the folder
+    is writable by others, and ``old``'s mode if stricter than 0600."""
+    from ..files._atomic import _keep_owner
+
+    try:
+        shared = bool(os.stat(os.path.dirname(os.path.abspath(path))).st_mode & stat.S_IWOTH)
+    except OSError:
+        shared = True  # unknown: the saver's, as a new file is
+    if not shared:
+        _keep_owner(fd, old)
+    mode = stat.S_IMODE(old.st_mode) & 0o600
+    if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+        try:
+            os.fchmod(fd, mode)
+        except OSError as exc:  # a file system without modes (FAT, exFAT) keeps its own
+            if exc.errno not in (errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
 
 
 def read_json(path: str | os.PathLike, expected_format: str) -> dict:
@@ -139,26 +189,70 @@ def read_key_bytes(path: str | os.PathLike) -> bytes:
         raise UnreadableKeyFile(f"{where}: cannot read it ({exc.strerror})") from None
 
 
+class AmbiguousJSON(ValueError):
+    """JSON that readers may take in different ways (:func:`strict_json`)."""
+
+
+#: how much of a member name a message shows (a crafted file's may be megabytes long)
+_SHOWN_NAME = 64
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict:
+    seen: set[str] = set()  # one pass: a crafted file's thousands of members cost no more
+    for name, _ in pairs:
+        if name in seen:
+            shown = name if len(name) <= _SHOWN_NAME else name[:_SHOWN_NAME] + "..."
+            raise AmbiguousJSON(f"the member {printable_text(shown)!r} appears twice in one "
+                                f"object, so readers could disagree on its value; the file "
+                                f"was damaged or edited: restore it from a copy")
+        seen.add(name)
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    raise AmbiguousJSON(f"it holds {name}, which JSON does not have; the file was damaged "
+                        f"or edited: restore it from a copy")
+
+
+def strict_json(text: str | bytes) -> Any:
+    """``json.loads(text)``, refusing (:class:`AmbiguousJSON`, a ValueError) what readers
+    may take in different ways: a member name twice in one object (Python keeps the last,
+    other readers the first: a sealed file's bytes could then say one status to a person
+    or a tool and another to gpucrypt, with the seal intact, as it authenticates what was
+    parsed), and ``NaN``/``Infinity``, which are not JSON. A key file has one meaning."""
+    return json.loads(text, object_pairs_hook=_unique_members, parse_constant=_no_constant)
+
+
 def parse_document(raw: bytes, path: str | os.PathLike,
                    expected_format: str) -> tuple[dict, bytes]:
     """:func:`read_document` for the bytes ``raw`` already read from ``path``."""
     where = os.fspath(path)
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = strict_json(raw.decode("utf-8"))
     # ValueError: not UTF-8, not JSON, or a number past int's 4300 digits (json.loads says
     # so with a plain ValueError); RecursionError: nested too deeply
     except (ValueError, RecursionError) as exc:
         why = ("not JSON" if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError,
                                               RecursionError))
+               else f"not JSON gpucrypt reads: {exc}" if isinstance(exc, AmbiguousJSON)
                else "not JSON gpucrypt reads: a number in it is too long")
         raise UnreadableKeyFile(f"{where}: not a {expected_format} file ({why})") from None
     if not isinstance(doc, dict) or doc.get("format") != expected_format:
-        kind = _KINDS.get(doc.get("format")) if isinstance(doc, dict) else None
+        found = doc.get("format") if isinstance(doc, dict) else None
+        # only a string is looked up: a list or an object is unhashable (a TypeError)
+        kind = _KINDS.get(found) if isinstance(found, str) else None
         raise UnreadableKeyFile(f"{where}: not a {expected_format} file"
                                 + (f": it is {kind}" if kind else ""))
-    if doc.get("version") != FILE_VERSION:
-        raise UnreadableKeyFile(f"{where}: {expected_format} version {doc.get('version')!r} "
-                                f"is not supported (this gpucrypt reads version {FILE_VERSION})")
+    # a bool is an int to Python, and 1.0 == 1: only the number 1 itself is version 1
+    if type(doc.get("version")) is not int or doc["version"] != FILE_VERSION:
+        # said as JSON spells it (true, 1.0, "1", null: missing), not as Python does (True)
+        version = doc.get("version")
+        shown = ("a list" if isinstance(version, list) else "an object"
+                 if isinstance(version, dict) else printable_text(json.dumps(version)))
+        if len(shown) > _SHOWN_NAME:
+            shown = shown[:_SHOWN_NAME] + "..."
+        raise UnreadableKeyFile(f"{where}: {expected_format} version {shown} is not "
+                                f"supported (this gpucrypt reads version {FILE_VERSION})")
     return doc, hashlib.sha256(raw).digest()
 
 
@@ -191,6 +285,17 @@ def refuse_both_secrets(passphrase: Any, kek: Any) -> None:
     if passphrase is not None and kek is not None:
         raise ValueError("give a passphrase or a key-encryption key (kek=), not both: a key "
                          "file is sealed by one of them, and the other would be ignored")
+
+
+def kept_secrets(passphrase: Any, kek: Any) -> tuple[Any, bytes | None]:
+    """``passphrase`` and ``kek`` as an object keeps them for later (a keyset's next save, a
+    provider's first load): a ``bytearray`` copied, since a careful caller wipes it once
+    the call returns (the one way Python has to drop a secret), and a save after that
+    sealed every key under zeros, a secret anyone can guess. Text is immutable; a kek is
+    any bytes-like (``TypeError`` otherwise, as :func:`bytes_arg` says)."""
+    if isinstance(passphrase, bytearray):
+        passphrase = bytes(passphrase)
+    return passphrase, (None if kek is None else bytes_arg(kek, "kek"))
 
 
 def seal_document(public: dict, secret: dict, *, passphrase=None, kek=None, kek_id=None,
@@ -309,9 +414,10 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict |
             raise
         raise KeysetError(f"{where}: malformed protection block") from None
     try:
-        secret = json.loads(plain)
-    except (ValueError, RecursionError):  # as parse_document's
-        raise KeysetError(f"{where}: sealed part is not JSON") from None
+        secret = strict_json(plain)
+    except (ValueError, RecursionError) as exc:  # as parse_document's
+        why = f" ({exc})" if isinstance(exc, AmbiguousJSON) else ""
+        raise KeysetError(f"{where}: sealed part is not JSON gpucrypt reads{why}") from None
     if not isinstance(secret, dict):
         raise KeysetError(f"{where}: malformed sealed part")
     return secret

@@ -24,11 +24,12 @@ except ImportError:  # not POSIX: saves are checked, not locked (see _locked_dig
     fcntl = None  # type: ignore[assignment]
 
 from .. import audit
+from .._buffers import bytes_arg
 from .._errors import KeyNotFound, KeysetError, KeyUnavailable
-from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document,
-                        parse_document, printable_text, protection_method, read_json,
-                        read_key_bytes, refuse_both_secrets, scrypt_n_to_write, seal_document,
-                        utc_timestamp, write_key_file)
+from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, kept_secrets,
+                        open_document, parse_document, printable_text, protection_method,
+                        read_json, read_key_bytes, refuse_both_secrets, scrypt_n_to_write,
+                        seal_document, utc_timestamp, write_key_file)
 from ._material import HoldsKeyMaterial
 
 __all__ = ["KeysetKey", "Keyset", "PRIMARY", "ENABLED", "DISABLED", "DESTROYED",
@@ -159,6 +160,7 @@ class Keyset(HoldsKeyMaterial):
             if key.status not in _STATUSES:
                 raise KeysetError(f"key {printable_text(key.id)}: unknown status "
                                   f"{key.status!r}")
+            _check_key(key)
             self._keys[key.id] = key
         primaries = [k for k in self._keys.values() if k.status == PRIMARY]
         if self._keys and len(primaries) != 1:
@@ -259,6 +261,7 @@ class Keyset(HoldsKeyMaterial):
             keyset._unsaved.clear()  # as in the file
             keyset._in_memory.clear()
             if "protection" in doc:
+                passphrase, kek = kept_secrets(passphrase, kek)  # the caller may wipe theirs
                 keyset._seal = {"passphrase": passphrase, "kek": kek,
                                 "kek_id": doc["protection"].get("kek_id"),
                                 "scrypt_n": _scrypt_n_to_keep(doc["protection"].get("n"))}
@@ -282,10 +285,11 @@ class Keyset(HoldsKeyMaterial):
         the materials are sealed. ``ValueError``, before anything is done, for arguments
         that contradict each other: both a passphrase and a kek, ``unsealed=True`` with
         either, ``scrypt_n`` with no passphrase to apply to (given or remembered), ``kek_id``
-        with no kek. A keyset loaded sealed stays sealed with the same
-        secret unless another is given, or ``unsealed=True`` asks for plain JSON; it keeps
-        the file's scrypt work factor too, unless sealing would now refuse it (a weak one
-        becomes the default).
+        with no kek, a ``scrypt_n`` sealing refuses (0 included). A keyset loaded sealed
+        stays sealed with the same secret unless another is given, or ``unsealed=True``
+        asks for plain JSON; it keeps the file's scrypt work factor too, unless sealing
+        would now refuse it (a weak one becomes the default). A secret given as a
+        ``bytearray`` is kept as a copy: the caller may wipe its own.
 
         Raises :class:`KeysetError`, writing nothing, when ``path`` is the file this keyset
         was loaded from (or last saved to) and it has changed since: another program saved
@@ -300,10 +304,16 @@ class Keyset(HoldsKeyMaterial):
         write over the file with ``overwrite=True`` once sure the other change may go.
 
         Raises :class:`KeysetError`, writing nothing, when ``path`` exists and is not a
-        regular file (a folder, a FIFO, a device), and for a keyset without a primary key
+        regular file (a folder, a FIFO, a device) or is a symbolic link to a file other
+        than this keyset's own (a link to its own file, the one it was loaded through say,
+        is written through, and stays a link), and for a keyset without a primary key
         (``Keyset().add()``: :meth:`promote` one first), which could not be loaded back.
-        A save that fails changes nothing: the secret a sealed keyset is saved with next
-        time is the one of its last successful save (or load).
+        Its own file, unchanged since, written over keeps its owner and group where this
+        process may set them (not in a folder others may write to), mode 0600 (or its
+        own, if stricter); any other file written is the saver's, 0600
+        (``overwrite=True`` over a file this keyset was not read from included). A save
+        that fails changes nothing: the secret a sealed keyset is saved with next time is
+        the one of its last successful save (or load).
 
         Audit: one ``keyset.save`` event, ``ok`` once the file is written or ``error`` (and
         nothing written) otherwise, whose ``key_ids`` are the keys added or changed since
@@ -321,7 +331,9 @@ class Keyset(HoldsKeyMaterial):
         """ValueError for :meth:`save` arguments that contradict each other, before anything
         is done: each would otherwise be dropped without a word, and the file sealed (or
         not) other than the caller believes. ``scrypt_n`` and ``kek_id`` need a passphrase
-        or a KEK to apply to: given, or the one this keyset remembers (a plain save)."""
+        or a KEK to apply to: given, or the one this keyset remembers (a plain save). And a
+        ``scrypt_n`` sealing refuses: 0 was taken as "the default" (``Identity.save``
+        refused it), where out-of-range arguments are refused, not dropped."""
         refuse_both_secrets(passphrase, kek)
         if unsealed and (passphrase is not None or kek is not None):
             raise ValueError("unsealed=True writes the keys in the clear, and a passphrase or "
@@ -336,6 +348,8 @@ class Keyset(HoldsKeyMaterial):
         if kek_id is not None and kek is None and remembered.get("kek") is None:
             raise ValueError("kek_id labels the key-encryption key a file is sealed with, and "
                              "this save seals with none: give kek= too, or drop kek_id")
+        if scrypt_n is not None:
+            scrypt_n_to_write(scrypt_n)  # 0 is refused too, not taken as "the default"
 
     def _save(self, path, passphrase, kek, kek_id, scrypt_n, unsealed, overwrite,
               ev: dict) -> None:
@@ -362,16 +376,24 @@ class Keyset(HoldsKeyMaterial):
                               f"regular file; give a file's path (a keyset read from a pipe "
                               f"can be saved to a new file)")
         checked = self._origin is not None and self._origin[0] == target
-        with _locked_digest(target) if checked else contextlib.nullcontext() as now:
+        with (_locked_digest(target) if checked
+              else contextlib.nullcontext((None, None))) as (now, held):
             # None: gone, nothing to undo; overwrite=True: the caller drops the other change
             # on purpose (the way out the refusal offers, as Identity.save's)
             if checked and not overwrite and now not in (None, self._origin[1]):
                 raise KeysetChangedOnDisk(self._changed_message(where))
             data, method, seal = self._document(passphrase, kek, kek_id, scrypt_n, unsealed)
             # still locked: the check holds until replaced
-            # its own file, still there (gone: another may be made meanwhile, not replaced)
-            write_key_file(path, data, replace=overwrite or (checked and now is not None),
-                           what="keyset", refusal=self._earlier_message(where, target))
+            # its own file, still there (gone: another may be made meanwhile, not replaced),
+            # written where it is: the file locked and checked, reached through the link it
+            # was loaded by if any (a `current` link, a mounted secret); any other path that
+            # is a link is refused, as outputs refuse them
+            # its owner kept only there, unchanged since (not over a file overwrite=True
+            # writes over: whoever owns that one need not hold keys made now)
+            write_key_file(target if checked else path, data,
+                           replace=overwrite or (checked and now is not None),
+                           what="keyset", refusal=self._earlier_message(where, target),
+                           keep=held if checked and now == self._origin[1] else None)
         # only now that the file holds it: a failed save must not change the secret the
         # next plain save() seals its own file with
         if seal is not None:
@@ -413,7 +435,7 @@ class Keyset(HoldsKeyMaterial):
         if passphrase is None and kek is None and not unsealed and self._seal is not None:
             passphrase, kek = self._seal["passphrase"], self._seal["kek"]
             kek_id = kek_id or self._seal["kek_id"]
-            scrypt_n = scrypt_n or self._seal["scrypt_n"]
+            scrypt_n = self._seal["scrypt_n"] if scrypt_n is None else scrypt_n
         public = {"format": KEYSET_FORMAT, "version": FILE_VERSION,
                   "keys": [k.metadata() for k in self._keys.values()]}
         if passphrase is None and kek is None:
@@ -425,11 +447,14 @@ class Keyset(HoldsKeyMaterial):
         else:
             materials = {k.id: b64e(k._material) for k in self._keys.values()
                          if k._material is not None}
+            if scrypt_n is None:
+                scrypt_n = DEFAULT_SCRYPT_N
             doc = seal_document(public, materials, passphrase=passphrase, kek=kek, kek_id=kek_id,
-                                 scrypt_n=scrypt_n or DEFAULT_SCRYPT_N)
+                                 scrypt_n=scrypt_n)
             method = doc["protection"]["method"]
+            passphrase, kek = kept_secrets(passphrase, kek)  # the caller may wipe theirs
             seal = {"passphrase": passphrase, "kek": kek, "kek_id": kek_id,
-                    "scrypt_n": scrypt_n or DEFAULT_SCRYPT_N}
+                    "scrypt_n": scrypt_n}
         return json.dumps(doc, indent=2).encode("utf-8") + b"\n", method, seal
 
     # --- reading
@@ -533,9 +558,12 @@ class Keyset(HoldsKeyMaterial):
 
 
 @contextlib.contextmanager
-def _locked_digest(path: str) -> Iterator[bytes | None]:
+def _locked_digest(path: str) -> Iterator[tuple[bytes | None, os.stat_result | None]]:
     """Hold an exclusive ``flock`` on the file at ``path`` and yield the SHA-256 of its bytes
-    as locked (None, and no lock, when there is no file), until the block ends.
+    as locked and the ``fstat`` of the file locked (the owner and mode a save over it
+    keeps, :func:`~gpucrypt.keys._document.write_key_file`: those of the bytes checked,
+    not of whatever is at ``path`` a moment later); ``(None, None)``, and no lock, when
+    there is no file. Held until the block ends.
 
     Why the file itself, not its folder or a lock file beside it: it serialises exactly
     the saves of this keyset (other files in the folder do not wait), needs only the read
@@ -553,7 +581,7 @@ def _locked_digest(path: str) -> Iterator[bytes | None]:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
                          | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
-            yield None
+            yield None, None
             return
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -577,7 +605,7 @@ def _locked_digest(path: str) -> Iterator[bytes | None]:
                 continue  # replaced (or removed) while we waited: lock what is there now
             with open(fd, "rb", closefd=False) as f:
                 digest = hashlib.sha256(f.read()).digest()
-            yield digest
+            yield digest, held
             return
         finally:
             os.close(fd)
@@ -654,6 +682,40 @@ def _check_entry(entry: Any, number: int, where: str) -> None:
                        f"not a string")
     raise KeysetError(f"{where}: malformed key entry {number}: {problem} (the file was "
                       f"damaged or edited: restore it from a copy)")
+
+
+def _check_key(key: KeysetKey) -> None:
+    """KeysetError unless ``key`` (its id and status checked) could be saved and loaded
+    back: a string ``created``, a known algorithm, and material of that algorithm's size
+    unless destroyed (then none). What :func:`_key_from_entry` checks in a file, for a
+    keyset made in memory: one built of such keys wrapped with whatever it held (a "rot13"
+    key wrapped with AES-KWP), and saved a file that ``load`` refused. A bytes-like
+    material is kept as ``bytes``, a copy: the caller may wipe theirs."""
+    shown = printable_text(key.id)
+    if not isinstance(key.algorithm, str) or key.algorithm not in KEK_ALGORITHMS:
+        raise KeysetError(f"key {shown}: unknown algorithm {key.algorithm!r}; a keyset holds "
+                          f"{sorted(KEK_ALGORITHMS)} keys")
+    if not isinstance(key.created, str):
+        raise KeysetError(f"key {shown}: created must be a str (an ISO 8601 UTC time), not "
+                          f"{type(key.created).__name__}")
+    if key.status == DESTROYED:
+        if key._material is not None:
+            raise KeysetError(f"key {shown} is destroyed, and holds material: a destroyed key "
+                              f"has none (give material=None)")
+        return
+    size = KEK_ALGORITHMS[key.algorithm]
+    if key._material is None:
+        raise KeysetError(f"key {shown} has no material (only a destroyed key has none): give "
+                          f"its {size} bytes")
+    try:
+        material = bytes_arg(key._material, "material")
+    except TypeError:
+        raise KeysetError(f"key {shown}: its material must be bytes ({size} of them), not "
+                          f"{type(key._material).__name__}") from None
+    if len(material) != size:
+        raise KeysetError(f"key {shown}: its material is {len(material)} bytes, and a "
+                          f"{key.algorithm} key is {size}")
+    key._material = material
 
 
 def _key_from_entry(entry: dict, materials: dict, where: str) -> KeysetKey:

@@ -144,7 +144,10 @@ def work_factor(stanza: Stanza, max_log_n: int = MAX_LOG_N) -> int:
     if stanza.kind != STANZA_KIND or len(stanza.recipient_id) != SALT_SIZE + 1:
         raise KeysetError("malformed passphrase stanza")
     log_n = stanza.recipient_id[SALT_SIZE]
-    if log_n == 0 or readable_log_n(1 << log_n, max_log_n=max_log_n) is None:
+    if log_n == 0:  # N = 1: no writer makes it (scrypt refuses it), so not "too costly"
+        raise KeysetError("malformed passphrase stanza: it asks for scrypt work factor 2**0, "
+                          "which no writer uses (the file was damaged or crafted)")
+    if readable_log_n(1 << log_n, max_log_n=max_log_n) is None:
         raise KeyUnavailable(f"the file asks for scrypt work factor 2**{log_n}, above the limit "
                              f"2**{max_log_n}: refused before any work (a crafted file could "
                              f"make gpucrypt spin)")

@@ -48,9 +48,12 @@ class FileKeyProvider(HoldsKeyMaterial):
 
     def __init__(self, path: str | os.PathLike, passphrase: str | bytes | None = None, *,
                  kek: bytes | None = None):
-        from ._document import refuse_both_secrets
+        from ._document import kept_secrets, refuse_both_secrets
 
         refuse_both_secrets(passphrase, kek)  # here, not at the first get_key far away
+        # copies: the keyset is loaded at the first get_key, after the caller may have
+        # wiped a bytearray it gave (the load then failed: "wrong passphrase or key")
+        passphrase, kek = kept_secrets(passphrase, kek)
         self._path, self._passphrase, self._kek = os.fspath(path), passphrase, kek
         self._keyset: Keyset | None = None
 

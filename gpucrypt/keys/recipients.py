@@ -26,12 +26,12 @@ from .._buffers import bytes_arg
 from .._errors import (EnvelopeError, KeyNotFound, KeysetError, KeyUnavailable,
                        NoMatchingRecipient)
 from . import _envelope
-from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, open_document,
-                        parse_document, printable_text, read_key_bytes, seal_document,
-                        utc_timestamp, write_key_file)
+from ._document import (DEFAULT_SCRYPT_N, FILE_VERSION, b64d, b64e, kept_secrets,
+                        open_document, parse_document, printable_text, read_key_bytes,
+                        scrypt_n_to_write, seal_document, utc_timestamp, write_key_file)
 from ._envelope import EnvelopeFormatError, Stanza
 from ._material import HoldsKeyMaterial
-from .keyset import Keyset, KeysetKey, _locked_digest
+from .keyset import Keyset, KeysetKey, _locked_digest, _scrypt_n_to_keep
 from .passphrase import STANZA_KIND as _SCRYPT, Passphrase
 from .providers import EnvKeyProvider, FileKeyProvider, KeyProvider, WrappingKey
 from .references import KeyReference, check_context
@@ -55,6 +55,7 @@ _KEMS = {
 }
 _KEM_OF_STANZA = {stanza: kem for kem, (stanza, _) in _KEMS.items()}
 _MLKEM768_SEED, _MLKEM768_PUBLIC, _X25519_SIZE = 64, 1184, 32
+_X25519_PRIME = 2**255 - 19
 
 IDENTITY_FORMAT, RECIPIENT_FORMAT = "gpucrypt-identity", "gpucrypt-recipient"
 
@@ -208,7 +209,18 @@ def _x25519_public(raw: bytes) -> x25519.X25519PublicKey:
     cryptography refuses to wrap for it, and a file did load that then failed at sealing
     with "Error computing shared key." naming no recipient. Refused here, as age does.
     An exchange with a fixed key tells: X25519 clamps every private key to a multiple of
-    the cofactor 8, so the product is zero exactly for the points of small order."""
+    the cofactor 8, so the product is zero exactly for the points of small order.
+
+    ValueError too for a key not in canonical form (bit 255 set, or u at least the prime
+    2**255 - 19): RFC 7748 reduces it to the same point as its canonical encoding, so it
+    is its owner's key under a second fingerprint, and HPKE binds the encoding given:
+    what was sealed to it, no one opened (the stanza names the other fingerprint, and the
+    owner's HPKE context differs). The owner's key, one bit flipped, a buggy exporter."""
+    if raw[31] & 0x80 or int.from_bytes(raw, "little") >= _X25519_PRIME:
+        raise ValueError("the X25519 public key is not in canonical form (bit 255 set, or "
+                         "a value not below 2**255 - 19): it is another key's encoding, and "
+                         "files sealed to it would open for no one; the file was damaged or "
+                         "crafted: ask its owner for the right one")
     key = x25519.X25519PublicKey.from_public_bytes(raw)
     try:
         _PROBE.exchange(key)
@@ -226,9 +238,15 @@ def _load_public(kem: str, public: bytes):
         return _x25519_public(public)
     if len(public) != _MLKEM768_PUBLIC + _X25519_SIZE:
         raise ValueError(f"an ML-KEM-768 + X25519 public key is {_MLKEM768_PUBLIC + 32} bytes")
-    return hpke.MLKEM768X25519PublicKey(
-        mlkem.MLKEM768PublicKey.from_public_bytes(public[:_MLKEM768_PUBLIC]),
-        _x25519_public(public[_MLKEM768_PUBLIC:]))
+    try:
+        mlkem_public = mlkem.MLKEM768PublicKey.from_public_bytes(public[:_MLKEM768_PUBLIC])
+    except ValueError:
+        # the length is right (checked above), so it failed FIPS 203's modulus check;
+        # cryptography words that as the length ("is 1184 bytes long"), which misleads
+        raise ValueError("the ML-KEM-768 public key is invalid, a coefficient out of range "
+                         "(its length is right): the file was damaged or crafted; ask its "
+                         "owner for the right one") from None
+    return hpke.MLKEM768X25519PublicKey(mlkem_public, _x25519_public(public[_MLKEM768_PUBLIC:]))
 
 
 class Identity(HoldsKeyMaterial):
@@ -249,6 +267,9 @@ class Identity(HoldsKeyMaterial):
         self.created = created or utc_timestamp()
         # (the file last read or written, resolved; the SHA-256 of its bytes then)
         self._origin: tuple[str, bytes | None] | None = None
+        #: the passphrase and scrypt N of its last sealed load or save: a plain save()
+        #: seals with them (None: saved in the clear unless given one)
+        self._seal: dict | None = None
         if kem == "x25519":
             if len(self._private_bytes) != _X25519_SIZE:
                 raise ValueError("an X25519 private key is 32 bytes")
@@ -288,33 +309,62 @@ class Identity(HoldsKeyMaterial):
         return identity
 
     def save(self, path: str | os.PathLike, passphrase: str | bytes | None = None, *,
-             scrypt_n: int | None = None, overwrite: bool = False) -> None:
+             scrypt_n: int | None = None, unsealed: bool = False,
+             overwrite: bool = False) -> None:
         """Write the private file (0600, atomically), sealed when ``passphrase`` is given,
-        with scrypt work factor ``scrypt_n`` (default 2**17; ``ValueError`` without a
-        passphrase, which it would not apply to).
+        with scrypt work factor ``scrypt_n`` (default 2**17).
+
+        An identity loaded sealed (or last saved sealed) is saved sealed again with the
+        same passphrase and work factor, as a keyset is, unless another passphrase is
+        given, or ``unsealed=True`` asks for the private key in the clear, on purpose
+        only (a plain save over its sealed file unsealed it without a word). A save that
+        fails changes nothing: the next seals with the passphrase of the last save that
+        wrote (or of the load). ``ValueError``, before anything is done, for arguments
+        that contradict each other: ``unsealed=True`` with a passphrase, ``scrypt_n``
+        with no passphrase to apply to (given or remembered), or one sealing refuses.
+
         An existing file is left as it is (:class:`KeysetError`) unless it is the one this
-        identity was loaded from or last saved to, or ``overwrite=True``."""
-        if scrypt_n is not None and passphrase is None:
-            raise ValueError("scrypt_n is the work factor of passphrase sealing, and this save "
-                             "is not sealed: give the passphrase too, or drop scrypt_n")
+        identity was loaded from or last saved to, or ``overwrite=True``. Its own file,
+        unchanged since, keeps its owner and group (as :meth:`Keyset.save` says); any
+        other file written is the saver's, 0600."""
+        if unsealed and passphrase is not None:
+            raise ValueError("unsealed=True writes the private key in the clear, and a "
+                             "passphrase seals it: give one or the other")
+        remembered = self._seal if passphrase is None and not unsealed else None
+        if scrypt_n is not None:
+            if passphrase is None and remembered is None:
+                raise ValueError("scrypt_n is the work factor of passphrase sealing, and this "
+                                 "save is not sealed: give the passphrase too, or drop scrypt_n")
+            scrypt_n_to_write(scrypt_n)
+        if remembered is not None:
+            passphrase = remembered["passphrase"]
+            if scrypt_n is None:
+                scrypt_n = remembered["scrypt_n"]
+        if scrypt_n is None:
+            scrypt_n = DEFAULT_SCRYPT_N
         public = {"format": IDENTITY_FORMAT, "version": FILE_VERSION, "kem": self.kem,
                   "created": self.created, "public_key": b64e(self.recipient.public_bytes),
                   "fingerprint": self.fingerprint}
         secret = {"private_key": b64e(self._private_bytes)}
-        doc = (seal_document(public, secret, passphrase=passphrase,
-                             scrypt_n=DEFAULT_SCRYPT_N if scrypt_n is None else scrypt_n)
+        doc = (seal_document(public, secret, passphrase=passphrase, scrypt_n=scrypt_n)
                if passphrase is not None else {**public, **secret})
         target = os.path.realpath(path)
         data = json.dumps(doc, indent=2).encode() + b"\n"
         own = self._origin is not None and self._origin[0] == target
-        # as Keyset.save: the check and the write are one step under the file's flock
-        with _locked_digest(target) if own else contextlib.nullcontext() as now:
+        # as Keyset.save: the check and the write are one step under the file's flock, and
+        # its own file is written where it is (through the link it was loaded by, if any)
+        with (_locked_digest(target) if own
+              else contextlib.nullcontext((None, None))) as (now, held):
             if own and not overwrite and now not in (None, self._origin[1]):
                 raise KeysetError(f"{os.fspath(path)} changed since this identity was read "
                                   f"from it (another identity written there, say): nothing "
                                   f"was written; save to a new path, or pass overwrite=True")
-            write_key_file(path, data, replace=overwrite or (own and now is not None),
-                           what="identity")
+            write_key_file(target if own else path, data,
+                           replace=overwrite or (own and now is not None), what="identity",
+                           keep=held if own and now == self._origin[1] else None)
+        if passphrase is not None:  # only now that the file holds it, as Keyset.save
+            self._seal = {"passphrase": kept_secrets(passphrase, None)[0],
+                          "scrypt_n": scrypt_n}
         self._origin = (target, hashlib.sha256(data).digest())
 
     @classmethod
@@ -340,6 +390,9 @@ class Identity(HoldsKeyMaterial):
                         doc.get("created")),
             doc, where, "private")
         identity._origin = (os.path.realpath(path), digest)
+        if "protection" in doc:  # saved sealed again, as a keyset is (see save)
+            identity._seal = {"passphrase": kept_secrets(passphrase, None)[0],
+                              "scrypt_n": _scrypt_n_to_keep(doc["protection"].get("n"))}
         return identity
 
     def _unwrap(self, body: bytes) -> bytes:
