@@ -9,6 +9,8 @@ SoftHSM2 is a system package: without it these tests fail and say how to install
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import io
 import json
 import logging
@@ -18,6 +20,7 @@ import pickle
 import shutil
 import socket
 import subprocess
+import sys
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -432,6 +435,196 @@ def test_a_relative_secret_source_is_refused(source, tmp_path, monkeypatch):
     assert read_secret_source(f"file:{tmp_path}/pin.txt", "X", "the PIN") == "1234"
 
 
+@pytest.mark.parametrize("uri, why", [
+    # a query typed with & for ?: its items became part of the label, shown everywhere
+    ("pkcs11:token=t;object=kek&pin-value=S3CRET-6f?module-path=/x.so", "a '&' in the path"),
+    ("pkcs11:token=t;object=kek&S3CRET-6f", "a '&' in the path"),
+    # a name like pin, x- or encoded or not: was accepted, then silently dropped
+    ("pkcs11:token=t;object=kek?x-pin-value=S3CRET-6f", "secret in the URI; use pin-source="),
+    ("pkcs11:token=t;object=kek?X-Passphrase=S3CRET-6f", "secret in the URI; use pin-source="),
+    ("pkcs11:token=t;object=kek?x-pin%2Dvalue=S3CRET-6f", "secret in the URI; use pin-source="),
+    ("pkcs11:token=t;object=kek;x-pin-value=S3CRET-6f", "'x-pin-value' would put a secret"),
+    ("file:///etc/ks.json?x-passphrase=S3CRET-6f", "secret in the URI"),
+    # credentials in an endpoint: copied into errors and audit records
+    ("awskms:///alias/models?region=us-east-1&endpoint=http://admin:S3CRET-6f@127.0.0.1:9",
+     "endpoint holds a user name or password"),
+    ("awskms:///alias/models?region=us-east-1&endpoint=https://S3CRET-6f@kms.example.com",
+     "endpoint holds a user name or password"),
+])
+def test_a_secret_typed_into_a_uri_is_refused_and_not_shown(uri, why):
+    """docs/KEYS.md: no secret in a URI. These reached the label (repr, audit key_ref,
+    stderr), were accepted and dropped, or reached errors and audit records through the
+    endpoint (the reviewer's repro_uri_secret_leaks.py): refused now, quoting none of it."""
+    with pytest.raises(keys.KeysetError, match=why) as info:
+        KeyReference(uri)
+    assert "S3CRET-6f" not in str(info.value), info.value
+
+
+def test_what_looks_like_a_secret_but_is_not_still_parses():
+    """A '&' in a label is written %26 (RFC 7512), *-source names hold a source and are
+    checked as such, and the AWS KMS key object refuses an endpoint with credentials too."""
+    from gpucrypt.keys.awskms import AwsKmsKey
+
+    ref = KeyReference("pkcs11:token=t;object=R%26D?pin-source=env:HSM_PIN")
+    assert ref.attributes["object"] == "R&D" and KeyReference(ref.uri) == ref
+    assert "%26" in ref.label
+    assert KeyReference("pkcs11:token=t;object=o?x-pin-source=env:HSM_PIN").uri \
+        == "pkcs11:token=t;object=o"  # an x- source gpucrypt does not read: dropped
+    with pytest.raises(keys.KeysetError, match="must be env:VAR"):
+        KeyReference("pkcs11:token=t;object=o?x-pin-source=S3CRET-6f")
+    with pytest.raises(keys.KeysetError, match="user name or password") as info:
+        AwsKmsKey("alias/models", region="us-east-1", endpoint="https://u:S3CRET-6f@kms.local")
+    assert "S3CRET-6f" not in str(info.value)
+
+
+#: what test endpoints' names resolve to (the test machine may have no DNS at all)
+_RESOLVED = {"localhost.localstack.cloud": ["127.0.0.1"],  # LocalStack's default host
+             "loopback6.test": ["::1", "127.0.0.1"],
+             "localstack": ["172.18.0.2"],  # a compose service: another machine (container)
+             "half.test": ["127.0.0.1", "10.0.0.9"]}
+
+
+def _fake_resolver(monkeypatch) -> list:
+    """The names asked of the resolver, which answers from _RESOLVED (the answers
+    gpucrypt cached per process are forgotten first)."""
+    from gpucrypt.keys import _uri
+
+    asked = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        asked.append(host)
+        if host not in _RESOLVED:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                 (a, 0)) for a in _RESOLVED[host]]
+
+    _uri._name_is_loopback.cache_clear()
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+def test_kms_an_http_endpoints_name_is_resolved_once_per_process(monkeypatch):
+    """The loopback check resolved the name at every parse: every Ray task and DCP rank
+    unpickling a reference asked DNS again, and a resolver that never answers took its
+    timeout (10 s, 20 s with search domains) each time, then said only "not known to be
+    this machine". One lookup per name per process; a name that does not resolve says so."""
+    asked = _fake_resolver(monkeypatch)
+    uri = "awskms://alias/models?region=us-east-1&endpoint=http://localhost.localstack.cloud:4566"
+    for _ in range(3):
+        pickle.loads(pickle.dumps(KeyReference(uri)))
+    assert asked == ["localhost.localstack.cloud"]
+    with pytest.raises(keys.KeysetError, match="did not resolve here"):
+        KeyReference("awskms://alias/models?region=us-east-1&endpoint=http://nowhere.test")
+
+
+_NOT_LOOPBACK = ("plain http:// to a host not known to be this machine.*use https, or set "
+                 "GPUCRYPT_KMS_ALLOW_HTTP=1 for a local emulator \\(the data key crosses the "
+                 "network in the clear\\)")
+
+
+@pytest.mark.parametrize("endpoint, refused", [
+    ("http://192.0.2.2:4566", _NOT_LOOPBACK),
+    ("http://kms.internal:80", _NOT_LOOPBACK),
+    ("http://localhost.example.com", _NOT_LOOPBACK),
+    ("http://localstack:4566", _NOT_LOOPBACK),
+    ("http://half.test:4566", _NOT_LOOPBACK),  # one address of several is not the loopback
+    ("http://[::ffff:10.0.0.1]:4566", _NOT_LOOPBACK),
+    ("ftp://127.0.0.1", "endpoint must be a URL"),
+    ("kms.us-east-1.amazonaws.com", "endpoint must be a URL"),
+    ("http://127.0.0.1:4566", None),  # an emulator on this machine (moto, localstack)
+    ("http://127.8.9.10", None),
+    ("http://localhost:4566", None),
+    ("http://LocalHost:4566", None),
+    ("http://[::1]:4566", None),
+    ("http://[::ffff:127.0.0.1]:4566", None),  # IPv4-mapped loopback
+    ("http://localhost.localstack.cloud:4566", None),  # a name resolving to the loopback only
+    ("http://loopback6.test:4566", None),
+    ("https://vpce-0abc.kms.us-east-1.vpce.amazonaws.com", None),
+    ("https://10.0.0.7:443/", None),
+])
+def test_kms_an_endpoint_over_plain_http_reaches_this_machine_only(endpoint, refused,
+                                                                   monkeypatch):
+    """KMS Encrypt carries the data key itself (Plaintext), and Decrypt returns it: over
+    http:// to another host every file's data key crossed the network unencrypted (SigV4
+    signs, it does not encrypt). Plain http is for an emulator on the loopback only: an
+    address there, IPv4-mapped included, or a name all of whose addresses are there
+    (LocalStack's localhost.localstack.cloud, refused by the first fix)."""
+    from gpucrypt.keys.awskms import AwsKmsKey
+
+    _fake_resolver(monkeypatch)
+    monkeypatch.delenv("GPUCRYPT_KMS_ALLOW_HTTP", raising=False)
+    uri = f"awskms:///alias/models?region=us-east-1&endpoint={endpoint}"
+    if refused is None:
+        assert KeyReference(uri).query["endpoint"] == endpoint
+        AwsKmsKey("alias/models", region="us-east-1", endpoint=endpoint)
+        return
+    with pytest.raises(keys.KeysetError, match=refused):
+        KeyReference(uri)
+    with pytest.raises(keys.KeysetError, match=refused):
+        AwsKmsKey("alias/models", region="us-east-1", endpoint=endpoint)
+
+
+def test_kms_plain_http_to_a_private_network_is_a_deliberate_opt_in(monkeypatch):
+    """An emulator reached by a compose service name (http://localstack:4566, usual in CI)
+    was refused with no way out: GPUCRYPT_KMS_ALLOW_HTTP=1 allows it, and only 1 does.
+    Credentials in the endpoint stay refused."""
+    from gpucrypt.keys.awskms import AwsKmsKey
+
+    _fake_resolver(monkeypatch)
+    uri = "awskms:///alias/models?region=us-east-1&endpoint=http://localstack:4566"
+    for value in ("0", "true", ""):
+        monkeypatch.setenv("GPUCRYPT_KMS_ALLOW_HTTP", value)
+        with pytest.raises(keys.KeysetError, match=_NOT_LOOPBACK):
+            KeyReference(uri)
+    monkeypatch.setenv("GPUCRYPT_KMS_ALLOW_HTTP", "1")
+    assert KeyReference(uri).query["endpoint"] == "http://localstack:4566"
+    AwsKmsKey("alias/models", region="us-east-1", endpoint="http://192.0.2.2:4566")
+    with pytest.raises(keys.KeysetError, match="user name or password"):
+        KeyReference(uri.replace("http://", "http://u:S3CRET-6f@"))
+
+
+def test_kms_the_endpoint_boto3_takes_from_its_own_settings_is_checked_too(env, tmp_path,
+                                                                          monkeypatch):
+    """boto3 also takes the KMS endpoint from AWS_ENDPOINT_URL_KMS, AWS_ENDPOINT_URL or the
+    profile's endpoint_url: plain http to another host there was used unchecked, and
+    Encrypt sent the data key in the clear (the reviewer's repro_kms_env_endpoint.py). The
+    endpoint the client was made with is checked now, before any request."""
+    from gpucrypt.keys import awskms
+
+    _fake_resolver(monkeypatch)
+    monkeypatch.delenv("GPUCRYPT_KMS_ALLOW_HTTP", raising=False)
+    (tmp_path / "config").write_text("[profile emu]\nregion = us-east-1\n"
+                                     "endpoint_url = http://192.0.2.2:9\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    sent = []
+    monkeypatch.setattr(awskms.AwsKmsKey, "_check_enabled", lambda self: sent.append(self))
+    arn = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    refused = ("AWS KMS: refused the endpoint boto3 was configured with \\(AWS_ENDPOINT_URL_KMS, "
+               "AWS_ENDPOINT_URL or endpoint_url in the profile\\): endpoint is " + _NOT_LOOPBACK)
+    for variable, profile in (("AWS_ENDPOINT_URL_KMS", None), ("AWS_ENDPOINT_URL", None),
+                              (None, "emu")):
+        monkeypatch.setattr(awskms, "_clients", {})  # a client is made per profile and region
+        for name in ("AWS_ENDPOINT_URL_KMS", "AWS_ENDPOINT_URL"):
+            monkeypatch.delenv(name, raising=False)
+        if variable:
+            monkeypatch.setenv(variable, "http://192.0.2.2:9")
+        with pytest.raises(keys.KeyProviderError, match=refused):
+            awskms._client(profile, "us-east-1", None)
+        assert awskms._clients == {}  # not kept
+        query = f"?profile={profile}" if profile else ""
+        with pytest.raises(keys.KeyProviderError, match=refused):
+            keys.seal_envelope(keys.generate_dek(), KeyReference(f"awskms://{arn}{query}"))
+    assert sent == []  # refused before any request
+    # the loopback, and any host with the opt-in, are used as configured
+    monkeypatch.setattr(awskms, "_clients", {})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://localhost.localstack.cloud:4566")
+    assert awskms._client(None, "us-east-1", None).meta.endpoint_url \
+        == "http://localhost.localstack.cloud:4566"
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # (it would stand before the profile's)
+    monkeypatch.setenv("GPUCRYPT_KMS_ALLOW_HTTP", "1")
+    assert awskms._client("emu", "us-east-1", None).meta.endpoint_url == "http://192.0.2.2:9"
+
+
 # ------------------------------------------------------------------------------------ PKCS#11
 
 
@@ -565,19 +758,35 @@ def test_the_session_count_sees_a_session_whatever_its_handle(hsm):
 def test_pkcs11_a_refused_pin_leaves_no_session_open(hsm, monkeypatch):
     """python-pkcs11's token.open(user_pin=...) opens the session, then logs in: a PIN the
     token refused left that session open, one more per try (a retry loop, or a server
-    handed a wrong PIN, ran the token out of sessions). None stays open now."""
+    handed a wrong PIN, ran the token out of sessions). None stays open now. (Each try is
+    another wrong PIN: one the token refused already is not sent again.)"""
     dek = keys.generate_dek()
     ref = KeyReference(_hsm_uri(hsm))
     keys.seal_envelope(dek, ref)  # the module loaded, as in a long-running process
     mark = _handle_mark(hsm["module"])
-    monkeypatch.setenv("WRONG_PIN", "not-the-pin")
     wrong = KeyReference(_hsm_uri(hsm, extra="&pin-source=env:WRONG_PIN"))
-    for _ in range(3):
-        with pytest.raises(keys.KeyProviderError, match="refused the PIN"):
+    for attempt in range(3):
+        monkeypatch.setenv("WRONG_PIN", f"not-the-pin-leak-{attempt}")
+        with pytest.raises(keys.KeyProviderError, match="the token refused the PIN: check"):
             keys.seal_envelope(dek, wrong)
     assert _sessions_left_since(hsm["module"], mark) == 0
     assert keys.open_envelope(keys.seal_envelope(dek, ref), ref) == dek
     assert _sessions_left_since(hsm["module"], mark) == 0
+
+
+def _works_beside_the_applications_login(token, dek: bytes, ref) -> bytes:
+    """An envelope sealed to ``ref`` and opened while the application is logged in to
+    ``token`` (its own session, with the right PIN), which is still logged in after."""
+    from pkcs11 import ObjectClass
+
+    app = token.open(user_pin=PIN)
+    try:
+        envelope = keys.seal_envelope(dek, ref)
+        assert keys.open_envelope(envelope, ref) == dek
+        app.get_key(object_class=ObjectClass.SECRET_KEY, label="kek")  # still logged in
+    finally:
+        app.close()  # logs the application out
+    return envelope
 
 
 def test_pkcs11_works_beside_the_applications_own_login_and_undoes_only_its_own(hsm):
@@ -586,27 +795,10 @@ def test_pkcs11_works_beside_the_applications_own_login_and_undoes_only_its_own(
     gpucrypt now uses that login and leaves it in place (the application's session still
     sees private objects afterwards). A login gpucrypt made itself is logged out when its
     operation ends: a public session sees no private key after it."""
-    from pkcs11 import ObjectClass
-    from pkcs11 import exceptions as p11e
-
     from gpucrypt.keys.pkcs11 import _library
 
     token = _library(hsm["module"]).get_token(token_label=TOKEN)
-    dek, ref = keys.generate_dek(), KeyReference(_hsm_uri(hsm))
-    app = token.open(user_pin=PIN)
-    try:
-        envelope = keys.seal_envelope(dek, ref)
-        assert keys.open_envelope(envelope, ref) == dek
-        app.get_key(object_class=ObjectClass.SECRET_KEY, label="kek")  # still logged in
-    finally:
-        app.close()  # logs the application out
-    public = token.open()
-    try:
-        assert keys.open_envelope(envelope, ref) == dek  # gpucrypt logs in, then out
-        with pytest.raises(p11e.NoSuchKey):  # a private object: invisible when logged out
-            public.get_key(object_class=ObjectClass.SECRET_KEY, label="kek")
-    finally:
-        public.close()
+    _logins_are_left_as_found(token, keys.generate_dek(), KeyReference(_hsm_uri(hsm)))
 
 
 def test_pkcs11_serial_manufacturer_and_model_pick_the_token(hsm):
@@ -750,12 +942,7 @@ def _logins_are_left_as_found(token, dek: bytes, reference) -> None:
     from pkcs11 import ObjectClass
     from pkcs11 import exceptions as p11e
 
-    app = token.open(user_pin=PIN)  # the application, logged in
-    try:
-        assert keys.open_envelope(keys.seal_envelope(dek, reference), reference) == dek
-        app.get_key(object_class=ObjectClass.SECRET_KEY, label="kek")  # still logged in
-    finally:
-        app.close()
+    _works_beside_the_applications_login(token, dek, reference)
     public = token.open()
     try:
         assert keys.open_envelope(keys.seal_envelope(dek, reference), reference) == dek
@@ -786,11 +973,11 @@ def test_pkcs11_through_the_p11_kit_proxy(hsm, proxy, monkeypatch):
     assert keys.open_envelope(keys.seal_envelope(dek, proxied), direct) == dek  # one token
     assert keys.open_envelope(keys.seal_envelope(dek, direct), proxied) == dek
     mark = _handle_mark(hsm["module"])
-    monkeypatch.setenv("WRONG_PIN", "not-the-pin")
     wrong = KeyReference(f"pkcs11:token={TOKEN};object=kek?module-path={proxy}"
                          f"&pin-source=env:WRONG_PIN")
-    for _ in range(3):
-        with pytest.raises(keys.KeyProviderError, match="refused the PIN"):
+    for attempt in range(3):  # each a PIN not refused yet, so that each reaches C_Login
+        monkeypatch.setenv("WRONG_PIN", f"not-the-pin-proxy-{attempt}")
+        with pytest.raises(keys.KeyProviderError, match="the token refused the PIN: check"):
             keys.seal_envelope(dek, wrong)
     assert _sessions_left_since(hsm["module"], mark) == 0
     _logins_are_left_as_found(_library(proxy).get_token(token_label=TOKEN), dek, proxied)
@@ -819,28 +1006,305 @@ def test_pkcs11_login_goes_to_the_instance_python_pkcs11_uses(hsm, proxy):
     assert "CryptokiNotInitialized" in message
 
 
-def test_pkcs11_where_gpucrypt_cannot_reach_the_instance_python_pkcs11_logs_in(
-        hsm, proxy, monkeypatch):
-    """A python-pkcs11 laid out otherwise than 0.10 (gpucrypt then cannot read its function
-    list), with the proxy: python-pkcs11's own login (token.open(user_pin=)) does the work,
-    its errors worded as gpucrypt's; an application already logged in gets no
-    UserAlreadyLoggedIn (the session is opened again without a PIN), and keeps its login;
-    a login python-pkcs11 made is undone."""
-    from pkcs11 import ObjectClass
-    from pkcs11 import exceptions as p11e
+def _refused_leaving_no_session(module: str, dek: bytes, reference, token, monkeypatch) -> None:
+    """Every operation on ``reference`` is refused for want of the session's module instance,
+    with a wrong PIN and with the application logged in, and leaves no session open."""
+    from gpucrypt.keys import pkcs11 as p11
 
+    sent = []
+    monkeypatch.setattr(p11, "_login", lambda *args: sent.append(args))
+    unreachable = ("cannot log in through the PKCS#11 module .*: the module instance "
+                   "python-pkcs11 opened the session on cannot be reached \\(for example the "
+                   "p11-kit proxy with a python-pkcs11 other than 0.10\\).*no PIN was sent")
+    mark = _handle_mark(module)
+    for attempt in range(3):  # python-pkcs11's login left one session per refused PIN
+        monkeypatch.setenv("GPUCRYPT_PKCS11_PIN", f"not-the-pin-fallback-{attempt}")
+        with pytest.raises(keys.KeyProviderError, match=unreachable):
+            keys.seal_envelope(dek, reference)
+    assert _sessions_left_since(module, mark) == 0
+    monkeypatch.setenv("GPUCRYPT_PKCS11_PIN", PIN)
+    app = token.open(user_pin=PIN)  # ... and one per operation beside the application's login
+    try:
+        mark = _handle_mark(module)
+        for _ in range(3):
+            with pytest.raises(keys.KeyProviderError, match=unreachable):
+                keys.seal_envelope(dek, reference)
+        assert _sessions_left_since(module, mark) == 0
+    finally:
+        app.close()
+    assert sent == []  # refused before any login
+
+
+def test_pkcs11_where_gpucrypt_cannot_reach_the_sessions_instance_it_refuses_and_leaks_nothing(
+        hsm, monkeypatch):
+    """Where no function list gpucrypt can reach knows the session (a module making an
+    instance per caller, as the p11-kit proxy does, with a python-pkcs11 not laid out as
+    0.10), python-pkcs11's own login did the work: token.open(user_pin=) raises on a
+    refused PIN before anything holds the session's handle, so each refused PIN left a
+    session open, and so did each operation of an application already logged in
+    (UserAlreadyLoggedIn), until the process exits. Refused now, saying what to do, with no
+    PIN sent and no session left (counted as the reviewer's reproducer counts them)."""
+    from gpucrypt.keys import pkcs11 as p11
+
+    monkeypatch.setattr(p11, "_session_calls", lambda path, session: None)
+    token = p11._library(hsm["module"]).get_token(token_label=TOKEN)
+    _refused_leaving_no_session(hsm["module"], keys.generate_dek(),
+                                KeyReference(_hsm_uri(hsm)), token, monkeypatch)
+
+
+def test_pkcs11_through_the_proxy_without_python_pkcs11s_list_is_refused(hsm, proxy, monkeypatch):
+    """The same through the real p11-kit proxy, where python-pkcs11's function list cannot
+    be read (a python-pkcs11 laid out otherwise than 0.10): the proxy's C_GetFunctionList
+    gives gpucrypt an instance that knows no session of python-pkcs11's."""
     from gpucrypt.keys import pkcs11 as p11
 
     monkeypatch.setattr(p11, "_pkcs11_function_list", lambda session: 0)
     proxied = KeyReference(f"pkcs11:token={TOKEN};object=kek?module-path={proxy}")
+    _refused_leaving_no_session(hsm["module"], keys.generate_dek(), proxied,
+                                p11._library(proxy).get_token(token_label=TOKEN), monkeypatch)
+
+
+def _pins_sent(monkeypatch) -> list:
+    """The PINs gpucrypt's C_Login sends from now on, in order (each still sent)."""
+    from gpucrypt.keys import pkcs11 as p11
+
+    sent = []
+    login = p11._login
+    monkeypatch.setattr(p11, "_login", lambda calls, session, pin: (sent.append(pin),
+                                                                    login(calls, session, pin))[1])
+    return sent
+
+
+def test_pkcs11_a_pin_the_token_refused_is_not_sent_again(hsm, monkeypatch):
+    """A wrong PIN went to the token once per operation (per file of a folder decrypt, with
+    a stale mounted secret): smart cards and many HSMs lock the user PIN after 3 tries.
+    The token's refusal is remembered per module and token, as a keyed digest, never the
+    PIN: the same PIN is refused without C_Login, whatever reference on that token asks,
+    and the source is read again each time, so a fixed source works at once."""
+    from gpucrypt.keys import pkcs11 as p11
+
+    sent = _pins_sent(monkeypatch)
+    wrong = "not-the-pin-remembered"
+    monkeypatch.setenv("GPUCRYPT_PKCS11_PIN", wrong)
+    dek, ref = keys.generate_dek(), KeyReference(_hsm_uri(hsm))
+    mark = _handle_mark(hsm["module"])
+    with pytest.raises(keys.KeyProviderError, match="the token refused the PIN: check the PIN "
+                                                    "source"):
+        keys.seal_envelope(dek, ref)
+    real = KeyReference(f"pkcs11:token={TOKEN};object=kek?module-path="
+                        f"{os.path.realpath(hsm['module'])}")  # the module by another spelling
+    for other in (ref, KeyReference(_hsm_uri(hsm, "rsa")), real):  # the same token
+        for _ in range(2):
+            with pytest.raises(keys.KeyProviderError, match="refused the PIN before, in this "
+                                                            "process, so it is not sent again .*"
+                                                            "fix the PIN source \\(env:"
+                                                            "GPUCRYPT_PKCS11_PIN\\)") as info:
+                keys.seal_envelope(dek, other)
+            assert wrong not in str(info.value)
+    assert sent == [wrong]  # once
+    assert _sessions_left_since(hsm["module"], mark) == 0
+    remembered = set().union(*p11._refused_pins.values())
+    assert remembered and all(len(d) == 32 and wrong.encode() not in d for d in remembered)
+    # keyed by a per-process secret: an unkeyed digest of a short PIN is a table look-up
+    assert hmac.digest(p11._PIN_DIGEST_KEY, wrong.encode(), "sha256") in remembered
+    assert hashlib.sha256(wrong.encode()).digest() not in remembered
+    monkeypatch.setenv("GPUCRYPT_PKCS11_PIN", PIN)  # the source fixed: read again, works
+    envelope = keys.seal_envelope(dek, ref)
+    assert keys.open_envelope(envelope, ref) == dek and sent[-1] == PIN
+    monkeypatch.setenv("GPUCRYPT_PKCS11_PIN", wrong)  # the stale one back: still not sent
+    with pytest.raises(keys.KeyProviderError, match="refused the PIN before"):
+        keys.open_envelope(envelope, ref)
+    assert sent.count(wrong) == 1
+
+
+def test_pkcs11_two_spellings_of_one_module_are_one_module(hsm, tmp_path):
+    """python-pkcs11 keeps modules by the name given: a second spelling of one file (on
+    Debian, /usr/lib/softhsm/libsofthsm2.so, gpucrypt's first default, is a link to the
+    multiarch path) called C_Initialize again, and the module's "already initialized" made
+    the second reference fail. gpucrypt knows a module by its real path now, takes the one
+    python-pkcs11 holds under another name (an application's own), and enters each name it
+    was given in python-pkcs11's table (an application's pkcs11.lib() with it afterwards)."""
+    import pkcs11
+
+    from gpucrypt.keys.pkcs11 import _library
+
+    link = tmp_path / "libsofthsm2.so"
+    link.symlink_to(os.path.realpath(hsm["module"]))
     dek = keys.generate_dek()
-    assert keys.open_envelope(keys.seal_envelope(dek, proxied), proxied) == dek
-    monkeypatch.setenv("WRONG_PIN", "not-the-pin")
-    with pytest.raises(keys.KeyProviderError, match="the token refused the PIN: check") as info:
-        keys.seal_envelope(dek, KeyReference(f"pkcs11:token={TOKEN};object=kek?module-path="
-                                             f"{proxy}&pin-source=env:WRONG_PIN"))
-    assert "not-the-pin" not in str(info.value)
-    _logins_are_left_as_found(p11._library(proxy).get_token(token_label=TOKEN), dek, proxied)
+    envelope = keys.seal_envelope(dek, KeyReference(_hsm_uri(hsm)))
+    via_link = KeyReference(f"pkcs11:token={TOKEN};object=kek?module-path={link}")
+    assert keys.open_envelope(envelope, via_link) == dek
+    assert _library(str(link)) is _library(hsm["module"])
+    assert pkcs11.lib(str(link)) is _library(hsm["module"])  # the application's, after
+    # the application loaded the module itself, through the link, before gpucrypt did
+    script = ("import sys, pkcs11\n"
+              "pkcs11.lib(sys.argv[1])\n"
+              "from gpucrypt import keys\n"
+              "ref = keys.KeyReference(sys.argv[2])\n"
+              "dek = keys.generate_dek()\n"
+              "assert keys.open_envelope(keys.seal_envelope(dek, ref), ref) == dek\n"
+              "print('opened')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(link),
+                           f"pkcs11:token={TOKEN};object=kek?module-path="
+                           f"{os.path.realpath(hsm['module'])}"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "opened\n", done.stderr[-2000:]
+
+
+_APP_UNLOADS = """\
+import sys, pkcs11
+from gpucrypt import keys
+token, link, real, then = sys.argv[1:]
+ref = keys.KeyReference(f"pkcs11:token={token};object=kek?module-path={link}")
+dek = keys.generate_dek()
+envelope = keys.seal_envelope(dek, ref)
+pkcs11.unload(link)  # the application drops the module it configured
+if then == "gpucrypt":
+    assert keys.open_envelope(envelope, ref) == dek
+else:
+    assert token in [t.label for t in pkcs11.lib(real if then == "real" else link).get_tokens()]
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("then", ["real", "link", "gpucrypt"])
+def test_pkcs11_a_module_the_application_unloads_is_not_handed_out_closed(hsm, tmp_path, then):
+    """gpucrypt enters both spellings of a module in python-pkcs11's table; unload() under
+    one removed that name only and closed the module: the other, or gpucrypt's own cache,
+    handed out the closed module, and its next call crashed the process (a review's
+    p2_unload.py, exit 139). Every name goes with it now, and gpucrypt loads it again."""
+    link = tmp_path / "libsofthsm2.so"
+    link.symlink_to(os.path.realpath(hsm["module"]))
+    done = subprocess.run([sys.executable, "-c", _APP_UNLOADS, TOKEN, str(link),
+                           os.path.realpath(hsm["module"]), then],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "ok\n", (done.returncode, done.stderr[-2000:])
+
+
+_APP_AFTER_GPUCRYPT = """\
+import os, sys, pkcs11
+from gpucrypt import keys
+from gpucrypt.keys import pkcs11 as p11
+token, given, spelling = sys.argv[1:]  # given: the URI's module-path, if any
+ref = keys.KeyReference(f"pkcs11:token={token};object=kek"
+                        + (f"?module-path={given}" if given else ""))
+dek = keys.generate_dek()
+assert keys.open_envelope(keys.seal_envelope(dek, ref), ref) == dek
+ours = p11._library(spelling)
+assert ours.so == spelling  # loaded under the name given
+for name in (spelling, os.path.realpath(spelling)):  # the application, configured so
+    lib = pkcs11.lib(name)
+    assert lib is ours and lib.get_token(token_label=token).label == token
+print("one module")
+"""
+
+
+@pytest.mark.parametrize("given", ["link", "default"])
+def test_pkcs11_an_application_loading_the_module_after_gpucrypt_gets_the_same_module(
+        given, hsm, tmp_path):
+    """An application that loads the module itself after gpucrypt did, with the spelling it
+    gave gpucrypt (a module-path that is a link, or no module-path: gpucrypt's first
+    default, /usr/lib/softhsm/libsofthsm2.so, is a link on Debian), got "already
+    initialized" from python-pkcs11, which keeps modules by the name given: gpucrypt had
+    loaded the real path only (the reviewer's repro_app_loads_after.py). gpucrypt loads
+    the name given now, and enters the real path too; in a fresh process, as the
+    application's would be."""
+    from gpucrypt.keys.pkcs11 import DEFAULT_MODULES
+
+    if given == "link":
+        link = tmp_path / "libsofthsm2.so"
+        link.symlink_to(os.path.realpath(hsm["module"]))
+        given = spelling = str(link)
+    else:  # the application names the default as it is spelled (SoftHSM2's usual path)
+        given, spelling = "", next(m for m in DEFAULT_MODULES if os.path.exists(m))
+        if not os.path.islink(spelling):
+            pytest.skip(f"{spelling}, gpucrypt's default here, is no symbolic link")
+    environ = {k: v for k, v in os.environ.items() if k != "GPUCRYPT_PKCS11_MODULE"}
+    done = subprocess.run([sys.executable, "-c", _APP_AFTER_GPUCRYPT, TOKEN, given, spelling],
+                          capture_output=True, text=True, timeout=120, env=environ)
+    assert done.returncode == 0 and done.stdout == "one module\n", done.stderr[-2000:]
+
+
+def test_pkcs11_a_remembered_refused_pin_is_not_needed_where_the_application_is_logged_in(
+        hsm, monkeypatch):
+    """A PIN the token refused is not sent again; but where the application is logged in
+    to the token already, no PIN is needed (C_Login would answer USER_ALREADY_LOGGED_IN),
+    and the operation went ahead at HEAD: it was refused from memory (the reviewer's
+    repro_pin_memory.py, case b). Now it goes ahead on the application's login, sending no
+    PIN and leaving that login; without it, the remembered PIN is still not sent."""
+    from gpucrypt.keys import pkcs11 as p11
+
+    sent = _pins_sent(monkeypatch)
+    stale = "not-the-pin-app-logged-in"
+    monkeypatch.setenv("GPUCRYPT_PKCS11_PIN", stale)
+    dek, ref = keys.generate_dek(), KeyReference(_hsm_uri(hsm))
+    with pytest.raises(keys.KeyProviderError, match="the token refused the PIN: check"):
+        keys.seal_envelope(dek, ref)
+    assert sent == [stale]
+    mark = _handle_mark(hsm["module"])
+    token = p11._library(hsm["module"]).get_token(token_label=TOKEN)
+    envelope = _works_beside_the_applications_login(token, dek, ref)
+    assert sent == [stale]  # no PIN sent: the application's login served
+    with pytest.raises(keys.KeyProviderError, match="refused the PIN before"):
+        keys.open_envelope(envelope, ref)
+    assert sent == [stale] and _sessions_left_since(hsm["module"], mark) == 0
+
+
+def test_pkcs11_a_refused_pin_is_remembered_per_token_not_per_label(hsm, monkeypatch):
+    """Two tokens of one label (an HSM and its twin, told apart by serial) with different
+    PINs: the PIN one of them refused is the other's, and is sent to it."""
+    from pkcs11 import KeyType
+
+    from gpucrypt.keys.pkcs11 import _library
+
+    second_pin = "pin-of-the-second-twin"
+    lib, twins = _library(hsm["module"]), {}
+    for pin in (PIN, second_pin):
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "pin-twin",
+                        "--so-pin", SO_PIN, "--pin", pin], check=True, capture_output=True)
+        lib.reinitialize()  # a module sees tokens made after it started only then
+        [token] = [t for t in lib.get_tokens(token_label="pin-twin")
+                   if t.serial.decode() not in twins.values()]
+        with token.open(user_pin=pin, rw=True) as session:
+            session.generate_key(KeyType.AES, 256, label="kek", store=True)
+        twins[pin] = token.serial.decode()
+    query = f"?module-path={hsm['module']}&pin-source=env:TWIN_PIN"
+    monkeypatch.setenv("TWIN_PIN", second_pin)
+    dek = keys.generate_dek()
+    first = KeyReference(f"pkcs11:token=pin-twin;object=kek;serial={twins[PIN]}" + query)
+    second = KeyReference(f"pkcs11:token=pin-twin;object=kek;serial={twins[second_pin]}"
+                          + query)
+    with pytest.raises(keys.KeyProviderError, match="the token refused the PIN: check"):
+        keys.seal_envelope(dek, first)
+    assert keys.open_envelope(keys.seal_envelope(dek, second), second) == dek
+    with pytest.raises(keys.KeyProviderError, match="refused the PIN before"):
+        keys.seal_envelope(dek, first)
+
+
+@pytest.mark.parametrize("module", ["lib/evil.so", "./evil.so", "evil.so"])
+def test_a_relative_module_path_is_refused(module, hsm, tmp_path, monkeypatch):
+    """A relative module-path (or $GPUCRYPT_PKCS11_MODULE) was loaded from the current
+    folder of whichever process used the reference (a Ray worker's, a DCP rank's), running
+    that library's code there: refused as a relative pin-source is, in the driver for a
+    URI, before anything is loaded for the variable and for Pkcs11Key."""
+    from gpucrypt.keys import pkcs11 as p11
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lib").mkdir()
+    (tmp_path / module).write_bytes(b"not a library")  # what the folder holds under that name
+    refusal = "names a relative path: give an absolute one"
+    with pytest.raises(keys.KeysetError, match=f"module-path {refusal} \\(module-path=/path"):
+        KeyReference(f"pkcs11:token={TOKEN};object=kek?module-path={module}")
+    loaded = dict(p11._libraries)
+    monkeypatch.setenv("GPUCRYPT_PKCS11_MODULE", module)
+    with pytest.raises(keys.KeysetError, match=f"GPUCRYPT_PKCS11_MODULE {refusal}"):
+        keys.seal_envelope(keys.generate_dek(), KeyReference(f"pkcs11:token={TOKEN};object=kek"))
+    with pytest.raises(keys.KeysetError, match=f"module-path {refusal}"):
+        p11.Pkcs11Key(TOKEN, "kek", module_path=module).wrap(keys.generate_dek(), {})
+    assert p11._libraries == loaded  # nothing was loaded
+    monkeypatch.setenv("GPUCRYPT_PKCS11_MODULE", str(tmp_path / module))  # absolute: tried
+    with pytest.raises(keys.KeyProviderError, match="cannot load the PKCS#11 module"):
+        keys.seal_envelope(keys.generate_dek(), KeyReference(f"pkcs11:token={TOKEN};object=kek"))
 
 
 def test_a_provider_names_a_stanza_it_does_not_own_escaped():

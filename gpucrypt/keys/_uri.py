@@ -10,21 +10,28 @@ Three schemes (docs/KEYS.md, "Key references"):
 - ``file:///path/to/keyset.json[?passphrase-source=env:VAR|file:/path]``.
 
 A URI names a key and says how to reach it; it never holds a secret: ``pin-value`` and
-anything like it are refused, because URIs land in shell history, process lists, task
-graphs and logs. PINs and passphrases come from a *source* (an environment variable or a
-file) read by whichever process resolves the reference.
+anything named like it (``x-pin-value``) are refused, as are a ``&`` in a ``pkcs11:`` path
+(a query typed without its ``?``) and an ``endpoint`` holding ``user:password@``, because
+URIs land in shell history, process lists, task graphs and logs. PINs and passphrases come
+from a *source* (an environment variable or a file) read by whichever process resolves
+the reference.
 
 This module only parses; it imports nothing from gpucrypt but the errors.
 """
 from __future__ import annotations
 
+import functools
+import ipaddress
+import os
 import re
+import socket
 from dataclasses import dataclass, field
-from urllib.parse import quote, unquote, unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_to_bytes, urlsplit
 
 from .._errors import KeysetError
 
-__all__ = ["KeyUri", "parse_key_uri", "pkcs11_id_text", "check_secret_source", "SCHEMES"]
+__all__ = ["KeyUri", "parse_key_uri", "pkcs11_id_text", "check_secret_source", "check_absolute",
+           "check_kms_endpoint", "SCHEMES"]
 
 SCHEMES = ("pkcs11", "awskms", "file")
 
@@ -58,11 +65,17 @@ def _shown(uri: str) -> str:
     A name is judged once percent-decoded (``pin%2Dvalue`` is ``pin-value``), and by each
     of its words (``x-pin``), so that no spelling of a secret's name gets its value shown."""
     def mask(match: re.Match) -> str:
-        words = re.split(r"[-_.\s]", unquote(match.group(1)).lower())
-        secret = any(word in _SECRET_ATTRIBUTES for word in words)
-        return f"{match.group(1)}=***" if secret else match.group(0)
+        return f"{match.group(1)}=***" if _named_secret(match.group(1)) else match.group(0)
 
     return _ATTRIBUTE.sub(mask, uri.split("?", 1)[0])
+
+
+def _named_secret(name: str) -> bool:
+    """Whether an attribute's name (as written: percent-encoded, any case) says it holds a
+    secret: one of its words, once decoded, is ``pin``, ``passphrase``, ``password``,
+    ``secret`` or ``key`` (``pin%2Dvalue``, ``x-pin-value``, ``X_Passphrase``)."""
+    words = re.split(r"[-_.\s]", unquote(name).lower())
+    return any(word in _SECRET_ATTRIBUTES for word in words)
 
 
 def check_secret_source(name: str, source: str) -> None:
@@ -73,6 +86,92 @@ def check_secret_source(name: str, source: str) -> None:
         raise KeysetError(f"{name} must be env:VAR, file:/path or an absolute path (the value "
                           f"given is not shown: it may be the secret itself; put the secret in "
                           f"a file or an environment variable and name that)")
+
+
+def check_absolute(attribute: str, path: str, example: str) -> None:
+    """KeysetError for ``attribute`` naming a relative ``path`` (``example``: the form to
+    give instead). A reference is resolved in whichever process uses it (a Ray worker, a
+    DCP rank), from whatever folder that process is in: a relative name there reads another
+    file, or, for a module, loads and runs another library. The path is not quoted (a
+    ``*-source`` value may be the secret itself)."""
+    if not os.path.isabs(path):
+        raise KeysetError(f"{attribute} names a relative path: give an absolute one ({example}): "
+                          f"a reference is resolved in whichever process and folder uses it")
+
+
+#: hosts an ``awskms`` endpoint may reach over plain http without resolving them: this
+#: machine (a local emulator: moto, localstack)
+_LOOPBACK_NAMES = ("localhost",)
+#: set to 1 (in every process that uses the reference), plain http to any host is allowed:
+#: an emulator on a private network (a compose service name), deliberately
+ALLOW_HTTP_ENV = "GPUCRYPT_KMS_ALLOW_HTTP"
+
+
+def check_kms_endpoint(endpoint: str) -> None:
+    """KeysetError unless ``endpoint`` is ``https://HOST[:PORT][/PATH]``, or ``http://`` to
+    the loopback (``localhost``, ``127.0.0.0/8``, ``::1``, ``::ffff:127.x.x.x``, or a name
+    that resolves to those only, as ``localhost.localstack.cloud`` does), or to any host
+    where ``$GPUCRYPT_KMS_ALLOW_HTTP`` is 1; with no ``user:password@``. KMS Encrypt and
+    Decrypt carry the data key itself: over http to another host it crosses the network
+    unencrypted (SigV4 signs requests, it does not encrypt them). Credentials in the URL
+    would be copied into errors and audit records, and KMS reads none there. The endpoint
+    is not quoted, for that reason."""
+    parts = urlsplit(endpoint)
+    try:
+        host = parts.hostname
+    except ValueError:  # an unbalanced [ in the host
+        host = None
+    if parts.scheme not in ("https", "http") or not host:
+        raise KeysetError("endpoint must be a URL: https://HOST[:PORT] (http:// only to the "
+                          "loopback, for a local emulator)")
+    if "@" in parts.netloc:
+        raise KeysetError("endpoint holds a user name or password (user:password@host), which "
+                          "errors and audit records would show (endpoint not shown): remove "
+                          "it; AWS credentials come from boto3's chain (environment, "
+                          "AWS_PROFILE or profile=, a role), never from the URI")
+    loopback = True if parts.scheme != "http" or os.environ.get(ALLOW_HTTP_ENV) == "1" \
+        else _is_loopback(host)
+    if not loopback:
+        unresolved = " (its name did not resolve here)" if loopback is None else ""
+        raise KeysetError(f"endpoint is plain http:// to a host not known to be this machine"
+                          f"{unresolved} (not localhost, 127.0.0.0/8 or [::1], nor a name "
+                          f"resolving to those only): KMS Encrypt and Decrypt carry the data "
+                          f"key: use https, or set {ALLOW_HTTP_ENV}=1 for a local emulator "
+                          f"(the data key crosses the network in the clear)")
+
+
+def _is_loopback(host: str) -> bool | None:
+    """Whether ``host`` (an address, or a name: resolved, all its addresses then) is the
+    loopback; None for a name that did not resolve."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return _loopback_address(host)
+    except ValueError:  # a name
+        return _name_is_loopback(host.lower())
+
+
+@functools.lru_cache(maxsize=64)
+def _name_is_loopback(name: str) -> bool | None:
+    """:func:`_is_loopback` of a host name, looked up once per process: references are
+    parsed again in every Ray task and DCP rank that unpickles one, and a resolver that
+    does not answer takes its whole timeout (10 s and more) each time."""
+    try:
+        found = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):  # not resolved (gaierror), or not a name IDNA encodes
+        return None
+    try:
+        return bool(found) and all(_loopback_address(info[4][0]) for info in found)
+    except ValueError:  # an address family ipaddress does not read
+        return False
+
+
+def _loopback_address(text: str) -> bool:
+    """Whether the IP address ``text`` is the loopback (an IPv4-mapped one included); a
+    ValueError where ``text`` is no address."""
+    address = ipaddress.ip_address(text)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 @dataclass(frozen=True)
@@ -131,14 +230,14 @@ def parse_key_uri(uri: str) -> KeyUri:
     body, _, query_text = rest.partition("?")
     query = _attributes(uri, query_text, "&", query=True) if query_text else {}
     for name, value in query.items():
-        if name in _SECRET_ATTRIBUTES:
-            raise _bad(uri, f"{name} would put a secret in the URI; use pin-source=env:VAR or "
-                            f"pin-source=file:/path (passphrase-source= for file: references)")
-        if name.endswith("-source"):
+        if name.endswith("-source"):  # its value is checked to be a source, not a secret
             try:
                 check_secret_source(name, value)
             except KeysetError as exc:
                 raise _bad(uri, str(exc)) from None
+        elif _named_secret(name):  # x- ones too, which would be accepted, then dropped
+            shown = repr(name) if name in _KNOWN_QUERY else f"named like a secret ({_NOT_SHOWN})"
+            raise _bad(uri, _secret_in_uri(f"query attribute {shown}"))
     if scheme == "pkcs11":
         return _pkcs11(uri, body, query)
     if scheme == "awskms":
@@ -152,6 +251,11 @@ def parse_key_uri(uri: str) -> KeyUri:
 _KNOWN_QUERY = frozenset((*_PKCS11_QUERY, *_PKCS11_BEHAVIOUR, *_AWS_QUERY, *_FILE_QUERY,
                           *_SECRET_ATTRIBUTES))
 _NOT_SHOWN = "not shown: it may be a secret pasted by mistake"
+
+
+def _secret_in_uri(what: str) -> str:
+    return (f"{what} would put a secret in the URI; use pin-source=env:VAR or "
+            f"pin-source=file:/path (passphrase-source= for file: references)")
 
 
 def _attributes(uri: str, text: str, separator: str, encoded: tuple = (),
@@ -184,8 +288,19 @@ def _only(uri: str, attrs: dict, allowed: tuple, where: str) -> None:
 
 
 def _pkcs11(uri: str, body: str, query: dict) -> KeyUri:
+    if "&" in body:
+        # RFC 7512 has no bare & in a path: this is a query typed with & for ?, whose items
+        # would become part of a label (shown in errors, repr and audit records). Nothing
+        # after the & is quoted: it may be a pin-value
+        raise KeysetError(f"key reference {_shown(uri.split('&', 1)[0])!r}: a '&' in the path "
+                          f"(what follows it is not shown: it may be a secret): query "
+                          f"attributes follow a '?' (pkcs11:token=T;object=O?pin-source="
+                          f"env:VAR), and a '&' in a label is written %26")
     path = _attributes(uri, body, ";", encoded=("id",))
     _only(uri, path, _PKCS11_PATH, "path")
+    for name in path:  # only x- names are left to catch: _only refused the others
+        if _named_secret(name):
+            raise _bad(uri, _secret_in_uri(f"path attribute {name!r}"))
     if "id" in path:  # RFC 7512: an id is bytes, percent-encoded; kept so, in one spelling
         path["id"] = pkcs11_id_text(unquote_to_bytes(path["id"]))
     _only(uri, query, _PKCS11_QUERY, "query")
@@ -193,6 +308,11 @@ def _pkcs11(uri: str, body: str, query: dict) -> KeyUri:
         raise _bad(uri, "name the token and the key: pkcs11:token=LABEL;object=KEY_LABEL")
     if "type" in path and path["type"] not in _PKCS11_TYPES:
         raise _bad(uri, f"type must be one of {', '.join(_PKCS11_TYPES)}")
+    if "module-path" in query:  # said here, in the driver, not on a worker
+        try:
+            check_absolute("module-path", query["module-path"], "module-path=/path/to/module.so")
+        except KeysetError as exc:
+            raise _bad(uri, str(exc)) from None
     for name, values in _PKCS11_BEHAVIOUR.items():  # said here, in the driver, not on a worker
         if name in query and query[name] not in values:
             raise _bad(uri, f"{name} may only be {' or '.join(values)}")
@@ -201,6 +321,11 @@ def _pkcs11(uri: str, body: str, query: dict) -> KeyUri:
 
 def _awskms(uri: str, body: str, query: dict) -> KeyUri:
     _only(uri, query, _AWS_QUERY, "query")
+    if "endpoint" in query:
+        try:
+            check_kms_endpoint(query["endpoint"])
+        except KeysetError as exc:
+            raise _bad(uri, str(exc)) from None
     if not body.startswith("//"):
         raise _bad(uri, "write awskms://arn:aws:kms:... or awskms:///alias/NAME?region=...")
     key = unquote(body[2:])

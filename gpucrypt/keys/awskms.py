@@ -13,7 +13,12 @@ that is not ``Enabled`` with one line saying so (KMS would refuse too, with
 ``DisabledException``; the check also covers emulators that do not). A role without
 ``kms:DescribeKey`` skips the check. Credentials and region come from boto3's usual
 chain (environment, profile, instance or OIDC role); the URI may name ``region``,
-``profile`` and ``endpoint`` (a VPC endpoint, or a local emulator).
+``profile`` and ``endpoint`` (a VPC endpoint, or a local emulator): ``https://``, or plain
+``http://`` to the loopback only unless ``$GPUCRYPT_KMS_ALLOW_HTTP`` is 1 (an emulator:
+``Encrypt`` and ``Decrypt`` carry the data key), and no ``user:password@`` (see
+:func:`gpucrypt.keys._uri.check_kms_endpoint`). The endpoint the client was made with is
+checked the same way, wherever boto3 took it from (``AWS_ENDPOINT_URL_KMS``,
+``AWS_ENDPOINT_URL``, ``endpoint_url`` in the profile).
 
 Every request goes to the configured region and names the configured key (its ARN, alias
 or key id), never a region or key taken from a stanza: a file's stanza ids are written by
@@ -33,7 +38,7 @@ from typing import Any, Iterator, Mapping
 
 from .._errors import KeyNotFound, KeyProviderError, KeysetError, KeyUnavailable
 from ._document import printable_text
-from ._uri import _ARN, KeyUri
+from ._uri import _ARN, KeyUri, check_kms_endpoint
 
 try:
     import boto3
@@ -72,13 +77,25 @@ _STATE_TTL = 5.0
 
 
 def _client(profile: str | None, region: str | None, endpoint: str | None) -> Any:
-    """One boto3 KMS client per profile, region and endpoint in this process."""
+    """One boto3 KMS client per profile, region and endpoint in this process. The endpoint
+    it was made with (``client.meta.endpoint_url``) is checked as a URI's ``endpoint`` is
+    (:func:`check_kms_endpoint`): boto3 also takes one from ``AWS_ENDPOINT_URL_KMS``,
+    ``AWS_ENDPOINT_URL`` or the profile's ``endpoint_url``, and plain http there would send
+    the data key in the clear as well. KeyProviderError for a refused one (not kept)."""
     slot = (profile, region, endpoint, os.getpid())
     with _clients_lock:
         if slot not in _clients:
             session = boto3.session.Session(profile_name=profile)
-            _clients[slot] = session.client("kms", region_name=region, endpoint_url=endpoint,
-                                            config=_CONFIG)
+            client = session.client("kms", region_name=region, endpoint_url=endpoint,
+                                    config=_CONFIG)
+            try:
+                check_kms_endpoint(client.meta.endpoint_url)
+            except KeysetError as exc:
+                where = ("the endpoint" if endpoint else
+                         "the endpoint boto3 was configured with (AWS_ENDPOINT_URL_KMS, "
+                         "AWS_ENDPOINT_URL or endpoint_url in the profile)")
+                raise KeyProviderError(f"AWS KMS: refused {where}: {exc}") from None
+            _clients[slot] = client
         return _clients[slot]
 
 
@@ -114,6 +131,8 @@ class AwsKmsKey:
         if key.startswith("arn:") and _ARN.fullmatch(key) is None:
             raise KeysetError(f"{key!r} is not an AWS KMS key ARN "
                               f"(arn:aws:kms:REGION:ACCOUNT:key/ID)")
+        if endpoint is not None:  # a URI's is checked when parsed; this is for the API
+            check_kms_endpoint(endpoint)
         self.key, self.endpoint, self.profile = key, endpoint, profile
         self.region = _region_of(key) if key.startswith("arn:") else region
         self._exact = key.startswith("arn:") and ":key/" in key  # names one key, for ever

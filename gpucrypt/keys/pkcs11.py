@@ -29,10 +29,23 @@ A reference opens only the codes of its own kind of key: 1-3 with ``type=secret-
 would use (a secret key of the label if the token has one, else the key pair). The code
 is the stanza's, chosen by whoever wrote the file: the key's type must not be.
 
-The module comes from the URI's ``module-path``, else ``$GPUCRYPT_PKCS11_MODULE``, else the
-first SoftHSM2 library found in the usual places. The user PIN comes from ``pin-source``
-(``env:VAR`` or ``file:/path``), else ``$GPUCRYPT_PKCS11_PIN``; never from the URI itself.
-A session is opened (and logged in) per operation, under one lock per process.
+The module comes from the URI's ``module-path``, else ``$GPUCRYPT_PKCS11_MODULE`` (either
+an absolute path: a relative one would load whatever library the using process's folder
+holds), else the first SoftHSM2 library found in the usual places; it is loaded once per
+process, under the name given, and known by its real path too, so two spellings of one
+file (a symlink) are one module, for gpucrypt and for an application's own
+``pkcs11.lib()`` in either order. The user PIN comes from ``pin-source`` (``env:VAR`` or
+``file:/path``), else ``$GPUCRYPT_PKCS11_PIN``; never from the URI itself. A session is
+opened (and logged in) per operation, under one lock per process.
+
+A PIN the token refused is not sent to that token again by this process (tokens lock
+the user PIN after a few wrong tries, and a folder decrypt with a stale PIN would send it
+once per file): a keyed digest of it is kept per module and token (HMAC-SHA256 under a
+random per-process key, never the PIN), and the PIN source is read again each time, so
+fixing the source needs no restart. Where the application is logged in to the token
+already, no PIN is sent at all, and the operation goes ahead on that login, as it does for
+any PIN. The memory is per process (forked workers each try once): the token's own retry
+counter is the final guard.
 
 Logging in is gpucrypt's own ``C_Login`` (:func:`_login`), not python-pkcs11's
 ``token.open(user_pin=...)``: that opens the session, then logs in, and a login that fails
@@ -47,13 +60,16 @@ thread, is logged out with them: PKCS#11 cannot tell the two apart).
 The login goes to the module instance python-pkcs11 opened the session on: the p11-kit
 proxy (``p11-kit-proxy.so``) makes a new instance for every ``C_GetFunctionList`` call,
 and an instance that is not the session's refuses it. Where gpucrypt cannot reach that
-instance (a python-pkcs11 laid out otherwise than 0.10, with such a module), python-pkcs11
-logs in, with the drawbacks above (:meth:`Pkcs11Key._pkcs11_login`).
+instance (for example the proxy with a python-pkcs11 other than 0.10), the operation is
+refused before any PIN is sent
+(:meth:`Pkcs11Key._unreachable`): python-pkcs11's own login would leave the sessions above
+open, with no handle left to close them.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import hmac
 import os
 import sys
 import threading
@@ -61,7 +77,7 @@ from typing import Any, Iterator, Mapping
 
 from .._errors import KeyNotFound, KeyProviderError, KeysetError, KeyUnavailable
 from ._document import printable_text
-from ._uri import _PKCS11_PATH, KeyUri, parse_key_uri, pkcs11_id_text
+from ._uri import _PKCS11_PATH, KeyUri, check_absolute, parse_key_uri, pkcs11_id_text
 from .references import context_bytes, read_secret_source
 
 try:
@@ -93,7 +109,15 @@ _GCM_IV, _GCM_TAG_BITS = 12, 128
 _SECRET_CODES, _PRIVATE_CODES = (1, 2, 3), (4, 5)
 
 _lock = threading.Lock()
-_libraries: dict[str, tuple[Any, int]] = {}  # module path -> (library, pid that loaded it)
+_libraries: dict[str, tuple[Any, int]] = {}  # module real path -> (library, pid that loaded it)
+
+#: the key of the digests of refused PINs below, random per process: so that no PIN is kept
+#: as it is, and a digest does not match the same PIN's in another process or a log. It is
+#: in the same memory as the digests, so a core dump holding both lets a short PIN be
+#: found by trying them all: a salted hash against casual disclosure, nothing more
+_PIN_DIGEST_KEY = os.urandom(32)
+#: (module real path, token label, token serial) -> digests of PINs that token refused
+_refused_pins: dict[tuple, set] = {}
 
 
 def _new_lock_in_child() -> None:
@@ -106,21 +130,80 @@ def _new_lock_in_child() -> None:
 os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
-def _library(path: str) -> Any:
-    """The loaded module at ``path``, once per process (re-initialised after a fork)."""
+def _library(given: str) -> Any:
+    """The loaded module at ``given`` (an absolute path, as :func:`_module_path` gives it),
+    once per process (re-initialised after a fork), whatever spelling of the file names it.
+
+    python-pkcs11 keeps the modules it loaded by the exact name given to ``pkcs11.lib()``
+    (``pkcs11._loaded``, in 0.10), and loads a name it does not hold again, which calls
+    C_Initialize again: the module refuses that (CKR_CRYPTOKI_ALREADY_INITIALIZED). Debian's
+    /usr/lib/softhsm/libsofthsm2.so, gpucrypt's first default, is a link to the multiarch
+    file, so a second spelling is common. So gpucrypt keys its own caches by the real path,
+    takes the module python-pkcs11 holds under any spelling of it, else loads it under the
+    name given (as an application configured with that name would), and enters both that
+    name and the real path in python-pkcs11's table: an application's ``pkcs11.lib()``
+    with either, before or after gpucrypt, gets the same module. ``pkcs11.unload(name)``
+    removes one name and closes the module: :func:`_unload_every_name` removes the other
+    names too (one left would hand out the closed module: a crash at its next call), and
+    a cached module no longer in the table is loaded again."""
+    path = os.path.realpath(given)
     cached = _libraries.get(path)
+    table = getattr(pkcs11, "_loaded", None)
+    if cached is not None and isinstance(table, dict) and not any(
+            lib is cached[0] for lib in list(table.values())):
+        _libraries.pop(path, None)  # unloaded by the application: closed, never to be called
+        cached = None
     if cached is not None:
         lib, pid = cached
         if pid != os.getpid():
             lib.reinitialize()
             _libraries[path] = (lib, os.getpid())
-        return lib
-    try:
-        lib = pkcs11.lib(path)
-    except (RuntimeError, OSError) as exc:
-        raise KeyProviderError(f"cannot load the PKCS#11 module {path} ({exc})") from None
-    _libraries[path] = (lib, os.getpid())
+    else:
+        lib = _loaded_elsewhere(path)
+        if lib is None:
+            try:
+                lib = pkcs11.lib(given)
+            except (RuntimeError, OSError) as exc:
+                hint = (": another library than python-pkcs11 initialised it in this process, "
+                        "and a module takes one C_Initialize per process: reach it through "
+                        "python-pkcs11 there too, or use gpucrypt from a process of its own"
+                        if "already initialized" in str(exc) else "")
+                raise KeyProviderError(f"cannot load the PKCS#11 module {given} ({exc}){hint}") \
+                    from None
+        _libraries[path] = (lib, os.getpid())
+    table = getattr(pkcs11, "_loaded", None)
+    if isinstance(table, dict):  # python-pkcs11 0.10's registry: name -> lib
+        table.setdefault(given, lib)
+        table.setdefault(path, lib)
     return lib
+
+
+def _unload_every_name(so: str) -> None:
+    """``pkcs11.unload``, which removes every name :func:`_library` entered for the module,
+    not only ``so``, from python-pkcs11's table (installed in its place on import)."""
+    table = getattr(pkcs11, "_loaded", {})
+    lib = table.get(so)
+    _python_pkcs11_unload(so)
+    if lib is not None:
+        for name in [name for name, other in list(table.items()) if other is lib]:
+            table.pop(name, None)
+
+
+_python_pkcs11_unload = pkcs11.unload
+if isinstance(getattr(pkcs11, "_loaded", None), dict):  # the 0.10 registry _library uses
+    pkcs11.unload = _unload_every_name
+
+
+def _loaded_elsewhere(path: str) -> Any:
+    """The module at real path ``path`` as python-pkcs11 loaded it under any name (the
+    application's own ``pkcs11.lib(link)``), else None: loading it again would fail as
+    above. python-pkcs11 0.10 keeps what it loaded in ``pkcs11._loaded`` (name -> lib)."""
+    for name, lib in list(getattr(pkcs11, "_loaded", {}).items()):
+        if os.path.realpath(name) == path:
+            if not lib.initialized:  # as pkcs11.lib() does for a name it knows
+                lib.initialize()
+            return lib
+    return None
 
 
 # ------------------------------------------------------------------ C_Login, C_Logout
@@ -134,10 +217,11 @@ def _library(path: str) -> Any:
 # So the list is the module's C_GetFunctionList (the same list where the module has one
 # instance: ctypes and python-pkcs11 share the one loaded copy of the file), else python-
 # pkcs11's own (_pkcs11_function_list, read from its object layout: the proxy's case),
-# whichever knows the session (C_GetSessionInfo); where neither does, python-pkcs11 logs
-# in (Pkcs11Key._pkcs11_login).
+# whichever knows the session (C_GetSessionInfo); where neither does, the operation is
+# refused (Pkcs11Key._unreachable says why python-pkcs11's own login is not the fallback).
 
 _CKU_USER = 1
+_CKS_USER_FUNCTIONS = (1, 3)  # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS: the user is in
 _CKR_OK, _CKR_USER_ALREADY_LOGGED_IN = 0x0, 0x100
 _CKR_PIN_REFUSED = (0xA0, 0xA1, 0xA2)  # PIN_INCORRECT, PIN_INVALID, PIN_LEN_RANGE
 _CKR_PIN_LOCKED = 0xA4
@@ -146,9 +230,6 @@ _CKR_NAMES = {0xA0: "PinIncorrect", 0xA1: "PinInvalid", 0xA2: "PinLenRange",
               0x102: "UserPinNotInitialized", 0x104: "AnotherUserAlreadyLoggedIn",
               0xB3: "SessionHandleInvalid", 0xE0: "TokenNotPresent", 0x32: "DeviceRemoved",
               0x190: "CryptokiNotInitialized"}
-#: python-pkcs11's exceptions for the codes _login_error words itself (its fallback login)
-_RV_OF_ERROR = {_p11e.PinIncorrect: 0xA0, _p11e.PinInvalid: 0xA1, _p11e.PinLenRange: 0xA2,
-                _p11e.PinLocked: _CKR_PIN_LOCKED}
 #: CK_FUNCTION_LIST up to C_Logout, in the order of the PKCS#11 headers (pkcs11f.h)
 _FUNCTIONS = ("C_Initialize", "C_Finalize", "C_GetInfo", "C_GetFunctionList", "C_GetSlotList",
               "C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList", "C_GetMechanismInfo",
@@ -196,8 +277,18 @@ class _Calls:
     def knows(self, handle: int) -> bool:
         """Whether ``handle`` is a session of this instance (an instance that is not the
         session's says CKR_CRYPTOKI_NOT_INITIALIZED or CKR_SESSION_HANDLE_INVALID)."""
+        return self._state(handle) is not None
+
+    def user_logged_in(self, handle: int) -> bool:
+        """Whether the user is logged in to the token of session ``handle`` (PKCS#11 logs in
+        an application, so every session of it says so, the application's login or not)."""
+        return self._state(handle) in _CKS_USER_FUNCTIONS
+
+    def _state(self, handle: int) -> int | None:
         info = _SessionInfo()
-        return self.usable and self._session_info(handle, ctypes.byref(info)) == _CKR_OK
+        if not self.usable or self._session_info(handle, ctypes.byref(info)) != _CKR_OK:
+            return None
+        return info.state
 
 
 def _pkcs11_function_list(session: Any) -> int:
@@ -226,7 +317,8 @@ def _pkcs11_function_list(session: Any) -> int:
 
 def _module_function_list(path: str) -> int:
     """The address of the function list the module at ``path``'s C_GetFunctionList gives
-    (asked once per process); 0 where it gives none."""
+    (asked once per process, per real path); 0 where it gives none."""
+    path = os.path.realpath(path)
     cached = _module_lists.get(path)
     if cached is None:
         functions = ctypes.POINTER(_FunctionList)()
@@ -282,8 +374,14 @@ class _LoginRefused(Exception):
 
 
 def _module_path(given: str | None) -> str:
-    path = given or os.environ.get(MODULE_ENV)
+    """The module to load, as it is spelled (:func:`_library` knows it by its real path
+    too): ``given`` (the URI's ``module-path``), else ``$GPUCRYPT_PKCS11_MODULE``, else the
+    first of :data:`DEFAULT_MODULES` found. A relative one is refused (KeysetError), as a
+    relative ``pin-source`` is: loading it would run whatever library the using process's
+    folder (a worker's) holds under that name."""
+    attribute, path = ("module-path", given) if given else (MODULE_ENV, os.environ.get(MODULE_ENV))
     if path:
+        check_absolute(attribute, path, f"{attribute}=/path/to/module.so")
         if not os.path.exists(path):
             raise KeyProviderError(f"PKCS#11 module {path} does not exist")
         return path
@@ -371,11 +469,18 @@ class Pkcs11Key:
     @contextlib.contextmanager
     def _session(self) -> Iterator[Any]:
         """A session on the token, logged in as the user, closed when the block ends (and
-        logged out if gpucrypt logged it in: the module docstring says why and when)."""
+        logged out if gpucrypt logged it in: the module docstring says why and when). A PIN
+        this token refused before is not sent again (the module docstring says how it is
+        remembered), unless the application is logged in to the token already: then no PIN
+        is sent, as C_Login would only answer USER_ALREADY_LOGGED_IN. The caller holds
+        ``_lock``, which guards that memory too."""
         path = _module_path(self.module_path)
         token = self._token(path)
         pin = read_secret_source(self.pin_source, PIN_ENV,
                                  f"the user PIN of PKCS#11 token {self.token!r}")
+        refused = _refused_pins.setdefault((os.path.realpath(path), token.label, token.serial),
+                                           set())
+        digest = hmac.digest(_PIN_DIGEST_KEY, pin.encode("utf-8"), "sha256")
         try:
             session = token.open()  # public; logged in below, where a failure can close it
         except _p11e.PKCS11Error as exc:
@@ -383,17 +488,22 @@ class Pkcs11Key:
                                    f"({type(exc).__name__})") from None
         try:
             calls = _session_calls(path, session)
-            ours = calls is not None and _login(calls, session, pin)
+            if calls is None:
+                raise self._unreachable(path)
+            if digest not in refused:
+                ours = _login(calls, session, pin)
+            elif calls.user_logged_in(session.handle):
+                ours = False  # the application's login serves; no PIN is sent
+            else:
+                raise self._refused_before()
         except BaseException as exc:
             with contextlib.suppress(_p11e.PKCS11Error):
                 session.close()
             if not isinstance(exc, _LoginRefused):
                 raise
+            if exc.rv in _CKR_PIN_REFUSED:
+                refused.add(digest)
             raise self._login_error(exc.rv) from None
-        if calls is None:  # no way to the session's instance: python-pkcs11 logs in
-            with contextlib.suppress(_p11e.PKCS11Error):
-                session.close()
-            session = self._pkcs11_login(token, pin)
         try:
             yield session
         finally:
@@ -403,36 +513,46 @@ class Pkcs11Key:
                     if ours:
                         calls.logout(session.handle)
                 finally:
-                    session.close()  # logs out too, where python-pkcs11 logged in
+                    session.close()
 
-    def _pkcs11_login(self, token: Any, pin: str) -> Any:
-        """A session python-pkcs11 logs in (``token.open(user_pin=)``), for a module whose
-        instance gpucrypt cannot reach (a python-pkcs11 laid out otherwise than 0.10, with
-        a module that makes an instance per C_GetFunctionList, as the p11-kit proxy does).
-        Its drawbacks, which gpucrypt's own login avoids: a refused PIN leaves the session
-        python-pkcs11 opened (it keeps no handle to close), and where the application is
-        logged in already that session is left too, and a second one is opened without a
-        PIN (the application's login serves it, and closing it leaves that login)."""
-        try:
-            return token.open(user_pin=pin)  # its close() logs out
-        except _p11e.UserAlreadyLoggedIn:
-            pass
-        except _p11e.PKCS11Error as exc:
-            rv = _RV_OF_ERROR.get(type(exc))
-            if rv is None:
-                raise KeyProviderError(f"{self.reference}: cannot log in to the token "
-                                       f"({type(exc).__name__})") from None
-            raise self._login_error(rv) from None
-        try:
-            return token.open()
-        except _p11e.PKCS11Error as exc:
-            raise KeyProviderError(f"{self.reference}: cannot open a session "
-                                   f"({type(exc).__name__})") from None
+    def _unreachable(self, path: str) -> KeyProviderError:
+        """The refusal where no function list gpucrypt can reach knows the session. What
+        gpucrypt sees is only that: the cause may be a module that makes an instance per
+        C_GetFunctionList (the p11-kit proxy) with a python-pkcs11 not laid out as 0.10 or
+        a Python other than CPython, a function list of a version gpucrypt does not read,
+        or a C_GetSessionInfo that fails.
+
+        python-pkcs11's own login (``token.open(user_pin=)``) is not the fallback, because
+        it leaks sessions no one can close: it opens a session, then logs in, and a login
+        that fails raises before a Session object holds the handle. So each refused PIN
+        left one session open, and where the application was logged in already
+        (UserAlreadyLoggedIn) each operation left one, until the process exits; a token's
+        session limit then denies every application on it. The handle cannot be closed
+        afterwards either: only the instance gpucrypt cannot reach knows it, and
+        C_CloseAllSessions would close the application's sessions too. Remembering the
+        login state and refused PINs would only bound the leak; refusing ends it."""
+        return KeyProviderError(
+            f"{self.reference}: cannot log in through the PKCS#11 module {path}: the module "
+            f"instance python-pkcs11 opened the session on cannot be reached (for example "
+            f"the p11-kit proxy with a python-pkcs11 other than 0.10). With the proxy, "
+            f"install python-pkcs11 0.10 on CPython (pip install 'python-pkcs11>=0.10,<0.11'), "
+            f"or name the token's own module in module-path= instead; no PIN was sent")
+
+    def _pin_source(self) -> str:
+        return self.pin_source or f"env:{PIN_ENV}"
+
+    def _refused_before(self) -> KeyProviderError:
+        return KeyProviderError(
+            f"{self.reference}: the token refused the PIN before, in this process, so it is "
+            f"not sent again (tokens lock the user PIN after a few wrong tries): fix the PIN "
+            f"source ({self._pin_source()}); the next operation reads it again (where the "
+            f"token's PIN was changed to this one since, restart the process)")
 
     def _login_error(self, rv: int) -> KeyProviderError:
         if rv in _CKR_PIN_REFUSED:
             return KeyProviderError(f"{self.reference}: the token refused the PIN: check the "
-                                    f"PIN source")
+                                    f"PIN source ({self._pin_source()}); this process will not "
+                                    f"send that PIN to the token again")
         if rv == _CKR_PIN_LOCKED:
             return KeyProviderError(f"{self.reference}: the token's user PIN is locked")
         return KeyProviderError(f"{self.reference}: cannot log in to the token "

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 
 from .. import audit
 from .._errors import KeyProviderError, KeysetError
-from ._uri import KeyUri, check_secret_source, parse_key_uri
+from ._uri import KeyUri, check_absolute, check_secret_source, parse_key_uri
 
 __all__ = ["KeyReference", "ExternalKey", "file_context", "context_bytes", "read_secret_source",
            "secret_source_path", "check_source_is_absolute", "with_passphrase_source",
@@ -121,10 +121,8 @@ def check_source_is_absolute(attribute: str, source: str) -> None:
     a relative name could read another file there. The value is not quoted (it may be the
     secret itself, pasted in the wrong place)."""
     path = secret_source_path(source)
-    if path is not None and not os.path.isabs(path):
-        raise KeysetError(f"{attribute} names a relative path: give an absolute one "
-                          f"({attribute}=file:/path/to/file): a reference is resolved in "
-                          f"whichever process and folder uses it")
+    if path is not None:
+        check_absolute(attribute, path, f"{attribute}=file:/path/to/file")
 
 
 def read_secret_source(source: str | None, default_env: str, what: str,
