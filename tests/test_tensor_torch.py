@@ -164,6 +164,44 @@ def _without_memory(kind: str):
     return torch._efficientzerotensor(8)
 
 
+class _DispatchingWithStorage(torch.Tensor):
+    """A subclass with __torch_dispatch__ over memory of its own (made by _make_subclass):
+    its address is its values'."""
+
+    @staticmethod
+    def __new__(cls, elem):
+        return torch.Tensor._make_subclass(cls, elem)
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def plain(t):
+            return t.as_subclass(torch.Tensor) if isinstance(t, cls) else t
+
+        tree_map = torch.utils._pytree.tree_map
+        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
+
+
+def test_subclasses_with_memory_of_their_own_and_empty_ones_are_encrypted():
+    """The refusal of tensors without memory of their own first took every subclass that
+    dispatches to Python, and empty ones: one with storage of its own, and a 0-element
+    wrapper, were refused though they round-trip."""
+    key = os.urandom(32)
+    values = torch.arange(64.0)
+    x = _DispatchingWithStorage(values.clone())
+    back = gpucrypt.decrypt_tensor(gpucrypt.encrypt_tensor(x, key), key)
+    assert torch.equal(back.as_subclass(torch.Tensor), values)
+    gpucrypt.encrypt_tensors({"x": x}, key, inplace=True)
+    import ctypes  # (its own ops on it dispatch back to it)
+
+    assert ctypes.string_at(x.data_ptr(), 256) != values.numpy().tobytes()
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    empty = TwoTensor(torch.empty(0), torch.empty(0))
+    assert gpucrypt.decrypt_tensor(gpucrypt.encrypt_tensor(empty, key), key).numel() == 0
+
+
 @pytest.mark.parametrize("kind", ["wrapper", "fake", "zero"])
 def test_tensors_without_memory_of_their_own_are_refused(kind):
     """Such tensors report a storage of the right size at data_ptr() 0: out of place

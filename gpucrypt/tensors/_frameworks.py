@@ -316,15 +316,38 @@ MEMORY_NOT_ITS_OWN = (
 
 
 def memory_not_its_own(x: Any) -> bool:
-    """Whether the torch tensor ``x`` holds no memory of its own: a subclass that
-    dispatches to Python (DTensor, FakeTensor, FunctionalTensor, wrappers of other
-    tensors), torch's zero tensor, or any tensor of some bytes at address 0. Such a
-    tensor reports a storage of the right size, so the storage check passes it."""
-    torch = sys.modules["torch"]
-    if type(x) is not torch.Tensor and torch._C._dispatch_keys(x).has(
-            torch._C.DispatchKey.Python):
+    """Whether the torch tensor ``x``, holding some elements, has no memory of its own:
+    its ``data_ptr()`` is 0 (a wrapper subclass, FakeTensor, FunctionalTensor, torch's
+    zero tensor) or raises (DTensor: "invalid python storage"). Such a tensor reports a
+    storage of the right size, so the storage check passes it. A subclass with storage
+    of its own (Parameter, one made by ``_make_subclass``) has its address, and passes."""
+    if not x.numel():
+        return False
+    try:
+        if _dispatches_to_python(type(x)):
+            import warnings
+
+            with warnings.catch_warnings():  # FakeTensor's: "accessing the data pointer
+                warnings.simplefilter("ignore")  # of FakeTensor is deprecated"
+                return x.data_ptr() == 0
+        return x.data_ptr() == 0
+    except RuntimeError:
         return True
-    return x._is_zerotensor() or (x.numel() > 0 and x.data_ptr() == 0)
+
+
+#: tensor type -> whether it (or a base other than torch.Tensor) defines __torch_dispatch__
+_DISPATCHING_TYPES: dict[type, bool] = {}
+
+
+def _dispatches_to_python(cls: type) -> bool:
+    known = _DISPATCHING_TYPES.get(cls)
+    if known is None:
+        torch = sys.modules["torch"]
+        known = any("__torch_dispatch__" in vars(k) for k in cls.__mro__
+                    if k is not torch.Tensor and k is not torch._C.TensorBase)
+        if len(_DISPATCHING_TYPES) < 256:
+            _DISPATCHING_TYPES[cls] = known
+    return known
 
 
 class TorchAdapter(Adapter):
