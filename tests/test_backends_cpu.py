@@ -1049,7 +1049,10 @@ def test_a_ctrl_c_during_a_failing_decryption_waits_for_its_zeroing(algorithm, f
     armed = [False]
 
     def raise_when_armed(signum, frame):
-        if armed[0]:
+        # not inside a finaliser (held_interrupts.__del__ of a with block a Ctrl-C broke
+        # into as it began): Python drops an exception there ("Exception ignored in"), a
+        # lost Ctrl-C the code documents, which pytest reported as a warning by chance
+        if armed[0] and frame.f_code.co_name != "__del__":
             raise KeyboardInterrupt
     previous = signal.signal(signal.SIGINT, raise_when_armed)
     running = [True]
