@@ -100,6 +100,10 @@ def event(operation: str, *, outcome: str = "ok", **fields: Any) -> None:
     if outcome not in ("ok", "error"):
         raise ValueError("audit.event: outcome must be 'ok' or 'error'")
     checked = {name: _check(name, value) for name, value in fields.items()}
+    for held_operation, held in reversed(getattr(_holding, "stack", ())):
+        if held_operation == operation:  # written later, by _release (see _held)
+            held.append((operation, outcome, fields))
+            return
     # A logger disabled under enable()'s handlers (dictConfig's disable_existing_loggers,
     # True by default, disables every logger it does not name) would leave a silent gap
     # in a log the application asked for: those handlers still get the event.
@@ -126,6 +130,43 @@ def event(operation: str, *, outcome: str = "ok", **fields: Any) -> None:
     for handler in own:
         if log_record.levelno >= handler.level:
             handler.handle(log_record)
+
+
+#: per thread, the operations whose events are being held back (:func:`_held`), innermost
+#: last, each with the list its events go to
+_holding = threading.local()
+
+
+@contextlib.contextmanager
+def _held(operation: str) -> Iterator[list]:
+    """Hold back the ``operation`` events this thread emits in the block: each goes to the
+    list yielded instead of the log, for :func:`_release` to write once the step that
+    decides the work's outcome is done: a file sealed beside its target
+    (:mod:`gpucrypt.fs`), whose ``encrypt_file`` logged "ok" before the move that
+    publishes it, which may still fail (the caller told it failed, the log that it was
+    done). Other operations' events are written as usual. If the block raises, what it
+    held (those events record that failure) is written before the exception goes on."""
+    stack = _holding.__dict__.setdefault("stack", [])
+    held: list = []
+    stack.append((operation, held))
+    try:
+        yield held
+    except BaseException:
+        stack.pop()
+        _release(held)
+        raise
+    stack.pop()
+
+
+def _release(held: list, error: str | None = None) -> None:
+    """Write the events :func:`_held` held back, and empty ``held``: as they were, or with
+    ``error`` (what made the later step fail: :func:`error_fields`, or words) as ``error``
+    events."""
+    events, held[:] = list(held), []
+    for operation, outcome, fields in events:
+        if error is not None:
+            outcome, fields = "error", {**fields, "error": error}
+        event(operation, outcome=outcome, **fields)
 
 
 def _own_handlers() -> list[logging.Handler]:
@@ -308,13 +349,9 @@ class _AuditFileHandler(_Raising, logging.FileHandler):
             if _flock is not None:
                 _flock(fd, LOCK_EX)
             try:
-                written = self.stream.write(line)
+                written = self.stream.write(line) or 0
                 if written != len(line):
-                    self._take_back(line[:written or 0])
-                    import errno
-
-                    raise OSError(errno.ENOSPC, f"only {written or 0} of the event's "
-                                  f"{len(line)} bytes could be written (the file system is full?)")
+                    self._short_write(line, written)
                 if self.durable:  # on disk before the operation it records returns: a crash
                     try:          # or power cut must not lose the record of what was done
                         os.fsync(fd)
@@ -326,6 +363,29 @@ class _AuditFileHandler(_Raising, logging.FileHandler):
                     _flock(fd, LOCK_UN)
         except Exception:  # noqa: BLE001 - as logging's emit; handleError raises it
             self.handleError(record)
+
+    def _short_write(self, line: bytes, written: int) -> None:
+        """After a write of ``line`` that stopped at ``written`` bytes: write the rest, which
+        either succeeds (a signal cut the write short) or fails with the write's own
+        error (ENOSPC for a full disk, but EFBIG for a file-size limit, EDQUOT for a
+        quota: a short write does not say which), raised as "only N of M bytes could be
+        written: REASON" once what was written is taken back. Called holding the log's
+        lock."""
+        import errno
+
+        rest, error = 0, None
+        try:
+            rest = self.stream.write(line[written:]) or 0
+        except OSError as exc:
+            error = exc
+        if error is None and written + rest == len(line):
+            return
+        self._take_back(line[:written + rest])
+        why = error.strerror if error is not None else "the rest stopped short too, " \
+            "without an error"
+        raise OSError(error.errno if error is not None else errno.EIO,
+                      f"only {written} of the event's {len(line)} bytes could be written: "
+                      f"{why}")
 
     def _take_back(self, written: bytes) -> None:
         """Remove ``written``, the start of a line a short write left at the end of the

@@ -100,6 +100,13 @@ Contract:
   (``IsADirectoryError``, checked before the ``mv``) and a ``mv`` that leaves no file at
   the path raises. ``"xb"`` is refused: ``pipe_file``/``put_file`` take
   ``mode="create"``. Open files are not pickled (``TypeError``): they hold plaintext.
+  The audit event of a write (``file.encrypt``, :mod:`gpucrypt.audit`) is written once
+  the file is at its path: "ok" after the move, "error" when the sealing or the move
+  failed (or, for a ``put_file`` staged in a transaction, when the transaction was
+  discarded). In a transaction that is at its end: an audit log that cannot take an
+  event there stops the commit after that file, as a failed publish does (the files
+  before it published, the rest dropped), where the event written at the sealing had
+  failed the ``put_file`` itself.
 - **Only a successful close publishes.** Nothing is published (the old file stays) when
   a ``with`` block is left by an exception, when ``close`` runs while an exception is
   propagating (text mode, ``compression=`` and writers such as pandas close the file on
@@ -200,6 +207,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.utils import isfilelike, stringify_path, tokenize
 
+from . import audit
 from .files import stream
 from .backends import check_device
 from .files._format import (MAGIC, TAG_SIZE, AuthenticationError, FormatError, StreamError,
@@ -1154,9 +1162,12 @@ _TEMP_NAME_HINT = 64
 
 def on_local_disk(fs: Any) -> bool:
     """Whether ``fs`` is the local disk, whose folders are real: fsspec's local filesystem
-    (by class or protocol) or a pyarrow local one wrapped. There a path is a file or a
+    (by class or protocol, or under a ``dir::`` prefix) or a pyarrow local one wrapped.
+    There a path is a file or a
     folder; on an object store (``s3``, ``memory``) an object and a prefix may share a
     name, and an object may have keys below its name."""
+    if isinstance(fs, DirFileSystem):  # a dir:: prefix over another filesystem
+        return on_local_disk(fs.fs)
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return isinstance(fs, LocalFileSystem) or "file" in protocols or "local" in protocols \
         or getattr(getattr(fs, "fs", None), "type_name", None) == "local"
@@ -1166,9 +1177,14 @@ def move_exactly(fs: Any, source: str, target: str) -> Any:
     """Move the file ``source`` to ``target`` on ``fs``, both taken as exact names; returns
     what the target's call returned. fsspec's generic ``mv`` (object stores) takes a name
     holding ``*``, ``?`` or ``[`` as a glob pattern: ``a[1]`` was never written, and
-    files the pattern matched (``a1``) were moved into a folder named ``a[1]``. The local
-    disk's ``mv`` is a rename (atomic), which globs nothing."""
-    if on_local_disk(fs):
+    files the pattern matched (``a1``) were moved into a folder named ``a[1]``. Names
+    without those characters keep the target's ``mv``, a rename where it has one (the
+    local disk's, under a ``dir::`` prefix too; HDFS's): a copy would rewrite every byte,
+    and on the local disk truncate the old file first. The local disk's ``mv`` globs
+    nothing."""
+    from glob import has_magic  # what fsspec itself asks
+
+    if on_local_disk(fs) or not (has_magic(source) or has_magic(target)):
         return fs.mv(source, target)
     copied = fs.cp_file(source, target)
     fs.rm_file(source)
@@ -1194,6 +1210,15 @@ def _is_temp_name(path: str) -> bool:
     return _TEMP_NAME.fullmatch(posixpath.basename(path.rstrip("/"))) is not None
 
 
+def _raise_as_target(exc: BaseException, temp: str, target: str) -> None:
+    """Called handling ``exc``: when it is an error of ``target``'s temporary file ``temp``
+    (a full disk while it was sealed, its folder gone before the move), raise it again
+    naming ``target``: errors name the path the caller gave, never a temporary name, as
+    :mod:`gpucrypt.files._atomic`'s do. Any other returns, for the caller to raise."""
+    if isinstance(exc, OSError) and temp in (exc.filename, exc.filename2):
+        raise type(exc)(exc.errno, exc.strerror, target) from None
+
+
 def _refuse_link(target: str) -> None:
     """Raise ``OSError`` (ELOOP) naming ``target`` when it is a symbolic link, as
     :class:`~gpucrypt.files._atomic.AtomicFile` does for every local write."""
@@ -1207,14 +1232,18 @@ class _StagedPut:
     """A ``put_file`` inside a transaction: already sealed into ``temp`` beside its target
     (fsspec's transaction calls :meth:`commit` or :meth:`discard` when it ends)."""
 
-    def __init__(self, fs: "GpucryptFileSystem", temp: str, target: str):
+    def __init__(self, fs: "GpucryptFileSystem", temp: str, target: str, events: list):
         self._fs, self._temp, self.path = fs, temp, target
+        self._events = events  # its sealing's audit events, held until it is placed
 
     def commit(self) -> None:
-        self._fs._place(self._temp, self.path)
+        self._fs._place_recorded(self._temp, self.path, self._events)
 
     def discard(self) -> None:
-        self._fs._drop_temp(self._temp)
+        try:
+            self._fs._drop_temp(self._temp)
+        finally:
+            audit._release(self._events, error="discarded: its transaction did not commit")
 
 
 #: what fsspec's own AbstractFileSystem takes (instance caching, listings cache, async)
@@ -1572,7 +1601,8 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
             self._local_destination(target)
             encrypt_file(source, target, **seal)  # AtomicFile: temp, fsync, rename
             return
-        self._place(self._seal_beside(target, source, seal), target)
+        temp, events = self._seal_beside(target, source, seal)
+        self._place_recorded(temp, target, events)
 
     def _encrypting_keys(self) -> ResolvedKeys:
         """The keys as their files are now, refused (``ValueError``) when they cannot
@@ -1606,18 +1636,26 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
                                     f"first (fs.makedirs), or give the target auto_mkdir=True "
                                     f"(target_options={{'auto_mkdir': True}})", target)
 
-    def _seal_beside(self, target: str, source: Any, seal: dict) -> str:
+    def _seal_beside(self, target: str, source: Any, seal: dict) -> tuple[str, list]:
         """Seal ``source`` into a new hidden temporary file in ``target``'s folder (see
-        :func:`_temp_beside`); its path (nothing is left there if this fails). On a local
-        target it is created exclusively, fsynced, and tracked for the signal cleanup of
-        :mod:`gpucrypt.files._atomic` until :meth:`_place` or :meth:`_drop_temp` ends it."""
+        :func:`_temp_beside`); its path (nothing is left there if this fails), and the
+        sealing's audit events, held back for :meth:`_place_recorded` (written at once if
+        this fails). On a local target it is created exclusively, fsynced, and tracked for
+        the signal cleanup of :mod:`gpucrypt.files._atomic` until :meth:`_place` or
+        :meth:`_drop_temp` ends it."""
+        with audit._held("file.encrypt") as events:
+            return self._seal_temp(target, source, seal), events
+
+    def _seal_temp(self, target: str, source: Any, seal: dict) -> str:
+        """:meth:`_seal_beside`'s work: the temporary file's path."""
         if not isinstance(self.fs, LocalFileSystem):
             temp = _temp_beside(target)
             try:
                 with self.fs.open(temp, "wb") as out:
                     encrypt_file(source, out, **seal)
-            except BaseException:
+            except BaseException as exc:
                 self._remove_quietly(temp)
+                _raise_as_target(exc, temp, target)
                 raise
             return temp
         self._local_destination(target)
@@ -1634,10 +1672,22 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
             except OutputExists:
                 _untrack(temp)  # another file's name (32 random bits): not ours to remove
                 continue
-            except BaseException:
+            except BaseException as exc:
                 self._drop_temp(temp)
+                _raise_as_target(exc, temp, target)
                 raise
         raise FileExistsError(f"no free temporary name beside {target} after 100 tries")
+
+    def _place_recorded(self, temp: str, target: str, events: list) -> None:
+        """:meth:`_place`, then the sealing's held audit ``events`` written: as they are
+        once the file is in place, as errors naming what failed if it could not be moved
+        there (the caller is told it failed: the log must not say it was done)."""
+        try:
+            self._place(temp, target)
+        except BaseException as exc:
+            audit._release(events, error=audit.error_fields(exc))
+            raise
+        audit._release(events)
 
     def _place(self, temp: str, target: str) -> None:
         """Move the sealed ``temp`` over ``target`` (a rename where the target has one);
@@ -1666,8 +1716,9 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
                     raise OSError(errno.EIO, f"the target's copy left no file there (it "
                                   f"returned {moved!r}): the file was not written; retry "
                                   f"commit(), or check the target", target)
-        except BaseException:
+        except BaseException as exc:
             self._drop_temp(temp)
+            _raise_as_target(exc, temp, target)
             raise
 
     def _drop_temp(self, temp: str) -> None:
@@ -1705,8 +1756,8 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
         if isinstance(self.fs, LocalFileSystem):
             _refuse_link(target)  # now, as outside a transaction (and again at the commit)
         # staged now (the local file may change before the end), published by the commit
-        temp = self._seal_beside(target, os.fspath(lpath), self._sealing(options))
-        self.transaction.files.append(_StagedPut(self, temp, target))
+        temp, events = self._seal_beside(target, os.fspath(lpath), self._sealing(options))
+        self.transaction.files.append(_StagedPut(self, temp, target, events))
 
     # --------------------------------------------------------------------- plain delegation
     def mkdir(self, path: Any, create_parents: bool = True, **kwargs: Any) -> None:

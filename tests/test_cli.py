@@ -640,8 +640,9 @@ def test_encrypt_refuses_its_input_and_output_before_asking_for_a_passphrase(wor
     cases += [(["encrypt-model", "-p", "m.safetensors", "sealed"], "output exists"),
               (["encrypt-model", "-p", "folder", "folder-enc"], "would be copied in the clear"),
               (["encrypt-model", "-p", "notst.bin", "o1"], "not a readable safetensors file"),
-              (["encrypt-model", "-p", "m.safetensors", "nodir/out"], "does not exist"),
-              (["encrypt-model", "-p", "folder", "nodir/out"], "does not exist")]
+              # a missing folder above OUT is exit 1 (an I/O error), as for encrypt's OUT
+              (["encrypt-model", "-p", "m.safetensors", "nodir/out"], "cannot write nodir/out"),
+              (["encrypt-model", "-p", "folder", "nodir/out"], "cannot write nodir/out")]
     for argv, refusal in cases:
         code, seen = _converse(work, [], *argv, stdout_tty=True)  # nothing typed
         # IN's data, or OUT that cannot be written: exit 1; the rest are usage errors
@@ -2416,3 +2417,279 @@ def test_progress_of_an_input_of_unknown_size_ends_in_one_line(capsys):
     bar.finish()
     err = capsys.readouterr().err
     assert err.count("encrypt 9.8 KiB") == 1 and err.endswith("\n"), repr(err)
+
+
+# ------------------------------------------------------------------ writes failing part-way
+def _encrypted_model(work: Path, nbytes: int = 4096) -> Path:
+    """``m.gcm``: a model file of one float32 tensor of ``nbytes`` bytes, under ``key``."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("safetensors")
+    from gpucrypt import models
+
+    models.save_encrypted({"w": np.arange(nbytes // 4, dtype=np.float32)}, work / "m.gcm",
+                          (work / "key").read_bytes())
+    return work / "m.gcm"
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="FIFOs, and O_TMPFILE (Linux)")
+@pytest.mark.parametrize("mode", ["unnamed", "named"])
+def test_decrypt_model_to_a_fifo_leaves_no_plaintext_in_tmpdir_when_killed(work, mode):
+    """decrypt-model to a FIFO makes the whole safetensors file before sending it (it is
+    not written in order). It was a named file in a folder of $TMPDIR: SIGKILL while the
+    FIFO's reader had not read left the decrypted model there. It is an unnamed file now
+    (``O_TMPFILE``); where that is missing (``named``), its name is removed once it is
+    whole, before the copy that waits on the reader."""
+    _encrypted_model(work, 1 << 20)  # more than a pipe holds: the copy waits on the reader
+    (work / "tmp").mkdir()
+    os.mkfifo(work / "pipe")
+    reader = os.open(work / "pipe", os.O_RDONLY | os.O_NONBLOCK)  # the writer's open returns
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, mode, "decrypt-model", "--key-file",
+                             "key", "m.gcm", "pipe"], cwd=work, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=dict(os.environ, TMPDIR=str(work / "tmp")))
+    try:
+        poller = select.poll()
+        poller.register(reader, select.POLLIN)
+        deadline = time.monotonic() + 180
+        while not any(events & select.POLLIN for _, events in poller.poll(100)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"decrypt-model never sent the model ({proc.returncode}): "
+                            f"{proc.stderr.read().decode()}")
+        proc.kill()  # the copy began: the staged file is whole, and the reader has not read
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+        os.close(reader)
+    assert os.listdir(work / "tmp") == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="needs /dev/null")
+def test_decrypt_model_names_the_temporary_directory_when_staging_fails(work, capsys,
+                                                                         monkeypatch):
+    """To a character device or a FIFO, the model is made whole in the temporary
+    directory first: a full $TMPDIR said "cannot write /dev/null: No space left on
+    device", which sent the user to the side that cannot fail. It names that directory,
+    and what it needs."""
+    import errno
+    import tempfile
+
+    _encrypted_model(work, 64 << 10)
+    (work / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(work / "tmp"))
+    real, calls = os.pwrite, []
+
+    def fills_up(fd, data, offset):  # the staged file's writes: the workers' pwrite
+        calls.append(offset)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", fills_up)
+    code, _, err = run(capsys, "decrypt-model", "--key-file", "key", "m.gcm", "/dev/null")
+    _one_line(code, err, 1)
+    assert f"cannot stage the decrypted model in {work / 'tmp'}: No space left on device" in err
+    assert "TMPDIR" in err and "/dev/null" not in err and len(calls) > 1
+    assert os.listdir(work / "tmp") == []
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EFBIG"])
+def test_a_read_of_in_that_fails_like_a_write_names_in(work, capsys, monkeypatch, code):
+    """Naming a failed write's destination first went by errno: a read of IN failing
+    with ENOSPC or EFBIG (a FUSE source, a read-through cache on a full disk) said
+    "cannot write OUT", OUT's disk being fine (a second review). Told by where it was
+    raised now: IN's error names IN."""
+    import errno
+
+    (work / "big").write_bytes(os.urandom(3 << 20))
+    assert main(["encrypt", "--key-file", "key", "big", "big.gc"]) == 0
+    real, number = os.preadv, getattr(errno, code)
+
+    def fails_past_1mib(fd, buffers, offset, *args):
+        if offset >= 1 << 20:
+            raise OSError(number, os.strerror(number))
+        return real(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(os, "preadv", fails_past_1mib)
+    capsys.readouterr()
+    code_, _, err = run(capsys, "decrypt", "--key-file", "key", "big.gc", "out")
+    _one_line(code_, err, 1)
+    assert f"cannot read big.gc: {os.strerror(number)}" in err and "cannot write" not in err
+    assert not (work / "out").exists()
+
+
+@pytest.mark.parametrize("what", ["folder", "named file"])
+def test_a_second_ctrl_c_cannot_stop_the_clean_up(tmp_path, monkeypatch, what):
+    """Ctrl-C pressed again while the first one's clean-up ran (it seemed slow: unlinking
+    large shards takes a while) cut rmtree short, and the checkpoint's temporary folder
+    stayed, decrypted shards in it, with no message; a named temporary file could stay
+    the same way. The clean-up runs to its end now, and that Ctrl-C is raised after it."""
+    from gpucrypt.files import _atomic
+
+    monkeypatch.setattr(_atomic, "_TMPFILE", 0)  # a named temporary file
+    # Python's own handler, as in a terminal (a shell's background job starts ignoring it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    real_unlink, pressed = os.unlink, []
+
+    def unlink(*args, **kwargs):
+        if not pressed:  # Ctrl-C again, as the first one's clean-up starts removing
+            pressed.append(True)
+            signal.raise_signal(signal.SIGINT)
+        return real_unlink(*args, **kwargs)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            if what == "folder":
+                with _atomic.TemporaryFolder(tmp_path / "out") as temp:
+                    for i in range(20):
+                        (Path(temp) / f"model-{i:05d}.safetensors").write_bytes(b"plaintext")
+                    monkeypatch.setattr(os, "unlink", unlink)
+                    raise KeyboardInterrupt  # the first Ctrl-C
+            else:
+                with _atomic.AtomicFile(tmp_path / "out") as f:
+                    f.write(b"plaintext")
+                    monkeypatch.setattr(os, "unlink", unlink)
+                    raise KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert pressed and os.listdir(tmp_path) == []
+    assert not _atomic._LIVE  # nothing left for a signal handler to remove
+
+
+def _limited(work: Path, limit: int, *argv: str) -> subprocess.CompletedProcess:
+    """``gpucrypt ARGV`` in a child whose files cannot grow past ``limit`` bytes
+    (RLIMIT_FSIZE; Python ignores SIGXFSZ): a write past it fails part-way with EFBIG, as
+    a full disk's fails with ENOSPC."""
+    import resource
+
+    def limit_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-c", LAUNCHER, "unnamed", *argv], cwd=work,
+                          capture_output=True, text=True, timeout=120, preexec_fn=limit_files)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE (POSIX)")
+@pytest.mark.parametrize("command", ["keygen", "keygen --public", "keys add", "rekey",
+                                     "rekey --reencrypt"])
+def test_key_commands_name_the_file_a_failed_write_was_for(work, capsys, command):
+    """A write that failed part-way (a full disk, a file-size limit) named no file, and
+    ``rekey``, ``keys`` and ``keygen`` printed ": File too large": the library names the
+    file now, and the message says it could not be written."""
+    for args in (["keygen", "-o", "ks.json"], ["keygen", "--public", "-o", "alice"]):
+        assert run(capsys, *args)[0] == 0
+    assert run(capsys, "encrypt", "--keyset", "ks.json", "plain", "s.gc")[0] == 0
+    before = {name: (work / name).read_bytes() for name in ("ks.json", "s.gc")}
+    argv, written = {
+        "keygen": (["keygen", "-o", "new.json"], "new.json"),
+        "keygen --public": (["keygen", "--public", "-o", "new"], "new"),
+        "keys add": (["keys", "add", "ks.json"], "ks.json"),
+        "rekey": (["rekey", "--keyset", "ks.json", "-r", "alice.pub", "s.gc"], "s.gc"),
+        "rekey --reencrypt": (["rekey", "--keyset", "ks.json", "-r", "alice.pub",
+                               "--reencrypt", "s.gc"], "s.gc"),
+    }[command]
+    limit = 100 if command.startswith("keygen") else os.path.getsize(work / written)
+    done = _limited(work, limit, *argv)
+    _one_line(done.returncode, done.stderr, 1)
+    assert re.search(rf"cannot write \S*{re.escape(written)}\S*: File too large", done.stderr), \
+        done.stderr
+    assert {name: (work / name).read_bytes() for name in before} == before
+    assert not any(name.startswith("new") or "gpucrypt-tmp" in name for name in os.listdir(work))
+
+
+@pytest.mark.parametrize("command", ["encrypt-model", "decrypt-model"])
+def test_checkpoint_folder_errors_name_out_not_the_temporary_folder(work, capsys, checkpoint,
+                                                                     monkeypatch, command):
+    """docs/FORMAT.md: errors name OUT, never a temporary file. A checkpoint folder's did
+    not: a read-only folder named the temporary folder that could not be made, and a
+    failure inside it (its folder removed part-way, a full disk) the temporary folder's
+    file, gone by then. They name OUT, the file's own name said after the reason."""
+    import errno
+    import shutil
+
+    from gpucrypt.files import checkpoints
+
+    src = checkpoint
+    if command == "decrypt-model":
+        assert run(capsys, "encrypt-model", "--key-file", "key", checkpoint, "enc")[0] == 0
+        src = work / "enc"
+    out = work / "out"
+    real_mkdir = os.mkdir
+
+    def read_only(path, *args, **kwargs):  # as mkdir(2) says it on a read-only folder
+        if str(path).endswith(".gpucrypt-tmp"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_mkdir(path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "mkdir", read_only)
+        code, _, err = run(capsys, command, "--key-file", "key", src, out)
+    _one_line(code, err, 1)
+    assert f"cannot write {out}: Read-only file system" in err and "gpucrypt-tmp" not in err
+
+    real_copy = checkpoints._copy_others
+
+    def folder_removed(layout, temp, files=None):  # OUT's folder removed part-way
+        shutil.rmtree(temp)
+        return real_copy(layout, temp, files)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoints, "_copy_others", folder_removed)
+        code, _, err = run(capsys, command, "--key-file", "key", src, out)
+    _one_line(code, err, 1)
+    assert re.search(rf"cannot write {re.escape(str(out))}: No such file or directory \(writing "
+                     rf"\S+ in it\)", err) and "gpucrypt-tmp" not in err, err
+
+    def full(fd, data, offset):  # a shard's workers' writes
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "pwrite", full)
+        code, _, err = run(capsys, command, "--key-file", "key", src, out)
+    _one_line(code, err, 1)
+    assert re.search(rf"cannot write {re.escape(str(out))}: No space left on device \(writing "
+                     rf"model-0000\d-of-00002.safetensors in it\)", err), err
+    assert not out.exists() and not any("gpucrypt-tmp" in n for n in os.listdir(work))
+
+
+@pytest.mark.parametrize("command, src", [
+    ("encrypt", "plain"), ("decrypt", "sealed"), ("encrypt-model", "m.safetensors"),
+    ("encrypt-model", "ckpt"), ("decrypt-model", "m.gcm"), ("decrypt-model", "enc")])
+def test_a_missing_out_folder_is_exit_1_for_every_command(work, capsys, checkpoint, command, src):
+    """docs/FORMAT.md: exit 1 for an I/O error, OUT's folder missing among them; the model
+    commands said 2 for a checkpoint folder and for encrypt-model's file (decrypt-model
+    answered 1 or 2 for the same missing folder, as IN was a file or a folder)."""
+    np = pytest.importorskip("numpy")
+    from safetensors.numpy import save_file
+
+    assert run(capsys, "encrypt", "--key-file", "key", "plain", "sealed")[0] == 0
+    save_file({"w": np.arange(4, dtype=np.float32)}, str(work / "m.safetensors"))
+    assert run(capsys, "encrypt-model", "--key-file", "key", "m.safetensors", "m.gcm")[0] == 0
+    assert run(capsys, "encrypt-model", "--key-file", "key", checkpoint, "enc")[0] == 0
+    code, _, err = run(capsys, command, "--key-file", "key", src, "nodir/out")
+    _one_line(code, err, 1)
+    assert "cannot write nodir/out" in err and not (work / "nodir").exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE (POSIX)")
+def test_when_out_and_the_audit_log_both_fail_both_are_said(work):
+    """OUT and --audit-log on one full file system: only the log's failure was said, so
+    the user knew the encryption failed but not why, nor on which file, and was asked to
+    note that failure in the log by hand. The command's own error comes first now; and a
+    short write of the event gives its real reason (a file-size limit here, EFBIG), where
+    it said "(the file system is full?)"."""
+    limit = 4096
+    (work / "audit.log").write_text(json.dumps({"pad": "x" * (limit - 120)}) + "\n")
+    (work / "audit.log").chmod(0o600)
+    (work / "out").write_bytes(b"OLD")
+    done = _limited(work, limit, "encrypt", "-f", "--key-file", "key", "--audit-log",
+                    "audit.log", "plain", "out")
+    _one_line(done.returncode, done.stderr, 1)
+    err = done.stderr
+    assert err.startswith("gpucrypt encrypt: cannot write out: File too large; and cannot "
+                          "write the audit log "), err
+    assert re.search(r"only \d+ of the event's \d+ bytes could be written: File too large\. "
+                     r"The event missing from it: 'file.encrypt' \(it failed", err), err
+    assert "full?" not in err
+    assert (work / "out").read_bytes() == b"OLD"
+    assert (work / "audit.log").read_text().endswith("}\n")  # the half line taken back

@@ -612,6 +612,83 @@ def test_a_transaction_publishes_file_by_file_as_documented(keys, tmp_path):
     assert not (tmp_path / "b" / "2.gc").exists() and not (tmp_path / "c" / "3.gc").exists()
 
 
+def _encrypt_events(caplog) -> list[str]:
+    """The outcomes of the ``file.encrypt`` audit events logged so far."""
+    return [record.audit["outcome"] for record in caplog.records
+            if getattr(record, "audit", {}).get("operation") == "file.encrypt"]
+
+
+def test_a_write_is_audited_ok_only_once_it_is_at_its_path(keys, tmp_path, caplog):
+    """A file sealed beside its target (any target but a local one, and a put_file staged
+    in a transaction) logged file.encrypt "ok" when sealed, before the move that
+    publishes it: a move that then failed left the log saying it was done while the
+    caller was told it failed. The event now comes after the move: "error" if it failed,
+    or if the transaction was discarded, and "ok" once the file is there."""
+    import logging
+    import shutil
+
+    caplog.set_level(logging.INFO, logger="gpucrypt.audit")
+    memory_fs = MemoryFileSystem()
+    memory_fs.pipe_file("/f6/dir/child", b"x")
+    fs = gfs.GpucryptFileSystem(fs=memory_fs, keyset=keys["keyset"])
+    with pytest.raises(IsADirectoryError):
+        fs.pipe_file("/f6/dir", b"secret")  # the move is refused: the path is a folder
+    assert _encrypt_events(caplog) == ["error"]
+    fs.pipe_file("/f6/file", b"secret")
+    assert _encrypt_events(caplog) == ["error", "ok"] and fs.cat_file("/f6/file") == b"secret"
+    memory_fs.rm("/f6", recursive=True)
+
+    caplog.clear()
+    (tmp_path / "plain").write_bytes(b"secret")
+    (tmp_path / "sub").mkdir()
+    local = local_fs(keys)
+    with pytest.raises(FileNotFoundError):
+        with local.transaction:
+            local.put_file(str(tmp_path / "plain"), str(tmp_path / "sub" / "x.gc"))
+            assert _encrypt_events(caplog) == []  # sealed, not yet at its path
+            shutil.rmtree(tmp_path / "sub")  # the commit's move fails
+    assert _encrypt_events(caplog) == ["error"]
+    with pytest.raises(RuntimeError):
+        with local.transaction:
+            local.put_file(str(tmp_path / "plain"), str(tmp_path / "y.gc"))
+            raise RuntimeError("the transaction is discarded")
+    assert _encrypt_events(caplog) == ["error", "error"] and not (tmp_path / "y.gc").exists()
+    with local.transaction:
+        local.put_file(str(tmp_path / "plain"), str(tmp_path / "z.gc"))
+    assert _encrypt_events(caplog) == ["error", "error", "ok"]
+    assert local.cat_file(str(tmp_path / "z.gc")) == b"secret"
+
+
+def test_a_staged_put_that_fails_names_its_path_not_the_temporary_file(keys, tmp_path,
+                                                                       monkeypatch):
+    """A put_file in a transaction is sealed into ``.NAME.XXXXXXXX.gpucrypt-tmp`` beside its
+    path: a full disk while it was sealed, or its folder gone before the commit's move,
+    raised an error naming that temporary file (gone by then). They name the path."""
+    import errno
+    import shutil
+
+    (tmp_path / "plain").write_bytes(os.urandom(3 * SEGMENT))
+    (tmp_path / "sub").mkdir()
+    target = str(tmp_path / "sub" / "x.gc")
+    fs = local_fs(keys, segment_size=SEGMENT)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "pwrite", full)
+        with pytest.raises(OSError) as info:
+            with fs.transaction:
+                fs.put_file(str(tmp_path / "plain"), target)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == target
+    with pytest.raises(FileNotFoundError) as info:
+        with fs.transaction:
+            fs.put_file(str(tmp_path / "plain"), target)
+            shutil.rmtree(tmp_path / "sub")
+    assert info.value.filename == target and info.value.filename2 is None
+    assert os.listdir(tmp_path) == ["plain"]
+
+
 @pytest.mark.parametrize("target", ["file", "memory"])
 def test_info_reads_a_replaced_file_again(keys, tmp_path, target, request):
     """``info`` remembers each file's plaintext size, so that listings do not read every
@@ -1068,6 +1145,26 @@ def test_names_that_read_as_glob_patterns_are_written_as_they_are(keys, memory):
         "a1.gc": b"theirs", "a[1].gc": b"a[1].gc", "x?.gc": b"x?.gc", "s*.gc": b"s*.gc"}
     assert sorted(posixpath.basename(p) for p in fs.fs.find(folder)) == \
         ["a1.gc", "a[1].gc", "s*.gc", "x?.gc"]  # no temporary file left
+
+
+@pytest.mark.parametrize("name", ["plain.gc", "a[1].gc"])
+def test_a_write_under_a_dir_prefix_is_published_by_a_rename(keys, tmp_path, name):
+    """On the local disk under a dir:: prefix, the glob fix first published by copying
+    (cp_file then rm_file): the old file truncated and rewritten in place, so a reader
+    holding it open saw the new bytes, and a crash mid-copy lost both. A rename: the
+    reader keeps the old file."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs = fsspec.filesystem("gpucrypt", target_protocol="dir", skip_instance_cache=True,
+                           target_options={"path": str(tmp_path), "fs": LocalFileSystem()},
+                           keyset=keys["keyset"])
+    fs.pipe_file(name, b"old")
+    with open(tmp_path / name, "rb") as reader:
+        before = reader.read()
+        fs.pipe_file(name, b"new")
+        reader.seek(0)
+        assert reader.read() == before  # the old file, whole: it was renamed over
+    assert fs.cat_file(name) == b"new" and sorted(os.listdir(tmp_path)) == [name]
 
 
 def test_memory_readers_in_threads_read_their_own_bytes(keys, memory):

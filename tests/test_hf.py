@@ -713,6 +713,27 @@ def test_a_manifest_no_writer_makes_is_a_format_error(small_folder, tmp_path, ca
     assert checkpoints.MANIFEST_NAME in capsys.readouterr().err
 
 
+def test_an_index_past_its_limit_is_refused_before_it_is_parsed(small_folder, monkeypatch):
+    """The index is parsed before the manifest that lists it is checked: a 40 MB one took
+    685 MiB and a second before the manifest's refusal. Past its limit (64 MiB; lowered
+    here) it is a FormatError naming it, before it is parsed."""
+    from gpucrypt.files import _safetensors
+
+    _, enc, key = small_folder
+    index = enc / "model.safetensors.index.json"
+    monkeypatch.setattr(checkpoints, "_MAX_INDEX_BYTES", index.stat().st_size + 10)
+    parsed = []
+    load_json = _safetensors.load_json
+    monkeypatch.setattr(_safetensors, "load_json", lambda data, what: parsed.append(what) or
+                        load_json(data, what))
+    assert set(checkpoints.load_checkpoint(enc, key=key, framework="numpy")) == {"a", "b"}
+    index.write_text(index.read_text() + " " * 11)
+    parsed.clear()
+    with pytest.raises(FormatError, match="model.safetensors.index.json is larger than"):
+        checkpoints.load_checkpoint(enc, key=key, framework="numpy")
+    assert "model.safetensors.index.json" not in parsed
+
+
 # a child that decrypts a checkpoint folder and stops, for the test's signal, once the
 # first model file's plaintext is in the temporary folder; signals start at their default
 # action, as in a shell

@@ -940,6 +940,35 @@ def test_export_writes_nothing_when_a_later_batch_fails(saved, tmp_path, monkeyp
     assert sorted(os.listdir(tmp_path)) == sorted(["model.gcsafetensors"])
 
 
+@pytest.mark.parametrize("what", ["save_encrypted", "export_safetensors"])
+def test_a_write_that_fails_part_way_names_the_destination(saved, tmp_path, monkeypatch, what):
+    """The sealing and opening workers write with pwrite to the unpublished file's
+    descriptor, so a full disk raised OSError(ENOSPC) naming no file (the command line
+    guessed the side from the traceback; the library's callers had nothing): it names
+    the destination now, as an open or publish error does, and nothing is published."""
+    import errno
+
+    path, tensors = saved
+    real_pwrite, written = os.pwrite, []
+
+    def full_past_three_segments(fd, data, offset):
+        if offset >= 3 * SEG:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(offset)  # the first batches reach the file
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(pipeline, "CPU_BATCH_BYTES", SEG)  # several batches: it fails part-way
+    monkeypatch.setattr(os, "pwrite", full_past_three_segments)
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as info:
+        if what == "save_encrypted":
+            models.save_encrypted(tensors, out, KEY, segment_size=SEG, device="cpu", threads=2)
+        else:
+            models.export_safetensors(path, out, KEY, threads=2)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(out)
+    assert written and os.listdir(tmp_path) == ["model.gcsafetensors"]
+
+
 @pytest.mark.parametrize("batch_bytes", [SEG // 2, 2 * SEG])
 def test_export_round_trip_matches_save_file(saved, tmp_path, monkeypatch, batch_bytes):
     """Many batches on two threads; with SEG // 2 every batch is one segment larger than

@@ -612,6 +612,60 @@ def test_atomic_file_leaves_nothing_when_fsync_fails(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("operation", ["encrypt", "decrypt"])
+def test_a_positional_write_that_fails_part_way_names_dst(small_batches, tmp_path, monkeypatch,
+                                                          operation):
+    """From a file, the workers write each segment with pwrite to the unpublished file's
+    descriptor: a full disk part-way raised OSError(ENOSPC) naming no file. It names
+    ``dst`` now, as an open or publish error does, and nothing is published."""
+    import errno
+
+    data = os.urandom(9 * SEG + 7)
+    (tmp_path / "in").write_bytes(data if operation == "encrypt" else seal(data))
+    real, calls = os.pwrite, []
+
+    def fills_up(fd, chunk, offset):
+        calls.append(offset)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, chunk, offset)
+
+    monkeypatch.setattr(os, "pwrite", fills_up)
+    dst = tmp_path / "out"
+    run = getattr(stream, operation)
+    with pytest.raises(OSError) as info:
+        if operation == "encrypt":
+            run(tmp_path / "in", dst, KEY, segment_size=SEG, device="cpu", threads=2)
+        else:
+            run(tmp_path / "in", dst, KEY, device="cpu", threads=2)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(dst)
+    assert len(calls) > 3 and os.listdir(tmp_path) == ["in"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE (POSIX)")
+@pytest.mark.parametrize("operation", ["encrypt", "decrypt"])
+def test_a_sequential_write_that_fails_part_way_names_dst(tmp_path, operation):
+    """From a stream, the segments go through ``AtomicFile.write``, which passed a failed
+    write's OSError on naming no file. A real one here: a file-size limit (RLIMIT_FSIZE,
+    SIGXFSZ ignored as Python ignores it) stops the output part-way with EFBIG."""
+    data = os.urandom(9 * SEG + 7)
+    (tmp_path / "in").write_bytes(data if operation == "encrypt" else seal(data))
+    code = ("import io, resource, sys\n"
+            "from gpucrypt import stream\n"
+            "source = io.BytesIO(open('in', 'rb').read())\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 4096, 4 * 4096))\n"
+            "try:\n"
+            f"    stream.{operation}(source, 'out', bytes(range(32)), device='cpu')\n"
+            "except OSError as exc:\n"
+            "    print(exc.errno, exc.filename)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    import errno
+
+    assert done.stdout.split() == [str(errno.EFBIG), "out"], done.stdout + done.stderr
+    assert os.listdir(tmp_path) == ["in"]
+
+
 @pytest.mark.parametrize("case, code, message", [
     ("wrong key", 1, "wrong key or tampered"),
     ("tampered", 1, "tampered or damaged data: segment"),  # the header verified

@@ -428,10 +428,35 @@ def _audit_failure(exc: OSError) -> str | None:
         seen = seen.__context__
     lost.reverse()
     events = "; ".join(f"{e.operation!r} ({e.consequence})" for e in lost)
-    return (f"cannot write the audit log {exc.filename}: {exc.strerror}. "
-            f"{'The event' if len(lost) == 1 else 'These events are'} missing from it: {events}. "
-            f"Make room or repair the log's file system, then note "
-            f"{'that event' if len(lost) == 1 else 'them'} in the log by hand")
+    message = (f"cannot write the audit log {exc.filename}: {exc.strerror}. "
+               f"{'The event' if len(lost) == 1 else 'These events are'} missing from it: "
+               f"{events}. Make room or repair the log's file system, then note "
+               f"{'that event' if len(lost) == 1 else 'them'} in the log by hand")
+    own = _own_failure(exc) if any(e.outcome == "error" for e in lost) else None
+    # the failure the lost event was recording first: what failed, and why (OUT on the
+    # same full disk, say), is what the user must know, and what the log is missing
+    return message if own is None else f"{own}; and {message}"
+
+
+def _own_failure(exc: BaseException) -> str | None:
+    """The command's own failure that a lost audit event was recording, as its one-line
+    message: the CliError (or the library's ``OSError``, or Ctrl-C) in ``exc``'s context
+    chain that is neither an audit failure nor the log's own write error behind one."""
+    seen, logs = exc, set()
+    while seen is not None:
+        if is_audit_failure(seen):
+            logs.add(id(seen.__cause__))  # the log's own OSError, raised as this one
+        elif id(seen) not in logs:
+            if isinstance(seen, CliError):
+                return str(seen)
+            if isinstance(seen, KeyboardInterrupt):
+                return "interrupted"
+            if isinstance(seen, OSError) and seen.filename is not None:
+                from ._common import named_io_error
+
+                return named_io_error(seen)
+        seen = seen.__context__
+    return None
 
 
 def is_audit_failure(exc: BaseException) -> bool:

@@ -647,11 +647,15 @@ def _failed_side(exc: OSError) -> str | None:
 
 
 def _io_error(args: Any, exc: OSError) -> str:
-    """The one-line message for an I/O error of a file command: the file it names, else
-    which side failed, IN (or stdin) or OUT (or stdout)."""
+    """The one-line message for an I/O error of a file command: the file it names ("cannot
+    write OUT" when that is OUT, or a write's error: :func:`named_io_error`), else which
+    side failed, IN (or stdin) or OUT (or stdout)."""
     reason = exc.strerror or str(exc) or type(exc).__name__
     if exc.filename:
-        return f"{exc.filename}: {reason}"
+        out = output_path(args) if hasattr(args, "output") else "-"
+        if out != "-" and _same_path(exc.filename, out):
+            return f"cannot write {exc.filename}: {reason}"
+        return named_io_error(exc)
     side = _failed_side(exc)
     if side == "input" and getattr(args, "input", None) is not None:
         name = "stdin" if args.input == "-" else args.input
@@ -660,6 +664,24 @@ def _io_error(args: Any, exc: OSError) -> str:
         out = output_path(args)
         return f"cannot write {'stdout' if out == '-' else out}: {reason}"
     return f"I/O error: {reason}"
+
+
+def named_io_error(exc: OSError) -> str:
+    """The one-line message for an ``OSError`` naming a file: "cannot write FILE: reason"
+    for the errors only a write gives (a full disk, a quota, a file-size limit, a
+    read-only file system), else "FILE: reason"."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in _WRITE_ERRNOS or exc.errno == errno.EROFS:
+        return f"cannot write {exc.filename}: {reason}"
+    return f"{exc.filename}: {reason}"
+
+
+def _same_path(name: Any, path: str) -> bool:
+    """Whether the file name an error gives is ``path`` (either may be relative)."""
+    try:
+        return os.path.abspath(os.fsdecode(name)) == os.path.abspath(path)
+    except (TypeError, ValueError):
+        return False
 
 
 def _input_changed(exc: ValueError) -> bool:

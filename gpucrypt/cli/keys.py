@@ -275,7 +275,11 @@ def _keys_call(func, *a, **kw):
     except (InvalidTag, ValueError) as exc:  # the stream's format and authentication errors
         raise CliError(str(exc) or type(exc).__name__, 1) from None
     except OSError as exc:
-        raise CliError(f"{exc.filename or ''}: {exc.strerror}", 1) from None
+        from ._common import named_io_error
+
+        if exc.filename is not None:  # the library names the file (a full disk's too)
+            raise CliError(named_io_error(exc), 1) from None
+        raise CliError(f"I/O error: {exc.strerror or exc}", 1) from None
 
 
 # --------------------------------------------------------------------------- encrypt/decrypt hooks

@@ -17,8 +17,9 @@ an unnamed file on Linux, fsync, then published), mode 0600, only once everythin
 verified, and never over a file without ``--force``; never over IN itself (or a link
 to it), even with ``--force``: write elsewhere, then rename. An OUT that is a FIFO or a
 character device (``/dev/null``) is written in place instead, never replaced;
-``decrypt-model`` makes the file in a private temporary folder first (a safetensors
-file is not written in order) and copies it there once everything verified.
+``decrypt-model`` makes the file in the temporary directory (``TMPDIR``) first, as an
+unnamed file on Linux (a safetensors file is not written in order: it needs that much free
+space there), and copies it there once everything verified (:func:`_export_streamed`).
 
 Memory: both work a batch of segments at a time, so a model converts in a few MiB plus
 about 200 bytes per segment (the segment list and tags: 27 MB for 140 GB in the default
@@ -233,46 +234,87 @@ def _run_export(args, work) -> None:
     run_reporting_errors(args, exporting)
 
 
+#: the name a staged decrypted model's errors give, in the temporary directory (never made)
+_STAGED_NAME = "gpucrypt-decrypt-model.safetensors"
+
+
 def _export_streamed(args, dst, key: bytes) -> None:
     """Decrypt the model file into ``dst``, a FIFO or a character device opened for
     writing. ``export_safetensors`` puts each tensor where it goes in the file (pwrite,
     batches in the model file's order, not the safetensors file's), which a stream cannot
-    take: the file is made whole and verified in a private temporary folder (0700, in
-    the temporary directory; removed at the end, and by SIGTERM/SIGHUP), then copied."""
+    take: the file is made whole and verified in the temporary directory, then copied
+    (:class:`~gpucrypt.files._atomic.ScratchFile`). On Linux it is an unnamed file
+    (``O_TMPFILE``) throughout, so no signal, not even SIGKILL, leaves the plaintext
+    there. Where the temporary directory takes none, it is a named 0600 file
+    ``.gpucrypt-decrypt-model.safetensors.XXXXXXXX.gpucrypt-tmp`` while it is filled
+    (SIGTERM and SIGHUP remove it; SIGKILL then can leave it, to delete by hand), removed
+    before the copy, which may wait on the FIFO's reader for as long as it likes. It
+    needs as much free space there as the decrypted model: a failure there names the
+    temporary directory (``TMPDIR`` chooses it), not OUT."""
     import tempfile
 
     from ..files import models
-    from ..files._atomic import TemporaryFolder
+    from ..files._atomic import ScratchFile
 
-    with TemporaryFolder(os.path.join(tempfile.gettempdir(), "gpucrypt-decrypt-model")) as folder:
-        staged = os.path.join(folder, "model.safetensors")
-        models.export_safetensors(args.input, staged, key)
-        with open(staged, "rb") as f:
-            while True:
-                chunk = f.read(1 << 20)
-                if not chunk:
-                    break
-                try:
-                    dst.write(chunk)
-                except BrokenPipeError:
-                    raise
-                except OSError as exc:  # named: the staged file's name means nothing to the user
-                    raise CliError(f"cannot write {args.output}: {exc.strerror or exc}",
-                                   1) from None
+    folder = tempfile.gettempdir()
+    staged = None
+    try:
+        try:
+            staged = ScratchFile(folder, _STAGED_NAME)
+            models.export_safetensors(args.input, staged, key)
+            reader = open(os.dup(staged.fileno()), "rb", buffering=0)
+        except OSError as exc:
+            if exc.filename != os.path.join(folder, _STAGED_NAME):
+                raise  # IN's, said as run_reporting_errors says it
+            raise _staging_failed(folder, exc) from None
+        with reader:
+            _copy_staged(args, reader, dst, folder)
+    finally:
+        if staged is not None:
+            staged.abort()
+
+
+def _copy_staged(args, reader, dst, folder: str) -> None:
+    """Send the staged file (``reader``, unbuffered, at any position) to ``dst``, a MiB at a
+    time through one buffer."""
+    buffer = memoryview(bytearray(1 << 20))
+    reader.seek(0)
+    while True:
+        try:
+            n = reader.readinto(buffer)
+        except OSError as exc:
+            raise _staging_failed(folder, exc) from None
+        if not n:
+            return
+        try:
+            dst.write(buffer[:n])
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # said of OUT: the staged file means nothing to the user
+            raise CliError(f"cannot write {args.output}: {exc.strerror or exc}", 1) from None
+
+
+def _staging_failed(folder: str, exc: OSError) -> CliError:
+    return CliError(f"cannot stage the decrypted model in {folder}: {exc.strerror or exc} (to "
+                    f"a FIFO or a device, decrypt-model makes the whole file in the temporary "
+                    f"directory first, so it needs as much free space there as the model "
+                    f"takes decrypted; set TMPDIR to a folder with room)", 1)
 
 
 # --------------------------------------------------------------------------- checkpoint folders
 def _refuse_missing_folder(out: str) -> None:
-    """A usage CliError when OUT's folder does not exist (said after the work, it named
-    the temporary file beside OUT instead of OUT)."""
+    """A CliError when OUT's folder does not exist (said after the work, it named the
+    temporary file beside OUT instead of OUT): exit 1, an I/O error, as for every command
+    whose OUT's folder is missing (docs/FORMAT.md)."""
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
-        raise CliError(f"cannot write {out}: the folder {folder} does not exist", 2)
+        raise CliError(f"cannot write {out}: the folder {folder} does not exist", 1)
 
 
 def _check_folder_output(args, done: str) -> None:
-    """Refuse (exit 2, before any key is read) an OUT a checkpoint folder cannot be written
-    to; ``done``: what OUT will hold ("encrypted", "decrypted"), for the suggested name."""
+    """Refuse (before any key is read) an OUT a checkpoint folder cannot be written to:
+    exit 2, but 1 for a missing folder above OUT (an I/O error, as for a file OUT);
+    ``done``: what OUT will hold ("encrypted", "decrypted"), for the suggested name."""
     if args.output == "-":
         raise CliError("a checkpoint folder is written to a folder: give OUT as a path", 2)
     _refuse_file_name(args.input, args.output)

@@ -28,8 +28,15 @@ CLI's outputs) goes through here, so the guarantee is the same everywhere:
   appeared in the meantime (:class:`OutputExists`), so two writers racing for one new
   path cannot both win; with ``overwrite=True`` it is a rename over the destination.
 - On any error (including KeyboardInterrupt) the temporary file is dropped and the
-  destination is untouched: it appears complete or not at all.
-- Errors name the destination, never a temporary file.
+  destination is untouched: it appears complete or not at all. Dropping it (and removing
+  a :class:`TemporaryFolder`) runs to its end even if Ctrl-C comes meanwhile, pressed
+  again while the first one's clean-up runs (:func:`gpucrypt._interrupts.uninterrupted`):
+  that Ctrl-C is raised once the clean-up is done.
+- Errors name the destination, never a temporary file: those of opening and publishing,
+  and those of a write that fails part-way (a full disk, a quota, a file-size limit),
+  whether it went through :meth:`AtomicFile.write` or to its descriptor (the library's
+  workers write with ``pwrite``): ``OSError.filename`` is the destination's path as the
+  caller gave it.
 - A destination that is a symbolic link is refused (``OSError``, ELOOP) rather than
   replaced by a file (its target would keep the old data) or written through (a planted
   link would choose where the data go). :func:`replace_head`, which rewrites a file that
@@ -50,7 +57,7 @@ from typing import Any, Callable
 
 __all__ = ["AtomicFile", "OutputExists", "write_atomically", "write_atomically_with",
            "replace_head", "open_output", "FileObjectOutput", "write_all", "wait_ready",
-           "fsync_folder", "TemporaryFolder", "replacement_for"]
+           "fsync_folder", "TemporaryFolder", "ScratchFile", "replacement_for"]
 
 #: permissions of files written here unless the caller says otherwise
 DEFAULT_MODE = 0o600
@@ -336,11 +343,14 @@ class TemporaryFolder:
     the process dies, under the conditions of the module docstring (default actions,
     main thread): the files put in it (decrypted weights, say) are named, unlike an
     unnamed file's data. SIGKILL, a crash or a power cut can leave the folder behind:
-    it is safe to delete.
+    it is safe to delete. The removal runs to its end even if Ctrl-C is pressed again
+    meanwhile (that Ctrl-C is raised once it is done); should part of the tree resist
+    it, a ``UserWarning`` names the folder. An error making the folder names ``dst``.
     """
 
     def __init__(self, dst: str | os.PathLike):
         dst = os.path.abspath(os.fspath(dst))
+        self._dst = dst
         self._parent, self._base = os.path.dirname(dst), os.path.basename(dst)
         self.path: str | None = None
 
@@ -356,6 +366,9 @@ class TemporaryFolder:
             except FileExistsError:
                 _untrack(temp)
                 continue
+            except OSError as exc:  # not made (a read-only or missing folder): said of dst
+                _untrack(temp)
+                raise _naming(exc, self._dst) from None
             except BaseException:  # KeyboardInterrupt may come as mkdir returns, made
                 try:
                     os.rmdir(temp)  # empty: ours, as a taken name raised FileExistsError
@@ -369,19 +382,61 @@ class TemporaryFolder:
         raise FileExistsError(f"no free temporary name in {self._parent} after 100 tries")
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self.path is not None:
+            from .._interrupts import uninterrupted
+
+            # a second Ctrl-C (pressed as the first one's clean-up seemed slow: unlinking
+            # large shards takes a while) cut rmtree short and left the folder, decrypted
+            # files included, untracked: held until the tree is gone
+            uninterrupted(self._remove)
+
+    def _remove(self) -> None:
         import shutil
 
-        if self.path is not None:
-            try:
-                shutil.rmtree(self.path, ignore_errors=True)  # nothing there once renamed
-            finally:
-                _untrack(self.path)
-                self.path = None
+        path = self.path
+        shutil.rmtree(path, ignore_errors=True)  # nothing there once renamed
+        _untrack(path)
+        self.path = None
+        if os.path.lexists(path):
+            import warnings
+
+            warnings.warn(f"the temporary folder {path} could not be removed whole; it may "
+                          f"hold decrypted files: delete it by hand",
+                          stacklevel=_outside_gpucrypt())
 
 
 def _naming(exc: OSError, path: str) -> OSError:
     """``exc`` about ``path`` (the user's destination), not a temporary file or folder."""
     return type(exc)(exc.errno, exc.strerror, path)
+
+
+def _written(exc: BaseException) -> bool:
+    """Whether ``exc`` is an ``OSError`` naming no file that a write raised: one raised
+    inside :func:`write_all` or :func:`gpucrypt.pipeline.pwrite_all` (the positional
+    writes of the library's workers, which go to a descriptor and so name no file). Not
+    told by its errno: a read of the source can fail with ENOSPC too (a source caching
+    what it reads onto a full disk), and it is IN's. An audit event that could not be
+    written is the log's error, never the output's."""
+    if not isinstance(exc, OSError) or exc.filename is not None:
+        return False
+    audit = sys.modules.get("gpucrypt.audit")
+    if audit is not None and isinstance(exc, audit.AuditLogError):
+        return False
+    pipeline = sys.modules.get("gpucrypt.pipeline")
+    writers = {write_all.__code__} | ({pipeline.pwrite_all.__code__} if pipeline else set())
+    tb = exc.__traceback__
+    while tb is not None:  # raised in (or below) one of the writes to the unpublished file
+        if tb.tb_frame.f_code in writers:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _name_written(exc: BaseException, path: str) -> None:
+    """Give ``exc`` the name ``path`` if it is a write's error naming no file
+    (:func:`_written`): the same exception goes on, its type and traceback kept."""
+    if _written(exc):
+        exc.filename = path
 
 
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>
@@ -451,6 +506,10 @@ class AtomicFile:
                           f"would replace: give a regular file's path (gpucrypt.stream's "
                           f"functions also write to such a node in place, as a stream)",
                           self.path)
+        self._create(mode)
+
+    def _create(self, mode: int) -> None:
+        """Make the unpublished file in ``self._folder``, with permissions ``mode``."""
         try:
             fd = _create_unnamed(self._folder)
             if fd is None:
@@ -473,11 +532,18 @@ class AtomicFile:
         return self._temp is None
 
     def write(self, data: Any) -> None:
-        write_all(self._file, data)
+        try:
+            write_all(self._file, data)
+        except OSError as exc:
+            if exc.filename is None:  # the unpublished file's: named as the destination
+                exc.filename = self.path
+            raise
 
     def fileno(self) -> int:
         """The unpublished file's descriptor, for positional writes (``os.pwrite``) from
-        several threads at once; the file's size is whatever they reach."""
+        several threads at once; the file's size is whatever they reach. A write error
+        of theirs leaving the ``with`` block is named as the destination (see
+        :meth:`__exit__`)."""
         return self._file.fileno()
 
     def start_writeback(self, offset: int, length: int) -> None:
@@ -519,8 +585,13 @@ class AtomicFile:
         if not self._open:
             return
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as exc:  # the unpublished file's (delayed allocation: ENOSPC)
+                if exc.filename is None:
+                    exc.filename = self.path
+                raise
             self._publish()
         except BaseException:
             self.abort()  # no temporary file (of plaintext, on decryption) stays behind
@@ -612,6 +683,13 @@ class AtomicFile:
     def abort(self) -> None:
         if not self._open:
             return
+        from .._interrupts import uninterrupted
+
+        # a Ctrl-C pressed again (the first one's clean-up is this) could stop it between
+        # closing the file and removing its name: held until the name is gone
+        uninterrupted(self._drop)
+
+    def _drop(self) -> None:
         try:
             self._drop_beside()  # while the file is open: its inode says which name is its
         finally:
@@ -626,8 +704,52 @@ class AtomicFile:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.commit()
-        else:
-            self.abort()
+            return
+        # a positional write to fileno() that failed (the library's workers: pwrite) names
+        # no file: it is this file's, so it is named as the destination
+        _name_written(exc, self.path)
+        self.abort()
+
+
+class ScratchFile(AtomicFile):
+    """A file filled as an :class:`AtomicFile` is, then read back and dropped, never
+    published: where work must be whole and verified before any of it goes out, and its
+    writer puts the bytes out of order (``gpucrypt decrypt-model`` to a FIFO: a
+    safetensors file, filled by :func:`gpucrypt.models.export_safetensors` as it would
+    fill a destination, then sent in order).
+
+    It is made in ``folder`` as an AtomicFile is in its destination's folder: on Linux an
+    unnamed file (``O_TMPFILE``), which no signal, not even SIGKILL, leaves behind (the
+    kernel frees it with its last descriptor). Where that is missing, a named temporary
+    file ``.NAME.XXXXXXXX.gpucrypt-tmp``, and where ``/proc`` is missing a writer's name
+    (:meth:`writable_name`) links the unnamed file to one: while it is filled that name is
+    removed by SIGTERM and SIGHUP, and SIGKILL can leave it (the module docstring's
+    conditions); :meth:`commit` removes it, so that the file has no name while it is read
+    back (sent to a FIFO whose reader may take its time). ``commit()`` (the end of a
+    ``with`` block, of ``write_atomically_with``) publishes nothing and keeps the file
+    open for reading through :meth:`fileno`; :meth:`abort` closes it, which frees it.
+    Errors name ``path``: ``folder``/``name``, a name never made.
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str):
+        self.path = os.path.join(os.fspath(folder), name)
+        self.overwrite = False
+        self._folder = os.path.abspath(os.fspath(folder))
+        self._temp: str | None = None
+        self._beside: str | None = None
+        self._create(DEFAULT_MODE)
+
+    def commit(self) -> None:
+        """Nothing is published: a name the file has is removed (the file stays open,
+        whole, for reading; :meth:`abort` drops it)."""
+        if self._open and self._temp is not None:
+            from .._interrupts import uninterrupted
+
+            uninterrupted(self._unname)
+
+    def _unname(self) -> None:
+        _remove(self._temp)
+        self._forget_temp()
 
 
 class FileObjectOutput:

@@ -92,7 +92,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from . import _format
-from ._atomic import TemporaryFolder, file_kind, fsync_folder, open_regular
+from ._atomic import TemporaryFolder, _naming, _written, file_kind, fsync_folder, open_regular
 from ._format import AuthenticationError, FormatError, StreamError
 
 __all__ = ["encrypt_checkpoint", "decrypt_checkpoint", "load_checkpoint", "checkpoint_layout",
@@ -352,22 +352,32 @@ def _read_json(path: str) -> Any:
     from . import models
     from ._safetensors import load_json
 
-    limit = models.MAX_UNVERIFIED_TABLE_BYTES
+    data = _read_bounded(path, models.MAX_UNVERIFIED_TABLE_BYTES, "checkpoint manifest")
+    return load_json(data, os.path.basename(path))
+
+
+#: the largest index read (a folder's index is parsed before the manifest that lists it is
+#: checked): the largest real ones, mixtures of experts of some 100k tensors, are ~10 MB
+_MAX_INDEX_BYTES = 64 << 20
+
+
+def _read_bounded(path: str, limit: int, what: str) -> bytes:
+    """The bytes of the regular file at ``path``; ``FormatError`` past ``limit`` (a file
+    read before anything authenticates it is parsed whole: some 20x its size in memory)."""
     data = bytearray()
     with _open_regular(path) as f:  # unbuffered: a read may return less than asked
         while len(data) <= limit and (chunk := f.read(limit + 1 - len(data))):
             data += chunk
     if len(data) > limit:
         raise FormatError(f"{os.path.basename(path)} is larger than {limit >> 20} MiB, which "
-                          f"no checkpoint manifest is: it is damaged or not gpucrypt's")
-    return load_json(data, os.path.basename(path))
+                          f"no {what} is: it is damaged or not gpucrypt's")
+    return bytes(data)
 
 
 def _read_weight_map(path: str) -> dict:
     name = os.path.basename(path)
     try:
-        with _open_regular(path) as f:
-            data = f.readall()
+        data = _read_bounded(path, _MAX_INDEX_BYTES, "checkpoint index")
     except OSError as exc:
         raise FormatError(f"{name} is not a checkpoint index with a weight_map "
                           f"({type(exc).__name__})") from None
@@ -636,7 +646,9 @@ def _write_folder(dst: Any, fill) -> None:
     """``fill(temp_folder)`` then rename the temporary folder to ``dst`` (which must not
     exist, or be an empty folder). The temporary folder is removed on any error and by
     SIGTERM/SIGHUP (:class:`~gpucrypt.files._atomic.TemporaryFolder`): decrypting puts
-    verified plaintext in it under plain names. SIGKILL can leave it behind."""
+    verified plaintext in it under plain names. SIGKILL can leave it behind. Errors of
+    the temporary folder and of the files made in it name ``dst`` (the file's own name
+    said in the message), not the temporary folder, which is gone by then."""
     dst = os.path.abspath(os.fspath(dst))
     if os.path.islink(dst):  # rename() would refuse it (ENOTDIR) only after all the work
         raise FileExistsError(f"{dst} is a symbolic link: give the folder it points to, or a "
@@ -646,7 +658,13 @@ def _write_folder(dst: Any, fill) -> None:
         raise FileExistsError(f"{dst} exists: choose a new output folder (nothing is deleted "
                               f"to make room)")
     with TemporaryFolder(dst) as temp:
-        fill(temp)
+        try:
+            fill(temp)
+        except OSError as exc:
+            named = _as_of_folder(exc, temp, dst)
+            if named is exc:
+                raise
+            raise named from None
         # the folder's own entries (every file fill wrote, the copies and the manifest
         # last) made durable before the rename publishes them: otherwise a power cut just
         # after could leave dst in place with files missing
@@ -659,6 +677,21 @@ def _write_folder(dst: Any, fill) -> None:
                                      f"point?) and was removed; choose a new output folder",
                           dst) from None
     fsync_folder(os.path.dirname(dst))
+
+
+def _as_of_folder(exc: OSError, temp: str, dst: str) -> OSError:
+    """``exc``, raised while the temporary folder ``temp`` was filled, as an error of the
+    output folder ``dst``: one naming ``temp`` or a file in it names ``dst`` (the file's
+    name in ``dst`` said after the reason), and a write's error that names no file
+    (a full disk, from a worker's ``pwrite``) names ``dst``; any other (IN's) is ``exc``."""
+    name = exc.filename
+    if isinstance(name, str) and (name == temp or name.startswith(temp + os.sep)):
+        inner = os.path.relpath(name, temp)
+        reason = exc.strerror if inner == os.curdir else f"{exc.strerror} (writing {inner} in it)"
+        return type(exc)(exc.errno, reason, dst)
+    if _written(exc):
+        return _naming(exc, dst)
+    return exc
 
 
 def _copy_others(layout: CheckpointLayout, temp: str, files: dict | None = None) -> dict:
