@@ -109,6 +109,20 @@ def test_device_tags_feed_open_batch(gpu):
     assert ok[0] and host(gpu, buf).tobytes() == original
 
 
+def test_one_tag_not_in_a_list_is_a_type_error_saying_what_tags_are(gpu):
+    """A one-message batch given its tag's bytes (not a list of one) raised AttributeError
+    ("'bytes' object has no attribute 'copy_to_host'"), before any launch; the other
+    wrong forms of tags say what is expected."""
+    key, nonce = os.urandom(32), os.urandom(12)
+    buf = dev(gpu, os.urandom(40))
+    tags = gpu.seal_batch("chacha20-poly1305", [key], [nonce], [buf], [b""], [buf])
+    tag = host(gpu, tags)[:16].tobytes()
+    for given in (bytes(tag), bytearray(tag), memoryview(bytes(tag))):
+        with pytest.raises(TypeError, match=r"tags must be a list of 1 16-byte tags.*uint8\[1, 16\]"):
+            gpu.open_batch("chacha20-poly1305", [key], [nonce], [buf], given, [b""], [buf])
+    assert gpu.open_batch("chacha20-poly1305", [key], [nonce], [buf], [tag], [b""], [buf])[0]
+
+
 @pytest.mark.parametrize("algorithm,iv", [("chacha20", (5).to_bytes(4, "little") + bytes(12)),
                                           ("aes-ctr", b"\x00" * 8 + b"\xff" * 8)])
 def test_keystream_on_device_arrays_at_any_position(gpu, algorithm, iv):

@@ -968,6 +968,11 @@ class GpuBackend(Backend):
             if len(out) != n:
                 raise ValueError(f"tags must be {n} tags (one per message), not {len(out)}")
             return out  # a tag that is not 16 bytes fails its own message only, as on the CPU
+        if isinstance(tags, (bytes, bytearray, memoryview)):
+            # one message's tag, not in a list: to_host said "no attribute copy_to_host"
+            raise TypeError(f"tags must be a list of {n} 16-byte tags (one per message, a "
+                            f"list even for one) or a uint8[{n}, {_TAG}] array, not "
+                            f"{type(tags).__name__}")
         host = self.to_host(tags) if not isinstance(tags, np.ndarray) else tags
         if host.dtype != np.uint8 or host.shape != (n, _TAG):  # a flat or short array would
             # read as n wrong tags (tampering) or fail on a missing row
