@@ -612,6 +612,23 @@ def test_atomic_file_leaves_nothing_when_fsync_fails(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_error_renamed_for_the_destination_keeps_its_kind_whatever_its_class():
+    """Errors are said of the user's destination by making one of the same class: a class
+    not made as OSError is (OutputExists(path)) raised TypeError there instead (a second
+    review). It becomes an OSError of the same errno: the same subclass, its message."""
+    import errno
+
+    from gpucrypt.files._atomic import OutputExists, _naming
+
+    renamed = _naming(OutputExists("/d/.out.1234.gpucrypt-tmp"), "/d/out")
+    assert isinstance(renamed, FileExistsError) and renamed.filename == "/d/out"
+    assert renamed.strerror == "output exists"
+    renamed = _naming(PermissionError(errno.EACCES, "Permission denied", "/d/.t"), "/d/out",
+                      "Permission denied (writing a in it)")
+    assert type(renamed) is PermissionError and renamed.filename == "/d/out"
+    assert renamed.strerror == "Permission denied (writing a in it)"
+
+
 @pytest.mark.parametrize("operation", ["encrypt", "decrypt"])
 def test_a_positional_write_that_fails_part_way_names_dst(small_batches, tmp_path, monkeypatch,
                                                           operation):

@@ -405,9 +405,16 @@ class TemporaryFolder:
                           stacklevel=_outside_gpucrypt())
 
 
-def _naming(exc: OSError, path: str) -> OSError:
-    """``exc`` about ``path`` (the user's destination), not a temporary file or folder."""
-    return type(exc)(exc.errno, exc.strerror, path)
+def _naming(exc: OSError, path: str, strerror: str | None = None) -> OSError:
+    """``exc`` about ``path`` (the user's destination), not a temporary file or folder
+    (``strerror``, if given, in place of its own). Of ``exc``'s class where that class
+    is made as OSError is (errno, strerror, filename), else a plain ``OSError`` of the
+    same errno (which picks the subclass: FileExistsError for EEXIST)."""
+    args = (exc.errno, exc.strerror if strerror is None else strerror, path)
+    try:
+        return type(exc)(*args)
+    except TypeError:  # OutputExists(path), an error class of a caller's own
+        return OSError(*args)
 
 
 def _written(exc: BaseException) -> bool:

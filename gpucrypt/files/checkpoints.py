@@ -688,7 +688,7 @@ def _as_of_folder(exc: OSError, temp: str, dst: str) -> OSError:
     if isinstance(name, str) and (name == temp or name.startswith(temp + os.sep)):
         inner = os.path.relpath(name, temp)
         reason = exc.strerror if inner == os.curdir else f"{exc.strerror} (writing {inner} in it)"
-        return type(exc)(exc.errno, reason, dst)
+        return _naming(exc, dst, reason)
     if _written(exc):
         return _naming(exc, dst)
     return exc
