@@ -96,7 +96,8 @@ Contract:
   the same folder, fsync, rename), and so does ``cp_file``; any other target gets a
   temporary name in the same folder, then ``mv`` over the path (a rename where the
   target has one, a copy of the whole object on object stores: readers see the
-  old file or the new one). There a path that is a folder is refused
+  old file or the new one; a copy then a removal for a name holding ``*``, ``?`` or
+  ``[``, which fsspec's ``mv`` takes as a pattern: :func:`move_exactly`). There a path that is a folder is refused
   (``IsADirectoryError``, checked before the ``mv``) and a ``mv`` that leaves no file at
   the path raises. ``"xb"`` is refused: ``pipe_file``/``put_file`` take
   ``mode="create"``. Open files are not pickled (``TypeError``): they hold plaintext.
@@ -213,7 +214,7 @@ from .backends import check_device
 from .files._format import (MAGIC, TAG_SIZE, AuthenticationError, FormatError, StreamError,
                             TruncatedError, UnsupportedVersion, check_algorithm,
                             check_segment_size, parse_header)
-from .files._atomic import AtomicFile, OutputExists, _track, _untrack, fsync_folder
+from .files._atomic import AtomicFile, OutputExists, _naming, _track, _untrack, fsync_folder
 from .keys import (KeyManagementError, KeyProviderError, KeyReference, NoMatchingRecipient,
                    encrypt_file)
 from .keys.portable import KeyReferences, ResolvedKeys, _is_key_uri
@@ -1216,7 +1217,7 @@ def _raise_as_target(exc: BaseException, temp: str, target: str) -> None:
     naming ``target``: errors name the path the caller gave, never a temporary name, as
     :mod:`gpucrypt.files._atomic`'s do. Any other returns, for the caller to raise."""
     if isinstance(exc, OSError) and temp in (exc.filename, exc.filename2):
-        raise type(exc)(exc.errno, exc.strerror, target) from None
+        raise _naming(exc, target) from None
 
 
 def _refuse_link(target: str) -> None:
@@ -1713,7 +1714,7 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
                 moved = move_exactly(self.fs, temp, target)
                 # some targets report a failed move by what they return, not by raising
                 if not self.fs.isfile(target):
-                    raise OSError(errno.EIO, f"the target's copy left no file there (it "
+                    raise OSError(errno.EIO, f"the target's move left no file there (it "
                                   f"returned {moved!r}): the file was not written; retry "
                                   f"commit(), or check the target", target)
         except BaseException as exc:

@@ -15,7 +15,7 @@ wrote, with every ``*.safetensors`` file (shards and index, or one file) encrypt
 Plaintext weights never touch the disk: the tensors are decrypted into memory (on a GPU,
 into device memory only) and handed to the libraries' own loading code; the arguments
 that would make transformers offload weights to disk (``offload_folder``, a
-``device_map`` entry ``"disk"``) are refused.
+``device_map`` entry ``"disk"``, ``offload_state_dict=True``) are refused.
 
 **How the model is built.** :func:`from_pretrained` decrypts the state dict with
 :func:`~gpucrypt.files.checkpoints.load_checkpoint` and calls the class's own

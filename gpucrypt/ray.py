@@ -52,7 +52,7 @@ import uuid
 from typing import Any, Iterable
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.dirfs import DirFileSystem
 import numpy as np
 import pyarrow as pa
 import ray
@@ -352,7 +352,7 @@ class StagedFilesDatasink(Datasink):
         else:
             filesystem = _fsspec_filesystem(filesystem)
             path = filesystem._strip_protocol(path)
-            if on_local_disk(filesystem):
+            if on_local_disk(filesystem) and not isinstance(filesystem, DirFileSystem):
                 path = os.path.abspath(path)  # write tasks may run in another folder
         self.fs, self.root = filesystem, path.rstrip("/")
         self.column, self.path_column = column, path_column

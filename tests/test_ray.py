@@ -618,6 +618,23 @@ def _publish_on_memory(tmp_path, theirs: dict, staged: dict, error: type | None 
         memory.rm(root.rsplit("/", 1)[0], recursive=True)
 
 
+def test_a_sink_under_a_dir_prefix_keeps_its_path_inside_the_prefix(tmp_path):
+    """dir:: over the local disk counts as the local disk (its folders are real), but its
+    paths are relative to its prefix: made absolute, 'out' became <cwd>/out under it."""
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    sink = gray.StagedFilesDatasink("out", filesystem=DirFileSystem(str(tmp_path),
+                                                                     LocalFileSystem()))
+    assert sink.root == "out"
+    from types import SimpleNamespace
+
+    sink.on_write_start()  # Ray's calls, as _publish replays them, through the sink's fs
+    sink.fs.pipe_file(f"{sink.staging}/a.bin", b"A")
+    sink.on_write_complete(SimpleNamespace(write_returns=[["a.bin"]]))
+    assert _tree(tmp_path / "out") == {"a.bin": b"A"}
+
+
 def test_names_that_read_as_glob_patterns_are_published_as_they_are(tmp_path):
     """fsspec's generic mv and rm(recursive=True) take ``[``, ``*`` and ``?`` as glob
     patterns: on an object store ``a[1]`` was never published and the staged ``a1`` it

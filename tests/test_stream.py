@@ -623,6 +623,16 @@ def test_an_error_renamed_for_the_destination_keeps_its_kind_whatever_its_class(
     renamed = _naming(OutputExists("/d/.out.1234.gpucrypt-tmp"), "/d/out")
     assert isinstance(renamed, FileExistsError) and renamed.filename == "/d/out"
     assert renamed.strerror == "output exists"
+    from gpucrypt.fs import _raise_as_target  # gpucrypt.fs's staged puts: the same rule
+
+    try:
+        try:
+            raise OutputExists("/d/.out.1234.gpucrypt-tmp")
+        except OutputExists as exc:
+            _raise_as_target(exc, "/d/.out.1234.gpucrypt-tmp", "/d/out")
+    except FileExistsError as exc:
+        renamed = exc
+    assert renamed.filename == "/d/out"
     renamed = _naming(PermissionError(errno.EACCES, "Permission denied", "/d/.t"), "/d/out",
                       "Permission denied (writing a in it)")
     assert type(renamed) is PermissionError and renamed.filename == "/d/out"

@@ -228,7 +228,7 @@ _ALLOWED = {(_DCP_METADATA_MODULE, name) for name in _METADATA_CLASSES} | {
     ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
     ("collections", "OrderedDict"), (__name__, "EncryptedStorageInfo")}
 #: Python 3.13 moved pathlib's classes to pathlib._local and pickles them under that name;
-#: read as pathlib's (the same classes), so that such a document loads on 3.10-3.12 too
+#: read as pathlib's (the same classes), so that such a document loads on 3.11 and 3.12 too
 _MOVED_MODULES = {"pathlib._local": "pathlib"}
 
 
