@@ -2516,6 +2516,14 @@ def test_a_read_of_in_that_fails_like_a_write_names_in(work, capsys, monkeypatch
     _one_line(code_, err, 1)
     assert f"cannot read big.gc: {os.strerror(number)}" in err and "cannot write" not in err
     assert not (work / "out").exists()
+    # an error that names IN (a stat, a re-open) was judged by its errno: "cannot write IN"
+    from types import SimpleNamespace
+
+    from gpucrypt.cli._common import _io_error
+
+    named = OSError(number, os.strerror(number), "big.gc")
+    assert _io_error(SimpleNamespace(input="big.gc", output="out"), named) == \
+        f"cannot read big.gc: {os.strerror(number)}"
 
 
 @pytest.mark.parametrize("what", ["folder", "named file"])

@@ -655,6 +655,11 @@ def _io_error(args: Any, exc: OSError) -> str:
         out = output_path(args) if hasattr(args, "output") else "-"
         if out != "-" and _same_path(exc.filename, out):
             return f"cannot write {exc.filename}: {reason}"
+        given = getattr(args, "input", None)
+        # IN's, whatever its errno: ENOSPC from a FUSE source or a read-through cache on a
+        # full disk is not a write's (named_io_error judges other files by errno)
+        if isinstance(given, str) and given != "-" and _same_path(exc.filename, given):
+            return f"cannot read {exc.filename}: {reason}"
         return named_io_error(exc)
     side = _failed_side(exc)
     if side == "input" and getattr(args, "input", None) is not None:
