@@ -189,8 +189,7 @@ def _run_jobs(jobs: Sequence[Job], batch: Batch, crypto: Callable) -> list:
             if store is not None and result is not False:
                 store(job, result)
         except BaseException as exc:
-            if hasattr(exc, "add_note"):
-                exc.add_note(f"(gpucrypt pipeline: while processing {job.ident!r})")
+            exc.add_note(f"(gpucrypt pipeline: while processing {job.ident!r})")
             raise
         results.append(result)
     return results

@@ -34,7 +34,9 @@ an absolute path: a relative one would load whatever library the using process's
 holds), else the first SoftHSM2 library found in the usual places; it is loaded once per
 process, under the name given, and known by its real path too, so two spellings of one
 file (a symlink) are one module, for gpucrypt and for an application's own
-``pkcs11.lib()`` in either order. The user PIN comes from ``pin-source`` (``env:VAR`` or
+``pkcs11.lib()`` in either order. For that, importing this module replaces
+``pkcs11.unload`` with one that drops every name of the module it unloads
+(:func:`_unload_every_name`): a name left would hand out the closed module. The user PIN comes from ``pin-source`` (``env:VAR`` or
 ``file:/path``), else ``$GPUCRYPT_PKCS11_PIN``; never from the URI itself. A session is
 opened (and logged in) per operation, under one lock per process.
 

@@ -1401,7 +1401,7 @@ def _take_back_sealed(jobs: list[_Job], algorithm: str, key: bytes, exc: BaseExc
             break
     if stuck:
         exc.encrypted = stuck
-    if sealed and hasattr(exc, "add_note"):
+    if sealed:
         exc.add_note(f"(gpucrypt: {len(sealed) - len(stuck)} tensor(s) already encrypted in place "
                      f"were decrypted back" + (f"; {sorted(map(str, stuck))} could not be and "
                                                f"are in exc.encrypted)" if stuck else ")"))
@@ -1505,8 +1505,7 @@ def _run_host_jobs(jobs: list[_Job], work) -> list:
             return True
         except BaseException as exc:
             queue.clear()
-            if hasattr(exc, "add_note"):
-                exc.add_note(f"(gpucrypt: while processing tensor {jobs[i].label!r})")
+            exc.add_note(f"(gpucrypt: while processing tensor {jobs[i].label!r})")
             errors.append(exc)
             return False
 
