@@ -97,7 +97,8 @@ Contract:
   temporary name in the same folder, then ``mv`` over the path (a rename where the
   target has one, a copy of the whole object on object stores: readers see the
   old file or the new one; a copy then a removal for a name holding ``*``, ``?`` or
-  ``[``, which fsspec's ``mv`` takes as a pattern: :func:`move_exactly`). There a path that is a folder is refused
+  ``[``, which fsspec's ``mv`` takes as a pattern: :func:`move_exactly`). There a path
+  that is a folder is refused
   (``IsADirectoryError``, checked before the ``mv``) and a ``mv`` that leaves no file at
   the path raises. ``"xb"`` is refused: ``pipe_file``/``put_file`` take
   ``mode="create"``. Open files are not pickled (``TypeError``): they hold plaintext.
@@ -1164,9 +1165,8 @@ _TEMP_NAME_HINT = 64
 def on_local_disk(fs: Any) -> bool:
     """Whether ``fs`` is the local disk, whose folders are real: fsspec's local filesystem
     (by class or protocol, or under a ``dir::`` prefix) or a pyarrow local one wrapped.
-    There a path is a file or a
-    folder; on an object store (``s3``, ``memory``) an object and a prefix may share a
-    name, and an object may have keys below its name."""
+    There a path is a file or a folder; on an object store (``s3``, ``memory``) an
+    object and a prefix may share a name, and an object may have keys below its name."""
     if isinstance(fs, DirFileSystem):  # a dir:: prefix over another filesystem
         return on_local_disk(fs.fs)
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)

@@ -683,8 +683,8 @@ def _source_folder(folder: Any) -> str:
 def _remove_folder(fs: Any, folder: str) -> None:
     """Remove ``folder`` and everything under it. ``rm(recursive=True)`` globs a path
     holding ``*``, ``?`` or ``[`` on an object store (a root such as ``out[1]``: it
-    removed nothing and raised); such a folder is emptied file by file, by exact name, then its folders
-    (see :func:`gpucrypt.fs.move_exactly`)."""
+    removed nothing and raised); such a folder is emptied file by file, by exact name,
+    then its folders (see :func:`gpucrypt.fs.move_exactly`)."""
     from glob import has_magic  # what fsspec itself asks
 
     if not has_magic(folder):

@@ -361,7 +361,7 @@ def _read_json(path: str) -> Any:
 _MAX_INDEX_BYTES = 64 << 20
 
 
-def _read_bounded(path: str, limit: int, what: str) -> bytes:
+def _read_bounded(path: str, limit: int, what: str) -> bytearray:
     """The bytes of the regular file at ``path``; ``FormatError`` past ``limit`` (a file
     read before anything authenticates it is parsed whole: some 20x its size in memory)."""
     data = bytearray()
@@ -371,7 +371,7 @@ def _read_bounded(path: str, limit: int, what: str) -> bytes:
     if len(data) > limit:
         raise FormatError(f"{os.path.basename(path)} is larger than {limit >> 20} MiB, which "
                           f"no {what} is: it is damaged or not gpucrypt's")
-    return bytes(data)
+    return data  # (load_json takes a bytearray: no copy)
 
 
 def _read_weight_map(path: str) -> dict:

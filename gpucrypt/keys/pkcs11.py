@@ -36,9 +36,10 @@ process, under the name given, and known by its real path too, so two spellings 
 file (a symlink) are one module, for gpucrypt and for an application's own
 ``pkcs11.lib()`` in either order. For that, importing this module replaces
 ``pkcs11.unload`` with one that drops every name of the module it unloads
-(:func:`_unload_every_name`): a name left would hand out the closed module. The user PIN comes from ``pin-source`` (``env:VAR`` or
-``file:/path``), else ``$GPUCRYPT_PKCS11_PIN``; never from the URI itself. A session is
-opened (and logged in) per operation, under one lock per process.
+(:func:`_unload_every_name`): a name left would hand out the closed module. The user
+PIN comes from ``pin-source`` (``env:VAR`` or ``file:/path``), else
+``$GPUCRYPT_PKCS11_PIN``; never from the URI itself. A session is opened (and logged in)
+per operation, under one lock per process.
 
 A PIN the token refused is not sent to that token again by this process (tokens lock
 the user PIN after a few wrong tries, and a folder decrypt with a stale PIN would send it

@@ -90,7 +90,8 @@ def _numpy_dtype_name(dt: np.dtype) -> str:
     if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
         raise ValueError(f"dtype {dt} cannot be encrypted as raw bytes (object, structured or "
                          f"sub-array dtypes are not supported)")
-    if dt.itemsize == 0:  # (void: NumPy's S0 and U0 arrays are S1 and U1) a reader refuses it
+    if dt.itemsize == 0:  # only void can be (NumPy makes S0 and U0 arrays S1, U1): every
+        # size check would pass at 0 bytes, so readers refuse it (parse_numpy_dtype_str)
         raise ValueError(f"dtype {dt} has elements of no bytes: its values cannot be stored; "
                          f"view the array as bytes first")
     # the portable names are little-endian values (docs/TENSOR_FORMAT.md): told from dt.str,
@@ -136,9 +137,10 @@ def parse_numpy_dtype_str(text: str) -> np.dtype:
         dt = np.dtype(text)
     except Exception:
         raise ValueError(f"invalid NumPy dtype string {text!r}") from None
+    # 0-byte elements: every size check would pass at any shape (no writer makes them)
     if dt.str != text or dt.hasobject or dt.fields is not None or dt.subdtype is not None \
-            or dt.itemsize == 0:  # no array has one (NumPy makes S0 S1): every size check
-        raise ValueError(f"invalid NumPy dtype string {text!r}")  # would pass at 0 bytes
+            or dt.itemsize == 0:
+        raise ValueError(f"invalid NumPy dtype string {text!r}")
     return dt
 
 

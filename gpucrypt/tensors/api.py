@@ -897,7 +897,7 @@ def _check_storage(t: Any, nbytes: int, written_as: Any = _NOT_WRITTEN,
     given ``probes``, one to probe with the others (:func:`_refuse_read_only_spans`)."""
     if not nbytes:
         return
-    if not t.data_ptr():  # the last wall before an address is read or written
+    if fw.memory_not_its_own(t):  # the last wall before an address is read or written
         raise ValueError(fw.MEMORY_NOT_ITS_OWN)
     storage = t.untyped_storage()
     if storage.nbytes() < t.storage_offset() * t.element_size() + nbytes:
