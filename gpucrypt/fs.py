@@ -1794,6 +1794,9 @@ class GpucryptFileSystem(ChainedFileSystem, metaclass=_CachedForKeyText):
             shutil.copyfileobj(src, out, 1 << 20)
 
     def mv(self, path1: Any, path2: Any, **kwargs: Any) -> None:
+        """The target's ``mv``, as fsspec's: a name holding ``*``, ``?`` or ``[`` is a glob
+        pattern there (object stores), as in ``rm``; :func:`move_exactly` moves a file by its
+        exact name (what this filesystem's own writes use)."""
         self.fs.mv(self._target(path1), self._target(path2), **kwargs)
 
 

@@ -361,7 +361,7 @@ class StagedFilesDatasink(Datasink):
         self.suffix, self.strip_suffix = suffix, strip_suffix
         staging = f"{_STAGING}{uuid.uuid4().hex}"
         # decided here, before Ray ships the sink to its write tasks
-        self.whole = _is_local(self.fs) and not self.fs.exists(self.root)
+        self.whole = _takes_os_paths(self.fs) and not self.fs.exists(self.root)
         if self.whole:
             parent, name = posixpath.split(self.root)
             self.staging = posixpath.join(parent, f".{name}{staging}")
@@ -538,7 +538,7 @@ class StagedFilesDatasink(Datasink):
         it. A local path on a cluster of several machines is each machine's own disk:
         the tasks that ran elsewhere wrote there, and publishing this machine's folder
         would report success without their files."""
-        if not _is_local(self.fs):
+        if not on_local_disk(self.fs):  # dir:: over the local disk too: each node's own
             return  # an object store, or a filesystem of the caller's: one place for all
         found = {posixpath.relpath(p, self.staging) for p in self.fs.find(self.staging)}
         missing = [name for name in names if name not in found]
@@ -702,7 +702,9 @@ def _remove_folder(fs: Any, folder: str) -> None:
             pass  # an object store's folders are prefixes: gone with their last file
 
 
-def _is_local(fs: Any) -> bool:
+def _takes_os_paths(fs: Any) -> bool:
+    """Whether ``fs``'s paths are this machine's own (``os.rename`` takes them): the local
+    disk by protocol, not under a ``dir::`` prefix (whose paths are the prefix's)."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
 

@@ -374,6 +374,29 @@ def test_a_local_publish_missing_files_other_nodes_wrote_publishes_nothing(tmp_p
     assert os.listdir(tmp_path) == []  # nothing published, the staging folder removed
 
 
+def test_missing_files_under_a_dir_prefix_over_the_local_disk_publish_nothing(tmp_path):
+    """dir:: over the local disk is each node's own disk as well: the check for files other
+    nodes staged was made by protocol ("dir"), skipped, and the publish reported success."""
+    from types import SimpleNamespace
+
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    sink = gray.StagedFilesDatasink("out", filesystem=DirFileSystem(str(tmp_path),
+                                                                     LocalFileSystem()))
+    sink.on_write_start()
+    sink.fs.pipe_file(f"{sink.staging}/here.bin", b"here")
+    with pytest.raises(FileNotFoundError, match="1 of 2 file.*elsewhere.bin.*other nodes"):
+        try:
+            sink.on_write_complete(SimpleNamespace(write_returns=[["here.bin"],
+                                                                  ["elsewhere.bin"]]))
+        except Exception as exc:
+            sink.on_write_failed(exc)
+            raise
+    # nothing published, the staging folder removed (from the folder made to hold it)
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == []
+
+
 def _publish(sink, names: list[str]) -> None:
     """What Ray does around the write tasks: start, each row written, complete, and on an
     exception of any of it, ``on_write_failed`` and the exception raised again
