@@ -354,36 +354,20 @@ def test_a_pyarrow_filesystem_is_taken_as_rays_own_datasinks_take_it(tmp_path):
         gray.StagedFilesDatasink(str(tmp_path / "x"), filesystem=object())
 
 
-def test_a_local_publish_missing_files_other_nodes_wrote_publishes_nothing(tmp_path):
+@pytest.mark.parametrize("prefixed", [False, True], ids=["local", "dir-prefix"])
+def test_a_local_publish_missing_files_other_nodes_wrote_publishes_nothing(tmp_path, prefixed):
     """On a cluster of several nodes a local path is each node's own disk: the files that
     write tasks elsewhere staged are not here, and publishing this node's folder reported
-    success without them."""
-    from types import SimpleNamespace
-
-    sink = gray.StagedFilesDatasink(str(tmp_path / "out"))
-    sink.on_write_start()
-    with open(os.path.join(sink.staging, "here.bin"), "wb") as f:
-        f.write(b"here")
-    with pytest.raises(FileNotFoundError, match="1 of 2 file.*elsewhere.bin.*other nodes"):
-        try:
-            sink.on_write_complete(SimpleNamespace(write_returns=[["here.bin"],
-                                                                  ["elsewhere.bin"]]))
-        except Exception as exc:
-            sink.on_write_failed(exc)
-            raise
-    assert os.listdir(tmp_path) == []  # nothing published, the staging folder removed
-
-
-def test_missing_files_under_a_dir_prefix_over_the_local_disk_publish_nothing(tmp_path):
-    """dir:: over the local disk is each node's own disk as well: the check for files other
-    nodes staged was made by protocol ("dir"), skipped, and the publish reported success."""
+    success without them. dir:: over the local disk is each node's own disk as well (the
+    check was made by protocol, "dir", and skipped)."""
     from types import SimpleNamespace
 
     from fsspec.implementations.dirfs import DirFileSystem
     from fsspec.implementations.local import LocalFileSystem
 
-    sink = gray.StagedFilesDatasink("out", filesystem=DirFileSystem(str(tmp_path),
-                                                                     LocalFileSystem()))
+    sink = gray.StagedFilesDatasink("out", filesystem=DirFileSystem(
+        str(tmp_path), LocalFileSystem())) if prefixed else \
+        gray.StagedFilesDatasink(str(tmp_path / "out"))
     sink.on_write_start()
     sink.fs.pipe_file(f"{sink.staging}/here.bin", b"here")
     with pytest.raises(FileNotFoundError, match="1 of 2 file.*elsewhere.bin.*other nodes"):
@@ -393,8 +377,10 @@ def test_missing_files_under_a_dir_prefix_over_the_local_disk_publish_nothing(tm
         except Exception as exc:
             sink.on_write_failed(exc)
             raise
-    # nothing published, the staging folder removed (from the folder made to hold it)
-    assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == []
+    # nothing published, the staging folder removed (under dir::, from the folder "out"
+    # made to hold it; on the local disk it was out's sibling)
+    assert os.listdir(tmp_path) == (["out"] if prefixed else [])
+    assert not prefixed or os.listdir(tmp_path / "out") == []
 
 
 def _publish(sink, names: list[str]) -> None:
