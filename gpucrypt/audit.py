@@ -100,9 +100,12 @@ def event(operation: str, *, outcome: str = "ok", **fields: Any) -> None:
     if outcome not in ("ok", "error"):
         raise ValueError("audit.event: outcome must be 'ok' or 'error'")
     checked = {name: _check(name, value) for name, value in fields.items()}
+    path = checked.get("path")
+    if isinstance(path, str) and path and "://" not in path:  # a URL names its place itself
+        checked["path"] = os.path.abspath(path)  # now: a held event is written later
     for held_operation, held in reversed(getattr(_holding, "stack", ())):
         if held_operation == operation:  # written later, by _release (see _held)
-            held.append((operation, outcome, fields))
+            held.append((operation, outcome, checked))
             return
     # A logger disabled under enable()'s handlers (dictConfig's disable_existing_loggers,
     # True by default, disables every logger it does not name) would leave a silent gap
@@ -115,9 +118,6 @@ def event(operation: str, *, outcome: str = "ok", **fields: Any) -> None:
               "operation": operation, "outcome": outcome, "pid": os.getpid()}
     if hasattr(os, "geteuid"):
         record["uid"] = os.geteuid()
-    path = checked.get("path")
-    if isinstance(path, str) and path and "://" not in path:  # a URL names its place itself
-        checked["path"] = os.path.abspath(path)
     record.update(checked)
     message = json.dumps(record, separators=(", ", ": "))
     if not own:
@@ -415,7 +415,7 @@ class _AuditFileHandler(_Raising, logging.FileHandler):
 
 def _open_log(path: str) -> int:
     """A descriptor appending to the audit log ``path``, created 0600 and an existing file
-    made 0600. A symbolic link is refused, as :class:`gpucrypt.files._atomic.AtomicFile`
+    of this user's made 0600 (another user's, writable by this one, keeps its mode). A symbolic link is refused, as :class:`gpucrypt.files._atomic.AtomicFile`
     refuses one: a link planted where the log goes would choose which file gets changed
     (and chmod-ed). So is anything but a regular file (a FIFO would block the command, a
     device take the lines), and a file that cannot be locked (writers take turns through
@@ -442,8 +442,12 @@ def _open_log(path: str) -> int:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise not_regular
         os.set_blocking(fd, True)
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
+        held = os.fstat(fd)
+        # an existing file keeps its mode otherwise; but not another user's: a log shared
+        # on purpose (its owner's choice) is written as it is (the chmod was EPERM there,
+        # the log unusable, or as root took the log from its owner's other readers)
+        if hasattr(os, "fchmod") and held.st_uid == getattr(os, "geteuid", lambda: 0)():
+            os.fchmod(fd, 0o600)
         if _flock is not None:
             try:
                 _flock(fd, LOCK_EX)

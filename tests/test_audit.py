@@ -156,6 +156,26 @@ def test_enable_to_file_and_stream(tmp_path):
     assert os.stat(tmp_path / "a.log").st_mode & 0o777 == 0o600
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="needs root to make a log owned by another user")
+def test_a_log_another_user_owns_keeps_its_mode(tmp_path):
+    """A log shared on purpose (another user's, writable by this one) was made 0600: as
+    root, taken from its owner's other readers; as anyone else, the chmod was EPERM and
+    the log could not be used at all."""
+    path = tmp_path / "shared.log"
+    path.write_text("")
+    os.chown(path, 65534, 65534)
+    os.chmod(path, 0o664)
+    handler = audit.enable(path)
+    try:
+        audit.event("keyset.add", key_id="abc")
+    finally:
+        logging.getLogger(audit.LOGGER_NAME).removeHandler(handler)
+        handler.close()
+    assert os.stat(path).st_mode & 0o777 == 0o664 and os.stat(path).st_uid == 65534
+    assert json.loads(path.read_text())["key_id"] == "abc"
+
+
 def test_enable_a_path_twice_and_an_existing_file(tmp_path):
     """The log is 0600 even when the file existed with another mode, and enabling it again
     (two commands in one process) writes each event once."""

@@ -659,6 +659,28 @@ def test_a_write_is_audited_ok_only_once_it_is_at_its_path(keys, tmp_path, caplo
     assert local.cat_file(str(tmp_path / "z.gc")) == b"secret"
 
 
+def test_a_held_event_names_the_path_as_it_was_when_the_file_was_sealed(keys, tmp_path,
+                                                                         monkeypatch, caplog):
+    """A put_file in a transaction holds its event until the commit, which made a relative
+    path absolute against the working folder of that moment: a chdir in between logged
+    another file's path."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="gpucrypt.audit")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "data.bin").write_bytes(b"secret")
+    local = local_fs(keys)
+    monkeypatch.chdir(tmp_path / "a")
+    with local.transaction:
+        local.put_file("data.bin", str(tmp_path / "data.bin.gc"))
+        monkeypatch.chdir(tmp_path / "b")  # the application moves on before the commit
+    (event,) = [record.audit for record in caplog.records
+                if getattr(record, "audit", {}).get("operation") == "file.encrypt"]
+    assert event["outcome"] == "ok"
+    assert event["path"] == str(tmp_path / "a" / "data.bin")  # put_file's event names its source
+
+
 def test_a_staged_put_that_fails_names_its_path_not_the_temporary_file(keys, tmp_path,
                                                                        monkeypatch):
     """A put_file in a transaction is sealed into ``.NAME.XXXXXXXX.gpucrypt-tmp`` beside its

@@ -240,6 +240,19 @@ def test_a_secret_attribute_is_masked_however_its_name_is_spelled(uri):
     assert "SECRET-7d1" not in str(info.value) and "=***" in str(info.value), info.value
 
 
+@pytest.mark.parametrize("uri", [
+    "awskms://AKIAEXAMPLE:SECRET-7d1@arn:aws:kms:eu-west-1:111122223333:key/1234",
+    "awskms://AKIAEXAMPLE:SECRET-7d1@/alias/models",
+    "file://backup:SECRET-7d1@localhost/etc/gpucrypt/ks.json",
+])
+def test_a_password_before_the_host_is_refused_and_not_shown(uri):
+    """A user:password@ typed before a reference's host was quoted whole by the error that
+    refused the reference (not an ARN, not a local file)."""
+    with pytest.raises(keys.KeysetError) as info:
+        KeyReference(uri)
+    assert "SECRET-7d1" not in str(info.value) and "***@" in str(info.value), info.value
+
+
 def test_a_source_that_is_not_a_source_is_never_echoed(tmp_path, capsys, monkeypatch):
     """The passphrase itself pasted where its source goes: refused when the URI is parsed
     (the command line's usage error), and by whatever reads a source, without quoting it."""

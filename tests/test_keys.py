@@ -1181,6 +1181,56 @@ def test_rekey_reencrypt_revokes_a_data_key_holder(tmp_path):
     assert rekey["outcome"] == "ok" and rekey["status"] == "reencrypted"
 
 
+@pytest.mark.skipif(os.name != "posix", reason="rekeys are locked with flock on POSIX only")
+def test_a_rekey_that_overlaps_a_revocation_waits_for_it_and_cannot_undo_it(tmp_path,
+                                                                            monkeypatch):
+    """A header-only rekey (adding carol) read the file, then a re-encrypting one revoked
+    bob while the first was copying its new file: the first published after it a copy of
+    the file it had read, with the old data key and bob's stanza, and both said ok. Now the
+    revocation waits for the rekey holding the file and then reads what that one wrote."""
+    from gpucrypt.files import _atomic
+
+    data, enc, alice, bob, ks, bob_dek = _bob_keeps_the_data_key(tmp_path)
+    carol = Identity.generate()
+    at_commit, go = threading.Event(), threading.Event()
+    commit = _atomic.AtomicFile.commit
+
+    def slow_commit(self):  # the rewrap's copy, as long as the file is large
+        if threading.current_thread().name == "rewrap":
+            at_commit.set()
+            go.wait(10)
+        commit(self)
+
+    monkeypatch.setattr(_atomic.AtomicFile, "commit", slow_commit)
+    errors = []
+
+    def run(**how):
+        try:
+            keys.rekey_file(enc, keyset=ks, **how)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    rewrap = threading.Thread(target=run, name="rewrap",
+                              kwargs=dict(recipients=[alice, bob, carol]))
+    revoke = threading.Thread(target=run, name="revoke",
+                              kwargs=dict(recipients=[alice], reencrypt=True))
+    rewrap.start()
+    assert at_commit.wait(10)
+    revoke.start()
+    revoke.join(0.5)
+    assert revoke.is_alive()  # waits for the rewrap, which holds the file
+    go.set()
+    rewrap.join(10)
+    revoke.join(10)
+    assert not errors and not rewrap.is_alive() and not revoke.is_alive()
+    with pytest.raises(NoMatchingRecipient):  # the revocation came last, and holds
+        keys.decrypt_file(enc, tmp_path / "b", identities=bob)
+    with pytest.raises(stream.AuthenticationError):
+        stream.decrypt(enc, tmp_path / "b", bob_dek)
+    keys.decrypt_file(enc, tmp_path / "a", identities=alice)
+    assert (tmp_path / "a").read_bytes() == data
+
+
 def test_rekey_reencrypt_through_a_symbolic_link_rewrites_its_file(tmp_path):
     data, enc, alice, bob, ks, bob_dek = _bob_keeps_the_data_key(tmp_path, 100)
     (tmp_path / "link").symlink_to(enc.name)
@@ -1213,6 +1263,29 @@ def test_rekey_reencrypt_leaves_the_original_when_a_segment_fails(tmp_path, monk
     assert failed.value.segment == 1
     assert enc.read_bytes() == bytes(raw)
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+def test_a_failed_rekey_logs_the_file_as_it_stays(tmp_path):
+    """The error event of a rekey that failed (a tampered segment) said status reencrypted
+    and the new recipients alone, a state never reached: it names the envelope the file
+    keeps (key_ids) and nothing of the one that was not written."""
+    data, enc, alice, bob, ks, bob_dek = _bob_keeps_the_data_key(tmp_path)
+    raw = bytearray(enc.read_bytes())
+    raw[stream.read_header(enc).header_length + (4096 + 16) + 100] ^= 1
+    enc.write_bytes(bytes(raw))
+    log = io.StringIO()
+    handler = audit.enable(log)
+    try:
+        with pytest.raises(stream.AuthenticationError):
+            keys.rekey_file(enc, recipients=[alice], keyset=ks, reencrypt=True)
+    finally:
+        logging.getLogger(audit.LOGGER_NAME).removeHandler(handler)
+    (event,) = [e for e in map(json.loads, log.getvalue().splitlines())
+                if e["operation"] == "file.rekey"]
+    assert event["outcome"] == "error"
+    assert sorted(event["key_ids"]) == sorted([alice.fingerprint, bob.fingerprint,
+                                               f"aes-kwp:{ks.primary.id}"])
+    assert not {"status", "recipients", "key_id"} & set(event)
 
 
 @pytest.mark.parametrize("algorithm, encrypt_names", [("aes-256-gcm", True),

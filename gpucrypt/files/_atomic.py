@@ -47,17 +47,24 @@ CLI's outputs) goes through here, so the guarantee is the same everywhere:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import _thread
 import io
 import os
 import stat
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no file locks
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["AtomicFile", "OutputExists", "write_atomically", "write_atomically_with",
            "replace_head", "open_output", "FileObjectOutput", "write_all", "wait_ready",
-           "fsync_folder", "TemporaryFolder", "ScratchFile", "replacement_for"]
+           "fsync_folder", "TemporaryFolder", "ScratchFile", "replacement_for",
+           "held_exclusively"]
 
 #: permissions of files written here unless the caller says otherwise
 DEFAULT_MODE = 0o600
@@ -882,6 +889,42 @@ def open_regular(path: Any, not_regular: Callable[[str], Exception], buffering: 
     except BaseException:
         os.close(fd)
         raise
+
+
+@contextlib.contextmanager
+def held_exclusively(path: Any, not_regular: Callable[[str], Exception]) -> Iterator[Any]:
+    """The regular file at ``path`` opened for reading (:func:`open_regular`) and held under
+    an exclusive ``flock`` until the block ends: how a read-modify-write of a file that
+    ends in a rename over it (a keyset's save, a file's rekey) excludes another one of
+    gpucrypt's, which would otherwise publish a copy of the version both read and undo
+    the first one's change. Yields ``None``, holding nothing, when there is no file.
+
+    The lock is the file's own, not a lock file's: nothing is left behind and only read
+    access is needed. A writer that waited on the old file, replaced meanwhile, locks the
+    file now at ``path`` instead (and reads that one), so waiting serialises the whole
+    change. Where ``flock`` is missing (not POSIX) or refused (some network file systems)
+    the file is yielded unlocked."""
+    while True:
+        try:
+            f = open_regular(path, not_regular)
+        except FileNotFoundError:
+            yield None
+            return
+        with f:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when f is closed
+                except OSError:
+                    pass  # no locks on this file system
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+            held = os.fstat(f.fileno())
+            if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                continue  # replaced (or removed) while we waited: lock what is there now
+            yield f
+            return
 
 
 def _lease_break_seconds() -> float:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from typing import Any
+from typing import Any, Callable
 
 from .. import audit
 from ..keys import (KeyReference, Keyset, KeysetKey, NoMatchingRecipient, WrappingKey,
@@ -27,7 +27,7 @@ from ..keys import (KeyReference, Keyset, KeysetKey, NoMatchingRecipient, Wrappi
 from ..keys.recipients import (identity_list, open_file_envelope, open_file_envelope_with_label,
                                recipient_list, seal_envelope_with_labels)
 from . import _format, stream
-from ._atomic import open_regular, regular_size, replacement_for
+from ._atomic import held_exclusively, open_regular, regular_size, replacement_for
 
 #: and, for the file formats beside: file_key, new_file_key, gather, audit_path,
 #: audit_keyed_open
@@ -210,11 +210,14 @@ def _is_model_file(path: Any) -> bool:
 def _open_rekeyable(path: Any):
     """The file at ``path`` opened without waiting, ``ValueError`` unless it is a regular
     file."""
+    return open_regular(path, _not_rekeyable(path))
+
+
+def _not_rekeyable(path: Any) -> Callable[[str], ValueError]:
     def not_regular(kind: str) -> ValueError:
         return ValueError(f"{os.fspath(path)} is a {kind}: a file is rekeyed where it lies, "
                           f"so it must be a regular file")
-
-    return open_regular(path, not_regular)
+    return not_regular
 
 
 def _starts_as_model(f: Any) -> bool:
@@ -329,15 +332,15 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
         old = _identities_for(None, keyset)
     else:
         old = _identities_for(identities, old_keyset)
-    with audit.timed("file.rekey", path=os.fspath(path)) as ev:
-        # the data key's status afterwards (audit.FIELDS has no field of its own for it):
-        # only "reencrypted" says that who held the old data key can no longer read the file
-        ev["status"] = "reencrypted" if reencrypt else "rewrapped"
-        # read through one open that waits for no writer; the rewrite below opens the file
-        # again the same way, so a FIFO swapped in meanwhile is refused, not waited on
-        with _open_rekeyable(path) as f:
-            model = _starts_as_model(f)
-            envelope, header, _ = _file_envelope(f, model)
+    # held from the first read to the rename: another rekey of this file (a rewrap that
+    # read the old envelope, say) publishing after this one would put back the file it
+    # read, undoing a revocation; one that waited reads this one's file instead
+    with audit.timed("file.rekey", path=os.fspath(path)) as ev, \
+            held_exclusively(os.path.realpath(path), _not_rekeyable(path)) as f:
+        if f is None:
+            _open_rekeyable(path).close()  # gone: the error an open of it gives
+        model = _starts_as_model(f)
+        envelope, header, _ = _file_envelope(f, model)
         previous = describe_envelope(envelope)
         ev["key_ids"] = previous
         salt = _header_field(header, "salt")
@@ -349,7 +352,6 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
         new_envelope, labels = seal_envelope_with_labels(new_dek, new_items,
                                                          context=file_context(salt))
         key_id = _primary_key_id(new_items)
-        ev.update(key_id=key_id, recipients=labels)
         if reencrypt:
             rewrite = _reencrypt_model if model else _reencrypt_stream
             rewrite(path, dek, new_dek, salt, new_envelope, key_id)
@@ -359,6 +361,11 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
             models.replace_envelope(path, dek, new_envelope, key_id=key_id)
         else:
             stream.replace_envelope(path, dek, new_envelope, key_id=key_id)
+        # only now, on disk: an error event keeps the file's state (key_ids) and no other.
+        # status: the data key's afterwards (audit.FIELDS has no field of its own for it);
+        # only "reencrypted" says that who held the old data key can no longer read it
+        ev.update(key_id=key_id, recipients=labels,
+                  status="reencrypted" if reencrypt else "rewrapped")
     return {"key_id": key_id, "recipients": labels, "previous_recipients": previous,
             "reencrypted": bool(reencrypt)}
 

@@ -18,11 +18,6 @@ import secrets
 import unicodedata
 from typing import Any, Iterable, Iterator
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: saves are checked, not locked (see _locked_digest)
-    fcntl = None  # type: ignore[assignment]
-
 from .. import audit
 from .._buffers import bytes_arg
 from .._errors import KeyNotFound, KeysetError, KeyUnavailable
@@ -316,7 +311,8 @@ class Keyset(HoldsKeyMaterial):
         the one of its last successful save (or load).
 
         Audit: one ``keyset.save`` event, ``ok`` once the file is written or ``error`` (and
-        nothing written) otherwise, whose ``key_ids`` are the keys added or changed since
+        nothing written, but for an exception raised in the moment after the rename:
+        docs/KEYS.md) otherwise, whose ``key_ids`` are the keys added or changed since
         the keyset was read or last saved: a ``keyset.destroy`` is on disk when a later
         ``keyset.save`` that lists its key is ``ok``.
         """
@@ -576,39 +572,17 @@ def _locked_digest(path: str) -> Iterator[tuple[bytes | None, os.stat_result | N
     Where ``flock`` is missing (not POSIX) or refused (some network file systems) the
     digest is yielded unlocked: the check then catches saves that do not overlap, as it
     did before locking existed."""
-    while True:
-        try:  # O_NONBLOCK: a FIFO's open would wait for a writer forever (refused below)
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-                         | getattr(os, "O_NONBLOCK", 0))
-        except FileNotFoundError:
-            yield None, None
-            return
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(fd)
-            from ..files._atomic import file_kind
+    from ..files._atomic import held_exclusively
 
-            raise KeysetError(f"{path} is a {file_kind(mode)}: a key file is saved to a "
-                              f"regular file; give a file's path")
-        try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, below
-                except OSError:
-                    pass  # no locks on this file system: checked only
-            try:
-                now = os.stat(path)
-            except FileNotFoundError:
-                now = None
-            held = os.fstat(fd)
-            if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
-                continue  # replaced (or removed) while we waited: lock what is there now
-            with open(fd, "rb", closefd=False) as f:
-                digest = hashlib.sha256(f.read()).digest()
-            yield digest, held
-            return
-        finally:
-            os.close(fd)
+    def not_regular(kind: str) -> KeysetError:
+        return KeysetError(f"{path} is a {kind}: a key file is saved to a regular file; give "
+                           f"a file's path")
+
+    with held_exclusively(path, not_regular) as f:
+        if f is None:
+            yield None, None
+        else:
+            yield hashlib.sha256(f.read()).digest(), os.fstat(f.fileno())
 
 
 def _scrypt_n_to_keep(n: Any) -> int:
