@@ -895,17 +895,14 @@ def test_names_as_the_library_and_frameworks_spell_them(work, capsys):
         assert "device='cpu'" not in done.stderr and "--device cpu" in done.stderr
 
 
-@pytest.mark.parametrize("progress", [[], ["--progress"]], ids=["plain", "progress"])
-def test_encrypt_waits_for_a_non_blocking_stdin(work, progress):
-    """stdin left non-blocking by whatever started gpucrypt: a read that finds the pipe
-    empty is not the end of the input (the progress bar's reader turned it into one, and
-    the ciphertext held only what had arrived, marked complete)."""
-    data = (work / "plain").read_bytes()
+def _run_on_non_blocking_stdin(work, args: list, data: bytes) -> None:
+    """``gpucrypt *args`` with stdin a pipe left non-blocking (the file description the
+    child shares) that runs dry after 100 bytes while the child reads it, then gets the
+    rest of ``data``; it must succeed."""
     r, w = os.pipe()
-    os.set_blocking(r, False)  # the file description the child's stdin shares
+    os.set_blocking(r, False)
     try:
-        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "unnamed", "encrypt",
-                                 *progress, "--key-file", "key", "-", "sealed"],
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "unnamed", *args],
                                 stdin=r, stderr=subprocess.PIPE, cwd=work)
     finally:
         os.close(r)
@@ -915,9 +912,71 @@ def test_encrypt_waits_for_a_non_blocking_stdin(work, progress):
     os.close(w)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize("progress", [[], ["--progress"]], ids=["plain", "progress"])
+def test_encrypt_waits_for_a_non_blocking_stdin(work, progress):
+    """stdin left non-blocking by whatever started gpucrypt: a read that finds the pipe
+    empty is not the end of the input (the progress bar's reader turned it into one, and
+    the ciphertext held only what had arrived, marked complete)."""
+    data = (work / "plain").read_bytes()
+    _run_on_non_blocking_stdin(work, ["encrypt", *progress, "--key-file", "key", "-", "sealed"],
+                               data)
     out = io.BytesIO()
     stream.decrypt(str(work / "sealed"), out, (work / "key").read_bytes())
     assert out.getvalue() == data
+
+
+@pytest.mark.parametrize("progress", [[], ["--progress"]], ids=["plain", "progress"])
+def test_decrypt_waits_for_a_non_blocking_stdin(work, progress):
+    """The same for decrypt: after the header, the rest was read with read1, which gives
+    b"" (not None) for a non-blocking pipe with nothing in it yet: a good file was cut
+    there and called "tampered or damaged" (exit 1)."""
+    key = (work / "key").read_bytes()
+    data = os.urandom(3 << 20)
+    sealed = io.BytesIO()
+    stream.encrypt(data, sealed, key, device="cpu")
+    _run_on_non_blocking_stdin(work, ["decrypt", *progress, "--key-file", "key", "-o", "out"],
+                               sealed.getvalue())
+    assert (work / "out").read_bytes() == data
+
+
+def test_a_fifo_out_swapped_for_a_link_to_a_file_after_its_check_is_not_written_through(
+        work, capsys, monkeypatch):
+    """OUT checked as a link to a FIFO (written in place) was then opened by name with
+    open(path, "wb"): a link to a regular file swapped in between got the plaintext."""
+    from gpucrypt.cli import _common
+
+    assert run(capsys, "encrypt", "--key-file", "key", "plain", "sealed")[0] == 0
+    os.mkfifo(work / "fifo")
+    (work / "victim").write_bytes(b"the victim's own data")
+    (work / "out").symlink_to("fifo")
+    checked = _common.streamed_output
+
+    def checked_then_swapped(path):
+        answer = checked(path)
+        os.unlink(work / "out")
+        os.symlink("victim", work / "out")
+        return answer
+
+    monkeypatch.setattr(_common, "streamed_output", checked_then_swapped)
+    code, _, err = run(capsys, "decrypt", "--key-file", "key", "sealed", "out")
+    assert code == 1 and "cannot write out: it became a regular file" in err, err
+    assert (work / "victim").read_bytes() == b"the victim's own data"
+
+
+@pytest.mark.parametrize("out", ["plain/", "missing/", "sub/"])
+def test_an_out_ending_in_a_slash_is_a_usage_error_before_any_work(work, capsys, out):
+    """stat("file/") fails with ENOTDIR, which passed as "OUT does not exist": the whole
+    input was decrypted, then "output exists ... it appeared while gpucrypt was writing"
+    (exit 1) for a file that was there before, or "No such file or directory"."""
+    assert run(capsys, "encrypt", "--key-file", "key", "plain", "sealed")[0] == 0
+    (work / "sub").mkdir()
+    before = (work / "plain").read_bytes()
+    code, _, err = run(capsys, "decrypt", "--force", "--key-file", "key", "sealed", out)
+    assert code == 2 and (f"output {out} ends in '/'" in err or
+                          f"output is a directory: {out}" in err), err
+    assert (work / "plain").read_bytes() == before and sorted(os.listdir(work / "sub")) == []
 
 
 def test_an_output_that_is_a_symbolic_link_is_refused_with_what_to_do(work, capsys):

@@ -148,6 +148,17 @@ def test_source_kinds(small_batches, tmp_path, kind):
     assert back2.getvalue() == data
 
 
+@pytest.mark.parametrize("bad", [None, 7, "text"], ids=["None", "int", "str"])
+def test_a_chunk_that_is_not_bytes_is_refused_not_taken_for_the_end(tmp_path, bad):
+    """An iterable's None chunk (what a non-blocking read gives for "nothing yet") ended
+    the input there: the stream sealed was valid, final flag and all, and held only the
+    chunks before it. Every chunk that is not bytes-like is a TypeError, nothing written."""
+    out = tmp_path / "sealed"
+    with pytest.raises(TypeError, match="src chunks must be bytes-like"):
+        stream.encrypt(iter([b"a" * 5000, bad, b"b" * 5000]), out, KEY, segment_size=SEG)
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
 def test_output_to_path_is_replaced_atomically(tmp_path):
     dst = tmp_path / "out"
     dst.write_bytes(b"old")
@@ -1310,6 +1321,33 @@ def test_src_and_dst_that_are_one_file_are_refused(tmp_path, operation):
         with pytest.raises(ValueError, match="src and dst are the same file"):
             getattr(stream, operation)(path, dst, key, device="cpu")
     assert path.read_bytes() == before
+
+
+def test_a_fifo_dst_swapped_for_a_link_to_a_file_after_its_check_is_not_written_through(
+        tmp_path, monkeypatch):
+    """A path checked as a FIFO (then written in place) was opened by name with
+    open(path, "wb"): a link to a regular file swapped in between had that file truncated
+    and the plaintext written into it. The open now creates and truncates nothing and
+    refuses what is not a FIFO or a device."""
+    from gpucrypt.files import _atomic
+
+    key = os.urandom(32)
+    stream.encrypt(b"SECRET PLAINTEXT", tmp_path / "ct", key, device="cpu")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "victim").write_bytes(b"the victim's own data")
+    (tmp_path / "out").symlink_to("fifo")
+    checked = _atomic.streamed_path
+
+    def checked_then_swapped(path):
+        answer = checked(path)
+        os.unlink(tmp_path / "out")
+        os.symlink("victim", tmp_path / "out")
+        return answer
+
+    monkeypatch.setattr(_atomic, "streamed_path", checked_then_swapped)
+    with pytest.raises(OSError, match="became a regular file.*nothing was written"):
+        stream.decrypt(tmp_path / "ct", tmp_path / "out", key, device="cpu")
+    assert (tmp_path / "victim").read_bytes() == b"the victim's own data"
 
 
 def test_a_fifo_named_as_dst_is_written_as_a_stream_not_replaced(tmp_path):

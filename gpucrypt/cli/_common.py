@@ -382,6 +382,9 @@ def check_output_path(out: str, force: bool) -> str:
         return out  # /dev/stdout, a link to a FIFO: written in place, as itself
     if os.path.islink(out):  # before "exists": --force would not help
         raise CliError(link_refusal(out), 2)
+    if out.endswith(("/", os.sep)):  # stat("file/") is ENOTDIR: it passed as "missing"
+        raise CliError(f"output {out} ends in '/', which names a folder: give a file's path "
+                       f"(a folder's, with the file's name after the '/')", 2)
     if mode is None:
         return out
     if stat.S_ISDIR(mode):
@@ -438,8 +441,10 @@ class StreamedOutput:
 
     def __init__(self, path: str):
         self.path = path
+        from ..files._atomic import open_streamed
+
         try:
-            self.file = open(path, "wb")
+            self.file = open(open_streamed(path), "wb")
         except OSError as exc:
             raise CliError(f"cannot write {path}: {exc.strerror or exc}", 1) from None
         self.write = self.file.write

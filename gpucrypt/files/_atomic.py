@@ -811,7 +811,7 @@ class _StreamedPath(FileObjectOutput):
     stream, as stdout is; closed when the work ends."""
 
     def __init__(self, path: Any):
-        super().__init__(open(path, "wb", buffering=0))
+        super().__init__(open(open_streamed(path), "wb", buffering=0))
 
     def commit(self) -> None:
         self._file.close()
@@ -821,6 +821,26 @@ class _StreamedPath(FileObjectOutput):
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._file.close()  # flushed: unbuffered
+
+
+def open_streamed(path: Any) -> int:
+    """A descriptor writing to the FIFO or character device at ``path`` (a symbolic link
+    followed, as :func:`streamed_path` follows it), opened without ``O_CREAT`` or
+    ``O_TRUNC`` and checked once open: a regular file swapped in at ``path`` after the
+    check that chose to stream there is refused (``OSError`` naming ``path``), where an
+    ``open(path, "wb")`` truncated it and wrote through (decrypt's plaintext, into any
+    file the user may write). A FIFO's open waits here for its reader."""
+    fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+            raise OSError(errno.EINVAL, f"it became a {file_kind(mode)} while gpucrypt ran "
+                          f"(it was a FIFO or a device): nothing was written to it",
+                          os.fspath(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def streamed_path(path: Any) -> bool:

@@ -38,8 +38,10 @@ Guarantees and limits:
   hard links keep its old contents. ``dst`` naming ``src``'s own file is
   refused (``ValueError``). ``decrypt`` to a path renames only after every segment, including the
   one marked last, verified; on any error the temporary file is removed and the
-  destination is untouched. A path that is a symbolic link is refused (OSError).
-- ``decrypt`` to a file object writes each batch of segments only after they
+  destination is untouched. A path that is a symbolic link is refused (OSError). A path
+  that is a FIFO or a character device (``/dev/null``, a link to one: ``/dev/stdout``) is
+  not replaced but written in place, as a file object is (below).
+- ``decrypt`` to a file object (or to a FIFO or device path) writes each batch of segments only after they
   verified, and raises on the first bad segment. The file object may then hold
   the plaintext of the segments before it (all verified, but not the whole file):
   treat it as garbage unless ``decrypt`` returned.
@@ -179,6 +181,10 @@ class _FileSource(_Source):
             self._file.close()
 
 
+#: the end of an iterable source's chunks
+_END = object()
+
+
 class _IterableSource(_Source):
     def __init__(self, chunks: Iterable[Any]):
         self._chunks = iter(chunks)
@@ -188,8 +194,10 @@ class _IterableSource(_Source):
         got = 0
         while got < len(buf):
             if not len(self._left):
-                chunk = next(self._chunks, None)
-                if chunk is None:
+                # not None as the end: a None chunk (a non-blocking read's "nothing yet")
+                # ended the input there, and the stream sealed was valid and short
+                chunk = next(self._chunks, _END)
+                if chunk is _END:
                     break
                 try:
                     self._left = memoryview(chunk).cast("B")
@@ -551,6 +559,10 @@ def _after_header(header: Header, src: Any) -> Iterable[bytes]:
     read = getattr(src, "read1", src.read)
     while True:
         chunk = read(1 << 20)
+        if not chunk and read is not src.read:
+            # read1 gives b"" for a non-blocking file with no data yet, as at its end;
+            # read tells them apart (None, b"")
+            chunk = src.read(1 << 20)
         if chunk is None:  # a non-blocking file with no data yet: not the end
             wait_ready(src, writing=False)
             continue
