@@ -1254,6 +1254,53 @@ def test_a_dicts_encryptions_decrypted_as_a_list_say_they_are_filed_under_other_
         gpucrypt.decrypt_tensors({"a": encs["b"]}, key)
 
 
+def test_decrypt_tensor_checks_the_name_it_is_given(device):
+    """encrypt_tensor(name=) authenticates a name that decrypt_tensor could not check: two
+    single-tensor blobs swapped in storage decrypted, each in the other's place. With
+    name= a ciphertext recording another name, or none, fails as a misfiled batch entry
+    does, before anything is decrypted, naming both; without it nothing changes."""
+    key = os.urandom(32)
+    values = {"layer1.weight": random_array((4,), "float32"),
+              "layer2.weight": random_array((4,), "float32")}
+    store = {n: gpucrypt.encrypt_tensor(v, key, name=n).to_bytes() for n, v in values.items()}
+    unnamed = gpucrypt.encrypt_tensor(values["layer1.weight"], key).to_bytes()
+    for n, blob in store.items():  # the one-tensor path (no out=) and the general one
+        got = gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(blob), key, name=n,
+                                      device=device)
+        assert got.tobytes() == values[n].tobytes()
+        out = np.empty(4, np.float32)
+        assert gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(blob), key, name=n, out=out,
+                                       device=device) is out
+        assert out.tobytes() == values[n].tobytes()
+    for blob, recorded in ((store["layer2.weight"], "the name 'layer2.weight'"),
+                           (unnamed, "no name")):
+        for out in (None, np.ones(4, np.float32)):
+            with pytest.raises(InvalidTag, match=f"name='layer1.weight' was asked for, but the "
+                                                 f"ciphertext records {recorded}.*Nothing was "
+                                                 f"decrypted") as info:
+                gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(blob), key,
+                                        name="layer1.weight", out=out, device=device)
+            assert info.value.failed == ["layer1.weight"]
+            if out is not None:  # as a wrong tag's: what it held cannot pass for the plaintext
+                assert not out.any()
+    # without name= the recorded name is not checked: the swapped blob decrypts, as itself
+    swapped = EncryptedTensor.from_bytes(store["layer2.weight"])
+    assert gpucrypt.decrypt_tensor(swapped, key, device=device).tobytes() == \
+        values["layer2.weight"].tobytes()
+    # in place: a mismatch leaves the ciphertext where it is, and the result usable
+    x = random_array((4,), "float32")
+    plain = x.tobytes()
+    enc = gpucrypt.encrypt_tensor(x, key, inplace=True, name="w")
+    sealed = x.tobytes()
+    with pytest.raises(InvalidTag, match="name='v' was asked for"):
+        gpucrypt.decrypt_tensor(enc, key, name="v", device=device)
+    assert x.tobytes() == sealed
+    assert gpucrypt.decrypt_tensor(enc, key, name="w", device=device) is x
+    assert x.tobytes() == plain
+    with pytest.raises(TypeError, match="tensor names must be str"):
+        gpucrypt.decrypt_tensor(EncryptedTensor.from_bytes(unnamed), key, name=3)
+
+
 @pytest.mark.parametrize("size", [16, 1 << 20])  # the small path and the general one
 def test_a_wrong_key_on_an_unnamed_tensor_says_what_can_be_wrong(size):
     """It said "authentication failed for 1 of 1 tensor(s): None"."""
@@ -1282,6 +1329,33 @@ def test_a_state_dict_entry_that_is_no_tensor_is_named():
     with pytest.raises(TypeError, match=r"entry 'state' is a nested dict: .* flatten it first.*"
                                         r"none of its tensors is stored in the clear"):
         gpucrypt.encrypt_tensors({"state": {"0": {"exp_avg": np.ones(3)}}}, os.urandom(32))
+
+
+def test_stored_bytes_and_immutable_outs_are_refused_saying_what_to_do():
+    """Two errors that said only what was wrong: the bytes to_bytes() made, given where an
+    EncryptedTensor goes ("expected an EncryptedTensor, not bytes"), and a JAX out=
+    ("out must be a writable C-contiguous tensor", which a JAX array may well be)."""
+    import jax.numpy as jnp
+
+    key = os.urandom(32)
+    x = random_array((4,), "float32")
+    blob = gpucrypt.encrypt_tensor(x, key).to_bytes()
+    for data in (blob, bytearray(blob), memoryview(blob)):
+        with pytest.raises(TypeError, match=r"not \w+; parse stored bytes with "
+                                            r"gpucrypt\.EncryptedTensor\.from_bytes first$"):
+            gpucrypt.decrypt_tensor(data, key)
+        with pytest.raises(TypeError, match=r"entry 'a': expected an EncryptedTensor, not \w+; "
+                                            r"parse stored bytes with gpucrypt\.EncryptedTensor"
+                                            r"\.from_bytes first \(\{name: EncryptedTensor"):
+            gpucrypt.decrypt_tensors({"a": data}, key)
+    with pytest.raises(TypeError, match="expected an EncryptedTensor, not ndarray$"):
+        gpucrypt.decrypt_tensor(x, key)  # no advice about bytes for what is no bytes
+    enc = gpucrypt.encrypt_tensor(x, key)
+    for call in (lambda out: gpucrypt.decrypt_tensor(enc, key, out=out),
+                 lambda out: gpucrypt.decrypt_tensors([enc], key, out=[out])):
+        with pytest.raises(ValueError, match="jax arrays are immutable: leave out= unset"):
+            call(jnp.zeros(4, jnp.float32))
+    assert gpucrypt.decrypt_tensor(enc, key).tobytes() == x.tobytes()
 
 
 # --------------------------------------------------------------------- GPU staging

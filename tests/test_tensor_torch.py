@@ -23,7 +23,8 @@ from gpucrypt import EncryptedTensor
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install 'gpucrypt[torch]')")
 
-from _reference import check_tensor_is_reference_aead, hand_metadata  # noqa: E402
+from _reference import (check_tensor_is_reference_aead, hand_metadata,  # noqa: E402
+                        reference_seal, require_gpu_backend)
 from _outside_simulator import assert_gpu_call_refused_outside_simulator  # noqa: E402
 
 DTYPE_NAMES = ["bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
@@ -830,3 +831,98 @@ def test_a_copy_of_an_in_place_result_decrypts_in_place(make):
         back = gpucrypt.decrypt_tensor(c, key, inplace=True)
         assert back.shape == x.shape and torch.equal(back, x)
     assert torch.equal(gpucrypt.decrypt_tensor(enc, key), x)  # the original: still in place
+
+
+def _shrunk(t, nbytes=16):
+    """``t`` with its storage resized underneath it to ``nbytes``: its shape still says
+    more (the storage of a view is its base's)."""
+    t.untyped_storage().resize_(nbytes)
+    return t
+
+
+def test_a_tensor_whose_storage_shrank_is_refused_on_every_route(device):
+    """device="gpu" and contiguous=True take the adapters' route, through torch's own
+    views and copy, which do not check that the storage still holds the tensor: they read
+    past the allocation (and, in place on "gpu", wrote past it: heap corruption, abort).
+    Refused as the by-address route refuses it, before any tensor of the batch is read or
+    written; the check follows the layout, so strided views of a whole storage still go."""
+    key = os.urandom(32)
+    for call in (lambda x, **kw: gpucrypt.encrypt_tensor(x, key, device=device, **kw),
+                 lambda x, **kw: gpucrypt.encrypt_tensors([x], key, device=device, **kw)):
+        with pytest.raises(ValueError, match="storage is smaller than the tensor"):
+            call(_shrunk(torch.arange(64.0)))
+        with pytest.raises(ValueError, match="storage is smaller than the tensor"):
+            call(_shrunk(torch.arange(64.0).reshape(8, 8).t()), contiguous=True)
+        # 16 elements, 64 bytes, spread over 244: a check of the byte count would pass it
+        with pytest.raises(ValueError, match="storage is smaller than the tensor"):
+            call(_shrunk(torch.arange(64.0)[::4], 128), contiguous=True)
+    good = torch.arange(8.0)
+    with pytest.raises(ValueError, match="storage is smaller than the tensor"):
+        gpucrypt.encrypt_tensors({"good": good, "bad": _shrunk(torch.arange(64.0))}, key,
+                                 inplace=True, device=device)
+    assert torch.equal(good, torch.arange(8.0))
+    for x in (torch.arange(64.0)[::3], torch.arange(64.0).reshape(8, 8).t()[2:, 1:5],
+              torch.ones(1).expand(40)):  # skipping, offset, and repeating (stride 0) views
+        enc = gpucrypt.encrypt_tensor(x, key, device=device, contiguous=True)
+        assert torch.equal(gpucrypt.decrypt_tensor(enc, key), x)
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("made_by", ["torch", "cupy"])
+def test_a_gpu_decrypt_queues_on_the_stream_of_the_framework_it_writes(monkeypatch, made_by):
+    """Host ciphertext decrypted into a numba device out=: the launch stream is numba's,
+    the framework of the memory written on the device. It was asked of the framework that
+    made the ciphertext: torch's "not compiled with CUDA" on a CPU-only torch, CuPy
+    imported for a CuPy-made blob (and, where they run, a stream not ordered with out=)."""
+    require_gpu_backend()
+    from numba import cuda
+
+    from gpucrypt.tensors import _frameworks as fw
+
+    asked = []
+    for name, adapter in fw.BY_NAME.items():
+        def spy(place, _name=name, _real=adapter.current_stream):
+            asked.append(_name)
+            return _real(place)
+
+        monkeypatch.setattr(adapter, "current_stream", spy)
+    key = os.urandom(32)
+    x = torch.arange(10, dtype=torch.int32)
+    if made_by == "torch":
+        enc = gpucrypt.encrypt_tensor(x, key)
+    else:  # as a machine with CuPy writes it (none here, perhaps): from the format itself
+        nonce = os.urandom(12)
+        meta = hand_metadata(algorithm="chacha20-poly1305", framework="cupy", dtype="int32",
+                             shape=(10,), nbytes=40)
+        enc = EncryptedTensor.from_bytes(meta + struct.pack("<Q", 0) + nonce + reference_seal(
+            "chacha20-poly1305", key, nonce, as_bytes(x), meta))
+    assert enc.framework == made_by
+    out = cuda.to_device(np.zeros(10, np.int32))
+    assert gpucrypt.decrypt_tensor(enc, key, out=out) is out
+    assert out.copy_to_host().tobytes() == as_bytes(x)
+    assert asked == ["numba"]
+
+
+@pytest.mark.parametrize("restride,undo", [
+    (lambda x: x.t_(), lambda x: x.t_()),
+    (lambda x: x.as_strided_((4, 3), (1, 4)), lambda x: x.as_strided_((3, 4), (4, 1)))],
+    ids=["t_", "as_strided_"])
+def test_an_in_place_result_whose_tensor_was_restrided_since_says_so(device, restride, undo):
+    """A tensor encrypted in place, then transposed in place: the same memory, read in
+    another order (through a copy), failed as InvalidTag ("a wrong key, or ... changed").
+    Refused saying why, nothing decrypted, and decrypted once the change is undone."""
+    key = os.urandom(32)
+    x = torch.arange(12.0).reshape(3, 4)
+    plain = as_bytes(x)
+    enc = gpucrypt.encrypt_tensor(x, key, inplace=True)
+    sealed = as_bytes(x)
+    restride(x)
+    for decrypt in (lambda: gpucrypt.decrypt_tensor(enc, key, device=device),
+                    lambda: gpucrypt.decrypt_tensors([enc], key, device=device)):
+        with pytest.raises(ValueError, match="encrypted in place, and is no longer C-contiguous"
+                                             ".*Undo that change.*nothing was decrypted"):
+            decrypt()
+    undo(x)
+    assert as_bytes(x) == sealed  # still the ciphertext, and the result not spent
+    assert gpucrypt.decrypt_tensor(enc, key, device=device) is x
+    assert as_bytes(x) == plain

@@ -910,6 +910,16 @@ def _check_storage(t: Any, nbytes: int, written_as: Any = _NOT_WRITTEN,
             _refuse_read_only_torch(t, nbytes, _what(written_as))
 
 
+def _torch_extent(t: Any) -> int:
+    """The bytes a strided torch tensor reaches in its storage from its first element:
+    its byte count when it is contiguous, more when its strides skip elements, less when
+    they repeat them (stride 0: an ``expand``), so :func:`_check_storage` of it holds for
+    any layout (torch has no negative strides)."""
+    if not t.numel():
+        return 0
+    return (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
+
+
 def _bytes_at(address: int, nbytes: int) -> Any:
     """A ctypes byte array over ``nbytes`` at ``address`` (the caller keeps the memory's
     owner alive while it is used)."""
@@ -1324,6 +1334,11 @@ def _encrypt_jobs(items: list[tuple[str | None, Any]], key: Any, *, algorithm: s
         if inplace and not adapter.mutable:
             raise ValueError(f"{adapter.name} arrays are immutable: inplace=True is not "
                              f"possible (leave it False: the ciphertext goes to a new buffer)")
+        if place == HOST and adapter.name == "torch":
+            # this route reads (and in place writes) a host tensor through torch's own copy
+            # and views (contiguous=True, device="gpu"), which do not check that its storage
+            # still holds it: refused as the by-address route refuses it, before either
+            _check_storage(x, _torch_extent(x))
         if adapter.needs_copy(x):
             if inplace:  # before contiguous=True is offered, which would not do here
                 raise ValueError("inplace=True needs a C-contiguous tensor (a copy would not be "
@@ -1754,7 +1769,9 @@ def _items_of(container: Any):
 
 # ============================================================================ decryption
 def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any, *,
-                  stream: Any, device: Any, inplace: bool | None) -> list[Any]:
+                  stream: Any, device: Any, inplace: bool | None, one: bool = False) -> list[Any]:
+    """``one``: ``items`` is :func:`decrypt_tensor`'s entry, labelled with its ``name=``
+    (None when not given), which the recorded name must then equal."""
     device = _check_device(device)
     if device == "gpu":  # BackendUnavailable saying why, as encrypting says it: before a
         from ..backends import get_backend  # result is planned on a device there is none of
@@ -1766,7 +1783,7 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     spent: list = []  # entries decrypted in place already: all named at once, below
     for label, enc, out in items:
         if not isinstance(enc, EncryptedTensor):
-            raise TypeError(f"expected an EncryptedTensor, not {type(enc).__name__}")
+            raise _not_encrypted(label, enc, one)
         if enc._consumed[0]:
             spent.append(label if label is not None else enc.name)
             continue
@@ -1819,7 +1836,7 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
         job.inplace, job.nonce, job.x, job.result = in_place, enc.nonce, out, (run_gpu, job_key)
         jobs.append(job)
     if spent:
-        if len(items) == 1 and items[0][0] is None:  # decrypt_tensor: "this" says which
+        if one:  # decrypt_tensor: "this" says which
             raise ValueError(_SPENT)
         _refuse_spent(spent, len(items))
     # An entry filed under another name than it was encrypted with (two state-dict entries
@@ -1827,10 +1844,12 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     # In a batch whose entries carry names (encrypt_tensors records each one's), an entry
     # without one is misfiled too: an unnamed ciphertext under the same key (from
     # encrypt_tensor) put in an entry's place decrypted as that entry. A batch of unnamed
-    # entries alone (encrypt_tensor's results, gathered) has no names to check.
-    named = any(j.enc.name is not None for j in jobs if j.label is not None)
+    # entries alone (encrypt_tensor's results, gathered) has no names to check;
+    # decrypt_tensor's name= is one the caller expects, so an unnamed entry is misfiled there.
+    # A name edited to something that is no str (an array, say) is misfiled uncompared.
+    named = one or any(j.enc.name is not None for j in jobs if j.label is not None)
     misfiled = [j for j in jobs if j.label is not None and (j.enc.name is not None or named)
-                and j.enc.name != j.label]
+                and (not isinstance(j.enc.name, str) or j.enc.name != j.label)]
     refused = {id(j) for j in misfiled + malformed}
     todo = [j for j in jobs if id(j) not in refused]
     gpu_jobs = [j for j in todo if j.result[0]]
@@ -1860,6 +1879,17 @@ def _decrypt_jobs(items: list[tuple[str | None, EncryptedTensor, Any]], key: Any
     failed = [j for j in jobs if id(j) in refused]
     if failed:
         _zero_refused_outputs(misfiled + malformed, jobs)
+        if one and misfiled:
+            label, recorded = misfiled[0].label, misfiled[0].enc.name
+            exc = InvalidTag(
+                f"authentication failed for 1 of 1 tensor(s): name={label!r} was asked for, "
+                f"but the ciphertext records " + ("no name" if recorded is None else
+                                                  f"the name {recorded!r}") +
+                f" (authentic only if it decrypts): was another tensor's ciphertext stored in "
+                f"place of {label!r}? Nothing was decrypted; decrypt the ciphertext stored "
+                f"for {label!r}, or this one under the name it was encrypted with")
+            exc.failed = [label]
+            raise exc
         names = ", ".join(_described(j.label if j.label is not None else j.enc.name)
                           for j in failed)
         # the recorded name is not authentic yet, but says what went wrong when it is
@@ -1992,6 +2022,19 @@ def _refuse_spent(spent: list, count: int) -> None:
         f"decrypt the other entries without them (exc.spent lists them all)")
     exc.spent = spent
     raise exc
+
+
+def _not_encrypted(label: Any, x: Any, one: bool) -> TypeError:
+    """The error for an entry that is no EncryptedTensor, saying what to do with the
+    commonest one, the bytes ``to_bytes()`` stored."""
+    what = f"expected an EncryptedTensor, not {type(x).__name__}"
+    if not one:
+        what = f"entry {label!r}: {what}"
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        what += ("; parse stored bytes with gpucrypt.EncryptedTensor.from_bytes first" +
+                 ("" if one else " ({name: EncryptedTensor.from_bytes(blob) for name, blob "
+                                 "in blobs.items()})"))
+    return TypeError(what)
 
 
 def _framework_of(x: Any) -> str:
@@ -2130,7 +2173,11 @@ def _prepare_outputs(jobs: list[_Job], stream: Any) -> None:
         elif job.x is not None:
             out = job.x
             adapter = fw.adapter_for(out)
-            if adapter.needs_copy(out) or not adapter.mutable:
+            if not adapter.mutable:
+                raise ValueError(f"out must be a writable tensor, and {adapter.name} arrays are "
+                                 f"immutable: leave out= unset (the result is a new array), or "
+                                 f"give a tensor of a framework that can be written")
+            if adapter.needs_copy(out):
                 raise ValueError("out must be a writable C-contiguous tensor")
             if adapter.dtype_name(out) != enc.dtype or adapter.shape(out) != enc.shape:
                 raise ValueError(f"out has dtype {adapter.dtype_name(out)} and shape "
@@ -2172,8 +2219,20 @@ def _in_place_host_bytes(enc: EncryptedTensor, label: Any, probes: list | None =
     """The memory an in-place host result is decrypted in, as a flat byte memoryview;
     ``ValueError`` when it cannot be written now (a NumPy array made read-only since it
     was encrypted) or no longer holds the ciphertext's bytes (a torch tensor whose
-    storage shrank). Asked of every in-place host result of a batch before any tensor is
-    decrypted."""
+    storage shrank), or not in their order (one no longer C-contiguous). Asked of every
+    in-place host result of a batch before any tensor is decrypted."""
+    source = enc._source
+    if not (source.flags.c_contiguous if isinstance(source, np.ndarray)
+            else source.is_contiguous()):
+        # restrided in place since (its byte count is the same: _describes_its_ciphertext
+        # checked), its memory would be read in another order (through a copy, even), and
+        # fail as a bad tag, which says nothing of why
+        raise ValueError(f"{_what(label, enc.name)} was encrypted in place, and is no longer "
+                         f"C-contiguous: its shape or strides were changed in place since "
+                         f"(t_(), as_strided_(), NumPy's .shape or .strides), so its memory no "
+                         f"longer reads as the ciphertext. Undo that change (make it "
+                         f"C-contiguous over the same memory again), then decrypt; nothing was "
+                         f"decrypted")
     view = memoryview(_host_ciphertext_view(enc))
     if view.readonly:
         raise ValueError(f"{_what(label, enc.name)} is read-only now: an in-place decrypt needs "
@@ -2227,8 +2286,14 @@ def _prepare_gpu_open(jobs: list[_Job], stream: Any):
     gpu = get_backend("gpu")
     place = _single_place([j.enc._place for j in jobs] + [j.place for j in jobs])
     with gpu.device(_device_index(place)):
-        launch_stream = _launch_stream(stream, place, (j.enc.framework for j in jobs
-                                                       if place in (j.place, j.enc._place)))
+        # the framework of what is on the device: the memory written there (out= of any
+        # framework, else the ciphertext's or a new result of the recorded one), else the
+        # ciphertext read there; host ciphertext's framework has no say (a torch-made one
+        # into a numba out= asked a CPU-only torch for a CUDA stream)
+        launch_stream = _launch_stream(stream, place, (
+            (j.enc.framework if j.x is None or j.inplace else fw.adapter_for(j.x).name)
+            if j.place == place else j.enc.framework
+            for j in jobs if place in (j.place, j.enc._place)))
         if stream is not None:  # resolves it (TypeError for an object that is none), queues nothing
             gpu.wait_for(launch_stream, launch_stream)
         _order_inputs(gpu, stream, launch_stream, place,
@@ -2288,7 +2353,8 @@ def _shared_tags(jobs: list[_Job]) -> Any:
 
 
 def decrypt_tensor(enc: EncryptedTensor, key: Any, *, out: Any = None, stream: Any = None,
-                   device: str | None = None, inplace: bool | None = None) -> Any:
+                   device: str | None = None, inplace: bool | None = None,
+                   name: str | None = None) -> Any:
     """Check and decrypt ``enc``; returns the tensor (same framework, dtype, shape, device).
 
     ``InvalidTag`` if the key is wrong or anything was altered. ``out``: a tensor to
@@ -2297,13 +2363,21 @@ def decrypt_tensor(enc: EncryptedTensor, key: Any, *, out: Any = None, stream: A
     place; True decrypts in the ciphertext's own memory. ``device``: None (where the
     ciphertext is), ``"cpu"`` (host result), ``"gpu"`` (run on the GPU; device result
     for torch/CuPy/numba/JAX tensors). After an in-place decrypt ``enc`` is spent.
+    ``name``: the name ``encrypt_tensor(name=)`` must have recorded (authenticated with
+    the rest); a ciphertext recording another name, or none, fails with ``InvalidTag``
+    before anything is decrypted (``out=`` zeroed, as for a wrong tag), as
+    :func:`decrypt_tensors` fails an entry filed under another name. Without it the
+    recorded name is not checked: ``enc.name`` is whatever the ciphertext was made with.
     """
-    if out is None and stream is None and (device is None or _check_device(device) != "gpu"):
+    # name= as recorded: the small path decrypts, and the tag checks that name
+    if out is None and stream is None and (device is None or _check_device(device) != "gpu") \
+            and (name is None or type(enc) is EncryptedTensor and type(enc.name) is str
+                 and enc.name == name):
         result = _decrypt_small_on_host(enc, key, inplace)
         if result is not _NOT_SMALL:
             return result
-    return _decrypt_jobs([(None, enc, out)], key, stream=stream, device=device,
-                         inplace=inplace)[0]
+    return _decrypt_jobs([(_check_name(name), enc, out)], key, stream=stream, device=device,
+                         inplace=inplace, one=True)[0]
 
 
 def decrypt_tensors(encs: Mapping[str, EncryptedTensor] | Sequence[EncryptedTensor], key: Any, *,
