@@ -413,9 +413,29 @@ class _AuditFileHandler(_Raising, logging.FileHandler):
             os.close(reader)
 
 
+def _refuse_others_log(path: str, held: Any) -> None:
+    """Another user's log is written as it is, with its own mode (a log shared on purpose:
+    the chmod to 0600 was EPERM for its writers, or as root took it from its owner's
+    other readers), unless anyone may read or write it or its folder (a log planted in a
+    world-writable folder such as /tmp, to be read): then ``OSError``, nothing written."""
+    import errno
+    import os
+    import stat
+
+    folder = os.stat(os.path.dirname(os.path.abspath(path)))
+    if held.st_mode & 0o007 or folder.st_mode & stat.S_IWOTH:
+        where = "anyone may read or write it" if held.st_mode & 0o007 else \
+            "its folder is writable by anyone"
+        raise OSError(errno.EPERM, f"it belongs to another user (uid {held.st_uid}) and "
+                      f"{where}: its events could be read or removed by others; give a log "
+                      f"of your own (or its owner may make it 0660 in a folder of theirs)",
+                      path)
+
+
 def _open_log(path: str) -> int:
     """A descriptor appending to the audit log ``path``, created 0600 and an existing file
-    of this user's made 0600 (another user's, writable by this one, keeps its mode). A symbolic link is refused, as :class:`gpucrypt.files._atomic.AtomicFile`
+    of this user's made 0600 (another user's keeps its mode, unless anyone may read or
+    write it or its folder: :func:`_refuse_others_log`). A symbolic link is refused, as :class:`gpucrypt.files._atomic.AtomicFile`
     refuses one: a link planted where the log goes would choose which file gets changed
     (and chmod-ed). So is anything but a regular file (a FIFO would block the command, a
     device take the lines), and a file that cannot be locked (writers take turns through
@@ -443,11 +463,11 @@ def _open_log(path: str) -> int:
             raise not_regular
         os.set_blocking(fd, True)
         held = os.fstat(fd)
-        # an existing file keeps its mode otherwise; but not another user's: a log shared
-        # on purpose (its owner's choice) is written as it is (the chmod was EPERM there,
-        # the log unusable, or as root took the log from its owner's other readers)
-        if hasattr(os, "fchmod") and held.st_uid == getattr(os, "geteuid", lambda: 0)():
-            os.fchmod(fd, 0o600)
+        if held.st_uid == getattr(os, "geteuid", lambda: held.st_uid)():
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
+        else:
+            _refuse_others_log(path, held)
         if _flock is not None:
             try:
                 _flock(fd, LOCK_EX)

@@ -158,22 +158,35 @@ def test_enable_to_file_and_stream(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
                     reason="needs root to make a log owned by another user")
-def test_a_log_another_user_owns_keeps_its_mode(tmp_path):
-    """A log shared on purpose (another user's, writable by this one) was made 0600: as
-    root, taken from its owner's other readers; as anyone else, the chmod was EPERM and
-    the log could not be used at all."""
-    path = tmp_path / "shared.log"
-    path.write_text("")
-    os.chown(path, 65534, 65534)
-    os.chmod(path, 0o664)
-    handler = audit.enable(path)
+def test_a_log_another_user_shares_keeps_its_mode_and_a_planted_one_is_refused(tmp_path):
+    """A log shared on purpose (another user's, 0660, in a folder of theirs) was made 0600:
+    as root, taken from its owner's other readers; as anyone else, the chmod was EPERM and
+    the log could not be used. But one that anyone may read, or in a folder anyone may
+    write (planted in /tmp, say), is refused: its events would be read by its owner."""
+    shared = tmp_path / "shared.log"
+    shared.write_text("")
+    os.chown(shared, 65534, 65534)
+    os.chmod(shared, 0o660)
+    handler = audit.enable(shared)
     try:
         audit.event("keyset.add", key_id="abc")
     finally:
         logging.getLogger(audit.LOGGER_NAME).removeHandler(handler)
         handler.close()
-    assert os.stat(path).st_mode & 0o777 == 0o664 and os.stat(path).st_uid == 65534
-    assert json.loads(path.read_text())["key_id"] == "abc"
+    assert os.stat(shared).st_mode & 0o777 == 0o660 and os.stat(shared).st_uid == 65534
+    assert json.loads(shared.read_text())["key_id"] == "abc"
+    for folder_mode, log_mode, why in ((0o1777, 0o600, "folder is writable by anyone"),
+                                       (0o700, 0o664, "anyone may read or write it")):
+        folder = tmp_path / f"f{folder_mode:o}-{log_mode:o}"
+        folder.mkdir()
+        folder.chmod(folder_mode)
+        planted = folder / "audit.log"
+        planted.write_text("")
+        os.chown(planted, 65534, 65534)
+        os.chmod(planted, log_mode)
+        with pytest.raises(OSError, match=f"another user .uid 65534. and.*{why}"):
+            audit.enable(planted)
+        assert planted.read_text() == "" and os.stat(planted).st_mode & 0o777 == log_mode
 
 
 def test_enable_a_path_twice_and_an_existing_file(tmp_path):

@@ -244,10 +244,16 @@ def test_a_secret_attribute_is_masked_however_its_name_is_spelled(uri):
     "awskms://AKIAEXAMPLE:SECRET-7d1@arn:aws:kms:eu-west-1:111122223333:key/1234",
     "awskms://AKIAEXAMPLE:SECRET-7d1@/alias/models",
     "file://backup:SECRET-7d1@localhost/etc/gpucrypt/ks.json",
+    "awskms://AKIAEXAMPLE:SECRET-7d1/x+y@arn:aws:kms:eu-west-1:111122223333:key/1234",
+    "awskms://AKIAEXAMPLE:SECRET-7d1?q#r@arn:aws:kms:eu-west-1:111122223333:key/1234",
+    "awskms:AKIAEXAMPLE:SECRET-7d1@arn:aws:kms:eu-west-1:111122223333:key/1234",
+    " AWSKMS://AKIAEXAMPLE:SECRET-7d1@/alias/models",
+    "file:backup:SECRET-7d1@/etc/gpucrypt/ks.json",
 ])
 def test_a_password_before_the_host_is_refused_and_not_shown(uri):
     """A user:password@ typed before a reference's host was quoted whole by the error that
-    refused the reference (not an ARN, not a local file)."""
+    refused the reference (not an ARN, not a local file): an AWS secret key holding '/',
+    a password holding '?' or '#', a URI without '//' or in capitals."""
     with pytest.raises(keys.KeysetError) as info:
         KeyReference(uri)
     assert "SECRET-7d1" not in str(info.value) and "***@" in str(info.value), info.value

@@ -1086,6 +1086,34 @@ def test_raw_key_file_has_no_envelope(tmp_path):
         keys.decrypt_file(tmp_path / "raw.gc", tmp_path / "out", identities=Identity.generate())
 
 
+def test_decrypt_file_reads_a_non_seekable_reader_once_past_its_end(tmp_path):
+    """The rest of a non-seekable input after its header: an object with read() alone was
+    asked again after it said b"" (a check meant for read1's b""), and one that raises
+    there (a consumed HTTP body) failed, as would a terminal wanting a second Ctrl-D."""
+    alice = Identity.generate()
+    data = os.urandom(50_000)
+    (tmp_path / "p").write_bytes(data)
+    keys.encrypt_file(tmp_path / "p", tmp_path / "c", recipients=[alice])
+
+    class ReadOnce:
+        def __init__(self, blob):
+            self.body, self.ended = io.BytesIO(blob), False
+
+        def seekable(self):
+            return False
+
+        def read(self, n=-1):
+            if self.ended:
+                raise ValueError("read after the end of the body")
+            chunk = self.body.read(n)
+            self.ended = not chunk
+            return chunk
+
+    keys.decrypt_file(ReadOnce((tmp_path / "c").read_bytes()), tmp_path / "out",
+                      identities=alice)
+    assert (tmp_path / "out").read_bytes() == data
+
+
 def test_rekey_rotates_and_drops_a_recipient_from_the_envelope(tmp_path):
     """A header-only rekey: the new envelope has no stanza for bob, so his identity no longer
     opens the file. It does not revoke bob had he kept the data key: see
@@ -1182,12 +1210,15 @@ def test_rekey_reencrypt_revokes_a_data_key_holder(tmp_path):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="rekeys are locked with flock on POSIX only")
+@pytest.mark.parametrize("rewrap_by", ["rekey_file", "replace_envelope"])
 def test_a_rekey_that_overlaps_a_revocation_waits_for_it_and_cannot_undo_it(tmp_path,
-                                                                            monkeypatch):
-    """A header-only rekey (adding carol) read the file, then a re-encrypting one revoked
-    bob while the first was copying its new file: the first published after it a copy of
-    the file it had read, with the old data key and bob's stanza, and both said ok. Now the
-    revocation waits for the rekey holding the file and then reads what that one wrote."""
+                                                                            monkeypatch,
+                                                                            rewrap_by):
+    """A header-only rekey (adding carol; or the envelope rewritten by the public
+    stream.replace_envelope) read the file, then a re-encrypting one revoked bob while the
+    first was copying its new file: the first published after it a copy of the file it had
+    read, with the old data key and bob's stanza, and both said ok. Now the revocation
+    waits for the rewrite holding the file and then reads what that one wrote."""
     from gpucrypt.files import _atomic
 
     data, enc, alice, bob, ks, bob_dek = _bob_keeps_the_data_key(tmp_path)
@@ -1206,7 +1237,10 @@ def test_a_rekey_that_overlaps_a_revocation_waits_for_it_and_cannot_undo_it(tmp_
 
     def run(**how):
         try:
-            keys.rekey_file(enc, keyset=ks, **how)
+            if threading.current_thread().name == "rewrap" and rewrap_by == "replace_envelope":
+                stream.replace_envelope(enc, bob_dek, stream.read_header(enc).envelope)
+            else:
+                keys.rekey_file(enc, keyset=ks, **how)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 

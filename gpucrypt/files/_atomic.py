@@ -911,26 +911,46 @@ def open_regular(path: Any, not_regular: Callable[[str], Exception], buffering: 
         raise
 
 
+#: (st_dev, st_ino) of the files this thread holds under :func:`held_exclusively`
+_HOLDING = _thread._local()
+
+
 @contextlib.contextmanager
 def held_exclusively(path: Any, not_regular: Callable[[str], Exception]) -> Iterator[Any]:
     """The regular file at ``path`` opened for reading (:func:`open_regular`) and held under
     an exclusive ``flock`` until the block ends: how a read-modify-write of a file that
-    ends in a rename over it (a keyset's save, a file's rekey) excludes another one of
-    gpucrypt's, which would otherwise publish a copy of the version both read and undo
-    the first one's change. Yields ``None``, holding nothing, when there is no file.
+    ends in a rename over it (a keyset's save, a file's rekey, a header rewritten) excludes
+    another one of gpucrypt's, which would otherwise publish a copy of the version both
+    read and undo the first one's change. Yields ``None``, holding nothing, when there is
+    no file.
 
     The lock is the file's own, not a lock file's: nothing is left behind and only read
     access is needed. A writer that waited on the old file, replaced meanwhile, locks the
     file now at ``path`` instead (and reads that one), so waiting serialises the whole
-    change. Where ``flock`` is missing (not POSIX) or refused (some network file systems)
-    the file is yielded unlocked."""
+    change. Held again by the thread holding it (a rekey rewriting the header), the file
+    is opened anew and not locked a second time: a flock of a second open of it would wait
+    for this thread forever. The wait has no end: another program holding a flock on the
+    file (``flock(1)``, a backup tool) holds the change up until it lets go. Where
+    ``flock`` is missing (not POSIX) or refused, the file is yielded unlocked: some network
+    file systems (NFS emulates flock with POSIX locks, which a file opened read-only
+    cannot take) serialise nothing then."""
+    held = getattr(_HOLDING, "files", None)
+    if held is None:
+        held = _HOLDING.files = set()
     while True:
+        gone = False
         try:
             f = open_regular(path, not_regular)
         except FileNotFoundError:
+            gone = True  # (yielded outside the except: a caller's error would chain it)
+        if gone:
             yield None
             return
         with f:
+            first = os.fstat(f.fileno())
+            if (first.st_dev, first.st_ino) in held:  # this thread's own hold, outside
+                yield f
+                return
             if fcntl is not None:
                 try:
                     fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when f is closed
@@ -940,10 +960,13 @@ def held_exclusively(path: Any, not_regular: Callable[[str], Exception]) -> Iter
                 now = os.stat(path)
             except FileNotFoundError:
                 now = None
-            held = os.fstat(f.fileno())
-            if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            if now is None or (now.st_dev, now.st_ino) != (first.st_dev, first.st_ino):
                 continue  # replaced (or removed) while we waited: lock what is there now
-            yield f
+            held.add((first.st_dev, first.st_ino))
+            try:
+                yield f
+            finally:
+                held.discard((first.st_dev, first.st_ino))
             return
 
 

@@ -17,6 +17,7 @@ about files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import os
 from typing import Any, Callable
@@ -325,6 +326,12 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
     disk, and either kind of file streams through memory a segment at a time (a model
     file keeps its table, metadata and ``encrypt_names``).
 
+    The file is held under its ``flock`` from the first read to the rename, so rekeys and
+    header rewrites of it from any process take turns, each reading what the one before
+    wrote: a rekey waits for one under way (and for any program holding a flock on the
+    file). Not serialised where the file system refuses flock (NFS for a file opened
+    read-only).
+
     Returns ``{"key_id", "recipients", "previous_recipients", "reencrypted"}``.
     """
     new_items = gather(recipients, keyset)
@@ -335,10 +342,12 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
     # held from the first read to the rename: another rekey of this file (a rewrap that
     # read the old envelope, say) publishing after this one would put back the file it
     # read, undoing a revocation; one that waited reads this one's file instead
+    # resolved once: the file locked is the one rewritten, whatever a link says meanwhile
+    target = os.path.realpath(path)
     with audit.timed("file.rekey", path=os.fspath(path)) as ev, \
-            held_exclusively(os.path.realpath(path), _not_rekeyable(path)) as f:
+            held_exclusively(target, _not_rekeyable(path)) as f:
         if f is None:
-            _open_rekeyable(path).close()  # gone: the error an open of it gives
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path))
         model = _starts_as_model(f)
         envelope, header, _ = _file_envelope(f, model)
         previous = describe_envelope(envelope)
@@ -354,13 +363,13 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
         key_id = _primary_key_id(new_items)
         if reencrypt:
             rewrite = _reencrypt_model if model else _reencrypt_stream
-            rewrite(path, dek, new_dek, salt, new_envelope, key_id)
+            rewrite(target, dek, new_dek, salt, new_envelope, key_id)
         elif model:
             from . import models
 
-            models.replace_envelope(path, dek, new_envelope, key_id=key_id)
+            models.replace_envelope(target, dek, new_envelope, key_id=key_id)
         else:
-            stream.replace_envelope(path, dek, new_envelope, key_id=key_id)
+            stream.replace_envelope(target, dek, new_envelope, key_id=key_id)
         # only now, on disk: an error event keeps the file's state (key_ids) and no other.
         # status: the data key's afterwards (audit.FIELDS has no field of its own for it);
         # only "reencrypted" says that who held the old data key can no longer read it

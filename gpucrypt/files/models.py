@@ -64,6 +64,7 @@ data; ``.segment`` names the failing segment, None for the header) and
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -72,7 +73,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -547,11 +548,14 @@ def _open_model(path: Any, buffering: int = -1):
     """The model file at ``path`` opened for reading, ``FormatError`` for a FIFO or a
     device there (a FIFO's open waited for a writer forever: a checkpoint folder's shard
     swapped for one after its check hung ``load_encrypted`` and ``hf.from_pretrained``)."""
+    return open_regular(path, _not_regular(path), buffering)
+
+
+def _not_regular(path: Any) -> Callable[[str], FormatError]:
     def not_regular(kind: str) -> FormatError:
         return FormatError(f"{os.fspath(path)} is a {kind}, not a regular file: give the path "
                            f"of the model file itself")
-
-    return open_regular(path, not_regular, buffering)
+    return not_regular
 
 
 def _parse_path(path: Any) -> ModelHeader:
@@ -1424,11 +1428,14 @@ def replace_envelope(path: Any, key: Any, envelope: Any, key_id: Any = _KEEP) ->
     the new (verified) header. As :func:`gpucrypt.stream.replace_envelope`: ``key`` must
     verify the old header MAC (AuthenticationError otherwise) and MACs the new one; the
     segments depend on neither field (their associated data is the fixed fields and the
-    table's hash), so they stay valid. Atomic, keeping the file's permissions."""
-    from ._atomic import replace_head
+    table's hash), so they stay valid. Atomic, keeping the file's permissions, and held
+    under the file's ``flock`` from the read to the rename, as there."""
+    from ._atomic import held_exclusively, replace_head
 
     key = _format.check_key(key)
-    with _open_model(path) as f:
+    with held_exclusively(os.path.realpath(path), _not_regular(path)) as f:
+        if f is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path))
         old = _verify(_parse(f), key)
         new_key_id = old.key_id if key_id is _KEEP else key_id
         new_key_id, envelope = _format.check_key_id_envelope(new_key_id, envelope)

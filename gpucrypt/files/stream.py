@@ -54,6 +54,7 @@ Guarantees and limits:
 from __future__ import annotations
 
 import builtins
+import errno
 import io
 import itertools
 import operator
@@ -63,7 +64,8 @@ from typing import Any, Iterable
 
 from .. import pipeline
 from . import _format
-from ._atomic import AtomicFile, open_output, open_regular, replace_head, wait_ready
+from ._atomic import (AtomicFile, held_exclusively, open_output, open_regular, replace_head,
+                      wait_ready)
 from ._format import (DEFAULT_SEGMENT_SIZE, MAX_SEGMENTS, TAG_SIZE, AuthenticationError,
                       FormatError, Header, StreamError, TruncatedError, UnsupportedVersion)
 from ..backends import select_backend
@@ -556,10 +558,11 @@ def _after_header(header: Header, src: Any) -> Iterable[bytes]:
     """The whole stream again from a file object that cannot be rewound and whose header
     :func:`read_header` took: that header's bytes, then the rest as it arrives."""
     yield _format.encode_header(header)
-    read = getattr(src, "read1", src.read)
+    has_read1 = hasattr(src, "read1")
+    read = src.read1 if has_read1 else src.read
     while True:
         chunk = read(1 << 20)
-        if not chunk and read is not src.read:
+        if not chunk and has_read1:
             # read1 gives b"" for a non-blocking file with no data yet, as at its end;
             # read tells them apart (None, b"")
             chunk = src.read(1 << 20)
@@ -994,13 +997,20 @@ def replace_envelope(path: Any, key: Any, envelope: Any, key_id: Any = _KEEP) ->
     ``key`` must verify the old header MAC (AuthenticationError otherwise) and MACs the
     new one. The segments do not depend on the envelope or key id, so they stay valid.
     Atomic: a temporary file in the same folder, fsync, rename. A symbolic link is
-    followed: the file it points to is rewritten and the link stays.
+    followed: the file it points to is rewritten and the link stays. The file is held
+    under its ``flock`` from the read to the rename, so rewrites and rekeys of it
+    (:func:`gpucrypt.keys.rekey_file`) from any process take turns, each reading what
+    the one before wrote.
     """
     key = _format.check_key(key)
-    # non-blocking, regular files only: a FIFO's open waited for a writer forever
-    with open_regular(path, lambda kind: ValueError(
+    # non-blocking, regular files only: a FIFO's open waited for a writer forever; held
+    # until the rename, so that a rewrite (a rekey's) overlapping this one cannot publish
+    # the file it read after this one, undoing it
+    with held_exclusively(os.path.realpath(path), lambda kind: ValueError(
             f"{os.fspath(path)} is a {kind}: a header is rewritten where the file lies, so it "
             f"must be a regular file")) as f:
+        if f is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path))
         old = _format.parse_header(f.read)
         _format.verify_header(key, old)
         new_key_id = old.key_id if key_id is _KEEP else key_id

@@ -52,9 +52,12 @@ _ATTRIBUTE = re.compile(r"([^;&?/:=]*)=([^;&]*)")
 #: the forms a ``*-source`` attribute may take (a PIN or passphrase is read from there)
 _SOURCE_FORMS = ("env:", "file:", "/")
 
-#: a ``user:password@`` typed before a URI's host (``awskms://AKIA...:SECRET@arn:...``,
-#: ``file://u:pw@localhost/...``): no reference reads one, so it is refused, never quoted
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+#: a ``user:password@`` typed into an ``awskms:`` or ``file:`` reference
+#: (``awskms://AKIA...:SECRET@arn:...``, ``file://u:pw@localhost/...``): no reference reads
+#: one, so it is refused, never quoted. Masked from the scheme to the last ``@`` anywhere
+#: (an AWS secret key may hold ``/``, a password ``?`` or ``#``); an alias or a path
+#: holding ``@`` is masked with it, which hides nothing secret
+_USERINFO = re.compile(r"^(\s*(?:awskms|file):(?://)?).*@", re.IGNORECASE | re.DOTALL)
 _ARN = re.compile(r"arn:aws[a-z-]*:kms:([a-z0-9-]+):\d{12}:(key|alias)/[A-Za-z0-9/_+=.@:-]+")
 
 
@@ -67,11 +70,11 @@ def _shown(uri: str) -> str:
     hold something secret-looking the user pasted by mistake), secret attributes masked.
     A name is judged once percent-decoded (``pin%2Dvalue`` is ``pin-value``), and by each
     of its words (``x-pin``), so that no spelling of a secret's name gets its value shown;
-    a ``user:password@`` before the host is masked whole."""
+    a ``user:password@`` in an ``awskms:`` or ``file:`` reference is masked whole."""
     def mask(match: re.Match) -> str:
         return f"{match.group(1)}=***" if _named_secret(match.group(1)) else match.group(0)
 
-    return _USERINFO.sub(r"\1***@", _ATTRIBUTE.sub(mask, uri.split("?", 1)[0]))
+    return _ATTRIBUTE.sub(mask, _USERINFO.sub(r"\1***@", uri).split("?", 1)[0])
 
 
 def _named_secret(name: str) -> bool:
