@@ -556,8 +556,13 @@ def pack_messages(aad_offsets, aad_lengths, ct_offsets, ct_lengths, *,
 
     ``chunk_blocks`` (Horner steps per lane) and ``combine_width`` must be powers
     of two >= 1 and 2 respectively; small values are for tests (they force the
-    multi-span and multi-level paths on small messages).
+    multi-span and multi-level paths on small messages). Others are refused: a width of
+    1 never shrinks the group count (this loop would not end), 0 spans write no tag.
     """
+    if chunk_blocks < 1 or chunk_blocks & (chunk_blocks - 1):
+        raise ValueError("chunk_blocks must be a power of two >= 1")
+    if combine_width < 2 or combine_width & (combine_width - 1):
+        raise ValueError("combine_width must be a power of two >= 2")
     layout, blocks = mac_messages(aad_offsets, aad_lengths, ct_offsets, ct_lengths)
     n = layout.shape[0]
     span_blocks = np.uint64(TILE_LANES * chunk_blocks)

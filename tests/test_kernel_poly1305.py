@@ -274,3 +274,14 @@ def _njit_device_function(module, name: str):
     for n, f in device.items():
         scope[n] = numba.njit(types.FunctionType(f.py_func.__code__, scope, n))
     return scope[name]
+
+
+@pytest.mark.parametrize("chunk_blocks,combine_width,why", [
+    (0, 2, "chunk_blocks"), (3, 2, "chunk_blocks"), (1, 1, "combine_width"),
+    (1, 3, "combine_width")])
+def test_pack_messages_refuses_geometries_it_cannot_use(chunk_blocks, combine_width, why):
+    """As ghash.pack_messages refuses its own: combine_width=1 looped forever (the group
+    count never shrinks), chunk_blocks=0 made a table with no span to write the tag."""
+    with pytest.raises(ValueError, match=f"{why} must be a power of two"):
+        kp.pack_messages([0], [0], [0], [16 * 200], chunk_blocks=chunk_blocks,
+                         combine_width=combine_width)
