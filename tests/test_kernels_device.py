@@ -309,6 +309,37 @@ def test_poly1305_device_typed(big_buffer):
         assert tags == want, (chunk_blocks, combine_width)
 
 
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "0",
+                    reason="numba-cuda's compiler needs the simulator off: this runs in "
+                           "test_the_device_build_of_the_kernel_modules_too's own process")
+def test_the_device_typed_route_types_integers_as_numba_cuda_does_for_sm90():
+    """This module's instrument, checked: every device function the tests above compiled
+    with njit (every signature they used) returns the type numba-cuda's own typing gives it
+    for sm_90 (``compile_ptx``, no GPU needed). A twin typed otherwise would test other
+    arithmetic than the device runs. Runs after the tests above, in their process."""
+    from types import SimpleNamespace
+
+    from numba import cuda
+    from numba.cuda import dispatcher
+
+    # compile_ptx asks for the current device's capability even when given cc: there is none
+    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=(9, 0))
+    checked, differ = 0, []
+    for kernels, mod in ((dt.chacha20, kc), (dt.aes, ka), (dt.ghash, kg), (dt.poly1305, kp)):
+        for name, fn in sorted(kernels.device_functions.items()):
+            device_function = getattr(mod, name, None)
+            if not hasattr(device_function, "py_func"):
+                continue  # a twin of the harness's own (an inline-PTX helper's)
+            for args, compiled in fn.overloads.items():
+                _, device_type = cuda.compile_ptx(device_function.py_func, args, device=True,
+                                                  cc=(9, 0))
+                checked += 1
+                if str(device_type) != str(compiled.signature.return_type):
+                    differ.append(f"{mod.__name__}.{name}{args}: njit "
+                                  f"{compiled.signature.return_type}, numba-cuda {device_type}")
+    assert checked >= 50 and not differ, (checked, differ)
+
+
 def test_the_device_build_of_the_kernel_modules_too():
     """The tests above once more with numba's simulator off, in a fresh process.
 
@@ -322,4 +353,4 @@ def test_the_device_build_of_the_kernel_modules_too():
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                           "-k", "not device_build"], capture_output=True, text=True, env=env, timeout=600,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert run.returncode == 0 and "\n4 passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+    assert run.returncode == 0 and "\n5 passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
