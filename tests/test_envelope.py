@@ -332,6 +332,50 @@ def test_a_key_provider_is_asked_at_most_max_provider_unwraps_key_ids():
     assert open_file_envelope(many, [keyset], salt) == dek
 
 
+def test_a_keyset_file_that_does_not_load_is_loaded_once_per_envelope(tmp_path, monkeypatch):
+    """A sealed keyset named by a file: reference or a FileKeyProvider, with a wrong
+    passphrase, was loaded again (scrypt again) for every stanza, public-key ones too:
+    a forged envelope of 255 stanzas cost 255 scrypt runs (13 minutes at N=2**20) before
+    the error. Once now, and the error still says why."""
+    from gpucrypt.keys import _document, _envelope
+    from gpucrypt.keys.recipients import open_file_envelope
+
+    monkeypatch.setattr(keys.passphrase, "MIN_LOG_N", 10)  # writers refuse 2**10 otherwise
+    path = tmp_path / "ks.json"
+    keyset = Keyset.generate()
+    keyset.save(path, "right passphrase", scrypt_n=2**10)
+    runs = []
+    real = _document.Scrypt
+    monkeypatch.setattr(_document, "Scrypt", lambda *a, **k: runs.append(1) or real(*a, **k))
+    monkeypatch.setenv("KS_PW", "wrong passphrase")
+    forged = _envelope.encode([_envelope.Stanza("aes-kwp", f"id{i}".encode(), os.urandom(40))
+                               for i in range(8)])
+    genuine = seal_envelope(keys.generate_dek(),
+                            [Identity.generate().recipient for _ in range(3)] + [keyset])
+    for envelope in (forged, genuine):
+        for reader in (keys.KeyReference(f"file://{path}?passphrase-source=env:KS_PW"),
+                       keys.FileKeyProvider(path, "wrong passphrase")):
+            runs.clear()
+            with pytest.raises(NoMatchingRecipient, match="wrong passphrase"):
+                open_file_envelope(envelope, reader, os.urandom(16))
+            assert len(runs) == 1, (reader, len(runs))
+
+
+@pytest.mark.parametrize("size", [0, 15, 65, 4000])
+def test_a_data_key_of_a_length_sealing_refuses_is_refused_when_opened(size):
+    """Anyone holding alice's public key can wrap bytes of any length for her: open_envelope
+    (the public call) returned 0 or 4000 of them as "the data key", which sealing refuses
+    (16 to 64 bytes) and HKDF or HMAC would take without a word."""
+    from gpucrypt.keys import _envelope
+    from gpucrypt.keys.recipients import _KEMS, HPKE_INFO
+
+    alice = Identity.generate()
+    body = _KEMS["x25519"][1].encrypt(b"A" * size, alice.recipient._public_key, info=HPKE_INFO)
+    envelope = _envelope.encode([_envelope.Stanza("hpke-x25519", alice.recipient.stanza_id, body)])
+    with pytest.raises(EnvelopeError, match=f"is {size} bytes, not 16 to 64"):
+        open_envelope(envelope, alice)
+
+
 def test_two_references_making_one_stanza_id_are_refused(monkeypatch):
     """Two different key references whose wrappings have the same stanza id (an alias and
     its key's ARN, a PKCS#11 key with and without x-wrap) made one stanza, the second

@@ -255,6 +255,29 @@ def test_scrypt_parameters_bounded(fast_scrypt, tmp_path, monkeypatch, n, r, p, 
         Keyset.load(path, "pw")
 
 
+@pytest.mark.parametrize("salt_size", [0, 3, 15, 17, 64])
+def test_a_key_file_salt_of_another_length_is_refused_before_scrypt(fast_scrypt, tmp_path,
+                                                                   monkeypatch, salt_size):
+    """Every save writes a 16-byte salt; a key file's was read at any length (3 bytes reached
+    scrypt), so a crafted file could choose a salt spelling another construction's input."""
+    import base64
+
+    from gpucrypt.keys import _document
+
+    path = tmp_path / "ks.json"
+    Keyset.generate().save(path, "pw", scrypt_n=FAST_N)
+    doc = json.loads(path.read_text())
+    doc["protection"]["salt"] = base64.b64encode(os.urandom(salt_size)).decode()
+    path.write_text(json.dumps(doc))
+
+    def scrypt(*args, **kwargs):
+        raise _ScryptReached
+
+    monkeypatch.setattr(_document, "Scrypt", scrypt)
+    with pytest.raises(KeysetError, match=f"scrypt salt is {salt_size} bytes, not 16"):
+        Keyset.load(path, "pw")
+
+
 def test_writers_refuse_weak_or_unreadable_scrypt_work_factors(tmp_path):
     ks, identity = Keyset.generate(), Identity.generate()
     for n in (2, 2**14, 2**21, 3 * 2**15):

@@ -382,6 +382,9 @@ def open_document(doc: dict, where: str, *, passphrase=None, kek=None) -> dict |
                                   f"2**{_passphrase.MAX_LOG_N}), refused before any work: the "
                                   f"file was damaged or crafted; restore it from a copy")
             salt = b64d(protection.get("salt"), f"{where}: salt")
+            if len(salt) != 16:  # what every save writes; no other length is read
+                raise KeysetError(f"{where}: its scrypt salt is {len(salt)} bytes, not 16: the "
+                                  f"file was damaged or crafted; restore it from a copy")
             sealed, aad = b64d(doc.get("sealed"), f"{where}: sealed part"), _canonical(public)
             # each of the passphrase's forms, NFC first (passphrase.forms: files sealed
             # before passphrases were normalised, or from an earlier reading of a

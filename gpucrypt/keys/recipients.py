@@ -607,6 +607,13 @@ def _asks_a_provider(stanza: Stanza, identity: Any) -> bool:
             and not isinstance(identity, _LOCAL_PROVIDERS))
 
 
+def _loads_a_keyset_file(identity: Any) -> bool:
+    """Whether ``identity`` loads a keyset file when first asked (its KeysetError: the load
+    failed, and would fail again)."""
+    return isinstance(identity, FileKeyProvider) or \
+        isinstance(identity, KeyReference) and identity.scheme == "file"
+
+
 def _limit_note(identity: Any) -> str:
     if isinstance(identity, KeyReference):
         return (f"{identity.label} was asked to unwrap {MAX_PROVIDER_UNWRAPS} of this "
@@ -658,12 +665,17 @@ def open_envelope(envelope: bytes, identities: Any, *, context: Any = None,
         contexts = [context]
         if _then_without_context and context and any(s.kind == "key-ref" for s in stanzas):
             contexts.append({})
+        # a keyset file that failed to load (a wrong passphrase) is not loaded again for
+        # the next stanza: each load is a scrypt run, and a forged envelope has 255
+        unloadable: set[int] = set()
         for attempt, attempt_context in enumerate(contexts):
             asked = [0] * len(candidates)
             for stanza in stanzas:
                 if attempt and stanza.kind != "key-ref":
                     continue  # takes no context: tried once, above
                 for n, identity in enumerate(candidates):
+                    if n in unloadable:
+                        continue
                     counted = _asks_a_provider(stanza, identity)
                     if counted and asked[n] == MAX_PROVIDER_UNWRAPS:
                         notes.append(_limit_note(identity))
@@ -674,6 +686,8 @@ def open_envelope(envelope: bytes, identities: Any, *, context: Any = None,
                         pass
                     except (KeyUnavailable, KeysetError) as exc:
                         notes.append(str(exc))
+                        if isinstance(exc, KeysetError) and _loads_a_keyset_file(identity):
+                            unloadable.add(n)
                     except (InvalidUnwrap, InvalidTag, ValueError):
                         notes.append(f"the wrapped key for {_stanza_label(stanza)} failed to "
                                      f"authenticate: the envelope was altered or made with "
@@ -681,6 +695,11 @@ def open_envelope(envelope: bytes, identities: Any, *, context: Any = None,
                     else:
                         if dek is None:
                             continue  # not its stanza: nothing was asked
+                        if not _DEK_MIN <= len(dek) <= _DEK_MAX:  # as sealing checks it
+                            raise EnvelopeError(
+                                f"the data key {_stanza_label(stanza)} wraps is {len(dek)} "
+                                f"bytes, not {_DEK_MIN} to {_DEK_MAX}: the envelope was "
+                                f"altered, or not made by gpucrypt")
                         ev["key_id"] = label = _stanza_label(stanza)
                         return (dek, label) if _with_label else dek
                     if counted:
@@ -750,8 +769,8 @@ def _try_open(stanza: Stanza, identity: Any, context: dict) -> bytes | None:
             return identity.unwrap(stanza_id, stanza.body, context)
         return None
     if isinstance(identity, KeyReference):
-        if identity.scheme != "file":
-            return None
+        if identity.scheme != "file" or stanza.kind != "aes-kwp":
+            return None  # (loaded for the stanzas a keyset opens alone: a load runs scrypt)
         identity = identity.resolve()  # a keyset file: a KeyProvider, as below
     if stanza.kind == "aes-kwp":
         key_id = stanza.recipient_id.decode("utf-8", "replace")
