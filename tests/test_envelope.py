@@ -14,6 +14,8 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 
+import _hpke_reference as hpke_ref
+from _vectors import vector_path
 from gpucrypt import keys
 from gpucrypt.keys import (CallableKeyProvider, EnvelopeError, EnvKeyProvider, Identity, Keyset,
                            KeyUnavailable, NoMatchingRecipient, WrappingKey, open_envelope,
@@ -421,3 +423,58 @@ def test_labels_from_a_header_are_shown_escaped():
     with pytest.raises(NoMatchingRecipient) as info:
         open_envelope(envelope, [Keyset.generate()])
     assert "\x1b" not in str(info.value) and "\n" not in str(info.value)
+
+
+def _hpke_vectors() -> list[dict]:
+    """RFC 9180's base-mode vectors (and the X-Wing draft's) for gpucrypt's two suites:
+    DHKEM(X25519) or X-Wing, HKDF-SHA256, ChaCha20-Poly1305."""
+    found = []
+    for name in ("test-vectors.json", "hpke-pq-test-vectors.json"):
+        with open(vector_path("HPKE", name)) as f:
+            found += [v for v in json.load(f) if int(v["mode"]) == 0 and int(v["kdf_id"]) == 1
+                      and int(v["aead_id"]) == 3
+                      and int(v["kem_id"]) in (hpke_ref.DHKEM_X25519, hpke_ref.XWING)]
+    return found
+
+
+@pytest.mark.parametrize("vector", _hpke_vectors(), ids=lambda v: f"kem{int(v['kem_id']):#06x}")
+def test_the_independent_hpke_opener_meets_the_published_vectors(vector):
+    """The check of the opener the next test uses: shared secret, key schedule and the
+    first encryptions of each vector, from the RFC's formulas alone."""
+    h = bytes.fromhex
+    kem_id = int(vector["kem_id"])
+    private = h(vector["skRm"]) if kem_id == hpke_ref.DHKEM_X25519 else \
+        hpke_ref.xwing_keys(h(vector["skRm"]))
+    assert hpke_ref.decapsulate(kem_id, private, h(vector["enc"])) == h(vector["shared_secret"])
+    assert hpke_ref.key_schedule(kem_id, h(vector["shared_secret"]), h(vector["info"])) == \
+        (h(vector["key"]), h(vector["base_nonce"]))
+    for seq, encryption in enumerate(vector["encryptions"][:3]):
+        assert hpke_ref.open_sealed(kem_id, private, h(vector["enc"]), h(encryption["ct"]),
+                                    h(vector["info"]), h(encryption["aad"]), seq) == \
+            h(encryption["pt"])
+
+
+@pytest.mark.parametrize("kem", ["x25519", "mlkem768-x25519"])
+def test_stanzas_are_rfc9180_base_mode_as_documented(kem):
+    """docs/KEYS.md: a public-key stanza's body is enc || ct of RFC 9180 base mode (info
+    gpucrypt-envelope-v1, no aad) under DHKEM(X25519) or X-Wing; opened here by the
+    independent opener, not by cryptography's hpke module that made it. And an X-Wing
+    decapsulation key's 96 bytes are its seed expanded by SHAKE256: the draft's vector's
+    public key comes out of that identity."""
+    from gpucrypt.keys import _envelope
+    from gpucrypt.keys.recipients import HPKE_INFO
+
+    identity = Identity.generate(kem)
+    dek = keys.generate_dek()
+    (stanza,) = _envelope.decode(seal_envelope(dek, identity.recipient))
+    secret = identity._private_bytes
+    if kem == "x25519":
+        kem_id, private, enc_size = hpke_ref.DHKEM_X25519, secret, 32
+    else:
+        kem_id, private, enc_size = hpke_ref.XWING, (secret[:64], secret[64:]), 1120
+    assert hpke_ref.open_sealed(kem_id, private, stanza.body[:enc_size], stanza.body[enc_size:],
+                                HPKE_INFO, b"") == dek
+    if kem != "x25519":
+        (vector,) = [v for v in _hpke_vectors() if int(v["kem_id"]) == hpke_ref.XWING][:1]
+        seeded = Identity(kem, b"".join(hpke_ref.xwing_keys(bytes.fromhex(vector["skRm"]))))
+        assert seeded.recipient.public_bytes == bytes.fromhex(vector["pkRm"])
