@@ -9,10 +9,13 @@ because assertions come after the collectives of their scenario.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import glob
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import traceback
@@ -124,21 +127,28 @@ def main(rank: int, world: int, work: str) -> None:
         assert all(torch.equal(p.full_tensor(), reference()[f"model.{n}"])
                    for n, p in model.state_dict().items())
 
-    def tampered_load_changes_nothing():
-        [victim] = glob.glob(os.path.join(ckpt4, f"__{world - 1}_*.gcdistcp"))
+    def with_flipped(victim: str, load) -> BaseException | None:
+        """What ``load()`` raised on this rank (None: nothing) with a byte of the data file
+        ``victim`` flipped by rank 0, the file put back afterwards."""
         if rank == 0:
             shutil.copyfile(victim, victim + ".orig")
             _flip(victim)
         dist.barrier()
-        state = {**_sharded(mesh4, fill=7.0), "step": 7}
         try:
-            dcp.load(state, storage_reader=EncryptedReader(ckpt4, keyset=keyset))
+            load()
             failed = None
         except BaseException as exc:  # noqa: BLE001 - DCP's CheckpointException
             failed = exc
         dist.barrier()
         if rank == 0:
             os.replace(victim + ".orig", victim)
+        return failed
+
+    def tampered_load_changes_nothing():
+        [victim] = glob.glob(os.path.join(ckpt4, f"__{world - 1}_*.gcdistcp"))
+        state = {**_sharded(mesh4, fill=7.0), "step": 7}
+        failed = with_flipped(victim, lambda: dcp.load(
+            state, storage_reader=EncryptedReader(ckpt4, keyset=keyset)))
         assert failed is not None, "a tampered checkpoint loaded"
         failures = failed.failures
         assert set(failures) == {world - 1}, failures  # only the rank that reads that file
@@ -356,6 +366,113 @@ def main(rank: int, world: int, work: str) -> None:
         assert after == before and loaded == [1.0] and changed == kept == [6.0], \
             (before, after, loaded, changed, kept)
 
+    def reshard_up_stages_only_its_parts():
+        """ckpt2, saved by 2 ranks, loaded on 4: each saved chunk is spread over two ranks,
+        and each rank staged every chunk it touched whole until read_data (twice its share
+        here; n/k times it for a checkpoint saved on k ranks and loaded on n, in GPU memory
+        with device="auto"). It stages only the parts it reads. A flipped byte in a chunk
+        read in parts still fails the load, on the ranks that read it, before any rank's
+        state is written, and they keep nothing of it staged."""
+
+        class Staged(EncryptedReader):
+            def prepare_local_plan(self, plan):
+                plan = super().prepare_local_plan(plan)
+                self.staged = dict(self._staged)
+                return plan
+
+        reader = Staged(ckpt2, keyset=keyset)
+        state = _sharded(mesh4, fill=0.0)  # every tensor, no "step": tensors alone staged
+        dcp.load(state, storage_reader=reader)
+        _equal_to_reference({**state, "step": 41})
+        mine = sum(value.to_local().nbytes for value in state.values())
+        staged = sum(t.nbytes for t in reader.staged.values())
+        # (file, entry, offsets, lengths): a part staged alone
+        in_parts = [key for key in reader.staged if len(key) == 4]
+        [victim] = glob.glob(os.path.join(ckpt2, "__1_*.gcdistcp"))
+        reader, untouched = Staged(ckpt2, keyset=keyset), _sharded(mesh4, fill=7.0)
+        failed = with_flipped(victim, lambda: dcp.load(untouched, storage_reader=reader))
+        assert in_parts, "no chunk was read in parts: the scenario tests nothing"
+        assert staged == mine, f"rank {rank} staged {staged} bytes for a share of {mine}"
+        assert failed is not None, "a tampered checkpoint loaded"
+        for error, _ in failed.failures.values():
+            assert type(error).__name__ == "AuthenticationError" and victim in str(error), error
+        if rank in failed.failures:
+            assert not any(bool(t.any()) for t in reader._staged.values())
+        for name, value in untouched.items():
+            assert bool((value.to_local().float() == 7.0).all()), name
+
+    def public_key_saves_bind_every_rank():
+        """A save sealed for a public key (beside the keyset here) binds every rank's data
+        file to it: each file's table holds the save id the coordinator sent in the plan,
+        which .metadata records. With DCP's plan caching too, where the ranks' plans of the
+        second save are those DCP cached from the first, with the first's id. Rank 1's file
+        of the first save, named by the second save's .metadata (rewritten by rank 0, which
+        holds the keyset and so knows the id) in place of its own, is refused."""
+        from torch.distributed.checkpoint import DefaultSavePlanner
+
+        class BoundCached(DefaultSavePlanner):  # a cache of its own (DCP's: by class name)
+            def __init__(self):
+                super().__init__(enable_plan_caching=True)
+
+        alice = keys.Recipient.load(os.path.join(work, "alice.pub"))
+        first, second = os.path.join(work, "bound1"), os.path.join(work, "bound2")
+
+        def writer_for(folder):
+            return EncryptedWriter(folder, recipients=[alice], keyset=keyset)
+
+        saved = [_saved(folder, fill, writer_for, planner=BoundCached())
+                 for folder, fill in ((first, 1.0), (second, 2.0))]
+        # the plan each rank wrote the second save from: the first's, cached by DCP
+        stale = DefaultSavePlanner._cached_final_save_plan[BoundCached.__name__].storage_data
+        loaded = [_loaded(folder, keyset=keyset) for folder in (first, second)]
+        documents = [_document(folder) for folder in (first, second)]
+        tables = [{name: _table(os.path.join(folder, name)) for name in document["files"]}
+                  for folder, document in zip((first, second), documents)]
+        forging = None  # what rank 0 raised, asserted after the collectives
+        if rank == 0:  # rank 1's file of the first save, in place of the second's
+            try:
+                [mine] = [n for n in documents[1]["files"] if n.startswith("__1_")]
+                [theirs] = [n for n in documents[0]["files"] if n.startswith("__1_")]
+                shutil.copyfile(os.path.join(first, theirs), os.path.join(second, theirs))
+                forged = documents[1]
+                forged["files"][theirs] = documents[0]["files"][theirs]
+                del forged["files"][mine]
+                storage = forged["metadata"].storage_data
+                for index, info in list(storage.items()):
+                    if info.relative_path == mine:
+                        storage[index] = dataclasses.replace(info, relative_path=theirs)
+                keys.encrypt_file(pickle.dumps(forged, protocol=4),
+                                  os.path.join(second, ".metadata"), keyset=keyset)
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                forging = exc
+        dist.barrier()
+        spliced = _loaded(second, keyset=keyset)
+        assert forging is None, repr(forging)
+        assert saved == [None, None] and loaded == [[1.0], [2.0]], (saved, loaded)
+        ids = [document["save"] for document in documents]
+        assert ids[0] != ids[1] and None not in ids and stale.save_id == ids[0], (ids, stale)
+        for save_id, files in zip(ids, tables):
+            assert len(files) == world and all(t["dcp.save"] == save_id
+                                               for t in files.values()), (save_id, files)
+        assert set(spliced.failures) == set(range(world)), spliced  # every rank reads w1
+        for error, _ in spliced.failures.values():
+            assert "their save ids differ (a file of another save)" in str(error), error
+
+    def _document(folder) -> dict:
+        """The decrypted .metadata document of ``folder`` (opened with the keyset)."""
+        from gpucrypt.distributed.checkpoint import _MetadataUnpickler
+
+        plain = io.BytesIO()
+        keys.decrypt_file(os.path.join(folder, ".metadata"), plain, keyset=keyset)
+        return _MetadataUnpickler(io.BytesIO(plain.getvalue())).load()
+
+    def _table(path) -> dict:
+        """A data file's table metadata (opened with the keyset)."""
+        from gpucrypt.files import models
+
+        with models.safe_open(path, "pt", keyset=keyset) as f:
+            return f.metadata()
+
     scenario("save4", save4)
     scenario("load4", load4)
     scenario("tampered_load_changes_nothing", tampered_load_changes_nothing)
@@ -364,6 +481,8 @@ def main(rank: int, world: int, work: str) -> None:
     scenario("mixed_keys_are_refused", mixed_keys_are_refused)
     scenario("a_stale_coordinator_is_not_singled_out", a_stale_coordinator_is_not_singled_out)
     scenario("passphrases_are_compared", passphrases_are_compared)
+    scenario("reshard_up_stages_only_its_parts", reshard_up_stages_only_its_parts)
+    scenario("public_key_saves_bind_every_rank", public_key_saves_bind_every_rank)
     with open(os.path.join(work, f"rank{rank}.json"), "w") as f:
         json.dump(outcomes, f)
     dist.destroy_process_group()

@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._extension import StreamTransformExtension
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 import _dcp_worker
 from gpucrypt import keys
@@ -54,7 +55,8 @@ CPU = "cpu"
 SCENARIOS = ("save4", "load4", "tampered_load_changes_nothing",
              "failed_load_leaves_no_plaintext_staged", "reshard_to_two",
              "mixed_keys_are_refused", "a_stale_coordinator_is_not_singled_out",
-             "passphrases_are_compared")
+             "passphrases_are_compared", "reshard_up_stages_only_its_parts",
+             "public_key_saves_bind_every_rank")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +86,7 @@ def ranks(tmp_path_factory):
 
 def _run_ranks(work: str) -> None:
     keys.Keyset.generate().save(os.path.join(work, "keyset.json"))
+    keys.Identity.generate().recipient.save(os.path.join(work, "alice.pub"))
     # imported here once, so that the forked ranks do not each import them again
     import torch.distributed.fsdp  # noqa: F401
     from gpucrypt.files import models
@@ -1075,3 +1078,370 @@ def test_a_rank_that_reports_no_labels_is_refused_by_name(tmp_path):
                                                   storage_data=current)],
                                      [WriteResult(index=None, size_in_bytes=10,
                                                   storage_data=earlier)]], {}, labels, b"")
+
+
+# ------------------------------------------------------------------ binding (second review)
+
+
+def _public_identity(path) -> tuple:
+    """(length, header MAC, SHA-256 of the header) of a data file: all in its plain header,
+    which anyone who can read the folder can see."""
+    import hashlib
+
+    from gpucrypt.files import models
+
+    with open(path, "rb") as f:
+        header = models._parse(f)
+        f.seek(0)
+        raw = f.read(header.header_length)
+    return (os.path.getsize(path), header.header_mac, hashlib.sha256(raw).digest())
+
+
+def _three_and_a_step(step: int) -> dict:
+    return {"a": torch.full((8,), 10.0 * step + 1), "b": torch.full((8,), 10.0 * step + 2),
+            "c": torch.full((8,), 10.0 * step + 3), "step": step}
+
+
+def _zeroed() -> dict:
+    return {"a": torch.zeros(8), "b": torch.zeros(8), "c": torch.zeros(8), "step": 0}
+
+
+def _assert_untouched(state: dict) -> None:
+    assert state["step"] == 0 and not any(state[k].any() for k in "abc"), state
+
+
+
+def _two_public_key_saves(tmp_path, alice):
+    """Steps 1 and 2 saved for ``alice`` in folders ``older`` and ``ckpt``, rank 0's data
+    file of step 1 copied beside step 2's: (older, ckpt, step 2's file, step 1's file)."""
+    older, folder = tmp_path / "older", tmp_path / "ckpt"
+    for path, step in ((older, 1), (folder, 2)):
+        dcp.save(_three_and_a_step(step),
+                 storage_writer=EncryptedWriter(path, recipients=[alice.recipient], device=CPU))
+    mine, theirs = _rank_file(folder, 0), _rank_file(older, 0)
+    shutil.copyfile(older / theirs, folder / theirs)
+    return older, folder, mine, theirs
+
+def test_a_metadata_forged_with_public_keys_cannot_recombine_files(tmp_path):
+    """Someone holding only the recipient's public key (and write access to the folder)
+    wrote a .metadata that points 'a' at the genuine entry of 'b' and the other way round,
+    and 'c' at a data file of an earlier save, all of the same shape, pinning the files by
+    their public header values: the load succeeded with the secret tensors recombined. The
+    files' tables bind them to their save, which the forger cannot name: refused, nothing
+    loaded."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    from gpucrypt.distributed.checkpoint import EncryptedStorageInfo
+
+    alice = keys.Identity.generate()
+    older, folder, mine, theirs = _two_public_key_saves(tmp_path, alice)
+    # the forger's Metadata: DCP's own planner, from the model's known shapes
+    planner = DefaultSavePlanner()
+    planner.set_up_planner(_zeroed(), is_coordinator=True)
+    _, metadata = planner.create_global_plan([planner.create_local_plan()])
+    points = {"a": (mine, "b@0"), "b": (mine, "a@0"), "c": (theirs, "c@0"), "step": (mine, "step")}
+    metadata.storage_data = {MetadataIndex(k, None if k == "step" else [0]):
+                             EncryptedStorageInfo(*where) for k, where in points.items()}
+    _forge_metadata(folder, {"format": METADATA_FORMAT, "version": METADATA_VERSION,
+                             "metadata": metadata,
+                             "files": {name: _public_identity(folder / name)
+                                       for name in (mine, theirs)}}, alice.recipient)
+    state = _zeroed()
+    with pytest.warns(UserWarning, match="binds its data files to no save"):
+        error = _failure(lambda: dcp.load(state, storage_reader=EncryptedReader(
+            folder, identities=alice, device=CPU)))
+    assert type(error).__name__ == "AuthenticationError", repr(error)
+    assert "belongs to another save than the checkpoint's metadata: its save binds its " \
+           "files to it, and the metadata binds none" in str(error), str(error)
+    _assert_untouched(state)
+
+
+def _resealed(folder, identity, change) -> None:
+    """Rewrite ``folder``'s .metadata after ``change(document)``: what someone who can open
+    it could do, so the save id is known to them (the strongest case for these checks)."""
+    document = _metadata_document(folder, identity)
+    change(document)
+    _forge_metadata(folder, document, identity.recipient)
+
+
+def test_an_item_is_bound_to_its_entry(tmp_path):
+    """A .metadata that keeps the save's id and files but reads 'a' from the entry of 'b'
+    (same shape) and 'b' from that of 'a': refused, as each file records the items its
+    entries hold."""
+    from gpucrypt.distributed.checkpoint import EncryptedStorageInfo
+
+    alice = keys.Identity.generate()
+    dcp.save(_three_and_a_step(2),
+             storage_writer=EncryptedWriter(tmp_path, recipients=[alice.recipient], device=CPU))
+
+    def swap(document):
+        storage = document["metadata"].storage_data
+        a, b = (next(i for i in storage if i.fqn == k) for k in "ab")
+        storage[a], storage[b] = (EncryptedStorageInfo(storage[x].relative_path,
+                                                       storage[y].entry)
+                                  for x, y in ((a, b), (b, a)))
+
+    _resealed(tmp_path, alice, swap)
+    state = _zeroed()
+    error = _failure(lambda: dcp.load(state, storage_reader=EncryptedReader(
+        tmp_path, identities=alice, device=CPU)))
+    assert type(error).__name__ == "AuthenticationError", repr(error)
+    assert "the checkpoint's metadata reads 'a' at (0,) from the entry 'b@0', which was " \
+           "saved for another item" in str(error), str(error)
+    _assert_untouched(state)
+
+
+def test_a_data_file_is_bound_to_its_save(tmp_path):
+    """A .metadata that keeps its save's id but names the data file of another save under
+    the same keys in place of its own (same items, same entries): refused, the file's
+    table holding its own save's id."""
+    alice = keys.Identity.generate()
+    older, folder, _, theirs = _two_public_key_saves(tmp_path, alice)
+    recorded = _metadata_document(older, alice)
+
+    def other_file(document):
+        document["metadata"].storage_data = recorded["metadata"].storage_data
+        document["files"] = recorded["files"]
+
+    kept = _metadata_document(folder, alice).get("save")
+    _resealed(folder, alice, other_file)
+    state = _zeroed()
+    error = _failure(lambda: dcp.load(state, storage_reader=EncryptedReader(
+        folder, identities=alice, device=CPU)))
+    assert f"{folder / theirs}: this data file belongs to another save than the " \
+           f"checkpoint's metadata: their save ids differ" in str(error), str(error)
+    _assert_untouched(state)
+    assert _metadata_document(folder, alice)["save"] == kept != recorded["save"]
+
+
+def _file_renamed_in(name: str, renamed: str):
+    """A ``_resealed`` edit of ``.metadata``: the data file ``name`` listed as ``renamed``."""
+    from gpucrypt.distributed.checkpoint import EncryptedStorageInfo
+
+    def rename(document):
+        document["files"] = {renamed: document["files"][name]}
+        storage = document["metadata"].storage_data
+        for index, info in storage.items():
+            storage[index] = EncryptedStorageInfo(renamed, info.entry)
+    return rename
+
+
+def test_a_data_file_is_bound_to_its_name(tmp_path):
+    """A data file renamed, and listed under its new name with its own header values:
+    refused, its table holding the name it was saved under."""
+    alice = keys.Identity.generate()
+    dcp.save(_three_and_a_step(2),
+             storage_writer=EncryptedWriter(tmp_path, recipients=[alice.recipient], device=CPU))
+    name = _rank_file(tmp_path, 0)
+    renamed = f"__0_{'0' * 16}{DATA_SUFFIX}"
+    assert renamed != name
+    os.replace(tmp_path / name, tmp_path / renamed)
+
+    _resealed(tmp_path, alice, _file_renamed_in(name, renamed))
+    state = _zeroed()
+    error = _failure(lambda: dcp.load(state, storage_reader=EncryptedReader(
+        tmp_path, identities=alice, device=CPU)))
+    assert f"this data file was saved as {name!r}, not under the name" in str(error), str(error)
+    _assert_untouched(state)
+
+
+def test_a_public_key_cannot_name_files_of_a_symmetric_save(tmp_path):
+    """A save sealed for a keyset alone binds its files to no save id (only the keyset's
+    holders can write its .metadata). Someone holding a public key of a reader that also
+    holds the keyset wrote a .metadata for that public key naming those files: refused,
+    as no save of this version that a public key opens binds nothing."""
+    keyset, alice = keys.Keyset.generate(), keys.Identity.generate()
+    dcp.save(_three_and_a_step(2), storage_writer=EncryptedWriter(tmp_path, keyset=keyset,
+                                                                  device=CPU))
+    recorded = EncryptedReader(tmp_path, keyset=keyset, device=CPU).read_metadata()
+    name = _rank_file(tmp_path, 0)
+    planner = DefaultSavePlanner()
+    planner.set_up_planner(_zeroed(), is_coordinator=True)
+    _, metadata = planner.create_global_plan([planner.create_local_plan()])
+    metadata.storage_data = recorded.storage_data  # guessable: fqn@offsets
+    _forge_metadata(tmp_path, {"format": METADATA_FORMAT, "version": METADATA_VERSION,
+                               "metadata": metadata,
+                               "files": {name: _public_identity(tmp_path / name)}},
+                    alice.recipient)
+    state = _zeroed()
+    with pytest.warns(UserWarning, match="opened with a public key, binds its data files "
+                                         "to no save"):
+        error = _failure(lambda: dcp.load(state, storage_reader=EncryptedReader(
+            tmp_path, identities=alice, keyset=keyset, device=CPU)))
+    assert "the checkpoint's metadata, opened with a public key, binds none" in str(error), \
+        str(error)
+    _assert_untouched(state)
+
+
+def _as_earlier_versions_wrote(monkeypatch) -> None:
+    """Make EncryptedWriter write what the gpucrypt before save binding wrote: data files
+    whose table holds their name alone, and a .metadata without a save id (plans were
+    DCP's own for every save but a passphrase's)."""
+    from gpucrypt.distributed import checkpoint
+    from gpucrypt.files import models
+
+    real = models.save_encrypted
+
+    def save_encrypted(tensors, path, key, metadata, **options):
+        return real(tensors, path, key, {"dcp.file": metadata["dcp.file"]}, **options)
+
+    monkeypatch.setattr(models, "save_encrypted", save_encrypted)
+    monkeypatch.setattr(checkpoint, "_binds_files", lambda recipients: False)
+
+
+def test_checkpoints_of_earlier_versions_still_load(tmp_path, monkeypatch):
+    """A checkpoint from before save binding (no save id, no record of the items) loads,
+    its files still held to their names: for a keyset without a word; for public-key
+    recipients with a warning to save it again, as anyone holding those public keys could
+    have recombined its files."""
+    keyset, alice = keys.Keyset.generate(), keys.Identity.generate()
+    sealed = {"keyset": {"keyset": keyset}, "public": {"recipients": [alice.recipient]}}
+    with monkeypatch.context() as patched:
+        _as_earlier_versions_wrote(patched)
+        for how, recipients in sealed.items():
+            dcp.save(_three_and_a_step(2),
+                     storage_writer=EncryptedWriter(tmp_path / how, device=CPU, **recipients))
+    for how in sealed:  # written as before: no save id anywhere
+        folder = tmp_path / how
+        table = _table(folder / _rank_file(folder, 0), keyset=keyset, identity=alice)
+        assert table == {"dcp.file": _rank_file(folder, 0)}, table
+    state = _zeroed()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dcp.load(state, storage_reader=EncryptedReader(tmp_path / "keyset", keyset=keyset,
+                                                       device=CPU))
+    assert not [w for w in caught if "bind" in str(w.message)], caught  # none for a keyset's
+    assert state["step"] == 2 and state["c"].tolist() == [23.0] * 8
+    state = _zeroed()
+    with pytest.warns(UserWarning, match=r"opened with a public key, binds its data files to "
+                                         r"no save: an earlier gpucrypt saved it .* Save it "
+                                         r"again with this version to bind them"):
+        dcp.load(state, storage_reader=EncryptedReader(tmp_path / "public", identities=alice,
+                                                       device=CPU))
+    assert state["step"] == 2 and state["a"].tolist() == [21.0] * 8
+    # its files are held to their names as before: renamed, refused
+    folder, name = tmp_path / "public", _rank_file(tmp_path / "public", 0)
+    renamed = f"__0_{'0' * 16}{DATA_SUFFIX}"
+    os.replace(folder / name, folder / renamed)
+
+    _resealed(folder, alice, _file_renamed_in(name, renamed))
+    with pytest.warns(UserWarning, match="binds its data files to no save"):
+        error = _failure(lambda: dcp.load(_zeroed(), storage_reader=EncryptedReader(
+            folder, identities=alice, device=CPU)))
+    assert f"this data file was saved as {name!r}" in str(error), str(error)
+
+
+def _table(path, *, keyset=None, identity=None) -> dict:
+    """The metadata of a data file's table, opened with whichever of ``keyset`` and
+    ``identity`` it is sealed for."""
+    from gpucrypt.files import models
+
+    with models.safe_open(path, "pt", keyset=keyset, identity=identity) as f:
+        return f.metadata()
+
+
+class _CachingPlanner(DefaultSavePlanner):
+    """DCP's planner with plan caching, its cache (kept in DCP's planner class, under the
+    planner's class name) apart from any other test's."""
+
+    def __init__(self):
+        super().__init__(enable_plan_caching=True)
+
+
+def test_every_save_binds_its_files_anew_with_plan_caching(tmp_path):
+    """With DCP's plan caching, a rank whose plan did not change writes from the plan DCP
+    cached from an earlier save, which carries that save's id: it writes this save's, as
+    the coordinator scattered it, so that saves from one cached plan do not share an id
+    (one's files would load under the other's .metadata)."""
+    from torch.distributed.checkpoint.planner import SavePlanner
+
+    alice = keys.Identity.generate()
+    folders = [tmp_path / "first", tmp_path / "second"]
+    try:
+        for folder in folders:
+            dcp.save(_three_and_a_step(2), planner=_CachingPlanner(),
+                     storage_writer=EncryptedWriter(folder, recipients=[alice.recipient],
+                                                    device=CPU))
+        cached = SavePlanner._cached_final_save_plan[_CachingPlanner.__name__]
+    finally:
+        for cache in (SavePlanner._cached_save_plan, SavePlanner._cached_all_plans,
+                      SavePlanner._cached_global_plan, SavePlanner._cached_metadata,
+                      SavePlanner._cached_final_save_plan):
+            cache.pop(_CachingPlanner.__name__, None)
+    first, second = (_metadata_document(folder, alice)["save"] for folder in folders)
+    assert first != second and cached.storage_data.save_id == first  # the second's was stale
+    for folder in folders:
+        table = _table(folder / _rank_file(folder, 0), identity=alice)
+        assert table["dcp.save"] == _metadata_document(folder, alice)["save"], table
+        state = _zeroed()
+        dcp.load(state, storage_reader=EncryptedReader(folder, identities=alice, device=CPU))
+        assert state["step"] == 2 and state["b"].tolist() == [22.0] * 8
+
+
+def test_a_rank_that_binds_no_save_is_refused_by_name(tmp_path):
+    """A save sealed for a public key binds every data file to it: a rank on a gpucrypt
+    from before (its record has no save id), or one that wrote an earlier save's id, would
+    publish files the reader refuses, and the previous checkpoint would be gone. The
+    coordinator refuses the save, naming the ranks and why."""
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    from gpucrypt.distributed.checkpoint import (EncryptedStorageInfo, _FileIdentity,
+                                                 _WrittenItem)
+
+    alice = keys.Identity.generate()
+    writer = EncryptedWriter(tmp_path, recipients=[alice.recipient], device=CPU)
+    identity = _FileIdentity(10, bytes(32), bytes(32))
+
+    def written(rank, save_id):
+        return [WriteResult(index=None, size_in_bytes=10, storage_data=_WrittenItem(
+            EncryptedStorageInfo(f"__{rank}_{rank:016x}{DATA_SUFFIX}", "w"), identity,
+            ("x25519:00",), None, save_id))]
+
+    earlier = object.__new__(_WrittenItem)  # as unpickled from the earlier version's record
+    for field in ("info", "file", "sealed_for", "passphrase_check"):
+        object.__setattr__(earlier, field, getattr(written(1, None)[0].storage_data, field))
+    now, then = "a" * 32, "b" * 32
+    results = [written(0, now), [WriteResult(index=None, size_in_bytes=10, storage_data=earlier)],
+               written(2, then), written(3, now)]
+    with pytest.raises(ValueError, match=r"did not all bind their data files to this save, so "
+                                         r"its reader would refuse them: rank 1 bound theirs "
+                                         r"to no save \(a gpucrypt from before .*\); rank 2 "
+                                         r"bound theirs to an earlier save"):
+        writer._check_bound_alike(results, {}, now)
+    writer._check_bound_alike([written(0, now), written(1, now)], {}, now)  # alike: no error
+
+
+class _Rebuilt:
+    """A value whose class cannot be rebuilt in the loading process (it changed since)."""
+
+    broken = False
+
+    def __init__(self, value):
+        self.value = value
+
+    def __setstate__(self, state):
+        if _Rebuilt.broken:
+            raise RuntimeError("cannot rebuild _Rebuilt here")
+        self.__dict__.update(state)
+
+
+def test_a_value_that_fails_to_unpickle_fails_before_anything_is_written(tmp_path,
+                                                                         monkeypatch):
+    """non_tensors="pickle": DCP's planner unpickled the values in read_data, after this
+    rank (and others) had copied tensors into the state dict, so a value that failed to
+    rebuild left the load half done. The reader unpickles them in prepare_local_plan too."""
+    keyset = keys.Keyset.generate()
+    dcp.save({"a": torch.ones(4), "z": _Rebuilt(1)},
+             storage_writer=EncryptedWriter(tmp_path, keyset=keyset, device=CPU))
+    monkeypatch.setattr(_Rebuilt, "broken", True)
+    state = {"a": torch.zeros(4), "z": None}
+    error = _failure(lambda: dcp.load(state, storage_reader=EncryptedReader(
+        tmp_path, keyset=keyset, device=CPU, non_tensors="pickle")))
+    assert type(error).__name__ == "FormatError", repr(error)
+    assert "the non-tensor value 'z' cannot be unpickled here (RuntimeError: cannot rebuild " \
+           "_Rebuilt here); nothing was loaded" in str(error), str(error)
+    assert not state["a"].any() and state["z"] is None
+    monkeypatch.setattr(_Rebuilt, "broken", False)
+    dcp.load(state, storage_reader=EncryptedReader(tmp_path, keyset=keyset, device=CPU,
+                                                   non_tensors="pickle"))
+    assert state["a"].all() and state["z"].value == 1

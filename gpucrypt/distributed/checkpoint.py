@@ -15,8 +15,11 @@ What goes where (``docs/DISTRIBUTED.md`` has the details and the threat model):
   (a tensor chunk, or the bytes of a non-tensor value), under a fresh **data key of
   its own**, wrapped in the file's envelope for the recipients and/or keyset. Tensors
   on a GPU are sealed there (their plaintext never reaches host memory); entry names,
-  shapes and offsets are encrypted. Segments never cross an entry, so a rank reading
-  some entries of a file decrypts only their segments.
+  shapes and offsets are encrypted. The (encrypted, authenticated) table also binds the
+  file to its own name, to the item each entry holds and, in a save sealed for a
+  public-key recipient, to the save (a random id the coordinator sends in the plan).
+  Segments never cross an entry, so a rank reading some entries of a file decrypts
+  only their segments.
 - **Metadata.** The coordinator writes ``.metadata`` as a gpucrypt stream file, sealed
   under yet another data key for the same recipients: DCP's ``Metadata`` (tensor names,
   shapes, chunk placement) plus a manifest naming every data file with its length and
@@ -24,8 +27,14 @@ What goes where (``docs/DISTRIBUTED.md`` has the details and the threat model):
   envelope). Loading decrypts and authenticates it before unpickling it (and unpickles
   only DCP's metadata classes), then holds every data file to the manifest: a file
   swapped with another rank's, renamed, replaced, truncated or extended is refused,
-  naming the file. The manifest names only data files of the checkpoint's folder
-  (plain names as above): any other name ("../x", an absolute path) is refused.
+  naming the file. With public-key recipients anyone holding their public keys can
+  write a ``.metadata`` that pins genuine files, so each file's table is held to it
+  too: the name it lists the file by, the save id it records (which that person cannot
+  read), and the item it reads from each entry; a ``.metadata`` that recombines
+  entries or files of other saves is refused (files of earlier versions carry no save
+  id: see :class:`EncryptedReader`). The manifest names only data files of the
+  checkpoint's folder (plain names as above): any other name ("../x", an absolute
+  path) is refused.
 - **Saving over a checkpoint.** ``.metadata`` is published last, and no save writes a
   file the published ``.metadata`` refers to, so a save that fails at any point leaves
   the previous checkpoint whole. Once the new ``.metadata`` is in place the coordinator
@@ -49,10 +58,15 @@ What goes where (``docs/DISTRIBUTED.md`` has the details and the threat model):
 
 Loading is all or nothing. Every rank decrypts and verifies every entry it needs in
 ``prepare_local_plan``, which DCP runs on all ranks before the plan is gathered (each
-entry where its target tensors are, with ``device="auto"``); one
-rank's failure fails the load on every rank before any tensor of the caller's state
-dict is written. The price: a rank holds the plaintext of its share of the checkpoint
-once more, until ``read_data`` has copied it into place. When another rank fails, DCP
+entry where its target tensors are, with ``device="auto"``), and unpickles its
+non-tensor values there (with "pickle" too); one rank's failure there fails the load
+on every rank before any tensor of the caller's state dict is written. Only errors
+raised after that, while ``read_data`` places the values (the planner's own, a device
+failing a copy), can leave the values placed before them. The price: a rank holds the
+plaintext of its share of the checkpoint once more, until ``read_data`` has copied it
+into place, plus one entry at a time while it cuts the parts it reads out of entries
+it needs only in part (a checkpoint loaded on more ranks than saved it: only the parts
+are kept). When another rank fails, DCP
 raises on this one without calling its reader again, so the reader keeps that
 plaintext staged until it is used again (``reset``, which ``dcp.load`` calls first, and
 ``read_metadata`` zero it) or collected (a finaliser zeroes it); a failure inside this
@@ -64,6 +78,7 @@ import dataclasses
 import hashlib
 import hmac
 import io
+import json
 import os
 import pickle
 import re
@@ -80,7 +95,8 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.filesystem import (CURRENT_DCP_VERSION, FileSystemReader,
                                                      FileSystemWriter, _StoragePrefix)
 from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, WriteItemType
+from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlanner, SavePlan,
+                                                   WriteItemType)
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
@@ -96,7 +112,7 @@ from ..files.keyed import _identities_for, _primary_key_id, gather
 from ..keys import Passphrase, _envelope
 from ..keys import generate_dek
 from ..keys.passphrase import STANZA_KIND as _SCRYPT
-from ..keys.recipients import open_data_key
+from ..keys.recipients import _KEMS, Identity, Recipient, open_data_key
 from ..keys.recipients import seal_envelope_with_labels
 
 __all__ = ["EncryptedWriter", "EncryptedReader", "EncryptedStorageInfo", "DATA_SUFFIX",
@@ -108,6 +124,12 @@ METADATA_FORMAT = "gpucrypt-dcp-metadata"
 METADATA_VERSION = 1
 #: the key of the data file's own name in its (encrypted) table's metadata
 _FILE_NAME_KEY = "dcp.file"
+#: the key of the save's id in its data files' tables (saves sealed for a public-key
+#: recipient; ``.metadata`` records it as "save"): files of two saves never load as one
+_SAVE_KEY = "dcp.save"
+#: the key of what item each entry of the file holds (every file since the save id):
+#: ``.metadata`` cannot point an item at another entry (:func:`_items_record`)
+_ITEMS_KEY = "dcp.items"
 #: what EncryptedReader's non_tensors= takes (see its docstring)
 _NON_TENSORS = ("weights_only", "refuse", "pickle")
 #: the data files EncryptedWriter writes: ``__{rank}_{16 hex digits}.gcdistcp`` (a name
@@ -142,6 +164,9 @@ class _WrittenItem:
     #: a rank sealing for a passphrase: what it knows of its passphrase (labels cannot
     #: tell passphrases apart: every one is "scrypt")
     passphrase_check: "_PassphraseCheck | None" = None
+    #: the save id written into the file's table (None: the save binds none, or the rank
+    #: runs a gpucrypt from before binding; read with getattr, as that one has no field)
+    save_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,9 +186,12 @@ class _StoragePlan(_StoragePrefix):
     """What the coordinator sends each rank with its part of the global plan: DCP's file
     prefix, and, when the coordinator seals for a passphrase, the envelope of this save's
     ``.metadata`` (public: it is written in that file's header), which a rank opens with
-    its own passphrase (EncryptedWriter._check_passphrase)."""
+    its own passphrase (EncryptedWriter._check_passphrase); when it seals for a public-key
+    recipient, the id of this save, which every rank writes into its file's encrypted
+    table (see :func:`_binds_files`)."""
 
     passphrase_check: bytes | None = None
+    save_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,7 +282,10 @@ class _MetadataUnpickler(pickle.Unpickler):
                           f"that saved it, or report it)")
 
 
-def _load_metadata_document(plaintext: bytes) -> tuple[Metadata, dict]:
+def _load_metadata_document(plaintext: bytes) -> tuple[Metadata, dict, str | None]:
+    """DCP's Metadata, the file manifest (name -> _FileIdentity) and the save id (None in
+    saves that bind none: those not sealed for a public-key recipient, and every save of
+    an earlier version) of a decrypted ``.metadata``."""
     try:
         doc = _MetadataUnpickler(io.BytesIO(plaintext)).load()
     except FormatError:
@@ -269,6 +300,11 @@ def _load_metadata_document(plaintext: bytes) -> tuple[Metadata, dict]:
     metadata, files = doc.get("metadata"), doc.get("files")
     if not isinstance(metadata, Metadata) or not isinstance(files, dict):
         raise FormatError("malformed checkpoint metadata (no Metadata or no file list)")
+    # an optional field of version 1: earlier readers ignore it and load such a save, and
+    # what this reader requires of it comes from the data files' own tables (_check_table)
+    save = doc.get("save")
+    if save is not None and not (isinstance(save, str) and _SAVE_ID.fullmatch(save)):
+        raise FormatError("malformed checkpoint metadata (save id)")
     identities = {}
     for name, identity in files.items():
         if not (isinstance(name, str) and isinstance(identity, tuple) and len(identity) == 3
@@ -290,7 +326,47 @@ def _load_metadata_document(plaintext: bytes) -> tuple[Metadata, dict]:
         if not isinstance(info, EncryptedStorageInfo) or info.relative_path not in identities:
             raise FormatError(f"malformed checkpoint metadata: item {index} is in no recorded "
                               f"data file")
-    return metadata, identities
+    return metadata, identities, save
+
+
+#: a save id: 16 random bytes, in hex
+_SAVE_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
+
+
+def _items_record(placed: Any) -> str:
+    """What a data file's table records of the items its entries hold, from ``placed``,
+    (MetadataIndex, entry name) pairs: JSON, entry name -> :func:`_item_digest` of its
+    item. The reader holds every item ``.metadata`` reads from the file to it."""
+    return json.dumps({entry: _item_digest(index) for index, entry in placed},
+                      ensure_ascii=True, sort_keys=True, separators=(",", ":"))
+
+
+def _item_digest(index: Any) -> str:
+    """An item (a MetadataIndex: fqn, and chunk offsets for a tensor) as the table records
+    it: 16 bytes of the SHA-256 of its canonical JSON, in hex. A digest, not the fqn: the
+    table stays small whatever the keys' length (it is inside the encrypted, authenticated
+    table, so it needs no key of its own)."""
+    text = json.dumps([index.fqn, None if index.offset is None
+                       else [int(o) for o in index.offset]], ensure_ascii=True,
+                      separators=(",", ":"))
+    return hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
+
+
+def _binds_files(recipients: list) -> bool:
+    """Whether a writer sealing for ``recipients`` binds its data files to the save (a
+    random save id, sent to the ranks in the plan): where one is a public key, anyone
+    holding that public key can write a ``.metadata`` the recipient's reader opens, and
+    without the id it could name genuine data files of other saves. Symmetric keys
+    (keysets, KMS/HSM keys, passphrases) only their holders can seal for: those saves
+    send DCP's own plans, which a rank on an earlier gpucrypt reads."""
+    return any(isinstance(item, (Recipient, Identity)) for item in recipients)
+
+
+def _opened_by_public_key(label: str) -> bool:
+    """Whether the envelope stanza labelled ``label`` (as open_envelope names the one
+    that opened) is a public-key recipient's (``x25519:<hex>``): such a file may have
+    been sealed by anyone holding that public key."""
+    return label.partition(":")[0] in _KEMS
 
 
 # ============================================================================ writer
@@ -366,6 +442,9 @@ class EncryptedWriter(FileSystemWriter):
         # the coordinator's .metadata keys, sealed in prepare_global_plan and used once by
         # finish: (data key, salt, envelope, key id, labels), as keyed.new_file_key makes them
         self._metadata_key: tuple | None = None
+        # the coordinator's id of the save under way (prepare_global_plan to finish), in a
+        # save that binds its files (_binds_files), else None
+        self._save_id: str | None = None
 
     def __getstate__(self) -> dict:
         _refuse_pickling(self)
@@ -373,6 +452,7 @@ class EncryptedWriter(FileSystemWriter):
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         super().set_up_storage_writer(is_coordinator, *args, **kwargs)
         self._metadata_key = None  # a failed save's, if any: never used for another file
+        self._save_id = None
         if not self.use_collectives:
             raise ValueError("EncryptedWriter needs one global metadata file: save with "
                              "collectives (DCP's default), not use_collectives=False")
@@ -385,11 +465,14 @@ class EncryptedWriter(FileSystemWriter):
         so that every rank can check its own passphrase against it (see write_data)."""
         plans = super().prepare_global_plan(plans)
         self._metadata_key = keyed.new_file_key(self._recipients)
-        if _passphrase_of(self._recipients) is None:  # DCP's own plans: a rank running an
+        # a new id for every save, plans cached by DCP or not (write_data takes it from the
+        # plan DCP scattered for this save, _save_id_for)
+        self._save_id = os.urandom(16).hex() if _binds_files(self._recipients) else None
+        check = self._metadata_key[2] if _passphrase_of(self._recipients) else None
+        if check is None and self._save_id is None:  # DCP's own plans: a rank running an
             return plans  # earlier gpucrypt reads them (it has no _StoragePlan to unpickle)
-        check = self._metadata_key[2]
         return [dataclasses.replace(plan, storage_data=_StoragePlan(
-                    plan.storage_data.prefix, check))
+                    plan.storage_data.prefix, check, self._save_id))
                 if isinstance(plan.storage_data, _StoragePrefix) else plan
                 for plan in plans]
 
@@ -399,6 +482,7 @@ class EncryptedWriter(FileSystemWriter):
         # whole until a new .metadata replaces it, whatever fails before that
         name = f"{plan.storage_data.prefix}{os.urandom(8).hex()}{DATA_SUFFIX}"
         path = self.fs.concat_path(self.path, name)
+        save_id = _save_id_for(plan)
         entries: dict[str, Any] = {}
         placed: list[tuple[Any, str]] = []
         taken: set = set()
@@ -412,6 +496,12 @@ class EncryptedWriter(FileSystemWriter):
             else:
                 entries[entry] = data.detach()
             placed.append((item.index, entry))
+        # the table binds the file to its name, its save and its entries' items: checked
+        # by the reader (_check_table), as .metadata, which names all three, may have been
+        # sealed by someone holding only the recipients' public keys
+        table = {_FILE_NAME_KEY: name, _ITEMS_KEY: _items_record(placed)}
+        if save_id is not None:
+            table[_SAVE_KEY] = save_id
         results = []
         if entries:  # a rank with nothing to write (all its items deduplicated) writes no file
             with audit.timed("checkpoint.write", path=os.fspath(path)) as ev:
@@ -419,7 +509,7 @@ class EncryptedWriter(FileSystemWriter):
                 envelope, labels, check = self._seal_and_check(
                     dek, getattr(plan.storage_data, "passphrase_check", None))
                 header = models.save_encrypted(
-                    entries, path, dek, {_FILE_NAME_KEY: name}, algorithm=self.algorithm,
+                    entries, path, dek, table, algorithm=self.algorithm,
                     encrypt_names=True, segment_size=self.segment_size, device=self.device,
                     key_id=self._key_id, envelope=envelope, threads=self.threads)
                 del dek
@@ -434,7 +524,7 @@ class EncryptedWriter(FileSystemWriter):
                 results.append(WriteResult(
                     index=index, size_in_bytes=entries[entry].nbytes,
                     storage_data=_WrittenItem(EncryptedStorageInfo(name, entry), identity,
-                                              sealed_for, check)))
+                                              sealed_for, check, save_id)))
         future: Future = Future()
         future.set_result(results)
         return future
@@ -486,7 +576,7 @@ class EncryptedWriter(FileSystemWriter):
         # sealed by prepare_global_plan, which DCP calls first (made here only for a
         # caller of finish alone); used once: a data key and salt seal one file
         metadata_key = self._metadata_key or keyed.new_file_key(self._recipients)
-        self._metadata_key = None
+        save_id, self._metadata_key, self._save_id = self._save_id, None, None
         dek, salt, envelope, key_id, labels = metadata_key
         metadata.version = CURRENT_DCP_VERSION
         storage, files = {}, {}
@@ -495,6 +585,7 @@ class EncryptedWriter(FileSystemWriter):
             storage[written.index] = record.info
             files[record.info.relative_path] = record.file.as_tuple()
         self._check_sealed_alike(results, files, labels, envelope)
+        self._check_bound_alike(results, files, save_id)
         metadata.storage_data = storage
         metadata.storage_meta = self.storage_meta()
         if metadata.storage_meta is not None and isinstance(metadata.storage_meta.checkpoint_id,
@@ -502,8 +593,11 @@ class EncryptedWriter(FileSystemWriter):
             # a str: a path's class pickles under a module name of its Python's own
             # (pathlib._local from 3.13), which an older Python cannot unpickle
             metadata.storage_meta.checkpoint_id = os.fspath(metadata.storage_meta.checkpoint_id)
-        document = pickle.dumps({"format": METADATA_FORMAT, "version": METADATA_VERSION,
-                                 "metadata": metadata, "files": files}, protocol=4)
+        document = {"format": METADATA_FORMAT, "version": METADATA_VERSION}
+        if save_id is not None:  # absent otherwise, as in every earlier save
+            document["save"] = save_id
+        document.update(metadata=metadata, files=files)
+        document = pickle.dumps(document, protocol=4)
         path = self._get_metadata_path()
         # keyed.encrypt_file's steps, with the keys sealed before the ranks wrote; atomic:
         # a temporary file beside it, fsync, rename over any older one
@@ -582,6 +676,31 @@ class EncryptedWriter(FileSystemWriter):
                                 f"so no one passphrase would open it all: {shown}. Give every "
                                 f"rank the same passphrase (a per-node environment variable or "
                                 f"passphrase file may differ) and save again")
+
+    def _check_bound_alike(self, results: list, files: dict, save_id: str | None) -> None:
+        """Refuse a save whose ranks did not all bind their data files to ``save_id``, the
+        id this save's ``.metadata`` records (None: it binds none, as for symmetric keys):
+        published, the reader would refuse every such file, and the previous checkpoint
+        would be gone. A rank on a gpucrypt from before binding reports none; a rank
+        writing from a plan DCP cached from an earlier save reports that save's id where
+        this save's scattered plan could not be found (a DCP whose save step differs)."""
+        odd: dict[str, list[int]] = {}
+        for rank, rank_results in enumerate(results):
+            for written in rank_results[:1]:  # one data file per rank: one record
+                bound = getattr(written.storage_data, "save_id", None)
+                if bound != save_id:
+                    why = ("bound theirs to no save (a gpucrypt from before files were bound to "
+                           "their save: give every rank this version)" if bound is None else
+                           "bound theirs to an earlier save, from a plan DCP cached then "
+                           "(save without DCP's plan caching on this torch)" if save_id else
+                           "bound theirs to an earlier save, from a plan DCP cached then, "
+                           "though this save binds none (save without DCP's plan caching, or "
+                           "restart the processes)")
+                    odd.setdefault(why, []).append(rank)
+        if odd:
+            shown = "; ".join(f"{_who(ranks)} {why}" for why, ranks in odd.items())
+            self._refuse(files, f"its ranks did not all bind their data files to this save, so "
+                                f"its reader would refuse them: {shown}")
 
     def _refuse(self, files: dict, why: str) -> None:
         """Remove this save's data files and refuse to publish it, saying ``why``."""
@@ -727,9 +846,15 @@ class EncryptedReader(FileSystemReader):
     keys can write one).
 
     Errors name the file they are about and keep gpucrypt's types: ``NoMatchingRecipient``
-    (wrong keys), ``AuthenticationError``/``TruncatedError`` (altered, swapped, replaced or
-    cut files), ``FormatError``. DCP raises them wrapped in its ``CheckpointException``
-    (``.failures`` maps each failing rank to its error).
+    (wrong keys), ``AuthenticationError``/``TruncatedError`` (altered, swapped, replaced,
+    recombined or cut files), ``FormatError``. DCP raises them wrapped in its
+    ``CheckpointException`` (``.failures`` maps each failing rank to its error).
+
+    A checkpoint that an earlier gpucrypt sealed for public-key recipients loads as
+    before, its files held to their names, headers and lengths, with a ``UserWarning``
+    to save it again: its files carry no save id, so a ``.metadata`` written with those
+    public keys could recombine them. The files of this version's saves are refused
+    under such a ``.metadata``.
     """
 
     def __init__(self, path: str | os.PathLike, *, identities: Any = None, keyset: Any = None,
@@ -746,6 +871,15 @@ class EncryptedReader(FileSystemReader):
         super().__init__(path)
         self.device, self.threads, self.non_tensors = device, threads, non_tensors
         self._files: dict[str, _FileIdentity] = {}
+        # from read_metadata: the save id .metadata records (None: it binds none), whether
+        # a public-key stanza opened it, and file -> what it reads there: (entry, item,
+        # the item's digest)
+        self._save_id: str | None = None
+        self._public = False
+        self._reads: dict[str, list] = {}
+        # (fqn, chunk offsets) -> the chunk's sizes, as .metadata records them: whether a
+        # read item wants its entry whole (_part_of)
+        self._chunks: dict[tuple, tuple] = {}
         # entries prepare_local_plan decrypted for read_data: one dict for the reader's
         # life, filled and emptied in place, so that the finaliser zeroes what it holds
         # when the reader is collected (a load that failed on another rank leaves it
@@ -762,8 +896,9 @@ class EncryptedReader(FileSystemReader):
         super().reset(checkpoint_id)
 
     def read_metadata(self) -> Metadata:  # no **kwargs: DCP must not fall back to rank files
-        """Decrypt, authenticate and unpickle ``.metadata``; remember its file manifest
-        (and zero what an earlier, failed load left staged)."""
+        """Decrypt, authenticate and unpickle ``.metadata``; remember its file manifest,
+        its save id and what it says each file's entries hold (and zero what an earlier,
+        failed load left staged)."""
         self._discard_staged()
         path = self._get_metadata_path()
         plaintext = io.BytesIO()
@@ -772,14 +907,32 @@ class EncryptedReader(FileSystemReader):
             # otherwise hang every rank's load in open() until someone wrote to it
             with open_regular(path, _not_regular) as f:
                 try:
-                    keyed.decrypt_file_at(f, plaintext, os.fspath(path),
-                                          identities=self._identities, device="cpu")
+                    opened = keyed.decrypt_file_at(f, plaintext, os.fspath(path),
+                                                   identities=self._identities, device="cpu")
                 except FormatError as exc:
                     raise _plain_dcp(f) or exc from None
-            metadata, files = _load_metadata_document(plaintext.getvalue())
+            metadata, files, save_id = _load_metadata_document(plaintext.getvalue())
         except (StreamError, KeyManagementError, OSError) as exc:
             raise _in_file(path, exc) from None
-        self._files = files
+        self._files, self._save_id = files, save_id
+        self._public = _opened_by_public_key(opened["opened_by"])
+        self._reads = {}
+        for index, info in (metadata.storage_data or {}).items():
+            self._reads.setdefault(info.relative_path, []).append(
+                (info.entry, index, _item_digest(index)))
+        self._chunks = {(fqn, tuple(chunk.offsets)): tuple(chunk.sizes)
+                        for fqn, md in metadata.state_dict_metadata.items()
+                        for chunk in getattr(md, "chunks", ())}
+        if self._public and save_id is None:
+            # a save of an earlier version, whose files carry no save id: loaded as before
+            # (its files are still held to their names, headers and lengths); a .metadata
+            # naming files of this version is refused file by file (_check_table)
+            warnings.warn(f"the checkpoint in {os.fspath(self.path)}, opened with a public "
+                          f"key, binds its data files to no save: an earlier gpucrypt saved it "
+                          f"(which did not bind them), or someone holding the recipients' "
+                          f"public keys wrote its .metadata, and such a .metadata can recombine "
+                          f"the data files of earlier versions' saves. Save it again with this "
+                          f"version to bind them", UserWarning, stacklevel=2)
         metadata.storage_meta = metadata.storage_meta or _storage_meta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
@@ -799,11 +952,14 @@ class EncryptedReader(FileSystemReader):
             staged.update(self._open_entries(plan.items, planner, skip=staged))
             for req in plan.items:
                 info = self.storage_data[req.storage_index]
-                value = staged[(info.relative_path, info.entry)]
+                whole = (info.relative_path, info.entry)
                 if req.type == LoadItemType.BYTE_IO:
-                    planner.load_bytes(req, io.BytesIO(value.cpu().numpy().tobytes()))
+                    planner.load_bytes(req, io.BytesIO(staged[whole].cpu().numpy().tobytes()))
                     continue
-                tensor = narrow_tensor_by_index(value, req.storage_offsets, req.lengths)
+                tensor = staged.get(whole + _slice_of(req))  # the part staged alone
+                if tensor is None:
+                    tensor = narrow_tensor_by_index(staged[whole], req.storage_offsets,
+                                                    req.lengths)
                 target = planner.resolve_tensor(req).detach()
                 if target.size() != tensor.size():
                     raise AssertionError(f"req {req.storage_index} mismatch sizes "
@@ -823,23 +979,31 @@ class EncryptedReader(FileSystemReader):
         self._staged.clear()
 
     def _open_entries(self, items, planner, skip=()) -> dict:
-        """Every entry ``items`` need (but those in ``skip``), decrypted and verified, file
-        by file, each where ``device`` and its targets (resolved by ``planner``, which
-        may be None) say; on any failure the ones already decrypted are zeroed and the
-        error raised."""
-        # file -> entry -> the devices of the tensors it goes to (None: not known)
-        wanted: dict[str, dict[str, list | None]] = {}
+        """What ``items`` need (but what ``skip`` holds), decrypted and verified, file by
+        file, each entry where ``device`` and its targets (resolved by ``planner``, which
+        may be None) say: ``(file, entry)`` -> the entry, or ``(file, entry, offsets,
+        lengths)`` -> a copy of that part of it, for an entry of which only parts are
+        needed (a saved chunk spread over more ranks than saved it). On any failure the
+        ones already decrypted are zeroed and the error raised."""
+        # file -> entry -> (the devices of the tensors it goes to (None: not known), the
+        # parts of it wanted: (offsets, lengths), or None for all of it)
+        wanted: dict[str, dict[str, tuple[list | None, set]]] = {}
         pickles: set[tuple[str, str]] = set()
         for item in items:
             info = self.storage_data[item.storage_index]
-            if (info.relative_path, info.entry) not in skip:
-                targets = wanted.setdefault(info.relative_path, {}).setdefault(info.entry, [])
-                if item.type == LoadItemType.BYTE_IO:
-                    pickles.add((info.relative_path, info.entry))
-                elif targets is not None:
-                    target = _target_device(planner, item)
-                    wanted[info.relative_path][info.entry] = None if target is None \
-                        else targets + [target]
+            whole = (info.relative_path, info.entry)
+            part = self._part_of(item)
+            if whole in skip or (part is not None and whole + part in skip):
+                continue
+            targets, parts = wanted.setdefault(info.relative_path, {}).setdefault(
+                info.entry, ([], set()))
+            parts.add(part)
+            if item.type == LoadItemType.BYTE_IO:
+                pickles.add(whole)
+            elif targets is not None:
+                target = _target_device(planner, item)
+                wanted[info.relative_path][info.entry] = (
+                    None if target is None else targets + [target], parts)
         if pickles and self.non_tensors == "refuse":
             name, entry = min(pickles)
             raise _in_file(self.fs.concat_path(self.path, name), FormatError(
@@ -847,29 +1011,58 @@ class EncryptedReader(FileSystemReader):
                 f"and this reader was made with non_tensors='refuse': load a state dict of "
                 f"tensors only, or read with non_tensors='weights_only'"))
         gpu_usable = None  # probed (a numba import) only for an entry that could use it
-        placed: dict[str, dict[str, list[str]]] = {}  # file -> device -> entries
+        # file -> device -> entry -> parts
+        placed: dict[str, dict[str, dict[str, set]]] = {}
         for name, entries in wanted.items():
-            for entry, targets in entries.items():
+            for entry, (targets, parts) in entries.items():
                 device = self.device
                 if device == "auto":
                     if gpu_usable is None and (targets is None or any(
                             t.type == "cuda" for t in targets)):
                         gpu_usable = models._check_device("auto") != "cpu"
                     device = _auto_device(targets, bool(gpu_usable))
-                placed.setdefault(name, {}).setdefault(device, []).append(entry)
-        opened: dict[tuple[str, str], torch.Tensor] = {}
+                placed.setdefault(name, {}).setdefault(device, {})[entry] = parts
+        opened: dict[tuple, torch.Tensor] = {}
         try:
             for name, by_device in placed.items():
-                for entry, tensor in self._open_file(name, by_device).items():
-                    opened[(name, entry)] = tensor
-            if self.non_tensors == "weights_only":
-                for name, entry in pickles:
+                for key, tensor in self._open_file(name, by_device).items():
+                    opened[(name,) + key] = tensor
+            for name, entry in pickles:
+                if self.non_tensors == "weights_only":
                     opened[(name, entry)] = self._checked_pickle(name, entry,
                                                                  opened[(name, entry)])
+                else:  # "pickle": unpickled here too, so that a value that fails fails now
+                    self._unpickles(name, entry, opened[(name, entry)])
         except BaseException:
             _zero(opened)
             raise
         return opened
+
+    def _part_of(self, item: Any) -> tuple | None:
+        """The part of its entry a read item wants, (offsets, lengths); None for all of it
+        (a non-tensor value, or a part that covers the chunk as .metadata records it; one
+        it does not record is read whole, and loading names what is missing)."""
+        if item.type == LoadItemType.BYTE_IO:
+            return None
+        offsets, lengths = _slice_of(item)
+        index = item.storage_index
+        sizes = self._chunks.get((index.fqn, tuple(index.offset or ())))
+        return None if sizes is None or (not any(offsets) and lengths == sizes) \
+            else (offsets, lengths)
+
+    def _unpickles(self, name: str, entry: str, value: torch.Tensor) -> None:
+        """Unpickle the non-tensor value ``entry`` as DCP's planner will in ``read_data``
+        (``torch.load(weights_only=False)``), and drop the result: a value that cannot be
+        rebuilt here (its class changed, its ``__setstate__`` raises) fails the load
+        before any rank writes into its state dict, not after some tensors were copied
+        into place. The planner still unpickles the file's own bytes, as plain DCP does;
+        the pickle's code runs twice."""
+        try:
+            torch.load(io.BytesIO(value.cpu().numpy().tobytes()), weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - whatever the pickle's own code raised
+            raise _in_file(self.fs.concat_path(self.path, name), FormatError(
+                f"the non-tensor value {entry!r} cannot be unpickled here "
+                f"({type(exc).__name__}: {str(exc)[:200]}); nothing was loaded")) from None
 
     def _checked_pickle(self, name: str, entry: str, value: torch.Tensor) -> torch.Tensor:
         """A non-tensor value's pickle, unpickled by ``torch.load(weights_only=True)`` and
@@ -900,17 +1093,31 @@ class EncryptedReader(FileSystemReader):
         torch.save(obj, again)
         return torch.frombuffer(bytearray(again.getbuffer()), dtype=torch.uint8)
 
-    def _open_file(self, name: str, by_device: dict[str, list[str]]) -> dict:
-        """The entries of the data file ``name``, decrypted and verified on the device
-        each is listed under (device -> entry names)."""
+    def _open_file(self, name: str, by_device: dict[str, dict[str, set]]) -> dict:
+        """The entries of the data file ``name`` (device -> entry -> the parts wanted, as
+        in _open_entries), decrypted and verified on that device: ``(entry,)`` -> an entry
+        wanted whole, ``(entry, offsets, lengths)`` -> a copy of a part of one wanted in
+        parts only. The entries wanted whole are decrypted in one pass; each of the others
+        alone, only the segments holding its parts, into memory of the entry's size
+        (models.safe_open's get_slice) that holds it only until its parts are copied out,
+        so that a rank holds its share and one entry, not every entry it touches whole."""
         path = self.fs.concat_path(self.path, name)
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[tuple, torch.Tensor] = {}
         try:
             with audit.timed("checkpoint.read", path=os.fspath(path)) as ev:
                 dek = self._data_key(name, path)
                 for device, entries in by_device.items():
-                    tensors.update(models.load_encrypted(path, dek, device, names=entries,
-                                                         threads=self.threads))
+                    whole = [e for e, parts in entries.items() if None in parts]
+                    # each open holds the file's table to .metadata (_check_table) once its
+                    # header verified, before anything is decrypted
+                    loaded = models.load_encrypted(
+                        path, dek, device, names=whole, threads=self.threads,
+                        _check_header=lambda h: self._check_table(name, h.metadata)) \
+                        if whole else {}
+                    tensors.update(((e,), t) for e, t in loaded.items())
+                    in_parts = {e: parts for e, parts in entries.items() if e not in loaded}
+                    if in_parts:
+                        tensors.update(self._open_parts(name, path, dek, device, in_parts))
                 del dek
                 ev.update(count=len(tensors), bytes=sum(t.nbytes for t in tensors.values()))
         except BaseException as exc:
@@ -919,6 +1126,25 @@ class EncryptedReader(FileSystemReader):
                 raise _in_file(path, exc) from None
             raise
         return tensors
+
+    def _open_parts(self, name: str, path: Any, dek: bytes, device: str,
+                    in_parts: dict[str, set]) -> dict:
+        """The parts of the entries ``in_parts`` (entry -> {(offsets, lengths)}) of the data
+        file at ``path``, each a copy of its own, decrypted on ``device``; the segments
+        decrypted around a part are zeroed before the next entry is opened."""
+        parts: dict[tuple, torch.Tensor] = {}
+        try:
+            with models.safe_open(path, "pt", device, key=dek, threads=self.threads) as f:
+                self._check_table(name, f.metadata() or {})  # the very file opened here
+                for entry, wanted in in_parts.items():
+                    handle = f.get_slice(entry)
+                    for offsets, lengths in wanted:
+                        parts[(entry, offsets, lengths)] = handle[tuple(
+                            slice(o, o + n) for o, n in zip(offsets, lengths))]
+        except BaseException:
+            _zero(parts)
+            raise
+        return parts
 
     def _data_key(self, name: str, path: Any) -> bytes:
         """The data key of the file ``name``, once the file is shown to be the one the
@@ -952,6 +1178,65 @@ class EncryptedReader(FileSystemReader):
         if not header.envelope:
             raise NoMatchingRecipient("this data file carries no envelope")
         return open_data_key(header.envelope, self._identities)
+
+    def _check_table(self, name: str, table: dict) -> None:
+        """Hold the authenticated table metadata of the data file listed as ``name`` to
+        what ``.metadata`` says of it: its own name, its save id, and the items its
+        entries hold. The manifest pins each file's header, but with public-key
+        recipients anyone holding those public keys can write a ``.metadata`` that pins
+        other genuine files (of this save under other names, of other saves) or points
+        items at other entries of the same shape; none of them changes a file's table."""
+        own = table.get(_FILE_NAME_KEY)
+        if own != name:
+            raise AuthenticationError(
+                f"this data file was saved as {str(own)[:200]!r}, not under the name the "
+                f"checkpoint's metadata lists it by (renamed, or listed in another's place)")
+        saved = table.get(_SAVE_KEY)
+        if saved != self._save_id:
+            if self._save_id is None:
+                why = ("its save binds its files to it, and the metadata binds none (the "
+                       "metadata was not written by that save, but by someone holding the "
+                       "recipients' public keys)")
+            elif saved is None:
+                why = ("the metadata binds its save's files, and this one is bound to no save "
+                       "(a file of another save, or of an earlier version)")
+            else:
+                why = "their save ids differ (a file of another save)"
+            raise AuthenticationError(f"this data file belongs to another save than the "
+                                      f"checkpoint's metadata: {why}")
+        record = table.get(_ITEMS_KEY)
+        if record is None:
+            if self._save_id is not None:  # every file of a bound save records its items
+                raise AuthenticationError("this data file records no items, as every file of "
+                                          "a save that binds its files does")
+            return  # a file of an earlier version: its entries bound to nothing
+        if self._public and self._save_id is None:
+            # a file of this version named by a .metadata that a public key opened and
+            # that binds nothing: no save of this version writes that (_binds_files)
+            raise AuthenticationError(
+                "this data file was saved by a version that binds files to their save, and "
+                "the checkpoint's metadata, opened with a public key, binds none: it was "
+                "written by someone holding the recipients' public keys")
+        try:
+            items = json.loads(record)
+        except ValueError:
+            items = None
+        if not isinstance(items, dict):
+            raise FormatError("malformed data file: the record of its items is not a JSON "
+                              "object")
+        for entry, index, digest in self._reads.get(name, ()):
+            if items.get(entry) != digest:
+                offsets = "" if index.offset is None else f" at {tuple(index.offset)}"
+                raise AuthenticationError(
+                    f"the checkpoint's metadata reads {index.fqn[:200]!r}{offsets} from the "
+                    f"entry {entry[:200]!r}, which was saved for another item (or is not in "
+                    f"this file): the metadata was not written by the save that wrote this "
+                    f"file")
+
+
+def _slice_of(item: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The part of a saved chunk a tensor read item copies: (offsets, lengths)."""
+    return (tuple(int(o) for o in item.storage_offsets), tuple(int(n) for n in item.lengths))
 
 
 #: io.BytesIO, which DCP takes as a state-dict value, is a plain container of bytes (its
@@ -1078,6 +1363,27 @@ def _calling_planner() -> LoadPlanner | None:
             return planner
         frame = frame.f_back
     return None
+
+
+def _save_id_for(plan: SavePlan) -> str | None:
+    """The id of the save under way, as the coordinator sent it (None: the save binds no
+    files). DCP's plan caching (``DefaultSavePlanner(enable_plan_caching=True)``) hands
+    ``write_data`` the plan it cached from an earlier save when this rank's plan did not
+    change, with that save's id; the plan the coordinator scattered for this save, which
+    carries this save's, is taken from DCP's save step, which holds it as
+    ``central_plan`` (the nearest callers only, as :func:`_calling_planner` does).
+    Not found (a DCP whose save step differs): the plan's own, which the coordinator
+    refuses when it is an earlier save's (``_check_bound_alike``)."""
+    frame = sys._getframe(2)  # the caller of write_data (or of an override's super)
+    for _ in range(6):
+        if frame is None:
+            break
+        scattered = frame.f_locals.get("central_plan")
+        if isinstance(scattered, SavePlan):
+            plan = scattered
+            break
+        frame = frame.f_back
+    return getattr(plan.storage_data, "save_id", None)
 
 
 def _header_sha256(path: Any, length: int) -> bytes:
