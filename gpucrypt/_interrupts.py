@@ -29,6 +29,21 @@ that turns other signals into exceptions keeps its own handlers. A Ctrl-C whose 
 already due as the block is entered (it came during the C call that failed, such as a
 tag check) is raised as the block is entered, before the clean-up: callers whose failing
 call is long hold the interrupt across that call too.
+
+Other signals' exceptions (a SIGALRM handler's TimeoutError, a SIGTERM handler's
+``sys.exit``) are not held, so what must not be left half done does not rely on holding:
+:func:`zero_surely`, the zeroing of an output that may hold a forged message's plaintext,
+goes on through any exception and raises the first once it is done; the piecewise seals
+and opens of the CPU backend (one-pass, streaming GCM) know how far a piece stopped being
+written (:class:`gpucrypt.backends.cpu.InPlaceStream` counts its windows), so that their
+clean-up takes back exactly that much; and that clean-up (the keystream once more, to give
+an in-place buffer its input back) goes on through such exceptions in the same way. Not
+yet the composed forms past OpenSSL's one call (2 GiB), whose keystream, held for SIGINT,
+runs in several calls: another signal's exception there leaves the buffer part
+transformed. And Python code can always be cut somewhere: a handler due as such a
+function is called runs at its first line, before it can catch anything (see
+:func:`zero_surely` for how callers meet that), and a second one raising in the few
+instructions between catching the first and trying again ends the run there.
 """
 from __future__ import annotations
 
@@ -39,6 +54,9 @@ import weakref
 from typing import Any, Callable
 
 _SIGINT = _signal.SIGINT
+#: what :func:`zero_surely` copies over a buffer, a step at a time: one step is all that an
+#: exception can make it do again (made here, so that zeroing allocates nothing)
+_ZEROS = memoryview(bytes(64 << 10))
 #: the main thread's id, once a hold has succeeded there (``threading`` tells it at once,
 #: but costs the command line its import): other threads then skip the attempt
 _main_thread: list = [None]
@@ -122,3 +140,49 @@ def uninterrupted(cleanup: Callable[..., Any], *args: Any) -> Any:
     :class:`held_interrupts`)."""
     with held_interrupts():
         return cleanup(*args)
+
+
+def zero_surely(buf: Any, as_view: Callable[[Any], memoryview] = memoryview,
+                stopped: BaseException | None = None, progress: list | None = None) -> None:
+    """Overwrite ``buf`` (``as_view(buf)``, a flat writable byte view) with zeros to its
+    end whatever exceptions come meanwhile (signal handlers': Ctrl-C, a SIGALRM timeout,
+    a SIGTERM handler's ``sys.exit``), then raise ``stopped`` or else the first of them:
+    after a wrong tag, no unauthenticated plaintext stays there. An exception costs the
+    step it stopped (a C copy of 64 KiB; a handler runs after it), not the zeroing so
+    far, so that signals coming faster than a whole zeroing cannot hold it back for
+    ever; nothing is allocated, so every exception is taken for a signal's.
+
+    A handler already due as this is called (its signal came during the C call that
+    failed) runs at this function's first line, before anything here can catch it; so
+    where one may be, as after OpenSSL's decryption, call it as below. ``progress``
+    (``[0]`` at first: how far it went, ``-1`` once done) lets the second call go on
+    from where the first stopped, or find it done::
+
+        zeroing = [0]
+        try:
+            zero_surely(out, progress=zeroing)
+        except BaseException as exc:  # a signal due as it began
+            zero_surely(out, stopped=exc, progress=zeroing)
+    """
+    if progress is None:
+        progress = [0]
+    view = None
+    while True:
+        try:
+            if progress[0] >= 0:
+                view = as_view(buf)
+                while progress[0] < len(view):
+                    start = progress[0]
+                    end = min(start + len(_ZEROS), len(view))
+                    view[start:end] = _ZEROS[:end - start]
+                    progress[0] = end
+                progress[0] = -1
+            break
+        except BaseException as exc:  # noqa: B036 (zeroed first, whatever came)
+            if stopped is None:
+                stopped = exc
+    if stopped is not None:
+        try:
+            raise stopped
+        finally:  # this frame goes with the exception: no cycle through it to the
+            del stopped, view  # exception, no view to keep buf exported (an mmap unclosable)

@@ -38,7 +38,7 @@ from . import _limits
 from ._buffers import (bytes_arg, inexact_overlap, new_bytes, optional_readable, plain_bytes, readable,
                        writable, zero)
 from ._host_primitives import xchacha20_key_nonce
-from ._interrupts import uninterrupted
+from ._interrupts import zero_surely
 from .backends import AUTO_GPU_THRESHOLD, AeadContext, Backend, select_backend, small_payloads_on_cpu
 from .backends import check_device, every_payload_on_cpu, get_backend
 
@@ -196,16 +196,15 @@ class _Aead:
     def _check_nonce(self, nonce: bytes) -> None:
         raise NotImplementedError
 
-    def _backend_key_nonce(self, nonce: bytes) -> tuple[bytes, bytes]:
-        return self._key, nonce
+    def _context_for(self, backend: Backend, nonce: bytes) -> tuple[AeadContext, bytes]:
+        """(context, nonce) for one message on ``backend``."""
+        return self._context(backend), nonce
 
     # --- dispatch ---
-    def _context(self, backend: Backend, key: bytes) -> AeadContext:
-        if key is not self._key:  # XChaCha20: a subkey per nonce, nothing to cache
-            return backend.aead(self._algorithm, key)
+    def _context(self, backend: Backend) -> AeadContext:
         ctx = self._contexts.get(id(backend))
         if ctx is None:
-            ctx = self._contexts[id(backend)] = backend.aead(self._algorithm, key)
+            ctx = self._contexts[id(backend)] = backend.aead(self._algorithm, self._key)
         return ctx
 
     def _prepare(self, nonce, data, associated_data, plaintext_len):
@@ -215,8 +214,8 @@ class _Aead:
         _limits.check_length("data", plaintext_len, self._max_data, self._display)
         _limits.check_length("associated_data", len(aad), self._max_aad, self._display)
         backend = select_backend(self._device, len(data))
-        key, nonce = self._backend_key_nonce(nonce)
-        return self._context(backend, key), nonce, aad
+        ctx, nonce = self._context_for(backend, nonce)
+        return ctx, nonce, aad
 
     # --- public API, as in cryptography ---
     # Each method is the fast path and nothing else: one attribute, cryptography's call;
@@ -280,15 +279,14 @@ class _Aead:
             try:
                 return direct.decrypt_into(nonce, data, associated_data, buf)
             except InvalidTag:
-                stopped = None
-                while True:  # cryptography leaves unauthenticated plaintext there; a Ctrl-C
-                    try:     # that came while OpenSSL ran is raised at the first call here
-                        zero(writable(buf))
-                        break
-                    except KeyboardInterrupt as exc:  # zeroed all the same, then raised
-                        stopped = stopped or exc
-                if stopped is not None:
-                    raise stopped from None
+                # cryptography 50 leaves unauthenticated plaintext there. A signal that came
+                # while OpenSSL ran (Ctrl-C, a timeout) has its handler run at the first call
+                # here: zeroed all the same, then its exception goes on
+                zeroing = [0]  # how far it went, for a second call
+                try:
+                    zero_surely(buf, writable, progress=zeroing)
+                except BaseException as exc:  # noqa: B036 (see zero_surely)
+                    zero_surely(buf, writable, exc, zeroing)
                 raise
             except _NOT_FOR_OPENSSL as exc:
                 if _refused_in_place(exc):
@@ -309,7 +307,7 @@ class _Aead:
         # backend takes nonces it refuses (AES-GCM's composed path, any length)
         nonce = _nonce_bytes(nonce)
         self._check_nonce(nonce)
-        ctx = self._context(get_backend("cpu"), self._key)
+        ctx = self._context(get_backend("cpu"))
         from .backends.cpu import ONE_SHOT_DETACHED_MAX, OPENSSL_AEAD_MAX  # loaded by now
         src, out = readable(data), writable(buf)
         aad = optional_readable(associated_data, "associated_data")
@@ -327,7 +325,7 @@ class _Aead:
             try:
                 ctx.open_one_shot(nonce, src[:n], src[n:], aad, out, into_out=True)
             except InvalidTag:  # out was given back its ciphertext: zeroed, as decrypt_into's
-                uninterrupted(zero, out)
+                zero_surely(out)
                 raise
         else:
             n = len(src)
@@ -350,15 +348,12 @@ class _Aead:
                         return call(fast_nonce, data, associated_data)
                     return call(fast_nonce, data, associated_data, buf)
                 except InvalidTag:
-                    stopped = None
-                    while buf is not _ALLOCATE:  # as in decrypt_into: zeroed even if Ctrl-C came
+                    if buf is not _ALLOCATE:  # as in decrypt_into: zeroed whatever came
+                        zeroing = [0]  # how far it went, for a second call
                         try:
-                            zero(writable(buf))
-                            break
-                        except KeyboardInterrupt as exc:
-                            stopped = stopped or exc
-                    if stopped is not None:
-                        raise stopped from None
+                            zero_surely(buf, writable, progress=zeroing)
+                        except BaseException as exc:  # noqa: B036 (a handler due as it began)
+                            zero_surely(buf, writable, exc, zeroing)
                     raise
                 except _NOT_FOR_OPENSSL:
                     pass
@@ -569,8 +564,11 @@ class XChaCha20Poly1305(ChaCha20Poly1305):
         subkey, nonce12 = xchacha20_key_nonce(self._key, nonce)
         return _openssl.ChaCha20Poly1305(subkey), nonce12
 
-    def _backend_key_nonce(self, nonce):
-        return xchacha20_key_nonce(self._key, nonce)
+    def _context_for(self, backend, nonce):
+        # a subkey per nonce: a context for this message alone, built uncached (the
+        # backend's per-key cache kept each one, evicting other keys' contexts and
+        # keeping the subkeys alive after this object was gone)
+        return backend.aead_for_nonce("xchacha20-poly1305", self._key, nonce)
 
     @property
     def _batch_algorithm(self) -> str:

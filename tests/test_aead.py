@@ -1093,31 +1093,55 @@ def test_inexact_overlap_rule_for_every_kind_of_buffer():
 
 @pytest.mark.parametrize("cls, key_len", [(gpucrypt.AESGCM, 32), (gpucrypt.ChaCha20Poly1305, 32)])
 @pytest.mark.parametrize("data_type", [bytes, bytearray])
-def test_decrypt_into_zeroes_a_forgery_even_when_ctrl_c_comes(cls, key_len, data_type, monkeypatch):
+@pytest.mark.parametrize("error", [KeyboardInterrupt, TimeoutError, SystemExit])
+def test_decrypt_into_zeroes_a_forgery_whatever_a_signal_handler_raises(cls, key_len, data_type,
+                                                                       error, monkeypatch):
     """A Ctrl-C that came while OpenSSL decrypted a forged message is raised at the first
     Python call after it, inside the clean-up that zeroes the buffer (simulated: the
     first ``writable`` call raises it). The buffer is zeroed all the same, then the
-    KeyboardInterrupt goes on."""
+    KeyboardInterrupt goes on. So with another signal's handler: a SIGALRM timeout
+    (TimeoutError), a SIGTERM handler's sys.exit (SystemExit): the zeroing was retried
+    for KeyboardInterrupt only, and on cryptography 50 the forged message's plaintext
+    stayed in the buffer."""
     import gpucrypt.aead as aead_module
 
     key, nonce = os.urandom(key_len), os.urandom(12)
-    sealed = bytearray(reference.AESGCM(key).encrypt(nonce, b"p" * 1000, None)
-                       if cls is gpucrypt.AESGCM
-                       else reference.ChaCha20Poly1305(key).encrypt(nonce, b"p" * 1000, None))
+    ref = reference.AESGCM if cls is gpucrypt.AESGCM else reference.ChaCha20Poly1305
+    sealed = bytearray(ref(key).encrypt(nonce, b"p" * 1000, None))
     sealed[3] ^= 1
-    ctx = cls(key, device="cpu")
     real, calls = aead_module.writable, []
 
-    def interrupted_once(x):
+    def raises_once(x):
         calls.append(None)
         if len(calls) == 1:
-            raise KeyboardInterrupt
+            raise error
         return real(x)
-    monkeypatch.setattr(aead_module, "writable", interrupted_once)
+    monkeypatch.setattr(aead_module, "writable", raises_once)
     buf = bytearray(1000)
-    with pytest.raises(KeyboardInterrupt):
-        ctx.decrypt_into(nonce, data_type(sealed), None, buf)
+    with pytest.raises(error):
+        cls(key, device="cpu").decrypt_into(nonce, data_type(sealed), None, buf)
     assert bytes(buf) == bytes(1000) and len(calls) == 2
+
+
+@pytest.mark.parametrize("cls", [gpucrypt.AESGCM, gpucrypt.ChaCha20Poly1305])
+def test_decrypt_into_zeroes_a_forgery_when_a_timeout_comes_during_openssls_call(cls):
+    """A SIGALRM whose handler raises TimeoutError (as timeout libraries do), arriving
+    while OpenSSL decrypts a forged message: the handler runs at the first call after it,
+    as the zeroing begins, and on cryptography 50 (which writes the plaintext before it
+    checks the tag) the buffer kept the plaintext; cryptography 51 zeroes it itself.
+    Real SIGALRMs every 0.5 ms, for 0.7 s. (The general path's zeroing, the CPU
+    backend's, is tested with it.)"""
+    from _signals import forged_opens_cut_by_alarms
+
+    n = 64 << 10
+    key, nonce = os.urandom(32), os.urandom(12)
+    aead = cls(key, device="cpu")
+    forged = bytearray(aead.encrypt(nonce, b"p" * n, None))
+    forged[-1] ^= 1
+    forged = bytes(forged)
+    interrupted, left = forged_opens_cut_by_alarms(
+        lambda out: aead.decrypt_into(nonce, forged, None, out), lambda: bytearray(n), any)
+    assert interrupted > 0 and left == 0, (interrupted, left)
 
 
 @pytest.mark.parametrize("cls", [gpucrypt.AESGCM, gpucrypt.ChaCha20Poly1305])

@@ -148,6 +148,25 @@ def test_context_cache_by_key_object():
     assert len(cache) == 0
 
 
+def test_xchacha_messages_leave_the_shared_context_cache_alone():
+    """XChaCha20-Poly1305 derives a subkey per nonce. Its general path (a bytearray nonce:
+    PyNaCl takes bytes only) put each subkey's context in the CPU backend's shared cache:
+    every message evicted another key's context, and the last subkeys stayed alive after
+    the object was gone. They are made for their message alone."""
+    cache = get_backend("cpu").contexts
+    cache.clear()
+    gcm_key = os.urandom(32)
+    gcm_context = cache.get("aes-gcm", gcm_key)
+    key = os.urandom(32)
+    xchacha = gpucrypt.XChaCha20Poly1305(key, device="cpu")
+    for _ in range(cpu.CONTEXT_CACHE_SIZE + 8):
+        nonce, data = bytearray(os.urandom(24)), os.urandom(100)
+        sealed = xchacha.encrypt(nonce, data, None)
+        assert sealed == reference_seal("xchacha20-poly1305", key, bytes(nonce), data, None)
+        assert xchacha.decrypt(nonce, sealed, None) == data
+    assert len(cache) == 1 and cache.get("aes-gcm", gcm_key) is gcm_context
+
+
 def test_cached_contexts_give_the_reference_bytes_across_keys():
     """One backend, keys reused and interleaved: every message still under its own key."""
     backend = get_backend("cpu")
@@ -546,19 +565,21 @@ class _StopsAt:
     (``"after"``, how a signal arrives). ``pieces_by_update``: ``update`` calls count as
     pieces too, for a context the CPU backend wraps (cpu.InPlaceStream: where
     cryptography refuses an in-place update_into, a small in-place piece is one
-    ``update``)."""
+    ``update``). ``error``: what interrupts it (KeyboardInterrupt, or another signal
+    handler's exception, which nothing holds)."""
 
-    def __init__(self, real, stop: int, when: str, pieces_by_update: bool = False):
+    def __init__(self, real, stop: int, when: str, pieces_by_update: bool = False,
+                 error: type = KeyboardInterrupt):
         self.real, self.stop, self.when, self.pieces = real, stop, when, 0
-        self.pieces_by_update = pieces_by_update
+        self.pieces_by_update, self.error = pieces_by_update, error
 
     def _call(self, method, *args):
         self.pieces += 1
         if self.pieces == self.stop and self.when == "before":
-            raise KeyboardInterrupt
+            raise self.error
         result = method(*args)
         if self.pieces == self.stop:
-            raise KeyboardInterrupt
+            raise self.error
         return result
 
     def update_into(self, src, dst):
@@ -1093,6 +1114,23 @@ def test_a_ctrl_c_during_a_failing_decryption_waits_for_its_zeroing(algorithm, f
     assert interrupted > 0 and left == 0, (interrupted, left)
 
 
+@pytest.mark.parametrize("algorithm", ["chacha20-poly1305", "aes-gcm"])
+def test_a_timeout_during_a_failing_decryption_cannot_skip_its_zeroing(algorithm):
+    """As above with another signal, which nothing holds: a SIGALRM whose handler raises
+    TimeoutError (as timeout libraries do) came during OpenSSL's call and ran as the
+    wrong tag's zeroing began, and ``open`` left the unauthenticated plaintext in out on
+    cryptography 50 (51 zeroes it itself). Real SIGALRMs every 0.5 ms, for 0.7 s."""
+    from _signals import forged_opens_cut_by_alarms
+
+    n = 64 << 10
+    key, nonce, aad, data, ct, tag, ctx = _detached_message(algorithm, 32, n)
+    forged = memoryview(bytearray(ct + bytes([tag[0] ^ 1]) + tag[1:]))
+    interrupted, left = forged_opens_cut_by_alarms(
+        lambda out: ctx.open(nonce, forged, memoryview(aad), out),
+        lambda: memoryview(bytearray(b"\xa5" * n)), lambda out: bytes(out) != bytes(n))
+    assert interrupted > 0 and left == 0, (interrupted, left)
+
+
 def test_a_gpu_gpucrypt_device_asks_for_names_the_variable(monkeypatch):
     """device="auto" with GPUCRYPT_DEVICE=gpu where no GPU runs raised the backend's reason
     alone: the caller, who said auto, was not told the variable had chosen the GPU, nor how
@@ -1297,6 +1335,144 @@ def test_a_one_shot_seal_lends_no_scratch_to_a_call_within_it(algorithm):
     finally:
         ctx._aead = real
     assert bytes(out) == ct
+
+
+# ------------------------------------------- other signals' exceptions: nothing holds them
+_WINDOWED = 5 * cpu._IN_PLACE_WINDOW + 17  # six windows in place: one GCM piece, three one-pass
+
+
+def _windowed_message(algorithm: str, monkeypatch):
+    """A message (as :func:`_detached_message`) that the detached forms run in place
+    through cpu.InPlaceStream's windows, whatever cryptography is installed."""
+    monkeypatch.setattr(cpu, "UPDATE_INTO_IN_PLACE", False)
+    return _detached_message(algorithm, 32, _WINDOWED)
+
+
+def _timeout_at_copies(monkeypatch, *stops: int) -> list:
+    """NumPy's copy (a window copied out) raising TimeoutError as its ``stops``-th calls
+    in this thread return, as a SIGALRM handler would (only SIGINT is held). Returns the
+    list of calls made."""
+    import threading
+
+    real, calls = np.copyto, []
+
+    def copyto(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if threading.current_thread() is threading.main_thread():
+            calls.append(None)
+            if len(calls) in stops:
+                raise TimeoutError("deadline")
+        return result
+    monkeypatch.setattr(np, "copyto", copyto)
+    return calls
+
+
+def _run_detached(ctx, operation: str, nonce, aad, tag, buf: bytearray):
+    view = memoryview(buf)
+    if operation == "seal":
+        return ctx.seal_detached(nonce, view, memoryview(aad), view, one_pass=True)
+    return ctx.open_detached(nonce, view, tag, memoryview(aad), view, one_pass=True)
+
+
+@pytest.mark.parametrize("algorithm", ["aes-gcm", "chacha20-poly1305"])
+@pytest.mark.parametrize("operation", ["seal", "open"])
+@pytest.mark.parametrize("when", ["before its copy", "after its copy"])
+@pytest.mark.parametrize("copied", [1, 3])
+def test_a_piece_stopped_between_two_windows_is_taken_back_exactly(algorithm, operation, when,
+                                                                  copied, monkeypatch):
+    """Where cryptography refuses in place (51), a large in-place piece (AES-GCM's 1 GiB,
+    one-pass ChaCha20-Poly1305's 512 KiB) runs through 256 KiB windows, one C call each.
+    Another signal's handler (a SIGALRM timeout, a SIGTERM handler's sys.exit) raising
+    between two of them stopped the piece part-way, and the clean-up, which took a piece
+    for all or nothing, ran the keystream over the untouched rest too: a forged message
+    opened in place left its plaintext there, a seal destroyed the caller's plaintext.
+    Here ``copied`` windows are copied out, part of a piece either way: the next one is
+    cut as its call returns (``before its copy``), or the last one as its copy does. The
+    buffer must hold exactly its input again."""
+    key, nonce, aad, data, ct, tag, ctx = _windowed_message(algorithm, monkeypatch)
+    if when == "after its copy":
+        _timeout_at_copies(monkeypatch, copied)
+    elif algorithm == "aes-gcm":
+        real_gcm, made = ctx._gcm, []
+
+        class Gcm:  # the seal's or open's own context (made first), cut at a window
+            def __init__(self, nonce):
+                self.real = real_gcm(nonce)
+
+            def _first_cut(self, context):
+                made.append(None)
+                return _StopsAt(context, copied + 1, "after", error=TimeoutError) \
+                    if len(made) == 1 else context
+
+            def encryptor(self):
+                return self._first_cut(self.real.encryptor())
+
+            def decryptor(self):
+                return self._first_cut(self.real.decryptor())
+        monkeypatch.setattr(ctx, "_gcm", Gcm)
+    else:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+        real_stream = ctx._stream  # counter 0: the one-pass call's own stream
+
+        def stream(nonce, counter):
+            if counter:
+                return real_stream(nonce, counter)
+            chacha = Cipher(algorithms.ChaCha20(key, bytes(4) + nonce), None).encryptor()
+            return cpu.InPlaceStream(_StopsAt(chacha, copied + 1, "after", error=TimeoutError))
+        monkeypatch.setattr(ctx, "_stream", stream)
+    before = data if operation == "seal" else ct
+    buf = bytearray(before)
+    with pytest.raises(TimeoutError):
+        _run_detached(ctx, operation, nonce, aad, tag, buf)
+    assert bytes(buf) == before
+    monkeypatch.undo()
+    assert _run_detached(ctx, operation, nonce, aad, tag, buf) == (tag if operation == "seal"
+                                                                   else None)
+    assert bytes(buf) == (ct if operation == "seal" else data)
+
+
+@pytest.mark.parametrize("algorithm", ["aes-gcm", "chacha20-poly1305"])
+@pytest.mark.parametrize("operation", ["seal", "open"])
+def test_a_clean_up_cut_by_another_signal_goes_on_to_its_end(algorithm, operation,
+                                                            monkeypatch):
+    """The clean-up itself (the keystream once more over an in-place buffer) takes as long
+    as the work it undoes, and only SIGINT was held over it: another signal's handler
+    raising there left a forged message's plaintext behind the ciphertext given back, or
+    a seal's plaintext part encrypted. Here a forged message's open, and a seal stopped
+    at its third window, have their clean-up cut at its second window: it goes on to its
+    end, and the first exception goes on."""
+    key, nonce, aad, data, ct, tag, ctx = _windowed_message(algorithm, monkeypatch)
+    forward = -(-_WINDOWED // cpu._IN_PLACE_WINDOW) if operation == "open" else 3
+    calls = _timeout_at_copies(monkeypatch, *({3, forward + 2} if operation == "seal"
+                                              else {forward + 2}))
+    before = data if operation == "seal" else ct
+    buf = bytearray(before)
+    with pytest.raises(TimeoutError):
+        _run_detached(ctx, operation, nonce, aad, bytes([tag[0] ^ 1]) + tag[1:], buf)
+    assert len(calls) >= forward + 2, "the clean-up was not cut"
+    assert bytes(buf) == before
+
+
+@pytest.mark.parametrize("algorithm", ["aes-gcm", "chacha20-poly1305"])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_forgery_past_openssls_one_call_leaves_a_zeroed_buffer(algorithm, in_place,
+                                                                monkeypatch):
+    """Past OpenSSL's one call (2**31 - 1 bytes) AES-GCM opens with the streaming form,
+    whose in-place failure gives the buffer its ciphertext back: the combined open left it
+    so, where every other size and ChaCha20-Poly1305 zero it as decrypt_into documents.
+    The one-call limit is lowered so that 4 KiB takes the route of 2 GiB."""
+    monkeypatch.setattr(cpu, "OPENSSL_AEAD_MAX", 1024)
+    key, nonce, aad, data, ct, tag, ctx = _detached_message(algorithm, 32, 4096)
+    sealed = memoryview(bytearray(ct + tag))
+    out = sealed[:4096] if in_place else memoryview(bytearray(b"\x55" * 4096))
+    ctx.open(nonce, sealed, memoryview(aad), out)
+    assert bytes(out) == data
+    sealed[:] = ct + bytes([tag[0] ^ 1]) + tag[1:]
+    out[:] = b"\x55" * 4096 if not in_place else ct
+    with pytest.raises(InvalidTag):
+        ctx.open(nonce, sealed, memoryview(aad), out)
+    assert bytes(out) == bytes(4096)
 
 
 @pytest.mark.parametrize("in_place", [True, False])

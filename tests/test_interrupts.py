@@ -1,7 +1,10 @@
-"""gpucrypt._interrupts: clean-ups that a Ctrl-C (a real SIGINT) cannot cut in two."""
+"""gpucrypt._interrupts: clean-ups that a Ctrl-C (a real SIGINT) cannot cut in two, and a
+zeroing that no signal handler's exception cuts short."""
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
 import pytest
@@ -120,3 +123,84 @@ def test_a_block_whose_exit_never_ran_sets_the_handler_back_when_dropped():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     with pytest.raises(KeyboardInterrupt):
         signal.raise_signal(signal.SIGINT)
+
+
+class _ViewRaising:
+    """A byte view of ``buf`` whose writes raise, as they return, the next of ``errors``
+    (an exception class, or None for none) as a signal's handler would there (it runs
+    after a C call), then None for ever after."""
+
+    def __init__(self, buf: bytearray, errors: list):
+        self.view, self.errors, self.raised = memoryview(buf), list(errors), []
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __setitem__(self, key, value) -> None:
+        self.view[key] = value
+        error = self.errors.pop(0) if self.errors else None
+        if error is not None:
+            self.raised.append(error)
+            raise error(f"raised at write {len(self.raised)}")
+
+
+def test_a_zeroing_goes_on_through_any_exception_then_raises_the_first():
+    """After a wrong tag the output is zeroed, and a signal's handler raising meanwhile (a
+    SIGALRM timeout, a SIGTERM handler's sys.exit: nothing holds them) stopped the zeroing
+    with unauthenticated plaintext left. It goes on to the end; the first exception goes
+    on from there."""
+    from gpucrypt import _interrupts
+
+    buf = bytearray(os.urandom(5 * len(_interrupts._ZEROS) + 3))
+    view = _ViewRaising(buf, [None, TimeoutError, None, SystemExit])
+    with pytest.raises(TimeoutError, match="raised at write 1"):
+        _interrupts.zero_surely(buf, lambda b: view)
+    assert view.raised == [TimeoutError, SystemExit] and buf == bytes(len(buf))
+
+
+def test_a_zeroing_goes_on_from_where_it_was_stopped():
+    """Signals coming faster than a whole zeroing (an exception at every other step): each
+    run goes on from where the last stopped, so that it ends, each exception costing a
+    step; started again from the beginning, it never would."""
+    from gpucrypt import _interrupts
+
+    steps = 16
+    buf = bytearray(os.urandom(steps * len(_interrupts._ZEROS)))
+    view = _ViewRaising(buf, [None, TimeoutError] * 1000)
+    with pytest.raises(TimeoutError):
+        _interrupts.zero_surely(buf, lambda b: view)
+    assert buf == bytes(len(buf)) and len(view.raised) <= steps, len(view.raised)
+
+
+def test_a_zeroing_stopped_as_it_began_is_finished_by_the_second_call():
+    """A handler already due as the zeroing is called (its signal came during the C call
+    that failed) raises at the function's first line, before it can catch anything: the
+    caller calls it again (the documented form), which zeroes, then raises that
+    exception. A second call after a first that finished zeroing does not zero again."""
+    from gpucrypt._interrupts import zero_surely
+
+    views: list = []
+
+    def as_view(buf):
+        views.append(None)
+        return memoryview(buf)
+
+    def stopped_at_its_call(frame, event, arg):
+        if frame.f_code is zero_surely.__code__ and event == "call" and not views:
+            raise TimeoutError("due as it began")
+        return None
+    buf, zeroing = bytearray(os.urandom(1000)), [0]
+    sys.settrace(stopped_at_its_call)
+    try:
+        with pytest.raises(TimeoutError, match="due as it began"):
+            try:
+                zero_surely(buf, as_view, progress=zeroing)
+            except BaseException as exc:
+                sys.settrace(None)
+                zero_surely(buf, as_view, exc, zeroing)
+    finally:
+        sys.settrace(None)
+    assert buf == bytes(1000) and zeroing == [-1] and len(views) == 1
+    with pytest.raises(KeyboardInterrupt):  # done: raised, nothing zeroed again
+        zero_surely(buf, as_view, KeyboardInterrupt(), zeroing)
+    assert len(views) == 1

@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .._buffers import address, bytes_arg
-from .._interrupts import held_interrupts, uninterrupted
+from .._interrupts import held_interrupts, uninterrupted, zero_surely
 from .._buffers import zero as _zero
 from ._base import AeadContext, Backend
 
@@ -101,17 +101,71 @@ def _same_memory(a: memoryview, b: memoryview) -> bool:
     # cryptography refuses in place) large messages choosing their route
 
 
-def _transformed_end(out: memoryview, done: int, pending: tuple | None) -> int:
+def _transformed_end(out: memoryview, done: int, pending: tuple | None, stream=None) -> int:
     """Where the output of a piecewise open (plaintext) or in-place seal (ciphertext) ends
-    in ``out`` after it stopped: ``done``, or the end of the pending piece (``(end, its
-    first input bytes)``, saved before its call) if that piece was run. An interrupt
-    arrives as a call returns, before ``done`` moves on; an error from within the call
-    comes before any byte. The keystream changes a piece's first bytes unless 16 bytes
-    of it are all zero (2**-128; for a piece shorter than 16 bytes, unchanged bytes are
-    the input anyway)."""
-    if pending is not None and bytes(out[done:done + 16]) != pending[1]:
+    in ``out`` after it stopped: ``done``, or within or at the end of the pending piece
+    (``(end, its first input bytes, its output view)``, saved before its call; it starts
+    at ``done``) if that piece was run. One C call runs a piece whole or not at all: an
+    interrupt arrives as the call returns, before ``done`` moves on, and an error from
+    within the call comes before any byte. A piece that ``stream`` (an
+    :class:`InPlaceStream`) ran through its windows, one C call each, can stop between
+    two of them (another signal's handler raising: only SIGINT is held there): the
+    stream tells how far it went. The keystream changes a piece's first bytes unless 16
+    bytes of it are all zero (2**-128; for a piece shorter than 16 bytes, unchanged
+    bytes are the input anyway)."""
+    if pending is None:
+        return done
+    if type(stream) is InPlaceStream:
+        written = stream.written_before_stop(pending[2])
+        if written is not None:
+            return done + written
+    if bytes(out[done:done + 16]) != pending[1]:
         return pending[0]
     return done
+
+
+def _keystream_back(stream_at, out: memoryview, spans) -> None:
+    """An in-place buffer's input back over the ``(start, end)`` spans of ``out`` that a
+    piecewise call had run: the keystream XORed over them once more, ``stream_at(offset)``
+    giving ``(a stream from byte offset of out on, the offset where it must stop)`` for
+    an offset that is a multiple of 64. It runs to its end even if exceptions come
+    meanwhile, then raises the first: only SIGINT is held over a clean-up, and another
+    signal's handler (a timeout, a SIGTERM handler's ``sys.exit``) cut it short, which
+    left a forged message's plaintext in the buffer, or a seal's plaintext encrypted
+    under no tag. An exception costs no byte twice: the run goes on from where the
+    last stopped, a piece or window whose call ran counted as done
+    (:func:`_transformed_end`)."""
+    # (span index, where in out it stopped, the pending piece and its stream): one store
+    # each, so that a retry finds it whole
+    state, stopped, stream, piece = (0, None, None, None), None, None, None
+    while True:
+        try:
+            i, pos, pending, stream = state
+            if pos is not None:
+                state = (i, _transformed_end(out, pos, pending, stream), None, None)
+            i, pos = state[:2]
+            while i < len(spans):
+                start, end = spans[i]
+                pos = start if pos is None else pos
+                while pos < end:
+                    stream, until = stream_at(pos)
+                    stop = min(pos + _PIECE, until, end)
+                    piece = out[pos:stop]
+                    state = (i, pos, (stop, bytes(piece[:16]), piece), stream)
+                    _xor_into(stream, piece, piece)
+                    pos = stop
+                    state = (i, pos, None, None)
+                i, pos = i + 1, None
+                state = (i, None, None, None)
+            break
+        except BaseException as exc:  # noqa: B036 (the input back first, whatever came)
+            if stopped is None:
+                stopped = exc
+    if stopped is not None:
+        try:
+            raise stopped
+        finally:  # no cycle through this frame to the exception, nor views kept by it
+            del stopped, state, stream, piece
 
 
 def _zero_apart(data: memoryview, out: memoryview) -> None:
@@ -144,7 +198,11 @@ def _copy(dst: memoryview, src: memoryview) -> None:
 
 
 def _xor_into(encryptor, data: memoryview, out: memoryview) -> None:
-    """Run a ``cryptography`` stream encryptor over ``data`` into ``out`` in pieces."""
+    """Run a ``cryptography`` stream encryptor over ``data`` into ``out`` in pieces (one
+    piece: ``data`` and ``out`` as they are, which :class:`InPlaceStream` knows again)."""
+    if len(data) <= _PIECE:
+        encryptor.update_into(data, out)
+        return
     for start in range(0, len(data), _PIECE):
         end = min(start + _PIECE, len(data))
         encryptor.update_into(data[start:end], out[start:end])
@@ -255,15 +313,21 @@ class InPlaceStream:
       gpucrypt's own callers, which check a message's length against the algorithm's
       limit before any keystream, so that no window is refused. The window is taken
       from the thread while in use: a signal handler that encrypts in place meanwhile
-      gets a window of its own.
+      gets a window of its own. Another signal's handler that raises between two windows
+      stops the call part-way: :meth:`written_before_stop` tells how far, for the
+      caller's clean-up.
 
     Everything else is the context's."""
 
-    __slots__ = ("_context", "_windows")
+    __slots__ = ("_context", "_windows", "_progress")
 
     def __init__(self, context, windows: bool = True):
         self._context = context
         self._windows = windows
+        #: a windowed call's progress: ``(its out, bytes copied to it before the last
+        #: window, that window: (its end, its first input bytes) or None)``, None once it
+        #: returned
+        self._progress = None
 
     def update_into(self, data, out) -> int:
         if not (_one_base(data, out) or _overlaps(data, out)):
@@ -274,9 +338,9 @@ class InPlaceStream:
         if len(src) <= _IN_PLACE_WINDOW or not self._windows:
             dst[:len(src)] = self._context.update(src)
             return len(src)
-        return self._through_windows(src, dst)
+        return self._through_windows(src, dst, out)
 
-    def _through_windows(self, src: memoryview, out: memoryview) -> int:
+    def _through_windows(self, src: memoryview, out: memoryview, given) -> int:
         import numpy as np  # a core dependency; loaded here, where this version needs it
 
         dst = np.frombuffer(out, dtype=np.uint8)
@@ -284,18 +348,37 @@ class InPlaceStream:
         _SCRATCH.window = None  # in use: a nested call (a signal handler's) makes its own
         update_into = self._context.update_into
         done = used = 0
+        self._progress = (given, 0, None)
         try:
             with held_interrupts():
                 while done < len(src):
                     end = min(done + _IN_PLACE_WINDOW, len(src))
                     n = update_into(src[done:end], view)
                     used = max(used, n)
+                    # one store, before the copy: whether the copy ran is told by its bytes
+                    self._progress = (given, done, (done + n, bytes(src[done:done + 16])))
                     np.copyto(dst[done:done + n], window[:n])
                     done += n
         finally:
             window[:used] = 0  # it held what went to out: plaintext, opening
             _SCRATCH.window = (view, window)
+        self._progress = None
         return done
+
+    def written_before_stop(self, out) -> int | None:
+        """How many bytes at the start of ``out`` (the very object given to
+        :meth:`update_into`) a windowed call into it wrote before it stopped part-way,
+        or None if none did (a call that was not windowed writes all or nothing). The
+        window being copied as it stopped counts if its first bytes changed (see
+        :func:`_transformed_end`)."""
+        progress = self._progress
+        if progress is None or progress[0] is not out:
+            return None
+        _, copied, last = progress
+        if last is not None and \
+                bytes(memoryview(out).cast("B")[copied:copied + 16]) != last[1]:
+            return last[0]
+        return copied
 
     def __getattr__(self, name):
         return getattr(self._context, name)
@@ -375,7 +458,11 @@ class _OpenSslAead(AeadContext):
                     try:
                         self._aead.decrypt_into(nonce, data, aad, plain)
                     except InvalidTag:
-                        _zero(out)
+                        zeroing = [0]  # how far it went, for a second call
+                        try:
+                            zero_surely(out, progress=zeroing)
+                        except BaseException as exc:  # noqa: B036 (a handler due as it began)
+                            zero_surely(out, stopped=exc, progress=zeroing)
                         raise
                 _copy(out, plain)
             finally:
@@ -385,7 +472,7 @@ class _OpenSslAead(AeadContext):
         try:
             self.open_detached(nonce, data[:n], data[n:], memoryview(aad), out, one_pass=True)
         except InvalidTag:  # the detached form gave out its ciphertext back
-            uninterrupted(_zero, out)
+            zero_surely(out)
             raise
 
     def _seal_composed(self, nonce, data, aad, ct) -> bytes:
@@ -405,7 +492,7 @@ class _OpenSslAead(AeadContext):
                 tag = self._tag(state, ct, aad)
         except BaseException:  # noqa: B036 (the tag is lost with the exception)
             if sealed:
-                uninterrupted(self._xor, state, ct, ct)
+                uninterrupted(_keystream_back, self._stream_at(state), ct, [(0, len(ct))])
             raise
         return tag
 
@@ -421,7 +508,13 @@ class _OpenSslAead(AeadContext):
                         self._aead.decrypt_into(nonce, data, aad, out)
                         return
                     except InvalidTag:
-                        _zero(out)
+                        # another signal's handler is not held: one due runs as the
+                        # zeroing begins, which then goes on all the same
+                        zeroing = [0]  # how far it went, for a second call
+                        try:
+                            zero_surely(out, progress=zeroing)
+                        except BaseException as exc:  # noqa: B036 (a handler due as it began)
+                            zero_surely(out, stopped=exc, progress=zeroing)
                         raise
                     except ValueError:  # refused before any byte, if for an overlap
                         if AEAD_INTO_IN_PLACE or not _overlaps(data, out):
@@ -430,7 +523,7 @@ class _OpenSslAead(AeadContext):
         state = self._start(nonce)
         ct, tag = data[:-16], data[-16:]
         if not _tags_equal(self._tag(state, ct, aad), bytes(tag)):
-            uninterrupted(_zero, out)
+            zero_surely(out)
             raise InvalidTag()
         self._open_composed_xor(state, ct, out)
 
@@ -449,9 +542,9 @@ class _OpenSslAead(AeadContext):
                 opened = True
         except BaseException:  # noqa: B036 (a Ctrl-C held over the keystream)
             if opened and _same_memory(ct, out):
-                uninterrupted(self._xor, state, out, out)
+                uninterrupted(_keystream_back, self._stream_at(state), out, [(0, len(out))])
             elif opened:
-                uninterrupted(_zero, out)
+                zero_surely(out)
             raise
 
     def seal_detached(self, nonce, data, aad, out, threads=1, one_pass=False, shared_gil=False):
@@ -553,6 +646,11 @@ class _OpenSslAead(AeadContext):
     def _tag(self, state: bytes, ct: memoryview, aad: memoryview) -> bytes:
         raise NotImplementedError
 
+    def _stream_at(self, state: bytes):
+        """``offset -> (a stream of the keystream that _xor runs from state, from byte
+        offset on, the offset where that stream must stop)`` (see :func:`_keystream_back`)."""
+        raise NotImplementedError
+
 
 class _ChaCha20Poly1305(_OpenSslAead):
     _openssl_class = ChaCha20Poly1305
@@ -632,18 +730,19 @@ class _ChaCha20Poly1305(_OpenSslAead):
         mac = Poly1305AeadMac(stream.update(bytes(64))[:32], aad)  # block 0; block 1 is next
         update_into, mac_update = stream.update_into, mac.counted_update(len(data))
         done = 0         # out[:done] holds ciphertext
-        pending = None   # (end, its first plaintext bytes) of the piece being encrypted
+        pending = None   # (end, its first plaintext bytes, its output) of the piece encrypted
         try:
             for start in range(0, len(data), ONE_PASS_PIECE):
                 end = min(start + ONE_PASS_PIECE, len(data))
-                pending = (end, bytes(data[start:start + 16]))
-                update_into(data[start:end], out[start:end])
+                piece = out[start:end]
+                pending = (end, bytes(data[start:start + 16]), piece)
+                update_into(data[start:end], piece)
                 done, pending = end, None
-                mac_update(out[start:end])
+                mac_update(piece)
             return mac.finalize()
         except BaseException:  # noqa: B036 (an interrupt too: see _take_back)
-            uninterrupted(lambda: self._take_back(nonce, data, out,
-                                                  [(0, _transformed_end(out, done, pending))]))
+            uninterrupted(lambda: self._take_back(
+                nonce, data, out, [(0, _transformed_end(out, done, pending, stream))]))
             raise
 
     def _open_one_pass(self, nonce, data, tag, aad, out) -> None:
@@ -659,20 +758,21 @@ class _ChaCha20Poly1305(_OpenSslAead):
         mac = Poly1305AeadMac(stream.update(bytes(64))[:32], aad)
         update_into, mac_update = stream.update_into, mac.counted_update(len(data))
         done = 0         # out[:done] holds plaintext
-        pending = None   # (end, its first ciphertext bytes) of the piece being decrypted
+        pending = None   # (end, its first ciphertext bytes, its output) of the piece decrypted
         try:
             for start in range(0, len(data), ONE_PASS_PIECE):
                 end = min(start + ONE_PASS_PIECE, len(data))
                 mac_update(data[start:end])
-                pending = (end, bytes(data[start:start + 16]))
-                update_into(data[start:end], out[start:end])
+                piece = out[start:end]
+                pending = (end, bytes(data[start:start + 16]), piece)
+                update_into(data[start:end], piece)
                 done, pending = end, None
             if not _tags_equal(mac.finalize(), bytes(tag)):  # inside: an interrupt here too
                 raise InvalidTag()
         except BaseException:  # noqa: B036 (the plaintext goes back whatever stopped us)
             # taking back a piece that was never decrypted would put its plaintext there
-            uninterrupted(lambda: self._take_back(nonce, data, out,
-                                                  [(0, _transformed_end(out, done, pending))]))
+            uninterrupted(lambda: self._take_back(
+                nonce, data, out, [(0, _transformed_end(out, done, pending, stream))]))
             raise
 
     def _take_back(self, nonce, data, out, spans) -> None:
@@ -682,10 +782,9 @@ class _ChaCha20Poly1305(_OpenSslAead):
         a seal, whose tag the caller never gets (an in-place tensor stopped part-way by
         Ctrl-C would be lost otherwise). A separate output is zeroed."""
         if not _same_memory(data, out):
-            _zero(out)
+            zero_surely(out)
             return
-        for start, end in spans:
-            _xor_into(self._stream(nonce, 1 + start // 64), out[start:end], out[start:end])
+        _keystream_back(self._stream_at(nonce), out, spans)
 
     def _open_pipelined(self, nonce, data, tag, aad, out, workers: int) -> None:
         """The one-pass open on several threads: this thread runs the MAC over each piece
@@ -785,6 +884,9 @@ class _ChaCha20Poly1305(_OpenSslAead):
         return in_place_stream(Cipher(algorithms.ChaCha20(
             self._key, struct.pack("<I", counter) + nonce), None).encryptor())
 
+    def _stream_at(self, nonce):
+        return lambda offset: (self._stream(nonce, 1 + offset // 64), 2**64)
+
     def _tag(self, nonce: bytes, ct: memoryview, aad: memoryview) -> bytes:
         mac = self._mac(nonce, aad)
         mac.update(ct)
@@ -825,7 +927,11 @@ class _AesGcm(_OpenSslAead):
         n = len(data) - 16
         if n < 0 or self._native(nonce, n, len(aad)) or not self._streaming(nonce, n, len(aad)):
             return super().open(nonce, data, aad, out)
-        return self._open_streaming(nonce, data[:n], data[n:], aad, out)
+        try:
+            return self._open_streaming(nonce, data[:n], data[n:], aad, out)
+        except InvalidTag:  # in place, out has its ciphertext back: zeroed, as every open leaves it
+            zero_surely(out)
+            raise
 
     def seal_detached(self, nonce, data, aad, out, threads=1, one_pass=False,
                       shared_gil=False):  # one OpenSSL pass, the GIL released
@@ -834,19 +940,21 @@ class _AesGcm(_OpenSslAead):
         if self._in_place_one_shot(nonce, data, aad, out, shared_gil):
             return self.seal_one_shot(nonce, data, aad, out)
         done = 0         # out[:done] holds ciphertext
-        pending = None   # (end, its first plaintext bytes) of the piece being encrypted
+        pending = None   # (end, its first plaintext bytes, its output) of the piece encrypted
+        enc = None
         try:
             enc = in_place_stream(self._gcm(nonce).encryptor())
             enc.authenticate_additional_data(aad)
             for start in range(0, len(data), _PIECE):
                 end = min(start + _PIECE, len(data))
-                pending = (end, bytes(data[start:start + 16]))
-                enc.update_into(data[start:end], out[start:end])
+                piece = out[start:end]
+                pending = (end, bytes(data[start:start + 16]), piece)
+                enc.update_into(data[start:end], piece)
                 done, pending = end, None
             enc.finalize()
             return enc.tag
         except BaseException:  # noqa: B036 (an in-place buffer gets its plaintext back)
-            uninterrupted(self._gcm_take_back, nonce, data, out, done, pending, False)
+            uninterrupted(self._gcm_take_back, nonce, data, out, done, pending, enc, False)
             raise
 
     def open_detached(self, nonce, data, tag, aad, out, threads=1, one_pass=False,
@@ -879,32 +987,36 @@ class _AesGcm(_OpenSslAead):
         reading the buffer during the call could (the caller lent it to us)."""
         n = len(data)
         done = 0         # out[:done] holds plaintext
-        pending = None   # (end, its first ciphertext bytes) of the piece being decrypted
+        pending = None   # (end, its first ciphertext bytes, its output) of the piece decrypted
+        dec = None
         try:
             dec = in_place_stream(self._gcm(nonce).decryptor())
             dec.authenticate_additional_data(aad)
             for start in range(0, n, _PIECE):
                 end = min(start + _PIECE, n)
-                pending = (end, bytes(data[start:start + 16]))
-                dec.update_into(data[start:end], out[start:end])
+                piece = out[start:end]
+                pending = (end, bytes(data[start:start + 16]), piece)
+                dec.update_into(data[start:end], piece)
                 done, pending = end, None
             with held_interrupts():  # a Ctrl-C due as a wrong tag is raised: see open_one_shot
                 dec.finalize_with_tag(bytes(tag))
         except BaseException:  # noqa: B036 (the plaintext goes back whatever stopped us)
-            uninterrupted(self._gcm_take_back, nonce, data, out, done, pending, True)
+            uninterrupted(self._gcm_take_back, nonce, data, out, done, pending, dec, True)
             raise
 
     def _gcm_take_back(self, nonce: bytes, data: memoryview, out: memoryview, done: int,
-                       pending: tuple | None, zero_apart: bool) -> None:
-        """CTR once more over what a streaming seal or open had transformed of an in-place
-        buffer (GCM's keystream is the same both ways): its input back. A separate output
-        is zeroed after an open (``zero_apart``); after a seal it holds only ciphertext."""
+                       pending: tuple | None, stream, zero_apart: bool) -> None:
+        """CTR once more over what a streaming seal or open (``stream``, its context) had
+        transformed of an in-place buffer (GCM's keystream is the same both ways): its
+        input back. A separate output is zeroed after an open (``zero_apart``); after a
+        seal it holds only ciphertext."""
         if not _same_memory(data, out):
             if zero_apart:
-                _zero(out)
+                zero_surely(out)
             return
-        done = _transformed_end(out, done, pending)
-        _xor_into(in_place_stream(self._gcm(nonce).encryptor()), out[:done], out[:done])
+        done = _transformed_end(out, done, pending, stream)
+        if done:
+            _keystream_back(self._stream_at(self._j0(nonce)), out, [(0, done)])
 
     def _gcm(self, nonce: bytes) -> Cipher:
         return Cipher(algorithms.AES(self._key), modes.GCM(nonce))
@@ -927,6 +1039,14 @@ class _AesGcm(_OpenSslAead):
         _xor_into(self._ctr_stream(prefix, first), data[:split], out[:split])
         if split < len(data):
             _xor_into(self._ctr_stream(prefix, 0), data[split:], out[split:])
+
+    def _stream_at(self, j0):
+        prefix, low = j0[:12], struct.unpack(">I", j0[12:])[0]
+
+        def at(offset: int):  # GCM's inc32: a stream up to where the low 32 bits wrap
+            counter = (low + 1 + offset // 16) & 0xFFFFFFFF
+            return self._ctr_stream(prefix, counter), offset + (2**32 - counter) * 16
+        return at
 
     def _ctr_stream(self, prefix: bytes, low: int):
         return in_place_stream(Cipher(algorithms.AES(self._key),
