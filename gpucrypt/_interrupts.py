@@ -57,6 +57,9 @@ _SIGINT = _signal.SIGINT
 #: what :func:`zero_surely` copies over a buffer, a step at a time: one step is all that an
 #: exception can make it do again (made here, so that zeroing allocates nothing)
 _ZEROS = memoryview(bytes(64 << 10))
+#: tries in a row that made no progress after which a clean-up that goes on through
+#: exceptions gives up and raises: signals do not come that fast; an error of its own does
+GIVE_UP_AFTER = 32
 #: the main thread's id, once a hold has succeeded there (``threading`` tells it at once,
 #: but costs the command line its import): other threads then skip the attempt
 _main_thread: list = [None]
@@ -166,8 +169,9 @@ def zero_surely(buf: Any, as_view: Callable[[Any], memoryview] = memoryview,
     """
     if progress is None:
         progress = [0]
-    view = None
+    view, stuck = None, 0
     while True:
+        before = progress[0]
         try:
             if progress[0] >= 0:
                 view = as_view(buf)
@@ -181,6 +185,11 @@ def zero_surely(buf: Any, as_view: Callable[[Any], memoryview] = memoryview,
         except BaseException as exc:  # noqa: B036 (zeroed first, whatever came)
             if stopped is None:
                 stopped = exc
+            # an error that comes back at every try, with no step done (a buffer that
+            # cannot be written: TypeError), is the buffer's, not a signal's: it ends here
+            stuck = stuck + 1 if progress[0] == before else 0
+            if stuck >= GIVE_UP_AFTER:
+                break
     if stopped is not None:
         try:
             raise stopped

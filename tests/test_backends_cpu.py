@@ -1508,3 +1508,18 @@ def test_one_chacha20_poly1305_message_on_threads_where_cryptography_refuses_in_
         ctx.open_detached(nonce, src, bytes(16), memoryview(aad), out, threads=2, one_pass=True)
     assert bytes(out) == (ct if in_place else bytes(len(data)))
     assert bool(pooled) is not in_place
+
+
+def test_a_take_back_that_fails_the_same_way_every_time_raises_instead_of_looping():
+    """_keystream_back goes on through exceptions (a signal handler's) until the input is
+    back: one of its own that comes at every try (no memory for the stream, say) spun
+    for ever. It gives up after GIVE_UP_AFTER tries in a row with no progress."""
+    calls = []
+
+    def no_stream(offset):
+        calls.append(offset)
+        raise MemoryError("no memory for the stream")
+
+    with pytest.raises(MemoryError, match="no memory for the stream"):
+        cpu._keystream_back(no_stream, memoryview(bytearray(100)), [(0, 100)])
+    assert len(calls) == cpu.GIVE_UP_AFTER

@@ -204,3 +204,16 @@ def test_a_zeroing_stopped_as_it_began_is_finished_by_the_second_call():
     with pytest.raises(KeyboardInterrupt):  # done: raised, nothing zeroed again
         zero_surely(buf, as_view, KeyboardInterrupt(), zeroing)
     assert len(views) == 1
+
+
+def test_a_zeroing_of_a_buffer_it_cannot_write_raises_instead_of_trying_for_ever():
+    """zero_surely takes every exception for a signal's and tries again: an error that
+    comes back at every try (a read-only buffer's TypeError) spun for ever. It gives up
+    after GIVE_UP_AFTER tries in a row that made no progress, raising that error."""
+    from gpucrypt._interrupts import zero_surely
+
+    with pytest.raises(TypeError):
+        zero_surely(bytes(10))
+    progress = [0]
+    with pytest.raises(TimeoutError):  # a signal's first: raised once the buffer's own gives up
+        zero_surely(bytes(10), stopped=TimeoutError("deadline"), progress=progress)

@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .._buffers import address, bytes_arg
-from .._interrupts import held_interrupts, uninterrupted, zero_surely
+from .._interrupts import GIVE_UP_AFTER, held_interrupts, uninterrupted, zero_surely
 from .._buffers import zero as _zero
 from ._base import AeadContext, Backend
 
@@ -137,8 +137,9 @@ def _keystream_back(stream_at, out: memoryview, spans) -> None:
     (:func:`_transformed_end`)."""
     # (span index, where in out it stopped, the pending piece and its stream): one store
     # each, so that a retry finds it whole
-    state, stopped, stream, piece = (0, None, None, None), None, None, None
+    state, stopped, stream, piece, stuck = (0, None, None, None), None, None, None, 0
     while True:
+        before = state
         try:
             i, pos, pending, stream = state
             if pos is not None:
@@ -161,11 +162,16 @@ def _keystream_back(stream_at, out: memoryview, spans) -> None:
         except BaseException as exc:  # noqa: B036 (the input back first, whatever came)
             if stopped is None:
                 stopped = exc
+            # the same error at every try with no progress (a MemoryError, cryptography
+            # refusing): the clean-up's own, not a signal's; it ends here (zero_surely's)
+            stuck = stuck + 1 if state is before else 0
+            if stuck >= GIVE_UP_AFTER:
+                break
     if stopped is not None:
         try:
             raise stopped
         finally:  # no cycle through this frame to the exception, nor views kept by it
-            del stopped, state, stream, piece
+            del stopped, state, stream, piece, before
 
 
 def _zero_apart(data: memoryview, out: memoryview) -> None:
