@@ -433,14 +433,14 @@ def _refuse_others_log(path: str, held: Any) -> None:
 
 
 def _open_log(path: str) -> int:
-    """A descriptor appending to the audit log ``path``, created 0600 and an existing file
-    of this user's made 0600 (another user's keeps its mode, unless anyone may read or
-    write it or its folder: :func:`_refuse_others_log`). A symbolic link is refused, as :class:`gpucrypt.files._atomic.AtomicFile`
-    refuses one: a link planted where the log goes would choose which file gets changed
-    (and chmod-ed). So is anything but a regular file (a FIFO would block the command, a
-    device take the lines), and a file that cannot be locked (writers take turns through
-    ``flock``: :class:`_AuditFileHandler`), now rather than at the first event.
-    ``OSError`` naming ``path``, saying what to do."""
+    """A descriptor appending to the audit log ``path``, created 0600 and an existing file of this
+    user's made 0600 (another user's keeps its mode, unless anyone may read or write it or its
+    folder: :func:`_refuse_others_log`). A symbolic link is refused, as
+    :class:`gpucrypt.files._atomic.AtomicFile` refuses one: a link planted where the log goes
+    would choose which file gets changed (and chmod-ed). So is anything but a regular file (a
+    FIFO would block the command, a device take the lines), and a file that cannot be locked
+    (writers take turns through ``flock``: :class:`_AuditFileHandler`), now rather than at the
+    first event. ``OSError`` naming ``path``, saying what to do."""
     import errno
     import os
     import stat

@@ -1523,3 +1523,14 @@ def test_a_take_back_that_fails_the_same_way_every_time_raises_instead_of_loopin
     with pytest.raises(MemoryError, match="no memory for the stream"):
         cpu._keystream_back(no_stream, memoryview(bytearray(100)), [(0, 100)])
     assert len(calls) == cpu.GIVE_UP_AFTER
+
+    class Refusing:  # a stream that is made, then fails at every piece
+        def update_into(self, data, out):
+            calls.append(len(data))
+            raise MemoryError("no memory for the piece")
+
+    calls.clear()
+    with pytest.raises(MemoryError, match="no memory for the piece"):
+        cpu._keystream_back(lambda offset: (Refusing(), 1 << 20),
+                            memoryview(bytearray(100)), [(0, 100)])
+    assert len(calls) == cpu.GIVE_UP_AFTER + 1  # the first try's failure, then 32 without progress

@@ -353,4 +353,5 @@ def test_the_device_build_of_the_kernel_modules_too():
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                           "-k", "not device_build"], capture_output=True, text=True, env=env, timeout=600,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert run.returncode == 0 and "\n5 passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+    assert run.returncode == 0 and "\n5 passed" in run.stdout, \
+        run.stdout[-4000:] + run.stderr[-2000:]

@@ -125,16 +125,15 @@ def _transformed_end(out: memoryview, done: int, pending: tuple | None, stream=N
 
 
 def _keystream_back(stream_at, out: memoryview, spans) -> None:
-    """An in-place buffer's input back over the ``(start, end)`` spans of ``out`` that a
-    piecewise call had run: the keystream XORed over them once more, ``stream_at(offset)``
-    giving ``(a stream from byte offset of out on, the offset where it must stop)`` for
-    an offset that is a multiple of 64. It runs to its end even if exceptions come
-    meanwhile, then raises the first: only SIGINT is held over a clean-up, and another
-    signal's handler (a timeout, a SIGTERM handler's ``sys.exit``) cut it short, which
-    left a forged message's plaintext in the buffer, or a seal's plaintext encrypted
-    under no tag. An exception costs no byte twice: the run goes on from where the
-    last stopped, a piece or window whose call ran counted as done
-    (:func:`_transformed_end`)."""
+    """An in-place buffer's input back over the ``(start, end)`` spans of ``out`` that a piecewise
+    call had run: the keystream XORed over them once more, ``stream_at(offset)`` giving ``(a
+    stream from byte offset of out on, the offset where it must stop)`` for an offset that is a
+    multiple of the stream's block (64 for ChaCha20, 16 for GCM). It runs to its end even if
+    exceptions come meanwhile, then raises the first: only SIGINT is held over a clean-up, and
+    another signal's handler (a timeout, a SIGTERM handler's ``sys.exit``) cut it short, which
+    left a forged message's plaintext in the buffer, or a seal's plaintext encrypted under no
+    tag. An exception costs no byte twice: the run goes on from where the last stopped, a piece
+    or window whose call ran counted as done (:func:`_transformed_end`)."""
     # (span index, where in out it stopped, the pending piece and its stream): one store
     # each, so that a retry finds it whole
     state, stopped, stream, piece, stuck = (0, None, None, None), None, None, None, 0
@@ -164,7 +163,7 @@ def _keystream_back(stream_at, out: memoryview, spans) -> None:
                 stopped = exc
             # the same error at every try with no progress (a MemoryError, cryptography
             # refusing): the clean-up's own, not a signal's; it ends here (zero_surely's)
-            stuck = stuck + 1 if state is before else 0
+            stuck = stuck + 1 if state[:2] == before[:2] else 0  # (span, offset): no further
             if stuck >= GIVE_UP_AFTER:
                 break
     if stopped is not None:

@@ -41,10 +41,10 @@ Guarantees and limits:
   destination is untouched. A path that is a symbolic link is refused (OSError). A path
   that is a FIFO or a character device (``/dev/null``, a link to one: ``/dev/stdout``) is
   not replaced but written in place, as a file object is (below).
-- ``decrypt`` to a file object (or to a FIFO or device path) writes each batch of segments only after they
-  verified, and raises on the first bad segment. The file object may then hold
-  the plaintext of the segments before it (all verified, but not the whole file):
-  treat it as garbage unless ``decrypt`` returned.
+- ``decrypt`` to a file object (or to a FIFO or device path) writes each batch of segments only
+  after they verified, and raises on the first bad segment. The file object may then hold the
+  plaintext of the segments before it (all verified, but not the whole file): treat it as
+  garbage unless ``decrypt`` returned.
 - Errors (all in :mod:`gpucrypt.stream`): ``FormatError`` (not a gpucrypt stream,
   malformed header), ``UnsupportedVersion`` (a FormatError), ``AuthenticationError``
   (wrong key or tampered data; an ``InvalidTag``; ``.segment`` says which segment,
