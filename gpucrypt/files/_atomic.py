@@ -916,13 +916,15 @@ _HOLDING = _thread._local()
 
 
 @contextlib.contextmanager
-def held_exclusively(path: Any, not_regular: Callable[[str], Exception]) -> Iterator[Any]:
+def held_exclusively(path: Any, not_regular: Callable[[str], Exception], *,
+                     required_as: Any = None) -> Iterator[Any]:
     """The regular file at ``path`` opened for reading (:func:`open_regular`) and held under
     an exclusive ``flock`` until the block ends: how a read-modify-write of a file that
     ends in a rename over it (a keyset's save, a file's rekey, a header rewritten) excludes
     another one of gpucrypt's, which would otherwise publish a copy of the version both
     read and undo the first one's change. Yields ``None``, holding nothing, when there is
-    no file.
+    no file, or with ``required_as`` (the path as the caller was given it) raises
+    ``FileNotFoundError`` naming that.
 
     The lock is the file's own, not a lock file's: nothing is left behind and only read
     access is needed. A writer that waited on the old file, replaced meanwhile, locks the
@@ -944,6 +946,9 @@ def held_exclusively(path: Any, not_regular: Callable[[str], Exception]) -> Iter
         except FileNotFoundError:
             gone = True  # (yielded outside the except: a caller's error would chain it)
         if gone:
+            if required_as is not None:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT),
+                                        os.fspath(required_as))
             yield None
             return
         with f:

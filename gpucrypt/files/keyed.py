@@ -17,7 +17,6 @@ about files.
 from __future__ import annotations
 
 import contextlib
-import errno
 import inspect
 import os
 from typing import Any, Callable
@@ -345,9 +344,7 @@ def rekey_file(path: str | os.PathLike, *, recipients: Any = None, keyset: Keyse
     # resolved once: the file locked is the one rewritten, whatever a link says meanwhile
     target = os.path.realpath(path)
     with audit.timed("file.rekey", path=os.fspath(path)) as ev, \
-            held_exclusively(target, _not_rekeyable(path)) as f:
-        if f is None:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path))
+            held_exclusively(target, _not_rekeyable(path), required_as=path) as f:
         model = _starts_as_model(f)
         envelope, header, _ = _file_envelope(f, model)
         previous = describe_envelope(envelope)

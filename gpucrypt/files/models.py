@@ -64,7 +64,6 @@ data; ``.segment`` names the failing segment, None for the header) and
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import hmac
 import json
@@ -1433,9 +1432,7 @@ def replace_envelope(path: Any, key: Any, envelope: Any, key_id: Any = _KEEP) ->
     from ._atomic import held_exclusively, replace_head
 
     key = _format.check_key(key)
-    with held_exclusively(os.path.realpath(path), _not_regular(path)) as f:
-        if f is None:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path))
+    with held_exclusively(os.path.realpath(path), _not_regular(path), required_as=path) as f:
         old = _verify(_parse(f), key)
         new_key_id = old.key_id if key_id is _KEEP else key_id
         new_key_id, envelope = _format.check_key_id_envelope(new_key_id, envelope)

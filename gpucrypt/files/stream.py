@@ -54,7 +54,6 @@ Guarantees and limits:
 from __future__ import annotations
 
 import builtins
-import errno
 import io
 import itertools
 import operator
@@ -1008,9 +1007,7 @@ def replace_envelope(path: Any, key: Any, envelope: Any, key_id: Any = _KEEP) ->
     # the file it read after this one, undoing it
     with held_exclusively(os.path.realpath(path), lambda kind: ValueError(
             f"{os.fspath(path)} is a {kind}: a header is rewritten where the file lies, so it "
-            f"must be a regular file")) as f:
-        if f is None:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path))
+            f"must be a regular file"), required_as=path) as f:
         old = _format.parse_header(f.read)
         _format.verify_header(key, old)
         new_key_id = old.key_id if key_id is _KEEP else key_id
